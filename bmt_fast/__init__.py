@@ -1,0 +1,24 @@
+"""bmt_fast: fused SVGD step and RBF kernel as torch ops, and Bayesian multi-task prompt transfer.
+
+    phi = bmt_fast.svgd_step(x, score, bandwidth="median", backend="auto")
+    K   = bmt_fast.rbf_kernel(x, y=None, bandwidth="median", backend="auto")
+    H   = bmt_fast.median_bandwidth(x, method="exact")
+    opt = bmt_fast.SVGD(particles, torch.optim.Adam, lr=1e-2); opt.step(score)
+"""
+
+from .backends import available_backends
+from .ops import median_bandwidth, rbf_kernel, svgd_step
+from .optim import SVGD
+from .reference import BANDWIDTH_FLOOR
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BANDWIDTH_FLOOR",
+    "SVGD",
+    "available_backends",
+    "median_bandwidth",
+    "rbf_kernel",
+    "svgd_step",
+    "__version__",
+]

@@ -1,0 +1,80 @@
+"""Input checks shared by the public functions: a clear error naming the argument, never a wrong answer."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOATING_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_particles(name: str, t: object, *, min_rows: int = 1) -> torch.Tensor:
+    """A floating tensor of shape (n, *event) with n >= min_rows and at least one element."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOATING_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have shape (n, *event), got a 0-dim tensor")
+    if t.shape[0] < min_rows:
+        raise ValueError(f"{name} must have at least {min_rows} particle(s), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+    return t
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """NaN/Inf check (one pass over t; callers may opt out for speed)."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
+
+
+def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, shape: bool = True) -> None:
+    """Same dtype and device (and shape unless shape=False) for two tensors that go into one op."""
+    if shape and a.shape != b.shape:
+        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(n, *event) -> (n, d) without copying when the layout allows it."""
+    return t.reshape(t.shape[0], -1)
+
+
+def check_bandwidth(bandwidth: object, like: torch.Tensor) -> torch.Tensor | None:
+    """Normalise `bandwidth` to None ("median") or a positive finite 0-dim tensor on like's device.
+
+    A float becomes a float64 tensor; a tensor keeps its dtype and autograd history (rbf_kernel can
+    differentiate through it).
+    """
+    if isinstance(bandwidth, str):
+        if bandwidth != "median":
+            raise ValueError(f'bandwidth must be "median", a positive float or a 0-dim tensor, got {bandwidth!r}')
+        return None
+    if isinstance(bandwidth, torch.Tensor):
+        if bandwidth.numel() != 1:
+            raise ValueError(f"bandwidth tensor must hold one value, got shape {tuple(bandwidth.shape)}")
+        if not bandwidth.is_floating_point():
+            raise TypeError(f"bandwidth tensor must be floating point, got {bandwidth.dtype}")
+        value = float(bandwidth.detach())
+        h = bandwidth.reshape(()).to(like.device)
+    elif isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
+        value = float(bandwidth)
+        h = None
+    else:
+        raise TypeError(f'bandwidth must be "median", a positive float or a 0-dim tensor, got {type(bandwidth).__name__}')
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"bandwidth must be positive and finite, got {value}")
+    return h if h is not None else torch.tensor(value, dtype=torch.float64, device=like.device)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value  # type: ignore[return-value]

@@ -1,0 +1,138 @@
+"""Backends behind the public ops and the `backend="auto"` choice.
+
+Every backend takes 2-D inputs that the public functions have already validated:
+    svgd_step(x (n, d), score (n, d), h: 0-dim tensor | None) -> phi (n, d)      None = median rule
+    rbf_kernel(x (n, d), y (m, d) | None, h: 0-dim tensor) -> (n, m)            differentiable
+    median_bandwidth(x (n, d)) -> 0-dim tensor                                   exact median rule
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import _extension, reference
+
+
+class Backend:
+    name = ""
+    device_types: tuple[str, ...] = ()
+
+    def unavailable_reason(self) -> str:
+        """Empty when the backend can run; otherwise why not (shown by `python -m bmt_fast.info`)."""
+        return ""
+
+    def available(self) -> bool:
+        return not self.unavailable_reason()
+
+    def supports(self, device: torch.device) -> bool:
+        return self.available() and device.type in self.device_types
+
+    def svgd_step(self, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rbf_kernel(self, x: torch.Tensor, y: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def median_bandwidth(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """The readable reference; runs anywhere torch runs."""
+
+    name = "torch"
+    device_types = ("cpu", "cuda", "mps", "xpu", "meta")
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def svgd_step(self, x, score, h):
+        return reference.svgd_step(x, score, h).to(x.dtype)
+
+    def rbf_kernel(self, x, y, h):
+        dtype = reference.accumulation_dtype(x.dtype)
+        y = None if y is None else y.to(dtype)
+        return reference.rbf_kernel(x.to(dtype), y, h.to(dtype)).to(x.dtype)
+
+    def median_bandwidth(self, x):
+        return reference.median_bandwidth(x)
+
+
+class CompiledBackend(Backend):
+    """Kernels registered as torch.ops.bmt_fast.* by a compiled extension (C++ for CPU, CUDA for GPUs)."""
+
+    def __init__(self, name: str, status: _extension.ExtensionStatus, device_type: str):
+        self.name = name
+        self.status = status
+        self.device_types = (device_type,)
+
+    def unavailable_reason(self) -> str:
+        return "" if self.status.loaded else self.status.reason
+
+    def svgd_step(self, x, score, h):
+        return torch.ops.bmt_fast.svgd_step(x, score, h)
+
+    def rbf_kernel(self, x, y, h):
+        return torch.ops.bmt_fast.rbf_kernel(x, x if y is None else y, h)
+
+    def median_bandwidth(self, x):
+        return torch.ops.bmt_fast.median_bandwidth(x)
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+register(TorchBackend())
+register(CompiledBackend("cpu", _extension.CPU, "cpu"))
+register(CompiledBackend("cuda", _extension.CUDA, "cuda"))
+
+# Per device type: a function (op, n, d) -> backend names in order of preference for backend="auto".
+# The CPU order rests on benchmarks/results; GPU backends add their own rule when they register.
+AutoRule = Callable[[str, int, int], list[str]]
+_AUTO_RULES: dict[str, AutoRule] = {"cpu": lambda op, n, d: ["cpu", "torch"]}
+
+
+def set_auto_rule(device_type: str, rule: AutoRule) -> None:
+    _AUTO_RULES[device_type] = rule
+
+
+def get(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose from 'auto', {', '.join(map(repr, _REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process (whatever the device)."""
+    return [name for name, backend in _REGISTRY.items() if backend.available()]
+
+
+def unavailable_backends() -> dict[str, str]:
+    """Backends that cannot run here, with the reason."""
+    return {name: b.unavailable_reason() for name, b in _REGISTRY.items() if not b.available()}
+
+
+def select(backend: str, op: str, x: torch.Tensor) -> Backend:
+    """The backend that runs `op` on x (n, d): an explicit name is checked, "auto" picks by rule."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto":
+        chosen = get(backend)
+        reason = chosen.unavailable_reason()
+        if reason:
+            raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+        if not chosen.supports(x.device):
+            raise ValueError(f"backend {backend!r} does not run on {x.device.type} tensors")
+        return chosen
+    n, d = x.shape[0], x[0].numel()
+    rule = _AUTO_RULES.get(x.device.type, lambda op, n, d: [])
+    for name in rule(op, n, d):
+        if name in _REGISTRY and _REGISTRY[name].supports(x.device):
+            return _REGISTRY[name]
+    return _REGISTRY["torch"]

@@ -1,0 +1,139 @@
+"""Public ops: svgd_step, rbf_kernel, median_bandwidth."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension, backends, reference
+from ._validation import as_rows, check_bandwidth, check_choice, check_finite, check_particles, check_same
+
+DEFAULT_NUM_PAIRS = 65536
+
+
+def svgd_step(
+    x: torch.Tensor,
+    score: torch.Tensor,
+    bandwidth: str | float | torch.Tensor = "median",
+    *,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """The SVGD update direction phi for particles x with scores ∇log p(x).
+
+        phi_i = (1/n) sum_j [ k(x_j, x_i) score_j + (2/H) k(x_j, x_i) (x_i - x_j) ],  k(a,b) = exp(-|a-b|²/H)
+
+    Args:
+        x: particles, shape (n, *event); flattened to (n, d) inside. float32/float64/bfloat16/float16.
+        score: ∇ log p at each particle, same shape, dtype and device as x.
+        bandwidth: "median" (H = median of all n*n squared distances / log(n + 1), floored at
+            `reference.BANDWIDTH_FLOOR`), or a positive float / 0-dim tensor H.
+        backend: "auto", or one of `available_backends()`.
+        check_inputs: set False to skip the NaN/Inf scan of x and score (one extra pass over each).
+
+    Returns:
+        phi with the shape, dtype and device of x. Half-precision inputs accumulate in float32.
+
+    This is a no-grad op: it runs under torch.no_grad() and its result has no autograd history. Particles
+    move by x <- x + lr * phi (or give -phi to a torch optimizer as the gradient, as `bmt_fast.SVGD` does).
+    """
+    check_particles("x", x)
+    check_particles("score", score)
+    check_same("x", x, "score", score)
+    if check_inputs:
+        check_finite("x", x)
+        check_finite("score", score)
+    h = check_bandwidth(bandwidth, x)
+    x2, s2 = as_rows(x), as_rows(score)
+    chosen = backends.select(backend, "svgd_step", x2)
+    with torch.no_grad():
+        phi = chosen.svgd_step(x2, s2, None if h is None else h.detach())
+    return phi.reshape(x.shape)
+
+
+def rbf_kernel(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    bandwidth: str | float | torch.Tensor = "median",
+    *,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """RBF kernel matrix K[i, j] = exp(-||x_i - y_j||² / H), shape (n, m); y=None means y = x.
+
+    Differentiable in x, y and a tensor bandwidth. With "median", H = median_bandwidth(y if given else x),
+    the bandwidth of the reference set (as for a kernel density estimate over y), treated as a constant.
+    """
+    check_particles("x", x)
+    if y is not None:
+        check_particles("y", y)
+        check_same("x", x, "y", y, shape=False)
+        if y.shape[1:] != x.shape[1:]:
+            raise ValueError(f"y must have the event shape of x {tuple(x.shape[1:])}, got {tuple(y.shape[1:])}")
+    if check_inputs:
+        check_finite("x", x)
+        if y is not None:
+            check_finite("y", y)
+    h = check_bandwidth(bandwidth, x)
+    x2 = as_rows(x)
+    y2 = None if y is None else as_rows(y)
+    chosen = backends.select(backend, "rbf_kernel", x2)
+    if h is None:
+        with torch.no_grad():
+            h = chosen.median_bandwidth(x2 if y2 is None else y2)
+    return chosen.rbf_kernel(x2, y2, h)
+
+
+def median_bandwidth(
+    x: torch.Tensor,
+    *,
+    method: str = "exact",
+    num_pairs: int = DEFAULT_NUM_PAIRS,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """The median-rule bandwidth H = median(squared pairwise distances) / log(n + 1), floored.
+
+    method="exact": the numpy.median of all n*n squared distances (diagonal zeros included). The compiled
+        backends select it without materialising the n x n matrix (a few streaming passes).
+    method="sampled": the median of `num_pairs` pairs (i, j) drawn uniformly (with replacement) from all
+        n*n pairs, costing O(num_pairs * d). Its relative error has standard deviation about
+        1 / (2 * f(m) * m * sqrt(num_pairs)) for a density f of squared distances with median m. For a
+        Gaussian cloud this is at most 1.45 / sqrt(num_pairs) (d=1 and 2; smaller for larger d), i.e.
+        under 0.6% at the default 65,536 pairs, so 3 standard deviations stay within 2%.
+
+    Returns a 0-dim tensor: float64 for float64 input, float32 otherwise, on x's device.
+    """
+    check_particles("x", x)
+    check_choice("method", method, ("exact", "sampled"))
+    if check_inputs:
+        check_finite("x", x)
+    x2 = as_rows(x)
+    with torch.no_grad():
+        if method == "sampled":
+            if not isinstance(num_pairs, int) or num_pairs < 1:
+                raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+            return reference.sampled_median_bandwidth(x2, num_pairs, generator)
+        return backends.select(backend, "median_bandwidth", x2).median_bandwidth(x2)
+
+
+def _rbf_kernel_setup_context(ctx, inputs, output):
+    x, y, h = inputs
+    ctx.save_for_backward(x, y, h, output)
+
+
+def _rbf_kernel_backward(ctx, grad):
+    x, y, h, k = ctx.saved_tensors
+    grad_x, grad_y, grad_h = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, y, k, h)
+    return grad_x, grad_y, grad_h
+
+
+def _register_autograd() -> None:
+    """rbf_kernel of the compiled backends is differentiable through a compiled backward op."""
+    if _extension.CPU.loaded:
+        torch.library.register_autograd(
+            "bmt_fast::rbf_kernel", _rbf_kernel_backward, setup_context=_rbf_kernel_setup_context
+        )
+
+
+_register_autograd()

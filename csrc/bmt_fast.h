@@ -1,0 +1,119 @@
+// Shared declarations of the torch.ops.bmt_fast library: argument rules (one set for the CPU, CUDA and
+// Meta kernels), the bandwidth rule and the CPU entry points (also called by the C++ test binary).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+#include <string_view>
+
+namespace bmt_fast {
+
+// H never goes below this (squared-distance units): it only matters when more than half of all pairs
+// coincide (median zero). Must equal bmt_fast.reference.BANDWIDTH_FLOOR (a test checks it).
+constexpr double kBandwidthFloor = 1e-12;
+
+// The SVGD authors' median rule: H = median / log(n + 1), floored.
+inline double bandwidth_from_median(double median, int64_t n) {
+  return std::max(median / std::log(static_cast<double>(n) + 1.0), kBandwidthFloor);
+}
+
+// fp64 computes in fp64; fp32, bf16 and fp16 compute in fp32.
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Readable argument checks: `name` must have shape (...) etc. Work on symbolic sizes, so the Meta
+// kernels (torch.compile, opcheck) share them with the real kernels.
+#define BMT_CHECK(cond, ...) TORCH_CHECK(cond, "bmt_fast: ", __VA_ARGS__)
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  BMT_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, name,
+            " must be float32, float64, bfloat16 or float16, got ", s);
+}
+
+inline void check_particles(const at::Tensor& t, const char* name) {
+  BMT_CHECK(t.dim() == 2, name, " must be 2-D (n, d), got ", t.dim(), " dims");
+  BMT_CHECK(t.sym_numel() > 0, name, " must not be empty, got shape ", t.sym_sizes());
+  check_floating(t, name);
+}
+
+inline void check_like(const at::Tensor& ref, const char* ref_name, const at::Tensor& t, const char* name) {
+  BMT_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+            ref.scalar_type(), "), got ", t.scalar_type());
+  BMT_CHECK(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (", ref.device(),
+            "), got ", t.device());
+}
+
+inline void check_bandwidth(const at::Tensor& h, const at::Tensor& x) {
+  BMT_CHECK(h.sym_numel() == 1, "bandwidth must hold one value, got shape ", h.sym_sizes());
+  BMT_CHECK(h.is_floating_point(), "bandwidth must be floating point, got ", h.scalar_type());
+  BMT_CHECK(h.device() == x.device(), "bandwidth must be on the device of x (", x.device(), "), got ",
+            h.device());
+}
+
+inline void check_svgd_step_args(const at::Tensor& x, const at::Tensor& score,
+                                 const std::optional<at::Tensor>& bandwidth) {
+  check_particles(x, "x");
+  check_like(x, "x", score, "score");
+  BMT_CHECK(score.sym_sizes() == x.sym_sizes(), "score must have the shape of x ", x.sym_sizes(), ", got ",
+            score.sym_sizes());
+  if (bandwidth.has_value()) check_bandwidth(*bandwidth, x);
+}
+
+inline void check_rbf_kernel_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
+  check_particles(x, "x");
+  check_particles(y, "y");
+  check_like(x, "x", y, "y");
+  BMT_CHECK(y.sym_size(1) == x.sym_size(1), "y must have d = ", x.sym_size(1), " columns like x, got ",
+            y.sym_size(1));
+  check_bandwidth(bandwidth, x);
+}
+
+inline void check_rbf_kernel_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                           const at::Tensor& kernel, const at::Tensor& bandwidth) {
+  check_rbf_kernel_args(x, y, bandwidth);
+  for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&kernel, "kernel"}}) {
+    BMT_CHECK(t->dim() == 2 && t->sym_size(0) == x.sym_size(0) && t->sym_size(1) == y.sym_size(0), name,
+              " must have shape (", x.sym_size(0), ", ", y.sym_size(0), "), got ", t->sym_sizes());
+    BMT_CHECK(t->device() == x.device(), name, " must be on the device of x");
+    check_floating(*t, name);
+  }
+}
+
+// Which algorithm a kernel uses for svgd_step / median_bandwidth.
+enum class Algorithm { kAuto, kTiled, kGram };
+
+inline Algorithm parse_algorithm(std::string_view name) {
+  if (name == "auto") return Algorithm::kAuto;
+  if (name == "tiled") return Algorithm::kTiled;
+  if (name == "gram") return Algorithm::kGram;
+  BMT_CHECK(false, "algorithm must be \"auto\", \"tiled\" or \"gram\", got \"", std::string(name), "\"");
+  return Algorithm::kAuto;
+}
+
+inline double read_bandwidth(const at::Tensor& h) {
+  const double value = h.item<double>();
+  BMT_CHECK(std::isfinite(value) && value > 0.0, "bandwidth must be positive and finite, got ", value);
+  return value;
+}
+
+namespace cpu {
+// Largest n for which "auto" takes the Gram path on CPU (few particles, huge d); see benchmarks/results.
+constexpr int64_t kGramMaxParticles = 64;
+// Rows and columns of one distance tile in the tiled path.
+constexpr int64_t kTileSize = 512;
+
+at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                     std::string_view algorithm);
+at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& y, const at::Tensor& kernel,
+                                                                   const at::Tensor& bandwidth);
+at::Tensor median_bandwidth(const at::Tensor& x, std::string_view algorithm);
+}  // namespace cpu
+
+}  // namespace bmt_fast

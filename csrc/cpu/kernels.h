@@ -1,0 +1,67 @@
+// Pointer-level CPU kernels (no ATen inside): vectorised, cache-blocked, one clone per x86 ISA level.
+// The ATen-level ops in svgd_cpu.cpp split work across threads and call these on their share.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace bmt_fast::cpu {
+
+// ---- many-particle regime: distance tiles --------------------------------------------------------
+
+// In place on rows [row_begin, row_end) of a tile holding dot products S[a][b] = xc_a . yc_b (row stride
+// ld, cols columns): K[a][b] = exp(-max(nr[a] + nc[b] - 2 S[a][b], 0) * inv_h).
+void rbf_from_dots(float* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
+                   const float* nr, const float* nc, float inv_h);
+void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
+                   const double* nr, const double* nc, double inv_h);
+
+// Radix-select histogram over squared distances D = max(nr[a] + nc[b] - 2 S[a][b], 0) of a dot tile.
+// The bit pattern of a non-negative float orders like its value, so the key of D is its bits. For each
+// of `num_targets` prefixes, keys whose bits above `shift + width` equal the prefix add `weight` to
+// hist[t * 2^width + ((key >> shift) & (2^width - 1))]. With upper_only, only b > a + diag_offset counts
+// (the strict upper triangle of a diagonal tile).
+struct RadixPass {
+  int shift;
+  int width;
+  int num_targets;
+  uint64_t prefix[2];
+};
+void radix_histogram(const float* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
+                     const float* nr, const float* nc, bool upper_only, int64_t weight,
+                     const RadixPass& pass, int64_t* hist);
+void radix_histogram(const double* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
+                     const double* nr, const double* nc, bool upper_only, int64_t weight,
+                     const RadixPass& pass, int64_t* hist);
+
+// ---- few-particle, huge-d regime: split-K Gram, then one pass ------------------------------------
+
+// Columns are processed in chunks of `chunk` (a multiple of 32). Each column is centred over the n
+// particles inside the chunk (shift by row 0, then by the mean), so no centred copy of x is ever made.
+
+// gram[i * n + j] += sum over columns [col_begin, col_end) of xc[i][k] * xc[j][k], for i <= j (the
+// caller mirrors the lower triangle). Accumulates each chunk in the compute type, then in double.
+#define BMT_FAST_DECLARE_GRAM(In)                                                                     \
+  void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end,          \
+                    int64_t chunk, double* gram);
+BMT_FAST_DECLARE_GRAM(float)
+BMT_FAST_DECLARE_GRAM(double)
+BMT_FAST_DECLARE_GRAM(c10::BFloat16)
+BMT_FAST_DECLARE_GRAM(c10::Half)
+
+// phi[i][k] = sum_j kn[i][j] * (g[j][k] - a * xc[j][k]) + c[i] * xc[i][k] for columns
+// [col_begin, col_end); kn is (n_padded x n) and c has n_padded entries (n_padded = n rounded up to 4,
+// padding rows zero). With kn = K/n, a = 2/H and c = (2/H) rowsum(K)/n this is the SVGD direction.
+#define BMT_FAST_DECLARE_APPLY(In, T)                                                                \
+  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,     \
+                     int64_t col_end, int64_t chunk, const T* kn, const T* c, T a);
+BMT_FAST_DECLARE_APPLY(float, float)
+BMT_FAST_DECLARE_APPLY(double, double)
+BMT_FAST_DECLARE_APPLY(c10::BFloat16, float)
+BMT_FAST_DECLARE_APPLY(c10::Half, float)
+
+constexpr int64_t kApplyRows = 4;  // output rows per register block in apply_columns
+
+}  // namespace bmt_fast::cpu

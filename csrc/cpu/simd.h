@@ -1,0 +1,124 @@
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions (64-byte vectors) plus function
+// multi-versioning, so one build runs AVX-512 code on AVX-512 machines and SSE2 code elsewhere.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(BMT_FAST_NO_TARGET_CLONES)
+// The kernels below are compiled three times; the loader picks the best clone for the CPU at start-up.
+#define BMT_FAST_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define BMT_FAST_ISA_CLONES "x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA), baseline"
+#else
+#define BMT_FAST_TARGET_CLONES
+#define BMT_FAST_ISA_CLONES "single baseline build"
+#endif
+
+#define BMT_FAST_INLINE inline __attribute__((always_inline))
+
+namespace bmt_fast::cpu {
+
+// 64 bytes: 16 floats or 8 doubles; the compiler maps it to one zmm, two ymm or four xmm registers.
+// (Spelled out per type: GCC drops vector_size on a dependent alias template.)
+template <typename T>
+struct VecType;
+template <>
+struct VecType<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecType<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <>
+struct VecType<int32_t> {
+  typedef int32_t type __attribute__((vector_size(64)));
+};
+template <>
+struct VecType<int64_t> {
+  typedef int64_t type __attribute__((vector_size(64)));
+};
+template <typename T>
+using vec_t = typename VecType<T>::type;
+
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+template <typename T>
+BMT_FAST_INLINE vec_t<T> load(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+BMT_FAST_INLINE void store(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+BMT_FAST_INLINE vec_t<T> broadcast(T s) {
+  return vec_t<T>{} + s;
+}
+
+template <typename T>
+BMT_FAST_INLINE T horizontal_sum(vec_t<T> v) {
+  T s = 0;
+  for (int i = 0; i < kLanes<T>; ++i) s += v[i];
+  return s;
+}
+
+template <typename T>
+struct ExpConstants;
+
+template <>
+struct ExpConstants<float> {
+  using Int = int32_t;
+  static constexpr int kMantissaBits = 23;
+  static constexpr int kBias = 127;
+  static constexpr float kMin = -87.0f;      // below this exp() is subnormal or zero: we return 0
+  static constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  static constexpr float kLn2Hi = 0.693145751953125f;
+  static constexpr float kLn2Lo = 1.428606765330187045e-06f;
+  static constexpr int kDegree = 7;
+};
+
+template <>
+struct ExpConstants<double> {
+  using Int = int64_t;
+  static constexpr int kMantissaBits = 52;
+  static constexpr int kBias = 1023;
+  static constexpr double kMin = -708.0;
+  static constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kLn2Hi = 0.6931471803691238164901733398437500;
+  static constexpr double kLn2Lo = 1.9082149292705877000220045092e-10;
+  static constexpr int kDegree = 13;
+};
+
+// exp(x) for x <= 0, vectorised. Cody-Waite reduction x = m*ln2 + r with |r| <= ln2/2, then a Taylor
+// polynomial of degree 7 (float, truncation error < 5e-9) or 13 (double, < 2e-17) in Horner form, and
+// 2^m built in the exponent bits. Inputs below kMin give exactly 0 (the kernel entry underflows).
+template <typename T>
+BMT_FAST_INLINE vec_t<T> exp_nonpositive(vec_t<T> x) {
+  using C = ExpConstants<T>;
+  using IntVec = vec_t<typename C::Int>;
+  const auto underflow = x < C::kMin;
+  x = underflow ? broadcast<T>(C::kMin) : x;
+  vec_t<T> m = x * T(1.4426950408889634) + C::kShifter;
+  m = m - C::kShifter;
+  vec_t<T> r = x - m * C::kLn2Hi;
+  r = r - m * C::kLn2Lo;
+  // Horner evaluation of sum_{k<=deg} r^k / k!
+  T inv_fact[C::kDegree + 1];
+  inv_fact[0] = 1;
+  for (int k = 1; k <= C::kDegree; ++k) inv_fact[k] = inv_fact[k - 1] / T(k);
+  vec_t<T> p = broadcast<T>(inv_fact[C::kDegree]);
+  for (int k = C::kDegree - 1; k >= 0; --k) p = p * r + inv_fact[k];
+  IntVec bits = (__builtin_convertvector(m, IntVec) + C::kBias) << C::kMantissaBits;
+  vec_t<T> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  vec_t<T> result = p * scale;
+  return underflow ? vec_t<T>{} : result;
+}
+
+}  // namespace bmt_fast::cpu

@@ -1,0 +1,305 @@
+// CPU kernels of torch.ops.bmt_fast: threading, tiling and the BLAS calls around the SIMD loops of
+// kernels.cpp. Two algorithms, both without any n x n buffer beyond one tile:
+//
+//   tiled (many particles): for each tile (I, J) of the upper triangle, S = xc_I xc_J^T by GEMM, turned
+//     into K in place; acc_I += K W_J and acc_J += K^T W_I with W = [score - (2/H) xc | 1]. Then
+//     phi = (acc[:, :d] + (2/H) acc[:, d] * xc) / n. Folding both terms into one W halves the GEMM work
+//     of K @ [score | x]; symmetry halves the distance GEMMs: 3 n^2 d FLOPs instead of 6 n^2 d.
+//   gram (few particles, huge d): split-K Gram over column chunks (each chunk centred on the fly), a tiny
+//     n x n K, then one memory-bound pass phi = (K/n) W + c * xc over the same chunks.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../bmt_fast.h"
+#include "kernels.h"
+
+namespace bmt_fast::cpu {
+namespace {
+
+// ---- shared helpers ----------------------------------------------------------------------------
+
+// x in the compute type, shifted by row 0 plus the mean of the differences (see reference.centre).
+at::Tensor centring_shift(const at::Tensor& x_acc) {
+  const at::Tensor first = x_acc.narrow(0, 0, 1);
+  return first + (x_acc - first).mean(0, /*keepdim=*/true);
+}
+
+at::Tensor centred(const at::Tensor& x, at::ScalarType acc) {
+  const at::Tensor xa = x.to(acc);
+  return (xa - centring_shift(xa)).contiguous();
+}
+
+double numpy_median(const at::Tensor& values) {
+  const at::Tensor sorted = std::get<0>(values.reshape(-1).to(at::kDouble).sort());
+  const auto* v = sorted.data_ptr<double>();
+  const int64_t count = sorted.numel();
+  return count % 2 ? v[count / 2] : 0.5 * (v[count / 2 - 1] + v[count / 2]);
+}
+
+// Calls visit(tile, i0, j0) for every tile of the upper triangle of xc xc^T, tile = the dot products.
+template <typename Visit>
+void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
+  const int64_t n = xc.size(0);
+  const int64_t block = std::min(n, kTileSize);
+  at::Tensor buffer = at::empty({block * block}, xc.options());
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t rows = std::min(block, n - i0);
+    for (int64_t j0 = i0; j0 < n; j0 += block) {
+      const int64_t cols = std::min(block, n - j0);
+      at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      at::mm_out(tile, xc.narrow(0, i0, rows), xc.narrow(0, j0, cols).t());
+      visit(tile, i0, j0);
+    }
+  }
+}
+
+bool use_gram(const at::Tensor& x, Algorithm algorithm) {
+  if (algorithm == Algorithm::kAuto) return x.size(0) <= kGramMaxParticles;
+  return algorithm == Algorithm::kGram;
+}
+
+// ---- tiled path ----------------------------------------------------------------------------------
+
+// Exact numpy.median of all n*n squared distances (diagonal zeros included) by radix selection on the
+// bit patterns of the distances: 16 bits per pass, each pass recomputing the distance tiles, so memory
+// stays O(tile). Off-diagonal pairs count twice (D is symmetric), the diagonal adds n exact zeros.
+template <typename T>
+double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms) {
+  using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr int kKeyBits = 8 * sizeof(Key) - 1;  // the sign bit of a distance is always 0
+  constexpr int kWidth = 16;
+  const int64_t n = xc.size(0);
+  const int64_t total = n * n;
+  const std::array<int64_t, 2> ranks0{(total - 1) / 2, total / 2};  // equal when total is odd
+  std::array<int64_t, 2> rank = ranks0;
+  std::array<uint64_t, 2> prefix{0, 0};
+  const T* nr = norms.data_ptr<T>();
+  const int threads = at::get_num_threads();
+
+  for (int fixed = 0; fixed < kKeyBits;) {
+    RadixPass pass{};
+    pass.width = std::min(kWidth, kKeyBits - fixed);
+    pass.shift = kKeyBits - fixed - pass.width;
+    pass.num_targets = prefix[0] == prefix[1] ? 1 : 2;
+    pass.prefix[0] = prefix[0];
+    pass.prefix[1] = prefix[1];
+    const int64_t bins = int64_t(1) << pass.width;
+    std::vector<std::vector<int64_t>> per_thread(threads, std::vector<int64_t>(pass.num_targets * bins, 0));
+    for_each_upper_tile(xc, [&](const at::Tensor& tile, int64_t i0, int64_t j0) {
+      const int64_t rows = tile.size(0), cols = tile.size(1);
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        radix_histogram(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, 2, pass,
+                        per_thread[at::get_thread_num()].data());
+      });
+    });
+    std::vector<int64_t> hist(pass.num_targets * bins, 0);
+    for (const auto& h : per_thread)
+      for (size_t b = 0; b < hist.size(); ++b) hist[b] += h[b];
+    for (int t = 0; t < pass.num_targets; ++t)
+      if (prefix[t] == 0) hist[t * bins] += n;  // the diagonal: key 0
+
+    for (int target = 0; target < 2; ++target) {
+      const int64_t* h = hist.data() + (pass.num_targets == 1 ? 0 : target) * bins;
+      int64_t below = 0, bin = 0, last_nonempty = 0;
+      for (; bin < bins; ++bin) {
+        if (h[bin]) last_nonempty = bin;
+        if (below + h[bin] > rank[target]) break;
+        below += h[bin];
+      }
+      if (bin == bins) {  // cannot happen with deterministic GEMMs; stay within the data regardless
+        bin = last_nonempty;
+        below -= h[bin];
+      }
+      rank[target] -= below;
+      prefix[target] = (prefix[target] << pass.width) | uint64_t(bin);
+    }
+    fixed += pass.width;
+  }
+  std::array<double, 2> value{};
+  for (int t = 0; t < 2; ++t) {
+    const Key key = static_cast<Key>(prefix[t]);
+    T v;
+    std::memcpy(&v, &key, sizeof(v));
+    value[t] = static_cast<double>(v);
+  }
+  return 0.5 * (value[0] + value[1]);
+}
+
+template <typename T>
+at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, std::optional<double> bandwidth) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  const at::Tensor xc = centred(x, acc);
+  const at::Tensor norms = (xc * xc).sum(1).contiguous();
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_tiled<T>(xc, norms), n);
+  const double a = 2.0 / h;
+
+  // W = [score - a * xc | 1]: one GEMM with K gives the score term, the repulsion term and row sums.
+  at::Tensor w = at::empty({n, d + 1}, xc.options());
+  w.narrow(1, 0, d).copy_(score).sub_(xc, a);
+  w.narrow(1, d, 1).fill_(1);
+  at::Tensor accum = at::zeros({n, d + 1}, xc.options());
+  const T* nr = norms.data_ptr<T>();
+  for_each_upper_tile(xc, [&](at::Tensor& tile, int64_t i0, int64_t j0) {
+    const int64_t rows = tile.size(0), cols = tile.size(1);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      rbf_from_dots(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, static_cast<T>(1.0 / h));
+    });
+    if (i0 == j0) tile.diagonal().fill_(1);  // exact k(x_i, x_i) = 1
+    accum.narrow(0, i0, rows).addmm_(tile, w.narrow(0, j0, cols));
+    if (i0 != j0) accum.narrow(0, j0, cols).addmm_(tile.t(), w.narrow(0, i0, rows));
+  });
+  at::Tensor phi = accum.narrow(1, 0, d).addcmul_(accum.narrow(1, d, 1), xc, a).div_(n);
+  return phi.to(x.scalar_type()).contiguous();
+}
+
+// ---- Gram path -----------------------------------------------------------------------------------
+
+int64_t gram_chunk(int64_t n) {
+  // Two (n x chunk) buffers per thread stay within ~256 KiB of L2; a multiple of 32 columns.
+  const int64_t rows = (n + 3) / 4 * 4;
+  return std::clamp<int64_t>(32768 / rows / 32 * 32, 32, 2048);
+}
+
+template <typename In>
+at::Tensor sq_dists_gram(const at::Tensor& x) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const int64_t chunk = gram_chunk(n);
+  const int64_t num_chunks = (d + chunk - 1) / chunk;
+  std::vector<at::Tensor> partial(at::get_num_threads());
+  for (auto& p : partial) p = at::zeros({n, n}, x.options().dtype(at::kDouble));
+  const In* xp = x.data_ptr<In>();
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    gram_columns(xp, n, d, begin * chunk, std::min(end * chunk, d), chunk,
+                 partial[at::get_thread_num()].data_ptr<double>());
+  });
+  at::Tensor gram = partial[0];
+  for (size_t t = 1; t < partial.size(); ++t) gram.add_(partial[t]);
+  gram = gram.triu() + gram.triu(1).t();
+  const at::Tensor diag = gram.diagonal();
+  at::Tensor dist = (diag.unsqueeze(1) + diag.unsqueeze(0) - 2.0 * gram).clamp_min_(0.0);
+  dist.fill_diagonal_(0.0);
+  return dist;
+}
+
+template <typename In>
+at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, std::optional<double> bandwidth) {
+  using T = std::conditional_t<std::is_same_v<In, double>, double, float>;
+  const int64_t n = x.size(0), d = x.size(1);
+  const at::Tensor dist = sq_dists_gram<In>(x);
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(numpy_median(dist), n);
+  const double a = 2.0 / h;
+  const at::Tensor k = at::exp(dist / -h);
+  const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  at::Tensor kn = at::zeros({rows, n}, x.options().dtype(acc));
+  at::Tensor c = at::zeros({rows}, x.options().dtype(acc));
+  kn.narrow(0, 0, n).copy_(k / n);
+  c.narrow(0, 0, n).copy_(k.sum(1) * (a / n));
+
+  at::Tensor phi = at::empty_like(x);
+  const int64_t chunk = gram_chunk(n);
+  const int64_t num_chunks = (d + chunk - 1) / chunk;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    apply_columns(x.data_ptr<In>(), score.data_ptr<In>(), phi.data_ptr<In>(), n, d, begin * chunk,
+                  std::min(end * chunk, d), chunk, kn.data_ptr<T>(), c.data_ptr<T>(), static_cast<T>(a));
+  });
+  return phi;
+}
+
+}  // namespace
+
+// ---- ops -----------------------------------------------------------------------------------------
+
+at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in, const std::optional<at::Tensor>& bandwidth,
+                     std::string_view algorithm) {
+  check_svgd_step_args(x_in, score_in, bandwidth);
+  const Algorithm algo = parse_algorithm(algorithm);
+  const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
+  const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
+  if (use_gram(x, algo)) {
+    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
+                                           [&] { return svgd_step_gram<scalar_t>(x, score, h); });
+  }
+  if (x.scalar_type() == at::kDouble) return svgd_step_tiled<double>(x, score, h);
+  return svgd_step_tiled<float>(x, score, h);
+}
+
+at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) {
+  check_particles(x_in, "x");
+  const Algorithm algo = parse_algorithm(algorithm);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0);
+  const auto acc = accumulation_type(x.scalar_type());
+  double median;
+  if (use_gram(x, algo)) {
+    median = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "median_gram",
+                                             [&] { return numpy_median(sq_dists_gram<scalar_t>(x)); });
+  } else {
+    const at::Tensor xc = centred(x, acc);
+    const at::Tensor norms = (xc * xc).sum(1).contiguous();
+    median = acc == at::kDouble ? median_sq_dist_tiled<double>(xc, norms) : median_sq_dist_tiled<float>(xc, norms);
+  }
+  return at::scalar_tensor(bandwidth_from_median(median, n), x.options().dtype(acc));
+}
+
+at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
+  check_rbf_kernel_args(x, y, bandwidth);
+  const double h = read_bandwidth(bandwidth);
+  const auto acc = accumulation_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc);
+  const at::Tensor shift = centring_shift(xa);
+  const at::Tensor xc = (xa - shift).contiguous();
+  const at::Tensor yc = (y.to(acc) - shift).contiguous();
+  const at::Tensor nx = (xc * xc).sum(1).contiguous(), ny = (yc * yc).sum(1).contiguous();
+  at::Tensor k = at::mm(xc, yc.t());
+  const int64_t rows = k.size(0), cols = k.size(1);
+  AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel", [&] {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      rbf_from_dots(k.data_ptr<scalar_t>(), cols, begin, end, cols, nx.data_ptr<scalar_t>(),
+                    ny.data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / h));
+    });
+  });
+  if (x.is_same(y)) k.fill_diagonal_(1.0);
+  return k.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& y, const at::Tensor& kernel,
+                                                                   const at::Tensor& bandwidth) {
+  check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
+  const double h = read_bandwidth(bandwidth);
+  const auto acc = accumulation_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc);
+  const at::Tensor shift = centring_shift(xa);
+  const at::Tensor xc = xa - shift, yc = y.to(acc) - shift;
+  const at::Tensor k = kernel.to(acc);
+  const at::Tensor p = grad.to(acc) * k;  // dL/dD = -p / H, D = squared distance
+  // dD_ij/dx_i = 2 (x_i - y_j), dD_ij/dy_j = -2 (x_i - y_j), dK/dH = K D / H^2 with D = -H log K.
+  const at::Tensor grad_x = (p.sum(1, true) * xc - at::mm(p, yc)).mul_(-2.0 / h);
+  const at::Tensor grad_y = (p.sum(0).unsqueeze(1) * yc - at::mm(p.t(), xc)).mul_(-2.0 / h);
+  const at::Tensor log_k = at::where(k > 0, k.log(), at::zeros_like(k));
+  const at::Tensor grad_h = (p * log_k).sum().mul_(-1.0 / h);
+  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type()),
+          grad_h.to(bandwidth.scalar_type()).reshape(bandwidth.sizes())};
+}
+
+}  // namespace bmt_fast::cpu
+
+TORCH_LIBRARY_IMPL(bmt_fast, CPU, m) {
+  m.impl("svgd_step", [](const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                         c10::string_view algorithm) {
+    return bmt_fast::cpu::svgd_step(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()));
+  });
+  m.impl("median_bandwidth", [](const at::Tensor& x, c10::string_view algorithm) {
+    return bmt_fast::cpu::median_bandwidth(x, std::string_view(algorithm.data(), algorithm.size()));
+  });
+  m.impl("rbf_kernel", &bmt_fast::cpu::rbf_kernel);
+  m.impl("rbf_kernel_backward", &bmt_fast::cpu::rbf_kernel_backward);
+}

@@ -1,0 +1,55 @@
+// The torch.ops.bmt_fast library: one schema per op, and Meta kernels (shape rules only) that give
+// torch.compile and FakeTensor the output shapes. The CPU and CUDA kernels register in their own files.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "bmt_fast.h"
+
+namespace bmt_fast {
+namespace {
+
+at::Tensor svgd_step_meta(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                          c10::string_view algorithm) {
+  check_svgd_step_args(x, score, bandwidth);
+  parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
+  return at::empty_like(x, at::MemoryFormat::Contiguous);
+}
+
+at::Tensor median_bandwidth_meta(const at::Tensor& x, c10::string_view algorithm) {
+  check_particles(x, "x");
+  parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
+  return at::empty({}, x.options().dtype(accumulation_type(x.scalar_type())));
+}
+
+at::Tensor rbf_kernel_meta(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
+  check_rbf_kernel_args(x, y, bandwidth);
+  return at::empty_symint({x.sym_size(0), y.sym_size(0)}, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward_meta(const at::Tensor& grad, const at::Tensor& x,
+                                                                        const at::Tensor& y, const at::Tensor& kernel,
+                                                                        const at::Tensor& bandwidth) {
+  check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
+  return {at::empty_like(x, at::MemoryFormat::Contiguous), at::empty_like(y, at::MemoryFormat::Contiguous),
+          at::empty_like(bandwidth, at::MemoryFormat::Contiguous)};
+}
+
+}  // namespace
+}  // namespace bmt_fast
+
+TORCH_LIBRARY(bmt_fast, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("svgd_step(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\") -> Tensor", tags);
+  m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor", tags);
+  m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor", tags);
+  m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth)"
+        " -> (Tensor, Tensor, Tensor)",
+        tags);
+}
+
+TORCH_LIBRARY_IMPL(bmt_fast, Meta, m) {
+  m.impl("svgd_step", &bmt_fast::svgd_step_meta);
+  m.impl("median_bandwidth", &bmt_fast::median_bandwidth_meta);
+  m.impl("rbf_kernel", &bmt_fast::rbf_kernel_meta);
+  m.impl("rbf_kernel_backward", &bmt_fast::rbf_kernel_backward_meta);
+}
