@@ -3,12 +3,13 @@
 #include <torch/extension.h>
 
 #include "bmt_fast.h"
-#include "cpu/simd.h"
+#include "cpu/kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", [] {
     pybind11::dict info;
-    info["isa_clones"] = BMT_FAST_ISA_CLONES;
+    info["cpu_isa"] = bmt_fast::cpu::active_isa();
+    info["cpu_isas_compiled"] = bmt_fast::cpu::compiled_isas();
 #ifdef _OPENMP
     info["openmp"] = _OPENMP;
 #else

@@ -1,5 +1,7 @@
-// Pointer-level CPU kernels (no ATen inside): vectorised, cache-blocked, one clone per x86 ISA level.
-// The ATen-level ops in svgd_cpu.cpp split work across threads and call these on their share.
+// Pointer-level CPU kernels (no ATen inside): vectorised and cache-blocked. kernels_impl.h is compiled
+// once per x86 ISA level (baseline, x86-64-v3 = AVX2+FMA, x86-64-v4 = AVX-512); kernels.cpp picks the
+// best build for the running CPU once (override: BMT_FAST_CPU_ISA=base|v3|v4) and provides the entry
+// points below. The ATen-level ops in svgd_cpu.cpp split work across threads and call these.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -63,5 +65,9 @@ BMT_FAST_DECLARE_APPLY(c10::BFloat16, float)
 BMT_FAST_DECLARE_APPLY(c10::Half, float)
 
 constexpr int64_t kApplyRows = 4;  // output rows per register block in apply_columns
+
+// The ISA build in use ("base", "v3" or "v4") and the ones this library contains.
+const char* active_isa();
+const char* compiled_isas();
 
 }  // namespace bmt_fast::cpu

@@ -1,22 +1,22 @@
-// Portable SIMD for the CPU kernels: GCC/Clang vector extensions (64-byte vectors) plus function
-// multi-versioning, so one build runs AVX-512 code on AVX-512 machines and SSE2 code elsewhere.
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions on 64-byte vectors.
+//
+// Included once per ISA translation unit (kernels_base.cpp, kernels_v3.cpp, kernels_v4.cpp), each of
+// which sets its target with `#pragma GCC target` and names its own namespace BMT_FAST_ISA. A separate
+// namespace per ISA keeps the linker from merging an AVX-512 copy of an inline helper into the baseline
+// build (an ODR trap), and whole-TU targets keep GCC from lowering the vector helpers for the default ISA
+// before they are inlined.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(BMT_FAST_NO_TARGET_CLONES)
-// The kernels below are compiled three times; the loader picks the best clone for the CPU at start-up.
-#define BMT_FAST_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define BMT_FAST_ISA_CLONES "x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA), baseline"
-#else
-#define BMT_FAST_TARGET_CLONES
-#define BMT_FAST_ISA_CLONES "single baseline build"
+#ifndef BMT_FAST_ISA
+#error "define BMT_FAST_ISA (the ISA namespace) before including simd.h"
 #endif
 
 #define BMT_FAST_INLINE inline __attribute__((always_inline))
 
-namespace bmt_fast::cpu {
+namespace bmt_fast::cpu::BMT_FAST_ISA {
 
 // 64 bytes: 16 floats or 8 doubles; the compiler maps it to one zmm, two ymm or four xmm registers.
 // (Spelled out per type: GCC drops vector_size on a dependent alias template.)
@@ -56,10 +56,21 @@ BMT_FAST_INLINE void store(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-template <typename T>
-BMT_FAST_INLINE vec_t<T> broadcast(T s) {
-  return vec_t<T>{} + s;
+// Splat by shuffling lane 0 everywhere: GCC emits one vbroadcastss/sd from memory. (`vec{} + s` costs
+// a scalar add first, and an initialiser list inside unrolled loops can turn into masked inserts.)
+#if defined(__clang__)
+BMT_FAST_INLINE vec_t<float> broadcast(float s) { return vec_t<float>{} + s; }
+BMT_FAST_INLINE vec_t<double> broadcast(double s) { return vec_t<double>{} + s; }
+#else
+BMT_FAST_INLINE vec_t<float> broadcast(float s) {
+  const vec_t<float> v = {s};
+  return __builtin_shuffle(v, vec_t<int32_t>{});
 }
+BMT_FAST_INLINE vec_t<double> broadcast(double s) {
+  const vec_t<double> v = {s};
+  return __builtin_shuffle(v, vec_t<int64_t>{});
+}
+#endif
 
 template <typename T>
 BMT_FAST_INLINE T horizontal_sum(vec_t<T> v) {
@@ -103,7 +114,7 @@ BMT_FAST_INLINE vec_t<T> exp_nonpositive(vec_t<T> x) {
   using C = ExpConstants<T>;
   using IntVec = vec_t<typename C::Int>;
   const auto underflow = x < C::kMin;
-  x = underflow ? broadcast<T>(C::kMin) : x;
+  x = underflow ? broadcast(T(C::kMin)) : x;
   vec_t<T> m = x * T(1.4426950408889634) + C::kShifter;
   m = m - C::kShifter;
   vec_t<T> r = x - m * C::kLn2Hi;
@@ -112,7 +123,7 @@ BMT_FAST_INLINE vec_t<T> exp_nonpositive(vec_t<T> x) {
   T inv_fact[C::kDegree + 1];
   inv_fact[0] = 1;
   for (int k = 1; k <= C::kDegree; ++k) inv_fact[k] = inv_fact[k - 1] / T(k);
-  vec_t<T> p = broadcast<T>(inv_fact[C::kDegree]);
+  vec_t<T> p = broadcast(T(inv_fact[C::kDegree]));
   for (int k = C::kDegree - 1; k >= 0; --k) p = p * r + inv_fact[k];
   IntVec bits = (__builtin_convertvector(m, IntVec) + C::kBias) << C::kMantissaBits;
   vec_t<T> scale;
@@ -121,4 +132,4 @@ BMT_FAST_INLINE vec_t<T> exp_nonpositive(vec_t<T> x) {
   return underflow ? vec_t<T>{} : result;
 }
 
-}  // namespace bmt_fast::cpu
+}  // namespace bmt_fast::cpu::BMT_FAST_ISA

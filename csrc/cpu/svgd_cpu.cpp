@@ -162,9 +162,10 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, std::op
 // ---- Gram path -----------------------------------------------------------------------------------
 
 int64_t gram_chunk(int64_t n) {
-  // Two (n x chunk) buffers per thread stay within ~256 KiB of L2; a multiple of 32 columns.
+  // The two (rows x chunk) fp32 buffers of apply_columns stay within 32 KiB of L1; a multiple of 64
+  // (the widest register block of apply_columns).
   const int64_t rows = (n + 3) / 4 * 4;
-  return std::clamp<int64_t>(32768 / rows / 32 * 32, 32, 2048);
+  return std::clamp<int64_t>(4096 / rows / 64 * 64, 64, 1 << 20);
 }
 
 template <typename In>

@@ -1,0 +1,352 @@
+// The CPU kernels, compiled once per ISA level: kernels_{base,v3,v4}.cpp set the target, name the
+// namespace BMT_FAST_ISA and include this file. No standard-library templates in here (their weak
+// instantiations would be shared across the ISA builds); scratch memory comes from the caller.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+#include <immintrin.h>
+#endif
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace bmt_fast::cpu::BMT_FAST_ISA {
+namespace {
+
+BMT_FAST_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+BMT_FAST_INLINE int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+template <typename T>
+BMT_FAST_INLINE void fill(T* p, int64_t count, T value) {
+  for (int64_t i = 0; i < count; ++i) p[i] = value;
+}
+
+template <typename T>
+BMT_FAST_INLINE vec_t<T> clamp_nonnegative(vec_t<T> v) {
+  return v > T(0) ? v : vec_t<T>{};
+}
+
+// ---- many-particle regime ----------------------------------------------------------------------
+
+template <typename T>
+BMT_FAST_INLINE void rbf_from_dots_impl(T* tile, int64_t ld, int64_t row_begin, int64_t row_end,
+                                        int64_t cols, const T* nr, const T* nc, T inv_h) {
+  constexpr int L = kLanes<T>;
+  const vec_t<T> neg_inv_h = broadcast(T(-inv_h));
+  for (int64_t a = row_begin; a < row_end; ++a) {
+    T* row = tile + a * ld;
+    const vec_t<T> na = broadcast(T(nr[a]));
+    int64_t b = 0;
+    for (; b + L <= cols; b += L) {
+      const vec_t<T> dist = clamp_nonnegative<T>(na + load(nc + b) - T(2) * load(row + b));
+      store(row + b, exp_nonpositive<T>(dist * neg_inv_h));
+    }
+    if (b < cols) {  // ragged tail through a zero-padded vector
+      T s[L] = {}, n[L] = {};
+      for (int64_t k = b; k < cols; ++k) {
+        s[k - b] = row[k];
+        n[k - b] = nc[k];
+      }
+      const vec_t<T> dist = clamp_nonnegative<T>(na + load(n) - T(2) * load(s));
+      store(s, exp_nonpositive<T>(dist * neg_inv_h));
+      for (int64_t k = b; k < cols; ++k) row[k] = s[k - b];
+    }
+  }
+}
+
+template <typename T>
+struct KeyOf;
+template <>
+struct KeyOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct KeyOf<double> {
+  using type = uint64_t;
+};
+
+template <typename T>
+BMT_FAST_INLINE void radix_histogram_impl(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end,
+                                          int64_t cols, const T* nr, const T* nc, bool upper_only,
+                                          int64_t weight, const RadixPass& pass, int64_t* hist) {
+  using Key = typename KeyOf<T>::type;
+  const int top_shift = pass.shift + pass.width;
+  const bool has_top = top_shift < int(8 * sizeof(Key));
+  const uint64_t mask = (uint64_t(1) << pass.width) - 1;
+  for (int64_t a = row_begin; a < row_end; ++a) {
+    const T* row = tile + a * ld;
+    for (int64_t b = upper_only ? a + 1 : 0; b < cols; ++b) {
+      T dist = nr[a] + nc[b] - T(2) * row[b];
+      dist = dist > T(0) ? dist : T(0);
+      Key key;
+      std::memcpy(&key, &dist, sizeof(key));
+      const uint64_t top = has_top ? uint64_t(key >> top_shift) : 0;
+      const uint64_t bin = (uint64_t(key) >> pass.shift) & mask;
+      for (int t = 0; t < pass.num_targets; ++t) {
+        if (top == pass.prefix[t]) hist[(uint64_t(t) << pass.width) | bin] += weight;
+      }
+    }
+  }
+}
+
+// ---- few-particle, huge-d regime ---------------------------------------------------------------
+//
+// Columns are shifted by particle 0 (x_j - x_0) on the fly: SVGD is translation invariant, identical
+// particles give exact zeros, and a cloud far from the origin loses nothing (the difference of two
+// nearby floats is exact). No shifted copy of x is ever stored beyond one L1-sized chunk.
+
+// Converting loads and stores between the input type and the compute type.
+template <typename T, typename In>
+BMT_FAST_INLINE vec_t<T> load_as(const In* p) {
+  if constexpr (std::is_same_v<In, T>) {
+    return load(p);
+  } else if constexpr (std::is_same_v<In, c10::BFloat16>) {
+    typedef uint16_t half_vec __attribute__((vector_size(32)));
+    half_vec raw;
+    std::memcpy(&raw, p, sizeof(raw));
+    const vec_t<int32_t> bits = __builtin_convertvector(raw, vec_t<int32_t>) << 16;  // bf16 = top half of fp32
+    vec_t<T> v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  } else {
+    vec_t<T> v;
+    for (int i = 0; i < kLanes<T>; ++i) v[i] = static_cast<T>(p[i]);
+    return v;
+  }
+}
+
+// A full vector of the output, written around the caches when the ISA has a streaming store and p is
+// aligned: phi is written once and not read again, so this saves the read-for-ownership of each line.
+template <typename In, typename T>
+BMT_FAST_INLINE void stream_as(In* p, vec_t<T> v) {
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  if constexpr (std::is_same_v<In, float> && std::is_same_v<T, float>) {
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      __m512 m;
+      std::memcpy(&m, &v, sizeof(m));
+      _mm512_stream_ps(p, m);
+      return;
+    }
+  } else if constexpr (std::is_same_v<In, double> && std::is_same_v<T, double>) {
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      __m512d m;
+      std::memcpy(&m, &v, sizeof(m));
+      _mm512_stream_pd(p, m);
+      return;
+    }
+  }
+#endif
+  for (int i = 0; i < kLanes<T>; ++i) p[i] = static_cast<In>(v[i]);
+}
+
+BMT_FAST_INLINE void stream_fence() {
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  _mm_sfence();
+#endif
+}
+
+template <typename In, typename T>
+BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
+  if constexpr (std::is_same_v<In, T>) {
+    if (count == kLanes<T>) {
+      store(p, v);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) p[i] = static_cast<In>(v[i]);
+}
+
+// dst[0, len) = src - first for one row chunk, zero up to the next full vector.
+template <typename In, typename T>
+BMT_FAST_INLINE void shifted_row(const In* src, const In* first, int64_t len, T* dst) {
+  constexpr int L = kLanes<T>;
+  int64_t k = 0;
+  for (; k + L <= len; k += L) store(dst + k, load_as<T>(src + k) - load_as<T>(first + k));
+  if (k < len) {
+    vec_t<T> v = {};
+    for (int64_t i = 0; k + i < len; ++i) v[i] = static_cast<T>(src[k + i]) - static_cast<T>(first[k + i]);
+    store(dst + k, v);
+  }
+}
+
+// Asks for the next chunk of a row while this one is processed: rows are read in short segments, too
+// short for the hardware prefetcher to ramp up on its own.
+template <typename In>
+BMT_FAST_INLINE void prefetch_next_chunk(const In* src, int64_t chunk, int64_t remaining) {
+  constexpr int64_t kLine = 64 / sizeof(In);
+  const int64_t count = min64(chunk, remaining);
+  for (int64_t k = 0; k < count; k += kLine) __builtin_prefetch(src + chunk + k, 0, 3);
+}
+
+// AVX-512 has 32 vector registers: 4 x 4 accumulators plus operands fit. Elsewhere a 64-byte vector takes
+// two (AVX2) or four (SSE) registers, so keep 4 x 2. (kernels_v4.cpp defines BMT_FAST_32_VECTOR_REGISTERS:
+// #pragma GCC target does not define __AVX512F__.)
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+constexpr int kApplyVectors = 4;
+#else
+constexpr int kApplyVectors = 2;
+#endif
+
+// Buffer rows are chunk + kRowPad elements apart so that consecutive rows do not share their low 12
+// address bits with each other or with the rows of x (whose stride is often a multiple of 4 KiB): such
+// "4K aliasing" makes loads wait for unrelated stores.
+template <typename T>
+constexpr int64_t kRowPad = 64 / sizeof(T) * 3;
+
+// Flush the fp32 vector partial sums of the Gram into double this often (in chunks): each lane then adds
+// at most kGramFlush * chunk / lanes products in fp32 before the double accumulation.
+constexpr int64_t kGramFlush = 8;
+
+template <typename In, typename T>
+BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end,
+                                       int64_t chunk, double* gram, T* scratch) {
+  constexpr int L = kLanes<T>;
+  constexpr int B = 4;  // 4 x 4 dot products per register block: 8 loads feed 16 FMAs
+  const int64_t rows = round_up(n, B);
+  const int64_t blocks = rows / B;
+  const int64_t ld = chunk + kRowPad<T>;
+  T* buf = scratch;                // rows x ld, shifted columns
+  T* partial = scratch + rows * ld;  // blocks^2 x B x B vectors (unaligned: accessed by load/store)
+  fill(partial, blocks * blocks * B * B * L, T(0));
+  fill(buf, rows * ld, T(0));
+  auto flush = [&] {
+    for (int64_t ib = 0; ib < blocks; ++ib)
+      for (int64_t jb = ib; jb < blocks; ++jb)
+        for (int r = 0; r < B; ++r)
+          for (int c = 0; c < B; ++c) {
+            T* v = partial + (((ib * blocks + jb) * B + r) * B + c) * L;
+            const int64_t i = ib * B + r, j = jb * B + c;
+            if (i < n && j < n && i <= j) gram[i * n + j] += static_cast<double>(horizontal_sum<T>(load(v)));
+            store(v, vec_t<T>{});
+          }
+  };
+  int64_t since_flush = 0;
+  for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
+    const int64_t len = min64(chunk, col_end - k0);
+    for (int64_t i = 0; i < n; ++i) {
+      prefetch_next_chunk(x + i * d + k0, chunk, col_end - k0 - chunk);
+      shifted_row(x + i * d + k0, x + k0, len, buf + i * ld);
+    }
+    const int64_t len_vec = round_up(len, L);
+    for (int64_t ib = 0; ib < blocks; ++ib) {
+      for (int64_t jb = ib; jb < blocks; ++jb) {
+        T* out = partial + (ib * blocks + jb) * B * B * L;
+        vec_t<T> acc[B][B];
+        for (int r = 0; r < B; ++r)
+          for (int c = 0; c < B; ++c) acc[r][c] = load(out + (r * B + c) * L);
+        const T* xi = buf + ib * B * ld;
+        const T* xj = buf + jb * B * ld;
+        for (int64_t k = 0; k < len_vec; k += L) {
+          vec_t<T> vi[B], vj[B];
+          for (int r = 0; r < B; ++r) {
+            vi[r] = load(xi + r * ld + k);
+            vj[r] = load(xj + r * ld + k);
+          }
+          for (int r = 0; r < B; ++r)
+            for (int c = 0; c < B; ++c) acc[r][c] += vi[r] * vj[c];
+        }
+        for (int r = 0; r < B; ++r)
+          for (int c = 0; c < B; ++c) store(out + (r * B + c) * L, acc[r][c]);
+      }
+    }
+    if (++since_flush == kGramFlush) {
+      flush();
+      since_flush = 0;
+    }
+  }
+  flush();
+}
+
+template <typename In, typename T>
+BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64_t n, int64_t d,
+                                        int64_t col_begin, int64_t col_end, int64_t chunk, const T* kn,
+                                        const T* c, T a, T* scratch) {
+  constexpr int L = kLanes<T>;
+  constexpr int R = kApplyRows;  // rows per register block
+  constexpr int V = kApplyVectors;  // vectors per row: R * V accumulators stay in registers
+  const int64_t rows = round_up(n, R);
+  const int64_t ld = chunk + kRowPad<T>;
+  T* xs = scratch;          // rows x ld: x_j - x_0
+  T* w = xs + rows * ld;    // n x ld:    g_j - a (x_j - x_0)
+  fill(xs, rows * ld, T(0));
+  fill(w, n * ld, T(0));
+  const vec_t<T> va = broadcast(T(a));
+  for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
+    const int64_t len = min64(chunk, col_end - k0);
+    for (int64_t j = 0; j < n; ++j) {
+      const In* gj = g + j * d + k0;
+      T* xj = xs + j * ld;
+      T* wj = w + j * ld;
+      shifted_row(x + j * d + k0, x + k0, len, xj);
+      int64_t k = 0;
+      for (; k + L <= len; k += L) store(wj + k, load_as<T>(gj + k) - va * load(xj + k));
+      for (; k < len; ++k) wj[k] = static_cast<T>(gj[k]) - a * xj[k];
+    }
+    for (int64_t kk = 0; kk < len; kk += V * L) {
+      const int64_t count = min64(V * L, len - kk);
+      for (int64_t ib = 0; ib < rows; ib += R) {
+        // Start from the c_i * xs_i term: no zeroing, one FMA less per output vector.
+        vec_t<T> acc[R][V];
+        for (int r = 0; r < R; ++r) {
+          const vec_t<T> cr = broadcast(T(c[ib + r]));
+          for (int v = 0; v < V; ++v) acc[r][v] = cr * load(xs + (ib + r) * ld + kk + v * L);
+        }
+        const T* krow = kn + ib * n;
+        for (int64_t j = 0; j < n; ++j) {
+          vec_t<T> wv[V];
+          for (int v = 0; v < V; ++v) wv[v] = load(w + j * ld + kk + v * L);
+          for (int r = 0; r < R; ++r) {
+            const vec_t<T> kr = broadcast(T(krow[r * n + j]));
+            for (int v = 0; v < V; ++v) acc[r][v] += kr * wv[v];
+          }
+        }
+        const int64_t valid_rows = min64(R, n - ib);
+        if (std::is_same_v<In, T> && count == V * L && valid_rows == R) {
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < V; ++v) stream_as<In, T>(phi + (ib + r) * d + k0 + kk + v * L, acc[r][v]);
+        } else {
+          for (int r = 0; r < valid_rows; ++r)
+            for (int v = 0; v * L < count; ++v)
+              store_as<In, T>(phi + (ib + r) * d + k0 + kk + v * L, acc[r][v], min64(L, count - v * L));
+        }
+      }
+    }
+  }
+  stream_fence();
+}
+
+}  // namespace
+
+// ---- entry points of this ISA build (declared in kernels.h through BMT_FAST_ISA_KERNELS) ----------
+
+#define BMT_FAST_DEFINE_TILE_KERNELS(T)                                                                   \
+  void rbf_from_dots(T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols, const T* nr, \
+                     const T* nc, T inv_h) {                                                              \
+    rbf_from_dots_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, inv_h);                             \
+  }                                                                                                       \
+  void radix_histogram(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,      \
+                       const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass,  \
+                       int64_t* hist) {                                                                   \
+    radix_histogram_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, hist); \
+  }
+BMT_FAST_DEFINE_TILE_KERNELS(float)
+BMT_FAST_DEFINE_TILE_KERNELS(double)
+
+#define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                             \
+  void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk, \
+                    double* gram, T* scratch) {                                                           \
+    gram_columns_impl<In, T>(x, n, d, col_begin, col_end, chunk, gram, scratch);                         \
+  }                                                                                                       \
+  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,         \
+                     int64_t col_end, int64_t chunk, const T* kn, const T* c, T a, T* scratch) {         \
+    apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, chunk, kn, c, a, scratch);            \
+  }
+BMT_FAST_DEFINE_COLUMN_KERNELS(float, float)
+BMT_FAST_DEFINE_COLUMN_KERNELS(double, double)
+BMT_FAST_DEFINE_COLUMN_KERNELS(c10::BFloat16, float)
+BMT_FAST_DEFINE_COLUMN_KERNELS(c10::Half, float)
+
+}  // namespace bmt_fast::cpu::BMT_FAST_ISA
