@@ -47,11 +47,12 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def check_bandwidth(bandwidth: object, like: torch.Tensor) -> torch.Tensor | None:
+def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool = True) -> torch.Tensor | None:
     """Normalise `bandwidth` to None ("median") or a positive finite 0-dim tensor on like's device.
 
     A float becomes a float64 tensor; a tensor keeps its dtype and autograd history (rbf_kernel can
-    differentiate through it).
+    differentiate through it). check_value=False skips reading a tensor's value (a device sync, and a
+    data-dependent branch under torch.compile); the kernels still reject a non-positive bandwidth.
     """
     if isinstance(bandwidth, str):
         if bandwidth != "median":
@@ -62,8 +63,10 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor) -> torch.Tensor | Non
             raise ValueError(f"bandwidth tensor must hold one value, got shape {tuple(bandwidth.shape)}")
         if not bandwidth.is_floating_point():
             raise TypeError(f"bandwidth tensor must be floating point, got {bandwidth.dtype}")
-        value = float(bandwidth.detach())
         h = bandwidth.reshape(()).to(like.device)
+        if not check_value:
+            return h
+        value = float(bandwidth.detach())
     elif isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
         value = float(bandwidth)
         h = None

@@ -28,7 +28,8 @@ def svgd_step(
         bandwidth: "median" (H = median of all n*n squared distances / log(n + 1), floored at
             `reference.BANDWIDTH_FLOOR`), or a positive float / 0-dim tensor H.
         backend: "auto", or one of `available_backends()`.
-        check_inputs: set False to skip the NaN/Inf scan of x and score (one extra pass over each).
+        check_inputs: set False to skip the NaN/Inf scan of x and score (one extra pass over each) and
+            the host read of a tensor bandwidth (for speed, and for torch.compile without graph breaks).
 
     Returns:
         phi with the shape, dtype and device of x. Half-precision inputs accumulate in float32.
@@ -42,7 +43,7 @@ def svgd_step(
     if check_inputs:
         check_finite("x", x)
         check_finite("score", score)
-    h = check_bandwidth(bandwidth, x)
+    h = check_bandwidth(bandwidth, x, check_value=check_inputs)
     x2, s2 = as_rows(x), as_rows(score)
     chosen = backends.select(backend, "svgd_step", x2)
     with torch.no_grad():
@@ -73,7 +74,7 @@ def rbf_kernel(
         check_finite("x", x)
         if y is not None:
             check_finite("y", y)
-    h = check_bandwidth(bandwidth, x)
+    h = check_bandwidth(bandwidth, x, check_value=check_inputs)
     x2 = as_rows(x)
     y2 = None if y is None else as_rows(y)
     chosen = backends.select(backend, "rbf_kernel", x2)

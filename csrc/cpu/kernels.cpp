@@ -120,8 +120,8 @@ const char* compiled_isas() {
 BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)
 
-// Scratch sizes follow kernels_impl.h: gram needs (rows x ld) plus (rows/4)^2 x 16 vectors of partial
-// sums; apply needs (rows x ld) + (n x ld), with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h).
+// Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):
+// gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums; apply needs (rows + n) x ld.
 #define BMT_FAST_DEFINE_COLUMN_ENTRY(In, T)                                                                \
   void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk,  \
                     double* gram) {                                                                        \

@@ -190,6 +190,29 @@ constexpr int kApplyVectors = 4;
 constexpr int kApplyVectors = 2;
 #endif
 
+// buf (n rows, row stride ld) <- columns [k0, k0 + len) of x shifted by particle 0: exact zeros for
+// identical particles, nothing lost far from the origin. With subtract_mean, also centred by the mean of
+// each shifted column (smaller operands for the cancelling terms of the apply pass; distances alone do
+// not need it). The mean is summed in registers, one vector of columns at a time.
+template <bool subtract_mean, typename In, typename T>
+BMT_FAST_INLINE void centred_chunk(const In* x, int64_t n, int64_t d, int64_t k0, int64_t len, int64_t chunk,
+                                   int64_t col_end, int64_t ld, T* buf) {
+  constexpr int L = kLanes<T>;
+  for (int64_t i = 0; i < n; ++i) {
+    prefetch_next_chunk(x + i * d + k0, chunk, col_end - k0 - chunk);
+    shifted_row(x + i * d + k0, x + k0, len, buf + i * ld);
+  }
+  if (!subtract_mean) return;
+  const vec_t<T> inv_n = broadcast(T(T(1) / T(n)));
+  const int64_t len_vec = round_up(len, L);
+  for (int64_t k = 0; k < len_vec; k += L) {
+    vec_t<T> sum = {};
+    for (int64_t i = 0; i < n; ++i) sum += load(buf + i * ld + k);
+    const vec_t<T> mean = sum * inv_n;
+    for (int64_t i = 0; i < n; ++i) store(buf + i * ld + k, load(buf + i * ld + k) - mean);
+  }
+}
+
 // Buffer rows are chunk + kRowPad elements apart so that consecutive rows do not share their low 12
 // address bits with each other or with the rows of x (whose stride is often a multiple of 4 KiB): such
 // "4K aliasing" makes loads wait for unrelated stores.
@@ -208,8 +231,8 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
   const int64_t rows = round_up(n, B);
   const int64_t blocks = rows / B;
   const int64_t ld = chunk + kRowPad<T>;
-  T* buf = scratch;                // rows x ld, shifted columns
-  T* partial = scratch + rows * ld;  // blocks^2 x B x B vectors (unaligned: accessed by load/store)
+  T* buf = scratch;                   // rows x ld, shifted columns
+  T* partial = buf + rows * ld;       // blocks^2 x B x B vectors (unaligned: accessed by load/store)
   fill(partial, blocks * blocks * B * B * L, T(0));
   fill(buf, rows * ld, T(0));
   auto flush = [&] {
@@ -226,10 +249,7 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
   int64_t since_flush = 0;
   for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
     const int64_t len = min64(chunk, col_end - k0);
-    for (int64_t i = 0; i < n; ++i) {
-      prefetch_next_chunk(x + i * d + k0, chunk, col_end - k0 - chunk);
-      shifted_row(x + i * d + k0, x + k0, len, buf + i * ld);
-    }
+    centred_chunk<false>(x, n, d, k0, len, chunk, col_end, ld, buf);
     const int64_t len_vec = round_up(len, L);
     for (int64_t ib = 0; ib < blocks; ++ib) {
       for (int64_t jb = ib; jb < blocks; ++jb) {
@@ -269,18 +289,19 @@ BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64
   constexpr int V = kApplyVectors;  // vectors per row: R * V accumulators stay in registers
   const int64_t rows = round_up(n, R);
   const int64_t ld = chunk + kRowPad<T>;
-  T* xs = scratch;          // rows x ld: x_j - x_0
-  T* w = xs + rows * ld;    // n x ld:    g_j - a (x_j - x_0)
+  T* xs = scratch;          // rows x ld: centred x_j
+  T* w = xs + rows * ld;    // n x ld:    g_j - a xs_j
   fill(xs, rows * ld, T(0));
   fill(w, n * ld, T(0));
   const vec_t<T> va = broadcast(T(a));
   for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
     const int64_t len = min64(chunk, col_end - k0);
+    centred_chunk<true>(x, n, d, k0, len, chunk, col_end, ld, xs);
     for (int64_t j = 0; j < n; ++j) {
       const In* gj = g + j * d + k0;
-      T* xj = xs + j * ld;
+      const T* xj = xs + j * ld;
       T* wj = w + j * ld;
-      shifted_row(x + j * d + k0, x + k0, len, xj);
+      prefetch_next_chunk(gj, chunk, col_end - k0 - chunk);
       int64_t k = 0;
       for (; k + L <= len; k += L) store(wj + k, load_as<T>(gj + k) - va * load(xj + k));
       for (; k < len; ++k) wj[k] = static_cast<T>(gj[k]) - a * xj[k];

@@ -1,0 +1,36 @@
+"""Helpers shared by the tests: tolerances measured against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bmt_fast
+
+CPU_BACKENDS = [name for name in ("torch", "cpu") if name in bmt_fast.available_backends()]
+COMPILED_CPU = "cpu" in bmt_fast.available_backends()
+
+requires_cpu_extension = pytest.mark.skipif(not COMPILED_CPU, reason="bmt_fast._C not built")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (relative to the scale of the result)."""
+    scale = expected.double().abs().max().clamp_min(1e-300)
+    return float((actual.double() - expected.double()).abs().max() / scale)
+
+
+def torch_error_in(dtype: torch.dtype, fn, *inputs64: torch.Tensor) -> float:
+    """Error of fn run on inputs cast to `dtype` against fn in float64: the yardstick of the
+    flash-attention rule (a kernel may be at most 2x worse than torch in the same precision)."""
+    return relative_error(fn(*(t.to(dtype) for t in inputs64)), fn(*inputs64))
+
+
+FP32_FLOOR = 32 * torch.finfo(torch.float32).eps  # 3.8e-6: a few dozen ulps for sums with cancellation
+
+
+def assert_within(actual: torch.Tensor, expected64: torch.Tensor, torch_error: float, floor: float = FP32_FLOOR) -> None:
+    """The kernel's error is at most 2x torch's error in the same precision, but never held tighter than
+    `floor` (kernels sum in a different order than torch, so tiny errors differ by a few ulps)."""
+    err = relative_error(actual, expected64)
+    bound = max(2.0 * torch_error, floor)
+    assert err <= bound, f"relative error {err:.3e} > {bound:.3e} (torch in the same precision: {torch_error:.3e})"

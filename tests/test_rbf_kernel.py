@@ -1,0 +1,121 @@
+"""rbf_kernel: values against the float64 reference, gradients, torch.library registration."""
+
+import pytest
+import torch
+from helpers import assert_within, relative_error, requires_cpu_extension, torch_error_in
+
+import bmt_fast
+from bmt_fast import reference
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (5, 7, 3), (64, 33, 17), (130, 129, 300), (3, 4, 50_000)])
+def test_values_fp64(cpu_backend, n, m, d):
+    x = torch.randn(n, d, dtype=torch.float64)
+    y = torch.randn(m, d, dtype=torch.float64) + 0.5
+    h = torch.tensor(float(d), dtype=torch.float64)
+    k = bmt_fast.rbf_kernel(x, y, h, backend=cpu_backend)
+    assert k.shape == (n, m) and k.dtype == torch.float64
+    assert relative_error(k, reference.rbf_kernel(x, y, h)) < 1e-12
+
+
+def test_values_fp32_far_from_origin(cpu_backend):
+    x64 = (torch.randn(40, 8, dtype=torch.float64) + 1e4).float().double()
+    y64 = (torch.randn(30, 8, dtype=torch.float64) + 1e4).float().double()
+    h = torch.tensor(6.0, dtype=torch.float64)
+    k = bmt_fast.rbf_kernel(x64.float(), y64.float(), 6.0, backend=cpu_backend)
+    shift = x64[:1]
+    torch_error = torch_error_in(torch.float32, lambda a, b: reference.rbf_kernel(a - shift.to(a.dtype), b - shift.to(a.dtype), h.to(a.dtype)), x64, y64)
+    assert_within(k, reference.rbf_kernel(x64, y64, h), torch_error)
+
+
+def test_y_none_is_the_self_kernel_with_unit_diagonal(cpu_backend):
+    x = torch.randn(20, 6, dtype=torch.float64)
+    k = bmt_fast.rbf_kernel(x, backend=cpu_backend)
+    h = bmt_fast.median_bandwidth(x)
+    assert relative_error(k, reference.rbf_kernel(x, None, h)) < 1e-12
+    torch.testing.assert_close(k, k.T)
+    assert torch.equal(k.diagonal(), torch.ones(20, dtype=torch.float64))
+
+
+def test_median_bandwidth_of_the_reference_set(cpu_backend):
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y = torch.randn(50, 4, dtype=torch.float64) * 3
+    k = bmt_fast.rbf_kernel(x, y, backend=cpu_backend)
+    expected = reference.rbf_kernel(x, y, reference.median_bandwidth(y))
+    assert relative_error(k, expected) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(cpu_backend, dtype):
+    x, y = torch.randn(9, 5).to(dtype), torch.randn(11, 5).to(dtype)
+    k = bmt_fast.rbf_kernel(x, y, 4.0, backend=cpu_backend)
+    assert k.dtype == dtype
+    expected = reference.rbf_kernel(x.double(), y.double(), torch.tensor(4.0, dtype=torch.float64))
+    assert relative_error(k, expected) <= 2 * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10)
+
+
+def test_gradcheck_x_y_and_bandwidth(cpu_backend):
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: bmt_fast.rbf_kernel(a, b, c, backend=cpu_backend), (x, y, h))
+
+
+def test_gradcheck_self_kernel(cpu_backend):
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: bmt_fast.rbf_kernel(a, None, 3.0, backend=cpu_backend), (x,))
+
+
+def test_gradients_match_reference_autograd(cpu_backend):
+    x = torch.randn(30, 10, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(20, 10, dtype=torch.float64, requires_grad=True)
+    h = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(30, 20, dtype=torch.float64)
+    grads = torch.autograd.grad((bmt_fast.rbf_kernel(x, y, h, backend=cpu_backend) * weights).sum(), (x, y, h))
+    expected = torch.autograd.grad((reference.rbf_kernel(x, y, h) * weights).sum(), (x, y, h))
+    for g, e in zip(grads, expected):
+        assert relative_error(g, e) < 1e-10
+
+
+def test_kde_log_prior_decreases_away_from_particles(cpu_backend):
+    """The use in the trainer: -log mean_m k(theta, theta_m) pulls theta towards the particles."""
+    particles = torch.randn(8, 16, dtype=torch.float64)
+    theta = (particles.mean(0, keepdim=True) + 3.0).requires_grad_(True)
+    h = bmt_fast.median_bandwidth(particles)
+    opt = torch.optim.SGD([theta], lr=0.5)
+    losses = []
+    for _ in range(30):
+        loss = -bmt_fast.rbf_kernel(theta, particles, h, backend=cpu_backend).mean().log()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 1.0
+
+
+@requires_cpu_extension
+def test_opcheck_rbf_kernel_ops():
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.tensor(2.0, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel.default, (x, y, h))
+    k = torch.ops.bmt_fast.rbf_kernel(x.detach(), y.detach(), h)
+    grad = torch.randn(5, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_backward.default, (grad, x.detach(), y.detach(), k, h))
+
+
+@requires_cpu_extension
+def test_torch_compile_traces_the_ops():
+    def loss(x, y, h):
+        return bmt_fast.rbf_kernel(x, y, h, backend="cpu", check_inputs=False).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    h = torch.tensor(2.0, dtype=torch.float64)
+    out = compiled(x, y, h)
+    out.backward()
+    expected_x = x.detach().clone().requires_grad_(True)
+    reference.rbf_kernel(expected_x, y, h).sum().backward()
+    torch.testing.assert_close(out, reference.rbf_kernel(x.detach(), y, h).sum())
+    torch.testing.assert_close(x.grad, expected_x.grad)

@@ -1,0 +1,205 @@
+"""svgd_step on every CPU backend and both algorithms against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+from helpers import COMPILED_CPU, assert_within, relative_error, requires_cpu_extension, torch_error_in
+
+import bmt_fast
+from bmt_fast import reference
+
+# (n, d): odd sizes, tile edges (the CPU tile is 512), both regimes.
+SHAPES = [(1, 1), (2, 3), (3, 1), (7, 5), (17, 33), (64, 1), (65, 129), (127, 16), (513, 7), (1000, 64)]
+HUGE_D = [(2, 100_003), (16, 65_536), (33, 20_000)]
+ALGORITHMS = ["tiled", "gram"]
+
+
+def reference_phi(x, score, h=None):
+    return reference.svgd_step(x, score, None if h is None else torch.as_tensor(h, dtype=torch.float64))
+
+
+def particles(n, d, offset=0.0, dtype=torch.float64):
+    x = torch.randn(n, d, dtype=torch.float64) * 1.5 + offset
+    score = torch.randn(n, d, dtype=torch.float64)
+    return x.to(dtype), score.to(dtype)
+
+
+@pytest.mark.parametrize("n,d", SHAPES + HUGE_D)
+@pytest.mark.parametrize("bandwidth", ["median", 3.0])
+def test_public_api_matches_reference_fp64(cpu_backend, n, d, bandwidth):
+    x, score = particles(n, d)
+    phi = bmt_fast.svgd_step(x, score, bandwidth, backend=cpu_backend)
+    expected = reference_phi(x, score, None if bandwidth == "median" else bandwidth)
+    assert phi.dtype == torch.float64 and phi.shape == x.shape
+    assert relative_error(phi, expected) < 1e-12
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("n,d", SHAPES + HUGE_D)
+def test_both_cpu_algorithms_fp64(algorithm, n, d):
+    x, score = particles(n, d)
+    phi = torch.ops.bmt_fast.svgd_step(x, score, None, algorithm)
+    assert relative_error(phi, reference_phi(x, score)) < 1e-12
+
+
+FP32_CASES = [("tiled", n, d) for n, d in SHAPES + HUGE_D] + [
+    ("gram", n, d) for n, d in SHAPES + HUGE_D if n <= 128  # the Gram path serves few particles
+]
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("algorithm,n,d", FP32_CASES)
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_both_cpu_algorithms_fp32(algorithm, n, d, offset):
+    """fp32 within 2x the error of torch's own fp32 (floor: 32 ulps), also far from the origin."""
+    x64, score64 = particles(n, d, offset)
+    x64 = x64.float().double()  # the fp32 inputs, exactly, as the float64 reference input
+    score64 = score64.float().double()
+    h = torch.tensor(float(reference.median_bandwidth(x64)), dtype=torch.float64)
+    phi = torch.ops.bmt_fast.svgd_step(x64.float(), score64.float(), h.float(), algorithm)
+    assert phi.dtype == torch.float32
+
+    def centred_reference(x, s):  # torch's error measured where it is fair: near the origin
+        return reference.svgd_step(x - x64[:1].to(x.dtype), s, h.to(x.dtype))
+
+    torch_error = torch_error_in(torch.float32, centred_reference, x64, score64)
+    assert_within(phi, reference_phi(x64, score64, float(h)), torch_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d", [(7, 5), (65, 129), (16, 65_536)])
+def test_half_precision_accumulates_in_fp32(cpu_backend, dtype, n, d):
+    x, score = particles(n, d, dtype=dtype)
+    phi = bmt_fast.svgd_step(x, score, backend=cpu_backend)
+    assert phi.dtype == dtype
+    expected = reference_phi(x.double(), score.double())
+    # Only the final rounding to the half type may remain: 2 ulps of bf16 / fp16 at the result's scale.
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    assert relative_error(phi, expected) <= 2 * ulp
+
+
+def test_event_shapes_are_flattened(cpu_backend):
+    x = torch.randn(9, 4, 3, dtype=torch.float64)
+    score = torch.randn(9, 4, 3, dtype=torch.float64)
+    phi = bmt_fast.svgd_step(x, score, 2.0, backend=cpu_backend)
+    assert phi.shape == (9, 4, 3)
+    expected = reference_phi(x.reshape(9, 12), score.reshape(9, 12), 2.0).reshape(9, 4, 3)
+    assert relative_error(phi, expected) < 1e-12
+
+
+def test_non_contiguous_inputs(cpu_backend):
+    base = torch.randn(40, 30, dtype=torch.float64)
+    x = base.t()[::2]  # (15, 40), strided
+    score = torch.randn(40, 15, dtype=torch.float64).t()
+    assert not x.is_contiguous() and not score.is_contiguous()
+    phi = bmt_fast.svgd_step(x, score, backend=cpu_backend)
+    assert relative_error(phi, reference_phi(x.contiguous(), score.contiguous())) < 1e-12
+
+
+def test_single_particle_gives_its_score(cpu_backend):
+    x, score = particles(1, 10)
+    for bandwidth in ("median", 0.5):
+        torch.testing.assert_close(bmt_fast.svgd_step(x, score, bandwidth, backend=cpu_backend), score)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_particles_give_the_mean_score(cpu_backend, dtype):
+    x = torch.full((6, 5), 0.1, dtype=dtype) + torch.arange(5, dtype=dtype)
+    score = torch.randn(6, 5, dtype=dtype)
+    assert math.isclose(float(bmt_fast.median_bandwidth(x, backend=cpu_backend)), bmt_fast.BANDWIDTH_FLOOR, rel_tol=1e-6)
+    phi = bmt_fast.svgd_step(x, score, backend=cpu_backend)
+    assert torch.isfinite(phi).all()
+    torch.testing.assert_close(phi, score.mean(0, keepdim=True).expand_as(score))
+
+
+def test_mostly_identical_particles_stay_finite(cpu_backend):
+    x = torch.zeros(9, 3, dtype=torch.float64)
+    x[7:] = torch.randn(2, 3, dtype=torch.float64)  # 49 of 81 pairs coincide: median 0, H at the floor
+    phi = bmt_fast.svgd_step(x, torch.randn(9, 3, dtype=torch.float64), backend=cpu_backend)
+    assert torch.isfinite(phi).all()
+
+
+def test_result_has_no_autograd_history(cpu_backend):
+    x = torch.randn(8, 3, requires_grad=True)
+    phi = bmt_fast.svgd_step(x, torch.randn(8, 3), backend=cpu_backend)
+    assert not phi.requires_grad and phi.grad_fn is None
+
+
+def test_moves_particles_to_a_gaussian(cpu_backend):
+    """Particles started in a corner spread to N(mu, sigma^2): SVGD matches mean and variance."""
+    mu, sigma = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5
+    x = torch.randn(200, 2, dtype=torch.float64) * 0.1 + 5.0
+    for _ in range(800):
+        score = -(x - mu) / sigma**2
+        x = x + 0.05 * bmt_fast.svgd_step(x, score, backend=cpu_backend)
+    # Mean within a fifth of sigma, standard deviation within 30% (a sign error in either term of phi
+    # leaves the particles near the start or collapses them to a point).
+    torch.testing.assert_close(x.mean(0), mu, atol=0.1, rtol=0)
+    assert ((x.std(0) - sigma).abs() < 0.3 * sigma).all(), x.std(0)
+
+
+@requires_cpu_extension
+def test_auto_uses_the_compiled_kernel_on_cpu():
+    assert bmt_fast.backends.select("auto", "svgd_step", torch.randn(4, 3)).name == "cpu"
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("isa", ["base", "v3", "v4"])
+def test_every_isa_build_is_correct(isa, tmp_path):
+    """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import torch, bmt_fast\n"
+        "from bmt_fast import reference\n"
+        "torch.manual_seed(0)\n"
+        "for n, d, algo in [(70, 37, 'tiled'), (13, 3001, 'gram')]:\n"
+        "    for dt in (torch.float32, torch.float64, torch.bfloat16):\n"
+        "        x = torch.randn(n, d, dtype=torch.float64); s = torch.randn(n, d, dtype=torch.float64)\n"
+        "        phi = torch.ops.bmt_fast.svgd_step(x.to(dt), s.to(dt), None, algo)\n"
+        "        ref = reference.svgd_step(x.to(dt).double(), s.to(dt).double(), None)\n"
+        "        err = float((phi.double() - ref).abs().max() / ref.abs().max())\n"
+        "        assert err < {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dt], (n, d, dt, err)\n"
+        "print(bmt_fast._extension.CPU.module.build_info()['cpu_isa'])\n"
+    )
+    env = {**__import__("os").environ, "BMT_FAST_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    if "lacks the instructions" in result.stderr:
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == isa
+
+
+@requires_cpu_extension
+def test_many_particles_use_bounded_memory(tmp_path):
+    """n=65536, d=64 fp32 runs without any n x n buffer (naive torch would need 17 GB per matrix)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "memory.py"
+    script.write_text(
+        "import resource, torch, bmt_fast\n"
+        "x = torch.randn(65536, 64); s = torch.randn(65536, 64)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "phi = bmt_fast.svgd_step(x, s, 64.0, check_inputs=False)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "assert torch.isfinite(phi).all()\n"
+        "print((after - before) / 1024)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    extra_mib = float(result.stdout.strip())
+    assert extra_mib < 200, f"peak extra memory {extra_mib:.0f} MiB"
+
+
+def test_bandwidth_rule_constant_is_shared():
+    """The floor in the C++ kernels equals the Python reference's."""
+    if not COMPILED_CPU:
+        pytest.skip("bmt_fast._C not built")
+    info = bmt_fast._extension.CPU.module.build_info()
+    assert info["bandwidth_floor"] == reference.BANDWIDTH_FLOOR
+    assert math.isclose(float(bmt_fast.median_bandwidth(torch.zeros(3, 2))), reference.BANDWIDTH_FLOOR, rel_tol=1e-6)

@@ -1,0 +1,124 @@
+"""Bad input gives a clear error naming the argument, never a silent wrong answer."""
+
+import math
+
+import pytest
+import torch
+from helpers import requires_cpu_extension
+
+import bmt_fast
+
+
+def good(n=4, d=3, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: (torch.randn(4, 3), torch.randn(4, 2)), ValueError, "score must have the shape of x"),
+        (lambda: (torch.randn(4, 3), torch.randn(5, 3)), ValueError, "score must have the shape of x"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64)), TypeError, "score must have the dtype"),
+        (lambda: (torch.randn(4, 3, device="meta"), torch.randn(4, 3)), ValueError, "score must be on the device"),
+        (lambda: (torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64)), TypeError, "x must be float"),
+        (lambda: (torch.randn(0, 3), torch.randn(0, 3)), ValueError, "x must have at least 1 particle"),
+        (lambda: (torch.randn(4, 0), torch.randn(4, 0)), ValueError, "x is empty"),
+        (lambda: (torch.tensor(1.0), torch.tensor(1.0)), ValueError, "0-dim"),
+        (lambda: ([[1.0]], torch.randn(1, 1)), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_particles(cpu_backend, make, error, match):
+    x, score = make()
+    with pytest.raises(error, match=match):
+        bmt_fast.svgd_step(x, score, backend=cpu_backend)
+
+
+@pytest.mark.parametrize("where", ["x", "score"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_and_inf_are_rejected(cpu_backend, where, bad):
+    x, score = good()
+    (x if where == "x" else score)[1, 2] = bad
+    with pytest.raises(ValueError, match=f"{where} contains 1 NaN/Inf"):
+        bmt_fast.svgd_step(x, score, backend=cpu_backend)
+
+
+def test_finite_check_can_be_skipped(cpu_backend):
+    x, score = good()
+    score[0, 0] = math.nan
+    phi = bmt_fast.svgd_step(x, score, backend=cpu_backend, check_inputs=False)
+    assert torch.isnan(phi).any()  # the caller asked for no check: NaN propagates, nothing is hidden
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, -1.0, math.nan, math.inf, torch.tensor(-2.0), torch.tensor(math.nan)])
+def test_bad_bandwidth_values(cpu_backend, bandwidth):
+    x, score = good()
+    with pytest.raises(ValueError, match="bandwidth must be positive and finite"):
+        bmt_fast.svgd_step(x, score, bandwidth, backend=cpu_backend)
+
+
+@pytest.mark.parametrize(
+    "bandwidth, error, match",
+    [
+        ("mean", ValueError, "bandwidth must be"),
+        (True, TypeError, "bandwidth must be"),
+        (None, TypeError, "bandwidth must be"),
+        (torch.ones(2), ValueError, "bandwidth tensor must hold one value"),
+        (torch.tensor(2), TypeError, "bandwidth tensor must be floating point"),
+    ],
+)
+def test_bad_bandwidth_types(bandwidth, error, match):
+    x, score = good()
+    with pytest.raises(error, match=match):
+        bmt_fast.svgd_step(x, score, bandwidth)
+
+
+def test_unknown_or_unavailable_backend():
+    x, score = good()
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        bmt_fast.svgd_step(x, score, backend="gpu")
+    if "cuda" not in bmt_fast.available_backends():
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            bmt_fast.svgd_step(x, score, backend="cuda")
+
+
+def test_rbf_kernel_bad_inputs():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="y must have the event shape of x"):
+        bmt_fast.rbf_kernel(x, torch.randn(5, 2))
+    with pytest.raises(TypeError, match="y must have the dtype of x"):
+        bmt_fast.rbf_kernel(x, torch.randn(5, 3, dtype=torch.float64))
+    y = torch.randn(5, 3)
+    y[0, 0] = math.inf
+    with pytest.raises(ValueError, match="y contains 1 NaN/Inf"):
+        bmt_fast.rbf_kernel(x, y)
+
+
+def test_median_bandwidth_bad_inputs():
+    with pytest.raises(ValueError, match="method must be one of"):
+        bmt_fast.median_bandwidth(torch.randn(4, 3), method="approx")
+    with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
+        bmt_fast.median_bandwidth(torch.tensor([[0.0], [math.nan]]))
+
+
+@requires_cpu_extension
+def test_direct_op_calls_check_arguments():
+    """The registered ops check their own arguments too (readable TORCH_CHECK messages)."""
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="score must have the shape of x"):
+        torch.ops.bmt_fast.svgd_step(x, torch.randn(4, 2), None)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        torch.ops.bmt_fast.svgd_step(torch.randn(4), torch.randn(4), None)
+    with pytest.raises(RuntimeError, match="bandwidth must be positive and finite"):
+        torch.ops.bmt_fast.svgd_step(x, x, torch.tensor(0.0))
+    with pytest.raises(RuntimeError, match='algorithm must be "auto", "tiled" or "gram"'):
+        torch.ops.bmt_fast.svgd_step(x, x, None, "fast")
+    with pytest.raises(RuntimeError, match="y must have d = 3 columns"):
+        torch.ops.bmt_fast.rbf_kernel(x, torch.randn(2, 4), torch.tensor(1.0))
+
+
+def test_inputs_are_not_modified(cpu_backend):
+    x, score = good(n=70, d=40)
+    x0, s0 = x.clone(), score.clone()
+    bmt_fast.svgd_step(x, score, backend=cpu_backend)
+    bmt_fast.rbf_kernel(x, score, backend=cpu_backend)
+    assert torch.equal(x, x0) and torch.equal(score, s0)
