@@ -1,0 +1,58 @@
+"""`python -m bmt_fast.info`: versions, which backends were built and why any was not."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+
+import torch
+
+from . import __version__, _extension, backends
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect() -> dict:
+    """Everything `main` prints, as a dict (also used by the benchmarks to label their rows)."""
+    cpu = _extension.CPU
+    info = {
+        "bmt_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda or "none (CPU build)",
+        "triton": _version("triton"),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "available_backends": backends.available_backends(),
+        "unavailable_backends": backends.unavailable_backends(),
+        "cpu_extension": dict(cpu.build_info),
+        "cuda_extension": dict(_extension.CUDA.build_info),
+    }
+    if cpu.loaded:
+        info["cpu_extension"].update(cpu.module.build_info())
+    return info
+
+
+def main() -> None:
+    info = collect()
+    print(f"bmt_fast {info['bmt_fast']}  (python {info['python']}, torch {info['torch']}, CUDA {info['torch_cuda']},"
+          f" triton {info['triton']})")
+    devices = ", ".join(info["cuda_devices"]) or "none"
+    print(f"CPU: {info['cpu']}, {info['threads']} threads; CUDA devices: {devices}")
+    print(f"available backends: {', '.join(info['available_backends'])}")
+    for name, reason in info["unavailable_backends"].items():
+        print(f"  {name}: unavailable: {reason}")
+    for key in ("cpu_extension", "cuda_extension"):
+        details = ", ".join(f"{k}={v}" for k, v in info[key].items() if k != "built")
+        print(f"{key}: {details or 'no build record'}")
+
+
+if __name__ == "__main__":
+    main()
