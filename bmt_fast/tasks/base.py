@@ -1,0 +1,92 @@
+"""The task interface the trainer uses: examples as text-to-text pairs, official metrics, data loading.
+
+A task turns a row of its `datasets` schema into an `Example` (input text, target text, gold label) and
+scores predictions with its official metrics. `bmt_fast.tasks.registry` holds the named tasks (GLUE,
+SuperGLUE, SQuAD, ReCoRD, and the built-in synthetic family); tests and the demo may build
+`InMemoryTask`s directly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One text-to-text example.
+
+    label: the gold class index (classification), value (regression) or None.
+    answers: every acceptable answer string (extractive QA), for exact match / F1.
+    group: an id shared by examples scored together (e.g. a MultiRC question).
+    """
+
+    input_text: str
+    target_text: str
+    label: int | float | None = None
+    answers: tuple[str, ...] = ()
+    group: str | None = None
+
+
+class Task(ABC):
+    """A named task: where its data lives, how a row becomes an Example, how predictions are scored."""
+
+    name: str = ""
+    hub_path: str = ""                       # datasets.load_dataset path, e.g. "nyu-mll/glue"
+    hub_config: str | None = None            # e.g. "rte"
+    splits: Mapping[str, str] = {"train": "train", "validation": "validation", "test": "test"}
+    label_words: tuple[str, ...] | None = None  # target text of each class (rank classification)
+    metric_names: tuple[str, ...] = ("accuracy",)
+
+    @abstractmethod
+    def format(self, row: Mapping[str, Any]) -> Example:
+        """Turn one row of the hub's schema into an Example; a missing column raises KeyError naming it."""
+
+    @abstractmethod
+    def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+        """Official metrics of the task for predicted target texts (one per example)."""
+
+    @property
+    def is_classification(self) -> bool:
+        return self.label_words is not None
+
+    def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
+        """Examples of one split: from `data_dir` (hub-schema JSONL/CSV/Parquet files) or the hub."""
+        from .loading import load_rows  # datasets is imported only when data is actually loaded
+
+        rows = load_rows(self, split, data_dir)
+        if limit is not None:
+            rows = rows[:limit]
+        return [self.format(row) for row in rows]
+
+
+@dataclass
+class InMemoryTask(Task):
+    """A task over examples held in memory (synthetic tasks, tests). Accuracy over label words or exact
+    match of the target text."""
+
+    name: str = "in_memory"
+    examples: Mapping[str, Sequence[Example]] = field(default_factory=dict)
+    label_words: tuple[str, ...] | None = None
+    metric_names: tuple[str, ...] = ("accuracy",)
+
+    def format(self, row: Mapping[str, Any]) -> Example:
+        return Example(str(row["input_text"]), str(row["target_text"]), row.get("label"))
+
+    def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
+        if split not in self.examples:
+            raise ValueError(f"task {self.name!r} has no split {split!r}; it has {sorted(self.examples)}")
+        examples = list(self.examples[split])
+        return examples[:limit] if limit is not None else examples
+
+    def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+        if len(predictions) != len(examples):
+            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        if not examples:
+            raise ValueError("no examples to score")
+        correct = sum(p.strip() == e.target_text.strip() for p, e in zip(predictions, examples))
+        return {"accuracy": correct / len(examples)}
