@@ -1,0 +1,1 @@
+"""Small runnable demonstrations of bmt_fast."""

@@ -1,0 +1,24 @@
+# Shared by scripts/demo.sh and scripts/test.sh (sourced, not run).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+
+# make_venv DIR TORCH_VERSION REQUIREMENTS_FILE: a virtual environment with torch pinned (an unpinned torch
+# would download several GB) and the pinned requirements; reused when it already has that torch.
+make_venv() {
+  local dir=$1 torch_version=$2 requirements=$3
+  if [ ! -x "$dir/bin/python" ]; then
+    echo "== creating $dir"
+    "$PYTHON" -m venv "$dir"
+  fi
+  echo "== installing torch==$torch_version and $(basename "$requirements") into $dir"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check "torch==$torch_version" -r "$requirements"
+}
+
+# build_package VENV: compile the extensions and install bmt_fast in editable mode (no build isolation:
+# the build uses the venv's torch).
+build_package() {
+  echo "== building bmt_fast (CPU extension; CUDA extension when nvcc and a CUDA torch exist)"
+  (cd "$ROOT" && MAX_JOBS=${MAX_JOBS:-2} "$1/bin/python" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation -e .)
+}

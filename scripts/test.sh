@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# All tests on a fresh machine: creates .venv-test with the pinned CUDA 13.0 build of torch (it runs on
+# the CPU, and lets the machine's nvcc compile and link the CUDA extension), builds everything, then runs
+# the C++ tests (CMake + ctest) and the Python tests. Extra arguments go to pytest.
+source "$(dirname "$0")/_common.sh"
+VENV=${BMT_FAST_TEST_VENV:-$ROOT/.venv-test}
+export BMT_FAST_CUDA_ARCH_LIST=${BMT_FAST_CUDA_ARCH_LIST:-9.0}  # one architecture keeps the CI build short
+export TORCH_CUDA_ARCH_LIST=$BMT_FAST_CUDA_ARCH_LIST
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}
+make_venv "$VENV" 2.14.1 "$ROOT/requirements/test.txt"
+build_package "$VENV"
+"$VENV/bin/python" -m bmt_fast.info
+
+echo "== C++ tests (CMake + ctest)"
+BUILD_DIR="$ROOT/build/cmake"
+mkdir -p "$ROOT/build"
+# shellcheck disable=SC2046
+cmake -S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release $("$VENV/bin/python" "$ROOT/scripts/cmake_args.py") >"$ROOT/build/cmake.log" 2>&1 \
+  || { tail -40 "$ROOT/build/cmake.log"; exit 1; }
+cmake --build "$BUILD_DIR" -j "${MAX_JOBS:-2}"
+ctest --test-dir "$BUILD_DIR" --output-on-failure
+
+echo "== Python tests"
+cd "$ROOT"
+"$VENV/bin/python" -m pytest tests "$@"
