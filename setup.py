@@ -24,6 +24,17 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
+def locate_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit that has headers before torch.utils.cpp_extension reads it: torch
+    infers it from the nvcc on PATH, which may be a wrapper script outside the toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for candidate in ("/usr/local/cuda", "/opt/cuda"):
+        if os.path.exists(os.path.join(candidate, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
 def relative_sources(*patterns: str) -> list[str]:
     return sorted(str(Path(p).relative_to(ROOT)) for pattern in patterns for p in glob.glob(str(ROOT / pattern)))
 
@@ -57,6 +68,7 @@ def write_build_info(info: dict) -> None:
 
 
 def extensions():
+    locate_cuda_home()
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 

@@ -2,6 +2,10 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
+# A CUDA toolkit with headers (the nvcc on PATH may be a wrapper script outside the toolkit).
+if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
 
 # make_venv DIR TORCH_VERSION REQUIREMENTS_FILE: a virtual environment with torch pinned (an unpinned torch
 # would download several GB) and the pinned requirements; reused when it already has that torch.
