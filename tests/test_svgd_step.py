@@ -203,3 +203,28 @@ def test_bandwidth_rule_constant_is_shared():
     info = bmt_fast._extension.CPU.module.build_info()
     assert info["bandwidth_floor"] == reference.BANDWIDTH_FLOOR
     assert math.isclose(float(bmt_fast.median_bandwidth(torch.zeros(3, 2))), reference.BANDWIDTH_FLOOR, rel_tol=1e-6)
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("bandwidth", [None, torch.tensor(2.0, dtype=torch.float64)])
+@pytest.mark.parametrize("algorithm", ["auto", "tiled", "gram"])
+def test_opcheck_svgd_step(bandwidth, algorithm):
+    x, score = particles(9, 5)
+    torch.library.opcheck(torch.ops.bmt_fast.svgd_step.default, (x, score, bandwidth, algorithm))
+
+
+@requires_cpu_extension
+def test_opcheck_median_bandwidth():
+    for algorithm in ("auto", "tiled", "gram"):
+        torch.library.opcheck(torch.ops.bmt_fast.median_bandwidth.default, (torch.randn(11, 4), algorithm))
+
+
+@requires_cpu_extension
+def test_torch_compile_fullgraph():
+    def step(x, score):
+        return x + 0.1 * bmt_fast.svgd_step(x, score, backend="cpu", check_inputs=False)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (5, 9):  # a second size goes through the dynamic-shape path
+        x, score = particles(n, 3)
+        torch.testing.assert_close(compiled(x, score), step(x, score))
