@@ -5,6 +5,7 @@ built-in synthetic family (`synthetic`), so `get_task("rte")` works after `impor
 """
 
 from . import benchmarks as _benchmarks  # noqa: F401  (registers the GLUE/SuperGLUE/SQuAD tasks)
+from . import synthetic as _synthetic  # noqa: F401  (registers the synthetic/... demo family)
 from .base import SPLITS, Example, InMemoryTask, Task
 from .registry import get_task, register_task, task_names
 
