@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bmt_fast.tasks import benchmarks, get_task, task_names
@@ -193,6 +194,10 @@ def test_labels_may_be_bools_or_class_names():
     row = {"question": "q", "passage": "p"}
     assert task.format({**row, "label": True}).target_text == "True"
     assert task.format({**row, "label": "False"}).label == 0
+    assert task.format({**row, "label": np.int64(1)}).label == 1
+    assert get_task("stsb").format({"sentence1": "a", "sentence2": "b", "label": np.float32(2.5)}).label == 2.5
+    with pytest.raises(ValueError, match="not a finite number"):
+        get_task("stsb").format({"sentence1": "a", "sentence2": "b", "label": "high"})
     with pytest.raises(ValueError, match="label 2"):
         task.format({**row, "label": 2})
 

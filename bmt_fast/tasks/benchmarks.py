@@ -11,6 +11,7 @@ predicted but not scored.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -95,14 +96,14 @@ class ClassificationTask(Task):
     def label_index(self, row: Mapping[str, Any]) -> int | None:
         """The class index of the row's label (int, bool or class name); None when unlabelled (-1)."""
         value = column(self, row, "label")
-        if isinstance(value, bool):
-            value = int(value)
         if isinstance(value, str) and value in self.label_words:
             return self.label_words.index(value)
-        if isinstance(value, int) and value == UNLABELLED:
-            return None
-        if isinstance(value, int) and 0 <= value < len(self.label_words):
-            return value
+        if isinstance(value, numbers.Integral):  # bool and numpy integers too
+            value = int(value)
+            if value == UNLABELLED:
+                return None
+            if 0 <= value < len(self.label_words):
+                return value
         raise ValueError(
             f"task {self.name!r}: label {value!r} is neither a class index 0..{len(self.label_words) - 1}, "
             f"-1 (unlabelled), nor one of {list(self.label_words)}"
@@ -209,7 +210,7 @@ class RegressionTask(Task):
 
     def format(self, row: Mapping[str, Any]) -> Example:
         value = column(self, row, "label")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"task {self.name!r}: label {value!r} is not a finite number")
         score = None if value == UNLABELLED else float(value)
         text = fields_text(self.name, [(name, column(self, row, name)) for name in self.text_columns])
