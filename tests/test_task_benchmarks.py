@@ -16,6 +16,7 @@ from bmt_fast.tasks.base import Example
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 BENCHMARK_NAMES = [task.name for task in benchmarks.BENCHMARK_TASKS]
+EXPORT = "hf://datasets/aps/super_glue@refs/convert/parquet"  # the hub's Parquet copy of SuperGLUE
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -286,10 +287,10 @@ class _RecordingLoader:
         ("mnli", "validation", ("nyu-mll/glue", "mnli"), {"split": "validation_matched"}),
         ("squad", "train", ("rajpurkar/squad", "plain_text"), {"split": "train"}),
         ("boolq", "validation", ("parquet",), {
-            "data_files": {"validation": "hf://datasets/aps/super_glue@refs/convert/parquet/boolq/validation/*.parquet"},
+            "data_files": {"validation": EXPORT + "/boolq/validation/*.parquet"},
             "split": "validation"}),
         ("wsc", "train", ("parquet",), {
-            "data_files": {"train": "hf://datasets/aps/super_glue@refs/convert/parquet/wsc.fixed/train/*.parquet"},
+            "data_files": {"train": EXPORT + "/wsc.fixed/train/*.parquet"},
             "split": "train"}),
     ],
 )
