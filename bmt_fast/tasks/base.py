@@ -41,6 +41,8 @@ class Task(ABC):
     splits: Mapping[str, str] = {"train": "train", "validation": "validation", "test": "test"}
     label_words: tuple[str, ...] | None = None  # target text of each class (rank classification)
     metric_names: tuple[str, ...] = ("accuracy",)
+    columns: tuple[str, ...] = ()            # hub columns `format` reads; loading checks they exist
+    hub_parquet_export: bool = False         # read the hub's Parquet export (repo holds a loading script)
 
     @abstractmethod
     def format(self, row: Mapping[str, Any]) -> Example:

@@ -1,4 +1,11 @@
-"""Rows of a task's split through `datasets.load_dataset`: local hub-schema files or the hub."""
+"""Rows of a task's split through `datasets.load_dataset`: local hub-schema files or the hub.
+
+Local files: `<data_dir>/<task name>/<split>.{jsonl,json,csv,parquet}`, where `<split>` is the task's
+split name (`train`, `validation`, ...) or the hub's name for it (`validation_matched` for MNLI). The
+columns are those of the hub's schema; nested columns (SQuAD `answers`, MultiRC `idx`) need JSONL or
+Parquet. Hub: `load_dataset(hub_path, hub_config, split=...)`, or the hub's Parquet export of the repo
+for tasks whose repo still holds a loading script (SuperGLUE), which `datasets` >= 4 no longer runs.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +16,64 @@ if TYPE_CHECKING:
     from .base import Task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# The branch where the hub keeps a Parquet copy of every dataset, one folder per config and split.
+PARQUET_EXPORT_REVISION = "refs/convert/parquet"
 
 
 def load_rows(task: "Task", split: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
     if split not in task.splits:
         raise ValueError(f"task {task.name!r} has no split {split!r}; it has {sorted(task.splits)}")
+    dataset = _load_local(task, split, Path(data_dir)) if data_dir is not None else _load_hub(task, split)
+    _check_columns(task, split, dataset.column_names)
+    return [dict(row) for row in dataset]
+
+
+def local_split_file(task: "Task", split: str, data_dir: Path) -> Path:
+    """The one file holding `split` of `task` under `data_dir`; a clear error when there is none or several."""
+    folder = data_dir / task.name
+    stems = dict.fromkeys((split, task.splits[split]))  # ordered, without the duplicate when equal
+    for stem in stems:
+        files = sorted(p for p in folder.glob(f"{stem}.*") if p.suffix in _FORMATS) if folder.is_dir() else []
+        if len(files) > 1:
+            raise ValueError(f"task {task.name!r}: several files for split {split!r}: {[p.name for p in files]}")
+        if files:
+            return files[0]
+    expected = " or ".join(f"{stem}.jsonl/.csv/.parquet" for stem in stems)
+    raise FileNotFoundError(f"no {split} file for task {task.name!r} in {folder} (expected {expected})")
+
+
+def _load_local(task: "Task", split: str, data_dir: Path):
     import datasets
 
-    if data_dir is None:
-        dataset = datasets.load_dataset(task.hub_path, task.hub_config, split=task.splits[split])
-        return [dict(row) for row in dataset]
-    folder = Path(data_dir) / task.name
-    files = sorted(p for p in folder.glob(f"{split}.*") if p.suffix in _FORMATS) if folder.is_dir() else []
-    if not files:
-        raise FileNotFoundError(
-            f"no {split} file for task {task.name!r} in {folder} (expected {split}.jsonl, .csv or .parquet)"
+    path = local_split_file(task, split, data_dir)
+    return datasets.load_dataset(_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
+
+
+def parquet_export_files(task: "Task", split: str) -> str:
+    """hf:// glob of one config/split of the hub's Parquet export of the task's repo."""
+    return f"hf://datasets/{task.hub_path}@{PARQUET_EXPORT_REVISION}/{task.hub_config}/{task.splits[split]}/*.parquet"
+
+
+def _load_hub(task: "Task", split: str):
+    import datasets
+
+    hub_split = task.splits[split]
+    try:
+        if task.hub_parquet_export:
+            files = {hub_split: parquet_export_files(task, split)}
+            return datasets.load_dataset("parquet", data_files=files, split=hub_split)
+        return datasets.load_dataset(task.hub_path, task.hub_config, split=hub_split)
+    except ConnectionError as error:  # offline, or the hub is unreachable
+        raise ConnectionError(
+            f"task {task.name!r}: could not load {task.hub_path} (config {task.hub_config}, split {hub_split}) "
+            f"from the hub: {error}. Pass a data directory (--data-dir / data_dir=) holding "
+            f"{task.name}/{split}.jsonl, .csv or .parquet in the hub's schema."
+        ) from error
+
+
+def _check_columns(task: "Task", split: str, column_names: list[str]) -> None:
+    missing = [column for column in task.columns if column not in column_names]
+    if missing:
+        raise ValueError(
+            f"task {task.name!r}, split {split!r}: missing column(s) {missing}; the data has {sorted(column_names)}"
         )
-    dataset = datasets.load_dataset(_FORMATS[files[0].suffix], data_files={split: str(files[0])}, split=split)
-    return [dict(row) for row in dataset]

@@ -1,0 +1,361 @@
+"""The benchmark tasks of the paper and its peers: GLUE, SuperGLUE, SQuAD, as text-to-text tasks.
+
+Inputs follow the T5 / prompt-transfer convention: the task name, then `column: value` for each input
+column, e.g. `rte sentence1: ... sentence2: ...`. Targets are label words (the hub's class names, so
+`entailment` / `not_entailment`), a number string for STS-B, or the answer text for SQuAD and ReCoRD.
+Rows come in the hub's schema (see `loading`); unlabelled rows (label -1 in GLUE/SuperGLUE test splits,
+ReCoRD test rows without answers) become examples with label None and an empty target, which can be
+predicted but not scored.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from . import metrics
+from .base import Example, Task
+from .registry import register_task
+
+GLUE_HUB = "nyu-mll/glue"
+SUPER_GLUE_HUB = "aps/super_glue"
+SQUAD_HUB = "rajpurkar/squad"
+
+STANDARD_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+# MNLI: `validation` / `test` are the matched sections; both sections are also there by their hub names.
+MNLI_SPLITS = {
+    "train": "train",
+    "validation": "validation_matched",
+    "test": "test_matched",
+    "validation_matched": "validation_matched",
+    "validation_mismatched": "validation_mismatched",
+    "test_matched": "test_matched",
+    "test_mismatched": "test_mismatched",
+}
+SQUAD_SPLITS = {"train": "train", "validation": "validation"}  # the SQuAD test set is hidden
+
+UNLABELLED = -1  # label of the rows of hidden test splits in the hub's schema
+# STS-B predictions that are not a number are scored as this value (below the 0-5 range), as T5 does.
+UNPARSABLE_SCORE = -1.0
+
+
+def column(task: Task, row: Mapping[str, Any], name: str) -> Any:
+    """row[name], or a KeyError naming the task, the column and the columns the row has."""
+    try:
+        return row[name]
+    except KeyError:
+        raise KeyError(f"task {task.name!r}: the row has no column {name!r}; it has {sorted(row)}") from None
+
+
+def fields_text(prefix: str, fields: Sequence[tuple[str, Any]]) -> str:
+    """`prefix name1: value1 name2: value2 ...`, the T5 style of text-to-text inputs."""
+    return " ".join([prefix] + [f"{name}: {' '.join(str(value).split())}" for name, value in fields])
+
+
+def _require_labels(task: Task, examples: Sequence[Example]) -> list:
+    labels = [example.label for example in examples]
+    if any(label is None for label in labels):
+        raise ValueError(f"task {task.name!r}: cannot score unlabelled examples (a hidden test split?)")
+    return labels
+
+
+def _check_lengths(predictions: Sequence[str], examples: Sequence[Example]) -> None:
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    if not examples:
+        raise ValueError("no examples to score")
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ClassificationTask(Task):
+    """Classification with one label word per class; input = task name + `column: value` pairs."""
+
+    name: str
+    hub_path: str
+    hub_config: str | None
+    text_columns: tuple[str, ...]
+    label_words: tuple[str, ...]
+    metric_names: tuple[str, ...] = ("accuracy",)
+    splits: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_SPLITS))
+    hub_parquet_export: bool = False
+    positive_label: int = 1  # the class whose F1 is reported ("f1")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.text_columns + ("label",)
+
+    def input_text(self, row: Mapping[str, Any]) -> str:
+        return fields_text(self.name, [(name, column(self, row, name)) for name in self.text_columns])
+
+    def group(self, row: Mapping[str, Any]) -> str | None:
+        return None
+
+    def label_index(self, row: Mapping[str, Any]) -> int | None:
+        """The class index of the row's label (int, bool or class name); None when unlabelled (-1)."""
+        value = column(self, row, "label")
+        if isinstance(value, str) and value in self.label_words:
+            return self.label_words.index(value)
+        if isinstance(value, numbers.Integral):  # bool and numpy integers too
+            value = int(value)
+            if value == UNLABELLED:
+                return None
+            if 0 <= value < len(self.label_words):
+                return value
+        raise ValueError(
+            f"task {self.name!r}: label {value!r} is neither a class index 0..{len(self.label_words) - 1}, "
+            f"-1 (unlabelled), nor one of {list(self.label_words)}"
+        )
+
+    def format(self, row: Mapping[str, Any]) -> Example:
+        label = self.label_index(row)
+        target = self.label_words[label] if label is not None else ""
+        return Example(self.input_text(row), target, label, group=self.group(row))
+
+    def predicted_index(self, prediction: str) -> int:
+        """Class index of a generated text: its label word, matched exactly after stripping spaces, then
+        ignoring case; -1 when it is no label word (scored as wrong, see `metrics`)."""
+        text = prediction.strip()
+        if text in self.label_words:
+            return self.label_words.index(text)
+        folded = [word.casefold() for word in self.label_words]
+        return folded.index(text.casefold()) if text.casefold() in folded else -1
+
+    def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+        _check_lengths(predictions, examples)
+        gold = _require_labels(self, examples)
+        predicted = [self.predicted_index(p) for p in predictions]
+        scorers = {
+            "accuracy": lambda: metrics.accuracy(predicted, gold),
+            "f1": lambda: metrics.f1_binary(predicted, gold, positive=self.positive_label),
+            "f1_macro": lambda: metrics.f1_macro(predicted, gold, classes=range(len(self.label_words))),
+            "matthews_corrcoef": lambda: metrics.matthews_corrcoef(predicted, gold),
+        }
+        return {name: scorers[name]() for name in self.metric_names}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class MultiRCTask(ClassificationTask):
+    """MultiRC: each row is one answer option of a question, labelled True/False; the options of one
+    question share a group (paragraph and question ids) for exact match."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.text_columns + ("label", "idx")
+
+    def group(self, row: Mapping[str, Any]) -> str:
+        idx = column(self, row, "idx")
+        try:
+            return f"{idx['paragraph']}-{idx['question']}"
+        except (KeyError, TypeError):
+            raise ValueError(f"task {self.name!r}: idx must hold 'paragraph' and 'question' ids, got {idx!r}") from None
+
+    def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+        _check_lengths(predictions, examples)
+        gold = _require_labels(self, examples)
+        predicted = [self.predicted_index(p) for p in predictions]
+        groups = [example.group for example in examples]
+        scores = metrics.multirc_scores(predicted, gold, groups, positive=self.positive_label)
+        return {name: scores[name] for name in self.metric_names}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class WSCTask(ClassificationTask):
+    """WSC: does the marked pronoun (span 2) refer to span 1? The pronoun is marked `*it*` in the text
+    when span2_index points at it (indices count whitespace-separated words)."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("text", "span1_index", "span2_index", "span1_text", "span2_text", "label")
+
+    def input_text(self, row: Mapping[str, Any]) -> str:
+        words = str(column(self, row, "text")).split()
+        span_words = str(column(self, row, "span2_text")).split()
+        start = int(column(self, row, "span2_index"))
+        stop = start + len(span_words)
+
+        def bare(word: str) -> str:
+            return word.strip(".,;:!?\"'").casefold()
+
+        if span_words and 0 <= start and stop <= len(words):
+            if [bare(w) for w in words[start:stop]] == [bare(w) for w in span_words]:
+                words[start] = "*" + words[start]
+                words[stop - 1] = words[stop - 1] + "*"
+        fields = [("text", " ".join(words)), ("span1_text", column(self, row, "span1_text")),
+                  ("span2_text", column(self, row, "span2_text"))]
+        return fields_text(self.name, fields)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RegressionTask(Task):
+    """STS-B: the similarity score (0-5) rendered as a number string rounded to the nearest 0.2, as in T5;
+    scored with Pearson/Spearman against the unrounded gold score."""
+
+    name: str
+    hub_path: str
+    hub_config: str | None
+    text_columns: tuple[str, ...]
+    metric_names: tuple[str, ...] = ("pearson", "spearman")
+    splits: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_SPLITS))
+    step: float = 0.2
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.text_columns + ("label",)
+
+    def target_text(self, score: float) -> str:
+        return f"{math.floor(score / self.step + 0.5) * self.step:.1f}"  # halves round up
+
+    def format(self, row: Mapping[str, Any]) -> Example:
+        value = column(self, row, "label")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"task {self.name!r}: label {value!r} is not a finite number")
+        score = None if value == UNLABELLED else float(value)
+        text = fields_text(self.name, [(name, column(self, row, name)) for name in self.text_columns])
+        return Example(text, self.target_text(score) if score is not None else "", score)
+
+    @staticmethod
+    def predicted_value(prediction: str) -> float:
+        try:
+            value = float(prediction.strip())
+        except ValueError:
+            return UNPARSABLE_SCORE
+        return value if math.isfinite(value) else UNPARSABLE_SCORE
+
+    def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+        _check_lengths(predictions, examples)
+        gold = _require_labels(self, examples)
+        predicted = [self.predicted_value(p) for p in predictions]
+        scorers = {"pearson": metrics.pearson, "spearman": metrics.spearman}
+        return {name: scorers[name](predicted, gold) for name in self.metric_names}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ExtractiveQATask(Task):
+    """Answer-text targets scored by SQuAD exact match and token F1 (max over the gold answers)."""
+
+    name: str
+    hub_path: str
+    hub_config: str | None
+    metric_names: tuple[str, ...] = ("exact_match", "f1")
+    splits: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_SPLITS))
+    hub_parquet_export: bool = False
+
+    def input_text(self, row: Mapping[str, Any]) -> str:
+        raise NotImplementedError
+
+    def gold_answers(self, row: Mapping[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def format(self, row: Mapping[str, Any]) -> Example:
+        answers = self.gold_answers(row)
+        return Example(self.input_text(row), answers[0] if answers else "", None, answers=answers)
+
+    def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+        _check_lengths(predictions, examples)
+        if any(not example.answers for example in examples):
+            raise ValueError(f"task {self.name!r}: cannot score examples without gold answers (a test split?)")
+        scores = metrics.squad_scores(predictions, [example.answers for example in examples])
+        return {name: scores[name] for name in self.metric_names}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class SquadTask(ExtractiveQATask):
+    splits: Mapping[str, str] = field(default_factory=lambda: dict(SQUAD_SPLITS))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("question", "context", "answers")
+
+    def input_text(self, row: Mapping[str, Any]) -> str:
+        fields = [("question", column(self, row, "question")), ("context", column(self, row, "context"))]
+        return fields_text(self.name, fields)
+
+    def gold_answers(self, row: Mapping[str, Any]) -> tuple[str, ...]:
+        answers = column(self, row, "answers")
+        try:
+            texts = answers["text"]
+        except (KeyError, TypeError):
+            raise ValueError(f"task {self.name!r}: answers must hold a 'text' list, got {answers!r}") from None
+        return tuple(dict.fromkeys(str(text) for text in texts))
+
+
+_HIGHLIGHT = re.compile(r"\s*\n@highlight\n\s*")
+
+
+def record_passage(passage: str) -> str:
+    """A ReCoRD passage with its `@highlight` markers turned into sentence breaks."""
+    pieces = [piece.strip() for piece in _HIGHLIGHT.split(passage)]
+    text = pieces[0]
+    for piece in pieces[1:]:
+        text += (" " if text.endswith((".", "!", "?", '"', "'")) else ". ") + piece
+    return text
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RecordTask(ExtractiveQATask):
+    """ReCoRD: fill `@placeholder` in the query with an entity of the passage; the answer is the entity."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("passage", "query", "entities", "answers")
+
+    def input_text(self, row: Mapping[str, Any]) -> str:
+        entities = list(dict.fromkeys(str(e) for e in column(self, row, "entities")))
+        fields = [("query", column(self, row, "query")), ("entities", ", ".join(entities)),
+                  ("passage", record_passage(str(column(self, row, "passage"))))]
+        return fields_text(self.name, fields)
+
+    def gold_answers(self, row: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(str(answer) for answer in column(self, row, "answers")))
+
+
+def _glue(name: str, text_columns: tuple[str, ...], label_words: tuple[str, ...], **kwargs) -> ClassificationTask:
+    return ClassificationTask(
+        name=name, hub_path=GLUE_HUB, hub_config=name, text_columns=text_columns, label_words=label_words, **kwargs
+    )
+
+
+def _super_glue(cls, name: str, config: str, text_columns: tuple[str, ...], label_words: tuple[str, ...], **kwargs):
+    return cls(
+        name=name, hub_path=SUPER_GLUE_HUB, hub_config=config, text_columns=text_columns, label_words=label_words,
+        hub_parquet_export=True, **kwargs,
+    )
+
+
+_BOOL = ("False", "True")  # SuperGLUE's class names for its yes/no tasks
+
+BENCHMARK_TASKS: tuple[Task, ...] = (
+    # GLUE
+    _glue("cola", ("sentence",), ("unacceptable", "acceptable"), metric_names=("matthews_corrcoef",)),
+    _glue("sst2", ("sentence",), ("negative", "positive")),
+    _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), metric_names=("f1", "accuracy")),
+    _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), metric_names=("accuracy", "f1")),
+    RegressionTask(name="stsb", hub_path=GLUE_HUB, hub_config="stsb", text_columns=("sentence1", "sentence2")),
+    _glue("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), splits=dict(MNLI_SPLITS)),
+    _glue("qnli", ("question", "sentence"), ("entailment", "not_entailment")),
+    _glue("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
+    # SuperGLUE
+    _super_glue(ClassificationTask, "boolq", "boolq", ("question", "passage"), _BOOL),
+    _super_glue(ClassificationTask, "cb", "cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"),
+                metric_names=("accuracy", "f1_macro")),
+    _super_glue(ClassificationTask, "copa", "copa", ("premise", "question", "choice1", "choice2"),
+                ("choice1", "choice2")),
+    _super_glue(MultiRCTask, "multirc", "multirc", ("question", "answer", "paragraph"), _BOOL,
+                metric_names=("f1a", "exact_match")),
+    _super_glue(ClassificationTask, "wic", "wic", ("word", "sentence1", "sentence2"), _BOOL),
+    _super_glue(WSCTask, "wsc", "wsc.fixed", ("text", "span1_text", "span2_text"), _BOOL),
+    RecordTask(name="record", hub_path=SUPER_GLUE_HUB, hub_config="record", hub_parquet_export=True),
+    # SQuAD v1.1
+    SquadTask(name="squad", hub_path=SQUAD_HUB, hub_config="plain_text"),
+)
+
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
+SUPER_GLUE_TASKS = ("boolq", "cb", "copa", "multirc", "wic", "wsc", "record")
+SOURCE_TASKS = ("mnli", "qnli", "qqp", "sst2", "squad", "record")
+TARGET_TASKS = GLUE_TASKS + SUPER_GLUE_TASKS
+
+for _task in BENCHMARK_TASKS:
+    register_task(_task)

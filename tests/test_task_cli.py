@@ -1,0 +1,41 @@
+"""python -m bmt_fast.tasks: the task table, and loading local files with --data-dir."""
+
+from pathlib import Path
+
+import pytest
+
+from bmt_fast.tasks.__main__ import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache_in_tmp(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+
+
+def test_without_tasks_it_prints_the_task_table(capsys):
+    assert main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["task", "hub", "id"]
+    rte = next(line for line in lines if line.startswith("rte "))
+    assert rte.split()[:4] == ["rte", "nyu-mll/glue", "rte", "accuracy"]
+    assert any(line.startswith("stsb ") and line.endswith("score as a number") for line in lines)
+
+
+def test_data_dir_loads_and_shows_examples(capsys):
+    assert main(["--data-dir", str(FIXTURES), "--show", "1", "rte", "synthetic/target"]) == 0
+    out = capsys.readouterr().out
+    assert "rte validation: 4 examples" in out
+    assert "  input:  rte sentence1: The festival drew ten thousand visitors." in out
+    assert "  target: entailment" in out
+    assert "synthetic/target validation: 64 examples" in out
+
+
+def test_missing_files_and_unknown_tasks_fail_with_a_message(tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path), "rte", "no_such_task"]) == 1
+    err = capsys.readouterr().err
+    assert "error: rte: no validation file for task 'rte'" in err
+    assert "error: no_such_task: unknown task" in err
