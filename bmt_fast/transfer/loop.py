@@ -8,6 +8,7 @@ the global RNG states, which the loop saves itself.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -19,6 +20,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial_check
 from .metrics_log import MetricsLog
 
 CheckpointHook = Callable[[int, Path], None]
+logger = logging.getLogger(__name__)
 
 
 class Trainable(Protocol):
@@ -82,12 +84,14 @@ def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog) -> int:
     remove_partial_checkpoints(stage_dir)
     path = latest_checkpoint(stage_dir)
     if path is None:
+        logger.info("%s: no checkpoint, starting at step 0", stage_dir)
         log.truncate_after(0)
         return 0
     checkpoint = load_checkpoint(path)
     trainable.load_state_dict(checkpoint.state["trainable"])
     set_rng_state(checkpoint.state["rng"])
     log.truncate_after(checkpoint.step)
+    logger.info("%s: resuming from %s (step %d)", stage_dir, path.name, checkpoint.step)
     return checkpoint.step
 
 
