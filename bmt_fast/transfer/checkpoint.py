@@ -43,6 +43,7 @@ def save_checkpoint(stage_dir: str | Path, step: int, state: dict[str, Any], met
     tensors: dict[str, torch.Tensor] = {}
     tree = _flatten(state, "state", tensors)
     save_file(tensors, str(tmp / "state.safetensors"))
+    _readable(tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "state": tree, "meta": meta}, indent=1))
     _fsync_folder(tmp)
     if final.exists():  # only after a resume from an older checkpoint of the same run
@@ -85,6 +86,13 @@ def _prune(stage_dir: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
+def _readable(path: Path) -> None:
+    """safetensors creates files as 0600; give them the permissions of any other file the user writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _fsync_folder(folder: Path) -> None:
     for item in folder.iterdir():
         with open(item, "rb") as f:
@@ -116,6 +124,7 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _readable(tmp)
     os.replace(tmp, path)
 
 

@@ -373,21 +373,29 @@ def check_tasks(cfg: RunConfig, command: str) -> None:
 
 
 def check_files(cfg: RunConfig) -> None:
-    model_path = Path(os.path.expanduser(cfg.model.name_or_path))
+    mc = cfg.model
+    model_path = Path(os.path.expanduser(mc.name_or_path))
     if model_path.exists():
-        if cfg.model.gguf_file and not (model_path / cfg.model.gguf_file).is_file():
-            raise ConfigError(f"model.gguf_file: {cfg.model.gguf_file} not found in {model_path}")
-    elif _looks_like_path(cfg.model.name_or_path) or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ConfigError(f"model.name_or_path: model folder not found: {cfg.model.name_or_path}")
-    if cfg.model.tokenizer and not Path(os.path.expanduser(cfg.model.tokenizer)).exists():
-        if _looks_like_path(cfg.model.tokenizer) or os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ConfigError(f"model.tokenizer: tokenizer folder not found: {cfg.model.tokenizer}")
+        if mc.gguf_file and not (model_path / mc.gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file: {mc.gguf_file} not found in {model_path}")
+    else:
+        _check_hub_name("model.name_or_path", mc.name_or_path, mc.gguf_file or "config.json")
+    if mc.tokenizer and not Path(os.path.expanduser(mc.tokenizer)).exists():
+        _check_hub_name("model.tokenizer", mc.tokenizer, "tokenizer_config.json")
     if cfg.data.data_dir is not None and not Path(cfg.data.data_dir).is_dir():
         raise ConfigError(f"data.data_dir: folder not found: {cfg.data.data_dir}")
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or name.count("/") > 1
+def _check_hub_name(key: str, name: str, filename: str) -> None:
+    """A name that is not a local folder must be a hub id; offline, it must be in the local HF cache."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ConfigError(f"{key}: folder not found: {name}")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, filename), str):
+        raise ConfigError(f"{key}: {name} is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE is set)")
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:

@@ -104,8 +104,16 @@ class Run:
         stage_dir = self.source_dir(method)
         if (stage_dir / PARTICLES_FILE).exists():
             return load_particles(stage_dir)
+        trainer, summary = self.source_trainer(method)
+        self._train(stage_dir, trainer, self.cfg.source, "source", method, on_checkpoint)
+        particles = trainer.particles.detach()
+        atomic_write_text(stage_dir / "source.json", json.dumps({**summary, "shape": list(particles.shape)}, indent=1))
+        atomic_save_tensors(stage_dir / PARTICLES_FILE, {"particles": particles.float()}, {"method": method})
+        return particles
+
+    def source_trainer(self, method: str) -> tuple[ParticleTrainer, dict[str, Any]]:
         cfg, sc, pm = self.cfg, self.cfg.source, self.pm
-        tasks = [load_task_data(pm, get_task(n), "train", cfg.data.data_dir, cfg.data.max_train_examples) for n in cfg.data.source_tasks]
+        tasks = [self._train_data(name) for name in cfg.data.source_tasks]
         layout = source_layout(method, len(tasks), sc.num_particles)
         particles = self.initial_prompts(layout.num_particles).to(pm.device)
         sizes = [len(t) for t in tasks]
@@ -114,10 +122,6 @@ class Run:
         update = ParticleUpdate(particles, layout.rule, sc.optimizer, sc.lr, sc.bandwidth, sc.backend)
         sampler = TaskSampler(sizes, batch_sizes, seed=cfg.seed + 1)
         trainer = ParticleTrainer(pm, particles, tasks, layout, sampler, update, coefficients, sc.prior_std, sc.bandwidth)
-        settings = LoopSettings(sc.steps, sc.log_every, sc.checkpoint_every, sc.keep_checkpoints, cfg.progress, f"source {method}")
-        meta = self._stage_meta("source", method)
-        self._check_resumable(stage_dir, meta)
-        run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint)
         summary = {
             "method": method,
             "tasks": cfg.data.source_tasks,
@@ -125,12 +129,9 @@ class Run:
             "batch_sizes": batch_sizes,
             "likelihood_coefficients": coefficients,
             "rule": layout.rule,
-            "shape": list(particles.shape),
             "steps": sc.steps,
         }
-        atomic_write_text(stage_dir / "source.json", json.dumps(summary, indent=1))
-        atomic_save_tensors(stage_dir / PARTICLES_FILE, {"particles": particles.float()}, {"method": method})
-        return particles.detach()
+        return trainer, summary
 
     def initial_prompts(self, count: int) -> torch.Tensor:
         p, pm = self.cfg.prompt, self.pm
@@ -153,32 +154,59 @@ class Run:
         stage_dir = self.target_dir(method)
         if (stage_dir / PROMPT_FILE).exists() and (stage_dir / "eval.json").exists():
             return json.loads((stage_dir / "eval.json").read_text())
-        cfg, tc, pm = self.cfg, self.cfg.target, self.pm
-        task = get_task(cfg.data.target_task)
-        train = load_task_data(pm, task, "train", cfg.data.data_dir, cfg.data.max_train_examples)
-        evaluation = task.load(cfg.data.eval_split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
-        source_method, how = TARGET_METHODS[method]
-        particles = self.source(source_method) if source_method else None
-        init = self.initial_target(particles, how, train.examples)
-        prompt = TargetPrompt(init.to(pm.device), tc.prompt_type, tc.rank, torch.Generator().manual_seed(cfg.seed + 2))
-        kde = KDEPrior(particles, tc.kde_bandwidth, cfg.source.backend) if particles is not None and tc.kde_weight > 0 else None
-
-        def evaluate(theta: torch.Tensor) -> dict[str, float]:
-            return evaluate_prompt(pm, theta, task, evaluation, batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens)
-
-        sampler = TaskSampler([len(train)], [tc.batch_size], seed=cfg.seed + 3)
-        trainer = TargetTrainer(pm, prompt, train, sampler, tc.optimizer, tc.lr, tc.lowrank_lr, kde, tc.kde_weight, evaluate, tc.eval_every)
-        settings = LoopSettings(tc.steps, tc.log_every, tc.checkpoint_every, tc.keep_checkpoints, cfg.progress, f"target {method}")
-        meta = self._stage_meta("target", method)
-        self._check_resumable(stage_dir, meta)
-        run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint)
+        trainer = self.target_trainer(method)
+        self._train(stage_dir, trainer, self.cfg.target, "target", method, on_checkpoint)
         final = trainer.current_prompt()
         atomic_save_tensors(stage_dir / PROMPT_FILE, {"prompt": final}, {"method": method})
-        if tc.export_peft:
+        if self.cfg.target.export_peft:
             self.export_peft(final, stage_dir / "peft")
-        metrics = {"method": method, "split": cfg.data.eval_split, "examples": len(evaluation), **evaluate(final)}
+        metrics = {"method": method, "split": self.cfg.data.eval_split, **trainer.evaluate(final)}
         atomic_write_text(stage_dir / "eval.json", json.dumps(metrics, indent=1))
         return metrics
+
+    def target_trainer(self, method: str) -> TargetTrainer:
+        cfg, tc, pm = self.cfg, self.cfg.target, self.pm
+        train = self._train_data(cfg.data.target_task)
+        source_method, how = TARGET_METHODS[method]
+        particles = self.source(source_method).to(pm.device) if source_method else None
+        init = self.initial_target(particles, how, train.examples)
+        prompt = TargetPrompt(init.to(pm.device), tc.prompt_type, tc.rank, torch.Generator().manual_seed(cfg.seed + 2))
+        kde = None
+        if particles is not None and tc.kde_weight > 0:
+            kde = KDEPrior(particles, tc.kde_bandwidth, cfg.source.backend)
+        sampler = TaskSampler([len(train)], [tc.batch_size], seed=cfg.seed + 3)
+        evaluate = self.evaluator(train.task, cfg.data.eval_split)
+        return TargetTrainer(pm, prompt, train, sampler, tc.optimizer, tc.lr, tc.lowrank_lr, kde, tc.kde_weight, evaluate, tc.eval_every)
+
+    def evaluator(self, task, split: str):
+        """prompt -> {"examples": n, "loss": ..., **task metrics} on `split` of `task`."""
+        cfg, tc, pm = self.cfg, self.cfg.target, self.pm
+        examples = task.load(split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
+
+        def evaluate(prompt: torch.Tensor) -> dict[str, float]:
+            metrics = evaluate_prompt(
+                pm, prompt.to(pm.device), task, examples, batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens
+            )
+            return {"examples": len(examples), **metrics}
+
+        return evaluate
+
+    def _train_data(self, task_name: str):
+        data = self.cfg.data
+        return load_task_data(self.pm, get_task(task_name), "train", data.data_dir, data.max_train_examples)
+
+    def _train(self, stage_dir: Path, trainer, stage_cfg, stage: str, method: str, on_checkpoint) -> None:
+        settings = LoopSettings(
+            stage_cfg.steps,
+            stage_cfg.log_every,
+            stage_cfg.checkpoint_every,
+            stage_cfg.keep_checkpoints,
+            self.cfg.progress,
+            f"{stage} {method}",
+        )
+        meta = {"stage": stage, "method": method, "config": to_dict(self.cfg)}
+        self._check_resumable(stage_dir, meta)
+        run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint)
 
     def initial_target(self, particles: torch.Tensor | None, how: str, train_examples) -> torch.Tensor:
         if particles is None:
@@ -204,25 +232,17 @@ class Run:
 
     def evaluate(self, prompt_path: str | None = None, split: str | None = None) -> dict[str, dict[str, Any]]:
         """Metrics of each target method's prompt (or of the prompt file given) on the evaluation split."""
-        cfg, tc = self.cfg, self.cfg.target
-        split = split or cfg.data.eval_split
+        split = split or self.cfg.data.eval_split
         prompts = {Path(prompt_path).name: read_prompt(prompt_path)} if prompt_path else {
-            m: read_prompt(self.target_dir(m) / PROMPT_FILE) for m in tc.methods
+            m: read_prompt(self.target_dir(m) / PROMPT_FILE) for m in self.cfg.target.methods
         }
-        task = get_task(cfg.data.target_task)
-        examples = task.load(split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
-        results = {}
-        for name, prompt in prompts.items():
-            metrics = evaluate_prompt(self.pm, prompt.to(self.pm.device), task, examples, batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens)
-            results[name] = {"split": split, "examples": len(examples), **metrics}
+        evaluate = self.evaluator(get_task(self.cfg.data.target_task), split)
+        results = {name: {"split": split, **evaluate(prompt)} for name, prompt in prompts.items()}
         if not prompt_path:
             write_results(self.dir, results)
         return results
 
     # -- resume bookkeeping ---------------------------------------------------------------------------
-
-    def _stage_meta(self, stage: str, method: str) -> dict[str, Any]:
-        return {"stage": stage, "method": method, "config": to_dict(self.cfg)}
 
     def _check_resumable(self, stage_dir: Path, meta: dict[str, Any]) -> None:
         path = latest_checkpoint(stage_dir)

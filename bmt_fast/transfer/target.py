@@ -124,7 +124,8 @@ class TargetTrainer:
     def after_step(self, step: int) -> dict[str, Any] | None:
         if self.evaluate is None or not self.eval_every or step % self.eval_every:
             return None
-        return {f"eval/{k}": v for k, v in self.evaluate(self.current_prompt()).items()}
+        metrics = self.evaluate(self.current_prompt())
+        return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
 
     def current_prompt(self) -> torch.Tensor:
         with torch.no_grad():

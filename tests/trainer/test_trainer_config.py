@@ -70,8 +70,10 @@ def test_missing_config_file(tmp_path):
         ({"data": {"target_task": "nope"}}, "data.target_task: unknown task 'nope'"),
         ({"data": {"source_tasks": []}}, "data.source_tasks must name at least one task"),
         ({"data": {"task_modules": ["no_such_module_xyz"]}}, "cannot import 'no_such_module_xyz'"),
-        ({"model": {"name_or_path": "./missing-model"}}, "model folder not found"),
+        ({"model": {"name_or_path": "./missing-model"}}, "model.name_or_path: folder not found"),
+        ({"model": {"name_or_path": "some-org/some-model"}}, "neither a local folder nor in the Hugging Face cache"),
         ({"model": {"gguf_file": "model.gguf"}}, "model.gguf_file: model.gguf not found"),
+        ({"model": {"tokenizer": "./missing-tokenizer"}}, "model.tokenizer: folder not found"),
         ({"data": {"data_dir": "./missing-data"}}, "data.data_dir: folder not found"),
     ],
 )
