@@ -108,7 +108,9 @@ def _open_run(args: argparse.Namespace, command: str):
 def _source(args: argparse.Namespace) -> int:
     run = _open_run(args, "source")
     particles = run.source(run.cfg.source.method)
-    print(f"source {run.cfg.source.method}: particles {tuple(particles.shape)} in {run.source_dir(run.cfg.source.method)}")
+    print(
+        f"source {run.cfg.source.method}: particles {tuple(particles.shape)} in {run.source_dir(run.cfg.source.method)}"
+    )
     return 0
 
 

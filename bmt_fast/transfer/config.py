@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 import yaml
 
 
@@ -264,6 +265,8 @@ def check_values(cfg: RunConfig) -> None:
     _choice("model.dtype", m.dtype, DTYPES)
     if not (m.device in ("auto", "cpu") or m.device.startswith("cuda")):
         raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, got {m.device!r}")
+    if m.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={m.device} but torch sees no CUDA device")
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is required")
     _at_least("model.max_source_length", m.max_source_length, 1)
@@ -395,7 +398,9 @@ def _check_hub_name(key: str, name: str, filename: str) -> None:
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(name, filename), str):
-        raise ConfigError(f"{key}: {name} is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+        raise ConfigError(
+            f"{key}: {name} is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+        )
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:

@@ -87,7 +87,9 @@ def _spread(sources: dict[str, list[dict]], path: Path) -> Path | None:
 def _target_curves(targets: dict[str, list[dict]], path: Path) -> Path | None:
     if not targets:
         return None
-    eval_keys = sorted({k for r in targets.values() for x in r for k in x if k.startswith("eval/") and k != "eval/loss"})
+    eval_keys = sorted(
+        {k for r in targets.values() for x in r for k in x if k.startswith("eval/") and k != "eval/loss"}
+    )
     fig, axes = _figure(1 + bool(eval_keys))
     for method, records in targets.items():
         axes[0].plot(*_series(records, "loss"), label=method)

@@ -160,7 +160,8 @@ class PromptedModel:
     # -- prompts for generation ---------------------------------------------------------------------
 
     def prompted_inputs(self, prompt: torch.Tensor, encoded: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        """inputs_embeds and attention_mask of (prompt, inputs) for `model.generate` (left padding)."""
+        """inputs_embeds and attention_mask of (prompt, inputs) for `model.generate`; decoder-only inputs are
+        left-padded (after the prompt) so that generation continues from every last input token."""
         ids = [e.input_ids for e in encoded]
         width = max(len(x) for x in ids)
         if self.kind == ENCODER_DECODER:

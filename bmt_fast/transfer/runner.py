@@ -31,8 +31,25 @@ from .target import KDEPrior, TargetPrompt, TargetTrainer
 
 PARTICLES_FILE = "particles.safetensors"
 PROMPT_FILE = "prompt.safetensors"
-# Keys that may change between a run and its resumption (they do not change the trajectory).
-RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "progress", "method", "methods", "export_peft")
+# Keys that may change between a run and its resumption: they do not change the trajectory (evaluation
+# settings, bookkeeping, the device a run continues on), or they only extend it (steps).
+RESUMABLE_CHANGES = (
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_every",
+    "eval_batch_size",
+    "max_new_tokens",
+    "max_eval_examples",
+    "eval_split",
+    "task_modules",
+    "progress",
+    "device",
+    "method",
+    "methods",
+    "export_peft",
+)
 
 
 def load_backbone(cfg: RunConfig) -> PromptedModel:
@@ -59,15 +76,21 @@ def load_backbone(cfg: RunConfig) -> PromptedModel:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={device} but torch sees no CUDA device")
     return torch.device(device)
 
 
 class Run:
     """One run folder: validates up front, loads the backbone once, runs stages on demand."""
 
-    def __init__(self, cfg: RunConfig, command: str, *, resume: bool = False, overwrite: bool = False, pm: PromptedModel | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        command: str,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        pm: PromptedModel | None = None,
+    ):
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         check_config(cfg, command)
@@ -121,7 +144,9 @@ class Run:
         coefficients = likelihood_coefficients(batch_sizes, sizes, sc.likelihood_scale, layout)
         update = ParticleUpdate(particles, layout.rule, sc.optimizer, sc.lr, sc.bandwidth, sc.backend)
         sampler = TaskSampler(sizes, batch_sizes, seed=cfg.seed + 1)
-        trainer = ParticleTrainer(pm, particles, tasks, layout, sampler, update, coefficients, sc.prior_std, sc.bandwidth)
+        trainer = ParticleTrainer(
+            pm, particles, tasks, layout, sampler, update, coefficients, sc.prior_std, sc.bandwidth
+        )
         summary = {
             "method": method,
             "tasks": cfg.data.source_tasks,
@@ -176,7 +201,9 @@ class Run:
             kde = KDEPrior(particles, tc.kde_bandwidth, cfg.source.backend)
         sampler = TaskSampler([len(train)], [tc.batch_size], seed=cfg.seed + 3)
         evaluate = self.evaluator(train.task, cfg.data.eval_split)
-        return TargetTrainer(pm, prompt, train, sampler, tc.optimizer, tc.lr, tc.lowrank_lr, kde, tc.kde_weight, evaluate, tc.eval_every)
+        return TargetTrainer(
+            pm, prompt, train, sampler, tc.optimizer, tc.lr, tc.lowrank_lr, kde, tc.kde_weight, evaluate, tc.eval_every
+        )
 
     def evaluator(self, task, split: str):
         """prompt -> {"examples": n, "loss": ..., **task metrics} on `split` of `task`."""
@@ -185,7 +212,12 @@ class Run:
 
         def evaluate(prompt: torch.Tensor) -> dict[str, float]:
             metrics = evaluate_prompt(
-                pm, prompt.to(pm.device), task, examples, batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens
+                pm,
+                prompt.to(pm.device),
+                task,
+                examples,
+                batch_size=tc.eval_batch_size,
+                max_new_tokens=tc.max_new_tokens,
             )
             return {"examples": len(examples), **metrics}
 
@@ -233,9 +265,11 @@ class Run:
     def evaluate(self, prompt_path: str | None = None, split: str | None = None) -> dict[str, dict[str, Any]]:
         """Metrics of each target method's prompt (or of the prompt file given) on the evaluation split."""
         split = split or self.cfg.data.eval_split
-        prompts = {Path(prompt_path).name: read_prompt(prompt_path)} if prompt_path else {
-            m: read_prompt(self.target_dir(m) / PROMPT_FILE) for m in self.cfg.target.methods
-        }
+        prompts = (
+            {Path(prompt_path).name: read_prompt(prompt_path)}
+            if prompt_path
+            else {m: read_prompt(self.target_dir(m) / PROMPT_FILE) for m in self.cfg.target.methods}
+        )
         evaluate = self.evaluator(get_task(self.cfg.data.target_task), split)
         results = {name: {"split": split, **evaluate(prompt)} for name, prompt in prompts.items()}
         if not prompt_path:

@@ -73,7 +73,9 @@ class ParticleUpdate:
     kernel is 1 and its repulsion 0).
     """
 
-    def __init__(self, particles: torch.Tensor, rule: str, optimizer: str, lr: float, bandwidth: str | float, backend: str):
+    def __init__(
+        self, particles: torch.Tensor, rule: str, optimizer: str, lr: float, bandwidth: str | float, backend: str
+    ):
         cls = OPTIMIZER_CLASSES[optimizer]
         self.rule = rule
         self.particles = particles
@@ -145,7 +147,7 @@ class ParticleTrainer:
         score, losses = self.score(batches)
         self.update.step(score)
         metrics = {f"loss/{t.name}": float(losses[k].nanmean()) for k, t in enumerate(self.tasks)}
-        metrics["particle_loss"] = _weighted(losses, self.coefficients).tolist()
+        metrics["particle_objective"] = _weighted(losses, self.coefficients).tolist()
         return metrics
 
     def diagnostics(self) -> dict[str, Any]:
@@ -155,7 +157,11 @@ class ParticleTrainer:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"particles": self.particles.detach(), "optimizer": self.update.state_dict(), "sampler": self.sampler.state_dict()}
+        return {
+            "particles": self.particles.detach(),
+            "optimizer": self.update.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():

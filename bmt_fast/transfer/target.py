@@ -26,7 +26,9 @@ from .source import OPTIMIZER_CLASSES
 
 
 class TargetPrompt(nn.Module):
-    def __init__(self, init: torch.Tensor, prompt_type: str = "plain", rank: int = 1, generator: torch.Generator | None = None):
+    def __init__(
+        self, init: torch.Tensor, prompt_type: str = "plain", rank: int = 1, generator: torch.Generator | None = None
+    ):
         super().__init__()
         if init.dim() != 2:
             raise ValueError(f"the initial target prompt must have shape (L, hidden), got {tuple(init.shape)}")

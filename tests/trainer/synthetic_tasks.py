@@ -19,7 +19,13 @@ def _sentiment(prefix: str, seed: int, count: int) -> list[Example]:
     for _ in range(count):
         positive = rng.random() < 0.5
         word = rng.choice(GOOD if positive else BAD)
-        out.append(Example(f"{prefix}: the {rng.choice(THINGS)} was {word}", "positive" if positive else "negative", int(not positive)))
+        out.append(
+            Example(
+                f"{prefix}: the {rng.choice(THINGS)} was {word}",
+                "positive" if positive else "negative",
+                int(not positive),
+            )
+        )
     return out
 
 

@@ -32,7 +32,12 @@ def test_state_tree_round_trip(tmp_path):
     adam = torch.optim.Adam([torch.nn.Parameter(torch.randn(3))], lr=0.1, betas=(0.8, 0.9))
     adam.param_groups[0]["params"][0].grad = torch.ones(3)
     adam.step()
-    state = {"optimizer": adam.state_dict(), "orders": [torch.arange(4), torch.arange(2)], "positions": [1, 2], "x": None}
+    state = {
+        "optimizer": adam.state_dict(),
+        "orders": [torch.arange(4), torch.arange(2)],
+        "positions": [1, 2],
+        "x": None,
+    }
     path = save_checkpoint(tmp_path, 7, state, {"note": "hi"}, keep=2)
     loaded = load_checkpoint(path)
     assert loaded.step == 7 and loaded.meta == {"note": "hi"} and loaded.state["x"] is None
@@ -102,7 +107,10 @@ def test_resume_after_sigkill_gives_the_same_particles_bit_for_bit(model_dirs, t
 
     killed = subprocess.run(
         [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(tmp_path / "killed.yaml"), "2"],
-        env=_env(), capture_output=True, text=True, timeout=300,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     stage = tmp_path / "killed" / "source-bmtpt"

@@ -19,7 +19,10 @@ def write_yaml(path, data):
 
 def test_yaml_and_overrides(tmp_path):
     path = write_yaml(tmp_path / "run.yaml", {"source": {"steps": 7, "lr": "1e-3"}, "data": {"source_tasks": ["a"]}})
-    cfg = load_config(path, ["source.bandwidth=0.5", "target.methods=[bmtpt, spot_best]", "source.prior_std=null", "model.name_or_path=m"])
+    cfg = load_config(
+        path,
+        ["source.bandwidth=0.5", "target.methods=[bmtpt, spot_best]", "source.prior_std=null", "model.name_or_path=m"],
+    )
     assert isinstance(cfg, RunConfig)
     assert cfg.source.steps == 7 and cfg.source.lr == 0.001  # "1e-3" is a string to PyYAML, a number here
     assert cfg.source.bandwidth == 0.5 and cfg.source.prior_std is None
@@ -64,7 +67,10 @@ def test_missing_config_file(tmp_path):
         ({"source": {"prior_std": 0.0}}, "source.prior_std must be > 0"),
         ({"model": {"dtype": "float8"}}, "model.dtype must be one of"),
         ({"target": {"methods": ["bmtpt", "magic"]}}, r"target.methods\[1\] must be one of"),
-        ({"target": {"particle_index": 3, "methods": ["bmtpt_particle"]}}, "particle_index=3 but source.num_particles=3"),
+        (
+            {"target": {"particle_index": 3, "methods": ["bmtpt_particle"]}},
+            "particle_index=3 but source.num_particles=3",
+        ),
         ({"target": {"kde_weight": 1.0, "methods": ["multitask"]}}, "needs >= 2 source particles"),
         ({"data": {"source_tasks": ["movie_sentiment", "nope"]}}, "data.source_tasks: unknown task 'nope'"),
         ({"data": {"target_task": "nope"}}, "data.target_task: unknown task 'nope'"),
@@ -117,3 +123,9 @@ def test_cli_commands_are_a_registry():
         assert "hello-test" in build_parser().format_help()
     finally:
         del COMMANDS["hello-test"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_config_error(model_dirs, tmp_path):
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        Run(make_config(tmp_path, model_dirs["llama"], model={"device": "cuda"}), "source")

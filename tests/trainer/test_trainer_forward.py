@@ -86,7 +86,9 @@ def test_vocab_init_draws_embeddings_of_ordinary_tokens(backbones):
     pm = backbones["t5"]
     weight = pm.embedding.weight
     special = pm.tokenizer.all_special_ids
-    prompts = init_prompts(weight, 3, 6, generator=torch.Generator().manual_seed(0), exclude_ids=special, vocab_top_k=40)
+    prompts = init_prompts(
+        weight, 3, 6, generator=torch.Generator().manual_seed(0), exclude_ids=special, vocab_top_k=40
+    )
     assert prompts.shape == (3, 6, pm.hidden_size) and prompts.dtype == torch.float32
     tokens = prompts.reshape(-1, pm.hidden_size)
     rows = torch.cdist(tokens, weight.float(), compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)

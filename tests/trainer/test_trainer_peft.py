@@ -20,7 +20,10 @@ def test_peft_round_trip(backbones, model_dirs, tmp_path, kind):
     pm = backbones[kind]
     prompt = torch.randn(4, pm.hidden_size)
     export_peft_prompt(
-        prompt, tmp_path / "adapter", base_model_name_or_path=str(model_dirs[kind]), is_encoder_decoder=pm.kind == "encoder-decoder"
+        prompt,
+        tmp_path / "adapter",
+        base_model_name_or_path=str(model_dirs[kind]),
+        is_encoder_decoder=pm.kind == "encoder-decoder",
     )
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4

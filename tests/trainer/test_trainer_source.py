@@ -141,7 +141,7 @@ def test_stage_writes_particles_metrics_and_spread(backbones, model_dirs, tmp_pa
     assert [r["step"] for r in records] == [2, 4]
     for record in records:
         assert {"loss/movie_sentiment", "loss/topic", "spread", "bandwidth"} <= set(record)
-        assert len(record["particle_loss"]) == 3
+        assert len(record["particle_objective"]) == 3
     spread = particle_spread(particles)
     assert records[-1]["spread"] == pytest.approx(spread["spread"])
     assert spread["spread"] == pytest.approx(float(torch.pdist(particles.reshape(3, -1).double()).mean()))

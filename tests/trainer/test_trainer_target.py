@@ -87,9 +87,17 @@ def test_target_stage_lowers_the_target_loss(backbones, model_dirs, tmp_path, ki
 def test_transfer_runs_every_method_through_one_code_path(backbones, model_dirs, tmp_path):
     methods = ["bmtpt", "bmtpt_medoid", "bmtpt_particle", "spot_best", "spot_mean", "multitask", "prompt_tuning"]
     cfg = make_config(
-        tmp_path, model_dirs["llama"],
+        tmp_path,
+        model_dirs["llama"],
         source={"steps": 3},
-        target={"methods": methods, "steps": 2, "kde_weight": 0.1, "kde_bandwidth": 50.0, "eval_every": 1, "particle_index": 2},
+        target={
+            "methods": methods,
+            "steps": 2,
+            "kde_weight": 0.1,
+            "kde_bandwidth": 50.0,
+            "eval_every": 1,
+            "particle_index": 2,
+        },
     )
     run = Run(cfg, "transfer", pm=backbones["llama"])
     results = {m: run.target(m) for m in methods}
@@ -107,7 +115,9 @@ def test_transfer_runs_every_method_through_one_code_path(backbones, model_dirs,
 
 def test_initial_target_prompts_follow_the_method(backbones, model_dirs, tmp_path):
     pm = backbones["llama"]
-    cfg = make_config(tmp_path, model_dirs["llama"], source={"steps": 2}, target={"particle_index": 1, "selection_examples": 8})
+    cfg = make_config(
+        tmp_path, model_dirs["llama"], source={"steps": 2}, target={"particle_index": 1, "selection_examples": 8}
+    )
     run = Run(cfg, "transfer", pm=pm)
     bmtpt, spot = run.source("bmtpt"), run.source("spot")
     train = TASKS["product_sentiment"].examples["train"]
@@ -127,7 +137,8 @@ def test_rank_classification_picks_the_likeliest_label_word(backbones):
     correct = 0
     for e in examples:
         scores = [
-            float(pm.sequence_nll(prompt, pm.collate([pm.encode_pair(e.input_text, w)]))[0, 0]) for w in task.label_words
+            float(pm.sequence_nll(prompt, pm.collate([pm.encode_pair(e.input_text, w)]))[0, 0])
+            for w in task.label_words
         ]
         correct += task.label_words[scores.index(min(scores))] == e.target_text
     assert metrics["accuracy"] == pytest.approx(correct / len(examples))

@@ -19,9 +19,7 @@ def train_tokenizer(texts: list[str], style: str):
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(texts * 2, trainers.BpeTrainer(vocab_size=160, special_tokens=SPECIAL, show_progress=False))
     template = "$A </s>" if style == "t5" else "<s> $A"
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[("</s>", 1), ("<s>", 2)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", 1), ("<s>", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
     )
@@ -33,13 +31,29 @@ def build_model(kind: str, vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "t5":
         config = T5Config(
-            vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.1,
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            dropout_rate=0.1,
         )
         return T5ForConditionalGeneration(config).eval()
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
         tie_word_embeddings=False,
         initializer_range=0.2,  # 10x the default: with 0.02 the logits are too small for a prompt to move
     )
