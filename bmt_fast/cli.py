@@ -1,0 +1,160 @@
+"""`bmt-fast` command line: a registry of subcommands.
+
+    bmt-fast source   --config run.yaml [section.key=value ...] [--resume | --overwrite]
+    bmt-fast target   --config run.yaml ...
+    bmt-fast transfer --config run.yaml ...
+    bmt-fast eval     --config run.yaml [--prompt FILE_OR_PEFT_DIR] [--split validation]
+    bmt-fast plot     RUN_DIR [--out DIR]
+
+Other modules add subcommands with `register_command` (imported before `main` parses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Decorator: `run(args) -> exit code` becomes `bmt-fast <name>`."""
+
+    def decorate(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise ValueError(f"bmt-fast command {name!r} is already registered")
+        COMMANDS[name] = Command(name, help, add_arguments or (lambda parser: None), run)
+        return run
+
+    return decorate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bmt-fast", description="Bayesian multi-task prompt transfer")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS.values():
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .transfer.config import ConfigError
+
+    parser = build_parser()
+    # Overrides may come before or after options: argparse collects a positional list only once.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.INFO, format="bmt-fast: %(message)s")
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"bmt-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer's commands
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run configuration")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. source.steps=200 model.dtype=bfloat16")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue unfinished stages from their last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="delete this command's stage folders first")
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run configuration")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--prompt", help="evaluate this prompt.safetensors or PEFT adapter folder instead")
+    parser.add_argument("--split", help="split to evaluate (default: data.eval_split)")
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run folder (output_dir of a run)")
+    parser.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
+
+
+def _open_run(args: argparse.Namespace, command: str):
+    from .transfer.config import load_config
+    from .transfer.runner import Run
+
+    cfg = load_config(args.config, args.overrides)
+    run = Run(cfg, command, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
+    if command != "eval":
+        run.write_config()
+    return run
+
+
+@register_command("source", "train source prompts (source.method: bmtpt | spot | multitask)", _run_arguments)
+def _source(args: argparse.Namespace) -> int:
+    run = _open_run(args, "source")
+    particles = run.source(run.cfg.source.method)
+    print(
+        f"source {run.cfg.source.method}: particles {tuple(particles.shape)} in {run.source_dir(run.cfg.source.method)}"
+    )
+    return 0
+
+
+@register_command("target", "adapt target prompts from finished source stages (target.methods)", _run_arguments)
+def _target(args: argparse.Namespace) -> int:
+    return _targets(_open_run(args, "target"))
+
+
+@register_command("transfer", "source stages then target adaptation for every method in target.methods", _run_arguments)
+def _transfer(args: argparse.Namespace) -> int:
+    from .transfer.config import source_methods_for
+
+    run = _open_run(args, "transfer")
+    for method in source_methods_for(run.cfg, "transfer"):
+        run.source(method)
+    return _targets(run)
+
+
+def _targets(run) -> int:
+    from .transfer.runner import results_table, write_results
+
+    results = {m: run.target(m) for m in run.cfg.target.methods}
+    write_results(run.dir, results)
+    print(results_table(results), end="")
+    return 0
+
+
+@register_command("eval", "evaluate the target prompts of a run (or one prompt file)", _eval_arguments)
+def _eval(args: argparse.Namespace) -> int:
+    from .transfer.runner import results_table
+
+    results = _open_run(args, "eval").evaluate(args.prompt, args.split)
+    print(results_table(results), end="")
+    return 0
+
+
+@register_command("plot", "turn a run folder into PNG plots", _plot_arguments)
+def _plot(args: argparse.Namespace) -> int:
+    from .transfer.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Task data for training: examples encoded once, and a resumable per-task mini-batch sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..tasks import Example, Task
+from .prompts import Batch, Encoded, PromptedModel
+
+
+@dataclass
+class TaskData:
+    task: Task
+    examples: list[Example]
+    encoded: list[Encoded]
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_task_data(
+    pm: PromptedModel, task: Task, split: str, data_dir: str | None = None, limit: int | None = None
+) -> TaskData:
+    examples = task.load(split, data_dir, limit=limit)
+    if not examples:
+        raise ValueError(f"task {task.name!r} has no {split} examples")
+    return TaskData(task, examples, pm.encode(examples))
+
+
+def task_batch_sizes(sizes: Sequence[int], batch_size: int, sampling: str) -> list[int]:
+    """Examples drawn from each task per step.
+
+    uniform: batch_size from every task. proportional: K * batch_size in all, split in proportion to the
+    task sizes (at least one each), so the mixed batch is a uniform sample of the union of the tasks.
+    """
+    if sampling == "uniform" or len(sizes) == 1:
+        return [batch_size] * len(sizes)
+    if sampling != "proportional":
+        raise ValueError(f"sampling must be 'proportional' or 'uniform', got {sampling!r}")
+    total = len(sizes) * batch_size
+    return [max(1, round(total * n / sum(sizes))) for n in sizes]
+
+
+class TaskSampler:
+    """Each step, `sample()` gives a batch of example indices from every task.
+
+    Each task is read in shuffled epochs (every example once per epoch, reshuffled when exhausted). The
+    whole state (generator, permutations, positions) is in `state_dict()`, so a resumed run draws the
+    same batches as one that never stopped.
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_sizes: Sequence[int], seed: int):
+        if len(sizes) != len(batch_sizes) or not sizes:
+            raise ValueError("need one batch size per task, and at least one task")
+        if min(sizes) < 1 or min(batch_sizes) < 1:
+            raise ValueError(f"task sizes and batch sizes must be >= 1, got {list(sizes)}, {list(batch_sizes)}")
+        self.sizes = list(sizes)
+        self.batch_sizes = list(batch_sizes)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.orders = [torch.randperm(n, generator=self.generator) for n in self.sizes]
+        self.positions = [0] * len(self.sizes)
+
+    def sample(self) -> list[list[int]]:
+        return [self._take(k, b) for k, b in enumerate(self.batch_sizes)]
+
+    def _take(self, task: int, count: int) -> list[int]:
+        picked: list[int] = []
+        while len(picked) < count:
+            if self.positions[task] == self.sizes[task]:
+                self.orders[task] = torch.randperm(self.sizes[task], generator=self.generator)
+                self.positions[task] = 0
+            start = self.positions[task]
+            stop = min(self.sizes[task], start + count - len(picked))
+            picked.extend(self.orders[task][start:stop].tolist())
+            self.positions[task] = stop
+        return picked
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "orders": list(self.orders), "positions": list(self.positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.orders = [t.clone() for t in state["orders"]]
+        self.positions = [int(p) for p in state["positions"]]
+
+
+def make_batches(pm: PromptedModel, tasks: Sequence[TaskData], indices: Sequence[Sequence[int]]) -> list[Batch]:
+    return [pm.collate([data.encoded[i] for i in idx]) for data, idx in zip(tasks, indices)]

@@ -1,0 +1,79 @@
+"""Evaluation of a prompt on a task: rank classification over label words, or greedy generation, scored
+by the task's own metrics; plus the mean NLL of the gold targets."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..tasks import Example, Task
+from .prompts import PromptedModel
+
+
+@torch.no_grad()
+def evaluate_prompt(
+    pm: PromptedModel,
+    prompt: torch.Tensor,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+) -> dict[str, float]:
+    """{"loss": mean gold NLL, **task.compute_metrics(predictions, examples)} for one (L, hidden) prompt."""
+    if not examples:
+        raise ValueError(f"no {task.name} examples to evaluate")
+    if task.is_classification:
+        predictions = rank_classify(pm, prompt, examples, task.label_words, batch_size)
+    else:
+        predictions = generate(pm, prompt, examples, batch_size, max_new_tokens)
+    metrics = {"loss": mean_nll(pm, prompt[None], examples, batch_size).item()}
+    metrics.update(task.compute_metrics(predictions, examples))
+    return metrics
+
+
+@torch.no_grad()
+def mean_nll(pm: PromptedModel, prompts: torch.Tensor, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
+    """Mean gold-target NLL of each of the (M, L, hidden) prompts, shape (M,)."""
+    total = torch.zeros(prompts.shape[0], dtype=torch.float64, device=pm.device)
+    for chunk in _chunks(examples, batch_size):
+        total += pm.sequence_nll(prompts, pm.collate(pm.encode(chunk))).double().sum(dim=1)
+    return (total / len(examples)).cpu()
+
+
+def rank_classify(
+    pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], label_words: Sequence[str], batch_size: int
+) -> list[str]:
+    """The label word with the highest log-likelihood under the prompt, for each example."""
+    predictions: list[str] = []
+    per_chunk = max(1, batch_size // len(label_words))
+    for chunk in _chunks(examples, per_chunk):
+        pairs = [pm.encode_pair(e.input_text, word) for e in chunk for word in label_words]
+        nll = pm.sequence_nll(prompt, pm.collate(pairs))[0].view(len(chunk), len(label_words))
+        predictions.extend(label_words[i] for i in nll.argmin(dim=1).tolist())
+    return predictions
+
+
+def generate(
+    pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy decoding after the prompt; special tokens removed, whitespace stripped."""
+    texts: list[str] = []
+    for chunk in _chunks(examples, batch_size):
+        inputs = pm.prompted_inputs(prompt, pm.encode(chunk))
+        output = pm.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pm.pad_id,
+            eos_token_id=pm.eos_id,
+        )
+        texts.extend(t.strip() for t in pm.tokenizer.batch_decode(output, skip_special_tokens=True))
+    return texts
+
+
+def _chunks(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

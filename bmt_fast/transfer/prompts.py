@@ -1,0 +1,279 @@
+"""Soft prompts on a frozen Hugging Face backbone: initialisation and the particle-batched forward.
+
+Prompts are float32 tensors of shape (M, L, hidden): M particles (prompts), L tokens each. One backbone
+pass runs all M particles on a batch of B examples as M*B sequences, each with its own prompt, and
+returns the per-particle, per-example negative log-likelihood of the targets.
+
+Layouts (the prompt is always prepended to the embedded input, as in Lester et al. and PEFT):
+    encoder-decoder (T5):   encoder  [prompt | input tokens | pad]     decoder  [start | target[:-1]]
+    decoder-only (Llama):   [prompt | pad | input tokens | target tokens]
+The decoder-only layout pads between prompt and input, so every target ends the sequence: the logits
+of the last T_target + 1 positions are all that is computed (`logits_to_keep`), and position ids are
+taken from the attention mask, so padding does not move a token's position.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..tasks import Example
+
+IGNORE = -100
+ENCODER_DECODER = "encoder-decoder"
+DECODER_ONLY = "decoder-only"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one example (input with the tokenizer's special tokens, target ending in EOS)."""
+
+    input_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T_target), IGNORE where there is no target token
+    decoder_input_ids: torch.Tensor | None = None  # encoder-decoder only
+
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class PromptedModel:
+    """A frozen backbone and its tokenizer; everything the trainer computes with prompts goes through here."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        max_source_length: int = 256,
+        max_target_length: int = 16,
+        target_prefix: str = " ",
+        train_mode: bool = False,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kind = ENCODER_DECODER if model.config.is_encoder_decoder else DECODER_ONLY
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        self.target_prefix = target_prefix if self.kind == DECODER_ONLY else ""
+        self.pad_id = _pad_id(model, tokenizer)
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no EOS token; targets need one to end")
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        model.requires_grad_(False)
+        model.train(train_mode)
+
+    # -- properties of the backbone ----------------------------------------------------------------
+
+    @property
+    def embedding(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    # -- text -> ids -> batches ---------------------------------------------------------------------
+
+    def encode(self, examples: Sequence[Example]) -> list[Encoded]:
+        return [self.encode_pair(e.input_text, e.target_text) for e in examples]
+
+    def encode_pair(self, input_text: str, target_text: str) -> Encoded:
+        source = self.tokenizer(input_text, add_special_tokens=True)["input_ids"][: self.max_source_length]
+        target = self.tokenizer(self.target_prefix + target_text, add_special_tokens=False)["input_ids"]
+        target = target[: self.max_target_length - 1] + [self.eos_id]
+        return Encoded(tuple(source), tuple(target))
+
+    def collate(self, encoded: Sequence[Encoded]) -> Batch:
+        if not encoded:
+            raise ValueError("cannot build a batch from no examples")
+        build = _collate_encoder_decoder if self.kind == ENCODER_DECODER else _collate_decoder_only
+        return build(encoded, self.pad_id, self._decoder_start_id()).to(self.device)
+
+    def _decoder_start_id(self) -> int | None:
+        if self.kind != ENCODER_DECODER:
+            return None
+        start = self.model.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("the encoder-decoder config has no decoder_start_token_id")
+        return start
+
+    # -- the particle-batched forward ---------------------------------------------------------------
+
+    def sequence_nll(self, prompts: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """-log p(target | prompt_m, input) summed over target tokens, shape (M, B), float32.
+
+        prompts: (M, L, hidden) (or (L, hidden) for one prompt, giving shape (1, B)); any float dtype,
+        cast to the backbone's dtype. Differentiable in prompts; the backbone gets no gradients.
+        """
+        prompts = _as_particles(prompts, self.hidden_size)
+        m, b = prompts.shape[0], len(batch)
+        embeds = self._prompted_embeddings(prompts, batch.input_ids)
+        mask = _repeat(_prefix_ones(batch.attention_mask, prompts.shape[1]), m)
+        labels = _repeat(batch.labels, m)
+        if self.kind == ENCODER_DECODER:
+            logits = self.model(
+                inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=_repeat(batch.decoder_input_ids, m)
+            ).logits
+        else:
+            logits = self._decoder_only_target_logits(embeds, mask, labels.shape[1])
+        return _token_nll(logits, labels).view(m, b)
+
+    def _prompted_embeddings(self, prompts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(M*B, L+T, hidden): particle m's prompt before each of the B embedded inputs."""
+        m, length, hidden = prompts.shape
+        tokens = self.embedding(input_ids)  # (B, T, hidden)
+        b, t, _ = tokens.shape
+        prompts = prompts.to(tokens.dtype)[:, None].expand(m, b, length, hidden)
+        return torch.cat([prompts, tokens[None].expand(m, b, t, hidden)], dim=2).reshape(m * b, length + t, hidden)
+
+    def _decoder_only_target_logits(self, embeds: torch.Tensor, mask: torch.Tensor, target_len: int) -> torch.Tensor:
+        """Logits that predict the last target_len tokens (targets end every sequence)."""
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = {"logits_to_keep": target_len + 1} if self._keeps_logits else {}
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **keep).logits
+        return logits[:, -(target_len + 1) : -1]
+
+    # -- prompts for generation ---------------------------------------------------------------------
+
+    def prompted_inputs(self, prompt: torch.Tensor, encoded: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """inputs_embeds and attention_mask of (prompt, inputs) for `model.generate`; decoder-only inputs are
+        left-padded (after the prompt) so that generation continues from every last input token."""
+        ids = [e.input_ids for e in encoded]
+        width = max(len(x) for x in ids)
+        if self.kind == ENCODER_DECODER:
+            rows = [list(x) + [self.pad_id] * (width - len(x)) for x in ids]
+            mask = [[1] * len(x) + [0] * (width - len(x)) for x in ids]
+        else:
+            rows = [[self.pad_id] * (width - len(x)) + list(x) for x in ids]
+            mask = [[0] * (width - len(x)) + [1] * len(x) for x in ids]
+        input_ids = torch.tensor(rows, device=self.device)
+        embeds = self._prompted_embeddings(_as_particles(prompt, self.hidden_size), input_ids)
+        attention = _prefix_ones(torch.tensor(mask, device=self.device), prompt.shape[-2])
+        return {"inputs_embeds": embeds, "attention_mask": attention}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def init_prompts(
+    embedding_weight: torch.Tensor,
+    num_prompts: int,
+    length: int,
+    *,
+    method: str = "vocab",
+    generator: torch.Generator | None = None,
+    init_std: float | None = None,
+    vocab_top_k: int | None = None,
+    exclude_ids: Sequence[int] = (),
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """(num_prompts, length, hidden) float32 prompts.
+
+    vocab: each prompt token is the embedding of a token id drawn uniformly (independently per particle,
+        so the particles start apart) from the first `vocab_top_k` ids of the tokenizer's vocabulary,
+        special tokens excluded. normal: N(0, init_std^2), init_std defaulting to the embedding matrix's std.
+    """
+    if num_prompts < 1 or length < 1:
+        raise ValueError(f"need num_prompts >= 1 and length >= 1, got {num_prompts}, {length}")
+    weight = embedding_weight.detach().float().cpu()
+    if method == "normal":
+        std = init_std if init_std is not None else float(weight.std())
+        return torch.randn(num_prompts, length, weight.shape[1], generator=generator) * std
+    if method != "vocab":
+        raise ValueError(f"prompt init must be 'vocab' or 'normal', got {method!r}")
+    candidates = _candidate_ids(min(vocab_size or weight.shape[0], weight.shape[0]), vocab_top_k, exclude_ids)
+    picks = torch.randint(len(candidates), (num_prompts, length), generator=generator)
+    return weight[candidates[picks]].clone()
+
+
+def _candidate_ids(vocab: int, top_k: int | None, exclude: Sequence[int]) -> torch.Tensor:
+    ids = torch.arange(min(vocab, top_k) if top_k else vocab)
+    keep = ~torch.isin(ids, torch.tensor(sorted(set(exclude)), dtype=torch.long))
+    if not bool(keep.any()):
+        raise ValueError("no vocabulary token left to initialise prompts from")
+    return ids[keep]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _as_particles(prompts: torch.Tensor, hidden: int) -> torch.Tensor:
+    if prompts.dim() == 2:
+        prompts = prompts[None]
+    if prompts.dim() != 3 or prompts.shape[-1] != hidden or prompts.shape[0] < 1 or prompts.shape[1] < 1:
+        raise ValueError(f"prompts must have shape (M, L, {hidden}) or (L, {hidden}), got {tuple(prompts.shape)}")
+    return prompts
+
+
+def _pad_id(model: torch.nn.Module, tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, model.config.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("neither the tokenizer nor the model defines a pad or EOS token")
+
+
+def _repeat(t: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, ...) -> (M*B, ...), particle-major, matching _prompted_embeddings."""
+    return t.repeat(m, *([1] * (t.dim() - 1)))
+
+
+def _prefix_ones(mask: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+
+
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token NLL per sequence, computed in float32 whatever the backbone dtype."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    return nll.sum(dim=1)
+
+
+def _collate_encoder_decoder(encoded: Sequence[Encoded], pad: int, start: int | None) -> Batch:
+    source_width = max(len(e.input_ids) for e in encoded)
+    target_width = max(len(e.target_ids) for e in encoded)
+    input_ids, mask, labels, decoder = [], [], [], []
+    for e in encoded:
+        n, t = len(e.input_ids), len(e.target_ids)
+        input_ids.append(list(e.input_ids) + [pad] * (source_width - n))
+        mask.append([1] * n + [0] * (source_width - n))
+        labels.append(list(e.target_ids) + [IGNORE] * (target_width - t))
+        decoder.append([start] + list(e.target_ids[:-1]) + [pad] * (target_width - t))
+    return Batch(torch.tensor(input_ids), torch.tensor(mask), torch.tensor(labels), torch.tensor(decoder))
+
+
+def _collate_decoder_only(encoded: Sequence[Encoded], pad: int, start: int | None) -> Batch:
+    width = max(len(e.input_ids) + len(e.target_ids) for e in encoded)
+    target_width = max(len(e.target_ids) for e in encoded)
+    input_ids, mask, labels = [], [], []
+    for e in encoded:
+        sequence = list(e.input_ids) + list(e.target_ids)
+        gap, t = width - len(sequence), len(e.target_ids)
+        input_ids.append([pad] * gap + sequence)
+        mask.append([0] * gap + [1] * len(sequence))
+        labels.append([IGNORE] * (target_width - t) + list(e.target_ids))
+    return Batch(torch.tensor(input_ids), torch.tensor(mask), torch.tensor(labels))

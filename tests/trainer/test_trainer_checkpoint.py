@@ -1,0 +1,174 @@
+"""Checkpoints: the state tree round trip, atomic writes, and resume to the same result bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bmt_fast.transfer import Run
+from bmt_fast.transfer.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from bmt_fast.transfer.config import ConfigError, dump_config
+from bmt_fast.transfer.metrics_log import read_metrics
+from bmt_fast.transfer.runner import load_particles, read_prompt
+from conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def test_state_tree_round_trip(tmp_path):
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.randn(3))], lr=0.1, betas=(0.8, 0.9))
+    adam.param_groups[0]["params"][0].grad = torch.ones(3)
+    adam.step()
+    state = {
+        "optimizer": adam.state_dict(),
+        "orders": [torch.arange(4), torch.arange(2)],
+        "positions": [1, 2],
+        "x": None,
+    }
+    path = save_checkpoint(tmp_path, 7, state, {"note": "hi"}, keep=2)
+    loaded = load_checkpoint(path)
+    assert loaded.step == 7 and loaded.meta == {"note": "hi"} and loaded.state["x"] is None
+    assert loaded.state["positions"] == [1, 2] and torch.equal(loaded.state["orders"][1], torch.arange(2))
+    opt = loaded.state["optimizer"]
+    assert set(opt["state"]) == {0}  # integer keys survive JSON
+    assert torch.equal(opt["state"][0]["exp_avg"], adam.state[adam.param_groups[0]["params"][0]]["exp_avg"])
+    assert opt["state"][0]["step"].dim() == 0
+    fresh = torch.optim.Adam([torch.nn.Parameter(torch.randn(3))], lr=1.0)
+    fresh.load_state_dict(opt)
+    assert fresh.param_groups[0]["lr"] == 0.1 and tuple(fresh.param_groups[0]["betas"]) == (0.8, 0.9)
+
+
+def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path):
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, {"t": torch.zeros(1)}, {}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000004", "checkpoint-00000006"]
+    partial = tmp_path / ".checkpoint-00000008.tmp"
+    partial.mkdir()
+    (partial / "state.safetensors").write_bytes(b"half")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000006"
+    remove_partial_checkpoints(tmp_path)
+    assert not partial.exists()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",  # the same thread count in every process: CPU results are then bit-exact
+        HF_HUB_OFFLINE="1",
+        PYTHONWARNINGS="ignore",
+    )
+    return env
+
+
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from bmt_fast.transfer import Run
+from bmt_fast.transfer.config import load_config
+
+cfg = load_config(sys.argv[1])
+kill_at = int(sys.argv[2])
+
+def kill(step, path):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as if the machine went away
+
+Run(cfg, "source").source(cfg.source.method, on_checkpoint=[kill])
+"""
+
+CLI = "import sys, torch; torch.set_num_threads(1); from bmt_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *args], env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_sigkill_gives_the_same_particles_bit_for_bit(model_dirs, tmp_path):
+    source = {"steps": 6, "checkpoint_every": 2, "num_particles": 3}
+    killed_cfg = make_config(tmp_path / "killed", model_dirs["t5"], source=source)
+    full_cfg = make_config(tmp_path / "full", model_dirs["t5"], source=source)
+    dump_config(killed_cfg, tmp_path / "killed.yaml")
+    dump_config(full_cfg, tmp_path / "full.yaml")
+
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(tmp_path / "killed.yaml"), "2"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    stage = tmp_path / "killed" / "source-bmtpt"
+    assert latest_checkpoint(stage).name == "checkpoint-00000002"
+    assert not (stage / "particles.safetensors").exists()
+
+    with pytest.raises(ConfigError, match="--resume"):
+        Run(killed_cfg, "source")
+    resumed = _cli("source", "--config", str(tmp_path / "killed.yaml"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from checkpoint-00000002 (step 2)" in resumed.stderr
+    uninterrupted = _cli("source", "--config", str(tmp_path / "full.yaml"))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    full_stage = tmp_path / "full" / "source-bmtpt"
+    assert torch.equal(load_particles(stage), load_particles(full_stage))
+    a = load_checkpoint(latest_checkpoint(stage)).state["trainable"]
+    b = load_checkpoint(latest_checkpoint(full_stage)).state["trainable"]
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(a["optimizer"]["state"][0][key], b["optimizer"]["state"][0][key])
+    assert read_metrics(stage / "metrics.jsonl") == read_metrics(full_stage / "metrics.jsonl")
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_at(step_to_crash: int):
+    def hook(step, path):
+        if step == step_to_crash:
+            raise _Crash(step)
+
+    return hook
+
+
+def test_target_stage_resumes_to_the_same_prompt(backbones, model_dirs, tmp_path):
+    target = {"methods": ["bmtpt"], "steps": 5, "checkpoint_every": 2, "prompt_type": "mpt", "kde_weight": 0.5}
+    pm = backbones["llama"]
+    crashed = make_config(tmp_path / "crashed", model_dirs["llama"], source={"steps": 2}, target=target)
+    with pytest.raises(_Crash):
+        Run(crashed, "transfer", pm=pm).target("bmtpt", on_checkpoint=[_crash_at(4)])
+    Run(crashed, "transfer", pm=pm, resume=True).target("bmtpt")
+    full = make_config(tmp_path / "full", model_dirs["llama"], source={"steps": 2}, target=target)
+    Run(full, "transfer", pm=pm).target("bmtpt")
+    assert torch.equal(
+        read_prompt(tmp_path / "crashed" / "target-bmtpt" / "prompt.safetensors"),
+        read_prompt(tmp_path / "full" / "target-bmtpt" / "prompt.safetensors"),
+    )
+
+
+def test_resume_refuses_a_changed_configuration(backbones, model_dirs, tmp_path):
+    pm = backbones["llama"]
+    cfg = make_config(tmp_path, model_dirs["llama"], source={"steps": 4, "checkpoint_every": 2})
+    with pytest.raises(_Crash):
+        Run(cfg, "source", pm=pm).source("bmtpt", on_checkpoint=[_crash_at(2)])
+    changed = make_config(tmp_path, model_dirs["llama"], source={"steps": 8, "checkpoint_every": 2, "lr": 0.5})
+    with pytest.raises(ConfigError, match=r"source.lr: 0.05 -> 0.5"):
+        Run(changed, "source", pm=pm, resume=True).source("bmtpt")
+    longer = make_config(tmp_path, model_dirs["llama"], source={"steps": 6, "checkpoint_every": 2})
+    assert Run(longer, "source", pm=pm, resume=True).source("bmtpt").shape == (3, 4, 32)  # more steps is fine
+    assert read_metrics(tmp_path / "source-bmtpt" / "metrics.jsonl")[-1]["step"] == 6

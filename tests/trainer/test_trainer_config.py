@@ -1,0 +1,131 @@
+"""Configuration: YAML + overrides, typed values, and clear errors before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from bmt_fast.cli import COMMANDS, build_parser, main, register_command
+from bmt_fast.transfer.config import ConfigError, RunConfig, check_config, dump_config, load_config
+from bmt_fast.transfer.runner import Run
+from conftest import base_dict, make_config, merge
+
+
+def write_yaml(path, data):
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"source": {"steps": 7, "lr": "1e-3"}, "data": {"source_tasks": ["a"]}})
+    cfg = load_config(
+        path,
+        ["source.bandwidth=0.5", "target.methods=[bmtpt, spot_best]", "source.prior_std=null", "model.name_or_path=m"],
+    )
+    assert isinstance(cfg, RunConfig)
+    assert cfg.source.steps == 7 and cfg.source.lr == 0.001  # "1e-3" is a string to PyYAML, a number here
+    assert cfg.source.bandwidth == 0.5 and cfg.source.prior_std is None
+    assert cfg.target.methods == ["bmtpt", "spot_best"] and cfg.model.name_or_path == "m"
+    assert load_config(None, ["source.bandwidth=median"]).source.bandwidth == "median"
+    dump_config(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["source.stpes=3"], "unknown key.*source.stpes"),
+        (["source.steps=three"], "source.steps must be an integer"),
+        (["source.lr=fast"], "source.lr must be a number"),
+        (["progress=maybe"], "progress must be true or false"),
+        (["source"], "must look like section.key=value"),
+    ],
+)
+def test_malformed_configs(items, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, items)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"source": {"num_particles": 0}}, "source.num_particles must be >= 1"),
+        ({"prompt": {"length": 0}}, "prompt.length must be >= 1"),
+        ({"source": {"lr": 0.0}}, "source.lr must be > 0"),
+        ({"target": {"lr": -1.0}}, "target.lr must be > 0"),
+        ({"target": {"lowrank_lr": 0.0}}, "target.lowrank_lr must be > 0"),
+        ({"source": {"sampling": "random"}}, "source.sampling must be one of proportional, uniform"),
+        ({"source": {"likelihood_scale": "exact"}}, "source.likelihood_scale must be one of mean, dataset"),
+        ({"source": {"likelihood_scale": -2.0}}, "source.likelihood_scale must be > 0"),
+        ({"source": {"bandwidth": -1.0}}, "source.bandwidth must be > 0"),
+        ({"source": {"prior_std": 0.0}}, "source.prior_std must be > 0"),
+        ({"model": {"dtype": "float8"}}, "model.dtype must be one of"),
+        ({"target": {"methods": ["bmtpt", "magic"]}}, r"target.methods\[1\] must be one of"),
+        (
+            {"target": {"particle_index": 3, "methods": ["bmtpt_particle"]}},
+            "particle_index=3 but source.num_particles=3",
+        ),
+        ({"target": {"kde_weight": 1.0, "methods": ["multitask"]}}, "needs >= 2 source particles"),
+        ({"data": {"source_tasks": ["movie_sentiment", "nope"]}}, "data.source_tasks: unknown task 'nope'"),
+        ({"data": {"target_task": "nope"}}, "data.target_task: unknown task 'nope'"),
+        ({"data": {"source_tasks": []}}, "data.source_tasks must name at least one task"),
+        ({"data": {"task_modules": ["no_such_module_xyz"]}}, "cannot import 'no_such_module_xyz'"),
+        ({"model": {"name_or_path": "./missing-model"}}, "model.name_or_path: folder not found"),
+        ({"model": {"name_or_path": "some-org/some-model"}}, "neither a local folder nor in the Hugging Face cache"),
+        ({"model": {"gguf_file": "model.gguf"}}, "model.gguf_file: model.gguf not found"),
+        ({"model": {"tokenizer": "./missing-tokenizer"}}, "model.tokenizer: folder not found"),
+        ({"data": {"data_dir": "./missing-data"}}, "data.data_dir: folder not found"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(model_dirs, tmp_path, changes, message):
+    cfg = make_config(tmp_path / "run", model_dirs["llama"], **changes)
+    with pytest.raises(ConfigError, match=message):
+        Run(cfg, "transfer")
+    assert not (tmp_path / "run").exists()  # nothing was written, no model was loaded
+
+
+def test_target_needs_finished_source_stages(model_dirs, tmp_path):
+    cfg = make_config(tmp_path, model_dirs["llama"], target={"methods": ["prompt_tuning", "spot_mean"]})
+    with pytest.raises(ConfigError, match="target needs the spot source particles"):
+        Run(cfg, "target")
+    check_config(make_config(tmp_path, model_dirs["llama"], target={"methods": ["prompt_tuning"]}), "target")
+
+
+def test_cli_reports_config_errors_with_exit_code_2(model_dirs, tmp_path, capsys):
+    data = merge(base_dict(tmp_path / "run", model_dirs["llama"]), {"source": {"num_particles": 0}})
+    path = write_yaml(tmp_path / "bad.yaml", data)
+    assert main(["source", "--config", str(path)]) == 2
+    assert "source.num_particles must be >= 1" in capsys.readouterr().err
+    assert main(["source", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["source", "--config", str(path), "source.num_particles=2", "prompt.length=-1"]) == 2
+    assert "prompt.length must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_commands_are_a_registry():
+    assert {"source", "target", "transfer", "eval", "plot"} <= set(COMMANDS)
+
+    @register_command("hello-test", "a command added by another module")
+    def hello(args):
+        return 7
+
+    try:
+        assert main(["hello-test"]) == 7
+        with pytest.raises(ValueError, match="already registered"):
+            register_command("hello-test", "again")(hello)
+        assert "hello-test" in build_parser().format_help()
+    finally:
+        del COMMANDS["hello-test"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_config_error(model_dirs, tmp_path):
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        Run(make_config(tmp_path, model_dirs["llama"], model={"device": "cuda"}), "source")

@@ -1,0 +1,55 @@
+"""PEFT export: `peft.PeftModel.from_pretrained` loads our prompt and computes our loss with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bmt_fast.transfer import read_prompt
+from bmt_fast.transfer.peft_export import export_peft_prompt
+from bmt_fast.transfer.prompts import IGNORE
+from synthetic_tasks import TASKS
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_peft_round_trip(backbones, model_dirs, tmp_path, kind):
+    pm = backbones[kind]
+    prompt = torch.randn(4, pm.hidden_size)
+    export_peft_prompt(
+        prompt,
+        tmp_path / "adapter",
+        base_model_name_or_path=str(model_dirs[kind]),
+        is_encoder_decoder=pm.kind == "encoder-decoder",
+    )
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4
+    assert torch.equal(read_prompt(tmp_path / "adapter"), prompt)
+
+    base = type(pm.model).from_pretrained(model_dirs[kind]).eval()  # PEFT wraps its own copy
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(loaded.get_prompt_embedding_to_save("default"), prompt, rtol=0, atol=0)
+
+    examples = TASKS["movie_sentiment"].examples["validation"][:3]
+    ours = pm.sequence_nll(prompt, pm.collate(pm.encode(examples)))[0]
+    for i, e in enumerate(pm.encode(examples)):
+        with torch.no_grad():
+            theirs = peft_summed_loss(loaded, pm.kind, e)
+        torch.testing.assert_close(ours[i], theirs, rtol=1e-5, atol=1e-5)
+
+
+def peft_summed_loss(model, kind, encoded):
+    """PEFT's own forward with labels (mean over label tokens), times the number of target tokens."""
+    source = torch.tensor([encoded.input_ids])
+    target = torch.tensor([encoded.target_ids])
+    if kind == "encoder-decoder":
+        loss = model(input_ids=source, attention_mask=torch.ones_like(source), labels=target).loss
+    else:
+        ids = torch.cat([source, target], dim=1)
+        labels = torch.full_like(ids, IGNORE)
+        labels[0, -target.shape[1] :] = target
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    return loss * target.shape[1]

@@ -1,0 +1,173 @@
+"""Aggregation, the target prompt (plain / MPT), the posterior-as-prior KDE, baselines and evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bmt_fast.transfer import Run
+from bmt_fast.transfer.aggregate import aggregate, medoid_index
+from bmt_fast.transfer.evaluate import evaluate_prompt, mean_nll
+from bmt_fast.transfer.metrics_log import read_metrics
+from bmt_fast.transfer.target import KDEPrior, TargetPrompt
+from conftest import make_config
+from synthetic_tasks import TASKS
+
+
+def test_aggregations():
+    particles = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[10.0, 0.0]]])
+    assert torch.equal(aggregate(particles, "mean"), torch.tensor([[11 / 3, 0.0]]))
+    assert medoid_index(particles) == 1 and torch.equal(aggregate(particles, "medoid"), particles[1])
+    assert torch.equal(aggregate(particles, "particle", index=2), particles[2])
+    assert torch.equal(aggregate(particles, "best", target_loss=torch.tensor([3.0, 1.0, 2.0])), particles[1])
+    with pytest.raises(ValueError, match="out of range"):
+        aggregate(particles, "particle", index=3)
+    with pytest.raises(ValueError, match="needs target_loss"):
+        aggregate(particles, "best")
+
+
+def test_mpt_prompt_starts_at_its_init_and_trains_both_parts_at_their_rates():
+    init = torch.randn(5, 8)
+    prompt = TargetPrompt(init, "mpt", rank=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(prompt(), init)  # u v^T starts as all ones, exactly
+    assert prompt.u.shape == (5, 3) and prompt.v.shape == (8, 3)
+    groups = prompt.param_groups(lr=0.1, lowrank_lr=0.02)
+    assert [g["lr"] for g in groups] == [0.1, 0.02] and len(groups[1]["params"]) == 2
+    optimizer = torch.optim.SGD(groups)
+    target = torch.randn(5, 8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (prompt() - target).square().sum().backward()
+        optimizer.step()
+    product = prompt.u @ prompt.v.T
+    assert not torch.allclose(product, torch.ones_like(product))
+    assert torch.linalg.matrix_rank(product - 1) > 1  # the extra columns are not stuck as copies
+    plain = TargetPrompt(init)
+    assert torch.equal(plain(), init) and len(plain.param_groups(0.1, 0.02)) == 1
+
+
+def test_kde_prior_value_gradient_and_bandwidth():
+    particles = torch.randn(4, 3, 2, dtype=torch.float64)
+    kde = KDEPrior(particles, "median", backend="torch")
+    flat = particles.reshape(4, -1)
+    d2 = torch.cdist(flat, flat).square()
+    expected_h = d2.flatten().sort().values[7:9].mean() / math.log(5)  # numpy median of 16 values
+    assert kde.bandwidth == pytest.approx(float(expected_h))
+    theta = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    value = kde(theta)
+    manual = -torch.log(torch.exp(-(flat - theta.reshape(1, -1)).square().sum(1) / expected_h).mean())
+    torch.testing.assert_close(value, manual)
+    value.backward()
+    with torch.no_grad():
+        stepped = theta - 0.01 * theta.grad
+    assert kde(stepped) < value  # gradient descent on the term moves theta towards the particles
+    with pytest.raises(ValueError, match="at least 2 particles"):
+        KDEPrior(particles[:1], "median")
+    assert KDEPrior(particles[:1], 2.0).bandwidth == 2.0
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_target_stage_lowers_the_target_loss(backbones, model_dirs, tmp_path, kind):
+    pm = backbones[kind]
+    cfg = make_config(
+        tmp_path, model_dirs[kind], target={"methods": ["prompt_tuning"], "steps": 12, "lr": 0.1, "prompt_type": "mpt"}
+    )
+    run = Run(cfg, "target", pm=pm)
+    held_out = TASKS["product_sentiment"].examples["validation"]
+    before = float(mean_nll(pm, run.initial_prompts(1), held_out, 16))
+    metrics = run.target("prompt_tuning")
+    assert metrics["loss"] < before - 0.5
+    records = read_metrics(tmp_path / "target-prompt_tuning" / "metrics.jsonl")
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_transfer_runs_every_method_through_one_code_path(backbones, model_dirs, tmp_path):
+    methods = ["bmtpt", "bmtpt_medoid", "bmtpt_particle", "spot_best", "spot_mean", "multitask", "prompt_tuning"]
+    cfg = make_config(
+        tmp_path,
+        model_dirs["llama"],
+        source={"steps": 3},
+        target={
+            "methods": methods,
+            "steps": 2,
+            "kde_weight": 0.1,
+            "kde_bandwidth": 50.0,
+            "eval_every": 1,
+            "particle_index": 2,
+        },
+    )
+    run = Run(cfg, "transfer", pm=backbones["llama"])
+    results = {m: run.target(m) for m in methods}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"source-{m}" for m in ("bmtpt", "spot", "multitask")] + [f"target-{m}" for m in methods]
+    )
+    assert run.source("spot").shape[0] == 2 and run.source("multitask").shape[0] == 1
+    for method, metrics in results.items():
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+        assert (tmp_path / f"target-{method}" / "peft" / "adapter_config.json").is_file()
+        records = read_metrics(tmp_path / f"target-{method}" / "metrics.jsonl")
+        assert [r["step"] for r in records if "eval/accuracy" in r] == [1, 2]
+        assert any("kde" in r for r in records) == (method != "prompt_tuning")
+
+
+def test_initial_target_prompts_follow_the_method(backbones, model_dirs, tmp_path):
+    pm = backbones["llama"]
+    cfg = make_config(
+        tmp_path, model_dirs["llama"], source={"steps": 2}, target={"particle_index": 1, "selection_examples": 8}
+    )
+    run = Run(cfg, "transfer", pm=pm)
+    bmtpt, spot = run.source("bmtpt"), run.source("spot")
+    train = TASKS["product_sentiment"].examples["train"]
+    assert torch.equal(run.initial_target(bmtpt, "mean", train), bmtpt.mean(0))
+    assert torch.equal(run.initial_target(bmtpt, "particle", train), bmtpt[1])
+    losses = mean_nll(pm, spot, train[:8], 16)
+    assert torch.equal(run.initial_target(spot, "best", train), spot[int(losses.argmin())])
+    assert torch.equal(run.initial_target(None, "init", train), run.initial_prompts(1)[0])
+
+
+def test_rank_classification_picks_the_likeliest_label_word(backbones):
+    pm = backbones["t5"]
+    task = TASKS["product_sentiment"]
+    examples = task.examples["validation"][:6]
+    prompt = torch.randn(4, pm.hidden_size)
+    metrics = evaluate_prompt(pm, prompt, task, examples, batch_size=4)
+    correct = 0
+    for e in examples:
+        scores = [
+            float(pm.sequence_nll(prompt, pm.collate([pm.encode_pair(e.input_text, w)]))[0, 0])
+            for w in task.label_words
+        ]
+        correct += task.label_words[scores.index(min(scores))] == e.target_text
+    assert metrics["accuracy"] == pytest.approx(correct / len(examples))
+    assert metrics["loss"] == pytest.approx(float(mean_nll(pm, prompt[None], examples, 4)), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_generation_tasks_are_scored_on_greedy_output(backbones, kind):
+    pm = backbones[kind]
+    task = TASKS["echo"]
+    examples = task.examples["validation"][:4]
+    prompt = torch.randn(4, pm.hidden_size)
+    metrics = evaluate_prompt(pm, prompt, task, examples, batch_size=3, max_new_tokens=4)
+    assert set(metrics) == {"loss", "accuracy"}
+    from bmt_fast.transfer.evaluate import generate
+
+    texts = generate(pm, prompt, examples, batch_size=3, max_new_tokens=4)
+    one_by_one = [generate(pm, prompt, [e], batch_size=1, max_new_tokens=4)[0] for e in examples]
+    assert texts == one_by_one  # padding does not change what is generated
+    assert metrics["accuracy"] == sum(t == e.target_text for t, e in zip(texts, examples)) / 4
+
+
+def test_target_eval_json_and_results_table(backbones, model_dirs, tmp_path):
+    cfg = make_config(tmp_path, model_dirs["llama"], target={"methods": ["prompt_tuning"], "steps": 1})
+    run = Run(cfg, "target", pm=backbones["llama"])
+    metrics = run.target("prompt_tuning")
+    saved = json.loads((tmp_path / "target-prompt_tuning" / "eval.json").read_text())
+    assert saved == metrics and saved["examples"] == 8 and saved["split"] == "validation"
+    again = run.evaluate()
+    assert again["prompt_tuning"]["accuracy"] == metrics["accuracy"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| prompt_tuning |" in table and "accuracy" in table
