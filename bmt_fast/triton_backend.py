@@ -76,6 +76,13 @@ class TritonBackend(backends.Backend):
             return ("cuda", "cpu")
         return ("cuda",)
 
+    def kernels(self) -> ModuleType:
+        """The bmt_fast.kernels module; RuntimeError with the reason if Triton cannot run here."""
+        reason = self.unavailable_reason()
+        if reason:
+            raise RuntimeError(f"the Triton backend is not available: {reason}")
+        return self._kernels
+
     def svgd_step(self, x, score, h):
         return torch.ops.bmt_fast_triton.svgd_step(x, score, h, "auto", self.allow_tf32)
 
@@ -99,4 +106,5 @@ def cuda_auto_rule(op: str, n: int, d: int) -> list[str]:
 
 TRITON = TritonBackend()
 backends.register(TRITON)
+load_kernels = TRITON.kernels
 backends.set_auto_rule("cuda", cuda_auto_rule)
