@@ -107,7 +107,7 @@ def _rbf_kernel_grad_kernel(
         k = tl.load(k_ptr + rows[:, None] * stride_k_a + cols[None, :] * stride_k_b, mask=mask, other=0.0).to(ACC)
         p = g.to(ACC) * k
         if WITH_H:
-            log_terms += tl.sum(tl.where(k > 0.0, p * tl.log(k), 0.0), axis=1)
+            log_terms += tl.sum(p * tl.log(tl.where(k > 0.0, k, 1.0)), axis=1)  # K = 0: P = 0, term 0
         p = dot_operand(p, MODE, HALF)
         rowsum += tl.sum(p, axis=1)
         b = dot_operand(load_centred(b_ptr, shift_ptr, cols, vcols, n_b, d, stride_b, ACC), MODE, HALF)
@@ -253,7 +253,7 @@ def rbf_kernel_backward(
     else:
         if log_terms is None:  # no row gradient wanted: the sum directly
             p = grad.to(h.dtype) * kernel.to(h.dtype)
-            log_terms = torch.where(kernel > 0, p * kernel.to(h.dtype).log(), 0.0)
+            log_terms = p * torch.where(kernel > 0, kernel, 1).to(h.dtype).log()
         grad_h = (log_terms.sum() * (-1.0 / h[0])).to(bandwidth.dtype).reshape(bandwidth.shape)
     return grad_x, grad_y, grad_h
 
