@@ -11,8 +11,13 @@ interpreter when TRITON_INTERPRET=1 is set before this package is imported.
     torch.ops.bmt_fast_triton.rbf_kernel(x, y, bandwidth, self_kernel=False, allow_tf32=None)
     torch.ops.bmt_fast_triton.rbf_kernel_backward(grad, x, y, kernel, bandwidth, output_mask, allow_tf32=None)
 
-allow_tf32 (see utils.dot_mode): None = exact fp32 products for fp32 inputs and products in the input
-dtype for bf16/fp16 inputs; True = TF32 for fp32 inputs; False = exact fp32 products for all inputs.
+allow_tf32 (see utils.dot_mode; errors in benchmarks/results/triton_precision_*.csv):
+    None (default)  fp32 inputs: exact fp32 products. bf16/fp16 inputs: each operand split into hi + lo
+                    parts in its dtype, three tensor-core products: only the final rounding remains.
+    True            fp32: TF32 (relative error ~4e-4 in phi, ~1e-3 in K). bf16/fp16: one product of the
+                    operands rounded to their dtype (~1.5 bf16 ulps in phi, ~5 in K).
+    False           exact fp32 products for every input dtype.
+"""
 """
 
 from .median import GRAM_MAX_PARTICLES, median_bandwidth_forward

@@ -31,7 +31,8 @@ def _centring_sum_kernel(
 
 
 def centring_shift(x: torch.Tensor) -> torch.Tensor:
-    """c (d,) in x's accumulation dtype for contiguous rows x (n, d)."""
+    """c (d,) in x's accumulation dtype for contiguous rows x (n, d); for bf16/fp16 x, c is rounded to x's
+    dtype."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
     block_d = next_power_of_2(d, low=64, high=256)
@@ -44,4 +45,11 @@ def centring_shift(x: torch.Tensor) -> torch.Tensor:
     _centring_sum_kernel[(col_blocks, splits)](
         x, partial, n, d, x.stride(0), rows_per_split, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_D=block_d
     )
-    return x[0].to(acc) + partial.sum(0) / n
+    shift = x[0].to(acc) + partial.sum(0) / n
+    if x.dtype != acc:
+        # A shift in the input dtype: x - shift is then exact in fp32 (both are bf16/fp16 values of close
+        # exponents), and fits the two half-dtype parts of the split dot exactly as long as the half dtype
+        # resolves the spread of the particles at all. Any shift leaves the results unchanged in exact
+        # arithmetic (translation invariance); identical particles still give exact zeros.
+        shift = shift.to(x.dtype).to(acc)
+    return shift

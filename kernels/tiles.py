@@ -4,8 +4,8 @@ itself, and one tile of squared distances between centred rows.
 Numerics (the same as bmt_fast.reference and the C++ kernels):
   * rows are centred by a shift vector c (kernels/centring.py) before the norm expansion
     |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, so large offsets do not cancel;
-  * the norms are taken of exactly the values the dot sees (after rounding to TF32 / bf16 in the fast
-    modes), so identical rows still give ~0 and the error of a fast mode is that of its rounding alone;
+  * in the modes that round the operands (TF32, single half product) the norms are taken of exactly the
+    rounded values the dot sees, so identical rows still give ~0 and the error is that of the rounding;
   * distances are clamped at +0 (never -0: the median selects on the bit patterns) and the diagonal of a
     self-distance tile is an exact 0.
 """
@@ -13,18 +13,19 @@ Numerics (the same as bmt_fast.reference and the C++ kernels):
 import triton
 import triton.language as tl
 
-from .utils import DOT_HALF, DOT_TF32, INTERPRETING
+from .utils import DOT_HALF, DOT_HALF_SPLIT, DOT_TF32, INTERPRETING
 
 MODE_TF32: tl.constexpr = tl.constexpr(DOT_TF32)
 MODE_HALF: tl.constexpr = tl.constexpr(DOT_HALF)
-# The interpreter multiplies half-precision dots wrongly; there the rounded operands stay in fp32
-# (products of two bf16/fp16 values are exact in fp32, so this is the tensor-core arithmetic).
+MODE_HALF_SPLIT: tl.constexpr = tl.constexpr(DOT_HALF_SPLIT)
+# The interpreter multiplies half-precision dots wrongly; there the half operands are widened back to
+# fp32 (products of two bf16/fp16 values are exact in fp32, so this is the tensor-core arithmetic).
 INTERPRET: tl.constexpr = tl.constexpr(INTERPRETING)
 
 
 @triton.jit
 def dot_operand(t, MODE: tl.constexpr, HALF: tl.constexpr):
-    """t (fp32/fp64) rounded to what the dot multiplies in MODE, kept in t's dtype."""
+    """t (fp32/fp64) rounded to what the dot multiplies in the rounding modes, kept in t's dtype."""
     if MODE == MODE_TF32:
         # Round to nearest (ties away) at TF32's 10 explicit mantissa bits: the 13 low bits go.
         bits = t.to(tl.uint32, bitcast=True)
@@ -35,10 +36,34 @@ def dot_operand(t, MODE: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
+def _half_operand(t, HALF: tl.constexpr):
+    """t (exactly representable in HALF) as the tensor cores take it."""
+    if INTERPRET:
+        return t.to(HALF).to(tl.float32)
+    else:
+        return t.to(HALF)
+
+
+@triton.jit
 def dot_acc(a, b, acc, MODE: tl.constexpr, HALF: tl.constexpr):
-    """acc + a @ b for operands already passed through dot_operand (so every mode is exact per product)."""
-    if MODE == MODE_HALF and not INTERPRET:
-        return tl.dot(a.to(HALF), b.to(HALF), acc)
+    """acc + a @ b (fp32 or fp64 operands, already passed through dot_operand).
+
+    MODE_HALF_SPLIT: each operand is split into hi + lo in the half dtype (hi = half(t),
+    lo = half(t - hi)) and a @ b = hi hi' + hi lo' + lo hi' on the tensor cores, fp32 accumulation: the
+    dropped lo lo' is 2^-16 (bf16) / 2^-22 (fp16) of a product, near fp32 accuracy at 3 half products.
+    """
+    if MODE == MODE_HALF_SPLIT:
+        a_hi = a.to(HALF).to(tl.float32)
+        b_hi = b.to(HALF).to(tl.float32)
+        a_lo = _half_operand(a - a_hi, HALF)
+        b_lo = _half_operand(b - b_hi, HALF)
+        a_hi = _half_operand(a_hi, HALF)
+        b_hi = _half_operand(b_hi, HALF)
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")  # small terms first
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
+        return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+    elif MODE == MODE_HALF:
+        return tl.dot(_half_operand(a, HALF), _half_operand(b, HALF), acc, input_precision="ieee")
     elif MODE == MODE_TF32 and not INTERPRET:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:

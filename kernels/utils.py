@@ -18,6 +18,7 @@ INTERPRETING = bool(triton.knobs.runtime.interpret)
 DOT_IEEE = 0  # exact fp32 (or fp64) products, fp32 (fp64) accumulation
 DOT_TF32 = 1  # fp32 operands rounded to TF32 (10 mantissa bits), fp32 accumulation
 DOT_HALF = 2  # operands rounded to the input dtype (bf16 / fp16), fp32 accumulation
+DOT_HALF_SPLIT = 3  # operands split into two half-dtype parts, three half products: ~fp32 accuracy
 
 _HALF_TYPES = (torch.bfloat16, torch.float16)
 _TL_DTYPES = {
@@ -40,16 +41,17 @@ def tl_dtype(dtype: torch.dtype):
 def dot_mode(dtype: torch.dtype, allow_tf32: bool | None) -> int:
     """The precision of the tensor-core products for inputs of `dtype`.
 
-    allow_tf32=None (default): exact fp32 products for fp32 inputs; bf16/fp16 inputs multiply in their own
-        dtype (they carry no more bits than that), accumulating in fp32.
-    allow_tf32=True: fp32 inputs use TF32; bf16/fp16 as above.
-    allow_tf32=False: exact fp32 products for every input dtype (slowest on a GPU).
-    float64 always multiplies in float64.
+    allow_tf32=None (default): exact fp32 products for fp32 inputs; bf16/fp16 inputs use three products
+        of their hi/lo half-dtype parts (near fp32 accuracy on the tensor cores).
+    allow_tf32=True: the caller accepts reduced precision: TF32 for fp32 inputs, one product in the input
+        dtype for bf16/fp16 (operands rounded to it after centring).
+    allow_tf32=False: exact fp32 products for every input dtype (no tensor cores; slowest on a GPU).
+    float64 always multiplies in float64. Errors measured: benchmarks/results/triton_precision_*.csv.
     """
     if dtype == torch.float64 or allow_tf32 is False:
         return DOT_IEEE
     if dtype in _HALF_TYPES:
-        return DOT_HALF
+        return DOT_HALF if allow_tf32 else DOT_HALF_SPLIT
     return DOT_TF32 if allow_tf32 else DOT_IEEE
 
 
