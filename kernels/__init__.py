@@ -11,12 +11,15 @@ interpreter when TRITON_INTERPRET=1 is set before Triton is first imported.
     torch.ops.bmt_fast_triton.rbf_kernel(x, y, bandwidth, self_kernel=False, allow_tf32=None)
     torch.ops.bmt_fast_triton.rbf_kernel_backward(grad, x, y, kernel, bandwidth, output_mask, allow_tf32=None)
 
-allow_tf32 (see utils.dot_mode; errors in benchmarks/results/triton_precision_*.csv):
-    None (default)  fp32 inputs: exact fp32 products. bf16/fp16 inputs: each operand split into hi + lo
-                    parts in its dtype, three tensor-core products: only the final rounding remains.
-    True            fp32: TF32 (relative error ~4e-4 in phi, ~1e-3 in K). bf16/fp16: one product of the
-                    operands rounded to their dtype (~1.5 bf16 ulps in phi, ~5 in K).
-    False           exact fp32 products for every input dtype.
+allow_tf32 (see utils.dot_mode). Relative errors max|out - ref| / max|ref| against float64, measured in
+the interpreter (benchmarks/results/triton_precision_interpreter.csv; the interpreter computes the same
+rounded products as the tensor cores, see benchmarks/triton_precision.py):
+    None (default)  fp32 inputs: exact fp32 products (phi 2e-7..5e-7, K 9e-7). bf16/fp16 inputs: operands
+                    split into hi + lo bf16 parts, three tensor-core products: as accurate as fp32
+                    products (only the final rounding to the half dtype remains).
+    True            fp32: TF32 (phi 4e-4, K 9e-4, median 4e-5). bf16/fp16: one bf16 product of rounded
+                    operands (phi 1.1e-2, K 6e-2, median 5e-3).
+    False           exact fp32 products for every input dtype (no tensor cores).
 """
 
 from .median import GRAM_MAX_PARTICLES, median_bandwidth_forward

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .tiles import dot_acc, dot_operand, load_centred
-from .utils import TileConfig, accumulation_dtype, half_dtype, num_programs_target, tl_dtype, tunable
+from .utils import TileConfig, accumulation_dtype, num_programs_target, tl_dtype, tunable
 
 BLOCK_D = 64
 
@@ -30,7 +30,6 @@ def _gram_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
-    HALF: tl.constexpr,
 ):
     """out[split, rows, cols] = xc[rows, split's columns] @ xc[cols, split's columns].T (upper tiles only)."""
     tile_i = tl.program_id(0)
@@ -44,9 +43,9 @@ def _gram_kernel(
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
         for k0 in range(k_start, k_end, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
-            a = dot_operand(load_centred(x_ptr, shift_ptr, rows, ks, n, k_end, stride_x, ACC), MODE, HALF)
-            b = dot_operand(load_centred(x_ptr, shift_ptr, cols, ks, n, k_end, stride_x, ACC), MODE, HALF)
-            chunk = dot_acc(a, tl.trans(b), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), MODE, HALF)
+            a = dot_operand(load_centred(x_ptr, shift_ptr, rows, ks, n, k_end, stride_x, ACC), MODE)
+            b = dot_operand(load_centred(x_ptr, shift_ptr, cols, ks, n, k_end, stride_x, ACC), MODE)
+            chunk = dot_acc(a, tl.trans(b), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), MODE)
             total += chunk.to(tl.float64)
         mask = (rows < n)[:, None] & (cols < n)[None, :]
         tl.store(out_ptr + split * n * n + rows[:, None] * n + cols[None, :], total, mask=mask)
@@ -90,7 +89,6 @@ def gram_sq_dists(
         BLOCK_D=BLOCK_D,
         ACC=tl_dtype(acc),
         MODE=mode,
-        HALF=half_dtype(x.dtype),
     )
     gram = partial.sum(0)
     gram = gram.triu() + gram.triu(1).T

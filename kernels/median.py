@@ -29,7 +29,6 @@ from .utils import (
     check_rows,
     dot_mode,
     ensure_contiguous,
-    half_dtype,
     next_power_of_2,
     num_programs_target,
     tl_dtype,
@@ -58,7 +57,6 @@ def _radix_histogram_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
-    HALF: tl.constexpr,
 ):
     """hist[t, digit] += #{(i, j): key(d2_ij) >> (DIGIT_SHIFT + WIDTH) == prefix[t]} per digit, t = 0, 1."""
     BINS: tl.constexpr = 1 << WIDTH
@@ -72,7 +70,7 @@ def _radix_histogram_kernel(
     for j0 in range(j_start, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         d2 = sq_dist_tile(
-            x_ptr, x_ptr, shift_ptr, rows, cols, n, n, d, stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE, HALF
+            x_ptr, x_ptr, shift_ptr, rows, cols, n, n, d, stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE
         )
         keys = tl.reshape(d2.to(KEY, bitcast=True), (BLOCK_M * BLOCK_N,))
         valid = tl.reshape((rows < n)[:, None] & (cols < j_end)[None, :], (BLOCK_M * BLOCK_N,))
@@ -142,7 +140,6 @@ def median_sq_dist_tiled(
             BLOCK_D=next_power_of_2(d, low=64 if INTERPRETING else 16, high=64),
             ACC=tl_dtype(acc),
             MODE=mode,
-            HALF=half_dtype(x.dtype),
         )
         ranks, prefix = _select_digit(hist, ranks, prefix, width)
     middle = prefix.to(int_dtype).view(acc).double()

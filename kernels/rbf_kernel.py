@@ -27,7 +27,6 @@ from .utils import (
     check_rows,
     dot_mode,
     ensure_contiguous,
-    half_dtype,
     next_power_of_2,
     tl_dtype,
     tunable,
@@ -56,11 +55,10 @@ def _rbf_kernel_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
-    HALF: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d2 = sq_dist_tile(x_ptr, y_ptr, shift_ptr, rows, cols, n, m, d, stride_x, stride_y, SELF, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE, HALF)
+    d2 = sq_dist_tile(x_ptr, y_ptr, shift_ptr, rows, cols, n, m, d, stride_x, stride_y, SELF, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE)
     k = tl.exp(d2 * (-1.0 / tl.load(h_ptr)))
     mask = (rows < n)[:, None] & (cols < m)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], k.to(out_ptr.dtype.element_ty), mask=mask)
@@ -91,7 +89,6 @@ def _rbf_kernel_grad_kernel(
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
-    HALF: tl.constexpr,
 ):
     """out[rows, vcols] = -(2/H) (rowsum(P) a_c - P @ b_c) over all rows of b; with WITH_H, the chunk-0
     programs also write sum_j P_ij log K_ij per row to log_terms."""
@@ -108,10 +105,10 @@ def _rbf_kernel_grad_kernel(
         p = g.to(ACC) * k
         if WITH_H:
             log_terms += tl.sum(p * tl.log(tl.where(k > 0.0, k, 1.0)), axis=1)  # K = 0: P = 0, term 0
-        p = dot_operand(p, MODE, HALF)
+        p = dot_operand(p, MODE)
         rowsum += tl.sum(p, axis=1)
-        b = dot_operand(load_centred(b_ptr, shift_ptr, cols, vcols, n_b, d, stride_b, ACC), MODE, HALF)
-        acc = dot_acc(p, b, acc, MODE, HALF)
+        b = dot_operand(load_centred(b_ptr, shift_ptr, cols, vcols, n_b, d, stride_b, ACC), MODE)
+        acc = dot_acc(p, b, acc, MODE)
     a = load_centred(a_ptr, shift_ptr, rows, vcols, n_a, d, stride_a, ACC)
     grad = (acc - rowsum[:, None] * a) * (2.0 / tl.load(h_ptr))
     out_mask = (rows < n_a)[:, None] & (vcols < d)[None, :]
@@ -170,7 +167,6 @@ def rbf_kernel_forward(
         BLOCK_D=next_power_of_2(d, low=MIN_BLOCK, high=64),
         ACC=tl_dtype(acc),
         MODE=dot_mode(x.dtype, allow_tf32),
-        HALF=half_dtype(x.dtype),
     )
     return out
 
@@ -208,7 +204,6 @@ def _grad_rows(grad, k, a, b, shift, h, *, transposed, with_h, mode, tile):
         BLOCK_V=block_v,
         ACC=tl_dtype(acc),
         MODE=mode,
-        HALF=half_dtype(a.dtype),
     )
     return out, log_terms if with_h else None
 

@@ -36,7 +36,6 @@ from .utils import (
     check_rows,
     dot_mode,
     ensure_contiguous,
-    half_dtype,
     next_power_of_2,
     num_programs_target,
     tl_dtype,
@@ -72,7 +71,6 @@ def _svgd_step_kernel(
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
-    HALF: tl.constexpr,
 ):
     """Rows of block program_id(0), output columns of chunk program_id(1), columns j of split program_id(2).
 
@@ -98,16 +96,16 @@ def _svgd_step_kernel(
             d2 = tl.load(dist_ptr + rows[:, None] * stride_dist + cols[None, :], mask=mask, other=0.0)
         else:
             d2 = sq_dist_tile(
-                x_ptr, x_ptr, shift_ptr, rows, cols, n, n, d, stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE, HALF
+                x_ptr, x_ptr, shift_ptr, rows, cols, n, n, d, stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE
             )
         k = tl.where((cols < j_end)[None, :], tl.exp(d2 * neg_inv_h), 0.0)
-        k = dot_operand(k, MODE, HALF)  # the row sums use the K the dot sees: the two terms stay consistent
+        k = dot_operand(k, MODE)  # the row sums use the K the dot sees: the two terms stay consistent
         rowsum += tl.sum(k, axis=1)
         xc_j = load_centred(x_ptr, shift_ptr, cols, vcols, j_end, d, stride_x, ACC)
         score_mask = (cols < j_end)[:, None] & (vcols < d)[None, :]
         score_j = tl.load(score_ptr + cols[:, None] * stride_score + vcols[None, :], mask=score_mask, other=0.0)
-        w = dot_operand(score_j.to(ACC) - repulsion * xc_j, MODE, HALF)
-        acc = dot_acc(k, w, acc, MODE, HALF)
+        w = dot_operand(score_j.to(ACC) - repulsion * xc_j, MODE)
+        acc = dot_acc(k, w, acc, MODE)
 
     out_mask = (rows < n)[:, None] & (vcols < d)[None, :]
     if FINALIZE:
@@ -195,7 +193,6 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile):
         BLOCK_V=block_v,
         ACC=tl_dtype(acc),
         MODE=mode,
-        HALF=half_dtype(x.dtype),
     )
     if not finalize:
         grid = (triton.cdiv(n, 64), triton.cdiv(d, block_v))

@@ -21,10 +21,14 @@ MODE_HALF_SPLIT: tl.constexpr = tl.constexpr(DOT_HALF_SPLIT)
 # The interpreter multiplies half-precision dots wrongly; there the half operands are widened back to
 # fp32 (products of two bf16/fp16 values are exact in fp32, so this is the tensor-core arithmetic).
 INTERPRET: tl.constexpr = tl.constexpr(INTERPRETING)
+# The half-precision products are bf16 for bf16 and fp16 inputs alike: bf16 has the range of fp32, so
+# W = score - (2/H) xc and grad * K cannot overflow as they could in fp16, and hi + lo (16 bits) still
+# holds an fp16 input (11 bits) exactly. Tensor cores multiply both types at the same rate.
+HALF: tl.constexpr = tl.bfloat16
 
 
 @triton.jit
-def dot_operand(t, MODE: tl.constexpr, HALF: tl.constexpr):
+def dot_operand(t, MODE: tl.constexpr):
     """t (fp32/fp64) rounded to what the dot multiplies in the rounding modes, kept in t's dtype."""
     if MODE == MODE_TF32:
         # Round to nearest (ties away) at TF32's 10 explicit mantissa bits: the 13 low bits go.
@@ -36,7 +40,7 @@ def dot_operand(t, MODE: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _half_operand(t, HALF: tl.constexpr):
+def _half_operand(t):
     """t (exactly representable in HALF) as the tensor cores take it."""
     if INTERPRET:
         return t.to(HALF).to(tl.float32)
@@ -45,25 +49,25 @@ def _half_operand(t, HALF: tl.constexpr):
 
 
 @triton.jit
-def dot_acc(a, b, acc, MODE: tl.constexpr, HALF: tl.constexpr):
+def dot_acc(a, b, acc, MODE: tl.constexpr):
     """acc + a @ b (fp32 or fp64 operands, already passed through dot_operand).
 
-    MODE_HALF_SPLIT: each operand is split into hi + lo in the half dtype (hi = half(t),
-    lo = half(t - hi)) and a @ b = hi hi' + hi lo' + lo hi' on the tensor cores, fp32 accumulation: the
-    dropped lo lo' is 2^-16 (bf16) / 2^-22 (fp16) of a product, near fp32 accuracy at 3 half products.
+    MODE_HALF_SPLIT: each operand is split into hi + lo in bf16 (hi = bf16(t), lo = bf16(t - hi)) and
+    a @ b = hi hi' + hi lo' + lo hi' on the tensor cores, fp32 accumulation: t is kept to 16 bits and the
+    dropped lo lo' is 2^-16 of a product, near fp32 accuracy at 3 bf16 products.
     """
     if MODE == MODE_HALF_SPLIT:
         a_hi = a.to(HALF).to(tl.float32)
         b_hi = b.to(HALF).to(tl.float32)
-        a_lo = _half_operand(a - a_hi, HALF)
-        b_lo = _half_operand(b - b_hi, HALF)
-        a_hi = _half_operand(a_hi, HALF)
-        b_hi = _half_operand(b_hi, HALF)
+        a_lo = _half_operand(a - a_hi)
+        b_lo = _half_operand(b - b_hi)
+        a_hi = _half_operand(a_hi)
+        b_hi = _half_operand(b_hi)
         acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")  # small terms first
         acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
         return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
     elif MODE == MODE_HALF:
-        return tl.dot(_half_operand(a, HALF), _half_operand(b, HALF), acc, input_precision="ieee")
+        return tl.dot(_half_operand(a), _half_operand(b), acc, input_precision="ieee")
     elif MODE == MODE_TF32 and not INTERPRET:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
@@ -98,7 +102,6 @@ def sq_dist_tile(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
-    HALF: tl.constexpr,
 ):
     """|a_i - b_j|^2 for i in rows, j in cols: a (BLOCK_M, BLOCK_N) tile in ACC, d looped in BLOCK_D chunks.
 
@@ -110,11 +113,11 @@ def sq_dist_tile(
     norm_b = tl.zeros((BLOCK_N,), dtype=ACC)
     for k0 in range(0, d, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
-        a = dot_operand(load_centred(a_ptr, shift_ptr, rows, ks, n_a, d, stride_a, ACC), MODE, HALF)
-        b = dot_operand(load_centred(b_ptr, shift_ptr, cols, ks, n_b, d, stride_b, ACC), MODE, HALF)
+        a = dot_operand(load_centred(a_ptr, shift_ptr, rows, ks, n_a, d, stride_a, ACC), MODE)
+        b = dot_operand(load_centred(b_ptr, shift_ptr, cols, ks, n_b, d, stride_b, ACC), MODE)
         norm_a += tl.sum(a * a, axis=1)
         norm_b += tl.sum(b * b, axis=1)
-        dots = dot_acc(a, tl.trans(b), dots, MODE, HALF)
+        dots = dot_acc(a, tl.trans(b), dots, MODE)
     d2 = norm_a[:, None] + norm_b[None, :] - 2.0 * dots
     d2 = tl.where(d2 > 0.0, d2, 0.0)
     if SELF:

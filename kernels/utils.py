@@ -17,8 +17,8 @@ INTERPRETING = bool(triton.knobs.runtime.interpret)
 # How tl.dot treats its operands (see kernels/tiles.py: dot_operand, dot_acc).
 DOT_IEEE = 0  # exact fp32 (or fp64) products, fp32 (fp64) accumulation
 DOT_TF32 = 1  # fp32 operands rounded to TF32 (10 mantissa bits), fp32 accumulation
-DOT_HALF = 2  # operands rounded to the input dtype (bf16 / fp16), fp32 accumulation
-DOT_HALF_SPLIT = 3  # operands split into two half-dtype parts, three half products: ~fp32 accuracy
+DOT_HALF = 2  # operands rounded to bf16, fp32 accumulation
+DOT_HALF_SPLIT = 3  # operands split into two bf16 parts, three bf16 products: ~fp32 accuracy
 
 _HALF_TYPES = (torch.bfloat16, torch.float16)
 _TL_DTYPES = {
@@ -42,9 +42,9 @@ def dot_mode(dtype: torch.dtype, allow_tf32: bool | None) -> int:
     """The precision of the tensor-core products for inputs of `dtype`.
 
     allow_tf32=None (default): exact fp32 products for fp32 inputs; bf16/fp16 inputs use three products
-        of their hi/lo half-dtype parts (near fp32 accuracy on the tensor cores).
-    allow_tf32=True: the caller accepts reduced precision: TF32 for fp32 inputs, one product in the input
-        dtype for bf16/fp16 (operands rounded to it after centring).
+        of their hi/lo bf16 parts (near fp32 accuracy on the tensor cores).
+    allow_tf32=True: the caller accepts reduced precision: TF32 for fp32 inputs, one bf16 product for
+        bf16/fp16 inputs (operands rounded to bf16 after centring).
     allow_tf32=False: exact fp32 products for every input dtype (no tensor cores; slowest on a GPU).
     float64 always multiplies in float64. Errors measured: benchmarks/results/triton_precision_*.csv.
     """
@@ -53,11 +53,6 @@ def dot_mode(dtype: torch.dtype, allow_tf32: bool | None) -> int:
     if dtype in _HALF_TYPES:
         return DOT_HALF if allow_tf32 else DOT_HALF_SPLIT
     return DOT_TF32 if allow_tf32 else DOT_IEEE
-
-
-def half_dtype(dtype: torch.dtype):
-    """The Triton dtype DOT_HALF rounds to (unused for fp32/fp64; any half type then)."""
-    return tl_dtype(dtype if dtype in _HALF_TYPES else torch.bfloat16)
 
 
 def next_power_of_2(value: int, *, low: int, high: int) -> int:
