@@ -119,7 +119,10 @@ def median_sq_dist_tiled(
         splits = max(1, min(num_programs_target(x.device) // row_blocks, triton.cdiv(col_blocks, 4)))
     per_split = triton.cdiv(col_blocks, splits)
     total = n * n
-    ranks = torch.tensor([(total - 1) // 2, total // 2], dtype=torch.int64, device=x.device)
+    # The two middle ranks of the numpy convention (equal for odd n*n); made on the device, not copied from
+    # the host, so the whole selection can be captured in a CUDA graph.
+    ranks = torch.full((2,), total // 2, dtype=torch.int64, device=x.device)
+    ranks[:1].fill_((total - 1) // 2)
     prefix = torch.zeros(2, dtype=torch.int64, device=x.device)
     for digit_shift, width in _radix_passes(key_bits):
         hist = torch.zeros((2, 1 << width), dtype=torch.int64, device=x.device)

@@ -49,6 +49,15 @@ def _half_operand(t):
 
 
 @triton.jit
+def _half_dot(a, b, acc):
+    """acc + a @ b for operands from _half_operand (input_precision only concerns fp32 operands)."""
+    if INTERPRET:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def dot_acc(a, b, acc, MODE: tl.constexpr):
     """acc + a @ b (fp32 or fp64 operands, already passed through dot_operand).
 
@@ -63,11 +72,11 @@ def dot_acc(a, b, acc, MODE: tl.constexpr):
         b_lo = _half_operand(b - b_hi)
         a_hi = _half_operand(a_hi)
         b_hi = _half_operand(b_hi)
-        acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")  # small terms first
-        acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
-        return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+        acc = _half_dot(a_hi, b_lo, acc)  # small terms first
+        acc = _half_dot(a_lo, b_hi, acc)
+        return _half_dot(a_hi, b_hi, acc)
     elif MODE == MODE_HALF:
-        return tl.dot(_half_operand(a), _half_operand(b), acc, input_precision="ieee")
+        return _half_dot(_half_operand(a), _half_operand(b), acc)
     elif MODE == MODE_TF32 and not INTERPRET:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
