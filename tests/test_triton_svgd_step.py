@@ -58,6 +58,18 @@ def test_fp32_within_twice_torch_error(algorithm, n, d, offset):
     assert_within(phi, reference_phi(x64, score64, h), torch_error)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_gram_regime_with_large_d_fp32(offset):
+    """Few particles, d = 20,003 (split-K over d with fp64 sums of the chunks): 2x torch's fp32 error."""
+    x64, score64 = (t.float().double() for t in particles(5, 20_003, offset=offset))
+    h = reference.median_bandwidth(x64)
+    phi = svgd(x64.float(), score64.float(), algorithm="gram", splits=4)
+    torch_error = torch_error_in(
+        torch.float32, lambda x, s: reference.svgd_step(x - x64[:1].to(x.dtype), s, h.to(x.dtype)), x64, score64
+    )
+    assert_within(phi, reference_phi(x64, score64, h), torch_error)
+
+
 @pytest.mark.parametrize("algorithm,splits", [("tiled", 2), ("tiled", 3), ("gram", 3), ("gram", 5)])
 def test_split_work_is_summed_exactly_once(algorithm, splits):
     """Column splits of the tiled path (partial sums + combine kernel) and split-K of the Gram path."""
