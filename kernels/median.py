@@ -21,7 +21,7 @@ from .centring import centring_shift
 from .gram import gram_sq_dists
 from .tiles import sq_dist_tile
 from .utils import (
-    INTERPRETING,
+    MIN_BLOCK,
     Kernel,
     TileConfig,
     accumulation_dtype,
@@ -35,7 +35,8 @@ from .utils import (
 )
 
 DIGIT_BITS = 11
-# Largest n served by the Gram path when algorithm="auto" (the "few particles" regime).
+# Largest n served by the Gram path when algorithm="auto": the "few particles" regime (n <= ~256),
+# not a measured crossover (no GPU was available); to be set from benchmarks/results.
 GRAM_MAX_PARTICLES = 256
 
 
@@ -140,7 +141,7 @@ def median_sq_dist_tiled(
             DIGIT_SHIFT=digit_shift,
             WIDTH=width,
             KEY=key_dtype,
-            BLOCK_D=next_power_of_2(d, low=64 if INTERPRETING else 16, high=64),
+            BLOCK_D=next_power_of_2(d, low=MIN_BLOCK, high=64),
             ACC=tl_dtype(acc),
             MODE=mode,
         )

@@ -18,7 +18,7 @@ import triton.language as tl
 from .centring import centring_shift
 from .tiles import dot_acc, dot_operand, load_centred, sq_dist_tile
 from .utils import (
-    INTERPRETING,
+    MIN_BLOCK,
     TileConfig,
     accumulation_dtype,
     check_bandwidth,
@@ -32,7 +32,6 @@ from .utils import (
     tunable,
 )
 
-MIN_BLOCK = 64 if INTERPRETING else 16
 MAX_BLOCK_V = 128
 
 

@@ -26,8 +26,7 @@ from .gram import gram_sq_dists
 from .median import median_sq_dist, use_gram
 from .tiles import dot_acc, dot_operand, load_centred, sq_dist_tile
 from .utils import (
-    INTERPRETING,
-    Kernel,
+    MIN_BLOCK,
     TileConfig,
     accumulation_dtype,
     check_bandwidth,
@@ -42,8 +41,6 @@ from .utils import (
     tunable,
 )
 
-# Smallest chunk of d in a tile: tl.dot needs 16; the interpreter is slow per program, so 64 there.
-MIN_BLOCK = 64 if INTERPRETING else 16
 # Widest chunk of output columns a program holds: a (128 x 128) fp32 accumulator fills 8 warps' registers.
 MAX_BLOCK_V = 128
 

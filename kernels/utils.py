@@ -13,6 +13,9 @@ import triton
 # Read once, when the kernels are defined: @triton.jit decides at decoration time whether a kernel is
 # compiled for a GPU or run by the interpreter, so a later change of TRITON_INTERPRET has no effect.
 INTERPRETING = bool(triton.knobs.runtime.interpret)
+# Smallest block along d: tl.dot needs 16; the interpreter is slow per program (it runs them one by one in
+# Python), so 64 there.
+MIN_BLOCK = 64 if INTERPRETING else 16
 
 # How tl.dot treats its operands (see kernels/tiles.py: dot_operand, dot_acc).
 DOT_IEEE = 0  # exact fp32 (or fp64) products, fp32 (fp64) accumulation
