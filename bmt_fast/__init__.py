@@ -10,6 +10,7 @@ from .backends import available_backends
 from .ops import median_bandwidth, rbf_kernel, svgd_step
 from .optim import SVGD
 from .reference import BANDWIDTH_FLOOR
+from . import triton_backend  # noqa: F401,E402  registers backend "triton" (imports Triton lazily)
 
 __version__ = "0.1.0"
 

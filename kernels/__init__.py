@@ -1,2 +1,38 @@
 """Triton kernels of bmt_fast, installed as bmt_fast.kernels (a top-level `kernels` package would clash
-with an existing PyPI package)."""
+with an existing PyPI package).
+
+Each op has a @triton.jit kernel, a launcher (`x_forward`, and `rbf_kernel_backward`) and a torch.library
+op in the namespace bmt_fast_triton (distinct from the C++ bmt_fast ops) with a fake kernel for
+torch.compile; rbf_kernel is differentiable. They run on CUDA tensors, and on CPU tensors in Triton's
+interpreter when TRITON_INTERPRET=1 is set before Triton is first imported.
+
+    torch.ops.bmt_fast_triton.svgd_step(x, score, bandwidth=None, algorithm="auto", allow_tf32=None)
+    torch.ops.bmt_fast_triton.median_bandwidth(x, algorithm="auto", allow_tf32=None)
+    torch.ops.bmt_fast_triton.rbf_kernel(x, y, bandwidth, self_kernel=False, allow_tf32=None)
+    torch.ops.bmt_fast_triton.rbf_kernel_backward(grad, x, y, kernel, bandwidth, output_mask, allow_tf32=None)
+
+allow_tf32 (see utils.dot_mode). Relative errors max|out - ref| / max|ref| against float64, measured in
+the interpreter (benchmarks/results/triton_precision_interpreter.csv; the interpreter computes the same
+rounded products as the tensor cores, see benchmarks/triton_precision.py):
+    None (default)  fp32 inputs: exact fp32 products (phi 2e-7..5e-7, K 9e-7). bf16/fp16 inputs: operands
+                    split into hi + lo bf16 parts, three tensor-core products: as accurate as fp32
+                    products (only the final rounding to the half dtype remains).
+    True            fp32: TF32 (phi 4e-4, K 9e-4, median 4e-5). bf16/fp16: one bf16 product of rounded
+                    operands (phi 1.1e-2, K 6e-2, median 5e-3).
+    False           exact fp32 products for every input dtype (no tensor cores).
+"""
+
+from .median import GRAM_MAX_PARTICLES, median_bandwidth_forward
+from .rbf_kernel import rbf_kernel_backward, rbf_kernel_forward
+from .svgd_step import svgd_step_forward
+from .utils import INTERPRETING, TileConfig
+
+__all__ = [
+    "GRAM_MAX_PARTICLES",
+    "INTERPRETING",
+    "TileConfig",
+    "median_bandwidth_forward",
+    "rbf_kernel_backward",
+    "rbf_kernel_forward",
+    "svgd_step_forward",
+]

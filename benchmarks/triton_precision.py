@@ -1,0 +1,146 @@
+"""Error of the Triton kernels' dot-precision modes against the float64 reference (not a timing).
+
+    TRITON_INTERPRET=1 python -m benchmarks.triton_precision     # no GPU: Triton's interpreter on the CPU
+    python -m benchmarks.triton_precision                        # on a GPU
+
+For each op, regime, input dtype and dot mode, the largest relative error (max |out - ref| / max |ref|)
+over a few random inputs, beside torch's own error in the same input dtype (the yardstick of the test
+rule). What the modes compute (bmt_fast.kernels.utils.dot_mode):
+
+  fp32 / ieee    exact fp32 products, fp32 accumulation (default for fp32 inputs: allow_tf32=None)
+  fp32 / tf32    allow_tf32=True: operands rounded to TF32 (10 mantissa bits, round to nearest) in the
+                 kernel, then the dot. On a GPU the tensor cores multiply these exactly; the interpreter
+                 multiplies the same rounded values in fp32: the same arithmetic up to summation order.
+  half / split   default for bf16/fp16 inputs: operands split into hi + lo in the input dtype, three
+                 products (hi hi' + hi lo' + lo hi'), fp32 accumulation
+  half / half    allow_tf32=True: one product of the operands rounded to the input dtype
+  half / ieee    allow_tf32=False: exact fp32 products
+Products of half-dtype values are exact in fp32, so the interpreter (which keeps them in fp32: its own
+half dot is wrong) computes what the tensor cores compute, up to summation order.
+The reference gets the inputs exactly as the kernel does (rounded to the input dtype, then float64).
+Rows are appended to benchmarks/results/triton_precision_<device>.csv with the device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+
+import triton  # noqa: E402
+
+import bmt_fast  # noqa: E402
+from bmt_fast import reference  # noqa: E402
+from bmt_fast.triton_backend import TRITON  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (op, algorithm, n, d): both regimes of each op at sizes the interpreter handles in seconds.
+CASES = [
+    ("svgd_step", "tiled", 130, 129),
+    ("svgd_step", "gram", 16, 4096),
+    ("rbf_kernel", "-", 130, 129),
+    ("median_bandwidth", "tiled", 130, 129),
+    ("median_bandwidth", "gram", 16, 4096),
+]
+MODES = [
+    (torch.float32, "ieee", None),
+    (torch.float32, "tf32", True),
+    (torch.bfloat16, "split", None),
+    (torch.bfloat16, "half", True),
+    (torch.bfloat16, "ieee", False),
+    (torch.float16, "split", None),
+    (torch.float16, "half", True),
+    (torch.float16, "ieee", False),
+]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+
+
+def run_op(op: str, algorithm: str, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor, allow_tf32):
+    kernels = TRITON.kernels()
+    if op == "svgd_step":
+        return kernels.svgd_step_forward(x, score, h, algorithm=algorithm, allow_tf32=allow_tf32)
+    if op == "rbf_kernel":
+        return kernels.rbf_kernel_forward(x, score, h, allow_tf32=allow_tf32)
+    return kernels.median_bandwidth_forward(x, algorithm=algorithm, allow_tf32=allow_tf32)
+
+
+def run_reference(op: str, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor):
+    if op == "svgd_step":
+        return reference.svgd_step(x, score, h.to(x.dtype))
+    if op == "rbf_kernel":
+        return reference.rbf_kernel(x, score, h.to(x.dtype))
+    return reference.median_bandwidth(x)
+
+
+def measure(op, algorithm, n, d, dtype, allow_tf32, seeds, device):
+    errors, torch_errors = [], []
+    for seed in range(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        x = (torch.randn(n, d, generator=generator, dtype=torch.float64) * 1.5 + 3.0).to(dtype).to(device)
+        score = torch.randn(n, d, generator=generator, dtype=torch.float64).to(dtype).to(device)
+        x64, score64 = x.double(), score.double()
+        h = reference.median_bandwidth(x64)
+        expected = run_reference(op, x64, score64, h)
+        errors.append(relative_error(run_op(op, algorithm, x, score, h, allow_tf32), expected))
+        # torch in the accumulation dtype on the same inputs, centred by x[0] (fair to its norm expansion)
+        shift = x64[:1]
+        torch_out = run_reference(op, (x64 - shift).float(), (score64 - (shift if op == "rbf_kernel" else 0)).float(), h)
+        torch_errors.append(relative_error(torch_out.to(dtype) if op != "median_bandwidth" else torch_out, expected))
+    return max(errors), max(torch_errors)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}), Triton interpreter"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not TRITON.supports(device):
+        raise SystemExit(f"Triton cannot run on {device.type}: {TRITON.unavailable_reason()}")
+    common = {
+        "device": device_name(device),
+        "interpreter": TRITON.kernels().INTERPRETING,
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "bmt_fast": bmt_fast.__version__,
+    }
+    rows = []
+    for op, algorithm, n, d in CASES:
+        for dtype, dot, allow_tf32 in MODES:
+            error, torch_error = measure(op, algorithm, n, d, dtype, allow_tf32, args.seeds, device)
+            row = {"op": op, "algorithm": algorithm, "n": n, "d": d, "dtype": str(dtype).removeprefix("torch."),
+                   "dot": dot, "seeds": args.seeds, "max_rel_error": f"{error:.3e}",
+                   "torch_same_dtype_error": f"{torch_error:.3e}", **common}
+            rows.append(row)
+            print(f"{op:17s} {algorithm:6s} {row['dtype']:9s} {dot:6s} {error:.3e}  (torch {torch_error:.3e})")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "interpreter" if common["interpreter"] else torch.cuda.get_device_name(device).replace(" ", "_")
+    path = RESULTS / f"triton_precision_{tag}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

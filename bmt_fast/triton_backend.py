@@ -1,0 +1,110 @@
+"""The "triton" backend: the Triton kernels of bmt_fast.kernels behind the public ops.
+
+Runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before the kernels were imported
+(Triton's interpreter: slow, for tests). The kernels are imported on first use, so `import bmt_fast` does
+not pay for importing Triton; a missing or broken Triton leaves the backend unavailable with the reason.
+
+Precision: `allow_tf32` of this backend (None by default) is passed to every kernel; see
+bmt_fast.kernels.utils.dot_mode. Set it with `bmt_fast.backends.get("triton").allow_tf32 = True`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import backends
+
+
+def _import_kernels() -> ModuleType:
+    """bmt_fast.kernels: installed as a subpackage, or kernels/ beside bmt_fast/ in a source checkout."""
+    try:
+        return importlib.import_module("bmt_fast.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bmt_fast.kernels":
+            raise
+    source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not source.is_file():
+        raise ModuleNotFoundError("bmt_fast.kernels is not installed", name="bmt_fast.kernels")
+    spec = importlib.util.spec_from_file_location("bmt_fast.kernels", source, submodule_search_locations=[str(source.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bmt_fast.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["bmt_fast.kernels"]
+        raise
+    return module
+
+
+class TritonBackend(backends.Backend):
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.allow_tf32: bool | None = None
+        self._kernels: ModuleType | None = None
+        self._reason: str | None = None
+
+    def _load(self) -> None:
+        if self._reason is not None:
+            return
+        if importlib.util.find_spec("triton") is None:
+            self._reason = "triton is not installed"
+            return
+        try:
+            self._kernels = _import_kernels()
+            self._reason = ""
+        except Exception as exc:  # a Triton too old or broken must not break `import bmt_fast`
+            self._reason = f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+
+    def unavailable_reason(self) -> str:
+        self._load()
+        if self._reason:
+            return self._reason
+        if not torch.cuda.is_available() and not self._kernels.INTERPRETING:
+            return "no CUDA device (TRITON_INTERPRET=1 before importing bmt_fast runs the kernels on the CPU)"
+        return ""
+
+    @property
+    def device_types(self) -> tuple[str, ...]:
+        if self.available() and self._kernels.INTERPRETING:
+            return ("cuda", "cpu")
+        return ("cuda",)
+
+    def kernels(self) -> ModuleType:
+        """The bmt_fast.kernels module; RuntimeError with the reason if Triton cannot run here."""
+        reason = self.unavailable_reason()
+        if reason:
+            raise RuntimeError(f"the Triton backend is not available: {reason}")
+        return self._kernels
+
+    def svgd_step(self, x, score, h):
+        return torch.ops.bmt_fast_triton.svgd_step(x, score, h, "auto", self.allow_tf32)
+
+    def rbf_kernel(self, x, y, h):
+        return torch.ops.bmt_fast_triton.rbf_kernel(x, x if y is None else y, h, y is None, self.allow_tf32)
+
+    def median_bandwidth(self, x):
+        return torch.ops.bmt_fast_triton.median_bandwidth(x, "auto", self.allow_tf32)
+
+
+def cuda_auto_rule(op: str, n: int, d: int) -> list[str]:
+    """backend="auto" on CUDA tensors: the compiled CUDA kernels, then Triton, then torch.
+
+    NOT MEASURED: no GPU was available when this rule was written. It prefers the kernels that never
+    materialise n x n (safe in memory at every size) over torch, and the compiled kernels over Triton by
+    default only because they need no JIT compilation. Replace it by a rule per (op, n, d) regime that
+    rests on side-by-side timings committed in benchmarks/results.
+    """
+    return ["cuda", "triton", "torch"]
+
+
+TRITON = TritonBackend()
+backends.register(TRITON)
+load_kernels = TRITON.kernels
+backends.set_auto_rule("cuda", cuda_auto_rule)

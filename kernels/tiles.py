@@ -1,0 +1,134 @@
+"""On-chip building blocks shared by the kernels: operand rounding for the dot precision modes, the dot
+itself, and one tile of squared distances between centred rows.
+
+Numerics (the same as bmt_fast.reference and the C++ kernels):
+  * rows are centred by a shift vector c (kernels/centring.py) before the norm expansion
+    |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, so large offsets do not cancel;
+  * in the modes that round the operands (TF32, single half product) the norms are taken of exactly the
+    rounded values the dot sees, so identical rows still give ~0 and the error is that of the rounding;
+  * distances are clamped at +0 (never -0: the median selects on the bit patterns) and the diagonal of a
+    self-distance tile is an exact 0.
+"""
+
+import triton
+import triton.language as tl
+
+from .utils import DOT_HALF, DOT_HALF_SPLIT, DOT_TF32, INTERPRETING
+
+MODE_TF32: tl.constexpr = tl.constexpr(DOT_TF32)
+MODE_HALF: tl.constexpr = tl.constexpr(DOT_HALF)
+MODE_HALF_SPLIT: tl.constexpr = tl.constexpr(DOT_HALF_SPLIT)
+# The interpreter multiplies half-precision dots wrongly; there the half operands are widened back to
+# fp32 (products of two bf16/fp16 values are exact in fp32, so this is the tensor-core arithmetic).
+INTERPRET: tl.constexpr = tl.constexpr(INTERPRETING)
+# The half-precision products are bf16 for bf16 and fp16 inputs alike: bf16 has the range of fp32, so
+# W = score - (2/H) xc and grad * K cannot overflow as they could in fp16, and hi + lo (16 bits) still
+# holds an fp16 input (11 bits) exactly. Tensor cores multiply both types at the same rate.
+HALF: tl.constexpr = tl.bfloat16
+
+
+@triton.jit
+def dot_operand(t, MODE: tl.constexpr):
+    """t (fp32/fp64) rounded to what the dot multiplies in the rounding modes, kept in t's dtype."""
+    if MODE == MODE_TF32:
+        # Round to nearest (ties away) at TF32's 10 explicit mantissa bits: the 13 low bits go.
+        bits = t.to(tl.uint32, bitcast=True)
+        t = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    elif MODE == MODE_HALF:
+        t = t.to(HALF).to(t.dtype)
+    return t
+
+
+@triton.jit
+def _half_operand(t):
+    """t (exactly representable in HALF) as the tensor cores take it."""
+    if INTERPRET:
+        return t.to(HALF).to(tl.float32)
+    else:
+        return t.to(HALF)
+
+
+@triton.jit
+def _half_dot(a, b, acc):
+    """acc + a @ b for operands from _half_operand (input_precision only concerns fp32 operands)."""
+    if INTERPRET:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def dot_acc(a, b, acc, MODE: tl.constexpr):
+    """acc + a @ b (fp32 or fp64 operands, already passed through dot_operand).
+
+    MODE_HALF_SPLIT: each operand is split into hi + lo in bf16 (hi = bf16(t), lo = bf16(t - hi)) and
+    a @ b = hi hi' + hi lo' + lo hi' on the tensor cores, fp32 accumulation: t is kept to 16 bits and the
+    dropped lo lo' is 2^-16 of a product, near fp32 accuracy at 3 bf16 products.
+    """
+    if MODE == MODE_HALF_SPLIT:
+        a_hi = a.to(HALF).to(tl.float32)
+        b_hi = b.to(HALF).to(tl.float32)
+        a_lo = _half_operand(a - a_hi)
+        b_lo = _half_operand(b - b_hi)
+        a_hi = _half_operand(a_hi)
+        b_hi = _half_operand(b_hi)
+        acc = _half_dot(a_hi, b_lo, acc)  # small terms first
+        acc = _half_dot(a_lo, b_hi, acc)
+        return _half_dot(a_hi, b_hi, acc)
+    elif MODE == MODE_HALF:
+        return _half_dot(_half_operand(a), _half_operand(b), acc)
+    elif MODE == MODE_TF32 and not INTERPRET:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def load_centred(ptr, shift_ptr, rows, cols, n_rows, n_cols, stride, ACC: tl.constexpr):
+    """ptr[rows, cols] - shift[cols] in ACC, zero outside the (n_rows, n_cols) matrix."""
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    values = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(ACC)
+    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+    return tl.where(mask, values - shift[None, :], 0.0)
+
+
+@triton.jit
+def sq_dist_tile(
+    a_ptr,
+    b_ptr,
+    shift_ptr,
+    rows,
+    cols,
+    n_a,
+    n_b,
+    d,
+    stride_a,
+    stride_b,
+    SELF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    """|a_i - b_j|^2 for i in rows, j in cols: a (BLOCK_M, BLOCK_N) tile in ACC, d looped in BLOCK_D chunks.
+
+    SELF: a and b are the same rows (zero diagonal). Entries outside the matrices are meaningless; callers
+    mask them.
+    """
+    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    norm_a = tl.zeros((BLOCK_M,), dtype=ACC)
+    norm_b = tl.zeros((BLOCK_N,), dtype=ACC)
+    for k0 in range(0, d, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        a = dot_operand(load_centred(a_ptr, shift_ptr, rows, ks, n_a, d, stride_a, ACC), MODE)
+        b = dot_operand(load_centred(b_ptr, shift_ptr, cols, ks, n_b, d, stride_b, ACC), MODE)
+        norm_a += tl.sum(a * a, axis=1)
+        norm_b += tl.sum(b * b, axis=1)
+        dots = dot_acc(a, tl.trans(b), dots, MODE)
+    d2 = norm_a[:, None] + norm_b[None, :] - 2.0 * dots
+    d2 = tl.where(d2 > 0.0, d2, 0.0)
+    if SELF:
+        d2 = tl.where(rows[:, None] == cols[None, :], 0.0, d2)
+    return d2

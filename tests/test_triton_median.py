@@ -1,0 +1,105 @@
+"""The Triton median-rule bandwidth: exact radix selection (many particles) and the Gram path (few)."""
+
+import math
+
+import pytest
+import torch
+from triton_helpers import DEVICE, kernels, requires_gpu, requires_triton
+
+import bmt_fast
+from bmt_fast import reference
+
+pytestmark = requires_triton
+
+ALGORITHMS = ["tiled", "gram"]
+
+
+def symmetric_integer_cloud(n, d, dtype):
+    """Pairs of rows +-v (plus a zero row for odd n) with small integer entries, shuffled: the centring
+    shift is exactly 0 (integer sums are exact) and every squared distance is an exact small integer, so
+    a correct selection gives exactly the reference median, including its many ties."""
+    half = torch.randint(-3, 4, (n // 2, d), dtype=torch.float64)
+    x = torch.cat([half, -half, torch.zeros(n % 2, d, dtype=torch.float64)])
+    return x[torch.randperm(n)].to(dtype).to(DEVICE)
+
+
+def median_of(x, algorithm, **options):
+    mode = kernels().utils.dot_mode(x.dtype, None)
+    shift = kernels().centring.centring_shift(x)
+    median, _ = kernels().median.median_sq_dist(x, shift, mode, algorithm, **options)
+    return median
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 64, 65, 130])
+def test_selects_the_exact_median_with_ties(algorithm, dtype, n):
+    """n*n even (two middle ranks) and odd (one), one and several blocks of rows and columns."""
+    x = symmetric_integer_cloud(n, 12, dtype)
+    expected = reference.numpy_median(reference.pairwise_sq_dists(x.double()))
+    assert float(median_of(x, algorithm)) == float(expected)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_column_splits_count_every_pair_once(splits):
+    x = symmetric_integer_cloud(130, 7, torch.float32)
+    expected = reference.numpy_median(reference.pairwise_sq_dists(x.double()))
+    assert float(median_of(x, "tiled", splits=splits)) == float(expected)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize(
+    "dtype,allow_tf32,rel_tol",
+    [
+        (torch.float64, None, 1e-12),
+        (torch.float32, None, 2e-6),
+        (torch.bfloat16, False, 2e-6),  # fp32 products
+        (torch.bfloat16, None, 1e-5),  # three products of hi/lo bf16 parts (measured up to 2.6e-6)
+        (torch.bfloat16, True, 2.0**-7),  # one product of centred rows rounded to bf16 (measured 1.7e-3)
+    ],
+)
+@pytest.mark.parametrize("n,d", [(3, 3), (70, 37), (130, 129)])
+def test_bandwidth_matches_reference(algorithm, dtype, allow_tf32, rel_tol, n, d):
+    """Random clouds far from the origin, against the reference on the same (rounded) inputs."""
+    x = (torch.randn(n, d, dtype=torch.float64) * 2 + 10).to(dtype).to(DEVICE)
+    h = kernels().median_bandwidth_forward(x, algorithm=algorithm, allow_tf32=allow_tf32)
+    assert h.dim() == 0 and h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = reference.median_bandwidth(x.double())
+    assert math.isclose(float(h), float(expected), rel_tol=rel_tol)
+
+
+def test_public_api_and_the_floor():
+    x = torch.zeros(9, 3, dtype=torch.float64, device=DEVICE)
+    x[7:] = torch.randn(2, 3, dtype=torch.float64)  # 49 of 81 pairs coincide: median 0, H at the floor
+    assert float(bmt_fast.median_bandwidth(x, backend="triton")) == bmt_fast.BANDWIDTH_FLOOR
+    y = torch.randn(300, 5, dtype=torch.float64, device=DEVICE)  # auto: the tiled path (n > 256)
+    h = bmt_fast.median_bandwidth(y, backend="triton")
+    assert math.isclose(float(h), float(reference.median_bandwidth(y)), rel_tol=1e-12)
+
+
+def test_radix_digits_cover_every_key_bit():
+    passes = kernels().median._radix_passes
+    for key_bits in (31, 63):
+        digits = passes(key_bits)
+        assert sum(width for _, width in digits) == key_bits
+        assert digits[-1][0] == 0 and all(s1 == s2 + w2 for (s1, _), (s2, w2) in zip(digits, digits[1:]))
+
+
+def test_opcheck_and_bad_input():
+    x = torch.randn(7, 3, device=DEVICE)
+    for args in [(x,), (x, "tiled"), (x, "gram", True)]:
+        torch.library.opcheck(torch.ops.bmt_fast_triton.median_bandwidth.default, args)
+    with pytest.raises(ValueError, match="algorithm must be"):
+        torch.ops.bmt_fast_triton.median_bandwidth(x, "sorted")
+    with pytest.raises(ValueError, match="x must be a non-empty 2-D"):
+        torch.ops.bmt_fast_triton.median_bandwidth(torch.randn(5, device=DEVICE))
+
+
+@requires_gpu
+def test_gpu_exact_for_many_particles():
+    """n = 8192: radix selection over streamed tiles equals the sort of all 67M distances (fp64)."""
+    x = torch.randn(8192, 16, dtype=torch.float64, device="cuda")
+    h = bmt_fast.median_bandwidth(x, backend="triton")
+    assert math.isclose(float(h), float(reference.median_bandwidth(x)), rel_tol=1e-12)
+    h32 = bmt_fast.median_bandwidth(x.float(), backend="triton")
+    assert math.isclose(float(h32), float(h), rel_tol=2e-6)

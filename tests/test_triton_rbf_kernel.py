@@ -1,0 +1,186 @@
+"""The Triton RBF kernel, forward and backward, against the float64 reference and its autograd."""
+
+import pytest
+import torch
+from helpers import assert_within, relative_error, torch_error_in
+from triton_helpers import DEVICE, kernels, on_device, requires_gpu, requires_triton, ulp
+
+import bmt_fast
+from bmt_fast import reference
+
+pytestmark = requires_triton
+
+
+def rows(n, d, *, offset=0.0, dtype=torch.float64, grad=False):
+    t = (torch.randn(n, d, dtype=torch.float64) + offset).to(dtype).to(DEVICE)
+    return t.requires_grad_(grad)
+
+
+def bandwidth(value, grad=False):
+    return torch.tensor(float(value), dtype=torch.float64, device=DEVICE, requires_grad=grad)
+
+
+# (n, m, d): single entries, edges off the 64-wide blocks in every dimension, several d chunks.
+SHAPES = [(1, 1, 1), (5, 7, 3), (65, 130, 129), (3, 4, 300)]
+
+
+@pytest.mark.parametrize("n,m,d", SHAPES)
+def test_values_fp64(n, m, d):
+    x, y = rows(n, d), rows(m, d, offset=0.5)
+    h = bandwidth(d)
+    k = bmt_fast.rbf_kernel(x, y, h, backend="triton")
+    assert k.shape == (n, m) and k.dtype == torch.float64
+    assert relative_error(k, reference.rbf_kernel(x, y, h)) < 1e-12
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_values_fp32_within_twice_torch_error(offset):
+    x64, y64 = (rows(70, 37, offset=offset).float().double() for _ in range(2))
+    h = bandwidth(20.0)
+    k = kernels().rbf_kernel_forward(x64.float(), y64.float(), h)
+    shift = x64[:1]
+    torch_error = torch_error_in(
+        torch.float32, lambda a, b: reference.rbf_kernel(a - shift.to(a.dtype), b - shift.to(a.dtype), h.to(a.dtype)), x64, y64
+    )
+    assert_within(k, reference.rbf_kernel(x64, y64, h), torch_error)
+
+
+def test_self_kernel_has_an_exact_unit_diagonal_and_median_bandwidth():
+    x = rows(70, 6, offset=3.0).float()
+    k = bmt_fast.rbf_kernel(x, backend="triton")
+    assert torch.equal(k.diagonal(), torch.ones(70, device=DEVICE))
+    torch.testing.assert_close(k, k.T)
+    h = reference.median_bandwidth(x.double())
+    assert relative_error(k, reference.rbf_kernel(x.double(), None, h)) < 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("allow_tf32,bf16_ulps", [(None, 0.0), (False, 0.0), (True, 8.0)])
+def test_half_inputs(dtype, allow_tf32, bf16_ulps):
+    """Default (split bf16 products) and allow_tf32=False (fp32): only the final rounding remains.
+    allow_tf32=True: centred rows rounded to bf16, measured up to 6e-2 (~8 ulps of bf16) in K."""
+    x, y = rows(33, 20, offset=2.0, dtype=dtype), rows(40, 20, offset=2.0, dtype=dtype)
+    k = kernels().rbf_kernel_forward(x, y, bandwidth(40.0), allow_tf32=allow_tf32)
+    assert k.dtype == dtype
+    error = relative_error(k, reference.rbf_kernel(x.double(), y.double(), bandwidth(40.0)))
+    assert error <= ulp(dtype) + bf16_ulps * ulp(torch.bfloat16), error
+
+
+def test_tf32_only_when_asked():
+    x, y = rows(33, 20).float(), rows(40, 20).float()
+    expected = reference.rbf_kernel(x.double(), y.double(), bandwidth(40.0))
+    exact = relative_error(kernels().rbf_kernel_forward(x, y, bandwidth(40.0)), expected)
+    tf32 = relative_error(kernels().rbf_kernel_forward(x, y, bandwidth(40.0), allow_tf32=True), expected)
+    assert exact < 1e-6 < tf32 < 2e-3
+
+
+def test_gradients_match_reference_autograd_fp64():
+    x, y, h = rows(70, 37, grad=True), rows(65, 37, offset=0.3, grad=True), bandwidth(30.0, grad=True)
+    weights = torch.randn(70, 65, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad((bmt_fast.rbf_kernel(x, y, h, backend="triton") * weights).sum(), (x, y, h))
+    expected = torch.autograd.grad((reference.rbf_kernel(x, y, h) * weights).sum(), (x, y, h))
+    for g, e in zip(grads, expected):
+        assert relative_error(g, e) < 1e-10
+
+
+def test_gradients_fp32_and_self_kernel():
+    """y=None: x is both sides, its gradient sums both; fp32 within 2e-5 of the fp64 gradient."""
+    x = rows(70, 37).float().requires_grad_(True)
+    weights = torch.randn(70, 70, device=DEVICE)
+    (grad,) = torch.autograd.grad((bmt_fast.rbf_kernel(x, None, 25.0, backend="triton") * weights).sum(), (x,))
+    x64 = x.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad((reference.rbf_kernel(x64, None, bandwidth(25.0)) * weights.double()).sum(), (x64,))
+    assert grad.dtype == torch.float32
+    assert relative_error(grad, expected) < 2e-5
+
+
+def test_gradcheck():
+    x, y, h = rows(6, 3, grad=True), rows(5, 3, grad=True), bandwidth(2.5, grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: bmt_fast.rbf_kernel(a, b, c, backend="triton"), (x, y, h))
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+def test_backward_computes_only_what_is_asked(mask):
+    x, y, h = rows(20, 9), rows(30, 9), bandwidth(6.0)
+    k = kernels().rbf_kernel_forward(x, y, h)
+    grad = torch.randn(20, 30, dtype=torch.float64, device=DEVICE).T.contiguous().T  # column-major strides
+    got = torch.ops.bmt_fast_triton.rbf_kernel_backward(grad, x, y, k, h, list(mask))
+    xr, yr, hr = x.clone().requires_grad_(), y.clone().requires_grad_(), h.clone().requires_grad_()
+    expected = torch.autograd.grad((reference.rbf_kernel(xr, yr, hr) * grad).sum(), (xr, yr, hr))
+    for wanted, g, e in zip(mask, got, expected):
+        if wanted:
+            assert relative_error(g, e) < 1e-10
+        else:
+            assert g.shape == e.shape and not g.any()
+
+
+def test_kde_log_prior_decreases_away_from_particles():
+    particles = rows(8, 16)
+    theta = (particles.mean(0, keepdim=True) + 3.0).requires_grad_(True)
+    h = bmt_fast.median_bandwidth(particles, backend="triton")
+    opt = torch.optim.SGD([theta], lr=0.5)
+    losses = []
+    for _ in range(10):
+        loss = -bmt_fast.rbf_kernel(theta, particles, h, backend="triton").mean().log()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_opcheck():
+    x, y, h = rows(5, 3), rows(4, 3), bandwidth(2.0)
+    torch.library.opcheck(torch.ops.bmt_fast_triton.rbf_kernel.default, (x.requires_grad_(), y.requires_grad_(), h))
+    k = kernels().rbf_kernel_forward(x.detach(), y.detach(), h)
+    grad = torch.randn(5, 4, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.bmt_fast_triton.rbf_kernel_backward.default, (grad, x.detach(), y.detach(), k, h, [True, True, True])
+    )
+
+
+def test_torch_compile_forward_and_backward():
+    def loss(x, y, h):
+        return bmt_fast.rbf_kernel(x, y, h, backend="triton", check_inputs=False).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    x, y, h = rows(6, 3, grad=True), rows(4, 3), bandwidth(2.0)
+    out = compiled(x, y, h)
+    out.backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference.rbf_kernel(x_ref, y, h).sum().backward()
+    torch.testing.assert_close(out, reference.rbf_kernel(x.detach(), y, h).sum())
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: (torch.randn(4, 3), torch.randn(5, 2)), ValueError, "y must have d = 3"),
+        (lambda: (torch.randn(4, 3), torch.randn(5, 3).double()), TypeError, "y must have the dtype"),
+        (lambda: (torch.randn(4, 3), torch.randn(0, 3)), ValueError, "y must be a non-empty 2-D"),
+    ],
+)
+def test_bad_inputs_name_the_argument(make, error, match):
+    x, y = on_device(*make())
+    with pytest.raises(error, match=match):
+        torch.ops.bmt_fast_triton.rbf_kernel(x, y, torch.tensor(1.0, device=DEVICE))
+
+
+def test_bad_backward_grad_shape():
+    x, y, h = rows(4, 3), rows(5, 3), bandwidth(1.0)
+    k = kernels().rbf_kernel_forward(x, y, h)
+    with pytest.raises(ValueError, match=r"grad must have shape \(4, 5\)"):
+        torch.ops.bmt_fast_triton.rbf_kernel_backward(k.T, x, y, k, h, [True, True, True])
+
+
+@requires_gpu
+def test_gpu_large_kernel_and_gradient():
+    x, y = rows(3000, 100).float().requires_grad_(True), rows(2000, 100).float()
+    k = bmt_fast.rbf_kernel(x, y, 200.0, backend="triton")
+    expected = reference.rbf_kernel(x.detach().double(), y.double(), bandwidth(200.0))
+    assert relative_error(k, expected) < 2e-6
+    (grad,) = torch.autograd.grad(k.sum(), (x,))
+    x64 = x.detach().double().requires_grad_(True)
+    (expected_grad,) = torch.autograd.grad(reference.rbf_kernel(x64, y.double(), bandwidth(200.0)).sum(), (x64,))
+    assert relative_error(grad, expected_grad) < 2e-5

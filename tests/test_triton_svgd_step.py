@@ -1,0 +1,251 @@
+"""The Triton SVGD step (both regimes) against the float64 reference; in the interpreter without a GPU."""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_within, relative_error, torch_error_in
+from triton_helpers import DEVICE, HAS_GPU, kernels, on_device, requires_gpu, requires_triton, ulp
+
+import bmt_fast
+from bmt_fast import reference
+
+pytestmark = requires_triton
+
+# (n, d) with edges that are not multiples of the 64-wide blocks: one row, one column, several row /
+# column blocks (130), several d chunks and output chunks (129, 300).
+SHAPES = [(1, 1), (3, 1), (7, 5), (70, 37), (130, 129), (13, 300)]
+ALGORITHMS = ["tiled", "gram"]
+
+
+def particles(n, d, *, offset=0.0, dtype=torch.float64):
+    x = torch.randn(n, d, dtype=torch.float64) * 1.5 + offset
+    score = torch.randn(n, d, dtype=torch.float64)
+    return on_device(x.to(dtype), score.to(dtype))
+
+
+def reference_phi(x, score, h=None):
+    return reference.svgd_step(x.double(), score.double(), None if h is None else torch.as_tensor(h, dtype=torch.float64))
+
+
+def svgd(x, score, h=None, **options):
+    return kernels().svgd_step_forward(x, score, h, **options)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_fp64_matches_reference(algorithm, n, d):
+    x, score = particles(n, d)
+    phi = svgd(x, score, algorithm=algorithm)
+    assert phi.dtype == torch.float64 and phi.shape == (n, d)
+    assert relative_error(phi, reference_phi(x, score)) < 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("n,d", [(70, 37), (130, 129), (13, 300)])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_fp32_within_twice_torch_error(algorithm, n, d, offset):
+    """IEEE fp32 distances and accumulation: the flash-attention tolerance rule, also far from the origin."""
+    x64, score64 = (t.float().double() for t in particles(n, d, offset=offset))  # the fp32 inputs, exactly
+    h = reference.median_bandwidth(x64)
+    phi = svgd(x64.float(), score64.float(), h.float(), algorithm=algorithm)
+    assert phi.dtype == torch.float32
+
+    def centred_reference(x, s):  # torch's own fp32 error, measured where it is fair: near the origin
+        return reference.svgd_step(x - x64[:1].to(x.dtype), s, h.to(x.dtype))
+
+    torch_error = torch_error_in(torch.float32, centred_reference, x64, score64)
+    assert_within(phi, reference_phi(x64, score64, h), torch_error)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_gram_regime_with_large_d_fp32(offset):
+    """Few particles, d = 20,003 (split-K over d with fp64 sums of the chunks): 2x torch's fp32 error."""
+    x64, score64 = (t.float().double() for t in particles(5, 20_003, offset=offset))
+    h = reference.median_bandwidth(x64)
+    phi = svgd(x64.float(), score64.float(), algorithm="gram", splits=4)
+    torch_error = torch_error_in(
+        torch.float32, lambda x, s: reference.svgd_step(x - x64[:1].to(x.dtype), s, h.to(x.dtype)), x64, score64
+    )
+    assert_within(phi, reference_phi(x64, score64, h), torch_error)
+
+
+@pytest.mark.parametrize("algorithm,splits", [("tiled", 2), ("tiled", 3), ("gram", 3), ("gram", 5)])
+def test_split_work_is_summed_exactly_once(algorithm, splits):
+    """Column splits of the tiled path (partial sums + combine kernel) and split-K of the Gram path."""
+    x, score = particles(200, 300 if algorithm == "gram" else 70)
+    phi = svgd(x, score, algorithm=algorithm, splits=splits)
+    assert relative_error(phi, reference_phi(x, score)) < 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_median_rule_in_fp32(algorithm):
+    x64, score64 = (t.float().double() for t in particles(70, 37, offset=3.0))
+    phi = svgd(x64.float(), score64.float(), algorithm=algorithm)
+    assert relative_error(phi, reference_phi(x64, score64)) < 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("allow_tf32,bf16_ulps", [(None, 0.0), (False, 0.0), (True, 2.0)])
+def test_half_precision_inputs(dtype, algorithm, allow_tf32, bf16_ulps):
+    """bf16/fp16 in, fp32 accumulation, same dtype out. Default (three products of hi/lo bf16 parts) and
+    allow_tf32=False (fp32 products) leave only the final rounding: one ulp of the dtype. allow_tf32=True
+    (one bf16 product of rounded operands) adds about 1.5 ulps of bf16 (measured), for fp16 inputs too."""
+    x, score = particles(70, 37, dtype=dtype)
+    phi = svgd(x, score, algorithm=algorithm, allow_tf32=allow_tf32)
+    assert phi.dtype == dtype
+    error = relative_error(phi, reference_phi(x, score))
+    assert error <= ulp(dtype) + bf16_ulps * ulp(torch.bfloat16), error
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("allow_tf32", [None, True])
+def test_fp16_products_cannot_overflow(algorithm, allow_tf32):
+    """W = score - (2/H) xc exceeds the fp16 range (65504) here; the half products are bf16 (fp32's range)."""
+    x = (torch.randn(70, 5, dtype=torch.float64) * 100).half().to(DEVICE)
+    xc = x.double() - x.double().mean(0)
+    score = (-6.5e4 * xc.sign()).half()  # |score - (2/H) xc| = 64992 + 4 |xc|
+    h = torch.tensor(0.5, dtype=torch.float64, device=DEVICE)
+    assert ((score.double() - 4.0 * xc).abs() > 65504).any()
+    phi = svgd(x, score, h, algorithm=algorithm, allow_tf32=allow_tf32)
+    assert torch.isfinite(phi).all()
+    bound = ulp(torch.float16) + (2 * ulp(torch.bfloat16) if allow_tf32 else 0.0)
+    assert relative_error(phi, reference_phi(x, score, h)) <= bound
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_tf32_only_when_asked_and_within_its_documented_error(algorithm):
+    """allow_tf32=True rounds fp32 operands to TF32 (10 mantissa bits): relative error ~3e-4 measured
+    (benchmarks/results/triton_precision_interpreter.csv), bound 2e-3 here; never the default."""
+    x, score = particles(70, 37)
+    x, score = x.float(), score.float()
+    expected = reference_phi(x, score)
+    exact = relative_error(svgd(x, score, algorithm=algorithm), expected)
+    tf32 = relative_error(svgd(x, score, algorithm=algorithm, allow_tf32=True), expected)
+    assert exact < 2e-6
+    assert exact < tf32 < 2e-3
+
+
+def test_identical_particles_give_the_mean_score():
+    x = (torch.full((6, 5), 0.1) + torch.arange(5.0)).to(DEVICE)
+    score = torch.randn(6, 5, device=DEVICE)
+    assert math.isclose(float(bmt_fast.median_bandwidth(x, backend="triton")), bmt_fast.BANDWIDTH_FLOOR, rel_tol=1e-6)
+    for algorithm in ALGORITHMS:
+        phi = svgd(x, score, algorithm=algorithm)
+        torch.testing.assert_close(phi, score.mean(0, keepdim=True).expand_as(score))
+
+
+def test_single_particle_gives_its_score():
+    x, score = particles(1, 10)
+    for algorithm in ALGORITHMS:
+        torch.testing.assert_close(svgd(x, score, algorithm=algorithm), score)
+
+
+def test_public_api_with_event_shape_and_strides():
+    """backend="triton" through bmt_fast.svgd_step: (n, *event) inputs, non-contiguous, float bandwidth."""
+    base = torch.randn(9, 4, 6, dtype=torch.float64, device=DEVICE)
+    x = base.transpose(1, 2)  # (9, 6, 4), strided
+    score = torch.randn(9, 6, 4, dtype=torch.float64, device=DEVICE)
+    for bandwidth in ("median", 2.5):
+        phi = bmt_fast.svgd_step(x, score, bandwidth, backend="triton")
+        assert phi.shape == x.shape
+        h = None if bandwidth == "median" else bandwidth
+        expected = reference_phi(x.reshape(9, -1), score.reshape(9, -1), h).reshape(x.shape)
+        assert relative_error(phi, expected) < 1e-12
+
+
+def test_trajectory_follows_the_torch_backend():
+    """Thirty SVGD steps towards a Gaussian (median bandwidth each step) stay on the reference trajectory."""
+    mu, sigma = torch.tensor([2.0, -1.0], dtype=torch.float64, device=DEVICE), 0.5
+    x = torch.randn(64, 2, dtype=torch.float64, device=DEVICE) * 0.1 + 5.0
+    x_ref = x.clone()
+    for _ in range(30):
+        x = x + 0.1 * bmt_fast.svgd_step(x, -(x - mu) / sigma**2, backend="triton")
+        x_ref = x_ref + 0.1 * bmt_fast.svgd_step(x_ref, -(x_ref - mu) / sigma**2, backend="torch")
+    assert (x.mean(0) - 5.0).abs().max() > 1.0  # the particles moved
+    assert relative_error(x, x_ref) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: (torch.randn(4, 3), torch.randn(4, 2), None), ValueError, "score must have the shape of x"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 3).double(), None), TypeError, "score must have the dtype"),
+        (lambda: (torch.randn(4), torch.randn(4), None), ValueError, "x must be a non-empty 2-D"),
+        (lambda: (torch.ones(4, 3, dtype=torch.int32), torch.ones(4, 3, dtype=torch.int32), None), TypeError, "x must be float"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 3), torch.tensor([1.0, 2.0])), ValueError, "bandwidth must be"),
+    ],
+)
+def test_bad_inputs_name_the_argument(make, error, match):
+    x, score, h = (None if t is None else t.to(DEVICE) for t in make())
+    with pytest.raises(error, match=match):
+        torch.ops.bmt_fast_triton.svgd_step(x, score, h)
+
+
+def test_bad_algorithm():
+    x, score = particles(5, 3)
+    with pytest.raises(ValueError, match="algorithm must be"):
+        torch.ops.bmt_fast_triton.svgd_step(x, score, None, "fast")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the check is a device-side assert, which ends the CUDA context")
+def test_non_positive_bandwidth_is_refused_without_host_checks():
+    """check_inputs=False skips the host-side check; the op still refuses the value (without a sync)."""
+    x, score = particles(5, 3)
+    with pytest.raises(RuntimeError, match="bandwidth must be positive"):
+        bmt_fast.svgd_step(x, score, torch.tensor(-1.0, dtype=torch.float64), backend="triton", check_inputs=False)
+
+
+def test_opcheck():
+    x, score = (t.float() for t in particles(7, 5))
+    for args in [(x, score, None), (x, score, torch.tensor(2.0, device=DEVICE), "gram"), (x, score, None, "tiled", True)]:
+        torch.library.opcheck(torch.ops.bmt_fast_triton.svgd_step.default, args)
+
+
+def test_torch_compile_without_graph_breaks():
+    def step(x, score):
+        return x + 0.1 * bmt_fast.svgd_step(x, score, backend="triton", check_inputs=False)
+
+    x, score = particles(20, 6)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, score), x + 0.1 * reference_phi(x, score))
+
+
+def test_auto_rule_on_cuda_prefers_the_kernels():
+    assert bmt_fast.backends._AUTO_RULES["cuda"]("svgd_step", 1000, 64)[:2] == ["cuda", "triton"]
+
+
+@requires_gpu
+def test_gpu_auto_picks_a_kernel():
+    x = torch.randn(8, 3, device="cuda")
+    assert bmt_fast.backends.select("auto", "svgd_step", x).name in ("cuda", "triton")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_many_particles_without_quadratic_memory(dtype):
+    """n = 65536, d = 64: the n x n fp32 matrix would be 16 GiB; checked on 256 rows against fp64."""
+    n, d = 65536, 64
+    x, score = (t.to(dtype) for t in particles(n, d, dtype=torch.float32))
+    h = torch.tensor(float(d), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    phi = bmt_fast.svgd_step(x, score, h, backend="triton")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 256 * 2**20
+    rows = torch.arange(0, n, n // 256, device="cuda")
+    x64, s64 = x.double(), score.double()
+    xc = x64 - x64.mean(0)
+    k = torch.exp(-torch.cdist(xc[rows], xc).square() / float(h))
+    expected = (k @ s64 + (2 / float(h)) * (xc[rows] * k.sum(1, keepdim=True) - k @ xc)) / n
+    bound = 2e-5 if dtype == torch.float32 else 2 * ulp(dtype)
+    assert relative_error(phi[rows], expected) < bound
+
+
+@requires_gpu
+def test_gpu_few_particles_huge_d():
+    x, score = particles(16, 1_000_000, dtype=torch.float32)
+    phi = bmt_fast.svgd_step(x, score, backend="triton")
+    assert relative_error(phi, reference_phi(x, score)) < 2e-5
