@@ -37,9 +37,10 @@ BMT_DEVICE double gram_distance(const double* gram, long long rows, long long i,
 }
 
 // ---- 1a. Gram for R <= kMax (<= 16): each thread keeps all R(R+1)/2 sums of its columns in registers --
+// (136 for kMax = 16: one 256-thread CTA per SM then, which keeps 2 x 16 loads per thread in flight).
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 2) gram_small_kernel(const GramParams<In> p) {
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kMax > 8 ? 1 : 2) gram_small_kernel(const GramParams<In> p) {
   using C = compute_t<In>;
   constexpr int kPairs = kMax * (kMax + 1) / 2;
   constexpr int kWarps = 256 / kWarp;
@@ -48,17 +49,26 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 2) gram_small_kernel(const GramParams<In>
   C acc[kPairs];
   for (int q = 0; q < kPairs; ++q) acc[q] = C(0);
 
+  // Two columns per step (k and k + stride): twice the loads in flight before the FMAs.
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long k = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; k < p.d; k += stride) {
-    const C first = to_float(p.x[k]);
-    C v[kMax];
+  for (long long k = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; k < p.d; k += 2 * stride) {
+    C v[2][kMax];
 #pragma unroll
-    for (int r = 0; r < kMax; ++r) v[r] = r < rows ? to_float(gram_row(p, r)[k]) - first : C(0);
-    int q = 0;
+    for (int h = 0; h < 2; ++h) {
+      const long long col = k + h * stride;
+      const bool inside = col < p.d;
+      const C first = inside ? to_float(p.x[col]) : C(0);
 #pragma unroll
-    for (int i = 0; i < kMax; ++i)
+      for (int r = 0; r < kMax; ++r) v[h][r] = inside && r < rows ? to_float(gram_row(p, r)[col]) - first : C(0);
+    }
 #pragma unroll
-      for (int j = i; j < kMax; ++j) acc[q++] += v[i] * v[j];
+    for (int h = 0; h < 2; ++h) {
+      int q = 0;
+#pragma unroll
+      for (int i = 0; i < kMax; ++i)
+#pragma unroll
+        for (int j = i; j < kMax; ++j) acc[q++] += v[h][i] * v[h][j];
+    }
   }
 
   const int warp = threadIdx.x / kWarp;
@@ -84,12 +94,12 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 2) gram_small_kernel(const GramParams<In>
 
 template <typename In>
 struct ShiftedRowLoader {
-  const GramParams<In>* p;
+  GramParams<In> p;  // by value: no address of a kernel parameter is taken
   long long first_row, rows;
   BMT_DEVICE compute_t<In> operator()(int r, long long k) const {
     const long long row = first_row + r;
     if (row >= rows) return compute_t<In>(0);
-    return to_float(gram_row(*p, row)[k]) - to_float(p->x[k]);
+    return to_float(gram_row(p, row)[k]) - to_float(p.x[k]);
   }
 };
 
@@ -99,7 +109,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_tile_kernel(const GramParams<In> 
   using G = FfmaGeometry<C>;
   BMT_DYNAMIC_SHARED(smem);
   C* sa = reinterpret_cast<C*>(smem);
-  C* sb = sa + G::kDepth * G::kLd;
+  C* sb = sa + 2 * G::kSlice;
   const long long rows = p.n + p.m;
   const long long blocks = (rows + G::kRows - 1) / G::kRows;
   long long pair = blockIdx.y, bi = 0;
@@ -111,8 +121,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_tile_kernel(const GramParams<In> 
   const long long k_begin = static_cast<long long>(blockIdx.x) * p.cols_per_block;
   const long long k_end = k_begin + p.cols_per_block < p.d ? k_begin + p.cols_per_block : p.d;
   C s[4][4];
-  ffma_dot_tile(s, k_begin, k_end, sa, sb, ShiftedRowLoader<In>{&p, bi * G::kRows, rows},
-                ShiftedRowLoader<In>{&p, bj * G::kCols, rows});
+  ffma_dot_tile(s, k_begin, k_end, sa, sb, ShiftedRowLoader<In>{p, bi * G::kRows, rows},
+                ShiftedRowLoader<In>{p, bj * G::kCols, rows});
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) {
@@ -226,7 +236,7 @@ struct ApplyParams {
 };
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 2) apply_small_kernel(const ApplyParams<In> p) {
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kMax > 8 ? 1 : 2) apply_small_kernel(const ApplyParams<In> p) {
   using C = compute_t<In>;
   constexpr int kColumns = 2;  // columns per thread and step: each shared K entry feeds two FMAs
   __shared__ C kn[kMax][kMax];

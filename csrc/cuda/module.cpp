@@ -13,7 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["gram_register_rows"] = bmt_fast::cuda::kGramRegisterRows;
     info["rbf_gram_max_rows"] = bmt_fast::cuda::kRbfGramMaxRows;
     info["bandwidth_floor"] = bmt_fast::kBandwidthFloor;
-    info["distances"] = "fp32/fp64 inputs: IEEE FFMA; bf16/fp16 inputs: mma.sync tensor cores";
+    info["tensor_core_min_features"] = bmt_fast::cuda::kTensorCoreMinFeatures;
+    info["distances"] =
+        "fp32/fp64: IEEE CUDA cores; bf16/fp16 with d >= tensor_core_min_features: mma.sync tensor cores";
     return info;
   });
 }

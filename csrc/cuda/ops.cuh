@@ -24,8 +24,10 @@
 #include "tiled_mma.cuh"
 
 #ifndef BMT_FAST_EMULATE
-#include <ATen/cuda/CUDAContext.h>
+// Only c10's CUDA headers: ATen/cuda/CUDAContext.h would also need the cuBLAS / cuSPARSE headers.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace bmt_fast::cuda {
@@ -50,12 +52,14 @@ inline Device launch_device(const at::Tensor& x) {
   dev.sms = sms ? std::max(1, std::atoi(sms)) : 2;
   dev.major = 9;
 #else
-  const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.get_device());
-  dev.stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  dev.sms = props->multiProcessorCount;
-  dev.major = props->major;
-  BMT_CHECK(dev.major >= 8, "the CUDA kernels need compute capability 8.0 or newer, ", props->name, " has ",
-            props->major, ".", props->minor);
+  const int index = x.get_device();
+  int minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, index));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.major, cudaDevAttrComputeCapabilityMajor, index));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
+  BMT_CHECK(dev.major >= 8, "the CUDA kernels need compute capability 8.0 or newer, device ", index, " has ",
+            dev.major, ".", minor);
+  dev.stream = c10::cuda::getCurrentCUDAStream(index).stream();
 #endif
   return dev;
 }
@@ -122,6 +126,11 @@ T* mutable_pointer(at::Tensor& t) {
 }
 
 inline bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// Tensor cores for 16-bit inputs with enough features; IEEE fp32 / fp64 CUDA cores otherwise.
+inline bool use_tensor_cores(const at::Tensor& x) {
+  return is_half(x.scalar_type()) && x.size(1) >= kTensorCoreMinFeatures;
+}
 
 // ---- shared preparation ----------------------------------------------------------------------------
 
@@ -389,8 +398,10 @@ inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
   std::optional<at::Tensor> h;
   if (bandwidth) h = bandwidth->detach().reshape({});
   const at::Tensor xc = centred(x, std::nullopt).first;
-  if (dtype == at::kBFloat16) return svgd_step_tiled_mma<false>(xc, score, h, dtype, dev);
-  if (dtype == at::kHalf) return svgd_step_tiled_mma<true>(xc, score, h, dtype, dev);
+  if (use_tensor_cores(x)) {
+    return dtype == at::kHalf ? svgd_step_tiled_mma<true>(xc, score, h, dtype, dev)
+                              : svgd_step_tiled_mma<false>(xc, score, h, dtype, dev);
+  }
   if (dtype == at::kDouble) return svgd_step_tiled_ffma<double>(xc, score, h, dtype, dev);
   return svgd_step_tiled_ffma<float>(xc, score, h, dtype, dev);
 }
@@ -409,8 +420,10 @@ inline at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algo
     return gram_bandwidth(gram, n, std::nullopt, dev).to(acc);
   }
   const at::Tensor xc = centred(x, std::nullopt).first;
-  if (dtype == at::kBFloat16) return median_tiled_mma<false>(operand16(xc, dtype), n, dev);
-  if (dtype == at::kHalf) return median_tiled_mma<true>(operand16(xc, dtype), n, dev);
+  if (use_tensor_cores(x)) {
+    return dtype == at::kHalf ? median_tiled_mma<true>(operand16(xc, dtype), n, dev)
+                              : median_tiled_mma<false>(operand16(xc, dtype), n, dev);
+  }
   const at::Tensor norms = xc.square().sum(1);
   if (dtype == at::kDouble) return median_tiled_ffma<double>(xc, norms, dev);
   return median_tiled_ffma<float>(xc, norms, dev);
@@ -424,43 +437,44 @@ at::Tensor rbf_kernel_tiled(const at::Tensor& x, const at::Tensor& y, bool self,
   auto [xc, yc] = centred(x, self ? std::nullopt : std::optional<at::Tensor>(y));
   at::Tensor out = at::empty({n, m}, x.options());
   if constexpr (std::is_same_v<Out, bf16> || std::is_same_v<Out, f16>) {
-    using G = MmaGeometry;
-    const Operand16 xb = operand16(xc, dtype);
-    const Operand16 yb = self ? xb : operand16(yc, dtype);
-    const at::Tensor h = bandwidth.to(at::kFloat).reshape({}).contiguous();
-    MmaParams<Out> p{};
-    p.a = pointer<uint16_t>(xb.values);
-    p.b = pointer<uint16_t>(yb.values);
-    p.a_norms = pointer<float>(xb.norms);
-    p.b_norms = pointer<float>(yb.norms);
-    p.a_rows = n;
-    p.b_rows = m;
-    p.d_pad = xb.values.size(1);
-    p.bandwidth = pointer<float>(h);
-    p.self = self;
-    p.kernel = mutable_pointer<Out>(out);
-    launch(&mma_tile_kernel<std::is_same_v<Out, f16>, Out, TileMode::kRbf>,
-           grid_size(xb.values.size(0) / G::kRows), G::kThreads,
-           G::shared_bytes(TileMode::kRbf, p.d_pad <= G::kChunk), dev, p);
-  } else {
-    using C = Out;
-    using G = FfmaGeometry<C>;
-    const at::Tensor nx = xc.square().sum(1), ny = self ? nx : yc.square().sum(1);
-    const at::Tensor h = bandwidth.to(xc.scalar_type()).reshape({}).contiguous();
-    FfmaParams<C, Out> p{};
-    p.a = pointer<C>(xc);
-    p.b = pointer<C>(yc);
-    p.a_norms = pointer<C>(nx);
-    p.b_norms = pointer<C>(ny);
-    p.a_rows = n;
-    p.b_rows = m;
-    p.d = x.size(1);
-    p.bandwidth = pointer<C>(h);
-    p.self = self;
-    p.kernel = mutable_pointer<Out>(out);
-    launch(&ffma_tile_kernel<C, Out, TileMode::kRbf>, grid_size((n + G::kRows - 1) / G::kRows), 256,
-           G::shared_bytes(TileMode::kRbf), dev, p);
+    if (use_tensor_cores(x)) {
+      using G = MmaGeometry;
+      const Operand16 xb = operand16(xc, dtype);
+      const Operand16 yb = self ? xb : operand16(yc, dtype);
+      const at::Tensor h = bandwidth.to(at::kFloat).reshape({}).contiguous();
+      MmaParams<Out> p{};
+      p.a = pointer<uint16_t>(xb.values);
+      p.b = pointer<uint16_t>(yb.values);
+      p.a_norms = pointer<float>(xb.norms);
+      p.b_norms = pointer<float>(yb.norms);
+      p.a_rows = n;
+      p.b_rows = m;
+      p.d_pad = xb.values.size(1);
+      p.bandwidth = pointer<float>(h);
+      p.self = self;
+      p.kernel = mutable_pointer<Out>(out);
+      launch(&mma_tile_kernel<std::is_same_v<Out, f16>, Out, TileMode::kRbf>, grid_size(xb.values.size(0) / G::kRows),
+             G::kThreads, G::shared_bytes(TileMode::kRbf, p.d_pad <= G::kChunk), dev, p);
+      return out;
+    }
   }
+  using C = compute_t<Out>;
+  using G = FfmaGeometry<C>;
+  const at::Tensor nx = xc.square().sum(1), ny = self ? nx : yc.square().sum(1);
+  const at::Tensor h = bandwidth.to(xc.scalar_type()).reshape({}).contiguous();
+  FfmaParams<C, Out> p{};
+  p.a = pointer<C>(xc);
+  p.b = pointer<C>(yc);
+  p.a_norms = pointer<C>(nx);
+  p.b_norms = pointer<C>(ny);
+  p.a_rows = n;
+  p.b_rows = m;
+  p.d = x.size(1);
+  p.bandwidth = pointer<C>(h);
+  p.self = self;
+  p.kernel = mutable_pointer<Out>(out);
+  launch(&ffma_tile_kernel<C, Out, TileMode::kRbf>, grid_size((n + G::kRows - 1) / G::kRows), 256,
+         G::shared_bytes(TileMode::kRbf), dev, p);
   return out;
 }
 

@@ -19,6 +19,7 @@ enum class TileMode {
 // 256 threads as a 16 x 16 grid; thread (ty, tx) holds rows 4 ty + [0, 4) and columns 4 tx + [0, 4) of
 // the 64 x 64 tile. Depth slices of 16 are stored transposed ([k][row]) so each thread reads its four
 // rows (columns) with one vector load; rows are padded by 16 bytes to spread the banks of the stores.
+// The slices are double-buffered (see ffma_dot_tile).
 template <typename T>
 struct FfmaGeometry {
   static constexpr int kRows = 64, kCols = 64, kDepth = 16, kThreads = 256;
@@ -27,7 +28,8 @@ struct FfmaGeometry {
   static constexpr int kFeatures = sizeof(T) == 4 ? 128 : 64;  // svgd output features per CTA
   static constexpr int kFeatureGroups = kFeatures / 64;       // 4-wide feature groups per thread
   static constexpr int kLdW = kFeatures + kPad;
-  static constexpr size_t kDotBytes = 2 * kDepth * kLd * sizeof(T);
+  static constexpr int kSlice = kDepth * kLd;  // one depth slice of one operand
+  static constexpr size_t kDotBytes = 2 * 2 * kSlice * sizeof(T);  // two operands, double-buffered
   static constexpr size_t kSvgdBytes = kDotBytes + (static_cast<size_t>(kCols) * kLd + kCols * kLdW) * sizeof(T);
   static constexpr size_t kMedianBytes = kDotBytes + 2 * kRadixBins * sizeof(unsigned);
   static constexpr size_t shared_bytes(TileMode mode) {
@@ -66,35 +68,60 @@ BMT_DEVICE void store4(T* p, const T (&v)[4]) {
 
 // s[r][c] = sum over k in [k_begin, k_end) of load_a(4 ty + r, k) * load_b(4 tx + c, k), block-wide.
 // load_a(row, k) / load_b(row, k) give element k of row `row` (0..63) of each operand tile, 0 outside it.
-// Starts and ends with all threads past a barrier, so sa / sb may be reused right after.
+// sa and sb hold two slices each: the next slice is fetched into registers while the current one is
+// multiplied, then stored into the other half (one barrier per slice). Starts and ends with all threads
+// past a barrier, so sa / sb may be reused right after.
 template <typename T, typename LoadA, typename LoadB>
 BMT_DEVICE void ffma_dot_tile(T (&s)[4][4], long long k_begin, long long k_end, T* sa, T* sb, const LoadA& load_a,
                               const LoadB& load_b) {
   using G = FfmaGeometry<T>;
+  constexpr int kPerThread = G::kRows * G::kDepth / G::kThreads;
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) s[r][c] = T(0);
-  for (long long k0 = k_begin; k0 < k_end; k0 += G::kDepth) {
+  if (k_begin >= k_end) return;
+  T next_a[kPerThread], next_b[kPerThread];
+  auto fetch = [&](long long k0) {
 #pragma unroll
-    for (int e = 0; e < G::kRows * G::kDepth / G::kThreads; ++e) {
+    for (int e = 0; e < kPerThread; ++e) {
       const int idx = tid + e * G::kThreads;
       const int row = idx / G::kDepth, kk = idx % G::kDepth;  // consecutive threads: consecutive k
       const long long k = k0 + kk;
-      sa[kk * G::kLd + row] = k < k_end ? load_a(row, k) : T(0);
-      sb[kk * G::kLd + row] = k < k_end ? load_b(row, k) : T(0);
+      next_a[e] = k < k_end ? load_a(row, k) : T(0);
+      next_b[e] = k < k_end ? load_b(row, k) : T(0);
     }
-    __syncthreads();
+  };
+  auto stash = [&](int half) {
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int idx = tid + e * G::kThreads;
+      const int row = idx / G::kDepth, kk = idx % G::kDepth;
+      sa[half * G::kSlice + kk * G::kLd + row] = next_a[e];
+      sb[half * G::kSlice + kk * G::kLd + row] = next_b[e];
+    }
+  };
+  fetch(k_begin);
+  stash(0);
+  __syncthreads();
+  int half = 0;
+  for (long long k0 = k_begin; k0 < k_end; k0 += G::kDepth) {
+    const bool more = k0 + G::kDepth < k_end;
+    if (more) fetch(k0 + G::kDepth);  // global loads in flight during the FMAs below
+    const T* a_slice = sa + half * G::kSlice;
+    const T* b_slice = sb + half * G::kSlice;
 #pragma unroll
     for (int kk = 0; kk < G::kDepth; ++kk) {
       T a[4], b[4];
-      load4(sa + kk * G::kLd + 4 * ty, a);
-      load4(sb + kk * G::kLd + 4 * tx, b);
+      load4(a_slice + kk * G::kLd + 4 * ty, a);
+      load4(b_slice + kk * G::kLd + 4 * tx, b);
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
         for (int c = 0; c < 4; ++c) s[r][c] += a[r] * b[c];
     }
+    if (more) stash(half ^ 1);  // the other half was last read before the previous barrier
     __syncthreads();
+    half ^= 1;
   }
 }
 
@@ -135,8 +162,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) ffma_tile_kernel(const FfmaParams<T, O
   using G = FfmaGeometry<T>;
   BMT_DYNAMIC_SHARED(smem);
   T* sa = reinterpret_cast<T*>(smem);
-  T* sb = sa + G::kDepth * G::kLd;
-  T* sk = sb + G::kDepth * G::kLd;  // kSvgd: K tile, transposed [j][i]
+  T* sb = sa + 2 * G::kSlice;
+  T* sk = sb + 2 * G::kSlice;       // kSvgd: K tile, transposed [j][i]
   T* sw = sk + G::kCols * G::kLd;   // kSvgd: W tile [j][feature]
   unsigned* hist = reinterpret_cast<unsigned*>(sk);  // kMedian
 

@@ -85,16 +85,13 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
   const int num_chunks = static_cast<int>((p.d_pad + G::kChunk - 1) / G::kChunk);
   const bool a_resident = num_chunks == 1;
   // A stages (one when resident), B stages, then W stages (kSvgd) or the histogram (kMedian)
-  uint16_t* sa[2];
-  sa[0] = reinterpret_cast<uint16_t*>(smem);
-  sa[1] = a_resident ? sa[0] : sa[0] + G::kRows * G::kLdChunk;
-  uint16_t* sb[2];
-  sb[0] = sa[1] + G::kRows * G::kLdChunk;
-  sb[1] = sb[0] + G::kCols * G::kLdChunk;
-  uint16_t* sw[2];
-  sw[0] = sb[1] + G::kCols * G::kLdChunk;
-  sw[1] = sw[0] + G::kFeatures * G::kLdW;
-  unsigned* hist = reinterpret_cast<unsigned*>(sw[0]);  // kMedian (no W stages)
+  uint16_t* const a_base = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* const b_base = a_base + (a_resident ? 1 : 2) * G::kRows * G::kLdChunk;
+  uint16_t* const w_base = b_base + 2 * G::kCols * G::kLdChunk;
+  unsigned* hist = reinterpret_cast<unsigned*>(w_base);  // kMedian (no W stages)
+  auto a_stage = [&](long long stage) { return a_base + (a_resident ? 0 : (stage & 1) * G::kRows * G::kLdChunk); };
+  auto b_stage = [&](long long stage) { return b_base + (stage & 1) * G::kCols * G::kLdChunk; };
+  auto w_stage = [&](long long jl) { return w_base + (jl & 1) * G::kFeatures * G::kLdW; };
 
   const int warp = threadIdx.x / kWarp, lane = lane_id(), g = lane / 4, t = lane % 4;
   const long long i0 = static_cast<long long>(blockIdx.x) * G::kRows;
@@ -128,10 +125,10 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
       const long long stage = jl * num_chunks + slot;
       const long long col0 = static_cast<long long>(slot) * G::kChunk;
       const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
-      if (!a_resident) copy_tile_async(sa[stage & 1], G::kLdChunk, p.a, p.d_pad, i0, col0, G::kRows, width);
-      copy_tile_async(sb[stage & 1], G::kLdChunk, p.b, p.d_pad, j0, col0, G::kCols, width);
+      if (!a_resident) copy_tile_async(a_stage(stage), G::kLdChunk, p.a, p.d_pad, i0, col0, G::kRows, width);
+      copy_tile_async(b_stage(stage), G::kLdChunk, p.b, p.d_pad, j0, col0, G::kCols, width);
     } else {
-      copy_tile_async(sw[jl & 1], G::kLdW, p.wt, p.wt_ld, f0, j0, G::kFeatures, G::kCols);
+      copy_tile_async(w_stage(jl), G::kLdW, p.wt, p.wt_ld, f0, j0, G::kFeatures, G::kCols);
     }
   };
 
@@ -140,7 +137,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
   float o[kSvgd ? 16 : 1][4] = {};       // O: 16 rows x 128 features per warp (kSvgd)
   float rs[2] = {0.f, 0.f};              // row sums of rows g and g + 8
 
-  if (a_resident) copy_tile_async(sa[0], G::kLdChunk, p.a, p.d_pad, i0, 0, G::kRows, static_cast<int>(p.d_pad));
+  if (a_resident) copy_tile_async(a_base, G::kLdChunk, p.a, p.d_pad, i0, 0, G::kRows, static_cast<int>(p.d_pad));
   if (events > 0) issue(0);
   cp_async_commit();
 
@@ -159,8 +156,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
       const long long stage = jl * num_chunks + slot;
       const long long col0 = static_cast<long long>(slot) * G::kChunk;
       const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
-      const uint16_t* a = sa[stage & 1] + (warp * G::kWarpRows) * G::kLdChunk;
-      const uint16_t* b = sb[stage & 1];
+      const uint16_t* a = a_stage(stage) + (warp * G::kWarpRows) * G::kLdChunk;
+      const uint16_t* b = b_stage(stage);
       if (slot == 0)
         for (int nt = 0; nt < 8; ++nt)
           for (int r = 0; r < 4; ++r) s[nt][r] = 0.f;
@@ -213,7 +210,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
         }
       }
     } else if constexpr (kSvgd) {  // O += K W_J: B = W^T block (features x particles) in shared memory
-      const uint16_t* w = sw[jl & 1];
+      const uint16_t* w = w_stage(jl);
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
