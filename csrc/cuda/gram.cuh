@@ -2,9 +2,11 @@
 //   1. split-K Gram G = V V^T over column ranges, V = rows shifted by particle 0 (exact zeros for
 //      identical particles; no copy of V is made): fp32 (fp64 for fp64) partial sums per thread, added
 //      into a float64 G with atomics;
-//   2. the bandwidth: the exact median of the n*n distances of G by radix selection in one CTA, or H;
+//   2. the bandwidth: the exact median of the n*n distances of G (ranking the distinct pair distances
+//      for n <= 32, radix selection beyond) in one CTA, or H;
 //   3. K = exp(-D / H) as K/n and c = (2/H) rowsum(K) / n (one warp per row), or the rbf_kernel output;
 //   4. one memory-bound pass phi = (K/n) W + c V with W = score - (2/H) V formed on the fly.
+// For n <= 16 (soft prompts) steps 2 and 3 run inside step 4, so a step is a memset and two kernels.
 // Rows 0..n-1 come from x and rows n..n+m-1 from y (rbf_kernel of two sets): R = n + m rows in all.
 #pragma once
 
@@ -131,7 +133,55 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_tile_kernel(const GramParams<In> 
     }
 }
 
-// ---- 2. the bandwidth of the first n rows: median rule by radix selection in one CTA, or H given ----
+// ---- 2. the bandwidth of the first n rows: median rule, or H given ---------------------------------
+
+// Up to this many particles the median comes from ranking the n(n-1)/2 distinct pair distances against
+// each other (O(n^4 / 4) comparisons in one CTA, a few microseconds); beyond, by radix selection.
+constexpr long long kRankCountingMaxRows = 32;
+constexpr int kMaxPairsRanked = kRankCountingMaxRows * (kRankCountingMaxRows - 1) / 2;
+
+// The pair (i < j) of index q in the order (0,1), (0,2), .., (0,n-1), (1,2), ..
+BMT_DEVICE void pair_of(long long q, long long n, long long& i, long long& j) {
+  i = 0;
+  while (q >= n - 1 - i) {
+    q -= n - 1 - i;
+    ++i;
+  }
+  j = i + 1 + q;
+}
+
+// Block-wide: the numpy median of all n*n distances of the first n rows of G (diagonal zeros included),
+// n <= kRankCountingMaxRows. Of the n*n values, n are the zeros of the diagonal and the rest come in
+// equal pairs: overall rank r >= n is the distinct pair distance of rank (r - n) / 2, found by counting
+// for each pair how many are smaller (ties broken by index). values: kMaxPairsRanked shared slots.
+BMT_DEVICE double gram_median_by_ranks(const double* gram, long long rows, long long n, double* values,
+                                       double* middle) {
+  const long long pairs = n * (n - 1) / 2, total = n * n;
+  const long long rank[2] = {(total - 1) / 2, total / 2};
+  for (long long q = threadIdx.x; q < pairs; q += blockDim.x) {
+    long long i, j;
+    pair_of(q, n, i, j);
+    values[q] = gram_distance(gram, rows, i, j);
+  }
+  if (threadIdx.x == 0)
+    for (int t = 0; t < 2; ++t)
+      if (rank[t] < n) middle[t] = 0.0;
+  __syncthreads();
+  for (long long q = threadIdx.x; q < pairs; q += blockDim.x) {
+    const double v = values[q];
+    long long smaller = 0;
+    for (long long b = 0; b < pairs; ++b) smaller += values[b] < v || (values[b] == v && b < q);
+    for (int t = 0; t < 2; ++t)
+      if (rank[t] >= n && (rank[t] - n) / 2 == smaller) middle[t] = v;
+  }
+  __syncthreads();
+  return 0.5 * (middle[0] + middle[1]);
+}
+
+BMT_DEVICE double median_rule(double median, long long n, double floor) {
+  const double h = median / log(static_cast<double>(n) + 1.0);
+  return h > floor ? h : floor;
+}
 
 struct GramBandwidthParams {
   const double* gram;  // (rows x rows) upper triangle
@@ -142,10 +192,19 @@ struct GramBandwidthParams {
 };
 
 BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_bandwidth_kernel(const GramBandwidthParams p) {
-  __shared__ unsigned hist[2 * kRadixBins];
+  __shared__ double storage[kRadixBins];  // the histogram (2 x kRadixBins counts), or the ranked pairs
   __shared__ RadixState state;
+  __shared__ unsigned long long scratch[kWarp + 4];
+  __shared__ double middle[2];
+  unsigned* hist = reinterpret_cast<unsigned*>(storage);
   if (p.given) {
     if (threadIdx.x == 0) *p.bandwidth = *p.given;
+    return;
+  }
+  if (p.n <= kRankCountingMaxRows) {
+    static_assert(kMaxPairsRanked <= kRadixBins, "the ranked pairs share the histogram's storage");
+    const double median = gram_median_by_ranks(p.gram, p.rows, p.n, storage, middle);
+    if (threadIdx.x == 0) *p.bandwidth = median_rule(median, p.n, p.floor);
     return;
   }
   if (threadIdx.x == 0) {
@@ -165,8 +224,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_bandwidth_kernel(const GramBandwi
       if (i != j) radix_count(hist, key_of(gram_distance(p.gram, p.rows, i, j)), pass, prefix, same, 1u);
     }
     __syncthreads();
-    if (threadIdx.x == 0) radix_select_step(hist, pass, static_cast<unsigned long long>(p.n), state);
-    __syncthreads();
+    radix_select_block(hist, pass, static_cast<unsigned long long>(p.n), &state, scratch);
   }
   if (threadIdx.x == 0) *p.bandwidth = bandwidth_from_keys<double>(state, p.n, p.floor);
 }
@@ -223,6 +281,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 4) gram_rbf_kernel(const GramRbfParams<Ou
 }
 
 // ---- 4. phi = kn W + c V, W = score - a V, V = x - x_0, for n <= kMax (<= 16) -----------------------
+// Each CTA first derives H (given, or the median of G by ranks), K / n, c = a rowsum(K) / n and a = 2/H
+// from the tiny G itself: redundant work of a few microseconds that saves two launches per step.
 
 template <typename In>
 struct ApplyParams {
@@ -230,24 +290,39 @@ struct ApplyParams {
   const In* score;
   In* phi;
   long long n, d;
-  const compute_t<In>* kn;  // (n x n)
-  const compute_t<In>* c;   // (n)
-  const compute_t<In>* a;   // scalar
+  const double* gram;   // (n x n) upper triangle, from gram_small_kernel
+  const double* given;  // H, or null for the median rule
+  double floor;
 };
 
 template <typename In, int kMax>
 BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kMax > 8 ? 1 : 2) apply_small_kernel(const ApplyParams<In> p) {
+  static_assert(kMax <= kRankCountingMaxRows, "the median by ranks needs few rows");
   using C = compute_t<In>;
   constexpr int kColumns = 2;  // columns per thread and step: each shared K entry feeds two FMAs
   __shared__ C kn[kMax][kMax];
   __shared__ C c[kMax];
+  __shared__ double pair_values[kMax * (kMax - 1) / 2 + 1];
+  __shared__ double middle[2];
+  const double h = p.given ? *p.given
+                           : median_rule(gram_median_by_ranks(p.gram, p.n, p.n, pair_values, middle), p.n, p.floor);
+  const double inv_h = inverse_bandwidth(h);
   for (int idx = threadIdx.x; idx < kMax * kMax; idx += blockDim.x) {
     const int i = idx / kMax, j = idx % kMax;
-    kn[i][j] = i < p.n && j < p.n ? p.kn[i * p.n + j] : C(0);
+    const bool inside = i < p.n && j < p.n;
+    kn[i][j] = inside ? static_cast<C>(exp(-gram_distance(p.gram, p.n, i, j) * inv_h) / static_cast<double>(p.n)) : C(0);
   }
-  for (int i = threadIdx.x; i < kMax; i += blockDim.x) c[i] = i < p.n ? p.c[i] : C(0);
-  const C a = *p.a;
+  for (int i = threadIdx.x; i < kMax; i += blockDim.x) {
+    double rowsum = 0.0;
+    for (int j = 0; j < p.n && i < p.n; ++j) rowsum += exp(-gram_distance(p.gram, p.n, i, j) * inv_h);
+    c[i] = i < p.n ? static_cast<C>(2.0 * inv_h * rowsum / static_cast<double>(p.n)) : C(0);
+  }
+  const C a = static_cast<C>(2.0 * inv_h);
   __syncthreads();
+  // Read through volatile: every lane reads the same entry (a broadcast), and the compiler must not
+  // hoist all kMax^2 entries out of the column loop into registers (it spills when it does).
+  const volatile C* kn_row = &kn[0][0];
+  const volatile C* c_shared = c;
 
   const long long span = static_cast<long long>(blockDim.x) * kColumns;
   for (long long base = static_cast<long long>(blockIdx.x) * span; base < p.d; base += gridDim.x * span) {
@@ -268,12 +343,15 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kMax > 8 ? 1 : 2) apply_small_kernel(cons
     for (int i = 0; i < kMax; ++i) {
       if (i >= p.n) break;
       C out[kColumns];
+      const C ci = c_shared[i];
 #pragma unroll
-      for (int q = 0; q < kColumns; ++q) out[q] = c[i] * v[q][i];
+      for (int q = 0; q < kColumns; ++q) out[q] = ci * v[q][i];
 #pragma unroll
-      for (int j = 0; j < kMax; ++j)
+      for (int j = 0; j < kMax; ++j) {
+        const C kij = kn_row[i * kMax + j];
 #pragma unroll
-        for (int q = 0; q < kColumns; ++q) out[q] += kn[i][j] * w[q][j];
+        for (int q = 0; q < kColumns; ++q) out[q] += kij * w[q][j];
+      }
 #pragma unroll
       for (int q = 0; q < kColumns; ++q) {
         const long long k = base + q * blockDim.x + threadIdx.x;

@@ -66,6 +66,8 @@ inline Device launch_device(const at::Tensor& x) {
 
 template <typename Params>
 void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t shared_bytes, const Device& dev, const Params& p) {
+  BMT_CHECK(grid.y <= 65535 && grid.z <= 65535, "too many feature chunks for one launch (grid ", grid.x, " x ",
+            grid.y, "); use algorithm=\"gram\" for this many features");
 #ifdef BMT_FAST_EMULATE
   (void)dev;
   emu::launch(kernel, grid, block, shared_bytes, p);
@@ -207,20 +209,10 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
   using C = compute_t<In>;
   const int64_t n = x.size(0), d = x.size(1);
   const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev);
-  const at::Tensor h = gram_bandwidth(gram, n, h_given, dev);
-
-  const auto acc = accumulation_type(x.scalar_type());
-  at::Tensor kn = at::empty({n, n}, x.options().dtype(acc));
-  at::Tensor c = at::empty({n}, x.options().dtype(acc));
-  at::Tensor a = at::empty({}, x.options().dtype(acc));
-  const GramWeightsParams<C> wp{pointer<double>(gram), n, pointer<double>(h), mutable_pointer<C>(kn),
-                                mutable_pointer<C>(c), mutable_pointer<C>(a)};
-  launch(&gram_weights_kernel<C>, grid_size((n + 7) / 8), 256, 0, dev, wp);
-
-  if (n <= kGramRegisterRows) {
+  if (n <= kGramRegisterRows) {  // the apply kernel derives H and K itself: no launch in between
     at::Tensor phi = at::empty_like(x);
     const ApplyParams<In> ap{pointer<In>(x), pointer<In>(score), mutable_pointer<In>(phi), n, d,
-                             pointer<C>(kn),  pointer<C>(c),     pointer<C>(a)};
+                             pointer<double>(gram), h_given ? pointer<double>(*h_given) : nullptr, kBandwidthFloor};
     const unsigned blocks = grid_size(std::min<int64_t>((d + 511) / 512, 4 * int64_t(dev.sms)));
     if (n <= 4) {
       launch(&apply_small_kernel<In, 4>, blocks, 256, 0, dev, ap);
@@ -231,6 +223,14 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
     }
     return phi;
   }
+  const at::Tensor h = gram_bandwidth(gram, n, h_given, dev);
+  const auto acc = accumulation_type(x.scalar_type());
+  at::Tensor kn = at::empty({n, n}, x.options().dtype(acc));
+  at::Tensor c = at::empty({n}, x.options().dtype(acc));
+  at::Tensor a = at::empty({}, x.options().dtype(acc));
+  const GramWeightsParams<C> wp{pointer<double>(gram), n, pointer<double>(h), mutable_pointer<C>(kn),
+                                mutable_pointer<C>(c), mutable_pointer<C>(a)};
+  launch(&gram_weights_kernel<C>, grid_size((n + 7) / 8), 256, 0, dev, wp);
   // More particles: the apply is a small GEMM (n x n) @ (n x d); cuBLAS does it at full speed.
   const at::Tensor xa = x.to(acc);
   const at::Tensor v = xa - xa.narrow(0, 0, 1);
@@ -265,7 +265,7 @@ at::Tensor median_tiled_ffma(const at::Tensor& xc, const at::Tensor& norms, cons
            G::shared_bytes(TileMode::kMedian), dev, p);
     const RadixSelectParams<C> sp{pass_hist, state_ptr, radix_pass<C>(index), index == 0, index == passes - 1,
                                   n, kBandwidthFloor, mutable_pointer<C>(h)};
-    launch(&radix_select_kernel<C>, 1, kWarp, 0, dev, sp);
+    launch(&radix_select_kernel<C>, 1, kSelectThreads, 0, dev, sp);
   }
   return h;
 }
@@ -295,7 +295,7 @@ at::Tensor median_tiled_mma(const Operand16& xb, int64_t n, const Device& dev) {
            p);
     const RadixSelectParams<float> sp{pass_hist, state_ptr, radix_pass<float>(index), index == 0,
                                       index == passes - 1, n, kBandwidthFloor, mutable_pointer<float>(h)};
-    launch(&radix_select_kernel<float>, 1, kWarp, 0, dev, sp);
+    launch(&radix_select_kernel<float>, 1, kSelectThreads, 0, dev, sp);
   }
   return h;
 }

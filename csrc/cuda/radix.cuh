@@ -71,32 +71,78 @@ BMT_DEVICE void radix_count(Count* hist, Key key, RadixPass pass, const unsigned
   if (!same && top == prefix[1]) atomicAdd(&hist[kRadixBins + bin], weight);
 }
 
-// One thread: picks the bin of each target's rank, narrows rank and prefix. `zeros` keys equal to 0
-// (the diagonal of the distance matrix) were left out of the histogram and are added to bin 0 here.
+// Block-wide inclusive prefix sum of one value per thread (blockDim.x a multiple of 32); scratch: 32
+// shared slots. Ends with all threads past a barrier, so scratch may be reused right after.
+BMT_DEVICE unsigned long long block_inclusive_sum(unsigned long long value, unsigned long long* scratch) {
+  const int lane = lane_id(), warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  for (int offset = 1; offset < kWarp; offset *= 2) {
+    const unsigned long long up = __shfl_up_sync(kFullMask, value, offset);
+    if (lane >= offset) value += up;
+  }
+  if (lane == kWarp - 1) scratch[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    unsigned long long total = lane < warps ? scratch[lane] : 0;
+    for (int offset = 1; offset < kWarp; offset *= 2) {
+      const unsigned long long up = __shfl_up_sync(kFullMask, total, offset);
+      if (lane >= offset) total += up;
+    }
+    scratch[lane] = total;  // inclusive sums of the warp totals
+  }
+  __syncthreads();
+  if (warp > 0) value += scratch[warp - 1];
+  __syncthreads();
+  return value;
+}
+
+// Block-wide select step: picks the bin of each target's rank and narrows rank and prefix in `state`
+// (shared memory). Each thread sums a run of consecutive bins, a block scan finds the run holding the
+// rank, and that run's thread walks it. `zeros` keys equal to 0 (the diagonal of the distance matrix)
+// were left out of the histogram and count in bin 0 here. scratch: 36 shared slots.
 template <typename Count>
-BMT_DEVICE void radix_select_step(const Count* hist, RadixPass pass, unsigned long long zeros, RadixState& state) {
-  const bool same = state.prefix[0] == state.prefix[1];
+BMT_DEVICE void radix_select_block(const Count* hist, RadixPass pass, unsigned long long zeros, RadixState* state,
+                                   unsigned long long* scratch) {
+  const bool same = state->prefix[0] == state->prefix[1];
   const int bins = 1 << pass.width;
+  const int per_thread = (bins + blockDim.x - 1) / blockDim.x;
+  const int first = threadIdx.x * per_thread;
+  const int last = first + per_thread < bins ? first + per_thread : bins;
+  unsigned long long* chosen = scratch + kWarp;  // bin and count below it, per target
+  if (threadIdx.x == 0) {
+    // Defaults that only survive if the histogram held fewer keys than the rank, which the deterministic
+    // recomputation of the distances in every pass rules out.
+    for (int t = 0; t < 2; ++t) chosen[2 * t] = bins - 1, chosen[2 * t + 1] = 0;
+  }
   for (int t = 0; t < 2; ++t) {
     const Count* h = hist + (same ? 0 : t) * kRadixBins;
-    unsigned long long below = 0;
-    int bin = 0, last_nonempty = 0;
-    for (; bin < bins; ++bin) {
-      const unsigned long long count =
-          static_cast<unsigned long long>(h[bin]) + (bin == 0 && state.prefix[t] == 0 ? zeros : 0);
-      if (count) last_nonempty = bin;
-      if (below + count > state.rank[t]) break;
-      below += count;
+    const bool with_zeros = state->prefix[t] == 0;
+    auto count_of = [&](int b) {
+      return static_cast<unsigned long long>(h[b]) + (b == 0 && with_zeros ? zeros : 0ull);
+    };
+    unsigned long long local = 0;
+    for (int b = first; b < last; ++b) local += count_of(b);
+    const unsigned long long inclusive = block_inclusive_sum(local, scratch);
+    const unsigned long long rank = state->rank[t];
+    unsigned long long below = inclusive - local;
+    if (below <= rank && rank < inclusive) {  // exactly one thread holds the rank
+      int b = first;
+      for (; b < last; ++b) {
+        const unsigned long long count = count_of(b);
+        if (below + count > rank) break;
+        below += count;
+      }
+      chosen[2 * t] = static_cast<unsigned long long>(b);
+      chosen[2 * t + 1] = below;
     }
-    if (bin == bins) {  // only if distances changed between passes; stay within the data regardless
-      bin = last_nonempty;
-      const unsigned long long count =
-          static_cast<unsigned long long>(h[bin]) + (bin == 0 && state.prefix[t] == 0 ? zeros : 0);
-      below -= count;
-    }
-    state.rank[t] -= below;
-    state.prefix[t] = (state.prefix[t] << pass.width) | static_cast<unsigned long long>(bin);
   }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int t = 0; t < 2; ++t) {
+      state->rank[t] -= chosen[2 * t + 1];
+      state->prefix[t] = (state->prefix[t] << pass.width) | chosen[2 * t];
+    }
+  }
+  __syncthreads();
 }
 
 // The median rule H = max(median / log(n + 1), floor) from the two selected keys.
@@ -127,7 +173,7 @@ BMT_DEVICE void flush_histogram(const unsigned* hist, unsigned long long* global
     if (hist[b]) atomicAdd(&global[b], static_cast<unsigned long long>(hist[b]));
 }
 
-// The select step between the histogram passes of the tiled median (one thread). The first pass starts
+// The select step between the histogram passes of the tiled median (one CTA). The first pass starts
 // from the two middle ranks of all n*n distances; the last writes the bandwidth.
 template <typename T>
 struct RadixSelectParams {
@@ -140,19 +186,27 @@ struct RadixSelectParams {
   T* bandwidth;  // written by the last pass
 };
 
+constexpr int kSelectThreads = 256;
+
 template <typename T>
-BMT_GLOBAL void radix_select_kernel(const RadixSelectParams<T> p) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  RadixState state = *p.state;
-  if (p.first) {
-    const unsigned long long total = static_cast<unsigned long long>(p.n) * static_cast<unsigned long long>(p.n);
-    state.prefix[0] = state.prefix[1] = 0;
-    state.rank[0] = (total - 1) / 2;
-    state.rank[1] = total / 2;
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kSelectThreads, 1) radix_select_kernel(const RadixSelectParams<T> p) {
+  __shared__ RadixState state;
+  __shared__ unsigned long long scratch[kWarp + 4];
+  if (threadIdx.x == 0) {
+    state = *p.state;
+    if (p.first) {
+      const unsigned long long total = static_cast<unsigned long long>(p.n) * static_cast<unsigned long long>(p.n);
+      state.prefix[0] = state.prefix[1] = 0;
+      state.rank[0] = (total - 1) / 2;
+      state.rank[1] = total / 2;
+    }
   }
-  radix_select_step(p.hist, p.pass, static_cast<unsigned long long>(p.n), state);
-  *p.state = state;
-  if (p.last) *p.bandwidth = bandwidth_from_keys<T>(state, p.n, p.floor);
+  __syncthreads();
+  radix_select_block(p.hist, p.pass, static_cast<unsigned long long>(p.n), &state, scratch);
+  if (threadIdx.x == 0) {
+    *p.state = state;
+    if (p.last) *p.bandwidth = bandwidth_from_keys<T>(state, p.n, p.floor);
+  }
 }
 
 }  // namespace bmt_fast::cuda

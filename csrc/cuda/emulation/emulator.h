@@ -338,6 +338,12 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
 }
 
 template <typename T>
+T __shfl_up_sync(unsigned mask, T value, unsigned delta) {
+  emu::check_full_mask(mask);
+  return emu::exchange(value, [delta](int lane) { return lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane; });
+}
+
+template <typename T>
 T __shfl_sync(unsigned mask, T value, int source_lane) {
   emu::check_full_mask(mask);
   return emu::exchange(value, [source_lane](int) { return source_lane; });
