@@ -46,6 +46,15 @@ class Target:
     device: torch.device
 
 
+def _ninja_directory() -> str | None:
+    """Where `ninja` is: on PATH, or beside this Python (a virtual environment that is not activated)."""
+    found = shutil.which("ninja")
+    if found:
+        return str(Path(found).parent)
+    beside = Path(sys.executable).parent / "ninja"
+    return str(beside.parent) if beside.is_file() else None
+
+
 def _emulator_unavailable() -> str:
     if sys.platform != "linux":
         return "the CUDA emulator needs Linux (ucontext)"
@@ -53,6 +62,8 @@ def _emulator_unavailable() -> str:
         return "csrc/cuda is not in this checkout"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler"
+    if _ninja_directory() is None:
+        return "ninja is needed to build the emulator (pip install ninja)"
     return ""
 
 
@@ -61,6 +72,9 @@ def _emulated_ops():
     """Builds the emulated ops once per session (about a minute on two cores)."""
     from torch.utils.cpp_extension import load
 
+    ninja_dir = _ninja_directory()
+    if shutil.which("ninja") is None:  # torch looks for ninja on PATH
+        os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
     load(
         name="bmt_fast_cuda_emulated",
         sources=[str(EMULATOR_SOURCE)],

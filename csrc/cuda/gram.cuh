@@ -1,4 +1,4 @@
-// Few particles, huge d (soft prompts: n <= ~256, d = 10^4 .. 10^6+). Four small launches:
+// Few particles, huge d (soft prompts: n <= ~256, d = 10^4 .. 10^6+), in up to four small launches:
 //   1. split-K Gram G = V V^T over column ranges, V = rows shifted by particle 0 (exact zeros for
 //      identical particles; no copy of V is made): fp32 (fp64 for fp64) partial sums per thread, added
 //      into a float64 G with atomics;
@@ -296,7 +296,9 @@ struct ApplyParams {
 };
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kMax > 8 ? 1 : 2) apply_small_kernel(const ApplyParams<In> p) {
+// Two CTAs per SM (at most 128 registers) except for fp64 with 16 rows, which needs more.
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, sizeof(compute_t<In>) == 8 && kMax > 8 ? 1 : 2)
+    apply_small_kernel(const ApplyParams<In> p) {
   static_assert(kMax <= kRankCountingMaxRows, "the median by ranks needs few rows");
   using C = compute_t<In>;
   constexpr int kColumns = 2;  // columns per thread and step: each shared K entry feeds two FMAs
