@@ -1,0 +1,25 @@
+// Choices of the CUDA kernels that callers may want to know (reported by build_info()).
+#pragma once
+
+#include <cstdint>
+
+namespace bmt_fast::cuda {
+
+// algorithm="auto" takes the Gram path (split-K Gram, then one memory-bound pass) up to this many
+// particles, the tiled path beyond.
+constexpr int64_t kGramMaxParticles = 256;
+// The Gram path keeps an R x R float64 Gram matrix and selects its median in one CTA: at most this many
+// rows (x rows, plus y rows for rbf_kernel), also when algorithm="gram" is asked for.
+constexpr int64_t kGramMaxRows = 4096;
+// Register-resident Gram and apply kernels up to this many rows; a tiled Gram kernel and a cuBLAS
+// apply beyond.
+constexpr int64_t kGramRegisterRows = 16;
+// bf16 / fp16 inputs use the tensor-core kernels (16-bit dot products of the centred particles) from
+// this many features on; below, the IEEE fp32 kernels: with few features the rounding of each coordinate
+// to 16 bits does not average out (d = 1: ~2.5% error in phi for bf16), and the dot is no bottleneck.
+constexpr int64_t kTensorCoreMinFeatures = 32;
+// rbf_kernel(x, y) uses the Gram path while n + m stays within this (the kernel-density prior of the
+// trainer: one or a few points against a few particles with a huge d).
+constexpr int64_t kRbfGramMaxRows = 256;
+
+}  // namespace bmt_fast::cuda

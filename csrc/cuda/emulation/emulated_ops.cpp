@@ -1,0 +1,19 @@
+// The CUDA ops of csrc/cuda compiled for the CPU emulator (-DBMT_FAST_EMULATE), registered as their own
+// library torch.ops.bmt_fast_cuda_emulated on CPU tensors with the schemas of torch.ops.bmt_fast. The
+// tests build this with torch.utils.cpp_extension.load and compare it with the float64 reference, so
+// the kernels' indexing, tiling, pipelining and synchronisation are exercised without a GPU.
+#ifndef BMT_FAST_EMULATE
+#error "compile with -DBMT_FAST_EMULATE"
+#endif
+
+#include "../ops.cuh"
+
+TORCH_LIBRARY(bmt_fast_cuda_emulated, m) {
+  m.def("svgd_step(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\") -> Tensor");
+  m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor");
+  m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor");
+  m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bmt_fast_cuda_emulated, CPU, m) { bmt_fast::cuda::register_kernels(m); }

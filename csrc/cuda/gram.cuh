@@ -1,0 +1,366 @@
+// Few particles, huge d (soft prompts: n <= ~256, d = 10^4 .. 10^6+), in up to four small launches:
+//   1. split-K Gram G = V V^T over column ranges, V = rows shifted by particle 0 (exact zeros for
+//      identical particles; no copy of V is made): fp32 (fp64 for fp64) partial sums per thread, added
+//      into a float64 G with atomics;
+//   2. the bandwidth: the exact median of the n*n distances of G (ranking the distinct pair distances
+//      for n <= 32, radix selection beyond) in one CTA, or H;
+//   3. K = exp(-D / H) as K/n and c = (2/H) rowsum(K) / n (one warp per row), or the rbf_kernel output;
+//   4. one memory-bound pass phi = (K/n) W + c V with W = score - (2/H) V formed on the fly.
+// For n <= 16 (soft prompts) steps 2 and 3 run inside step 4, so a step is a memset and two kernels.
+// Rows 0..n-1 come from x and rows n..n+m-1 from y (rbf_kernel of two sets): R = n + m rows in all.
+#pragma once
+
+#include "device.cuh"
+#include "radix.cuh"
+#include "tiled_ffma.cuh"
+
+namespace bmt_fast::cuda {
+
+template <typename In>
+struct GramParams {
+  const In* x;  // (n x d)
+  const In* y;  // (m x d), or null when m == 0
+  long long n, m, d;
+  double* gram;  // (R x R), zeroed; the upper triangle i <= j is accumulated
+  long long cols_per_block;  // column range of one CTA (multiple of 16)
+};
+
+template <typename In>
+BMT_DEVICE const In* gram_row(const GramParams<In>& p, long long r) {
+  return r < p.n ? p.x + r * p.d : p.y + (r - p.n) * p.d;
+}
+
+// Squared distance between rows i and j from the upper triangle of G, clamped at 0; exact 0 for i == j.
+BMT_DEVICE double gram_distance(const double* gram, long long rows, long long i, long long j) {
+  if (i == j) return 0.0;
+  const long long lo = i < j ? i : j, hi = i < j ? j : i;
+  const double dist = gram[i * rows + i] + gram[j * rows + j] - 2.0 * gram[lo * rows + hi];
+  return dist > 0.0 ? dist : 0.0;
+}
+
+// ---- 1a. Gram for R <= kMax (<= 16): each thread keeps all R(R+1)/2 sums of its columns in registers --
+// (136 for kMax = 16: one 256-thread CTA per SM then, which keeps 2 x 16 loads per thread in flight).
+
+template <typename In, int kMax>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kMax > 8 ? 1 : 2) gram_small_kernel(const GramParams<In> p) {
+  using C = compute_t<In>;
+  constexpr int kPairs = kMax * (kMax + 1) / 2;
+  constexpr int kWarps = 256 / kWarp;
+  __shared__ C partial[kWarps][kPairs];
+  const long long rows = p.n + p.m;
+  C acc[kPairs];
+  for (int q = 0; q < kPairs; ++q) acc[q] = C(0);
+
+  // Two columns per step (k and k + stride): twice the loads in flight before the FMAs.
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long k = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; k < p.d; k += 2 * stride) {
+    C v[2][kMax];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const long long col = k + h * stride;
+      const bool inside = col < p.d;
+      const C first = inside ? to_float(p.x[col]) : C(0);
+#pragma unroll
+      for (int r = 0; r < kMax; ++r) v[h][r] = inside && r < rows ? to_float(gram_row(p, r)[col]) - first : C(0);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int q = 0;
+#pragma unroll
+      for (int i = 0; i < kMax; ++i)
+#pragma unroll
+        for (int j = i; j < kMax; ++j) acc[q++] += v[h][i] * v[h][j];
+    }
+  }
+
+  const int warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int q = 0; q < kPairs; ++q) {
+    C sum = acc[q];
+    for (int m = 16; m >= 1; m /= 2) sum += shfl_xor(sum, m);
+    if (lane_id() == 0) partial[warp][q] = sum;
+  }
+  __syncthreads();
+  for (int q = threadIdx.x, i = 0, j = 0, seen = 0; q < kPairs; q += blockDim.x) {
+    for (; seen < q; ++seen)  // the pair (i, j) of index q, in the order of the accumulation loop
+      if (++j == kMax) j = ++i;
+    if (i < rows && j < rows) {
+      double sum = 0.0;
+      for (int w = 0; w < kWarps; ++w) sum += static_cast<double>(partial[w][q]);
+      atomicAdd(&p.gram[i * rows + j], sum);
+    }
+  }
+}
+
+// ---- 1b. Gram for larger R: 64 x 64 blocks of G on the FFMA dot tile, blockIdx.y = block pair I <= J --
+
+template <typename In>
+struct ShiftedRowLoader {
+  GramParams<In> p;  // by value: no address of a kernel parameter is taken
+  long long first_row, rows;
+  BMT_DEVICE compute_t<In> operator()(int r, long long k) const {
+    const long long row = first_row + r;
+    if (row >= rows) return compute_t<In>(0);
+    return to_float(gram_row(p, row)[k]) - to_float(p.x[k]);
+  }
+};
+
+template <typename In>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_tile_kernel(const GramParams<In> p) {
+  using C = compute_t<In>;
+  using G = FfmaGeometry<C>;
+  BMT_DYNAMIC_SHARED(smem);
+  C* sa = reinterpret_cast<C*>(smem);
+  C* sb = sa + 2 * G::kSlice;
+  const long long rows = p.n + p.m;
+  const long long blocks = (rows + G::kRows - 1) / G::kRows;
+  long long pair = blockIdx.y, bi = 0;
+  while (pair >= blocks - bi) {
+    pair -= blocks - bi;
+    ++bi;
+  }
+  const long long bj = bi + pair;
+  const long long k_begin = static_cast<long long>(blockIdx.x) * p.cols_per_block;
+  const long long k_end = k_begin + p.cols_per_block < p.d ? k_begin + p.cols_per_block : p.d;
+  C s[4][4];
+  ffma_dot_tile(s, k_begin, k_end, sa, sb, ShiftedRowLoader<In>{p, bi * G::kRows, rows},
+                ShiftedRowLoader<In>{p, bj * G::kCols, rows});
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) {
+      const long long i = bi * G::kRows + 4 * ty + r, j = bj * G::kCols + 4 * tx + c;
+      if (i < rows && j < rows && i <= j) atomicAdd(&p.gram[i * rows + j], static_cast<double>(s[r][c]));
+    }
+}
+
+// ---- 2. the bandwidth of the first n rows: median rule, or H given ---------------------------------
+
+// Up to this many particles the median comes from ranking the n(n-1)/2 distinct pair distances against
+// each other (O(n^4 / 4) comparisons in one CTA, a few microseconds); beyond, by radix selection.
+constexpr long long kRankCountingMaxRows = 32;
+constexpr int kMaxPairsRanked = kRankCountingMaxRows * (kRankCountingMaxRows - 1) / 2;
+
+// The pair (i < j) of index q in the order (0,1), (0,2), .., (0,n-1), (1,2), ..
+BMT_DEVICE void pair_of(long long q, long long n, long long& i, long long& j) {
+  i = 0;
+  while (q >= n - 1 - i) {
+    q -= n - 1 - i;
+    ++i;
+  }
+  j = i + 1 + q;
+}
+
+// Block-wide: the numpy median of all n*n distances of the first n rows of G (diagonal zeros included),
+// n <= kRankCountingMaxRows. Of the n*n values, n are the zeros of the diagonal and the rest come in
+// equal pairs: overall rank r >= n is the distinct pair distance of rank (r - n) / 2, found by counting
+// for each pair how many are smaller (ties broken by index). values: kMaxPairsRanked shared slots.
+BMT_DEVICE double gram_median_by_ranks(const double* gram, long long rows, long long n, double* values,
+                                       double* middle) {
+  const long long pairs = n * (n - 1) / 2, total = n * n;
+  const long long rank[2] = {(total - 1) / 2, total / 2};
+  for (long long q = threadIdx.x; q < pairs; q += blockDim.x) {
+    long long i, j;
+    pair_of(q, n, i, j);
+    values[q] = gram_distance(gram, rows, i, j);
+  }
+  if (threadIdx.x == 0)
+    for (int t = 0; t < 2; ++t)
+      if (rank[t] < n) middle[t] = 0.0;
+  __syncthreads();
+  for (long long q = threadIdx.x; q < pairs; q += blockDim.x) {
+    const double v = values[q];
+    long long smaller = 0;
+    for (long long b = 0; b < pairs; ++b) smaller += values[b] < v || (values[b] == v && b < q);
+    for (int t = 0; t < 2; ++t)
+      if (rank[t] >= n && (rank[t] - n) / 2 == smaller) middle[t] = v;
+  }
+  __syncthreads();
+  return 0.5 * (middle[0] + middle[1]);
+}
+
+BMT_DEVICE double median_rule(double median, long long n, double floor) {
+  const double h = median / log(static_cast<double>(n) + 1.0);
+  return h > floor ? h : floor;
+}
+
+struct GramBandwidthParams {
+  const double* gram;  // (rows x rows) upper triangle
+  long long rows, n;   // the median is over rows 0 .. n-1
+  const double* given;  // H, or null for the median rule
+  double floor;
+  double* bandwidth;  // out: H
+};
+
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_bandwidth_kernel(const GramBandwidthParams p) {
+  __shared__ double storage[kRadixBins];  // the histogram (2 x kRadixBins counts), or the ranked pairs
+  __shared__ RadixState state;
+  __shared__ unsigned long long scratch[kWarp + 4];
+  __shared__ double middle[2];
+  unsigned* hist = reinterpret_cast<unsigned*>(storage);
+  if (p.given) {
+    if (threadIdx.x == 0) *p.bandwidth = *p.given;
+    return;
+  }
+  if (p.n <= kRankCountingMaxRows) {
+    static_assert(kMaxPairsRanked <= kRadixBins, "the ranked pairs share the histogram's storage");
+    const double median = gram_median_by_ranks(p.gram, p.rows, p.n, storage, middle);
+    if (threadIdx.x == 0) *p.bandwidth = median_rule(median, p.n, p.floor);
+    return;
+  }
+  if (threadIdx.x == 0) {
+    const unsigned long long total = static_cast<unsigned long long>(p.n) * static_cast<unsigned long long>(p.n);
+    state.prefix[0] = state.prefix[1] = 0;
+    state.rank[0] = (total - 1) / 2;
+    state.rank[1] = total / 2;
+  }
+  for (int index = 0; index < radix_pass_count<double>(); ++index) {
+    const RadixPass pass = radix_pass<double>(index);
+    zero_histogram(hist);
+    __syncthreads();
+    const unsigned long long prefix[2] = {state.prefix[0], state.prefix[1]};
+    const bool same = prefix[0] == prefix[1];
+    for (long long idx = threadIdx.x; idx < p.n * p.n; idx += blockDim.x) {
+      const long long i = idx / p.n, j = idx % p.n;
+      if (i != j) radix_count(hist, key_of(gram_distance(p.gram, p.rows, i, j)), pass, prefix, same, 1u);
+    }
+    __syncthreads();
+    radix_select_block(hist, pass, static_cast<unsigned long long>(p.n), &state, scratch);
+  }
+  if (threadIdx.x == 0) *p.bandwidth = bandwidth_from_keys<double>(state, p.n, p.floor);
+}
+
+// ---- 3a. svgd_step: kn = K / n, c = (2/H) rowsum(K) / n, a = 2/H (one warp per row) ---------------
+
+template <typename C>
+struct GramWeightsParams {
+  const double* gram;
+  long long n;
+  const double* bandwidth;
+  C* kn;  // (n x n)
+  C* c;   // (n)
+  C* a;   // scalar
+};
+
+template <typename C>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_weights_kernel(const GramWeightsParams<C> p) {
+  const double inv_h = inverse_bandwidth(*p.bandwidth);
+  const long long i = static_cast<long long>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.a = static_cast<C>(2.0 * inv_h);
+  if (i >= p.n) return;  // whole warps leave together: no barrier or collective is skipped by part of one
+  double rowsum = 0.0;
+  for (long long j = lane_id(); j < p.n; j += kWarp) {
+    const double k = exp(-gram_distance(p.gram, p.n, i, j) * inv_h);
+    p.kn[i * p.n + j] = static_cast<C>(k / static_cast<double>(p.n));
+    rowsum += k;
+  }
+  for (int m = 16; m >= 1; m /= 2) rowsum += shfl_xor(rowsum, m);
+  if (lane_id() == 0) p.c[i] = static_cast<C>(2.0 * inv_h * rowsum / static_cast<double>(p.n));
+}
+
+// ---- 3b. rbf_kernel: K[i, j] = exp(-D(x_i, y_j) / H) from G ---------------------------------------
+
+template <typename Out>
+struct GramRbfParams {
+  const double* gram;
+  long long n, m;  // y rows are rows n .. n+m-1 of G, or (self) the x rows themselves
+  bool self;
+  const double* bandwidth;
+  Out* kernel;  // (n x m)
+};
+
+template <typename Out>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 4) gram_rbf_kernel(const GramRbfParams<Out> p) {
+  const double inv_h = inverse_bandwidth(*p.bandwidth);
+  const long long rows = p.self ? p.n : p.n + p.m;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; idx < p.n * p.m; idx += stride) {
+    const long long i = idx / p.m, j = idx % p.m;
+    const double dist = gram_distance(p.gram, rows, i, p.self ? j : p.n + j);
+    p.kernel[idx] = Store<Out>::from(static_cast<compute_t<Out>>(exp(-dist * inv_h)));
+  }
+}
+
+// ---- 4. phi = kn W + c V, W = score - a V, V = x - x_0, for n <= kMax (<= 16) -----------------------
+// Each CTA first derives H (given, or the median of G by ranks), K / n, c = a rowsum(K) / n and a = 2/H
+// from the tiny G itself: redundant work of a few microseconds that saves two launches per step.
+
+template <typename In>
+struct ApplyParams {
+  const In* x;
+  const In* score;
+  In* phi;
+  long long n, d;
+  const double* gram;   // (n x n) upper triangle, from gram_small_kernel
+  const double* given;  // H, or null for the median rule
+  double floor;
+};
+
+template <typename In, int kMax>
+// Two CTAs per SM (at most 128 registers) except for fp64 with 16 rows, which needs more.
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, sizeof(compute_t<In>) == 8 && kMax > 8 ? 1 : 2)
+    apply_small_kernel(const ApplyParams<In> p) {
+  static_assert(kMax <= kRankCountingMaxRows, "the median by ranks needs few rows");
+  using C = compute_t<In>;
+  constexpr int kColumns = 2;  // columns per thread and step: each shared K entry feeds two FMAs
+  __shared__ C kn[kMax][kMax];
+  __shared__ C c[kMax];
+  __shared__ double pair_values[kMax * (kMax - 1) / 2 + 1];
+  __shared__ double middle[2];
+  const double h = p.given ? *p.given
+                           : median_rule(gram_median_by_ranks(p.gram, p.n, p.n, pair_values, middle), p.n, p.floor);
+  const double inv_h = inverse_bandwidth(h);
+  for (int idx = threadIdx.x; idx < kMax * kMax; idx += blockDim.x) {
+    const int i = idx / kMax, j = idx % kMax;
+    const bool inside = i < p.n && j < p.n;
+    kn[i][j] = inside ? static_cast<C>(exp(-gram_distance(p.gram, p.n, i, j) * inv_h) / static_cast<double>(p.n)) : C(0);
+  }
+  for (int i = threadIdx.x; i < kMax; i += blockDim.x) {
+    double rowsum = 0.0;
+    for (int j = 0; j < p.n && i < p.n; ++j) rowsum += exp(-gram_distance(p.gram, p.n, i, j) * inv_h);
+    c[i] = i < p.n ? static_cast<C>(2.0 * inv_h * rowsum / static_cast<double>(p.n)) : C(0);
+  }
+  const C a = static_cast<C>(2.0 * inv_h);
+  __syncthreads();
+  // Read through volatile: every lane reads the same entry (a broadcast), and the compiler must not
+  // hoist all kMax^2 entries out of the column loop into registers (it spills when it does).
+  const volatile C* kn_row = &kn[0][0];
+  const volatile C* c_shared = c;
+
+  const long long span = static_cast<long long>(blockDim.x) * kColumns;
+  for (long long base = static_cast<long long>(blockIdx.x) * span; base < p.d; base += gridDim.x * span) {
+    C v[kColumns][kMax], w[kColumns][kMax];
+#pragma unroll
+    for (int q = 0; q < kColumns; ++q) {
+      const long long k = base + q * blockDim.x + threadIdx.x;  // coalesced across the block
+      const bool inside = k < p.d;
+      const C first = inside ? to_float(p.x[k]) : C(0);
+#pragma unroll
+      for (int r = 0; r < kMax; ++r) {
+        const bool present = inside && r < p.n;
+        v[q][r] = present ? to_float(p.x[r * p.d + k]) - first : C(0);
+        w[q][r] = present ? to_float(p.score[r * p.d + k]) - a * v[q][r] : C(0);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMax; ++i) {
+      if (i >= p.n) break;
+      C out[kColumns];
+      const C ci = c_shared[i];
+#pragma unroll
+      for (int q = 0; q < kColumns; ++q) out[q] = ci * v[q][i];
+#pragma unroll
+      for (int j = 0; j < kMax; ++j) {
+        const C kij = kn_row[i * kMax + j];
+#pragma unroll
+        for (int q = 0; q < kColumns; ++q) out[q] += kij * w[q][j];
+      }
+#pragma unroll
+      for (int q = 0; q < kColumns; ++q) {
+        const long long k = base + q * blockDim.x + threadIdx.x;
+        if (k < p.d) p.phi[i * p.d + k] = Store<In>::from(out[q]);
+      }
+    }
+  }
+}
+
+}  // namespace bmt_fast::cuda

@@ -1,0 +1,540 @@
+// The CUDA implementations of the torch.ops.bmt_fast ops: argument checks (shared with the CPU and Meta
+// kernels), the choice of algorithm, the small ATen preparations (centring, padding, 16-bit copies) and
+// the kernel launches. Included by svgd_cuda.cu for the GPU and by emulation/emulated_ops.cpp for the
+// CPU emulator, so both run exactly this code.
+//
+// No host synchronisation: the bandwidth stays on the device (a given H is read by the kernels; the
+// median rule's H is computed on the device), so an invalid H shows up as NaN in the result rather than
+// as an exception (the public Python API checks the value first).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "../bmt_fast.h"
+#include "config.h"
+#include "device.cuh"
+#include "gram.cuh"
+#include "radix.cuh"
+#include "tiled_ffma.cuh"
+#include "tiled_mma.cuh"
+
+#ifndef BMT_FAST_EMULATE
+// Only c10's CUDA headers: ATen/cuda/CUDAContext.h would also need the cuBLAS / cuSPARSE headers.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace bmt_fast::cuda {
+
+// ---- launching -------------------------------------------------------------------------------------
+
+struct Device {
+#ifdef BMT_FAST_EMULATE
+  int stream = 0;
+#else
+  cudaStream_t stream = nullptr;
+#endif
+  int sms = 1;    // multiprocessors: sizes the split-K and grid-stride grids
+  int major = 0;  // compute capability
+};
+
+inline Device launch_device(const at::Tensor& x) {
+  Device dev;
+#ifdef BMT_FAST_EMULATE
+  (void)x;
+  const char* sms = std::getenv("BMT_FAST_EMULATE_SMS");
+  dev.sms = sms ? std::max(1, std::atoi(sms)) : 2;
+  dev.major = 9;
+#else
+  const int index = x.get_device();
+  int minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, index));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.major, cudaDevAttrComputeCapabilityMajor, index));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
+  BMT_CHECK(dev.major >= 8, "the CUDA kernels need compute capability 8.0 or newer, device ", index, " has ",
+            dev.major, ".", minor);
+  dev.stream = c10::cuda::getCurrentCUDAStream(index).stream();
+#endif
+  return dev;
+}
+
+template <typename Params>
+void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t shared_bytes, const Device& dev, const Params& p) {
+  BMT_CHECK(grid.y <= 65535 && grid.z <= 65535, "too many feature chunks for one launch (grid ", grid.x, " x ",
+            grid.y, "); use algorithm=\"gram\" for this many features");
+#ifdef BMT_FAST_EMULATE
+  (void)dev;
+  emu::launch(kernel, grid, block, shared_bytes, p);
+#else
+  if (shared_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+  }
+  kernel<<<grid, block, shared_bytes, dev.stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+#ifdef BMT_FAST_EMULATE
+#define BMT_FAST_DEVICE_GUARD(tensor)
+#else
+#define BMT_FAST_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard device_guard_((tensor).device())
+#endif
+
+inline unsigned grid_size(int64_t blocks) {
+  return static_cast<unsigned>(std::max<int64_t>(1, blocks));
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ---- storage types ---------------------------------------------------------------------------------
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<S>{}) with the storage type S of dtype.
+template <typename F>
+decltype(auto) with_storage_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(Tag<float>{});
+    case at::kDouble:
+      return f(Tag<double>{});
+    case at::kBFloat16:
+      return f(Tag<bf16>{});
+    case at::kHalf:
+      return f(Tag<f16>{});
+    default:
+      BMT_CHECK(false, "unsupported dtype ", dtype);
+  }
+  return f(Tag<float>{});  // not reached
+}
+
+template <typename T>
+const T* pointer(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mutable_pointer(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+
+inline bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// Tensor cores for 16-bit inputs with enough features; IEEE fp32 / fp64 CUDA cores otherwise.
+inline bool use_tensor_cores(const at::Tensor& x) {
+  return is_half(x.scalar_type()) && x.size(1) >= kTensorCoreMinFeatures;
+}
+
+// ---- shared preparation ----------------------------------------------------------------------------
+
+// x (and y by the same vector) shifted by x[0] + mean(x - x[0]), in the compute type (reference.centre).
+inline std::pair<at::Tensor, at::Tensor> centred(const at::Tensor& x, const std::optional<at::Tensor>& y) {
+  const auto acc = accumulation_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc);
+  const at::Tensor first = xa.narrow(0, 0, 1);
+  const at::Tensor shift = first + (xa - first).mean(0, /*keepdim=*/true);
+  at::Tensor xc = (xa - shift).contiguous();
+  at::Tensor yc = y ? (y->to(acc) - shift).contiguous() : xc;
+  return {xc, yc};
+}
+
+// The 16-bit operand of the tensor-core kernels: rows padded to 128, columns to 16, zeros outside.
+struct Operand16 {
+  at::Tensor values;  // (rows_padded x d_pad), the input's 16-bit type
+  at::Tensor norms;   // (rows_padded), fp32 squared norms of the 16-bit values
+};
+
+inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
+  const int64_t rows = xc.size(0), d = xc.size(1);
+  Operand16 op;
+  op.values = at::zeros({round_up(rows, MmaGeometry::kRows), round_up(d, 16)}, xc.options().dtype(half_type));
+  op.values.narrow(0, 0, rows).narrow(1, 0, d).copy_(xc);
+  op.norms = op.values.to(at::kFloat).square().sum(1);
+  return op;
+}
+
+// ---- Gram path -------------------------------------------------------------------------------------
+
+// G (R x R float64, upper triangle) of the rows of x and y (if given), shifted by x[0].
+template <typename In>
+at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, const Device& dev) {
+  const int64_t n = x.size(0), m = y ? y->size(0) : 0, d = x.size(1), rows = n + m;
+  BMT_CHECK(rows <= kGramMaxRows, "the Gram algorithm handles at most ", kGramMaxRows, " particles on CUDA, got ",
+            rows, " (use algorithm=\"tiled\")");
+  at::Tensor gram = at::zeros({rows, rows}, x.options().dtype(at::kDouble));
+  GramParams<In> p{pointer<In>(x), y ? pointer<In>(*y) : nullptr, n, m, d, mutable_pointer<double>(gram), 0};
+  if (rows <= kGramRegisterRows) {
+    const unsigned blocks = grid_size(std::min<int64_t>((d + 255) / 256, 4 * int64_t(dev.sms)));
+    if (rows <= 4) {
+      launch(&gram_small_kernel<In, 4>, blocks, 256, 0, dev, p);
+    } else if (rows <= 8) {
+      launch(&gram_small_kernel<In, 8>, blocks, 256, 0, dev, p);
+    } else {
+      launch(&gram_small_kernel<In, 16>, blocks, 256, 0, dev, p);
+    }
+  } else {
+    using G = FfmaGeometry<compute_t<In>>;
+    const int64_t row_blocks = (rows + G::kRows - 1) / G::kRows;
+    const int64_t pairs = row_blocks * (row_blocks + 1) / 2;
+    const int64_t splits = std::clamp<int64_t>(2 * dev.sms / pairs, 1, (d + 15) / 16);
+    p.cols_per_block = round_up((d + splits - 1) / splits, 16);
+    const int64_t blocks = (d + p.cols_per_block - 1) / p.cols_per_block;
+    launch(&gram_tile_kernel<In>, dim3(grid_size(blocks), grid_size(pairs)), 256, G::kDotBytes, dev, p);
+  }
+  return gram;
+}
+
+// H (0-dim float64) for the first n rows of G: the median rule, or `given` copied.
+inline at::Tensor gram_bandwidth(const at::Tensor& gram, int64_t n, const std::optional<at::Tensor>& given,
+                                 const Device& dev) {
+  at::Tensor h = at::empty({}, gram.options());
+  const GramBandwidthParams p{pointer<double>(gram), gram.size(0), n, given ? pointer<double>(*given) : nullptr,
+                              kBandwidthFloor, mutable_pointer<double>(h)};
+  launch(&gram_bandwidth_kernel, 1, 256, 0, dev, p);
+  return h;
+}
+
+template <typename In>
+at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
+                          const Device& dev) {
+  using C = compute_t<In>;
+  const int64_t n = x.size(0), d = x.size(1);
+  const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev);
+  if (n <= kGramRegisterRows) {  // the apply kernel derives H and K itself: no launch in between
+    at::Tensor phi = at::empty_like(x);
+    const ApplyParams<In> ap{pointer<In>(x), pointer<In>(score), mutable_pointer<In>(phi), n, d,
+                             pointer<double>(gram), h_given ? pointer<double>(*h_given) : nullptr, kBandwidthFloor};
+    const unsigned blocks = grid_size(std::min<int64_t>((d + 511) / 512, 4 * int64_t(dev.sms)));
+    if (n <= 4) {
+      launch(&apply_small_kernel<In, 4>, blocks, 256, 0, dev, ap);
+    } else if (n <= 8) {
+      launch(&apply_small_kernel<In, 8>, blocks, 256, 0, dev, ap);
+    } else {
+      launch(&apply_small_kernel<In, 16>, blocks, 256, 0, dev, ap);
+    }
+    return phi;
+  }
+  const at::Tensor h = gram_bandwidth(gram, n, h_given, dev);
+  const auto acc = accumulation_type(x.scalar_type());
+  at::Tensor kn = at::empty({n, n}, x.options().dtype(acc));
+  at::Tensor c = at::empty({n}, x.options().dtype(acc));
+  at::Tensor a = at::empty({}, x.options().dtype(acc));
+  const GramWeightsParams<C> wp{pointer<double>(gram), n, pointer<double>(h), mutable_pointer<C>(kn),
+                                mutable_pointer<C>(c), mutable_pointer<C>(a)};
+  launch(&gram_weights_kernel<C>, grid_size((n + 7) / 8), 256, 0, dev, wp);
+  // More particles: the apply is a small GEMM (n x n) @ (n x d); cuBLAS does it at full speed.
+  const at::Tensor xa = x.to(acc);
+  const at::Tensor v = xa - xa.narrow(0, 0, 1);
+  const at::Tensor w = score.to(acc) - a * v;
+  return at::addmm(c.unsqueeze(1) * v, kn, w).to(x.scalar_type());
+}
+
+// ---- tiled path ------------------------------------------------------------------------------------
+
+// The median rule on the FFMA distance tiles (fp32 / fp64): 0-dim tensor of the compute type.
+template <typename C>
+at::Tensor median_tiled_ffma(const at::Tensor& xc, const at::Tensor& norms, const Device& dev) {
+  using G = FfmaGeometry<C>;
+  const int64_t n = xc.size(0);
+  constexpr int passes = radix_pass_count<C>();
+  at::Tensor hist = at::zeros({passes, 2 * kRadixBins}, xc.options().dtype(at::kLong));
+  at::Tensor state = at::zeros({4}, xc.options().dtype(at::kLong));
+  at::Tensor h = at::empty({}, xc.options());
+  auto* state_ptr = reinterpret_cast<RadixState*>(state.mutable_data_ptr());
+  for (int index = 0; index < passes; ++index) {
+    auto* pass_hist = reinterpret_cast<unsigned long long*>(hist[index].mutable_data_ptr());
+    FfmaParams<C, C> p{};
+    p.a = p.b = pointer<C>(xc);
+    p.a_norms = p.b_norms = pointer<C>(norms);
+    p.a_rows = p.b_rows = n;
+    p.d = xc.size(1);
+    p.self = true;
+    p.pass = radix_pass<C>(index);
+    p.state = state_ptr;
+    p.hist = pass_hist;
+    launch(&ffma_tile_kernel<C, C, TileMode::kMedian>, grid_size((n + G::kRows - 1) / G::kRows), 256,
+           G::shared_bytes(TileMode::kMedian), dev, p);
+    const RadixSelectParams<C> sp{pass_hist, state_ptr, radix_pass<C>(index), index == 0, index == passes - 1,
+                                  n, kBandwidthFloor, mutable_pointer<C>(h)};
+    launch(&radix_select_kernel<C>, 1, kSelectThreads, 0, dev, sp);
+  }
+  return h;
+}
+
+// The median rule on the tensor-core distance tiles (the 16-bit centred values): 0-dim fp32 tensor.
+template <bool kHalf>
+at::Tensor median_tiled_mma(const Operand16& xb, int64_t n, const Device& dev) {
+  constexpr int passes = radix_pass_count<float>();
+  at::Tensor hist = at::zeros({passes, 2 * kRadixBins}, xb.norms.options().dtype(at::kLong));
+  at::Tensor state = at::zeros({4}, xb.norms.options().dtype(at::kLong));
+  at::Tensor h = at::empty({}, xb.norms.options());
+  auto* state_ptr = reinterpret_cast<RadixState*>(state.mutable_data_ptr());
+  const int64_t d_pad = xb.values.size(1);
+  for (int index = 0; index < passes; ++index) {
+    auto* pass_hist = reinterpret_cast<unsigned long long*>(hist[index].mutable_data_ptr());
+    MmaParams<float> p{};
+    p.a = p.b = pointer<uint16_t>(xb.values);
+    p.a_norms = p.b_norms = pointer<float>(xb.norms);
+    p.a_rows = p.b_rows = n;
+    p.d_pad = d_pad;
+    p.self = true;
+    p.pass = radix_pass<float>(index);
+    p.state = state_ptr;
+    p.hist = pass_hist;
+    launch(&mma_tile_kernel<kHalf, float, TileMode::kMedian>, grid_size(xb.values.size(0) / MmaGeometry::kRows),
+           MmaGeometry::kThreads, MmaGeometry::shared_bytes(TileMode::kMedian, d_pad <= MmaGeometry::kChunk), dev,
+           p);
+    const RadixSelectParams<float> sp{pass_hist, state_ptr, radix_pass<float>(index), index == 0,
+                                      index == passes - 1, n, kBandwidthFloor, mutable_pointer<float>(h)};
+    launch(&radix_select_kernel<float>, 1, kSelectThreads, 0, dev, sp);
+  }
+  return h;
+}
+
+// phi = (O + (2/H) rowsum * xc) / n from the tiled kernels' O = K W and rowsum = K 1.
+inline at::Tensor finish_phi(const at::Tensor& out, const at::Tensor& rowsum, const at::Tensor& a, const at::Tensor& xc,
+                             at::ScalarType dtype) {
+  const int64_t n = xc.size(0);
+  return out.add_((a * rowsum).unsqueeze(1) * xc).div_(static_cast<double>(n)).to(dtype);
+}
+
+template <typename C>
+at::Tensor svgd_step_tiled_ffma(const at::Tensor& xc, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
+                                at::ScalarType dtype, const Device& dev) {
+  using G = FfmaGeometry<C>;
+  const int64_t n = xc.size(0), d = xc.size(1);
+  const at::Tensor norms = xc.square().sum(1);
+  const at::Tensor h = h_given ? h_given->to(xc.scalar_type()) : median_tiled_ffma<C>(xc, norms, dev);
+  const at::Tensor a = 2.0 / h;
+  const at::Tensor w = (score.to(xc.scalar_type()) - a * xc).contiguous();
+  at::Tensor out = at::empty({n, d}, xc.options());
+  at::Tensor rowsum = at::empty({n}, xc.options());
+  FfmaParams<C, C> p{};
+  p.a = p.b = pointer<C>(xc);
+  p.a_norms = p.b_norms = pointer<C>(norms);
+  p.a_rows = p.b_rows = n;
+  p.d = d;
+  p.bandwidth = pointer<C>(h);
+  p.self = true;
+  p.w = pointer<C>(w);
+  p.out = mutable_pointer<C>(out);
+  p.rowsum = mutable_pointer<C>(rowsum);
+  const dim3 grid(grid_size((n + G::kRows - 1) / G::kRows), grid_size((d + G::kFeatures - 1) / G::kFeatures));
+  launch(&ffma_tile_kernel<C, C, TileMode::kSvgd>, grid, 256, G::shared_bytes(TileMode::kSvgd), dev, p);
+  return finish_phi(out, rowsum, a, xc, dtype);
+}
+
+template <bool kHalf>
+at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
+                               at::ScalarType dtype, const Device& dev) {
+  using G = MmaGeometry;
+  const int64_t n = xc.size(0), d = xc.size(1);
+  const Operand16 xb = operand16(xc, dtype);
+  const int64_t rows_padded = xb.values.size(0), d_pad = xb.values.size(1);
+  const at::Tensor h = h_given ? h_given->to(at::kFloat) : median_tiled_mma<kHalf>(xb, n, dev);
+  const at::Tensor a = 2.0 / h;
+  at::Tensor w = score.to(at::kFloat) - a * xc;
+  std::optional<at::Tensor> w_scale;
+  if constexpr (kHalf) {  // a power of two that brings max |W| to 2^14 (fp16 overflows at 65504)
+    const at::Tensor top = at::ceil(at::log2(w.abs().max().clamp_min(1e-30)));
+    w_scale = top.neg().add_(14.0).exp2_();
+    w = w * *w_scale;
+  }
+  // W^T in the 16-bit type: features padded to the CTA's 128, particles to the padded rows.
+  at::Tensor wt = at::zeros({round_up(d, G::kFeatures), rows_padded}, xc.options().dtype(dtype));
+  wt.narrow(0, 0, d).narrow(1, 0, n).copy_(w.t());
+  at::Tensor out = at::empty({n, d}, xc.options());
+  at::Tensor rowsum = at::empty({n}, xc.options());
+  MmaParams<float> p{};
+  p.a = p.b = pointer<uint16_t>(xb.values);
+  p.a_norms = p.b_norms = pointer<float>(xb.norms);
+  p.a_rows = p.b_rows = n;
+  p.d_pad = d_pad;
+  p.bandwidth = pointer<float>(h);
+  p.self = true;
+  p.wt = pointer<uint16_t>(wt);
+  p.wt_ld = rows_padded;
+  p.d = d;
+  p.out = mutable_pointer<float>(out);
+  p.rowsum = mutable_pointer<float>(rowsum);
+  const dim3 grid(grid_size(rows_padded / G::kRows), grid_size(wt.size(0) / G::kFeatures));
+  launch(&mma_tile_kernel<kHalf, float, TileMode::kSvgd>, grid, G::kThreads,
+         G::shared_bytes(TileMode::kSvgd, d_pad <= G::kChunk), dev, p);
+  if (w_scale) out.div_(*w_scale);
+  return finish_phi(out, rowsum, a, xc, dtype);
+}
+
+// ---- ops -------------------------------------------------------------------------------------------
+
+inline bool use_gram(int64_t n, Algorithm algorithm) {
+  if (algorithm == Algorithm::kAuto) return n <= kGramMaxParticles;
+  return algorithm == Algorithm::kGram;
+}
+
+inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
+                            const std::optional<at::Tensor>& bandwidth, std::string_view algorithm) {
+  check_svgd_step_args(x_in, score_in, bandwidth);
+  const Algorithm algo = parse_algorithm(algorithm);
+  BMT_FAST_DEVICE_GUARD(x_in);
+  const Device dev = launch_device(x_in);
+  const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
+  const auto dtype = x.scalar_type();
+  if (use_gram(x.size(0), algo)) {
+    std::optional<at::Tensor> h;
+    if (bandwidth) h = bandwidth->detach().to(at::kDouble).reshape({}).contiguous();
+    return with_storage_type(dtype, [&](auto tag) {
+      return svgd_step_gram<typename decltype(tag)::type>(x, score, h, dev);
+    });
+  }
+  std::optional<at::Tensor> h;
+  if (bandwidth) h = bandwidth->detach().reshape({});
+  const at::Tensor xc = centred(x, std::nullopt).first;
+  if (use_tensor_cores(x)) {
+    return dtype == at::kHalf ? svgd_step_tiled_mma<true>(xc, score, h, dtype, dev)
+                              : svgd_step_tiled_mma<false>(xc, score, h, dtype, dev);
+  }
+  if (dtype == at::kDouble) return svgd_step_tiled_ffma<double>(xc, score, h, dtype, dev);
+  return svgd_step_tiled_ffma<float>(xc, score, h, dtype, dev);
+}
+
+inline at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) {
+  check_particles(x_in, "x");
+  const Algorithm algo = parse_algorithm(algorithm);
+  BMT_FAST_DEVICE_GUARD(x_in);
+  const Device dev = launch_device(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const auto dtype = x.scalar_type(), acc = accumulation_type(dtype);
+  const int64_t n = x.size(0);
+  if (use_gram(n, algo)) {
+    const at::Tensor gram = with_storage_type(
+        dtype, [&](auto tag) { return gram_matrix<typename decltype(tag)::type>(x, std::nullopt, dev); });
+    return gram_bandwidth(gram, n, std::nullopt, dev).to(acc);
+  }
+  const at::Tensor xc = centred(x, std::nullopt).first;
+  if (use_tensor_cores(x)) {
+    return dtype == at::kHalf ? median_tiled_mma<true>(operand16(xc, dtype), n, dev)
+                              : median_tiled_mma<false>(operand16(xc, dtype), n, dev);
+  }
+  const at::Tensor norms = xc.square().sum(1);
+  if (dtype == at::kDouble) return median_tiled_ffma<double>(xc, norms, dev);
+  return median_tiled_ffma<float>(xc, norms, dev);
+}
+
+template <typename Out>
+at::Tensor rbf_kernel_tiled(const at::Tensor& x, const at::Tensor& y, bool self, const at::Tensor& bandwidth,
+                            const Device& dev) {
+  const int64_t n = x.size(0), m = y.size(0);
+  const auto dtype = x.scalar_type();
+  auto [xc, yc] = centred(x, self ? std::nullopt : std::optional<at::Tensor>(y));
+  at::Tensor out = at::empty({n, m}, x.options());
+  if constexpr (std::is_same_v<Out, bf16> || std::is_same_v<Out, f16>) {
+    if (use_tensor_cores(x)) {
+      using G = MmaGeometry;
+      const Operand16 xb = operand16(xc, dtype);
+      const Operand16 yb = self ? xb : operand16(yc, dtype);
+      const at::Tensor h = bandwidth.to(at::kFloat).reshape({}).contiguous();
+      MmaParams<Out> p{};
+      p.a = pointer<uint16_t>(xb.values);
+      p.b = pointer<uint16_t>(yb.values);
+      p.a_norms = pointer<float>(xb.norms);
+      p.b_norms = pointer<float>(yb.norms);
+      p.a_rows = n;
+      p.b_rows = m;
+      p.d_pad = xb.values.size(1);
+      p.bandwidth = pointer<float>(h);
+      p.self = self;
+      p.kernel = mutable_pointer<Out>(out);
+      launch(&mma_tile_kernel<std::is_same_v<Out, f16>, Out, TileMode::kRbf>, grid_size(xb.values.size(0) / G::kRows),
+             G::kThreads, G::shared_bytes(TileMode::kRbf, p.d_pad <= G::kChunk), dev, p);
+      return out;
+    }
+  }
+  using C = compute_t<Out>;
+  using G = FfmaGeometry<C>;
+  const at::Tensor nx = xc.square().sum(1), ny = self ? nx : yc.square().sum(1);
+  const at::Tensor h = bandwidth.to(xc.scalar_type()).reshape({}).contiguous();
+  FfmaParams<C, Out> p{};
+  p.a = pointer<C>(xc);
+  p.b = pointer<C>(yc);
+  p.a_norms = pointer<C>(nx);
+  p.b_norms = pointer<C>(ny);
+  p.a_rows = n;
+  p.b_rows = m;
+  p.d = x.size(1);
+  p.bandwidth = pointer<C>(h);
+  p.self = self;
+  p.kernel = mutable_pointer<Out>(out);
+  launch(&ffma_tile_kernel<C, Out, TileMode::kRbf>, grid_size((n + G::kRows - 1) / G::kRows), 256,
+         G::shared_bytes(TileMode::kRbf), dev, p);
+  return out;
+}
+
+inline at::Tensor rbf_kernel(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& bandwidth) {
+  check_rbf_kernel_args(x_in, y_in, bandwidth);
+  BMT_FAST_DEVICE_GUARD(x_in);
+  const Device dev = launch_device(x_in);
+  const bool self = x_in.is_same(y_in);  // rbf_kernel(x) of the public API: exact unit diagonal
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = self ? x : y_in.contiguous();
+  const int64_t n = x.size(0), m = y.size(0);
+  return with_storage_type(x.scalar_type(), [&](auto tag) {
+    using In = typename decltype(tag)::type;
+    if ((self ? n : n + m) <= kRbfGramMaxRows) {
+      const at::Tensor gram = gram_matrix<In>(x, self ? std::nullopt : std::optional<at::Tensor>(y), dev);
+      const at::Tensor h = bandwidth.detach().to(at::kDouble).reshape({}).contiguous();
+      at::Tensor out = at::empty({n, m}, x.options());
+      const GramRbfParams<In> p{pointer<double>(gram), n, m, self, pointer<double>(h), mutable_pointer<In>(out)};
+      launch(&gram_rbf_kernel<In>, grid_size(std::min<int64_t>((n * m + 255) / 256, 4 * int64_t(dev.sms))), 256, 0,
+             dev, p);
+      return out;
+    }
+    return rbf_kernel_tiled<In>(x, y, self, bandwidth.detach(), dev);
+  });
+}
+
+// The gradient of rbf_kernel, in ATen (cuBLAS for the two products), as for the CPU: with P = grad * K,
+//   dL/dx_i = -(2/H) (rowsum_i(P) x_i - (P y)_i), dL/dy_j = -(2/H) (colsum_j(P) y_j - (P^T x)_j),
+//   dL/dH = -(1/H) sum P log K   (D = -H log K).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                          const at::Tensor& y, const at::Tensor& kernel,
+                                                                          const at::Tensor& bandwidth) {
+  check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
+  BMT_FAST_DEVICE_GUARD(x);
+  const auto acc = accumulation_type(x.scalar_type());
+  const at::Tensor h = bandwidth.to(acc).reshape({});
+  auto [xc, yc] = centred(x, std::optional<at::Tensor>(y));
+  const at::Tensor k = kernel.to(acc);
+  const at::Tensor p = grad.to(acc) * k;
+  const at::Tensor scale = -2.0 / h;
+  const at::Tensor grad_x = (p.sum(1, true) * xc - at::mm(p, yc)) * scale;
+  const at::Tensor grad_y = (p.sum(0).unsqueeze(1) * yc - at::mm(p.t(), xc)) * scale;
+  const at::Tensor log_k = at::where(k > 0, k.log(), at::zeros_like(k));
+  const at::Tensor grad_h = (p * log_k).sum() * (-1.0 / h);
+  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type()),
+          grad_h.to(bandwidth.scalar_type()).reshape(bandwidth.sizes())};
+}
+
+// Registers the four kernels on the library `m` (the CUDA dispatch key of bmt_fast, or the emulator's
+// own library on CPU).
+inline void register_kernels(torch::Library& m) {
+  m.impl("svgd_step", [](const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                         c10::string_view algorithm) {
+    return svgd_step(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()));
+  });
+  m.impl("median_bandwidth", [](const at::Tensor& x, c10::string_view algorithm) {
+    return median_bandwidth(x, std::string_view(algorithm.data(), algorithm.size()));
+  });
+  m.impl("rbf_kernel", &rbf_kernel);
+  m.impl("rbf_kernel_backward", &rbf_kernel_backward);
+}
+
+}  // namespace bmt_fast::cuda

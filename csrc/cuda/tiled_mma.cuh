@@ -1,0 +1,250 @@
+// Many-particle kernels on tensor cores (mma.sync m16n8k16, sm_80+) for bf16 / fp16 inputs, in the
+// FlashAttention-2 pattern: a CTA keeps 128 rows of particles (8 warps x 16 rows) and streams 64-column
+// blocks of the others through a two-stage cp.async pipeline.
+//
+//   S  = A_I B_J^T          16-bit operands (the centred particles rounded to the input's type), fp32
+//                           accumulation, the depth in chunks of 128 (A stays resident when d <= 128)
+//   K  = exp(-max(|a|^2 + |b|^2 - 2 S, 0) / H)   in fp32 registers, straight from the accumulators
+//   kSvgd: O += K W_J       K rounded to the input's 16-bit type as the A operand (the accumulator
+//                           layout of two n8 tiles is the A layout of one k16 step), W^T (features x
+//                           particles) from smem; row sums of K in fp32 from the same registers
+//   kRbf / kMedian          store K / histogram the distances instead
+//
+// fp16 inputs use fp16 for both products, with W scaled by a power of two (exact) by the caller so that
+// max |W| = 2^14 (W = score - (2/H) x overflows fp16 when H is small); rounding W to bf16 instead would
+// cost about one fp16 ulp of phi, fp16 keeps the error at the level of the output rounding.
+#pragma once
+
+#include "device.cuh"
+#include "radix.cuh"
+#include "tiled_ffma.cuh"  // TileMode
+
+namespace bmt_fast::cuda {
+
+struct MmaGeometry {
+  static constexpr int kRows = 128, kCols = 64, kChunk = 128, kFeatures = 128, kThreads = 256;
+  static constexpr int kWarpRows = 16;
+  static constexpr int kLdChunk = kChunk + 8;  // +16 bytes per row: fragment loads hit 32 distinct banks
+  static constexpr int kLdW = kCols + 8;
+  static constexpr size_t kABytes = static_cast<size_t>(kRows) * kLdChunk * 2;
+  static constexpr size_t kBBytes = static_cast<size_t>(kCols) * kLdChunk * 2;
+  static constexpr size_t kWBytes = static_cast<size_t>(kFeatures) * kLdW * 2;
+  static constexpr size_t kHistBytes = 2 * kRadixBins * sizeof(unsigned);
+  static constexpr size_t shared_bytes(TileMode mode, bool a_resident) {
+    return (a_resident ? 1 : 2) * kABytes + 2 * kBBytes +
+           (mode == TileMode::kSvgd ? 2 * kWBytes : mode == TileMode::kMedian ? kHistBytes : 0);
+  }
+};
+
+template <typename Out>
+struct MmaParams {
+  const uint16_t* a;  // (a_rows_padded x d_pad) centred particles in 16 bits: the rows of the result
+  const uint16_t* b;  // (b_rows_padded x d_pad): the columns (== a for svgd_step and the median)
+  const float* a_norms;  // |a_i|^2 of the 16-bit values, zero-padded like the rows
+  const float* b_norms;
+  long long a_rows, b_rows;  // particles (padding excluded)
+  long long d_pad;           // row stride of a and b, a multiple of 16; zero beyond d
+  const float* bandwidth;    // H, a device scalar
+  bool self;
+  // kSvgd: wt = W^T in the 16-bit type (features_padded x wt_ld), features padded to a multiple of 128,
+  // columns to the padded b rows; out (a_rows x d) and rowsum (a_rows), fp32
+  const uint16_t* wt;
+  long long wt_ld, d;
+  float* out;
+  float* rowsum;
+  // kRbf
+  Out* kernel;
+  // kMedian
+  RadixPass pass;
+  const RadixState* state;
+  unsigned long long* hist;
+};
+
+// Copies rows [row0, row0 + rows) x columns [col0, col0 + width) of a 16-bit row-major matrix (row
+// stride ld) to shared memory (row stride ld_shared), in 16-byte pieces; width is a multiple of 8.
+BMT_DEVICE void copy_tile_async(uint16_t* shared, int ld_shared, const uint16_t* global, long long ld, long long row0,
+                                long long col0, int rows, int width) {
+  const int pieces = width / 8;
+  for (int idx = threadIdx.x; idx < rows * pieces; idx += blockDim.x) {
+    const int r = idx / pieces, piece = idx % pieces;
+    cp_async_16(shared + r * ld_shared + 8 * piece, global + (row0 + r) * ld + col0 + 8 * piece);
+  }
+}
+
+// Two fp32 values rounded to the 16-bit operand type, packed as one fragment register.
+template <bool kHalf>
+BMT_DEVICE uint32_t pack16(float low, float high) {
+  return kHalf ? pack_pair(f16_bits(low), f16_bits(high)) : pack_pair(bf16_bits(low), bf16_bits(high));
+}
+
+template <bool kHalf, typename Out, TileMode kMode>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p) {
+  using G = MmaGeometry;
+  constexpr bool kSvgd = kMode == TileMode::kSvgd;
+  BMT_DYNAMIC_SHARED(smem);
+  const int num_chunks = static_cast<int>((p.d_pad + G::kChunk - 1) / G::kChunk);
+  const bool a_resident = num_chunks == 1;
+  // A stages (one when resident), B stages, then W stages (kSvgd) or the histogram (kMedian)
+  uint16_t* const a_base = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* const b_base = a_base + (a_resident ? 1 : 2) * G::kRows * G::kLdChunk;
+  uint16_t* const w_base = b_base + 2 * G::kCols * G::kLdChunk;
+  unsigned* hist = reinterpret_cast<unsigned*>(w_base);  // kMedian (no W stages)
+  auto a_stage = [&](long long stage) { return a_base + (a_resident ? 0 : (stage & 1) * G::kRows * G::kLdChunk); };
+  auto b_stage = [&](long long stage) { return b_base + (stage & 1) * G::kCols * G::kLdChunk; };
+  auto w_stage = [&](long long jl) { return w_base + (jl & 1) * G::kFeatures * G::kLdW; };
+
+  const int warp = threadIdx.x / kWarp, lane = lane_id(), g = lane / 4, t = lane % 4;
+  const long long i0 = static_cast<long long>(blockIdx.x) * G::kRows;
+  const long long f0 = static_cast<long long>(blockIdx.y) * G::kFeatures;
+  const long long row_g = i0 + warp * G::kWarpRows + g;  // this lane's rows: row_g and row_g + 8
+  const float norm_i[2] = {p.a_norms[row_g], p.a_norms[row_g + 8]};
+  // exp(-dist / H) = exp2(dist * scale) with scale = -log2(e) / H (NaN for an invalid H)
+  const float scale = kMode == TileMode::kMedian ? 0.f : -1.4426950408889634f * inverse_bandwidth(*p.bandwidth);
+
+  unsigned long long prefix[2] = {0, 0};
+  bool same_prefix = true;
+  if constexpr (kMode == TileMode::kMedian) {
+    prefix[0] = p.state->prefix[0];
+    prefix[1] = p.state->prefix[1];
+    same_prefix = prefix[0] == prefix[1];
+    zero_histogram(hist);  // visible to all after the first barrier of the main loop
+  }
+
+  // The pipeline's events, in the order they are consumed: for each column block J, the depth chunks
+  // of S (A and B slices), then (kSvgd) the W^T block of J.
+  const long long j_first = kMode == TileMode::kMedian ? i0 / G::kCols : 0;  // median: pairs i < j only
+  const long long j_blocks = (p.b_rows + G::kCols - 1) / G::kCols - j_first;
+  const int per_block = num_chunks + (kSvgd ? 1 : 0);
+  const long long events = j_blocks * per_block;
+
+  auto issue = [&](long long e) {
+    const long long jl = e / per_block;
+    const int slot = static_cast<int>(e % per_block);
+    const long long j0 = (j_first + jl) * G::kCols;
+    if (slot < num_chunks) {
+      const long long stage = jl * num_chunks + slot;
+      const long long col0 = static_cast<long long>(slot) * G::kChunk;
+      const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
+      if (!a_resident) copy_tile_async(a_stage(stage), G::kLdChunk, p.a, p.d_pad, i0, col0, G::kRows, width);
+      copy_tile_async(b_stage(stage), G::kLdChunk, p.b, p.d_pad, j0, col0, G::kCols, width);
+    } else {
+      copy_tile_async(w_stage(jl), G::kLdW, p.wt, p.wt_ld, f0, j0, G::kFeatures, G::kCols);
+    }
+  };
+
+  float s[8][4];                         // S: 16 rows x 64 columns per warp, 8 n8 tiles
+  uint32_t pk[4][4];                     // K as the A operand of 4 k16 steps (kSvgd)
+  float o[kSvgd ? 16 : 1][4] = {};       // O: 16 rows x 128 features per warp (kSvgd)
+  float rs[2] = {0.f, 0.f};              // row sums of rows g and g + 8
+
+  if (a_resident) copy_tile_async(a_base, G::kLdChunk, p.a, p.d_pad, i0, 0, G::kRows, static_cast<int>(p.d_pad));
+  if (events > 0) issue(0);
+  cp_async_commit();
+
+  for (long long e = 0; e < events; ++e) {
+    cp_async_wait<0>();
+    __syncthreads();  // event e has landed for all threads, and all are done with event e - 1
+    if (e + 1 < events) {
+      issue(e + 1);  // into the buffers of event e - 1
+      cp_async_commit();
+    }
+    const long long jl = e / per_block;
+    const int slot = static_cast<int>(e % per_block);
+    const long long j0 = (j_first + jl) * G::kCols;
+
+    if (slot < num_chunks) {
+      const long long stage = jl * num_chunks + slot;
+      const long long col0 = static_cast<long long>(slot) * G::kChunk;
+      const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
+      const uint16_t* a = a_stage(stage) + (warp * G::kWarpRows) * G::kLdChunk;
+      const uint16_t* b = b_stage(stage);
+      if (slot == 0)
+        for (int nt = 0; nt < 8; ++nt)
+          for (int r = 0; r < 4; ++r) s[nt][r] = 0.f;
+      for (int ks = 0; ks < width / 16; ++ks) {
+        const int k = ks * 16 + 2 * t;
+        const uint32_t fa[4] = {load_pair(a + g * G::kLdChunk + k), load_pair(a + (g + 8) * G::kLdChunk + k),
+                                load_pair(a + g * G::kLdChunk + k + 8), load_pair(a + (g + 8) * G::kLdChunk + k + 8)};
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const uint16_t* col = b + (nt * 8 + g) * G::kLdChunk + k;
+          const uint32_t fb[2] = {load_pair(col), load_pair(col + 8)};
+          mma_16816<kHalf>(s[nt], fa, fb);
+        }
+      }
+      if (slot == num_chunks - 1) {  // S complete: the epilogue of column block J
+        float kv[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const long long i = row_g + 8 * (r / 2);
+            const long long j = j0 + nt * 8 + 2 * t + (r % 2);
+            const float dot = norm_i[r / 2] + p.b_norms[j] - 2.f * s[nt][r];
+            const float dist = dot > 0.f ? dot : 0.f;
+            if constexpr (kMode == TileMode::kMedian) {
+              if (i < p.a_rows && j < p.b_rows && j > i)
+                radix_count(hist, key_of(dist), p.pass, prefix, same_prefix, 2u);
+            } else {
+              float k = exp2_of(dist * scale);
+              if (p.self && i == j) k = 1.f;
+              kv[nt][r] = j < p.b_rows ? k : 0.f;
+              if constexpr (kMode == TileMode::kRbf) {
+                if (i < p.a_rows && j < p.b_rows) p.kernel[i * p.b_rows + j] = Store<Out>::from(kv[nt][r]);
+              }
+            }
+          }
+        if constexpr (kSvgd) {
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) {
+            rs[0] += kv[nt][0] + kv[nt][1];
+            rs[1] += kv[nt][2] + kv[nt][3];
+          }
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks) {  // accumulator tiles 2 ks, 2 ks + 1 -> A fragment of step ks
+            pk[ks][0] = pack16<kHalf>(kv[2 * ks][0], kv[2 * ks][1]);
+            pk[ks][1] = pack16<kHalf>(kv[2 * ks][2], kv[2 * ks][3]);
+            pk[ks][2] = pack16<kHalf>(kv[2 * ks + 1][0], kv[2 * ks + 1][1]);
+            pk[ks][3] = pack16<kHalf>(kv[2 * ks + 1][2], kv[2 * ks + 1][3]);
+          }
+        }
+      }
+    } else if constexpr (kSvgd) {  // O += K W_J: B = W^T block (features x particles) in shared memory
+      const uint16_t* w = w_stage(jl);
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int ft = 0; ft < 16; ++ft) {
+          const uint16_t* col = w + (ft * 8 + g) * G::kLdW + ks * 16 + 2 * t;
+          const uint32_t fb[2] = {load_pair(col), load_pair(col + 8)};
+          mma_16816<kHalf>(o[ft], pk[ks], fb);
+        }
+    }
+  }
+
+  if constexpr (kSvgd) {
+#pragma unroll
+    for (int ft = 0; ft < 16; ++ft)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const long long i = row_g + 8 * (r / 2);
+        const long long f = f0 + ft * 8 + 2 * t + (r % 2);
+        if (i < p.a_rows && f < p.d) p.out[i * p.d + f] = o[ft][r];
+      }
+    if (blockIdx.y == 0) {
+      for (int h = 0; h < 2; ++h) {
+        float sum = rs[h];
+        sum += shfl_xor(sum, 1);  // the four lanes of a quad share a row
+        sum += shfl_xor(sum, 2);
+        const long long i = row_g + 8 * h;
+        if (t == 0 && i < p.a_rows) p.rowsum[i] = sum;
+      }
+    }
+  }
+  if constexpr (kMode == TileMode::kMedian) {
+    __syncthreads();
+    flush_histogram(hist, p.hist);
+  }
+}
+
+}  // namespace bmt_fast::cuda

@@ -1,0 +1,486 @@
+"""The CUDA kernels (csrc/cuda) against the float64 reference, on two targets:
+
+* "gpu": torch.ops.bmt_fast on CUDA tensors (skips without a GPU or without the CUDA extension);
+* "emulator": the same kernel and op source compiled for the CPU emulator (csrc/cuda/emulation), loaded
+  as torch.ops.bmt_fast_cuda_emulated on CPU tensors. It runs in CI, without a GPU, on small shapes:
+  indexing, tile edges, the cp.async pipeline, barriers and the tensor-core fragment layouts as the PTX
+  ISA documents them. It cannot show what only hardware shows (speed, the exact rounding inside an MMA).
+
+Shapes are chosen for the tile edges: the FFMA kernels use 64 x 64 tiles and 128 (fp32) / 64 (fp64)
+output features per CTA, the tensor-core kernels 128 rows x 64 columns, depth chunks of 128 and 128
+features; the Gram path has register kernels up to 16 rows. bf16 / fp16 inputs use tensor cores from
+d = 32 on. Tolerances: fp64 1e-12; fp32 2x torch's own fp32 error (at least 32 ulps); bf16 / fp16 two
+ulps of the output type; the tensor-core median within 8 u / sqrt(d) (u: the 16-bit unit roundoff).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_within, relative_error, torch_error_in
+
+import bmt_fast
+from bmt_fast import _extension, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATOR_SOURCE = ROOT / "csrc" / "cuda" / "emulation" / "emulated_ops.cpp"
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
+TENSOR_CORE_MIN_FEATURES = 32  # csrc/cuda/config.h
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    ops: object
+    device: torch.device
+
+
+def _ninja_directory() -> str | None:
+    """Where `ninja` is: on PATH, or beside this Python (a virtual environment that is not activated)."""
+    found = shutil.which("ninja")
+    if found:
+        return str(Path(found).parent)
+    beside = Path(sys.executable).parent / "ninja"
+    return str(beside.parent) if beside.is_file() else None
+
+
+def _emulator_unavailable() -> str:
+    if sys.platform != "linux":
+        return "the CUDA emulator needs Linux (ucontext)"
+    if not EMULATOR_SOURCE.is_file():
+        return "csrc/cuda is not in this checkout"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler"
+    if _ninja_directory() is None:
+        return "ninja is needed to build the emulator (pip install ninja)"
+    return ""
+
+
+@functools.cache
+def _emulated_ops():
+    """Builds the emulated ops once per session (about a minute on two cores)."""
+    from torch.utils.cpp_extension import load
+
+    ninja_dir = _ninja_directory()
+    if shutil.which("ninja") is None:  # torch looks for ninja on PATH
+        os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
+    load(
+        name="bmt_fast_cuda_emulated",
+        sources=[str(EMULATOR_SOURCE)],
+        extra_cflags=["-O2", "-std=c++20", "-DBMT_FAST_EMULATE"],
+        is_python_module=False,
+    )
+    return torch.ops.bmt_fast_cuda_emulated
+
+
+def _gpu_unavailable() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not _extension.CUDA.loaded:
+        return f"bmt_fast._C_cuda is not loaded: {_extension.CUDA.reason}"
+    return ""
+
+
+@pytest.fixture(scope="module", params=["emulator", "gpu"])
+def target(request) -> Target:
+    if request.param == "gpu":
+        reason = _gpu_unavailable()
+        if reason:
+            pytest.skip(reason)
+        return Target("gpu", torch.ops.bmt_fast, torch.device("cuda"))
+    reason = _emulator_unavailable()
+    if reason:
+        pytest.skip(reason)
+    return Target("emulator", _emulated_ops(), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def gpu() -> Target:
+    reason = _gpu_unavailable()
+    if reason:
+        pytest.skip(reason)
+    return Target("gpu", torch.ops.bmt_fast, torch.device("cuda"))
+
+
+def gpu_only(target: Target) -> None:
+    if target.name != "gpu":
+        pytest.skip("large shape: GPU only (the emulator is slow)")
+
+
+# ---- inputs and tolerances -------------------------------------------------------------------------
+
+
+def particles(n, d, dtype, offset=0.0, scale=1.5):
+    """x, score as `dtype` and their exact float64 values (the reference's input)."""
+    x = (torch.randn(n, d, dtype=torch.float64) * scale + offset).to(dtype)
+    score = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    return x, score, x.double(), score.double()
+
+
+def as_h(value) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def check_close(actual, expected64, dtype, torch_fn=None, inputs64=()):
+    """fp64: 1e-12. fp32: 2x torch's fp32 error (floor 32 ulps). bf16 / fp16: two ulps of the type."""
+    assert actual.dtype == dtype, (actual.dtype, dtype)
+    actual = actual.cpu()
+    if dtype == torch.float64:
+        assert relative_error(actual, expected64) < 1e-12
+    elif dtype == torch.float32:
+        assert_within(actual, expected64, torch_error_in(torch.float32, torch_fn, *inputs64))
+    else:
+        error = relative_error(actual, expected64)
+        assert error <= 2 * HALF_ULP[dtype], f"relative error {error:.3e} > 2 ulps of {dtype}"
+
+
+def svgd_reference(x64, s64, h=None):
+    return reference.svgd_step(x64, s64, None if h is None else as_h(h))
+
+
+def check_svgd(target, algorithm, n, d, dtype, bandwidth, offset=0.0):
+    x, s, x64, s64 = particles(n, d, dtype, offset)
+    h = None if bandwidth == "median" else bandwidth
+    phi = target.ops.svgd_step(x.to(target.device), s.to(target.device), None if h is None else as_h(h).to(target.device),
+                               algorithm)
+    assert phi.shape == (n, d)
+    shift = x64[:1]  # torch's fp32 yardstick measured near the origin, where it is fair
+
+    def torch_fn(xx, ss):
+        hh = reference.median_bandwidth(xx) if h is None else as_h(h).to(xx.dtype)
+        return reference.svgd_step(xx - shift.to(xx.dtype), ss, hh)
+
+    check_close(phi, svgd_reference(x64, s64, h), dtype, torch_fn, (x64, s64))
+
+
+# ---- svgd_step -------------------------------------------------------------------------------------
+
+TILED_SHAPES = [(1, 3), (7, 40), (65, 17), (130, 37), (70, 130)]
+GRAM_SHAPES = [(1, 3), (3, 5), (8, 40), (16, 1000), (17, 33), (70, 20)]
+CASES = [("tiled", n, d) for n, d in TILED_SHAPES] + [("gram", n, d) for n, d in GRAM_SHAPES]
+
+
+@pytest.mark.parametrize("algorithm,n,d", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bandwidth", ["median", 3.0])
+def test_svgd_step_matches_reference(target, algorithm, n, d, dtype, bandwidth):
+    check_svgd(target, algorithm, n, d, dtype, bandwidth)
+
+
+@pytest.mark.parametrize("algorithm,n,d", [("tiled", 70, 37), ("gram", 16, 1000), ("gram", 20, 50)])
+def test_svgd_step_fp32_far_from_origin(target, algorithm, n, d):
+    check_svgd(target, algorithm, n, d, torch.float32, "median", offset=1e4)
+
+
+LARGE_CASES = [("tiled", 2048, 128), ("tiled", 1000, 300), ("tiled", 4097, 64), ("auto", 16, 409_600),
+               ("gram", 64, 100_003), ("gram", 3, 1_000_001), ("auto", 200, 5000)]
+
+
+@pytest.mark.parametrize("algorithm,n,d", LARGE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_svgd_step_large_shapes(target, algorithm, n, d, dtype):
+    gpu_only(target)
+    check_svgd(target, algorithm, n, d, dtype, "median")
+
+
+@pytest.mark.parametrize("algorithm", ["tiled", "gram"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_single_particle_gives_its_score(target, algorithm, dtype):
+    x, s, _, _ = particles(1, 40, dtype)
+    for h in (None, as_h(0.5)):
+        phi = target.ops.svgd_step(x.to(target.device), s.to(target.device), None if h is None else h.to(target.device),
+                                   algorithm)
+        torch.testing.assert_close(phi.cpu(), s)
+
+
+@pytest.mark.parametrize("algorithm", ["tiled", "gram"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [5, 40])
+def test_identical_particles_give_the_mean_score(target, algorithm, dtype, d):
+    x = (torch.full((6, d), 0.1, dtype=torch.float64) + torch.arange(d, dtype=torch.float64)).to(dtype)
+    s = torch.randn(6, d, dtype=torch.float64).to(dtype)
+    h = target.ops.median_bandwidth(x.to(target.device), algorithm)
+    assert math.isclose(float(h), reference.BANDWIDTH_FLOOR, rel_tol=1e-6)
+    phi = target.ops.svgd_step(x.to(target.device), s.to(target.device), None, algorithm).cpu()
+    assert torch.isfinite(phi).all()
+    expected = s.double().mean(0, keepdim=True).expand_as(phi)
+    assert relative_error(phi, expected) <= (1e-12 if dtype == torch.float64 else 2 * HALF_ULP.get(dtype, 2.0**-20))
+
+
+@pytest.mark.parametrize("algorithm", ["tiled", "gram"])
+def test_mostly_identical_particles_stay_finite(target, algorithm):
+    x = torch.zeros(9, 40, dtype=torch.float64)
+    x[7:] = torch.randn(2, 40, dtype=torch.float64)  # 49 of 81 pairs coincide: median 0, H at the floor
+    phi = target.ops.svgd_step(x.to(target.device), torch.randn(9, 40, dtype=torch.float64).to(target.device), None,
+                               algorithm)
+    assert torch.isfinite(phi).all()
+
+
+# rbf_kernel(x, score) below: n + n rows, the Gram path up to 256 rows, the tiled one beyond
+@pytest.mark.parametrize("algorithm,n,d", [("tiled", 130, 37), ("tiled", 130, 5), ("gram", 8, 40), ("gram", 20, 50)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bad", [-1.0, 0.0, math.nan, math.inf])
+def test_invalid_bandwidth_gives_nan_not_a_wrong_answer(target, algorithm, n, d, dtype, bad):
+    """No host synchronisation reads H back: an invalid H makes every entry NaN (the Python API raises first)."""
+    x, s, _, _ = particles(n, d, dtype)
+    phi = target.ops.svgd_step(x.to(target.device), s.to(target.device), as_h(bad).to(target.device), algorithm)
+    assert torch.isnan(phi).all()
+    k = target.ops.rbf_kernel(x.to(target.device), s.to(target.device), as_h(bad).to(target.device))
+    assert torch.isnan(k).all()
+
+
+# ---- median_bandwidth ------------------------------------------------------------------------------
+
+
+def numpy_rule(x: torch.Tensor) -> float:
+    a = x.double().cpu().numpy()
+    d2 = ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1)
+    return max(float(np.median(d2)) / math.log(len(a) + 1), reference.BANDWIDTH_FLOOR)
+
+
+def median_tolerance(algorithm, dtype, d):
+    if dtype == torch.float64:
+        return 1e-12
+    if algorithm == "tiled" and dtype in UNIT_ROUNDOFF and d >= TENSOR_CORE_MIN_FEATURES:
+        # exact selection over distances of the centred particles rounded to 16 bits: the emulator measured
+        # at most 6.2 u / sqrt(d) over 480 Gaussian clouds (n = 2 .. 65, d = 32 .. 128; small n is worst)
+        return 8 * UNIT_ROUNDOFF[dtype] / math.sqrt(d)
+    return 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ["tiled", "gram"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 10, 65, 130])
+@pytest.mark.parametrize("d", [9, 40])
+def test_median_bandwidth_matches_numpy(target, algorithm, dtype, n, d):
+    x = (torch.randn(n, d, dtype=torch.float64) * 2 + 10).to(dtype)
+    h = target.ops.median_bandwidth(x.to(target.device), algorithm)
+    assert h.dim() == 0 and h.dtype == reference.accumulation_dtype(dtype)
+    assert math.isclose(float(h), numpy_rule(x), rel_tol=median_tolerance(algorithm, dtype, d))
+
+
+@pytest.mark.parametrize("algorithm", ["tiled", "gram"])
+def test_median_with_ties_and_duplicates(target, algorithm):
+    x = torch.tensor([[0.0], [0.0], [1.0], [1.0], [3.0]], dtype=torch.float64)
+    h = target.ops.median_bandwidth(x.to(target.device), algorithm)
+    assert math.isclose(float(h), numpy_rule(x), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("n,d", [(4096, 32), (3000, 130)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_median_bandwidth_large(target, n, d, dtype):
+    gpu_only(target)
+    x = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    expected = float(reference.median_bandwidth(x.double().to(target.device)))
+    h = float(target.ops.median_bandwidth(x.to(target.device), "tiled"))
+    assert math.isclose(h, expected, rel_tol=median_tolerance("tiled", dtype, d))
+
+
+# ---- rbf_kernel ------------------------------------------------------------------------------------
+
+# (n, m, d, self): the Gram path while n + m <= 256 (n for the self kernel), the tiled one beyond
+RBF_CASES = [(5, 7, 3, False), (1, 16, 5000, False), (20, 20, 6, True), (200, 100, 7, False), (300, 300, 9, True),
+             (150, 130, 140, False), (140, 140, 40, True)]
+
+
+def rbf_inputs(n, m, d, self_kernel, dtype):
+    x = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    y = x if self_kernel else (torch.randn(m, d, dtype=torch.float64) + 0.5).to(dtype)
+    return x, y
+
+
+@pytest.mark.parametrize("n,m,d,self_kernel", RBF_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rbf_kernel_matches_reference(target, n, m, d, self_kernel, dtype):
+    x, y = rbf_inputs(n, m, d, self_kernel, dtype)
+    h = as_h(d)
+    xd = x.to(target.device)
+    k = target.ops.rbf_kernel(xd, xd if self_kernel else y.to(target.device), h.to(target.device))
+    assert k.shape == (n, m)
+    expected = reference.rbf_kernel(x.double(), None if self_kernel else y.double(), h)
+
+    def torch_fn(a, b):
+        return reference.rbf_kernel(a - x.double()[:1].to(a.dtype), None if self_kernel else b - x.double()[:1].to(a.dtype),
+                                    h.to(a.dtype))
+
+    check_close(k, expected, dtype, torch_fn, (x.double(), y.double()))
+    if self_kernel:
+        assert torch.equal(k.diagonal().cpu(), torch.ones(n, dtype=dtype))
+        torch.testing.assert_close(k.cpu(), k.cpu().T)
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 16, 409_600), (1000, 700, 64), (600, 500, 300)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rbf_kernel_large(target, n, m, d, dtype):
+    gpu_only(target)
+    x, y = rbf_inputs(n, m, d, False, dtype)
+    h = as_h(d)
+    k = target.ops.rbf_kernel(x.to(target.device), y.to(target.device), h.to(target.device))
+    check_close(k, reference.rbf_kernel(x.double(), y.double(), h), dtype,
+                lambda a, b: reference.rbf_kernel(a - x.double()[:1].to(a.dtype), b - x.double()[:1].to(a.dtype), h.to(a.dtype)),
+                (x.double(), y.double()))
+
+
+@pytest.mark.parametrize("n,m,d", [(5, 7, 3), (30, 20, 10), (300, 200, 9), (2, 3, 20_000)])
+def test_rbf_kernel_backward_matches_autograd(target, n, m, d):
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+    h = torch.tensor(float(d) / 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(n, m, dtype=torch.float64)
+    expected = torch.autograd.grad((reference.rbf_kernel(x, y, h) * weights).sum(), (x, y, h))
+    dev = target.device
+    k = target.ops.rbf_kernel(x.detach().to(dev), y.detach().to(dev), h.detach().to(dev))
+    grads = target.ops.rbf_kernel_backward(weights.to(dev), x.detach().to(dev), y.detach().to(dev), k, h.detach().to(dev))
+    for g, e in zip(grads, expected):
+        assert g.shape == e.shape
+        assert relative_error(g.cpu(), e) < 1e-10
+
+
+# ---- argument checks -------------------------------------------------------------------------------
+
+
+def test_direct_op_calls_check_arguments(target):
+    dev = target.device
+    x = torch.randn(4, 3, device=dev)
+    with pytest.raises(RuntimeError, match="score must have the shape of x"):
+        target.ops.svgd_step(x, torch.randn(4, 2, device=dev), None)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        target.ops.svgd_step(torch.randn(4, device=dev), torch.randn(4, device=dev), None)
+    with pytest.raises(RuntimeError, match="score must have the dtype of x"):
+        target.ops.svgd_step(x, x.double(), None)
+    with pytest.raises(RuntimeError, match='algorithm must be "auto", "tiled" or "gram"'):
+        target.ops.svgd_step(x, x, None, "fast")
+    with pytest.raises(RuntimeError, match="bandwidth must hold one value"):
+        target.ops.svgd_step(x, x, torch.ones(2, device=dev))
+    with pytest.raises(RuntimeError, match="y must have d = 3 columns"):
+        target.ops.rbf_kernel(x, torch.randn(2, 4, device=dev), torch.tensor(1.0, device=dev))
+    with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16"):
+        target.ops.median_bandwidth(torch.ones(4, 3, dtype=torch.int32, device=dev))
+    with pytest.raises(RuntimeError, match="kernel must have shape"):
+        target.ops.rbf_kernel_backward(torch.randn(4, 2, device=dev), x, torch.randn(2, 3, device=dev),
+                                       torch.randn(3, 2, device=dev), torch.tensor(1.0, device=dev))
+
+
+# ---- the emulator's race and pipeline checks -------------------------------------------------------
+
+SCHEDULE_CASES = [("svgd", "tiled", 130, 37, torch.bfloat16), ("svgd", "tiled", 70, 130, torch.float16),
+                  ("svgd", "tiled", 65, 17, torch.float32), ("svgd", "tiled", 70, 130, torch.float64),
+                  ("svgd", "gram", 17, 33, torch.float32), ("svgd", "gram", 8, 40, torch.bfloat16),
+                  ("median", "tiled", 130, 40, torch.bfloat16), ("median", "tiled", 130, 9, torch.float32)]
+
+
+@pytest.mark.parametrize("order,copies", [("reverse", "immediate"), ("shuffle", "deferred"), ("forward", "immediate")])
+@pytest.mark.parametrize("what,algorithm,n,d,dtype", SCHEDULE_CASES)
+def test_emulated_schedules_and_copy_timings_agree(target, monkeypatch, order, copies, what, algorithm, n, d, dtype):
+    """Threads run between barriers in another order, cp.async copies land at issue instead of at the
+    wait: a read of shared memory written in the same phase, or of a buffer before its wait, changes
+    the result."""
+    if target.name != "emulator":
+        pytest.skip("emulator only")
+    monkeypatch.setenv("BMT_FAST_EMULATE_ORDER", order)
+    monkeypatch.setenv("BMT_FAST_EMULATE_CP_ASYNC", copies)
+    if what == "median":
+        x = (torch.randn(n, d, dtype=torch.float64) * 2 + 10).to(dtype)
+        assert math.isclose(float(target.ops.median_bandwidth(x, algorithm)), numpy_rule(x),
+                            rel_tol=median_tolerance(algorithm, dtype, d))
+    else:
+        check_svgd(target, algorithm, n, d, dtype, "median")
+
+
+# ---- through the public API on a GPU ---------------------------------------------------------------
+
+
+def test_public_api_strides_and_event_shapes(gpu):
+    strided = torch.randn(40, 30, dtype=torch.float64, device="cuda").t()[::2]  # (15, 40), not contiguous
+    event = torch.randn(300, 10, 4, dtype=torch.float64, device="cuda")
+    for x in (strided, event):
+        score = torch.randn(x.shape, dtype=torch.float64, device="cuda")
+        phi = bmt_fast.svgd_step(x, score, backend="cuda")
+        assert phi.shape == x.shape and phi.device == x.device and not phi.requires_grad
+        expected = reference.svgd_step(x.reshape(len(x), -1), score.reshape(len(x), -1), None).reshape(x.shape)
+        assert relative_error(phi.cpu(), expected.cpu()) < 1e-12
+
+
+def test_public_rbf_kernel_autograd(gpu):
+    x = torch.randn(6, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    y = torch.randn(5, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    h = torch.tensor(2.5, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: bmt_fast.rbf_kernel(a, b, c, backend="cuda"), (x, y, h))
+    assert torch.autograd.gradcheck(lambda a: bmt_fast.rbf_kernel(a, None, 3.0, backend="cuda"), (x,))
+
+
+def test_public_rbf_kernel_self_gradient(gpu):
+    x = torch.randn(300, 10, dtype=torch.float64, device="cuda", requires_grad=True)
+    weights = torch.randn(300, 300, dtype=torch.float64, device="cuda")
+    grad = torch.autograd.grad((bmt_fast.rbf_kernel(x, None, 7.0, backend="cuda") * weights).sum(), x)[0]
+    expected = torch.autograd.grad((reference.rbf_kernel(x, None, as_h(7.0).cuda()) * weights).sum(), x)[0]
+    assert relative_error(grad, expected) < 1e-10
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "tiled", "gram"])
+def test_opcheck_on_cuda(gpu, algorithm):
+    x = torch.randn(9, 40, dtype=torch.float64, device="cuda")
+    y = torch.randn(4, 40, dtype=torch.float64, device="cuda")
+    h = torch.tensor(2.0, dtype=torch.float64, device="cuda")
+    for bandwidth in (None, h):
+        torch.library.opcheck(torch.ops.bmt_fast.svgd_step.default, (x, torch.randn_like(x), bandwidth, algorithm))
+    torch.library.opcheck(torch.ops.bmt_fast.median_bandwidth.default, (x, algorithm))
+    torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel.default, (x.clone().requires_grad_(), y, h))
+    k = torch.ops.bmt_fast.rbf_kernel(x, y, h)
+    grad = torch.randn(9, 4, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_backward.default, (grad, x, y, k, h))
+
+
+def test_torch_compile_on_cuda(gpu):
+    def step(x, s, h):
+        return bmt_fast.svgd_step(x, s, h, backend="cuda", check_inputs=False)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = torch.randn(40, 8, device="cuda")
+    s = torch.randn(40, 8, device="cuda")
+    h = torch.tensor(3.0, device="cuda")
+    torch.testing.assert_close(compiled(x, s, h), step(x, s, h))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_particles_use_bounded_memory(gpu, dtype):
+    """n = 65536 without any n x n buffer (one fp32 n x n matrix would be 17 GB)."""
+    x = torch.randn(65536, 64, device="cuda").to(dtype)
+    s = torch.randn(65536, 64, device="cuda").to(dtype)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    phi = bmt_fast.svgd_step(x, s, 64.0, backend="cuda", check_inputs=False)
+    torch.cuda.synchronize()
+    extra_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    assert torch.isfinite(phi).all()
+    assert extra_mib < 256, f"peak extra memory {extra_mib:.0f} MiB"
+
+
+def test_svgd_moves_particles_to_a_gaussian_on_gpu(gpu):
+    mu, sigma = torch.tensor([2.0, -1.0], device="cuda"), 0.5
+    x = torch.randn(200, 2, device="cuda") * 0.1 + 5.0
+    for _ in range(800):
+        x = x + 0.05 * bmt_fast.svgd_step(x, -(x - mu) / sigma**2, backend="cuda", check_inputs=False)
+    torch.testing.assert_close(x.mean(0), mu, atol=0.1, rtol=0)
+    assert ((x.std(0) - sigma).abs() < 0.3 * sigma).all(), x.std(0)
+
+
+def test_second_device_uses_its_own_stream_and_guard(gpu):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, s, x64, s64 = particles(70, 40, torch.float32)
+    phi = torch.ops.bmt_fast.svgd_step(x.to("cuda:1"), s.to("cuda:1"), None, "tiled")
+    assert phi.device == torch.device("cuda:1")
+    assert relative_error(phi.cpu(), svgd_reference(x64, s64)) < 1e-5
