@@ -20,7 +20,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
