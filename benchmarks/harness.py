@@ -136,18 +136,25 @@ class OpSpec:
 
     flops(n, d): nominal FLOPs of one call (what achieved FLOP/s is computed from).
     bytes_moved(n, d, elem_bytes): the bytes one call must at least read and write.
-    gemm_limit(inputs): a run() doing the nominal FLOPs with torch's own matmuls.
+    gemm_limit(inputs): a run() doing the nominal FLOPs with torch's own matmuls; None: no limits at all
+        (no limit rows, no time_vs_limit), as for an end-to-end step that has no single hardware limit.
     reference(inputs64): the float64 oracle from bmt_fast.reference.
     sweep(device, quick): the cases to run.
+    make_inputs(case, dtype, device, seed): what `Provider.build` receives (default: `Inputs.make`). The
+        end-to-end prompt-transfer row (pending the trainer) plugs in here: a module
+        `benchmarks/prompt_transfer_step.py` with n = particles M and d = prompt_len x hidden, inputs = a
+        small HF model, a batch and M prompts, providers "batched" (one forward over M particles) and
+        "sequential" (M forwards) registered with `providers.register`, and gemm_limit=None.
     """
 
     name: str
     flops: Callable[[int, int], float]
     bytes_moved: Callable[[int, int, int], float]
-    gemm_limit: Callable[[Inputs], Callable[[], torch.Tensor]]
+    gemm_limit: Callable[[Inputs], Callable[[], torch.Tensor]] | None
     reference: Callable[[Inputs], torch.Tensor]
     sweep: Callable[[torch.device, bool], list[Case]]
     description: str = ""
+    make_inputs: Callable[..., object] = Inputs.make
 
 
 def copy_limit(spec: OpSpec, inputs: Inputs) -> Callable[[], torch.Tensor]:
@@ -343,7 +350,7 @@ class Context:
             dtype=str(self.dtype).replace("torch.", ""), n=case.n, d=case.d, regime=case.regime,
             bandwidth=fmt(bandwidth_for(case), 6),
             flops=int(self.op.flops(case.n, case.d)), bytes=int(self.op.bytes_moved(case.n, case.d, e)),
-            limit_kind="gemm" if case.regime == "many" else "copy",
+            limit_kind=("gemm" if case.regime == "many" else "copy") if self.op.gemm_limit is not None else "",
             torch=torch.__version__, triton=triton_version(), bmt_fast_commit=self.commit,
             memory_method=self.memory_method,
             env=" ".join(f"{k}={os.environ[k]}" for k in RECORDED_ENV if k in os.environ),
@@ -401,6 +408,7 @@ class Settings:
     max_call_s: float = 60.0
     case_budget_s: float = 60.0  # time for the timed rounds of one case, beyond min_repeats
     compile_allowance_s: float = 300.0  # extra time allowed for a first call that compiles
+    jit_overhead_s: float = 30.0  # what compiling usually adds to a first call (a cached compile: less)
     memory_headroom: float = 0.8  # skip a provider whose estimate exceeds this share of available memory
 
 
@@ -436,7 +444,7 @@ class Worker:
     def check(self, names: list[str]) -> None:
         for n, d in CHECK_CASES:
             case = Case(n, d)
-            inputs = Inputs.make(case, self.dtype, self.device, seed=1)
+            inputs = self.op.make_inputs(case, self.dtype, self.device, seed=1)
             expected = self.op.reference(inputs.float64())
             for name in names:
                 self.emit("begin", provider=name, case=[n, d], phase="check", deadline_s=self.settings.compile_allowance_s)
@@ -452,8 +460,8 @@ class Worker:
     # -- one case --
 
     def measure(self, case: Case, names: list[str]) -> None:
-        inputs = Inputs.make(case, self.dtype, self.device)
-        e = inputs.x.element_size()
+        inputs = self.op.make_inputs(case, self.dtype, self.device)
+        e = torch.empty((), dtype=self.dtype).element_size()
         s = self.settings
         runs: dict[str, Callable[[], torch.Tensor]] = {}
         warm: dict[str, float] = {}
@@ -472,18 +480,20 @@ class Worker:
             try:
                 run = provider.build(inputs)
                 first, out = self.timed_call(run)
-                again = provider.jit or first < 1.0
-                if again and first <= s.max_call_s + s.compile_allowance_s:
-                    second, out = self.timed_call(run)
-                else:
-                    second = first
+                # A second warm-up call when the first may have compiled, or was short enough for one-time
+                # costs (first touch of memory, thread start) to matter; then the warm call is a sample.
+                again = first < 1.0 or (provider.jit and first <= 2 * s.max_call_s + s.jit_overhead_s)
+                second = self.timed_call(run)[0] if again else first
             except Exception as exc:  # noqa: BLE001
                 self.row(name, case, "oom" if is_oom(exc) else "error", error_note(exc))
                 continue
             fields = {"first_call_s": fmt(first)}
             if second > s.max_call_s:
-                self.row(name, case, "timeout", f"one call took {second:.1f} s > {s.max_call_s:g} s", **fields)
+                what = "one call" if not provider.jit or again else "the first call (with its compile)"
+                self.row(name, case, "timeout", f"{what} took {second:.1f} s > {s.max_call_s:g} s", **fields)
                 continue
+            if second >= 1.0 and not provider.jit:
+                fields["warm_sample"] = second
             if anchor is None:
                 anchor = (name, out)
             else:
@@ -498,7 +508,8 @@ class Worker:
         if not runs:
             return  # every provider was recorded already: no limits to compare with
 
-        for kind, build in (("limit-gemm", self.op.gemm_limit), ("limit-copy", lambda inp: copy_limit(self.op, inp))):
+        limits = [("limit-gemm", self.op.gemm_limit), ("limit-copy", lambda inp: copy_limit(self.op, inp))]
+        for kind, build in limits if self.op.gemm_limit is not None else []:
             self.emit("begin", provider=kind, case=[case.n, case.d], phase="warm-up", deadline_s=3 * s.max_call_s + 60)
             try:
                 run = build(inputs)
@@ -510,6 +521,9 @@ class Worker:
                 self.row(kind, case, "oom" if is_oom(exc) else "error", error_note(exc))
 
         samples = self.measure_memory(case, runs, warm, info)
+        for name, fields in info.items():
+            if "warm_sample" in fields:
+                samples[name].append(fields.pop("warm_sample"))
         self.emit("begin", provider="", case=[case.n, case.d], phase="timed rounds",
                   deadline_s=2 * (sum(warm.values()) * s.max_repeats + s.case_budget_s) + 60)  # fmt: skip
         self.rounds(runs, warm, samples)
@@ -754,7 +768,12 @@ def parser(op: OpSpec) -> argparse.ArgumentParser:
 
 
 def settings_for(args) -> Settings:
-    s = Settings(min_repeats=3, max_repeats=3, max_call_s=5.0, case_budget_s=2.0) if args.quick else Settings()
+    if args.quick:
+        s = Settings(min_repeats=3, max_repeats=3, max_call_s=5.0, case_budget_s=2.0)
+    elif torch.device(args.device).type == "cpu":  # a full CPU sweep within about 25 minutes on 2 cores
+        s = Settings(min_repeats=3, max_repeats=5, max_call_s=30.0, case_budget_s=15.0)
+    else:
+        s = Settings()
     if args.repeats:
         s.max_repeats = max(1, args.repeats)
         s.min_repeats = min(s.min_repeats, s.max_repeats)

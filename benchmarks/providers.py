@@ -12,6 +12,7 @@ median rule is benchmarked on its own by `benchmarks.median_bandwidth`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import math
@@ -76,11 +77,16 @@ def both(*checks: Callable[[torch.device], str]) -> Callable[[torch.device], str
     return lambda device: next((reason for reason in (c(device) for c in checks) if reason), "")
 
 
-def compiled(fn: Callable) -> Callable:
-    """torch.compile of fn with static shapes, after forgetting graphs of earlier sizes: the default
-    recompile limit would otherwise make dynamo silently fall back to eager after a few sizes."""
-    torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
+@functools.cache
+def compiled(fn: Callable, dynamic: bool | None = None) -> Callable:
+    """torch.compile(fn), by default as a user would call it: the first size compiles with static shapes,
+    the second recompiles with dynamic shapes, which later sizes reuse. dynamic=False compiles every size
+    anew (a sweep has a few dozen; the limits are raised to match). Should dynamo still reach a recompile
+    limit it raises (a recorded error) instead of silently running fn eagerly."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+    return torch.compile(fn, dynamic=dynamic)
 
 
 def row_block(n: int, elem_bytes: int, budget_bytes: int = 64 << 20) -> int:
@@ -149,7 +155,7 @@ def svgd_attention_flex(flex: Callable) -> Callable:
     logit of row i, and V = [w | 0] for real keys, [0 | 1] for the sink. Then the last output column is
     p_i = 1 / (1 + sum_j k_ij), so sum_j k_ij = (1 - p_i) / p_i and (K w)_i = out_i[:d] / p_i."""
 
-    def run(x: torch.Tensor, score: torch.Tensor, h: float) -> torch.Tensor:
+    def run(x: torch.Tensor, score: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         n, d = x.shape
         xc = x - x.mean(0)
         sq = (xc * xc).sum(1)
@@ -159,12 +165,13 @@ def svgd_attention_flex(flex: Callable) -> Callable:
         def score_mod(s, b, head, q_idx, kv_idx):
             return torch.where(kv_idx == n, sink_logit[q_idx], s + key_bias[kv_idx])
 
+        q = (2 / h) * xc  # the scale goes into q: a float `scale` would recompile for every H
         keys = torch.cat([xc, xc.new_zeros(1, d)])
         v = torch.zeros(n + 1, d + 1, dtype=x.dtype, device=x.device)
         v[:n, :d] = score - (2 / h) * xc
         v[n, d] = 1
-        out = flex(xc.view(1, 1, n, d), keys.view(1, 1, n + 1, d), v.view(1, 1, n + 1, d + 1),
-                   score_mod=score_mod, scale=2 / h).view(n, d + 1)
+        out = flex(q.view(1, 1, n, d), keys.view(1, 1, n + 1, d), v.view(1, 1, n + 1, d + 1),
+                   score_mod=score_mod, scale=1.0).view(n, d + 1)
         p = out[:, d:]
         return (out[:, :d] + (2 / h) * (1 - p) * xc) / (p * n)
 
@@ -204,7 +211,9 @@ def svgd_pyro(x: torch.Tensor, score: torch.Tensor, h: torch.Tensor) -> torch.Te
 def _flex_attention() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
-    return compiled(flex_attention)
+    # FlexAttention runs only compiled on CPU. Static shapes: with dynamic shapes, inductor 2.14's CPU
+    # template emits C++ that does not compile ("'cur_kvSplitSize2' was not declared in this scope").
+    return compiled(flex_attention, dynamic=False)
 
 
 def _bmt_fast_svgd(backend: str) -> Callable:
@@ -260,7 +269,7 @@ def svgd_step_providers() -> list[Provider]:
                  extra_memory=lambda n, d, e: 3.0 * row_block(n, e) * n * e + 3.0 * n * d * e),
         Provider("attention-sdpa", lambda inp: _bind(svgd_attention_sdpa, inp, inp.h_float),
                  extra_memory=lambda n, d, e: 6.0 * n * d * e),
-        Provider("attention-flex", lambda inp: _bind(svgd_attention_flex(_flex_attention()), inp, inp.h_float),
+        Provider("attention-flex", lambda inp: _bind(svgd_attention_flex(_flex_attention()), inp, inp.h),
                  extra_memory=lambda n, d, e: 8.0 * n * d * e, jit=True),
         Provider("pykeops", lambda inp: _bind(svgd_keops, inp, inp.h_float), why_unavailable=pykeops,
                  extra_memory=lambda n, d, e: 4.0 * n * d * e, jit=True, version=lambda: package_version("pykeops")),
@@ -370,6 +379,11 @@ def misbehaving_providers() -> list[Provider]:
         return run
 
     return [Provider("test-hang", hang), Provider("test-killed", killed), Provider("test-raises", raises)]
+
+
+def register(op: str, factory: Callable[[], list[Provider]]) -> None:
+    """Providers of a new op (e.g. the end-to-end prompt-transfer step), listed by `factory`."""
+    _FACTORIES[op] = factory
 
 
 def providers_for(op: str) -> dict[str, Provider]:
