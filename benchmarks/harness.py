@@ -425,6 +425,10 @@ class Worker:
         self.memory = CudaPeakMemory(self.device) if self.device.type == "cuda" else CpuPeakMemory()
         method = self.memory.method if not self.memory.why_unavailable else f"unavailable: {self.memory.why_unavailable}"
         self.ctx = Context(self.op, self.device, self.dtype, spec["run_id"], spec["device_name"], spec["commit"], method)
+        # (provider, d) -> (n, seconds per call, status) of its largest run so far, to skip sure time-outs
+        self.history: dict[tuple[str, int], tuple[int, float, str]] = {}
+        for name, n, d, seconds, status in spec.get("history", []):
+            self.remember(name, Case(n, d), seconds, status)
 
     # -- helpers --
 
@@ -438,6 +442,23 @@ class Worker:
 
     def tolerance(self, name: str) -> float:
         return self.providers[name].rtol * DTYPE_TOLERANCE_FACTOR[self.dtype]
+
+    def remember(self, name: str, case: Case, seconds: float, status: str) -> None:
+        previous = self.history.get((name, case.d))
+        if previous is None or previous[0] <= case.n:
+            self.history[(name, case.d)] = (case.n, seconds, status)
+
+    def sure_timeout(self, name: str, case: Case) -> str:
+        """Why a provider would surely run out of time at this many-particle size (its cost grows as n²)."""
+        n0, seconds, status = self.history.get((name, case.d), (case.n, 0.0, ""))
+        if case.regime != "many" or n0 >= case.n:
+            return ""
+        if status == "timeout":
+            return f"timed out at n={n0} already"
+        predicted = seconds * (case.n / n0) ** 2
+        if predicted > self.settings.max_call_s:
+            return f"would take ~{predicted:.0f} s per call ({seconds:.3g} s at n={n0}, times (n/{n0})²) > {self.settings.max_call_s:g} s"
+        return ""
 
     # -- small-size check against float64 --
 
@@ -475,6 +496,10 @@ class Worker:
             if need > s.memory_headroom * free:
                 self.row(name, case, "skipped", f"would need ~{need / 1e9:.1f} GB; {free / 1e9:.1f} GB available")
                 continue
+            too_slow = self.sure_timeout(name, case)
+            if too_slow:
+                self.row(name, case, "skipped", too_slow)
+                continue
             self.emit("begin", provider=name, case=[case.n, case.d], phase="warm-up",
                       deadline_s=3 * s.max_call_s + s.compile_allowance_s)  # fmt: skip
             try:
@@ -488,6 +513,7 @@ class Worker:
                 self.row(name, case, "oom" if is_oom(exc) else "error", error_note(exc))
                 continue
             fields = {"first_call_s": fmt(first)}
+            self.remember(name, case, second, "timeout" if second > s.max_call_s else "ok")
             if second > s.max_call_s:
                 what = "one call" if not provider.jit or again else "the first call (with its compile)"
                 self.row(name, case, "timeout", f"{what} took {second:.1f} s > {s.max_call_s:g} s", **fields)
@@ -631,12 +657,21 @@ class Supervisor:
         order = [(c.n, c.d) for c, _ in cases]
         to_check = list(check)
         while to_check or any(pending.values()):
-            plan = dict(self.spec, check=to_check,
+            plan = dict(self.spec, check=to_check, history=self.history(),
                         cases=[[n, d, pending[(n, d)]] for n, d in order if pending[(n, d)]])  # fmt: skip
             inflight, returncode = self.run_worker(plan, pending, to_check)
             if returncode == 0 and inflight is None:
                 break
             self.record_failure(inflight, returncode, pending, to_check)
+
+    def history(self) -> list[list]:
+        """What a restarted worker needs to know to skip sure time-outs: seconds per call so far."""
+        past = []
+        for row in self.rows:
+            seconds = row["time_median_s"] if row["status"] == "ok" else row["first_call_s"]
+            if row["status"] in ("ok", "timeout") and seconds:
+                past.append([row["provider"], int(row["n"]), int(row["d"]), float(seconds), row["status"]])
+        return past
 
     def run_worker(self, plan: dict, pending: dict, to_check: list[str]):
         """Runs one worker until it finishes, dies or overruns a deadline; returns the in-flight event."""
@@ -727,9 +762,10 @@ class Supervisor:
             return
         names = pending.get((n, d), [])
         blamed = [name] if name and name in names else list(names)  # timed rounds: the whole case
+        seconds = fmt(inflight["killed_after"]) if "killed_after" in inflight else ""
         for who in blamed:
             names.remove(who)
-            self.write(self.ctx.row(who, Case(n, d), status, note))
+            self.write(self.ctx.row(who, Case(n, d), status, note, first_call_s=seconds))
 
 
 def log_tail(path: Path, chars: int = 300) -> str:
