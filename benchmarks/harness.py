@@ -225,9 +225,9 @@ def git_commit() -> str:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
         )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=10,
+        dirty = subprocess.run(  # local edits to the code (the results themselves do not count)
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
+            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=10,
         )
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):

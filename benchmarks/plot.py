@@ -193,6 +193,12 @@ def cell(row: dict | None) -> str:
     return row["status"]
 
 
+def op_rank(op: str) -> tuple[int, str]:
+    from benchmarks import OPS
+
+    return (OPS.index(op) if op in OPS else len(OPS), op)
+
+
 def device_type(device: str) -> str:
     return "cpu" if device.endswith("cores)") else "cuda"
 
@@ -204,8 +210,9 @@ def markdown(rows: list[dict]) -> str:
              "(few particles, huge d). ≠: disagrees with the anchor provider.", ""]  # fmt: skip
     for (device, dtype), device_rows in sorted(group(rows, "device", "dtype").items()):
         versions = sorted({f"torch {r['torch']}" for r in device_rows})
-        dates = sorted(r["timestamp"][:10] for r in device_rows)
-        lines += [f"#### {device}, {dtype} ({', '.join(versions)}; measured {dates[0]} to {dates[-1]})", ""]
+        dates = sorted({r["timestamp"][:10] for r in device_rows})
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        lines += [f"#### {device}, {dtype} ({', '.join(versions)}; measured {when})", ""]
         targets = [t for t in TARGETS if t.device_type == device_type(device) and find(device_rows, t.op, t.provider, t.n, t.d)]
         if targets and dtype == "float32":
             lines += ["| target | measured | met |", "|---|---|---|"]
@@ -216,7 +223,7 @@ def markdown(rows: list[dict]) -> str:
                 met = "—" if value is None else ("yes" if value <= t.bound else "**no**")
                 lines.append(f"| {t.text} | {shown} | {met} |")
             lines.append("")
-        for op, op_rows in sorted(group(device_rows, "op").items()):
+        for op, op_rows in sorted(group(device_rows, "op").items(), key=lambda item: op_rank(item[0][0])):
             providers = provider_order({r["provider"] for r in op_rows})
             providers = [p for p in providers if any(r["status"] != "unavailable" for r in op_rows if r["provider"] == p)]
             lines += [f"**{op[0]}**", "", "| n | d | " + " | ".join(providers) + " |",
@@ -246,12 +253,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("csv", nargs="*", type=Path, help="CSV files (default: benchmarks/results/*.csv)")
     p.add_argument("--out-dir", type=Path, help="where the PNGs go (default: beside each CSV)")
     p.add_argument("--readme", type=Path, help="markdown file whose table between the markers is regenerated")
+    p.add_argument("--ops", help="comma-separated ops to include (default: all)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     paths = args.csv or sorted(RESULTS_DIR.glob("*.csv"))
     if not paths:
         raise SystemExit("no CSV files: run a benchmark first, e.g. python -m benchmarks.svgd_step --quick")
     rows = latest_rows(paths)
+    if args.ops:
+        wanted = {op.strip() for op in args.ops.split(",")}
+        rows = [r for r in rows if r["op"] in wanted]
     if not args.no_plots:
         out_dir = args.out_dir or paths[0].parent
         out_dir.mkdir(parents=True, exist_ok=True)
