@@ -70,7 +70,13 @@ CSV_HEADER = [
     "torch", "triton", "provider_version", "bmt_fast_commit", "memory_method", "env",
 ]  # fmt: skip
 # Environment variables that change how CPU code runs; the ones that are set go into the "env" column.
-RECORDED_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
+RECORDED_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME",
+                "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+# glibc malloc in the worker reuses freed memory instead of mapping every large block afresh (unless the caller
+# set these): otherwise whether a result lands on already-touched pages depends on what other providers freed
+# before (glibc's adaptive mmap threshold), and first-touch page faults of a 26 MB phi alone cost more than
+# the whole svgd_step at n=16, d=409600. Reused pages are what a training loop sees in steady state.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 STATUSES = ("ok", "mismatch", "wrong", "skipped", "unavailable", "oom", "timeout", "crashed", "error")
 LIMITS = ("limit-gemm", "limit-copy")
@@ -679,7 +685,7 @@ class Supervisor:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.harness", "--worker"], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log, text=True, cwd=Path(__file__).resolve().parent.parent,
-                start_new_session=True,
+                start_new_session=True, env={**WORKER_MALLOC_ENV, **os.environ},
             )  # fmt: skip
         proc.stdin.write(json.dumps(plan))
         proc.stdin.close()
