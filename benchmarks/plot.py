@@ -1,0 +1,277 @@
+"""Plots and the README table from the benchmark CSVs.
+
+    python -m benchmarks.plot                      # PNGs beside the CSVs in benchmarks/results/
+    python -m benchmarks.plot --readme README.md   # and regenerate the table between the markers
+
+For every device, op and dtype: `<device>_<op>_<dtype>_{time,memory,ratio}.png`, one panel per d with n
+on the x axis and a line per provider (median time, peak extra memory, time / limit). Only the latest
+row of each (device, op, provider, dtype, n, d) counts, so re-running a size replaces it.
+
+The markdown between `<!-- bench:start -->` and `<!-- bench:end -->` is replaced by the targets of the
+issue (met or missed, with the measured figure) and one table per op: median time and its ratio to the
+limit for each provider, or why a provider has no time (out of memory, skipped, time-out, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.harness import LIMITS, RESULTS_DIR, device_slug, read_rows
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+Key = tuple  # (device, op, provider, dtype, n, d)
+
+
+def latest_rows(paths: list[Path]) -> list[dict]:
+    """The last row of each (device, op, provider, dtype, n, d) over all files, in file order."""
+    latest: dict[Key, dict] = {}
+    for path in paths:
+        for row in read_rows(path):
+            latest[(row["device"], row["op"], row["provider"], row["dtype"], int(row["n"]), int(row["d"]))] = row
+    return list(latest.values())
+
+
+def number(row: dict, field: str) -> float | None:
+    try:
+        value = float(row[field])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def group(rows: list[dict], *fields: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[f] for f in fields)].append(row)
+    return groups
+
+
+def provider_order(names: set[str]) -> list[str]:
+    """bmt_fast backends first, the other providers next, the limits last."""
+    bmt = sorted(n for n in names if n.startswith("bmt_fast"))
+    limits = [n for n in LIMITS if n in names]
+    others = sorted(n for n in names if n not in bmt and n not in limits)
+    return bmt + others + limits
+
+
+# ---- plots ---------------------------------------------------------------------------------------------
+
+METRICS = {
+    "time": ("time_median_s", "median time [s]"),
+    "memory": ("peak_extra_mb", "peak extra memory [MB]"),
+    "ratio": ("time_vs_limit", "time / limit (1 = limit)"),
+}
+
+
+def plot_all(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for (device, op, dtype), group_rows in sorted(group(rows, "device", "op", "dtype").items()):
+        dims = sorted({int(r["d"]) for r in group_rows})
+        providers = provider_order({r["provider"] for r in group_rows})
+        for metric, (field, label) in METRICS.items():
+            shown = [p for p in providers if not (metric != "time" and p in LIMITS)]
+            cols = min(4, len(dims))
+            rows_n = math.ceil(len(dims) / cols)
+            fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+            for ax, d in zip(axes.flat, dims):
+                drawn = draw_panel(ax, [r for r in group_rows if int(r["d"]) == d], shown, field)
+                ax.set_title(f"d = {d}", fontsize=9)
+                ax.set_xlabel("n (particles)")
+                ax.set_ylabel(label, fontsize=8)
+                if metric == "ratio" and drawn:
+                    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+            for ax in list(axes.flat)[len(dims):]:
+                ax.axis("off")
+            handles, labels = next((a.get_legend_handles_labels() for a in axes.flat if a.lines), ([], []))
+            fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8)
+            fig.suptitle(f"{op} on {device}, {dtype}: {label}", fontsize=10)
+            fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(labels) / 6), 1, 0.95))
+            path = out_dir / f"{device_slug(device)}_{op}_{dtype}_{metric}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def draw_panel(ax, rows: list[dict], providers: list[str], field: str) -> bool:
+    """One line per provider over n (log-log); a provider's failures at some n leave gaps."""
+    drawn = False
+    for provider in providers:
+        points = sorted(
+            (int(r["n"]), number(r, field)) for r in rows if r["provider"] == provider and r["status"] in ("ok", "mismatch")
+        )
+        points = [(n, v) for n, v in points if v is not None and v > 0]
+        if not points:
+            continue
+        style = dict(linestyle="--", color="gray") if provider in LIMITS else {}
+        if provider.startswith("bmt_fast") and provider != "bmt_fast-torch":
+            style["linewidth"] = 2.2  # the kernels under test stand out
+        ax.plot(*zip(*points), marker="o", markersize=3, label=provider, **style)
+        drawn = True
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="major", alpha=0.3)
+    return drawn
+
+
+# ---- README table ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal of the benchmark issue, checked on the latest rows of a device."""
+
+    text: str
+    op: str
+    n: int
+    d: int
+    kind: str  # "vs_limit" (time / limit), "vs_provider" (time / other provider's time), "memory_gb"
+    bound: float
+    provider: str = "bmt_fast-cpu"
+    other: str = ""
+    device_type: str = "cpu"
+
+    def measure(self, rows: list[dict]) -> tuple[float | None, str]:
+        """(measured figure, or None with the reason)."""
+        mine = find(rows, self.op, self.provider, self.n, self.d)
+        if mine is None or mine["status"] != "ok":
+            return None, f"{self.provider}: {mine['status'] + ' ' + mine['note'] if mine else 'not measured'}"
+        if self.kind == "memory_gb":
+            value = number(mine, "peak_extra_mb")
+            return (None, "no memory figure") if value is None else (value * 2**20 / 1e9, "")
+        if self.kind == "vs_limit":
+            return number(mine, "time_vs_limit"), ""
+        other = find(rows, self.op, self.other, self.n, self.d)
+        if other is None or number(other, "time_median_s") is None:
+            return None, f"{self.other}: {other['status'] + ' ' + other['note'] if other else 'not measured'}"
+        return number(mine, "time_median_s") / number(other, "time_median_s"), ""
+
+
+TARGETS = [
+    Target("svgd_step n=8192 d=128: time ≤ 1.15 × GEMM limit", "svgd_step", 8192, 128, "vs_limit", 1.15),
+    Target("svgd_step n=8192 d=128: time ≤ 0.55 × torch-naive", "svgd_step", 8192, 128, "vs_provider", 0.55,
+           other="torch-naive"),
+    Target("svgd_step n=65536 d=64: peak extra memory ≤ 0.5 GB", "svgd_step", 65536, 64, "memory_gb", 0.5),
+    # bytes/s ≥ 0.7 × copy bytes/s  <=>  time ≤ copy time / 0.7
+    Target("svgd_step n=16 d=409600: bytes/s ≥ 0.7 × torch copy (time ≤ 1.43 × copy limit)", "svgd_step", 16,
+           409_600, "vs_limit", 1 / 0.7),
+]  # fmt: skip
+
+
+def find(rows: list[dict], op: str, provider: str, n: int, d: int) -> dict | None:
+    return next((r for r in rows if r["op"] == op and r["provider"] == provider and int(r["n"]) == n and int(r["d"]) == d), None)
+
+
+def human_time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    median = number(row, "time_median_s")
+    if row["status"] in ("ok", "mismatch") and median is not None:
+        text = human_time(median)
+        ratio = number(row, "time_vs_limit")
+        if ratio is not None and row["provider"] not in LIMITS:
+            text += f" ({ratio:.2f}×)"
+        return text + (" ≠" if row["status"] == "mismatch" else "")
+    return row["status"]
+
+
+def op_rank(op: str) -> tuple[int, str]:
+    from benchmarks import OPS
+
+    return (OPS.index(op) if op in OPS else len(OPS), op)
+
+
+def device_type(device: str) -> str:
+    return "cpu" if device.endswith("cores)") else "cuda"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["Generated by `python -m benchmarks.plot --readme README.md` from `benchmarks/results/*.csv`; "
+             "cells: median time (time / limit; lower is better, 1.00× = the limit). "
+             "Limit: torch GEMMs doing the same FLOPs (many particles) or a torch copy of the same bytes "
+             "(few particles, huge d). ≠: disagrees with the anchor provider.", ""]  # fmt: skip
+    for (device, dtype), device_rows in sorted(group(rows, "device", "dtype").items()):
+        versions = sorted({f"torch {r['torch']}" for r in device_rows})
+        dates = sorted({r["timestamp"][:10] for r in device_rows})
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        lines += [f"#### {device}, {dtype} ({', '.join(versions)}; measured {when})", ""]
+        targets = [t for t in TARGETS if t.device_type == device_type(device) and find(device_rows, t.op, t.provider, t.n, t.d)]
+        if targets and dtype == "float32":
+            lines += ["| target | measured | met |", "|---|---|---|"]
+            for t in targets:
+                value, why = t.measure(device_rows)
+                unit = " GB" if t.kind == "memory_gb" else "×"
+                shown = f"{value:.2f}{unit}" if value is not None else why
+                met = "—" if value is None else ("yes" if value <= t.bound else "**no**")
+                lines.append(f"| {t.text} | {shown} | {met} |")
+            lines.append("")
+        for op, op_rows in sorted(group(device_rows, "op").items(), key=lambda item: op_rank(item[0][0])):
+            providers = provider_order({r["provider"] for r in op_rows})
+            providers = [p for p in providers if any(r["status"] != "unavailable" for r in op_rows if r["provider"] == p)]
+            lines += [f"**{op[0]}**", "", "| n | d | " + " | ".join(providers) + " |",
+                      "|---:|---:|" + "---|" * len(providers)]  # fmt: skip
+            sizes = sorted({(r["regime"] == "few", int(r["d"]), int(r["n"])) for r in op_rows})
+            for few, d, n in sizes:
+                by_provider = {r["provider"]: r for r in op_rows if int(r["n"]) == n and int(r["d"]) == d}
+                lines.append(f"| {n} | {d} | " + " | ".join(cell(by_provider.get(p)) for p in providers) + " |")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_between_markers(text: str, body: str) -> str:
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"the file needs exactly one {START} followed by one {END}")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{body}{END}{tail}"
+
+
+def update_readme(path: Path, rows: list[dict]) -> None:
+    path.write_text(replace_between_markers(path.read_text(), markdown(rows)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
+    p.add_argument("csv", nargs="*", type=Path, help="CSV files (default: benchmarks/results/*.csv)")
+    p.add_argument("--out-dir", type=Path, help="where the PNGs go (default: beside each CSV)")
+    p.add_argument("--readme", type=Path, help="markdown file whose table between the markers is regenerated")
+    p.add_argument("--ops", help="comma-separated ops to include (default: all)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    paths = args.csv or sorted(RESULTS_DIR.glob("*.csv"))
+    if not paths:
+        raise SystemExit("no CSV files: run a benchmark first, e.g. python -m benchmarks.svgd_step --quick")
+    rows = latest_rows(paths)
+    if args.ops:
+        wanted = {op.strip() for op in args.ops.split(",")}
+        rows = [r for r in rows if r["op"] in wanted]
+    if not args.no_plots:
+        out_dir = args.out_dir or paths[0].parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in plot_all(rows, out_dir):
+            print(path, file=sys.stderr)
+    if args.readme:
+        update_readme(args.readme, rows)
+        print(f"updated the table in {args.readme}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
