@@ -21,10 +21,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.harness import LIMITS, RESULTS_DIR, device_slug, read_rows
+from benchmarks.harness import CSV_HEADER, LIMITS, RESULTS_DIR, device_slug, read_rows
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 Key = tuple  # (device, op, provider, dtype, n, d)
+
+
+def is_timing_csv(path: Path) -> bool:
+    """A CSV written by the benchmark harness (its header starts like CSV_HEADER)."""
+    with open(path, newline="") as f:
+        return f.readline().strip().split(",")[:4] == list(CSV_HEADER[:4])
 
 
 def latest_rows(paths: list[Path]) -> list[dict]:
@@ -256,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ops", help="comma-separated ops to include (default: all)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    paths = args.csv or sorted(RESULTS_DIR.glob("*.csv"))
+    # Other result files (e.g. triton_precision_*.csv) live beside the timing CSVs: keep only the latter.
+    paths = args.csv or [p for p in sorted(RESULTS_DIR.glob("*.csv")) if is_timing_csv(p)]
     if not paths:
         raise SystemExit("no CSV files: run a benchmark first, e.g. python -m benchmarks.svgd_step --quick")
     rows = latest_rows(paths)
