@@ -52,7 +52,8 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
 
     A float becomes a float64 tensor; a tensor keeps its dtype and autograd history (rbf_kernel can
     differentiate through it). check_value=False skips reading a tensor's value (a device sync, and a
-    data-dependent branch under torch.compile); the kernels still reject a non-positive bandwidth.
+    data-dependent branch under torch.compile). The CPU kernels still reject a non-positive bandwidth;
+    the CUDA and Triton kernels do not read it on the host (no sync), so there an invalid H gives NaN.
     """
     if isinstance(bandwidth, str):
         if bandwidth != "median":

@@ -69,7 +69,11 @@ class CompiledBackend(Backend):
         self.device_types = (device_type,)
 
     def unavailable_reason(self) -> str:
-        return "" if self.status.loaded else self.status.reason
+        if not self.status.loaded:
+            return self.status.reason
+        if "cuda" in self.device_types and not torch.cuda.is_available():
+            return "no CUDA device (the CUDA extension is built; it runs where torch.cuda.is_available())"
+        return ""
 
     def svgd_step(self, x, score, h):
         return torch.ops.bmt_fast.svgd_step(x, score, h)

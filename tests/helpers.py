@@ -34,3 +34,14 @@ def assert_within(actual: torch.Tensor, expected64: torch.Tensor, torch_error: f
     err = relative_error(actual, expected64)
     bound = max(2.0 * torch_error, floor)
     assert err <= bound, f"relative error {err:.3e} > {bound:.3e} (torch in the same precision: {torch_error:.3e})"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child Python that must import this bmt_fast (also when it is not pip-installed:
+    the folder that holds the package goes first on PYTHONPATH)."""
+    import os
+    from pathlib import Path
+
+    root = str(Path(bmt_fast.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

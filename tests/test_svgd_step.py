@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import COMPILED_CPU, assert_within, relative_error, requires_cpu_extension, torch_error_in
+from helpers import COMPILED_CPU, assert_within, relative_error, requires_cpu_extension, subprocess_env, torch_error_in
 
 import bmt_fast
 from bmt_fast import reference
@@ -166,7 +166,7 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "        assert err < {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dt], (n, d, dt, err)\n"
         "print(bmt_fast._extension.CPU.module.build_info()['cpu_isa'])\n"
     )
-    env = {**__import__("os").environ, "BMT_FAST_CPU_ISA": isa}
+    env = subprocess_env(BMT_FAST_CPU_ISA=isa)
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     if "lacks the instructions" in result.stderr:
         pytest.skip(f"this CPU cannot run the {isa} build")
@@ -190,7 +190,7 @@ def test_many_particles_use_bounded_memory(tmp_path):
         "assert torch.isfinite(phi).all()\n"
         "print((after - before) / 1024)\n"
     )
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(script)], env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     extra_mib = float(result.stdout.strip())
     assert extra_mib < 200, f"peak extra memory {extra_mib:.0f} MiB"
