@@ -5,6 +5,10 @@ import csv
 import importlib.metadata
 import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from helpers import requires_cpu_extension
 from benchmarks import harness, median_bandwidth, plot, prompt_transfer_step, rbf_kernel, svgd_step
 from benchmarks.harness import CSV_HEADER, STATUSES, Case, Inputs
 from benchmarks.providers import providers_for
+from bmt_fast import bench, cli
 
 OPS = {"svgd_step": svgd_step, "rbf_kernel": rbf_kernel, "median_bandwidth": median_bandwidth}
 CPU = torch.device("cpu")
@@ -220,14 +225,14 @@ def test_linear_time_ops_skip_sure_timeouts_by_a_linear_prediction():
 
 @pytest.fixture(scope="module")
 def quick_e2e_csv(tmp_path_factory):
-    """The quick prompt_transfer_step sweep (about 12 s on 2 busy cores).
+    """The quick prompt_transfer_step sweep, run through `bmt-fast bench` (about 12 s on 2 busy cores).
 
     The rows are checked, not the speed: OpenMP threads that spin while other processes hold the cores
     make the small ops of a tiny model 10-30x slower, so the worker waits passively and calls may be long."""
     out = tmp_path_factory.mktemp("bench_e2e") / "quick.csv"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("OMP_WAIT_POLICY", "PASSIVE")
-        E2E.main(["--quick", "--max-call-seconds", "120", "--out", str(out)])
+        assert cli.main(["bench", E2E.NAME, "--quick", "--max-call-seconds", "120", "--out", str(out)]) == 0
     return out
 
 
@@ -256,7 +261,7 @@ def test_quick_e2e_rows_are_well_formed(quick_e2e_csv):
 def test_e2e_plots_and_readme_speedup_column(quick_e2e_csv, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
-    plot.main([str(quick_e2e_csv), "--out-dir", str(tmp_path), "--readme", str(readme)])
+    assert cli.main(["bench", "plot", str(quick_e2e_csv), "--out-dir", str(tmp_path), "--readme", str(readme)]) == 0
     names = {p.name.rsplit("_", 1)[1] for p in tmp_path.glob("*.png")}
     assert names == {"time.png", "memory.png", "speedup.png"}  # no limits: no ratio plot
     table = readme.read_text()
@@ -266,3 +271,37 @@ def test_e2e_plots_and_readme_speedup_column(quick_e2e_csv, tmp_path):
     d = E2E.SPEC.sweep(CPU, quick=True)[0].d
     assert f"| 4 | {d} | " in table and f"{rows[('sequential', '4')] / rows[('batched', '4')]:.2f}×" in table
 
+
+# ---- bmt-fast bench ----------------------------------------------------------------------------------
+
+
+def test_bench_lists_the_providers_of_an_op(capsys):
+    assert cli.main(["bench", E2E.NAME, "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed[:2] == ["batched", "available"] and "sequential" in listed
+
+
+def test_bench_rejects_an_unknown_op():
+    with pytest.raises(SystemExit, match="prompt_transfer_step"):
+        cli.main(["bench", "no_such_op"])
+
+
+def test_bench_outside_a_checkout_says_where_the_benchmarks_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "candidate_roots", lambda: [tmp_path])
+    assert cli.main(["bench", "svgd_step", "--quick"]) == 2
+    assert "ship with the source tree" in capsys.readouterr().err
+
+
+def test_bench_finds_the_checkout_of_the_imported_package(tmp_path):
+    """As in an editable install: bmt_fast imported from elsewhere (a link to the package), another cwd."""
+    root = Path(bench.__file__).resolve().parent.parent
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "bmt_fast").symlink_to(root / "bmt_fast", target_is_directory=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = "import sys; from bmt_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "bench", E2E.NAME, "--list"], cwd=elsewhere, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "batched" in done.stdout and "sequential" in done.stdout
