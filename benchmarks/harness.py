@@ -904,11 +904,12 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
 def print_summary(rows: list[dict], file=sys.stdout) -> None:
     for row in rows:
         if row["status"] == "ok" or row["provider"] in LIMITS:
-            detail = (f"{float(row['time_median_s']) * 1e3:10.3f} ms  x{row['time_vs_limit'] or '?':>6} of limit"
+            limit = f"  x{row['time_vs_limit'] or '?':>6} of limit" if row["limit_kind"] else ""  # none end to end
+            detail = (f"{float(row['time_median_s']) * 1e3:10.3f} ms{limit}"
                       f"  {row['peak_extra_mb'] or '?':>8} MB") if row["time_median_s"] else ""  # fmt: skip
         else:
             detail = f"{row['status']}: {row['note']}"
-        print(f"{row['op']:16s} n={row['n']:>6} d={row['d']:>7} {row['provider']:18s} {detail}", file=file)
+        print(f"{row['op']:20s} n={row['n']:>6} d={row['d']:>7} {row['provider']:18s} {detail}", file=file)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def plot_speedup(plt, device: str, op: str, dtype: str, rows: list[dict], out_di
     ax.set_ylabel(f"time {baseline} / time {fast}", fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{op} on {device}, {dtype}: speed-up of {fast}", fontsize=9)
+    ax.set_title(f"{op} on {device}, {dtype}\nspeed-up of {fast} over {baseline}", fontsize=8)
     fig.tight_layout()
     path = out_dir / f"{device_slug(device)}_{op}_{dtype}_speedup.png"
     fig.savefig(path, dpi=110)
