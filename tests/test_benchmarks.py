@@ -149,13 +149,23 @@ needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers")
 TINY_HIDDEN = E2E.BACKBONES["tiny"].hidden
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny model's ops are small: on busy cores, OpenMP threads waiting for each other cost more than
+    the work (seconds instead of a fraction of one). One thread for the in-process step tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def step_inputs():
     return E2E.SPEC.make_inputs(Case(3, 2 * TINY_HIDDEN), torch.float32, CPU, seed=3)
 
 
 @needs_transformers
-def test_prompt_transfer_providers_match_the_float64_step(step_inputs):
+def test_prompt_transfer_providers_match_the_float64_step(one_thread, step_inputs):
     expected = E2E.SPEC.reference(step_inputs.float64())
     phis = {name: p.build(step_inputs)() for name, p in providers_for(E2E.NAME).items()}
     assert set(phis) == {"batched", "sequential"}
@@ -168,7 +178,7 @@ def test_prompt_transfer_providers_match_the_float64_step(step_inputs):
 
 
 @needs_transformers
-def test_prompt_transfer_scores_carry_the_likelihood_and_differ_per_particle(step_inputs):
+def test_prompt_transfer_scores_carry_the_likelihood_and_differ_per_particle(one_thread, step_inputs):
     prior = E2E.prior_score(step_inputs.prompts, step_inputs.prior_std)
     likelihood = E2E.batched_scores(step_inputs) - prior
     assert likelihood.abs().amax(dim=(1, 2)).min() > 100 * prior.abs().max()
@@ -176,7 +186,7 @@ def test_prompt_transfer_scores_carry_the_likelihood_and_differ_per_particle(ste
 
 
 @needs_transformers
-def test_batched_runs_one_forward_and_sequential_one_per_particle(step_inputs):
+def test_batched_runs_one_forward_and_sequential_one_per_particle(one_thread, step_inputs):
     calls = []  # sequences per forward call of the backbone
 
     def count(module, args, kwargs, out):
