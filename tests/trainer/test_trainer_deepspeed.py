@@ -231,6 +231,20 @@ def test_ds_config_gets_precision_and_batch_keys(tmp_path, model_dirs):
 
 
 @needs_deepspeed
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
+def test_committed_ds_configs_are_valid(tmp_path, model_dirs, path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from bmt_fast.transfer.deepspeed_support import read_ds_config
+
+    cfg = make_config(tmp_path, model_dirs["llama"], model={"dtype": "bfloat16"})
+    parsed = DeepSpeedConfig(read_ds_config(path, cfg, world_size=1))  # no process group: DeepSpeed counts 1
+    assert parsed.bfloat16_config.enabled and parsed.train_batch_size == 1
+    assert parsed.zero_optimization_stage == int(path.stem.split("_zero")[1][0])
+    assert (parsed.zero_config.offload_param is not None) == path.stem.endswith("offload")
+
+
+@needs_deepspeed
 def test_share_of_a_global_batch():
     """Shares cover the batch once, in order; a process without a share runs one example with weight 0."""
     from bmt_fast.transfer.deepspeed_support import share_of
