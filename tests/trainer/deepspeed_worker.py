@@ -9,9 +9,9 @@ it saw in WORK_DIR/rank<r>.pt (files the first process wrote are read by the tes
                     source stage crashes after its step-2 checkpoint and resumes; an uninterrupted source
                     run beside it; generation with the target prompt; the backbone's weights are compared
                     with the file after all that
-    zero2_cli       tiny T5, ZeRO-2, `bmt-fast source --deepspeed` (one example per task: the second
-                    process has none and runs a weight-0 example)
-    zero3_offload   tiny T5 (tied embeddings), ZeRO-3 with offload_param, `bmt-fast source --deepspeed`
+    zero2_cli       tiny T5, ZeRO-2 (the backbone replicated), `bmt-fast source --deepspeed`
+    zero3_offload   tiny T5 (tied embeddings), ZeRO-3 with offload_param, `bmt-fast source --deepspeed`, one
+                    example per task (the first process has none and runs a weight-0 example)
 """
 
 from __future__ import annotations

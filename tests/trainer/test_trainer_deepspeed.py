@@ -44,8 +44,9 @@ SCENARIOS = {
             "target": {"methods": ["bmtpt"], "steps": 4, "checkpoint_every": 2, "kde_weight": 0.5},
         },
     ),
-    "zero2_cli": ("t5", ZERO2, {"source": {"steps": 3, "batch_size": 1, "sampling": "uniform"}}),
-    "zero3_offload": ("t5", ZERO3_OFFLOAD, {"source": {"steps": 3, "num_particles": 2}}),
+    "zero2_cli": ("t5", ZERO2, {"source": {"steps": 3, "num_particles": 2}}),
+    # One example per task: the first process has none and takes part in the forwards with weight 0.
+    "zero3_offload": ("t5", ZERO3_OFFLOAD, {"source": {"steps": 3, "batch_size": 1, "sampling": "uniform"}}),
 }
 
 
@@ -244,7 +245,15 @@ def test_committed_ds_configs_are_valid(tmp_path, model_dirs, path):
     assert (parsed.zero_config.offload_param is not None) == path.stem.endswith("offload")
 
 
-@needs_deepspeed
+def test_deepspeed_launcher_arguments_parse():
+    """`deepspeed` passes --local_rank=<r> before the command."""
+    from bmt_fast.cli import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "source", "--config", "r.yaml", "--deepspeed", "ds.json"])
+    assert (args.command, args.config, args.deepspeed) == ("source", "r.yaml", "ds.json")
+    assert build_parser().parse_args(["eval", "--config", "r.yaml"]).deepspeed is None
+
+
 def test_share_of_a_global_batch():
     """Shares cover the batch once, in order; a process without a share runs one example with weight 0."""
     from bmt_fast.transfer.deepspeed_support import share_of
