@@ -107,8 +107,8 @@ def plain_zero3(ds_runs, model_dirs, backbones):
 
 
 def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to fp32 summation order (the processes sum their shares of the batch)."""
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    """Equal up to fp32 summation order (the processes sum their shares of the batch; a few ulps here)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=2e-6)
 
 
 @needs_deepspeed
