@@ -79,9 +79,11 @@ class Footprint:
     particles: int
     optimizer: int
     gradients: int
+    host_backbone: int = 0  # CPU memory per process (offload_param)
 
     @property
     def total(self) -> int:
+        """GPU bytes (host_backbone is CPU memory)."""
         return self.backbone + self.particles + self.optimizer + self.gradients
 
 
@@ -101,9 +103,10 @@ def footprint(
     if gpus < 1 or particles < 1 or prompt_length < 1 or parameters < 1 or hidden < 1:
         raise ValueError("parameters, hidden, gpus, particles and prompt_length must be positive")
     weights = parameters * BYTES_PER_DTYPE[dtype]
-    backbone = {"0-2": weights, "3": -(-weights // gpus), "3+offload": 0}[stage]
+    shard = -(-weights // gpus)
+    backbone, host = {"0-2": (weights, 0), "3": (shard, 0), "3+offload": (0, shard)}[stage]
     n = particles * prompt_length * hidden
-    return Footprint(backbone, PARTICLE_BYTES * n, OPTIMIZER_BYTES[optimizer] * n, GRADIENT_BYTES * n)
+    return Footprint(backbone, PARTICLE_BYTES * n, OPTIMIZER_BYTES[optimizer] * n, GRADIENT_BYTES * n, host)
 
 
 def count_parameters(config: dict[str, Any]) -> tuple[int, int]:
@@ -129,12 +132,12 @@ def table(
     dtype: str = "bfloat16",
     optimizer: str = "adam",
 ) -> str:
-    """A Markdown table: one row per (model, ZeRO stage), GiB per GPU."""
+    """A Markdown table: one row per (model, ZeRO stage), GiB per GPU (and CPU memory per process)."""
     header = (
         f"| model (parameters, hidden) | ZeRO stage | backbone | {particles} particles | {optimizer} state "
-        "| gradients (transient) | total |"
+        "| gradients (transient) | total per GPU | backbone in CPU memory per process |"
     )
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, config in models.items():
         count, hidden = count_parameters(config)
         for stage in STAGES:
@@ -148,13 +151,15 @@ def table(
                 dtype=dtype,
                 optimizer=optimizer,
             )
-            cells = [f.backbone, f.particles, f.optimizer, f.gradients, f.total]
+            cells = [f.backbone, f.particles, f.optimizer, f.gradients, f.total, f.host_backbone]
             label = f"{name} ({count / 1e9:.2f}B, {hidden})"
             lines.append(f"| {label} | {stage} | " + " | ".join(_gib(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _gib(value: int) -> str:
+    if value == 0:
+        return "0"
     return f"{value / GIB:.3f}" if value < GIB else f"{value / GIB:.1f}"
 
 

@@ -17,8 +17,11 @@ def test_footprint_per_zero_stage():
         2002, 1600, 3200, 4800
     )
     assert replicated.total == 2002 + 1600 + 3200 + 4800
-    assert memory.footprint(1001, 8, stage="3", **kwargs).backbone == 501  # 2002 / 4, rounded up
-    assert memory.footprint(1001, 8, stage="3+offload", **kwargs).backbone == 0
+    sharded = memory.footprint(1001, 8, stage="3", **kwargs)
+    assert (sharded.backbone, sharded.host_backbone) == (501, 0)  # 2002 / 4, rounded up
+    offloaded = memory.footprint(1001, 8, stage="3+offload", **kwargs)
+    assert (offloaded.backbone, offloaded.host_backbone, offloaded.total) == (0, 501, 1600 + 3200 + 4800)
+    assert replicated.host_backbone == 0
     adagrad_fp32 = memory.footprint(1001, 8, stage="0-2", dtype="float32", optimizer="adagrad", **kwargs)
     assert (adagrad_fp32.backbone, adagrad_fp32.optimizer) == (4004, 1600)
     with pytest.raises(ValueError, match="stage must be one of"):
