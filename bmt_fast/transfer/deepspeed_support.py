@@ -139,11 +139,7 @@ class DeepSpeedWorld:
             accelerator.set_device(self.local_rank)
             self.device = torch.device(accelerator.device_name(self.local_rank))
         self.is_main = self.rank == 0
-        if self.rank and not _RANK_SEEDED.get(self.rank):
-            # Dropout (model.train_mode) must differ between processes; the first keeps torch's default
-            # stream, as a single process does.
-            torch.manual_seed(torch.initial_seed() + self.rank)
-            _RANK_SEEDED[self.rank] = True
+        _separate_random_streams(self.rank)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -182,7 +178,16 @@ class DeepSpeedWorld:
             torch.manual_seed(torch.initial_seed() + self.rank)
 
 
-_RANK_SEEDED: dict[int, bool] = {}
+_streams_separated = False
+
+
+def _separate_random_streams(rank: int) -> None:
+    """Once per process: dropout (model.train_mode) must differ between processes. The first keeps torch's
+    default stream, as a single process does."""
+    global _streams_separated
+    if rank and not _streams_separated:
+        torch.manual_seed(torch.initial_seed() + rank)
+    _streams_separated = True
 
 
 def share_of(indices: list[int], rank: int, size: int) -> tuple[list[int], float]:
