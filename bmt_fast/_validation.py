@@ -20,7 +20,7 @@ def check_particles(name: str, t: object, *, min_rows: int = 1) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (n, *event), got a 0-dim tensor")
     if t.shape[0] < min_rows:
         raise ValueError(f"{name} must have at least {min_rows} particle(s), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
+    if math.prod(t.shape[1:]) == 0:  # no rows is allowed only where min_rows=0; an empty event never
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     return t
 
@@ -43,8 +43,8 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, sh
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(n, *event) -> (n, d) without copying when the layout allows it."""
-    return t.reshape(t.shape[0], -1)
+    """(n, *event) -> (n, d) without copying when the layout allows it (n may be 0)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool = True) -> torch.Tensor | None:

@@ -6,6 +6,9 @@
     bmt-fast eval     --config run.yaml [--prompt FILE_OR_PEFT_DIR] [--split validation]
     bmt-fast plot     RUN_DIR [--out DIR]
 
+`source`, `target`, `transfer` and `eval` take `--deepspeed ds_config.json` when launched by `deepspeed` or
+`torchrun` (see bmt_fast.transfer.deepspeed_support).
+
 Other modules add subcommands with `register_command` (imported before `main` parses).
 """
 
@@ -43,6 +46,8 @@ def register_command(name: str, help: str, add_arguments: Callable[[argparse.Arg
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bmt-fast", description="Bayesian multi-task prompt transfer")
+    # The `deepspeed` launcher passes --local_rank before the command; the rank is read from LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS.values():
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
@@ -95,6 +100,16 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue unfinished stages from their last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="delete this command's stage folders first")
+    _deepspeed_argument(parser)
+
+
+def _deepspeed_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--deepspeed",
+        metavar="DS_CONFIG",
+        help="DeepSpeed config (JSON): the frozen backbone under ZeRO (stage 3 partitions it from load time), "
+        "data-parallel prompt training over the processes of `deepspeed` / `torchrun`",
+    )
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +117,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--prompt", help="evaluate this prompt.safetensors or PEFT adapter folder instead")
     parser.add_argument("--split", help="split to evaluate (default: data.eval_split)")
+    _deepspeed_argument(parser)
 
 
 def _plot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +130,13 @@ def _open_run(args: argparse.Namespace, command: str):
     from .transfer.runner import Run
 
     cfg = load_config(args.config, args.overrides)
-    run = Run(cfg, command, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
+    flags = {"resume": getattr(args, "resume", False), "overwrite": getattr(args, "overwrite", False)}
+    if args.deepspeed:
+        from .transfer.deepspeed_support import DeepSpeedRun
+
+        run = DeepSpeedRun(cfg, command, args.deepspeed, **flags)
+    else:
+        run = Run(cfg, command, **flags)
     if command != "eval":
         run.write_config()
     return run
@@ -124,9 +146,9 @@ def _open_run(args: argparse.Namespace, command: str):
 def _source(args: argparse.Namespace) -> int:
     run = _open_run(args, "source")
     particles = run.source(run.cfg.source.method)
-    print(
-        f"source {run.cfg.source.method}: particles {tuple(particles.shape)} in {run.source_dir(run.cfg.source.method)}"
-    )
+    if run.world.is_main:
+        method = run.cfg.source.method
+        print(f"source {method}: particles {tuple(particles.shape)} in {run.source_dir(method)}")
     return 0
 
 
@@ -149,8 +171,9 @@ def _targets(run) -> int:
     from .transfer.runner import results_table, write_results
 
     results = {m: run.target(m) for m in run.cfg.target.methods}
-    write_results(run.dir, results)
-    print(results_table(results), end="")
+    if run.world.is_main:
+        write_results(run.dir, results)
+        print(results_table(results), end="")
     return 0
 
 
@@ -158,8 +181,10 @@ def _targets(run) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .transfer.runner import results_table
 
-    results = _open_run(args, "eval").evaluate(args.prompt, args.split)
-    print(results_table(results), end="")
+    run = _open_run(args, "eval")
+    results = run.evaluate(args.prompt, args.split)
+    if run.world.is_main:
+        print(results_table(results), end="")
     return 0
 
 

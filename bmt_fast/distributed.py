@@ -1,12 +1,21 @@
-"""SVGD over particles split across the ranks of a process group.
+"""SVGD over particles split across the ranks of a process group: `svgd_step(..., group=)`.
 
-Each rank holds a slice of the particles. The step all-gathers the particles and scores (sizes may differ
-between ranks), agrees on one bandwidth and one centring shift, and computes phi for its own rows only:
+Each rank holds a slice of the particles (any number of rows, zero included). The step
 
-    phi_r = (1/N) [ K_rA (score_A - (2/H) xc_A) + (2/H) rowsum(K_rA) xc_r ]
+1. checks that the ranks' inputs fit together (one small all-gather of a row of metadata per rank), so
+   that a bad input raises the same error on every rank instead of leaving the others waiting;
+2. all-gathers particles and scores (sizes may differ between ranks; one collective for both);
+3. agrees on one bandwidth: the given one or the median rule over all N particles, computed on the
+   group's first rank (exact up to EXACT_MEDIAN_MAX_PARTICLES particles, sampled beyond) and broadcast;
+4. computes phi for its own rows only,
 
-with K_rA streamed in (row block x column block) pieces through the backend's `rbf_kernel`, so no rank
-holds more than one block of the kernel matrix. The result equals `svgd_step` on the concatenated particles.
+       phi_r = (1/N) [ K_rA (score_A - (2/H) xc_A) + (2/H) rowsum(K_rA) xc_r ]
+
+   with K_rA streamed in (row block x column block) pieces through the backend's `rbf_kernel`, so no rank
+   holds more than one block of the kernel matrix.
+
+The result equals `svgd_step` on the concatenated particles (rank order) up to summation order; every rank
+uses the same centring shift and bandwidth because every rank holds the same gathered particles.
 """
 
 from __future__ import annotations
@@ -15,52 +24,127 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .ops import median_bandwidth as _median_bandwidth
+from ._validation import FLOATING_DTYPES, as_rows
+from .ops import DEFAULT_NUM_PAIRS, median_bandwidth
+from .reference import accumulation_dtype, centre
 
 # Rows x columns of one kernel block: 4096 x 8192 fp32 = 128 MiB.
 ROW_BLOCK = 4096
 COLUMN_BLOCK = 8192
-# Up to this many particles the median bandwidth is exact; beyond it is sampled (see median_bandwidth).
+# Up to this many particles the median bandwidth is exact (numpy convention, as the single-process op);
+# beyond it, the median of DEFAULT_NUM_PAIRS sampled pairs (fixed seed, so every run agrees).
 EXACT_MEDIAN_MAX_PARTICLES = 65536
+SAMPLED_MEDIAN_SEED = 0
+
+# Columns of the metadata row each rank contributes (int64).
+_ROWS, _EVENT, _DTYPE, _MEDIAN, _FINITE, _BANDWIDTH = range(6)
 
 
-def all_gather_rows(t: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate every rank's rows of t (rank order); also return each rank's row count."""
-    world = dist.get_world_size(group)
-    count = torch.tensor([t.shape[0]], device=t.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=group)
-    sizes = [int(c) for c in counts]
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+def svgd_step(
+    x: torch.Tensor,
+    score: torch.Tensor,
+    h: torch.Tensor | None,
+    *,
+    group: dist.ProcessGroup,
+    backend: str,
+    check_inputs: bool,
+) -> torch.Tensor:
+    """phi for this rank's rows, shape (n_local, *event): x and score validated locally (n_local may be 0);
+    h None = median rule."""
+    check_group(group)
+    x2, s2 = as_rows(x), as_rows(score)
+    # An unknown or unavailable backend fails before any collective (a one-row probe: x may have no rows).
+    backends.select(backend, "rbf_kernel", x2.new_empty((1, x2.shape[1])))
+    sizes = agree_on_inputs(x, score, h, group, check_inputs)
+    x_all, score_all = all_gather_rows(torch.cat([x2, s2], dim=1), sizes, group).split(x2.shape[1], dim=1)
+    h_shared = shared_bandwidth(x_all, h, group, backend)
+    start = sum(sizes[: dist.get_rank(group)])
+    phi = svgd_step_local_rows(x_all, score_all, slice(start, start + x.shape[0]), h_shared, backend)
+    return phi.reshape(x.shape)
+
+
+def check_group(group: object) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("svgd_step(group=...) needs an initialised torch.distributed process group")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD), "
+            f"got {type(group).__name__}"
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError("this process is not a member of `group`")
+
+
+def agree_on_inputs(
+    x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, group, check_inputs: bool
+) -> list[int]:
+    """Rows per rank, after checking that every rank's inputs fit together. Every rank sees every rank's
+    metadata, so every rank raises the same error (a rank that raised alone would leave the others
+    waiting in the next collective)."""
+    finite = not check_inputs or bool(torch.isfinite(x).all() and torch.isfinite(score).all())
+    bits = 0 if h is None or not check_inputs else _float_bits(float(h))
+    mine = torch.tensor(
+        [x.shape[0], _event_key(x.shape[1:]), FLOATING_DTYPES.index(x.dtype), h is None, finite, bits],
+        dtype=torch.int64,
+        device=x.device,
+    )
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).cpu()
+    _check_column(
+        table, _EVENT, ValueError, f"x must have the same event shape on every rank (this rank: {tuple(x.shape[1:])})"
+    )
+    dtypes = [FLOATING_DTYPES[int(i)] for i in table[:, _DTYPE]]
+    _check_column(table, _DTYPE, TypeError, f"x must have the same dtype on every rank, got {_per_rank(dtypes)}")
+    _check_column(table, _MEDIAN, ValueError, 'bandwidth must be "median" on every rank or on none')
+    if check_inputs:
+        values = [_bits_float(int(b)) for b in table[:, _BANDWIDTH]]
+        _check_column(table, _BANDWIDTH, ValueError, f"bandwidth must be the same on every rank, got {_per_rank(values)}")
+    bad = [r for r in range(table.shape[0]) if not table[r, _FINITE]]
+    if bad:
+        raise ValueError(f"x or score contains NaN/Inf values on rank(s) {bad} of the group")
+    sizes = table[:, _ROWS].tolist()
+    if sum(sizes) == 0:
+        raise ValueError("x has no particles on any rank of the group")
+    return sizes
+
+
+def all_gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Every rank's rows of t concatenated in rank order; sizes[r] = rows on rank r (padded to the largest)."""
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
     padded[: t.shape[0]] = t
-    pieces = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(pieces, padded.contiguous(), group=group)
-    return torch.cat([p[:s] for p, s in zip(pieces, sizes)]), sizes
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
 
 
-def shared_bandwidth(x_all: torch.Tensor, bandwidth: torch.Tensor | None, group, backend: str) -> torch.Tensor:
-    """The bandwidth every rank uses: the given one, or the median rule computed on the group's first rank
-    (exact up to EXACT_MEDIAN_MAX_PARTICLES particles, sampled beyond) and broadcast."""
-    if bandwidth is not None:
-        return bandwidth.to(device=x_all.device, dtype=torch.float64).reshape(())
-    h = torch.zeros((), dtype=torch.float64, device=x_all.device)
+def shared_bandwidth(x_all: torch.Tensor, h: torch.Tensor | None, group, backend: str) -> torch.Tensor:
+    """The bandwidth every rank uses (float64, 0-dim): the given one or the median rule over all particles,
+    both taken from the group's first rank and broadcast, so that every rank uses the same bits."""
+    shared = torch.zeros((), dtype=torch.float64, device=x_all.device)
     if dist.get_rank(group) == 0:
-        method = "exact" if x_all.shape[0] <= EXACT_MEDIAN_MAX_PARTICLES else "sampled"
-        generator = None if method == "exact" else torch.Generator(device="cpu").manual_seed(0)
-        h.fill_(float(_median_bandwidth(x_all, method=method, generator=generator, backend=backend, check_inputs=False)))
-    dist.broadcast(h, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return h
+        shared.copy_(h.detach() if h is not None else median_of_all(x_all, backend))
+    dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+    return shared
+
+
+def median_of_all(x_all: torch.Tensor, backend: str) -> torch.Tensor:
+    """Median-rule bandwidth over all particles: exact for moderate n, sampled pairs beyond."""
+    if x_all.shape[0] <= EXACT_MEDIAN_MAX_PARTICLES:
+        return median_bandwidth(x_all, backend=backend, check_inputs=False)
+    generator = torch.Generator(device="cpu").manual_seed(SAMPLED_MEDIAN_SEED)
+    return median_bandwidth(x_all, method="sampled", num_pairs=DEFAULT_NUM_PAIRS, generator=generator, check_inputs=False)
 
 
 def svgd_step_local_rows(
     x_all: torch.Tensor, score_all: torch.Tensor, rows: slice, h: torch.Tensor, backend: str
 ) -> torch.Tensor:
-    """phi for x_all[rows] against every particle, computed block by block (fp32/fp64 accumulation)."""
-    from .reference import accumulation_dtype, centre
-
+    """phi for x_all[rows] against every particle, block by block (fp32 accumulation; fp64 for fp64)."""
     dtype = accumulation_dtype(x_all.dtype)
-    (xc,) = centre(x_all.to(dtype))  # one shift for all ranks: they all hold the same x_all
-    a = 2.0 / float(h)
+    (xc,) = centre(x_all.to(dtype))
+    h = h.to(dtype)
+    a = 2.0 / h
+    # One GEMM per block gives both sums: K @ [score - a*xc | 1] = [K@score - a K@xc | rowsum(K)].
     weights = torch.cat([score_all.to(dtype) - a * xc, torch.ones_like(xc[:, :1])], dim=1)
     chosen = backends.select(backend, "rbf_kernel", x_all)
     local = xc[rows]
@@ -69,20 +153,34 @@ def svgd_step_local_rows(
         block = local[r0 : r0 + ROW_BLOCK]
         acc = torch.zeros((block.shape[0], weights.shape[1]), dtype=dtype, device=x_all.device)
         for c0 in range(0, xc.shape[0], COLUMN_BLOCK):
-            k = chosen.rbf_kernel(block, xc[c0 : c0 + COLUMN_BLOCK], h.to(dtype))
+            k = chosen.rbf_kernel(block, xc[c0 : c0 + COLUMN_BLOCK], h)
             acc.addmm_(k.to(dtype), weights[c0 : c0 + COLUMN_BLOCK])
         phi[r0 : r0 + block.shape[0]] = acc[:, :-1] + a * acc[:, -1:] * block
     return (phi / x_all.shape[0]).to(x_all.dtype)
 
 
-def svgd_step(
-    x_local: torch.Tensor, score_local: torch.Tensor, bandwidth: torch.Tensor | None, *, group, backend: str
-) -> torch.Tensor:
-    """phi for this rank's particles (validated 2-D inputs; bandwidth None means the median rule)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("svgd_step(group=...) needs an initialised torch.distributed process group")
-    x_all, sizes = all_gather_rows(x_local, group)
-    score_all, _ = all_gather_rows(score_local, group)
-    start = sum(sizes[: dist.get_rank(group)])
-    h = shared_bandwidth(x_all, bandwidth, group, backend)
-    return svgd_step_local_rows(x_all, score_all, slice(start, start + x_local.shape[0]), h, backend)
+def _check_column(table: torch.Tensor, column: int, error: type[Exception], message: str) -> None:
+    if not bool((table[:, column] == table[0, column]).all()):
+        raise error(message)
+
+
+def _per_rank(values: list) -> str:
+    return ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+
+
+def _event_key(event: torch.Size) -> int:
+    """A deterministic 61-bit key of the event shape (equal shapes give equal keys on every process)."""
+    key = len(event)
+    for size in event:
+        key = (key * 1_000_003 + size) % (2**61 - 1)
+    return key
+
+
+def _float_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float64).view(torch.int64))
+
+
+def _bits_float(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int64).view(torch.float64))
+
+

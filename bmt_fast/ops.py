@@ -17,6 +17,7 @@ def svgd_step(
     *,
     backend: str = "auto",
     check_inputs: bool = True,
+    group: "torch.distributed.ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """The SVGD update direction phi for particles x with scores ∇log p(x).
 
@@ -30,6 +31,13 @@ def svgd_step(
         backend: "auto", or one of `available_backends()`.
         check_inputs: set False to skip the NaN/Inf scan of x and score (one extra pass over each) and
             the host read of a tensor bandwidth (for speed, and for torch.compile without graph breaks).
+        group: a torch.distributed process group (e.g. `torch.distributed.group.WORLD`) whose ranks each
+            hold a slice of the particles (any number of rows, 0 included; same event shape and dtype).
+            Every rank calls svgd_step with its slice and gets phi for its own rows, equal to the
+            single-process op on the slices concatenated in rank order. The particles are all-gathered;
+            "median" is computed over all N particles on the group's first rank and broadcast (exact for
+            N <= `bmt_fast.distributed.EXACT_MEDIAN_MAX_PARTICLES`, from 65,536 sampled pairs beyond). Bad
+            input on any rank raises the same error on every rank. None: the single-process op.
 
     Returns:
         phi with the shape, dtype and device of x. Half-precision inputs accumulate in float32.
@@ -37,13 +45,19 @@ def svgd_step(
     This is a no-grad op: it runs under torch.no_grad() and its result has no autograd history. Particles
     move by x <- x + lr * phi (or give -phi to a torch optimizer as the gradient, as `bmt_fast.SVGD` does).
     """
-    check_particles("x", x)
-    check_particles("score", score)
+    min_rows = 0 if group is not None else 1
+    check_particles("x", x, min_rows=min_rows)
+    check_particles("score", score, min_rows=min_rows)
     check_same("x", x, "score", score)
-    if check_inputs:
+    if check_inputs and group is None:  # with a group, every rank learns of any rank's NaN (see distributed)
         check_finite("x", x)
         check_finite("score", score)
     h = check_bandwidth(bandwidth, x, check_value=check_inputs)
+    if group is not None:
+        from . import distributed
+
+        with torch.no_grad():
+            return distributed.svgd_step(x, score, h, group=group, backend=backend, check_inputs=check_inputs)
     x2, s2 = as_rows(x), as_rows(score)
     chosen = backends.select(backend, "svgd_step", x2)
     with torch.no_grad():

@@ -24,6 +24,10 @@ class SVGD(torch.optim.Optimizer):
         opt = SVGD(particles, torch.optim.Adam, lr=1e-2)
         for _ in range(500):
             opt.step(score_fn)            # a tensor of scores, or a callable particles -> scores
+
+    With `group=` (a torch.distributed process group), each rank passes its own slice of the particles
+    and the kernel couples all of them (see `bmt_fast.svgd_step`); torch's first-order optimizers (SGD,
+    Adam, Adagrad, RMSprop...) act elementwise, so the ranks together move the particles as one process would.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class SVGD(torch.optim.Optimizer):
         bandwidth: str | float | torch.Tensor = "median",
         backend: str = "auto",
         check_inputs: bool = True,
+        group: "torch.distributed.ProcessGroup | None" = None,
         **optimizer_kwargs: Any,
     ):
         if not isinstance(particles, torch.Tensor) or not particles.is_leaf:
@@ -49,6 +54,7 @@ class SVGD(torch.optim.Optimizer):
         self.bandwidth = bandwidth
         self.backend = backend
         self.check_inputs = check_inputs
+        self.group = group
         super().__init__([particles], dict(self.inner.defaults))
         self._share_inner_state()
 
@@ -71,6 +77,7 @@ class SVGD(torch.optim.Optimizer):
             self.bandwidth,
             backend=self.backend,
             check_inputs=self.check_inputs,
+            group=self.group,
         )
         self.particles.grad = -phi
         self.inner.step()

@@ -19,6 +19,14 @@ make_venv() {
   "$dir/bin/python" -m pip install -q --disable-pip-version-check "torch==$torch_version" -r "$requirements"
 }
 
+# install_deepspeed VENV: DeepSpeed after torch, without build isolation (its setup.py imports torch: an
+# isolated build would download another one), no ops prebuilt (the few it uses JIT-compile on first use).
+install_deepspeed() {
+  echo "== installing requirements/deepspeed.txt into $1"
+  DS_BUILD_OPS=0 "$1/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation \
+    -r "$ROOT/requirements/deepspeed.txt"
+}
+
 # build_package VENV: compile the extensions and install bmt_fast in editable mode (no build isolation:
 # the build uses the venv's torch).
 build_package() {

@@ -32,10 +32,14 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
+def checkpoint_path(stage_dir: str | Path, step: int) -> Path:
+    return Path(stage_dir) / f"{PREFIX}{step:08d}"
+
+
 def save_checkpoint(stage_dir: str | Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
     """Write `state` (a tree of dicts/lists/tuples with tensor and JSON leaves) as checkpoint `step`."""
     stage_dir = Path(stage_dir)
-    final = stage_dir / f"{PREFIX}{step:08d}"
+    final = checkpoint_path(stage_dir, step)
     tmp = stage_dir / f".{PREFIX}{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -4,6 +4,10 @@ A stage plugs in a `Trainable`: `train_step()` does one update and returns that 
 `diagnostics()` adds metrics measured at log time (particle spread); `after_step(step)` may return extra
 records (evaluations); `state_dict()` / `load_state_dict()` hold everything a resumed run needs besides
 the global RNG states, which the loop saves itself.
+
+With several processes (DeepSpeed), every process runs the loop and the trainable keeps them in step; a
+`World` says which process writes files (metrics, checkpoints, the progress bar) and carries the RNG
+states of all of them into the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     remove_partial_checkpoints,
@@ -28,6 +33,34 @@ from .metrics_log import MetricsLog
 
 CheckpointHook = Callable[[int, Path], None]
 logger = logging.getLogger(__name__)
+
+
+class World(Protocol):
+    """The processes that run one stage together."""
+
+    is_main: bool  # the one process that writes files
+
+    def barrier(self) -> None: ...
+
+    def rng_state(self) -> dict[str, Any]: ...  # a collective: every process calls it
+
+    def set_rng_state(self, state: dict[str, Any]) -> None: ...
+
+
+class SingleProcess:
+    is_main = True
+
+    def barrier(self) -> None:
+        return None
+
+    def rng_state(self) -> dict[str, Any]:
+        return rng_state()
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
+SINGLE_PROCESS = SingleProcess()
 
 
 class Trainable(Protocol):
@@ -60,26 +93,32 @@ def run_loop(
     *,
     resume: bool = False,
     on_checkpoint: Sequence[CheckpointHook] = (),
+    world: World = SINGLE_PROCESS,
 ) -> int:
     """Train up to `settings.steps` steps (from the latest checkpoint if resume); returns the last step."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(stage_dir / "metrics.jsonl")
-    start = _restore(stage_dir, trainable, log) if resume else 0
+    log = MetricsLog(stage_dir / "metrics.jsonl") if world.is_main else None
+    start = _restore(stage_dir, trainable, log, world) if resume else 0
     window = _Window()
-    bar = tqdm(total=settings.steps, initial=start, desc=settings.description, disable=not settings.progress)
+    show = settings.progress and world.is_main
+    bar = tqdm(total=settings.steps, initial=start, desc=settings.description, disable=not show)
     for step in range(start + 1, settings.steps + 1):
         window.add(trainable.train_step())
         if step % settings.log_every == 0 or step == settings.steps:
             record = {"step": step, **window.mean(), **trainable.diagnostics()}
-            log.log(record)
+            if log:
+                log.log(record)
             bar.set_postfix(_short(record))
         extra = trainable.after_step(step)
-        if extra:
+        if extra and log:
             log.log({"step": step, **extra})
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            state = {"trainable": trainable.state_dict(), "rng": rng_state()}
-            path = save_checkpoint(stage_dir, step, state, meta, settings.keep_checkpoints)
+            state = {"trainable": trainable.state_dict(), "rng": world.rng_state()}
+            path = checkpoint_path(stage_dir, step)
+            if world.is_main:
+                save_checkpoint(stage_dir, step, state, meta, settings.keep_checkpoints)
+            world.barrier()  # every process goes on only once the checkpoint is complete
             for hook in on_checkpoint:
                 hook(step, path)
         bar.update(1)
@@ -87,17 +126,20 @@ def run_loop(
     return settings.steps
 
 
-def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog) -> int:
-    remove_partial_checkpoints(stage_dir)
+def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog | None, world: World) -> int:
+    if world.is_main:
+        remove_partial_checkpoints(stage_dir)
     path = latest_checkpoint(stage_dir)
     if path is None:
         logger.info("%s: no checkpoint, starting at step 0", stage_dir)
-        log.truncate_after(0)
+        if log:
+            log.truncate_after(0)
         return 0
     checkpoint = load_checkpoint(path)
     trainable.load_state_dict(checkpoint.state["trainable"])
-    set_rng_state(checkpoint.state["rng"])
-    log.truncate_after(checkpoint.step)
+    world.set_rng_state(checkpoint.state["rng"])
+    if log:
+        log.truncate_after(checkpoint.step)
     logger.info("%s: resuming from %s (step %d)", stage_dir, path.name, checkpoint.step)
     return checkpoint.step
 

@@ -52,7 +52,12 @@ class Batch:
 
 
 class PromptedModel:
-    """A frozen backbone and its tokenizer; everything the trainer computes with prompts goes through here."""
+    """A frozen backbone and its tokenizer; everything the trainer computes with prompts goes through here.
+
+    The backbone's weights may be partitioned by DeepSpeed ZeRO-3 (each process holds a shard, and a
+    parameter's local tensor is empty): nothing here reads weight values outside the model's forward, whose
+    hooks gather them; shapes come from the parameter's full shape (`ds_shape`), the device from `device`.
+    """
 
     def __init__(
         self,
@@ -63,8 +68,10 @@ class PromptedModel:
         max_target_length: int = 16,
         target_prefix: str = " ",
         train_mode: bool = False,
+        device: torch.device | None = None,
     ):
         self.model = model
+        self._device = device
         self.tokenizer = tokenizer
         self.kind = ENCODER_DECODER if model.config.is_encoder_decoder else DECODER_ONLY
         self.max_source_length = max_source_length
@@ -86,11 +93,12 @@ class PromptedModel:
 
     @property
     def hidden_size(self) -> int:
-        return self.embedding.weight.shape[1]
+        return full_shape(self.embedding.weight)[1]
 
     @property
     def device(self) -> torch.device:
-        return self.embedding.weight.device
+        """Where inputs and prompts go (default: where the embedding is)."""
+        return self._device if self._device is not None else self.embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -200,15 +208,16 @@ def init_prompts(
     """
     if num_prompts < 1 or length < 1:
         raise ValueError(f"need num_prompts >= 1 and length >= 1, got {num_prompts}, {length}")
-    weight = embedding_weight.detach().float().cpu()
+    weight = embedding_weight.detach()
     if method == "normal":
-        std = init_std if init_std is not None else float(weight.std())
+        std = init_std if init_std is not None else float(weight.cpu().float().std())
         return torch.randn(num_prompts, length, weight.shape[1], generator=generator) * std
     if method != "vocab":
         raise ValueError(f"prompt init must be 'vocab' or 'normal', got {method!r}")
     candidates = _candidate_ids(min(vocab_size or weight.shape[0], weight.shape[0]), vocab_top_k, exclude_ids)
     picks = torch.randint(len(candidates), (num_prompts, length), generator=generator)
-    return weight[candidates[picks]].clone()
+    # Only the picked rows leave the device (a large vocabulary's float32 copy would be GBs).
+    return weight[candidates[picks].to(weight.device)].float().cpu()
 
 
 def _candidate_ids(vocab: int, top_k: int | None, exclude: Sequence[int]) -> torch.Tensor:
@@ -221,6 +230,11 @@ def _candidate_ids(vocab: int, top_k: int | None, exclude: Sequence[int]) -> tor
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def full_shape(parameter: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return getattr(parameter, "ds_shape", parameter.shape)
 
 
 def _as_particles(prompts: torch.Tensor, hidden: int) -> torch.Tensor:

@@ -20,10 +20,19 @@ from safetensors.torch import load_file
 from ..tasks import get_task
 from .aggregate import aggregate
 from .checkpoint import atomic_save_tensors, atomic_write_text, latest_checkpoint, load_checkpoint
-from .config import TARGET_METHODS, ConfigError, RunConfig, check_config, dump_config, source_methods_for, to_dict
+from .config import (
+    TARGET_METHODS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    check_config,
+    dump_config,
+    source_methods_for,
+    to_dict,
+)
 from .data import TaskSampler, load_task_data, task_batch_sizes
 from .evaluate import evaluate_prompt, mean_nll
-from .loop import CheckpointHook, LoopSettings, run_loop
+from .loop import SINGLE_PROCESS, CheckpointHook, LoopSettings, World, run_loop
 from .peft_export import ADAPTER_WEIGHTS, export_peft_prompt
 from .prompts import PromptedModel, init_prompts
 from .source import ParticleTrainer, ParticleUpdate, likelihood_coefficients, source_layout
@@ -54,15 +63,26 @@ RESUMABLE_CHANGES = (
 
 def load_backbone(cfg: RunConfig) -> PromptedModel:
     """The frozen model and tokenizer of `cfg.model` (local folder or GGUF file), on its device and dtype."""
+    model, tokenizer = load_pretrained(cfg.model)
+    device = resolve_device(cfg.model.device)
+    model.to(device)
+    return prompted_model(model, tokenizer, cfg.model, device)
+
+
+def load_pretrained(mc: ModelConfig):
+    """(model, tokenizer) as `from_pretrained` gives them (under a live DeepSpeed ZeRO-3 config, with the
+    weights partitioned as they load: see deepspeed_support)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    mc = cfg.model
     gguf = {"gguf_file": mc.gguf_file} if mc.gguf_file else {}
     config = AutoConfig.from_pretrained(mc.name_or_path, **gguf)
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = cls.from_pretrained(mc.name_or_path, dtype=getattr(torch, mc.dtype), **gguf)
     tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.name_or_path, **({} if mc.tokenizer else gguf))
-    model.to(resolve_device(mc.device))
+    return model, tokenizer
+
+
+def prompted_model(model, tokenizer, mc: ModelConfig, device: torch.device) -> PromptedModel:
     return PromptedModel(
         model,
         tokenizer,
@@ -70,6 +90,7 @@ def load_backbone(cfg: RunConfig) -> PromptedModel:
         max_target_length=mc.max_target_length,
         target_prefix=mc.target_prefix,
         train_mode=mc.train_mode,
+        device=device,
     )
 
 
@@ -80,7 +101,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Run:
-    """One run folder: validates up front, loads the backbone once, runs stages on demand."""
+    """One run folder: validates up front, loads the backbone once, runs stages on demand.
+
+    With several processes (`world`, see deepspeed_support.DeepSpeedRun) every process runs the same
+    stages in step; only `world.is_main` writes files.
+    """
 
     def __init__(
         self,
@@ -90,6 +115,7 @@ class Run:
         resume: bool = False,
         overwrite: bool = False,
         pm: PromptedModel | None = None,
+        world: World = SINGLE_PROCESS,
     ):
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
@@ -97,18 +123,24 @@ class Run:
         self.cfg = cfg
         self.command = command
         self.resume = resume
+        self.world = world
         self.dir = Path(cfg.output_dir)
         check_outputs(self, command, overwrite)
-        if overwrite:
+        world.barrier()  # every process has looked at the folder before any writes to it
+        if overwrite and world.is_main:
             for stage in stages_of(cfg, command):
                 shutil.rmtree(self.dir / stage, ignore_errors=True)
+        world.barrier()
         self._pm = pm
 
     @property
     def pm(self) -> PromptedModel:
         if self._pm is None:
-            self._pm = load_backbone(self.cfg)
+            self._pm = self._load_backbone()
         return self._pm
+
+    def _load_backbone(self) -> PromptedModel:
+        return load_backbone(self.cfg)
 
     def source_dir(self, method: str) -> Path:
         return self.dir / f"source-{method}"
@@ -117,8 +149,10 @@ class Run:
         return self.dir / f"target-{method}"
 
     def write_config(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.dir / "config.yaml")
+        if self.world.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.dir / "config.yaml")
+        self.world.barrier()
 
     # -- source ---------------------------------------------------------------------------------------
 
@@ -130,8 +164,11 @@ class Run:
         trainer, summary = self.source_trainer(method)
         self._train(stage_dir, trainer, self.cfg.source, "source", method, on_checkpoint)
         particles = trainer.particles.detach()
-        atomic_write_text(stage_dir / "source.json", json.dumps({**summary, "shape": list(particles.shape)}, indent=1))
-        atomic_save_tensors(stage_dir / PARTICLES_FILE, {"particles": particles.float()}, {"method": method})
+        if self.world.is_main:
+            summary = {**summary, "shape": list(particles.shape)}
+            atomic_write_text(stage_dir / "source.json", json.dumps(summary, indent=1))
+            atomic_save_tensors(stage_dir / PARTICLES_FILE, {"particles": particles.float()}, {"method": method})
+        self.world.barrier()
         return particles
 
     def source_trainer(self, method: str) -> tuple[ParticleTrainer, dict[str, Any]]:
@@ -182,11 +219,14 @@ class Run:
         trainer = self.target_trainer(method)
         self._train(stage_dir, trainer, self.cfg.target, "target", method, on_checkpoint)
         final = trainer.current_prompt()
-        atomic_save_tensors(stage_dir / PROMPT_FILE, {"prompt": final}, {"method": method})
-        if self.cfg.target.export_peft:
-            self.export_peft(final, stage_dir / "peft")
+        if self.world.is_main:
+            atomic_save_tensors(stage_dir / PROMPT_FILE, {"prompt": final}, {"method": method})
+            if self.cfg.target.export_peft:
+                self.export_peft(final, stage_dir / "peft")
         metrics = {"method": method, "split": self.cfg.data.eval_split, **trainer.evaluate(final)}
-        atomic_write_text(stage_dir / "eval.json", json.dumps(metrics, indent=1))
+        if self.world.is_main:
+            atomic_write_text(stage_dir / "eval.json", json.dumps(metrics, indent=1))
+        self.world.barrier()
         return metrics
 
     def target_trainer(self, method: str) -> TargetTrainer:
@@ -238,7 +278,7 @@ class Run:
         )
         meta = {"stage": stage, "method": method, "config": to_dict(self.cfg)}
         self._check_resumable(stage_dir, meta)
-        run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint)
+        run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint, world=self.world)
 
     def initial_target(self, particles: torch.Tensor | None, how: str, train_examples) -> torch.Tensor:
         if particles is None:
@@ -272,8 +312,9 @@ class Run:
         )
         evaluate = self.evaluator(get_task(self.cfg.data.target_task), split)
         results = {name: {"split": split, **evaluate(prompt)} for name, prompt in prompts.items()}
-        if not prompt_path:
+        if not prompt_path and self.world.is_main:
             write_results(self.dir, results)
+        self.world.barrier()
         return results
 
     # -- resume bookkeeping ---------------------------------------------------------------------------

@@ -130,22 +130,39 @@ class ParticleTrainer:
 
     def score(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (M, L, H) of the particles, and the mean NLL per (task, particle) (NaN where unassigned)."""
+        grad, losses = self.likelihood_gradient(batches)
+        return self.add_prior(-grad), losses
+
+    def likelihood_gradient(
+        self, batches, weights: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient in the particles of sum_k c_k w_k mean_nll_k, and w_k * mean NLL per (task, particle).
+
+        weights (default 1): w_k = (examples of task k here) / (task k's batch), so that processes that each
+        hold part of every task's batch sum their results into those of the whole batch.
+        """
+        weights = [1.0] * len(batches) if weights is None else weights
         particles = self.particles.detach().requires_grad_(True)
         losses = torch.full((len(self.tasks), particles.shape[0]), float("nan"), dtype=torch.float64)
-        for k, (batch, rows) in enumerate(zip(batches, self.layout.task_particles)):
+        for k, (batch, rows, w) in enumerate(zip(batches, self.layout.task_particles, weights)):
             # One backward per task: the graph of one task's batch is freed before the next is built.
             mean_nll = self.pm.sequence_nll(particles[rows], batch).mean(dim=1)
-            (self.coefficients[k] * mean_nll.sum()).backward()
-            losses[k, rows] = mean_nll.detach().double().cpu()
-        score = -particles.grad
-        if self.prior_std is not None:
-            score = score - particles.detach() / self.prior_std**2
-        return score, losses
+            (self.coefficients[k] * w * mean_nll.sum()).backward()
+            losses[k, rows] = w * mean_nll.detach().double().cpu()
+        return particles.grad, losses
+
+    def add_prior(self, score: torch.Tensor) -> torch.Tensor:
+        if self.prior_std is None:
+            return score
+        return score - self.particles.detach() / self.prior_std**2
 
     def train_step(self) -> dict[str, Any]:
         batches = make_batches(self.pm, self.tasks, self.sampler.sample())
         score, losses = self.score(batches)
         self.update.step(score)
+        return self.metrics(losses)
+
+    def metrics(self, losses: torch.Tensor) -> dict[str, Any]:
         metrics = {f"loss/{t.name}": float(losses[k].nanmean()) for k, t in enumerate(self.tasks)}
         metrics["particle_objective"] = _weighted(losses, self.coefficients).tolist()
         return metrics

@@ -106,18 +106,29 @@ class TargetTrainer:
         self.eval_every = eval_every
 
     def train_step(self) -> dict[str, Any]:
-        (batch,) = make_batches(self.pm, [self.data], self.sampler.sample())
+        (indices,) = self.sampler.sample()
         self.optimizer.zero_grad(set_to_none=True)
+        metrics = self.backward(indices)
+        self.optimizer.step()
+        return metrics
+
+    def backward(self, indices: list[int], weight: float = 1.0, prior_share: float = 1.0) -> dict[str, float]:
+        """Backpropagate weight * (mean NLL of the examples `indices`) + prior_share * kde_weight * KDE term.
+
+        weight = (examples here) / (whole batch) and prior_share = 1 / (processes) let processes that each
+        hold part of a batch sum their gradients into those of the whole batch. Returns the unweighted
+        mean NLL and KDE term.
+        """
+        (batch,) = make_batches(self.pm, [self.data], [indices])
         theta = self.prompt()
         nll = self.pm.sequence_nll(theta, batch).mean()
-        loss = nll
+        loss = weight * nll
         metrics = {"loss": nll.item()}
         if self.kde is not None:
             kde = self.kde(theta)
-            loss = loss + self.kde_weight * kde.to(loss.dtype)
+            loss = loss + prior_share * self.kde_weight * kde.to(loss.dtype)
             metrics["kde"] = kde.item()
         loss.backward()
-        self.optimizer.step()
         return metrics
 
     def diagnostics(self) -> dict[str, Any]:

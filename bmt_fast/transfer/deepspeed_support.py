@@ -1,0 +1,401 @@
+"""The trainer under DeepSpeed: a frozen backbone under ZeRO, prompts trained data-parallel.
+
+    deepspeed --num_gpus 8 $(which bmt-fast) source --config run.yaml --deepspeed ds_zero3.json
+    torchrun --nproc_per_node 8 -m bmt_fast.cli source --config run.yaml --deepspeed ds_zero3.json
+
+What DeepSpeed holds: the frozen backbone. ZeRO-3 partitions its weights over the processes from load time
+(`from_pretrained` runs under `deepspeed.zero.Init` through transformers' HfDeepSpeedConfig), so a model
+larger than one device loads, and `offload_param` keeps the partitions in CPU memory; the forward's hooks
+gather each layer's weights when it runs. ZeRO stages 0-2 partition optimizer state and gradients, which a
+frozen backbone does not have: under them the backbone is replicated on every device.
+
+What it does not hold: the prompt particles (and the target prompt) and their optimizer state. SVGD needs
+every particle whole, they are small (M x L x hidden), so every process keeps them all and updates them
+with the same torch optimizer as a single process, and checkpoints keep the single-process format. A
+DeepSpeed config's `optimizer` and `scheduler` sections are therefore rejected.
+
+Data parallelism: every process draws the same global batch (the samplers share seed and state) and takes
+its share; gradients and losses are summed over processes with weights (share / batch), so a step equals
+the single-process step on the global batch, up to summation order. `source.batch_size` and
+`target.batch_size` are thus global, whatever the number of processes. Every process applies the same
+update to the same inputs, so the particles stay identical; each checkpoint checks that they are, bit for
+bit. Only the first process writes files; the output folder must be shared by all processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import rng_state, set_rng_state
+from .config import ConfigError, RunConfig
+from .data import make_batches
+from .runner import Run, load_pretrained, prompted_model
+from .source import ParticleTrainer
+from .target import TargetTrainer
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install -r requirements/deepspeed.txt (DS_BUILD_OPS=0, --no-build-isolation; see README)"
+# Keys DeepSpeed requires; they do not affect bmt-fast, whose batches are source/target.batch_size.
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+HALF_SECTIONS = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The DeepSpeed config
+
+
+def read_ds_config(source: str | Path | dict[str, Any], cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config as a dict, checked against the run config; batch keys filled where missing."""
+    if isinstance(source, dict):
+        ds = json.loads(json.dumps(source))  # a deep copy; the caller's dict stays as it was
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"--deepspeed: config file not found: {path}")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--deepspeed: {path} is not valid JSON: {error}") from error
+    if not isinstance(ds, dict):
+        raise ConfigError("--deepspeed: the config must be a JSON object")
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"--deepspeed: remove the {section!r} section: the backbone is frozen, and the prompts are "
+                "trained by source.optimizer / target.optimizer (source.lr, target.lr)"
+            )
+    zero_stage(ds)
+    _check_precision(ds, cfg.model.dtype)
+    _fill_batch_keys(ds, world_size)
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--deepspeed: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
+def _check_precision(ds: dict[str, Any], model_dtype: str) -> None:
+    """bf16 / fp16 sections must agree with model.dtype (zero.Init takes the weights' dtype from them);
+    a half-precision model.dtype adds its section when there is none."""
+    enabled = [name for name in HALF_SECTIONS if ds.get(name, {}).get("enabled") in (True, "auto")]
+    if len(enabled) > 1:
+        raise ConfigError("--deepspeed: bf16 and fp16 cannot both be enabled")
+    wanted = next((name for name, dtype in HALF_SECTIONS.items() if dtype == model_dtype), None)
+    if enabled and enabled[0] != wanted:
+        raise ConfigError(
+            f"--deepspeed: {enabled[0]}.enabled but model.dtype={model_dtype}; "
+            f"set model.dtype={HALF_SECTIONS[enabled[0]]} or disable {enabled[0]}"
+        )
+    if wanted:
+        ds.setdefault(wanted, {})["enabled"] = True
+
+
+def _fill_batch_keys(ds: dict[str, Any], world_size: int) -> None:
+    if all(ds.get(key, "auto") == "auto" for key in BATCH_KEYS):
+        ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size)
+        return
+    for key in BATCH_KEYS:
+        if ds.get(key) == "auto":
+            del ds[key]  # DeepSpeed derives the missing one from the others
+
+
+# ---------------------------------------------------------------------------------------------------
+# The processes
+
+
+class DeepSpeedWorld:
+    """The processes of one run (a `loop.World`): rank, device, collectives, per-process RNG states.
+
+    Started by `deepspeed` or `torchrun` (which set RANK, WORLD_SIZE, LOCAL_RANK...), or as one process
+    without a launcher (ZeRO-3 with offload_param on one device).
+    """
+
+    def __init__(self):
+        deepspeed = import_deepspeed()
+        _single_process_defaults()
+        deepspeed.init_distributed()  # the accelerator's backend: nccl on CUDA, gloo on CPU
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        self.rank = dist.get_rank()
+        self.size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if accelerator.device_name() == "cpu":
+            self.device = torch.device("cpu")
+        else:
+            accelerator.set_device(self.local_rank)
+            self.device = torch.device(accelerator.device_name(self.local_rank))
+        self.is_main = self.rank == 0
+        _separate_random_streams(self.rank)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over processes of t, on t's device (the collective runs where the backend wants it)."""
+        reduced = t.detach().to(self.device, copy=True)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced.to(t.device)
+
+    def share(self, indices: list[int]) -> tuple[list[int], float]:
+        return share_of(indices, self.rank, self.size)
+
+    def check_identical(self, t: torch.Tensor, name: str) -> None:
+        """Raise on every process unless t is bit for bit the same on all of them."""
+        first = t.detach().to(self.device, copy=True)
+        dist.broadcast(first, src=0)
+        differs = torch.tensor([0 if torch.equal(first, t.detach().to(self.device)) else 1], device=self.device)
+        dist.all_reduce(differs, op=dist.ReduceOp.SUM)
+        if int(differs):
+            raise RuntimeError(f"the {name} differ between processes ({int(differs)} of {self.size} differ)")
+
+    def rng_state(self) -> dict[str, Any]:
+        """The first process's RNG state (what a single-process checkpoint holds) and every process's."""
+        states: list[Any] = [None] * self.size
+        dist.all_gather_object(states, rng_state())
+        return {**states[0], "processes": states}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        mine = state.get("processes", [])
+        if len(mine) == self.size:
+            set_rng_state(mine[self.rank])
+            return
+        set_rng_state(state)  # a checkpoint of another number of processes: the first one's state
+        if self.rank:
+            torch.manual_seed(torch.initial_seed() + self.rank)
+
+
+_streams_separated = False
+
+
+def _separate_random_streams(rank: int) -> None:
+    """Once per process: dropout (model.train_mode) must differ between processes. The first keeps torch's
+    default stream, as a single process does."""
+    global _streams_separated
+    if rank and not _streams_separated:
+        torch.manual_seed(torch.initial_seed() + rank)
+    _streams_separated = True
+
+
+def share_of(indices: list[int], rank: int, size: int) -> tuple[list[int], float]:
+    """Process `rank`'s part of a global batch (contiguous, sizes differing by at most one) and its weight
+    (part / batch). A process without a part runs the batch's first example with weight 0: under ZeRO-3
+    every process must take part in every forward."""
+    n = len(indices)
+    start, stop = rank * n // size, (rank + 1) * n // size
+    if stop > start:
+        return indices[start:stop], (stop - start) / n
+    return indices[:1], 0.0
+
+
+def import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise ConfigError(f"--deepspeed needs the deepspeed package ({error}): {INSTALL_HINT}") from error
+    return deepspeed
+
+
+def _single_process_defaults() -> None:
+    """Without a launcher, one process: the environment variables torch.distributed reads."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backbone
+
+
+class Backbone:
+    """The frozen backbone under DeepSpeed and the objects that must stay alive with it."""
+
+    def __init__(self, cfg: RunConfig, ds: dict[str, Any], world: DeepSpeedWorld):
+        deepspeed = import_deepspeed()
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        self.zero3 = zero_stage(ds) == 3
+        self.engine = None
+        if self.zero3:
+            # While this object lives, from_pretrained builds the model under deepspeed.zero.Init (each
+            # process materialises only its shard of every weight) and generate() keeps processes in step.
+            self.hf_config = HfDeepSpeedConfig(ds)
+            model, tokenizer = load_pretrained(cfg.model)
+            model.requires_grad_(False)
+            self.engine, *_ = deepspeed.initialize(model=model, config=ds)  # registers the gathering hooks
+        else:
+            unset_hf_deepspeed_config()
+            self.hf_config = None
+            model, tokenizer = load_pretrained(cfg.model)
+            model.to(world.device)
+            if world.is_main:
+                _log_replicated(ds)
+        self.pm = prompted_model(model, tokenizer, cfg.model, world.device)
+
+    def gathered(self, parameters: list[torch.nn.Parameter]):
+        """Context in which ZeRO-3-partitioned parameters are whole on every process (read only)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        # The forward hooks may have a prefetch of these parameters in flight (the embedding lookup
+        # ends the recorded module trace); let it land and release everything before gathering by hand.
+        self.engine.empty_partition_cache()
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+
+
+def _log_replicated(ds: dict[str, Any]) -> None:
+    stage = zero_stage(ds)
+    logger.info(
+        "ZeRO stage %d: the frozen backbone is replicated on every device (stages 1-2 partition optimizer "
+        "state and gradients, which it does not have; stage 3 partitions its weights)",
+        stage,
+    )
+    if "offload_optimizer" in ds.get("zero_optimization", {}):
+        logger.info("zero_optimization.offload_optimizer has no effect: the prompts' optimizer state stays on the device")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data-parallel trainers (loop.Trainable wrappers)
+
+
+class DataParallelParticleTrainer:
+    """A ParticleTrainer whose global batch the processes of `world` share (see the module docstring)."""
+
+    def __init__(self, trainer: ParticleTrainer, world: DeepSpeedWorld):
+        self.trainer = trainer
+        self.world = world
+
+    @property
+    def particles(self) -> torch.Tensor:
+        return self.trainer.particles
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.trainer
+        shares = [self.world.share(indices) for indices in t.sampler.sample()]
+        batches = make_batches(t.pm, t.tasks, [part for part, _ in shares])
+        grad, losses = t.likelihood_gradient(batches, [weight for _, weight in shares])
+        grad, losses = self.world.all_reduce_sum(grad), self.world.all_reduce_sum(losses)
+        t.update.step(t.add_prior(-grad))
+        return t.metrics(losses)
+
+    def diagnostics(self) -> dict[str, Any]:
+        return self.trainer.diagnostics()
+
+    def after_step(self, step: int) -> dict[str, Any] | None:
+        return self.trainer.after_step(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        self.world.check_identical(self.trainer.particles, "particles")
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state)
+
+
+class DataParallelTargetTrainer:
+    """A TargetTrainer whose global batch the processes of `world` share."""
+
+    def __init__(self, trainer: TargetTrainer, world: DeepSpeedWorld):
+        self.trainer = trainer
+        self.world = world
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.trainer
+        (indices,) = t.sampler.sample()
+        part, weight = self.world.share(indices)
+        t.optimizer.zero_grad(set_to_none=True)
+        # The KDE term is the same on every process: each adds 1/size of it.
+        metrics = t.backward(part, weight=weight, prior_share=1.0 / self.world.size)
+        for parameter in t.prompt.parameters():
+            if parameter.grad is not None:
+                parameter.grad = self.world.all_reduce_sum(parameter.grad)
+        t.optimizer.step()
+        loss = torch.tensor(weight * metrics["loss"], dtype=torch.float64)
+        metrics["loss"] = float(self.world.all_reduce_sum(loss))
+        return metrics
+
+    def diagnostics(self) -> dict[str, Any]:
+        return self.trainer.diagnostics()
+
+    def after_step(self, step: int) -> dict[str, Any] | None:
+        return self.trainer.after_step(step)
+
+    def current_prompt(self) -> torch.Tensor:
+        return self.trainer.current_prompt()
+
+    def evaluate(self, prompt: torch.Tensor) -> dict[str, float]:
+        return self.trainer.evaluate(prompt)
+
+    def state_dict(self) -> dict[str, Any]:
+        for name, parameter in self.trainer.prompt.named_parameters():
+            self.world.check_identical(parameter, f"target prompt's {name}")
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+class DeepSpeedRun(Run):
+    """`Run` with the backbone under DeepSpeed and data-parallel stages; every process constructs one.
+
+    Evaluation runs on every process (under ZeRO-3 every process takes part in every forward) on all
+    evaluation examples; the first process writes the results.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        command: str,
+        ds_config: str | Path | dict[str, Any],
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        backbone: Backbone | None = None,
+    ):
+        """backbone: one loaded by an earlier DeepSpeedRun of this process with the same model config."""
+        world = DeepSpeedWorld()
+        if cfg.model.device != "auto" and torch.device(cfg.model.device).type != world.device.type:
+            raise ConfigError(f"model.device={cfg.model.device}, but the DeepSpeed processes run on {world.device.type}")
+        self.ds_config = read_ds_config(ds_config, cfg, world.size)
+        self.backbone = backbone
+        pm = backbone.pm if backbone else None
+        super().__init__(cfg, command, resume=resume, overwrite=overwrite, pm=pm, world=world)
+
+    def _load_backbone(self) -> PromptedModel:
+        self.backbone = Backbone(self.cfg, self.ds_config, self.world)
+        return self.backbone.pm
+
+    def initial_prompts(self, count: int) -> torch.Tensor:
+        weight = self.pm.embedding.weight  # loads the backbone first
+        with self.backbone.gathered([weight]):  # init_prompts reads rows (or the std) of the whole matrix
+            return super().initial_prompts(count)
+
+    def source_trainer(self, method: str) -> tuple[DataParallelParticleTrainer, dict[str, Any]]:
+        trainer, summary = super().source_trainer(method)
+        return DataParallelParticleTrainer(trainer, self.world), {**summary, "processes": self.world.size}
+
+    def target_trainer(self, method: str) -> DataParallelTargetTrainer:
+        return DataParallelTargetTrainer(super().target_trainer(method), self.world)

@@ -1,0 +1,130 @@
+"""Worker of tests/test_svgd_step_distributed.py, run by torchrun (gloo, CPU): every rank calls
+`svgd_step(..., group=)` on its slice of each case and saves what it got; the test compares the
+concatenation with the single-process op. Usage: torchrun --nproc_per_node 2 svgd_distributed_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import bmt_fast
+from bmt_fast import distributed as bd
+
+
+@dataclass(frozen=True)
+class Case:
+    sizes: tuple[int, ...]  # rows on each rank
+    event: tuple[int, ...]
+    dtype: torch.dtype
+    bandwidth: str | float
+    offset: float = 0.0  # far from the origin: the centring must be shared by the ranks
+    backend: str = "auto"
+    blocks: tuple[int, int] | None = None  # (ROW_BLOCK, COLUMN_BLOCK): several blocks per rank
+    exact_limit: int | None = None  # EXACT_MEDIAN_MAX_PARTICLES: the sampled median
+
+    def inputs(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All particles and scores (every rank draws the same ones and keeps its slice)."""
+        g = torch.Generator().manual_seed(seed)
+        n = sum(self.sizes)
+        x = torch.randn(n, *self.event, generator=g, dtype=torch.float64) * 1.5 + self.offset
+        score = torch.randn(n, *self.event, generator=g, dtype=torch.float64)
+        return x.to(self.dtype), score.to(self.dtype)
+
+    def local(self, t: torch.Tensor, rank: int) -> torch.Tensor:
+        start = sum(self.sizes[:rank])
+        return t[start : start + self.sizes[rank]]
+
+
+CASES = {
+    "uneven_fp64_median": Case((5, 8), (7,), torch.float64, "median"),
+    "uneven_fp64_fixed": Case((5, 8), (7,), torch.float64, 2.5),
+    "uneven_fp32_median_far": Case((9, 4), (3, 4), torch.float32, "median", offset=1e3),
+    "uneven_fp32_fixed": Case((9, 4), (3, 4), torch.float32, 4.0),
+    "torch_backend": Case((6, 3), (5,), torch.float64, "median", backend="torch"),
+    "first_rank_empty": Case((0, 6), (5,), torch.float64, "median"),
+    "second_rank_empty": Case((6, 0), (5,), torch.float32, 3.0),
+    "bfloat16": Case((6, 6), (16,), torch.bfloat16, "median"),
+    "few_particles_huge_d": Case((2, 3), (20_000,), torch.float32, "median"),
+    "blocked": Case((300, 213), (5,), torch.float64, "median", blocks=(64, 96)),
+    "sampled_median": Case((40, 33), (4,), torch.float64, "median", exact_limit=64),
+}
+SVGD_STEPS = 3
+SVGD_CASE = Case((4, 3), (2, 5), torch.float64, "median")
+
+
+def run_case(name: str, case: Case, rank: int) -> torch.Tensor:
+    x, score = case.inputs(seed=len(name))
+    saved = bd.ROW_BLOCK, bd.COLUMN_BLOCK, bd.EXACT_MEDIAN_MAX_PARTICLES
+    if case.blocks:
+        bd.ROW_BLOCK, bd.COLUMN_BLOCK = case.blocks
+    if case.exact_limit:
+        bd.EXACT_MEDIAN_MAX_PARTICLES = case.exact_limit
+    try:
+        return bmt_fast.svgd_step(
+            case.local(x, rank),
+            case.local(score, rank),
+            case.bandwidth,
+            backend=case.backend,
+            group=torch.distributed.group.WORLD,
+        )
+    finally:
+        bd.ROW_BLOCK, bd.COLUMN_BLOCK, bd.EXACT_MEDIAN_MAX_PARTICLES = saved
+
+
+def run_svgd_optimizer(rank: int) -> torch.Tensor:
+    """A few bmt_fast.SVGD steps on a Gaussian target, each rank moving its slice."""
+    x, _ = SVGD_CASE.inputs(seed=1)
+    particles = SVGD_CASE.local(x, rank).clone()
+    optimizer = bmt_fast.SVGD(particles, torch.optim.Adam, lr=0.1, group=torch.distributed.group.WORLD)
+    for _ in range(SVGD_STEPS):
+        optimizer.step(lambda p: -p.detach())
+    return particles.detach()
+
+
+def error_of(call) -> tuple[str, str]:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001  the test checks type and message
+        return type(error).__name__, str(error)
+    return "", ""
+
+
+def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
+    """Inputs that do not fit together across ranks: every rank must raise (and none hang)."""
+    world = torch.distributed.group.WORLD
+
+    def step(x, score=None, bandwidth="median", **kwargs):
+        return lambda: bmt_fast.svgd_step(x, x if score is None else score, bandwidth, group=world, **kwargs)
+
+    nan = torch.ones(3, 2, dtype=torch.float64)
+    if rank == 1:
+        nan[1, 1] = float("nan")
+    return {
+        "event_shape": error_of(step(torch.randn(3, 4, 5) if rank == 0 else torch.randn(3, 5, 4))),
+        "dtype": error_of(step(torch.randn(3, 4, dtype=torch.float32 if rank == 0 else torch.float64))),
+        "nan": error_of(step(nan)),
+        "no_particles": error_of(step(torch.randn(0, 4))),
+        "bandwidth_differs": error_of(step(torch.randn(3, 4), bandwidth=1.0 + rank)),
+        "median_on_one_rank": error_of(step(torch.randn(3, 4), bandwidth="median" if rank == 0 else 1.0)),
+        "group_type": error_of(lambda: bmt_fast.svgd_step(torch.randn(3, 4), torch.randn(3, 4), group="world")),
+        "shape_of_score": error_of(step(torch.randn(3, 4), torch.randn(2, 4))),
+    }
+
+
+def main(out: Path) -> None:
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    results = {name: run_case(name, case, rank) for name, case in CASES.items()}
+    results["svgd_optimizer"] = run_svgd_optimizer(rank)
+    errors = bad_inputs(rank)
+    torch.distributed.barrier()  # a rank that skipped a collective would hang above instead
+    torch.save({"phi": results, "errors": errors}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,269 @@
+"""The trainer under DeepSpeed on 2 CPU processes (torchrun, gloo): ZeRO-3 / ZeRO-2 / ZeRO-3 with offload
+give the particles of the plain 1-process trainer on the same global batches; the backbone is partitioned
+and unchanged; crash and resume; the DeepSpeed config checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bmt_fast.transfer import Run
+from bmt_fast.transfer.config import ConfigError
+from bmt_fast.transfer.evaluate import generate
+from bmt_fast.transfer.metrics_log import read_metrics
+from bmt_fast.transfer.runner import load_particles, read_prompt
+from conftest import base_dict, make_config, merge
+from synthetic_tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(
+    not HAVE_DEEPSPEED, reason="deepspeed is not installed (pip install -r requirements/deepspeed.txt)"
+)
+
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # partition every weight
+ZERO2 = {"zero_optimization": {"stage": 2}}
+ZERO3_OFFLOAD = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+
+# The runs: the trainer's config changes for each scenario (beside the tests' base config).
+SCENARIOS = {
+    "zero3": (
+        "llama",
+        ZERO3,
+        {
+            "source": {"steps": 4, "checkpoint_every": 2},
+            "target": {"methods": ["bmtpt"], "steps": 4, "checkpoint_every": 2, "kde_weight": 0.5},
+        },
+    ),
+    "zero2_cli": ("t5", ZERO2, {"source": {"steps": 3, "num_particles": 2}}),
+    # One example per task: the first process has none and takes part in the forwards with weight 0.
+    "zero3_offload": ("t5", ZERO3_OFFLOAD, {"source": {"steps": 3, "batch_size": 1, "sampling": "uniform"}}),
+}
+
+
+def scenario_dict(name: str, work: Path, model_dirs, output_dir: Path | None = None) -> dict:
+    kind, _, changes = SCENARIOS[name]
+    return merge(base_dict(output_dir or work / name, model_dirs[kind]), changes)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))  # DeepSpeed's shm_comm, built once
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONWARNINGS="ignore",
+    )
+    return env
+
+
+def worker_errors(stderr: str) -> str:
+    """The first process's traceback (torchrun prefixes each process's lines with [rank<r>]:)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("[rank0]:")]
+    return "\n".join(lines[-60:]) or stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def ds_runs(model_dirs, tmp_path_factory):
+    """Every scenario run once by 2 processes; what each process saw, and the work folder."""
+    work = tmp_path_factory.mktemp("deepspeed")
+    for name, (_, ds, _) in SCENARIOS.items():
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(scenario_dict(name, work, model_dirs)))
+        (work / f"{name}.json").write_text(json.dumps(ds))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*command, str(HERE / "deepspeed_worker.py"), str(work)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, worker_errors(done.stderr)
+    return [torch.load(work / f"rank{r}.pt") for r in range(2)], work
+
+
+def plain_run(name: str, work: Path, model_dirs, backbones, command: str = "source") -> Run:
+    """The scenario's run config in one process, without DeepSpeed (output in work/plain_<name>)."""
+    kind, _, changes = SCENARIOS[name]
+    return Run(make_config(work / f"plain_{name}", model_dirs[kind], **changes), command, pm=backbones[kind])
+
+
+@pytest.fixture(scope="module")
+def plain_zero3(ds_runs, model_dirs, backbones):
+    """The zero3 scenario's transfer in one process: (run, source particles, target evaluation)."""
+    _, work = ds_runs
+    run = plain_run("zero3", work, model_dirs, backbones, command="transfer")
+    return run, run.source("bmtpt"), run.target("bmtpt")
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to fp32 summation order (the processes sum their shares of the batch; a few ulps here)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=2e-6)
+
+
+@needs_deepspeed
+def test_zero3_source_stage_equals_the_plain_trainer_on_the_same_global_batches(ds_runs, plain_zero3):
+    ranks, work = ds_runs
+    run, plain, _ = plain_zero3
+    particles = load_particles(work / "zero3" / "source-bmtpt")
+    assert not torch.equal(plain, run.initial_prompts(3))
+    assert_close_fp32(particles, plain)
+    for rank in ranks:  # every process ends with the particles the first one wrote
+        assert torch.equal(rank["zero3"]["particles"], particles)
+    ds_log = read_metrics(work / "zero3" / "source-bmtpt" / "metrics.jsonl")
+    plain_log = read_metrics(work / "plain_zero3" / "source-bmtpt" / "metrics.jsonl")
+    assert [r["step"] for r in ds_log] == [r["step"] for r in plain_log] == [1, 2, 3, 4]
+    for ds_record, plain_record in zip(ds_log, plain_log):  # losses of the global batch, not of a share
+        for key in ("loss/movie_sentiment", "loss/topic"):
+            assert ds_record[key] == pytest.approx(plain_record[key], rel=1e-5)
+
+
+@needs_deepspeed
+def test_zero3_partitions_the_backbone_and_leaves_it_unchanged(ds_runs):
+    ranks, _ = ds_runs
+    for rank in ranks:
+        result = rank["zero3"]
+        assert result["partitioned"]  # this process held only a shard of the embedding matrix
+        weights = result["weights"]
+        assert weights["compared"] == weights["parameters"] > 0 and weights["trainable"] == 0
+        assert weights["max_diff"] == 0.0
+
+
+@needs_deepspeed
+def test_zero3_resume_after_a_crash_continues_the_same_trajectory(ds_runs):
+    ranks, work = ds_runs
+    for rank in ranks:
+        assert torch.equal(rank["zero3"]["particles"], rank["zero3"]["uninterrupted"])
+    stage = work / "zero3" / "source-bmtpt"
+    assert [r["step"] for r in read_metrics(stage / "metrics.jsonl")] == [1, 2, 3, 4]
+    checkpoint = json.loads((stage / "checkpoint-00000004" / "state.json").read_text())
+    assert checkpoint["step"] == 4
+
+
+@needs_deepspeed
+def test_zero3_target_stage_equals_the_plain_trainer(ds_runs, plain_zero3):
+    _, work = ds_runs
+    _, _, plain_eval = plain_zero3
+    prompt = read_prompt(work / "zero3" / "target-bmtpt" / "prompt.safetensors")
+    assert_close_fp32(prompt, read_prompt(work / "plain_zero3" / "target-bmtpt" / "prompt.safetensors"))
+    ds_eval = json.loads((work / "zero3" / "target-bmtpt" / "eval.json").read_text())
+    assert ds_eval["loss"] == pytest.approx(plain_eval["loss"], rel=1e-4)
+    assert (work / "zero3" / "target-bmtpt" / "peft" / "adapter_model.safetensors").is_file()
+    ds_log = read_metrics(work / "zero3" / "target-bmtpt" / "metrics.jsonl")
+    plain_log = read_metrics(work / "plain_zero3" / "target-bmtpt" / "metrics.jsonl")
+    assert [r["loss"] for r in ds_log] == pytest.approx([r["loss"] for r in plain_log], rel=1e-5)
+    assert [r["kde"] for r in ds_log] == pytest.approx([r["kde"] for r in plain_log], rel=1e-5)
+
+
+@needs_deepspeed
+def test_zero3_generation_equals_the_plain_trainer(ds_runs, plain_zero3, model_dirs, backbones):
+    ranks, work = ds_runs
+    prompt = work / "zero3" / "target-bmtpt" / "prompt.safetensors"
+    cfg = make_config(work / "plain_echo", model_dirs["llama"], data={"target_task": "echo"})
+    (expected,) = Run(cfg, "eval", pm=backbones["llama"]).evaluate(str(prompt)).values()
+    texts = generate(backbones["llama"], read_prompt(prompt), TASKS["echo"].examples["validation"], 4, 6)
+    assert any(texts)
+    for rank in ranks:
+        assert rank["zero3"]["texts"] == texts
+        (got,) = rank["zero3"]["evaluation"].values()
+        assert set(got) == set(expected) and got["examples"] == expected["examples"] == 8
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5) and got["accuracy"] == expected["accuracy"]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("name", ["zero2_cli", "zero3_offload"])
+def test_cli_source_stage_under_zero2_and_zero3_offload_equals_the_plain_trainer(ds_runs, model_dirs, backbones, name):
+    ranks, work = ds_runs
+    assert all(rank[name]["exit_code"] == 0 for rank in ranks)
+    particles = load_particles(work / name / "source-bmtpt")
+    assert_close_fp32(particles, plain_run(name, work, model_dirs, backbones).source("bmtpt"))
+    summary = json.loads((work / name / "source-bmtpt" / "source.json").read_text())
+    assert summary["processes"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The DeepSpeed config checks (one process, no launcher)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize(
+    "ds, model_dtype, message",
+    [
+        ({"optimizer": {"type": "Adam"}}, "float32", "remove the 'optimizer' section"),
+        ({"scheduler": {"type": "WarmupLR"}}, "float32", "remove the 'scheduler' section"),
+        ({"zero_optimization": {"stage": 4}}, "float32", "stage must be 0, 1, 2 or 3"),
+        ({"bf16": {"enabled": True}}, "float32", "set model.dtype=bfloat16"),
+        ({"fp16": {"enabled": True}}, "bfloat16", "set model.dtype=float16"),
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "bfloat16", "cannot both be enabled"),
+    ],
+)
+def test_ds_config_errors(tmp_path, model_dirs, ds, model_dtype, message):
+    from bmt_fast.transfer.deepspeed_support import read_ds_config
+
+    cfg = make_config(tmp_path, model_dirs["llama"], model={"dtype": model_dtype})
+    with pytest.raises(ConfigError, match=message):
+        read_ds_config(ds, cfg, world_size=2)
+
+
+@needs_deepspeed
+def test_ds_config_gets_precision_and_batch_keys(tmp_path, model_dirs):
+    from bmt_fast.transfer.deepspeed_support import read_ds_config
+
+    cfg = make_config(tmp_path, model_dirs["llama"], model={"dtype": "bfloat16"})
+    ds = read_ds_config({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}, cfg, world_size=4)
+    assert ds["bf16"] == {"enabled": True}
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 1, 4)
+    path = tmp_path / "ds.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_ds_config(path, cfg, world_size=1)
+    with pytest.raises(ConfigError, match="config file not found"):
+        read_ds_config(tmp_path / "missing.json", cfg, world_size=1)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
+def test_committed_ds_configs_are_valid(tmp_path, model_dirs, path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from bmt_fast.transfer.deepspeed_support import read_ds_config
+
+    cfg = make_config(tmp_path, model_dirs["llama"], model={"dtype": "bfloat16"})
+    parsed = DeepSpeedConfig(read_ds_config(path, cfg, world_size=1))  # no process group: DeepSpeed counts 1
+    assert parsed.bfloat16_config.enabled and parsed.train_batch_size == 1
+    assert parsed.zero_optimization_stage == int(path.stem.split("_zero")[1][0])
+    assert (parsed.zero_config.offload_param is not None) == path.stem.endswith("offload")
+
+
+def test_deepspeed_launcher_arguments_parse():
+    """`deepspeed` passes --local_rank=<r> before the command."""
+    from bmt_fast.cli import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "source", "--config", "r.yaml", "--deepspeed", "ds.json"])
+    assert (args.command, args.config, args.deepspeed) == ("source", "r.yaml", "ds.json")
+    assert build_parser().parse_args(["eval", "--config", "r.yaml"]).deepspeed is None
+
+
+def test_share_of_a_global_batch():
+    """Shares cover the batch once, in order; a process without a share runs one example with weight 0."""
+    from bmt_fast.transfer.deepspeed_support import share_of
+
+    def shares(n, size):
+        return [share_of(list(range(10, 10 + n)), rank, size) for rank in range(size)]
+
+    assert shares(5, 2) == [([10, 11], 0.4), ([12, 13, 14], 0.6)]
+    assert shares(1, 2) == [([10], 0.0), ([10], 1.0)]
+    for n, size in ((7, 3), (2, 4), (8, 8)):
+        got = shares(n, size)
+        assert sum(w for _, w in got) == pytest.approx(1.0)
+        assert [i for part, w in got if w > 0 for i in part] == list(range(10, 10 + n))

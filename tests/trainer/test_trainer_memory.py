@@ -1,0 +1,49 @@
+"""The computed memory table (bmt_fast.transfer.memory): its arithmetic and its parameter counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bmt_fast.transfer import memory
+
+
+def test_footprint_per_zero_stage():
+    # P = 1001 bf16 weights on 4 GPUs; N = 5 particles x 10 tokens x hidden 8 = 400 float32 elements.
+    kwargs = {"gpus": 4, "particles": 5, "prompt_length": 10}
+    replicated = memory.footprint(1001, 8, stage="0-2", **kwargs)
+    assert (replicated.backbone, replicated.particles, replicated.optimizer, replicated.gradients) == (
+        2002, 1600, 3200, 4800
+    )
+    assert replicated.total == 2002 + 1600 + 3200 + 4800
+    sharded = memory.footprint(1001, 8, stage="3", **kwargs)
+    assert (sharded.backbone, sharded.host_backbone) == (501, 0)  # 2002 / 4, rounded up
+    offloaded = memory.footprint(1001, 8, stage="3+offload", **kwargs)
+    assert (offloaded.backbone, offloaded.host_backbone, offloaded.total) == (0, 501, 1600 + 3200 + 4800)
+    assert replicated.host_backbone == 0
+    adagrad_fp32 = memory.footprint(1001, 8, stage="0-2", dtype="float32", optimizer="adagrad", **kwargs)
+    assert (adagrad_fp32.backbone, adagrad_fp32.optimizer) == (4004, 1600)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        memory.footprint(1001, 8, stage="4", **kwargs)
+
+
+def test_parameter_counts_match_the_models(model_dirs, backbones):
+    for kind in ("t5", "llama"):
+        config = json.loads((model_dirs[kind] / "config.json").read_text())
+        model = backbones[kind].model
+        assert memory.count_parameters(config) == (sum(p.numel() for p in model.parameters()), 32)
+
+
+def test_reference_counts_match_the_published_ones():
+    """Llama-2-7b and Llama-3.1-70B as their model cards count them (6.74B, 70.55B)."""
+    assert memory.count_parameters(memory.REFERENCE_MODELS["7B decoder-only (Llama-2-7b)"])[0] == 6_738_415_616
+    assert memory.count_parameters(memory.REFERENCE_MODELS["70B decoder-only (Llama-3.1-70B)"])[0] == 70_553_706_496
+
+
+def test_command_line_table_of_a_config_file(model_dirs, capsys):
+    assert memory.main(["--config", str(model_dirs["llama"] / "config.json"), "--gpus", "2", "--particles", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Computed from parameter counts, not measured" in out
+    rows = [line for line in out.splitlines() if line.startswith("| llama")]
+    assert [row.split(" | ")[1] for row in rows] == ["0-2", "3", "3+offload"]
