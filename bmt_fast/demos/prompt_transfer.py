@@ -214,8 +214,9 @@ class Timer:
         return _Span()
 
 
-def run_demo(settings: DemoSettings, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Source stages once, then for every seed the three target methods; returns the results record."""
+def run_demo(settings: DemoSettings, out_dir: Path, overrides: Sequence[str] = (), pm=None) -> dict[str, Any]:
+    """Source stages once, then for every seed the three target methods; returns the results record.
+    `pm`: an already loaded backbone (`bmt_fast.transfer.load_backbone`) to reuse."""
     from ..transfer import Run, check_config, load_backbone
     from ..transfer.runner import write_results
 
@@ -239,8 +240,9 @@ def run_demo(settings: DemoSettings, out_dir: Path, overrides: Sequence[str] = (
         check_config(cfg, "source")
     for cfg in seed_cfgs.values():
         check_config(cfg, "transfer")
-    with timer("load backbone"):
-        pm = load_backbone(source_cfgs["bmtpt"])
+    if pm is None:
+        with timer("load backbone"):
+            pm = load_backbone(source_cfgs["bmtpt"])
 
     for method, cfg in source_cfgs.items():
         run = Run(cfg, "source", overwrite=True, pm=pm)
