@@ -8,6 +8,7 @@ export BMT_FAST_CUDA_ARCH_LIST=${BMT_FAST_CUDA_ARCH_LIST:-9.0}  # one architectu
 export TORCH_CUDA_ARCH_LIST=$BMT_FAST_CUDA_ARCH_LIST
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}
 make_venv "$VENV" 2.14.1 "$ROOT/requirements/test.txt"
+install_demo_backbone "$VENV"  # tests/test_demo.py runs `bmt-fast demo --quick` on it
 build_package "$VENV"
 "$VENV/bin/python" -m bmt_fast.info
 
