@@ -197,5 +197,12 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands defined elsewhere (they import register_command from this module, which is complete by now).
+from .demos import prompt_transfer as _prompt_transfer_demo  # noqa: E402,F401  (bmt-fast demo)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m bmt_fast.cli`: this file runs as __main__, but other modules registered their commands in
+    # the imported bmt_fast.cli, so parse with that module's registry.
+    from bmt_fast import cli
+
+    sys.exit(cli.main())

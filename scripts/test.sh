@@ -9,6 +9,7 @@ export TORCH_CUDA_ARCH_LIST=$BMT_FAST_CUDA_ARCH_LIST
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}
 make_venv "$VENV" 2.14.1 "$ROOT/requirements/test.txt"
 install_deepspeed "$VENV"  # the multi-process trainer tests (they skip without it)
+install_demo_backbone "$VENV"  # tests/test_demo.py runs `bmt-fast demo --quick` on it
 build_package "$VENV"
 "$VENV/bin/python" -m bmt_fast.info
 
