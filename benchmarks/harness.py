@@ -757,13 +757,17 @@ class Supervisor:
             to_check.remove(name)
         if event["ok"] or name in self.failed_checks:
             return
+        self.fail_check(name, f"small-size check at n={n} d={d}: {event['note']}", pending, to_check)
+
+    def fail_check(self, name: str, note: str, pending: dict, to_check: list[str]) -> None:
+        """The provider failed its small-size check: every size it has left is recorded as wrong."""
         if name in to_check:
             to_check.remove(name)
-        self.failed_checks[name] = f"small-size check at n={n} d={d}: {event['note']}"
+        self.failed_checks[name] = note
         for (cn, cd), names in pending.items():
             if name in names:
                 names.remove(name)
-                self.write(self.ctx.row(name, Case(cn, cd), "wrong", self.failed_checks[name]))
+                self.write(self.ctx.row(name, Case(cn, cd), "wrong", note))
 
     def record_failure(self, inflight: dict | None, returncode, pending: dict, to_check: list[str]) -> None:
         """The worker died or hung: charge it to the provider (or case) it was running."""
@@ -784,13 +788,7 @@ class Supervisor:
         n, d = inflight["case"]
         name = inflight["provider"]
         if inflight["phase"] == "check":
-            if name in to_check:
-                to_check.remove(name)
-            self.failed_checks[name] = f"small-size check at n={n} d={d}: {status}: {note}"
-            for (cn, cd), names in pending.items():
-                if name in names:
-                    names.remove(name)
-                    self.write(self.ctx.row(name, Case(cn, cd), "wrong", self.failed_checks[name]))
+            self.fail_check(name, f"small-size check at n={n} d={d}: {status}: {note}", pending, to_check)
             return
         names = pending.get((n, d), [])
         blamed = [name] if name and name in names else list(names)  # timed rounds: the whole case
