@@ -80,7 +80,9 @@ def dot_acc(a, b, acc, MODE: tl.constexpr):
     elif MODE == MODE_TF32 and not INTERPRET:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        # out_dtype = the accumulator's: the compiler refuses an fp64 accumulator with the default fp32
+        # out_dtype (the interpreter does not check it).
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit

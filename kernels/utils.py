@@ -4,11 +4,13 @@ block sizes, input checks and one launch path for fixed and autotuned kernels.""
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import triton
+import triton.language as tl
 
 # Read once, when the kernels are defined: @triton.jit decides at decoration time whether a kernel is
 # compiled for a GPU or run by the interpreter, so a later change of TRITON_INTERPRET has no effect.
@@ -170,8 +172,21 @@ class Kernel:
         self.raw[grid({**kwargs, **meta})](**kwargs, **meta, num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
+def specialisation_keys(raw) -> list[str]:
+    """The kernel's compile-time parameters other than the tile: each value is another kernel, whose best
+    tile (and whether a tile fits in shared memory at all) may differ."""
+    fn = getattr(raw, "fn", raw)  # the Python function behind a JITFunction or the interpreter's wrapper
+    names = [name for name, param in inspect.signature(fn).parameters.items()
+             if param.annotation is tl.constexpr or param.annotation in ("tl.constexpr", "triton.language.constexpr")]  # fmt: skip
+    return [name for name in names if name not in ("BLOCK_M", "BLOCK_N")]
+
+
 def tunable(raw, *, key: list[str], tiles: list[TileConfig] = GPU_TILES, autotune: bool = True) -> Kernel:
-    """Wrap a jit kernel whose BLOCK_M / BLOCK_N come from a TileConfig; autotuned on a GPU by `key`."""
+    """Wrap a jit kernel whose BLOCK_M / BLOCK_N come from a TileConfig; autotuned on a GPU by `key` and its
+    compile-time parameters (Triton adds the tensor dtypes). Without those, a tile tuned for one
+    specialisation was reused for another: on an H200 the fp64 Gram path then asked for 256 KiB of shared
+    memory (the limit is 227 KiB)."""
     if INTERPRETING or not autotune:
         return Kernel(raw)
-    return Kernel(raw, triton.autotune(configs=[t.triton_config() for t in tiles], key=key)(raw))
+    keys = list(key) + [k for k in specialisation_keys(raw) if k not in key]
+    return Kernel(raw, triton.autotune(configs=[t.triton_config() for t in tiles], key=keys)(raw))
