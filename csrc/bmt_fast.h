@@ -6,7 +6,9 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdio>
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace bmt_fast {
@@ -29,6 +31,38 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
 // kernels (torch.compile, opcheck) share them with the real kernels.
 #define BMT_CHECK(cond, ...) TORCH_CHECK(cond, "bmt_fast: ", __VA_ARGS__)
 
+// Numbers in error messages are formatted here, never streamed into c10::str's std::ostringstream: on a GPU
+// machine (torch 2.11, extension built with GCC 13) any check whose message streamed an integer crashed
+// the process (segmentation fault) instead of raising, while messages made only of strings raised.
+inline std::string num(int64_t v) { return std::to_string(v); }
+
+inline std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+inline std::string size_str(const c10::SymInt& s) {
+  const auto v = s.maybe_as_int();
+  return v ? num(*v) : std::string("symbolic");
+}
+
+// Shapes are compared and printed one dimension at a time, not through c10::ArrayRef's operator== and
+// operator<< (the first crash above was `score.sym_sizes() == x.sym_sizes()` and its message).
+inline std::string shape_str(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + size_str(t.sym_size(i));
+  return out + "]";
+}
+
+inline bool same_shape(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    if (a.sym_size(i) != b.sym_size(i)) return false;
+  }
+  return true;
+}
+
 inline void check_floating(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   BMT_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, name,
@@ -36,8 +70,8 @@ inline void check_floating(const at::Tensor& t, const char* name) {
 }
 
 inline void check_particles(const at::Tensor& t, const char* name) {
-  BMT_CHECK(t.dim() == 2, name, " must be 2-D (n, d), got ", t.dim(), " dims");
-  BMT_CHECK(t.sym_numel() > 0, name, " must not be empty, got shape ", t.sym_sizes());
+  BMT_CHECK(t.dim() == 2, name, " must be 2-D (n, d), got ", num(t.dim()), " dims");
+  BMT_CHECK(t.sym_numel() > 0, name, " must not be empty, got shape ", shape_str(t));
   check_floating(t, name);
 }
 
@@ -49,7 +83,7 @@ inline void check_like(const at::Tensor& ref, const char* ref_name, const at::Te
 }
 
 inline void check_bandwidth(const at::Tensor& h, const at::Tensor& x) {
-  BMT_CHECK(h.sym_numel() == 1, "bandwidth must hold one value, got shape ", h.sym_sizes());
+  BMT_CHECK(h.sym_numel() == 1, "bandwidth must hold one value, got shape ", shape_str(h));
   BMT_CHECK(h.is_floating_point(), "bandwidth must be floating point, got ", h.scalar_type());
   BMT_CHECK(h.device() == x.device(), "bandwidth must be on the device of x (", x.device(), "), got ",
             h.device());
@@ -59,8 +93,7 @@ inline void check_svgd_step_args(const at::Tensor& x, const at::Tensor& score,
                                  const std::optional<at::Tensor>& bandwidth) {
   check_particles(x, "x");
   check_like(x, "x", score, "score");
-  BMT_CHECK(score.sym_sizes() == x.sym_sizes(), "score must have the shape of x ", x.sym_sizes(), ", got ",
-            score.sym_sizes());
+  BMT_CHECK(same_shape(score, x), "score must have the shape of x ", shape_str(x), ", got ", shape_str(score));
   if (bandwidth.has_value()) check_bandwidth(*bandwidth, x);
 }
 
@@ -68,8 +101,8 @@ inline void check_rbf_kernel_args(const at::Tensor& x, const at::Tensor& y, cons
   check_particles(x, "x");
   check_particles(y, "y");
   check_like(x, "x", y, "y");
-  BMT_CHECK(y.sym_size(1) == x.sym_size(1), "y must have d = ", x.sym_size(1), " columns like x, got ",
-            y.sym_size(1));
+  BMT_CHECK(y.sym_size(1) == x.sym_size(1), "y must have d = ", size_str(x.sym_size(1)), " columns like x, got ",
+            size_str(y.sym_size(1)));
   check_bandwidth(bandwidth, x);
 }
 
@@ -78,7 +111,7 @@ inline void check_rbf_kernel_backward_args(const at::Tensor& grad, const at::Ten
   check_rbf_kernel_args(x, y, bandwidth);
   for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&kernel, "kernel"}}) {
     BMT_CHECK(t->dim() == 2 && t->sym_size(0) == x.sym_size(0) && t->sym_size(1) == y.sym_size(0), name,
-              " must have shape (", x.sym_size(0), ", ", y.sym_size(0), "), got ", t->sym_sizes());
+              " must have shape (", size_str(x.sym_size(0)), ", ", size_str(y.sym_size(0)), "), got ", shape_str(*t));
     BMT_CHECK(t->device() == x.device(), name, " must be on the device of x");
     check_floating(*t, name);
   }
@@ -97,7 +130,7 @@ inline Algorithm parse_algorithm(std::string_view name) {
 
 inline double read_bandwidth(const at::Tensor& h) {
   const double value = h.item<double>();
-  BMT_CHECK(std::isfinite(value) && value > 0.0, "bandwidth must be positive and finite, got ", value);
+  BMT_CHECK(std::isfinite(value) && value > 0.0, "bandwidth must be positive and finite, got ", num(value));
   return value;
 }
 

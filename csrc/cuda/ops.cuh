@@ -57,8 +57,8 @@ inline Device launch_device(const at::Tensor& x) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, index));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.major, cudaDevAttrComputeCapabilityMajor, index));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
-  BMT_CHECK(dev.major >= 8, "the CUDA kernels need compute capability 8.0 or newer, device ", index, " has ",
-            dev.major, ".", minor);
+  BMT_CHECK(dev.major >= 8, "the CUDA kernels need compute capability 8.0 or newer, device ", num(int64_t{index}),
+            " has ", num(int64_t{dev.major}), ".", num(int64_t{minor}));
   dev.stream = c10::cuda::getCurrentCUDAStream(index).stream();
 #endif
   return dev;
@@ -66,8 +66,8 @@ inline Device launch_device(const at::Tensor& x) {
 
 template <typename Params>
 void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t shared_bytes, const Device& dev, const Params& p) {
-  BMT_CHECK(grid.y <= 65535 && grid.z <= 65535, "too many feature chunks for one launch (grid ", grid.x, " x ",
-            grid.y, "); use algorithm=\"gram\" for this many features");
+  BMT_CHECK(grid.y <= 65535 && grid.z <= 65535, "too many feature chunks for one launch (grid ",
+            num(int64_t{grid.x}), " x ", num(int64_t{grid.y}), "); use algorithm=\"gram\" for this many features");
 #ifdef BMT_FAST_EMULATE
   (void)dev;
   emu::launch(kernel, grid, block, shared_bytes, p);
@@ -168,8 +168,8 @@ inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
 template <typename In>
 at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, const Device& dev) {
   const int64_t n = x.size(0), m = y ? y->size(0) : 0, d = x.size(1), rows = n + m;
-  BMT_CHECK(rows <= kGramMaxRows, "the Gram algorithm handles at most ", kGramMaxRows, " particles on CUDA, got ",
-            rows, " (use algorithm=\"tiled\")");
+  BMT_CHECK(rows <= kGramMaxRows, "the Gram algorithm handles at most ", num(kGramMaxRows),
+            " particles on CUDA, got ", num(rows), " (use algorithm=\"tiled\")");
   at::Tensor gram = at::zeros({rows, rows}, x.options().dtype(at::kDouble));
   GramParams<In> p{pointer<In>(x), y ? pointer<In>(*y) : nullptr, n, m, d, mutable_pointer<double>(gram), 0};
   if (rows <= kGramRegisterRows) {
