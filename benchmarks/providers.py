@@ -97,9 +97,13 @@ def row_block(n: int, elem_bytes: int, budget_bytes: int = 64 << 20) -> int:
 # ---- svgd_step -------------------------------------------------------------------------------------
 
 
+# cdist by matmul at every size: its direct CUDA kernel (taken for <= 25 rows) has no bfloat16 version.
+CDIST_MODE = "use_mm_for_euclid_dist"
+
+
 def svgd_naive(x: torch.Tensor, score: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """What most SVGD code does: the full n x n kernel matrix from cdist, then two n x n matmuls."""
-    k = torch.exp(-torch.cdist(x, x).square() / h)
+    k = torch.exp(-torch.cdist(x, x, compute_mode=CDIST_MODE).square() / h)
     return (k @ score + (2 / h) * (x * k.sum(1, keepdim=True) - k @ x)) / x.shape[0]
 
 
@@ -111,7 +115,7 @@ def svgd_blocked(x: torch.Tensor, score: torch.Tensor, h: torch.Tensor) -> torch
     block = row_block(n, x.element_size())
     for i in range(0, n, block):
         xb = x[i : i + block]
-        k = torch.cdist(xb, x).square_().div_(-h).exp_()
+        k = torch.cdist(xb, x, compute_mode=CDIST_MODE).square_().div_(-h).exp_()
         kv = k @ v
         phi[i : i + block] = (kv[:, :d] + (2 / h) * (xb * k.sum(1, keepdim=True) - kv[:, d:])) / n
     return phi
@@ -220,6 +224,15 @@ def _bmt_fast_svgd(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h, backend=backend, check_inputs=False)
 
 
+def _triton_fast_svgd(inp) -> Run:
+    """The Triton step with allow_tf32=True: one TF32 (fp32 inputs) or bf16 (half inputs) product per
+    distance instead of the default IEEE fp32 / three-bf16-product split (kernels/utils.py: dot_mode)."""
+    from bmt_fast import backends
+
+    backends.get("triton").kernels()  # imports the kernels, which registers torch.ops.bmt_fast_triton
+    return lambda: torch.ops.bmt_fast_triton.svgd_step(inp.x, inp.score, inp.h, "auto", True)
+
+
 def _bmt_fast_rbf(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.rbf_kernel(inp.x, None, inp.h, backend=backend, check_inputs=False)
 
@@ -242,6 +255,7 @@ def bmt_fast_providers(op: str) -> list[Provider]:
                 build=build(name),
                 why_unavailable=_backend_reason(backend),
                 extra_memory=(lambda n, d, e: 5.0 * n * n * max(e, 4)) if materialises else (lambda n, d, e: 0.0),
+                jit=name == "triton",  # on a GPU its first call per shape compiles and autotunes (~25 s on an H200)
                 version=lambda: f"bmt_fast {bmt_fast.__version__}",
             )
         )
@@ -278,6 +292,9 @@ def svgd_step_providers() -> list[Provider]:
                  why_unavailable=needs_package("pyro.infer.svgd", "pyro-ppl"),
                  extra_memory=lambda n, d, e: 5.0 * n * n * d * e, version=lambda: package_version("pyro-ppl")),
         *bmt_fast_providers("svgd_step"),
+        Provider("bmt_fast-triton-tf32", _triton_fast_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
+                 rtol=2e-3, jit=True,
+                 version=lambda: f"bmt_fast {bmt_fast.__version__}"),
     ]
 
 
