@@ -96,10 +96,10 @@ register(TorchBackend())
 register(CompiledBackend("cpu", _extension.CPU, "cpu"))
 register(CompiledBackend("cuda", _extension.CUDA, "cuda"))
 
-# Per device type: a function (op, n, d) -> backend names in order of preference for backend="auto".
-# The CPU order rests on benchmarks/results; GPU backends add their own rule when they register.
-AutoRule = Callable[[str, int, int], list[str]]
-_AUTO_RULES: dict[str, AutoRule] = {"cpu": lambda op, n, d: ["cpu", "torch"]}
+# Per device type: a function (op, n, d, dtype) -> backend names in order of preference for backend="auto".
+# The orders rest on benchmarks/results; GPU backends add their own rule when they register.
+AutoRule = Callable[[str, int, int, torch.dtype], list[str]]
+_AUTO_RULES: dict[str, AutoRule] = {"cpu": lambda op, n, d, dtype: ["cpu", "torch"]}
 
 
 def set_auto_rule(device_type: str, rule: AutoRule) -> None:
@@ -135,8 +135,8 @@ def select(backend: str, op: str, x: torch.Tensor) -> Backend:
             raise ValueError(f"backend {backend!r} does not run on {x.device.type} tensors")
         return chosen
     n, d = x.shape[0], x[0].numel()
-    rule = _AUTO_RULES.get(x.device.type, lambda op, n, d: [])
-    for name in rule(op, n, d):
+    rule = _AUTO_RULES.get(x.device.type, lambda op, n, d, dtype: [])
+    for name in rule(op, n, d, x.dtype):
         if name in _REGISTRY and _REGISTRY[name].supports(x.device):
             return _REGISTRY[name]
     return _REGISTRY["torch"]

@@ -93,14 +93,29 @@ class TritonBackend(backends.Backend):
         return torch.ops.bmt_fast_triton.median_bandwidth(x, "auto", self.allow_tf32)
 
 
-def cuda_auto_rule(op: str, n: int, d: int) -> list[str]:
-    """backend="auto" on CUDA tensors: the compiled CUDA kernels, then Triton, then torch.
+# Many-particle sizes at which the Triton kernels beat the CUDA kernels on an H200 (benchmarks/results/
+# nvidia-h200.csv): fp32, n = 65536, d = 64: triton 68.8 ms, cuda 91.7 ms.
+TRITON_FIRST_MIN_PARTICLES = 32768
+TRITON_FIRST_MAX_FEATURES = 64
 
-    NOT MEASURED: no GPU was available when this rule was written. It prefers the kernels that never
-    materialise n x n (safe in memory at every size) over torch, and the compiled kernels over Triton by
-    default only because they need no JIT compilation. Replace it by a rule per (op, n, d) regime that
-    rests on side-by-side timings committed in benchmarks/results.
+
+def cuda_auto_rule(op: str, n: int, d: int, dtype: torch.dtype) -> list[str]:
+    """backend="auto" on CUDA tensors, from the svgd_step timings on an H200 (benchmarks/results/
+    nvidia-h200.csv, one run each):
+
+    * the compiled CUDA kernels first: faster than Triton in the prompt regime (fp32 n=16 d=76,800:
+      0.095 vs 1.22 ms; n=64 d=409,600: 0.72 vs 0.86 ms), at n=1024 d=16 fp32 (0.22 vs 1.18 ms) and at
+      n=65536 d=128 bf16 (19.8 vs 32.1 ms);
+    * Triton first for many fp32/fp64 particles in few dimensions (n >= 32768, d <= 64), where its tiles
+      won (65536 x 64 fp32: 68.8 vs 91.7 ms);
+    * torch (the reference, which materialises n x n) last.
+
+    rbf_kernel and median_bandwidth follow the same order (not measured apart on a GPU). Sizes between
+    the measured ones are a guess from their neighbours; a GPU run of `bash scripts/gpu_check.sh` adds rows.
     """
+    many_small = n >= TRITON_FIRST_MIN_PARTICLES and d <= TRITON_FIRST_MAX_FEATURES
+    if many_small and dtype in (torch.float32, torch.float64):
+        return ["triton", "cuda", "torch"]
     return ["cuda", "triton", "torch"]
 
 
