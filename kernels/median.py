@@ -36,7 +36,8 @@ from .utils import (
 
 DIGIT_BITS = 11
 # Largest n served by the Gram path when algorithm="auto": the "few particles" regime (n <= ~256),
-# not a measured crossover (no GPU was available); to be set from benchmarks/results.
+# not a measured crossover: the H200 rows in benchmarks/results cover n <= 64 (Gram) and n >= 1024 (tiled)
+# only; to be set from rows in between.
 GRAM_MAX_PARTICLES = 256
 
 

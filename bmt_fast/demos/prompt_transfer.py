@@ -96,7 +96,10 @@ class DemoSettings:
     run: dict[str, Any] = field(default_factory=dict)  # trainer configuration (RunConfig fields)
 
 
-def _run_settings(source_steps: int, target_steps: int) -> dict[str, Any]:
+def _run_settings(source_steps: int, target_steps: int, *, eval_every: int = 0) -> dict[str, Any]:
+    """The trainer settings of the demo. The SVGD bandwidth is fixed (H = 1000, in squared-distance units
+    of 8 x 576 prompt values): with the median rule the particles of this small problem drift apart over
+    the steps, and their mean, the BMTPT init, scored lower (0.716 against 0.784 mean accuracy)."""
     return {
         "model": {"max_source_length": 32, "max_target_length": 4},
         "prompt": {"length": 8, "init": "vocab", "vocab_top_k": 5000},
@@ -106,14 +109,16 @@ def _run_settings(source_steps: int, target_steps: int) -> dict[str, Any]:
             "batch_size": 4,
             "sampling": "uniform",
             "lr": 0.03,
+            "bandwidth": 1000.0,
             "likelihood_scale": "mean",
             "log_every": 1,
         },
-        "target": {"steps": target_steps, "batch_size": 8, "lr": 0.03, "eval_batch_size": 32, "log_every": 1},
+        "target": {"steps": target_steps, "batch_size": 8, "lr": 0.03, "eval_batch_size": 32, "log_every": 1,
+                   "eval_every": eval_every},
     }
 
 
-FULL = DemoSettings(seeds=DEFAULT_SEEDS[:3], shots=8, eval_examples=64, run=_run_settings(40, 24))
+FULL = DemoSettings(seeds=DEFAULT_SEEDS, shots=8, eval_examples=64, run=_run_settings(60, 20, eval_every=10))
 QUICK = DemoSettings(seeds=DEFAULT_SEEDS[:1], shots=8, eval_examples=8, run=_run_settings(2, 2))
 
 

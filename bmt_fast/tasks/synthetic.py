@@ -16,8 +16,10 @@ so the soft prompt is the only thing that tells the tasks apart. The relations, 
                               split each (topic, sentiment) pair is equally frequent, so its labels say
                               nothing about sentiment: no help, no harm, beyond noise.
 
-An average of the source prompts mixes helpful_food and conflict_food, which cancel; a joint posterior
-over prompts can keep them apart. All draws are seeded (numpy PCG64), so a seed gives the same tasks on
+An average of separately trained source prompts mixes helpful_food and conflict_food, which pull in
+opposite directions; the joint posterior weighs them against each other and the other sources instead.
+Whether that helps on the target is what the demo measures: it is not built in (in the measured demo,
+README "Demo", BMTPT and SPoT end level while BMTPT starts better). All draws are seeded (numpy PCG64), so a seed gives the same tasks on
 every platform; the tasks registered on import use seed 0.
 """
 
