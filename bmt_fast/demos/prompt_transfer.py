@@ -98,8 +98,9 @@ class DemoSettings:
 
 def _run_settings(source_steps: int, target_steps: int, *, eval_every: int = 0) -> dict[str, Any]:
     """The trainer settings of the demo. The SVGD bandwidth is fixed (H = 1000, in squared-distance units
-    of 8 x 576 prompt values): with the median rule the particles of this small problem drift apart over
-    the steps, and their mean, the BMTPT init, scored lower (0.716 against 0.784 mean accuracy)."""
+    of 8 x 576 prompt values) rather than the median rule: when the demo was tuned, the particles drifted
+    apart under the median rule and their mean, the BMTPT init, scored lower (not re-measured for these
+    exact settings; `source.bandwidth=median` on the command line runs it)."""
     return {
         "model": {"max_source_length": 32, "max_target_length": 4},
         "prompt": {"length": 8, "init": "vocab", "vocab_top_k": 5000},
