@@ -97,6 +97,9 @@ def row_block(n: int, elem_bytes: int, budget_bytes: int = 64 << 20) -> int:
 # ---- svgd_step -------------------------------------------------------------------------------------
 
 
+# Triton compiles for a GPU; in the interpreter (no GPU) it runs at once.
+GPU = torch.cuda.is_available()
+
 # cdist by matmul at every size: its direct CUDA kernel (taken for <= 25 rows) has no bfloat16 version.
 CDIST_MODE = "use_mm_for_euclid_dist"
 
@@ -255,7 +258,7 @@ def bmt_fast_providers(op: str) -> list[Provider]:
                 build=build(name),
                 why_unavailable=_backend_reason(backend),
                 extra_memory=(lambda n, d, e: 5.0 * n * n * max(e, 4)) if materialises else (lambda n, d, e: 0.0),
-                jit=name == "triton",  # on a GPU its first call per shape compiles and autotunes (~25 s on an H200)
+                jit=name == "triton" and GPU,  # on a GPU its first call per shape compiles and autotunes (~25 s, H200)
                 version=lambda: f"bmt_fast {bmt_fast.__version__}",
             )
         )
@@ -293,7 +296,7 @@ def svgd_step_providers() -> list[Provider]:
                  extra_memory=lambda n, d, e: 5.0 * n * n * d * e, version=lambda: package_version("pyro-ppl")),
         *bmt_fast_providers("svgd_step"),
         Provider("bmt_fast-triton-tf32", _triton_fast_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
-                 rtol=2e-3, jit=True,
+                 rtol=2e-3, jit=GPU,
                  version=lambda: f"bmt_fast {bmt_fast.__version__}"),
     ]
 
