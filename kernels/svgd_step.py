@@ -45,6 +45,13 @@ from .utils import (
 MAX_BLOCK_V = 128
 
 
+def max_block_v(acc: torch.dtype) -> int:
+    """Output columns per program: 128, or 64 in fp64, where the (BLOCK_N x BLOCK_V) and K tiles staged for
+    tl.dot would need 256 KiB of shared memory at 64 x 64 rows and 2 stages (sm_90 allows 227 KiB; found
+    on an H200, checked on CPU by tests/test_triton_sm90_compile.py)."""
+    return MAX_BLOCK_V // 2 if acc == torch.float64 else MAX_BLOCK_V
+
+
 @triton.jit
 def _svgd_step_kernel(
     x_ptr,
@@ -159,7 +166,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile):
     """Launch the SVGD kernel (tiled when dist is None, else over the given distances)."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
-    block_v = next_power_of_2(d, low=MIN_BLOCK, high=MAX_BLOCK_V)
+    block_v = next_power_of_2(d, low=MIN_BLOCK, high=max_block_v(acc))
     nominal = tile or _SVGD.fixed
     if splits is None:
         splits = 1 if dist is not None else _column_splits(n, d, block_v, x.device, nominal)

@@ -1,0 +1,43 @@
+"""Every Triton kernel specialisation the public ops launch compiles for sm_90 (H100/H200) and fits its
+shared memory, checked on a machine without a GPU (see tests/triton_sm90_compile.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import subprocess_env
+from triton_helpers import HAS_GPU
+
+SCRIPT = Path(__file__).with_name("triton_sm90_compile.py")
+
+
+def _nvidia_backend() -> str:
+    try:
+        from triton.backends import backends
+
+        return "" if "nvidia" in backends else "Triton has no NVIDIA backend"
+    except Exception as exc:  # noqa: BLE001
+        return f"triton cannot be imported: {exc}"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernels compile and run in the Triton tests themselves")
+@pytest.mark.skipif(bool(_nvidia_backend()), reason=_nvidia_backend() or "ok")
+def test_kernels_compile_for_sm90_within_shared_memory(tmp_path):
+    launches = tmp_path / "launches.json"
+    env = subprocess_env(TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, str(SCRIPT), "record", str(launches)], env=env, check=True, timeout=600)
+    recorded = json.loads(launches.read_text())
+    names = {entry["name"] for entry in recorded}
+    assert {"_svgd_step_kernel", "_svgd_combine_kernel", "_gram_kernel", "_rbf_kernel_kernel",
+            "_rbf_kernel_grad_kernel", "_radix_histogram_kernel", "_centring_sum_kernel"} <= names  # fmt: skip
+    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "compile", str(launches)], env=env, check=True,
+                         timeout=900, capture_output=True, text=True)  # fmt: skip
+    report = json.loads(out.stdout)
+    assert len(report["results"]) == len(recorded)
+    errors = [r for r in report["results"] if "error" in r]
+    assert not errors, errors[:3]
+    too_big = [r for r in report["results"] if r["shared"] > report["shared_limit"]]
+    assert not too_big, too_big

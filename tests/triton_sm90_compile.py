@@ -1,0 +1,124 @@
+"""Compile the Triton kernels for an H100/H200 (sm_90) on a machine without a GPU (used by
+tests/test_triton_sm90_compile.py, in two child processes).
+
+    python tests/triton_sm90_compile.py record OUT.json    # TRITON_INTERPRET=1: run the public ops on small
+                                                            # CPU tensors, record every kernel launch
+    python tests/triton_sm90_compile.py compile IN.json    # no interpreter: compile each recorded
+                                                            # specialisation (and every GPU tile of the
+                                                            # autotuned kernels) for sm_90; print JSON
+
+The interpreter runs kernels without compiling them, so it misses what only the compiler and the
+hardware limits check. On an H200 that was the shared memory of the fp64 SVGD kernel (256 KiB at the
+fixed 64 x 64 tile; sm_90 allows 227 KiB), which this compile reproduces on a CPU, and a refusal of Triton
+3.6 (an fp64 accumulator with tl.dot's default fp32 out_dtype) that the Triton installed here accepts.
+Compiling needs no GPU: Triton's NVIDIA backend (with its bundled ptxas) compiles for a named target.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+SHARED_LIMIT_SM90 = 232_448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+
+
+def record(path: str) -> None:
+    import torch
+    import triton.runtime.interpreter as interpreter
+
+    import bmt_fast
+    from bmt_fast import backends
+
+    launches: dict[str, dict] = {}
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        bound = dict(zip(self.arg_names, args), **kwargs)
+        params = {}
+        for name, value in bound.items():
+            if name not in self.arg_names:  # launch options: num_warps, num_stages
+                continue
+            if isinstance(value, torch.Tensor):
+                params[name] = {"ptr": str(value.dtype).removeprefix("torch.")}
+            elif isinstance(value, bool) or hasattr(value, "primitive_bitwidth") or name.isupper():
+                params[name] = {"const": value if isinstance(value, (bool, int, float)) else str(value)}
+            else:
+                params[name] = {"int": int(value)}
+        entry = {"module": self.fn.__module__, "name": self.fn.__name__, "params": params}
+        key = {**entry, "params": {k: v for k, v in params.items() if "int" not in v}}  # one per specialisation
+        launches.setdefault(json.dumps(key, sort_keys=True), entry)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interpreter.InterpretedFunction.run = run
+    triton_backend = backends.get("triton")
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for allow_tf32 in (None, True):
+            triton_backend.allow_tf32 = allow_tf32
+            for n, d in ((70, 37), (8, 300)):  # both regimes: tiled and Gram
+                x = torch.randn(n, d).to(dtype)
+                score = torch.randn(n, d).to(dtype)
+                bmt_fast.svgd_step(x, score, backend="triton")  # median rule
+                bmt_fast.svgd_step(x, score, 40.0, backend="triton")
+                y = x[: n // 2 + 1].clone().requires_grad_(dtype != torch.bfloat16)
+                xg = x.clone().requires_grad_(dtype != torch.bfloat16)
+                k = bmt_fast.rbf_kernel(xg, y, 40.0, backend="triton")
+                if xg.requires_grad:
+                    k.sum().backward()
+    triton_backend.allow_tf32 = None
+    kernels = triton_backend.kernels()
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(300, 16, dtype=dtype)  # above the Gram limit: the radix-select median
+        bmt_fast.median_bandwidth(x, backend="triton")
+        h = torch.tensor(40.0, dtype=dtype)
+        kernels.svgd_step_forward(x, torch.randn(300, 16, dtype=dtype), h, splits=2)  # the combine kernel
+    with open(path, "w") as f:
+        json.dump(list(launches.values()), f)
+
+
+def compile_all(path: str) -> None:
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    importlib.import_module("bmt_fast.triton_backend").TRITON._load()  # imports bmt_fast.kernels
+    utils = importlib.import_module("bmt_fast.kernels.utils")
+    pointer = {"float32": "*fp32", "float64": "*fp64", "bfloat16": "*bf16", "float16": "*fp16",
+               "int32": "*i32", "int64": "*i64"}  # fmt: skip
+    tl_types = {"fp32": tl.float32, "fp64": tl.float64, "bf16": tl.bfloat16, "fp16": tl.float16,
+                "int32": tl.int32, "int64": tl.int64, "uint32": tl.uint32, "uint64": tl.uint64}  # fmt: skip
+    target = GPUTarget("cuda", 90, 32)
+    results = []
+    for entry in json.load(open(path)):
+        module = importlib.import_module("bmt_fast.kernels." + entry["module"].rsplit(".", 1)[-1])
+        fn = getattr(module, entry["name"])
+        signature, constexprs = {}, {}
+        for name, spec in entry["params"].items():
+            if "ptr" in spec:
+                signature[name] = pointer[spec["ptr"]]
+            elif "int" in spec:
+                signature[name] = "i32" if abs(spec["int"]) < 2**31 else "i64"
+            else:
+                value = spec["const"]
+                constexprs[name] = tl_types.get(value, value) if isinstance(value, str) else value
+                signature[name] = "constexpr"
+        # The interpreter launches every kernel with the fixed tile, which is also the autotuner's first GPU
+        # candidate (utils.FIXED_TILE == utils.GPU_TILES[0]): it must compile and fit on the GPU.
+        tile = utils.FIXED_TILE
+        for _ in [tile]:
+            consts = dict(constexprs)
+            options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
+            row = {"kernel": entry["name"], "consts": {k: str(v) for k, v in consts.items()}}
+            try:
+                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                                          target=target, options=options)  # fmt: skip
+                row["shared"] = compiled.metadata.shared
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                row["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
+            results.append(row)
+    json.dump({"shared_limit": SHARED_LIMIT_SM90, "results": results}, sys.stdout)
+
+
+if __name__ == "__main__":
+    {"record": record, "compile": compile_all}[sys.argv[1]](sys.argv[2])
