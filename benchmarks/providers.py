@@ -227,6 +227,10 @@ def _bmt_fast_svgd(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h, backend=backend, check_inputs=False)
 
 
+def _bmt_fast_version() -> str:
+    return f"bmt_fast {bmt_fast.__version__}"
+
+
 def _triton_fast_svgd(inp) -> Run:
     """The Triton step with allow_tf32=True: one TF32 (fp32 inputs) or bf16 (half inputs) product per
     distance instead of the default IEEE fp32 / three-bf16-product split (kernels/utils.py: dot_mode)."""
@@ -259,7 +263,7 @@ def bmt_fast_providers(op: str) -> list[Provider]:
                 why_unavailable=_backend_reason(backend),
                 extra_memory=(lambda n, d, e: 5.0 * n * n * max(e, 4)) if materialises else (lambda n, d, e: 0.0),
                 jit=name == "triton" and GPU,  # on a GPU its first call per shape compiles and autotunes (~25 s, H200)
-                version=lambda: f"bmt_fast {bmt_fast.__version__}",
+                version=_bmt_fast_version,
             )
         )
     return providers
@@ -296,8 +300,7 @@ def svgd_step_providers() -> list[Provider]:
                  extra_memory=lambda n, d, e: 5.0 * n * n * d * e, version=lambda: package_version("pyro-ppl")),
         *bmt_fast_providers("svgd_step"),
         Provider("bmt_fast-triton-tf32", _triton_fast_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
-                 rtol=2e-3, jit=GPU,
-                 version=lambda: f"bmt_fast {bmt_fast.__version__}"),
+                 rtol=2e-3, jit=GPU, version=_bmt_fast_version),
     ]
 
 
@@ -371,7 +374,7 @@ def median_bandwidth_providers() -> list[Provider]:
         # 65,536 sampled pairs: within 2% at 3 standard deviations (see bmt_fast.median_bandwidth)
         # it gathers both ends of every pair: 2 x 65,536 x d elements
         Provider("bmt_fast-sampled", median_sampled, rtol=0.02, extra_memory=lambda n, d, e: 2.0 * 65536 * d * 4,
-                 version=lambda: f"bmt_fast {bmt_fast.__version__}"),
+                 version=_bmt_fast_version),
     ]
 
 

@@ -183,9 +183,9 @@ def specialisation_keys(raw) -> list[str]:
 
 def tunable(raw, *, key: list[str], tiles: list[TileConfig] = GPU_TILES, autotune: bool = True) -> Kernel:
     """Wrap a jit kernel whose BLOCK_M / BLOCK_N come from a TileConfig; autotuned on a GPU by `key` and its
-    compile-time parameters (Triton adds the tensor dtypes). Without those, a tile tuned for one
-    specialisation was reused for another: on an H200 the fp64 Gram path then asked for 256 KiB of shared
-    memory (the limit is 227 KiB)."""
+    compile-time parameters (Triton adds the tensor dtypes): each specialisation is a different kernel with
+    its own best tile (on an H200 the Gram path of svgd_step reused the tile tuned for the tiled path of
+    the same n, d)."""
     if INTERPRETING or not autotune:
         return Kernel(raw)
     keys = list(key) + [k for k in specialisation_keys(raw) if k not in key]

@@ -56,7 +56,7 @@ if wants env; then
     nvcc --version
     "$PY" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
   } >"$OUT/env.log" 2>&1
-  cat "$OUT/env.log" | tail -n 4
+  tail -n 4 "$OUT/env.log"
 fi
 
 BUILD_PID=

@@ -4,8 +4,8 @@ tests/test_triton_sm90_compile.py, in two child processes).
     python tests/triton_sm90_compile.py record OUT.json    # TRITON_INTERPRET=1: run the public ops on small
                                                             # CPU tensors, record every kernel launch
     python tests/triton_sm90_compile.py compile IN.json    # no interpreter: compile each recorded
-                                                            # specialisation (and every GPU tile of the
-                                                            # autotuned kernels) for sm_90; print JSON
+                                                            # specialisation for sm_90 at the fixed tile
+                                                            # (the autotuner's first GPU candidate); print JSON
 
 The interpreter runs kernels without compiling them, so it misses what only the compiler and the
 hardware limits check. On an H200 that was the shared memory of the fp64 SVGD kernel (256 KiB at the
@@ -104,19 +104,17 @@ def compile_all(path: str) -> None:
                 constexprs[name] = tl_types.get(value, value) if isinstance(value, str) else value
                 signature[name] = "constexpr"
         # The interpreter launches every kernel with the fixed tile, which is also the autotuner's first GPU
-        # candidate (utils.FIXED_TILE == utils.GPU_TILES[0]): it must compile and fit on the GPU.
+        # candidate: it must compile and fit on the GPU.
         tile = utils.FIXED_TILE
-        for _ in [tile]:
-            consts = dict(constexprs)
-            options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
-            row = {"kernel": entry["name"], "consts": {k: str(v) for k, v in consts.items()}}
-            try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                                          target=target, options=options)  # fmt: skip
-                row["shared"] = compiled.metadata.shared
-            except Exception as exc:  # noqa: BLE001 - reported to the test
-                row["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
-            results.append(row)
+        assert tile == utils.GPU_TILES[0]
+        row = {"kernel": entry["name"], "consts": {k: str(v) for k, v in constexprs.items()}}
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                                      options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})  # fmt: skip
+            row["shared"] = compiled.metadata.shared
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            row["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
+        results.append(row)
     json.dump({"shared_limit": SHARED_LIMIT_SM90, "results": results}, sys.stdout)
 
 
