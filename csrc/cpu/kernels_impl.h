@@ -259,14 +259,23 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
           for (int c = 0; c < B; ++c) acc[r][c] = load(out + (r * B + c) * L);
         const T* xi = buf + ib * B * ld;
         const T* xj = buf + jb * B * ld;
-        for (int64_t k = 0; k < len_vec; k += L) {
-          vec_t<T> vi[B], vj[B];
-          for (int r = 0; r < B; ++r) {
-            vi[r] = load(xi + r * ld + k);
-            vj[r] = load(xj + r * ld + k);
+        if (ib == jb) {  // a diagonal block: the products r <= c only (10 FMAs from 4 loads, not 16 from 8)
+          for (int64_t k = 0; k < len_vec; k += L) {
+            vec_t<T> vi[B];
+            for (int r = 0; r < B; ++r) vi[r] = load(xi + r * ld + k);
+            for (int r = 0; r < B; ++r)
+              for (int c = r; c < B; ++c) acc[r][c] += vi[r] * vi[c];
           }
-          for (int r = 0; r < B; ++r)
-            for (int c = 0; c < B; ++c) acc[r][c] += vi[r] * vj[c];
+        } else {
+          for (int64_t k = 0; k < len_vec; k += L) {
+            vec_t<T> vi[B], vj[B];
+            for (int r = 0; r < B; ++r) {
+              vi[r] = load(xi + r * ld + k);
+              vj[r] = load(xj + r * ld + k);
+            }
+            for (int r = 0; r < B; ++r)
+              for (int c = 0; c < B; ++c) acc[r][c] += vi[r] * vj[c];
+          }
         }
         for (int r = 0; r < B; ++r)
           for (int c = 0; c < B; ++c) store(out + (r * B + c) * L, acc[r][c]);
