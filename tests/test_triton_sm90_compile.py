@@ -1,5 +1,6 @@
 """Every Triton kernel specialisation the public ops launch compiles for sm_90 (H100/H200) and fits its
-shared memory, checked on a machine without a GPU (see tests/triton_sm90_compile.py)."""
+shared memory, and every tensor-core precision mode (TF32, bf16, split bf16) compiles to Hopper's wgmma
+instructions, checked on a machine without a GPU (see tests/triton_sm90_compile.py)."""
 
 import json
 import subprocess
@@ -41,3 +42,8 @@ def test_kernels_compile_for_sm90_within_shared_memory(tmp_path):
     assert not errors, errors[:3]
     too_big = [r for r in report["results"] if r["shared"] > report["shared_limit"]]
     assert not too_big, too_big
+    # MODE 0 is the IEEE fp32/fp64 dot (FMA units); the other modes exist to run on the tensor cores.
+    with_mode = [r for r in report["results"] if "MODE" in r["consts"]]
+    assert {r["consts"]["MODE"] for r in with_mode} >= {"0", "1", "2", "3"}
+    no_wgmma = [r for r in with_mode if r["consts"]["MODE"] != "0" and not r["wgmma"]]
+    assert not no_wgmma, no_wgmma

@@ -6,6 +6,7 @@ tests/test_triton_sm90_compile.py, in two child processes).
     python tests/triton_sm90_compile.py compile IN.json    # no interpreter: compile each recorded
                                                             # specialisation for sm_90 at the fixed tile
                                                             # (the autotuner's first GPU candidate); print JSON
+                                                            # (shared memory, and whether the PTX has wgmma)
 
 The interpreter runs kernels without compiling them, so it misses what only the compiler and the
 hardware limits check. On an H200 that was the shared memory of the fp64 SVGD kernel (256 KiB at the
@@ -112,6 +113,7 @@ def compile_all(path: str) -> None:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
                                       options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})  # fmt: skip
             row["shared"] = compiled.metadata.shared
+            row["wgmma"] = "wgmma.mma_async" in compiled.asm["ptx"]  # Hopper's warpgroup tensor-core MMA
         except Exception as exc:  # noqa: BLE001 - reported to the test
             row["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
         results.append(row)
