@@ -4,7 +4,7 @@
 # (default build/gpu_check). Uses the machine's python3 and torch as they are (no virtual environment:
 # a GPU machine's image usually holds torch, triton and pytest), with this checkout on PYTHONPATH.
 #
-#   bash scripts/gpu_check.sh [STAGE ...]   stages: env build tests bench suite (default: all); one test or
+#   bash scripts/gpu_check.sh [STAGE ...]   stages: env build tests bench profile suite (default: all); one test or
 #                                            benchmark stage alone by its name (tests_cuda, bench_prompt, ...)
 #   GPU_CHECK_BUDGET=420                     total seconds; a stage gets what is left, or is skipped
 #   GPU_CHECK_TRITON_TESTS / GPU_CHECK_CUDA_TESTS   pytest arguments replacing the default test selection
@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$ROOT/build/triton_cache}
 JOBS=$(nproc)
-STAGES=${*:-env build tests bench suite}
+STAGES=${*:-env build tests bench profile suite}
 T0=$SECONDS
 
 left() { echo $((BUDGET - (SECONDS - T0))); }
@@ -111,6 +111,11 @@ bench auto_bf16 120 svgd_step --dtype bfloat16 --sizes 1024x16,8192x128,65536x64
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench target_bf16 150 svgd_step --dtype bfloat16 --sizes 65536x128 \
   --providers bmt_fast-cuda,bmt_fast-triton,bmt_fast-triton-tf32,torch-naive,torch-blocked,attention-sdpa
+if wants profile; then  # where the time of the two target rows goes, launch by launch (benchmarks/profile.py)
+  run profile 120 bash -c "'$PY' -m benchmarks.profile --device cuda --sizes 16x409600 --out '$OUT/profile.txt' \
+    --providers bmt_fast-cuda,bmt_fast-triton && '$PY' -m benchmarks.profile --device cuda --dtype bfloat16 \
+    --sizes 65536x128 --calls 3 --providers bmt_fast-cuda,bmt_fast-triton --out '$OUT/profile.txt'"
+fi
 bench prompt_bf16 90 svgd_step --dtype bfloat16 --sizes 16x409600 --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench rbf 120 rbf_kernel --dtype float32 --sizes 1024x64,8192x128,16x409600 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive

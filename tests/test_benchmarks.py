@@ -315,3 +315,29 @@ def test_bench_finds_the_checkout_of_the_imported_package(tmp_path):
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "batched" in done.stdout and "sequential" in done.stdout
+
+
+@requires_cpu_extension
+def test_profile_splits_a_call_into_its_operators(tmp_path):
+    from benchmarks import profile
+
+    out = tmp_path / "profile.txt"
+    report = profile.main(["--sizes", "8x300", "--providers", "bmt_fast-cpu,torch-naive", "--calls", "3",
+                           "--warmup", "1", "--out", str(out)])  # fmt: skip
+    assert out.read_text().strip() == report.strip()
+    ours, naive = report.split("== svgd_step torch-naive")
+    assert "bmt_fast-cpu n=8 d=300 float32" in ours and "3 calls" in ours
+    line = next(row for row in ours.splitlines() if row.strip().startswith("bmt_fast::svgd_step"))
+    assert line.split()[-1] == "3"  # the op itself, once per profiled call
+    assert "aten::cdist" in naive or "aten::_cdist_forward" in naive
+
+
+def test_profile_rejects_unknown_providers_and_bad_counts(capsys):
+    from benchmarks import profile
+
+    with pytest.raises(SystemExit):
+        profile.main(["--sizes", "8x300", "--providers", "no-such-provider"])
+    assert "unknown provider(s) no-such-provider" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        profile.main(["--sizes", "8x300", "--providers", "torch-naive", "--calls", "0"])
+    assert "--calls must be >= 1" in capsys.readouterr().err
