@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <vector>
 
 #include "../bmt_fast.h"
@@ -35,11 +36,13 @@ at::Tensor centred(const at::Tensor& x, at::ScalarType acc) {
   return (xa - centring_shift(xa)).contiguous();
 }
 
-double numpy_median(const at::Tensor& values) {
-  const at::Tensor sorted = std::get<0>(values.reshape(-1).to(at::kDouble).sort());
-  const auto* v = sorted.data_ptr<double>();
-  const int64_t count = sorted.numel();
-  return count % 2 ? v[count / 2] : 0.5 * (v[count / 2 - 1] + v[count / 2]);
+// numpy.median of the values (the mean of the two middle ones for an even count).
+double numpy_median(std::vector<double> values) {
+  const size_t count = values.size(), mid = count / 2;
+  std::nth_element(values.begin(), values.begin() + mid, values.end());
+  const double upper = values[mid];
+  if (count % 2) return upper;
+  return 0.5 * (*std::max_element(values.begin(), values.begin() + mid) + upper);
 }
 
 // Calls visit(tile, i0, j0) for every tile of the upper triangle of xc xc^T, tile = the dot products.
@@ -132,7 +135,7 @@ double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms) {
 }
 
 template <typename T>
-at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, std::optional<double> bandwidth) {
+at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
   const int64_t n = x.size(0), d = x.size(1);
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const at::Tensor xc = centred(x, acc);
@@ -168,48 +171,58 @@ int64_t gram_chunk(int64_t n) {
   return std::clamp<int64_t>(4096 / rows / 64 * 64, 64, 1 << 20);
 }
 
+// The n x n squared distances (row-major, exact zeros on the diagonal) of the Gram path. Everything after
+// the pass over x is plain loops on n^2 numbers: as tensor ops it was a dozen tiny calls, a noticeable
+// share of a step at d ~ 10^4..10^5.
 template <typename In>
-at::Tensor sq_dists_gram(const at::Tensor& x) {
+std::vector<double> sq_dists_gram(const at::Tensor& x) {
   const int64_t n = x.size(0), d = x.size(1);
   const int64_t chunk = gram_chunk(n);
   const int64_t num_chunks = (d + chunk - 1) / chunk;
-  std::vector<at::Tensor> partial(at::get_num_threads());
-  for (auto& p : partial) p = at::zeros({n, n}, x.options().dtype(at::kDouble));
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> partial(threads * n * n, 0.0);  // per thread: the upper triangle i <= j
   const In* xp = x.data_ptr<In>();
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     gram_columns(xp, n, d, begin * chunk, std::min(end * chunk, d), chunk,
-                 partial[at::get_thread_num()].data_ptr<double>());
+                 partial.data() + at::get_thread_num() * n * n);
   });
-  at::Tensor gram = partial[0];
-  for (size_t t = 1; t < partial.size(); ++t) gram.add_(partial[t]);
-  gram = gram.triu() + gram.triu(1).t();
-  const at::Tensor diag = gram.diagonal();
-  at::Tensor dist = (diag.unsqueeze(1) + diag.unsqueeze(0) - 2.0 * gram).clamp_min_(0.0);
-  dist.fill_diagonal_(0.0);
+  std::vector<double> gram(n * n, 0.0);
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t q = 0; q < n * n; ++q) gram[q] += partial[t * n * n + q];
+  std::vector<double> dist(n * n, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j)
+      dist[i * n + j] = dist[j * n + i] =
+          std::max(gram[i * n + i] + gram[j * n + j] - 2.0 * gram[i * n + j], 0.0);
   return dist;
 }
 
 template <typename In>
-at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, std::optional<double> bandwidth) {
+at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
   using T = std::conditional_t<std::is_same_v<In, double>, double, float>;
   const int64_t n = x.size(0), d = x.size(1);
-  const at::Tensor dist = sq_dists_gram<In>(x);
+  const std::vector<double> dist = sq_dists_gram<In>(x);
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(numpy_median(dist), n);
   const double a = 2.0 / h;
-  const at::Tensor k = at::exp(dist / -h);
+  // kn = K / n and c = a rowsum(K) / n, rows padded to the apply kernel's register block with zeros.
   const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;
-  const auto acc = c10::CppTypeToScalarType<T>::value;
-  at::Tensor kn = at::zeros({rows, n}, x.options().dtype(acc));
-  at::Tensor c = at::zeros({rows}, x.options().dtype(acc));
-  kn.narrow(0, 0, n).copy_(k / n);
-  c.narrow(0, 0, n).copy_(k.sum(1) * (a / n));
+  std::vector<T> kn(rows * n, T(0)), c(rows, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    double rowsum = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double k = std::exp(dist[i * n + j] / -h);
+      kn[i * n + j] = static_cast<T>(k / static_cast<double>(n));
+      rowsum += k;
+    }
+    c[i] = static_cast<T>(rowsum * (a / static_cast<double>(n)));
+  }
 
   at::Tensor phi = at::empty_like(x);
   const int64_t chunk = gram_chunk(n);
   const int64_t num_chunks = (d + chunk - 1) / chunk;
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     apply_columns(x.data_ptr<In>(), score.data_ptr<In>(), phi.data_ptr<In>(), n, d, begin * chunk,
-                  std::min(end * chunk, d), chunk, kn.data_ptr<T>(), c.data_ptr<T>(), static_cast<T>(a));
+                  std::min(end * chunk, d), chunk, kn.data(), c.data(), static_cast<T>(a));
   });
   return phi;
 }
