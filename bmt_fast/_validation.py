@@ -25,9 +25,21 @@ def check_particles(name: str, t: object, *, min_rows: int = 1) -> torch.Tensor:
     return t
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in t, in one reduction pass: a NaN or an Inf never sums to a finite value, so a finite
+    sum proves it. Only a non-finite sum (which large finite values can also give, by overflow) takes the
+    element-wise check. (`isfinite(t).all()` alone costs several passes and a bool tensor of t's size:
+    at n=16, d=409,600 on a 2-core CPU the two checks took ~12 ms, about 5x the SVGD step they guarded.)"""
+    with torch.no_grad():
+        wide = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+        if bool(torch.isfinite(t.sum(dtype=wide))):
+            return True
+        return bool(torch.isfinite(t).all())
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """NaN/Inf check (one pass over t; callers may opt out for speed)."""
-    if not bool(torch.isfinite(t).all()):
+    """NaN/Inf check (about one pass over t; callers may opt out for speed)."""
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
 

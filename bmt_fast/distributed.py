@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._validation import FLOATING_DTYPES, as_rows
+from ._validation import FLOATING_DTYPES, all_finite, as_rows
 from .ops import DEFAULT_NUM_PAIRS, median_bandwidth
 from .reference import accumulation_dtype, centre
 
@@ -81,7 +81,7 @@ def agree_on_inputs(
     """Rows per rank, after checking that every rank's inputs fit together. Every rank sees every rank's
     metadata, so every rank raises the same error (a rank that raised alone would leave the others
     waiting in the next collective)."""
-    finite = not check_inputs or bool(torch.isfinite(x).all() and torch.isfinite(score).all())
+    finite = not check_inputs or (all_finite(x) and all_finite(score))
     bits = 0 if h is None or not check_inputs else _float_bits(float(h))
     mine = torch.tensor(
         [x.shape[0], _event_key(x.shape[1:]), FLOATING_DTYPES.index(x.dtype), h is None, finite, bits],

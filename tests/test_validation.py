@@ -42,6 +42,27 @@ def test_nan_and_inf_are_rejected(cpu_backend, where, bad):
         bmt_fast.svgd_step(x, score, backend=cpu_backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_check_is_exact_where_the_sum_overflows(dtype):
+    from bmt_fast._validation import all_finite
+
+    big = torch.finfo(dtype).max
+    t = torch.full((3, 4), big, dtype=dtype)  # finite, but the sum overflows to inf
+    if dtype in (torch.float32, torch.float64, torch.bfloat16):  # (fp16's max sums fine in fp32)
+        assert not torch.isfinite(t.sum(dtype=torch.float64 if dtype == torch.float64 else torch.float32))
+    assert all_finite(t)
+    t[0, 1] = -big  # big - big: sums can cancel; still finite
+    assert all_finite(t)
+    for bad in (math.inf, -math.inf, math.nan):
+        u = t.clone()
+        u[2, 3] = bad
+        assert not all_finite(u)
+    u = torch.zeros(5, dtype=dtype)
+    u[0], u[1] = math.inf, -math.inf  # +inf and -inf: the sum is NaN, not finite
+    assert not all_finite(u)
+    assert all_finite(torch.randn(6, 5).to(dtype).requires_grad_(dtype.is_floating_point))
+
+
 def test_finite_check_can_be_skipped(cpu_backend):
     x, score = good()
     score[0, 0] = math.nan
