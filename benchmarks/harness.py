@@ -809,6 +809,16 @@ def log_tail(path: Path, chars: int = 300) -> str:
 # ---- command line ------------------------------------------------------------------------------------
 
 
+def chosen_providers(text: str | None, providers: dict) -> list[str]:
+    """The providers named in a comma-separated list (all of them when it is empty); ValueError for a name
+    that is not one of them."""
+    chosen = list(providers) if not text else [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [name for name in chosen if name not in providers]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(providers)}")
+    return chosen
+
+
 def parse_sizes(text: str) -> list[Case]:
     try:
         return [Case(*map(int, item.lower().split("x"))) for item in text.split(",") if item.strip()]
@@ -870,10 +880,10 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
             reason = p.why_unavailable(device)
             print(f"{name:18s} {'available' if not reason else 'unavailable: ' + reason}")
         return []
-    chosen = list(providers) if not args.providers else [s.strip() for s in args.providers.split(",") if s.strip()]
-    unknown = [name for name in chosen if name not in providers]
-    if unknown:
-        raise SystemExit(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(providers)}")
+    try:
+        chosen = chosen_providers(args.providers, providers)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
     cases = args.sizes or op.sweep(device, args.quick)
     name = device_name(device)
     out = args.out or RESULTS_DIR / f"{device_slug(name)}.csv"

@@ -67,11 +67,10 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
-    known = providers_for(args.op)
-    names = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = [p for p in names if p not in known]
-    if unknown:
-        ap.error(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    try:
+        names = harness.chosen_providers(args.providers, providers_for(args.op))
+    except ValueError as exc:
+        ap.error(str(exc))
     tables = []
     for case in args.sizes:
         for name in names:

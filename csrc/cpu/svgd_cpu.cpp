@@ -186,9 +186,9 @@ std::vector<double> sq_dists_gram(const at::Tensor& x) {
     gram_columns(xp, n, d, begin * chunk, std::min(end * chunk, d), chunk,
                  partial.data() + at::get_thread_num() * n * n);
   });
-  std::vector<double> gram(n * n, 0.0);
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t q = 0; q < n * n; ++q) gram[q] += partial[t * n * n + q];
+  const double* gram = partial.data();  // the threads' sums, added into the first
+  for (int64_t t = 1; t < threads; ++t)
+    for (int64_t q = 0; q < n * n; ++q) partial[q] += partial[t * n * n + q];
   std::vector<double> dist(n * n, 0.0);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = i + 1; j < n; ++j)
