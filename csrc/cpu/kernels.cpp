@@ -19,14 +19,14 @@
   void gram_columns(const double*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*);       \
   void gram_columns(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*); \
   void gram_columns(const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*);     \
-  void apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,    \
+  void apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,             \
                      const float*, const float*, float, float*);                                        \
-  void apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+  void apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,          \
                      const double*, const double*, double, double*);                                    \
   void apply_columns(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,       \
-                     int64_t, int64_t, int64_t, const float*, const float*, float, float*);             \
+                     int64_t, int64_t, const float*, const float*, float, float*);                      \
   void apply_columns(const c10::Half*, const c10::Half*, c10::Half*, int64_t, int64_t, int64_t, int64_t, \
-                     int64_t, const float*, const float*, float, float*);                               \
+                     const float*, const float*, float, float*);                                        \
   }
 
 BMT_FAST_DECLARE_ISA(isa_base)
@@ -121,7 +121,8 @@ BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):
-// gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums; apply needs (rows + n) x ld.
+// gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums; apply needs rows x n (K/n re-laid
+// per register block).
 #define BMT_FAST_DEFINE_COLUMN_ENTRY(In, T)                                                                \
   void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk,  \
                     double* gram) {                                                                        \
@@ -130,10 +131,10 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
     BMT_FAST_DISPATCH(gram_columns, x, n, d, col_begin, col_end, chunk, gram, scratch.data())              \
   }                                                                                                        \
   void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,          \
-                     int64_t col_end, int64_t chunk, const T* kn, const T* c, T a) {                       \
+                     int64_t col_end, const T* kn, const T* c, T a) {                                      \
     const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;                                   \
-    std::vector<T> scratch((rows + n) * (chunk + kScratchPad));                                                      \
-    BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, chunk, kn, c, a, scratch.data()) \
+    std::vector<T> scratch(rows * n);                                                                      \
+    BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, kn, c, a, scratch.data())        \
   }
 BMT_FAST_DEFINE_COLUMN_ENTRY(float, float)
 BMT_FAST_DEFINE_COLUMN_ENTRY(double, double)

@@ -58,7 +58,7 @@ BMT_FAST_DECLARE_GRAM(c10::Half)
 // padding rows zero). With kn = K/n, a = 2/H and c = (2/H) rowsum(K)/n this is the SVGD direction.
 #define BMT_FAST_DECLARE_APPLY(In, T)                                                                \
   void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,     \
-                     int64_t col_end, int64_t chunk, const T* kn, const T* c, T a);
+                     int64_t col_end, const T* kn, const T* c, T a);
 BMT_FAST_DECLARE_APPLY(float, float)
 BMT_FAST_DECLARE_APPLY(double, double)
 BMT_FAST_DECLARE_APPLY(c10::BFloat16, float)

@@ -181,15 +181,6 @@ BMT_FAST_INLINE void prefetch_next_chunk(const In* src, int64_t chunk, int64_t r
   for (int64_t k = 0; k < count; k += kLine) __builtin_prefetch(src + chunk + k, 0, 3);
 }
 
-// AVX-512 has 32 vector registers: 4 x 4 accumulators plus operands fit. Elsewhere a 64-byte vector takes
-// two (AVX2) or four (SSE) registers, so keep 4 x 2. (kernels_v4.cpp defines BMT_FAST_32_VECTOR_REGISTERS:
-// #pragma GCC target does not define __AVX512F__.)
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-constexpr int kApplyVectors = 4;
-#else
-constexpr int kApplyVectors = 2;
-#endif
-
 // buf (n rows, row stride ld) <- columns [k0, k0 + len) of x shifted by particle 0: exact zeros for
 // identical particles, nothing lost far from the origin. With subtract_mean, also centred by the mean of
 // each shifted column (smaller operands for the cancelling terms of the apply pass; distances alone do
@@ -289,62 +280,124 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
   flush();
 }
 
-template <typename In, typename T>
-BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64_t n, int64_t d,
-                                        int64_t col_begin, int64_t col_end, int64_t chunk, const T* kn,
-                                        const T* c, T a, T* scratch) {
-  constexpr int L = kLanes<T>;
-  constexpr int R = kApplyRows;  // rows per register block
-  constexpr int V = kApplyVectors;  // vectors per row: R * V accumulators stay in registers
-  const int64_t rows = round_up(n, R);
-  const int64_t ld = chunk + kRowPad<T>;
-  T* xs = scratch;          // rows x ld: centred x_j
-  T* w = xs + rows * ld;    // n x ld:    g_j - a xs_j
-  fill(xs, rows * ld, T(0));
-  fill(w, n * ld, T(0));
-  const vec_t<T> va = broadcast(T(a));
-  for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
-    const int64_t len = min64(chunk, col_end - k0);
-    centred_chunk<true>(x, n, d, k0, len, chunk, col_end, ld, xs);
-    for (int64_t j = 0; j < n; ++j) {
-      const In* gj = g + j * d + k0;
-      const T* xj = xs + j * ld;
-      T* wj = w + j * ld;
-      prefetch_next_chunk(gj, chunk, col_end - k0 - chunk);
-      int64_t k = 0;
-      for (; k + L <= len; k += L) store(wj + k, load_as<T>(gj + k) - va * load(xj + k));
-      for (; k < len; ++k) wj[k] = static_cast<T>(gj[k]) - a * xj[k];
-    }
-    for (int64_t kk = 0; kk < len; kk += V * L) {
-      const int64_t count = min64(V * L, len - kk);
-      for (int64_t ib = 0; ib < rows; ib += R) {
-        // Start from the c_i * xs_i term: no zeroing, one FMA less per output vector.
-        vec_t<T> acc[R][V];
-        for (int r = 0; r < R; ++r) {
-          const vec_t<T> cr = broadcast(T(c[ib + r]));
-          for (int v = 0; v < V; ++v) acc[r][v] = cr * load(xs + (ib + r) * ld + kk + v * L);
-        }
-        const T* krow = kn + ib * n;
-        for (int64_t j = 0; j < n; ++j) {
-          vec_t<T> wv[V];
-          for (int v = 0; v < V; ++v) wv[v] = load(w + j * ld + kk + v * L);
-          for (int r = 0; r < R; ++r) {
-            const vec_t<T> kr = broadcast(T(krow[r * n + j]));
-            for (int v = 0; v < V; ++v) acc[r][v] += kr * wv[v];
-          }
-        }
-        const int64_t valid_rows = min64(R, n - ib);
-        if (std::is_same_v<In, T> && count == V * L && valid_rows == R) {
-          for (int r = 0; r < R; ++r)
-            for (int v = 0; v < V; ++v) stream_as<In, T>(phi + (ib + r) * d + k0 + kk + v * L, acc[r][v]);
-        } else {
-          for (int r = 0; r < valid_rows; ++r)
-            for (int v = 0; v * L < count; ++v)
-              store_as<In, T>(phi + (ib + r) * d + k0 + kk + v * L, acc[r][v], min64(L, count - v * L));
-        }
-      }
+// Zero-filled load of the first count (< lanes) elements: the ragged last vector of a row.
+template <typename T, typename In>
+BMT_FAST_INLINE vec_t<T> load_part_as(const In* p, int64_t count) {
+  In tmp[kLanes<T>] = {};
+  for (int64_t i = 0; i < count; ++i) tmp[i] = p[i];
+  return load_as<T>(tmp);
+}
+
+// One vector of columns (count of them; all lanes when Full) of R output rows ib..ib+R-1 (rows past n
+// are computed from kt's zero padding and not stored):
+//   phi_i = c_i xc_i + sum_j kn_ij (g_j - a xc_j),   xc = x - s,
+// with R accumulators in registers, each x_j and g_j loaded straight from the input and w_j formed in
+// a register: no centred copy is written. kt holds this block's K/n transposed (kt[j * R + r]), so the
+// R broadcasts of one j come from one cache line.
+template <int R, bool Full, typename In, typename T>
+BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t ib, int64_t k,
+                                  int64_t count, const T* kt, const T* c, vec_t<T> va, vec_t<T> s) {
+  auto load_in = [&](const In* p) { return Full ? load_as<T>(p) : load_part_as<T>(p, count); };
+  vec_t<T> acc[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = ib + r < n ? ib + r : n - 1;  // padding rows have c = 0
+    acc[r] = broadcast(T(c[ib + r])) * (load_in(x + i * d + k) - s);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const vec_t<T> w = load_in(g + j * d + k) - va * (load_in(x + j * d + k) - s);
+    for (int r = 0; r < R; ++r) acc[r] += broadcast(T(kt[j * R + r])) * w;
+  }
+  for (int r = 0; r < R; ++r) {
+    if (ib + r >= n) break;
+    if (Full && std::is_same_v<In, T>) {  // phi is not read again: store past the caches
+      stream_as<In, T>(phi + (ib + r) * d + k, acc[r]);
+    } else {
+      store_as<In, T>(phi + (ib + r) * d + k, acc[r], Full ? kLanes<T> : count);
     }
   }
+}
+
+// Row blocks of apply_columns: up to kApplyMaxRows accumulators (one vector each) plus the operands fit
+// in the register file: 16 with AVX-512's 32 registers; elsewhere a 64-byte vector takes two (AVX2) or
+// four (SSE) registers. (kernels_v4.cpp defines BMT_FAST_32_VECTOR_REGISTERS: #pragma GCC target does not
+// define __AVX512F__.) A block covers min(kApplyMaxRows, the rows left rounded up to kApplyRows).
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+constexpr int kApplyMaxRows = 16;
+#else
+constexpr int kApplyMaxRows = kApplyRows;
+#endif
+
+BMT_FAST_INLINE int apply_block_rows(int64_t n, int64_t ib) {
+  const int64_t left = round_up(n - ib, kApplyRows);
+  return static_cast<int>(left < kApplyMaxRows ? left : kApplyMaxRows);
+}
+
+// The centring shift of one vector of columns: x_0 + mean_i (x_i - x_0). The differences from particle 0
+// are exact for nearby values, so identical particles give exact zeros and a cloud far from the origin
+// loses nothing; the mean keeps the cancelling terms of phi small.
+template <bool Full, typename In, typename T>
+BMT_FAST_INLINE vec_t<T> column_shift(const In* x, int64_t n, int64_t d, int64_t k, int64_t count) {
+  auto load_in = [&](const In* p) { return Full ? load_as<T>(p) : load_part_as<T>(p, count); };
+  const vec_t<T> x0 = load_in(x + k);
+  vec_t<T> sum0 = {}, sum1 = {};
+  int64_t i = 1;
+  for (; i + 1 < n; i += 2) {
+    sum0 += load_in(x + i * d + k) - x0;
+    sum1 += load_in(x + (i + 1) * d + k) - x0;
+  }
+  if (i < n) sum0 += load_in(x + i * d + k) - x0;
+  return x0 + (sum0 + sum1) * broadcast(T(T(1) / T(n)));
+}
+
+// Loads ahead of the apply pass: each vector of columns touches 2n rows at a stride of d, too many
+// streams for the hardware prefetcher.
+constexpr int64_t kApplyPrefetchVectors = 4;
+
+template <bool Full, typename In, typename T>
+BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t k,
+                                          int64_t count, int64_t col_end, const T* kt, const T* c,
+                                          vec_t<T> va) {
+  constexpr int L = kLanes<T>;
+  const int64_t ahead = k + kApplyPrefetchVectors * L;
+  if (Full && ahead < col_end) {
+    for (int64_t j = 0; j < n; ++j) {
+      __builtin_prefetch(x + j * d + ahead, 0, 3);
+      __builtin_prefetch(g + j * d + ahead, 0, 3);
+    }
+  }
+  const vec_t<T> s = column_shift<Full, In, T>(x, n, d, k, count);
+  for (int64_t ib = 0; ib < n;) {
+    const int R = apply_block_rows(n, ib);
+    const T* kb = kt + ib * n;
+    if constexpr (kApplyMaxRows >= 16) {
+      if (R == 16) apply_vector<16, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
+      if (R == 12) apply_vector<12, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
+      if (R == 8) apply_vector<8, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
+    }
+    if (R == 4) apply_vector<4, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
+    ib += R;
+  }
+}
+
+// scratch: round_up(n, kApplyRows) * n elements.
+template <typename In, typename T>
+BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64_t n, int64_t d,
+                                        int64_t col_begin, int64_t col_end, const T* kn, const T* c, T a,
+                                        T* scratch) {
+  constexpr int L = kLanes<T>;
+  const int64_t rows = round_up(n, kApplyRows);
+  // kn (rows x n, padding rows zero) re-laid per row block: block ib of R rows at kt + ib * n, j-major.
+  T* kt = scratch;
+  for (int64_t ib = 0; ib < rows;) {
+    const int R = apply_block_rows(n, ib);
+    for (int64_t j = 0; j < n; ++j)
+      for (int r = 0; r < R; ++r) kt[ib * n + j * R + r] = kn[(ib + r) * n + j];
+    ib += R;
+  }
+  const vec_t<T> va = broadcast(T(a));
+  int64_t k = col_begin;
+  for (; k + L <= col_end; k += L) apply_columns_vector<true>(x, g, phi, n, d, k, L, col_end, kt, c, va);
+  if (k < col_end) apply_columns_vector<false>(x, g, phi, n, d, k, col_end - k, col_end, kt, c, va);
   stream_fence();
 }
 
@@ -371,8 +424,8 @@ BMT_FAST_DEFINE_TILE_KERNELS(double)
     gram_columns_impl<In, T>(x, n, d, col_begin, col_end, chunk, gram, scratch);                         \
   }                                                                                                       \
   void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,         \
-                     int64_t col_end, int64_t chunk, const T* kn, const T* c, T a, T* scratch) {         \
-    apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, chunk, kn, c, a, scratch);            \
+                     int64_t col_end, const T* kn, const T* c, T a, T* scratch) {                        \
+    apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, kn, c, a, scratch);                   \
   }
 BMT_FAST_DEFINE_COLUMN_KERNELS(float, float)
 BMT_FAST_DEFINE_COLUMN_KERNELS(double, double)

@@ -165,8 +165,8 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
 // ---- Gram path -----------------------------------------------------------------------------------
 
 int64_t gram_chunk(int64_t n) {
-  // The two (rows x chunk) fp32 buffers of apply_columns stay within 32 KiB of L1; a multiple of 64
-  // (the widest register block of apply_columns).
+  // The (rows x chunk) fp32 buffer of gram_columns stays within 16 KiB of L1; a multiple of 64 columns
+  // (whole cache lines in every dtype: the unit in which the threads share the columns of both passes).
   const int64_t rows = (n + 3) / 4 * 4;
   return std::clamp<int64_t>(4096 / rows / 64 * 64, 64, 1 << 20);
 }
@@ -222,7 +222,7 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
   const int64_t num_chunks = (d + chunk - 1) / chunk;
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     apply_columns(x.data_ptr<In>(), score.data_ptr<In>(), phi.data_ptr<In>(), n, d, begin * chunk,
-                  std::min(end * chunk, d), chunk, kn.data(), c.data(), static_cast<T>(a));
+                  std::min(end * chunk, d), kn.data(), c.data(), static_cast<T>(a));
   });
   return phi;
 }
