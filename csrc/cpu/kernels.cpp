@@ -7,26 +7,26 @@
 #include <string>
 #include <vector>
 
-#define BMT_FAST_DECLARE_ISA(NS)                                                                        \
-  namespace bmt_fast::cpu::NS {                                                                         \
-  void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);    \
-  void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double); \
-  void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool, \
-                       int64_t, const RadixPass&, int64_t*);                                            \
-  void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,  \
-                       bool, int64_t, const RadixPass&, int64_t*);                                      \
-  void gram_columns(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*);         \
-  void gram_columns(const double*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*);       \
-  void gram_columns(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*); \
-  void gram_columns(const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*);     \
-  void apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,             \
-                     const float*, const float*, float, float*);                                        \
-  void apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,          \
-                     const double*, const double*, double, double*);                                    \
-  void apply_columns(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,       \
-                     int64_t, int64_t, const float*, const float*, float, float*);                      \
-  void apply_columns(const c10::Half*, const c10::Half*, c10::Half*, int64_t, int64_t, int64_t, int64_t, \
-                     const float*, const float*, float, float*);                                        \
+#define BMT_FAST_DECLARE_ISA(NS)                                                                                 \
+  namespace bmt_fast::cpu::NS {                                                                                  \
+  void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);             \
+  void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);         \
+  void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,       \
+                       int64_t, const RadixPass&, int64_t*);                                                     \
+  void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,          \
+                       bool, int64_t, const RadixPass&, int64_t*);                                               \
+  void gram_columns(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);         \
+  void gram_columns(const double*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);      \
+  void gram_columns(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*); \
+  void gram_columns(const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);     \
+  void apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,                     \
+                     const float*, const float*, const float*, float, float*);                                   \
+  void apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,                  \
+                     const double*, const double*, const double*, double, double*);                              \
+  void apply_columns(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,               \
+                     int64_t, int64_t, const float*, const float*, const float*, float, float*);                 \
+  void apply_columns(const c10::Half*, const c10::Half*, c10::Half*, int64_t, int64_t, int64_t, int64_t,         \
+                     const float*, const float*, const float*, float, float*);                                   \
   }
 
 BMT_FAST_DECLARE_ISA(isa_base)
@@ -106,16 +106,16 @@ const char* compiled_isas() {
 #endif
 }
 
-#define BMT_FAST_DEFINE_TILE_ENTRY(T)                                                                      \
-  void rbf_from_dots(T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols, const T* nr,   \
-                     const T* nc, T inv_h) {                                                               \
-    BMT_FAST_DISPATCH(rbf_from_dots, tile, ld, row_begin, row_end, cols, nr, nc, inv_h)                    \
-  }                                                                                                        \
-  void radix_histogram(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,       \
-                       const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass,   \
-                       int64_t* hist) {                                                                    \
+#define BMT_FAST_DEFINE_TILE_ENTRY(T)                                                                        \
+  void rbf_from_dots(T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols, const T* nr,     \
+                     const T* nc, T inv_h) {                                                                 \
+    BMT_FAST_DISPATCH(rbf_from_dots, tile, ld, row_begin, row_end, cols, nr, nc, inv_h)                      \
+  }                                                                                                          \
+  void radix_histogram(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,          \
+                       const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass,     \
+                       int64_t* hist) {                                                                      \
     BMT_FAST_DISPATCH(radix_histogram, tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, \
-                      hist)                                                                                \
+                      hist)                                                                                  \
   }
 BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)
@@ -125,16 +125,16 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
 // per register block).
 #define BMT_FAST_DEFINE_COLUMN_ENTRY(In, T)                                                                \
   void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk,  \
-                    double* gram) {                                                                        \
+                    double* gram, T* shift) {                                                              \
     const int64_t rows = (n + 3) / 4 * 4;                                                                  \
-    std::vector<T> scratch(rows * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T)));                                 \
-    BMT_FAST_DISPATCH(gram_columns, x, n, d, col_begin, col_end, chunk, gram, scratch.data())              \
+    std::vector<T> scratch(rows * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T)));                 \
+    BMT_FAST_DISPATCH(gram_columns, x, n, d, col_begin, col_end, chunk, gram, shift, scratch.data())       \
   }                                                                                                        \
-  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,          \
-                     int64_t col_end, const T* kn, const T* c, T a) {                                      \
+  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \
+                     int64_t col_end, const T* shift, const T* kn, const T* c, T a) {                      \
     const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;                                   \
     std::vector<T> scratch(rows * n);                                                                      \
-    BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, kn, c, a, scratch.data())        \
+    BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch.data()) \
   }
 BMT_FAST_DEFINE_COLUMN_ENTRY(float, float)
 BMT_FAST_DEFINE_COLUMN_ENTRY(double, double)

@@ -40,25 +40,28 @@ void radix_histogram(const double* tile, int64_t ld, int64_t row_begin, int64_t 
 
 // ---- few-particle, huge-d regime: split-K Gram, then one pass ------------------------------------
 
-// Columns are processed in chunks of `chunk` (a multiple of 32). Each column is centred over the n
-// particles inside the chunk (shift by row 0, then by the mean), so no centred copy of x is ever made.
+// Columns are processed in chunks of `chunk` (a multiple of 32), shifted by particle 0 inside the chunk,
+// so no centred copy of x is ever made.
 
-// gram[i * n + j] += sum over columns [col_begin, col_end) of xc[i][k] * xc[j][k], for i <= j (the
-// caller mirrors the lower triangle). Accumulates each chunk in the compute type, then in double.
-#define BMT_FAST_DECLARE_GRAM(In)                                                                     \
-  void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end,          \
-                    int64_t chunk, double* gram);
-BMT_FAST_DECLARE_GRAM(float)
-BMT_FAST_DECLARE_GRAM(double)
-BMT_FAST_DECLARE_GRAM(c10::BFloat16)
-BMT_FAST_DECLARE_GRAM(c10::Half)
+// gram[i * n + j] += sum over columns [col_begin, col_end) of (x_i - x_0)[k] (x_j - x_0)[k], for i <= j
+// (the caller mirrors the lower triangle). Accumulates each chunk in the compute type T, then in double.
+// Unless shift is null, also shift[k] = mean_i x_i[k] for those columns (T: fp32, or fp64 for fp64 x).
+#define BMT_FAST_DECLARE_GRAM(In, T)                                                       \
+  void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, \
+                    int64_t chunk, double* gram, T* shift);
+BMT_FAST_DECLARE_GRAM(float, float)
+BMT_FAST_DECLARE_GRAM(double, double)
+BMT_FAST_DECLARE_GRAM(c10::BFloat16, float)
+BMT_FAST_DECLARE_GRAM(c10::Half, float)
 
 // phi[i][k] = sum_j kn[i][j] * (g[j][k] - a * xc[j][k]) + c[i] * xc[i][k] for columns
-// [col_begin, col_end); kn is (n_padded x n) and c has n_padded entries (n_padded = n rounded up to 4,
-// padding rows zero). With kn = K/n, a = 2/H and c = (2/H) rowsum(K)/n this is the SVGD direction.
+// [col_begin, col_end), xc = x - shift (any shift gives the same phi in exact arithmetic; the column
+// means keep the cancelling terms small); kn is (n_padded x n) and c has n_padded entries (n_padded = n
+// rounded up to 4, padding rows zero). With kn = K/n, a = 2/H and c = (2/H) rowsum(K)/n this is the SVGD
+// direction.
 #define BMT_FAST_DECLARE_APPLY(In, T)                                                                \
   void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,     \
-                     int64_t col_end, const T* kn, const T* c, T a);
+                     int64_t col_end, const T* shift, const T* kn, const T* c, T a);
 BMT_FAST_DECLARE_APPLY(float, float)
 BMT_FAST_DECLARE_APPLY(double, double)
 BMT_FAST_DECLARE_APPLY(c10::BFloat16, float)

@@ -96,7 +96,8 @@ BMT_FAST_INLINE void radix_histogram_impl(const T* tile, int64_t ld, int64_t row
 //
 // Columns are shifted by particle 0 (x_j - x_0) on the fly: SVGD is translation invariant, identical
 // particles give exact zeros, and a cloud far from the origin loses nothing (the difference of two
-// nearby floats is exact). No shifted copy of x is ever stored beyond one L1-sized chunk.
+// nearby floats is exact). No shifted copy of x is ever stored beyond one L1-sized chunk. The Gram pass
+// also writes each column's mean (d numbers), the centre the apply pass shifts by.
 
 // Converting loads and stores between the input type and the compute type.
 template <typename T, typename In>
@@ -116,6 +117,14 @@ BMT_FAST_INLINE vec_t<T> load_as(const In* p) {
     for (int i = 0; i < kLanes<T>; ++i) v[i] = static_cast<T>(p[i]);
     return v;
   }
+}
+
+// Zero-filled load of the first count (< lanes) elements: the ragged last vector of a row.
+template <typename T, typename In>
+BMT_FAST_INLINE vec_t<T> load_part_as(const In* p, int64_t count) {
+  In tmp[kLanes<T>] = {};
+  for (int64_t i = 0; i < count; ++i) tmp[i] = p[i];
+  return load_as<T>(tmp);
 }
 
 // A full vector of the output, written around the caches when the ISA has a streaming store and p is
@@ -182,25 +191,29 @@ BMT_FAST_INLINE void prefetch_next_chunk(const In* src, int64_t chunk, int64_t r
 }
 
 // buf (n rows, row stride ld) <- columns [k0, k0 + len) of x shifted by particle 0: exact zeros for
-// identical particles, nothing lost far from the origin. With subtract_mean, also centred by the mean of
-// each shifted column (smaller operands for the cancelling terms of the apply pass; distances alone do
-// not need it). The mean is summed in registers, one vector of columns at a time.
-template <bool subtract_mean, typename In, typename T>
-BMT_FAST_INLINE void centred_chunk(const In* x, int64_t n, int64_t d, int64_t k0, int64_t len, int64_t chunk,
+// identical particles, nothing lost far from the origin.
+template <typename In, typename T>
+BMT_FAST_INLINE void shifted_chunk(const In* x, int64_t n, int64_t d, int64_t k0, int64_t len, int64_t chunk,
                                    int64_t col_end, int64_t ld, T* buf) {
-  constexpr int L = kLanes<T>;
   for (int64_t i = 0; i < n; ++i) {
     prefetch_next_chunk(x + i * d + k0, chunk, col_end - k0 - chunk);
     shifted_row(x + i * d + k0, x + k0, len, buf + i * ld);
   }
-  if (!subtract_mean) return;
+}
+
+// shift[k0 + k] <- x_0 + mean_i (x_i - x_0) for the columns of a shifted chunk: the centre of each column,
+// from the differences to particle 0 that buf holds (exact for nearby values).
+template <typename In, typename T>
+BMT_FAST_INLINE void chunk_means(const In* x, const T* buf, int64_t n, int64_t k0, int64_t len, int64_t ld,
+                                 T* shift) {
+  constexpr int L = kLanes<T>;
   const vec_t<T> inv_n = broadcast(T(T(1) / T(n)));
-  const int64_t len_vec = round_up(len, L);
-  for (int64_t k = 0; k < len_vec; k += L) {
+  for (int64_t k = 0; k < len; k += L) {
     vec_t<T> sum = {};
     for (int64_t i = 0; i < n; ++i) sum += load(buf + i * ld + k);
-    const vec_t<T> mean = sum * inv_n;
-    for (int64_t i = 0; i < n; ++i) store(buf + i * ld + k, load(buf + i * ld + k) - mean);
+    const int64_t count = min64(L, len - k);
+    const vec_t<T> x0 = count == L ? load_as<T>(x + k0 + k) : load_part_as<T>(x + k0 + k, count);
+    store_as<T, T>(shift + k0 + k, x0 + sum * inv_n, count);
   }
 }
 
@@ -216,7 +229,7 @@ constexpr int64_t kGramFlush = 8;
 
 template <typename In, typename T>
 BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end,
-                                       int64_t chunk, double* gram, T* scratch) {
+                                       int64_t chunk, double* gram, T* shift, T* scratch) {
   constexpr int L = kLanes<T>;
   constexpr int B = 4;  // 4 x 4 dot products per register block: 8 loads feed 16 FMAs
   const int64_t rows = round_up(n, B);
@@ -240,7 +253,8 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
   int64_t since_flush = 0;
   for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
     const int64_t len = min64(chunk, col_end - k0);
-    centred_chunk<false>(x, n, d, k0, len, chunk, col_end, ld, buf);
+    shifted_chunk(x, n, d, k0, len, chunk, col_end, ld, buf);
+    if (shift) chunk_means(x, buf, n, k0, len, ld, shift);
     const int64_t len_vec = round_up(len, L);
     for (int64_t ib = 0; ib < blocks; ++ib) {
       for (int64_t jb = ib; jb < blocks; ++jb) {
@@ -280,14 +294,6 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
   flush();
 }
 
-// Zero-filled load of the first count (< lanes) elements: the ragged last vector of a row.
-template <typename T, typename In>
-BMT_FAST_INLINE vec_t<T> load_part_as(const In* p, int64_t count) {
-  In tmp[kLanes<T>] = {};
-  for (int64_t i = 0; i < count; ++i) tmp[i] = p[i];
-  return load_as<T>(tmp);
-}
-
 // One vector of columns (count of them; all lanes when Full) of R output rows ib..ib+R-1 (rows past n
 // are computed from kt's zero padding and not stored):
 //   phi_i = c_i xc_i + sum_j kn_ij (g_j - a xc_j),   xc = x - s,
@@ -299,21 +305,38 @@ BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, 
                                   int64_t count, const T* kt, const T* c, vec_t<T> va, vec_t<T> s) {
   auto load_in = [&](const In* p) { return Full ? load_as<T>(p) : load_part_as<T>(p, count); };
   vec_t<T> acc[R];
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = ib + r < n ? ib + r : n - 1;  // padding rows have c = 0
-    acc[r] = broadcast(T(c[ib + r])) * (load_in(x + i * d + k) - s);
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    const vec_t<T> w = load_in(g + j * d + k) - va * (load_in(x + j * d + k) - s);
+  auto step = [&](int64_t j) BMT_FAST_INLINE_LAMBDA {
+    const vec_t<T> xc = load_in(x + j * d + k) - s;
+    const vec_t<T> w = load_in(g + j * d + k) - va * xc;
     for (int r = 0; r < R; ++r) acc[r] += broadcast(T(kt[j * R + r])) * w;
+    return xc;
+  };
+  if (ib + R <= n) {
+    // The block's own rows add c_i xc_i where their x is loaded anyway: each line of x and of g is read
+    // once per block. Rows whose lines share a cache set (a row stride that is a multiple of 4 KiB, the
+    // usual case: d = prompt length x hidden size) would otherwise evict each other between two reads.
+    for (int r = 0; r < R; ++r) acc[r] = vec_t<T>{};
+    for (int64_t j = 0; j < ib; ++j) step(j);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {  // unrolled: acc stays in registers
+      const vec_t<T> xc = step(ib + r);
+      acc[r] += broadcast(T(c[ib + r])) * xc;
+    }
+    for (int64_t j = ib + R; j < n; ++j) step(j);
+  } else {  // the last, partial block: padding rows (c = 0) are computed, not stored
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = ib + r < n ? ib + r : n - 1;
+      acc[r] = broadcast(T(c[ib + r])) * (load_in(x + i * d + k) - s);
+    }
+    for (int64_t j = 0; j < n; ++j) step(j);
+  }
+  if (Full && std::is_same_v<In, T> && ib + R <= n) {  // phi is not read again: store past the caches
+    for (int r = 0; r < R; ++r) stream_as<In, T>(phi + (ib + r) * d + k, acc[r]);
+    return;
   }
   for (int r = 0; r < R; ++r) {
     if (ib + r >= n) break;
-    if (Full && std::is_same_v<In, T>) {  // phi is not read again: store past the caches
-      stream_as<In, T>(phi + (ib + r) * d + k, acc[r]);
-    } else {
-      store_as<In, T>(phi + (ib + r) * d + k, acc[r], Full ? kLanes<T> : count);
-    }
+    store_as<In, T>(phi + (ib + r) * d + k, acc[r], Full ? kLanes<T> : count);
   }
 }
 
@@ -332,31 +355,14 @@ BMT_FAST_INLINE int apply_block_rows(int64_t n, int64_t ib) {
   return static_cast<int>(left < kApplyMaxRows ? left : kApplyMaxRows);
 }
 
-// The centring shift of one vector of columns: x_0 + mean_i (x_i - x_0). The differences from particle 0
-// are exact for nearby values, so identical particles give exact zeros and a cloud far from the origin
-// loses nothing; the mean keeps the cancelling terms of phi small.
-template <bool Full, typename In, typename T>
-BMT_FAST_INLINE vec_t<T> column_shift(const In* x, int64_t n, int64_t d, int64_t k, int64_t count) {
-  auto load_in = [&](const In* p) { return Full ? load_as<T>(p) : load_part_as<T>(p, count); };
-  const vec_t<T> x0 = load_in(x + k);
-  vec_t<T> sum0 = {}, sum1 = {};
-  int64_t i = 1;
-  for (; i + 1 < n; i += 2) {
-    sum0 += load_in(x + i * d + k) - x0;
-    sum1 += load_in(x + (i + 1) * d + k) - x0;
-  }
-  if (i < n) sum0 += load_in(x + i * d + k) - x0;
-  return x0 + (sum0 + sum1) * broadcast(T(T(1) / T(n)));
-}
-
 // Loads ahead of the apply pass: each vector of columns touches 2n rows at a stride of d, too many
 // streams for the hardware prefetcher.
 constexpr int64_t kApplyPrefetchVectors = 4;
 
 template <bool Full, typename In, typename T>
 BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t k,
-                                          int64_t count, int64_t col_end, const T* kt, const T* c,
-                                          vec_t<T> va) {
+                                          int64_t count, int64_t col_end, const T* shift, const T* kt,
+                                          const T* c, vec_t<T> va) {
   constexpr int L = kLanes<T>;
   const int64_t ahead = k + kApplyPrefetchVectors * L;
   if (Full && ahead < col_end) {
@@ -365,7 +371,7 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
       __builtin_prefetch(g + j * d + ahead, 0, 3);
     }
   }
-  const vec_t<T> s = column_shift<Full, In, T>(x, n, d, k, count);
+  const vec_t<T> s = Full ? load(shift + k) : load_part_as<T>(shift + k, count);
   for (int64_t ib = 0; ib < n;) {
     const int R = apply_block_rows(n, ib);
     const T* kb = kt + ib * n;
@@ -382,8 +388,8 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
 // scratch: round_up(n, kApplyRows) * n elements.
 template <typename In, typename T>
 BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64_t n, int64_t d,
-                                        int64_t col_begin, int64_t col_end, const T* kn, const T* c, T a,
-                                        T* scratch) {
+                                        int64_t col_begin, int64_t col_end, const T* shift, const T* kn,
+                                        const T* c, T a, T* scratch) {
   constexpr int L = kLanes<T>;
   const int64_t rows = round_up(n, kApplyRows);
   // kn (rows x n, padding rows zero) re-laid per row block: block ib of R rows at kt + ib * n, j-major.
@@ -396,8 +402,8 @@ BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64
   }
   const vec_t<T> va = broadcast(T(a));
   int64_t k = col_begin;
-  for (; k + L <= col_end; k += L) apply_columns_vector<true>(x, g, phi, n, d, k, L, col_end, kt, c, va);
-  if (k < col_end) apply_columns_vector<false>(x, g, phi, n, d, k, col_end - k, col_end, kt, c, va);
+  for (; k + L <= col_end; k += L) apply_columns_vector<true>(x, g, phi, n, d, k, L, col_end, shift, kt, c, va);
+  if (k < col_end) apply_columns_vector<false>(x, g, phi, n, d, k, col_end - k, col_end, shift, kt, c, va);
   stream_fence();
 }
 
@@ -405,14 +411,14 @@ BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64
 
 // ---- entry points of this ISA build (declared in kernels.h through BMT_FAST_ISA_KERNELS) ----------
 
-#define BMT_FAST_DEFINE_TILE_KERNELS(T)                                                                   \
+#define BMT_FAST_DEFINE_TILE_KERNELS(T)                                                                  \
   void rbf_from_dots(T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols, const T* nr, \
-                     const T* nc, T inv_h) {                                                              \
-    rbf_from_dots_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, inv_h);                             \
-  }                                                                                                       \
+                     const T* nc, T inv_h) {                                                             \
+    rbf_from_dots_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, inv_h);                            \
+  }                                                                                                      \
   void radix_histogram(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,      \
-                       const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass,  \
-                       int64_t* hist) {                                                                   \
+                       const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass, \
+                       int64_t* hist) {                                                                  \
     radix_histogram_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, hist); \
   }
 BMT_FAST_DEFINE_TILE_KERNELS(float)
@@ -420,12 +426,12 @@ BMT_FAST_DEFINE_TILE_KERNELS(double)
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                             \
   void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk, \
-                    double* gram, T* scratch) {                                                           \
-    gram_columns_impl<In, T>(x, n, d, col_begin, col_end, chunk, gram, scratch);                         \
+                    double* gram, T* shift, T* scratch) {                                                 \
+    gram_columns_impl<In, T>(x, n, d, col_begin, col_end, chunk, gram, shift, scratch);                   \
   }                                                                                                       \
-  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,         \
-                     int64_t col_end, const T* kn, const T* c, T a, T* scratch) {                        \
-    apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, kn, c, a, scratch);                   \
+  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,          \
+                     int64_t col_end, const T* shift, const T* kn, const T* c, T a, T* scratch) {         \
+    apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch);             \
   }
 BMT_FAST_DEFINE_COLUMN_KERNELS(float, float)
 BMT_FAST_DEFINE_COLUMN_KERNELS(double, double)

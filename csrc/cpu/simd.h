@@ -15,6 +15,7 @@
 #endif
 
 #define BMT_FAST_INLINE inline __attribute__((always_inline))
+#define BMT_FAST_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace bmt_fast::cpu::BMT_FAST_ISA {
 

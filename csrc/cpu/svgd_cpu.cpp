@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "../bmt_fast.h"
@@ -171,11 +172,11 @@ int64_t gram_chunk(int64_t n) {
   return std::clamp<int64_t>(4096 / rows / 64 * 64, 64, 1 << 20);
 }
 
-// The n x n squared distances (row-major, exact zeros on the diagonal) of the Gram path. Everything after
-// the pass over x is plain loops on n^2 numbers: as tensor ops it was a dozen tiny calls, a noticeable
-// share of a step at d ~ 10^4..10^5.
-template <typename In>
-std::vector<double> sq_dists_gram(const at::Tensor& x) {
+// The n x n squared distances (row-major, exact zeros on the diagonal) of the Gram path, and with shift
+// (d entries) the column means for the apply pass. Everything after the pass over x is plain loops on n^2
+// numbers: as tensor ops it was a dozen tiny calls, a noticeable share of a step at d ~ 10^4..10^5.
+template <typename In, typename T = std::conditional_t<std::is_same_v<In, double>, double, float>>
+std::vector<double> sq_dists_gram(const at::Tensor& x, T* shift = nullptr) {
   const int64_t n = x.size(0), d = x.size(1);
   const int64_t chunk = gram_chunk(n);
   const int64_t num_chunks = (d + chunk - 1) / chunk;
@@ -184,7 +185,7 @@ std::vector<double> sq_dists_gram(const at::Tensor& x) {
   const In* xp = x.data_ptr<In>();
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     gram_columns(xp, n, d, begin * chunk, std::min(end * chunk, d), chunk,
-                 partial.data() + at::get_thread_num() * n * n);
+                 partial.data() + at::get_thread_num() * n * n, shift);
   });
   const double* gram = partial.data();  // the threads' sums, added into the first
   for (int64_t t = 1; t < threads; ++t)
@@ -201,7 +202,8 @@ template <typename In>
 at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
   using T = std::conditional_t<std::is_same_v<In, double>, double, float>;
   const int64_t n = x.size(0), d = x.size(1);
-  const std::vector<double> dist = sq_dists_gram<In>(x);
+  const std::unique_ptr<T[]> shift(new T[d]);  // every entry written by the Gram pass: not zeroed first
+  const std::vector<double> dist = sq_dists_gram<In>(x, shift.get());
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(numpy_median(dist), n);
   const double a = 2.0 / h;
   // kn = K / n and c = a rowsum(K) / n, rows padded to the apply kernel's register block with zeros.
@@ -222,7 +224,7 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
   const int64_t num_chunks = (d + chunk - 1) / chunk;
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     apply_columns(x.data_ptr<In>(), score.data_ptr<In>(), phi.data_ptr<In>(), n, d, begin * chunk,
-                  std::min(end * chunk, d), kn.data(), c.data(), static_cast<T>(a));
+                  std::min(end * chunk, d), shift.get(), kn.data(), c.data(), static_cast<T>(a));
   });
   return phi;
 }
