@@ -119,9 +119,10 @@ BMT_FAST_INLINE vec_t<T> load_as(const In* p) {
   }
 }
 
-// Zero-filled load of the first count (< lanes) elements: the ragged last vector of a row.
+// Load of the first count (<= lanes) elements, zero-filled past them: the ragged last vector of a row.
 template <typename T, typename In>
 BMT_FAST_INLINE vec_t<T> load_part_as(const In* p, int64_t count) {
+  if (count == kLanes<T>) return load_as<T>(p);
   In tmp[kLanes<T>] = {};
   for (int64_t i = 0; i < count; ++i) tmp[i] = p[i];
   return load_as<T>(tmp);
@@ -174,11 +175,7 @@ BMT_FAST_INLINE void shifted_row(const In* src, const In* first, int64_t len, T*
   constexpr int L = kLanes<T>;
   int64_t k = 0;
   for (; k + L <= len; k += L) store(dst + k, load_as<T>(src + k) - load_as<T>(first + k));
-  if (k < len) {
-    vec_t<T> v = {};
-    for (int64_t i = 0; k + i < len; ++i) v[i] = static_cast<T>(src[k + i]) - static_cast<T>(first[k + i]);
-    store(dst + k, v);
-  }
+  if (k < len) store(dst + k, load_part_as<T>(src + k, len - k) - load_part_as<T>(first + k, len - k));
 }
 
 // Asks for the next chunk of a row while this one is processed: rows are read in short segments, too
@@ -212,8 +209,7 @@ BMT_FAST_INLINE void chunk_means(const In* x, const T* buf, int64_t n, int64_t k
     vec_t<T> sum = {};
     for (int64_t i = 0; i < n; ++i) sum += load(buf + i * ld + k);
     const int64_t count = min64(L, len - k);
-    const vec_t<T> x0 = count == L ? load_as<T>(x + k0 + k) : load_part_as<T>(x + k0 + k, count);
-    store_as<T, T>(shift + k0 + k, x0 + sum * inv_n, count);
+    store_as<T, T>(shift + k0 + k, load_part_as<T>(x + k0 + k, count) + sum * inv_n, count);
   }
 }
 
@@ -371,7 +367,7 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
       __builtin_prefetch(g + j * d + ahead, 0, 3);
     }
   }
-  const vec_t<T> s = Full ? load(shift + k) : load_part_as<T>(shift + k, count);
+  const vec_t<T> s = load_part_as<T>(shift + k, count);
   for (int64_t ib = 0; ib < n;) {
     const int R = apply_block_rows(n, ib);
     const T* kb = kt + ib * n;

@@ -175,8 +175,12 @@ int64_t gram_chunk(int64_t n) {
 // The n x n squared distances (row-major, exact zeros on the diagonal) of the Gram path, and with shift
 // (d entries) the column means for the apply pass. Everything after the pass over x is plain loops on n^2
 // numbers: as tensor ops it was a dozen tiny calls, a noticeable share of a step at d ~ 10^4..10^5.
-template <typename In, typename T = std::conditional_t<std::is_same_v<In, double>, double, float>>
-std::vector<double> sq_dists_gram(const at::Tensor& x, T* shift = nullptr) {
+// The Gram path's compute type: fp64 for fp64 inputs, else fp32.
+template <typename In>
+using gram_compute_t = std::conditional_t<std::is_same_v<In, double>, double, float>;
+
+template <typename In>
+std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift = nullptr) {
   const int64_t n = x.size(0), d = x.size(1);
   const int64_t chunk = gram_chunk(n);
   const int64_t num_chunks = (d + chunk - 1) / chunk;
@@ -200,7 +204,7 @@ std::vector<double> sq_dists_gram(const at::Tensor& x, T* shift = nullptr) {
 
 template <typename In>
 at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
-  using T = std::conditional_t<std::is_same_v<In, double>, double, float>;
+  using T = gram_compute_t<In>;
   const int64_t n = x.size(0), d = x.size(1);
   const std::unique_ptr<T[]> shift(new T[d]);  // every entry written by the Gram pass: not zeroed first
   const std::vector<double> dist = sq_dists_gram<In>(x, shift.get());
