@@ -121,13 +121,13 @@ BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):
-// gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums; apply needs rows x n (K/n re-laid
-// per register block).
+// gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums plus one row of column sums (ld);
+// apply needs rows x n (K/n re-laid per register block).
 #define BMT_FAST_DEFINE_COLUMN_ENTRY(In, T)                                                                \
   void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk,  \
                     double* gram, T* shift) {                                                              \
     const int64_t rows = (n + 3) / 4 * 4;                                                                  \
-    std::vector<T> scratch(rows * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T)));                 \
+    std::vector<T> scratch((rows + 1) * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T)));           \
     BMT_FAST_DISPATCH(gram_columns, x, n, d, col_begin, col_end, chunk, gram, shift, scratch.data())       \
   }                                                                                                        \
   void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \

@@ -198,21 +198,6 @@ BMT_FAST_INLINE void shifted_chunk(const In* x, int64_t n, int64_t d, int64_t k0
   }
 }
 
-// shift[k0 + k] <- x_0 + mean_i (x_i - x_0) for the columns of a shifted chunk: the centre of each column,
-// from the differences to particle 0 that buf holds (exact for nearby values).
-template <typename In, typename T>
-BMT_FAST_INLINE void chunk_means(const In* x, const T* buf, int64_t n, int64_t k0, int64_t len, int64_t ld,
-                                 T* shift) {
-  constexpr int L = kLanes<T>;
-  const vec_t<T> inv_n = broadcast(T(T(1) / T(n)));
-  for (int64_t k = 0; k < len; k += L) {
-    vec_t<T> sum = {};
-    for (int64_t i = 0; i < n; ++i) sum += load(buf + i * ld + k);
-    const int64_t count = min64(L, len - k);
-    store_as<T, T>(shift + k0 + k, load_part_as<T>(x + k0 + k, count) + sum * inv_n, count);
-  }
-}
-
 // Buffer rows are chunk + kRowPad elements apart so that consecutive rows do not share their low 12
 // address bits with each other or with the rows of x (whose stride is often a multiple of 4 KiB): such
 // "4K aliasing" makes loads wait for unrelated stores.
@@ -233,6 +218,7 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
   const int64_t ld = chunk + kRowPad<T>;
   T* buf = scratch;                   // rows x ld, shifted columns
   T* partial = buf + rows * ld;       // blocks^2 x B x B vectors (unaligned: accessed by load/store)
+  T* colsum = partial + blocks * blocks * B * B * L;  // chunk: sum_i (x_i - x_0) of the chunk's columns
   fill(partial, blocks * blocks * B * B * L, T(0));
   fill(buf, rows * ld, T(0));
   auto flush = [&] {
@@ -250,7 +236,6 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
   for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
     const int64_t len = min64(chunk, col_end - k0);
     shifted_chunk(x, n, d, k0, len, chunk, col_end, ld, buf);
-    if (shift) chunk_means(x, buf, n, k0, len, ld, shift);
     const int64_t len_vec = round_up(len, L);
     for (int64_t ib = 0; ib < blocks; ++ib) {
       for (int64_t jb = ib; jb < blocks; ++jb) {
@@ -261,12 +246,21 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
         const T* xi = buf + ib * B * ld;
         const T* xj = buf + jb * B * ld;
         if (ib == jb) {  // a diagonal block: the products r <= c only (10 FMAs from 4 loads, not 16 from 8)
-          for (int64_t k = 0; k < len_vec; k += L) {
-            vec_t<T> vi[B];
-            for (int r = 0; r < B; ++r) vi[r] = load(xi + r * ld + k);
-            for (int r = 0; r < B; ++r)
-              for (int c = r; c < B; ++c) acc[r][c] += vi[r] * vi[c];
-          }
+          auto diagonal = [&](auto with_sums) BMT_FAST_INLINE_LAMBDA {
+            for (int64_t k = 0; k < len_vec; k += L) {
+              vec_t<T> vi[B];
+              for (int r = 0; r < B; ++r) vi[r] = load(xi + r * ld + k);
+              for (int r = 0; r < B; ++r)
+                for (int c = r; c < B; ++c) acc[r][c] += vi[r] * vi[c];
+              if constexpr (decltype(with_sums)::value) {  // the column sums, rows in order, while loaded
+                vec_t<T> sum = ib == 0 ? vec_t<T>{} : load(colsum + k);
+                for (int r = 0; r < B; ++r) sum += vi[r];
+                store(colsum + k, sum);
+              }
+            }
+          };
+          if (shift) diagonal(std::true_type{});
+          else diagonal(std::false_type{});
         } else {
           for (int64_t k = 0; k < len_vec; k += L) {
             vec_t<T> vi[B], vj[B];
@@ -280,6 +274,14 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
         }
         for (int r = 0; r < B; ++r)
           for (int c = 0; c < B; ++c) store(out + (r * B + c) * L, acc[r][c]);
+      }
+    }
+    if (shift) {  // shift[k0 + k] <- x_0 + mean_i (x_i - x_0): the centre of each column (exact nearby)
+      const vec_t<T> inv_n = broadcast(T(T(1) / T(n)));
+      for (int64_t k = 0; k < len; k += L) {
+        const int64_t count = min64(L, len - k);
+        const vec_t<T> sum = load(colsum + k);
+        store_as<T, T>(shift + k0 + k, load_part_as<T>(x + k0 + k, count) + sum * inv_n, count);
       }
     }
     if (++since_flush == kGramFlush) {
