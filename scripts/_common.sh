@@ -7,10 +7,27 @@ if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; the
   export CUDA_HOME=/usr/local/cuda
 fi
 
-# make_venv DIR TORCH_VERSION REQUIREMENTS_FILE: a virtual environment with torch pinned (an unpinned torch
-# would download several GB) and the pinned requirements; reused when it already has that torch.
+# need_disk DIR GIB: stop at once, saying so, when DIR's file system has less than GIB GiB free (pip would
+# otherwise fail part-way through torch with "No space left on device"). Skipped where df cannot tell.
+need_disk() {
+  local dir=$1 need_gib=$2 avail_kib
+  avail_kib=$(df -Pk "$dir" 2>/dev/null | awk 'NR == 2 { print $4 }') || true
+  case "$avail_kib" in '' | *[!0-9]*) return 0 ;; esac
+  if [ "$avail_kib" -lt $((need_gib * 1024 * 1024)) ]; then
+    echo "error: installing into $dir needs about $need_gib GiB of free disk; $((avail_kib / 1024 / 1024)) GiB free" >&2
+    exit 1
+  fi
+}
+
+# make_venv DIR TORCH_VERSION REQUIREMENTS_FILE DISK_GIB: a virtual environment with torch pinned (an
+# unpinned torch would download several GB) and the pinned requirements; reused when it already has that
+# torch. DISK_GIB: the free disk a first install needs (checked only then).
 make_venv() {
-  local dir=$1 torch_version=$2 requirements=$3
+  local dir=$1 torch_version=$2 requirements=$3 disk_gib=$4
+  if ! "$dir/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$torch_version')" \
+    2>/dev/null; then
+    need_disk "$(dirname "$dir")" "$disk_gib"
+  fi
   if [ ! -x "$dir/bin/python" ]; then
     echo "== creating $dir"
     "$PYTHON" -m venv "$dir"

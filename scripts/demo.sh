@@ -6,7 +6,7 @@
 # SVGD example). Extra arguments go to `bmt-fast demo` (e.g. --quick).
 source "$(dirname "$0")/_common.sh"
 VENV=${BMT_FAST_DEMO_VENV:-$ROOT/.venv-demo}
-make_venv "$VENV" 2.13.0 "$ROOT/requirements/train.txt"
+make_venv "$VENV" 2.13.0 "$ROOT/requirements/train.txt" 3  # ~1.6 GB venv
 install_demo_backbone "$VENV"
 build_package "$VENV"
 mkdir -p "$ROOT/outputs"

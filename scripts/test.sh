@@ -7,7 +7,7 @@ VENV=${BMT_FAST_TEST_VENV:-$ROOT/.venv-test}
 export BMT_FAST_CUDA_ARCH_LIST=${BMT_FAST_CUDA_ARCH_LIST:-9.0}  # one architecture keeps the CI build short
 export TORCH_CUDA_ARCH_LIST=$BMT_FAST_CUDA_ARCH_LIST
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}
-make_venv "$VENV" 2.14.1 "$ROOT/requirements/test.txt"
+make_venv "$VENV" 2.14.1 "$ROOT/requirements/test.txt" 8  # ~6.3 GB venv (CUDA torch)
 install_deepspeed "$VENV"  # the multi-process trainer tests (they skip without it)
 install_demo_backbone "$VENV"  # tests/test_demo.py runs `bmt-fast demo --quick` on it
 build_package "$VENV"
