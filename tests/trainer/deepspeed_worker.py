@@ -12,6 +12,7 @@ it saw in WORK_DIR/rank<r>.pt (files the first process wrote are read by the tes
     zero2_cli       tiny T5, ZeRO-2 (the backbone replicated), `bmt-fast source --deepspeed`
     zero3_offload   tiny T5 (tied embeddings), ZeRO-3 with offload_param, `bmt-fast source --deepspeed`, one
                     example per task (the first process has none and runs a weight-0 example)
+    zero3_bf16      tiny Llama in bf16, ZeRO-3 with DeepSpeed's bf16 section, `bmt-fast source --deepspeed`
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def cli(work: Path, scenario: str) -> dict:
 
 def main(work: Path) -> None:
     torch.set_num_threads(1)
-    results = {"zero3": zero3(work), "zero2_cli": cli(work, "zero2_cli"), "zero3_offload": cli(work, "zero3_offload")}
+    results = {"zero3": zero3(work), **{name: cli(work, name) for name in ("zero2_cli", "zero3_offload", "zero3_bf16")}}
     rank = torch.distributed.get_rank()
     torch.save(results, work / f"rank{rank}.pt")
     torch.distributed.barrier()
