@@ -196,12 +196,16 @@ def test_cli_source_stage_under_zero2_and_zero3_offload_equals_the_plain_trainer
 
 @needs_deepspeed
 def test_cli_source_stage_under_zero3_bf16_follows_the_plain_bf16_trainer(ds_runs, model_dirs):
-    """bf16 rounding differs with the split of the batch over processes, so not fp32-close: within 0.01 of
-    the plain bf16 trainer (0.0026 measured) after moves of ~0.15, and as far from the plain fp32 trainer
-    as a bf16 backbone is (~0.1 measured): the backbone really ran in bf16."""
+    """The first step's losses (a forward on the same initial particles) equal those of the plain bf16
+    trainer (4e-8 relative measured) and are ~8e-4 away from the plain fp32 trainer's: the backbone really
+    ran in bf16. After that the gradients of the two halves of the batch are rounded to bf16 apart, and Adam
+    turns a flipped sign of a near-zero gradient into a whole step (0.1 at most on one CPU, 0.003 on
+    another), so the particles are compared in norm: no farther from the plain bf16 trainer's than bf16 itself
+    is from fp32 in the same run."""
     ranks, work = ds_runs
     assert all(rank["zero3_bf16"]["exit_code"] == 0 for rank in ranks)
-    particles = load_particles(work / "zero3_bf16" / "source-bmtpt")
+    stage = work / "zero3_bf16" / "source-bmtpt"
+    particles = load_particles(stage)
     assert particles.dtype == torch.float32 and bool(torch.isfinite(particles).all())
     kind, _, changes = SCENARIOS["zero3_bf16"]
     plain_bf16 = Run(make_config(work / "plain_zero3_bf16", model_dirs[kind], **changes), "source")
@@ -209,11 +213,23 @@ def test_cli_source_stage_under_zero3_bf16_follows_the_plain_bf16_trainer(ds_run
     expected = plain_bf16.source("bmtpt")
     fp32_changes = merge(changes, {"model": {"dtype": "float32"}})
     plain_fp32 = Run(make_config(work / "plain_zero3_fp32", model_dirs[kind], **fp32_changes), "source")
-    moved = float((particles - plain_bf16.initial_prompts(3)).abs().max())
-    assert moved > 0.05
-    assert float((particles - expected).abs().max()) <= 0.01
-    assert float((particles - plain_fp32.source("bmtpt")).abs().max()) >= 0.03
-    summary = json.loads((work / "zero3_bf16" / "source-bmtpt" / "source.json").read_text())
+    from_fp32 = plain_fp32.source("bmtpt")
+
+    logs = [read_metrics(d / "source-bmtpt" / "metrics.jsonl") for d in (work / "zero3_bf16",
+            work / "plain_zero3_bf16", work / "plain_zero3_fp32")]  # fmt: skip
+    ds_log, bf16_log, fp32_log = logs
+    assert [r["step"] for r in ds_log] == [r["step"] for r in bf16_log] == [1, 2, 3]
+    for key in ("loss/movie_sentiment", "loss/topic"):
+        assert ds_log[0][key] == pytest.approx(bf16_log[0][key], rel=1e-6)
+        assert abs(ds_log[0][key] - fp32_log[0][key]) > 1e-4 * abs(fp32_log[0][key])
+        for ds_record, bf16_record in zip(ds_log[1:], bf16_log[1:]):
+            assert ds_record[key] == pytest.approx(bf16_record[key], rel=1e-2)
+
+    moved = float((particles - plain_bf16.initial_prompts(3)).norm())
+    bf16_noise = float((expected - from_fp32).norm())
+    assert moved > 1.0 and 0 < bf16_noise < 0.2 * moved
+    assert float((particles - expected).norm()) <= 1.5 * bf16_noise
+    summary = json.loads((stage / "source.json").read_text())
     assert summary["processes"] == 2
 
 
