@@ -221,10 +221,27 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+# bmt_fast's CPU kernels pick an instruction set at run time (`python -m bmt_fast.info`: cpu_isa); the VMs we
+# measure on often report only "AMD EPYC", so the CPU device name says which build ran.
+CPU_ISA_NAMES = {"v4": "AVX-512", "v3": "AVX2", "base": "SSE2"}
+
+
+def cpu_isa() -> str:
+    """The instruction set of the CPU kernels in use ('AVX-512', 'AVX2', 'SSE2'), '' without the extension."""
+    from bmt_fast import _extension
+
+    if not _extension.CPU.loaded:
+        return ""
+    isa = _extension.CPU.module.build_info().get("cpu_isa", "")
+    return CPU_ISA_NAMES.get(isa, isa)
+
+
 def device_name(device: torch.device) -> str:
+    """'NVIDIA H200'; 'AMD EPYC (2 cores, AVX2)' (rows measured before the ISA was named lack it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({cpu_count()} cores)"
+    isa = cpu_isa()
+    return f"{cpu_model()} ({cpu_count()} cores{', ' + isa if isa else ''})"
 
 
 def device_slug(name: str) -> str:

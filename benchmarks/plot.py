@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -258,7 +259,8 @@ def op_rank(op: str) -> tuple[int, str]:
 
 
 def device_type(device: str) -> str:
-    return "cpu" if device.endswith("cores)") else "cuda"
+    """'AMD EPYC (2 cores)' and 'AMD EPYC (2 cores, AVX2)' (harness.device_name) are CPUs."""
+    return "cpu" if re.search(r"\(\d+ cores(, [^()]+)?\)$", device) else "cuda"
 
 
 def markdown(rows: list[dict]) -> str:

@@ -41,6 +41,33 @@ def test_provider_matches_float64_reference(op, name, n, d):
     assert harness.relative_error(provider.build(inputs)(), expected) <= provider.rtol
 
 
+@requires_cpu_extension
+@pytest.mark.parametrize("isa,label", [("base", "SSE2"), (None, None)])
+def test_cpu_device_name_names_the_kernels_instruction_set(isa, label):
+    """Rows from VMs that report only 'AMD EPYC' still tell an AVX2 machine from an AVX-512 one."""
+    env = {k: v for k, v in os.environ.items() if k != "BMT_FAST_CPU_ISA"}
+    if isa:
+        env["BMT_FAST_CPU_ISA"] = isa
+    code = "import torch; from benchmarks import harness; print(harness.device_name(torch.device('cpu')))"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    name = out.stdout.strip()
+    if label is None:  # the best the CPU has, as the kernels report it
+        from bmt_fast import _extension
+
+        label = harness.CPU_ISA_NAMES[_extension.CPU.module.build_info()["cpu_isa"]]
+        assert name == harness.device_name(CPU)
+    assert name == f"{harness.cpu_model()} ({harness.cpu_count()} cores, {label})"
+    assert harness.device_slug(name).endswith("-cores-" + label.lower())
+    assert plot.device_type(name) == "cpu"  # its README section gets the CPU targets
+
+
+def test_device_type_of_older_cpu_names_and_gpus():
+    assert plot.device_type("AMD EPYC (2 cores)") == "cpu"
+    assert plot.device_type("Intel(R) Xeon(R) Processor (2 cores, AVX-512)") == "cpu"
+    assert plot.device_type("NVIDIA H200") == plot.device_type("NVIDIA H100 80GB HBM3") == "cuda"
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
