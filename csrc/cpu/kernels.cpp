@@ -122,7 +122,7 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):
 // gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums plus one row of column sums (ld);
-// apply needs rows x n (K/n re-laid per register block).
+// apply needs rows x n (K/n re-laid per register block) plus, packed, 2n rows of apply_pack_chunk(n) + pad.
 #define BMT_FAST_DEFINE_COLUMN_ENTRY(In, T)                                                                \
   void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk,  \
                     double* gram, T* shift) {                                                              \
@@ -133,7 +133,7 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
   void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a) {                      \
     const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;                                   \
-    std::vector<T> scratch(rows * n);                                                                      \
+    std::vector<T> scratch(rows * n + 2 * n * (apply_pack_chunk(n) + kScratchPad));                        \
     BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch.data()) \
   }
 BMT_FAST_DEFINE_COLUMN_ENTRY(float, float)

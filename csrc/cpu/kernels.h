@@ -69,6 +69,13 @@ BMT_FAST_DECLARE_APPLY(c10::Half, float)
 
 constexpr int64_t kApplyRows = 4;  // output rows per register block in apply_columns
 
+// Columns per block of the packed apply pass (the ISA builds without AVX-512, kernels_impl.h): its
+// centred x and w rows, 2 n x chunk elements, stay within about 16 KiB of L1. A multiple of 64.
+inline int64_t apply_pack_chunk(int64_t n) {
+  const int64_t chunk = 2048 / (n > 0 ? n : 1) / 64 * 64;
+  return chunk < 64 ? 64 : chunk > 512 ? 512 : chunk;
+}
+
 // The ISA build in use ("base", "v3" or "v4") and the ones this library contains.
 const char* active_isa();
 const char* compiled_isas();

@@ -105,7 +105,7 @@ BMT_FAST_INLINE vec_t<T> load_as(const In* p) {
   if constexpr (std::is_same_v<In, T>) {
     return load(p);
   } else if constexpr (std::is_same_v<In, c10::BFloat16>) {
-    typedef uint16_t half_vec __attribute__((vector_size(32)));
+    typedef uint16_t half_vec __attribute__((vector_size(kVectorBytes / 2)));
     half_vec raw;
     std::memcpy(&raw, p, sizeof(raw));
     const vec_t<int32_t> bits = __builtin_convertvector(raw, vec_t<int32_t>) << 16;  // bf16 = top half of fp32
@@ -128,36 +128,6 @@ BMT_FAST_INLINE vec_t<T> load_part_as(const In* p, int64_t count) {
   return load_as<T>(tmp);
 }
 
-// A full vector of the output, written around the caches when the ISA has a streaming store and p is
-// aligned: phi is written once and not read again, so this saves the read-for-ownership of each line.
-template <typename In, typename T>
-BMT_FAST_INLINE void stream_as(In* p, vec_t<T> v) {
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-  if constexpr (std::is_same_v<In, float> && std::is_same_v<T, float>) {
-    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
-      __m512 m;
-      std::memcpy(&m, &v, sizeof(m));
-      _mm512_stream_ps(p, m);
-      return;
-    }
-  } else if constexpr (std::is_same_v<In, double> && std::is_same_v<T, double>) {
-    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
-      __m512d m;
-      std::memcpy(&m, &v, sizeof(m));
-      _mm512_stream_pd(p, m);
-      return;
-    }
-  }
-#endif
-  for (int i = 0; i < kLanes<T>; ++i) p[i] = static_cast<In>(v[i]);
-}
-
-BMT_FAST_INLINE void stream_fence() {
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-  _mm_sfence();
-#endif
-}
-
 template <typename In, typename T>
 BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
   if constexpr (std::is_same_v<In, T>) {
@@ -167,6 +137,35 @@ BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
     }
   }
   for (int64_t i = 0; i < count; ++i) p[i] = static_cast<In>(v[i]);
+}
+
+// A full vector of the output, written around the caches when it is a whole aligned cache line (the
+// AVX-512 build): phi is written once and not read again, so this saves the read-for-ownership of each
+// line. Half lines (AVX2) are stored normally: written a vector at a time across many rows, partial lines
+// left the write-combining buffers half full (twice as slow as plain stores on a Zen 3).
+template <typename In, typename T>
+BMT_FAST_INLINE void stream_as(In* p, vec_t<T> v) {
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  static_assert(kVectorBytes == 64, "the AVX-512 build streams whole 64-byte lines");
+  if constexpr (std::is_same_v<In, float> && std::is_same_v<T, float>) {
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+      return;
+    }
+  } else if constexpr (std::is_same_v<In, double> && std::is_same_v<T, double>) {
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      _mm512_stream_pd(p, reinterpret_cast<__m512d&>(v));
+      return;
+    }
+  }
+#endif
+  store_as<In, T>(p, v, kLanes<T>);
+}
+
+BMT_FAST_INLINE void stream_fence() {
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  _mm_sfence();
+#endif
 }
 
 // dst[0, len) = src - first for one row chunk, zero up to the next full vector.
@@ -338,14 +337,15 @@ BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, 
   }
 }
 
-// Row blocks of apply_columns: up to kApplyMaxRows accumulators (one vector each) plus the operands fit
-// in the register file: 16 with AVX-512's 32 registers; elsewhere a 64-byte vector takes two (AVX2) or
-// four (SSE) registers. (kernels_v4.cpp defines BMT_FAST_32_VECTOR_REGISTERS: #pragma GCC target does not
-// define __AVX512F__.) A block covers min(kApplyMaxRows, the rows left rounded up to kApplyRows).
+// Row blocks of apply_columns: up to kApplyMaxRows accumulators (one vector register each) plus the
+// operands (x_j - s, w_j, s, a and a broadcast) fit in the register file: 16 with AVX-512's 32
+// registers, 8 with the 16 of AVX2 or SSE. (kernels_v4.cpp defines BMT_FAST_32_VECTOR_REGISTERS: #pragma
+// GCC target does not define __AVX512F__.) A block covers min(kApplyMaxRows, the rows left rounded up to
+// kApplyRows).
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
 constexpr int kApplyMaxRows = 16;
 #else
-constexpr int kApplyMaxRows = kApplyRows;
+constexpr int kApplyMaxRows = 8;
 #endif
 
 BMT_FAST_INLINE int apply_block_rows(int64_t n, int64_t ib) {
@@ -376,6 +376,8 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
     if constexpr (kApplyMaxRows >= 16) {
       if (R == 16) apply_vector<16, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
       if (R == 12) apply_vector<12, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
+    }
+    if constexpr (kApplyMaxRows >= 8) {
       if (R == 8) apply_vector<8, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
     }
     if (R == 4) apply_vector<4, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
@@ -383,7 +385,73 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
   }
 }
 
-// scratch: round_up(n, kApplyRows) * n elements.
+// The packed apply pass, for the ISA builds with 16 vector registers (AVX2, SSE). Their CPUs often have a
+// 32 KiB 8-way L1 (and an 8-way L2): the 2n rows of x and g, at a stride that is usually a multiple of
+// 4 KiB, share one set there, and the direct pass above, which reads them a vector at a time and n/R
+// times over, lost each line before its next use (an AVX2 Zen 3: 3-4 GB/s). Here a block of columns is
+// first copied row by row (sequential reads, the next block prefetched) into two L1 buffers, centred:
+// xc_j and w_j = g_j - a xc_j; the register blocks then read only those.
+template <int R, typename In, typename T>
+BMT_FAST_INLINE void apply_packed_vector(const T* xcb, const T* wb, int64_t ld, In* phi, int64_t n, int64_t d,
+                                         int64_t ib, int64_t kb, int64_t k, int64_t count, const T* kt,
+                                         const T* c) {
+  vec_t<T> acc[R];
+  for (int r = 0; r < R; ++r) {  // padding rows (c = 0) read the last real row and are not stored
+    const int64_t i = ib + r < n ? ib + r : n - 1;
+    acc[r] = broadcast(T(c[ib + r])) * load(xcb + i * ld + kb);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const vec_t<T> w = load(wb + j * ld + kb);
+    for (int r = 0; r < R; ++r) acc[r] += broadcast(T(kt[j * R + r])) * w;
+  }
+  for (int r = 0; r < R; ++r) {
+    if (ib + r >= n) break;
+    In* out = phi + (ib + r) * d + k;
+    if (count == kLanes<T>) stream_as<In, T>(out, acc[r]);
+    else store_as<In, T>(out, acc[r], count);
+  }
+}
+
+template <typename In, typename T>
+BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int64_t n, int64_t d,
+                                          int64_t col_begin, int64_t col_end, const T* shift, const T* kt,
+                                          const T* c, T a, T* buf) {
+  constexpr int L = kLanes<T>;
+  const int64_t chunk = apply_pack_chunk(n);
+  const int64_t ld = chunk + kRowPad<T>;
+  T* xcb = buf;
+  T* wb = buf + n * ld;
+  const vec_t<T> va = broadcast(T(a));
+  for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
+    const int64_t len = min64(chunk, col_end - k0);
+    for (int64_t j = 0; j < n; ++j) {
+      const In* xj = x + j * d + k0;
+      const In* gj = g + j * d + k0;
+      prefetch_next_chunk(xj, chunk, col_end - k0 - chunk);
+      prefetch_next_chunk(gj, chunk, col_end - k0 - chunk);
+      for (int64_t k = 0; k < len; k += L) {  // past len: zeros (the ragged last vector)
+        const int64_t count = min64(L, len - k);
+        const vec_t<T> xc = load_part_as<T>(xj + k, count) - load_part_as<T>(shift + k0 + k, count);
+        store(xcb + j * ld + k, xc);
+        store(wb + j * ld + k, load_part_as<T>(gj + k, count) - va * xc);
+      }
+    }
+    for (int64_t k = 0; k < len; k += L) {
+      const int64_t count = min64(L, len - k);
+      for (int64_t ib = 0; ib < n;) {
+        const int R = apply_block_rows(n, ib);
+        const T* kb = kt + ib * n;
+        if constexpr (kApplyMaxRows >= 8) {
+          if (R == 8) apply_packed_vector<8>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kb, c);
+        }
+        if (R == 4) apply_packed_vector<4>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kb, c);
+        ib += R;
+      }
+    }
+  }
+}
+
+// scratch: round_up(n, kApplyRows) * n elements, then (packed pass) 2n rows of apply_pack_chunk(n) + kRowPad.
 template <typename In, typename T>
 BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64_t n, int64_t d,
                                         int64_t col_begin, int64_t col_end, const T* shift, const T* kn,
@@ -398,10 +466,15 @@ BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64
       for (int r = 0; r < R; ++r) kt[ib * n + j * R + r] = kn[(ib + r) * n + j];
     ib += R;
   }
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
   const vec_t<T> va = broadcast(T(a));
   int64_t k = col_begin;
   for (; k + L <= col_end; k += L) apply_columns_vector<true>(x, g, phi, n, d, k, L, col_end, shift, kt, c, va);
   if (k < col_end) apply_columns_vector<false>(x, g, phi, n, d, k, col_end - k, col_end, shift, kt, c, va);
+#else
+  (void)L;
+  apply_columns_packed(x, g, phi, n, d, col_begin, col_end, shift, kt, c, a, scratch + rows * n);
+#endif
   stream_fence();
 }
 

@@ -3,5 +3,6 @@
 #pragma GCC target("arch=x86-64-v4")
 #define BMT_FAST_ISA isa_v4
 #define BMT_FAST_32_VECTOR_REGISTERS 1
+#define BMT_FAST_VECTOR_BYTES 64
 #include "kernels_impl.h"
 #endif

@@ -1,4 +1,4 @@
-// Portable SIMD for the CPU kernels: GCC/Clang vector extensions on 64-byte vectors.
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions, one native register wide.
 //
 // Included once per ISA translation unit (kernels_base.cpp, kernels_v3.cpp, kernels_v4.cpp), each of
 // which sets its target with `#pragma GCC target` and names its own namespace BMT_FAST_ISA. A separate
@@ -19,31 +19,38 @@
 
 namespace bmt_fast::cpu::BMT_FAST_ISA {
 
-// 64 bytes: 16 floats or 8 doubles; the compiler maps it to one zmm, two ymm or four xmm registers.
+// One vector is one register of the ISA build: 64 bytes (zmm) for x86-64-v4, 32 (ymm) for v3, 16 (xmm)
+// otherwise; kernels_{base,v3,v4}.cpp set BMT_FAST_VECTOR_BYTES. (A 64-byte vector on AVX2 is two ymm
+// to GCC, and its register blocks then spill: the huge-d kernels ran 10-20x slower on an AVX2 CPU.)
+#ifndef BMT_FAST_VECTOR_BYTES
+#define BMT_FAST_VECTOR_BYTES 16
+#endif
+constexpr int kVectorBytes = BMT_FAST_VECTOR_BYTES;
+
 // (Spelled out per type: GCC drops vector_size on a dependent alias template.)
 template <typename T>
 struct VecType;
 template <>
 struct VecType<float> {
-  typedef float type __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct VecType<double> {
-  typedef double type __attribute__((vector_size(64)));
+  typedef double type __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct VecType<int32_t> {
-  typedef int32_t type __attribute__((vector_size(64)));
+  typedef int32_t type __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct VecType<int64_t> {
-  typedef int64_t type __attribute__((vector_size(64)));
+  typedef int64_t type __attribute__((vector_size(kVectorBytes)));
 };
 template <typename T>
 using vec_t = typename VecType<T>::type;
 
 template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
+constexpr int kLanes = kVectorBytes / sizeof(T);
 
 template <typename T>
 BMT_FAST_INLINE vec_t<T> load(const T* p) {
