@@ -38,6 +38,12 @@ class Backend:
     def median_bandwidth(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def svgd_step_spreads_non_finite(self, x: torch.Tensor) -> bool:
+        """True where a NaN/Inf anywhere in x or score is known to make phi non-finite: svgd_step may then
+        scan its output (one pass) instead of both inputs (two passes), and scan the inputs only to name
+        the bad one. Only for kernels that never skip a product with a zero weight (0 * NaN = NaN)."""
+        return False
+
 
 class TorchBackend(Backend):
     """The readable reference; runs anywhere torch runs."""
@@ -83,6 +89,14 @@ class CompiledBackend(Backend):
 
     def median_bandwidth(self, x):
         return torch.ops.bmt_fast.median_bandwidth(x)
+
+    def svgd_step_spreads_non_finite(self, x):
+        # The CPU Gram path (n <= gram_max_particles): a bad x makes its column's mean, and so every
+        # particle's centred value there, NaN; a bad score reaches every phi row through the apply pass's
+        # fused multiply-adds, zero weights included. (The tiled path multiplies through BLAS: not assumed.)
+        if self.name != "cpu" or x.device.type != "cpu" or not self.status.loaded:
+            return False
+        return x.shape[0] <= int(self.status.module.build_info().get("gram_max_particles", 0))
 
 
 _REGISTRY: dict[str, Backend] = {}

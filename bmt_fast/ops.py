@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _extension, backends, reference
-from ._validation import as_rows, check_bandwidth, check_choice, check_finite, check_particles, check_same
+from ._validation import all_finite, as_rows, check_bandwidth, check_choice, check_finite, check_particles, check_same
 
 DEFAULT_NUM_PAIRS = 65536
 
@@ -29,8 +29,10 @@ def svgd_step(
         bandwidth: "median" (H = median of all n*n squared distances / log(n + 1), floored at
             `reference.BANDWIDTH_FLOOR`), or a positive float / 0-dim tensor H.
         backend: "auto", or one of `available_backends()`.
-        check_inputs: set False to skip the NaN/Inf scan of x and score (one extra pass over each) and
-            the host read of a tensor bandwidth (for speed, and for torch.compile without graph breaks).
+        check_inputs: set False to skip the NaN/Inf scan (one extra pass over x and one over score; on
+            the CPU Gram path, n <= 64, one pass over phi, which any NaN/Inf input reaches, and over the
+            inputs only when phi is not finite) and the host read of a tensor bandwidth (for speed, and
+            for torch.compile without graph breaks).
         group: a torch.distributed process group (e.g. `torch.distributed.group.WORLD`) whose ranks each
             hold a slice of the particles (any number of rows, 0 included; same event shape and dtype).
             Every rank calls svgd_step with its slice and gets phi for its own rows, equal to the
@@ -49,19 +51,33 @@ def svgd_step(
     check_particles("x", x, min_rows=min_rows)
     check_particles("score", score, min_rows=min_rows)
     check_same("x", x, "score", score)
-    if check_inputs and group is None:  # with a group, every rank learns of any rank's NaN (see distributed)
-        check_finite("x", x)
-        check_finite("score", score)
     h = check_bandwidth(bandwidth, x, check_value=check_inputs)
-    if group is not None:
+    if group is not None:  # every rank learns of any rank's NaN (see distributed)
         from . import distributed
 
         with torch.no_grad():
             return distributed.svgd_step(x, score, h, group=group, backend=backend, check_inputs=check_inputs)
     x2, s2 = as_rows(x), as_rows(score)
     chosen = backends.select(backend, "svgd_step", x2)
-    with torch.no_grad():
-        phi = chosen.svgd_step(x2, s2, None if h is None else h.detach())
+
+    def check_both():
+        check_finite("x", x)
+        check_finite("score", score)
+
+    # Where any NaN/Inf in the inputs is known to reach phi, phi is scanned (one pass) and the inputs only
+    # when it is not finite: to name the bad one, or to find them finite (an overflow: phi is returned).
+    post_check = check_inputs and chosen.svgd_step_spreads_non_finite(x2)
+    if check_inputs and not post_check:
+        check_both()
+    try:
+        with torch.no_grad():
+            phi = chosen.svgd_step(x2, s2, None if h is None else h.detach())
+    except Exception:
+        if post_check:  # e.g. a NaN median bandwidth: the clear error about the input comes first
+            check_both()
+        raise
+    if post_check and not all_finite(phi):
+        check_both()
     return phi.reshape(x.shape)
 
 

@@ -42,6 +42,47 @@ def test_nan_and_inf_are_rejected(cpu_backend, where, bad):
         bmt_fast.svgd_step(x, score, backend=cpu_backend)
 
 
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 4, 13, 64])
+@pytest.mark.parametrize("bandwidth", ["median", 1e-3])
+def test_cpu_gram_path_names_every_bad_input_from_its_output(n, dtype, bandwidth):
+    """The CPU Gram path scans phi, not x and score, before it returns: a NaN/Inf at any place must still
+    be reported, also where the particles are so far apart (or H so small) that every weight between two
+    particles is exactly 0, and at the first particle (the shift) and the last column (a ragged vector)."""
+    from bmt_fast import backends
+
+    d = 203
+    x = torch.randn(n, d, dtype=torch.float64) * 50  # |x_i - x_j|^2 ~ 1e6: exp(-dist / H) == 0 at H = 1e-3
+    score = torch.randn(n, d, dtype=torch.float64)
+    x, score = x.to(dtype), score.to(dtype)
+    assert backends.get("cpu").svgd_step_spreads_non_finite(x)
+    phi = bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
+    assert bool(torch.isfinite(phi).all())
+    for where in ("x", "score"):
+        for i, k in {(0, 0), (n - 1, d - 1), (n // 2, 100)}:
+            for bad in (math.nan, math.inf, -math.inf):
+                xb, sb = x.clone(), score.clone()
+                (xb if where == "x" else sb)[i, k] = bad
+                given = xb.clone(), sb.clone()
+                with pytest.raises(ValueError, match=f"{where} contains 1 NaN/Inf"):
+                    bmt_fast.svgd_step(xb, sb, bandwidth, backend="cpu")
+                for t, t0 in zip((xb, sb), given):  # the inputs are left as they were
+                    torch.testing.assert_close(t, t0, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_cpu_extension
+def test_cpu_gram_path_returns_an_overflowed_phi_of_finite_inputs():
+    """Finite inputs whose phi overflows are not an input error: phi comes back as the kernels made it."""
+    x = torch.zeros(4, 8)
+    x[1], x[2] = 1e10, -1e10
+    score = torch.ones(4, 8)
+    phi = bmt_fast.svgd_step(x, score, 1e-30, backend="cpu")  # (2/H) x overflows fp32
+    assert not bool(torch.isfinite(phi).all())
+    unchecked = bmt_fast.svgd_step(x, score, 1e-30, backend="cpu", check_inputs=False)
+    torch.testing.assert_close(phi, unchecked, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_finite_check_is_exact_where_the_sum_overflows(dtype):
     from bmt_fast._validation import all_finite
