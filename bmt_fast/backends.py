@@ -8,6 +8,7 @@ Every backend takes 2-D inputs that the public functions have already validated:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -96,7 +97,12 @@ class CompiledBackend(Backend):
         # fused multiply-adds, zero weights included. (The tiled path multiplies through BLAS: not assumed.)
         if self.name != "cpu" or x.device.type != "cpu" or not self.status.loaded:
             return False
-        return x.shape[0] <= int(self.status.module.build_info().get("gram_max_particles", 0))
+        return x.shape[0] <= self._gram_max_particles()
+
+    @functools.cache  # noqa: B019 - one entry per registered backend, which lives as long as the process
+    def _gram_max_particles(self) -> int:
+        """The CPU extension's Gram-path limit, read once (build_info builds a dict: not on every step)."""
+        return int(self.status.module.build_info().get("gram_max_particles", 0))
 
 
 _REGISTRY: dict[str, Backend] = {}
