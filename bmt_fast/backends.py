@@ -39,6 +39,13 @@ class Backend:
     def median_bandwidth(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def svgd_step_checked(
+        self, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None
+    ) -> tuple[torch.Tensor, bool | None]:
+        """svgd_step and whether phi is all finite, where the kernel knows it without another pass over
+        phi; None where it does not (the caller scans phi)."""
+        return self.svgd_step(x, score, h), None
+
     def svgd_step_spreads_non_finite(self, x: torch.Tensor) -> bool:
         """True where a NaN/Inf anywhere in x or score is known to make phi non-finite: svgd_step may then
         scan its output (one pass) instead of both inputs (two passes), and scan the inputs only to name
@@ -84,6 +91,12 @@ class CompiledBackend(Backend):
 
     def svgd_step(self, x, score, h):
         return torch.ops.bmt_fast.svgd_step(x, score, h)
+
+    def svgd_step_checked(self, x, score, h):
+        if self.name != "cpu":
+            return super().svgd_step_checked(x, score, h)
+        phi, finite = torch.ops.bmt_fast.svgd_step_checked(x, score, h)  # tracked while phi is written
+        return phi, bool(finite)
 
     def rbf_kernel(self, x, y, h):
         return torch.ops.bmt_fast.rbf_kernel(x, x if y is None else y, h)

@@ -30,9 +30,10 @@ def svgd_step(
             `reference.BANDWIDTH_FLOOR`), or a positive float / 0-dim tensor H.
         backend: "auto", or one of `available_backends()`.
         check_inputs: set False to skip the NaN/Inf scan (one extra pass over x and one over score; on
-            the CPU Gram path, n <= 64, one pass over phi, which any NaN/Inf input reaches, and over the
-            inputs only when phi is not finite) and the host read of a tensor bandwidth (for speed, and
-            for torch.compile without graph breaks).
+            the CPU Gram path, n <= 64, no extra pass: the kernel tracks whether phi is finite as it
+            writes it, any NaN/Inf input reaching phi there, and the inputs are scanned only when it is
+            not) and the host read of a tensor bandwidth (for speed, and for torch.compile without
+            graph breaks).
         group: a torch.distributed process group (e.g. `torch.distributed.group.WORLD`) whose ranks each
             hold a slice of the particles (any number of rows, 0 included; same event shape and dtype).
             Every rank calls svgd_step with its slice and gets phi for its own rows, equal to the
@@ -69,14 +70,19 @@ def svgd_step(
     post_check = check_inputs and chosen.svgd_step_spreads_non_finite(x2)
     if check_inputs and not post_check:
         check_both()
+    finite = None
     try:
         with torch.no_grad():
-            phi = chosen.svgd_step(x2, s2, None if h is None else h.detach())
+            hd = None if h is None else h.detach()
+            if post_check:  # the CPU kernel reports phi's finiteness from registers: no pass over phi
+                phi, finite = chosen.svgd_step_checked(x2, s2, hd)
+            else:
+                phi = chosen.svgd_step(x2, s2, hd)
     except Exception:
         if post_check:  # e.g. a NaN median bandwidth: the clear error about the input comes first
             check_both()
         raise
-    if post_check and not all_finite(phi):
+    if post_check and not (all_finite(phi) if finite is None else finite):
         check_both()
     return phi.reshape(x.shape)
 

@@ -142,6 +142,11 @@ constexpr int64_t kTileSize = 512;
 
 at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                      std::string_view algorithm);
+// svgd_step and whether phi is all finite (a 0-dim bool tensor): on the Gram path tracked while phi is
+// written, elsewhere by a scan.
+std::tuple<at::Tensor, at::Tensor> svgd_step_checked(const at::Tensor& x, const at::Tensor& score,
+                                                     const std::optional<at::Tensor>& bandwidth,
+                                                     std::string_view algorithm);
 at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& y, const at::Tensor& kernel,

@@ -15,6 +15,25 @@ at::Tensor svgd_step_meta(const at::Tensor& x, const at::Tensor& score, const st
   return at::empty_like(x, at::MemoryFormat::Contiguous);
 }
 
+std::tuple<at::Tensor, at::Tensor> svgd_step_checked_meta(const at::Tensor& x, const at::Tensor& score,
+                                                          const std::optional<at::Tensor>& bandwidth,
+                                                          c10::string_view algorithm) {
+  return {svgd_step_meta(x, score, bandwidth, algorithm), at::empty({}, x.options().dtype(at::kBool))};
+}
+
+// Any device: svgd_step, then a scan of phi (the CPU kernel tracks finiteness while it writes phi).
+std::tuple<at::Tensor, at::Tensor> svgd_step_checked_composite(const at::Tensor& x, const at::Tensor& score,
+                                                               const std::optional<at::Tensor>& bandwidth,
+                                                               c10::string_view algorithm) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bmt_fast::svgd_step", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               c10::string_view)>();
+  at::Tensor phi = op.call(x, score, bandwidth, algorithm);
+  at::Tensor finite = at::isfinite(phi).all();
+  return {phi, finite};
+}
+
 at::Tensor median_bandwidth_meta(const at::Tensor& x, c10::string_view algorithm) {
   check_particles(x, "x");
   parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
@@ -40,6 +59,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward_meta(const at
 TORCH_LIBRARY(bmt_fast, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def("svgd_step(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\") -> Tensor", tags);
+  m.def("svgd_step_checked(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\")"
+        " -> (Tensor, Tensor)",
+        tags);
   m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor", tags);
   m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor", tags);
   m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth)"
@@ -49,7 +71,12 @@ TORCH_LIBRARY(bmt_fast, m) {
 
 TORCH_LIBRARY_IMPL(bmt_fast, Meta, m) {
   m.impl("svgd_step", &bmt_fast::svgd_step_meta);
+  m.impl("svgd_step_checked", &bmt_fast::svgd_step_checked_meta);
   m.impl("median_bandwidth", &bmt_fast::median_bandwidth_meta);
   m.impl("rbf_kernel", &bmt_fast::rbf_kernel_meta);
   m.impl("rbf_kernel_backward", &bmt_fast::rbf_kernel_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(bmt_fast, CompositeExplicitAutograd, m) {
+  m.impl("svgd_step_checked", &bmt_fast::svgd_step_checked_composite);
 }

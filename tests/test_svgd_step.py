@@ -148,7 +148,8 @@ def test_auto_uses_the_compiled_kernel_on_cpu():
 @requires_cpu_extension
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
-    """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result."""
+    """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result, and each
+    reports a NaN in phi (svgd_step_checked's flag, tracked in their own apply passes)."""
     import subprocess
     import sys
 
@@ -164,6 +165,11 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "        ref = reference.svgd_step(x.to(dt).double(), s.to(dt).double(), None)\n"
         "        err = float((phi.double() - ref).abs().max() / ref.abs().max())\n"
         "        assert err < {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dt], (n, d, dt, err)\n"
+        "        checked, finite = torch.ops.bmt_fast.svgd_step_checked(x.to(dt), s.to(dt), None, algo)\n"
+        "        assert bool(finite) and torch.equal(checked, phi), (n, d, dt)\n"
+        "        for i, k in ((0, 0), (n - 1, d - 1), (n // 2, d // 3)):\n"
+        "            sb = s.to(dt); sb[i, k] = float('nan')\n"
+        "            assert not bool(torch.ops.bmt_fast.svgd_step_checked(x.to(dt), sb, None, algo)[1]), (n, d, dt, i, k)\n"
         "print(bmt_fast._extension.CPU.module.build_info()['cpu_isa'])\n"
     )
     env = subprocess_env(BMT_FAST_CPU_ISA=isa)

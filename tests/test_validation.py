@@ -47,9 +47,9 @@ def test_nan_and_inf_are_rejected(cpu_backend, where, bad):
 @pytest.mark.parametrize("n", [1, 4, 13, 64])
 @pytest.mark.parametrize("bandwidth", ["median", 1e-3])
 def test_cpu_gram_path_names_every_bad_input_from_its_output(n, dtype, bandwidth):
-    """The CPU Gram path scans phi, not x and score, before it returns: a NaN/Inf at any place must still
-    be reported, also where the particles are so far apart (or H so small) that every weight between two
-    particles is exactly 0, and at the first particle (the shift) and the last column (a ragged vector)."""
+    """The CPU Gram path checks phi as its kernel writes it, not x and score: a NaN/Inf at any place must
+    still be reported, also where the particles are so far apart (or H so small) that every weight between
+    two particles is exactly 0, and at the first particle (the shift) and the last column (a ragged vector)."""
     from bmt_fast import backends
 
     d = 203
@@ -69,6 +69,51 @@ def test_cpu_gram_path_names_every_bad_input_from_its_output(n, dtype, bandwidth
                     bmt_fast.svgd_step(xb, sb, bandwidth, backend="cpu")
                 for t, t0 in zip((xb, sb), given):  # the inputs are left as they were
                     torch.testing.assert_close(t, t0, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, d", [(1, 5), (4, 203), (13, 16), (64, 1000), (65, 37)])
+def test_svgd_step_checked_reports_whether_phi_is_finite(n, d, dtype):
+    """torch.ops.bmt_fast.svgd_step_checked gives svgd_step's phi bit for bit and a flag equal to
+    isfinite(phi).all(): tracked in registers on the CPU Gram path (n <= 64), by a scan on the tiled one
+    (n = 65). Bad values at the shift row, a ragged last vector and the middle, in x and in score."""
+    torch.manual_seed(n * d)
+    x, score = torch.randn(n, d, dtype=torch.float64).to(dtype), torch.randn(n, d, dtype=torch.float64).to(dtype)
+    for bandwidth in (None, torch.tensor(0.5, dtype=torch.float64)):
+        phi, finite = torch.ops.bmt_fast.svgd_step_checked(x, score, bandwidth)
+        assert finite.dtype == torch.bool and finite.shape == () and bool(finite)
+        torch.testing.assert_close(phi, torch.ops.bmt_fast.svgd_step(x, score, bandwidth), rtol=0, atol=0)
+        for which in (0, 1):
+            for i, k in {(0, 0), (n - 1, d - 1), (n // 2, d // 2)}:
+                for bad in (math.nan, math.inf, -math.inf):
+                    xb, sb = x.clone(), score.clone()
+                    (xb, sb)[which][i, k] = bad
+                    phi, finite = torch.ops.bmt_fast.svgd_step_checked(xb, sb, bandwidth)
+                    assert not bool(finite) and not bool(torch.isfinite(phi).all()), (which, i, k, bad)
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("algorithm", ["gram", "tiled"])
+def test_svgd_step_checked_counts_values_that_overflow_float16(algorithm):
+    """fp16 inputs accumulate in fp32: a phi value finite in fp32 but beyond fp16's range is stored as
+    Inf, and the flag says so (the Gram path compares against the largest value that rounds to finite)."""
+    x = torch.zeros(2, 3)
+    x[1, 0] = 1e-5  # r = 1e-5 apart at H = 2e-10: the repulsion, k / (n r) ~ 3e4, pushes x_1 past 65504
+    score = torch.full((2, 3), 6e4)
+    h = torch.tensor(2e-10)
+    wide, ok = torch.ops.bmt_fast.svgd_step_checked(x, score, h, algorithm)
+    assert bool(ok) and float(wide.abs().max()) > 65520  # finite in fp32 ...
+    phi, finite = torch.ops.bmt_fast.svgd_step_checked(x.half(), score.half(), h, algorithm)
+    assert bool(torch.isinf(phi).any()) and not bool(finite)  # ... Inf once stored as fp16
+    assert not bool(torch.isnan(phi).any())
+
+
+@requires_cpu_extension
+def test_opcheck_svgd_step_checked():
+    x, score = good(9, 5)
+    for algorithm in ("auto", "tiled", "gram"):
+        torch.library.opcheck(torch.ops.bmt_fast.svgd_step_checked.default, (x, score, None, algorithm))
 
 
 @requires_cpu_extension

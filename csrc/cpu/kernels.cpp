@@ -19,13 +19,13 @@
   void gram_columns(const double*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);      \
   void gram_columns(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*); \
   void gram_columns(const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);     \
-  void apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,                     \
+  bool apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,                     \
                      const float*, const float*, const float*, float, float*);                                   \
-  void apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,                  \
+  bool apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,                  \
                      const double*, const double*, const double*, double, double*);                              \
-  void apply_columns(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,               \
+  bool apply_columns(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,               \
                      int64_t, int64_t, const float*, const float*, const float*, float, float*);                 \
-  void apply_columns(const c10::Half*, const c10::Half*, c10::Half*, int64_t, int64_t, int64_t, int64_t,         \
+  bool apply_columns(const c10::Half*, const c10::Half*, c10::Half*, int64_t, int64_t, int64_t, int64_t,         \
                      const float*, const float*, const float*, float, float*);                                   \
   }
 
@@ -130,7 +130,7 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
     std::vector<T> scratch((rows + 1) * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T)));           \
     BMT_FAST_DISPATCH(gram_columns, x, n, d, col_begin, col_end, chunk, gram, shift, scratch.data())       \
   }                                                                                                        \
-  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \
+  bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a) {                      \
     const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;                                   \
     std::vector<T> scratch(rows * n + 2 * n * (apply_pack_chunk(n) + kScratchPad));                        \

@@ -58,9 +58,9 @@ BMT_FAST_DECLARE_GRAM(c10::Half, float)
 // [col_begin, col_end), xc = x - shift (any shift gives the same phi in exact arithmetic; the column
 // means keep the cancelling terms small); kn is (n_padded x n) and c has n_padded entries (n_padded = n
 // rounded up to 4, padding rows zero). With kn = K/n, a = 2/H and c = (2/H) rowsum(K)/n this is the SVGD
-// direction.
+// direction. Returns whether every value it wrote is finite (checked in registers, as stored in In).
 #define BMT_FAST_DECLARE_APPLY(In, T)                                                                \
-  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,     \
+  bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,     \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a);
 BMT_FAST_DECLARE_APPLY(float, float)
 BMT_FAST_DECLARE_APPLY(double, double)

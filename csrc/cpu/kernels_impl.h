@@ -4,6 +4,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <limits>
 #include <type_traits>
 
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
@@ -168,6 +169,30 @@ BMT_FAST_INLINE void stream_fence() {
 #endif
 }
 
+// The largest compute-type value that stays finite when stored as In (round to nearest even).
+template <typename In, typename T>
+constexpr T largest_storable() {
+  if constexpr (std::is_same_v<In, c10::Half>) return T(0x1.ffdffep+15f);  // below 65520 (rounds to Inf)
+  else if constexpr (std::is_same_v<In, c10::BFloat16>) return T(0x1.fefffep+127f);  // below bits 0x7F7F8000
+  else return std::numeric_limits<T>::max();
+}
+
+// The apply pass tracks whether phi is finite while its values are in registers, so the API need not
+// scan phi again (a whole pass over it). `bad` gets 0 in a lane for a value that is finite once stored as
+// In, NaN otherwise (a NaN stays NaN), over the first count lanes: 0 * v is NaN exactly for NaN/Inf v.
+template <typename In, bool Full, typename T>
+BMT_FAST_INLINE void track_finite(vec_t<T>& bad, vec_t<T> v, int64_t count) {
+  if constexpr (!Full) {
+    for (int64_t i = count; i < kLanes<T>; ++i) v[i] = T(0);
+  }
+  if constexpr (std::is_same_v<In, T>) {
+    bad += v * T(0);
+  } else {  // a narrower output: finite values past its range round to Inf
+    const T top = largest_storable<In, T>();
+    bad += (v <= top) & (v >= -top) ? vec_t<T>{} : broadcast(std::numeric_limits<T>::quiet_NaN());
+  }
+}
+
 // dst[0, len) = src - first for one row chunk, zero up to the next full vector.
 template <typename In, typename T>
 BMT_FAST_INLINE void shifted_row(const In* src, const In* first, int64_t len, T* dst) {
@@ -299,7 +324,8 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
 // R broadcasts of one j come from one cache line.
 template <int R, bool Full, typename In, typename T>
 BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t ib, int64_t k,
-                                  int64_t count, const T* kt, const T* c, vec_t<T> va, vec_t<T> s) {
+                                  int64_t count, const T* kt, const T* c, vec_t<T> va, vec_t<T> s,
+                                  vec_t<T>& bad) {
   auto load_in = [&](const In* p) { return Full ? load_as<T>(p) : load_part_as<T>(p, count); };
   vec_t<T> acc[R];
   auto step = [&](int64_t j) BMT_FAST_INLINE_LAMBDA {
@@ -328,11 +354,15 @@ BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, 
     for (int64_t j = 0; j < n; ++j) step(j);
   }
   if (Full && std::is_same_v<In, T> && ib + R <= n) {  // phi is not read again: store past the caches
-    for (int r = 0; r < R; ++r) stream_as<In, T>(phi + (ib + r) * d + k, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      track_finite<In, Full, T>(bad, acc[r], count);
+      stream_as<In, T>(phi + (ib + r) * d + k, acc[r]);
+    }
     return;
   }
   for (int r = 0; r < R; ++r) {
     if (ib + r >= n) break;
+    track_finite<In, Full, T>(bad, acc[r], count);
     store_as<In, T>(phi + (ib + r) * d + k, acc[r], Full ? kLanes<T> : count);
   }
 }
@@ -360,7 +390,7 @@ constexpr int64_t kApplyPrefetchVectors = 4;
 template <bool Full, typename In, typename T>
 BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t k,
                                           int64_t count, int64_t col_end, const T* shift, const T* kt,
-                                          const T* c, vec_t<T> va) {
+                                          const T* c, vec_t<T> va, vec_t<T>& bad) {
   constexpr int L = kLanes<T>;
   const int64_t ahead = k + kApplyPrefetchVectors * L;
   if (Full && ahead < col_end) {
@@ -374,13 +404,13 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
     const int R = apply_block_rows(n, ib);
     const T* kb = kt + ib * n;
     if constexpr (kApplyMaxRows >= 16) {
-      if (R == 16) apply_vector<16, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
-      if (R == 12) apply_vector<12, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
+      if (R == 16) apply_vector<16, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, bad);
+      if (R == 12) apply_vector<12, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, bad);
     }
     if constexpr (kApplyMaxRows >= 8) {
-      if (R == 8) apply_vector<8, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
+      if (R == 8) apply_vector<8, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, bad);
     }
-    if (R == 4) apply_vector<4, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s);
+    if (R == 4) apply_vector<4, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, bad);
     ib += R;
   }
 }
@@ -394,7 +424,7 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
 template <int R, typename In, typename T>
 BMT_FAST_INLINE void apply_packed_vector(const T* xcb, const T* wb, int64_t ld, In* phi, int64_t n, int64_t d,
                                          int64_t ib, int64_t kb, int64_t k, int64_t count, const T* kt,
-                                         const T* c) {
+                                         const T* c, vec_t<T>& bad) {
   vec_t<T> acc[R];
   for (int r = 0; r < R; ++r) {  // padding rows (c = 0) read the last real row and are not stored
     const int64_t i = ib + r < n ? ib + r : n - 1;
@@ -407,6 +437,7 @@ BMT_FAST_INLINE void apply_packed_vector(const T* xcb, const T* wb, int64_t ld, 
   for (int r = 0; r < R; ++r) {
     if (ib + r >= n) break;
     In* out = phi + (ib + r) * d + k;
+    track_finite<In, false, T>(bad, acc[r], count);
     if (count == kLanes<T>) stream_as<In, T>(out, acc[r]);
     else store_as<In, T>(out, acc[r], count);
   }
@@ -415,7 +446,7 @@ BMT_FAST_INLINE void apply_packed_vector(const T* xcb, const T* wb, int64_t ld, 
 template <typename In, typename T>
 BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int64_t n, int64_t d,
                                           int64_t col_begin, int64_t col_end, const T* shift, const T* kt,
-                                          const T* c, T a, T* buf) {
+                                          const T* c, T a, T* buf, vec_t<T>& bad) {
   constexpr int L = kLanes<T>;
   const int64_t chunk = apply_pack_chunk(n);
   const int64_t ld = chunk + kRowPad<T>;
@@ -442,9 +473,9 @@ BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int
         const int R = apply_block_rows(n, ib);
         const T* kb = kt + ib * n;
         if constexpr (kApplyMaxRows >= 8) {
-          if (R == 8) apply_packed_vector<8>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kb, c);
+          if (R == 8) apply_packed_vector<8>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kb, c, bad);
         }
-        if (R == 4) apply_packed_vector<4>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kb, c);
+        if (R == 4) apply_packed_vector<4>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kb, c, bad);
         ib += R;
       }
     }
@@ -452,8 +483,9 @@ BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int
 }
 
 // scratch: round_up(n, kApplyRows) * n elements, then (packed pass) 2n rows of apply_pack_chunk(n) + kRowPad.
+// Returns whether every phi value it wrote is finite.
 template <typename In, typename T>
-BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64_t n, int64_t d,
+BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64_t n, int64_t d,
                                         int64_t col_begin, int64_t col_end, const T* shift, const T* kn,
                                         const T* c, T a, T* scratch) {
   constexpr int L = kLanes<T>;
@@ -466,16 +498,19 @@ BMT_FAST_INLINE void apply_columns_impl(const In* x, const In* g, In* phi, int64
       for (int r = 0; r < R; ++r) kt[ib * n + j * R + r] = kn[(ib + r) * n + j];
     ib += R;
   }
+  vec_t<T> bad{};
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
   const vec_t<T> va = broadcast(T(a));
   int64_t k = col_begin;
-  for (; k + L <= col_end; k += L) apply_columns_vector<true>(x, g, phi, n, d, k, L, col_end, shift, kt, c, va);
-  if (k < col_end) apply_columns_vector<false>(x, g, phi, n, d, k, col_end - k, col_end, shift, kt, c, va);
+  for (; k + L <= col_end; k += L)
+    apply_columns_vector<true>(x, g, phi, n, d, k, L, col_end, shift, kt, c, va, bad);
+  if (k < col_end) apply_columns_vector<false>(x, g, phi, n, d, k, col_end - k, col_end, shift, kt, c, va, bad);
 #else
   (void)L;
-  apply_columns_packed(x, g, phi, n, d, col_begin, col_end, shift, kt, c, a, scratch + rows * n);
+  apply_columns_packed(x, g, phi, n, d, col_begin, col_end, shift, kt, c, a, scratch + rows * n, bad);
 #endif
   stream_fence();
+  return horizontal_sum<T>(bad) == T(0);
 }
 
 }  // namespace
@@ -500,9 +535,9 @@ BMT_FAST_DEFINE_TILE_KERNELS(double)
                     double* gram, T* shift, T* scratch) {                                                 \
     gram_columns_impl<In, T>(x, n, d, col_begin, col_end, chunk, gram, shift, scratch);                   \
   }                                                                                                       \
-  void apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,          \
+  bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,          \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a, T* scratch) {         \
-    apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch);             \
+    return apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch);      \
   }
 BMT_FAST_DEFINE_COLUMN_KERNELS(float, float)
 BMT_FAST_DEFINE_COLUMN_KERNELS(double, double)
