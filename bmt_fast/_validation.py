@@ -54,6 +54,19 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, sh
         raise ValueError(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
 
 
+def check_out(out: torch.Tensor, x: torch.Tensor, score: torch.Tensor) -> None:
+    """An out= tensor for phi: x's shape, dtype and device, contiguous, and no memory shared with the inputs
+    (phi is written while x and score are still read)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    check_same("x", x, "out", out)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    for name, t in (("x", x), ("score", score)):
+        if out.device.type != "meta" and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            raise ValueError(f"out must not share memory with {name}")
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """(n, *event) -> (n, d) without copying when the layout allows it (n may be 0)."""
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))

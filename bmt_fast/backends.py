@@ -39,12 +39,11 @@ class Backend:
     def median_bandwidth(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def svgd_step_checked(
-        self, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None
-    ) -> tuple[torch.Tensor, bool | None]:
-        """svgd_step and whether phi is all finite, where the kernel knows it without another pass over
-        phi; None where it does not (the caller scans phi)."""
-        return self.svgd_step(x, score, h), None
+    def svgd_step_into(self, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor) -> bool | None:
+        """svgd_step written into out (x's shape and dtype, contiguous); returns whether phi is all finite
+        where the kernel knows it without another pass over phi, None where it does not (the caller scans)."""
+        out.copy_(self.svgd_step(x, score, h))
+        return None
 
     def svgd_step_spreads_non_finite(self, x: torch.Tensor) -> bool:
         """True where a NaN/Inf anywhere in x or score is known to make phi non-finite: svgd_step may then
@@ -92,11 +91,11 @@ class CompiledBackend(Backend):
     def svgd_step(self, x, score, h):
         return torch.ops.bmt_fast.svgd_step(x, score, h)
 
-    def svgd_step_checked(self, x, score, h):
+    def svgd_step_into(self, x, score, h, out):
         if self.name != "cpu":
-            return super().svgd_step_checked(x, score, h)
-        phi, finite = torch.ops.bmt_fast.svgd_step_checked(x, score, h)  # tracked while phi is written
-        return phi, bool(finite)
+            return super().svgd_step_into(x, score, h, out)
+        # Written in place; on the Gram path the flag is tracked while phi is written (elsewhere a scan).
+        return bool(torch.ops.bmt_fast.svgd_step_into(x, score, h, out=out))
 
     def rbf_kernel(self, x, y, h):
         return torch.ops.bmt_fast.rbf_kernel(x, x if y is None else y, h)

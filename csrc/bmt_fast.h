@@ -2,6 +2,7 @@
 // Meta kernels), the bandwidth rule and the CPU entry points (also called by the C++ test binary).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -97,6 +98,16 @@ inline void check_svgd_step_args(const at::Tensor& x, const at::Tensor& score,
   if (bandwidth.has_value()) check_bandwidth(*bandwidth, x);
 }
 
+// The out tensor of svgd_step_into: where phi goes, written in place.
+inline void check_svgd_step_out(const at::Tensor& x, const at::Tensor& score, const at::Tensor& out) {
+  check_like(x, "x", out, "out");
+  BMT_CHECK(same_shape(out, x), "out must have the shape of x ", shape_str(x), ", got ", shape_str(out));
+  BMT_CHECK(out.is_contiguous(), "out must be contiguous");
+  for (const auto& [t, name] : {std::pair{&x, "x"}, std::pair{&score, "score"}})
+    BMT_CHECK(!out.storage().is_alias_of(t->storage()) || at::get_overlap_status(out, *t) == at::MemOverlapStatus::No,
+              "out must not overlap ", name);
+}
+
 inline void check_rbf_kernel_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
   check_particles(x, "x");
   check_particles(y, "y");
@@ -142,11 +153,10 @@ constexpr int64_t kTileSize = 512;
 
 at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                      std::string_view algorithm);
-// svgd_step and whether phi is all finite (a 0-dim bool tensor): on the Gram path tracked while phi is
-// written, elsewhere by a scan.
-std::tuple<at::Tensor, at::Tensor> svgd_step_checked(const at::Tensor& x, const at::Tensor& score,
-                                                     const std::optional<at::Tensor>& bandwidth,
-                                                     std::string_view algorithm);
+// svgd_step written into out (x's shape and dtype, contiguous, no overlap with x or score); returns a
+// 0-dim bool: whether phi is all finite (on the Gram path tracked while phi is written, else a scan).
+at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                          std::string_view algorithm, at::Tensor& out);
 at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& y, const at::Tensor& kernel,

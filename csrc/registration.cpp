@@ -15,23 +15,27 @@ at::Tensor svgd_step_meta(const at::Tensor& x, const at::Tensor& score, const st
   return at::empty_like(x, at::MemoryFormat::Contiguous);
 }
 
-std::tuple<at::Tensor, at::Tensor> svgd_step_checked_meta(const at::Tensor& x, const at::Tensor& score,
-                                                          const std::optional<at::Tensor>& bandwidth,
-                                                          c10::string_view algorithm) {
-  return {svgd_step_meta(x, score, bandwidth, algorithm), at::empty({}, x.options().dtype(at::kBool))};
+at::Tensor svgd_step_into_meta(const at::Tensor& x, const at::Tensor& score,
+                               const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm, at::Tensor& out) {
+  check_svgd_step_args(x, score, bandwidth);
+  check_like(x, "x", out, "out");
+  BMT_CHECK(same_shape(out, x), "out must have the shape of x ", shape_str(x), ", got ", shape_str(out));
+  parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
+  return at::empty({}, x.options().dtype(at::kBool));
 }
 
-// Any device: svgd_step, then a scan of phi (the CPU kernel tracks finiteness while it writes phi).
-std::tuple<at::Tensor, at::Tensor> svgd_step_checked_composite(const at::Tensor& x, const at::Tensor& score,
-                                                               const std::optional<at::Tensor>& bandwidth,
-                                                               c10::string_view algorithm) {
+// Any device without its own kernel: svgd_step, copied into out, then a scan of it.
+at::Tensor svgd_step_into_composite(const at::Tensor& x, const at::Tensor& score,
+                                    const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
+                                    at::Tensor& out) {
+  check_svgd_step_args(x, score, bandwidth);
+  check_svgd_step_out(x, score, out);
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("bmt_fast::svgd_step", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                c10::string_view)>();
-  at::Tensor phi = op.call(x, score, bandwidth, algorithm);
-  at::Tensor finite = at::isfinite(phi).all();
-  return {phi, finite};
+  out.copy_(op.call(x, score, bandwidth, algorithm));
+  return at::isfinite(out).all();
 }
 
 at::Tensor median_bandwidth_meta(const at::Tensor& x, c10::string_view algorithm) {
@@ -59,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward_meta(const at
 TORCH_LIBRARY(bmt_fast, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def("svgd_step(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\") -> Tensor", tags);
-  m.def("svgd_step_checked(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\")"
-        " -> (Tensor, Tensor)",
+  m.def("svgd_step_into(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\", *,"
+        " Tensor(a!) out) -> Tensor",
         tags);
   m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor", tags);
   m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor", tags);
@@ -71,12 +75,12 @@ TORCH_LIBRARY(bmt_fast, m) {
 
 TORCH_LIBRARY_IMPL(bmt_fast, Meta, m) {
   m.impl("svgd_step", &bmt_fast::svgd_step_meta);
-  m.impl("svgd_step_checked", &bmt_fast::svgd_step_checked_meta);
+  m.impl("svgd_step_into", &bmt_fast::svgd_step_into_meta);
   m.impl("median_bandwidth", &bmt_fast::median_bandwidth_meta);
   m.impl("rbf_kernel", &bmt_fast::rbf_kernel_meta);
   m.impl("rbf_kernel_backward", &bmt_fast::rbf_kernel_backward_meta);
 }
 
 TORCH_LIBRARY_IMPL(bmt_fast, CompositeExplicitAutograd, m) {
-  m.impl("svgd_step_checked", &bmt_fast::svgd_step_checked_composite);
+  m.impl("svgd_step_into", &bmt_fast::svgd_step_into_composite);
 }

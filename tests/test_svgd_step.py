@@ -98,6 +98,29 @@ def test_non_contiguous_inputs(cpu_backend):
     assert relative_error(phi, reference_phi(x.contiguous(), score.contiguous())) < 1e-12
 
 
+@pytest.mark.parametrize("n, event", [(6, (2, 3)), (9, (40,)), (80, (3, 5))])  # Gram and tiled paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_out_receives_phi(cpu_backend, n, event, dtype):
+    """out= is filled with the phi svgd_step returns, bit for bit, and is itself returned; it can be reused."""
+    torch.manual_seed(n)
+    out = torch.full((n, *event), 7.0, dtype=dtype)
+    for step in range(2):
+        x = torch.randn(n, *event, dtype=torch.float64).to(dtype)
+        score = torch.randn(n, *event, dtype=torch.float64).to(dtype)
+        for bandwidth in ("median", 0.7):
+            result = bmt_fast.svgd_step(x, score, bandwidth, backend=cpu_backend, out=out)
+            assert result is out
+            torch.testing.assert_close(out, bmt_fast.svgd_step(x, score, bandwidth, backend=cpu_backend), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["x", "score"])
+def test_out_with_a_bad_input_still_names_it(cpu_backend, where):
+    x, score = particles(5, 33, dtype=torch.float32)
+    (x if where == "x" else score)[4, 32] = math.inf
+    with pytest.raises(ValueError, match=f"{where} contains 1 NaN/Inf"):
+        bmt_fast.svgd_step(x, score, backend=cpu_backend, out=torch.empty_like(x))
+
+
 def test_single_particle_gives_its_score(cpu_backend):
     x, score = particles(1, 10)
     for bandwidth in ("median", 0.5):
@@ -149,7 +172,7 @@ def test_auto_uses_the_compiled_kernel_on_cpu():
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
     """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result, and each
-    reports a NaN in phi (svgd_step_checked's flag, tracked in their own apply passes)."""
+    reports a NaN in phi (svgd_step_into's flag, tracked in their own apply passes)."""
     import subprocess
     import sys
 
@@ -165,11 +188,12 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "        ref = reference.svgd_step(x.to(dt).double(), s.to(dt).double(), None)\n"
         "        err = float((phi.double() - ref).abs().max() / ref.abs().max())\n"
         "        assert err < {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dt], (n, d, dt, err)\n"
-        "        checked, finite = torch.ops.bmt_fast.svgd_step_checked(x.to(dt), s.to(dt), None, algo)\n"
-        "        assert bool(finite) and torch.equal(checked, phi), (n, d, dt)\n"
+        "        out = torch.empty_like(phi)\n"
+        "        finite = torch.ops.bmt_fast.svgd_step_into(x.to(dt), s.to(dt), None, algo, out=out)\n"
+        "        assert bool(finite) and torch.equal(out, phi), (n, d, dt)\n"
         "        for i, k in ((0, 0), (n - 1, d - 1), (n // 2, d // 3)):\n"
         "            sb = s.to(dt); sb[i, k] = float('nan')\n"
-        "            assert not bool(torch.ops.bmt_fast.svgd_step_checked(x.to(dt), sb, None, algo)[1]), (n, d, dt, i, k)\n"
+        "            assert not bool(torch.ops.bmt_fast.svgd_step_into(x.to(dt), sb, None, algo, out=out)), (n, d, dt, i, k)\n"
         "print(bmt_fast._extension.CPU.module.build_info()['cpu_isa'])\n"
     )
     env = subprocess_env(BMT_FAST_CPU_ISA=isa)

@@ -71,49 +71,77 @@ def test_cpu_gram_path_names_every_bad_input_from_its_output(n, dtype, bandwidth
                     torch.testing.assert_close(t, t0, rtol=0, atol=0, equal_nan=True)
 
 
+def checked(x, score, bandwidth=None, algorithm="auto"):
+    """torch.ops.bmt_fast.svgd_step_into on a fresh out: (phi, finite)."""
+    out = torch.empty_like(x)
+    finite = torch.ops.bmt_fast.svgd_step_into(x, score, bandwidth, algorithm, out=out)
+    assert finite.dtype == torch.bool and finite.shape == ()
+    return out, bool(finite)
+
+
 @requires_cpu_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, d", [(1, 5), (4, 203), (13, 16), (64, 1000), (65, 37)])
-def test_svgd_step_checked_reports_whether_phi_is_finite(n, d, dtype):
-    """torch.ops.bmt_fast.svgd_step_checked gives svgd_step's phi bit for bit and a flag equal to
+def test_svgd_step_into_reports_whether_phi_is_finite(n, d, dtype):
+    """torch.ops.bmt_fast.svgd_step_into writes svgd_step's phi bit for bit and returns a flag equal to
     isfinite(phi).all(): tracked in registers on the CPU Gram path (n <= 64), by a scan on the tiled one
     (n = 65). Bad values at the shift row, a ragged last vector and the middle, in x and in score."""
     torch.manual_seed(n * d)
     x, score = torch.randn(n, d, dtype=torch.float64).to(dtype), torch.randn(n, d, dtype=torch.float64).to(dtype)
     for bandwidth in (None, torch.tensor(0.5, dtype=torch.float64)):
-        phi, finite = torch.ops.bmt_fast.svgd_step_checked(x, score, bandwidth)
-        assert finite.dtype == torch.bool and finite.shape == () and bool(finite)
+        phi, finite = checked(x, score, bandwidth)
+        assert finite
         torch.testing.assert_close(phi, torch.ops.bmt_fast.svgd_step(x, score, bandwidth), rtol=0, atol=0)
         for which in (0, 1):
             for i, k in {(0, 0), (n - 1, d - 1), (n // 2, d // 2)}:
                 for bad in (math.nan, math.inf, -math.inf):
                     xb, sb = x.clone(), score.clone()
                     (xb, sb)[which][i, k] = bad
-                    phi, finite = torch.ops.bmt_fast.svgd_step_checked(xb, sb, bandwidth)
-                    assert not bool(finite) and not bool(torch.isfinite(phi).all()), (which, i, k, bad)
+                    phi, finite = checked(xb, sb, bandwidth)
+                    assert not finite and not bool(torch.isfinite(phi).all()), (which, i, k, bad)
 
 
 @requires_cpu_extension
 @pytest.mark.parametrize("algorithm", ["gram", "tiled"])
-def test_svgd_step_checked_counts_values_that_overflow_float16(algorithm):
+def test_svgd_step_into_counts_values_that_overflow_float16(algorithm):
     """fp16 inputs accumulate in fp32: a phi value finite in fp32 but beyond fp16's range is stored as
     Inf, and the flag says so (the Gram path compares against the largest value that rounds to finite)."""
     x = torch.zeros(2, 3)
     x[1, 0] = 1e-5  # r = 1e-5 apart at H = 2e-10: the repulsion, k / (n r) ~ 3e4, pushes x_1 past 65504
     score = torch.full((2, 3), 6e4)
     h = torch.tensor(2e-10)
-    wide, ok = torch.ops.bmt_fast.svgd_step_checked(x, score, h, algorithm)
-    assert bool(ok) and float(wide.abs().max()) > 65520  # finite in fp32 ...
-    phi, finite = torch.ops.bmt_fast.svgd_step_checked(x.half(), score.half(), h, algorithm)
-    assert bool(torch.isinf(phi).any()) and not bool(finite)  # ... Inf once stored as fp16
+    wide, ok = checked(x, score, h, algorithm)
+    assert ok and float(wide.abs().max()) > 65520  # finite in fp32 ...
+    phi, finite = checked(x.half(), score.half(), h, algorithm)
+    assert bool(torch.isinf(phi).any()) and not finite  # ... Inf once stored as fp16
     assert not bool(torch.isnan(phi).any())
 
 
 @requires_cpu_extension
-def test_opcheck_svgd_step_checked():
+def test_opcheck_svgd_step_into():
     x, score = good(9, 5)
     for algorithm in ("auto", "tiled", "gram"):
-        torch.library.opcheck(torch.ops.bmt_fast.svgd_step_checked.default, (x, score, None, algorithm))
+        out = torch.empty_like(x)
+        torch.library.opcheck(torch.ops.bmt_fast.svgd_step_into.default, (x, score, None, algorithm), {"out": out})
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize(
+    "make_out, error, match",
+    [
+        (lambda x: torch.empty(x.shape[0], x.shape[1] + 1), ValueError, "out must have the shape of x"),
+        (lambda x: torch.empty_like(x, dtype=torch.float64), TypeError, "out must have the dtype of x"),
+        (lambda x: torch.empty(x.shape[1], x.shape[0]).T, ValueError, "out must be contiguous"),
+        (lambda x: x, ValueError, "out must not (overlap|share memory with) x"),
+    ],
+)
+def test_svgd_step_into_rejects_a_bad_out(make_out, error, match):
+    x, score = good(5, 6)
+    out = make_out(x)
+    with pytest.raises(RuntimeError, match=match):  # the op itself (c10 errors surface as RuntimeError)
+        torch.ops.bmt_fast.svgd_step_into(x, score, None, "auto", out=out)
+    with pytest.raises(error, match=match):  # the public API, before anything runs
+        bmt_fast.svgd_step(x, score, out=out)
 
 
 @requires_cpu_extension

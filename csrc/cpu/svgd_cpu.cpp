@@ -203,10 +203,11 @@ std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift
   return dist;
 }
 
-// phi, and whether all of it is finite (tracked by the apply pass in registers: no pass over phi).
+// Writes phi into `phi` (contiguous, x's shape and dtype) and returns whether all of it is finite
+// (tracked by the apply pass in registers: no pass over phi).
 template <typename In>
-std::pair<at::Tensor, bool> svgd_step_gram(const at::Tensor& x, const at::Tensor& score,
-                                           const std::optional<double>& bandwidth) {
+bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
+                    const at::Tensor& phi) {
   using T = gram_compute_t<In>;
   const int64_t n = x.size(0), d = x.size(1);
   const std::unique_ptr<T[]> shift(new T[d]);  // every entry written by the Gram pass: not zeroed first
@@ -226,7 +227,6 @@ std::pair<at::Tensor, bool> svgd_step_gram(const at::Tensor& x, const at::Tensor
     c[i] = static_cast<T>(rowsum * (a / static_cast<double>(n)));
   }
 
-  at::Tensor phi = at::empty_like(x);
   const int64_t chunk = gram_chunk(n);
   const int64_t num_chunks = (d + chunk - 1) / chunk;
   std::atomic<bool> finite{true};
@@ -235,45 +235,49 @@ std::pair<at::Tensor, bool> svgd_step_gram(const at::Tensor& x, const at::Tensor
                        std::min(end * chunk, d), shift.get(), kn.data(), c.data(), static_cast<T>(a)))
       finite.store(false, std::memory_order_relaxed);
   });
-  return {phi, finite.load()};
+  return finite.load();
 }
 
 }  // namespace
 
 // ---- ops -----------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> svgd_step_checked(const at::Tensor& x_in, const at::Tensor& score_in,
-                                                     const std::optional<at::Tensor>& bandwidth,
-                                                     std::string_view algorithm) {
-  check_svgd_step_args(x_in, score_in, bandwidth);
-  const Algorithm algo = parse_algorithm(algorithm);
-  const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
-  const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
-  const auto flag = [&](bool finite) { return at::scalar_tensor(finite, x.options().dtype(at::kBool)); };
-  if (use_gram(x, algo)) {
-    const auto [phi, finite] =
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
-                                        [&] { return svgd_step_gram<scalar_t>(x, score, h); });
-    return {phi, flag(finite)};
-  }
-  at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
-                                                  : svgd_step_tiled<float>(x, score, h);
-  const bool finite = at::isfinite(phi).all().item<bool>();  // the tiled path: a scan (BLAS may skip zeros)
-  return {phi, flag(finite)};
-}
+namespace {
 
-at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in, const std::optional<at::Tensor>& bandwidth,
-                     std::string_view algorithm) {
-  check_svgd_step_args(x_in, score_in, bandwidth);
+// phi into `out` (contiguous, x's shape and dtype; checked by the callers). Returns whether phi is all
+// finite where the kernel tracks it (the Gram path), nullopt elsewhere (BLAS may skip zero weights).
+std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score_in, const std::optional<at::Tensor>& bandwidth,
+                  std::string_view algorithm, at::Tensor& out) {
   const Algorithm algo = parse_algorithm(algorithm);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
   if (use_gram(x, algo)) {
     return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
-                                           [&] { return svgd_step_gram<scalar_t>(x, score, h).first; });
+                                           [&] { return svgd_step_gram<scalar_t>(x, score, h, out); });
   }
-  if (x.scalar_type() == at::kDouble) return svgd_step_tiled<double>(x, score, h);
-  return svgd_step_tiled<float>(x, score, h);
+  const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
+                                                        : svgd_step_tiled<float>(x, score, h);
+  out.copy_(phi);
+  return std::nullopt;
+}
+
+}  // namespace
+
+at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                          std::string_view algorithm, at::Tensor& out) {
+  check_svgd_step_args(x, score, bandwidth);
+  check_svgd_step_out(x, score, out);
+  const std::optional<bool> tracked = svgd_step_to(x, score, bandwidth, algorithm, out);
+  const bool finite = tracked ? *tracked : at::isfinite(out).all().item<bool>();
+  return at::scalar_tensor(finite, x.options().dtype(at::kBool));
+}
+
+at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                     std::string_view algorithm) {
+  check_svgd_step_args(x, score, bandwidth);
+  at::Tensor phi = at::empty_like(x, at::MemoryFormat::Contiguous);
+  svgd_step_to(x, score, bandwidth, algorithm, phi);
+  return phi;
 }
 
 at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) {
@@ -342,9 +346,10 @@ TORCH_LIBRARY_IMPL(bmt_fast, CPU, m) {
                          c10::string_view algorithm) {
     return bmt_fast::cpu::svgd_step(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()));
   });
-  m.impl("svgd_step_checked", [](const at::Tensor& x, const at::Tensor& score,
-                                 const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm) {
-    return bmt_fast::cpu::svgd_step_checked(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()));
+  m.impl("svgd_step_into", [](const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                              c10::string_view algorithm, at::Tensor& out) {
+    return bmt_fast::cpu::svgd_step_into(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()),
+                                         out);
   });
   m.impl("median_bandwidth", [](const at::Tensor& x, c10::string_view algorithm) {
     return bmt_fast::cpu::median_bandwidth(x, std::string_view(algorithm.data(), algorithm.size()));

@@ -72,13 +72,14 @@ void test_svgd_step() {
       const at::Tensor fp32 = bmt_fast::cpu::svgd_step(x.to(at::kFloat), g.to(at::kFloat),
                                                        at::scalar_tensor(h, at::kDouble), algorithm);
       expect(fp32.scalar_type() == at::kFloat && max_relative_error(fp32, expected) < 2e-5, "svgd_step fp32" + label);
-      // svgd_step_checked: the same phi, and a flag that catches a NaN in the last score value
-      const auto [checked, finite] = bmt_fast::cpu::svgd_step_checked(x, g, std::nullopt, algorithm);
-      expect(at::equal(checked, fp64) && finite.item<bool>(), "svgd_step_checked finite" + label);
+      // svgd_step_into: the same phi, written into out, and a flag that catches a NaN in the last score
+      at::Tensor out = at::empty_like(x);
+      const at::Tensor finite = bmt_fast::cpu::svgd_step_into(x, g, std::nullopt, algorithm, out);
+      expect(at::equal(out, fp64) && finite.item<bool>(), "svgd_step_into finite" + label);
       at::Tensor bad = g.clone();
       bad.view({-1})[n * d - 1] = std::nan("");
-      expect(!std::get<1>(bmt_fast::cpu::svgd_step_checked(x, bad, std::nullopt, algorithm)).item<bool>(),
-             "svgd_step_checked NaN" + label);
+      expect(!bmt_fast::cpu::svgd_step_into(x, bad, std::nullopt, algorithm, out).item<bool>(),
+             "svgd_step_into NaN" + label);
     }
   }
 }
