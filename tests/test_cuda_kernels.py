@@ -412,6 +412,23 @@ def test_public_api_strides_and_event_shapes(gpu):
         assert relative_error(phi.cpu(), expected.cpu()) < 1e-12
 
 
+@pytest.mark.parametrize("n", [9, 300])  # Gram and tiled paths
+def test_out_and_svgd_step_into_on_cuda(gpu, n):
+    """out= on the CUDA backend, and torch.ops.bmt_fast.svgd_step_into on CUDA tensors (the composite:
+    svgd_step, a copy into out, a scan for the flag)."""
+    x = torch.randn(n, 40, dtype=torch.float64, device="cuda")
+    score = torch.randn_like(x)
+    out = torch.empty_like(x)
+    assert bmt_fast.svgd_step(x, score, backend="cuda", out=out) is out
+    torch.testing.assert_close(out, bmt_fast.svgd_step(x, score, backend="cuda"), rtol=0, atol=0)
+    out2 = torch.empty_like(x)
+    assert bool(torch.ops.bmt_fast.svgd_step_into(x, score, None, "auto", out=out2))
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    score[n - 1, 39] = math.nan
+    assert not bool(torch.ops.bmt_fast.svgd_step_into(x, score, None, "auto", out=out2))
+    torch.library.opcheck(torch.ops.bmt_fast.svgd_step_into.default, (x, torch.randn_like(x), None, "auto"), {"out": out})
+
+
 def test_public_rbf_kernel_autograd(gpu):
     x = torch.randn(6, 3, dtype=torch.float64, device="cuda", requires_grad=True)
     y = torch.randn(5, 3, dtype=torch.float64, device="cuda", requires_grad=True)
