@@ -85,8 +85,9 @@ def svgd_step(
         check_finite("x", x)
         check_finite("score", score)
 
-    # Where any NaN/Inf in the inputs is known to reach phi, phi is scanned (one pass) and the inputs only
-    # when it is not finite: to name the bad one, or to find them finite (an overflow: phi is returned).
+    # Where any NaN/Inf in the inputs is known to reach phi, phi's finiteness decides (the CPU kernel tracks
+    # it while writing phi; elsewhere a scan of phi) and the inputs are scanned only when it is not finite:
+    # to name the bad one, or to find them finite (an overflow: phi is returned).
     post_check = check_inputs and chosen.svgd_step_spreads_non_finite(x2)
     if check_inputs and not post_check:
         check_both()
