@@ -18,11 +18,12 @@ def test_values_fp64(cpu_backend, n, m, d):
     assert relative_error(k, reference.rbf_kernel(x, y, h)) < 1e-12
 
 
-def test_values_fp32_far_from_origin(cpu_backend):
-    x64 = (torch.randn(40, 8, dtype=torch.float64) + 1e4).float().double()
-    y64 = (torch.randn(30, 8, dtype=torch.float64) + 1e4).float().double()
-    h = torch.tensor(6.0, dtype=torch.float64)
-    k = bmt_fast.rbf_kernel(x64.float(), y64.float(), 6.0, backend=cpu_backend)
+@pytest.mark.parametrize("n, m, d", [(40, 30, 8), (20, 30, 8), (3, 5, 20_000)])  # tiled; Gram (n + m <= 64)
+def test_values_fp32_far_from_origin(cpu_backend, n, m, d):
+    x64 = (torch.randn(n, d, dtype=torch.float64) + 1e4).float().double()
+    y64 = (torch.randn(m, d, dtype=torch.float64) + 1e4).float().double()
+    h = torch.tensor(0.75 * d, dtype=torch.float64)
+    k = bmt_fast.rbf_kernel(x64.float(), y64.float(), 0.75 * d, backend=cpu_backend)
     shift = x64[:1]
     torch_error = torch_error_in(torch.float32, lambda a, b: reference.rbf_kernel(a - shift.to(a.dtype), b - shift.to(a.dtype), h.to(a.dtype)), x64, y64)
     assert_within(k, reference.rbf_kernel(x64, y64, h), torch_error)

@@ -302,6 +302,21 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   check_rbf_kernel_args(x, y, bandwidth);
   const double h = read_bandwidth(bandwidth);
   const auto acc = accumulation_type(x.scalar_type());
+  const bool self = x.is_same(y);
+  const int64_t n = x.size(0), m = y.size(0), gram_rows = self ? n : n + m;
+  if (gram_rows <= kGramMaxParticles) {
+    // Few particles (often huge d): the distances from one split-K Gram pass over the rows, without the
+    // centred copies and GEMM below (4 x 409,600 on a 2-core Xeon: 5.4 ms that way, 2.5 ms naive torch).
+    const at::Tensor all = self ? x.contiguous() : at::cat({x, y}).contiguous();
+    const std::vector<double> dist =
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, all.scalar_type(), "rbf_kernel_gram",
+                                        [&] { return sq_dists_gram<scalar_t>(all); });
+    at::Tensor k = at::empty({n, m}, x.options().dtype(at::kDouble));
+    double* kp = k.data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) kp[i * m + j] = std::exp(dist[i * gram_rows + (self ? j : n + j)] / -h);
+    return k.to(x.scalar_type());
+  }
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
   const at::Tensor xc = (xa - shift).contiguous();
