@@ -78,6 +78,27 @@ def test_gradients_match_reference_autograd(cpu_backend):
         assert relative_error(g, e) < 1e-10
 
 
+@pytest.mark.parametrize("n, m, d", [(7, 5, 300), (70, 60, 50), (6, None, 1000)])  # Gram, tiled, self kernel
+def test_fp32_gradients_far_from_origin(cpu_backend, n, m, d):
+    """fp32 particles around 1e4 (the backward centres them): gradients within a few fp32 ulps of the fp64
+    reference's, also for the self kernel, where x's gradient sums both of the op's outputs."""
+    torch.manual_seed(n)
+    x64 = (torch.randn(n, d, dtype=torch.float64) + 1e4).float().double()
+    y64 = None if m is None else (torch.randn(m, d, dtype=torch.float64) + 1e4).float().double()
+    weights = torch.randn(n, n if m is None else m, dtype=torch.float64)
+
+    def grads(x, y, kernel):
+        leaves = [x.clone().requires_grad_()] + ([] if y is None else [y.clone().requires_grad_()])
+        k = kernel(*leaves) if y is not None else kernel(leaves[0], None)
+        return torch.autograd.grad((k * weights.to(k.dtype)).sum(), leaves)
+
+    h = 0.75 * d
+    expected = grads(x64, y64, lambda a, b: reference.rbf_kernel(a, b, torch.tensor(h, dtype=torch.float64)))
+    got = grads(x64.float(), None if y64 is None else y64.float(), lambda a, b: bmt_fast.rbf_kernel(a, b, h, backend=cpu_backend))
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float32 and relative_error(g.double(), e) < 5e-6
+
+
 def test_kde_log_prior_decreases_away_from_particles(cpu_backend):
     """The use in the trainer: -log mean_m k(theta, theta_m) pulls theta towards the particles."""
     particles = torch.randn(8, 16, dtype=torch.float64)

@@ -340,14 +340,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
   const double h = read_bandwidth(bandwidth);
   const auto acc = accumulation_type(x.scalar_type());
+  // Few n x d temporaries (each a fresh allocation the OS may have to page in: at d ~ 10^5..10^6 they,
+  // not the arithmetic, set the time): one centred copy per input (one in all for a self kernel) and the
+  // two results, each finished in place by addmm_ and mul_.
   const at::Tensor xa = x.to(acc);
-  const at::Tensor shift = centring_shift(xa);
-  const at::Tensor xc = xa - shift, yc = y.to(acc) - shift;
+  const at::Tensor shift = xa.mean(0, /*keepdim=*/true);  // any nearby centre: it cancels exactly
+  const at::Tensor xc = xa - shift;
+  const at::Tensor yc = y.is_same(x) ? xc : y.to(acc) - shift;
   const at::Tensor k = kernel.to(acc);
   const at::Tensor p = grad.to(acc) * k;  // dL/dD = -p / H, D = squared distance
   // dD_ij/dx_i = 2 (x_i - y_j), dD_ij/dy_j = -2 (x_i - y_j), dK/dH = K D / H^2 with D = -H log K.
-  const at::Tensor grad_x = (p.sum(1, true) * xc - at::mm(p, yc)).mul_(-2.0 / h);
-  const at::Tensor grad_y = (p.sum(0).unsqueeze(1) * yc - at::mm(p.t(), xc)).mul_(-2.0 / h);
+  at::Tensor grad_x = xc * p.sum(1, true);
+  grad_x.addmm_(p, yc, 1.0, -1.0).mul_(-2.0 / h);
+  at::Tensor grad_y = yc * p.sum(0).unsqueeze(1);
+  grad_y.addmm_(p.t(), xc, 1.0, -1.0).mul_(-2.0 / h);
   const at::Tensor log_k = at::where(k > 0, k.log(), at::zeros_like(k));
   const at::Tensor grad_h = (p * log_k).sum().mul_(-1.0 / h);
   return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type()),
