@@ -39,7 +39,9 @@ class Backend:
     def median_bandwidth(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def svgd_step_into(self, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor) -> bool | None:
+    def svgd_step_into(
+        self, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor
+    ) -> bool | None:
         """svgd_step written into out (x's shape and dtype, contiguous); returns whether phi is all finite
         where the kernel knows it without another pass over phi, None where it does not (the caller scans)."""
         out.copy_(self.svgd_step(x, score, h))

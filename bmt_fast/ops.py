@@ -96,7 +96,10 @@ def svgd_step(
         with torch.no_grad():
             hd = None if h is None else h.detach()
             if out is not None or post_check:  # the CPU kernel tracks phi's finiteness: no pass over phi
-                phi = torch.empty_like(x2, memory_format=torch.contiguous_format) if out is None else out.view(x2.shape)
+                if out is None:
+                    phi = torch.empty_like(x2, memory_format=torch.contiguous_format)
+                else:
+                    phi = out.view(x2.shape)
                 finite = chosen.svgd_step_into(x2, s2, hd, phi)
             else:
                 phi = chosen.svgd_step(x2, s2, hd)

@@ -16,11 +16,10 @@ at::Tensor svgd_step_meta(const at::Tensor& x, const at::Tensor& score, const st
 }
 
 at::Tensor svgd_step_into_meta(const at::Tensor& x, const at::Tensor& score,
-                               const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm, at::Tensor& out) {
-  check_svgd_step_args(x, score, bandwidth);
-  check_like(x, "x", out, "out");
-  BMT_CHECK(same_shape(out, x), "out must have the shape of x ", shape_str(x), ", got ", shape_str(out));
-  parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
+                               const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
+                               at::Tensor& out) {
+  svgd_step_meta(x, score, bandwidth, algorithm);  // the same argument checks
+  check_svgd_step_out(x, score, out);
   return at::empty({}, x.options().dtype(at::kBool));
 }
 

@@ -249,8 +249,9 @@ namespace {
 
 // phi into `out` (contiguous, x's shape and dtype; checked by the callers). Returns whether phi is all
 // finite where the kernel tracks it (the Gram path), nullopt elsewhere (BLAS may skip zero weights).
-std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score_in, const std::optional<at::Tensor>& bandwidth,
-                  std::string_view algorithm, at::Tensor& out) {
+std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score_in,
+                                 const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
+                                 at::Tensor& out) {
   const Algorithm algo = parse_algorithm(algorithm);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
