@@ -171,7 +171,7 @@ int64_t gram_chunk(int64_t n) {
   // 64 columns (whole cache lines in every dtype: the unit in which the threads share the columns of both
   // passes). At least 256 columns: each register block reloads its accumulators once per chunk, and with
   // 64 rows a 64-column chunk spent as many loads and stores on them as on its own FMAs (2-core Xeon,
-  // A/B: rbf_kernel 64 x 76,800 5.5-6.0 -> 3.8-4.0 ms; 64 rows x 256 columns are 64 KiB, served by L2).
+  // A/B: rbf_kernel 64 x 76,800 5.4-6.0 -> 3.6-4.0 ms; 64 rows x 256 columns are 64 KiB, served by L2).
   const int64_t rows = (n + 3) / 4 * 4;
   return std::clamp<int64_t>(4096 / rows / 64 * 64, 256, 1 << 20);
 }
