@@ -41,16 +41,18 @@ class Backend:
 
     def svgd_step_into(
         self, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor
-    ) -> bool | None:
-        """svgd_step written into out (x's shape and dtype, contiguous); returns whether phi is all finite
-        where the kernel knows it without another pass over phi, None where it does not (the caller scans)."""
+    ) -> torch.Tensor | None:
+        """svgd_step written into out (x's shape and dtype, contiguous); returns a 0-dim bool tensor on x's
+        device, whether phi is all finite, where the kernel knows it without another pass over phi, or None
+        where it does not (the caller scans). The flag is not read here: on a GPU that would synchronise."""
         out.copy_(self.svgd_step(x, score, h))
         return None
 
     def svgd_step_spreads_non_finite(self, x: torch.Tensor) -> bool:
-        """True where a NaN/Inf anywhere in x or score is known to make phi non-finite: svgd_step may then
-        scan its output (one pass) instead of both inputs (two passes), and scan the inputs only to name
-        the bad one. Only for kernels that never skip a product with a zero weight (0 * NaN = NaN)."""
+        """True where a NaN/Inf anywhere in x or score is known to make phi non-finite and svgd_step_into's
+        flag comes from the kernel itself: svgd_step may then check that flag (no pass over phi) instead of
+        scanning both inputs (two passes), and scan the inputs only to name the bad one. Only for kernels
+        that never skip a product with a zero weight (0 * NaN = NaN)."""
         return False
 
 
@@ -94,10 +96,9 @@ class CompiledBackend(Backend):
         return torch.ops.bmt_fast.svgd_step(x, score, h)
 
     def svgd_step_into(self, x, score, h, out):
-        if self.name != "cpu":
-            return super().svgd_step_into(x, score, h, out)
-        # Written in place; on the Gram path the flag is tracked while phi is written (elsewhere a scan).
-        return bool(torch.ops.bmt_fast.svgd_step_into(x, score, h, out=out))
+        # Written in place. Where svgd_step_spreads_non_finite holds, the kernels track the flag as they
+        # write phi; elsewhere the op scans out for it.
+        return torch.ops.bmt_fast.svgd_step_into(x, score, h, out=out)
 
     def rbf_kernel(self, x, y, h):
         return torch.ops.bmt_fast.rbf_kernel(x, x if y is None else y, h)
@@ -108,15 +109,20 @@ class CompiledBackend(Backend):
     def svgd_step_spreads_non_finite(self, x):
         # The CPU Gram path (n <= gram_max_particles): a bad x makes its column's mean, and so every
         # particle's centred value there, NaN; a bad score reaches every phi row through the apply pass's
-        # fused multiply-adds, zero weights included. (The tiled path multiplies through BLAS: not assumed.)
-        if self.name != "cpu" or x.device.type != "cpu" or not self.status.loaded:
+        # fused multiply-adds, zero weights included. The CUDA register kernels (n <= gram_register_rows):
+        # a bad x value makes its row's shifted value, or (in x_0) every row's, non-finite there, which the
+        # apply kernel multiplies into phi; a bad score reaches every phi row through its FMAs. (cuBLAS and
+        # the tiled paths beyond: not assumed; the op scans phi there.)
+        if not self.status.loaded or x.device.type != self.device_types[0]:
             return False
-        return x.shape[0] <= self._gram_max_particles()
+        return x.shape[0] <= self._flagged_particles()
 
     @functools.cache  # noqa: B019 - one entry per registered backend, which lives as long as the process
-    def _gram_max_particles(self) -> int:
-        """The CPU extension's Gram-path limit, read once (build_info builds a dict: not on every step)."""
-        return int(self.status.module.build_info().get("gram_max_particles", 0))
+    def _flagged_particles(self) -> int:
+        """Up to how many particles the kernels themselves flag a non-finite phi (build_info of the
+        extension, read once: it builds a dict, not on every step)."""
+        key = {"cpu": "gram_max_particles", "cuda": "gram_register_rows"}[self.name]
+        return int(self.status.module.build_info().get(key, 0))
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -40,10 +40,11 @@ def svgd_step(
             `reference.BANDWIDTH_FLOOR`), or a positive float / 0-dim tensor H.
         backend: "auto", or one of `available_backends()`.
         check_inputs: set False to skip the NaN/Inf scan (one extra pass over x and one over score; on
-            the CPU Gram path, n <= 64, no extra pass: the kernel tracks whether phi is finite as it
-            writes it, any NaN/Inf input reaching phi there, and the inputs are scanned only when it is
-            not) and the host read of a tensor bandwidth (for speed, and for torch.compile without
-            graph breaks).
+            the CPU Gram path, n <= 64, and the CUDA one with n <= 16, no extra pass: the kernel tracks
+            whether phi is finite as it writes it, any NaN/Inf input reaching phi there, and the inputs
+            are scanned only when it is not; on a GPU reading that flag is the call's one host
+            synchronisation) and the host read of a tensor bandwidth (for speed, and for torch.compile
+            without graph breaks).
         group: a torch.distributed process group (e.g. `torch.distributed.group.WORLD`) whose ranks each
             hold a slice of the particles (any number of rows, 0 included; same event shape and dtype).
             Every rank calls svgd_step with its slice and gets phi for its own rows, equal to the
@@ -55,9 +56,9 @@ def svgd_step(
             score, that receives phi (and is returned). For repeated steps on large tensors: a fresh
             result must be paged in by the OS on every call (on a 2-core VM, n=16, d=409,600: 6,400 page
             faults, ~11 ms on top of a ~6 ms step whenever the allocator hands back new pages). The CPU
-            backend writes it directly; the other backends copy their result into it. If a NaN/Inf error
-            is raised after the kernel ran (the CPU Gram path checks phi, not the inputs), out holds that
-            phi.
+            backend writes it directly, as does the CUDA one for n <= 16; elsewhere the result is copied
+            in. If a NaN/Inf error is raised after the kernel ran (where the kernel's flag is checked, not
+            the inputs), out holds that phi.
 
     Returns:
         phi with the shape, dtype and device of x. Half-precision inputs accumulate in float32.
@@ -95,7 +96,7 @@ def svgd_step(
     try:
         with torch.no_grad():
             hd = None if h is None else h.detach()
-            if out is not None or post_check:  # the CPU kernel tracks phi's finiteness: no pass over phi
+            if out is not None or post_check:  # the kernels track phi's finiteness: no pass over phi
                 if out is None:
                     phi = torch.empty_like(x2, memory_format=torch.contiguous_format)
                 else:
@@ -107,7 +108,7 @@ def svgd_step(
         if post_check:  # e.g. a NaN median bandwidth: the clear error about the input comes first
             check_both()
         raise
-    if post_check and not (all_finite(phi) if finite is None else finite):
+    if post_check and not (all_finite(phi) if finite is None else bool(finite)):
         check_both()
     return phi.reshape(x.shape) if out is None else out
 

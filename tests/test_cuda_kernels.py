@@ -240,6 +240,53 @@ def test_invalid_bandwidth_gives_nan_not_a_wrong_answer(target, algorithm, n, d,
     assert torch.isnan(k).all()
 
 
+# ---- svgd_step_into: phi into out, and whether it is all finite ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "algorithm,n,d",
+    [("gram", 1, 3), ("gram", 5, 37), ("gram", 16, 300), ("gram", 17, 33), ("tiled", 7, 40)],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_svgd_step_into_writes_phi_and_flags_non_finite(target, algorithm, n, d, dtype):
+    """out receives svgd_step's phi bit for bit; the 0-dim bool flag equals isfinite(phi).all(): written by
+    the register kernels as they store phi (Gram path, n <= 16), by a scan elsewhere (n = 17: cuBLAS apply;
+    tiled). A NaN/Inf at the shift row x_0, the last value and the middle, in x and in score, with the
+    median rule and with a given H."""
+    torch.manual_seed(n * d)
+    x, s, _, _ = particles(n, d, dtype)
+    x, s = x.to(target.device), s.to(target.device)
+    for h in (None, as_h(0.5).to(target.device)):
+        out = torch.full_like(x, 7.0)
+        finite = target.ops.svgd_step_into(x, s, h, algorithm, out=out)
+        assert finite.dtype == torch.bool and finite.shape == () and finite.device == x.device
+        assert bool(finite)
+        torch.testing.assert_close(out, target.ops.svgd_step(x, s, h, algorithm), rtol=0, atol=0)
+        for which in (0, 1):
+            for (i, k), bad in zip([(0, 0), (n - 1, d - 1), (n // 2, d // 2)], [math.nan, math.inf, -math.inf]):
+                xb, sb = x.clone(), s.clone()
+                (xb, sb)[which][i, k] = bad
+                assert not bool(target.ops.svgd_step_into(xb, sb, h, algorithm, out=out)), (which, i, k, bad, h)
+                assert not bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("algorithm", ["gram", "tiled"])
+def test_svgd_step_into_flags_values_that_overflow_float16(target, algorithm):
+    """fp16 accumulates in fp32: a phi value finite in fp32 but past 65504 is stored as Inf, and flagged."""
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    x[1, 0] = 1e-5  # 1e-5 apart at H = 2e-10: the repulsion pushes phi past fp16's range
+    score = torch.full((2, 3), 6e4, dtype=torch.float64)
+    h = as_h(2e-10).to(target.device)
+    wide = torch.empty(2, 3, device=target.device)
+    assert bool(target.ops.svgd_step_into(x.float().to(target.device), score.float().to(target.device), h, algorithm,
+                                          out=wide))
+    assert float(wide.abs().max()) > 65520
+    out = torch.empty(2, 3, dtype=torch.float16, device=target.device)
+    assert not bool(target.ops.svgd_step_into(x.half().to(target.device), score.half().to(target.device), h,
+                                              algorithm, out=out))
+    assert bool(torch.isinf(out).any()) and not bool(torch.isnan(out).any())
+
+
 # ---- median_bandwidth ------------------------------------------------------------------------------
 
 
@@ -414,8 +461,8 @@ def test_public_api_strides_and_event_shapes(gpu):
 
 @pytest.mark.parametrize("n", [9, 300])  # Gram and tiled paths
 def test_out_and_svgd_step_into_on_cuda(gpu, n):
-    """out= on the CUDA backend, and torch.ops.bmt_fast.svgd_step_into on CUDA tensors (the composite:
-    svgd_step, a copy into out, a scan for the flag)."""
+    """out= on the CUDA backend, and torch.ops.bmt_fast.svgd_step_into on CUDA tensors (n = 9: the register
+    kernels write out and the flag; n = 300: svgd_step, a copy into out, a scan for the flag)."""
     x = torch.randn(n, 40, dtype=torch.float64, device="cuda")
     score = torch.randn_like(x)
     out = torch.empty_like(x)

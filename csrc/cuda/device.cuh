@@ -149,6 +149,13 @@ BMT_DEVICE bool is_finite(double v) {
   return isfinite(v);
 #endif
 }
+BMT_DEVICE bool is_finite(float v) {
+#ifdef BMT_FAST_EMULATE
+  return std::isfinite(v);
+#else
+  return isfinite(v);
+#endif
+}
 
 BMT_DEVICE float quiet_nan_f() { return float_from_bits(0x7fc00000u); }
 BMT_DEVICE double quiet_nan_d() { return double_from_bits(0x7ff8000000000000ull); }

@@ -23,6 +23,9 @@ struct GramParams {
   long long n, m, d;
   double* gram;  // (R x R), zeroed; the upper triangle i <= j is accumulated
   long long cols_per_block;  // column range of one CTA (multiple of 16)
+  // svgd_step_into's flag, or null: set true here (this launch precedes the apply kernel, which clears
+  // it on a non-finite phi value), so the flag needs no launch of its own.
+  bool* finite = nullptr;
 };
 
 template <typename In>
@@ -48,6 +51,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kMax > 8 ? 1 : 2) gram_small_kernel(const
   constexpr int kWarps = 256 / kWarp;
   __shared__ C partial[kWarps][kPairs];
   const long long rows = p.n + p.m;
+  if (p.finite && blockIdx.x == 0 && threadIdx.x == 0) *p.finite = true;
   C acc[kPairs];
   for (int q = 0; q < kPairs; ++q) acc[q] = C(0);
 
@@ -293,6 +297,7 @@ struct ApplyParams {
   const double* gram;   // (n x n) upper triangle, from gram_small_kernel
   const double* given;  // H, or null for the median rule
   double floor;
+  bool* finite;  // null, or cleared when a stored phi value is NaN/Inf (set true by gram_small_kernel)
 };
 
 template <typename In, int kMax>
@@ -326,6 +331,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, sizeof(compute_t<In>) == 8 && kMax > 8 ? 
   const volatile C* kn_row = &kn[0][0];
   const volatile C* c_shared = c;
 
+  bool finite = true;  // every phi value this thread stored, as stored (16-bit: after rounding)
   const long long span = static_cast<long long>(blockDim.x) * kColumns;
   for (long long base = static_cast<long long>(blockIdx.x) * span; base < p.d; base += gridDim.x * span) {
     C v[kColumns][kMax], w[kColumns][kMax];
@@ -357,10 +363,15 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, sizeof(compute_t<In>) == 8 && kMax > 8 ? 
 #pragma unroll
       for (int q = 0; q < kColumns; ++q) {
         const long long k = base + q * blockDim.x + threadIdx.x;
-        if (k < p.d) p.phi[i * p.d + k] = Store<In>::from(out[q]);
+        if (k < p.d) {
+          const In stored = Store<In>::from(out[q]);
+          p.phi[i * p.d + k] = stored;
+          finite = finite && is_finite(to_float(stored));
+        }
       }
     }
   }
+  if (!finite && p.finite) *p.finite = false;  // every writer stores the same value
 }
 
 }  // namespace bmt_fast::cuda

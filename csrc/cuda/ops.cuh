@@ -165,13 +165,15 @@ inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
 // ---- Gram path -------------------------------------------------------------------------------------
 
 // G (R x R float64, upper triangle) of the rows of x and y (if given), shifted by x[0].
+// finite: svgd_step_into's flag, set true by the register kernel (rows <= kGramRegisterRows only).
 template <typename In>
-at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, const Device& dev) {
+at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, const Device& dev,
+                       bool* finite = nullptr) {
   const int64_t n = x.size(0), m = y ? y->size(0) : 0, d = x.size(1), rows = n + m;
   BMT_CHECK(rows <= kGramMaxRows, "the Gram algorithm handles at most ", num(kGramMaxRows),
             " particles on CUDA, got ", num(rows), " (use algorithm=\"tiled\")");
   at::Tensor gram = at::zeros({rows, rows}, x.options().dtype(at::kDouble));
-  GramParams<In> p{pointer<In>(x), y ? pointer<In>(*y) : nullptr, n, m, d, mutable_pointer<double>(gram), 0};
+  GramParams<In> p{pointer<In>(x), y ? pointer<In>(*y) : nullptr, n, m, d, mutable_pointer<double>(gram), 0, finite};
   if (rows <= kGramRegisterRows) {
     const unsigned blocks = grid_size(std::min<int64_t>((d + 255) / 256, 4 * int64_t(dev.sms)));
     if (rows <= 4) {
@@ -203,24 +205,33 @@ inline at::Tensor gram_bandwidth(const at::Tensor& gram, int64_t n, const std::o
   return h;
 }
 
+// Step 4 for n <= kGramRegisterRows: phi = K W / n + c V into phi (contiguous), H and K derived from G in
+// the kernel; `finite` (or null) is cleared on a non-finite phi value.
+template <typename In>
+void apply_small(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
+                 const at::Tensor& gram, at::Tensor& phi, bool* finite, const Device& dev) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const ApplyParams<In> ap{pointer<In>(x), pointer<In>(score), mutable_pointer<In>(phi), n, d, pointer<double>(gram),
+                           h_given ? pointer<double>(*h_given) : nullptr, kBandwidthFloor, finite};
+  const unsigned blocks = grid_size(std::min<int64_t>((d + 511) / 512, 4 * int64_t(dev.sms)));
+  if (n <= 4) {
+    launch(&apply_small_kernel<In, 4>, blocks, 256, 0, dev, ap);
+  } else if (n <= 8) {
+    launch(&apply_small_kernel<In, 8>, blocks, 256, 0, dev, ap);
+  } else {
+    launch(&apply_small_kernel<In, 16>, blocks, 256, 0, dev, ap);
+  }
+}
+
 template <typename In>
 at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
                           const Device& dev) {
   using C = compute_t<In>;
-  const int64_t n = x.size(0), d = x.size(1);
+  const int64_t n = x.size(0);
   const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev);
   if (n <= kGramRegisterRows) {  // the apply kernel derives H and K itself: no launch in between
-    at::Tensor phi = at::empty_like(x);
-    const ApplyParams<In> ap{pointer<In>(x), pointer<In>(score), mutable_pointer<In>(phi), n, d,
-                             pointer<double>(gram), h_given ? pointer<double>(*h_given) : nullptr, kBandwidthFloor};
-    const unsigned blocks = grid_size(std::min<int64_t>((d + 511) / 512, 4 * int64_t(dev.sms)));
-    if (n <= 4) {
-      launch(&apply_small_kernel<In, 4>, blocks, 256, 0, dev, ap);
-    } else if (n <= 8) {
-      launch(&apply_small_kernel<In, 8>, blocks, 256, 0, dev, ap);
-    } else {
-      launch(&apply_small_kernel<In, 16>, blocks, 256, 0, dev, ap);
-    }
+    at::Tensor phi = at::empty_like(x, at::MemoryFormat::Contiguous);
+    apply_small<In>(x, score, h_given, gram, phi, nullptr, dev);
     return phi;
   }
   const at::Tensor h = gram_bandwidth(gram, n, h_given, dev);
@@ -380,6 +391,12 @@ inline bool use_gram(int64_t n, Algorithm algorithm) {
   return algorithm == Algorithm::kGram;
 }
 
+// The Gram kernels read a given H as a float64 scalar.
+inline std::optional<at::Tensor> gram_bandwidth_arg(const std::optional<at::Tensor>& bandwidth) {
+  if (!bandwidth) return std::nullopt;
+  return bandwidth->detach().to(at::kDouble).reshape({}).contiguous();
+}
+
 inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
                             const std::optional<at::Tensor>& bandwidth, std::string_view algorithm) {
   check_svgd_step_args(x_in, score_in, bandwidth);
@@ -389,8 +406,7 @@ inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const auto dtype = x.scalar_type();
   if (use_gram(x.size(0), algo)) {
-    std::optional<at::Tensor> h;
-    if (bandwidth) h = bandwidth->detach().to(at::kDouble).reshape({}).contiguous();
+    const std::optional<at::Tensor> h = gram_bandwidth_arg(bandwidth);
     return with_storage_type(dtype, [&](auto tag) {
       return svgd_step_gram<typename decltype(tag)::type>(x, score, h, dev);
     });
@@ -404,6 +420,35 @@ inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
   }
   if (dtype == at::kDouble) return svgd_step_tiled_ffma<double>(xc, score, h, dtype, dev);
   return svgd_step_tiled_ffma<float>(xc, score, h, dtype, dev);
+}
+
+// svgd_step written into out; returns a 0-dim bool on x's device: whether every phi value is finite. For
+// n <= kGramRegisterRows on the Gram path the kernels write phi into out and the flag as they go (no pass
+// over phi, no host synchronisation); elsewhere phi (from cuBLAS or the tiled kernels) is copied in and
+// scanned.
+inline at::Tensor svgd_step_into(const at::Tensor& x_in, const at::Tensor& score_in,
+                                 const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
+                                 at::Tensor& out) {
+  check_svgd_step_args(x_in, score_in, bandwidth);
+  check_svgd_step_out(x_in, score_in, out);
+  const int64_t n = x_in.size(0);
+  if (!use_gram(n, parse_algorithm(algorithm)) || n > kGramRegisterRows) {
+    out.copy_(svgd_step(x_in, score_in, bandwidth, algorithm));
+    return at::isfinite(out).all();
+  }
+  BMT_FAST_DEVICE_GUARD(x_in);
+  const Device dev = launch_device(x_in);
+  const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
+  const std::optional<at::Tensor> h = gram_bandwidth_arg(bandwidth);
+  at::Tensor finite = at::empty({}, x.options().dtype(at::kBool));
+  bool* flag = finite.mutable_data_ptr<bool>();
+  with_storage_type(x.scalar_type(), [&](auto tag) {
+    using In = typename decltype(tag)::type;
+    const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev, flag);
+    apply_small<In>(x, score, h, gram, out, flag, dev);
+    return 0;
+  });
+  return finite;
 }
 
 inline at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) {
@@ -523,12 +568,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const 
           grad_h.to(bandwidth.scalar_type()).reshape(bandwidth.sizes())};
 }
 
-// Registers the four kernels on the library `m` (the CUDA dispatch key of bmt_fast, or the emulator's
+// Registers the five kernels on the library `m` (the CUDA dispatch key of bmt_fast, or the emulator's
 // own library on CPU).
 inline void register_kernels(torch::Library& m) {
   m.impl("svgd_step", [](const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                          c10::string_view algorithm) {
     return svgd_step(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()));
+  });
+  m.impl("svgd_step_into", [](const at::Tensor& x, const at::Tensor& score,
+                              const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
+                              at::Tensor& out) {
+    return svgd_step_into(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()), out);
   });
   m.impl("median_bandwidth", [](const at::Tensor& x, c10::string_view algorithm) {
     return median_bandwidth(x, std::string_view(algorithm.data(), algorithm.size()));
