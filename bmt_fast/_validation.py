@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -20,7 +21,7 @@ def check_particles(name: str, t: object, *, min_rows: int = 1) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (n, *event), got a 0-dim tensor")
     if t.shape[0] < min_rows:
         raise ValueError(f"{name} must have at least {min_rows} particle(s), got shape {tuple(t.shape)}")
-    if math.prod(t.shape[1:]) == 0:  # no rows is allowed only where min_rows=0; an empty event never
+    if t.numel() == 0 and math.prod(t.shape[1:]) == 0:  # no rows: only where min_rows=0; an empty event: never
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     return t
 
@@ -68,8 +69,8 @@ def check_out(out: torch.Tensor, x: torch.Tensor, score: torch.Tensor) -> None:
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(n, *event) -> (n, d) without copying when the layout allows it (n may be 0)."""
-    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    """(n, *event) -> (n, d) without copying when the layout allows it (n may be 0); 2-D t as it is."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool = True) -> torch.Tensor | None:
@@ -100,7 +101,14 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         raise TypeError(f'bandwidth must be "median", a positive float or a 0-dim tensor, got {type(bandwidth).__name__}')
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"bandwidth must be positive and finite, got {value}")
-    return h if h is not None else torch.tensor(value, dtype=torch.float64, device=like.device)
+    return h if h is not None else _bandwidth_tensor(value, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _bandwidth_tensor(value: float, device: torch.device) -> torch.Tensor:
+    """A float bandwidth as a float64 0-dim tensor, made once per value and device (making one costs a few
+    microseconds per call; an optimizer passes the same H every step). The ops only read it."""
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

@@ -9,6 +9,7 @@ Every backend takes 2-D inputs that the public functions have already validated:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -126,10 +127,13 @@ class CompiledBackend(Backend):
 
 
 _REGISTRY: dict[str, Backend] = {}
+# select()'s memo: (name, op, device type, n, d, dtype) -> backend
+_SELECTED: dict[tuple, Backend] = {}
 
 
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
+    _SELECTED.clear()
 
 
 register(TorchBackend())
@@ -144,6 +148,7 @@ _AUTO_RULES: dict[str, AutoRule] = {"cpu": lambda op, n, d, dtype: ["cpu", "torc
 
 def set_auto_rule(device_type: str, rule: AutoRule) -> None:
     _AUTO_RULES[device_type] = rule
+    _SELECTED.clear()
 
 
 def get(name: str) -> Backend:
@@ -163,20 +168,36 @@ def unavailable_backends() -> dict[str, str]:
 
 
 def select(backend: str, op: str, x: torch.Tensor) -> Backend:
-    """The backend that runs `op` on x (n, d): an explicit name is checked, "auto" picks by rule."""
+    """The backend that runs `op` on x (n, d): an explicit name is checked, "auto" picks by rule.
+
+    The choice depends only on the name, the op, x's device type, n, d and dtype, and backends do not come
+    or go while a process runs (registering one or a rule clears the memo): it is looked up once per
+    combination, not on every step (a few microseconds of Python per call otherwise)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    d = x.shape[1] if x.dim() == 2 else math.prod(x.shape[1:])
+    key = (backend, op, x.device.type, x.shape[0], d, x.dtype)
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        chosen = _select(*key)
+        if len(_SELECTED) >= 4096:  # many distinct shapes: start over rather than grow without bound
+            _SELECTED.clear()
+        _SELECTED[key] = chosen
+    return chosen
+
+
+def _select(backend: str, op: str, device_type: str, n: int, d: int, dtype: torch.dtype) -> Backend:
+    device = torch.device(device_type)
     if backend != "auto":
         chosen = get(backend)
         reason = chosen.unavailable_reason()
         if reason:
             raise RuntimeError(f"backend {backend!r} is not available: {reason}")
-        if not chosen.supports(x.device):
-            raise ValueError(f"backend {backend!r} does not run on {x.device.type} tensors")
+        if not chosen.supports(device):
+            raise ValueError(f"backend {backend!r} does not run on {device_type} tensors")
         return chosen
-    n, d = x.shape[0], x[0].numel()
-    rule = _AUTO_RULES.get(x.device.type, lambda op, n, d, dtype: [])
-    for name in rule(op, n, d, x.dtype):
-        if name in _REGISTRY and _REGISTRY[name].supports(x.device):
+    rule = _AUTO_RULES.get(device_type, lambda op, n, d, dtype: [])
+    for name in rule(op, n, d, dtype):
+        if name in _REGISTRY and _REGISTRY[name].supports(device):
             return _REGISTRY[name]
     return _REGISTRY["torch"]

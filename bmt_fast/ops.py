@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _extension, backends, reference
@@ -86,21 +88,23 @@ def svgd_step(
         check_finite("x", x)
         check_finite("score", score)
 
-    # Where any NaN/Inf in the inputs is known to reach phi, phi's finiteness decides (the CPU kernel tracks
-    # it while writing phi; elsewhere a scan of phi) and the inputs are scanned only when it is not finite:
+    # Where any NaN/Inf in the inputs is known to reach phi, phi's finiteness decides (the kernel tracks it
+    # while writing phi) and the inputs are scanned only when it is not finite:
     # to name the bad one, or to find them finite (an overflow: phi is returned).
     post_check = check_inputs and chosen.svgd_step_spreads_non_finite(x2)
     if check_inputs and not post_check:
         check_both()
     finite = None
+    # (no_grad only where autograd would record: entering it costs a few microseconds per call)
+    tracked = torch.is_grad_enabled() and (x.requires_grad or score.requires_grad)
     try:
-        with torch.no_grad():
+        with torch.no_grad() if tracked else contextlib.nullcontext():
             hd = None if h is None else h.detach()
             if out is not None or post_check:  # the kernels track phi's finiteness: no pass over phi
                 if out is None:
                     phi = torch.empty_like(x2, memory_format=torch.contiguous_format)
                 else:
-                    phi = out.view(x2.shape)
+                    phi = out if out.dim() == 2 else out.view(x2.shape)
                 finite = chosen.svgd_step_into(x2, s2, hd, phi)
             else:
                 phi = chosen.svgd_step(x2, s2, hd)
@@ -110,7 +114,7 @@ def svgd_step(
         raise
     if post_check and not (all_finite(phi) if finite is None else bool(finite)):
         check_both()
-    return phi.reshape(x.shape) if out is None else out
+    return out if out is not None else phi if x.dim() == 2 else phi.reshape(x.shape)
 
 
 def rbf_kernel(

@@ -144,10 +144,13 @@ def test_mostly_identical_particles_stay_finite(cpu_backend):
     assert torch.isfinite(phi).all()
 
 
-def test_result_has_no_autograd_history(cpu_backend):
-    x = torch.randn(8, 3, requires_grad=True)
-    phi = bmt_fast.svgd_step(x, torch.randn(8, 3), backend=cpu_backend)
-    assert not phi.requires_grad and phi.grad_fn is None
+@pytest.mark.parametrize("grad_of", ["x", "score", "both"])
+def test_result_has_no_autograd_history(cpu_backend, grad_of):
+    x = torch.randn(8, 3, requires_grad=grad_of in ("x", "both"))
+    score = torch.randn(8, 3, requires_grad=grad_of in ("score", "both"))
+    for out in (None, torch.empty(8, 3)):
+        phi = bmt_fast.svgd_step(x, score, backend=cpu_backend, out=out)
+        assert not phi.requires_grad and phi.grad_fn is None
 
 
 def test_moves_particles_to_a_gaussian(cpu_backend):
@@ -166,6 +169,31 @@ def test_moves_particles_to_a_gaussian(cpu_backend):
 @requires_cpu_extension
 def test_auto_uses_the_compiled_kernel_on_cpu():
     assert bmt_fast.backends.select("auto", "svgd_step", torch.randn(4, 3)).name == "cpu"
+
+
+@requires_cpu_extension
+def test_backend_choice_is_remembered_until_a_rule_changes():
+    """select() looks a choice up once per (name, op, device type, n, d, dtype); a new auto rule or backend
+    takes effect at once, and an explicit name is still checked on every call."""
+    x = torch.randn(5, 2, 3)
+    select = bmt_fast.backends.select
+    cpu = bmt_fast.backends.get("cpu")
+    assert select("auto", "svgd_step", x) is select("auto", "svgd_step", x.reshape(5, 6)) is cpu
+    original = bmt_fast.backends._AUTO_RULES["cpu"]
+    bmt_fast.backends.set_auto_rule("cpu", lambda op, n, d, dtype: ["torch"] if d == 6 else ["cpu"])
+    try:
+        assert select("auto", "svgd_step", x).name == "torch"
+        assert select("auto", "svgd_step", torch.randn(5, 7)).name == "cpu"
+        phi = bmt_fast.svgd_step(x, torch.randn_like(x))  # the public op follows the new rule
+        assert phi.shape == x.shape
+    finally:
+        bmt_fast.backends.set_auto_rule("cpu", original)
+    assert select("auto", "svgd_step", x).name == "cpu"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="unknown backend"):
+            select("nope", "svgd_step", x)
+        with pytest.raises(TypeError, match="backend must be a string"):
+            select(None, "svgd_step", x)
 
 
 @requires_cpu_extension
