@@ -419,6 +419,23 @@ def test_direct_op_calls_check_arguments(target):
                                        torch.randn(3, 2, device=dev), torch.tensor(1.0, device=dev))
 
 
+@pytest.mark.parametrize("sms", [1, 3])
+@pytest.mark.parametrize("n", [3, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_register_kernels_loop_over_many_column_passes(target, monkeypatch, sms, n, dtype):
+    """The Gram path's register kernels launch one wave (CTAs per SM x SMs) and loop over the columns: with
+    1 or 3 emulated SMs each thread takes several passes, the last one ragged."""
+    if target.name != "emulator":
+        pytest.skip("emulator only (the SM count is the emulator's setting)")
+    monkeypatch.setenv("BMT_FAST_EMULATE_SMS", str(sms))
+    check_svgd(target, "gram", n, 2100, dtype, "median")
+    x, s, _, _ = particles(n, 2100, dtype)
+    out = torch.empty_like(x)
+    assert bool(target.ops.svgd_step_into(x, s, None, "gram", out=out))
+    s[n - 1, 2099] = math.inf
+    assert not bool(target.ops.svgd_step_into(x, s, None, "gram", out=out))
+
+
 # ---- the emulator's race and pipeline checks -------------------------------------------------------
 
 SCHEDULE_CASES = [("svgd", "tiled", 130, 37, torch.bfloat16), ("svgd", "tiled", 70, 130, torch.float16),

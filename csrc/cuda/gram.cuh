@@ -44,8 +44,14 @@ BMT_DEVICE double gram_distance(const double* gram, long long rows, long long i,
 // ---- 1a. Gram for R <= kMax (<= 16): each thread keeps all R(R+1)/2 sums of its columns in registers --
 // (136 for kMax = 16: one 256-thread CTA per SM then, which keeps 2 x 16 loads per thread in flight).
 
+// CTAs per SM that the register budget of the launch bounds allows; the host launches one wave of them
+// (each CTA pays a fixed reduction of its kPairs sums and as many float64 atomics: more CTAs, which could
+// not run at the same time anyway, would only add those).
+template <int kMax>
+constexpr int kGramSmallCtasPerSm = kMax > 8 ? 1 : 2;
+
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kMax > 8 ? 1 : 2) gram_small_kernel(const GramParams<In> p) {
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kGramSmallCtasPerSm<kMax>) gram_small_kernel(const GramParams<In> p) {
   using C = compute_t<In>;
   constexpr int kPairs = kMax * (kMax + 1) / 2;
   constexpr int kWarps = 256 / kWarp;
@@ -300,10 +306,13 @@ struct ApplyParams {
   bool* finite;  // null, or cleared when a stored phi value is NaN/Inf (set true by gram_small_kernel)
 };
 
+// Two CTAs per SM (at most 128 registers) except for fp64 with 16 rows, which needs more. The host launches
+// one wave of them: each CTA first derives H and K from G (a fixed cost), then loops over its columns.
 template <typename In, int kMax>
-// Two CTAs per SM (at most 128 registers) except for fp64 with 16 rows, which needs more.
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, sizeof(compute_t<In>) == 8 && kMax > 8 ? 1 : 2)
-    apply_small_kernel(const ApplyParams<In> p) {
+constexpr int kApplySmallCtasPerSm = sizeof(compute_t<In>) == 8 && kMax > 8 ? 1 : 2;
+
+template <typename In, int kMax>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kApplySmallCtasPerSm<In, kMax>)) apply_small_kernel(const ApplyParams<In> p) {
   static_assert(kMax <= kRankCountingMaxRows, "the median by ranks needs few rows");
   using C = compute_t<In>;
   constexpr int kColumns = 2;  // columns per thread and step: each shared K entry feeds two FMAs

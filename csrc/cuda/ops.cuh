@@ -175,13 +175,16 @@ at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, 
   at::Tensor gram = at::zeros({rows, rows}, x.options().dtype(at::kDouble));
   GramParams<In> p{pointer<In>(x), y ? pointer<In>(*y) : nullptr, n, m, d, mutable_pointer<double>(gram), 0, finite};
   if (rows <= kGramRegisterRows) {
-    const unsigned blocks = grid_size(std::min<int64_t>((d + 255) / 256, 4 * int64_t(dev.sms)));
+    // one wave: a 256-column slice per thread block and pass, at most as many blocks as fit at once
+    auto run = [&](auto kernel, int ctas_per_sm) {
+      launch(kernel, grid_size(std::min<int64_t>((d + 255) / 256, int64_t{ctas_per_sm} * dev.sms)), 256, 0, dev, p);
+    };
     if (rows <= 4) {
-      launch(&gram_small_kernel<In, 4>, blocks, 256, 0, dev, p);
+      run(&gram_small_kernel<In, 4>, kGramSmallCtasPerSm<4>);
     } else if (rows <= 8) {
-      launch(&gram_small_kernel<In, 8>, blocks, 256, 0, dev, p);
+      run(&gram_small_kernel<In, 8>, kGramSmallCtasPerSm<8>);
     } else {
-      launch(&gram_small_kernel<In, 16>, blocks, 256, 0, dev, p);
+      run(&gram_small_kernel<In, 16>, kGramSmallCtasPerSm<16>);
     }
   } else {
     using G = FfmaGeometry<compute_t<In>>;
@@ -213,13 +216,16 @@ void apply_small(const at::Tensor& x, const at::Tensor& score, const std::option
   const int64_t n = x.size(0), d = x.size(1);
   const ApplyParams<In> ap{pointer<In>(x), pointer<In>(score), mutable_pointer<In>(phi), n, d, pointer<double>(gram),
                            h_given ? pointer<double>(*h_given) : nullptr, kBandwidthFloor, finite};
-  const unsigned blocks = grid_size(std::min<int64_t>((d + 511) / 512, 4 * int64_t(dev.sms)));
+  // one wave: 512 columns per thread block and pass, at most as many blocks as fit at once
+  auto run = [&](auto kernel, int ctas_per_sm) {
+    launch(kernel, grid_size(std::min<int64_t>((d + 511) / 512, int64_t{ctas_per_sm} * dev.sms)), 256, 0, dev, ap);
+  };
   if (n <= 4) {
-    launch(&apply_small_kernel<In, 4>, blocks, 256, 0, dev, ap);
+    run(&apply_small_kernel<In, 4>, kApplySmallCtasPerSm<In, 4>);
   } else if (n <= 8) {
-    launch(&apply_small_kernel<In, 8>, blocks, 256, 0, dev, ap);
+    run(&apply_small_kernel<In, 8>, kApplySmallCtasPerSm<In, 8>);
   } else {
-    launch(&apply_small_kernel<In, 16>, blocks, 256, 0, dev, ap);
+    run(&apply_small_kernel<In, 16>, kApplySmallCtasPerSm<In, 16>);
   }
 }
 
