@@ -227,6 +227,23 @@ def test_mostly_identical_particles_stay_finite(target, algorithm):
     assert torch.isfinite(phi).all()
 
 
+@pytest.mark.parametrize("n,d", [(70, 300), (130, 520)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("block_rows", [None, 64, 1])
+def test_many_features_take_row_blocks(target, monkeypatch, n, d, dtype, block_rows):
+    """fp32 / fp64 with d > 256 on the tiled path: blocks of rows (S = xc_I xc^T, K in place, K W) in a
+    workspace of one block; the emulator's workspace setting forces 64-row and 1-row blocks."""
+    if block_rows is not None:
+        if target.name != "emulator":
+            pytest.skip("the workspace size is the emulator's setting")
+        monkeypatch.setenv("BMT_FAST_EMULATE_WORKSPACE_BYTES", str(block_rows * n * dtype.itemsize))
+    for bandwidth in ("median", 3.0):
+        check_svgd(target, "tiled", n, d, dtype, bandwidth)
+    x, s, _, _ = particles(n, d, dtype)
+    phi = target.ops.svgd_step(x.to(target.device), s.to(target.device), as_h(-1.0).to(target.device), "tiled")
+    assert torch.isnan(phi).all()
+
+
 # rbf_kernel(x, score) below: n + n rows, the Gram path up to 256 rows, the tiled one beyond
 @pytest.mark.parametrize("algorithm,n,d", [("tiled", 130, 37), ("tiled", 130, 5), ("gram", 8, 40), ("gram", 20, 50)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -18,6 +18,15 @@ constexpr int64_t kGramRegisterRows = 16;
 // this many features on; below, the IEEE fp32 kernels: with few features the rounding of each coordinate
 // to 16 bits does not average out (d = 1: ~2.5% error in phi for bf16), and the dot is no bottleneck.
 constexpr int64_t kTensorCoreMinFeatures = 32;
+// fp32 / fp64 svgd_step on the tiled path (many particles): the fused FFMA kernel up to this many features;
+// beyond, blocks of rows through cuBLAS (the fused kernel recomputes each distance tile once per 128 (fp32)
+// or 64 (fp64) output features). Measured on an H200 (benchmarks/results/nvidia-h200.csv, fp32): at
+// d = 128 the fused kernel beat naive torch (1.72 vs 2.22 ms, n = 8192); at d = 768 it took 4.2x naive
+// torch's time (8.41 vs 1.99 ms, n = 4096), whose cdist / exp / GEMM steps the row blocks follow. The
+// switch between the two measured points is not itself measured yet.
+constexpr int64_t kFusedMaxFeatures = 256;
+// The row-block path's (rows x n) workspace, at most (one row at the least).
+constexpr int64_t kBlockedWorkspaceBytes = int64_t{64} << 20;
 // rbf_kernel(x, y) uses the Gram path while n + m stays within this (the kernel-density prior of the
 // trainer: one or a few points against a few particles with a huge d).
 constexpr int64_t kRbfGramMaxRows = 256;

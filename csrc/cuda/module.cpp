@@ -14,8 +14,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["rbf_gram_max_rows"] = bmt_fast::cuda::kRbfGramMaxRows;
     info["bandwidth_floor"] = bmt_fast::kBandwidthFloor;
     info["tensor_core_min_features"] = bmt_fast::cuda::kTensorCoreMinFeatures;
+    info["fused_max_features"] = bmt_fast::cuda::kFusedMaxFeatures;
     info["distances"] =
-        "fp32/fp64: IEEE CUDA cores; bf16/fp16 with d >= tensor_core_min_features: mma.sync tensor cores";
+        "fp32/fp64: IEEE CUDA cores (svgd_step with d > fused_max_features: cuBLAS row blocks); bf16/fp16 with "
+        "d >= tensor_core_min_features: mma.sync tensor cores";
     return info;
   });
 }

@@ -42,6 +42,7 @@ struct Device {
 #endif
   int sms = 1;    // multiprocessors: sizes the split-K and grid-stride grids
   int major = 0;  // compute capability
+  int64_t workspace_bytes = kBlockedWorkspaceBytes;  // the row-block path's (rows x n) buffer, at most
 };
 
 inline Device launch_device(const at::Tensor& x) {
@@ -51,6 +52,7 @@ inline Device launch_device(const at::Tensor& x) {
   const char* sms = std::getenv("BMT_FAST_EMULATE_SMS");
   dev.sms = sms ? std::max(1, std::atoi(sms)) : 2;
   dev.major = 9;
+  if (const char* bytes = std::getenv("BMT_FAST_EMULATE_WORKSPACE_BYTES")) dev.workspace_bytes = std::atoll(bytes);
 #else
   const int index = x.get_device();
   int minor = 0;
@@ -350,6 +352,35 @@ at::Tensor svgd_step_tiled_ffma(const at::Tensor& xc, const at::Tensor& score, c
   return finish_phi(out, rowsum, a, xc, dtype);
 }
 
+// Many features (d > kFusedMaxFeatures): blocks of rows through cuBLAS (see rbf_block_kernel). Workspace:
+// one (rows x n) buffer within dev.workspace_bytes (at least one row), beside W and the output (n x d each,
+// as for the fused kernel).
+template <typename C>
+at::Tensor svgd_step_blocked(const at::Tensor& xc, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
+                             at::ScalarType dtype, const Device& dev) {
+  const int64_t n = xc.size(0), d = xc.size(1);
+  const at::Tensor norms = xc.square().sum(1);
+  const at::Tensor h = h_given ? h_given->to(xc.scalar_type()).contiguous() : median_tiled_ffma<C>(xc, norms, dev);
+  const at::Tensor a = 2.0 / h;
+  const at::Tensor w = score.to(xc.scalar_type()) - a * xc;
+  at::Tensor out = at::empty({n, d}, xc.options());
+  at::Tensor rowsum = at::empty({n}, xc.options());
+  int64_t block = std::clamp<int64_t>(dev.workspace_bytes / (n * static_cast<int64_t>(sizeof(C))), 1, n);
+  if (block < n && block > 64) block = block / 64 * 64;  // several blocks: whole GEMM tiles each
+  at::Tensor s = at::empty({block, n}, xc.options());
+  for (int64_t r0 = 0; r0 < n; r0 += block) {
+    const int64_t rows = std::min(block, n - r0);
+    at::Tensor sb = s.narrow(0, 0, rows);
+    at::mm_out(sb, xc.narrow(0, r0, rows), xc.t());
+    const RbfBlockParams<C> p{mutable_pointer<C>(sb), mutable_pointer<C>(rowsum) + r0, pointer<C>(norms), rows, n, r0,
+                              pointer<C>(h)};
+    launch(&rbf_block_kernel<C>, grid_size(rows), 256, 0, dev, p);
+    at::Tensor ob = out.narrow(0, r0, rows);
+    at::mm_out(ob, sb, w);
+  }
+  return finish_phi(out, rowsum, a, xc, dtype);
+}
+
 template <bool kHalf>
 at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
                                at::ScalarType dtype, const Device& dev) {
@@ -423,6 +454,10 @@ inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
   if (use_tensor_cores(x)) {
     return dtype == at::kHalf ? svgd_step_tiled_mma<true>(xc, score, h, dtype, dev)
                               : svgd_step_tiled_mma<false>(xc, score, h, dtype, dev);
+  }
+  if (x.size(1) > kFusedMaxFeatures) {
+    return dtype == at::kDouble ? svgd_step_blocked<double>(xc, score, h, dtype, dev)
+                                : svgd_step_blocked<float>(xc, score, h, dtype, dev);
   }
   if (dtype == at::kDouble) return svgd_step_tiled_ffma<double>(xc, score, h, dtype, dev);
   return svgd_step_tiled_ffma<float>(xc, score, h, dtype, dev);

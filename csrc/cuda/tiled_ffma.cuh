@@ -278,4 +278,47 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) ffma_tile_kernel(const FfmaParams<T, O
   }
 }
 
+
+// ---- many features (fp32 / fp64): row blocks through cuBLAS ----------------------------------------
+// The svgd kernel above keeps 64 rows x kFeatures outputs per CTA, so with d features it recomputes each
+// distance tile ceil(d / kFeatures) times: its distance work grows as n^2 d^2 / kFeatures. Beyond a few
+// feature chunks the step instead takes a block of rows I at a time: S = xc_I xc^T by cuBLAS into a
+// (rows x n) workspace, this kernel turns S into K in place (and its row sums), and cuBLAS applies K to W.
+
+template <typename C>
+struct RbfBlockParams {
+  C* s;               // (rows x n), row-major: the dots xc_I xc^T on entry, K on exit
+  C* rowsum;          // (rows): sum_j K[i, j]
+  const C* norms;     // (n) squared norms of the centred rows
+  long long rows, n;  // this block's rows, and all n columns
+  long long row0;     // the block's first row: K[i, row0 + i] is a self pair, distance exactly 0
+  const C* bandwidth;
+};
+
+// One CTA per row: K = exp(-max(D, 0) / H) with D = |xc_i|^2 + |xc_j|^2 - 2 S, then the row's sum.
+template <typename C>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 4) rbf_block_kernel(const RbfBlockParams<C> p) {
+  __shared__ C warp_sums[256 / kWarp];
+  const C inv_h = inverse_bandwidth(*p.bandwidth);
+  const long long i = blockIdx.x;  // row within the block
+  const C norm_i = p.norms[p.row0 + i];
+  C* row = p.s + i * p.n;
+  C sum = C(0);
+  for (long long j = threadIdx.x; j < p.n; j += blockDim.x) {
+    const C dist = norm_i + p.norms[j] - C(2) * row[j];
+    // exp(-0 * inv_h) is exactly 1 for the self pair, and NaN for an invalid H as everywhere else
+    const C k = exp_of(-(p.row0 + i == j || !(dist > C(0)) ? C(0) : dist) * inv_h);
+    row[j] = k;
+    sum += k;
+  }
+  for (int m = 16; m >= 1; m /= 2) sum += shfl_xor(sum, m);
+  if (lane_id() == 0) warp_sums[threadIdx.x / kWarp] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    C total = C(0);
+    for (int w = 0; w < static_cast<int>(blockDim.x) / kWarp; ++w) total += warp_sums[w];
+    p.rowsum[i] = total;
+  }
+}
+
 }  // namespace bmt_fast::cuda
