@@ -40,6 +40,10 @@ class Backend:
     def median_bandwidth(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def empty_result(self, x: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor like x for a result the public API allocates itself."""
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     def svgd_step_into(
         self, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor
     ) -> torch.Tensor | None:
@@ -95,6 +99,15 @@ class CompiledBackend(Backend):
 
     def svgd_step(self, x, score, h):
         return torch.ops.bmt_fast.svgd_step(x, score, h)
+
+    def empty_result(self, x):
+        if self.name == "cpu" and x.device.type == "cpu" and x.numel() * x.element_size() >= self._huge_page_min_bytes():
+            return self.status.module.empty_large_like(x)  # on huge pages, as the CPU ops' own results
+        return super().empty_result(x)
+
+    @functools.cache  # noqa: B019 - one entry per registered backend, which lives as long as the process
+    def _huge_page_min_bytes(self) -> int:
+        return int(self.status.module.build_info().get("huge_page_min_bytes", 1 << 62))
 
     def svgd_step_into(self, x, score, h, out):
         # Written in place. Where svgd_step_spreads_non_finite holds, the kernels track the flag as they

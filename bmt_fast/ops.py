@@ -102,7 +102,7 @@ def svgd_step(
             hd = None if h is None else h.detach()
             if out is not None or post_check:  # the kernels track phi's finiteness: no pass over phi
                 if out is None:
-                    phi = torch.empty_like(x2, memory_format=torch.contiguous_format)
+                    phi = chosen.empty_result(x2)
                 else:
                     phi = out if out.dim() == 2 else out.view(x2.shape)
                 finite = chosen.svgd_step_into(x2, s2, hd, phi)

@@ -1,8 +1,10 @@
 // The Python module of the CPU extension. The ops themselves register with the dispatcher when the
-// library loads; this module only reports how the library was built (for `python -m bmt_fast.info`).
+// library loads; this module reports how the library was built (for `python -m bmt_fast.info`) and
+// allocates large results the way the CPU ops do.
 #include <torch/extension.h>
 
 #include "bmt_fast.h"
+#include "cpu/huge_pages.h"
 #include "cpu/kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,6 +21,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["bandwidth_floor"] = bmt_fast::kBandwidthFloor;
     info["gram_max_particles"] = bmt_fast::cpu::kGramMaxParticles;
     info["tile_size"] = bmt_fast::cpu::kTileSize;
+    info["huge_page_min_bytes"] = bmt_fast::cpu::kHugePageMinBytes;
     return info;
+  });
+  // An uninitialised contiguous CPU tensor shaped like `like`, on huge pages when large (cpu/huge_pages.h):
+  // where the public API allocates a result itself (svgd_step's phi for its finiteness flag).
+  m.def("empty_large_like", [](const at::Tensor& like) {
+    return bmt_fast::cpu::empty_large(like.sizes(), like.options());
   });
 }

@@ -88,15 +88,57 @@ def test_fp32_gradients_far_from_origin(cpu_backend, n, m, d):
     weights = torch.randn(n, n if m is None else m, dtype=torch.float64)
 
     def grads(x, y, kernel):
+        h = torch.tensor(0.75 * d, dtype=x.dtype, requires_grad=True)
         leaves = [x.clone().requires_grad_()] + ([] if y is None else [y.clone().requires_grad_()])
-        k = kernel(*leaves) if y is not None else kernel(leaves[0], None)
-        return torch.autograd.grad((k * weights.to(k.dtype)).sum(), leaves)
+        k = kernel(leaves[0], None if y is None else leaves[1], h)
+        return torch.autograd.grad((k * weights.to(k.dtype)).sum(), leaves + [h])
 
-    h = 0.75 * d
-    expected = grads(x64, y64, lambda a, b: reference.rbf_kernel(a, b, torch.tensor(h, dtype=torch.float64)))
-    got = grads(x64.float(), None if y64 is None else y64.float(), lambda a, b: bmt_fast.rbf_kernel(a, b, h, backend=cpu_backend))
+    expected = grads(x64, y64, reference.rbf_kernel)
+    got = grads(x64.float(), None if y64 is None else y64.float(),
+                lambda a, b, h: bmt_fast.rbf_kernel(a, b, h, backend=cpu_backend))
+    for g, e in zip(got, expected):  # x's, y's (if given) and H's
+        assert g.dtype == torch.float32 and relative_error(g.double(), e) < 5e-6, relative_error(g.double(), e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_gradients(cpu_backend, dtype):
+    """16-bit inputs: the backward widens K and the incoming gradient to fp32 before any product; with
+    kernel values that underflow to 0 in the 16-bit type, every gradient stays finite and within a few
+    16-bit roundings of the float64 reference on the same inputs."""
+    torch.manual_seed(5)
+    x = (torch.randn(70, 8, dtype=torch.float64) * 2.0).to(dtype)
+    y = (torch.randn(50, 8, dtype=torch.float64) * 2.0).to(dtype)
+    weights = torch.randn(70, 50, dtype=torch.float64)
+
+    def grads(a, b, h0, kernel):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        h = torch.tensor(h0, dtype=a.dtype, requires_grad=True)
+        k = kernel(a, b, h)
+        return k, torch.autograd.grad((k * weights.to(k.dtype)).sum(), (a, b, h))
+
+    k, got = grads(x, y, 1.5, lambda a, b, h: bmt_fast.rbf_kernel(a, b, h, backend=cpu_backend))
+    assert bool((k == 0).any()) and k.dtype == dtype
+    _, expected = grads(x.double(), y.double(), 1.5, reference.rbf_kernel)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     for g, e in zip(got, expected):
-        assert g.dtype == torch.float32 and relative_error(g.double(), e) < 5e-6
+        assert g.dtype == dtype and bool(torch.isfinite(g).all())
+        assert relative_error(g.double(), e) < 8 * ulp, relative_error(g.double(), e)
+
+
+@pytest.mark.parametrize("m", [None, 40])
+def test_bandwidth_gradient_with_underflowing_kernel_values(cpu_backend, m):
+    """dL/dH = sum grad * K * D / H^2, taken from the gradients' own products (no pass over log K): pairs
+    whose K underflows to 0 contribute nothing, as in autograd of the reference."""
+    torch.manual_seed(3)
+    x = torch.randn(90, 6, dtype=torch.float64) * 2.0
+    y = None if m is None else torch.randn(m, 6, dtype=torch.float64) * 2.0
+    weights = torch.randn(90, 90 if m is None else m, dtype=torch.float64)
+    h = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)  # about half the K_ij == 0 exactly
+    k = bmt_fast.rbf_kernel(x, y, h, backend=cpu_backend)
+    assert 0.3 < float((k == 0).double().mean()) < 0.9
+    got = torch.autograd.grad((k * weights).sum(), h)[0]
+    expected = torch.autograd.grad((reference.rbf_kernel(x, y, h) * weights).sum(), h)[0]
+    assert relative_error(got, expected) < 1e-10
 
 
 def test_kde_log_prior_decreases_away_from_particles(cpu_backend):

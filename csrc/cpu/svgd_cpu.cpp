@@ -16,10 +16,12 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <vector>
 
 #include "../bmt_fast.h"
+#include "huge_pages.h"
 #include "kernels.h"
 
 namespace bmt_fast::cpu {
@@ -279,7 +281,7 @@ at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const st
 at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                      std::string_view algorithm) {
   check_svgd_step_args(x, score, bandwidth);
-  at::Tensor phi = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor phi = empty_large(x.sizes(), x.options());
   svgd_step_to(x, score, bandwidth, algorithm, phi);
   return phi;
 }
@@ -326,7 +328,8 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const at::Tensor xc = (xa - shift).contiguous();
   const at::Tensor yc = (y.to(acc) - shift).contiguous();
   const at::Tensor nx = (xc * xc).sum(1).contiguous(), ny = (yc * yc).sum(1).contiguous();
-  at::Tensor k = at::mm(xc, yc.t());
+  at::Tensor k = empty_large({n, m}, xc.options());
+  at::mm_out(k, xc, yc.t());
   const int64_t rows = k.size(0), cols = k.size(1);
   AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel", [&] {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -344,22 +347,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
   const double h = read_bandwidth(bandwidth);
   const auto acc = accumulation_type(x.scalar_type());
-  // Few n x d temporaries (each a fresh allocation the OS may have to page in: at d ~ 10^5..10^6 they,
-  // not the arithmetic, set the time): one centred copy per input (one in all for a self kernel) and the
-  // two results, each finished in place by addmm_ and mul_.
+  // With P = grad * K: dL/dD = -P / H (D = squared distance), dD_ij/dx_i = 2 (x_i - y_j) = -dD_ij/dy_j, and
+  // dK/dH = K D / H^2 with D = -H log K. P is formed a block of rows at a time and used while it is in
+  // cache: no n x m temporary at all (at n ~ 10^3..10^4 those, paged in fresh and streamed through
+  // memory, set the time: n = m = 4096, d = 64 on a 2-core Xeon VM 206 -> ~100 ms with one of them on huge
+  // pages, less without it). The n x d temporaries: one centred copy per input (one for a self kernel);
+  // those and the results on huge pages when large (see huge_pages.h).
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = xa.mean(0, /*keepdim=*/true);  // any nearby centre: it cancels exactly
-  const at::Tensor xc = xa - shift;
-  const at::Tensor yc = y.is_same(x) ? xc : y.to(acc) - shift;
-  const at::Tensor k = kernel.to(acc);
-  const at::Tensor p = grad.to(acc) * k;  // dL/dD = -p / H, D = squared distance
-  // dD_ij/dx_i = 2 (x_i - y_j), dD_ij/dy_j = -2 (x_i - y_j), dK/dH = K D / H^2 with D = -H log K.
-  at::Tensor grad_x = xc * p.sum(1, true);
-  grad_x.addmm_(p, yc, 1.0, -1.0).mul_(-2.0 / h);
-  at::Tensor grad_y = yc * p.sum(0).unsqueeze(1);
-  grad_y.addmm_(p.t(), xc, 1.0, -1.0).mul_(-2.0 / h);
-  const at::Tensor log_k = at::where(k > 0, k.log(), at::zeros_like(k));
-  const at::Tensor grad_h = (p * log_k).sum().mul_(-1.0 / h);
+  at::Tensor xc = empty_large(xa.sizes(), xa.options());
+  at::sub_out(xc, xa, shift);
+  at::Tensor yc = xc;
+  if (!y.is_same(x)) {
+    yc = empty_large(y.sizes(), xa.options());
+    at::sub_out(yc, y.to(acc), shift);
+  }
+  const int64_t n = kernel.size(0), m = kernel.size(1);
+  at::Tensor grad_x = empty_large(xc.sizes(), xc.options());
+  at::Tensor grad_y = empty_large(yc.sizes(), yc.options()).zero_();  // -P^T xc, then + colsum_j(P) yc_j
+  at::Tensor colsum = at::zeros({m, 1}, xc.options());
+  double p_log_k = 0.0;
+  // K is clamped at the smallest normal number for its log: where K underflowed to 0, P is 0 too, and
+  // 0 * log(tiny) adds nothing (0 * log 0 would be NaN).
+  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(m, 1));  // ~2^20 values
+  at::Tensor p_buffer = at::empty({std::min(block, n), m}, xc.options());  // reused: no fresh pages per block
+  at::Tensor log_buffer = at::empty_like(p_buffer);
+  for (int64_t r0 = 0; r0 < n; r0 += block) {
+    const int64_t rows = std::min(block, n - r0);
+    const at::Tensor k = kernel.narrow(0, r0, rows).to(acc);  // 16-bit values widened first (no copy otherwise)
+    at::Tensor p = p_buffer.narrow(0, 0, rows), log_k = log_buffer.narrow(0, 0, rows);
+    at::mul_out(p, grad.narrow(0, r0, rows).to(acc), k);
+    const at::Tensor xc_rows = xc.narrow(0, r0, rows);
+    at::Tensor gx = grad_x.narrow(0, r0, rows);
+    at::mul_out(gx, xc_rows, p.sum(1, true));
+    gx.addmm_(p, yc, 1.0, -1.0);  // rowsum_i(P) xc_i - (P yc)_i
+    grad_y.addmm_(p.t(), xc_rows, 1.0, -1.0);
+    colsum.add_(p.sum(0).unsqueeze(1));
+    at::clamp_min_out(log_k, k, tiny).log_();
+    p_log_k += at::dot(p.reshape(-1), log_k.reshape(-1)).item<double>();
+  }
+  grad_x.mul_(-2.0 / h);
+  grad_y.addcmul_(yc, colsum).mul_(-2.0 / h);
+  const at::Tensor grad_h = at::scalar_tensor(-p_log_k / h, xc.options().dtype(at::kDouble));
   return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type()),
           grad_h.to(bandwidth.scalar_type()).reshape(bandwidth.sizes())};
 }
