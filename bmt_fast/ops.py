@@ -55,12 +55,13 @@ def svgd_step(
             N <= `bmt_fast.distributed.EXACT_MEDIAN_MAX_PARTICLES`, from 65,536 sampled pairs beyond). Bad
             input on any rank raises the same error on every rank. None: the single-process op.
         out: a contiguous tensor with the shape, dtype and device of x, not sharing memory with x or
-            score, that receives phi (and is returned). For repeated steps on large tensors: a fresh
-            result must be paged in by the OS on every call (on a 2-core VM, n=16, d=409,600: 6,400 page
-            faults, ~11 ms on top of a ~6 ms step whenever the allocator hands back new pages). The CPU
-            backend writes it directly, as does the CUDA one for n <= 16; elsewhere the result is copied
-            in. If a NaN/Inf error is raised after the kernel ran (where the kernel's flag is checked, not
-            the inputs), out holds that phi.
+            score, that receives phi (and is returned): no allocation at all, in memory the caller
+            chose. (Without it, a fresh result must be paged in by the OS: on a 2-core VM, n=16,
+            d=409,600, 6,400 page faults, ~11 ms on top of a ~6 ms step. The CPU backend therefore takes
+            results of 4 MiB or more from huge pages and reuses freed ones, so a loop pays that once.) The
+            CPU backend writes out directly, as does the CUDA one for n <= 16; elsewhere the result is
+            copied in. If a NaN/Inf error is raised after the kernel ran (where the kernel's flag is
+            checked, not the inputs), out holds that phi.
 
     Returns:
         phi with the shape, dtype and device of x. Half-precision inputs accumulate in float32.
