@@ -227,6 +227,13 @@ def _bmt_fast_svgd(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h, backend=backend, check_inputs=False)
 
 
+def _bmt_fast_svgd_checked(backend: str) -> Callable:
+    """The default call, check_inputs=True: what the NaN/Inf check adds (the other bmt_fast rows skip it).
+    Where the kernel flags a non-finite phi itself (CPU Gram path, CUDA n <= 16) that is one flag read
+    (on a GPU, the call's one host synchronisation); elsewhere a scan of x and one of score."""
+    return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h)
+
+
 def _bmt_fast_version() -> str:
     return f"bmt_fast {bmt_fast.__version__}"
 
@@ -299,6 +306,9 @@ def svgd_step_providers() -> list[Provider]:
                  why_unavailable=needs_package("pyro.infer.svgd", "pyro-ppl"),
                  extra_memory=lambda n, d, e: 5.0 * n * n * d * e, version=lambda: package_version("pyro-ppl")),
         *bmt_fast_providers("svgd_step"),
+        *[Provider(f"bmt_fast-{name}-checked", _bmt_fast_svgd_checked(name),
+                   why_unavailable=_backend_reason(bmt_fast.backends.get(name)), version=_bmt_fast_version)
+          for name in ("cpu", "cuda")],
         Provider("bmt_fast-triton-tf32", _triton_fast_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
                  rtol=2e-3, jit=GPU, version=_bmt_fast_version),
     ]

@@ -349,10 +349,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
   const auto acc = accumulation_type(x.scalar_type());
   // With P = grad * K: dL/dD = -P / H (D = squared distance), dD_ij/dx_i = 2 (x_i - y_j) = -dD_ij/dy_j, and
   // dK/dH = K D / H^2 with D = -H log K. P is formed a block of rows at a time and used while it is in
-  // cache: no n x m temporary at all (at n ~ 10^3..10^4 those, paged in fresh and streamed through
-  // memory, set the time: n = m = 4096, d = 64 on a 2-core Xeon VM 206 -> ~100 ms with one of them on huge
-  // pages, less without it). The n x d temporaries: one centred copy per input (one for a self kernel);
-  // those and the results on huge pages when large (see huge_pages.h).
+  // cache: no n x m temporary at all (at n ~ 10^3..10^4 the five it made, paged in fresh and streamed
+  // through memory, set the time: n = m = 4096, d = 64 on a 2-core Xeon VM 193-217 -> 54-55 ms). The
+  // n x d temporaries: one centred copy per input (one for a self kernel); those and the results come from
+  // the huge-page allocator when large (huge_pages.h; 16 x 409,600 self kernel 30-45 -> 14-16 ms).
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = xa.mean(0, /*keepdim=*/true);  // any nearby centre: it cancels exactly
   at::Tensor xc = empty_large(xa.sizes(), xa.options());
