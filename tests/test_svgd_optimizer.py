@@ -35,6 +35,27 @@ def test_step_sets_grad_to_minus_phi_and_returns_phi():
     torch.testing.assert_close(particles.detach(), start + 0.1 * phi)
 
 
+def test_later_steps_write_minus_phi_into_the_existing_gradient():
+    """From the second step on, -phi goes into particles.grad in place (no fresh tensor); the returned phi
+    is its own tensor; after zero_grad (no gradient) a new one is made."""
+    particles = torch.randn(10, 3, dtype=torch.float64)
+    opt = bmt_fast.SVGD(particles, torch.optim.SGD, lr=0.05)
+    opt.step(torch.randn(10, 3, dtype=torch.float64))
+    grad = particles.grad
+    for _ in range(3):
+        before = particles.detach().clone()
+        score = torch.randn(10, 3, dtype=torch.float64)
+        phi = opt.step(score)
+        assert particles.grad is grad and phi.data_ptr() != grad.data_ptr()
+        torch.testing.assert_close(grad, -phi, rtol=0, atol=0)
+        torch.testing.assert_close(phi, bmt_fast.svgd_step(before, score), rtol=0, atol=0)
+        torch.testing.assert_close(particles.detach(), before + 0.05 * phi)
+    opt.zero_grad()
+    assert particles.grad is None
+    opt.step(torch.randn(10, 3, dtype=torch.float64))
+    assert particles.grad is not None and particles.grad is not grad
+
+
 def test_lr_scheduler_reaches_the_inner_optimizer():
     particles = torch.randn(10, 2)
     opt = bmt_fast.SVGD(particles, torch.optim.SGD, lr=1.0)
