@@ -326,8 +326,8 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
   const at::Tensor xc = (xa - shift).contiguous();
-  const at::Tensor yc = (y.to(acc) - shift).contiguous();
-  const at::Tensor nx = (xc * xc).sum(1).contiguous(), ny = (yc * yc).sum(1).contiguous();
+  const at::Tensor yc = self ? xc : (y.to(acc) - shift).contiguous();  // a self kernel: one centred copy
+  const at::Tensor nx = (xc * xc).sum(1).contiguous(), ny = self ? nx : (yc * yc).sum(1).contiguous();
   at::Tensor k = empty_large({n, m}, xc.options());
   at::mm_out(k, xc, yc.t());
   const int64_t rows = k.size(0), cols = k.size(1);
@@ -337,7 +337,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
                     ny.data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / h));
     });
   });
-  if (x.is_same(y)) k.fill_diagonal_(1.0);
+  if (self) k.fill_diagonal_(1.0);
   return k.to(x.scalar_type());
 }
 
