@@ -18,6 +18,18 @@ def test_values_fp64(cpu_backend, n, m, d):
     assert relative_error(k, reference.rbf_kernel(x, y, h)) < 1e-12
 
 
+@pytest.mark.parametrize("n, m", [(1, 8), (3, 6), (30, 34)])
+def test_two_sets_on_the_gram_path_strided(cpu_backend, n, m):
+    """n + m <= 64: one Gram pass reads the rows of x, then those of y, without copying them together;
+    strided views of both (made contiguous one by one) and a y far from x."""
+    torch.manual_seed(n + m)
+    x = torch.randn(3001, n, dtype=torch.float64).t()  # (n, 3001), column-major
+    y = (torch.randn(m, 6002, dtype=torch.float64) + 0.25)[:, ::2]  # (m, 3001), every other column
+    h = torch.tensor(2000.0, dtype=torch.float64)
+    k = bmt_fast.rbf_kernel(x, y, h, backend=cpu_backend)
+    assert relative_error(k, reference.rbf_kernel(x, y, h)) < 1e-12
+
+
 @pytest.mark.parametrize("n, m, d", [(40, 30, 8), (20, 30, 8), (3, 5, 20_000)])  # tiled; Gram (n + m <= 64)
 def test_values_fp32_far_from_origin(cpu_backend, n, m, d):
     x64 = (torch.randn(n, d, dtype=torch.float64) + 1e4).float().double()

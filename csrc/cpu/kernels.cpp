@@ -15,10 +15,10 @@
                        int64_t, const RadixPass&, int64_t*);                                                     \
   void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,          \
                        bool, int64_t, const RadixPass&, int64_t*);                                               \
-  void gram_columns(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);         \
-  void gram_columns(const double*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);      \
-  void gram_columns(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*); \
-  void gram_columns(const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);     \
+  void gram_columns(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);         \
+  void gram_columns(const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);      \
+  void gram_columns(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*); \
+  void gram_columns(const c10::Half*, const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);     \
   bool apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,                     \
                      const float*, const float*, const float*, float, float*);                                   \
   bool apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,                  \
@@ -124,11 +124,11 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
 // gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums plus one row of column sums (ld);
 // apply needs rows x n (K/n re-laid per register block) plus, packed, 2n rows of apply_pack_chunk(n) + pad.
 #define BMT_FAST_DEFINE_COLUMN_ENTRY(In, T)                                                                \
-  void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk,  \
-                    double* gram, T* shift) {                                                              \
+  void gram_columns(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t col_begin,         \
+                    int64_t col_end, int64_t chunk, double* gram, T* shift) {                              \
     const int64_t rows = (n + 3) / 4 * 4;                                                                  \
     std::vector<T> scratch((rows + 1) * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T)));           \
-    BMT_FAST_DISPATCH(gram_columns, x, n, d, col_begin, col_end, chunk, gram, shift, scratch.data())       \
+    BMT_FAST_DISPATCH(gram_columns, x, y, nx, n, d, col_begin, col_end, chunk, gram, shift, scratch.data()) \
   }                                                                                                        \
   bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a) {                      \

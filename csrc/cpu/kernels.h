@@ -44,11 +44,13 @@ void radix_histogram(const double* tile, int64_t ld, int64_t row_begin, int64_t 
 // so no centred copy of x is ever made.
 
 // gram[i * n + j] += sum over columns [col_begin, col_end) of (x_i - x_0)[k] (x_j - x_0)[k], for i <= j
-// (the caller mirrors the lower triangle). Accumulates each chunk in the compute type T, then in double.
-// Unless shift is null, also shift[k] = mean_i x_i[k] for those columns (T: fp32, or fp64 for fp64 x).
-#define BMT_FAST_DECLARE_GRAM(In, T)                                                       \
-  void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, \
-                    int64_t chunk, double* gram, T* shift);
+// (the caller mirrors the lower triangle), over n rows: rows 0..nx-1 of x, then rows 0..n-nx-1 of y (null
+// when nx == n; a second set without a copy of both). Accumulates each chunk in the compute type T, then in
+// double. Unless shift is null, also shift[k] = mean_i x_i[k] over all n rows for those columns (T: fp32,
+// or fp64 for fp64 x).
+#define BMT_FAST_DECLARE_GRAM(In, T)                                                                      \
+  void gram_columns(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t col_begin,        \
+                    int64_t col_end, int64_t chunk, double* gram, T* shift);
 BMT_FAST_DECLARE_GRAM(float, float)
 BMT_FAST_DECLARE_GRAM(double, double)
 BMT_FAST_DECLARE_GRAM(c10::BFloat16, float)

@@ -213,12 +213,14 @@ BMT_FAST_INLINE void prefetch_next_chunk(const In* src, int64_t chunk, int64_t r
 
 // buf (n rows, row stride ld) <- columns [k0, k0 + len) of x shifted by particle 0: exact zeros for
 // identical particles, nothing lost far from the origin.
+// Rows i < nx are rows of x, the others rows i - nx of y (a second set, for rbf_kernel(x, y)); x_0 shifts all.
 template <typename In, typename T>
-BMT_FAST_INLINE void shifted_chunk(const In* x, int64_t n, int64_t d, int64_t k0, int64_t len, int64_t chunk,
-                                   int64_t col_end, int64_t ld, T* buf) {
+BMT_FAST_INLINE void shifted_chunk(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t k0,
+                                   int64_t len, int64_t chunk, int64_t col_end, int64_t ld, T* buf) {
   for (int64_t i = 0; i < n; ++i) {
-    prefetch_next_chunk(x + i * d + k0, chunk, col_end - k0 - chunk);
-    shifted_row(x + i * d + k0, x + k0, len, buf + i * ld);
+    const In* row = i < nx ? x + i * d : y + (i - nx) * d;
+    prefetch_next_chunk(row + k0, chunk, col_end - k0 - chunk);
+    shifted_row(row + k0, x + k0, len, buf + i * ld);
   }
 }
 
@@ -233,8 +235,9 @@ constexpr int64_t kRowPad = 64 / sizeof(T) * 3;
 constexpr int64_t kGramFlush = 8;
 
 template <typename In, typename T>
-BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end,
-                                       int64_t chunk, double* gram, T* shift, T* scratch) {
+BMT_FAST_INLINE void gram_columns_impl(const In* x, const In* y, int64_t nx, int64_t n, int64_t d,
+                                       int64_t col_begin, int64_t col_end, int64_t chunk, double* gram, T* shift,
+                                       T* scratch) {
   constexpr int L = kLanes<T>;
   constexpr int B = 4;  // 4 x 4 dot products per register block: 8 loads feed 16 FMAs
   const int64_t rows = round_up(n, B);
@@ -259,7 +262,7 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, int64_t n, int64_t d, int64_
   int64_t since_flush = 0;
   for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
     const int64_t len = min64(chunk, col_end - k0);
-    shifted_chunk(x, n, d, k0, len, chunk, col_end, ld, buf);
+    shifted_chunk(x, y, nx, n, d, k0, len, chunk, col_end, ld, buf);
     const int64_t len_vec = round_up(len, L);
     for (int64_t ib = 0; ib < blocks; ++ib) {
       for (int64_t jb = ib; jb < blocks; ++jb) {
@@ -531,9 +534,9 @@ BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                             \
-  void gram_columns(const In* x, int64_t n, int64_t d, int64_t col_begin, int64_t col_end, int64_t chunk, \
-                    double* gram, T* shift, T* scratch) {                                                 \
-    gram_columns_impl<In, T>(x, n, d, col_begin, col_end, chunk, gram, shift, scratch);                   \
+  void gram_columns(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t col_begin,        \
+                    int64_t col_end, int64_t chunk, double* gram, T* shift, T* scratch) {                 \
+    gram_columns_impl<In, T>(x, y, nx, n, d, col_begin, col_end, chunk, gram, shift, scratch);            \
   }                                                                                                       \
   bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,          \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a, T* scratch) {         \
