@@ -101,17 +101,13 @@ class CompiledBackend(Backend):
         return torch.ops.bmt_fast.svgd_step(x, score, h)
 
     def empty_result(self, x):
-        if self.name == "cpu" and x.device.type == "cpu" and x.numel() * x.element_size() >= self._huge_page_min_bytes():
-            return self.status.module.empty_large_like(x)  # on huge pages, as the CPU ops' own results
+        if self.name == "cpu":  # as the CPU ops' own results: huge pages, reused, when large
+            return self.status.module.empty_large_like(x)
         return super().empty_result(x)
-
-    @functools.cache  # noqa: B019 - one entry per registered backend, which lives as long as the process
-    def _huge_page_min_bytes(self) -> int:
-        return int(self.status.module.build_info().get("huge_page_min_bytes", 1 << 62))
 
     def svgd_step_into(self, x, score, h, out):
         # Written in place. Where svgd_step_spreads_non_finite holds, the kernels track the flag as they
-        # write phi; elsewhere the op scans out for it.
+        # write phi; elsewhere the op copies phi in and scans it (the public API does not call it there).
         return torch.ops.bmt_fast.svgd_step_into(x, score, h, out=out)
 
     def rbf_kernel(self, x, y, h):

@@ -89,26 +89,27 @@ def svgd_step(
         check_finite("x", x)
         check_finite("score", score)
 
-    # Where any NaN/Inf in the inputs is known to reach phi, phi's finiteness decides (the kernel tracks it
-    # while writing phi) and the inputs are scanned only when it is not finite:
+    # Where any NaN/Inf in the inputs is known to reach phi, the kernel writes phi in place and tracks its
+    # finiteness as it goes: that flag decides, and the inputs are scanned only when it is not finite:
     # to name the bad one, or to find them finite (an overflow: phi is returned).
-    post_check = check_inputs and chosen.svgd_step_spreads_non_finite(x2)
+    flagged = (check_inputs or out is not None) and chosen.svgd_step_spreads_non_finite(x2)
+    post_check = check_inputs and flagged
     if check_inputs and not post_check:
         check_both()
     finite = None
     # (no_grad only where autograd would record: entering it costs a few microseconds per call)
     tracked = torch.is_grad_enabled() and (x.requires_grad or score.requires_grad)
+    target = None if out is None else out if out.dim() == 2 else out.view(x2.shape)
     try:
         with torch.no_grad() if tracked else contextlib.nullcontext():
             hd = None if h is None else h.detach()
-            if out is not None or post_check:  # the kernels track phi's finiteness: no pass over phi
-                if out is None:
-                    phi = chosen.empty_result(x2)
-                else:
-                    phi = out if out.dim() == 2 else out.view(x2.shape)
+            if flagged and (target is not None or post_check):  # in place, the flag for free
+                phi = chosen.empty_result(x2) if target is None else target
                 finite = chosen.svgd_step_into(x2, s2, hd, phi)
-            else:
+            else:  # elsewhere the result is copied into out (no scan for a flag nobody reads)
                 phi = chosen.svgd_step(x2, s2, hd)
+                if target is not None:
+                    phi = target.copy_(phi)
     except Exception:
         if post_check:  # e.g. a NaN median bandwidth: the clear error about the input comes first
             check_both()

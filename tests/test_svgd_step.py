@@ -107,8 +107,8 @@ def test_out_receives_phi(cpu_backend, n, event, dtype):
     for step in range(2):
         x = torch.randn(n, *event, dtype=torch.float64).to(dtype)
         score = torch.randn(n, *event, dtype=torch.float64).to(dtype)
-        for bandwidth in ("median", 0.7):
-            result = bmt_fast.svgd_step(x, score, bandwidth, backend=cpu_backend, out=out)
+        for bandwidth, check in (("median", True), (0.7, True), (0.7, False)):
+            result = bmt_fast.svgd_step(x, score, bandwidth, backend=cpu_backend, check_inputs=check, out=out)
             assert result is out
             torch.testing.assert_close(out, bmt_fast.svgd_step(x, score, bandwidth, backend=cpu_backend), rtol=0, atol=0)
 
