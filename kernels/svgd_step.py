@@ -13,6 +13,14 @@
   gram (few particles, huge d): split-K Gram matrix over d (kernels/gram.py), the tiny n x n distances,
       then the same kernel reads the distance tile instead of recomputing it: one memory-bound pass over
       score and x.
+  flash (many particles, d <= FLASH_MAX_D, tensor-core modes: TF32, bf16, split bf16): the tiled path
+      with the per-particle work taken out of the loop. A first kernel writes the dot operands once (the
+      centred rows and W, rounded or split as the mode multiplies them, zero-padded to D_PAD columns and
+      to whole tiles of rows) and the norms pre-scaled by log2(e)/H (+inf for padding rows, so padded
+      columns give K = 0 without masks). The main kernel then holds its rows' operands on chip and only
+      streams: S = A_I A_J^T, K = exp2(min(2 c S - c|a_i|^2 - c|a_j|^2, 0)), acc += K W_J. The tiled
+      kernel instead re-centred, re-rounded (or re-split) and re-derived W and the norms of every column
+      block for every row block (and its own rows' once per column block).
 """
 
 import torch
@@ -24,8 +32,11 @@ from bmt_fast import reference
 from .centring import centring_shift
 from .gram import gram_sq_dists
 from .median import median_sq_dist, use_gram
-from .tiles import dot_acc, dot_operand, load_centred, sq_dist_tile
+from .tiles import HALF, MODE_HALF, MODE_HALF_SPLIT, dot_acc, dot_operand, half_dot, half_operand, load_centred, sq_dist_tile
 from .utils import (
+    DOT_HALF,
+    DOT_HALF_SPLIT,
+    DOT_IEEE,
     MIN_BLOCK,
     TileConfig,
     accumulation_dtype,
@@ -153,7 +164,171 @@ def _svgd_combine_kernel(
     tl.store(out_ptr + rows[:, None] * d + vcols[None, :], phi.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Largest d of the flash path: one (BLOCK_M x D_PAD) accumulator and the rows' operands stay on chip.
+FLASH_MAX_D = 128
+# Rows of the operand arrays are padded to whole tiles of this many rows (every BLOCK_M / BLOCK_N divides it).
+FLASH_ROW_PAD = 128
+
+
+@triton.jit
+def _flash_operands_kernel(
+    x_ptr,
+    score_ptr,
+    shift_ptr,
+    h_ptr,
+    a_hi_ptr,
+    a_lo_ptr,
+    w_hi_ptr,
+    w_lo_ptr,
+    norm_ptr,
+    n,
+    d,
+    stride_x,
+    stride_score,
+    D_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    """Rows of block program_id(0): a = xc (rounded as the dot multiplies it), W = score - (2/H) xc (the
+    same), in the operand arrays (n_pad, D_PAD): bf16 hi (and lo, split mode) parts in the half modes, ACC
+    otherwise; zero outside (n, d). norm = |a|^2 log2(e)/H, +inf for rows >= n."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, D_PAD)
+    h = tl.load(h_ptr)
+    xc = load_centred(x_ptr, shift_ptr, rows, cols, n, d, stride_x, ACC)
+    a = dot_operand(xc, MODE)
+    mask = (rows < n)[:, None] & (cols < d)[None, :]
+    score = tl.load(score_ptr + rows[:, None] * stride_score + cols[None, :], mask=mask, other=0.0).to(ACC)
+    w = dot_operand(score - (2.0 / h) * xc, MODE)
+    norm = tl.sum(a * a, axis=1) * (1.4426950408889634 / h)
+    tl.store(norm_ptr + rows, tl.where(rows < n, norm, float("inf")))
+    offsets = rows[:, None] * D_PAD + cols[None, :]
+    if MODE == MODE_HALF or MODE == MODE_HALF_SPLIT:
+        a_hi = a.to(HALF)
+        w_hi = w.to(HALF)
+        tl.store(a_hi_ptr + offsets, a_hi)
+        tl.store(w_hi_ptr + offsets, w_hi)
+        if MODE == MODE_HALF_SPLIT:
+            tl.store(a_lo_ptr + offsets, (a - a_hi.to(ACC)).to(HALF))
+            tl.store(w_lo_ptr + offsets, (w - w_hi.to(ACC)).to(HALF))
+    else:
+        tl.store(a_hi_ptr + offsets, a)
+        tl.store(w_hi_ptr + offsets, w)
+
+
+@triton.jit
+def _flash_dot(a_hi, a_lo, b_hi, b_lo, acc, MODE: tl.constexpr):
+    """acc + a @ b for operands as _flash_operands_kernel stores them (lo parts used in split mode only)."""
+    if MODE == MODE_HALF_SPLIT:
+        acc = half_dot(half_operand(a_hi), half_operand(b_lo), acc)  # small terms first
+        acc = half_dot(half_operand(a_lo), half_operand(b_hi), acc)
+        return half_dot(half_operand(a_hi), half_operand(b_hi), acc)
+    elif MODE == MODE_HALF:
+        return half_dot(half_operand(a_hi), half_operand(b_hi), acc)
+    else:
+        return dot_acc(a_hi, b_hi, acc, MODE)
+
+
+@triton.jit
+def _svgd_flash_kernel(
+    a_hi_ptr,
+    a_lo_ptr,
+    w_hi_ptr,
+    w_lo_ptr,
+    norm_ptr,
+    x_ptr,
+    shift_ptr,
+    h_ptr,
+    out_ptr,
+    rowsum_ptr,
+    n,
+    d,
+    stride_x,
+    stride_out,
+    FINALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+    ACC: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    """Rows of block program_id(0) against the columns j of split program_id(2), from the operand arrays
+    of _flash_operands_kernel (no masks in the loop: padding rows have zero operands and +inf norms).
+    K_ii is set to exactly 1: its exponent c (2 a_i.a_i - 2 |a_i|^2) is a difference of large terms when
+    H << |a_i|^2 (the split products drop 2^-16 of each). Compiled for sm_90, this select on every tile kept
+    the loop free of register spills; peeling the diagonal blocks into a loop of their own (as
+    FlashAttention's causal stages) made it spill.
+
+    FINALIZE: write phi; otherwise this split's K @ W to out[split] and its row sums to rowsum[split] (for
+    _svgd_combine_kernel).
+    """
+    split = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, D_PAD)
+    h = tl.load(h_ptr)
+    two_c = 2.0 * 1.4426950408889634 / h
+    row_offsets = rows[:, None] * D_PAD + dcols[None, :]
+    q_hi = tl.load(a_hi_ptr + row_offsets)
+    q_lo = q_hi
+    if MODE == MODE_HALF_SPLIT:
+        q_lo = tl.load(a_lo_ptr + row_offsets)
+    norm_i = tl.load(norm_ptr + rows)
+    col_blocks = tl.cdiv(tl.cdiv(n, BLOCK_N), tl.num_programs(2))
+    j_start = split * col_blocks * BLOCK_N
+    j_end = tl.minimum(n, j_start + col_blocks * BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=ACC)
+    rowsum = tl.zeros((BLOCK_M,), dtype=ACC)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        col_offsets = cols[:, None] * D_PAD + dcols[None, :]
+        k_hi = tl.load(a_hi_ptr + col_offsets)
+        k_lo = k_hi
+        if MODE == MODE_HALF_SPLIT:
+            k_lo = tl.load(a_lo_ptr + col_offsets)
+        s = _flash_dot(q_hi, q_lo, tl.trans(k_hi), tl.trans(k_lo), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), MODE)
+        norm_j = tl.load(norm_ptr + cols)
+        k = tl.math.exp2(tl.minimum(s * two_c - norm_i[:, None] - norm_j[None, :], 0.0))
+        k = tl.where(rows[:, None] == cols[None, :], 1.0, k)
+        w_hi = tl.load(w_hi_ptr + col_offsets)
+        if MODE == MODE_HALF_SPLIT:
+            w_lo = tl.load(w_lo_ptr + col_offsets)
+            k_hi16 = k.to(HALF)
+            k_lo16 = (k - k_hi16.to(ACC)).to(HALF)
+            rowsum += tl.sum(k, axis=1)
+            acc = _flash_dot(k_hi16, k_lo16, w_hi, w_lo, acc, MODE)
+        elif MODE == MODE_HALF:
+            k16 = k.to(HALF)
+            rowsum += tl.sum(k16.to(ACC), axis=1)  # the K the dot multiplies
+            acc = _flash_dot(k16, k16, w_hi, w_hi, acc, MODE)
+        else:
+            k = dot_operand(k, MODE)
+            rowsum += tl.sum(k, axis=1)
+            acc = dot_acc(k, w_hi, acc, MODE)
+
+    out_mask = (rows < n)[:, None] & (dcols < d)[None, :]
+    if FINALIZE:
+        xc_i = load_centred(x_ptr, shift_ptr, rows, dcols, n, d, stride_x, ACC)
+        phi = (acc + (2.0 / h) * rowsum[:, None] * xc_i) / n
+        tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], phi.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + split * n * d + rows[:, None] * d + dcols[None, :], acc, mask=out_mask)
+        tl.store(rowsum_ptr + split * n + rows, rowsum, mask=rows < n)
+
+
 _SVGD = tunable(_svgd_step_kernel, key=["n", "d"])
+# FlashAttention-style candidates (the fixed tile first, as in GPU_TILES). Compiled for sm_90 here, the
+# 64- and 128-row tiles with 64 columns keep the bf16 and TF32 loops free of register spills; the split
+# mode spills a little at 128 rows (the tiled kernel spills 0.3-2.5 KB at every GPU tile in the half modes).
+FLASH_TILES = [
+    TileConfig(64, 64, 4, 2),
+    TileConfig(64, 64, 4, 3),
+    TileConfig(128, 64, 8, 2),
+    TileConfig(128, 64, 8, 3),
+    TileConfig(128, 128, 8, 2),
+]
+_FLASH = tunable(_svgd_flash_kernel, key=["n", "d"], tiles=FLASH_TILES)
 
 
 def _column_splits(n: int, d: int, block_v: int, device: torch.device, tile: TileConfig) -> int:
@@ -162,9 +337,82 @@ def _column_splits(n: int, d: int, block_v: int, device: torch.device, tile: Til
     return max(1, min(num_programs_target(device) // programs, triton.cdiv(n, 4 * tile.block_n)))
 
 
+def use_flash(d: int, mode: int) -> bool:
+    """The flash path: many particles, d <= FLASH_MAX_D, a tensor-core mode (TF32, bf16, split bf16). The
+    IEEE fp32 / fp64 products keep the tiled kernel, whose H200 timings the auto rule rests on."""
+    return mode != DOT_IEEE and d <= FLASH_MAX_D
+
+
+def _apply_flash(x, score, shift, h, *, mode, splits, tile):
+    """The flash path: operands once (_flash_operands_kernel), then _svgd_flash_kernel (+ combine)."""
+    n, d = x.shape
+    acc = accumulation_dtype(x.dtype)
+    d_pad = next_power_of_2(d, low=MIN_BLOCK, high=FLASH_MAX_D)
+    n_pad = triton.cdiv(n, FLASH_ROW_PAD) * FLASH_ROW_PAD
+    half = mode in (DOT_HALF, DOT_HALF_SPLIT)
+    store = torch.bfloat16 if half else acc
+    a_hi, w_hi = (torch.empty((n_pad, d_pad), dtype=store, device=x.device) for _ in range(2))
+    a_lo, w_lo = (
+        (torch.empty((n_pad, d_pad), dtype=store, device=x.device) for _ in range(2))
+        if mode == DOT_HALF_SPLIT
+        else (a_hi, w_hi)
+    )
+    norms = torch.empty((n_pad,), dtype=acc, device=x.device)
+    block_r = 32
+    _flash_operands_kernel[(n_pad // block_r,)](
+        x, score, shift, h, a_hi, a_lo, w_hi, w_lo, norms, n, d, x.stride(0), score.stride(0),
+        D_PAD=d_pad, BLOCK_R=block_r, ACC=tl_dtype(acc), MODE=mode,
+    )  # fmt: skip
+    nominal = tile or _FLASH.fixed
+    if splits is None:
+        splits = _column_splits(n, d, d_pad, x.device, nominal)
+    splits = min(splits, triton.cdiv(n, nominal.block_n))
+    out = torch.empty_like(x)
+    finalize = splits == 1
+    partial = out if finalize else torch.empty((splits, n, d), dtype=acc, device=x.device)
+    rowsums = partial if finalize else torch.empty((splits, n), dtype=acc, device=x.device)
+    _FLASH.launch(
+        lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1, splits),
+        tile=tile,
+        a_hi_ptr=a_hi,
+        a_lo_ptr=a_lo,
+        w_hi_ptr=w_hi,
+        w_lo_ptr=w_lo,
+        norm_ptr=norms,
+        x_ptr=x,
+        shift_ptr=shift,
+        h_ptr=h,
+        out_ptr=partial,
+        rowsum_ptr=rowsums,
+        n=n,
+        d=d,
+        stride_x=x.stride(0),
+        stride_out=out.stride(0),
+        FINALIZE=finalize,
+        D_PAD=d_pad,
+        ACC=tl_dtype(acc),
+        MODE=mode,
+    )
+    if not finalize:
+        _combine(partial, rowsums, x, shift, h, out, splits, d_pad)
+    return out
+
+
+def _combine(partial, rowsums, x, shift, h, out, splits, block_v):
+    """phi from the column splits' partial sums."""
+    n, d = x.shape
+    grid = (triton.cdiv(n, 64), triton.cdiv(d, block_v))
+    _svgd_combine_kernel[grid](
+        partial, rowsums, x, shift, h, out, n, d, splits, x.stride(0), BLOCK_M=64, BLOCK_V=block_v,
+        ACC=tl_dtype(accumulation_dtype(x.dtype)),
+    )  # fmt: skip
+
+
 def _apply(x, score, shift, h, dist, *, mode, splits, tile):
     """Launch the SVGD kernel (tiled when dist is None, else over the given distances)."""
     n, d = x.shape
+    if dist is None and use_flash(d, mode):
+        return _apply_flash(x, score, shift, h, mode=mode, splits=splits, tile=tile)
     acc = accumulation_dtype(x.dtype)
     block_v = next_power_of_2(d, low=MIN_BLOCK, high=max_block_v(acc))
     nominal = tile or _SVGD.fixed
@@ -199,10 +447,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile):
         MODE=mode,
     )
     if not finalize:
-        grid = (triton.cdiv(n, 64), triton.cdiv(d, block_v))
-        _svgd_combine_kernel[grid](
-            partial, rowsums, x, shift, h, out, n, d, splits, x.stride(0), BLOCK_M=64, BLOCK_V=block_v, ACC=tl_dtype(acc)
-        )
+        _combine(partial, rowsums, x, shift, h, out, splits, block_v)
     return out
 
 

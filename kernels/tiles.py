@@ -40,7 +40,7 @@ def dot_operand(t, MODE: tl.constexpr):
 
 
 @triton.jit
-def _half_operand(t):
+def half_operand(t):
     """t (exactly representable in HALF) as the tensor cores take it."""
     if INTERPRET:
         return t.to(HALF).to(tl.float32)
@@ -49,8 +49,8 @@ def _half_operand(t):
 
 
 @triton.jit
-def _half_dot(a, b, acc):
-    """acc + a @ b for operands from _half_operand (input_precision only concerns fp32 operands)."""
+def half_dot(a, b, acc):
+    """acc + a @ b for operands from half_operand (input_precision only concerns fp32 operands)."""
     if INTERPRET:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -68,15 +68,15 @@ def dot_acc(a, b, acc, MODE: tl.constexpr):
     if MODE == MODE_HALF_SPLIT:
         a_hi = a.to(HALF).to(tl.float32)
         b_hi = b.to(HALF).to(tl.float32)
-        a_lo = _half_operand(a - a_hi)
-        b_lo = _half_operand(b - b_hi)
-        a_hi = _half_operand(a_hi)
-        b_hi = _half_operand(b_hi)
-        acc = _half_dot(a_hi, b_lo, acc)  # small terms first
-        acc = _half_dot(a_lo, b_hi, acc)
-        return _half_dot(a_hi, b_hi, acc)
+        a_lo = half_operand(a - a_hi)
+        b_lo = half_operand(b - b_hi)
+        a_hi = half_operand(a_hi)
+        b_hi = half_operand(b_hi)
+        acc = half_dot(a_hi, b_lo, acc)  # small terms first
+        acc = half_dot(a_lo, b_hi, acc)
+        return half_dot(a_hi, b_hi, acc)
     elif MODE == MODE_HALF:
-        return _half_dot(_half_operand(a), _half_operand(b), acc)
+        return half_dot(half_operand(a), half_operand(b), acc)
     elif MODE == MODE_TF32 and not INTERPRET:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:

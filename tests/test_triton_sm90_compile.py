@@ -31,7 +31,7 @@ def test_kernels_compile_for_sm90_within_shared_memory(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "record", str(launches)], env=env, check=True, timeout=600)
     recorded = json.loads(launches.read_text())
     names = {entry["name"] for entry in recorded}
-    assert {"_svgd_step_kernel", "_svgd_combine_kernel", "_gram_kernel", "_rbf_kernel_kernel",
+    assert {"_svgd_step_kernel", "_svgd_flash_kernel", "_flash_operands_kernel", "_svgd_combine_kernel", "_gram_kernel", "_rbf_kernel_kernel",
             "_rbf_kernel_grad_kernel", "_radix_histogram_kernel", "_centring_sum_kernel"} <= names  # fmt: skip
     env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(SCRIPT), "compile", str(launches)], env=env, check=True,
@@ -42,8 +42,14 @@ def test_kernels_compile_for_sm90_within_shared_memory(tmp_path):
     assert not errors, errors[:3]
     too_big = [r for r in report["results"] if r["shared"] > report["shared_limit"]]
     assert not too_big, too_big
-    # MODE 0 is the IEEE fp32/fp64 dot (FMA units); the other modes exist to run on the tensor cores.
-    with_mode = [r for r in report["results"] if "MODE" in r["consts"]]
+    # MODE 0 is the IEEE fp32/fp64 dot (FMA units); the other modes exist to run on the tensor cores (the
+    # flash operands kernel only rounds its operands for them).
+    with_mode = [r for r in report["results"] if "MODE" in r["consts"] and r["kernel"] != "_flash_operands_kernel"]
     assert {r["consts"]["MODE"] for r in with_mode} >= {"0", "1", "2", "3"}
     no_wgmma = [r for r in with_mode if r["consts"]["MODE"] != "0" and not r["wgmma"]]
     assert not no_wgmma, no_wgmma
+    # The flash kernel (the many-particle step in the tensor-core modes) keeps its loop in registers at the
+    # fixed tile, with aligned operands as on a GPU: no spill stores (the tiled kernel spills at most tiles).
+    flash = [r for r in report["results"] if r["kernel"] == "_svgd_flash_kernel"]
+    assert {r["consts"]["MODE"] for r in flash} == {"1", "2", "3"}
+    assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in flash), flash

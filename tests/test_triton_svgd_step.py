@@ -88,11 +88,12 @@ def test_median_rule_in_fp32(algorithm):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("allow_tf32,bf16_ulps", [(None, 0.0), (False, 0.0), (True, 2.0)])
-def test_half_precision_inputs(dtype, algorithm, allow_tf32, bf16_ulps):
+@pytest.mark.parametrize("n,d", [(70, 37), (66, 129)])  # tiled: the flash kernel, and d > FLASH_MAX_D
+def test_half_precision_inputs(dtype, algorithm, allow_tf32, bf16_ulps, n, d):
     """bf16/fp16 in, fp32 accumulation, same dtype out. Default (three products of hi/lo bf16 parts) and
     allow_tf32=False (fp32 products) leave only the final rounding: one ulp of the dtype. allow_tf32=True
     (one bf16 product of rounded operands) adds about 1.5 ulps of bf16 (measured), for fp16 inputs too."""
-    x, score = particles(70, 37, dtype=dtype)
+    x, score = particles(n, d, dtype=dtype)
     phi = svgd(x, score, algorithm=algorithm, allow_tf32=allow_tf32)
     assert phi.dtype == dtype
     error = relative_error(phi, reference_phi(x, score))
@@ -112,6 +113,65 @@ def test_fp16_products_cannot_overflow(algorithm, allow_tf32):
     assert torch.isfinite(phi).all()
     bound = ulp(torch.float16) + (2 * ulp(torch.bfloat16) if allow_tf32 else 0.0)
     assert relative_error(phi, reference_phi(x, score, h)) <= bound
+
+
+def svgd_module():
+    import importlib
+
+    kernels()  # imports bmt_fast.kernels
+    return importlib.import_module("bmt_fast.kernels.svgd_step")
+
+
+def test_flash_path_serves_the_tensor_core_modes_up_to_its_width():
+    """IEEE products (fp32 default, fp64) keep the tiled kernel, as does d > FLASH_MAX_D."""
+    module, utils = svgd_module(), kernels().utils
+    assert module.FLASH_MAX_D == 128
+    for mode in (utils.DOT_TF32, utils.DOT_HALF, utils.DOT_HALF_SPLIT):
+        assert module.use_flash(1, mode) and module.use_flash(128, mode) and not module.use_flash(129, mode)
+    assert not module.use_flash(16, utils.DOT_IEEE)
+
+
+@pytest.fixture
+def flash_launches(monkeypatch):
+    """Counts the flash kernel's launches."""
+    module = svgd_module()
+    calls = []
+    launch = module._FLASH.launch
+    monkeypatch.setattr(module._FLASH, "launch", lambda *a, **k: calls.append(k["MODE"]) or launch(*a, **k))
+    return calls
+
+
+# (dtype, allow_tf32, bound on the relative error): the bounds of the tests above for each mode
+FLASH_MODES = [
+    (torch.float32, True, 2e-3),
+    (torch.bfloat16, None, ulp(torch.bfloat16)),
+    (torch.bfloat16, True, 3 * ulp(torch.bfloat16)),
+    (torch.float16, None, ulp(torch.float16)),
+    (torch.float16, True, ulp(torch.float16) + 2 * ulp(torch.bfloat16)),
+]
+
+
+@pytest.mark.parametrize("dtype,allow_tf32,bound", FLASH_MODES)
+@pytest.mark.parametrize("n,d", [(1, 1), (70, 37), (130, 128), (200, 5)])
+def test_flash_path_matches_reference(flash_launches, dtype, allow_tf32, bound, n, d):
+    """One row; rows and columns not multiples of the tile (padding rows must give K = 0); d = FLASH_MAX_D;
+    several column blocks. The median rule and a given bandwidth."""
+    x, score = particles(n, d, dtype=dtype)
+    for h in (None, torch.tensor(0.7 * d, dtype=torch.float64, device=DEVICE)):
+        phi = svgd(x, score, h, algorithm="tiled", allow_tf32=allow_tf32)
+        assert phi.dtype == dtype and phi.shape == (n, d)
+        error = relative_error(phi, reference_phi(x, score, h))
+        assert error <= bound, error
+    assert len(flash_launches) == 2
+
+
+@pytest.mark.parametrize("dtype,allow_tf32,bound", FLASH_MODES[:2])
+@pytest.mark.parametrize("splits", [2, 3])
+def test_flash_column_splits_are_summed_exactly_once(flash_launches, dtype, allow_tf32, bound, splits):
+    x, score = particles(200, 70, offset=1e3, dtype=dtype)
+    phi = svgd(x, score, algorithm="tiled", allow_tf32=allow_tf32, splits=splits)
+    assert relative_error(phi, reference_phi(x, score)) <= bound
+    assert len(flash_launches) == 1
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -229,9 +289,12 @@ def test_autotuning_keys_include_every_specialisation():
 
     kernels()  # imports bmt_fast.kernels
     utils = importlib.import_module("bmt_fast.kernels.utils")
-    keys = utils.specialisation_keys(importlib.import_module("bmt_fast.kernels.svgd_step")._SVGD.raw)
+    module = importlib.import_module("bmt_fast.kernels.svgd_step")
+    keys = utils.specialisation_keys(module._SVGD.raw)
     assert {"DIST_GIVEN", "FINALIZE", "BLOCK_V", "ACC", "MODE"} <= set(keys)
     assert "BLOCK_M" not in keys and "BLOCK_N" not in keys
+    assert {"FINALIZE", "D_PAD", "ACC", "MODE"} <= set(utils.specialisation_keys(module._FLASH.raw))
+    assert module.FLASH_TILES[0] == utils.FIXED_TILE  # the tile the interpreter runs and CI compiles for sm_90
 
 
 @requires_gpu

@@ -22,6 +22,7 @@ import json
 import sys
 
 SHARED_LIMIT_SM90 = 232_448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+REGISTER_CHECKED = {"_svgd_flash_kernel"}  # kernels whose register use and spills are reported (ptxas -v)
 
 
 def record(path: str) -> None:
@@ -40,14 +41,16 @@ def record(path: str) -> None:
         for name, value in bound.items():
             if name not in self.arg_names:  # launch options: num_warps, num_stages
                 continue
+            # "aligned": what a GPU launch specialises on (16-byte aligned pointers, integers divisible by
+            # 16); the compiler vectorises loads and pipelines them through shared memory only with it
             if isinstance(value, torch.Tensor):
-                params[name] = {"ptr": str(value.dtype).removeprefix("torch.")}
+                params[name] = {"ptr": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
             elif isinstance(value, bool) or hasattr(value, "primitive_bitwidth") or name.isupper():
                 params[name] = {"const": value if isinstance(value, (bool, int, float)) else str(value)}
             else:
-                params[name] = {"int": int(value)}
+                params[name] = {"int": int(value), "aligned": int(value) % 16 == 0}
         entry = {"module": self.fn.__module__, "name": self.fn.__name__, "params": params}
-        key = {**entry, "params": {k: v for k, v in params.items() if "int" not in v}}  # one per specialisation
+        key = {**entry, "params": {k: v for k, v in params.items() if "int" not in v or v["aligned"]}}  # one per specialisation
         launches.setdefault(json.dumps(key, sort_keys=True), entry)
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -73,8 +76,34 @@ def record(path: str) -> None:
         bmt_fast.median_bandwidth(x, backend="triton")
         h = torch.tensor(40.0, dtype=dtype)
         kernels.svgd_step_forward(x, torch.randn(300, 16, dtype=dtype), h, splits=2)  # the combine kernel
+    # The flash path (many particles, tensor-core modes) at the shape of the bf16 target row's d = 128
+    # (n, d and the strides divisible by 16, as there), whole and with column splits.
+    for dtype, allow_tf32 in ((torch.float32, True), (torch.bfloat16, None), (torch.bfloat16, True)):
+        x, score = torch.randn(320, 128).to(dtype), torch.randn(320, 128).to(dtype)
+        for splits in (None, 2):
+            kernels.svgd_step_forward(x, score, allow_tf32=allow_tf32, algorithm="tiled", splits=splits)
     with open(path, "w") as f:
         json.dump(list(launches.values()), f)
+
+
+def register_use(ptx: str) -> dict:
+    """Registers per thread and bytes of register spill stores, from ptxas -v (Triton's bundled ptxas)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/kernel.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([getattr(ptxas, "path", ptxas), "-arch=sm_90a", "-v", src, "-o", f"{tmp}/kernel.cubin"],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
 def compile_all(path: str) -> None:
@@ -94,8 +123,10 @@ def compile_all(path: str) -> None:
     for entry in json.load(open(path)):
         module = importlib.import_module("bmt_fast.kernels." + entry["module"].rsplit(".", 1)[-1])
         fn = getattr(module, entry["name"])
-        signature, constexprs = {}, {}
+        signature, constexprs, attrs = {}, {}, {}
         for name, spec in entry["params"].items():
+            if spec.get("aligned"):
+                attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
             if "ptr" in spec:
                 signature[name] = pointer[spec["ptr"]]
             elif "int" in spec:
@@ -110,10 +141,13 @@ def compile_all(path: str) -> None:
         assert tile == utils.GPU_TILES[0]
         row = {"kernel": entry["name"], "consts": {k: str(v) for k, v in constexprs.items()}}
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+            source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(source, target=target,
                                       options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})  # fmt: skip
             row["shared"] = compiled.metadata.shared
             row["wgmma"] = "wgmma.mma_async" in compiled.asm["ptx"]  # Hopper's warpgroup tensor-core MMA
+            if entry["name"] in REGISTER_CHECKED:
+                row.update(register_use(compiled.asm["ptx"]))
         except Exception as exc:  # noqa: BLE001 - reported to the test
             row["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
         results.append(row)
