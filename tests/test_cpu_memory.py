@@ -79,3 +79,20 @@ def test_a_large_result_is_an_ordinary_resizable_tensor():
     view = phi[::2]
     del phi
     assert float(view[8].sum()) == 70_000.0  # the storage lives as long as a view of it
+
+
+def test_profiler_sees_large_results_allocated_and_freed():
+    """torch.profiler(profile_memory=True) counts the huge-page blocks as it counts torch's allocations."""
+    from torch.profiler import profile
+
+    x = torch.randn(2048, 16)  # K: 16 MiB
+    h = torch.tensor(16.0)
+    nbytes = 2048 * 2048 * 4
+    with profile(profile_memory=True) as prof:
+        k = bmt_fast.rbf_kernel(x, None, h, check_inputs=False)
+        assert k.untyped_storage().nbytes() == nbytes and k.data_ptr() % HUGE_PAGE == 0
+        del k
+    op = next(e for e in prof.key_averages() if e.key == "bmt_fast::rbf_kernel")
+    assert op.cpu_memory_usage >= nbytes
+    freed = [e for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage == -nbytes]
+    assert len(freed) == 1

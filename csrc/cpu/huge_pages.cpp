@@ -4,12 +4,14 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
 
 #ifdef __linux__
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -60,19 +62,52 @@ class BlockCache {
     for (const Block& b : evicted) std::free(b.data);
   }
 
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_bytes_;
+  }
+
+  // fork(): the mutex is held across it (no thread is inside the cache then), so a child starts with a
+  // consistent cache and an unlocked mutex even when another thread of the parent was allocating.
+  void lock_for_fork() { mutex_.lock(); }
+  void unlock_after_fork() { mutex_.unlock(); }
+
  private:
   std::mutex mutex_;
   std::deque<Block> blocks_;
   size_t cached_bytes_ = 0;
 };
 
-BlockCache& cache() {
-  static auto* blocks = new BlockCache();  // never destroyed: storages may be freed during static teardown
-  return *blocks;
+// Made when the library is loaded, before any thread can allocate (a function-local static is made by the
+// first call, and a fork during that initialisation leaves its guard locked in the child: seen in
+// csrc/tests); never destroyed: storages may be freed during static teardown.
+BlockCache* const g_cache = [] {
+  auto* created = new BlockCache();
+#ifdef __linux__
+  pthread_atfork([] { g_cache->lock_for_fork(); }, [] { g_cache->unlock_after_fork(); },
+                 [] { g_cache->unlock_after_fork(); });
+#endif
+  return created;
+}();
+
+BlockCache& cache() { return *g_cache; }
+
+// Bytes of live blocks handed out (the cache holds the rest of what the allocator reserved).
+std::atomic<size_t> live_bytes{0};
+
+// torch.profiler(profile_memory=True) sees these blocks as it sees torch's own CPU allocations.
+void report_to_profiler(void* data, int64_t delta) {
+  if (c10::memoryProfilingEnabled()) {
+    const size_t live = live_bytes.load();
+    c10::reportMemoryUsageToProfiler(data, delta, live, live + cache().cached_bytes(),
+                                     c10::Device(c10::DeviceType::CPU));
+  }
 }
 
 void release(void* context) {
   auto* block = static_cast<Block*>(context);
+  live_bytes -= block->bytes;
+  report_to_profiler(block->data, -static_cast<int64_t>(block->bytes));
   cache().give(*block);
   delete block;
 }
@@ -90,6 +125,8 @@ class HugePageAllocator final : public c10::Allocator {
       if (nbytes >= kHugePage) (void)madvise(data, nbytes / kHugePage * kHugePage, MADV_HUGEPAGE);
 #endif
     }
+    live_bytes += nbytes;
+    report_to_profiler(data, static_cast<int64_t>(nbytes));
     return {data, new Block{data, nbytes}, &release, c10::Device(c10::DeviceType::CPU)};
   }
   // The context is not the data pointer: no raw_allocate / raw_deallocate.
@@ -97,10 +134,7 @@ class HugePageAllocator final : public c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 };
 
-HugePageAllocator& huge_page_allocator() {
-  static auto* allocator = new HugePageAllocator();  // never destroyed, like the cache
-  return *allocator;
-}
+HugePageAllocator* const g_allocator = new HugePageAllocator();  // made at load and kept, like the cache
 
 }  // namespace
 
@@ -109,7 +143,7 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
 #ifdef __linux__
   if (bytes >= kHugePageMinBytes) {
-    return at::Tensor(at::detail::empty_generic(sizes, &huge_page_allocator(),
+    return at::Tensor(at::detail::empty_generic(sizes, g_allocator,
                                                 c10::DispatchKeySet(c10::DispatchKey::CPU),
                                                 options.dtype().toScalarType(), c10::MemoryFormat::Contiguous));
   }

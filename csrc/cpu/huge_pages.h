@@ -11,7 +11,8 @@
 // request of the same size: a loop that makes one such result per step pages it in once. The cache holds
 // at most kHugePageCacheMaxBlocks freed blocks and kHugePageCacheMaxBytes in all, none over
 // kHugePageCacheMaxBlockBytes (the oldest go back to the OS first). Not Linux: an ordinary allocation.
-// The storage is a normal resizable CPU storage.
+// The storage is a normal resizable CPU storage. Allocations and frees are reported to torch.profiler's
+// memory profiling like torch's own; a fork() child inherits the cache in a consistent state.
 #pragma once
 
 #include <ATen/ATen.h>

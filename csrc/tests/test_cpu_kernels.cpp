@@ -3,12 +3,22 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
+
 #include "../bmt_fast.h"
+#include "../cpu/huge_pages.h"
 
 namespace {
 
@@ -115,6 +125,46 @@ void test_bad_input() {
   expect(threw, "shape mismatch raises a readable error");
 }
 
+// fork() while another thread allocates and frees large results through the huge-page cache: each child
+// must be able to allocate from it (before the cache's mutex was held across fork, a child forked while
+// the other thread was inside the cache deadlocked on its first large allocation).
+void test_fork_while_allocating() {
+#ifdef __linux__
+  const int64_t values = int64_t{1} << 21;  // 8 MiB of fp32: over the huge-page threshold
+  std::atomic<bool> stop{false};
+  std::thread churn([&] {
+    while (!stop.load()) at::Tensor t = bmt_fast::cpu::empty_large({values}, at::TensorOptions(at::kFloat));
+  });
+  int hung = 0, failed = 0;
+  const int forks = 200;
+  for (int i = 0; i < forks; ++i) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      const at::Tensor t = bmt_fast::cpu::empty_large({values}, at::TensorOptions(at::kFloat));
+      _exit(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % (std::uintptr_t{2} << 20) == 0 ? 0 : 1);
+    }
+    int status = 0;
+    bool done = false;
+    for (int ms = 0; ms < 5000 && !done; ++ms) {
+      done = waitpid(pid, &status, WNOHANG) == pid;
+      if (!done) usleep(1000);
+    }
+    if (!done) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      ++hung;
+    } else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      ++failed;
+    }
+  }
+  stop = true;
+  churn.join();
+  expect(hung == 0 && failed == 0, "fork while another thread allocates: " + std::to_string(hung) + " of " +
+                                       std::to_string(forks) + " children hung, " + std::to_string(failed) +
+                                       " failed");
+#endif
+}
+
 }  // namespace
 
 int main() {
@@ -122,6 +172,7 @@ int main() {
   test_svgd_step();
   test_median_and_kernel();
   test_bad_input();
+  test_fork_while_allocating();
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }
