@@ -150,6 +150,9 @@ namespace cpu {
 constexpr int64_t kGramMaxParticles = 64;
 // Rows and columns of one distance tile in the tiled path.
 constexpr int64_t kTileSize = 512;
+// Largest n whose exact median bandwidth (tiled path) selects over stored distances instead of radix
+// passes over recomputed tiles: n(n-1)/2 values, at most 1 MiB of fp32 at 512.
+constexpr int64_t kMedianSelectMaxParticles = 512;
 
 at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                      std::string_view algorithm);

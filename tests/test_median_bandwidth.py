@@ -43,6 +43,32 @@ def test_compiled_algorithms(algorithm, dtype, n):
 
 
 @requires_cpu_extension
+@pytest.mark.parametrize("n", [2, 99, 100, 512, 513])  # n^2 odd and even; up to 512 the CPU selects over the
+# stored distances, from 513 on by radix passes over recomputed tiles (kMedianSelectMaxParticles)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", [False, True])
+def test_tiled_median_is_exact_on_both_sides_of_the_selection_limit(n, dtype, ties):
+    """With ties (integer coordinates: repeated particles, repeated and zero distances) every distance is
+    exact in the dtype, so both selections must hit numpy's median of the n x n matrix exactly."""
+    torch.manual_seed(n)
+    x = torch.randn(n, 3, dtype=torch.float64) * 3
+    x = (x.round() if ties else x).to(dtype)
+    h = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
+    # fp32: H itself is returned in fp32 (one rounding); its distances carry fp32 rounding unless exact
+    tolerance = 1e-14 if dtype == torch.float64 else 1e-7 if ties else 1e-6
+    assert math.isclose(h, numpy_rule(x), rel_tol=tolerance)
+
+
+@requires_cpu_extension
+def test_two_identical_particles_and_one_apart():
+    """n = 2 (the only n whose lower middle rank falls on a diagonal zero) with a zero and a positive distance."""
+    for rows, median in (([[1.0, 2.0], [1.0, 2.0]], 0.0), ([[0.0, 0.0], [3.0, 4.0]], 12.5)):
+        x = torch.tensor(rows, dtype=torch.float64)
+        h = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
+        assert math.isclose(h, max(median / math.log(3), reference.BANDWIDTH_FLOOR), rel_tol=1e-15)
+
+
+@requires_cpu_extension
 def test_sampled_estimate_within_a_few_percent_at_65536():
     """The documented error: on a Gaussian cloud of 65,536 particles the sampled H is within 2%."""
     x = torch.randn(65536, 4)

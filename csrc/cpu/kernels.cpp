@@ -15,6 +15,8 @@
                        int64_t, const RadixPass&, int64_t*);                                                     \
   void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,          \
                        bool, int64_t, const RadixPass&, int64_t*);                                               \
+  void upper_sq_dists(const float*, int64_t, const float*, float*);                                              \
+  void upper_sq_dists(const double*, int64_t, const double*, double*);                                           \
   void gram_columns(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);         \
   void gram_columns(const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);      \
   void gram_columns(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*); \
@@ -116,6 +118,9 @@ const char* compiled_isas() {
                        int64_t* hist) {                                                                      \
     BMT_FAST_DISPATCH(radix_histogram, tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, \
                       hist)                                                                                  \
+  }                                                                                                          \
+  void upper_sq_dists(const T* dots, int64_t n, const T* norms, T* out) {                                    \
+    BMT_FAST_DISPATCH(upper_sq_dists, dots, n, norms, out)                                                   \
   }
 BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)

@@ -38,6 +38,11 @@ void radix_histogram(const double* tile, int64_t ld, int64_t row_begin, int64_t 
                      const double* nr, const double* nc, bool upper_only, int64_t weight,
                      const RadixPass& pass, int64_t* hist);
 
+// The n(n-1)/2 squared distances of the strict upper triangle of a self dot-product matrix dots (n x n,
+// row-major), row by row, computed as radix_histogram computes them.
+void upper_sq_dists(const float* dots, int64_t n, const float* norms, float* out);
+void upper_sq_dists(const double* dots, int64_t n, const double* norms, double* out);
+
 // ---- few-particle, huge-d regime: split-K Gram, then one pass ------------------------------------
 
 // Columns are processed in chunks of `chunk` (a multiple of 32), shifted by particle 0 inside the chunk,

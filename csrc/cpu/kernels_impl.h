@@ -69,6 +69,22 @@ struct KeyOf<double> {
   using type = uint64_t;
 };
 
+// The squared distance from a dot product and the two norms, clamped at +0: one expression for the radix
+// histogram and the selection over stored distances, so both see the same value for a pair.
+template <typename T>
+BMT_FAST_INLINE T sq_dist_from_dot(T na, T nb, T dot) {
+  const T dist = na + nb - T(2) * dot;
+  return dist > T(0) ? dist : T(0);
+}
+
+template <typename T>
+BMT_FAST_INLINE void upper_sq_dists_impl(const T* dots, int64_t n, const T* norms, T* out) {
+  for (int64_t a = 0; a < n; ++a) {
+    const T* row = dots + a * n;
+    for (int64_t b = a + 1; b < n; ++b) *out++ = sq_dist_from_dot(norms[a], norms[b], row[b]);
+  }
+}
+
 template <typename T>
 BMT_FAST_INLINE void radix_histogram_impl(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end,
                                           int64_t cols, const T* nr, const T* nc, bool upper_only,
@@ -80,8 +96,7 @@ BMT_FAST_INLINE void radix_histogram_impl(const T* tile, int64_t ld, int64_t row
   for (int64_t a = row_begin; a < row_end; ++a) {
     const T* row = tile + a * ld;
     for (int64_t b = upper_only ? a + 1 : 0; b < cols; ++b) {
-      T dist = nr[a] + nc[b] - T(2) * row[b];
-      dist = dist > T(0) ? dist : T(0);
+      const T dist = sq_dist_from_dot(nr[a], nc[b], row[b]);
       Key key;
       std::memcpy(&key, &dist, sizeof(key));
       const uint64_t top = has_top ? uint64_t(key >> top_shift) : 0;
@@ -529,6 +544,9 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
                        const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass, \
                        int64_t* hist) {                                                                  \
     radix_histogram_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, hist); \
+  }                                                                                                      \
+  void upper_sq_dists(const T* dots, int64_t n, const T* norms, T* out) {                                \
+    upper_sq_dists_impl<T>(dots, n, norms, out);                                                         \
   }
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
