@@ -166,10 +166,12 @@ def median_bandwidth(
     method="exact": the numpy.median of all n*n squared distances (diagonal zeros included). The compiled
         backends select it without materialising the n x n matrix (a few streaming passes).
     method="sampled": the median of `num_pairs` pairs (i, j) drawn uniformly (with replacement) from all
-        n*n pairs, costing O(num_pairs * d). Its relative error has standard deviation about
-        1 / (2 * f(m) * m * sqrt(num_pairs)) for a density f of squared distances with median m. For a
-        Gaussian cloud this is at most 1.45 / sqrt(num_pairs) (d=1 and 2; smaller for larger d), i.e.
-        under 0.6% at the default 65,536 pairs, so 3 standard deviations stay within 2%.
+        n*n pairs, costing O(num_pairs * d) time and O(num_pairs) memory. Its relative error has standard
+        deviation about 1 / (2 * f(m) * m * sqrt(num_pairs)) for a density f of squared distances with
+        median m. For a Gaussian cloud this is at most 1.45 / sqrt(num_pairs) (d=1 and 2; smaller for
+        larger d), i.e. under 0.6% at the default 65,536 pairs, so 3 standard deviations stay within 2%.
+        With no more pairs than samples (n*n <= num_pairs) the exact median is returned instead: it costs
+        less than the samples (n = 256, d = 16 on a 2-core CPU: 0.35 ms exact, 11 ms sampled).
 
     Returns a 0-dim tensor: float64 for float64 input, float32 otherwise, on x's device.
     """
@@ -182,7 +184,8 @@ def median_bandwidth(
         if method == "sampled":
             if not isinstance(num_pairs, int) or num_pairs < 1:
                 raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
-            return reference.sampled_median_bandwidth(x2, num_pairs, generator)
+            if x2.shape[0] ** 2 > num_pairs:
+                return reference.sampled_median_bandwidth(x2, num_pairs, generator)
         return backends.select(backend, "median_bandwidth", x2).median_bandwidth(x2)
 
 

@@ -85,10 +85,27 @@ def test_sampled_estimate_within_a_few_percent_at_65536():
 
 def test_sampled_uses_num_pairs():
     x = torch.randn(300, 3, dtype=torch.float64)
-    close = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=200_000, generator=torch.Generator().manual_seed(0))
-    assert math.isclose(float(close), numpy_rule(x), rel_tol=0.02)
+    close = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=80_000, generator=torch.Generator().manual_seed(0))
+    assert math.isclose(float(close), numpy_rule(x), rel_tol=0.02) and float(close) != numpy_rule(x)
     with pytest.raises(ValueError, match="num_pairs"):
         bmt_fast.median_bandwidth(x, method="sampled", num_pairs=0)
+
+
+def test_sampled_with_no_more_pairs_than_samples_is_exact():
+    x = torch.randn(300, 3, dtype=torch.float64)
+    for num_pairs in (300 * 300, 200_000):
+        h = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=num_pairs, generator=torch.Generator().manual_seed(0))
+        assert math.isclose(float(h), numpy_rule(x), rel_tol=1e-12)
+
+
+def test_sampled_pairs_of_huge_particles_are_formed_a_block_at_a_time(monkeypatch):
+    """The pair differences of num_pairs samples in blocks (soft prompts: 65,536 pairs x 409,600 values
+    would be 107 GB); the blocks give the same distances as one batch."""
+    x = torch.randn(20, 1000, dtype=torch.float64)
+    draw = lambda: float(bmt_fast.median_bandwidth(x, method="sampled", num_pairs=301, generator=torch.Generator().manual_seed(3)))  # noqa: E731
+    whole = draw()
+    monkeypatch.setattr(reference, "SAMPLE_BLOCK_VALUES", 7 * 1000)  # 7 pairs per block, a ragged last one
+    assert draw() == whole
 
 
 def test_exact_at_65536_without_quadratic_memory():
