@@ -247,6 +247,26 @@ def _triton_fast_svgd(inp) -> Run:
     return lambda: torch.ops.bmt_fast_triton.svgd_step(inp.x, inp.score, inp.h, "auto", True)
 
 
+def _triton_tiled_svgd(inp) -> Run:
+    """The default Triton step with the flash path switched off (kernels/svgd_step.py: FLASH_ENABLED): the
+    tiled kernel it replaced for d <= 128 in the tensor-core modes, timed beside it in the same run."""
+    import importlib
+
+    from bmt_fast import backends
+
+    backends.get("triton").kernels()
+    module = importlib.import_module("bmt_fast.kernels.svgd_step")
+
+    def run():
+        module.FLASH_ENABLED = False
+        try:
+            return bmt_fast.svgd_step(inp.x, inp.score, inp.h, backend="triton", check_inputs=False)
+        finally:
+            module.FLASH_ENABLED = True
+
+    return run
+
+
 def _bmt_fast_rbf(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.rbf_kernel(inp.x, None, inp.h, backend=backend, check_inputs=False)
 
@@ -311,6 +331,8 @@ def svgd_step_providers() -> list[Provider]:
           for name in ("cpu", "cuda")],
         Provider("bmt_fast-triton-tf32", _triton_fast_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
                  rtol=2e-3, jit=GPU, version=_bmt_fast_version),
+        Provider("bmt_fast-triton-tiled", _triton_tiled_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
+                 jit=GPU, version=_bmt_fast_version),
     ]
 
 

@@ -337,10 +337,15 @@ def _column_splits(n: int, d: int, block_v: int, device: torch.device, tile: Til
     return max(1, min(num_programs_target(device) // programs, triton.cdiv(n, 4 * tile.block_n)))
 
 
+# False sends every many-particle step to the tiled kernel: the benchmarks' side-by-side provider
+# bmt_fast-triton-tiled (benchmarks/providers.py) sets it around its calls.
+FLASH_ENABLED = True
+
+
 def use_flash(d: int, mode: int) -> bool:
     """The flash path: many particles, d <= FLASH_MAX_D, a tensor-core mode (TF32, bf16, split bf16). The
     IEEE fp32 / fp64 products keep the tiled kernel, whose H200 timings the auto rule rests on."""
-    return mode != DOT_IEEE and d <= FLASH_MAX_D
+    return FLASH_ENABLED and mode != DOT_IEEE and d <= FLASH_MAX_D
 
 
 def _apply_flash(x, score, shift, h, *, mode, splits, tile):

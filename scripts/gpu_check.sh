@@ -110,7 +110,7 @@ bench auto_fp32 150 svgd_step --dtype float32 --sizes 1024x16,8192x128,65536x64,
 bench auto_bf16 120 svgd_step --dtype bfloat16 --sizes 1024x16,8192x128,65536x64,4096x768,4x409600 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench target_bf16 150 svgd_step --dtype bfloat16 --sizes 65536x128 \
-  --providers bmt_fast-cuda,bmt_fast-triton,bmt_fast-triton-tf32,torch-naive,torch-blocked,attention-sdpa
+  --providers bmt_fast-cuda,bmt_fast-triton,bmt_fast-triton-tf32,bmt_fast-triton-tiled,torch-naive,torch-blocked,attention-sdpa
 if wants profile; then  # where the time of the two target rows goes, launch by launch (benchmarks/profile.py)
   run profile 120 bash -c "'$PY' -m benchmarks.profile --device cuda --sizes 16x409600 --out '$OUT/profile.txt' \
     --providers bmt_fast-cuda,bmt_fast-triton && '$PY' -m benchmarks.profile --device cuda --dtype bfloat16 \

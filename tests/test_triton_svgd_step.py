@@ -165,6 +165,17 @@ def test_flash_path_matches_reference(flash_launches, dtype, allow_tf32, bound, 
     assert len(flash_launches) == 2
 
 
+def test_flash_path_can_be_switched_off_for_side_by_side_timing(flash_launches, monkeypatch):
+    """FLASH_ENABLED = False (the benchmarks' bmt_fast-triton-tiled provider): the tiled kernel, same phi."""
+    x, score = particles(130, 40, dtype=torch.bfloat16)
+    flash = svgd(x, score, algorithm="tiled")
+    monkeypatch.setattr(svgd_module(), "FLASH_ENABLED", False)
+    tiled = svgd(x, score, algorithm="tiled")
+    assert len(flash_launches) == 1
+    expected = reference_phi(x, score)
+    assert relative_error(flash, expected) <= ulp(torch.bfloat16) and relative_error(tiled, expected) <= ulp(torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype,allow_tf32,bound", FLASH_MODES[:2])
 @pytest.mark.parametrize("splits", [2, 3])
 def test_flash_column_splits_are_summed_exactly_once(flash_launches, dtype, allow_tf32, bound, splits):
