@@ -153,6 +153,10 @@ constexpr int64_t kTileSize = 512;
 // Largest n whose exact median bandwidth (tiled path) selects over stored distances instead of radix
 // passes over recomputed tiles: n(n-1)/2 values, at most 1 MiB of fp32 at 512.
 constexpr int64_t kMedianSelectMaxParticles = 512;
+// Beyond it: at most this many pairs sampled to bracket the median, and the most memory the bracketed
+// distances may take before the radix passes are used instead.
+constexpr int64_t kMedianWindowMaxSamples = int64_t{1} << 20;
+constexpr int64_t kMedianWindowMaxBytes = int64_t{128} << 20;
 
 at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                      std::string_view algorithm);

@@ -60,6 +60,34 @@ def test_tiled_median_is_exact_on_both_sides_of_the_selection_limit(n, dtype, ti
 
 
 @requires_cpu_extension
+@pytest.mark.parametrize("n,d,dtype,ties", [(513, 3, torch.float64, True), (600, 5, torch.float32, False),
+                                            (1500, 2, torch.float32, True), (2100, 17, torch.float64, False)])  # fmt: skip
+def test_windowed_median_equals_the_radix_passes_bit_for_bit(monkeypatch, n, d, dtype, ties):
+    """Beyond 512 particles a sample of pairs brackets the median and one pass keeps the distances in the
+    bracket; the values selected are the tiles' own, so the result is the radix passes' exactly
+    (BMT_FAST_MEDIAN_WINDOW=0 takes those)."""
+    torch.manual_seed(n)
+    x = torch.randn(n, d, dtype=torch.float64) * 3
+    x = (x.round() if ties else x).to(dtype)
+    windowed = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
+    monkeypatch.setenv("BMT_FAST_MEDIAN_WINDOW", "0")
+    radix = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
+    assert windowed == radix
+    assert math.isclose(windowed, numpy_rule(x), rel_tol=1e-14 if dtype == torch.float64 else 1e-6)
+
+
+@requires_cpu_extension
+def test_windowed_median_falls_back_when_the_bracket_holds_too_much():
+    """Two tight clusters: half of all distances are 0 and half the same positive value, so the bracket
+    around the middle ranks holds every distance, more than the room made for it; the radix passes answer."""
+    n = 600
+    x = torch.zeros(n, 2, dtype=torch.float64)
+    x[n // 2 :, 0] = 3.0
+    h = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
+    assert math.isclose(h, numpy_rule(x), rel_tol=1e-15)
+
+
+@requires_cpu_extension
 def test_two_identical_particles_and_one_apart():
     """n = 2 (the only n whose lower middle rank falls on a diagonal zero) with a zero and a positive distance."""
     for rows, median in (([[1.0, 2.0], [1.0, 2.0]], 0.0), ([[0.0, 0.0], [3.0, 4.0]], 12.5)):

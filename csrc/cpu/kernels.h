@@ -43,6 +43,16 @@ void radix_histogram(const double* tile, int64_t ld, int64_t row_begin, int64_t 
 void upper_sq_dists(const float* dots, int64_t n, const float* norms, float* out);
 void upper_sq_dists(const double* dots, int64_t n, const double* norms, double* out);
 
+// Over the squared distances of rows [row_begin, row_end) of a dot tile (computed as radix_histogram
+// computes them; upper_only as there): adds the number below lo to *below and writes those in [lo, hi] to
+// out, row by row (room for every value of those rows); returns how many it wrote.
+int64_t window_collect(const float* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
+                       const float* nr, const float* nc, bool upper_only, float lo, float hi, int64_t* below,
+                       float* out);
+int64_t window_collect(const double* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
+                       const double* nr, const double* nc, bool upper_only, double lo, double hi, int64_t* below,
+                       double* out);
+
 // ---- few-particle, huge-d regime: split-K Gram, then one pass ------------------------------------
 
 // Columns are processed in chunks of `chunk` (a multiple of 32), shifted by particle 0 inside the chunk,

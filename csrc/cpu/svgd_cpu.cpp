@@ -16,9 +16,12 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
+#include <string_view>
 #include <vector>
 
 #include "../bmt_fast.h"
@@ -216,11 +219,105 @@ double median_sq_dist_select(const at::Tensor& xc, const at::Tensor& norms) {
   return 0.5 * (static_cast<double>(low) + static_cast<double>(high));
 }
 
+// The same median by one pass over the tiles for more particles: a sample of pairs brackets the two middle
+// ranks with [lo, hi] (their sample quantiles widened by 4 standard deviations of a sample quantile), one
+// pass counts the distances below lo and keeps those in [lo, hi], and the selection finishes in that
+// window. The values selected are the tiles' own distances (window_collect computes them as the radix
+// passes do), so the result is exact whatever the sample; the sample only decides the window's width.
+// std::nullopt when the window missed a middle rank or would hold more than kMedianWindowMaxBytes: the
+// caller then takes the radix passes. BMT_FAST_MEDIAN_WINDOW=0 skips this (A/B and tests).
+template <typename T>
+std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tensor& norms) {
+  if (const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW"); env != nullptr && std::string_view(env) == "0")
+    return std::nullopt;
+  const int64_t n = xc.size(0), d = xc.size(1);
+  const int64_t m = n * (n - 1) / 2, total = n * n;
+  const int64_t r0 = (total - 1) / 2, r1 = total / 2;
+  if (r0 < n) return std::nullopt;
+  const int64_t k0 = (r0 - n) / 2, k1 = (r1 - n) / 2;  // ranks among the upper values (see the select path)
+
+  // The sample: pairs i < j from a fixed-seed generator (the result does not depend on it), distances from
+  // blocks of gathered rows.
+  // The window holds about 4 m / sqrt(samples) distances: 16 sqrt(m) samples keep it near m^(3/4) / 4.
+  const int64_t samples = std::min<int64_t>(
+      m, std::clamp<int64_t>(static_cast<int64_t>(16.0 * std::sqrt(static_cast<double>(m))), 4096,
+                             kMedianWindowMaxSamples));
+  std::vector<int64_t> first(samples), second(samples);
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  auto next = [&state] {  // splitmix64
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  };
+  for (int64_t t = 0; t < samples; ++t) {
+    int64_t i = static_cast<int64_t>(next() % static_cast<uint64_t>(n));
+    int64_t j = static_cast<int64_t>(next() % static_cast<uint64_t>(n - 1));
+    j += j >= i;  // j != i, uniform over the other rows
+    first[t] = std::min(i, j);
+    second[t] = std::max(i, j);
+  }
+  std::vector<T> sample(samples);
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(d, 1));
+  const auto index_options = at::TensorOptions(at::kLong);
+  for (int64_t t0 = 0; t0 < samples; t0 += block) {
+    const int64_t count = std::min(block, samples - t0);
+    const at::Tensor ii = at::from_blob(first.data() + t0, {count}, index_options);
+    const at::Tensor jj = at::from_blob(second.data() + t0, {count}, index_options);
+    const at::Tensor dots = (xc.index_select(0, ii) * xc.index_select(0, jj)).sum(1).contiguous();
+    const at::Tensor ni = norms.index_select(0, ii).contiguous(), nj = norms.index_select(0, jj).contiguous();
+    const T *dp = dots.data_ptr<T>(), *np_i = ni.data_ptr<T>(), *np_j = nj.data_ptr<T>();
+    for (int64_t t = 0; t < count; ++t) {
+      const T dist = np_i[t] + np_j[t] - T(2) * dp[t];
+      sample[t0 + t] = dist > T(0) ? dist : T(0);
+    }
+  }
+  const double spread = 4.0 * 0.5 / std::sqrt(static_cast<double>(samples));  // 4 sd of a quantile near 1/2
+  const double lo_at = (static_cast<double>(k0) / m - spread) * samples;
+  const double hi_at = (static_cast<double>(k1 + 1) / m + spread) * samples;
+  const T lo = lo_at < 0 ? T(0) : select_nonnegative(sample, static_cast<int64_t>(lo_at));
+  const T hi = hi_at >= samples - 1 ? std::numeric_limits<T>::infinity()
+                                    : select_nonnegative(sample, static_cast<int64_t>(std::ceil(hi_at)));
+  const double expected = std::min(1.0, (hi_at - lo_at) / samples) * static_cast<double>(m);
+  const int64_t capacity = static_cast<int64_t>(1.5 * expected) + 4096;  // the count varies by ~20 % (4 sd)
+  if (capacity * static_cast<int64_t>(sizeof(T)) > kMedianWindowMaxBytes) return std::nullopt;
+
+  // The pass: below-lo counts and the window, each thread's rows through its own scratch first.
+  std::vector<T> window(static_cast<size_t>(capacity));
+  std::atomic<int64_t> filled{0}, below{0};
+  std::atomic<bool> overflow{false};
+  const T* nr = norms.data_ptr<T>();
+  for_each_upper_tile(xc, [&](const at::Tensor& tile, int64_t i0, int64_t j0) {
+    const int64_t rows = tile.size(0), cols = tile.size(1);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<T> scratch;  // grown once per thread, not zeroed per chunk
+      if (scratch.size() < static_cast<size_t>((end - begin) * cols)) scratch.resize((end - begin) * cols);
+      int64_t under = 0;
+      const int64_t got = window_collect(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0,
+                                         lo, hi, &under, scratch.data());
+      below += under;
+      const int64_t at = filled.fetch_add(got);
+      if (at + got > capacity) {
+        overflow = true;
+      } else if (got > 0) {
+        std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
+      }
+    });
+  });
+  const int64_t count = filled.load(), under = below.load();
+  if (overflow.load() || under > k0 || k1 >= under + count) return std::nullopt;
+  window.resize(static_cast<size_t>(count));
+  const T low = select_nonnegative(window, k0 - under);
+  const T high = k1 == k0 ? low : select_nonnegative(window, k1 - under);
+  return 0.5 * (static_cast<double>(low) + static_cast<double>(high));
+}
+
 // The exact median of the n^2 squared distances of the tiled path.
 template <typename T>
 double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms) {
-  return xc.size(0) <= kMedianSelectMaxParticles ? median_sq_dist_select<T>(xc, norms)
-                                                  : median_sq_dist_tiled<T>(xc, norms);
+  if (xc.size(0) <= kMedianSelectMaxParticles) return median_sq_dist_select<T>(xc, norms);
+  if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms)) return *median;
+  return median_sq_dist_tiled<T>(xc, norms);
 }
 
 template <typename T>
