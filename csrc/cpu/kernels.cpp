@@ -21,6 +21,8 @@
                          float, float, int64_t*, float*);                                                        \
   int64_t window_collect(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, bool,  \
                          double, double, int64_t*, double*);                                                     \
+  void pair_sq_dists(const float*, int64_t, const float*, const int64_t*, const int64_t*, int64_t, float*);      \
+  void pair_sq_dists(const double*, int64_t, const double*, const int64_t*, const int64_t*, int64_t, double*);   \
   void gram_columns(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);         \
   void gram_columns(const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);      \
   void gram_columns(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*); \
@@ -130,6 +132,10 @@ const char* compiled_isas() {
                          const T* nr, const T* nc, bool upper_only, T lo, T hi, int64_t* below, T* out) {    \
     BMT_FAST_DISPATCH(window_collect, tile, ld, row_begin, row_end, cols, nr, nc, upper_only, lo, hi, below, \
                       out)                                                                                   \
+  }                                                                                                          \
+  void pair_sq_dists(const T* xc, int64_t d, const T* norms, const int64_t* first, const int64_t* second,      \
+                     int64_t count, T* out) {                                                                \
+    BMT_FAST_DISPATCH(pair_sq_dists, xc, d, norms, first, second, count, out)                                \
   }
 BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)

@@ -53,6 +53,13 @@ int64_t window_collect(const double* tile, int64_t ld, int64_t row_begin, int64_
                        const double* nr, const double* nc, bool upper_only, double lo, double hi, int64_t* below,
                        double* out);
 
+// out[t] = squared distance of the rows first[t] and second[t] of xc (n x d, row-major) with norms, from
+// their dot product, clamped at 0 (a sample of pairs).
+void pair_sq_dists(const float* xc, int64_t d, const float* norms, const int64_t* first, const int64_t* second,
+                   int64_t count, float* out);
+void pair_sq_dists(const double* xc, int64_t d, const double* norms, const int64_t* first, const int64_t* second,
+                   int64_t count, double* out);
+
 // ---- few-particle, huge-d regime: split-K Gram, then one pass ------------------------------------
 
 // Columns are processed in chunks of `chunk` (a multiple of 32), shifted by particle 0 inside the chunk,

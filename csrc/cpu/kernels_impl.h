@@ -86,6 +86,22 @@ BMT_FAST_INLINE void upper_sq_dists_impl(const T* dots, int64_t n, const T* norm
 }
 
 template <typename T>
+BMT_FAST_INLINE void pair_sq_dists_impl(const T* xc, int64_t d, const T* norms, const int64_t* first,
+                                        const int64_t* second, int64_t count, T* out) {
+  constexpr int L = kLanes<T>;
+  for (int64_t t = 0; t < count; ++t) {
+    const T* a = xc + first[t] * d;
+    const T* b = xc + second[t] * d;
+    vec_t<T> acc{};
+    int64_t k = 0;
+    for (; k + L <= d; k += L) acc += load(a + k) * load(b + k);
+    T dot = horizontal_sum<T>(acc);
+    for (; k < d; ++k) dot += a[k] * b[k];
+    out[t] = sq_dist_from_dot(norms[first[t]], norms[second[t]], dot);
+  }
+}
+
+template <typename T>
 BMT_FAST_INLINE int64_t window_collect_impl(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end,
                                             int64_t cols, const T* nr, const T* nc, bool upper_only, T lo, T hi,
                                             int64_t* below, T* out) {
@@ -573,6 +589,10 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
                          const T* nr, const T* nc, bool upper_only, T lo, T hi, int64_t* below, T* out) {  \
     return window_collect_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, lo, hi, below, \
                                   out);                                                                  \
+  } \
+  void pair_sq_dists(const T* xc, int64_t d, const T* norms, const int64_t* first, const int64_t* second,  \
+                     int64_t count, T* out) {                                                            \
+    pair_sq_dists_impl<T>(xc, d, norms, first, second, count, out);                                      \
   }
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)

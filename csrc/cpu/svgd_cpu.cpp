@@ -236,8 +236,7 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   if (r0 < n) return std::nullopt;
   const int64_t k0 = (r0 - n) / 2, k1 = (r1 - n) / 2;  // ranks among the upper values (see the select path)
 
-  // The sample: pairs i < j from a fixed-seed generator (the result does not depend on it), distances from
-  // blocks of gathered rows.
+  // The sample: pairs i < j from a fixed-seed generator (the result does not depend on it).
   // The window holds about 4 m / sqrt(samples) distances: 16 sqrt(m) samples keep it near m^(3/4) / 4.
   const int64_t samples = std::min<int64_t>(
       m, std::clamp<int64_t>(static_cast<int64_t>(16.0 * std::sqrt(static_cast<double>(m))), 4096,
@@ -258,20 +257,14 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
     second[t] = std::max(i, j);
   }
   std::vector<T> sample(samples);
-  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(d, 1));
-  const auto index_options = at::TensorOptions(at::kLong);
-  for (int64_t t0 = 0; t0 < samples; t0 += block) {
-    const int64_t count = std::min(block, samples - t0);
-    const at::Tensor ii = at::from_blob(first.data() + t0, {count}, index_options);
-    const at::Tensor jj = at::from_blob(second.data() + t0, {count}, index_options);
-    const at::Tensor dots = (xc.index_select(0, ii) * xc.index_select(0, jj)).sum(1).contiguous();
-    const at::Tensor ni = norms.index_select(0, ii).contiguous(), nj = norms.index_select(0, jj).contiguous();
-    const T *dp = dots.data_ptr<T>(), *np_i = ni.data_ptr<T>(), *np_j = nj.data_ptr<T>();
-    for (int64_t t = 0; t < count; ++t) {
-      const T dist = np_i[t] + np_j[t] - T(2) * dp[t];
-      sample[t0 + t] = dist > T(0) ? dist : T(0);
+  const int64_t block = 4096;
+  at::parallel_for(0, (samples + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t t0 = c * block, count = std::min(block, samples - t0);
+      pair_sq_dists(xc.data_ptr<T>(), d, norms.data_ptr<T>(), first.data() + t0, second.data() + t0, count,
+                    sample.data() + t0);
     }
-  }
+  });
   const double spread = 4.0 * 0.5 / std::sqrt(static_cast<double>(samples));  // 4 sd of a quantile near 1/2
   const double lo_at = (static_cast<double>(k0) / m - spread) * samples;
   const double hi_at = (static_cast<double>(k1 + 1) / m + spread) * samples;
