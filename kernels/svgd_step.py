@@ -63,6 +63,34 @@ def max_block_v(acc: torch.dtype) -> int:
     return MAX_BLOCK_V // 2 if acc == torch.float64 else MAX_BLOCK_V
 
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _split_columns(n, BLOCK_N: tl.constexpr):
+    """[j_start, j_end): the columns j of split program_id(2), whole blocks of BLOCK_N (the last may pass n)."""
+    col_blocks = tl.cdiv(tl.cdiv(n, BLOCK_N), tl.num_programs(2))
+    j_start = tl.program_id(2) * col_blocks * BLOCK_N
+    return j_start, tl.minimum(n, j_start + col_blocks * BLOCK_N)
+
+
+@triton.jit
+def _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, n, d, stride_x, stride_out,
+                  FINALIZE: tl.constexpr, WRITE_ROWSUM: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """FINALIZE: phi = (acc + (2/H) rowsum xc_i) / n into out; otherwise this split's acc to out[split] and
+    (WRITE_ROWSUM) its row sums to rowsum[split], for _svgd_combine_kernel."""
+    out_mask = (rows < n)[:, None] & (vcols < d)[None, :]
+    if FINALIZE:
+        xc_i = load_centred(x_ptr, shift_ptr, rows, vcols, n, d, stride_x, ACC)
+        phi = (acc + (2.0 / h) * rowsum[:, None] * xc_i) / n
+        tl.store(out_ptr + rows[:, None] * stride_out + vcols[None, :], phi.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        split = tl.program_id(2)
+        tl.store(out_ptr + split * n * d + rows[:, None] * d + vcols[None, :], acc, mask=out_mask)
+        if WRITE_ROWSUM:
+            tl.store(rowsum_ptr + split * n + rows, rowsum, mask=rows < n)
+
+
 @triton.jit
 def _svgd_step_kernel(
     x_ptr,
@@ -92,15 +120,12 @@ def _svgd_step_kernel(
     DIST_GIVEN: read squared distances from dist (n, n) (Gram path) instead of recomputing them.
     FINALIZE: write phi; otherwise write this split's K @ W to out[split] and its row sums to rowsum[split].
     """
-    split = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     h = tl.load(h_ptr)
     neg_inv_h = -1.0 / h
     repulsion = 2.0 / h
-    col_blocks = tl.cdiv(tl.cdiv(n, BLOCK_N), tl.num_programs(2))
-    j_start = split * col_blocks * BLOCK_N
-    j_end = tl.minimum(n, j_start + col_blocks * BLOCK_N)
+    j_start, j_end = _split_columns(n, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     rowsum = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -122,15 +147,8 @@ def _svgd_step_kernel(
         w = dot_operand(score_j.to(ACC) - repulsion * xc_j, MODE)
         acc = dot_acc(k, w, acc, MODE)
 
-    out_mask = (rows < n)[:, None] & (vcols < d)[None, :]
-    if FINALIZE:
-        xc_i = load_centred(x_ptr, shift_ptr, rows, vcols, n, d, stride_x, ACC)
-        phi = (acc + repulsion * rowsum[:, None] * xc_i) / n
-        tl.store(out_ptr + rows[:, None] * stride_out + vcols[None, :], phi.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + split * n * d + rows[:, None] * d + vcols[None, :], acc, mask=out_mask)
-        if tl.program_id(1) == 0:
-            tl.store(rowsum_ptr + split * n + rows, rowsum, mask=rows < n)
+    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, n, d, stride_x, stride_out,
+                  FINALIZE, tl.program_id(1) == 0, ACC)  # fmt: skip
 
 
 @triton.jit
@@ -158,10 +176,8 @@ def _svgd_combine_kernel(
     for split in range(0, splits):
         acc += tl.load(partial_ptr + split * n * d + rows[:, None] * d + vcols[None, :], mask=mask, other=0.0)
         rowsum += tl.load(rowsum_ptr + split * n + rows, mask=rows < n, other=0.0)
-    h = tl.load(h_ptr)
-    xc_i = load_centred(x_ptr, shift_ptr, rows, vcols, n, d, stride_x, ACC)
-    phi = (acc + (2.0 / h) * rowsum[:, None] * xc_i) / n
-    tl.store(out_ptr + rows[:, None] * d + vcols[None, :], phi.to(out_ptr.dtype.element_ty), mask=mask)
+    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, tl.load(h_ptr), out_ptr, rowsum_ptr, n, d, stride_x, d,
+                  True, False, ACC)  # fmt: skip
 
 
 # Largest d of the flash path: one (BLOCK_M x D_PAD) accumulator and the rows' operands stay on chip.
@@ -201,7 +217,7 @@ def _flash_operands_kernel(
     mask = (rows < n)[:, None] & (cols < d)[None, :]
     score = tl.load(score_ptr + rows[:, None] * stride_score + cols[None, :], mask=mask, other=0.0).to(ACC)
     w = dot_operand(score - (2.0 / h) * xc, MODE)
-    norm = tl.sum(a * a, axis=1) * (1.4426950408889634 / h)
+    norm = tl.sum(a * a, axis=1) * (LOG2E / h)
     tl.store(norm_ptr + rows, tl.where(rows < n, norm, float("inf")))
     offsets = rows[:, None] * D_PAD + cols[None, :]
     if MODE == MODE_HALF or MODE == MODE_HALF_SPLIT:
@@ -263,20 +279,17 @@ def _svgd_flash_kernel(
     FINALIZE: write phi; otherwise this split's K @ W to out[split] and its row sums to rowsum[split] (for
     _svgd_combine_kernel).
     """
-    split = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, D_PAD)
     h = tl.load(h_ptr)
-    two_c = 2.0 * 1.4426950408889634 / h
+    two_c = 2.0 * LOG2E / h
     row_offsets = rows[:, None] * D_PAD + dcols[None, :]
     q_hi = tl.load(a_hi_ptr + row_offsets)
     q_lo = q_hi
     if MODE == MODE_HALF_SPLIT:
         q_lo = tl.load(a_lo_ptr + row_offsets)
     norm_i = tl.load(norm_ptr + rows)
-    col_blocks = tl.cdiv(tl.cdiv(n, BLOCK_N), tl.num_programs(2))
-    j_start = split * col_blocks * BLOCK_N
-    j_end = tl.minimum(n, j_start + col_blocks * BLOCK_N)
+    j_start, j_end = _split_columns(n, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=ACC)
     rowsum = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -307,20 +320,14 @@ def _svgd_flash_kernel(
             rowsum += tl.sum(k, axis=1)
             acc = dot_acc(k, w_hi, acc, MODE)
 
-    out_mask = (rows < n)[:, None] & (dcols < d)[None, :]
-    if FINALIZE:
-        xc_i = load_centred(x_ptr, shift_ptr, rows, dcols, n, d, stride_x, ACC)
-        phi = (acc + (2.0 / h) * rowsum[:, None] * xc_i) / n
-        tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], phi.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + split * n * d + rows[:, None] * d + dcols[None, :], acc, mask=out_mask)
-        tl.store(rowsum_ptr + split * n + rows, rowsum, mask=rows < n)
+    _write_result(acc, rowsum, rows, dcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, n, d, stride_x, stride_out,
+                  FINALIZE, True, ACC)  # fmt: skip
 
 
 _SVGD = tunable(_svgd_step_kernel, key=["n", "d"])
-# FlashAttention-style candidates (the fixed tile first, as in GPU_TILES). Compiled for sm_90 here, the
-# 64- and 128-row tiles with 64 columns keep the bf16 and TF32 loops free of register spills; the split
-# mode spills a little at 128 rows (the tiled kernel spills 0.3-2.5 KB at every GPU tile in the half modes).
+# FlashAttention-style candidates (the fixed tile first, as in GPU_TILES). Compiled for sm_90 here with
+# aligned operands, all but the 128 x 128 tile keep the loop free of register spills in every mode (the
+# tiled kernel at d = 128 spills 24-468 bytes in 7 of its 10 half-mode candidates).
 FLASH_TILES = [
     TileConfig(64, 64, 4, 2),
     TileConfig(64, 64, 4, 3),
@@ -348,6 +355,17 @@ def use_flash(d: int, mode: int) -> bool:
     return FLASH_ENABLED and mode != DOT_IEEE and d <= FLASH_MAX_D
 
 
+def _split_outputs(x, splits):
+    """(out, partial, rowsums): one split writes phi into out; several write partial sums (splits, n, d)
+    and row sums (splits, n) that _combine turns into out."""
+    n, d = x.shape
+    acc = accumulation_dtype(x.dtype)
+    out = torch.empty_like(x)
+    if splits == 1:
+        return out, out, out
+    return out, torch.empty((splits, n, d), dtype=acc, device=x.device), torch.empty((splits, n), dtype=acc, device=x.device)
+
+
 def _apply_flash(x, score, shift, h, *, mode, splits, tile):
     """The flash path: operands once (_flash_operands_kernel), then _svgd_flash_kernel (+ combine)."""
     n, d = x.shape
@@ -372,10 +390,7 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile):
     if splits is None:
         splits = _column_splits(n, d, d_pad, x.device, nominal)
     splits = min(splits, triton.cdiv(n, nominal.block_n))
-    out = torch.empty_like(x)
-    finalize = splits == 1
-    partial = out if finalize else torch.empty((splits, n, d), dtype=acc, device=x.device)
-    rowsums = partial if finalize else torch.empty((splits, n), dtype=acc, device=x.device)
+    out, partial, rowsums = _split_outputs(x, splits)
     _FLASH.launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1, splits),
         tile=tile,
@@ -393,12 +408,12 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile):
         d=d,
         stride_x=x.stride(0),
         stride_out=out.stride(0),
-        FINALIZE=finalize,
+        FINALIZE=splits == 1,
         D_PAD=d_pad,
         ACC=tl_dtype(acc),
         MODE=mode,
     )
-    if not finalize:
+    if splits > 1:
         _combine(partial, rowsums, x, shift, h, out, splits, d_pad)
     return out
 
@@ -424,10 +439,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile):
     if splits is None:
         splits = 1 if dist is not None else _column_splits(n, d, block_v, x.device, nominal)
     splits = min(splits, triton.cdiv(n, nominal.block_n))
-    out = torch.empty_like(x)
-    finalize = splits == 1
-    partial = out if finalize else torch.empty((splits, n, d), dtype=acc, device=x.device)
-    rowsums = partial if finalize else torch.empty((splits, n), dtype=acc, device=x.device)
+    out, partial, rowsums = _split_outputs(x, splits)
     _SVGD.launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_v), splits),
         tile=tile,
@@ -445,13 +457,13 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile):
         stride_dist=n,
         stride_out=out.stride(0),
         DIST_GIVEN=dist is not None,
-        FINALIZE=finalize,
+        FINALIZE=splits == 1,
         BLOCK_D=next_power_of_2(d, low=MIN_BLOCK, high=64),
         BLOCK_V=block_v,
         ACC=tl_dtype(acc),
         MODE=mode,
     )
-    if not finalize:
+    if splits > 1:
         _combine(partial, rowsums, x, shift, h, out, splits, block_v)
     return out
 
