@@ -22,6 +22,7 @@
 #include <memory>
 #include <optional>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "../bmt_fast.h"
@@ -174,6 +175,46 @@ T select_nonnegative(const std::vector<T>& values, int64_t k) {
   return value;
 }
 
+// The two middle ranks of numpy.median over the n^2 squared distances, as ranks among the n(n-1)/2 upper
+// values: the n diagonal zeros come first (no distance is below 0), then each upper value twice, so rank
+// r >= n is the ((r - n) / 2)-th smallest upper value; -1 for a diagonal zero (only n = 2).
+std::pair<int64_t, int64_t> middle_ranks(int64_t n) {
+  const int64_t total = n * n, r0 = (total - 1) / 2, r1 = total / 2;
+  return {r0 < n ? -1 : (r0 - n) / 2, (r1 - n) / 2};
+}
+
+// The mean of the k0-th and k1-th smallest values (k1 - k0 <= 1; k0 < 0 stands for a diagonal zero below
+// all of them): the numpy.median of the n^2 distances from the ranks among the stored ones.
+template <typename T>
+double middle_of(const std::vector<T>& values, int64_t k0, int64_t k1) {
+  if (k0 < 0) return 0.5 * static_cast<double>(select_nonnegative(values, k1));
+  const T low = select_nonnegative(values, k0);
+  T high = low;
+  if (k1 != k0) {  // k1 = k0 + 1: low again if more than k1 values are <= low, else the next value up
+    // One branch-free pass (four independent chains) instead of a second selection: about half the values
+    // exceed low, so a branch on that is mispredicted half of the time.
+    constexpr int kChains = 4;
+    const T inf = std::numeric_limits<T>::infinity();
+    int64_t at_most[kChains] = {};
+    T above[kChains] = {inf, inf, inf, inf};
+    const size_t m = values.size();
+    size_t i = 0;
+    for (; i + kChains <= m; i += kChains)
+      for (int c = 0; c < kChains; ++c) {
+        const T v = values[i + c];
+        at_most[c] += v <= low;
+        above[c] = std::min(above[c], v > low ? v : inf);
+      }
+    for (; i < m; ++i) {
+      at_most[0] += values[i] <= low;
+      above[0] = std::min(above[0], values[i] > low ? values[i] : inf);
+    }
+    const int64_t count = at_most[0] + at_most[1] + at_most[2] + at_most[3];
+    high = count > k1 ? low : std::min({above[0], above[1], above[2], above[3]});
+  }
+  return 0.5 * (static_cast<double>(low) + static_cast<double>(high));
+}
+
 // The same median for up to kMedianSelectMaxParticles particles, by selection over the stored n(n-1)/2
 // distances of the upper triangle (computed as the radix passes compute them): there the radix passes'
 // histograms over recomputed tiles (2^16 bins per target and thread, zeroed and summed per pass) cost more
@@ -185,38 +226,8 @@ double median_sq_dist_select(const at::Tensor& xc, const at::Tensor& norms) {
   const at::Tensor dots = at::mm(xc, xc.t()).contiguous();
   std::vector<T> upper(static_cast<size_t>(n * (n - 1) / 2));
   upper_sq_dists(dots.data_ptr<T>(), n, norms.data_ptr<T>(), upper.data());
-  // numpy.median ranks of the n^2 values: the n diagonal zeros first (no distance is below 0), then each
-  // upper value twice; rank r >= n is the ((r - n) / 2)-th smallest upper value. r1 = r0 + 1 when n^2 is
-  // even; only n = 2 has r0 < n.
-  const int64_t total = n * n, r0 = (total - 1) / 2, r1 = total / 2;
-  const int64_t k0 = r0 < n ? -1 : (r0 - n) / 2, k1 = (r1 - n) / 2;
-  const T low = k0 < 0 ? T(0) : select_nonnegative(upper, k0);
-  T high = low;
-  if (k0 < 0) {
-    high = select_nonnegative(upper, k1);
-  } else if (k1 != k0) {  // k1 = k0 + 1: low again if more than k1 upper values are <= low, else the next one up
-    // Branch-free, four independent chains: about half the values exceed low, and a branch on that was
-    // mispredicted so often that this loop cost more than the selection.
-    constexpr int kChains = 4;
-    const T inf = std::numeric_limits<T>::infinity();
-    int64_t at_most[kChains] = {};
-    T above[kChains] = {inf, inf, inf, inf};
-    const size_t m = upper.size();
-    size_t i = 0;
-    for (; i + kChains <= m; i += kChains)
-      for (int c = 0; c < kChains; ++c) {
-        const T v = upper[i + c];
-        at_most[c] += v <= low;
-        above[c] = std::min(above[c], v > low ? v : inf);
-      }
-    for (; i < m; ++i) {
-      at_most[0] += upper[i] <= low;
-      above[0] = std::min(above[0], upper[i] > low ? upper[i] : inf);
-    }
-    const int64_t count = at_most[0] + at_most[1] + at_most[2] + at_most[3];
-    high = count > k1 ? low : std::min({above[0], above[1], above[2], above[3]});
-  }
-  return 0.5 * (static_cast<double>(low) + static_cast<double>(high));
+  const auto [k0, k1] = middle_ranks(n);
+  return middle_of(upper, k0, k1);
 }
 
 // The same median by one pass over the tiles for more particles: a sample of pairs brackets the two middle
@@ -231,10 +242,9 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   if (const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW"); env != nullptr && std::string_view(env) == "0")
     return std::nullopt;
   const int64_t n = xc.size(0), d = xc.size(1);
-  const int64_t m = n * (n - 1) / 2, total = n * n;
-  const int64_t r0 = (total - 1) / 2, r1 = total / 2;
-  if (r0 < n) return std::nullopt;
-  const int64_t k0 = (r0 - n) / 2, k1 = (r1 - n) / 2;  // ranks among the upper values (see the select path)
+  const int64_t m = n * (n - 1) / 2;
+  const auto [k0, k1] = middle_ranks(n);
+  if (k0 < 0) return std::nullopt;
 
   // The sample: pairs i < j from a fixed-seed generator (the result does not depend on it).
   // The window holds about 4 m / sqrt(samples) distances: 16 sqrt(m) samples keep it near m^(3/4) / 4.
@@ -300,9 +310,7 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   const int64_t count = filled.load(), under = below.load();
   if (overflow.load() || under > k0 || k1 >= under + count) return std::nullopt;
   window.resize(static_cast<size_t>(count));
-  const T low = select_nonnegative(window, k0 - under);
-  const T high = k1 == k0 ? low : select_nonnegative(window, k1 - under);
-  return 0.5 * (static_cast<double>(low) + static_cast<double>(high));
+  return middle_of(window, k0 - under, k1 - under);
 }
 
 // The exact median of the n^2 squared distances of the tiled path.
