@@ -196,8 +196,9 @@ def _rbf_kernel_setup_context(ctx, inputs, output):
 
 def _rbf_kernel_backward(ctx, grad):
     x, y, h, k = ctx.saved_tensors
-    grad_x, grad_y, grad_h = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, y, k, h)
-    return grad_x, grad_y, grad_h
+    # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
+    # prior, one prompt against constant particles and a constant H, that is grad_x alone.
+    return torch.ops.bmt_fast.rbf_kernel_backward(grad, x, y, k, h, list(ctx.needs_input_grad[:3]))
 
 
 def _register_autograd() -> None:

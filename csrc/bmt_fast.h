@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <optional>
@@ -165,9 +166,11 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
 at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                           std::string_view algorithm, at::Tensor& out);
 at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth);
+// (grad_x, grad_y, grad_bandwidth); an output that output_mask leaves out is undefined (None in Python).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& y, const at::Tensor& kernel,
-                                                                   const at::Tensor& bandwidth);
+                                                                   const at::Tensor& bandwidth,
+                                                                   std::array<bool, 3> output_mask);
 at::Tensor median_bandwidth(const at::Tensor& x, std::string_view algorithm);
 }  // namespace cpu
 

@@ -50,10 +50,13 @@ at::Tensor rbf_kernel_meta(const at::Tensor& x, const at::Tensor& y, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward_meta(const at::Tensor& grad, const at::Tensor& x,
                                                                         const at::Tensor& y, const at::Tensor& kernel,
-                                                                        const at::Tensor& bandwidth) {
+                                                                        const at::Tensor& bandwidth,
+                                                                        std::array<bool, 3> output_mask) {
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
-  return {at::empty_like(x, at::MemoryFormat::Contiguous), at::empty_like(y, at::MemoryFormat::Contiguous),
-          at::empty_like(bandwidth, at::MemoryFormat::Contiguous)};
+  const auto like = [](bool wanted, const at::Tensor& t) {
+    return wanted ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::Tensor();
+  };
+  return {like(output_mask[0], x), like(output_mask[1], y), like(output_mask[2], bandwidth)};
 }
 
 }  // namespace
@@ -67,7 +70,7 @@ TORCH_LIBRARY(bmt_fast, m) {
         tags);
   m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor", tags);
   m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor", tags);
-  m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth)"
+  m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth, bool[3] output_mask)"
         " -> (Tensor, Tensor, Tensor)",
         tags);
 }

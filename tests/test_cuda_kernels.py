@@ -405,10 +405,17 @@ def test_rbf_kernel_backward_matches_autograd(target, n, m, d):
     expected = torch.autograd.grad((reference.rbf_kernel(x, y, h) * weights).sum(), (x, y, h))
     dev = target.device
     k = target.ops.rbf_kernel(x.detach().to(dev), y.detach().to(dev), h.detach().to(dev))
-    grads = target.ops.rbf_kernel_backward(weights.to(dev), x.detach().to(dev), y.detach().to(dev), k, h.detach().to(dev))
+    args = (weights.to(dev), x.detach().to(dev), y.detach().to(dev), k, h.detach().to(dev))
+    grads = target.ops.rbf_kernel_backward(*args, [True, True, True])
     for g, e in zip(grads, expected):
         assert g.shape == e.shape
         assert relative_error(g.cpu(), e) < 1e-10
+    for mask in ([True, False, False], [False, True, False], [False, False, True]):  # only what is asked for
+        masked = target.ops.rbf_kernel_backward(*args, mask)
+        for wanted, g, e in zip(mask, masked, expected):
+            assert (g is None) != wanted
+            if wanted:
+                assert relative_error(g.cpu(), e) < 1e-10
 
 
 # ---- argument checks -------------------------------------------------------------------------------
@@ -433,7 +440,7 @@ def test_direct_op_calls_check_arguments(target):
         target.ops.median_bandwidth(torch.ones(4, 3, dtype=torch.int32, device=dev))
     with pytest.raises(RuntimeError, match="kernel must have shape"):
         target.ops.rbf_kernel_backward(torch.randn(4, 2, device=dev), x, torch.randn(2, 3, device=dev),
-                                       torch.randn(3, 2, device=dev), torch.tensor(1.0, device=dev))
+                                       torch.randn(3, 2, device=dev), torch.tensor(1.0, device=dev), [True] * 3)
 
 
 @pytest.mark.parametrize("sms", [1, 3])
@@ -537,7 +544,8 @@ def test_opcheck_on_cuda(gpu, algorithm):
     torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel.default, (x.clone().requires_grad_(), y, h))
     k = torch.ops.bmt_fast.rbf_kernel(x, y, h)
     grad = torch.randn(9, 4, dtype=torch.float64, device="cuda")
-    torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_backward.default, (grad, x, y, k, h))
+    for mask in ([True, True, True], [True, False, False]):
+        torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_backward.default, (grad, x, y, k, h, mask))
 
 
 def test_torch_compile_on_cuda(gpu):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_within, relative_error, requires_cpu_extension, torch_error_in
+from helpers import assert_within, relative_error, requires_cpu_extension, subprocess_env, torch_error_in
 
 import bmt_fast
 from bmt_fast import reference
@@ -137,6 +137,113 @@ def test_half_input_gradients(cpu_backend, dtype):
         assert relative_error(g.double(), e) < 8 * ulp, relative_error(g.double(), e)
 
 
+@requires_cpu_extension
+@pytest.mark.parametrize("n, m, d", [(1, 16, 300), (40, 30, 20)])  # direct differences; GEMM form
+def test_backward_computes_only_the_requested_gradients(n, m, d):
+    """output_mask: the op leaves out (None) what autograd does not need (the trainer's prior: one
+    prompt, constant particles, a constant H), and what it computes equals the full call's."""
+    torch.manual_seed(n + m)
+    x = torch.randn(n, d, dtype=torch.float64)
+    y = torch.randn(m, d, dtype=torch.float64) + 0.3
+    h = torch.tensor(0.8 * d, dtype=torch.float64)
+    k = torch.ops.bmt_fast.rbf_kernel(x, y, h)
+    grad = torch.randn(n, m, dtype=torch.float64)
+    full = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, y, k, h, [True, True, True])
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [True, False, True]):
+        got = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, y, k, h, mask)
+        for wanted, g, f in zip(mask, got, full):
+            assert (g is None) != wanted
+            if wanted:
+                torch.testing.assert_close(g, f, rtol=1e-13, atol=0)
+    leaf = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad((bmt_fast.rbf_kernel(leaf, y, h, backend="cpu") * grad).sum(), leaf)
+    expected_leaf = x.clone().requires_grad_()
+    (e,) = torch.autograd.grad((reference.rbf_kernel(expected_leaf, y, h) * grad).sum(), expected_leaf)
+    assert relative_error(g, e) < 1e-10
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n, m, d", [(1, 1, 1), (1, 16, 37), (3, 5, 20_011), (64, 64, 70), (41, 100, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_by_direct_differences(n, m, d, dtype):
+    """Few pairs (n * m <= 4096): the row gradients by direct differences over column blocks split across
+    threads (ragged last vectors, d < one vector, both sides of the 4096-pair switch), far from the origin
+    in fp32: within a few ulps of the float64 reference on the same inputs."""
+    torch.manual_seed(d)
+    offset = 1e4 if dtype == torch.float32 else 0.0
+    x64 = (torch.randn(n, d, dtype=torch.float64) + offset).to(dtype).double()
+    y64 = (torch.randn(m, d, dtype=torch.float64) + offset).to(dtype).double()
+    weights = torch.randn(n, m, dtype=torch.float64)
+
+    def grads(x, y, kernel):
+        a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+        h = torch.tensor(0.9 * d, dtype=x.dtype, requires_grad=True)
+        return torch.autograd.grad((kernel(a, b, h) * weights.to(x.dtype)).sum(), (a, b, h))
+
+    expected = grads(x64, y64, reference.rbf_kernel)
+    got = grads(x64.to(dtype), y64.to(dtype), lambda a, b, h: bmt_fast.rbf_kernel(a, b, h, backend="cpu"))
+    tol = 5e-6 if dtype == torch.float32 else 1e-11
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and relative_error(g.double(), e) < tol, relative_error(g.double(), e)
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("isa", ["base", "v3", "v4"])
+def test_direct_difference_kernels_in_every_isa_build(isa, tmp_path):
+    """The baseline, AVX2 and AVX-512 builds of the direct-difference kernels (two-set distances and the
+    row gradients: register blocks of 8 or 4 rows and single rows, ragged last vectors) against the
+    float64 reference, in each input dtype."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import torch, bmt_fast\n"
+        "from bmt_fast import reference\n"
+        "torch.manual_seed(0)\n"
+        "tol = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}\n"
+        "for n, m, d in [(1, 16, 77), (9, 13, 1030), (17, 3, 5)]:\n"
+        "    for dt in tol:\n"
+        "        x = torch.randn(n, d, dtype=torch.float64).to(dt); y = torch.randn(m, d, dtype=torch.float64).to(dt)\n"
+        "        h = torch.tensor(1.5 * d, dtype=torch.float64 if dt == torch.float64 else torch.float32)\n"
+        "        g = torch.randn(n, m, dtype=torch.float64)\n"
+        "        k = torch.ops.bmt_fast.rbf_kernel(x, y, h)\n"
+        "        xs, ys, hs = x.double().requires_grad_(), y.double().requires_grad_(), h.double().requires_grad_()\n"
+        "        ref = reference.rbf_kernel(xs, ys, hs)\n"
+        "        assert float((k.double() - ref).abs().max() / ref.abs().max()) < tol[dt], (n, m, d, dt)\n"
+        "        expected = torch.autograd.grad((ref * g).sum(), (xs, ys, hs))\n"
+        "        got = torch.ops.bmt_fast.rbf_kernel_backward(g.to(dt), x, y, k, h, [True, True, True])\n"
+        "        for a, b in zip(got, expected):\n"
+        "            assert float((a.double() - b).abs().max() / b.abs().max()) < 4 * tol[dt], (n, m, d, dt)\n"
+        "print(bmt_fast._extension.CPU.module.build_info()['cpu_isa'])\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], env=subprocess_env(BMT_FAST_CPU_ISA=isa),
+                            capture_output=True, text=True)
+    if "lacks the instructions" in result.stderr:
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == isa
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gradients_by_direct_differences(dtype):
+    """16-bit rows: differences and sums in fp32, each gradient rounded once to the input's type."""
+    torch.manual_seed(11)
+    x, y = torch.randn(2, 301).to(dtype), torch.randn(9, 301).to(dtype)
+    weights = torch.randn(2, 9, dtype=torch.float64)
+
+    def grads(a, b, kernel):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        return torch.autograd.grad((kernel(a, b, torch.tensor(250.0, dtype=a.dtype)) * weights.to(a.dtype)).sum(), (a, b))
+
+    got = grads(x, y, lambda a, b, h: bmt_fast.rbf_kernel(a, b, h, backend="cpu"))
+    expected = grads(x.double(), y.double(), reference.rbf_kernel)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and relative_error(g.double(), e) < 8 * ulp, relative_error(g.double(), e)
+
+
 @pytest.mark.parametrize("m", [None, 40])
 def test_bandwidth_gradient_with_underflowing_kernel_values(cpu_backend, m):
     """dL/dH = sum grad * K * D / H^2, taken from the gradients' own products (no pass over log K): pairs
@@ -177,7 +284,8 @@ def test_opcheck_rbf_kernel_ops():
     torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel.default, (x, y, h))
     k = torch.ops.bmt_fast.rbf_kernel(x.detach(), y.detach(), h)
     grad = torch.randn(5, 4, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_backward.default, (grad, x.detach(), y.detach(), k, h))
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_backward.default, (grad, x.detach(), y.detach(), k, h, mask))
 
 
 @requires_cpu_extension

@@ -7,34 +7,47 @@
 #include <string>
 #include <vector>
 
-#define BMT_FAST_DECLARE_ISA(NS)                                                                                 \
-  namespace bmt_fast::cpu::NS {                                                                                  \
-  void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);             \
-  void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);         \
-  void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,       \
-                       int64_t, const RadixPass&, int64_t*);                                                     \
-  void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,          \
-                       bool, int64_t, const RadixPass&, int64_t*);                                               \
-  void upper_sq_dists(const float*, int64_t, const float*, float*);                                              \
-  void upper_sq_dists(const double*, int64_t, const double*, double*);                                           \
-  int64_t window_collect(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,     \
-                         float, float, int64_t*, float*);                                                        \
-  int64_t window_collect(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, bool,  \
-                         double, double, int64_t*, double*);                                                     \
-  void pair_sq_dists(const float*, int64_t, const float*, const int64_t*, const int64_t*, int64_t, float*);      \
-  void pair_sq_dists(const double*, int64_t, const double*, const int64_t*, const int64_t*, int64_t, double*);   \
-  void gram_columns(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);         \
-  void gram_columns(const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);      \
+#define BMT_FAST_DECLARE_ISA(NS)                                                                                                                \
+  namespace bmt_fast::cpu::NS {                                                                                                                 \
+  void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
+  void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
+  void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
+                       int64_t, const RadixPass&, int64_t*);                                                                                    \
+  void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,                                         \
+                       bool, int64_t, const RadixPass&, int64_t*);                                                                              \
+  void upper_sq_dists(const float*, int64_t, const float*, float*);                                                                             \
+  void upper_sq_dists(const double*, int64_t, const double*, double*);                                                                          \
+  int64_t window_collect(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                    \
+                         float, float, int64_t*, float*);                                                                                       \
+  int64_t window_collect(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, bool,                                 \
+                         double, double, int64_t*, double*);                                                                                    \
+  void pair_sq_dists(const float*, int64_t, const float*, const int64_t*, const int64_t*, int64_t, float*);                                     \
+  void pair_sq_dists(const double*, int64_t, const double*, const int64_t*, const int64_t*, int64_t, double*);                                  \
+  void gram_columns(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);                 \
+  void gram_columns(const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);             \
   void gram_columns(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*); \
-  void gram_columns(const c10::Half*, const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);     \
-  bool apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,                     \
-                     const float*, const float*, const float*, float, float*);                                   \
-  bool apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,                  \
-                     const double*, const double*, const double*, double, double*);                              \
-  bool apply_columns(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,               \
-                     int64_t, int64_t, const float*, const float*, const float*, float, float*);                 \
-  bool apply_columns(const c10::Half*, const c10::Half*, c10::Half*, int64_t, int64_t, int64_t, int64_t,         \
-                     const float*, const float*, const float*, float, float*);                                   \
+  void gram_columns(const c10::Half*, const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);         \
+  bool apply_columns(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,                                                    \
+                     const float*, const float*, const float*, float, float*);                                                                  \
+  bool apply_columns(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,                                                 \
+                     const double*, const double*, const double*, double, double*);                                                             \
+  bool apply_columns(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t,                                              \
+                     int64_t, int64_t, const float*, const float*, const float*, float, float*);                                                \
+  bool apply_columns(const c10::Half*, const c10::Half*, c10::Half*, int64_t, int64_t, int64_t, int64_t,                                        \
+                     const float*, const float*, const float*, float, float*);                                                                  \
+  void rbf_grad_columns(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,                                  \
+                        float*, float*);                                                                                                        \
+  void rbf_grad_columns(const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t,                                              \
+                        const double*, double*, double*);                                                                                       \
+  void rbf_grad_columns(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t,                                \
+                        const float*, c10::BFloat16*, c10::BFloat16*);                                                                          \
+  void rbf_grad_columns(const c10::Half*, const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t,                                        \
+                        const float*, c10::Half*, c10::Half*);                                                                                  \
+  void cross_sq_dists(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, double*);                                        \
+  void cross_sq_dists(const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t, double*);                                      \
+  void cross_sq_dists(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t,                                  \
+                      double*);                                                                                                                 \
+  void cross_sq_dists(const c10::Half*, const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, double*);                                \
   }
 
 BMT_FAST_DECLARE_ISA(isa_base)
@@ -155,6 +168,14 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
     const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;                                   \
     std::vector<T> scratch(rows * n + 2 * n * (apply_pack_chunk(n) + kScratchPad));                        \
     BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch.data()) \
+  }                                                                                                        \
+  void rbf_grad_columns(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin,       \
+                        int64_t col_end, const T* s, In* gx, In* gy) {                                     \
+    BMT_FAST_DISPATCH(rbf_grad_columns, x, y, n, m, d, col_begin, col_end, s, gx, gy)                      \
+  }                                                                                                        \
+  void cross_sq_dists(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin,         \
+                      int64_t col_end, double* dist) {                                                     \
+    BMT_FAST_DISPATCH(cross_sq_dists, x, y, n, m, d, col_begin, col_end, dist)                             \
   }
 BMT_FAST_DEFINE_COLUMN_ENTRY(float, float)
 BMT_FAST_DEFINE_COLUMN_ENTRY(double, double)

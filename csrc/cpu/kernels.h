@@ -91,6 +91,22 @@ BMT_FAST_DECLARE_APPLY(double, double)
 BMT_FAST_DECLARE_APPLY(c10::BFloat16, float)
 BMT_FAST_DECLARE_APPLY(c10::Half, float)
 
+// rbf_kernel's gradient for few pairs, over columns [col_begin, col_end): with s = -(2/H) grad * K
+// (n x m, row-major, in T),
+//   gx[i][k] = sum_j s[i][j] (x_i[k] - y_j[k]),   gy[j][k] = sum_i s[i][j] (y_j[k] - x_i[k]),
+// each written unless null; the differences are taken in T from the inputs as they are (no centring).
+// cross_sq_dists: dist[i * m + j] (n x m, double) += sum over those columns of (x_i[k] - y_j[k])^2, by
+// direct differences (summed in T per 2 KiB chunk of a row, then in double).
+#define BMT_FAST_DECLARE_RBF_GRAD(In, T)                                                                  \
+  void rbf_grad_columns(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin,    \
+                        int64_t col_end, const T* s, In* gx, In* gy);                                     \
+  void cross_sq_dists(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin,      \
+                      int64_t col_end, double* dist);
+BMT_FAST_DECLARE_RBF_GRAD(float, float)
+BMT_FAST_DECLARE_RBF_GRAD(double, double)
+BMT_FAST_DECLARE_RBF_GRAD(c10::BFloat16, float)
+BMT_FAST_DECLARE_RBF_GRAD(c10::Half, float)
+
 constexpr int64_t kApplyRows = 4;  // output rows per register block in apply_columns
 
 // Columns per block of the packed apply pass (the ISA builds without AVX-512, kernels_impl.h): its

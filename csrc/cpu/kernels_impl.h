@@ -572,39 +572,155 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
 
 // ---- entry points of this ISA build (declared in kernels.h through BMT_FAST_ISA_KERNELS) ----------
 
-#define BMT_FAST_DEFINE_TILE_KERNELS(T)                                                                  \
-  void rbf_from_dots(T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols, const T* nr, \
-                     const T* nc, T inv_h) {                                                             \
-    rbf_from_dots_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, inv_h);                            \
-  }                                                                                                      \
-  void radix_histogram(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,      \
-                       const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass, \
-                       int64_t* hist) {                                                                  \
-    radix_histogram_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, hist); \
-  }                                                                                                      \
-  void upper_sq_dists(const T* dots, int64_t n, const T* norms, T* out) {                                \
-    upper_sq_dists_impl<T>(dots, n, norms, out);                                                         \
-  }                                                                                                      \
-  int64_t window_collect(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,    \
-                         const T* nr, const T* nc, bool upper_only, T lo, T hi, int64_t* below, T* out) {  \
-    return window_collect_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, lo, hi, below, \
-                                  out);                                                                  \
-  } \
-  void pair_sq_dists(const T* xc, int64_t d, const T* norms, const int64_t* first, const int64_t* second,  \
-                     int64_t count, T* out) {                                                            \
-    pair_sq_dists_impl<T>(xc, d, norms, first, second, count, out);                                      \
+// ---- rbf_kernel backward with few pairs: direct differences ----------------------------------------
+
+// Rows of the output per register block of rbf_grad_rows: R rows of `a` and R accumulators stay in
+// registers while the rows of `b` stream past (one load of b_q feeds R differences).
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+constexpr int kRbfGradRows = 8;
+#else
+constexpr int kRbfGradRows = 4;
+#endif
+
+// dist[i * m + j] += sum over columns [col_begin, col_end) of (x_i - y_j)^2, the differences taken
+// directly (no Gram, no centring: exact zeros for equal rows, no cancellation). Blocks of R rows of x
+// and a chunk of 2 KiB per row stay in L1 while each y_j streams past; each lane sums a chunk in T, the
+// chunk's total is added in double.
+template <int R, typename In, typename T>
+BMT_FAST_INLINE void cross_sq_dists_block(const In* x, const In* y, int64_t m, int64_t d, int64_t p0, int64_t k0,
+                                          int64_t len, double* dist) {
+  constexpr int L = kLanes<T>;
+  for (int64_t j = 0; j < m; ++j) {
+    const In* yj = y + j * d + k0;
+    vec_t<T> acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = vec_t<T>{};
+    int64_t k = 0;
+    for (; k + L <= len; k += L) {
+      const vec_t<T> yv = load_as<T>(yj + k);
+      for (int r = 0; r < R; ++r) {
+        const vec_t<T> diff = load_as<T>(x + (p0 + r) * d + k0 + k) - yv;
+        acc[r] += diff * diff;
+      }
+    }
+    if (k < len) {  // the ragged last vector: zeros past it on both sides
+      const vec_t<T> yv = load_part_as<T>(yj + k, len - k);
+      for (int r = 0; r < R; ++r) {
+        const vec_t<T> diff = load_part_as<T>(x + (p0 + r) * d + k0 + k, len - k) - yv;
+        acc[r] += diff * diff;
+      }
+    }
+    for (int r = 0; r < R; ++r) dist[(p0 + r) * m + j] += static_cast<double>(horizontal_sum<T>(acc[r]));
+  }
+}
+
+template <typename In, typename T>
+BMT_FAST_INLINE void cross_sq_dists_impl(const In* x, const In* y, int64_t n, int64_t m, int64_t d,
+                                         int64_t col_begin, int64_t col_end, double* dist) {
+  constexpr int64_t kChunk = 2048 / sizeof(T);
+  for (int64_t k0 = col_begin; k0 < col_end; k0 += kChunk) {
+    const int64_t len = min64(kChunk, col_end - k0);
+    int64_t p = 0;
+    for (; p + kRbfGradRows <= n; p += kRbfGradRows) cross_sq_dists_block<kRbfGradRows, In, T>(x, y, m, d, p, k0, len, dist);
+    for (; p < n; ++p) cross_sq_dists_block<1, In, T>(x, y, m, d, p, k0, len, dist);
+  }
+}
+
+// One vector of columns k (count of them; all lanes when Full) of R output rows p0..p0+R-1:
+//   out_p = sum_q c(p, q) (a_p - b_q),   c(p, q) = s[p * ps + q * qs],
+// each difference formed in a register from the inputs as they are: no centred copies, and no
+// cancellation between a coefficient sum times a_p and a product with b.
+template <int R, bool Full, typename In, typename T>
+BMT_FAST_INLINE void rbf_grad_block(const In* a, const In* b, int64_t nb, int64_t d, int64_t p0, int64_t k,
+                                    int64_t count, const T* s, int64_t ps, int64_t qs, In* out) {
+  auto load_in = [&](const In* ptr) { return Full ? load_as<T>(ptr) : load_part_as<T>(ptr, count); };
+  vec_t<T> ap[R], acc[R];
+  for (int r = 0; r < R; ++r) {
+    ap[r] = load_in(a + (p0 + r) * d + k);
+    acc[r] = vec_t<T>{};
+  }
+  for (int64_t q = 0; q < nb; ++q) {
+    const vec_t<T> bq = load_in(b + q * d + k);
+    const T* cq = s + p0 * ps + q * qs;
+    for (int r = 0; r < R; ++r) acc[r] += broadcast(T(cq[r * ps])) * (ap[r] - bq);
+  }
+  for (int r = 0; r < R; ++r) store_as<In, T>(out + (p0 + r) * d + k, acc[r], Full ? kLanes<T> : count);
+}
+
+// rbf_grad_block over all na output rows, for one vector of columns.
+template <bool Full, typename In, typename T>
+BMT_FAST_INLINE void rbf_grad_rows(const In* a, int64_t na, const In* b, int64_t nb, int64_t d, int64_t k,
+                                   int64_t count, const T* s, int64_t ps, int64_t qs, In* out) {
+  int64_t p = 0;
+  for (; p + kRbfGradRows <= na; p += kRbfGradRows)
+    rbf_grad_block<kRbfGradRows, Full>(a, b, nb, d, p, k, count, s, ps, qs, out);
+  for (; p < na; ++p) rbf_grad_block<1, Full>(a, b, nb, d, p, k, count, s, ps, qs, out);
+}
+
+// gx_i = sum_j s_ij (x_i - y_j) and gy_j = sum_i s_ij (y_j - x_i) (s: n x m, row-major) over columns
+// [col_begin, col_end), each unless its output is null. Both read the same lines of x and y per vector
+// of columns, the second time from L1.
+template <typename In, typename T>
+BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, int64_t m, int64_t d,
+                                           int64_t col_begin, int64_t col_end, const T* s, In* gx, In* gy) {
+  constexpr int L = kLanes<T>;
+  auto both = [&](auto full, int64_t k, int64_t count) BMT_FAST_INLINE_LAMBDA {
+    constexpr bool Full = decltype(full)::value;
+    if (gx) rbf_grad_rows<Full>(x, n, y, m, d, k, count, s, m, 1, gx);
+    if (gy) rbf_grad_rows<Full>(y, m, x, n, d, k, count, s, 1, m, gy);
+  };
+  int64_t k = col_begin;
+  for (; k + L <= col_end; k += L) {
+    const int64_t ahead = k + kApplyPrefetchVectors * L;  // n + m row streams: too many for the prefetcher
+    if (ahead < col_end) {
+      for (int64_t i = 0; i < n; ++i) __builtin_prefetch(x + i * d + ahead, 0, 3);
+      for (int64_t j = 0; j < m; ++j) __builtin_prefetch(y + j * d + ahead, 0, 3);
+    }
+    both(std::true_type{}, k, L);
+  }
+  if (k < col_end) both(std::false_type{}, k, col_end - k);
+}
+
+#define BMT_FAST_DEFINE_TILE_KERNELS(T)                                                                   \
+  void rbf_from_dots(T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols, const T* nr,  \
+                     const T* nc, T inv_h) {                                                              \
+    rbf_from_dots_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, inv_h);                             \
+  }                                                                                                       \
+  void radix_histogram(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,       \
+                       const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass,  \
+                       int64_t* hist) {                                                                   \
+    radix_histogram_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, hist);  \
+  }                                                                                                       \
+  void upper_sq_dists(const T* dots, int64_t n, const T* norms, T* out) {                                 \
+    upper_sq_dists_impl<T>(dots, n, norms, out);                                                          \
+  }                                                                                                       \
+  int64_t window_collect(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,     \
+                         const T* nr, const T* nc, bool upper_only, T lo, T hi, int64_t* below, T* out) { \
+    return window_collect_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, lo, hi, below,  \
+                                  out);                                                                   \
+  }                                                                                                       \
+  void pair_sq_dists(const T* xc, int64_t d, const T* norms, const int64_t* first, const int64_t* second, \
+                     int64_t count, T* out) {                                                             \
+    pair_sq_dists_impl<T>(xc, d, norms, first, second, count, out);                                       \
   }
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
-#define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                             \
-  void gram_columns(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t col_begin,        \
-                    int64_t col_end, int64_t chunk, double* gram, T* shift, T* scratch) {                 \
-    gram_columns_impl<In, T>(x, y, nx, n, d, col_begin, col_end, chunk, gram, shift, scratch);            \
-  }                                                                                                       \
-  bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,          \
-                     int64_t col_end, const T* shift, const T* kn, const T* c, T a, T* scratch) {         \
-    return apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch);      \
+#define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                         \
+  void gram_columns(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t col_begin,    \
+                    int64_t col_end, int64_t chunk, double* gram, T* shift, T* scratch) {             \
+    gram_columns_impl<In, T>(x, y, nx, n, d, col_begin, col_end, chunk, gram, shift, scratch);        \
+  }                                                                                                   \
+  bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,      \
+                     int64_t col_end, const T* shift, const T* kn, const T* c, T a, T* scratch) {     \
+    return apply_columns_impl<In, T>(x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch);  \
+  }                                                                                                   \
+  void rbf_grad_columns(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin, \
+                        int64_t col_end, const T* s, In* gx, In* gy) {                                \
+    rbf_grad_columns_impl<In, T>(x, y, n, m, d, col_begin, col_end, s, gx, gy);                       \
+  }                                                                                                   \
+  void cross_sq_dists(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin,   \
+                      int64_t col_end, double* dist) {                                                \
+    cross_sq_dists_impl<In, T>(x, y, n, m, d, col_begin, col_end, dist);                              \
   }
 BMT_FAST_DEFINE_COLUMN_KERNELS(float, float)
 BMT_FAST_DEFINE_COLUMN_KERNELS(double, double)

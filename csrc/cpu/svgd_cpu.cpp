@@ -22,6 +22,7 @@
 #include <memory>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -394,6 +395,35 @@ std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift
   return dist;
 }
 
+// Up to this many pairs (n * m) rbf_kernel of two sets and its gradient go by direct differences of
+// the rows (no centred copies, no GEMM). With one prompt against 16 particles at d = 76,800 (the trainer's
+// kernel-density prior) the GEMM-form gradient made centred copies of both sets, zeroed and wrote the
+// particles' gradient that nobody asked for, and took longer than naive torch autograd. On a 2-core Xeon
+// (AVX-512) the direct gradient was faster up to 64 x 64 pairs at d = 76,800 (both gradients 14.8 against
+// 22.0 ms) and slower from 128 x 128 (11.7 against 10.8 ms at d = 20,000).
+constexpr int64_t kRbfDirectMaxPairs = 4096;
+
+// The n x m squared distances between the rows of x and y (contiguous, same dtype and columns) by direct
+// differences, column blocks split across threads.
+template <typename In>
+std::vector<double> cross_sq_dists_threaded(const at::Tensor& x, const at::Tensor& y) {
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> partial(threads * n * m, 0.0);
+  const In* xp = x.data_ptr<In>();
+  const In* yp = y.data_ptr<In>();
+  constexpr int64_t kBlock = 512;  // columns: whole 2 KiB chunks of the kernel for float, two for double
+  const int64_t grain = std::max<int64_t>(1, ((int64_t{1} << 16) / (n + m)) / kBlock);
+  at::parallel_for(0, (d + kBlock - 1) / kBlock, grain, [&](int64_t begin, int64_t end) {
+    cross_sq_dists(xp, yp, n, m, d, begin * kBlock, std::min(end * kBlock, d),
+                   partial.data() + at::get_thread_num() * n * m);
+  });
+  for (int64_t t = 1; t < threads; ++t)
+    for (int64_t q = 0; q < n * m; ++q) partial[q] += partial[t * n * m + q];
+  partial.resize(n * m);
+  return partial;
+}
+
 // Writes phi into `phi` (contiguous, x's shape and dtype) and returns whether all of it is finite
 // (tracked by the apply pass in registers: no pass over phi).
 template <typename In>
@@ -496,6 +526,19 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const auto acc = accumulation_type(x.scalar_type());
   const bool self = x.is_same(y);
   const int64_t n = x.size(0), m = y.size(0), gram_rows = self ? n : n + m;
+  if (!self && n * m <= kRbfDirectMaxPairs) {
+    // Two sets, few pairs (the trainer's prior: one prompt against M particles): the n x m distances by
+    // direct differences, 2nm operations per column where the Gram pass needs (n + m)(n + m + 1) / 2.
+    const at::Tensor xs = x.contiguous(), ys = y.contiguous();
+    const std::vector<double> dist =
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs.scalar_type(), "rbf_kernel_cross", [&] {
+          return cross_sq_dists_threaded<scalar_t>(xs, ys);
+        });
+    at::Tensor k = at::empty({n, m}, x.options().dtype(at::kDouble));
+    double* kp = k.data_ptr<double>();
+    for (int64_t q = 0; q < n * m; ++q) kp[q] = std::exp(dist[q] / -h);
+    return k.to(x.scalar_type());
+  }
   if (gram_rows <= kGramMaxParticles) {
     // Few particles (often huge d): the distances from one split-K Gram pass over the rows, without the
     // centred copies and GEMM below (4 x 409,600 on a 2-core Xeon: 5.4 ms that way, 2.5 ms naive torch).
@@ -528,57 +571,109 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   return k.to(x.scalar_type());
 }
 
+namespace {
+
+// Few pairs (n * m <= kRbfDirectMaxPairs): the row gradients by direct differences (rbf_grad_columns),
+// one pass over x and y.
+template <typename In>
+void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scaled, at::Tensor* grad_x,
+                     at::Tensor* grad_y) {
+  using T = std::conditional_t<std::is_same_v<In, double>, double, float>;
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
+  const In* xp = x.data_ptr<In>();
+  const In* yp = y.data_ptr<In>();
+  const T* sp = scaled.data_ptr<T>();
+  In* gx = grad_x ? grad_x->data_ptr<In>() : nullptr;
+  In* gy = grad_y ? grad_y->data_ptr<In>() : nullptr;
+  // Column blocks of whole cache lines; each thread's block is a few (n + m) x 4 KiB of the inputs.
+  const int64_t grain = std::max<int64_t>(1024, (int64_t{1} << 16) / (n + m)) / 64 * 64;
+  at::parallel_for(0, (d + 63) / 64, grain / 64, [&](int64_t begin, int64_t end) {
+    rbf_grad_columns(xp, yp, n, m, d, begin * 64, std::min(end * 64, d), sp, gx, gy);
+  });
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& y, const at::Tensor& kernel,
-                                                                   const at::Tensor& bandwidth) {
+                                                                   const at::Tensor& bandwidth,
+                                                                   std::array<bool, 3> output_mask) {
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
+  const auto [want_x, want_y, want_h] = output_mask;
   const double h = read_bandwidth(bandwidth);
   const auto acc = accumulation_type(x.scalar_type());
-  // With P = grad * K: dL/dD = -P / H (D = squared distance), dD_ij/dx_i = 2 (x_i - y_j) = -dD_ij/dy_j, and
-  // dK/dH = K D / H^2 with D = -H log K. P is formed a block of rows at a time and used while it is in
-  // cache: no n x m temporary at all (at n ~ 10^3..10^4 the five it made, paged in fresh and streamed
-  // through memory, set the time: n = m = 4096, d = 64 on a 2-core Xeon VM 193-217 -> 54-55 ms). The
-  // n x d temporaries: one centred copy per input (one for a self kernel); those and the results come from
-  // the huge-page allocator when large (huge_pages.h; 16 x 409,600 self kernel 30-45 -> 14-16 ms).
-  const at::Tensor xa = x.to(acc);
-  const at::Tensor shift = xa.mean(0, /*keepdim=*/true);  // any nearby centre: it cancels exactly
-  at::Tensor xc = empty_large(xa.sizes(), xa.options());
-  at::sub_out(xc, xa, shift);
-  at::Tensor yc = xc;
-  if (!y.is_same(x)) {
-    yc = empty_large(y.sizes(), xa.options());
-    at::sub_out(yc, y.to(acc), shift);
-  }
   const int64_t n = kernel.size(0), m = kernel.size(1);
-  at::Tensor grad_x = empty_large(xc.sizes(), xc.options());
-  at::Tensor grad_y = empty_large(yc.sizes(), yc.options()).zero_();  // -P^T xc, then + colsum_j(P) yc_j
-  at::Tensor colsum = at::zeros({m, 1}, xc.options());
-  double p_log_k = 0.0;
+  // With P = grad * K: dL/dD = -P / H (D = squared distance), dD_ij/dx_i = 2 (x_i - y_j) = -dD_ij/dy_j, and
+  // dK/dH = K D / H^2 with D = -H log K. Outputs that output_mask leaves out are not computed (undefined).
   // K is clamped at the smallest normal number for its log: where K underflowed to 0, P is 0 too, and
   // 0 * log(tiny) adds nothing (0 * log 0 would be NaN).
   const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(m, 1));  // ~2^20 values
-  at::Tensor p_buffer = at::empty({std::min(block, n), m}, xc.options());  // reused: no fresh pages per block
-  at::Tensor log_buffer = at::empty_like(p_buffer);
-  for (int64_t r0 = 0; r0 < n; r0 += block) {
-    const int64_t rows = std::min(block, n - r0);
-    const at::Tensor k = kernel.narrow(0, r0, rows).to(acc);  // 16-bit values widened first (no copy otherwise)
-    at::Tensor p = p_buffer.narrow(0, 0, rows), log_k = log_buffer.narrow(0, 0, rows);
-    at::mul_out(p, grad.narrow(0, r0, rows).to(acc), k);
-    const at::Tensor xc_rows = xc.narrow(0, r0, rows);
-    at::Tensor gx = grad_x.narrow(0, r0, rows);
-    at::mul_out(gx, xc_rows, p.sum(1, true));
-    gx.addmm_(p, yc, 1.0, -1.0);  // rowsum_i(P) xc_i - (P yc)_i
-    grad_y.addmm_(p.t(), xc_rows, 1.0, -1.0);
-    colsum.add_(p.sum(0).unsqueeze(1));
-    at::clamp_min_out(log_k, k, tiny).log_();
-    p_log_k += at::dot(p.reshape(-1), log_k.reshape(-1)).item<double>();
+  at::Tensor grad_x, grad_y, grad_h;
+  if (n * m <= kRbfDirectMaxPairs) {
+    const at::Tensor k = kernel.to(at::kDouble).contiguous();
+    const at::Tensor p = grad.to(at::kDouble) * k;
+    if (want_h) {
+      const double p_log_k = (p * k.clamp_min(tiny).log()).sum().item<double>();
+      grad_h = at::scalar_tensor(-p_log_k / h, x.options().dtype(at::kDouble));
+    }
+    if (want_x || want_y) {
+      const at::Tensor xs = x.contiguous(), ys = y.is_same(x) ? xs : y.contiguous();
+      const at::Tensor scaled = (p * (-2.0 / h)).to(acc).contiguous();
+      if (want_x) grad_x = empty_large(xs.sizes(), xs.options());
+      if (want_y) grad_y = empty_large(ys.sizes(), ys.options());
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs.scalar_type(), "rbf_grad_direct", [&] {
+        rbf_grad_direct<scalar_t>(xs, ys, scaled, want_x ? &grad_x : nullptr, want_y ? &grad_y : nullptr);
+      });
+    }
+  } else {
+    // P is formed a block of rows at a time and used while it is in cache: no n x m temporary at all (at
+    // n ~ 10^3..10^4 the five it made, paged in fresh and streamed through memory, set the time: n = m =
+    // 4096, d = 64 on a 2-core Xeon VM 193-217 -> 54-55 ms). The n x d temporaries: one centred copy per
+    // input (one for a self kernel); those and the results come from the huge-page allocator when large
+    // (huge_pages.h; 16 x 409,600 self kernel 30-45 -> 14-16 ms).
+    const at::Tensor xa = x.to(acc);
+    const at::Tensor shift = xa.mean(0, /*keepdim=*/true);  // any nearby centre: it cancels exactly
+    at::Tensor xc = empty_large(xa.sizes(), xa.options());
+    at::sub_out(xc, xa, shift);
+    at::Tensor yc = xc;
+    if (!y.is_same(x)) {
+      yc = empty_large(y.sizes(), xa.options());
+      at::sub_out(yc, y.to(acc), shift);
+    }
+    if (want_x) grad_x = empty_large(xc.sizes(), xc.options());
+    if (want_y) grad_y = empty_large(yc.sizes(), yc.options()).zero_();  // -P^T xc, then + colsum_j(P) yc_j
+    at::Tensor colsum = want_y ? at::zeros({m, 1}, xc.options()) : at::Tensor();
+    double p_log_k = 0.0;
+    const int64_t block = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(m, 1));  // ~2^20 values
+    at::Tensor p_buffer = at::empty({std::min(block, n), m}, xc.options());  // reused: no fresh pages per block
+    at::Tensor log_buffer = want_h ? at::empty_like(p_buffer) : at::Tensor();
+    for (int64_t r0 = 0; r0 < n; r0 += block) {
+      const int64_t rows = std::min(block, n - r0);
+      const at::Tensor k = kernel.narrow(0, r0, rows).to(acc);  // 16-bit values widened first (no copy otherwise)
+      at::Tensor p = p_buffer.narrow(0, 0, rows);
+      at::mul_out(p, grad.narrow(0, r0, rows).to(acc), k);
+      const at::Tensor xc_rows = xc.narrow(0, r0, rows);
+      if (want_x) {
+        at::Tensor gx = grad_x.narrow(0, r0, rows);
+        at::mul_out(gx, xc_rows, p.sum(1, true));
+        gx.addmm_(p, yc, 1.0, -1.0);  // rowsum_i(P) xc_i - (P yc)_i
+      }
+      if (want_y) {
+        grad_y.addmm_(p.t(), xc_rows, 1.0, -1.0);
+        colsum.add_(p.sum(0).unsqueeze(1));
+      }
+      if (want_h) {
+        at::Tensor log_k = log_buffer.narrow(0, 0, rows);
+        at::clamp_min_out(log_k, k, tiny).log_();
+        p_log_k += at::dot(p.reshape(-1), log_k.reshape(-1)).item<double>();
+      }
+    }
+    if (want_x) grad_x = grad_x.mul_(-2.0 / h).to(x.scalar_type());
+    if (want_y) grad_y = grad_y.addcmul_(yc, colsum).mul_(-2.0 / h).to(y.scalar_type());
+    if (want_h) grad_h = at::scalar_tensor(-p_log_k / h, xc.options().dtype(at::kDouble));
   }
-  grad_x.mul_(-2.0 / h);
-  grad_y.addcmul_(yc, colsum).mul_(-2.0 / h);
-  const at::Tensor grad_h = at::scalar_tensor(-p_log_k / h, xc.options().dtype(at::kDouble));
-  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type()),
-          grad_h.to(bandwidth.scalar_type()).reshape(bandwidth.sizes())};
+  if (want_h) grad_h = grad_h.to(bandwidth.scalar_type()).reshape(bandwidth.sizes());
+  return {grad_x, grad_y, grad_h};
 }
 
 }  // namespace bmt_fast::cpu

@@ -590,23 +590,30 @@ inline at::Tensor rbf_kernel(const at::Tensor& x_in, const at::Tensor& y_in, con
 // The gradient of rbf_kernel, in ATen (cuBLAS for the two products), as for the CPU: with P = grad * K,
 //   dL/dx_i = -(2/H) (rowsum_i(P) x_i - (P y)_i), dL/dy_j = -(2/H) (colsum_j(P) y_j - (P^T x)_j),
 //   dL/dH = -(1/H) sum P log K   (D = -H log K).
+// An output that output_mask leaves out is not computed (undefined).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                           const at::Tensor& y, const at::Tensor& kernel,
-                                                                          const at::Tensor& bandwidth) {
+                                                                          const at::Tensor& bandwidth,
+                                                                          std::array<bool, 3> output_mask) {
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
   BMT_FAST_DEVICE_GUARD(x);
+  const auto [want_x, want_y, want_h] = output_mask;
   const auto acc = accumulation_type(x.scalar_type());
   const at::Tensor h = bandwidth.to(acc).reshape({});
-  auto [xc, yc] = centred(x, std::optional<at::Tensor>(y));
   const at::Tensor k = kernel.to(acc);
   const at::Tensor p = grad.to(acc) * k;
-  const at::Tensor scale = -2.0 / h;
-  const at::Tensor grad_x = (p.sum(1, true) * xc - at::mm(p, yc)) * scale;
-  const at::Tensor grad_y = (p.sum(0).unsqueeze(1) * yc - at::mm(p.t(), xc)) * scale;
-  const at::Tensor log_k = at::where(k > 0, k.log(), at::zeros_like(k));
-  const at::Tensor grad_h = (p * log_k).sum() * (-1.0 / h);
-  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type()),
-          grad_h.to(bandwidth.scalar_type()).reshape(bandwidth.sizes())};
+  at::Tensor grad_x, grad_y, grad_h;
+  if (want_x || want_y) {
+    auto [xc, yc] = centred(x, std::optional<at::Tensor>(y));
+    const at::Tensor scale = -2.0 / h;
+    if (want_x) grad_x = ((p.sum(1, true) * xc - at::mm(p, yc)) * scale).to(x.scalar_type());
+    if (want_y) grad_y = ((p.sum(0).unsqueeze(1) * yc - at::mm(p.t(), xc)) * scale).to(y.scalar_type());
+  }
+  if (want_h) {
+    const at::Tensor log_k = at::where(k > 0, k.log(), at::zeros_like(k));
+    grad_h = ((p * log_k).sum() * (-1.0 / h)).to(bandwidth.scalar_type()).reshape(bandwidth.sizes());
+  }
+  return {grad_x, grad_y, grad_h};
 }
 
 // Registers the five kernels on the library `m` (the CUDA dispatch key of bmt_fast, or the emulator's

@@ -14,7 +14,7 @@ TORCH_LIBRARY(bmt_fast_cuda_emulated, m) {
         " Tensor(a!) out) -> Tensor");
   m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor");
   m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor");
-  m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth)"
+  m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth, bool[3] output_mask)"
         " -> (Tensor, Tensor, Tensor)");
 }
 
