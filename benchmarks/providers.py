@@ -275,11 +275,13 @@ def _bmt_fast_median(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.median_bandwidth(inp.x, backend=backend, check_inputs=False)
 
 
-def bmt_fast_providers(op: str) -> list[Provider]:
-    """One provider per bmt_fast backend (including backends that cannot run here, so their rows say why)."""
+def bmt_fast_providers(op: str, build: Callable[[str], Callable] | None = None) -> list[Provider]:
+    """One provider per bmt_fast backend (including backends that cannot run here, so their rows say why);
+    build(backend) -> Provider.build, by default the op's own call."""
     from bmt_fast import backends
 
-    build = {"svgd_step": _bmt_fast_svgd, "rbf_kernel": _bmt_fast_rbf, "median_bandwidth": _bmt_fast_median}[op]
+    if build is None:
+        build = {"svgd_step": _bmt_fast_svgd, "rbf_kernel": _bmt_fast_rbf, "median_bandwidth": _bmt_fast_median}[op]
     providers = []
     for name, backend in backends._REGISTRY.items():
         materialises = name == "torch"  # the reference backend builds the n x n matrix
