@@ -109,6 +109,13 @@ inline void check_svgd_step_out(const at::Tensor& x, const at::Tensor& score, co
               "out must not overlap ", name);
 }
 
+// svgd_step_into where phi comes whole from svgd_step: copied into out, then scanned for NaN/Inf (a 0-dim
+// bool on out's device).
+inline at::Tensor copy_and_check_finite(at::Tensor& out, const at::Tensor& phi) {
+  out.copy_(phi);
+  return out.isfinite().all();
+}
+
 inline void check_rbf_kernel_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
   check_particles(x, "x");
   check_particles(y, "y");

@@ -33,8 +33,7 @@ at::Tensor svgd_step_into_composite(const at::Tensor& x, const at::Tensor& score
                              .findSchemaOrThrow("bmt_fast::svgd_step", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                c10::string_view)>();
-  out.copy_(op.call(x, score, bandwidth, algorithm));
-  return at::isfinite(out).all();
+  return copy_and_check_finite(out, op.call(x, score, bandwidth, algorithm));
 }
 
 at::Tensor median_bandwidth_meta(const at::Tensor& x, c10::string_view algorithm) {

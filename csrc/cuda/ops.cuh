@@ -474,8 +474,7 @@ inline at::Tensor svgd_step_into(const at::Tensor& x_in, const at::Tensor& score
   check_svgd_step_out(x_in, score_in, out);
   const int64_t n = x_in.size(0);
   if (!use_gram(n, parse_algorithm(algorithm)) || n > kGramRegisterRows) {
-    out.copy_(svgd_step(x_in, score_in, bandwidth, algorithm));
-    return at::isfinite(out).all();
+    return copy_and_check_finite(out, svgd_step(x_in, score_in, bandwidth, algorithm));
   }
   BMT_FAST_DEVICE_GUARD(x_in);
   const Device dev = launch_device(x_in);
