@@ -51,12 +51,19 @@ def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.T
 
 
 def numpy_median(values: torch.Tensor) -> torch.Tensor:
-    """numpy.median convention: the mean of the two middle values for an even count."""
-    flat, _ = values.reshape(-1).sort()
+    """numpy.median convention: the mean of the two middle values for an even count. (By selection, not
+    a full sort: 65,536 sampled distances on a 2-core CPU took ~10 ms to sort.)"""
+    flat = values.reshape(-1)
     count = flat.numel()
+    upper = flat.kthvalue(count // 2 + 1).values
     if count % 2:
-        return flat[count // 2]
-    return 0.5 * (flat[count // 2 - 1] + flat[count // 2])
+        return upper
+    # The lower middle value: the largest one below `upper`, unless `upper` also holds rank count/2 - 1
+    # (fewer than count/2 values lie below it). One selection and two elementwise passes.
+    below = flat < upper
+    largest_below = flat.masked_fill(~below, -math.inf).max()
+    lower = torch.where(below.sum() >= count // 2, largest_below, upper)
+    return 0.5 * (lower + upper)
 
 
 def bandwidth_from_median(median: torch.Tensor, n: int) -> torch.Tensor:
@@ -86,9 +93,15 @@ def sampled_median_bandwidth(
     j = torch.randint(n, (num_pairs,), generator=generator, device="cpu").to(x.device)
     d2 = torch.empty(num_pairs, dtype=x.dtype, device=x.device)
     block = max(1, SAMPLE_BLOCK_VALUES // d)
+    first = torch.empty(min(block, num_pairs), d, dtype=x.dtype, device=x.device)  # reused by every block
+    second = torch.empty_like(first)
     for start in range(0, num_pairs, block):
         end = min(num_pairs, start + block)
-        d2[start:end] = (x[i[start:end]] - x[j[start:end]]).square().sum(1)
+        a, b = first[: end - start], second[: end - start]
+        torch.index_select(x, 0, i[start:end], out=a)
+        torch.index_select(x, 0, j[start:end], out=b)
+        a.sub_(b)  # the differences themselves: no cancellation, exact zeros for i == j
+        torch.sum(a.square_(), dim=1, out=d2[start:end])
     return bandwidth_from_median(numpy_median(d2), n)
 
 

@@ -136,6 +136,27 @@ def test_sampled_pairs_of_huge_particles_are_formed_a_block_at_a_time(monkeypatc
     assert draw() == whole
 
 
+def test_sampled_is_the_numpy_median_of_the_drawn_pairs():
+    """The sampled rule: numpy.median of the squared distances of exactly the pairs the generator draws
+    (i, then j), including i == j pairs; an even count, so both middle values matter."""
+    x = torch.randn(500, 9, dtype=torch.float64)
+    h = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=4000, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    i = torch.randint(500, (4000,), generator=generator)
+    j = torch.randint(500, (4000,), generator=generator)
+    d2 = ((x[i] - x[j]) ** 2).sum(1).numpy()
+    assert math.isclose(float(h), float(np.median(d2)) / math.log(501), rel_tol=1e-14)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 8, 9, 64, 65])
+def test_reference_median_follows_numpy_with_ties(count):
+    """numpy_median by selection (no sort): odd and even counts, repeated middle values."""
+    generator = torch.Generator().manual_seed(count)
+    for values in (torch.randn(count, generator=generator, dtype=torch.float64),
+                   torch.randint(0, 4, (count,), generator=generator).double()):
+        assert float(reference.numpy_median(values)) == float(np.median(values.numpy()))
+
+
 def test_exact_at_65536_without_quadratic_memory():
     """Radix selection over streamed distance tiles: n=65536 completes (the n x n matrix would be 17 GB)."""
     if "cpu" not in bmt_fast.available_backends():
