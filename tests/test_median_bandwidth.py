@@ -113,7 +113,8 @@ def test_sampled_estimate_within_a_few_percent_at_65536():
 
 def test_sampled_uses_num_pairs():
     x = torch.randn(300, 3, dtype=torch.float64)
-    close = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=80_000, generator=torch.Generator().manual_seed(0))
+    close = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=80_000, generator=torch.Generator().manual_seed(0),
+                                      backend="torch")  # (the CPU backend would return the exact median here)
     assert math.isclose(float(close), numpy_rule(x), rel_tol=0.02) and float(close) != numpy_rule(x)
     with pytest.raises(ValueError, match="num_pairs"):
         bmt_fast.median_bandwidth(x, method="sampled", num_pairs=0)
@@ -130,17 +131,30 @@ def test_sampled_pairs_of_huge_particles_are_formed_a_block_at_a_time(monkeypatc
     """The pair differences of num_pairs samples in blocks (soft prompts: 65,536 pairs x 409,600 values
     would be 107 GB); the blocks give the same distances as one batch."""
     x = torch.randn(20, 1000, dtype=torch.float64)
-    draw = lambda: float(bmt_fast.median_bandwidth(x, method="sampled", num_pairs=301, generator=torch.Generator().manual_seed(3)))  # noqa: E731
+    draw = lambda: float(bmt_fast.median_bandwidth(x, method="sampled", num_pairs=301, backend="torch",  # noqa: E731
+                                                   generator=torch.Generator().manual_seed(3)))
     whole = draw()
     monkeypatch.setattr(reference, "SAMPLE_BLOCK_VALUES", 7 * 1000)  # 7 pairs per block, a ragged last one
     assert draw() == whole
+
+
+@requires_cpu_extension
+def test_sampled_on_the_cpu_is_exact_where_that_costs_less():
+    """On the CPU backend the exact median (cheaper there up to n * n <= 64 * num_pairs) replaces the
+    samples; beyond, it samples."""
+    x = torch.randn(100, 3, dtype=torch.float64)
+    draw = lambda pairs: float(bmt_fast.median_bandwidth(x, method="sampled", num_pairs=pairs, backend="cpu",  # noqa: E731
+                                                         generator=torch.Generator().manual_seed(2)))
+    assert math.isclose(draw(157), numpy_rule(x), rel_tol=1e-12)  # 10,000 <= 64 * 157
+    assert not math.isclose(draw(156), numpy_rule(x), rel_tol=1e-12)
 
 
 def test_sampled_is_the_numpy_median_of_the_drawn_pairs():
     """The sampled rule: numpy.median of the squared distances of exactly the pairs the generator draws
     (i, then j), including i == j pairs; an even count, so both middle values matter."""
     x = torch.randn(500, 9, dtype=torch.float64)
-    h = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=4000, generator=torch.Generator().manual_seed(5))
+    h = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=4000, generator=torch.Generator().manual_seed(5),
+                                  backend="torch")
     generator = torch.Generator().manual_seed(5)
     i = torch.randint(500, (4000,), generator=generator)
     j = torch.randint(500, (4000,), generator=generator)
