@@ -572,7 +572,7 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
 
 // ---- entry points of this ISA build (declared in kernels.h through BMT_FAST_ISA_KERNELS) ----------
 
-// ---- rbf_kernel backward with few pairs: direct differences ----------------------------------------
+// ---- rbf_kernel of two sets with few pairs, forward and backward: direct differences ------------
 
 // Rows of the output per register block of rbf_grad_rows: R rows of `a` and R accumulators stay in
 // registers while the rows of `b` stream past (one load of b_q feeds R differences).
