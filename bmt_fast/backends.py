@@ -92,13 +92,10 @@ class CompiledBackend(Backend):
         self.name = name
         self.status = status
         self.device_types = (device_type,)
-
-    @property
-    def exact_median_pair_factor(self) -> int:
         # The CPU's exact median (one GEMM pass and a selection) against 65,536 gathered pairs on a 2-core
         # Xeon: exact faster at n = 2048 (d = 16: 6.3 against 7.7 ms; d = 256: 13 against 36 ms), sampled
         # faster at n = 3072 (d = 64: 8.3 against 14.7 ms). Not measured on a GPU: no more pairs there.
-        return 64 if self.name == "cpu" else 1
+        self.exact_median_pair_factor = 64 if device_type == "cpu" else 1
 
     def unavailable_reason(self) -> str:
         if not self.status.loaded:

@@ -208,11 +208,11 @@ def _rbf_kernel_backward(ctx, grad):
     if ctx.self_kernel and need_x and x.shape[0] <= _SYMMETRISED_MAX_PARTICLES:
         # y is x: autograd would add x's two row gradients. K is symmetric, so one pass with the
         # symmetrised weights grad + grad^T gives their sum (one n x d result instead of two and their
-        # sum; 2-core Xeon, 16 x 409,600 fp32: 6.1-11.5 -> 4.2-5.8 ms). Few particles only: at
+        # sum; 2-core Xeon, 16 x 409,600 fp32: 6.1-11.5 -> 3.8-5.8 ms). Few particles only: at
         # n = 2048 the transposed add of the n x n weights cost more than it saved (17-22 -> 41-49 ms).
-        (grad_x, _, _) = backward(grad + grad.mT, x, x, k, h, [True, False, False])
-        grad_h = backward(grad, x, x, k, h, [False, False, True])[2] if need_h else None
-        return grad_x, None, grad_h
+        # The symmetrised weights double H's gradient (sum P log K over a symmetric K): halved, exactly.
+        grad_x, _, grad_h = backward(grad + grad.mT, x, x, k, h, [True, False, need_h])
+        return grad_x, None, grad_h / 2 if need_h else None
     # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
     # prior, one prompt against constant particles and a constant H, that is grad_x alone.
     return backward(grad, x, y, k, h, list(ctx.needs_input_grad[:3]))

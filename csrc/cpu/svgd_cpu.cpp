@@ -369,24 +369,33 @@ int64_t gram_chunk(int64_t n) {
 template <typename In>
 using gram_compute_t = std::conditional_t<std::is_same_v<In, double>, double, float>;
 
+// `size` doubles summed over blocks [0, blocks) of columns: the threads of at::parallel_for (grain
+// blocks at least) each add fn(begin, end, sums) into zeroed sums of their own, then those are added up.
+template <typename F>
+std::vector<double> column_block_sums(int64_t size, int64_t blocks, int64_t grain, const F& fn) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> partial(threads * size, 0.0);
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    fn(begin, end, partial.data() + at::get_thread_num() * size);
+  });
+  for (int64_t t = 1; t < threads; ++t)
+    for (int64_t q = 0; q < size; ++q) partial[q] += partial[t * size + q];
+  partial.resize(size);
+  return partial;
+}
+
 // Over the rows of x, then those of y when given (contiguous, x's dtype and columns; not copied together).
 template <typename In>
 std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift = nullptr,
                                   const at::Tensor* y = nullptr) {
   const int64_t nx = x.size(0), n = nx + (y ? y->size(0) : 0), d = x.size(1);
   const int64_t chunk = gram_chunk(n);
-  const int64_t num_chunks = (d + chunk - 1) / chunk;
-  const int64_t threads = at::get_num_threads();
-  std::vector<double> partial(threads * n * n, 0.0);  // per thread: the upper triangle i <= j
   const In* xp = x.data_ptr<In>();
   const In* yp = y ? y->data_ptr<In>() : nullptr;
-  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    gram_columns(xp, yp, nx, n, d, begin * chunk, std::min(end * chunk, d), chunk,
-                 partial.data() + at::get_thread_num() * n * n, shift);
-  });
-  const double* gram = partial.data();  // the threads' sums, added into the first
-  for (int64_t t = 1; t < threads; ++t)
-    for (int64_t q = 0; q < n * n; ++q) partial[q] += partial[t * n * n + q];
+  const std::vector<double> gram =  // the upper triangle i <= j
+      column_block_sums(n * n, (d + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end, double* sums) {
+        gram_columns(xp, yp, nx, n, d, begin * chunk, std::min(end * chunk, d), chunk, sums, shift);
+      });
   std::vector<double> dist(n * n, 0.0);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = i + 1; j < n; ++j)
@@ -408,20 +417,13 @@ constexpr int64_t kRbfDirectMaxPairs = 4096;
 template <typename In>
 std::vector<double> cross_sq_dists_threaded(const at::Tensor& x, const at::Tensor& y) {
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
-  const int64_t threads = at::get_num_threads();
-  std::vector<double> partial(threads * n * m, 0.0);
   const In* xp = x.data_ptr<In>();
   const In* yp = y.data_ptr<In>();
   constexpr int64_t kBlock = 512;  // columns: whole 2 KiB chunks of the kernel for float, two for double
   const int64_t grain = std::max<int64_t>(1, ((int64_t{1} << 16) / (n + m)) / kBlock);
-  at::parallel_for(0, (d + kBlock - 1) / kBlock, grain, [&](int64_t begin, int64_t end) {
-    cross_sq_dists(xp, yp, n, m, d, begin * kBlock, std::min(end * kBlock, d),
-                   partial.data() + at::get_thread_num() * n * m);
+  return column_block_sums(n * m, (d + kBlock - 1) / kBlock, grain, [&](int64_t begin, int64_t end, double* sums) {
+    cross_sq_dists(xp, yp, n, m, d, begin * kBlock, std::min(end * kBlock, d), sums);
   });
-  for (int64_t t = 1; t < threads; ++t)
-    for (int64_t q = 0; q < n * m; ++q) partial[q] += partial[t * n * m + q];
-  partial.resize(n * m);
-  return partial;
 }
 
 // Writes phi into `phi` (contiguous, x's shape and dtype) and returns whether all of it is finite
