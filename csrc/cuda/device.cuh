@@ -248,13 +248,25 @@ BMT_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
 #endif
 }
 
+// ldmatrix.x4: four 8 x 8 matrices of 16-bit values from shared memory in one warp-wide load. Lanes
+// 8i..8i+7 give the addresses of the eight rows (16 bytes each, 16-byte aligned) of matrix i; lane l gets
+// row l / 4, values 2 (l % 4) and 2 (l % 4) + 1 of matrix i in r[i]: the mma.m16n8k16 A / B fragments.
+BMT_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* shared_row) {
+#ifdef BMT_FAST_EMULATE
+  emu::ldmatrix_x4(r, shared_row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+#else
+  __trap();  // the op layer never launches tensor-core kernels below sm_80
+#endif
+}
+
 // Two 16-bit values in one register, the first in the lower half (the fragment convention).
 BMT_DEVICE uint32_t pack_pair(uint16_t low, uint16_t high) {
   return static_cast<uint32_t>(low) | (static_cast<uint32_t>(high) << 16);
-}
-
-BMT_DEVICE uint32_t load_pair(const uint16_t* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
 }
 
 }  // namespace bmt_fast::cuda

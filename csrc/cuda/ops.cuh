@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -152,7 +153,7 @@ inline std::pair<at::Tensor, at::Tensor> centred(const at::Tensor& x, const std:
 // The 16-bit operand of the tensor-core kernels: rows padded to 128, columns to 16, zeros outside.
 struct Operand16 {
   at::Tensor values;  // (rows_padded x d_pad), the input's 16-bit type
-  at::Tensor norms;   // (rows_padded), fp32 squared norms of the 16-bit values
+  at::Tensor norms;   // (rows_padded), fp32 squared norms of the 16-bit values; +inf for padding rows
 };
 
 inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
@@ -161,6 +162,8 @@ inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
   op.values = at::zeros({round_up(rows, MmaGeometry::kRows), round_up(d, 16)}, xc.options().dtype(half_type));
   op.values.narrow(0, 0, rows).narrow(1, 0, d).copy_(xc);
   op.norms = op.values.to(at::kFloat).square().sum(1);
+  // a padding row is infinitely far away: its kernel values come out 0 without a bounds test per entry
+  op.norms.narrow(0, rows, op.norms.size(0) - rows).fill_(std::numeric_limits<float>::infinity());
   return op;
 }
 

@@ -24,14 +24,15 @@ namespace bmt_fast::cuda {
 struct MmaGeometry {
   static constexpr int kRows = 128, kCols = 64, kChunk = 128, kFeatures = 128, kThreads = 256;
   static constexpr int kWarpRows = 16;
-  static constexpr int kLdChunk = kChunk + 8;  // +16 bytes per row: fragment loads hit 32 distinct banks
+  static constexpr int kLdChunk = kChunk + 8;  // +16 bytes per row: ldmatrix rows hit 8 distinct bank groups
   static constexpr int kLdW = kCols + 8;
   static constexpr size_t kABytes = static_cast<size_t>(kRows) * kLdChunk * 2;
   static constexpr size_t kBBytes = static_cast<size_t>(kCols) * kLdChunk * 2;
+  static constexpr size_t kNormBytes = static_cast<size_t>(kCols) * sizeof(float);  // |b_j|^2 of a column block
   static constexpr size_t kWBytes = static_cast<size_t>(kFeatures) * kLdW * 2;
   static constexpr size_t kHistBytes = 2 * kRadixBins * sizeof(unsigned);
   static constexpr size_t shared_bytes(TileMode mode, bool a_resident) {
-    return (a_resident ? 1 : 2) * kABytes + 2 * kBBytes +
+    return (a_resident ? 1 : 2) * kABytes + 2 * kBBytes + 2 * kNormBytes +
            (mode == TileMode::kSvgd ? 2 * kWBytes : mode == TileMode::kMedian ? kHistBytes : 0);
   }
 };
@@ -40,7 +41,7 @@ template <typename Out>
 struct MmaParams {
   const uint16_t* a;  // (a_rows_padded x d_pad) centred particles in 16 bits: the rows of the result
   const uint16_t* b;  // (b_rows_padded x d_pad): the columns (== a for svgd_step and the median)
-  const float* a_norms;  // |a_i|^2 of the 16-bit values, zero-padded like the rows
+  const float* a_norms;  // |a_i|^2 of the 16-bit values, +inf for the padding rows (K = 0 there)
   const float* b_norms;
   long long a_rows, b_rows;  // particles (padding excluded)
   long long d_pad;           // row stride of a and b, a multiple of 16; zero beyond d
@@ -84,22 +85,29 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
   BMT_DYNAMIC_SHARED(smem);
   const int num_chunks = static_cast<int>((p.d_pad + G::kChunk - 1) / G::kChunk);
   const bool a_resident = num_chunks == 1;
-  // A stages (one when resident), B stages, then W stages (kSvgd) or the histogram (kMedian)
+  // A stages (one when resident), B stages, the column norms' stages, then W stages (kSvgd) or the
+  // histogram (kMedian)
   uint16_t* const a_base = reinterpret_cast<uint16_t*>(smem);
   uint16_t* const b_base = a_base + (a_resident ? 1 : 2) * G::kRows * G::kLdChunk;
-  uint16_t* const w_base = b_base + 2 * G::kCols * G::kLdChunk;
+  float* const norm_base = reinterpret_cast<float*>(b_base + 2 * G::kCols * G::kLdChunk);
+  uint16_t* const w_base = reinterpret_cast<uint16_t*>(norm_base + 2 * G::kCols);
   unsigned* hist = reinterpret_cast<unsigned*>(w_base);  // kMedian (no W stages)
   auto a_stage = [&](long long stage) { return a_base + (a_resident ? 0 : (stage & 1) * G::kRows * G::kLdChunk); };
   auto b_stage = [&](long long stage) { return b_base + (stage & 1) * G::kCols * G::kLdChunk; };
+  auto norm_stage = [&](long long jl) { return norm_base + (jl & 1) * G::kCols; };
   auto w_stage = [&](long long jl) { return w_base + (jl & 1) * G::kFeatures * G::kLdW; };
 
   const int warp = threadIdx.x / kWarp, lane = lane_id(), g = lane / 4, t = lane % 4;
   const long long i0 = static_cast<long long>(blockIdx.x) * G::kRows;
   const long long f0 = static_cast<long long>(blockIdx.y) * G::kFeatures;
-  const long long row_g = i0 + warp * G::kWarpRows + g;  // this lane's rows: row_g and row_g + 8
+  const int warp_row = warp * G::kWarpRows;                   // this warp's 16 rows within the block
+  const long long row_g = i0 + warp_row + g;                  // this lane's rows: row_g and row_g + 8
   const float norm_i[2] = {p.a_norms[row_g], p.a_norms[row_g + 8]};
   // exp(-dist / H) = exp2(dist * scale) with scale = -log2(e) / H (NaN for an invalid H)
   const float scale = kMode == TileMode::kMedian ? 0.f : -1.4426950408889634f * inverse_bandwidth(*p.bandwidth);
+  // ldmatrix row addresses of this lane: A (16 x 16 at depth k) and B / W^T (two n8 tiles x k16)
+  const int a_ld_row = lane % 16, a_ld_col = 8 * (lane / 16);
+  const int b_ld_row = lane % 8 + 8 * (lane / 16), b_ld_col = 8 * ((lane / 8) % 2);
 
   unsigned long long prefix[2] = {0, 0};
   bool same_prefix = true;
@@ -110,26 +118,28 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
     zero_histogram(hist);  // visible to all after the first barrier of the main loop
   }
 
-  // The pipeline's events, in the order they are consumed: for each column block J, the depth chunks
-  // of S (A and B slices), then (kSvgd) the W^T block of J.
+  // The pipeline's events, in the order they are consumed: for each column block J its depth chunks of
+  // S (A and B slices; the first also brings J's column norms), and (kSvgd) with the first chunk of
+  // J + 1 the W^T block of J, so that O += K_J W_J runs in the same phase as S_{J+1} (one barrier per
+  // column block when A is resident); a last event brings the last W^T block alone.
   const long long j_first = kMode == TileMode::kMedian ? i0 / G::kCols : 0;  // median: pairs i < j only
   const long long j_blocks = (p.b_rows + G::kCols - 1) / G::kCols - j_first;
-  const int per_block = num_chunks + (kSvgd ? 1 : 0);
-  const long long events = j_blocks * per_block;
+  const long long s_events = j_blocks * num_chunks;
+  const long long events = s_events + (kSvgd && j_blocks > 0 ? 1 : 0);
 
   auto issue = [&](long long e) {
-    const long long jl = e / per_block;
-    const int slot = static_cast<int>(e % per_block);
+    const long long jl = e / num_chunks;
+    const int slot = static_cast<int>(e % num_chunks);
     const long long j0 = (j_first + jl) * G::kCols;
-    if (slot < num_chunks) {
-      const long long stage = jl * num_chunks + slot;
-      const long long col0 = static_cast<long long>(slot) * G::kChunk;
-      const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
-      if (!a_resident) copy_tile_async(a_stage(stage), G::kLdChunk, p.a, p.d_pad, i0, col0, G::kRows, width);
-      copy_tile_async(b_stage(stage), G::kLdChunk, p.b, p.d_pad, j0, col0, G::kCols, width);
-    } else {
-      copy_tile_async(w_stage(jl), G::kLdW, p.wt, p.wt_ld, f0, j0, G::kFeatures, G::kCols);
-    }
+    if (kSvgd && slot == 0 && jl > 0)
+      copy_tile_async(w_stage(jl - 1), G::kLdW, p.wt, p.wt_ld, f0, j0 - G::kCols, G::kFeatures, G::kCols);
+    if (e >= s_events) return;
+    const long long col0 = static_cast<long long>(slot) * G::kChunk;
+    const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
+    if (!a_resident) copy_tile_async(a_stage(e), G::kLdChunk, p.a, p.d_pad, i0, col0, G::kRows, width);
+    copy_tile_async(b_stage(e), G::kLdChunk, p.b, p.d_pad, j0, col0, G::kCols, width);
+    if (slot == 0 && threadIdx.x < G::kCols / 4)  // 16 bytes each
+      cp_async_16(norm_stage(jl) + 4 * threadIdx.x, p.b_norms + j0 + 4 * threadIdx.x);
   };
 
   float s[8][4];                         // S: 16 rows x 64 columns per warp, 8 n8 tiles
@@ -148,77 +158,85 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
       issue(e + 1);  // into the buffers of event e - 1
       cp_async_commit();
     }
-    const long long jl = e / per_block;
-    const int slot = static_cast<int>(e % per_block);
+    const long long jl = e / num_chunks;
+    const int slot = static_cast<int>(e % num_chunks);
     const long long j0 = (j_first + jl) * G::kCols;
 
-    if (slot < num_chunks) {
-      const long long stage = jl * num_chunks + slot;
+    if (e < s_events) {
       const long long col0 = static_cast<long long>(slot) * G::kChunk;
       const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
-      const uint16_t* a = a_stage(stage) + (warp * G::kWarpRows) * G::kLdChunk;
-      const uint16_t* b = b_stage(stage);
+      const uint16_t* a = a_stage(e) + (warp_row + a_ld_row) * G::kLdChunk + a_ld_col;
+      const uint16_t* b = b_stage(e) + b_ld_row * G::kLdChunk + b_ld_col;
       if (slot == 0)
         for (int nt = 0; nt < 8; ++nt)
           for (int r = 0; r < 4; ++r) s[nt][r] = 0.f;
       for (int ks = 0; ks < width / 16; ++ks) {
-        const int k = ks * 16 + 2 * t;
-        const uint32_t fa[4] = {load_pair(a + g * G::kLdChunk + k), load_pair(a + (g + 8) * G::kLdChunk + k),
-                                load_pair(a + g * G::kLdChunk + k + 8), load_pair(a + (g + 8) * G::kLdChunk + k + 8)};
+        uint32_t fa[4];
+        ldmatrix_x4(fa, a + ks * 16);
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const uint16_t* col = b + (nt * 8 + g) * G::kLdChunk + k;
-          const uint32_t fb[2] = {load_pair(col), load_pair(col + 8)};
-          mma_16816<kHalf>(s[nt], fa, fb);
+        for (int np = 0; np < 4; ++np) {  // n8 tiles 2 np and 2 np + 1
+          uint32_t fb[4];
+          ldmatrix_x4(fb, b + np * 16 * G::kLdChunk + ks * 16);
+          mma_16816<kHalf>(s[2 * np], fa, {fb[0], fb[1]});
+          mma_16816<kHalf>(s[2 * np + 1], fa, {fb[2], fb[3]});
         }
       }
-      if (slot == num_chunks - 1) {  // S complete: the epilogue of column block J
-        float kv[8][4];
+    }
+    if constexpr (kSvgd) {  // O += K_{J-1} W_{J-1}: B = W^T block (features x particles) in shared memory
+      if (slot == 0 && jl > 0) {
+        const uint16_t* w = w_stage(jl - 1) + b_ld_row * G::kLdW + b_ld_col;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+        for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const long long i = row_g + 8 * (r / 2);
-            const long long j = j0 + nt * 8 + 2 * t + (r % 2);
-            const float dot = norm_i[r / 2] + p.b_norms[j] - 2.f * s[nt][r];
-            const float dist = dot > 0.f ? dot : 0.f;
-            if constexpr (kMode == TileMode::kMedian) {
-              if (i < p.a_rows && j < p.b_rows && j > i)
-                radix_count(hist, key_of(dist), p.pass, prefix, same_prefix, 2u);
-            } else {
-              float k = exp2_of(dist * scale);
-              if (p.self && i == j) k = 1.f;
-              kv[nt][r] = j < p.b_rows ? k : 0.f;
-              if constexpr (kMode == TileMode::kRbf) {
-                if (i < p.a_rows && j < p.b_rows) p.kernel[i * p.b_rows + j] = Store<Out>::from(kv[nt][r]);
-              }
+          for (int fp = 0; fp < 8; ++fp) {  // feature tiles 2 fp and 2 fp + 1
+            uint32_t fb[4];
+            ldmatrix_x4(fb, w + fp * 16 * G::kLdW + ks * 16);
+            mma_16816<kHalf>(o[2 * fp], pk[ks], {fb[0], fb[1]});
+            mma_16816<kHalf>(o[2 * fp + 1], pk[ks], {fb[2], fb[3]});
+          }
+      }
+    }
+    if (e < s_events && slot == num_chunks - 1) {  // S complete: the epilogue of column block J
+      const float* norm_j = norm_stage(jl);
+      // K_ii = 1 exactly on the diagonal; only the blocks that hold it compare indices
+      const bool diagonal = p.self && j0 < i0 + G::kRows && i0 < j0 + G::kCols;
+      float kv[8][4];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int jj = nt * 8 + 2 * t + (r % 2);  // column within the block
+          const float dot = norm_i[r / 2] + norm_j[jj] - 2.f * s[nt][r];
+          const float dist = dot > 0.f ? dot : 0.f;
+          const long long i = row_g + 8 * (r / 2);
+          const long long j = j0 + jj;
+          if constexpr (kMode == TileMode::kMedian) {
+            if (i < p.a_rows && j < p.b_rows && j > i)
+              radix_count(hist, key_of(dist), p.pass, prefix, same_prefix, 2u);
+          } else {
+            // padding columns have norm +inf: K = 0 there
+            float k = exp2_of(dist * scale);
+            if (diagonal && i == j) k = 1.f;
+            kv[nt][r] = k;
+            if constexpr (kMode == TileMode::kRbf) {
+              if (i < p.a_rows && j < p.b_rows) p.kernel[i * p.b_rows + j] = Store<Out>::from(k);
             }
           }
-        if constexpr (kSvgd) {
+        }
+      if constexpr (kSvgd) {
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt) {
-            rs[0] += kv[nt][0] + kv[nt][1];
-            rs[1] += kv[nt][2] + kv[nt][3];
-          }
+        for (int nt = 0; nt < 8; ++nt) {
+          rs[0] += kv[nt][0] + kv[nt][1];
+          rs[1] += kv[nt][2] + kv[nt][3];
+        }
 #pragma unroll
-          for (int ks = 0; ks < 4; ++ks) {  // accumulator tiles 2 ks, 2 ks + 1 -> A fragment of step ks
-            pk[ks][0] = pack16<kHalf>(kv[2 * ks][0], kv[2 * ks][1]);
-            pk[ks][1] = pack16<kHalf>(kv[2 * ks][2], kv[2 * ks][3]);
-            pk[ks][2] = pack16<kHalf>(kv[2 * ks + 1][0], kv[2 * ks + 1][1]);
-            pk[ks][3] = pack16<kHalf>(kv[2 * ks + 1][2], kv[2 * ks + 1][3]);
-          }
+        for (int ks = 0; ks < 4; ++ks) {  // accumulator tiles 2 ks, 2 ks + 1 -> A fragment of step ks
+          pk[ks][0] = pack16<kHalf>(kv[2 * ks][0], kv[2 * ks][1]);
+          pk[ks][1] = pack16<kHalf>(kv[2 * ks][2], kv[2 * ks][3]);
+          pk[ks][2] = pack16<kHalf>(kv[2 * ks + 1][0], kv[2 * ks + 1][1]);
+          pk[ks][3] = pack16<kHalf>(kv[2 * ks + 1][2], kv[2 * ks + 1][3]);
         }
       }
-    } else if constexpr (kSvgd) {  // O += K W_J: B = W^T block (features x particles) in shared memory
-      const uint16_t* w = w_stage(jl);
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-        for (int ft = 0; ft < 16; ++ft) {
-          const uint16_t* col = w + (ft * 8 + g) * G::kLdW + ks * 16 + 2 * t;
-          const uint32_t fb[2] = {load_pair(col), load_pair(col + 8)};
-          mma_16816<kHalf>(o[ft], pk[ks], fb);
-        }
     }
   }
 

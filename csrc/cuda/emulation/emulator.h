@@ -317,6 +317,30 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
   warp_barrier();
 }
 
+// ---- ldmatrix.sync.aligned.m8n8.x4.shared.b16 ----------------------------------------------------
+// Lanes 8i..8i+7 address the rows of matrix i (16 bytes each, 16-byte aligned, in shared memory); lane l
+// receives row l / 4, 16-bit values 2 (l % 4) and 2 (l % 4) + 1 of every matrix.
+inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+  Block* b = current_block();
+  const auto* bytes = reinterpret_cast<const unsigned char*>(row);
+  const unsigned char* begin = b->shared.data();
+  if (bytes < begin || bytes + 16 > begin + b->shared.size())
+    fail("ldmatrix: a row address outside the block's dynamic shared memory");
+  if ((bytes - begin) % 16 != 0) fail("ldmatrix: a row address that is not 16-byte aligned");
+  const int me = b->current;
+  const int base = me - me % kWarpSize, l = me - base;
+  std::memcpy(slot(me), &row, sizeof(row));
+  warp_barrier();
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t* source;
+    std::memcpy(&source, slot(base + 8 * i + l / 4), sizeof(source));
+    uint32_t value;
+    std::memcpy(&value, source + 2 * (l % 4), sizeof(value));
+    r[i] = value;
+  }
+  warp_barrier();
+}
+
 }  // namespace emu
 
 // ---- the CUDA built-ins the kernels call ---------------------------------------------------------
