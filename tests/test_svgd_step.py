@@ -209,7 +209,7 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "import torch, bmt_fast\n"
         "from bmt_fast import reference\n"
         "torch.manual_seed(0)\n"
-        "for n, d, algo in [(70, 37, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'), (40, 515, 'gram')]:\n"
+        "for n, d, algo in [(70, 37, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'), (40, 515, 'gram'), (9, 2048, 'gram')]:\n"
         "    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
         "        x = torch.randn(n, d, dtype=torch.float64); s = torch.randn(n, d, dtype=torch.float64)\n"
         "        phi = torch.ops.bmt_fast.svgd_step(x.to(dt), s.to(dt), None, algo)\n"

@@ -7,7 +7,7 @@
 #include <limits>
 #include <type_traits>
 
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
+#if BMT_FAST_VECTOR_BYTES >= 32  // the x86-64-v3 / v4 builds: streaming stores and the fence
 #include <immintrin.h>
 #endif
 
@@ -194,8 +194,9 @@ BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
 
 // A full vector of the output, written around the caches when it is a whole aligned cache line (the
 // AVX-512 build): phi is written once and not read again, so this saves the read-for-ownership of each
-// line. Half lines (AVX2) are stored normally: written a vector at a time across many rows, partial lines
-// left the write-combining buffers half full (twice as slow as plain stores on a Zen 3).
+// line. Half lines (AVX2) are not streamed one at a time: written a vector at a time across many rows,
+// partial lines left the write-combining buffers half full (twice as slow as plain stores on a Zen 3);
+// the AVX2 build streams whole lines (stream_line).
 template <typename In, typename T>
 BMT_FAST_INLINE void stream_as(In* p, vec_t<T> v) {
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
@@ -215,8 +216,28 @@ BMT_FAST_INLINE void stream_as(In* p, vec_t<T> v) {
   store_as<In, T>(p, v, kLanes<T>);
 }
 
+// The AVX2 build's whole lines: V vectors that make one aligned 64-byte line of the output, streamed back
+// to back so that each write-combining buffer fills at once (fp32 / fp64 output only). Returns false, and
+// stores nothing, where that does not apply.
+template <typename In, typename T, int V>
+BMT_FAST_INLINE bool stream_line(In* p, const vec_t<T> (&v)[V]) {
+#if BMT_FAST_VECTOR_BYTES == 32 && !defined(BMT_FAST_32_VECTOR_REGISTERS)
+  if constexpr (std::is_same_v<In, T> && V * kVectorBytes == 64) {
+    if ((reinterpret_cast<uintptr_t>(p) & 63) != 0) return false;
+    for (int i = 0; i < V; ++i) {
+      if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p + i * kLanes<T>, reinterpret_cast<const __m256&>(v[i]));
+      else _mm256_stream_pd(p + i * kLanes<T>, reinterpret_cast<const __m256d&>(v[i]));
+    }
+    return true;
+  }
+#endif
+  (void)p;
+  (void)v;
+  return false;
+}
+
 BMT_FAST_INLINE void stream_fence() {
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
+#if BMT_FAST_VECTOR_BYTES >= 32
   _mm_sfence();
 #endif
 }
@@ -424,13 +445,14 @@ BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, 
 
 // Row blocks of apply_columns: up to kApplyMaxRows accumulators (one vector register each) plus the
 // operands (x_j - s, w_j, s, a and a broadcast) fit in the register file: 16 with AVX-512's 32
-// registers, 8 with the 16 of AVX2 or SSE. (kernels_v4.cpp defines BMT_FAST_32_VECTOR_REGISTERS: #pragma
+// registers; with the 16 of AVX2 or SSE the packed pass below keeps kApplyRows rows of two vectors each
+// (8 accumulators). (kernels_v4.cpp defines BMT_FAST_32_VECTOR_REGISTERS: #pragma
 // GCC target does not define __AVX512F__.) A block covers min(kApplyMaxRows, the rows left rounded up to
 // kApplyRows).
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
 constexpr int kApplyMaxRows = 16;
 #else
-constexpr int kApplyMaxRows = 8;
+constexpr int kApplyMaxRows = kApplyRows;
 #endif
 
 BMT_FAST_INLINE int apply_block_rows(int64_t n, int64_t ib) {
@@ -475,26 +497,45 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
 // 4 KiB, share one set there, and the direct pass above, which reads them a vector at a time and n/R
 // times over, lost each line before its next use (an AVX2 Zen 3: 3-4 GB/s). Here a block of columns is
 // first copied row by row (sequential reads, the next block prefetched) into two L1 buffers, centred:
-// xc_j and w_j = g_j - a xc_j; the register blocks then read only those.
-template <int R, typename In, typename T>
-BMT_FAST_INLINE void apply_packed_vector(const T* xcb, const T* wb, int64_t ld, In* phi, int64_t n, int64_t d,
-                                         int64_t ib, int64_t kb, int64_t k, int64_t count, const T* kt,
-                                         const T* c, vec_t<T>& bad) {
-  vec_t<T> acc[R];
+// xc_j and w_j = g_j - a xc_j; the register blocks then read only those. A register block is
+// kApplyRows rows x kPackedVectors vectors of columns (8 accumulators): one broadcast of K feeds two
+// FMAs, and each output row gets a whole 64-byte line at once (AVX2, fp32 / fp64), streamed past the
+// caches.
+constexpr int kPackedVectors = 2;
+
+template <int R, int V, typename In, typename T>
+BMT_FAST_INLINE void apply_packed_line(const T* xcb, const T* wb, int64_t ld, In* phi, int64_t n, int64_t d,
+                                       int64_t ib, int64_t kb, int64_t k, int64_t count, const T* kt,
+                                       const T* c, vec_t<T>& bad) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> acc[R][V];
   for (int r = 0; r < R; ++r) {  // padding rows (c = 0) read the last real row and are not stored
     const int64_t i = ib + r < n ? ib + r : n - 1;
-    acc[r] = broadcast(T(c[ib + r])) * load(xcb + i * ld + kb);
+    const vec_t<T> cr = broadcast(T(c[ib + r]));
+    for (int v = 0; v < V; ++v) acc[r][v] = cr * load(xcb + i * ld + kb + v * L);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const vec_t<T> w = load(wb + j * ld + kb);
-    for (int r = 0; r < R; ++r) acc[r] += broadcast(T(kt[j * R + r])) * w;
+    vec_t<T> w[V];
+    for (int v = 0; v < V; ++v) w[v] = load(wb + j * ld + kb + v * L);
+    for (int r = 0; r < R; ++r) {
+      const vec_t<T> kr = broadcast(T(kt[j * R + r]));
+      for (int v = 0; v < V; ++v) acc[r][v] += kr * w[v];
+    }
   }
   for (int r = 0; r < R; ++r) {
     if (ib + r >= n) break;
     In* out = phi + (ib + r) * d + k;
-    track_finite<In, false, T>(bad, acc[r], count);
-    if (count == kLanes<T>) stream_as<In, T>(out, acc[r]);
-    else store_as<In, T>(out, acc[r], count);
+    if (count == V * L) {
+      for (int v = 0; v < V; ++v) track_finite<In, true, T>(bad, acc[r][v], L);
+      if (!stream_line<In, T, V>(out, acc[r]))
+        for (int v = 0; v < V; ++v) store_as<In, T>(out + v * L, acc[r][v], L);
+    } else {
+      for (int v = 0; v < V && v * L < count; ++v) {
+        const int64_t part = min64(L, count - v * L);
+        track_finite<In, false, T>(bad, acc[r][v], part);
+        store_as<In, T>(out + v * L, acc[r][v], part);
+      }
+    }
   }
 }
 
@@ -502,37 +543,31 @@ template <typename In, typename T>
 BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int64_t n, int64_t d,
                                           int64_t col_begin, int64_t col_end, const T* shift, const T* kt,
                                           const T* c, T a, T* buf, vec_t<T>& bad) {
-  constexpr int L = kLanes<T>;
-  const int64_t chunk = apply_pack_chunk(n);
+  constexpr int L = kLanes<T>, V = kPackedVectors;
+  const int64_t chunk = apply_pack_chunk(n);  // a multiple of V * L: whole register blocks
   const int64_t ld = chunk + kRowPad<T>;
   T* xcb = buf;
   T* wb = buf + n * ld;
   const vec_t<T> va = broadcast(T(a));
   for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
     const int64_t len = min64(chunk, col_end - k0);
+    const int64_t padded = round_up(len, V * L);
     for (int64_t j = 0; j < n; ++j) {
       const In* xj = x + j * d + k0;
       const In* gj = g + j * d + k0;
       prefetch_next_chunk(xj, chunk, col_end - k0 - chunk);
       prefetch_next_chunk(gj, chunk, col_end - k0 - chunk);
-      for (int64_t k = 0; k < len; k += L) {  // past len: zeros (the ragged last vector)
-        const int64_t count = min64(L, len - k);
+      for (int64_t k = 0; k < padded; k += L) {  // past len: zeros (the ragged last block)
+        const int64_t count = len - k < L ? (len - k > 0 ? len - k : 0) : L;
         const vec_t<T> xc = load_part_as<T>(xj + k, count) - load_part_as<T>(shift + k0 + k, count);
         store(xcb + j * ld + k, xc);
         store(wb + j * ld + k, load_part_as<T>(gj + k, count) - va * xc);
       }
     }
-    for (int64_t k = 0; k < len; k += L) {
-      const int64_t count = min64(L, len - k);
-      for (int64_t ib = 0; ib < n;) {
-        const int R = apply_block_rows(n, ib);
-        const T* kb = kt + ib * n;
-        if constexpr (kApplyMaxRows >= 8) {
-          if (R == 8) apply_packed_vector<8>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kb, c, bad);
-        }
-        if (R == 4) apply_packed_vector<4>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kb, c, bad);
-        ib += R;
-      }
+    for (int64_t k = 0; k < len; k += V * L) {
+      const int64_t count = min64(V * L, len - k);
+      for (int64_t ib = 0; ib < n; ib += kApplyRows)
+        apply_packed_line<kApplyRows, V>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kt + ib * n, c, bad);
     }
   }
 }
