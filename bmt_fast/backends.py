@@ -4,6 +4,7 @@ Every backend takes 2-D inputs that the public functions have already validated:
     svgd_step(x (n, d), score (n, d), h: 0-dim tensor | None) -> phi (n, d)      None = median rule
     rbf_kernel(x (n, d), y (m, d) | None, h: 0-dim tensor) -> (n, m)            differentiable
     median_bandwidth(x (n, d)) -> 0-dim tensor                                   exact median rule
+    rbf_kernel_median(x (n, d)) -> (n, n): rbf_kernel(x, None, median_bandwidth(x)), H a constant
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class Backend:
 
     def median_bandwidth(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def rbf_kernel_median(self, x: torch.Tensor) -> torch.Tensor:
+        """rbf_kernel(x, None, H) with H = median_bandwidth(x) treated as a constant."""
+        with torch.no_grad():
+            h = self.median_bandwidth(x)
+        return self.rbf_kernel(x, None, h)
 
     def empty_result(self, x: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous tensor like x for a result the public API allocates itself."""
@@ -122,6 +129,10 @@ class CompiledBackend(Backend):
 
     def median_bandwidth(self, x):
         return torch.ops.bmt_fast.median_bandwidth(x)
+
+    def rbf_kernel_median(self, x):
+        # one op: on the CPU with few particles, one pass over x gives both the median and the kernel
+        return torch.ops.bmt_fast.rbf_kernel_median(x)[0]
 
     def svgd_step_spreads_non_finite(self, x):
         # The CPU Gram path (n <= gram_max_particles): a bad x makes its column's mean, and so every

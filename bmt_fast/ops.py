@@ -147,8 +147,10 @@ def rbf_kernel(
     y2 = None if y is None else as_rows(y)
     chosen = backends.select(backend, "rbf_kernel", x2)
     if h is None:
+        if y2 is None:
+            return chosen.rbf_kernel_median(x2)
         with torch.no_grad():
-            h = chosen.median_bandwidth(x2 if y2 is None else y2)
+            h = chosen.median_bandwidth(y2)
     return chosen.rbf_kernel(x2, y2, h)
 
 
@@ -191,7 +193,7 @@ def median_bandwidth(
         return chosen.median_bandwidth(x2)
 
 
-# Up to this many particles the self kernel's backward symmetrises its weights (_rbf_kernel_backward).
+# Up to this many particles the self kernel's backward symmetrises its weights (_rbf_backward).
 _SYMMETRISED_MAX_PARTICLES = 64
 
 
@@ -201,11 +203,11 @@ def _rbf_kernel_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, y, h, output)
 
 
-def _rbf_kernel_backward(ctx, grad):
-    x, y, h, k = ctx.saved_tensors
-    need_x, _, need_h = ctx.needs_input_grad[:3]
+def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
+    """(grad_x, grad_y, grad_h) of K = rbf_kernel(x, y, h), each None where needs says so."""
+    need_x, _, need_h = needs
     backward = torch.ops.bmt_fast.rbf_kernel_backward
-    if ctx.self_kernel and need_x and x.shape[0] <= _SYMMETRISED_MAX_PARTICLES:
+    if self_kernel and need_x and x.shape[0] <= _SYMMETRISED_MAX_PARTICLES:
         # y is x: autograd would add x's two row gradients. K is symmetric, so one pass with the
         # symmetrised weights grad + grad^T gives their sum (one n x d result instead of two and their
         # sum; 2-core Xeon, 16 x 409,600 fp32: 6.1-11.5 -> 3.8-5.8 ms). Few particles only: at
@@ -215,7 +217,27 @@ def _rbf_kernel_backward(ctx, grad):
         return grad_x, None, grad_h / 2 if need_h else None
     # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
     # prior, one prompt against constant particles and a constant H, that is grad_x alone.
-    return backward(grad, x, y, k, h, list(ctx.needs_input_grad[:3]))
+    return backward(grad, x, y, k, h, list(needs))
+
+
+def _rbf_kernel_backward(ctx, grad):
+    x, y, h, k = ctx.saved_tensors
+    return _rbf_backward(grad, x, y, h, k, ctx.self_kernel, ctx.needs_input_grad[:3])
+
+
+def _rbf_kernel_median_setup_context(ctx, inputs, output):
+    (x,) = inputs
+    k, h = output
+    ctx.mark_non_differentiable(h)
+    ctx.save_for_backward(x, h, k)
+
+
+def _rbf_kernel_median_backward(ctx, grad, _grad_h):
+    """rbf_kernel(x, x, H) with the median H a constant: the sum of x's two row gradients."""
+    x, h, k = ctx.saved_tensors
+    need = ctx.needs_input_grad[0]
+    grad_x, grad_y, _ = _rbf_backward(grad, x, x, h, k, True, (need, need, False))
+    return grad_x if grad_y is None else grad_x + grad_y
 
 
 def _register_autograd() -> None:
@@ -223,6 +245,9 @@ def _register_autograd() -> None:
     if _extension.CPU.loaded:
         torch.library.register_autograd(
             "bmt_fast::rbf_kernel", _rbf_kernel_backward, setup_context=_rbf_kernel_setup_context
+        )
+        torch.library.register_autograd(
+            "bmt_fast::rbf_kernel_median", _rbf_kernel_median_backward, setup_context=_rbf_kernel_median_setup_context
         )
 
 

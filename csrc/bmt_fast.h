@@ -179,6 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
                                                                    const at::Tensor& bandwidth,
                                                                    std::array<bool, 3> output_mask);
 at::Tensor median_bandwidth(const at::Tensor& x, std::string_view algorithm);
+// (rbf_kernel(x, x, H), H) with H = median_bandwidth(x, "auto"), the same values; few particles: one pass.
+std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x);
 }  // namespace cpu
 
 }  // namespace bmt_fast

@@ -36,6 +36,19 @@ at::Tensor svgd_step_into_composite(const at::Tensor& x, const at::Tensor& score
   return copy_and_check_finite(out, op.call(x, score, bandwidth, algorithm));
 }
 
+// Any device without its own kernel: the median rule, then the kernel with that bandwidth.
+std::tuple<at::Tensor, at::Tensor> rbf_kernel_median_composite(const at::Tensor& x) {
+  check_particles(x, "x");
+  static const auto median = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("bmt_fast::median_bandwidth", "")
+                                 .typed<at::Tensor(const at::Tensor&, c10::string_view)>();
+  static const auto kernel = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("bmt_fast::rbf_kernel", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  at::Tensor h = median.call(x, "auto");
+  return {kernel.call(x, x, h), h};
+}
+
 at::Tensor median_bandwidth_meta(const at::Tensor& x, c10::string_view algorithm) {
   check_particles(x, "x");
   parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
@@ -69,6 +82,8 @@ TORCH_LIBRARY(bmt_fast, m) {
         tags);
   m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor", tags);
   m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor", tags);
+  // rbf_kernel(x, x, median_bandwidth(x)) and that bandwidth; on the CPU from one pass over x.
+  m.def("rbf_kernel_median(Tensor x) -> (Tensor, Tensor)", tags);
   m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth, bool[3] output_mask)"
         " -> (Tensor, Tensor, Tensor)",
         tags);
@@ -84,4 +99,5 @@ TORCH_LIBRARY_IMPL(bmt_fast, Meta, m) {
 
 TORCH_LIBRARY_IMPL(bmt_fast, CompositeExplicitAutograd, m) {
   m.impl("svgd_step_into", &bmt_fast::svgd_step_into_composite);
+  m.impl("rbf_kernel_median", &bmt_fast::rbf_kernel_median_composite);
 }

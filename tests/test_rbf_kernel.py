@@ -289,6 +289,39 @@ def test_opcheck_rbf_kernel_ops():
 
 
 @requires_cpu_extension
+@pytest.mark.parametrize("n", [1, 5, 16, 64, 65, 130])  # the Gram path (one pass over x) up to 64
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_rbf_kernel_median_op_equals_the_two_ops(n, dtype):
+    """rbf_kernel_median(x) = (rbf_kernel(x, x, H), H) with H = median_bandwidth(x): the same values, bit
+    for bit, whether one Gram pass gave both (n <= 64 on the CPU) or the two ops ran."""
+    x = (torch.randn(n, 2001, dtype=torch.float64) + 3.0).to(dtype)
+    k, h = torch.ops.bmt_fast.rbf_kernel_median(x)
+    h2 = torch.ops.bmt_fast.median_bandwidth(x)
+    assert torch.equal(h, h2) and h.dtype == h2.dtype
+    assert torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, h2)) and k.dtype == dtype
+    assert torch.equal(bmt_fast.rbf_kernel(x, backend="cpu"), k)  # the public call takes this op
+    meta_k, meta_h = torch.ops.bmt_fast.rbf_kernel_median(x.to("meta"))
+    assert meta_k.shape == (n, n) and meta_k.dtype == dtype and meta_h.shape == () and meta_h.dtype == h.dtype
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n, d", [(6, 40), (64, 300), (70, 5)])  # symmetrised backward up to 64, two outputs beyond
+def test_gradient_of_the_median_kernel_treats_the_bandwidth_as_a_constant(n, d):
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(n, n, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((bmt_fast.rbf_kernel(x) * weights).sum(), x)
+    h = bmt_fast.median_bandwidth(x.detach())
+    (given,) = torch.autograd.grad((bmt_fast.rbf_kernel(x, bandwidth=h) * weights).sum(), x)
+    assert torch.equal(grad, given)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (reference.rbf_kernel(x_ref, None, h) * weights).sum().backward()
+    assert relative_error(grad, x_ref.grad) < 1e-12
+    k, h_out = torch.ops.bmt_fast.rbf_kernel_median(x)
+    assert k.requires_grad and not h_out.requires_grad
+    torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_median.default, (x,))
+
+
+@requires_cpu_extension
 def test_torch_compile_traces_the_ops():
     def loss(x, y, h):
         return bmt_fast.rbf_kernel(x, y, h, backend="cpu", check_inputs=False).sum()

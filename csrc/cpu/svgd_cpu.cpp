@@ -522,6 +522,22 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
   return at::scalar_tensor(bandwidth_from_median(median, n), x.options().dtype(acc));
 }
 
+namespace {
+
+// K[i, j] = exp(-dist[i, j] / h) for the rows i < n of the distances of the Gram path (gram_rows x
+// gram_rows) and their columns j (self: the first m; else rows n .. n + m - 1), in x's dtype.
+at::Tensor kernel_from_gram_dists(const std::vector<double>& dist, int64_t n, int64_t m, bool self, double h,
+                                  const at::TensorOptions& options) {
+  const int64_t gram_rows = self ? n : n + m;
+  at::Tensor k = at::empty({n, m}, options.dtype(at::kDouble));
+  double* kp = k.data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j) kp[i * m + j] = std::exp(dist[i * gram_rows + (self ? j : n + j)] / -h);
+  return k.to(options.dtype());
+}
+
+}  // namespace
+
 at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
   check_rbf_kernel_args(x, y, bandwidth);
   const double h = read_bandwidth(bandwidth);
@@ -549,11 +565,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs.scalar_type(), "rbf_kernel_gram", [&] {
           return sq_dists_gram<scalar_t>(xs, nullptr, self ? nullptr : &ys);
         });
-    at::Tensor k = at::empty({n, m}, x.options().dtype(at::kDouble));
-    double* kp = k.data_ptr<double>();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < m; ++j) kp[i * m + j] = std::exp(dist[i * gram_rows + (self ? j : n + j)] / -h);
-    return k.to(x.scalar_type());
+    return kernel_from_gram_dists(dist, n, m, self, h, x.options());
   }
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
@@ -571,6 +583,23 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   });
   if (self) k.fill_diagonal_(1.0);
   return k.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
+  check_particles(x_in, "x");
+  const int64_t n = x_in.size(0);
+  if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
+    at::Tensor h = median_bandwidth(x_in, "auto");
+    return {rbf_kernel(x_in, x_in, h), h};
+  }
+  // Few particles (often huge d): one Gram pass gives the median and the kernel; the two ops make two.
+  const at::Tensor x = x_in.contiguous();
+  const std::vector<double> dist = AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "rbf_kernel_median", [&] { return sq_dists_gram<scalar_t>(x); });
+  // H in the accumulation dtype, as median_bandwidth returns it and rbf_kernel reads it: the same values.
+  const at::Tensor h =
+      at::scalar_tensor(bandwidth_from_median(numpy_median(dist), n), x.options().dtype(accumulation_type(x.scalar_type())));
+  return {kernel_from_gram_dists(dist, n, n, true, read_bandwidth(h), x.options()), h};
 }
 
 namespace {
@@ -694,5 +723,6 @@ TORCH_LIBRARY_IMPL(bmt_fast, CPU, m) {
     return bmt_fast::cpu::median_bandwidth(x, std::string_view(algorithm.data(), algorithm.size()));
   });
   m.impl("rbf_kernel", &bmt_fast::cpu::rbf_kernel);
+  m.impl("rbf_kernel_median", &bmt_fast::cpu::rbf_kernel_median);
   m.impl("rbf_kernel_backward", &bmt_fast::cpu::rbf_kernel_backward);
 }
