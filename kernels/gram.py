@@ -51,6 +51,34 @@ def _gram_kernel(
         tl.store(out_ptr + split * n * n + rows[:, None] * n + cols[None, :], total, mask=mask)
 
 
+@triton.jit
+def _gram_dists_kernel(partial_ptr, out_ptr, n, splits, BLOCK: tl.constexpr):
+    """out (n, n) float64 = max(G_ii + G_jj - 2 G_ij, 0), 0 on the diagonal, with G the sum over the splits
+    of partial (splits, n, n), whose upper triangle (i <= j) alone _gram_kernel writes."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n
+    col_ok = cols < n
+    mask = row_ok[:, None] & col_ok[None, :]
+    lo = tl.minimum(rows[:, None], cols[None, :])
+    hi = tl.maximum(rows[:, None], cols[None, :])
+    g = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+    g_ii = tl.zeros((BLOCK,), dtype=tl.float64)
+    g_jj = tl.zeros((BLOCK,), dtype=tl.float64)
+    for split in range(splits):
+        base = partial_ptr + split * n * n
+        g += tl.load(base + lo * n + hi, mask=mask, other=0.0)
+        g_ii += tl.load(base + rows * (n + 1), mask=row_ok, other=0.0)
+        g_jj += tl.load(base + cols * (n + 1), mask=col_ok, other=0.0)
+    dist = tl.maximum(g_ii[:, None] + g_jj[None, :] - 2.0 * g, 0.0)
+    dist = tl.where(rows[:, None] == cols[None, :], 0.0, dist)
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], dist, mask=mask)
+
+
+# Tile of _gram_dists_kernel (n <= GRAM_MAX_PARTICLES = 256: at most 16 programs).
+DISTS_BLOCK = 64
+
+
 _GRAM = tunable(
     _gram_kernel,
     key=["n", "d"],
@@ -75,7 +103,7 @@ def gram_sq_dists(
         splits = gram_splits(n, d, x.device, nominal)
     cols_per_split = triton.cdiv(triton.cdiv(d, splits), BLOCK_D) * BLOCK_D
     splits = triton.cdiv(d, cols_per_split)
-    partial = torch.zeros((splits, n, n), dtype=torch.float64, device=x.device)
+    partial = torch.empty((splits, n, n), dtype=torch.float64, device=x.device)  # only i <= j is read
     _GRAM.launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits),
         tile=tile,
@@ -90,9 +118,9 @@ def gram_sq_dists(
         ACC=tl_dtype(acc),
         MODE=mode,
     )
-    gram = partial.sum(0)
-    gram = gram.triu() + gram.triu(1).T
-    norms = gram.diagonal()
-    dist = (norms[:, None] + norms[None, :] - 2.0 * gram).clamp_min_(0.0)
-    return dist.fill_diagonal_(0.0)
+    # one launch for what were a dozen small torch ops (sum, triu, transpose, norms, clamp, diagonal)
+    dist = torch.empty((n, n), dtype=torch.float64, device=x.device)
+    grid = (triton.cdiv(n, DISTS_BLOCK), triton.cdiv(n, DISTS_BLOCK))
+    _gram_dists_kernel[grid](partial, dist, n, splits, BLOCK=DISTS_BLOCK)
+    return dist
 
