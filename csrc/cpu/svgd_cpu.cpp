@@ -504,11 +504,21 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
   return phi;
 }
 
+namespace {
+
+// H = the median rule's bandwidth for the median of x's squared distances, as the ops return it: a 0-dim
+// tensor in x's accumulation dtype (the value rbf_kernel then reads).
+at::Tensor bandwidth_result(double median, const at::Tensor& x) {
+  const double h = bandwidth_from_median(median, x.size(0));
+  return at::scalar_tensor(h, x.options().dtype(accumulation_type(x.scalar_type())));
+}
+
+}  // namespace
+
 at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) {
   check_particles(x_in, "x");
   const Algorithm algo = parse_algorithm(algorithm);
   const at::Tensor x = x_in.contiguous();
-  const int64_t n = x.size(0);
   const auto acc = accumulation_type(x.scalar_type());
   double median;
   if (use_gram(x, algo)) {
@@ -519,7 +529,7 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
     const at::Tensor norms = (xc * xc).sum(1).contiguous();
     median = acc == at::kDouble ? median_sq_dist<double>(xc, norms) : median_sq_dist<float>(xc, norms);
   }
-  return at::scalar_tensor(bandwidth_from_median(median, n), x.options().dtype(acc));
+  return bandwidth_result(median, x);
 }
 
 namespace {
@@ -596,9 +606,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   const std::vector<double> dist = AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "rbf_kernel_median", [&] { return sq_dists_gram<scalar_t>(x); });
-  // H in the accumulation dtype, as median_bandwidth returns it and rbf_kernel reads it: the same values.
-  const at::Tensor h =
-      at::scalar_tensor(bandwidth_from_median(numpy_median(dist), n), x.options().dtype(accumulation_type(x.scalar_type())));
+  const at::Tensor h = bandwidth_result(numpy_median(dist), x);  // as median_bandwidth returns it
   return {kernel_from_gram_dists(dist, n, n, true, read_bandwidth(h), x.options()), h};
 }
 
