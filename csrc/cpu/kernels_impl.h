@@ -307,6 +307,12 @@ constexpr int64_t kRowPad = 64 / sizeof(T) * 3;
 // at most kGramFlush * chunk / lanes products in fp32 before the double accumulation.
 constexpr int64_t kGramFlush = 8;
 
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+constexpr int kGramCols = 4;
+#else
+constexpr int kGramCols = 2;
+#endif
+
 template <typename In, typename T>
 BMT_FAST_INLINE void gram_columns_impl(const In* x, const In* y, int64_t nx, int64_t n, int64_t d,
                                        int64_t col_begin, int64_t col_end, int64_t chunk, double* gram, T* shift,
@@ -340,13 +346,14 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, const In* y, int64_t nx, int
     for (int64_t ib = 0; ib < blocks; ++ib) {
       for (int64_t jb = ib; jb < blocks; ++jb) {
         T* out = partial + (ib * blocks + jb) * B * B * L;
-        vec_t<T> acc[B][B];
-        for (int r = 0; r < B; ++r)
-          for (int c = 0; c < B; ++c) acc[r][c] = load(out + (r * B + c) * L);
+        auto acc_at = [&](int r, int c) { return out + (r * B + c) * L; };
         const T* xi = buf + ib * B * ld;
         const T* xj = buf + jb * B * ld;
         if (ib == jb) {  // a diagonal block: the products r <= c only (10 FMAs from 4 loads, not 16 from 8)
           auto diagonal = [&](auto with_sums) BMT_FAST_INLINE_LAMBDA {
+            vec_t<T> acc[B][B];
+            for (int r = 0; r < B; ++r)
+              for (int c = r; c < B; ++c) acc[r][c] = load(acc_at(r, c));
             for (int64_t k = 0; k < len_vec; k += L) {
               vec_t<T> vi[B];
               for (int r = 0; r < B; ++r) vi[r] = load(xi + r * ld + k);
@@ -358,22 +365,30 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, const In* y, int64_t nx, int
                 store(colsum + k, sum);
               }
             }
+            for (int r = 0; r < B; ++r)
+              for (int c = r; c < B; ++c) store(acc_at(r, c), acc[r][c]);
           };
           if (shift) diagonal(std::true_type{});
           else diagonal(std::false_type{});
         } else {
-          for (int64_t k = 0; k < len_vec; k += L) {
-            vec_t<T> vi[B], vj[B];
-            for (int r = 0; r < B; ++r) {
-              vi[r] = load(xi + r * ld + k);
-              vj[r] = load(xj + r * ld + k);
+          // kGramCols columns of the block at a time: all four with 32 vector registers; two with 16,
+          // where 16 accumulators and 8 operands had spilled (operands reloaded for each FMA: two loads per
+          // FMA), and 8 + 4 + 2 fit.
+          for (int c0 = 0; c0 < B; c0 += kGramCols) {
+            vec_t<T> acc[B][kGramCols];
+            for (int r = 0; r < B; ++r)
+              for (int c = 0; c < kGramCols; ++c) acc[r][c] = load(acc_at(r, c0 + c));
+            for (int64_t k = 0; k < len_vec; k += L) {
+              vec_t<T> vi[B], vj[kGramCols];
+              for (int r = 0; r < B; ++r) vi[r] = load(xi + r * ld + k);
+              for (int c = 0; c < kGramCols; ++c) vj[c] = load(xj + (c0 + c) * ld + k);
+              for (int r = 0; r < B; ++r)
+                for (int c = 0; c < kGramCols; ++c) acc[r][c] += vi[r] * vj[c];
             }
             for (int r = 0; r < B; ++r)
-              for (int c = 0; c < B; ++c) acc[r][c] += vi[r] * vj[c];
+              for (int c = 0; c < kGramCols; ++c) store(acc_at(r, c0 + c), acc[r][c]);
           }
         }
-        for (int r = 0; r < B; ++r)
-          for (int c = 0; c < B; ++c) store(out + (r * B + c) * L, acc[r][c]);
       }
     }
     if (shift) {  // shift[k0 + k] <- x_0 + mean_i (x_i - x_0): the centre of each column (exact nearby)
