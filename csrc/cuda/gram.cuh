@@ -41,29 +41,58 @@ BMT_DEVICE double gram_distance(const double* gram, long long rows, long long i,
   return dist > 0.0 ? dist : 0.0;
 }
 
-// ---- 1a. Gram for R <= kMax (<= 16): each thread keeps all R(R+1)/2 sums of its columns in registers --
-// (136 for kMax = 16: one 256-thread CTA per SM then, which keeps 2 x 16 loads per thread in flight).
-
-// CTAs per SM that the register budget of the launch bounds allows; the host launches one wave of them
-// (each CTA pays a fixed reduction of its kPairs sums and as many float64 atomics: more CTAs, which could
-// not run at the same time anyway, would only add those).
-template <int kMax>
-constexpr int kGramSmallCtasPerSm = kMax > 8 ? 1 : 2;
+// ---- 1a. Gram for R <= kMax (<= 16): each thread keeps the sums of its columns for its row pairs in --
+// registers: all kMax(kMax+1)/2 of them (136 for kMax = 16: one 256-thread CTA per SM then, which keeps
+// 2 x 16 loads per thread in flight), or, where those do not fit (float64 from kMax = 8), one of two
+// parts of the pairs: the warps of a CTA go in twos over the same columns, the first warp of two summing
+// the pairs within each half of the rows, the second those across the halves (72 and 64 float64 sums for
+// kMax = 16, where all 136 had needed 272 registers and spilled 1,780 bytes).
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kGramSmallCtasPerSm<kMax>) gram_small_kernel(const GramParams<In> p) {
-  using C = compute_t<In>;
-  constexpr int kPairs = kMax * (kMax + 1) / 2;
-  constexpr int kWarps = 256 / kWarp;
-  __shared__ C partial[kWarps][kPairs];
-  const long long rows = p.n + p.m;
-  if (p.finite && blockIdx.x == 0 && threadIdx.x == 0) *p.finite = true;
-  C acc[kPairs];
-  for (int q = 0; q < kPairs; ++q) acc[q] = C(0);
+constexpr int kGramSmallParts = std::is_same_v<compute_t<In>, double> && kMax > 4 ? 2 : 1;
 
+// CTAs per SM that the register budget of the launch bounds allows; the host launches one wave of them
+// (each CTA pays a fixed reduction of its sums and as many float64 atomics: more CTAs, which could not
+// run at the same time anyway, would only add those).
+template <typename In, int kMax>
+constexpr int kGramSmallCtasPerSm = kMax > 8 ? 1 : 2;
+
+// Whether the row pair i <= j belongs to part `part` of kParts (see above).
+template <int kMax, int kParts>
+constexpr bool gram_pair_in_part(int i, int j, int part) {
+  if (kParts == 1) return true;
+  return ((i < kMax / 2) == (j < kMax / 2)) == (part == 0);
+}
+
+// The number of row pairs of part `part`.
+template <int kMax, int kParts>
+constexpr int gram_part_pairs(int part) {
+  int count = 0;
+  for (int i = 0; i < kMax; ++i)
+    for (int j = i; j < kMax; ++j) count += gram_pair_in_part<kMax, kParts>(i, j, part);
+  return count;
+}
+
+template <int kMax, int kParts>
+constexpr int kGramMostPartPairs = gram_part_pairs<kMax, kParts>(0) > gram_part_pairs<kMax, kParts>(kParts - 1)
+                                       ? gram_part_pairs<kMax, kParts>(0)
+                                       : gram_part_pairs<kMax, kParts>(kParts - 1);
+
+// Columns one CTA covers per pass of the register Gram kernel (the host sizes its grid by it).
+template <typename In, int kMax>
+constexpr int kGramSmallColumns = 256 / kGramSmallParts<In, kMax>;
+
+// The register sums of one thread of part kPart over its columns (k, then k + stride, ...), reduced
+// over its warp into partial[warp].
+template <int kPart, int kMax, int kParts, typename In, typename C>
+BMT_DEVICE void gram_small_part(const GramParams<In>& p, long long rows, long long k, long long stride,
+                                C* partial) {
+  constexpr int kPairs = gram_part_pairs<kMax, kParts>(kPart);
+  C acc[kPairs];
+#pragma unroll
+  for (int q = 0; q < kPairs; ++q) acc[q] = C(0);
   // Two columns per step (k and k + stride): twice the loads in flight before the FMAs.
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long k = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; k < p.d; k += 2 * stride) {
+  for (; k < p.d; k += 2 * stride) {
     C v[2][kMax];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -79,24 +108,47 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kGramSmallCtasPerSm<kMax>) gram_small_ker
 #pragma unroll
       for (int i = 0; i < kMax; ++i)
 #pragma unroll
-        for (int j = i; j < kMax; ++j) acc[q++] += v[h][i] * v[h][j];
+        for (int j = i; j < kMax; ++j)
+          if (gram_pair_in_part<kMax, kParts>(i, j, kPart)) acc[q++] += v[h][i] * v[h][j];
     }
   }
-
-  const int warp = threadIdx.x / kWarp;
 #pragma unroll
   for (int q = 0; q < kPairs; ++q) {
     C sum = acc[q];
     for (int m = 16; m >= 1; m /= 2) sum += shfl_xor(sum, m);
-    if (lane_id() == 0) partial[warp][q] = sum;
+    if (lane_id() == 0) partial[q] = sum;
   }
+}
+
+template <typename In, int kMax>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kGramSmallCtasPerSm<In, kMax>)) gram_small_kernel(const GramParams<In> p) {
+  using C = compute_t<In>;
+  constexpr int kParts = kGramSmallParts<In, kMax>;
+  constexpr int kPairs = kGramMostPartPairs<kMax, kParts>;
+  constexpr int kWarps = 256 / kWarp;
+  __shared__ C partial[kWarps][kPairs];
+  const long long rows = p.n + p.m;
+  if (p.finite && blockIdx.x == 0 && threadIdx.x == 0) *p.finite = true;
+
+  // Warp w is of part w % kParts and covers the 32 columns of warp group w / kParts.
+  const int warp = threadIdx.x / kWarp, part = warp % kParts;
+  const long long stride = static_cast<long long>(gridDim.x) * kGramSmallColumns<In, kMax>;
+  const long long k = static_cast<long long>(blockIdx.x) * kGramSmallColumns<In, kMax> + (warp / kParts) * kWarp +
+                      lane_id();
+  if (part == 0) gram_small_part<0, kMax, kParts>(p, rows, k, stride, partial[warp]);
+  else gram_small_part<kParts - 1, kMax, kParts>(p, rows, k, stride, partial[warp]);  // warp-uniform
   __syncthreads();
-  for (int q = threadIdx.x, i = 0, j = 0, seen = 0; q < kPairs; q += blockDim.x) {
-    for (; seen < q; ++seen)  // the pair (i, j) of index q, in the order of the accumulation loop
+  for (int q = threadIdx.x; q < kParts * kPairs; q += blockDim.x) {
+    const int pt = q / kPairs, ql = q % kPairs;
+    int i = 0, j = 0;  // the pair (i, j) of index ql in part pt, in the order of the accumulation loop
+    for (int seen = -1;;) {
+      if (gram_pair_in_part<kMax, kParts>(i, j, pt) && ++seen == ql) break;
       if (++j == kMax) j = ++i;
+      if (i == kMax) break;
+    }
     if (i < rows && j < rows) {
       double sum = 0.0;
-      for (int w = 0; w < kWarps; ++w) sum += static_cast<double>(partial[w][q]);
+      for (int w = pt; w < kWarps; w += kParts) sum += static_cast<double>(partial[w][ql]);
       atomicAdd(&p.gram[i * rows + j], sum);
     }
   }

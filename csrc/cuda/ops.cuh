@@ -180,16 +180,17 @@ at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, 
   at::Tensor gram = at::zeros({rows, rows}, x.options().dtype(at::kDouble));
   GramParams<In> p{pointer<In>(x), y ? pointer<In>(*y) : nullptr, n, m, d, mutable_pointer<double>(gram), 0, finite};
   if (rows <= kGramRegisterRows) {
-    // one wave: a 256-column slice per thread block and pass, at most as many blocks as fit at once
-    auto run = [&](auto kernel, int ctas_per_sm) {
-      launch(kernel, grid_size(std::min<int64_t>((d + 255) / 256, int64_t{ctas_per_sm} * dev.sms)), 256, 0, dev, p);
+    // one wave: a slice of columns per thread block and pass, at most as many blocks as fit at once
+    auto run = [&](auto kernel, int columns, int ctas_per_sm) {
+      launch(kernel, grid_size(std::min<int64_t>((d + columns - 1) / columns, int64_t{ctas_per_sm} * dev.sms)), 256,
+             0, dev, p);
     };
     if (rows <= 4) {
-      run(&gram_small_kernel<In, 4>, kGramSmallCtasPerSm<4>);
+      run(&gram_small_kernel<In, 4>, kGramSmallColumns<In, 4>, kGramSmallCtasPerSm<In, 4>);
     } else if (rows <= 8) {
-      run(&gram_small_kernel<In, 8>, kGramSmallCtasPerSm<8>);
+      run(&gram_small_kernel<In, 8>, kGramSmallColumns<In, 8>, kGramSmallCtasPerSm<In, 8>);
     } else {
-      run(&gram_small_kernel<In, 16>, kGramSmallCtasPerSm<16>);
+      run(&gram_small_kernel<In, 16>, kGramSmallColumns<In, 16>, kGramSmallCtasPerSm<In, 16>);
     }
   } else {
     using G = FfmaGeometry<compute_t<In>>;
