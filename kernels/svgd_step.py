@@ -75,15 +75,23 @@ def _split_columns(n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, n, d, stride_x, stride_out,
-                  FINALIZE: tl.constexpr, WRITE_ROWSUM: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """FINALIZE: phi = (acc + (2/H) rowsum xc_i) / n into out; otherwise this split's acc to out[split] and
-    (WRITE_ROWSUM) its row sums to rowsum[split], for _svgd_combine_kernel."""
+def _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, finite_ptr, n, d, stride_x,
+                  stride_out, FINALIZE: tl.constexpr, WRITE_ROWSUM: tl.constexpr, TRACK_FINITE: tl.constexpr,
+                  ACC: tl.constexpr):  # fmt: skip
+    """FINALIZE: phi = (acc + (2/H) rowsum xc_i) / n into out, and (TRACK_FINITE) finite[0] = 0 where a
+    stored value is NaN/Inf (a value past the range of a narrower output is Inf once stored); otherwise
+    this split's acc to out[split] and (WRITE_ROWSUM) its row sums to rowsum[split], for
+    _svgd_combine_kernel."""
     out_mask = (rows < n)[:, None] & (vcols < d)[None, :]
     if FINALIZE:
         xc_i = load_centred(x_ptr, shift_ptr, rows, vcols, n, d, stride_x, ACC)
         phi = (acc + (2.0 / h) * rowsum[:, None] * xc_i) / n
-        tl.store(out_ptr + rows[:, None] * stride_out + vcols[None, :], phi.to(out_ptr.dtype.element_ty), mask=out_mask)
+        stored = phi.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_out + vcols[None, :], stored, mask=out_mask)
+        if TRACK_FINITE:
+            v = stored.to(ACC)
+            bad = tl.sum((out_mask & ((v != v) | (tl.abs(v) == float("inf")))).to(tl.int32))
+            tl.store(finite_ptr, 0, mask=bad > 0)
     else:
         split = tl.program_id(2)
         tl.store(out_ptr + split * n * d + rows[:, None] * d + vcols[None, :], acc, mask=out_mask)
@@ -100,6 +108,7 @@ def _svgd_step_kernel(
     dist_ptr,
     out_ptr,
     rowsum_ptr,
+    finite_ptr,
     n,
     d,
     stride_x,
@@ -108,6 +117,7 @@ def _svgd_step_kernel(
     stride_out,
     DIST_GIVEN: tl.constexpr,
     FINALIZE: tl.constexpr,
+    TRACK_FINITE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -119,6 +129,7 @@ def _svgd_step_kernel(
 
     DIST_GIVEN: read squared distances from dist (n, n) (Gram path) instead of recomputing them.
     FINALIZE: write phi; otherwise write this split's K @ W to out[split] and its row sums to rowsum[split].
+    TRACK_FINITE (with FINALIZE): clear finite[0] on a NaN/Inf phi value.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -147,8 +158,8 @@ def _svgd_step_kernel(
         w = dot_operand(score_j.to(ACC) - repulsion * xc_j, MODE)
         acc = dot_acc(k, w, acc, MODE)
 
-    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, n, d, stride_x, stride_out,
-                  FINALIZE, tl.program_id(1) == 0, ACC)  # fmt: skip
+    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, finite_ptr, n, d, stride_x,
+                  stride_out, FINALIZE, tl.program_id(1) == 0, TRACK_FINITE, ACC)  # fmt: skip
 
 
 @triton.jit
@@ -176,8 +187,8 @@ def _svgd_combine_kernel(
     for split in range(0, splits):
         acc += tl.load(partial_ptr + split * n * d + rows[:, None] * d + vcols[None, :], mask=mask, other=0.0)
         rowsum += tl.load(rowsum_ptr + split * n + rows, mask=rows < n, other=0.0)
-    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, tl.load(h_ptr), out_ptr, rowsum_ptr, n, d, stride_x, d,
-                  True, False, ACC)  # fmt: skip
+    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, tl.load(h_ptr), out_ptr, rowsum_ptr, rowsum_ptr, n, d,
+                  stride_x, d, True, False, False, ACC)  # fmt: skip
 
 
 # Largest d of the flash path: one (BLOCK_M x D_PAD) accumulator and the rows' operands stay on chip.
@@ -320,8 +331,8 @@ def _svgd_flash_kernel(
             rowsum += tl.sum(k, axis=1)
             acc = dot_acc(k, w_hi, acc, MODE)
 
-    _write_result(acc, rowsum, rows, dcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, n, d, stride_x, stride_out,
-                  FINALIZE, True, ACC)  # fmt: skip
+    _write_result(acc, rowsum, rows, dcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, rowsum_ptr, n, d, stride_x,
+                  stride_out, FINALIZE, True, False, ACC)  # fmt: skip
 
 
 _SVGD = tunable(_svgd_step_kernel, key=["n", "d"])
@@ -355,18 +366,19 @@ def use_flash(d: int, mode: int) -> bool:
     return FLASH_ENABLED and mode != DOT_IEEE and d <= FLASH_MAX_D
 
 
-def _split_outputs(x, splits):
-    """(out, partial, rowsums): one split writes phi into out; several write partial sums (splits, n, d)
-    and row sums (splits, n) that _combine turns into out."""
+def _split_outputs(x, splits, out=None):
+    """(out, partial, rowsums): one split writes phi into out (given, or new); several write partial sums
+    (splits, n, d) and row sums (splits, n) that _combine turns into out."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
     if splits == 1:
         return out, out, out
     return out, torch.empty((splits, n, d), dtype=acc, device=x.device), torch.empty((splits, n), dtype=acc, device=x.device)
 
 
-def _apply_flash(x, score, shift, h, *, mode, splits, tile):
+def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
     """The flash path: operands once (_flash_operands_kernel), then _svgd_flash_kernel (+ combine)."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
@@ -390,7 +402,7 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile):
     if splits is None:
         splits = _column_splits(n, d, d_pad, x.device, nominal)
     splits = min(splits, triton.cdiv(n, nominal.block_n))
-    out, partial, rowsums = _split_outputs(x, splits)
+    out, partial, rowsums = _split_outputs(x, splits, out)
     _FLASH.launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1, splits),
         tile=tile,
@@ -428,18 +440,21 @@ def _combine(partial, rowsums, x, shift, h, out, splits, block_v):
     )  # fmt: skip
 
 
-def _apply(x, score, shift, h, dist, *, mode, splits, tile):
-    """Launch the SVGD kernel (tiled when dist is None, else over the given distances)."""
+def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=None):
+    """Launch the SVGD kernel (tiled when dist is None, else over the given distances) into out (or a new
+    tensor). finite (a 0-dim uint8 holding 1, or None): on the Gram path the kernel clears it where it
+    stores a NaN/Inf; returns (phi, whether finite was tracked)."""
     n, d = x.shape
     if dist is None and use_flash(d, mode):
-        return _apply_flash(x, score, shift, h, mode=mode, splits=splits, tile=tile)
+        return _apply_flash(x, score, shift, h, mode=mode, splits=splits, tile=tile, out=out), False
     acc = accumulation_dtype(x.dtype)
     block_v = next_power_of_2(d, low=MIN_BLOCK, high=max_block_v(acc))
     nominal = tile or _SVGD.fixed
     if splits is None:
         splits = 1 if dist is not None else _column_splits(n, d, block_v, x.device, nominal)
     splits = min(splits, triton.cdiv(n, nominal.block_n))
-    out, partial, rowsums = _split_outputs(x, splits)
+    out, partial, rowsums = _split_outputs(x, splits, out)
+    track = finite is not None and splits == 1
     _SVGD.launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_v), splits),
         tile=tile,
@@ -450,6 +465,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile):
         dist_ptr=dist if dist is not None else x,
         out_ptr=partial,
         rowsum_ptr=rowsums,
+        finite_ptr=finite if track else rowsums,
         n=n,
         d=d,
         stride_x=x.stride(0),
@@ -458,6 +474,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile):
         stride_out=out.stride(0),
         DIST_GIVEN=dist is not None,
         FINALIZE=splits == 1,
+        TRACK_FINITE=track,
         BLOCK_D=next_power_of_2(d, low=MIN_BLOCK, high=64),
         BLOCK_V=block_v,
         ACC=tl_dtype(acc),
@@ -465,26 +482,11 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile):
     )
     if splits > 1:
         _combine(partial, rowsums, x, shift, h, out, splits, block_v)
-    return out
+    return out, track
 
 
-@ensure_contiguous
-def svgd_step_forward(
-    x: torch.Tensor,
-    score: torch.Tensor,
-    bandwidth: torch.Tensor | None = None,
-    *,
-    algorithm: str = "auto",
-    allow_tf32: bool | None = None,
-    splits: int | None = None,
-    tile: TileConfig | None = None,
-) -> torch.Tensor:
-    """phi for rows x, score (n, d); bandwidth None = the exact median rule.
-
-    algorithm: "auto" (gram for n <= median.GRAM_MAX_PARTICLES), "tiled" or "gram".
-    allow_tf32: the dot precision (utils.dot_mode). splits / tile: force the column (tiled) or d (Gram)
-    splits and the tile, for tests; None = chosen for the device (autotuned on a GPU).
-    """
+def _forward(x, score, bandwidth, *, algorithm, allow_tf32, splits, tile, out=None, finite=None):
+    """svgd_step_forward into out (or a new tensor); returns (phi, whether finite was tracked: see _apply)."""
     check_rows("x", x)
     check_rows("score", score)
     check_like("x", x, "score", score)
@@ -504,7 +506,28 @@ def svgd_step_forward(
     h = check_bandwidth(bandwidth, x)
     if dist is not None:
         dist = dist.to(h.dtype)
-    return _apply(x, score, shift, h, dist, mode=mode, splits=None if gram else splits, tile=tile)
+    return _apply(x, score, shift, h, dist, mode=mode, splits=None if gram else splits, tile=tile, out=out,
+                  finite=finite)  # fmt: skip
+
+
+@ensure_contiguous
+def svgd_step_forward(
+    x: torch.Tensor,
+    score: torch.Tensor,
+    bandwidth: torch.Tensor | None = None,
+    *,
+    algorithm: str = "auto",
+    allow_tf32: bool | None = None,
+    splits: int | None = None,
+    tile: TileConfig | None = None,
+) -> torch.Tensor:
+    """phi for rows x, score (n, d); bandwidth None = the exact median rule.
+
+    algorithm: "auto" (gram for n <= median.GRAM_MAX_PARTICLES), "tiled" or "gram".
+    allow_tf32: the dot precision (utils.dot_mode). splits / tile: force the column (tiled) or d (Gram)
+    splits and the tile, for tests; None = chosen for the device (autotuned on a GPU).
+    """
+    return _forward(x, score, bandwidth, algorithm=algorithm, allow_tf32=allow_tf32, splits=splits, tile=tile)[0]
 
 
 @torch.library.custom_op("bmt_fast_triton::svgd_step", mutates_args=())
@@ -517,6 +540,41 @@ def svgd_step(
 ) -> torch.Tensor:
     """SVGD direction phi (n, d) for rows x and score; bandwidth None = exact median rule."""
     return svgd_step_forward(x, score, bandwidth, algorithm=algorithm, allow_tf32=allow_tf32)
+
+
+@torch.library.custom_op("bmt_fast_triton::svgd_step_into", mutates_args=("out",))
+def svgd_step_into(
+    x: torch.Tensor,
+    score: torch.Tensor,
+    out: torch.Tensor,
+    bandwidth: torch.Tensor | None = None,
+    algorithm: str = "auto",
+    allow_tf32: bool | None = None,
+) -> torch.Tensor:
+    """svgd_step written into out (x's shape, dtype and device; contiguous), and a 0-dim bool tensor on x's
+    device: whether every value of phi is finite. The single-pass kernels (one column split: the Gram path,
+    and the tiled one when its columns are not split) note it as they store phi; elsewhere out is scanned."""
+    _check_out(x, out)
+    finite = torch.ones((), dtype=torch.uint8, device=x.device)
+    x, score = x.contiguous(), score.contiguous()
+    _, tracked = _forward(x, score, bandwidth, algorithm=algorithm, allow_tf32=allow_tf32, splits=None, tile=None,
+                          out=out, finite=finite)  # fmt: skip
+    return finite.view(torch.bool) if tracked else torch.isfinite(out).all()
+
+
+def _check_out(x: torch.Tensor, out: torch.Tensor) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous tensor of x's shape {tuple(x.shape)}, dtype {x.dtype} and device {x.device}, "
+            f"got shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}, contiguous={out.is_contiguous()}"
+        )
+
+
+@svgd_step_into.register_fake
+def _(x, score, out, bandwidth=None, algorithm="auto", allow_tf32=None):
+    _check_out(x, out)
+    use_gram(1, algorithm)
+    return x.new_empty((), dtype=torch.bool)
 
 
 @svgd_step.register_fake

@@ -115,6 +115,90 @@ def test_fp16_products_cannot_overflow(algorithm, allow_tf32):
     assert relative_error(phi, reference_phi(x, score, h)) <= bound
 
 
+# ---- svgd_step_into: phi into out, and whether it is all finite ------------------------------------
+
+
+def into(x, score, h=None, algorithm="auto"):
+    """torch.ops.bmt_fast_triton.svgd_step_into on a fresh out: (phi, finite)."""
+    out = torch.full_like(x, 7.0)
+    finite = torch.ops.bmt_fast_triton.svgd_step_into(x, score, out, h, algorithm)
+    assert finite.dtype == torch.bool and finite.shape == () and finite.device == x.device
+    return out, bool(finite)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("algorithm,n,d", [("gram", 1, 5), ("gram", 5, 37), ("gram", 13, 300), ("tiled", 70, 37)])
+def test_svgd_step_into_writes_phi_and_reports_whether_it_is_finite(dtype, algorithm, n, d):
+    """out receives svgd_step's phi bit for bit and the flag equals isfinite(phi).all(): noted by the kernel as
+    it stores phi where one pass writes it (the Gram path), by a scan elsewhere. A NaN/Inf at the first row
+    (the centring's anchor), the last value and the middle, in x and in score, with the median rule and a
+    given H."""
+    torch.manual_seed(n * d)
+    x, score = (t.to(dtype) for t in particles(n, d))
+    for h in (None, torch.tensor(0.5, dtype=torch.float64, device=DEVICE)):
+        phi, finite = into(x, score, h, algorithm)
+        assert finite
+        torch.testing.assert_close(phi, torch.ops.bmt_fast_triton.svgd_step(x, score, h, algorithm), rtol=0, atol=0)
+        for which in (0, 1):
+            for (i, k), bad in zip([(0, 0), (n - 1, d - 1), (n // 2, d // 2)], [math.nan, math.inf, -math.inf]):
+                xb, sb = x.clone(), score.clone()
+                (xb, sb)[which][i, k] = bad
+                phi, finite = into(xb, sb, h, algorithm)
+                assert not finite and not bool(torch.isfinite(phi).all()), (which, i, k, bad, h)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_svgd_step_into_flags_values_that_overflow_float16(algorithm):
+    """fp16 accumulates in fp32: a phi value finite in fp32 but past 65504 is stored as Inf, and flagged."""
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    x[1, 0] = 1e-5  # 1e-5 apart at H = 2e-10: the repulsion pushes phi past fp16's range
+    score = torch.full((2, 3), 6e4, dtype=torch.float64)
+    h = torch.tensor(2e-10, dtype=torch.float64, device=DEVICE)
+    wide, finite = into(*on_device(x.float(), score.float()), h, algorithm)
+    assert finite and float(wide.abs().max()) > 65520
+    narrow, finite = into(*on_device(x.half(), score.half()), h, algorithm)
+    assert not finite and bool(torch.isinf(narrow).any())
+
+
+def test_svgd_step_into_refuses_an_out_it_cannot_write():
+    x, score = particles(4, 3)
+    for out in (torch.empty(4, 2, dtype=torch.float64), torch.empty(4, 3), torch.empty(3, 4, dtype=torch.float64).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous tensor of x's shape"):
+            torch.ops.bmt_fast_triton.svgd_step_into(x, score, out.to(DEVICE))
+
+
+def test_svgd_step_into_opcheck():
+    x, score = (t.float() for t in particles(7, 5))
+    for args in [(x, score, torch.empty_like(x)), (x, score, torch.empty_like(x), torch.tensor(2.0, device=DEVICE))]:
+        torch.library.opcheck(torch.ops.bmt_fast_triton.svgd_step_into.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bandwidth", ["median", 1e-3])
+def test_public_api_names_a_bad_input_from_the_kernels_flag(dtype, bandwidth, monkeypatch):
+    """svgd_step(check_inputs=True) on the Gram path scans x and score only when the kernel's flag says phi
+    is not finite (then to name the bad input), not before every step: a NaN/Inf at any place is still
+    named, also where the particles are so far apart (or H so small) that every weight between two of
+    them is exactly 0."""
+    from bmt_fast import ops
+
+    n, d = 6, 203
+    x = torch.randn(n, d, dtype=torch.float64) * 50  # |x_i - x_j|^2 ~ 1e6: exp(-dist / H) == 0 at H = 1e-3
+    x, score = on_device(x.to(dtype), torch.randn(n, d, dtype=torch.float64).to(dtype))
+    assert bmt_fast.backends.get("triton").svgd_step_spreads_non_finite(x)
+    scans = []
+    real_check_finite = ops.check_finite
+    monkeypatch.setattr(ops, "check_finite", lambda name, t: scans.append(name) or real_check_finite(name, t))
+    phi = bmt_fast.svgd_step(x, score, bandwidth, backend="triton")
+    assert scans == [] and bool(torch.isfinite(phi).all())
+    for where in ("x", "score"):
+        for (i, k), bad in zip([(0, 0), (n - 1, d - 1), (n // 2, 100)], [math.nan, math.inf, -math.inf]):
+            xb, sb = x.clone(), score.clone()
+            (xb if where == "x" else sb)[i, k] = bad
+            with pytest.raises(ValueError, match=f"{where} contains 1 NaN/Inf"):
+                bmt_fast.svgd_step(xb, sb, bandwidth, backend="triton")
+
+
 def svgd_module():
     import importlib
 

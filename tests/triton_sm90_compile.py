@@ -63,7 +63,8 @@ def record(path: str) -> None:
                 x = torch.randn(n, d).to(dtype)
                 score = torch.randn(n, d).to(dtype)
                 bmt_fast.svgd_step(x, score, backend="triton")  # median rule
-                bmt_fast.svgd_step(x, score, 40.0, backend="triton")
+                bmt_fast.svgd_step(x, score, 40.0, backend="triton")  # Gram path: the kernel notes finiteness
+                bmt_fast.svgd_step(x, score, 40.0, backend="triton", check_inputs=False)  # ... and without
                 y = x[: n // 2 + 1].clone().requires_grad_(dtype != torch.bfloat16)
                 xg = x.clone().requires_grad_(dtype != torch.bfloat16)
                 k = bmt_fast.rbf_kernel(xg, y, 40.0, backend="triton")
@@ -115,7 +116,7 @@ def compile_all(path: str) -> None:
     importlib.import_module("bmt_fast.triton_backend").TRITON._load()  # imports bmt_fast.kernels
     utils = importlib.import_module("bmt_fast.kernels.utils")
     pointer = {"float32": "*fp32", "float64": "*fp64", "bfloat16": "*bf16", "float16": "*fp16",
-               "int32": "*i32", "int64": "*i64"}  # fmt: skip
+               "int32": "*i32", "int64": "*i64", "uint8": "*u8"}  # fmt: skip
     tl_types = {"fp32": tl.float32, "fp64": tl.float64, "bf16": tl.bfloat16, "fp16": tl.float16,
                 "int32": tl.int32, "int64": tl.int64, "uint32": tl.uint32, "uint64": tl.uint64}  # fmt: skip
     target = GPUTarget("cuda", 90, 32)
