@@ -345,11 +345,18 @@ def test_bad_algorithm():
 
 
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU the check is a device-side assert, which ends the CUDA context")
-def test_non_positive_bandwidth_is_refused_without_host_checks():
-    """check_inputs=False skips the host-side check; the op still refuses the value (without a sync)."""
-    x, score = particles(5, 3)
-    with pytest.raises(RuntimeError, match="bandwidth must be positive"):
-        bmt_fast.svgd_step(x, score, torch.tensor(-1.0, dtype=torch.float64), backend="triton", check_inputs=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bad_bandwidth_is_refused_without_host_checks(dtype):
+    """check_inputs=False skips the host-side check; the op still refuses a value that is not positive and
+    finite (without a sync), and takes every positive finite one: the least subnormal and the largest."""
+    x, score = (t.to(dtype) for t in particles(5, 3))
+    for bad in (-1.0, 0.0, -0.0, math.nan, math.inf, -math.inf):
+        with pytest.raises(RuntimeError, match="bandwidth must be positive"):
+            bmt_fast.svgd_step(x, score, torch.tensor(bad, dtype=dtype), backend="triton", check_inputs=False)
+    info = torch.finfo(dtype)
+    for good in (info.smallest_normal * info.eps, 1.0, info.max):
+        phi = bmt_fast.svgd_step(x, score, torch.tensor(good, dtype=dtype), backend="triton", check_inputs=False)
+        assert phi.shape == x.shape
 
 
 def test_opcheck():
