@@ -52,9 +52,9 @@ def _gram_kernel(
 
 
 @triton.jit
-def _gram_dists_kernel(partial_ptr, out_ptr, n, splits, BLOCK: tl.constexpr):
-    """out (n, n) float64 = max(G_ii + G_jj - 2 G_ij, 0), 0 on the diagonal, with G the sum over the splits
-    of partial (splits, n, n), whose upper triangle (i <= j) alone _gram_kernel writes."""
+def _gram_dists_kernel(gram_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out (n, n) float64 = max(G_ii + G_jj - 2 G_ij, 0), 0 on the diagonal, from the upper triangle
+    (i <= j) of G (n, n), which alone _gram_kernel writes."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n
@@ -62,14 +62,9 @@ def _gram_dists_kernel(partial_ptr, out_ptr, n, splits, BLOCK: tl.constexpr):
     mask = row_ok[:, None] & col_ok[None, :]
     lo = tl.minimum(rows[:, None], cols[None, :])
     hi = tl.maximum(rows[:, None], cols[None, :])
-    g = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
-    g_ii = tl.zeros((BLOCK,), dtype=tl.float64)
-    g_jj = tl.zeros((BLOCK,), dtype=tl.float64)
-    for split in range(splits):
-        base = partial_ptr + split * n * n
-        g += tl.load(base + lo * n + hi, mask=mask, other=0.0)
-        g_ii += tl.load(base + rows * (n + 1), mask=row_ok, other=0.0)
-        g_jj += tl.load(base + cols * (n + 1), mask=col_ok, other=0.0)
+    g = tl.load(gram_ptr + lo * n + hi, mask=mask, other=0.0)
+    g_ii = tl.load(gram_ptr + rows * (n + 1), mask=row_ok, other=0.0)
+    g_jj = tl.load(gram_ptr + cols * (n + 1), mask=col_ok, other=0.0)
     dist = tl.maximum(g_ii[:, None] + g_jj[None, :] - 2.0 * g, 0.0)
     dist = tl.where(rows[:, None] == cols[None, :], 0.0, dist)
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], dist, mask=mask)
@@ -118,9 +113,12 @@ def gram_sq_dists(
         ACC=tl_dtype(acc),
         MODE=mode,
     )
-    # one launch for what were a dozen small torch ops (sum, triu, transpose, norms, clamp, diagonal)
+    # The splits are summed by torch (one parallel reduction; summed in one program they were a serial loop
+    # of hundreds of iterations on a GPU: 4 per SM), then one launch makes the distances (what were a dozen
+    # small torch ops: triu, transpose, norms, clamp, diagonal).
+    gram = partial[0] if splits == 1 else partial.sum(0)
     dist = torch.empty((n, n), dtype=torch.float64, device=x.device)
     grid = (triton.cdiv(n, DISTS_BLOCK), triton.cdiv(n, DISTS_BLOCK))
-    _gram_dists_kernel[grid](partial, dist, n, splits, BLOCK=DISTS_BLOCK)
+    _gram_dists_kernel[grid](gram, dist, n, BLOCK=DISTS_BLOCK)
     return dist
 
