@@ -278,7 +278,10 @@ def test_svgd_step_into_writes_phi_and_flags_non_finite(target, algorithm, n, d,
         finite = target.ops.svgd_step_into(x, s, h, algorithm, out=out)
         assert finite.dtype == torch.bool and finite.shape == () and finite.device == x.device
         assert bool(finite)
-        torch.testing.assert_close(out, target.ops.svgd_step(x, s, h, algorithm), rtol=0, atol=0)
+        # bit for bit in the emulator; on a GPU the split-K Gram sums are float64 atomics, whose order (and
+        # so the last bits of phi) may differ from call to call
+        exact = {"rtol": 0, "atol": 0} if target.name == "emulator" else {}
+        torch.testing.assert_close(out, target.ops.svgd_step(x, s, h, algorithm), **exact)
         for which in (0, 1):
             for (i, k), bad in zip([(0, 0), (n - 1, d - 1), (n // 2, d // 2)], [math.nan, math.inf, -math.inf]):
                 xb, sb = x.clone(), s.clone()

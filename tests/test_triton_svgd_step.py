@@ -138,7 +138,10 @@ def test_svgd_step_into_writes_phi_and_reports_whether_it_is_finite(dtype, algor
     for h in (None, torch.tensor(0.5, dtype=torch.float64, device=DEVICE)):
         phi, finite = into(x, score, h, algorithm)
         assert finite
-        torch.testing.assert_close(phi, torch.ops.bmt_fast_triton.svgd_step(x, score, h, algorithm), rtol=0, atol=0)
+        # bit for bit in the interpreter (one fixed tile); on a GPU each kernel specialisation is autotuned
+        # on its own, and another tile sums in another order
+        exact = {"rtol": 0, "atol": 0} if not HAS_GPU else {}
+        torch.testing.assert_close(phi, torch.ops.bmt_fast_triton.svgd_step(x, score, h, algorithm), **exact)
         for which in (0, 1):
             for (i, k), bad in zip([(0, 0), (n - 1, d - 1), (n // 2, d // 2)], [math.nan, math.inf, -math.inf]):
                 xb, sb = x.clone(), score.clone()
