@@ -13,9 +13,11 @@ from .utils import accumulation_dtype, next_power_of_2, num_programs_target, tl_
 
 @triton.jit
 def _centring_sum_kernel(
-    x_ptr, partial_ptr, n, d, stride_x, rows_per_split, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """partial[s, cols] = sum over this split's rows of (x[row, cols] - x[0, cols]), in ACC."""
+    x_ptr, partial_ptr, n, d, stride_x, rows_per_split, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    FINAL: tl.constexpr, ROUND: tl.constexpr,
+):  # fmt: skip
+    """partial[s, cols] = sum over this split's rows of (x[row, cols] - x[0, cols]), in ACC; FINAL (one split):
+    the shift itself, x[0, cols] + that sum / n, rounded to x's dtype and back where ROUND."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     split = tl.program_id(1)
     col_ok = cols < d
@@ -27,24 +29,35 @@ def _centring_sum_kernel(
         mask = (rows < row_end)[:, None] & col_ok[None, :]
         values = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
         total += tl.sum(tl.where(mask, values - first[None, :], 0.0), axis=0)
+    if FINAL:
+        total = first + total / n
+        if ROUND:
+            total = total.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(ACC)
     tl.store(partial_ptr + split * d + cols, total, mask=col_ok)
 
 
-def centring_shift(x: torch.Tensor) -> torch.Tensor:
+def centring_shift(x: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
     """c (d,) in x's accumulation dtype for contiguous rows x (n, d); for bf16/fp16 x, c is rounded to x's
-    dtype."""
+    dtype. splits: force the number of row ranges (tests); None = chosen for the device."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
     block_d = next_power_of_2(d, low=64, high=256)
     block_r = 64
     col_blocks = triton.cdiv(d, block_d)
-    splits = max(1, min(num_programs_target(x.device) // col_blocks, triton.cdiv(n, 4 * block_r)))
+    if splits is None:
+        splits = max(1, min(num_programs_target(x.device) // col_blocks, triton.cdiv(n, 4 * block_r)))
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_r) * block_r
     splits = triton.cdiv(n, rows_per_split)
     partial = torch.empty((splits, d), dtype=acc, device=x.device)
+    # One split (up to 256 particles: the prompt regime, where a whole GPU step is a few launches): the
+    # kernel writes the shift itself, without three to five small torch launches after it.
+    final = splits == 1
     _centring_sum_kernel[(col_blocks, splits)](
-        x, partial, n, d, x.stride(0), rows_per_split, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_D=block_d
-    )
+        x, partial, n, d, x.stride(0), rows_per_split, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_D=block_d,
+        FINAL=final, ROUND=x.dtype != acc,
+    )  # fmt: skip
+    if final:
+        return partial[0]
     shift = x[0].to(acc) + partial.sum(0) / n
     if x.dtype != acc:
         # A shift in the input dtype: x - shift is then exact in fp32 (both are bf16/fp16 values of close

@@ -127,7 +127,7 @@ def _svgd_step_kernel(
 ):
     """Rows of block program_id(0), output columns of chunk program_id(1), columns j of split program_id(2).
 
-    DIST_GIVEN: read squared distances from dist (n, n) (Gram path) instead of recomputing them.
+    DIST_GIVEN: read squared distances from dist (n, n, float64; Gram path) instead of recomputing them.
     FINALIZE: write phi; otherwise write this split's K @ W to out[split] and its row sums to rowsum[split].
     TRACK_FINITE (with FINALIZE): clear finite[0] on a NaN/Inf phi value.
     """
@@ -144,7 +144,7 @@ def _svgd_step_kernel(
         cols = j0 + tl.arange(0, BLOCK_N)
         if DIST_GIVEN:
             mask = (rows < n)[:, None] & (cols < n)[None, :]
-            d2 = tl.load(dist_ptr + rows[:, None] * stride_dist + cols[None, :], mask=mask, other=0.0)
+            d2 = tl.load(dist_ptr + rows[:, None] * stride_dist + cols[None, :], mask=mask, other=0.0).to(ACC)
         else:
             d2 = sq_dist_tile(
                 x_ptr, x_ptr, shift_ptr, rows, cols, n, n, d, stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE
@@ -503,9 +503,7 @@ def _forward(x, score, bandwidth, *, algorithm, allow_tf32, splits, tile, out=No
         bandwidth = reference.bandwidth_from_median(median, n)
     elif gram:
         dist = gram_sq_dists(x, shift, mode, splits=splits, tile=tile)
-    h = check_bandwidth(bandwidth, x)
-    if dist is not None:
-        dist = dist.to(h.dtype)
+    h = check_bandwidth(bandwidth, x)  # dist stays float64: the kernel rounds it as it reads it
     return _apply(x, score, shift, h, dist, mode=mode, splits=None if gram else splits, tile=tile, out=out,
                   finite=finite)  # fmt: skip
 

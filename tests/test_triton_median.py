@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import relative_error
 from triton_helpers import DEVICE, kernels, requires_gpu, requires_triton
 
 import bmt_fast
@@ -28,6 +29,27 @@ def median_of(x, algorithm, **options):
     shift = kernels().centring.centring_shift(x)
     median, _ = kernels().median.median_sq_dist(x, shift, mode, algorithm, **options)
     return median
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,splits", [(1, 1), (7, 1), (130, 1), (130, 2), (300, 3)])
+def test_centring_shift_in_one_kernel_and_over_row_splits(dtype, n, splits):
+    """One row range: the kernel writes the shift itself; several: torch adds their sums. Both give the
+    mean of the rows (rounded to x's dtype for bf16), and x[0] exactly for identical particles."""
+    x = (torch.randn(n, 300, dtype=torch.float64) * 3 + 100).to(dtype).to(DEVICE)
+    shift = kernels().centring.centring_shift(x, splits=splits)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert shift.dtype == acc and shift.shape == (300,)
+    expected = x.double().mean(0)
+    if dtype == torch.bfloat16:
+        # within one bf16 spacing: Triton's interpreter truncates a float32 to bfloat16 (a GPU rounds to
+        # nearest); the shift only has to be a bf16 value near the centre
+        assert (shift.double() - expected).abs().max() <= 2.0**-7 * expected.abs().max()
+        assert torch.equal(shift, shift.to(dtype).to(acc))  # a bf16 value
+    else:
+        assert relative_error(shift, expected) < (1e-14 if dtype == torch.float64 else 1e-6)
+    same = x[:1].expand(n, -1).contiguous()
+    assert torch.equal(kernels().centring.centring_shift(same, splits=splits), same[0].to(acc))
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
