@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -101,8 +102,9 @@ def check_like(ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> 
 def check_bandwidth(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A one-element floating tensor on x's device, as a (1,) tensor in x's accumulation dtype.
 
-    Its value is checked without a host sync (torch._assert_async): the public functions read and check it
-    unless the caller passed check_inputs=False.
+    Its value is not read on the host (no sync): one that is not positive and finite becomes NaN on the
+    device, so the kernels give NaN, as the CUDA ones do. (A device-side assert would end the process's
+    CUDA context.) The public functions read and check a given bandwidth unless check_inputs=False.
     """
     if not isinstance(h, torch.Tensor) or h.numel() != 1 or not h.is_floating_point():
         raise ValueError(f"bandwidth must be a floating tensor with one value, got {h!r}")
@@ -110,12 +112,11 @@ def check_bandwidth(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"bandwidth must be on the device of x ({x.device}), got {h.device}")
     acc = accumulation_dtype(x.dtype)
     h = h.detach().reshape(1).to(acc)
-    # 0 < h < inf in two launches (a clamp to [the least positive value, the largest finite one] leaves
-    # exactly those unchanged; NaN never equals itself), where (h > 0) & isfinite(h) took seven: this
-    # runs on every call, and in the prompt regime a whole GPU step is a few launches
+    # 0 < h < inf: a clamp to [the least positive value, the largest finite one] leaves exactly those
+    # unchanged (NaN never equals itself); three launches, where (h > 0) & isfinite(h) and an assert took
+    # eight: this runs on every call, and in the prompt regime a whole GPU step is a few launches
     info = torch.finfo(acc)
-    torch._assert_async(h.clamp(info.smallest_normal * info.eps, info.max) == h, "bandwidth must be positive and finite")
-    return h
+    return torch.where(h.clamp(info.smallest_normal * info.eps, info.max) == h, h, math.nan)
 
 
 def ensure_contiguous(fn: Callable) -> Callable:

@@ -347,19 +347,27 @@ def test_bad_algorithm():
         torch.ops.bmt_fast_triton.svgd_step(x, score, None, "fast")
 
 
-@pytest.mark.skipif(HAS_GPU, reason="on a GPU the check is a device-side assert, which ends the CUDA context")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bad_bandwidth_is_refused_without_host_checks(dtype):
-    """check_inputs=False skips the host-side check; the op still refuses a value that is not positive and
-    finite (without a sync), and takes every positive finite one: the least subnormal and the largest."""
+def test_bad_bandwidth_without_host_checks_gives_nan(dtype):
+    """check_inputs=False skips the host-side check; a bandwidth that is not positive and finite then gives
+    NaN (no host sync, and no device-side assert, which would end the CUDA context), and every positive
+    finite one is taken: the least subnormal and the largest."""
     x, score = (t.to(dtype) for t in particles(5, 3))
     for bad in (-1.0, 0.0, -0.0, math.nan, math.inf, -math.inf):
-        with pytest.raises(RuntimeError, match="bandwidth must be positive"):
-            bmt_fast.svgd_step(x, score, torch.tensor(bad, dtype=dtype), backend="triton", check_inputs=False)
+        h = torch.tensor(bad, dtype=dtype, device=DEVICE)
+        for algorithm in ALGORITHMS:
+            phi = torch.ops.bmt_fast_triton.svgd_step(x, score, h, algorithm)
+            assert bool(torch.isnan(phi).all()), (bad, algorithm)
+        assert bool(torch.isnan(torch.ops.bmt_fast_triton.rbf_kernel(x, x, h, True, None)).all()), bad
+        with pytest.raises(ValueError, match="bandwidth must be positive"):  # the public API's own check
+            bmt_fast.svgd_step(x, score, h, backend="triton")
     info = torch.finfo(dtype)
-    for good in (info.smallest_normal * info.eps, 1.0, info.max):
+    for good in (info.smallest_normal * info.eps, 1.0, info.max):  # kept as they are
+        h = torch.tensor(good, dtype=dtype, device=DEVICE)
+        assert float(kernels().utils.check_bandwidth(h, x)) == good
+    for good in (1.0, info.max):  # (the least subnormal overflows 2 / H)
         phi = bmt_fast.svgd_step(x, score, torch.tensor(good, dtype=dtype), backend="triton", check_inputs=False)
-        assert phi.shape == x.shape
+        assert phi.shape == x.shape and not bool(torch.isnan(phi).any()), good
 
 
 def test_opcheck():
