@@ -1,6 +1,7 @@
 """The median-rule bandwidth H = median(all n*n squared distances) / log(n + 1) on the GPU, exactly.
 
-Few particles (the Gram regime): the n x n distances are tiny; their numpy.median is taken by torch.
+Few particles (the Gram regime): the n x n distances are tiny; their numpy.median is found by counting ranks
+(gram.gram_median: every distance tested against all n^2, on the device, in two small kernels).
 Many particles: radix selection on the bit patterns of the distances (non-negative floats order like their
 bits). Each pass recomputes every distance tile on chip (never n x n in memory) and histograms the next
 11-bit digit of the distances whose higher bits match the prefix selected so far, for the two middle
@@ -18,7 +19,7 @@ import triton.language as tl
 from bmt_fast import reference
 
 from .centring import centring_shift
-from .gram import gram_sq_dists
+from .gram import gram_median, gram_sq_dists
 from .tiles import sq_dist_tile
 from .utils import (
     MIN_BLOCK,
@@ -157,7 +158,7 @@ def median_sq_dist(
     """(median as float64 0-dim, the n x n distances when the Gram path computed them, else None)."""
     if use_gram(x.shape[0], algorithm):
         dist = gram_sq_dists(x, shift, mode, splits=splits, tile=tile)
-        return reference.numpy_median(dist), dist
+        return gram_median(dist), dist
     return median_sq_dist_tiled(x, shift, mode, splits=splits, tile=tile), None
 
 

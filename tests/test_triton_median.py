@@ -31,6 +31,26 @@ def median_of(x, algorithm, **options):
     return median
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 45])
+def test_gram_median_is_numpys(n):
+    """The Gram path's rank-counting median of an n x n matrix equals numpy.median bit for bit: odd and even
+    counts (n*n), many ties (small integers, a zero diagonal), both middle values inside one run of ties or
+    across two, and NaN anywhere gives NaN (as numpy.median)."""
+    import numpy as np
+
+    gram_median = kernels().gram.gram_median
+    torch.manual_seed(n)
+    for spread in (2, 5, 1000):
+        d = torch.randint(0, spread, (n, n)).double()
+        d = (d + d.T).fill_diagonal_(0.0) * 0.37
+        got = gram_median(d.to(DEVICE))
+        assert got.dtype == torch.float64 and got.shape == ()
+        assert float(got) == float(np.median(d.numpy())), (spread, float(got))
+    d = torch.rand(n, n, dtype=torch.float64)
+    d[n // 2, n - 1] = math.nan
+    assert math.isnan(float(gram_median(d.to(DEVICE))))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,splits", [(1, 1), (7, 1), (130, 1), (130, 2), (300, 3)])
 def test_centring_shift_in_one_kernel_and_over_row_splits(dtype, n, splits):

@@ -31,7 +31,7 @@ def test_kernels_compile_for_sm90_within_shared_memory(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "record", str(launches)], env=env, check=True, timeout=600)
     recorded = json.loads(launches.read_text())
     names = {entry["name"] for entry in recorded}
-    assert {"_svgd_step_kernel", "_svgd_flash_kernel", "_flash_operands_kernel", "_svgd_combine_kernel", "_gram_kernel", "_gram_dists_kernel", "_rbf_kernel_kernel",
+    assert {"_svgd_step_kernel", "_svgd_flash_kernel", "_flash_operands_kernel", "_svgd_combine_kernel", "_gram_kernel", "_gram_dists_kernel", "_rank_select_kernel", "_median_of_ranks_kernel", "_rbf_kernel_kernel",
             "_rbf_kernel_grad_kernel", "_radix_histogram_kernel", "_centring_sum_kernel"} <= names  # fmt: skip
     env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(SCRIPT), "compile", str(launches)], env=env, check=True,

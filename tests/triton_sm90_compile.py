@@ -136,6 +136,8 @@ def compile_all(path: str) -> None:
                 value = spec["const"]
                 constexprs[name] = tl_types.get(value, value) if isinstance(value, str) else value
                 signature[name] = "constexpr"
+        if entry["name"] == "_rank_select_kernel":  # the interpreter runs it with larger blocks than a GPU
+            constexprs.update(module.RANK_BLOCKS_GPU)
         # The interpreter launches every kernel with the fixed tile, which is also the autotuner's first GPU
         # candidate: it must compile and fit on the GPU.
         tile = utils.FIXED_TILE
