@@ -44,9 +44,9 @@ def svgd_step(
         check_inputs: set False to skip the NaN/Inf scan (one extra pass over x and one over score; on
             the CPU Gram path, n <= 64, the CUDA one with n <= 16 and the Triton one, n <= 256, no extra
             pass: the kernel tracks whether phi is finite as it writes it, any NaN/Inf input reaching phi
-            there, and the inputs are scanned only when it is not; on a GPU reading that flag is the call's one host
-            synchronisation) and the host read of a tensor bandwidth (for speed, and for torch.compile
-            without graph breaks).
+            there, and the inputs are scanned only when it is not; on a GPU reading that flag is the
+            call's one host synchronisation) and the host read of a tensor bandwidth (for speed, and for
+            torch.compile without graph breaks).
         group: a torch.distributed process group (e.g. `torch.distributed.group.WORLD`) whose ranks each
             hold a slice of the particles (any number of rows, 0 included; same event shape and dtype).
             Every rank calls svgd_step with its slice and gets phi for its own rows, equal to the
@@ -60,8 +60,8 @@ def svgd_step(
             d=409,600, 6,400 page faults, ~11 ms on top of a ~6 ms step. The CPU backend therefore takes
             results of 4 MiB or more from huge pages and reuses freed ones, so a loop pays that once.) The
             kernels write out directly on the CPU Gram path (n <= 64), the CUDA one for n <= 16 and the
-            Triton one (n <= 256); elsewhere the result is copied in. If a NaN/Inf error is raised after the kernel ran (where the kernel's flag is
-            checked, not the inputs), out holds that phi.
+            Triton one (n <= 256); elsewhere the result is copied in. If a NaN/Inf error is raised after
+            the kernel ran (where the kernel's flag is checked, not the inputs), out holds that phi.
 
     Returns:
         phi with the shape, dtype and device of x. Half-precision inputs accumulate in float32.

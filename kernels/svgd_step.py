@@ -442,8 +442,9 @@ def _combine(partial, rowsums, x, shift, h, out, splits, block_v):
 
 def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=None):
     """Launch the SVGD kernel (tiled when dist is None, else over the given distances) into out (or a new
-    tensor). finite (a 0-dim uint8 holding 1, or None): on the Gram path the kernel clears it where it
-    stores a NaN/Inf; returns (phi, whether finite was tracked)."""
+    tensor). finite (a 0-dim uint8 holding 1, or None): where one pass writes phi (one column split: always
+    on the Gram path), the kernel clears it as it stores a NaN/Inf; returns (phi, whether finite was
+    tracked)."""
     n, d = x.shape
     if dist is None and use_flash(d, mode):
         return _apply_flash(x, score, shift, h, mode=mode, splits=splits, tile=tile, out=out), False
