@@ -202,6 +202,17 @@ def test_public_api_names_a_bad_input_from_the_kernels_flag(dtype, bandwidth, mo
                 bmt_fast.svgd_step(xb, sb, bandwidth, backend="triton")
 
 
+@pytest.mark.parametrize("bandwidth,check_inputs", [("median", True), (2.0, False)])
+def test_public_api_writes_out_with_an_event_shape(bandwidth, check_inputs):
+    """out= on the Triton backend (n, *event): the Gram path writes phi into it, flagged or not."""
+    x64, score64 = (t.reshape(6, 4, 5) for t in particles(6, 20))
+    x, score = x64.float(), score64.float()
+    out = torch.full_like(x, 7.0)
+    assert bmt_fast.svgd_step(x, score, bandwidth, backend="triton", out=out, check_inputs=check_inputs) is out
+    expected = bmt_fast.svgd_step(x64, score64, bandwidth, backend="torch")
+    assert relative_error(out.double(), expected) < 1e-5
+
+
 def svgd_module():
     import importlib
 
