@@ -41,10 +41,16 @@ def _gram_kernel(
         k_start = split * cols_per_split
         k_end = tl.minimum(d, k_start + cols_per_split)
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        # A diagonal tile (the only one for n <= BLOCK_M: the prompt regime) multiplies its rows by
+        # themselves: loaded once.
+        same = BLOCK_M == BLOCK_N and tile_i == tile_j
         for k0 in range(k_start, k_end, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             a = dot_operand(load_centred(x_ptr, shift_ptr, rows, ks, n, k_end, stride_x, ACC), MODE)
-            b = dot_operand(load_centred(x_ptr, shift_ptr, cols, ks, n, k_end, stride_x, ACC), MODE)
+            if same:
+                b = a
+            else:
+                b = dot_operand(load_centred(x_ptr, shift_ptr, cols, ks, n, k_end, stride_x, ACC), MODE)
             chunk = dot_acc(a, tl.trans(b), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), MODE)
             total += chunk.to(tl.float64)
         mask = (rows < n)[:, None] & (cols < n)[None, :]
@@ -143,6 +149,8 @@ def gram_sq_dists(
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
     nominal = tile or _GRAM.fixed
+    if nominal.block_m != nominal.block_n:
+        raise ValueError(f"the Gram kernel takes square tiles, got {nominal.block_m} x {nominal.block_n}")
     if splits is None:
         splits = gram_splits(n, d, x.device, nominal)
     cols_per_split = triton.cdiv(triton.cdiv(d, splits), BLOCK_D) * BLOCK_D
