@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from bmt_fast import reference
+from bmt_fast._validation import check_out
 
 from .centring import centring_shift
 from .gram import gram_sq_dists
@@ -553,7 +554,7 @@ def svgd_step_into(
     """svgd_step written into out (x's shape, dtype and device; contiguous), and a 0-dim bool tensor on x's
     device: whether every value of phi is finite. The single-pass kernels (one column split: the Gram path,
     and the tiled one when its columns are not split) note it as they store phi; elsewhere out is scanned."""
-    _check_out(x, out)
+    check_out(out, x, score)
     finite = torch.ones((), dtype=torch.uint8, device=x.device)
     x, score = x.contiguous(), score.contiguous()
     _, tracked = _forward(x, score, bandwidth, algorithm=algorithm, allow_tf32=allow_tf32, splits=None, tile=None,
@@ -561,17 +562,9 @@ def svgd_step_into(
     return finite.view(torch.bool) if tracked else torch.isfinite(out).all()
 
 
-def _check_out(x: torch.Tensor, out: torch.Tensor) -> None:
-    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous tensor of x's shape {tuple(x.shape)}, dtype {x.dtype} and device {x.device}, "
-            f"got shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}, contiguous={out.is_contiguous()}"
-        )
-
-
 @svgd_step_into.register_fake
 def _(x, score, out, bandwidth=None, algorithm="auto", allow_tf32=None):
-    _check_out(x, out)
+    check_out(out, x, score)
     use_gram(1, algorithm)
     return x.new_empty((), dtype=torch.bool)
 

@@ -164,10 +164,17 @@ def test_svgd_step_into_flags_values_that_overflow_float16(algorithm):
 
 
 def test_svgd_step_into_refuses_an_out_it_cannot_write():
+    """The public API's out= checks (shape, dtype, contiguous, no memory shared with the inputs)."""
     x, score = particles(4, 3)
-    for out in (torch.empty(4, 2, dtype=torch.float64), torch.empty(4, 3), torch.empty(3, 4, dtype=torch.float64).t()):
-        with pytest.raises(ValueError, match="out must be a contiguous tensor of x's shape"):
+    for out, error, match in [
+        (torch.empty(4, 2, dtype=torch.float64), ValueError, "out must have the shape of x"),
+        (torch.empty(4, 3), TypeError, "out must have the dtype of x"),
+        (torch.empty(3, 4, dtype=torch.float64).t(), ValueError, "out must be contiguous"),
+    ]:
+        with pytest.raises(error, match=match):
             torch.ops.bmt_fast_triton.svgd_step_into(x, score, out.to(DEVICE))
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        torch.ops.bmt_fast_triton.svgd_step_into(x, score, x)
 
 
 def test_svgd_step_into_opcheck():
