@@ -54,7 +54,7 @@ constexpr int kGramSmallParts = std::is_same_v<compute_t<In>, double> && kMax > 
 // CTAs per SM that the register budget of the launch bounds allows; the host launches one wave of them
 // (each CTA pays a fixed reduction of its sums and as many float64 atomics: more CTAs, which could not
 // run at the same time anyway, would only add those).
-template <typename In, int kMax>
+template <int kMax>
 constexpr int kGramSmallCtasPerSm = kMax > 8 ? 1 : 2;
 
 // Whether the row pair i <= j belongs to part `part` of kParts (see above).
@@ -121,7 +121,7 @@ BMT_DEVICE void gram_small_part(const GramParams<In>& p, long long rows, long lo
 }
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kGramSmallCtasPerSm<In, kMax>)) gram_small_kernel(const GramParams<In> p) {
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kGramSmallCtasPerSm<kMax>) gram_small_kernel(const GramParams<In> p) {
   using C = compute_t<In>;
   constexpr int kParts = kGramSmallParts<In, kMax>;
   constexpr int kPairs = kGramMostPartPairs<kMax, kParts>;

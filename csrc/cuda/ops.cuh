@@ -186,11 +186,11 @@ at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, 
              0, dev, p);
     };
     if (rows <= 4) {
-      run(&gram_small_kernel<In, 4>, kGramSmallColumns<In, 4>, kGramSmallCtasPerSm<In, 4>);
+      run(&gram_small_kernel<In, 4>, kGramSmallColumns<In, 4>, kGramSmallCtasPerSm<4>);
     } else if (rows <= 8) {
-      run(&gram_small_kernel<In, 8>, kGramSmallColumns<In, 8>, kGramSmallCtasPerSm<In, 8>);
+      run(&gram_small_kernel<In, 8>, kGramSmallColumns<In, 8>, kGramSmallCtasPerSm<8>);
     } else {
-      run(&gram_small_kernel<In, 16>, kGramSmallColumns<In, 16>, kGramSmallCtasPerSm<In, 16>);
+      run(&gram_small_kernel<In, 16>, kGramSmallColumns<In, 16>, kGramSmallCtasPerSm<16>);
     }
   } else {
     using G = FfmaGeometry<compute_t<In>>;
