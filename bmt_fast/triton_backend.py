@@ -90,11 +90,11 @@ class TritonBackend(backends.Backend):
         return torch.ops.bmt_fast_triton.svgd_step_into(x, score, out, h, "auto", self.allow_tf32)
 
     def svgd_step_spreads_non_finite(self, x):
-        # The Gram path (n <= GRAM_MAX_PARTICLES under "auto"), whose one kernel pass notes whether phi is
-        # finite as it stores it: a bad x value makes its column's centring shift, and so that column of
+        # The Gram path (the one "auto" takes for n <= GRAM_MAX_PARTICLES), whose one kernel pass notes
+        # whether phi is finite as it stores it: a bad x value makes its column's centring shift, and so that column of
         # every centred row, non-finite (and its row's distances, hence K), and a bad score reaches every
         # phi row through the K @ W dot, zero weights included (0 * NaN and 0 * Inf are NaN).
-        return self.available() and x.device.type in self.device_types and x.shape[0] <= self._kernels.GRAM_MAX_PARTICLES
+        return self.available() and x.device.type in self.device_types and self._kernels.median.use_gram(x.shape[0], "auto")
 
     def rbf_kernel(self, x, y, h):
         return torch.ops.bmt_fast_triton.rbf_kernel(x, x if y is None else y, h, y is None, self.allow_tf32)
