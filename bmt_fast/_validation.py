@@ -32,6 +32,8 @@ def all_finite(t: torch.Tensor) -> bool:
     sum proves it. Only a non-finite sum (which large finite values can also give, by overflow) takes the
     element-wise check. (`isfinite(t).all()` alone costs several passes and a bool tensor of t's size:
     at n=16, d=409,600 on a 2-core CPU the two checks took ~12 ms, about 5x the SVGD step they guarded.)"""
+    if t.device.type == "meta":  # shapes only: nothing to scan
+        return True
     with torch.no_grad():
         wide = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
         if bool(torch.isfinite(t.sum(dtype=wide))):
@@ -64,7 +66,12 @@ def check_out(out: torch.Tensor, x: torch.Tensor, score: torch.Tensor) -> None:
     check_same("x", x, "out", out)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    if out.device.type == "meta" or is_fake(out):  # no memory (shapes only: meta, or traced by torch.compile)
+    if out.requires_grad and torch.is_grad_enabled():  # as torch's out= functions: phi has no autograd history
+        raise ValueError("out must not require grad (svgd_step is not differentiable); pass a tensor autograd does "
+                         "not track, or call it under torch.no_grad()")
+    # no memory to compare: meta tensors, and fake ones (traced by torch.compile: dynamo does not trace
+    # is_fake, so it is asked only outside dynamo, e.g. by opcheck)
+    if out.device.type == "meta" or torch.compiler.is_compiling() or is_fake(out):
         return
     for name, t in (("x", x), ("score", score)):
         if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
@@ -82,7 +89,8 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
     A float becomes a float64 tensor; a tensor keeps its dtype and autograd history (rbf_kernel can
     differentiate through it). check_value=False skips reading a tensor's value (a device sync, and a
     data-dependent branch under torch.compile). The CPU kernels still reject a non-positive bandwidth;
-    the CUDA and Triton kernels do not read it on the host (no sync), so there an invalid H gives NaN.
+    the CUDA and Triton kernels do not read it on the host (no sync), so there an invalid H gives NaN, as
+    it does in the pure-torch backend.
     """
     if isinstance(bandwidth, str):
         if bandwidth != "median":
@@ -94,23 +102,28 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         if not bandwidth.is_floating_point():
             raise TypeError(f"bandwidth tensor must be floating point, got {bandwidth.dtype}")
         h = bandwidth.reshape(()).to(like.device)
-        if not check_value:
+        if not check_value or bandwidth.device.type == "meta":  # meta: no value to read
             return h
         value = float(bandwidth.detach())
     elif isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
-        value = float(bandwidth)
+        try:
+            value = float(bandwidth)
+        except OverflowError:  # e.g. 10**400: beyond any float
+            raise ValueError(f"bandwidth must be positive and finite, got {type(bandwidth).__name__} beyond the float range") from None
         h = None
     else:
         raise TypeError(f'bandwidth must be "median", a positive float or a 0-dim tensor, got {type(bandwidth).__name__}')
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"bandwidth must be positive and finite, got {value}")
-    return h if h is not None else _bandwidth_tensor(value, like.device)
+    return h if h is not None else _bandwidth_tensor(value, like.device, torch.is_inference_mode_enabled())
 
 
 @functools.lru_cache(maxsize=64)
-def _bandwidth_tensor(value: float, device: torch.device) -> torch.Tensor:
+def _bandwidth_tensor(value: float, device: torch.device, inference: bool) -> torch.Tensor:
     """A float bandwidth as a float64 0-dim tensor, made once per value and device (making one costs a few
-    microseconds per call; an optimizer passes the same H every step). The ops only read it."""
+    microseconds per call; an optimizer passes the same H every step). The ops only read it. One made in
+    inference mode is an inference tensor, which autograd cannot save (rbf_kernel saves H for its
+    backward): those are cached apart (`inference`)."""
     return torch.tensor(value, dtype=torch.float64, device=device)
 
 

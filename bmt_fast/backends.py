@@ -9,7 +9,6 @@ Every backend takes 2-D inputs that the public functions have already validated:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -81,15 +80,21 @@ class TorchBackend(Backend):
         return True
 
     def svgd_step(self, x, score, h):
-        return reference.svgd_step(x, score, h).to(x.dtype)
+        return reference.svgd_step(x, score, None if h is None else _nan_unless_valid(h)).to(x.dtype)
 
     def rbf_kernel(self, x, y, h):
         dtype = reference.accumulation_dtype(x.dtype)
         y = None if y is None else y.to(dtype)
-        return reference.rbf_kernel(x.to(dtype), y, h.to(dtype)).to(x.dtype)
+        return reference.rbf_kernel(x.to(dtype), y, _nan_unless_valid(h).to(dtype)).to(x.dtype)
 
     def median_bandwidth(self, x):
         return reference.median_bandwidth(x)
+
+
+def _nan_unless_valid(h: torch.Tensor) -> torch.Tensor:
+    """H where 0 < H < inf, else NaN: a bandwidth passed unchecked (check_inputs=False) gives NaN, as in the
+    CUDA and Triton kernels, instead of a result of the wrong sign or scale."""
+    return torch.where((h > 0) & (h < math.inf), h, math.nan)
 
 
 class CompiledBackend(Backend):
@@ -99,6 +104,10 @@ class CompiledBackend(Backend):
         self.name = name
         self.status = status
         self.device_types = (device_type,)
+        # Up to how many particles the kernels themselves flag a non-finite phi (the extension's build_info,
+        # read once here: it builds a dict; and torch.compile cannot trace the call)
+        key = {"cpu": "gram_max_particles", "cuda": "gram_register_rows"}[name]
+        self._flagged_particles = int(status.module.build_info().get(key, 0)) if status.loaded else 0
         # The CPU's exact median (one GEMM pass and a selection) against 65,536 gathered pairs on a 2-core
         # Xeon: exact faster at n = 2048 (d = 16: 6.3 against 7.7 ms; d = 256: 13 against 36 ms), sampled
         # faster at n = 3072 (d = 64: 8.3 against 14.7 ms). Not measured on a GPU: no more pairs there.
@@ -143,14 +152,7 @@ class CompiledBackend(Backend):
         # the tiled paths beyond: not assumed; the op scans phi there.)
         if not self.status.loaded or x.device.type != self.device_types[0]:
             return False
-        return x.shape[0] <= self._flagged_particles()
-
-    @functools.cache  # noqa: B019 - one entry per registered backend, which lives as long as the process
-    def _flagged_particles(self) -> int:
-        """Up to how many particles the kernels themselves flag a non-finite phi (build_info of the
-        extension, read once: it builds a dict, not on every step)."""
-        key = {"cpu": "gram_max_particles", "cuda": "gram_register_rows"}[self.name]
-        return int(self.status.module.build_info().get(key, 0))
+        return x.shape[0] <= self._flagged_particles
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -185,8 +185,10 @@ def median_bandwidth(
     x2 = as_rows(x)
     with torch.no_grad():
         if method == "sampled":
-            if not isinstance(num_pairs, int) or num_pairs < 1:
+            if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
                 raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         chosen = backends.select(backend, "median_bandwidth", x2)
         if method == "sampled" and x2.shape[0] ** 2 > num_pairs * chosen.exact_median_pair_factor:
             return reference.sampled_median_bandwidth(x2, num_pairs, generator)
@@ -206,6 +208,8 @@ def _rbf_kernel_setup_context(ctx, inputs, output):
 def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
     """(grad_x, grad_y, grad_h) of K = rbf_kernel(x, y, h), each None where needs says so."""
     need_x, _, need_h = needs
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
+        return _rbf_backward_differentiable(grad, x, y, h, self_kernel, needs)
     backward = torch.ops.bmt_fast.rbf_kernel_backward
     if self_kernel and need_x and x.shape[0] <= _SYMMETRISED_MAX_PARTICLES:
         # y is x: autograd would add x's two row gradients. K is symmetric, so one pass with the
@@ -218,6 +222,28 @@ def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
     # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
     # prior, one prompt against constant particles and a constant H, that is grad_x alone.
     return backward(grad, x, y, k, h, list(needs))
+
+
+def _rbf_backward_differentiable(grad, x, y, h, self_kernel: bool, needs) -> tuple:
+    """_rbf_backward for create_graph=True (double backward, Hessian-vector products): the compiled backward
+    op has no derivative of its own, so K is recomputed by the differentiable reference (n x m in memory)
+    and autograd forms the gradients, with a graph. Self kernel: x's two row gradients summed, as above."""
+    need_x, need_y, need_h = needs
+    acc = reference.accumulation_dtype(x.dtype)
+    xa = x.to(acc)
+    ya = None if self_kernel else y.to(acc)
+    k = reference.rbf_kernel(xa, ya, h.to(acc))
+    wanted = {"x": need_x or (self_kernel and need_y), "y": need_y and not self_kernel, "h": need_h}
+    sources = {"x": x, "y": y, "h": h}
+    names = [name for name, want in wanted.items() if want]
+    grads = dict(
+        zip(names, torch.autograd.grad(k, [sources[n] for n in names], grad.to(acc), create_graph=True, allow_unused=True))
+    )
+    out = []
+    for name in ("x", "y", "h"):
+        g = grads.get(name)
+        out.append(None if g is None else g.to(sources[name].dtype))
+    return tuple(out)
 
 
 def _rbf_kernel_backward(ctx, grad):

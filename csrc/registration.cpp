@@ -1,6 +1,7 @@
 // The torch.ops.bmt_fast library: one schema per op, and Meta kernels (shape rules only) that give
 // torch.compile and FakeTensor the output shapes. The CPU and CUDA kernels register in their own files.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/variable.h>  // bump_version
 #include <torch/library.h>
 
 #include "bmt_fast.h"
@@ -71,6 +72,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward_meta(const at
   return {like(output_mask[0], x), like(output_mask[1], y), like(output_mask[2], bandwidth)};
 }
 
+// ---- autograd: svgd_step, svgd_step_into, median_bandwidth and rbf_kernel_backward are not differentiable
+// (rbf_kernel and rbf_kernel_median get their formulas in Python: bmt_fast/ops.py). Without a kernel for
+// the Autograd key, torch's fallback gave their results requires_grad=True and a backward that left the
+// gradients None with a warning, and svgd_step_into's writes to out did not bump out's version counter,
+// so autograd could use the overwritten values of a tensor it had saved without noticing. These kernels
+// run the op below autograd (results without history, as for torch.argmax) and bump out's version.
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using SvgdStepSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                               c10::string_view);
+using SvgdStepIntoSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   c10::string_view, at::Tensor&);
+using MedianSig = at::Tensor(const at::Tensor&, c10::string_view);
+using RbfBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>);
+
+// The op of signature Sig named `name`, called below autograd: not differentiable.
+template <typename Sig, const char* kName>
+struct NoGrad;
+template <typename R, typename... Args, const char* kName>
+struct NoGrad<R(Args...), kName> {
+  static R call(Args... args) {
+    static const auto op = op_handle<R(Args...)>(kName);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(std::forward<Args>(args)...);
+  }
+};
+constexpr char kSvgdStep[] = "bmt_fast::svgd_step";
+constexpr char kMedianBandwidth[] = "bmt_fast::median_bandwidth";
+constexpr char kRbfKernelBackward[] = "bmt_fast::rbf_kernel_backward";
+
+// svgd_step_into for the Autograd and ADInplaceOrView keys: an out that autograd tracks is refused (as
+// torch's out= functions do), and out's version counter is bumped after the write (inference mode on a
+// normal tensor reaches the ADInplaceOrView kernel alone; below the Autograd one it is skipped).
+at::Tensor svgd_step_into_tracked(const at::Tensor& x, const at::Tensor& score,
+                                  const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
+                                  at::Tensor& out) {
+  BMT_CHECK(!(at::GradMode::is_enabled() && out.requires_grad()),
+            "svgd_step_into: out must not require grad (the op is not differentiable; write into it under "
+            "torch.no_grad(), or pass an out that autograd does not track)");
+  static const auto op = op_handle<SvgdStepIntoSig>("bmt_fast::svgd_step_into");
+  at::Tensor finite;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    finite = op.call(x, score, bandwidth, algorithm, out);
+  }
+  torch::autograd::impl::bump_version(out);
+  return finite;
+}
+
 }  // namespace
 }  // namespace bmt_fast
 
@@ -101,3 +156,12 @@ TORCH_LIBRARY_IMPL(bmt_fast, CompositeExplicitAutograd, m) {
   m.impl("svgd_step_into", &bmt_fast::svgd_step_into_composite);
   m.impl("rbf_kernel_median", &bmt_fast::rbf_kernel_median_composite);
 }
+
+TORCH_LIBRARY_IMPL(bmt_fast, Autograd, m) {
+  m.impl("svgd_step", &bmt_fast::NoGrad<bmt_fast::SvgdStepSig, bmt_fast::kSvgdStep>::call);
+  m.impl("svgd_step_into", &bmt_fast::svgd_step_into_tracked);
+  m.impl("median_bandwidth", &bmt_fast::NoGrad<bmt_fast::MedianSig, bmt_fast::kMedianBandwidth>::call);
+  m.impl("rbf_kernel_backward", &bmt_fast::NoGrad<bmt_fast::RbfBackwardSig, bmt_fast::kRbfKernelBackward>::call);
+}
+
+TORCH_LIBRARY_IMPL(bmt_fast, ADInplaceOrView, m) { m.impl("svgd_step_into", &bmt_fast::svgd_step_into_tracked); }

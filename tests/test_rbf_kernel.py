@@ -1,5 +1,7 @@
 """rbf_kernel: values against the float64 reference, gradients, torch.library registration."""
 
+import functools
+
 import pytest
 import torch
 from helpers import assert_within, relative_error, requires_cpu_extension, subprocess_env, torch_error_in
@@ -77,6 +79,44 @@ def test_gradcheck_x_y_and_bandwidth(cpu_backend):
 def test_gradcheck_self_kernel(cpu_backend):
     x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: bmt_fast.rbf_kernel(a, None, 3.0, backend=cpu_backend), (x,))
+
+
+@pytest.mark.parametrize("n", [3, 66])  # symmetrised self-kernel backward up to 64 particles, two outputs beyond
+def test_double_backward(cpu_backend, n):
+    """create_graph=True gives gradients that autograd differentiates again (the compiled backward op has
+    no derivative: those gradients come from the differentiable reference), in x, y and H."""
+    x = torch.randn(n, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    h = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    # fast mode: a random projection of the Jacobians (the exact one perturbs every entry of the n x n
+    # upstream gradient, minutes at n = 66)
+    check = functools.partial(torch.autograd.gradgradcheck, fast_mode=True)
+    assert check(lambda a, b, c: bmt_fast.rbf_kernel(a, b, c, backend=cpu_backend), (x, y, h))
+    assert check(lambda a, c: bmt_fast.rbf_kernel(a, None, c, backend=cpu_backend), (x, h))
+
+
+@requires_cpu_extension
+def test_hessian_vector_product_of_the_median_kernel():
+    """The median H is a constant of the gradient: so of its derivative too."""
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    weights, v = torch.randn(6, 6, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    h = bmt_fast.median_bandwidth(x.detach())
+
+    def hvp(kernel):
+        (g,) = torch.autograd.grad((kernel(x) * weights).sum(), x, create_graph=True)
+        return torch.autograd.grad((g * v).sum(), x)[0]
+
+    torch.testing.assert_close(hvp(bmt_fast.rbf_kernel), hvp(lambda a: reference.rbf_kernel(a, None, h)))
+
+
+def test_float_bandwidth_first_used_in_inference_mode(cpu_backend):
+    """A float H is made into a tensor once and reused; one made in inference mode is an inference tensor,
+    which autograd cannot save, so it must not serve a later differentiable call."""
+    with torch.inference_mode():
+        bmt_fast.rbf_kernel(torch.randn(4, 3), None, 0.625, backend=cpu_backend)
+    x = torch.randn(4, 3, requires_grad=True)
+    bmt_fast.rbf_kernel(x, None, 0.625, backend=cpu_backend).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_gradients_match_reference_autograd(cpu_backend):

@@ -153,6 +153,52 @@ def test_result_has_no_autograd_history(cpu_backend, grad_of):
         assert not phi.requires_grad and phi.grad_fn is None
 
 
+@pytest.mark.parametrize("n", [4, 70])  # written in place by the kernel (n <= 64), copied in beyond
+def test_out_write_is_seen_by_autograd(cpu_backend, n):
+    """Writing phi into out bumps out's version counter: autograd refuses a backward that saved out's old
+    values (as for any in-place op), instead of silently using phi."""
+    buf = torch.ones(n, 3)
+    w = torch.ones(n, 3, requires_grad=True)
+    y = (buf * w).sum()  # saves buf for the gradient in w
+    version = buf._version
+    bmt_fast.svgd_step(torch.randn(n, 3), torch.randn(n, 3), backend=cpu_backend, out=buf)
+    assert buf._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_out_that_requires_grad_is_refused(cpu_backend):
+    """As torch's out= functions: phi has no autograd history, so an out that autograd tracks is refused
+    (and left as it was); under no_grad it is written."""
+    x, score = torch.randn(4, 3), torch.randn(4, 3)
+    out = torch.zeros(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="out must not require grad"):
+        bmt_fast.svgd_step(x, score, backend=cpu_backend, out=out)
+    assert not out.detach().any()
+    with torch.no_grad():
+        bmt_fast.svgd_step(x, score, backend=cpu_backend, out=out)
+    torch.testing.assert_close(out.detach(), bmt_fast.svgd_step(x, score, backend=cpu_backend))
+
+
+@requires_cpu_extension
+def test_raw_ops_are_not_differentiable():
+    """torch.ops.bmt_fast.svgd_step / median_bandwidth / svgd_step_into run below autograd: results without
+    history (as torch.argmax), out's version bumped, an out that autograd tracks refused, also in
+    inference mode on a normal tensor."""
+    x = torch.randn(4, 3, requires_grad=True)
+    score = torch.randn(4, 3)
+    for result in (torch.ops.bmt_fast.svgd_step(x, score, None), torch.ops.bmt_fast.median_bandwidth(x)):
+        assert not result.requires_grad and result.grad_fn is None
+    out = torch.empty(4, 3)
+    torch.ops.bmt_fast.svgd_step_into(x, score, None, out=out)
+    assert out._version == 1
+    with torch.inference_mode():
+        torch.ops.bmt_fast.svgd_step_into(x.detach(), score, None, out=out)
+    assert out._version == 2
+    with pytest.raises(RuntimeError, match="out must not require grad"):
+        torch.ops.bmt_fast.svgd_step_into(x, score, None, out=torch.empty(4, 3, requires_grad=True))
+
+
 def test_moves_particles_to_a_gaussian(cpu_backend):
     """Particles started in a corner spread to N(mu, sigma^2): SVGD matches mean and variance."""
     mu, sigma = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5
@@ -286,3 +332,18 @@ def test_torch_compile_fullgraph():
     for n in (5, 9):  # a second size goes through the dynamic-shape path
         x, score = particles(n, 3)
         torch.testing.assert_close(compiled(x, score), step(x, score))
+
+
+@requires_cpu_extension
+def test_torch_compile_fullgraph_with_out():
+    """out= traces too: its checks use nothing dynamo refuses (it skipped the fake-tensor test and a
+    functools.cache of the backend's), and the op writes phi into the caller's tensor."""
+
+    def step(x, score, out):
+        return bmt_fast.svgd_step(x, score, backend="cpu", check_inputs=False, out=out)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x, score = particles(5, 3)
+    out = torch.empty(5, 3)
+    compiled(x, score, out)
+    torch.testing.assert_close(out, step(x, score, torch.empty(5, 3)))

@@ -207,6 +207,30 @@ def test_bad_bandwidth_types(bandwidth, error, match):
         bmt_fast.svgd_step(x, score, bandwidth)
 
 
+def test_bandwidth_beyond_the_float_range():
+    x, score = good()
+    with pytest.raises(ValueError, match="bandwidth must be positive and finite, got int beyond the float range"):
+        bmt_fast.svgd_step(x, score, 10**400)
+
+
+def test_unchecked_bad_tensor_bandwidth_gives_nan_in_the_torch_backend():
+    """check_inputs=False skips the host read of H: an invalid one gives NaN (as on CUDA and Triton), not
+    numbers of the wrong sign or scale."""
+    x, score = good()
+    for h in (torch.tensor(-1.0), torch.tensor(0.0), torch.tensor(math.inf)):
+        assert torch.isnan(bmt_fast.svgd_step(x, score, h, backend="torch", check_inputs=False)).all()
+        assert torch.isnan(bmt_fast.rbf_kernel(x, None, h, backend="torch", check_inputs=False)).all()
+
+
+def test_meta_tensors_pass_the_default_checks():
+    """The default call (check_inputs=True) on meta tensors: shapes only, no values to scan or read."""
+    m = torch.empty(4, 3, device="meta")
+    assert bmt_fast.svgd_step(m, m).shape == (4, 3)
+    assert bmt_fast.svgd_step(m, m, torch.tensor(2.0, device="meta")).device.type == "meta"
+    assert bmt_fast.rbf_kernel(m, None, 1.0).shape == (4, 4)
+    assert bmt_fast.median_bandwidth(m).shape == ()
+
+
 def test_unknown_or_unavailable_backend():
     x, score = good()
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
@@ -231,6 +255,10 @@ def test_rbf_kernel_bad_inputs():
 def test_median_bandwidth_bad_inputs():
     with pytest.raises(ValueError, match="method must be one of"):
         bmt_fast.median_bandwidth(torch.randn(4, 3), method="approx")
+    with pytest.raises(ValueError, match="num_pairs must be a positive int, got True"):
+        bmt_fast.median_bandwidth(torch.randn(300, 3), method="sampled", num_pairs=True)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        bmt_fast.median_bandwidth(torch.randn(300, 3), method="sampled", generator=3)
     with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
         bmt_fast.median_bandwidth(torch.tensor([[0.0], [math.nan]]))
 
