@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .transfer.checkpoint import CheckpointError
     from .transfer.config import ConfigError
+    from .transfer.data import DataError
 
     parser = build_parser()
     # Overrides may come before or after options: argparse collects a positional list only once.
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="bmt-fast: %(message)s")
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as error:
         print(f"bmt-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -98,7 +100,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML run configuration")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. source.steps=200 model.dtype=bfloat16")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue unfinished stages from their last checkpoint")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue unfinished stages (and finished ones given more steps) from their last checkpoint; "
+        "the configuration may change only in keys that do not change the result (see README)",
+    )
     group.add_argument("--overwrite", action="store_true", help="delete this command's stage folders first")
     _deepspeed_argument(parser)
 
@@ -170,7 +177,8 @@ def _transfer(args: argparse.Namespace) -> int:
 def _targets(run) -> int:
     from .transfer.runner import results_table, write_results
 
-    results = {m: run.target(m) for m in run.cfg.target.methods}
+    # The table: these methods, then the other target methods the run folder holds finished (same config).
+    results = run.with_other_methods({m: run.target(m) for m in run.cfg.target.methods})
     if run.world.is_main:
         write_results(run.dir, results)
         print(results_table(results), end="")

@@ -226,6 +226,41 @@ def test_missing_task_folder_split_or_column_is_a_clear_error(tmp_path):
         get_task("rte").load("validation", data_dir=tmp_path)
 
 
+def test_check_split_finds_what_load_would_refuse_without_loading(tmp_path):
+    rte = get_task("rte")
+    rte.check_split("validation", FIXTURES)
+    rte.check_split("train")  # no data_dir: the hub, only the split name is checked
+    with pytest.raises(ValueError, match="has no split 'validation_matched'"):
+        rte.check_split("validation_matched")
+    with pytest.raises(FileNotFoundError, match="no validation file for task 'rte'"):
+        rte.check_split("validation", tmp_path)
+    (tmp_path / "rte").mkdir()
+    (tmp_path / "rte" / "validation.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="task 'rte', split 'validation': .*validation.jsonl is empty"):
+        rte.check_split("validation", tmp_path)
+    with pytest.raises(ValueError, match="validation.jsonl is empty"):
+        rte.load("validation", tmp_path)  # not a bare StopIteration from `datasets`
+    rows = _fixture_rows("rte", "validation")
+    (tmp_path / "rte" / "validation.jsonl").write_text("".join(json.dumps({**r, "sentence2": None} | {"s2": 1}) + "\n"
+                                                              for r in rows))
+    rte.check_split("validation", tmp_path)  # the column is there (its values are checked when it loads)
+    (tmp_path / "rte" / "validation.jsonl").unlink()
+    with open(tmp_path / "rte" / "validation.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["sentence1", "label", "idx"])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in ("sentence1", "label", "idx")} for r in rows)
+    with pytest.raises(ValueError, match=r"validation.csv\): missing column\(s\) \['sentence2'\]"):
+        rte.check_split("validation", tmp_path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "parquet" / "squad").mkdir(parents=True)
+    squad_rows = [{k: v for k, v in r.items() if k != "answers"} for r in _fixture_rows("squad", "validation")]
+    pq.write_table(pa.Table.from_pylist(squad_rows), tmp_path / "parquet" / "squad" / "validation.parquet")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['answers'\]"):
+        get_task("squad").check_split("validation", tmp_path / "parquet")
+
+
 def test_two_files_for_one_split_are_ambiguous(tmp_path):
     (tmp_path / "rte").mkdir()
     for suffix in ("jsonl", "csv"):

@@ -39,3 +39,15 @@ def test_missing_files_and_unknown_tasks_fail_with_a_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: rte: no validation file for task 'rte'" in err
     assert "error: no_such_task: unknown task" in err
+
+
+def test_an_empty_file_and_a_negative_count_fail_with_a_message(tmp_path, capsys):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.jsonl").write_text("")
+    assert main(["--data-dir", str(tmp_path), "--split", "train", "sst2", "rte"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: sst2: task 'sst2': {tmp_path / 'sst2' / 'train.jsonl'} is empty" in err
+    assert "error: rte: no train file" in err  # the next task is still looked at
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--show", "-1", "rte"])
+    assert exit_info.value.code == 2 and "--show: must be >= 0, got -1" in capsys.readouterr().err

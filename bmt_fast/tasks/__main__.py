@@ -27,13 +27,23 @@ def _table() -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bmt_fast.tasks", description=__doc__.splitlines()[0])
     parser.add_argument("tasks", nargs="*", help="task names to load (none: list all tasks)")
     parser.add_argument("--data-dir", help="folder with <task>/<split>.jsonl|.csv|.parquet in the hub's schema "
                                            "(default: load from the hub)")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--show", type=int, default=2, help="examples to print per task")
+    parser.add_argument("--show", type=_count, default=2, help="examples to print per task")
     args = parser.parse_args(argv)
     if not args.tasks:
         print(_table())

@@ -65,6 +65,17 @@ class Task(ABC):
             rows = rows[:limit]
         return [self.format(row) for row in rows]
 
+    def check_split(self, split: str, data_dir: str | Path | None = None) -> None:
+        """Raise ValueError / FileNotFoundError when `load(split, data_dir)` clearly cannot work, without
+        loading the data: an unknown split; with `data_dir`, no file, an empty one, or one without the
+        columns `format` reads (looked for in the file's header or first record). Values (labels) are
+        checked when the split loads. A task that overrides `load` is checked only if it overrides this."""
+        if type(self).load is not Task.load:
+            return
+        from .loading import check_split
+
+        check_split(self, split, data_dir)
+
 
 @dataclass
 class InMemoryTask(Task):
@@ -80,10 +91,13 @@ class InMemoryTask(Task):
         return Example(str(row["input_text"]), str(row["target_text"]), row.get("label"))
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        if split not in self.examples:
-            raise ValueError(f"task {self.name!r} has no split {split!r}; it has {sorted(self.examples)}")
+        self.check_split(split, data_dir)
         examples = list(self.examples[split])
         return examples[:limit] if limit is not None else examples
+
+    def check_split(self, split: str, data_dir: str | Path | None = None) -> None:
+        if split not in self.examples:
+            raise ValueError(f"task {self.name!r} has no split {split!r}; it has {sorted(self.examples)}")
 
     def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
         if len(predictions) != len(examples):

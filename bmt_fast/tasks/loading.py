@@ -9,6 +9,7 @@ for tasks whose repo still holds a loading script (SuperGLUE), which `datasets` 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +22,56 @@ PARQUET_EXPORT_REVISION = "refs/convert/parquet"
 
 
 def load_rows(task: "Task", split: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
-    if split not in task.splits:
-        raise ValueError(f"task {task.name!r} has no split {split!r}; it has {sorted(task.splits)}")
+    _check_split_name(task, split)
     dataset = _load_local(task, split, Path(data_dir)) if data_dir is not None else _load_hub(task, split)
     _check_columns(task, split, dataset.column_names)
     return [dict(row) for row in dataset]
+
+
+def check_split(task: "Task", split: str, data_dir: str | Path | None) -> None:
+    """What `load_rows` would refuse, found without loading the data (see Task.check_split)."""
+    _check_split_name(task, split)
+    if data_dir is None:
+        return
+    path = local_split_file(task, split, Path(data_dir))
+    try:
+        columns = _local_columns(path)
+    except ValueError as error:
+        raise ValueError(f"task {task.name!r}, split {split!r}: {error}") from error
+    if columns is not None:
+        _check_columns(task, split, columns, path)
+
+
+def _check_split_name(task: "Task", split: str) -> None:
+    if split not in task.splits:
+        raise ValueError(f"task {task.name!r} has no split {split!r}; it has {sorted(task.splits)}")
+
+
+def _local_columns(path: Path) -> list[str] | None:
+    """The columns of a local split file from its header or first record (None: not known without
+    reading it all); ValueError when the file holds no rows at all."""
+    if _is_empty(path):
+        raise ValueError(f"{path} is empty")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as error:  # pyarrow's ArrowInvalid and friends
+            raise ValueError(f"{path} is not a Parquet file: {error}") from error
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = next(line for line in f if line.strip())
+    if path.suffix == ".csv":
+        import csv
+
+        return next(csv.reader([first]))
+    if path.suffix == ".jsonl":
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: the first line is not a JSON record ({error})") from error
+        return list(record) if isinstance(record, dict) else None
+    return None  # .json: one JSON document (records or columns) or JSON lines
 
 
 def local_split_file(task: "Task", split: str, data_dir: Path) -> Path:
@@ -46,6 +92,8 @@ def _load_local(task: "Task", split: str, data_dir: Path):
     import datasets
 
     path = local_split_file(task, split, data_dir)
+    if _is_empty(path):  # `datasets` stops with a bare StopIteration on an empty JSON file
+        raise ValueError(f"task {task.name!r}: {path} is empty")
     return datasets.load_dataset(_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
 
 
@@ -71,9 +119,22 @@ def _load_hub(task: "Task", split: str):
         ) from error
 
 
-def _check_columns(task: "Task", split: str, column_names: list[str]) -> None:
+def _is_empty(path: Path) -> bool:
+    """No bytes, or (text formats) only whitespace; reads up to the first other byte."""
+    if path.suffix == ".parquet":
+        return path.stat().st_size == 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _check_columns(task: "Task", split: str, column_names: list[str], path: Path | None = None) -> None:
     missing = [column for column in task.columns if column not in column_names]
     if missing:
+        where = f" ({path})" if path is not None else ""
         raise ValueError(
-            f"task {task.name!r}, split {split!r}: missing column(s) {missing}; the data has {sorted(column_names)}"
+            f"task {task.name!r}, split {split!r}{where}: missing column(s) {missing}; "
+            f"the data has {sorted(column_names)}"
         )

@@ -12,16 +12,26 @@ at any moment leaves either the previous checkpoint or the new one, never half o
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 PREFIX = "checkpoint-"
+_NAME = re.compile(re.escape(PREFIX) + r"(\d+)")
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder whose files cannot be read back (the message names the file)."""
 
 
 @dataclass
@@ -58,23 +68,61 @@ def save_checkpoint(stage_dir: str | Path, step: int, state: dict[str, Any], met
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint in folder `path`; CheckpointError naming the file when one is missing or damaged."""
     path = Path(path)
-    record = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
-    return Checkpoint(path, int(record["step"]), _unflatten(record["state"], tensors), record["meta"])
+    json_file, tensor_file = path / "state.json", path / "state.safetensors"
+    try:
+        record = json.loads(json_file.read_text())
+        step, tree, meta = int(record["step"]), record["state"], record["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as error:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"cannot read checkpoint file {json_file}: {error}") from error
+    try:
+        tensors = load_file(str(tensor_file))
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"cannot read checkpoint file {tensor_file}: {error}") from error
+    try:
+        state = _unflatten(tree, tensors)
+    except KeyError as error:
+        raise CheckpointError(f"checkpoint file {tensor_file} lacks tensor {error} that {json_file} names") from None
+    return Checkpoint(path, step, state, meta)
 
 
 def list_checkpoints(stage_dir: str | Path) -> list[Path]:
+    """The `checkpoint-<step>` folders of a stage, oldest first (other folders are not checkpoints)."""
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         return []
-    found = [p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    found = [p for p in stage_dir.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(stage_dir: str | Path) -> Path | None:
     found = list_checkpoints(stage_dir)
     return found[-1] if found else None
+
+
+def load_latest_checkpoint(stage_dir: str | Path) -> Checkpoint | None:
+    """The newest checkpoint of a stage that reads back (None: the stage has none).
+
+    A damaged newest checkpoint (a disk that filled up, a file edited by hand) is skipped with a warning
+    for the one before it, which the pruning keeps (keep_checkpoints >= 2); when none reads back, the
+    CheckpointError of the newest is raised.
+    """
+    errors = []
+    for path in reversed(list_checkpoints(stage_dir)):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as error:
+            errors.append(error)
+            continue
+        for error in errors:
+            if str(error) not in _WARNED:  # once per process: a run looks at a stage more than once
+                _WARNED.add(str(error))
+                logger.warning("%s; using the older %s", error, path.name)
+        return checkpoint
+    if errors:
+        raise CheckpointError(f"{errors[0]} (and no older checkpoint reads back: pass --overwrite to start over)")
+    return None
 
 
 def remove_partial_checkpoints(stage_dir: str | Path) -> None:

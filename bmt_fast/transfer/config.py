@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import types
 import typing
@@ -53,7 +54,7 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer folder; default: name_or_path
     dtype: str = "float32"  # backbone dtype; prompts are always trained in float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    train_mode: bool = False  # False: backbone in eval mode (no dropout); it is frozen either way
+    train_mode: bool = False  # True: dropout while training (evaluation: eval mode); frozen either way
     max_source_length: int = 256  # input tokens kept per example (after the prompt)
     max_target_length: int = 16  # target tokens kept per example (including EOS)
     target_prefix: str = " "  # decoder-only: text between the input and the answer
@@ -142,7 +143,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a YAML mapping, got {type(loaded).__name__}")
         data = loaded or {}
@@ -161,7 +165,10 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {error}") from error
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -258,6 +265,7 @@ def check_config(cfg: RunConfig, command: str) -> None:
     check_values(cfg)
     check_tasks(cfg, command)
     check_files(cfg)
+    check_data(cfg, command)
 
 
 def check_values(cfg: RunConfig) -> None:
@@ -281,6 +289,7 @@ def check_values(cfg: RunConfig) -> None:
     _choice("source.sampling", s.sampling, SAMPLINGS)
     _positive_or_none("source.prior_std", s.prior_std)
     _bandwidth("source.bandwidth", s.bandwidth)
+    _backend("source.backend", s.backend)
     if isinstance(s.likelihood_scale, str):
         _choice("source.likelihood_scale", s.likelihood_scale, LIKELIHOOD_SCALES)
     else:
@@ -288,8 +297,8 @@ def check_values(cfg: RunConfig) -> None:
     _choice("target.prompt_type", t.prompt_type, PROMPT_TYPES)
     _at_least("target.rank", t.rank, 1)
     _positive("target.lowrank_lr", t.lowrank_lr)
-    if t.kde_weight < 0:
-        raise ConfigError(f"target.kde_weight must be >= 0, got {t.kde_weight}")
+    if not (t.kde_weight >= 0 and math.isfinite(t.kde_weight)):
+        raise ConfigError(f"target.kde_weight must be a finite number >= 0, got {t.kde_weight}")
     _bandwidth("target.kde_bandwidth", t.kde_bandwidth)
     _at_least("target.particle_index", t.particle_index, 0)
     _at_least("target.selection_examples", t.selection_examples, 1)
@@ -375,6 +384,26 @@ def check_tasks(cfg: RunConfig, command: str) -> None:
             raise ConfigError(f"{key}: {error}") from error
 
 
+def check_data(cfg: RunConfig, command: str) -> None:
+    """The splits a command reads exist (names; with data.data_dir, non-empty files with the task's
+    columns): a bad target split is reported before a source stage trains, not after. The data itself is
+    not loaded here (a wrong label value is reported when the split loads)."""
+    from ..tasks import get_task
+
+    needed = []
+    if source_methods_for(cfg, command):
+        needed += [("data.source_tasks", name, "train") for name in cfg.data.source_tasks]
+    if command in ("target", "transfer"):
+        needed.append(("data.target_task", cfg.data.target_task, "train"))
+    if command in ("target", "transfer", "eval"):
+        needed.append(("data.eval_split", cfg.data.target_task, cfg.data.eval_split))
+    for key, name, split in needed:
+        try:
+            get_task(name).check_split(split, cfg.data.data_dir)
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"{key}: {error}") from error
+
+
 def check_files(cfg: RunConfig) -> None:
     mc = cfg.model
     model_path = Path(os.path.expanduser(mc.name_or_path))
@@ -414,13 +443,25 @@ def _at_least(name: str, value: int, low: int) -> None:
 
 
 def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be > 0 and finite, got {value}")
 
 
 def _positive_or_none(name: str, value: float | None) -> None:
     if value is not None:
         _positive(name, value)
+
+
+def _backend(name: str, value: str) -> None:
+    """"auto" or a backend that runs in this process (`bmt_fast.available_backends()`)."""
+    from ..backends import available_backends, unavailable_backends
+
+    if value == "auto" or value in available_backends():
+        return
+    reason = unavailable_backends().get(value)
+    if reason:
+        raise ConfigError(f"{name}={value} is not available here: {reason}")
+    _choice(name, value, ("auto", *available_backends()))
 
 
 def _bandwidth(name: str, value: str | float) -> None:

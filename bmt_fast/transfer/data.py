@@ -25,12 +25,26 @@ class TaskData:
         return len(self.examples)
 
 
+class DataError(ValueError):
+    """A split that does not load (a missing file, a row the task cannot read, no examples at all)."""
+
+
+def load_examples(task: Task, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
+    """task.load(...), its errors as DataError (the CLI reports them without a traceback)."""
+    try:
+        examples = task.load(split, data_dir, limit=limit)
+    except (ValueError, KeyError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise DataError(f"{task.name} {split}: {message}") from error
+    if not examples:
+        raise DataError(f"task {task.name!r} has no {split} examples")
+    return examples
+
+
 def load_task_data(
     pm: PromptedModel, task: Task, split: str, data_dir: str | None = None, limit: int | None = None
 ) -> TaskData:
-    examples = task.load(split, data_dir, limit=limit)
-    if not examples:
-        raise ValueError(f"task {task.name!r} has no {split} examples")
+    examples = load_examples(task, split, data_dir, limit)
     return TaskData(task, examples, pm.encode(examples))
 
 

@@ -1,8 +1,16 @@
 """Evaluation of a prompt on a task: rank classification over label words, or greedy generation, scored
-by the task's own metrics; plus the mean NLL of the gold targets."""
+by the task's own metrics; plus the mean NLL of the gold targets.
+
+Every evaluation runs the backbone in eval mode (no dropout, as Hugging Face's Trainer evaluates), also
+with `model.train_mode`, and puts each module back in its previous mode afterwards: results do not vary
+from call to call, and evaluating draws no random numbers, so it does not change the training that
+follows.
+"""
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -11,7 +19,29 @@ from ..tasks import Example, Task
 from .prompts import PromptedModel
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model` in eval mode inside the block; every module's previous mode restored after it."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _in_eval_mode(fn):
+    @functools.wraps(fn)
+    def wrapper(pm: PromptedModel, *args, **kwargs):
+        with eval_mode(pm.model):
+            return fn(pm, *args, **kwargs)
+
+    return wrapper
+
+
 @torch.no_grad()
+@_in_eval_mode
 def evaluate_prompt(
     pm: PromptedModel,
     prompt: torch.Tensor,
@@ -34,6 +64,7 @@ def evaluate_prompt(
 
 
 @torch.no_grad()
+@_in_eval_mode
 def mean_nll(pm: PromptedModel, prompts: torch.Tensor, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
     """Mean gold-target NLL of each of the (M, L, hidden) prompts, shape (M,)."""
     total = torch.zeros(prompts.shape[0], dtype=torch.float64, device=pm.device)
@@ -42,6 +73,8 @@ def mean_nll(pm: PromptedModel, prompts: torch.Tensor, examples: Sequence[Exampl
     return (total / len(examples)).cpu()
 
 
+@torch.no_grad()
+@_in_eval_mode
 def rank_classify(
     pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], label_words: Sequence[str], batch_size: int
 ) -> list[str]:
@@ -55,6 +88,8 @@ def rank_classify(
     return predictions
 
 
+@torch.no_grad()
+@_in_eval_mode
 def generate(
     pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], batch_size: int, max_new_tokens: int
 ) -> list[str]:

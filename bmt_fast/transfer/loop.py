@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     remove_partial_checkpoints,
     rng_state,
     save_checkpoint,
@@ -129,18 +128,17 @@ def run_loop(
 def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog | None, world: World) -> int:
     if world.is_main:
         remove_partial_checkpoints(stage_dir)
-    path = latest_checkpoint(stage_dir)
-    if path is None:
+    checkpoint = load_latest_checkpoint(stage_dir)
+    if checkpoint is None:
         logger.info("%s: no checkpoint, starting at step 0", stage_dir)
         if log:
             log.truncate_after(0)
         return 0
-    checkpoint = load_checkpoint(path)
     trainable.load_state_dict(checkpoint.state["trainable"])
     world.set_rng_state(checkpoint.state["rng"])
     if log:
         log.truncate_after(checkpoint.step)
-    logger.info("%s: resuming from %s (step %d)", stage_dir, path.name, checkpoint.step)
+    logger.info("%s: resuming from %s (step %d)", stage_dir, checkpoint.path.name, checkpoint.step)
     return checkpoint.step
 
 

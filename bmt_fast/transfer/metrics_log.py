@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -17,14 +20,15 @@ class MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(_plain(record)) + "\n")
+            f.write(to_json(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
+        """Keep the records up to `step` (and drop a last line a killed run left half written)."""
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.write_text("".join(to_json(r) + "\n" for r in kept))
         tmp.replace(self.path)
 
 
@@ -33,21 +37,39 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file. A last line that is not JSON is what a run killed mid-write leaves: it
+    is skipped with a warning; any other line that is not JSON is an error naming the file and line."""
     if not path.exists():
         return
-    for line in path.read_text().splitlines():
-        if line.strip():
-            yield json.loads(line)
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning("%s: skipping its last line, which is cut short (%s)", path, error)
+                return
+            raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from None
+        yield record
 
 
-def _plain(value: Any) -> Any:
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON text of `value` after `plain` (NaN/Inf written as null, which JSON parsers accept)."""
+    return json.dumps(plain(value), indent=indent, allow_nan=False)
+
+
+def plain(value: Any) -> Any:
     """Floats, ints, strings, lists and dicts only; NaN/Inf become None (JSON has neither)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if hasattr(value, "tolist"):
-        return _plain(value.tolist())
+        return plain(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

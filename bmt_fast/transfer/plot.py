@@ -111,7 +111,7 @@ def _target_metrics(run_dir: Path, path: Path) -> Path | None:
         return None
     fig, axes = _figure(len(metrics), width=max(4.0, 1.2 * len(results)))
     for ax, metric in zip(axes, metrics):
-        names = [m for m in results if metric in results[m]]
+        names = [m for m in results if isinstance(results[m].get(metric), float)]  # null: not finite
         values = [results[m][metric] for m in names]
         bars = ax.bar(names, values)
         ax.bar_label(bars, fmt="%.3f", fontsize="small")

@@ -5,21 +5,30 @@ Run folder:
     source-<method>/            metrics.jsonl, checkpoint-*/, particles.safetensors, source.json
     target-<method>/            metrics.jsonl, checkpoint-*/, prompt.safetensors, eval.json, peft/
     results.json, results.md    final target metrics per method (the side-by-side table)
+
+A stage is finished when its final file is there (particles.safetensors; prompt.safetensors and
+eval.json) and its last checkpoint is at the configured number of steps. Every checkpoint records the
+configuration it was trained with: a stage is reused or resumed only under the same configuration, up
+to RESUMABLE_CHANGES (checked before anything is written: `check_outputs`). A stage without checkpoints
+(0 steps, or copied without them) is taken as it is.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..tasks import get_task
 from .aggregate import aggregate
-from .checkpoint import atomic_save_tensors, atomic_write_text, latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, atomic_save_tensors, atomic_write_text, load_latest_checkpoint
 from .config import (
     TARGET_METHODS,
     ConfigError,
@@ -30,9 +39,10 @@ from .config import (
     source_methods_for,
     to_dict,
 )
-from .data import TaskSampler, load_task_data, task_batch_sizes
+from .data import TaskSampler, load_examples, load_task_data, task_batch_sizes
 from .evaluate import evaluate_prompt, mean_nll
 from .loop import SINGLE_PROCESS, CheckpointHook, LoopSettings, World, run_loop
+from .metrics_log import plain, to_json
 from .peft_export import ADAPTER_WEIGHTS, export_peft_prompt
 from .prompts import PromptedModel, init_prompts
 from .source import ParticleTrainer, ParticleUpdate, likelihood_coefficients, source_layout
@@ -40,8 +50,12 @@ from .target import KDEPrior, TargetPrompt, TargetTrainer
 
 PARTICLES_FILE = "particles.safetensors"
 PROMPT_FILE = "prompt.safetensors"
+EVAL_FILE = "eval.json"
+FINAL_FILES = {"source": (PARTICLES_FILE,), "target": (PROMPT_FILE, EVAL_FILE)}
+logger = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption: they do not change the trajectory (evaluation
-# settings, bookkeeping, the device a run continues on), or they only extend it (steps).
+# settings, bookkeeping, the device a run continues on), or they only extend it (steps: a finished stage
+# resumed with more steps trains on from its last checkpoint; fewer steps than it has is an error).
 RESUMABLE_CHANGES = (
     "steps",
     "log_every",
@@ -159,7 +173,7 @@ class Run:
     def source(self, method: str, on_checkpoint: Sequence[CheckpointHook] = ()) -> torch.Tensor:
         """Train (or, when finished earlier, load) the particles of a source method: (M, L, hidden)."""
         stage_dir = self.source_dir(method)
-        if (stage_dir / PARTICLES_FILE).exists():
+        if self.finished("source", method):
             return load_particles(stage_dir)
         trainer, summary = self.source_trainer(method)
         self._train(stage_dir, trainer, self.cfg.source, "source", method, on_checkpoint)
@@ -214,8 +228,8 @@ class Run:
     def target(self, method: str, on_checkpoint: Sequence[CheckpointHook] = ()) -> dict[str, float]:
         """Adapt a target prompt initialised by `method`; returns its final evaluation."""
         stage_dir = self.target_dir(method)
-        if (stage_dir / PROMPT_FILE).exists() and (stage_dir / "eval.json").exists():
-            return json.loads((stage_dir / "eval.json").read_text())
+        if self.finished("target", method):
+            return json.loads((stage_dir / EVAL_FILE).read_text())
         trainer = self.target_trainer(method)
         self._train(stage_dir, trainer, self.cfg.target, "target", method, on_checkpoint)
         final = trainer.current_prompt()
@@ -223,9 +237,11 @@ class Run:
             atomic_save_tensors(stage_dir / PROMPT_FILE, {"prompt": final}, {"method": method})
             if self.cfg.target.export_peft:
                 self.export_peft(final, stage_dir / "peft")
-        metrics = {"method": method, "split": self.cfg.data.eval_split, **trainer.evaluate(final)}
+        # JSON has no NaN or Inf: a non-finite metric is null in eval.json, and None here.
+        metrics = plain({"method": method, "split": self.cfg.data.eval_split, **trainer.evaluate(final)})
         if self.world.is_main:
-            atomic_write_text(stage_dir / "eval.json", json.dumps(metrics, indent=1))
+            _warn_if_not_finite(f"target {method}", metrics)
+            atomic_write_text(stage_dir / EVAL_FILE, to_json(metrics, indent=1))
         self.world.barrier()
         return metrics
 
@@ -248,7 +264,7 @@ class Run:
     def evaluator(self, task, split: str):
         """prompt -> {"examples": n, "loss": ..., **task metrics} on `split` of `task`."""
         cfg, tc, pm = self.cfg, self.cfg.target, self.pm
-        examples = task.load(split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
+        examples = load_examples(task, split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
 
         def evaluate(prompt: torch.Tensor) -> dict[str, float]:
             metrics = evaluate_prompt(
@@ -277,7 +293,8 @@ class Run:
             f"{stage} {method}",
         )
         meta = {"stage": stage, "method": method, "config": to_dict(self.cfg)}
-        self._check_resumable(stage_dir, meta)
+        if self.resume:
+            self.check_stage(stage, method)  # done by check_outputs for the command's own stages
         run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint, world=self.world)
 
     def initial_target(self, particles: torch.Tensor | None, how: str, train_examples) -> torch.Tensor:
@@ -303,42 +320,116 @@ class Run:
     # -- evaluation -----------------------------------------------------------------------------------
 
     def evaluate(self, prompt_path: str | None = None, split: str | None = None) -> dict[str, dict[str, Any]]:
-        """Metrics of each target method's prompt (or of the prompt file given) on the evaluation split."""
+        """Metrics of each target method's prompt (or of the prompt file given) on the evaluation split.
+
+        Without `prompt_path`, results.json / results.md are replaced by these results (on `split`)."""
         split = split or self.cfg.data.eval_split
+        task = get_task(self.cfg.data.target_task)
+        try:
+            task.check_split(split, self.cfg.data.data_dir)
+        except (ValueError, OSError) as error:  # before the prompts are read and the model is loaded
+            raise ConfigError(f"--split {split}: {error}") from error
         prompts = (
             {Path(prompt_path).name: read_prompt(prompt_path)}
             if prompt_path
             else {m: read_prompt(self.target_dir(m) / PROMPT_FILE) for m in self.cfg.target.methods}
         )
-        evaluate = self.evaluator(get_task(self.cfg.data.target_task), split)
-        results = {name: {"split": split, **evaluate(prompt)} for name, prompt in prompts.items()}
+        for name, prompt in prompts.items():
+            if prompt.dim() != 2 or prompt.shape[1] != self.pm.hidden_size:
+                raise ConfigError(
+                    f"prompt {name}: shape {tuple(prompt.shape)}, but {self.cfg.model.name_or_path} takes "
+                    f"(L, {self.pm.hidden_size}) prompts"
+                )
+        evaluate = self.evaluator(task, split)
+        results = {name: plain({"split": split, **evaluate(prompt)}) for name, prompt in prompts.items()}
         if not prompt_path and self.world.is_main:
             write_results(self.dir, results)
         self.world.barrier()
         return results
 
+    def with_other_methods(self, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """`results` followed by the eval.json of every other target method finished in the run folder under
+        this configuration (checkpoints trained with the same settings) on the same split: the table of
+        `target` / `transfer` covers the whole run folder, not only the methods of the last command."""
+        out = dict(results)
+        for folder in sorted(self.dir.glob("target-*")):
+            method = folder.name[len("target-") :]
+            if method in out or method not in TARGET_METHODS or not self.finished("target", method):
+                continue
+            problem = self.stage_mismatch("target", method, as_input=True)
+            if problem:
+                logger.info("results: leaving out %s: %s", folder.name, problem[0])
+                continue
+            try:
+                row = json.loads((folder / EVAL_FILE).read_text())
+            except ValueError as error:
+                logger.warning("results: leaving out %s: %s is not JSON (%s)", folder.name, EVAL_FILE, error)
+                continue
+            if isinstance(row, dict) and row.get("split") == self.cfg.data.eval_split:
+                out[method] = row
+        return out
+
     # -- resume bookkeeping ---------------------------------------------------------------------------
 
-    def _check_resumable(self, stage_dir: Path, meta: dict[str, Any]) -> None:
-        path = latest_checkpoint(stage_dir)
-        if not self.resume or path is None:
-            return
-        saved = _trajectory_config(load_checkpoint(path).meta.get("config", {}), meta["stage"])
-        current = _trajectory_config(meta["config"], meta["stage"])
+    def finished(self, stage: str, method: str) -> bool:
+        """Whether the stage's final files are there and its last checkpoint (if any) is at `steps`."""
+        stage_dir = self.dir / f"{stage}-{method}"
+        if not all((stage_dir / name).exists() for name in FINAL_FILES[stage]):
+            return False
+        checkpoint = load_latest_checkpoint(stage_dir)
+        return checkpoint is None or checkpoint.step == getattr(self.cfg, stage).steps
+
+    def check_stage(self, stage: str, method: str, *, as_input: bool = False) -> None:
+        """ConfigError unless the stage's last checkpoint was trained under this run's configuration (up to
+        RESUMABLE_CHANGES) and is at most at `steps`. as_input: the stage is used as it is (the source
+        stages of `target`), so it must also be finished at exactly `steps`."""
+        problem = self.stage_mismatch(stage, method, as_input=as_input)
+        if problem:
+            reason, hint = problem
+            verb = "use" if as_input else "resume"
+            raise ConfigError(f"cannot {verb} {self.dir / f'{stage}-{method}'}: {reason}; {hint}")
+
+    def stage_mismatch(self, stage: str, method: str, *, as_input: bool = False) -> tuple[str, str] | None:
+        """(what is wrong, what to do) when `check_stage` would refuse the stage; None when it accepts it."""
+        stage_dir = self.dir / f"{stage}-{method}"
+        try:
+            checkpoint = load_latest_checkpoint(stage_dir)
+        except CheckpointError as error:
+            return str(error), "pass --overwrite to train it again"
+        if checkpoint is None:
+            return None
+        steps = getattr(self.cfg, stage).steps
+        saved = _trajectory_config(checkpoint.meta.get("config", {}), stage, method, with_steps=as_input)
+        current = _trajectory_config(to_dict(self.cfg), stage, method, with_steps=as_input)
+        again = "pass --overwrite to train it again"
+        if as_input:
+            again = f"train it again with `bmt-fast {stage} --overwrite`"
         if saved != current:
             changes = ", ".join(_differences(saved, current))
-            raise ConfigError(f"cannot resume {stage_dir}: the configuration changed ({changes})")
+            return f"the configuration changed ({changes})", f"use the configuration it was trained with, or {again}"
+        if checkpoint.step > steps:
+            return f"it has trained {checkpoint.step} steps, more than {stage}.steps={steps}", again
+        if as_input and checkpoint.step < steps:
+            return f"it is unfinished (step {checkpoint.step} of {steps})", f"run `bmt-fast {stage} --resume` first"
+        return None
 
 
 def stages_of(cfg: RunConfig, command: str) -> list[str]:
-    stages = [f"source-{m}" for m in source_methods_for(cfg, command)] if command in ("source", "transfer") else []
+    return [f"{stage}-{method}" for stage, method in _stages(cfg, command)]
+
+
+def _stages(cfg: RunConfig, command: str) -> list[tuple[str, str]]:
+    """(stage, method) of every stage `command` runs."""
+    stages = [("source", m) for m in source_methods_for(cfg, command)] if command in ("source", "transfer") else []
     if command in ("target", "transfer"):
-        stages += [f"target-{m}" for m in cfg.target.methods]
+        stages += [("target", m) for m in cfg.target.methods]
     return stages
 
 
 def check_outputs(run: Run, command: str, overwrite: bool) -> None:
-    """Refuse to silently reuse or clobber results; check that inputs from earlier stages exist."""
+    """Refuse to silently reuse or clobber results: the inputs from earlier stages must exist and match the
+    configuration; with --resume, so must the command's own stages (finished or not); without it, their
+    folders must be empty."""
     if command == "target":
         for method in source_methods_for(run.cfg, "target"):
             if not (run.source_dir(method) / PARTICLES_FILE).exists():
@@ -346,13 +437,14 @@ def check_outputs(run: Run, command: str, overwrite: bool) -> None:
                     f"target needs the {method} source particles: {run.source_dir(method) / PARTICLES_FILE} "
                     f"is missing (run `bmt-fast source` with source.method={method}, or `bmt-fast transfer`)"
                 )
-    if command == "eval":
+            run.check_stage("source", method, as_input=True)
+    if command == "eval" or overwrite:
         return
-    if overwrite or run.resume:
-        return
-    for stage in stages_of(run.cfg, command):
-        folder = run.dir / stage
-        if folder.is_dir() and any(folder.iterdir()):
+    for stage, method in _stages(run.cfg, command):
+        folder = run.dir / f"{stage}-{method}"
+        if run.resume:
+            run.check_stage(stage, method)
+        elif folder.is_dir() and any(folder.iterdir()):
             raise ConfigError(f"{folder} already has results: pass --resume to continue it, or --overwrite")
 
 
@@ -364,41 +456,87 @@ def load_particles(stage_dir: str | Path) -> torch.Tensor:
 
 
 def read_prompt(path: str | Path) -> torch.Tensor:
-    """An (L, hidden) prompt from our prompt.safetensors or a PEFT prompt-tuning adapter folder."""
+    """An (L, hidden) prompt from our prompt.safetensors or a PEFT prompt-tuning adapter folder.
+
+    FileNotFoundError when there is none; ConfigError naming the file when it is not such a prompt."""
     path = Path(path)
     if path.is_dir():
         path = path / ADAPTER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no prompt at {path}")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise ConfigError(f"{path} is not a safetensors file: {error}") from error
     for key in ("prompt", "prompt_embeddings"):
         if key in tensors:
+            if tensors[key].dim() != 2:
+                raise ConfigError(f"{path}: {key!r} has shape {tuple(tensors[key].shape)}, not (L, hidden)")
             return tensors[key].float()
-    raise ValueError(f"{path} holds neither 'prompt' nor 'prompt_embeddings' (keys: {sorted(tensors)})")
+    raise ConfigError(f"{path} holds neither 'prompt' nor 'prompt_embeddings' (keys: {sorted(tensors)})")
 
 
 def write_results(run_dir: Path, results: dict[str, dict[str, Any]]) -> None:
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(run_dir / "results.json", to_json(results, indent=1))
     atomic_write_text(run_dir / "results.md", results_table(results))
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: one row per method, one column per metric."""
-    metrics = sorted({k for r in results.values() for k, v in r.items() if isinstance(v, float)})
+    """Markdown table: one row per method, one column per metric (n/a: not finite, null in the JSON)."""
+    metrics = sorted(
+        {k for r in results.values() for k, v in r.items() if isinstance(v, float) or (v is None and k != "method")}
+    )
     lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.4f}" if m in row else "" for m in metrics) + " |")
+        cells = [_cell(row, m) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _trajectory_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The configuration that determines a stage's trajectory (what must not change across a resume)."""
-    drop = set(RESUMABLE_CHANGES) | {"output_dir"} | ({"target"} if stage == "source" else set())
-    return {
+def _cell(row: dict[str, Any], metric: str) -> str:
+    if metric not in row:
+        return ""
+    value = row[metric]
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def _trajectory_config(
+    config: dict[str, Any], stage: str, method: str | None = None, with_steps: bool = False
+) -> dict[str, Any]:
+    """The configuration that determines a stage's trajectory (what must not change across a resume):
+    all but RESUMABLE_CHANGES and the settings the stage does not read (a source stage: the target section
+    and data.target_task; a target stage without a source stage: the source section and
+    data.source_tasks). A target stage starts from the particles of its source stage: source.steps counts.
+    with_steps: the stage's own steps count too."""
+    drop = set(RESUMABLE_CHANGES) | {"output_dir"}
+    out = {
         section: ({k: v for k, v in values.items() if k not in drop} if isinstance(values, dict) else values)
         for section, values in config.items()
         if section not in drop
     }
+    data = out.get("data", {})
+    if stage == "source":
+        out.pop("target", None)
+        data.pop("target_task", None)
+    elif method in TARGET_METHODS and TARGET_METHODS[method][0] is None:
+        out.pop("source", None)
+        data.pop("source_tasks", None)
+    elif isinstance(out.get("source"), dict):
+        out["source"]["steps"] = config["source"].get("steps")
+    if with_steps and isinstance(out.get(stage), dict):
+        out[stage]["steps"] = config[stage].get("steps")
+    return out
+
+
+def _warn_if_not_finite(name: str, metrics: dict[str, Any]) -> None:
+    bad = [k for k, v in metrics.items() if v is None or (isinstance(v, float) and not math.isfinite(v))]
+    if bad:
+        logger.warning(
+            "%s: %s not finite (null in eval.json): the prompt or the backbone's activations overflowed "
+            "(a learning rate or prompt.init_std too large, or float16?)",
+            name,
+            ", ".join(bad),
+        )
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -13,9 +13,11 @@ import torch
 
 from bmt_fast.transfer import Run
 from bmt_fast.transfer.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_latest_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
 )
@@ -172,3 +174,88 @@ def test_resume_refuses_a_changed_configuration(backbones, model_dirs, tmp_path)
     longer = make_config(tmp_path, model_dirs["llama"], source={"steps": 6, "checkpoint_every": 2})
     assert Run(longer, "source", pm=pm, resume=True).source("bmtpt").shape == (3, 4, 32)  # more steps is fine
     assert read_metrics(tmp_path / "source-bmtpt" / "metrics.jsonl")[-1]["step"] == 6
+
+
+def test_a_finished_stage_is_reused_only_under_its_configuration(backbones, model_dirs, tmp_path):
+    pm = backbones["llama"]
+    source = {"steps": 4, "checkpoint_every": 2}
+    Run(make_config(tmp_path, model_dirs["llama"], source=source), "source", pm=pm).source("bmtpt")
+    finished = load_particles(tmp_path / "source-bmtpt")
+
+    changed = make_config(tmp_path, model_dirs["llama"], source=source, prompt={"length": 6})
+    change = r"source-bmtpt: the configuration changed \(prompt.length: 4 -> 6\)"
+    with pytest.raises(ConfigError, match="cannot resume .*" + change):
+        Run(changed, "source", pm=pm, resume=True)
+    with pytest.raises(ConfigError, match="cannot use .*" + change):
+        Run(changed, "target", pm=pm)  # target trains from these particles as they are
+    target = {"methods": ["bmtpt_particle"], "particle_index": 4}
+    more = make_config(tmp_path, model_dirs["llama"], source={**source, "num_particles": 5}, target=target)
+    with pytest.raises(ConfigError, match=r"source.num_particles: 3 -> 5"):
+        Run(more, "target", pm=pm)
+    fewer = make_config(tmp_path, model_dirs["llama"], source={**source, "steps": 2})
+    with pytest.raises(ConfigError, match="it has trained 4 steps, more than source.steps=2"):
+        Run(fewer, "source", pm=pm, resume=True)
+    with pytest.raises(ConfigError, match=r"source.steps: 4 -> 2"):
+        Run(fewer, "target", pm=pm)
+    # What does not change the trajectory may change; the same configuration reuses the stage as it is.
+    same = make_config(tmp_path, model_dirs["llama"], source={**source, "log_every": 3}, data={"target_task": "echo"})
+    assert torch.equal(Run(same, "source", pm=pm, resume=True).source("bmtpt"), finished)
+
+    # More steps continue the finished stage: the particles of a 6-step run, not the 4-step ones.
+    longer = make_config(tmp_path, model_dirs["llama"], source={**source, "steps": 6})
+    extended = Run(longer, "source", pm=pm, resume=True).source("bmtpt")
+    fresh = make_config(tmp_path / "fresh", model_dirs["llama"], source={**source, "steps": 6})
+    assert torch.equal(extended, Run(fresh, "source", pm=pm).source("bmtpt"))
+    assert torch.equal(load_particles(tmp_path / "source-bmtpt"), extended) and not torch.equal(extended, finished)
+
+
+def test_the_cli_refuses_a_finished_run_with_another_configuration_before_rewriting_config_yaml(model_dirs, tmp_path):
+    from bmt_fast.cli import main
+    from bmt_fast.transfer.config import load_config
+
+    cfg = make_config(tmp_path / "run", model_dirs["llama"], source={"steps": 2}, target={"steps": 2})
+    dump_config(cfg, tmp_path / "run.yaml")
+    config = ["--config", str(tmp_path / "run.yaml")]
+    assert main(["transfer", *config]) == 0
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    assert main(["transfer", *config, "--resume", "prompt.length=10", "target.steps=8"]) == 2
+    assert main(["source", *config, "--resume", "source.steps=1"]) == 2
+    assert main(["target", *config, "prompt.length=6", "--overwrite"]) == 2
+    assert (tmp_path / "run" / "config.yaml").read_text() == written  # still the configuration that trained
+    assert main(["transfer", *config, "--resume", "target.steps=3"]) == 0  # more steps: trained on
+    assert load_config(tmp_path / "run" / "config.yaml").target.steps == 3
+    assert latest_checkpoint(tmp_path / "run" / "target-bmtpt").name == "checkpoint-00000003"
+
+
+def test_damaged_checkpoints_are_named_and_the_older_one_is_used(tmp_path, caplog):
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, {"t": torch.full((3,), float(step))}, {}, keep=2)
+    (tmp_path / "checkpoint-best").mkdir()  # not a checkpoint-<step> folder: ignored
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000004"]
+    newest = tmp_path / "checkpoint-00000004" / "state.safetensors"
+    newest.write_bytes(newest.read_bytes()[:40])  # a disk that filled up
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint file {newest}"):
+        load_checkpoint(newest.parent)
+    with caplog.at_level("WARNING"):
+        checkpoint = load_latest_checkpoint(tmp_path)
+    assert checkpoint.step == 2 and torch.equal(checkpoint.state["t"], torch.full((3,), 2.0))
+    assert "using the older checkpoint-00000002" in caplog.text
+    (tmp_path / "checkpoint-00000002" / "state.json").write_text('{"step": 2, "sta')
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000004/state.safetensors.*--overwrite"):
+        load_latest_checkpoint(tmp_path)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(backbones, model_dirs, tmp_path):
+    pm = backbones["llama"]
+    cfg = make_config(tmp_path, model_dirs["llama"], source={"steps": 4, "checkpoint_every": 2})
+    with pytest.raises(_Crash):
+        Run(cfg, "source", pm=pm).source("bmtpt", on_checkpoint=[_crash_at(2)])
+    log = tmp_path / "source-bmtpt" / "metrics.jsonl"
+    with log.open("a") as f:
+        f.write('{"step": 3, "loss/topic": 1.')  # killed in the middle of a write
+    assert [r["step"] for r in read_metrics(log)] == [1, 2]
+    Run(cfg, "source", pm=pm, resume=True).source("bmtpt")
+    assert [r["step"] for r in read_metrics(log)] == [1, 2, 3, 4]
+    log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2: not a JSON record"):
+        read_metrics(log)  # only a last line can be cut short by a crash

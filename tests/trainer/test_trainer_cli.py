@@ -46,3 +46,78 @@ def test_transfer_eval_plot(model_dirs, tmp_path, capsys):
 def test_plot_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "run folder not found" in capsys.readouterr().err
+
+
+def _config(tmp_path, model_dirs, **changes):
+    from conftest import merge
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(merge(base_dict(tmp_path / "run", model_dirs["llama"]), changes)))
+    return ["--config", str(path)]
+
+
+def test_results_cover_every_method_finished_in_the_run_folder(model_dirs, tmp_path, capsys):
+    config = _config(tmp_path, model_dirs, source={"steps": 2}, target={"steps": 2})
+    run_dir = tmp_path / "run"
+    assert main(["transfer", *config]) == 0
+    assert main(["target", *config, "target.methods=[prompt_tuning]"]) == 0
+    table = capsys.readouterr().out
+    assert "| prompt_tuning |" in table and "| bmtpt |" in table
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning", "bmtpt"]
+    assert "| bmtpt |" in (run_dir / "results.md").read_text()
+    # A method trained under other settings is no row of this configuration's table.
+    assert main(["target", *config, "target.methods=[prompt_tuning]", "target.lr=0.2", "--overwrite"]) == 0
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
+    # `eval` replaces the table by what it evaluated (maybe on another split), as documented.
+    assert main(["eval", *config, "--split", "train"]) == 0
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["bmtpt"]
+
+
+def _strict_json(path):
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which JSON does not have")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_non_finite_metrics_are_null_in_valid_json_and_reported(model_dirs, tmp_path, capsys, caplog):
+    # float16 activations overflow with a prompt of norm ~1e6: the evaluation loss is not finite
+    config = _config(
+        tmp_path,
+        model_dirs,
+        model={"dtype": "float16"},
+        prompt={"init": "normal", "init_std": 1.0e6},
+        target={"methods": ["prompt_tuning"], "steps": 1},
+    )
+    with caplog.at_level("WARNING"):
+        assert main(["target", *config]) == 0
+    eval_json = _strict_json(tmp_path / "run" / "target-prompt_tuning" / "eval.json")
+    assert eval_json["loss"] is None and 0.0 <= eval_json["accuracy"] <= 1.0
+    assert _strict_json(tmp_path / "run" / "results.json") == {"prompt_tuning": eval_json}
+    assert "| prompt_tuning | " in capsys.readouterr().out and "n/a" in (tmp_path / "run" / "results.md").read_text()
+    assert "target prompt_tuning: loss not finite" in caplog.text
+
+
+def test_errors_of_the_user_are_messages_not_tracebacks(model_dirs, tmp_path, capsys):
+    config = _config(tmp_path, model_dirs, target={"methods": ["prompt_tuning"]})
+    (tmp_path / "bad.safetensors").write_text("not a safetensors file")
+    assert main(["eval", *config, "--prompt", str(tmp_path / "bad.safetensors")]) == 2
+    assert f"{tmp_path / 'bad.safetensors'} is not a safetensors file" in capsys.readouterr().err
+    assert main(["eval", *config, "--split", "nope"]) == 2
+    assert "--split nope: task 'product_sentiment' has no split 'nope'" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("source: {steps: [1,\n")
+    assert main(["source", "--config", str(tmp_path / "broken.yaml")]) == 2
+    assert "broken.yaml is not valid YAML" in capsys.readouterr().err
+
+
+def test_plot_skips_a_last_metrics_line_cut_short(model_dirs, tmp_path, capsys):
+    config = _config(tmp_path, model_dirs, source={"steps": 2})
+    assert main(["source", *config]) == 0
+    with (tmp_path / "run" / "source-bmtpt" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "spre')
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    assert sorted(p.rsplit("/", 1)[-1] for p in capsys.readouterr().out.split()) == [
+        "particle_spread.png",
+        "source_loss.png",
+    ]

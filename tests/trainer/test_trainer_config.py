@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bmt_fast.cli import COMMANDS, build_parser, main, register_command
@@ -40,6 +42,7 @@ def test_yaml_and_overrides(tmp_path):
         (["source.lr=fast"], "source.lr must be a number"),
         (["progress=maybe"], "progress must be true or false"),
         (["source"], "must look like section.key=value"),
+        (["source.lr=[1,"], r"override 'source.lr=\[1,': the value is not valid YAML"),
     ],
 )
 def test_malformed_configs(items, message):
@@ -52,12 +55,22 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_config_file_that_is_not_yaml(tmp_path):
+    (tmp_path / "run.yaml").write_text("source: {steps: 3\ntarget: [")
+    with pytest.raises(ConfigError, match="run.yaml is not valid YAML"):
+        load_config(tmp_path / "run.yaml")
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
         ({"source": {"num_particles": 0}}, "source.num_particles must be >= 1"),
         ({"prompt": {"length": 0}}, "prompt.length must be >= 1"),
         ({"source": {"lr": 0.0}}, "source.lr must be > 0"),
+        ({"source": {"lr": float("inf")}}, "source.lr must be > 0 and finite, got inf"),
+        ({"target": {"kde_weight": float("nan")}}, "target.kde_weight must be a finite number >= 0"),
+        ({"source": {"backend": "bogus"}}, "source.backend must be one of auto, torch"),
+        ({"data": {"eval_split": "test"}}, "data.eval_split: task 'product_sentiment' has no split 'test'"),
         ({"target": {"lr": -1.0}}, "target.lr must be > 0"),
         ({"target": {"lowrank_lr": 0.0}}, "target.lowrank_lr must be > 0"),
         ({"source": {"sampling": "random"}}, "source.sampling must be one of proportional, uniform"),
@@ -88,6 +101,36 @@ def test_bad_configs_fail_before_any_work(model_dirs, tmp_path, changes, message
     with pytest.raises(ConfigError, match=message):
         Run(cfg, "transfer")
     assert not (tmp_path / "run").exists()  # nothing was written, no model was loaded
+
+
+def _rte_files(folder, train=None, validation=None):
+    """<folder>/rte/{train,validation}.jsonl in the hub's schema (rows, or the text of the file)."""
+    row = {"sentence1": "A man sleeps.", "sentence2": "A man is awake.", "label": 1, "idx": 0}
+    (folder / "rte").mkdir(parents=True)
+    for split, content in (("train", train), ("validation", validation)):
+        if content is None:
+            content = [row]
+        if content is not False:
+            text = content if isinstance(content, str) else "".join(json.dumps(r) + "\n" for r in content)
+            (folder / "rte" / f"{split}.jsonl").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"train": [{"sentence1": "a", "label": 0}]}, r"data.target_task: .*missing column\(s\) \['sentence2'\]"),
+        ({"train": ""}, "data.target_task: task 'rte', split 'train': .*train.jsonl is empty"),
+        ({"validation": False}, "data.eval_split: no validation file for task 'rte'"),
+    ],
+)
+def test_target_data_files_are_checked_before_the_source_stage_trains(model_dirs, tmp_path, files, message):
+    data = _rte_files(tmp_path / "data", **files)
+    cfg = make_config(tmp_path / "run", model_dirs["llama"], data={"target_task": "rte", "data_dir": str(data)})
+    with pytest.raises(ConfigError, match=message):
+        Run(cfg, "transfer")
+    assert not (tmp_path / "run").exists()
+    check_config(cfg, "source")  # the source stage does not read the target task
 
 
 def test_target_needs_finished_source_stages(model_dirs, tmp_path):

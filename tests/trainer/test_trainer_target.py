@@ -171,3 +171,21 @@ def test_target_eval_json_and_results_table(backbones, model_dirs, tmp_path):
     assert again["prompt_tuning"]["accuracy"] == metrics["accuracy"]
     table = (tmp_path / "results.md").read_text()
     assert "| prompt_tuning |" in table and "accuracy" in table
+
+
+def test_evaluation_runs_the_backbone_in_eval_mode_and_restores_its_mode(model_dirs, tmp_path):
+    from bmt_fast.transfer import load_backbone
+
+    # model.train_mode: dropout (the tiny T5 has 0.1) while training, never while evaluating
+    pm = load_backbone(make_config(tmp_path, model_dirs["t5"], model={"train_mode": True}))
+    assert pm.model.training
+    prompt = torch.randn(4, pm.hidden_size, generator=torch.Generator().manual_seed(0))
+    for name in ("echo", "product_sentiment"):  # generation, rank classification
+        task = TASKS[name]
+        examples = task.examples["validation"][:6]
+        rng = torch.get_rng_state()
+        first = evaluate_prompt(pm, prompt, task, examples, batch_size=4, max_new_tokens=4)
+        assert torch.equal(torch.get_rng_state(), rng)  # no dropout masks drawn: training is unchanged
+        assert evaluate_prompt(pm, prompt, task, examples, batch_size=4, max_new_tokens=4) == first
+        assert torch.equal(mean_nll(pm, prompt[None], examples, 4), mean_nll(pm, prompt[None], examples, 4))
+        assert all(module.training for module in pm.model.modules())
