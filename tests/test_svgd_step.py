@@ -242,6 +242,19 @@ def test_backend_choice_is_remembered_until_a_rule_changes():
             select(None, "svgd_step", x)
 
 
+@pytest.mark.parametrize("n", [4, 13, 64, 100])  # the CPU Gram path up to 64 particles, the tiled one beyond
+@pytest.mark.parametrize("h", [1e-2, 1e-4, 1e-6])
+def test_float32_with_a_tiny_bandwidth(cpu_backend, n, h):
+    """A fixed H far below the squared distances (particles that barely interact: phi is about score / n).
+    Folded into w_i = score_i - (2/H) x_i, a particle's own term k_ii = 1 was w_i + (2/H) x_i, whose two
+    large terms cancel: the CPU kernels' fp32 error was 0.6 at H = 1e-6 (4 particles at spread 10), the
+    reference's 0. They now add score_i / n itself."""
+    x, score = torch.randn(n, 24) * 10, torch.randn(n, 24)
+    hb = torch.tensor(h, dtype=torch.float64)
+    expected = reference.svgd_step(x.double(), score.double(), hb)
+    assert relative_error(bmt_fast.svgd_step(x, score, h, backend=cpu_backend), expected) < 1e-6
+
+
 @requires_cpu_extension
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
@@ -268,6 +281,11 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "        for i, k in ((0, 0), (n - 1, d - 1), (n // 2, d // 3)):\n"
         "            sb = s.to(dt); sb[i, k] = float('nan')\n"
         "            assert not bool(torch.ops.bmt_fast.svgd_step_into(x.to(dt), sb, None, algo, out=out)), (n, d, dt, i, k)\n"
+        "    x = torch.randn(n, d) * 10; s = torch.randn(n, d); h = torch.tensor(1e-6, dtype=torch.float64)\n"
+        "    phi = torch.ops.bmt_fast.svgd_step(x, s, h, algo)\n"
+        "    ref = reference.svgd_step(x.double(), s.double(), h)\n"
+        "    err = float((phi.double() - ref).abs().max() / ref.abs().max())\n"
+        "    assert err < 1e-6, ('a tiny H', n, d, err)  # the own term k_ii = 1 is not folded\n"
         "print(bmt_fast._extension.CPU.module.build_info()['cpu_isa'])\n"
     )
     env = subprocess_env(BMT_FAST_CPU_ISA=isa)
@@ -344,6 +362,6 @@ def test_torch_compile_fullgraph_with_out():
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     x, score = particles(5, 3)
-    out = torch.empty(5, 3)
+    out = torch.empty_like(x)
     compiled(x, score, out)
-    torch.testing.assert_close(out, step(x, score, torch.empty(5, 3)))
+    torch.testing.assert_close(out, step(x, score, torch.empty_like(x)))

@@ -409,40 +409,47 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, const In* y, int64_t nx, int
 
 // One vector of columns (count of them; all lanes when Full) of R output rows ib..ib+R-1 (rows past n
 // are computed from kt's zero padding and not stored):
-//   phi_i = c_i xc_i + sum_j kn_ij (g_j - a xc_j),   xc = x - s,
+//   phi_i = c_i xc_i + g_i / n + sum_{j != i} kn_ij (g_j - a xc_j),   xc = x - s,
 // with R accumulators in registers, each x_j and g_j loaded straight from the input and w_j formed in
 // a register: no centred copy is written. kt holds this block's K/n transposed (kt[j * R + r]), so the
-// R broadcasts of one j come from one cache line.
+// R broadcasts of one j come from one cache line; its diagonal is 0 and c_i = a sum_{j != i} kn_ij: a
+// row's own term k_ii = 1 is g_i / n exactly. (Folded into w_i it was (g_i - a xc_i) / n + a xc_i / n,
+// whose two large terms cancel when the other k_ij are small: an error of eps a |xc_i| / n.) own = 1/n.
 template <int R, bool Full, typename In, typename T>
 BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t ib, int64_t k,
-                                  int64_t count, const T* kt, const T* c, vec_t<T> va, vec_t<T> s,
+                                  int64_t count, const T* kt, const T* c, vec_t<T> va, vec_t<T> s, vec_t<T> own,
                                   vec_t<T>& bad) {
   auto load_in = [&](const In* p) { return Full ? load_as<T>(p) : load_part_as<T>(p, count); };
   vec_t<T> acc[R];
-  auto step = [&](int64_t j) BMT_FAST_INLINE_LAMBDA {
+  auto step = [&](int64_t j, vec_t<T>* gj) BMT_FAST_INLINE_LAMBDA {
     const vec_t<T> xc = load_in(x + j * d + k) - s;
-    const vec_t<T> w = load_in(g + j * d + k) - va * xc;
+    const vec_t<T> gv = load_in(g + j * d + k);
+    const vec_t<T> w = gv - va * xc;
     for (int r = 0; r < R; ++r) acc[r] += broadcast(T(kt[j * R + r])) * w;
+    if (gj) *gj = gv;
     return xc;
   };
   if (ib + R <= n) {
-    // The block's own rows add c_i xc_i where their x is loaded anyway: each line of x and of g is read
-    // once per block. Rows whose lines share a cache set (a row stride that is a multiple of 4 KiB, the
-    // usual case: d = prompt length x hidden size) would otherwise evict each other between two reads.
+    // The block's own rows add c_i xc_i + g_i / n where their x and g are loaded anyway: each line of x
+    // and of g is read once per block. Rows whose lines share a cache set (a row stride that is a multiple
+    // of 4 KiB, the usual case: d = prompt length x hidden size) would otherwise evict each other between
+    // two reads.
     for (int r = 0; r < R; ++r) acc[r] = vec_t<T>{};
-    for (int64_t j = 0; j < ib; ++j) step(j);
+    for (int64_t j = 0; j < ib; ++j) step(j, nullptr);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {  // unrolled: acc stays in registers
-      const vec_t<T> xc = step(ib + r);
+      vec_t<T> gr;
+      const vec_t<T> xc = step(ib + r, &gr);
       acc[r] += broadcast(T(c[ib + r])) * xc;
+      acc[r] += own * gr;
     }
-    for (int64_t j = ib + R; j < n; ++j) step(j);
+    for (int64_t j = ib + R; j < n; ++j) step(j, nullptr);
   } else {  // the last, partial block: padding rows (c = 0) are computed, not stored
     for (int r = 0; r < R; ++r) {
       const int64_t i = ib + r < n ? ib + r : n - 1;
-      acc[r] = broadcast(T(c[ib + r])) * (load_in(x + i * d + k) - s);
+      acc[r] = broadcast(T(c[ib + r])) * (load_in(x + i * d + k) - s) + own * load_in(g + i * d + k);
     }
-    for (int64_t j = 0; j < n; ++j) step(j);
+    for (int64_t j = 0; j < n; ++j) step(j, nullptr);
   }
   if (Full && std::is_same_v<In, T> && ib + R <= n) {  // phi is not read again: store past the caches
     for (int r = 0; r < R; ++r) {
@@ -482,7 +489,7 @@ constexpr int64_t kApplyPrefetchVectors = 4;
 template <bool Full, typename In, typename T>
 BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t k,
                                           int64_t count, int64_t col_end, const T* shift, const T* kt,
-                                          const T* c, vec_t<T> va, vec_t<T>& bad) {
+                                          const T* c, vec_t<T> va, vec_t<T> own, vec_t<T>& bad) {
   constexpr int L = kLanes<T>;
   const int64_t ahead = k + kApplyPrefetchVectors * L;
   if (Full && ahead < col_end) {
@@ -496,13 +503,13 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
     const int R = apply_block_rows(n, ib);
     const T* kb = kt + ib * n;
     if constexpr (kApplyMaxRows >= 16) {
-      if (R == 16) apply_vector<16, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, bad);
-      if (R == 12) apply_vector<12, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, bad);
+      if (R == 16) apply_vector<16, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, own, bad);
+      if (R == 12) apply_vector<12, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, own, bad);
     }
     if constexpr (kApplyMaxRows >= 8) {
-      if (R == 8) apply_vector<8, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, bad);
+      if (R == 8) apply_vector<8, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, own, bad);
     }
-    if (R == 4) apply_vector<4, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, bad);
+    if (R == 4) apply_vector<4, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, own, bad);
     ib += R;
   }
 }
@@ -518,16 +525,22 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
 // caches.
 constexpr int kPackedVectors = 2;
 
+// phi as in apply_vector (kt's diagonal 0: a row's own term g_i / n comes from the input g, not from
+// w_i, where it would cancel against c_i xc_i).
 template <int R, int V, typename In, typename T>
-BMT_FAST_INLINE void apply_packed_line(const T* xcb, const T* wb, int64_t ld, In* phi, int64_t n, int64_t d,
-                                       int64_t ib, int64_t kb, int64_t k, int64_t count, const T* kt,
-                                       const T* c, vec_t<T>& bad) {
+BMT_FAST_INLINE void apply_packed_line(const T* xcb, const T* wb, int64_t ld, const In* g, In* phi, int64_t n,
+                                       int64_t d, int64_t ib, int64_t kb, int64_t k, int64_t count, const T* kt,
+                                       const T* c, vec_t<T> own, vec_t<T>& bad) {
   constexpr int L = kLanes<T>;
   vec_t<T> acc[R][V];
   for (int r = 0; r < R; ++r) {  // padding rows (c = 0) read the last real row and are not stored
     const int64_t i = ib + r < n ? ib + r : n - 1;
     const vec_t<T> cr = broadcast(T(c[ib + r]));
-    for (int v = 0; v < V; ++v) acc[r][v] = cr * load(xcb + i * ld + kb + v * L);
+    for (int v = 0; v < V; ++v) {
+      const int64_t part = count - v * L < L ? (count - v * L > 0 ? count - v * L : 0) : L;
+      const vec_t<T> gi = part == L ? load_as<T>(g + i * d + k + v * L) : load_part_as<T>(g + i * d + k + v * L, part);
+      acc[r][v] = cr * load(xcb + i * ld + kb + v * L) + own * gi;
+    }
   }
   for (int64_t j = 0; j < n; ++j) {
     vec_t<T> w[V];
@@ -557,7 +570,7 @@ BMT_FAST_INLINE void apply_packed_line(const T* xcb, const T* wb, int64_t ld, In
 template <typename In, typename T>
 BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int64_t n, int64_t d,
                                           int64_t col_begin, int64_t col_end, const T* shift, const T* kt,
-                                          const T* c, T a, T* buf, vec_t<T>& bad) {
+                                          const T* c, T a, vec_t<T> own, T* buf, vec_t<T>& bad) {
   constexpr int L = kLanes<T>, V = kPackedVectors;
   const int64_t chunk = apply_pack_chunk(n);  // a multiple of V * L: whole register blocks
   const int64_t ld = chunk + kRowPad<T>;
@@ -582,7 +595,7 @@ BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int
     for (int64_t k = 0; k < len; k += V * L) {
       const int64_t count = min64(V * L, len - k);
       for (int64_t ib = 0; ib < n; ib += kApplyRows)
-        apply_packed_line<kApplyRows, V>(xcb, wb, ld, phi, n, d, ib, k, k0 + k, count, kt + ib * n, c, bad);
+        apply_packed_line<kApplyRows, V>(xcb, wb, ld, g, phi, n, d, ib, k, k0 + k, count, kt + ib * n, c, own, bad);
     }
   }
 }
@@ -604,15 +617,17 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
     ib += R;
   }
   vec_t<T> bad{};
+  const vec_t<T> own = broadcast(static_cast<T>(1.0 / static_cast<double>(n)));  // k_ii / n
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
   const vec_t<T> va = broadcast(T(a));
   int64_t k = col_begin;
   for (; k + L <= col_end; k += L)
-    apply_columns_vector<true>(x, g, phi, n, d, k, L, col_end, shift, kt, c, va, bad);
-  if (k < col_end) apply_columns_vector<false>(x, g, phi, n, d, k, col_end - k, col_end, shift, kt, c, va, bad);
+    apply_columns_vector<true>(x, g, phi, n, d, k, L, col_end, shift, kt, c, va, own, bad);
+  if (k < col_end)
+    apply_columns_vector<false>(x, g, phi, n, d, k, col_end - k, col_end, shift, kt, c, va, own, bad);
 #else
   (void)L;
-  apply_columns_packed(x, g, phi, n, d, col_begin, col_end, shift, kt, c, a, scratch + rows * n, bad);
+  apply_columns_packed(x, g, phi, n, d, col_begin, col_end, shift, kt, c, a, own, scratch + rows * n, bad);
 #endif
   stream_fence();
   return horizontal_sum<T>(bad) == T(0);

@@ -331,7 +331,9 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist<T>(xc, norms), n);
   const double a = 2.0 / h;
 
-  // W = [score - a * xc | 1]: one GEMM with K gives the score term, the repulsion term and row sums.
+  // W = [score - a * xc | 1]: one GEMM with K gives the score term, the repulsion term and row sums. The
+  // diagonal k_ii = 1 is left out of the GEMM (0 in the tiles) and its term, score_i, added at the end: in
+  // W it would be (score_i - a xc_i) + a xc_i, whose two large terms cancel when the other k_ij are small.
   at::Tensor w = at::empty({n, d + 1}, xc.options());
   w.narrow(1, 0, d).copy_(score).sub_(xc, a);
   w.narrow(1, d, 1).fill_(1);
@@ -342,11 +344,11 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       rbf_from_dots(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, static_cast<T>(1.0 / h));
     });
-    if (i0 == j0) tile.diagonal().fill_(1);  // exact k(x_i, x_i) = 1
+    if (i0 == j0) tile.diagonal().fill_(0);  // k(x_i, x_i) = 1: added below, exactly
     accum.narrow(0, i0, rows).addmm_(tile, w.narrow(0, j0, cols));
     if (i0 != j0) accum.narrow(0, j0, cols).addmm_(tile.t(), w.narrow(0, i0, rows));
   });
-  at::Tensor phi = accum.narrow(1, 0, d).addcmul_(accum.narrow(1, d, 1), xc, a).div_(n);
+  at::Tensor phi = accum.narrow(1, 0, d).addcmul_(accum.narrow(1, d, 1), xc, a).add_(score).div_(n);
   return phi.to(x.scalar_type()).contiguous();
 }
 
@@ -437,12 +439,14 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
   const std::vector<double> dist = sq_dists_gram<In>(x, shift.get());
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(numpy_median(dist), n);
   const double a = 2.0 / h;
-  // kn = K / n and c = a rowsum(K) / n, rows padded to the apply kernel's register block with zeros.
+  // kn = K / n off the diagonal (0 on it: the apply pass adds a row's own term g_i / n itself) and
+  // c = a (rowsum(K) - 1) / n, rows padded to the apply kernel's register block with zeros.
   const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;
   std::vector<T> kn(rows * n, T(0)), c(rows, T(0));
   for (int64_t i = 0; i < n; ++i) {
     double rowsum = 0.0;
     for (int64_t j = 0; j < n; ++j) {
+      if (j == i) continue;
       const double k = std::exp(dist[i * n + j] / -h);
       kn[i * n + j] = static_cast<T>(k / static_cast<double>(n));
       rowsum += k;
