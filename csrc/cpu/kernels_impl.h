@@ -518,29 +518,25 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
 // 32 KiB 8-way L1 (and an 8-way L2): the 2n rows of x and g, at a stride that is usually a multiple of
 // 4 KiB, share one set there, and the direct pass above, which reads them a vector at a time and n/R
 // times over, lost each line before its next use (an AVX2 Zen 3: 3-4 GB/s). Here a block of columns is
-// first copied row by row (sequential reads, the next block prefetched) into two L1 buffers, centred:
-// xc_j and w_j = g_j - a xc_j; the register blocks then read only those. A register block is
+// first copied row by row (sequential reads, the next block prefetched) into two L1 buffers: each row's
+// own terms c_j xc_j + g_j / n and w_j = g_j - a xc_j (xc centred); the register blocks then read only
+// those. A register block is
 // kApplyRows rows x kPackedVectors vectors of columns (8 accumulators): one broadcast of K feeds two
 // FMAs, and each output row gets a whole 64-byte line at once (AVX2, fp32 / fp64), streamed past the
 // caches.
 constexpr int kPackedVectors = 2;
 
-// phi as in apply_vector (kt's diagonal 0: a row's own term g_i / n comes from the input g, not from
-// w_i, where it would cancel against c_i xc_i).
+// phi as in apply_vector. The first buffer holds each row's own terms, c_i xc_i + g_i / n (kt's diagonal
+// is 0: g_i / n from the input g, not from w_i, where it would cancel against c_i xc_i).
 template <int R, int V, typename In, typename T>
-BMT_FAST_INLINE void apply_packed_line(const T* xcb, const T* wb, int64_t ld, const In* g, In* phi, int64_t n,
-                                       int64_t d, int64_t ib, int64_t kb, int64_t k, int64_t count, const T* kt,
-                                       const T* c, vec_t<T> own, vec_t<T>& bad) {
+BMT_FAST_INLINE void apply_packed_line(const T* ownb, const T* wb, int64_t ld, In* phi, int64_t n, int64_t d,
+                                       int64_t ib, int64_t kb, int64_t k, int64_t count, const T* kt,
+                                       vec_t<T>& bad) {
   constexpr int L = kLanes<T>;
   vec_t<T> acc[R][V];
-  for (int r = 0; r < R; ++r) {  // padding rows (c = 0) read the last real row and are not stored
+  for (int r = 0; r < R; ++r) {  // padding rows read the last real row and are not stored
     const int64_t i = ib + r < n ? ib + r : n - 1;
-    const vec_t<T> cr = broadcast(T(c[ib + r]));
-    for (int v = 0; v < V; ++v) {
-      const int64_t part = count - v * L < L ? (count - v * L > 0 ? count - v * L : 0) : L;
-      const vec_t<T> gi = part == L ? load_as<T>(g + i * d + k + v * L) : load_part_as<T>(g + i * d + k + v * L, part);
-      acc[r][v] = cr * load(xcb + i * ld + kb + v * L) + own * gi;
-    }
+    for (int v = 0; v < V; ++v) acc[r][v] = load(ownb + i * ld + kb + v * L);
   }
   for (int64_t j = 0; j < n; ++j) {
     vec_t<T> w[V];
@@ -574,7 +570,7 @@ BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int
   constexpr int L = kLanes<T>, V = kPackedVectors;
   const int64_t chunk = apply_pack_chunk(n);  // a multiple of V * L: whole register blocks
   const int64_t ld = chunk + kRowPad<T>;
-  T* xcb = buf;
+  T* ownb = buf;
   T* wb = buf + n * ld;
   const vec_t<T> va = broadcast(T(a));
   for (int64_t k0 = col_begin; k0 < col_end; k0 += chunk) {
@@ -585,17 +581,19 @@ BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int
       const In* gj = g + j * d + k0;
       prefetch_next_chunk(xj, chunk, col_end - k0 - chunk);
       prefetch_next_chunk(gj, chunk, col_end - k0 - chunk);
+      const vec_t<T> cj = broadcast(T(c[j]));
       for (int64_t k = 0; k < padded; k += L) {  // past len: zeros (the ragged last block)
         const int64_t count = len - k < L ? (len - k > 0 ? len - k : 0) : L;
         const vec_t<T> xc = load_part_as<T>(xj + k, count) - load_part_as<T>(shift + k0 + k, count);
-        store(xcb + j * ld + k, xc);
-        store(wb + j * ld + k, load_part_as<T>(gj + k, count) - va * xc);
+        const vec_t<T> gv = load_part_as<T>(gj + k, count);
+        store(ownb + j * ld + k, cj * xc + own * gv);
+        store(wb + j * ld + k, gv - va * xc);
       }
     }
     for (int64_t k = 0; k < len; k += V * L) {
       const int64_t count = min64(V * L, len - k);
       for (int64_t ib = 0; ib < n; ib += kApplyRows)
-        apply_packed_line<kApplyRows, V>(xcb, wb, ld, g, phi, n, d, ib, k, k0 + k, count, kt + ib * n, c, own, bad);
+        apply_packed_line<kApplyRows, V>(ownb, wb, ld, phi, n, d, ib, k, k0 + k, count, kt + ib * n, bad);
     }
   }
 }
