@@ -1,8 +1,11 @@
 """The fused SVGD step on the GPU in Triton: phi (n, d) from particles x and scores, never n x n.
 
-    phi_i = (1/n) [ (K @ W)_i + (2/H) rowsum(K)_i xc_i ],   W = score - (2/H) xc,  K_ij = exp(-|x_i - x_j|^2 / H)
+    phi_i = (1/n) [ (K' @ W)_i + (2/H) rowsum(K')_i xc_i + score_i ],   W = score - (2/H) xc,
+    K_ij = exp(-|x_i - x_j|^2 / H),   K' = K without its diagonal (K_ii = 1: its term is score_i)
 
-(folding the repulsion into W halves the work of K @ [score | x]). One kernel serves both regimes:
+(folding the repulsion into W halves the work of K @ [score | x]; a particle's own term is kept out of the
+fold, where its two large terms would cancel for H far below the squared distances). One kernel serves
+both regimes:
 
   tiled (many particles): FlashAttention-style. A program holds a block of rows and one chunk of output
       columns (BLOCK_V) on chip and streams blocks of columns j: distances by tl.dot on centred rows (d
@@ -76,17 +79,20 @@ def _split_columns(n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, finite_ptr, n, d, stride_x,
-                  stride_out, FINALIZE: tl.constexpr, WRITE_ROWSUM: tl.constexpr, TRACK_FINITE: tl.constexpr,
-                  ACC: tl.constexpr):  # fmt: skip
-    """FINALIZE: phi = (acc + (2/H) rowsum xc_i) / n into out, and (TRACK_FINITE) finite[0] = 0 where a
+def _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, h, out_ptr, rowsum_ptr, finite_ptr, n, d,
+                  stride_x, stride_score, stride_out, FINALIZE: tl.constexpr, WRITE_ROWSUM: tl.constexpr,
+                  TRACK_FINITE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """FINALIZE: phi = (acc + (2/H) rowsum xc_i + score_i) / n into out (acc and rowsum leave out the own
+    term k_ii = 1, added here as score_i: folded into W it is (score_i - (2/H) xc_i) + (2/H) xc_i, whose
+    two large terms cancel when H lies far below the squared distances), and (TRACK_FINITE) finite[0] = 0 where a
     stored value is NaN/Inf (a value past the range of a narrower output is Inf once stored); otherwise
     this split's acc to out[split] and (WRITE_ROWSUM) its row sums to rowsum[split], for
     _svgd_combine_kernel."""
     out_mask = (rows < n)[:, None] & (vcols < d)[None, :]
     if FINALIZE:
         xc_i = load_centred(x_ptr, shift_ptr, rows, vcols, n, d, stride_x, ACC)
-        phi = (acc + (2.0 / h) * rowsum[:, None] * xc_i) / n
+        score_i = tl.load(score_ptr + rows[:, None] * stride_score + vcols[None, :], mask=out_mask, other=0.0)
+        phi = (acc + (2.0 / h) * rowsum[:, None] * xc_i + score_i.to(ACC)) / n
         stored = phi.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * stride_out + vcols[None, :], stored, mask=out_mask)
         if TRACK_FINITE:
@@ -150,7 +156,7 @@ def _svgd_step_kernel(
             d2 = sq_dist_tile(
                 x_ptr, x_ptr, shift_ptr, rows, cols, n, n, d, stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE
             )
-        k = tl.where((cols < j_end)[None, :], tl.exp(d2 * neg_inv_h), 0.0)
+        k = tl.where((cols < j_end)[None, :] & (rows[:, None] != cols[None, :]), tl.exp(d2 * neg_inv_h), 0.0)
         k = dot_operand(k, MODE)  # the row sums use the K the dot sees: the two terms stay consistent
         rowsum += tl.sum(k, axis=1)
         xc_j = load_centred(x_ptr, shift_ptr, cols, vcols, j_end, d, stride_x, ACC)
@@ -159,8 +165,8 @@ def _svgd_step_kernel(
         w = dot_operand(score_j.to(ACC) - repulsion * xc_j, MODE)
         acc = dot_acc(k, w, acc, MODE)
 
-    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, finite_ptr, n, d, stride_x,
-                  stride_out, FINALIZE, tl.program_id(1) == 0, TRACK_FINITE, ACC)  # fmt: skip
+    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, h, out_ptr, rowsum_ptr, finite_ptr, n, d,
+                  stride_x, stride_score, stride_out, FINALIZE, tl.program_id(1) == 0, TRACK_FINITE, ACC)  # fmt: skip
 
 
 @triton.jit
@@ -169,12 +175,14 @@ def _svgd_combine_kernel(
     rowsum_ptr,
     x_ptr,
     shift_ptr,
+    score_ptr,
     h_ptr,
     out_ptr,
     n,
     d,
     splits,
     stride_x,
+    stride_score,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
@@ -188,8 +196,8 @@ def _svgd_combine_kernel(
     for split in range(0, splits):
         acc += tl.load(partial_ptr + split * n * d + rows[:, None] * d + vcols[None, :], mask=mask, other=0.0)
         rowsum += tl.load(rowsum_ptr + split * n + rows, mask=rows < n, other=0.0)
-    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, tl.load(h_ptr), out_ptr, rowsum_ptr, rowsum_ptr, n, d,
-                  stride_x, d, True, False, False, ACC)  # fmt: skip
+    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, tl.load(h_ptr), out_ptr, rowsum_ptr,
+                  rowsum_ptr, n, d, stride_x, stride_score, d, True, False, False, ACC)  # fmt: skip
 
 
 # Largest d of the flash path: one (BLOCK_M x D_PAD) accumulator and the rows' operands stay on chip.
@@ -267,12 +275,14 @@ def _svgd_flash_kernel(
     norm_ptr,
     x_ptr,
     shift_ptr,
+    score_ptr,
     h_ptr,
     out_ptr,
     rowsum_ptr,
     n,
     d,
     stride_x,
+    stride_score,
     stride_out,
     FINALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -283,10 +293,11 @@ def _svgd_flash_kernel(
 ):
     """Rows of block program_id(0) against the columns j of split program_id(2), from the operand arrays
     of _flash_operands_kernel (no masks in the loop: padding rows have zero operands and +inf norms).
-    K_ii is set to exactly 1: its exponent c (2 a_i.a_i - 2 |a_i|^2) is a difference of large terms when
-    H << |a_i|^2 (the split products drop 2^-16 of each). Compiled for sm_90, this select on every tile kept
-    the loop free of register spills; peeling the diagonal blocks into a loop of their own (as
-    FlashAttention's causal stages) made it spill.
+    K_ii is set to 0 and its term (k_ii = 1: score_i) added exactly at the end (_write_result): its exponent
+    c (2 a_i.a_i - 2 |a_i|^2) is a difference of large terms when H << |a_i|^2 (the split products drop 2^-16
+    of each), and its term folded into W would cancel against the row sum's. Compiled for sm_90, this select
+    on every tile kept the loop free of register spills; peeling the diagonal blocks into a loop of their
+    own (as FlashAttention's causal stages) made it spill.
 
     FINALIZE: write phi; otherwise this split's K @ W to out[split] and its row sums to rowsum[split] (for
     _svgd_combine_kernel).
@@ -315,7 +326,7 @@ def _svgd_flash_kernel(
         s = _flash_dot(q_hi, q_lo, tl.trans(k_hi), tl.trans(k_lo), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), MODE)
         norm_j = tl.load(norm_ptr + cols)
         k = tl.math.exp2(tl.minimum(s * two_c - norm_i[:, None] - norm_j[None, :], 0.0))
-        k = tl.where(rows[:, None] == cols[None, :], 1.0, k)
+        k = tl.where(rows[:, None] == cols[None, :], 0.0, k)
         w_hi = tl.load(w_hi_ptr + col_offsets)
         if MODE == MODE_HALF_SPLIT:
             w_lo = tl.load(w_lo_ptr + col_offsets)
@@ -332,8 +343,8 @@ def _svgd_flash_kernel(
             rowsum += tl.sum(k, axis=1)
             acc = dot_acc(k, w_hi, acc, MODE)
 
-    _write_result(acc, rowsum, rows, dcols, x_ptr, shift_ptr, h, out_ptr, rowsum_ptr, rowsum_ptr, n, d, stride_x,
-                  stride_out, FINALIZE, True, False, ACC)  # fmt: skip
+    _write_result(acc, rowsum, rows, dcols, x_ptr, shift_ptr, score_ptr, h, out_ptr, rowsum_ptr, rowsum_ptr, n, d,
+                  stride_x, stride_score, stride_out, FINALIZE, True, False, ACC)  # fmt: skip
 
 
 _SVGD = tunable(_svgd_step_kernel, key=["n", "d"])
@@ -414,12 +425,14 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
         norm_ptr=norms,
         x_ptr=x,
         shift_ptr=shift,
+        score_ptr=score,
         h_ptr=h,
         out_ptr=partial,
         rowsum_ptr=rowsums,
         n=n,
         d=d,
         stride_x=x.stride(0),
+        stride_score=score.stride(0),
         stride_out=out.stride(0),
         FINALIZE=splits == 1,
         D_PAD=d_pad,
@@ -427,16 +440,17 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
         MODE=mode,
     )
     if splits > 1:
-        _combine(partial, rowsums, x, shift, h, out, splits, d_pad)
+        _combine(partial, rowsums, x, score, shift, h, out, splits, d_pad)
     return out
 
 
-def _combine(partial, rowsums, x, shift, h, out, splits, block_v):
+def _combine(partial, rowsums, x, score, shift, h, out, splits, block_v):
     """phi from the column splits' partial sums."""
     n, d = x.shape
     grid = (triton.cdiv(n, 64), triton.cdiv(d, block_v))
     _svgd_combine_kernel[grid](
-        partial, rowsums, x, shift, h, out, n, d, splits, x.stride(0), BLOCK_M=64, BLOCK_V=block_v,
+        partial, rowsums, x, shift, score, h, out, n, d, splits, x.stride(0), score.stride(0), BLOCK_M=64,
+        BLOCK_V=block_v,
         ACC=tl_dtype(accumulation_dtype(x.dtype)),
     )  # fmt: skip
 
@@ -483,7 +497,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=Non
         MODE=mode,
     )
     if splits > 1:
-        _combine(partial, rowsums, x, shift, h, out, splits, block_v)
+        _combine(partial, rowsums, x, score, shift, h, out, splits, block_v)
     return out, track
 
 

@@ -187,6 +187,25 @@ LARGE_CASES = [("tiled", 2048, 128), ("tiled", 1000, 300), ("tiled", 4097, 64), 
                ("gram", 64, 100_003), ("gram", 3, 1_000_001), ("auto", 200, 5000)]
 
 
+@pytest.mark.parametrize(
+    "algorithm,n,d",
+    # register Gram kernel (n <= 16), Gram weights + cuBLAS (17-256), FFMA tiles (fp32, d <= 256) or
+    # cuBLAS row blocks (d > 256), mma tiles (bf16 / fp16)
+    [("gram", 5, 40), ("gram", 20, 50), ("tiled", 70, 37), ("tiled", 70, 300)],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_svgd_step_with_a_tiny_bandwidth(target, algorithm, n, d, dtype):
+    """A fixed H far below the squared distances (phi about score / n): a particle's own term k_ii = 1 is
+    score_i, added exactly; folded into W = score - (2/H) xc it was (score_i - (2/H) xc_i) + (2/H) xc_i,
+    two large terms that cancel (the CPU kernels, which folded it the same way, had an fp32 error of 0.6 at
+    H = 1e-6)."""
+    x, s, x64, s64 = particles(n, d, dtype, scale=10.0)
+    h = as_h(1e-6)
+    phi = target.ops.svgd_step(x.to(target.device), s.to(target.device), h.to(target.device), algorithm)
+    bound = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 4 * HALF_ULP.get(dtype, 0.0))  # 2 ulps
+    assert relative_error(phi.cpu(), svgd_reference(x64, s64, 1e-6)) <= bound
+
+
 @pytest.mark.parametrize("algorithm,n,d", LARGE_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_svgd_step_large_shapes(target, algorithm, n, d, dtype):

@@ -290,6 +290,20 @@ def test_flash_column_splits_are_summed_exactly_once(flash_launches, dtype, allo
     assert len(flash_launches) == 1
 
 
+@pytest.mark.parametrize("dtype,allow_tf32,bound", [(torch.float32, None, 1e-6), *FLASH_MODES])
+@pytest.mark.parametrize("algorithm,n,d", [("gram", 13, 40), ("tiled", 70, 37), ("tiled", 130, 300)])
+def test_tiny_bandwidth(dtype, allow_tf32, bound, algorithm, n, d):
+    """A fixed H far below the squared distances (phi about score / n): a particle's own term k_ii = 1 is
+    score_i, added exactly; folded into W it was (score_i - (2/H) xc_i) + (2/H) xc_i, two large terms that
+    cancel (fp32 error up to 0.6 at H = 1e-6 in the CPU kernels, which folded it the same way). The Gram,
+    tiled and (d <= 128, tensor-core modes) flash kernels."""
+    x, score = particles(n, d, dtype=dtype)
+    x = (x.double() * 7).to(dtype)
+    h = torch.tensor(1e-6, dtype=torch.float64, device=DEVICE)
+    phi = svgd(x, score, h, algorithm=algorithm, allow_tf32=allow_tf32)
+    assert relative_error(phi, reference_phi(x, score, h)) <= bound
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_tf32_only_when_asked_and_within_its_documented_error(algorithm):
     """allow_tf32=True rounds fp32 operands to TF32 (10 mantissa bits): relative error ~3e-4 measured

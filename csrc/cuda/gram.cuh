@@ -311,7 +311,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_weights_kernel(const GramWeightsP
   if (i >= p.n) return;  // whole warps leave together: no barrier or collective is skipped by part of one
   double rowsum = 0.0;
   for (long long j = lane_id(); j < p.n; j += kWarp) {
-    const double k = exp(-gram_distance(p.gram, p.n, i, j) * inv_h);
+    // the own term k_ii = 1 is left out (0; NaN for an invalid H): the caller adds score_i itself
+    const double k = exp(-gram_distance(p.gram, p.n, i, j) * inv_h) - (j == i ? 1.0 : 0.0);
     p.kn[i * p.n + j] = static_cast<C>(k / static_cast<double>(p.n));
     rowsum += k;
   }
@@ -375,17 +376,22 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kApplySmallCtasPerSm<In, kMax>)) apply_s
   const double h = p.given ? *p.given
                            : median_rule(gram_median_by_ranks(p.gram, p.n, p.n, pair_values, middle), p.n, p.floor);
   const double inv_h = inverse_bandwidth(h);
+  // K / n and its row sums without the own term k_ii = 1 (0 there; NaN for an invalid H), which is
+  // score_i / n, added from the input: folded into w_i it is (score_i - a v_i) + a v_i, whose two large
+  // terms cancel when H lies far below the squared distances.
+  auto weight = [&](int i, int j) { return exp(-gram_distance(p.gram, p.n, i, j) * inv_h) - (i == j ? 1.0 : 0.0); };
   for (int idx = threadIdx.x; idx < kMax * kMax; idx += blockDim.x) {
     const int i = idx / kMax, j = idx % kMax;
     const bool inside = i < p.n && j < p.n;
-    kn[i][j] = inside ? static_cast<C>(exp(-gram_distance(p.gram, p.n, i, j) * inv_h) / static_cast<double>(p.n)) : C(0);
+    kn[i][j] = inside ? static_cast<C>(weight(i, j) / static_cast<double>(p.n)) : C(0);
   }
   for (int i = threadIdx.x; i < kMax; i += blockDim.x) {
     double rowsum = 0.0;
-    for (int j = 0; j < p.n && i < p.n; ++j) rowsum += exp(-gram_distance(p.gram, p.n, i, j) * inv_h);
+    for (int j = 0; j < p.n && i < p.n; ++j) rowsum += weight(i, j);
     c[i] = i < p.n ? static_cast<C>(2.0 * inv_h * rowsum / static_cast<double>(p.n)) : C(0);
   }
   const C a = static_cast<C>(2.0 * inv_h);
+  const C own = static_cast<C>(1.0 / static_cast<double>(p.n));
   __syncthreads();
   // Read through volatile: every lane reads the same entry (a broadcast), and the compiler must not
   // hoist all kMax^2 entries out of the column loop into registers (it spills when it does).
@@ -414,7 +420,10 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kApplySmallCtasPerSm<In, kMax>)) apply_s
       C out[kColumns];
       const C ci = c_shared[i];
 #pragma unroll
-      for (int q = 0; q < kColumns; ++q) out[q] = ci * v[q][i];
+      for (int q = 0; q < kColumns; ++q) {  // score_i again: from L1, just loaded (not kept: registers)
+        const long long k = base + q * blockDim.x + threadIdx.x;
+        out[q] = ci * v[q][i] + (k < p.d ? own * to_float(p.score[i * p.d + k]) : C(0));
+      }
 #pragma unroll
       for (int j = 0; j < kMax; ++j) {
         const C kij = kn_row[i * kMax + j];

@@ -258,7 +258,8 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
   const at::Tensor xa = x.to(acc);
   const at::Tensor v = xa - xa.narrow(0, 0, 1);
   const at::Tensor w = score.to(acc) - a * v;
-  return at::addmm(c.unsqueeze(1) * v, kn, w).to(x.scalar_type());
+  // kn and c leave out the own term k_ii = 1 (gram_weights_kernel): score_i / n is added here
+  return at::addmm((c.unsqueeze(1) * v).add_(score.to(acc), 1.0 / static_cast<double>(n)), kn, w).to(x.scalar_type());
 }
 
 // ---- tiled path ------------------------------------------------------------------------------------
@@ -323,11 +324,13 @@ at::Tensor median_tiled_mma(const Operand16& xb, int64_t n, const Device& dev) {
   return h;
 }
 
-// phi = (O + (2/H) rowsum * xc) / n from the tiled kernels' O = K W and rowsum = K 1.
+// phi = (O + (2/H) rowsum * xc + score) / n from the tiled kernels' O = K W and rowsum = K 1 (K without its
+// diagonal: the own term k_ii = 1 is score_i, added here; folded into W it would be (score_i - a xc_i) +
+// a xc_i, whose two large terms cancel when H lies far below the squared distances).
 inline at::Tensor finish_phi(const at::Tensor& out, const at::Tensor& rowsum, const at::Tensor& a, const at::Tensor& xc,
-                             at::ScalarType dtype) {
+                             const at::Tensor& score, at::ScalarType dtype) {
   const int64_t n = xc.size(0);
-  return out.add_((a * rowsum).unsqueeze(1) * xc).div_(static_cast<double>(n)).to(dtype);
+  return out.add_((a * rowsum).unsqueeze(1) * xc).add_(score).div_(static_cast<double>(n)).to(dtype);
 }
 
 template <typename C>
@@ -353,7 +356,7 @@ at::Tensor svgd_step_tiled_ffma(const at::Tensor& xc, const at::Tensor& score, c
   p.rowsum = mutable_pointer<C>(rowsum);
   const dim3 grid(grid_size((n + G::kRows - 1) / G::kRows), grid_size((d + G::kFeatures - 1) / G::kFeatures));
   launch(&ffma_tile_kernel<C, C, TileMode::kSvgd>, grid, 256, G::shared_bytes(TileMode::kSvgd), dev, p);
-  return finish_phi(out, rowsum, a, xc, dtype);
+  return finish_phi(out, rowsum, a, xc, score, dtype);
 }
 
 // Many features (d > kFusedMaxFeatures): blocks of rows through cuBLAS (see rbf_block_kernel). Workspace:
@@ -382,7 +385,7 @@ at::Tensor svgd_step_blocked(const at::Tensor& xc, const at::Tensor& score, cons
     at::Tensor ob = out.narrow(0, r0, rows);
     at::mm_out(ob, sb, w);
   }
-  return finish_phi(out, rowsum, a, xc, dtype);
+  return finish_phi(out, rowsum, a, xc, score, dtype);
 }
 
 template <bool kHalf>
@@ -422,7 +425,7 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& score, co
   launch(&mma_tile_kernel<kHalf, float, TileMode::kSvgd>, grid, G::kThreads,
          G::shared_bytes(TileMode::kSvgd, d_pad <= G::kChunk), dev, p);
   if (w_scale) out.div_(*w_scale);
-  return finish_phi(out, rowsum, a, xc, dtype);
+  return finish_phi(out, rowsum, a, xc, score, dtype);
 }
 
 // ---- ops -------------------------------------------------------------------------------------------

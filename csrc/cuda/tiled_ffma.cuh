@@ -208,7 +208,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) ffma_tile_kernel(const FfmaParams<T, O
             radix_count(hist, key_of(dist), p.pass, prefix, same_prefix, 2u);
         } else {
           T k = exp_of(-dist * inv_h);
-          if (p.self && i == j) k = T(1);
+          // K_ii = 1 exactly; svgd_step leaves it out (0, NaN for an invalid H): finish_phi adds score_i
+          if (p.self && i == j) k = kMode == TileMode::kSvgd ? exp_of(T(0) * inv_h) - T(1) : T(1);
           kv[r][c] = j < p.b_rows ? k : T(0);
         }
       }
@@ -306,8 +307,9 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 4) rbf_block_kernel(const RbfBlockParams<
   C sum = C(0);
   for (long long j = threadIdx.x; j < p.n; j += blockDim.x) {
     const C dist = norm_i + p.norms[j] - C(2) * row[j];
-    // exp(-0 * inv_h) is exactly 1 for the self pair, and NaN for an invalid H as everywhere else
-    const C k = exp_of(-(p.row0 + i == j || !(dist > C(0)) ? C(0) : dist) * inv_h);
+    // exp(-0 * inv_h) is exactly 1 for the self pair, and NaN for an invalid H as everywhere else; the own
+    // term is left out (0 or NaN): finish_phi adds score_i
+    const C k = exp_of(-(p.row0 + i == j || !(dist > C(0)) ? C(0) : dist) * inv_h) - (p.row0 + i == j ? C(1) : C(0));
     row[j] = k;
     sum += k;
   }

@@ -198,7 +198,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
     }
     if (e < s_events && slot == num_chunks - 1) {  // S complete: the epilogue of column block J
       const float* norm_j = norm_stage(jl);
-      // K_ii = 1 exactly on the diagonal; only the blocks that hold it compare indices
+      // K_ii = 1 exactly on the diagonal (svgd_step: left out, 0 or NaN for an invalid H; finish_phi adds
+      // score_i); only the blocks that hold it compare indices
       const bool diagonal = p.self && j0 < i0 + G::kRows && i0 < j0 + G::kCols;
       float kv[8][4];
 #pragma unroll
@@ -216,7 +217,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
           } else {
             // padding columns have norm +inf: K = 0 there
             float k = exp2_of(dist * scale);
-            if (diagonal && i == j) k = 1.f;
+            if (diagonal && i == j) k = kSvgd ? exp2_of(0.f * scale) - 1.f : 1.f;
             kv[nt][r] = k;
             if constexpr (kMode == TileMode::kRbf) {
               if (i < p.a_rows && j < p.b_rows) p.kernel[i * p.b_rows + j] = Store<Out>::from(k);
