@@ -229,21 +229,13 @@ def _rbf_backward_differentiable(grad, x, y, h, self_kernel: bool, needs) -> tup
     op has no derivative of its own, so K is recomputed by the differentiable reference (n x m in memory)
     and autograd forms the gradients, with a graph. Self kernel: x's two row gradients summed, as above."""
     need_x, need_y, need_h = needs
+    if self_kernel:
+        need_x, need_y = need_x or need_y, False
     acc = reference.accumulation_dtype(x.dtype)
-    xa = x.to(acc)
-    ya = None if self_kernel else y.to(acc)
-    k = reference.rbf_kernel(xa, ya, h.to(acc))
-    wanted = {"x": need_x or (self_kernel and need_y), "y": need_y and not self_kernel, "h": need_h}
-    sources = {"x": x, "y": y, "h": h}
-    names = [name for name, want in wanted.items() if want]
-    grads = dict(
-        zip(names, torch.autograd.grad(k, [sources[n] for n in names], grad.to(acc), create_graph=True, allow_unused=True))
-    )
-    out = []
-    for name in ("x", "y", "h"):
-        g = grads.get(name)
-        out.append(None if g is None else g.to(sources[name].dtype))
-    return tuple(out)
+    k = reference.rbf_kernel(x.to(acc), None if self_kernel else y.to(acc), h.to(acc))
+    inputs = list(zip((x, y, h), (need_x, need_y, need_h)))
+    grads = iter(torch.autograd.grad(k, [t for t, need in inputs if need], grad.to(acc), create_graph=True))
+    return tuple(next(grads).to(t.dtype) if need else None for t, need in inputs)
 
 
 def _rbf_kernel_backward(ctx, grad):

@@ -67,8 +67,9 @@ def save_checkpoint(stage_dir: str | Path, step: int, state: dict[str, Any], met
     return final
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """The checkpoint in folder `path`; CheckpointError naming the file when one is missing or damaged."""
+def load_checkpoint(path: str | Path, *, tensors: bool = True) -> Checkpoint:
+    """The checkpoint in folder `path`; CheckpointError naming the file when one is missing or damaged.
+    tensors=False: its step and meta only (state None), from state.json: what the resume checks read."""
     path = Path(path)
     json_file, tensor_file = path / "state.json", path / "state.safetensors"
     try:
@@ -76,6 +77,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         step, tree, meta = int(record["step"]), record["state"], record["meta"]
     except (OSError, ValueError, KeyError, TypeError) as error:  # ValueError: not JSON, or not UTF-8
         raise CheckpointError(f"cannot read checkpoint file {json_file}: {error}") from error
+    if not tensors:
+        return Checkpoint(path, step, None, meta)
     try:
         tensors = load_file(str(tensor_file))
     except (OSError, SafetensorError) as error:
@@ -101,8 +104,9 @@ def latest_checkpoint(stage_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_latest_checkpoint(stage_dir: str | Path) -> Checkpoint | None:
-    """The newest checkpoint of a stage that reads back (None: the stage has none).
+def load_latest_checkpoint(stage_dir: str | Path, *, tensors: bool = True) -> Checkpoint | None:
+    """The newest checkpoint of a stage that reads back (None: the stage has none); tensors as for
+    load_checkpoint.
 
     A damaged newest checkpoint (a disk that filled up, a file edited by hand) is skipped with a warning
     for the one before it, which the pruning keeps (keep_checkpoints >= 2); when none reads back, the
@@ -111,7 +115,7 @@ def load_latest_checkpoint(stage_dir: str | Path) -> Checkpoint | None:
     errors = []
     for path in reversed(list_checkpoints(stage_dir)):
         try:
-            checkpoint = load_checkpoint(path)
+            checkpoint = load_checkpoint(path, tensors=tensors)
         except CheckpointError as error:
             errors.append(error)
             continue

@@ -294,7 +294,7 @@ class Run:
         )
         meta = {"stage": stage, "method": method, "config": to_dict(self.cfg)}
         if self.resume:
-            self.check_stage(stage, method)  # done by check_outputs for the command's own stages
+            self.check_stage(stage, method)  # again here for callers of Run that skip check_outputs (the demo)
         run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint, world=self.world)
 
     def initial_target(self, particles: torch.Tensor | None, how: str, train_examples) -> torch.Tensor:
@@ -376,7 +376,7 @@ class Run:
         stage_dir = self.dir / f"{stage}-{method}"
         if not all((stage_dir / name).exists() for name in FINAL_FILES[stage]):
             return False
-        checkpoint = load_latest_checkpoint(stage_dir)
+        checkpoint = load_latest_checkpoint(stage_dir, tensors=False)
         return checkpoint is None or checkpoint.step == getattr(self.cfg, stage).steps
 
     def check_stage(self, stage: str, method: str, *, as_input: bool = False) -> None:
@@ -393,7 +393,7 @@ class Run:
         """(what is wrong, what to do) when `check_stage` would refuse the stage; None when it accepts it."""
         stage_dir = self.dir / f"{stage}-{method}"
         try:
-            checkpoint = load_latest_checkpoint(stage_dir)
+            checkpoint = load_latest_checkpoint(stage_dir, tensors=False)
         except CheckpointError as error:
             return str(error), "pass --overwrite to train it again"
         if checkpoint is None:
