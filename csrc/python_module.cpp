@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::dict info;
     info["cpu_isa"] = bmt_fast::cpu::active_isa();
     info["cpu_isas_compiled"] = bmt_fast::cpu::compiled_isas();
+    info["cpu_bf16_amx"] = bmt_fast::cpu::bf16_amx_enabled();
+    info["amx_features"] = pybind11::make_tuple(bmt_fast::cpu::kAmxMinFeatures, bmt_fast::cpu::kAmxMaxFeatures);
 #ifdef _OPENMP
     info["openmp"] = _OPENMP;
 #else

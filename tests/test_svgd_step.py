@@ -255,6 +255,75 @@ def test_float32_with_a_tiny_bandwidth(cpu_backend, n, h):
     assert relative_error(bmt_fast.svgd_step(x, score, h, backend=cpu_backend), expected) < 1e-6
 
 
+def _cpu_build_info() -> dict:
+    from bmt_fast import _extension
+
+    return _extension.CPU.module.build_info() if COMPILED_CPU else {}
+
+
+requires_amx = pytest.mark.skipif(not _cpu_build_info().get("cpu_bf16_amx", False),
+                                  reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")  # fmt: skip
+
+
+def amx_precision_phi(x, score, h):
+    """The AMX path's arithmetic in torch: centred particles rounded to bf16 for the distances, K in fp32
+    (its own term 0, row sums in fp32), K and W = score - (2/H) xc rounded to bf16 for K W, fp32 sums."""
+    n = x.shape[0]
+    xf = x.float()
+    xc = xf - (xf[:1] + (xf - xf[:1]).mean(0, keepdim=True))
+    xb = xc.bfloat16().float()
+    norms = (xb * xb).sum(1)
+    k = torch.exp(-(norms[:, None] + norms[None] - 2 * xb @ xb.T).clamp_min(0) / h).fill_diagonal_(0)
+    a = 2.0 / h
+    kw = k.bfloat16().float() @ (score.float() - a * xc).bfloat16().float()
+    return ((kw + a * k.sum(1, keepdim=True) * xc + score.float()) / n).bfloat16()
+
+
+@requires_amx
+@pytest.mark.parametrize("n,d", [(65, 32), (100, 33), (257, 64), (300, 129), (513, 40), (129, 1024)])
+@pytest.mark.parametrize("bandwidth", ["median", 3.0, 1e-6])
+def test_bf16_on_amx_tiles(n, d, bandwidth):
+    """bf16 particles with many particles on an AMX CPU: the tensor-core precision of the GPU kernels
+    (bf16 operands, fp32 sums), within 2 ulps of bf16 of the float64 reference, and the arithmetic the
+    path documents (torch emulation of it: equal up to a last-bit flip in the final rounding). Ragged
+    blocks (128 rows, 256 columns, 32 features), the median rule, and a tiny H (the own term k_ii = 1)."""
+    torch.manual_seed(n + d)
+    x, score = particles(n, d, dtype=torch.bfloat16)
+    if bandwidth == 1e-6:
+        x = (x.double() * 7).bfloat16()
+    h = None if bandwidth == "median" else torch.tensor(bandwidth, dtype=torch.float64)
+    phi = torch.ops.bmt_fast.svgd_step(x, score, h, "tiled")
+    expected = reference_phi(x.double(), score.double(), h)
+    assert phi.dtype == torch.bfloat16
+    assert relative_error(phi, expected) <= 2 * 2.0**-8
+    h_used = reference.median_bandwidth(x.double()).item() if h is None else bandwidth
+    assert relative_error(phi, amx_precision_phi(x, score, h_used)) <= 2.0**-7
+
+
+@requires_amx
+def test_bf16_amx_can_be_turned_off(tmp_path):
+    """BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path (bit for bit the fp32 step rounded to bf16); by
+    default the AMX path runs, and its result differs from that."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import torch, bmt_fast\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(300, 129).bfloat16(); s = torch.randn(300, 129).bfloat16(); h = torch.tensor(50.0)\n"
+        "phi = torch.ops.bmt_fast.svgd_step(x, s, h, 'tiled')\n"
+        "fp32 = torch.ops.bmt_fast.svgd_step(x.float(), s.float(), h, 'tiled').bfloat16()\n"
+        "print(bmt_fast._extension.CPU.module.build_info()['cpu_bf16_amx'], torch.equal(phi, fp32))\n"
+    )
+    run = lambda **env: subprocess.run([sys.executable, str(script)], env=subprocess_env(**env),  # noqa: E731
+                                       capture_output=True, text=True)  # fmt: skip
+    off, on = run(BMT_FAST_CPU_AMX="0"), run()
+    assert off.returncode == 0 and on.returncode == 0, off.stderr[-2000:] + on.stderr[-2000:]
+    assert off.stdout.split() == ["False", "True"]
+    assert on.stdout.split() == ["True", "False"]
+
+
 @requires_cpu_extension
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):

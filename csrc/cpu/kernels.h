@@ -20,6 +20,14 @@ void rbf_from_dots(float* tile, int64_t ld, int64_t row_begin, int64_t row_end, 
 void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
                    const double* nr, const double* nc, double inv_h);
 
+// The bf16 tensor-core path (svgd_step on AMX): K of rows [0, rows) x columns [0, cols) of an fp32 dot
+// tile as rbf_from_dots computes it, except entry (a, a + diag) (the particle's own term), which is 0;
+// each row's fp32 sum added into rowsum[a]; K stored as bf16 bits (rounded to nearest even) in k16 (row
+// stride ld16), whose columns [cols, cols_padded) are zeroed.
+void rbf_bf16_from_dots(const float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
+                        const float* nr, const float* nc, float inv_h, int64_t diag, uint16_t* k16, int64_t ld16,
+                        float* rowsum);
+
 // Radix-select histogram over squared distances D = max(nr[a] + nc[b] - 2 S[a][b], 0) of a dot tile.
 // The bit pattern of a non-negative float orders like its value, so the key of D is its bits. For each
 // of `num_targets` prefixes, keys whose bits above `shift + width` equal the prefix add `weight` to
@@ -115,6 +123,15 @@ inline int64_t apply_pack_chunk(int64_t n) {
   const int64_t chunk = 2048 / (n > 0 ? n : 1) / 64 * 64;
   return chunk < 64 ? 64 : chunk > 512 ? 512 : chunk;
 }
+
+// bf16 svgd_step with many particles (the tiled algorithm, kAmxMinFeatures <= d <= kAmxMaxFeatures)
+// runs on AMX tiles (oneDNN's brgemm through ATen) when this CPU has them, unless BMT_FAST_CPU_AMX=0
+// (svgd_cpu.cpp). Outside those d, the fp32 path: with fewer features the bf16 rounding of K and W is
+// not averaged out (relative errors of 1e-2 at d = 1..3; the CUDA kernels draw the same line), with
+// more the rows' fp32 accumulators would leave L2.
+constexpr int64_t kAmxMinFeatures = 32;
+constexpr int64_t kAmxMaxFeatures = 1024;
+bool bf16_amx_enabled();
 
 // The ISA build in use ("base", "v3" or "v4") and the ones this library contains.
 const char* active_isa();

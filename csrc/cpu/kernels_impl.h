@@ -58,6 +58,58 @@ BMT_FAST_INLINE void rbf_from_dots_impl(T* tile, int64_t ld, int64_t row_begin, 
   }
 }
 
+// rbf_from_dots for the bf16 tensor-core path: K of rows [0, rows) x columns [0, cols) of an fp32 dot tile
+// (row stride ld), with entry (a, a + diag) (a particle's own term) 0, added into rowsum[a] in fp32 and
+// stored as bf16 bits (round to nearest even; NaN stays NaN) in k16 (row stride ld16); columns
+// [cols, cols_padded) of k16 are zeroed.
+BMT_FAST_INLINE void rbf_bf16_from_dots_impl(const float* tile, int64_t ld, int64_t rows, int64_t cols,
+                                             int64_t cols_padded, const float* nr, const float* nc, float inv_h,
+                                             int64_t diag, uint16_t* k16, int64_t ld16, float* rowsum) {
+  constexpr int L = kLanes<float>;
+  typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
+  using IntVec = vec_t<int32_t>;
+  const vec_t<float> neg_inv_h = broadcast(-inv_h);
+  auto round_store = [](uint16_t* out, vec_t<float> k) BMT_FAST_INLINE_LAMBDA {
+    IntVec bits;
+    std::memcpy(&bits, &k, sizeof(bits));
+    const IntVec odd = (bits >> 16) & 1;  // k >= 0 or NaN: the arithmetic shift sees a clear sign bit
+    const IntVec rounded = (bits + 0x7FFF + odd) >> 16;
+    const u16_vec narrow = __builtin_convertvector(rounded, u16_vec);
+    std::memcpy(out, &narrow, sizeof(narrow));
+  };
+  for (int64_t a = 0; a < rows; ++a) {
+    const float* row = tile + a * ld;
+    uint16_t* out = k16 + a * ld16;
+    const vec_t<float> na = broadcast(nr[a]);
+    const int64_t own = a + diag;
+    vec_t<float> sum{};
+    int64_t b = 0;
+    for (; b + L <= cols; b += L) {
+      vec_t<float> k = exp_nonpositive<float>(clamp_nonnegative<float>(na + load(nc + b) - 2.f * load(row + b)) *
+                                              neg_inv_h);
+      if (own >= b && own < b + L) k[own - b] = 0.f;
+      sum += k;
+      round_store(out + b, k);
+    }
+    if (b < cols) {  // ragged tail through a zero-padded vector
+      float s[L] = {}, n[L] = {};
+      for (int64_t q = b; q < cols; ++q) {
+        s[q - b] = row[q];
+        n[q - b] = nc[q];
+      }
+      vec_t<float> k = exp_nonpositive<float>(clamp_nonnegative<float>(na + load(n) - 2.f * load(s)) * neg_inv_h);
+      for (int64_t q = cols - b; q < L; ++q) k[q] = 0.f;
+      if (own >= b && own < cols) k[own - b] = 0.f;
+      sum += k;
+      uint16_t t[L];
+      round_store(t, k);
+      for (int64_t q = b; q < cols; ++q) out[q] = t[q - b];
+    }
+    for (int64_t q = cols; q < cols_padded; ++q) out[q] = 0;
+    rowsum[a] += horizontal_sum<float>(sum);
+  }
+}
+
 template <typename T>
 struct KeyOf;
 template <>
@@ -767,6 +819,12 @@ BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, 
   }
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
+
+void rbf_bf16_from_dots(const float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
+                        const float* nr, const float* nc, float inv_h, int64_t diag, uint16_t* k16, int64_t ld16,
+                        float* rowsum) {
+  rbf_bf16_from_dots_impl(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
+}
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                         \
   void gram_columns(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t col_begin,    \

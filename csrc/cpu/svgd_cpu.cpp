@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -352,6 +353,76 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   return phi.to(x.scalar_type()).contiguous();
 }
 
+// ---- bf16 on tensor cores (AMX) ----------------------------------------------------------------
+//
+// With bf16 particles on a CPU with AMX (Sapphire Rapids and later: oneDNN's batch-reduce GEMM through
+// ATen's cpublas::brgemm), the tiled step takes the GPU kernels' precision: the centred particles
+// rounded to bf16 for S = A B^T, fp32 accumulation, K in fp32 (its row sums too), then K rounded to bf16
+// times W = score - (2/H) xc rounded to bf16, accumulated in fp32. Row blocks go to the threads; each
+// streams column blocks of all particles (full rows: no symmetry, as the tiles need no write to another
+// thread's rows). BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path.
+constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accumulator stays in L2
+constexpr int64_t kAmxCols = 256;   // columns per block (a multiple of 32: AMX's bf16 depth)
+
+bool use_amx_bf16(const at::Tensor& x) {
+  const int64_t d = x.size(1);
+  return x.scalar_type() == at::kBFloat16 && d >= kAmxMinFeatures && d <= kAmxMaxFeatures && bf16_amx_enabled();
+}
+
+at::Tensor svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
+  using at::native::cpublas::brgemm;
+  const int64_t n = x.size(0), d = x.size(1);
+  const int64_t n_pad = (n + 31) / 32 * 32, d_pad = (d + 31) / 32 * 32;
+  const at::Tensor xc = centred(x, at::kFloat);
+  double h;
+  if (bandwidth) {
+    h = *bandwidth;
+  } else {
+    const at::Tensor xc_norms = (xc * xc).sum(1).contiguous();
+    h = bandwidth_from_median(median_sq_dist<float>(xc, xc_norms), n);
+  }
+  const double a = 2.0 / h;
+  // A of S: the centred particles in bf16 (n_pad x d_pad, zero padding); their norms from those values.
+  at::Tensor xb = at::zeros({n_pad, d_pad}, x.options());
+  xb.narrow(0, 0, n).narrow(1, 0, d).copy_(xc);
+  const at::Tensor xb_float = xb.to(at::kFloat);
+  const at::Tensor norms = (xb_float * xb_float).sum(1).contiguous();
+  // The B operands in AMX's pair-interleaved layout (k/2, columns, 2): xb^T for S, W for K W.
+  const at::Tensor b_s = xb.t().contiguous().view({d_pad / 2, 2, n_pad}).permute({0, 2, 1}).contiguous();
+  at::Tensor w = at::zeros({n_pad, d}, x.options());
+  w.narrow(0, 0, n).copy_(score.to(at::kFloat).sub_(xc, a));
+  const at::Tensor b_w = w.view({n_pad / 2, 2, d}).permute({0, 2, 1}).contiguous();
+
+  at::Tensor acc = at::empty({n, d}, xc.options());
+  at::Tensor rowsum = at::zeros({n}, xc.options());
+  const auto* xb_p = xb.const_data_ptr<at::BFloat16>();
+  const auto* bs_p = b_s.const_data_ptr<at::BFloat16>();
+  const auto* bw_p = b_w.const_data_ptr<at::BFloat16>();
+  const float* norms_p = norms.const_data_ptr<float>();
+  float* acc_p = acc.mutable_data_ptr<float>();
+  float* rowsum_p = rowsum.mutable_data_ptr<float>();
+  const float inv_h = static_cast<float>(1.0 / h);
+  at::parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(kAmxRows * kAmxCols);
+    std::vector<at::BFloat16> k16(kAmxRows * kAmxCols);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
+      for (int64_t j0 = 0; j0 < n; j0 += kAmxCols) {
+        const int64_t cols = std::min(kAmxCols, n - j0), depth = (cols + 31) / 32 * 32;
+        brgemm(rows, cols, d_pad, d_pad, n_pad, kAmxCols, /*add_C=*/false, xb_p + i0 * d_pad, bs_p + j0 * 2,
+               s.data());
+        rbf_bf16_from_dots(s.data(), kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
+                           reinterpret_cast<uint16_t*>(k16.data()), kAmxCols, rowsum_p + i0);
+        brgemm(rows, d, depth, kAmxCols, d, d, /*add_C=*/j0 > 0, k16.data(), bw_p + j0 * d, acc_p + i0 * d);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  // phi = (K W + (2/H) rowsum(K) xc + score) / n: the own term k_ii = 1 is left out of K and added here
+  acc.addcmul_(rowsum.unsqueeze(1), xc, a).add_(score).div_(n);
+  return acc.to(at::kBFloat16);
+}
+
 // ---- Gram path -----------------------------------------------------------------------------------
 
 int64_t gram_chunk(int64_t n) {
@@ -467,6 +538,12 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
 
 }  // namespace
 
+bool bf16_amx_enabled() {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  const char* env = std::getenv("BMT_FAST_CPU_AMX");
+  return available && (env == nullptr || std::string_view(env) != "0");
+}
+
 // ---- ops -----------------------------------------------------------------------------------------
 
 namespace {
@@ -484,7 +561,8 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
                                            [&] { return svgd_step_gram<scalar_t>(x, score, h, out); });
   }
   const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
-                                                        : svgd_step_tiled<float>(x, score, h);
+                         : use_amx_bf16(x)                ? svgd_step_amx_bf16(x, score, h)
+                                                          : svgd_step_tiled<float>(x, score, h);
   out.copy_(phi);
   return std::nullopt;
 }
