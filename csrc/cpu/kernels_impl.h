@@ -62,7 +62,7 @@ BMT_FAST_INLINE void rbf_from_dots_impl(T* tile, int64_t ld, int64_t row_begin, 
 // (row stride ld), with entry (a, a + diag) (a particle's own term) 0, added into rowsum[a] in fp32 and
 // stored as bf16 bits (round to nearest even; NaN stays NaN) in k16 (row stride ld16); columns
 // [cols, cols_padded) of k16 are zeroed.
-BMT_FAST_INLINE void rbf_bf16_from_dots_impl(const float* tile, int64_t ld, int64_t rows, int64_t cols,
+BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
                                              int64_t cols_padded, const float* nr, const float* nc, float inv_h,
                                              int64_t diag, uint16_t* k16, int64_t ld16, float* rowsum) {
   constexpr int L = kLanes<float>;
@@ -78,16 +78,18 @@ BMT_FAST_INLINE void rbf_bf16_from_dots_impl(const float* tile, int64_t ld, int6
     std::memcpy(out, &narrow, sizeof(narrow));
   };
   for (int64_t a = 0; a < rows; ++a) {
-    const float* row = tile + a * ld;
+    float* row = tile + a * ld;
     uint16_t* out = k16 + a * ld16;
     const vec_t<float> na = broadcast(nr[a]);
     const int64_t own = a + diag;
+    // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for
+    // an invalid H), with no test per vector
+    if (own >= 0 && own < cols) row[own] = -std::numeric_limits<float>::infinity();
     vec_t<float> sum{};
     int64_t b = 0;
     for (; b + L <= cols; b += L) {
       vec_t<float> k = exp_nonpositive<float>(clamp_nonnegative<float>(na + load(nc + b) - 2.f * load(row + b)) *
                                               neg_inv_h);
-      if (own >= b && own < b + L) k[own - b] = 0.f;
       sum += k;
       round_store(out + b, k);
     }
@@ -99,7 +101,6 @@ BMT_FAST_INLINE void rbf_bf16_from_dots_impl(const float* tile, int64_t ld, int6
       }
       vec_t<float> k = exp_nonpositive<float>(clamp_nonnegative<float>(na + load(n) - 2.f * load(s)) * neg_inv_h);
       for (int64_t q = cols - b; q < L; ++q) k[q] = 0.f;
-      if (own >= b && own < cols) k[own - b] = 0.f;
       sum += k;
       uint16_t t[L];
       round_store(t, k);
@@ -820,7 +821,7 @@ BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, 
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
-void rbf_bf16_from_dots(const float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
+void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
                         const float* nr, const float* nc, float inv_h, int64_t diag, uint16_t* k16, int64_t ld16,
                         float* rowsum) {
   rbf_bf16_from_dots_impl(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
