@@ -69,6 +69,7 @@ def test_windowed_median_equals_the_radix_passes_bit_for_bit(monkeypatch, n, d, 
     torch.manual_seed(n)
     x = torch.randn(n, d, dtype=torch.float64) * 3
     x = (x.round() if ties else x).to(dtype)
+    monkeypatch.setenv("BMT_FAST_MEDIAN_WINDOW", "require")  # a miss of the window is an error, not the fallback
     windowed = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
     monkeypatch.setenv("BMT_FAST_MEDIAN_WINDOW", "0")
     radix = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
@@ -77,7 +78,7 @@ def test_windowed_median_equals_the_radix_passes_bit_for_bit(monkeypatch, n, d, 
 
 
 @requires_cpu_extension
-def test_windowed_median_falls_back_when_the_bracket_holds_too_much():
+def test_windowed_median_falls_back_when_the_bracket_holds_too_much(monkeypatch):
     """Two tight clusters: half of all distances are 0 and half the same positive value, so the bracket
     around the middle ranks holds every distance, more than the room made for it; the radix passes answer."""
     n = 600
@@ -85,6 +86,37 @@ def test_windowed_median_falls_back_when_the_bracket_holds_too_much():
     x[n // 2 :, 0] = 3.0
     h = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
     assert math.isclose(h, numpy_rule(x), rel_tol=1e-15)
+    monkeypatch.setenv("BMT_FAST_MEDIAN_WINDOW", "require")
+    with pytest.raises(RuntimeError, match="window missed"):
+        torch.ops.bmt_fast.median_bandwidth(x, "tiled")
+
+
+def _amx_enabled() -> bool:
+    from bmt_fast import _extension
+
+    return _extension.CPU.loaded and _extension.CPU.module.build_info().get("cpu_bf16_amx", False)
+
+
+@requires_cpu_extension
+@pytest.mark.skipif(not _amx_enabled(), reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")
+@pytest.mark.parametrize("n,d", [(300, 40), (513, 32), (1100, 65)])  # selection over stored distances, window
+def test_bf16_median_on_amx_is_that_of_the_rounded_particles(monkeypatch, n, d):
+    """bf16 particles on an AMX CPU (d >= 32, n > 64): the median of the squared distances between the
+    centred particles rounded to bf16 (the operands of the step's distance tiles), which svgd_step's
+    median rule uses too, bit for bit."""
+    monkeypatch.setenv("BMT_FAST_MEDIAN_WINDOW", "require")
+    torch.manual_seed(n)
+    x = (torch.randn(n, d, dtype=torch.float64) * 3 + 5).bfloat16()
+    h = torch.ops.bmt_fast.median_bandwidth(x, "tiled")
+    xf = x.float()
+    rounded = (xf - (xf[:1] + (xf - xf[:1]).mean(0, keepdim=True))).bfloat16()
+    assert math.isclose(float(h), numpy_rule(rounded), rel_tol=1e-5)
+    assert not math.isclose(float(h), numpy_rule(x), rel_tol=1e-5)  # the unrounded particles' median differs
+    # svgd_step's median rule takes the same H (in double; median_bandwidth returns it in fp32)
+    score = torch.randn(n, d).bfloat16()
+    by_rule = torch.ops.bmt_fast.svgd_step(x, score, None, "tiled").double()
+    given = torch.ops.bmt_fast.svgd_step(x, score, h.double(), "tiled").double()
+    assert float((by_rule - given).abs().max() / given.abs().max()) <= 2.0**-7
 
 
 @requires_cpu_extension

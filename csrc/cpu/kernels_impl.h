@@ -154,15 +154,59 @@ BMT_FAST_INLINE void pair_sq_dists_impl(const T* xc, int64_t d, const T* norms, 
   }
 }
 
+// Whether any lane of a comparison result (lanes of -1 or 0) is set.
+template <typename M>
+BMT_FAST_INLINE bool any_lane(M mask) {
+  static_assert(sizeof(M) == kVectorBytes);
+#if BMT_FAST_VECTOR_BYTES == 64
+  __m512i v;
+  std::memcpy(&v, &mask, sizeof(v));
+  return _mm512_test_epi32_mask(v, v) != 0;
+#elif BMT_FAST_VECTOR_BYTES == 32
+  __m256i v;
+  std::memcpy(&v, &mask, sizeof(v));
+  return !_mm256_testz_si256(v, v);
+#else
+  uint64_t words[sizeof(M) / 8];
+  std::memcpy(words, &mask, sizeof(M));
+  uint64_t any = 0;
+  for (uint64_t w : words) any |= w;
+  return any != 0;
+#endif
+}
+
 template <typename T>
 BMT_FAST_INLINE int64_t window_collect_impl(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end,
                                             int64_t cols, const T* nr, const T* nc, bool upper_only, T lo, T hi,
                                             int64_t* below, T* out) {
+  constexpr int L = kLanes<T>;
+  using Mask = decltype(vec_t<T>{} < vec_t<T>{});  // lanes of -1 (true) and 0, as wide as T
+  const vec_t<T> lo_v = broadcast(lo), hi_v = broadcast(hi);
   int64_t written = 0, under = 0;
   for (int64_t a = row_begin; a < row_end; ++a) {
     const T* row = tile + a * ld;
-    for (int64_t b = upper_only ? a + 1 : 0; b < cols; ++b) {
-      const T dist = sq_dist_from_dot(nr[a], nc[b], row[b]);
+    const T na = nr[a];
+    const vec_t<T> na_v = broadcast(na);
+    int64_t b = upper_only ? a + 1 : 0;
+    // (na + nb) - 2 dot as sq_dist_from_dot computes it: 2 dot is exact, so a fused multiply-add gives the
+    // same value as the separate operations, in the vector loop and in the scalar code alike.
+    Mask under_v{};
+    for (; b + L <= cols; b += L) {
+      const vec_t<T> dist = clamp_nonnegative<T>(na_v + load(nc + b) - T(2) * load(row + b));
+      under_v -= dist < lo_v;
+      const Mask inside = (dist >= lo_v) & (dist <= hi_v);
+      // The window holds a few percent of the values around the median: most vectors have none of them,
+      // and those that do store theirs one by one (the store unconditional, the count moving past it).
+      if (any_lane(inside)) {
+        for (int q = 0; q < L; ++q) {
+          out[written] = dist[q];
+          written += inside[q] != 0;
+        }
+      }
+    }
+    for (int q = 0; q < L; ++q) under += under_v[q];
+    for (; b < cols; ++b) {  // the ragged end of the row
+      const T dist = sq_dist_from_dot(na, nc[b], row[b]);
       // Branch-free: lo sits at the median, so a branch on dist < lo is a coin toss (mispredicted half of
       // the time, which made this pass 2x slower than both radix passes). The store is unconditional; the
       // count moves past it only inside the window (out has room for every value of the rows).

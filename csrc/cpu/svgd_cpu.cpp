@@ -73,6 +73,23 @@ void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
   }
 }
 
+// The distance tiles of the medians below, by GEMM on the rows of xc (fp32 / fp64).
+struct GemmTiles {
+  const at::Tensor& xc;
+  template <typename Visit>
+  void operator()(Visit&& visit) const {
+    for_each_upper_tile(xc, visit);
+  }
+};
+
+// The same tiles from AMX (bf16 particles, svgd_cpu's AMX section): defined there.
+struct AmxOperands;
+struct AmxTiles {
+  const AmxOperands& operands;
+  template <typename Visit>
+  void operator()(Visit&& visit) const;
+};
+
 bool use_gram(const at::Tensor& x, Algorithm algorithm) {
   if (algorithm == Algorithm::kAuto) return x.size(0) <= kGramMaxParticles;
   return algorithm == Algorithm::kGram;
@@ -83,8 +100,8 @@ bool use_gram(const at::Tensor& x, Algorithm algorithm) {
 // Exact numpy.median of all n*n squared distances (diagonal zeros included) by radix selection on the
 // bit patterns of the distances: 16 bits per pass, each pass recomputing the distance tiles, so memory
 // stays O(tile). Off-diagonal pairs count twice (D is symmetric), the diagonal adds n exact zeros.
-template <typename T>
-double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms) {
+template <typename T, typename Tiles>
+double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
   using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   constexpr int kKeyBits = 8 * sizeof(Key) - 1;  // the sign bit of a distance is always 0
   constexpr int kWidth = 16;
@@ -105,7 +122,7 @@ double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms) {
     pass.prefix[1] = prefix[1];
     const int64_t bins = int64_t(1) << pass.width;
     std::vector<std::vector<int64_t>> per_thread(threads, std::vector<int64_t>(pass.num_targets * bins, 0));
-    for_each_upper_tile(xc, [&](const at::Tensor& tile, int64_t i0, int64_t j0) {
+    tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0) {
       const int64_t rows = tile.size(0), cols = tile.size(1);
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
         radix_histogram(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, 2, pass,
@@ -238,9 +255,10 @@ double median_sq_dist_select(const at::Tensor& xc, const at::Tensor& norms) {
 // window. The values selected are the tiles' own distances (window_collect computes them as the radix
 // passes do), so the result is exact whatever the sample; the sample only decides the window's width.
 // std::nullopt when the window missed a middle rank or would hold more than kMedianWindowMaxBytes: the
-// caller then takes the radix passes. BMT_FAST_MEDIAN_WINDOW=0 skips this (A/B and tests).
-template <typename T>
-std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tensor& norms) {
+// caller then takes the radix passes. BMT_FAST_MEDIAN_WINDOW=0 skips this (A/B and tests); =require makes
+// a miss an error instead (tests: that the window, not the fallback, gave the result).
+template <typename T, typename Tiles>
+std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
   if (const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW"); env != nullptr && std::string_view(env) == "0")
     return std::nullopt;
   const int64_t n = xc.size(0), d = xc.size(1);
@@ -292,7 +310,7 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   std::atomic<int64_t> filled{0}, below{0};
   std::atomic<bool> overflow{false};
   const T* nr = norms.data_ptr<T>();
-  for_each_upper_tile(xc, [&](const at::Tensor& tile, int64_t i0, int64_t j0) {
+  tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0) {
     const int64_t rows = tile.size(0), cols = tile.size(1);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       thread_local std::vector<T> scratch;  // grown once per thread, not zeroed per chunk
@@ -315,12 +333,21 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   return middle_of(window, k0 - under, k1 - under);
 }
 
-// The exact median of the n^2 squared distances of the tiled path.
+// The exact median of the n^2 squared distances of the tiled path (the rows of xc with these norms; the
+// tiles, from GEMMs on xc unless given, compute the same dot products).
+template <typename T, typename Tiles>
+double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
+  if (xc.size(0) <= kMedianSelectMaxParticles) return median_sq_dist_select<T>(xc, norms);
+  if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms, tiles)) return *median;
+  const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW");
+  TORCH_CHECK(env == nullptr || std::string_view(env) != "require",
+              "bmt_fast: the median's window missed (BMT_FAST_MEDIAN_WINDOW=require)");
+  return median_sq_dist_tiled<T>(xc, norms, tiles);
+}
+
 template <typename T>
 double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms) {
-  if (xc.size(0) <= kMedianSelectMaxParticles) return median_sq_dist_select<T>(xc, norms);
-  if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms)) return *median;
-  return median_sq_dist_tiled<T>(xc, norms);
+  return median_sq_dist<T>(xc, norms, GemmTiles{xc});
 }
 
 template <typename T>
@@ -356,11 +383,12 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
 // ---- bf16 on tensor cores (AMX) ----------------------------------------------------------------
 //
 // With bf16 particles on a CPU with AMX (Sapphire Rapids and later: oneDNN's batch-reduce GEMM through
-// ATen's cpublas::brgemm), the tiled step takes the GPU kernels' precision: the centred particles
-// rounded to bf16 for S = A B^T, fp32 accumulation, K in fp32 (its row sums too), then K rounded to bf16
-// times W = score - (2/H) xc rounded to bf16, accumulated in fp32. Row blocks go to the threads; each
-// streams column blocks of all particles (full rows: no symmetry, as the tiles need no write to another
-// thread's rows). BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path.
+// ATen's cpublas::brgemm), the tiled step and the median take the GPU kernels' precision: the centred
+// particles rounded to bf16 for S = A B^T, fp32 accumulation, K in fp32 (its row sums too), then K
+// rounded to bf16 times W = score - (2/H) xc rounded to bf16, accumulated in fp32. The median is that of
+// the distances of the rounded particles (median_bandwidth gives the same value). Row blocks go to the
+// threads; each streams column blocks of all particles (full rows: no symmetry, as the tiles need no
+// write to another thread's rows). BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path.
 constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accumulator stays in L2
 constexpr int64_t kAmxCols = 256;   // columns per block (a multiple of 32: AMX's bf16 depth)
 
@@ -369,36 +397,70 @@ bool use_amx_bf16(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 && d >= kAmxMinFeatures && d <= kAmxMaxFeatures && bf16_amx_enabled();
 }
 
+// The centred particles rounded to bf16 (n_pad x d_pad, zero padding), as fp32 values, their norms, and
+// xb^T as AMX's B operand (pairs of features interleaved: d_pad/2 x n_pad x 2).
+struct AmxOperands {
+  int64_t n, n_pad, d_pad;
+  at::Tensor xb, xb_float, norms, b_s;
+
+  explicit AmxOperands(const at::Tensor& xc) : n(xc.size(0)) {
+    n_pad = (n + 31) / 32 * 32;
+    d_pad = (xc.size(1) + 31) / 32 * 32;
+    xb = at::zeros({n_pad, d_pad}, xc.options().dtype(at::kBFloat16));
+    xb.narrow(0, 0, n).narrow(1, 0, xc.size(1)).copy_(xc);
+    xb_float = xb.narrow(0, 0, n).to(at::kFloat);
+    norms = (xb_float * xb_float).sum(1).contiguous();
+    b_s = xb.t().contiguous().view({d_pad / 2, 2, n_pad}).permute({0, 2, 1}).contiguous();
+  }
+};
+
+template <typename Visit>
+void AmxTiles::operator()(Visit&& visit) const {
+  const AmxOperands& op = operands;
+  const int64_t block = std::min(op.n, kTileSize);
+  at::Tensor buffer = at::empty({block * block}, op.xb_float.options());
+  const auto* xb_p = op.xb.const_data_ptr<at::BFloat16>();
+  const auto* bs_p = op.b_s.const_data_ptr<at::BFloat16>();
+  for (int64_t i0 = 0; i0 < op.n; i0 += block) {
+    const int64_t rows = std::min(block, op.n - i0);
+    for (int64_t j0 = i0; j0 < op.n; j0 += block) {
+      const int64_t cols = std::min(block, op.n - j0);
+      at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      float* tile_p = tile.mutable_data_ptr<float>();
+      at::parallel_for(0, (rows + 31) / 32, 1, [&](int64_t begin, int64_t end) {
+        const int64_t r0 = begin * 32, count = std::min(end * 32, rows) - r0;
+        at::native::cpublas::brgemm(count, cols, op.d_pad, op.d_pad, op.n_pad, cols, /*add_C=*/false,
+                                    xb_p + (i0 + r0) * op.d_pad, bs_p + j0 * 2, tile_p + r0 * cols);
+        at::native::cpublas::brgemm_release();
+      });
+      visit(tile, i0, j0);
+    }
+  }
+}
+
+double median_sq_dist_amx(const AmxOperands& operands) {
+  return median_sq_dist<float>(operands.xb_float, operands.norms, AmxTiles{operands});
+}
+
 at::Tensor svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
   using at::native::cpublas::brgemm;
   const int64_t n = x.size(0), d = x.size(1);
-  const int64_t n_pad = (n + 31) / 32 * 32, d_pad = (d + 31) / 32 * 32;
   const at::Tensor xc = centred(x, at::kFloat);
-  double h;
-  if (bandwidth) {
-    h = *bandwidth;
-  } else {
-    const at::Tensor xc_norms = (xc * xc).sum(1).contiguous();
-    h = bandwidth_from_median(median_sq_dist<float>(xc, xc_norms), n);
-  }
+  const AmxOperands operands(xc);
+  const int64_t n_pad = operands.n_pad, d_pad = operands.d_pad;
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_amx(operands), n);
   const double a = 2.0 / h;
-  // A of S: the centred particles in bf16 (n_pad x d_pad, zero padding); their norms from those values.
-  at::Tensor xb = at::zeros({n_pad, d_pad}, x.options());
-  xb.narrow(0, 0, n).narrow(1, 0, d).copy_(xc);
-  const at::Tensor xb_float = xb.to(at::kFloat);
-  const at::Tensor norms = (xb_float * xb_float).sum(1).contiguous();
-  // The B operands in AMX's pair-interleaved layout (k/2, columns, 2): xb^T for S, W for K W.
-  const at::Tensor b_s = xb.t().contiguous().view({d_pad / 2, 2, n_pad}).permute({0, 2, 1}).contiguous();
+  // W for K W in AMX's pair-interleaved layout (n_pad/2 x d x 2), zero rows beyond n
   at::Tensor w = at::zeros({n_pad, d}, x.options());
   w.narrow(0, 0, n).copy_(score.to(at::kFloat).sub_(xc, a));
   const at::Tensor b_w = w.view({n_pad / 2, 2, d}).permute({0, 2, 1}).contiguous();
 
   at::Tensor acc = at::empty({n, d}, xc.options());
   at::Tensor rowsum = at::zeros({n}, xc.options());
-  const auto* xb_p = xb.const_data_ptr<at::BFloat16>();
-  const auto* bs_p = b_s.const_data_ptr<at::BFloat16>();
+  const auto* xb_p = operands.xb.const_data_ptr<at::BFloat16>();
+  const auto* bs_p = operands.b_s.const_data_ptr<at::BFloat16>();
   const auto* bw_p = b_w.const_data_ptr<at::BFloat16>();
-  const float* norms_p = norms.const_data_ptr<float>();
+  const float* norms_p = operands.norms.const_data_ptr<float>();
   float* acc_p = acc.mutable_data_ptr<float>();
   float* rowsum_p = rowsum.mutable_data_ptr<float>();
   const float inv_h = static_cast<float>(1.0 / h);
@@ -606,6 +668,8 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
   if (use_gram(x, algo)) {
     median = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "median_gram",
                                              [&] { return numpy_median(sq_dists_gram<scalar_t>(x)); });
+  } else if (use_amx_bf16(x)) {
+    median = median_sq_dist_amx(AmxOperands(centred(x, acc)));
   } else {
     const at::Tensor xc = centred(x, acc);
     const at::Tensor norms = (xc * xc).sum(1).contiguous();
