@@ -390,7 +390,7 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
 // threads; each streams column blocks of all particles (full rows: no symmetry, as the tiles need no
 // write to another thread's rows). BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path.
 constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accumulator stays in L2
-constexpr int64_t kAmxCols = 256;   // columns per block (a multiple of 32: AMX's bf16 depth)
+constexpr int64_t kAmxCols = 512;   // columns per block (a multiple of 32: AMX's bf16 depth)
 
 bool use_amx_bf16(const at::Tensor& x) {
   const int64_t d = x.size(1);
