@@ -328,7 +328,8 @@ def test_bf16_amx_can_be_turned_off(tmp_path):
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
     """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result, and each
-    reports a NaN in phi (svgd_step_into's flag, tracked in their own apply passes)."""
+    reports a NaN in phi (svgd_step_into's flag, tracked in their own apply passes); their vectorised
+    median window gives the radix passes' median bit for bit."""
     import subprocess
     import sys
 
@@ -355,6 +356,14 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "    ref = reference.svgd_step(x.double(), s.double(), h)\n"
         "    err = float((phi.double() - ref).abs().max() / ref.abs().max())\n"
         "    assert err < 1e-6, ('a tiny H', n, d, err)  # the own term k_ii = 1 is not folded\n"
+        "import os\n"
+        "for n, d, dt in [(700, 5, torch.float32), (600, 3, torch.float64), (1100, 37, torch.bfloat16)]:\n"
+        "    x = (torch.randn(n, d, dtype=torch.float64) * 3).to(dt)\n"
+        "    os.environ['BMT_FAST_MEDIAN_WINDOW'] = 'require'  # the vectorised window pass, not its fallback\n"
+        "    windowed = float(torch.ops.bmt_fast.median_bandwidth(x, 'tiled'))\n"
+        "    os.environ['BMT_FAST_MEDIAN_WINDOW'] = '0'\n"
+        "    assert windowed == float(torch.ops.bmt_fast.median_bandwidth(x, 'tiled')), (n, d, dt)\n"
+        "    del os.environ['BMT_FAST_MEDIAN_WINDOW']\n"
         "print(bmt_fast._extension.CPU.module.build_info()['cpu_isa'])\n"
     )
     env = subprocess_env(BMT_FAST_CPU_ISA=isa)
