@@ -7,6 +7,8 @@
 //     of K @ [score | x]; symmetry halves the distance GEMMs: 3 n^2 d FLOPs instead of 6 n^2 d.
 //   gram (few particles, huge d): split-K Gram over column chunks (each chunk centred on the fly), a tiny
 //     n x n K, then one memory-bound pass phi = (K/n) W + c * xc over the same chunks.
+//   bf16 on AMX (many bf16 particles, 32 <= d <= 1024, a CPU with AMX tiles): the tiled step and the
+//     median through oneDNN's brgemm on bf16-rounded operands (the CUDA tensor-core precision).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
