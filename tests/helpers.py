@@ -13,6 +13,16 @@ COMPILED_CPU = "cpu" in bmt_fast.available_backends()
 requires_cpu_extension = pytest.mark.skipif(not COMPILED_CPU, reason="bmt_fast._C not built")
 
 
+def _cpu_bf16_amx() -> bool:
+    from bmt_fast import _extension
+
+    return COMPILED_CPU and bool(_extension.CPU.module.build_info().get("cpu_bf16_amx", False))
+
+
+# bf16 with many particles runs on AMX tiles on this CPU (svgd_cpu.cpp); BMT_FAST_CPU_AMX=0 turns it off
+requires_amx = pytest.mark.skipif(not _cpu_bf16_amx(), reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (relative to the scale of the result)."""
     scale = expected.double().abs().max().clamp_min(1e-300)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import requires_cpu_extension
+from helpers import requires_amx, requires_cpu_extension
 
 import bmt_fast
 from bmt_fast import reference
@@ -91,14 +91,7 @@ def test_windowed_median_falls_back_when_the_bracket_holds_too_much(monkeypatch)
         torch.ops.bmt_fast.median_bandwidth(x, "tiled")
 
 
-def _amx_enabled() -> bool:
-    from bmt_fast import _extension
-
-    return _extension.CPU.loaded and _extension.CPU.module.build_info().get("cpu_bf16_amx", False)
-
-
-@requires_cpu_extension
-@pytest.mark.skipif(not _amx_enabled(), reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")
+@requires_amx
 @pytest.mark.parametrize("n,d", [(300, 40), (513, 32), (1100, 65)])  # selection over stored distances, window
 def test_bf16_median_on_amx_is_that_of_the_rounded_particles(monkeypatch, n, d):
     """bf16 particles on an AMX CPU (d >= 32, n > 64): the median of the squared distances between the

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from helpers import COMPILED_CPU, assert_within, relative_error, requires_cpu_extension, subprocess_env, torch_error_in
+from helpers import (COMPILED_CPU, assert_within, relative_error, requires_amx, requires_cpu_extension, subprocess_env,
+                     torch_error_in)
 
 import bmt_fast
 from bmt_fast import reference
@@ -254,16 +255,6 @@ def test_float32_with_a_tiny_bandwidth(cpu_backend, n, h):
     hb = torch.tensor(h, dtype=torch.float64)
     expected = reference.svgd_step(x.double(), score.double(), hb)
     assert relative_error(bmt_fast.svgd_step(x, score, h, backend=cpu_backend), expected) < 1e-6
-
-
-def _cpu_build_info() -> dict:
-    from bmt_fast import _extension
-
-    return _extension.CPU.module.build_info() if COMPILED_CPU else {}
-
-
-requires_amx = pytest.mark.skipif(not _cpu_build_info().get("cpu_bf16_amx", False),
-                                  reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")  # fmt: skip
 
 
 def amx_precision_phi(x, score, h):

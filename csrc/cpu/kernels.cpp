@@ -11,7 +11,7 @@
   namespace bmt_fast::cpu::NS {                                                                                                                 \
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
-  void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, uint16_t*, int64_t, float*); \
+  void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, c10::BFloat16*, int64_t, float*); \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
                        int64_t, const RadixPass&, int64_t*);                                                                                    \
   void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,                                         \
@@ -155,8 +155,8 @@ BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)
 
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, uint16_t* k16, int64_t ld16,
-                        float* rowsum) {
+                        const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
+                        int64_t ld16, float* rowsum) {
   BMT_FAST_DISPATCH(rbf_bf16_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum)
 }
 

@@ -23,11 +23,11 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // The bf16 tensor-core path (svgd_step on AMX): K of rows [0, rows) x columns [0, cols) of an fp32 dot
 // tile as rbf_from_dots computes it, except entry (a, a + diag) (the particle's own term), which is 0
 // (its dot product is overwritten with -inf);
-// each row's fp32 sum added into rowsum[a]; K stored as bf16 bits (rounded to nearest even) in k16 (row
-// stride ld16), whose columns [cols, cols_padded) are zeroed.
+// each row's fp32 sum added into rowsum[a]; K stored in bf16 (rounded to nearest even) in k16 (row stride
+// ld16), whose columns [cols, cols_padded) are zeroed.
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, uint16_t* k16, int64_t ld16,
-                        float* rowsum);
+                        const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
+                        int64_t ld16, float* rowsum);
 
 // Radix-select histogram over squared distances D = max(nr[a] + nc[b] - 2 S[a][b], 0) of a dot tile.
 // The bit pattern of a non-negative float orders like its value, so the key of D is its bits. For each

@@ -58,59 +58,6 @@ BMT_FAST_INLINE void rbf_from_dots_impl(T* tile, int64_t ld, int64_t row_begin, 
   }
 }
 
-// rbf_from_dots for the bf16 tensor-core path: K of rows [0, rows) x columns [0, cols) of an fp32 dot tile
-// (row stride ld), with entry (a, a + diag) (a particle's own term) 0, added into rowsum[a] in fp32 and
-// stored as bf16 bits (round to nearest even; NaN stays NaN) in k16 (row stride ld16); columns
-// [cols, cols_padded) of k16 are zeroed.
-BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
-                                             int64_t cols_padded, const float* nr, const float* nc, float inv_h,
-                                             int64_t diag, uint16_t* k16, int64_t ld16, float* rowsum) {
-  constexpr int L = kLanes<float>;
-  typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
-  using IntVec = vec_t<int32_t>;
-  const vec_t<float> neg_inv_h = broadcast(-inv_h);
-  auto round_store = [](uint16_t* out, vec_t<float> k) BMT_FAST_INLINE_LAMBDA {
-    IntVec bits;
-    std::memcpy(&bits, &k, sizeof(bits));
-    const IntVec odd = (bits >> 16) & 1;  // k >= 0 or NaN: the arithmetic shift sees a clear sign bit
-    const IntVec rounded = (bits + 0x7FFF + odd) >> 16;
-    const u16_vec narrow = __builtin_convertvector(rounded, u16_vec);
-    std::memcpy(out, &narrow, sizeof(narrow));
-  };
-  for (int64_t a = 0; a < rows; ++a) {
-    float* row = tile + a * ld;
-    uint16_t* out = k16 + a * ld16;
-    const vec_t<float> na = broadcast(nr[a]);
-    const int64_t own = a + diag;
-    // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for
-    // an invalid H), with no test per vector
-    if (own >= 0 && own < cols) row[own] = -std::numeric_limits<float>::infinity();
-    vec_t<float> sum{};
-    int64_t b = 0;
-    for (; b + L <= cols; b += L) {
-      vec_t<float> k = exp_nonpositive<float>(clamp_nonnegative<float>(na + load(nc + b) - 2.f * load(row + b)) *
-                                              neg_inv_h);
-      sum += k;
-      round_store(out + b, k);
-    }
-    if (b < cols) {  // ragged tail through a zero-padded vector
-      float s[L] = {}, n[L] = {};
-      for (int64_t q = b; q < cols; ++q) {
-        s[q - b] = row[q];
-        n[q - b] = nc[q];
-      }
-      vec_t<float> k = exp_nonpositive<float>(clamp_nonnegative<float>(na + load(n) - 2.f * load(s)) * neg_inv_h);
-      for (int64_t q = cols - b; q < L; ++q) k[q] = 0.f;
-      sum += k;
-      uint16_t t[L];
-      round_store(t, k);
-      for (int64_t q = b; q < cols; ++q) out[q] = t[q - b];
-    }
-    for (int64_t q = cols; q < cols_padded; ++q) out[q] = 0;
-    rowsum[a] += horizontal_sum<float>(sum);
-  }
-}
-
 template <typename T>
 struct KeyOf;
 template <>
@@ -285,8 +232,52 @@ BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
       store(p, v);
       return;
     }
+  } else if constexpr (std::is_same_v<In, c10::BFloat16> && std::is_same_v<T, float>) {
+    // c10::BFloat16's conversion, vectorised: round to nearest even on the bit pattern, NaN -> 0x7FC0
+    typedef uint32_t u32_vec __attribute__((vector_size(kVectorBytes)));
+    typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
+    u32_vec bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const u32_vec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const u32_vec result = v != v ? u32_vec{} + 0x7FC0u : rounded;
+    const u16_vec narrow = __builtin_convertvector(result, u16_vec);
+    std::memcpy(p, &narrow, static_cast<size_t>(count) * sizeof(In));
+    return;
   }
   for (int64_t i = 0; i < count; ++i) p[i] = static_cast<In>(v[i]);
+}
+
+// rbf_from_dots for the bf16 tensor-core path (many particles; here, after the load and store helpers):
+// K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
+// particle's own term) 0, added into rowsum[a] in fp32 and stored in bf16 in k16 (row stride ld16);
+// columns [cols, cols_padded) of k16 are zeroed.
+BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
+                                             int64_t cols_padded, const float* nr, const float* nc, float inv_h,
+                                             int64_t diag, c10::BFloat16* k16, int64_t ld16, float* rowsum) {
+  constexpr int L = kLanes<float>;
+  const vec_t<float> neg_inv_h = broadcast(-inv_h);
+  for (int64_t a = 0; a < rows; ++a) {
+    float* row = tile + a * ld;
+    c10::BFloat16* out = k16 + a * ld16;
+    const vec_t<float> na = broadcast(nr[a]);
+    const int64_t own = a + diag;
+    // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for
+    // an invalid H), with no test per vector
+    if (own >= 0 && own < cols) row[own] = -std::numeric_limits<float>::infinity();
+    vec_t<float> sum{};
+    for (int64_t b = 0; b < cols; b += L) {  // the ragged tail through a zero-padded vector
+      const int64_t count = min64(L, cols - b);
+      const vec_t<float> dist = clamp_nonnegative<float>(na + load_part_as<float>(nc + b, count) -
+                                                         2.f * load_part_as<float>(row + b, count));
+      vec_t<float> k = exp_nonpositive<float>(dist * neg_inv_h);
+      if (count < L)
+        for (int64_t q = count; q < L; ++q) k[q] = 0.f;
+      sum += k;
+      store_as<c10::BFloat16, float>(out + b, k, count);
+    }
+    for (int64_t q = cols; q < cols_padded; ++q) out[q] = c10::BFloat16(0.f);
+    rowsum[a] += horizontal_sum<float>(sum);
+  }
 }
 
 // A full vector of the output, written around the caches when it is a whole aligned cache line (the
@@ -866,8 +857,8 @@ BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, uint16_t* k16, int64_t ld16,
-                        float* rowsum) {
+                        const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
+                        int64_t ld16, float* rowsum) {
   rbf_bf16_from_dots_impl(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
 }
 

@@ -58,21 +58,30 @@ double numpy_median(std::vector<double> values) {
   return 0.5 * (*std::max_element(values.begin(), values.begin() + mid) + upper);
 }
 
-// Calls visit(tile, i0, j0) for every tile of the upper triangle of xc xc^T, tile = the dot products.
-template <typename Visit>
-void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
-  const int64_t n = xc.size(0);
+// For every tile of the upper triangle of an n x n matrix of dot products (tiles of `options`' dtype):
+// dots(tile, i0, j0) fills it, then visit(tile, i0, j0) reads it (or turns it into K in place).
+template <typename Dots, typename Visit>
+void for_each_upper_tile(int64_t n, const at::TensorOptions& options, Dots&& dots, Visit&& visit) {
   const int64_t block = std::min(n, kTileSize);
-  at::Tensor buffer = at::empty({block * block}, xc.options());
+  at::Tensor buffer = at::empty({block * block}, options);
   for (int64_t i0 = 0; i0 < n; i0 += block) {
     const int64_t rows = std::min(block, n - i0);
     for (int64_t j0 = i0; j0 < n; j0 += block) {
       const int64_t cols = std::min(block, n - j0);
       at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-      at::mm_out(tile, xc.narrow(0, i0, rows), xc.narrow(0, j0, cols).t());
+      dots(tile, i0, j0);
       visit(tile, i0, j0);
     }
   }
+}
+
+// The tiles of xc xc^T by GEMM.
+template <typename Visit>
+void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
+  const auto gemm = [&](at::Tensor& tile, int64_t i0, int64_t j0) {
+    at::mm_out(tile, xc.narrow(0, i0, tile.size(0)), xc.narrow(0, j0, tile.size(1)).t());
+  };
+  for_each_upper_tile(xc.size(0), xc.options(), gemm, visit);
 }
 
 // The distance tiles of the medians below, by GEMM on the rows of xc (fp32 / fp64).
@@ -399,6 +408,11 @@ bool use_amx_bf16(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 && d >= kAmxMinFeatures && d <= kAmxMaxFeatures && bf16_amx_enabled();
 }
 
+// A (k x columns) bf16 matrix, k even, as AMX's B operand: rows in pairs, interleaved (k/2 x columns x 2).
+at::Tensor interleave_row_pairs(const at::Tensor& b) {
+  return b.view({b.size(0) / 2, 2, b.size(1)}).permute({0, 2, 1}).contiguous();
+}
+
 // The centred particles rounded to bf16 (n_pad x d_pad, zero padding), as fp32 values, their norms, and
 // xb^T as AMX's B operand (pairs of features interleaved: d_pad/2 x n_pad x 2).
 struct AmxOperands {
@@ -412,32 +426,26 @@ struct AmxOperands {
     xb.narrow(0, 0, n).narrow(1, 0, xc.size(1)).copy_(xc);
     xb_float = xb.narrow(0, 0, n).to(at::kFloat);
     norms = (xb_float * xb_float).sum(1).contiguous();
-    b_s = xb.t().contiguous().view({d_pad / 2, 2, n_pad}).permute({0, 2, 1}).contiguous();
+    b_s = interleave_row_pairs(xb.t().contiguous());
   }
 };
 
 template <typename Visit>
 void AmxTiles::operator()(Visit&& visit) const {
   const AmxOperands& op = operands;
-  const int64_t block = std::min(op.n, kTileSize);
-  at::Tensor buffer = at::empty({block * block}, op.xb_float.options());
   const auto* xb_p = op.xb.const_data_ptr<at::BFloat16>();
   const auto* bs_p = op.b_s.const_data_ptr<at::BFloat16>();
-  for (int64_t i0 = 0; i0 < op.n; i0 += block) {
-    const int64_t rows = std::min(block, op.n - i0);
-    for (int64_t j0 = i0; j0 < op.n; j0 += block) {
-      const int64_t cols = std::min(block, op.n - j0);
-      at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-      float* tile_p = tile.mutable_data_ptr<float>();
-      at::parallel_for(0, (rows + 31) / 32, 1, [&](int64_t begin, int64_t end) {
-        const int64_t r0 = begin * 32, count = std::min(end * 32, rows) - r0;
-        at::native::cpublas::brgemm(count, cols, op.d_pad, op.d_pad, op.n_pad, cols, /*add_C=*/false,
-                                    xb_p + (i0 + r0) * op.d_pad, bs_p + j0 * 2, tile_p + r0 * cols);
-        at::native::cpublas::brgemm_release();
-      });
-      visit(tile, i0, j0);
-    }
-  }
+  const auto amx = [&](at::Tensor& tile, int64_t i0, int64_t j0) {  // row slices of the tile per thread
+    const int64_t rows = tile.size(0), cols = tile.size(1);
+    float* tile_p = tile.mutable_data_ptr<float>();
+    at::parallel_for(0, (rows + 31) / 32, 1, [&](int64_t begin, int64_t end) {
+      const int64_t r0 = begin * 32, count = std::min(end * 32, rows) - r0;
+      at::native::cpublas::brgemm(count, cols, op.d_pad, op.d_pad, op.n_pad, cols, /*add_C=*/false,
+                                  xb_p + (i0 + r0) * op.d_pad, bs_p + j0 * 2, tile_p + r0 * cols);
+      at::native::cpublas::brgemm_release();
+    });
+  };
+  for_each_upper_tile(op.n, op.xb_float.options(), amx, visit);
 }
 
 double median_sq_dist_amx(const AmxOperands& operands) {
@@ -455,7 +463,7 @@ at::Tensor svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, cons
   // W for K W in AMX's pair-interleaved layout (n_pad/2 x d x 2), zero rows beyond n
   at::Tensor w = at::zeros({n_pad, d}, x.options());
   w.narrow(0, 0, n).copy_(score.to(at::kFloat).sub_(xc, a));
-  const at::Tensor b_w = w.view({n_pad / 2, 2, d}).permute({0, 2, 1}).contiguous();
+  const at::Tensor b_w = interleave_row_pairs(w);
 
   at::Tensor acc = at::empty({n, d}, xc.options());
   at::Tensor rowsum = at::zeros({n}, xc.options());
@@ -476,7 +484,7 @@ at::Tensor svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, cons
         brgemm(rows, cols, d_pad, d_pad, n_pad, kAmxCols, /*add_C=*/false, xb_p + i0 * d_pad, bs_p + j0 * 2,
                s.data());
         rbf_bf16_from_dots(s.data(), kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
-                           reinterpret_cast<uint16_t*>(k16.data()), kAmxCols, rowsum_p + i0);
+                           k16.data(), kAmxCols, rowsum_p + i0);
         brgemm(rows, d, depth, kAmxCols, d, d, /*add_C=*/j0 > 0, k16.data(), bw_p + j0 * d, acc_p + i0 * d);
       }
     }
