@@ -241,7 +241,10 @@ BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
     const u32_vec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
     const u32_vec result = v != v ? u32_vec{} + 0x7FC0u : rounded;
     const u16_vec narrow = __builtin_convertvector(result, u16_vec);
-    std::memcpy(p, &narrow, static_cast<size_t>(count) * sizeof(In));
+    if (count == kLanes<T>)
+      std::memcpy(p, &narrow, sizeof(narrow));  // one vector store (a run-time size is a copy loop)
+    else
+      std::memcpy(p, &narrow, static_cast<size_t>(count) * sizeof(In));
     return;
   }
   for (int64_t i = 0; i < count; ++i) p[i] = static_cast<In>(v[i]);
@@ -250,7 +253,10 @@ BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
 // rbf_from_dots for the bf16 tensor-core path (many particles; here, after the load and store helpers):
 // K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
 // particle's own term) 0, added into rowsum[a] in fp32 and stored in bf16 in k16 (row stride ld16);
-// columns [cols, cols_padded) of k16 are zeroed.
+// columns [cols, cols_padded) of k16 are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
+// vcvtneps2bf16 (the same round to nearest even; every AMX CPU has it, checked at run time), one instruction for the seven of
+// store_as, which took about half of this function's time (2-core Xeon, perf).
+template <bool Native>
 BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
                                              int64_t cols_padded, const float* nr, const float* nc, float inv_h,
                                              int64_t diag, c10::BFloat16* k16, int64_t ld16, float* rowsum) {
@@ -264,14 +270,32 @@ BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t ro
     // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for
     // an invalid H), with no test per vector
     if (own >= 0 && own < cols) row[own] = -std::numeric_limits<float>::infinity();
-    vec_t<float> sum{};
-    for (int64_t b = 0; b < cols; b += L) {  // the ragged tail through a zero-padded vector
-      const int64_t count = min64(L, cols - b);
+    // whole vectors, then the ragged tail through a zero-padded one (a separate loop: with the count a
+    // run-time value in every iteration, the bf16 store went through the stack and a byte-count copy)
+    const auto entries = [&](int64_t b, int64_t count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> dist = clamp_nonnegative<float>(na + load_part_as<float>(nc + b, count) -
                                                          2.f * load_part_as<float>(row + b, count));
-      vec_t<float> k = exp_nonpositive<float>(dist * neg_inv_h);
-      if (count < L)
-        for (int64_t q = count; q < L; ++q) k[q] = 0.f;
+      return exp_nonpositive<float>(dist * neg_inv_h);
+    };
+    vec_t<float> sum{};
+    int64_t b = 0;
+    for (; b + L <= cols; b += L) {
+      const vec_t<float> k = entries(b, L);
+      sum += k;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+      if constexpr (Native) {  // (inline assembly: the intrinsic needs the avx512bf16 target everywhere up)
+        __m256i narrow;
+        asm("vcvtneps2bf16 %1, %0" : "=v"(narrow) : "v"(k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b), narrow);
+        continue;
+      }
+#endif
+      store_as<c10::BFloat16, float>(out + b, k, L);
+    }
+    if (b < cols) {
+      const int64_t count = cols - b;
+      vec_t<float> k = entries(b, count);
+      for (int64_t q = count; q < L; ++q) k[q] = 0.f;
       sum += k;
       store_as<c10::BFloat16, float>(out + b, k, count);
     }
@@ -859,7 +883,14 @@ BMT_FAST_DEFINE_TILE_KERNELS(double)
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
                         int64_t ld16, float* rowsum) {
-  rbf_bf16_from_dots_impl(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  static const bool native = __builtin_cpu_supports("avx512bf16");
+  if (native) {
+    rbf_bf16_from_dots_impl<true>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
+    return;
+  }
+#endif
+  rbf_bf16_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
 }
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                         \

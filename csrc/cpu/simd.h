@@ -9,6 +9,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#ifdef BMT_FAST_32_VECTOR_REGISTERS  // the AVX-512 build: exp_nonpositive's scaling
+#include <immintrin.h>
+#endif
 
 #ifndef BMT_FAST_ISA
 #error "define BMT_FAST_ISA (the ISA namespace) before including simd.h"
@@ -117,12 +122,19 @@ struct ExpConstants<double> {
 // exp(x) for x <= 0, vectorised. Cody-Waite reduction x = m*ln2 + r with |r| <= ln2/2, then a Taylor
 // polynomial of degree 7 (float, truncation error < 5e-9) or 13 (double, < 2e-17) in Horner form, and
 // 2^m built in the exponent bits. Inputs below kMin give exactly 0 (the kernel entry underflows).
+//
+// The AVX-512 build scales by 2^m with vscalefps/pd under a mask that zeroes the underflowing lanes (the
+// lanes below kMin go through the reduction unclamped, -inf included, and are discarded): two
+// instructions instead of a clamp, a blend and three to build 2^m in the exponent bits, with the same
+// bits (p * 2^m is exact for the normal results that remain). The epilogues of the tiled paths are
+// mostly this function.
 template <typename T>
 BMT_FAST_INLINE vec_t<T> exp_nonpositive(vec_t<T> x) {
   using C = ExpConstants<T>;
-  using IntVec = vec_t<typename C::Int>;
+#ifndef BMT_FAST_32_VECTOR_REGISTERS
   const auto underflow = x < C::kMin;
   x = underflow ? broadcast(T(C::kMin)) : x;
+#endif
   vec_t<T> m = x * T(1.4426950408889634) + C::kShifter;
   m = m - C::kShifter;
   vec_t<T> r = x - m * C::kLn2Hi;
@@ -133,11 +145,28 @@ BMT_FAST_INLINE vec_t<T> exp_nonpositive(vec_t<T> x) {
   for (int k = 1; k <= C::kDegree; ++k) inv_fact[k] = inv_fact[k - 1] / T(k);
   vec_t<T> p = broadcast(T(inv_fact[C::kDegree]));
   for (int k = C::kDegree - 1; k >= 0; --k) p = p * r + inv_fact[k];
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  static_assert(kVectorBytes == 64, "the AVX-512 build has 64-byte vectors");
+  vec_t<T> result;
+  if constexpr (std::is_same_v<T, float>) {
+    // lanes with x >= kMin, or NaN (not less than: a NaN x stays NaN)
+    const __mmask16 keep = _mm512_cmp_ps_mask(reinterpret_cast<__m512&>(x), _mm512_set1_ps(C::kMin), _CMP_NLT_UQ);
+    const __m512 scaled = _mm512_maskz_scalef_ps(keep, reinterpret_cast<__m512&>(p), reinterpret_cast<__m512&>(m));
+    std::memcpy(&result, &scaled, sizeof(result));
+  } else {
+    const __mmask8 keep = _mm512_cmp_pd_mask(reinterpret_cast<__m512d&>(x), _mm512_set1_pd(C::kMin), _CMP_NLT_UQ);
+    const __m512d scaled = _mm512_maskz_scalef_pd(keep, reinterpret_cast<__m512d&>(p), reinterpret_cast<__m512d&>(m));
+    std::memcpy(&result, &scaled, sizeof(result));
+  }
+  return result;
+#else
+  using IntVec = vec_t<typename C::Int>;
   IntVec bits = (__builtin_convertvector(m, IntVec) + C::kBias) << C::kMantissaBits;
   vec_t<T> scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   vec_t<T> result = p * scale;
   return underflow ? vec_t<T>{} : result;
+#endif
 }
 
 }  // namespace bmt_fast::cpu::BMT_FAST_ISA
