@@ -12,6 +12,10 @@
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
   void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, c10::BFloat16*, int64_t, float*); \
+  void amx_centre_rows(const c10::BFloat16*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);                       \
+  void amx_w_pairs(const c10::BFloat16*, const c10::BFloat16*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);            \
+  void amx_finish_rows(const float*, const float*, const c10::BFloat16*, const c10::BFloat16*, const float*, float, float, int64_t, int64_t,  \
+                       int64_t, c10::BFloat16*);                                                                                                \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
                        int64_t, const RadixPass&, int64_t*);                                                                                    \
   void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,                                         \
@@ -158,6 +162,22 @@ void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
                         int64_t ld16, float* rowsum) {
   BMT_FAST_DISPATCH(rbf_bf16_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum)
+}
+
+void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,
+                     c10::BFloat16* xb, int64_t d_pad, float* norms) {
+  BMT_FAST_DISPATCH(amx_centre_rows, x, d, shift, row_begin, row_end, xb, d_pad, norms)
+}
+
+void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
+                 int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
+  BMT_FAST_DISPATCH(amx_w_pairs, score, x, shift, a, n, d, pair_begin, pair_end, bw)
+}
+
+void amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
+                     const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
+                     c10::BFloat16* phi) {
+  BMT_FAST_DISPATCH(amx_finish_rows, acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, phi)
 }
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):

@@ -29,6 +29,20 @@ void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
                         int64_t ld16, float* rowsum);
 
+// The AMX path's operands and its last pass (x, score: n x d bf16 rows; shift: d fp32 values):
+// amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zero)
+// and norms[a] = the fp32 sum of the squares of row a's rounded values;
+// amx_w_pairs: W_i = score_i - a (x_i - shift) in bf16 for the row pairs [pair_begin, pair_end), rows 2p
+// and 2p + 1 interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero);
+// amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) / n in bf16.
+void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,
+                     c10::BFloat16* xb, int64_t d_pad, float* norms);
+void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
+                 int64_t pair_begin, int64_t pair_end, uint32_t* bw);
+void amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
+                     const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
+                     c10::BFloat16* phi);
+
 // Radix-select histogram over squared distances D = max(nr[a] + nc[b] - 2 S[a][b], 0) of a dot tile.
 // The bit pattern of a non-negative float orders like its value, so the key of D is its bits. For each
 // of `num_targets` prefixes, keys whose bits above `shift + width` equal the prefix add `weight` to

@@ -225,6 +225,25 @@ BMT_FAST_INLINE vec_t<T> load_part_as(const In* p, int64_t count) {
   return load_as<T>(tmp);
 }
 
+typedef uint32_t u32_vec __attribute__((vector_size(kVectorBytes)));
+
+// c10::BFloat16's conversion, vectorised: round to nearest even on the bit pattern, NaN -> 0x7FC0. The
+// bf16 bits in the low half of each lane (the high half zero).
+BMT_FAST_INLINE u32_vec bf16_bits(vec_t<float> v) {
+  u32_vec bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const u32_vec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return v != v ? u32_vec{} + 0x7FC0u : rounded;
+}
+
+// The value of such bits as fp32 (exact).
+BMT_FAST_INLINE vec_t<float> float_of_bf16_bits(u32_vec bits) {
+  const u32_vec shifted = bits << 16;
+  vec_t<float> v;
+  std::memcpy(&v, &shifted, sizeof(v));
+  return v;
+}
+
 template <typename In, typename T>
 BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
   if constexpr (std::is_same_v<In, T>) {
@@ -233,14 +252,8 @@ BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
       return;
     }
   } else if constexpr (std::is_same_v<In, c10::BFloat16> && std::is_same_v<T, float>) {
-    // c10::BFloat16's conversion, vectorised: round to nearest even on the bit pattern, NaN -> 0x7FC0
-    typedef uint32_t u32_vec __attribute__((vector_size(kVectorBytes)));
     typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
-    u32_vec bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const u32_vec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const u32_vec result = v != v ? u32_vec{} + 0x7FC0u : rounded;
-    const u16_vec narrow = __builtin_convertvector(result, u16_vec);
+    const u16_vec narrow = __builtin_convertvector(bf16_bits(v), u16_vec);
     if (count == kLanes<T>)
       std::memcpy(p, &narrow, sizeof(narrow));  // one vector store (a run-time size is a copy loop)
     else
@@ -301,6 +314,81 @@ BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t ro
     }
     for (int64_t q = cols; q < cols_padded; ++q) out[q] = c10::BFloat16(0.f);
     rowsum[a] += horizontal_sum<float>(sum);
+  }
+}
+
+// f(k, count) for the vectors of [0, len): whole ones with count a compile-time L (so that the loads and
+// stores of f take their one-instruction forms), then the ragged tail, if any, with its run-time count.
+template <int L, typename F>
+BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
+  int64_t k = 0;
+  for (; k + L <= len; k += L) f(k, std::integral_constant<int64_t, L>{});
+  if (k < len) f(k, len - k);
+}
+
+// The operands of the AMX path, one pass each (they were a dozen ATen ops with n x d fp32 temporaries
+// and their page faults: a third of a step at 4096 x 768). Rows a of x (d columns, bf16) centred by
+// shift (d fp32 values) and rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zeroed);
+// norms[a] = the fp32 sum of the squares of the rounded values.
+BMT_FAST_INLINE void amx_centre_rows_impl(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin,
+                                          int64_t row_end, c10::BFloat16* xb, int64_t d_pad, float* norms) {
+  constexpr int L = kLanes<float>;
+  typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
+  for (int64_t a = row_begin; a < row_end; ++a) {
+    const c10::BFloat16* row = x + a * d;
+    c10::BFloat16* out = xb + a * d_pad;
+    vec_t<float> sum{};
+    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {  // the tail zero-padded
+      const u32_vec bits = bf16_bits(load_part_as<float>(row + k, count) - load_part_as<float>(shift + k, count));
+      const vec_t<float> rounded = float_of_bf16_bits(bits);
+      sum += rounded * rounded;
+      const u16_vec narrow = __builtin_convertvector(bits, u16_vec);
+      std::memcpy(out + k, &narrow, static_cast<size_t>(count) * sizeof(c10::BFloat16));
+    });
+    for (int64_t k = d; k < d_pad; ++k) out[k] = c10::BFloat16(0.f);
+    norms[a] = horizontal_sum<float>(sum);
+  }
+}
+
+// AMX's B operand for K W, pairs [pair_begin, pair_end) of rows: W_i = score_i - a (x_i - shift) rounded
+// to bf16, rows 2p and 2p + 1 interleaved feature by feature (the bf16 pair of feature k is one 32-bit
+// word: row 2p in its low half), rows at or beyond n zero.
+BMT_FAST_INLINE void amx_w_pairs_impl(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a,
+                                      int64_t n, int64_t d, int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
+  constexpr int L = kLanes<float>;
+  const vec_t<float> av = broadcast(a);
+  for (int64_t p = pair_begin; p < pair_end; ++p) {
+    const int64_t i = 2 * p;
+    uint32_t* out = bw + p * d;
+    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+      const vec_t<float> sv = load_part_as<float>(shift + k, count);
+      const auto w = [&](int64_t row) BMT_FAST_INLINE_LAMBDA {
+        if (row >= n) return u32_vec{};
+        return bf16_bits(load_part_as<float>(score + row * d + k, count) -
+                         (load_part_as<float>(x + row * d + k, count) - sv) * av);
+      };
+      const u32_vec pair = w(i) | (w(i + 1) << 16);
+      std::memcpy(out + k, &pair, static_cast<size_t>(count) * sizeof(uint32_t));
+    });
+  }
+}
+
+// phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) / n in bf16: the own term k_aa = 1 and the
+// repulsion's row-sum term added to K W, as the AMX path's last pass.
+BMT_FAST_INLINE void amx_finish_rows_impl(const float* acc, const float* rowsum, const c10::BFloat16* x,
+                                          const c10::BFloat16* score, const float* shift, float a, float n, int64_t d,
+                                          int64_t row_begin, int64_t row_end, c10::BFloat16* phi) {
+  constexpr int L = kLanes<float>;
+  const vec_t<float> nv = broadcast(n);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const vec_t<float> coef = broadcast(a * rowsum[r]);
+    const int64_t at = r * d;
+    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+      const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift + k, count);
+      const vec_t<float> v =
+          (load_part_as<float>(acc + at + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) / nv;
+      store_as<c10::BFloat16, float>(phi + at + k, v, count);
+    });
   }
 }
 
@@ -891,6 +979,22 @@ void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int
   }
 #endif
   rbf_bf16_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
+}
+
+void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,
+                     c10::BFloat16* xb, int64_t d_pad, float* norms) {
+  amx_centre_rows_impl(x, d, shift, row_begin, row_end, xb, d_pad, norms);
+}
+
+void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
+                 int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
+  amx_w_pairs_impl(score, x, shift, a, n, d, pair_begin, pair_end, bw);
+}
+
+void amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
+                     const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
+                     c10::BFloat16* phi) {
+  amx_finish_rows_impl(acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, phi);
 }
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                         \

@@ -408,33 +408,45 @@ bool use_amx_bf16(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 && d >= kAmxMinFeatures && d <= kAmxMaxFeatures && bf16_amx_enabled();
 }
 
-// A (k x columns) bf16 matrix, k even, as AMX's B operand: rows in pairs, interleaved (k/2 x columns x 2).
-at::Tensor interleave_row_pairs(const at::Tensor& b) {
-  return b.view({b.size(0) / 2, 2, b.size(1)}).permute({0, 2, 1}).contiguous();
+// bf16 pairs as one 32-bit word (AMX's B operand interleaves rows in pairs: the pair of row k and k + 1
+// of column j is word j of pair-row k / 2).
+const at::BFloat16* as_bf16(const at::Tensor& words) {
+  return reinterpret_cast<const at::BFloat16*>(words.const_data_ptr<int32_t>());
 }
 
-// The centred particles rounded to bf16 (n_pad x d_pad, zero padding), as fp32 values, their norms, and
-// xb^T as AMX's B operand (pairs of features interleaved: d_pad/2 x n_pad x 2).
+// The particles centred (by their mean, from a float64 sum) and rounded to bf16 (n_pad x d_pad, zero
+// padding), their norms in fp32, and xb^T as AMX's B operand (d_pad/2 x n_pad words: each the bf16 pair of
+// features 2k, 2k + 1 of one particle, i.e. the 32-bit transpose of xb). x: bf16, contiguous.
 struct AmxOperands {
-  int64_t n, n_pad, d_pad;
-  at::Tensor xb, xb_float, norms, b_s;
+  int64_t n, n_pad, d, d_pad;
+  at::Tensor shift, xb, norms, b_s;
 
-  explicit AmxOperands(const at::Tensor& xc) : n(xc.size(0)) {
+  explicit AmxOperands(const at::Tensor& x) : n(x.size(0)), d(x.size(1)) {
     n_pad = (n + 31) / 32 * 32;
-    d_pad = (xc.size(1) + 31) / 32 * 32;
-    xb = at::zeros({n_pad, d_pad}, xc.options().dtype(at::kBFloat16));
-    xb.narrow(0, 0, n).narrow(1, 0, xc.size(1)).copy_(xc);
-    xb_float = xb.narrow(0, 0, n).to(at::kFloat);
-    norms = (xb_float * xb_float).sum(1).contiguous();
-    b_s = interleave_row_pairs(xb.t().contiguous());
+    d_pad = (d + 31) / 32 * 32;
+    shift = x.sum(0, /*keepdim=*/false, at::kDouble).div_(n).to(at::kFloat);
+    xb = at::empty({n_pad, d_pad}, x.options());
+    xb.narrow(0, n, n_pad - n).zero_();
+    norms = at::empty({n}, x.options().dtype(at::kFloat));
+    const auto* x_p = x.const_data_ptr<at::BFloat16>();
+    const float* shift_p = shift.const_data_ptr<float>();
+    auto* xb_p = xb.mutable_data_ptr<at::BFloat16>();
+    float* norms_p = norms.mutable_data_ptr<float>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      amx_centre_rows(x_p, d, shift_p, begin, end, xb_p, d_pad, norms_p);
+    });
+    b_s = xb.view(at::kInt).t().contiguous();
   }
+
+  // The rounded particles as fp32 values (n x d_pad), for the median's sample and small-n selection.
+  at::Tensor xb_float() const { return xb.narrow(0, 0, n).to(at::kFloat); }
 };
 
 template <typename Visit>
 void AmxTiles::operator()(Visit&& visit) const {
   const AmxOperands& op = operands;
   const auto* xb_p = op.xb.const_data_ptr<at::BFloat16>();
-  const auto* bs_p = op.b_s.const_data_ptr<at::BFloat16>();
+  const auto* bs_p = as_bf16(op.b_s);
   const auto amx = [&](at::Tensor& tile, int64_t i0, int64_t j0) {  // row slices of the tile per thread
     const int64_t rows = tile.size(0), cols = tile.size(1);
     float* tile_p = tile.mutable_data_ptr<float>();
@@ -445,31 +457,37 @@ void AmxTiles::operator()(Visit&& visit) const {
       at::native::cpublas::brgemm_release();
     });
   };
-  for_each_upper_tile(op.n, op.xb_float.options(), amx, visit);
+  for_each_upper_tile(op.n, op.norms.options(), amx, visit);
 }
 
 double median_sq_dist_amx(const AmxOperands& operands) {
-  return median_sq_dist<float>(operands.xb_float, operands.norms, AmxTiles{operands});
+  return median_sq_dist<float>(operands.xb_float(), operands.norms, AmxTiles{operands});
 }
 
-at::Tensor svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
+// phi of bf16 particles (contiguous) into out (n x d bf16, contiguous).
+void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
+                        at::Tensor& out) {
   using at::native::cpublas::brgemm;
   const int64_t n = x.size(0), d = x.size(1);
-  const at::Tensor xc = centred(x, at::kFloat);
-  const AmxOperands operands(xc);
+  const AmxOperands operands(x);
   const int64_t n_pad = operands.n_pad, d_pad = operands.d_pad;
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_amx(operands), n);
-  const double a = 2.0 / h;
-  // W for K W in AMX's pair-interleaved layout (n_pad/2 x d x 2), zero rows beyond n
-  at::Tensor w = at::zeros({n_pad, d}, x.options());
-  w.narrow(0, 0, n).copy_(score.to(at::kFloat).sub_(xc, a));
-  const at::Tensor b_w = interleave_row_pairs(w);
+  const float a = static_cast<float>(2.0 / h);
+  const auto* x_p = x.const_data_ptr<at::BFloat16>();
+  const auto* score_p = score.const_data_ptr<at::BFloat16>();
+  const float* shift_p = operands.shift.const_data_ptr<float>();
+  // W = score - a xc for K W in AMX's pair-interleaved layout (n_pad/2 x d words), zero rows beyond n
+  const at::Tensor b_w = at::empty({n_pad / 2, d}, x.options().dtype(at::kInt));
+  auto* b_w_words = reinterpret_cast<uint32_t*>(b_w.mutable_data_ptr<int32_t>());
+  at::parallel_for(0, n_pad / 2, 32, [&](int64_t begin, int64_t end) {
+    amx_w_pairs(score_p, x_p, shift_p, a, n, d, begin, end, b_w_words);
+  });
 
-  at::Tensor acc = at::empty({n, d}, xc.options());
-  at::Tensor rowsum = at::zeros({n}, xc.options());
+  const at::Tensor acc = empty_large({n, d}, x.options().dtype(at::kFloat));
+  const at::Tensor rowsum = at::zeros({n}, acc.options());
   const auto* xb_p = operands.xb.const_data_ptr<at::BFloat16>();
-  const auto* bs_p = operands.b_s.const_data_ptr<at::BFloat16>();
-  const auto* bw_p = b_w.const_data_ptr<at::BFloat16>();
+  const auto* bs_p = as_bf16(operands.b_s);
+  const auto* bw_p = as_bf16(b_w);
   const float* norms_p = operands.norms.const_data_ptr<float>();
   float* acc_p = acc.mutable_data_ptr<float>();
   float* rowsum_p = rowsum.mutable_data_ptr<float>();
@@ -491,8 +509,10 @@ at::Tensor svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, cons
     at::native::cpublas::brgemm_release();
   });
   // phi = (K W + (2/H) rowsum(K) xc + score) / n: the own term k_ii = 1 is left out of K and added here
-  acc.addcmul_(rowsum.unsqueeze(1), xc, a).add_(score).div_(n);
-  return acc.to(at::kBFloat16);
+  auto* out_p = out.mutable_data_ptr<at::BFloat16>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    amx_finish_rows(acc_p, rowsum_p, x_p, score_p, shift_p, a, static_cast<float>(n), d, begin, end, out_p);
+  });
 }
 
 // ---- Gram path -----------------------------------------------------------------------------------
@@ -632,9 +652,12 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
                                            [&] { return svgd_step_gram<scalar_t>(x, score, h, out); });
   }
+  if (use_amx_bf16(x)) {
+    svgd_step_amx_bf16(x, score, h, out);
+    return std::nullopt;
+  }
   const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
-                         : use_amx_bf16(x)                ? svgd_step_amx_bf16(x, score, h)
-                                                          : svgd_step_tiled<float>(x, score, h);
+                                                        : svgd_step_tiled<float>(x, score, h);
   out.copy_(phi);
   return std::nullopt;
 }
@@ -679,7 +702,7 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
     median = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "median_gram",
                                              [&] { return numpy_median(sq_dists_gram<scalar_t>(x)); });
   } else if (use_amx_bf16(x)) {
-    median = median_sq_dist_amx(AmxOperands(centred(x, acc)));
+    median = median_sq_dist_amx(AmxOperands(x));
   } else {
     const at::Tensor xc = centred(x, acc);
     const at::Tensor norms = (xc * xc).sum(1).contiguous();
