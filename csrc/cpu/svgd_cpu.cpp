@@ -58,38 +58,35 @@ double numpy_median(std::vector<double> values) {
   return 0.5 * (*std::max_element(values.begin(), values.begin() + mid) + upper);
 }
 
-// For every tile of the upper triangle of an n x n matrix of dot products (tiles of `options`' dtype):
-// dots(tile, i0, j0) fills it, then visit(tile, i0, j0) reads it (or turns it into K in place).
-template <typename Dots, typename Visit>
-void for_each_upper_tile(int64_t n, const at::TensorOptions& options, Dots&& dots, Visit&& visit) {
-  const int64_t block = std::min(n, kTileSize);
-  at::Tensor buffer = at::empty({block * block}, options);
+// For every tile of the upper triangle of xc xc^T (by GEMM, in xc's dtype): visit(tile, i0, j0) reads it
+// (or turns it into K in place).
+template <typename Visit>
+void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
+  const int64_t n = xc.size(0), block = std::min(n, kTileSize);
+  at::Tensor buffer = at::empty({block * block}, xc.options());
   for (int64_t i0 = 0; i0 < n; i0 += block) {
     const int64_t rows = std::min(block, n - i0);
     for (int64_t j0 = i0; j0 < n; j0 += block) {
       const int64_t cols = std::min(block, n - j0);
       at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-      dots(tile, i0, j0);
+      at::mm_out(tile, xc.narrow(0, i0, rows), xc.narrow(0, j0, cols).t());
       visit(tile, i0, j0);
     }
   }
 }
 
-// The tiles of xc xc^T by GEMM.
-template <typename Visit>
-void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
-  const auto gemm = [&](at::Tensor& tile, int64_t i0, int64_t j0) {
-    at::mm_out(tile, xc.narrow(0, i0, tile.size(0)), xc.narrow(0, j0, tile.size(1)).t());
-  };
-  for_each_upper_tile(xc.size(0), xc.options(), gemm, visit);
-}
-
-// The distance tiles of the medians below, by GEMM on the rows of xc (fp32 / fp64).
+// The distance tiles of the medians below: tiles(visit) calls visit(tile, i0, j0, begin, end) for rows
+// [begin, end) of each (rows x cols, contiguous) tile of dot products of rows i0.. with rows j0.. covering
+// the upper triangle (a tile with i0 == j0 holds the diagonal at its local (a, a); the visitor counts its
+// columns b > a only), from several threads at once. By GEMM on the rows of xc (fp32 / fp64): one tile
+// at a time (the GEMM threads itself), its rows split across the threads.
 struct GemmTiles {
   const at::Tensor& xc;
   template <typename Visit>
   void operator()(Visit&& visit) const {
-    for_each_upper_tile(xc, visit);
+    for_each_upper_tile(xc, [&](const at::Tensor& tile, int64_t i0, int64_t j0) {
+      at::parallel_for(0, tile.size(0), 16, [&](int64_t begin, int64_t end) { visit(tile, i0, j0, begin, end); });
+    });
   }
 };
 
@@ -133,12 +130,10 @@ double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms, const
     pass.prefix[1] = prefix[1];
     const int64_t bins = int64_t(1) << pass.width;
     std::vector<std::vector<int64_t>> per_thread(threads, std::vector<int64_t>(pass.num_targets * bins, 0));
-    tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0) {
-      const int64_t rows = tile.size(0), cols = tile.size(1);
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        radix_histogram(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, 2, pass,
-                        per_thread[at::get_thread_num()].data());
-      });
+    tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0, int64_t begin, int64_t end) {
+      const int64_t cols = tile.size(1);
+      radix_histogram(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, 2, pass,
+                      per_thread[at::get_thread_num()].data());
     });
     std::vector<int64_t> hist(pass.num_targets * bins, 0);
     for (const auto& h : per_thread)
@@ -321,22 +316,20 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   std::atomic<int64_t> filled{0}, below{0};
   std::atomic<bool> overflow{false};
   const T* nr = norms.data_ptr<T>();
-  tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0) {
-    const int64_t rows = tile.size(0), cols = tile.size(1);
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<T> scratch;  // grown once per thread, not zeroed per chunk
-      if (scratch.size() < static_cast<size_t>((end - begin) * cols)) scratch.resize((end - begin) * cols);
-      int64_t under = 0;
-      const int64_t got = window_collect(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0,
-                                         lo, hi, &under, scratch.data());
-      below += under;
-      const int64_t at = filled.fetch_add(got);
-      if (at + got > capacity) {
-        overflow = true;
-      } else if (got > 0) {
-        std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
-      }
-    });
+  tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0, int64_t begin, int64_t end) {
+    const int64_t cols = tile.size(1);
+    thread_local std::vector<T> scratch;  // grown once per thread, not zeroed per chunk
+    if (scratch.size() < static_cast<size_t>((end - begin) * cols)) scratch.resize((end - begin) * cols);
+    int64_t under = 0;
+    const int64_t got = window_collect(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, lo,
+                                       hi, &under, scratch.data());
+    below += under;
+    const int64_t at = filled.fetch_add(got);
+    if (at + got > capacity) {
+      overflow = true;
+    } else if (got > 0) {
+      std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
+    }
   });
   const int64_t count = filled.load(), under = below.load();
   if (overflow.load() || under > k0 || k1 >= under + count) return std::nullopt;
@@ -442,22 +435,34 @@ struct AmxOperands {
   at::Tensor xb_float() const { return xb.narrow(0, 0, n).to(at::kFloat); }
 };
 
+// The median's tiles on AMX: each thread computes and visits its own (rows of kAmxRows, columns of
+// kAmxCols from the block's diagonal on). A block's share of the upper triangle shrinks with its index,
+// so the blocks go out in pairs b and last - b, every pair about the same work. (One shared tile at a
+// time, its rows split across the threads, left them waiting at two barriers per tile.)
 template <typename Visit>
 void AmxTiles::operator()(Visit&& visit) const {
   const AmxOperands& op = operands;
   const auto* xb_p = op.xb.const_data_ptr<at::BFloat16>();
   const auto* bs_p = as_bf16(op.b_s);
-  const auto amx = [&](at::Tensor& tile, int64_t i0, int64_t j0) {  // row slices of the tile per thread
-    const int64_t rows = tile.size(0), cols = tile.size(1);
-    float* tile_p = tile.mutable_data_ptr<float>();
-    at::parallel_for(0, (rows + 31) / 32, 1, [&](int64_t begin, int64_t end) {
-      const int64_t r0 = begin * 32, count = std::min(end * 32, rows) - r0;
-      at::native::cpublas::brgemm(count, cols, op.d_pad, op.d_pad, op.n_pad, cols, /*add_C=*/false,
-                                  xb_p + (i0 + r0) * op.d_pad, bs_p + j0 * 2, tile_p + r0 * cols);
-      at::native::cpublas::brgemm_release();
-    });
-  };
-  for_each_upper_tile(op.n, op.norms.options(), amx, visit);
+  const int64_t blocks = (op.n + kAmxRows - 1) / kAmxRows;
+  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer = at::empty({kAmxRows * kAmxCols}, op.norms.options());
+    const auto rows_of = [&](int64_t block) {
+      const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, op.n - i0);
+      for (int64_t j0 = i0; j0 < op.n; j0 += kAmxCols) {
+        const int64_t cols = std::min(kAmxCols, op.n - j0);
+        const at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+        at::native::cpublas::brgemm(rows, cols, op.d_pad, op.d_pad, op.n_pad, cols, /*add_C=*/false,
+                                    xb_p + i0 * op.d_pad, bs_p + j0 * 2, tile.mutable_data_ptr<float>());
+        visit(tile, i0, j0, 0, rows);
+      }
+    };
+    for (int64_t pair = begin; pair < end; ++pair) {
+      rows_of(pair);
+      if (blocks - 1 - pair != pair) rows_of(blocks - 1 - pair);
+    }
+    at::native::cpublas::brgemm_release();
+  });
 }
 
 double median_sq_dist_amx(const AmxOperands& operands) {
