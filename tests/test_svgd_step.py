@@ -258,11 +258,12 @@ def test_float32_with_a_tiny_bandwidth(cpu_backend, n, h):
 
 
 def amx_precision_phi(x, score, h):
-    """The AMX path's arithmetic in torch: centred particles rounded to bf16 for the distances, K in fp32
-    (its own term 0, row sums in fp32), K and W = score - (2/H) xc rounded to bf16 for K W, fp32 sums."""
+    """The AMX path's arithmetic in torch: particles centred by their mean (a float64 sum, rounded to fp32)
+    and rounded to bf16 for the distances, K in fp32 (its own term 0, row sums in fp32), K and
+    W = score - (2/H) xc rounded to bf16 for K W, fp32 sums."""
     n = x.shape[0]
     xf = x.float()
-    xc = xf - (xf[:1] + (xf - xf[:1]).mean(0, keepdim=True))
+    xc = xf - x.double().mean(0, keepdim=True).float()
     xb = xc.bfloat16().float()
     norms = (xb * xb).sum(1)
     k = torch.exp(-(norms[:, None] + norms[None] - 2 * xb @ xb.T).clamp_min(0) / h).fill_diagonal_(0)
@@ -277,7 +278,9 @@ def amx_precision_phi(x, score, h):
 def test_bf16_on_amx_tiles(n, d, bandwidth):
     """bf16 particles with many particles on an AMX CPU: the tensor-core precision of the GPU kernels
     (bf16 operands, fp32 sums), within 2 ulps of bf16 of the float64 reference, and the arithmetic the
-    path documents (torch emulation of it: equal up to a last-bit flip in the final rounding). Ragged
+    path documents (torch emulation of it: with a given H every entry equal up to a last-bit flip in the
+    final rounding, bit for bit on these inputs when written; with the median rule, whose H the emulation
+    takes from median_bandwidth in fp32, within an ulp of the largest entry). Ragged
     blocks (128 rows, 256 columns, 32 features), the median rule, and a tiny H (the own term k_ii = 1)."""
     torch.manual_seed(n + d)
     x, score = particles(n, d, dtype=torch.bfloat16)
@@ -288,8 +291,13 @@ def test_bf16_on_amx_tiles(n, d, bandwidth):
     expected = reference_phi(x.double(), score.double(), h)
     assert phi.dtype == torch.bfloat16
     assert relative_error(phi, expected) <= 2 * 2.0**-8
-    h_used = reference.median_bandwidth(x.double()).item() if h is None else bandwidth
-    assert relative_error(phi, amx_precision_phi(x, score, h_used)) <= 2.0**-7
+    if h is None:  # the median of the rounded particles, as median_bandwidth gives it (rounded to fp32)
+        emulated = amx_precision_phi(x, score, float(torch.ops.bmt_fast.median_bandwidth(x, "tiled")))
+        assert relative_error(phi, emulated) <= 2.0**-7
+    else:  # every entry, up to a last-bit flip of bf16
+        emulated = amx_precision_phi(x, score, bandwidth).float()
+        tolerance = 2.0**-7 * torch.maximum(phi.float().abs(), emulated.abs())
+        assert ((phi.float() - emulated).abs() <= tolerance).all()
 
 
 @requires_amx
@@ -314,6 +322,45 @@ def test_bf16_amx_can_be_turned_off(tmp_path):
     assert off.returncode == 0 and on.returncode == 0, off.stderr[-2000:] + on.stderr[-2000:]
     assert off.stdout.split() == ["False", "True"]
     assert on.stdout.split() == ["True", "False"]
+
+
+def _cpu_flag(name: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return name in f.read().split()
+    except OSError:
+        return False
+
+
+@requires_amx
+@pytest.mark.skipif(not _cpu_flag("avx512_bf16"), reason="the CPU lacks AVX512-BF16")
+def test_bf16_amx_epilogue_roundings_agree(tmp_path):
+    """The AMX epilogue's two roundings of K to bf16 (vcvtneps2bf16 where the CPU has AVX512-BF16, and the
+    portable bit arithmetic that BMT_FAST_CPU_AVX512BF16=0 selects) give the same steps bit for bit: ragged
+    blocks, K entries that underflow to 0 (a tiny H), the median rule."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys, torch, bmt_fast  # noqa: F401 (the ops)\n"
+        "torch.manual_seed(0)\n"
+        "out = []\n"
+        "for n, d, h in [(300, 129, 50.0), (1000, 64, None), (517, 40, 1e-3), (129, 1024, 2000.0)]:\n"
+        "    x = (torch.randn(n, d) * 3).bfloat16(); s = torch.randn(n, d).bfloat16()\n"
+        "    hb = None if h is None else torch.tensor(h)\n"
+        "    out.append(torch.ops.bmt_fast.svgd_step(x, s, hb, 'tiled'))\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    results = {}
+    for name, env in (("native", {}), ("portable", {"BMT_FAST_CPU_AVX512BF16": "0"})):
+        path = tmp_path / f"{name}.pt"
+        run = subprocess.run([sys.executable, str(script), str(path)], env=subprocess_env(**env),
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[name] = torch.load(path)
+    for native, portable in zip(results["native"], results["portable"]):
+        assert native.dtype == torch.bfloat16 and torch.equal(native, portable)
 
 
 @requires_cpu_extension

@@ -4,6 +4,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -968,11 +969,19 @@ BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, 
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+inline bool env_is_zero(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] == '0' && value[1] == '\0';
+}
+#endif
+
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
                         int64_t ld16, float* rowsum) {
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
-  static const bool native = __builtin_cpu_supports("avx512bf16");
+  // BMT_FAST_CPU_AVX512BF16=0: the portable rounding (tests: the two give the same bits)
+  static const bool native = __builtin_cpu_supports("avx512bf16") && !env_is_zero("BMT_FAST_CPU_AVX512BF16");
   if (native) {
     rbf_bf16_from_dots_impl<true>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
     return;
