@@ -268,8 +268,8 @@ BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
 // K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
 // particle's own term) 0, added into rowsum[a] in fp32 and stored in bf16 in k16 (row stride ld16);
 // columns [cols, cols_padded) of k16 are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
-// vcvtneps2bf16 (the same round to nearest even; every AMX CPU has it, checked at run time), one instruction for the seven of
-// store_as, which took about half of this function's time (2-core Xeon, perf).
+// vcvtneps2bf16 (the same round to nearest even; every AMX CPU has it, checked at run time), one
+// instruction for the seven of store_as, which took about half of this function's time (2-core Xeon, perf).
 template <bool Native>
 BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
                                              int64_t cols_padded, const float* nr, const float* nc, float inv_h,
