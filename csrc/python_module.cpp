@@ -13,7 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cpu_isa"] = bmt_fast::cpu::active_isa();
     info["cpu_isas_compiled"] = bmt_fast::cpu::compiled_isas();
     info["cpu_bf16_amx"] = bmt_fast::cpu::bf16_amx_enabled();
-    info["amx_features"] = pybind11::make_tuple(bmt_fast::cpu::kAmxMinFeatures, bmt_fast::cpu::kAmxMaxFeatures);
+    info["amx_min_features"] = bmt_fast::cpu::kAmxMinFeatures;
 #ifdef _OPENMP
     info["openmp"] = _OPENMP;
 #else

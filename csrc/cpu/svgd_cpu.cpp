@@ -393,12 +393,12 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
 // the distances of the rounded particles (median_bandwidth gives the same value). Row blocks go to the
 // threads; each streams column blocks of all particles (full rows: no symmetry, as the tiles need no
 // write to another thread's rows). BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path.
-constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accumulator stays in L2
+constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accumulator stays in L2 to d ~ 1024
 constexpr int64_t kAmxCols = 512;   // columns per block (a multiple of 32: AMX's bf16 depth)
 
 bool use_amx_bf16(const at::Tensor& x) {
   const int64_t d = x.size(1);
-  return x.scalar_type() == at::kBFloat16 && d >= kAmxMinFeatures && d <= kAmxMaxFeatures && bf16_amx_enabled();
+  return x.scalar_type() == at::kBFloat16 && d >= kAmxMinFeatures && bf16_amx_enabled();
 }
 
 // bf16 pairs as one 32-bit word (AMX's B operand interleaves rows in pairs: the pair of row k and k + 1
