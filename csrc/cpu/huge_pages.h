@@ -22,7 +22,7 @@
 namespace bmt_fast::cpu {
 
 constexpr int64_t kHugePageMinBytes = int64_t{4} << 20;
-constexpr int64_t kHugePageCacheMaxBlocks = 4;
+constexpr int64_t kHugePageCacheMaxBlocks = 8;
 constexpr int64_t kHugePageCacheMaxBytes = int64_t{512} << 20;
 constexpr int64_t kHugePageCacheMaxBlockBytes = int64_t{256} << 20;
 

@@ -12,6 +12,7 @@
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
   void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, c10::BFloat16*, int64_t, float*); \
+  void bf16_column_sums(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, double*);                                                   \
   void amx_centre_rows(const c10::BFloat16*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);                       \
   void amx_w_pairs(const c10::BFloat16*, const c10::BFloat16*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);            \
   void amx_finish_rows(const float*, const float*, const c10::BFloat16*, const c10::BFloat16*, const float*, float, float, int64_t, int64_t,  \
@@ -162,6 +163,11 @@ void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
                         int64_t ld16, float* rowsum) {
   BMT_FAST_DISPATCH(rbf_bf16_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum)
+}
+
+void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
+                      double* sums) {
+  BMT_FAST_DISPATCH(bf16_column_sums, x, d, rows, col_begin, col_end, sums)
 }
 
 void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,

@@ -29,6 +29,10 @@ void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
                         int64_t ld16, float* rowsum);
 
+// sums[k] = the sum over rows [0, rows) of bf16 x[r][k] (d columns), in double, for k in [col_begin, col_end).
+void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
+                      double* sums);
+
 // The AMX path's operands and its last pass (x, score: n x d bf16 rows; shift: d fp32 values):
 // amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zero)
 // and norms[a] = the fp32 sum of the squares of row a's rounded values;

@@ -417,18 +417,26 @@ struct AmxOperands {
   explicit AmxOperands(const at::Tensor& x) : n(x.size(0)), d(x.size(1)) {
     n_pad = (n + 31) / 32 * 32;
     d_pad = (d + 31) / 32 * 32;
-    shift = x.sum(0, /*keepdim=*/false, at::kDouble).div_(n).to(at::kFloat);
-    xb = at::empty({n_pad, d_pad}, x.options());
+    const auto* x_p = x.const_data_ptr<at::BFloat16>();
+    std::vector<double> sums(d);
+    at::parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
+      bf16_column_sums(x_p, d, n, begin * 256, std::min(end * 256, d), sums.data());
+    });
+    shift = at::empty({d}, x.options().dtype(at::kFloat));
+    float* shift_out = shift.mutable_data_ptr<float>();
+    for (int64_t k = 0; k < d; ++k) shift_out[k] = static_cast<float>(sums[k] / static_cast<double>(n));
+    // (the operands from the huge-page allocator, as the accumulator and phi)
+    xb = empty_large({n_pad, d_pad}, x.options());
     xb.narrow(0, n, n_pad - n).zero_();
     norms = at::empty({n}, x.options().dtype(at::kFloat));
-    const auto* x_p = x.const_data_ptr<at::BFloat16>();
     const float* shift_p = shift.const_data_ptr<float>();
     auto* xb_p = xb.mutable_data_ptr<at::BFloat16>();
     float* norms_p = norms.mutable_data_ptr<float>();
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
       amx_centre_rows(x_p, d, shift_p, begin, end, xb_p, d_pad, norms_p);
     });
-    b_s = xb.view(at::kInt).t().contiguous();
+    b_s = empty_large({d_pad / 2, n_pad}, x.options().dtype(at::kInt));
+    b_s.copy_(xb.view(at::kInt).t());
   }
 
   // The rounded particles as fp32 values (n x d_pad), for the median's sample and small-n selection.
@@ -482,7 +490,7 @@ void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std:
   const auto* score_p = score.const_data_ptr<at::BFloat16>();
   const float* shift_p = operands.shift.const_data_ptr<float>();
   // W = score - a xc for K W in AMX's pair-interleaved layout (n_pad/2 x d words), zero rows beyond n
-  const at::Tensor b_w = at::empty({n_pad / 2, d}, x.options().dtype(at::kInt));
+  const at::Tensor b_w = empty_large({n_pad / 2, d}, x.options().dtype(at::kInt));
   auto* b_w_words = reinterpret_cast<uint32_t*>(b_w.mutable_data_ptr<int32_t>());
   at::parallel_for(0, n_pad / 2, 32, [&](int64_t begin, int64_t end) {
     amx_w_pairs(score_p, x_p, shift_p, a, n, d, begin, end, b_w_words);
