@@ -440,7 +440,10 @@ struct AmxOperands {
   }
 
   // The rounded particles as fp32 values (n x d_pad), for the median's sample and small-n selection.
-  at::Tensor xb_float() const { return xb.narrow(0, 0, n).to(at::kFloat); }
+  at::Tensor xb_float() const {
+    at::Tensor values = empty_large({n, d_pad}, norms.options());
+    return values.copy_(xb.narrow(0, 0, n));
+  }
 };
 
 // The median's tiles on AMX: each thread computes and visits its own (rows of kAmxRows, columns of
