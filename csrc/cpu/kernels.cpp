@@ -11,7 +11,8 @@
   namespace bmt_fast::cpu::NS {                                                                                                                 \
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
-  void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, c10::BFloat16*, int64_t, float*); \
+  void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, c10::BFloat16*, int64_t, float*, \
+                          bool);                                                                                                                \
   void bf16_column_sums(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, double*);                                                   \
   void amx_centre_rows(const c10::BFloat16*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);                       \
   void amx_w_pairs(const c10::BFloat16*, const c10::BFloat16*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);            \
@@ -98,6 +99,21 @@ Isa isa() {
   return chosen;
 }
 
+// AVX512-BF16's vcvtneps2bf16 for the AMX epilogue's bf16 K (every AMX CPU has it), unless
+// BMT_FAST_CPU_AVX512BF16=0 asks for the portable rounding (tests: the two give the same bits).
+bool native_bf16_rounding() {
+#ifdef BMT_FAST_HAS_X86_BUILDS
+  static const bool native = [] {
+    __builtin_cpu_init();
+    const char* env = std::getenv("BMT_FAST_CPU_AVX512BF16");
+    return __builtin_cpu_supports("avx512bf16") && (env == nullptr || std::string(env) != "0");
+  }();
+  return native;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 #ifdef BMT_FAST_HAS_X86_BUILDS
@@ -162,7 +178,8 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
                         int64_t ld16, float* rowsum) {
-  BMT_FAST_DISPATCH(rbf_bf16_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum)
+  BMT_FAST_DISPATCH(rbf_bf16_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum,
+                    native_bf16_rounding())
 }
 
 void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,

@@ -24,7 +24,8 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // tile as rbf_from_dots computes it, except entry (a, a + diag) (the particle's own term), which is 0
 // (its dot product is overwritten with -inf);
 // each row's fp32 sum added into rowsum[a]; K stored in bf16 (rounded to nearest even) in k16 (row stride
-// ld16), whose columns [cols, cols_padded) are zeroed.
+// ld16), whose columns [cols, cols_padded) are zeroed. Whole vectors are rounded by vcvtneps2bf16 where the
+// CPU has AVX512-BF16 (BMT_FAST_CPU_AVX512BF16=0: by the portable bit arithmetic; the same bits).
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
                         int64_t ld16, float* rowsum);

@@ -4,7 +4,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -245,6 +244,13 @@ BMT_FAST_INLINE vec_t<float> float_of_bf16_bits(u32_vec bits) {
   return v;
 }
 
+// The first count (<= lanes) of such bits stored as bf16.
+BMT_FAST_INLINE void store_bf16_bits(c10::BFloat16* p, u32_vec bits, int64_t count) {
+  typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
+  const u16_vec narrow = __builtin_convertvector(bits, u16_vec);
+  std::memcpy(p, &narrow, static_cast<size_t>(count) * sizeof(c10::BFloat16));
+}
+
 template <typename In, typename T>
 BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
   if constexpr (std::is_same_v<In, T>) {
@@ -253,22 +259,26 @@ BMT_FAST_INLINE void store_as(In* p, vec_t<T> v, int64_t count) {
       return;
     }
   } else if constexpr (std::is_same_v<In, c10::BFloat16> && std::is_same_v<T, float>) {
-    typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
-    const u16_vec narrow = __builtin_convertvector(bf16_bits(v), u16_vec);
-    if (count == kLanes<T>)
-      std::memcpy(p, &narrow, sizeof(narrow));  // one vector store (a run-time size is a copy loop)
-    else
-      std::memcpy(p, &narrow, static_cast<size_t>(count) * sizeof(In));
+    store_bf16_bits(p, bf16_bits(v), count);  // (a compile-time count: one vector store)
     return;
   }
   for (int64_t i = 0; i < count; ++i) p[i] = static_cast<In>(v[i]);
+}
+
+// f(k, count) for the vectors of [0, len): whole ones with count a compile-time L (so that the loads and
+// stores of f take their one-instruction forms), then the ragged tail, if any, with its run-time count.
+template <int L, typename F>
+BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
+  int64_t k = 0;
+  for (; k + L <= len; k += L) f(k, std::integral_constant<int64_t, L>{});
+  if (k < len) f(k, len - k);
 }
 
 // rbf_from_dots for the bf16 tensor-core path (many particles; here, after the load and store helpers):
 // K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
 // particle's own term) 0, added into rowsum[a] in fp32 and stored in bf16 in k16 (row stride ld16);
 // columns [cols, cols_padded) of k16 are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
-// vcvtneps2bf16 (the same round to nearest even; every AMX CPU has it, checked at run time), one
+// vcvtneps2bf16 (the same round to nearest even; kernels.cpp decides whether the CPU has it), one
 // instruction for the seven of store_as, which took about half of this function's time (2-core Xeon, perf).
 template <bool Native>
 BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
@@ -284,71 +294,53 @@ BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t ro
     // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for
     // an invalid H), with no test per vector
     if (own >= 0 && own < cols) row[own] = -std::numeric_limits<float>::infinity();
-    // whole vectors, then the ragged tail through a zero-padded one (a separate loop: with the count a
-    // run-time value in every iteration, the bf16 store went through the stack and a byte-count copy)
-    const auto entries = [&](int64_t b, int64_t count) BMT_FAST_INLINE_LAMBDA {
+    vec_t<float> sum{};
+    for_each_vector<L>(cols, [&](int64_t b, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> dist = clamp_nonnegative<float>(na + load_part_as<float>(nc + b, count) -
                                                          2.f * load_part_as<float>(row + b, count));
-      return exp_nonpositive<float>(dist * neg_inv_h);
-    };
-    vec_t<float> sum{};
-    int64_t b = 0;
-    for (; b + L <= cols; b += L) {
-      const vec_t<float> k = entries(b, L);
+      vec_t<float> k = exp_nonpositive<float>(dist * neg_inv_h);
+      constexpr bool whole = std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>;
+      if constexpr (!whole)
+        for (int64_t q = count; q < L; ++q) k[q] = 0.f;  // the zero-padded lanes (exp(0) = 1 there)
       sum += k;
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
-      if constexpr (Native) {  // (inline assembly: the intrinsic needs the avx512bf16 target everywhere up)
+      if constexpr (Native && whole) {  // (inline assembly: the intrinsic needs the avx512bf16 target everywhere up)
         __m256i narrow;
         asm("vcvtneps2bf16 %1, %0" : "=v"(narrow) : "v"(k));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b), narrow);
-        continue;
+        return;
       }
 #endif
-      store_as<c10::BFloat16, float>(out + b, k, L);
-    }
-    if (b < cols) {
-      const int64_t count = cols - b;
-      vec_t<float> k = entries(b, count);
-      for (int64_t q = count; q < L; ++q) k[q] = 0.f;
-      sum += k;
       store_as<c10::BFloat16, float>(out + b, k, count);
-    }
+    });
     for (int64_t q = cols; q < cols_padded; ++q) out[q] = c10::BFloat16(0.f);
     rowsum[a] += horizontal_sum<float>(sum);
   }
 }
 
-// f(k, count) for the vectors of [0, len): whole ones with count a compile-time L (so that the loads and
-// stores of f take their one-instruction forms), then the ragged tail, if any, with its run-time count.
-template <int L, typename F>
-BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
-  int64_t k = 0;
-  for (; k + L <= len; k += L) f(k, std::integral_constant<int64_t, L>{});
-  if (k < len) f(k, len - k);
-}
-
 // The column sums of bf16 rows (d columns, rows [0, rows)) for columns [col_begin, col_end), in double
-// (every bf16 value and its running sum exact to 53 bits): the AMX path's centring shift. (x.sum(0, dtype=
+// (every bf16 value and its running sum exact to 53 bits): the AMX path's centring shift. Row by row, so
+// that x streams through once; the caller keeps the chunk small (its sums stay in L1). (x.sum(0, dtype=
 // float64) made a float64 copy of x first: at 256 x 76,800, 157 MB of fresh pages every step.)
 BMT_FAST_INLINE void bf16_column_sums_impl(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin,
                                            int64_t col_end, double* sums) {
   constexpr int L = kLanes<float>;
   typedef float half_vec __attribute__((vector_size(kVectorBytes / 2)));
-  for_each_vector<L>(col_end - col_begin, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
-    const int64_t k0 = col_begin + k;
-    vec_t<double> lo{}, hi{};  // the vector's first and second half of columns
-    for (int64_t r = 0; r < rows; ++r) {
-      const vec_t<float> v = load_part_as<float>(x + r * d + k0, count);
+  for (int64_t k = col_begin; k < col_end; ++k) sums[k] = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const c10::BFloat16* row = x + r * d + col_begin;
+    double* out = sums + col_begin;
+    for_each_vector<L>(col_end - col_begin, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+      const vec_t<float> v = load_part_as<float>(row + k, count);
       half_vec h[2];
       std::memcpy(h, &v, sizeof(v));
-      lo += __builtin_convertvector(h[0], vec_t<double>);
-      hi += __builtin_convertvector(h[1], vec_t<double>);
-    }
-    double out[L];
-    std::memcpy(out, &lo, sizeof(lo));
-    std::memcpy(out + L / 2, &hi, sizeof(hi));
-    for (int64_t q = 0; q < count; ++q) sums[k0 + q] = out[q];
-  });
+      const vec_t<double> halves[2] = {__builtin_convertvector(h[0], vec_t<double>),
+                                       __builtin_convertvector(h[1], vec_t<double>)};
+      double added[L];
+      std::memcpy(added, halves, sizeof(added));
+      for (int64_t q = 0; q < count; ++q) out[k + q] += added[q];
+    });
+  }
 }
 
 // The operands of the AMX path, one pass each (they were a dozen ATen ops with n x d fp32 temporaries
@@ -358,7 +350,6 @@ BMT_FAST_INLINE void bf16_column_sums_impl(const c10::BFloat16* x, int64_t d, in
 BMT_FAST_INLINE void amx_centre_rows_impl(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin,
                                           int64_t row_end, c10::BFloat16* xb, int64_t d_pad, float* norms) {
   constexpr int L = kLanes<float>;
-  typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
   for (int64_t a = row_begin; a < row_end; ++a) {
     const c10::BFloat16* row = x + a * d;
     c10::BFloat16* out = xb + a * d_pad;
@@ -367,8 +358,7 @@ BMT_FAST_INLINE void amx_centre_rows_impl(const c10::BFloat16* x, int64_t d, con
       const u32_vec bits = bf16_bits(load_part_as<float>(row + k, count) - load_part_as<float>(shift + k, count));
       const vec_t<float> rounded = float_of_bf16_bits(bits);
       sum += rounded * rounded;
-      const u16_vec narrow = __builtin_convertvector(bits, u16_vec);
-      std::memcpy(out + k, &narrow, static_cast<size_t>(count) * sizeof(c10::BFloat16));
+      store_bf16_bits(out + k, bits, count);
     });
     for (int64_t k = d; k < d_pad; ++k) out[k] = c10::BFloat16(0.f);
     norms[a] = horizontal_sum<float>(sum);
@@ -993,24 +983,16 @@ BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, 
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-inline bool env_is_zero(const char* name) {
-  const char* value = std::getenv(name);
-  return value != nullptr && value[0] == '0' && value[1] == '\0';
-}
-#endif
-
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
                         const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
-                        int64_t ld16, float* rowsum) {
+                        int64_t ld16, float* rowsum, bool native_rounding) {
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
-  // BMT_FAST_CPU_AVX512BF16=0: the portable rounding (tests: the two give the same bits)
-  static const bool native = __builtin_cpu_supports("avx512bf16") && !env_is_zero("BMT_FAST_CPU_AVX512BF16");
-  if (native) {
+  if (native_rounding) {
     rbf_bf16_from_dots_impl<true>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
     return;
   }
 #endif
+  (void)native_rounding;  // (vcvtneps2bf16 is an AVX-512 instruction: the other builds round portably)
   rbf_bf16_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
 }
 
