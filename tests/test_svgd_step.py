@@ -359,6 +359,7 @@ def test_bf16_amx_epilogue_roundings_agree(tmp_path):
                              capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0, run.stderr[-2000:]
         results[name] = torch.load(path)
+    assert len(results["native"]) == len(results["portable"]) == 4
     for native, portable in zip(results["native"], results["portable"]):
         assert native.dtype == torch.bfloat16 and torch.equal(native, portable)
 
