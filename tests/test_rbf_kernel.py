@@ -4,7 +4,8 @@ import functools
 
 import pytest
 import torch
-from helpers import assert_within, relative_error, requires_cpu_extension, subprocess_env, torch_error_in
+from helpers import (assert_within, relative_error, requires_amx, requires_cpu_extension, subprocess_env,
+                     torch_error_in)
 
 import bmt_fast
 from bmt_fast import reference
@@ -67,6 +68,52 @@ def test_half_inputs(cpu_backend, dtype):
     assert k.dtype == dtype
     expected = reference.rbf_kernel(x.double(), y.double(), torch.tensor(4.0, dtype=torch.float64))
     assert relative_error(k, expected) <= 2 * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10)
+
+
+def amx_precision_kernel(x, y, h):
+    """rbf_kernel's arithmetic on AMX in torch: both sets centred by the mean of all their rows (a float64
+    sum, rounded to fp32) and rounded to bf16, fp32 norms and dot products, K in fp32 (the diagonal of a
+    self kernel (y None) exactly 1), rounded to bf16."""
+    rows = x if y is None else torch.cat([x, y])
+    shift = rows.double().mean(0, keepdim=True).float()
+    xb = (x.float() - shift).bfloat16().float()
+    yb = xb if y is None else (y.float() - shift).bfloat16().float()
+    nx, ny = (xb * xb).sum(1), (yb * yb).sum(1)
+    k = torch.exp(-(nx[:, None] + ny[None] - 2 * xb @ yb.T).clamp_min(0) / h)
+    if y is None:
+        k.fill_diagonal_(1.0)
+    return k.bfloat16()
+
+
+@requires_amx
+@pytest.mark.parametrize("n,m,d", [(65, None, 32), (300, None, 129), (513, None, 40), (129, None, 1024),
+                                   (70, None, 20001), (200, 700, 33), (1000, 70, 64), (65, 65, 100)])  # fmt: skip
+@pytest.mark.parametrize("scale", ["median", "tiny"])
+def test_bf16_kernel_on_amx_tiles(n, m, d, scale):
+    """bf16 particles with many particles (n > 64 rows in all, d >= 32) on an AMX CPU: the step's K, with
+    the tensor-core precision of the GPU kernels (bf16 operands, fp32 sums): within 2 ulps of bf16 of the
+    float64 reference and every entry the documented arithmetic's (torch emulation) up to a last-bit flip;
+    ragged blocks (128 rows, 512 columns, 32 features), two sets (one shift for both), a self kernel's
+    diagonal exactly 1, and a bandwidth far below the distances (entries that underflow to 0)."""
+    torch.manual_seed(n + d)
+    x = torch.randn(n, d).bfloat16()
+    y = None if m is None else (torch.randn(m, d) + 0.3).bfloat16()
+    other = x if y is None else y
+    h = float(bmt_fast.median_bandwidth(x.double())) if scale == "median" else 1e-3 * d
+    k = torch.ops.bmt_fast.rbf_kernel(x, other, torch.tensor(h, dtype=torch.float64))
+    expected = reference.rbf_kernel(x.double(), other.double(), torch.tensor(h, dtype=torch.float64))
+    assert k.shape == (n, other.shape[0]) and k.dtype == torch.bfloat16
+    if scale == "median":
+        assert relative_error(k, expected) <= 2 * 2.0**-8
+    else:  # every entry off the diagonal is below bf16's smallest subnormal (9.2e-41): K is 0 there
+        assert float(expected.abs().max() if y is not None else expected.fill_diagonal_(0).abs().max()) < 9e-41
+    emulated = amx_precision_kernel(x, y, h).float()
+    tolerance = 2.0**-7 * torch.maximum(k.float().abs(), emulated.abs())
+    assert ((k.float() - emulated).abs() <= tolerance).all()
+    if y is None:
+        assert torch.equal(k.diagonal(), torch.ones(n, dtype=torch.bfloat16))
+    if scale == "tiny":  # (the off-diagonal entries all underflow)
+        assert int((k != 0).sum()) == (n if y is None else 0)
 
 
 def test_gradcheck_x_y_and_bandwidth(cpu_backend):

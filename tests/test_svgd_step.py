@@ -302,8 +302,8 @@ def test_bf16_on_amx_tiles(n, d, bandwidth):
 
 @requires_amx
 def test_bf16_amx_can_be_turned_off(tmp_path):
-    """BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path (bit for bit the fp32 step rounded to bf16); by
-    default the AMX path runs, and its result differs from that."""
+    """BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path (bit for bit the fp32 step and kernel rounded to
+    bf16); by default the AMX path runs, and its results differ from those."""
     import subprocess
     import sys
 
@@ -314,14 +314,17 @@ def test_bf16_amx_can_be_turned_off(tmp_path):
         "x = torch.randn(300, 129).bfloat16(); s = torch.randn(300, 129).bfloat16(); h = torch.tensor(50.0)\n"
         "phi = torch.ops.bmt_fast.svgd_step(x, s, h, 'tiled')\n"
         "fp32 = torch.ops.bmt_fast.svgd_step(x.float(), s.float(), h, 'tiled').bfloat16()\n"
-        "print(bmt_fast._extension.CPU.module.build_info()['cpu_bf16_amx'], torch.equal(phi, fp32))\n"
+        "k = torch.ops.bmt_fast.rbf_kernel(x, x, h)\n"
+        "k32 = torch.ops.bmt_fast.rbf_kernel(x.float(), x.float(), h).bfloat16()\n"
+        "amx = bmt_fast._extension.CPU.module.build_info()['cpu_bf16_amx']\n"
+        "print(amx, torch.equal(phi, fp32), torch.equal(k, k32))\n"
     )
     run = lambda **env: subprocess.run([sys.executable, str(script)], env=subprocess_env(**env),  # noqa: E731
                                        capture_output=True, text=True)  # fmt: skip
     off, on = run(BMT_FAST_CPU_AMX="0"), run()
     assert off.returncode == 0 and on.returncode == 0, off.stderr[-2000:] + on.stderr[-2000:]
-    assert off.stdout.split() == ["False", "True"]
-    assert on.stdout.split() == ["True", "False"]
+    assert off.stdout.split() == ["False", "True", "True"]
+    assert on.stdout.split() == ["True", "False", "False"]
 
 
 def _cpu_flag(name: str) -> bool:
@@ -337,7 +340,7 @@ def _cpu_flag(name: str) -> bool:
 def test_bf16_amx_epilogue_roundings_agree(tmp_path):
     """The AMX epilogue's two roundings of K to bf16 (vcvtneps2bf16 where the CPU has AVX512-BF16, and the
     portable bit arithmetic that BMT_FAST_CPU_AVX512BF16=0 selects) give the same steps bit for bit: ragged
-    blocks, K entries that underflow to 0 (a tiny H), the median rule."""
+    blocks, K entries that underflow to 0 (a tiny H), the median rule; rbf_kernel's K, one set and two."""
     import subprocess
     import sys
 
@@ -350,6 +353,7 @@ def test_bf16_amx_epilogue_roundings_agree(tmp_path):
         "    x = (torch.randn(n, d) * 3).bfloat16(); s = torch.randn(n, d).bfloat16()\n"
         "    hb = None if h is None else torch.tensor(h)\n"
         "    out.append(torch.ops.bmt_fast.svgd_step(x, s, hb, 'tiled'))\n"
+        "    out.append(torch.ops.bmt_fast.rbf_kernel(x, x if h is None else s, torch.tensor(h or float(d))))\n"
         "torch.save(out, sys.argv[1])\n"
     )
     results = {}
@@ -359,7 +363,7 @@ def test_bf16_amx_epilogue_roundings_agree(tmp_path):
                              capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0, run.stderr[-2000:]
         results[name] = torch.load(path)
-    assert len(results["native"]) == len(results["portable"]) == 4
+    assert len(results["native"]) == len(results["portable"]) == 8
     for native, portable in zip(results["native"], results["portable"]):
         assert native.dtype == torch.bfloat16 and torch.equal(native, portable)
 

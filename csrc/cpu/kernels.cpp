@@ -11,8 +11,8 @@
   namespace bmt_fast::cpu::NS {                                                                                                                 \
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
-  void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, c10::BFloat16*, int64_t, float*, \
-                          bool);                                                                                                                \
+  void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, bool, c10::BFloat16*, int64_t,  \
+                          float*, bool);                                                                                                        \
   void bf16_column_sums(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, double*);                                                   \
   void amx_centre_rows(const c10::BFloat16*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);                       \
   void amx_w_pairs(const c10::BFloat16*, const c10::BFloat16*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);            \
@@ -176,10 +176,10 @@ BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)
 
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
-                        int64_t ld16, float* rowsum) {
-  BMT_FAST_DISPATCH(rbf_bf16_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum,
-                    native_bf16_rounding())
+                        const float* nr, const float* nc, float inv_h, int64_t diag, bool own_one,
+                        c10::BFloat16* k16, int64_t ld16, float* rowsum) {
+  BMT_FAST_DISPATCH(rbf_bf16_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k16, ld16,
+                    rowsum, native_bf16_rounding())
 }
 
 void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,

@@ -20,15 +20,16 @@ void rbf_from_dots(float* tile, int64_t ld, int64_t row_begin, int64_t row_end, 
 void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
                    const double* nr, const double* nc, double inv_h);
 
-// The bf16 tensor-core path (svgd_step on AMX): K of rows [0, rows) x columns [0, cols) of an fp32 dot
-// tile as rbf_from_dots computes it, except entry (a, a + diag) (the particle's own term), which is 0
-// (its dot product is overwritten with -inf);
-// each row's fp32 sum added into rowsum[a]; K stored in bf16 (rounded to nearest even) in k16 (row stride
-// ld16), whose columns [cols, cols_padded) are zeroed. Whole vectors are rounded by vcvtneps2bf16 where the
-// CPU has AVX512-BF16 (BMT_FAST_CPU_AVX512BF16=0: by the portable bit arithmetic; the same bits).
+// The bf16 tensor-core path (svgd_step and rbf_kernel on AMX): K of rows [0, rows) x columns [0, cols) of
+// an fp32 dot tile as rbf_from_dots computes it, except entry (a, a + diag) (the particle's own term),
+// which is exactly 1 if own_one, else 0 (its dot product is overwritten with +inf or -inf; a diag that
+// puts it outside the tile leaves every entry as computed); each row's fp32 sum added into rowsum[a]
+// unless rowsum is null; K stored in bf16 (rounded to nearest even) in k16 (row stride ld16), whose
+// columns [cols, cols_padded) are zeroed. Whole vectors are rounded by vcvtneps2bf16 where the CPU has
+// AVX512-BF16 (BMT_FAST_CPU_AVX512BF16=0: by the portable bit arithmetic; the same bits).
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
-                        int64_t ld16, float* rowsum);
+                        const float* nr, const float* nc, float inv_h, int64_t diag, bool own_one,
+                        c10::BFloat16* k16, int64_t ld16, float* rowsum);
 
 // sums[k] = the sum over rows [0, rows) of bf16 x[r][k] (d columns), in double, for k in [col_begin, col_end).
 void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,

@@ -276,24 +276,27 @@ BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
 
 // rbf_from_dots for the bf16 tensor-core path (many particles; here, after the load and store helpers):
 // K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
-// particle's own term) 0, added into rowsum[a] in fp32 and stored in bf16 in k16 (row stride ld16);
-// columns [cols, cols_padded) of k16 are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
+// particle's own term) exactly 1 if own_one (rbf_kernel's diagonal) else 0 (svgd_step's), added into
+// rowsum[a] in fp32 unless rowsum is null, and stored in bf16 in k16 (row stride ld16); columns
+// [cols, cols_padded) of k16 are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
 // vcvtneps2bf16 (the same round to nearest even; kernels.cpp decides whether the CPU has it), one
 // instruction for the seven of store_as, which took about half of this function's time (2-core Xeon, perf).
 template <bool Native>
 BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
                                              int64_t cols_padded, const float* nr, const float* nc, float inv_h,
-                                             int64_t diag, c10::BFloat16* k16, int64_t ld16, float* rowsum) {
+                                             int64_t diag, bool own_one, c10::BFloat16* k16, int64_t ld16,
+                                             float* rowsum) {
   constexpr int L = kLanes<float>;
   const vec_t<float> neg_inv_h = broadcast(-inv_h);
+  // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for an
+  // invalid H); one of +inf gives -inf, clamped to 0, so K = exp(0) = 1 exactly; no test per vector
+  const float own_dot = own_one ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
   for (int64_t a = 0; a < rows; ++a) {
     float* row = tile + a * ld;
     c10::BFloat16* out = k16 + a * ld16;
     const vec_t<float> na = broadcast(nr[a]);
     const int64_t own = a + diag;
-    // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for
-    // an invalid H), with no test per vector
-    if (own >= 0 && own < cols) row[own] = -std::numeric_limits<float>::infinity();
+    if (own >= 0 && own < cols) row[own] = own_dot;
     vec_t<float> sum{};
     for_each_vector<L>(cols, [&](int64_t b, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> dist = clamp_nonnegative<float>(na + load_part_as<float>(nc + b, count) -
@@ -314,7 +317,7 @@ BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t ro
       store_as<c10::BFloat16, float>(out + b, k, count);
     });
     for (int64_t q = cols; q < cols_padded; ++q) out[q] = c10::BFloat16(0.f);
-    rowsum[a] += horizontal_sum<float>(sum);
+    if (rowsum) rowsum[a] += horizontal_sum<float>(sum);
   }
 }
 
@@ -984,16 +987,18 @@ BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
 void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, c10::BFloat16* k16,
-                        int64_t ld16, float* rowsum, bool native_rounding) {
+                        const float* nr, const float* nc, float inv_h, int64_t diag, bool own_one,
+                        c10::BFloat16* k16, int64_t ld16, float* rowsum, bool native_rounding) {
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
   if (native_rounding) {
-    rbf_bf16_from_dots_impl<true>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
+    rbf_bf16_from_dots_impl<true>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k16, ld16,
+                                  rowsum);
     return;
   }
 #endif
   (void)native_rounding;  // (vcvtneps2bf16 is an AVX-512 instruction: the other builds round portably)
-  rbf_bf16_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, k16, ld16, rowsum);
+  rbf_bf16_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k16, ld16,
+                                 rowsum);
 }
 
 void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,

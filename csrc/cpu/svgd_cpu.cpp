@@ -407,24 +407,40 @@ const at::BFloat16* as_bf16(const at::Tensor& words) {
   return reinterpret_cast<const at::BFloat16*>(words.const_data_ptr<int32_t>());
 }
 
-// The particles centred (by their mean, from a float64 sum) and rounded to bf16 (n_pad x d_pad, zero
+// The AMX path's centring shift: the mean of the rows of x, and of y's too when given (bf16, contiguous,
+// the same columns), from float64 sums, rounded to fp32 (d values).
+at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
+  const int64_t d = x.size(1);
+  std::vector<double> total(d, 0.0), sums(d);
+  int64_t rows = 0;
+  for (const at::Tensor* t : {&x, y}) {
+    if (t == nullptr) continue;
+    const auto* p = t->const_data_ptr<at::BFloat16>();
+    const int64_t n = t->size(0);
+    at::parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
+      bf16_column_sums(p, d, n, begin * 256, std::min(end * 256, d), sums.data());
+    });
+    for (int64_t k = 0; k < d; ++k) total[k] += sums[k];
+    rows += n;
+  }
+  at::Tensor shift = at::empty({d}, x.options().dtype(at::kFloat));
+  float* shift_out = shift.mutable_data_ptr<float>();
+  for (int64_t k = 0; k < d; ++k) shift_out[k] = static_cast<float>(total[k] / static_cast<double>(rows));
+  return shift;
+}
+
+// The particles centred (by shift, amx_shift(x) unless given) and rounded to bf16 (n_pad x d_pad, zero
 // padding), their norms in fp32, and xb^T as AMX's B operand (d_pad/2 x n_pad words: each the bf16 pair of
 // features 2k, 2k + 1 of one particle, i.e. the 32-bit transpose of xb). x: bf16, contiguous.
 struct AmxOperands {
   int64_t n, n_pad, d, d_pad;
   at::Tensor shift, xb, norms, b_s;
 
-  explicit AmxOperands(const at::Tensor& x) : n(x.size(0)), d(x.size(1)) {
+  explicit AmxOperands(const at::Tensor& x) : AmxOperands(x, amx_shift(x)) {}
+  AmxOperands(const at::Tensor& x, at::Tensor shift_) : n(x.size(0)), d(x.size(1)), shift(std::move(shift_)) {
     n_pad = (n + 31) / 32 * 32;
     d_pad = (d + 31) / 32 * 32;
     const auto* x_p = x.const_data_ptr<at::BFloat16>();
-    std::vector<double> sums(d);
-    at::parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
-      bf16_column_sums(x_p, d, n, begin * 256, std::min(end * 256, d), sums.data());
-    });
-    shift = at::empty({d}, x.options().dtype(at::kFloat));
-    float* shift_out = shift.mutable_data_ptr<float>();
-    for (int64_t k = 0; k < d; ++k) shift_out[k] = static_cast<float>(sums[k] / static_cast<double>(n));
     // (the operands from the huge-page allocator, as the accumulator and phi)
     xb = empty_large({n_pad, d_pad}, x.options());
     xb.narrow(0, n, n_pad - n).zero_();
@@ -480,6 +496,38 @@ double median_sq_dist_amx(const AmxOperands& operands) {
   return median_sq_dist<float>(operands.xb_float(), operands.norms, AmxTiles{operands});
 }
 
+// rbf_kernel on AMX: K (a.n x b.n, bf16) between the particles of a and those of b (centred by the same
+// shift; one object for a self kernel, whose own terms are exactly 1), computed and rounded as the step's
+// K: blocks of 128 rows stream 512-column blocks of b, each tile's epilogue writing its bf16 values
+// straight into K.
+at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) {
+  const bool self = &a == &b;
+  const int64_t n = a.n, m = b.n, d_pad = a.d_pad;
+  at::Tensor k = empty_large({n, m}, a.xb.options());
+  const auto* xb_p = a.xb.const_data_ptr<at::BFloat16>();
+  const auto* bs_p = as_bf16(b.b_s);
+  const float* na_p = a.norms.const_data_ptr<float>();
+  const float* nb_p = b.norms.const_data_ptr<float>();
+  auto* k_p = k.mutable_data_ptr<at::BFloat16>();
+  const float inv_h = static_cast<float>(1.0 / h);
+  at::parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(kAmxRows * kAmxCols);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
+      for (int64_t j0 = 0; j0 < m; j0 += kAmxCols) {
+        const int64_t cols = std::min(kAmxCols, m - j0);
+        at::native::cpublas::brgemm(rows, cols, d_pad, d_pad, b.n_pad, kAmxCols, /*add_C=*/false,
+                                    xb_p + i0 * d_pad, bs_p + j0 * 2, s.data());
+        // (two sets: a diagonal offset of m puts no own term in any tile)
+        rbf_bf16_from_dots(s.data(), kAmxCols, rows, cols, cols, na_p + i0, nb_p + j0, inv_h, self ? i0 - j0 : m,
+                           /*own_one=*/true, k_p + i0 * m + j0, m, /*rowsum=*/nullptr);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return k;
+}
+
 // phi of bf16 particles (contiguous) into out (n x d bf16, contiguous).
 void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
                         at::Tensor& out) {
@@ -518,7 +566,7 @@ void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std:
         brgemm(rows, cols, d_pad, d_pad, n_pad, kAmxCols, /*add_C=*/false, xb_p + i0 * d_pad, bs_p + j0 * 2,
                s.data());
         rbf_bf16_from_dots(s.data(), kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
-                           k16.data(), kAmxCols, rowsum_p + i0);
+                           /*own_one=*/false, k16.data(), kAmxCols, rowsum_p + i0);
         brgemm(rows, d, depth, kAmxCols, d, d, /*add_C=*/j0 > 0, k16.data(), bw_p + j0 * d, acc_p + i0 * d);
       }
     }
@@ -772,6 +820,16 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
         });
     return kernel_from_gram_dists(dist, n, m, self, h, x.options());
   }
+  if (use_amx_bf16(x)) {  // bf16 particles on AMX tiles (d >= 32): as the step computes K
+    const at::Tensor xs = x.contiguous();
+    if (self) {
+      const AmxOperands operands(xs);
+      return rbf_kernel_amx(operands, operands, h);
+    }
+    const at::Tensor ys = y.contiguous();
+    const at::Tensor shift = amx_shift(xs, &ys);
+    return rbf_kernel_amx(AmxOperands(xs, shift), AmxOperands(ys, shift), h);
+  }
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
   const at::Tensor xc = (xa - shift).contiguous();
@@ -794,6 +852,11 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   check_particles(x_in, "x");
   const int64_t n = x_in.size(0);
   if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
+    if (use_amx_bf16(x_in)) {  // (but the AMX operands are)
+      const AmxOperands operands(x_in.contiguous());
+      const at::Tensor h = bandwidth_result(median_sq_dist_amx(operands), x_in);
+      return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
+    }
     at::Tensor h = median_bandwidth(x_in, "auto");
     return {rbf_kernel(x_in, x_in, h), h};
   }
