@@ -101,7 +101,7 @@ def row_block(n: int, elem_bytes: int, budget_bytes: int = 64 << 20) -> int:
 # Triton compiles for a GPU; in the interpreter (no GPU) it runs at once.
 GPU = torch.cuda.is_available()
 
-# cdist by matmul at every size: its direct CUDA kernel (taken for <= 25 rows) has no bfloat16 version.
+# cdist by matmul at every size: its direct kernels (taken for <= 25 rows) have no bfloat16 version.
 CDIST_MODE = "use_mm_for_euclid_dist"
 
 
@@ -347,7 +347,7 @@ def _bind(fn: Callable, inp, h) -> Run:
 
 
 def rbf_naive(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-torch.cdist(x, x).square() / h)
+    return torch.exp(-torch.cdist(x, x, compute_mode=CDIST_MODE).square() / h)
 
 
 def rbf_sklearn(inp) -> Run:
@@ -380,7 +380,7 @@ def rbf_kernel_providers() -> list[Provider]:
 def median_naive(x: torch.Tensor) -> torch.Tensor:
     """torch's one-liner. torch.median is the lower median; the numpy rule averages the two middle values.
     They differ by half a gap between order statistics: ~1% for a few particles, < 1e-4 from n ~ 256 on."""
-    return torch.cdist(x, x).square().median() / math.log(x.shape[0] + 1)
+    return torch.cdist(x, x, compute_mode=CDIST_MODE).square().median() / math.log(x.shape[0] + 1)
 
 
 def median_scipy(inp) -> Run:

@@ -92,7 +92,8 @@ def test_windowed_median_falls_back_when_the_bracket_holds_too_much(monkeypatch)
 
 
 @requires_amx
-@pytest.mark.parametrize("n,d", [(300, 40), (513, 32), (1100, 65)])  # selection over stored distances, window
+# selection over stored distances, window; features in depth chunks of 512 (d >= 1024)
+@pytest.mark.parametrize("n,d", [(300, 40), (513, 32), (1100, 65), (100, 1030)])
 def test_bf16_median_on_amx_is_that_of_the_rounded_particles(monkeypatch, n, d):
     """bf16 particles on an AMX CPU (d >= 32, n > 64): the median of the squared distances between the
     centred particles rounded to bf16 (the operands of the step's distance tiles), which svgd_step's

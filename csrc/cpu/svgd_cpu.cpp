@@ -462,6 +462,20 @@ struct AmxOperands {
   }
 };
 
+// S = the dot products of rows [i0, i0 + rows) of a with rows [j0, j0 + cols) of b (their xb and b_s) in
+// fp32 (row stride ldc) by brgemm. With d_pad >= 1024 in depth chunks of 512 accumulated in S:
+// whole, a 128 x 512 block's operands (512 KiB + 2 MiB at d = 2048) overflow a 2 MiB L2 (2-core Xeon,
+// rbf_kernel 2048 x 2048: 25 -> 16 ms; 1024 x 8192: 36 -> 24 ms; at d = 768 one call was faster).
+void amx_dots(const AmxOperands& a, const AmxOperands& b, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+              float* s, int64_t ldc) {
+  const int64_t d_pad = a.d_pad, chunk = d_pad >= 1024 ? 512 : d_pad;
+  const auto* xb_p = a.xb.const_data_ptr<at::BFloat16>() + i0 * d_pad;
+  const auto* bs_p = as_bf16(b.b_s) + j0 * 2;  // (pair row k/2 of b_s: k/2 * n_pad words, 2 bf16 each)
+  for (int64_t k0 = 0; k0 < d_pad; k0 += chunk)
+    at::native::cpublas::brgemm(rows, cols, std::min(chunk, d_pad - k0), d_pad, b.n_pad, ldc, /*add_C=*/k0 > 0,
+                                xb_p + k0, bs_p + k0 * b.n_pad, s);
+}
+
 // The median's tiles on AMX: each thread computes and visits its own (rows of kAmxRows, columns of
 // kAmxCols from the block's diagonal on). A block's share of the upper triangle shrinks with its index,
 // so the blocks go out in pairs b and last - b, every pair about the same work. (One shared tile at a
@@ -469,8 +483,6 @@ struct AmxOperands {
 template <typename Visit>
 void AmxTiles::operator()(Visit&& visit) const {
   const AmxOperands& op = operands;
-  const auto* xb_p = op.xb.const_data_ptr<at::BFloat16>();
-  const auto* bs_p = as_bf16(op.b_s);
   const int64_t blocks = (op.n + kAmxRows - 1) / kAmxRows;
   at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     const at::Tensor buffer = at::empty({kAmxRows * kAmxCols}, op.norms.options());
@@ -479,8 +491,7 @@ void AmxTiles::operator()(Visit&& visit) const {
       for (int64_t j0 = i0; j0 < op.n; j0 += kAmxCols) {
         const int64_t cols = std::min(kAmxCols, op.n - j0);
         const at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-        at::native::cpublas::brgemm(rows, cols, op.d_pad, op.d_pad, op.n_pad, cols, /*add_C=*/false,
-                                    xb_p + i0 * op.d_pad, bs_p + j0 * 2, tile.mutable_data_ptr<float>());
+        amx_dots(op, op, i0, rows, j0, cols, tile.mutable_data_ptr<float>(), cols);
         visit(tile, i0, j0, 0, rows);
       }
     };
@@ -502,10 +513,8 @@ double median_sq_dist_amx(const AmxOperands& operands) {
 // straight into K.
 at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) {
   const bool self = &a == &b;
-  const int64_t n = a.n, m = b.n, d_pad = a.d_pad;
+  const int64_t n = a.n, m = b.n;
   at::Tensor k = empty_large({n, m}, a.xb.options());
-  const auto* xb_p = a.xb.const_data_ptr<at::BFloat16>();
-  const auto* bs_p = as_bf16(b.b_s);
   const float* na_p = a.norms.const_data_ptr<float>();
   const float* nb_p = b.norms.const_data_ptr<float>();
   auto* k_p = k.mutable_data_ptr<at::BFloat16>();
@@ -516,8 +525,7 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
       const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
       for (int64_t j0 = 0; j0 < m; j0 += kAmxCols) {
         const int64_t cols = std::min(kAmxCols, m - j0);
-        at::native::cpublas::brgemm(rows, cols, d_pad, d_pad, b.n_pad, kAmxCols, /*add_C=*/false,
-                                    xb_p + i0 * d_pad, bs_p + j0 * 2, s.data());
+        amx_dots(a, b, i0, rows, j0, cols, s.data(), kAmxCols);
         // (two sets: a diagonal offset of m puts no own term in any tile)
         rbf_bf16_from_dots(s.data(), kAmxCols, rows, cols, cols, na_p + i0, nb_p + j0, inv_h, self ? i0 - j0 : m,
                            /*own_one=*/true, k_p + i0 * m + j0, m, /*rowsum=*/nullptr);
@@ -534,7 +542,7 @@ void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std:
   using at::native::cpublas::brgemm;
   const int64_t n = x.size(0), d = x.size(1);
   const AmxOperands operands(x);
-  const int64_t n_pad = operands.n_pad, d_pad = operands.d_pad;
+  const int64_t n_pad = operands.n_pad;
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_amx(operands), n);
   const float a = static_cast<float>(2.0 / h);
   const auto* x_p = x.const_data_ptr<at::BFloat16>();
@@ -549,8 +557,6 @@ void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std:
 
   const at::Tensor acc = empty_large({n, d}, x.options().dtype(at::kFloat));
   const at::Tensor rowsum = at::zeros({n}, acc.options());
-  const auto* xb_p = operands.xb.const_data_ptr<at::BFloat16>();
-  const auto* bs_p = as_bf16(operands.b_s);
   const auto* bw_p = as_bf16(b_w);
   const float* norms_p = operands.norms.const_data_ptr<float>();
   float* acc_p = acc.mutable_data_ptr<float>();
@@ -563,8 +569,7 @@ void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std:
       const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
       for (int64_t j0 = 0; j0 < n; j0 += kAmxCols) {
         const int64_t cols = std::min(kAmxCols, n - j0), depth = (cols + 31) / 32 * 32;
-        brgemm(rows, cols, d_pad, d_pad, n_pad, kAmxCols, /*add_C=*/false, xb_p + i0 * d_pad, bs_p + j0 * 2,
-               s.data());
+        amx_dots(operands, operands, i0, rows, j0, cols, s.data(), kAmxCols);
         rbf_bf16_from_dots(s.data(), kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
                            /*own_one=*/false, k16.data(), kAmxCols, rowsum_p + i0);
         brgemm(rows, d, depth, kAmxCols, d, d, /*add_C=*/j0 > 0, k16.data(), bw_p + j0 * d, acc_p + i0 * d);
