@@ -87,14 +87,16 @@ def amx_precision_kernel(x, y, h):
 
 @requires_amx
 @pytest.mark.parametrize("n,m,d", [(65, None, 32), (300, None, 129), (513, None, 40), (129, None, 1024),
-                                   (70, None, 20001), (200, 700, 33), (1000, 70, 64), (65, 65, 100)])  # fmt: skip
+                                   (70, None, 20001), (200, 700, 33), (1000, 70, 64), (65, 65, 100),
+                                   (256, None, 64), (100, 1024, 48)])  # fmt: skip
 @pytest.mark.parametrize("scale", ["median", "tiny"])
 def test_bf16_kernel_on_amx_tiles(n, m, d, scale):
     """bf16 particles with many particles (n > 64 rows in all, d >= 32) on an AMX CPU: the step's K, with
     the tensor-core precision of the GPU kernels (bf16 operands, fp32 sums): within 2 ulps of bf16 of the
     float64 reference and every entry the documented arithmetic's (torch emulation) up to a last-bit flip;
     ragged blocks (128 rows, 512 columns, 32 features), two sets (one shift for both), a self kernel's
-    diagonal exactly 1, and a bandwidth far below the distances (entries that underflow to 0)."""
+    diagonal exactly 1, a bandwidth far below the distances (entries that underflow to 0), and rows of K
+    that start on 64-byte lines or not (streamed or stored)."""
     torch.manual_seed(n + d)
     x = torch.randn(n, d).bfloat16()
     y = None if m is None else (torch.randn(m, d) + 0.3).bfloat16()

@@ -281,6 +281,9 @@ BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
 // [cols, cols_padded) of k16 are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
 // vcvtneps2bf16 (the same round to nearest even; kernels.cpp decides whether the CPU has it), one
 // instruction for the seven of store_as, which took about half of this function's time (2-core Xeon, perf).
+// Without rowsum (rbf_kernel: K is the result, written once and far larger than the caches) the native
+// build streams whole aligned 64-byte lines around the caches, which saves the read for ownership of each
+// line: the stores were half of this function's samples at 4096 x 128 (perf).
 template <bool Native>
 BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
                                              int64_t cols_padded, const float* nr, const float* nc, float inv_h,
@@ -297,17 +300,41 @@ BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t ro
     const vec_t<float> na = broadcast(nr[a]);
     const int64_t own = a + diag;
     if (own >= 0 && own < cols) row[own] = own_dot;
-    vec_t<float> sum{};
-    for_each_vector<L>(cols, [&](int64_t b, auto count) BMT_FAST_INLINE_LAMBDA {
+    // k = K at columns [b, b + count), the lanes beyond count zero (exp(0) = 1 there otherwise)
+    const auto k_at = [&](int64_t b, auto count, vec_t<float>& k) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> dist = clamp_nonnegative<float>(na + load_part_as<float>(nc + b, count) -
                                                          2.f * load_part_as<float>(row + b, count));
-      vec_t<float> k = exp_nonpositive<float>(dist * neg_inv_h);
-      constexpr bool whole = std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>;
-      if constexpr (!whole)
-        for (int64_t q = count; q < L; ++q) k[q] = 0.f;  // the zero-padded lanes (exp(0) = 1 there)
+      k = exp_nonpositive<float>(dist * neg_inv_h);
+      if constexpr (!std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>)
+        for (int64_t q = count; q < L; ++q) k[q] = 0.f;
+    };
+    vec_t<float> sum{};
+    int64_t done = 0;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+    // (inline assembly for AVX512-BF16: the intrinsics need the avx512bf16 target everywhere up)
+    if constexpr (Native) {
+      if (!rowsum) {
+        constexpr std::integral_constant<int64_t, L> whole{};
+        for (; done + 2 * L <= cols; done += 2 * L) {
+          vec_t<float> k0, k1;
+          k_at(done, whole, k0);
+          k_at(done + L, whole, k1);
+          __m512i line;  // vcvtne2ps2bf16: k0 rounded into the low half, k1 into the high half
+          asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(line) : "v"(k1), "v"(k0));
+          c10::BFloat16* p = out + done;
+          if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), line);
+          else _mm512_storeu_si512(p, line);
+        }
+      }
+    }
+#endif
+    for_each_vector<L>(cols - done, [&](int64_t b, auto count) BMT_FAST_INLINE_LAMBDA {
+      b += done;
+      vec_t<float> k;
+      k_at(b, count, k);
       sum += k;
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
-      if constexpr (Native && whole) {  // (inline assembly: the intrinsic needs the avx512bf16 target everywhere up)
+      if constexpr (Native && std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>) {
         __m256i narrow;
         asm("vcvtneps2bf16 %1, %0" : "=v"(narrow) : "v"(k));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b), narrow);
@@ -319,6 +346,9 @@ BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t ro
     for (int64_t q = cols; q < cols_padded; ++q) out[q] = c10::BFloat16(0.f);
     if (rowsum) rowsum[a] += horizontal_sum<float>(sum);
   }
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  if (Native && !rowsum) _mm_sfence();  // the streamed lines ordered before what the caller does next
+#endif
 }
 
 // The column sums of bf16 rows (d columns, rows [0, rows)) for columns [col_begin, col_end), in double
