@@ -16,6 +16,7 @@
   void bf16_column_sums(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, double*);                                                   \
   void amx_centre_rows(const c10::BFloat16*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);                       \
   void amx_w_pairs(const c10::BFloat16*, const c10::BFloat16*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);            \
+  void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
   void amx_finish_rows(const float*, const float*, const c10::BFloat16*, const c10::BFloat16*, const float*, float, float, int64_t, int64_t,  \
                        int64_t, c10::BFloat16*);                                                                                                \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
@@ -195,6 +196,11 @@ void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int6
 void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
                  int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
   BMT_FAST_DISPATCH(amx_w_pairs, score, x, shift, a, n, d, pair_begin, pair_end, bw)
+}
+
+void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
+                     int64_t ld_dst) {
+  BMT_FAST_DISPATCH(transpose_words, src, ld_src, rows, k_begin, k_end, dst, ld_dst)
 }
 
 void amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,

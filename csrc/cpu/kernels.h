@@ -45,6 +45,10 @@ void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int6
                      c10::BFloat16* xb, int64_t d_pad, float* norms);
 void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
                  int64_t pair_begin, int64_t pair_end, uint32_t* bw);
+// dst[k * ld_dst + i] = src[i * ld_src + k] for 32-bit words k in [k_begin, k_end) of rows i in [0, rows)
+// (AMX's B operand: xb's bf16 feature pairs transposed).
+void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
+                     int64_t ld_dst);
 void amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
                      const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
                      c10::BFloat16* phi);

@@ -452,7 +452,11 @@ struct AmxOperands {
       amx_centre_rows(x_p, d, shift_p, begin, end, xb_p, d_pad, norms_p);
     });
     b_s = empty_large({d_pad / 2, n_pad}, x.options().dtype(at::kInt));
-    b_s.copy_(xb.view(at::kInt).t());
+    const auto* words = reinterpret_cast<const uint32_t*>(xb.const_data_ptr<at::BFloat16>());
+    auto* b_s_words = reinterpret_cast<uint32_t*>(b_s.mutable_data_ptr<int32_t>());
+    at::parallel_for(0, (d_pad / 2 + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+      transpose_words(words, d_pad / 2, n_pad, begin * 16, std::min(end * 16, d_pad / 2), b_s_words, n_pad);
+    });
   }
 
   // The rounded particles as fp32 values (n x d_pad), for the median's sample and small-n selection.
