@@ -107,7 +107,11 @@ class CompiledBackend(Backend):
         # Up to how many particles the kernels themselves flag a non-finite phi (the extension's build_info,
         # read once here: it builds a dict; and torch.compile cannot trace the call)
         key = {"cpu": "gram_max_particles", "cuda": "gram_register_rows"}[name]
-        self._flagged_particles = int(status.module.build_info().get(key, 0)) if status.loaded else 0
+        info = status.module.build_info() if status.loaded else {}
+        self._flagged_particles = int(info.get(key, 0))
+        # and from how many features bf16 particles beyond those take the CPU's AMX path, which flags it too
+        # (0: no AMX path; the extension reads BMT_FAST_CPU_AMX once, as here)
+        self._flagged_bf16_features = int(info.get("amx_min_features", 0)) if info.get("cpu_bf16_amx") else 0
         # The CPU's exact median (one GEMM pass and a selection) against 65,536 gathered pairs on a 2-core
         # Xeon: exact faster at n = 2048 (d = 16: 6.3 against 7.7 ms; d = 256: 13 against 36 ms), sampled
         # faster at n = 3072 (d = 64: 8.3 against 14.7 ms). Not measured on a GPU: no more pairs there.
@@ -148,11 +152,16 @@ class CompiledBackend(Backend):
         # particle's centred value there, NaN; a bad score reaches every phi row through the apply pass's
         # fused multiply-adds, zero weights included. The CUDA register kernels (n <= gram_register_rows):
         # a bad x value makes its row's shifted value, or (in x_0) every row's, non-finite there, which the
-        # apply kernel multiplies into phi; a bad score reaches every phi row through its FMAs. (cuBLAS and
-        # the tiled paths beyond: not assumed; the op scans phi there.)
+        # apply kernel multiplies into phi; a bad score reaches every phi row through its FMAs. The CPU's
+        # AMX path (bf16, d >= amx_min_features, beyond the Gram path): a bad x value makes the centring
+        # mean of its column non-finite, a bad score value its row of W, which AMX multiplies into every
+        # row of K W (no product skipped). (cuBLAS and the other tiled paths: not assumed; the op scans phi
+        # there.)
         if not self.status.loaded or x.device.type != self.device_types[0]:
             return False
-        return x.shape[0] <= self._flagged_particles
+        if x.shape[0] <= self._flagged_particles:
+            return True
+        return 0 < self._flagged_bf16_features <= x.shape[1] and x.dtype == torch.bfloat16
 
 
 _REGISTRY: dict[str, Backend] = {}

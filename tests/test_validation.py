@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from helpers import requires_cpu_extension
+from helpers import requires_amx, requires_cpu_extension
 
 import bmt_fast
+from bmt_fast._validation import check_finite
 
 
 def good(n=4, d=3, dtype=torch.float32):
@@ -57,10 +58,15 @@ def test_cpu_gram_path_names_every_bad_input_from_its_output(n, dtype, bandwidth
     score = torch.randn(n, d, dtype=torch.float64)
     x, score = x.to(dtype), score.to(dtype)
     assert backends.get("cpu").svgd_step_spreads_non_finite(x)
+    assert_flagged_path_names_bad_inputs(x, score, bandwidth)
+
+
+def assert_flagged_path_names_bad_inputs(x, score, bandwidth):
+    n, d = x.shape
     phi = bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
     assert bool(torch.isfinite(phi).all())
     for where in ("x", "score"):
-        for i, k in {(0, 0), (n - 1, d - 1), (n // 2, 100)}:
+        for i, k in {(0, 0), (n - 1, d - 1), (n // 2, d // 2)}:
             for bad in (math.nan, math.inf, -math.inf):
                 xb, sb = x.clone(), score.clone()
                 (xb if where == "x" else sb)[i, k] = bad
@@ -69,6 +75,36 @@ def test_cpu_gram_path_names_every_bad_input_from_its_output(n, dtype, bandwidth
                     bmt_fast.svgd_step(xb, sb, bandwidth, backend="cpu")
                 for t, t0 in zip((xb, sb), given):  # the inputs are left as they were
                     torch.testing.assert_close(t, t0, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_amx
+@pytest.mark.parametrize("n, d", [(65, 32), (300, 203)])
+@pytest.mark.parametrize("bandwidth", ["median", 1e-3])
+def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, bandwidth):
+    """bf16 particles on the AMX path (n > 64, d >= 32) are checked like the Gram path's: the last pass
+    flags a non-finite phi, the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf
+    anywhere, also where every weight between two particles is exactly 0 (0 * NaN must stay NaN in K W),
+    is reported by name. Below 32 features (the fp32 path) the inputs are scanned first, as before."""
+    from bmt_fast import backends, ops
+
+    scans = []
+
+    def counting(name, t):
+        scans.append(name)
+        return check_finite(name, t)
+
+    monkeypatch.setattr(ops, "check_finite", counting)
+    x = (torch.randn(n, d, dtype=torch.float64) * 50).bfloat16()
+    score = torch.randn(n, d, dtype=torch.float64).bfloat16()
+    assert backends.get("cpu").svgd_step_spreads_non_finite(x)
+    bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
+    out = torch.empty_like(x)
+    bmt_fast.svgd_step(x, score, bandwidth, backend="cpu", out=out)
+    assert scans == []
+    assert_flagged_path_names_bad_inputs(x, score, bandwidth)
+    assert not backends.get("cpu").svgd_step_spreads_non_finite(x[:, :31])
+    bmt_fast.svgd_step(x[:, :31], score[:, :31], bandwidth, backend="cpu")
+    assert scans[-2:] == ["x", "score"]
 
 
 def checked(x, score, bandwidth=None, algorithm="auto"):
@@ -84,8 +120,9 @@ def checked(x, score, bandwidth=None, algorithm="auto"):
 @pytest.mark.parametrize("n, d", [(1, 5), (4, 203), (13, 16), (64, 1000), (65, 37)])
 def test_svgd_step_into_reports_whether_phi_is_finite(n, d, dtype):
     """torch.ops.bmt_fast.svgd_step_into writes svgd_step's phi bit for bit and returns a flag equal to
-    isfinite(phi).all(): tracked in registers on the CPU Gram path (n <= 64), by a scan on the tiled one
-    (n = 65). Bad values at the shift row, a ragged last vector and the middle, in x and in score."""
+    isfinite(phi).all(): tracked in registers on the CPU Gram path (n <= 64) and AMX path (bf16 at n = 65
+    on a CPU with AMX), by a scan on the tiled one (n = 65 otherwise). Bad values at the shift row, a
+    ragged last vector and the middle, in x and in score."""
     torch.manual_seed(n * d)
     x, score = torch.randn(n, d, dtype=torch.float64).to(dtype), torch.randn(n, d, dtype=torch.float64).to(dtype)
     for bandwidth in (None, torch.tensor(0.5, dtype=torch.float64)):

@@ -421,25 +421,6 @@ BMT_FAST_INLINE void amx_w_pairs_impl(const c10::BFloat16* score, const c10::BFl
   }
 }
 
-// phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) / n in bf16: the own term k_aa = 1 and the
-// repulsion's row-sum term added to K W, as the AMX path's last pass.
-BMT_FAST_INLINE void amx_finish_rows_impl(const float* acc, const float* rowsum, const c10::BFloat16* x,
-                                          const c10::BFloat16* score, const float* shift, float a, float n, int64_t d,
-                                          int64_t row_begin, int64_t row_end, c10::BFloat16* phi) {
-  constexpr int L = kLanes<float>;
-  const vec_t<float> nv = broadcast(n);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const vec_t<float> coef = broadcast(a * rowsum[r]);
-    const int64_t at = r * d;
-    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
-      const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift + k, count);
-      const vec_t<float> v =
-          (load_part_as<float>(acc + at + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) / nv;
-      store_as<c10::BFloat16, float>(phi + at + k, v, count);
-    });
-  }
-}
-
 // dst[k * ld_dst + i] = src[i * ld_src + k] for 32-bit words k in [k_begin, k_end) of rows i in [0, rows):
 // AMX's B operand from the rounded particles (their bf16 feature pairs). Blocks of 16 words (one cache
 // line of each source row) by 64 rows (a 256-byte run of each destination row), so that both sides move
@@ -530,6 +511,30 @@ BMT_FAST_INLINE void track_finite(vec_t<T>& bad, vec_t<T> v, int64_t count) {
     const T top = largest_storable<In, T>();
     bad += (v <= top) & (v >= -top) ? vec_t<T>{} : broadcast(std::numeric_limits<T>::quiet_NaN());
   }
+}
+
+// phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) / n in bf16: the own term k_aa = 1 and the
+// repulsion's row-sum term added to K W, as the AMX path's last pass. Returns whether all of these phi
+// rows are finite in bf16 (tracked in registers: the API then need not scan phi).
+BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, const float* rowsum, const c10::BFloat16* x,
+                                          const c10::BFloat16* score, const float* shift, float a, float n, int64_t d,
+                                          int64_t row_begin, int64_t row_end, c10::BFloat16* phi) {
+  constexpr int L = kLanes<float>;
+  const vec_t<float> nv = broadcast(n);
+  vec_t<float> bad{};
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const vec_t<float> coef = broadcast(a * rowsum[r]);
+    const int64_t at = r * d;
+    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+      const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift + k, count);
+      const vec_t<float> v =
+          (load_part_as<float>(acc + at + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) / nv;
+      track_finite<c10::BFloat16, std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>, float>(
+          bad, v, count);
+      store_as<c10::BFloat16, float>(phi + at + k, v, count);
+    });
+  }
+  return horizontal_sum<float>(bad) == 0.f;
 }
 
 // dst[0, len) = src - first for one row chunk, zero up to the next full vector.
@@ -1069,10 +1074,10 @@ void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t 
   transpose_words_impl(src, ld_src, rows, k_begin, k_end, dst, ld_dst);
 }
 
-void amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
+bool amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
                      const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
                      c10::BFloat16* phi) {
-  amx_finish_rows_impl(acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, phi);
+  return amx_finish_rows_impl(acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, phi);
 }
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                         \

@@ -540,8 +540,11 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
   return k;
 }
 
-// phi of bf16 particles (contiguous) into out (n x d bf16, contiguous).
-void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
+// phi of bf16 particles (contiguous) into out (n x d bf16, contiguous); returns whether phi is all finite
+// (tracked by the last pass). Any NaN/Inf input makes phi non-finite here: a bad x value makes its column's
+// mean, and so every particle's centred value there, non-finite; a bad score value makes W's row, and AMX
+// multiplies every K entry into it (0 * NaN = NaN: no product is skipped).
+bool svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
                         at::Tensor& out) {
   using at::native::cpublas::brgemm;
   const int64_t n = x.size(0), d = x.size(1);
@@ -583,9 +586,12 @@ void svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std:
   });
   // phi = (K W + (2/H) rowsum(K) xc + score) / n: the own term k_ii = 1 is left out of K and added here
   auto* out_p = out.mutable_data_ptr<at::BFloat16>();
+  std::atomic<bool> finite{true};
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    amx_finish_rows(acc_p, rowsum_p, x_p, score_p, shift_p, a, static_cast<float>(n), d, begin, end, out_p);
+    if (!amx_finish_rows(acc_p, rowsum_p, x_p, score_p, shift_p, a, static_cast<float>(n), d, begin, end, out_p))
+      finite.store(false, std::memory_order_relaxed);
   });
+  return finite.load();
 }
 
 // ---- Gram path -----------------------------------------------------------------------------------
@@ -704,9 +710,12 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
 }  // namespace
 
 bool bf16_amx_enabled() {
-  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
-  const char* env = std::getenv("BMT_FAST_CPU_AMX");
-  return available && (env == nullptr || std::string_view(env) != "0");
+  // (read once: the Python layer reads it once too, through build_info, to know which path flags phi)
+  static const bool enabled = [] {
+    const char* env = std::getenv("BMT_FAST_CPU_AMX");
+    return at::native::cpublas::could_pack(at::kBFloat16) && (env == nullptr || std::string_view(env) != "0");
+  }();
+  return enabled;
 }
 
 // ---- ops -----------------------------------------------------------------------------------------
@@ -714,7 +723,7 @@ bool bf16_amx_enabled() {
 namespace {
 
 // phi into `out` (contiguous, x's shape and dtype; checked by the callers). Returns whether phi is all
-// finite where the kernel tracks it (the Gram path), nullopt elsewhere (BLAS may skip zero weights).
+// finite where the kernel tracks it (the Gram and AMX paths), nullopt elsewhere (BLAS may skip zero weights).
 std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score_in,
                                  const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                  at::Tensor& out) {
@@ -725,10 +734,7 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
                                            [&] { return svgd_step_gram<scalar_t>(x, score, h, out); });
   }
-  if (use_amx_bf16(x)) {
-    svgd_step_amx_bf16(x, score, h, out);
-    return std::nullopt;
-  }
+  if (use_amx_bf16(x)) return svgd_step_amx_bf16(x, score, h, out);
   const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
                                                         : svgd_step_tiled<float>(x, score, h);
   out.copy_(phi);
