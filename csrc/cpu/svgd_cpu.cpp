@@ -7,8 +7,8 @@
 //     of K @ [score | x]; symmetry halves the distance GEMMs: 3 n^2 d FLOPs instead of 6 n^2 d.
 //   gram (few particles, huge d): split-K Gram over column chunks (each chunk centred on the fly), a tiny
 //     n x n K, then one memory-bound pass phi = (K/n) W + c * xc over the same chunks.
-//   bf16 on AMX (many bf16 particles, 32 <= d <= 1024, a CPU with AMX tiles): the tiled step and the
-//     median through oneDNN's brgemm on bf16-rounded operands (the CUDA tensor-core precision).
+//   bf16 on AMX (many bf16 particles, d >= 32, a CPU with AMX tiles): the tiled step, the median and
+//     rbf_kernel through oneDNN's brgemm on bf16-rounded operands (the CUDA tensor-core precision).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -469,7 +469,7 @@ struct AmxOperands {
 // S = the dot products of rows [i0, i0 + rows) of a with rows [j0, j0 + cols) of b (their xb and b_s) in
 // fp32 (row stride ldc) by brgemm. With d_pad >= 1024 in depth chunks of 512 accumulated in S:
 // whole, a 128 x 512 block's operands (512 KiB + 2 MiB at d = 2048) overflow a 2 MiB L2 (2-core Xeon,
-// rbf_kernel 2048 x 2048: 25 -> 16 ms; 1024 x 8192: 36 -> 24 ms; at d = 768 one call was faster).
+// rbf_kernel 2048 x 2048: 24.6 -> 18.7 ms; 1024 x 8192: 35 -> 23 ms; at d = 768 one call was faster).
 void amx_dots(const AmxOperands& a, const AmxOperands& b, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
               float* s, int64_t ldc) {
   const int64_t d_pad = a.d_pad, chunk = d_pad >= 1024 ? 512 : d_pad;
