@@ -430,14 +430,16 @@ at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
 }
 
 // The particles centred (by shift, amx_shift(x) unless given) and rounded to bf16 (n_pad x d_pad, zero
-// padding), their norms in fp32, and xb^T as AMX's B operand (d_pad/2 x n_pad words: each the bf16 pair of
-// features 2k, 2k + 1 of one particle, i.e. the 32-bit transpose of xb). x: bf16, contiguous.
+// padding), their norms in fp32, and unless as_b is false xb^T as AMX's B operand (d_pad/2 x n_pad words:
+// each the bf16 pair of features 2k, 2k + 1 of one particle, i.e. the 32-bit transpose of xb). x: bf16,
+// contiguous.
 struct AmxOperands {
   int64_t n, n_pad, d, d_pad;
   at::Tensor shift, xb, norms, b_s;
 
   explicit AmxOperands(const at::Tensor& x) : AmxOperands(x, amx_shift(x)) {}
-  AmxOperands(const at::Tensor& x, at::Tensor shift_) : n(x.size(0)), d(x.size(1)), shift(std::move(shift_)) {
+  AmxOperands(const at::Tensor& x, at::Tensor shift_, bool as_b = true)
+      : n(x.size(0)), d(x.size(1)), shift(std::move(shift_)) {
     n_pad = (n + 31) / 32 * 32;
     d_pad = (d + 31) / 32 * 32;
     const auto* x_p = x.const_data_ptr<at::BFloat16>();
@@ -451,6 +453,7 @@ struct AmxOperands {
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
       amx_centre_rows(x_p, d, shift_p, begin, end, xb_p, d_pad, norms_p);
     });
+    if (!as_b) return;
     b_s = empty_large({d_pad / 2, n_pad}, x.options().dtype(at::kInt));
     const auto* words = reinterpret_cast<const uint32_t*>(xb.const_data_ptr<at::BFloat16>());
     auto* b_s_words = reinterpret_cast<uint32_t*>(b_s.mutable_data_ptr<int32_t>());
@@ -843,7 +846,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     }
     const at::Tensor ys = y.contiguous();
     const at::Tensor shift = amx_shift(xs, &ys);
-    return rbf_kernel_amx(AmxOperands(xs, shift), AmxOperands(ys, shift), h);
+    return rbf_kernel_amx(AmxOperands(xs, shift, /*as_b=*/false), AmxOperands(ys, shift), h);
   }
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
