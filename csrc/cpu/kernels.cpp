@@ -23,8 +23,6 @@
                        int64_t, const RadixPass&, int64_t*);                                                                                    \
   void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,                                         \
                        bool, int64_t, const RadixPass&, int64_t*);                                                                              \
-  void upper_sq_dists(const float*, int64_t, const float*, float*);                                                                             \
-  void upper_sq_dists(const double*, int64_t, const double*, double*);                                                                          \
   int64_t window_collect(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                    \
                          float, float, int64_t*, float*);                                                                                       \
   int64_t window_collect(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, bool,                                 \
@@ -160,9 +158,6 @@ const char* compiled_isas() {
                        int64_t* hist) {                                                                      \
     BMT_FAST_DISPATCH(radix_histogram, tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, \
                       hist)                                                                                  \
-  }                                                                                                          \
-  void upper_sq_dists(const T* dots, int64_t n, const T* norms, T* out) {                                    \
-    BMT_FAST_DISPATCH(upper_sq_dists, dots, n, norms, out)                                                   \
   }                                                                                                          \
   int64_t window_collect(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,        \
                          const T* nr, const T* nc, bool upper_only, T lo, T hi, int64_t* below, T* out) {    \

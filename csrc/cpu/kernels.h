@@ -72,11 +72,6 @@ void radix_histogram(const double* tile, int64_t ld, int64_t row_begin, int64_t 
                      const double* nr, const double* nc, bool upper_only, int64_t weight,
                      const RadixPass& pass, int64_t* hist);
 
-// The n(n-1)/2 squared distances of the strict upper triangle of a self dot-product matrix dots (n x n,
-// row-major), row by row, computed as radix_histogram computes them.
-void upper_sq_dists(const float* dots, int64_t n, const float* norms, float* out);
-void upper_sq_dists(const double* dots, int64_t n, const double* norms, double* out);
-
 // Over the squared distances of rows [row_begin, row_end) of a dot tile (computed as radix_histogram
 // computes them; upper_only as there): adds the number below lo to *below and writes those in [lo, hi] to
 // out, row by row (room for every value of those rows); returns how many it wrote.

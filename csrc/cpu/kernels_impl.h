@@ -78,14 +78,6 @@ BMT_FAST_INLINE T sq_dist_from_dot(T na, T nb, T dot) {
 }
 
 template <typename T>
-BMT_FAST_INLINE void upper_sq_dists_impl(const T* dots, int64_t n, const T* norms, T* out) {
-  for (int64_t a = 0; a < n; ++a) {
-    const T* row = dots + a * n;
-    for (int64_t b = a + 1; b < n; ++b) *out++ = sq_dist_from_dot(norms[a], norms[b], row[b]);
-  }
-}
-
-template <typename T>
 BMT_FAST_INLINE void pair_sq_dists_impl(const T* xc, int64_t d, const T* norms, const int64_t* first,
                                         const int64_t* second, int64_t count, T* out) {
   constexpr int L = kLanes<T>;
@@ -1023,9 +1015,6 @@ BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, 
                        const T* nr, const T* nc, bool upper_only, int64_t weight, const RadixPass& pass,  \
                        int64_t* hist) {                                                                   \
     radix_histogram_impl<T>(tile, ld, row_begin, row_end, cols, nr, nc, upper_only, weight, pass, hist);  \
-  }                                                                                                       \
-  void upper_sq_dists(const T* dots, int64_t n, const T* norms, T* out) {                                 \
-    upper_sq_dists_impl<T>(dots, n, norms, out);                                                          \
   }                                                                                                       \
   int64_t window_collect(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,     \
                          const T* nr, const T* nc, bool upper_only, T lo, T hi, int64_t* below, T* out) { \

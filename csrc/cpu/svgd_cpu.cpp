@@ -240,17 +240,48 @@ double middle_of(const std::vector<T>& values, int64_t k0, int64_t k1) {
   return 0.5 * (static_cast<double>(low) + static_cast<double>(high));
 }
 
-// The same median for up to kMedianSelectMaxParticles particles, by selection over the stored n(n-1)/2
-// distances of the upper triangle (computed as the radix passes compute them): there the radix passes'
-// histograms over recomputed tiles (2^16 bins per target and thread, zeroed and summed per pass) cost more
-// than all the distances.
-template <typename T>
-double median_sq_dist_select(const at::Tensor& xc, const at::Tensor& norms) {
-  const int64_t n = xc.size(0);
+// The distances of the tiles' upper triangle (as the radix passes compute them) that lie in [lo, hi], and
+// how many lie below lo, in one pass (each thread's rows through its own scratch first); std::nullopt when
+// more than `capacity` lie in [lo, hi].
+template <typename T, typename Tiles>
+std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tensor& norms, const Tiles& tiles, T lo,
+                                                                  T hi, int64_t capacity) {
+  std::vector<T> window(static_cast<size_t>(capacity));
+  std::atomic<int64_t> filled{0}, below{0};
+  std::atomic<bool> overflow{false};
+  const T* nr = norms.data_ptr<T>();
+  tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0, int64_t begin, int64_t end) {
+    const int64_t cols = tile.size(1);
+    thread_local std::vector<T> scratch;  // grown once per thread, not zeroed per chunk
+    if (scratch.size() < static_cast<size_t>((end - begin) * cols)) scratch.resize((end - begin) * cols);
+    int64_t under = 0;
+    const int64_t got = window_collect(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, lo,
+                                       hi, &under, scratch.data());
+    below += under;
+    const int64_t at = filled.fetch_add(got);
+    if (at + got > capacity) {
+      overflow = true;
+    } else if (got > 0) {
+      std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
+    }
+  });
+  if (overflow.load()) return std::nullopt;
+  window.resize(static_cast<size_t>(filled.load()));
+  return std::make_pair(std::move(window), below.load());
+}
+
+// The same median for up to kMedianSelectMaxParticles particles, by selection over all n(n-1)/2 distances
+// of the upper triangle, collected from the tiles in one pass: there the radix passes' histograms over
+// recomputed tiles (2^16 bins per target and thread, zeroed and summed per pass) cost more than all the
+// distances. (On the AMX path the tiles' dot products come from AMX, not from an fp32 GEMM of an fp32
+// copy of the rounded particles: 256 x 76,800 was a 10 GFLOP fp32 GEMM.)
+template <typename T, typename Tiles>
+double median_sq_dist_select(int64_t n, const at::Tensor& norms, const Tiles& tiles) {
   if (n < 2) return 0.0;
-  const at::Tensor dots = at::mm(xc, xc.t()).contiguous();
-  std::vector<T> upper(static_cast<size_t>(n * (n - 1) / 2));
-  upper_sq_dists(dots.data_ptr<T>(), n, norms.data_ptr<T>(), upper.data());
+  const int64_t m = n * (n - 1) / 2;
+  // (every distance is in [0, inf]: clamped at 0 as computed, NaN included)
+  auto [upper, below] = *collect_between<T>(norms, tiles, T(0), std::numeric_limits<T>::infinity(), m);
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(upper.size()) == m && below == 0);
   const auto [k0, k1] = middle_ranks(n);
   return middle_of(upper, k0, k1);
 }
@@ -311,29 +342,11 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   const int64_t capacity = static_cast<int64_t>(1.5 * expected) + 4096;  // the count varies by ~20 % (4 sd)
   if (capacity * static_cast<int64_t>(sizeof(T)) > kMedianWindowMaxBytes) return std::nullopt;
 
-  // The pass: below-lo counts and the window, each thread's rows through its own scratch first.
-  std::vector<T> window(static_cast<size_t>(capacity));
-  std::atomic<int64_t> filled{0}, below{0};
-  std::atomic<bool> overflow{false};
-  const T* nr = norms.data_ptr<T>();
-  tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0, int64_t begin, int64_t end) {
-    const int64_t cols = tile.size(1);
-    thread_local std::vector<T> scratch;  // grown once per thread, not zeroed per chunk
-    if (scratch.size() < static_cast<size_t>((end - begin) * cols)) scratch.resize((end - begin) * cols);
-    int64_t under = 0;
-    const int64_t got = window_collect(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, lo,
-                                       hi, &under, scratch.data());
-    below += under;
-    const int64_t at = filled.fetch_add(got);
-    if (at + got > capacity) {
-      overflow = true;
-    } else if (got > 0) {
-      std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
-    }
-  });
-  const int64_t count = filled.load(), under = below.load();
-  if (overflow.load() || under > k0 || k1 >= under + count) return std::nullopt;
-  window.resize(static_cast<size_t>(count));
+  const auto collected = collect_between<T>(norms, tiles, lo, hi, capacity);
+  if (!collected) return std::nullopt;
+  const auto& [window, under] = *collected;
+  const int64_t count = static_cast<int64_t>(window.size());
+  if (under > k0 || k1 >= under + count) return std::nullopt;
   return middle_of(window, k0 - under, k1 - under);
 }
 
@@ -341,7 +354,7 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
 // tiles, from GEMMs on xc unless given, compute the same dot products).
 template <typename T, typename Tiles>
 double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
-  if (xc.size(0) <= kMedianSelectMaxParticles) return median_sq_dist_select<T>(xc, norms);
+  if (xc.size(0) <= kMedianSelectMaxParticles) return median_sq_dist_select<T>(xc.size(0), norms, tiles);
   if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms, tiles)) return *median;
   const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW");
   TORCH_CHECK(env == nullptr || std::string_view(env) != "require",
@@ -511,7 +524,10 @@ void AmxTiles::operator()(Visit&& visit) const {
 }
 
 double median_sq_dist_amx(const AmxOperands& operands) {
-  return median_sq_dist<float>(operands.xb_float(), operands.norms, AmxTiles{operands});
+  const AmxTiles tiles{operands};
+  if (operands.n <= kMedianSelectMaxParticles)  // (no fp32 copy of the rounded particles: no sample there)
+    return median_sq_dist_select<float>(operands.n, operands.norms, tiles);
+  return median_sq_dist<float>(operands.xb_float(), operands.norms, tiles);
 }
 
 // rbf_kernel on AMX: K (a.n x b.n, bf16) between the particles of a and those of b (centred by the same
