@@ -118,6 +118,68 @@ def test_bf16_kernel_on_amx_tiles(n, m, d, scale):
         assert int((k != 0).sum()) == (n if y is None else 0)
 
 
+def amx_precision_gradients(grad, x, y, k, h):
+    """rbf_kernel_backward's arithmetic on AMX in float64: both sets centred as amx_precision_kernel's and
+    rounded to bf16, P = grad * K rounded to bf16, its row and column sums, no rounding of the result."""
+    rows = x if y is None else torch.cat([x, y])
+    shift = rows.double().mean(0, keepdim=True).float()
+    xb = (x.float() - shift).bfloat16().double()
+    yb = xb if y is None else (y.float() - shift).bfloat16().double()
+    p = (grad.float() * k.float()).bfloat16().double()
+    if y is None:  # the own terms, P_ii (xc_i - xc_i) = 0, left out
+        p.fill_diagonal_(0)
+    scale = -2.0 / h
+    return scale * (p.sum(1, keepdim=True) * xb - p @ yb), scale * (p.sum(0).unsqueeze(1) * yb - p.T @ xb)
+
+
+@requires_amx
+@pytest.mark.parametrize("n,m,d", [(300, None, 40), (200, 150, 64), (129, 77, 33), (100, 700, 96),
+                                   (70, 600, 2001), (513, None, 32)])  # fmt: skip
+@pytest.mark.parametrize("scale", ["median", "tiny"])
+def test_bf16_gradients_on_amx_tiles(n, m, d, scale):
+    """rbf_kernel_backward of bf16 particles with many pairs (n m > 4096, d >= 32) on an AMX CPU: P = grad
+    K and the particles rounded to bf16, fp32 sums. Against float64 on the same inputs (K as given): x's
+    and y's gradients within 2 bf16 ulps of the largest, H's within 1e-4 of sum |P log K| / H; against the
+    documented arithmetic (float64 emulation) within one rounding of the result and one of its fp32 sums.
+    Ragged tiles (128 rows, 512 columns, 32 features), a self kernel (its own terms left out: with a tiny H
+    they dwarfed a row's other terms in the sums), K entries that underflow to 0 (a tiny H: log K clamped,
+    as the fp32 path). Each gradient asked for alone
+    is the full call's, bit for bit (H's: the same sum, in another order)."""
+    torch.manual_seed(n + d)
+    x = torch.randn(n, d).bfloat16()
+    other = x if m is None else (torch.randn(m, d) + 0.3).bfloat16()
+    if scale == "median":
+        h = float(bmt_fast.median_bandwidth(x.double()))
+    else:  # about half the distances beyond 87 H: K's fp32 exp gives 0 there
+        h = float(torch.cdist(x.double(), other.double()).square().median()) / 87
+    k = torch.ops.bmt_fast.rbf_kernel(x, other, torch.tensor(h))
+    if scale == "tiny":
+        assert 0.3 < float((k == 0).double().mean()) < 0.99
+    grad = torch.randn_like(k)
+    hh = torch.tensor(h)
+    full = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, other, k, hh, [True, True, True])
+    p = grad.double() * k.double()
+    log_k = k.double().clamp_min(torch.finfo(torch.float32).tiny).log()
+    if m is None:  # (own terms: 0 exactly; in float64 sums next to P_ii ~ 1, terms of K ~ 1e-14 lose digits)
+        p.fill_diagonal_(0)
+    expected = (-2 / h * (p.sum(1, keepdim=True) * x.double() - p @ other.double()),
+                -2 / h * (p.sum(0).unsqueeze(1) * other.double() - p.T @ x.double()))  # fmt: skip
+    emulated = amx_precision_gradients(grad, x, None if m is None else other, k, h)
+    for got, want, emul in zip(full[:2], expected, emulated):
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape and bool(torch.isfinite(got).all())
+        assert relative_error(got, want) <= 2 * 2.0**-8
+        assert relative_error(got, emul) <= 2.0**-8
+    h_expected = -float((p * log_k).sum()) / h
+    h_terms = float((p * log_k).abs().sum()) / h
+    assert full[2].dtype == torch.float32 and abs(float(full[2]) - h_expected) <= 1e-4 * h_terms
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [False, True, True]):
+        got = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, other, k, hh, mask)
+        for wanted, g, f in zip(mask[:2], got[:2], full[:2]):
+            assert (g is None) != wanted and (not wanted or torch.equal(g, f))
+        if mask[2]:
+            assert abs(float(got[2]) - float(full[2])) <= 1e-5 * h_terms
+
+
 def test_gradcheck_x_y_and_bandwidth(cpu_backend):
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
@@ -347,6 +409,26 @@ def test_bandwidth_gradient_with_underflowing_kernel_values(cpu_backend, m):
     got = torch.autograd.grad((k * weights).sum(), h)[0]
     expected = torch.autograd.grad((reference.rbf_kernel(x, y, h) * weights).sum(), h)[0]
     assert relative_error(got, expected) < 1e-10
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_self_kernel_gradients_with_tiny_kernel_values(dtype):
+    """A self kernel's own terms P_ii (x_i - x_i) are 0 and left out of the GEMM form's sums (many pairs):
+    with a small H, K_ii = 1 sat beside K_ij ~ 1e-14 in rowsum(P) and P x, and their difference lost every
+    other term (fp32: gradients of 5e-7 where they are 7e-14)."""
+    torch.manual_seed(4)
+    x = torch.randn(300, 40, dtype=torch.float64).to(dtype)
+    h = torch.tensor(float(torch.cdist(x.double(), x.double()).square().median()) / 87, dtype=dtype)
+    k = torch.ops.bmt_fast.rbf_kernel(x, x, h)
+    grad = torch.randn_like(k)
+    gx, gy, _ = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, x, k, h, [True, True, False])
+    p = (grad.double() * k.double()).fill_diagonal_(0)
+    x64 = x.double()
+    expected_x = -2 / float(h) * (p.sum(1, keepdim=True) * x64 - p @ x64)
+    expected_y = -2 / float(h) * (p.sum(0).unsqueeze(1) * x64 - p.T @ x64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert relative_error(gx, expected_x) < tol and relative_error(gy, expected_y) < tol
 
 
 def test_kde_log_prior_decreases_away_from_particles(cpu_backend):

@@ -302,8 +302,8 @@ def test_bf16_on_amx_tiles(n, d, bandwidth):
 
 @requires_amx
 def test_bf16_amx_can_be_turned_off(tmp_path):
-    """BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path (bit for bit the fp32 step and kernel rounded to
-    bf16); by default the AMX path runs, and its results differ from those."""
+    """BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path (bit for bit the fp32 step, kernel and kernel
+    gradient rounded to bf16); by default the AMX path runs, and its results differ from those."""
     import subprocess
     import sys
 
@@ -316,15 +316,20 @@ def test_bf16_amx_can_be_turned_off(tmp_path):
         "fp32 = torch.ops.bmt_fast.svgd_step(x.float(), s.float(), h, 'tiled').bfloat16()\n"
         "k = torch.ops.bmt_fast.rbf_kernel(x, x, h)\n"
         "k32 = torch.ops.bmt_fast.rbf_kernel(x.float(), x.float(), h).bfloat16()\n"
+        "g = torch.randn(300, 300).bfloat16()\n"
+        "gx = torch.ops.bmt_fast.rbf_kernel_backward(g, x, x, k, h, [True, True, False])[1]\n"
+        "xf = x.float()\n"
+        "gx32 = torch.ops.bmt_fast.rbf_kernel_backward(g.float(), xf, xf, k.float(), h, [True, True, False])[1]\n"
+        "gx32 = gx32.bfloat16()\n"
         "amx = bmt_fast._extension.CPU.module.build_info()['cpu_bf16_amx']\n"
-        "print(amx, torch.equal(phi, fp32), torch.equal(k, k32))\n"
+        "print(amx, torch.equal(phi, fp32), torch.equal(k, k32), torch.equal(gx, gx32))\n"
     )
     run = lambda **env: subprocess.run([sys.executable, str(script)], env=subprocess_env(**env),  # noqa: E731
                                        capture_output=True, text=True)  # fmt: skip
     off, on = run(BMT_FAST_CPU_AMX="0"), run()
     assert off.returncode == 0 and on.returncode == 0, off.stderr[-2000:] + on.stderr[-2000:]
-    assert off.stdout.split() == ["False", "True", "True"]
-    assert on.stdout.split() == ["True", "False", "False"]
+    assert off.stdout.split() == ["False", "True", "True", "True"]
+    assert on.stdout.split() == ["True", "False", "False", "False"]
 
 
 def _cpu_flag(name: str) -> bool:

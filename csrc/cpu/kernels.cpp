@@ -19,6 +19,13 @@
   void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
   bool amx_finish_rows(const float*, const float*, const c10::BFloat16*, const c10::BFloat16*, const float*, float, float, int64_t, int64_t,  \
                        int64_t, c10::BFloat16*);                                                                                                \
+  void amx_p_rows(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t, float*,  \
+                  double*);                                                                                                                     \
+  void amx_p_pairs(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t, float*,      \
+                   double*);                                                                                                                    \
+  void bf16_row_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, uint32_t*);                                                          \
+  void bf16_split_pairs(const uint32_t*, int64_t, int64_t, int64_t, c10::BFloat16*);                                                        \
+  void amx_grad_rows(const float*, const float*, const c10::BFloat16*, int64_t, float, int64_t, int64_t, int64_t, c10::BFloat16*);         \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
                        int64_t, const RadixPass&, int64_t*);                                                                                    \
   void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,                                         \
@@ -202,6 +209,29 @@ bool amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16*
                      const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
                      c10::BFloat16* phi) {
   BMT_FAST_DISPATCH(amx_finish_rows, acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, phi)
+}
+
+void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t cols,
+                int64_t cols_padded, int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k) {
+  BMT_FAST_DISPATCH(amx_p_rows, g, k, ld, rows, cols, cols_padded, diag, p16, ld16, rowsum, p_log_k)
+}
+
+void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t rows_padded,
+                 int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k) {
+  BMT_FAST_DISPATCH(amx_p_pairs, g, k, ld, rows, rows_padded, cols, diag, pw, ldw, colsum, p_log_k)
+}
+
+void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out) {
+  BMT_FAST_DISPATCH(bf16_row_pairs, xb, ld, pair_begin, pair_end, out)
+}
+
+void bf16_split_pairs(const uint32_t* words, int64_t ld, int64_t pair_begin, int64_t pair_end, c10::BFloat16* out) {
+  BMT_FAST_DISPATCH(bf16_split_pairs, words, ld, pair_begin, pair_end, out)
+}
+
+void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,
+                   int64_t row_begin, int64_t row_end, c10::BFloat16* out) {
+  BMT_FAST_DISPATCH(amx_grad_rows, acc, sums, xc, ld, scale, d, row_begin, row_end, out)
 }
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):

@@ -54,6 +54,27 @@ bool amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16*
                      const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
                      c10::BFloat16* phi);
 
+// rbf_kernel_backward on AMX (grad, k: bf16 n x m, row stride ld; P = grad * K, exact in fp32, rounded to
+// bf16 for AMX): amx_p_rows writes rows [0, rows) x columns [0, cols) of P as an A operand (rows of p16,
+// row stride ld16, columns [cols, cols_padded) zeroed) and adds each row's sum of the rounded values into
+// rowsum; amx_p_pairs writes them as a B operand (rows 2q and 2q + 1 interleaved column by column, one
+// 32-bit word per column of pair row q, row stride ldw words; rows [rows, rows_padded) zero) and adds each
+// column's sum into colsum. Entry (r, r + diag), a self kernel's own term, is left out (0; a diag that
+// puts it outside the tile leaves every entry). Both add sum P log max(K, FLT_MIN) into *p_log_k unless it
+// is null.
+void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t cols,
+                int64_t cols_padded, int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k);
+void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t rows_padded,
+                 int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k);
+// bf16_row_pairs: rows 2q and 2q + 1 of xb (row stride ld) interleaved into pair row q of out (ld words),
+// q in [pair_begin, pair_end); bf16_split_pairs: the reverse.
+void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out);
+void bf16_split_pairs(const uint32_t* words, int64_t ld, int64_t pair_begin, int64_t pair_end, c10::BFloat16* out);
+// out_r = scale (sums_r xc_r - acc_r) in bf16 for rows [row_begin, row_end): xc (bf16) with row stride ld,
+// acc (fp32) and out with row stride d.
+void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,
+                   int64_t row_begin, int64_t row_end, c10::BFloat16* out);
+
 // Radix-select histogram over squared distances D = max(nr[a] + nc[b] - 2 S[a][b], 0) of a dot tile.
 // The bit pattern of a non-negative float orders like its value, so the key of D is its bits. For each
 // of `num_targets` prefixes, keys whose bits above `shift + width` equal the prefix add `weight` to

@@ -529,6 +529,133 @@ BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, const float* rowsum,
   return horizontal_sum<float>(bad) == 0.f;
 }
 
+// ---- rbf_kernel_backward on AMX ---------------------------------------------------------------------
+
+// log(max(v, smallest normal float)), vectorised: v = 2^e m with m in [sqrt(1/2), sqrt(2)), and
+// log m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^9/9) with s = (m - 1)/(m + 1), |s| <= 0.172 (truncation
+// below 1e-9). The clamp is the fp32 path's (K's entries that underflowed to 0 have P = 0).
+BMT_FAST_INLINE vec_t<float> log_clamped(vec_t<float> v) {
+  const float tiny = std::numeric_limits<float>::min();
+  v = v < tiny ? broadcast(tiny) : v;
+  vec_t<int32_t> bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  vec_t<int32_t> e = (bits >> 23) - 127;
+  bits = (bits & 0x7FFFFF) | 0x3F800000;  // the mantissa as a value in [1, 2)
+  vec_t<float> m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const vec_t<int32_t> big = m > 1.41421356f;  // lanes of -1 where m is halved
+  m = big ? m * 0.5f : m;
+  e = e - big;
+  const vec_t<float> s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  const vec_t<float> series = s * (2.0f + s2 * (2.0f / 3 + s2 * (2.0f / 5 + s2 * (2.0f / 7 + s2 * (2.0f / 9)))));
+  return __builtin_convertvector(e, vec_t<float>) * 0.693147180559945f + series;
+}
+
+// P = grad * K (bf16 n x m matrices, row stride ld; exact in fp32) of rows [0, rows) x columns [0, cols),
+// rounded to bf16 as AMX's A operand: rows of p16 (row stride ld16, columns [cols, cols_padded) zeroed).
+// rowsum[r] += the fp32 sum of row r's rounded values; unless p_log_k is null, *p_log_k += sum P log K.
+// Entry (r, r + diag) is left out (a self kernel's own term: P_ii (xc_i - xc_i) = 0 exactly; in the sums,
+// next to P_ii ~ 1, the other terms of a row with tiny K were lost, and its gradient with them).
+BMT_FAST_INLINE void amx_p_rows_impl(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows,
+                                     int64_t cols, int64_t cols_padded, int64_t diag, c10::BFloat16* p16,
+                                     int64_t ld16, float* rowsum, double* p_log_k) {
+  constexpr int L = kLanes<float>;
+  double plk = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    vec_t<float> sum{}, logs{};
+    const c10::BFloat16 *g_row = g + r * ld, *k_row = k + r * ld;
+    c10::BFloat16* out = p16 + r * ld16;
+    for_each_vector<L>(cols, [&](int64_t c, auto count) BMT_FAST_INLINE_LAMBDA {
+      const vec_t<float> kv = load_part_as<float>(k_row + c, count);
+      vec_t<float> p = load_part_as<float>(g_row + c, count) * kv;
+      if (r + diag >= c && r + diag < c + count) p[r + diag - c] = 0.f;  // the own term
+      const u32_vec bits = bf16_bits(p);
+      sum += float_of_bf16_bits(bits);
+      if (p_log_k != nullptr) logs += p * log_clamped(kv);  // (zero-filled tail lanes: 0 * finite)
+      store_bf16_bits(out + c, bits, count);
+    });
+    for (int64_t c = cols; c < cols_padded; ++c) out[c] = c10::BFloat16(0.f);
+    rowsum[r] += horizontal_sum<float>(sum);
+    plk += horizontal_sum<float>(logs);
+  }
+  if (p_log_k != nullptr) *p_log_k += plk;
+}
+
+// The same P of rows [0, rows) x columns [0, cols) as AMX's B operand: rows 2q and 2q + 1 interleaved
+// column by column (the bf16 pair of column c is word c of pair row q: row 2q in its low half; row stride
+// ldw words), rows [rows, rows_padded) zero. colsum[c] += the fp32 sum of column c's rounded values; unless
+// p_log_k is null, *p_log_k += sum P log K. Entry (r, r + diag) left out, as above.
+BMT_FAST_INLINE void amx_p_pairs_impl(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows,
+                                      int64_t rows_padded, int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw,
+                                      float* colsum, double* p_log_k) {
+  constexpr int L = kLanes<float>;
+  vec_t<float> logs{};
+  for (int64_t q = 0; q < rows_padded / 2; ++q) {
+    uint32_t* out = pw + q * ldw;
+    for_each_vector<L>(cols, [&](int64_t c, auto count) BMT_FAST_INLINE_LAMBDA {
+      const auto rounded = [&](int64_t r) BMT_FAST_INLINE_LAMBDA {
+        if (r >= rows) return u32_vec{};
+        const vec_t<float> kv = load_part_as<float>(k + r * ld + c, count);
+        vec_t<float> p = load_part_as<float>(g + r * ld + c, count) * kv;
+        if (r + diag >= c && r + diag < c + count) p[r + diag - c] = 0.f;  // the own term
+        if (p_log_k != nullptr) logs += p * log_clamped(kv);
+        return bf16_bits(p);
+      };
+      const u32_vec low = rounded(2 * q), high = rounded(2 * q + 1);
+      const vec_t<float> sums =
+          load_part_as<float>(colsum + c, count) + float_of_bf16_bits(low) + float_of_bf16_bits(high);
+      store_as<float, float>(colsum + c, sums, count);
+      const u32_vec pair = low | (high << 16);
+      std::memcpy(out + c, &pair, static_cast<size_t>(count) * sizeof(uint32_t));
+    });
+  }
+  if (p_log_k != nullptr) *p_log_k += horizontal_sum<float>(logs);
+}
+
+// Rows 2q and 2q + 1 of xb (bf16, row stride ld) interleaved column by column into pair row q of out (ld
+// words each), for q in [pair_begin, pair_end): a B operand from rows of A operands.
+BMT_FAST_INLINE void bf16_row_pairs_impl(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end,
+                                         uint32_t* out) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(xb);
+  for (int64_t q = pair_begin; q < pair_end; ++q) {
+    const uint16_t *low = bits + 2 * q * ld, *high = low + ld;
+    uint32_t* dst = out + q * ld;
+    for (int64_t c = 0; c < ld; ++c) dst[c] = uint32_t{low[c]} | (uint32_t{high[c]} << 16);
+  }
+}
+
+// The reverse: pair row q of words (row stride ld words) split into bf16 rows 2q (low halves) and 2q + 1
+// (high halves) of out (row stride ld), for q in [pair_begin, pair_end).
+BMT_FAST_INLINE void bf16_split_pairs_impl(const uint32_t* words, int64_t ld, int64_t pair_begin, int64_t pair_end,
+                                           c10::BFloat16* out) {
+  auto* bits = reinterpret_cast<uint16_t*>(out);
+  for (int64_t q = pair_begin; q < pair_end; ++q) {
+    const uint32_t* src = words + q * ld;
+    uint16_t *low = bits + 2 * q * ld, *high = low + ld;
+    for (int64_t c = 0; c < ld; ++c) {
+      low[c] = static_cast<uint16_t>(src[c]);
+      high[c] = static_cast<uint16_t>(src[c] >> 16);
+    }
+  }
+}
+
+// rbf_kernel_backward's rows on AMX: out_r = scale (sums_r xc_r - acc_r) in bf16, xc (bf16, the rounded centred
+// particles) with row stride ld, acc (fp32) and out (bf16) with row stride d, for rows [row_begin, row_end).
+BMT_FAST_INLINE void amx_grad_rows_impl(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld,
+                                        float scale, int64_t d, int64_t row_begin, int64_t row_end,
+                                        c10::BFloat16* out) {
+  constexpr int L = kLanes<float>;
+  const vec_t<float> sv = broadcast(scale);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const vec_t<float> coef = broadcast(sums[r]);
+    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+      const vec_t<float> v =
+          sv * (coef * load_part_as<float>(xc + r * ld + k, count) - load_part_as<float>(acc + r * d + k, count));
+      store_as<c10::BFloat16, float>(out + r * d + k, v, count);
+    });
+  }
+}
+
 // dst[0, len) = src - first for one row chunk, zero up to the next full vector.
 template <typename In, typename T>
 BMT_FAST_INLINE void shifted_row(const In* src, const In* first, int64_t len, T* dst) {
@@ -1067,6 +1194,29 @@ bool amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16*
                      const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
                      c10::BFloat16* phi) {
   return amx_finish_rows_impl(acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, phi);
+}
+
+void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t cols,
+                int64_t cols_padded, int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k) {
+  amx_p_rows_impl(g, k, ld, rows, cols, cols_padded, diag, p16, ld16, rowsum, p_log_k);
+}
+
+void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t rows_padded,
+                 int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k) {
+  amx_p_pairs_impl(g, k, ld, rows, rows_padded, cols, diag, pw, ldw, colsum, p_log_k);
+}
+
+void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out) {
+  bf16_row_pairs_impl(xb, ld, pair_begin, pair_end, out);
+}
+
+void bf16_split_pairs(const uint32_t* words, int64_t ld, int64_t pair_begin, int64_t pair_end, c10::BFloat16* out) {
+  bf16_split_pairs_impl(words, ld, pair_begin, pair_end, out);
+}
+
+void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,
+                   int64_t row_begin, int64_t row_end, c10::BFloat16* out) {
+  amx_grad_rows_impl(acc, sums, xc, ld, scale, d, row_begin, row_end, out);
 }
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                         \

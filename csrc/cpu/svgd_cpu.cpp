@@ -25,6 +25,7 @@
 #include <memory>
 #include <optional>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -923,6 +924,120 @@ void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   });
 }
 
+// rbf_kernel_backward of bf16 particles with many pairs on AMX, at the forward's precision: the particles
+// centred by the mean of all rows and rounded to bf16 (AmxOperands), P = grad * K rounded to bf16, fp32
+// accumulation. With xc, yc centred, grad_x = -(2/H) (rowsum(P) xc - P yc) and grad_y = -(2/H) (colsum(P) yc
+// - P^T xc); the sums are of the rounded P and xc, yc the rounded particles too: the gradient at the rounded
+// particles, whose terms cancel as they should (with the inputs' unrounded xc_i, a self kernel's own term
+// P_ii (xc_i - xc_i) was the largest error, 1.5e-2 of the largest gradient at 300 x 40). That own term is
+// left out of P: it is 0, and next to P_ii ~ 1 the fp32 sums lost a row's terms of tiny K.
+// Each gradient is one pass (amx_grad_pass) over grad and K: blocks of kAmxRows rows of the result go to the
+// threads, each streaming kAmxCols-deep tiles of P (or P^T), formed from grad and K and used while in cache,
+// times the other set's rows in pairs (B operand), as the step's K W. grad_h = -(1/H) sum P log K is summed
+// in fp32 per tile row while P is formed, then in double per block.
+//
+// One gradient: out (rows x d bf16) = scale (sums (own's rounded rows) - A B), where tile(r0, rows, c0, cols,
+// depth, a, sums, p_log_k) writes the A tile of result rows [r0, r0 + rows) and depth [c0, c0 + cols) (row
+// stride kAmxCols, zero up to depth) and adds its sums; B = other's rounded rows in pairs. p_log_k: one entry
+// per block, or empty.
+template <typename Tile>
+at::Tensor amx_grad_pass(const AmxOperands& own, const AmxOperands& other, float scale, std::vector<double>& p_log_k,
+                         Tile&& tile) {
+  using at::native::cpublas::brgemm;
+  const int64_t rows_total = own.n, depth_total = other.n, d = own.d, d_pad = own.d_pad;
+  const at::Tensor pairs = empty_large({other.n_pad / 2, d_pad}, own.norms.options().dtype(at::kInt));
+  const auto* xb_p = other.xb.const_data_ptr<at::BFloat16>();
+  auto* words = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
+  at::parallel_for(0, other.n_pad / 2, 64, [&](int64_t begin, int64_t end) {
+    bf16_row_pairs(xb_p, d_pad, begin, end, words);
+  });
+  const at::Tensor acc = empty_large({rows_total, d}, own.norms.options());
+  const at::Tensor sums = at::zeros({rows_total}, acc.options());
+  float* acc_p = acc.mutable_data_ptr<float>();
+  float* sums_p = sums.mutable_data_ptr<float>();
+  at::parallel_for(0, (rows_total + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> a(kAmxRows * kAmxCols);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kAmxRows, rows = std::min(kAmxRows, rows_total - r0);
+      for (int64_t c0 = 0; c0 < depth_total; c0 += kAmxCols) {
+        const int64_t cols = std::min(kAmxCols, depth_total - c0), depth = (cols + 31) / 32 * 32;
+        tile(r0, rows, c0, cols, depth, a.data(), sums_p + r0, p_log_k.empty() ? nullptr : &p_log_k[block]);
+        brgemm(rows, d, depth, kAmxCols, d_pad, d, /*add_C=*/c0 > 0, a.data(), as_bf16(pairs) + c0 * d_pad,
+               acc_p + r0 * d);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  at::Tensor out = empty_large({rows_total, d}, own.xb.options());
+  at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
+    amx_grad_rows(acc_p, sums_p, own.xb.const_data_ptr<at::BFloat16>(), d_pad, scale, d, begin, end,
+                  out.mutable_data_ptr<at::BFloat16>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& y, const at::Tensor& kernel,
+                                                                   double h, bool want_x, bool want_y, bool want_h) {
+  const bool self = y.is_same(x);
+  const at::Tensor xs = x.contiguous(), ys = self ? xs : y.contiguous();
+  const at::Tensor g = grad.contiguous(), k = kernel.contiguous();
+  const at::Tensor shift = self ? amx_shift(xs) : amx_shift(xs, &ys);
+  const AmxOperands ox(xs, shift, /*as_b=*/false);
+  std::optional<AmxOperands> oy;
+  if (!self) oy.emplace(ys, shift, /*as_b=*/false);
+  const AmxOperands& yo = self ? ox : *oy;
+  const int64_t n = ox.n, m = yo.n;
+  const auto* g_p = g.const_data_ptr<at::BFloat16>();
+  const auto* k_p = k.const_data_ptr<at::BFloat16>();
+  const float scale = static_cast<float>(-2.0 / h);
+  at::Tensor grad_x, grad_y;
+  std::vector<double> p_log_k;  // per block, summed in block order at the end (the same value every run)
+  const auto blocks = [](int64_t rows) { return (rows + kAmxRows - 1) / kAmxRows; };
+  // the tile of P at rows i0, columns j0: where a self kernel's own terms are (two sets: outside every tile)
+  const auto own = [&](int64_t i0, int64_t j0) { return self ? i0 - j0 : m; };
+  if (want_x) {  // A = rows of P
+    if (want_h) p_log_k.assign(blocks(n), 0.0);
+    grad_x = amx_grad_pass(ox, yo, scale, p_log_k, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                                                       int64_t depth, at::BFloat16* a, float* rowsum, double* plk) {
+      amx_p_rows(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, cols, depth, own(i0, j0), a, kAmxCols, rowsum, plk);
+    });
+  }
+  if (want_y) {  // A = rows of P^T: P's row pairs (AMX's B layout) transposed as 32-bit words
+    const bool logs_here = want_h && !want_x;
+    if (logs_here) p_log_k.assign(blocks(m), 0.0);
+    std::vector<double> none;
+    grad_y = amx_grad_pass(yo, ox, scale, logs_here ? p_log_k : none,
+                           [&](int64_t j0, int64_t cols, int64_t i0, int64_t rows, int64_t depth, at::BFloat16* a,
+                               float* colsum, double* plk) {
+                             thread_local std::vector<uint32_t> pw;
+                             pw.resize(kAmxCols / 2 * kAmxRows);
+                             amx_p_pairs(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, depth, cols, own(i0, j0),
+                                         pw.data(), kAmxRows, colsum, plk);
+                             transpose_words(pw.data(), kAmxRows, depth / 2, 0, cols, reinterpret_cast<uint32_t*>(a),
+                                             kAmxCols / 2);
+                           });
+  }
+  if (want_h && !want_x && !want_y) {  // P log K alone: rows of P, no product
+    p_log_k.assign(blocks(n), 0.0);
+    at::parallel_for(0, blocks(n), 1, [&](int64_t begin, int64_t end) {
+      std::vector<at::BFloat16> a(kAmxRows * kAmxCols);
+      std::vector<float> rowsum(kAmxRows);
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
+        for (int64_t j0 = 0; j0 < m; j0 += kAmxCols) {
+          const int64_t cols = std::min(kAmxCols, m - j0);
+          amx_p_rows(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, cols, cols, own(i0, j0), a.data(), kAmxCols,
+                     rowsum.data(), &p_log_k[block]);
+        }
+      }
+    });
+  }
+  double total = 0.0;
+  for (const double part : p_log_k) total += part;
+  return {grad_x, grad_y, -total / h};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
@@ -956,18 +1071,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
         rbf_grad_direct<scalar_t>(xs, ys, scaled, want_x ? &grad_x : nullptr, want_y ? &grad_y : nullptr);
       });
     }
+  } else if (use_amx_bf16(x) && y.scalar_type() == at::kBFloat16 && grad.scalar_type() == at::kBFloat16 &&
+             kernel.scalar_type() == at::kBFloat16) {
+    double h_grad = 0.0;
+    std::tie(grad_x, grad_y, h_grad) = rbf_kernel_backward_amx(grad, x, y, kernel, h, want_x, want_y, want_h);
+    if (want_h) grad_h = at::scalar_tensor(h_grad, x.options().dtype(at::kDouble));
   } else {
     // P is formed a block of rows at a time and used while it is in cache: no n x m temporary at all (at
     // n ~ 10^3..10^4 the five it made, paged in fresh and streamed through memory, set the time: n = m =
     // 4096, d = 64 on a 2-core Xeon VM 193-217 -> 54-55 ms). The n x d temporaries: one centred copy per
     // input (one for a self kernel); those and the results come from the huge-page allocator when large
     // (huge_pages.h; 16 x 409,600 self kernel 30-45 -> 14-16 ms).
+    const bool self = y.is_same(x);
     const at::Tensor xa = x.to(acc);
     const at::Tensor shift = xa.mean(0, /*keepdim=*/true);  // any nearby centre: it cancels exactly
     at::Tensor xc = empty_large(xa.sizes(), xa.options());
     at::sub_out(xc, xa, shift);
     at::Tensor yc = xc;
-    if (!y.is_same(x)) {
+    if (!self) {
       yc = empty_large(y.sizes(), xa.options());
       at::sub_out(yc, y.to(acc), shift);
     }
@@ -983,6 +1104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
       const at::Tensor k = kernel.narrow(0, r0, rows).to(acc);  // 16-bit values widened first (no copy otherwise)
       at::Tensor p = p_buffer.narrow(0, 0, rows);
       at::mul_out(p, grad.narrow(0, r0, rows).to(acc), k);
+      if (self) p.narrow(1, r0, rows).diagonal().zero_();  // own terms (as the AMX path's: 0, and they hid the rest)
       const at::Tensor xc_rows = xc.narrow(0, r0, rows);
       if (want_x) {
         at::Tensor gx = grad_x.narrow(0, r0, rows);
