@@ -440,6 +440,23 @@ def test_rbf_kernel_backward_matches_autograd(target, n, m, d):
                 assert relative_error(g.cpu(), e) < 1e-10
 
 
+def test_rbf_kernel_backward_of_a_self_kernel_with_tiny_values(target):
+    """y is x: the own terms P_ii (x_i - x_i) = 0 are left out, as on the CPU; with a small H they sat
+    beside K_ij ~ 1e-14 in the fp32 sums and the gradients lost every other term."""
+    torch.manual_seed(4)
+    x = torch.randn(300, 40, dtype=torch.float64).float()
+    h = torch.tensor(float(torch.cdist(x.double(), x.double()).square().median()) / 87)
+    k = reference.rbf_kernel(x.double(), None, h.double()).float()
+    grad = torch.randn_like(k)
+    dev = target.device
+    xd = x.to(dev)
+    gx, gy, _ = target.ops.rbf_kernel_backward(grad.to(dev), xd, xd, k.to(dev), h.to(dev), [True, True, False])
+    p = (grad.double() * k.double()).fill_diagonal_(0)
+    x64 = x.double()
+    assert relative_error(gx.cpu(), -2 / float(h) * (p.sum(1, keepdim=True) * x64 - p @ x64)) < 1e-5
+    assert relative_error(gy.cpu(), -2 / float(h) * (p.sum(0).unsqueeze(1) * x64 - p.T @ x64)) < 1e-5
+
+
 # ---- argument checks -------------------------------------------------------------------------------
 
 

@@ -608,6 +608,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const 
   const at::Tensor h = bandwidth.to(acc).reshape({});
   const at::Tensor k = kernel.to(acc);
   const at::Tensor p = grad.to(acc) * k;
+  // A self kernel's own terms P_ii (x_i - x_i) are 0: left out, as on the CPU (next to P_ii ~ 1 the sums
+  // lost a row's terms of tiny K, and its gradient with them).
+  if (y.is_same(x)) p.diagonal().zero_();
   at::Tensor grad_x, grad_y, grad_h;
   if (want_x || want_y) {
     auto [xc, yc] = centred(x, std::optional<at::Tensor>(y));
