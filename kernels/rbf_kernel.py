@@ -82,6 +82,7 @@ def _rbf_kernel_grad_kernel(
     stride_k_b,
     stride_a,
     stride_b,
+    SELF: tl.constexpr,
     WITH_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -90,7 +91,8 @@ def _rbf_kernel_grad_kernel(
     MODE: tl.constexpr,
 ):
     """out[rows, vcols] = -(2/H) (rowsum(P) a_c - P @ b_c) over all rows of b; with WITH_H, the chunk-0
-    programs also write sum_j P_ij log K_ij per row to log_terms."""
+    programs also write sum_j P_ij log K_ij per row to log_terms. SELF (b is a): the own terms
+    P_ii (a_i - a_i) = 0 are left out (next to P_ii ~ 1 the sums lost a row's terms of tiny K)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
@@ -102,6 +104,8 @@ def _rbf_kernel_grad_kernel(
         g = tl.load(grad_ptr + rows[:, None] * stride_grad_a + cols[None, :] * stride_grad_b, mask=mask, other=0.0)
         k = tl.load(k_ptr + rows[:, None] * stride_k_a + cols[None, :] * stride_k_b, mask=mask, other=0.0).to(ACC)
         p = g.to(ACC) * k
+        if SELF:
+            p = tl.where(rows[:, None] == cols[None, :], 0.0, p)
         if WITH_H:
             log_terms += tl.sum(p * tl.log(tl.where(k > 0.0, k, 1.0)), axis=1)  # K = 0: P = 0, term 0
         p = dot_operand(p, MODE)
@@ -170,8 +174,9 @@ def rbf_kernel_forward(
     return out
 
 
-def _grad_rows(grad, k, a, b, shift, h, *, transposed, with_h, mode, tile):
-    """The gradient for the rows of a (x, or y with transposed=True), and the log terms of grad_H."""
+def _grad_rows(grad, k, a, b, shift, h, *, transposed, self_kernel, with_h, mode, tile):
+    """The gradient for the rows of a (x, or y with transposed=True), and the log terms of grad_H;
+    self_kernel: b is a."""
     n_a, d = a.shape
     acc = accumulation_dtype(a.dtype)
     out = torch.empty_like(a)
@@ -199,6 +204,7 @@ def _grad_rows(grad, k, a, b, shift, h, *, transposed, with_h, mode, tile):
         stride_k_b=k_strides[1],
         stride_a=a.stride(0),
         stride_b=b.stride(0),
+        SELF=self_kernel,
         WITH_H=with_h,
         BLOCK_V=block_v,
         ACC=tl_dtype(acc),
@@ -229,6 +235,8 @@ def rbf_kernel_backward(
             raise ValueError(f"{name} must have shape ({x.shape[0]}, {y.shape[0]}), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    # the same rows on both sides (a self kernel): their own terms are left out
+    self_kernel = x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride())
     x, y = x.contiguous(), y.contiguous()
     h = check_bandwidth(bandwidth, x)
     shift = centring_shift(x)
@@ -237,10 +245,12 @@ def rbf_kernel_backward(
     grad_x, grad_y = torch.zeros_like(x) if not want_x else None, torch.zeros_like(y) if not want_y else None
     log_terms = None
     if want_x:
-        grad_x, log_terms = _grad_rows(grad, kernel, x, y, shift, h, transposed=False, with_h=want_h, mode=mode, tile=tile)
+        grad_x, log_terms = _grad_rows(grad, kernel, x, y, shift, h, transposed=False, self_kernel=self_kernel,
+                                       with_h=want_h, mode=mode, tile=tile)
     if want_y:
         with_h = want_h and log_terms is None
-        grad_y, terms = _grad_rows(grad, kernel, y, x, shift, h, transposed=True, with_h=with_h, mode=mode, tile=tile)
+        grad_y, terms = _grad_rows(grad, kernel, y, x, shift, h, transposed=True, self_kernel=self_kernel,
+                                   with_h=with_h, mode=mode, tile=tile)
         log_terms = terms if with_h else log_terms
     if not want_h:
         grad_h = torch.zeros_like(bandwidth)

@@ -94,6 +94,32 @@ def test_gradients_fp32_and_self_kernel():
     assert relative_error(grad, expected) < 2e-5
 
 
+@pytest.mark.parametrize("how", ["autograd", "op"])
+def test_self_kernel_gradients_with_tiny_kernel_values(how):
+    """A self kernel's own terms P_ii (x_i - x_i) = 0 are left out: with a small H they sat beside
+    K_ij ~ 1e-14 in the fp32 sums, and the gradients lost every other term (as on the CPU). Through
+    autograd (y=None) and through the op given x twice."""
+    torch.manual_seed(4)
+    x = rows(70, 37).float()
+    h = float(torch.cdist(x.double(), x.double()).square().median()) / 87
+    weights = torch.randn(70, 70, device=DEVICE)
+    if how == "autograd":
+        leaf = x.clone().requires_grad_(True)
+        k = bmt_fast.rbf_kernel(leaf, None, h, backend="triton")
+        (got,) = torch.autograd.grad((k * weights).sum(), (leaf,))
+    else:
+        k = kernels().rbf_kernel_forward(x, x, bandwidth(h).float(), self_kernel=True)
+        gx, gy, _ = torch.ops.bmt_fast_triton.rbf_kernel_backward(weights, x, x, k, bandwidth(h).float(),
+                                                                  [True, True, False])
+        got = gx + gy
+    assert 0.3 < float((k < 1e-30).double().mean()) < 0.9  # (0, or fp32 subnormals)
+    p = weights.double() * k.detach().double()
+    p = (p + p.T).fill_diagonal_(0)
+    x64 = x.double()
+    expected = -2 / h * (p.sum(1, keepdim=True) * x64 - p @ x64)
+    assert relative_error(got, expected) < 2e-5
+
+
 def test_gradcheck():
     x, y, h = rows(6, 3, grad=True), rows(5, 3, grad=True), bandwidth(2.5, grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: bmt_fast.rbf_kernel(a, b, c, backend="triton"), (x, y, h))
