@@ -413,19 +413,61 @@ BMT_FAST_INLINE void amx_w_pairs_impl(const c10::BFloat16* score, const c10::BFl
   }
 }
 
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+// dst rows 0..15 (row stride ld_dst) <- the transpose of the 16 x 16 block of src rows 0..15 (row stride
+// ld_src), 32-bit words: unpacks of 32- and 64-bit halves within 128-bit lanes, then two rounds of lane
+// shuffles (after the unpacks u[4 b + q] holds, in lane L, column 4 L + q of rows 4 b .. 4 b + 3).
+BMT_FAST_INLINE void transpose_16x16_words(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
+  __m512i r[16], t[16], u[16], v[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int b = 0; b < 4; ++b) {
+    const __m512i *tb = t + 4 * b;
+    u[4 * b + 0] = _mm512_unpacklo_epi64(tb[0], tb[2]);
+    u[4 * b + 1] = _mm512_unpackhi_epi64(tb[0], tb[2]);
+    u[4 * b + 2] = _mm512_unpacklo_epi64(tb[1], tb[3]);
+    u[4 * b + 3] = _mm512_unpackhi_epi64(tb[1], tb[3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // v[q], v[4 + q]: rows 0..7, lanes (0, 2) and (1, 3); v[8 + q], v[12 + q]: rows 8..15
+    v[q] = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x88);
+    v[4 + q] = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xdd);
+    v[8 + q] = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x88);
+    v[12 + q] = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xdd);
+  }
+  for (int q = 0; q < 4; ++q) {
+    _mm512_storeu_si512(dst + q * ld_dst, _mm512_shuffle_i32x4(v[q], v[8 + q], 0x88));
+    _mm512_storeu_si512(dst + (8 + q) * ld_dst, _mm512_shuffle_i32x4(v[q], v[8 + q], 0xdd));
+    _mm512_storeu_si512(dst + (4 + q) * ld_dst, _mm512_shuffle_i32x4(v[4 + q], v[12 + q], 0x88));
+    _mm512_storeu_si512(dst + (12 + q) * ld_dst, _mm512_shuffle_i32x4(v[4 + q], v[12 + q], 0xdd));
+  }
+}
+#endif
+
 // dst[k * ld_dst + i] = src[i * ld_src + k] for 32-bit words k in [k_begin, k_end) of rows i in [0, rows):
-// AMX's B operand from the rounded particles (their bf16 feature pairs). Blocks of 16 words (one cache
-// line of each source row) by 64 rows (a 256-byte run of each destination row), so that both sides move
-// whole lines. (ATen's transposing copy took 15.7 ms at 256 x 76,800, a quarter of the step.)
+// AMX's B operand from the rounded particles (their bf16 feature pairs), and the A operand P^T of
+// rbf_kernel_backward. Blocks of 16 words (one cache line of each source row) by 64 rows (a 256-byte run
+// of each destination row), so that both sides move whole lines; in the AVX-512 build whole 16 x 16
+// blocks are transposed in registers. (ATen's transposing copy took 15.7 ms at 256 x 76,800, a quarter of
+// the step.)
 BMT_FAST_INLINE void transpose_words_impl(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin,
                                           int64_t k_end, uint32_t* dst, int64_t ld_dst) {
   for (int64_t k0 = k_begin; k0 < k_end; k0 += 16) {
     const int64_t k1 = min64(k0 + 16, k_end);
     for (int64_t i0 = 0; i0 < rows; i0 += 64) {
       const int64_t i1 = min64(i0 + 64, rows);
+      int64_t i_scalar = i0;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+      if (k1 - k0 == 16) {
+        for (; i_scalar + 16 <= i1; i_scalar += 16)
+          transpose_16x16_words(src + i_scalar * ld_src + k0, ld_src, dst + k0 * ld_dst + i_scalar, ld_dst);
+      }
+#endif
       for (int64_t k = k0; k < k1; ++k) {
         uint32_t* out = dst + k * ld_dst;
-        for (int64_t i = i0; i < i1; ++i) out[i] = src[i * ld_src + k];
+        for (int64_t i = i_scalar; i < i1; ++i) out[i] = src[i * ld_src + k];
       }
     }
   }
