@@ -273,7 +273,7 @@ def amx_precision_phi(x, score, h):
 
 
 @requires_amx
-@pytest.mark.parametrize("n,d", [(65, 32), (100, 33), (257, 64), (300, 129), (513, 40), (129, 1024), (70, 20001)])
+@pytest.mark.parametrize("n,d", [(65, 32), (100, 33), (257, 64), (300, 129), (513, 40), (129, 1024), (70, 20001), (600, 2050)])
 @pytest.mark.parametrize("bandwidth", ["median", 3.0, 1e-6])
 def test_bf16_on_amx_tiles(n, d, bandwidth):
     """bf16 particles with many particles on an AMX CPU: the tensor-core precision of the GPU kernels

@@ -78,7 +78,7 @@ def assert_flagged_path_names_bad_inputs(x, score, bandwidth):
 
 
 @requires_amx
-@pytest.mark.parametrize("n, d", [(65, 32), (300, 203)])
+@pytest.mark.parametrize("n, d", [(65, 32), (300, 203), (70, 2100)])
 @pytest.mark.parametrize("bandwidth", ["median", 1e-3])
 def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, bandwidth):
     """bf16 particles on the AMX path (n > 64, d >= 32) are checked like the Gram path's: the last pass

@@ -17,8 +17,8 @@
   void amx_centre_rows(const c10::BFloat16*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);                       \
   void amx_w_pairs(const c10::BFloat16*, const c10::BFloat16*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);            \
   void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
-  bool amx_finish_rows(const float*, const float*, const c10::BFloat16*, const c10::BFloat16*, const float*, float, float, int64_t, int64_t,  \
-                       int64_t, c10::BFloat16*);                                                                                                \
+  bool amx_finish_rows(const float*, int64_t, const float*, const c10::BFloat16*, const c10::BFloat16*, const float*, float, float, int64_t, \
+                       int64_t, int64_t, int64_t, int64_t, c10::BFloat16*);                                                                     \
   void amx_p_rows(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t, float*,  \
                   double*);                                                                                                                     \
   void amx_p_pairs(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t, float*,      \
@@ -205,10 +205,11 @@ void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t 
   BMT_FAST_DISPATCH(transpose_words, src, ld_src, rows, k_begin, k_end, dst, ld_dst)
 }
 
-bool amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
-                     const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
-                     c10::BFloat16* phi) {
-  BMT_FAST_DISPATCH(amx_finish_rows, acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, phi)
+bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const c10::BFloat16* x,
+                     const c10::BFloat16* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,
+                     int64_t row_end, int64_t col_begin, int64_t col_end, c10::BFloat16* phi) {
+  BMT_FAST_DISPATCH(amx_finish_rows, acc, ld_acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin,
+                    col_end, phi)
 }
 
 void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t cols,

@@ -40,8 +40,9 @@ void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t c
 // and norms[a] = the fp32 sum of the squares of row a's rounded values;
 // amx_w_pairs: W_i = score_i - a (x_i - shift) in bf16 for the row pairs [pair_begin, pair_end), rows 2p
 // and 2p + 1 interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero);
-// amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) / n in bf16; returns whether
-// all of those rows are finite in bf16.
+// amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) / n in bf16 for rows [row_begin,
+// row_end) and columns [col_begin, col_end) (acc holds just those, row stride ld_acc); returns whether all
+// of those values are finite in bf16.
 void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,
                      c10::BFloat16* xb, int64_t d_pad, float* norms);
 void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
@@ -50,9 +51,9 @@ void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float
 // (AMX's B operand: xb's bf16 feature pairs transposed).
 void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
                      int64_t ld_dst);
-bool amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
-                     const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
-                     c10::BFloat16* phi);
+bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const c10::BFloat16* x,
+                     const c10::BFloat16* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,
+                     int64_t row_end, int64_t col_begin, int64_t col_end, c10::BFloat16* phi);
 
 // rbf_kernel_backward on AMX (grad, k: bf16 n x m, row stride ld; P = grad * K, exact in fp32, rounded to
 // bf16 for AMX): amx_p_rows writes rows [0, rows) x columns [0, cols) of P as an A operand (rows of p16,

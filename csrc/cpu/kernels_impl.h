@@ -548,21 +548,26 @@ BMT_FAST_INLINE void track_finite(vec_t<T>& bad, vec_t<T> v, int64_t count) {
 }
 
 // phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) / n in bf16: the own term k_aa = 1 and the
-// repulsion's row-sum term added to K W, as the AMX path's last pass. Returns whether all of these phi
-// rows are finite in bf16 (tracked in registers: the API then need not scan phi).
-BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, const float* rowsum, const c10::BFloat16* x,
-                                          const c10::BFloat16* score, const float* shift, float a, float n, int64_t d,
-                                          int64_t row_begin, int64_t row_end, c10::BFloat16* phi) {
+// repulsion's row-sum term added to K W, as the AMX path's last pass, for rows [row_begin, row_end) and
+// columns [col_begin, col_end) (x, score, phi: row stride d; acc holds those rows and columns from its
+// first entry on, row stride ld_acc). Returns whether all of these phi values are finite in bf16 (tracked
+// in registers: the API then need not scan phi).
+BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, int64_t ld_acc, const float* rowsum,
+                                          const c10::BFloat16* x, const c10::BFloat16* score, const float* shift,
+                                          float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
+                                          int64_t col_begin, int64_t col_end, c10::BFloat16* phi) {
   constexpr int L = kLanes<float>;
   const vec_t<float> nv = broadcast(n);
   vec_t<float> bad{};
   for (int64_t r = row_begin; r < row_end; ++r) {
     const vec_t<float> coef = broadcast(a * rowsum[r]);
-    const int64_t at = r * d;
-    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
-      const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift + k, count);
+    const int64_t at = r * d + col_begin;
+    const float* acc_row = acc + (r - row_begin) * ld_acc;
+    const float* shift_c = shift + col_begin;
+    for_each_vector<L>(col_end - col_begin, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+      const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift_c + k, count);
       const vec_t<float> v =
-          (load_part_as<float>(acc + at + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) / nv;
+          (load_part_as<float>(acc_row + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) / nv;
       track_finite<c10::BFloat16, std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>, float>(
           bad, v, count);
       store_as<c10::BFloat16, float>(phi + at + k, v, count);
@@ -1232,10 +1237,11 @@ void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t 
   transpose_words_impl(src, ld_src, rows, k_begin, k_end, dst, ld_dst);
 }
 
-bool amx_finish_rows(const float* acc, const float* rowsum, const c10::BFloat16* x, const c10::BFloat16* score,
-                     const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
-                     c10::BFloat16* phi) {
-  return amx_finish_rows_impl(acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, phi);
+bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const c10::BFloat16* x,
+                     const c10::BFloat16* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,
+                     int64_t row_end, int64_t col_begin, int64_t col_end, c10::BFloat16* phi) {
+  return amx_finish_rows_impl(acc, ld_acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin, col_end,
+                              phi);
 }
 
 void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t cols,
