@@ -963,9 +963,9 @@ void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 // in fp32 per tile row while P is formed, then in double per block.
 //
 // One gradient: out (rows x d bf16) = scale (sums (own's rounded rows) - A B), where tile(r0, rows, c0, cols,
-// depth, a, sums, p_log_k) writes the A tile of result rows [r0, r0 + rows) and depth [c0, c0 + cols) (row
-// stride kAmxCols, zero up to depth) and adds its sums; B = other's rounded rows in pairs. p_log_k: one entry
-// per block, or empty.
+// depth, a, sums, p_log_k, scratch) writes the A tile of result rows [r0, r0 + rows) and depth [c0, c0 +
+// cols) (row stride kAmxCols, zero up to depth) and adds its sums (scratch: kAmxRows * kAmxCols / 2 words of
+// the thread's own); B = other's rounded rows in pairs. p_log_k: one entry per block, or empty.
 template <typename Tile>
 at::Tensor amx_grad_pass(const AmxOperands& own, const AmxOperands& other, float scale, std::vector<double>& p_log_k,
                          Tile&& tile) {
@@ -983,11 +983,13 @@ at::Tensor amx_grad_pass(const AmxOperands& own, const AmxOperands& other, float
   float* sums_p = sums.mutable_data_ptr<float>();
   at::parallel_for(0, (rows_total + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<at::BFloat16> a(kAmxRows * kAmxCols);
+    std::vector<uint32_t> scratch(kAmxRows * kAmxCols / 2);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = block * kAmxRows, rows = std::min(kAmxRows, rows_total - r0);
       for (int64_t c0 = 0; c0 < depth_total; c0 += kAmxCols) {
         const int64_t cols = std::min(kAmxCols, depth_total - c0), depth = (cols + 31) / 32 * 32;
-        tile(r0, rows, c0, cols, depth, a.data(), sums_p + r0, p_log_k.empty() ? nullptr : &p_log_k[block]);
+        tile(r0, rows, c0, cols, depth, a.data(), sums_p + r0, p_log_k.empty() ? nullptr : &p_log_k[block],
+             scratch.data());
         brgemm(rows, d, depth, kAmxCols, d_pad, d, /*add_C=*/c0 > 0, a.data(), as_bf16(pairs) + c0 * d_pad,
                acc_p + r0 * d);
       }
@@ -1025,7 +1027,8 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
   if (want_x) {  // A = rows of P
     if (want_h) p_log_k.assign(blocks(n), 0.0);
     grad_x = amx_grad_pass(ox, yo, scale, p_log_k, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                                                       int64_t depth, at::BFloat16* a, float* rowsum, double* plk) {
+                                                       int64_t depth, at::BFloat16* a, float* rowsum, double* plk,
+                                                       uint32_t*) {
       amx_p_rows(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, cols, depth, own(i0, j0), a, kAmxCols, rowsum, plk);
     });
   }
@@ -1035,12 +1038,10 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
     std::vector<double> none;
     grad_y = amx_grad_pass(yo, ox, scale, logs_here ? p_log_k : none,
                            [&](int64_t j0, int64_t cols, int64_t i0, int64_t rows, int64_t depth, at::BFloat16* a,
-                               float* colsum, double* plk) {
-                             thread_local std::vector<uint32_t> pw;
-                             pw.resize(kAmxCols / 2 * kAmxRows);
+                               float* colsum, double* plk, uint32_t* pairs) {  // (depth / 2 x kAmxRows words)
                              amx_p_pairs(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, depth, cols, own(i0, j0),
-                                         pw.data(), kAmxRows, colsum, plk);
-                             transpose_words(pw.data(), kAmxRows, depth / 2, 0, cols, reinterpret_cast<uint32_t*>(a),
+                                         pairs, kAmxRows, colsum, plk);
+                             transpose_words(pairs, kAmxRows, depth / 2, 0, cols, reinterpret_cast<uint32_t*>(a),
                                              kAmxCols / 2);
                            });
   }
