@@ -598,6 +598,9 @@ BMT_FAST_INLINE vec_t<float> log_clamped(vec_t<float> v) {
   return __builtin_convertvector(e, vec_t<float>) * 0.693147180559945f + series;
 }
 
+// Rows of grad and K asked for ahead by the tile passes below.
+constexpr int64_t kPrefetchRows = 8;
+
 // P = grad * K (bf16 n x m matrices, row stride ld; exact in fp32) of rows [0, rows) x columns [0, cols),
 // rounded to bf16 as AMX's A operand: rows of p16 (row stride ld16, columns [cols, cols_padded) zeroed).
 // rowsum[r] += the fp32 sum of row r's rounded values; unless p_log_k is null, *p_log_k += sum P log K.
@@ -611,6 +614,12 @@ BMT_FAST_INLINE void amx_p_rows_impl(const c10::BFloat16* g, const c10::BFloat16
   for (int64_t r = 0; r < rows; ++r) {
     vec_t<float> sum{}, logs{};
     const c10::BFloat16 *g_row = g + r * ld, *k_row = k + r * ld;
+    if (r + kPrefetchRows < rows) {  // (a short segment of a long row: as amx_p_pairs)
+      for (int64_t c = 0; c < cols; c += 64 / sizeof(c10::BFloat16)) {
+        __builtin_prefetch(g_row + kPrefetchRows * ld + c);
+        __builtin_prefetch(k_row + kPrefetchRows * ld + c);
+      }
+    }
     c10::BFloat16* out = p16 + r * ld16;
     for_each_vector<L>(cols, [&](int64_t c, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> kv = load_part_as<float>(k_row + c, count);
@@ -639,6 +648,14 @@ BMT_FAST_INLINE void amx_p_pairs_impl(const c10::BFloat16* g, const c10::BFloat1
   vec_t<float> logs{};
   for (int64_t q = 0; q < rows_padded / 2; ++q) {
     uint32_t* out = pw + q * ldw;
+    // The rows are short segments of long rows (a page apart): the hardware prefetchers do not follow
+    // them, so the pair kPrefetchRows ahead is asked for here (4096 x 4096 x 128, y's gradient:
+    // 14.6-15.4 -> 9.0-9.3 ms).
+    for (int64_t r = 2 * q + kPrefetchRows; r < min64(2 * q + kPrefetchRows + 2, rows); ++r)
+      for (int64_t c = 0; c < cols; c += 64 / sizeof(c10::BFloat16)) {
+        __builtin_prefetch(g + r * ld + c);
+        __builtin_prefetch(k + r * ld + c);
+      }
     for_each_vector<L>(cols, [&](int64_t c, auto count) BMT_FAST_INLINE_LAMBDA {
       const auto rounded = [&](int64_t r) BMT_FAST_INLINE_LAMBDA {
         if (r >= rows) return u32_vec{};
