@@ -220,8 +220,9 @@ def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
         grad_x, _, grad_h = backward(grad + grad.mT, x, x, k, h, [True, False, need_h])
         return grad_x, None, grad_h / 2 if need_h else None
     # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
-    # prior, one prompt against constant particles and a constant H, that is grad_x alone.
-    return backward(grad, x, y, k, h, list(needs))
+    # prior, one prompt against constant particles and a constant H, that is grad_x alone. (A self kernel
+    # passes x twice: the op leaves its own terms out where both sides are one tensor.)
+    return backward(grad, x, x if self_kernel else y, k, h, list(needs))
 
 
 def _rbf_backward_differentiable(grad, x, y, h, self_kernel: bool, needs) -> tuple:

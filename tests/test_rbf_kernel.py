@@ -429,6 +429,9 @@ def test_self_kernel_gradients_with_tiny_kernel_values(dtype):
     expected_y = -2 / float(h) * (p.sum(0).unsqueeze(1) * x64 - p.T @ x64)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert relative_error(gx, expected_x) < tol and relative_error(gy, expected_y) < tol
+    leaf = x.clone().requires_grad_(True)  # through autograd (y=None): the sum of both
+    (g,) = torch.autograd.grad((bmt_fast.rbf_kernel(leaf, None, h, backend="cpu") * grad).sum(), (leaf,))
+    assert relative_error(g, expected_x + expected_y) < tol
 
 
 def test_kde_log_prior_decreases_away_from_particles(cpu_backend):
