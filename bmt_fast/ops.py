@@ -60,8 +60,9 @@ def svgd_step(
             d=409,600, 6,400 page faults, ~11 ms on top of a ~6 ms step. The CPU backend therefore takes
             results of 4 MiB or more from huge pages and reuses freed ones, so a loop pays that once.) The
             kernels write out directly on the CPU Gram path (n <= 64) and AMX path (bf16, d >= 32), the
-            CUDA Gram path for n <= 16 and the Triton one (n <= 256); elsewhere the result is copied in. If a NaN/Inf error is raised after
-            the kernel ran (where the kernel's flag is checked, not the inputs), out holds that phi.
+            CUDA Gram path for n <= 16 and the Triton one (n <= 256); elsewhere the result is copied in.
+            If a NaN/Inf error is raised after the kernel ran (where the kernel's flag is checked, not
+            the inputs), out holds that phi.
 
     Returns:
         phi with the shape, dtype and device of x. Half-precision inputs accumulate in float32.
@@ -220,9 +221,8 @@ def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
         grad_x, _, grad_h = backward(grad + grad.mT, x, x, k, h, [True, False, need_h])
         return grad_x, None, grad_h / 2 if need_h else None
     # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
-    # prior, one prompt against constant particles and a constant H, that is grad_x alone. (A self kernel
-    # passes x twice: the op leaves its own terms out where both sides are one tensor.)
-    return backward(grad, x, x if self_kernel else y, k, h, list(needs))
+    # prior, one prompt against constant particles and a constant H, that is grad_x alone.
+    return backward(grad, x, y, k, h, list(needs))
 
 
 def _rbf_backward_differentiable(grad, x, y, h, self_kernel: bool, needs) -> tuple:

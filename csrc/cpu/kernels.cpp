@@ -24,7 +24,6 @@
   void amx_p_pairs(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t, float*,      \
                    double*);                                                                                                                    \
   void bf16_row_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, uint32_t*);                                                          \
-  void bf16_split_pairs(const uint32_t*, int64_t, int64_t, int64_t, c10::BFloat16*);                                                        \
   void amx_grad_rows(const float*, const float*, const c10::BFloat16*, int64_t, float, int64_t, int64_t, int64_t, c10::BFloat16*);         \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
                        int64_t, const RadixPass&, int64_t*);                                                                                    \
@@ -224,10 +223,6 @@ void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int
 
 void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out) {
   BMT_FAST_DISPATCH(bf16_row_pairs, xb, ld, pair_begin, pair_end, out)
-}
-
-void bf16_split_pairs(const uint32_t* words, int64_t ld, int64_t pair_begin, int64_t pair_end, c10::BFloat16* out) {
-  BMT_FAST_DISPATCH(bf16_split_pairs, words, ld, pair_begin, pair_end, out)
 }
 
 void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,

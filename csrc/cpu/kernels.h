@@ -67,10 +67,9 @@ void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int6
                 int64_t cols_padded, int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k);
 void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t rows_padded,
                  int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k);
-// bf16_row_pairs: rows 2q and 2q + 1 of xb (row stride ld) interleaved into pair row q of out (ld words),
-// q in [pair_begin, pair_end); bf16_split_pairs: the reverse.
+// Rows 2q and 2q + 1 of xb (row stride ld) interleaved into pair row q of out (ld words), q in [pair_begin,
+// pair_end): AMX's B operand from rows of A operands.
 void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out);
-void bf16_split_pairs(const uint32_t* words, int64_t ld, int64_t pair_begin, int64_t pair_end, c10::BFloat16* out);
 // out_r = scale (sums_r xc_r - acc_r) in bf16 for rows [row_begin, row_end): xc (bf16) with row stride ld,
 // acc (fp32) and out with row stride d.
 void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,

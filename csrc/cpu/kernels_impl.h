@@ -598,36 +598,48 @@ BMT_FAST_INLINE vec_t<float> log_clamped(vec_t<float> v) {
   return __builtin_convertvector(e, vec_t<float>) * 0.693147180559945f + series;
 }
 
-// Rows of grad and K asked for ahead by the tile passes below.
+// The tile passes read short segments of rows a page apart, which the hardware prefetchers do not follow:
+// each asks for row r + kPrefetchRows of grad and K while it forms row r (4096 x 4096 x 128, y's gradient:
+// 14.6-15.4 -> 9.0-9.3 ms).
 constexpr int64_t kPrefetchRows = 8;
 
-// P = grad * K (bf16 n x m matrices, row stride ld; exact in fp32) of rows [0, rows) x columns [0, cols),
-// rounded to bf16 as AMX's A operand: rows of p16 (row stride ld16, columns [cols, cols_padded) zeroed).
-// rowsum[r] += the fp32 sum of row r's rounded values; unless p_log_k is null, *p_log_k += sum P log K.
-// Entry (r, r + diag) is left out (a self kernel's own term: P_ii (xc_i - xc_i) = 0 exactly; in the sums,
-// next to P_ii ~ 1, the other terms of a row with tiny K were lost, and its gradient with them).
+BMT_FAST_INLINE void prefetch_p_row(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t r,
+                                    int64_t cols) {
+  for (int64_t c = 0; c < cols; c += 64 / sizeof(c10::BFloat16)) {
+    __builtin_prefetch(g + r * ld + c);
+    __builtin_prefetch(k + r * ld + c);
+  }
+}
+
+// P = grad * K (bf16 n x m matrices, row stride ld; exact in fp32) at row r, columns [c, c + count) of a
+// tile, with entry (r, r + diag) left out (a self kernel's own term: P_ii (xc_i - xc_i) = 0 exactly; in the
+// sums, next to P_ii ~ 1, the other terms of a row with tiny K were lost, and its gradient with them); P log K
+// added into logs unless p_log_k is null (zero-filled tail lanes: 0 * finite).
+template <typename Count>
+BMT_FAST_INLINE vec_t<float> p_at(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t r, int64_t c,
+                                  Count count, int64_t diag, const double* p_log_k, vec_t<float>& logs) {
+  const vec_t<float> kv = load_part_as<float>(k + r * ld + c, count);
+  vec_t<float> p = load_part_as<float>(g + r * ld + c, count) * kv;
+  if (r + diag >= c && r + diag < c + count) p[r + diag - c] = 0.f;
+  if (p_log_k != nullptr) logs += p * log_clamped(kv);
+  return p;
+}
+
+// P of rows [0, rows) x columns [0, cols) of a tile (p_at), rounded to bf16 as AMX's A operand: rows of p16
+// (row stride ld16, columns [cols, cols_padded) zeroed). rowsum[r] += the fp32 sum of row r's rounded values;
+// unless p_log_k is null, *p_log_k += sum P log K.
 BMT_FAST_INLINE void amx_p_rows_impl(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows,
                                      int64_t cols, int64_t cols_padded, int64_t diag, c10::BFloat16* p16,
                                      int64_t ld16, float* rowsum, double* p_log_k) {
   constexpr int L = kLanes<float>;
   double plk = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
+    if (r + kPrefetchRows < rows) prefetch_p_row(g, k, ld, r + kPrefetchRows, cols);
     vec_t<float> sum{}, logs{};
-    const c10::BFloat16 *g_row = g + r * ld, *k_row = k + r * ld;
-    if (r + kPrefetchRows < rows) {  // (a short segment of a long row: as amx_p_pairs)
-      for (int64_t c = 0; c < cols; c += 64 / sizeof(c10::BFloat16)) {
-        __builtin_prefetch(g_row + kPrefetchRows * ld + c);
-        __builtin_prefetch(k_row + kPrefetchRows * ld + c);
-      }
-    }
     c10::BFloat16* out = p16 + r * ld16;
     for_each_vector<L>(cols, [&](int64_t c, auto count) BMT_FAST_INLINE_LAMBDA {
-      const vec_t<float> kv = load_part_as<float>(k_row + c, count);
-      vec_t<float> p = load_part_as<float>(g_row + c, count) * kv;
-      if (r + diag >= c && r + diag < c + count) p[r + diag - c] = 0.f;  // the own term
-      const u32_vec bits = bf16_bits(p);
+      const u32_vec bits = bf16_bits(p_at(g, k, ld, r, c, count, diag, p_log_k, logs));
       sum += float_of_bf16_bits(bits);
-      if (p_log_k != nullptr) logs += p * log_clamped(kv);  // (zero-filled tail lanes: 0 * finite)
       store_bf16_bits(out + c, bits, count);
     });
     for (int64_t c = cols; c < cols_padded; ++c) out[c] = c10::BFloat16(0.f);
@@ -637,33 +649,21 @@ BMT_FAST_INLINE void amx_p_rows_impl(const c10::BFloat16* g, const c10::BFloat16
   if (p_log_k != nullptr) *p_log_k += plk;
 }
 
-// The same P of rows [0, rows) x columns [0, cols) as AMX's B operand: rows 2q and 2q + 1 interleaved
-// column by column (the bf16 pair of column c is word c of pair row q: row 2q in its low half; row stride
-// ldw words), rows [rows, rows_padded) zero. colsum[c] += the fp32 sum of column c's rounded values; unless
-// p_log_k is null, *p_log_k += sum P log K. Entry (r, r + diag) left out, as above.
+// The same P as AMX's B operand: rows 2q and 2q + 1 interleaved column by column (the bf16 pair of column c
+// is word c of pair row q: row 2q in its low half; row stride ldw words), rows [rows, rows_padded) zero.
+// colsum[c] += the fp32 sum of column c's rounded values; unless p_log_k is null, *p_log_k += sum P log K.
 BMT_FAST_INLINE void amx_p_pairs_impl(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows,
                                       int64_t rows_padded, int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw,
                                       float* colsum, double* p_log_k) {
   constexpr int L = kLanes<float>;
   vec_t<float> logs{};
   for (int64_t q = 0; q < rows_padded / 2; ++q) {
-    uint32_t* out = pw + q * ldw;
-    // The rows are short segments of long rows (a page apart): the hardware prefetchers do not follow
-    // them, so the pair kPrefetchRows ahead is asked for here (4096 x 4096 x 128, y's gradient:
-    // 14.6-15.4 -> 9.0-9.3 ms).
     for (int64_t r = 2 * q + kPrefetchRows; r < min64(2 * q + kPrefetchRows + 2, rows); ++r)
-      for (int64_t c = 0; c < cols; c += 64 / sizeof(c10::BFloat16)) {
-        __builtin_prefetch(g + r * ld + c);
-        __builtin_prefetch(k + r * ld + c);
-      }
+      prefetch_p_row(g, k, ld, r, cols);
+    uint32_t* out = pw + q * ldw;
     for_each_vector<L>(cols, [&](int64_t c, auto count) BMT_FAST_INLINE_LAMBDA {
       const auto rounded = [&](int64_t r) BMT_FAST_INLINE_LAMBDA {
-        if (r >= rows) return u32_vec{};
-        const vec_t<float> kv = load_part_as<float>(k + r * ld + c, count);
-        vec_t<float> p = load_part_as<float>(g + r * ld + c, count) * kv;
-        if (r + diag >= c && r + diag < c + count) p[r + diag - c] = 0.f;  // the own term
-        if (p_log_k != nullptr) logs += p * log_clamped(kv);
-        return bf16_bits(p);
+        return r < rows ? bf16_bits(p_at(g, k, ld, r, c, count, diag, p_log_k, logs)) : u32_vec{};
       };
       const u32_vec low = rounded(2 * q), high = rounded(2 * q + 1);
       const vec_t<float> sums =
@@ -685,21 +685,6 @@ BMT_FAST_INLINE void bf16_row_pairs_impl(const c10::BFloat16* xb, int64_t ld, in
     const uint16_t *low = bits + 2 * q * ld, *high = low + ld;
     uint32_t* dst = out + q * ld;
     for (int64_t c = 0; c < ld; ++c) dst[c] = uint32_t{low[c]} | (uint32_t{high[c]} << 16);
-  }
-}
-
-// The reverse: pair row q of words (row stride ld words) split into bf16 rows 2q (low halves) and 2q + 1
-// (high halves) of out (row stride ld), for q in [pair_begin, pair_end).
-BMT_FAST_INLINE void bf16_split_pairs_impl(const uint32_t* words, int64_t ld, int64_t pair_begin, int64_t pair_end,
-                                           c10::BFloat16* out) {
-  auto* bits = reinterpret_cast<uint16_t*>(out);
-  for (int64_t q = pair_begin; q < pair_end; ++q) {
-    const uint32_t* src = words + q * ld;
-    uint16_t *low = bits + 2 * q * ld, *high = low + ld;
-    for (int64_t c = 0; c < ld; ++c) {
-      low[c] = static_cast<uint16_t>(src[c]);
-      high[c] = static_cast<uint16_t>(src[c] >> 16);
-    }
   }
 }
 
@@ -1273,10 +1258,6 @@ void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int
 
 void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out) {
   bf16_row_pairs_impl(xb, ld, pair_begin, pair_end, out);
-}
-
-void bf16_split_pairs(const uint32_t* words, int64_t ld, int64_t pair_begin, int64_t pair_end, c10::BFloat16* out) {
-  bf16_split_pairs_impl(words, ld, pair_begin, pair_end, out);
 }
 
 void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,

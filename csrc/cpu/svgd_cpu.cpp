@@ -965,18 +965,13 @@ void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 // One gradient: out (rows x d bf16) = scale (sums (own's rounded rows) - A B), where tile(r0, rows, c0, cols,
 // depth, a, sums, p_log_k, scratch) writes the A tile of result rows [r0, r0 + rows) and depth [c0, c0 +
 // cols) (row stride kAmxCols, zero up to depth) and adds its sums (scratch: kAmxRows * kAmxCols / 2 words of
-// the thread's own); B = other's rounded rows in pairs. p_log_k: one entry per block, or empty.
+// the thread's own); B = other_pairs, the other set's rounded rows in pairs (row_pairs). p_log_k: one entry
+// per block, or empty.
 template <typename Tile>
-at::Tensor amx_grad_pass(const AmxOperands& own, const AmxOperands& other, float scale, std::vector<double>& p_log_k,
-                         Tile&& tile) {
+at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::Tensor& other_pairs, float scale,
+                         std::vector<double>& p_log_k, Tile&& tile) {
   using at::native::cpublas::brgemm;
-  const int64_t rows_total = own.n, depth_total = other.n, d = own.d, d_pad = own.d_pad;
-  const at::Tensor pairs = empty_large({other.n_pad / 2, d_pad}, own.norms.options().dtype(at::kInt));
-  const auto* xb_p = other.xb.const_data_ptr<at::BFloat16>();
-  auto* words = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
-  at::parallel_for(0, other.n_pad / 2, 64, [&](int64_t begin, int64_t end) {
-    bf16_row_pairs(xb_p, d_pad, begin, end, words);
-  });
+  const int64_t rows_total = own.n, d = own.d, d_pad = own.d_pad;
   const at::Tensor acc = empty_large({rows_total, d}, own.norms.options());
   const at::Tensor sums = at::zeros({rows_total}, acc.options());
   float* acc_p = acc.mutable_data_ptr<float>();
@@ -990,7 +985,7 @@ at::Tensor amx_grad_pass(const AmxOperands& own, const AmxOperands& other, float
         const int64_t cols = std::min(kAmxCols, depth_total - c0), depth = (cols + 31) / 32 * 32;
         tile(r0, rows, c0, cols, depth, a.data(), sums_p + r0, p_log_k.empty() ? nullptr : &p_log_k[block],
              scratch.data());
-        brgemm(rows, d, depth, kAmxCols, d_pad, d, /*add_C=*/c0 > 0, a.data(), as_bf16(pairs) + c0 * d_pad,
+        brgemm(rows, d, depth, kAmxCols, d_pad, d, /*add_C=*/c0 > 0, a.data(), as_bf16(other_pairs) + c0 * d_pad,
                acc_p + r0 * d);
       }
     }
@@ -1002,6 +997,17 @@ at::Tensor amx_grad_pass(const AmxOperands& own, const AmxOperands& other, float
                   out.mutable_data_ptr<at::BFloat16>());
   });
   return out;
+}
+
+// The rounded rows of a set in pairs (n_pad / 2 x d_pad words): AMX's B operand for the other set's gradient.
+at::Tensor row_pairs(const AmxOperands& set) {
+  const at::Tensor pairs = empty_large({set.n_pad / 2, set.d_pad}, set.norms.options().dtype(at::kInt));
+  const auto* xb_p = set.xb.const_data_ptr<at::BFloat16>();
+  auto* words = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
+  at::parallel_for(0, set.n_pad / 2, 64, [&](int64_t begin, int64_t end) {
+    bf16_row_pairs(xb_p, set.d_pad, begin, end, words);
+  });
+  return pairs;
 }
 
 std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Tensor& grad, const at::Tensor& x,
@@ -1024,9 +1030,12 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
   const auto blocks = [](int64_t rows) { return (rows + kAmxRows - 1) / kAmxRows; };
   // the tile of P at rows i0, columns j0: where a self kernel's own terms are (two sets: outside every tile)
   const auto own = [&](int64_t i0, int64_t j0) { return self ? i0 - j0 : m; };
+  // the B operands: y's rows for x's gradient, x's for y's (one for both in a self kernel)
+  const at::Tensor x_pairs = want_y || (self && want_x) ? row_pairs(ox) : at::Tensor();
+  const at::Tensor y_pairs = !want_x ? at::Tensor() : self ? x_pairs : row_pairs(yo);
   if (want_x) {  // A = rows of P
     if (want_h) p_log_k.assign(blocks(n), 0.0);
-    grad_x = amx_grad_pass(ox, yo, scale, p_log_k, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+    grad_x = amx_grad_pass(ox, m, y_pairs, scale, p_log_k, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                                                        int64_t depth, at::BFloat16* a, float* rowsum, double* plk,
                                                        uint32_t*) {
       amx_p_rows(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, cols, depth, own(i0, j0), a, kAmxCols, rowsum, plk);
@@ -1036,7 +1045,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
     const bool logs_here = want_h && !want_x;
     if (logs_here) p_log_k.assign(blocks(m), 0.0);
     std::vector<double> none;
-    grad_y = amx_grad_pass(yo, ox, scale, logs_here ? p_log_k : none,
+    grad_y = amx_grad_pass(yo, n, x_pairs, scale, logs_here ? p_log_k : none,
                            [&](int64_t j0, int64_t cols, int64_t i0, int64_t rows, int64_t depth, at::BFloat16* a,
                                float* colsum, double* plk, uint32_t* pairs) {  // (depth / 2 x kAmxRows words)
                              amx_p_pairs(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, depth, cols, own(i0, j0),
