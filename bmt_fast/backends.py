@@ -153,15 +153,19 @@ class CompiledBackend(Backend):
         # fused multiply-adds, zero weights included. The CUDA register kernels (n <= gram_register_rows):
         # a bad x value makes its row's shifted value, or (in x_0) every row's, non-finite there, which the
         # apply kernel multiplies into phi; a bad score reaches every phi row through its FMAs. The CPU's
-        # AMX path (bf16, d >= amx_min_features, beyond the Gram path): a bad x value makes the centring
-        # mean of its column non-finite, a bad score value its row of W, which AMX multiplies into every
-        # row of K W (no product skipped). (cuBLAS and the other tiled paths: not assumed; the op scans phi
-        # there.)
+        # AMX path (bf16, d >= amx_min_features, beyond the Gram path; fp32 too while torch's fp32 matmul
+        # precision is bf16): a bad x value makes the centring mean of its column non-finite, a bad score
+        # value its row of W, which AMX multiplies into every row of K W (no product skipped). (cuBLAS and
+        # the other tiled paths: not assumed; the op scans phi there.)
         if not self.status.loaded or x.device.type != self.device_types[0]:
             return False
         if x.shape[0] <= self._flagged_particles:
             return True
-        return 0 < self._flagged_bf16_features <= x.shape[1] and x.dtype == torch.bfloat16
+        if not 0 < self._flagged_bf16_features <= x.shape[1]:
+            return False
+        if x.dtype == torch.float32 and not torch.compiler.is_compiling():  # (the setting as the op reads it)
+            return bool(self.status.module.float32_matmul_in_bf16())
+        return x.dtype == torch.bfloat16
 
 
 _REGISTRY: dict[str, Backend] = {}

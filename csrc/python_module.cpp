@@ -26,6 +26,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["huge_page_min_bytes"] = bmt_fast::cpu::kHugePageMinBytes;
     return info;
   });
+  // Whether fp32 particles take the AMX path now (torch's fp32 matmul precision for oneDNN is bf16; read at
+  // every call, as the ops read it): the public API then knows that the kernel flags a non-finite phi.
+  m.def("float32_matmul_in_bf16", [] { return bmt_fast::cpu::float32_matmul_in_bf16(); });
   // An uninitialised contiguous CPU tensor shaped like `like`, on huge pages when large (cpu/huge_pages.h):
   // where the public API allocates a result itself (svgd_step's phi for its finiteness flag).
   m.def("empty_large_like", [](const at::Tensor& like) {

@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from helpers import (assert_within, relative_error, requires_amx, requires_cpu_extension, subprocess_env,
+from helpers import (assert_within, float32_matmul_precision, relative_error, requires_amx, requires_cpu_extension, subprocess_env,
                      torch_error_in)
 
 import bmt_fast
@@ -70,10 +70,10 @@ def test_half_inputs(cpu_backend, dtype):
     assert relative_error(k, expected) <= 2 * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10)
 
 
-def amx_precision_kernel(x, y, h):
+def amx_precision_kernel(x, y, h, dtype=torch.bfloat16):
     """rbf_kernel's arithmetic on AMX in torch: both sets centred by the mean of all their rows (a float64
     sum, rounded to fp32) and rounded to bf16, fp32 norms and dot products, K in fp32 (the diagonal of a
-    self kernel (y None) exactly 1), rounded to bf16."""
+    self kernel (y None) exactly 1), rounded to dtype (the particles')."""
     rows = x if y is None else torch.cat([x, y])
     shift = rows.double().mean(0, keepdim=True).float()
     xb = (x.float() - shift).bfloat16().float()
@@ -82,7 +82,7 @@ def amx_precision_kernel(x, y, h):
     k = torch.exp(-(nx[:, None] + ny[None] - 2 * xb @ yb.T).clamp_min(0) / h)
     if y is None:
         k.fill_diagonal_(1.0)
-    return k.bfloat16()
+    return k.to(dtype)
 
 
 @requires_amx
@@ -130,6 +130,52 @@ def amx_precision_gradients(grad, x, y, k, h):
         p.fill_diagonal_(0)
     scale = -2.0 / h
     return scale * (p.sum(1, keepdim=True) * xb - p @ yb), scale * (p.sum(0).unsqueeze(1) * yb - p.T @ xb)
+
+
+@requires_amx
+@pytest.mark.parametrize("n,m,d", [(300, None, 129), (513, None, 32), (200, 700, 33), (1000, 70, 64),
+                                   (70, None, 20001), (129, 77, 1024)])  # fmt: skip
+def test_fp32_kernel_and_gradients_on_amx_where_torch_allows_bf16_matmuls(n, m, d):
+    """fp32 particles with torch.set_float32_matmul_precision("medium") (fp32 matmuls may multiply bf16:
+    ATen's own GEMMs do on this CPU) take the AMX path of bf16 particles in rbf_kernel and its gradient, with
+    fp32 results: within 2 bf16 ulps of float64 and the documented arithmetic (bf16-rounded operands and P,
+    fp32 sums) to fp32 rounding; a self kernel's diagonal exactly 1; the default precision ("highest") keeps
+    IEEE fp32. Through autograd too (the public rbf_kernel's backward is the same op)."""
+    torch.manual_seed(n + d)
+    x = torch.randn(n, d)
+    y = None if m is None else torch.randn(m, d) + 0.3
+    other = x if y is None else y
+    h = float(bmt_fast.median_bandwidth(x.double()))
+    hh = torch.tensor(h, dtype=torch.float64)
+    expected = reference.rbf_kernel(x.double(), other.double(), hh)
+    ieee = torch.ops.bmt_fast.rbf_kernel(x, other, hh)
+    grad = torch.randn(n, other.shape[0])
+    with float32_matmul_precision("medium"):
+        k = torch.ops.bmt_fast.rbf_kernel(x, other, hh)
+        got = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, other, k, torch.tensor(h), [True, True, True])
+        leaf = x.clone().requires_grad_()
+        (bmt_fast.rbf_kernel(leaf, None if y is None else y, h, backend="cpu") * grad).sum().backward()
+    if y is None:  # the diagonal, exactly 1, apart: the errors are those of the entries off it
+        assert torch.equal(k.diagonal(), torch.ones(n))
+    off = (lambda t: t.to(torch.float64, copy=True).fill_diagonal_(0)) if y is None else (lambda t: t)  # noqa: E731
+    emulated_k = amx_precision_kernel(x, y, h, dtype=torch.float32)
+    assert k.dtype == torch.float32 and relative_error(off(ieee), off(expected)) < 1e-5
+    assert relative_error(off(k), off(expected)) <= 2 * 2.0**-8 and relative_error(off(k), off(ieee)) > 1e-5
+    assert relative_error(off(k), off(emulated_k)) <= 1e-5
+    p = grad.double() * k.double()
+    if m is None:
+        p.fill_diagonal_(0)
+    expected_grads = (-2 / h * (p.sum(1, keepdim=True) * x.double() - p @ other.double()),
+                      -2 / h * (p.sum(0).unsqueeze(1) * other.double() - p.T @ x.double()))  # fmt: skip
+    emulated = amx_precision_gradients(grad, x, y, k, h)
+    for g, want, emul in zip(got[:2], expected_grads, emulated):
+        assert g.dtype == torch.float32 and relative_error(g, want) <= 2 * 2.0**-8
+        assert relative_error(g, emul) <= 1e-5
+    h_terms = float((p * k.double().clamp_min(torch.finfo(torch.float32).tiny).log()).abs().sum()) / h
+    h_expected = -float((p * k.double().clamp_min(torch.finfo(torch.float32).tiny).log()).sum()) / h
+    assert abs(float(got[2]) - h_expected) <= 1e-5 * h_terms
+    self_sum = got[0] + got[1] if y is None else got[0]  # (a self kernel's x is on both sides)
+    assert relative_error(leaf.grad, self_sum) <= 1e-5
 
 
 @requires_amx

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from helpers import (COMPILED_CPU, assert_within, relative_error, requires_amx, requires_cpu_extension, subprocess_env,
-                     torch_error_in)
+from helpers import (COMPILED_CPU, assert_within, float32_matmul_precision, relative_error, requires_amx,
+                     requires_cpu_extension, subprocess_env, torch_error_in)
 
 import bmt_fast
 from bmt_fast import reference
@@ -298,6 +298,45 @@ def test_bf16_on_amx_tiles(n, d, bandwidth):
         emulated = amx_precision_phi(x, score, bandwidth).float()
         tolerance = 2.0**-7 * torch.maximum(phi.float().abs(), emulated.abs())
         assert ((phi.float() - emulated).abs() <= tolerance).all()
+
+
+@requires_amx
+@pytest.mark.parametrize("n,d", [(65, 32), (300, 129), (513, 40), (129, 1024), (600, 2050)])
+@pytest.mark.parametrize("bandwidth", ["median", "spread", 1e-6])
+def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):
+    """fp32 particles with torch.set_float32_matmul_precision("medium") (oneDNN's fp32 matmul precision
+    bf16, which ATen's own fp32 GEMMs then follow on this CPU) take the AMX path: fp32 phi within 2 bf16 ulps
+    of the float64 reference and, with K as the same tiles give it (rbf_kernel under the same setting, its
+    own terms 0), the documented arithmetic (K and W = score - (2/H) xc rounded to bf16, fp32 sums, the
+    row sums of the unrounded K) to fp32 rounding: with d in the thousands the distances' fp32 rounding
+    moves K across a bf16 rounding boundary now and then, so an emulation that computes K itself differs by
+    those flips (2e-4 at 600 x 2050). The default precision ("highest") keeps IEEE fp32 on the same inputs;
+    a NaN in either input still gets its clear error (the kernel's flag, as for bf16)."""
+    torch.manual_seed(n + d)
+    x, score = particles(n, d, dtype=torch.float32)
+    if bandwidth == 1e-6:
+        x = x * 7
+    elif bandwidth == "spread":  # about the mean squared distance (2 d 1.5^2): K ~ 1/e, every pair counts
+        bandwidth = 4.5 * d
+    h = None if bandwidth == "median" else torch.tensor(bandwidth, dtype=torch.float64)
+    expected = reference_phi(x.double(), score.double(), h)
+    ieee = torch.ops.bmt_fast.svgd_step(x, score, h, "tiled")
+    with float32_matmul_precision("medium"):
+        phi = torch.ops.bmt_fast.svgd_step(x, score, h, "tiled")
+        hh = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled")) if h is None else bandwidth
+        k = torch.ops.bmt_fast.rbf_kernel(x, x, torch.tensor(hh, dtype=torch.float64)).double().fill_diagonal_(0)
+        bad = score.clone()
+        bad[n // 2, d // 3] = float("nan")
+        with pytest.raises(ValueError, match="score"):
+            bmt_fast.svgd_step(x, bad, "median" if h is None else h, backend="cpu")
+    assert phi.dtype == torch.float32 and relative_error(ieee, expected) < 1e-5
+    assert relative_error(phi, expected) <= 2 * 2.0**-8
+    if bandwidth != 1e-6:  # (there the particles do not interact: phi = score / n on every path)
+        assert relative_error(phi, ieee) > 1e-5
+    xc = x.double() - x.double().mean(0, keepdim=True).float().double()
+    w = (score.double() - 2.0 / hh * xc).float().bfloat16().double()
+    emulated = (k.bfloat16().double() @ w + 2.0 / hh * k.sum(1, keepdim=True) * xc + score.double()) / n
+    assert relative_error(phi, emulated) <= 1e-5
 
 
 @requires_amx

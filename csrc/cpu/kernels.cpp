@@ -7,24 +7,30 @@
 #include <string>
 #include <vector>
 
+// The AMX kernels of one ISA build for particles of type In (kernels.h), with the rounding choice.
+#define BMT_FAST_DECLARE_AMX_ISA(In)                                                                                \
+  void amx_rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t,    \
+                         bool, In*, int64_t, float*, bool);                                                         \
+  void amx_column_sums(const In*, int64_t, int64_t, int64_t, int64_t, double*);                                     \
+  void amx_centre_rows(const In*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);        \
+  void amx_w_pairs(const In*, const In*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);       \
+  bool amx_finish_rows(const float*, int64_t, const float*, const In*, const In*, const float*, float, float,       \
+                       int64_t, int64_t, int64_t, int64_t, int64_t, In*);                                           \
+  void amx_p_rows(const In*, const In*, int64_t, int64_t, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t,       \
+                  float*, double*);                                                                                 \
+  void amx_p_pairs(const In*, const In*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t, float*,   \
+                   double*);                                                                                        \
+  void amx_grad_rows(const float*, const float*, const c10::BFloat16*, int64_t, float, int64_t, int64_t, int64_t,   \
+                     In*);
+
 #define BMT_FAST_DECLARE_ISA(NS)                                                                                                                \
   namespace bmt_fast::cpu::NS {                                                                                                                 \
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
-  void rbf_bf16_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t, bool, c10::BFloat16*, int64_t,  \
-                          float*, bool);                                                                                                        \
-  void bf16_column_sums(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, double*);                                                   \
-  void amx_centre_rows(const c10::BFloat16*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);                       \
-  void amx_w_pairs(const c10::BFloat16*, const c10::BFloat16*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);            \
+  BMT_FAST_DECLARE_AMX_ISA(c10::BFloat16)                                                                                                       \
+  BMT_FAST_DECLARE_AMX_ISA(float)                                                                                                               \
   void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
-  bool amx_finish_rows(const float*, int64_t, const float*, const c10::BFloat16*, const c10::BFloat16*, const float*, float, float, int64_t, \
-                       int64_t, int64_t, int64_t, int64_t, c10::BFloat16*);                                                                     \
-  void amx_p_rows(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t, float*,  \
-                  double*);                                                                                                                     \
-  void amx_p_pairs(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t, float*,      \
-                   double*);                                                                                                                    \
   void bf16_row_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, uint32_t*);                                                          \
-  void amx_grad_rows(const float*, const float*, const c10::BFloat16*, int64_t, float, int64_t, int64_t, int64_t, c10::BFloat16*);         \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
                        int64_t, const RadixPass&, int64_t*);                                                                                    \
   void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,                                         \
@@ -177,57 +183,52 @@ const char* compiled_isas() {
 BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)
 
-void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, bool own_one,
-                        c10::BFloat16* k16, int64_t ld16, float* rowsum) {
-  BMT_FAST_DISPATCH(rbf_bf16_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k16, ld16,
-                    rowsum, native_bf16_rounding())
-}
-
-void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
-                      double* sums) {
-  BMT_FAST_DISPATCH(bf16_column_sums, x, d, rows, col_begin, col_end, sums)
-}
-
-void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,
-                     c10::BFloat16* xb, int64_t d_pad, float* norms) {
-  BMT_FAST_DISPATCH(amx_centre_rows, x, d, shift, row_begin, row_end, xb, d_pad, norms)
-}
-
-void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
-                 int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
-  BMT_FAST_DISPATCH(amx_w_pairs, score, x, shift, a, n, d, pair_begin, pair_end, bw)
-}
+#define BMT_FAST_DEFINE_AMX_ENTRY(In)                                                                                \
+  void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
+                         const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \
+                         float* rowsum) {                                                                             \
+    BMT_FAST_DISPATCH(amx_rbf_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k_out,      \
+                      ld_out, rowsum, native_bf16_rounding())                                                         \
+  }                                                                                                                   \
+  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums) {      \
+    BMT_FAST_DISPATCH(amx_column_sums, x, d, rows, col_begin, col_end, sums)                                          \
+  }                                                                                                                   \
+  void amx_centre_rows(const In* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,                \
+                       c10::BFloat16* xb, int64_t d_pad, float* norms) {                                              \
+    BMT_FAST_DISPATCH(amx_centre_rows, x, d, shift, row_begin, row_end, xb, d_pad, norms)                             \
+  }                                                                                                                   \
+  void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw) {                                              \
+    BMT_FAST_DISPATCH(amx_w_pairs, score, x, shift, a, n, d, pair_begin, pair_end, bw)                                \
+  }                                                                                                                   \
+  bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
+                       const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \
+                       int64_t col_begin, int64_t col_end, In* phi) {                                                 \
+    BMT_FAST_DISPATCH(amx_finish_rows, acc, ld_acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin,  \
+                      col_end, phi)                                                                                   \
+  }                                                                                                                   \
+  void amx_p_rows(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,              \
+                  int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k) {                   \
+    BMT_FAST_DISPATCH(amx_p_rows, g, k, ld, rows, cols, cols_padded, diag, p16, ld16, rowsum, p_log_k)                \
+  }                                                                                                                   \
+  void amx_p_pairs(const In* g, const In* k, int64_t ld, int64_t rows, int64_t rows_padded, int64_t cols,             \
+                   int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k) {                         \
+    BMT_FAST_DISPATCH(amx_p_pairs, g, k, ld, rows, rows_padded, cols, diag, pw, ldw, colsum, p_log_k)                 \
+  }                                                                                                                   \
+  void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale,           \
+                     int64_t d, int64_t row_begin, int64_t row_end, In* out) {                                        \
+    BMT_FAST_DISPATCH(amx_grad_rows, acc, sums, xc, ld, scale, d, row_begin, row_end, out)                            \
+  }
+BMT_FAST_DEFINE_AMX_ENTRY(c10::BFloat16)
+BMT_FAST_DEFINE_AMX_ENTRY(float)
 
 void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
                      int64_t ld_dst) {
   BMT_FAST_DISPATCH(transpose_words, src, ld_src, rows, k_begin, k_end, dst, ld_dst)
 }
 
-bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const c10::BFloat16* x,
-                     const c10::BFloat16* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,
-                     int64_t row_end, int64_t col_begin, int64_t col_end, c10::BFloat16* phi) {
-  BMT_FAST_DISPATCH(amx_finish_rows, acc, ld_acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin,
-                    col_end, phi)
-}
-
-void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t cols,
-                int64_t cols_padded, int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k) {
-  BMT_FAST_DISPATCH(amx_p_rows, g, k, ld, rows, cols, cols_padded, diag, p16, ld16, rowsum, p_log_k)
-}
-
-void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t rows_padded,
-                 int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k) {
-  BMT_FAST_DISPATCH(amx_p_pairs, g, k, ld, rows, rows_padded, cols, diag, pw, ldw, colsum, p_log_k)
-}
-
 void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out) {
   BMT_FAST_DISPATCH(bf16_row_pairs, xb, ld, pair_begin, pair_end, out)
-}
-
-void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,
-                   int64_t row_begin, int64_t row_end, c10::BFloat16* out) {
-  BMT_FAST_DISPATCH(amx_grad_rows, acc, sums, xc, ld, scale, d, row_begin, row_end, out)
 }
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):

@@ -20,60 +20,63 @@ void rbf_from_dots(float* tile, int64_t ld, int64_t row_begin, int64_t row_end, 
 void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
                    const double* nr, const double* nc, double inv_h);
 
-// The bf16 tensor-core path (svgd_step and rbf_kernel on AMX): K of rows [0, rows) x columns [0, cols) of
-// an fp32 dot tile as rbf_from_dots computes it, except entry (a, a + diag) (the particle's own term),
-// which is exactly 1 if own_one, else 0 (its dot product is overwritten with +inf or -inf; a diag that
-// puts it outside the tile leaves every entry as computed); each row's fp32 sum added into rowsum[a]
-// unless rowsum is null; K stored in bf16 (rounded to nearest even) in k16 (row stride ld16), whose
-// columns [cols, cols_padded) are zeroed. Whole vectors are rounded by vcvtneps2bf16 where the CPU has
-// AVX512-BF16 (BMT_FAST_CPU_AVX512BF16=0: by the portable bit arithmetic; the same bits).
-void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, bool own_one,
-                        c10::BFloat16* k16, int64_t ld16, float* rowsum);
-
-// sums[k] = the sum over rows [0, rows) of bf16 x[r][k] (d columns), in double, for k in [col_begin, col_end).
-void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
-                      double* sums);
-
-// The AMX path's operands and its last pass (x, score: n x d bf16 rows; shift: d fp32 values):
+// The tensor-core path (svgd_step, rbf_kernel and its gradient on AMX) for bf16 particles, and for fp32 ones
+// where torch's fp32 matmul precision allows bf16 (In: the particles' type; the operands are bf16 either way).
+//
+// amx_rbf_from_dots: K of rows [0, rows) x columns [0, cols) of an fp32 dot tile as rbf_from_dots computes
+// it, except entry (a, a + diag) (the particle's own term), which is exactly 1 if own_one, else 0 (its dot
+// product is overwritten with +inf or -inf; a diag that puts it outside the tile leaves every entry as
+// computed); each row's fp32 sum added into rowsum[a] unless rowsum is null; K stored as In (bf16 rounded
+// to nearest even) in k_out (row stride ld_out), whose columns [cols, cols_padded) are zeroed. Whole
+// vectors are rounded by vcvtneps2bf16 where the CPU has AVX512-BF16 (BMT_FAST_CPU_AVX512BF16=0: by the
+// portable bit arithmetic; the same bits).
+// amx_column_sums: sums[k] = the sum over rows [0, rows) of x[r][k] (d columns), in double, for k in
+// [col_begin, col_end).
+// The operands and the step's last pass (x, score: n x d rows; shift: d fp32 values):
 // amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zero)
 // and norms[a] = the fp32 sum of the squares of row a's rounded values;
 // amx_w_pairs: W_i = score_i - a (x_i - shift) in bf16 for the row pairs [pair_begin, pair_end), rows 2p
 // and 2p + 1 interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero);
-// amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) / n in bf16 for rows [row_begin,
+// amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) / n in In for rows [row_begin,
 // row_end) and columns [col_begin, col_end) (acc holds just those, row stride ld_acc); returns whether all
-// of those values are finite in bf16.
-void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,
-                     c10::BFloat16* xb, int64_t d_pad, float* norms);
-void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
-                 int64_t pair_begin, int64_t pair_end, uint32_t* bw);
+// of those values are finite in In.
+// rbf_kernel_backward (grad, k: n x m, row stride ld; P = grad * K in fp32, rounded to bf16 for AMX):
+// amx_p_rows writes rows [0, rows) x columns [0, cols) of P as an A operand (rows of p16, row stride ld16,
+// columns [cols, cols_padded) zeroed) and adds each row's sum of the rounded values into rowsum;
+// amx_p_pairs writes them as a B operand (rows 2q and 2q + 1 interleaved column by column, one 32-bit word
+// per column of pair row q, row stride ldw words; rows [rows, rows_padded) zero) and adds each column's sum
+// into colsum. Entry (r, r + diag), a self kernel's own term, is left out (0; a diag that puts it outside
+// the tile leaves every entry). Both add sum P log max(K, FLT_MIN) into *p_log_k unless it is null.
+// amx_grad_rows: out_r = scale (sums_r xc_r - acc_r) in In for rows [row_begin, row_end): xc (bf16) with
+// row stride ld, acc (fp32) and out with row stride d.
+#define BMT_FAST_DECLARE_AMX(In)                                                                                      \
+  void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
+                         const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \
+                         float* rowsum);                                                                              \
+  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums);       \
+  void amx_centre_rows(const In* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,                \
+                       c10::BFloat16* xb, int64_t d_pad, float* norms);                                               \
+  void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw);                                               \
+  bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
+                       const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \
+                       int64_t col_begin, int64_t col_end, In* phi);                                                  \
+  void amx_p_rows(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,              \
+                  int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k);                    \
+  void amx_p_pairs(const In* g, const In* k, int64_t ld, int64_t rows, int64_t rows_padded, int64_t cols,             \
+                   int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k);                          \
+  void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale,           \
+                     int64_t d, int64_t row_begin, int64_t row_end, In* out);
+BMT_FAST_DECLARE_AMX(c10::BFloat16)
+BMT_FAST_DECLARE_AMX(float)
+
 // dst[k * ld_dst + i] = src[i * ld_src + k] for 32-bit words k in [k_begin, k_end) of rows i in [0, rows)
 // (AMX's B operand: xb's bf16 feature pairs transposed).
 void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
                      int64_t ld_dst);
-bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const c10::BFloat16* x,
-                     const c10::BFloat16* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,
-                     int64_t row_end, int64_t col_begin, int64_t col_end, c10::BFloat16* phi);
-
-// rbf_kernel_backward on AMX (grad, k: bf16 n x m, row stride ld; P = grad * K, exact in fp32, rounded to
-// bf16 for AMX): amx_p_rows writes rows [0, rows) x columns [0, cols) of P as an A operand (rows of p16,
-// row stride ld16, columns [cols, cols_padded) zeroed) and adds each row's sum of the rounded values into
-// rowsum; amx_p_pairs writes them as a B operand (rows 2q and 2q + 1 interleaved column by column, one
-// 32-bit word per column of pair row q, row stride ldw words; rows [rows, rows_padded) zero) and adds each
-// column's sum into colsum. Entry (r, r + diag), a self kernel's own term, is left out (0; a diag that
-// puts it outside the tile leaves every entry). Both add sum P log max(K, FLT_MIN) into *p_log_k unless it
-// is null.
-void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t cols,
-                int64_t cols_padded, int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k);
-void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t rows_padded,
-                 int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k);
 // Rows 2q and 2q + 1 of xb (row stride ld) interleaved into pair row q of out (ld words), q in [pair_begin,
 // pair_end): AMX's B operand from rows of A operands.
 void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out);
-// out_r = scale (sums_r xc_r - acc_r) in bf16 for rows [row_begin, row_end): xc (bf16) with row stride ld,
-// acc (fp32) and out with row stride d.
-void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,
-                   int64_t row_begin, int64_t row_end, c10::BFloat16* out);
 
 // Radix-select histogram over squared distances D = max(nr[a] + nc[b] - 2 S[a][b], 0) of a dot tile.
 // The bit pattern of a non-negative float orders like its value, so the key of D is its bits. For each
@@ -174,6 +177,10 @@ inline int64_t apply_pack_chunk(int64_t n) {
 // 1.2-2.4x faster than the fp32 path from d = 2048 to 409,600.)
 constexpr int64_t kAmxMinFeatures = 32;
 bool bf16_amx_enabled();
+// Whether torch's fp32 matmul precision for oneDNN is bf16 (torch.set_float32_matmul_precision("medium"),
+// or torch.backends.mkldnn.matmul.fp32_precision = "bf16"): fp32 particles then take the AMX path as well,
+// at the precision ATen's own fp32 GEMMs take on such a CPU (read at every call, as ATen reads it).
+bool float32_matmul_in_bf16();
 
 // The ISA build in use ("base", "v3" or "v4") and the ones this library contains.
 const char* active_isa();

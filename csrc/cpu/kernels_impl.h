@@ -266,94 +266,18 @@ BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
   if (k < len) f(k, len - k);
 }
 
-// rbf_from_dots for the bf16 tensor-core path (many particles; here, after the load and store helpers):
-// K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
-// particle's own term) exactly 1 if own_one (rbf_kernel's diagonal) else 0 (svgd_step's), added into
-// rowsum[a] in fp32 unless rowsum is null, and stored in bf16 in k16 (row stride ld16); columns
-// [cols, cols_padded) of k16 are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
-// vcvtneps2bf16 (the same round to nearest even; kernels.cpp decides whether the CPU has it), one
-// instruction for the seven of store_as, which took about half of this function's time (2-core Xeon, perf).
-// Without rowsum (rbf_kernel: K is the result, written once and far larger than the caches) the native
-// build streams whole aligned 64-byte lines around the caches, which saves the read for ownership of each
-// line: the stores were half of this function's samples at 4096 x 128 (perf).
-template <bool Native>
-BMT_FAST_INLINE void rbf_bf16_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols,
-                                             int64_t cols_padded, const float* nr, const float* nc, float inv_h,
-                                             int64_t diag, bool own_one, c10::BFloat16* k16, int64_t ld16,
-                                             float* rowsum) {
-  constexpr int L = kLanes<float>;
-  const vec_t<float> neg_inv_h = broadcast(-inv_h);
-  // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for an
-  // invalid H); one of +inf gives -inf, clamped to 0, so K = exp(0) = 1 exactly; no test per vector
-  const float own_dot = own_one ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
-  for (int64_t a = 0; a < rows; ++a) {
-    float* row = tile + a * ld;
-    c10::BFloat16* out = k16 + a * ld16;
-    const vec_t<float> na = broadcast(nr[a]);
-    const int64_t own = a + diag;
-    if (own >= 0 && own < cols) row[own] = own_dot;
-    // k = K at columns [b, b + count), the lanes beyond count zero (exp(0) = 1 there otherwise)
-    const auto k_at = [&](int64_t b, auto count, vec_t<float>& k) BMT_FAST_INLINE_LAMBDA {
-      const vec_t<float> dist = clamp_nonnegative<float>(na + load_part_as<float>(nc + b, count) -
-                                                         2.f * load_part_as<float>(row + b, count));
-      k = exp_nonpositive<float>(dist * neg_inv_h);
-      if constexpr (!std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>)
-        for (int64_t q = count; q < L; ++q) k[q] = 0.f;
-    };
-    vec_t<float> sum{};
-    int64_t done = 0;
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-    // (inline assembly for AVX512-BF16: the intrinsics need the avx512bf16 target everywhere up)
-    if constexpr (Native) {
-      if (!rowsum) {
-        constexpr std::integral_constant<int64_t, L> whole{};
-        for (; done + 2 * L <= cols; done += 2 * L) {
-          vec_t<float> k0, k1;
-          k_at(done, whole, k0);
-          k_at(done + L, whole, k1);
-          __m512i line;  // vcvtne2ps2bf16: k0 rounded into the low half, k1 into the high half
-          asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(line) : "v"(k1), "v"(k0));
-          c10::BFloat16* p = out + done;
-          if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), line);
-          else _mm512_storeu_si512(p, line);
-        }
-      }
-    }
-#endif
-    for_each_vector<L>(cols - done, [&](int64_t b, auto count) BMT_FAST_INLINE_LAMBDA {
-      b += done;
-      vec_t<float> k;
-      k_at(b, count, k);
-      sum += k;
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-      if constexpr (Native && std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>) {
-        __m256i narrow;
-        asm("vcvtneps2bf16 %1, %0" : "=v"(narrow) : "v"(k));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b), narrow);
-        return;
-      }
-#endif
-      store_as<c10::BFloat16, float>(out + b, k, count);
-    });
-    for (int64_t q = cols; q < cols_padded; ++q) out[q] = c10::BFloat16(0.f);
-    if (rowsum) rowsum[a] += horizontal_sum<float>(sum);
-  }
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-  if (Native && !rowsum) _mm_sfence();  // the streamed lines ordered before what the caller does next
-#endif
-}
-
-// The column sums of bf16 rows (d columns, rows [0, rows)) for columns [col_begin, col_end), in double
-// (every bf16 value and its running sum exact to 53 bits): the AMX path's centring shift. Row by row, so
+// The column sums of bf16 or fp32 rows (d columns, rows [0, rows)) for columns [col_begin, col_end), in
+// double (every bf16 value and its running sum exact to 53 bits): the AMX path's centring shift. Row by row, so
 // that x streams through once; the caller keeps the chunk small (its sums stay in L1). (x.sum(0, dtype=
 // float64) made a float64 copy of x first: at 256 x 76,800, 157 MB of fresh pages every step.)
-BMT_FAST_INLINE void bf16_column_sums_impl(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin,
-                                           int64_t col_end, double* sums) {
+template <typename In>
+BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
+                                          double* sums) {
   constexpr int L = kLanes<float>;
   typedef float half_vec __attribute__((vector_size(kVectorBytes / 2)));
   for (int64_t k = col_begin; k < col_end; ++k) sums[k] = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
-    const c10::BFloat16* row = x + r * d + col_begin;
+    const In* row = x + r * d + col_begin;
     double* out = sums + col_begin;
     for_each_vector<L>(col_end - col_begin, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> v = load_part_as<float>(row + k, count);
@@ -369,14 +293,15 @@ BMT_FAST_INLINE void bf16_column_sums_impl(const c10::BFloat16* x, int64_t d, in
 }
 
 // The operands of the AMX path, one pass each (they were a dozen ATen ops with n x d fp32 temporaries
-// and their page faults: a third of a step at 4096 x 768). Rows a of x (d columns, bf16) centred by
+// and their page faults: a third of a step at 4096 x 768). Rows a of x (d columns, bf16 or fp32) centred by
 // shift (d fp32 values) and rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zeroed);
 // norms[a] = the fp32 sum of the squares of the rounded values.
-BMT_FAST_INLINE void amx_centre_rows_impl(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin,
+template <typename In>
+BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t d, const float* shift, int64_t row_begin,
                                           int64_t row_end, c10::BFloat16* xb, int64_t d_pad, float* norms) {
   constexpr int L = kLanes<float>;
   for (int64_t a = row_begin; a < row_end; ++a) {
-    const c10::BFloat16* row = x + a * d;
+    const In* row = x + a * d;
     c10::BFloat16* out = xb + a * d_pad;
     vec_t<float> sum{};
     for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {  // the tail zero-padded
@@ -393,8 +318,9 @@ BMT_FAST_INLINE void amx_centre_rows_impl(const c10::BFloat16* x, int64_t d, con
 // AMX's B operand for K W, pairs [pair_begin, pair_end) of rows: W_i = score_i - a (x_i - shift) rounded
 // to bf16, rows 2p and 2p + 1 interleaved feature by feature (the bf16 pair of feature k is one 32-bit
 // word: row 2p in its low half), rows at or beyond n zero.
-BMT_FAST_INLINE void amx_w_pairs_impl(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a,
-                                      int64_t n, int64_t d, int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
+template <typename In>
+BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,
+                                      int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
   constexpr int L = kLanes<float>;
   const vec_t<float> av = broadcast(a);
   for (int64_t p = pair_begin; p < pair_end; ++p) {
@@ -547,15 +473,100 @@ BMT_FAST_INLINE void track_finite(vec_t<T>& bad, vec_t<T> v, int64_t count) {
   }
 }
 
-// phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) / n in bf16: the own term k_aa = 1 and the
+// rbf_from_dots for the tensor-core path (many particles; here, after the load, store and stream helpers):
+// K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
+// particle's own term) exactly 1 if own_one (rbf_kernel's diagonal) else 0 (svgd_step's), added into
+// rowsum[a] in fp32 unless rowsum is null, and stored as Out (bf16: the step's operand or a bf16 result;
+// fp32: the result for fp32 particles) in k_out (row stride ld_out); columns [cols, cols_padded) of k_out
+// are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
+// vcvtneps2bf16 (the same round to nearest even; kernels.cpp decides whether the CPU has it), one
+// instruction for the seven of store_as, which took about half of this function's time (2-core Xeon, perf).
+// Without rowsum (rbf_kernel: K is the result, written once and far larger than the caches) the native
+// build streams whole aligned 64-byte lines around the caches, which saves the read for ownership of each
+// line: the stores were half of this function's samples at 4096 x 128 (perf). An fp32 result is streamed
+// a vector (one line) at a time where it is aligned.
+template <bool Native, typename Out>
+BMT_FAST_INLINE void amx_rbf_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
+                                            const float* nr, const float* nc, float inv_h, int64_t diag, bool own_one,
+                                            Out* k_out, int64_t ld_out, float* rowsum) {
+  constexpr bool kBf16 = std::is_same_v<Out, c10::BFloat16>;
+  constexpr int L = kLanes<float>;
+  const vec_t<float> neg_inv_h = broadcast(-inv_h);
+  // the own term: a dot product of -inf gives the distance +inf, so K = exp(-inf) = 0 exactly (NaN for an
+  // invalid H); one of +inf gives -inf, clamped to 0, so K = exp(0) = 1 exactly; no test per vector
+  const float own_dot = own_one ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+  for (int64_t a = 0; a < rows; ++a) {
+    float* row = tile + a * ld;
+    Out* out = k_out + a * ld_out;
+    const vec_t<float> na = broadcast(nr[a]);
+    const int64_t own = a + diag;
+    if (own >= 0 && own < cols) row[own] = own_dot;
+    // k = K at columns [b, b + count), the lanes beyond count zero (exp(0) = 1 there otherwise)
+    const auto k_at = [&](int64_t b, auto count, vec_t<float>& k) BMT_FAST_INLINE_LAMBDA {
+      const vec_t<float> dist = clamp_nonnegative<float>(na + load_part_as<float>(nc + b, count) -
+                                                         2.f * load_part_as<float>(row + b, count));
+      k = exp_nonpositive<float>(dist * neg_inv_h);
+      if constexpr (!std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>)
+        for (int64_t q = count; q < L; ++q) k[q] = 0.f;
+    };
+    vec_t<float> sum{};
+    int64_t done = 0;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+    // (inline assembly for AVX512-BF16: the intrinsics need the avx512bf16 target everywhere up)
+    if constexpr (Native && kBf16) {
+      if (!rowsum) {
+        constexpr std::integral_constant<int64_t, L> whole{};
+        for (; done + 2 * L <= cols; done += 2 * L) {
+          vec_t<float> k0, k1;
+          k_at(done, whole, k0);
+          k_at(done + L, whole, k1);
+          __m512i line;  // vcvtne2ps2bf16: k0 rounded into the low half, k1 into the high half
+          asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(line) : "v"(k1), "v"(k0));
+          c10::BFloat16* p = out + done;
+          if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), line);
+          else _mm512_storeu_si512(p, line);
+        }
+      }
+    }
+#endif
+    for_each_vector<L>(cols - done, [&](int64_t b, auto count) BMT_FAST_INLINE_LAMBDA {
+      b += done;
+      vec_t<float> k;
+      k_at(b, count, k);
+      sum += k;
+      constexpr bool whole = std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>;
+      if constexpr (!kBf16 && whole) {
+        if (!rowsum) {
+          stream_as<float, float>(out + b, k);
+          return;
+        }
+      }
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+      if constexpr (Native && kBf16 && whole) {
+        __m256i narrow;
+        asm("vcvtneps2bf16 %1, %0" : "=v"(narrow) : "v"(k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b), narrow);
+        return;
+      }
+#endif
+      store_as<Out, float>(out + b, k, count);
+    });
+    for (int64_t q = cols; q < cols_padded; ++q) out[q] = Out(0.f);
+    if (rowsum) rowsum[a] += horizontal_sum<float>(sum);
+  }
+  if (!rowsum) stream_fence();  // the streamed lines ordered before what the caller does next
+}
+
+// phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) / n in In: the own term k_aa = 1 and the
 // repulsion's row-sum term added to K W, as the AMX path's last pass, for rows [row_begin, row_end) and
 // columns [col_begin, col_end) (x, score, phi: row stride d; acc holds those rows and columns from its
-// first entry on, row stride ld_acc). Returns whether all of these phi values are finite in bf16 (tracked
-// in registers: the API then need not scan phi).
-BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, int64_t ld_acc, const float* rowsum,
-                                          const c10::BFloat16* x, const c10::BFloat16* score, const float* shift,
-                                          float a, float n, int64_t d, int64_t row_begin, int64_t row_end,
-                                          int64_t col_begin, int64_t col_end, c10::BFloat16* phi) {
+// first entry on, row stride ld_acc). Returns whether all of these phi values are finite in In (tracked
+// in registers: the API then need not scan phi). fp32 phi is streamed where its vectors are whole lines.
+template <typename In>
+BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, int64_t ld_acc, const float* rowsum, const In* x,
+                                          const In* score, const float* shift, float a, float n, int64_t d,
+                                          int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,
+                                          In* phi) {
   constexpr int L = kLanes<float>;
   const vec_t<float> nv = broadcast(n);
   vec_t<float> bad{};
@@ -568,11 +579,13 @@ BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, int64_t ld_acc, cons
       const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift_c + k, count);
       const vec_t<float> v =
           (load_part_as<float>(acc_row + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) / nv;
-      track_finite<c10::BFloat16, std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>, float>(
-          bad, v, count);
-      store_as<c10::BFloat16, float>(phi + at + k, v, count);
+      constexpr bool whole = std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>;
+      track_finite<In, whole, float>(bad, v, count);
+      if constexpr (whole && std::is_same_v<In, float>) stream_as<In, float>(phi + at + k, v);
+      else store_as<In, float>(phi + at + k, v, count);
     });
   }
+  if constexpr (std::is_same_v<In, float>) stream_fence();
   return horizontal_sum<float>(bad) == 0.f;
 }
 
@@ -603,21 +616,21 @@ BMT_FAST_INLINE vec_t<float> log_clamped(vec_t<float> v) {
 // 14.6-15.4 -> 9.0-9.3 ms).
 constexpr int64_t kPrefetchRows = 8;
 
-BMT_FAST_INLINE void prefetch_p_row(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t r,
-                                    int64_t cols) {
-  for (int64_t c = 0; c < cols; c += 64 / sizeof(c10::BFloat16)) {
+template <typename In>
+BMT_FAST_INLINE void prefetch_p_row(const In* g, const In* k, int64_t ld, int64_t r, int64_t cols) {
+  for (int64_t c = 0; c < cols; c += 64 / sizeof(In)) {
     __builtin_prefetch(g + r * ld + c);
     __builtin_prefetch(k + r * ld + c);
   }
 }
 
-// P = grad * K (bf16 n x m matrices, row stride ld; exact in fp32) at row r, columns [c, c + count) of a
+// P = grad * K (bf16 or fp32 n x m matrices, row stride ld; exact in fp32 for bf16) at row r, columns [c, c + count) of a
 // tile, with entry (r, r + diag) left out (a self kernel's own term: P_ii (xc_i - xc_i) = 0 exactly; in the
 // sums, next to P_ii ~ 1, the other terms of a row with tiny K were lost, and its gradient with them); P log K
 // added into logs unless p_log_k is null (zero-filled tail lanes: 0 * finite).
-template <typename Count>
-BMT_FAST_INLINE vec_t<float> p_at(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t r, int64_t c,
-                                  Count count, int64_t diag, const double* p_log_k, vec_t<float>& logs) {
+template <typename In, typename Count>
+BMT_FAST_INLINE vec_t<float> p_at(const In* g, const In* k, int64_t ld, int64_t r, int64_t c, Count count,
+                                  int64_t diag, const double* p_log_k, vec_t<float>& logs) {
   const vec_t<float> kv = load_part_as<float>(k + r * ld + c, count);
   vec_t<float> p = load_part_as<float>(g + r * ld + c, count) * kv;
   if (r + diag >= c && r + diag < c + count) p[r + diag - c] = 0.f;
@@ -628,9 +641,10 @@ BMT_FAST_INLINE vec_t<float> p_at(const c10::BFloat16* g, const c10::BFloat16* k
 // P of rows [0, rows) x columns [0, cols) of a tile (p_at), rounded to bf16 as AMX's A operand: rows of p16
 // (row stride ld16, columns [cols, cols_padded) zeroed). rowsum[r] += the fp32 sum of row r's rounded values;
 // unless p_log_k is null, *p_log_k += sum P log K.
-BMT_FAST_INLINE void amx_p_rows_impl(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows,
-                                     int64_t cols, int64_t cols_padded, int64_t diag, c10::BFloat16* p16,
-                                     int64_t ld16, float* rowsum, double* p_log_k) {
+template <typename In>
+BMT_FAST_INLINE void amx_p_rows_impl(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols,
+                                     int64_t cols_padded, int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum,
+                                     double* p_log_k) {
   constexpr int L = kLanes<float>;
   double plk = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -652,9 +666,10 @@ BMT_FAST_INLINE void amx_p_rows_impl(const c10::BFloat16* g, const c10::BFloat16
 // The same P as AMX's B operand: rows 2q and 2q + 1 interleaved column by column (the bf16 pair of column c
 // is word c of pair row q: row 2q in its low half; row stride ldw words), rows [rows, rows_padded) zero.
 // colsum[c] += the fp32 sum of column c's rounded values; unless p_log_k is null, *p_log_k += sum P log K.
-BMT_FAST_INLINE void amx_p_pairs_impl(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows,
-                                      int64_t rows_padded, int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw,
-                                      float* colsum, double* p_log_k) {
+template <typename In>
+BMT_FAST_INLINE void amx_p_pairs_impl(const In* g, const In* k, int64_t ld, int64_t rows, int64_t rows_padded,
+                                      int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw, float* colsum,
+                                      double* p_log_k) {
   constexpr int L = kLanes<float>;
   vec_t<float> logs{};
   for (int64_t q = 0; q < rows_padded / 2; ++q) {
@@ -688,11 +703,12 @@ BMT_FAST_INLINE void bf16_row_pairs_impl(const c10::BFloat16* xb, int64_t ld, in
   }
 }
 
-// rbf_kernel_backward's rows on AMX: out_r = scale (sums_r xc_r - acc_r) in bf16, xc (bf16, the rounded centred
-// particles) with row stride ld, acc (fp32) and out (bf16) with row stride d, for rows [row_begin, row_end).
+// rbf_kernel_backward's rows on AMX: out_r = scale (sums_r xc_r - acc_r) in In (the particles' type), xc
+// (bf16, the rounded centred particles) with row stride ld, acc (fp32) and out with row stride d, for rows
+// [row_begin, row_end).
+template <typename In>
 BMT_FAST_INLINE void amx_grad_rows_impl(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld,
-                                        float scale, int64_t d, int64_t row_begin, int64_t row_end,
-                                        c10::BFloat16* out) {
+                                        float scale, int64_t d, int64_t row_begin, int64_t row_end, In* out) {
   constexpr int L = kLanes<float>;
   const vec_t<float> sv = broadcast(scale);
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -700,7 +716,7 @@ BMT_FAST_INLINE void amx_grad_rows_impl(const float* acc, const float* sums, con
     for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> v =
           sv * (coef * load_part_as<float>(xc + r * ld + k, count) - load_part_as<float>(acc + r * d + k, count));
-      store_as<c10::BFloat16, float>(out + r * d + k, v, count);
+      store_as<In, float>(out + r * d + k, v, count);
     });
   }
 }
@@ -1204,65 +1220,63 @@ BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, 
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
-void rbf_bf16_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
-                        const float* nr, const float* nc, float inv_h, int64_t diag, bool own_one,
-                        c10::BFloat16* k16, int64_t ld16, float* rowsum, bool native_rounding) {
+// The AMX path's kernels for bf16 particles and for fp32 ones (where torch's fp32 matmul precision is bf16).
+// (vcvtneps2bf16 is an AVX-512 instruction: the other builds round portably.)
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
-  if (native_rounding) {
-    rbf_bf16_from_dots_impl<true>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k16, ld16,
-                                  rowsum);
-    return;
-  }
+#define BMT_FAST_NATIVE_BF16_ROUNDING(native) native
+#else
+#define BMT_FAST_NATIVE_BF16_ROUNDING(native) ((void)(native), false)
 #endif
-  (void)native_rounding;  // (vcvtneps2bf16 is an AVX-512 instruction: the other builds round portably)
-  rbf_bf16_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k16, ld16,
-                                 rowsum);
-}
-
-void bf16_column_sums(const c10::BFloat16* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
-                      double* sums) {
-  bf16_column_sums_impl(x, d, rows, col_begin, col_end, sums);
-}
-
-void amx_centre_rows(const c10::BFloat16* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,
-                     c10::BFloat16* xb, int64_t d_pad, float* norms) {
-  amx_centre_rows_impl(x, d, shift, row_begin, row_end, xb, d_pad, norms);
-}
-
-void amx_w_pairs(const c10::BFloat16* score, const c10::BFloat16* x, const float* shift, float a, int64_t n, int64_t d,
-                 int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
-  amx_w_pairs_impl(score, x, shift, a, n, d, pair_begin, pair_end, bw);
-}
+#define BMT_FAST_DEFINE_AMX_KERNELS(In)                                                                              \
+  void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
+                         const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \
+                         float* rowsum, bool native_rounding) {                                                       \
+    if (BMT_FAST_NATIVE_BF16_ROUNDING(native_rounding))                                                               \
+      amx_rbf_from_dots_impl<true>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k_out, ld_out,    \
+                                   rowsum);                                                                           \
+    else                                                                                                              \
+      amx_rbf_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k_out, ld_out,   \
+                                    rowsum);                                                                          \
+  }                                                                                                                   \
+  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums) {      \
+    amx_column_sums_impl(x, d, rows, col_begin, col_end, sums);                                                       \
+  }                                                                                                                   \
+  void amx_centre_rows(const In* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,                \
+                       c10::BFloat16* xb, int64_t d_pad, float* norms) {                                              \
+    amx_centre_rows_impl(x, d, shift, row_begin, row_end, xb, d_pad, norms);                                          \
+  }                                                                                                                   \
+  void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw) {                                              \
+    amx_w_pairs_impl(score, x, shift, a, n, d, pair_begin, pair_end, bw);                                             \
+  }                                                                                                                   \
+  bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
+                       const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \
+                       int64_t col_begin, int64_t col_end, In* phi) {                                                 \
+    return amx_finish_rows_impl(acc, ld_acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin,         \
+                                col_end, phi);                                                                        \
+  }                                                                                                                   \
+  void amx_p_rows(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,              \
+                  int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k) {                   \
+    amx_p_rows_impl(g, k, ld, rows, cols, cols_padded, diag, p16, ld16, rowsum, p_log_k);                             \
+  }                                                                                                                   \
+  void amx_p_pairs(const In* g, const In* k, int64_t ld, int64_t rows, int64_t rows_padded, int64_t cols,             \
+                   int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k) {                         \
+    amx_p_pairs_impl(g, k, ld, rows, rows_padded, cols, diag, pw, ldw, colsum, p_log_k);                              \
+  }                                                                                                                   \
+  void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale,           \
+                     int64_t d, int64_t row_begin, int64_t row_end, In* out) {                                        \
+    amx_grad_rows_impl(acc, sums, xc, ld, scale, d, row_begin, row_end, out);                                         \
+  }
+BMT_FAST_DEFINE_AMX_KERNELS(c10::BFloat16)
+BMT_FAST_DEFINE_AMX_KERNELS(float)
 
 void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
                      int64_t ld_dst) {
   transpose_words_impl(src, ld_src, rows, k_begin, k_end, dst, ld_dst);
 }
 
-bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const c10::BFloat16* x,
-                     const c10::BFloat16* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,
-                     int64_t row_end, int64_t col_begin, int64_t col_end, c10::BFloat16* phi) {
-  return amx_finish_rows_impl(acc, ld_acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin, col_end,
-                              phi);
-}
-
-void amx_p_rows(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t cols,
-                int64_t cols_padded, int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k) {
-  amx_p_rows_impl(g, k, ld, rows, cols, cols_padded, diag, p16, ld16, rowsum, p_log_k);
-}
-
-void amx_p_pairs(const c10::BFloat16* g, const c10::BFloat16* k, int64_t ld, int64_t rows, int64_t rows_padded,
-                 int64_t cols, int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k) {
-  amx_p_pairs_impl(g, k, ld, rows, rows_padded, cols, diag, pw, ldw, colsum, p_log_k);
-}
-
 void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out) {
   bf16_row_pairs_impl(xb, ld, pair_begin, pair_end, out);
-}
-
-void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale, int64_t d,
-                   int64_t row_begin, int64_t row_end, c10::BFloat16* out) {
-  amx_grad_rows_impl(acc, sums, xc, ld, scale, d, row_begin, row_end, out);
 }
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                         \

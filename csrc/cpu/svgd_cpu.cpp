@@ -7,10 +7,12 @@
 //     of K @ [score | x]; symmetry halves the distance GEMMs: 3 n^2 d FLOPs instead of 6 n^2 d.
 //   gram (few particles, huge d): split-K Gram over column chunks (each chunk centred on the fly), a tiny
 //     n x n K, then one memory-bound pass phi = (K/n) W + c * xc over the same chunks.
-//   bf16 on AMX (many bf16 particles, d >= 32, a CPU with AMX tiles): the tiled step, the median and
-//     rbf_kernel through oneDNN's brgemm on bf16-rounded operands (the CUDA tensor-core precision).
+//   bf16 on AMX (many bf16 particles, d >= 32, a CPU with AMX tiles; fp32 ones too where torch's fp32
+//     matmul precision is bf16): the tiled step, the median, rbf_kernel and its gradient through oneDNN's
+//     brgemm on bf16-rounded operands (the CUDA tensor-core precision).
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -407,14 +409,32 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
 // the distances of the rounded particles (median_bandwidth gives the same value). Row blocks go to the
 // threads; each streams column blocks of all particles (full rows: no symmetry, as the tiles need no
 // write to another thread's rows). BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path.
+//
+// fp32 particles take this path too where torch's fp32 matmul precision for oneDNN is bf16
+// (torch.set_float32_matmul_precision("medium"), or torch.backends.mkldnn.matmul.fp32_precision = "bf16"):
+// that setting lets ATen's fp32 GEMMs, the fp32 path's among them, multiply bf16-rounded operands on this
+// CPU, so the results are of that precision either way, and this path is the faster (fp32 results, the
+// inputs read as they are; the operands are the same bf16 ones).
 constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accumulator stays in L2 to d ~ 1024
 constexpr int64_t kAmxCols = 512;   // columns per block (a multiple of 32: AMX's bf16 depth)
 constexpr int64_t kAmxFinishCols = 1024;  // the step's K W by feature chunks (d >= 2048): a 512 KiB accumulator
 constexpr int64_t kAmxKeptColumns = 1024;  // ... when a block's K rows (<= 256 KiB of bf16) are kept for it
 
-bool use_amx_bf16(const at::Tensor& x) {
-  const int64_t d = x.size(1);
-  return x.scalar_type() == at::kBFloat16 && d >= kAmxMinFeatures && bf16_amx_enabled();
+bool use_amx(const at::Tensor& x) {  // (float32_matmul_in_bf16: kernels.h)
+  const auto type = x.scalar_type();
+  return x.size(1) >= kAmxMinFeatures && bf16_amx_enabled() &&
+         (type == at::kBFloat16 || (type == at::kFloat && float32_matmul_in_bf16()));
+}
+
+// f(Typed<In>{}) with In the AMX path's particle type for x's dtype (fp32, else bf16).
+template <typename T>
+struct Typed {
+  using type = T;
+};
+template <typename F>
+decltype(auto) amx_dispatch(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kFloat) return f(Typed<float>{});
+  return f(Typed<at::BFloat16>{});
 }
 
 // bf16 pairs as one 32-bit word (AMX's B operand interleaves rows in pairs: the pair of row k and k + 1
@@ -423,18 +443,20 @@ const at::BFloat16* as_bf16(const at::Tensor& words) {
   return reinterpret_cast<const at::BFloat16*>(words.const_data_ptr<int32_t>());
 }
 
-// The AMX path's centring shift: the mean of the rows of x, and of y's too when given (bf16, contiguous,
-// the same columns), from float64 sums, rounded to fp32 (d values).
+// The AMX path's centring shift: the mean of the rows of x, and of y's too when given (bf16 or fp32,
+// contiguous, the same columns and dtype), from float64 sums, rounded to fp32 (d values).
 at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
   const int64_t d = x.size(1);
   std::vector<double> total(d, 0.0), sums(d);
   int64_t rows = 0;
   for (const at::Tensor* t : {&x, y}) {
     if (t == nullptr) continue;
-    const auto* p = t->const_data_ptr<at::BFloat16>();
     const int64_t n = t->size(0);
-    at::parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
-      bf16_column_sums(p, d, n, begin * 256, std::min(end * 256, d), sums.data());
+    amx_dispatch(*t, [&](auto typed) {
+      const auto* p = t->const_data_ptr<typename decltype(typed)::type>();
+      at::parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
+        amx_column_sums(p, d, n, begin * 256, std::min(end * 256, d), sums.data());
+      });
     });
     for (int64_t k = 0; k < d; ++k) total[k] += sums[k];
     rows += n;
@@ -447,27 +469,30 @@ at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
 
 // The particles centred (by shift, amx_shift(x) unless given) and rounded to bf16 (n_pad x d_pad, zero
 // padding), their norms in fp32, and unless as_b is false xb^T as AMX's B operand (d_pad/2 x n_pad words:
-// each the bf16 pair of features 2k, 2k + 1 of one particle, i.e. the 32-bit transpose of xb). x: bf16,
-// contiguous.
+// each the bf16 pair of features 2k, 2k + 1 of one particle, i.e. the 32-bit transpose of xb). x: bf16 or
+// fp32 (dtype: the results' type), contiguous.
 struct AmxOperands {
   int64_t n, n_pad, d, d_pad;
+  at::ScalarType dtype;
   at::Tensor shift, xb, norms, b_s;
 
   explicit AmxOperands(const at::Tensor& x) : AmxOperands(x, amx_shift(x)) {}
   AmxOperands(const at::Tensor& x, at::Tensor shift_, bool as_b = true)
-      : n(x.size(0)), d(x.size(1)), shift(std::move(shift_)) {
+      : n(x.size(0)), d(x.size(1)), dtype(x.scalar_type()), shift(std::move(shift_)) {
     n_pad = (n + 31) / 32 * 32;
     d_pad = (d + 31) / 32 * 32;
-    const auto* x_p = x.const_data_ptr<at::BFloat16>();
     // (the operands from the huge-page allocator, as the accumulator and phi)
-    xb = empty_large({n_pad, d_pad}, x.options());
+    xb = empty_large({n_pad, d_pad}, x.options().dtype(at::kBFloat16));
     xb.narrow(0, n, n_pad - n).zero_();
     norms = at::empty({n}, x.options().dtype(at::kFloat));
     const float* shift_p = shift.const_data_ptr<float>();
     auto* xb_p = xb.mutable_data_ptr<at::BFloat16>();
     float* norms_p = norms.mutable_data_ptr<float>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      amx_centre_rows(x_p, d, shift_p, begin, end, xb_p, d_pad, norms_p);
+    amx_dispatch(x, [&](auto typed) {
+      const auto* x_p = x.const_data_ptr<typename decltype(typed)::type>();
+      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+        amx_centre_rows(x_p, d, shift_p, begin, end, xb_p, d_pad, norms_p);
+      });
     });
     if (!as_b) return;
     b_s = empty_large({d_pad / 2, n_pad}, x.options().dtype(at::kInt));
@@ -533,17 +558,18 @@ double median_sq_dist_amx(const AmxOperands& operands) {
   return median_sq_dist<float>(operands.xb_float(), operands.norms, tiles);
 }
 
-// rbf_kernel on AMX: K (a.n x b.n, bf16) between the particles of a and those of b (centred by the same
-// shift; one object for a self kernel, whose own terms are exactly 1), computed and rounded as the step's
-// K: blocks of 128 rows stream 512-column blocks of b, each tile's epilogue writing its bf16 values
-// straight into K.
+// rbf_kernel on AMX: K (a.n x b.n, the particles' dtype) between the particles of a and those of b
+// (centred by the same shift; one object for a self kernel, whose own terms are exactly 1), computed as the
+// step's K (bf16: rounded as the step's): blocks of 128 rows stream 512-column blocks of b, each tile's
+// epilogue writing its values straight into K.
+template <typename In>
 at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) {
   const bool self = &a == &b;
   const int64_t n = a.n, m = b.n;
-  at::Tensor k = empty_large({n, m}, a.xb.options());
+  at::Tensor k = empty_large({n, m}, a.xb.options().dtype(a.dtype));
   const float* na_p = a.norms.const_data_ptr<float>();
   const float* nb_p = b.norms.const_data_ptr<float>();
-  auto* k_p = k.mutable_data_ptr<at::BFloat16>();
+  auto* k_p = k.mutable_data_ptr<In>();
   const float inv_h = static_cast<float>(1.0 / h);
   at::parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kAmxRows * kAmxCols);
@@ -553,8 +579,8 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
         const int64_t cols = std::min(kAmxCols, m - j0);
         amx_dots(a, b, i0, rows, j0, cols, s.data(), kAmxCols);
         // (two sets: a diagonal offset of m puts no own term in any tile)
-        rbf_bf16_from_dots(s.data(), kAmxCols, rows, cols, cols, na_p + i0, nb_p + j0, inv_h, self ? i0 - j0 : m,
-                           /*own_one=*/true, k_p + i0 * m + j0, m, /*rowsum=*/nullptr);
+        amx_rbf_from_dots(s.data(), kAmxCols, rows, cols, cols, na_p + i0, nb_p + j0, inv_h, self ? i0 - j0 : m,
+                          /*own_one=*/true, k_p + i0 * m + j0, m, /*rowsum=*/nullptr);
       }
     }
     at::native::cpublas::brgemm_release();
@@ -562,20 +588,25 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
   return k;
 }
 
-// phi of bf16 particles (contiguous) into out (n x d bf16, contiguous); returns whether phi is all finite
+at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) {
+  return a.dtype == at::kFloat ? rbf_kernel_amx<float>(a, b, h) : rbf_kernel_amx<at::BFloat16>(a, b, h);
+}
+
+// phi of bf16 or fp32 particles (contiguous) into out (n x d, their dtype, contiguous); returns whether phi is all finite
 // (tracked by the last pass). Any NaN/Inf input makes phi non-finite here: a bad x value makes its column's
 // mean, and so every particle's centred value there, non-finite; a bad score value makes W's row, and AMX
 // multiplies every K entry into it (0 * NaN = NaN: no product is skipped).
-bool svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
-                        at::Tensor& out) {
+template <typename In>
+bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
+                   at::Tensor& out) {
   using at::native::cpublas::brgemm;
   const int64_t n = x.size(0), d = x.size(1);
   const AmxOperands operands(x);
   const int64_t n_pad = operands.n_pad;
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_amx(operands), n);
   const float a = static_cast<float>(2.0 / h);
-  const auto* x_p = x.const_data_ptr<at::BFloat16>();
-  const auto* score_p = score.const_data_ptr<at::BFloat16>();
+  const auto* x_p = x.const_data_ptr<In>();
+  const auto* score_p = score.const_data_ptr<In>();
   const float* shift_p = operands.shift.const_data_ptr<float>();
   // W = score - a xc for K W in AMX's pair-interleaved layout (n_pad/2 x d words), zero rows beyond n
   const at::Tensor b_w = empty_large({n_pad / 2, d}, x.options().dtype(at::kInt));
@@ -589,7 +620,7 @@ bool svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std:
   const float* norms_p = operands.norms.const_data_ptr<float>();
   float* rowsum_p = rowsum.mutable_data_ptr<float>();
   const float inv_h = static_cast<float>(1.0 / h);
-  auto* out_p = out.mutable_data_ptr<at::BFloat16>();
+  auto* out_p = out.mutable_data_ptr<In>();
   std::atomic<bool> finite{true};
   // phi = (K W + (2/H) rowsum(K) xc + score) / n: the own term k_ii = 1 is left out of K and added here
   const auto finish = [&](const float* acc, int64_t ld_acc, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
@@ -615,8 +646,8 @@ bool svgd_step_amx_bf16(const at::Tensor& x, const at::Tensor& score, const std:
         const int64_t cols = std::min(kAmxCols, n - j0), depth = (cols + 31) / 32 * 32;
         amx_dots(operands, operands, i0, rows, j0, cols, s.data(), kAmxCols);
         at::BFloat16* k_tile = k16.data() + (by_chunks ? j0 : 0);
-        rbf_bf16_from_dots(s.data(), kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
-                           /*own_one=*/false, k_tile, ld_k, rowsum_p + i0);
+        amx_rbf_from_dots(s.data(), kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
+                          /*own_one=*/false, k_tile, ld_k, rowsum_p + i0);
         if (!by_chunks)
           brgemm(rows, d, depth, kAmxCols, d, d, /*add_C=*/j0 > 0, k_tile, bw_p + j0 * d,
                  acc.mutable_data_ptr<float>() + i0 * d);
@@ -755,6 +786,11 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
 
 }  // namespace
 
+bool float32_matmul_in_bf16() {
+  return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
+         at::Float32Precision::BF16;
+}
+
 bool bf16_amx_enabled() {
   // (read once: the Python layer reads it once too, through build_info, to know which path flags phi)
   static const bool enabled = [] {
@@ -780,7 +816,9 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
                                            [&] { return svgd_step_gram<scalar_t>(x, score, h, out); });
   }
-  if (use_amx_bf16(x)) return svgd_step_amx_bf16(x, score, h, out);
+  if (use_amx(x)) {
+    return amx_dispatch(x, [&](auto typed) { return svgd_step_amx<typename decltype(typed)::type>(x, score, h, out); });
+  }
   const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
                                                         : svgd_step_tiled<float>(x, score, h);
   out.copy_(phi);
@@ -826,7 +864,7 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
   if (use_gram(x, algo)) {
     median = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "median_gram",
                                              [&] { return numpy_median(sq_dists_gram<scalar_t>(x)); });
-  } else if (use_amx_bf16(x)) {
+  } else if (use_amx(x)) {
     median = median_sq_dist_amx(AmxOperands(x));
   } else {
     const at::Tensor xc = centred(x, acc);
@@ -881,7 +919,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
         });
     return kernel_from_gram_dists(dist, n, m, self, h, x.options());
   }
-  if (use_amx_bf16(x)) {  // bf16 particles on AMX tiles (d >= 32): as the step computes K
+  if (use_amx(x)) {  // bf16 particles on AMX tiles (d >= 32): as the step computes K
     const at::Tensor xs = x.contiguous();
     if (self) {
       const AmxOperands operands(xs);
@@ -913,7 +951,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   check_particles(x_in, "x");
   const int64_t n = x_in.size(0);
   if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
-    if (use_amx_bf16(x_in)) {  // (but the AMX operands are)
+    if (use_amx(x_in)) {  // (but the AMX operands are)
       const AmxOperands operands(x_in.contiguous());
       const at::Tensor h = bandwidth_result(median_sq_dist_amx(operands), x_in);
       return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
@@ -967,7 +1005,7 @@ void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 // cols) (row stride kAmxCols, zero up to depth) and adds its sums (scratch: kAmxRows * kAmxCols / 2 words of
 // the thread's own); B = other_pairs, the other set's rounded rows in pairs (row_pairs). p_log_k: one entry
 // per block, or empty.
-template <typename Tile>
+template <typename In, typename Tile>
 at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::Tensor& other_pairs, float scale,
                          std::vector<double>& p_log_k, Tile&& tile) {
   using at::native::cpublas::brgemm;
@@ -991,10 +1029,10 @@ at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::
     }
     at::native::cpublas::brgemm_release();
   });
-  at::Tensor out = empty_large({rows_total, d}, own.xb.options());
+  at::Tensor out = empty_large({rows_total, d}, own.xb.options().dtype(own.dtype));
   at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
     amx_grad_rows(acc_p, sums_p, own.xb.const_data_ptr<at::BFloat16>(), d_pad, scale, d, begin, end,
-                  out.mutable_data_ptr<at::BFloat16>());
+                  out.mutable_data_ptr<In>());
   });
   return out;
 }
@@ -1010,6 +1048,7 @@ at::Tensor row_pairs(const AmxOperands& set) {
   return pairs;
 }
 
+template <typename In>
 std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& y, const at::Tensor& kernel,
                                                                    double h, bool want_x, bool want_y, bool want_h) {
@@ -1022,8 +1061,8 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
   if (!self) oy.emplace(ys, shift, /*as_b=*/false);
   const AmxOperands& yo = self ? ox : *oy;
   const int64_t n = ox.n, m = yo.n;
-  const auto* g_p = g.const_data_ptr<at::BFloat16>();
-  const auto* k_p = k.const_data_ptr<at::BFloat16>();
+  const auto* g_p = g.const_data_ptr<In>();
+  const auto* k_p = k.const_data_ptr<In>();
   const float scale = static_cast<float>(-2.0 / h);
   at::Tensor grad_x, grad_y;
   std::vector<double> p_log_k;  // per block, summed in block order at the end (the same value every run)
@@ -1035,7 +1074,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
   const at::Tensor y_pairs = !want_x ? at::Tensor() : self ? x_pairs : row_pairs(yo);
   if (want_x) {  // A = rows of P
     if (want_h) p_log_k.assign(blocks(n), 0.0);
-    grad_x = amx_grad_pass(ox, m, y_pairs, scale, p_log_k, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+    grad_x = amx_grad_pass<In>(ox, m, y_pairs, scale, p_log_k, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                                                        int64_t depth, at::BFloat16* a, float* rowsum, double* plk,
                                                        uint32_t*) {
       amx_p_rows(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, cols, depth, own(i0, j0), a, kAmxCols, rowsum, plk);
@@ -1045,7 +1084,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
     const bool logs_here = want_h && !want_x;
     if (logs_here) p_log_k.assign(blocks(m), 0.0);
     std::vector<double> none;
-    grad_y = amx_grad_pass(yo, n, x_pairs, scale, logs_here ? p_log_k : none,
+    grad_y = amx_grad_pass<In>(yo, n, x_pairs, scale, logs_here ? p_log_k : none,
                            [&](int64_t j0, int64_t cols, int64_t i0, int64_t rows, int64_t depth, at::BFloat16* a,
                                float* colsum, double* plk, uint32_t* pairs) {  // (depth / 2 x kAmxRows words)
                              amx_p_pairs(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, depth, cols, own(i0, j0),
@@ -1107,10 +1146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
         rbf_grad_direct<scalar_t>(xs, ys, scaled, want_x ? &grad_x : nullptr, want_y ? &grad_y : nullptr);
       });
     }
-  } else if (use_amx_bf16(x) && y.scalar_type() == at::kBFloat16 && grad.scalar_type() == at::kBFloat16 &&
-             kernel.scalar_type() == at::kBFloat16) {
+  } else if (use_amx(x) && y.scalar_type() == x.scalar_type() && grad.scalar_type() == x.scalar_type() &&
+             kernel.scalar_type() == x.scalar_type()) {
     double h_grad = 0.0;
-    std::tie(grad_x, grad_y, h_grad) = rbf_kernel_backward_amx(grad, x, y, kernel, h, want_x, want_y, want_h);
+    std::tie(grad_x, grad_y, h_grad) = amx_dispatch(x, [&](auto typed) {
+      return rbf_kernel_backward_amx<typename decltype(typed)::type>(grad, x, y, kernel, h, want_x, want_y, want_h);
+    });
     if (want_h) grad_h = at::scalar_tensor(h_grad, x.options().dtype(at::kDouble));
   } else {
     // P is formed a block of rows at a time and used while it is in cache: no n x m temporary at all (at
