@@ -894,7 +894,7 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
     providers = providers_for(op.name)
     if args.list:
         for name, p in providers.items():
-            reason = p.why_unavailable(device)
+            reason = p.unavailable(device, DTYPES[args.dtype])
             print(f"{name:18s} {'available' if not reason else 'unavailable: ' + reason}")
         return []
     try:
@@ -908,7 +908,7 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
     probe_memory = CpuPeakMemory() if device.type == "cpu" else CudaPeakMemory(device)
     ctx = Context(op, device, DTYPES[args.dtype], run_id, name, git_commit(),
                   probe_memory.method if not probe_memory.why_unavailable else "unavailable")  # fmt: skip
-    runnable = [p for p in chosen if not providers[p].why_unavailable(device)]
+    runnable = [p for p in chosen if not providers[p].unavailable(device, DTYPES[args.dtype])]
     log = Path(tempfile.gettempdir()) / f"bmt_fast_bench_{op.name}_{run_id}.log"
     spec = dict(module=f"benchmarks.{op.name}", device=str(device), dtype=args.dtype, run_id=run_id,
                 device_name=name, commit=ctx.commit, settings=vars(settings_for(args)), options=options)  # fmt: skip
@@ -917,7 +917,7 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
     with tqdm(total=len(cases) * len(chosen), desc=op.name, unit="run", file=sys.stderr) as progress:
         sup = Supervisor(ctx, spec, out, log, progress)
         for provider in chosen:
-            reason = providers[provider].why_unavailable(device)
+            reason = providers[provider].unavailable(device, DTYPES[args.dtype])
             if reason:
                 for case in cases:
                     sup.write(ctx.row(provider, case, "unavailable", reason))

@@ -31,7 +31,7 @@ def profile_case(op: str, provider: str, case: harness.Case, dtype: torch.dtype,
     """The profiler's table for `calls` calls of `provider` on `case`, times per call."""
     spec = importlib.import_module(f"benchmarks.{op}").SPEC
     entry = providers_for(op)[provider]
-    why = entry.why_unavailable(device)
+    why = entry.unavailable(device, dtype)
     if why:
         raise RuntimeError(f"{provider} cannot run on {device}: {why}")
     run = entry.build(spec.make_inputs(case, dtype, device))

@@ -41,6 +41,7 @@ class Provider:
         the harness can record "skipped: would need X GB" instead of running the machine out of memory.
     rtol: allowed max|a - b| / max|b| against the float64 reference at a small size (fp32 inputs).
     jit: its first call compiles (torch.compile, KeOps): the harness reports that call apart.
+    dtypes: the input dtypes it is meant for (None: all); for others its rows say so instead of running.
     """
 
     name: str
@@ -50,6 +51,13 @@ class Provider:
     rtol: float = 1e-4
     jit: bool = False
     version: Callable[[], str] = lambda: ""
+    dtypes: tuple[torch.dtype, ...] | None = None
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str:
+        """"" if it runs for inputs of this dtype on this device here, else the reason."""
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return "for " + ", ".join(str(t).replace("torch.", "") for t in self.dtypes) + " inputs only"
+        return self.why_unavailable(device)
 
 
 def package_version(name: str) -> str:
@@ -235,6 +243,21 @@ def _bmt_fast_svgd_checked(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h)
 
 
+def under_bf16_matmuls(run: Run) -> Run:
+    """run() with torch.set_float32_matmul_precision("medium") (fp32 matmuls may multiply bf16-rounded
+    operands: oneDNN's on a CPU with AMX or AVX512-BF16, TF32 on a GPU), the previous setting restored after."""
+
+    def wrapped():
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("medium")
+        try:
+            return run()
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+    return wrapped
+
+
 def _bmt_fast_version() -> str:
     return f"bmt_fast {bmt_fast.__version__}"
 
@@ -332,6 +355,15 @@ def svgd_step_providers() -> list[Provider]:
         *[Provider(f"bmt_fast-{name}-checked", _bmt_fast_svgd_checked(name),
                    why_unavailable=_backend_reason(bmt_fast.backends.get(name)), version=_bmt_fast_version)
           for name in ("cpu", "cuda")],
+        # fp32 under torch's "medium" matmul precision: ATen's GEMMs (naive torch's) and the CPU backend's AMX
+        # path then multiply bf16-rounded operands (bmt_fast.svgd_step: "Numerics" in the README). Naive
+        # torch's distances are of the uncentred particles, which lose more to the rounding (1.7e-2 at
+        # n = 200, d = 16 on an AMX Xeon; the AMX path centres them first).
+        Provider("torch-naive-bf16mm", lambda inp: under_bf16_matmuls(lambda: svgd_naive(inp.x, inp.score, inp.h)),
+                 extra_memory=lambda n, d, e: 3.0 * n * n * e, rtol=4e-2, dtypes=(torch.float32,)),
+        Provider("bmt_fast-cpu-bf16mm", lambda inp: under_bf16_matmuls(_bmt_fast_svgd("cpu")(inp)), rtol=1e-2,
+                 why_unavailable=_backend_reason(bmt_fast.backends.get("cpu")), version=_bmt_fast_version,
+                 dtypes=(torch.float32,)),
         Provider("bmt_fast-triton-tf32", _triton_fast_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
                  rtol=2e-3, jit=GPU, version=_bmt_fast_version),
         Provider("bmt_fast-triton-tiled", _triton_tiled_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),

@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def runnable(op, *, jit):
-    return [name for name, p in providers_for(op).items() if not p.why_unavailable(CPU) and p.jit == jit]
+    return [name for name, p in providers_for(op).items() if not p.unavailable(CPU, torch.float32) and p.jit == jit]
 
 
 # Both regimes for the providers that run at once; one size for those that compile first (~10 s each).
@@ -368,3 +368,18 @@ def test_profile_rejects_unknown_providers_and_bad_counts(capsys):
     with pytest.raises(SystemExit):
         profile.main(["--sizes", "8x300", "--providers", "torch-naive", "--calls", "0"])
     assert "--calls must be >= 1" in capsys.readouterr().err
+
+
+def test_providers_for_some_dtypes_say_so_for_the_others():
+    """The fp32 "medium" matmul providers: unavailable for other dtypes (a row saying why, not a run), and
+    each call made under that setting, the caller's setting restored after it."""
+    from benchmarks.providers import under_bf16_matmuls
+
+    provider = providers_for("svgd_step")["bmt_fast-cpu-bf16mm"]
+    assert provider.unavailable(CPU, torch.bfloat16) == "for float32 inputs only"
+    assert provider.unavailable(CPU, torch.float32) == provider.why_unavailable(CPU)
+    seen = []
+    run = under_bf16_matmuls(lambda: seen.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    run()
+    assert seen == ["medium"] and torch.get_float32_matmul_precision() == before
