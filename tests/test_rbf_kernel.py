@@ -88,15 +88,17 @@ def amx_precision_kernel(x, y, h, dtype=torch.bfloat16):
 @requires_amx
 @pytest.mark.parametrize("n,m,d", [(65, None, 32), (300, None, 129), (513, None, 40), (129, None, 1024),
                                    (70, None, 20001), (200, 700, 33), (1000, 70, 64), (65, 65, 100),
-                                   (256, None, 64), (100, 1024, 48)])  # fmt: skip
+                                   (256, None, 64), (100, 1024, 48), (1030, None, 256)])  # fmt: skip
 @pytest.mark.parametrize("scale", ["median", "tiny"])
 def test_bf16_kernel_on_amx_tiles(n, m, d, scale):
     """bf16 particles with many particles (n > 64 rows in all, d >= 32) on an AMX CPU: the step's K, with
     the tensor-core precision of the GPU kernels (bf16 operands, fp32 sums): within 2 ulps of bf16 of the
     float64 reference and every entry the documented arithmetic's (torch emulation) up to a last-bit flip;
     ragged blocks (128 rows, 512 columns, 32 features), two sets (one shift for both), a self kernel's
-    diagonal exactly 1, a bandwidth far below the distances (entries that underflow to 0), and rows of K
-    that start on 64-byte lines or not (streamed or stored)."""
+    diagonal exactly 1 (and, with an even n and d >= 256, its upper triangle by row blocks transposed
+    below: K == K^T bit for bit; 1030 rows: 9 blocks, tiles right of and across the diagonal block), a
+    bandwidth far below the distances (entries that underflow to 0), and rows of K that start on 64-byte
+    lines or not (streamed or stored)."""
     torch.manual_seed(n + d)
     x = torch.randn(n, d).bfloat16()
     y = None if m is None else (torch.randn(m, d) + 0.3).bfloat16()
@@ -114,6 +116,8 @@ def test_bf16_kernel_on_amx_tiles(n, m, d, scale):
     assert ((k.float() - emulated).abs() <= tolerance).all()
     if y is None:
         assert torch.equal(k.diagonal(), torch.ones(n, dtype=torch.bfloat16))
+        if n % 2 == 0 and d >= 256:  # the upper triangle by row blocks, transposed below it: exactly symmetric
+            assert torch.equal(k, k.T)
     if scale == "tiny":  # (the off-diagonal entries all underflow)
         assert int((k != 0).sum()) == (n if y is None else 0)
 
@@ -134,7 +138,7 @@ def amx_precision_gradients(grad, x, y, k, h):
 
 @requires_amx
 @pytest.mark.parametrize("n,m,d", [(300, None, 129), (513, None, 32), (200, 700, 33), (1000, 70, 64),
-                                   (70, None, 20001), (129, 77, 1024)])  # fmt: skip
+                                   (70, None, 20001), (129, 77, 1024), (1030, None, 256)])  # fmt: skip
 def test_fp32_kernel_and_gradients_on_amx_where_torch_allows_bf16_matmuls(n, m, d):
     """fp32 particles with torch.set_float32_matmul_precision("medium") (fp32 matmuls may multiply bf16:
     ATen's own GEMMs do on this CPU) take the AMX path of bf16 particles in rbf_kernel and its gradient, with
@@ -157,6 +161,8 @@ def test_fp32_kernel_and_gradients_on_amx_where_torch_allows_bf16_matmuls(n, m, 
         (bmt_fast.rbf_kernel(leaf, None if y is None else y, h, backend="cpu") * grad).sum().backward()
     if y is None:  # the diagonal, exactly 1, apart: the errors are those of the entries off it
         assert torch.equal(k.diagonal(), torch.ones(n))
+        if d >= 256:  # (one triangle, transposed)
+            assert torch.equal(k, k.T)
     off = (lambda t: t.to(torch.float64, copy=True).fill_diagonal_(0)) if y is None else (lambda t: t)  # noqa: E731
     emulated_k = amx_precision_kernel(x, y, h, dtype=torch.float32)
     assert k.dtype == torch.float32 and relative_error(off(ieee), off(expected)) < 1e-5

@@ -30,7 +30,8 @@
   BMT_FAST_DECLARE_AMX_ISA(c10::BFloat16)                                                                                                       \
   BMT_FAST_DECLARE_AMX_ISA(float)                                                                                                               \
   void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
-  void bf16_row_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, uint32_t*);                                                          \
+  void stream_rows(const void*, int64_t, int64_t, int64_t, void*, int64_t);                                                                   \
+  void bf16_row_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                        \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
                        int64_t, const RadixPass&, int64_t*);                                                                                    \
   void radix_histogram(const double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*,                                         \
@@ -227,8 +228,13 @@ void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t 
   BMT_FAST_DISPATCH(transpose_words, src, ld_src, rows, k_begin, k_end, dst, ld_dst)
 }
 
-void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out) {
-  BMT_FAST_DISPATCH(bf16_row_pairs, xb, ld, pair_begin, pair_end, out)
+void stream_rows(const void* src, int64_t ld_src, int64_t rows, int64_t bytes, void* dst, int64_t ld_dst) {
+  BMT_FAST_DISPATCH(stream_rows, src, ld_src, rows, bytes, dst, ld_dst)
+}
+
+void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, int64_t pair_end, int64_t cols,
+                    uint32_t* out, int64_t ld_out) {
+  BMT_FAST_DISPATCH(bf16_row_pairs, src, ld, pair_begin, pair_end, cols, out, ld_out)
 }
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):

@@ -74,9 +74,15 @@ BMT_FAST_DECLARE_AMX(float)
 // (AMX's B operand: xb's bf16 feature pairs transposed).
 void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
                      int64_t ld_dst);
-// Rows 2q and 2q + 1 of xb (row stride ld) interleaved into pair row q of out (ld words), q in [pair_begin,
-// pair_end): AMX's B operand from rows of A operands.
-void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out);
+// Rows of bytes: dst row r (byte stride ld_dst) <- src row r (byte stride ld_src), `bytes` each, r in
+// [0, rows); the whole aligned 64-byte lines of dst are streamed around the caches in the AVX-512 build (a
+// result written once, e.g. rbf_kernel's K), plain copies elsewhere.
+void stream_rows(const void* src, int64_t ld_src, int64_t rows, int64_t bytes, void* dst, int64_t ld_dst);
+// Columns [0, cols) of rows 2q and 2q + 1 of src (bf16, row stride ld) interleaved into pair row q of out
+// (row stride ld_out words), q in [pair_begin, pair_end): AMX's B operand from rows of A operands (and,
+// transposed as words, a bf16 matrix's transpose).
+void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, int64_t pair_end, int64_t cols,
+                    uint32_t* out, int64_t ld_out);
 
 // Radix-select histogram over squared distances D = max(nr[a] + nc[b] - 2 S[a][b], 0) of a dot tile.
 // The bit pattern of a non-negative float orders like its value, so the key of D is its bits. For each

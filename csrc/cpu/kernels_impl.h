@@ -691,15 +691,15 @@ BMT_FAST_INLINE void amx_p_pairs_impl(const In* g, const In* k, int64_t ld, int6
   if (p_log_k != nullptr) *p_log_k += horizontal_sum<float>(logs);
 }
 
-// Rows 2q and 2q + 1 of xb (bf16, row stride ld) interleaved column by column into pair row q of out (ld
-// words each), for q in [pair_begin, pair_end): a B operand from rows of A operands.
-BMT_FAST_INLINE void bf16_row_pairs_impl(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end,
-                                         uint32_t* out) {
-  const auto* bits = reinterpret_cast<const uint16_t*>(xb);
+// Columns [0, cols) of rows 2q and 2q + 1 of src (bf16, row stride ld) interleaved column by column into pair
+// row q of out (row stride ld_out words), for q in [pair_begin, pair_end): a B operand from rows of A operands.
+BMT_FAST_INLINE void bf16_row_pairs_impl(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, int64_t pair_end,
+                                         int64_t cols, uint32_t* out, int64_t ld_out) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(src);
   for (int64_t q = pair_begin; q < pair_end; ++q) {
     const uint16_t *low = bits + 2 * q * ld, *high = low + ld;
-    uint32_t* dst = out + q * ld;
-    for (int64_t c = 0; c < ld; ++c) dst[c] = uint32_t{low[c]} | (uint32_t{high[c]} << 16);
+    uint32_t* dst = out + q * ld_out;
+    for (int64_t c = 0; c < cols; ++c) dst[c] = uint32_t{low[c]} | (uint32_t{high[c]} << 16);
   }
 }
 
@@ -1275,8 +1275,25 @@ void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t 
   transpose_words_impl(src, ld_src, rows, k_begin, k_end, dst, ld_dst);
 }
 
-void bf16_row_pairs(const c10::BFloat16* xb, int64_t ld, int64_t pair_begin, int64_t pair_end, uint32_t* out) {
-  bf16_row_pairs_impl(xb, ld, pair_begin, pair_end, out);
+void stream_rows(const void* src, int64_t ld_src, int64_t rows, int64_t bytes, void* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* from = static_cast<const char*>(src) + r * ld_src;
+    char* to = static_cast<char*>(dst) + r * ld_dst;
+    int64_t done = 0;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+    done = min64(bytes, static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(to) & 63)) & 63));
+    std::memcpy(to, from, static_cast<size_t>(done));  // (up to the first whole line)
+    for (; done + 64 <= bytes; done += 64)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(to + done), _mm512_loadu_si512(from + done));
+#endif
+    std::memcpy(to + done, from + done, static_cast<size_t>(bytes - done));
+  }
+  stream_fence();
+}
+
+void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, int64_t pair_end, int64_t cols,
+                    uint32_t* out, int64_t ld_out) {
+  bf16_row_pairs_impl(src, ld, pair_begin, pair_end, cols, out, ld_out);
 }
 
 #define BMT_FAST_DEFINE_COLUMN_KERNELS(In, T)                                                         \

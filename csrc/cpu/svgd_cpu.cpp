@@ -588,14 +588,76 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
   return k;
 }
 
-at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) {
-  return a.dtype == at::kFloat ? rbf_kernel_amx<float>(a, b, h) : rbf_kernel_amx<at::BFloat16>(a, b, h);
+// A self kernel on AMX: K is symmetric, so a block of kAmxRows rows computes only its tiles from its own
+// diagonal on (the upper triangle by row blocks: about half the dot products and exps) and writes the
+// columns right of its diagonal block a second time, transposed, below it. Every entry is written once (the
+// entries left of a block's diagonal block are earlier blocks' transposes), K[j][i] == K[i][j] exactly, and
+// the row blocks go out in pairs b, last - b (about equal work, as AmxTiles'). A tile's K goes to the
+// thread's own buffers first, as it is and transposed (bf16 as 32-bit words that hold a pair of rows:
+// bf16_row_pairs, then transpose_words, which puts whole words into K's rows only with an even n: an odd n
+// computes both triangles), and from there into K in whole streamed lines.
+template <typename In>
+at::Tensor rbf_kernel_amx_self(const AmxOperands& a, double h) {
+  constexpr bool kBf16 = std::is_same_v<In, at::BFloat16>;
+  constexpr int64_t kWordsPerRow = kBf16 ? kAmxRows / 2 : kAmxRows;  // a transposed tile's row, in words
+  const int64_t n = a.n, blocks = (n + kAmxRows - 1) / kAmxRows;
+  at::Tensor k = empty_large({n, n}, a.xb.options().dtype(a.dtype));
+  const float* norms_p = a.norms.const_data_ptr<float>();
+  In* k_p = k.mutable_data_ptr<In>();
+  const float inv_h = static_cast<float>(1.0 / h);
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(In));
+  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(kAmxRows * kAmxCols), rowsum(kAmxRows);
+    std::vector<In> tile(kAmxRows * kAmxCols);
+    std::vector<uint32_t> pairs(kBf16 ? kAmxRows / 2 * kAmxCols : 0), transposed(kAmxCols * kWordsPerRow);
+    const auto rows_of = [&](int64_t block) {
+      const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
+      for (int64_t j0 = i0; j0 < n; j0 += kAmxCols) {
+        const int64_t cols = std::min(kAmxCols, n - j0);
+        amx_dots(a, a, i0, rows, j0, cols, s.data(), kAmxCols);
+        // (with a row-sum buffer the epilogue stores the tile into the caches: it is read again below)
+        amx_rbf_from_dots(s.data(), kAmxCols, rows, cols, cols, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
+                          /*own_one=*/true, tile.data(), kAmxCols, rowsum.data());
+        stream_rows(tile.data(), kAmxCols * sizeof(In), rows, cols * sizeof(In), k_p + i0 * n + j0, row_bytes);
+        const int64_t first = std::max(j0, i0 + rows) - j0;  // the tile's first column right of the diagonal block
+        if (first >= cols) continue;
+        const auto* right = reinterpret_cast<const uint32_t*>(tile.data() + first);
+        if constexpr (kBf16) {  // (rows is even: n is, and i0 a multiple of kAmxRows)
+          bf16_row_pairs(tile.data() + first, kAmxCols, 0, rows / 2, cols - first, pairs.data(), kAmxCols);
+          right = pairs.data();
+        }
+        const int64_t words = kBf16 ? rows / 2 : rows;
+        transpose_words(right, kAmxCols, words, 0, cols - first, transposed.data(), kWordsPerRow);
+        stream_rows(transposed.data(), kWordsPerRow * 4, cols - first, words * 4, k_p + (j0 + first) * n + i0,
+                    row_bytes);
+      }
+    };
+    for (int64_t pair = begin; pair < end; ++pair) {
+      rows_of(pair);
+      if (blocks - 1 - pair != pair) rows_of(blocks - 1 - pair);
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return k;
 }
 
-// phi of bf16 or fp32 particles (contiguous) into out (n x d, their dtype, contiguous); returns whether phi is all finite
-// (tracked by the last pass). Any NaN/Inf input makes phi non-finite here: a bad x value makes its column's
-// mean, and so every particle's centred value there, non-finite; a bad score value makes W's row, and AMX
-// multiplies every K entry into it (0 * NaN = NaN: no product is skipped).
+// From how many features a self kernel takes rbf_kernel_amx_self: there the dot products it saves outweigh
+// its copies and transposes. 2-core Xeon, alternating with both triangles (ms): bf16 8192 x 64 13.0 -> 14.6,
+// 8192 x 128 level, 8192 x 192 21.3 -> 20.0, 4096 x 256 6.6 -> 5.4, 4096 x 768 19.2 -> 13.8, 2048 x 2048
+// 14.6 -> 11.6; fp32 4096 x 128 4.3 -> 5.4, 4096 x 256 9.1 -> 7.6, 2048 x 2048 14.7 -> 10.9.
+constexpr int64_t kAmxSymmetricMinFeatures = 256;
+
+at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) {
+  const bool symmetric = &a == &b && a.d >= kAmxSymmetricMinFeatures;
+  if (a.dtype == at::kFloat) return symmetric ? rbf_kernel_amx_self<float>(a, h) : rbf_kernel_amx<float>(a, b, h);
+  if (symmetric && a.n % 2 == 0) return rbf_kernel_amx_self<at::BFloat16>(a, h);
+  return rbf_kernel_amx<at::BFloat16>(a, b, h);
+}
+
+// phi of bf16 or fp32 particles (contiguous) into out (n x d, their dtype, contiguous); returns whether phi
+// is all finite (tracked by the last pass). Any NaN/Inf input makes phi non-finite here: a bad x value makes
+// its column's mean, and so every particle's centred value there, non-finite; a bad score value makes W's
+// row, and AMX multiplies every K entry into it (0 * NaN = NaN: no product is skipped).
 template <typename In>
 bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
                    at::Tensor& out) {
@@ -919,7 +981,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
         });
     return kernel_from_gram_dists(dist, n, m, self, h, x.options());
   }
-  if (use_amx(x)) {  // bf16 particles on AMX tiles (d >= 32): as the step computes K
+  if (use_amx(x)) {  // bf16 particles (or fp32 under bf16 matmuls) on AMX tiles (d >= 32): as the step's K
     const at::Tensor xs = x.contiguous();
     if (self) {
       const AmxOperands operands(xs);
@@ -988,23 +1050,24 @@ void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   });
 }
 
-// rbf_kernel_backward of bf16 particles with many pairs on AMX, at the forward's precision: the particles
-// centred by the mean of all rows and rounded to bf16 (AmxOperands), P = grad * K rounded to bf16, fp32
-// accumulation. With xc, yc centred, grad_x = -(2/H) (rowsum(P) xc - P yc) and grad_y = -(2/H) (colsum(P) yc
-// - P^T xc); the sums are of the rounded P and xc, yc the rounded particles too: the gradient at the rounded
-// particles, whose terms cancel as they should (with the inputs' unrounded xc_i, a self kernel's own term
-// P_ii (xc_i - xc_i) was the largest error, 1.5e-2 of the largest gradient at 300 x 40). That own term is
-// left out of P: it is 0, and next to P_ii ~ 1 the fp32 sums lost a row's terms of tiny K.
+// rbf_kernel_backward of bf16 particles (fp32 ones under bf16 matmuls: results in fp32) with many pairs on
+// AMX, at the forward's precision: the particles centred by the mean of all rows and rounded to bf16
+// (AmxOperands), P = grad * K rounded to bf16, fp32 accumulation. With xc, yc centred, grad_x = -(2/H)
+// (rowsum(P) xc - P yc) and grad_y = -(2/H) (colsum(P) yc - P^T xc); the sums are of the rounded P and xc,
+// yc the rounded particles too: the gradient at the rounded particles, whose terms cancel as they should
+// (with the inputs' unrounded xc_i, a self kernel's own term P_ii (xc_i - xc_i) was the largest error,
+// 1.5e-2 of the largest gradient at 300 x 40). That own term is left out of P: it is 0, and next to
+// P_ii ~ 1 the fp32 sums lost a row's terms of tiny K.
 // Each gradient is one pass (amx_grad_pass) over grad and K: blocks of kAmxRows rows of the result go to the
 // threads, each streaming kAmxCols-deep tiles of P (or P^T), formed from grad and K and used while in cache,
 // times the other set's rows in pairs (B operand), as the step's K W. grad_h = -(1/H) sum P log K is summed
 // in fp32 per tile row while P is formed, then in double per block.
 //
-// One gradient: out (rows x d bf16) = scale (sums (own's rounded rows) - A B), where tile(r0, rows, c0, cols,
-// depth, a, sums, p_log_k, scratch) writes the A tile of result rows [r0, r0 + rows) and depth [c0, c0 +
-// cols) (row stride kAmxCols, zero up to depth) and adds its sums (scratch: kAmxRows * kAmxCols / 2 words of
-// the thread's own); B = other_pairs, the other set's rounded rows in pairs (row_pairs). p_log_k: one entry
-// per block, or empty.
+// One gradient: out (rows x d, the particles' dtype In) = scale (sums (own's rounded rows) - A B), where
+// tile(r0, rows, c0, cols, depth, a, sums, p_log_k, scratch) writes the A tile of result rows [r0, r0 + rows)
+// and depth [c0, c0 + cols) (row stride kAmxCols, zero up to depth) and adds its sums (scratch: kAmxRows *
+// kAmxCols / 2 words of the thread's own); B = other_pairs, the other set's rounded rows in pairs
+// (row_pairs). p_log_k: one entry per block, or empty.
 template <typename In, typename Tile>
 at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::Tensor& other_pairs, float scale,
                          std::vector<double>& p_log_k, Tile&& tile) {
@@ -1043,7 +1106,7 @@ at::Tensor row_pairs(const AmxOperands& set) {
   const auto* xb_p = set.xb.const_data_ptr<at::BFloat16>();
   auto* words = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
   at::parallel_for(0, set.n_pad / 2, 64, [&](int64_t begin, int64_t end) {
-    bf16_row_pairs(xb_p, set.d_pad, begin, end, words);
+    bf16_row_pairs(xb_p, set.d_pad, begin, end, set.d_pad, words, set.d_pad);
   });
   return pairs;
 }

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -189,6 +190,30 @@ void test_transpose_words() {
   }
 }
 
+// stream_rows (rbf_kernel's K from the thread's buffers) against memcpy: destinations at every offset from
+// a 64-byte line (heads and tails stored, whole lines streamed), short and long rows; nothing outside the
+// rows' bytes written.
+void test_stream_rows() {
+  const int64_t shapes[][3] = {{1, 1, 0}, {3, 63, 1}, {5, 64, 0}, {4, 65, 17}, {7, 256, 62}, {2, 1000, 33}};
+  for (const auto& shape : shapes) {
+    const int64_t rows = shape[0], bytes = shape[1], offset = shape[2];
+    const int64_t ld_src = bytes + 7, ld_dst = bytes + 70;
+    std::vector<unsigned char> src(rows * ld_src);
+    alignas(64) static unsigned char dst[8 * 1200 + 128];
+    std::memset(dst, 0xAB, sizeof(dst));
+    for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<unsigned char>(i * 131 + 7);
+    bmt_fast::cpu::stream_rows(src.data(), ld_src, rows, bytes, dst + offset, ld_dst);
+    bool ok = true;
+    for (int64_t at = 0; at < static_cast<int64_t>(sizeof(dst)); ++at) {
+      const int64_t rel = at - offset, r = rel / ld_dst, c = rel % ld_dst;
+      const bool inside = rel >= 0 && r < rows && c < bytes;
+      ok = ok && dst[at] == (inside ? src[r * ld_src + c] : 0xAB);
+    }
+    expect(ok, "stream_rows " + std::to_string(rows) + " x " + std::to_string(bytes) + " bytes at offset " +
+                   std::to_string(offset) + " (" + bmt_fast::cpu::active_isa() + ")");
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -198,6 +223,7 @@ int main() {
   test_bad_input();
   test_fork_while_allocating();
   test_transpose_words();
+  test_stream_rows();
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }
