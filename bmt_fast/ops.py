@@ -201,8 +201,10 @@ def median_bandwidth(
         return chosen.median_bandwidth(x2)
 
 
-# Up to this many particles the self kernel's backward symmetrises its weights (_rbf_backward).
+# The self kernel's backward symmetrises its weights (_rbf_backward) up to this many particles, and beyond
+# them where the features outnumber the particles this many times.
 _SYMMETRISED_MAX_PARTICLES = 64
+_SYMMETRISED_MIN_FEATURES_PER_PARTICLE = 4
 
 
 def _rbf_kernel_setup_context(ctx, inputs, output):
@@ -217,12 +219,18 @@ def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
     if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
         return _rbf_backward_differentiable(grad, x, y, h, self_kernel, needs)
     backward = torch.ops.bmt_fast.rbf_kernel_backward
-    if self_kernel and need_x and x.shape[0] <= _SYMMETRISED_MAX_PARTICLES:
+    n = x.shape[0]
+    if self_kernel and need_x and (n <= _SYMMETRISED_MAX_PARTICLES or
+                                   n * _SYMMETRISED_MIN_FEATURES_PER_PARTICLE <= x.numel() // max(n, 1)):
         # y is x: autograd would add x's two row gradients. K is symmetric, so one pass with the
         # symmetrised weights grad + grad^T gives their sum (one n x d result instead of two and their
-        # sum; 2-core Xeon, 16 x 409,600 fp32: 6.1-11.5 -> 3.8-5.8 ms). Few particles only: at
-        # n = 2048 the transposed add of the n x n weights cost more than it saved (17-22 -> 41-49 ms).
-        # The symmetrised weights double H's gradient (sum P log K over a symmetric K): halved, exactly.
+        # sum; 2-core Xeon, 16 x 409,600 fp32: 6.1-11.5 -> 3.8-5.8 ms). Where the n x n weights are small
+        # beside the n x d passes: at n = 2048, d = 16 the transposed add cost more than it saved (17-22 ->
+        # 41-49 ms), and bf16 4096 x 512 went 29-32 -> 128-130 ms; with d >= 4 n it gains (alternating,
+        # 2-core Xeon, AMX for bf16): bf16 256 x 76,800 50-56 -> 29-33 ms, 1024 x 8192 46-47 -> 27 ms,
+        # 512 x 2048 3.5-4.4 -> 2.2-2.3 ms; fp32 256 x 76,800 102-104 -> 52-55 ms, 512 x 2048 7.3-7.6 ->
+        # 3.9-4.0 ms. The symmetrised weights double H's gradient (sum P log K over a symmetric K): halved,
+        # exactly.
         grad_x, _, grad_h = backward(grad + grad.mT, x, x, k, h, [True, False, need_h])
         return grad_x, None, grad_h / 2 if need_h else None
     # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
