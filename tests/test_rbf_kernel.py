@@ -188,7 +188,7 @@ def test_fp32_kernel_and_gradients_on_amx_where_torch_allows_bf16_matmuls(n, m, 
 
 @requires_amx
 @pytest.mark.parametrize("n,m,d", [(300, None, 40), (200, 150, 64), (129, 77, 33), (100, 700, 96),
-                                   (70, 600, 2001), (513, None, 32)])  # fmt: skip
+                                   (70, 600, 2001), (513, None, 32), (130, 700, 2050)])  # fmt: skip
 @pytest.mark.parametrize("scale", ["median", "tiny"])
 def test_bf16_gradients_on_amx_tiles(n, m, d, scale):
     """rbf_kernel_backward of bf16 particles with many pairs (n m > 4096, d >= 32) on an AMX CPU: P = grad
@@ -197,8 +197,9 @@ def test_bf16_gradients_on_amx_tiles(n, m, d, scale):
     documented arithmetic (float64 emulation) within one rounding of the result and one of its fp32 sums.
     Ragged tiles (128 rows, 512 columns, 32 features), a self kernel (its own terms left out: with a tiny H
     they dwarfed a row's other terms in the sums), K entries that underflow to 0 (a tiny H: log K clamped,
-    as the fp32 path). Each gradient asked for alone
-    is the full call's, bit for bit (H's: the same sum, in another order)."""
+    as the fp32 path), and d >= 2048 with at most 1024 rows on the other side (130 x 700 x 2050: the
+    features a chunk at a time, the last one ragged). Each gradient asked for alone is the full call's, bit
+    for bit (H's: the same sum, in another order)."""
     torch.manual_seed(n + d)
     x = torch.randn(n, d).bfloat16()
     other = x if m is None else (torch.randn(m, d) + 0.3).bfloat16()

@@ -20,8 +20,8 @@
                   float*, double*);                                                                                 \
   void amx_p_pairs(const In*, const In*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t, float*,   \
                    double*);                                                                                        \
-  void amx_grad_rows(const float*, const float*, const c10::BFloat16*, int64_t, float, int64_t, int64_t, int64_t,   \
-                     In*);
+  void amx_grad_rows(const float*, int64_t, const float*, const c10::BFloat16*, int64_t, float, int64_t, int64_t,   \
+                     int64_t, int64_t, int64_t, In*);
 
 #define BMT_FAST_DECLARE_ISA(NS)                                                                                                                \
   namespace bmt_fast::cpu::NS {                                                                                                                 \
@@ -216,9 +216,11 @@ BMT_FAST_DEFINE_TILE_ENTRY(double)
                    int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k) {                         \
     BMT_FAST_DISPATCH(amx_p_pairs, g, k, ld, rows, rows_padded, cols, diag, pw, ldw, colsum, p_log_k)                 \
   }                                                                                                                   \
-  void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale,           \
-                     int64_t d, int64_t row_begin, int64_t row_end, In* out) {                                        \
-    BMT_FAST_DISPATCH(amx_grad_rows, acc, sums, xc, ld, scale, d, row_begin, row_end, out)                            \
+  void amx_grad_rows(const float* acc, int64_t ld_acc, const float* sums, const c10::BFloat16* xc, int64_t ld,       \
+                     float scale, int64_t d, int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,  \
+                     In* out) {                                                                                       \
+    BMT_FAST_DISPATCH(amx_grad_rows, acc, ld_acc, sums, xc, ld, scale, d, row_begin, row_end, col_begin, col_end,     \
+                      out)                                                                                            \
   }
 BMT_FAST_DEFINE_AMX_ENTRY(c10::BFloat16)
 BMT_FAST_DEFINE_AMX_ENTRY(float)

@@ -47,8 +47,9 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // per column of pair row q, row stride ldw words; rows [rows, rows_padded) zero) and adds each column's sum
 // into colsum. Entry (r, r + diag), a self kernel's own term, is left out (0; a diag that puts it outside
 // the tile leaves every entry). Both add sum P log max(K, FLT_MIN) into *p_log_k unless it is null.
-// amx_grad_rows: out_r = scale (sums_r xc_r - acc_r) in In for rows [row_begin, row_end): xc (bf16) with
-// row stride ld, acc (fp32) and out with row stride d.
+// amx_grad_rows: out_r = scale (sums_r xc_r - acc_r) in In for rows [row_begin, row_end) and columns
+// [col_begin, col_end): xc (bf16) with row stride ld, out with row stride d, acc (fp32) holding just those
+// rows and columns (row stride ld_acc).
 #define BMT_FAST_DECLARE_AMX(In)                                                                                      \
   void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
                          const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \
@@ -65,8 +66,9 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
                   int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k);                    \
   void amx_p_pairs(const In* g, const In* k, int64_t ld, int64_t rows, int64_t rows_padded, int64_t cols,             \
                    int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k);                          \
-  void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale,           \
-                     int64_t d, int64_t row_begin, int64_t row_end, In* out);
+  void amx_grad_rows(const float* acc, int64_t ld_acc, const float* sums, const c10::BFloat16* xc, int64_t ld,       \
+                     float scale, int64_t d, int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,  \
+                     In* out);
 BMT_FAST_DECLARE_AMX(c10::BFloat16)
 BMT_FAST_DECLARE_AMX(float)
 

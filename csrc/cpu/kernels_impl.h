@@ -707,16 +707,20 @@ BMT_FAST_INLINE void bf16_row_pairs_impl(const c10::BFloat16* src, int64_t ld, i
 // (bf16, the rounded centred particles) with row stride ld, acc (fp32) and out with row stride d, for rows
 // [row_begin, row_end).
 template <typename In>
-BMT_FAST_INLINE void amx_grad_rows_impl(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld,
-                                        float scale, int64_t d, int64_t row_begin, int64_t row_end, In* out) {
+BMT_FAST_INLINE void amx_grad_rows_impl(const float* acc, int64_t ld_acc, const float* sums, const c10::BFloat16* xc,
+                                        int64_t ld, float scale, int64_t d, int64_t row_begin, int64_t row_end,
+                                        int64_t col_begin, int64_t col_end, In* out) {
   constexpr int L = kLanes<float>;
   const vec_t<float> sv = broadcast(scale);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const vec_t<float> coef = broadcast(sums[r]);
-    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+    const float* acc_row = acc + (r - row_begin) * ld_acc;
+    const c10::BFloat16* xc_row = xc + r * ld + col_begin;
+    In* out_row = out + r * d + col_begin;
+    for_each_vector<L>(col_end - col_begin, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> v =
-          sv * (coef * load_part_as<float>(xc + r * ld + k, count) - load_part_as<float>(acc + r * d + k, count));
-      store_as<In, float>(out + r * d + k, v, count);
+          sv * (coef * load_part_as<float>(xc_row + k, count) - load_part_as<float>(acc_row + k, count));
+      store_as<In, float>(out_row + k, v, count);
     });
   }
 }
@@ -1263,9 +1267,10 @@ BMT_FAST_DEFINE_TILE_KERNELS(double)
                    int64_t diag, uint32_t* pw, int64_t ldw, float* colsum, double* p_log_k) {                         \
     amx_p_pairs_impl(g, k, ld, rows, rows_padded, cols, diag, pw, ldw, colsum, p_log_k);                              \
   }                                                                                                                   \
-  void amx_grad_rows(const float* acc, const float* sums, const c10::BFloat16* xc, int64_t ld, float scale,           \
-                     int64_t d, int64_t row_begin, int64_t row_end, In* out) {                                        \
-    amx_grad_rows_impl(acc, sums, xc, ld, scale, d, row_begin, row_end, out);                                         \
+  void amx_grad_rows(const float* acc, int64_t ld_acc, const float* sums, const c10::BFloat16* xc, int64_t ld,       \
+                     float scale, int64_t d, int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,  \
+                     In* out) {                                                                                       \
+    amx_grad_rows_impl(acc, ld_acc, sums, xc, ld, scale, d, row_begin, row_end, col_begin, col_end, out);             \
   }
 BMT_FAST_DEFINE_AMX_KERNELS(c10::BFloat16)
 BMT_FAST_DEFINE_AMX_KERNELS(float)

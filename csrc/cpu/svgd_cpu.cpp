@@ -1064,39 +1064,61 @@ void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 // in fp32 per tile row while P is formed, then in double per block.
 //
 // One gradient: out (rows x d, the particles' dtype In) = scale (sums (own's rounded rows) - A B), where
-// tile(r0, rows, c0, cols, depth, a, sums, p_log_k, scratch) writes the A tile of result rows [r0, r0 + rows)
-// and depth [c0, c0 + cols) (row stride kAmxCols, zero up to depth) and adds its sums (scratch: kAmxRows *
-// kAmxCols / 2 words of the thread's own); B = other_pairs, the other set's rounded rows in pairs
-// (row_pairs). p_log_k: one entry per block, or empty.
+// tile(r0, rows, c0, cols, depth, a, ld_a, sums, p_log_k, scratch) writes the A tile of result rows [r0, r0 +
+// rows) and depth [c0, c0 + cols) at a (row stride ld_a, zero up to depth) and adds its sums (scratch:
+// kAmxRows * kAmxCols / 2 words of the thread's own); B = other_pairs, the other set's rounded rows in pairs
+// (row_pairs). p_log_k: one entry per block, or empty. With many features and a short depth (d >= 2048,
+// at most kAmxKeptColumns: the step's rule) a block keeps all its A tiles and goes through the features a
+// chunk of kAmxFinishCols at a time, each finished while in L2 (no rows x d fp32 accumulator written and
+// read back).
 template <typename In, typename Tile>
 at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::Tensor& other_pairs, float scale,
                          std::vector<double>& p_log_k, Tile&& tile) {
   using at::native::cpublas::brgemm;
   const int64_t rows_total = own.n, d = own.d, d_pad = own.d_pad;
-  const at::Tensor acc = empty_large({rows_total, d}, own.norms.options());
-  const at::Tensor sums = at::zeros({rows_total}, acc.options());
-  float* acc_p = acc.mutable_data_ptr<float>();
+  const int64_t depth_padded = (depth_total + 31) / 32 * 32;
+  const bool by_chunks = d >= 2 * kAmxFinishCols && depth_padded <= kAmxKeptColumns;
+  const int64_t ld_a = by_chunks ? depth_padded : kAmxCols;
+  const at::Tensor acc = by_chunks ? at::Tensor() : empty_large({rows_total, d}, own.norms.options());
+  const at::Tensor sums = at::zeros({rows_total}, own.norms.options());
   float* sums_p = sums.mutable_data_ptr<float>();
+  at::Tensor out = empty_large({rows_total, d}, own.xb.options().dtype(own.dtype));
+  In* out_p = out.mutable_data_ptr<In>();
+  const auto* xb_p = own.xb.const_data_ptr<at::BFloat16>();
+  const auto* b_p = as_bf16(other_pairs);
   at::parallel_for(0, (rows_total + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<at::BFloat16> a(kAmxRows * kAmxCols);
+    std::vector<at::BFloat16> a(kAmxRows * ld_a);
     std::vector<uint32_t> scratch(kAmxRows * kAmxCols / 2);
+    std::vector<float> chunk(by_chunks ? kAmxRows * kAmxFinishCols : 0);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = block * kAmxRows, rows = std::min(kAmxRows, rows_total - r0);
       for (int64_t c0 = 0; c0 < depth_total; c0 += kAmxCols) {
         const int64_t cols = std::min(kAmxCols, depth_total - c0), depth = (cols + 31) / 32 * 32;
-        tile(r0, rows, c0, cols, depth, a.data(), sums_p + r0, p_log_k.empty() ? nullptr : &p_log_k[block],
-             scratch.data());
-        brgemm(rows, d, depth, kAmxCols, d_pad, d, /*add_C=*/c0 > 0, a.data(), as_bf16(other_pairs) + c0 * d_pad,
-               acc_p + r0 * d);
+        at::BFloat16* a_tile = a.data() + (by_chunks ? c0 : 0);
+        tile(r0, rows, c0, cols, depth, a_tile, ld_a, sums_p + r0,
+             p_log_k.empty() ? nullptr : &p_log_k[block], scratch.data());
+        if (!by_chunks)
+          brgemm(rows, d, depth, ld_a, d_pad, d, /*add_C=*/c0 > 0, a_tile, b_p + c0 * d_pad,
+                 acc.mutable_data_ptr<float>() + r0 * d);
+      }
+      if (by_chunks) {  // (B's word f of a pair row: feature pair f, so a chunk starts at bf16 2 f0)
+        for (int64_t f0 = 0; f0 < d; f0 += kAmxFinishCols) {
+          const int64_t width = std::min(kAmxFinishCols, d - f0);
+          brgemm(rows, width, depth_padded, ld_a, d_pad, kAmxFinishCols, /*add_C=*/false, a.data(), b_p + 2 * f0,
+                 chunk.data());
+          amx_grad_rows(chunk.data(), kAmxFinishCols, sums_p, xb_p, d_pad, scale, d, r0, r0 + rows, f0, f0 + width,
+                        out_p);
+        }
       }
     }
     at::native::cpublas::brgemm_release();
   });
-  at::Tensor out = empty_large({rows_total, d}, own.xb.options().dtype(own.dtype));
-  at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
-    amx_grad_rows(acc_p, sums_p, own.xb.const_data_ptr<at::BFloat16>(), d_pad, scale, d, begin, end,
-                  out.mutable_data_ptr<In>());
-  });
+  if (!by_chunks) {
+    at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
+      amx_grad_rows(acc.const_data_ptr<float>() + begin * d, d, sums_p, xb_p, d_pad, scale, d, begin, end, 0, d,
+                    out_p);
+    });
+  }
   return out;
 }
 
@@ -1138,9 +1160,9 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
   if (want_x) {  // A = rows of P
     if (want_h) p_log_k.assign(blocks(n), 0.0);
     grad_x = amx_grad_pass<In>(ox, m, y_pairs, scale, p_log_k, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                                                       int64_t depth, at::BFloat16* a, float* rowsum, double* plk,
-                                                       uint32_t*) {
-      amx_p_rows(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, cols, depth, own(i0, j0), a, kAmxCols, rowsum, plk);
+                                                       int64_t depth, at::BFloat16* a, int64_t ld_a, float* rowsum,
+                                                       double* plk, uint32_t*) {
+      amx_p_rows(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, cols, depth, own(i0, j0), a, ld_a, rowsum, plk);
     });
   }
   if (want_y) {  // A = rows of P^T: P's row pairs (AMX's B layout) transposed as 32-bit words
@@ -1149,11 +1171,11 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
     std::vector<double> none;
     grad_y = amx_grad_pass<In>(yo, n, x_pairs, scale, logs_here ? p_log_k : none,
                            [&](int64_t j0, int64_t cols, int64_t i0, int64_t rows, int64_t depth, at::BFloat16* a,
-                               float* colsum, double* plk, uint32_t* pairs) {  // (depth / 2 x kAmxRows words)
+                               int64_t ld_a, float* colsum, double* plk, uint32_t* pairs) {  // (depth/2 x kAmxRows words)
                              amx_p_pairs(g_p + i0 * m + j0, k_p + i0 * m + j0, m, rows, depth, cols, own(i0, j0),
                                          pairs, kAmxRows, colsum, plk);
                              transpose_words(pairs, kAmxRows, depth / 2, 0, cols, reinterpret_cast<uint32_t*>(a),
-                                             kAmxCols / 2);
+                                             ld_a / 2);
                            });
   }
   if (want_h && !want_x && !want_y) {  // P log K alone: rows of P, no product
