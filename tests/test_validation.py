@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import requires_amx, requires_cpu_extension
+from helpers import float32_matmul_precision, requires_amx, requires_cpu_extension
 
 import bmt_fast
 from bmt_fast._validation import check_finite
@@ -80,11 +80,14 @@ def assert_flagged_path_names_bad_inputs(x, score, bandwidth):
 @requires_amx
 @pytest.mark.parametrize("n, d", [(65, 32), (300, 203), (70, 2100)])
 @pytest.mark.parametrize("bandwidth", ["median", 1e-3])
-def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, bandwidth):
-    """bf16 particles on the AMX path (n > 64, d >= 32) are checked like the Gram path's: the last pass
-    flags a non-finite phi, the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, bandwidth, dtype):
+    """bf16 particles on the AMX path (n > 64, d >= 32), and fp32 ones under
+    torch.set_float32_matmul_precision("medium"), are checked like the Gram path's: the last pass flags a
+    non-finite phi, the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf
     anywhere, also where every weight between two particles is exactly 0 (0 * NaN must stay NaN in K W),
-    is reported by name. Below 32 features (the fp32 path) the inputs are scanned first, as before."""
+    is reported by name. Below 32 features (the fp32 path), and fp32 at the default precision, the inputs
+    are scanned first, as before."""
     from bmt_fast import backends, ops
 
     scans = []
@@ -94,17 +97,20 @@ def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, b
         return check_finite(name, t)
 
     monkeypatch.setattr(ops, "check_finite", counting)
-    x = (torch.randn(n, d, dtype=torch.float64) * 50).bfloat16()
-    score = torch.randn(n, d, dtype=torch.float64).bfloat16()
-    assert backends.get("cpu").svgd_step_spreads_non_finite(x)
-    bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
-    out = torch.empty_like(x)
-    bmt_fast.svgd_step(x, score, bandwidth, backend="cpu", out=out)
-    assert scans == []
-    assert_flagged_path_names_bad_inputs(x, score, bandwidth)
-    assert not backends.get("cpu").svgd_step_spreads_non_finite(x[:, :31])
-    bmt_fast.svgd_step(x[:, :31], score[:, :31], bandwidth, backend="cpu")
-    assert scans[-2:] == ["x", "score"]
+    x = (torch.randn(n, d, dtype=torch.float64) * 50).to(dtype)
+    score = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    cpu = backends.get("cpu")
+    if dtype == torch.float32:
+        assert not cpu.svgd_step_spreads_non_finite(x)  # (IEEE fp32: the fp32 path)
+    with float32_matmul_precision("medium" if dtype == torch.float32 else "highest"):
+        assert cpu.svgd_step_spreads_non_finite(x)
+        bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
+        bmt_fast.svgd_step(x, score, bandwidth, backend="cpu", out=torch.empty_like(x))
+        assert scans == []
+        assert_flagged_path_names_bad_inputs(x, score, bandwidth)
+        assert not cpu.svgd_step_spreads_non_finite(x[:, :31])
+        bmt_fast.svgd_step(x[:, :31], score[:, :31], bandwidth, backend="cpu")
+        assert scans[-2:] == ["x", "score"]
 
 
 def checked(x, score, bandwidth=None, algorithm="auto"):
