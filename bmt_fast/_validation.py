@@ -121,7 +121,11 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         raise TypeError(f'bandwidth must be "median", a positive float or a 0-dim tensor, got {type(bandwidth).__name__}')
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"bandwidth must be positive and finite, got {value}")
-    return h if h is not None else _bandwidth_tensor(value, like.device, torch.is_inference_mode_enabled())
+    if h is not None:
+        return h
+    if torch.compiler.is_compiling():  # a constant of the graph (dynamo traces neither the cache nor the mode)
+        return torch.tensor(value, dtype=torch.float64, device=like.device)
+    return _bandwidth_tensor(value, like.device, torch.is_inference_mode_enabled())
 
 
 @functools.lru_cache(maxsize=64)

@@ -576,6 +576,23 @@ def test_gradient_of_the_median_kernel_treats_the_bandwidth_as_a_constant(n, d):
 
 
 @requires_cpu_extension
+def test_torch_compile_traces_a_float_bandwidth():
+    """A float H becomes a constant of the graph (eagerly, a cached tensor: dynamo traces neither the cache
+    nor the inference-mode query it is keyed on)."""
+
+    def loss(x, y):
+        return bmt_fast.rbf_kernel(x, y, 2.0, backend="cpu", check_inputs=False).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    compiled(x, y).backward()
+    expected_x = x.detach().clone().requires_grad_(True)
+    loss(expected_x, y).backward()
+    torch.testing.assert_close(x.grad, expected_x.grad)
+
+
+@requires_cpu_extension
 def test_torch_compile_traces_the_ops():
     def loss(x, y, h):
         return bmt_fast.rbf_kernel(x, y, h, backend="cpu", check_inputs=False).sum()

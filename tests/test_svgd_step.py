@@ -519,6 +519,26 @@ def test_torch_compile_fullgraph():
 
 
 @requires_cpu_extension
+def test_torch_compile_fullgraph_with_out_beyond_the_gram_path():
+    """Many fp32 particles with 32+ features, where the API asks whether the AMX path (and its finiteness
+    flag) applies, which depends on torch's fp32 matmul precision: traced without a graph break (under
+    compilation the op's result is copied into out), under either precision."""
+
+    def step(x, score, out):
+        return bmt_fast.svgd_step(x, score, 30.0, backend="cpu", check_inputs=False, out=out)
+
+    x, score = particles(70, 40, dtype=torch.float32)
+    for precision in ("highest", "medium"):
+        with float32_matmul_precision(precision):
+            compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+            out, expected = torch.empty_like(x), torch.empty_like(x)
+            compiled(x, score, out)
+            step(x, score, expected)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+            torch._dynamo.reset()
+
+
+@requires_cpu_extension
 def test_torch_compile_fullgraph_with_out():
     """out= traces too: its checks use nothing dynamo refuses (it skipped the fake-tensor test and a
     functools.cache of the backend's), and the op writes phi into the caller's tensor."""
