@@ -37,6 +37,9 @@ def collect() -> dict:
     }
     if cpu.loaded:
         info["cpu_extension"].update(cpu.module.build_info())
+        # fp32 particles with many particles on AMX follow torch's fp32 matmul precision (README, "Numerics")
+        amx_fp32 = info["cpu_extension"].get("cpu_bf16_amx") and cpu.module.float32_matmul_in_bf16()
+        info["cpu_fp32_matmul"] = "bf16 on AMX (torch's fp32 matmul precision)" if amx_fp32 else "ieee"
     return info
 
 
@@ -49,6 +52,8 @@ def main() -> None:
     print(f"available backends: {', '.join(info['available_backends'])}")
     for name, reason in info["unavailable_backends"].items():
         print(f"  {name}: unavailable: {reason}")
+    if "cpu_fp32_matmul" in info:
+        print(f"CPU fp32 products (many particles): {info['cpu_fp32_matmul']}")
     for key in ("cpu_extension", "cuda_extension"):
         details = ", ".join(f"{k}={v}" for k, v in info[key].items() if k != "built")
         print(f"{key}: {details or 'no build record'}")

@@ -340,6 +340,16 @@ def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):
 
 
 @requires_amx
+def test_info_reports_the_fp32_products():
+    """`python -m bmt_fast.info` says which products fp32 particles get, as the setting stands."""
+    from bmt_fast import info
+
+    assert info.collect()["cpu_fp32_matmul"] == "ieee"
+    with float32_matmul_precision("medium"):
+        assert info.collect()["cpu_fp32_matmul"].startswith("bf16 on AMX")
+
+
+@requires_amx
 def test_bf16_amx_can_be_turned_off(tmp_path):
     """BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path (bit for bit the fp32 step, kernel and kernel
     gradient rounded to bf16); by default the AMX path runs, and its results differ from those."""
