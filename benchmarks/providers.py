@@ -11,6 +11,7 @@ median rule is benchmarked on its own by `benchmarks.median_bandwidth`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -243,17 +244,25 @@ def _bmt_fast_svgd_checked(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h)
 
 
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision(precision) inside the block, the previous setting after it
+    ("medium": fp32 matmuls may multiply bf16-rounded operands: oneDNN's on a CPU with AMX or AVX512-BF16,
+    which the CPU backend's AMX path follows; TF32 on a GPU)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def under_bf16_matmuls(run: Run) -> Run:
-    """run() with torch.set_float32_matmul_precision("medium") (fp32 matmuls may multiply bf16-rounded
-    operands: oneDNN's on a CPU with AMX or AVX512-BF16, TF32 on a GPU), the previous setting restored after."""
+    """run() under float32_matmul_precision("medium")."""
 
     def wrapped():
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("medium")
-        try:
+        with float32_matmul_precision("medium"):
             return run()
-        finally:
-            torch.set_float32_matmul_precision(previous)
 
     return wrapped
 

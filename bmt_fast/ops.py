@@ -221,7 +221,7 @@ def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
     backward = torch.ops.bmt_fast.rbf_kernel_backward
     n = x.shape[0]
     if self_kernel and need_x and (n <= _SYMMETRISED_MAX_PARTICLES or
-                                   n * _SYMMETRISED_MIN_FEATURES_PER_PARTICLE <= x.numel() // max(n, 1)):
+                                   n * _SYMMETRISED_MIN_FEATURES_PER_PARTICLE <= x[0].numel()):
         # y is x: autograd would add x's two row gradients. K is symmetric, so one pass with the
         # symmetrised weights grad + grad^T gives their sum (one n x d result instead of two and their
         # sum; 2-core Xeon, 16 x 409,600 fp32: 6.1-11.5 -> 3.8-5.8 ms). Where the n x n weights are small

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import bmt_fast
+from benchmarks.providers import float32_matmul_precision  # noqa: F401 (shared with the tests)
 
 CPU_BACKENDS = [name for name in ("torch", "cpu") if name in bmt_fast.available_backends()]
 COMPILED_CPU = "cpu" in bmt_fast.available_backends()
@@ -23,18 +22,6 @@ def _cpu_bf16_amx() -> bool:
 
 # bf16 with many particles runs on AMX tiles on this CPU (svgd_cpu.cpp); BMT_FAST_CPU_AMX=0 turns it off
 requires_amx = pytest.mark.skipif(not _cpu_bf16_amx(), reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")
-
-
-@contextlib.contextmanager
-def float32_matmul_precision(precision: str):
-    """torch.set_float32_matmul_precision(precision) inside the block, the previous setting after it
-    ("medium": fp32 matmuls may multiply bf16-rounded operands, which the CPU ops follow on AMX)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

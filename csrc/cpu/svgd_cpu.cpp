@@ -524,23 +524,24 @@ void amx_dots(const AmxOperands& a, const AmxOperands& b, int64_t i0, int64_t ro
                                 xb_p + k0, bs_p + k0 * b.n_pad, s);
 }
 
-// The median's tiles on AMX: each thread computes and visits its own (rows of kAmxRows, columns of
-// kAmxCols from the block's diagonal on). A block's share of the upper triangle shrinks with its index,
-// so the blocks go out in pairs b and last - b, every pair about the same work. (One shared tile at a
-// time, its rows split across the threads, left them waiting at two barriers per tile.)
-template <typename Visit>
-void AmxTiles::operator()(Visit&& visit) const {
-  const AmxOperands& op = operands;
+// The dot products of the particles of op with each other on AMX, the upper triangle by tiles: blocks of
+// kAmxRows rows, each with its tiles of kAmxCols columns from the block's diagonal on, every thread computing
+// and visiting its own tiles. A block's share of the upper triangle shrinks with its index, so the blocks go
+// out in pairs b and last - b, every pair about the same work. make_visit() gives a thread's visitor (with
+// its own buffers); visit(s, i0, rows, j0, cols) gets a tile's fp32 dots (rows x cols, row stride cols) in
+// the thread's buffer s, which it may overwrite.
+template <typename MakeVisit>
+void for_each_upper_amx_tile(const AmxOperands& op, MakeVisit&& make_visit) {
   const int64_t blocks = (op.n + kAmxRows - 1) / kAmxRows;
   at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor buffer = at::empty({kAmxRows * kAmxCols}, op.norms.options());
+    std::vector<float> s(kAmxRows * kAmxCols);
+    auto visit = make_visit();
     const auto rows_of = [&](int64_t block) {
       const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, op.n - i0);
       for (int64_t j0 = i0; j0 < op.n; j0 += kAmxCols) {
         const int64_t cols = std::min(kAmxCols, op.n - j0);
-        const at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-        amx_dots(op, op, i0, rows, j0, cols, tile.mutable_data_ptr<float>(), cols);
-        visit(tile, i0, j0, 0, rows);
+        amx_dots(op, op, i0, rows, j0, cols, s.data(), cols);
+        visit(s.data(), i0, rows, j0, cols);
       }
     };
     for (int64_t pair = begin; pair < end; ++pair) {
@@ -548,6 +549,18 @@ void AmxTiles::operator()(Visit&& visit) const {
       if (blocks - 1 - pair != pair) rows_of(blocks - 1 - pair);
     }
     at::native::cpublas::brgemm_release();
+  });
+}
+
+// The median's tiles on AMX (for_each_upper_amx_tile). (One shared tile at a time, its rows split across
+// the threads, left them waiting at two barriers per tile.)
+template <typename Visit>
+void AmxTiles::operator()(Visit&& visit) const {
+  const at::TensorOptions options = operands.norms.options();
+  for_each_upper_amx_tile(operands, [&] {
+    return [&](float* s, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+      visit(at::from_blob(s, {rows, cols}, options), i0, j0, 0, rows);
+    };
   });
 }
 
@@ -589,54 +602,43 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
 }
 
 // A self kernel on AMX: K is symmetric, so a block of kAmxRows rows computes only its tiles from its own
-// diagonal on (the upper triangle by row blocks: about half the dot products and exps) and writes the
-// columns right of its diagonal block a second time, transposed, below it. Every entry is written once (the
-// entries left of a block's diagonal block are earlier blocks' transposes), K[j][i] == K[i][j] exactly, and
-// the row blocks go out in pairs b, last - b (about equal work, as AmxTiles'). A tile's K goes to the
-// thread's own buffers first, as it is and transposed (bf16 as 32-bit words that hold a pair of rows:
+// diagonal on (for_each_upper_amx_tile: about half the dot products and exps) and writes the columns right of
+// its diagonal block a second time, transposed, below it. Every entry is written once (the entries left of a
+// block's diagonal block are earlier blocks' transposes) and K[j][i] == K[i][j] exactly. A tile's K goes to
+// the thread's own buffers first, as it is and transposed (bf16 as 32-bit words that hold a pair of rows:
 // bf16_row_pairs, then transpose_words, which puts whole words into K's rows only with an even n: an odd n
 // computes both triangles), and from there into K in whole streamed lines.
 template <typename In>
 at::Tensor rbf_kernel_amx_self(const AmxOperands& a, double h) {
   constexpr bool kBf16 = std::is_same_v<In, at::BFloat16>;
   constexpr int64_t kWordsPerRow = kBf16 ? kAmxRows / 2 : kAmxRows;  // a transposed tile's row, in words
-  const int64_t n = a.n, blocks = (n + kAmxRows - 1) / kAmxRows;
+  const int64_t n = a.n;
   at::Tensor k = empty_large({n, n}, a.xb.options().dtype(a.dtype));
   const float* norms_p = a.norms.const_data_ptr<float>();
   In* k_p = k.mutable_data_ptr<In>();
   const float inv_h = static_cast<float>(1.0 / h);
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(In));
-  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(kAmxRows * kAmxCols), rowsum(kAmxRows);
-    std::vector<In> tile(kAmxRows * kAmxCols);
-    std::vector<uint32_t> pairs(kBf16 ? kAmxRows / 2 * kAmxCols : 0), transposed(kAmxCols * kWordsPerRow);
-    const auto rows_of = [&](int64_t block) {
-      const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
-      for (int64_t j0 = i0; j0 < n; j0 += kAmxCols) {
-        const int64_t cols = std::min(kAmxCols, n - j0);
-        amx_dots(a, a, i0, rows, j0, cols, s.data(), kAmxCols);
-        // (with a row-sum buffer the epilogue stores the tile into the caches: it is read again below)
-        amx_rbf_from_dots(s.data(), kAmxCols, rows, cols, cols, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
-                          /*own_one=*/true, tile.data(), kAmxCols, rowsum.data());
-        stream_rows(tile.data(), kAmxCols * sizeof(In), rows, cols * sizeof(In), k_p + i0 * n + j0, row_bytes);
-        const int64_t first = std::max(j0, i0 + rows) - j0;  // the tile's first column right of the diagonal block
-        if (first >= cols) continue;
-        const auto* right = reinterpret_cast<const uint32_t*>(tile.data() + first);
-        if constexpr (kBf16) {  // (rows is even: n is, and i0 a multiple of kAmxRows)
-          bf16_row_pairs(tile.data() + first, kAmxCols, 0, rows / 2, cols - first, pairs.data(), kAmxCols);
-          right = pairs.data();
-        }
-        const int64_t words = kBf16 ? rows / 2 : rows;
-        transpose_words(right, kAmxCols, words, 0, cols - first, transposed.data(), kWordsPerRow);
-        stream_rows(transposed.data(), kWordsPerRow * 4, cols - first, words * 4, k_p + (j0 + first) * n + i0,
-                    row_bytes);
+  for_each_upper_amx_tile(a, [&] {
+    return [&, rowsum = std::vector<float>(kAmxRows), tile = std::vector<In>(kAmxRows * kAmxCols),
+            pairs = std::vector<uint32_t>(kBf16 ? kAmxRows / 2 * kAmxCols : 0),
+            transposed = std::vector<uint32_t>(kAmxCols * kWordsPerRow)](
+               float* s, int64_t i0, int64_t rows, int64_t j0, int64_t cols) mutable {
+      // (with a row-sum buffer the epilogue stores the tile into the caches: it is read again below)
+      amx_rbf_from_dots(s, cols, rows, cols, cols, norms_p + i0, norms_p + j0, inv_h, i0 - j0, /*own_one=*/true,
+                        tile.data(), kAmxCols, rowsum.data());
+      stream_rows(tile.data(), kAmxCols * sizeof(In), rows, cols * sizeof(In), k_p + i0 * n + j0, row_bytes);
+      const int64_t first = std::max(j0, i0 + rows) - j0;  // the tile's first column right of the diagonal block
+      if (first >= cols) return;
+      const auto* right = reinterpret_cast<const uint32_t*>(tile.data() + first);
+      if constexpr (kBf16) {  // (rows is even: n is, and i0 a multiple of kAmxRows)
+        bf16_row_pairs(tile.data() + first, kAmxCols, 0, rows / 2, cols - first, pairs.data(), kAmxCols);
+        right = pairs.data();
       }
+      const int64_t words = kBf16 ? rows / 2 : rows;
+      transpose_words(right, kAmxCols, words, 0, cols - first, transposed.data(), kWordsPerRow);
+      stream_rows(transposed.data(), kWordsPerRow * 4, cols - first, words * 4, k_p + (j0 + first) * n + i0,
+                  row_bytes);
     };
-    for (int64_t pair = begin; pair < end; ++pair) {
-      rows_of(pair);
-      if (blocks - 1 - pair != pair) rows_of(blocks - 1 - pair);
-    }
-    at::native::cpublas::brgemm_release();
   });
   return k;
 }
