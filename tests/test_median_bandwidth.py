@@ -60,8 +60,10 @@ def test_tiled_median_is_exact_on_both_sides_of_the_selection_limit(n, dtype, ti
 
 
 @requires_cpu_extension
+# (520 x 3000: many features, so few pairs sampled (~390) and a wide window)
 @pytest.mark.parametrize("n,d,dtype,ties", [(513, 3, torch.float64, True), (600, 5, torch.float32, False),
-                                            (1500, 2, torch.float32, True), (2100, 17, torch.float64, False)])  # fmt: skip
+                                            (1500, 2, torch.float32, True), (2100, 17, torch.float64, False),
+                                            (520, 3000, torch.float32, False)])  # fmt: skip
 def test_windowed_median_equals_the_radix_passes_bit_for_bit(monkeypatch, n, d, dtype, ties):
     """Beyond 512 particles a sample of pairs brackets the median and one pass keeps the distances in the
     bracket; the values selected are the tiles' own, so the result is the radix passes' exactly
@@ -93,7 +95,8 @@ def test_windowed_median_falls_back_when_the_bracket_holds_too_much(monkeypatch)
 
 @requires_amx
 # selection over stored distances, window; features in depth chunks of 512 (d >= 1024)
-@pytest.mark.parametrize("n,d", [(300, 40), (513, 32), (1100, 65), (100, 1030)])
+# (600 x 2100: the window's sample of few pairs read from the bf16 operands)
+@pytest.mark.parametrize("n,d", [(300, 40), (513, 32), (1100, 65), (100, 1030), (600, 2100)])
 def test_bf16_median_on_amx_is_that_of_the_rounded_particles(monkeypatch, n, d):
     """bf16 particles on an AMX CPU (d >= 32, n > 64): the median of the squared distances between the
     centred particles rounded to bf16 (the operands of the step's distance tiles), which svgd_step's

@@ -42,6 +42,7 @@
                          double, double, int64_t*, double*);                                                                                    \
   void pair_sq_dists(const float*, int64_t, const float*, const int64_t*, const int64_t*, int64_t, float*);                                     \
   void pair_sq_dists(const double*, int64_t, const double*, const int64_t*, const int64_t*, int64_t, double*);                                  \
+  void pair_sq_dists(const c10::BFloat16*, int64_t, const float*, const int64_t*, const int64_t*, int64_t, float*);                          \
   void gram_columns(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);                 \
   void gram_columns(const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, double*);             \
   void gram_columns(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*, float*, float*); \
@@ -183,6 +184,10 @@ const char* compiled_isas() {
   }
 BMT_FAST_DEFINE_TILE_ENTRY(float)
 BMT_FAST_DEFINE_TILE_ENTRY(double)
+void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const int64_t* first, const int64_t* second,
+                   int64_t count, float* out) {
+  BMT_FAST_DISPATCH(pair_sq_dists, xc, d, norms, first, second, count, out)
+}
 
 #define BMT_FAST_DEFINE_AMX_ENTRY(In)                                                                                \
   void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \

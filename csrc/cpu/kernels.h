@@ -115,11 +115,13 @@ int64_t window_collect(const double* tile, int64_t ld, int64_t row_begin, int64_
                        double* out);
 
 // out[t] = squared distance of the rows first[t] and second[t] of xc (n x d, row-major) with norms, from
-// their dot product, clamped at 0 (a sample of pairs).
+// their dot product, clamped at 0 (a sample of pairs). bf16 rows (the AMX path's rounded particles) in fp32.
 void pair_sq_dists(const float* xc, int64_t d, const float* norms, const int64_t* first, const int64_t* second,
                    int64_t count, float* out);
 void pair_sq_dists(const double* xc, int64_t d, const double* norms, const int64_t* first, const int64_t* second,
                    int64_t count, double* out);
+void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const int64_t* first,
+                   const int64_t* second, int64_t count, float* out);
 
 // ---- few-particle, huge-d regime: split-K Gram, then one pass ------------------------------------
 

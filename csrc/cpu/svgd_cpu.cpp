@@ -289,6 +289,23 @@ double median_sq_dist_select(int64_t n, const at::Tensor& norms, const Tiles& ti
   return middle_of(upper, k0, k1);
 }
 
+// How many pairs the median's window samples among m pairs of d features (distances of sizeof_t bytes). A
+// sample's distance reads two rows (time ~ d + 32 features: the random rows' start-up), and the window
+// then holds about 4 m / sqrt(samples) distances, each compared, kept and selected over (~11 ns on a 2-core
+// Xeon against ~0.1 ns per feature of a sample): the sum of the two is least near (2 * 11 / 0.1 * m /
+// (d + 32))^(2/3) samples. 2-core Xeon (Emerald Rapids), median_bandwidth, samples -> ms: bf16 1024 x 8192
+// 256 -> 18.6, 1024 -> 20.4, 4096 -> 26.3, 16384 -> 34.4 (16 sqrt(m), the rule before: 11.6k); 4096 x 768
+// 1024 -> 25.3, 4096 -> 20.9, 16384 -> 17.5, 65536 -> 20.4; 8192 x 128 4096 -> 42.1, 16384 -> 26.4,
+// 65536 -> 21.7; fp32 1024 x 8192 256 -> 65.9, 16384 -> 81.8. At least enough that the window fits in
+// kMedianWindowMaxBytes (with a margin), and at most kMedianWindowMaxSamples (beyond, the radix passes).
+inline int64_t median_window_samples(int64_t m, int64_t d, size_t sizeof_t) {
+  const double pairs = static_cast<double>(m);
+  const double balanced = std::pow(220.0 * pairs / static_cast<double>(d + 32), 2.0 / 3.0);
+  const double fits = std::pow(8.0 * pairs * static_cast<double>(sizeof_t) / static_cast<double>(kMedianWindowMaxBytes), 2.0);
+  const double samples = std::clamp(std::max(fits, balanced), 256.0, static_cast<double>(kMedianWindowMaxSamples));
+  return std::min<int64_t>(m, static_cast<int64_t>(samples));
+}
+
 // The same median by one pass over the tiles for more particles: a sample of pairs brackets the two middle
 // ranks with [lo, hi] (their sample quantiles widened by 4 standard deviations of a sample quantile), one
 // pass counts the distances below lo and keeps those in [lo, hi], and the selection finishes in that
@@ -307,10 +324,7 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   if (k0 < 0) return std::nullopt;
 
   // The sample: pairs i < j from a fixed-seed generator (the result does not depend on it).
-  // The window holds about 4 m / sqrt(samples) distances: 16 sqrt(m) samples keep it near m^(3/4) / 4.
-  const int64_t samples = std::min<int64_t>(
-      m, std::clamp<int64_t>(static_cast<int64_t>(16.0 * std::sqrt(static_cast<double>(m))), 4096,
-                             kMedianWindowMaxSamples));
+  const int64_t samples = median_window_samples(m, d, sizeof(T));
   std::vector<int64_t> first(samples), second(samples);
   uint64_t state = 0x9E3779B97F4A7C15ull;
   auto next = [&state] {  // splitmix64
@@ -331,6 +345,13 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   at::parallel_for(0, (samples + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t t0 = c * block, count = std::min(block, samples - t0);
+      if constexpr (std::is_same_v<T, float>) {
+        if (xc.scalar_type() == at::kBFloat16) {  // (the AMX path's rounded particles)
+          pair_sq_dists(xc.const_data_ptr<at::BFloat16>(), d, norms.const_data_ptr<float>(), first.data() + t0,
+                        second.data() + t0, count, sample.data() + t0);
+          continue;
+        }
+      }
       pair_sq_dists(xc.data_ptr<T>(), d, norms.data_ptr<T>(), first.data() + t0, second.data() + t0, count,
                     sample.data() + t0);
     }
@@ -419,6 +440,7 @@ constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accum
 constexpr int64_t kAmxCols = 512;   // columns per block (a multiple of 32: AMX's bf16 depth)
 constexpr int64_t kAmxFinishCols = 1024;  // the step's K W by feature chunks (d >= 2048): a 512 KiB accumulator
 constexpr int64_t kAmxKeptColumns = 1024;  // ... when a block's K rows (<= 256 KiB of bf16) are kept for it
+constexpr int64_t kAmxFusedTransposeFeatures = 16384;  // AmxOperands: B transposed by blocks of 16 rows up to here
 
 bool use_amx(const at::Tensor& x) {  // (float32_matmul_in_bf16: kernels.h)
   const auto type = x.scalar_type();
@@ -488,25 +510,33 @@ struct AmxOperands {
     const float* shift_p = shift.const_data_ptr<float>();
     auto* xb_p = xb.mutable_data_ptr<at::BFloat16>();
     float* norms_p = norms.mutable_data_ptr<float>();
+    const auto* words = reinterpret_cast<const uint32_t*>(xb.const_data_ptr<at::BFloat16>());
+    uint32_t* b_s_words = nullptr;
+    if (as_b) {
+      b_s = empty_large({d_pad / 2, n_pad}, x.options().dtype(at::kInt));
+      b_s_words = reinterpret_cast<uint32_t*>(b_s.mutable_data_ptr<int32_t>());
+    }
+    // Up to kAmxFusedTransposeFeatures by blocks of 16 rows: centred, rounded, and (as_b) transposed into
+    // b_s's columns while still in L2 (a transpose of all of xb afterwards read it 16 KB apart at d = 8192,
+    // beyond the prefetchers). Beyond, a block of rows overflows L2 and each word row of b_s would be
+    // written a line at a time by 16 row blocks: the transpose takes whole word rows after the centring.
+    // 2-core Xeon, rbf_kernel bf16, alternating (ms): 1024 x 8192 12.5-13.5 -> 11.1-12.0, 2048 x 2048
+    // 10.1-11.2 -> 9.7-10.1, 256 x 76,800 25.4-29.4 -> 28.7-29.7 (so not there).
     amx_dispatch(x, [&](auto typed) {
       const auto* x_p = x.const_data_ptr<typename decltype(typed)::type>();
-      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-        amx_centre_rows(x_p, d, shift_p, begin, end, xb_p, d_pad, norms_p);
+      const bool fused = as_b && d_pad <= kAmxFusedTransposeFeatures;
+      at::parallel_for(0, n_pad / 16, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t i0 = block * 16;
+          if (i0 < n) amx_centre_rows(x_p, d, shift_p, i0, std::min(i0 + 16, n), xb_p, d_pad, norms_p);
+          if (fused) transpose_words(words + i0 * (d_pad / 2), d_pad / 2, 16, 0, d_pad / 2, b_s_words + i0, n_pad);
+        }
+      });
+      if (!as_b || fused) return;
+      at::parallel_for(0, (d_pad / 2 + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+        transpose_words(words, d_pad / 2, n_pad, begin * 16, std::min(end * 16, d_pad / 2), b_s_words, n_pad);
       });
     });
-    if (!as_b) return;
-    b_s = empty_large({d_pad / 2, n_pad}, x.options().dtype(at::kInt));
-    const auto* words = reinterpret_cast<const uint32_t*>(xb.const_data_ptr<at::BFloat16>());
-    auto* b_s_words = reinterpret_cast<uint32_t*>(b_s.mutable_data_ptr<int32_t>());
-    at::parallel_for(0, (d_pad / 2 + 15) / 16, 1, [&](int64_t begin, int64_t end) {
-      transpose_words(words, d_pad / 2, n_pad, begin * 16, std::min(end * 16, d_pad / 2), b_s_words, n_pad);
-    });
-  }
-
-  // The rounded particles as fp32 values (n x d_pad), for the median's sample and small-n selection.
-  at::Tensor xb_float() const {
-    at::Tensor values = empty_large({n, d_pad}, norms.options());
-    return values.copy_(xb.narrow(0, 0, n));
   }
 };
 
@@ -566,9 +596,9 @@ void AmxTiles::operator()(Visit&& visit) const {
 
 double median_sq_dist_amx(const AmxOperands& operands) {
   const AmxTiles tiles{operands};
-  if (operands.n <= kMedianSelectMaxParticles)  // (no fp32 copy of the rounded particles: no sample there)
-    return median_sq_dist_select<float>(operands.n, operands.norms, tiles);
-  return median_sq_dist<float>(operands.xb_float(), operands.norms, tiles);
+  // (the window's sample reads the rounded particles as they are: bf16; an fp32 copy of them cost more than
+  // the sample at 1024 x 8192)
+  return median_sq_dist<float>(operands.xb.narrow(0, 0, operands.n), operands.norms, tiles);
 }
 
 // rbf_kernel on AMX: K (a.n x b.n, the particles' dtype) between the particles of a and those of b
