@@ -580,6 +580,22 @@ def test_rbf_kernel_median_op_equals_the_two_ops(n, dtype):
     assert meta_k.shape == (n, n) and meta_k.dtype == dtype and meta_h.shape == () and meta_h.dtype == h.dtype
 
 
+@requires_amx
+@pytest.mark.parametrize("n,d,dtype", [(131, 600, torch.float32), (700, 520, torch.float32), (130, 2001, torch.bfloat16),
+                                       (131, 2001, torch.bfloat16)])  # fmt: skip
+def test_rbf_kernel_median_on_amx_from_the_median_pass_dot_products(n, d, dtype):
+    """On AMX with d >= 512 rbf_kernel_median forms K from the dot products the median's pass kept (where
+    rbf_kernel takes its one triangle: fp32, or bf16 with an even n; an odd n of bf16 runs the two ops):
+    still rbf_kernel(x, x, median_bandwidth(x)) bit for bit (fp32 under "medium", so on AMX too)."""
+    torch.manual_seed(n + d)
+    x = (torch.randn(n, d, dtype=torch.float64) + 1.0).to(dtype)
+    with float32_matmul_precision("medium"):
+        k, h = torch.ops.bmt_fast.rbf_kernel_median(x)
+        assert torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, torch.ops.bmt_fast.median_bandwidth(x)))
+    assert torch.equal(k.diagonal(), torch.ones(n, dtype=dtype)) and torch.equal(k, k.T)
+    assert relative_error(k, reference.rbf_kernel(x.double(), x.double(), h.double())) <= 2 * 2.0**-8
+
+
 @requires_cpu_extension
 @pytest.mark.parametrize("n, d", [(6, 40), (64, 300), (70, 5)])  # symmetrised backward up to 64, two outputs beyond
 def test_gradient_of_the_median_kernel_treats_the_bandwidth_as_a_constant(n, d):

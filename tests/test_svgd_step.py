@@ -340,6 +340,24 @@ def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):
 
 
 @requires_amx
+@pytest.mark.parametrize("n,d", [(700, 600), (300, 515)])
+def test_amx_step_takes_k_from_the_median_pass_dot_products(n, d):
+    """With the median rule and d >= 512 (n^2 fp32 within 64 MiB) the step keeps the dot products of the
+    median's pass (upper-triangle tiles from each block's diagonal, written with their transposes) and forms
+    K from them instead of computing them again: phi as with the same H given, where the step computes its
+    own tiles (fp32 under "medium", so that only the fp32 rounding of H differs). Ragged blocks and tiles
+    (700 = 5 x 128 + 60 rows, 512 + 188 columns); the window's median and the selection (300)."""
+    torch.manual_seed(n)
+    x, score = particles(n, d, dtype=torch.float32)
+    with float32_matmul_precision("medium"):
+        by_rule = torch.ops.bmt_fast.svgd_step(x, score, None, "tiled")
+        h = torch.ops.bmt_fast.median_bandwidth(x, "tiled").double()
+        given = torch.ops.bmt_fast.svgd_step(x, score, h, "tiled")
+    assert relative_error(by_rule, given) <= 1e-5
+    assert relative_error(by_rule, reference_phi(x.double(), score.double(), h)) <= 2 * 2.0**-8
+
+
+@requires_amx
 def test_info_reports_the_fp32_products():
     """`python -m bmt_fast.info` says which products fp32 particles get, as the setting stands."""
     from bmt_fast import info

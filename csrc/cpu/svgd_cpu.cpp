@@ -97,6 +97,7 @@ struct GemmTiles {
 struct AmxOperands;
 struct AmxTiles {
   const AmxOperands& operands;
+  float* kept = nullptr;  // or all n x n dot products, written as the tiles go by (row stride n)
   template <typename Visit>
   void operator()(Visit&& visit) const;
 };
@@ -440,6 +441,8 @@ constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accum
 constexpr int64_t kAmxCols = 512;   // columns per block (a multiple of 32: AMX's bf16 depth)
 constexpr int64_t kAmxFinishCols = 1024;  // the step's K W by feature chunks (d >= 2048): a 512 KiB accumulator
 constexpr int64_t kAmxKeptColumns = 1024;  // ... when a block's K rows (<= 256 KiB of bf16) are kept for it
+constexpr int64_t kAmxKeptDotsMinFeatures = 512;   // svgd_step_amx: K from the median pass's dot products ...
+constexpr int64_t kAmxKeptDotsMaxBytes = int64_t{64} << 20;  // ... where they take at most this
 constexpr int64_t kAmxFusedTransposeFeatures = 16384;  // AmxOperands: B transposed by blocks of 16 rows up to here
 
 bool use_amx(const at::Tensor& x) {  // (float32_matmul_in_bf16: kernels.h)
@@ -587,15 +590,31 @@ void for_each_upper_amx_tile(const AmxOperands& op, MakeVisit&& make_visit) {
 template <typename Visit>
 void AmxTiles::operator()(Visit&& visit) const {
   const at::TensorOptions options = operands.norms.options();
+  const int64_t n = operands.n;
   for_each_upper_amx_tile(operands, [&] {
     return [&](float* s, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+      if (kept != nullptr) {  // the tile, and its transpose below it (a diagonal block: the same values)
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(kept + (i0 + r) * n + j0, s + r * cols, cols * sizeof(float));
+        transpose_words(reinterpret_cast<const uint32_t*>(s), cols, rows, 0, cols,
+                        reinterpret_cast<uint32_t*>(kept + j0 * n + i0), n);
+      }
       visit(at::from_blob(s, {rows, cols}, options), i0, j0, 0, rows);
     };
   });
 }
 
-double median_sq_dist_amx(const AmxOperands& operands) {
-  const AmxTiles tiles{operands};
+// Whether the median's pass keeps all n x n dot products for K after it (svgd_step and rbf_kernel with the
+// median rule): with many features, where they take little memory, K then costs one pass over them instead
+// of n^2 d products again. 2-core Xeon, alternating (ms): bf16 step 1024 x 8192 41.6-45.1 -> 29.8-32.2,
+// 2048 x 2048 37.1-40.0 -> 28.1-30.0, 4096 x 768 47.8-49.1 -> 45.0-47.4, 512 x 4096 6.1-6.2 -> 4.8-5.1,
+// 4096 x 512 level; fp32 under "medium" 1024 x 8192 43.5-44.0 -> 32.3-33.4.
+bool amx_keeps_dots(int64_t n, int64_t d) {
+  return d >= kAmxKeptDotsMinFeatures && n * n * static_cast<int64_t>(sizeof(float)) <= kAmxKeptDotsMaxBytes;
+}
+
+// kept: as AmxTiles::kept.
+double median_sq_dist_amx(const AmxOperands& operands, float* kept = nullptr) {
+  const AmxTiles tiles{operands, kept};
   // (the window's sample reads the rounded particles as they are: bf16; an fp32 copy of them cost more than
   // the sample at 1024 x 8192)
   return median_sq_dist<float>(operands.xb.narrow(0, 0, operands.n), operands.norms, tiles);
@@ -686,6 +705,27 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
   return rbf_kernel_amx<at::BFloat16>(a, b, h);
 }
 
+// A self kernel on AMX from all n x n dot products of its particles (kept by the median's pass: dots, which
+// this overwrites), by blocks of kAmxRows rows: the same values as rbf_kernel_amx's from the same tiles.
+at::Tensor rbf_kernel_from_dots(const AmxOperands& a, const at::Tensor& dots, double h) {
+  const int64_t n = a.n;
+  at::Tensor k = empty_large({n, n}, a.xb.options().dtype(a.dtype));
+  const float* norms_p = a.norms.const_data_ptr<float>();
+  float* dots_p = dots.mutable_data_ptr<float>();
+  const float inv_h = static_cast<float>(1.0 / h);
+  amx_dispatch(k, [&](auto typed) {
+    auto* k_p = k.mutable_data_ptr<typename decltype(typed)::type>();
+    at::parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i0 = begin * kAmxRows; i0 < std::min(end * kAmxRows, n); i0 += kAmxRows) {
+        const int64_t rows = std::min(kAmxRows, n - i0);
+        amx_rbf_from_dots(dots_p + i0 * n, n, rows, n, n, norms_p + i0, norms_p, inv_h, i0, /*own_one=*/true,
+                          k_p + i0 * n, n, /*rowsum=*/nullptr);
+      }
+    });
+  });
+  return k;
+}
+
 // phi of bf16 or fp32 particles (contiguous) into out (n x d, their dtype, contiguous); returns whether phi
 // is all finite (tracked by the last pass). Any NaN/Inf input makes phi non-finite here: a bad x value makes
 // its column's mean, and so every particle's centred value there, non-finite; a bad score value makes W's
@@ -697,7 +737,11 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const int64_t n = x.size(0), d = x.size(1);
   const AmxOperands operands(x);
   const int64_t n_pad = operands.n_pad;
-  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_amx(operands), n);
+  // With the median rule the median's pass may keep the dot products for K (amx_keeps_dots).
+  const bool keep = !bandwidth && amx_keeps_dots(n, d);
+  const at::Tensor kept = keep ? empty_large({n, n}, x.options().dtype(at::kFloat)) : at::Tensor();
+  float* kept_p = keep ? kept.mutable_data_ptr<float>() : nullptr;
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_amx(operands, kept_p), n);
   const float a = static_cast<float>(2.0 / h);
   const auto* x_p = x.const_data_ptr<In>();
   const auto* score_p = score.const_data_ptr<In>();
@@ -738,9 +782,10 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
       const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
       for (int64_t j0 = 0; j0 < n; j0 += kAmxCols) {
         const int64_t cols = std::min(kAmxCols, n - j0), depth = (cols + 31) / 32 * 32;
-        amx_dots(operands, operands, i0, rows, j0, cols, s.data(), kAmxCols);
+        float* dots = keep ? kept_p + i0 * n + j0 : s.data();
+        if (!keep) amx_dots(operands, operands, i0, rows, j0, cols, s.data(), kAmxCols);
         at::BFloat16* k_tile = k16.data() + (by_chunks ? j0 : 0);
-        amx_rbf_from_dots(s.data(), kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
+        amx_rbf_from_dots(dots, keep ? n : kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
                           /*own_one=*/false, k_tile, ld_k, rowsum_p + i0);
         if (!by_chunks)
           brgemm(rows, d, depth, kAmxCols, d, d, /*add_C=*/j0 > 0, k_tile, bw_p + j0 * d,
@@ -1045,9 +1090,15 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   check_particles(x_in, "x");
   const int64_t n = x_in.size(0);
   if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
-    if (use_amx(x_in)) {  // (but the AMX operands are)
+    if (use_amx(x_in)) {  // (but the AMX operands are, and the dot products where amx_keeps_dots)
       const AmxOperands operands(x_in.contiguous());
-      const at::Tensor h = bandwidth_result(median_sq_dist_amx(operands), x_in);
+      // (kept only where rbf_kernel_amx takes the one triangle, whose K is symmetric as the kept dots are)
+      const bool keep = amx_keeps_dots(n, operands.d) && operands.d >= kAmxSymmetricMinFeatures &&
+                        (operands.dtype == at::kFloat || n % 2 == 0);
+      const at::Tensor kept = keep ? empty_large({n, n}, operands.norms.options()) : at::Tensor();
+      const at::Tensor h =
+          bandwidth_result(median_sq_dist_amx(operands, keep ? kept.mutable_data_ptr<float>() : nullptr), x_in);
+      if (keep) return {rbf_kernel_from_dots(operands, kept, read_bandwidth(h)), h};
       return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
     }
     at::Tensor h = median_bandwidth(x_in, "auto");
