@@ -339,6 +339,25 @@ def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):
     assert relative_error(phi, emulated) <= 1e-5
 
 
+@requires_cpu_extension
+@pytest.mark.parametrize("n,d,dtype", [(600, 200, torch.float64), (300, 130, torch.float64), (700, 129, torch.float32)])
+def test_tiled_step_takes_k_from_the_median_pass_tiles(n, d, dtype):
+    """The GEMM tiles of the median's pass are kept (d >= 128, n^2 within 64 MiB) and the step's K comes from
+    them: phi by the median rule is phi with the same H given, where the step computes its own tiles (bit for
+    bit in float64, whose H median_bandwidth returns unrounded; fp32 to H's rounding). Ragged tiles of 512
+    (600, 700), the window's median and the selection (300)."""
+    torch.manual_seed(n)
+    x, score = particles(n, d, dtype=dtype)
+    by_rule = torch.ops.bmt_fast.svgd_step(x, score, None, "tiled")
+    h = torch.ops.bmt_fast.median_bandwidth(x, "tiled").double()
+    given = torch.ops.bmt_fast.svgd_step(x, score, h, "tiled")
+    if dtype == torch.float64:
+        assert torch.equal(by_rule, given)
+    else:
+        assert relative_error(by_rule, given) <= 1e-5
+    assert relative_error(by_rule, reference_phi(x.double(), score.double(), h)) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
 @requires_amx
 @pytest.mark.parametrize("n,d", [(700, 600), (300, 515)])
 def test_amx_step_takes_k_from_the_median_pass_dot_products(n, d):

@@ -61,10 +61,30 @@ double numpy_median(std::vector<double> values) {
   return 0.5 * (*std::max_element(values.begin(), values.begin() + mid) + upper);
 }
 
+// Whether the median's pass keeps all n x n dot products (element_bytes each) for K after it (svgd_step
+// and, on AMX, rbf_kernel with the median rule): with enough features K then costs one pass over them
+// instead of n^2 d products again, where they take at most kKeptDotsMaxBytes. From 128 features on the
+// GEMM path, 512 on AMX (whose products cost less against the copies). 2-core Xeon, alternating (ms):
+// fp32 step 2048 x 32 5.4-5.6 -> 6.0-6.4, 4096 x 64 level, 1024 x 128 3.9-4.1 -> 3.2-3.8, 4096 x 128
+// 37-41 -> 34-36, 4096 x 256 68-69 -> 59-60, 2048 x 2048 141-149 -> 114-117, 1024 x 8192 194-197 ->
+// 157-164, fp64 1024 x 1024 43-49 -> 37-39; AMX bf16 1024 x 8192 41.6-45.1 -> 29.8-32.2, 2048 x 2048
+// 37.1-40.0 -> 28.1-30.0, 4096 x 768 47.8-49.1 -> 45.0-47.4, 512 x 4096 6.1-6.2 -> 4.8-5.1, 4096 x 512
+// level; fp32 under "medium" 1024 x 8192 43.5-44.0 -> 32.3-33.4.
+constexpr int64_t kKeptDotsMinFeatures = 128;
+constexpr int64_t kAmxKeptDotsMinFeatures = 512;
+constexpr int64_t kKeptDotsMaxBytes = int64_t{64} << 20;
+bool keeps_dots(int64_t n, int64_t d, int64_t element_bytes, int64_t min_features) {
+  return d >= min_features && n * n * element_bytes <= kKeptDotsMaxBytes;
+}
+
+// What for_each_upper_tile does with an n x n tensor of kept dot products: nothing, write each tile's
+// GEMM into it too, or read the tiles from it instead of a GEMM (a later pass over the same tiles).
+enum class Kept { kNone, kWrite, kRead };
+
 // For every tile of the upper triangle of xc xc^T (by GEMM, in xc's dtype): visit(tile, i0, j0) reads it
 // (or turns it into K in place).
 template <typename Visit>
-void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
+void for_each_upper_tile(const at::Tensor& xc, Visit&& visit, Kept use = Kept::kNone, at::Tensor* kept = nullptr) {
   const int64_t n = xc.size(0), block = std::min(n, kTileSize);
   at::Tensor buffer = at::empty({block * block}, xc.options());
   for (int64_t i0 = 0; i0 < n; i0 += block) {
@@ -72,7 +92,12 @@ void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
     for (int64_t j0 = i0; j0 < n; j0 += block) {
       const int64_t cols = std::min(block, n - j0);
       at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-      at::mm_out(tile, xc.narrow(0, i0, rows), xc.narrow(0, j0, cols).t());
+      if (use == Kept::kRead) {
+        tile.copy_(kept->narrow(0, i0, rows).narrow(1, j0, cols));
+      } else {
+        at::mm_out(tile, xc.narrow(0, i0, rows), xc.narrow(0, j0, cols).t());
+        if (use == Kept::kWrite) kept->narrow(0, i0, rows).narrow(1, j0, cols).copy_(tile);
+      }
       visit(tile, i0, j0);
     }
   }
@@ -85,11 +110,12 @@ void for_each_upper_tile(const at::Tensor& xc, Visit&& visit) {
 // at a time (the GEMM threads itself), its rows split across the threads.
 struct GemmTiles {
   const at::Tensor& xc;
+  at::Tensor* kept = nullptr;  // or an n x n tensor into which the upper-triangle tiles are written as well
   template <typename Visit>
   void operator()(Visit&& visit) const {
     for_each_upper_tile(xc, [&](const at::Tensor& tile, int64_t i0, int64_t j0) {
       at::parallel_for(0, tile.size(0), 16, [&](int64_t begin, int64_t end) { visit(tile, i0, j0, begin, end); });
-    });
+    }, kept ? Kept::kWrite : Kept::kNone, kept);
   }
 };
 
@@ -398,7 +424,12 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const at::Tensor xc = centred(x, acc);
   const at::Tensor norms = (xc * xc).sum(1).contiguous();
-  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist<T>(xc, norms), n);
+  // With the median rule and many features the median's pass keeps its tiles for K (as the AMX path).
+  const bool keep = !bandwidth && keeps_dots(n, d, sizeof(T), kKeptDotsMinFeatures);
+  at::Tensor kept = keep ? empty_large({n, n}, xc.options()) : at::Tensor();
+  const double h =
+      bandwidth ? *bandwidth
+                : bandwidth_from_median(median_sq_dist<T>(xc, norms, GemmTiles{xc, keep ? &kept : nullptr}), n);
   const double a = 2.0 / h;
 
   // W = [score - a * xc | 1]: one GEMM with K gives the score term, the repulsion term and row sums. The
@@ -417,7 +448,7 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
     if (i0 == j0) tile.diagonal().fill_(0);  // k(x_i, x_i) = 1: added below, exactly
     accum.narrow(0, i0, rows).addmm_(tile, w.narrow(0, j0, cols));
     if (i0 != j0) accum.narrow(0, j0, cols).addmm_(tile.t(), w.narrow(0, i0, rows));
-  });
+  }, keep ? Kept::kRead : Kept::kNone, &kept);
   at::Tensor phi = accum.narrow(1, 0, d).addcmul_(accum.narrow(1, d, 1), xc, a).add_(score).div_(n);
   return phi.to(x.scalar_type()).contiguous();
 }
@@ -441,8 +472,6 @@ constexpr int64_t kAmxRows = 128;   // rows per block: its (rows x d) fp32 accum
 constexpr int64_t kAmxCols = 512;   // columns per block (a multiple of 32: AMX's bf16 depth)
 constexpr int64_t kAmxFinishCols = 1024;  // the step's K W by feature chunks (d >= 2048): a 512 KiB accumulator
 constexpr int64_t kAmxKeptColumns = 1024;  // ... when a block's K rows (<= 256 KiB of bf16) are kept for it
-constexpr int64_t kAmxKeptDotsMinFeatures = 512;   // svgd_step_amx: K from the median pass's dot products ...
-constexpr int64_t kAmxKeptDotsMaxBytes = int64_t{64} << 20;  // ... where they take at most this
 constexpr int64_t kAmxFusedTransposeFeatures = 16384;  // AmxOperands: B transposed by blocks of 16 rows up to here
 
 bool use_amx(const at::Tensor& x) {  // (float32_matmul_in_bf16: kernels.h)
@@ -603,15 +632,6 @@ void AmxTiles::operator()(Visit&& visit) const {
   });
 }
 
-// Whether the median's pass keeps all n x n dot products for K after it (svgd_step and rbf_kernel with the
-// median rule): with many features, where they take little memory, K then costs one pass over them instead
-// of n^2 d products again. 2-core Xeon, alternating (ms): bf16 step 1024 x 8192 41.6-45.1 -> 29.8-32.2,
-// 2048 x 2048 37.1-40.0 -> 28.1-30.0, 4096 x 768 47.8-49.1 -> 45.0-47.4, 512 x 4096 6.1-6.2 -> 4.8-5.1,
-// 4096 x 512 level; fp32 under "medium" 1024 x 8192 43.5-44.0 -> 32.3-33.4.
-bool amx_keeps_dots(int64_t n, int64_t d) {
-  return d >= kAmxKeptDotsMinFeatures && n * n * static_cast<int64_t>(sizeof(float)) <= kAmxKeptDotsMaxBytes;
-}
-
 // kept: as AmxTiles::kept.
 double median_sq_dist_amx(const AmxOperands& operands, float* kept = nullptr) {
   const AmxTiles tiles{operands, kept};
@@ -737,8 +757,8 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const int64_t n = x.size(0), d = x.size(1);
   const AmxOperands operands(x);
   const int64_t n_pad = operands.n_pad;
-  // With the median rule the median's pass may keep the dot products for K (amx_keeps_dots).
-  const bool keep = !bandwidth && amx_keeps_dots(n, d);
+  // With the median rule the median's pass may keep the dot products for K (keeps_dots).
+  const bool keep = !bandwidth && keeps_dots(n, d, sizeof(float), kAmxKeptDotsMinFeatures);
   const at::Tensor kept = keep ? empty_large({n, n}, x.options().dtype(at::kFloat)) : at::Tensor();
   float* kept_p = keep ? kept.mutable_data_ptr<float>() : nullptr;
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_amx(operands, kept_p), n);
@@ -1090,11 +1110,11 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   check_particles(x_in, "x");
   const int64_t n = x_in.size(0);
   if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
-    if (use_amx(x_in)) {  // (but the AMX operands are, and the dot products where amx_keeps_dots)
+    if (use_amx(x_in)) {  // (but the AMX operands are, and the dot products where keeps_dots)
       const AmxOperands operands(x_in.contiguous());
       // (kept only where rbf_kernel_amx takes the one triangle, whose K is symmetric as the kept dots are)
-      const bool keep = amx_keeps_dots(n, operands.d) && operands.d >= kAmxSymmetricMinFeatures &&
-                        (operands.dtype == at::kFloat || n % 2 == 0);
+      const bool keep = keeps_dots(n, operands.d, sizeof(float), kAmxKeptDotsMinFeatures) &&
+                        operands.d >= kAmxSymmetricMinFeatures && (operands.dtype == at::kFloat || n % 2 == 0);
       const at::Tensor kept = keep ? empty_large({n, n}, operands.norms.options()) : at::Tensor();
       const at::Tensor h =
           bandwidth_result(median_sq_dist_amx(operands, keep ? kept.mutable_data_ptr<float>() : nullptr), x_in);
