@@ -580,6 +580,25 @@ def test_rbf_kernel_median_op_equals_the_two_ops(n, dtype):
     assert meta_k.shape == (n, n) and meta_k.dtype == dtype and meta_h.shape == () and meta_h.dtype == h.dtype
 
 
+@requires_cpu_extension
+@pytest.mark.parametrize("n,d,dtype", [(1600, 512, torch.float64), (1030, 4100, torch.float32)])
+def test_self_kernel_from_the_upper_tiles_on_the_gemm_path(n, d, dtype):
+    """rbf_kernel(x) of many particles with many features computes only the GEMM tiles of the upper
+    triangle (512 x 512, ragged at the edge) and writes each a second time, transposed, below it: K exactly
+    symmetric with a diagonal of 1, against the float64 reference; rbf_kernel_median then forms K from the
+    median pass's kept tiles, bit for bit the two ops'."""
+    torch.manual_seed(n)
+    x = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    h = torch.tensor(1.5 * d, dtype=torch.float64)
+    k = torch.ops.bmt_fast.rbf_kernel(x, x, h)
+    assert torch.equal(k, k.T) and torch.equal(k.diagonal(), torch.ones(n, dtype=dtype))
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    assert relative_error(k, reference.rbf_kernel(x.double(), x.double(), h)) < tolerance
+    k_median, h_median = torch.ops.bmt_fast.rbf_kernel_median(x)
+    assert torch.equal(h_median, torch.ops.bmt_fast.median_bandwidth(x))
+    assert torch.equal(k_median, torch.ops.bmt_fast.rbf_kernel(x, x, h_median))
+
+
 @requires_amx
 @pytest.mark.parametrize("n,d,dtype", [(131, 600, torch.float32), (700, 520, torch.float32), (130, 2001, torch.bfloat16),
                                        (131, 2001, torch.bfloat16)])  # fmt: skip

@@ -418,6 +418,40 @@ double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms) {
   return median_sq_dist<T>(xc, norms, GemmTiles{xc});
 }
 
+// A self kernel on the GEMM path from the tiles of the upper triangle of xc xc^T (for_each_upper_tile, or
+// the median pass's kept ones): each tile turned into K in place and written with its transpose below it
+// (half of a full GEMM's products), the diagonal blocks' lower halves the transposes of their upper ones;
+// K exactly symmetric, its diagonal 1. In xc's dtype.
+// Whether rbf_kernel(x) on the GEMM path (and rbf_kernel_median, which must give its bits) takes
+// rbf_kernel_self_tiles rather than one n x n GEMM: where the products saved (a quarter of them at n = 1024,
+// 3/8 at 2048, 7/16 at 4096) outweigh the tiles' copies. 2-core Xeon, fp32, alternating (ms, full GEMM ->
+// tiles): 4096 x 128 14-16 -> 19-20, 1024 x 128 1.1 -> 2.0, 2048 x 256 6.5-7.3 -> 7.9-8.5, 1024 x 512 3.5 ->
+// 4.4, 512 x 1024 2.2 -> 2.7, 600 x 8192 21-25 -> 21-29, 1024 x 2048 13-15 -> 13-17, 2048 x 512 level,
+// 4096 x 512 52-58 -> 42-47, 2048 x 2048 49-51 -> 38-44, 4096 x 768 78-81 -> 58-63, 1024 x 8192 74-77 ->
+// 67-70. With the median (rbf_kernel_median, the median's tiles kept): 1024 x 8192 139-146 -> 68-72.
+bool self_kernel_by_tiles(int64_t n, int64_t d) { return (n > 1536 && d >= 512) || (n >= 1024 && d >= 4096); }
+
+template <typename T>
+at::Tensor rbf_kernel_self_tiles(const at::Tensor& xc, const at::Tensor& norms, double h, at::Tensor* kept) {
+  const int64_t n = xc.size(0);
+  at::Tensor k = empty_large({n, n}, xc.options());
+  const T* nr = norms.const_data_ptr<T>();
+  const T inv_h = static_cast<T>(1.0 / h);
+  for_each_upper_tile(xc, [&](at::Tensor& tile, int64_t i0, int64_t j0) {
+    const int64_t rows = tile.size(0), cols = tile.size(1);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      rbf_from_dots(tile.mutable_data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, inv_h);
+    });
+    if (i0 == j0) {
+      k.narrow(0, i0, rows).narrow(1, j0, cols).copy_(at::triu(tile) + at::triu(tile, 1).t());
+    } else {
+      k.narrow(0, i0, rows).narrow(1, j0, cols).copy_(tile);
+      k.narrow(0, j0, cols).narrow(1, i0, rows).copy_(tile.t());
+    }
+  }, kept ? Kept::kRead : Kept::kNone, kept);
+  return k.fill_diagonal_(1.0);
+}
+
 template <typename T>
 at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
   const int64_t n = x.size(0), d = x.size(1);
@@ -1093,6 +1127,11 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const at::Tensor xc = (xa - shift).contiguous();
   const at::Tensor yc = self ? xc : (y.to(acc) - shift).contiguous();  // a self kernel: one centred copy
   const at::Tensor nx = (xc * xc).sum(1).contiguous(), ny = self ? nx : (yc * yc).sum(1).contiguous();
+  if (self && self_kernel_by_tiles(n, x.size(1))) {  // one triangle of GEMM tiles (as rbf_kernel_median's)
+    return AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel_self", [&] {
+             return rbf_kernel_self_tiles<scalar_t>(xc, nx, h, nullptr);
+           }).to(x.scalar_type());
+  }
   at::Tensor k = empty_large({n, m}, xc.options());
   at::mm_out(k, xc, yc.t());
   const int64_t rows = k.size(0), cols = k.size(1);
@@ -1120,6 +1159,20 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
           bandwidth_result(median_sq_dist_amx(operands, keep ? kept.mutable_data_ptr<float>() : nullptr), x_in);
       if (keep) return {rbf_kernel_from_dots(operands, kept, read_bandwidth(h)), h};
       return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
+    }
+    const auto acc = accumulation_type(x_in.scalar_type());
+    if (self_kernel_by_tiles(n, x_in.size(1))) {  // the median's GEMM tiles kept for K where keeps_dots
+      const at::Tensor x = x_in.contiguous();
+      const at::Tensor xc = centred(x, acc);  // (as median_bandwidth and rbf_kernel centre)
+      const at::Tensor norms = (xc * xc).sum(1).contiguous();
+      const bool keep = keeps_dots(n, x.size(1), at::elementSize(acc), kKeptDotsMinFeatures);
+      at::Tensor kept = keep ? empty_large({n, n}, xc.options()) : at::Tensor();
+      return AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel_median", [&] {
+        const at::Tensor h =
+            bandwidth_result(median_sq_dist<scalar_t>(xc, norms, GemmTiles{xc, keep ? &kept : nullptr}), x);
+        at::Tensor k = rbf_kernel_self_tiles<scalar_t>(xc, norms, read_bandwidth(h), keep ? &kept : nullptr);
+        return std::make_tuple(k.to(x.scalar_type()), h);
+      });
     }
     at::Tensor h = median_bandwidth(x_in, "auto");
     return {rbf_kernel(x_in, x_in, h), h};
