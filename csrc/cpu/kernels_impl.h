@@ -293,7 +293,8 @@ BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, 
       const In* row = x + r * d + k;
       if (r + kSumsAhead < rows) {  // (rows a stride apart: beyond the hardware prefetchers' reach)
         const char* ahead = reinterpret_cast<const char*>(row + kSumsAhead * d);
-        for (int64_t b = 0; b < static_cast<int64_t>(kGroup * L * sizeof(In)); b += 64) __builtin_prefetch(ahead + b, 0, 3);
+        for (int64_t b = 0; b < static_cast<int64_t>(kGroup * L * sizeof(In)); b += 64)
+          __builtin_prefetch(ahead + b, 0, 3);
       }
 #pragma GCC unroll 4
       for (int g = 0; g < kGroup; ++g) add_as_doubles(acc + 2 * g, load_as<float>(row + g * L));

@@ -328,8 +328,10 @@ double median_sq_dist_select(int64_t n, const at::Tensor& norms, const Tiles& ti
 inline int64_t median_window_samples(int64_t m, int64_t d, size_t sizeof_t) {
   const double pairs = static_cast<double>(m);
   const double balanced = std::pow(220.0 * pairs / static_cast<double>(d + 32), 2.0 / 3.0);
-  const double fits = std::pow(8.0 * pairs * static_cast<double>(sizeof_t) / static_cast<double>(kMedianWindowMaxBytes), 2.0);
-  const double samples = std::clamp(std::max(fits, balanced), 256.0, static_cast<double>(kMedianWindowMaxSamples));
+  const double fits =
+      std::pow(8.0 * pairs * static_cast<double>(sizeof_t) / static_cast<double>(kMedianWindowMaxBytes), 2.0);
+  const double samples =
+      std::clamp(std::max(fits, balanced), 256.0, static_cast<double>(kMedianWindowMaxSamples));
   return std::min<int64_t>(m, static_cast<int64_t>(samples));
 }
 
@@ -418,10 +420,6 @@ double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms) {
   return median_sq_dist<T>(xc, norms, GemmTiles{xc});
 }
 
-// A self kernel on the GEMM path from the tiles of the upper triangle of xc xc^T (for_each_upper_tile, or
-// the median pass's kept ones): each tile turned into K in place and written with its transpose below it
-// (half of a full GEMM's products), the diagonal blocks' lower halves the transposes of their upper ones;
-// K exactly symmetric, its diagonal 1. In xc's dtype.
 // Whether rbf_kernel(x) on the GEMM path (and rbf_kernel_median, which must give its bits) takes
 // rbf_kernel_self_tiles rather than one n x n GEMM: where the products saved (a quarter of them at n = 1024,
 // 3/8 at 2048, 7/16 at 4096) outweigh the tiles' copies. 2-core Xeon, fp32, alternating (ms, full GEMM ->
@@ -431,6 +429,10 @@ double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms) {
 // 67-70. With the median (rbf_kernel_median, the median's tiles kept): 1024 x 8192 139-146 -> 68-72.
 bool self_kernel_by_tiles(int64_t n, int64_t d) { return (n > 1536 && d >= 512) || (n >= 1024 && d >= 4096); }
 
+// A self kernel on the GEMM path from the tiles of the upper triangle of xc xc^T (for_each_upper_tile, or
+// the median pass's kept ones): each tile turned into K in place and written with its transpose below it
+// (about half of a full GEMM's products), the diagonal blocks' lower halves the transposes of their upper ones;
+// K exactly symmetric, its diagonal 1. In xc's dtype.
 template <typename T>
 at::Tensor rbf_kernel_self_tiles(const at::Tensor& xc, const at::Tensor& norms, double h, at::Tensor* kept) {
   const int64_t n = xc.size(0);
