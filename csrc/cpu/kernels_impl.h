@@ -267,11 +267,6 @@ BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
   if (k < len) f(k, len - k);
 }
 
-// The column sums of bf16 or fp32 rows (d columns, rows [0, rows)) for columns [col_begin, col_end), in
-// double (every bf16 value and its running sum exact to 53 bits): the AMX path's centring shift. A group of
-// 4 vectors of columns at a time, summed down all rows in 8 registers of doubles. (Row by row into the sums
-// in memory, 1024 x 8192 bf16 took ~1.7 ms; x.sum(0, dtype=float64) made a float64 copy of x first: at
-// 256 x 76,800, 157 MB of fresh pages every step.)
 // acc[0], acc[1] += the two halves of v in double.
 BMT_FAST_INLINE void add_as_doubles(vec_t<double>* acc, const vec_t<float>& v) {
   typedef float half_vec __attribute__((vector_size(kVectorBytes / 2)));
@@ -281,6 +276,11 @@ BMT_FAST_INLINE void add_as_doubles(vec_t<double>* acc, const vec_t<float>& v) {
   acc[1] += __builtin_convertvector(h[1], vec_t<double>);
 }
 
+// The column sums of bf16 or fp32 rows (d columns, rows [0, rows)) for columns [col_begin, col_end), in
+// double (every bf16 value and its running sum exact to 53 bits): the AMX path's centring shift. A group of
+// 4 vectors of columns at a time, summed down all rows in 8 registers of doubles. (Row by row into the sums
+// in memory, 1024 x 8192 bf16 took ~1.7 ms; x.sum(0, dtype=float64) made a float64 copy of x first: at
+// 256 x 76,800, 157 MB of fresh pages every step.)
 template <typename In>
 BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
                                           double* sums) {
@@ -316,9 +316,8 @@ BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, 
 // shift (d fp32 values) and rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zeroed);
 // norms[a] = the sum of the squares of the rounded values (each exact in fp32), 8 to a lane in fp32 (nearly
 // always exact: a square has at most 16 significant bits) and those sums in double, rounded to fp32.
-// (Summed in fp32 the norms came out low: a square of a bf16 value has at most 16 significant bits, whose
-// last ones are rarely those of a half, so rounding them off into a large running sum rounds down more
-// often than up. At 70 x 20,001 the distances were 0.09 (16 lanes) to 0.18 (4 lanes) below the exact ones
+// (Summed in fp32 the norms came out low: a square's last bits are rarely those of a half, so rounding
+// them off into a large running sum rounds down more often than up. At 70 x 20,001 the distances were 0.09 (16 lanes) to 0.18 (4 lanes) below the exact ones
 // of the rounded particles on average, for distances near 40,000, K 1e-5 high.)
 template <typename In>
 BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t d, const float* shift, int64_t row_begin,
