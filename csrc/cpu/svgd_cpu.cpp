@@ -563,6 +563,7 @@ at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
 // fp32 (dtype: the results' type), contiguous.
 struct AmxOperands {
   int64_t n, n_pad, d, d_pad;
+  int64_t ld_s = 0;  // b_s's row stride in words
   at::ScalarType dtype;
   at::Tensor shift, xb, norms, b_s;
 
@@ -581,7 +582,8 @@ struct AmxOperands {
     const auto* words = reinterpret_cast<const uint32_t*>(xb.const_data_ptr<at::BFloat16>());
     uint32_t* b_s_words = nullptr;
     if (as_b) {
-      b_s = empty_large({d_pad / 2, n_pad}, x.options().dtype(at::kInt));
+      ld_s = n_pad + 16;
+      b_s = empty_large({d_pad / 2, ld_s}, x.options().dtype(at::kInt));
       b_s_words = reinterpret_cast<uint32_t*>(b_s.mutable_data_ptr<int32_t>());
     }
     // Up to kAmxFusedTransposeFeatures by blocks of 16 rows: centred, rounded, and (as_b) transposed into
@@ -597,12 +599,12 @@ struct AmxOperands {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * 16;
           if (i0 < n) amx_centre_rows(x_p, d, shift_p, i0, std::min(i0 + 16, n), xb_p, d_pad, norms_p);
-          if (fused) transpose_words(words + i0 * (d_pad / 2), d_pad / 2, 16, 0, d_pad / 2, b_s_words + i0, n_pad);
+          if (fused) transpose_words(words + i0 * (d_pad / 2), d_pad / 2, 16, 0, d_pad / 2, b_s_words + i0, ld_s);
         }
       });
       if (!as_b || fused) return;
       at::parallel_for(0, (d_pad / 2 + 15) / 16, 1, [&](int64_t begin, int64_t end) {
-        transpose_words(words, d_pad / 2, n_pad, begin * 16, std::min(end * 16, d_pad / 2), b_s_words, n_pad);
+        transpose_words(words, d_pad / 2, n_pad, begin * 16, std::min(end * 16, d_pad / 2), b_s_words, ld_s);
       });
     });
   }
@@ -616,10 +618,10 @@ void amx_dots(const AmxOperands& a, const AmxOperands& b, int64_t i0, int64_t ro
               float* s, int64_t ldc) {
   const int64_t d_pad = a.d_pad, chunk = d_pad >= 1024 ? 512 : d_pad;
   const auto* xb_p = a.xb.const_data_ptr<at::BFloat16>() + i0 * d_pad;
-  const auto* bs_p = as_bf16(b.b_s) + j0 * 2;  // (pair row k/2 of b_s: k/2 * n_pad words, 2 bf16 each)
+  const auto* bs_p = as_bf16(b.b_s) + j0 * 2;  // (pair row k/2 of b_s: k/2 * ld_s words, 2 bf16 each)
   for (int64_t k0 = 0; k0 < d_pad; k0 += chunk)
-    at::native::cpublas::brgemm(rows, cols, std::min(chunk, d_pad - k0), d_pad, b.n_pad, ldc, /*add_C=*/k0 > 0,
-                                xb_p + k0, bs_p + k0 * b.n_pad, s);
+    at::native::cpublas::brgemm(rows, cols, std::min(chunk, d_pad - k0), d_pad, b.ld_s, ldc, /*add_C=*/k0 > 0,
+                                xb_p + k0, bs_p + k0 * b.ld_s, s);
 }
 
 // The dot products of the particles of op with each other on AMX, the upper triangle by tiles: blocks of
