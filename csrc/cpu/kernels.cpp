@@ -13,7 +13,8 @@
                          bool, In*, int64_t, float*, bool);                                                         \
   void amx_column_sums(const In*, int64_t, int64_t, int64_t, int64_t, double*);                                     \
   void amx_centre_rows(const In*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);        \
-  void amx_w_pairs(const In*, const In*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*);       \
+  void amx_w_pairs(const In*, const In*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*,        \
+                   int64_t);                                                                                         \
   bool amx_finish_rows(const float*, int64_t, const float*, const In*, const In*, const float*, float, float,       \
                        int64_t, int64_t, int64_t, int64_t, int64_t, In*);                                           \
   void amx_p_rows(const In*, const In*, int64_t, int64_t, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t,       \
@@ -204,8 +205,8 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
     BMT_FAST_DISPATCH(amx_centre_rows, x, d, shift, row_begin, row_end, xb, d_pad, norms)                             \
   }                                                                                                                   \
   void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
-                   int64_t pair_begin, int64_t pair_end, uint32_t* bw) {                                              \
-    BMT_FAST_DISPATCH(amx_w_pairs, score, x, shift, a, n, d, pair_begin, pair_end, bw)                                \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw) {                               \
+    BMT_FAST_DISPATCH(amx_w_pairs, score, x, shift, a, n, d, pair_begin, pair_end, bw, ld_bw)                         \
   }                                                                                                                   \
   bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
                        const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \

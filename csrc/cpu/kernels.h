@@ -36,7 +36,8 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zero)
 // and norms[a] = the fp32 sum of the squares of row a's rounded values;
 // amx_w_pairs: W_i = score_i - a (x_i - shift) in bf16 for the row pairs [pair_begin, pair_end), rows 2p
-// and 2p + 1 interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero);
+// and 2p + 1 interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero), pair
+// row p at bw + p ld_bw;
 // amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) / n in In for rows [row_begin,
 // row_end) and columns [col_begin, col_end) (acc holds just those, row stride ld_acc); returns whether all
 // of those values are finite in In.
@@ -58,7 +59,7 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
   void amx_centre_rows(const In* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,                \
                        c10::BFloat16* xb, int64_t d_pad, float* norms);                                               \
   void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
-                   int64_t pair_begin, int64_t pair_end, uint32_t* bw);                                               \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw);                                \
   bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
                        const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \
                        int64_t col_begin, int64_t col_end, In* phi);                                                  \

@@ -348,15 +348,15 @@ BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t d, const float* s
 
 // AMX's B operand for K W, pairs [pair_begin, pair_end) of rows: W_i = score_i - a (x_i - shift) rounded
 // to bf16, rows 2p and 2p + 1 interleaved feature by feature (the bf16 pair of feature k is one 32-bit
-// word: row 2p in its low half), rows at or beyond n zero.
+// word: row 2p in its low half), rows at or beyond n zero; pair row p at bw + p ld_bw.
 template <typename In>
 BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,
-                                      int64_t pair_begin, int64_t pair_end, uint32_t* bw) {
+                                      int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw) {
   constexpr int L = kLanes<float>;
   const vec_t<float> av = broadcast(a);
   for (int64_t p = pair_begin; p < pair_end; ++p) {
     const int64_t i = 2 * p;
-    uint32_t* out = bw + p * d;
+    uint32_t* out = bw + p * ld_bw;
     for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> sv = load_part_as<float>(shift + k, count);
       const auto w = [&](int64_t row) BMT_FAST_INLINE_LAMBDA {
@@ -1285,8 +1285,8 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
     amx_centre_rows_impl(x, d, shift, row_begin, row_end, xb, d_pad, norms);                                          \
   }                                                                                                                   \
   void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
-                   int64_t pair_begin, int64_t pair_end, uint32_t* bw) {                                              \
-    amx_w_pairs_impl(score, x, shift, a, n, d, pair_begin, pair_end, bw);                                             \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw) {                               \
+    amx_w_pairs_impl(score, x, shift, a, n, d, pair_begin, pair_end, bw, ld_bw);                                      \
   }                                                                                                                   \
   bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
                        const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \
