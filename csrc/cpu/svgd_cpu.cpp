@@ -535,6 +535,11 @@ int64_t amx_b_stride(int64_t words) {
   return (words + 15) / 16 * 16 + 16;
 }
 
+// The same for an A operand of `cols` bf16 columns (a multiple of 32: its tiles also load 16 rows).
+int64_t amx_a_stride(int64_t cols) {
+  return 2 * amx_b_stride(cols / 2);
+}
+
 // bf16 pairs as one 32-bit word (AMX's B operand interleaves rows in pairs: the pair of row k and k + 1
 // of column j is word j of pair-row k / 2).
 const at::BFloat16* as_bf16(const at::Tensor& words) {
@@ -566,11 +571,12 @@ at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
 }
 
 // The particles centred (by shift, amx_shift(x) unless given) and rounded to bf16 (n_pad x d_pad, zero
-// padding), their norms in fp32, and unless as_b is false xb^T as AMX's B operand (d_pad/2 x n_pad words:
-// each the bf16 pair of features 2k, 2k + 1 of one particle, i.e. the 32-bit transpose of xb). x: bf16 or
-// fp32 (dtype: the results' type), contiguous.
+// padding; row stride ld_x), their norms in fp32, and unless as_b is false xb^T as AMX's B operand (d_pad/2
+// x n_pad words, row stride ld_s: each the bf16 pair of features 2k, 2k + 1 of one particle, i.e. the 32-bit
+// transpose of xb). x: bf16 or fp32 (dtype: the results' type), contiguous.
 struct AmxOperands {
   int64_t n, n_pad, d, d_pad;
+  int64_t ld_x;      // xb's row stride in bf16 (columns [d, ld_x) zero; AMX's products take d_pad of them)
   int64_t ld_s = 0;  // b_s's row stride in words (amx_b_stride)
   at::ScalarType dtype;
   at::Tensor shift, xb, norms, b_s;
@@ -580,8 +586,9 @@ struct AmxOperands {
       : n(x.size(0)), d(x.size(1)), dtype(x.scalar_type()), shift(std::move(shift_)) {
     n_pad = (n + 31) / 32 * 32;
     d_pad = (d + 31) / 32 * 32;
+    ld_x = amx_a_stride(d_pad);
     // (the operands from the huge-page allocator, as the accumulator and phi)
-    xb = empty_large({n_pad, d_pad}, x.options().dtype(at::kBFloat16));
+    xb = empty_large({n_pad, ld_x}, x.options().dtype(at::kBFloat16));
     xb.narrow(0, n, n_pad - n).zero_();
     norms = at::empty({n}, x.options().dtype(at::kFloat));
     const float* shift_p = shift.const_data_ptr<float>();
@@ -606,13 +613,13 @@ struct AmxOperands {
       at::parallel_for(0, n_pad / 16, 4, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * 16;
-          if (i0 < n) amx_centre_rows(x_p, d, shift_p, i0, std::min(i0 + 16, n), xb_p, d_pad, norms_p);
-          if (fused) transpose_words(words + i0 * (d_pad / 2), d_pad / 2, 16, 0, d_pad / 2, b_s_words + i0, ld_s);
+          if (i0 < n) amx_centre_rows(x_p, d, shift_p, i0, std::min(i0 + 16, n), xb_p, ld_x, norms_p);
+          if (fused) transpose_words(words + i0 * (ld_x / 2), ld_x / 2, 16, 0, d_pad / 2, b_s_words + i0, ld_s);
         }
       });
       if (!as_b || fused) return;
       at::parallel_for(0, (d_pad / 2 + 15) / 16, 1, [&](int64_t begin, int64_t end) {
-        transpose_words(words, d_pad / 2, n_pad, begin * 16, std::min(end * 16, d_pad / 2), b_s_words, ld_s);
+        transpose_words(words, ld_x / 2, n_pad, begin * 16, std::min(end * 16, d_pad / 2), b_s_words, ld_s);
       });
     });
   }
@@ -625,10 +632,10 @@ struct AmxOperands {
 void amx_dots(const AmxOperands& a, const AmxOperands& b, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
               float* s, int64_t ldc) {
   const int64_t d_pad = a.d_pad, chunk = d_pad >= 1024 ? 512 : d_pad;
-  const auto* xb_p = a.xb.const_data_ptr<at::BFloat16>() + i0 * d_pad;
+  const auto* xb_p = a.xb.const_data_ptr<at::BFloat16>() + i0 * a.ld_x;
   const auto* bs_p = as_bf16(b.b_s) + j0 * 2;  // (pair row k/2 of b_s: k/2 * ld_s words, 2 bf16 each)
   for (int64_t k0 = 0; k0 < d_pad; k0 += chunk)
-    at::native::cpublas::brgemm(rows, cols, std::min(chunk, d_pad - k0), d_pad, b.ld_s, ldc, /*add_C=*/k0 > 0,
+    at::native::cpublas::brgemm(rows, cols, std::min(chunk, d_pad - k0), a.ld_x, b.ld_s, ldc, /*add_C=*/k0 > 0,
                                 xb_p + k0, bs_p + k0 * b.ld_s, s);
 }
 
@@ -843,7 +850,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const at::Tensor acc = by_chunks ? at::Tensor() : empty_large({n, d}, rowsum.options());
   at::parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kAmxRows * kAmxCols);
-    const int64_t ld_k = by_chunks ? n_pad : kAmxCols;
+    const int64_t ld_k = by_chunks ? amx_a_stride(n_pad) : kAmxCols;
     std::vector<at::BFloat16> k16(kAmxRows * ld_k);
     std::vector<float> chunk(by_chunks ? kAmxRows * kAmxFinishCols : 0);
     for (int64_t block = begin; block < end; ++block) {
@@ -862,7 +869,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
       if (by_chunks) {
         for (int64_t c0 = 0; c0 < d; c0 += kAmxFinishCols) {
           const int64_t width = std::min(kAmxFinishCols, d - c0);
-          brgemm(rows, width, n_pad, n_pad, ld_w, kAmxFinishCols, /*add_C=*/false, k16.data(), bw_p + 2 * c0,
+          brgemm(rows, width, n_pad, ld_k, ld_w, kAmxFinishCols, /*add_C=*/false, k16.data(), bw_p + 2 * c0,
                  chunk.data());
           finish(chunk.data(), kAmxFinishCols, i0, i0 + rows, c0, c0 + width);
         }
@@ -1245,10 +1252,10 @@ template <typename In, typename Tile>
 at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::Tensor& other_pairs, float scale,
                          std::vector<double>& p_log_k, Tile&& tile) {
   using at::native::cpublas::brgemm;
-  const int64_t rows_total = own.n, d = own.d, d_pad = own.d_pad;
+  const int64_t rows_total = own.n, d = own.d, ld_b = other_pairs.size(1);
   const int64_t depth_padded = (depth_total + 31) / 32 * 32;
   const bool by_chunks = d >= 2 * kAmxFinishCols && depth_padded <= kAmxKeptColumns;
-  const int64_t ld_a = by_chunks ? depth_padded : kAmxCols;
+  const int64_t ld_a = by_chunks ? amx_a_stride(depth_padded) : kAmxCols;
   const at::Tensor acc = by_chunks ? at::Tensor() : empty_large({rows_total, d}, own.norms.options());
   const at::Tensor sums = at::zeros({rows_total}, own.norms.options());
   float* sums_p = sums.mutable_data_ptr<float>();
@@ -1268,16 +1275,16 @@ at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::
         tile(r0, rows, c0, cols, depth, a_tile, ld_a, sums_p + r0,
              p_log_k.empty() ? nullptr : &p_log_k[block], scratch.data());
         if (!by_chunks)
-          brgemm(rows, d, depth, ld_a, d_pad, d, /*add_C=*/c0 > 0, a_tile, b_p + c0 * d_pad,
+          brgemm(rows, d, depth, ld_a, ld_b, d, /*add_C=*/c0 > 0, a_tile, b_p + c0 * ld_b,
                  acc.mutable_data_ptr<float>() + r0 * d);
       }
       if (by_chunks) {  // (B's word f of a pair row: feature pair f, so a chunk starts at bf16 2 f0)
         for (int64_t f0 = 0; f0 < d; f0 += kAmxFinishCols) {
           const int64_t width = std::min(kAmxFinishCols, d - f0);
-          brgemm(rows, width, depth_padded, ld_a, d_pad, kAmxFinishCols, /*add_C=*/false, a.data(), b_p + 2 * f0,
+          brgemm(rows, width, depth_padded, ld_a, ld_b, kAmxFinishCols, /*add_C=*/false, a.data(), b_p + 2 * f0,
                  chunk.data());
-          amx_grad_rows(chunk.data(), kAmxFinishCols, sums_p, xb_p, d_pad, scale, d, r0, r0 + rows, f0, f0 + width,
-                        out_p);
+          amx_grad_rows(chunk.data(), kAmxFinishCols, sums_p, xb_p, own.ld_x, scale, d, r0, r0 + rows, f0,
+                        f0 + width, out_p);
         }
       }
     }
@@ -1285,20 +1292,22 @@ at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::
   });
   if (!by_chunks) {
     at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
-      amx_grad_rows(acc.const_data_ptr<float>() + begin * d, d, sums_p, xb_p, d_pad, scale, d, begin, end, 0, d,
+      amx_grad_rows(acc.const_data_ptr<float>() + begin * d, d, sums_p, xb_p, own.ld_x, scale, d, begin, end, 0, d,
                     out_p);
     });
   }
   return out;
 }
 
-// The rounded rows of a set in pairs (n_pad / 2 x d_pad words): AMX's B operand for the other set's gradient.
+// The rounded rows of a set in pairs (n_pad / 2 x d_pad words, row stride amx_b_stride): AMX's B operand for
+// the other set's gradient.
 at::Tensor row_pairs(const AmxOperands& set) {
-  const at::Tensor pairs = empty_large({set.n_pad / 2, set.d_pad}, set.norms.options().dtype(at::kInt));
+  const int64_t ld = amx_b_stride(set.d_pad);
+  const at::Tensor pairs = empty_large({set.n_pad / 2, ld}, set.norms.options().dtype(at::kInt));
   const auto* xb_p = set.xb.const_data_ptr<at::BFloat16>();
   auto* words = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
   at::parallel_for(0, set.n_pad / 2, 64, [&](int64_t begin, int64_t end) {
-    bf16_row_pairs(xb_p, set.d_pad, begin, end, set.d_pad, words, set.d_pad);
+    bf16_row_pairs(xb_p, set.ld_x, begin, end, set.d_pad, words, ld);
   });
   return pairs;
 }
