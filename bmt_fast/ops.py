@@ -69,7 +69,8 @@ def svgd_step(
         follow torch's fp32 matmul precision where the kernels multiply matrices: with
         torch.set_float32_matmul_precision("medium") many particles on a CPU with AMX take the bf16 path
         (bf16-rounded operands, fp32 sums and result; errors of a few 1e-3), as ATen's own fp32 GEMMs do
-        then; the default ("highest") is IEEE fp32 (README, "Numerics").
+        then, and the Triton backend's tensor-core products are TF32 under "high" or "medium"; the
+        default ("highest") is IEEE fp32 (README, "Numerics").
 
     This is a no-grad op: it runs under torch.no_grad() and its result has no autograd history. Particles
     move by x <- x + lr * phi (or give -phi to a torch optimizer as the gradient, as `bmt_fast.SVGD` does).

@@ -4,8 +4,9 @@ Runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before 
 (Triton's interpreter: slow, for tests). The kernels are imported on first use, so `import bmt_fast` does
 not pay for importing Triton; a missing or broken Triton leaves the backend unavailable with the reason.
 
-Precision: `allow_tf32` of this backend (None by default) is passed to every kernel; see
-bmt_fast.kernels.utils.dot_mode. Set it with `bmt_fast.backends.get("triton").allow_tf32 = True`.
+Precision: `allow_tf32` of this backend (None by default: fp32 follows torch.get_float32_matmul_precision())
+is passed to every kernel; see bmt_fast.kernels.utils.dot_mode. Set it with
+`bmt_fast.backends.get("triton").allow_tf32 = True` (or False: IEEE fp32 whatever torch's setting).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ interpreter when TRITON_INTERPRET=1 is set before Triton is first imported.
 allow_tf32 (see utils.dot_mode). Relative errors max|out - ref| / max|ref| against float64, measured in
 the interpreter (benchmarks/results/triton_precision_interpreter.csv; the interpreter computes the same
 rounded products as the tensor cores, see benchmarks/triton_precision.py):
-    None (default)  fp32 inputs: exact fp32 products (phi 2e-7..5e-7, K 9e-7). bf16/fp16 inputs: operands
+    None (default)  fp32 inputs: exact fp32 products (phi 2e-7..5e-7, K 9e-7), or TF32 as with True where
+                    torch's fp32 matmul precision is "high" or "medium". bf16/fp16 inputs: operands
                     split into hi + lo bf16 parts, three tensor-core products: as accurate as fp32
                     products (only the final rounding to the half dtype remains).
     True            fp32: TF32 (phi 4e-4, K 9e-4, median 4e-5). bf16/fp16: one bf16 product of rounded

@@ -47,8 +47,10 @@ def tl_dtype(dtype: torch.dtype):
 def dot_mode(dtype: torch.dtype, allow_tf32: bool | None) -> int:
     """The precision of the tensor-core products for inputs of `dtype`.
 
-    allow_tf32=None (default): exact fp32 products for fp32 inputs; bf16/fp16 inputs use three products
-        of their hi/lo bf16 parts (near fp32 accuracy on the tensor cores).
+    allow_tf32=None (default): fp32 inputs follow torch's fp32 matmul precision, as torch's own GEMMs do:
+        exact fp32 products under "highest" (torch's default), TF32 under "high" or "medium"
+        (torch.set_float32_matmul_precision); bf16/fp16 inputs use three products of their hi/lo bf16
+        parts (near fp32 accuracy on the tensor cores).
     allow_tf32=True: the caller accepts reduced precision: TF32 for fp32 inputs, one bf16 product for
         bf16/fp16 inputs (operands rounded to bf16 after centring).
     allow_tf32=False: exact fp32 products for every input dtype (no tensor cores; slowest on a GPU).
@@ -58,6 +60,8 @@ def dot_mode(dtype: torch.dtype, allow_tf32: bool | None) -> int:
         return DOT_IEEE
     if dtype in _HALF_TYPES:
         return DOT_HALF if allow_tf32 else DOT_HALF_SPLIT
+    if allow_tf32 is None:
+        allow_tf32 = torch.get_float32_matmul_precision() != "highest"
     return DOT_TF32 if allow_tf32 else DOT_IEEE
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_within, relative_error, torch_error_in
+from helpers import assert_within, float32_matmul_precision, relative_error, torch_error_in
 from triton_helpers import DEVICE, kernels, on_device, requires_gpu, requires_triton, ulp
 
 import bmt_fast
@@ -66,12 +66,20 @@ def test_half_inputs(dtype, allow_tf32, bf16_ulps):
     assert error <= ulp(dtype) + bf16_ulps * ulp(torch.bfloat16), error
 
 
-def test_tf32_only_when_asked():
+def test_tf32_only_when_asked_or_when_torch_allows_it():
+    """fp32: IEEE products by default; TF32 with allow_tf32=True, or by default where torch's fp32 matmul
+    precision allows it ("high", "medium"), as torch's own GEMMs; allow_tf32=False keeps IEEE there."""
     x, y = rows(33, 20).float(), rows(40, 20).float()
     expected = reference.rbf_kernel(x.double(), y.double(), bandwidth(40.0))
-    exact = relative_error(kernels().rbf_kernel_forward(x, y, bandwidth(40.0)), expected)
-    tf32 = relative_error(kernels().rbf_kernel_forward(x, y, bandwidth(40.0), allow_tf32=True), expected)
+
+    def error(allow_tf32):
+        return relative_error(kernels().rbf_kernel_forward(x, y, bandwidth(40.0), allow_tf32=allow_tf32), expected)
+
+    exact, tf32 = error(None), error(True)
     assert exact < 1e-6 < tf32 < 2e-3
+    for precision in ("high", "medium"):
+        with float32_matmul_precision(precision):
+            assert error(None) == tf32 and error(False) == exact
 
 
 def test_gradients_match_reference_autograd_fp64():
