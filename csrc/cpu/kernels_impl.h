@@ -1271,8 +1271,8 @@ BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, 
   for (; k + L <= col_end; k += L) {
     const int64_t ahead = k + kApplyPrefetchVectors * L;  // n + m row streams: too many for the prefetcher
     if (ahead < col_end) {
-      for (int64_t i = 0; i < n; ++i) __builtin_prefetch(x + i * d + ahead, 0, 3);
-      for (int64_t j = 0; j < m; ++j) __builtin_prefetch(y + j * d + ahead, 0, 3);
+      for (int64_t i = 0; i < n; ++i) __builtin_prefetch(x + i * d + ahead, 0, 1);
+      for (int64_t j = 0; j < m; ++j) __builtin_prefetch(y + j * d + ahead, 0, 1);
     }
     both(std::true_type{}, k, L);
   }
