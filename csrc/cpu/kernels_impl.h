@@ -317,8 +317,9 @@ BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, 
 // norms[a] = the sum of the squares of the rounded values (each exact in fp32), 8 to a lane in fp32 (nearly
 // always exact: a square has at most 16 significant bits) and those sums in double, rounded to fp32.
 // (Summed in fp32 the norms came out low: a square's last bits are rarely those of a half, so rounding
-// them off into a large running sum rounds down more often than up. At 70 x 20,001 the distances were 0.09 (16 lanes) to 0.18 (4 lanes) below the exact ones
-// of the rounded particles on average, for distances near 40,000, K 1e-5 high.)
+// them off into a large running sum rounds down more often than up. At 70 x 20,001 the distances were
+// 0.09 (16 lanes) to 0.18 (4 lanes) below the exact ones of the rounded particles on average, for
+// distances near 40,000, K 1e-5 high.)
 template <typename In>
 BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t d, const float* shift, int64_t row_begin,
                                           int64_t row_end, c10::BFloat16* xb, int64_t d_pad, float* norms) {
