@@ -229,7 +229,13 @@ class Run:
         """Adapt a target prompt initialised by `method`; returns its final evaluation."""
         stage_dir = self.target_dir(method)
         if self.finished("target", method):
-            return json.loads((stage_dir / EVAL_FILE).read_text())
+            stored = _read_json(stage_dir / EVAL_FILE)
+            if isinstance(stored, dict) and stored.get("eval_settings") == self.eval_settings():
+                return stored
+            # Trained, but evaluated under other settings (or eval.json is unreadable): evaluate it again.
+            logger.info("target %s: finished; evaluating its prompt under the current evaluation settings", method)
+            evaluate = self.evaluator(get_task(self.cfg.data.target_task), self.cfg.data.eval_split)
+            return self._write_eval(stage_dir, method, evaluate(read_prompt(stage_dir / PROMPT_FILE)))
         trainer = self.target_trainer(method)
         self._train(stage_dir, trainer, self.cfg.target, "target", method, on_checkpoint)
         final = trainer.current_prompt()
@@ -237,8 +243,23 @@ class Run:
             atomic_save_tensors(stage_dir / PROMPT_FILE, {"prompt": final}, {"method": method})
             if self.cfg.target.export_peft:
                 self.export_peft(final, stage_dir / "peft")
+        return self._write_eval(stage_dir, method, trainer.evaluate(final))
+
+    def eval_settings(self) -> dict[str, Any]:
+        """What a target's final evaluation depends on besides its prompt: the settings eval.json records, and
+        under which alone a finished target's eval.json is reused (others may change across a resume)."""
+        data = self.cfg.data
+        return {
+            "split": data.eval_split,
+            "max_eval_examples": data.max_eval_examples,
+            "max_new_tokens": self.cfg.target.max_new_tokens,
+        }
+
+    def _write_eval(self, stage_dir: Path, method: str, evaluation: dict[str, Any]) -> dict[str, Any]:
         # JSON has no NaN or Inf: a non-finite metric is null in eval.json, and None here.
-        metrics = plain({"method": method, "split": self.cfg.data.eval_split, **trainer.evaluate(final)})
+        metrics = plain(
+            {"method": method, "split": self.cfg.data.eval_split, **evaluation, "eval_settings": self.eval_settings()}
+        )
         if self.world.is_main:
             _warn_if_not_finite(f"target {method}", metrics)
             atomic_write_text(stage_dir / EVAL_FILE, to_json(metrics, indent=1))
@@ -360,12 +381,12 @@ class Run:
             if problem:
                 logger.info("results: leaving out %s: %s", folder.name, problem[0])
                 continue
-            try:
-                row = json.loads((folder / EVAL_FILE).read_text())
-            except ValueError as error:
-                logger.warning("results: leaving out %s: %s is not JSON (%s)", folder.name, EVAL_FILE, error)
-                continue
-            if isinstance(row, dict) and row.get("split") == self.cfg.data.eval_split:
+            row = _read_json(folder / EVAL_FILE)
+            if not isinstance(row, dict):
+                logger.warning("results: leaving out %s: %s is not a JSON object", folder.name, EVAL_FILE)
+            elif row.get("eval_settings") != self.eval_settings():
+                logger.info("results: leaving out %s: evaluated under other evaluation settings", folder.name)
+            else:
                 out[method] = row
         return out
 
@@ -474,6 +495,14 @@ def read_prompt(path: str | Path) -> torch.Tensor:
                 raise ConfigError(f"{path}: {key!r} has shape {tuple(tensors[key].shape)}, not (L, hidden)")
             return tensors[key].float()
     raise ConfigError(f"{path} holds neither 'prompt' nor 'prompt_embeddings' (keys: {sorted(tensors)})")
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value in `path`, or None when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
 
 
 def write_results(run_dir: Path, results: dict[str, dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ from bmt_fast.transfer import Run
 from bmt_fast.transfer.aggregate import aggregate, medoid_index
 from bmt_fast.transfer.evaluate import evaluate_prompt, mean_nll
 from bmt_fast.transfer.metrics_log import read_metrics
+from bmt_fast.transfer.runner import read_prompt
 from bmt_fast.transfer.target import KDEPrior, TargetPrompt
 from conftest import make_config
 from synthetic_tasks import TASKS
@@ -171,6 +172,48 @@ def test_target_eval_json_and_results_table(backbones, model_dirs, tmp_path):
     assert again["prompt_tuning"]["accuracy"] == metrics["accuracy"]
     table = (tmp_path / "results.md").read_text()
     assert "| prompt_tuning |" in table and "accuracy" in table
+
+
+def test_a_finished_target_is_evaluated_again_only_under_other_evaluation_settings(
+    backbones, model_dirs, tmp_path, monkeypatch
+):
+    pm = backbones["llama"]
+    target = {"methods": ["prompt_tuning", "bmtpt"], "steps": 1}
+    first = make_config(tmp_path, model_dirs["llama"], source={"steps": 1}, target=target)
+    run = Run(first, "transfer", pm=pm)
+    run.target("prompt_tuning")
+    run.target("bmtpt")
+    eval_json = tmp_path / "target-prompt_tuning" / "eval.json"
+    stored = json.loads(eval_json.read_text())
+    assert stored["examples"] == 8 and stored["eval_settings"]["max_eval_examples"] == 8
+    prompt_file = tmp_path / "target-prompt_tuning" / "prompt.safetensors"
+    prompt = read_prompt(prompt_file)
+
+    calls = []
+    real = Run.evaluator
+
+    def counting(self, task, split):
+        evaluate = real(self, task, split)
+        return lambda p: calls.append(p.clone()) or evaluate(p)
+
+    monkeypatch.setattr(Run, "evaluator", counting)
+    same = make_config(tmp_path, model_dirs["llama"], source={"steps": 1}, target={**target, "eval_batch_size": 3})
+    assert Run(same, "transfer", pm=pm, resume=True).target("prompt_tuning") == stored and not calls
+
+    fewer = make_config(tmp_path, model_dirs["llama"], source={"steps": 1}, target=target, data={"max_eval_examples": 5})
+    run = Run(fewer, "transfer", pm=pm, resume=True)
+    again = run.target("prompt_tuning")
+    assert len(calls) == 1 and torch.equal(calls[0], prompt)  # the stored prompt, not trained again
+    assert again["examples"] == 5 and again["eval_settings"]["max_eval_examples"] == 5
+    assert json.loads(eval_json.read_text()) == again and read_prompt(prompt_file).equal(prompt)
+    # The table of the run folder leaves out bmtpt, still evaluated on 8 examples, until it is evaluated again.
+    assert list(run.with_other_methods({"prompt_tuning": again})) == ["prompt_tuning"]
+    run.target("bmtpt")
+    assert list(run.with_other_methods({"prompt_tuning": again})) == ["prompt_tuning", "bmtpt"]
+
+    del stored["eval_settings"]  # an eval.json written before the settings were recorded
+    eval_json.write_text(json.dumps(stored))
+    assert run.target("prompt_tuning") == again and len(calls) == 3
 
 
 def test_evaluation_runs_the_backbone_in_eval_mode_and_restores_its_mode(model_dirs, tmp_path):
