@@ -301,6 +301,47 @@ def test_bf16_on_amx_tiles(n, d, bandwidth):
 
 
 @requires_amx
+@pytest.mark.parametrize("n,d", [(65, 4097), (100, 600), (257, 5300), (500, 16400)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
+    """Up to 512 particles with many features (from 512 features up to 128 particles, else from n_pad^2 / 16)
+    take the AMX step by feature chunks: the threads share chunks of 128 features (the last ones ragged
+    here), each summing its chunks' dot products. median_bandwidth, rbf_kernel and rbf_kernel_median take
+    the same Gram pass there, so K is rbf_kernel's bit for bit and phi is the documented arithmetic with
+    it: K and W = score - (2/H) xc rounded to bf16, fp32 sums, the row sums of the unrounded K (fp32 to
+    fp32 rounding, fp32 under "medium"; bf16 within an ulp of its largest entry, whose K the emulation
+    reads rounded). Within 2 bf16 ulps of the float64 reference; a NaN in either input is an error. (The
+    particles share a few directions: the dot products, not only the norms, set their distances.)"""
+    torch.manual_seed(n + d)
+    x, score = particles(n, d, offset=2.0, dtype=torch.float64)
+    x = (x + torch.randn(n, 3, dtype=torch.float64) @ torch.randn(3, d, dtype=torch.float64)).to(dtype)
+    score = score.to(dtype)
+    with float32_matmul_precision("medium"):
+        phi = torch.ops.bmt_fast.svgd_step(x, score, None, "tiled")
+        h = torch.ops.bmt_fast.median_bandwidth(x, "tiled")
+        k = torch.ops.bmt_fast.rbf_kernel(x, x, h)
+        k_median, h_median = torch.ops.bmt_fast.rbf_kernel_median(x)
+        given = torch.ops.bmt_fast.svgd_step(x, score, h.double(), "tiled")
+        for bad in (x, score):
+            bad_copy = bad.clone()
+            bad_copy[n // 2, d - 3] = float("nan")
+            args = (bad_copy, score) if bad is x else (x, bad_copy)
+            with pytest.raises(ValueError, match="x|score"):
+                bmt_fast.svgd_step(*args, "median", backend="cpu")
+    assert torch.equal(h_median, h) and torch.equal(k_median, k) and torch.equal(k, k.T)
+    assert torch.equal(k.diagonal(), torch.ones(n, dtype=dtype))
+    assert relative_error(k, reference.rbf_kernel(x.double(), x.double(), h.double())) <= 2 * 2.0**-8
+    assert phi.dtype == dtype and relative_error(phi, reference_phi(x.double(), score.double())) <= 2 * 2.0**-8
+    hh = float(h)
+    xc = x.double() - x.double().mean(0, keepdim=True).float().double()
+    w = (score.double() - 2.0 / hh * xc).float().bfloat16().double()
+    k0 = k.double().fill_diagonal_(0)
+    emulated = (k0.bfloat16().double() @ w + 2.0 / hh * k0.sum(1, keepdim=True) * xc + score.double()) / n
+    assert relative_error(given, emulated) <= (1e-5 if dtype == torch.float32 else 2.0**-7)
+    assert relative_error(phi, given) <= (1e-5 if dtype == torch.float32 else 2.0**-7)
+
+
+@requires_amx
 @pytest.mark.parametrize("n,d", [(65, 32), (300, 129), (513, 40), (129, 1024), (600, 2050)])
 @pytest.mark.parametrize("bandwidth", ["median", "spread", 1e-6])
 def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):

@@ -12,9 +12,10 @@
   void amx_rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t,    \
                          bool, In*, int64_t, float*, bool);                                                         \
   void amx_column_sums(const In*, int64_t, int64_t, int64_t, int64_t, double*);                                     \
-  void amx_centre_rows(const In*, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t, float*);        \
-  void amx_w_pairs(const In*, const In*, const float*, float, int64_t, int64_t, int64_t, int64_t, uint32_t*,        \
-                   int64_t);                                                                                         \
+  void amx_centre_rows(const In*, int64_t, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t,       \
+                       double*, int64_t);                                                                            \
+  void amx_w_pairs(const In*, const In*, int64_t, int64_t, const float*, float, int64_t, int64_t, int64_t,         \
+                   uint32_t*, int64_t, int64_t);                                                                     \
   bool amx_finish_rows(const float*, int64_t, const float*, const In*, const In*, const float*, float, float,       \
                        int64_t, int64_t, int64_t, int64_t, int64_t, In*);                                           \
   void amx_p_rows(const In*, const In*, int64_t, int64_t, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t,       \
@@ -200,13 +201,13 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
   void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums) {      \
     BMT_FAST_DISPATCH(amx_column_sums, x, d, rows, col_begin, col_end, sums)                                          \
   }                                                                                                                   \
-  void amx_centre_rows(const In* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,                \
-                       c10::BFloat16* xb, int64_t d_pad, float* norms) {                                              \
-    BMT_FAST_DISPATCH(amx_centre_rows, x, d, shift, row_begin, row_end, xb, d_pad, norms)                             \
+  void amx_centre_rows(const In* x, int64_t ld, int64_t cols, const float* shift, int64_t row_begin,                  \
+                       int64_t row_end, c10::BFloat16* xb, int64_t ld_xb, double* sq_sums, int64_t ahead) {           \
+    BMT_FAST_DISPATCH(amx_centre_rows, x, ld, cols, shift, row_begin, row_end, xb, ld_xb, sq_sums, ahead)             \
   }                                                                                                                   \
-  void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
-                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw) {                               \
-    BMT_FAST_DISPATCH(amx_w_pairs, score, x, shift, a, n, d, pair_begin, pair_end, bw, ld_bw)                         \
+  void amx_w_pairs(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift, float a, int64_t n,    \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw, int64_t ahead) {                \
+    BMT_FAST_DISPATCH(amx_w_pairs, score, x, ld, cols, shift, a, n, pair_begin, pair_end, bw, ld_bw, ahead)           \
   }                                                                                                                   \
   bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
                        const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \

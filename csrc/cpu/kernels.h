@@ -32,13 +32,16 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // portable bit arithmetic; the same bits).
 // amx_column_sums: sums[k] = the sum over rows [0, rows) of x[r][k] (d columns), in double, for k in
 // [col_begin, col_end).
-// The operands and the step's last pass (x, score: n x d rows; shift: d fp32 values):
-// amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zero)
-// and norms[a] = the fp32 sum of the squares of row a's rounded values;
+// The operands and the step's last pass (x, score: rows of `cols` features, row stride ld, or d; shift: a
+// fp32 value per feature):
+// amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride ld_xb, columns [cols, ld_xb)
+// zero), and the sum of the squares of row a's rounded values added into sq_sums[a] (in double);
 // amx_w_pairs: W_i = score_i - a (x_i - shift) in bf16 for the row pairs [pair_begin, pair_end), rows 2p
 // and 2p + 1 interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero), pair
 // row p at bw + p ld_bw;
-// amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) / n in In for rows [row_begin,
+// both: unless ahead is 0, the same features `ahead` further on in the rows they read (a caller's next chunk)
+// are prefetched into L2 as the rows go;
+// amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) (1/n) in In for rows [row_begin,
 // row_end) and columns [col_begin, col_end) (acc holds just those, row stride ld_acc); returns whether all
 // of those values are finite in In.
 // rbf_kernel_backward (grad, k: n x m, row stride ld; P = grad * K in fp32, rounded to bf16 for AMX):
@@ -56,10 +59,10 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
                          const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \
                          float* rowsum);                                                                              \
   void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums);       \
-  void amx_centre_rows(const In* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,                \
-                       c10::BFloat16* xb, int64_t d_pad, float* norms);                                               \
-  void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
-                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw);                                \
+  void amx_centre_rows(const In* x, int64_t ld, int64_t cols, const float* shift, int64_t row_begin,                  \
+                       int64_t row_end, c10::BFloat16* xb, int64_t ld_xb, double* sq_sums, int64_t ahead);            \
+  void amx_w_pairs(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift, float a, int64_t n,    \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw, int64_t ahead);                 \
   bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
                        const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \
                        int64_t col_begin, int64_t col_end, In* phi);                                                  \

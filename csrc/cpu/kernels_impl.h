@@ -311,26 +311,36 @@ BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, 
   }
 }
 
+// The lines of count values from p on, prefetched into L2.
+template <typename In>
+BMT_FAST_INLINE void prefetch_l2(const In* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(In)); b += 64) __builtin_prefetch(bytes + b, 0, 1);
+}
+
 // The operands of the AMX path, one pass each (they were a dozen ATen ops with n x d fp32 temporaries
-// and their page faults: a third of a step at 4096 x 768). Rows a of x (d columns, bf16 or fp32) centred by
-// shift (d fp32 values) and rounded to bf16 into xb (row stride d_pad, columns [d, d_pad) zeroed);
-// norms[a] = the sum of the squares of the rounded values (each exact in fp32), 8 to a lane in fp32 (nearly
-// always exact: a square has at most 16 significant bits) and those sums in double, rounded to fp32.
+// and their page faults: a third of a step at 4096 x 768). Rows a of x (cols columns, row stride ld, bf16 or
+// fp32) centred by shift (cols fp32 values) and rounded to bf16 into xb (row stride ld_xb, columns [cols,
+// ld_xb) zeroed); sq_sums[a] += the sum of the squares of the rounded values (each exact in fp32), 8 to a
+// lane in fp32 (nearly always exact: a square has at most 16 significant bits) and those sums in double
+// (the caller rounds the norms to fp32).
 // (Summed in fp32 the norms came out low: a square's last bits are rarely those of a half, so rounding
 // them off into a large running sum rounds down more often than up. At 70 x 20,001 the distances were
 // 0.09 (16 lanes) to 0.18 (4 lanes) below the exact ones of the rounded particles on average, for
 // distances near 40,000, K 1e-5 high.)
 template <typename In>
-BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t d, const float* shift, int64_t row_begin,
-                                          int64_t row_end, c10::BFloat16* xb, int64_t d_pad, float* norms) {
+BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t ld, int64_t cols, const float* shift,
+                                          int64_t row_begin, int64_t row_end, c10::BFloat16* xb, int64_t ld_xb,
+                                          double* sq_sums, int64_t ahead) {
   constexpr int L = kLanes<float>;
   for (int64_t a = row_begin; a < row_end; ++a) {
-    const In* row = x + a * d;
-    c10::BFloat16* out = xb + a * d_pad;
+    const In* row = x + a * ld;
+    if (ahead != 0) prefetch_l2(row + ahead, cols);
+    c10::BFloat16* out = xb + a * ld_xb;
     vec_t<double> sum[2] = {};
     vec_t<float> part{};  // the squares of up to 8 vectors (small: their bits kept), then into sum
     int parts = 0;
-    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {  // the tail zero-padded
+    for_each_vector<L>(cols, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {  // the tail zero-padded
       const u32_vec bits = bf16_bits(load_part_as<float>(row + k, count) - load_part_as<float>(shift + k, count));
       const vec_t<float> rounded = float_of_bf16_bits(bits);
       part += rounded * rounded;
@@ -342,28 +352,36 @@ BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t d, const float* s
       store_bf16_bits(out + k, bits, count);
     });
     add_as_doubles(sum, part);
-    for (int64_t k = d; k < d_pad; ++k) out[k] = c10::BFloat16(0.f);
-    norms[a] = static_cast<float>(horizontal_sum<double>(sum[0] + sum[1]));
+    for (int64_t k = cols; k < ld_xb; ++k) out[k] = c10::BFloat16(0.f);
+    sq_sums[a] += horizontal_sum<double>(sum[0] + sum[1]);
   }
 }
 
 // AMX's B operand for K W, pairs [pair_begin, pair_end) of rows: W_i = score_i - a (x_i - shift) rounded
 // to bf16, rows 2p and 2p + 1 interleaved feature by feature (the bf16 pair of feature k is one 32-bit
-// word: row 2p in its low half), rows at or beyond n zero; pair row p at bw + p ld_bw.
+// word: row 2p in its low half), rows at or beyond n zero; pair row p at bw + p ld_bw. cols features of
+// rows ld apart.
 template <typename In>
-BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,
-                                      int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw) {
+BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift,
+                                      float a, int64_t n, int64_t pair_begin, int64_t pair_end, uint32_t* bw,
+                                      int64_t ld_bw, int64_t ahead) {
   constexpr int L = kLanes<float>;
   const vec_t<float> av = broadcast(a);
   for (int64_t p = pair_begin; p < pair_end; ++p) {
     const int64_t i = 2 * p;
     uint32_t* out = bw + p * ld_bw;
-    for_each_vector<L>(d, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+    if (ahead != 0) {
+      for (int64_t row = i; row < std::min(i + 2, n); ++row) {
+        prefetch_l2(x + row * ld + ahead, cols);
+        prefetch_l2(score + row * ld + ahead, cols);
+      }
+    }
+    for_each_vector<L>(cols, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> sv = load_part_as<float>(shift + k, count);
       const auto w = [&](int64_t row) BMT_FAST_INLINE_LAMBDA {
         if (row >= n) return u32_vec{};
-        return bf16_bits(load_part_as<float>(score + row * d + k, count) -
-                         (load_part_as<float>(x + row * d + k, count) - sv) * av);
+        return bf16_bits(load_part_as<float>(score + row * ld + k, count) -
+                         (load_part_as<float>(x + row * ld + k, count) - sv) * av);
       };
       const u32_vec pair = w(i) | (w(i + 1) << 16);
       std::memcpy(out + k, &pair, static_cast<size_t>(count) * sizeof(uint32_t));
@@ -589,35 +607,66 @@ BMT_FAST_INLINE void amx_rbf_from_dots_impl(float* tile, int64_t ld, int64_t row
   if (!rowsum) stream_fence();  // the streamed lines ordered before what the caller does next
 }
 
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+// One aligned 64-byte line of bf16 (the bits of two vectors of fp32 lanes) written around the caches.
+BMT_FAST_INLINE void stream_bf16_line(c10::BFloat16* p, u32_vec low, u32_vec high) {
+  typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
+  const u16_vec a = __builtin_convertvector(low, u16_vec), b = __builtin_convertvector(high, u16_vec);
+  const auto line = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                                            20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), reinterpret_cast<const __m512i&>(line));
+}
+#endif
+
 // phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) / n in In: the own term k_aa = 1 and the
 // repulsion's row-sum term added to K W, as the AMX path's last pass, for rows [row_begin, row_end) and
 // columns [col_begin, col_end) (x, score, phi: row stride d; acc holds those rows and columns from its
 // first entry on, row stride ld_acc). Returns whether all of these phi values are finite in In (tracked
-// in registers: the API then need not scan phi). fp32 phi is streamed where its vectors are whole lines.
+// in registers: the API then need not scan phi). The division by n is a product with the fp32 1/n (one
+// vdivps per vector took ~5% of a few-particle step, 256 x 76,800 bf16). phi is streamed (written once)
+// where its vectors are whole lines: fp32 ones, and bf16 ones two vectors a line in rows that start on a
+// line.
 template <typename In>
 BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, int64_t ld_acc, const float* rowsum, const In* x,
                                           const In* score, const float* shift, float a, float n, int64_t d,
                                           int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,
                                           In* phi) {
   constexpr int L = kLanes<float>;
-  const vec_t<float> nv = broadcast(n);
+  const vec_t<float> inv_n = broadcast(1.0f / n);
   vec_t<float> bad{};
   for (int64_t r = row_begin; r < row_end; ++r) {
     const vec_t<float> coef = broadcast(a * rowsum[r]);
     const int64_t at = r * d + col_begin;
     const float* acc_row = acc + (r - row_begin) * ld_acc;
     const float* shift_c = shift + col_begin;
-    for_each_vector<L>(col_end - col_begin, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+    const auto value = [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift_c + k, count);
-      const vec_t<float> v =
-          (load_part_as<float>(acc_row + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) / nv;
+      return (load_part_as<float>(acc_row + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) * inv_n;
+    };
+    int64_t done = 0;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+    if constexpr (std::is_same_v<In, c10::BFloat16>) {  // whole lines of bf16 phi streamed, two vectors each
+      if ((reinterpret_cast<uintptr_t>(phi + at) & 63) == 0) {
+        constexpr auto whole = std::integral_constant<int64_t, L>{};
+        for (; done + 2 * L <= col_end - col_begin; done += 2 * L) {
+          const vec_t<float> v0 = value(done, whole), v1 = value(done + L, whole);
+          track_finite<In, true, float>(bad, v0, L);
+          track_finite<In, true, float>(bad, v1, L);
+          stream_bf16_line(phi + at + done, bf16_bits(v0), bf16_bits(v1));
+        }
+      }
+    }
+#endif
+    for_each_vector<L>(col_end - col_begin - done, [&](int64_t k0, auto count) BMT_FAST_INLINE_LAMBDA {
+      const int64_t k = done + k0;
+      const vec_t<float> v = value(k, count);
       constexpr bool whole = std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>;
       track_finite<In, whole, float>(bad, v, count);
       if constexpr (whole && std::is_same_v<In, float>) stream_as<In, float>(phi + at + k, v);
       else store_as<In, float>(phi + at + k, v, count);
     });
   }
-  if constexpr (std::is_same_v<In, float>) stream_fence();
+  stream_fence();
   return horizontal_sum<float>(bad) == 0.f;
 }
 
@@ -1327,13 +1376,13 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
   void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums) {      \
     amx_column_sums_impl(x, d, rows, col_begin, col_end, sums);                                                       \
   }                                                                                                                   \
-  void amx_centre_rows(const In* x, int64_t d, const float* shift, int64_t row_begin, int64_t row_end,                \
-                       c10::BFloat16* xb, int64_t d_pad, float* norms) {                                              \
-    amx_centre_rows_impl(x, d, shift, row_begin, row_end, xb, d_pad, norms);                                          \
+  void amx_centre_rows(const In* x, int64_t ld, int64_t cols, const float* shift, int64_t row_begin,                  \
+                       int64_t row_end, c10::BFloat16* xb, int64_t ld_xb, double* sq_sums, int64_t ahead) {           \
+    amx_centre_rows_impl(x, ld, cols, shift, row_begin, row_end, xb, ld_xb, sq_sums, ahead);                          \
   }                                                                                                                   \
-  void amx_w_pairs(const In* score, const In* x, const float* shift, float a, int64_t n, int64_t d,                   \
-                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw) {                               \
-    amx_w_pairs_impl(score, x, shift, a, n, d, pair_begin, pair_end, bw, ld_bw);                                      \
+  void amx_w_pairs(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift, float a, int64_t n,    \
+                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw, int64_t ahead) {                \
+    amx_w_pairs_impl(score, x, ld, cols, shift, a, n, pair_begin, pair_end, bw, ld_bw, ahead);                        \
   }                                                                                                                   \
   bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
                        const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \

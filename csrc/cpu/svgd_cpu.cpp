@@ -612,8 +612,10 @@ struct AmxOperands {
       const bool fused = as_b && d_pad <= kAmxFusedTransposeFeatures;
       at::parallel_for(0, n_pad / 16, 4, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
-          const int64_t i0 = block * 16;
-          if (i0 < n) amx_centre_rows(x_p, d, shift_p, i0, std::min(i0 + 16, n), xb_p, ld_x, norms_p);
+          const int64_t i0 = block * 16, i1 = std::min(i0 + 16, n);
+          double sq[16] = {};
+          if (i0 < n) amx_centre_rows(x_p + i0 * d, d, d, shift_p, 0, i1 - i0, xb_p + i0 * ld_x, ld_x, sq, 0);
+          for (int64_t a = i0; a < i1; ++a) norms_p[a] = static_cast<float>(sq[a - i0]);
           if (fused) transpose_words(words + i0 * (ld_x / 2), ld_x / 2, 16, 0, d_pad / 2, b_s_words + i0, ld_s);
         }
       });
@@ -778,12 +780,13 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
   return rbf_kernel_amx<at::BFloat16>(a, b, h);
 }
 
-// A self kernel on AMX from all n x n dot products of its particles (kept by the median's pass: dots, which
-// this overwrites), by blocks of kAmxRows rows: the same values as rbf_kernel_amx's from the same tiles.
-at::Tensor rbf_kernel_from_dots(const AmxOperands& a, const at::Tensor& dots, double h) {
-  const int64_t n = a.n;
-  at::Tensor k = empty_large({n, n}, a.xb.options().dtype(a.dtype));
-  const float* norms_p = a.norms.const_data_ptr<float>();
+// A self kernel on AMX (dtype: the particles') from all n x n dot products of its particles and their norms
+// (kept by the median's pass, or the chunked Gram pass's: dots, which this overwrites), by blocks of
+// kAmxRows rows: the same values as rbf_kernel_amx's from the same tiles.
+at::Tensor rbf_kernel_from_dots(const at::Tensor& norms, const at::Tensor& dots, double h, at::ScalarType dtype) {
+  const int64_t n = norms.size(0);
+  at::Tensor k = empty_large({n, n}, norms.options().dtype(dtype));
+  const float* norms_p = norms.const_data_ptr<float>();
   float* dots_p = dots.mutable_data_ptr<float>();
   const float inv_h = static_cast<float>(1.0 / h);
   amx_dispatch(k, [&](auto typed) {
@@ -825,7 +828,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const at::Tensor b_w = empty_large({n_pad / 2, ld_w}, x.options().dtype(at::kInt));
   auto* b_w_words = reinterpret_cast<uint32_t*>(b_w.mutable_data_ptr<int32_t>());
   at::parallel_for(0, n_pad / 2, 32, [&](int64_t begin, int64_t end) {
-    amx_w_pairs(score_p, x_p, shift_p, a, n, d, begin, end, b_w_words, ld_w);
+    amx_w_pairs(score_p, x_p, d, d, shift_p, a, n, begin, end, b_w_words, ld_w, 0);
   });
 
   const at::Tensor rowsum = at::zeros({n}, x.options().dtype(at::kFloat));
@@ -882,6 +885,155 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
       finish(acc.const_data_ptr<float>() + begin * d, d, begin, end, 0, d);
     });
   }
+  return finite.load();
+}
+
+// ---- few particles on AMX, by feature chunks ----------------------------------------------------
+//
+// With few particles and many features the tiled step's operands (xb, its transpose b_s and W, each as
+// large as x) go to memory and come back: about a dozen passes over n x d values where the step needs four
+// (x twice, score once, phi written). Here the threads take chunks of features instead, as on the Gram
+// path: the Gram pass takes each chunk's column means (the same shift as amx_shift's), centres, rounds and
+// transposes the chunk in L2 and adds its dot products into the thread's own n x n sums (their upper
+// triangle by blocks of kAmxRows rows: 3/4 of the products at 256 particles, 5/8 at 512); the apply pass
+// forms a chunk of W, multiplies it by K and finishes phi while the chunk's x and score are still in L2.
+// Each pass prefetches the next chunk's rows into L2 while the current one is multiplied. The arithmetic
+// is the tiled AMX step's (the same bf16 operands, fp32 sums), the dot products summed in another order
+// (each thread's chunks, then the threads' sums).
+//
+// Where: from kAmxChunkedMinFeatures(n_pad) features, up to 512 particles (the n x n sums per thread and K
+// stay in L2). With fewer features there are too few chunks for the threads, and with more particles the
+// tiled path's symmetry and its tiles' reuse win. 2-core Xeon (Emerald Rapids), bf16 step, alternating,
+// tiled -> chunked (ms): 128 x 512 0.145 -> 0.103, 128 x 1024 0.27 -> 0.17, 128 x 4096 1.04 -> 0.56,
+// 128 x 76,800 27.4 -> 9.4; 256 x 512 0.30 -> 0.33, 256 x 2048 level, 256 x 4096 1.8 -> 1.65, 256 x
+// 76,800 42 -> 27; 384 x 8192 7.2 -> 6.8; 512 x 4096 4.5 -> 6.0, 512 x 8192 9.5 -> 11, 512 x 12,288
+// level, 512 x 20,000 27.8 -> 23, 512 x 32,768 52 -> 41. Chunks of 128 features (the same at 64, slower
+// from 256: 256 x 76,800 27 -> 29 ms at 256, 33 ms at 512).
+constexpr int64_t kAmxChunkedMaxParticles = 512;
+constexpr int64_t kAmxFeatureChunk = 128;  // a multiple of 32 (AMX's bf16 depth) and of 16 (transpose_words)
+
+int64_t amx_chunked_min_features(int64_t n_pad) {
+  return n_pad <= 128 ? 512 : n_pad * n_pad / 16;
+}
+
+bool use_amx_chunked(int64_t n, int64_t d) {
+  const int64_t n_pad = (n + 31) / 32 * 32;
+  return n_pad <= kAmxChunkedMaxParticles && d >= amx_chunked_min_features(n_pad);
+}
+
+// All n x n dot products of the rounded particles in one tile, for the median's selection.
+struct DotsTiles {
+  const at::Tensor& dots;
+  template <typename Visit>
+  void operator()(Visit&& visit) const {
+    at::parallel_for(0, dots.size(0), 16, [&](int64_t begin, int64_t end) { visit(dots, 0, 0, begin, end); });
+  }
+};
+
+// The Gram pass: the AMX path's shift (d), norms (n) and all dot products (n x n) of the rounded centred
+// particles, fp32.
+struct AmxGram {
+  at::Tensor shift, norms, dots;
+};
+
+template <typename In>
+AmxGram amx_gram_chunked(const at::Tensor& x) {
+  const int64_t n = x.size(0), d = x.size(1), n_pad = (n + 31) / 32 * 32;
+  const int64_t chunk = kAmxFeatureChunk, chunks = (d + chunk - 1) / chunk;
+  const int64_t ld_a = amx_a_stride(chunk), ld_b = amx_b_stride(n_pad), threads = at::get_num_threads();
+  const auto options = x.options().dtype(at::kFloat);
+  AmxGram out{at::empty({d}, options), at::empty({n}, options), at::empty({n, n}, options)};
+  const In* x_p = x.const_data_ptr<In>();
+  float* shift_p = out.shift.mutable_data_ptr<float>();
+  std::vector<float> dots(threads * n * n, 0.f);  // each thread's sums (none where a thread gets no chunk)
+  std::vector<double> sq(threads * n, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t t = at::get_thread_num();
+    std::vector<at::BFloat16> a(n_pad * ld_a, at::BFloat16(0.f));  // rows [n, n_pad) stay zero
+    std::vector<uint32_t> b(chunk / 2 * ld_b);
+    std::vector<double> sums(chunk);
+    const auto* words = reinterpret_cast<const uint32_t*>(a.data());
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0), depth = (width + 31) / 32 * 32;
+      amx_column_sums(x_p + c0, d, n, 0, width, sums.data());
+      for (int64_t k = 0; k < width; ++k) shift_p[c0 + k] = static_cast<float>(sums[k] / static_cast<double>(n));
+      const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
+      amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq.data() + t * n, ahead);
+      transpose_words(words, ld_a / 2, n_pad, 0, depth / 2, b.data(), ld_b);
+      for (int64_t i0 = 0; i0 < n; i0 += kAmxRows) {  // the upper triangle by blocks of rows
+        at::native::cpublas::brgemm(std::min(kAmxRows, n - i0), n - i0, depth, ld_a, ld_b, n, /*add_C=*/c > begin,
+                                    a.data() + i0 * ld_a, reinterpret_cast<const at::BFloat16*>(b.data()) + 2 * i0,
+                                    dots.data() + t * n * n + i0 * n + i0);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  float* dots_p = out.dots.mutable_data_ptr<float>();
+  float* norms_p = out.norms.mutable_data_ptr<float>();
+  std::copy_n(dots.data(), n * n, dots_p);
+  for (int64_t t = 1; t < threads; ++t)
+    for (int64_t q = 0; q < n * n; ++q) dots_p[q] += dots[t * n * n + q];
+  for (int64_t i = 0; i < n; ++i)  // (the blocks below the diagonal ones were not computed)
+    for (int64_t j = 0; j < i; ++j) dots_p[i * n + j] = dots_p[j * n + i];
+  for (int64_t i = 0; i < n; ++i) {
+    double total = 0.0;
+    for (int64_t t = 0; t < threads; ++t) total += sq[t * n + i];
+    norms_p[i] = static_cast<float>(total);
+  }
+  return out;
+}
+
+AmxGram amx_gram_chunked(const at::Tensor& x) {
+  return amx_dispatch(x, [&](auto typed) { return amx_gram_chunked<typename decltype(typed)::type>(x); });
+}
+
+// The median of the n^2 squared distances from the chunked Gram pass (n <= 512: by selection).
+double median_sq_dist_chunked(const AmxGram& gram) {
+  return median_sq_dist_select<float>(gram.norms.size(0), gram.norms, DotsTiles{gram.dots});
+}
+
+// svgd_step_amx's phi (its contract) for use_amx_chunked shapes.
+template <typename In>
+bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
+                           at::Tensor& out) {
+  using at::native::cpublas::brgemm;
+  const int64_t n = x.size(0), d = x.size(1), n_pad = (n + 31) / 32 * 32;
+  const AmxGram gram = amx_gram_chunked<In>(x);
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_chunked(gram), n);
+  const float a = static_cast<float>(2.0 / h), inv_h = static_cast<float>(1.0 / h);
+  // K without its own terms (bf16, an A operand: columns [n, n_pad) zero) and its fp32 row sums
+  const int64_t ld_k = amx_a_stride(n_pad);
+  std::vector<at::BFloat16> k16(n * ld_k);
+  std::vector<float> rowsum(n, 0.f);
+  const float* norms_p = gram.norms.const_data_ptr<float>();
+  float* dots_p = gram.dots.mutable_data_ptr<float>();
+  at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    const int64_t i0 = begin * 16, rows = std::min(end * 16, n) - i0;
+    amx_rbf_from_dots(dots_p + i0 * n, n, rows, n, n_pad, norms_p + i0, norms_p, inv_h, i0, /*own_one=*/false,
+                      k16.data() + i0 * ld_k, ld_k, rowsum.data() + i0);
+  });
+
+  const int64_t chunk = kAmxFeatureChunk, chunks = (d + chunk - 1) / chunk, ld_w = amx_b_stride(chunk);
+  const auto* x_p = x.const_data_ptr<In>();
+  const auto* score_p = score.const_data_ptr<In>();
+  const float* shift_p = gram.shift.const_data_ptr<float>();
+  auto* out_p = out.mutable_data_ptr<In>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> w(n_pad / 2 * ld_w);
+    std::vector<float> acc(n * chunk);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+      const int64_t ahead = c + 1 < end ? chunk : 0;
+      amx_w_pairs(score_p + c0, x_p + c0, d, width, shift_p + c0, a, n, 0, n_pad / 2, w.data(), ld_w, ahead);
+      brgemm(n, width, n_pad, ld_k, ld_w, chunk, /*add_C=*/false, k16.data(),
+             reinterpret_cast<const at::BFloat16*>(w.data()), acc.data());
+      if (!amx_finish_rows(acc.data(), chunk, rowsum.data(), x_p, score_p, shift_p, a, static_cast<float>(n), d, 0, n,
+                           c0, c0 + width, out_p))
+        finite.store(false, std::memory_order_relaxed);
+    }
+    at::native::cpublas::brgemm_release();
+  });
   return finite.load();
 }
 
@@ -1031,7 +1183,11 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
                                            [&] { return svgd_step_gram<scalar_t>(x, score, h, out); });
   }
   if (use_amx(x)) {
-    return amx_dispatch(x, [&](auto typed) { return svgd_step_amx<typename decltype(typed)::type>(x, score, h, out); });
+    return amx_dispatch(x, [&](auto typed) {
+      using In = typename decltype(typed)::type;
+      return use_amx_chunked(x.size(0), x.size(1)) ? svgd_step_amx_chunked<In>(x, score, h, out)
+                                                    : svgd_step_amx<In>(x, score, h, out);
+    });
   }
   const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
                                                         : svgd_step_tiled<float>(x, score, h);
@@ -1079,7 +1235,8 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
     median = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "median_gram",
                                              [&] { return numpy_median(sq_dists_gram<scalar_t>(x)); });
   } else if (use_amx(x)) {
-    median = median_sq_dist_amx(AmxOperands(x));
+    median = use_amx_chunked(x.size(0), x.size(1)) ? median_sq_dist_chunked(amx_gram_chunked(x))
+                                                   : median_sq_dist_amx(AmxOperands(x));
   } else {
     const at::Tensor xc = centred(x, acc);
     const at::Tensor norms = (xc * xc).sum(1).contiguous();
@@ -1135,6 +1292,10 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   }
   if (use_amx(x)) {  // bf16 particles (or fp32 under bf16 matmuls) on AMX tiles (d >= 32): as the step's K
     const at::Tensor xs = x.contiguous();
+    if (self && use_amx_chunked(n, x.size(1))) {
+      const AmxGram gram = amx_gram_chunked(xs);
+      return rbf_kernel_from_dots(gram.norms, gram.dots, h, x.scalar_type());
+    }
     if (self) {
       const AmxOperands operands(xs);
       return rbf_kernel_amx(operands, operands, h);
@@ -1170,6 +1331,11 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   check_particles(x_in, "x");
   const int64_t n = x_in.size(0);
   if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
+    if (use_amx(x_in) && use_amx_chunked(n, x_in.size(1))) {  // the chunked Gram pass's dot products
+      const AmxGram gram = amx_gram_chunked(x_in.contiguous());
+      const at::Tensor h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
+      return {rbf_kernel_from_dots(gram.norms, gram.dots, read_bandwidth(h), x_in.scalar_type()), h};
+    }
     if (use_amx(x_in)) {  // (but the AMX operands are, and the dot products where keeps_dots)
       const AmxOperands operands(x_in.contiguous());
       // (kept only where rbf_kernel_amx takes the one triangle, whose K is symmetric as the kept dots are)
@@ -1178,7 +1344,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
       const at::Tensor kept = keep ? empty_large({n, n}, operands.norms.options()) : at::Tensor();
       const at::Tensor h =
           bandwidth_result(median_sq_dist_amx(operands, keep ? kept.mutable_data_ptr<float>() : nullptr), x_in);
-      if (keep) return {rbf_kernel_from_dots(operands, kept, read_bandwidth(h)), h};
+      if (keep) return {rbf_kernel_from_dots(operands.norms, kept, read_bandwidth(h), operands.dtype), h};
       return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
     }
     const auto acc = accumulation_type(x_in.scalar_type());
