@@ -342,6 +342,26 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
 
 
 @requires_amx
+@pytest.mark.parametrize("n,d,path", [(33, 512, "tiled"), (64, 700, "tiled"), (32, 4096, "gram"), (64, 500, "gram")])
+def test_auto_takes_the_amx_chunks_from_33_bf16_particles_with_many_features(n, d, path):
+    """"auto" keeps the Gram path (fp32 arithmetic) up to 64 particles, except bf16 particles with 512 or more
+    features, which take the AMX feature-chunk path from 33 particles (faster there): phi and the median as
+    the algorithm `path` gives them, and not as the other one; rbf_kernel_median and rbf_kernel follow the
+    same rule (the median's K is rbf_kernel's with that median, bit for bit)."""
+    torch.manual_seed(n + d)
+    x, score = particles(n, d, dtype=torch.bfloat16)
+    h = torch.tensor(2.0 * d, dtype=torch.float64)
+    other = "gram" if path == "tiled" else "tiled"
+    auto = torch.ops.bmt_fast.svgd_step(x, score, h, "auto")
+    assert torch.equal(auto, torch.ops.bmt_fast.svgd_step(x, score, h, path))
+    assert not torch.equal(auto, torch.ops.bmt_fast.svgd_step(x, score, h, other))
+    median = torch.ops.bmt_fast.median_bandwidth(x, "auto")
+    assert torch.equal(median, torch.ops.bmt_fast.median_bandwidth(x, path))
+    k, k_median = torch.ops.bmt_fast.rbf_kernel_median(x)
+    assert torch.equal(k_median, median) and torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, median))
+
+
+@requires_amx
 @pytest.mark.parametrize("n,d", [(65, 32), (300, 129), (513, 40), (129, 1024), (600, 2050)])
 @pytest.mark.parametrize("bandwidth", ["median", "spread", 1e-6])
 def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -128,10 +129,10 @@ struct AmxTiles {
   void operator()(Visit&& visit) const;
 };
 
-bool use_gram(const at::Tensor& x, Algorithm algorithm) {
-  if (algorithm == Algorithm::kAuto) return x.size(0) <= kGramMaxParticles;
-  return algorithm == Algorithm::kGram;
-}
+// Whether the few-particle Gram path runs (defined with the AMX feature-chunk path, which takes some of its
+// shapes).
+bool use_gram(const at::Tensor& x, Algorithm algorithm);
+int64_t gram_max_particles(const at::Tensor& x);
 
 // ---- tiled path ----------------------------------------------------------------------------------
 
@@ -613,9 +614,12 @@ struct AmxOperands {
       at::parallel_for(0, n_pad / 16, 4, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * 16, i1 = std::min(i0 + 16, n);
-          double sq[16] = {};
+          double sq[16 * kAmxSqLanes] = {};
           if (i0 < n) amx_centre_rows(x_p + i0 * d, d, d, shift_p, 0, i1 - i0, xb_p + i0 * ld_x, ld_x, sq, 0);
-          for (int64_t a = i0; a < i1; ++a) norms_p[a] = static_cast<float>(sq[a - i0]);
+          for (int64_t a = i0; a < i1; ++a) {
+            const double* lanes = sq + (a - i0) * kAmxSqLanes;
+            norms_p[a] = static_cast<float>(std::accumulate(lanes, lanes + kAmxSqLanes, 0.0));
+          }
           if (fused) transpose_words(words + i0 * (ld_x / 2), ld_x / 2, 16, 0, d_pad / 2, b_s_words + i0, ld_s);
         }
       });
@@ -946,7 +950,7 @@ AmxGram amx_gram_chunked(const at::Tensor& x) {
   const In* x_p = x.const_data_ptr<In>();
   float* shift_p = out.shift.mutable_data_ptr<float>();
   std::vector<float> dots(threads * n * n, 0.f);  // each thread's sums (none where a thread gets no chunk)
-  std::vector<double> sq(threads * n, 0.0);
+  std::vector<double> sq(threads * n * kAmxSqLanes, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t t = at::get_thread_num();
     std::vector<at::BFloat16> a(n_pad * ld_a, at::BFloat16(0.f));  // rows [n, n_pad) stay zero
@@ -958,7 +962,8 @@ AmxGram amx_gram_chunked(const at::Tensor& x) {
       amx_column_sums(x_p + c0, d, n, 0, width, sums.data());
       for (int64_t k = 0; k < width; ++k) shift_p[c0 + k] = static_cast<float>(sums[k] / static_cast<double>(n));
       const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
-      amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq.data() + t * n, ahead);
+      double* sq_t = sq.data() + t * n * kAmxSqLanes;
+      amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq_t, ahead);
       transpose_words(words, ld_a / 2, n_pad, 0, depth / 2, b.data(), ld_b);
       for (int64_t i0 = 0; i0 < n; i0 += kAmxRows) {  // the upper triangle by blocks of rows
         at::native::cpublas::brgemm(std::min(kAmxRows, n - i0), n - i0, depth, ld_a, ld_b, n, /*add_C=*/c > begin,
@@ -977,10 +982,29 @@ AmxGram amx_gram_chunked(const at::Tensor& x) {
     for (int64_t j = 0; j < i; ++j) dots_p[i * n + j] = dots_p[j * n + i];
   for (int64_t i = 0; i < n; ++i) {
     double total = 0.0;
-    for (int64_t t = 0; t < threads; ++t) total += sq[t * n + i];
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t q = 0; q < kAmxSqLanes; ++q) total += sq[(t * n + i) * kAmxSqLanes + q];
     norms_p[i] = static_cast<float>(total);
   }
   return out;
+}
+
+// Up to how many particles "auto" takes the Gram path (its fp32 FMAs): kGramMaxParticles, but 32 for
+// particles that the AMX path would take by feature chunks with 33 (bf16, or fp32 under bf16 matmuls; from
+// 512 features), which is faster there. 2-core Xeon, bf16 step, alternating, Gram -> chunked AMX (ms):
+// 64 x 76,800 8.1-8.3 -> 4.4-4.7, 64 x 409,600 45-49 -> 24-27, 64 x 8192 0.77-0.85 -> 0.48-0.58, 48 x
+// 76,800 4.6 -> 3.4, 48 x 2048 0.14 -> 0.10-0.13; 32 x 76,800 and 32 x 8192 level, 16 x 409,600 3.3-3.4
+// -> 6.1-6.3.
+constexpr int64_t kAmxGramMaxParticles = 32;
+
+int64_t gram_max_particles(const at::Tensor& x) {
+  const bool amx = use_amx(x) && use_amx_chunked(kAmxGramMaxParticles + 1, x.size(1));
+  return amx ? kAmxGramMaxParticles : kGramMaxParticles;
+}
+
+bool use_gram(const at::Tensor& x, Algorithm algorithm) {
+  if (algorithm == Algorithm::kAuto) return x.size(0) <= gram_max_particles(x);
+  return algorithm == Algorithm::kGram;
 }
 
 AmxGram amx_gram_chunked(const at::Tensor& x) {
@@ -1280,7 +1304,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     for (int64_t q = 0; q < n * m; ++q) kp[q] = std::exp(dist[q] / -h);
     return k.to(x.scalar_type());
   }
-  if (gram_rows <= kGramMaxParticles) {
+  if (gram_rows <= (self ? gram_max_particles(x) : kGramMaxParticles)) {
     // Few particles (often huge d): the distances from one split-K Gram pass over the rows, without the
     // centred copies and GEMM below (4 x 409,600 on a 2-core Xeon: 5.4 ms that way, 2.5 ms naive torch).
     const at::Tensor xs = x.contiguous(), ys = self ? xs : y.contiguous();
