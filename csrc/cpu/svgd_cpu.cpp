@@ -903,7 +903,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
 // forms a chunk of W, multiplies it by K and finishes phi while the chunk's x and score are still in L2.
 // Each pass prefetches the next chunk's rows into L2 while the current one is multiplied. The arithmetic
 // is the tiled AMX step's (the same bf16 operands, fp32 sums), the dot products summed in another order
-// (each thread's chunks, then the threads' sums).
+// (a part of the chunks per thread, then the parts' sums in order: the same bits whichever thread ran which).
 //
 // Where: from kAmxChunkedMinFeatures(n_pad) features, up to 512 particles (the n x n sums per thread and K
 // stay in L2). With fewer features there are too few chunks for the threads, and with more particles the
@@ -940,52 +940,68 @@ struct AmxGram {
   at::Tensor shift, norms, dots;
 };
 
+// (The parts' sums take at most this much memory: parts = threads up to it, so that a many-core CPU's
+// partial sums stay small next to the particles.)
+constexpr int64_t kAmxGramPartsMaxBytes = int64_t{16} << 20;
+
 template <typename In>
 AmxGram amx_gram_chunked(const at::Tensor& x) {
   const int64_t n = x.size(0), d = x.size(1), n_pad = (n + 31) / 32 * 32;
   const int64_t chunk = kAmxFeatureChunk, chunks = (d + chunk - 1) / chunk;
-  const int64_t ld_a = amx_a_stride(chunk), ld_b = amx_b_stride(n_pad), threads = at::get_num_threads();
+  const int64_t ld_a = amx_a_stride(chunk), ld_b = amx_b_stride(n_pad);
+  // The chunks go to `parts` contiguous ranges, each summed into its own n x n dots (only their upper
+  // triangle by row blocks is written and read) and squares; the parts' sums are then added in part order,
+  // so the result does not depend on which thread ran which part.
+  const int64_t parts = std::clamp<int64_t>(
+      std::min<int64_t>(at::get_num_threads(), kAmxGramPartsMaxBytes / (n * n * int64_t{sizeof(float)})), 1, chunks);
   const auto options = x.options().dtype(at::kFloat);
   AmxGram out{at::empty({d}, options), at::empty({n}, options), at::empty({n, n}, options)};
   const In* x_p = x.const_data_ptr<In>();
   float* shift_p = out.shift.mutable_data_ptr<float>();
-  std::vector<float> dots(threads * n * n, 0.f);  // each thread's sums (none where a thread gets no chunk)
-  std::vector<double> sq(threads * n * kAmxSqLanes, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t t = at::get_thread_num();
+  const std::unique_ptr<float[]> dots(new float[parts * n * n]);  // (each part's first products initialise)
+  std::vector<double> sq(parts * n * kAmxSqLanes, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<at::BFloat16> a(n_pad * ld_a, at::BFloat16(0.f));  // rows [n, n_pad) stay zero
     std::vector<uint32_t> b(chunk / 2 * ld_b);
     std::vector<double> sums(chunk);
     const auto* words = reinterpret_cast<const uint32_t*>(a.data());
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0), depth = (width + 31) / 32 * 32;
-      amx_column_sums(x_p + c0, d, n, 0, width, sums.data());
-      for (int64_t k = 0; k < width; ++k) shift_p[c0 + k] = static_cast<float>(sums[k] / static_cast<double>(n));
-      const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
-      double* sq_t = sq.data() + t * n * kAmxSqLanes;
-      amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq_t, ahead);
-      transpose_words(words, ld_a / 2, n_pad, 0, depth / 2, b.data(), ld_b);
-      for (int64_t i0 = 0; i0 < n; i0 += kAmxRows) {  // the upper triangle by blocks of rows
-        at::native::cpublas::brgemm(std::min(kAmxRows, n - i0), n - i0, depth, ld_a, ld_b, n, /*add_C=*/c > begin,
-                                    a.data() + i0 * ld_a, reinterpret_cast<const at::BFloat16*>(b.data()) + 2 * i0,
-                                    dots.data() + t * n * n + i0 * n + i0);
+    for (int64_t t = part_begin; t < part_end; ++t) {
+      const int64_t begin = t * chunks / parts, end = (t + 1) * chunks / parts;
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t c0 = c * chunk, width = std::min(chunk, d - c0), depth = (width + 31) / 32 * 32;
+        amx_column_sums(x_p + c0, d, n, 0, width, sums.data());
+        for (int64_t k = 0; k < width; ++k) shift_p[c0 + k] = static_cast<float>(sums[k] / static_cast<double>(n));
+        const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
+        double* sq_t = sq.data() + t * n * kAmxSqLanes;
+        amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq_t, ahead);
+        transpose_words(words, ld_a / 2, n_pad, 0, depth / 2, b.data(), ld_b);
+        for (int64_t i0 = 0; i0 < n; i0 += kAmxRows) {  // the upper triangle by blocks of rows
+          at::native::cpublas::brgemm(std::min(kAmxRows, n - i0), n - i0, depth, ld_a, ld_b, n, /*add_C=*/c > begin,
+                                      a.data() + i0 * ld_a, reinterpret_cast<const at::BFloat16*>(b.data()) + 2 * i0,
+                                      dots.get() + t * n * n + i0 * n + i0);
+        }
       }
     }
     at::native::cpublas::brgemm_release();
   });
   float* dots_p = out.dots.mutable_data_ptr<float>();
   float* norms_p = out.norms.mutable_data_ptr<float>();
-  std::copy_n(dots.data(), n * n, dots_p);
-  for (int64_t t = 1; t < threads; ++t)
-    for (int64_t q = 0; q < n * n; ++q) dots_p[q] += dots[t * n * n + q];
-  for (int64_t i = 0; i < n; ++i)  // (the blocks below the diagonal ones were not computed)
-    for (int64_t j = 0; j < i; ++j) dots_p[i * n + j] = dots_p[j * n + i];
-  for (int64_t i = 0; i < n; ++i) {
-    double total = 0.0;
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t q = 0; q < kAmxSqLanes; ++q) total += sq[(t * n + i) * kAmxSqLanes + q];
-    norms_p[i] = static_cast<float>(total);
-  }
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the upper triangle: the parts' sums
+    for (int64_t i = begin; i < end; ++i) {
+      float* row = dots_p + i * n;
+      std::copy(dots.get() + i * n + i, dots.get() + (i + 1) * n, row + i);
+      for (int64_t t = 1; t < parts; ++t)
+        for (int64_t j = i; j < n; ++j) row[j] += dots[t * n * n + i * n + j];
+      double total = 0.0;
+      for (int64_t t = 0; t < parts; ++t)
+        for (int64_t q = 0; q < kAmxSqLanes; ++q) total += sq[(t * n + i) * kAmxSqLanes + q];
+      norms_p[i] = static_cast<float>(total);
+    }
+  });
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the lower triangle: its transpose
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t j = 0; j < i; ++j) dots_p[i * n + j] = dots_p[j * n + i];
+  });
   return out;
 }
 
