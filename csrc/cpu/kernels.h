@@ -35,8 +35,7 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // The operands and the step's last pass (x, score: rows of `cols` features, row stride ld, or d; shift: a
 // fp32 value per feature):
 // amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride ld_xb, columns [cols, ld_xb)
-// zero), and the squares of row a's rounded values summed in double by lanes into sq_sums[kAmxSqLanes a]
-// .. [kAmxSqLanes a + kAmxSqLanes) (row a's sum of squares is the sum of those; unused lanes untouched);
+// zero), and the sum of the squares of row a's rounded values added into sq_sums[a] (in double);
 // amx_w_pairs: W_i = score_i - a (x_i - shift) in bf16 for the row pairs [pair_begin, pair_end), rows 2p
 // and 2p + 1 interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero), pair
 // row p at bw + p ld_bw;
@@ -55,7 +54,6 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // amx_grad_rows: out_r = scale (sums_r xc_r - acc_r) in In for rows [row_begin, row_end) and columns
 // [col_begin, col_end): xc (bf16) with row stride ld, out with row stride d, acc (fp32) holding just those
 // rows and columns (row stride ld_acc).
-constexpr int64_t kAmxSqLanes = 16;  // amx_centre_rows' double lanes per row
 #define BMT_FAST_DECLARE_AMX(In)                                                                                      \
   void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
                          const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \

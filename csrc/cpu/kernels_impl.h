@@ -322,8 +322,8 @@ BMT_FAST_INLINE void prefetch_l2(const In* p, int64_t count) {
 // and their page faults: a third of a step at 4096 x 768). Rows a of x (cols columns, row stride ld, bf16 or
 // fp32) centred by shift (cols fp32 values) and rounded to bf16 into xb (row stride ld_xb, columns [cols,
 // ld_xb) zeroed); the squares of the rounded values (each exact in fp32) summed 8 to a lane in fp32 (nearly
-// always exact: a square has at most 16 significant bits) and those sums in double, lane by lane into
-// sq_sums[kAmxSqLanes a ..] (the caller adds a row's lanes up and rounds the norm to fp32).
+// always exact: a square has at most 16 significant bits) and those sums in double, added into sq_sums[a]
+// (the caller rounds the norms to fp32).
 // (Summed in fp32 the norms came out low: a square's last bits are rarely those of a half, so rounding
 // them off into a large running sum rounds down more often than up. At 70 x 20,001 the distances were
 // 0.09 (16 lanes) to 0.18 (4 lanes) below the exact ones of the rounded particles on average, for
@@ -353,12 +353,7 @@ BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t ld, int64_t cols,
     });
     add_as_doubles(sum, part);
     for (int64_t k = cols; k < ld_xb; ++k) out[k] = c10::BFloat16(0.f);
-    static_assert(sizeof(sum) <= kAmxSqLanes * sizeof(double), "kAmxSqLanes holds a row's lanes");
-    vec_t<double> lanes[2];  // (added lane by lane: a horizontal sum per row and chunk was half the time of
-    std::memcpy(lanes, sq_sums + kAmxSqLanes * a, sizeof(lanes));  // 128-feature chunks)
-    lanes[0] += sum[0];
-    lanes[1] += sum[1];
-    std::memcpy(sq_sums + kAmxSqLanes * a, lanes, sizeof(lanes));
+    sq_sums[a] += horizontal_sum<double>(sum[0] + sum[1]);
   }
 }
 
@@ -623,7 +618,7 @@ BMT_FAST_INLINE void stream_bf16_line(c10::BFloat16* p, u32_vec low, u32_vec hig
 }
 #endif
 
-// phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) / n in In: the own term k_aa = 1 and the
+// phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) (1/n) in In: the own term k_aa = 1 and the
 // repulsion's row-sum term added to K W, as the AMX path's last pass, for rows [row_begin, row_end) and
 // columns [col_begin, col_end) (x, score, phi: row stride d; acc holds those rows and columns from its
 // first entry on, row stride ld_acc). Returns whether all of these phi values are finite in In (tracked

@@ -25,7 +25,6 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <numeric>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -614,12 +613,9 @@ struct AmxOperands {
       at::parallel_for(0, n_pad / 16, 4, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * 16, i1 = std::min(i0 + 16, n);
-          double sq[16 * kAmxSqLanes] = {};
+          double sq[16] = {};
           if (i0 < n) amx_centre_rows(x_p + i0 * d, d, d, shift_p, 0, i1 - i0, xb_p + i0 * ld_x, ld_x, sq, 0);
-          for (int64_t a = i0; a < i1; ++a) {
-            const double* lanes = sq + (a - i0) * kAmxSqLanes;
-            norms_p[a] = static_cast<float>(std::accumulate(lanes, lanes + kAmxSqLanes, 0.0));
-          }
+          for (int64_t a = i0; a < i1; ++a) norms_p[a] = static_cast<float>(sq[a - i0]);
           if (fused) transpose_words(words + i0 * (ld_x / 2), ld_x / 2, 16, 0, d_pad / 2, b_s_words + i0, ld_s);
         }
       });
@@ -959,7 +955,7 @@ AmxGram amx_gram_chunked(const at::Tensor& x) {
   const In* x_p = x.const_data_ptr<In>();
   float* shift_p = out.shift.mutable_data_ptr<float>();
   const std::unique_ptr<float[]> dots(new float[parts * n * n]);  // (each part's first products initialise)
-  std::vector<double> sq(parts * n * kAmxSqLanes, 0.0);
+  std::vector<double> sq(parts * n, 0.0);
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<at::BFloat16> a(n_pad * ld_a, at::BFloat16(0.f));  // rows [n, n_pad) stay zero
     std::vector<uint32_t> b(chunk / 2 * ld_b);
@@ -972,8 +968,7 @@ AmxGram amx_gram_chunked(const at::Tensor& x) {
         amx_column_sums(x_p + c0, d, n, 0, width, sums.data());
         for (int64_t k = 0; k < width; ++k) shift_p[c0 + k] = static_cast<float>(sums[k] / static_cast<double>(n));
         const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
-        double* sq_t = sq.data() + t * n * kAmxSqLanes;
-        amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq_t, ahead);
+        amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq.data() + t * n, ahead);
         transpose_words(words, ld_a / 2, n_pad, 0, depth / 2, b.data(), ld_b);
         for (int64_t i0 = 0; i0 < n; i0 += kAmxRows) {  // the upper triangle by blocks of rows
           at::native::cpublas::brgemm(std::min(kAmxRows, n - i0), n - i0, depth, ld_a, ld_b, n, /*add_C=*/c > begin,
@@ -993,8 +988,7 @@ AmxGram amx_gram_chunked(const at::Tensor& x) {
       for (int64_t t = 1; t < parts; ++t)
         for (int64_t j = i; j < n; ++j) row[j] += dots[t * n * n + i * n + j];
       double total = 0.0;
-      for (int64_t t = 0; t < parts; ++t)
-        for (int64_t q = 0; q < kAmxSqLanes; ++q) total += sq[(t * n + i) * kAmxSqLanes + q];
+      for (int64_t t = 0; t < parts; ++t) total += sq[t * n + i];
       norms_p[i] = static_cast<float>(total);
     }
   });
