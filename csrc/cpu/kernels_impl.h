@@ -281,6 +281,14 @@ BMT_FAST_INLINE void add_as_doubles(vec_t<double>* acc, const vec_t<float>& v) {
 // 4 vectors of columns at a time, summed down all rows in 8 registers of doubles. (Row by row into the sums
 // in memory, 1024 x 8192 bf16 took ~1.7 ms; x.sum(0, dtype=float64) made a float64 copy of x first: at
 // 256 x 76,800, 157 MB of fresh pages every step.)
+// The lines of count values from p on (none if count <= 0), prefetched with __builtin_prefetch's locality
+// (3: into L1; 1: into L2).
+template <int Locality, typename In>
+BMT_FAST_INLINE void prefetch_lines(const In* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(In)); b += 64) __builtin_prefetch(bytes + b, 0, Locality);
+}
+
 template <typename In>
 BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
                                           double* sums) {
@@ -291,11 +299,8 @@ BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, 
     vec_t<double> acc[2 * kGroup] = {};
     for (int64_t r = 0; r < rows; ++r) {
       const In* row = x + r * d + k;
-      if (r + kSumsAhead < rows) {  // (rows a stride apart: beyond the hardware prefetchers' reach)
-        const char* ahead = reinterpret_cast<const char*>(row + kSumsAhead * d);
-        for (int64_t b = 0; b < static_cast<int64_t>(kGroup * L * sizeof(In)); b += 64)
-          __builtin_prefetch(ahead + b, 0, 3);
-      }
+      if (r + kSumsAhead < rows)  // (rows a stride apart: beyond the hardware prefetchers' reach)
+        prefetch_lines<3>(row + kSumsAhead * d, kGroup * L);
 #pragma GCC unroll 4
       for (int g = 0; g < kGroup; ++g) add_as_doubles(acc + 2 * g, load_as<float>(row + g * L));
     }
@@ -309,13 +314,6 @@ BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, 
     std::memcpy(total, acc, sizeof(total));
     for (int64_t q = 0; q < count; ++q) sums[k + q] = total[q];
   }
-}
-
-// The lines of count values from p on, prefetched into L2.
-template <typename In>
-BMT_FAST_INLINE void prefetch_l2(const In* p, int64_t count) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(In)); b += 64) __builtin_prefetch(bytes + b, 0, 1);
 }
 
 // The operands of the AMX path, one pass each (they were a dozen ATen ops with n x d fp32 temporaries
@@ -335,7 +333,7 @@ BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t ld, int64_t cols,
   constexpr int L = kLanes<float>;
   for (int64_t a = row_begin; a < row_end; ++a) {
     const In* row = x + a * ld;
-    if (ahead != 0) prefetch_l2(row + ahead, cols);
+    if (ahead != 0) prefetch_lines<1>(row + ahead, cols);
     c10::BFloat16* out = xb + a * ld_xb;
     vec_t<double> sum[2] = {};
     vec_t<float> part{};  // the squares of up to 8 vectors (small: their bits kept), then into sum
@@ -372,8 +370,8 @@ BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, int64_t ld, 
     uint32_t* out = bw + p * ld_bw;
     if (ahead != 0) {
       for (int64_t row = i; row < std::min(i + 2, n); ++row) {
-        prefetch_l2(x + row * ld + ahead, cols);
-        prefetch_l2(score + row * ld + ahead, cols);
+        prefetch_lines<1>(x + row * ld + ahead, cols);
+        prefetch_lines<1>(score + row * ld + ahead, cols);
       }
     }
     for_each_vector<L>(cols, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
@@ -819,9 +817,7 @@ BMT_FAST_INLINE void shifted_row(const In* src, const In* first, int64_t len, T*
 // short for the hardware prefetcher to ramp up on its own.
 template <typename In>
 BMT_FAST_INLINE void prefetch_next_chunk(const In* src, int64_t chunk, int64_t remaining) {
-  constexpr int64_t kLine = 64 / sizeof(In);
-  const int64_t count = min64(chunk, remaining);
-  for (int64_t k = 0; k < count; k += kLine) __builtin_prefetch(src + chunk + k, 0, 3);
+  prefetch_lines<3>(src + chunk, min64(chunk, remaining));
 }
 
 // Row i of the Gram pass's inputs: rows i < nx are rows of x, the others rows i - nx of y (a second set, for
