@@ -210,7 +210,8 @@ def test_fp32_kernel_and_gradients_on_amx_where_torch_allows_bf16_matmuls(n, m, 
 
 @requires_amx
 @pytest.mark.parametrize("n,m,d", [(300, None, 40), (200, 150, 64), (129, 77, 33), (100, 700, 96),
-                                   (70, 600, 2001), (513, None, 32), (130, 700, 2050)])  # fmt: skip
+                                   (70, 600, 2001), (513, None, 32), (130, 700, 2050), (65, None, 700),
+                                   (256, None, 4200), (270, None, 5200), (100, 120, 2001), (40, 120, 600)])  # fmt: skip
 @pytest.mark.parametrize("scale", ["median", "tiny"])
 def test_bf16_gradients_on_amx_tiles(n, m, d, scale):
     """rbf_kernel_backward of bf16 particles with many pairs (n m > 4096, d >= 32) on an AMX CPU: P = grad
@@ -220,8 +221,10 @@ def test_bf16_gradients_on_amx_tiles(n, m, d, scale):
     Ragged tiles (128 rows, 512 columns, 32 features), a self kernel (its own terms left out: with a tiny H
     they dwarfed a row's other terms in the sums), K entries that underflow to 0 (a tiny H: log K clamped,
     as the fp32 path), and d >= 2048 with at most 1024 rows on the other side (130 x 700 x 2050: the
-    features a chunk at a time, the last one ragged). Each gradient asked for alone is the full call's, bit
-    for bit (H's: the same sum, in another order)."""
+    features a chunk at a time, the last one ragged), and few particles with many features (up to 512 on
+    either side from 512 features at 128, n_pad^2 / 16 beyond: the feature-chunk pass, ragged last chunks,
+    two sets too). Each gradient asked for alone is the full call's, bit for bit (H's: the same sum, in
+    another order)."""
     torch.manual_seed(n + d)
     x = torch.randn(n, d).bfloat16()
     other = x if m is None else (torch.randn(m, d) + 0.3).bfloat16()
@@ -255,6 +258,36 @@ def test_bf16_gradients_on_amx_tiles(n, m, d, scale):
             assert (g is None) != wanted and (not wanted or torch.equal(g, f))
         if mask[2]:
             assert abs(float(got[2]) - float(full[2])) <= 1e-5 * h_terms
+
+
+@requires_amx
+@pytest.mark.parametrize("n,d,dtype", [(33, 512, torch.bfloat16), (48, 1030, torch.bfloat16), (64, 3000, torch.float32),
+                                       (32, 600, torch.bfloat16), (64, 500, torch.bfloat16)])  # fmt: skip
+def test_self_kernel_gradient_of_33_or_more_particles_on_amx_chunks(n, d, dtype):
+    """A self kernel's gradient with few pairs (n^2 <= 4096) goes by direct differences (fp32 arithmetic on
+    the particles as given), except from 33 particles with 512 or more features on AMX (bf16, or fp32 under
+    "medium"), where the forward takes the AMX feature chunks too: there it is the AMX arithmetic's (the
+    float64 emulation of the rounded particles and P) entry by entry to fp32 sums, which the direct
+    differences are not (the particles' bf16 rounding moves the entries that cancel). Through autograd
+    (symmetrised weights) within 2 bf16 ulps of float64 either way."""
+    torch.manual_seed(n + d)
+    x = torch.randn(n, d).to(dtype)
+    h = float(bmt_fast.median_bandwidth(x.double()))
+    with float32_matmul_precision("medium"):
+        k = torch.ops.bmt_fast.rbf_kernel(x, x, torch.tensor(h))
+        grad = torch.randn(n, n).to(dtype)
+        got = torch.ops.bmt_fast.rbf_kernel_backward(grad, x, x, k, torch.tensor(h), [True, False, False])[0]
+        leaf = x.clone().requires_grad_()
+        (bmt_fast.rbf_kernel(leaf, None, h, backend="cpu").float() * grad.float()).sum().backward()
+    emulated = amx_precision_gradients(grad, x, None, k, h)[0]
+    largest = float(emulated.abs().max())
+    amx = n > 32 and d >= 512
+    close = (got.double() - emulated).abs() <= 2.0**-8 * emulated.abs() + 1e-5 * largest
+    assert bool(close.all()) == amx
+    p = (grad.double() + grad.double().T) * k.double()
+    p.fill_diagonal_(0)
+    expected = -2 / h * (p.sum(1, keepdim=True) * x.double() - p @ x.double())
+    assert leaf.grad.dtype == dtype and relative_error(leaf.grad, expected) <= 2 * 2.0**-8
 
 
 def test_gradcheck_x_y_and_bandwidth(cpu_backend):

@@ -53,7 +53,7 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // the tile leaves every entry). Both add sum P log max(K, FLT_MIN) into *p_log_k unless it is null.
 // amx_grad_rows: out_r = scale (sums_r xc_r - acc_r) in In for rows [row_begin, row_end) and columns
 // [col_begin, col_end): xc (bf16) with row stride ld, out with row stride d, acc (fp32) holding just those
-// rows and columns (row stride ld_acc).
+// rows and columns (row stride ld_acc); out is streamed where its vectors are whole lines.
 #define BMT_FAST_DECLARE_AMX(In)                                                                                      \
   void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
                          const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \

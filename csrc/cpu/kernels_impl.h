@@ -616,14 +616,45 @@ BMT_FAST_INLINE void stream_bf16_line(c10::BFloat16* p, u32_vec low, u32_vec hig
 }
 #endif
 
+// out[k] = value(k, count) (fp32 vectors of count lanes) for k in [0, len), as In: a result written once,
+// streamed around the caches where its vectors are whole lines (fp32 ones, and bf16 ones two vectors a line
+// where out starts on a line), stored elsewhere; seen(v, count) sees each vector. The caller fences
+// (stream_fence) before the lines are read.
+template <typename In, typename Value, typename Seen>
+BMT_FAST_INLINE void write_row_streamed(In* out, int64_t len, Value&& value, Seen&& seen) {
+  constexpr int L = kLanes<float>;
+  int64_t done = 0;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  if constexpr (std::is_same_v<In, c10::BFloat16>) {
+    if ((reinterpret_cast<uintptr_t>(out) & 63) == 0) {
+      constexpr auto whole = std::integral_constant<int64_t, L>{};
+      for (; done + 2 * L <= len; done += 2 * L) {
+        const vec_t<float> v0 = value(done, whole), v1 = value(done + L, whole);
+        seen(v0, whole);
+        seen(v1, whole);
+        stream_bf16_line(out + done, bf16_bits(v0), bf16_bits(v1));
+      }
+    }
+  }
+#endif
+  for_each_vector<L>(len - done, [&](int64_t k0, auto count) BMT_FAST_INLINE_LAMBDA {
+    const int64_t k = done + k0;
+    const vec_t<float> v = value(k, count);
+    seen(v, count);
+    if constexpr (std::is_same_v<decltype(count), std::integral_constant<int64_t, L>> && std::is_same_v<In, float>)
+      stream_as<In, float>(out + k, v);
+    else
+      store_as<In, float>(out + k, v, count);
+  });
+}
+
 // phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) (1/n) in In: the own term k_aa = 1 and the
 // repulsion's row-sum term added to K W, as the AMX path's last pass, for rows [row_begin, row_end) and
 // columns [col_begin, col_end) (x, score, phi: row stride d; acc holds those rows and columns from its
 // first entry on, row stride ld_acc). Returns whether all of these phi values are finite in In (tracked
 // in registers: the API then need not scan phi). The division by n is a product with the fp32 1/n (one
-// vdivps per vector took ~5% of a few-particle step, 256 x 76,800 bf16). phi is streamed (written once)
-// where its vectors are whole lines: fp32 ones, and bf16 ones two vectors a line in rows that start on a
-// line.
+// vdivps per vector took ~5% of a few-particle step, 256 x 76,800 bf16). phi is streamed (written once:
+// write_row_streamed).
 template <typename In>
 BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, int64_t ld_acc, const float* rowsum, const In* x,
                                           const In* score, const float* shift, float a, float n, int64_t d,
@@ -641,27 +672,9 @@ BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, int64_t ld_acc, cons
       const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift_c + k, count);
       return (load_part_as<float>(acc_row + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) * inv_n;
     };
-    int64_t done = 0;
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-    if constexpr (std::is_same_v<In, c10::BFloat16>) {  // whole lines of bf16 phi streamed, two vectors each
-      if ((reinterpret_cast<uintptr_t>(phi + at) & 63) == 0) {
-        constexpr auto whole = std::integral_constant<int64_t, L>{};
-        for (; done + 2 * L <= col_end - col_begin; done += 2 * L) {
-          const vec_t<float> v0 = value(done, whole), v1 = value(done + L, whole);
-          track_finite<In, true, float>(bad, v0, L);
-          track_finite<In, true, float>(bad, v1, L);
-          stream_bf16_line(phi + at + done, bf16_bits(v0), bf16_bits(v1));
-        }
-      }
-    }
-#endif
-    for_each_vector<L>(col_end - col_begin - done, [&](int64_t k0, auto count) BMT_FAST_INLINE_LAMBDA {
-      const int64_t k = done + k0;
-      const vec_t<float> v = value(k, count);
+    write_row_streamed(phi + at, col_end - col_begin, value, [&](vec_t<float> v, auto count) BMT_FAST_INLINE_LAMBDA {
       constexpr bool whole = std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>;
       track_finite<In, whole, float>(bad, v, count);
-      if constexpr (whole && std::is_same_v<In, float>) stream_as<In, float>(phi + at + k, v);
-      else store_as<In, float>(phi + at + k, v, count);
     });
   }
   stream_fence();
@@ -784,24 +797,22 @@ BMT_FAST_INLINE void bf16_row_pairs_impl(const c10::BFloat16* src, int64_t ld, i
 
 // rbf_kernel_backward's rows on AMX: out_r = scale (sums_r xc_r - acc_r) in In (the particles' type), xc
 // (bf16, the rounded centred particles) with row stride ld, acc (fp32) and out with row stride d, for rows
-// [row_begin, row_end).
+// [row_begin, row_end); out streamed (write_row_streamed).
 template <typename In>
 BMT_FAST_INLINE void amx_grad_rows_impl(const float* acc, int64_t ld_acc, const float* sums, const c10::BFloat16* xc,
                                         int64_t ld, float scale, int64_t d, int64_t row_begin, int64_t row_end,
                                         int64_t col_begin, int64_t col_end, In* out) {
-  constexpr int L = kLanes<float>;
   const vec_t<float> sv = broadcast(scale);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const vec_t<float> coef = broadcast(sums[r]);
     const float* acc_row = acc + (r - row_begin) * ld_acc;
     const c10::BFloat16* xc_row = xc + r * ld + col_begin;
-    In* out_row = out + r * d + col_begin;
-    for_each_vector<L>(col_end - col_begin, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
-      const vec_t<float> v =
-          sv * (coef * load_part_as<float>(xc_row + k, count) - load_part_as<float>(acc_row + k, count));
-      store_as<In, float>(out_row + k, v, count);
-    });
+    const auto value = [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
+      return sv * (coef * load_part_as<float>(xc_row + k, count) - load_part_as<float>(acc_row + k, count));
+    };
+    write_row_streamed(out + r * d + col_begin, col_end - col_begin, value, [](vec_t<float>, auto) {});
   }
+  stream_fence();
 }
 
 // dst[0, len) = src - first for one row chunk, zero up to the next full vector.

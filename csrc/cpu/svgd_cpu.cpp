@@ -1577,6 +1577,102 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
   return {grad_x, grad_y, -total / h};
 }
 
+// rbf_kernel_backward_amx's gradients (its arithmetic: the same rounded particles and P, fp32 sums) for
+// use_amx_chunked shapes, by feature chunks as the step there: without the operands as large as x that the
+// tiled passes write and read back (the rounded particles and their pairs). P (n x m, bf16, own terms left
+// out) and, for y's gradient, P^T are formed once as A operands; then the threads take chunks of
+// kAmxFeatureChunk features, each centred (the chunk's column means over both sets: amx_shift's), rounded
+// and paired as a B operand in L2, multiplied by P (P^T) and finished into the gradients' columns while
+// there. The products have the same depth (all m, or n, rows at once) as the tiled pass: the same sums
+// (up to 512 rows on the other side, one tile of P there). grad_h's sum P log K: in blocks of kAmxRows
+// rows, as there. 2-core Xeon, bf16, x's gradient with symmetrised weights, alternating, tiled -> chunks
+// (ms): 256 x 76,800 21-22 -> 15.0-15.3, 128 x 76,800 11.5-12.4 -> 5.8-6.1, 256 x 4096 0.94-1.06 ->
+// 0.78-0.85, 128 x 1024 0.15-0.16 -> 0.10-0.12; 512 x 20,000, 512 x 32,768 and 384 x 8192 level; two sets
+// 100 x 300 x 76,800 30-31 -> 17-19. At 256 x 76,800 about half is the AMX products.
+template <typename In>
+std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx_chunked(const at::Tensor& grad, const at::Tensor& x,
+                                                                           const at::Tensor& y,
+                                                                           const at::Tensor& kernel, double h,
+                                                                           bool want_x, bool want_y, bool want_h) {
+  using at::native::cpublas::brgemm;
+  const bool self = y.is_same(x);
+  const at::Tensor xs = x.contiguous(), ys = self ? xs : y.contiguous();
+  const at::Tensor g = grad.contiguous(), k = kernel.contiguous();
+  const int64_t n = xs.size(0), m = ys.size(0), d = xs.size(1);
+  const int64_t n_pad = (n + 31) / 32 * 32, m_pad = (m + 31) / 32 * 32;
+  const float scale = static_cast<float>(-2.0 / h);
+  const auto* g_p = g.const_data_ptr<In>();
+  const auto* k_p = k.const_data_ptr<In>();
+  // P's rows (rows [n, n_pad) zero: the pairs of P^T below), their sums, and P log K by blocks of rows
+  const int64_t ld_p = amx_a_stride(m_pad), blocks = (n + kAmxRows - 1) / kAmxRows;
+  std::vector<at::BFloat16> p16(n_pad * ld_p, at::BFloat16(0.f));
+  std::vector<float> rowsum(n, 0.f);
+  std::vector<double> p_log_k(want_h ? blocks : 0, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
+      amx_p_rows(g_p + i0 * m, k_p + i0 * m, m, rows, m, m_pad, self ? i0 : m, p16.data() + i0 * ld_p, ld_p,
+                 rowsum.data() + i0, want_h ? &p_log_k[block] : nullptr);
+    }
+  });
+  // P^T's rows (the words of P's row pairs, transposed) and P's column sums, in row order
+  const int64_t ld_pt = amx_a_stride(n_pad);
+  std::vector<at::BFloat16> pt16(want_y ? m * ld_pt : 0);
+  std::vector<float> colsum(want_y ? m : 0, 0.f);
+  if (want_y) {
+    const int64_t ld_w = amx_b_stride(m_pad);
+    std::vector<uint32_t> pairs(n_pad / 2 * ld_w);
+    bf16_row_pairs(p16.data(), ld_p, 0, n_pad / 2, m_pad, pairs.data(), ld_w);
+    transpose_words(pairs.data(), ld_w, n_pad / 2, 0, m, reinterpret_cast<uint32_t*>(pt16.data()), ld_pt / 2);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) colsum[j] += static_cast<float>(p16[i * ld_p + j]);
+  }
+
+  at::Tensor grad_x = want_x ? empty_large({n, d}, xs.options()) : at::Tensor();
+  at::Tensor grad_y = want_y ? empty_large({m, d}, ys.options()) : at::Tensor();
+  In* gx_p = want_x ? grad_x.mutable_data_ptr<In>() : nullptr;
+  In* gy_p = want_y ? grad_y.mutable_data_ptr<In>() : nullptr;
+  const auto* x_p = xs.const_data_ptr<In>();
+  const auto* y_p = ys.const_data_ptr<In>();
+  const int64_t chunk = kAmxFeatureChunk, chunks = (d + chunk - 1) / chunk;
+  const int64_t ld_a = amx_a_stride(chunk), ld_b = amx_b_stride(chunk);
+  const double rows_total = static_cast<double>(self ? n : n + m);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    // the chunk's rounded rows of x and y (rows beyond n, m zero: the pairs' padding) and their pairs
+    std::vector<at::BFloat16> xa(n_pad * ld_a, at::BFloat16(0.f)), ya(self ? 0 : m_pad * ld_a, at::BFloat16(0.f));
+    std::vector<uint32_t> x_pairs(want_y ? n_pad / 2 * ld_b : 0), y_pairs(want_x ? m_pad / 2 * ld_b : 0);
+    std::vector<float> acc(std::max(n, m) * chunk), shift(chunk);
+    std::vector<double> sums(chunk), other_sums(chunk), squares(n + m);  // (the centring's squares: unused)
+    const at::BFloat16* yb = self ? xa.data() : ya.data();
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+      const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's rows into L2 as these are centred)
+      amx_column_sums(x_p + c0, d, n, 0, width, sums.data());
+      if (!self) amx_column_sums(y_p + c0, d, m, 0, width, other_sums.data());
+      for (int64_t f = 0; f < width; ++f)
+        shift[f] = static_cast<float>((sums[f] + (self ? 0.0 : other_sums[f])) / rows_total);
+      amx_centre_rows(x_p + c0, d, width, shift.data(), 0, n, xa.data(), ld_a, squares.data(), ahead);
+      if (!self) amx_centre_rows(y_p + c0, d, width, shift.data(), 0, m, ya.data(), ld_a, squares.data() + n, ahead);
+      if (want_x) {  // scale (rowsum(P) xc - P yc)
+        bf16_row_pairs(yb, ld_a, 0, m_pad / 2, width, y_pairs.data(), ld_b);
+        brgemm(n, width, m_pad, ld_p, ld_b, chunk, /*add_C=*/false, p16.data(),
+               reinterpret_cast<const at::BFloat16*>(y_pairs.data()), acc.data());
+        amx_grad_rows(acc.data(), chunk, rowsum.data(), xa.data(), ld_a, scale, d, 0, n, 0, width, gx_p + c0);
+      }
+      if (want_y) {  // scale (colsum(P) yc - P^T xc)
+        bf16_row_pairs(xa.data(), ld_a, 0, n_pad / 2, width, x_pairs.data(), ld_b);
+        brgemm(m, width, n_pad, ld_pt, ld_b, chunk, /*add_C=*/false, pt16.data(),
+               reinterpret_cast<const at::BFloat16*>(x_pairs.data()), acc.data());
+        amx_grad_rows(acc.data(), chunk, colsum.data(), yb, ld_a, scale, d, 0, m, 0, width, gy_p + c0);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  double total = 0.0;
+  for (const double part : p_log_k) total += part;
+  return {grad_x, grad_y, -total / h};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
@@ -1594,7 +1690,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
   // 0 * log(tiny) adds nothing (0 * log 0 would be NaN).
   const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
   at::Tensor grad_x, grad_y, grad_h;
-  if (n * m <= kRbfDirectMaxPairs) {
+  const bool amx = use_amx(x) && y.scalar_type() == x.scalar_type() && grad.scalar_type() == x.scalar_type() &&
+                   kernel.scalar_type() == x.scalar_type();
+  // Few pairs go by direct differences, except a self kernel of more particles than the forward's Gram path
+  // takes where the AMX feature chunks are faster (33 or more particles with 512 or more features:
+  // gram_max_particles): the gradient at the forward's precision, by those chunks. 2-core Xeon, bf16,
+  // symmetrised weights, alternating, direct -> AMX chunks (ms): 64 x 76,800 5.4-5.6 -> 2.8, 48 x 76,800
+  // 3.1-3.3 -> 2.0-2.1, 64 x 409,600 35-36 -> 13.5-14, 48 x 409,600 17-19 -> 10-12, 64 x 2048 0.15-0.16 ->
+  // 0.08-0.09, 48 x 1024 0.10 -> 0.04; 33 x 76,800 level.
+  const bool self = y.is_same(x);
+  if (n * m <= kRbfDirectMaxPairs && !(amx && self && n > gram_max_particles(x))) {
     const at::Tensor k = kernel.to(at::kDouble).contiguous();
     const at::Tensor p = grad.to(at::kDouble) * k;
     if (want_h) {
@@ -1602,7 +1707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
       grad_h = at::scalar_tensor(-p_log_k / h, x.options().dtype(at::kDouble));
     }
     if (want_x || want_y) {
-      const at::Tensor xs = x.contiguous(), ys = y.is_same(x) ? xs : y.contiguous();
+      const at::Tensor xs = x.contiguous(), ys = self ? xs : y.contiguous();
       const at::Tensor scaled = (p * (-2.0 / h)).to(acc).contiguous();
       if (want_x) grad_x = empty_large(xs.sizes(), xs.options());
       if (want_y) grad_y = empty_large(ys.sizes(), ys.options());
@@ -1610,11 +1715,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
         rbf_grad_direct<scalar_t>(xs, ys, scaled, want_x ? &grad_x : nullptr, want_y ? &grad_y : nullptr);
       });
     }
-  } else if (use_amx(x) && y.scalar_type() == x.scalar_type() && grad.scalar_type() == x.scalar_type() &&
-             kernel.scalar_type() == x.scalar_type()) {
+  } else if (amx) {
     double h_grad = 0.0;
     std::tie(grad_x, grad_y, h_grad) = amx_dispatch(x, [&](auto typed) {
-      return rbf_kernel_backward_amx<typename decltype(typed)::type>(grad, x, y, kernel, h, want_x, want_y, want_h);
+      using In = typename decltype(typed)::type;
+      if ((want_x || want_y) && use_amx_chunked(std::max(n, m), x.size(1)))
+        return rbf_kernel_backward_amx_chunked<In>(grad, x, y, kernel, h, want_x, want_y, want_h);
+      return rbf_kernel_backward_amx<In>(grad, x, y, kernel, h, want_x, want_y, want_h);
     });
     if (want_h) grad_h = at::scalar_tensor(h_grad, x.options().dtype(at::kDouble));
   } else {
@@ -1623,7 +1730,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
     // 4096, d = 64 on a 2-core Xeon VM 193-217 -> 54-55 ms). The n x d temporaries: one centred copy per
     // input (one for a self kernel); those and the results come from the huge-page allocator when large
     // (huge_pages.h; 16 x 409,600 self kernel 30-45 -> 14-16 ms).
-    const bool self = y.is_same(x);
     const at::Tensor xa = x.to(acc);
     const at::Tensor shift = xa.mean(0, /*keepdim=*/true);  // any nearby centre: it cancels exactly
     at::Tensor xc = empty_large(xa.sizes(), xa.options());
