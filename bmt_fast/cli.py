@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("op", help="svgd_step, rbf_kernel, median_bandwidth, kde_prior, prompt_transfer_step, or plot")
+    parser.add_argument("op", help="svgd_step, rbf_kernel, rbf_kernel_grad, median_bandwidth, kde_prior, prompt_transfer_step, or plot")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options (bmt-fast bench OP --help)")
 
 

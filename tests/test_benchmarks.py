@@ -14,12 +14,13 @@ import pytest
 import torch
 from helpers import requires_cpu_extension
 
-from benchmarks import harness, kde_prior, median_bandwidth, plot, prompt_transfer_step, rbf_kernel, svgd_step
+from benchmarks import harness, kde_prior, median_bandwidth, plot, prompt_transfer_step, rbf_kernel, rbf_kernel_grad, svgd_step
 from benchmarks.harness import CSV_HEADER, STATUSES, Case, Inputs
 from benchmarks.providers import providers_for
 from bmt_fast import bench, cli
 
-OPS = {"svgd_step": svgd_step, "rbf_kernel": rbf_kernel, "median_bandwidth": median_bandwidth, "kde_prior": kde_prior}
+OPS = {"svgd_step": svgd_step, "rbf_kernel": rbf_kernel, "rbf_kernel_grad": rbf_kernel_grad, "median_bandwidth": median_bandwidth,
+       "kde_prior": kde_prior}
 CPU = torch.device("cpu")
 
 
@@ -29,7 +30,7 @@ def runnable(op, *, jit):
 
 # Both regimes for the providers that run at once; one size for those that compile first (~10 s each).
 CHECKS = [(op, name, n, d) for op in OPS for name in runnable(op, jit=False) for n, d in [(50, 7), (6, 1000)]]
-CHECKS += [(op, name, 50, 7) for op in ("svgd_step", "kde_prior") for name in runnable(op, jit=True)]
+CHECKS += [(op, name, 50, 7) for op in ("svgd_step", "rbf_kernel_grad", "kde_prior") for name in runnable(op, jit=True)]
 
 
 @pytest.mark.parametrize("op,name,n,d", CHECKS)
