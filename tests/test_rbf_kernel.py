@@ -376,10 +376,13 @@ def test_self_kernel_gradient_with_many_features_is_one_symmetrised_pass(cpu_bac
         assert masks == [[True, False, True] if 4 * n <= d else [True, True, True]]
 
 
-@pytest.mark.parametrize("n, m, d", [(7, 5, 300), (70, 60, 50), (6, None, 1000)])  # Gram, tiled, self kernel
+@pytest.mark.parametrize("n, m, d", [(7, 5, 300), (70, 60, 50), (6, None, 1000), (100, None, 4200),
+                                     (70, 90, 4500)])  # fmt: skip
 def test_fp32_gradients_far_from_origin(cpu_backend, n, m, d):
     """fp32 particles around 1e4 (the backward centres them): gradients within a few fp32 ulps of the fp64
-    reference's, also for the self kernel, where x's gradient sums both of the op's outputs."""
+    reference's, also for the self kernel, where x's gradient sums both of the op's outputs (Gram, tiled,
+    self kernel; and the gradient's feature chunks: up to 512 rows a side from 4096 features, the last
+    chunk ragged)."""
     torch.manual_seed(n)
     x64 = (torch.randn(n, d, dtype=torch.float64) + 1e4).float().double()
     y64 = None if m is None else (torch.randn(m, d, dtype=torch.float64) + 1e4).float().double()
@@ -424,7 +427,7 @@ def test_half_input_gradients(cpu_backend, dtype):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n, m, d", [(1, 16, 300), (40, 30, 20)])  # direct differences; GEMM form
+@pytest.mark.parametrize("n, m, d", [(1, 16, 300), (40, 30, 20), (80, 70, 4100)])  # direct; GEMM form; by chunks
 def test_backward_computes_only_the_requested_gradients(n, m, d):
     """output_mask: the op leaves out (None) what autograd does not need (the trainer's prior: one
     prompt, constant particles, a constant H), and what it computes equals the full call's."""
