@@ -15,11 +15,10 @@ from typing import Callable
 
 import torch
 
-import bmt_fast
 from bmt_fast import reference
 from benchmarks import harness, providers
 from benchmarks.harness import Case, Inputs, grid
-from benchmarks.providers import Provider, compiled
+from benchmarks.providers import Provider
 
 NAME = "kde_prior"
 PARTICLES = (4, 16, 64)
@@ -52,22 +51,11 @@ def naive_kernel(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Ten
     return torch.exp(-torch.cdist(a, b).square() / h)
 
 
-def _bmt_fast_prior(backend: str) -> Callable:
-    kernel = lambda a, b, h: bmt_fast.rbf_kernel(a, b, h, backend=backend, check_inputs=False)  # noqa: E731
-    return lambda inp: lambda: prior_gradient(kernel, inp)
-
-
 def prior_providers() -> list[Provider]:
     # Naive autograd keeps cdist's and exp's n-value results and theta's d-vector gradients: no n x d
     # temporaries beyond cdist's internal difference buffer on some paths.
-    rows = lambda n, d, e: 2.0 * (n + 1) * d * max(e, 4)  # noqa: E731
-    return [
-        Provider("torch-naive", lambda inp: lambda: prior_gradient(naive_kernel, inp), extra_memory=rows),
-        Provider("torch-compile",
-                 lambda inp: (lambda f: lambda: prior_gradient(f, inp))(compiled(naive_kernel)),
-                 extra_memory=rows, jit=True),
-        *providers.bmt_fast_providers(NAME, _bmt_fast_prior),
-    ]  # fmt: skip
+    return providers.autograd_providers(NAME, prior_gradient, naive_kernel,
+                                        extra_memory=lambda n, d, e: 2.0 * (n + 1) * d * max(e, 4))
 
 
 def sweep(device: torch.device, quick: bool) -> list[Case]:

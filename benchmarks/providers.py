@@ -331,6 +331,25 @@ def bmt_fast_providers(op: str, build: Callable[[str], Callable] | None = None) 
     return providers
 
 
+def autograd_providers(op: str, gradient: Callable, naive_kernel: Callable,
+                       extra_memory: Callable[[int, int, int], float], compile_rtol: float = 1e-4) -> list[Provider]:
+    """The providers of an op that is a gradient by autograd through the RBF kernel: gradient(kernel, inputs)
+    returns it with kernel(a, b, H) the kernel (b None: a with itself). Naive torch (naive_kernel, which
+    keeps extra_memory), torch.compile of it, and every bmt_fast backend's rbf_kernel."""
+
+    def bmt_fast_gradient(backend: str) -> Callable:
+        kernel = lambda a, b, h: bmt_fast.rbf_kernel(a, b, h, backend=backend, check_inputs=False)  # noqa: E731
+        return lambda inp: lambda: gradient(kernel, inp)
+
+    return [
+        Provider("torch-naive", lambda inp: lambda: gradient(naive_kernel, inp), extra_memory=extra_memory),
+        Provider("torch-compile",
+                 lambda inp: (lambda f: lambda: gradient(f, inp))(compiled(naive_kernel)),
+                 extra_memory=extra_memory, jit=True, rtol=compile_rtol),
+        *bmt_fast_providers(op, bmt_fast_gradient),
+    ]  # fmt: skip
+
+
 def _backend_reason(backend) -> Callable[[torch.device], str]:
     def why(device: torch.device) -> str:
         reason = backend.unavailable_reason()

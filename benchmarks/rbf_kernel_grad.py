@@ -16,11 +16,10 @@ from typing import Callable
 
 import torch
 
-import bmt_fast
 from bmt_fast import reference
 from benchmarks import harness, providers
 from benchmarks.harness import Case, Inputs, grid, trim
-from benchmarks.providers import Provider, compiled
+from benchmarks.providers import Provider
 
 NAME = "rbf_kernel_grad"
 DIMS = (3, 16, 64, 128, 768)
@@ -44,32 +43,21 @@ def gemm_limit(inp: Inputs):
     return lambda: torch.mm(torch.mm(x, x.T, out=gram), x, out=out)
 
 
-def kernel_sum_gradient(kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], inp: Inputs) -> torch.Tensor:
-    """d/dx of sum_ij kernel(x, H)_ij (x on both sides of the kernel)."""
+def kernel_sum_gradient(kernel: Callable, inp: Inputs) -> torch.Tensor:
+    """d/dx of sum_ij kernel(x, None, H)_ij (x on both sides of the kernel)."""
     x = inp.x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(kernel(x, inp.h).sum(), x)
+    (grad,) = torch.autograd.grad(kernel(x, None, inp.h).sum(), x)
     return grad
 
 
-def naive_kernel(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-torch.cdist(x, x, compute_mode=providers.CDIST_MODE).square() / h)
-
-
-def _bmt_fast_gradient(backend: str) -> Callable:
-    kernel = lambda x, h: bmt_fast.rbf_kernel(x, None, h, backend=backend, check_inputs=False)  # noqa: E731
-    return lambda inp: lambda: kernel_sum_gradient(kernel, inp)
+def naive_kernel(a: torch.Tensor, b: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-torch.cdist(a, a if b is None else b, compute_mode=providers.CDIST_MODE).square() / h)
 
 
 def gradient_providers() -> list[Provider]:
     # autograd keeps cdist's and exp's n x n results and forms as many in the backward
-    square = lambda n, d, e: 6.0 * n * n * max(e, 4)  # noqa: E731
-    return [
-        Provider("torch-naive", lambda inp: lambda: kernel_sum_gradient(naive_kernel, inp), extra_memory=square),
-        Provider("torch-compile",
-                 lambda inp: (lambda f: lambda: kernel_sum_gradient(f, inp))(compiled(naive_kernel)),
-                 extra_memory=square, jit=True, rtol=2e-4),
-        *providers.bmt_fast_providers(NAME, _bmt_fast_gradient),
-    ]  # fmt: skip
+    return providers.autograd_providers(NAME, kernel_sum_gradient, naive_kernel,
+                                        extra_memory=lambda n, d, e: 6.0 * n * n * max(e, 4), compile_rtol=2e-4)
 
 
 def sweep(device: torch.device, quick: bool) -> list[Case]:
@@ -84,7 +72,7 @@ SPEC = harness.OpSpec(
     flops=flops,
     bytes_moved=bytes_moved,
     gemm_limit=gemm_limit,
-    reference=lambda inp: kernel_sum_gradient(lambda x, h: reference.rbf_kernel(x, None, h), inp),
+    reference=lambda inp: kernel_sum_gradient(reference.rbf_kernel, inp),
     sweep=sweep,
     description=__doc__.splitlines()[0],
 )
