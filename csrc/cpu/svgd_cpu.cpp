@@ -1691,7 +1691,7 @@ constexpr int64_t kGemmChunkFeatures = 512;
 
 bool use_gemm_chunked(int64_t rows, int64_t d) {
   const int64_t rows_pad = (rows + 31) / 32 * 32;
-  return rows <= kGemmChunkedMaxRows && d >= std::max(kGemmChunkedMinFeatures, rows_pad * rows_pad / 16);
+  return rows <= kGemmChunkedMaxRows && d >= std::max(kGemmChunkedMinFeatures, amx_chunked_min_features(rows_pad));
 }
 
 std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_gemm_chunked(const at::Tensor& grad,
