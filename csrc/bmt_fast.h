@@ -156,6 +156,10 @@ inline double read_bandwidth(const at::Tensor& h) {
 namespace cpu {
 // Largest n for which "auto" takes the Gram path on CPU (few particles, huge d); see benchmarks/results.
 constexpr int64_t kGramMaxParticles = 64;
+// Up to how many particles, and from how many features, the tiled path's self-kernel passes (svgd_step,
+// rbf_kernel(x), the median) go by feature chunks in fp32/fp64 (svgd_cpu.cpp), flagging a non-finite phi.
+constexpr int64_t kChunkedMaxParticles = 512;
+constexpr int64_t kChunkedMinFeatures = 64;
 // Rows and columns of one distance tile in the tiled path.
 constexpr int64_t kTileSize = 512;
 // Largest n whose exact median bandwidth (tiled path) selects over stored distances instead of radix

@@ -22,6 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["compiler"] = __VERSION__;
     info["bandwidth_floor"] = bmt_fast::kBandwidthFloor;
     info["gram_max_particles"] = bmt_fast::cpu::kGramMaxParticles;
+    info["chunked_max_particles"] = bmt_fast::cpu::kChunkedMaxParticles;
+    info["chunked_min_features"] = bmt_fast::cpu::kChunkedMinFeatures;
     info["tile_size"] = bmt_fast::cpu::kTileSize;
     info["huge_page_min_bytes"] = bmt_fast::cpu::kHugePageMinBytes;
     return info;

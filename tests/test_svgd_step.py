@@ -341,6 +341,53 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
     assert relative_error(phi, given) <= (1e-5 if dtype == torch.float32 else 2.0**-7)
 
 
+@requires_cpu_extension
+@pytest.mark.parametrize("n,d", [(65, 4097), (100, 600), (257, 1300), (500, 200), (130, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_few_particles_on_the_gemm_path_by_feature_chunks(n, d, dtype):
+    """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with 64 or more features, go by
+    feature chunks: the threads share chunks of up to 512 features (fewer where that balances them; ragged
+    last chunks here), each centred by its own column means, their dot products summed per thread, and the
+    step applies K a chunk at a time. median_bandwidth, rbf_kernel(x) and rbf_kernel_median take that one
+    pass, so K is rbf_kernel's bit for bit, symmetric, with a diagonal of ones, and phi by the median rule
+    is phi with that H given (to H's fp32 rounding). The particles sit around 1e4 (each chunk's means
+    cancel the offset) and share a few directions; everything within fp32 (fp64) rounding of the float64
+    reference, also on one thread (one part). phi into out= with its finiteness flag; a phi that overflows
+    is flagged and returned as computed."""
+    torch.manual_seed(n + d)
+    x, score = particles(n, d, offset=1e4, dtype=torch.float64)
+    x = (x + torch.randn(n, 3, dtype=torch.float64) @ torch.randn(3, d, dtype=torch.float64)).to(dtype)
+    score = score.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    h = torch.ops.bmt_fast.median_bandwidth(x, "auto")
+    k = torch.ops.bmt_fast.rbf_kernel(x, x, h)
+    k_median, h_median = torch.ops.bmt_fast.rbf_kernel_median(x)
+    assert torch.equal(h_median, h) and torch.equal(k_median, k) and torch.equal(k, k.T)
+    assert torch.equal(k.diagonal(), torch.ones(n, dtype=dtype))
+    x64 = x.double()
+    assert abs(float(h) / float(reference.median_bandwidth(x64)) - 1) <= tol
+    assert relative_error(k, reference.rbf_kernel(x64, x64, h.double())) <= tol
+    out = torch.empty_like(x)
+    finite = torch.ops.bmt_fast.svgd_step_into(x, score, None, "auto", out=out)
+    phi = torch.ops.bmt_fast.svgd_step(x, score, None, "tiled")
+    given = torch.ops.bmt_fast.svgd_step(x, score, h.double(), "auto")
+    assert bool(finite) and torch.equal(out, phi) and phi.dtype == dtype
+    assert relative_error(phi, reference_phi(x64, score.double())) <= tol
+    assert relative_error(given, reference_phi(x64, score.double(), h.double())) <= tol
+    assert torch.equal(phi, given) if dtype == torch.float64 else relative_error(phi, given) <= tol
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.bmt_fast.svgd_step(x, score, h.double(), "auto")
+        k_one = torch.ops.bmt_fast.rbf_kernel(x, x, h)
+    finally:
+        torch.set_num_threads(threads)
+    assert relative_error(one, given) <= tol and relative_error(k_one, k) <= tol
+    big, wide = torch.full_like(score, torch.finfo(dtype).max / 4), torch.tensor(1e30, dtype=torch.float64)
+    assert not bool(torch.ops.bmt_fast.svgd_step_into(x, big, wide, "auto", out=out))  # (every K = 1)
+    assert torch.isinf(out).all() and torch.equal(out, bmt_fast.svgd_step(x, big, wide, backend="cpu"))
+
+
 @requires_amx
 @pytest.mark.parametrize("n,d,path", [(33, 512, "tiled"), (64, 700, "tiled"), (32, 4096, "gram"), (64, 500, "gram")])
 def test_auto_takes_the_amx_chunks_from_33_bf16_particles_with_many_features(n, d, path):
@@ -462,10 +509,10 @@ def test_bf16_amx_can_be_turned_off(tmp_path):
         "phi = torch.ops.bmt_fast.svgd_step(x, s, h, 'tiled')\n"
         "fp32 = torch.ops.bmt_fast.svgd_step(x.float(), s.float(), h, 'tiled').bfloat16()\n"
         "k = torch.ops.bmt_fast.rbf_kernel(x, x, h)\n"
-        "k32 = torch.ops.bmt_fast.rbf_kernel(x.float(), x.float(), h).bfloat16()\n"
+        "xf = x.float()  # (one tensor: a self kernel, as k's)\n"
+        "k32 = torch.ops.bmt_fast.rbf_kernel(xf, xf, h).bfloat16()\n"
         "g = torch.randn(300, 300).bfloat16()\n"
         "gx = torch.ops.bmt_fast.rbf_kernel_backward(g, x, x, k, h, [True, True, False])[1]\n"
-        "xf = x.float()\n"
         "gx32 = torch.ops.bmt_fast.rbf_kernel_backward(g.float(), xf, xf, k.float(), h, [True, True, False])[1]\n"
         "gx32 = gx32.bfloat16()\n"
         "amx = bmt_fast._extension.CPU.module.build_info()['cpu_bf16_amx']\n"
@@ -523,8 +570,9 @@ def test_bf16_amx_epilogue_roundings_agree(tmp_path):
 @requires_cpu_extension
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
-    """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result, and each
-    reports a NaN in phi (svgd_step_into's flag, tracked in their own apply passes); their vectorised
+    """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result (the tiled path
+    by one GEMM and by feature chunks too), and each reports a NaN in phi (svgd_step_into's flag, tracked
+    in their own apply passes); their vectorised
     median window gives the radix passes' median bit for bit."""
     import subprocess
     import sys
@@ -534,7 +582,7 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "import torch, bmt_fast\n"
         "from bmt_fast import reference\n"
         "torch.manual_seed(0)\n"
-        "for n, d, algo in [(70, 37, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'), (40, 515, 'gram'), (9, 2048, 'gram')]:\n"
+        "for n, d, algo in [(70, 37, 'tiled'), (70, 100, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'), (40, 515, 'gram'), (9, 2048, 'gram')]:\n"
         "    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
         "        x = torch.randn(n, d, dtype=torch.float64); s = torch.randn(n, d, dtype=torch.float64)\n"
         "        phi = torch.ops.bmt_fast.svgd_step(x.to(dt), s.to(dt), None, algo)\n"

@@ -100,8 +100,8 @@ def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, b
     x = (torch.randn(n, d, dtype=torch.float64) * 50).to(dtype)
     score = torch.randn(n, d, dtype=torch.float64).to(dtype)
     cpu = backends.get("cpu")
-    if dtype == torch.float32:
-        assert not cpu.svgd_step_spreads_non_finite(x)  # (IEEE fp32: the fp32 path)
+    if dtype == torch.float32:  # (IEEE fp32: the fp32 path, whose feature chunks flag it from 64 features)
+        assert cpu.svgd_step_spreads_non_finite(x) == (d >= 64)
     with float32_matmul_precision("medium" if dtype == torch.float32 else "highest"):
         assert cpu.svgd_step_spreads_non_finite(x)
         bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
@@ -111,6 +111,41 @@ def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, b
         assert not cpu.svgd_step_spreads_non_finite(x[:, :31])
         bmt_fast.svgd_step(x[:, :31], score[:, :31], bandwidth, backend="cpu")
         assert scans[-2:] == ["x", "score"]
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n, d", [(65, 64), (300, 203), (512, 700)])
+@pytest.mark.parametrize("bandwidth", ["median", 1e-3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_cpu_chunked_path_names_every_bad_input_from_its_output(monkeypatch, n, d, bandwidth, dtype):
+    """Beyond the Gram path, up to 512 particles with 64 or more features go by feature chunks in fp32 or
+    fp64 (IEEE fp32; 16-bit particles where AMX does not take them), whose last pass flags a non-finite phi
+    as it writes it: the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf anywhere,
+    also where every weight between two particles is exactly 0, is reported by name. With 63 features or
+    513 particles (the tiled path) the inputs are scanned first, as before."""
+    from bmt_fast import backends, ops
+
+    scans = []
+
+    def counting(name, t):
+        scans.append(name)
+        return check_finite(name, t)
+
+    monkeypatch.setattr(ops, "check_finite", counting)
+    x = (torch.randn(n, d, dtype=torch.float64) * 50).to(dtype)
+    score = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    cpu = backends.get("cpu")
+    assert cpu.svgd_step_spreads_non_finite(x)
+    bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
+    bmt_fast.svgd_step(x, score, bandwidth, backend="cpu", out=torch.empty_like(x))
+    assert scans == []
+    assert_flagged_path_names_bad_inputs(x, score, bandwidth)
+    for rows, cols in ((n, 63), (513, 64)):
+        more = (torch.randn(rows, cols, dtype=torch.float64) * 50).to(dtype)
+        assert not cpu.svgd_step_spreads_non_finite(more)
+        scans.clear()
+        bmt_fast.svgd_step(more, torch.randn_like(more), bandwidth, backend="cpu")
+        assert scans == ["x", "score"]
 
 
 def checked(x, score, bandwidth=None, algorithm="auto"):

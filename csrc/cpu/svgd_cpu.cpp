@@ -454,6 +454,214 @@ at::Tensor rbf_kernel_self_tiles(const at::Tensor& xc, const at::Tensor& norms, 
   return k.fill_diagonal_(1.0);
 }
 
+// ---- few particles with many features: the Gram pass by feature chunks --------------------------
+
+// All n x n dot products in one tile, for the median's selection.
+struct DotsTiles {
+  const at::Tensor& dots;
+  template <typename Visit>
+  void operator()(Visit&& visit) const {
+    at::parallel_for(0, dots.size(0), 16, [&](int64_t begin, int64_t end) { visit(dots, 0, 0, begin, end); });
+  }
+};
+
+// A Gram pass by feature chunks: the shift (d: each chunk's column means), the squared norms of the centred
+// rows (n) and all their dot products (n x n), in the pass's compute type (AMX: fp32, of the rounded
+// particles; the GEMM path: x's accumulation type).
+struct ChunkedGram {
+  at::Tensor shift, norms, dots;
+};
+
+// The median of the n^2 squared distances from a chunked Gram pass (n <= 512: by selection).
+double median_sq_dist_chunked(const ChunkedGram& gram) {
+  const int64_t n = gram.norms.size(0);
+  if (gram.dots.scalar_type() == at::kDouble) return median_sq_dist_select<double>(n, gram.norms, DotsTiles{gram.dots});
+  return median_sq_dist_select<float>(n, gram.norms, DotsTiles{gram.dots});
+}
+
+// (A chunked Gram pass's parts take at most this much memory: parts = threads up to it, so that a many-core
+// CPU's partial sums stay small next to the particles.)
+constexpr int64_t kGramPartsMaxBytes = int64_t{16} << 20;
+
+int64_t amx_chunked_min_features(int64_t n_pad);  // (the AMX chunks' rule: with them below)
+
+// (The gradient's rule, use_gemm_chunked: with rbf_kernel_backward_gemm_chunked.)
+constexpr int64_t kGemmChunkedMaxRows = 512;
+constexpr int64_t kGemmChunkedMinFeatures = 4096;
+constexpr int64_t kGemmChunkFeatures = 512;
+
+// The forward passes' chunk width: kGemmChunkFeatures, or less (a multiple of 64 features, at least 256)
+// where that gives every thread an equal share. (Narrower chunks made the partial sums cost more than the
+// balance gained: 512 x 128 in two chunks of 64, 0.29 -> 0.42 ms; one chunk lets the GEMM thread itself.)
+int64_t gemm_chunk_features(int64_t d) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t share = ((d + threads - 1) / threads + 63) / 64 * 64;
+  return share < 256 ? kGemmChunkFeatures : std::min(share, kGemmChunkFeatures);
+}
+
+bool use_gemm_chunked(int64_t rows, int64_t d) {
+  const int64_t rows_pad = (rows + 31) / 32 * 32;
+  return rows <= kGemmChunkedMaxRows && d >= std::max(kGemmChunkedMinFeatures, amx_chunked_min_features(rows_pad));
+}
+
+// Where a self kernel's forward passes on the GEMM path (svgd_step, rbf_kernel(x), the median) go by feature
+// chunks: up to kChunkedMaxParticles particles (their n x n sums per thread stay in L2), from
+// kChunkedMinFeatures features (below, level with one GEMM). 2-core Xeon (Emerald Rapids), fp32, fixed H,
+// alternating, 3 rounds, the tiled path (the step: and its scan of phi) -> chunks (ms): rbf_kernel(x)
+// 128 x 76,800 22.5-22.8 -> 12.1-12.3, 256 x 76,800 62.0-63.1 -> 39.0-39.9, 512 x 20,000 45.7-47.8 ->
+// 36.7-37.6, 300 x 4096 3.55-3.57 -> 3.02-3.14, 256 x 768 0.49-0.51 -> 0.44-0.46, 128 x 128 0.061 ->
+// 0.057-0.059, 512 x 128 0.32-0.33 -> 0.34; the step 128 x 76,800 72-77 -> 34-35, 256 x 76,800 192-193 ->
+// 102-105, 512 x 20,000 121-129 -> 86-88, 300 x 4096 9.8 -> 6.8-7.2, 256 x 768 1.34-1.37 -> 1.01-1.08,
+// 128 x 128 0.156-0.162 -> 0.112-0.114, 512 x 128 0.78-0.91 -> 0.70-0.71.
+bool use_gemm_gram_chunked(int64_t n, int64_t d) {
+  return n <= kChunkedMaxParticles && d >= kChunkedMinFeatures;
+}
+
+// The GEMM path (fp32 arithmetic, fp64 for fp64; IEEE) by feature chunks for a self kernel of up to 512
+// particles with many features (use_gemm_gram_chunked), as the AMX chunks and the gradient's GEMM chunks: the
+// threads take parts of the chunks of gemm_chunk_features(d) features; each chunk is centred by its column
+// means into a buffer of its size (any nearby centre cancels exactly in the distances) and its dot
+// products added into the part's n x n sums by one GEMM; the parts' sums are then added in part order.
+// The norms are the sums' diagonal (so each particle's distance to itself is exactly 0). The whole-x path
+// wrote a centred copy of x and its squares (each as large as x) and read them back for one deep GEMM.
+template <typename T>
+ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const int64_t chunk = gemm_chunk_features(d), chunks = (d + chunk - 1) / chunk;
+  const int64_t parts = std::clamp<int64_t>(
+      std::min<int64_t>(at::get_num_threads(), kGramPartsMaxBytes / (n * n * int64_t{sizeof(T)})), 1, chunks);
+  const auto options = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  ChunkedGram out{at::empty({d}, options), at::empty({n}, options), empty_large({n, n}, options)};
+  const at::Tensor sums = parts == 1 ? out.dots.unsqueeze(0) : at::empty({parts, n, n}, options);
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    const at::NoGradGuard no_grad;  // (grad mode is per thread: a worker's is on, and x may require grad)
+    const at::Tensor buffer = at::empty({n * chunk}, options);
+    for (int64_t t = part_begin; t < part_end; ++t) {
+      at::Tensor part = sums.select(0, t);
+      const int64_t begin = t * chunks / parts, end = (t + 1) * chunks / parts;
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+        // (the chunk copied first: rows a multiple of 4 KiB apart share cache sets, so a second pass over
+        // them went to memory again; and a 16-bit chunk is widened as x.float()'s would be)
+        at::Tensor xc = buffer.narrow(0, 0, n * width).view({n, width});
+        xc.copy_(x.narrow(1, c0, width));
+        at::Tensor shift = out.shift.narrow(0, c0, width).view({1, width});
+        at::mean_out(shift, xc, {0}, /*keepdim=*/true);
+        xc.sub_(shift);
+        if (c == begin) {
+          at::mm_out(part, xc, xc.t());
+        } else {
+          part.addmm_(xc, xc.t());
+        }
+      }
+    }
+  });
+  if (parts > 1) at::sum_out(out.dots, sums, {0});
+  out.norms.copy_(out.dots.diagonal());
+  return out;
+}
+
+ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
+  return accumulation_type(x.scalar_type()) == at::kDouble ? gemm_gram_chunked<double>(x)
+                                                           : gemm_gram_chunked<float>(x);
+}
+
+// The self kernel from a GEMM-path chunked Gram pass (its dots turned into K in place, as rbf_kernel's GEMM
+// output), in `dtype`.
+at::Tensor kernel_from_chunked_gram(const ChunkedGram& gram, double h, at::ScalarType dtype) {
+  const at::Tensor& k = gram.dots;
+  const int64_t n = k.size(0);
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "kernel_from_chunked_gram", [&] {
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      rbf_from_dots(k.mutable_data_ptr<scalar_t>(), n, begin, end, n, gram.norms.const_data_ptr<scalar_t>(),
+                    gram.norms.const_data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / h));
+    });
+  });
+  return k.fill_diagonal_(1.0).to(dtype);
+}
+
+// Whether the count values at p are all finite (by their exponent bits: loops the compiler vectorises).
+bool all_finite(const float* p, int64_t count) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof(bits));
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+bool all_finite(const double* p, int64_t count) {
+  uint64_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint64_t bits;
+    std::memcpy(&bits, p + i, sizeof(bits));
+    bad |= static_cast<uint64_t>((bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
+  }
+  return bad == 0;
+}
+template <typename Half>  // at::Half, at::BFloat16: as stored (a value that overflowed the 16-bit type is not)
+bool all_finite(const Half* p, int64_t count) {
+  bool ok = true;
+  for (int64_t i = 0; i < count; ++i) ok &= std::isfinite(static_cast<float>(p[i]));
+  return ok;
+}
+
+// svgd_step on the GEMM path by feature chunks (use_gemm_gram_chunked shapes), as the AMX chunks: the Gram
+// pass above (so K is rbf_kernel's, bit for bit), K with its own terms 0 and its row sums once, then per
+// chunk of features W = score - a xc in a buffer, K W by one GEMM and phi = (K W + a rowsum xc + score) / n
+// into out's columns while the chunk is in cache, checked for NaN/Inf there (returns whether phi, as
+// stored, is all finite). The tiled step wrote a centred copy of x, W and an n x (d + 1) accumulator, then
+// phi, copied into out and scanned.
+template <typename T>
+bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
+                            at::Tensor& out) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const ChunkedGram gram = gemm_gram_chunked<T>(x);
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_chunked(gram), n);
+  const double a = 2.0 / h;
+  const at::Tensor& k = gram.dots;  // K in place, its own terms 0 (score_i is added exactly below)
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    rbf_from_dots(k.mutable_data_ptr<T>(), n, begin, end, n, gram.norms.const_data_ptr<T>(),
+                  gram.norms.const_data_ptr<T>(), static_cast<T>(1.0 / h));
+  });
+  k.fill_diagonal_(0);
+  const at::Tensor rowsum = k.sum(1, /*keepdim=*/true);
+  const auto options = k.options();
+  const int64_t chunk = gemm_chunk_features(d), chunks = (d + chunk - 1) / chunk;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::NoGradGuard no_grad;
+    const at::Tensor x_buffer = at::empty({n * chunk}, options), w_buffer = at::empty({n * chunk}, options);
+    const at::Tensor product_buffer = at::empty({n * chunk}, options), score_buffer = at::empty({n * chunk}, options);
+    const auto view = [n](const at::Tensor& buffer, int64_t width) {
+      return buffer.narrow(0, 0, n * width).view({n, width});
+    };
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+      // (the chunk's rows copied once, as in the Gram pass: the scores are read twice)
+      at::Tensor scores = view(score_buffer, width), xc = view(x_buffer, width), w = view(w_buffer, width);
+      at::Tensor product = view(product_buffer, width);
+      scores.copy_(score.narrow(1, c0, width));
+      xc.copy_(x.narrow(1, c0, width)).sub_(gram.shift.narrow(0, c0, width).view({1, width}));
+      at::add_out(w, scores, xc, -a);
+      at::mm_out(product, k, w);
+      product.addcmul_(rowsum, xc, a).add_(scores);
+      at::Tensor phi = out.narrow(1, c0, width);
+      if (out.scalar_type() == product.scalar_type()) {
+        at::div_out(phi, product, n);
+      } else {  // (16-bit particles on this path: rounded once, as stored)
+        phi.copy_(product.div_(n));
+      }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "svgd_step_finite", [&] {
+        const scalar_t* stored = out.const_data_ptr<scalar_t>() + c0;
+        for (int64_t i = 0; i < n; ++i)
+          if (!all_finite(stored + i * d, width)) finite.store(false, std::memory_order_relaxed);
+      });
+    }
+  });
+  return finite.load();
+}
+
 template <typename T>
 at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
   const int64_t n = x.size(0), d = x.size(1);
@@ -921,27 +1129,12 @@ bool use_amx_chunked(int64_t n, int64_t d) {
   return n_pad <= kAmxChunkedMaxParticles && d >= amx_chunked_min_features(n_pad);
 }
 
-// All n x n dot products of the rounded particles in one tile, for the median's selection.
-struct DotsTiles {
-  const at::Tensor& dots;
-  template <typename Visit>
-  void operator()(Visit&& visit) const {
-    at::parallel_for(0, dots.size(0), 16, [&](int64_t begin, int64_t end) { visit(dots, 0, 0, begin, end); });
-  }
-};
-
-// The Gram pass: the AMX path's shift (d), norms (n) and all dot products (n x n) of the rounded centred
-// particles, fp32.
-struct AmxGram {
-  at::Tensor shift, norms, dots;
-};
-
 // (The parts' sums take at most this much memory: parts = threads up to it, so that a many-core CPU's
 // partial sums stay small next to the particles.)
-constexpr int64_t kAmxGramPartsMaxBytes = int64_t{16} << 20;
+constexpr int64_t kChunkedGramPartsMaxBytes = int64_t{16} << 20;
 
 template <typename In>
-AmxGram amx_gram_chunked(const at::Tensor& x) {
+ChunkedGram amx_gram_chunked(const at::Tensor& x) {
   const int64_t n = x.size(0), d = x.size(1), n_pad = (n + 31) / 32 * 32;
   const int64_t chunk = kAmxFeatureChunk, chunks = (d + chunk - 1) / chunk;
   const int64_t ld_a = amx_a_stride(chunk), ld_b = amx_b_stride(n_pad);
@@ -949,9 +1142,9 @@ AmxGram amx_gram_chunked(const at::Tensor& x) {
   // triangle by row blocks is written and read) and squares; the parts' sums are then added in part order,
   // so the result does not depend on which thread ran which part.
   const int64_t parts = std::clamp<int64_t>(
-      std::min<int64_t>(at::get_num_threads(), kAmxGramPartsMaxBytes / (n * n * int64_t{sizeof(float)})), 1, chunks);
+      std::min<int64_t>(at::get_num_threads(), kChunkedGramPartsMaxBytes / (n * n * int64_t{sizeof(float)})), 1, chunks);
   const auto options = x.options().dtype(at::kFloat);
-  AmxGram out{at::empty({d}, options), at::empty({n}, options), at::empty({n, n}, options)};
+  ChunkedGram out{at::empty({d}, options), at::empty({n}, options), at::empty({n, n}, options)};
   const In* x_p = x.const_data_ptr<In>();
   float* shift_p = out.shift.mutable_data_ptr<float>();
   const std::unique_ptr<float[]> dots(new float[parts * n * n]);  // (each part's first products initialise)
@@ -1005,11 +1198,11 @@ AmxGram amx_gram_chunked(const at::Tensor& x) {
 // 64 x 76,800 8.1-8.3 -> 4.4-4.7, 64 x 409,600 45-49 -> 24-27, 64 x 8192 0.77-0.85 -> 0.48-0.58, 48 x
 // 76,800 4.6 -> 3.4, 48 x 2048 0.14 -> 0.10-0.13; 32 x 76,800 and 32 x 8192 level, 16 x 409,600 3.3-3.4
 // -> 6.1-6.3.
-constexpr int64_t kAmxGramMaxParticles = 32;
+constexpr int64_t kChunkedGramMaxParticles = 32;
 
 int64_t gram_max_particles(const at::Tensor& x) {
-  const bool amx = use_amx(x) && use_amx_chunked(kAmxGramMaxParticles + 1, x.size(1));
-  return amx ? kAmxGramMaxParticles : kGramMaxParticles;
+  const bool amx = use_amx(x) && use_amx_chunked(kChunkedGramMaxParticles + 1, x.size(1));
+  return amx ? kChunkedGramMaxParticles : kGramMaxParticles;
 }
 
 bool use_gram(const at::Tensor& x, Algorithm algorithm) {
@@ -1017,13 +1210,8 @@ bool use_gram(const at::Tensor& x, Algorithm algorithm) {
   return algorithm == Algorithm::kGram;
 }
 
-AmxGram amx_gram_chunked(const at::Tensor& x) {
+ChunkedGram amx_gram_chunked(const at::Tensor& x) {
   return amx_dispatch(x, [&](auto typed) { return amx_gram_chunked<typename decltype(typed)::type>(x); });
-}
-
-// The median of the n^2 squared distances from the chunked Gram pass (n <= 512: by selection).
-double median_sq_dist_chunked(const AmxGram& gram) {
-  return median_sq_dist_select<float>(gram.norms.size(0), gram.norms, DotsTiles{gram.dots});
 }
 
 // svgd_step_amx's phi (its contract) for use_amx_chunked shapes.
@@ -1032,7 +1220,7 @@ bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const s
                            at::Tensor& out) {
   using at::native::cpublas::brgemm;
   const int64_t n = x.size(0), d = x.size(1), n_pad = (n + 31) / 32 * 32;
-  const AmxGram gram = amx_gram_chunked<In>(x);
+  const ChunkedGram gram = amx_gram_chunked<In>(x);
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_chunked(gram), n);
   const float a = static_cast<float>(2.0 / h), inv_h = static_cast<float>(1.0 / h);
   // K without its own terms (bf16, an A operand: columns [n, n_pad) zero) and its fp32 row sums
@@ -1223,6 +1411,10 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
                                                     : svgd_step_amx<In>(x, score, h, out);
     });
   }
+  if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
+    return x.scalar_type() == at::kDouble ? svgd_step_gemm_chunked<double>(x, score, h, out)
+                                          : svgd_step_gemm_chunked<float>(x, score, h, out);
+  }
   const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
                                                         : svgd_step_tiled<float>(x, score, h);
   out.copy_(phi);
@@ -1271,7 +1463,9 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
   } else if (use_amx(x)) {
     median = use_amx_chunked(x.size(0), x.size(1)) ? median_sq_dist_chunked(amx_gram_chunked(x))
                                                    : median_sq_dist_amx(AmxOperands(x));
-  } else {
+  } else if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
+    median = median_sq_dist_chunked(gemm_gram_chunked(x));
+} else {
     const at::Tensor xc = centred(x, acc);
     const at::Tensor norms = (xc * xc).sum(1).contiguous();
     median = acc == at::kDouble ? median_sq_dist<double>(xc, norms) : median_sq_dist<float>(xc, norms);
@@ -1327,7 +1521,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   if (use_amx(x)) {  // bf16 particles (or fp32 under bf16 matmuls) on AMX tiles (d >= 32): as the step's K
     const at::Tensor xs = x.contiguous();
     if (self && use_amx_chunked(n, x.size(1))) {
-      const AmxGram gram = amx_gram_chunked(xs);
+      const ChunkedGram gram = amx_gram_chunked(xs);
       return rbf_kernel_from_dots(gram.norms, gram.dots, h, x.scalar_type());
     }
     if (self) {
@@ -1338,6 +1532,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     const at::Tensor shift = amx_shift(xs, &ys);
     return rbf_kernel_amx(AmxOperands(xs, shift, /*as_b=*/false), AmxOperands(ys, shift), h);
   }
+  if (self && use_gemm_gram_chunked(n, x.size(1))) return kernel_from_chunked_gram(gemm_gram_chunked(x.contiguous()), h, x.scalar_type());
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
   const at::Tensor xc = (xa - shift).contiguous();
@@ -1366,7 +1561,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   const int64_t n = x_in.size(0);
   if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
     if (use_amx(x_in) && use_amx_chunked(n, x_in.size(1))) {  // the chunked Gram pass's dot products
-      const AmxGram gram = amx_gram_chunked(x_in.contiguous());
+      const ChunkedGram gram = amx_gram_chunked(x_in.contiguous());
       const at::Tensor h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
       return {rbf_kernel_from_dots(gram.norms, gram.dots, read_bandwidth(h), x_in.scalar_type()), h};
     }
@@ -1380,6 +1575,11 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
           bandwidth_result(median_sq_dist_amx(operands, keep ? kept.mutable_data_ptr<float>() : nullptr), x_in);
       if (keep) return {rbf_kernel_from_dots(operands.norms, kept, read_bandwidth(h), operands.dtype), h};
       return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
+    }
+    if (use_gemm_gram_chunked(n, x_in.size(1))) {  // one chunked Gram pass for the median and K
+      const ChunkedGram gram = gemm_gram_chunked(x_in.contiguous());
+      const at::Tensor h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
+      return {kernel_from_chunked_gram(gram, read_bandwidth(h), x_in.scalar_type()), h};
     }
     const auto acc = accumulation_type(x_in.scalar_type());
     if (self_kernel_by_tiles(n, x_in.size(1))) {  // the median's GEMM tiles kept for K where keeps_dots
@@ -1685,15 +1885,6 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx_chunked(const
 // 100 x 300 x 76,800 (both gradients) 70-73 -> 52-56; level at 128 x 5000, 256 x 4096 and 512 x 16,384;
 // slower at 512 x 4096 (7.7-7.9 -> 8.3-8.5), 384 x 8192 (8.8-9.2 -> 9.6) and 400 x 10,000 (11.4-11.6 ->
 // 11.7-12.5), hence the rule.
-constexpr int64_t kGemmChunkedMaxRows = 512;
-constexpr int64_t kGemmChunkedMinFeatures = 4096;
-constexpr int64_t kGemmChunkFeatures = 512;
-
-bool use_gemm_chunked(int64_t rows, int64_t d) {
-  const int64_t rows_pad = (rows + 31) / 32 * 32;
-  return rows <= kGemmChunkedMaxRows && d >= std::max(kGemmChunkedMinFeatures, amx_chunked_min_features(rows_pad));
-}
-
 std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_gemm_chunked(const at::Tensor& grad,
                                                                             const at::Tensor& x, const at::Tensor& y,
                                                                             const at::Tensor& kernel, double h,
