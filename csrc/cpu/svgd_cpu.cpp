@@ -650,14 +650,14 @@ bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const 
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard no_grad;
     const at::Tensor x_buffer = at::empty({n * chunk}, options), w_buffer = at::empty({n * chunk}, options);
-    const at::Tensor product_buffer = at::empty({n * chunk}, options), score_buffer = at::empty({n * chunk}, options);
+    const at::Tensor product_buffer = at::empty({n * chunk}, options);
+    const at::Tensor score_buffer = fp32 ? at::Tensor() : at::empty({n * chunk}, options);
     const auto view = [n](const at::Tensor& buffer, int64_t width) {
       return buffer.narrow(0, 0, n * width).view({n, width});
     };
     for (int64_t c = begin; c < end; ++c) {
       const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
-      at::Tensor scores = view(score_buffer, width), xc = view(x_buffer, width), w = view(w_buffer, width);
-      at::Tensor product = view(product_buffer, width);
+      at::Tensor xc = view(x_buffer, width), w = view(w_buffer, width), product = view(product_buffer, width);
       // fp32: phi by one pass (amx_finish_rows, which the AMX steps use: x and score read as they are, phi
       // streamed, its finiteness noted) where five ATen ops made five passes (2-core Xeon, alternating, 3
       // rounds: 128 x 76,800 34.3-35.3 -> 27.1-28.1 ms, 512 x 20,000 90.3-91.1 -> 84.0-84.7 ms, 256 x 768
@@ -674,6 +674,7 @@ bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const 
         continue;
       }
       // (the chunk's rows copied once, as in the Gram pass: the scores are read twice)
+      at::Tensor scores = view(score_buffer, width);
       scores.copy_(score.narrow(1, c0, width));
       xc.copy_(x.narrow(1, c0, width)).sub_(gram.shift.narrow(0, c0, width).view({1, width}));
       at::add_out(w, scores, xc, -a);
@@ -1227,11 +1228,11 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
 // 64 x 76,800 8.1-8.3 -> 4.4-4.7, 64 x 409,600 45-49 -> 24-27, 64 x 8192 0.77-0.85 -> 0.48-0.58, 48 x
 // 76,800 4.6 -> 3.4, 48 x 2048 0.14 -> 0.10-0.13; 32 x 76,800 and 32 x 8192 level, 16 x 409,600 3.3-3.4
 // -> 6.1-6.3.
-constexpr int64_t kChunkedGramMaxParticles = 32;
+constexpr int64_t kAmxGramMaxParticles = 32;
 
 int64_t gram_max_particles(const at::Tensor& x) {
-  const bool amx = use_amx(x) && use_amx_chunked(kChunkedGramMaxParticles + 1, x.size(1));
-  return amx ? kChunkedGramMaxParticles : kGramMaxParticles;
+  const bool amx = use_amx(x) && use_amx_chunked(kAmxGramMaxParticles + 1, x.size(1));
+  return amx ? kAmxGramMaxParticles : kGramMaxParticles;
 }
 
 bool use_gram(const at::Tensor& x, Algorithm algorithm) {
@@ -1494,7 +1495,7 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
                                                    : median_sq_dist_amx(AmxOperands(x));
   } else if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
     median = median_sq_dist_chunked(gemm_gram_chunked(x));
-} else {
+  } else {
     const at::Tensor xc = centred(x, acc);
     const at::Tensor norms = (xc * xc).sum(1).contiguous();
     median = acc == at::kDouble ? median_sq_dist<double>(xc, norms) : median_sq_dist<float>(xc, norms);
