@@ -61,6 +61,21 @@ def test_cpu_gram_path_names_every_bad_input_from_its_output(n, dtype, bandwidth
     assert_flagged_path_names_bad_inputs(x, score, bandwidth)
 
 
+@pytest.fixture
+def input_scans(monkeypatch):
+    """The names of the inputs that the public svgd_step scans for NaN/Inf, in call order."""
+    from bmt_fast import ops
+
+    scans = []
+
+    def counting(name, t):
+        scans.append(name)
+        return check_finite(name, t)
+
+    monkeypatch.setattr(ops, "check_finite", counting)
+    return scans
+
+
 def assert_flagged_path_names_bad_inputs(x, score, bandwidth):
     n, d = x.shape
     phi = bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
@@ -81,22 +96,16 @@ def assert_flagged_path_names_bad_inputs(x, score, bandwidth):
 @pytest.mark.parametrize("n, d", [(65, 32), (300, 203), (70, 2100)])
 @pytest.mark.parametrize("bandwidth", ["median", 1e-3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, bandwidth, dtype):
+def test_cpu_amx_path_names_every_bad_input_from_its_output(input_scans, n, d, bandwidth, dtype):
     """bf16 particles on the AMX path (n > 64, d >= 32), and fp32 ones under
     torch.set_float32_matmul_precision("medium"), are checked like the Gram path's: the last pass flags a
     non-finite phi, the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf
     anywhere, also where every weight between two particles is exactly 0 (0 * NaN must stay NaN in K W),
     is reported by name. Below 32 features (the fp32 path), and fp32 at the default precision, the inputs
     are scanned first, as before."""
-    from bmt_fast import backends, ops
+    from bmt_fast import backends
 
-    scans = []
-
-    def counting(name, t):
-        scans.append(name)
-        return check_finite(name, t)
-
-    monkeypatch.setattr(ops, "check_finite", counting)
+    scans = input_scans
     x = (torch.randn(n, d, dtype=torch.float64) * 50).to(dtype)
     score = torch.randn(n, d, dtype=torch.float64).to(dtype)
     cpu = backends.get("cpu")
@@ -117,21 +126,15 @@ def test_cpu_amx_path_names_every_bad_input_from_its_output(monkeypatch, n, d, b
 @pytest.mark.parametrize("n, d", [(65, 64), (300, 203), (512, 700)])
 @pytest.mark.parametrize("bandwidth", ["median", 1e-3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_cpu_chunked_path_names_every_bad_input_from_its_output(monkeypatch, n, d, bandwidth, dtype):
+def test_cpu_chunked_path_names_every_bad_input_from_its_output(input_scans, n, d, bandwidth, dtype):
     """Beyond the Gram path, up to 512 particles with 64 or more features go by feature chunks in fp32 or
     fp64 (IEEE fp32; 16-bit particles where AMX does not take them), whose last pass flags a non-finite phi
     as it writes it: the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf anywhere,
     also where every weight between two particles is exactly 0, is reported by name. With 63 features or
     513 particles (the tiled path) the inputs are scanned first, as before."""
-    from bmt_fast import backends, ops
+    from bmt_fast import backends
 
-    scans = []
-
-    def counting(name, t):
-        scans.append(name)
-        return check_finite(name, t)
-
-    monkeypatch.setattr(ops, "check_finite", counting)
+    scans = input_scans
     x = (torch.randn(n, d, dtype=torch.float64) * 50).to(dtype)
     score = torch.randn(n, d, dtype=torch.float64).to(dtype)
     cpu = backends.get("cpu")

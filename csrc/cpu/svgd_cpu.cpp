@@ -583,44 +583,45 @@ ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
                                                            : gemm_gram_chunked<float>(x);
 }
 
-// The self kernel from a GEMM-path chunked Gram pass (its dots turned into K in place, as rbf_kernel's GEMM
-// output), in `dtype`.
-at::Tensor kernel_from_chunked_gram(const ChunkedGram& gram, double h, at::ScalarType dtype) {
+// A GEMM-path chunked Gram pass's dots turned into the self kernel K in place (as rbf_kernel's GEMM output),
+// each particle's own term `own` (1 for the kernel, 0 for the step, which adds it exactly itself).
+const at::Tensor& chunked_gram_to_kernel(const ChunkedGram& gram, double h, double own) {
   const at::Tensor& k = gram.dots;
   const int64_t n = k.size(0);
-  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "kernel_from_chunked_gram", [&] {
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "chunked_gram_to_kernel", [&] {
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       rbf_from_dots(k.mutable_data_ptr<scalar_t>(), n, begin, end, n, gram.norms.const_data_ptr<scalar_t>(),
                     gram.norms.const_data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / h));
     });
   });
-  return k.fill_diagonal_(1.0).to(dtype);
+  k.fill_diagonal_(own);
+  return k;
 }
 
-// Whether the count values at p are all finite (by their exponent bits: loops the compiler vectorises).
-bool all_finite(const float* p, int64_t count) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, p + i, sizeof(bits));
-    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
+// The self kernel from a GEMM-path chunked Gram pass, in `dtype`.
+at::Tensor kernel_from_chunked_gram(const ChunkedGram& gram, double h, at::ScalarType dtype) {
+  return chunked_gram_to_kernel(gram, h, 1.0).to(dtype);
 }
-bool all_finite(const double* p, int64_t count) {
-  uint64_t bad = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    uint64_t bits;
-    std::memcpy(&bits, p + i, sizeof(bits));
-    bad |= static_cast<uint64_t>((bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
+
+// Whether the count values at p are all finite: fp32 / fp64 by their exponent bits (a loop the compiler
+// vectorises), 16-bit types as stored (a value that overflowed the 16-bit type is not).
+template <typename T>
+bool all_finite(const T* p, int64_t count) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    constexpr Bits exponent = static_cast<Bits>(sizeof(T) == 4 ? 0x7f800000ull : 0x7ff0000000000000ull);
+    Bits bad = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      Bits bits;
+      std::memcpy(&bits, p + i, sizeof(bits));
+      bad |= static_cast<Bits>((bits & exponent) == exponent);
+    }
+    return bad == 0;
+  } else {
+    bool ok = true;
+    for (int64_t i = 0; i < count; ++i) ok &= std::isfinite(static_cast<float>(p[i]));
+    return ok;
   }
-  return bad == 0;
-}
-template <typename Half>  // at::Half, at::BFloat16: as stored (a value that overflowed the 16-bit type is not)
-bool all_finite(const Half* p, int64_t count) {
-  bool ok = true;
-  for (int64_t i = 0; i < count; ++i) ok &= std::isfinite(static_cast<float>(p[i]));
-  return ok;
 }
 
 // svgd_step on the GEMM path by feature chunks (use_gemm_gram_chunked shapes), as the AMX chunks: the Gram
@@ -636,12 +637,7 @@ bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const 
   const ChunkedGram gram = gemm_gram_chunked<T>(x);
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_chunked(gram), n);
   const double a = 2.0 / h;
-  const at::Tensor& k = gram.dots;  // K in place, its own terms 0 (score_i is added exactly below)
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    rbf_from_dots(k.mutable_data_ptr<T>(), n, begin, end, n, gram.norms.const_data_ptr<T>(),
-                  gram.norms.const_data_ptr<T>(), static_cast<T>(1.0 / h));
-  });
-  k.fill_diagonal_(0);
+  const at::Tensor& k = chunked_gram_to_kernel(gram, h, 0.0);  // (score_i is added exactly below)
   const at::Tensor rowsum = k.sum(1, /*keepdim=*/true);
   const auto options = k.options();
   const int64_t chunk = gemm_chunk_features(d), chunks = (d + chunk - 1) / chunk;
