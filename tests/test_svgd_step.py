@@ -571,8 +571,9 @@ def test_bf16_amx_epilogue_roundings_agree(tmp_path):
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
     """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result (the tiled path
-    by one GEMM and by feature chunks too), and each reports a NaN in phi (svgd_step_into's flag, tracked
-    in their own apply passes); their vectorised
+    by one GEMM and by feature chunks too; the Gram path's apply pass direct and packed, whose last row
+    block of 36 or 37 particles is 4 rows, or 8 with padding, in the AVX-512 build), and each reports a NaN
+    in phi (svgd_step_into's flag, tracked in their own apply passes); their vectorised
     median window gives the radix passes' median bit for bit."""
     import subprocess
     import sys
@@ -582,7 +583,7 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "import torch, bmt_fast\n"
         "from bmt_fast import reference\n"
         "torch.manual_seed(0)\n"
-        "for n, d, algo in [(70, 37, 'tiled'), (70, 100, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'), (40, 515, 'gram'), (9, 2048, 'gram')]:\n"
+        "for n, d, algo in [(70, 37, 'tiled'), (70, 100, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'), (40, 515, 'gram'), (37, 300, 'gram'), (36, 130, 'gram'), (9, 2048, 'gram')]:\n"
         "    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
         "        x = torch.randn(n, d, dtype=torch.float64); s = torch.randn(n, d, dtype=torch.float64)\n"
         "        phi = torch.ops.bmt_fast.svgd_step(x.to(dt), s.to(dt), None, algo)\n"

@@ -472,10 +472,17 @@ BMT_FAST_INLINE void stream_as(In* p, vec_t<T> v) {
 }
 
 // The AVX2 build's whole lines: V vectors that make one aligned 64-byte line of the output, streamed back
-// to back so that each write-combining buffer fills at once (fp32 / fp64 output only). Returns false, and
-// stores nothing, where that does not apply.
+// to back so that each write-combining buffer fills at once (fp32 / fp64 output only); in the AVX-512 build
+// V whole lines, each streamed as stream_as does. Returns false, and stores nothing, where that does not
+// apply.
 template <typename In, typename T, int V>
 BMT_FAST_INLINE bool stream_line(In* p, const vec_t<T> (&v)[V]) {
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  if constexpr (std::is_same_v<In, T>) {  // (AVX-512: each vector a whole line, as stream_as streams them)
+    for (int i = 0; i < V; ++i) stream_as<In, T>(p + i * kLanes<T>, v[i]);
+    return true;
+  }
+#endif
 #if BMT_FAST_VECTOR_BYTES == 32 && !defined(BMT_FAST_32_VECTOR_REGISTERS)
   if constexpr (std::is_same_v<In, T> && V * kVectorBytes == 64) {
     if ((reinterpret_cast<uintptr_t>(p) & 63) != 0) return false;
@@ -1107,7 +1114,8 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
   }
 }
 
-// The packed apply pass, for the ISA builds with 16 vector registers (AVX2, SSE). Their CPUs often have a
+// The packed apply pass, for the ISA builds with 16 vector registers (AVX2, SSE), and for the AVX-512 build
+// from kPackedMinParticles particles (8 rows x 2 vectors there: 16 accumulators). Their CPUs often have a
 // 32 KiB 8-way L1 (and an 8-way L2): the 2n rows of x and g, at a stride that is usually a multiple of
 // 4 KiB, share one set there, and the direct pass above, which reads them a vector at a time and n/R
 // times over, lost each line before its next use (an AVX2 Zen 3: 3-4 GB/s). Here a block of columns is
@@ -1118,6 +1126,23 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
 // FMAs, and each output row gets a whole 64-byte line at once (AVX2, fp32 / fp64), streamed past the
 // caches.
 constexpr int kPackedVectors = 2;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+constexpr int kPackedMaxRows = 8;
+#else
+constexpr int kPackedMaxRows = kApplyRows;
+#endif
+BMT_FAST_INLINE int packed_block_rows(int64_t n, int64_t ib) {
+  const int64_t left = round_up(n - ib, kApplyRows);
+  return static_cast<int>(left < kPackedMaxRows ? left : kPackedMaxRows);
+}
+// The AVX-512 build packs too from this many particles: its direct pass reloads x_j and g_j and forms w_j
+// once per block of 16 rows, and the rows' 4 KiB-aliased lines leave L1 between two blocks. 2-core Xeon
+// (Emerald Rapids), fp32, Gram path, H given, 3 alternating rounds against the direct pass (ms): 32 x 76,800
+// 2.5-2.7 -> 1.8-2.2, 48 x 76,800 4.6-4.8 -> 3.8-4.2, 64 x 76,800 7.8-9.4 -> 5.6-7.3, 64 x 409,600 54-56 ->
+// 41-44. Below 32 it was not faster (24 x 76,800 level; 8 x 76,800 0.24-0.30 -> 0.35-0.39): x and g are
+// read once per block there, and packing adds a pass. Not faster either: the next chunks prefetched into
+// L2 two ahead, a line at a time, as the Gram pass does; 128-column chunks.
+constexpr int64_t kPackedMinParticles = 32;
 
 // phi as in apply_vector. The first buffer holds each row's own terms, c_i xc_i + g_i / n (kt's diagonal
 // is 0: g_i / n from the input g, not from w_i, where it would cancel against c_i xc_i).
@@ -1185,8 +1210,14 @@ BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int
     }
     for (int64_t k = 0; k < len; k += V * L) {
       const int64_t count = min64(V * L, len - k);
-      for (int64_t ib = 0; ib < n; ib += kApplyRows)
-        apply_packed_line<kApplyRows, V>(ownb, wb, ld, phi, n, d, ib, k, k0 + k, count, kt + ib * n, bad);
+      for (int64_t ib = 0; ib < n;) {
+        const int R = packed_block_rows(n, ib);
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+        if (R == 8) apply_packed_line<8, V>(ownb, wb, ld, phi, n, d, ib, k, k0 + k, count, kt + ib * n, bad);
+#endif
+        if (R == 4) apply_packed_line<4, V>(ownb, wb, ld, phi, n, d, ib, k, k0 + k, count, kt + ib * n, bad);
+        ib += R;
+      }
     }
   }
 }
@@ -1201,8 +1232,13 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
   const int64_t rows = round_up(n, kApplyRows);
   // kn (rows x n, padding rows zero) re-laid per row block: block ib of R rows at kt + ib * n, j-major.
   T* kt = scratch;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  const bool packed = n >= kPackedMinParticles;
+#else
+  const bool packed = true;
+#endif
   for (int64_t ib = 0; ib < rows;) {
-    const int R = apply_block_rows(n, ib);
+    const int R = packed ? packed_block_rows(n, ib) : apply_block_rows(n, ib);
     for (int64_t j = 0; j < n; ++j)
       for (int r = 0; r < R; ++r) kt[ib * n + j * R + r] = kn[(ib + r) * n + j];
     ib += R;
@@ -1210,6 +1246,11 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
   vec_t<T> bad{};
   const vec_t<T> own = broadcast(static_cast<T>(1.0 / static_cast<double>(n)));  // k_ii / n
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
+  if (packed) {
+    apply_columns_packed(x, g, phi, n, d, col_begin, col_end, shift, kt, c, a, own, scratch + rows * n, bad);
+    stream_fence();
+    return horizontal_sum<T>(bad) == T(0);
+  }
   const vec_t<T> va = broadcast(T(a));
   int64_t k = col_begin;
   for (; k + L <= col_end; k += L)
