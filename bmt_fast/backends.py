@@ -112,9 +112,14 @@ class CompiledBackend(Backend):
         # and from how many features bf16 particles beyond those take the CPU's AMX path, which flags it too
         # (0: no AMX path; the extension reads BMT_FAST_CPU_AMX once, as here)
         self._flagged_bf16_features = int(info.get("amx_min_features", 0)) if info.get("cpu_bf16_amx") else 0
-        # and up to how many particles, from how many features, the CPU's fp32/fp64 path by feature chunks
-        # (beyond the Gram path) runs, which flags it too (0: none)
-        self._flagged_chunked = (int(info.get("chunked_max_particles", 0)), int(info.get("chunked_min_features", 0)))
+        # and where the CPU's fp32/fp64 path by feature chunks (beyond the Gram path) runs, which flags it too:
+        # up to chunked_max_particles from chunked_min_features features, and up to chunked_wide_max_particles
+        # with chunked_wide_features_per_particle features per particle (0: none)
+        self._flagged_chunked = tuple(
+            int(info.get(key, 0))
+            for key in ("chunked_max_particles", "chunked_min_features", "chunked_wide_max_particles",
+                        "chunked_wide_features_per_particle")
+        )
         # The CPU's exact median (one GEMM pass and a selection) against 65,536 gathered pairs on a 2-core
         # Xeon: exact faster at n = 2048 (d = 16: 6.3 against 7.7 ms; d = 256: 13 against 36 ms), sampled
         # faster at n = 3072 (d = 64: 8.3 against 14.7 ms). Not measured on a GPU: no more pairs there.
@@ -159,8 +164,9 @@ class CompiledBackend(Backend):
         # AMX path (bf16, d >= amx_min_features, beyond the Gram path; fp32 too while torch's fp32 matmul
         # precision is bf16): a bad x value makes the centring mean of its column non-finite, a bad score
         # value its row of W, which AMX multiplies into every row of K W (no product skipped). The CPU's
-        # fp32/fp64 feature chunks (n <= chunked_max_particles, d >= chunked_min_features; the AMX path
-        # where it applies): a bad x value makes its chunk's column mean, so that column of every centred
+        # fp32/fp64 feature chunks (d >= chunked_min_features and n <= chunked_max_particles, or n <=
+        # chunked_wide_max_particles with chunked_wide_features_per_particle features per particle; the AMX
+        # path where it applies): a bad x value makes its chunk's column mean, so that column of every centred
         # row, of W and of phi (through the row sums' term) non-finite; a bad score value its own phi row
         # (the own term score_i is added as it is). (cuBLAS and the other tiled paths: not assumed; the op
         # scans phi there.)
@@ -168,8 +174,9 @@ class CompiledBackend(Backend):
             return False
         if x.shape[0] <= self._flagged_particles:
             return True
-        max_chunked, min_chunked = self._flagged_chunked
-        if x.shape[0] <= max_chunked and x.shape[1] >= min_chunked:
+        max_chunked, min_features, max_wide, wide_features = self._flagged_chunked
+        n, d = x.shape[0], x.shape[1]
+        if d >= min_features and (n <= max_chunked or (n <= max_wide and d >= wide_features * n)):
             return True
         if not 0 < self._flagged_bf16_features <= x.shape[1]:
             return False

@@ -157,9 +157,13 @@ namespace cpu {
 // Largest n for which "auto" takes the Gram path on CPU (few particles, huge d); see benchmarks/results.
 constexpr int64_t kGramMaxParticles = 64;
 // Up to how many particles, and from how many features, the tiled path's self-kernel passes (svgd_step,
-// rbf_kernel(x), the median) go by feature chunks in fp32/fp64 (svgd_cpu.cpp), flagging a non-finite phi.
+// rbf_kernel(x), the median) go by feature chunks in fp32/fp64 (svgd_cpu.cpp), flagging a non-finite phi;
+// and beyond that up to kChunkedWideMaxParticles where there are at least kChunkedWideFeaturesPerParticle
+// features per particle.
 constexpr int64_t kChunkedMaxParticles = 512;
 constexpr int64_t kChunkedMinFeatures = 64;
+constexpr int64_t kChunkedWideMaxParticles = 1024;
+constexpr int64_t kChunkedWideFeaturesPerParticle = 4;
 // Rows and columns of one distance tile in the tiled path.
 constexpr int64_t kTileSize = 512;
 // Largest n whose exact median bandwidth (tiled path) selects over stored distances instead of radix

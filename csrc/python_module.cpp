@@ -24,6 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["gram_max_particles"] = bmt_fast::cpu::kGramMaxParticles;
     info["chunked_max_particles"] = bmt_fast::cpu::kChunkedMaxParticles;
     info["chunked_min_features"] = bmt_fast::cpu::kChunkedMinFeatures;
+    info["chunked_wide_max_particles"] = bmt_fast::cpu::kChunkedWideMaxParticles;
+    info["chunked_wide_features_per_particle"] = bmt_fast::cpu::kChunkedWideFeaturesPerParticle;
     info["tile_size"] = bmt_fast::cpu::kTileSize;
     info["huge_page_min_bytes"] = bmt_fast::cpu::kHugePageMinBytes;
     return info;

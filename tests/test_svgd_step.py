@@ -342,11 +342,11 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n,d", [(65, 4097), (100, 600), (257, 1300), (500, 200), (130, 70)])
+@pytest.mark.parametrize("n,d", [(65, 4097), (100, 600), (257, 1300), (500, 200), (130, 70), (600, 2450)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_few_particles_on_the_gemm_path_by_feature_chunks(n, d, dtype):
-    """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with 64 or more features, go by
-    feature chunks: the threads share chunks of up to 512 features (fewer where that balances them; ragged
+    """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with 64 or more features (up
+    to 1024 with 4 or more features per particle: 600 x 2450), go by feature chunks: the threads share chunks of up to 512 features (fewer where that balances them; ragged
     last chunks here), each centred by its own column means, their dot products summed per thread, and the
     step applies K a chunk at a time. median_bandwidth, rbf_kernel(x) and rbf_kernel_median take that one
     pass, so K is rbf_kernel's bit for bit, symmetric, with a diagonal of ones, and phi by the median rule

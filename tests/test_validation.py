@@ -123,15 +123,16 @@ def test_cpu_amx_path_names_every_bad_input_from_its_output(input_scans, n, d, b
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n, d", [(65, 64), (300, 203), (512, 700)])
+@pytest.mark.parametrize("n, d", [(65, 64), (300, 203), (512, 700), (520, 2080)])
 @pytest.mark.parametrize("bandwidth", ["median", 1e-3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_cpu_chunked_path_names_every_bad_input_from_its_output(input_scans, n, d, bandwidth, dtype):
     """Beyond the Gram path, up to 512 particles with 64 or more features go by feature chunks in fp32 or
     fp64 (IEEE fp32; 16-bit particles where AMX does not take them), whose last pass flags a non-finite phi
     as it writes it: the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf anywhere,
-    also where every weight between two particles is exactly 0, is reported by name. With 63 features or
-    513 particles (the tiled path) the inputs are scanned first, as before."""
+    also where every weight between two particles is exactly 0, is reported by name; beyond 512 particles,
+    up to 1024 with 4 or more features per particle (520 x 2080). With 63 features, 513 particles of 64
+    features, 520 of 2079 or 1025 of 4100 (the tiled path) the inputs are scanned first, as before."""
     from bmt_fast import backends
 
     scans = input_scans
@@ -143,7 +144,7 @@ def test_cpu_chunked_path_names_every_bad_input_from_its_output(input_scans, n, 
     bmt_fast.svgd_step(x, score, bandwidth, backend="cpu", out=torch.empty_like(x))
     assert scans == []
     assert_flagged_path_names_bad_inputs(x, score, bandwidth)
-    for rows, cols in ((n, 63), (513, 64)):
+    for rows, cols in ((n, 63), (513, 64), (520, 2079), (1025, 4100)):
         more = (torch.randn(rows, cols, dtype=torch.float64) * 50).to(dtype)
         assert not cpu.svgd_step_spreads_non_finite(more)
         scans.clear()

@@ -512,17 +512,28 @@ bool use_gemm_chunked(int64_t rows, int64_t d) {
 // 36.7-37.6, 300 x 4096 3.55-3.57 -> 3.02-3.14, 256 x 768 0.49-0.51 -> 0.44-0.46, 128 x 128 0.061 ->
 // 0.057-0.059, 512 x 128 0.32-0.33 -> 0.34; the step 128 x 76,800 72-77 -> 34-35, 256 x 76,800 192-193 ->
 // 102-105, 512 x 20,000 121-129 -> 86-88, 300 x 4096 9.8 -> 6.8-7.2, 256 x 768 1.34-1.37 -> 1.01-1.08,
-// 128 x 128 0.156-0.162 -> 0.112-0.114, 512 x 128 0.78-0.91 -> 0.70-0.71.
+// 128 x 128 0.156-0.162 -> 0.112-0.114, 512 x 128 0.78-0.91 -> 0.70-0.71. Up to 1024 particles with 4 or
+// more features per particle too (kChunkedWide*; the sums leave L2 there, and the median selects over all
+// n(n-1)/2 distances). Same machine, against the previous build, 3 rounds, kernel / step with H given /
+// step by the median rule / median_bandwidth (ms): 1000 x 16,000 128-130 -> 74-88 / 258-262 -> 194-204 /
+// 250-266 -> 195-214 / 101-114 -> 76-84; 768 x 3072 14.0-16.9 -> 9.0-9.9 / 29.4-31.5 -> 22.1-24.3 /
+// 31.4-32.2 -> 25.5-26.9; 1024 x 4096 28.0-31.1 -> 22.3-25.4 / 60.7-65.4 -> 54.6-57.1 / 64.2-67.3 ->
+// 60.2-64.0 / level; 600 x 2400 7.4-7.8 -> 5.5-6.5 / 16.0-16.7 -> 14.4-15.7 / 16.8-17.4 -> 14.7-16.5 /
+// level. With fewer features per particle the tiles were as fast or faster (chunks forced: 1024 x 768
+// kernel 6.1-6.2 -> 7.8-8.3 ms, 1024 x 2048 step by the median 33.5-35.4 -> 34.7-36.6, 1024 x 128 kernel
+// 1.3 -> 3.4).
 bool use_gemm_gram_chunked(int64_t n, int64_t d) {
-  return n <= kChunkedMaxParticles && d >= kChunkedMinFeatures;
+  return d >= kChunkedMinFeatures &&
+         (n <= kChunkedMaxParticles || (n <= kChunkedWideMaxParticles && d >= kChunkedWideFeaturesPerParticle * n));
 }
 
-// The GEMM path (fp32 arithmetic, fp64 for fp64; IEEE) by feature chunks for a self kernel of up to 512
-// particles with many features (use_gemm_gram_chunked), as the AMX chunks and the gradient's GEMM chunks: the
-// threads take parts of the chunks of gemm_chunk_features(d) features; each chunk is centred by its column
-// means into a buffer of its size (any nearby centre cancels exactly in the distances) and its dot
-// products added into the part's n x n sums, their upper triangle by blocks of kGemmChunkedRowBlock rows
-// (a GEMM each: 3/4 of the products at 256 particles, 5/8 at 512); the parts' sums are then added in part
+// The GEMM path (fp32 arithmetic, fp64 for fp64; IEEE) by feature chunks for a self kernel of few particles
+// with many features (use_gemm_gram_chunked: up to 512, or 1024 with 4 features per particle), as the AMX
+// chunks and the gradient's GEMM chunks: the threads take parts of the chunks of gemm_chunk_features(d)
+// features; each chunk is centred by its column means into a buffer of its size (any nearby centre cancels
+// exactly in the distances) and its dot products added into the part's n x n sums, their upper triangle
+// by blocks of kGemmChunkedRowBlock rows (a GEMM each: 3/4 of the products at 256 particles, 5/8 at 512,
+// 9/16 at 1024); the parts' sums are then added in part
 // order and the lower triangle written as the upper's transpose (K exactly symmetric). The norms are the
 // sums' diagonal (so each particle's distance to itself is exactly 0). The whole-x path wrote a centred
 // copy of x and its squares (each as large as x) and read them back for one deep GEMM. (The triangle
