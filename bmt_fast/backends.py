@@ -156,7 +156,8 @@ class CompiledBackend(Backend):
         return torch.ops.bmt_fast.rbf_kernel_median(x)[0]
 
     def svgd_step_spreads_non_finite(self, x):
-        # The CPU Gram path (n <= gram_max_particles): a bad x makes its column's mean, and so every
+        # The CPU Gram path (n <= gram_max_particles; fp32 / fp64 also up to gram_wide_max_particles where
+        # n^2 <= 8 d, shapes that the feature-chunk rule below covers as well): a bad x makes its column's mean, and so every
         # particle's centred value there, NaN; a bad score reaches every phi row through the apply pass's
         # fused multiply-adds, zero weights included. The CUDA register kernels (n <= gram_register_rows):
         # a bad x value makes its row's shifted value, or (in x_0) every row's, non-finite there, which the

@@ -155,7 +155,9 @@ inline double read_bandwidth(const at::Tensor& h) {
 
 namespace cpu {
 // Largest n for which "auto" takes the Gram path on CPU (few particles, huge d); see benchmarks/results.
+// With many features more: up to kGramWideMaxParticles where n^2 <= 8 d (svgd_cpu.cpp, gram_max_particles).
 constexpr int64_t kGramMaxParticles = 64;
+constexpr int64_t kGramWideMaxParticles = 192;
 // Up to how many particles, and from how many features, the tiled path's self-kernel passes (svgd_step,
 // rbf_kernel(x), the median) go by feature chunks in fp32/fp64 (svgd_cpu.cpp), flagging a non-finite phi;
 // and beyond that up to kChunkedWideMaxParticles where there are at least kChunkedWideFeaturesPerParticle

@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["compiler"] = __VERSION__;
     info["bandwidth_floor"] = bmt_fast::kBandwidthFloor;
     info["gram_max_particles"] = bmt_fast::cpu::kGramMaxParticles;
+    info["gram_wide_max_particles"] = bmt_fast::cpu::kGramWideMaxParticles;  // (where n^2 <= 8 d)
     info["chunked_max_particles"] = bmt_fast::cpu::kChunkedMaxParticles;
     info["chunked_min_features"] = bmt_fast::cpu::kChunkedMinFeatures;
     info["chunked_wide_max_particles"] = bmt_fast::cpu::kChunkedWideMaxParticles;

@@ -342,7 +342,7 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n,d", [(65, 4097), (100, 600), (257, 1300), (500, 200), (130, 70), (600, 2450)])
+@pytest.mark.parametrize("n,d", [(120, 1700), (100, 600), (257, 1300), (500, 200), (130, 70), (600, 2450)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_few_particles_on_the_gemm_path_by_feature_chunks(n, d, dtype):
     """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with 64 or more features (up
@@ -406,6 +406,36 @@ def test_auto_takes_the_amx_chunks_from_33_bf16_particles_with_many_features(n, 
     assert torch.equal(median, torch.ops.bmt_fast.median_bandwidth(x, path))
     k, k_median = torch.ops.bmt_fast.rbf_kernel_median(x)
     assert torch.equal(k_median, median) and torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, median))
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n,d,path", [(65, 529, "gram"), (65, 528, "tiled"), (192, 4608, "gram"), (192, 4607, "tiled"),
+                                      (193, 20000, "tiled"), (100, 76_800, "gram")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_takes_the_gram_path_up_to_192_particles_with_n_squared_at_most_8d(n, d, path, dtype):
+    """Beyond 64 particles "auto" keeps the Gram path for fp32 / fp64 while n^2 <= 8 d, up to 192 particles
+    (faster there than the GEMMs by feature chunks); past either bound the step, the median and
+    rbf_kernel_median take the chunks. phi and the median as the algorithm `path` gives them and not as
+    the other one, within fp32 (fp64) rounding of the float64 reference either way. fp16 particles keep the
+    chunks beyond 64 (their Gram pass widens them as it goes: slower there)."""
+    torch.manual_seed(n + d)
+    x, score = particles(n, d, dtype=dtype)
+    h = torch.tensor(2.0 * d, dtype=torch.float64)
+    other = "gram" if path == "tiled" else "tiled"
+    auto = torch.ops.bmt_fast.svgd_step(x, score, h, "auto")
+    assert torch.equal(auto, torch.ops.bmt_fast.svgd_step(x, score, h, path))
+    assert not torch.equal(auto, torch.ops.bmt_fast.svgd_step(x, score, h, other))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert relative_error(auto, reference_phi(x.double(), score.double(), h)) <= tol
+    median = torch.ops.bmt_fast.median_bandwidth(x, "auto")
+    assert torch.equal(median, torch.ops.bmt_fast.median_bandwidth(x, path))
+    k, k_median = torch.ops.bmt_fast.rbf_kernel_median(x)
+    assert torch.equal(k_median, median) and torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, median))
+    assert torch.equal(torch.ops.bmt_fast.svgd_step(x, score, None, "auto"),
+                       torch.ops.bmt_fast.svgd_step(x, score, None, path))
+    half, half_score = x.half(), score.half()
+    assert torch.equal(torch.ops.bmt_fast.svgd_step(half, half_score, h, "auto"),
+                       torch.ops.bmt_fast.svgd_step(half, half_score, h, "tiled"))
 
 
 @requires_amx
