@@ -345,14 +345,14 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
 @pytest.mark.parametrize("n,d", [(120, 1700), (100, 600), (257, 1300), (500, 200), (130, 70), (600, 2450)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_few_particles_on_the_gemm_path_by_feature_chunks(n, d, dtype):
-    """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with 64 or more features (up
-    to 1024 with 4 or more features per particle: 600 x 2450), go by feature chunks: the threads share chunks of up to 512 features (fewer where that balances them; ragged
-    last chunks here), each centred by its own column means, their dot products summed per thread, and the
-    step applies K a chunk at a time. median_bandwidth, rbf_kernel(x) and rbf_kernel_median take that one
-    pass, so K is rbf_kernel's bit for bit, symmetric, with a diagonal of ones, and phi by the median rule
-    is phi with that H given (to H's fp32 rounding). The particles sit around 1e4 (each chunk's means
-    cancel the offset) and share a few directions; everything within fp32 (fp64) rounding of the float64
-    reference, also on one thread (one part). phi into out= with its finiteness flag; a phi that overflows
+    """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with 64 or more features (up to 1024 with
+    4 or more features per particle: 600 x 2450), go by feature chunks: the threads share chunks of up to 512
+    features (fewer where that balances them; ragged last chunks here), each centred by its own column means, their
+    dot products summed per thread, and the step applies K a chunk at a time. median_bandwidth, rbf_kernel(x) and
+    rbf_kernel_median take that one pass, so K is rbf_kernel's bit for bit, symmetric, with a diagonal of ones, and
+    phi by the median rule is phi with that H given (to H's fp32 rounding). The particles sit around 1e4 (each
+    chunk's means cancel the offset) and share a few directions; everything within fp32 (fp64) rounding of the
+    float64 reference, also on one thread (one part). phi into out= with its finiteness flag; a phi that overflows
     is flagged and returned as computed."""
     torch.manual_seed(n + d)
     x, score = particles(n, d, offset=1e4, dtype=torch.float64)
@@ -613,7 +613,8 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "import torch, bmt_fast\n"
         "from bmt_fast import reference\n"
         "torch.manual_seed(0)\n"
-        "for n, d, algo in [(70, 37, 'tiled'), (70, 100, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'), (40, 515, 'gram'), (37, 300, 'gram'), (36, 130, 'gram'), (9, 2048, 'gram')]:\n"
+        "for n, d, algo in [(70, 37, 'tiled'), (70, 100, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'),\n"
+        "                   (40, 515, 'gram'), (37, 300, 'gram'), (36, 130, 'gram'), (9, 2048, 'gram')]:\n"
         "    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
         "        x = torch.randn(n, d, dtype=torch.float64); s = torch.randn(n, d, dtype=torch.float64)\n"
         "        phi = torch.ops.bmt_fast.svgd_step(x.to(dt), s.to(dt), None, algo)\n"

@@ -533,10 +533,10 @@ bool use_gemm_gram_chunked(int64_t n, int64_t d) {
 // features; each chunk is centred by its column means into a buffer of its size (any nearby centre cancels
 // exactly in the distances) and its dot products added into the part's n x n sums, their upper triangle
 // by blocks of kGemmChunkedRowBlock rows (a GEMM each: 3/4 of the products at 256 particles, 5/8 at 512,
-// 9/16 at 1024); the parts' sums are then added in part
-// order and the lower triangle written as the upper's transpose (K exactly symmetric). The norms are the
-// sums' diagonal (so each particle's distance to itself is exactly 0). The whole-x path wrote a centred
-// copy of x and its squares (each as large as x) and read them back for one deep GEMM. (The triangle
+// 9/16 at 1024); the parts' sums are then added in part order and the lower triangle written as the upper's
+// transpose (K exactly symmetric). The norms are the sums' diagonal (so each particle's distance to itself
+// is exactly 0). The whole-x path wrote a centred copy of x and its squares (each as large as x) and read
+// them back for one deep GEMM. (The triangle
 // against all n x n products, rbf_kernel(x), alternating, 3 rounds: 256 x 76,800 38.4-39.9 -> 32.2-33.2 ms,
 // 512 x 20,000 37.4-38.1 -> 27.1-28.7 ms, 300 x 4096 2.97-3.07 -> 2.43-2.52 ms, 128 x 76,800 level.)
 constexpr int64_t kGemmChunkedRowBlock = 128;
