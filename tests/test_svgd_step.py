@@ -69,6 +69,27 @@ def test_both_cpu_algorithms_fp32(algorithm, n, d, offset):
     assert_within(phi, reference_phi(x64, score64, float(h)), torch_error)
 
 
+@requires_cpu_extension
+@pytest.mark.parametrize("n,d", [(5, 1000), (40, 515), (64, 77)])
+@pytest.mark.parametrize("scale", [1.0, 2e4, 1e-6])
+def test_fp16_gram_path_is_the_fp32_arithmetic_rounded_as_c10(n, d, scale):
+    """fp16 particles on the Gram path widen exactly to fp32 and round phi back to fp16 a vector at a time
+    (F16C in the AVX2 / AVX-512 builds): bit for bit the fp32 step on the widened inputs rounded by c10's
+    conversion (torch's .half()), with the direct and the packed apply pass, ragged last vectors, values
+    near the top of fp16's range (scale 2e4) and fp16 subnormals (scale 1e-6)."""
+    torch.manual_seed(n + d)
+    x = torch.randn(n, d).half()
+    score = (torch.randn(n, d) * scale).clamp(-6e4, 6e4).half()
+    h = torch.tensor(float(d), dtype=torch.float64)
+    phi = torch.ops.bmt_fast.svgd_step(x, score, h, "gram")
+    expected = torch.ops.bmt_fast.svgd_step(x.float(), score.float(), h, "gram").half()
+    assert phi.dtype == torch.float16
+    assert torch.equal(phi.view(torch.int16), expected.view(torch.int16))
+    assert torch.isfinite(phi).all()
+    if scale == 1e-6:
+        assert ((phi != 0) & (phi.abs() < torch.finfo(torch.float16).tiny)).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d", [(7, 5), (65, 129), (16, 65_536)])
 def test_half_precision_accumulates_in_fp32(cpu_backend, dtype, n, d):
