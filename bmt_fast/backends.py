@@ -156,16 +156,16 @@ class CompiledBackend(Backend):
         return torch.ops.bmt_fast.rbf_kernel_median(x)[0]
 
     def svgd_step_spreads_non_finite(self, x):
-        # The CPU Gram path (n <= gram_max_particles; fp32 / fp64 also up to gram_wide_max_particles where n^2 <=
-        # 8 d, shapes that the feature-chunk rule below covers as well): a bad x makes its column's mean, and so
-        # every particle's centred value there, NaN; a bad score reaches every phi row through the apply pass's
-        # fused multiply-adds, zero weights included. The CUDA register kernels (n <= gram_register_rows): a bad x
-        # value makes its row's shifted value, or (in x_0) every row's, non-finite there, which the apply kernel
-        # multiplies into phi; a bad score reaches every phi row through its FMAs. The CPU's AMX path (bf16, d >=
-        # amx_min_features, beyond the Gram path; fp32 too while torch's fp32 matmul precision is bf16): a bad x
-        # value makes the centring mean of its column non-finite, a bad score value its row of W, which AMX
-        # multiplies into every row of K W (no product skipped). The CPU's fp32/fp64 feature chunks (d >=
-        # chunked_min_features and n <= chunked_max_particles, or n <= chunked_wide_max_particles with
+        # The CPU Gram path (n <= gram_max_particles; off the AMX path also up to gram_wide_max_particles where
+        # n^2 <= 8 d, shapes that the feature-chunk rule below covers as well): a bad x makes its column's mean,
+        # and so every particle's centred value there, NaN; a bad score reaches every phi row through the apply
+        # pass's fused multiply-adds, zero weights included. The CUDA register kernels (n <= gram_register_rows):
+        # a bad x value makes its row's shifted value, or (in x_0) every row's, non-finite there, which the apply
+        # kernel multiplies into phi; a bad score reaches every phi row through its FMAs. The CPU's AMX path
+        # (bf16, d >= amx_min_features, beyond the Gram path; fp32 too while torch's fp32 matmul precision is
+        # bf16): a bad x value makes the centring mean of its column non-finite, a bad score value its row of W,
+        # which AMX multiplies into every row of K W (no product skipped). The CPU's fp32/fp64 feature chunks (d
+        # >= chunked_min_features and n <= chunked_max_particles, or n <= chunked_wide_max_particles with
         # chunked_wide_features_per_particle features per particle; the AMX path where it applies): a bad x value
         # makes its chunk's column mean, so that column of every centred row, of W and of phi (through the row
         # sums' term) non-finite; a bad score value its own phi row (the own term score_i is added as it is).

@@ -434,11 +434,11 @@ def test_auto_takes_the_amx_chunks_from_33_bf16_particles_with_many_features(n, 
                                       (193, 20000, "tiled"), (100, 76_800, "gram")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_auto_takes_the_gram_path_up_to_192_particles_with_n_squared_at_most_8d(n, d, path, dtype):
-    """Beyond 64 particles "auto" keeps the Gram path for fp32 / fp64 while n^2 <= 8 d, up to 192 particles
+    """Beyond 64 particles "auto" keeps the Gram path (off the AMX path) while n^2 <= 8 d, up to 192 particles
     (faster there than the GEMMs by feature chunks); past either bound the step, the median and
     rbf_kernel_median take the chunks. phi and the median as the algorithm `path` gives them and not as
-    the other one, within fp32 (fp64) rounding of the float64 reference either way. fp16 particles keep the
-    chunks beyond 64 (their Gram pass widens them as it goes: slower there)."""
+    the other one, within fp32 (fp64) rounding of the float64 reference either way. fp16 particles follow
+    the same rule."""
     torch.manual_seed(n + d)
     x, score = particles(n, d, dtype=dtype)
     h = torch.tensor(2.0 * d, dtype=torch.float64)
@@ -456,7 +456,7 @@ def test_auto_takes_the_gram_path_up_to_192_particles_with_n_squared_at_most_8d(
                        torch.ops.bmt_fast.svgd_step(x, score, None, path))
     half, half_score = x.half(), score.half()
     assert torch.equal(torch.ops.bmt_fast.svgd_step(half, half_score, h, "auto"),
-                       torch.ops.bmt_fast.svgd_step(half, half_score, h, "tiled"))
+                       torch.ops.bmt_fast.svgd_step(half, half_score, h, path))
 
 
 @requires_amx

@@ -1237,7 +1237,7 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
 // -> 6.1-6.3.
 constexpr int64_t kAmxGramMaxParticles = 32;
 
-// Otherwise kGramMaxParticles, and for fp32 / fp64 up to kGramWideMaxParticles where n^2 <= 8 d: there the
+// Otherwise kGramMaxParticles, and up to kGramWideMaxParticles where n^2 <= 8 d: there the
 // Gram pass and the packed apply pass beat the GEMMs by feature chunks. 2-core Xeon (Emerald Rapids), fp32,
 // best of 2 alternating rounds, the step with H given, Gram / chunks (ms): 65 x 1024 0.17 / 0.27, 96 x 2048
 // 0.48 / 0.67, 128 x 2048 0.84 / 0.97, 128 x 4096 1.43 / 1.89, 160 x 12,288 6.2 / 7.5, 192 x 12,288 8.4 /
@@ -1246,13 +1246,12 @@ constexpr int64_t kAmxGramMaxParticles = 32;
 // 1.46 / 2.24, 65 x 8192 1.6 / 3.5). Against the previous build, 3 rounds, fp32, the step with H given:
 // 128 x 76,800 27-36 -> 23-25, 160 x 76,800 49-50 -> 35-40, 192 x 76,800 54-66 -> 48-56, 96 x 409,600
 // 118-126 -> 72-75; rbf_kernel(x) 128 x 76,800 12.4-15.5 -> 8.2-11.2, 96 x 409,600 55-57 -> 25-26, 192 x
-// 76,800 level, 192 x 20,000 6.5-6.9 -> 7.1-7.3. Not 16-bit particles, whose Gram pass widens them as it
-// goes: fp16 128 x 76,800, the step, 41-45 -> 46-78.
+// 76,800 level, 192 x 20,000 6.5-6.9 -> 7.1-7.3. 16-bit particles too (fp16, and bf16 off AMX), since
+// their loads are vectorised: the step, Gram / chunks, fp16 128 x 76,800 22 / 38, 96 x 2048 0.43 / 0.70,
+// 192 x 20,000 12-13 / 17-26; bf16 with BMT_FAST_CPU_AMX=0 128 x 76,800 22 / 35-36.
 int64_t gram_max_particles(const at::Tensor& x) {
   const bool amx = use_amx(x) && use_amx_chunked(kAmxGramMaxParticles + 1, x.size(1));
   if (amx) return kAmxGramMaxParticles;
-  const auto dtype = x.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) return kGramMaxParticles;
   const int64_t eight_d = 8 * x.size(1);
   int64_t wide = static_cast<int64_t>(std::sqrt(static_cast<double>(eight_d)));
   while (wide * wide > eight_d) --wide;  // (the square root's rounding)
