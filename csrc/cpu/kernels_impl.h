@@ -1123,9 +1123,10 @@ constexpr int kApplyMaxRows = 16;
 constexpr int kApplyMaxRows = kApplyRows;
 #endif
 
-BMT_FAST_INLINE int apply_block_rows(int64_t n, int64_t ib) {
+// Rows of the register block at row ib: min(max_rows, the rows left rounded up to kApplyRows).
+BMT_FAST_INLINE int block_rows(int64_t n, int64_t ib, int max_rows) {
   const int64_t left = round_up(n - ib, kApplyRows);
-  return static_cast<int>(left < kApplyMaxRows ? left : kApplyMaxRows);
+  return static_cast<int>(left < max_rows ? left : max_rows);
 }
 
 // Loads ahead of the apply pass: each vector of columns touches 2n rows at a stride of d, too many
@@ -1148,7 +1149,7 @@ BMT_FAST_INLINE void apply_columns_vector(const In* x, const In* g, In* phi, int
   }
   const vec_t<T> s = load_part_as<T>(shift + k, count);
   for (int64_t ib = 0; ib < n;) {
-    const int R = apply_block_rows(n, ib);
+    const int R = block_rows(n, ib, kApplyMaxRows);
     const T* kb = kt + ib * n;
     if constexpr (kApplyMaxRows >= 16) {
       if (R == 16) apply_vector<16, Full>(x, g, phi, n, d, ib, k, count, kb, c, va, s, own, bad);
@@ -1179,10 +1180,6 @@ constexpr int kPackedMaxRows = 8;
 #else
 constexpr int kPackedMaxRows = kApplyRows;
 #endif
-BMT_FAST_INLINE int packed_block_rows(int64_t n, int64_t ib) {
-  const int64_t left = round_up(n - ib, kApplyRows);
-  return static_cast<int>(left < kPackedMaxRows ? left : kPackedMaxRows);
-}
 // The AVX-512 build packs too from this many particles: its direct pass reloads x_j and g_j and forms w_j
 // once per block of 16 rows, and the rows' 4 KiB-aliased lines leave L1 between two blocks. 2-core Xeon
 // (Emerald Rapids), fp32, Gram path, H given, 3 alternating rounds against the direct pass (ms): 32 x 76,800
@@ -1259,7 +1256,7 @@ BMT_FAST_INLINE void apply_columns_packed(const In* x, const In* g, In* phi, int
     for (int64_t k = 0; k < len; k += V * L) {
       const int64_t count = min64(V * L, len - k);
       for (int64_t ib = 0; ib < n;) {
-        const int R = packed_block_rows(n, ib);
+        const int R = block_rows(n, ib, kPackedMaxRows);
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
         if (R == 8) apply_packed_line<8, V>(ownb, wb, ld, phi, n, d, ib, k, k0 + k, count, kt + ib * n, bad);
 #endif
@@ -1286,7 +1283,7 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
   const bool packed = true;
 #endif
   for (int64_t ib = 0; ib < rows;) {
-    const int R = packed ? packed_block_rows(n, ib) : apply_block_rows(n, ib);
+    const int R = block_rows(n, ib, packed ? kPackedMaxRows : kApplyMaxRows);
     for (int64_t j = 0; j < n; ++j)
       for (int r = 0; r < R; ++r) kt[ib * n + j * R + r] = kn[(ib + r) * n + j];
     ib += R;

@@ -1252,10 +1252,8 @@ constexpr int64_t kAmxGramMaxParticles = 32;
 int64_t gram_max_particles(const at::Tensor& x) {
   const bool amx = use_amx(x) && use_amx_chunked(kAmxGramMaxParticles + 1, x.size(1));
   if (amx) return kAmxGramMaxParticles;
-  const int64_t eight_d = 8 * x.size(1);
-  int64_t wide = static_cast<int64_t>(std::sqrt(static_cast<double>(eight_d)));
-  while (wide * wide > eight_d) --wide;  // (the square root's rounding)
-  while ((wide + 1) * (wide + 1) <= eight_d) ++wide;
+  // (floor(sqrt(8 d)): exact for the d below 192^2 / 8 that the clamp leaves, as sqrt is correctly rounded)
+  const auto wide = static_cast<int64_t>(std::sqrt(8.0 * static_cast<double>(x.size(1))));
   return std::clamp(wide, kGramMaxParticles, kGramWideMaxParticles);
 }
 
