@@ -3,7 +3,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -246,6 +248,13 @@ void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, in
   BMT_FAST_DISPATCH(bf16_row_pairs, src, ld, pair_begin, pair_end, cols, out, ld_out)
 }
 
+// Scratch the kernels write before they read it (zeroing it cost more than the Gram path's arithmetic for
+// few features: 50 particles x 50 features, ~230 KiB for the Gram pass and ~400 KiB for the apply pass).
+template <typename T>
+std::unique_ptr<T[]> uninitialised(int64_t count) {
+  return std::unique_ptr<T[]>(new T[count]);
+}
+
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):
 // gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums plus one row of column sums (ld);
 // apply needs rows x n (K/n re-laid per register block) plus, packed, 2n rows of apply_pack_chunk(n) + pad.
@@ -253,14 +262,16 @@ void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, in
   void gram_columns(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t col_begin,         \
                     int64_t col_end, int64_t chunk, double* gram, T* shift) {                              \
     const int64_t rows = (n + 3) / 4 * 4;                                                                  \
-    std::vector<T> scratch((rows + 1) * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T)));           \
-    BMT_FAST_DISPATCH(gram_columns, x, y, nx, n, d, col_begin, col_end, chunk, gram, shift, scratch.data()) \
+    /* fewer columns than a chunk: one chunk of them, its buffer no wider (the same sums, in that order) */ \
+    chunk = std::min(chunk, (col_end - col_begin + 63) / 64 * 64);                                         \
+    const auto scratch = uninitialised<T>((rows + 1) * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T))); \
+    BMT_FAST_DISPATCH(gram_columns, x, y, nx, n, d, col_begin, col_end, chunk, gram, shift, scratch.get())  \
   }                                                                                                        \
   bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a) {                      \
     const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;                                   \
-    std::vector<T> scratch(rows * n + 2 * n * (apply_pack_chunk(n) + kScratchPad));                        \
-    BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch.data()) \
+    const auto scratch = uninitialised<T>(rows * n + 2 * n * (apply_pack_chunk(n) + kScratchPad));         \
+    BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch.get())  \
   }                                                                                                        \
   void rbf_grad_columns(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin,       \
                         int64_t col_end, const T* s, In* gx, In* gy) {                                     \

@@ -962,7 +962,8 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, const In* y, int64_t nx, int
   T* buf = scratch;                   // rows x ld, shifted columns
   T* partial = buf + rows * ld;       // blocks^2 x B x B vectors (unaligned: accessed by load/store)
   T* colsum = partial + blocks * blocks * B * B * L;  // chunk: sum_i (x_i - x_0) of the chunk's columns
-  fill(partial, blocks * blocks * B * B * L, T(0));
+  for (int64_t ib = 0; ib < blocks; ++ib)  // the blocks jb >= ib that the passes below use
+    fill(partial + (ib * blocks + ib) * B * B * L, (blocks - ib) * B * B * L, T(0));
   fill(buf, rows * ld, T(0));
   auto flush = [&] {
     for (int64_t ib = 0; ib < blocks; ++ib)

@@ -1402,13 +1402,15 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
   // c = a (rowsum(K) - 1) / n, rows padded to the apply kernel's register block with zeros.
   const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;
   std::vector<T> kn(rows * n, T(0)), c(rows, T(0));
+  std::vector<double> k(n * n);  // one exp per pair (dist is symmetric)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) k[i * n + j] = k[j * n + i] = std::exp(dist[i * n + j] / -h);
   for (int64_t i = 0; i < n; ++i) {
     double rowsum = 0.0;
     for (int64_t j = 0; j < n; ++j) {
       if (j == i) continue;
-      const double k = std::exp(dist[i * n + j] / -h);
-      kn[i * n + j] = static_cast<T>(k / static_cast<double>(n));
-      rowsum += k;
+      kn[i * n + j] = static_cast<T>(k[i * n + j] / static_cast<double>(n));
+      rowsum += k[i * n + j];
     }
     c[i] = static_cast<T>(rowsum * (a / static_cast<double>(n)));
   }
