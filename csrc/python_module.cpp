@@ -29,6 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["chunked_wide_features_per_particle"] = bmt_fast::cpu::kChunkedWideFeaturesPerParticle;
     info["tile_size"] = bmt_fast::cpu::kTileSize;
     info["huge_page_min_bytes"] = bmt_fast::cpu::kHugePageMinBytes;
+    info["serial_max_work"] = bmt_fast::cpu::serial_max_work();  // (pairs x (features + 32), on one thread)
     return info;
   });
   // Whether fp32 particles take the AMX path now (torch's fp32 matmul precision for oneDNN is bf16; read at

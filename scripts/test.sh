@@ -25,3 +25,9 @@ ctest --test-dir "$BUILD_DIR" --output-on-failure
 echo "== Python tests"
 cd "$ROOT"
 "$VENV/bin/python" -m pytest tests "$@"
+
+# Calls with little work run on one thread (csrc/cpu/svgd_cpu.cpp, SerialIfSmall), which most of the tests'
+# small shapes are: the kernel tests again with every call threaded, so the threads' shares stay covered.
+echo "== CPU kernel tests with every call threaded (BMT_FAST_CPU_SERIAL_MAX_WORK=0)"
+BMT_FAST_CPU_SERIAL_MAX_WORK=0 "$VENV/bin/python" -m pytest tests/test_svgd_step.py tests/test_rbf_kernel.py \
+  tests/test_median_bandwidth.py "$@"

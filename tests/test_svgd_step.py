@@ -760,3 +760,73 @@ def test_torch_compile_fullgraph_with_out():
     out = torch.empty_like(x)
     compiled(x, score, out)
     torch.testing.assert_close(out, step(x, score, torch.empty_like(x)))
+
+
+SERIAL_SCRIPT = """
+import sys, torch, bmt_fast
+from bmt_fast import _extension
+torch.manual_seed(0)
+out = {"serial_max_work": _extension.CPU.module.build_info()["serial_max_work"]}
+# (n, d, dtype): the Gram path with two column chunks, the tiled path, fp32 feature chunks, AMX chunks
+for n, d, dtype in [(20, 300, torch.float32), (100, 50, torch.float32), (100, 128, torch.float32),
+                    (150, 150, torch.float64), (64, 512, torch.bfloat16)]:
+    x = (torch.randn(n, d, dtype=torch.float64) * 1.5).to(dtype)
+    s = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    h = torch.ops.bmt_fast.median_bandwidth(x, "auto")
+    xg = x.detach().clone().requires_grad_()
+    k = bmt_fast.rbf_kernel(xg, bandwidth=h.double())
+    (k * torch.linspace(-1, 1, n * n, dtype=torch.float64).to(dtype).view(n, n)).sum().backward()
+    out[(n, d, str(dtype))] = {
+        "x": x, "score": s, "h": h,
+        "phi": torch.ops.bmt_fast.svgd_step(x, s, None, "auto"),
+        "kernel": k.detach(), "grad": xg.grad,
+        "threads": torch.get_num_threads(),
+    }
+torch.save(out, sys.argv[1])
+"""
+
+
+@requires_cpu_extension
+def test_small_calls_run_on_one_thread_with_the_threaded_results(tmp_path):
+    """Ops whose work (pairs x (features + 32)) is at most build_info()["serial_max_work"] run on the calling
+    thread alone (their parallel regions each woke the other threads for more than the work took); the thread
+    count is restored after the call, also when the op raises. Their results on every path (Gram, tiled,
+    fp32 feature chunks, AMX chunks; the step with the median rule, rbf_kernel and its gradient) agree with
+    those of a process where every call is threaded (BMT_FAST_CPU_SERIAL_MAX_WORK=0) and with float64."""
+    import subprocess
+    import sys
+
+    x, score = particles(100, 50, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    phi = torch.ops.bmt_fast.svgd_step(x, score, None, "auto")
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError, match="bandwidth"):
+        torch.ops.bmt_fast.svgd_step(x, score, torch.tensor(math.nan, dtype=torch.float64), "tiled")
+    assert torch.get_num_threads() == threads
+    assert relative_error(phi, reference_phi(x.double(), score.double())) < 1e-5
+
+    script = tmp_path / "serial.py"
+    script.write_text(SERIAL_SCRIPT)
+    results = {}
+    for name, bound in (("default", None), ("threaded", "0")):
+        path = tmp_path / f"{name}.pt"
+        env = subprocess_env()
+        env.pop("BMT_FAST_CPU_SERIAL_MAX_WORK", None)  # (CI also runs these tests with it set to 0)
+        if bound is not None:
+            env["BMT_FAST_CPU_SERIAL_MAX_WORK"] = bound
+        run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[name] = torch.load(path)
+    assert results["default"].pop("serial_max_work") > 0 and results["threaded"].pop("serial_max_work") == 0
+    assert results["default"].keys() == results["threaded"].keys() and len(results["default"]) == 5
+    for key, alone in results["default"].items():
+        threaded = results["threaded"][key]
+        tol = {"torch.float32": 1e-5, "torch.float64": 1e-12, "torch.bfloat16": 2e-2}[key[2]]
+        assert torch.equal(alone["x"], threaded["x"]) and alone["threads"] == threaded["threads"] == threads
+        x64, s64 = alone["x"].double(), alone["score"].double()
+        for result in (alone, threaded):
+            assert abs(float(result["h"]) / float(reference.median_bandwidth(x64)) - 1) <= tol
+            assert relative_error(result["phi"], reference_phi(x64, s64)) <= tol
+            assert relative_error(result["kernel"], reference.rbf_kernel(x64, x64, result["h"].double())) <= tol
+        for name in ("h", "phi", "kernel", "grad"):
+            assert relative_error(alone[name], threaded[name]) <= tol, (key, name)

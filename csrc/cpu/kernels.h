@@ -196,6 +196,10 @@ bool bf16_amx_enabled();
 // at the precision ATen's own fp32 GEMMs take on such a CPU (read at every call, as ATen reads it).
 bool float32_matmul_in_bf16();
 
+// Up to how much work (pairs x (features + 32)) an op runs on the calling thread alone (svgd_cpu.cpp:
+// kSerialMaxWork, or BMT_FAST_CPU_SERIAL_MAX_WORK, read once).
+int64_t serial_max_work();
+
 // The ISA build in use ("base", "v3" or "v4") and the ones this library contains.
 const char* active_isa();
 const char* compiled_isas();

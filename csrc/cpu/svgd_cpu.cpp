@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -40,6 +41,39 @@ namespace bmt_fast::cpu {
 namespace {
 
 // ---- shared helpers ----------------------------------------------------------------------------
+
+// Calls with little work run on the calling thread alone: their ATen ops, BLAS calls and parallel loops
+// each woke the other threads. Where those sleep between regions (OMP_WAIT_POLICY=PASSIVE, as the
+// benchmarks run, or after a pause longer than libgomp's spin) a region cost ~75 us on a 2-core Xeon VM.
+// Work ~ pairs x (features + 32): a thread's time, ~0.03 ns per product and ~1 ns per pair (its exp). Up
+// to kSerialMaxWork, fp32 step, H given, 2-core Xeon, two threads -> one (us), with libgomp's default
+// (spinning threads, back-to-back calls): 100 x 50 68-74 -> 60, 128 x 128 123-132 -> 115-141, 150 x 150
+// 216-220 -> 208-212; with PASSIVE: 100 x 50 320-359 -> 68-82, 128 x 128 400-504 -> 106-134, 150 x 150
+// 565-654 -> 199-207. Beyond it two spinning threads won: 256 x 48 125-151 against 202-213 us on one,
+// 100 x 1000 321-384 against 610-645. BMT_FAST_CPU_SERIAL_MAX_WORK sets the bound (0: never), read once.
+constexpr int64_t kSerialMaxWork = int64_t{1} << 22;
+
+// For its lifetime, the calling thread's OpenMP regions (ATen's parallel loops with the OpenMP backend, and
+// MKL's) take one thread where the work is at most serial_max_work(); the thread count is restored after,
+// also when the op throws. (The count is the calling thread's own OpenMP setting: other threads keep theirs.)
+class SerialIfSmall {
+ public:
+  explicit SerialIfSmall(int64_t work) : previous_(work <= serial_max_work() ? omp_get_max_threads() : 1) {
+    if (previous_ > 1) omp_set_num_threads(1);
+  }
+  ~SerialIfSmall() {
+    if (previous_ > 1) omp_set_num_threads(previous_);
+  }
+  SerialIfSmall(const SerialIfSmall&) = delete;
+  SerialIfSmall& operator=(const SerialIfSmall&) = delete;
+
+ private:
+  int previous_;
+};
+
+int64_t pair_work(int64_t rows, int64_t cols, int64_t features) {
+  return rows * cols * (features + 32);
+}
 
 // x in the compute type, shifted by row 0 plus the mean of the differences (see reference.centre).
 at::Tensor centring_shift(const at::Tensor& x_acc) {
@@ -1428,6 +1462,14 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
 
 }  // namespace
 
+int64_t serial_max_work() {
+  static const int64_t bound = [] {
+    const char* env = std::getenv("BMT_FAST_CPU_SERIAL_MAX_WORK");
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : kSerialMaxWork;
+  }();
+  return bound;
+}
+
 bool float32_matmul_in_bf16() {
   return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
          at::Float32Precision::BF16;
@@ -1452,6 +1494,7 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
                                  const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                  at::Tensor& out) {
   const Algorithm algo = parse_algorithm(algorithm);
+  const SerialIfSmall serial(pair_work(x_in.size(0), x_in.size(0), x_in.size(1)));
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
   if (use_gram(x, algo)) {
@@ -1481,6 +1524,7 @@ at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const st
                           std::string_view algorithm, at::Tensor& out) {
   check_svgd_step_args(x, score, bandwidth);
   check_svgd_step_out(x, score, out);
+  const SerialIfSmall serial(pair_work(x.size(0), x.size(0), x.size(1)));  // (the scan of phi too)
   const std::optional<bool> tracked = svgd_step_to(x, score, bandwidth, algorithm, out);
   const bool finite = tracked ? *tracked : at::isfinite(out).all().item<bool>();
   return at::scalar_tensor(finite, x.options().dtype(at::kBool));
@@ -1508,6 +1552,7 @@ at::Tensor bandwidth_result(double median, const at::Tensor& x) {
 at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) {
   check_particles(x_in, "x");
   const Algorithm algo = parse_algorithm(algorithm);
+  const SerialIfSmall serial(pair_work(x_in.size(0), x_in.size(0), x_in.size(1)));
   const at::Tensor x = x_in.contiguous();
   const auto acc = accumulation_type(x.scalar_type());
   double median;
@@ -1545,6 +1590,7 @@ at::Tensor kernel_from_gram_dists(const std::vector<double>& dist, int64_t n, in
 
 at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
   check_rbf_kernel_args(x, y, bandwidth);
+  const SerialIfSmall serial(pair_work(x.size(0), y.size(0), x.size(1)));
   const double h = read_bandwidth(bandwidth);
   const auto acc = accumulation_type(x.scalar_type());
   const bool self = x.is_same(y);
@@ -1614,6 +1660,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   check_particles(x_in, "x");
   const int64_t n = x_in.size(0);
+  const SerialIfSmall serial(pair_work(n, n, x_in.size(1)));
   if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
     if (use_amx(x_in) && use_amx_chunked(n, x_in.size(1))) {  // the chunked Gram pass's dot products
       const ChunkedGram gram = amx_gram_chunked(x_in.contiguous());
@@ -2003,6 +2050,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
                                                                    const at::Tensor& bandwidth,
                                                                    std::array<bool, 3> output_mask) {
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
+  const SerialIfSmall serial(pair_work(kernel.size(0), kernel.size(1), x.size(1)));
   const auto [want_x, want_y, want_h] = output_mask;
   const double h = read_bandwidth(bandwidth);
   const auto acc = accumulation_type(x.scalar_type());
