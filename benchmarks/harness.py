@@ -214,6 +214,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """'family 6 model 167' from /proc/cpuinfo ('' elsewhere): VMs that name their CPU only 'Intel(R) Xeon(R)
+    Processor' run on different hosts under that one name (a 2-core VM reported model 207, Emerald Rapids,
+    and later model 167 with other caches and speeds), whose timings must not share a table."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break
+    except OSError:
+        pass
+    if "cpu family" in fields and "model" in fields:
+        return f"family {fields['cpu family']} model {fields['model']}"
+    return ""
+
+
 def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -237,11 +257,12 @@ def cpu_isa() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """'NVIDIA H200'; 'AMD EPYC (2 cores, AVX2)' (rows measured before the ISA was named lack it)."""
+    """'NVIDIA H200'; 'Intel(R) Xeon(R) Processor (2 cores, AVX-512, family 6 model 167)' (rows measured before the ISA was named
+    lack it, and those before 2026-12-03's fourth session the CPUID family and model)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    isa = cpu_isa()
-    return f"{cpu_model()} ({cpu_count()} cores{', ' + isa if isa else ''})"
+    details = [f"{cpu_count()} cores"] + [part for part in (cpu_isa(), cpu_id()) if part]
+    return f"{cpu_model()} ({', '.join(details)})"
 
 
 def device_slug(name: str) -> str:

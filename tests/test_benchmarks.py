@@ -58,8 +58,9 @@ def test_cpu_device_name_names_the_kernels_instruction_set(isa, label):
 
         label = harness.CPU_ISA_NAMES[_extension.CPU.module.build_info()["cpu_isa"]]
         assert name == harness.device_name(CPU)
-    assert name == f"{harness.cpu_model()} ({harness.cpu_count()} cores, {label})"
-    assert harness.device_slug(name).endswith("-cores-" + label.lower())
+    cpu_id = harness.cpu_id()  # (the CPUID family and model, where /proc/cpuinfo has them)
+    assert name == f"{harness.cpu_model()} ({harness.cpu_count()} cores, {label}{', ' + cpu_id if cpu_id else ''})"
+    assert f"-cores-{label.lower()}" in harness.device_slug(name)
     assert plot.device_type(name) == "cpu"  # its README section gets the CPU targets
 
 
