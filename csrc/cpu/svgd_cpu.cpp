@@ -44,7 +44,8 @@ namespace {
 
 // Calls with little work run on the calling thread alone: their ATen ops, BLAS calls and parallel loops
 // each woke the other threads. Where those sleep between regions (OMP_WAIT_POLICY=PASSIVE, as the
-// benchmarks run, or after a pause longer than libgomp's spin) a region cost ~75 us on a 2-core Xeon VM.
+// benchmarks run, or after a pause longer than libgomp's spin) a region cost ~75 us on a 2-core Xeon VM
+// (CPUID model 167).
 // Work ~ pairs x (features + 32): a thread's time, ~0.03 ns per product and ~1 ns per pair (its exp). Up
 // to kSerialMaxWork, fp32 step, H given, 2-core Xeon, two threads -> one (us), with libgomp's default
 // (spinning threads, back-to-back calls): 100 x 50 68-74 -> 60, 128 x 128 123-132 -> 115-141, 150 x 150
