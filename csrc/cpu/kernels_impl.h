@@ -319,12 +319,11 @@ BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
 BMT_FAST_INLINE void add_as_doubles(vec_t<double>* acc, const vec_t<float>& v) {
 #if BMT_FAST_VECTOR_BYTES == 64  // two whole-register conversions (GCC compiled the generic form below to
                                  // four half-width ones and the shuffles to join them)
-  const __m512d wide = reinterpret_cast<__m512d>(v);
-  for (int half = 0; half < 2; ++half) {  // (the halves by zero-masking extracts: kAllLanes' comment)
-    const __m256 part = _mm256_castpd_ps(half == 0 ? _mm512_maskz_extractf64x4_pd(0xF, wide, 0)
-                                                   : _mm512_maskz_extractf64x4_pd(0xF, wide, 1));
-    acc[half] += reinterpret_cast<vec_t<double>>(_mm512_maskz_cvtps_pd(kAllPairs, part));
-  }
+  const __m512d wide = reinterpret_cast<__m512d>(v);  // (halves by zero-masking extracts: kAllLanes' comment)
+  const __m256 low = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, wide, 0));
+  const __m256 high = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, wide, 1));
+  acc[0] += reinterpret_cast<vec_t<double>>(_mm512_maskz_cvtps_pd(kAllPairs, low));
+  acc[1] += reinterpret_cast<vec_t<double>>(_mm512_maskz_cvtps_pd(kAllPairs, high));
 #else
   typedef float half_vec __attribute__((vector_size(kVectorBytes / 2)));
   half_vec h[2];

@@ -14,7 +14,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
-#include <omp.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -26,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <omp.h>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -55,11 +55,13 @@ namespace {
 constexpr int64_t kSerialMaxWork = int64_t{1} << 22;
 
 // For its lifetime, the calling thread's OpenMP regions (ATen's parallel loops with the OpenMP backend, and
-// MKL's) take one thread where the work is at most serial_max_work(); the thread count is restored after,
-// also when the op throws. (The count is the calling thread's own OpenMP setting: other threads keep theirs.)
+// MKL's) take one thread where the work, rows x cols pairs x (features + 32), is at most serial_max_work();
+// the thread count is restored after, also when the op throws. (The count is the calling thread's own
+// OpenMP setting: other threads keep theirs.)
 class SerialIfSmall {
  public:
-  explicit SerialIfSmall(int64_t work) : previous_(work <= serial_max_work() ? omp_get_max_threads() : 1) {
+  SerialIfSmall(int64_t rows, int64_t cols, int64_t features)
+      : previous_(rows * cols * (features + 32) <= serial_max_work() ? omp_get_max_threads() : 1) {
     if (previous_ > 1) omp_set_num_threads(1);
   }
   ~SerialIfSmall() {
@@ -71,10 +73,6 @@ class SerialIfSmall {
  private:
   int previous_;
 };
-
-int64_t pair_work(int64_t rows, int64_t cols, int64_t features) {
-  return rows * cols * (features + 32);
-}
 
 // x in the compute type, shifted by row 0 plus the mean of the differences (see reference.centre).
 at::Tensor centring_shift(const at::Tensor& x_acc) {
@@ -1430,16 +1428,15 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
   using T = gram_compute_t<In>;
   const int64_t n = x.size(0), d = x.size(1);
   const std::unique_ptr<T[]> shift(new T[d]);  // every entry written by the Gram pass: not zeroed first
-  const std::vector<double> dist = sq_dists_gram<In>(x, shift.get());
-  const double h = bandwidth ? *bandwidth : bandwidth_from_median(numpy_median(dist), n);
+  std::vector<double> k = sq_dists_gram<In>(x, shift.get());  // the distances, then (below) K in place
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(numpy_median(k), n);
   const double a = 2.0 / h;
   // kn = K / n off the diagonal (0 on it: the apply pass adds a row's own term g_i / n itself) and
   // c = a (rowsum(K) - 1) / n, rows padded to the apply kernel's register block with zeros.
   const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;
   std::vector<T> kn(rows * n, T(0)), c(rows, T(0));
-  std::vector<double> k(n * n);  // one exp per pair (dist is symmetric)
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = i + 1; j < n; ++j) k[i * n + j] = k[j * n + i] = std::exp(dist[i * n + j] / -h);
+  for (int64_t i = 0; i < n; ++i)  // one exp per pair (the distances are symmetric)
+    for (int64_t j = i + 1; j < n; ++j) k[i * n + j] = k[j * n + i] = std::exp(k[i * n + j] / -h);
   for (int64_t i = 0; i < n; ++i) {
     double rowsum = 0.0;
     for (int64_t j = 0; j < n; ++j) {
@@ -1495,7 +1492,6 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
                                  const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                  at::Tensor& out) {
   const Algorithm algo = parse_algorithm(algorithm);
-  const SerialIfSmall serial(pair_work(x_in.size(0), x_in.size(0), x_in.size(1)));
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
   if (use_gram(x, algo)) {
@@ -1525,7 +1521,7 @@ at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const st
                           std::string_view algorithm, at::Tensor& out) {
   check_svgd_step_args(x, score, bandwidth);
   check_svgd_step_out(x, score, out);
-  const SerialIfSmall serial(pair_work(x.size(0), x.size(0), x.size(1)));  // (the scan of phi too)
+  const SerialIfSmall serial(x.size(0), x.size(0), x.size(1));  // (the scan of phi too)
   const std::optional<bool> tracked = svgd_step_to(x, score, bandwidth, algorithm, out);
   const bool finite = tracked ? *tracked : at::isfinite(out).all().item<bool>();
   return at::scalar_tensor(finite, x.options().dtype(at::kBool));
@@ -1534,6 +1530,7 @@ at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const st
 at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                      std::string_view algorithm) {
   check_svgd_step_args(x, score, bandwidth);
+  const SerialIfSmall serial(x.size(0), x.size(0), x.size(1));
   at::Tensor phi = empty_large(x.sizes(), x.options());
   svgd_step_to(x, score, bandwidth, algorithm, phi);
   return phi;
@@ -1553,7 +1550,7 @@ at::Tensor bandwidth_result(double median, const at::Tensor& x) {
 at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) {
   check_particles(x_in, "x");
   const Algorithm algo = parse_algorithm(algorithm);
-  const SerialIfSmall serial(pair_work(x_in.size(0), x_in.size(0), x_in.size(1)));
+  const SerialIfSmall serial(x_in.size(0), x_in.size(0), x_in.size(1));
   const at::Tensor x = x_in.contiguous();
   const auto acc = accumulation_type(x.scalar_type());
   double median;
@@ -1591,7 +1588,7 @@ at::Tensor kernel_from_gram_dists(const std::vector<double>& dist, int64_t n, in
 
 at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
   check_rbf_kernel_args(x, y, bandwidth);
-  const SerialIfSmall serial(pair_work(x.size(0), y.size(0), x.size(1)));
+  const SerialIfSmall serial(x.size(0), y.size(0), x.size(1));
   const double h = read_bandwidth(bandwidth);
   const auto acc = accumulation_type(x.scalar_type());
   const bool self = x.is_same(y);
@@ -1661,7 +1658,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   check_particles(x_in, "x");
   const int64_t n = x_in.size(0);
-  const SerialIfSmall serial(pair_work(n, n, x_in.size(1)));
+  const SerialIfSmall serial(n, n, x_in.size(1));
   if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
     if (use_amx(x_in) && use_amx_chunked(n, x_in.size(1))) {  // the chunked Gram pass's dot products
       const ChunkedGram gram = amx_gram_chunked(x_in.contiguous());
@@ -2051,7 +2048,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
                                                                    const at::Tensor& bandwidth,
                                                                    std::array<bool, 3> output_mask) {
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
-  const SerialIfSmall serial(pair_work(kernel.size(0), kernel.size(1), x.size(1)));
+  const SerialIfSmall serial(kernel.size(0), kernel.size(1), x.size(1));
   const auto [want_x, want_y, want_h] = output_mask;
   const double h = read_bandwidth(bandwidth);
   const auto acc = accumulation_type(x.scalar_type());
