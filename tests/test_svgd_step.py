@@ -499,10 +499,10 @@ def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n,d,dtype", [(600, 200, torch.float64), (300, 130, torch.float64), (700, 129, torch.float32)])
+@pytest.mark.parametrize("n,d,dtype", [(600, 300, torch.float64), (300, 260, torch.float64), (700, 257, torch.float32)])
 def test_tiled_step_takes_k_from_the_median_pass_tiles(n, d, dtype):
-    """The GEMM tiles of the median's pass are kept (d >= 128, n^2 within 64 MiB) and the step's K comes from
-    them: phi by the median rule is phi with the same H given, where the step computes its own tiles (bit for
+    """The GEMM tiles of the median's pass are kept (d >= 128, n^2 within 64 MiB; beyond the fused kernel's
+    256 features, or with BMT_FAST_CPU_FUSED=0 from 128) and the step's K comes from them: phi by the median rule is phi with the same H given, where the step computes its own tiles (bit for
     bit in float64, whose H median_bandwidth returns unrounded; fp32 to H's rounding). Ragged tiles of 512
     (600, 700), the window's median and the selection (300)."""
     torch.manual_seed(n)
@@ -622,7 +622,7 @@ def test_bf16_amx_epilogue_roundings_agree(tmp_path):
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
     """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result (the tiled path
-    by one GEMM and by feature chunks too; the Gram path's apply pass direct and packed, whose last row
+    by the fused kernel in both its forms, by one GEMM and by feature chunks too; the Gram path's apply pass direct and packed, whose last row
     block of 36 or 37 particles is 4 rows, or 8 with padding, in the AVX-512 build), and each reports a NaN
     in phi (svgd_step_into's flag, tracked in their own apply passes); their vectorised
     median window gives the radix passes' median bit for bit."""
@@ -634,7 +634,7 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "import torch, bmt_fast\n"
         "from bmt_fast import reference\n"
         "torch.manual_seed(0)\n"
-        "for n, d, algo in [(70, 37, 'tiled'), (70, 100, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'),\n"
+        "for n, d, algo in [(70, 37, 'tiled'), (70, 5, 'tiled'), (70, 100, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'),\n"
         "                   (40, 515, 'gram'), (37, 300, 'gram'), (36, 130, 'gram'), (9, 2048, 'gram')]:\n"
         "    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
         "        x = torch.randn(n, d, dtype=torch.float64); s = torch.randn(n, d, dtype=torch.float64)\n"
@@ -830,3 +830,73 @@ def test_small_calls_run_on_one_thread_with_the_threaded_results(tmp_path):
             assert relative_error(result["kernel"], reference.rbf_kernel(x64, x64, result["h"].double())) <= tol
         for name in ("h", "phi", "kernel", "grad"):
             assert relative_error(alone[name], threaded[name]) <= tol, (key, name)
+
+
+FUSED_SCRIPT = """
+import sys, torch, bmt_fast
+torch.manual_seed(0)
+out = {}
+# (n, d, dtype, H): the fused step's two forms (per-lane sums up to 16 features, W's rows beyond), ragged
+# row blocks and packed column blocks, its widest (256) and the median pass's kept dot products (160); bf16
+# and fp16 through the fp32 path (d < 32); several row blocks per thread (3000 x 40, 2000 x 5).
+for n, d, dtype, h in [(70, 1, torch.float32, None), (130, 5, torch.float64, None), (257, 16, torch.float32, 2.0),
+                       (70, 17, torch.float64, 3.0), (200, 77, torch.float32, None), (1030, 160, torch.float32, None),
+                       (600, 256, torch.float64, 50.0), (300, 9, torch.bfloat16, None), (90, 20, torch.float16, None),
+                       (3000, 40, torch.float32, None), (2000, 5, torch.float64, 0.7), (200, 7, torch.float32, 1e-6)]:
+    x = (torch.randn(n, d, dtype=torch.float64) * 1.5).to(dtype)
+    s = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    bandwidth = None if h is None else torch.tensor(h, dtype=torch.float64)
+    out[(n, d, str(dtype), h)] = {"x": x, "score": s, "phi": torch.ops.bmt_fast.svgd_step(x, s, bandwidth, "tiled")}
+torch.save(out, sys.argv[1])
+"""
+
+
+@requires_cpu_extension
+def test_fused_step_matches_the_gemm_tiles_and_float64(tmp_path):
+    """The many-particle step with up to 256 features takes the fused kernel (no tile of dot products in
+    memory); BMT_FAST_CPU_FUSED=0 keeps the GEMM tiles. Both give the float64 reference's phi (fp32: 1e-5,
+    fp64: 1e-12, also with every call threaded), and each other's, including a tiny H where only the own
+    term k_ii = 1 is left."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fused.py"
+    script.write_text(FUSED_SCRIPT)
+    results = {}
+    for name, extra in (("fused", {}), ("threaded", {"BMT_FAST_CPU_SERIAL_MAX_WORK": "0"}),
+                        ("tiles", {"BMT_FAST_CPU_FUSED": "0"})):
+        path = tmp_path / f"{name}.pt"
+        env = subprocess_env(**extra)
+        for key in ("BMT_FAST_CPU_FUSED", "BMT_FAST_CPU_SERIAL_MAX_WORK"):
+            if key not in extra:
+                env.pop(key, None)
+        run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[name] = torch.load(path)
+    assert len(results["fused"]) == 12
+    for key, fused in results["fused"].items():
+        n, d, dtype, h = key
+        tol = {"torch.float32": 1e-5, "torch.float64": 1e-12, "torch.bfloat16": 2e-2, "torch.float16": 2e-3}[dtype]
+        x64, s64 = fused["x"].double(), fused["score"].double()
+        expected = reference_phi(x64, s64, h)
+        for name in results:
+            phi = results[name][key]["phi"]
+            assert phi.dtype == fused["x"].dtype and phi.shape == (n, d)
+            assert relative_error(phi, expected) <= tol, (key, name)
+        assert relative_error(fused["phi"], results["tiles"][key]["phi"]) <= tol, key
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n,d,dtype", [(300, 3, torch.float32), (200, 40, torch.float64), (150, 9, torch.bfloat16)])
+def test_fused_step_reports_a_nan_in_phi(n, d, dtype):
+    """svgd_step_into's flag on the fused path: tracked in the kernel's last pass where phi has the compute
+    type (fp32, fp64), by a scan of out after the copy otherwise; out receives svgd_step's phi."""
+    x, score = particles(n, d, dtype=dtype)
+    out = torch.empty_like(x)
+    assert bool(torch.ops.bmt_fast.svgd_step_into(x, score, None, "tiled", out=out))
+    assert torch.equal(out, torch.ops.bmt_fast.svgd_step(x, score, None, "tiled"))
+    for i, k in ((0, 0), (n - 1, d - 1), (n // 2, d // 3)):
+        bad = score.clone()
+        bad[i, k] = math.nan
+        assert not bool(torch.ops.bmt_fast.svgd_step_into(x, bad, None, "tiled", out=out)), (i, k)
+        assert torch.isnan(out[i, k])

@@ -31,6 +31,10 @@
   namespace bmt_fast::cpu::NS {                                                                                                                 \
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
+  bool fused_step_rows(const float*, const float*, const float*, const float*, const float*, int64_t, int64_t, float, float, int64_t,        \
+                       int64_t, float*, float*);                                                                                                \
+  bool fused_step_rows(const double*, const double*, const double*, const double*, const double*, int64_t, int64_t, double, double,         \
+                       int64_t, int64_t, double*, double*);                                                                                     \
   BMT_FAST_DECLARE_AMX_ISA(c10::BFloat16)                                                                                                       \
   BMT_FAST_DECLARE_AMX_ISA(float)                                                                                                               \
   void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
@@ -165,6 +169,14 @@ const char* compiled_isas() {
   return "base";
 #endif
 }
+
+#define BMT_FAST_DEFINE_FUSED_ENTRY(T)                                                                              \
+  bool fused_step_rows(const T* xc, const T* xt, const T* w, const T* norms, const T* score, int64_t n, int64_t d,    \
+                       T inv_h, T a, int64_t row_begin, int64_t row_end, T* scratch, T* phi) {                       \
+    BMT_FAST_DISPATCH(fused_step_rows, xc, xt, w, norms, score, n, d, inv_h, a, row_begin, row_end, scratch, phi)   \
+  }
+BMT_FAST_DEFINE_FUSED_ENTRY(float)
+BMT_FAST_DEFINE_FUSED_ENTRY(double)
 
 #define BMT_FAST_DEFINE_TILE_ENTRY(T)                                                                        \
   void rbf_from_dots(T* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols, const T* nr,     \

@@ -20,6 +20,32 @@ void rbf_from_dots(float* tile, int64_t ld, int64_t row_begin, int64_t row_end, 
 void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
                    const double* nr, const double* nc, double inv_h);
 
+// The many-particle step with few features, fused (no tile of dot products in memory): for rows [row_begin,
+// row_end) of the n centred particles xc (row-major, n x d), phi_i = (sum_{j != i} k_ij W_j + a rowsum_i xc_i +
+// score_i) / n with k_ij = exp(-max(norms_i + norms_j - 2 xc_i . xc_j, 0) inv_h) and rowsum_i = sum_{j != i}
+// k_ij, written to phi's rows (row stride d); returns whether all of them are finite. The column operands are
+// packed over n_pad = n rounded up to kFusedPack columns: xt holds xc's columns in blocks of kFusedPack (block
+// b, feature k, column c at (b d + k) kFusedPack + c; padded columns 0), norms has n_pad entries (+inf
+// past n), and W = score - a xc (0 past n) is packed as xt up to kFusedLaneMaxFeatures features, else
+// row-major with kFusedWidth-rounded rows (n_pad x round_up(d, kFusedWidth), zero-padded). scratch: at least
+// fused_step_scratch(row_end - row_begin, d) elements, 64-byte aligned.
+constexpr int kFusedRows = 4;          // rows per register block
+constexpr int64_t kFusedPack = 64;     // columns per packed block
+constexpr int64_t kFusedWidth = 16;    // W's row-major rows padded to a multiple of this (any ISA's fp32 lanes)
+constexpr int64_t kFusedLaneMaxFeatures = 16;
+constexpr int64_t kFusedChunkBytes = 256 * 1024;  // columns of packed xt and W per pass over the rows
+inline int64_t fused_step_scratch(int64_t rows, int64_t d) {
+  const int64_t per_row = d <= kFusedLaneMaxFeatures ? (d + 1) * kFusedWidth
+                                                     : (d + kFusedWidth - 1) / kFusedWidth * kFusedWidth + kFusedWidth;
+  return (rows + kFusedRows - 1) / kFusedRows * kFusedRows * per_row;
+}
+bool fused_step_rows(const float* xc, const float* xt, const float* w, const float* norms, const float* score,
+                     int64_t n, int64_t d, float inv_h, float a, int64_t row_begin, int64_t row_end, float* scratch,
+                     float* phi);
+bool fused_step_rows(const double* xc, const double* xt, const double* w, const double* norms, const double* score,
+                     int64_t n, int64_t d, double inv_h, double a, int64_t row_begin, int64_t row_end,
+                     double* scratch, double* phi);
+
 // The tensor-core path (svgd_step, rbf_kernel and its gradient on AMX) for bf16 particles, and for fp32 ones
 // where torch's fp32 matmul precision allows bf16 (In: the particles' type; the operands are bf16 either way).
 //

@@ -1320,6 +1320,177 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
   return horizontal_sum<T>(bad) == T(0);
 }
 
+// ---- many-particle regime with few features: the fused step --------------------------------------
+//
+// For a block of kFusedRows rows and kFusedVectors vectors of columns at a time: the dot products by FMAs
+// in registers (xc's rows broadcast, the packed transposed columns loaded), K's entries from them in the
+// same registers, and K times W added into the rows' sums, without a tile of dot products in memory. Up to
+// kFusedLaneMaxFeatures features W is packed as xc's columns are (transposed) and each row keeps one sum
+// vector per feature, whose lanes are added at the end (K never leaves the registers); with more, K's block
+// goes through L1 and W's rows (row-major, dw columns) are added into the rows' sums a vector of features
+// at a time.
+constexpr int kFusedVectors = kVectorBytes == 64 ? 4 : 2;  // 16 of the 32 zmm; 8 of the 16 ymm / xmm
+constexpr int64_t kFusedGroupRows = 16;  // rows that take each block of columns in turn (from L1)
+
+// v, held in a register from here on: GCC otherwise folds the load of a value that several FMAs use into
+// each of them (a load per FMA, where the loads then bound the loop).
+template <typename V>
+BMT_FAST_INLINE V in_register(V v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __asm__("" : "+v"(v));
+#endif
+  return v;
+}
+
+// s[r][v] = xc_{r0 + r} . xc_{j} for the kFusedVectors vectors of columns j from j0 (xt: packed blocks).
+template <typename T>
+BMT_FAST_INLINE void fused_dots(const T* const* rows, const T* xt_block, int64_t d,
+                                vec_t<T> (&s)[kFusedRows][kFusedVectors]) {
+  constexpr int L = kLanes<T>;
+  for (int r = 0; r < kFusedRows; ++r)
+    for (int v = 0; v < kFusedVectors; ++v) s[r][v] = vec_t<T>{};
+  for (int64_t k = 0; k < d; ++k) {
+    const T* col = xt_block + k * kFusedPack;
+    vec_t<T> b[kFusedVectors];
+    for (int v = 0; v < kFusedVectors; ++v) b[v] = in_register(load(col + v * L));
+    for (int r = 0; r < kFusedRows; ++r) {
+      const vec_t<T> a = broadcast(rows[r][k]);
+      for (int v = 0; v < kFusedVectors; ++v) s[r][v] += a * b[v];
+    }
+  }
+}
+
+// In place: s[r][v] -> K's entry (0 for a row's own column, and for padded rows and columns, whose norms
+// are +inf); each row's entries added into its row-sum vector rs[r].
+template <typename T>
+BMT_FAST_INLINE void fused_kernel_entries(vec_t<T> (&s)[kFusedRows][kFusedVectors], const T* nr, const T* nc,
+                                          T neg_inv_h, int64_t own_begin, T* const* rs) {
+  constexpr int L = kLanes<T>;
+  for (int r = 0; r < kFusedRows; ++r) {
+    const vec_t<T> na = broadcast(nr[r]);
+    vec_t<T> sum = load(rs[r]);
+    for (int v = 0; v < kFusedVectors; ++v) {
+      const vec_t<T> dist = clamp_nonnegative<T>(na + load(nc + v * L) - T(2) * s[r][v]);
+      s[r][v] = exp_nonpositive<T>(dist * neg_inv_h);
+    }
+    const int64_t own = own_begin + r;  // the row's own column, relative to the block's first
+    if (own >= 0 && own < kFusedVectors * L) s[r][own / L][own % L] = T(0);
+    for (int v = 0; v < kFusedVectors; ++v) sum += s[r][v];
+    store(rs[r], sum);
+  }
+}
+
+// acc[r][k..] += sum_c kb[r][c] w[c][k..] for DV vectors of features from k (kb: the block's K, C columns).
+template <int DV, typename T>
+BMT_FAST_INLINE void fused_add_kw(const T* kb, const T* w, int64_t dw, int64_t k, T* const* acc) {
+  constexpr int L = kLanes<T>, C = kFusedVectors * L;
+  vec_t<T> o[kFusedRows][DV];
+  for (int r = 0; r < kFusedRows; ++r)
+    for (int v = 0; v < DV; ++v) o[r][v] = load(acc[r] + k + v * L);
+  for (int c = 0; c < C; ++c) {
+    vec_t<T> wv[DV];
+    for (int v = 0; v < DV; ++v) wv[v] = load(w + c * dw + k + v * L);
+    for (int r = 0; r < kFusedRows; ++r) {
+      const vec_t<T> kv = broadcast(kb[r * C + c]);
+      for (int v = 0; v < DV; ++v) o[r][v] += kv * wv[v];
+    }
+  }
+  for (int r = 0; r < kFusedRows; ++r)
+    for (int v = 0; v < DV; ++v) store(acc[r] + k + v * L, o[r][v]);
+}
+
+// Rows [r0, r0 + kFusedRows) (those past row_end: padding) against the C columns from j0: their K block and
+// K times W added into their sums in scratch (rows from row_begin, `stride` values each: the row-sum vector,
+// then per-lane sums of each feature up to kFusedLaneMaxFeatures features, else dw sums; kb: room for the
+// K block).
+template <typename T>
+BMT_FAST_INLINE void fused_block(const T* xc, const T* xt, const T* w, const T* norms, int64_t d, int64_t dw,
+                                 T neg_inv_h, int64_t row_begin, int64_t row_end, int64_t r0, int64_t j0, T* scratch,
+                                 int64_t stride, T* kb) {
+  constexpr int L = kLanes<T>, C = kFusedVectors * L;
+  const T* xr[kFusedRows];
+  T nr[kFusedRows];
+  T* rs[kFusedRows];
+  T* acc[kFusedRows];
+  for (int r = 0; r < kFusedRows; ++r) {
+    const bool real = r0 + r < row_end;
+    xr[r] = xc + (real ? r0 + r : row_begin) * d;
+    nr[r] = real ? norms[r0 + r] : std::numeric_limits<T>::infinity();
+    T* row = scratch + (r0 - row_begin + r) * stride;
+    rs[r] = row;
+    acc[r] = row + L;
+  }
+  const int64_t block = j0 / kFusedPack * kFusedPack;
+  const T* xt_block = xt + block * d + (j0 - block);
+  vec_t<T> s[kFusedRows][kFusedVectors];
+  fused_dots<T>(xr, xt_block, d, s);
+  fused_kernel_entries<T>(s, nr, norms + j0, neg_inv_h, r0 - j0, rs);
+  if (d <= kFusedLaneMaxFeatures) {  // W packed as xt: each row's sum vector of feature k += its K vector times W's
+    const T* w_block = w + block * d + (j0 - block);
+    for (int64_t k = 0; k < d; ++k) {
+      vec_t<T> wv[kFusedVectors];
+      for (int v = 0; v < kFusedVectors; ++v) wv[v] = load(w_block + k * kFusedPack + v * L);
+      for (int r = 0; r < kFusedRows; ++r) {
+        vec_t<T> t = load(acc[r] + k * L);
+        for (int v = 0; v < kFusedVectors; ++v) t += s[r][v] * wv[v];
+        store(acc[r] + k * L, t);
+      }
+    }
+  } else {
+    for (int r = 0; r < kFusedRows; ++r)
+      for (int v = 0; v < kFusedVectors; ++v) store(kb + r * C + v * L, s[r][v]);
+    const T* wj = w + j0 * dw;
+    int64_t k = 0;
+    for (; k + 4 * L <= dw; k += 4 * L) fused_add_kw<4, T>(kb, wj, dw, k, acc);
+    for (; k < dw; k += L) fused_add_kw<1, T>(kb, wj, dw, k, acc);
+  }
+}
+
+template <typename T>
+BMT_FAST_INLINE bool fused_step_rows_impl(const T* xc, const T* xt, const T* w, const T* norms, const T* score,
+                                          int64_t n, int64_t d, T inv_h, T a, int64_t row_begin, int64_t row_end,
+                                          T* scratch, T* phi) {
+  constexpr int L = kLanes<T>, C = kFusedVectors * L;
+  static_assert(kFusedPack % C == 0, "a packed block holds whole column blocks");
+  const bool lanes = d <= kFusedLaneMaxFeatures;
+  const int64_t n_pad = round_up(n, kFusedPack), dw = round_up(d, kFusedWidth);
+  // Per row: its row-sum vector, then its sums (lanes: one vector per feature; else dw values).
+  const int64_t stride = L + (lanes ? d * L : dw);
+  const int64_t rows = round_up(row_end - row_begin, kFusedRows);
+  fill(scratch, rows * stride, T(0));
+  alignas(64) T kb[kFusedRows * C];
+  const T neg_inv_h = -inv_h;
+  // Column chunks whose packed xc and W (2 d values per column) take about kFusedChunkBytes, from L2 for
+  // every group of kFusedGroupRows rows, and each block of C columns from L1 for the group's rows.
+  const int64_t chunk =
+      round_up(kFusedChunkBytes / static_cast<int64_t>(2 * sizeof(T)) / (d > 0 ? d : 1), kFusedPack);
+  for (int64_t c0 = 0; c0 < n_pad; c0 += chunk) {
+    const int64_t c1 = min64(n_pad, c0 + chunk);
+    for (int64_t g0 = row_begin; g0 < row_end; g0 += kFusedGroupRows) {
+      const int64_t g1 = min64(row_end, g0 + kFusedGroupRows);
+      for (int64_t j0 = c0; j0 < c1; j0 += C)
+        for (int64_t r0 = g0; r0 < g1; r0 += kFusedRows)
+          fused_block<T>(xc, xt, w, norms, d, dw, neg_inv_h, row_begin, row_end, r0, j0, scratch, stride, kb);
+    }
+  }
+  // phi_i = (sum_j k_ij W_j + a rowsum_i xc_i + score_i) / n, the own term k_ii = 1 as score_i (W_i + a xc_i).
+  T bad = 0;
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* row = scratch + (i - row_begin) * stride;
+    const T ar = a * horizontal_sum<T>(load(row));
+    const T* xi = xc + i * d;
+    const T* si = score + i * d;
+    T* out = phi + i * d;
+    for (int64_t k = 0; k < d; ++k) {
+      const T kw = lanes ? horizontal_sum<T>(load(row + L + k * L)) : row[L + k];
+      const T v = (kw + ar * xi[k] + si[k]) / static_cast<T>(n);
+      out[k] = v;
+      bad += v - v;  // NaN for a NaN or an infinity
+    }
+  }
+  return bad == T(0);
+}
+
 }  // namespace
 
 // ---- entry points of this ISA build (declared in kernels.h through BMT_FAST_ISA_KERNELS) ----------
@@ -1453,6 +1624,14 @@ BMT_FAST_INLINE void rbf_grad_columns_impl(const In* x, const In* y, int64_t n, 
   }
 BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
+
+#define BMT_FAST_DEFINE_FUSED_KERNELS(T)                                                                          \
+  bool fused_step_rows(const T* xc, const T* xt, const T* w, const T* norms, const T* score, int64_t n, int64_t d, \
+                       T inv_h, T a, int64_t row_begin, int64_t row_end, T* scratch, T* phi) {                    \
+    return fused_step_rows_impl<T>(xc, xt, w, norms, score, n, d, inv_h, a, row_begin, row_end, scratch, phi);    \
+  }
+BMT_FAST_DEFINE_FUSED_KERNELS(float)
+BMT_FAST_DEFINE_FUSED_KERNELS(double)
 void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const int64_t* first, const int64_t* second,
                    int64_t count, float* out) {
   pair_sq_dists_impl(xc, d, norms, first, second, count, out);

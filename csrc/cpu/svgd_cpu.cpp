@@ -5,6 +5,9 @@
 //     into K in place; acc_I += K W_J and acc_J += K^T W_I with W = [score - (2/H) xc | 1]. Then
 //     phi = (acc[:, :d] + (2/H) acc[:, d] * xc) / n. Folding both terms into one W halves the GEMM work
 //     of K @ [score | x]; symmetry halves the distance GEMMs: 3 n^2 d FLOPs instead of 6 n^2 d.
+//   fused (many particles, d up to 256): the same sums without the tiles: a register block of 4 rows x 64
+//     columns (AVX-512) of dot products by FMAs, K's entries there, then K W added into the rows' sums; no
+//     symmetry (4 n^2 d FLOPs), but the tiles' passes over memory are gone (kernels.h: fused_step_rows).
 //   gram (few particles, huge d): split-K Gram over column chunks (each chunk centred on the fly), a tiny
 //     n x n K, then one memory-bound pass phi = (K/n) W + c * xc over the same chunks.
 //   bf16 on AMX (many bf16 particles, d >= 32, a CPU with AMX tiles; fp32 ones too where torch's fp32
@@ -771,6 +774,83 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   return phi.to(x.scalar_type()).contiguous();
 }
 
+// Whether the tiled step takes the fused kernel (kernels.h: fused_step_rows) instead of GEMM tiles: up to
+// kFusedMaxFeatures features, or kFusedKeptMaxFeatures where the median's pass keeps its dot products for K
+// (the GEMM tiles then cost one pass over them), unless BMT_FAST_CPU_FUSED=0 (read once). fp32 step, 2
+// threads, 2-core Xeon VM (CPUID model 167), PASSIVE, alternating, GEMM tiles -> fused (ms): H given
+// 1024 x 3 1.00-1.03 -> 0.26-0.28, 4096 x 3 11.5-12.8 -> 2.8, 4096 x 16 16.1-16.6 -> 6.8-7.3, 2048 x 32
+// 5.4-5.9 -> 3.4, 4096 x 64 25.6-28.2 -> 17.2-18.6, 8192 x 128 129-132 -> 107-109, 4096 x 192 43.7-46.5 ->
+// 41.3-41.4, 4096 x 256 54.7-57.6 -> 53.7-55.6; by the median rule 4096 x 128 52-53 -> 45, 2048 x 160
+// 16.0-16.5 -> 14.8-15.7, 4096 x 192 60.7-63.8 -> 62.6-66.1, 4096 x 256 73.8-74.7 -> 82.0-83.5.
+constexpr int64_t kFusedMaxFeatures = 256;
+constexpr int64_t kFusedKeptMaxFeatures = 160;
+
+bool use_fused(int64_t n, int64_t d, int64_t element_bytes, bool median) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("BMT_FAST_CPU_FUSED");
+    return env == nullptr || std::string_view(env) != "0";
+  }();
+  const bool kept = median && keeps_dots(n, d, element_bytes, kKeptDotsMinFeatures);
+  return enabled && d <= (kept ? kFusedKeptMaxFeatures : kFusedMaxFeatures);
+}
+
+// The tiled step by the fused kernel: xc's columns and W packed for it (kernels.h), blocks of rows to the
+// threads, each block's rows streaming every column once per chunk of columns. Writes phi into out where out
+// has the compute type (returning whether it is all finite), else into a buffer copied into out (nullopt).
+template <typename T>
+std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
+                                    at::Tensor& out) {
+  const int64_t n = x.size(0), d = x.size(1), n_pad = (n + kFusedPack - 1) / kFusedPack * kFusedPack;
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  const at::Tensor xc = centred(x, acc);
+  at::Tensor norms = at::empty({n_pad}, xc.options());
+  norms.narrow(0, 0, n).copy_((xc * xc).sum(1));
+  norms.narrow(0, n, n_pad - n).fill_(std::numeric_limits<T>::infinity());
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist<T>(xc, norms.narrow(0, 0, n)), n);
+  const double a = 2.0 / h;
+  const at::Tensor score_t = score.to(acc).contiguous();
+  // Columns packed in blocks of kFusedPack: [blocks][d][kFusedPack].
+  auto packed = [&](const at::Tensor& rows) {
+    at::Tensor padded = at::zeros({n_pad, d}, xc.options());
+    padded.narrow(0, 0, n).copy_(rows);
+    return padded.view({n_pad / kFusedPack, kFusedPack, d}).transpose(1, 2).contiguous();
+  };
+  const at::Tensor xt = packed(xc);
+  const at::Tensor w_rows = score_t - xc * a;
+  at::Tensor w;
+  if (d <= kFusedLaneMaxFeatures) {
+    w = packed(w_rows);
+  } else {
+    w = at::zeros({n_pad, (d + kFusedWidth - 1) / kFusedWidth * kFusedWidth}, xc.options());
+    w.narrow(0, 0, n).narrow(1, 0, d).copy_(w_rows);
+  }
+  const bool direct = out.scalar_type() == acc;
+  at::Tensor phi = direct ? out : at::empty({n, d}, xc.options());
+  // Blocks of rows whose sums (scratch) take about 256 KiB, at least one per thread and a multiple of the
+  // thread count.
+  const int64_t threads = at::get_num_threads();
+  const int64_t row_bytes = fused_step_scratch(kFusedRows, d) / kFusedRows * static_cast<int64_t>(sizeof(T));
+  int64_t blocks = std::max<int64_t>(1, (n * row_bytes + (256 << 10) - 1) / (256 << 10));
+  blocks = (blocks + threads - 1) / threads * threads;
+  const int64_t block_rows = std::max<int64_t>(kFusedRows, ((n + blocks - 1) / blocks + kFusedRows - 1) / kFusedRows * kFusedRows);
+  const int64_t num_blocks = (n + block_rows - 1) / block_rows;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({fused_step_scratch(block_rows, d)}, xc.options());
+    bool ok = true;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r0 = b * block_rows, r1 = std::min(n, r0 + block_rows);
+      ok &= fused_step_rows(xc.data_ptr<T>(), xt.data_ptr<T>(), w.data_ptr<T>(), norms.data_ptr<T>(),
+                            score_t.data_ptr<T>(), n, d, static_cast<T>(1.0 / h), static_cast<T>(a), r0, r1,
+                            scratch.data_ptr<T>(), phi.data_ptr<T>());
+    }
+    if (!ok) finite = false;
+  });
+  if (direct) return finite.load();
+  out.copy_(phi);
+  return std::nullopt;
+}
+
 // ---- bf16 on tensor cores (AMX) ----------------------------------------------------------------
 //
 // With bf16 particles on a CPU with AMX (Sapphire Rapids and later: oneDNN's batch-reduce GEMM through
@@ -1508,6 +1588,10 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
   if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
     return x.scalar_type() == at::kDouble ? svgd_step_gemm_chunked<double>(x, score, h, out)
                                           : svgd_step_gemm_chunked<float>(x, score, h, out);
+  }
+  if (use_fused(x.size(0), x.size(1), x.scalar_type() == at::kDouble ? 8 : 4, !h)) {
+    return x.scalar_type() == at::kDouble ? svgd_step_fused<double>(x, score, h, out)
+                                          : svgd_step_fused<float>(x, score, h, out);
   }
   const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
                                                         : svgd_step_tiled<float>(x, score, h);
