@@ -836,11 +836,11 @@ FUSED_SCRIPT = """
 import sys, torch, bmt_fast
 torch.manual_seed(0)
 out = {}
-# (n, d, dtype, H): the fused step's two forms (per-lane sums up to 16 features, W's rows beyond), ragged
+# (n, d, dtype, H): the fused step's two forms (per-lane sums up to 24 features, W's rows beyond), ragged
 # row blocks and packed column blocks, its widest (256) and the median pass's kept dot products (160); bf16
 # and fp16 through the fp32 path (d < 32); several row blocks per thread (3000 x 40, 2000 x 5).
 for n, d, dtype, h in [(70, 1, torch.float32, None), (130, 5, torch.float64, None), (257, 16, torch.float32, 2.0),
-                       (70, 17, torch.float64, 3.0), (200, 77, torch.float32, None), (1030, 160, torch.float32, None),
+                       (70, 24, torch.float64, 3.0), (70, 25, torch.float32, None), (200, 77, torch.float32, None), (1030, 160, torch.float32, None),
                        (600, 256, torch.float64, 50.0), (300, 9, torch.bfloat16, None), (90, 20, torch.float16, None),
                        (3000, 40, torch.float32, None), (2000, 5, torch.float64, 0.7), (200, 7, torch.float32, 1e-6)]:
     x = (torch.randn(n, d, dtype=torch.float64) * 1.5).to(dtype)
@@ -873,7 +873,7 @@ def test_fused_step_matches_the_gemm_tiles_and_float64(tmp_path):
         run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
         results[name] = torch.load(path)
-    assert len(results["fused"]) == 12
+    assert len(results["fused"]) == 13
     for key, fused in results["fused"].items():
         n, d, dtype, h = key
         tol = {"torch.float32": 1e-5, "torch.float64": 1e-12, "torch.bfloat16": 2e-2, "torch.float16": 2e-3}[dtype]

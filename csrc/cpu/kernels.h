@@ -32,7 +32,9 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 constexpr int kFusedRows = 4;          // rows per register block
 constexpr int64_t kFusedPack = 64;     // columns per packed block
 constexpr int64_t kFusedWidth = 16;    // W's row-major rows padded to a multiple of this (any ISA's fp32 lanes)
-constexpr int64_t kFusedLaneMaxFeatures = 16;
+// (fp32, 4096 particles, 2 threads, lanes -> W's rows (ms): d = 8 3.9 -> 4.0-4.3, 24 7.8-8.4 -> 8.8-9.1, 32
+// 10.0-10.6 -> 9.6-9.8.)
+constexpr int64_t kFusedLaneMaxFeatures = 24;
 constexpr int64_t kFusedChunkBytes = 256 * 1024;  // columns of packed xt and W per pass over the rows
 inline int64_t fused_step_scratch(int64_t rows, int64_t d) {
   const int64_t per_row = d <= kFusedLaneMaxFeatures ? (d + 1) * kFusedWidth
