@@ -5,8 +5,9 @@
     python -m benchmarks.svgd_step --sizes 8192x128,65536x64,16x409600
 
 Nominal work: 6 n² d FLOPs (2 n² d for the distances, 4 n² d for K @ [score | x]); achieved FLOP/s are
-computed from it whatever a provider actually does (bmt_fast's CPU kernel does about half: it folds score
-and x into one matrix and uses the symmetry of K). Bytes the step must move: read x twice and the scores
+computed from it whatever a provider actually does (bmt_fast's CPU kernel folds score and x into one
+matrix: 4 n² d with up to 256 features, where its fused kernel forms K a register block at a time, and about
+half, 3 n² d, beyond, where its GEMM tiles use the symmetry of K). Bytes the step must move: read x twice and the scores
 once, write phi: 4 n d elements.
 """
 
