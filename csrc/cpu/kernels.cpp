@@ -31,6 +31,11 @@
   namespace bmt_fast::cpu::NS {                                                                                                                 \
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
+  void fused_step_shift(const float*, int64_t, int64_t, double*, float*);                                                                     \
+  void fused_step_shift(const double*, int64_t, int64_t, double*, double*);                                                                   \
+  void fused_step_pack(const float*, const float*, int64_t, int64_t, const float*, float, int64_t, int64_t, float*, float*, float*, float*);  \
+  void fused_step_pack(const double*, const double*, int64_t, int64_t, const double*, double, int64_t, int64_t, double*, double*, double*,    \
+                       double*);                                                                                                              \
   bool fused_step_rows(const float*, const float*, const float*, const float*, const float*, int64_t, int64_t, float, float, int64_t,        \
                        int64_t, float*, float*);                                                                                                \
   bool fused_step_rows(const double*, const double*, const double*, const double*, const double*, int64_t, int64_t, double, double,         \
@@ -175,6 +180,16 @@ const char* compiled_isas() {
                        T inv_h, T a, int64_t row_begin, int64_t row_end, T* scratch, T* phi) {                       \
     BMT_FAST_DISPATCH(fused_step_rows, xc, xt, w, norms, score, n, d, inv_h, a, row_begin, row_end, scratch, phi)   \
   }
+#define BMT_FAST_DEFINE_FUSED_PACK_ENTRY(T)                                                                          \
+  void fused_step_shift(const T* x, int64_t n, int64_t d, double* sums, T* shift) {                                  \
+    BMT_FAST_DISPATCH(fused_step_shift, x, n, d, sums, shift)                                                        \
+  }                                                                                                                  \
+  void fused_step_pack(const T* x, const T* score, int64_t n, int64_t d, const T* shift, T a, int64_t block_begin,   \
+                       int64_t block_end, T* xc, T* norms, T* xt, T* w) {                                            \
+    BMT_FAST_DISPATCH(fused_step_pack, x, score, n, d, shift, a, block_begin, block_end, xc, norms, xt, w)          \
+  }
+BMT_FAST_DEFINE_FUSED_PACK_ENTRY(float)
+BMT_FAST_DEFINE_FUSED_PACK_ENTRY(double)
 BMT_FAST_DEFINE_FUSED_ENTRY(float)
 BMT_FAST_DEFINE_FUSED_ENTRY(double)
 

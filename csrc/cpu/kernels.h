@@ -41,6 +41,16 @@ inline int64_t fused_step_scratch(int64_t rows, int64_t d) {
                                                      : (d + kFusedWidth - 1) / kFusedWidth * kFusedWidth + kFusedWidth;
   return (rows + kFusedRows - 1) / kFusedRows * kFusedRows * per_row;
 }
+// Its operands from x and score (n x d, row-major): fused_step_shift writes the centre shift (d values: row 0
+// plus the mean of the other rows' differences from it, summed in double in sums, d of them); fused_step_pack
+// writes, for blocks [block_begin, block_end) of kFusedPack rows, xc = x - shift (rows < n), the norms (+inf
+// past n), xt and W = score - a xc as fused_step_rows reads them (padding included).
+void fused_step_shift(const float* x, int64_t n, int64_t d, double* sums, float* shift);
+void fused_step_shift(const double* x, int64_t n, int64_t d, double* sums, double* shift);
+void fused_step_pack(const float* x, const float* score, int64_t n, int64_t d, const float* shift, float a,
+                     int64_t block_begin, int64_t block_end, float* xc, float* norms, float* xt, float* w);
+void fused_step_pack(const double* x, const double* score, int64_t n, int64_t d, const double* shift, double a,
+                     int64_t block_begin, int64_t block_end, double* xc, double* norms, double* xt, double* w);
 bool fused_step_rows(const float* xc, const float* xt, const float* w, const float* norms, const float* score,
                      int64_t n, int64_t d, float inv_h, float a, int64_t row_begin, int64_t row_end, float* scratch,
                      float* phi);

@@ -1446,6 +1446,51 @@ BMT_FAST_INLINE void fused_block(const T* xc, const T* xt, const T* w, const T* 
   }
 }
 
+// The centre (kernels.h: fused_step_shift): row 0 plus the mean of the differences from it, summed in double.
+template <typename T>
+BMT_FAST_INLINE void fused_step_shift_impl(const T* x, int64_t n, int64_t d, double* sums, T* shift) {
+  fill(sums, d, 0.0);
+  for (int64_t i = 1; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) sums[k] += static_cast<double>(x[i * d + k] - x[k]);
+  for (int64_t k = 0; k < d; ++k) shift[k] = x[k] + static_cast<T>(sums[k] / static_cast<double>(n));
+}
+
+// The operands of blocks [block_begin, block_end) of kFusedPack rows (kernels.h: fused_step_pack).
+template <typename T>
+BMT_FAST_INLINE void fused_step_pack_impl(const T* x, const T* score, int64_t n, int64_t d, const T* shift, T a,
+                                          int64_t block_begin, int64_t block_end, T* xc, T* norms, T* xt, T* w) {
+  const bool lanes = d <= kFusedLaneMaxFeatures;
+  const int64_t dw = round_up(d, kFusedWidth);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    T* xt_block = xt + b * d * kFusedPack;
+    T* w_block = w + b * d * kFusedPack;
+    for (int64_t c = 0; c < kFusedPack; ++c) {
+      const int64_t i = b * kFusedPack + c;
+      if (i >= n) {  // padding: columns that give K = 0 and add nothing
+        norms[i] = std::numeric_limits<T>::infinity();
+        for (int64_t k = 0; k < d; ++k) xt_block[k * kFusedPack + c] = T(0);
+        if (lanes)
+          for (int64_t k = 0; k < d; ++k) w_block[k * kFusedPack + c] = T(0);
+        else
+          fill(w + i * dw, dw, T(0));
+        continue;
+      }
+      T norm = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        const T v = x[i * d + k] - shift[k];
+        const T wv = score[i * d + k] - a * v;
+        xc[i * d + k] = v;
+        norm += v * v;
+        xt_block[k * kFusedPack + c] = v;
+        if (lanes) w_block[k * kFusedPack + c] = wv;
+        else w[i * dw + k] = wv;
+      }
+      norms[i] = norm;
+      if (!lanes) fill(w + i * dw + d, dw - d, T(0));
+    }
+  }
+}
+
 template <typename T>
 BMT_FAST_INLINE bool fused_step_rows_impl(const T* xc, const T* xt, const T* w, const T* norms, const T* score,
                                           int64_t n, int64_t d, T inv_h, T a, int64_t row_begin, int64_t row_end,
@@ -1626,6 +1671,13 @@ BMT_FAST_DEFINE_TILE_KERNELS(float)
 BMT_FAST_DEFINE_TILE_KERNELS(double)
 
 #define BMT_FAST_DEFINE_FUSED_KERNELS(T)                                                                          \
+  void fused_step_shift(const T* x, int64_t n, int64_t d, double* sums, T* shift) {                               \
+    fused_step_shift_impl<T>(x, n, d, sums, shift);                                                               \
+  }                                                                                                               \
+  void fused_step_pack(const T* x, const T* score, int64_t n, int64_t d, const T* shift, T a, int64_t block_begin, \
+                       int64_t block_end, T* xc, T* norms, T* xt, T* w) {                                         \
+    fused_step_pack_impl<T>(x, score, n, d, shift, a, block_begin, block_end, xc, norms, xt, w);                  \
+  }                                                                                                               \
   bool fused_step_rows(const T* xc, const T* xt, const T* w, const T* norms, const T* score, int64_t n, int64_t d, \
                        T inv_h, T a, int64_t row_begin, int64_t row_end, T* scratch, T* phi) {                    \
     return fused_step_rows_impl<T>(xc, xt, w, norms, score, n, d, inv_h, a, row_begin, row_end, scratch, phi);    \

@@ -798,32 +798,30 @@ bool use_fused(int64_t n, int64_t d, int64_t element_bytes, bool median) {
 // threads, each block's rows streaming every column once per chunk of columns. Writes phi into out where out
 // has the compute type (returning whether it is all finite), else into a buffer copied into out (nullopt).
 template <typename T>
-std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
-                                    at::Tensor& out) {
+std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score,
+                                    const std::optional<double>& bandwidth, at::Tensor& out) {
   const int64_t n = x.size(0), d = x.size(1), n_pad = (n + kFusedPack - 1) / kFusedPack * kFusedPack;
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const at::Tensor xc = centred(x, acc);
-  at::Tensor norms = at::empty({n_pad}, xc.options());
-  norms.narrow(0, 0, n).copy_((xc * xc).sum(1));
-  norms.narrow(0, n, n_pad - n).fill_(std::numeric_limits<T>::infinity());
+  const at::Tensor xs = x.to(acc).contiguous(), score_t = score.to(acc).contiguous();
+  const auto options = xs.options();
+  const at::Tensor xc = at::empty({n, d}, options), norms = at::empty({n_pad}, options);
+  const at::Tensor shift = at::empty({d}, options);
+  const int64_t w_width = d <= kFusedLaneMaxFeatures ? d : (d + kFusedWidth - 1) / kFusedWidth * kFusedWidth;
+  const at::Tensor xt = at::empty({n_pad * d}, options), w = at::empty({n_pad * w_width}, options);
+  {
+    std::vector<double> sums(d);
+    fused_step_shift(xs.data_ptr<T>(), n, d, sums.data(), shift.data_ptr<T>());
+  }
+  auto pack = [&](double a) {  // (a: 0 for the median's xc and norms alone, then 2/H)
+    at::parallel_for(0, n_pad / kFusedPack, 1, [&](int64_t begin, int64_t end) {
+      fused_step_pack(xs.data_ptr<T>(), score_t.data_ptr<T>(), n, d, shift.data_ptr<T>(), static_cast<T>(a), begin, end,
+                      xc.data_ptr<T>(), norms.data_ptr<T>(), xt.data_ptr<T>(), w.data_ptr<T>());
+    });
+  };
+  if (!bandwidth) pack(0.0);
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist<T>(xc, norms.narrow(0, 0, n)), n);
   const double a = 2.0 / h;
-  const at::Tensor score_t = score.to(acc).contiguous();
-  // Columns packed in blocks of kFusedPack: [blocks][d][kFusedPack].
-  auto packed = [&](const at::Tensor& rows) {
-    at::Tensor padded = at::zeros({n_pad, d}, xc.options());
-    padded.narrow(0, 0, n).copy_(rows);
-    return padded.view({n_pad / kFusedPack, kFusedPack, d}).transpose(1, 2).contiguous();
-  };
-  const at::Tensor xt = packed(xc);
-  const at::Tensor w_rows = score_t - xc * a;
-  at::Tensor w;
-  if (d <= kFusedLaneMaxFeatures) {
-    w = packed(w_rows);
-  } else {
-    w = at::zeros({n_pad, (d + kFusedWidth - 1) / kFusedWidth * kFusedWidth}, xc.options());
-    w.narrow(0, 0, n).narrow(1, 0, d).copy_(w_rows);
-  }
+  pack(a);
   const bool direct = out.scalar_type() == acc;
   at::Tensor phi = direct ? out : at::empty({n, d}, xc.options());
   // Blocks of rows whose sums (scratch) take about 256 KiB, at least one per thread and a multiple of the
@@ -832,7 +830,8 @@ std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score
   const int64_t row_bytes = fused_step_scratch(kFusedRows, d) / kFusedRows * static_cast<int64_t>(sizeof(T));
   int64_t blocks = std::max<int64_t>(1, (n * row_bytes + (256 << 10) - 1) / (256 << 10));
   blocks = (blocks + threads - 1) / threads * threads;
-  const int64_t block_rows = std::max<int64_t>(kFusedRows, ((n + blocks - 1) / blocks + kFusedRows - 1) / kFusedRows * kFusedRows);
+  const int64_t block_rows =
+      std::max<int64_t>(kFusedRows, ((n + blocks - 1) / blocks + kFusedRows - 1) / kFusedRows * kFusedRows);
   const int64_t num_blocks = (n + block_rows - 1) / block_rows;
   std::atomic<bool> finite{true};
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
