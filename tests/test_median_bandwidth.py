@@ -80,17 +80,24 @@ def test_windowed_median_equals_the_radix_passes_bit_for_bit(monkeypatch, n, d, 
 
 
 @requires_cpu_extension
-def test_windowed_median_falls_back_when_the_bracket_holds_too_much(monkeypatch):
+def test_windowed_median_takes_a_second_pass_for_ties_and_falls_back_beyond_its_room(monkeypatch):
     """Two tight clusters: half of all distances are 0 and half the same positive value, so the bracket
-    around the middle ranks holds every distance, more than the room made for it; the radix passes answer."""
-    n = 600
-    x = torch.zeros(n, 2, dtype=torch.float64)
-    x[n // 2 :, 0] = 3.0
-    h = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
-    assert math.isclose(h, numpy_rule(x), rel_tol=1e-15)
-    monkeypatch.setenv("BMT_FAST_MEDIAN_WINDOW", "require")
-    with pytest.raises(RuntimeError, match="window missed"):
-        torch.ops.bmt_fast.median_bandwidth(x, "tiled")
+    around the middle ranks holds every distance, more than the room first made for it. Within
+    kMedianWindowMaxBytes (600 particles) a second pass collects them all; beyond (9000 particles: 40M
+    distances) the radix passes answer, and BMT_FAST_MEDIAN_WINDOW=require reports the miss."""
+    for n, dtype in ((600, torch.float64), (9000, torch.float32)):
+        x = torch.zeros(n, 2, dtype=dtype)
+        x[n // 2 :, 0] = 3.0
+        monkeypatch.delenv("BMT_FAST_MEDIAN_WINDOW", raising=False)
+        h = float(torch.ops.bmt_fast.median_bandwidth(x, "tiled"))
+        # (n^2 / 2 zeros, diagonal included, and n^2 / 2 nines: numpy's median is their mean, 4.5)
+        assert math.isclose(h, 4.5 / math.log(n + 1), rel_tol=1e-6 if dtype == torch.float32 else 1e-15)
+        monkeypatch.setenv("BMT_FAST_MEDIAN_WINDOW", "require")
+        if n == 600:
+            assert float(torch.ops.bmt_fast.median_bandwidth(x, "tiled")) == h
+        else:
+            with pytest.raises(RuntimeError, match="window missed"):
+                torch.ops.bmt_fast.median_bandwidth(x, "tiled")
 
 
 @requires_amx

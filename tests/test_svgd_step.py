@@ -900,3 +900,18 @@ def test_fused_step_reports_a_nan_in_phi(n, d, dtype):
         bad[i, k] = math.nan
         assert not bool(torch.ops.bmt_fast.svgd_step_into(x, bad, None, "tiled", out=out)), (i, k)
         assert torch.isnan(out[i, k])
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n,d", [(300, 10), (2000, 3), (700, 37), (600, 140)])
+def test_fused_step_by_the_median_rule_takes_median_bandwidths_h(n, d):
+    """On the fused path the step's median is median_bandwidth's, bit for bit: below 128 features both take
+    the fused distances (by selection at 300 particles, by the window beyond), from 128 on the GEMM tiles of
+    the centred particles (600 x 140, where the tiled step would keep them for K). fp64, so H is returned
+    unrounded; phi as the float64 reference's."""
+    torch.manual_seed(n + d)
+    x, score = particles(n, d)
+    h = torch.ops.bmt_fast.median_bandwidth(x, "tiled")
+    by_rule = torch.ops.bmt_fast.svgd_step(x, score, None, "tiled")
+    assert torch.equal(by_rule, torch.ops.bmt_fast.svgd_step(x, score, h, "tiled"))
+    assert relative_error(by_rule, reference_phi(x, score)) < 1e-12

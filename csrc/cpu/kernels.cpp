@@ -31,6 +31,8 @@
   namespace bmt_fast::cpu::NS {                                                                                                                 \
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
+  BMT_FAST_DECLARE_FUSED_DISTANCES(float)                                                                                                     \
+  BMT_FAST_DECLARE_FUSED_DISTANCES(double)                                                                                                    \
   void fused_step_shift(const float*, int64_t, int64_t, double*, float*);                                                                     \
   void fused_step_shift(const double*, int64_t, int64_t, double*, double*);                                                                   \
   void fused_step_pack(const float*, const float*, int64_t, int64_t, const float*, float, int64_t, int64_t, float*, float*, float*, float*);  \
@@ -188,6 +190,17 @@ const char* compiled_isas() {
                        int64_t block_end, T* xc, T* norms, T* xt, T* w) {                                            \
     BMT_FAST_DISPATCH(fused_step_pack, x, score, n, d, shift, a, block_begin, block_end, xc, norms, xt, w)          \
   }
+#define BMT_FAST_DEFINE_FUSED_DISTANCE_ENTRY(T)                                                                      \
+  void fused_dot_rows(const T* xc, const T* xt, int64_t d, int64_t row_begin, int64_t row_end, int64_t col_begin,    \
+                      int64_t cols, T* out, int64_t ld) {                                                            \
+    BMT_FAST_DISPATCH(fused_dot_rows, xc, xt, d, row_begin, row_end, col_begin, cols, out, ld)                       \
+  }                                                                                                                  \
+  int64_t fused_window_rows(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo, T hi,             \
+                            int64_t row_begin, int64_t row_end, int64_t* below, T* out) {                            \
+    BMT_FAST_DISPATCH(fused_window_rows, xc, xt, norms, n, d, lo, hi, row_begin, row_end, below, out)                \
+  }
+BMT_FAST_DEFINE_FUSED_DISTANCE_ENTRY(float)
+BMT_FAST_DEFINE_FUSED_DISTANCE_ENTRY(double)
 BMT_FAST_DEFINE_FUSED_PACK_ENTRY(float)
 BMT_FAST_DEFINE_FUSED_PACK_ENTRY(double)
 BMT_FAST_DEFINE_FUSED_ENTRY(float)

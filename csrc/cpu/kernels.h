@@ -51,6 +51,19 @@ void fused_step_pack(const float* x, const float* score, int64_t n, int64_t d, c
                      int64_t block_begin, int64_t block_end, float* xc, float* norms, float* xt, float* w);
 void fused_step_pack(const double* x, const double* score, int64_t n, int64_t d, const double* shift, double a,
                      int64_t block_begin, int64_t block_end, double* xc, double* norms, double* xt, double* w);
+// The median's distances from the same operands (score null in fused_step_pack: xc, norms and xt alone), so
+// that every pass computes a pair's dot product alike: fused_dot_rows writes xc_i . xc_j to out[(i -
+// row_begin) ld + j - col_begin] for rows [row_begin, row_end) and columns [col_begin, col_begin + cols)
+// (col_begin a multiple of kFusedPack); fused_window_rows takes, for rows [row_begin, row_end) and their
+// columns j > i, the squared distances max(norms_i + norms_j - 2 xc_i . xc_j, 0) below lo into *below and
+// writes those in [lo, hi] to out (room for (row_end - row_begin) n values), returning how many.
+#define BMT_FAST_DECLARE_FUSED_DISTANCES(T)                                                                       \
+  void fused_dot_rows(const T* xc, const T* xt, int64_t d, int64_t row_begin, int64_t row_end, int64_t col_begin, \
+                      int64_t cols, T* out, int64_t ld);                                                         \
+  int64_t fused_window_rows(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo, T hi,          \
+                            int64_t row_begin, int64_t row_end, int64_t* below, T* out);
+BMT_FAST_DECLARE_FUSED_DISTANCES(float)
+BMT_FAST_DECLARE_FUSED_DISTANCES(double)
 bool fused_step_rows(const float* xc, const float* xt, const float* w, const float* norms, const float* score,
                      int64_t n, int64_t d, float inv_h, float a, int64_t row_begin, int64_t row_end, float* scratch,
                      float* phi);

@@ -98,6 +98,34 @@ BMT_FAST_INLINE bool any_lane(M mask) {
 #endif
 }
 
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+// The lanes of a comparison result as a bit mask (lane q -> bit q), how many are set, and v's lanes where it
+// is set packed to the front (vcompressps / vcompresspd; the rest zero).
+template <typename M>
+BMT_FAST_INLINE uint32_t lane_bits(M mask) {
+  __m512i v;
+  std::memcpy(&v, &mask, sizeof(v));
+  if constexpr (sizeof(mask[0]) == 4) return _mm512_movepi32_mask(v);
+  else return _mm512_movepi64_mask(v);
+}
+template <typename M>
+BMT_FAST_INLINE int count_lanes(M mask) {
+  return __builtin_popcount(lane_bits(mask));
+}
+template <typename T, typename M>
+BMT_FAST_INLINE vec_t<T> compress_lanes(M mask, vec_t<T> v) {
+  vec_t<T> packed;
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 r = _mm512_maskz_compress_ps(static_cast<__mmask16>(lane_bits(mask)), reinterpret_cast<__m512&>(v));
+    std::memcpy(&packed, &r, sizeof(packed));
+  } else {
+    const __m512d r = _mm512_maskz_compress_pd(static_cast<__mmask8>(lane_bits(mask)), reinterpret_cast<__m512d&>(v));
+    std::memcpy(&packed, &r, sizeof(packed));
+  }
+  return packed;
+}
+#endif
+
 template <typename T>
 BMT_FAST_INLINE int64_t window_collect_impl(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end,
                                             int64_t cols, const T* nr, const T* nc, bool upper_only, T lo, T hi,
@@ -118,13 +146,20 @@ BMT_FAST_INLINE int64_t window_collect_impl(const T* tile, int64_t ld, int64_t r
       const vec_t<T> dist = clamp_nonnegative<T>(na_v + load(nc + b) - T(2) * load(row + b));
       under_v -= dist < lo_v;
       const Mask inside = (dist >= lo_v) & (dist <= hi_v);
-      // The window holds a few percent of the values around the median: most vectors have none of them,
-      // and those that do store theirs one by one (the store unconditional, the count moving past it).
+      // The window holds a few percent of the values around the median: most vectors have none of them.
+      // Those that do: the AVX-512 build packs them to the front of a register and stores all of it (out
+      // has room for every value of the rows, so the whole vector fits past what is written); elsewhere
+      // one by one, the store unconditional and the count moving past it.
       if (any_lane(inside)) {
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+        store(out + written, compress_lanes<T>(inside, dist));
+        written += count_lanes(inside);
+#else
         for (int q = 0; q < L; ++q) {
           out[written] = dist[q];
           written += inside[q] != 0;
         }
+#endif
       }
     }
     for (int q = 0; q < L; ++q) under += under_v[q];
@@ -1463,32 +1498,126 @@ BMT_FAST_INLINE void fused_step_pack_impl(const T* x, const T* score, int64_t n,
   const int64_t dw = round_up(d, kFusedWidth);
   for (int64_t b = block_begin; b < block_end; ++b) {
     T* xt_block = xt + b * d * kFusedPack;
-    T* w_block = w + b * d * kFusedPack;
+    T* w_block = score ? w + b * d * kFusedPack : nullptr;
     for (int64_t c = 0; c < kFusedPack; ++c) {
       const int64_t i = b * kFusedPack + c;
       if (i >= n) {  // padding: columns that give K = 0 and add nothing
         norms[i] = std::numeric_limits<T>::infinity();
         for (int64_t k = 0; k < d; ++k) xt_block[k * kFusedPack + c] = T(0);
-        if (lanes)
+        if (score && lanes)
           for (int64_t k = 0; k < d; ++k) w_block[k * kFusedPack + c] = T(0);
-        else
+        else if (score)
           fill(w + i * dw, dw, T(0));
         continue;
       }
       T norm = 0;
       for (int64_t k = 0; k < d; ++k) {
         const T v = x[i * d + k] - shift[k];
-        const T wv = score[i * d + k] - a * v;
         xc[i * d + k] = v;
         norm += v * v;
         xt_block[k * kFusedPack + c] = v;
+      }
+      norms[i] = norm;
+      if (!score) continue;
+      for (int64_t k = 0; k < d; ++k) {
+        const T wv = score[i * d + k] - a * xc[i * d + k];
         if (lanes) w_block[k * kFusedPack + c] = wv;
         else w[i * dw + k] = wv;
       }
-      norms[i] = norm;
       if (!lanes) fill(w + i * dw + d, dw - d, T(0));
     }
   }
+}
+
+// The rows r0.. (kFusedRows of them; those from row_end on read row_begin's values) of xc, for fused_dots.
+template <typename T>
+BMT_FAST_INLINE void fused_row_pointers(const T* xc, int64_t d, int64_t r0, int64_t row_begin, int64_t row_end,
+                                        const T* (&rows)[kFusedRows]) {
+  for (int r = 0; r < kFusedRows; ++r) rows[r] = xc + (r0 + r < row_end ? r0 + r : row_begin) * d;
+}
+
+// out[(i - row_begin) ld + (j - col_begin)] = xc_i . xc_j for rows [row_begin, row_end) and columns [col_begin,
+// col_begin + cols) (col_begin a multiple of kFusedPack), by fused_dots: the same value for a pair as the fused
+// window pass computes (kernels.h: fused_dot_rows).
+template <typename T>
+BMT_FAST_INLINE void fused_dot_rows_impl(const T* xc, const T* xt, int64_t d, int64_t row_begin, int64_t row_end,
+                                         int64_t col_begin, int64_t cols, T* out, int64_t ld) {
+  constexpr int L = kLanes<T>, C = kFusedVectors * L;
+  alignas(64) T block_out[kFusedRows][C];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kFusedRows) {
+    const T* rows[kFusedRows];
+    fused_row_pointers(xc, d, r0, row_begin, row_end, rows);
+    for (int64_t j0 = col_begin; j0 < col_begin + cols; j0 += C) {
+      const int64_t block = j0 / kFusedPack * kFusedPack;
+      vec_t<T> s[kFusedRows][kFusedVectors];
+      fused_dots<T>(rows, xt + block * d + (j0 - block), d, s);
+      for (int r = 0; r < kFusedRows; ++r)
+        for (int v = 0; v < kFusedVectors; ++v) store(block_out[r] + v * L, s[r][v]);
+      const int64_t width = min64(C, col_begin + cols - j0);
+      for (int r = 0; r < kFusedRows && r0 + r < row_end; ++r)
+        std::memcpy(out + (r0 + r - row_begin) * ld + (j0 - col_begin), block_out[r],
+                    static_cast<size_t>(width) * sizeof(T));
+    }
+  }
+}
+
+// The median's window pass without tiles (kernels.h: fused_window_rows): for rows [row_begin, row_end) and
+// the columns j > i of [0, n), the squared distances as window_collect computes them from fused_dots' dot
+// products; those below lo counted into *below, those in [lo, hi] written to out. Returns how many it wrote.
+template <typename T>
+BMT_FAST_INLINE int64_t fused_window_rows_impl(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo,
+                                               T hi, int64_t row_begin, int64_t row_end, int64_t* below, T* out) {
+  constexpr int L = kLanes<T>, C = kFusedVectors * L;
+  using Mask = decltype(vec_t<T>{} < vec_t<T>{});
+  using Lane = typename std::remove_reference<decltype(Mask{}[0])>::type;
+  const vec_t<T> lo_v = broadcast(lo), hi_v = broadcast(hi);
+  const int64_t n_pad = round_up(n, kFusedPack);
+  Mask lane_index;  // 0, 1, ..., L - 1
+  for (int q = 0; q < L; ++q) lane_index[q] = static_cast<Lane>(q);
+  int64_t written = 0;
+  Mask under_v{};
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kFusedRows) {
+    const T* rows[kFusedRows];
+    fused_row_pointers(xc, d, r0, row_begin, row_end, rows);
+    for (int64_t j0 = r0 / C * C; j0 < n_pad; j0 += C) {  // from the block holding column r0 + 1 or before
+      const int64_t block = j0 / kFusedPack * kFusedPack;
+      vec_t<T> s[kFusedRows][kFusedVectors];
+      fused_dots<T>(rows, xt + block * d + (j0 - block), d, s);
+      // Columns j with i < j < n count: all of the block's but near the diagonal and past n.
+      const bool edge = j0 <= r0 + kFusedRows - 1 || j0 + C > n;
+      for (int r = 0; r < kFusedRows; ++r) {
+        const int64_t i = r0 + r;
+        if (i >= row_end) break;
+        const vec_t<T> na = broadcast(norms[i]);
+        for (int v = 0; v < kFusedVectors; ++v) {
+          const vec_t<T> dist = clamp_nonnegative<T>(na + load(norms + j0 + v * L) - T(2) * s[r][v]);
+          Mask valid = ~Mask{};
+          if (edge) {  // lane q is column j0 + v L + q
+            const int64_t first = j0 + v * L;
+            const Mask j_rel = lane_index + static_cast<Lane>(0);
+            valid = (j_rel > static_cast<Lane>(i - first)) & (j_rel < static_cast<Lane>(n - first));
+          }
+          under_v -= (dist < lo_v) & valid;
+          const Mask inside = (dist >= lo_v) & (dist <= hi_v) & valid;
+          if (any_lane(inside)) {
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+            store(out + written, compress_lanes<T>(inside, dist));
+            written += count_lanes(inside);
+#else
+            for (int q = 0; q < L; ++q) {
+              out[written] = dist[q];
+              written += inside[q] != 0;
+            }
+#endif
+          }
+        }
+      }
+    }
+  }
+  int64_t under = 0;
+  for (int q = 0; q < L; ++q) under += under_v[q];
+  *below += under;
+  return written;
 }
 
 template <typename T>
@@ -1677,6 +1806,14 @@ BMT_FAST_DEFINE_TILE_KERNELS(double)
   void fused_step_pack(const T* x, const T* score, int64_t n, int64_t d, const T* shift, T a, int64_t block_begin, \
                        int64_t block_end, T* xc, T* norms, T* xt, T* w) {                                         \
     fused_step_pack_impl<T>(x, score, n, d, shift, a, block_begin, block_end, xc, norms, xt, w);                  \
+  }                                                                                                               \
+  void fused_dot_rows(const T* xc, const T* xt, int64_t d, int64_t row_begin, int64_t row_end, int64_t col_begin,  \
+                      int64_t cols, T* out, int64_t ld) {                                                         \
+    fused_dot_rows_impl<T>(xc, xt, d, row_begin, row_end, col_begin, cols, out, ld);                              \
+  }                                                                                                               \
+  int64_t fused_window_rows(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo, T hi,           \
+                            int64_t row_begin, int64_t row_end, int64_t* below, T* out) {                         \
+    return fused_window_rows_impl<T>(xc, xt, norms, n, d, lo, hi, row_begin, row_end, below, out);                \
   }                                                                                                               \
   bool fused_step_rows(const T* xc, const T* xt, const T* w, const T* norms, const T* score, int64_t n, int64_t d, \
                        T inv_h, T a, int64_t row_begin, int64_t row_end, T* scratch, T* phi) {                    \

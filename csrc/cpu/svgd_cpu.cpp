@@ -308,10 +308,10 @@ double middle_of(const std::vector<T>& values, int64_t k0, int64_t k1) {
 
 // The distances of the tiles' upper triangle (as the radix passes compute them) that lie in [lo, hi], and
 // how many lie below lo, in one pass (each thread's rows through its own scratch first); std::nullopt when
-// more than `capacity` lie in [lo, hi].
+// more than `capacity` lie in [lo, hi]. How many do is written to *count unless it is null.
 template <typename T, typename Tiles>
 std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tensor& norms, const Tiles& tiles, T lo,
-                                                                  T hi, int64_t capacity) {
+                                                                  T hi, int64_t capacity, int64_t* count = nullptr) {
   std::vector<T> window(static_cast<size_t>(capacity));
   std::atomic<int64_t> filled{0}, below{0};
   std::atomic<bool> overflow{false};
@@ -331,6 +331,119 @@ std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tens
       std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
     }
   });
+  if (count) *count = filled.load();
+  if (overflow.load()) return std::nullopt;
+  window.resize(static_cast<size_t>(filled.load()));
+  return std::make_pair(std::move(window), below.load());
+}
+
+// ---- the fused step's operands and distances -------------------------------------------------------
+
+// Whether the many-particle step may take the fused kernel and its median the fused distances (both below),
+// unless BMT_FAST_CPU_FUSED=0 (read once).
+bool fused_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("BMT_FAST_CPU_FUSED");
+    return env == nullptr || std::string_view(env) != "0";
+  }();
+  return enabled;
+}
+
+// The fused kernels' operands of x (kernels.h: fused_step_shift, fused_step_pack): xc, norms (n_pad entries,
+// +inf past n) and the packed columns xt, in T; W too once pack_w has run.
+template <typename T>
+struct FusedOperands {
+  int64_t n, d, n_pad;
+  at::Tensor xs, shift, xc, norms, xt, w;
+
+  explicit FusedOperands(const at::Tensor& x)
+      : n(x.size(0)), d(x.size(1)), n_pad((n + kFusedPack - 1) / kFusedPack * kFusedPack),
+        xs(x.to(c10::CppTypeToScalarType<T>::value).contiguous()) {
+    const auto options = xs.options();
+    shift = at::empty({d}, options);
+    xc = at::empty({n, d}, options);
+    norms = at::empty({n_pad}, options);
+    xt = at::empty({n_pad * d}, options);
+    std::vector<double> sums(d);
+    fused_step_shift(xs.data_ptr<T>(), n, d, sums.data(), shift.data_ptr<T>());
+    pack(nullptr, 0.0);
+  }
+  // W = score - a xc (score in T, contiguous) as fused_step_rows reads it.
+  void pack_w(const at::Tensor& score, double a) {
+    const int64_t width = d <= kFusedLaneMaxFeatures ? d : (d + kFusedWidth - 1) / kFusedWidth * kFusedWidth;
+    w = at::empty({n_pad * width}, xs.options());
+    pack(score.data_ptr<T>(), a);
+  }
+  at::Tensor real_norms() const { return norms.narrow(0, 0, n); }
+
+ private:
+  void pack(const T* score, double a) {
+    at::parallel_for(0, n_pad / kFusedPack, 1, [&](int64_t begin, int64_t end) {
+      fused_step_pack(xs.data_ptr<T>(), score, n, d, shift.data_ptr<T>(), static_cast<T>(a), begin, end,
+                      xc.data_ptr<T>(), norms.data_ptr<T>(), xt.data_ptr<T>(), score ? w.data_ptr<T>() : nullptr);
+    });
+  }
+};
+
+// The median's tiles from the fused operands: each tile's dot products by the fused kernel's register
+// blocks (fused_dot_rows), so that the radix passes and the selection see a pair's distance as the fused
+// window pass (collect_between below) computes it. One tile at a time, its rows split across the threads.
+template <typename T>
+struct FusedTiles {
+  const FusedOperands<T>& ops;
+  template <typename Visit>
+  void operator()(Visit&& visit) const {
+    const int64_t n = ops.n, block = std::min(n, kTileSize);
+    at::Tensor buffer = at::empty({block * block}, ops.xc.options());
+    for (int64_t i0 = 0; i0 < n; i0 += block) {
+      const int64_t rows = std::min(block, n - i0);
+      for (int64_t j0 = i0; j0 < n; j0 += block) {
+        const int64_t cols = std::min(block, n - j0);
+        at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+        at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+          fused_dot_rows(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(), ops.d, i0 + begin, i0 + end,
+                         j0, cols, tile.data_ptr<T>() + begin * cols, cols);
+          visit(tile, i0, j0, begin, end);
+        });
+      }
+    }
+  }
+};
+
+// collect_between without tiles: the fused window pass (fused_window_rows) over groups of 16 rows, one parallel
+// region for all of them (the GEMM tiles took two per tile, each waking the threads). The groups go to the
+// threads alternately from both ends of the triangle, so that their shares of its pairs are even.
+template <typename T>
+std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tensor&, const FusedTiles<T>& tiles,
+                                                                  T lo, T hi, int64_t capacity,
+                                                                  int64_t* count = nullptr) {
+  constexpr int64_t kGroup = 16;
+  const FusedOperands<T>& ops = tiles.ops;
+  const int64_t groups = (ops.n + kGroup - 1) / kGroup;
+  std::vector<T> window(static_cast<size_t>(capacity));
+  std::atomic<int64_t> filled{0}, below{0};
+  std::atomic<bool> overflow{false};
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<T> scratch;  // room for a group's values and a whole vector past them
+    const size_t room = static_cast<size_t>(kGroup * ops.n + 64);
+    if (scratch.size() < room) scratch.resize(room);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t % 2 == 0 ? t / 2 : groups - 1 - t / 2;
+      const int64_t r0 = g * kGroup, r1 = std::min(ops.n, r0 + kGroup);
+      int64_t under = 0;
+      const int64_t got = fused_window_rows(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(),
+                                            ops.norms.template data_ptr<T>(), ops.n, ops.d, lo, hi, r0, r1, &under,
+                                            scratch.data());
+      below += under;
+      const int64_t at = filled.fetch_add(got);
+      if (at + got > capacity) {
+        overflow = true;
+      } else if (got > 0) {
+        std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
+      }
+    }
+  });
+  if (count) *count = filled.load();
   if (overflow.load()) return std::nullopt;
   window.resize(static_cast<size_t>(filled.load()));
   return std::make_pair(std::move(window), below.load());
@@ -398,9 +511,14 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
   };
+  // (A draw's top bits scaled to [0, count) by a multiply: a 64-bit division per draw, as `%` took, was an
+  // eighth of median_bandwidth at 4096 x 3.)
+  auto below = [&next](int64_t count) {
+    return static_cast<int64_t>((static_cast<unsigned __int128>(next()) * static_cast<uint64_t>(count)) >> 64);
+  };
   for (int64_t t = 0; t < samples; ++t) {
-    int64_t i = static_cast<int64_t>(next() % static_cast<uint64_t>(n));
-    int64_t j = static_cast<int64_t>(next() % static_cast<uint64_t>(n - 1));
+    int64_t i = below(n);
+    int64_t j = below(n - 1);
     j += j >= i;  // j != i, uniform over the other rows
     first[t] = std::min(i, j);
     second[t] = std::max(i, j);
@@ -431,7 +549,12 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   const int64_t capacity = static_cast<int64_t>(1.5 * expected) + 4096;  // the count varies by ~20 % (4 sd)
   if (capacity * static_cast<int64_t>(sizeof(T)) > kMedianWindowMaxBytes) return std::nullopt;
 
-  const auto collected = collect_between<T>(norms, tiles, lo, hi, capacity);
+  // With ties the bracket can hold more than the room made for it (a value repeated at the median): then a
+  // second pass with room for all of them, where that stays within kMedianWindowMaxBytes.
+  int64_t inside = 0;
+  auto collected = collect_between<T>(norms, tiles, lo, hi, capacity, &inside);
+  if (!collected && inside * static_cast<int64_t>(sizeof(T)) <= kMedianWindowMaxBytes)
+    collected = collect_between<T>(norms, tiles, lo, hi, inside);
   if (!collected) return std::nullopt;
   const auto& [window, under] = *collected;
   const int64_t count = static_cast<int64_t>(window.size());
@@ -451,9 +574,23 @@ double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles
   return median_sq_dist_tiled<T>(xc, norms, tiles);
 }
 
+// Whether the GEMM path's median (median_bandwidth, and the step and rbf_kernel by the median rule) takes the
+// fused distances: below the features where a step keeps the median pass's GEMM tiles for K. fp32, 2 threads,
+// 2-core Xeon VM (CPUID model 167), PASSIVE, median_bandwidth, alternating, GEMM tiles -> fused (ms): 600 x 32
+// 0.70-0.72 -> 0.42, 1024 x 3 0.99-1.01 -> 0.63-0.64, 4096 x 3 8.3-8.7 -> 4.4-4.5, 16,384 x 3 108-109 ->
+// 36-37, 2048 x 100 4.3-4.4 -> 2.6, 4096 x 64 11.5-12.0 -> 6.3-6.4, 4096 x 127 15.4-15.7 -> 11.9.
+bool use_fused_median(int64_t d) { return fused_enabled() && d < kKeptDotsMinFeatures; }
+
+// The exact median of the n^2 squared distances of x's rows on the GEMM path (fp32 / fp64 x, computed in T): by
+// the fused distances (use_fused_median), else by GEMM tiles of centred(x).
 template <typename T>
-double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms) {
-  return median_sq_dist<T>(xc, norms, GemmTiles{xc});
+double gemm_path_median(const at::Tensor& x) {
+  if (use_fused_median(x.size(1))) {
+    const FusedOperands<T> ops(x);
+    return median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops});
+  }
+  const at::Tensor xc = centred(x, c10::CppTypeToScalarType<T>::value);
+  return median_sq_dist<T>(xc, (xc * xc).sum(1).contiguous(), GemmTiles{xc});
 }
 
 // Whether rbf_kernel(x) on the GEMM path (and rbf_kernel_median, which must give its bits) takes
@@ -748,9 +885,9 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   // With the median rule and many features the median's pass keeps its tiles for K (as the AMX path).
   const bool keep = !bandwidth && keeps_dots(n, d, sizeof(T), kKeptDotsMinFeatures);
   at::Tensor kept = keep ? empty_large({n, n}, xc.options()) : at::Tensor();
-  const double h =
-      bandwidth ? *bandwidth
-                : bandwidth_from_median(median_sq_dist<T>(xc, norms, GemmTiles{xc, keep ? &kept : nullptr}), n);
+  const double h = bandwidth ? *bandwidth
+                  : keep     ? bandwidth_from_median(median_sq_dist<T>(xc, norms, GemmTiles{xc, &kept}), n)
+                             : bandwidth_from_median(gemm_path_median<T>(x), n);  // (as median_bandwidth)
   const double a = 2.0 / h;
 
   // W = [score - a * xc | 1]: one GEMM with K gives the score term, the repulsion term and row sums. The
@@ -786,12 +923,8 @@ constexpr int64_t kFusedMaxFeatures = 256;
 constexpr int64_t kFusedKeptMaxFeatures = 160;
 
 bool use_fused(int64_t n, int64_t d, int64_t element_bytes, bool median) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("BMT_FAST_CPU_FUSED");
-    return env == nullptr || std::string_view(env) != "0";
-  }();
   const bool kept = median && keeps_dots(n, d, element_bytes, kKeptDotsMinFeatures);
-  return enabled && d <= (kept ? kFusedKeptMaxFeatures : kFusedMaxFeatures);
+  return fused_enabled() && d <= (kept ? kFusedKeptMaxFeatures : kFusedMaxFeatures);
 }
 
 // The tiled step by the fused kernel: xc's columns and W packed for it (kernels.h), blocks of rows to the
@@ -800,28 +933,18 @@ bool use_fused(int64_t n, int64_t d, int64_t element_bytes, bool median) {
 template <typename T>
 std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score,
                                     const std::optional<double>& bandwidth, at::Tensor& out) {
-  const int64_t n = x.size(0), d = x.size(1), n_pad = (n + kFusedPack - 1) / kFusedPack * kFusedPack;
+  const int64_t n = x.size(0), d = x.size(1);
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const at::Tensor xs = x.to(acc).contiguous(), score_t = score.to(acc).contiguous();
-  const auto options = xs.options();
-  const at::Tensor xc = at::empty({n, d}, options), norms = at::empty({n_pad}, options);
-  const at::Tensor shift = at::empty({d}, options);
-  const int64_t w_width = d <= kFusedLaneMaxFeatures ? d : (d + kFusedWidth - 1) / kFusedWidth * kFusedWidth;
-  const at::Tensor xt = at::empty({n_pad * d}, options), w = at::empty({n_pad * w_width}, options);
-  {
-    std::vector<double> sums(d);
-    fused_step_shift(xs.data_ptr<T>(), n, d, sums.data(), shift.data_ptr<T>());
-  }
-  auto pack = [&](double a) {  // (a: 0 for the median's xc and norms alone, then 2/H)
-    at::parallel_for(0, n_pad / kFusedPack, 1, [&](int64_t begin, int64_t end) {
-      fused_step_pack(xs.data_ptr<T>(), score_t.data_ptr<T>(), n, d, shift.data_ptr<T>(), static_cast<T>(a), begin, end,
-                      xc.data_ptr<T>(), norms.data_ptr<T>(), xt.data_ptr<T>(), w.data_ptr<T>());
-    });
-  };
-  if (!bandwidth) pack(0.0);
-  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist<T>(xc, norms.narrow(0, 0, n)), n);
+  FusedOperands<T> ops(x);
+  // (the median as median_bandwidth takes it: from these operands below kKeptDotsMinFeatures features)
+  const double median = bandwidth                  ? 0.0
+                         : use_fused_median(d)     ? median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops})
+                                                   : gemm_path_median<T>(x);
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median, n);
   const double a = 2.0 / h;
-  pack(a);
+  const at::Tensor score_t = score.to(acc).contiguous();
+  ops.pack_w(score_t, a);
+  const at::Tensor &xc = ops.xc, &xt = ops.xt, &w = ops.w, &norms = ops.norms;
   const bool direct = out.scalar_type() == acc;
   at::Tensor phi = direct ? out : at::empty({n, d}, xc.options());
   // Blocks of rows whose sums (scratch) take about 256 KiB, at least one per thread and a multiple of the
@@ -1646,9 +1769,7 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
   } else if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
     median = median_sq_dist_chunked(gemm_gram_chunked(x));
   } else {
-    const at::Tensor xc = centred(x, acc);
-    const at::Tensor norms = (xc * xc).sum(1).contiguous();
-    median = acc == at::kDouble ? median_sq_dist<double>(xc, norms) : median_sq_dist<float>(xc, norms);
+    median = acc == at::kDouble ? gemm_path_median<double>(x) : gemm_path_median<float>(x);
   }
   return bandwidth_result(median, x);
 }
