@@ -306,15 +306,43 @@ double middle_of(const std::vector<T>& values, int64_t k0, int64_t k1) {
   return 0.5 * (static_cast<double>(low) + static_cast<double>(high));
 }
 
+// The window's values as the threads collect them: each adds what its scratch holds (got values, under of
+// them below the window) at the next free place, or marks an overflow past `capacity`.
+template <typename T>
+class WindowSink {
+ public:
+  explicit WindowSink(int64_t capacity) : capacity_(capacity), window_(static_cast<size_t>(capacity)) {}
+  void add(const T* scratch, int64_t got, int64_t under) {
+    below_ += under;
+    const int64_t at = filled_.fetch_add(got);
+    if (at + got > capacity_) {
+      overflow_ = true;
+    } else if (got > 0) {
+      std::memcpy(window_.data() + at, scratch, static_cast<size_t>(got) * sizeof(T));
+    }
+  }
+  // The values and the count below them; std::nullopt after an overflow. *count: how many were in the window.
+  std::optional<std::pair<std::vector<T>, int64_t>> finish(int64_t* count) {
+    if (count) *count = filled_.load();
+    if (overflow_.load()) return std::nullopt;
+    window_.resize(static_cast<size_t>(filled_.load()));
+    return std::make_pair(std::move(window_), below_.load());
+  }
+
+ private:
+  int64_t capacity_;
+  std::vector<T> window_;
+  std::atomic<int64_t> filled_{0}, below_{0};
+  std::atomic<bool> overflow_{false};
+};
+
 // The distances of the tiles' upper triangle (as the radix passes compute them) that lie in [lo, hi], and
 // how many lie below lo, in one pass (each thread's rows through its own scratch first); std::nullopt when
 // more than `capacity` lie in [lo, hi]. How many do is written to *count unless it is null.
 template <typename T, typename Tiles>
 std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tensor& norms, const Tiles& tiles, T lo,
                                                                   T hi, int64_t capacity, int64_t* count = nullptr) {
-  std::vector<T> window(static_cast<size_t>(capacity));
-  std::atomic<int64_t> filled{0}, below{0};
-  std::atomic<bool> overflow{false};
+  WindowSink<T> sink(capacity);
   const T* nr = norms.data_ptr<T>();
   tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0, int64_t begin, int64_t end) {
     const int64_t cols = tile.size(1);
@@ -323,18 +351,9 @@ std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tens
     int64_t under = 0;
     const int64_t got = window_collect(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, lo,
                                        hi, &under, scratch.data());
-    below += under;
-    const int64_t at = filled.fetch_add(got);
-    if (at + got > capacity) {
-      overflow = true;
-    } else if (got > 0) {
-      std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
-    }
+    sink.add(scratch.data(), got, under);
   });
-  if (count) *count = filled.load();
-  if (overflow.load()) return std::nullopt;
-  window.resize(static_cast<size_t>(filled.load()));
-  return std::make_pair(std::move(window), below.load());
+  return sink.finish(count);
 }
 
 // ---- the fused step's operands and distances -------------------------------------------------------
@@ -420,9 +439,7 @@ std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tens
   constexpr int64_t kGroup = 16;
   const FusedOperands<T>& ops = tiles.ops;
   const int64_t groups = (ops.n + kGroup - 1) / kGroup;
-  std::vector<T> window(static_cast<size_t>(capacity));
-  std::atomic<int64_t> filled{0}, below{0};
-  std::atomic<bool> overflow{false};
+  WindowSink<T> sink(capacity);
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<T> scratch;  // room for a group's values and a whole vector past them
     const size_t room = static_cast<size_t>(kGroup * ops.n + 64);
@@ -434,19 +451,10 @@ std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tens
       const int64_t got = fused_window_rows(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(),
                                             ops.norms.template data_ptr<T>(), ops.n, ops.d, lo, hi, r0, r1, &under,
                                             scratch.data());
-      below += under;
-      const int64_t at = filled.fetch_add(got);
-      if (at + got > capacity) {
-        overflow = true;
-      } else if (got > 0) {
-        std::memcpy(window.data() + at, scratch.data(), static_cast<size_t>(got) * sizeof(T));
-      }
+      sink.add(scratch.data(), got, under);
     }
   });
-  if (count) *count = filled.load();
-  if (overflow.load()) return std::nullopt;
-  window.resize(static_cast<size_t>(filled.load()));
-  return std::make_pair(std::move(window), below.load());
+  return sink.finish(count);
 }
 
 // The same median for up to kMedianSelectMaxParticles particles, by selection over all n(n-1)/2 distances
@@ -513,12 +521,12 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   };
   // (A draw's top bits scaled to [0, count) by a multiply: a 64-bit division per draw, as `%` took, was an
   // eighth of median_bandwidth at 4096 x 3.)
-  auto below = [&next](int64_t count) {
+  auto draw_below = [&next](int64_t count) {
     return static_cast<int64_t>((static_cast<unsigned __int128>(next()) * static_cast<uint64_t>(count)) >> 64);
   };
   for (int64_t t = 0; t < samples; ++t) {
-    int64_t i = below(n);
-    int64_t j = below(n - 1);
+    int64_t i = draw_below(n);
+    int64_t j = draw_below(n - 1);
     j += j >= i;  // j != i, uniform over the other rows
     first[t] = std::min(i, j);
     second[t] = std::max(i, j);
