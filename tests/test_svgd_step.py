@@ -622,8 +622,9 @@ def test_bf16_amx_epilogue_roundings_agree(tmp_path):
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
     """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result (the tiled path
-    by the fused kernel in both its forms, by one GEMM and by feature chunks too; the Gram path's apply pass direct and packed, whose last row
-    block of 36 or 37 particles is 4 rows, or 8 with padding, in the AVX-512 build), and each reports a NaN
+    by the fused kernel in both its forms, by rows and by block pairs, by one GEMM and by feature chunks too;
+    the Gram path's apply pass direct and packed, whose last row block of 36 or 37 particles is 4 rows, or 8
+    with padding, in the AVX-512 build), and each reports a NaN
     in phi (svgd_step_into's flag, tracked in their own apply passes); their vectorised
     median window gives the radix passes' median bit for bit."""
     import subprocess
@@ -634,7 +635,8 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "import torch, bmt_fast\n"
         "from bmt_fast import reference\n"
         "torch.manual_seed(0)\n"
-        "for n, d, algo in [(70, 37, 'tiled'), (70, 5, 'tiled'), (70, 100, 'tiled'), (13, 3001, 'gram'), (12, 77, 'gram'),\n"
+        "for n, d, algo in [(70, 37, 'tiled'), (70, 5, 'tiled'), (1100, 30, 'tiled'), (2050, 6, 'tiled'), (70, 100, 'tiled'),\n"
+        "                   (13, 3001, 'gram'), (12, 77, 'gram'),\n"
         "                   (40, 515, 'gram'), (37, 300, 'gram'), (36, 130, 'gram'), (9, 2048, 'gram')]:\n"
         "    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
         "        x = torch.randn(n, d, dtype=torch.float64); s = torch.randn(n, d, dtype=torch.float64)\n"
@@ -838,11 +840,13 @@ torch.manual_seed(0)
 out = {}
 # (n, d, dtype, H): the fused step's two forms (per-lane sums up to 24 features, W's rows beyond), ragged
 # row blocks and packed column blocks, its widest (256) and the median pass's kept dot products (160); bf16
-# and fp16 through the fp32 path (d < 32); several row blocks per thread (3000 x 40, 2000 x 5).
+# and fp16 through the fp32 path (d < 32); several row blocks per thread (3000 x 40, 2000 x 5); the symmetric
+# form over block pairs in both forms (1030 x 160, 3000 x 40; 2100 x 9, 2048 x 24).
 for n, d, dtype, h in [(70, 1, torch.float32, None), (130, 5, torch.float64, None), (257, 16, torch.float32, 2.0),
                        (70, 24, torch.float64, 3.0), (70, 25, torch.float32, None), (200, 77, torch.float32, None), (1030, 160, torch.float32, None),
                        (600, 256, torch.float64, 50.0), (300, 9, torch.bfloat16, None), (90, 20, torch.float16, None),
-                       (3000, 40, torch.float32, None), (2000, 5, torch.float64, 0.7), (200, 7, torch.float32, 1e-6)]:
+                       (3000, 40, torch.float32, None), (2000, 5, torch.float64, 0.7), (200, 7, torch.float32, 1e-6),
+                       (2100, 9, torch.float32, None), (2048, 24, torch.float64, 2.0)]:
     x = (torch.randn(n, d, dtype=torch.float64) * 1.5).to(dtype)
     s = torch.randn(n, d, dtype=torch.float64).to(dtype)
     bandwidth = None if h is None else torch.tensor(h, dtype=torch.float64)
@@ -873,7 +877,7 @@ def test_fused_step_matches_the_gemm_tiles_and_float64(tmp_path):
         run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
         results[name] = torch.load(path)
-    assert len(results["fused"]) == 13
+    assert len(results["fused"]) == 15
     for key, fused in results["fused"].items():
         n, d, dtype, h = key
         tol = {"torch.float32": 1e-5, "torch.float64": 1e-12, "torch.bfloat16": 2e-2, "torch.float16": 2e-3}[dtype]

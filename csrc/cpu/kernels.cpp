@@ -31,6 +31,8 @@
   namespace bmt_fast::cpu::NS {                                                                                                                 \
   void rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float);                                            \
   void rbf_from_dots(double*, int64_t, int64_t, int64_t, int64_t, const double*, const double*, double);                                        \
+  BMT_FAST_DECLARE_FUSED_PAIRS(float)                                                                                                         \
+  BMT_FAST_DECLARE_FUSED_PAIRS(double)                                                                                                        \
   BMT_FAST_DECLARE_FUSED_DISTANCES(float)                                                                                                     \
   BMT_FAST_DECLARE_FUSED_DISTANCES(double)                                                                                                    \
   void fused_step_shift(const float*, int64_t, int64_t, double*, float*);                                                                     \
@@ -201,6 +203,20 @@ const char* compiled_isas() {
   }
 BMT_FAST_DEFINE_FUSED_DISTANCE_ENTRY(float)
 BMT_FAST_DEFINE_FUSED_DISTANCE_ENTRY(double)
+#define BMT_FAST_DEFINE_FUSED_PAIR_ENTRY(T)                                                                          \
+  void fused_step_pair(const T* xc, const T* xt, const T* w, const T* norms, int64_t n, int64_t d, T inv_h,         \
+                       int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end, T* rowacc, T* colacc,        \
+                       T* scratch) {                                                                                 \
+    BMT_FAST_DISPATCH(fused_step_pair, xc, xt, w, norms, n, d, inv_h, i_begin, i_end, j_begin, j_end, rowacc, colacc, \
+                      scratch)                                                                                       \
+  }                                                                                                                  \
+  bool fused_step_finish(const T* rowacc, int64_t part_elems, const T* colacc, int64_t parts, const T* xc,         \
+                         const T* score, int64_t n, int64_t d, T a, int64_t row_begin, int64_t row_end, T* phi) {    \
+    BMT_FAST_DISPATCH(fused_step_finish, rowacc, part_elems, colacc, parts, xc, score, n, d, a, row_begin, row_end,  \
+                      phi)                                                                                           \
+  }
+BMT_FAST_DEFINE_FUSED_PAIR_ENTRY(float)
+BMT_FAST_DEFINE_FUSED_PAIR_ENTRY(double)
 BMT_FAST_DEFINE_FUSED_PACK_ENTRY(float)
 BMT_FAST_DEFINE_FUSED_PACK_ENTRY(double)
 BMT_FAST_DEFINE_FUSED_ENTRY(float)

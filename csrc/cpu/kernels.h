@@ -64,6 +64,26 @@ void fused_step_pack(const double* x, const double* score, int64_t n, int64_t d,
                             int64_t row_begin, int64_t row_end, int64_t* below, T* out);
 BMT_FAST_DECLARE_FUSED_DISTANCES(float)
 BMT_FAST_DECLARE_FUSED_DISTANCES(double)
+// The symmetric form of the fused step: fused_step_pair takes rows [i_begin, i_end) against columns [j_begin,
+// j_end) (multiples of kFusedPack up to n_pad; the same range for a diagonal pair, whose rows take the row
+// side only; else i_end <= j_begin and each pair's K adds into both the row's and the column's sums), into
+// one thread's sums: rowacc, n_pad rows laid out as fused_step_rows' scratch (fused_step_scratch(n_pad, d)
+// elements, zeroed first), and up to kFusedLaneMaxFeatures features colacc, the column side (n_pad (d + 1)
+// elements, zeroed first). fused_step_finish writes phi's rows [row_begin, row_end) from `parts` such sets
+// (part p at rowacc + p part_elems and colacc + p n_pad (d + 1); colacc null beyond kFusedLaneMaxFeatures)
+// and returns whether they are all finite. fused_step_pair's scratch: fused_pair_scratch(block, d) elements
+// (block: the larger of the two ranges), 64-byte aligned.
+inline int64_t fused_pair_scratch(int64_t block, int64_t d) {
+  return fused_step_scratch(2 * block, d) + block * (d + 1);
+}
+#define BMT_FAST_DECLARE_FUSED_PAIRS(T)                                                                          \
+  void fused_step_pair(const T* xc, const T* xt, const T* w, const T* norms, int64_t n, int64_t d, T inv_h,      \
+                       int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end, T* rowacc, T* colacc,     \
+                       T* scratch);                                                                              \
+  bool fused_step_finish(const T* rowacc, int64_t part_elems, const T* colacc, int64_t parts, const T* xc,      \
+                         const T* score, int64_t n, int64_t d, T a, int64_t row_begin, int64_t row_end, T* phi);
+BMT_FAST_DECLARE_FUSED_PAIRS(float)
+BMT_FAST_DECLARE_FUSED_PAIRS(double)
 bool fused_step_rows(const float* xc, const float* xt, const float* w, const float* norms, const float* score,
                      int64_t n, int64_t d, float inv_h, float a, int64_t row_begin, int64_t row_end, float* scratch,
                      float* phi);

@@ -1415,18 +1415,22 @@ BMT_FAST_INLINE void fused_kernel_entries(vec_t<T> (&s)[kFusedRows][kFusedVector
   }
 }
 
-// acc[r][k..] += sum_c kb[r][c] w[c][k..] for DV vectors of features from k (kb: the block's K, C columns).
+// acc[o][k..] += sum_q kv(o, q) w[q][k..] for kFusedRows outputs o, q over [0, count), and DV vectors of
+// features from k, with kv(o, q) = kmat[o out_stride + q in_stride]: the row side (o a row of the K block
+// kb, q its columns) and the symmetric form's column side (o a column, q the rows). Each load of W feeds
+// kFusedRows outputs.
 template <int DV, typename T>
-BMT_FAST_INLINE void fused_add_kw(const T* kb, const T* w, int64_t dw, int64_t k, T* const* acc) {
-  constexpr int L = kLanes<T>, C = kFusedVectors * L;
+BMT_FAST_INLINE void fused_add_kw(const T* kmat, int64_t out_stride, int64_t in_stride, int64_t count, const T* w,
+                                  int64_t dw, int64_t k, T* const* acc) {
+  constexpr int L = kLanes<T>;
   vec_t<T> o[kFusedRows][DV];
   for (int r = 0; r < kFusedRows; ++r)
     for (int v = 0; v < DV; ++v) o[r][v] = load(acc[r] + k + v * L);
-  for (int c = 0; c < C; ++c) {
+  for (int64_t q = 0; q < count; ++q) {
     vec_t<T> wv[DV];
-    for (int v = 0; v < DV; ++v) wv[v] = load(w + c * dw + k + v * L);
+    for (int v = 0; v < DV; ++v) wv[v] = in_register(load(w + q * dw + k + v * L));
     for (int r = 0; r < kFusedRows; ++r) {
-      const vec_t<T> kv = broadcast(kb[r * C + c]);
+      const vec_t<T> kv = broadcast(kmat[r * out_stride + q * in_stride]);
       for (int v = 0; v < DV; ++v) o[r][v] += kv * wv[v];
     }
   }
@@ -1441,7 +1445,7 @@ BMT_FAST_INLINE void fused_add_kw(const T* kb, const T* w, int64_t dw, int64_t k
 template <typename T>
 BMT_FAST_INLINE void fused_block(const T* xc, const T* xt, const T* w, const T* norms, int64_t d, int64_t dw,
                                  T neg_inv_h, int64_t row_begin, int64_t row_end, int64_t r0, int64_t j0, T* scratch,
-                                 int64_t stride, T* kb) {
+                                 int64_t stride, T* kb, T* colacc = nullptr, int64_t col_base = 0) {
   constexpr int L = kLanes<T>, C = kFusedVectors * L;
   const T* xr[kFusedRows];
   T nr[kFusedRows];
@@ -1471,13 +1475,31 @@ BMT_FAST_INLINE void fused_block(const T* xc, const T* xt, const T* w, const T* 
         store(acc[r] + k * L, t);
       }
     }
+    if (colacc) {  // the symmetric form's column side: the columns' sums += K^T W of these rows
+      T* cb = colacc + (block - col_base) * (d + 1) + (j0 - block);  // (colacc's blocks from column col_base)
+      const T* wr = w + r0 / kFusedPack * kFusedPack * d + r0 % kFusedPack;  // W of row r0 + r, feature k: wr[k 64 + r]
+      for (int64_t k = 0; k < d; ++k) {
+        vec_t<T> wk[kFusedRows];
+        for (int r = 0; r < kFusedRows; ++r) wk[r] = broadcast(wr[k * kFusedPack + r]);
+        for (int v = 0; v < kFusedVectors; ++v) {
+          vec_t<T> t = load(cb + k * kFusedPack + v * L);
+          for (int r = 0; r < kFusedRows; ++r) t += s[r][v] * wk[r];
+          store(cb + k * kFusedPack + v * L, t);
+        }
+      }
+      for (int v = 0; v < kFusedVectors; ++v) {
+        vec_t<T> t = load(cb + d * kFusedPack + v * L);
+        for (int r = 0; r < kFusedRows; ++r) t += s[r][v];
+        store(cb + d * kFusedPack + v * L, t);
+      }
+    }
   } else {
     for (int r = 0; r < kFusedRows; ++r)
       for (int v = 0; v < kFusedVectors; ++v) store(kb + r * C + v * L, s[r][v]);
     const T* wj = w + j0 * dw;
     int64_t k = 0;
-    for (; k + 4 * L <= dw; k += 4 * L) fused_add_kw<4, T>(kb, wj, dw, k, acc);
-    for (; k < dw; k += L) fused_add_kw<1, T>(kb, wj, dw, k, acc);
+    for (; k + 4 * L <= dw; k += 4 * L) fused_add_kw<4, T>(kb, C, 1, C, wj, dw, k, acc);
+    for (; k < dw; k += L) fused_add_kw<1, T>(kb, C, 1, C, wj, dw, k, acc);
   }
 }
 
@@ -1620,6 +1642,95 @@ BMT_FAST_INLINE int64_t fused_window_rows_impl(const T* xc, const T* xt, const T
   return written;
 }
 
+// phi_i = (sum_j k_ij W_j + a rowsum_i xc_i + score_i) / n for rows [row_begin, row_end) (the own term k_ii = 1 as
+// score_i = W_i + a xc_i) from `parts` sets of sums: part p's row i at rowacc + p part_elems + (i - row_base)
+// stride (as fused_block keeps them) and, where colacc is not null (the symmetric form's per-lane sums), its
+// column side at colacc + p n_pad (d + 1) (as fused_block adds it). Returns whether phi is all finite.
+template <typename T>
+BMT_FAST_INLINE bool fused_finish_rows(const T* rowacc, int64_t part_elems, int64_t row_base, const T* colacc,
+                                       int64_t parts, const T* xc, const T* score, int64_t n, int64_t d, T a,
+                                       int64_t row_begin, int64_t row_end, T* phi) {
+  constexpr int L = kLanes<T>;
+  const bool lanes = d <= kFusedLaneMaxFeatures;
+  const int64_t stride = L + (lanes ? d * L : round_up(d, kFusedWidth));
+  const int64_t n_pad = round_up(n, kFusedPack);
+  T bad = 0;
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* col = colacc ? colacc + i / kFusedPack * (d + 1) * kFusedPack + i % kFusedPack : nullptr;
+    T rowsum = 0;
+    for (int64_t p = 0; p < parts; ++p) {
+      rowsum += horizontal_sum<T>(load(rowacc + p * part_elems + (i - row_base) * stride));
+      if (col) rowsum += col[p * n_pad * (d + 1) + d * kFusedPack];
+    }
+    const T ar = a * rowsum;
+    const T* xi = xc + i * d;
+    const T* si = score + i * d;
+    T* out = phi + i * d;
+    for (int64_t k = 0; k < d; ++k) {
+      T kw = 0;
+      for (int64_t p = 0; p < parts; ++p) {
+        const T* row = rowacc + p * part_elems + (i - row_base) * stride;
+        kw += lanes ? horizontal_sum<T>(load(row + L + k * L)) : row[L + k];
+        if (col) kw += col[p * n_pad * (d + 1) + k * kFusedPack];
+      }
+      const T v = (kw + ar * xi[k] + si[k]) / static_cast<T>(n);
+      out[k] = v;
+      bad += v - v;  // NaN for a NaN or an infinity
+    }
+  }
+  return bad == T(0);
+}
+
+// The symmetric form (kernels.h: fused_step_pair): rows [i_begin, i_end) against columns [j_begin, j_end), K
+// once per pair and both sides added into this thread's sums.
+template <typename T>
+BMT_FAST_INLINE void fused_step_pair_impl(const T* xc, const T* xt, const T* w, const T* norms, int64_t n, int64_t d,
+                                          T inv_h, int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end,
+                                          T* rowacc, T* colacc, T* scratch) {
+  constexpr int L = kLanes<T>, C = kFusedVectors * L;
+  const bool lanes = d <= kFusedLaneMaxFeatures, diagonal = i_begin == j_begin;
+  const int64_t dw = round_up(d, kFusedWidth), stride = L + (lanes ? d * L : dw);
+  const int64_t row_end = min64(i_end, n);
+  // The pair's sums first in scratch (its rows', then its columns'), added into the thread's once at the end:
+  // each of those then takes one addition per block pair instead of one per row block of 4 (fp32: the
+  // symmetric form's error at 4096 x 3 was 6x the GEMM tiles').
+  T* rows_sums = scratch;
+  T* cols_sums = scratch + (i_end - i_begin) * stride;
+  const int64_t cols_size = lanes ? (j_end - j_begin) * (d + 1) : (j_end - j_begin) * stride;
+  std::memset(rows_sums, 0, static_cast<size_t>((i_end - i_begin) * stride) * sizeof(T));
+  if (!diagonal) std::memset(cols_sums, 0, static_cast<size_t>(cols_size) * sizeof(T));
+  alignas(64) T kb[kFusedGroupRows * C];
+  for (int64_t g0 = i_begin; g0 < row_end; g0 += kFusedGroupRows) {
+    const int64_t g1 = min64(row_end, g0 + kFusedGroupRows), rows = round_up(g1 - g0, kFusedRows);
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += C) {
+      for (int64_t r0 = g0; r0 < g1; r0 += kFusedRows)
+        fused_block<T>(xc, xt, w, norms, d, dw, -inv_h, i_begin, row_end, r0, j0, rows_sums, stride,
+                       kb + (r0 - g0) * C, !diagonal && lanes ? cols_sums : nullptr, j_begin);
+      if (diagonal || lanes) continue;
+      // The columns' sums += K^T W of the group's rows (kb: their K rows), kFusedRows columns at a time.
+      const T* wg = w + g0 * dw;
+      for (int c0 = 0; c0 < C; c0 += kFusedRows) {
+        T* acc[kFusedRows];
+        for (int c = 0; c < kFusedRows; ++c) {
+          T* row = cols_sums + (j0 - j_begin + c0 + c) * stride;
+          T sum = 0;
+          for (int64_t r = 0; r < rows; ++r) sum += kb[r * C + c0 + c];
+          row[0] += sum;
+          acc[c] = row + L;
+        }
+        int64_t k = 0;
+        for (; k + 4 * L <= dw; k += 4 * L) fused_add_kw<4, T>(kb + c0, 1, C, rows, wg, dw, k, acc);
+        for (; k < dw; k += L) fused_add_kw<1, T>(kb + c0, 1, C, rows, wg, dw, k, acc);
+      }
+    }
+  }
+  auto add = [](T* to, const T* from, int64_t count) BMT_FAST_INLINE_LAMBDA {  // (count: whole vectors)
+    for (int64_t e = 0; e < count; e += L) store(to + e, load(to + e) + load(from + e));
+  };
+  add(rowacc + i_begin * stride, rows_sums, (i_end - i_begin) * stride);
+  if (!diagonal) add(lanes ? colacc + j_begin * (d + 1) : rowacc + j_begin * stride, cols_sums, cols_size);
+}
+
 template <typename T>
 BMT_FAST_INLINE bool fused_step_rows_impl(const T* xc, const T* xt, const T* w, const T* norms, const T* score,
                                           int64_t n, int64_t d, T inv_h, T a, int64_t row_begin, int64_t row_end,
@@ -1647,22 +1758,7 @@ BMT_FAST_INLINE bool fused_step_rows_impl(const T* xc, const T* xt, const T* w, 
           fused_block<T>(xc, xt, w, norms, d, dw, neg_inv_h, row_begin, row_end, r0, j0, scratch, stride, kb);
     }
   }
-  // phi_i = (sum_j k_ij W_j + a rowsum_i xc_i + score_i) / n, the own term k_ii = 1 as score_i (W_i + a xc_i).
-  T bad = 0;
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    const T* row = scratch + (i - row_begin) * stride;
-    const T ar = a * horizontal_sum<T>(load(row));
-    const T* xi = xc + i * d;
-    const T* si = score + i * d;
-    T* out = phi + i * d;
-    for (int64_t k = 0; k < d; ++k) {
-      const T kw = lanes ? horizontal_sum<T>(load(row + L + k * L)) : row[L + k];
-      const T v = (kw + ar * xi[k] + si[k]) / static_cast<T>(n);
-      out[k] = v;
-      bad += v - v;  // NaN for a NaN or an infinity
-    }
-  }
-  return bad == T(0);
+  return fused_finish_rows<T>(scratch, 0, row_begin, nullptr, 1, xc, score, n, d, a, row_begin, row_end, phi);
 }
 
 }  // namespace
@@ -1814,6 +1910,17 @@ BMT_FAST_DEFINE_TILE_KERNELS(double)
   int64_t fused_window_rows(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo, T hi,           \
                             int64_t row_begin, int64_t row_end, int64_t* below, T* out) {                         \
     return fused_window_rows_impl<T>(xc, xt, norms, n, d, lo, hi, row_begin, row_end, below, out);                \
+  }                                                                                                               \
+  void fused_step_pair(const T* xc, const T* xt, const T* w, const T* norms, int64_t n, int64_t d, T inv_h,       \
+                       int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end, T* rowacc, T* colacc,      \
+                       T* scratch) {                                                                              \
+    fused_step_pair_impl<T>(xc, xt, w, norms, n, d, inv_h, i_begin, i_end, j_begin, j_end, rowacc, colacc,        \
+                            scratch);                                                                             \
+  }                                                                                                               \
+  bool fused_step_finish(const T* rowacc, int64_t part_elems, const T* colacc, int64_t parts, const T* xc,       \
+                         const T* score, int64_t n, int64_t d, T a, int64_t row_begin, int64_t row_end, T* phi) { \
+    return fused_finish_rows<T>(rowacc, part_elems, 0, colacc, parts, xc, score, n, d, a, row_begin, row_end,     \
+                                phi);                                                                             \
   }                                                                                                               \
   bool fused_step_rows(const T* xc, const T* xt, const T* w, const T* norms, const T* score, int64_t n, int64_t d, \
                        T inv_h, T a, int64_t row_begin, int64_t row_end, T* scratch, T* phi) {                    \

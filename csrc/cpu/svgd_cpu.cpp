@@ -935,6 +935,62 @@ bool use_fused(int64_t n, int64_t d, int64_t element_bytes, bool median) {
   return fused_enabled() && d <= (kept ? kFusedKeptMaxFeatures : kFusedMaxFeatures);
 }
 
+// Whether the fused step takes its symmetric form (kernels.h: fused_step_pair): K once per pair, added into
+// both rows' sums (half the dot products and exps), from 2048 particles (1024 with more than
+// kFusedLaneMaxFeatures features), where each thread's sums for all rows take at most kFusedPairsMaxBytes.
+// fp32 step, H given, 2 threads, PASSIVE, rows -> pairs (ms): 600 x 3 0.15-0.24 -> 0.35-0.36, 1024 x 3
+// 0.30-0.32 -> 0.45, 1024 x 16 0.48-0.55 -> 0.71-0.73, 1024 x 64 level, 2048 x 3 0.73-0.83 -> 0.80-0.81, 2048
+// x 64 3.4-3.8 -> 3.2-3.3; with each block pair's sums added up apart first (fp32 error at 4096 x 3: 1.1e-5
+// -> 1.6e-6 of max |phi|, the GEMM tiles' 1.7e-6): 4096 x 3 2.5-2.7 -> 2.1-2.2, 16,384 x 3 36-37 -> 26.2-26.5,
+// 4096 x 32 9.0-9.4 -> 7.8-7.9, 4096 x 64 level, 8192 x 128 104-105 -> 90-91, 4096 x 256 52-56 -> 47.5-50.6.
+constexpr int64_t kFusedPairsMaxBytes = int64_t{256} << 20;
+constexpr int64_t kFusedPairBlock = 256;  // rows per block of a pair (a multiple of kFusedPack; 512: level)
+
+bool fused_symmetric(int64_t n, int64_t d, int64_t element_bytes) {
+  if (n < (d > kFusedLaneMaxFeatures ? 1024 : 2048)) return false;
+  const int64_t n_pad = (n + kFusedPack - 1) / kFusedPack * kFusedPack;
+  const int64_t per_part = fused_step_scratch(n_pad, d) + (d <= kFusedLaneMaxFeatures ? n_pad * (d + 1) : 0);
+  return at::get_num_threads() * per_part * element_bytes <= kFusedPairsMaxBytes;
+}
+
+// The symmetric form: the pairs (I, J >= I) of blocks of kFusedPairBlock rows go to `parts` (the thread count)
+// equal shares, each adding into its own sums for all rows (zeroed), which the last pass adds up in part order
+// into phi. Returns whether phi is all finite.
+template <typename T>
+bool fused_step_symmetric(const FusedOperands<T>& ops, const at::Tensor& score, double h, at::Tensor& phi) {
+  const int64_t n = ops.n, d = ops.d, n_pad = ops.n_pad, parts = at::get_num_threads();
+  const int64_t blocks = (n_pad + kFusedPairBlock - 1) / kFusedPairBlock;
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t i = 0; i < blocks; ++i)
+    for (int64_t j = i; j < blocks; ++j) pairs.emplace_back(i * kFusedPairBlock, j * kFusedPairBlock);
+  const bool lanes = d <= kFusedLaneMaxFeatures;
+  const int64_t part_elems = fused_step_scratch(n_pad, d), col_elems = lanes ? n_pad * (d + 1) : 0;
+  const at::Tensor rowacc = at::zeros({parts * part_elems}, ops.xc.options());
+  const at::Tensor colacc = at::zeros({parts * col_elems}, ops.xc.options());
+  const int64_t count = static_cast<int64_t>(pairs.size());
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    at::Tensor scratch = at::empty({fused_pair_scratch(kFusedPairBlock, d)}, ops.xc.options());
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      for (int64_t p = part * count / parts; p < (part + 1) * count / parts; ++p) {
+        const auto [i0, j0] = pairs[p];
+        fused_step_pair(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(),
+                        ops.w.template data_ptr<T>(), ops.norms.template data_ptr<T>(), n, d, static_cast<T>(1.0 / h),
+                        i0, std::min(n_pad, i0 + kFusedPairBlock), j0, std::min(n_pad, j0 + kFusedPairBlock),
+                        rowacc.data_ptr<T>() + part * part_elems,
+                        lanes ? colacc.data_ptr<T>() + part * col_elems : nullptr, scratch.data_ptr<T>());
+      }
+    }
+  });
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    if (!fused_step_finish(rowacc.data_ptr<T>(), part_elems, lanes ? colacc.data_ptr<T>() : nullptr, parts,
+                           ops.xc.template data_ptr<T>(), score.data_ptr<T>(), n, d, static_cast<T>(2.0 / h), begin,
+                           end, phi.data_ptr<T>()))
+      finite = false;
+  });
+  return finite.load();
+}
+
 // The tiled step by the fused kernel: xc's columns and W packed for it (kernels.h), blocks of rows to the
 // threads, each block's rows streaming every column once per chunk of columns. Writes phi into out where out
 // has the compute type (returning whether it is all finite), else into a buffer copied into out (nullopt).
@@ -955,6 +1011,12 @@ std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score
   const at::Tensor &xc = ops.xc, &xt = ops.xt, &w = ops.w, &norms = ops.norms;
   const bool direct = out.scalar_type() == acc;
   at::Tensor phi = direct ? out : at::empty({n, d}, xc.options());
+  if (fused_symmetric(n, d, xc.element_size())) {
+    const bool finite = fused_step_symmetric<T>(ops, score_t, h, phi);
+    if (direct) return finite;
+    out.copy_(phi);
+    return std::nullopt;
+  }
   // Blocks of rows whose sums (scratch) take about 256 KiB, at least one per thread and a multiple of the
   // thread count.
   const int64_t threads = at::get_num_threads();
