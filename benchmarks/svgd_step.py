@@ -6,8 +6,8 @@
 
 Nominal work: 6 n² d FLOPs (2 n² d for the distances, 4 n² d for K @ [score | x]); achieved FLOP/s are
 computed from it whatever a provider actually does (bmt_fast's CPU kernel folds score and x into one
-matrix: 4 n² d with up to 256 features, where its fused kernel forms K a register block at a time, and about
-half, 3 n² d, beyond, where its GEMM tiles use the symmetry of K). Bytes the step must move: read x twice and the scores
+matrix and uses the symmetry of K: 3 n² d, about half; 4 n² d in its fused kernel's rows form, below 2048
+particles with up to 24 features and below 1024 with more). Bytes the step must move: read x twice and the scores
 once, write phi: 4 n d elements.
 """
 

@@ -6,8 +6,9 @@
 //     phi = (acc[:, :d] + (2/H) acc[:, d] * xc) / n. Folding both terms into one W halves the GEMM work
 //     of K @ [score | x]; symmetry halves the distance GEMMs: 3 n^2 d FLOPs instead of 6 n^2 d.
 //   fused (many particles, d up to 256): the same sums without the tiles: a register block of 4 rows x 64
-//     columns (AVX-512) of dot products by FMAs, K's entries there, then K W added into the rows' sums; no
-//     symmetry (4 n^2 d FLOPs), but the tiles' passes over memory are gone (kernels.h: fused_step_rows).
+//     columns (AVX-512) of dot products by FMAs, K's entries there, then K W added into the rows' sums
+//     (kernels.h: fused_step_rows); from 2048 particles by pairs of row blocks, K once per pair added into
+//     both sides' sums (fused_step_pair).
 //   gram (few particles, huge d): split-K Gram over column chunks (each chunk centred on the fly), a tiny
 //     n x n K, then one memory-bound pass phi = (K/n) W + c * xc over the same chunks.
 //   bf16 on AMX (many bf16 particles, d >= 32, a CPU with AMX tiles; fp32 ones too where torch's fp32
