@@ -43,8 +43,9 @@ inline int64_t fused_step_scratch(int64_t rows, int64_t d) {
 }
 // Its operands from x and score (n x d, row-major): fused_step_shift writes the centre shift (d values: row 0
 // plus the mean of the other rows' differences from it, summed in double in sums, d of them); fused_step_pack
-// writes, for blocks [block_begin, block_end) of kFusedPack rows, xc = x - shift (rows < n), the norms (+inf
-// past n), xt and W = score - a xc as fused_step_rows reads them (padding included).
+// writes, for blocks [block_begin, block_end) of kFusedPack rows, with score null xc = x - shift (rows < n),
+// the norms (+inf past n) and xt, else W = score - a xc from that xc, as fused_step_rows reads them (padding
+// included).
 void fused_step_shift(const float* x, int64_t n, int64_t d, double* sums, float* shift);
 void fused_step_shift(const double* x, int64_t n, int64_t d, double* sums, double* shift);
 void fused_step_pack(const float* x, const float* score, int64_t n, int64_t d, const float* shift, float a,

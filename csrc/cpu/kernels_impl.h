@@ -126,6 +126,29 @@ BMT_FAST_INLINE vec_t<T> compress_lanes(M mask, vec_t<T> v) {
 }
 #endif
 
+// One vector of squared distances in the median's window pass: its lanes set in `valid` below lo counted into
+// under (lanes of -1 per count), those in [lo, hi] appended to out at `written`. The window holds a few
+// percent of the values around the median: most vectors have none of them. Those that do: the AVX-512 build
+// packs them to the front of a register and stores all of it (out has room for every value of the rows and
+// a vector past them, so the whole vector fits past what is written); elsewhere one by one, the store
+// unconditional and the count moving past it.
+template <typename T, typename Mask>
+BMT_FAST_INLINE void window_vector(vec_t<T> dist, vec_t<T> lo, vec_t<T> hi, Mask valid, Mask& under, T* out,
+                                   int64_t& written) {
+  under -= (dist < lo) & valid;
+  const Mask inside = (dist >= lo) & (dist <= hi) & valid;
+  if (!any_lane(inside)) return;
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+  store(out + written, compress_lanes<T>(inside, dist));
+  written += count_lanes(inside);
+#else
+  for (int q = 0; q < kLanes<T>; ++q) {
+    out[written] = dist[q];
+    written += inside[q] != 0;
+  }
+#endif
+}
+
 template <typename T>
 BMT_FAST_INLINE int64_t window_collect_impl(const T* tile, int64_t ld, int64_t row_begin, int64_t row_end,
                                             int64_t cols, const T* nr, const T* nc, bool upper_only, T lo, T hi,
@@ -144,23 +167,7 @@ BMT_FAST_INLINE int64_t window_collect_impl(const T* tile, int64_t ld, int64_t r
     Mask under_v{};
     for (; b + L <= cols; b += L) {
       const vec_t<T> dist = clamp_nonnegative<T>(na_v + load(nc + b) - T(2) * load(row + b));
-      under_v -= dist < lo_v;
-      const Mask inside = (dist >= lo_v) & (dist <= hi_v);
-      // The window holds a few percent of the values around the median: most vectors have none of them.
-      // Those that do: the AVX-512 build packs them to the front of a register and stores all of it (out
-      // has room for every value of the rows, so the whole vector fits past what is written); elsewhere
-      // one by one, the store unconditional and the count moving past it.
-      if (any_lane(inside)) {
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-        store(out + written, compress_lanes<T>(inside, dist));
-        written += count_lanes(inside);
-#else
-        for (int q = 0; q < L; ++q) {
-          out[written] = dist[q];
-          written += inside[q] != 0;
-        }
-#endif
-      }
+      window_vector<T>(dist, lo_v, hi_v, ~Mask{}, under_v, out, written);
     }
     for (int q = 0; q < L; ++q) under += under_v[q];
     for (; b < cols; ++b) {  // the ragged end of the row
@@ -1524,23 +1531,27 @@ BMT_FAST_INLINE void fused_step_pack_impl(const T* x, const T* score, int64_t n,
     for (int64_t c = 0; c < kFusedPack; ++c) {
       const int64_t i = b * kFusedPack + c;
       if (i >= n) {  // padding: columns that give K = 0 and add nothing
-        norms[i] = std::numeric_limits<T>::infinity();
-        for (int64_t k = 0; k < d; ++k) xt_block[k * kFusedPack + c] = T(0);
-        if (score && lanes)
+        if (!score) {
+          norms[i] = std::numeric_limits<T>::infinity();
+          for (int64_t k = 0; k < d; ++k) xt_block[k * kFusedPack + c] = T(0);
+        } else if (lanes) {
           for (int64_t k = 0; k < d; ++k) w_block[k * kFusedPack + c] = T(0);
-        else if (score)
+        } else {
           fill(w + i * dw, dw, T(0));
+        }
         continue;
       }
-      T norm = 0;
-      for (int64_t k = 0; k < d; ++k) {
-        const T v = x[i * d + k] - shift[k];
-        xc[i * d + k] = v;
-        norm += v * v;
-        xt_block[k * kFusedPack + c] = v;
+      if (!score) {
+        T norm = 0;
+        for (int64_t k = 0; k < d; ++k) {
+          const T v = x[i * d + k] - shift[k];
+          xc[i * d + k] = v;
+          norm += v * v;
+          xt_block[k * kFusedPack + c] = v;
+        }
+        norms[i] = norm;
+        continue;
       }
-      norms[i] = norm;
-      if (!score) continue;
       for (int64_t k = 0; k < d; ++k) {
         const T wv = score[i * d + k] - a * xc[i * d + k];
         if (lanes) w_block[k * kFusedPack + c] = wv;
@@ -1616,22 +1627,9 @@ BMT_FAST_INLINE int64_t fused_window_rows_impl(const T* xc, const T* xt, const T
           Mask valid = ~Mask{};
           if (edge) {  // lane q is column j0 + v L + q
             const int64_t first = j0 + v * L;
-            const Mask j_rel = lane_index + static_cast<Lane>(0);
-            valid = (j_rel > static_cast<Lane>(i - first)) & (j_rel < static_cast<Lane>(n - first));
+            valid = (lane_index > static_cast<Lane>(i - first)) & (lane_index < static_cast<Lane>(n - first));
           }
-          under_v -= (dist < lo_v) & valid;
-          const Mask inside = (dist >= lo_v) & (dist <= hi_v) & valid;
-          if (any_lane(inside)) {
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-            store(out + written, compress_lanes<T>(inside, dist));
-            written += count_lanes(inside);
-#else
-            for (int q = 0; q < L; ++q) {
-              out[written] = dist[q];
-              written += inside[q] != 0;
-            }
-#endif
-          }
+          window_vector<T>(dist, lo_v, hi_v, valid, under_v, out, written);
         }
       }
     }

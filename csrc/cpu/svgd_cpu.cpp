@@ -388,7 +388,7 @@ struct FusedOperands {
     fused_step_shift(xs.data_ptr<T>(), n, d, sums.data(), shift.data_ptr<T>());
     pack(nullptr, 0.0);
   }
-  // W = score - a xc (score in T, contiguous) as fused_step_rows reads it.
+  // W = score - a xc (score in T, contiguous) as fused_step_rows reads it, from the xc already packed.
   void pack_w(const at::Tensor& score, double a) {
     const int64_t width = d <= kFusedLaneMaxFeatures ? d : (d + kFusedWidth - 1) / kFusedWidth * kFusedWidth;
     w = at::empty({n_pad * width}, xs.options());
@@ -894,9 +894,11 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   // With the median rule and many features the median's pass keeps its tiles for K (as the AMX path).
   const bool keep = !bandwidth && keeps_dots(n, d, sizeof(T), kKeptDotsMinFeatures);
   at::Tensor kept = keep ? empty_large({n, n}, xc.options()) : at::Tensor();
-  const double h = bandwidth ? *bandwidth
-                  : keep     ? bandwidth_from_median(median_sq_dist<T>(xc, norms, GemmTiles{xc, &kept}), n)
-                             : bandwidth_from_median(gemm_path_median<T>(x), n);  // (as median_bandwidth)
+  // (the median as median_bandwidth takes it: the fused distances below kKeptDotsMinFeatures features)
+  const double h = bandwidth              ? *bandwidth
+                   : use_fused_median(d) ? bandwidth_from_median(gemm_path_median<T>(x), n)
+                                         : bandwidth_from_median(median_sq_dist<T>(
+                                               xc, norms, GemmTiles{xc, keep ? &kept : nullptr}), n);
   const double a = 2.0 / h;
 
   // W = [score - a * xc | 1]: one GEMM with K gives the score term, the repulsion term and row sums. The
