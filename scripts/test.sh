@@ -27,9 +27,13 @@ cd "$ROOT"
 "$VENV/bin/python" -m pytest tests "$@"
 
 # Calls with little work run on one thread (csrc/cpu/svgd_cpu.cpp, SerialIfSmall), which most of the tests'
-# small shapes are: the kernel tests again with every call threaded, so the threads' shares stay covered, and
-# with the many-particle step on GEMM tiles instead of the fused kernel (which the first pass takes up to 256
-# features), so that path stays covered at the tests' shapes too.
-echo "== CPU kernel tests with every call threaded and the step on GEMM tiles (BMT_FAST_CPU_SERIAL_MAX_WORK=0, BMT_FAST_CPU_FUSED=0)"
+# small shapes are: the kernel tests again with every call threaded, so the threads' shares stay covered
+# (the fused kernels' loops in one team each, csrc/cpu/team.h), then a third time also with the fused kernels
+# off (BMT_FAST_CPU_FUSED=0: the many-particle step on GEMM tiles, GEMM-tile medians, one-GEMM kernels and the
+# feature chunks from 64 features), so those paths stay covered at the tests' shapes too.
+echo "== CPU kernel tests with every call threaded (BMT_FAST_CPU_SERIAL_MAX_WORK=0)"
+BMT_FAST_CPU_SERIAL_MAX_WORK=0 "$VENV/bin/python" -m pytest tests/test_svgd_step.py \
+  tests/test_rbf_kernel.py tests/test_median_bandwidth.py "$@"
+echo "== CPU kernel tests with every call threaded and the fused kernels off (BMT_FAST_CPU_SERIAL_MAX_WORK=0, BMT_FAST_CPU_FUSED=0)"
 BMT_FAST_CPU_SERIAL_MAX_WORK=0 BMT_FAST_CPU_FUSED=0 "$VENV/bin/python" -m pytest tests/test_svgd_step.py \
   tests/test_rbf_kernel.py tests/test_median_bandwidth.py "$@"

@@ -700,3 +700,67 @@ def test_torch_compile_traces_the_ops():
     reference.rbf_kernel(expected_x, y, h).sum().backward()
     torch.testing.assert_close(out, reference.rbf_kernel(x.detach(), y, h).sum())
     torch.testing.assert_close(x.grad, expected_x.grad)
+
+
+FUSED_KERNEL_SCRIPT = """
+import sys, torch, bmt_fast
+torch.manual_seed(0)
+out = {}
+# (n, d, dtype): rbf_kernel(x) by the fused distances up to 128 features (any n; 4-row blocks, ragged, and
+# blocks of columns at 3000 x 100), up to 256 from 129 to 1024 particles; the median by selection (n <= 512)
+# and by the window beyond, also from 128 features (300 x 200, 900 x 250).
+for n, d, dtype in [(70, 5, torch.float32), (257, 64, torch.float32), (300, 200, torch.float64),
+                    (130, 256, torch.float32), (1100, 30, torch.float32), (900, 250, torch.float64),
+                    (90, 20, torch.bfloat16), (3000, 100, torch.float32)]:
+    x = (torch.randn(n, d, dtype=torch.float64) * 1.5 + 2.0).to(dtype)
+    h = torch.tensor(2.0 * d, dtype=torch.float64)
+    k_median, h_median = torch.ops.bmt_fast.rbf_kernel_median(x)
+    out[(n, d, str(dtype))] = {"x": x, "k": torch.ops.bmt_fast.rbf_kernel(x, x, h), "h": h,
+                               "median_bandwidth": torch.ops.bmt_fast.median_bandwidth(x, "auto"),
+                               "k_median": k_median, "h_median": h_median,
+                               "k_of_h_median": torch.ops.bmt_fast.rbf_kernel(x, x, h_median)}
+torch.save(out, sys.argv[1])
+"""
+
+
+@requires_cpu_extension
+def test_self_kernel_by_the_fused_distances_in_one_team(tmp_path):
+    """rbf_kernel(x) with up to 128 features (256 up to 1024 particles) takes the fused distances, its loops
+    in one OpenMP region (team.h): the float64 reference's K, exactly symmetric with a unit diagonal;
+    rbf_kernel_median gives rbf_kernel(x, x, H) with H = median_bandwidth(x), bit for bit, both from one
+    team. With every call threaded the results are the same bits (each entry's arithmetic does not depend
+    on the split); with BMT_FAST_CPU_FUSED=0 (one GEMM, feature chunks, GEMM-tile medians) the same values
+    within rounding."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fused_kernel.py"
+    script.write_text(FUSED_KERNEL_SCRIPT)
+    results = {}
+    for name, extra in (("fused", {}), ("threaded", {"BMT_FAST_CPU_SERIAL_MAX_WORK": "0"}),
+                        ("gemm", {"BMT_FAST_CPU_FUSED": "0"})):
+        path = tmp_path / f"{name}.pt"
+        env = subprocess_env(**extra)
+        for key in ("BMT_FAST_CPU_FUSED", "BMT_FAST_CPU_SERIAL_MAX_WORK"):
+            if key not in extra:
+                env.pop(key, None)
+        run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[name] = torch.load(path)
+    assert len(results["fused"]) == 8
+    for key, fused in results["fused"].items():
+        n, d, dtype = key
+        tol = {"torch.float32": 2e-5, "torch.float64": 1e-12, "torch.bfloat16": 1e-2}[dtype]
+        x64 = fused["x"].double()
+        expected = reference.rbf_kernel(x64, x64, fused["h"])
+        for name, result in results.items():
+            k = result[key]["k"]
+            assert k.dtype == fused["x"].dtype and k.shape == (n, n), (key, name)
+            assert torch.equal(k, k.T) and torch.equal(k.diagonal(), torch.ones(n, dtype=k.dtype)), (key, name)
+            assert relative_error(k, expected) <= tol, (key, name)
+            assert torch.equal(result[key]["h_median"], result[key]["median_bandwidth"]), (key, name)
+            assert torch.equal(result[key]["k_median"], result[key]["k_of_h_median"]), (key, name)
+            h_ref = float(reference.median_bandwidth(x64))
+            assert abs(float(result[key]["h_median"]) / h_ref - 1) <= tol, (key, name)
+        for name in ("k", "h_median", "k_median"):
+            assert torch.equal(fused[name], results["threaded"][key][name]), (key, name)

@@ -366,8 +366,9 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
 @pytest.mark.parametrize("n,d", [(120, 1700), (100, 600), (257, 1300), (500, 200), (130, 70), (600, 2450)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_few_particles_on_the_gemm_path_by_feature_chunks(n, d, dtype):
-    """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with 64 or more features (up to 1024 with
-    4 or more features per particle: 600 x 2450), go by feature chunks: the threads share chunks of up to 512
+    """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with more than 256 features (64 or more
+    with BMT_FAST_CPU_FUSED=0, as the tests' last pass runs: 500 x 200 and 130 x 70 take the fused kernels
+    otherwise; up to 1024 with 4 or more features per particle: 600 x 2450), go by feature chunks: the threads share chunks of up to 512
     features (fewer where that balances them; ragged last chunks here), each centred by its own column means, their
     dot products summed per thread, and the step applies K a chunk at a time. median_bandwidth, rbf_kernel(x) and
     rbf_kernel_median take that one pass, so K is rbf_kernel's bit for bit, symmetric, with a diagonal of ones, and
@@ -622,7 +623,8 @@ def test_bf16_amx_epilogue_roundings_agree(tmp_path):
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_every_isa_build_is_correct(isa, tmp_path):
     """The baseline, AVX2 and AVX-512 builds of the kernels each give the reference result (the tiled path
-    by the fused kernel in both its forms, by rows and by block pairs, by one GEMM and by feature chunks too;
+    by the fused kernel in both its forms, by rows and by block pairs, and by feature chunks too
+    (70 x 300), and rbf_kernel(x) by the fused distances;
     the Gram path's apply pass direct and packed, whose last row block of 36 or 37 particles is 4 rows, or 8
     with padding, in the AVX-512 build), and each reports a NaN
     in phi (svgd_step_into's flag, tracked in their own apply passes); their vectorised
@@ -636,6 +638,7 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "from bmt_fast import reference\n"
         "torch.manual_seed(0)\n"
         "for n, d, algo in [(70, 37, 'tiled'), (70, 5, 'tiled'), (1100, 30, 'tiled'), (2050, 6, 'tiled'), (70, 100, 'tiled'),\n"
+        "                   (70, 300, 'tiled'),\n"
         "                   (13, 3001, 'gram'), (12, 77, 'gram'),\n"
         "                   (40, 515, 'gram'), (37, 300, 'gram'), (36, 130, 'gram'), (9, 2048, 'gram')]:\n"
         "    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
@@ -663,6 +666,13 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "    os.environ['BMT_FAST_MEDIAN_WINDOW'] = '0'\n"
         "    assert windowed == float(torch.ops.bmt_fast.median_bandwidth(x, 'tiled')), (n, d, dt)\n"
         "    del os.environ['BMT_FAST_MEDIAN_WINDOW']\n"
+        "for n, d in [(70, 37), (300, 200), (1030, 20)]:  # rbf_kernel(x) by the fused distances\n"
+        "    x = torch.randn(n, d, dtype=torch.float64); h = torch.tensor(float(d), dtype=torch.float64)\n"
+        "    for dt in (torch.float32, torch.float64):\n"
+        "        k = torch.ops.bmt_fast.rbf_kernel(x.to(dt), x.to(dt), h)\n"
+        "        ref = reference.rbf_kernel(x.to(dt).double(), x.to(dt).double(), h)\n"
+        "        err = float((k.double() - ref).abs().max())\n"
+        "        assert err < {torch.float64: 1e-12, torch.float32: 2e-5}[dt] and torch.equal(k, k.T), (n, d, dt, err)\n"
         "print(bmt_fast._extension.CPU.module.build_info()['cpu_isa'])\n"
     )
     env = subprocess_env(BMT_FAST_CPU_ISA=isa)
@@ -907,12 +917,13 @@ def test_fused_step_reports_a_nan_in_phi(n, d, dtype):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n,d", [(300, 10), (2000, 3), (700, 37), (600, 140)])
+@pytest.mark.parametrize("n,d", [(300, 10), (2000, 3), (700, 37), (256, 64), (300, 200), (900, 250), (2400, 140)])
 def test_fused_step_by_the_median_rule_takes_median_bandwidths_h(n, d):
-    """On the fused path the step's median is median_bandwidth's, bit for bit: below 128 features both take
-    the fused distances (by selection at 300 particles, by the window beyond), from 128 on the GEMM tiles of
-    the centred particles (600 x 140, where the tiled step would keep them for K). fp64, so H is returned
-    unrounded; phi as the float64 reference's."""
+    """On the fused path the step's median is median_bandwidth's, bit for bit: below 128 features, and up to
+    256 where the packed particles take at most 2.5 MiB, both take the fused distances (by selection up to
+    512 particles, by the window beyond; 256 x 64 and 300 x 200 took the feature chunks before), beyond that
+    the GEMM tiles of the centred particles (2400 x 140, where the tiled step would keep them for K). fp64,
+    so H is returned unrounded; phi as the float64 reference's."""
     torch.manual_seed(n + d)
     x, score = particles(n, d)
     h = torch.ops.bmt_fast.median_bandwidth(x, "tiled")

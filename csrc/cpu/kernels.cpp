@@ -198,8 +198,10 @@ const char* compiled_isas() {
     BMT_FAST_DISPATCH(fused_dot_rows, xc, xt, d, row_begin, row_end, col_begin, cols, out, ld)                       \
   }                                                                                                                  \
   int64_t fused_window_rows(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo, T hi,             \
-                            int64_t row_begin, int64_t row_end, int64_t* below, T* out) {                            \
-    BMT_FAST_DISPATCH(fused_window_rows, xc, xt, norms, n, d, lo, hi, row_begin, row_end, below, out)                \
+                            int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end, int64_t* below,  \
+                            T* out) {                                                                                \
+    BMT_FAST_DISPATCH(fused_window_rows, xc, xt, norms, n, d, lo, hi, row_begin, row_end, col_begin, col_end, below,  \
+                      out)                                                                                           \
   }
 BMT_FAST_DEFINE_FUSED_DISTANCE_ENTRY(float)
 BMT_FAST_DEFINE_FUSED_DISTANCE_ENTRY(double)

@@ -56,13 +56,15 @@ void fused_step_pack(const double* x, const double* score, int64_t n, int64_t d,
 // that every pass computes a pair's dot product alike: fused_dot_rows writes xc_i . xc_j to out[(i -
 // row_begin) ld + j - col_begin] for rows [row_begin, row_end) and columns [col_begin, col_begin + cols)
 // (col_begin a multiple of kFusedPack); fused_window_rows takes, for rows [row_begin, row_end) and their
-// columns j > i, the squared distances max(norms_i + norms_j - 2 xc_i . xc_j, 0) below lo into *below and
-// writes those in [lo, hi] to out (room for (row_end - row_begin) n values), returning how many.
+// columns j > i in [col_begin, col_end) (multiples of kFusedPack, col_end up to n_pad), the squared distances
+// max(norms_i + norms_j - 2 xc_i . xc_j, 0) below lo into *below and writes those in [lo, hi] to out (room
+// for (row_end - row_begin) (col_end - col_begin) values), returning how many.
 #define BMT_FAST_DECLARE_FUSED_DISTANCES(T)                                                                       \
   void fused_dot_rows(const T* xc, const T* xt, int64_t d, int64_t row_begin, int64_t row_end, int64_t col_begin, \
                       int64_t cols, T* out, int64_t ld);                                                         \
   int64_t fused_window_rows(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo, T hi,          \
-                            int64_t row_begin, int64_t row_end, int64_t* below, T* out);
+                            int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,            \
+                            int64_t* below, T* out);
 BMT_FAST_DECLARE_FUSED_DISTANCES(float)
 BMT_FAST_DECLARE_FUSED_DISTANCES(double)
 // The symmetric form of the fused step: fused_step_pair takes rows [i_begin, i_end) against columns [j_begin,

@@ -1595,16 +1595,17 @@ BMT_FAST_INLINE void fused_dot_rows_impl(const T* xc, const T* xt, int64_t d, in
 }
 
 // The median's window pass without tiles (kernels.h: fused_window_rows): for rows [row_begin, row_end) and
-// the columns j > i of [0, n), the squared distances as window_collect computes them from fused_dots' dot
+// the columns j > i of [col_begin, col_end) below n, the squared distances as window_collect computes them from fused_dots' dot
 // products; those below lo counted into *below, those in [lo, hi] written to out. Returns how many it wrote.
 template <typename T>
 BMT_FAST_INLINE int64_t fused_window_rows_impl(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo,
-                                               T hi, int64_t row_begin, int64_t row_end, int64_t* below, T* out) {
+                                               T hi, int64_t row_begin, int64_t row_end, int64_t col_begin,
+                                               int64_t col_end, int64_t* below, T* out) {
   constexpr int L = kLanes<T>, C = kFusedVectors * L;
   using Mask = decltype(vec_t<T>{} < vec_t<T>{});
   using Lane = typename std::remove_reference<decltype(Mask{}[0])>::type;
   const vec_t<T> lo_v = broadcast(lo), hi_v = broadcast(hi);
-  const int64_t n_pad = round_up(n, kFusedPack);
+  const int64_t last = min64(col_end, round_up(n, kFusedPack));
   Mask lane_index;  // 0, 1, ..., L - 1
   for (int q = 0; q < L; ++q) lane_index[q] = static_cast<Lane>(q);
   int64_t written = 0;
@@ -1612,7 +1613,8 @@ BMT_FAST_INLINE int64_t fused_window_rows_impl(const T* xc, const T* xt, const T
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kFusedRows) {
     const T* rows[kFusedRows];
     fused_row_pointers(xc, d, r0, row_begin, row_end, rows);
-    for (int64_t j0 = r0 / C * C; j0 < n_pad; j0 += C) {  // from the block holding column r0 + 1 or before
+    // from the block holding column r0 + 1 or before (col_begin is a multiple of C: kFusedPack is)
+    for (int64_t j0 = std::max(col_begin, r0 / C * C); j0 < last; j0 += C) {
       const int64_t block = j0 / kFusedPack * kFusedPack;
       vec_t<T> s[kFusedRows][kFusedVectors];
       fused_dots<T>(rows, xt + block * d + (j0 - block), d, s);
@@ -1906,8 +1908,10 @@ BMT_FAST_DEFINE_TILE_KERNELS(double)
     fused_dot_rows_impl<T>(xc, xt, d, row_begin, row_end, col_begin, cols, out, ld);                              \
   }                                                                                                               \
   int64_t fused_window_rows(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo, T hi,           \
-                            int64_t row_begin, int64_t row_end, int64_t* below, T* out) {                         \
-    return fused_window_rows_impl<T>(xc, xt, norms, n, d, lo, hi, row_begin, row_end, below, out);                \
+                            int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end, int64_t* below,\
+                            T* out) {                                                                             \
+    return fused_window_rows_impl<T>(xc, xt, norms, n, d, lo, hi, row_begin, row_end, col_begin, col_end, below,  \
+                                     out);                                                                        \
   }                                                                                                               \
   void fused_step_pair(const T* xc, const T* xt, const T* w, const T* norms, int64_t n, int64_t d, T inv_h,       \
                        int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end, T* rowacc, T* colacc,      \

@@ -40,6 +40,7 @@
 #include "../bmt_fast.h"
 #include "huge_pages.h"
 #include "kernels.h"
+#include "team.h"
 
 namespace bmt_fast::cpu {
 namespace {
@@ -151,7 +152,7 @@ struct GemmTiles {
   template <typename Visit>
   void operator()(Visit&& visit) const {
     for_each_upper_tile(xc, [&](const at::Tensor& tile, int64_t i0, int64_t j0) {
-      at::parallel_for(0, tile.size(0), 16, [&](int64_t begin, int64_t end) { visit(tile, i0, j0, begin, end); });
+      parallel_for(0, tile.size(0), 16, [&](int64_t begin, int64_t end) { visit(tile, i0, j0, begin, end); });
     }, kept ? Kept::kWrite : Kept::kNone, kept);
   }
 };
@@ -369,6 +370,9 @@ bool fused_enabled() {
   return enabled;
 }
 
+// The features up to which the step and the median take the fused kernels (use_fused, use_fused_median).
+constexpr int64_t kFusedMaxFeatures = 256;
+
 // The fused kernels' operands of x (kernels.h: fused_step_shift, fused_step_pack): xc, norms (n_pad entries,
 // +inf past n) and the packed columns xt, in T; W too once pack_w has run.
 template <typename T>
@@ -398,7 +402,7 @@ struct FusedOperands {
 
  private:
   void pack(const T* score, double a) {
-    at::parallel_for(0, n_pad / kFusedPack, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, n_pad / kFusedPack, 1, [&](int64_t begin, int64_t end) {
       fused_step_pack(xs.data_ptr<T>(), score, n, d, shift.data_ptr<T>(), static_cast<T>(a), begin, end,
                       xc.data_ptr<T>(), norms.data_ptr<T>(), xt.data_ptr<T>(), score ? w.data_ptr<T>() : nullptr);
     });
@@ -420,7 +424,7 @@ struct FusedTiles {
       for (int64_t j0 = i0; j0 < n; j0 += block) {
         const int64_t cols = std::min(block, n - j0);
         at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-        at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
           fused_dot_rows(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(), ops.d, i0 + begin, i0 + end,
                          j0, cols, tile.data_ptr<T>() + begin * cols, cols);
           visit(tile, i0, j0, begin, end);
@@ -432,7 +436,15 @@ struct FusedTiles {
 
 // collect_between without tiles: the fused window pass (fused_window_rows) over groups of 16 rows, one parallel
 // region for all of them (the GEMM tiles took two per tile, each waking the threads). The groups go to the
-// threads alternately from both ends of the triangle, so that their shares of its pairs are even.
+// threads alternately from both ends of the triangle, so that their shares of its pairs are even. Each thread
+// takes its groups through one block of columns at a time, whose packed xt (at most kFusedWindowBlockBytes)
+// stays in L2 meanwhile: a group streaming all columns read them from memory once per 16 rows where xt
+// outgrew L2. fp32 median_bandwidth, 2 threads, PASSIVE, alternating, 2 rounds, the previous build (all
+// columns, no team) -> blocks (ms): 4096 x 64 6.66-6.77 -> 6.50-6.52, 8192 x 64 25.4-26.9 -> 21.1-21.7,
+// 16,384 x 64 134 -> 76, 16,384 x 3 33.2-33.8 -> 32.8, 8192 x 16 level; all columns -> blocks 4096 x 128
+// 12.2-12.7 -> 9.9-10.1.
+constexpr int64_t kFusedWindowBlockBytes = int64_t{512} << 10;
+
 template <typename T>
 std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tensor&, const FusedTiles<T>& tiles,
                                                                   T lo, T hi, int64_t capacity,
@@ -440,19 +452,25 @@ std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tens
   constexpr int64_t kGroup = 16;
   const FusedOperands<T>& ops = tiles.ops;
   const int64_t groups = (ops.n + kGroup - 1) / kGroup;
+  const int64_t block_cols = std::min(
+      ops.n_pad, std::max<int64_t>(kFusedPack, kFusedWindowBlockBytes / (ops.d * int64_t{sizeof(T)}) / kFusedPack * kFusedPack));
   WindowSink<T> sink(capacity);
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<T> scratch;  // room for a group's values and a whole vector past them
-    const size_t room = static_cast<size_t>(kGroup * ops.n + 64);
+    const size_t room = static_cast<size_t>(kGroup * block_cols + 64);
     if (scratch.size() < room) scratch.resize(room);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t % 2 == 0 ? t / 2 : groups - 1 - t / 2;
-      const int64_t r0 = g * kGroup, r1 = std::min(ops.n, r0 + kGroup);
-      int64_t under = 0;
-      const int64_t got = fused_window_rows(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(),
-                                            ops.norms.template data_ptr<T>(), ops.n, ops.d, lo, hi, r0, r1, &under,
-                                            scratch.data());
-      sink.add(scratch.data(), got, under);
+    for (int64_t c0 = 0; c0 < ops.n_pad; c0 += block_cols) {
+      const int64_t c1 = std::min(ops.n_pad, c0 + block_cols);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t g = t % 2 == 0 ? t / 2 : groups - 1 - t / 2;
+        const int64_t r0 = g * kGroup, r1 = std::min(ops.n, r0 + kGroup);
+        if (r0 >= c1) continue;  // (no column j > i in the block)
+        int64_t under = 0;
+        const int64_t got = fused_window_rows(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(),
+                                              ops.norms.template data_ptr<T>(), ops.n, ops.d, lo, hi, r0, r1, c0, c1,
+                                              &under, scratch.data());
+        sink.add(scratch.data(), got, under);
+      }
     }
   });
   return sink.finish(count);
@@ -534,7 +552,7 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   }
   std::vector<T> sample(samples);
   const int64_t block = 4096;
-  at::parallel_for(0, (samples + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, (samples + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t t0 = c * block, count = std::min(block, samples - t0);
       if constexpr (std::is_same_v<T, float>) {
@@ -584,19 +602,30 @@ double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles
 }
 
 // Whether the GEMM path's median (median_bandwidth, and the step and rbf_kernel by the median rule) takes the
-// fused distances: below the features where a step keeps the median pass's GEMM tiles for K. fp32, 2 threads,
+// fused distances: up to kFusedMaxFeatures features (beyond, the GEMM tiles of centred(x)). fp32, 2 threads,
 // 2-core Xeon VM (CPUID model 167), PASSIVE, median_bandwidth, alternating, GEMM tiles -> fused (ms): 600 x 32
-// 0.70-0.72 -> 0.42, 1024 x 3 0.99-1.01 -> 0.63-0.64, 4096 x 3 8.3-8.7 -> 4.4-4.5, 16,384 x 3 108-109 ->
-// 36-37, 2048 x 100 4.3-4.4 -> 2.6, 4096 x 64 11.5-12.0 -> 6.3-6.4, 4096 x 127 15.4-15.7 -> 11.9.
-bool use_fused_median(int64_t d) { return fused_enabled() && d < kKeptDotsMinFeatures; }
+// 0.70-0.72 -> 0.42, 1024 x 3 0.99-1.01 -> 0.63-0.64, 4096 x 3 8.3-8.7 -> 4.4-4.5, 16,384 x 3 108-109 -> 36-37,
+// 2048 x 100 4.3-4.4 -> 2.6, 4096 x 64 11.5-12.0 -> 6.3-6.4, 4096 x 127 15.4-15.7 -> 11.9. From 128 features
+// (where a step had kept the median pass's GEMM tiles for K) once the passes took one team (team.h) and the
+// window pass blocks of columns (2-3 rounds; feature chunks up to 512 particles): 256 x 128 0.64-0.72 ->
+// 0.25, 256 x 256 0.89-1.08 -> 0.43-0.45, 1024 x 128 2.11-2.20 -> 1.17-1.20, 1024 x 256 2.69-3.45 ->
+// 1.87-1.89, 2048 x 192 5.99-6.05 -> 4.25-4.42, 4096 x 192 18.5-18.8 -> 13.2-13.4, 4096 x 256 22.3-28.2 ->
+// 17.1-17.2, 8192 x 128 51.8 -> 34.1, 8192 x 256 79.1-80.5 -> 61.6-61.9, 16,384 x 128 194-195 -> 125; the
+// step by the median rule (its K then by the fused step, no kept tiles) 1024 x 256 6.8-8.5 -> 5.1, 4096 x 192
+// 59-61 -> 46, 8192 x 128 138 -> 121-126, 8192 x 256 252-255 -> 232-244, 16,384 x 128 527-543 -> 462-463.
+bool use_fused_median(int64_t d) { return fused_enabled() && d <= kFusedMaxFeatures; }
 
 // The exact median of the n^2 squared distances of x's rows on the GEMM path (fp32 / fp64 x, computed in T): by
 // the fused distances (use_fused_median), else by GEMM tiles of centred(x).
 template <typename T>
 double gemm_path_median(const at::Tensor& x) {
   if (use_fused_median(x.size(1))) {
-    const FusedOperands<T> ops(x);
-    return median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops});
+    double median = 0.0;
+    run_team([&] {  // (team.h: the passes' loops wake the threads once)
+      const FusedOperands<T> ops(x);
+      median = median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops});
+    });
+    return median;
   }
   const at::Tensor xc = centred(x, c10::CppTypeToScalarType<T>::value);
   return median_sq_dist<T>(xc, (xc * xc).sum(1).contiguous(), GemmTiles{xc});
@@ -623,7 +652,7 @@ at::Tensor rbf_kernel_self_tiles(const at::Tensor& xc, const at::Tensor& norms, 
   const T inv_h = static_cast<T>(1.0 / h);
   for_each_upper_tile(xc, [&](at::Tensor& tile, int64_t i0, int64_t j0) {
     const int64_t rows = tile.size(0), cols = tile.size(1);
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       rbf_from_dots(tile.mutable_data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, inv_h);
     });
     if (i0 == j0) {
@@ -643,7 +672,7 @@ struct DotsTiles {
   const at::Tensor& dots;
   template <typename Visit>
   void operator()(Visit&& visit) const {
-    at::parallel_for(0, dots.size(0), 16, [&](int64_t begin, int64_t end) { visit(dots, 0, 0, begin, end); });
+    parallel_for(0, dots.size(0), 16, [&](int64_t begin, int64_t end) { visit(dots, 0, 0, begin, end); });
   }
 };
 
@@ -703,9 +732,16 @@ bool use_gemm_chunked(int64_t rows, int64_t d) {
 // 60.2-64.0 / level; 600 x 2400 7.4-7.8 -> 5.5-6.5 / 16.0-16.7 -> 14.4-15.7 / 16.8-17.4 -> 14.7-16.5 /
 // level. With fewer features per particle the tiles were as fast or faster (chunks forced: 1024 x 768
 // kernel 6.1-6.2 -> 7.8-8.3 ms, 1024 x 2048 step by the median 33.5-35.4 -> 34.7-36.6, 1024 x 128 kernel
-// 1.3 -> 3.4).
+// 1.3 -> 3.4). While the fused kernels are on (unless BMT_FAST_CPU_FUSED=0) only beyond kFusedMaxFeatures:
+// below, the fused step, median and kernel, each in one team (team.h), were faster. fp32, 2 threads, 2-core
+// Xeon VM (CPUID model 167), PASSIVE, alternating, 3 rounds, chunks -> fused (us): the step by the median rule
+// 128 x 64 89-97 -> 82-83, 256 x 64 780-905 -> 253-264, 256 x 128 963-1020 -> 368-371, 256 x 256 1340-1570
+// -> 607-624, 512 x 64 1700-1810 -> 808-833, 512 x 128 2130-2250 -> 1200-1260, 512 x 256 2570-2730 ->
+// 1980-2630; with H given 256 x 64 596-685 -> 140-219, 512 x 128 1520-1630 -> 543-569; rbf_kernel(x) by the
+// median rule 256 x 64 661-685 -> 237-248, 512 x 256 2010-2160 -> 1620-1650; 128 x 128 (one thread) by the
+// median rule 116-124 -> 131-132.
 bool use_gemm_gram_chunked(int64_t n, int64_t d) {
-  return d >= kChunkedMinFeatures &&
+  return d >= kChunkedMinFeatures && (!fused_enabled() || d > kFusedMaxFeatures) &&
          (n <= kChunkedMaxParticles || (n <= kChunkedWideMaxParticles && d >= kChunkedWideFeaturesPerParticle * n));
 }
 
@@ -733,7 +769,7 @@ ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
   ChunkedGram out{at::empty({d}, options), at::empty({n}, options), empty_large({n, n}, options)};
   const at::Tensor sums = parts == 1 ? out.dots.unsqueeze(0) : at::empty({parts, n, n}, options);
   const int64_t block = kGemmChunkedRowBlock;
-  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+  parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     const at::NoGradGuard no_grad;  // (grad mode is per thread: a worker's is on, and x may require grad)
     const at::Tensor buffer = at::empty({n * chunk}, options);
     for (int64_t t = part_begin; t < part_end; ++t) {
@@ -763,7 +799,7 @@ ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
   });
   if (parts > 1) at::sum_out(out.dots, sums, {0});  // (the lower triangles' uninitialised values too)
   T* dots_p = out.dots.mutable_data_ptr<T>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the lower triangle: the upper's transpose
+  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the lower triangle: the upper's transpose
     for (int64_t i = begin; i < end; ++i)
       for (int64_t j = 0; j < i; ++j) dots_p[i * n + j] = dots_p[j * n + i];
   });
@@ -782,7 +818,7 @@ const at::Tensor& chunked_gram_to_kernel(const ChunkedGram& gram, double h, doub
   const at::Tensor& k = gram.dots;
   const int64_t n = k.size(0);
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "chunked_gram_to_kernel", [&] {
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       rbf_from_dots(k.mutable_data_ptr<scalar_t>(), n, begin, end, n, gram.norms.const_data_ptr<scalar_t>(),
                     gram.norms.const_data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / h));
     });
@@ -836,7 +872,7 @@ bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const 
   const int64_t chunk = gemm_chunk_features(d), chunks = (d + chunk - 1) / chunk;
   const bool fp32 = std::is_same_v<T, float> && x.scalar_type() == at::kFloat;
   std::atomic<bool> finite{true};
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard no_grad;
     const at::Tensor x_buffer = at::empty({n * chunk}, options), w_buffer = at::empty({n * chunk}, options);
     const at::Tensor product_buffer = at::empty({n * chunk}, options);
@@ -894,11 +930,10 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   // With the median rule and many features the median's pass keeps its tiles for K (as the AMX path).
   const bool keep = !bandwidth && keeps_dots(n, d, sizeof(T), kKeptDotsMinFeatures);
   at::Tensor kept = keep ? empty_large({n, n}, xc.options()) : at::Tensor();
-  // (the median as median_bandwidth takes it: the fused distances below kKeptDotsMinFeatures features)
-  const double h = bandwidth              ? *bandwidth
-                   : use_fused_median(d) ? bandwidth_from_median(gemm_path_median<T>(x), n)
-                                         : bandwidth_from_median(median_sq_dist<T>(
-                                               xc, norms, GemmTiles{xc, keep ? &kept : nullptr}), n);
+  // (the median as median_bandwidth takes it beyond the fused kernels: use_fused_median)
+  const double h = bandwidth ? *bandwidth
+                             : bandwidth_from_median(
+                                   median_sq_dist<T>(xc, norms, GemmTiles{xc, keep ? &kept : nullptr}), n);
   const double a = 2.0 / h;
 
   // W = [score - a * xc | 1]: one GEMM with K gives the score term, the repulsion term and row sums. The
@@ -911,7 +946,7 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   const T* nr = norms.data_ptr<T>();
   for_each_upper_tile(xc, [&](at::Tensor& tile, int64_t i0, int64_t j0) {
     const int64_t rows = tile.size(0), cols = tile.size(1);
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       rbf_from_dots(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, static_cast<T>(1.0 / h));
     });
     if (i0 == j0) tile.diagonal().fill_(0);  // k(x_i, x_i) = 1: added below, exactly
@@ -923,20 +958,15 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
 }
 
 // Whether the tiled step takes the fused kernel (kernels.h: fused_step_rows) instead of GEMM tiles: up to
-// kFusedMaxFeatures features, or kFusedKeptMaxFeatures where the median's pass keeps its dot products for K
-// (the GEMM tiles then cost one pass over them), unless BMT_FAST_CPU_FUSED=0 (read once). fp32 step, 2
-// threads, 2-core Xeon VM (CPUID model 167), PASSIVE, alternating, GEMM tiles -> fused (ms): H given
-// 1024 x 3 1.00-1.03 -> 0.26-0.28, 4096 x 3 11.5-12.8 -> 2.8, 4096 x 16 16.1-16.6 -> 6.8-7.3, 2048 x 32
-// 5.4-5.9 -> 3.4, 4096 x 64 25.6-28.2 -> 17.2-18.6, 8192 x 128 129-132 -> 107-109, 4096 x 192 43.7-46.5 ->
-// 41.3-41.4, 4096 x 256 54.7-57.6 -> 53.7-55.6; by the median rule 4096 x 128 52-53 -> 45, 2048 x 160
-// 16.0-16.5 -> 14.8-15.7, 4096 x 192 60.7-63.8 -> 62.6-66.1, 4096 x 256 73.8-74.7 -> 82.0-83.5.
-constexpr int64_t kFusedMaxFeatures = 256;
-constexpr int64_t kFusedKeptMaxFeatures = 160;
-
-bool use_fused(int64_t n, int64_t d, int64_t element_bytes, bool median) {
-  const bool kept = median && keeps_dots(n, d, element_bytes, kKeptDotsMinFeatures);
-  return fused_enabled() && d <= (kept ? kFusedKeptMaxFeatures : kFusedMaxFeatures);
-}
+// kFusedMaxFeatures features, by the median rule too (its median then by the fused distances as well:
+// use_fused_median), unless BMT_FAST_CPU_FUSED=0 (read once). fp32 step, 2 threads, 2-core Xeon VM (CPUID
+// model 167), PASSIVE, alternating, GEMM tiles -> fused (ms): H given 1024 x 3 1.00-1.03 -> 0.26-0.28, 4096
+// x 3 11.5-12.8 -> 2.8, 4096 x 16 16.1-16.6 -> 6.8-7.3, 2048 x 32 5.4-5.9 -> 3.4, 4096 x 64 25.6-28.2 ->
+// 17.2-18.6, 8192 x 128 129-132 -> 107-109, 4096 x 192 43.7-46.5 -> 41.3-41.4, 4096 x 256 54.7-57.6 ->
+// 53.7-55.6. (By the median rule from 128 features it had stopped at 160, where the median's GEMM tiles
+// were kept for K: 4096 x 192 60.7-63.8 -> 62.6-66.1, 4096 x 256 73.8-74.7 -> 82.0-83.5; with the fused
+// median since, see use_fused_median.)
+bool use_fused(int64_t d) { return fused_enabled() && d <= kFusedMaxFeatures; }
 
 // Whether the fused step takes its symmetric form (kernels.h: fused_step_pair): K once per pair, added into
 // both rows' sums (half the dot products and exps), from 2048 particles (1024 with more than
@@ -971,7 +1001,7 @@ bool fused_step_symmetric(const FusedOperands<T>& ops, const at::Tensor& score, 
   const at::Tensor rowacc = at::zeros({parts * part_elems}, ops.xc.options());
   const at::Tensor colacc = at::zeros({parts * col_elems}, ops.xc.options());
   const int64_t count = static_cast<int64_t>(pairs.size());
-  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+  parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     at::Tensor scratch = at::empty({fused_pair_scratch(kFusedPairBlock, d)}, ops.xc.options());
     for (int64_t part = part_begin; part < part_end; ++part) {
       for (int64_t p = part * count / parts; p < (part + 1) * count / parts; ++p) {
@@ -985,7 +1015,7 @@ bool fused_step_symmetric(const FusedOperands<T>& ops, const at::Tensor& score, 
     }
   });
   std::atomic<bool> finite{true};
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     if (!fused_step_finish(rowacc.data_ptr<T>(), part_elems, lanes ? colacc.data_ptr<T>() : nullptr, parts,
                            ops.xc.template data_ptr<T>(), score.data_ptr<T>(), n, d, static_cast<T>(2.0 / h), begin,
                            end, phi.data_ptr<T>()))
@@ -998,16 +1028,14 @@ bool fused_step_symmetric(const FusedOperands<T>& ops, const at::Tensor& score, 
 // threads, each block's rows streaming every column once per chunk of columns. Writes phi into out where out
 // has the compute type (returning whether it is all finite), else into a buffer copied into out (nullopt).
 template <typename T>
-std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score,
-                                    const std::optional<double>& bandwidth, at::Tensor& out) {
+std::optional<bool> svgd_step_fused_team(const at::Tensor& x, const at::Tensor& score,
+                                         const std::optional<double>& bandwidth, at::Tensor& out) {
   const int64_t n = x.size(0), d = x.size(1);
   const auto acc = c10::CppTypeToScalarType<T>::value;
   FusedOperands<T> ops(x);
-  // (the median as median_bandwidth takes it: from these operands below kKeptDotsMinFeatures features)
-  const double median = bandwidth                  ? 0.0
-                         : use_fused_median(d)     ? median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops})
-                                                   : gemm_path_median<T>(x);
-  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median, n);
+  // (the median as median_bandwidth takes it: from these operands, use_fused_median)
+  const double h = bandwidth ? *bandwidth
+                             : bandwidth_from_median(median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops}), n);
   const double a = 2.0 / h;
   const at::Tensor score_t = score.to(acc).contiguous();
   ops.pack_w(score_t, a);
@@ -1030,7 +1058,7 @@ std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score
       std::max<int64_t>(kFusedRows, ((n + blocks - 1) / blocks + kFusedRows - 1) / kFusedRows * kFusedRows);
   const int64_t num_blocks = (n + block_rows - 1) / block_rows;
   std::atomic<bool> finite{true};
-  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({fused_step_scratch(block_rows, d)}, xc.options());
     bool ok = true;
     for (int64_t b = begin; b < end; ++b) {
@@ -1044,6 +1072,71 @@ std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score
   if (direct) return finite.load();
   out.copy_(phi);
   return std::nullopt;
+}
+
+// The fused step in one team (team.h: its loops, the median's among them, wake the threads once).
+template <typename T>
+std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score,
+                                    const std::optional<double>& bandwidth, at::Tensor& out) {
+  std::optional<bool> finite;
+  run_team([&] { finite = svgd_step_fused_team<T>(x, score, bandwidth, out); });
+  return finite;
+}
+
+// Whether rbf_kernel(x) (a self kernel, fp32 / fp64 arithmetic) takes rbf_kernel_fused instead of one GEMM
+// (or the feature chunks): up to kFusedKernelMaxFeatures features, or kFusedMaxFeatures up to
+// kFusedKernelWideMaxParticles particles. fp32, H given, 2 threads, 2-core Xeon VM (CPUID model 167),
+// PASSIVE, alternating, 2-3 rounds, the previous paths -> fused (ms): 128 x 16 0.030 -> 0.022-0.024,
+// 256 x 48 0.24-0.27 -> 0.10-0.18, 256 x 64 0.47-0.49 -> 0.11-0.20 (chunks before), 200 x 200 0.76-1.80 ->
+// 0.26-0.29, 512 x 128 1.03-1.30 -> 0.43-0.53, 1024 x 3 0.52-0.53 -> 0.30-0.32, 1024 x 256 2.36-2.46 ->
+// 2.08-2.12, 2048 x 128 4.43-4.53 -> 3.73-3.75, 4096 x 64 8.8-8.9 -> 8.1-8.2, 4096 x 128 14.4-14.6 -> 14.1,
+// 8192 x 16 30.0-32.5 -> 18.5-19.0, 8192 x 64 68.2-68.5 -> 32.0-32.3; 64 x 64 level (the Gram path); left
+// on one GEMM: 2048 x 256 6.78-6.80 -> 7.24-7.44, 4096 x 256 24.4 -> 26.2-26.9.
+constexpr int64_t kFusedKernelMaxFeatures = 128;
+constexpr int64_t kFusedKernelWideMaxParticles = 1024;
+
+bool use_fused_kernel(int64_t n, int64_t d) {
+  return fused_enabled() && (d <= kFusedKernelMaxFeatures || (d <= kFusedMaxFeatures && n <= kFusedKernelWideMaxParticles));
+}
+
+// The self kernel rbf_kernel(x) by the fused distances (use_fused_kernel): x's fused operands, then each
+// block of rows' dot products with all columns by the fused kernel's register blocks (fused_dot_rows, the
+// median's FusedTiles values) turned into K in place, its diagonal 1; one team. K is exactly symmetric (a
+// pair's dot product takes the same operations either way round). With the median rule (median != nullptr)
+// H comes from the same operands' median, as median_bandwidth takes it (use_fused_median), written to
+// *median. In T; the caller converts to x's dtype.
+template <typename T>
+at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double* median) {
+  const int64_t n = x.size(0);
+  at::Tensor k = empty_large({n, n}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
+  run_team([&] {
+    const FusedOperands<T> ops(x);
+    if (!h) {
+      *median = median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops});
+      // (as rbf_kernel reads median_bandwidth's H: a 0-dim tensor in T)
+      h = read_bandwidth(at::scalar_tensor(bandwidth_from_median(*median, n), k.options()));
+    }
+    const T inv_h = static_cast<T>(1.0 / *h);
+    T* kp = k.data_ptr<T>();
+    // Blocks of columns whose packed xt takes at most 512 KiB (it stays in L2 while the share's rows pass).
+    const int64_t block_cols =
+        std::max<int64_t>(kFusedPack, (int64_t{512} << 10) / (ops.d * int64_t{sizeof(T)}) / kFusedPack * kFusedPack);
+    const T* norms = ops.norms.template data_ptr<T>();
+    parallel_for(0, (n + kFusedRows - 1) / kFusedRows, 1, [&](int64_t begin, int64_t end) {
+      const int64_t r0 = begin * kFusedRows, r1 = std::min(n, end * kFusedRows);
+      for (int64_t j0 = 0; j0 < n; j0 += block_cols) {
+        const int64_t cols = std::min(block_cols, n - j0);
+        for (int64_t i0 = r0; i0 < r1; i0 += kFusedRows) {  // (K's entries made while in L1)
+          const int64_t i1 = std::min(r1, i0 + kFusedRows);
+          fused_dot_rows(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(), ops.d, i0, i1, j0, cols,
+                         kp + i0 * n + j0, n);
+          rbf_from_dots(kp + j0, n, i0, i1, cols, norms, norms + j0, inv_h);
+        }
+      }
+      for (int64_t i = r0; i < r1; ++i) kp[i * n + i] = T(1);
+    });
+  });
+  return k;
 }
 
 // ---- bf16 on tensor cores (AMX) ----------------------------------------------------------------
@@ -1114,7 +1207,7 @@ at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
     const int64_t n = t->size(0);
     amx_dispatch(*t, [&](auto typed) {
       const auto* p = t->const_data_ptr<typename decltype(typed)::type>();
-      at::parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
+      parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
         amx_column_sums(p, d, n, begin * 256, std::min(end * 256, d), sums.data());
       });
     });
@@ -1167,7 +1260,7 @@ struct AmxOperands {
     amx_dispatch(x, [&](auto typed) {
       const auto* x_p = x.const_data_ptr<typename decltype(typed)::type>();
       const bool fused = as_b && d_pad <= kAmxFusedTransposeFeatures;
-      at::parallel_for(0, n_pad / 16, 4, [&](int64_t begin, int64_t end) {
+      parallel_for(0, n_pad / 16, 4, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * 16, i1 = std::min(i0 + 16, n);
           double sq[16] = {};
@@ -1177,7 +1270,7 @@ struct AmxOperands {
         }
       });
       if (!as_b || fused) return;
-      at::parallel_for(0, (d_pad / 2 + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+      parallel_for(0, (d_pad / 2 + 15) / 16, 1, [&](int64_t begin, int64_t end) {
         transpose_words(words, ld_x / 2, n_pad, begin * 16, std::min(end * 16, d_pad / 2), b_s_words, ld_s);
       });
     });
@@ -1207,7 +1300,7 @@ void amx_dots(const AmxOperands& a, const AmxOperands& b, int64_t i0, int64_t ro
 template <typename MakeVisit>
 void for_each_upper_amx_tile(const AmxOperands& op, MakeVisit&& make_visit) {
   const int64_t blocks = (op.n + kAmxRows - 1) / kAmxRows;
-  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kAmxRows * kAmxCols);
     auto visit = make_visit();
     const auto rows_of = [&](int64_t block) {
@@ -1265,7 +1358,7 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
   const float* nb_p = b.norms.const_data_ptr<float>();
   auto* k_p = k.mutable_data_ptr<In>();
   const float inv_h = static_cast<float>(1.0 / h);
-  at::parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kAmxRows * kAmxCols);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
@@ -1348,7 +1441,7 @@ at::Tensor rbf_kernel_from_dots(const at::Tensor& norms, const at::Tensor& dots,
   const float inv_h = static_cast<float>(1.0 / h);
   amx_dispatch(k, [&](auto typed) {
     auto* k_p = k.mutable_data_ptr<typename decltype(typed)::type>();
-    at::parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i0 = begin * kAmxRows; i0 < std::min(end * kAmxRows, n); i0 += kAmxRows) {
         const int64_t rows = std::min(kAmxRows, n - i0);
         amx_rbf_from_dots(dots_p + i0 * n, n, rows, n, n, norms_p + i0, norms_p, inv_h, i0, /*own_one=*/true,
@@ -1384,7 +1477,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const int64_t ld_w = amx_b_stride(d);
   const at::Tensor b_w = empty_large({n_pad / 2, ld_w}, x.options().dtype(at::kInt));
   auto* b_w_words = reinterpret_cast<uint32_t*>(b_w.mutable_data_ptr<int32_t>());
-  at::parallel_for(0, n_pad / 2, 32, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n_pad / 2, 32, [&](int64_t begin, int64_t end) {
     amx_w_pairs(score_p, x_p, d, d, shift_p, a, n, begin, end, b_w_words, ld_w, 0);
   });
 
@@ -1408,7 +1501,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   // 2048 kept) 36 -> 41 ms, so not beyond 1024 particles.
   const bool by_chunks = d >= 2 * kAmxFinishCols && n_pad <= kAmxKeptColumns;
   const at::Tensor acc = by_chunks ? at::Tensor() : empty_large({n, d}, rowsum.options());
-  at::parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kAmxRows * kAmxCols);
     const int64_t ld_k = by_chunks ? amx_a_stride(n_pad) : kAmxCols;
     std::vector<at::BFloat16> k16(kAmxRows * ld_k);
@@ -1438,7 +1531,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
     at::native::cpublas::brgemm_release();
   });
   if (!by_chunks) {
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
       finish(acc.const_data_ptr<float>() + begin * d, d, begin, end, 0, d);
     });
   }
@@ -1494,7 +1587,7 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
   float* shift_p = out.shift.mutable_data_ptr<float>();
   const std::unique_ptr<float[]> dots(new float[parts * n * n]);  // (each part's first products initialise)
   std::vector<double> sq(parts * n, 0.0);
-  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+  parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<at::BFloat16> a(n_pad * ld_a, at::BFloat16(0.f));  // rows [n, n_pad) stay zero
     std::vector<uint32_t> b(chunk / 2 * ld_b);
     std::vector<double> sums(chunk);
@@ -1519,7 +1612,7 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
   });
   float* dots_p = out.dots.mutable_data_ptr<float>();
   float* norms_p = out.norms.mutable_data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the upper triangle: the parts' sums
+  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the upper triangle: the parts' sums
     for (int64_t i = begin; i < end; ++i) {
       float* row = dots_p + i * n;
       std::copy(dots.get() + i * n + i, dots.get() + (i + 1) * n, row + i);
@@ -1530,7 +1623,7 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
       norms_p[i] = static_cast<float>(total);
     }
   });
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the lower triangle: its transpose
+  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the lower triangle: its transpose
     for (int64_t i = begin; i < end; ++i)
       for (int64_t j = 0; j < i; ++j) dots_p[i * n + j] = dots_p[j * n + i];
   });
@@ -1589,7 +1682,7 @@ bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const s
   std::vector<float> rowsum(n, 0.f);
   const float* norms_p = gram.norms.const_data_ptr<float>();
   float* dots_p = gram.dots.mutable_data_ptr<float>();
-  at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, (n + 15) / 16, 1, [&](int64_t begin, int64_t end) {
     const int64_t i0 = begin * 16, rows = std::min(end * 16, n) - i0;
     amx_rbf_from_dots(dots_p + i0 * n, n, rows, n, n_pad, norms_p + i0, norms_p, inv_h, i0, /*own_one=*/false,
                       k16.data() + i0 * ld_k, ld_k, rowsum.data() + i0);
@@ -1601,7 +1694,7 @@ bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const s
   const float* shift_p = gram.shift.const_data_ptr<float>();
   auto* out_p = out.mutable_data_ptr<In>();
   std::atomic<bool> finite{true};
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> w(n_pad / 2 * ld_w);
     std::vector<float> acc(n * chunk);
     for (int64_t c = begin; c < end; ++c) {
@@ -1644,7 +1737,7 @@ template <typename F>
 std::vector<double> column_block_sums(int64_t size, int64_t blocks, int64_t grain, const F& fn) {
   const int64_t threads = at::get_num_threads();
   std::vector<double> partial(threads * size, 0.0);
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     fn(begin, end, partial.data() + at::get_thread_num() * size);
   });
   for (int64_t t = 1; t < threads; ++t)
@@ -1725,7 +1818,7 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
   const int64_t chunk = gram_chunk(n);
   const int64_t num_chunks = (d + chunk - 1) / chunk;
   std::atomic<bool> finite{true};
-  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     if (!apply_columns(x.data_ptr<In>(), score.data_ptr<In>(), phi.data_ptr<In>(), n, d, begin * chunk,
                        std::min(end * chunk, d), shift.get(), kn.data(), c.data(), static_cast<T>(a)))
       finite.store(false, std::memory_order_relaxed);
@@ -1784,7 +1877,7 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     return x.scalar_type() == at::kDouble ? svgd_step_gemm_chunked<double>(x, score, h, out)
                                           : svgd_step_gemm_chunked<float>(x, score, h, out);
   }
-  if (use_fused(x.size(0), x.size(1), x.scalar_type() == at::kDouble ? 8 : 4, !h)) {
+  if (use_fused(x.size(1))) {
     return x.scalar_type() == at::kDouble ? svgd_step_fused<double>(x, score, h, out)
                                           : svgd_step_fused<float>(x, score, h, out);
   }
@@ -1907,6 +2000,11 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     const at::Tensor shift = amx_shift(xs, &ys);
     return rbf_kernel_amx(AmxOperands(xs, shift, /*as_b=*/false), AmxOperands(ys, shift), h);
   }
+  if (self && use_fused_kernel(n, x.size(1))) {
+    const at::Tensor xs = x.contiguous();
+    return (acc == at::kDouble ? rbf_kernel_fused<double>(xs, h, nullptr) : rbf_kernel_fused<float>(xs, h, nullptr))
+        .to(x.scalar_type());
+  }
   if (self && use_gemm_gram_chunked(n, x.size(1)))  // (fp32 / fp64 by feature chunks, as svgd_step there)
     return kernel_from_chunked_gram(gemm_gram_chunked(x.contiguous()), h, x.scalar_type());
   const at::Tensor xa = x.to(acc);
@@ -1923,7 +2021,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   at::mm_out(k, xc, yc.t());
   const int64_t rows = k.size(0), cols = k.size(1);
   AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel", [&] {
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       rbf_from_dots(k.data_ptr<scalar_t>(), cols, begin, end, cols, nx.data_ptr<scalar_t>(),
                     ny.data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / h));
     });
@@ -1952,6 +2050,14 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
           bandwidth_result(median_sq_dist_amx(operands, keep ? kept.mutable_data_ptr<float>() : nullptr), x_in);
       if (keep) return {rbf_kernel_from_dots(operands.norms, kept, read_bandwidth(h), operands.dtype), h};
       return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
+    }
+    if (use_fused_median(x_in.size(1)) && use_fused_kernel(n, x_in.size(1))) {  // one team for both
+      const at::Tensor x = x_in.contiguous();
+      double median = 0.0;
+      const at::Tensor k = accumulation_type(x.scalar_type()) == at::kDouble
+                               ? rbf_kernel_fused<double>(x, std::nullopt, &median)
+                               : rbf_kernel_fused<float>(x, std::nullopt, &median);
+      return {k.to(x.scalar_type()), bandwidth_result(median, x)};
     }
     if (use_gemm_gram_chunked(n, x_in.size(1))) {  // one chunked Gram pass for the median and K
       const ChunkedGram gram = gemm_gram_chunked(x_in.contiguous());
@@ -1999,7 +2105,7 @@ void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   In* gy = grad_y ? grad_y->data_ptr<In>() : nullptr;
   // Column blocks of whole cache lines; each thread's block is a few (n + m) x 4 KiB of the inputs.
   const int64_t grain = std::max<int64_t>(1024, (int64_t{1} << 16) / (n + m)) / 64 * 64;
-  at::parallel_for(0, (d + 63) / 64, grain / 64, [&](int64_t begin, int64_t end) {
+  parallel_for(0, (d + 63) / 64, grain / 64, [&](int64_t begin, int64_t end) {
     rbf_grad_columns(xp, yp, n, m, d, begin * 64, std::min(end * 64, d), sp, gx, gy);
   });
 }
@@ -2040,7 +2146,7 @@ at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::
   In* out_p = out.mutable_data_ptr<In>();
   const auto* xb_p = own.xb.const_data_ptr<at::BFloat16>();
   const auto* b_p = as_bf16(other_pairs);
-  at::parallel_for(0, (rows_total + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, (rows_total + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<at::BFloat16> a(kAmxRows * ld_a);
     std::vector<uint32_t> scratch(kAmxRows * kAmxCols / 2);
     std::vector<float> chunk(by_chunks ? kAmxRows * kAmxFinishCols : 0);
@@ -2068,7 +2174,7 @@ at::Tensor amx_grad_pass(const AmxOperands& own, int64_t depth_total, const at::
     at::native::cpublas::brgemm_release();
   });
   if (!by_chunks) {
-    at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
+    parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
       amx_grad_rows(acc.const_data_ptr<float>() + begin * d, d, sums_p, xb_p, own.ld_x, scale, d, begin, end, 0, d,
                     out_p);
     });
@@ -2083,7 +2189,7 @@ at::Tensor row_pairs(const AmxOperands& set) {
   const at::Tensor pairs = empty_large({set.n_pad / 2, ld}, set.norms.options().dtype(at::kInt));
   const auto* xb_p = set.xb.const_data_ptr<at::BFloat16>();
   auto* words = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
-  at::parallel_for(0, set.n_pad / 2, 64, [&](int64_t begin, int64_t end) {
+  parallel_for(0, set.n_pad / 2, 64, [&](int64_t begin, int64_t end) {
     bf16_row_pairs(xb_p, set.ld_x, begin, end, set.d_pad, words, ld);
   });
   return pairs;
@@ -2136,7 +2242,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx(const at::Ten
   }
   if (want_h && !want_x && !want_y) {  // P log K alone: rows of P, no product
     p_log_k.assign(blocks(n), 0.0);
-    at::parallel_for(0, blocks(n), 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, blocks(n), 1, [&](int64_t begin, int64_t end) {
       std::vector<at::BFloat16> a(kAmxRows * kAmxCols);
       std::vector<float> rowsum(kAmxRows);
       for (int64_t block = begin; block < end; ++block) {
@@ -2185,7 +2291,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx_chunked(const
   std::vector<at::BFloat16> p16(n_pad * ld_p, at::BFloat16(0.f));
   std::vector<float> rowsum(n, 0.f);
   std::vector<double> p_log_k(want_h ? blocks : 0, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
       amx_p_rows(g_p + i0 * m, k_p + i0 * m, m, rows, m, m_pad, self ? i0 : m, p16.data() + i0 * ld_p, ld_p,
@@ -2214,7 +2320,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx_chunked(const
   const int64_t chunk = kAmxFeatureChunk, chunks = (d + chunk - 1) / chunk;
   const int64_t ld_a = amx_a_stride(chunk), ld_b = amx_b_stride(chunk);
   const double rows_total = static_cast<double>(self ? n : n + m);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     // the chunk's rounded rows of x and y (rows beyond n, m zero: the pairs' padding) and their pairs
     std::vector<at::BFloat16> xa(n_pad * ld_a, at::BFloat16(0.f)), ya(self ? 0 : m_pad * ld_a, at::BFloat16(0.f));
     std::vector<uint32_t> x_pairs(want_y ? n_pad / 2 * ld_b : 0), y_pairs(want_x ? m_pad / 2 * ld_b : 0);
@@ -2281,7 +2387,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_gemm_chunked(cons
   const double minus_scale = 2.0 / h;
   const int64_t chunk = kGemmChunkFeatures, chunks = (d + chunk - 1) / chunk;
   const auto options = x.options().dtype(acc);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard no_grad;  // (grad mode is per thread: a worker's is on, and x may require grad)
     // the thread's buffers, reused: the chunk's centred rows of x and y, the product, the column means
     const at::Tensor x_buffer = at::empty({n * chunk}, options);

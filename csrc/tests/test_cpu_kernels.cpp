@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <stdexcept>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include "../bmt_fast.h"
 #include "../cpu/huge_pages.h"
 #include "../cpu/kernels.h"
+#include "../cpu/team.h"
 
 namespace {
 
@@ -214,6 +216,81 @@ void test_stream_rows() {
   }
 }
 
+// team.h: a team's loops split ranges as at::parallel_for does (each index once, the same thread index for
+// it), nested loops run inline on the share's thread, errors of a share or of the body reach the caller and
+// leave the team (or the next one) usable, and a team inside a team runs its body directly.
+void test_team() {
+  using bmt_fast::cpu::parallel_for;
+  using bmt_fast::cpu::run_team;
+  const int threads_before = at::get_num_threads();
+  at::set_num_threads(std::max(2, threads_before));
+  constexpr int64_t kCount = 1000;
+  std::vector<int> expected_owner(kCount, -1);
+  at::parallel_for(0, kCount, 7, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) expected_owner[i] = at::get_thread_num();
+  });
+  std::vector<std::atomic<int>> seen(kCount);
+  std::vector<int> owner(kCount, -1);
+  std::atomic<bool> nested_ok{true};
+  std::atomic<int> distinct{0};
+  run_team([&] {
+    for (int rep = 0; rep < 50; ++rep) {
+      parallel_for(0, kCount, 7, [&](int64_t b, int64_t e) {
+        if (rep == 0 && b == 0) distinct += 1;
+        if (rep == 0 && b > 0) distinct += 2;
+        for (int64_t i = b; i < e; ++i) {
+          seen[i] += 1;
+          owner[i] = at::get_thread_num();
+        }
+        parallel_for(b, e, 1, [&](int64_t b2, int64_t e2) {  // inline, on this share's thread
+          if (b2 != b || e2 != e || at::get_thread_num() != owner[b]) nested_ok = false;
+        });
+      });
+    }
+  });
+  bool each_once = true;
+  for (int64_t i = 0; i < kCount; ++i) each_once &= seen[i].load() == 50 && owner[i] == expected_owner[i];
+  const int team_size = std::max(2, threads_before);
+  expect(each_once && nested_ok.load() && distinct.load() == 1 + 2 * (team_size - 1),
+         "team: 50 loops in one region, each index once per loop, at::parallel_for's split and thread indices");
+
+  bool share_error = false;
+  std::atomic<int64_t> after{0};
+  run_team([&] {
+    try {
+      parallel_for(0, 100, 1, [&](int64_t b, int64_t) {
+        if (b > 0) throw std::runtime_error("a share failed");
+      });
+    } catch (const std::runtime_error& e) {
+      share_error = std::string(e.what()) == "a share failed";
+    }
+    parallel_for(0, 100, 1, [&](int64_t b, int64_t e) { after += e - b; });
+  });
+  expect(share_error && after.load() == 100, "team: a share's error reaches the caller, the team goes on");
+
+  bool body_error = false;
+  try {
+    run_team([&] {
+      parallel_for(0, 100, 1, [&](int64_t, int64_t) {});
+      throw std::runtime_error("the body failed");
+    });
+  } catch (const std::runtime_error& e) {
+    body_error = std::string(e.what()) == "the body failed";
+  }
+  std::atomic<int64_t> next{0};
+  run_team([&] { parallel_for(0, 64, 1, [&](int64_t b, int64_t e) { next += e - b; }); });
+  expect(body_error && next.load() == 64, "team: the body's error reaches the caller after the region");
+
+  std::atomic<int> inner_threads{0};
+  run_team([&] {
+    run_team([&] {  // (already a team: directly)
+      parallel_for(0, 100, 1, [&](int64_t, int64_t) { inner_threads += 1; });
+    });
+  });
+  expect(inner_threads.load() == team_size, "team: a team inside a team runs directly");
+  at::set_num_threads(threads_before);
+}
+
 }  // namespace
 
 int main() {
@@ -224,6 +301,7 @@ int main() {
   test_fork_while_allocating();
   test_transpose_words();
   test_stream_rows();
+  test_team();
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }
