@@ -169,6 +169,10 @@ class CompiledBackend(Backend):
         # chunked_wide_features_per_particle features per particle; the AMX path where it applies): a bad x value
         # makes its chunk's column mean, so that column of every centred row, of W and of phi (through the row
         # sums' term) non-finite; a bad score value its own phi row (the own term score_i is added as it is).
+        # Up to 256 features those shapes take the fused step instead (unless BMT_FAST_CPU_FUSED=0): a bad x
+        # value makes its column's centring shift, so that column of every centred row, of W and of phi
+        # non-finite, a bad score value its row of W, which every row's sums take in (K W skips no zero weight),
+        # and its last pass tracks the flag as it writes phi (fp32 / fp64; else the op scans phi).
         # (cuBLAS and the other tiled paths: not assumed; the op scans phi there.)
         if not self.status.loaded or x.device.type != self.device_types[0]:
             return False

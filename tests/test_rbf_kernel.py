@@ -707,7 +707,7 @@ import sys, torch, bmt_fast
 torch.manual_seed(0)
 out = {}
 # (n, d, dtype): rbf_kernel(x) by the fused distances up to 128 features (any n; 4-row blocks, ragged, and
-# blocks of columns at 3000 x 100), up to 256 from 129 to 1024 particles; the median by selection (n <= 512)
+# blocks of columns at 3000 x 100), up to 256 from 129 to 1024 particles; the median by selection (n <= 128)
 # and by the window beyond, also from 128 features (300 x 200, 900 x 250).
 for n, d, dtype in [(70, 5, torch.float32), (257, 64, torch.float32), (300, 200, torch.float64),
                     (130, 256, torch.float32), (1100, 30, torch.float32), (900, 250, torch.float64),

@@ -128,8 +128,8 @@ def test_cpu_amx_path_names_every_bad_input_from_its_output(input_scans, n, d, b
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_cpu_chunked_path_names_every_bad_input_from_its_output(input_scans, n, d, bandwidth, dtype):
     """Beyond the Gram path, up to 512 particles with 64 or more features go by feature chunks in fp32 or
-    fp64 (IEEE fp32; 16-bit particles where AMX does not take them), whose last pass flags a non-finite phi
-    as it writes it: the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf anywhere,
+    fp64 (IEEE fp32; 16-bit particles where AMX does not take them), or up to 256 features by the fused step
+    (65 x 64, 300 x 203), whose last pass flags a non-finite phi as it writes it: the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf anywhere,
     also where every weight between two particles is exactly 0, is reported by name; beyond 512 particles,
     up to 1024 with 4 or more features per particle (520 x 2080). With 63 features, 513 particles of 64
     features, 520 of 2079 or 1025 of 4100 (the tiled path) the inputs are scanned first, as before."""

@@ -238,27 +238,41 @@ double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms, const
 
 // The k-th smallest (0-based) of non-negative values by radix selection on their bit patterns (which
 // order like the values): 11-bit digits from the top, each pass keeping only the keys of the selected
-// digit. Branch-free counting: std::nth_element was 5x slower on 32,640 distances on a 2-core VM.
+// digit. Branch-free counting: std::nth_element was 5x slower on 32,640 distances on a 2-core VM. The
+// distances share their top bits, so most keys of a pass fall in a few bins: kCopies histograms (key i
+// counts in copy i % kCopies) keep each increment off the previous one's store, and the keys of the digit
+// are kept without a branch (about half of them are, early on). fp32 median_bandwidth by the selection over
+// all distances, one thread, alternating, 2 rounds (us): 512 x 8 (130,816 distances) 355-378 -> 293-303,
+// 256 x 16 110-111 -> 94-96, 100 x 50 level.
 template <typename T>
 T select_nonnegative(const std::vector<T>& values, int64_t k) {
   using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  constexpr int kDigit = 11;
+  constexpr int kDigit = 11, kCopies = 4;
+  constexpr int64_t kBins = int64_t{1} << kDigit;
   std::vector<Key> keys(values.size());
   std::memcpy(keys.data(), values.data(), values.size() * sizeof(T));
-  std::vector<int64_t> hist(int64_t{1} << kDigit);
+  std::vector<int64_t> hist(kCopies * kBins);
   int low_bits = 8 * sizeof(Key) - 1;  // bits below the selected prefix (the sign bit is 0)
   size_t count = keys.size();
   while (true) {
     const int width = std::min(kDigit, low_bits);
     const int shift = low_bits - width;
     const Key mask = (Key{1} << width) - 1;
-    std::fill(hist.begin(), hist.begin() + (int64_t{1} << width), 0);
-    for (size_t i = 0; i < count; ++i) ++hist[(keys[i] >> shift) & mask];
+    std::fill(hist.begin(), hist.end(), 0);
+    size_t i = 0;
+    for (; i + kCopies <= count; i += kCopies)
+      for (int c = 0; c < kCopies; ++c) ++hist[c * kBins + ((keys[i + c] >> shift) & mask)];
+    for (; i < count; ++i) ++hist[(keys[i] >> shift) & mask];
+    for (int c = 1; c < kCopies; ++c)
+      for (int64_t b = 0; b <= static_cast<int64_t>(mask); ++b) hist[b] += hist[c * kBins + b];
     Key digit = 0;
     while (k >= hist[digit]) k -= hist[digit++];
     size_t kept = 0;  // the keys of that digit (their higher bits all match the prefix already)
-    for (size_t i = 0; i < count; ++i)
-      if (((keys[i] >> shift) & mask) == digit) keys[kept++] = keys[i];
+    for (size_t j = 0; j < count; ++j) {
+      const Key key = keys[j];
+      keys[kept] = key;
+      kept += ((key >> shift) & mask) == digit;
+    }
     count = kept;
     low_bits = shift;
     if (low_bits == 0 || count == 1) break;  // every key left is the answer
@@ -493,17 +507,20 @@ double median_sq_dist_select(int64_t n, const at::Tensor& norms, const Tiles& ti
 }
 
 // How many pairs the median's window samples among m pairs of d features (distances of sizeof_t bytes). A
-// sample's distance reads two rows (time ~ d + 32 features: the random rows' start-up), and the window
-// then holds about 4 m / sqrt(samples) distances, each compared, kept and selected over (~11 ns on a 2-core
-// Xeon against ~0.1 ns per feature of a sample): the sum of the two is least near (2 * 11 / 0.1 * m /
-// (d + 32))^(2/3) samples. 2-core Xeon (Emerald Rapids), median_bandwidth, samples -> ms: bf16 1024 x 8192
+// sample's distance reads two rows (time ~ d + 200 features: its draw and the random rows' start-up), and the
+// window then holds about 4 m / sqrt(samples) distances, each compared, kept and selected over (~11 ns on a
+// 2-core Xeon against ~0.1 ns per feature of a sample): the sum of the two is least near (2 * 11 / 0.1 * m /
+// (d + 200))^(2/3) samples. (d + 32 until the fused window pass and selection got cheaper per value: fp32,
+// 2 threads, PASSIVE, alternating, d + 32 -> d + 200 (us): 256 x 16 81-83 -> 63-66, 512 x 8 199-209 ->
+// 138-144, 1024 x 3 451-452 -> 352-365, 4096 x 3 3980-4040 -> 2870, 16,384 x 3 31,600-33,400 ->
+// 27,900-28,100, 512 x 64 280-285 -> 251-257; 4096 x 64, 4096 x 256, 1024 x 128 level.) 2-core Xeon (Emerald Rapids), median_bandwidth, samples -> ms: bf16 1024 x 8192
 // 256 -> 18.6, 1024 -> 20.4, 4096 -> 26.3, 16384 -> 34.4 (16 sqrt(m), the rule before: 11.6k); 4096 x 768
 // 1024 -> 25.3, 4096 -> 20.9, 16384 -> 17.5, 65536 -> 20.4; 8192 x 128 4096 -> 42.1, 16384 -> 26.4,
 // 65536 -> 21.7; fp32 1024 x 8192 256 -> 65.9, 16384 -> 81.8. At least enough that the window fits in
 // kMedianWindowMaxBytes (with a margin), and at most kMedianWindowMaxSamples (beyond, the radix passes).
 inline int64_t median_window_samples(int64_t m, int64_t d, size_t sizeof_t) {
   const double pairs = static_cast<double>(m);
-  const double balanced = std::pow(220.0 * pairs / static_cast<double>(d + 32), 2.0 / 3.0);
+  const double balanced = std::pow(220.0 * pairs / static_cast<double>(d + 200), 2.0 / 3.0);
   const double fits =
       std::pow(8.0 * pairs * static_cast<double>(sizeof_t) / static_cast<double>(kMedianWindowMaxBytes), 2.0);
   const double samples =
@@ -589,11 +606,20 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   return middle_of(window, k0 - under, k1 - under);
 }
 
+// The fused distances (FusedTiles) take the selection over all distances up to kFusedSelectMaxParticles
+// particles, the window beyond (its pass compares and keeps them in registers, so the selection over a few
+// of them costs less than over all). fp32 median_bandwidth, one thread, alternating, 3 rounds, selection ->
+// window (us): 80 x 10 26-27 -> 32-34, 100 x 50 36-37 -> 42-43, 128 x 16 36-38 -> 39, 128 x 128 level, 150 x
+// 150 101-108 -> 99-102, 180 x 30 64-67 -> 57-58, 256 x 3 87-88 -> 53-54, 512 x 8 (2 rounds) 297-300 ->
+// 138-144.
+constexpr int64_t kFusedSelectMaxParticles = 128;
+
 // The exact median of the n^2 squared distances of the tiled path (the rows of xc with these norms; the
 // tiles, from GEMMs on xc unless given, compute the same dot products).
 template <typename T, typename Tiles>
 double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
-  if (xc.size(0) <= kMedianSelectMaxParticles) return median_sq_dist_select<T>(xc.size(0), norms, tiles);
+  const int64_t select_max = std::is_same_v<Tiles, FusedTiles<T>> ? kFusedSelectMaxParticles : kMedianSelectMaxParticles;
+  if (xc.size(0) <= select_max) return median_sq_dist_select<T>(xc.size(0), norms, tiles);
   if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms, tiles)) return *median;
   const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW");
   TORCH_CHECK(env == nullptr || std::string_view(env) != "require",
