@@ -1888,9 +1888,16 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
   const Algorithm algo = parse_algorithm(algorithm);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
+  // The Gram path's two passes in one team (team.h): fp32, PASSIVE, alternating, 3 rounds, two regions ->
+  // one team (us): 4 x 409,600 828-872 -> 771-780, 16 x 76,800 875-925 -> 795-798, 16 x 409,600 and 64 x
+  // 76,800 level.
   if (use_gram(x, algo)) {
-    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
-                                           [&] { return svgd_step_gram<scalar_t>(x, score, h, out); });
+    bool finite = true;
+    run_team([&] {
+      finite = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
+                                               [&] { return svgd_step_gram<scalar_t>(x, score, h, out); });
+    });
+    return finite;
   }
   if (use_amx(x)) {
     return amx_dispatch(x, [&](auto typed) {
