@@ -1024,12 +1024,15 @@ bool fused_step_symmetric(const FusedOperands<T>& ops, const at::Tensor& score, 
     for (int64_t j = i; j < blocks; ++j) pairs.emplace_back(i * kFusedPairBlock, j * kFusedPairBlock);
   const bool lanes = d <= kFusedLaneMaxFeatures;
   const int64_t part_elems = fused_step_scratch(n_pad, d), col_elems = lanes ? n_pad * (d + 1) : 0;
-  const at::Tensor rowacc = at::zeros({parts * part_elems}, ops.xc.options());
-  const at::Tensor colacc = at::zeros({parts * col_elems}, ops.xc.options());
+  // (each part's sums zeroed by its own thread: in a team, at::zeros would run on the calling thread alone)
+  const at::Tensor rowacc = at::empty({parts * part_elems}, ops.xc.options());
+  const at::Tensor colacc = at::empty({parts * col_elems}, ops.xc.options());
   const int64_t count = static_cast<int64_t>(pairs.size());
   parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     at::Tensor scratch = at::empty({fused_pair_scratch(kFusedPairBlock, d)}, ops.xc.options());
     for (int64_t part = part_begin; part < part_end; ++part) {
+      std::fill_n(rowacc.data_ptr<T>() + part * part_elems, part_elems, T(0));
+      std::fill_n(colacc.data_ptr<T>() + part * col_elems, col_elems, T(0));
       for (int64_t p = part * count / parts; p < (part + 1) * count / parts; ++p) {
         const auto [i0, j0] = pairs[p];
         fused_step_pair(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(),
