@@ -1189,6 +1189,18 @@ constexpr int64_t kAmxFinishCols = 1024;  // the step's K W by feature chunks (d
 constexpr int64_t kAmxKeptColumns = 1024;  // ... when a block's K rows (<= 256 KiB of bf16) are kept for it
 constexpr int64_t kAmxFusedTransposeFeatures = 16384;  // AmxOperands: B transposed by blocks of 16 rows up to here
 
+// Whether the AMX step and median run in one team (team.h): up to kAmxTeamMaxParticles particles. bf16, 2
+// threads, PASSIVE, alternating, 3 rounds, separate regions -> one team (us unless ms): the step with H given
+// 256 x 64 320-325 -> 121-123, 512 x 128 498-593 -> 265-342, 1024 x 64 699-753 -> 482-497, 130 x 2001
+// 566-633 -> 380-392, 256 x 8192 2.61-2.82 -> 2.26-2.33 ms; by the median rule 512 x 128 1.21-1.27 ->
+// 0.65-0.67 ms; median_bandwidth 1024 x 64 975-986 -> 625-705, 2048 x 256 2.96-2.97 -> 2.56-2.64 ms. Beyond,
+// in a team the second thread ran its share of the step's AMX blocks slower (8192 x 64 with H given: 22.4
+// against 17.5 ms for the first thread's; 17.4 and 17.3 in separate regions; not understood; the step
+// 18.3-18.7 -> 23.0-23.7 ms, 4096 x 128 6.5-6.6 -> 7.0-7.2 ms), where the threads' wake-ups are a small
+// share anyway.
+constexpr int64_t kAmxTeamMaxParticles = 2048;
+bool amx_in_team(int64_t n) { return n <= kAmxTeamMaxParticles; }
+
 bool use_amx(const at::Tensor& x) {  // (float32_matmul_in_bf16: kernels.h)
   const auto type = x.scalar_type();
   return x.size(1) >= kAmxMinFeatures && bf16_amx_enabled() &&
@@ -1903,11 +1915,15 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     return finite;
   }
   if (use_amx(x)) {
-    return amx_dispatch(x, [&](auto typed) {
-      using In = typename decltype(typed)::type;
-      return use_amx_chunked(x.size(0), x.size(1)) ? svgd_step_amx_chunked<In>(x, score, h, out)
-                                                    : svgd_step_amx<In>(x, score, h, out);
+    bool finite = true;
+    run_team_if(amx_in_team(x.size(0)), [&] {
+      finite = amx_dispatch(x, [&](auto typed) {
+        using In = typename decltype(typed)::type;
+        return use_amx_chunked(x.size(0), x.size(1)) ? svgd_step_amx_chunked<In>(x, score, h, out)
+                                                      : svgd_step_amx<In>(x, score, h, out);
+      });
     });
+    return finite;
   }
   if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
     return x.scalar_type() == at::kDouble ? svgd_step_gemm_chunked<double>(x, score, h, out)
@@ -1966,8 +1982,10 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
     median = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "median_gram",
                                              [&] { return numpy_median(sq_dists_gram<scalar_t>(x)); });
   } else if (use_amx(x)) {
-    median = use_amx_chunked(x.size(0), x.size(1)) ? median_sq_dist_chunked(amx_gram_chunked(x))
-                                                   : median_sq_dist_amx(AmxOperands(x));
+    run_team_if(amx_in_team(x.size(0)), [&] {
+      median = use_amx_chunked(x.size(0), x.size(1)) ? median_sq_dist_chunked(amx_gram_chunked(x))
+                                                     : median_sq_dist_amx(AmxOperands(x));
+    });
   } else if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
     median = median_sq_dist_chunked(gemm_gram_chunked(x));
   } else {

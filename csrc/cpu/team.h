@@ -163,4 +163,14 @@ void run_team(const Body& body) {
   if (error) std::rethrow_exception(error);
 }
 
+// run_team(body) where `team` holds, else body() with its loops as separate regions.
+template <typename Body>
+void run_team_if(bool team, const Body& body) {
+  if (team) {
+    run_team(body);
+  } else {
+    body();
+  }
+}
+
 }  // namespace bmt_fast::cpu
