@@ -1595,8 +1595,9 @@ BMT_FAST_INLINE void fused_dot_rows_impl(const T* xc, const T* xt, int64_t d, in
 }
 
 // The median's window pass without tiles (kernels.h: fused_window_rows): for rows [row_begin, row_end) and
-// the columns j > i of [col_begin, col_end) below n, the squared distances as window_collect computes them from fused_dots' dot
-// products; those below lo counted into *below, those in [lo, hi] written to out. Returns how many it wrote.
+// the columns j > i of [col_begin, col_end) below n, the squared distances as window_collect computes them
+// from fused_dots' dot products; those below lo counted into *below, those in [lo, hi] written to out.
+// Returns how many it wrote.
 template <typename T>
 BMT_FAST_INLINE int64_t fused_window_rows_impl(const T* xc, const T* xt, const T* norms, int64_t n, int64_t d, T lo,
                                                T hi, int64_t row_begin, int64_t row_end, int64_t col_begin,

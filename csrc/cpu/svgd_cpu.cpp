@@ -466,8 +466,8 @@ std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tens
   constexpr int64_t kGroup = 16;
   const FusedOperands<T>& ops = tiles.ops;
   const int64_t groups = (ops.n + kGroup - 1) / kGroup;
-  const int64_t block_cols = std::min(
-      ops.n_pad, std::max<int64_t>(kFusedPack, kFusedWindowBlockBytes / (ops.d * int64_t{sizeof(T)}) / kFusedPack * kFusedPack));
+  const int64_t fit = kFusedWindowBlockBytes / (ops.d * int64_t{sizeof(T)}) / kFusedPack * kFusedPack;
+  const int64_t block_cols = std::min(ops.n_pad, std::max<int64_t>(kFusedPack, fit));
   WindowSink<T> sink(capacity);
   parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<T> scratch;  // room for a group's values and a whole vector past them
@@ -513,11 +513,12 @@ double median_sq_dist_select(int64_t n, const at::Tensor& norms, const Tiles& ti
 // (d + 200))^(2/3) samples. (d + 32 until the fused window pass and selection got cheaper per value: fp32,
 // 2 threads, PASSIVE, alternating, d + 32 -> d + 200 (us): 256 x 16 81-83 -> 63-66, 512 x 8 199-209 ->
 // 138-144, 1024 x 3 451-452 -> 352-365, 4096 x 3 3980-4040 -> 2870, 16,384 x 3 31,600-33,400 ->
-// 27,900-28,100, 512 x 64 280-285 -> 251-257; 4096 x 64, 4096 x 256, 1024 x 128 level.) 2-core Xeon (Emerald Rapids), median_bandwidth, samples -> ms: bf16 1024 x 8192
-// 256 -> 18.6, 1024 -> 20.4, 4096 -> 26.3, 16384 -> 34.4 (16 sqrt(m), the rule before: 11.6k); 4096 x 768
-// 1024 -> 25.3, 4096 -> 20.9, 16384 -> 17.5, 65536 -> 20.4; 8192 x 128 4096 -> 42.1, 16384 -> 26.4,
-// 65536 -> 21.7; fp32 1024 x 8192 256 -> 65.9, 16384 -> 81.8. At least enough that the window fits in
-// kMedianWindowMaxBytes (with a margin), and at most kMedianWindowMaxSamples (beyond, the radix passes).
+// 27,900-28,100, 512 x 64 280-285 -> 251-257; 4096 x 64, 4096 x 256, 1024 x 128 level.) 2-core Xeon
+// (Emerald Rapids), median_bandwidth, samples -> ms: bf16 1024 x 8192 256 -> 18.6, 1024 -> 20.4, 4096 ->
+// 26.3, 16384 -> 34.4 (16 sqrt(m), the rule before: 11.6k); 4096 x 768 1024 -> 25.3, 4096 -> 20.9, 16384 ->
+// 17.5, 65536 -> 20.4; 8192 x 128 4096 -> 42.1, 16384 -> 26.4, 65536 -> 21.7; fp32 1024 x 8192 256 -> 65.9,
+// 16384 -> 81.8. At least enough that the window fits in kMedianWindowMaxBytes (with a margin), and at most
+// kMedianWindowMaxSamples (beyond, the radix passes).
 inline int64_t median_window_samples(int64_t m, int64_t d, size_t sizeof_t) {
   const double pairs = static_cast<double>(m);
   const double balanced = std::pow(220.0 * pairs / static_cast<double>(d + 200), 2.0 / 3.0);
@@ -618,7 +619,8 @@ constexpr int64_t kFusedSelectMaxParticles = 128;
 // tiles, from GEMMs on xc unless given, compute the same dot products).
 template <typename T, typename Tiles>
 double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
-  const int64_t select_max = std::is_same_v<Tiles, FusedTiles<T>> ? kFusedSelectMaxParticles : kMedianSelectMaxParticles;
+  const int64_t select_max =
+      std::is_same_v<Tiles, FusedTiles<T>> ? kFusedSelectMaxParticles : kMedianSelectMaxParticles;
   if (xc.size(0) <= select_max) return median_sq_dist_select<T>(xc.size(0), norms, tiles);
   if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms, tiles)) return *median;
   const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW");
@@ -1064,7 +1066,8 @@ std::optional<bool> svgd_step_fused_team(const at::Tensor& x, const at::Tensor& 
   FusedOperands<T> ops(x);
   // (the median as median_bandwidth takes it: from these operands, use_fused_median)
   const double h = bandwidth ? *bandwidth
-                             : bandwidth_from_median(median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops}), n);
+                             : bandwidth_from_median(
+                                   median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops}), n);
   const double a = 2.0 / h;
   const at::Tensor score_t = score.to(acc).contiguous();
   ops.pack_w(score_t, a);
@@ -1125,7 +1128,8 @@ constexpr int64_t kFusedKernelMaxFeatures = 128;
 constexpr int64_t kFusedKernelWideMaxParticles = 1024;
 
 bool use_fused_kernel(int64_t n, int64_t d) {
-  return fused_enabled() && (d <= kFusedKernelMaxFeatures || (d <= kFusedMaxFeatures && n <= kFusedKernelWideMaxParticles));
+  return fused_enabled() &&
+         (d <= kFusedKernelMaxFeatures || (d <= kFusedMaxFeatures && n <= kFusedKernelWideMaxParticles));
 }
 
 // The self kernel rbf_kernel(x) by the fused distances (use_fused_kernel): x's fused operands, then each
