@@ -611,8 +611,8 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
 // particles, the window beyond (its pass compares and keeps them in registers, so the selection over a few
 // of them costs less than over all). fp32 median_bandwidth, one thread, alternating, 3 rounds, selection ->
 // window (us): 80 x 10 26-27 -> 32-34, 100 x 50 36-37 -> 42-43, 128 x 16 36-38 -> 39, 128 x 128 level, 150 x
-// 150 101-108 -> 99-102, 180 x 30 64-67 -> 57-58, 256 x 3 87-88 -> 53-54, 512 x 8 (2 rounds) 297-300 ->
-// 138-144.
+// 150 101-108 -> 99-102, 180 x 30 64-67 -> 57-58, 256 x 3 87-88 -> 53-54; 512 x 8 (2 rounds, the window's
+// sample then sized for d + 32 features per draw) 297-300 -> 195-197.
 constexpr int64_t kFusedSelectMaxParticles = 128;
 
 // The exact median of the n^2 squared distances of the tiled path (the rows of xc with these norms; the
