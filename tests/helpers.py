@@ -56,3 +56,29 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     root = str(Path(bmt_fast.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+# The CPU kernels' path switches (read once per process): run_cpu_variants sets each variant's own and clears
+# the others, whatever the calling process has (CI runs the kernel tests with some of them set).
+CPU_PATH_SWITCHES = ("BMT_FAST_CPU_FUSED", "BMT_FAST_CPU_SERIAL_MAX_WORK")
+
+
+def run_cpu_variants(tmp_path, script_text: str, variants: dict[str, dict[str, str]]) -> dict[str, object]:
+    """Runs script_text (which saves its results with torch.save to sys.argv[1]) once per variant in a
+    child Python with that variant's CPU path switches, and returns the loaded results by variant name."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "variants.py"
+    script.write_text(script_text)
+    results = {}
+    for name, extra in variants.items():
+        path = tmp_path / f"{name}.pt"
+        env = subprocess_env(**extra)
+        for key in CPU_PATH_SWITCHES:
+            if key not in extra:
+                env.pop(key, None)
+        run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, (name, run.stderr[-2000:])
+        results[name] = torch.load(path)
+    return results

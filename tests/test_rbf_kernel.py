@@ -4,8 +4,8 @@ import functools
 
 import pytest
 import torch
-from helpers import (assert_within, float32_matmul_precision, relative_error, requires_amx, requires_cpu_extension, subprocess_env,
-                     torch_error_in)
+from helpers import (assert_within, float32_matmul_precision, relative_error, requires_amx, requires_cpu_extension,
+                     run_cpu_variants, subprocess_env, torch_error_in)
 
 import bmt_fast
 from bmt_fast import reference
@@ -731,22 +731,8 @@ def test_self_kernel_by_the_fused_distances_in_one_team(tmp_path):
     team. With every call threaded the results are the same bits (each entry's arithmetic does not depend
     on the split); with BMT_FAST_CPU_FUSED=0 (one GEMM, feature chunks, GEMM-tile medians) the same values
     within rounding."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "fused_kernel.py"
-    script.write_text(FUSED_KERNEL_SCRIPT)
-    results = {}
-    for name, extra in (("fused", {}), ("threaded", {"BMT_FAST_CPU_SERIAL_MAX_WORK": "0"}),
-                        ("gemm", {"BMT_FAST_CPU_FUSED": "0"})):
-        path = tmp_path / f"{name}.pt"
-        env = subprocess_env(**extra)
-        for key in ("BMT_FAST_CPU_FUSED", "BMT_FAST_CPU_SERIAL_MAX_WORK"):
-            if key not in extra:
-                env.pop(key, None)
-        run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-2000:]
-        results[name] = torch.load(path)
+    variants = {"fused": {}, "threaded": {"BMT_FAST_CPU_SERIAL_MAX_WORK": "0"}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}}
+    results = run_cpu_variants(tmp_path, FUSED_KERNEL_SCRIPT, variants)
     assert len(results["fused"]) == 8
     for key, fused in results["fused"].items():
         n, d, dtype = key

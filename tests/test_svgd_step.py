@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from helpers import (COMPILED_CPU, assert_within, float32_matmul_precision, relative_error, requires_amx,
-                     requires_cpu_extension, subprocess_env, torch_error_in)
+                     requires_cpu_extension, run_cpu_variants, subprocess_env, torch_error_in)
 
 import bmt_fast
 from bmt_fast import reference
@@ -871,22 +871,8 @@ def test_fused_step_matches_the_gemm_tiles_and_float64(tmp_path):
     memory); BMT_FAST_CPU_FUSED=0 keeps the GEMM tiles. Both give the float64 reference's phi (fp32: 1e-5,
     fp64: 1e-12, also with every call threaded), and each other's, including a tiny H where only the own
     term k_ii = 1 is left."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "fused.py"
-    script.write_text(FUSED_SCRIPT)
-    results = {}
-    for name, extra in (("fused", {}), ("threaded", {"BMT_FAST_CPU_SERIAL_MAX_WORK": "0"}),
-                        ("tiles", {"BMT_FAST_CPU_FUSED": "0"})):
-        path = tmp_path / f"{name}.pt"
-        env = subprocess_env(**extra)
-        for key in ("BMT_FAST_CPU_FUSED", "BMT_FAST_CPU_SERIAL_MAX_WORK"):
-            if key not in extra:
-                env.pop(key, None)
-        run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-2000:]
-        results[name] = torch.load(path)
+    variants = {"fused": {}, "threaded": {"BMT_FAST_CPU_SERIAL_MAX_WORK": "0"}, "tiles": {"BMT_FAST_CPU_FUSED": "0"}}
+    results = run_cpu_variants(tmp_path, FUSED_SCRIPT, variants)
     assert len(results["fused"]) == 15
     for key, fused in results["fused"].items():
         n, d, dtype, h = key
