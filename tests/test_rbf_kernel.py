@@ -706,12 +706,15 @@ FUSED_KERNEL_SCRIPT = """
 import sys, torch, bmt_fast
 torch.manual_seed(0)
 out = {}
-# (n, d, dtype): rbf_kernel(x) by the fused distances up to 128 features (any n; 4-row blocks, ragged, and
-# blocks of columns at 3000 x 100), up to 256 from 129 to 1024 particles; the median by selection (n <= 128)
-# and by the window beyond, also from 128 features (300 x 200, 900 x 250).
+# (n, d, dtype): rbf_kernel(x) by the fused distances up to 256 features (fp64: up to 128, or 256 up to 1024
+# particles): both triangles by 4-row blocks (ragged) below 512 particles (1024 under 64 features) and in
+# fp64, the upper triangle by 64-row blocks beyond in fp32 (512 x 64 at the bound, an even and an odd count
+# of blocks, ragged last blocks, several tiles per block at 3000 x 100 and 1300 x 160); the median by
+# selection (n <= 128) and by the window beyond, also from 128 features (300 x 200, 900 x 250, 1300 x 160).
 for n, d, dtype in [(70, 5, torch.float32), (257, 64, torch.float32), (300, 200, torch.float64),
                     (130, 256, torch.float32), (1100, 30, torch.float32), (900, 250, torch.float64),
-                    (90, 20, torch.bfloat16), (3000, 100, torch.float32)]:
+                    (90, 20, torch.bfloat16), (3000, 100, torch.float32), (512, 64, torch.float32),
+                    (1300, 160, torch.float32)]:
     x = (torch.randn(n, d, dtype=torch.float64) * 1.5 + 2.0).to(dtype)
     h = torch.tensor(2.0 * d, dtype=torch.float64)
     k_median, h_median = torch.ops.bmt_fast.rbf_kernel_median(x)
@@ -725,15 +728,16 @@ torch.save(out, sys.argv[1])
 
 @requires_cpu_extension
 def test_self_kernel_by_the_fused_distances_in_one_team(tmp_path):
-    """rbf_kernel(x) with up to 128 features (256 up to 1024 particles) takes the fused distances, its loops
-    in one OpenMP region (team.h): the float64 reference's K, exactly symmetric with a unit diagonal;
+    """rbf_kernel(x) with up to 256 features takes the fused distances, its loops in one OpenMP region
+    (team.h), in fp32 from 512 particles its upper triangle alone: the float64 reference's K, exactly
+    symmetric with a unit diagonal;
     rbf_kernel_median gives rbf_kernel(x, x, H) with H = median_bandwidth(x), bit for bit, both from one
     team. With every call threaded the results are the same bits (each entry's arithmetic does not depend
     on the split); with BMT_FAST_CPU_FUSED=0 (one GEMM, feature chunks, GEMM-tile medians) the same values
     within rounding."""
     variants = {"fused": {}, "threaded": {"BMT_FAST_CPU_SERIAL_MAX_WORK": "0"}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}}
     results = run_cpu_variants(tmp_path, FUSED_KERNEL_SCRIPT, variants)
-    assert len(results["fused"]) == 8
+    assert len(results["fused"]) == 10
     for key, fused in results["fused"].items():
         n, d, dtype = key
         tol = {"torch.float32": 2e-5, "torch.float64": 1e-12, "torch.bfloat16": 1e-2}[dtype]

@@ -666,7 +666,7 @@ def test_every_isa_build_is_correct(isa, tmp_path):
         "    os.environ['BMT_FAST_MEDIAN_WINDOW'] = '0'\n"
         "    assert windowed == float(torch.ops.bmt_fast.median_bandwidth(x, 'tiled')), (n, d, dt)\n"
         "    del os.environ['BMT_FAST_MEDIAN_WINDOW']\n"
-        "for n, d in [(70, 37), (300, 200), (1030, 20)]:  # rbf_kernel(x) by the fused distances\n"
+        "for n, d in [(70, 37), (300, 200), (1030, 20)]:  # rbf_kernel(x) by the fused distances (1030: upper triangle)\n"
         "    x = torch.randn(n, d, dtype=torch.float64); h = torch.tensor(float(d), dtype=torch.float64)\n"
         "    for dt in (torch.float32, torch.float64):\n"
         "        k = torch.ops.bmt_fast.rbf_kernel(x.to(dt), x.to(dt), h)\n"
