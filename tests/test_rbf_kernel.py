@@ -706,11 +706,11 @@ FUSED_KERNEL_SCRIPT = """
 import sys, torch, bmt_fast
 torch.manual_seed(0)
 out = {}
-# (n, d, dtype): rbf_kernel(x) by the fused distances up to 256 features (fp64: up to 128, or 256 up to 1024
-# particles): both triangles by 4-row blocks (ragged) below 512 particles (1024 under 64 features) and in
-# fp64, the upper triangle by 64-row blocks beyond in fp32 (512 x 64 at the bound, an even and an odd count
-# of blocks, ragged last blocks, several tiles per block at 3000 x 100 and 1300 x 160); the median by
-# selection (n <= 128) and by the window beyond, also from 128 features (300 x 200, 900 x 250, 1300 x 160).
+# (n, d, dtype): rbf_kernel(x) by the fused distances up to 256 features: both triangles by 4-row blocks
+# (ragged) below 512 particles (1024 under 64 features), the upper triangle by 64-row blocks beyond (512 x 64
+# at the bound, an even and an odd count of blocks, ragged last blocks, fp64 at 900 x 250, several tiles per
+# block at 3000 x 100 and 1300 x 160); the median by selection (n <= 128) and by the window beyond, also
+# from 128 features (300 x 200, 900 x 250, 1300 x 160).
 for n, d, dtype in [(70, 5, torch.float32), (257, 64, torch.float32), (300, 200, torch.float64),
                     (130, 256, torch.float32), (1100, 30, torch.float32), (900, 250, torch.float64),
                     (90, 20, torch.bfloat16), (3000, 100, torch.float32), (512, 64, torch.float32),
@@ -729,8 +729,8 @@ torch.save(out, sys.argv[1])
 @requires_cpu_extension
 def test_self_kernel_by_the_fused_distances_in_one_team(tmp_path):
     """rbf_kernel(x) with up to 256 features takes the fused distances, its loops in one OpenMP region
-    (team.h), in fp32 from 512 particles its upper triangle alone: the float64 reference's K, exactly
-    symmetric with a unit diagonal;
+    (team.h), from 512 particles its upper triangle alone: the float64 reference's K, exactly symmetric
+    with a unit diagonal;
     rbf_kernel_median gives rbf_kernel(x, x, H) with H = median_bandwidth(x), bit for bit, both from one
     team. With every call threaded the results are the same bits (each entry's arithmetic does not depend
     on the split); with BMT_FAST_CPU_FUSED=0 (one GEMM, feature chunks, GEMM-tile medians) the same values

@@ -47,6 +47,7 @@
   BMT_FAST_DECLARE_AMX_ISA(c10::BFloat16)                                                                                                       \
   BMT_FAST_DECLARE_AMX_ISA(float)                                                                                                               \
   void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
+  void transpose_words(const uint64_t*, int64_t, int64_t, int64_t, int64_t, uint64_t*, int64_t);                                              \
   void stream_rows(const void*, int64_t, int64_t, int64_t, void*, int64_t);                                                                   \
   void bf16_row_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                        \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
@@ -293,6 +294,10 @@ BMT_FAST_DEFINE_AMX_ENTRY(c10::BFloat16)
 BMT_FAST_DEFINE_AMX_ENTRY(float)
 
 void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
+                     int64_t ld_dst) {
+  BMT_FAST_DISPATCH(transpose_words, src, ld_src, rows, k_begin, k_end, dst, ld_dst)
+}
+void transpose_words(const uint64_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint64_t* dst,
                      int64_t ld_dst) {
   BMT_FAST_DISPATCH(transpose_words, src, ld_src, rows, k_begin, k_end, dst, ld_dst)
 }

@@ -150,9 +150,11 @@ bool fused_step_rows(const double* xc, const double* xt, const double* w, const 
 BMT_FAST_DECLARE_AMX(c10::BFloat16)
 BMT_FAST_DECLARE_AMX(float)
 
-// dst[k * ld_dst + i] = src[i * ld_src + k] for 32-bit words k in [k_begin, k_end) of rows i in [0, rows)
-// (AMX's B operand: xb's bf16 feature pairs transposed).
+// dst[k * ld_dst + i] = src[i * ld_src + k] for 32- or 64-bit words k in [k_begin, k_end) of rows i in [0,
+// rows) (AMX's B operand: xb's bf16 feature pairs transposed; rbf_kernel's lower triangle, fp32 or fp64).
 void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
+                     int64_t ld_dst);
+void transpose_words(const uint64_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint64_t* dst,
                      int64_t ld_dst);
 // Rows of bytes: dst row r (byte stride ld_dst) <- src row r (byte stride ld_src), `bytes` each, r in
 // [0, rows); the whole aligned 64-byte lines of dst are streamed around the caches in the AVX-512 build (a

@@ -517,29 +517,63 @@ BMT_FAST_INLINE void transpose_16x16_words(const uint32_t* src, int64_t ld_src, 
     _mm512_storeu_si512(dst + (12 + q) * ld_dst, _mm512_maskz_shuffle_i32x4(kAllLanes, v[4 + q], v[12 + q], 0xdd));
   }
 }
+
+// The same for 64-bit words, 8 x 8: unpacks of row pairs, then two rounds of two-source permutes (after the
+// unpacks t[r] holds the even (r even) or odd columns of rows r & ~1 and (r & ~1) + 1, interleaved).
+BMT_FAST_INLINE void transpose_8x8_words(const uint64_t* src, int64_t ld_src, uint64_t* dst, int64_t ld_dst) {
+  __m512i r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_si512(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm512_maskz_unpacklo_epi64(kAllPairs, r[i], r[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_epi64(kAllPairs, r[i], r[i + 1]);
+  }
+  // u[4 h + q]: rows 4 h .. 4 h + 3 of columns (c, c + 4), c = 0, 2, 1, 3 for q = 0..3
+  const __m512i pairs_a = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+  const __m512i pairs_b = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+  for (int h = 0; h < 2; ++h) {
+    const __m512i* th = t + 4 * h;
+    u[4 * h + 0] = _mm512_maskz_permutex2var_epi64(kAllPairs, th[0], pairs_a, th[2]);
+    u[4 * h + 1] = _mm512_maskz_permutex2var_epi64(kAllPairs, th[0], pairs_b, th[2]);
+    u[4 * h + 2] = _mm512_maskz_permutex2var_epi64(kAllPairs, th[1], pairs_a, th[3]);
+    u[4 * h + 3] = _mm512_maskz_permutex2var_epi64(kAllPairs, th[1], pairs_b, th[3]);
+  }
+  const __m512i low = _mm512_set_epi64(11, 10, 9, 8, 3, 2, 1, 0), high = _mm512_set_epi64(15, 14, 13, 12, 7, 6, 5, 4);
+  constexpr int kColumn[4] = {0, 2, 1, 3};
+  for (int q = 0; q < 4; ++q) {
+    _mm512_storeu_si512(dst + kColumn[q] * ld_dst, _mm512_maskz_permutex2var_epi64(kAllPairs, u[q], low, u[4 + q]));
+    _mm512_storeu_si512(dst + (kColumn[q] + 4) * ld_dst,
+                        _mm512_maskz_permutex2var_epi64(kAllPairs, u[q], high, u[4 + q]));
+  }
+}
 #endif
 
-// dst[k * ld_dst + i] = src[i * ld_src + k] for 32-bit words k in [k_begin, k_end) of rows i in [0, rows):
-// AMX's B operand from the rounded particles (their bf16 feature pairs), and the A operand P^T of
-// rbf_kernel_backward. Blocks of 16 words (one cache line of each source row) by 64 rows (a 256-byte run
-// of each destination row), so that both sides move whole lines; in the AVX-512 build whole 16 x 16
-// blocks are transposed in registers. (ATen's transposing copy took 15.7 ms at 256 x 76,800, a quarter of
-// the step.)
-BMT_FAST_INLINE void transpose_words_impl(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin,
-                                          int64_t k_end, uint32_t* dst, int64_t ld_dst) {
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += 16) {
-    const int64_t k1 = min64(k0 + 16, k_end);
+// dst[k * ld_dst + i] = src[i * ld_src + k] for 32- or 64-bit words k in [k_begin, k_end) of rows i in [0,
+// rows): AMX's B operand from the rounded particles (their bf16 feature pairs), the A operand P^T of
+// rbf_kernel_backward, and rbf_kernel's lower triangle. Blocks of one cache line of each source row (16 or 8
+// words) by 64 rows (a 256- or 512-byte run of each destination row), so that both sides move whole lines;
+// in the AVX-512 build whole 16 x 16 (8 x 8) blocks are transposed in registers. (ATen's transposing copy
+// took 15.7 ms at 256 x 76,800, a quarter of the step.)
+template <typename W>
+BMT_FAST_INLINE void transpose_words_impl(const W* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end,
+                                          W* dst, int64_t ld_dst) {
+  constexpr int64_t kLine = 64 / sizeof(W);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kLine) {
+    const int64_t k1 = min64(k0 + kLine, k_end);
     for (int64_t i0 = 0; i0 < rows; i0 += 64) {
       const int64_t i1 = min64(i0 + 64, rows);
       int64_t i_scalar = i0;
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
-      if (k1 - k0 == 16) {
-        for (; i_scalar + 16 <= i1; i_scalar += 16)
-          transpose_16x16_words(src + i_scalar * ld_src + k0, ld_src, dst + k0 * ld_dst + i_scalar, ld_dst);
+      if (k1 - k0 == kLine) {
+        for (; i_scalar + kLine <= i1; i_scalar += kLine) {
+          if constexpr (sizeof(W) == 4)
+            transpose_16x16_words(src + i_scalar * ld_src + k0, ld_src, dst + k0 * ld_dst + i_scalar, ld_dst);
+          else
+            transpose_8x8_words(src + i_scalar * ld_src + k0, ld_src, dst + k0 * ld_dst + i_scalar, ld_dst);
+        }
       }
 #endif
       for (int64_t k = k0; k < k1; ++k) {
-        uint32_t* out = dst + k * ld_dst;
+        W* out = dst + k * ld_dst;
         for (int64_t i = i_scalar; i < i1; ++i) out[i] = src[i * ld_src + k];
       }
     }
@@ -1988,6 +2022,10 @@ BMT_FAST_DEFINE_AMX_KERNELS(c10::BFloat16)
 BMT_FAST_DEFINE_AMX_KERNELS(float)
 
 void transpose_words(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint32_t* dst,
+                     int64_t ld_dst) {
+  transpose_words_impl(src, ld_src, rows, k_begin, k_end, dst, ld_dst);
+}
+void transpose_words(const uint64_t* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, uint64_t* dst,
                      int64_t ld_dst) {
   transpose_words_impl(src, ld_src, rows, k_begin, k_end, dst, ld_dst);
 }

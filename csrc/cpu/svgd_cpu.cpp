@@ -1125,35 +1125,28 @@ std::optional<bool> svgd_step_fused(const at::Tensor& x, const at::Tensor& score
 // Gram path). Beyond 1024 particles at more than 128 features it took both triangles and stayed on one GEMM
 // (2048 x 256 6.78-6.80 -> 7.24-7.44); with the upper triangle alone (fused_kernel_symmetric), one GEMM ->
 // fused: 2048 x 200 5.4-5.8 -> 3.9, 2048 x 256 6.8-7.9 -> 5.1-6.0, 4096 x 256 25.4-30.3 -> 18.7-20.5,
-// 8192 x 160 (chunks) 90-94 -> 49-50. fp64 takes both triangles (fused_kernel_symmetric), so there only up to
-// kFusedKernelMaxFeatures, or kFusedMaxFeatures up to kFusedKernelWideMaxParticles particles, as before.
-constexpr int64_t kFusedKernelMaxFeatures = 128;
-constexpr int64_t kFusedKernelWideMaxParticles = 1024;
+// 8192 x 160 (chunks) 90-94 -> 49-50; fp64 2048 x 256 13.6-16.5 -> 10.5-11.7, 4096 x 200 54-59 -> 32-35,
+// 1100 x 160 3.39-3.44 -> 2.79-3.00.
+bool use_fused_kernel(int64_t d) { return fused_enabled() && d <= kFusedMaxFeatures; }
 
-bool use_fused_kernel(int64_t n, int64_t d, bool fp64) {
-  return fused_enabled() && d <= kFusedMaxFeatures &&
-         (!fp64 || d <= kFusedKernelMaxFeatures || n <= kFusedKernelWideMaxParticles);
-}
-
-// rbf_kernel_fused computes only K's upper triangle, by blocks of kFusedKernelBlockRows rows (a multiple of
-// kFusedPack: a block's diagonal column is where its packed columns start), from
-// kFusedKernelSymmetricMinParticles particles at 64 features or more and from twice as many below; its
-// tiles (the block's rows by columns taking at most kFusedKernelTileBytes) go through a buffer. fp32, H given, 2 threads, the same VM,
-// PASSIVE, alternating, 2-3 rounds, both triangles -> the upper one (us unless ms): 256 x 16 42-43 ->
-// 53-55, 256 x 128 152-169 -> 171-184, 512 x 16 123-132 -> 141-147, 512 x 64 217-256 -> 208-235, 512 x 128
-// 458-511 -> 389-449, 768 x 64 578-704 -> 447-497, 1024 x 16 392-395 -> 346-364, 1024 x 64 771-823 ->
-// 661-677, 1024 x 128 1.18-1.33 -> 0.97, 2048 x 128 3.83-3.87 -> 2.80-2.83 ms, 4096 x 64 8.2-8.4 -> 6.7-6.9
-// ms, 8192 x 16 19.6-20.4 -> 16.7-16.9 ms, 8192 x 64 32.4-33.7 -> 27.0-27.3 ms. Blocks of 128 rows or tiles
-// of 256 or 512 KiB: level to 1-3 ms slower at 8192. fp32 only: fp64's transposes by a plain loop made it
-// slower (fp64 4096 x 32 12.4-13.1 -> 17.1-17.6 ms).
+// rbf_kernel_fused computes only K's upper triangle, by blocks of kFusedKernelBlockRows rows (a multiple of kFusedPack:
+// a block's diagonal column is where its packed columns start), from kFusedKernelSymmetricMinParticles particles at 64
+// features or more and from twice as many below; its tiles (the block's rows by columns taking at most
+// kFusedKernelTileBytes) go through a buffer. fp32, H given, 2 threads, the same VM, PASSIVE, alternating, 2-3 rounds,
+// both triangles -> the upper one (us unless ms): 256 x 16 42-43 -> 53-55, 256 x 128 152-169 -> 171-184, 512 x 16
+// 123-132 -> 141-147, 512 x 64 217-256 -> 208-235, 512 x 128 458-511 -> 389-449, 768 x 64 578-704 -> 447-497, 1024 x 16
+// 392-395 -> 346-364, 1024 x 64 771-823 -> 661-677, 1024 x 128 1.18-1.33 -> 0.97, 2048 x 128 3.83-3.87 -> 2.80-2.83 ms,
+// 4096 x 64 8.2-8.4 -> 6.7-6.9 ms, 8192 x 16 19.6-20.4 -> 16.7-16.9 ms, 8192 x 64 32.4-33.7 -> 27.0-27.3 ms. Blocks of
+// 128 rows or tiles of 256 or 512 KiB: level to 1-3 ms slower at 8192. fp64 (whose tiles are transposed by 8 x 8
+// register blocks; by a plain loop it had been slower, 4096 x 32 12.4-13.1 -> 17.1-17.6 ms): 512 x 64 474-522 ->
+// 378-1260 (noisy), 1024 x 16 747-838 -> 682-703, 1024 x 64 1.45-1.61 -> 1.24-1.34 ms, 2048 x 128 7.9-9.0 -> 6.2-6.7
+// ms, 4096 x 32 13.8-14.6 -> 11.6-12.0 ms, 4096 x 128 32.1-35.2 -> 25.0-26.1 ms.
 constexpr int64_t kFusedKernelBlockRows = 64;
 constexpr int64_t kFusedKernelTileBytes = int64_t{128} << 10;
 constexpr int64_t kFusedKernelSymmetricMinParticles = 512;
 
-template <typename T>
 bool fused_kernel_symmetric(int64_t n, int64_t d) {
-  return std::is_same_v<T, float> &&
-         n >= (d >= 64 ? kFusedKernelSymmetricMinParticles : 2 * kFusedKernelSymmetricMinParticles);
+  return n >= (d >= 64 ? kFusedKernelSymmetricMinParticles : 2 * kFusedKernelSymmetricMinParticles);
 }
 
 // The self kernel rbf_kernel(x) by the fused distances (use_fused_kernel): x's fused operands, then blocks
@@ -1189,7 +1182,7 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
         rbf_from_dots(out, ld, i0 - r0, i1 - r0, cols, norms + r0, norms + j0, inv_h);
       }
     };
-    if (!fused_kernel_symmetric<T>(n, ops.d)) {
+    if (!fused_kernel_symmetric(n, ops.d)) {
       // (a block of columns whose packed xt takes at most 512 KiB: it stays in L2 while the share's rows pass)
       const int64_t block_cols = std::max<int64_t>(
           kFusedPack, (int64_t{512} << 10) / (ops.d * int64_t{sizeof(T)}) / kFusedPack * kFusedPack);
@@ -1202,40 +1195,39 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
       });
       return;
     }
-    if constexpr (std::is_same_v<T, float>) {  // (fused_kernel_symmetric: fp32 only)
-      // The upper triangle by blocks of kFusedKernelBlockRows rows, block b paired with block (blocks - 1 - b)
-      // for equal shares: each block's tiles from its diagonal on go to a buffer, and from there into K twice,
-      // as they are and (right of the diagonal block) transposed below it, in whole streamed lines. (Transposing
-      // within K itself thrashed the caches where a row is a power of two bytes: 8192 x 16 21 -> 34-50 ms.)
-      constexpr int64_t rows = kFusedKernelBlockRows;
-      const int64_t tile_cols =
-          std::max<int64_t>(kFusedPack, kFusedKernelTileBytes / (rows * int64_t{sizeof(T)}) / kFusedPack * kFusedPack);
-      const int64_t blocks = (n + rows - 1) / rows, row_bytes = n * int64_t{sizeof(T)};
-      parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> tile(rows * tile_cols), transposed(tile_cols * rows);
-        const auto block_rows = [&](int64_t block) {
-          const int64_t r0 = block * rows, r1 = std::min(n, r0 + rows), m = r1 - r0;
-          for (int64_t j0 = r0; j0 < n; j0 += tile_cols) {
-            const int64_t cols = std::min(tile_cols, n - j0);
-            entries(r0, r1, j0, cols, tile.data(), tile_cols);
-            if (j0 == r0)
-              for (int64_t r = 0; r < m; ++r) tile[r * tile_cols + r] = T(1);
-            stream_rows(tile.data(), tile_cols * int64_t{sizeof(T)}, m, cols * int64_t{sizeof(T)}, kp + r0 * n + j0,
-                        row_bytes);
-            const int64_t first = std::max(j0, r1) - j0;  // the tile's first column right of the diagonal block
-            if (first >= cols) continue;
-            transpose_words(reinterpret_cast<const uint32_t*>(tile.data() + first), tile_cols, m, 0, cols - first,
-                            reinterpret_cast<uint32_t*>(transposed.data()), rows);
-            stream_rows(transposed.data(), rows * int64_t{sizeof(T)}, cols - first, m * int64_t{sizeof(T)},
-                        kp + (j0 + first) * n + r0, row_bytes);
-          }
-        };
-        for (int64_t pair = begin; pair < end; ++pair) {
-          block_rows(pair);
-          if (blocks - 1 - pair != pair) block_rows(blocks - 1 - pair);
+    // The upper triangle by blocks of kFusedKernelBlockRows rows, block b paired with block (blocks - 1 - b)
+    // for equal shares: each block's tiles from its diagonal on go to a buffer, and from there into K twice,
+    // as they are and (right of the diagonal block) transposed below it, in whole streamed lines. (Transposing
+    // within K itself thrashed the caches where a row is a power of two bytes: 8192 x 16 21 -> 34-50 ms.)
+    constexpr int64_t rows = kFusedKernelBlockRows;
+    const int64_t tile_cols =
+        std::max<int64_t>(kFusedPack, kFusedKernelTileBytes / (rows * int64_t{sizeof(T)}) / kFusedPack * kFusedPack);
+    const int64_t blocks = (n + rows - 1) / rows, row_bytes = n * int64_t{sizeof(T)};
+    parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> tile(rows * tile_cols), transposed(tile_cols * rows);
+      const auto block_rows = [&](int64_t block) {
+        const int64_t r0 = block * rows, r1 = std::min(n, r0 + rows), m = r1 - r0;
+        for (int64_t j0 = r0; j0 < n; j0 += tile_cols) {
+          const int64_t cols = std::min(tile_cols, n - j0);
+          entries(r0, r1, j0, cols, tile.data(), tile_cols);
+          if (j0 == r0)
+            for (int64_t r = 0; r < m; ++r) tile[r * tile_cols + r] = T(1);
+          stream_rows(tile.data(), tile_cols * int64_t{sizeof(T)}, m, cols * int64_t{sizeof(T)}, kp + r0 * n + j0,
+                      row_bytes);
+          const int64_t first = std::max(j0, r1) - j0;  // the tile's first column right of the diagonal block
+          if (first >= cols) continue;
+          using Word = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+          transpose_words(reinterpret_cast<const Word*>(tile.data() + first), tile_cols, m, 0, cols - first,
+                          reinterpret_cast<Word*>(transposed.data()), rows);
+          stream_rows(transposed.data(), rows * int64_t{sizeof(T)}, cols - first, m * int64_t{sizeof(T)},
+                      kp + (j0 + first) * n + r0, row_bytes);
         }
-      });
-    }
+      };
+      for (int64_t pair = begin; pair < end; ++pair) {
+        block_rows(pair);
+        if (blocks - 1 - pair != pair) block_rows(blocks - 1 - pair);
+      }
+    });
   });
   return k;
 }
@@ -2126,7 +2118,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     const at::Tensor shift = amx_shift(xs, &ys);
     return rbf_kernel_amx(AmxOperands(xs, shift, /*as_b=*/false), AmxOperands(ys, shift), h);
   }
-  if (self && use_fused_kernel(n, x.size(1), acc == at::kDouble)) {
+  if (self && use_fused_kernel(x.size(1))) {
     const at::Tensor xs = x.contiguous();
     return (acc == at::kDouble ? rbf_kernel_fused<double>(xs, h, nullptr) : rbf_kernel_fused<float>(xs, h, nullptr))
         .to(x.scalar_type());
@@ -2177,11 +2169,10 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
       if (keep) return {rbf_kernel_from_dots(operands.norms, kept, read_bandwidth(h), operands.dtype), h};
       return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
     }
-    const bool fp64 = accumulation_type(x_in.scalar_type()) == at::kDouble;
-    if (use_fused_median(x_in.size(1)) && use_fused_kernel(n, x_in.size(1), fp64)) {  // one team for both
+    if (use_fused_median(x_in.size(1)) && use_fused_kernel(x_in.size(1))) {  // one team for both
       const at::Tensor x = x_in.contiguous();
       double median = 0.0;
-      const at::Tensor k = fp64
+      const at::Tensor k = accumulation_type(x.scalar_type()) == at::kDouble
                                ? rbf_kernel_fused<double>(x, std::nullopt, &median)
                                : rbf_kernel_fused<float>(x, std::nullopt, &median);
       return {k.to(x.scalar_type()), bandwidth_result(median, x)};

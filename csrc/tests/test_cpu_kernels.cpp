@@ -169,26 +169,30 @@ void test_fork_while_allocating() {
 #endif
 }
 
-// transpose_words (AMX's operands) against the definition: whole 16 x 16 register blocks (AVX-512 build)
-// and the scalar edges, a word range that starts mid-block, padded row strides; nothing outside the
-// range written.
+// transpose_words (AMX's operands, rbf_kernel's lower triangle) against the definition, 32- and 64-bit
+// words: whole 16 x 16 (8 x 8) register blocks (AVX-512 build) and the scalar edges, a word range that
+// starts mid-block, padded row strides; nothing outside the range written.
+template <typename W>
 void test_transpose_words() {
-  const int64_t shapes[][4] = {{1, 1, 0, 1},    {15, 17, 0, 17}, {16, 16, 0, 16}, {64, 32, 0, 32},
-                               {70, 37, 3, 37}, {130, 48, 16, 40}, {33, 300, 5, 299}};
+  const int64_t shapes[][4] = {{1, 1, 0, 1},      {15, 17, 0, 17}, {16, 16, 0, 16},  {64, 32, 0, 32},
+                               {70, 37, 3, 37},   {130, 48, 16, 40}, {33, 300, 5, 299}, {8, 8, 0, 8},
+                               {72, 24, 8, 23}};
+  const W fill = static_cast<W>(0xDEADBEEFCAFEF00Dull);
   for (const auto& shape : shapes) {
     const int64_t rows = shape[0], words = shape[1], k_begin = shape[2], k_end = shape[3];
     const int64_t ld_src = words + 3, ld_dst = rows + 5;
-    std::vector<uint32_t> src(rows * ld_src), dst(words * ld_dst, 0xDEADBEEFu);
-    for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint32_t>(i * 2654435761u);
+    std::vector<W> src(rows * ld_src), dst(words * ld_dst, fill);
+    for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<W>((i + 1) * 0x9E3779B97F4A7C15ull);
     bmt_fast::cpu::transpose_words(src.data(), ld_src, rows, k_begin, k_end, dst.data(), ld_dst);
     bool ok = true;
     for (int64_t k = 0; k < words; ++k)
       for (int64_t i = 0; i < ld_dst; ++i) {
         const bool inside = k >= k_begin && k < k_end && i < rows;
-        ok = ok && dst[k * ld_dst + i] == (inside ? src[i * ld_src + k] : 0xDEADBEEFu);
+        ok = ok && dst[k * ld_dst + i] == (inside ? src[i * ld_src + k] : fill);
       }
-    expect(ok, "transpose_words " + std::to_string(rows) + " rows x words [" + std::to_string(k_begin) + ", " +
-                   std::to_string(k_end) + ") (" + bmt_fast::cpu::active_isa() + ")");
+    expect(ok, "transpose_words (" + std::to_string(8 * sizeof(W)) + "-bit) " + std::to_string(rows) +
+                   " rows x words [" + std::to_string(k_begin) + ", " + std::to_string(k_end) + ") (" +
+                   bmt_fast::cpu::active_isa() + ")");
   }
 }
 
@@ -299,7 +303,8 @@ int main() {
   test_median_and_kernel();
   test_bad_input();
   test_fork_while_allocating();
-  test_transpose_words();
+  test_transpose_words<uint32_t>();
+  test_transpose_words<uint64_t>();
   test_stream_rows();
   test_team();
   std::printf("%d failure(s)\n", failures);
