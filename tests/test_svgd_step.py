@@ -363,14 +363,18 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n,d", [(120, 1700), (100, 600), (257, 1300), (500, 200), (130, 70), (600, 2450)])
+@pytest.mark.parametrize(
+    "n,d", [(120, 1700), (100, 600), (257, 1300), (200, 300), (500, 200), (130, 70), (600, 2450)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_few_particles_on_the_gemm_path_by_feature_chunks(n, d, dtype):
     """fp32 (IEEE) and fp64 particles beyond the Gram path, up to 512 of them with more than 256 features (64 or more
     with BMT_FAST_CPU_FUSED=0, as the tests' last pass runs: 500 x 200 and 130 x 70 take the fused kernels
-    otherwise; up to 1024 with 4 or more features per particle: 600 x 2450), go by feature chunks: the threads share chunks of up to 512
-    features (fewer where that balances them; ragged last chunks here), each centred by its own column means, their
-    dot products summed per thread, and the step applies K a chunk at a time. median_bandwidth, rbf_kernel(x) and
+    otherwise; up to 1024 with 4 or more features per particle: 600 x 2450), go by feature chunks, in one team
+    (team.h): the threads share chunks of up to 512 features (fewer where that balances them; ragged last chunks
+    here), each centred by its own column means, their dot products summed per thread; with fewer chunks than
+    threads (200 x 300, and 500 x 200 and 130 x 70 with the fused kernels off) each chunk's columns, then its
+    blocks of rows, are shared instead; and the step applies K a chunk (and a share of rows) at a time. median_bandwidth, rbf_kernel(x) and
     rbf_kernel_median take that one pass, so K is rbf_kernel's bit for bit, symmetric, with a diagonal of ones, and
     phi by the median rule is phi with that H given (to H's fp32 rounding). The particles sit around 1e4 (each
     chunk's means cancel the offset) and share a few directions; everything within fp32 (fp64) rounding of the

@@ -785,53 +785,148 @@ bool use_gemm_gram_chunked(int64_t n, int64_t d) {
 // them back for one deep GEMM. (The triangle
 // against all n x n products, rbf_kernel(x), alternating, 3 rounds: 256 x 76,800 38.4-39.9 -> 32.2-33.2 ms,
 // 512 x 20,000 37.4-38.1 -> 27.1-28.7 ms, 300 x 4096 2.97-3.07 -> 2.43-2.52 ms, 128 x 76,800 level.)
+//
+// The callers run the pass (and the median, K and the step's passes after it) in one team (team.h): each
+// GEMM is a thread's own, in its share (the BLAS runs it on that thread). With fewer chunks than threads
+// (one chunk up to 512 features on two threads) the threads share each chunk instead: its columns for the
+// centring, then its upper triangle's blocks of rows; the step shares the chunk's rows. Before, such a call
+// ran the BLAS's threaded GEMMs and ATen's threaded ops, each an OpenMP region of its own, ~75 us apiece
+// where the threads sleep between regions. fp32, 2 threads, 2-core Xeon VM (CPUID model 167), alternating, 3
+// rounds, separate regions -> one team, PASSIVE (us unless ms): rbf_kernel(x) 128 x 384 699-773 -> 265-301,
+// 256 x 300 839-880 -> 376-449, 512 x 384 1.70-1.79 -> 0.95-1.45 ms, 256 x 768 1.10-1.12 -> 0.56-0.64 ms,
+// 300 x 4096 2.73-2.98 -> 2.42-2.56 ms; the step with H given 128 x 384 897-952 -> 257-352, 256 x 300
+// 1.30-1.57 -> 0.57-1.01 ms, 512 x 384 2.52-2.92 -> 1.65-1.71 ms, 512 x 768 3.38-3.44 -> 2.59-2.98 ms;
+// median_bandwidth 256 x 300 818-922 -> 429-441; libgomp's default policy (threads spinning between the
+// regions) level or faster: 256 x 768 kernel 585-595 -> 384-410, the step by the median rule 256 x 300
+// 569-1140 -> 533-1030, 512 x 384 1.93-2.35 -> 2.03-2.78 ms (noisy), 300 x 4096 level. The lower triangle
+// is the upper's transpose (mirror_upper_triangle).
 constexpr int64_t kGemmChunkedRowBlock = 128;
+
+// The lower triangle of an n x n row-major matrix from its upper one (m[i][j] = m[j][i], j < i), by blocks of
+// 64 rows: the part left of a block's diagonal block is a transpose of the rows above it (transpose_words),
+// block b paired with block (blocks - 1 - b) for equal shares. (A plain loop, each row's columns read a row
+// apart, had been 5% of rbf_kernel(x)'s samples at 512 x 384 on the chunks.)
+template <typename T>
+void mirror_upper_triangle(T* m, int64_t n) {
+  using Word = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    const auto block_rows = [&](int64_t b) {
+      const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
+      transpose_words(reinterpret_cast<const Word*>(m), n, i0, i0, i1, reinterpret_cast<Word*>(m), n);
+      for (int64_t i = i0 + 1; i < i1; ++i)
+        for (int64_t j = i0; j < i; ++j) m[i * n + j] = m[j * n + i];
+    };
+    for (int64_t pair = begin; pair < end; ++pair) {
+      block_rows(pair);
+      if (blocks - 1 - pair != pair) block_rows(blocks - 1 - pair);
+    }
+  });
+}
+
+// A chunk's columns [c0, c0 + width) of x into xc (n x width, row-major), centred by their means (written to
+// shift), for the columns [begin, end) of the chunk (a thread's share: ATen ops on one thread).
+void centre_chunk_columns(const at::Tensor& x, int64_t c0, int64_t width, int64_t begin, int64_t end,
+                          at::Tensor& xc, const at::Tensor& shift) {
+  const int64_t n = x.size(0);
+  at::Tensor cols = xc.view({n, width}).narrow(1, begin, end - begin);
+  cols.copy_(x.narrow(1, c0 + begin, end - begin));
+  at::Tensor mean = shift.narrow(0, c0 + begin, end - begin).view({1, end - begin});
+  at::mean_out(mean, cols, {0}, /*keepdim=*/true);
+  cols.sub_(mean);
+}
 
 template <typename T>
 ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
-  const int64_t n = x.size(0), d = x.size(1);
+  const at::NoGradGuard no_grad;  // (grad mode is per thread: a worker's is on, and x may require grad)
+  const int64_t n = x.size(0), d = x.size(1), threads = at::get_num_threads();
   const int64_t chunk = gemm_chunk_features(d), chunks = (d + chunk - 1) / chunk;
   const int64_t parts = std::clamp<int64_t>(
-      std::min<int64_t>(at::get_num_threads(), kGramPartsMaxBytes / (n * n * int64_t{sizeof(T)})), 1, chunks);
+      std::min<int64_t>(threads, kGramPartsMaxBytes / (n * n * int64_t{sizeof(T)})), 1, chunks);
   const auto options = x.options().dtype(c10::CppTypeToScalarType<T>::value);
   ChunkedGram out{at::empty({d}, options), at::empty({n}, options), empty_large({n, n}, options)};
-  const at::Tensor sums = parts == 1 ? out.dots.unsqueeze(0) : at::empty({parts, n, n}, options);
-  const int64_t block = kGemmChunkedRowBlock;
-  parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    const at::NoGradGuard no_grad;  // (grad mode is per thread: a worker's is on, and x may require grad)
-    const at::Tensor buffer = at::empty({n * chunk}, options);
-    for (int64_t t = part_begin; t < part_end; ++t) {
-      at::Tensor part = sums.select(0, t);
-      const int64_t begin = t * chunks / parts, end = (t + 1) * chunks / parts;
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
-        // (the chunk copied first: rows a multiple of 4 KiB apart share cache sets, so a second pass over
-        // them went to memory again; and a 16-bit chunk is widened as x.float()'s would be)
-        at::Tensor xc = buffer.narrow(0, 0, n * width).view({n, width});
-        xc.copy_(x.narrow(1, c0, width));
-        at::Tensor shift = out.shift.narrow(0, c0, width).view({1, width});
-        at::mean_out(shift, xc, {0}, /*keepdim=*/true);
-        xc.sub_(shift);
-        for (int64_t i0 = 0; i0 < n; i0 += block) {  // the upper triangle by blocks of rows
-          const int64_t rows = std::min(block, n - i0);
-          at::Tensor dots = part.narrow(0, i0, rows).narrow(1, i0, n - i0);
-          const at::Tensor a = xc.narrow(0, i0, rows), b = xc.narrow(0, i0, n - i0).t();
-          if (c == begin) {
-            at::mm_out(dots, a, b);
+  T* dots_p = out.dots.mutable_data_ptr<T>();
+  if (parts == 1 && threads > 1) {
+    // One part for all the threads (fewer chunks than threads): each chunk centred by the threads' shares of
+    // its columns, then its upper triangle's blocks of rows shared, block b paired with block (blocks - 1 - b)
+    // for equal shares. (Two GEMMs of a single chunk each threaded by the BLAS had cost a region each, ~75 us
+    // apiece where the threads sleep between regions.)
+    const int64_t block = std::clamp<int64_t>((n + 2 * threads - 1) / (2 * threads), 16, kGemmChunkedRowBlock);
+    const int64_t blocks = (n + block - 1) / block;
+    at::Tensor xc = at::empty({n * chunk}, options);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+      at::Tensor chunk_xc = xc.narrow(0, 0, n * width);
+      parallel_for(0, width, 16, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad;
+        centre_chunk_columns(x, c0, width, begin, end, chunk_xc, out.shift);
+      });
+      const at::Tensor rows_of = chunk_xc.view({n, width});
+      parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad;
+        const auto block_rows = [&](int64_t b) {
+          const int64_t i0 = b * block, rows = std::min(block, n - i0);
+          at::Tensor dots = out.dots.narrow(0, i0, rows).narrow(1, i0, n - i0);
+          const at::Tensor lhs = rows_of.narrow(0, i0, rows), rhs = rows_of.narrow(0, i0, n - i0).t();
+          if (c == 0) {
+            at::mm_out(dots, lhs, rhs);
           } else {
-            dots.addmm_(a, b);
+            dots.addmm_(lhs, rhs);
+          }
+        };
+        for (int64_t pair = begin; pair < end; ++pair) {
+          block_rows(pair);
+          if (blocks - 1 - pair != pair) block_rows(blocks - 1 - pair);
+        }
+      });
+    }
+  } else {
+    // The threads take parts of the chunks, each adding into its own n x n sums; the parts' sums are then
+    // added in part order.
+    const at::Tensor sums = parts == 1 ? out.dots.unsqueeze(0) : at::empty({parts, n, n}, options);
+    const int64_t block = kGemmChunkedRowBlock;
+    parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+      const at::NoGradGuard no_grad;
+      at::Tensor buffer = at::empty({n * chunk}, options);
+      for (int64_t t = part_begin; t < part_end; ++t) {
+        at::Tensor part = sums.select(0, t);
+        const int64_t begin = t * chunks / parts, end = (t + 1) * chunks / parts;
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+          // (the chunk copied first: rows a multiple of 4 KiB apart share cache sets, so a second pass over
+          // them went to memory again; and a 16-bit chunk is widened as x.float()'s would be)
+          at::Tensor chunk_xc = buffer.narrow(0, 0, n * width);
+          centre_chunk_columns(x, c0, width, 0, width, chunk_xc, out.shift);
+          const at::Tensor xc = chunk_xc.view({n, width});
+          for (int64_t i0 = 0; i0 < n; i0 += block) {  // the upper triangle by blocks of rows
+            const int64_t rows = std::min(block, n - i0);
+            at::Tensor dots = part.narrow(0, i0, rows).narrow(1, i0, n - i0);
+            const at::Tensor lhs = xc.narrow(0, i0, rows), rhs = xc.narrow(0, i0, n - i0).t();
+            if (c == begin) {
+              at::mm_out(dots, lhs, rhs);
+            } else {
+              dots.addmm_(lhs, rhs);
+            }
           }
         }
       }
+    });
+    if (parts > 1) {  // (the upper triangles)
+      const T* sums_p = sums.const_data_ptr<T>();
+      parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T* row = dots_p + i * n;
+          std::copy(sums_p + i * n + i, sums_p + (i + 1) * n, row + i);
+          for (int64_t t = 1; t < parts; ++t)
+            for (int64_t j = i; j < n; ++j) row[j] += sums_p[(t * n + i) * n + j];
+        }
+      });
     }
-  });
-  if (parts > 1) at::sum_out(out.dots, sums, {0});  // (the lower triangles' uninitialised values too)
-  T* dots_p = out.dots.mutable_data_ptr<T>();
-  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the lower triangle: the upper's transpose
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t j = 0; j < i; ++j) dots_p[i * n + j] = dots_p[j * n + i];
-  });
-  out.norms.copy_(out.dots.diagonal());
+  }
+  mirror_upper_triangle(dots_p, n);
+  T* norms_p = out.norms.mutable_data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) norms_p[i] = dots_p[i * n + i];
   return out;
 }
 
@@ -855,10 +950,6 @@ const at::Tensor& chunked_gram_to_kernel(const ChunkedGram& gram, double h, doub
   return k;
 }
 
-// The self kernel from a GEMM-path chunked Gram pass, in `dtype`.
-at::Tensor kernel_from_chunked_gram(const ChunkedGram& gram, double h, at::ScalarType dtype) {
-  return chunked_gram_to_kernel(gram, h, 1.0).to(dtype);
-}
 
 // Whether the count values at p are all finite: fp32 / fp64 by their exponent bits (a loop the compiler
 // vectorises), 16-bit types as stored (a value that overflowed the 16-bit type is not).
@@ -885,8 +976,9 @@ bool all_finite(const T* p, int64_t count) {
 // pass above (so K is rbf_kernel's, bit for bit), K with its own terms 0 and its row sums once, then per
 // chunk of features W = score - a xc in a buffer, K W by one GEMM and phi = (K W + a rowsum xc + score) / n
 // (fp32: times 1/n) into out's columns while the chunk is in cache, checked for NaN/Inf there (returns
-// whether phi, as stored, is all finite). The tiled step wrote a centred copy of x, W and an n x (d + 1)
-// accumulator, then phi, copied into out and scanned.
+// whether phi, as stored, is all finite). A chunk per share; with fewer chunks than threads, each chunk's
+// rows shared (W's, then K's times W). Called in a team (gemm_gram_chunked's comment). The tiled step wrote a
+// centred copy of x, W and an n x (d + 1) accumulator, then phi, copied into out and scanned.
 template <typename T>
 bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
                             at::Tensor& out) {
@@ -895,57 +987,96 @@ bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const 
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_chunked(gram), n);
   const double a = 2.0 / h;
   const at::Tensor& k = chunked_gram_to_kernel(gram, h, 0.0);  // (score_i is added exactly below)
-  const at::Tensor rowsum = k.sum(1, /*keepdim=*/true);
+  const at::Tensor rowsum = at::empty({n, 1}, k.options());
+  parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    at::Tensor sums = rowsum.narrow(0, begin, end - begin);
+    at::sum_out(sums, k.narrow(0, begin, end - begin), {1}, /*keepdim=*/true);
+  });
   const auto options = k.options();
   const int64_t chunk = gemm_chunk_features(d), chunks = (d + chunk - 1) / chunk;
   const bool fp32 = std::is_same_v<T, float> && x.scalar_type() == at::kFloat;
   std::atomic<bool> finite{true};
-  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    const at::NoGradGuard no_grad;
-    const at::Tensor x_buffer = at::empty({n * chunk}, options), w_buffer = at::empty({n * chunk}, options);
-    const at::Tensor product_buffer = at::empty({n * chunk}, options);
-    const at::Tensor score_buffer = fp32 ? at::Tensor() : at::empty({n * chunk}, options);
-    const auto view = [n](const at::Tensor& buffer, int64_t width) {
-      return buffer.narrow(0, 0, n * width).view({n, width});
-    };
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
-      at::Tensor xc = view(x_buffer, width), w = view(w_buffer, width), product = view(product_buffer, width);
-      // fp32: phi by one pass (amx_finish_rows, which the AMX steps use: x and score read as they are, phi
-      // streamed, its finiteness noted) where five ATen ops made five passes (2-core Xeon, alternating, 3
-      // rounds: 128 x 76,800 34.3-35.3 -> 27.1-28.1 ms, 512 x 20,000 90.3-91.1 -> 84.0-84.7 ms, 256 x 768
-      // 1.04-1.15 -> 0.90-0.91 ms, 128 x 128 0.114-0.116 -> 0.095-0.098 ms)
-      if (fp32) {
-        at::sub_out(xc, x.narrow(1, c0, width), gram.shift.narrow(0, c0, width).view({1, width}));
-        at::add_out(w, score.narrow(1, c0, width), xc, -a);
-        at::mm_out(product, k, w);
-        if (!amx_finish_rows(product.const_data_ptr<float>(), width, rowsum.const_data_ptr<float>(),
-                             x.const_data_ptr<float>(), score.const_data_ptr<float>(),
-                             gram.shift.const_data_ptr<float>(), static_cast<float>(a), static_cast<float>(n), d, 0,
-                             n, c0, c0 + width, out.mutable_data_ptr<float>()))
-          finite.store(false, std::memory_order_relaxed);
-        continue;
+  struct Buffers {
+    at::Tensor x, w, product, score;
+  };
+  const auto make_buffers = [&] {
+    return Buffers{at::empty({n * chunk}, options), at::empty({n * chunk}, options), at::empty({n * chunk}, options),
+                   fp32 ? at::Tensor() : at::empty({n * chunk}, options)};
+  };
+  const auto view = [](const at::Tensor& buffer, int64_t rows, int64_t width) {
+    return buffer.narrow(0, 0, rows * width).view({rows, width});
+  };
+  // Chunk c's centred rows [r0, r1) and their W = score - a xc (and, 16-bit, the scores as T) into buf.
+  const auto chunk_rows = [&](const Buffers& buf, int64_t c, int64_t r0, int64_t r1) {
+    const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+    at::Tensor xc = view(buf.x, n, width).narrow(0, r0, r1 - r0), w = view(buf.w, n, width).narrow(0, r0, r1 - r0);
+    const at::Tensor x_rows = x.narrow(0, r0, r1 - r0).narrow(1, c0, width);
+    const at::Tensor shift = gram.shift.narrow(0, c0, width).view({1, width});
+    if (fp32) {
+      at::sub_out(xc, x_rows, shift);
+      at::add_out(w, score.narrow(0, r0, r1 - r0).narrow(1, c0, width), xc, -a);
+      return;
+    }
+    // (the chunk's rows copied once, as in the Gram pass: the scores are read twice)
+    at::Tensor scores = view(buf.score, n, width).narrow(0, r0, r1 - r0);
+    scores.copy_(score.narrow(0, r0, r1 - r0).narrow(1, c0, width));
+    xc.copy_(x_rows).sub_(shift);
+    at::add_out(w, scores, xc, -a);
+  };
+  // phi's rows [r0, r1) of chunk c from K's rows times the chunk's W (all its rows in buf).
+  const auto phi_rows = [&](const Buffers& buf, int64_t c, int64_t r0, int64_t r1) {
+    const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+    at::Tensor product = view(buf.product, n, width).narrow(0, r0, r1 - r0);
+    at::mm_out(product, k.narrow(0, r0, r1 - r0), view(buf.w, n, width));
+    // fp32: phi by one pass (amx_finish_rows, which the AMX steps use: x and score read as they are, phi
+    // streamed, its finiteness noted) where five ATen ops made five passes (2-core Xeon, alternating, 3
+    // rounds: 128 x 76,800 34.3-35.3 -> 27.1-28.1 ms, 512 x 20,000 90.3-91.1 -> 84.0-84.7 ms, 256 x 768
+    // 1.04-1.15 -> 0.90-0.91 ms, 128 x 128 0.114-0.116 -> 0.095-0.098 ms)
+    if (fp32) {
+      if (!amx_finish_rows(product.const_data_ptr<float>(), width, rowsum.const_data_ptr<float>(),
+                           x.const_data_ptr<float>(), score.const_data_ptr<float>(), gram.shift.const_data_ptr<float>(),
+                           static_cast<float>(a), static_cast<float>(n), d, r0, r1, c0, c0 + width,
+                           out.mutable_data_ptr<float>()))
+        finite.store(false, std::memory_order_relaxed);
+      return;
+    }
+    product.addcmul_(rowsum.narrow(0, r0, r1 - r0), view(buf.x, n, width).narrow(0, r0, r1 - r0), a)
+        .add_(view(buf.score, n, width).narrow(0, r0, r1 - r0));
+    at::Tensor phi = out.narrow(0, r0, r1 - r0).narrow(1, c0, width);
+    if (out.scalar_type() == product.scalar_type()) {
+      at::div_out(phi, product, n);
+    } else {  // (16-bit particles on this path: rounded once, as stored)
+      phi.copy_(product.div_(n));
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "svgd_step_finite", [&] {
+      const scalar_t* stored = out.const_data_ptr<scalar_t>() + c0;
+      for (int64_t i = r0; i < r1; ++i)
+        if (!all_finite(stored + i * d, width)) finite.store(false, std::memory_order_relaxed);
+    });
+  };
+  const int64_t threads = at::get_num_threads();
+  if (chunks >= threads || threads == 1) {  // a chunk per share at a time
+    parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      const at::NoGradGuard no_grad;
+      const Buffers buf = make_buffers();
+      for (int64_t c = begin; c < end; ++c) {
+        chunk_rows(buf, c, 0, n);
+        phi_rows(buf, c, 0, n);
       }
-      // (the chunk's rows copied once, as in the Gram pass: the scores are read twice)
-      at::Tensor scores = view(score_buffer, width);
-      scores.copy_(score.narrow(1, c0, width));
-      xc.copy_(x.narrow(1, c0, width)).sub_(gram.shift.narrow(0, c0, width).view({1, width}));
-      at::add_out(w, scores, xc, -a);
-      at::mm_out(product, k, w);
-      product.addcmul_(rowsum, xc, a).add_(scores);
-      at::Tensor phi = out.narrow(1, c0, width);
-      if (out.scalar_type() == product.scalar_type()) {
-        at::div_out(phi, product, n);
-      } else {  // (16-bit particles on this path: rounded once, as stored)
-        phi.copy_(product.div_(n));
-      }
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "svgd_step_finite", [&] {
-        const scalar_t* stored = out.const_data_ptr<scalar_t>() + c0;
-        for (int64_t i = 0; i < n; ++i)
-          if (!all_finite(stored + i * d, width)) finite.store(false, std::memory_order_relaxed);
+    });
+  } else {  // fewer chunks than threads: each chunk's rows shared, its W first
+    const Buffers buf = make_buffers();
+    for (int64_t c = 0; c < chunks; ++c) {
+      parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad;
+        chunk_rows(buf, c, begin, end);
+      });
+      parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad;
+        phi_rows(buf, c, begin, end);
       });
     }
-  });
+  }
   return finite.load();
 }
 
@@ -1728,10 +1859,7 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
       norms_p[i] = static_cast<float>(total);
     }
   });
-  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {  // the lower triangle: its transpose
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t j = 0; j < i; ++j) dots_p[i * n + j] = dots_p[j * n + i];
-  });
+  mirror_upper_triangle(dots_p, n);
   return out;
 }
 
@@ -1990,8 +2118,12 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     return finite;
   }
   if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
-    return x.scalar_type() == at::kDouble ? svgd_step_gemm_chunked<double>(x, score, h, out)
-                                          : svgd_step_gemm_chunked<float>(x, score, h, out);
+    bool finite = true;
+    run_team([&] {
+      finite = x.scalar_type() == at::kDouble ? svgd_step_gemm_chunked<double>(x, score, h, out)
+                                              : svgd_step_gemm_chunked<float>(x, score, h, out);
+    });
+    return finite;
   }
   if (use_fused(x.size(1))) {
     return x.scalar_type() == at::kDouble ? svgd_step_fused<double>(x, score, h, out)
@@ -2051,7 +2183,7 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
                                                      : median_sq_dist_amx(AmxOperands(x));
     });
   } else if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
-    median = median_sq_dist_chunked(gemm_gram_chunked(x));
+    run_team([&] { median = median_sq_dist_chunked(gemm_gram_chunked(x)); });
   } else {
     median = acc == at::kDouble ? gemm_path_median<double>(x) : gemm_path_median<float>(x);
   }
@@ -2123,8 +2255,12 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     return (acc == at::kDouble ? rbf_kernel_fused<double>(xs, h, nullptr) : rbf_kernel_fused<float>(xs, h, nullptr))
         .to(x.scalar_type());
   }
-  if (self && use_gemm_gram_chunked(n, x.size(1)))  // (fp32 / fp64 by feature chunks, as svgd_step there)
-    return kernel_from_chunked_gram(gemm_gram_chunked(x.contiguous()), h, x.scalar_type());
+  if (self && use_gemm_gram_chunked(n, x.size(1))) {  // (fp32 / fp64 by feature chunks, as svgd_step there)
+    const at::Tensor xs = x.contiguous();
+    at::Tensor k;
+    run_team([&] { k = chunked_gram_to_kernel(gemm_gram_chunked(xs), h, 1.0); });
+    return k.to(x.scalar_type());
+  }
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
   const at::Tensor xc = (xa - shift).contiguous();
@@ -2177,10 +2313,15 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
                                : rbf_kernel_fused<float>(x, std::nullopt, &median);
       return {k.to(x.scalar_type()), bandwidth_result(median, x)};
     }
-    if (use_gemm_gram_chunked(n, x_in.size(1))) {  // one chunked Gram pass for the median and K
-      const ChunkedGram gram = gemm_gram_chunked(x_in.contiguous());
-      const at::Tensor h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
-      return {kernel_from_chunked_gram(gram, read_bandwidth(h), x_in.scalar_type()), h};
+    if (use_gemm_gram_chunked(n, x_in.size(1))) {  // one chunked Gram pass for the median and K, one team
+      const at::Tensor x = x_in.contiguous();
+      at::Tensor k, h;
+      run_team([&] {
+        const ChunkedGram gram = gemm_gram_chunked(x);
+        h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
+        k = chunked_gram_to_kernel(gram, read_bandwidth(h), 1.0);
+      });
+      return {k.to(x_in.scalar_type()), h};
     }
     const auto acc = accumulation_type(x_in.scalar_type());
     if (self_kernel_by_tiles(n, x_in.size(1))) {  // the median's GEMM tiles kept for K where keeps_dots
