@@ -49,6 +49,8 @@
   void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
   void transpose_words(const uint64_t*, int64_t, int64_t, int64_t, int64_t, uint64_t*, int64_t);                                              \
   void stream_rows(const void*, int64_t, int64_t, int64_t, void*, int64_t);                                                                   \
+  void stream_rows_as(const float*, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t);                                                     \
+  void stream_rows_as(const float*, int64_t, int64_t, int64_t, c10::Half*, int64_t);                                                          \
   void bf16_row_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                        \
   void radix_histogram(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, bool,                                      \
                        int64_t, const RadixPass&, int64_t*);                                                                                    \
@@ -304,6 +306,14 @@ void transpose_words(const uint64_t* src, int64_t ld_src, int64_t rows, int64_t 
 
 void stream_rows(const void* src, int64_t ld_src, int64_t rows, int64_t bytes, void* dst, int64_t ld_dst) {
   BMT_FAST_DISPATCH(stream_rows, src, ld_src, rows, bytes, dst, ld_dst)
+}
+
+void stream_rows_as(const float* src, int64_t ld_src, int64_t rows, int64_t cols, c10::BFloat16* dst, int64_t ld_dst) {
+  BMT_FAST_DISPATCH(stream_rows_as, src, ld_src, rows, cols, dst, ld_dst)
+}
+
+void stream_rows_as(const float* src, int64_t ld_src, int64_t rows, int64_t cols, c10::Half* dst, int64_t ld_dst) {
+  BMT_FAST_DISPATCH(stream_rows_as, src, ld_src, rows, cols, dst, ld_dst)
 }
 
 void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, int64_t pair_end, int64_t cols,

@@ -160,6 +160,11 @@ void transpose_words(const uint64_t* src, int64_t ld_src, int64_t rows, int64_t 
 // [0, rows); the whole aligned 64-byte lines of dst are streamed around the caches in the AVX-512 build (a
 // result written once, e.g. rbf_kernel's K), plain copies elsewhere.
 void stream_rows(const void* src, int64_t ld_src, int64_t rows, int64_t bytes, void* dst, int64_t ld_dst);
+// The same for fp32 rows written as bf16 or fp16 (rounded to nearest even, as ATen's conversion): dst row r
+// (row stride ld_dst elements) <- src row r (ld_src), `cols` values each; bf16's whole aligned lines streamed
+// in the AVX-512 build (the fused self kernel's K of 16-bit particles).
+void stream_rows_as(const float* src, int64_t ld_src, int64_t rows, int64_t cols, c10::BFloat16* dst, int64_t ld_dst);
+void stream_rows_as(const float* src, int64_t ld_src, int64_t rows, int64_t cols, c10::Half* dst, int64_t ld_dst);
 // Columns [0, cols) of rows 2q and 2q + 1 of src (bf16, row stride ld) interleaved into pair row q of out
 // (row stride ld_out words), q in [pair_begin, pair_end): AMX's B operand from rows of A operands (and,
 // transposed as words, a bf16 matrix's transpose).

@@ -2046,6 +2046,20 @@ void stream_rows(const void* src, int64_t ld_src, int64_t rows, int64_t bytes, v
   stream_fence();
 }
 
+#define BMT_FAST_DEFINE_STREAM_ROWS_AS(Out)                                                                  \
+  void stream_rows_as(const float* src, int64_t ld_src, int64_t rows, int64_t cols, Out* dst, int64_t ld_dst) { \
+    for (int64_t r = 0; r < rows; ++r) {                                                                      \
+      const float* row = src + r * ld_src;                                                                    \
+      write_row_streamed(                                                                                     \
+          dst + r * ld_dst, cols,                                                                             \
+          [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA { return load_part_as<float>(row + k, count); },  \
+          [](vec_t<float>, auto) BMT_FAST_INLINE_LAMBDA {});                                                  \
+    }                                                                                                         \
+    stream_fence();                                                                                           \
+  }
+BMT_FAST_DEFINE_STREAM_ROWS_AS(c10::BFloat16)
+BMT_FAST_DEFINE_STREAM_ROWS_AS(c10::Half)
+
 void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, int64_t pair_end, int64_t cols,
                     uint32_t* out, int64_t ld_out) {
   bf16_row_pairs_impl(src, ld, pair_begin, pair_end, cols, out, ld_out);

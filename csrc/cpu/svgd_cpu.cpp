@@ -1272,6 +1272,11 @@ bool use_fused_kernel(int64_t d) { return fused_enabled() && d <= kFusedMaxFeatu
 // register blocks; by a plain loop it had been slower, 4096 x 32 12.4-13.1 -> 17.1-17.6 ms): 512 x 64 474-522 ->
 // 378-1260 (noisy), 1024 x 16 747-838 -> 682-703, 1024 x 64 1.45-1.61 -> 1.24-1.34 ms, 2048 x 128 7.9-9.0 -> 6.2-6.7
 // ms, 4096 x 32 13.8-14.6 -> 11.6-12.0 ms, 4096 x 128 32.1-35.2 -> 25.0-26.1 ms.
+// 16-bit particles (fp16; bf16 off AMX) take the buffered form at any n, K rounded to their dtype from the
+// fp32 tiles (stream_rows_as) where an fp32 K had been converted by a second pass into a fresh tensor. fp16,
+// H given, the same VM, PASSIVE, alternating, 3 rounds: 256 x 64 163-175 -> 109-201 us, 1024 x 64 1.02-1.47
+// -> 0.76-1.13 ms, 4096 x 128 20.7-22.1 -> 11.1-12.7 ms, 8192 x 64 66.9-79.5 -> 33.2-33.7 ms; 128 x 16 (one
+// thread, one pair of blocks) 25 -> 28 us.
 constexpr int64_t kFusedKernelBlockRows = 64;
 constexpr int64_t kFusedKernelTileBytes = int64_t{128} << 10;
 constexpr int64_t kFusedKernelSymmetricMinParticles = 512;
@@ -1291,16 +1296,20 @@ bool fused_kernel_symmetric(int64_t n, int64_t d) {
 template <typename T>
 at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double* median) {
   const int64_t n = x.size(0);
-  at::Tensor k = empty_large({n, n}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
+  // (16-bit particles: K written in their dtype from the fp32 tiles, by the buffered form below)
+  const bool narrow = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  at::Tensor k =
+      empty_large({n, n}, x.options().dtype(narrow ? x.scalar_type() : c10::CppTypeToScalarType<T>::value));
   run_team([&] {
     const FusedOperands<T> ops(x);
     if (!h) {
       *median = median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops});
       // (as rbf_kernel reads median_bandwidth's H: a 0-dim tensor in T)
-      h = read_bandwidth(at::scalar_tensor(bandwidth_from_median(*median, n), k.options()));
+      h = read_bandwidth(at::scalar_tensor(bandwidth_from_median(*median, n), x.options().dtype(
+                                               c10::CppTypeToScalarType<T>::value)));
     }
     const T inv_h = static_cast<T>(1.0 / *h);
-    T* kp = k.data_ptr<T>();
+    T* kp = narrow ? nullptr : k.data_ptr<T>();
     const T* norms = ops.norms.template data_ptr<T>();
     const T* xc = ops.xc.template data_ptr<T>();
     const T* xt = ops.xt.template data_ptr<T>();
@@ -1313,7 +1322,7 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
         rbf_from_dots(out, ld, i0 - r0, i1 - r0, cols, norms + r0, norms + j0, inv_h);
       }
     };
-    if (!fused_kernel_symmetric(n, ops.d)) {
+    if (!narrow && !fused_kernel_symmetric(n, ops.d)) {
       // (a block of columns whose packed xt takes at most 512 KiB: it stays in L2 while the share's rows pass)
       const int64_t block_cols = std::max<int64_t>(
           kFusedPack, (int64_t{512} << 10) / (ops.d * int64_t{sizeof(T)}) / kFusedPack * kFusedPack);
@@ -1328,12 +1337,23 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
     }
     // The upper triangle by blocks of kFusedKernelBlockRows rows, block b paired with block (blocks - 1 - b)
     // for equal shares: each block's tiles from its diagonal on go to a buffer, and from there into K twice,
-    // as they are and (right of the diagonal block) transposed below it, in whole streamed lines. (Transposing
-    // within K itself thrashed the caches where a row is a power of two bytes: 8192 x 16 21 -> 34-50 ms.)
+    // as they are and (right of the diagonal block) transposed below it, in whole streamed lines (16-bit K:
+    // rounded on the way, at any n). (Transposing within K itself thrashed the caches where a row is a power
+    // of two bytes: 8192 x 16 21 -> 34-50 ms.)
+    const auto store = [&](const T* src, int64_t ld_src, int64_t rows, int64_t cols, int64_t i0, int64_t j0) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (k.scalar_type() == at::kBFloat16)
+          return stream_rows_as(src, ld_src, rows, cols, k.mutable_data_ptr<at::BFloat16>() + i0 * n + j0, n);
+        if (k.scalar_type() == at::kHalf)
+          return stream_rows_as(src, ld_src, rows, cols, k.mutable_data_ptr<at::Half>() + i0 * n + j0, n);
+      }
+      stream_rows(src, ld_src * int64_t{sizeof(T)}, rows, cols * int64_t{sizeof(T)}, kp + i0 * n + j0,
+                  n * int64_t{sizeof(T)});
+    };
     constexpr int64_t rows = kFusedKernelBlockRows;
     const int64_t tile_cols =
         std::max<int64_t>(kFusedPack, kFusedKernelTileBytes / (rows * int64_t{sizeof(T)}) / kFusedPack * kFusedPack);
-    const int64_t blocks = (n + rows - 1) / rows, row_bytes = n * int64_t{sizeof(T)};
+    const int64_t blocks = (n + rows - 1) / rows;
     parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> tile(rows * tile_cols), transposed(tile_cols * rows);
       const auto block_rows = [&](int64_t block) {
@@ -1343,15 +1363,13 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
           entries(r0, r1, j0, cols, tile.data(), tile_cols);
           if (j0 == r0)
             for (int64_t r = 0; r < m; ++r) tile[r * tile_cols + r] = T(1);
-          stream_rows(tile.data(), tile_cols * int64_t{sizeof(T)}, m, cols * int64_t{sizeof(T)}, kp + r0 * n + j0,
-                      row_bytes);
+          store(tile.data(), tile_cols, m, cols, r0, j0);
           const int64_t first = std::max(j0, r1) - j0;  // the tile's first column right of the diagonal block
           if (first >= cols) continue;
           using Word = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
           transpose_words(reinterpret_cast<const Word*>(tile.data() + first), tile_cols, m, 0, cols - first,
                           reinterpret_cast<Word*>(transposed.data()), rows);
-          stream_rows(transposed.data(), rows * int64_t{sizeof(T)}, cols - first, m * int64_t{sizeof(T)},
-                      kp + (j0 + first) * n + r0, row_bytes);
+          store(transposed.data(), rows, cols - first, m, j0 + first, r0);
         }
       };
       for (int64_t pair = begin; pair < end; ++pair) {

@@ -3,14 +3,17 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <stdexcept>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #ifdef __linux__
@@ -220,6 +223,37 @@ void test_stream_rows() {
   }
 }
 
+// stream_rows_as (the fused self kernel's 16-bit K) against c10's conversions (round to nearest even):
+// destinations at several offsets from a 64-byte line (bf16's whole lines streamed, heads and tails stored),
+// values around rounding ties, and nothing outside the rows written.
+template <typename Out>
+void test_stream_rows_as() {
+  const int64_t shapes[][3] = {{1, 1, 0}, {3, 31, 1}, {5, 32, 0}, {4, 65, 17}, {7, 256, 30}, {2, 1000, 9}};
+  for (const auto& shape : shapes) {
+    const int64_t rows = shape[0], cols = shape[1], offset = shape[2];
+    const int64_t ld_src = cols + 3, ld_dst = cols + 40;
+    std::vector<float> src(rows * ld_src);
+    for (size_t i = 0; i < src.size(); ++i) {  // (odd multiples of 2^-9 .. : halfway cases of both formats too)
+      const float base = std::ldexp(static_cast<float>(static_cast<int64_t>(i * 2654435761u % 4096) - 2048), -9);
+      src[i] = i % 3 == 0 ? base : std::nextafter(base + 1.0f / 3.0f, i % 2 ? 10.0f : -10.0f);
+    }
+    alignas(64) static Out dst[8 * 1100 + 64];
+    const Out fill = Out(7.0f);
+    std::fill(std::begin(dst), std::end(dst), fill);
+    bmt_fast::cpu::stream_rows_as(src.data(), ld_src, rows, cols, dst + offset, ld_dst);
+    bool ok = true;
+    for (int64_t at = 0; at < static_cast<int64_t>(std::size(dst)); ++at) {
+      const int64_t rel = at - offset, r = rel / ld_dst, c = rel % ld_dst;
+      const bool inside = rel >= 0 && r < rows && c < cols;
+      const Out want = inside ? Out(src[r * ld_src + c]) : fill;
+      ok = ok && std::memcmp(&dst[at], &want, sizeof(Out)) == 0;
+    }
+    expect(ok, std::string("stream_rows_as ") + (std::is_same_v<Out, c10::Half> ? "fp16 " : "bf16 ") +
+                   std::to_string(rows) + " x " + std::to_string(cols) + " at offset " + std::to_string(offset) +
+                   " (" + bmt_fast::cpu::active_isa() + ")");
+  }
+}
+
 // team.h: a team's loops split ranges as at::parallel_for does (each index once, the same thread index for
 // it), nested loops run inline on the share's thread, errors of a share or of the body reach the caller and
 // leave the team (or the next one) usable, and a team inside a team runs its body directly.
@@ -305,6 +339,8 @@ int main() {
   test_fork_while_allocating();
   test_transpose_words<uint32_t>();
   test_transpose_words<uint64_t>();
+  test_stream_rows_as<c10::BFloat16>();
+  test_stream_rows_as<c10::Half>();
   test_stream_rows();
   test_team();
   std::printf("%d failure(s)\n", failures);
