@@ -147,6 +147,7 @@ void for_each_upper_tile(const at::Tensor& xc, Visit&& visit, Kept use = Kept::k
 // columns b > a only), from several threads at once. By GEMM on the rows of xc (fp32 / fp64): one tile
 // at a time (the GEMM threads itself), its rows split across the threads.
 struct GemmTiles {
+  static constexpr int64_t kSelectMaxParticles = kMedianSelectMaxParticles;  // (median_sq_dist: selection)
   const at::Tensor& xc;
   at::Tensor* kept = nullptr;  // or an n x n tensor into which the upper-triangle tiles are written as well
   template <typename Visit>
@@ -160,6 +161,7 @@ struct GemmTiles {
 // The same tiles from AMX (bf16 particles, svgd_cpu's AMX section): defined there.
 struct AmxOperands;
 struct AmxTiles {
+  static constexpr int64_t kSelectMaxParticles = kMedianSelectMaxParticles;
   const AmxOperands& operands;
   float* kept = nullptr;  // or all n x n dot products, written as the tiles go by (row stride n)
   template <typename Visit>
@@ -423,11 +425,20 @@ struct FusedOperands {
   }
 };
 
+// The fused distances (FusedTiles) take the selection over all distances up to kFusedSelectMaxParticles
+// particles, the window beyond (its pass compares and keeps them in registers, so the selection over a few
+// of them costs less than over all). fp32 median_bandwidth, one thread, alternating, 3 rounds, selection ->
+// window (us): 80 x 10 26-27 -> 32-34, 100 x 50 36-37 -> 42-43, 128 x 16 36-38 -> 39, 128 x 128 level, 150 x
+// 150 101-108 -> 99-102, 180 x 30 64-67 -> 57-58, 256 x 3 87-88 -> 53-54; 512 x 8 (2 rounds, the window's
+// sample then sized for d + 32 features per draw) 297-300 -> 195-197.
+constexpr int64_t kFusedSelectMaxParticles = 128;
+
 // The median's tiles from the fused operands: each tile's dot products by the fused kernel's register
 // blocks (fused_dot_rows), so that the radix passes and the selection see a pair's distance as the fused
 // window pass (collect_between below) computes it. One tile at a time, its rows split across the threads.
 template <typename T>
 struct FusedTiles {
+  static constexpr int64_t kSelectMaxParticles = kFusedSelectMaxParticles;
   const FusedOperands<T>& ops;
   template <typename Visit>
   void operator()(Visit&& visit) const {
@@ -607,21 +618,12 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
   return middle_of(window, k0 - under, k1 - under);
 }
 
-// The fused distances (FusedTiles) take the selection over all distances up to kFusedSelectMaxParticles
-// particles, the window beyond (its pass compares and keeps them in registers, so the selection over a few
-// of them costs less than over all). fp32 median_bandwidth, one thread, alternating, 3 rounds, selection ->
-// window (us): 80 x 10 26-27 -> 32-34, 100 x 50 36-37 -> 42-43, 128 x 16 36-38 -> 39, 128 x 128 level, 150 x
-// 150 101-108 -> 99-102, 180 x 30 64-67 -> 57-58, 256 x 3 87-88 -> 53-54; 512 x 8 (2 rounds, the window's
-// sample then sized for d + 32 features per draw) 297-300 -> 195-197.
-constexpr int64_t kFusedSelectMaxParticles = 128;
-
 // The exact median of the n^2 squared distances of the tiled path (the rows of xc with these norms; the
-// tiles, from GEMMs on xc unless given, compute the same dot products).
+// tiles, from GEMMs on xc unless given, compute the same dot products): by selection over all distances up
+// to the tiles' kSelectMaxParticles, by the window beyond, the radix passes where it misses.
 template <typename T, typename Tiles>
 double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
-  const int64_t select_max =
-      std::is_same_v<Tiles, FusedTiles<T>> ? kFusedSelectMaxParticles : kMedianSelectMaxParticles;
-  if (xc.size(0) <= select_max) return median_sq_dist_select<T>(xc.size(0), norms, tiles);
+  if (xc.size(0) <= Tiles::kSelectMaxParticles) return median_sq_dist_select<T>(xc.size(0), norms, tiles);
   if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms, tiles)) return *median;
   const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW");
   TORCH_CHECK(env == nullptr || std::string_view(env) != "require",
