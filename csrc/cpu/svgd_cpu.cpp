@@ -804,6 +804,20 @@ bool use_gemm_gram_chunked(int64_t n, int64_t d) {
 // is the upper's transpose (mirror_upper_triangle).
 constexpr int64_t kGemmChunkedRowBlock = 128;
 
+// Blocks [0, blocks) of a triangle's rows to the threads in pairs (b, blocks - 1 - b), so that shares are
+// equal where a block's work grows or shrinks linearly with b: each share calls make_share() once for its
+// state (buffers) and the callable it returns for each of its blocks.
+template <typename MakeShare>
+void parallel_for_block_pairs(int64_t blocks, const MakeShare& make_share) {
+  parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    auto visit = make_share();
+    for (int64_t pair = begin; pair < end; ++pair) {
+      visit(pair);
+      if (blocks - 1 - pair != pair) visit(blocks - 1 - pair);
+    }
+  });
+}
+
 // The lower triangle of an n x n row-major matrix from its upper one (m[i][j] = m[j][i], j < i), by blocks of
 // 64 rows: the part left of a block's diagonal block is a transpose of the rows above it (transpose_words),
 // block b paired with block (blocks - 1 - b) for equal shares. (A plain loop, each row's columns read a row
@@ -813,17 +827,13 @@ void mirror_upper_triangle(T* m, int64_t n) {
   using Word = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-  parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-    const auto block_rows = [&](int64_t b) {
+  parallel_for_block_pairs(blocks, [&] {
+    return [&](int64_t b) {
       const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
       transpose_words(reinterpret_cast<const Word*>(m), n, i0, i0, i1, reinterpret_cast<Word*>(m), n);
       for (int64_t i = i0 + 1; i < i1; ++i)
         for (int64_t j = i0; j < i; ++j) m[i * n + j] = m[j * n + i];
     };
-    for (int64_t pair = begin; pair < end; ++pair) {
-      block_rows(pair);
-      if (blocks - 1 - pair != pair) block_rows(blocks - 1 - pair);
-    }
   });
 }
 
@@ -865,9 +875,9 @@ ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
         centre_chunk_columns(x, c0, width, begin, end, chunk_xc, out.shift);
       });
       const at::Tensor rows_of = chunk_xc.view({n, width});
-      parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-        const at::NoGradGuard no_grad;
-        const auto block_rows = [&](int64_t b) {
+      parallel_for_block_pairs(blocks, [&] {
+        return [&](int64_t b) {
+          const at::NoGradGuard no_grad;
           const int64_t i0 = b * block, rows = std::min(block, n - i0);
           at::Tensor dots = out.dots.narrow(0, i0, rows).narrow(1, i0, n - i0);
           const at::Tensor lhs = rows_of.narrow(0, i0, rows), rhs = rows_of.narrow(0, i0, n - i0).t();
@@ -877,10 +887,6 @@ ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
             dots.addmm_(lhs, rhs);
           }
         };
-        for (int64_t pair = begin; pair < end; ++pair) {
-          block_rows(pair);
-          if (blocks - 1 - pair != pair) block_rows(blocks - 1 - pair);
-        }
       });
     }
   } else {
@@ -1356,9 +1362,9 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
     const int64_t tile_cols =
         std::max<int64_t>(kFusedPack, kFusedKernelTileBytes / (rows * int64_t{sizeof(T)}) / kFusedPack * kFusedPack);
     const int64_t blocks = (n + rows - 1) / rows;
-    parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> tile(rows * tile_cols), transposed(tile_cols * rows);
-      const auto block_rows = [&](int64_t block) {
+    parallel_for_block_pairs(blocks, [&] {
+      return [&, tile = std::vector<T>(rows * tile_cols), transposed = std::vector<T>(tile_cols * rows)](
+                 int64_t block) mutable {
         const int64_t r0 = block * rows, r1 = std::min(n, r0 + rows), m = r1 - r0;
         for (int64_t j0 = r0; j0 < n; j0 += tile_cols) {
           const int64_t cols = std::min(tile_cols, n - j0);
@@ -1374,10 +1380,6 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
           store(transposed.data(), rows, cols - first, m, j0 + first, r0);
         }
       };
-      for (int64_t pair = begin; pair < end; ++pair) {
-        block_rows(pair);
-        if (blocks - 1 - pair != pair) block_rows(blocks - 1 - pair);
-      }
     });
   });
   return k;
