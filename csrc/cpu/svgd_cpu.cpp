@@ -818,19 +818,27 @@ void parallel_for_block_pairs(int64_t blocks, const MakeShare& make_share) {
   });
 }
 
+// transpose_words for fp32 / fp64 values (their bits as 32- or 64-bit words).
+template <typename T>
+void transpose_values(const T* src, int64_t ld_src, int64_t rows, int64_t k_begin, int64_t k_end, T* dst,
+                      int64_t ld_dst) {
+  using Word = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  transpose_words(reinterpret_cast<const Word*>(src), ld_src, rows, k_begin, k_end, reinterpret_cast<Word*>(dst),
+                  ld_dst);
+}
+
 // The lower triangle of an n x n row-major matrix from its upper one (m[i][j] = m[j][i], j < i), by blocks of
 // 64 rows: the part left of a block's diagonal block is a transpose of the rows above it (transpose_words),
 // block b paired with block (blocks - 1 - b) for equal shares. (A plain loop, each row's columns read a row
 // apart, had been 5% of rbf_kernel(x)'s samples at 512 x 384 on the chunks.)
 template <typename T>
 void mirror_upper_triangle(T* m, int64_t n) {
-  using Word = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   parallel_for_block_pairs(blocks, [&] {
     return [&](int64_t b) {
       const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
-      transpose_words(reinterpret_cast<const Word*>(m), n, i0, i0, i1, reinterpret_cast<Word*>(m), n);
+      transpose_values(m, n, i0, i0, i1, m, n);
       for (int64_t i = i0 + 1; i < i1; ++i)
         for (int64_t j = i0; j < i; ++j) m[i * n + j] = m[j * n + i];
     };
@@ -1374,9 +1382,7 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
           store(tile.data(), tile_cols, m, cols, r0, j0);
           const int64_t first = std::max(j0, r1) - j0;  // the tile's first column right of the diagonal block
           if (first >= cols) continue;
-          using Word = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-          transpose_words(reinterpret_cast<const Word*>(tile.data() + first), tile_cols, m, 0, cols - first,
-                          reinterpret_cast<Word*>(transposed.data()), rows);
+          transpose_values(tile.data() + first, tile_cols, m, 0, cols - first, transposed.data(), rows);
           store(transposed.data(), rows, cols - first, m, j0 + first, r0);
         }
       };
