@@ -22,7 +22,7 @@ def info() -> dict:
 
 
 def test_build_info_reports_the_threshold():
-    assert info()["huge_page_min_bytes"] == 4 << 20
+    assert info()["huge_page_min_bytes"] == 1 << 20
 
 
 def large_particles(seed: int, dtype=torch.float32):

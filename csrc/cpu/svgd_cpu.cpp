@@ -80,14 +80,24 @@ class SerialIfSmall {
 };
 
 // x in the compute type, shifted by row 0 plus the mean of the differences (see reference.centre).
+// (The n x d temporaries on huge pages when large: reused, not paged in again by every call.)
 at::Tensor centring_shift(const at::Tensor& x_acc) {
   const at::Tensor first = x_acc.narrow(0, 0, 1);
-  return first + (x_acc - first).mean(0, /*keepdim=*/true);
+  at::Tensor differences = empty_large(x_acc.sizes(), x_acc.options());
+  at::sub_out(differences, x_acc, first);
+  return first + differences.mean(0, /*keepdim=*/true);
 }
 
 at::Tensor centred(const at::Tensor& x, at::ScalarType acc) {
   const at::Tensor xa = x.to(acc);
-  return (xa - centring_shift(xa)).contiguous();
+  at::Tensor xc = empty_large(xa.sizes(), xa.options());
+  return at::sub_out(xc, xa, centring_shift(xa));
+}
+
+// The rows' squared norms of centred particles (n), their squares through a huge-page temporary.
+at::Tensor row_sq_norms(const at::Tensor& xc) {
+  at::Tensor squares = empty_large(xc.sizes(), xc.options());
+  return at::mul_out(squares, xc, xc).sum(1);
 }
 
 // numpy.median of the values (the mean of the two middle ones for an even count).
@@ -124,7 +134,7 @@ enum class Kept { kNone, kWrite, kRead };
 template <typename Visit>
 void for_each_upper_tile(const at::Tensor& xc, Visit&& visit, Kept use = Kept::kNone, at::Tensor* kept = nullptr) {
   const int64_t n = xc.size(0), block = std::min(n, kTileSize);
-  at::Tensor buffer = at::empty({block * block}, xc.options());
+  at::Tensor buffer = empty_large({block * block}, xc.options());
   for (int64_t i0 = 0; i0 < n; i0 += block) {
     const int64_t rows = std::min(block, n - i0);
     for (int64_t j0 = i0; j0 < n; j0 += block) {
@@ -658,7 +668,7 @@ double gemm_path_median(const at::Tensor& x) {
     return median;
   }
   const at::Tensor xc = centred(x, c10::CppTypeToScalarType<T>::value);
-  return median_sq_dist<T>(xc, (xc * xc).sum(1).contiguous(), GemmTiles{xc});
+  return median_sq_dist<T>(xc, row_sq_norms(xc), GemmTiles{xc});
 }
 
 // Whether rbf_kernel(x) on the GEMM path (and rbf_kernel_median, which must give its bits) takes
@@ -1096,12 +1106,25 @@ bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const 
   return finite.load();
 }
 
+// phi into `out` (contiguous, x's shape and dtype). fp32 particles: phi by one pass over the rows (amx_finish_rows,
+// as the feature chunks take it), its finiteness noted as it is written (returned); otherwise nullopt. The
+// n x d temporaries come from the huge-page allocator (huge_pages.h) from 1 MiB. 2-core Xeon VM (CPUID model
+// 167), PASSIVE, alternating, 3 rounds, five ATen passes into a fresh phi copied into the result, fresh
+// temporaries -> one pass into the result, reused temporaries (ms): with glibc's defaults (page faults: ~3,000
+// per call at 1024 x 768, none after) H given 1024 x 768 11.3-14.9 -> 10.5-11.4, 1024 x 512 9.6-11.3 ->
+// 8.2-8.5, 2048 x 768 38-42 -> 35-37; median rule 1024 x 768 16.2-18.0 -> 12.6-12.7, 512 x 1024 3.8-5.4 ->
+// 3.6-3.9; fp64 H given 1024 x 768 22.7-26.2 -> 20.8-21.2; with MALLOC_MMAP_MAX_=0 (no faults either way) H
+// given 1024 x 768 11.4-11.7 -> 10.5-10.9, 2048 x 768 36.6-37.1 -> 34.8-35.2, 512 x 1024 level.
 template <typename T>
-at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth) {
+std::optional<bool> svgd_step_tiled(const at::Tensor& x, const at::Tensor& score,
+                                    const std::optional<double>& bandwidth, at::Tensor& out) {
   const int64_t n = x.size(0), d = x.size(1);
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const at::Tensor xc = centred(x, acc);
-  const at::Tensor norms = (xc * xc).sum(1).contiguous();
+  const at::Tensor xa = x.to(acc);
+  const at::Tensor shift = centring_shift(xa).contiguous();
+  at::Tensor xc = empty_large(xa.sizes(), xa.options());
+  at::sub_out(xc, xa, shift);  // (centred(x, acc), with its shift)
+  const at::Tensor norms = row_sq_norms(xc);
   // With the median rule and many features the median's pass keeps its tiles for K (as the AMX path).
   const bool keep = !bandwidth && keeps_dots(n, d, sizeof(T), kKeptDotsMinFeatures);
   at::Tensor kept = keep ? empty_large({n, n}, xc.options()) : at::Tensor();
@@ -1114,10 +1137,11 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
   // W = [score - a * xc | 1]: one GEMM with K gives the score term, the repulsion term and row sums. The
   // diagonal k_ii = 1 is left out of the GEMM (0 in the tiles) and its term, score_i, added at the end: in
   // W it would be (score_i - a xc_i) + a xc_i, whose two large terms cancel when the other k_ij are small.
-  at::Tensor w = at::empty({n, d + 1}, xc.options());
-  w.narrow(1, 0, d).copy_(score).sub_(xc, a);
+  at::Tensor w = empty_large({n, d + 1}, xc.options());
+  at::Tensor w_left = w.narrow(1, 0, d);
+  at::add_out(w_left, score.to(acc), xc, -a);
   w.narrow(1, d, 1).fill_(1);
-  at::Tensor accum = at::zeros({n, d + 1}, xc.options());
+  at::Tensor accum = empty_large({n, d + 1}, xc.options()).zero_();
   const T* nr = norms.data_ptr<T>();
   for_each_upper_tile(xc, [&](at::Tensor& tile, int64_t i0, int64_t j0) {
     const int64_t rows = tile.size(0), cols = tile.size(1);
@@ -1128,8 +1152,27 @@ at::Tensor svgd_step_tiled(const at::Tensor& x, const at::Tensor& score, const s
     accum.narrow(0, i0, rows).addmm_(tile, w.narrow(0, j0, cols));
     if (i0 != j0) accum.narrow(0, j0, cols).addmm_(tile.t(), w.narrow(0, i0, rows));
   }, keep ? Kept::kRead : Kept::kNone, &kept);
-  at::Tensor phi = accum.narrow(1, 0, d).addcmul_(accum.narrow(1, d, 1), xc, a).add_(score).div_(n);
-  return phi.to(x.scalar_type()).contiguous();
+  if constexpr (std::is_same_v<T, float>) {
+    if (x.scalar_type() == at::kFloat) {
+      const at::Tensor rowsum = accum.narrow(1, d, 1).contiguous();
+      std::atomic<bool> finite{true};
+      parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        if (!amx_finish_rows(accum.const_data_ptr<float>() + begin * (d + 1), d + 1, rowsum.const_data_ptr<float>(),
+                             x.const_data_ptr<float>(), score.const_data_ptr<float>(), shift.const_data_ptr<float>(),
+                             static_cast<float>(a), static_cast<float>(n), d, begin, end, 0, d,
+                             out.mutable_data_ptr<float>()))
+          finite.store(false, std::memory_order_relaxed);
+      });
+      return finite.load();
+    }
+  }
+  at::Tensor sums = accum.narrow(1, 0, d).addcmul_(accum.narrow(1, d, 1), xc, a).add_(score);
+  if (out.scalar_type() == acc) {
+    at::div_out(out, sums, n);
+  } else {  // (16-bit particles without AMX: rounded once, as stored)
+    out.copy_(sums.div_(n));
+  }
+  return std::nullopt;
 }
 
 // Whether the tiled step takes the fused kernel (kernels.h: fused_step_rows) instead of GEMM tiles: up to
@@ -2157,10 +2200,8 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     return x.scalar_type() == at::kDouble ? svgd_step_fused<double>(x, score, h, out)
                                           : svgd_step_fused<float>(x, score, h, out);
   }
-  const at::Tensor phi = x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h)
-                                                        : svgd_step_tiled<float>(x, score, h);
-  out.copy_(phi);
-  return std::nullopt;
+  return x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, h, out)
+                                        : svgd_step_tiled<float>(x, score, h, out);
 }
 
 }  // namespace
@@ -2293,7 +2334,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const at::Tensor shift = centring_shift(xa);
   const at::Tensor xc = (xa - shift).contiguous();
   const at::Tensor yc = self ? xc : (y.to(acc) - shift).contiguous();  // a self kernel: one centred copy
-  const at::Tensor nx = (xc * xc).sum(1).contiguous(), ny = self ? nx : (yc * yc).sum(1).contiguous();
+  const at::Tensor nx = row_sq_norms(xc), ny = self ? nx : row_sq_norms(yc);
   if (self && self_kernel_by_tiles(n, x.size(1))) {  // one triangle of GEMM tiles (as rbf_kernel_median's)
     return AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel_self", [&] {
              return rbf_kernel_self_tiles<scalar_t>(xc, nx, h, nullptr);
@@ -2355,7 +2396,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
     if (self_kernel_by_tiles(n, x_in.size(1))) {  // the median's GEMM tiles kept for K where keeps_dots
       const at::Tensor x = x_in.contiguous();
       const at::Tensor xc = centred(x, acc);  // (as median_bandwidth and rbf_kernel centre)
-      const at::Tensor norms = (xc * xc).sum(1).contiguous();
+      const at::Tensor norms = row_sq_norms(xc);
       const bool keep = keeps_dots(n, x.size(1), at::elementSize(acc), kKeptDotsMinFeatures);
       at::Tensor kept = keep ? empty_large({n, n}, xc.options()) : at::Tensor();
       return AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel_median", [&] {
