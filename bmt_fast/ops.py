@@ -58,9 +58,10 @@ def svgd_step(
             score, that receives phi (and is returned): no allocation at all, in memory the caller
             chose. (Without it, a fresh result must be paged in by the OS: on a 2-core VM, n=16,
             d=409,600, 6,400 page faults, ~11 ms on top of a ~6 ms step. The CPU backend therefore takes
-            results of 4 MiB or more from huge pages and reuses freed ones, so a loop pays that once.) The
-            kernels write out directly on the CPU Gram path (n <= 64) and AMX path (bf16, d >= 32), the
-            CUDA Gram path for n <= 16 and the Triton one (n <= 256); elsewhere the result is copied in.
+            results and temporaries of 1 MiB or more from huge pages and reuses freed ones, so a loop pays
+            that once.) The CPU kernels write out directly (but for 16-bit particles off AMX and fp64 ones
+            with many particles and d > 256), so do the CUDA Gram path for n <= 16 and the Triton one
+            (n <= 256); elsewhere the result is copied in.
             If a NaN/Inf error is raised after the kernel ran (where the kernel's flag is checked, not
             the inputs), out holds that phi.
 
