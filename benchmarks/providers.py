@@ -239,9 +239,9 @@ def _bmt_fast_svgd(backend: str) -> Callable:
 
 def _bmt_fast_svgd_checked(backend: str) -> Callable:
     """The default call, check_inputs=True: what the NaN/Inf check adds (the other bmt_fast rows skip it).
-    Where the kernel flags a non-finite phi itself (CPU Gram path, CUDA n <= 16) that is one flag read
+    Where the kernel flags a non-finite phi itself (CPU Gram path, CUDA n <= 16, Triton n <= 256) that is one flag read
     (on a GPU, the call's one host synchronisation); elsewhere a scan of x and one of score."""
-    return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h)
+    return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h, backend=backend)
 
 
 @contextlib.contextmanager
@@ -382,7 +382,7 @@ def svgd_step_providers() -> list[Provider]:
         *bmt_fast_providers("svgd_step"),
         *[Provider(f"bmt_fast-{name}-checked", _bmt_fast_svgd_checked(name),
                    why_unavailable=_backend_reason(bmt_fast.backends.get(name)), version=_bmt_fast_version)
-          for name in ("cpu", "cuda")],
+          for name in ("cpu", "cuda", "triton")],
         # fp32 under torch's "medium" matmul precision: ATen's GEMMs (naive torch's) and the CPU backend's AMX
         # path then multiply bf16-rounded operands (bmt_fast.svgd_step: "Numerics" in the README). Naive
         # torch's distances are of the uncentred particles, which lose more to the rounding (1.7e-2 at

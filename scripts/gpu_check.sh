@@ -8,6 +8,7 @@
 #                                            benchmark stage alone by its name (tests_cuda, bench_prompt, ...)
 #   GPU_CHECK_BUDGET=420                     total seconds; a stage gets what is left, or is skipped
 #   GPU_CHECK_TRITON_TESTS / GPU_CHECK_CUDA_TESTS   pytest arguments replacing the default test selection
+#   GPU_CHECK_TRITON_LIMIT                  seconds for the Triton tests (default 200; they run while the build does)
 #   GPU_CHECK_BENCH_ARGS                     extra arguments of every benchmark (e.g. --no-check)
 #
 # The benchmark rows land in $OUT/<op>.csv; copy them into benchmarks/results/<device>.csv to commit them.
@@ -77,7 +78,7 @@ if "$PY" -c "import xdist" 2>/dev/null; then PYTEST+=(-n "$((JOBS < 8 ? JOBS : 8
 if wants tests_triton tests; then
   # The Triton kernels need no compiled extension: they compile while the extension builds.
   # shellcheck disable=SC2086
-  run tests_triton 200 "${PYTEST[@]}" --junitxml="$OUT/tests_triton.xml" ${GPU_CHECK_TRITON_TESTS:-tests/test_triton_svgd_step.py \
+  run tests_triton "${GPU_CHECK_TRITON_LIMIT:-200}" "${PYTEST[@]}" --junitxml="$OUT/tests_triton.xml" ${GPU_CHECK_TRITON_TESTS:-tests/test_triton_svgd_step.py \
     tests/test_triton_rbf_kernel.py tests/test_triton_median.py}
 fi
 if [ -n "$BUILD_PID" ]; then  # the rest needs the compiled extension
@@ -100,22 +101,23 @@ bench() {  # bench NAME LIMIT OP ARGS...
   run "bench_$name" "$limit" "$PY" -m "benchmarks.$op" --out "$OUT/$op.csv" --max-call-seconds 20 \
     --case-budget-seconds 4 --compile-seconds 90 ${GPU_CHECK_BENCH_ARGS:-} "$@"
 }
-# The issue's targets (the prompt regime against copy bandwidth; many particles in bf16 against the GEMM
-# limit, SDPA and naive torch), then cuda vs triton across the regimes (what backend="auto" on CUDA rests on),
-# then the other ops and the compiling providers.
-bench prompt 120 svgd_step --dtype float32 --sizes 16x409600,64x409600,16x76800 \
-  --providers bmt_fast-cuda,bmt_fast-triton,torch-naive,attention-sdpa
-bench auto_fp32 150 svgd_step --dtype float32 --sizes 1024x16,8192x128,65536x64,4096x768,65536x3,256x768 \
-  --providers bmt_fast-cuda,bmt_fast-triton,torch-naive,attention-sdpa
-bench auto_bf16 120 svgd_step --dtype bfloat16 --sizes 1024x16,8192x128,65536x64,4096x768,4x409600 \
-  --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
+# The issue's targets first (many particles in bf16 against the GEMM limit, SDPA and naive torch, the Triton
+# flash and tiled kernels side by side; the prompt regime against copy bandwidth) and where their time goes,
+# then cuda vs triton across the regimes (what backend="auto" on CUDA rests on), then the other ops and the
+# compiling providers: a short lease spends its time on what the issue asks first.
 bench target_bf16 150 svgd_step --dtype bfloat16 --sizes 65536x128 \
   --providers bmt_fast-cuda,bmt_fast-triton,bmt_fast-triton-tf32,bmt_fast-triton-tiled,torch-naive,torch-blocked,attention-sdpa
+bench prompt 120 svgd_step --dtype float32 --sizes 16x409600,64x409600,16x76800 \
+  --providers bmt_fast-cuda,bmt_fast-cuda-checked,bmt_fast-triton,bmt_fast-triton-checked,torch-naive,attention-sdpa
 if wants profile; then  # where the time of the two target rows goes, launch by launch (benchmarks/profile.py)
   run profile 120 bash -c "'$PY' -m benchmarks.profile --device cuda --sizes 16x409600 --out '$OUT/profile.txt' \
     --providers bmt_fast-cuda,bmt_fast-triton && '$PY' -m benchmarks.profile --device cuda --dtype bfloat16 \
     --sizes 65536x128 --calls 3 --providers bmt_fast-cuda,bmt_fast-triton --out '$OUT/profile.txt'"
 fi
+bench auto_fp32 150 svgd_step --dtype float32 --sizes 1024x16,8192x128,65536x64,4096x768,65536x3,256x768 \
+  --providers bmt_fast-cuda,bmt_fast-triton,torch-naive,attention-sdpa
+bench auto_bf16 120 svgd_step --dtype bfloat16 --sizes 1024x16,8192x128,65536x64,4096x768,4x409600 \
+  --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench prompt_bf16 90 svgd_step --dtype bfloat16 --sizes 16x409600 --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench rbf 120 rbf_kernel --dtype float32 --sizes 1024x64,8192x128,16x409600 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive

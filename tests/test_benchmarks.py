@@ -385,3 +385,22 @@ def test_providers_for_some_dtypes_say_so_for_the_others():
     before = torch.get_float32_matmul_precision()
     run()
     assert seen == ["medium"] and torch.get_float32_matmul_precision() == before
+
+
+def test_bmt_fast_providers_call_the_backend_their_name_says(monkeypatch):
+    """bmt_fast-<backend> and bmt_fast-<backend>-checked rows time that backend (a -checked provider that
+    dropped its backend timed backend="auto" under the name of another); -checked keeps the input check on."""
+    import bmt_fast
+
+    calls = []
+    monkeypatch.setattr(bmt_fast, "svgd_step", lambda *args, **kwargs: calls.append(kwargs))
+    inputs = Inputs.make(Case(8, 3), torch.float32, CPU, seed=0)
+    names = [name for name in providers_for("svgd_step") if name.startswith("bmt_fast-")
+             and name.removeprefix("bmt_fast-").removesuffix("-checked") in bmt_fast.backends._REGISTRY]
+    assert {"bmt_fast-cuda-checked", "bmt_fast-triton-checked", "bmt_fast-cpu"} <= set(names)
+    for name in names:
+        calls.clear()
+        providers_for("svgd_step")[name].build(inputs)()
+        backend = name.removeprefix("bmt_fast-").removesuffix("-checked")
+        assert [c["backend"] for c in calls] == [backend], name
+        assert calls[0].get("check_inputs", True) is name.endswith("-checked"), name
