@@ -713,11 +713,12 @@ out = {}
 # at the bound, an even and an odd count of blocks, ragged last blocks, fp64 at 900 x 250, several tiles per
 # block at 3000 x 100 and 1300 x 160); the median by selection (n <= 128) and by the window beyond, also
 # from 128 features (300 x 200, 900 x 250, 1300 x 160); 16-bit particles' K written in their dtype from the
-# buffered upper triangle at any n (90 x 20 bf16, 600 x 40 fp16).
+# buffered upper triangle at any n (90 x 20 bf16, 600 x 40 fp16); with BMT_FAST_CPU_FUSED=0, 70 x 37 fp64 takes
+# the one-GEMM path, whose BLAS need not round x_i . x_j and x_j . x_i alike (an AMD EPYC's did not).
 for n, d, dtype in [(70, 5, torch.float32), (257, 64, torch.float32), (300, 200, torch.float64),
                     (130, 256, torch.float32), (1100, 30, torch.float32), (900, 250, torch.float64),
                     (90, 20, torch.bfloat16), (3000, 100, torch.float32), (512, 64, torch.float32),
-                    (1300, 160, torch.float32), (600, 40, torch.float16)]:
+                    (1300, 160, torch.float32), (600, 40, torch.float16), (70, 37, torch.float64)]:
     x = (torch.randn(n, d, dtype=torch.float64) * 1.5 + 2.0).to(dtype)
     h = torch.tensor(2.0 * d, dtype=torch.float64)
     k_median, h_median = torch.ops.bmt_fast.rbf_kernel_median(x)
@@ -740,7 +741,7 @@ def test_self_kernel_by_the_fused_distances_in_one_team(tmp_path):
     within rounding."""
     variants = {"fused": {}, "threaded": {"BMT_FAST_CPU_SERIAL_MAX_WORK": "0"}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}}
     results = run_cpu_variants(tmp_path, FUSED_KERNEL_SCRIPT, variants)
-    assert len(results["fused"]) == 11
+    assert len(results["fused"]) == 12
     for key, fused in results["fused"].items():
         n, d, dtype = key
         tol = {"torch.float32": 2e-5, "torch.float64": 1e-12, "torch.bfloat16": 1e-2, "torch.float16": 2e-3}[dtype]
