@@ -283,6 +283,10 @@ def triton_version() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit, "+dirty" with local edits; BMT_FAST_COMMIT overrides it, for copies of a checkout
+    whose .git does not follow the files (a GPU machine's copy of the working tree)."""
+    if os.environ.get("BMT_FAST_COMMIT"):
+        return os.environ["BMT_FAST_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10

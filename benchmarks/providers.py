@@ -273,7 +273,8 @@ def _bmt_fast_version() -> str:
 
 def _triton_fast_svgd(inp) -> Run:
     """The Triton step with allow_tf32=True: one TF32 (fp32 inputs) or bf16 (half inputs) product per
-    distance instead of the default IEEE fp32 / three-bf16-product split (kernels/utils.py: dot_mode)."""
+    distance instead of the default IEEE fp32 / fp16's three-bf16-product split; bf16 inputs take one bf16
+    product by default too, so for them it times the default (kernels/utils.py: dot_mode)."""
     from bmt_fast import backends
 
     backends.get("triton").kernels()  # imports the kernels, which registers torch.ops.bmt_fast_triton

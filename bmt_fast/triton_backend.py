@@ -105,9 +105,12 @@ class TritonBackend(backends.Backend):
 
 
 # Many-particle sizes at which the Triton kernels beat the CUDA kernels on an H200 (benchmarks/results/
-# nvidia-h200.csv): fp32, n = 65536, d = 64: triton 68.8 ms, cuda 91.7 ms.
+# nvidia-h200.csv): fp32, n = 65536, d = 64: triton 68.8 ms, cuda 91.7 ms; bf16, n = 65536, d = 128 (the flash
+# kernel, d <= its width): triton 14.8 ms with three products, 5.55 ms with one (the bf16 default since),
+# cuda 16.6 ms.
 TRITON_FIRST_MIN_PARTICLES = 32768
 TRITON_FIRST_MAX_FEATURES = 64
+TRITON_FIRST_MAX_FEATURES_BF16 = 128  # the flash kernel's width (kernels/svgd_step.py: FLASH_MAX_D)
 
 
 def cuda_auto_rule(op: str, n: int, d: int, dtype: torch.dtype) -> list[str]:
@@ -115,18 +118,20 @@ def cuda_auto_rule(op: str, n: int, d: int, dtype: torch.dtype) -> list[str]:
     nvidia-h200.csv, one run each):
 
     * the compiled CUDA kernels first: faster than Triton in the prompt regime (fp32 n=16 d=76,800:
-      0.095 vs 1.22 ms; n=64 d=409,600: 0.72 vs 0.86 ms), at n=1024 d=16 fp32 (0.22 vs 1.18 ms) and at
-      n=65536 d=128 bf16 (19.8 vs 32.1 ms);
-    * Triton first for many fp32/fp64 particles in few dimensions (n >= 32768, d <= 64), where its tiles
-      won (65536 x 64 fp32: 68.8 vs 91.7 ms);
+      0.095 vs 1.22 ms; n=64 d=409,600: 0.72 vs 0.86 ms) and at n=1024 d=16 fp32 (0.22 vs 1.18 ms);
+    * Triton first for many particles: fp32/fp64 in few dimensions (n >= 32768, d <= 64), where its tiles
+      won (65536 x 64 fp32: 68.8 vs 91.7 ms), and bf16 up to 128 dimensions, where its flash kernel won
+      (65536 x 128: 5.55 ms with one bf16 product, the same precision as the CUDA kernel's 16.6 ms);
     * torch (the reference, which materialises n x n) last.
 
     rbf_kernel and median_bandwidth follow the same order (not measured apart on a GPU). Sizes between
     the measured ones are a guess from their neighbours; a GPU run of `bash scripts/gpu_check.sh` adds rows.
     """
-    many_small = n >= TRITON_FIRST_MIN_PARTICLES and d <= TRITON_FIRST_MAX_FEATURES
-    if many_small and dtype in (torch.float32, torch.float64):
-        return ["triton", "cuda", "torch"]
+    if n >= TRITON_FIRST_MIN_PARTICLES:
+        if dtype in (torch.float32, torch.float64) and d <= TRITON_FIRST_MAX_FEATURES:
+            return ["triton", "cuda", "torch"]
+        if dtype == torch.bfloat16 and d <= TRITON_FIRST_MAX_FEATURES_BF16:
+            return ["triton", "cuda", "torch"]
     return ["cuda", "triton", "torch"]
 
 

@@ -9,6 +9,7 @@
 #   GPU_CHECK_BUDGET=420                     total seconds; a stage gets what is left, or is skipped
 #   GPU_CHECK_TRITON_TESTS / GPU_CHECK_CUDA_TESTS   pytest arguments replacing the default test selection
 #   GPU_CHECK_TRITON_LIMIT                  seconds for the Triton tests (default 200; they run while the build does)
+#   BMT_FAST_COMMIT                          the commit the benchmark rows name (a copied tree's .git may lag)
 #   GPU_CHECK_BENCH_ARGS                     extra arguments of every benchmark (e.g. --no-check)
 #
 # The benchmark rows land in $OUT/<op>.csv; copy them into benchmarks/results/<device>.csv to commit them.

@@ -404,3 +404,11 @@ def test_bmt_fast_providers_call_the_backend_their_name_says(monkeypatch):
         backend = name.removeprefix("bmt_fast-").removesuffix("-checked")
         assert [c["backend"] for c in calls] == [backend], name
         assert calls[0].get("check_inputs", True) is name.endswith("-checked"), name
+
+
+def test_rows_name_the_commit_given_by_bmt_fast_commit(monkeypatch):
+    """A GPU machine runs a copy of the working tree whose .git may lag the files: the caller names the commit."""
+    monkeypatch.delenv("BMT_FAST_COMMIT", raising=False)
+    own = harness.git_commit()
+    monkeypatch.setenv("BMT_FAST_COMMIT", "abc1234")
+    assert harness.git_commit() == "abc1234" != own

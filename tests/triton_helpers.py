@@ -30,3 +30,11 @@ def on_device(*tensors):
 def ulp(dtype: torch.dtype) -> float:
     """Relative spacing of the half types at 1 (the error of one rounding is at most half of it)."""
     return {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+
+
+def rounded_product_ulps(dtype: torch.dtype, allow_tf32, ulps: float) -> float:
+    """`ulps` (of bf16) where the kernels multiply inputs of `dtype` under `allow_tf32` as one product of
+    operands rounded to bf16 (utils.dot_mode: DOT_HALF; bf16 inputs by default, half inputs with True),
+    else 0 (the split and exact modes leave only the final rounding)."""
+    utils = kernels().utils
+    return ulps if utils.dot_mode(dtype, allow_tf32) == utils.DOT_HALF else 0.0

@@ -56,8 +56,10 @@ def record(path: str) -> None:
 
     interpreter.InterpretedFunction.run = run
     triton_backend = backends.get("triton")
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for allow_tf32 in (None, True):
+    # (bf16 takes one bf16 product whatever allow_tf32 but False; fp16 by default the split products)
+    for dtype, modes in ((torch.float32, (None, True)), (torch.float64, (None,)), (torch.bfloat16, (None,)),
+                         (torch.float16, (None,))):
+        for allow_tf32 in modes:
             triton_backend.allow_tf32 = allow_tf32
             for n, d in ((70, 37), (8, 300)):  # both regimes: tiled and Gram
                 x = torch.randn(n, d).to(dtype)
@@ -65,8 +67,8 @@ def record(path: str) -> None:
                 bmt_fast.svgd_step(x, score, backend="triton")  # median rule
                 bmt_fast.svgd_step(x, score, 40.0, backend="triton")  # Gram path: the kernel notes finiteness
                 bmt_fast.svgd_step(x, score, 40.0, backend="triton", check_inputs=False)  # ... and without
-                y = x[: n // 2 + 1].clone().requires_grad_(dtype != torch.bfloat16)
-                xg = x.clone().requires_grad_(dtype != torch.bfloat16)
+                y = x[: n // 2 + 1].clone().requires_grad_(dtype.itemsize >= 4)
+                xg = x.clone().requires_grad_(dtype.itemsize >= 4)
                 k = bmt_fast.rbf_kernel(xg, y, 40.0, backend="triton")
                 if xg.requires_grad:
                     k.sum().backward()
@@ -79,7 +81,7 @@ def record(path: str) -> None:
         kernels.svgd_step_forward(x, torch.randn(300, 16, dtype=dtype), h, splits=2)  # the combine kernel
     # The flash path (many particles, tensor-core modes) at the shape of the bf16 target row's d = 128
     # (n, d and the strides divisible by 16, as there), whole and with column splits.
-    for dtype, allow_tf32 in ((torch.float32, True), (torch.bfloat16, None), (torch.bfloat16, True)):
+    for dtype, allow_tf32 in ((torch.float32, True), (torch.bfloat16, None), (torch.float16, None)):
         x, score = torch.randn(320, 128).to(dtype), torch.randn(320, 128).to(dtype)
         for splits in (None, 2):
             kernels.svgd_step_forward(x, score, allow_tf32=allow_tf32, algorithm="tiled", splits=splits)
