@@ -118,7 +118,8 @@ def cuda_auto_rule(op: str, n: int, d: int, dtype: torch.dtype) -> list[str]:
     nvidia-h200.csv, one run each):
 
     * the compiled CUDA kernels first: faster than Triton in the prompt regime (fp32 n=16 d=76,800:
-      0.095 vs 1.22 ms; n=64 d=409,600: 0.72 vs 0.86 ms) and at n=1024 d=16 fp32 (0.22 vs 1.18 ms);
+      0.057 (0.095 on 2026-11-30) vs 1.22 ms; n=64 d=409,600: 0.80 (0.72) vs 0.86 ms) and at n=1024 d=16
+      fp32 (0.22 vs 1.18 ms);
     * Triton first for many particles: fp32/fp64 in few dimensions (n >= 32768, d <= 64), where its tiles
       won (65536 x 64 fp32: 68.8 vs 91.7 ms), and bf16 up to 128 dimensions, where its flash kernel won
       (65536 x 128: 5.55 ms with one bf16 product, the same precision as the CUDA kernel's 16.6 ms);
