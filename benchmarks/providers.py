@@ -239,7 +239,7 @@ def _bmt_fast_svgd(backend: str) -> Callable:
 
 def _bmt_fast_svgd_checked(backend: str) -> Callable:
     """The default call, check_inputs=True: what the NaN/Inf check adds (the other bmt_fast rows skip it).
-    Where the kernel flags a non-finite phi itself (CPU Gram path, CUDA n <= 16, Triton n <= 256) that is one flag read
+    Where the kernel flags a non-finite phi itself (every CPU path, CUDA n <= 16, Triton n <= 256) that is one flag read
     (on a GPU, the call's one host synchronisation); elsewhere a scan of x and one of score."""
     return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h, backend=backend)
 

@@ -104,22 +104,10 @@ class CompiledBackend(Backend):
         self.name = name
         self.status = status
         self.device_types = (device_type,)
-        # Up to how many particles the kernels themselves flag a non-finite phi (the extension's build_info,
-        # read once here: it builds a dict; and torch.compile cannot trace the call)
-        key = {"cpu": "gram_max_particles", "cuda": "gram_register_rows"}[name]
-        info = status.module.build_info() if status.loaded else {}
-        self._flagged_particles = int(info.get(key, 0))
-        # and from how many features bf16 particles beyond those take the CPU's AMX path, which flags it too
-        # (0: no AMX path; the extension reads BMT_FAST_CPU_AMX once, as here)
-        self._flagged_bf16_features = int(info.get("amx_min_features", 0)) if info.get("cpu_bf16_amx") else 0
-        # and where the CPU's fp32/fp64 path by feature chunks (beyond the Gram path) runs, which flags it too:
-        # up to chunked_max_particles from chunked_min_features features, and up to chunked_wide_max_particles
-        # with chunked_wide_features_per_particle features per particle (0: none)
-        self._flagged_chunked = tuple(
-            int(info.get(key, 0))
-            for key in ("chunked_max_particles", "chunked_min_features", "chunked_wide_max_particles",
-                        "chunked_wide_features_per_particle")
-        )
+        # CUDA: up to how many particles the kernels themselves flag a non-finite phi (the extension's
+        # build_info, read once here: it builds a dict; and torch.compile cannot trace the call)
+        info = status.module.build_info() if status.loaded and name == "cuda" else {}
+        self._flagged_particles = int(info.get("gram_register_rows", 0))
         # The CPU's exact median (one GEMM pass and a selection) against 65,536 gathered pairs on a 2-core
         # Xeon: exact faster at n = 2048 (d = 16: 6.3 against 7.7 ms; d = 256: 13 against 36 ms), sampled
         # faster at n = 3072 (d = 64: 8.3 against 14.7 ms). Not measured on a GPU: no more pairs there.
@@ -156,37 +144,23 @@ class CompiledBackend(Backend):
         return torch.ops.bmt_fast.rbf_kernel_median(x)[0]
 
     def svgd_step_spreads_non_finite(self, x):
-        # The CPU Gram path (n <= gram_max_particles; off the AMX path also up to gram_wide_max_particles where
-        # n^2 <= 8 d, shapes that the feature-chunk rule below covers as well): a bad x makes its column's mean,
-        # and so every particle's centred value there, NaN; a bad score reaches every phi row through the apply
-        # pass's fused multiply-adds, zero weights included. The CUDA register kernels (n <= gram_register_rows):
-        # a bad x value makes its row's shifted value, or (in x_0) every row's, non-finite there, which the apply
-        # kernel multiplies into phi; a bad score reaches every phi row through its FMAs. The CPU's AMX path
-        # (bf16, d >= amx_min_features, beyond the Gram path; fp32 too while torch's fp32 matmul precision is
-        # bf16): a bad x value makes the centring mean of its column non-finite, a bad score value its row of W,
-        # which AMX multiplies into every row of K W (no product skipped). The CPU's fp32/fp64 feature chunks (d
-        # >= chunked_min_features and n <= chunked_max_particles, or n <= chunked_wide_max_particles with
-        # chunked_wide_features_per_particle features per particle; the AMX path where it applies): a bad x value
-        # makes its chunk's column mean, so that column of every centred row, of W and of phi (through the row
-        # sums' term) non-finite; a bad score value its own phi row (the own term score_i is added as it is).
-        # Up to 256 features those shapes take the fused step instead (unless BMT_FAST_CPU_FUSED=0): a bad x
-        # value makes its column's centring shift, so that column of every centred row, of W and of phi
-        # non-finite, a bad score value its row of W, which every row's sums take in (K W skips no zero weight),
-        # and its last pass tracks the flag as it writes phi (fp32 / fp64; else the op scans phi).
-        # (cuBLAS and the other tiled paths: not assumed; the op scans phi there.)
+        # CPU, every path: a bad x value makes its column's centring shift (a mean) non-finite, so that column
+        # of every centred row, every squared distance (norms and dot products: Inf - Inf or NaN) and every
+        # weight K_ij NaN, which every product then carries into every phi row (NaN weights are not zeros, so
+        # no BLAS skips them); with the median rule the median is NaN and the op raises, which the caller
+        # answers by naming the input. A bad score value reaches its own phi row through the own term score_i,
+        # which every CPU kernel adds as it is, outside any product (and every row through K W where the
+        # kernels' own loops multiply it, zero weights included: 0 * NaN = NaN). svgd_step_into's flag comes
+        # from the last pass that writes phi (the Gram, AMX, feature-chunk, fused and fp32 GEMM-tile paths) or
+        # from one scan of phi in the op (fp64 GEMM tiles, 16-bit particles off AMX): one pass over phi at
+        # most, instead of one over x and one over score.
+        # CUDA, the register kernels (n <= gram_register_rows): a bad x value makes its row's shifted value, or
+        # (in x_0) every row's, non-finite there, which the apply kernel multiplies into phi; a bad score
+        # reaches every phi row through its FMAs. (cuBLAS and the tiled kernels: not assumed; the op scans the
+        # inputs there.)
         if not self.status.loaded or x.device.type != self.device_types[0]:
             return False
-        if x.shape[0] <= self._flagged_particles:
-            return True
-        max_chunked, min_features, max_wide, wide_features = self._flagged_chunked
-        n, d = x.shape[0], x.shape[1]
-        if d >= min_features and (n <= max_chunked or (n <= max_wide and d >= wide_features * n)):
-            return True
-        if not 0 < self._flagged_bf16_features <= x.shape[1]:
-            return False
-        if x.dtype == torch.float32 and not torch.compiler.is_compiling():  # (the setting as the op reads it)
-            return bool(self.status.module.float32_matmul_in_bf16())
-        return x.dtype == torch.bfloat16
+        return self.name == "cpu" or x.shape[0] <= self._flagged_particles
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -41,12 +41,12 @@ def svgd_step(
         bandwidth: "median" (H = median of all n*n squared distances / log(n + 1), floored at
             `reference.BANDWIDTH_FLOOR`), or a positive float / 0-dim tensor H.
         backend: "auto", or one of `available_backends()`.
-        check_inputs: set False to skip the NaN/Inf scan (one extra pass over x and one over score; on
-            the CPU Gram path, n <= 64, the CUDA one with n <= 16 and the Triton one, n <= 256, no extra
-            pass: the kernel tracks whether phi is finite as it writes it, any NaN/Inf input reaching phi
-            there, and the inputs are scanned only when it is not; on a GPU reading that flag is the
-            call's one host synchronisation) and the host read of a tensor bandwidth (for speed, and for
-            torch.compile without graph breaks).
+        check_inputs: set False to skip the NaN/Inf check (one extra pass over x and one over score; on
+            the CPU, the CUDA Gram path with n <= 16 and the Triton one, n <= 256, at most one pass over
+            phi: the kernel tracks whether phi is finite as it writes it (or, on two CPU paths, the op
+            scans phi once), any NaN/Inf input reaching phi there, and the inputs are scanned only when
+            it is not; on a GPU reading that flag is the call's one host synchronisation) and the host
+            read of a tensor bandwidth (for speed, and for torch.compile without graph breaks).
         group: a torch.distributed process group (e.g. `torch.distributed.group.WORLD`) whose ranks each
             hold a slice of the particles (any number of rows, 0 included; same event shape and dtype).
             Every rank calls svgd_step with its slice and gets phi for its own rows, equal to the

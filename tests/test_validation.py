@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import float32_matmul_precision, requires_amx, requires_cpu_extension
+from helpers import float32_matmul_precision, requires_amx, requires_cpu_extension, run_cpu_variants
 
 import bmt_fast
 from bmt_fast._validation import check_finite
@@ -101,25 +101,23 @@ def test_cpu_amx_path_names_every_bad_input_from_its_output(input_scans, n, d, b
     torch.set_float32_matmul_precision("medium"), are checked like the Gram path's: the last pass flags a
     non-finite phi, the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf
     anywhere, also where every weight between two particles is exactly 0 (0 * NaN must stay NaN in K W),
-    is reported by name. Below 32 features (the fp32 path), and fp32 at the default precision, the inputs
-    are scanned first, as before."""
+    is reported by name. Below 32 features (the fp32 path) likewise."""
     from bmt_fast import backends
 
     scans = input_scans
     x = (torch.randn(n, d, dtype=torch.float64) * 50).to(dtype)
     score = torch.randn(n, d, dtype=torch.float64).to(dtype)
     cpu = backends.get("cpu")
-    if dtype == torch.float32:  # (IEEE fp32: the fp32 path, whose feature chunks flag it from 64 features)
-        assert cpu.svgd_step_spreads_non_finite(x) == (d >= 64)
     with float32_matmul_precision("medium" if dtype == torch.float32 else "highest"):
         assert cpu.svgd_step_spreads_non_finite(x)
         bmt_fast.svgd_step(x, score, bandwidth, backend="cpu")
         bmt_fast.svgd_step(x, score, bandwidth, backend="cpu", out=torch.empty_like(x))
         assert scans == []
         assert_flagged_path_names_bad_inputs(x, score, bandwidth)
-        assert not cpu.svgd_step_spreads_non_finite(x[:, :31])
+        scans.clear()  # (naming the bad inputs above scanned them)
+        assert cpu.svgd_step_spreads_non_finite(x[:, :31])
         bmt_fast.svgd_step(x[:, :31], score[:, :31], bandwidth, backend="cpu")
-        assert scans[-2:] == ["x", "score"]
+        assert scans == []
 
 
 @requires_cpu_extension
@@ -131,8 +129,9 @@ def test_cpu_chunked_path_names_every_bad_input_from_its_output(input_scans, n, 
     fp64 (IEEE fp32; 16-bit particles where AMX does not take them), or up to 256 features by the fused step
     (65 x 64, 300 x 203), whose last pass flags a non-finite phi as it writes it: the inputs are scanned only then (not at all when phi is finite), and a NaN/Inf anywhere,
     also where every weight between two particles is exactly 0, is reported by name; beyond 512 particles,
-    up to 1024 with 4 or more features per particle (520 x 2080). With 63 features, 513 particles of 64
-    features, 520 of 2079 or 1025 of 4100 (the tiled path) the inputs are scanned first, as before."""
+    up to 1024 with 4 or more features per particle (520 x 2080). The other paths (63 features, 513
+    particles of 64 features, 520 of 2079 or 1025 of 4100: fused or GEMM tiles) are flagged too (the
+    next test), and a finite call scans no input either."""
     from bmt_fast import backends
 
     scans = input_scans
@@ -144,12 +143,51 @@ def test_cpu_chunked_path_names_every_bad_input_from_its_output(input_scans, n, 
     bmt_fast.svgd_step(x, score, bandwidth, backend="cpu", out=torch.empty_like(x))
     assert scans == []
     assert_flagged_path_names_bad_inputs(x, score, bandwidth)
+    scans.clear()  # (naming the bad inputs above scanned them)
     for rows, cols in ((n, 63), (513, 64), (520, 2079), (1025, 4100)):
         more = (torch.randn(rows, cols, dtype=torch.float64) * 50).to(dtype)
-        assert not cpu.svgd_step_spreads_non_finite(more)
-        scans.clear()
+        assert cpu.svgd_step_spreads_non_finite(more)
         bmt_fast.svgd_step(more, torch.randn_like(more), bandwidth, backend="cpu")
-        assert scans == ["x", "score"]
+        assert scans == []
+
+
+# Shapes of every other CPU path: the fused step by rows (600 x 16, 70 x 5) and by block pairs (2100 x 8),
+# GEMM tiles beyond 256 features (600 x 300; fp64 and 16-bit particles off AMX: the op scans phi once).
+OTHER_PATHS_SCRIPT = """
+import math, sys, torch, bmt_fast
+torch.manual_seed(0)
+failures = []
+for n, d, dtype in [(600, 16, torch.float32), (70, 5, torch.float64), (2100, 8, torch.float32),
+                    (600, 300, torch.float32), (600, 300, torch.float64), (600, 300, torch.float16)]:
+    x = (torch.randn(n, d, dtype=torch.float64) * 50).to(dtype)
+    score = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    assert bmt_fast.backends.get("cpu").svgd_step_spreads_non_finite(x)
+    assert bool(torch.isfinite(bmt_fast.svgd_step(x, score, 1e-3, backend="cpu")).all())
+    for bandwidth in ("median", 1e-3):
+        for where in ("x", "score"):
+            for i, k in {(0, 0), (n - 1, d - 1), (n // 2, d // 2)}:
+                for bad in (math.nan, math.inf, -math.inf):
+                    xb, sb = x.clone(), score.clone()
+                    (xb if where == "x" else sb)[i, k] = bad
+                    try:
+                        bmt_fast.svgd_step(xb, sb, bandwidth, backend="cpu")
+                        failures.append((n, d, str(dtype), bandwidth, where, i, k, bad, "no error"))
+                    except ValueError as error:
+                        if f"{where} contains 1 NaN/Inf" not in str(error):
+                            failures.append((n, d, str(dtype), bandwidth, where, i, k, bad, str(error)))
+torch.save(failures, sys.argv[1])
+"""
+
+
+@requires_cpu_extension
+def test_cpu_fused_and_gemm_tile_paths_name_every_bad_input_from_their_output(tmp_path):
+    """Many particles in few features (the fused step, by rows and by block pairs) and beyond 256 features
+    (GEMM tiles), with the fused kernels and with BMT_FAST_CPU_FUSED=0 (GEMM tiles everywhere): the default
+    call reads the kernel's flag (or one scan of phi) instead of scanning x and score first, so a NaN/Inf at
+    the first particle, the last value or the middle, in x or in score, with the median rule and with an H
+    so small that every weight between two particles is exactly 0, must make phi non-finite and be named."""
+    results = run_cpu_variants(tmp_path, OTHER_PATHS_SCRIPT, {"fused": {}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}})
+    assert results == {"fused": [], "gemm": []}
 
 
 def checked(x, score, bandwidth=None, algorithm="auto"):

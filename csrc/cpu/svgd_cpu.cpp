@@ -2159,7 +2159,8 @@ bool bf16_amx_enabled() {
 namespace {
 
 // phi into `out` (contiguous, x's shape and dtype; checked by the callers). Returns whether phi is all
-// finite where the kernel tracks it (the Gram and AMX paths), nullopt elsewhere (BLAS may skip zero weights).
+// finite where the last pass that writes phi tracks it (the Gram, AMX, feature-chunk and fused paths, fp32
+// GEMM tiles), nullopt elsewhere (svgd_step_into then scans phi).
 std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score_in,
                                  const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                  at::Tensor& out) {
