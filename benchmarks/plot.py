@@ -217,8 +217,9 @@ TARGETS = [
            409_600, "vs_limit", 1 / 0.7),
     # GPU (the GPU issue): 60 % of bf16 tensor-core throughput, taken as torch's own bf16 GEMMs on the
     # op's FLOPs in the same run (the GEMM limit; below the dense datasheet peak, so a lenient reading),
-    # for each GPU provider: the CUDA kernels, Triton's default (bf16 inputs split into three products) and
-    # Triton with allow_tf32=True (one bf16 product, the precision of torch's own bf16 matmuls).
+    # for each GPU provider: the CUDA kernels, Triton's default and Triton with allow_tf32=True (one bf16
+    # product, the precision of torch's own bf16 matmuls; Triton's bf16 default since 2026-12-04, whose
+    # bmt_fast-triton rows before then are of the three-product split).
     *[target
       for provider in ("bmt_fast-cuda", "bmt_fast-triton", "bmt_fast-triton-tf32")
       for target in (

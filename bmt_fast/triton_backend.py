@@ -109,8 +109,8 @@ class TritonBackend(backends.Backend):
 # kernel, d <= its width): triton 14.8 ms with three products, 5.55 ms with one (the bf16 default since),
 # cuda 16.6 ms.
 TRITON_FIRST_MIN_PARTICLES = 32768
-TRITON_FIRST_MAX_FEATURES = 64
-TRITON_FIRST_MAX_FEATURES_BF16 = 128  # the flash kernel's width (kernels/svgd_step.py: FLASH_MAX_D)
+# up to how many features, by input dtype (bf16: the flash kernel's width, kernels/svgd_step.py: FLASH_MAX_D)
+TRITON_FIRST_MAX_FEATURES = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 128}
 
 
 def cuda_auto_rule(op: str, n: int, d: int, dtype: torch.dtype) -> list[str]:
@@ -128,11 +128,8 @@ def cuda_auto_rule(op: str, n: int, d: int, dtype: torch.dtype) -> list[str]:
     rbf_kernel and median_bandwidth follow the same order (not measured apart on a GPU). Sizes between
     the measured ones are a guess from their neighbours; a GPU run of `bash scripts/gpu_check.sh` adds rows.
     """
-    if n >= TRITON_FIRST_MIN_PARTICLES:
-        if dtype in (torch.float32, torch.float64) and d <= TRITON_FIRST_MAX_FEATURES:
-            return ["triton", "cuda", "torch"]
-        if dtype == torch.bfloat16 and d <= TRITON_FIRST_MAX_FEATURES_BF16:
-            return ["triton", "cuda", "torch"]
+    if n >= TRITON_FIRST_MIN_PARTICLES and d <= TRITON_FIRST_MAX_FEATURES.get(dtype, 0):
+        return ["triton", "cuda", "torch"]
     return ["cuda", "triton", "torch"]
 
 

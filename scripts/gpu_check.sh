@@ -103,11 +103,11 @@ bench() {  # bench NAME LIMIT OP ARGS...
     --case-budget-seconds 4 --compile-seconds 90 ${GPU_CHECK_BENCH_ARGS:-} "$@"
 }
 # The issue's targets first (many particles in bf16 against the GEMM limit, SDPA and naive torch, the Triton
-# flash and tiled kernels side by side; the prompt regime against copy bandwidth) and where their time goes,
+# flash and tiled kernels side by side (bmt_fast-triton-tf32 would repeat bmt_fast-triton: one bf16 product); the prompt regime against copy bandwidth) and where their time goes,
 # then cuda vs triton across the regimes (what backend="auto" on CUDA rests on), then the other ops and the
 # compiling providers: a short lease spends its time on what the issue asks first.
 bench target_bf16 150 svgd_step --dtype bfloat16 --sizes 65536x128 \
-  --providers bmt_fast-cuda,bmt_fast-triton,bmt_fast-triton-tf32,bmt_fast-triton-tiled,torch-naive,torch-blocked,attention-sdpa
+  --providers bmt_fast-cuda,bmt_fast-triton,bmt_fast-triton-tiled,torch-naive,torch-blocked,attention-sdpa
 bench prompt 120 svgd_step --dtype float32 --sizes 16x409600,64x409600,16x76800 \
   --providers bmt_fast-cuda,bmt_fast-cuda-checked,bmt_fast-triton,bmt_fast-triton-checked,torch-naive,attention-sdpa
 if wants profile; then  # where the time of the two target rows goes, launch by launch (benchmarks/profile.py)
