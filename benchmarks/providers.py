@@ -244,6 +244,26 @@ def _bmt_fast_svgd_checked(backend: str) -> Callable:
     return lambda inp: lambda: bmt_fast.svgd_step(inp.x, inp.score, inp.h, backend=backend)
 
 
+def _cuda_streamed_svgd(inp) -> Run:
+    """The CUDA step under BMT_FAST_CUDA_GRAM=streamed: for n <= 16 the prompt-regime kernels that copy their
+    columns through shared memory by cp.async (csrc/cuda/gram.cuh, 1c and 4b), timed beside the default
+    register kernels (bmt_fast-cuda) in the same run. The variable is set for the call only (the extension
+    reads it at each call; two putenv calls, a few microseconds of host time a GPU launch overlaps)."""
+
+    def run():
+        previous = os.environ.get("BMT_FAST_CUDA_GRAM")
+        os.environ["BMT_FAST_CUDA_GRAM"] = "streamed"
+        try:
+            return bmt_fast.svgd_step(inp.x, inp.score, inp.h, backend="cuda", check_inputs=False)
+        finally:
+            if previous is None:
+                del os.environ["BMT_FAST_CUDA_GRAM"]
+            else:
+                os.environ["BMT_FAST_CUDA_GRAM"] = previous
+
+    return run
+
+
 @contextlib.contextmanager
 def float32_matmul_precision(precision: str):
     """torch.set_float32_matmul_precision(precision) inside the block, the previous setting after it
@@ -395,6 +415,8 @@ def svgd_step_providers() -> list[Provider]:
                  dtypes=(torch.float32,)),
         Provider("bmt_fast-triton-tf32", _triton_fast_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
                  rtol=2e-3, jit=GPU, version=_bmt_fast_version),
+        Provider("bmt_fast-cuda-streamed", _cuda_streamed_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("cuda")),
+                 version=_bmt_fast_version),
         Provider("bmt_fast-triton-tiled", _triton_tiled_svgd, why_unavailable=_backend_reason(bmt_fast.backends.get("triton")),
                  jit=GPU, version=_bmt_fast_version),
     ]

@@ -108,18 +108,21 @@ bench() {  # bench NAME LIMIT OP ARGS...
 # compiling providers: a short lease spends its time on what the issue asks first.
 bench target_bf16 150 svgd_step --dtype bfloat16 --sizes 65536x128 \
   --providers bmt_fast-cuda,bmt_fast-triton,bmt_fast-triton-tiled,torch-naive,torch-blocked,attention-sdpa
-bench prompt 120 svgd_step --dtype float32 --sizes 16x409600,64x409600,16x76800 \
-  --providers bmt_fast-cuda,bmt_fast-cuda-checked,bmt_fast-triton,bmt_fast-triton-checked,torch-naive,attention-sdpa
+# The prompt regime's register kernels against the streamed ones (BMT_FAST_CUDA_GRAM=streamed), and at a row stride
+# that is not a multiple of 64 KiB (409,664): whether the 16 rows at one column offset collide in the memory system.
+bench prompt 120 svgd_step --dtype float32 --sizes 16x409600,16x409664,64x409600,16x76800 \
+  --providers bmt_fast-cuda,bmt_fast-cuda-streamed,bmt_fast-cuda-checked,bmt_fast-triton,bmt_fast-triton-checked,torch-naive,attention-sdpa
 if wants profile; then  # where the time of the two target rows goes, launch by launch (benchmarks/profile.py)
   run profile 120 bash -c "'$PY' -m benchmarks.profile --device cuda --sizes 16x409600 --out '$OUT/profile.txt' \
-    --providers bmt_fast-cuda,bmt_fast-triton && '$PY' -m benchmarks.profile --device cuda --dtype bfloat16 \
+    --providers bmt_fast-cuda,bmt_fast-cuda-streamed,bmt_fast-triton && '$PY' -m benchmarks.profile --device cuda --dtype bfloat16 \
     --sizes 65536x128 --calls 3 --providers bmt_fast-cuda,bmt_fast-triton --out '$OUT/profile.txt'"
 fi
 bench auto_fp32 150 svgd_step --dtype float32 --sizes 1024x16,8192x128,65536x64,4096x768,65536x3,256x768 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive,attention-sdpa
 bench auto_bf16 120 svgd_step --dtype bfloat16 --sizes 1024x16,8192x128,65536x64,4096x768,4x409600 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
-bench prompt_bf16 90 svgd_step --dtype bfloat16 --sizes 16x409600 --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
+bench prompt_bf16 90 svgd_step --dtype bfloat16 --sizes 16x409600 \
+  --providers bmt_fast-cuda,bmt_fast-cuda-streamed,bmt_fast-triton,torch-naive
 bench rbf 120 rbf_kernel --dtype float32 --sizes 1024x64,8192x128,16x409600 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench median 120 median_bandwidth --dtype float32 --sizes 1024x64,8192x128,65536x64,16x409600 \

@@ -406,6 +406,32 @@ def test_bmt_fast_providers_call_the_backend_their_name_says(monkeypatch):
         assert calls[0].get("check_inputs", True) is name.endswith("-checked"), name
 
 
+def test_cuda_streamed_provider_sets_the_kernel_choice_for_its_call_only(monkeypatch):
+    """bmt_fast-cuda-streamed times backend="cuda" with BMT_FAST_CUDA_GRAM=streamed during the call and leaves
+    the variable as it found it (unset, or another value), also when the call raises."""
+    import bmt_fast
+
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append((kwargs["backend"], os.environ.get("BMT_FAST_CUDA_GRAM")))
+        if len(seen) == 3:
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bmt_fast, "svgd_step", fake)
+    run = providers_for("svgd_step")["bmt_fast-cuda-streamed"].build(Inputs.make(Case(8, 3), torch.float32, CPU, seed=0))
+    monkeypatch.delenv("BMT_FAST_CUDA_GRAM", raising=False)
+    run()
+    assert "BMT_FAST_CUDA_GRAM" not in os.environ
+    monkeypatch.setenv("BMT_FAST_CUDA_GRAM", "registers")
+    run()
+    assert os.environ["BMT_FAST_CUDA_GRAM"] == "registers"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run()
+    assert os.environ["BMT_FAST_CUDA_GRAM"] == "registers"
+    assert seen == [("cuda", "streamed")] * 3
+
+
 def test_rows_name_the_commit_given_by_bmt_fast_commit(monkeypatch):
     """A GPU machine runs a copy of the working tree whose .git may lag the files: the caller names the commit."""
     monkeypatch.delenv("BMT_FAST_COMMIT", raising=False)

@@ -499,11 +499,90 @@ def test_register_kernels_loop_over_many_column_passes(target, monkeypatch, sms,
     assert not bool(target.ops.svgd_step_into(x, s, None, "gram", out=out))
 
 
+# ---- the streamed prompt-regime kernels (BMT_FAST_CUDA_GRAM=streamed) -------------------------------
+
+STREAM_SHARED_BYTES = 192 * 1024  # csrc/cuda/gram.cuh: kStreamSharedBytes, the streamed kernels' launches
+
+
+def streamed_launches(target: Target) -> int:
+    """How many launches since the last call were of the streamed kernels (emulator: by their shared memory)."""
+    return sum(1 for size in target.ops.take_launches() if size == STREAM_SHARED_BYTES)
+
+
+@pytest.mark.parametrize("sms", [1, 3])
+@pytest.mark.parametrize("n,d", [(16, 4000), (5, 1000), (8, 40), (3, 4104), (1, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_streamed_kernels_match_the_reference(target, monkeypatch, sms, n, d, dtype):
+    """The streamed Gram and apply kernels: each CTA's equal share of whole 16-byte pieces, chunks through a
+    ring of shared stages (16 x 4000 fp32 on one SM: 8 Gram chunks through 6 stages, 8 apply chunks through
+    3, the last one ragged), into the same phi as the reference; svgd_step_into's flag; the median from
+    their G."""
+    monkeypatch.setenv("BMT_FAST_CUDA_GRAM", "streamed")
+    if target.name == "emulator":
+        monkeypatch.setenv("BMT_FAST_EMULATE_SMS", str(sms))
+        target.ops.take_launches()
+    elif sms != 1:
+        pytest.skip("the SM count is the emulator's setting")
+    check_svgd(target, "gram", n, d, dtype, "median")
+    x, s, x64, _ = particles(n, d, dtype)
+    x, s = x.to(target.device), s.to(target.device)
+    out = torch.empty_like(x)
+    assert bool(target.ops.svgd_step_into(x, s, as_h(2.0).to(target.device), "gram", out=out))
+    s[n - 1, d - 1] = math.nan
+    assert not bool(target.ops.svgd_step_into(x, s, None, "gram", out=out))
+    # a NaN score reaches every row of its column (through K), no other column
+    assert torch.isnan(out[:, d - 1]).all() and torch.isfinite(out[:, : d - 1]).all()
+    if n > 1:
+        h = float(target.ops.median_bandwidth(x, "gram"))
+        assert math.isclose(h, float(reference.median_bandwidth(x64)), rel_tol=1e-5)
+    if target.name == "emulator":  # Gram + apply per step (svgd_step, twice svgd_step_into), Gram (median)
+        assert streamed_launches(target) == 6 + (n > 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streamed_rbf_kernel_of_two_sets(target, monkeypatch, dtype):
+    """rbf_kernel(x, y) on the Gram path with n + m <= 16 streams the rows of both sets."""
+    monkeypatch.setenv("BMT_FAST_CUDA_GRAM", "streamed")
+    if target.name == "emulator":
+        target.ops.take_launches()
+    x64, y64 = torch.randn(3, 1032, dtype=torch.float64), torch.randn(5, 1032, dtype=torch.float64)
+    h = as_h(900.0)
+    k = target.ops.rbf_kernel(x64.to(dtype).to(target.device), y64.to(dtype).to(target.device), h.to(target.device))
+    expected = reference.rbf_kernel(x64.to(dtype).double(), y64.to(dtype).double(), h)
+    assert relative_error(k.cpu().double(), expected) < (1e-5 if dtype == torch.float32 else 2 * HALF_ULP[dtype])
+    if target.name == "emulator":
+        assert streamed_launches(target) == 1
+
+
+def test_streamed_kernels_keep_to_what_they_can_copy(target, monkeypatch):
+    """Rows that are not 16-byte aligned (an odd feature count in fp32, or a tensor starting 4 bytes into its
+    storage) and float64 take the register kernels, with the same results; a bad BMT_FAST_CUDA_GRAM is
+    refused."""
+    monkeypatch.setenv("BMT_FAST_CUDA_GRAM", "streamed")
+    if target.name == "emulator":
+        target.ops.take_launches()
+    storage = torch.randn(16 * 1000 + 1, dtype=torch.float32)
+    shifted = storage[1:].view(16, 1000)
+    for x in (shifted, torch.randn(16, 999), torch.randn(16, 1000, dtype=torch.float64)):
+        x = x.to(target.device)
+        s = torch.randn_like(x)
+        phi = target.ops.svgd_step(x, s, None, "gram")
+        expected = svgd_reference(x.cpu().double(), s.cpu().double())
+        assert relative_error(phi.cpu().double(), expected) < (1e-12 if x.dtype == torch.float64 else 1e-4)
+    if target.name == "emulator":
+        assert streamed_launches(target) == 0
+    monkeypatch.setenv("BMT_FAST_CUDA_GRAM", "stream")
+    with pytest.raises(RuntimeError, match='BMT_FAST_CUDA_GRAM must be "registers" or "streamed", got "stream"'):
+        target.ops.svgd_step(torch.randn(4, 8, device=target.device), torch.randn(4, 8, device=target.device),
+                             None, "gram")
+
+
 # ---- the emulator's race and pipeline checks -------------------------------------------------------
 
 SCHEDULE_CASES = [("svgd", "tiled", 130, 37, torch.bfloat16), ("svgd", "tiled", 70, 130, torch.float16),
                   ("svgd", "tiled", 65, 17, torch.float32), ("svgd", "tiled", 70, 130, torch.float64),
                   ("svgd", "gram", 17, 33, torch.float32), ("svgd", "gram", 8, 40, torch.bfloat16),
+                  ("streamed", "gram", 16, 2000, torch.float32), ("streamed", "gram", 16, 4000, torch.bfloat16),
                   ("median", "tiled", 130, 40, torch.bfloat16), ("median", "tiled", 130, 9, torch.float32)]
 
 
@@ -517,6 +596,9 @@ def test_emulated_schedules_and_copy_timings_agree(target, monkeypatch, order, c
         pytest.skip("emulator only")
     monkeypatch.setenv("BMT_FAST_EMULATE_ORDER", order)
     monkeypatch.setenv("BMT_FAST_EMULATE_CP_ASYNC", copies)
+    if what == "streamed":  # one SM: several chunks around the ring of stages
+        monkeypatch.setenv("BMT_FAST_CUDA_GRAM", "streamed")
+        monkeypatch.setenv("BMT_FAST_EMULATE_SMS", "1")
     if what == "median":
         x = (torch.randn(n, d, dtype=torch.float64) * 2 + 10).to(dtype)
         assert math.isclose(float(target.ops.median_bandwidth(x, algorithm)), numpy_rule(x),

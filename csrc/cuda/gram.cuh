@@ -82,6 +82,47 @@ constexpr int kGramMostPartPairs = gram_part_pairs<kMax, kParts>(0) > gram_part_
 template <typename In, int kMax>
 constexpr int kGramSmallColumns = 256 / kGramSmallParts<In, kMax>;
 
+// acc[q] += v_i v_j over the row pairs i <= j of part kPart, in the order of gram_pair_in_part.
+template <int kPart, int kMax, int kParts, typename C>
+BMT_DEVICE void gram_accumulate(C* acc, const C (&v)[kMax]) {
+  int q = 0;
+#pragma unroll
+  for (int i = 0; i < kMax; ++i)
+#pragma unroll
+    for (int j = i; j < kMax; ++j)
+      if (gram_pair_in_part<kMax, kParts>(i, j, kPart)) acc[q++] += v[i] * v[j];
+}
+
+// A warp's sums of its kPairs register accumulators into partial[0 .. kPairs).
+template <int kPairs, typename C>
+BMT_DEVICE void gram_reduce_warp(const C* acc, C* partial) {
+#pragma unroll
+  for (int q = 0; q < kPairs; ++q) {
+    C sum = acc[q];
+    for (int m = 16; m >= 1; m /= 2) sum += shfl_xor(sum, m);
+    if (lane_id() == 0) partial[q] = sum;
+  }
+}
+
+// After a barrier: the CTA's sums of every pair (warps w of part w % kParts), added into G as float64.
+template <int kMax, int kParts, int kPairs, int kWarps, typename In, typename C>
+BMT_DEVICE void gram_add_partials(const GramParams<In>& p, long long rows, const C (&partial)[kWarps][kPairs]) {
+  for (int q = threadIdx.x; q < kParts * kPairs; q += blockDim.x) {
+    const int pt = q / kPairs, ql = q % kPairs;
+    int i = 0, j = 0;  // the pair (i, j) of index ql in part pt, in the order of the accumulation loop
+    for (int seen = -1;;) {
+      if (gram_pair_in_part<kMax, kParts>(i, j, pt) && ++seen == ql) break;
+      if (++j == kMax) j = ++i;
+      if (i == kMax) break;
+    }
+    if (i < rows && j < rows) {
+      double sum = 0.0;
+      for (int w = pt; w < kWarps; w += kParts) sum += static_cast<double>(partial[w][ql]);
+      atomicAdd(&p.gram[i * rows + j], sum);
+    }
+  }
+}
+
 // The register sums of one thread of part kPart over its columns (k, then k + stride, ...), reduced
 // over its warp into partial[warp].
 template <int kPart, int kMax, int kParts, typename In, typename C>
@@ -103,21 +144,9 @@ BMT_DEVICE void gram_small_part(const GramParams<In>& p, long long rows, long lo
       for (int r = 0; r < kMax; ++r) v[h][r] = inside && r < rows ? to_float(gram_row(p, r)[col]) - first : C(0);
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int q = 0;
-#pragma unroll
-      for (int i = 0; i < kMax; ++i)
-#pragma unroll
-        for (int j = i; j < kMax; ++j)
-          if (gram_pair_in_part<kMax, kParts>(i, j, kPart)) acc[q++] += v[h][i] * v[h][j];
-    }
+    for (int h = 0; h < 2; ++h) gram_accumulate<kPart, kMax, kParts>(acc, v[h]);
   }
-#pragma unroll
-  for (int q = 0; q < kPairs; ++q) {
-    C sum = acc[q];
-    for (int m = 16; m >= 1; m /= 2) sum += shfl_xor(sum, m);
-    if (lane_id() == 0) partial[q] = sum;
-  }
+  gram_reduce_warp<kPairs>(acc, partial);
 }
 
 template <typename In, int kMax>
@@ -138,20 +167,123 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kGramSmallCtasPerSm<kMax>) gram_small_ker
   if (part == 0) gram_small_part<0, kMax, kParts>(p, rows, k, stride, partial[warp]);
   else gram_small_part<kParts - 1, kMax, kParts>(p, rows, k, stride, partial[warp]);  // warp-uniform
   __syncthreads();
-  for (int q = threadIdx.x; q < kParts * kPairs; q += blockDim.x) {
-    const int pt = q / kPairs, ql = q % kPairs;
-    int i = 0, j = 0;  // the pair (i, j) of index ql in part pt, in the order of the accumulation loop
-    for (int seen = -1;;) {
-      if (gram_pair_in_part<kMax, kParts>(i, j, pt) && ++seen == ql) break;
-      if (++j == kMax) j = ++i;
-      if (i == kMax) break;
-    }
-    if (i < rows && j < rows) {
-      double sum = 0.0;
-      for (int w = pt; w < kWarps; w += kParts) sum += static_cast<double>(partial[w][ql]);
-      atomicAdd(&p.gram[i * rows + j], sum);
-    }
+  gram_add_partials<kMax, kParts>(p, rows, partial);
+}
+
+// ---- 1c. The streamed register Gram (BMT_FAST_CUDA_GRAM=streamed) --------------------------------------
+// The same sums as 1a, but the columns reach the registers through shared memory: each CTA takes an equal
+// share of the columns (whole 16-byte pieces) and copies them with cp.async, kGramStreamStages chunks of all
+// rows in flight (~160 KB per SM, against ~35 KB of loads per SM in 1a, whose in-flight bytes are bounded by
+// its registers), each row's chunk one contiguous run of memory. One CTA per SM (192 KB of shared memory:
+// H100 / H200; devices with less keep 1a). fp32 compute types only (all pairs in one part).
+
+constexpr int kStreamThreads = 256;
+constexpr int kStreamSharedBytes = 192 * 1024;
+constexpr int kGramStreamStages = 6;
+constexpr int kApplyStreamStages = 3;
+
+template <typename In>
+constexpr int kStreamPiece = static_cast<int>(16 / sizeof(In));  // elements per 16-byte copy
+
+// Columns per chunk: the stages of `rows` rows fill the shared memory.
+template <typename In, int kRows, int kStages>
+constexpr int kStreamWidth = static_cast<int>(kStreamSharedBytes / (kStages * kRows * sizeof(In)));
+
+struct ColumnRange {
+  long long begin, end;
+};
+
+// This CTA's columns: an equal share of the d / piece 16-byte pieces of a row (d is a multiple of a piece).
+template <typename In>
+BMT_DEVICE ColumnRange stream_range(long long d) {
+  const long long pieces = d / kStreamPiece<In>, cta = blockIdx.x, ctas = gridDim.x;
+  return {pieces * cta / ctas * kStreamPiece<In>, pieces * (cta + 1) / ctas * kStreamPiece<In>};
+}
+
+// Issues the cp.async copies of columns [begin, begin + width) of rows 0 .. count-1 of `rows` (row r to
+// slot rows.slot(r) of the stage, kWidth elements a slot) and commits them as one group. width: a multiple of
+// a piece; the rows start 16-byte aligned.
+template <typename In, int kWidth, typename Rows>
+BMT_DEVICE void stream_stage(In* stage, const Rows& rows, int count, long long begin, int width) {
+  constexpr int kPiece = kStreamPiece<In>;
+  const int pieces = width / kPiece;
+  for (int q = threadIdx.x; q < count * pieces; q += blockDim.x) {
+    const int r = q / pieces, piece = q % pieces;
+    cp_async_16(stage + rows.slot(r) * kWidth + piece * kPiece, rows.row(r) + begin + piece * kPiece);
   }
+  cp_async_commit();
+}
+
+// The chunks 0 .. chunks-1 through kStages shared stages: load(stage, chunk) issues and commits a chunk's
+// copies, compute(stage, chunk) reads it; kStages - 1 chunks are in flight while one is computed on.
+template <int kStages, typename Load, typename Compute>
+BMT_DEVICE void stream_pipeline(long long chunks, const Load& load, const Compute& compute) {
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < chunks) load(s, s);
+    else cp_async_commit();  // an empty group: every thread waits on the same group count
+  }
+  for (long long t = 0; t < chunks; ++t) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // chunk t landed for every thread; every thread is done with chunk t - 1's stage
+    compute(static_cast<int>(t % kStages), t);
+    const long long next = t + kStages - 1;  // into chunk t - 1's stage
+    if (next < chunks) load(static_cast<int>(next % kStages), next);
+    else cp_async_commit();
+  }
+}
+
+// The rows of G: x rows 0 .. n-1, then y rows (by value: no address of a kernel parameter is taken).
+template <typename In>
+struct GramRows {
+  const In* x;
+  const In* y;
+  long long n, d;
+  BMT_DEVICE const In* row(int r) const { return r < n ? x + r * d : y + (r - n) * d; }
+  BMT_DEVICE int slot(int r) const { return r; }
+};
+
+template <typename In, int kMax>
+constexpr int kGramStreamWidth = kStreamWidth<In, kMax, kGramStreamStages>;
+
+template <typename In, int kMax>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kStreamThreads, 1) gram_stream_kernel(const GramParams<In> p) {
+  static_assert(kGramSmallParts<In, kMax> == 1, "float64 keeps the register kernel");
+  using C = compute_t<In>;
+  constexpr int kPairs = kMax * (kMax + 1) / 2;
+  constexpr int kWidth = kGramStreamWidth<In, kMax>;
+  __shared__ C partial[kStreamThreads / kWarp][kPairs];
+  BMT_DYNAMIC_SHARED(smem);
+  In* stages = reinterpret_cast<In*>(smem);
+  const int rows = static_cast<int>(p.n + p.m);
+  if (p.finite && blockIdx.x == 0 && threadIdx.x == 0) *p.finite = true;
+  const ColumnRange range = stream_range<In>(p.d);
+  const GramRows<In> source{p.x, p.y, p.n, p.d};
+  auto width_of = [&](long long t) {
+    const long long left = range.end - range.begin - t * kWidth;
+    return static_cast<int>(left < kWidth ? left : kWidth);
+  };
+  C acc[kPairs];
+#pragma unroll
+  for (int q = 0; q < kPairs; ++q) acc[q] = C(0);
+  stream_pipeline<kGramStreamStages>(
+      (range.end - range.begin + kWidth - 1) / kWidth,
+      [&](int stage, long long t) {
+        stream_stage<In, kWidth>(stages + stage * kMax * kWidth, source, rows, range.begin + t * kWidth, width_of(t));
+      },
+      [&](int stage, long long t) {
+        const In* s = stages + stage * kMax * kWidth;
+        const int width = width_of(t);
+        for (int j = threadIdx.x; j < width; j += kStreamThreads) {
+          C v[kMax];
+          const C first = to_float(s[j]);  // x row 0: the shift
+#pragma unroll
+          for (int r = 0; r < kMax; ++r) v[r] = r < rows ? to_float(s[r * kWidth + j]) - first : C(0);
+          gram_accumulate<0, kMax, 1>(acc, v);
+        }
+      });
+  gram_reduce_warp<kPairs>(acc, partial[threadIdx.x / kWarp]);
+  __syncthreads();
+  gram_add_partials<kMax, 1>(p, rows, partial);
 }
 
 // ---- 1b. Gram for larger R: 64 x 64 blocks of G on the FFMA dot tile, blockIdx.y = block pair I <= J --
@@ -364,83 +496,179 @@ struct ApplyParams {
 template <typename In, int kMax>
 constexpr int kApplySmallCtasPerSm = sizeof(compute_t<In>) == 8 && kMax > 8 ? 1 : 2;
 
-template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kApplySmallCtasPerSm<In, kMax>)) apply_small_kernel(const ApplyParams<In> p) {
+// What the apply kernels derive from the tiny G before their columns: kn = K / n and c = a rowsum(K) / n in
+// shared memory (with the median's scratch), a = 2/H, own = 1/n and n in registers.
+template <typename C, int kMax>
+struct ApplyShared {
+  C kn[kMax][kMax];
+  C c[kMax];
+  double pair_values[kMax * (kMax - 1) / 2 + 1];
+  double middle[2];
+};
+
+template <typename C>
+struct ApplyScalars {
+  C a, own;
+  int n;
+};
+
+// H (given, or the median of G by ranks), then kn, c, a (above). Ends with a barrier. K / n and its row sums
+// leave out the own term k_ii = 1 (0 there; NaN for an invalid H), which is score_i / n, added from the input:
+// folded into w_i it is (score_i - a v_i) + a v_i, whose two large terms cancel when H lies far below the
+// squared distances.
+template <typename In, int kMax, typename C>
+BMT_DEVICE ApplyScalars<C> apply_weights(const ApplyParams<In>& p, ApplyShared<C, kMax>& shared) {
   static_assert(kMax <= kRankCountingMaxRows, "the median by ranks needs few rows");
-  using C = compute_t<In>;
-  constexpr int kColumns = 2;  // columns per thread and step: each shared K entry feeds two FMAs
-  __shared__ C kn[kMax][kMax];
-  __shared__ C c[kMax];
-  __shared__ double pair_values[kMax * (kMax - 1) / 2 + 1];
-  __shared__ double middle[2];
   const double h = p.given ? *p.given
-                           : median_rule(gram_median_by_ranks(p.gram, p.n, p.n, pair_values, middle), p.n, p.floor);
+                           : median_rule(gram_median_by_ranks(p.gram, p.n, p.n, shared.pair_values, shared.middle),
+                                         p.n, p.floor);
   const double inv_h = inverse_bandwidth(h);
-  // K / n and its row sums without the own term k_ii = 1 (0 there; NaN for an invalid H), which is
-  // score_i / n, added from the input: folded into w_i it is (score_i - a v_i) + a v_i, whose two large
-  // terms cancel when H lies far below the squared distances.
   auto weight = [&](int i, int j) { return exp(-gram_distance(p.gram, p.n, i, j) * inv_h) - (i == j ? 1.0 : 0.0); };
   for (int idx = threadIdx.x; idx < kMax * kMax; idx += blockDim.x) {
     const int i = idx / kMax, j = idx % kMax;
     const bool inside = i < p.n && j < p.n;
-    kn[i][j] = inside ? static_cast<C>(weight(i, j) / static_cast<double>(p.n)) : C(0);
+    shared.kn[i][j] = inside ? static_cast<C>(weight(i, j) / static_cast<double>(p.n)) : C(0);
   }
   for (int i = threadIdx.x; i < kMax; i += blockDim.x) {
     double rowsum = 0.0;
     for (int j = 0; j < p.n && i < p.n; ++j) rowsum += weight(i, j);
-    c[i] = i < p.n ? static_cast<C>(2.0 * inv_h * rowsum / static_cast<double>(p.n)) : C(0);
+    shared.c[i] = i < p.n ? static_cast<C>(2.0 * inv_h * rowsum / static_cast<double>(p.n)) : C(0);
   }
-  const C a = static_cast<C>(2.0 * inv_h);
-  const C own = static_cast<C>(1.0 / static_cast<double>(p.n));
   __syncthreads();
-  // Read through volatile: every lane reads the same entry (a broadcast), and the compiler must not
-  // hoist all kMax^2 entries out of the column loop into registers (it spills when it does).
-  const volatile C* kn_row = &kn[0][0];
-  const volatile C* c_shared = c;
+  return {static_cast<C>(2.0 * inv_h), static_cast<C>(1.0 / static_cast<double>(p.n)), static_cast<int>(p.n)};
+}
 
-  bool finite = true;  // every phi value this thread stored, as stored (16-bit: after rounding)
-  const long long span = static_cast<long long>(blockDim.x) * kColumns;
-  for (long long base = static_cast<long long>(blockIdx.x) * span; base < p.d; base += gridDim.x * span) {
-    C v[kColumns][kMax], w[kColumns][kMax];
+// phi = kn W + c V + score / n at kColumns columns of one thread (column q where inside[q]): x(q, r) and
+// score(q, r) read row r there, store(i, q, value) writes phi row i. kn / c: apply_weights's, read through
+// volatile (every lane reads the same entry, a broadcast, and the compiler must not hoist all kMax^2 entries
+// out of the caller's column loop into registers: it spills when it does). Returns whether every value
+// stored is finite (16-bit: after rounding).
+template <int kColumns, typename In, int kMax, typename C, typename X, typename S, typename Out>
+BMT_DEVICE bool apply_columns(const ApplyShared<C, kMax>& shared, const ApplyScalars<C>& k, const bool (&inside)[kColumns],
+                              const X& x, const S& score, const Out& store) {
+  const volatile C* kn = &shared.kn[0][0];
+  const volatile C* c = shared.c;
+  const C a = k.a, own = k.own;
+  const int n = k.n;
+  C v[kColumns][kMax], w[kColumns][kMax];
+#pragma unroll
+  for (int q = 0; q < kColumns; ++q) {
+    const C first = inside[q] ? x(q, 0) : C(0);
+#pragma unroll
+    for (int r = 0; r < kMax; ++r) {
+      const bool present = inside[q] && r < n;
+      v[q][r] = present ? x(q, r) - first : C(0);
+      w[q][r] = present ? score(q, r) - a * v[q][r] : C(0);
+    }
+  }
+  bool finite = true;
+#pragma unroll
+  for (int i = 0; i < kMax; ++i) {
+    if (i >= n) break;
+    C out[kColumns];
+    const C ci = c[i];
+#pragma unroll
+    for (int q = 0; q < kColumns; ++q) out[q] = ci * v[q][i] + (inside[q] ? own * score(q, i) : C(0));
+#pragma unroll
+    for (int j = 0; j < kMax; ++j) {
+      const C kij = kn[i * kMax + j];
+#pragma unroll
+      for (int q = 0; q < kColumns; ++q) out[q] += kij * w[q][j];
+    }
 #pragma unroll
     for (int q = 0; q < kColumns; ++q) {
-      const long long k = base + q * blockDim.x + threadIdx.x;  // coalesced across the block
-      const bool inside = k < p.d;
-      const C first = inside ? to_float(p.x[k]) : C(0);
-#pragma unroll
-      for (int r = 0; r < kMax; ++r) {
-        const bool present = inside && r < p.n;
-        v[q][r] = present ? to_float(p.x[r * p.d + k]) - first : C(0);
-        w[q][r] = present ? to_float(p.score[r * p.d + k]) - a * v[q][r] : C(0);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kMax; ++i) {
-      if (i >= p.n) break;
-      C out[kColumns];
-      const C ci = c_shared[i];
-#pragma unroll
-      for (int q = 0; q < kColumns; ++q) {  // score_i again: from L1, just loaded (not kept: registers)
-        const long long k = base + q * blockDim.x + threadIdx.x;
-        out[q] = ci * v[q][i] + (k < p.d ? own * to_float(p.score[i * p.d + k]) : C(0));
-      }
-#pragma unroll
-      for (int j = 0; j < kMax; ++j) {
-        const C kij = kn_row[i * kMax + j];
-#pragma unroll
-        for (int q = 0; q < kColumns; ++q) out[q] += kij * w[q][j];
-      }
-#pragma unroll
-      for (int q = 0; q < kColumns; ++q) {
-        const long long k = base + q * blockDim.x + threadIdx.x;
-        if (k < p.d) {
-          const In stored = Store<In>::from(out[q]);
-          p.phi[i * p.d + k] = stored;
-          finite = finite && is_finite(to_float(stored));
-        }
+      if (inside[q]) {
+        const In stored = Store<In>::from(out[q]);
+        store(i, q, stored);
+        finite = finite && is_finite(to_float(stored));
       }
     }
   }
+  return finite;
+}
+
+template <typename In, int kMax>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kApplySmallCtasPerSm<In, kMax>)) apply_small_kernel(const ApplyParams<In> p) {
+  using C = compute_t<In>;
+  constexpr int kColumns = 2;  // columns per thread and step: each shared K entry feeds two FMAs
+  __shared__ ApplyShared<C, kMax> shared;
+  const ApplyScalars<C> scalars = apply_weights(p, shared);
+  bool finite = true;  // every phi value this thread stored, as stored
+  const long long span = static_cast<long long>(blockDim.x) * kColumns;
+  for (long long base = static_cast<long long>(blockIdx.x) * span; base < p.d; base += gridDim.x * span) {
+    long long k[kColumns];  // coalesced across the block
+    bool inside[kColumns];
+#pragma unroll
+    for (int q = 0; q < kColumns; ++q) {
+      k[q] = base + q * blockDim.x + threadIdx.x;
+      inside[q] = k[q] < p.d;
+    }
+    const bool stored_finite = apply_columns<kColumns, In>(
+        shared, scalars, inside, [&](int q, int r) { return to_float(p.x[r * p.d + k[q]]); },
+        // score_i again for the own term: from L1, just loaded (not kept: registers)
+        [&](int q, int r) { return to_float(p.score[r * p.d + k[q]]); },
+        [&](int i, int q, In value) { p.phi[i * p.d + k[q]] = value; });
+    finite = finite && stored_finite;
+  }
+  if (!finite && p.finite) *p.finite = false;  // every writer stores the same value
+}
+
+// ---- 4b. The streamed apply (BMT_FAST_CUDA_GRAM=streamed): 4's arithmetic, x and score through shared
+// memory as in 1c (kApplyStreamStages chunks of the 2n rows, 192 KB), phi stored from registers. --------
+
+// x rows to slots 0 .. n-1, score rows to slots kMax .. kMax+n-1.
+template <typename In, int kMax>
+struct ApplyRows {
+  const In* x;
+  const In* score;
+  long long n, d;
+  BMT_DEVICE const In* row(int r) const { return r < n ? x + r * d : score + (r - n) * d; }
+  BMT_DEVICE int slot(int r) const { return r < n ? r : kMax + (r - static_cast<int>(n)); }
+};
+
+template <typename In, int kMax>
+constexpr int kApplyStreamWidth = kStreamWidth<In, 2 * kMax, kApplyStreamStages>;
+
+template <typename In, int kMax>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kStreamThreads, 1) apply_stream_kernel(const ApplyParams<In> p) {
+  using C = compute_t<In>;
+  static_assert(sizeof(C) == 4, "float64 keeps the register kernel");
+  constexpr int kWidth = kApplyStreamWidth<In, kMax>;
+  constexpr int kColumns = kWidth >= 2 * kStreamThreads ? 2 : 1;
+  __shared__ ApplyShared<C, kMax> shared;
+  const ApplyScalars<C> scalars = apply_weights(p, shared);
+  BMT_DYNAMIC_SHARED(smem);
+  In* stages = reinterpret_cast<In*>(smem);
+  const ColumnRange range = stream_range<In>(p.d);
+  const ApplyRows<In, kMax> source{p.x, p.score, p.n, p.d};
+  auto width_of = [&](long long t) {
+    const long long left = range.end - range.begin - t * kWidth;
+    return static_cast<int>(left < kWidth ? left : kWidth);
+  };
+  bool finite = true;
+  stream_pipeline<kApplyStreamStages>(
+      (range.end - range.begin + kWidth - 1) / kWidth,
+      [&](int stage, long long t) {
+        stream_stage<In, kWidth>(stages + stage * 2 * kMax * kWidth, source, 2 * scalars.n, range.begin + t * kWidth,
+                                 width_of(t));
+      },
+      [&](int stage, long long t) {
+        const In* xs = stages + stage * 2 * kMax * kWidth;
+        const In* ss = xs + kMax * kWidth;
+        const long long c0 = range.begin + t * kWidth;
+        const int width = width_of(t);
+        for (int j0 = threadIdx.x; j0 < width; j0 += kColumns * kStreamThreads) {
+          bool inside[kColumns];
+#pragma unroll
+          for (int q = 0; q < kColumns; ++q) inside[q] = j0 + q * kStreamThreads < width;
+          const bool stored_finite = apply_columns<kColumns, In>(
+              shared, scalars, inside,
+              [&](int q, int r) { return to_float(xs[r * kWidth + j0 + q * kStreamThreads]); },
+              [&](int q, int r) { return to_float(ss[r * kWidth + j0 + q * kStreamThreads]); },
+              [&](int i, int q, In value) { p.phi[i * p.d + c0 + j0 + q * kStreamThreads] = value; });
+          finite = finite && stored_finite;
+        }
+      });
   if (!finite && p.finite) *p.finite = false;  // every writer stores the same value
 }
 

@@ -11,6 +11,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -43,6 +46,7 @@ struct Device {
 #endif
   int sms = 1;    // multiprocessors: sizes the split-K and grid-stride grids
   int major = 0;  // compute capability
+  int device = 0;  // its index
   int64_t workspace_bytes = kBlockedWorkspaceBytes;  // the row-block path's (rows x n) buffer, at most
 };
 
@@ -56,6 +60,7 @@ inline Device launch_device(const at::Tensor& x) {
   if (const char* bytes = std::getenv("BMT_FAST_EMULATE_WORKSPACE_BYTES")) dev.workspace_bytes = std::atoll(bytes);
 #else
   const int index = x.get_device();
+  dev.device = index;
   int minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, index));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.major, cudaDevAttrComputeCapabilityMajor, index));
@@ -167,10 +172,47 @@ inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
   return op;
 }
 
-// ---- Gram path -------------------------------------------------------------------------------------
+// ---- Gram path ----------------------------------------------------------------------------------------
+
+// The prompt-regime kernels (n + m <= kGramRegisterRows): "registers" (gram_small_kernel / apply_small_kernel,
+// measured, the default) or "streamed" (gram_stream_kernel / apply_stream_kernel: columns through shared
+// memory by cp.async; not yet measured on a GPU). BMT_FAST_CUDA_GRAM, read at each call.
+enum class GramKernels { kRegisters, kStreamed };
+
+inline GramKernels gram_kernels_asked() {
+  const char* env = std::getenv("BMT_FAST_CUDA_GRAM");
+  if (env == nullptr || *env == '\0' || std::string_view(env) == "registers") return GramKernels::kRegisters;
+  BMT_CHECK(std::string_view(env) == "streamed", "BMT_FAST_CUDA_GRAM must be \"registers\" or \"streamed\", got \"",
+            env, "\"");
+  return GramKernels::kStreamed;
+}
+
+// Whether the streamed kernels take rows of d features at these base addresses: asked for, an fp32 compute type,
+// every row 16-byte aligned (cp.async copies 16 bytes), and the device has the shared memory (H100 / H200:
+// 227 KB a block; A100 163 KB and smaller GPUs keep the register kernels).
+template <typename In>
+bool gram_streams(std::initializer_list<const void*> bases, int64_t d, const Device& dev) {
+  if (sizeof(compute_t<In>) != 4 || (d * static_cast<int64_t>(sizeof(In))) % 16 != 0) return false;
+  for (const void* base : bases)
+    if (reinterpret_cast<std::uintptr_t>(base) % 16 != 0) return false;
+  if (gram_kernels_asked() != GramKernels::kStreamed) return false;
+  int shared = 227 * 1024;  // the emulator stands for an sm_90 device
+#ifndef BMT_FAST_EMULATE
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev.device));
+#else
+  (void)dev;
+#endif
+  return shared >= kStreamSharedBytes + 8 * 1024;  // the kernels' static shared memory: under 8 KB
+}
+
+// One CTA per SM, at most one per 16-byte piece of a row (each takes an equal share of the pieces).
+template <typename In>
+unsigned stream_grid(int64_t d, const Device& dev) {
+  return grid_size(std::min<int64_t>(d / kStreamPiece<In>, dev.sms));
+}
 
 // G (R x R float64, upper triangle) of the rows of x and y (if given), shifted by x[0].
-// finite: svgd_step_into's flag, set true by the register kernel (rows <= kGramRegisterRows only).
+// finite: svgd_step_into's flag, set true by the register kernels (rows <= kGramRegisterRows only).
 template <typename In>
 at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, const Device& dev,
                        bool* finite = nullptr) {
@@ -180,6 +222,15 @@ at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, 
   at::Tensor gram = at::zeros({rows, rows}, x.options().dtype(at::kDouble));
   GramParams<In> p{pointer<In>(x), y ? pointer<In>(*y) : nullptr, n, m, d, mutable_pointer<double>(gram), 0, finite};
   if (rows <= kGramRegisterRows) {
+    if constexpr (sizeof(compute_t<In>) == 4) {
+      if (gram_streams<In>({p.x, y ? p.y : p.x}, d, dev)) {
+        auto run = [&](auto kernel) { launch(kernel, stream_grid<In>(d, dev), kStreamThreads, kStreamSharedBytes, dev, p); };
+        if (rows <= 4) run(&gram_stream_kernel<In, 4>);
+        else if (rows <= 8) run(&gram_stream_kernel<In, 8>);
+        else run(&gram_stream_kernel<In, 16>);
+        return gram;
+      }
+    }
     // one wave: a slice of columns per thread block and pass, at most as many blocks as fit at once
     auto run = [&](auto kernel, int columns, int ctas_per_sm) {
       launch(kernel, grid_size(std::min<int64_t>((d + columns - 1) / columns, int64_t{ctas_per_sm} * dev.sms)), 256,
@@ -222,6 +273,15 @@ void apply_small(const at::Tensor& x, const at::Tensor& score, const std::option
   const int64_t n = x.size(0), d = x.size(1);
   const ApplyParams<In> ap{pointer<In>(x), pointer<In>(score), mutable_pointer<In>(phi), n, d, pointer<double>(gram),
                            h_given ? pointer<double>(*h_given) : nullptr, kBandwidthFloor, finite};
+  if constexpr (sizeof(compute_t<In>) == 4) {
+    if (gram_streams<In>({ap.x, ap.score}, d, dev)) {
+      auto run = [&](auto kernel) { launch(kernel, stream_grid<In>(d, dev), kStreamThreads, kStreamSharedBytes, dev, ap); };
+      if (n <= 4) run(&apply_stream_kernel<In, 4>);
+      else if (n <= 8) run(&apply_stream_kernel<In, 8>);
+      else run(&apply_stream_kernel<In, 16>);
+      return;
+    }
+  }
   // one wave: 512 columns per thread block and pass, at most as many blocks as fit at once
   auto run = [&](auto kernel, int ctas_per_sm) {
     launch(kernel, grid_size(std::min<int64_t>((d + 511) / 512, int64_t{ctas_per_sm} * dev.sms)), 256, 0, dev, ap);

@@ -19,3 +19,12 @@ TORCH_LIBRARY(bmt_fast_cuda_emulated, m) {
 }
 
 TORCH_LIBRARY_IMPL(bmt_fast_cuda_emulated, CPU, m) { bmt_fast::cuda::register_kernels(m); }
+
+// The dynamic shared memory of each launch since the last call, in order; clears the record.
+static std::vector<int64_t> take_launches() {
+  std::vector<int64_t> taken(emu::launch_record().begin(), emu::launch_record().end());
+  emu::launch_record().clear();
+  return taken;
+}
+
+TORCH_LIBRARY_FRAGMENT(bmt_fast_cuda_emulated, m) { m.def("take_launches() -> int[]", &take_launches); }

@@ -196,9 +196,16 @@ inline void run_block(dim3 block, size_t shared_bytes, const std::function<void(
   if (!b.error.empty()) throw std::runtime_error("CUDA emulator: " + b.error);
 }
 
+// The dynamic shared memory of every launch, in order (the tests tell the kernels apart by it).
+inline std::vector<long long>& launch_record() {
+  static std::vector<long long> record;
+  return record;
+}
+
 // kernel<<<grid, block, shared_bytes>>>(args...) on the CPU.
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, const Args&... args) {
+  launch_record().push_back(static_cast<long long>(shared_bytes));
   const std::string order = env_or("BMT_FAST_EMULATE_ORDER", "forward");
   const std::string copies = env_or("BMT_FAST_EMULATE_CP_ASYNC", "deferred");
   if (order != "forward" && order != "reverse" && order != "shuffle")
@@ -248,6 +255,8 @@ inline void check_full_mask(unsigned mask) {
 // ---- cp.async ------------------------------------------------------------------------------------
 
 inline void cp_async(void* dst, const void* src, int bytes) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % bytes != 0 || reinterpret_cast<std::uintptr_t>(src) % bytes != 0)
+    fail("cp.async of " + std::to_string(bytes) + " bytes needs addresses aligned to them");
   if (current_block()->immediate_copies) {
     std::memcpy(dst, src, bytes);
   } else {
