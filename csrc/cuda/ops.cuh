@@ -46,12 +46,26 @@ struct Device {
 #endif
   int sms = 1;    // multiprocessors: sizes the split-K and grid-stride grids
   int major = 0;  // compute capability
-  int device = 0;  // its index
+  // BMT_FAST_CUDA_GRAM=streamed and the device has their shared memory (H100 / H200: 227 KB a block; A100 163 KB
+  // and smaller GPUs keep the register kernels): the prompt regime's streamed kernels (gram_streams)
+  bool stream_gram = false;
   int64_t workspace_bytes = kBlockedWorkspaceBytes;  // the row-block path's (rows x n) buffer, at most
 };
 
+// The prompt-regime kernels (n + m <= kGramRegisterRows): "registers" (gram_small_kernel / apply_small_kernel,
+// measured, the default) or "streamed" (gram_stream_kernel / apply_stream_kernel: columns through shared
+// memory by cp.async; not yet measured on a GPU). BMT_FAST_CUDA_GRAM, read at each call.
+inline bool streamed_gram_asked() {
+  const char* env = std::getenv("BMT_FAST_CUDA_GRAM");
+  if (env == nullptr || *env == '\0' || std::string_view(env) == "registers") return false;
+  BMT_CHECK(std::string_view(env) == "streamed", "BMT_FAST_CUDA_GRAM must be \"registers\" or \"streamed\", got \"",
+            env, "\"");
+  return true;
+}
+
 inline Device launch_device(const at::Tensor& x) {
   Device dev;
+  dev.stream_gram = streamed_gram_asked();
 #ifdef BMT_FAST_EMULATE
   (void)x;
   const char* sms = std::getenv("BMT_FAST_EMULATE_SMS");
@@ -60,7 +74,6 @@ inline Device launch_device(const at::Tensor& x) {
   if (const char* bytes = std::getenv("BMT_FAST_EMULATE_WORKSPACE_BYTES")) dev.workspace_bytes = std::atoll(bytes);
 #else
   const int index = x.get_device();
-  dev.device = index;
   int minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, index));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.major, cudaDevAttrComputeCapabilityMajor, index));
@@ -68,7 +81,12 @@ inline Device launch_device(const at::Tensor& x) {
   BMT_CHECK(dev.major >= 8, "the CUDA kernels need compute capability 8.0 or newer, device ", num(int64_t{index}),
             " has ", num(int64_t{dev.major}), ".", num(int64_t{minor}));
   dev.stream = c10::cuda::getCurrentCUDAStream(index).stream();
-#endif
+  if (dev.stream_gram) {
+    int shared = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+    dev.stream_gram = shared >= kStreamSharedBytes + 8 * 1024;  // the kernels' static shared memory: under 8 KB
+  }
+#endif  // the emulator stands for an sm_90 device: room for them
   return dev;
 }
 
@@ -174,35 +192,14 @@ inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
 
 // ---- Gram path ----------------------------------------------------------------------------------------
 
-// The prompt-regime kernels (n + m <= kGramRegisterRows): "registers" (gram_small_kernel / apply_small_kernel,
-// measured, the default) or "streamed" (gram_stream_kernel / apply_stream_kernel: columns through shared
-// memory by cp.async; not yet measured on a GPU). BMT_FAST_CUDA_GRAM, read at each call.
-enum class GramKernels { kRegisters, kStreamed };
-
-inline GramKernels gram_kernels_asked() {
-  const char* env = std::getenv("BMT_FAST_CUDA_GRAM");
-  if (env == nullptr || *env == '\0' || std::string_view(env) == "registers") return GramKernels::kRegisters;
-  BMT_CHECK(std::string_view(env) == "streamed", "BMT_FAST_CUDA_GRAM must be \"registers\" or \"streamed\", got \"",
-            env, "\"");
-  return GramKernels::kStreamed;
-}
-
-// Whether the streamed kernels take rows of d features at these base addresses: asked for, an fp32 compute type,
-// every row 16-byte aligned (cp.async copies 16 bytes), and the device has the shared memory (H100 / H200:
-// 227 KB a block; A100 163 KB and smaller GPUs keep the register kernels).
+// Whether the streamed kernels take rows of d features at these base addresses: asked for on a device with the
+// shared memory (Device::stream_gram), an fp32 compute type, every row 16-byte aligned (cp.async copies 16 bytes).
 template <typename In>
 bool gram_streams(std::initializer_list<const void*> bases, int64_t d, const Device& dev) {
-  if (sizeof(compute_t<In>) != 4 || (d * static_cast<int64_t>(sizeof(In))) % 16 != 0) return false;
+  if (!dev.stream_gram || sizeof(compute_t<In>) != 4 || (d * static_cast<int64_t>(sizeof(In))) % 16 != 0) return false;
   for (const void* base : bases)
     if (reinterpret_cast<std::uintptr_t>(base) % 16 != 0) return false;
-  if (gram_kernels_asked() != GramKernels::kStreamed) return false;
-  int shared = 227 * 1024;  // the emulator stands for an sm_90 device
-#ifndef BMT_FAST_EMULATE
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev.device));
-#else
-  (void)dev;
-#endif
-  return shared >= kStreamSharedBytes + 8 * 1024;  // the kernels' static shared memory: under 8 KB
+  return true;
 }
 
 // One CTA per SM, at most one per 16-byte piece of a row (each takes an equal share of the pieces).
