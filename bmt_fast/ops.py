@@ -203,15 +203,6 @@ def median_bandwidth(
         return chosen.median_bandwidth(x2)
 
 
-# The self kernel's backward symmetrises its weights (_rbf_backward) up to this many particles, and beyond
-# them where the features outnumber the particles this many times; fp32 / fp64 particles on the CPU also up
-# to _SYMMETRISED_CPU_MAX_PARTICLES from _SYMMETRISED_CPU_MIN_FEATURES features.
-_SYMMETRISED_MAX_PARTICLES = 64
-_SYMMETRISED_MIN_FEATURES_PER_PARTICLE = 4
-_SYMMETRISED_CPU_MAX_PARTICLES = 2048
-_SYMMETRISED_CPU_MIN_FEATURES = 64
-
-
 def _rbf_kernel_setup_context(ctx, inputs, output):
     x, y, h = inputs
     ctx.self_kernel = x is y
@@ -223,31 +214,15 @@ def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
     need_x, _, need_h = needs
     if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
         return _rbf_backward_differentiable(grad, x, y, h, self_kernel, needs)
-    backward = torch.ops.bmt_fast.rbf_kernel_backward
-    n, d = x.shape[0], x[0].numel()
-    wide_cpu = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and n <= _SYMMETRISED_CPU_MAX_PARTICLES and d >= _SYMMETRISED_CPU_MIN_FEATURES)
-    if self_kernel and need_x and (n <= _SYMMETRISED_MAX_PARTICLES or
-                                   n * _SYMMETRISED_MIN_FEATURES_PER_PARTICLE <= d or wide_cpu):
-        # y is x: autograd would add x's two row gradients. K is symmetric, so one pass with the
-        # symmetrised weights grad + grad^T gives their sum (one n x d result instead of two and their
-        # sum; 2-core Xeon, 16 x 409,600 fp32: 6.1-11.5 -> 3.8-5.8 ms). Where the n x n weights are small
-        # beside the n x d passes: at n = 2048, d = 16 the transposed add cost more than it saved (17-22 ->
-        # 41-49 ms), and bf16 4096 x 512 went 29-32 -> 128-130 ms; with d >= 4 n it gains (alternating,
-        # 2-core Xeon, AMX for bf16): bf16 256 x 76,800 50-56 -> 29-33 ms, 1024 x 8192 46-47 -> 27 ms,
-        # 512 x 2048 3.5-4.4 -> 2.2-2.3 ms; fp32 256 x 76,800 102-104 -> 52-55 ms, 512 x 2048 7.3-7.6 ->
-        # 3.9-4.0 ms. fp32 / fp64 on the CPU (wide_cpu), where the backward's GEMMs take longer than the add:
-        # 2-core Xeon VM (CPUID model 167), fp32, forward and backward of K.sum(), PASSIVE, two outputs ->
-        # symmetrised (ms): 512 x 128 2.34-2.36 -> 1.88-1.92, 1024 x 64 4.17-4.20 -> 3.43-4.01, 1024 x 128
-        # 5.07 -> 3.93, 1024 x 768 19.4 -> 14.9, 1500 x 64 7.3-7.7 -> 6.0-6.2, 2048 x 64 12.1-12.4 -> 9.5-9.6,
-        # 2048 x 512 45 -> 36; below 64 features mixed (1024 x 16 2.6-3.0 -> 3.3-3.6, 2048 x 16 8.0-8.2 ->
-        # 7.0-7.3), beyond 2048 particles level or slower (3000 x 128 32-33 both, 4096 x 64 41 -> 47).
-        # The symmetrised weights double H's gradient (sum P log K over a symmetric K): halved, exactly.
-        grad_x, _, grad_h = backward(grad + grad.mT, x, x, k, h, [True, False, need_h])
-        return grad_x, None, grad_h / 2 if need_h else None
+    if self_kernel and need_x:
+        # y is x: autograd would add x's two row gradients; this op gives their sum (on the CPU in one pass
+        # with the weights grad + grad^T formed a block at a time: K is symmetric; on other devices by the
+        # rule of csrc/registration.cpp, rbf_kernel_self_backward_composite).
+        grad_x, grad_h = torch.ops.bmt_fast.rbf_kernel_self_backward(grad, x, k, h, [True, need_h])
+        return grad_x, None, grad_h
     # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
     # prior, one prompt against constant particles and a constant H, that is grad_x alone.
-    return backward(grad, x, y, k, h, list(needs))
+    return torch.ops.bmt_fast.rbf_kernel_backward(grad, x, y, k, h, list(needs))
 
 
 def _rbf_backward_differentiable(grad, x, y, h, self_kernel: bool, needs) -> tuple:

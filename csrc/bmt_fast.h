@@ -153,6 +153,13 @@ inline double read_bandwidth(const at::Tensor& h) {
   return value;
 }
 
+// rbf_kernel_self_backward on any device without its own kernel (registration.cpp), and the CPU's outside
+// its general path: through rbf_kernel_backward, with grad + grad^T or with both of its gradients.
+std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward_composite(const at::Tensor& grad, const at::Tensor& x,
+                                                                      const at::Tensor& kernel,
+                                                                      const at::Tensor& bandwidth,
+                                                                      std::array<bool, 2> output_mask);
+
 namespace cpu {
 // Largest n for which "auto" takes the Gram path on CPU (few particles, huge d); see benchmarks/results.
 // With many features more: up to kGramWideMaxParticles where n^2 <= 8 d (svgd_cpu.cpp, gram_max_particles).
@@ -188,6 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
                                                                    const at::Tensor& y, const at::Tensor& kernel,
                                                                    const at::Tensor& bandwidth,
                                                                    std::array<bool, 3> output_mask);
+// rbf_kernel_self_backward: (grad_x, grad_bandwidth) of K = rbf_kernel(x, x, H), x on both sides.
+std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& kernel, const at::Tensor& bandwidth,
+                                                            std::array<bool, 2> output_mask);
 at::Tensor median_bandwidth(const at::Tensor& x, std::string_view algorithm);
 // (rbf_kernel(x, x, H), H) with H = median_bandwidth(x, "auto"), the same values; few particles: one pass.
 std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x);

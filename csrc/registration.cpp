@@ -72,7 +72,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward_meta(const at
   return {like(output_mask[0], x), like(output_mask[1], y), like(output_mask[2], bandwidth)};
 }
 
-// ---- autograd: svgd_step, svgd_step_into, median_bandwidth and rbf_kernel_backward are not differentiable
+std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward_meta(const at::Tensor& grad, const at::Tensor& x,
+                                                                 const at::Tensor& kernel, const at::Tensor& bandwidth,
+                                                                 std::array<bool, 2> output_mask) {
+  check_rbf_kernel_backward_args(grad, x, x, kernel, bandwidth);
+  const auto like = [](bool wanted, const at::Tensor& t) {
+    return wanted ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::Tensor();
+  };
+  return {like(output_mask[0], x), like(output_mask[1], bandwidth)};
+}
+
+// ---- autograd: svgd_step, svgd_step_into, median_bandwidth and the two backward ops are not differentiable
 // (rbf_kernel and rbf_kernel_median get their formulas in Python: bmt_fast/ops.py). Without a kernel for
 // the Autograd key, torch's fallback gave their results requires_grad=True and a backward that left the
 // gradients None with a warning, and svgd_step_into's writes to out did not bump out's version counter,
@@ -91,6 +101,8 @@ using SvgdStepIntoSig = at::Tensor(const at::Tensor&, const at::Tensor&, const s
 using MedianSig = at::Tensor(const at::Tensor&, c10::string_view);
 using RbfBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>);
+using RbfSelfBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              const at::Tensor&, std::array<bool, 2>);
 
 // The op of signature Sig named `name`, called below autograd: not differentiable.
 template <typename Sig, const char* kName>
@@ -106,6 +118,7 @@ struct NoGrad<R(Args...), kName> {
 constexpr char kSvgdStep[] = "bmt_fast::svgd_step";
 constexpr char kMedianBandwidth[] = "bmt_fast::median_bandwidth";
 constexpr char kRbfKernelBackward[] = "bmt_fast::rbf_kernel_backward";
+constexpr char kRbfKernelSelfBackward[] = "bmt_fast::rbf_kernel_self_backward";
 
 // svgd_step_into for the Autograd and ADInplaceOrView keys: an out that autograd tracks is refused (as
 // torch's out= functions do), and out's version counter is bumped after the write (inference mode on a
@@ -127,6 +140,37 @@ at::Tensor svgd_step_into_tracked(const at::Tensor& x, const at::Tensor& score,
 }
 
 }  // namespace
+
+// The self kernel's backward symmetrises its weights up to kSelfSymmetrisedMaxParticles particles, and beyond
+// them where the features outnumber the particles kSelfSymmetrisedMinFeaturesPerParticle times: x's two
+// gradients' sum in one pass with grad + grad^T (K is symmetric) instead of two n x d results and their sum
+// (2-core Xeon, 16 x 409,600 fp32: 6.1-11.5 -> 3.8-5.8 ms). Elsewhere the n x n weights are large beside
+// the passes over the features, and their transposed add in memory cost more than it saved (2-core Xeon:
+// 2048 x 16 fp32 17-22 -> 41-49 ms, bf16 4096 x 512 on AMX 29-32 -> 128-130 ms); with d >= 4 n it gains
+// (alternating, AMX for bf16): bf16 256 x 76,800 50-56 -> 29-33 ms, 1024 x 8192 46-47 -> 27 ms, 512 x 2048
+// 3.5-4.4 -> 2.2-2.3 ms; fp32 256 x 76,800 102-104 -> 52-55 ms, 512 x 2048 7.3-7.6 -> 3.9-4.0 ms. (Measured on
+// the CPU, where this rule ran before; not yet on a GPU. The CPU's general path now forms grad + grad^T a
+// block at a time instead: rbf_kernel_backward_blocked in csrc/cpu/svgd_cpu.cpp.)
+constexpr int64_t kSelfSymmetrisedMaxParticles = 64;
+constexpr int64_t kSelfSymmetrisedMinFeaturesPerParticle = 4;
+
+std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward_composite(const at::Tensor& grad, const at::Tensor& x,
+                                                                      const at::Tensor& kernel,
+                                                                      const at::Tensor& bandwidth,
+                                                                      std::array<bool, 2> output_mask) {
+  check_rbf_kernel_backward_args(grad, x, x, kernel, bandwidth);
+  static const auto backward = op_handle<RbfBackwardSig>(kRbfKernelBackward);
+  const auto [want_x, want_h] = output_mask;
+  const int64_t n = x.size(0), d = x.size(1);
+  if (want_x && (n <= kSelfSymmetrisedMaxParticles || n * kSelfSymmetrisedMinFeaturesPerParticle <= d)) {
+    // The symmetrised weights double H's gradient (sum P log K over a symmetric K): halved, exactly.
+    auto [grad_x, unused, grad_h] = backward.call(grad + grad.mT(), x, x, kernel, bandwidth, {true, false, want_h});
+    return {grad_x, want_h ? grad_h.div_(2) : grad_h};
+  }
+  auto [grad_x, grad_y, grad_h] = backward.call(grad, x, x, kernel, bandwidth, {want_x, want_x, want_h});
+  return {want_x ? grad_x.add_(grad_y) : grad_x, grad_h};
+}
+
 }  // namespace bmt_fast
 
 TORCH_LIBRARY(bmt_fast, m) {
@@ -142,6 +186,10 @@ TORCH_LIBRARY(bmt_fast, m) {
   m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth, bool[3] output_mask)"
         " -> (Tensor, Tensor, Tensor)",
         tags);
+  // rbf_kernel_backward of K = rbf_kernel(x, x, H) for x on both sides: x's gradient is the sum of the two.
+  m.def("rbf_kernel_self_backward(Tensor grad, Tensor x, Tensor kernel, Tensor bandwidth, bool[2] output_mask)"
+        " -> (Tensor, Tensor)",
+        tags);
 }
 
 TORCH_LIBRARY_IMPL(bmt_fast, Meta, m) {
@@ -150,11 +198,13 @@ TORCH_LIBRARY_IMPL(bmt_fast, Meta, m) {
   m.impl("median_bandwidth", &bmt_fast::median_bandwidth_meta);
   m.impl("rbf_kernel", &bmt_fast::rbf_kernel_meta);
   m.impl("rbf_kernel_backward", &bmt_fast::rbf_kernel_backward_meta);
+  m.impl("rbf_kernel_self_backward", &bmt_fast::rbf_kernel_self_backward_meta);
 }
 
 TORCH_LIBRARY_IMPL(bmt_fast, CompositeExplicitAutograd, m) {
   m.impl("svgd_step_into", &bmt_fast::svgd_step_into_composite);
   m.impl("rbf_kernel_median", &bmt_fast::rbf_kernel_median_composite);
+  m.impl("rbf_kernel_self_backward", &bmt_fast::rbf_kernel_self_backward_composite);
 }
 
 TORCH_LIBRARY_IMPL(bmt_fast, Autograd, m) {
@@ -162,6 +212,8 @@ TORCH_LIBRARY_IMPL(bmt_fast, Autograd, m) {
   m.impl("svgd_step_into", &bmt_fast::svgd_step_into_tracked);
   m.impl("median_bandwidth", &bmt_fast::NoGrad<bmt_fast::MedianSig, bmt_fast::kMedianBandwidth>::call);
   m.impl("rbf_kernel_backward", &bmt_fast::NoGrad<bmt_fast::RbfBackwardSig, bmt_fast::kRbfKernelBackward>::call);
+  m.impl("rbf_kernel_self_backward",
+         &bmt_fast::NoGrad<bmt_fast::RbfSelfBackwardSig, bmt_fast::kRbfKernelSelfBackward>::call);
 }
 
 TORCH_LIBRARY_IMPL(bmt_fast, ADInplaceOrView, m) { m.impl("svgd_step_into", &bmt_fast::svgd_step_into_tracked); }

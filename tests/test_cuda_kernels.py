@@ -667,6 +667,10 @@ def test_opcheck_on_cuda(gpu, algorithm):
     grad = torch.randn(9, 4, dtype=torch.float64, device="cuda")
     for mask in ([True, True, True], [True, False, False]):
         torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_backward.default, (grad, x, y, k, h, mask))
+    k_self = torch.ops.bmt_fast.rbf_kernel(x, x, h)  # (the CompositeExplicitAutograd rule on CUDA)
+    for mask in ([True, True], [True, False]):
+        torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_self_backward.default,
+                              (torch.randn(9, 9, dtype=torch.float64, device="cuda"), x, k_self, h, mask))
 
 
 def test_torch_compile_on_cuda(gpu):

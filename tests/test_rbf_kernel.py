@@ -351,31 +351,96 @@ def test_gradients_match_reference_autograd(cpu_backend):
         assert relative_error(g, e) < 1e-10
 
 
-@pytest.mark.parametrize("n, d", [(70, 280), (70, 63), (300, 1200), (70, 64), (2048, 64), (2049, 64)])
-def test_self_kernel_gradient_with_many_features_is_one_symmetrised_pass(cpu_backend, n, d, monkeypatch):
-    """Beyond 64 particles the self kernel's backward symmetrises its weights where d >= 4 n, and for fp32 /
-    fp64 particles on the CPU up to 2048 particles from 64 features (one pass over the features instead of
-    two; 70 x 280, 300 x 1200, 70 x 64 and 2048 x 64 do, 70 x 63 and 2049 x 64 do not): x's gradient and
-    H's as the reference's autograd gives them, and the op called once with y's gradient left out."""
+@pytest.mark.parametrize("n, d", [(70, 280), (70, 63), (300, 1200), (70, 64), (2049, 16), (40, 7), (100, 4200)])
+def test_self_kernel_gradient_is_one_call_of_the_self_backward_op(cpu_backend, n, d, monkeypatch):
+    """A self kernel's backward is one call of rbf_kernel_self_backward (x's two gradients summed by the
+    op), with H's gradient asked for: x's and H's gradients as the reference's autograd gives them. The
+    CPU's paths: direct differences (40 x 7), the feature chunks (100 x 4200), the general path's blocks
+    of symmetrised weights (70 x 63 ... 2049 x 16)."""
     torch.manual_seed(n + d)
     x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
     h = torch.tensor(0.8 * d, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(n, n, dtype=torch.float64)
-    masks = []
-    backward = torch.ops.bmt_fast.rbf_kernel_backward
+    calls = []
+    self_backward, backward = torch.ops.bmt_fast.rbf_kernel_self_backward, torch.ops.bmt_fast.rbf_kernel_backward
 
-    def recording(*args):
-        masks.append(list(args[-1]))
-        return backward(*args)
+    def recording(op, name):
+        return lambda *args: calls.append((name, list(args[-1]))) or op(*args)
 
-    monkeypatch.setattr(torch.ops.bmt_fast, "rbf_kernel_backward", recording)
+    monkeypatch.setattr(torch.ops.bmt_fast, "rbf_kernel_self_backward", recording(self_backward, "self"))
+    monkeypatch.setattr(torch.ops.bmt_fast, "rbf_kernel_backward", recording(backward, "two sets"))
     grads = torch.autograd.grad((bmt_fast.rbf_kernel(x, None, h, backend=cpu_backend) * weights).sum(), (x, h))
     expected = torch.autograd.grad((reference.rbf_kernel(x, None, h) * weights).sum(), (x, h))
     for g, e in zip(grads, expected):
         assert relative_error(g, e) < 1e-10
     if cpu_backend == "cpu":
-        symmetrised = 4 * n <= d or (n <= 2048 and d >= 64)
-        assert masks == [[True, False, True] if symmetrised else [True, True, True]]
+        assert calls == [("self", [True, True])]
+
+
+def self_backward_expected(grad, x, h):
+    """float64 (x's gradient, H's gradient) of sum(grad * K(x, x)) for K as the reference computes it."""
+    leaf = x.detach().double().requires_grad_(True)
+    hh = torch.tensor(float(h), dtype=torch.float64, requires_grad=True)
+    return torch.autograd.grad((reference.rbf_kernel(leaf, None, hh) * grad.double()).sum(), (leaf, hh))
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n, d", [(3, 5), (64, 10), (65, 260), (65, 259), (200, 16), (300, 1), (100, 4200), (1100, 33)])
+@pytest.mark.parametrize("grad_kind", ["dense", "transposed", "ones", "row"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_self_backward_op_on_every_path_and_the_device_independent_rule(n, d, grad_kind, dtype):
+    """rbf_kernel_self_backward(grad, x, K, H) = the float64 gradients of sum(grad * K(x, x)) in x (both
+    sides) and H, on the CPU kernel's paths (direct differences up to 64 particles, the feature chunks at
+    100 x 4200, the general path's blocks of grad + grad^T, several blocks at 1100 x 33) and in the rule
+    that devices without their own kernel take (CompositeExplicitAutograd: grad + grad^T up to 64 particles
+    or from 4 n features, 65 x 260; both of rbf_kernel_backward's gradients summed beyond, 65 x 259, 200 x
+    16; the CPU's too for a dense grad with one feature, 300 x 1). Gradients of any layout: dense, a
+    transposed view (read as its transpose), autograd's expanded ones of K.sum() (strides 0: x's gradient
+    doubled), an expanded row (strides 0 and 1); each output alone is the pair's."""
+    torch.manual_seed(n + d)
+    x = torch.randn(n, d, dtype=dtype)
+    h = torch.tensor(0.6 * d, dtype=dtype)
+    k = torch.ops.bmt_fast.rbf_kernel(x, x, h)
+    grad = {"dense": lambda: torch.randn(n, n, dtype=dtype), "transposed": lambda: torch.randn(n, n, dtype=dtype).T,
+            "ones": lambda: torch.ones((), dtype=dtype).expand(n, n),
+            "row": lambda: torch.randn(n, dtype=dtype).expand(n, n)}[grad_kind]()  # fmt: skip
+    want_x, want_h = self_backward_expected(grad, x, h)
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    # H's gradient sums terms of both signs: its errors are relative to the sum of their sizes
+    log_k = k.double().clamp_min(torch.finfo(dtype).tiny).log()
+    h_terms = float(((grad.double().abs() + grad.double().abs().T) * k.double() * log_k.abs()).sum()) / float(h)
+    op = torch.ops.bmt_fast.rbf_kernel_self_backward.default
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    for call in (op, functools.partial(op.redispatch, composite)):
+        gx, gh = call(grad, x, k, h, [True, True])
+        assert gx.dtype == dtype and gx.shape == x.shape and gh.dtype == dtype and gh.shape == h.shape
+        assert relative_error(gx, want_x) < tol and abs(float(gh) - float(want_h)) <= tol * h_terms
+        only_x, none = call(grad, x, k, h, [True, False])
+        none_x, only_h = call(grad, x, k, h, [False, True])
+        assert none is None and none_x is None
+        # (H's: the same sum, in another order where x's gradient is not computed beside it)
+        assert torch.equal(only_x, gx) and abs(float(only_h) - float(gh)) <= 8 * torch.finfo(dtype).eps * h_terms
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_self_backward_op_of_half_particles(dtype):
+    """16-bit particles on the general path: K and grad widened to fp32 before any product, x's gradient in
+    the particles' type within a few roundings of float64 on the same inputs; H's in fp32 sums."""
+    torch.manual_seed(7)
+    x = torch.randn(300, 24).to(dtype)
+    h = torch.tensor(20.0, dtype=dtype)
+    k = torch.ops.bmt_fast.rbf_kernel(x, x, h)
+    grad = torch.randn(300, 300).to(dtype)
+    gx, gh = torch.ops.bmt_fast.rbf_kernel_self_backward(grad, x, k, h, [True, True])
+    # float64 on the values the op was given (K as computed, not recomputed)
+    p = ((grad.double() + grad.double().T) * k.double()).fill_diagonal_(0)
+    want_x = -2 / float(h) * (p.sum(1, keepdim=True) * x.double() - p @ x.double())
+    log_k = k.double().clamp_min(torch.finfo(torch.float32).tiny).log()
+    want_h = -float((p * log_k).sum()) / 2 / float(h)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert gx.dtype == dtype and relative_error(gx.double(), want_x) < 4 * ulp
+    assert gh.dtype == dtype and abs(float(gh) - want_h) <= 4 * ulp * abs(want_h)
 
 
 @pytest.mark.parametrize("n, m, d", [(7, 5, 300), (70, 60, 50), (6, None, 1000), (100, None, 4200),
@@ -600,6 +665,10 @@ def test_opcheck_rbf_kernel_ops():
     grad = torch.randn(5, 4, dtype=torch.float64)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
         torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_backward.default, (grad, x.detach(), y.detach(), k, h, mask))
+    k_self = torch.ops.bmt_fast.rbf_kernel(x.detach(), x.detach(), h)
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(torch.ops.bmt_fast.rbf_kernel_self_backward.default,
+                              (torch.randn(5, 5, dtype=torch.float64), x.detach(), k_self, h, mask))
 
 
 @requires_cpu_extension
