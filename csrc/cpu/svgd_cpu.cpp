@@ -2846,8 +2846,9 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_blocked(const at:
   at::Tensor colsum = want_y ? at::zeros({m, 1}, xc.options()) : at::Tensor();
   double p_log_k = 0.0;
   const int64_t block = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(m, 1));  // ~2^20 values
-  at::Tensor p_buffer = at::empty({std::min(block, n), m}, xc.options());  // reused: no fresh pages per block
-  at::Tensor log_buffer = want_h ? at::empty_like(p_buffer) : at::Tensor();
+  // reused across the blocks, and (4 MiB at most: the huge-page allocator's) across calls: no fresh pages
+  at::Tensor p_buffer = empty_large({std::min(block, n), m}, xc.options());
+  at::Tensor log_buffer = want_h ? empty_large(p_buffer.sizes(), xc.options()) : at::Tensor();
   for (int64_t r0 = 0; r0 < n; r0 += block) {
     const int64_t rows = std::min(block, n - r0);
     const at::Tensor k = kernel.narrow(0, r0, rows).to(acc);  // 16-bit values widened first (no copy otherwise)
