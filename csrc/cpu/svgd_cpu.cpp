@@ -2846,7 +2846,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_blocked(const at:
   at::Tensor colsum = want_y ? at::zeros({m, 1}, xc.options()) : at::Tensor();
   double p_log_k = 0.0;
   const int64_t block = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(m, 1));  // ~2^20 values
-  // reused across the blocks, and (4 MiB at most: the huge-page allocator's) across calls: no fresh pages
+  // reused across the blocks, and (the huge-page allocator's: up to 2^20 values) across calls: no fresh pages
   at::Tensor p_buffer = empty_large({std::min(block, n), m}, xc.options());
   at::Tensor log_buffer = want_h ? empty_large(p_buffer.sizes(), xc.options()) : at::Tensor();
   for (int64_t r0 = 0; r0 < n; r0 += block) {
