@@ -61,25 +61,24 @@ at::Tensor rbf_kernel_meta(const at::Tensor& x, const at::Tensor& y, const at::T
   return at::empty_symint({x.sym_size(0), y.sym_size(0)}, x.options());
 }
 
+// An empty tensor like t where an output mask asks for it, else undefined (None).
+at::Tensor empty_like_if(bool wanted, const at::Tensor& t) {
+  return wanted ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::Tensor();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward_meta(const at::Tensor& grad, const at::Tensor& x,
                                                                         const at::Tensor& y, const at::Tensor& kernel,
                                                                         const at::Tensor& bandwidth,
                                                                         std::array<bool, 3> output_mask) {
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
-  const auto like = [](bool wanted, const at::Tensor& t) {
-    return wanted ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::Tensor();
-  };
-  return {like(output_mask[0], x), like(output_mask[1], y), like(output_mask[2], bandwidth)};
+  return {empty_like_if(output_mask[0], x), empty_like_if(output_mask[1], y), empty_like_if(output_mask[2], bandwidth)};
 }
 
 std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward_meta(const at::Tensor& grad, const at::Tensor& x,
                                                                  const at::Tensor& kernel, const at::Tensor& bandwidth,
                                                                  std::array<bool, 2> output_mask) {
   check_rbf_kernel_backward_args(grad, x, x, kernel, bandwidth);
-  const auto like = [](bool wanted, const at::Tensor& t) {
-    return wanted ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::Tensor();
-  };
-  return {like(output_mask[0], x), like(output_mask[1], bandwidth)};
+  return {empty_like_if(output_mask[0], x), empty_like_if(output_mask[1], bandwidth)};
 }
 
 // ---- autograd: svgd_step, svgd_step_into, median_bandwidth and the two backward ops are not differentiable

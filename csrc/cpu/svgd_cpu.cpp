@@ -2810,6 +2810,16 @@ void symmetrised_weights(const at::Tensor& a, const at::Tensor& b, const at::Ten
   });
 }
 
+// grad is one value everywhere as laid out (autograd's expanded ones of K.sum(): strides 0): its own transpose.
+bool constant_grad(const at::Tensor& grad) { return grad.stride(0) == 0 && grad.stride(1) == 0; }
+
+// H's gradient as bandwidth has it (its dtype and shape), from the float64 sum.
+at::Tensor bandwidth_grad(double value, const at::Tensor& bandwidth) {
+  return at::scalar_tensor(value, bandwidth.options().dtype(at::kDouble))
+      .to(bandwidth.scalar_type())
+      .reshape(bandwidth.sizes());
+}
+
 // rbf_kernel_backward's general path (many pairs, no AMX, not the feature chunks). P is formed a block of
 // rows at a time and used while it is in cache: no n x m temporary at all (at n ~ 10^3..10^4 the five it
 // made, paged in fresh and streamed through memory, set the time: n = m = 4096, d = 64 on a 2-core Xeon VM
@@ -2827,7 +2837,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_blocked(const at:
                                                                        bool symmetrised) {
   const bool self = y.is_same(x);
   TORCH_INTERNAL_ASSERT(!symmetrised || (self && !want_y));
-  const bool doubled = symmetrised && grad.stride(0) == 0 && grad.stride(1) == 0;
+  const bool doubled = symmetrised && constant_grad(grad);
   // grad + grad^T is grad^T + grad: grad's rows are read where they run along its memory
   const at::Tensor g = symmetrised && grad.stride(0) < grad.stride(1) ? grad.t() : grad;
   const int64_t n = x.size(0), m = y.size(0);
@@ -2881,10 +2891,6 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_blocked(const at:
   return {grad_x, grad_y, -(symmetrised && !doubled ? p_log_k / 2 : p_log_k) / h};
 }
 
-}  // namespace
-
-namespace {
-
 // The smallest normal number of the accumulation type: K is clamped there for its log (H's gradient).
 // Where K underflowed to 0, P is 0 too, and 0 * log(tiny) adds nothing (0 * log 0 would be NaN).
 double log_clamp(at::ScalarType acc) {
@@ -2932,10 +2938,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
   if (path == BackwardPath::kDirect) {
     const at::Tensor k = kernel.to(at::kDouble).contiguous();
     const at::Tensor p = grad.to(at::kDouble) * k;
-    if (want_h) {
-      const double p_log_k = (p * k.clamp_min(tiny).log()).sum().item<double>();
-      grad_h = at::scalar_tensor(-p_log_k / h, x.options().dtype(at::kDouble));
-    }
+    if (want_h) grad_h = bandwidth_grad(-(p * k.clamp_min(tiny).log()).sum().item<double>() / h, bandwidth);
     if (want_x || want_y) {
       const at::Tensor xs = x.contiguous(), ys = self ? xs : y.contiguous();
       const at::Tensor scaled = (p * (-2.0 / h)).to(acc).contiguous();
@@ -2961,9 +2964,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
       std::tie(grad_x, grad_y, h_grad) =
           rbf_kernel_backward_blocked(grad, x, y, kernel, h, want_x, want_y, want_h, acc, tiny, /*symmetrised=*/false);
     }
-    if (want_h) grad_h = at::scalar_tensor(h_grad, x.options().dtype(at::kDouble));
+    if (want_h) grad_h = bandwidth_grad(h_grad, bandwidth);
   }
-  if (want_h) grad_h = grad_h.to(bandwidth.scalar_type()).reshape(bandwidth.sizes());
   return {grad_x, grad_y, grad_h};
 }
 
@@ -2983,9 +2985,8 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward(const at::Tensor& gr
   // products are matrix-vector products, at memory speed), so a dense grad there keeps the two outputs.
   // The other paths' n x n weights are small beside their passes over the features: the rule of the
   // devices without their own kernel.
-  const bool constant = grad.stride(0) == 0 && grad.stride(1) == 0;
   if (!want_x || backward_path(grad, x, x, kernel, true) != BackwardPath::kBlocked ||
-      (!constant && x.size(1) < kSymmetrisedDenseMinFeatures))
+      (!constant_grad(grad) && x.size(1) < kSymmetrisedDenseMinFeatures))
     return rbf_kernel_self_backward_composite(grad, x, kernel, bandwidth, output_mask);
   const SerialIfSmall serial(kernel.size(0), kernel.size(1), x.size(1));
   const double h = read_bandwidth(bandwidth);
@@ -2993,11 +2994,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward(const at::Tensor& gr
   auto [grad_x, unused, h_grad] = rbf_kernel_backward_blocked(grad, x, x, kernel, h, /*want_x=*/true,
                                                              /*want_y=*/false, want_h, acc, log_clamp(acc),
                                                              /*symmetrised=*/true);
-  const at::Tensor grad_h = want_h ? at::scalar_tensor(h_grad, x.options().dtype(at::kDouble))
-                                         .to(bandwidth.scalar_type())
-                                         .reshape(bandwidth.sizes())
-                                   : at::Tensor();
-  return {grad_x, grad_h};
+  return {grad_x, want_h ? bandwidth_grad(h_grad, bandwidth) : at::Tensor()};
 }
 
 }  // namespace bmt_fast::cpu

@@ -193,10 +193,12 @@ inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
 // ---- Gram path ----------------------------------------------------------------------------------------
 
 // Whether the streamed kernels take rows of d features at these base addresses: asked for on a device with the
-// shared memory (Device::stream_gram), an fp32 compute type, every row 16-byte aligned (cp.async copies 16 bytes).
+// shared memory (Device::stream_gram), every row 16-byte aligned (cp.async copies 16 bytes). fp32 compute types
+// only: the callers ask under `if constexpr` (the kernels are not instantiated for float64).
 template <typename In>
 bool gram_streams(std::initializer_list<const void*> bases, int64_t d, const Device& dev) {
-  if (!dev.stream_gram || sizeof(compute_t<In>) != 4 || (d * static_cast<int64_t>(sizeof(In))) % 16 != 0) return false;
+  static_assert(sizeof(compute_t<In>) == 4, "float64 keeps the register kernels");
+  if (!dev.stream_gram || (d * static_cast<int64_t>(sizeof(In))) % 16 != 0) return false;
   for (const void* base : bases)
     if (reinterpret_cast<std::uintptr_t>(base) % 16 != 0) return false;
   return true;
