@@ -1,7 +1,7 @@
 """Triton kernels of bmt_fast, installed as bmt_fast.kernels (a top-level `kernels` package would clash
 with an existing PyPI package).
 
-Each op has a @triton.jit kernel, a launcher (`x_forward`, and `rbf_kernel_backward`) and a torch.library
+Each op has a @triton.jit kernel, a launcher (`x_forward`, and `rbf_kernel_backward` / `rbf_kernel_self_backward`) and a torch.library
 op in the namespace bmt_fast_triton (distinct from the C++ bmt_fast ops) with a fake kernel for
 torch.compile; rbf_kernel is differentiable. They run on CUDA tensors, and on CPU tensors in Triton's
 interpreter when TRITON_INTERPRET=1 is set before Triton is first imported.
@@ -10,6 +10,8 @@ interpreter when TRITON_INTERPRET=1 is set before Triton is first imported.
     torch.ops.bmt_fast_triton.median_bandwidth(x, algorithm="auto", allow_tf32=None)
     torch.ops.bmt_fast_triton.rbf_kernel(x, y, bandwidth, self_kernel=False, allow_tf32=None)
     torch.ops.bmt_fast_triton.rbf_kernel_backward(grad, x, y, kernel, bandwidth, output_mask, allow_tf32=None)
+    torch.ops.bmt_fast_triton.rbf_kernel_self_backward(grad, x, kernel, bandwidth, output_mask, allow_tf32=None)
+        (K = rbf_kernel(x, x, H): x's gradient, both sides summed, from one pass; autograd of a self kernel)
 
 allow_tf32 (see utils.dot_mode). Relative errors max|out - ref| / max|ref| against float64, measured in
 the interpreter (benchmarks/results/triton_precision_interpreter.csv; the interpreter computes the same
@@ -25,7 +27,7 @@ rounded products as the tensor cores, see benchmarks/triton_precision.py):
 """
 
 from .median import GRAM_MAX_PARTICLES, median_bandwidth_forward
-from .rbf_kernel import rbf_kernel_backward, rbf_kernel_forward
+from .rbf_kernel import rbf_kernel_backward, rbf_kernel_forward, rbf_kernel_self_backward
 from .svgd_step import svgd_step_forward
 from .utils import INTERPRETING, TileConfig
 
@@ -36,5 +38,6 @@ __all__ = [
     "median_bandwidth_forward",
     "rbf_kernel_backward",
     "rbf_kernel_forward",
+    "rbf_kernel_self_backward",
     "svgd_step_forward",
 ]

@@ -83,6 +83,7 @@ def _rbf_kernel_grad_kernel(
     stride_a,
     stride_b,
     SELF: tl.constexpr,
+    SYMMETRISED: tl.constexpr,
     WITH_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -92,7 +93,9 @@ def _rbf_kernel_grad_kernel(
 ):
     """out[rows, vcols] = -(2/H) (rowsum(P) a_c - P @ b_c) over all rows of b; with WITH_H, the chunk-0
     programs also write sum_j P_ij log K_ij per row to log_terms. SELF (b is a): the own terms
-    P_ii (a_i - a_i) = 0 are left out (next to P_ii ~ 1 the sums lost a row's terms of tiny K)."""
+    P_ii (a_i - a_i) = 0 are left out (next to P_ii ~ 1 the sums lost a row's terms of tiny K).
+    SYMMETRISED (with SELF): the weights are (grad + grad^T) * K, grad^T's tile read where grad's is: out is
+    then the sum of both sides' gradients, and the log terms count every pair twice."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
@@ -102,6 +105,9 @@ def _rbf_kernel_grad_kernel(
         cols = j0 + tl.arange(0, BLOCK_N)
         mask = (rows < n_a)[:, None] & (cols < n_b)[None, :]
         g = tl.load(grad_ptr + rows[:, None] * stride_grad_a + cols[None, :] * stride_grad_b, mask=mask, other=0.0)
+        if SYMMETRISED:
+            g_t = tl.load(grad_ptr + rows[:, None] * stride_grad_b + cols[None, :] * stride_grad_a, mask=mask, other=0.0)
+            g = g.to(ACC) + g_t.to(ACC)
         k = tl.load(k_ptr + rows[:, None] * stride_k_a + cols[None, :] * stride_k_b, mask=mask, other=0.0).to(ACC)
         p = g.to(ACC) * k
         if SELF:
@@ -174,14 +180,17 @@ def rbf_kernel_forward(
     return out
 
 
-def _grad_rows(grad, k, a, b, shift, h, *, transposed, self_kernel, with_h, mode, tile):
+def _grad_rows(grad, k, a, b, shift, h, *, transposed, self_kernel, with_h, mode, tile, symmetrised=False):
     """The gradient for the rows of a (x, or y with transposed=True), and the log terms of grad_H;
-    self_kernel: b is a."""
+    self_kernel: b is a; symmetrised (b is a): the weights (grad + grad^T) * K, the sum of both sides."""
     n_a, d = a.shape
     acc = accumulation_dtype(a.dtype)
     out = torch.empty_like(a)
     log_terms = torch.empty(n_a if with_h else 1, dtype=acc, device=a.device)
-    block_v = next_power_of_2(d, low=MIN_BLOCK, high=MAX_BLOCK_V)
+    # (symmetrised fp64: grad^T's tile, pipelined, would take the 128-wide chunk past an H100's shared
+    # memory at the fixed tile: 256 KiB, where 64 columns take 192 KiB as the two-set kernel's 128 do)
+    wide = max(grad.element_size(), k.element_size(), a.element_size()) == 8
+    block_v = next_power_of_2(d, low=MIN_BLOCK, high=MAX_BLOCK_V // 2 if symmetrised and wide else MAX_BLOCK_V)
     grad_strides = grad.stride()[::-1] if transposed else grad.stride()
     k_strides = k.stride()[::-1] if transposed else k.stride()
     _GRAD.launch(
@@ -205,6 +214,7 @@ def _grad_rows(grad, k, a, b, shift, h, *, transposed, self_kernel, with_h, mode
         stride_a=a.stride(0),
         stride_b=b.stride(0),
         SELF=self_kernel,
+        SYMMETRISED=symmetrised,
         WITH_H=with_h,
         BLOCK_V=block_v,
         ACC=tl_dtype(acc),
@@ -228,15 +238,9 @@ def rbf_kernel_backward(
 
     grad and kernel may have any strides (grad of a sum is an expanded tensor).
     """
-    _check_inputs(x, y, bandwidth)
-    check_device(x)
-    for name, t in (("grad", grad), ("kernel", kernel)):
-        if t.shape != (x.shape[0], y.shape[0]):
-            raise ValueError(f"{name} must have shape ({x.shape[0]}, {y.shape[0]}), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    _check_backward_inputs(grad, x, y, kernel, bandwidth)
     # the same rows on both sides (a self kernel): their own terms are left out
-    self_kernel = x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride())
+    self_kernel = _same_rows(x, y)
     x, y = x.contiguous(), y.contiguous()
     h = check_bandwidth(bandwidth, x)
     shift = centring_shift(x)
@@ -252,14 +256,57 @@ def rbf_kernel_backward(
         grad_y, terms = _grad_rows(grad, kernel, y, x, shift, h, transposed=True, self_kernel=self_kernel,
                                    with_h=with_h, mode=mode, tile=tile)
         log_terms = terms if with_h else log_terms
+    return grad_x, grad_y, _bandwidth_grad(want_h, log_terms, grad, kernel, h, bandwidth)
+
+
+def _check_backward_inputs(grad, x, y, kernel, bandwidth):
+    _check_inputs(x, y, bandwidth)
+    check_device(x)
+    for name, t in (("grad", grad), ("kernel", kernel)):
+        if t.shape != (x.shape[0], y.shape[0]):
+            raise ValueError(f"{name} must have shape ({x.shape[0]}, {y.shape[0]}), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
+def _same_rows(x, y):
+    return x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride())
+
+
+def _bandwidth_grad(want_h, log_terms, grad, kernel, h, bandwidth, *, pairs_counted=1):
+    """H's gradient -sum(P log K) / H from the kernel's per-row log terms (each pair counted pairs_counted
+    times there), or from grad and K directly where no row gradient was computed (log_terms None)."""
     if not want_h:
-        grad_h = torch.zeros_like(bandwidth)
-    else:
-        if log_terms is None:  # no row gradient wanted: the sum directly
-            p = grad.to(h.dtype) * kernel.to(h.dtype)
-            log_terms = p * torch.where(kernel > 0, kernel, 1).to(h.dtype).log()
-        grad_h = (log_terms.sum() * (-1.0 / h[0])).to(bandwidth.dtype).reshape(bandwidth.shape)
-    return grad_x, grad_y, grad_h
+        return torch.zeros_like(bandwidth)
+    if log_terms is None:
+        p = grad.to(h.dtype) * kernel.to(h.dtype)
+        log_terms, pairs_counted = p * torch.where(kernel > 0, kernel, 1).to(h.dtype).log(), 1
+    return (log_terms.sum() * (-1.0 / (pairs_counted * h[0]))).to(bandwidth.dtype).reshape(bandwidth.shape)
+
+
+def rbf_kernel_self_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    bandwidth: torch.Tensor,
+    *,
+    output_mask: tuple[bool, bool] = (True, True),
+    allow_tf32: bool | None = None,
+    tile: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_bandwidth) of K = rbf_kernel(x, x, H) with x on both sides: x's gradient is the sum of
+    the two sides', from one pass with the weights (grad + grad^T) * K (grad^T's tiles read where grad's
+    are; no n x n sum in memory) where rbf_kernel_backward makes two. Outputs left out are zeros."""
+    _check_backward_inputs(grad, x, x, kernel, bandwidth)
+    x = x.contiguous()
+    h = check_bandwidth(bandwidth, x)
+    want_x, want_h = output_mask
+    grad_x, log_terms = torch.zeros_like(x), None
+    if want_x:
+        grad_x, log_terms = _grad_rows(grad, kernel, x, x, centring_shift(x), h, transposed=False, self_kernel=True,
+                                       with_h=want_h, mode=dot_mode(x.dtype, allow_tf32), tile=tile, symmetrised=True)
+    # (the symmetrised weights count every pair twice in the log terms)
+    return grad_x, _bandwidth_grad(want_h, log_terms, grad, kernel, h, bandwidth, pairs_counted=2)
 
 
 @torch.library.custom_op("bmt_fast_triton::rbf_kernel", mutates_args=())
@@ -300,15 +347,40 @@ def _(grad, x, y, kernel, bandwidth, output_mask, allow_tf32=None):
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(bandwidth)
 
 
+@torch.library.custom_op("bmt_fast_triton::rbf_kernel_self_backward", mutates_args=())
+def rbf_kernel_self_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    bandwidth: torch.Tensor,
+    output_mask: list[bool],
+    allow_tf32: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_bandwidth) of rbf_kernel(x, x, H), x's the sum of both sides'; outputs left out are zeros."""
+    if len(output_mask) != 2:
+        raise ValueError(f"output_mask must hold 2 flags, got {output_mask}")
+    return rbf_kernel_self_backward(grad, x, kernel, bandwidth, output_mask=tuple(output_mask), allow_tf32=allow_tf32)
+
+
+@rbf_kernel_self_backward_op.register_fake
+def _(grad, x, kernel, bandwidth, output_mask, allow_tf32=None):
+    _check_inputs(x, x, bandwidth)
+    return torch.empty_like(x), torch.empty_like(bandwidth)
+
+
 def _setup_context(ctx, inputs, output):
-    x, y, bandwidth, _, allow_tf32 = inputs
+    x, y, bandwidth, self_kernel, allow_tf32 = inputs
     ctx.save_for_backward(x, y, bandwidth, output)
+    ctx.self_kernel = self_kernel
     ctx.allow_tf32 = allow_tf32
 
 
 def _backward(ctx, grad):
     x, y, bandwidth, kernel = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
+    if ctx.self_kernel and _same_rows(x, y):  # x on both sides (rbf_kernel(x)): its gradient in one pass
+        grad_x, grad_h = rbf_kernel_self_backward_op(grad, x, kernel, bandwidth, [mask[0], mask[2]], ctx.allow_tf32)
+        return (grad_x if mask[0] else None), None, (grad_h if mask[2] else None), None, None
     grad_x, grad_y, grad_h = rbf_kernel_backward_op(grad, x, y, kernel, bandwidth, mask, ctx.allow_tf32)
     return (grad_x if mask[0] else None), (grad_y if mask[1] else None), (grad_h if mask[2] else None), None, None
 

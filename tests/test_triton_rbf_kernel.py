@@ -130,6 +130,59 @@ def test_self_kernel_gradients_with_tiny_kernel_values(how):
     assert relative_error(got, expected) < 2e-5
 
 
+def self_backward_expected(grad, x, h):
+    """float64 (x's gradient, H's gradient) of sum(grad * K(x, x)), x on both sides, by the reference's autograd."""
+    leaf = x.detach().double().requires_grad_(True)
+    hh = torch.tensor(float(h), dtype=torch.float64, device=x.device, requires_grad=True)
+    return torch.autograd.grad((reference.rbf_kernel(leaf, None, hh) * grad.double()).sum(), (leaf, hh))
+
+
+@pytest.mark.parametrize("n, d", [(5, 3), (65, 130)])
+@pytest.mark.parametrize("grad_kind", ["dense", "transposed", "ones", "row"])
+def test_self_backward_op_sums_both_sides(n, d, grad_kind):
+    """rbf_kernel_self_backward(grad, x, K, H): the weights (grad + grad^T) * K in one pass give the sum of
+    x's two gradients and H's gradient as float64 autograd of sum(grad * K(x, x)) does, for a gradient of
+    any layout (dense, a transposed view, autograd's expanded ones of K.sum(), an expanded row) and edges
+    off the 64-row blocks and the 128-column chunks (65 x 130); each output alone is the pair's."""
+    torch.manual_seed(n + d)
+    x, h = rows(n, d), bandwidth(0.6 * d)
+    k = kernels().rbf_kernel_forward(x, x, h, self_kernel=True)
+    grad = {"dense": lambda: torch.randn(n, n, dtype=torch.float64),
+            "transposed": lambda: torch.randn(n, n, dtype=torch.float64).T,
+            "ones": lambda: torch.ones((), dtype=torch.float64).expand(n, n),
+            "row": lambda: torch.randn(n, dtype=torch.float64).expand(n, n)}[grad_kind]().to(DEVICE)  # fmt: skip
+    want_x, want_h = self_backward_expected(grad, x, h)
+    op = torch.ops.bmt_fast_triton.rbf_kernel_self_backward
+    gx, gh = op(grad, x, k, h, [True, True])
+    assert gx.shape == x.shape and gh.shape == h.shape
+    assert relative_error(gx, want_x) < 1e-10 and abs(float(gh - want_h)) < 1e-10 * max(1.0, abs(float(want_h)))
+    only_x, no_h = op(grad, x, k, h, [True, False])
+    no_x, only_h = op(grad, x, k, h, [False, True])
+    assert torch.equal(only_x, gx) and not no_h.any() and not no_x.any()
+    assert abs(float(only_h - gh)) < 1e-12 * max(1.0, abs(float(gh)))
+
+
+def test_self_kernel_gradient_is_one_symmetrised_pass(monkeypatch):
+    """Autograd of rbf_kernel(x) (fp32, H a tensor with its gradient) launches one gradient pass, with the
+    symmetrised weights, where it had launched one per side; gradients within 2e-5 of float64."""
+    module = kernels().rbf_kernel
+    passes = []
+    grad_rows = module._grad_rows
+
+    def recording(*args, **kwargs):
+        passes.append((kwargs["transposed"], kwargs.get("symmetrised", False)))
+        return grad_rows(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_grad_rows", recording)
+    x = rows(70, 37).float().requires_grad_(True)
+    h = torch.tensor(25.0, device=DEVICE, requires_grad=True)
+    weights = torch.randn(70, 70, device=DEVICE)
+    grads = torch.autograd.grad((bmt_fast.rbf_kernel(x, None, h, backend="triton") * weights).sum(), (x, h))
+    expected = self_backward_expected(weights, x.detach(), h.detach())
+    assert passes == [(False, True)]
+    assert relative_error(grads[0], expected[0]) < 2e-5 and relative_error(grads[1], expected[1]) < 2e-5
+
+
 def test_gradcheck():
     x, y, h = rows(6, 3, grad=True), rows(5, 3, grad=True), bandwidth(2.5, grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: bmt_fast.rbf_kernel(a, b, c, backend="triton"), (x, y, h))
@@ -172,6 +225,11 @@ def test_opcheck():
     grad = torch.randn(5, 4, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(
         torch.ops.bmt_fast_triton.rbf_kernel_backward.default, (grad, x.detach(), y.detach(), k, h, [True, True, True])
+    )
+    k_self = kernels().rbf_kernel_forward(x.detach(), x.detach(), h, self_kernel=True)
+    torch.library.opcheck(
+        torch.ops.bmt_fast_triton.rbf_kernel_self_backward.default,
+        (torch.randn(5, 5, dtype=torch.float64, device=DEVICE), x.detach(), k_self, h, [True, True]),
     )
 
 

@@ -42,6 +42,9 @@ def test_kernels_compile_for_sm90_within_shared_memory(tmp_path):
     assert not errors, errors[:3]
     too_big = [r for r in report["results"] if r["shared"] > report["shared_limit"]]
     assert not too_big, too_big
+    # the gradient kernel of two sets and of a self kernel's symmetrised weights (grad^T's tiles read too)
+    grads = [r for r in report["results"] if r["kernel"] == "_rbf_kernel_grad_kernel"]
+    assert {r["consts"]["SYMMETRISED"] for r in grads} == {"True", "False"}
     # MODE 0 is the IEEE fp32/fp64 dot (FMA units); the other modes exist to run on the tensor cores (the
     # flash operands kernel only rounds its operands for them).
     with_mode = [r for r in report["results"] if "MODE" in r["consts"] and r["kernel"] != "_flash_operands_kernel"]

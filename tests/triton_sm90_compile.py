@@ -72,6 +72,10 @@ def record(path: str) -> None:
                 k = bmt_fast.rbf_kernel(xg, y, 40.0, backend="triton")
                 if xg.requires_grad:
                     k.sum().backward()
+                    # a self kernel's one symmetrised pass, grad expanded (K.sum()) and dense
+                    xs = x.clone().requires_grad_(True)
+                    bmt_fast.rbf_kernel(xs, None, 40.0, backend="triton").sum().backward()
+                    (bmt_fast.rbf_kernel(xs, None, 40.0, backend="triton") * torch.randn(n, n).to(dtype)).sum().backward()
     triton_backend.allow_tf32 = None
     kernels = triton_backend.kernels()
     for dtype in (torch.float32, torch.float64):
