@@ -125,6 +125,9 @@ bench prompt_bf16 90 svgd_step --dtype bfloat16 --sizes 16x409600 \
   --providers bmt_fast-cuda,bmt_fast-cuda-streamed,bmt_fast-triton,torch-naive
 bench rbf 120 rbf_kernel --dtype float32 --sizes 1024x64,8192x128,16x409600 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
+# a self kernel's gradient by autograd of K.sum(): Triton's one symmetrised pass, CUDA's composite rule
+bench rbf_grad 90 rbf_kernel_grad --dtype float32 --sizes 4096x128,1024x768,16x409600 \
+  --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench median 120 median_bandwidth --dtype float32 --sizes 1024x64,8192x128,65536x64,16x409600 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench compiled 180 svgd_step --dtype bfloat16 --sizes 65536x128 --providers bmt_fast-cuda,torch-compile,attention-flex
