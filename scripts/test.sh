@@ -33,7 +33,7 @@ cd "$ROOT"
 # feature chunks from 64 features), so those paths stay covered at the tests' shapes too.
 echo "== CPU kernel tests with every call threaded (BMT_FAST_CPU_SERIAL_MAX_WORK=0)"
 BMT_FAST_CPU_SERIAL_MAX_WORK=0 "$VENV/bin/python" -m pytest tests/test_svgd_step.py \
-  tests/test_rbf_kernel.py tests/test_median_bandwidth.py "$@"
+  tests/test_rbf_kernel.py tests/test_median_bandwidth.py tests/test_randomised.py "$@"
 echo "== CPU kernel tests with every call threaded and the fused kernels off (BMT_FAST_CPU_SERIAL_MAX_WORK=0, BMT_FAST_CPU_FUSED=0)"
 BMT_FAST_CPU_SERIAL_MAX_WORK=0 BMT_FAST_CPU_FUSED=0 "$VENV/bin/python" -m pytest tests/test_svgd_step.py \
   tests/test_rbf_kernel.py tests/test_median_bandwidth.py "$@"
