@@ -371,14 +371,16 @@ def _(grad, x, kernel, bandwidth, output_mask, allow_tf32=None):
 def _setup_context(ctx, inputs, output):
     x, y, bandwidth, self_kernel, allow_tf32 = inputs
     ctx.save_for_backward(x, y, bandwidth, output)
-    ctx.self_kernel = self_kernel
+    # x given on both sides (rbf_kernel(x)): its gradient in one pass. (Decided here, by identity: the
+    # backward may run on fake tensors under torch.compile, whose data pointers say nothing.)
+    ctx.one_pass = self_kernel and x is y
     ctx.allow_tf32 = allow_tf32
 
 
 def _backward(ctx, grad):
     x, y, bandwidth, kernel = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
-    if ctx.self_kernel and _same_rows(x, y):  # x on both sides (rbf_kernel(x)): its gradient in one pass
+    if ctx.one_pass:
         grad_x, grad_h = rbf_kernel_self_backward_op(grad, x, kernel, bandwidth, [mask[0], mask[2]], ctx.allow_tf32)
         return (grad_x if mask[0] else None), None, (grad_h if mask[2] else None), None, None
     grad_x, grad_y, grad_h = rbf_kernel_backward_op(grad, x, y, kernel, bandwidth, mask, ctx.allow_tf32)
