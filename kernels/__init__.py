@@ -26,18 +26,27 @@ rounded products as the tensor cores, see benchmarks/triton_precision.py):
     False           exact fp32 products for every input dtype (no tensor cores).
 """
 
-from .median import GRAM_MAX_PARTICLES, median_bandwidth_forward
-from .rbf_kernel import rbf_kernel_backward, rbf_kernel_forward, rbf_kernel_self_backward
-from .svgd_step import svgd_step_forward
-from .utils import INTERPRETING, TileConfig
+if __name__ == "kernels":
+    # This directory imported as a top-level `kernels`: a checkout's root is on sys.path (`python -m ...` or
+    # `python -m pytest` run from it), and transformers probes for Hugging Face's `kernels` package by
+    # importing whatever `kernels` it finds when no metadata names it. Stay empty there: importing the
+    # kernels would import Triton (where it is missing, `import transformers.activations` failed with "No
+    # module named 'triton'") and register the bmt_fast_triton ops a second time, from a second copy of
+    # these modules. They are bmt_fast.kernels.
+    __all__: list[str] = []
+else:
+    from .median import GRAM_MAX_PARTICLES, median_bandwidth_forward
+    from .rbf_kernel import rbf_kernel_backward, rbf_kernel_forward, rbf_kernel_self_backward
+    from .svgd_step import svgd_step_forward
+    from .utils import INTERPRETING, TileConfig
 
-__all__ = [
-    "GRAM_MAX_PARTICLES",
-    "INTERPRETING",
-    "TileConfig",
-    "median_bandwidth_forward",
-    "rbf_kernel_backward",
-    "rbf_kernel_forward",
-    "rbf_kernel_self_backward",
-    "svgd_step_forward",
-]
+    __all__ = [
+        "GRAM_MAX_PARTICLES",
+        "INTERPRETING",
+        "TileConfig",
+        "median_bandwidth_forward",
+        "rbf_kernel_backward",
+        "rbf_kernel_forward",
+        "rbf_kernel_self_backward",
+        "svgd_step_forward",
+    ]
