@@ -240,7 +240,7 @@ def rbf_kernel_backward(
     """
     _check_backward_inputs(grad, x, y, kernel, bandwidth)
     # the same rows on both sides (a self kernel): their own terms are left out
-    self_kernel = _same_rows(x, y)
+    self_kernel = x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride())
     x, y = x.contiguous(), y.contiguous()
     h = check_bandwidth(bandwidth, x)
     shift = centring_shift(x)
@@ -267,10 +267,6 @@ def _check_backward_inputs(grad, x, y, kernel, bandwidth):
             raise ValueError(f"{name} must have shape ({x.shape[0]}, {y.shape[0]}), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
-
-
-def _same_rows(x, y):
-    return x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride())
 
 
 def _bandwidth_grad(want_h, log_terms, grad, kernel, h, bandwidth, *, pairs_counted=1):
@@ -301,10 +297,12 @@ def rbf_kernel_self_backward(
     x = x.contiguous()
     h = check_bandwidth(bandwidth, x)
     want_x, want_h = output_mask
-    grad_x, log_terms = torch.zeros_like(x), None
+    grad_x, log_terms = None, None
     if want_x:
         grad_x, log_terms = _grad_rows(grad, kernel, x, x, centring_shift(x), h, transposed=False, self_kernel=True,
                                        with_h=want_h, mode=dot_mode(x.dtype, allow_tf32), tile=tile, symmetrised=True)
+    if not want_x:
+        grad_x = torch.zeros_like(x)
     # (the symmetrised weights count every pair twice in the log terms)
     return grad_x, _bandwidth_grad(want_h, log_terms, grad, kernel, h, bandwidth, pairs_counted=2)
 

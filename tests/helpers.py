@@ -36,6 +36,16 @@ def torch_error_in(dtype: torch.dtype, fn, *inputs64: torch.Tensor) -> float:
     return relative_error(fn(*(t.to(dtype) for t in inputs64)), fn(*inputs64))
 
 
+def self_backward_expected(grad: torch.Tensor, x: torch.Tensor, h) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (x's gradient, H's gradient) of sum(grad * K(x, x)), x on both sides, by the reference's
+    autograd (the expectation of every backend's self-kernel backward)."""
+    from bmt_fast import reference
+
+    leaf = x.detach().double().requires_grad_(True)
+    hh = torch.tensor(float(h), dtype=torch.float64, device=x.device, requires_grad=True)
+    return torch.autograd.grad((reference.rbf_kernel(leaf, None, hh) * grad.double()).sum(), (leaf, hh))
+
+
 FP32_FLOOR = 32 * torch.finfo(torch.float32).eps  # 3.8e-6: a few dozen ulps for sums with cancellation
 
 

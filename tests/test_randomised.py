@@ -46,6 +46,12 @@ def median_h(x64):
     return reference.bandwidth_from_median(reference.numpy_median(sq_dists(x64, x64)), x64.shape[0])
 
 
+def self_gradient(k, g, x, h):
+    """x's gradient of sum(g * K(x, x)) from K, x on both sides (float64)."""
+    p = (g + g.T) * k
+    return (-2 / h) * (p.sum(1, keepdim=True) * x - p @ x)
+
+
 def exact(op, x64, h, y64=None, s64=None, g64=None):
     """The op in float64 from direct differences x_i - x_j (no cancellation)."""
     if op == "median":
@@ -55,8 +61,7 @@ def exact(op, x64, h, y64=None, s64=None, g64=None):
         return k
     if op == "step":
         return (k @ s64 + (2 / h) * (k.sum(1, keepdim=True) * x64 - k @ x64)) / x64.shape[0]
-    p = (g64 + g64.T) * k
-    return (-2 / h) * (p.sum(1, keepdim=True) * x64 - p @ x64)
+    return self_gradient(k, g64, x64, h)
 
 
 def run_case(number):
@@ -105,8 +110,7 @@ def run_case(number):
         if dtype == torch.float16:
             # autograd saved K in fp16, whose subnormals hold small kernel values to a few bits: the yardstick
             # is exact arithmetic on that K
-            p = (g64.to(dtype).double() + g64.to(dtype).double().T) * k.detach().double()
-            ours_formula = (-2 / h64) * (p.sum(1, keepdim=True) * x64 - p @ x64)
+            ours_formula = self_gradient(k.detach().double(), g64.to(dtype).double(), x64, h64)
         else:
             xa = x.to(acc).clone().requires_grad_(True)
             (ours_formula,) = torch.autograd.grad(reference.rbf_kernel(xa, None, h64.to(acc)), xa, g64.to(acc))

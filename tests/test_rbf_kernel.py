@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 from helpers import (assert_within, float32_matmul_precision, relative_error, requires_amx, requires_cpu_extension,
-                     run_cpu_variants, subprocess_env, torch_error_in)
+                     run_cpu_variants, self_backward_expected, subprocess_env, torch_error_in)
 
 import bmt_fast
 from bmt_fast import reference
@@ -375,13 +375,6 @@ def test_self_kernel_gradient_is_one_call_of_the_self_backward_op(cpu_backend, n
         assert relative_error(g, e) < 1e-10
     if cpu_backend == "cpu":
         assert calls == [("self", [True, True])]
-
-
-def self_backward_expected(grad, x, h):
-    """float64 (x's gradient, H's gradient) of sum(grad * K(x, x)) for K as the reference computes it."""
-    leaf = x.detach().double().requires_grad_(True)
-    hh = torch.tensor(float(h), dtype=torch.float64, requires_grad=True)
-    return torch.autograd.grad((reference.rbf_kernel(leaf, None, hh) * grad.double()).sum(), (leaf, hh))
 
 
 @requires_cpu_extension

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_within, float32_matmul_precision, relative_error, torch_error_in
+from helpers import assert_within, float32_matmul_precision, relative_error, self_backward_expected, torch_error_in
 from triton_helpers import DEVICE, kernels, on_device, requires_gpu, requires_triton, rounded_product_ulps, ulp
 
 import bmt_fast
@@ -130,11 +130,19 @@ def test_self_kernel_gradients_with_tiny_kernel_values(how):
     assert relative_error(got, expected) < 2e-5
 
 
-def self_backward_expected(grad, x, h):
-    """float64 (x's gradient, H's gradient) of sum(grad * K(x, x)), x on both sides, by the reference's autograd."""
-    leaf = x.detach().double().requires_grad_(True)
-    hh = torch.tensor(float(h), dtype=torch.float64, device=x.device, requires_grad=True)
-    return torch.autograd.grad((reference.rbf_kernel(leaf, None, hh) * grad.double()).sum(), (leaf, hh))
+@pytest.fixture
+def gradient_passes(monkeypatch):
+    """Records each launch of the Triton gradient kernel as whether it took the symmetrised weights."""
+    module = kernels().rbf_kernel
+    passes = []
+    grad_rows = module._grad_rows
+
+    def recording(*args, **kwargs):
+        passes.append(kwargs.get("symmetrised", False))
+        return grad_rows(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_grad_rows", recording)
+    return passes
 
 
 @pytest.mark.parametrize("n, d", [(5, 3), (65, 130)])
@@ -162,24 +170,15 @@ def test_self_backward_op_sums_both_sides(n, d, grad_kind):
     assert abs(float(only_h - gh)) < 1e-12 * max(1.0, abs(float(gh)))
 
 
-def test_self_kernel_gradient_is_one_symmetrised_pass(monkeypatch):
+def test_self_kernel_gradient_is_one_symmetrised_pass(gradient_passes):
     """Autograd of rbf_kernel(x) (fp32, H a tensor with its gradient) launches one gradient pass, with the
     symmetrised weights, where it had launched one per side; gradients within 2e-5 of float64."""
-    module = kernels().rbf_kernel
-    passes = []
-    grad_rows = module._grad_rows
-
-    def recording(*args, **kwargs):
-        passes.append((kwargs["transposed"], kwargs.get("symmetrised", False)))
-        return grad_rows(*args, **kwargs)
-
-    monkeypatch.setattr(module, "_grad_rows", recording)
     x = rows(70, 37).float().requires_grad_(True)
     h = torch.tensor(25.0, device=DEVICE, requires_grad=True)
     weights = torch.randn(70, 70, device=DEVICE)
     grads = torch.autograd.grad((bmt_fast.rbf_kernel(x, None, h, backend="triton") * weights).sum(), (x, h))
     expected = self_backward_expected(weights, x.detach(), h.detach())
-    assert passes == [(False, True)]
+    assert gradient_passes == [True]
     assert relative_error(grads[0], expected[0]) < 2e-5 and relative_error(grads[1], expected[1]) < 2e-5
 
 
@@ -234,15 +233,10 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("self_kernel", [False, True])
-def test_torch_compile_forward_and_backward(self_kernel, monkeypatch):
+def test_torch_compile_forward_and_backward(self_kernel, gradient_passes):
     """Compiled (aot_eager, dynamic shapes) forward and backward equal the reference's; a self kernel's
     backward is still the one symmetrised pass (decided by identity, not by the data pointers of the fake
     tensors the backward is traced with)."""
-    module = kernels().rbf_kernel
-    passes = []
-    grad_rows = module._grad_rows
-    monkeypatch.setattr(module, "_grad_rows", lambda *a, **k: passes.append(k.get("symmetrised", False)) or grad_rows(*a, **k))
-
     def loss(x, y, h):
         return (bmt_fast.rbf_kernel(x, y, h, backend="triton", check_inputs=False) ** 2).sum()
 
@@ -255,7 +249,7 @@ def test_torch_compile_forward_and_backward(self_kernel, monkeypatch):
     (reference.rbf_kernel(x_ref, y, h) ** 2).sum().backward()
     torch.testing.assert_close(out, (reference.rbf_kernel(x.detach(), y, h) ** 2).sum())
     torch.testing.assert_close(x.grad, x_ref.grad)
-    assert passes == ([True] if self_kernel else [False])
+    assert gradient_passes == ([True] if self_kernel else [False])
 
 
 @pytest.mark.parametrize(
