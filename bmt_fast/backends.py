@@ -4,7 +4,8 @@ Every backend takes 2-D inputs that the public functions have already validated:
     svgd_step(x (n, d), score (n, d), h: 0-dim tensor | None) -> phi (n, d)      None = median rule
     rbf_kernel(x (n, d), y (m, d) | None, h: 0-dim tensor) -> (n, m)            differentiable
     median_bandwidth(x (n, d)) -> 0-dim tensor                                   exact median rule
-    rbf_kernel_median(x (n, d)) -> (n, n): rbf_kernel(x, None, median_bandwidth(x)), H a constant
+    rbf_kernel_median(x (n, d)) -> (K (n, n), H): rbf_kernel(x, None, H), H = median_bandwidth(x) a constant
+    rbf_kernel_vjp(grad, x, y | None, h, k, needs) -> (grad_x, grad_y, grad_h)   rbf_kernel's backward
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ class Backend:
     def median_bandwidth(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def rbf_kernel_median(self, x: torch.Tensor) -> torch.Tensor:
-        """rbf_kernel(x, None, H) with H = median_bandwidth(x) treated as a constant."""
+    def rbf_kernel_median(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rbf_kernel(x, None, H), H) with H = median_bandwidth(x) treated as a constant."""
         with torch.no_grad():
             h = self.median_bandwidth(x)
-        return self.rbf_kernel(x, None, h)
+        return self.rbf_kernel(x, None, h), h
+
+    def rbf_kernel_vjp(self, grad, x, y, h, k, needs) -> tuple:
+        """(grad_x, grad_y, grad_h) of K = rbf_kernel(x, y, h) for dL/dK = grad (y None: the self kernel, x's
+        gradient the sum of both sides'), each None or ignored where `needs` (three flags) is False. Here the
+        differentiable pure-torch formula; the compiled backends call their backward kernels."""
+        return reference.rbf_kernel_vjp(grad, x, y, h, k, needs)
 
     def empty_result(self, x: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous tensor like x for a result the public API allocates itself."""
@@ -141,7 +148,10 @@ class CompiledBackend(Backend):
 
     def rbf_kernel_median(self, x):
         # one op: on the CPU with few particles, one pass over x gives both the median and the kernel
-        return torch.ops.bmt_fast.rbf_kernel_median(x)[0]
+        return torch.ops.bmt_fast.rbf_kernel_median(x)
+
+    def rbf_kernel_vjp(self, grad, x, y, h, k, needs):
+        return compiled_rbf_kernel_vjp(grad, x, y, h, k, needs)
 
     def svgd_step_spreads_non_finite(self, x):
         # CPU, every path: a bad x value makes its column's centring shift (a mean) non-finite, so that column
@@ -161,6 +171,19 @@ class CompiledBackend(Backend):
         if not self.status.loaded or x.device.type != self.device_types[0]:
             return False
         return self.name == "cpu" or x.shape[0] <= self._flagged_particles
+
+
+def compiled_rbf_kernel_vjp(grad, x, y, h, k, needs) -> tuple:
+    """Backend.rbf_kernel_vjp by the compiled backward ops of torch.ops.bmt_fast (no autograd graph): only
+    the gradients `needs` asks for are computed, the others come back as None (for the trainer's prior, one
+    prompt against constant particles and a constant H, that is grad_x alone)."""
+    if y is None and needs[0]:
+        # the self kernel: autograd would add x's two row gradients; this op gives their sum (on the CPU in one
+        # pass with the weights grad + grad^T formed a block at a time: K is symmetric; on other devices by the
+        # rule of csrc/registration.cpp, rbf_kernel_self_backward_composite)
+        grad_x, grad_h = torch.ops.bmt_fast.rbf_kernel_self_backward(grad, x, k, h, [True, needs[2]])
+        return grad_x, None, grad_h
+    return torch.ops.bmt_fast.rbf_kernel_backward(grad, x, x if y is None else y, k, h, list(needs))
 
 
 _REGISTRY: dict[str, Backend] = {}

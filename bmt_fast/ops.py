@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from . import _extension, backends, reference
+from . import _extension, _functorch, backends, reference
 from ._validation import (
     all_finite,
     as_rows,
@@ -75,13 +75,22 @@ def svgd_step(
 
     This is a no-grad op: it runs under torch.no_grad() and its result has no autograd history. Particles
     move by x <- x + lr * phi (or give -phi to a torch optimizer as the gradient, as `bmt_fast.SVGD` does).
+    Under torch.func.vmap it steps each particle set of the batch as a single call would (README, "torch.func").
     """
+    if _functorch.active():  # inside torch.func.vmap / grad / ...: the op per batch entry, no gradient
+        return _functorch.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group, out=out)
+    return _svgd_step(x, score, bandwidth, backend, check_inputs, group, out)
+
+
+def _svgd_step(x, score, bandwidth, backend, check_inputs, group, out, *, fresh_out: bool = False) -> torch.Tensor:
+    """svgd_step outside torch.func transforms; fresh_out: `out` is a new contiguous tensor of x's shape,
+    dtype and device that autograd does not track (the caller made it), so it is not checked."""
     min_rows = 0 if group is not None else 1
     check_particles("x", x, min_rows=min_rows)
     check_particles("score", score, min_rows=min_rows)
     check_same("x", x, "score", score)
     h = check_bandwidth(bandwidth, x, check_value=check_inputs)
-    if out is not None:
+    if out is not None and not fresh_out:
         check_out(out, x, score)
     if group is not None:  # every rank learns of any rank's NaN (see distributed)
         from . import distributed
@@ -138,8 +147,16 @@ def rbf_kernel(
 
     Differentiable in x, y and a tensor bandwidth. With "median", H = median_bandwidth(y if given else x),
     the bandwidth of the reference set (as for a kernel density estimate over y), treated as a constant.
-    fp32 inputs follow torch.set_float32_matmul_precision as svgd_step does.
+    fp32 inputs follow torch.set_float32_matmul_precision as svgd_step does. Works under torch.func
+    transforms too: vmap (per batch entry), grad / vjp / jacrev / hessian (README, "torch.func").
     """
+    if _functorch.active():
+        return _functorch.rbf_kernel(x, y, bandwidth, backend, check_inputs)
+    return _rbf_kernel(x, y, bandwidth, backend, check_inputs)[0]
+
+
+def _rbf_kernel(x, y, bandwidth, backend: str, check_inputs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """rbf_kernel's K and the bandwidth it used (a 0-dim tensor: the median's, or the one given)."""
     check_particles("x", x)
     if y is not None:
         check_particles("y", y)
@@ -159,7 +176,7 @@ def rbf_kernel(
             return chosen.rbf_kernel_median(x2)
         with torch.no_grad():
             h = chosen.median_bandwidth(y2)
-    return chosen.rbf_kernel(x2, y2, h)
+    return chosen.rbf_kernel(x2, y2, h), h
 
 
 def median_bandwidth(
@@ -184,8 +201,11 @@ def median_bandwidth(
         samples (n*n <= num_pairs), and on the CPU backend up to n*n <= 64 * num_pairs (n = 2048 at the
         default; on a 2-core Xeon, n = 2048, d = 256: 13 ms exact, 36 ms sampled).
 
-    Returns a 0-dim tensor: float64 for float64 input, float32 otherwise, on x's device.
+    Returns a 0-dim tensor: float64 for float64 input, float32 otherwise, on x's device. Under
+    torch.func.vmap, one per batch entry; "sampled" follows vmap's `randomness` (README, "torch.func").
     """
+    if _functorch.active():
+        return _functorch.median_bandwidth(x, method, num_pairs, generator, backend, check_inputs)
     check_particles("x", x)
     check_choice("method", method, ("exact", "sampled"))
     if check_inputs:
@@ -198,9 +218,14 @@ def median_bandwidth(
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         chosen = backends.select(backend, "median_bandwidth", x2)
-        if method == "sampled" and x2.shape[0] ** 2 > num_pairs * chosen.exact_median_pair_factor:
+        if method == "sampled" and draws_pairs(x2.shape[0], num_pairs, chosen):
             return reference.sampled_median_bandwidth(x2, num_pairs, generator)
         return chosen.median_bandwidth(x2)
+
+
+def draws_pairs(n: int, num_pairs: int, chosen: backends.Backend) -> bool:
+    """Whether median_bandwidth(method="sampled") samples pairs (otherwise the exact median costs less)."""
+    return n * n > num_pairs * chosen.exact_median_pair_factor
 
 
 def _rbf_kernel_setup_context(ctx, inputs, output):
@@ -210,33 +235,14 @@ def _rbf_kernel_setup_context(ctx, inputs, output):
 
 
 def _rbf_backward(grad, x, y, h, k, self_kernel: bool, needs) -> tuple:
-    """(grad_x, grad_y, grad_h) of K = rbf_kernel(x, y, h), each None where needs says so."""
-    need_x, _, need_h = needs
-    if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
-        return _rbf_backward_differentiable(grad, x, y, h, self_kernel, needs)
-    if self_kernel and need_x:
-        # y is x: autograd would add x's two row gradients; this op gives their sum (on the CPU in one pass
-        # with the weights grad + grad^T formed a block at a time: K is symmetric; on other devices by the
-        # rule of csrc/registration.cpp, rbf_kernel_self_backward_composite).
-        grad_x, grad_h = torch.ops.bmt_fast.rbf_kernel_self_backward(grad, x, k, h, [True, need_h])
-        return grad_x, None, grad_h
-    # Only the gradients autograd needs are computed (the others come back as None): for the trainer's
-    # prior, one prompt against constant particles and a constant H, that is grad_x alone.
-    return torch.ops.bmt_fast.rbf_kernel_backward(grad, x, y, k, h, list(needs))
-
-
-def _rbf_backward_differentiable(grad, x, y, h, self_kernel: bool, needs) -> tuple:
-    """_rbf_backward for create_graph=True (double backward, Hessian-vector products): the compiled backward
-    op has no derivative of its own, so K is recomputed by the differentiable reference (n x m in memory)
-    and autograd forms the gradients, with a graph. Self kernel: x's two row gradients summed, as above."""
-    need_x, need_y, need_h = needs
-    if self_kernel:
-        need_x, need_y = need_x or need_y, False
-    acc = reference.accumulation_dtype(x.dtype)
-    k = reference.rbf_kernel(x.to(acc), None if self_kernel else y.to(acc), h.to(acc))
-    inputs = list(zip((x, y, h), (need_x, need_y, need_h)))
-    grads = iter(torch.autograd.grad(k, [t for t, need in inputs if need], grad.to(acc), create_graph=True))
-    return tuple(next(grads).to(t.dtype) if need else None for t, need in inputs)
+    """(grad_x, grad_y, grad_h) of K = rbf_kernel(x, y, h), each None where needs says so (self kernel: x's
+    two row gradients summed, as grad_x). Under create_graph=True (double backward, Hessian-vector
+    products) by the differentiable formula from K (n x m in memory: the compiled backward ops have no
+    derivative of their own), otherwise by the compiled backward ops."""
+    other = None if self_kernel else y
+    if torch.is_grad_enabled():
+        return reference.rbf_kernel_vjp(grad, x, other, h, k, needs)
+    return backends.compiled_rbf_kernel_vjp(grad, x, other, h, k, needs)
 
 
 def _rbf_kernel_backward(ctx, grad):

@@ -110,6 +110,77 @@ def rbf_kernel(x: torch.Tensor, y: torch.Tensor | None, bandwidth: torch.Tensor)
     return torch.exp(-pairwise_sq_dists(x, y) / bandwidth)
 
 
+def rbf_kernel_vjp(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    bandwidth: torch.Tensor,
+    kernel: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x, grad_y, grad_bandwidth) of K = rbf_kernel(x, y, H) for dL/dK = grad, from K itself; each None
+    where `needs` (three flags) says so. y None: the self kernel, whose x gradient sums both sides'.
+
+    With W = grad * K: grad_x_i = -(2/H) sum_j W_ij (x_i - y_j), grad_y_j = (2/H) sum_i W_ij (x_i - y_j) and
+    grad_H = sum_ij W_ij |x_i - y_j|^2 / H^2. Plain torch ops (n x m in memory), so autograd and every
+    torch.func transform differentiate and batch it again; a K with autograd history (the forward's output)
+    carries the second derivatives through it."""
+    need_x, need_y, need_h = needs
+    acc = accumulation_dtype(x.dtype)
+    h = bandwidth.to(acc)
+    w = grad.to(acc) * kernel.to(acc)
+    same = y is None
+    if same:
+        need_x, need_y = need_x or need_y, False
+        (xc,) = centre(x.to(acc))
+        w = w + w.T  # both sides' weights: K is symmetric
+        yc = xc
+    else:
+        xc, yc = centre(x.to(acc), y.to(acc))
+    scale = 2.0 / h
+    grad_x = grad_y = grad_h = None
+    if need_x:
+        grad_x = (scale * (w @ yc - w.sum(1, keepdim=True) * xc)).to(x.dtype)
+    if need_y:
+        grad_y = (scale * (w.T @ xc - w.sum(0).unsqueeze(1) * yc)).to(y.dtype)
+    if need_h:
+        pairs = 0.5 if same else 1.0  # (w counts every pair twice for a self kernel)
+        grad_h = (pairs * (w * pairwise_sq_dists(xc, None if same else yc)).sum() / (h * h)).to(bandwidth.dtype)
+    return grad_x, grad_y, grad_h
+
+
+def rbf_kernel_jvp(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    bandwidth: torch.Tensor,
+    kernel: torch.Tensor,
+    tangents: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+) -> torch.Tensor:
+    """The forward-mode derivative of K = rbf_kernel(x, y, H) along the tangents (t_x, t_y, t_H), each None
+    for none; y None: the self kernel (t_y is t_x). dK_ij = K_ij (-dD_ij / H + D_ij dH / H^2) with
+    dD_ij = 2 (x_i - y_j) . (t_x_i - t_y_j). Plain torch ops, as rbf_kernel_vjp."""
+    t_x, t_y, t_h = tangents
+    acc = accumulation_dtype(x.dtype)
+    h = bandwidth.to(acc)
+    same = y is None
+    if same:
+        (xc,) = centre(x.to(acc))
+        yc, t_y = xc, t_x
+    else:
+        xc, yc = centre(x.to(acc), y.to(acc))
+    exponent = torch.zeros_like(kernel, dtype=acc)
+    if t_x is not None:
+        t_x = t_x.to(acc)
+        exponent = exponent + (xc * t_x).sum(1, keepdim=True) - t_x @ yc.T
+    if t_y is not None:
+        t_y = t_y.to(acc)
+        exponent = exponent + (yc * t_y).sum(1) - xc @ t_y.T
+    exponent = exponent * (-2.0 / h)
+    if t_h is not None:
+        exponent = exponent + pairwise_sq_dists(xc, None if same else yc) * (t_h.to(acc) / (h * h))
+    return (kernel.to(acc) * exponent).to(kernel.dtype)
+
+
 def svgd_step(x: torch.Tensor, score: torch.Tensor, bandwidth: torch.Tensor | None) -> torch.Tensor:
     """The SVGD direction phi for particles x (n, d) with scores (n, d); bandwidth None = median rule."""
     dtype = accumulation_dtype(x.dtype)

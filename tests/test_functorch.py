@@ -1,0 +1,265 @@
+"""The public ops under torch.func transforms: vmap over batches of particle sets (each entry as a single
+call would give it), and grad / vjp / jacrev / jacfwd / hessian of rbf_kernel against the float64
+reference differentiated by torch itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CPU_BACKENDS, relative_error, requires_cpu_extension
+from triton_helpers import requires_triton
+
+import bmt_fast
+from bmt_fast import backends, reference
+
+# every backend that runs on CPU tensors here, Triton's interpreter included (small shapes: it is slow)
+BACKENDS = [*CPU_BACKENDS, pytest.param("triton", marks=requires_triton)]
+BANDWIDTH = 1.7
+
+
+def looped(fn, *batches: torch.Tensor) -> torch.Tensor:
+    """fn on each batch entry in turn, stacked: what vmap must give."""
+    return torch.stack([fn(*(b[i] for b in batches)) for i in range(batches[0].shape[0])])
+
+
+def kernel64(x, y, h):
+    """The float64 reference kernel (differentiable in x, y and h)."""
+    return reference.rbf_kernel(x.double(), None if y is None else y.double(), h)
+
+
+def weights(n: int, m: int) -> torch.Tensor:
+    """Fixed weights of a scalar loss sum(w * K^2): every entry of K gets its own gradient."""
+    return torch.linspace(-1.0, 2.0, n * m, dtype=torch.float64).reshape(n, m)
+
+
+# --- vmap ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bandwidth", ["median", BANDWIDTH, "per_entry"])
+def test_vmap_svgd_step_is_the_step_of_each_particle_set(backend, bandwidth):
+    x = torch.randn(3, 9, 2, 3, dtype=torch.float64) * 1.5 + 4.0
+    score = torch.randn(3, 9, 2, 3, dtype=torch.float64)
+    if bandwidth == "per_entry":  # one H per batch entry, batched with the particles
+        h = torch.tensor([0.8, 2.0, 5.0], dtype=torch.float64)
+        phi = torch.func.vmap(lambda a, s, hb: bmt_fast.svgd_step(a, s, hb, backend=backend))(x, score, h)
+        expected = looped(lambda a, s, hb: reference.svgd_step(a.reshape(9, 6), s.reshape(9, 6), hb), x, score, h)
+    else:
+        phi = torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, bandwidth, backend=backend))(x, score)
+        h = None if bandwidth == "median" else torch.tensor(bandwidth, dtype=torch.float64)
+        expected = looped(lambda a, s: reference.svgd_step(a.reshape(9, 6), s.reshape(9, 6), h), x, score)
+    assert phi.shape == x.shape
+    assert relative_error(phi, expected.reshape(x.shape)) < 1e-12
+
+
+@requires_cpu_extension
+def test_vmap_svgd_step_batch_dims_anywhere_nested_and_shared():
+    """in_dims other than 0, a score shared by every entry, and vmap of vmap: each entry as one call."""
+    x = torch.randn(8, 2, 3, 5)  # particles, batch, batch, features (fp32)
+    score = torch.randn(8, 5)
+
+    def step(a, s):
+        return bmt_fast.svgd_step(a, s, "median")
+
+    phi = torch.func.vmap(torch.func.vmap(step, in_dims=(1, None)), in_dims=(1, None))(x, score)
+    assert phi.shape == (2, 3, 8, 5)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(phi[i, j], step(x[:, i, j], score), rtol=0, atol=0)
+
+
+@requires_cpu_extension
+def test_vmap_svgd_step_checks_each_entry_and_refuses_out():
+    x = torch.randn(3, 6, 4)
+    bad = x.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
+        torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s))(bad, x)
+    # check_inputs=False passes through: the unchecked step of each entry
+    phi = torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, 2.0, check_inputs=False))(x, x)
+    torch.testing.assert_close(phi, looped(lambda a, s: bmt_fast.svgd_step(a, s, 2.0), x, x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out= is not supported inside torch.func"):
+        torch.func.vmap(lambda a: bmt_fast.svgd_step(a, a, out=torch.empty(6, 4)))(x)
+    with pytest.raises(ValueError, match="score must have the shape of x"):
+        torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s))(x, x[:, :5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_rbf_kernel_and_median(backend):
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    y = torch.randn(2, 5, 3, dtype=torch.float64)
+    k = torch.func.vmap(lambda a: bmt_fast.rbf_kernel(a, backend=backend))(x)
+    expected = looped(lambda a: kernel64(a, None, reference.median_bandwidth(a)), x)
+    assert relative_error(k, expected) < 1e-12
+    k = torch.func.vmap(lambda a, b: bmt_fast.rbf_kernel(a, b, BANDWIDTH, backend=backend))(x, y)
+    assert relative_error(k, looped(lambda a, b: kernel64(a, b, torch.tensor(BANDWIDTH, dtype=torch.float64)), x, y)) < 1e-12
+    h = torch.func.vmap(lambda a: bmt_fast.median_bandwidth(a, backend=backend))(x)
+    assert relative_error(h, looped(reference.median_bandwidth, x)) < 1e-12
+
+
+@requires_cpu_extension
+def test_vmap_sampled_median_follows_vmap_randomness():
+    x = torch.randn(40, 2).expand(3, 40, 2)  # three identical entries
+
+    def sampled(a):
+        return bmt_fast.median_bandwidth(a, method="sampled", num_pairs=7)
+
+    with pytest.raises(RuntimeError, match='randomness="different"'):
+        torch.func.vmap(sampled)(x)
+    torch.manual_seed(5)
+    same = torch.func.vmap(sampled, randomness="same")(x)
+    torch.manual_seed(5)
+    first = sampled(x[0])
+    assert torch.equal(same, first.expand(3))
+    torch.manual_seed(5)
+    different = torch.func.vmap(sampled, randomness="different")(x)
+    assert different[0] == first and len(set(different.tolist())) > 1
+    # as many samples as pairs: the exact median, no random draw, whatever the randomness
+    exact = torch.func.vmap(lambda a: bmt_fast.median_bandwidth(a, method="sampled", num_pairs=1600))(x)
+    assert torch.equal(exact, bmt_fast.median_bandwidth(x[0]).expand(3))
+
+
+# --- grad, vjp, jacrev, jacfwd, hessian --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["self", "cross", "median"])
+def test_grad_of_rbf_kernel_is_the_reference_gradient(backend, case):
+    x = torch.randn(9, 2, 2, dtype=torch.float64)
+    y = None if case != "cross" else torch.randn(6, 2, 2, dtype=torch.float64)
+    h = torch.tensor(BANDWIDTH, dtype=torch.float64)
+    m = 9 if y is None else 6
+    w = weights(9, m)
+
+    def loss(kernel):
+        return (w * kernel.reshape(9, m) ** 2).sum()
+
+    if case == "median":  # H the median's, a constant
+        got = torch.func.grad(lambda a: loss(bmt_fast.rbf_kernel(a, backend=backend)))(x)
+        hm = reference.median_bandwidth(x.reshape(9, 4))
+        expected = torch.func.grad(lambda a: loss(kernel64(a.reshape(9, 4), None, hm)))(x)
+        assert relative_error(got, expected) < 1e-12
+        return
+    argnums = (0, 2) if y is None else (0, 1, 2)
+    got = torch.func.grad(lambda a, b, hh: loss(bmt_fast.rbf_kernel(a, b, hh, backend=backend)), argnums=argnums)(x, y, h)
+    expected = torch.func.grad(
+        lambda a, b, hh: loss(kernel64(a.reshape(9, 4), None if b is None else b.reshape(m, 4), hh)), argnums=argnums
+    )(x, y, h)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        assert relative_error(g, e) < 1e-12
+
+
+@requires_cpu_extension
+def test_grad_in_float32_and_a_float32_bandwidth():
+    x64 = torch.randn(20, 6, dtype=torch.float64)
+    h = torch.tensor(3.0)
+    got = torch.func.grad(lambda a, hh: bmt_fast.rbf_kernel(a, None, hh).sum(), argnums=(0, 1))(x64.float(), h)
+    expected = torch.func.grad(lambda a, hh: kernel64(a, None, hh).sum(), argnums=(0, 1))(x64, h.double())
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32 and got[1].shape == ()
+    assert relative_error(got[0], expected[0]) < 1e-5
+    assert relative_error(got[1], expected[1]) < 1e-5
+
+
+@requires_cpu_extension
+def test_one_level_of_grad_or_vjp_runs_the_backward_kernel_and_nested_transforms_the_formula(monkeypatch):
+    """Where nothing differentiates the gradient again the compiled backward op computes it; jacrev (a
+    vmap of vjp) and hessian take the differentiable formula."""
+    kernel_calls, formula_calls = [], []
+    compiled, formula = backends.compiled_rbf_kernel_vjp, reference.rbf_kernel_vjp
+    monkeypatch.setattr(backends, "compiled_rbf_kernel_vjp", lambda *a: kernel_calls.append(1) or compiled(*a))
+    monkeypatch.setattr(reference, "rbf_kernel_vjp", lambda *a: formula_calls.append(1) or formula(*a))
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randn(5, 3, dtype=torch.float64)
+    torch.func.grad(lambda a: bmt_fast.rbf_kernel(a, None, BANDWIDTH).sum())(x)
+    _, vjp = torch.func.vjp(lambda a: bmt_fast.rbf_kernel(a, y, BANDWIDTH), x)
+    vjp(torch.ones(8, 5, dtype=torch.float64))
+    assert (len(kernel_calls), len(formula_calls)) == (2, 0)
+    torch.func.jacrev(lambda a: bmt_fast.rbf_kernel(a, y, BANDWIDTH))(x)
+    torch.func.hessian(lambda a: bmt_fast.rbf_kernel(a, None, BANDWIDTH).sum())(x)
+    assert len(kernel_calls) == 2 and len(formula_calls) == 2
+    # grad of grad: the inner gradient by the formula, which the outer grad differentiates; its path back
+    # through K (the forward's output) is the outer level's own, last, backward: the kernel again
+    torch.func.grad(lambda a: torch.func.grad(lambda b: bmt_fast.rbf_kernel(b, y, BANDWIDTH).sum())(a).sum())(x)
+    assert len(kernel_calls) == 3 and len(formula_calls) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jacobians_and_hessians_of_rbf_kernel(backend):
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    h = torch.tensor(BANDWIDTH, dtype=torch.float64)
+
+    def ours(a, b, hh):
+        return bmt_fast.rbf_kernel(a, b, hh, backend=backend)
+
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        got = transform(ours, argnums=(0, 1, 2))(x, y, h)
+        expected = transform(kernel64, argnums=(0, 1, 2))(x, y, h)
+        for g, e in zip(got, expected):
+            assert relative_error(g, e) < 1e-12
+    w = weights(5, 5)
+    got = torch.func.hessian(lambda a, hh: (w * ours(a, None, hh) ** 2).sum(), argnums=(0, 1))(x, h)
+    expected = torch.func.hessian(lambda a, hh: (w * kernel64(a, None, hh) ** 2).sum(), argnums=(0, 1))(x, h)
+    for got_row, expected_row in zip(got, expected):
+        for g, e in zip(got_row, expected_row):
+            assert relative_error(g, e) < 1e-11
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_of_grad_hessian_vector_products(backend):
+    """grad of (grad . v): a Hessian-vector product, both levels torch.func.grad, in x and in H."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    v = torch.randn(6, 3, dtype=torch.float64)
+    h = torch.tensor(BANDWIDTH, dtype=torch.float64)
+    w = weights(6, 6)
+
+    def hvp(kernel):
+        def loss(a, hh):
+            return (w * kernel(a, None, hh) ** 2).sum()
+
+        return torch.func.grad(lambda a, hh: (torch.func.grad(loss)(a, hh) * v).sum(), argnums=(0, 1))(x, h)
+
+    got = hvp(lambda a, b, hh: bmt_fast.rbf_kernel(a, b, hh, backend=backend))
+    expected = hvp(kernel64)
+    for g, e in zip(got, expected):
+        assert relative_error(g, e) < 1e-12
+
+
+@requires_cpu_extension
+def test_vmap_of_grad_and_grad_of_vmap():
+    """Per-chain gradients (vmap of grad) and the gradient of a batched loss (grad of vmap), each with
+    per-chain median bandwidths."""
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+
+    def loss(a):
+        return (bmt_fast.rbf_kernel(a) ** 2).sum()
+
+    def loss64(a):
+        return (kernel64(a, None, reference.median_bandwidth(a).detach()) ** 2).sum()  # H a constant
+
+    per_chain = torch.func.vmap(torch.func.grad(loss))(x)
+    expected = looped(torch.func.grad(loss64), x)
+    assert relative_error(per_chain, expected) < 1e-12
+    total = torch.func.grad(lambda b: torch.func.vmap(loss)(b).sum())(x)
+    assert relative_error(total, expected) < 1e-12
+
+
+def test_reference_vjp_and_jvp_formulas_are_torch_autograd_of_the_reference():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    h = torch.tensor(2.3, dtype=torch.float64)
+    for other in (None, y):
+        m = 6 if other is None else 4
+        grad = weights(6, m)
+        primals = (x, h) if other is None else (x, other, h)
+        kernel, vjp = torch.func.vjp(lambda *p: kernel64(p[0], None if other is None else p[1], p[-1]), *primals)
+        expected = vjp(grad)
+        got = reference.rbf_kernel_vjp(grad, x, other, h, kernel, (True, other is not None, True))
+        got = [g for g in got if g is not None]
+        for g, e in zip(got, expected):
+            assert relative_error(g, e) < 1e-13
+        tangents = tuple(torch.randn_like(p) for p in primals)
+        _, expected_dk = torch.func.jvp(lambda *p: kernel64(p[0], None if other is None else p[1], p[-1]), primals, tangents)
+        full = (tangents[0], None, tangents[-1]) if other is None else tangents
+        assert relative_error(reference.rbf_kernel_jvp(x, other, h, kernel, full), expected_dk) < 1e-13
