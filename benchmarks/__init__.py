@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 
-OPS = ("svgd_step", "rbf_kernel", "rbf_kernel_grad", "median_bandwidth", "kde_prior", "prompt_transfer_step")
+OPS = ("svgd_step", "svgd_step_vmap", "rbf_kernel", "rbf_kernel_grad", "median_bandwidth", "kde_prior",
+       "prompt_transfer_step")
 USAGE = (f"usage: python -m benchmarks {{{','.join(OPS)}}} [--quick] [options], or python -m benchmarks plot "
          "[options]; `python -m benchmarks.<op> --help` lists the options")  # fmt: skip
 

@@ -14,13 +14,23 @@ import pytest
 import torch
 from helpers import requires_cpu_extension
 
-from benchmarks import harness, kde_prior, median_bandwidth, plot, prompt_transfer_step, rbf_kernel, rbf_kernel_grad, svgd_step
+from benchmarks import (
+    harness,
+    kde_prior,
+    median_bandwidth,
+    plot,
+    prompt_transfer_step,
+    rbf_kernel,
+    rbf_kernel_grad,
+    svgd_step,
+    svgd_step_vmap,
+)
 from benchmarks.harness import CSV_HEADER, STATUSES, Case, Inputs
 from benchmarks.providers import providers_for
 from bmt_fast import bench, cli
 
 OPS = {"svgd_step": svgd_step, "rbf_kernel": rbf_kernel, "rbf_kernel_grad": rbf_kernel_grad, "median_bandwidth": median_bandwidth,
-       "kde_prior": kde_prior}
+       "kde_prior": kde_prior, "svgd_step_vmap": svgd_step_vmap}
 CPU = torch.device("cpu")
 
 
@@ -36,7 +46,7 @@ CHECKS += [(op, name, 50, 7) for op in ("svgd_step", "rbf_kernel_grad", "kde_pri
 @pytest.mark.parametrize("op,name,n,d", CHECKS)
 def test_provider_matches_float64_reference(op, name, n, d):
     spec = OPS[op].SPEC
-    inputs = Inputs.make(Case(n, d), torch.float32, CPU, seed=3)
+    inputs = spec.make_inputs(Case(n, d), torch.float32, CPU, seed=3)
     expected = spec.reference(inputs.float64())
     provider = providers_for(op)[name]
     assert harness.relative_error(provider.build(inputs)(), expected) <= provider.rtol
@@ -438,3 +448,20 @@ def test_rows_name_the_commit_given_by_bmt_fast_commit(monkeypatch):
     own = harness.git_commit()
     monkeypatch.setenv("BMT_FAST_COMMIT", "abc1234")
     assert harness.git_commit() == "abc1234" != own
+
+
+@requires_cpu_extension
+def test_batched_step_rows_carry_the_batch_and_its_work(tmp_path):
+    """svgd_step_vmap --batch B: every provider steps B sets (checked against the float64 step of each),
+    and the rows count B sets' FLOPs and bytes and say B in their note."""
+    out = tmp_path / "batched.csv"
+    rows = svgd_step_vmap.main(["--batch", "3", "--sizes", "20x4", "--repeats", "1", "--out", str(out),
+                                "--providers", "torch-naive-vmap,bmt_fast-cpu-vmap,bmt_fast-cpu-loop"])  # fmt: skip
+    timed = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    assert {"torch-naive-vmap", "bmt_fast-cpu-vmap", "bmt_fast-cpu-loop", "limit-gemm"} <= set(timed)
+    for row in timed.values():
+        assert "a batch of 3 particle sets" in row["note"]
+        assert int(row["flops"]) == 3 * 6 * 20 * 20 * 4 and int(row["bytes"]) == 3 * 4 * 20 * 4 * 4
+    assert float(timed["bmt_fast-cpu-vmap"]["max_rel_err"]) < 1e-5
+    inputs = svgd_step_vmap.SPEC.configure({"batch": 3}).make_inputs(Case(20, 4), torch.float32, CPU)
+    assert inputs.xs.shape == (3, 20, 4) and inputs.x.shape == (20, 4)
