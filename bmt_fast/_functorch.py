@@ -51,12 +51,26 @@ def _base(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _slices(tensors: tuple, in_dims: tuple, index: int) -> list:
+    """Batch entry `index` of each argument (unbatched ones as they are). A tensor passed twice gives one
+    slice object twice, so the ops still see x on both sides (rbf_kernel(x, x): the self kernel)."""
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    args = []
+    for t, dim in zip(tensors, in_dims):
+        if dim is not None:
+            key = (id(t), dim)
+            if key not in seen:
+                seen[key] = t.select(dim, index)
+            t = seen[key]
+        args.append(t)
+    return args
+
+
 def _each(info, in_dims: tuple, tensors: tuple, call: Callable) -> tuple[torch.Tensor, ...]:
     """call on each batch entry's slices (unbatched arguments as they are), results stacked along dim 0."""
     results = []
     for index in range(info.batch_size):
-        args = (t if dim is None else t.select(dim, index) for t, dim in zip(tensors, in_dims))
-        result = call(*args)
+        result = call(*_slices(tensors, in_dims, index))
         results.append(result if isinstance(result, tuple) else (result,))
     return tuple(torch.stack(column) for column in zip(*results))
 
@@ -93,8 +107,7 @@ class _SVGDStep(torch.autograd.Function):
         batch_first = x.movedim(in_dims[0], 0)
         phi = backends.select(backend, "svgd_step", as_rows(batch_first[0])).empty_result(batch_first)
         for index in range(info.batch_size):
-            args = [t if dim is None else t.select(dim, index) for t, dim in zip(tensors, dims)]
-            ops._svgd_step(*args, backend, check_inputs, group, phi[index], fresh_out=True)
+            ops._svgd_step(*_slices(tensors, dims, index), backend, check_inputs, group, phi[index], fresh_out=True)
         return phi, 0
 
 
@@ -133,8 +146,10 @@ class _RBFKernel(torch.autograd.Function):
         ctx.mark_non_differentiable(h)
         ctx.backend = backend
         ctx.bandwidth_given = isinstance(bandwidth, torch.Tensor)
-        ctx.save_for_backward(x, y, bandwidth if ctx.bandwidth_given else None, h, k)
-        ctx.save_for_forward(x, y, bandwidth if ctx.bandwidth_given else None, h, k)
+        # x on both sides (y None, or x passed twice): the self kernel, whose x gradient sums both sides'
+        other = None if y is x else y
+        ctx.save_for_backward(x, other, bandwidth if ctx.bandwidth_given else None, h, k)
+        ctx.save_for_forward(x, other, bandwidth if ctx.bandwidth_given else None, h, k)
 
     @staticmethod
     def backward(ctx, grad, _grad_h):

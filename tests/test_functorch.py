@@ -263,3 +263,54 @@ def test_reference_vjp_and_jvp_formulas_are_torch_autograd_of_the_reference():
         _, expected_dk = torch.func.jvp(lambda *p: kernel64(p[0], None if other is None else p[1], p[-1]), primals, tangents)
         full = (tangents[0], None, tangents[-1]) if other is None else tangents
         assert relative_error(reference.rbf_kernel_jvp(x, other, h, kernel, full), expected_dk) < 1e-13
+
+
+@requires_cpu_extension
+def test_registered_ops_and_compiled_vmaps_take_torchs_per_entry_fallback():
+    """torch.ops.bmt_fast.* on batched tensors (no rules of ours at the op level), and the public step under
+    torch.compile of a vmapped function (dynamo traces vmap without the autograd.Function rules): the
+    entries as single calls give them."""
+    x = torch.randn(3, 20, 4, dtype=torch.float64)
+    score = torch.randn(3, 20, 4, dtype=torch.float64)
+    h = torch.tensor(BANDWIDTH, dtype=torch.float64)
+    ops = torch.ops.bmt_fast
+    grad = weights(20, 20)
+
+    kernels = looped(lambda a: ops.rbf_kernel(a, a, h), x)  # (x passed twice: the self kernel)
+
+    def self_backward(a, k):
+        return ops.rbf_kernel_self_backward(grad, a, k, h, [True, True])[0]
+
+    cases = {
+        "svgd_step": (lambda a, s: ops.svgd_step(a, s, h), (x, score)),
+        "rbf_kernel": (lambda a, b: ops.rbf_kernel(a, b, h), (x, score)),
+        "rbf_kernel_median": (lambda a: ops.rbf_kernel_median(a)[0], (x,)),
+        "median_bandwidth": (ops.median_bandwidth, (x,)),
+        "rbf_kernel_self_backward": (self_backward, (x, kernels)),
+    }
+    for name, (fn, args) in cases.items():
+        torch.testing.assert_close(torch.func.vmap(fn)(*args), looped(fn, *args), rtol=0, atol=0, msg=name)
+    step = torch.compile(
+        torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, BANDWIDTH, check_inputs=False)), backend="eager"
+    )
+    torch.testing.assert_close(step(x, score), looped(lambda a, s: bmt_fast.svgd_step(a, s, BANDWIDTH), x, score))
+
+
+@requires_cpu_extension
+def test_vmap_keeps_x_passed_twice_one_tensor(monkeypatch):
+    """rbf_kernel(x, x) under vmap: the op sees one slice on both sides (the self kernel, bit for bit as
+    rbf_kernel(x, x) of each entry, and its one-pass gradient)."""
+    x = torch.randn(2, 30, 3)
+    k = torch.func.vmap(lambda a: bmt_fast.rbf_kernel(a, a, BANDWIDTH))(x)
+    torch.testing.assert_close(k, looped(lambda a: bmt_fast.rbf_kernel(a, a, BANDWIDTH), x), rtol=0, atol=0)
+    passes = []
+    self_backward = torch.ops.bmt_fast.rbf_kernel_self_backward
+    monkeypatch.setattr(torch.ops.bmt_fast, "rbf_kernel_self_backward", lambda *a: passes.append(1) or self_backward(*a))
+    h = torch.tensor(BANDWIDTH, dtype=torch.float64)
+    got = torch.func.grad(lambda a: (bmt_fast.rbf_kernel(a, a, h) ** 2).sum())(x[0].double())
+    expected = torch.func.grad(lambda a: (kernel64(a, a, h) ** 2).sum())(x[0].double())
+    assert passes == [1]
+    assert relative_error(got, expected) < 1e-12
+    _, tangent = torch.func.jvp(lambda a: bmt_fast.rbf_kernel(a, a, h), (x[0].double(),), (x[1].double(),))
+    _, expected = torch.func.jvp(lambda a: kernel64(a, a, h), (x[0].double(),), (x[1].double(),))
+    assert relative_error(tangent, expected) < 1e-12
