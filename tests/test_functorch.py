@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import CPU_BACKENDS, relative_error, requires_cpu_extension
-from triton_helpers import requires_triton
+from triton_helpers import DEVICE, requires_triton
 
 import bmt_fast
 from bmt_fast import backends, reference
@@ -32,12 +32,21 @@ def weights(n: int, m: int) -> torch.Tensor:
     return torch.linspace(-1.0, 2.0, n * m, dtype=torch.float64).reshape(n, m)
 
 
+@pytest.fixture
+def device(backend):
+    """The device the backend runs on here (Triton: the GPU, or the CPU in the interpreter); the test's
+    tensors are made there (torch.device as a context manager sets where factories put them)."""
+    where = DEVICE if backend == "triton" else torch.device("cpu")
+    with where:
+        yield where
+
+
 # --- vmap ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bandwidth", ["median", BANDWIDTH, "per_entry"])
-def test_vmap_svgd_step_is_the_step_of_each_particle_set(backend, bandwidth):
+def test_vmap_svgd_step_is_the_step_of_each_particle_set(backend, bandwidth, device):
     x = torch.randn(3, 9, 2, 3, dtype=torch.float64) * 1.5 + 4.0
     score = torch.randn(3, 9, 2, 3, dtype=torch.float64)
     if bandwidth == "per_entry":  # one H per batch entry, batched with the particles
@@ -85,7 +94,7 @@ def test_vmap_svgd_step_checks_each_entry_and_refuses_out():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vmap_rbf_kernel_and_median(backend):
+def test_vmap_rbf_kernel_and_median(backend, device):
     x = torch.randn(2, 7, 3, dtype=torch.float64)
     y = torch.randn(2, 5, 3, dtype=torch.float64)
     k = torch.func.vmap(lambda a: bmt_fast.rbf_kernel(a, backend=backend))(x)
@@ -124,7 +133,7 @@ def test_vmap_sampled_median_follows_vmap_randomness():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["self", "cross", "median"])
-def test_grad_of_rbf_kernel_is_the_reference_gradient(backend, case):
+def test_grad_of_rbf_kernel_is_the_reference_gradient(backend, case, device):
     x = torch.randn(9, 2, 2, dtype=torch.float64)
     y = None if case != "cross" else torch.randn(6, 2, 2, dtype=torch.float64)
     h = torch.tensor(BANDWIDTH, dtype=torch.float64)
@@ -185,7 +194,7 @@ def test_one_level_of_grad_or_vjp_runs_the_backward_kernel_and_nested_transforms
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_jacobians_and_hessians_of_rbf_kernel(backend):
+def test_jacobians_and_hessians_of_rbf_kernel(backend, device):
     x = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randn(4, 3, dtype=torch.float64)
     h = torch.tensor(BANDWIDTH, dtype=torch.float64)
@@ -207,7 +216,7 @@ def test_jacobians_and_hessians_of_rbf_kernel(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_of_grad_hessian_vector_products(backend):
+def test_grad_of_grad_hessian_vector_products(backend, device):
     """grad of (grad . v): a Hessian-vector product, both levels torch.func.grad, in x and in H."""
     x = torch.randn(6, 3, dtype=torch.float64)
     v = torch.randn(6, 3, dtype=torch.float64)

@@ -305,7 +305,8 @@ def test_gradcheck_self_kernel(cpu_backend):
 @pytest.mark.parametrize("n", [3, 66])  # symmetrised self-kernel backward up to 64 particles, two outputs beyond
 def test_double_backward(cpu_backend, n):
     """create_graph=True gives gradients that autograd differentiates again (the compiled backward op has
-    no derivative: those gradients come from the differentiable reference), in x, y and H."""
+    no derivative: those gradients come from the differentiable formula reference.rbf_kernel_vjp, whose K
+    is the forward's output, itself differentiable), in x, y and H."""
     x = torch.randn(n, 2, dtype=torch.float64, requires_grad=True)
     y = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     h = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
