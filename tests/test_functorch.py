@@ -323,3 +323,22 @@ def test_vmap_keeps_x_passed_twice_one_tensor(monkeypatch):
     _, tangent = torch.func.jvp(lambda a: bmt_fast.rbf_kernel(a, a, h), (x[0].double(),), (x[1].double(),))
     _, expected = torch.func.jvp(lambda a: kernel64(a, a, h), (x[0].double(),), (x[1].double(),))
     assert relative_error(tangent, expected) < 1e-12
+
+
+@requires_cpu_extension
+def test_vmap_calls_torchs_vmap_helper_directly(monkeypatch):
+    """Where the innermost transform is a vmap the rule is reached through torch's vmap helper directly (what
+    autograd.Function.apply would reach, without its dispatch). Nested vmaps: the inner level's rule once,
+    then for each of its entries (still batched at the outer level) the outer one's."""
+    from bmt_fast import _functorch
+
+    calls = []
+    helper = _functorch.custom_function_call_vmap_helper
+    if helper is None:
+        pytest.skip("this torch has no custom_function_call_vmap_helper: Function.apply serves")
+    monkeypatch.setattr(_functorch, "custom_function_call_vmap_helper", lambda *a: calls.append(a[2]) or helper(*a))
+    x = torch.randn(2, 3, 10, 4)
+    torch.func.vmap(torch.func.vmap(bmt_fast.svgd_step))(x, x)
+    torch.func.vmap(bmt_fast.rbf_kernel)(x[0])
+    torch.func.vmap(bmt_fast.median_bandwidth)(x[0])
+    assert [c.__name__ for c in calls] == ["_SVGDStep"] * (1 + 3) + ["_RBFKernel", "_MedianBandwidth"]
