@@ -93,12 +93,8 @@ def _each(info, in_dims: tuple, tensors: tuple, call: Callable) -> tuple[torch.T
     return tuple(torch.stack(column) for column in zip(*results))
 
 
-class _SVGDStep(torch.autograd.Function):
-    @staticmethod
-    def forward(x, score, bandwidth, backend, check_inputs, group):
-        from . import ops
-
-        return ops.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group)
+class _NoGradient(torch.autograd.Function):
+    """A Function whose output has no gradient (svgd_step, median_bandwidth), as outside transforms."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -106,7 +102,15 @@ class _SVGDStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # (never called: the output is not differentiable)
-        raise RuntimeError("svgd_step is not differentiable")
+        raise RuntimeError("this op is not differentiable")
+
+
+class _SVGDStep(_NoGradient):
+    @staticmethod
+    def forward(x, score, bandwidth, backend, check_inputs, group):
+        from . import ops
+
+        return ops.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group)
 
     @staticmethod
     def vmap(info, in_dims, x, score, bandwidth, backend, check_inputs, group):
@@ -165,9 +169,15 @@ class _RBFKernel(torch.autograd.Function):
         ctx.backend = backend
         ctx.bandwidth_given = isinstance(bandwidth, torch.Tensor)
         # x on both sides (y None, or x passed twice): the self kernel, whose x gradient sums both sides'
-        other = None if y is x else y
-        ctx.save_for_backward(x, other, bandwidth if ctx.bandwidth_given else None, h, k)
-        ctx.save_for_forward(x, other, bandwidth if ctx.bandwidth_given else None, h, k)
+        saved = (x, None if y is x else y, bandwidth if ctx.bandwidth_given else None, h, k)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def _bandwidth(ctx, bandwidth, h, x):
+        """H for the formulas: a given tensor bandwidth as the input (its own derivatives), the median's
+        H as a constant."""
+        return bandwidth.reshape(()).to(x.device) if ctx.bandwidth_given else h
 
     @staticmethod
     def backward(ctx, grad, _grad_h):
@@ -186,9 +196,7 @@ class _RBFKernel(torch.autograd.Function):
         else:
             from . import reference
 
-            # a given tensor bandwidth enters as the input (its own derivatives), the median H as a constant
-            hb = bandwidth.reshape(()).to(x.device) if ctx.bandwidth_given else h
-            grads = reference.rbf_kernel_vjp(grad, x2, y2, hb, k, needs)
+            grads = reference.rbf_kernel_vjp(grad, x2, y2, _RBFKernel._bandwidth(ctx, bandwidth, h, x), k, needs)
         grad_x, grad_y, grad_h = (g if need else None for g, need in zip(grads, needs))
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape)
@@ -204,7 +212,7 @@ class _RBFKernel(torch.autograd.Function):
         from ._validation import as_rows
 
         x, y, bandwidth, h, k = ctx.saved_tensors
-        hb = bandwidth.reshape(()).to(x.device) if ctx.bandwidth_given else h
+        hb = _RBFKernel._bandwidth(ctx, bandwidth, h, x)
         tangents = (
             None if t_x is None else as_rows(t_x),
             None if t_y is None or y is None else as_rows(t_y),
@@ -224,7 +232,7 @@ def rbf_kernel(x, y, bandwidth, backend, check_inputs):
     return _kernel_and_bandwidth(x, y, bandwidth, backend, check_inputs)[0]
 
 
-class _MedianBandwidth(torch.autograd.Function):
+class _MedianBandwidth(_NoGradient):
     @staticmethod
     def forward(x, method, num_pairs, generator, backend, check_inputs):
         from . import ops
@@ -232,14 +240,6 @@ class _MedianBandwidth(torch.autograd.Function):
         return ops.median_bandwidth(
             x, method=method, num_pairs=num_pairs, generator=generator, backend=backend, check_inputs=check_inputs
         )
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output)
-
-    @staticmethod
-    def backward(ctx, grad):  # (never called: the output is not differentiable)
-        raise RuntimeError("median_bandwidth is not differentiable")
 
     @staticmethod
     def vmap(info, in_dims, x, method, num_pairs, generator, backend, check_inputs):

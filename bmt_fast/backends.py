@@ -173,17 +173,23 @@ class CompiledBackend(Backend):
         return self.name == "cpu" or x.shape[0] <= self._flagged_particles
 
 
-def compiled_rbf_kernel_vjp(grad, x, y, h, k, needs) -> tuple:
-    """Backend.rbf_kernel_vjp by the compiled backward ops of torch.ops.bmt_fast (no autograd graph): only
-    the gradients `needs` asks for are computed, the others come back as None (for the trainer's prior, one
-    prompt against constant particles and a constant H, that is grad_x alone)."""
+def vjp_by_ops(self_backward, backward, grad, x, y, h, k, needs, *extra) -> tuple:
+    """Backend.rbf_kernel_vjp by a backend's two backward ops (no autograd graph), `extra` their trailing
+    arguments: only the gradients `needs` asks for are computed, the others come back as None or zeros (for
+    the trainer's prior, one prompt against constant particles and a constant H, that is grad_x alone)."""
     if y is None and needs[0]:
         # the self kernel: autograd would add x's two row gradients; this op gives their sum (on the CPU in one
-        # pass with the weights grad + grad^T formed a block at a time: K is symmetric; on other devices by the
-        # rule of csrc/registration.cpp, rbf_kernel_self_backward_composite)
-        grad_x, grad_h = torch.ops.bmt_fast.rbf_kernel_self_backward(grad, x, k, h, [True, needs[2]])
+        # pass with the weights grad + grad^T formed a block at a time: K is symmetric; Triton: one
+        # symmetrised pass; CUDA: the rule of csrc/registration.cpp, rbf_kernel_self_backward_composite)
+        grad_x, grad_h = self_backward(grad, x, k, h, [True, needs[2]], *extra)
         return grad_x, None, grad_h
-    return torch.ops.bmt_fast.rbf_kernel_backward(grad, x, x if y is None else y, k, h, list(needs))
+    return backward(grad, x, x if y is None else y, k, h, list(needs), *extra)
+
+
+def compiled_rbf_kernel_vjp(grad, x, y, h, k, needs) -> tuple:
+    """vjp_by_ops with the compiled backward ops of torch.ops.bmt_fast (CPU and CUDA)."""
+    ops = torch.ops.bmt_fast
+    return vjp_by_ops(ops.rbf_kernel_self_backward, ops.rbf_kernel_backward, grad, x, y, h, k, needs)
 
 
 _REGISTRY: dict[str, Backend] = {}

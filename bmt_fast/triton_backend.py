@@ -104,13 +104,10 @@ class TritonBackend(backends.Backend):
         return torch.ops.bmt_fast_triton.median_bandwidth(x, "auto", self.allow_tf32)
 
     def rbf_kernel_vjp(self, grad, x, y, h, k, needs):
-        # (the backward ops of the op's own autograd rule, kernels/rbf_kernel.py: _backward)
-        if y is None and needs[0]:
-            grad_x, grad_h = torch.ops.bmt_fast_triton.rbf_kernel_self_backward(
-                grad, x, k, h, [True, needs[2]], self.allow_tf32
-            )
-            return grad_x, None, grad_h
-        return torch.ops.bmt_fast_triton.rbf_kernel_backward(grad, x, x if y is None else y, k, h, list(needs), self.allow_tf32)
+        ops = torch.ops.bmt_fast_triton
+        return backends.vjp_by_ops(
+            ops.rbf_kernel_self_backward, ops.rbf_kernel_backward, grad, x, y, h, k, needs, self.allow_tf32
+        )
 
 
 # Many-particle sizes at which the Triton kernels beat the CUDA kernels on an H200 (benchmarks/results/

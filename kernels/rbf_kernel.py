@@ -376,13 +376,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    from bmt_fast.backends import vjp_by_ops
+
     x, y, bandwidth, kernel = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    if ctx.one_pass:
-        grad_x, grad_h = rbf_kernel_self_backward_op(grad, x, kernel, bandwidth, [mask[0], mask[2]], ctx.allow_tf32)
-        return (grad_x if mask[0] else None), None, (grad_h if mask[2] else None), None, None
-    grad_x, grad_y, grad_h = rbf_kernel_backward_op(grad, x, y, kernel, bandwidth, mask, ctx.allow_tf32)
-    return (grad_x if mask[0] else None), (grad_y if mask[1] else None), (grad_h if mask[2] else None), None, None
+    needs = ctx.needs_input_grad[:3]
+    grads = vjp_by_ops(rbf_kernel_self_backward_op, rbf_kernel_backward_op, grad, x, None if ctx.one_pass else y,
+                       bandwidth, kernel, needs, ctx.allow_tf32)  # fmt: skip
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
 
 torch.library.register_autograd("bmt_fast_triton::rbf_kernel", _backward, setup_context=_setup_context)
