@@ -161,10 +161,16 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward_composite(const at::
                                                                       std::array<bool, 2> output_mask);
 
 namespace cpu {
-// Largest n for which "auto" takes the Gram path on CPU (few particles, huge d); see benchmarks/results.
-// With many features more: up to kGramWideMaxParticles where n^2 <= 8 d (svgd_cpu.cpp, gram_max_particles).
+// The most particles "auto" takes the Gram path with on CPU (few particles, huge d), where there are enough
+// features for each op (svgd_cpu.cpp, prefers_gram); kGramMaxParticles: the Gram path's bound on the shapes
+// AMX would take (below kGramWideMaxParticles where n^2 <= 8 d), and on rows of two sets, n + m.
 constexpr int64_t kGramMaxParticles = 64;
 constexpr int64_t kGramWideMaxParticles = 192;
+// Whether "auto" takes the few-particle Gram path for the particles x (n x d) in `op`: "svgd_step" (H
+// given), "median_bandwidth" (also svgd_step with the median rule) or "rbf_kernel" (x with itself);
+// svgd_cpu.cpp, prefers_gram. For tests and benchmarks that name the path.
+bool takes_gram_path(const at::Tensor& x, std::string_view op);
+
 // Up to how many particles, and from how many features, the tiled path's self-kernel passes (svgd_step,
 // rbf_kernel(x), the median) go by feature chunks in fp32/fp64 (svgd_cpu.cpp), flagging a non-finite phi;
 // and beyond that up to kChunkedWideMaxParticles where there are at least kChunkedWideFeaturesPerParticle

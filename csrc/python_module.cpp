@@ -21,8 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     info["compiler"] = __VERSION__;
     info["bandwidth_floor"] = bmt_fast::kBandwidthFloor;
-    info["gram_max_particles"] = bmt_fast::cpu::kGramMaxParticles;
-    info["gram_wide_max_particles"] = bmt_fast::cpu::kGramWideMaxParticles;  // (where n^2 <= 8 d)
+    info["gram_max_particles"] = bmt_fast::cpu::kGramWideMaxParticles;  // (with enough features: prefers_gram)
     info["chunked_max_particles"] = bmt_fast::cpu::kChunkedMaxParticles;
     info["chunked_min_features"] = bmt_fast::cpu::kChunkedMinFeatures;
     info["chunked_wide_max_particles"] = bmt_fast::cpu::kChunkedWideMaxParticles;
@@ -35,6 +34,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Whether fp32 particles take the AMX path now (torch's fp32 matmul precision for oneDNN is bf16; read at
   // every call, as the ops read it): the public API then knows that the kernel flags a non-finite phi.
   m.def("float32_matmul_in_bf16", [] { return bmt_fast::cpu::float32_matmul_in_bf16(); });
+  // Whether "auto" takes the few-particle Gram path for these particles (n x d) in op ("svgd_step" with H
+  // given, "median_bandwidth" or "rbf_kernel"; cpu/kernels.h): for tests and benchmarks.
+  m.def("takes_gram_path", [](const at::Tensor& x, const std::string& op) {
+    return bmt_fast::cpu::takes_gram_path(x, op);
+  });
   // An uninitialised contiguous CPU tensor shaped like `like`, on huge pages when large (cpu/huge_pages.h):
   // where the public API allocates a result itself (svgd_step's phi for its finiteness flag).
   m.def("empty_large_like", [](const at::Tensor& like) {

@@ -176,7 +176,7 @@ def test_result_has_no_autograd_history(cpu_backend, grad_of):
         assert not phi.requires_grad and phi.grad_fn is None
 
 
-@pytest.mark.parametrize("n", [4, 70])  # written in place by the kernel (n <= 64), copied in beyond
+@pytest.mark.parametrize("n", [4, 70])  # the Gram path and the fused kernel
 def test_out_write_is_seen_by_autograd(cpu_backend, n):
     """Writing phi into out bumps out's version counter: autograd refuses a backward that saved out's old
     values (as for any in-place op), instead of silently using phi."""
@@ -265,7 +265,7 @@ def test_backend_choice_is_remembered_until_a_rule_changes():
             select(None, "svgd_step", x)
 
 
-@pytest.mark.parametrize("n", [4, 13, 64, 100])  # the CPU Gram path up to 64 particles, the tiled one beyond
+@pytest.mark.parametrize("n", [4, 13, 64, 100])  # the CPU Gram path up to 16 particles here, the fused kernel beyond
 @pytest.mark.parametrize("h", [1e-2, 1e-4, 1e-6])
 def test_float32_with_a_tiny_bandwidth(cpu_backend, n, h):
     """A fixed H far below the squared distances (particles that barely interact: phi is about score / n).
@@ -364,7 +364,7 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
 
 @requires_cpu_extension
 @pytest.mark.parametrize(
-    "n,d", [(120, 1700), (100, 600), (257, 1300), (200, 300), (500, 200), (130, 70), (600, 2450)]
+    "n,d", [(250, 1700), (180, 600), (257, 1300), (200, 300), (500, 200), (130, 70), (600, 2450)]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_few_particles_on_the_gemm_path_by_feature_chunks(n, d, dtype):
@@ -434,34 +434,79 @@ def test_auto_takes_the_amx_chunks_from_33_bf16_particles_with_many_features(n, 
     assert torch.equal(k_median, median) and torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, median))
 
 
+# Shapes on either side of the CPU's Gram-path rules (csrc/cpu/svgd_cpu.cpp, gram_rule): the Gram path for
+# n <= `always` particles or where n^power <= per_feature * d, up to 192 particles. svgd_step with H given:
+# fp32 (and 16-bit) n <= 16 or n^2 <= 16 d, fp64 n <= 16 or n^2 <= 48 d; median_bandwidth and svgd_step with
+# the median rule: fp32 n <= 32 or n^3 <= 4096 d, fp64 n <= 48 or n^3 <= 8192 d; rbf_kernel(x): fp32 n^2 <= 8 d,
+# fp64 n^2 <= 24 d.
+GRAM_RULE_CASES = [
+    ("svgd_step", torch.float32, 16, 8, "gram"), ("svgd_step", torch.float32, 17, 19, "gram"),
+    ("svgd_step", torch.float32, 17, 18, "tiled"), ("svgd_step", torch.float32, 64, 256, "gram"),
+    ("svgd_step", torch.float32, 64, 255, "tiled"), ("svgd_step", torch.float32, 192, 2304, "gram"),
+    ("svgd_step", torch.float32, 192, 2303, "tiled"), ("svgd_step", torch.float32, 193, 20000, "tiled"),
+    ("svgd_step", torch.float64, 64, 86, "gram"), ("svgd_step", torch.float64, 64, 85, "tiled"),
+    ("svgd_step", torch.float64, 192, 768, "gram"), ("svgd_step", torch.float64, 192, 767, "tiled"),
+    ("median_bandwidth", torch.float32, 32, 8, "gram"), ("median_bandwidth", torch.float32, 33, 9, "gram"),
+    ("median_bandwidth", torch.float32, 33, 8, "tiled"), ("median_bandwidth", torch.float32, 64, 64, "gram"),
+    ("median_bandwidth", torch.float32, 64, 63, "tiled"), ("median_bandwidth", torch.float32, 192, 1728, "gram"),
+    ("median_bandwidth", torch.float32, 192, 1727, "tiled"), ("median_bandwidth", torch.float64, 48, 8, "gram"),
+    ("median_bandwidth", torch.float64, 64, 32, "gram"), ("median_bandwidth", torch.float64, 64, 31, "tiled"),
+    ("median_bandwidth", torch.float64, 100, 123, "gram"), ("median_bandwidth", torch.float64, 100, 122, "tiled"),
+    ("rbf_kernel", torch.float32, 16, 32, "gram"), ("rbf_kernel", torch.float32, 16, 31, "tiled"),
+    ("rbf_kernel", torch.float32, 64, 512, "gram"), ("rbf_kernel", torch.float32, 64, 511, "tiled"),
+    ("rbf_kernel", torch.float32, 64, 63, "tiled"), ("rbf_kernel", torch.float64, 64, 171, "gram"),
+    ("rbf_kernel", torch.float64, 64, 170, "tiled"), ("rbf_kernel", torch.float64, 64, 20, "tiled"),
+]  # fmt: skip
+
+
 @requires_cpu_extension
-@pytest.mark.parametrize("n,d,path", [(65, 529, "gram"), (65, 528, "tiled"), (192, 4608, "gram"), (192, 4607, "tiled"),
-                                      (193, 20000, "tiled"), (100, 76_800, "gram")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_auto_takes_the_gram_path_up_to_192_particles_with_n_squared_at_most_8d(n, d, path, dtype):
-    """Beyond 64 particles "auto" keeps the Gram path (off the AMX path) while n^2 <= 8 d, up to 192 particles
-    (faster there than the GEMMs by feature chunks); past either bound the step, the median and
-    rbf_kernel_median take the chunks. phi and the median as the algorithm `path` gives them and not as
-    the other one, within fp32 (fp64) rounding of the float64 reference either way. fp16 particles follow
-    the same rule."""
+@pytest.mark.parametrize("op,dtype,n,d,path", GRAM_RULE_CASES)
+def test_auto_takes_the_gram_path_by_each_ops_rule(op, dtype, n, d, path):
+    """"auto" takes the few-particle Gram path (off the AMX path) by a rule of its own for each op, measured
+    where the two paths cross: the more particles, the more features the Gram path needs (before 2026-12-05
+    it took up to 64 particles at any d: 64 x 8 fp32, the step with H given, 37 against 11 us). Each op as the
+    algorithm `path` gives it (and phi not as the other one), within fp32 (fp64) rounding of the float64
+    reference: svgd_step with H given, median_bandwidth and svgd_step with the median rule (the same H), rbf_kernel(x)
+    (no algorithm argument: the one Gram pass of rbf_kernel_median equals it bit for bit only where both took
+    the Gram path, its other paths only where neither did). fp16 particles follow fp32's rule."""
+    module = bmt_fast._extension.CPU.module
     torch.manual_seed(n + d)
     x, score = particles(n, d, dtype=dtype)
-    h = torch.tensor(2.0 * d, dtype=torch.float64)
+    assert module.takes_gram_path(x, op) == (path == "gram")
     other = "gram" if path == "tiled" else "tiled"
-    auto = torch.ops.bmt_fast.svgd_step(x, score, h, "auto")
-    assert torch.equal(auto, torch.ops.bmt_fast.svgd_step(x, score, h, path))
-    assert not torch.equal(auto, torch.ops.bmt_fast.svgd_step(x, score, h, other))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert relative_error(auto, reference_phi(x.double(), score.double(), h)) <= tol
-    median = torch.ops.bmt_fast.median_bandwidth(x, "auto")
-    assert torch.equal(median, torch.ops.bmt_fast.median_bandwidth(x, path))
-    k, k_median = torch.ops.bmt_fast.rbf_kernel_median(x)
-    assert torch.equal(k_median, median) and torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, median))
-    assert torch.equal(torch.ops.bmt_fast.svgd_step(x, score, None, "auto"),
-                       torch.ops.bmt_fast.svgd_step(x, score, None, path))
-    half, half_score = x.half(), score.half()
-    assert torch.equal(torch.ops.bmt_fast.svgd_step(half, half_score, h, "auto"),
-                       torch.ops.bmt_fast.svgd_step(half, half_score, h, path))
+    if op == "svgd_step":
+        h = torch.tensor(2.0 * d, dtype=torch.float64)
+        auto = torch.ops.bmt_fast.svgd_step(x, score, h, "auto")
+        assert torch.equal(auto, torch.ops.bmt_fast.svgd_step(x, score, h, path))
+        assert not torch.equal(auto, torch.ops.bmt_fast.svgd_step(x, score, h, other))
+        assert relative_error(auto, reference_phi(x.double(), score.double(), h)) <= tol
+        half, half_score = x.half(), score.half()
+        half_path = "gram" if module.takes_gram_path(half, op) else "tiled"
+        assert dtype == torch.float64 or half_path == path
+        assert torch.equal(torch.ops.bmt_fast.svgd_step(half, half_score, h, "auto"),
+                           torch.ops.bmt_fast.svgd_step(half, half_score, h, half_path))
+    elif op == "median_bandwidth":
+        median = torch.ops.bmt_fast.median_bandwidth(x, "auto")  # (the paths' medians often agree bit for bit)
+        assert torch.equal(median, torch.ops.bmt_fast.median_bandwidth(x, path))
+        assert abs(float(median) / float(reference.median_bandwidth(x.double())) - 1) <= tol
+        phi = torch.ops.bmt_fast.svgd_step(x, score, None, "auto")
+        assert torch.equal(phi, torch.ops.bmt_fast.svgd_step(x, score, None, path))
+        assert not torch.equal(phi, torch.ops.bmt_fast.svgd_step(x, score, None, other))
+    else:
+        k, h = torch.ops.bmt_fast.rbf_kernel_median(x)
+        assert torch.equal(h, torch.ops.bmt_fast.median_bandwidth(x))
+        assert torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, h))
+        assert relative_error(k, reference.rbf_kernel(x.double(), x.double(), h.double())) <= tol
+
+
+@requires_cpu_extension
+def test_takes_gram_path_refuses_unknown_ops_and_shapes():
+    module = bmt_fast._extension.CPU.module
+    with pytest.raises(RuntimeError, match="op must be"):
+        module.takes_gram_path(torch.randn(4, 3), "rbf_kernel_median")
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        module.takes_gram_path(torch.randn(4), "svgd_step")
 
 
 @requires_amx

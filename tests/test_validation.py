@@ -203,8 +203,8 @@ def checked(x, score, bandwidth=None, algorithm="auto"):
 @pytest.mark.parametrize("n, d", [(1, 5), (4, 203), (13, 16), (64, 1000), (65, 37)])
 def test_svgd_step_into_reports_whether_phi_is_finite(n, d, dtype):
     """torch.ops.bmt_fast.svgd_step_into writes svgd_step's phi bit for bit and returns a flag equal to
-    isfinite(phi).all(): tracked in registers on the CPU Gram path (n <= 64) and AMX path (bf16 at n = 65
-    on a CPU with AMX), by a scan on the tiled one (n = 65 otherwise). Bad values at the shift row, a
+    isfinite(phi).all(): tracked in registers on the CPU Gram path (these shapes up to 64 particles) and AMX
+    path (bf16 at n = 65 on a CPU with AMX), by a scan on the tiled one (n = 65 otherwise). Bad values at the shift row, a
     ragged last vector and the middle, in x and in score."""
     torch.manual_seed(n * d)
     x, score = torch.randn(n, d, dtype=torch.float64).to(dtype), torch.randn(n, d, dtype=torch.float64).to(dtype)

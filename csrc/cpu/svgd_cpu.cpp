@@ -178,10 +178,17 @@ struct AmxTiles {
   void operator()(Visit&& visit) const;
 };
 
-// Whether the few-particle Gram path runs (defined with the AMX feature-chunk path, which takes some of its
-// shapes).
-bool use_gram(const at::Tensor& x, Algorithm algorithm);
-int64_t gram_max_particles(const at::Tensor& x);
+// Which op asks whether "auto" takes the few-particle Gram path: each has its own measured crossover.
+enum class GramUse {
+  kStep,          // svgd_step with H given
+  kMedian,        // median_bandwidth, and svgd_step with the median rule (the same path gives both the same H)
+  kKernel,        // rbf_kernel(x) (x on both sides); rbf_kernel_median takes one Gram pass where both
+                  // kMedian and kKernel take the Gram path
+};
+
+// Whether the Gram path runs (defined with the AMX feature-chunk path, which takes some of its shapes).
+bool use_gram(const at::Tensor& x, Algorithm algorithm, GramUse use);
+bool prefers_gram(const at::Tensor& x, GramUse use);
 
 // ---- tiled path ----------------------------------------------------------------------------------
 
@@ -1934,15 +1941,15 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
   return out;
 }
 
-// Up to how many particles "auto" takes the Gram path (its fp32 FMAs): kGramMaxParticles, but 32 for
-// particles that the AMX path would take by feature chunks with 33 (bf16, or fp32 under bf16 matmuls; from
-// 512 features), which is faster there. 2-core Xeon, bf16 step, alternating, Gram -> chunked AMX (ms):
-// 64 x 76,800 8.1-8.3 -> 4.4-4.7, 64 x 409,600 45-49 -> 24-27, 64 x 8192 0.77-0.85 -> 0.48-0.58, 48 x
-// 76,800 4.6 -> 3.4, 48 x 2048 0.14 -> 0.10-0.13; 32 x 76,800 and 32 x 8192 level, 16 x 409,600 3.3-3.4
-// -> 6.1-6.3.
+// Up to how many particles "auto" takes the Gram path where the AMX path would take the same particles
+// (bf16, or fp32 under bf16 matmuls; from 32 features): 32 where the AMX path would take 33 by feature
+// chunks (from 512 features), which is faster there. 2-core Xeon, bf16 step, alternating, Gram -> chunked
+// AMX (ms): 64 x 76,800 8.1-8.3 -> 4.4-4.7, 64 x 409,600 45-49 -> 24-27, 64 x 8192 0.77-0.85 -> 0.48-0.58,
+// 48 x 76,800 4.6 -> 3.4, 48 x 2048 0.14 -> 0.10-0.13; 32 x 76,800 and 32 x 8192 level, 16 x 409,600
+// 3.3-3.4 -> 6.1-6.3.
 constexpr int64_t kAmxGramMaxParticles = 32;
 
-// Otherwise kGramMaxParticles, and up to kGramWideMaxParticles where n^2 <= 8 d: there the
+// Otherwise, on AMX shapes, up to kGramMaxParticles and up to kGramWideMaxParticles where n^2 <= 8 d: there the
 // Gram pass and the packed apply pass beat the GEMMs by feature chunks. 2-core Xeon (Emerald Rapids), fp32,
 // best of 2 alternating rounds, the step with H given, Gram / chunks (ms): 65 x 1024 0.17 / 0.27, 96 x 2048
 // 0.48 / 0.67, 128 x 2048 0.84 / 0.97, 128 x 4096 1.43 / 1.89, 160 x 12,288 6.2 / 7.5, 192 x 12,288 8.4 /
@@ -1951,19 +1958,57 @@ constexpr int64_t kAmxGramMaxParticles = 32;
 // 1.46 / 2.24, 65 x 8192 1.6 / 3.5). Against the previous build, 3 rounds, fp32, the step with H given:
 // 128 x 76,800 27-36 -> 23-25, 160 x 76,800 49-50 -> 35-40, 192 x 76,800 54-66 -> 48-56, 96 x 409,600
 // 118-126 -> 72-75; rbf_kernel(x) 128 x 76,800 12.4-15.5 -> 8.2-11.2, 96 x 409,600 55-57 -> 25-26, 192 x
-// 76,800 level, 192 x 20,000 6.5-6.9 -> 7.1-7.3. 16-bit particles too (fp16, and bf16 off AMX), since
-// their loads are vectorised: the step, Gram / chunks, fp16 128 x 76,800 22 / 38, 96 x 2048 0.43 / 0.70,
-// 192 x 20,000 12-13 / 17-26; bf16 with BMT_FAST_CPU_AMX=0 128 x 76,800 22 / 35-36.
-int64_t gram_max_particles(const at::Tensor& x) {
-  const bool amx = use_amx(x) && use_amx_chunked(kAmxGramMaxParticles + 1, x.size(1));
-  if (amx) return kAmxGramMaxParticles;
+// 76,800 level, 192 x 20,000 6.5-6.9 -> 7.1-7.3. (That rule, n <= 64 at any d, was every shape's until
+// 2026-12-05; it is kept where AMX would take the particles, which no later session could measure.)
+int64_t amx_gram_max_particles(const at::Tensor& x) {
+  if (use_amx_chunked(kAmxGramMaxParticles + 1, x.size(1))) return kAmxGramMaxParticles;
   // (floor(sqrt(8 d)): exact for the d below 192^2 / 8 that the clamp leaves, as sqrt is correctly rounded)
   const auto wide = static_cast<int64_t>(std::sqrt(8.0 * static_cast<double>(x.size(1))));
   return std::clamp(wide, kGramMaxParticles, kGramWideMaxParticles);
 }
 
-bool use_gram(const at::Tensor& x, Algorithm algorithm) {
-  if (algorithm == Algorithm::kAuto) return x.size(0) <= gram_max_particles(x);
+// The Gram path for n <= always particles, and beyond (up to kGramWideMaxParticles) where n^power <=
+// per_feature * d: its Gram pass goes over the features a column at a time and its costs per pair (a double
+// exp, the median's selection over all n^2 distances in double) are several times the fused kernels', so
+// the more particles, the more features it needs. Measured on the 2-core AMD EPYC (Zen 4), ops called with
+// "gram" against "tiled" (or, where the op has no algorithm argument, a build that forces either),
+// interleaved, median of 5, n in {16, 24, 32, 40, 48, 64, 96, 128, 192}, d from 1 to 16,384; each rule
+// sits at the crossover (both paths within ~10 %) and misses the better path by at most ~1.5x near it
+// (n = 96 and 128, where the timings jumped between neighbouring d). Gram / tiled, fp32 (us): the step
+// with H given 64 x 8 37 / 11, 64 x 256 65 / 76, 192 x 4096 2830 / 3479; median_bandwidth 64 x 8 24 / 15,
+// 48 x 64 14 / 18 (the step with the median, which takes the median's rule, 64 x 8 44 / 22, 64 x 128 59 /
+// 61, 64 x 1024 148 / 257); rbf_kernel(x) 64 x 16 39 / 11, 64 x 512 65 / 82. 16-bit particles (bf16 off
+// AMX measured) follow fp32's crossovers; fp64 takes the Gram path from fewer features (its fused kernels
+// have half the lanes).
+struct GramRule {
+  int64_t always;
+  int power;
+  int64_t per_feature;
+};
+
+GramRule gram_rule(GramUse use, bool fp64) {
+  switch (use) {
+    case GramUse::kStep:
+      return fp64 ? GramRule{16, 2, 48} : GramRule{16, 2, 16};
+    case GramUse::kMedian:
+      return fp64 ? GramRule{48, 3, 8192} : GramRule{32, 3, 4096};
+    case GramUse::kKernel:
+      return fp64 ? GramRule{0, 2, 24} : GramRule{0, 2, 8};
+  }
+  return {0, 2, 0};
+}
+
+bool prefers_gram(const at::Tensor& x, GramUse use) {
+  const int64_t n = x.size(0), d = x.size(1);
+  if (use_amx(x)) return n <= amx_gram_max_particles(x);
+  if (n > kGramWideMaxParticles) return false;
+  const GramRule rule = gram_rule(use, x.scalar_type() == at::kDouble);
+  const int64_t n_power = rule.power == 3 ? n * n * n : n * n;  // (n <= 192: no overflow)
+  return n <= rule.always || n_power <= rule.per_feature * d;
+}
+
+bool use_gram(const at::Tensor& x, Algorithm algorithm, GramUse use) {
+  if (algorithm == Algorithm::kAuto) return prefers_gram(x, use);
   return algorithm == Algorithm::kGram;
 }
 
@@ -2140,6 +2185,16 @@ int64_t serial_max_work() {
   return bound;
 }
 
+bool takes_gram_path(const at::Tensor& x, std::string_view op) {
+  BMT_CHECK(x.dim() == 2, "takes_gram_path: x must be 2-D (n, d), got ", x.dim(), "-D");
+  if (op == "svgd_step") return prefers_gram(x, GramUse::kStep);
+  if (op == "median_bandwidth") return prefers_gram(x, GramUse::kMedian);
+  if (op == "rbf_kernel") return prefers_gram(x, GramUse::kKernel);
+  BMT_CHECK(false, "takes_gram_path: op must be \"svgd_step\", \"median_bandwidth\" or \"rbf_kernel\", got \"",
+            std::string(op), "\"");
+  return false;
+}
+
 bool float32_matmul_in_bf16() {
   return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
          at::Float32Precision::BF16;
@@ -2170,7 +2225,7 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
   // The Gram path's two passes in one team (team.h): fp32, PASSIVE, alternating, 3 rounds, two regions ->
   // one team (us): 4 x 409,600 828-872 -> 771-780, 16 x 76,800 875-925 -> 795-798, 16 x 409,600 and 64 x
   // 76,800 level.
-  if (use_gram(x, algo)) {
+  if (use_gram(x, algo, h ? GramUse::kStep : GramUse::kMedian)) {
     bool finite = true;
     run_team([&] {
       finite = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
@@ -2244,7 +2299,7 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
   const at::Tensor x = x_in.contiguous();
   const auto acc = accumulation_type(x.scalar_type());
   double median;
-  if (use_gram(x, algo)) {
+  if (use_gram(x, algo, GramUse::kMedian)) {
     median = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "median_gram",
                                              [&] { return numpy_median(sq_dists_gram<scalar_t>(x)); });
   } else if (use_amx(x)) {
@@ -2296,7 +2351,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     for (int64_t q = 0; q < n * m; ++q) kp[q] = std::exp(dist[q] / -h);
     return k.to(x.scalar_type());
   }
-  if (gram_rows <= (self ? gram_max_particles(x) : kGramMaxParticles)) {
+  if (self ? prefers_gram(x, GramUse::kKernel) : gram_rows <= kGramMaxParticles) {
     // Few particles (often huge d): the distances from one split-K Gram pass over the rows, without the
     // centred copies and GEMM below (4 x 409,600 on a 2-core Xeon: 5.4 ms that way, 2.5 ms naive torch).
     const at::Tensor xs = x.contiguous(), ys = self ? xs : y.contiguous();
@@ -2361,7 +2416,14 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   check_particles(x_in, "x");
   const int64_t n = x_in.size(0);
   const SerialIfSmall serial(n, n, x_in.size(1));
-  if (!use_gram(x_in, Algorithm::kAuto)) {  // many particles: the distances are not kept between the two
+  // K and H bit for bit as rbf_kernel(x, x, H) and median_bandwidth(x) give them: one Gram pass for both where
+  // both take the Gram path, the two ops where only one does.
+  const bool gram_median = prefers_gram(x_in, GramUse::kMedian);
+  if (gram_median != prefers_gram(x_in, GramUse::kKernel)) {
+    const at::Tensor h = median_bandwidth(x_in, "auto");
+    return {rbf_kernel(x_in, x_in, h), h};
+  }
+  if (!gram_median) {  // many particles: the distances are not kept between the two
     if (use_amx(x_in) && use_amx_chunked(n, x_in.size(1))) {  // the chunked Gram pass's dot products
       const ChunkedGram gram = amx_gram_chunked(x_in.contiguous());
       const at::Tensor h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
@@ -2902,7 +2964,7 @@ enum class BackwardPath { kDirect, kAmx, kGemmChunked, kBlocked };
 // Which of rbf_kernel_backward's paths takes these inputs (want_xy: a particle gradient is asked for).
 // Few pairs go by direct differences, except a self kernel of more particles than the forward's Gram path
 // takes where the AMX feature chunks are faster (33 or more particles with 512 or more features:
-// gram_max_particles): the gradient at the forward's precision, by those chunks. 2-core Xeon, bf16,
+// amx_gram_max_particles): the gradient at the forward's precision, by those chunks. 2-core Xeon, bf16,
 // symmetrised weights, alternating, direct -> AMX chunks (ms): 64 x 76,800 5.4-5.6 -> 2.8, 48 x 76,800
 // 3.1-3.3 -> 2.0-2.1, 64 x 409,600 35-36 -> 13.5-14, 48 x 409,600 17-19 -> 10-12, 64 x 2048 0.15-0.16 ->
 // 0.08-0.09, 48 x 1024 0.10 -> 0.04; 33 x 76,800 level.
@@ -2911,7 +2973,7 @@ BackwardPath backward_path(const at::Tensor& grad, const at::Tensor& x, const at
   const int64_t n = kernel.size(0), m = kernel.size(1);
   const bool amx = use_amx(x) && y.scalar_type() == x.scalar_type() && grad.scalar_type() == x.scalar_type() &&
                    kernel.scalar_type() == x.scalar_type();
-  if (n * m <= kRbfDirectMaxPairs && !(amx && y.is_same(x) && n > gram_max_particles(x))) return BackwardPath::kDirect;
+  if (n * m <= kRbfDirectMaxPairs && !(amx && y.is_same(x) && !prefers_gram(x, GramUse::kKernel))) return BackwardPath::kDirect;
   if (amx) return BackwardPath::kAmx;
   if (want_xy && use_gemm_chunked(std::max(n, m), x.size(1))) return BackwardPath::kGemmChunked;
   return BackwardPath::kBlocked;
