@@ -262,7 +262,17 @@ double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms, const
 // counts in copy i % kCopies) keep each increment off the previous one's store, and the keys of the digit
 // are kept without a branch (about half of them are, early on). fp32 median_bandwidth by the selection over
 // all distances, one thread, alternating, 2 rounds (us): 512 x 8 (130,816 distances) 355-378 -> 293-303,
-// 256 x 16 110-111 -> 94-96, 100 x 50 level.
+// 256 x 16 110-111 -> 94-96, 100 x 50 level. Up to kSelectByPartitionMax values std::nth_element on the
+// same keys instead: each radix pass clears and merges its 4 x 2048 bins, ~5 us of fixed cost a selection.
+// Alone, on the distances of n random particles (2-core AMD EPYC, Zen 4, fp32, best of 5, us), radix /
+// nth_element: n = 16 (120 values) 5.1 / 0.2, 32 5.9 / 0.6, 64 7.3 / 3.0, 96 10.3 / 8.8, 128 15.8 / 11.5,
+// 192 28.6 / 40.6; in fp32 median_bandwidth (tiled), previous build / this one, 2 rounds: 64 x 16 16.0-16.2
+// -> 12.1-12.3, 90 x 16 24.7-24.8 -> 21.5-22.2, 100 x 16 27.2-27.4 -> 24.4-24.5, 120 x 16 32.4-33.0 ->
+// 31.4-31.5, but 128 x 16 35.3-35.4 -> 39.2 (the op's own order of the distances), hence the bound (n <=
+// 111). The keys compare without the sign bit, as the radix passes read them: the same value, NaN included
+// (whose comparisons as floats would break nth_element's ordering).
+constexpr size_t kSelectByPartitionMax = 6144;
+
 template <typename T>
 T select_nonnegative(const std::vector<T>& values, int64_t k) {
   using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
@@ -270,6 +280,14 @@ T select_nonnegative(const std::vector<T>& values, int64_t k) {
   constexpr int64_t kBins = int64_t{1} << kDigit;
   std::vector<Key> keys(values.size());
   std::memcpy(keys.data(), values.data(), values.size() * sizeof(T));
+  if (keys.size() <= kSelectByPartitionMax) {
+    constexpr Key kMagnitude = std::numeric_limits<Key>::max() >> 1;
+    std::nth_element(keys.begin(), keys.begin() + k, keys.end(),
+                     [](Key a, Key b) { return (a & kMagnitude) < (b & kMagnitude); });
+    T value;
+    std::memcpy(&value, &keys[k], sizeof(T));
+    return value;
+  }
   std::vector<int64_t> hist(kCopies * kBins);
   int low_bits = 8 * sizeof(Key) - 1;  // bits below the selected prefix (the sign bit is 0)
   size_t count = keys.size();
