@@ -98,8 +98,15 @@ def _svgd_step(x, score, bandwidth, backend, check_inputs, group, out, *, fresh_
         with torch.no_grad():
             phi = distributed.svgd_step(x, score, h, group=group, backend=backend, check_inputs=check_inputs)
             return phi if out is None else out.copy_(phi)
-    x2, s2 = as_rows(x), as_rows(score)
-    chosen = backends.select(backend, "svgd_step", x2)
+    x2 = as_rows(x)
+    return _step_on(backends.select(backend, "svgd_step", x2), x, score, h, check_inputs, out, x2)
+
+
+def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
+    """_svgd_step past its argument checks: phi by the backend `chosen` for x and score as validated there
+    (shapes, dtypes, devices; out, if given, checked or fresh), h the checked bandwidth (None: the median)."""
+    x2 = as_rows(x) if x2 is None else x2
+    s2 = as_rows(score)
 
     def check_both():
         check_finite("x", x)

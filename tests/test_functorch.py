@@ -91,6 +91,15 @@ def test_vmap_svgd_step_checks_each_entry_and_refuses_out():
         torch.func.vmap(lambda a: bmt_fast.svgd_step(a, a, out=torch.empty(6, 4)))(x)
     with pytest.raises(ValueError, match="score must have the shape of x"):
         torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s))(x, x[:, :5])
+    with pytest.raises(TypeError, match="score must have the dtype of x"):
+        torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s))(x, x.double())
+    # entries past the first: each one's bandwidth and values are checked as its own call would
+    bad_score = x.clone()
+    bad_score[2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="score contains 1 NaN/Inf"):
+        torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, 2.0))(x, bad_score)
+    with pytest.raises(ValueError, match="bandwidth must be positive and finite, got -1.0"):
+        torch.func.vmap(lambda a, h: bmt_fast.svgd_step(a, a, h))(x, torch.tensor([1.0, 2.0, -1.0]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
