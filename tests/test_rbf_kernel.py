@@ -514,6 +514,26 @@ def test_backward_computes_only_the_requested_gradients(n, m, d):
 
 
 @requires_cpu_extension
+# direct differences up to 1024 pairs, and up to 4096 with 8 features per row of the smaller set; GEMM tiles
+# of the centred sets otherwise (64 x 64 x 2, 16 x 256 x 127, 4 x 1024 x 31)
+@pytest.mark.parametrize("n, m, d", [(32, 32, 2), (64, 64, 2), (64, 64, 512), (16, 256, 127), (16, 256, 128),
+                                     (4, 1024, 31), (4, 1024, 32), (1, 4096, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_two_set_kernel_on_both_sides_of_the_direct_rule(n, m, d, dtype):
+    """rbf_kernel of two sets of particles near a common offset (1e3, spread 1) against the float64
+    reference, on either side of the rule that picks direct differences (exact differences, a double exp
+    per pair) or the GEMM of the centred sets."""
+    torch.manual_seed(n * m + d)
+    x = (torch.randn(n, d, dtype=torch.float64) + 1e3).to(dtype)
+    y = (torch.randn(m, d, dtype=torch.float64) + 1e3).to(dtype)
+    h = torch.tensor(2.0 * d, dtype=torch.float64)
+    k = torch.ops.bmt_fast.rbf_kernel(x, y, h)
+    assert k.shape == (n, m) and k.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    assert relative_error(k, reference.rbf_kernel(x.double(), y.double(), h)) < tol
+
+
+@requires_cpu_extension
 @pytest.mark.parametrize("n, m, d", [(1, 1, 1), (1, 16, 37), (3, 5, 20_011), (64, 64, 70), (41, 100, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradients_by_direct_differences(n, m, d, dtype):

@@ -2141,6 +2141,19 @@ std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift
 // 22.0 ms) and slower from 128 x 128 (11.7 against 10.8 ms at d = 20,000).
 constexpr int64_t kRbfDirectMaxPairs = 4096;
 
+// Whether rbf_kernel of two sets takes the direct differences: up to kRbfDirectMaxPairs / 4 pairs always
+// (the trainer's prior, one prompt against M particles: 1 x 64 fp32 2-4x faster than the GEMM path at any
+// d), up to kRbfDirectMaxPairs with at least 8 features per row of the smaller set. Each pair's distance
+// takes a horizontal sum and a double exp, ~20-50 ns a pair with few features, where the GEMM path's
+// vectorised exp over the tile costs a few ns: 2-core AMD EPYC (Zen 4), fp32, median of 5 (us), direct /
+// GEMM: 64 x 64 d = 2 85 / 26, d = 128 56 / 42, d = 512 90 / 98, d = 1024 147 / 646; 16 x 256 d = 2 85 /
+// 27, d = 128 58 / 51, d = 256 68 / 76; 4 x 1024 d = 2 203 / 32, d = 16 46 / 37, d = 64 53 / 61; 32 x 32
+// d = 2 26 / 25, d = 16 16 / 24. (Until 2026-12-05 every shape up to kRbfDirectMaxPairs.) The gradient keeps
+// kRbfDirectMaxPairs: its direct differences were level or faster there (64 x 64 fp32, d = 2 20 / 23 us).
+bool direct_cross_kernel(int64_t n, int64_t m, int64_t d) {
+  return n * m <= kRbfDirectMaxPairs / 4 || (n * m <= kRbfDirectMaxPairs && d >= 8 * std::min(n, m));
+}
+
 // The n x m squared distances between the rows of x and y (contiguous, same dtype and columns) by direct
 // differences, column blocks split across threads.
 template <typename In>
@@ -2356,7 +2369,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const auto acc = accumulation_type(x.scalar_type());
   const bool self = x.is_same(y);
   const int64_t n = x.size(0), m = y.size(0), gram_rows = self ? n : n + m;
-  if (!self && n * m <= kRbfDirectMaxPairs) {
+  if (!self && direct_cross_kernel(n, m, x.size(1))) {
     // Two sets, few pairs (the trainer's prior: one prompt against M particles): the n x m distances by
     // direct differences, 2nm operations per column where the Gram pass needs (n + m)(n + m + 1) / 2.
     const at::Tensor xs = x.contiguous(), ys = y.contiguous();
