@@ -162,10 +162,12 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward_composite(const at::
 
 namespace cpu {
 // The most particles "auto" takes the Gram path with on CPU (few particles, huge d), where there are enough
-// features for each op (svgd_cpu.cpp, prefers_gram); kGramMaxParticles: the Gram path's bound on the shapes
-// AMX would take (below kGramWideMaxParticles where n^2 <= 8 d), and on rows of two sets, n + m.
+// features for each op (svgd_cpu.cpp, prefers_gram): kGramRuleMaxParticles; on the shapes AMX would take
+// kGramMaxParticles, and up to kGramWideMaxParticles where n^2 <= 8 d; kGramMaxParticles also bounds the
+// rows of two sets, n + m.
 constexpr int64_t kGramMaxParticles = 64;
 constexpr int64_t kGramWideMaxParticles = 192;
+constexpr int64_t kGramRuleMaxParticles = 512;
 // Whether "auto" takes the few-particle Gram path for the particles x (n x d) in `op`: "svgd_step" (H
 // given), "median_bandwidth" (also svgd_step with the median rule) or "rbf_kernel" (x with itself);
 // svgd_cpu.cpp, prefers_gram. For tests and benchmarks that name the path.

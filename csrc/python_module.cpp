@@ -21,7 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     info["compiler"] = __VERSION__;
     info["bandwidth_floor"] = bmt_fast::kBandwidthFloor;
-    info["gram_max_particles"] = bmt_fast::cpu::kGramWideMaxParticles;  // (with enough features: prefers_gram)
+    info["gram_max_particles"] = bmt_fast::cpu::kGramRuleMaxParticles;  // (with enough features: prefers_gram)
     info["chunked_max_particles"] = bmt_fast::cpu::kChunkedMaxParticles;
     info["chunked_min_features"] = bmt_fast::cpu::kChunkedMinFeatures;
     info["chunked_wide_max_particles"] = bmt_fast::cpu::kChunkedWideMaxParticles;

@@ -435,7 +435,7 @@ def test_auto_takes_the_amx_chunks_from_33_bf16_particles_with_many_features(n, 
 
 
 # Shapes on either side of the CPU's Gram-path rules (csrc/cpu/svgd_cpu.cpp, gram_rule): the Gram path for
-# n <= `always` particles or where n^power <= per_feature * d, up to 192 particles. svgd_step with H given:
+# n <= `always` particles or where n^power <= per_feature * d, up to 512 particles. svgd_step with H given:
 # fp32 (and 16-bit) n <= 16 or n^2 <= 16 d, fp64 n <= 16 or n^2 <= 48 d; median_bandwidth and svgd_step with
 # the median rule: fp32 n <= 32 or n^3 <= 4096 d, fp64 n <= 48 or n^3 <= 8192 d; rbf_kernel(x): fp32 n^2 <= 8 d,
 # fp64 n^2 <= 24 d.
@@ -443,9 +443,11 @@ GRAM_RULE_CASES = [
     ("svgd_step", torch.float32, 16, 8, "gram"), ("svgd_step", torch.float32, 17, 19, "gram"),
     ("svgd_step", torch.float32, 17, 18, "tiled"), ("svgd_step", torch.float32, 64, 256, "gram"),
     ("svgd_step", torch.float32, 64, 255, "tiled"), ("svgd_step", torch.float32, 192, 2304, "gram"),
-    ("svgd_step", torch.float32, 192, 2303, "tiled"), ("svgd_step", torch.float32, 193, 20000, "tiled"),
+    ("svgd_step", torch.float32, 192, 2303, "tiled"), ("svgd_step", torch.float32, 257, 4129, "gram"),
+    ("svgd_step", torch.float32, 257, 4128, "tiled"), ("svgd_step", torch.float32, 513, 20000, "tiled"),
     ("svgd_step", torch.float64, 64, 86, "gram"), ("svgd_step", torch.float64, 64, 85, "tiled"),
     ("svgd_step", torch.float64, 192, 768, "gram"), ("svgd_step", torch.float64, 192, 767, "tiled"),
+    ("svgd_step", torch.float64, 256, 1366, "gram"), ("svgd_step", torch.float64, 256, 1365, "tiled"),
     ("median_bandwidth", torch.float32, 32, 8, "gram"), ("median_bandwidth", torch.float32, 33, 9, "gram"),
     ("median_bandwidth", torch.float32, 33, 8, "tiled"), ("median_bandwidth", torch.float32, 64, 64, "gram"),
     ("median_bandwidth", torch.float32, 64, 63, "tiled"), ("median_bandwidth", torch.float32, 192, 1728, "gram"),
@@ -456,6 +458,7 @@ GRAM_RULE_CASES = [
     ("rbf_kernel", torch.float32, 64, 512, "gram"), ("rbf_kernel", torch.float32, 64, 511, "tiled"),
     ("rbf_kernel", torch.float32, 64, 63, "tiled"), ("rbf_kernel", torch.float64, 64, 171, "gram"),
     ("rbf_kernel", torch.float64, 64, 170, "tiled"), ("rbf_kernel", torch.float64, 64, 20, "tiled"),
+    ("rbf_kernel", torch.float64, 300, 3750, "gram"), ("rbf_kernel", torch.float64, 300, 3749, "tiled"),
 ]  # fmt: skip
 
 

@@ -1985,7 +1985,7 @@ int64_t amx_gram_max_particles(const at::Tensor& x) {
   return std::clamp(wide, kGramMaxParticles, kGramWideMaxParticles);
 }
 
-// The Gram path for n <= always particles, and beyond (up to kGramWideMaxParticles) where n^power <=
+// The Gram path for n <= always particles, and beyond (up to kGramRuleMaxParticles) where n^power <=
 // per_feature * d: its Gram pass goes over the features a column at a time and its costs per pair (a double
 // exp, the median's selection over all n^2 distances in double) are several times the fused kernels', so
 // the more particles, the more features it needs. Measured on the 2-core AMD EPYC (Zen 4), ops called with
@@ -1997,7 +1997,13 @@ int64_t amx_gram_max_particles(const at::Tensor& x) {
 // 48 x 64 14 / 18 (the step with the median, which takes the median's rule, 64 x 8 44 / 22, 64 x 128 59 /
 // 61, 64 x 1024 148 / 257); rbf_kernel(x) 64 x 16 39 / 11, 64 x 512 65 / 82. 16-bit particles (bf16 off
 // AMX measured) follow fp32's crossovers; fp64 takes the Gram path from fewer features (its fused kernels
-// have half the lanes).
+// have half the lanes). The rules hold up to 512 particles (since a later 2026-12-05 session; 192 before),
+// beyond the 192 of the first sweep: Gram / tiled with many features (ms), fp32 the step with H given 256 x
+// 4096 5.0 / 5.7, 256 x 16,384 18.6 / 22.9, 384 x 16,384 40.9 / 46.5, 512 x 32,768 145 / 157 (512 x 4096
+// level); median_bandwidth 256 x 16,384 8.2 / 9.7, 384 x 16,384 17.2 / 18.8 (384 x 4096 5.8 / 4.9: the
+// rule keeps the tiled path there); rbf_kernel(x) 256 x 16,384 7.1 / 9.1, 384 x 32,768 31 / 36, 512 x 32,768
+// 58 / 59; fp64 the step 256 x 2048 4.5 / 7.1, 512 x 16,384 139 / 184, rbf_kernel(x) 256 x 4096 3.3 / 4.9,
+// 512 x 16,384 54 / 62. Not beyond: in fp32 the Gram path was at most ~8 % ahead at 512 particles.
 struct GramRule {
   int64_t always;
   int power;
@@ -2019,7 +2025,7 @@ GramRule gram_rule(GramUse use, bool fp64) {
 bool prefers_gram(const at::Tensor& x, GramUse use) {
   const int64_t n = x.size(0), d = x.size(1);
   if (use_amx(x)) return n <= amx_gram_max_particles(x);
-  if (n > kGramWideMaxParticles) return false;
+  if (n > kGramRuleMaxParticles) return false;
   const GramRule rule = gram_rule(use, x.scalar_type() == at::kDouble);
   const int64_t n_power = rule.power == 3 ? n * n * n : n * n;  // (n <= 192: no overflow)
   return n <= rule.always || n_power <= rule.per_feature * d;
