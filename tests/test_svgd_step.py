@@ -364,7 +364,7 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
 
 @requires_cpu_extension
 @pytest.mark.parametrize(
-    "n,d", [(250, 1700), (180, 600), (257, 1300), (200, 300), (500, 200), (130, 70), (600, 2450)]
+    "n,d", [(400, 1700), (180, 600), (257, 1300), (200, 300), (500, 200), (130, 70), (600, 2450)]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_few_particles_on_the_gemm_path_by_feature_chunks(n, d, dtype):
