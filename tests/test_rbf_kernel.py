@@ -352,11 +352,11 @@ def test_gradients_match_reference_autograd(cpu_backend):
         assert relative_error(g, e) < 1e-10
 
 
-@pytest.mark.parametrize("n, d", [(70, 280), (70, 63), (300, 1200), (70, 64), (2049, 16), (40, 7), (100, 4200)])
+@pytest.mark.parametrize("n, d", [(70, 280), (70, 63), (300, 1200), (70, 64), (2049, 16), (40, 7), (130, 4200)])
 def test_self_kernel_gradient_is_one_call_of_the_self_backward_op(cpu_backend, n, d, monkeypatch):
     """A self kernel's backward is one call of rbf_kernel_self_backward (x's two gradients summed by the
     op), with H's gradient asked for: x's and H's gradients as the reference's autograd gives them. The
-    CPU's paths: direct differences (40 x 7), the feature chunks (100 x 4200), the general path's blocks
+    CPU's paths: direct differences (40 x 7), the feature chunks (130 x 4200), the general path's blocks
     of symmetrised weights (70 x 63 ... 2049 x 16)."""
     torch.manual_seed(n + d)
     x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
@@ -379,13 +379,13 @@ def test_self_kernel_gradient_is_one_call_of_the_self_backward_op(cpu_backend, n
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n, d", [(3, 5), (64, 10), (65, 260), (65, 259), (200, 16), (300, 1), (100, 4200), (1100, 33)])
+@pytest.mark.parametrize("n, d", [(3, 5), (64, 10), (65, 260), (65, 259), (200, 16), (300, 1), (100, 2100), (130, 4200), (1100, 33)])
 @pytest.mark.parametrize("grad_kind", ["dense", "transposed", "ones", "row"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_self_backward_op_on_every_path_and_the_device_independent_rule(n, d, grad_kind, dtype):
     """rbf_kernel_self_backward(grad, x, K, H) = the float64 gradients of sum(grad * K(x, x)) in x (both
-    sides) and H, on the CPU kernel's paths (direct differences up to 64 particles, the feature chunks at
-    100 x 4200, the general path's blocks of grad + grad^T, several blocks at 1100 x 33) and in the rule
+    sides) and H, on the CPU kernel's paths (direct differences up to 64 particles, and up to 128 with 2048 or more
+    features, 100 x 2100; the feature chunks at 130 x 4200, the general path's blocks of grad + grad^T, several blocks at 1100 x 33) and in the rule
     that devices without their own kernel take (CompositeExplicitAutograd: grad + grad^T up to 64 particles
     or from 4 n features, 65 x 260; both of rbf_kernel_backward's gradients summed beyond, 65 x 259, 200 x
     16; the CPU's too for a dense grad with one feature, 300 x 1). Gradients of any layout: dense, a
@@ -438,8 +438,8 @@ def test_self_backward_op_of_half_particles(dtype):
     assert gh.dtype == dtype and abs(float(gh) - want_h) <= 4 * ulp * h_terms
 
 
-@pytest.mark.parametrize("n, m, d", [(7, 5, 300), (70, 60, 50), (6, None, 1000), (100, None, 4200),
-                                     (70, 90, 4500)])  # fmt: skip
+@pytest.mark.parametrize("n, m, d", [(7, 5, 300), (70, 60, 50), (6, None, 1000), (140, None, 4200),
+                                     (130, 140, 4500)])  # fmt: skip
 def test_fp32_gradients_far_from_origin(cpu_backend, n, m, d):
     """fp32 particles around 1e4 (the backward centres them): gradients within a few fp32 ulps of the fp64
     reference's, also for the self kernel, where x's gradient sums both of the op's outputs (Gram, tiled,
@@ -489,7 +489,7 @@ def test_half_input_gradients(cpu_backend, dtype):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n, m, d", [(1, 16, 300), (40, 30, 20), (80, 70, 4100)])  # direct; GEMM form; by chunks
+@pytest.mark.parametrize("n, m, d", [(1, 16, 300), (40, 30, 20), (140, 130, 4100)])  # direct; GEMM form; by chunks
 def test_backward_computes_only_the_requested_gradients(n, m, d):
     """output_mask: the op leaves out (None) what autograd does not need (the trainer's prior: one
     prompt, constant particles, a constant H), and what it computes equals the full call's."""
@@ -514,10 +514,12 @@ def test_backward_computes_only_the_requested_gradients(n, m, d):
 
 
 @requires_cpu_extension
-# direct differences up to 1024 pairs, and up to 4096 with 8 features per row of the smaller set; GEMM tiles
-# of the centred sets otherwise (64 x 64 x 2, 16 x 256 x 127, 4 x 1024 x 31)
+# direct differences up to 1024 pairs, up to 4096 with 8 features per row of the smaller set, and up to 16,384
+# with at least 512 too; GEMM tiles of the centred sets otherwise (64 x 64 x 2, 16 x 256 x 127, 4 x 1024 x 31,
+# 16 x 1024 x 511, 128 x 128 x 1023, 4 x 4097 x 600)
 @pytest.mark.parametrize("n, m, d", [(32, 32, 2), (64, 64, 2), (64, 64, 512), (16, 256, 127), (16, 256, 128),
-                                     (4, 1024, 31), (4, 1024, 32), (1, 4096, 3)])
+                                     (4, 1024, 31), (4, 1024, 32), (1, 4096, 3), (16, 1024, 511), (16, 1024, 512),
+                                     (128, 128, 1023), (128, 128, 1024), (4, 4096, 512), (4, 4097, 600)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_two_set_kernel_on_both_sides_of_the_direct_rule(n, m, d, dtype):
     """rbf_kernel of two sets of particles near a common offset (1e3, spread 1) against the float64
@@ -534,12 +536,16 @@ def test_two_set_kernel_on_both_sides_of_the_direct_rule(n, m, d, dtype):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n, m, d", [(1, 1, 1), (1, 16, 37), (3, 5, 20_011), (64, 64, 70), (41, 100, 70)])
+@pytest.mark.parametrize("n, m, d", [(1, 1, 1), (1, 16, 37), (3, 5, 20_011), (64, 64, 70), (41, 100, 70),
+                                     (6, 700, 45), (7, 300, 3), (100, 150, 63), (100, 150, 64), (2, 8192, 65),
+                                     (2, 8193, 65)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradients_by_direct_differences(n, m, d, dtype):
-    """Few pairs (n * m <= 4096): the row gradients by direct differences over column blocks split across
-    threads (ragged last vectors, d < one vector, both sides of the 4096-pair switch), far from the origin
-    in fp32: within a few ulps of the float64 reference on the same inputs."""
+    """Few pairs (n * m <= 4096, or up to 16,384 with 64 or more features): the row gradients by direct
+    differences over column blocks split across threads (ragged last vectors, d < one vector, register
+    blocks of fewer rows than a full block: 6 = 4 + 2, 7 = 4 + 2 + 1; both sides of the 4096-pair switch,
+    of the 64 features at 100 x 150, of 16,384 pairs at 2 x 8192), far from the origin in fp32: within a few
+    ulps of the float64 reference on the same inputs."""
     torch.manual_seed(d)
     offset = 1e4 if dtype == torch.float32 else 0.0
     x64 = (torch.randn(n, d, dtype=torch.float64) + offset).to(dtype).double()
@@ -562,7 +568,7 @@ def test_gradients_by_direct_differences(n, m, d, dtype):
 @pytest.mark.parametrize("isa", ["base", "v3", "v4"])
 def test_direct_difference_kernels_in_every_isa_build(isa, tmp_path):
     """The baseline, AVX2 and AVX-512 builds of the direct-difference kernels (two-set distances and the
-    row gradients: register blocks of 8 or 4 rows and single rows, ragged last vectors) against the
+    row gradients: register blocks of 8 or 4 rows, then of 4, 2 and 1, ragged last vectors) against the
     float64 reference, in each input dtype."""
     import subprocess
     import sys
@@ -573,7 +579,7 @@ def test_direct_difference_kernels_in_every_isa_build(isa, tmp_path):
         "from bmt_fast import reference\n"
         "torch.manual_seed(0)\n"
         "tol = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}\n"
-        "for n, m, d in [(1, 16, 77), (9, 13, 1030), (17, 3, 5)]:\n"
+        "for n, m, d in [(1, 16, 77), (9, 13, 1030), (17, 3, 5), (6, 7, 33), (7, 6, 19)]:\n"
         "    for dt in tol:\n"
         "        x = torch.randn(n, d, dtype=torch.float64).to(dt); y = torch.randn(m, d, dtype=torch.float64).to(dt)\n"
         "        h = torch.tensor(1.5 * d, dtype=torch.float64 if dt == torch.float64 else torch.float32)\n"

@@ -2147,17 +2147,28 @@ std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift
 // 22.0 ms) and slower from 128 x 128 (11.7 against 10.8 ms at d = 20,000).
 constexpr int64_t kRbfDirectMaxPairs = 4096;
 
+// Up to this many pairs the direct differences also take shapes with many features (direct_cross_kernel,
+// direct_gradient), where the GEMM path's centred copies and passes cost more than the products they save.
+constexpr int64_t kRbfDirectWideMaxPairs = 16384;
+
 // Whether rbf_kernel of two sets takes the direct differences: up to kRbfDirectMaxPairs / 4 pairs always
 // (the trainer's prior, one prompt against M particles: 1 x 64 fp32 2-4x faster than the GEMM path at any
-// d), up to kRbfDirectMaxPairs with at least 8 features per row of the smaller set. Each pair's distance
-// takes a horizontal sum and a double exp, ~20-50 ns a pair with few features, where the GEMM path's
-// vectorised exp over the tile costs a few ns: 2-core AMD EPYC (Zen 4), fp32, median of 5 (us), direct /
-// GEMM: 64 x 64 d = 2 85 / 26, d = 128 56 / 42, d = 512 90 / 98, d = 1024 147 / 646; 16 x 256 d = 2 85 /
-// 27, d = 128 58 / 51, d = 256 68 / 76; 4 x 1024 d = 2 203 / 32, d = 16 46 / 37, d = 64 53 / 61; 32 x 32
-// d = 2 26 / 25, d = 16 16 / 24. (Until 2026-12-05 every shape up to kRbfDirectMaxPairs.) The gradient keeps
-// kRbfDirectMaxPairs: its direct differences were level or faster there (64 x 64 fp32, d = 2 20 / 23 us).
-bool direct_cross_kernel(int64_t n, int64_t m, int64_t d) {
-  return n * m <= kRbfDirectMaxPairs / 4 || (n * m <= kRbfDirectMaxPairs && d >= 8 * std::min(n, m));
+// d), up to kRbfDirectMaxPairs with at least 8 features per row of the smaller set, up to
+// kRbfDirectWideMaxPairs with at least 512 too. Each pair's distance takes a horizontal sum and a double
+// exp, ~20-50 ns a pair with few features, where the GEMM path's vectorised exp over the tile costs a few
+// ns: 2-core AMD EPYC (Zen 4), fp32, median of 5 (us), direct / GEMM: 64 x 64 d = 2 85 / 26, d = 128 56 /
+// 42, d = 512 90 / 98, d = 1024 147 / 646; 16 x 256 d = 2 85 / 27, d = 128 58 / 51, d = 256 68 / 76; 4 x
+// 1024 d = 2 203 / 32, d = 16 46 / 37, d = 64 53 / 61; 32 x 32 d = 2 26 / 25, d = 16 16 / 24. Beyond 4096
+// pairs, 2-core AMD EPYC (Zen 5), fp32, libgomp's default wait policy, best of 3 (us): 128 x 128 d = 512
+// 197 / 133, d = 1024 213 / 240, d = 4096 768 / 1003; 96 x 96 d = 512 113 / 91, d = 1024 117 / 154; 16 x
+// 1024 d = 256 154 / 129, d = 512 205 / 246, d = 4096 1052 / 3344; 4 x 4096 d = 64 114 / 122, d = 512 255
+// / 1040, d = 4096 4014 / 28,235 (with OMP_WAIT_POLICY=PASSIVE direct was 0.3-0.7x there). Not beyond
+// kRbfDirectMaxPairs where AMX takes the particles (amx: unmeasured against its tiles). (Until 2026-12-05
+// every shape up to kRbfDirectMaxPairs, and none beyond.)
+bool direct_cross_kernel(int64_t n, int64_t m, int64_t d, bool amx) {
+  const int64_t pairs = n * m, per_row = 8 * std::min(n, m);
+  return pairs <= kRbfDirectMaxPairs / 4 || (pairs <= kRbfDirectMaxPairs && d >= per_row) ||
+         (!amx && pairs <= kRbfDirectWideMaxPairs && d >= std::max<int64_t>(512, per_row));
 }
 
 // The n x m squared distances between the rows of x and y (contiguous, same dtype and columns) by direct
@@ -2375,7 +2386,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const auto acc = accumulation_type(x.scalar_type());
   const bool self = x.is_same(y);
   const int64_t n = x.size(0), m = y.size(0), gram_rows = self ? n : n + m;
-  if (!self && direct_cross_kernel(n, m, x.size(1))) {
+  if (!self && direct_cross_kernel(n, m, x.size(1), use_amx(x))) {
     // Two sets, few pairs (the trainer's prior: one prompt against M particles): the n x m distances by
     // direct differences, 2nm operations per column where the Gram pass needs (n + m)(n + m + 1) / 2.
     const at::Tensor xs = x.contiguous(), ys = y.contiguous();
@@ -2522,7 +2533,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
 
 namespace {
 
-// Few pairs (n * m <= kRbfDirectMaxPairs): the row gradients by direct differences (rbf_grad_columns),
+// Few pairs (direct_gradient): the row gradients by direct differences (rbf_grad_columns),
 // one pass over x and y.
 template <typename In>
 void rbf_grad_direct(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scaled, at::Tensor* grad_x,
@@ -2998,6 +3009,21 @@ double log_clamp(at::ScalarType acc) {
 
 enum class BackwardPath { kDirect, kAmx, kGemmChunked, kBlocked };
 
+// Whether rbf_kernel_backward's gradients go by direct differences: up to kRbfDirectMaxPairs pairs, and up to
+// kRbfDirectWideMaxPairs with 64 or more features for two sets, 2048 or more for a self kernel (whose other
+// path, the blocks of symmetrised weights, takes one product where two sets take two). 2-core AMD EPYC (Zen
+// 5), libgomp's default wait policy, best of 3, direct / blocked (us), two sets, all three gradients (x's
+// alone): fp32 96 x 96 d = 16 36 / 36 (11 / 16), d = 64 45 / 54 (16 / 25), d = 512 132 / 152 (65 / 79);
+// 128 x 128 d = 64 74 / 81 (24 / 35), d = 512 229 / 229 (109 / 117), d = 4096 1086 / 1465 (534 / 769);
+// 16 x 1024 d = 64 78 / 97 (26 / 44); 4 x 4096 d = 64 103 / 163 (36 / 73); but 192 x 192 d = 512 505 /
+// 444 (237 / 223); fp64 and bf16 96 x 96 to 128 x 128, d = 64: 0.45-0.94x. Self kernel, x's and H's
+// gradients: 128 x 128 d = 512 148 / 131, d = 2048 337 / 411, d = 20,000 2017 / 4070; 96 x 96 d = 2048
+// 200 / 261. (With OMP_WAIT_POLICY=PASSIVE direct gained more, 0.3-0.8x.) Until 2026-12-05 up to
+// kRbfDirectMaxPairs only, as AMX shapes still are (backward_path).
+bool direct_gradient(int64_t n, int64_t m, int64_t d, bool self) {
+  return n * m <= kRbfDirectMaxPairs || (n * m <= kRbfDirectWideMaxPairs && d >= (self ? 2048 : 64));
+}
+
 // Which of rbf_kernel_backward's paths takes these inputs (want_xy: a particle gradient is asked for).
 // Few pairs go by direct differences, except a self kernel of more particles than the forward's Gram path
 // takes where the AMX feature chunks are faster (33 or more particles with 512 or more features:
@@ -3010,7 +3036,10 @@ BackwardPath backward_path(const at::Tensor& grad, const at::Tensor& x, const at
   const int64_t n = kernel.size(0), m = kernel.size(1);
   const bool amx = use_amx(x) && y.scalar_type() == x.scalar_type() && grad.scalar_type() == x.scalar_type() &&
                    kernel.scalar_type() == x.scalar_type();
-  if (n * m <= kRbfDirectMaxPairs && !(amx && y.is_same(x) && !prefers_gram(x, GramUse::kKernel))) return BackwardPath::kDirect;
+  const bool self = y.is_same(x);
+  if (amx ? n * m <= kRbfDirectMaxPairs && !(self && !prefers_gram(x, GramUse::kKernel))
+          : direct_gradient(n, m, x.size(1), self))
+    return BackwardPath::kDirect;
   if (amx) return BackwardPath::kAmx;
   if (want_xy && use_gemm_chunked(std::max(n, m), x.size(1))) return BackwardPath::kGemmChunked;
   return BackwardPath::kBlocked;
