@@ -514,12 +514,13 @@ def test_backward_computes_only_the_requested_gradients(n, m, d):
 
 
 @requires_cpu_extension
-# direct differences up to 1024 pairs, up to 4096 with 8 features per row of the smaller set, and up to 16,384
-# with at least 512 too; GEMM tiles of the centred sets otherwise (64 x 64 x 2, 16 x 256 x 127, 4 x 1024 x 31,
-# 16 x 1024 x 511, 128 x 128 x 1023, 4 x 4097 x 600)
+# direct differences up to 1024 pairs, up to 4096 with 8 features per row of the smaller set, beyond with 32
+# and at least 64; GEMM tiles of the centred sets otherwise (64 x 64 x 2, 16 x 256 x 127, 4 x 1024 x 31, 16 x
+# 1024 x 511, 100 x 200 x 3199, 4 x 4097 x 127, 1 x 9000 x 63)
 @pytest.mark.parametrize("n, m, d", [(32, 32, 2), (64, 64, 2), (64, 64, 512), (16, 256, 127), (16, 256, 128),
                                      (4, 1024, 31), (4, 1024, 32), (1, 4096, 3), (16, 1024, 511), (16, 1024, 512),
-                                     (128, 128, 1023), (128, 128, 1024), (4, 4096, 512), (4, 4097, 600)])
+                                     (100, 200, 3199), (100, 200, 3200), (4, 4097, 127), (4, 4097, 128),
+                                     (1, 9000, 63), (9000, 1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_two_set_kernel_on_both_sides_of_the_direct_rule(n, m, d, dtype):
     """rbf_kernel of two sets of particles near a common offset (1e3, spread 1) against the float64
@@ -537,14 +538,15 @@ def test_two_set_kernel_on_both_sides_of_the_direct_rule(n, m, d, dtype):
 
 @requires_cpu_extension
 @pytest.mark.parametrize("n, m, d", [(1, 1, 1), (1, 16, 37), (3, 5, 20_011), (64, 64, 70), (41, 100, 70),
-                                     (6, 700, 45), (7, 300, 3), (100, 150, 63), (100, 150, 64), (2, 8192, 65),
-                                     (2, 8193, 65)])
+                                     (6, 700, 45), (7, 300, 3), (100, 150, 63), (100, 150, 64), (2, 8193, 63),
+                                     (2, 8193, 64), (8, 3000, 255), (8, 3000, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradients_by_direct_differences(n, m, d, dtype):
-    """Few pairs (n * m <= 4096, or up to 16,384 with 64 or more features): the row gradients by direct
-    differences over column blocks split across threads (ragged last vectors, d < one vector, register
-    blocks of fewer rows than a full block: 6 = 4 + 2, 7 = 4 + 2 + 1; both sides of the 4096-pair switch,
-    of the 64 features at 100 x 150, of 16,384 pairs at 2 x 8192), far from the origin in fp32: within a few
+    """Few pairs (n * m <= 4096, or up to 16,384 with 64 or more features, or beyond with 32 features per row
+    of the smaller set and at least 64): the row gradients by direct differences over column blocks split
+    across threads (ragged last vectors, d < one vector, register blocks of fewer rows than a full block: 6 =
+    4 + 2, 7 = 4 + 2 + 1; both sides of the 4096-pair switch, of the 64 features at 100 x 150 and 2 x 8193, of
+    32 features a row at 8 x 3000), and the blocked path beside them, far from the origin in fp32: within a few
     ulps of the float64 reference on the same inputs."""
     torch.manual_seed(d)
     offset = 1e4 if dtype == torch.float32 else 0.0

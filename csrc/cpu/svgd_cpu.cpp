@@ -2147,28 +2147,38 @@ std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift
 // 22.0 ms) and slower from 128 x 128 (11.7 against 10.8 ms at d = 20,000).
 constexpr int64_t kRbfDirectMaxPairs = 4096;
 
-// Up to this many pairs the direct differences also take shapes with many features (direct_cross_kernel,
-// direct_gradient), where the GEMM path's centred copies and passes cost more than the products they save.
-constexpr int64_t kRbfDirectWideMaxPairs = 16384;
+// Beyond kRbfDirectMaxPairs, the direct differences of two sets (forward and gradients) where the smaller set
+// has few rows against the features: d >= max(64, kRbfDirectWideFeaturesPerRow * min(n, m)). Their register
+// blocks read the larger set once per block of rows, where the GEMM path writes centred copies of both sets
+// and goes through torch's GEMM, which on AMD (torch's MKL) ran at a fraction of the direct kernels' rate on
+// skinny shapes. Up to kRbfDirectWideMaxPairs pairs (the direct paths hold n x m doubles).
+constexpr int64_t kRbfDirectWideFeaturesPerRow = 32;
+constexpr int64_t kRbfDirectWideMaxPairs = int64_t{1} << 20;
+bool wide_direct(int64_t n, int64_t m, int64_t d) {
+  return n * m <= kRbfDirectWideMaxPairs && d >= std::max<int64_t>(64, kRbfDirectWideFeaturesPerRow * std::min(n, m));
+}
 
 // Whether rbf_kernel of two sets takes the direct differences: up to kRbfDirectMaxPairs / 4 pairs always
 // (the trainer's prior, one prompt against M particles: 1 x 64 fp32 2-4x faster than the GEMM path at any
-// d), up to kRbfDirectMaxPairs with at least 8 features per row of the smaller set, up to
-// kRbfDirectWideMaxPairs with at least 512 too. Each pair's distance takes a horizontal sum and a double
-// exp, ~20-50 ns a pair with few features, where the GEMM path's vectorised exp over the tile costs a few
-// ns: 2-core AMD EPYC (Zen 4), fp32, median of 5 (us), direct / GEMM: 64 x 64 d = 2 85 / 26, d = 128 56 /
-// 42, d = 512 90 / 98, d = 1024 147 / 646; 16 x 256 d = 2 85 / 27, d = 128 58 / 51, d = 256 68 / 76; 4 x
-// 1024 d = 2 203 / 32, d = 16 46 / 37, d = 64 53 / 61; 32 x 32 d = 2 26 / 25, d = 16 16 / 24. Beyond 4096
-// pairs, 2-core AMD EPYC (Zen 5), fp32, libgomp's default wait policy, best of 3 (us): 128 x 128 d = 512
-// 197 / 133, d = 1024 213 / 240, d = 4096 768 / 1003; 96 x 96 d = 512 113 / 91, d = 1024 117 / 154; 16 x
-// 1024 d = 256 154 / 129, d = 512 205 / 246, d = 4096 1052 / 3344; 4 x 4096 d = 64 114 / 122, d = 512 255
-// / 1040, d = 4096 4014 / 28,235 (with OMP_WAIT_POLICY=PASSIVE direct was 0.3-0.7x there). Not beyond
+// d), up to kRbfDirectMaxPairs with at least 8 features per row of the smaller set, beyond by wide_direct.
+// Each pair's distance takes a horizontal sum and a double exp, ~20-50 ns a pair with few features, where the
+// GEMM path's vectorised exp over the tile costs a few ns: 2-core AMD EPYC (Zen 4), fp32, median of 5 (us),
+// direct / GEMM: 64 x 64 d = 2 85 / 26, d = 128 56 / 42, d = 512 90 / 98, d = 1024 147 / 646; 16 x 256 d =
+// 2 85 / 27, d = 128 58 / 51, d = 256 68 / 76; 4 x 1024 d = 2 203 / 32, d = 16 46 / 37, d = 64 53 / 61; 32
+// x 32 d = 2 26 / 25, d = 16 16 / 24. Beyond 4096 pairs, 2-core AMD EPYC (Zen 5), fp32, libgomp's default
+// wait policy, best of 3 (us; the GEMM path with its centred copies on huge pages): 4 x 4096 d = 64 114 /
+// 122, d = 128 131 / 229, d = 4096 4014 / 28,235 (before those copies); 16 x 1024 d = 256 154 / 129, d = 512
+// 205 / 246; 128 x 128 d = 1024 213 / 240, d = 4096 768 / 1003; 2 x 20,000 d = 32 254 / 280, d = 64 288 /
+// 463; 4 x 32,768 d = 64 967 / 911; 16 x 8192 d = 256 1313 / 1191; 32 x 4096 d = 512 1681 / 1553; 64 x 1024
+// d = 2048 1477 / 2033; 256 x 256 d = 8192 5531 / 6574; 512 x 512 d = 8192 22,833 / 24,913; 1 x 100,000 d =
+// 16 658 / 610, d = 64 1047 / 4170 (with OMP_WAIT_POLICY=PASSIVE direct gained more). Not beyond
 // kRbfDirectMaxPairs where AMX takes the particles (amx: unmeasured against its tiles). (Until 2026-12-05
 // every shape up to kRbfDirectMaxPairs, and none beyond.)
 bool direct_cross_kernel(int64_t n, int64_t m, int64_t d, bool amx) {
-  const int64_t pairs = n * m, per_row = 8 * std::min(n, m);
-  return pairs <= kRbfDirectMaxPairs / 4 || (pairs <= kRbfDirectMaxPairs && d >= per_row) ||
-         (!amx && pairs <= kRbfDirectWideMaxPairs && d >= std::max<int64_t>(512, per_row));
+  const int64_t pairs = n * m;
+  if (pairs <= kRbfDirectMaxPairs / 4) return true;
+  if (pairs <= kRbfDirectMaxPairs) return d >= 8 * std::min(n, m);
+  return !amx && wide_direct(n, m, d);
 }
 
 // The n x m squared distances between the rows of x and y (contiguous, same dtype and columns) by direct
@@ -2434,10 +2444,18 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     run_team([&] { k = chunked_gram_to_kernel(gemm_gram_chunked(xs), h, 1.0); });
     return k.to(x.scalar_type());
   }
+  // The centred copies on huge pages (empty_large), y's widened in the subtraction: fresh pages for a large y
+  // cost more than the GEMM (2-core AMD EPYC, Zen 5, fp32, H given, previous build -> this one, 2 rounds, ms:
+  // 2 x 20,000 x 512 18.4-20.1 -> 8.8-10.1; larger shapes within the run's noise).
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
-  const at::Tensor xc = (xa - shift).contiguous();
-  const at::Tensor yc = self ? xc : (y.to(acc) - shift).contiguous();  // a self kernel: one centred copy
+  at::Tensor xc = empty_large(xa.sizes(), xa.options());
+  at::sub_out(xc, xa, shift);
+  at::Tensor yc = xc;  // a self kernel: one centred copy
+  if (!self) {
+    yc = empty_large(y.sizes(), xa.options());
+    at::sub_out(yc, y, shift);
+  }
   const at::Tensor nx = row_sq_norms(xc), ny = self ? nx : row_sq_norms(yc);
   if (self && self_kernel_by_tiles(n, x.size(1))) {  // one triangle of GEMM tiles (as rbf_kernel_median's)
     return AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel_self", [&] {
@@ -3009,19 +3027,25 @@ double log_clamp(at::ScalarType acc) {
 
 enum class BackwardPath { kDirect, kAmx, kGemmChunked, kBlocked };
 
-// Whether rbf_kernel_backward's gradients go by direct differences: up to kRbfDirectMaxPairs pairs, and up to
-// kRbfDirectWideMaxPairs with 64 or more features for two sets, 2048 or more for a self kernel (whose other
-// path, the blocks of symmetrised weights, takes one product where two sets take two). 2-core AMD EPYC (Zen
-// 5), libgomp's default wait policy, best of 3, direct / blocked (us), two sets, all three gradients (x's
-// alone): fp32 96 x 96 d = 16 36 / 36 (11 / 16), d = 64 45 / 54 (16 / 25), d = 512 132 / 152 (65 / 79);
-// 128 x 128 d = 64 74 / 81 (24 / 35), d = 512 229 / 229 (109 / 117), d = 4096 1086 / 1465 (534 / 769);
-// 16 x 1024 d = 64 78 / 97 (26 / 44); 4 x 4096 d = 64 103 / 163 (36 / 73); but 192 x 192 d = 512 505 /
-// 444 (237 / 223); fp64 and bf16 96 x 96 to 128 x 128, d = 64: 0.45-0.94x. Self kernel, x's and H's
-// gradients: 128 x 128 d = 512 148 / 131, d = 2048 337 / 411, d = 20,000 2017 / 4070; 96 x 96 d = 2048
-// 200 / 261. (With OMP_WAIT_POLICY=PASSIVE direct gained more, 0.3-0.8x.) Until 2026-12-05 up to
-// kRbfDirectMaxPairs only, as AMX shapes still are (backward_path).
+// Whether rbf_kernel_backward's gradients go by direct differences: up to kRbfDirectMaxPairs pairs; two sets
+// up to kRbfGradDirectMaxPairs with 64 or more features, and beyond by wide_direct; a self kernel up to
+// kRbfGradDirectMaxPairs with 2048 or more features (its other path, the blocks of symmetrised weights,
+// takes one product where two sets take two). 2-core AMD EPYC (Zen 5), libgomp's default wait policy, best of 3, direct / blocked or feature
+// chunks (us), two sets, all three gradients (x's alone): fp32 96 x 96 d = 16 36 / 36 (11 / 16), d = 64 45 /
+// 54 (16 / 25), d = 512 132 / 152 (65 / 79); 128 x 128 d = 64 74 / 81 (24 / 35), d = 512 229 / 229 (109 /
+// 117), d = 4096 1086 / 1465 (534 / 769); 16 x 1024 d = 64 78 / 97 (26 / 44); 4 x 4096 d = 64 103 / 163 (36
+// / 73); fp64 and bf16 96 x 96 to 128 x 128, d = 64: 0.45-0.94x; beyond 16,384 pairs 2 x 20,000 d = 64 318 /
+// 620 (120 / 228), d = 512 8567 / 8574; 4 x 32,768 d = 128 2850 / 3131; 8 x 16,384 d = 256 3305 / 3731; 16 x
+// 8192 d = 512 5766 / 4414 (3013 / 2968); 256 x 256 d = 4096 5114 / 6025; but 192 x 192 d = 512 505 / 444.
+// Self kernel, x's and H's gradients: 128 x 128 d = 512 148 / 131, d = 2048 337 / 411, d = 20,000 2017 /
+// 4070; 96 x 96 d = 2048 200 / 261. (With OMP_WAIT_POLICY=PASSIVE direct gained more, 0.3-0.8x.) Until
+// 2026-12-05 up to kRbfDirectMaxPairs only, as AMX shapes still are (backward_path).
+constexpr int64_t kRbfGradDirectMaxPairs = 16384;
 bool direct_gradient(int64_t n, int64_t m, int64_t d, bool self) {
-  return n * m <= kRbfDirectMaxPairs || (n * m <= kRbfDirectWideMaxPairs && d >= (self ? 2048 : 64));
+  const int64_t pairs = n * m;
+  if (pairs <= kRbfDirectMaxPairs) return true;
+  if (self) return pairs <= kRbfGradDirectMaxPairs && d >= 2048;
+  return (pairs <= kRbfGradDirectMaxPairs && d >= 64) || wide_direct(n, m, d);
 }
 
 // Which of rbf_kernel_backward's paths takes these inputs (want_xy: a particle gradient is asked for).
