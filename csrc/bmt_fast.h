@@ -172,6 +172,10 @@ constexpr int64_t kGramRuleMaxParticles = 512;
 // given), "median_bandwidth" (also svgd_step with the median rule) or "rbf_kernel" (x with itself);
 // svgd_cpu.cpp, prefers_gram. For tests and benchmarks that name the path.
 bool takes_gram_path(const at::Tensor& x, std::string_view op);
+// Whether the CPU's rbf_kernel of x and y ("rbf_kernel": two sets only) or its gradients
+// ("rbf_kernel_backward"; y the same tensor as x for a self kernel) go by direct differences of the rows
+// (svgd_cpu.cpp: direct_cross_kernel, direct_gradient), for the tests of those rules.
+bool takes_direct_path(const at::Tensor& x, const at::Tensor& y, std::string_view op);
 
 // Up to how many particles, and from how many features, the tiled path's self-kernel passes (svgd_step,
 // rbf_kernel(x), the median) go by feature chunks in fp32/fp64 (svgd_cpu.cpp), flagging a non-finite phi;

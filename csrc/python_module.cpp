@@ -39,6 +39,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("takes_gram_path", [](const at::Tensor& x, const std::string& op) {
     return bmt_fast::cpu::takes_gram_path(x, op);
   });
+  m.def("takes_direct_path", [](const at::Tensor& x, const at::Tensor& y, const std::string& op) {
+    return bmt_fast::cpu::takes_direct_path(x, y, op);
+  });
   // An uninitialised contiguous CPU tensor shaped like `like`, on huge pages when large (cpu/huge_pages.h):
   // where the public API allocates a result itself (svgd_step's phi for its finiteness flag).
   m.def("empty_large_like", [](const at::Tensor& like) {

@@ -513,6 +513,50 @@ def test_backward_computes_only_the_requested_gradients(n, m, d):
     assert relative_error(g, e) < 1e-10
 
 
+# (n, m, d, op, self kernel, direct differences?) on both sides of each bound of the CPU's direct rules
+DIRECT_RULE_CASES = [
+    (32, 32, 2, "rbf_kernel", False, True), (33, 32, 2, "rbf_kernel", False, False),  # 1024 pairs
+    (64, 64, 511, "rbf_kernel", False, False), (64, 64, 512, "rbf_kernel", False, True),  # 8 per row, 4096 pairs
+    (4, 1024, 31, "rbf_kernel", False, False), (4, 1024, 32, "rbf_kernel", False, True),
+    (4, 4097, 127, "rbf_kernel", False, False), (4, 4097, 128, "rbf_kernel", False, True),  # beyond: 32 per row
+    (1, 9000, 63, "rbf_kernel", False, False), (9000, 1, 64, "rbf_kernel", False, True),  # and at least 64
+    (100, 200, 3199, "rbf_kernel", False, False), (100, 200, 3200, "rbf_kernel", False, True),
+    (1024, 1025, 32_800, "rbf_kernel", False, False),  # more than 2^20 pairs
+    (16, 16, 100, "rbf_kernel", True, False),  # a self kernel never
+    (64, 64, 2, "rbf_kernel_backward", False, True), (65, 64, 63, "rbf_kernel_backward", False, False),  # 4096
+    (65, 64, 64, "rbf_kernel_backward", False, True), (128, 128, 64, "rbf_kernel_backward", False, True),  # 16,384
+    (129, 128, 64, "rbf_kernel_backward", False, False), (129, 128, 4096, "rbf_kernel_backward", False, True),
+    (2, 8193, 63, "rbf_kernel_backward", False, False), (2, 8193, 64, "rbf_kernel_backward", False, True),
+    (8, 3000, 255, "rbf_kernel_backward", False, False), (8, 3000, 256, "rbf_kernel_backward", False, True),
+    (1025, 1024, 32_800, "rbf_kernel_backward", False, False),
+    (64, 64, 2, "rbf_kernel_backward", True, True), (65, 65, 2047, "rbf_kernel_backward", True, False),
+    (65, 65, 2048, "rbf_kernel_backward", True, True), (128, 128, 2048, "rbf_kernel_backward", True, True),
+    (129, 129, 5000, "rbf_kernel_backward", True, False),  # a self kernel: not beyond 16,384 pairs
+]
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n, m, d, op, self_kernel, direct", DIRECT_RULE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_direct_rules_pick_the_measured_side_of_each_bound(n, m, d, op, self_kernel, direct, dtype):
+    """Where the CPU takes direct differences of the rows for rbf_kernel of two sets and for the gradients
+    (two sets or a self kernel): the bounds that the sweeps in svgd_cpu.cpp (direct_cross_kernel,
+    direct_gradient) measured, each on both sides; the same rule in fp32 and fp64."""
+    module = bmt_fast._extension.CPU.module
+    x = torch.empty(n, d, dtype=dtype)  # (shapes only: nothing is computed)
+    y = x if self_kernel else torch.empty(m, d, dtype=dtype)
+    assert module.takes_direct_path(x, y, op) == direct
+
+
+@requires_cpu_extension
+def test_takes_direct_path_refuses_unknown_ops_and_shapes():
+    module = bmt_fast._extension.CPU.module
+    with pytest.raises(RuntimeError, match="op must be"):
+        module.takes_direct_path(torch.randn(4, 3), torch.randn(5, 3), "svgd_step")
+    with pytest.raises(RuntimeError, match="same number of columns"):
+        module.takes_direct_path(torch.randn(4, 3), torch.randn(5, 2), "rbf_kernel")
+
+
 @requires_cpu_extension
 # direct differences up to 1024 pairs, up to 4096 with 8 features per row of the smaller set, beyond with 32
 # and at least 64; GEMM tiles of the centred sets otherwise (64 x 64 x 2, 16 x 256 x 127, 4 x 1024 x 31, 16 x

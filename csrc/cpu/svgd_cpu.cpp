@@ -3048,6 +3048,15 @@ bool direct_gradient(int64_t n, int64_t m, int64_t d, bool self) {
   return (pairs <= kRbfGradDirectMaxPairs && d >= 64) || wide_direct(n, m, d);
 }
 
+// Whether the gradients of K(x, y) (y the same tensor as x: a self kernel) go by direct differences; amx: the
+// inputs, the incoming gradient and K are all of a dtype that AMX takes.
+bool gradient_by_direct_differences(const at::Tensor& x, const at::Tensor& y, bool amx) {
+  const int64_t n = x.size(0), m = y.size(0);
+  const bool self = y.is_same(x);
+  return amx ? n * m <= kRbfDirectMaxPairs && !(self && !prefers_gram(x, GramUse::kKernel))
+             : direct_gradient(n, m, x.size(1), self);
+}
+
 // Which of rbf_kernel_backward's paths takes these inputs (want_xy: a particle gradient is asked for).
 // Few pairs go by direct differences, except a self kernel of more particles than the forward's Gram path
 // takes where the AMX feature chunks are faster (33 or more particles with 512 or more features:
@@ -3060,16 +3069,25 @@ BackwardPath backward_path(const at::Tensor& grad, const at::Tensor& x, const at
   const int64_t n = kernel.size(0), m = kernel.size(1);
   const bool amx = use_amx(x) && y.scalar_type() == x.scalar_type() && grad.scalar_type() == x.scalar_type() &&
                    kernel.scalar_type() == x.scalar_type();
-  const bool self = y.is_same(x);
-  if (amx ? n * m <= kRbfDirectMaxPairs && !(self && !prefers_gram(x, GramUse::kKernel))
-          : direct_gradient(n, m, x.size(1), self))
-    return BackwardPath::kDirect;
+  if (gradient_by_direct_differences(x, y, amx)) return BackwardPath::kDirect;
   if (amx) return BackwardPath::kAmx;
   if (want_xy && use_gemm_chunked(std::max(n, m), x.size(1))) return BackwardPath::kGemmChunked;
   return BackwardPath::kBlocked;
 }
 
 }  // namespace
+
+bool takes_direct_path(const at::Tensor& x, const at::Tensor& y, std::string_view op) {
+  BMT_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1),
+            "takes_direct_path: x and y must be 2-D with the same number of columns, got ", x.sizes(), " and ",
+            y.sizes());
+  const bool amx = use_amx(x) && y.scalar_type() == x.scalar_type();
+  if (op == "rbf_kernel") return !y.is_same(x) && direct_cross_kernel(x.size(0), y.size(0), x.size(1), use_amx(x));
+  if (op == "rbf_kernel_backward") return gradient_by_direct_differences(x, y, amx);
+  BMT_CHECK(false, "takes_direct_path: op must be \"rbf_kernel\" or \"rbf_kernel_backward\", got \"", std::string(op),
+            "\"");
+  return false;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& y, const at::Tensor& kernel,
