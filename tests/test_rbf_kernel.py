@@ -489,7 +489,8 @@ def test_half_input_gradients(cpu_backend, dtype):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("n, m, d", [(1, 16, 300), (40, 30, 20), (140, 130, 4100)])  # direct; GEMM form; by chunks
+# direct; GEMM form; the general path's blocks of rows; by chunks
+@pytest.mark.parametrize("n, m, d", [(1, 16, 300), (40, 30, 20), (200, 150, 20), (140, 130, 4100)])
 def test_backward_computes_only_the_requested_gradients(n, m, d):
     """output_mask: the op leaves out (None) what autograd does not need (the trainer's prior: one
     prompt, constant particles, a constant H), and what it computes equals the full call's."""
