@@ -3027,19 +3027,19 @@ double log_clamp(at::ScalarType acc) {
 
 enum class BackwardPath { kDirect, kAmx, kGemmChunked, kBlocked };
 
-// Whether rbf_kernel_backward's gradients go by direct differences: up to kRbfDirectMaxPairs pairs; two sets
-// up to kRbfGradDirectMaxPairs with 64 or more features, and beyond by wide_direct; a self kernel up to
-// kRbfGradDirectMaxPairs with 2048 or more features (its other path, the blocks of symmetrised weights,
-// takes one product where two sets take two). 2-core AMD EPYC (Zen 5), libgomp's default wait policy, best of 3, direct / blocked or feature
-// chunks (us), two sets, all three gradients (x's alone): fp32 96 x 96 d = 16 36 / 36 (11 / 16), d = 64 45 /
-// 54 (16 / 25), d = 512 132 / 152 (65 / 79); 128 x 128 d = 64 74 / 81 (24 / 35), d = 512 229 / 229 (109 /
-// 117), d = 4096 1086 / 1465 (534 / 769); 16 x 1024 d = 64 78 / 97 (26 / 44); 4 x 4096 d = 64 103 / 163 (36
-// / 73); fp64 and bf16 96 x 96 to 128 x 128, d = 64: 0.45-0.94x; beyond 16,384 pairs 2 x 20,000 d = 64 318 /
-// 620 (120 / 228), d = 512 8567 / 8574; 4 x 32,768 d = 128 2850 / 3131; 8 x 16,384 d = 256 3305 / 3731; 16 x
-// 8192 d = 512 5766 / 4414 (3013 / 2968); 256 x 256 d = 4096 5114 / 6025; but 192 x 192 d = 512 505 / 444.
-// Self kernel, x's and H's gradients: 128 x 128 d = 512 148 / 131, d = 2048 337 / 411, d = 20,000 2017 /
-// 4070; 96 x 96 d = 2048 200 / 261. (With OMP_WAIT_POLICY=PASSIVE direct gained more, 0.3-0.8x.) Until
-// 2026-12-05 up to kRbfDirectMaxPairs only, as AMX shapes still are (backward_path).
+// Whether rbf_kernel_backward's gradients go by direct differences: up to kRbfDirectMaxPairs pairs; two sets up to
+// kRbfGradDirectMaxPairs with 64 or more features, and beyond by wide_direct; a self kernel up to
+// kRbfGradDirectMaxPairs with 2048 or more features (its other path, the blocks of symmetrised weights, takes one
+// product where two sets take two). 2-core AMD EPYC (Zen 5), libgomp's default wait policy, best of 3, direct / blocked
+// or feature chunks (us), two sets, all three gradients (x's alone): fp32 96 x 96 d = 16 36 / 36 (11 / 16), d = 64 45 /
+// 54 (16 / 25), d = 512 132 / 152 (65 / 79); 128 x 128 d = 64 74 / 81 (24 / 35), d = 512 229 / 229 (109 / 117), d =
+// 4096 1086 / 1465 (534 / 769); 16 x 1024 d = 64 78 / 97 (26 / 44); 4 x 4096 d = 64 103 / 163 (36 / 73); fp64 and bf16
+// 96 x 96 to 128 x 128, d = 64: 0.45-0.94x; beyond 16,384 pairs 2 x 20,000 d = 64 318 / 620 (120 / 228), d = 512 8567 /
+// 8574; 4 x 32,768 d = 128 2850 / 3131; 8 x 16,384 d = 256 3305 / 3731; 16 x 8192 d = 512 5766 / 4414 (3013 / 2968);
+// 256 x 256 d = 4096 5114 / 6025; but 192 x 192 d = 512 505 / 444. Self kernel, x's and H's gradients: 128 x 128 d =
+// 512 148 / 131, d = 2048 337 / 411, d = 20,000 2017 / 4070; 96 x 96 d = 2048 200 / 261. (With OMP_WAIT_POLICY=PASSIVE
+// direct gained more, 0.3-0.8x.) Until 2026-12-05 up to kRbfDirectMaxPairs only, as AMX shapes still are
+// (backward_path).
 constexpr int64_t kRbfGradDirectMaxPairs = 16384;
 bool direct_gradient(int64_t n, int64_t m, int64_t d, bool self) {
   const int64_t pairs = n * m;
