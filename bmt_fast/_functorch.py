@@ -115,7 +115,7 @@ class _SVGDStep(_NoGradient):
     @staticmethod
     def vmap(info, in_dims, x, score, bandwidth, backend, check_inputs, group):
         from . import backends, ops
-        from ._validation import as_rows, check_bandwidth, check_particles, check_same
+        from ._validation import as_rows, check_bandwidth
 
         tensors, dims = (x, score, bandwidth), in_dims[:3]
         if active() or x.dim() < 2 or in_dims[0] is None:  # slices wrapped by outer transforms: no out= there
@@ -136,10 +136,7 @@ class _SVGDStep(_NoGradient):
                 ops._svgd_step(*_slices(tensors, dims, index), backend, check_inputs, group, phi[index], fresh_out=True)
             return phi, 0
         first = _slices(tensors, dims, 0)
-        check_particles("x", first[0])
-        check_particles("score", first[1])
-        check_same("x", first[0], "score", first[1])
-        h = check_bandwidth(first[2], first[0], check_value=check_inputs)
+        h = ops._checked_bandwidth(*first, check_inputs)
         chosen = backends.select(backend, "svgd_step", as_rows(first[0]))
         phi = chosen.empty_result(batch_first)
         for index in range(info.batch_size):

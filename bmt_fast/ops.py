@@ -85,11 +85,7 @@ def svgd_step(
 def _svgd_step(x, score, bandwidth, backend, check_inputs, group, out, *, fresh_out: bool = False) -> torch.Tensor:
     """svgd_step outside torch.func transforms; fresh_out: `out` is a new contiguous tensor of x's shape,
     dtype and device that autograd does not track (the caller made it), so it is not checked."""
-    min_rows = 0 if group is not None else 1
-    check_particles("x", x, min_rows=min_rows)
-    check_particles("score", score, min_rows=min_rows)
-    check_same("x", x, "score", score)
-    h = check_bandwidth(bandwidth, x, check_value=check_inputs)
+    h = _checked_bandwidth(x, score, bandwidth, check_inputs, min_rows=0 if group is not None else 1)
     if out is not None and not fresh_out:
         check_out(out, x, score)
     if group is not None:  # every rank learns of any rank's NaN (see distributed)
@@ -100,6 +96,15 @@ def _svgd_step(x, score, bandwidth, backend, check_inputs, group, out, *, fresh_
             return phi if out is None else out.copy_(phi)
     x2 = as_rows(x)
     return _step_on(backends.select(backend, "svgd_step", x2), x, score, h, check_inputs, out, x2)
+
+
+def _checked_bandwidth(x, score, bandwidth, check_inputs, *, min_rows: int = 1):
+    """svgd_step's argument checks (x and score as particles of one shape, dtype and device; the bandwidth,
+    its value too where check_inputs): the checked bandwidth (None: the median)."""
+    check_particles("x", x, min_rows=min_rows)
+    check_particles("score", score, min_rows=min_rows)
+    check_same("x", x, "score", score)
+    return check_bandwidth(bandwidth, x, check_value=check_inputs)
 
 
 def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:

@@ -88,10 +88,16 @@ at::Tensor centring_shift(const at::Tensor& x_acc) {
   return first + differences.mean(0, /*keepdim=*/true);
 }
 
+// x - shift in the compute type acc (x of any floating dtype, widened in the subtraction), on huge pages
+// when large: a call's centred copy, not paged in again by every call.
+at::Tensor centred_by(const at::Tensor& x, const at::Tensor& shift, at::ScalarType acc) {
+  at::Tensor xc = empty_large(x.sizes(), x.options().dtype(acc));
+  return at::sub_out(xc, x, shift);
+}
+
 at::Tensor centred(const at::Tensor& x, at::ScalarType acc) {
   const at::Tensor xa = x.to(acc);
-  at::Tensor xc = empty_large(xa.sizes(), xa.options());
-  return at::sub_out(xc, xa, centring_shift(xa));
+  return centred_by(xa, centring_shift(xa), acc);
 }
 
 // The rows' squared norms of centred particles (n), their squares through a huge-page temporary.
@@ -1147,8 +1153,7 @@ std::optional<bool> svgd_step_tiled(const at::Tensor& x, const at::Tensor& score
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa).contiguous();
-  at::Tensor xc = empty_large(xa.sizes(), xa.options());
-  at::sub_out(xc, xa, shift);  // (centred(x, acc), with its shift)
+  const at::Tensor xc = centred_by(xa, shift, acc);  // (centred(x, acc), with its shift)
   const at::Tensor norms = row_sq_norms(xc);
   // With the median rule and many features the median's pass keeps its tiles for K (as the AMX path).
   const bool keep = !bandwidth && keeps_dots(n, d, sizeof(T), kKeptDotsMinFeatures);
@@ -2027,7 +2032,7 @@ bool prefers_gram(const at::Tensor& x, GramUse use) {
   if (use_amx(x)) return n <= amx_gram_max_particles(x);
   if (n > kGramRuleMaxParticles) return false;
   const GramRule rule = gram_rule(use, x.scalar_type() == at::kDouble);
-  const int64_t n_power = rule.power == 3 ? n * n * n : n * n;  // (n <= 192: no overflow)
+  const int64_t n_power = rule.power == 3 ? n * n * n : n * n;  // (n <= kGramRuleMaxParticles: no overflow)
   return n <= rule.always || n_power <= rule.per_feature * d;
 }
 
@@ -2444,18 +2449,13 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     run_team([&] { k = chunked_gram_to_kernel(gemm_gram_chunked(xs), h, 1.0); });
     return k.to(x.scalar_type());
   }
-  // The centred copies on huge pages (empty_large), y's widened in the subtraction: fresh pages for a large y
+  // The centred copies on huge pages (centred_by), y's widened in the subtraction: fresh pages for a large y
   // cost more than the GEMM (2-core AMD EPYC, Zen 5, fp32, H given, previous build -> this one, 2 rounds, ms:
   // 2 x 20,000 x 512 18.4-20.1 -> 8.8-10.1; larger shapes within the run's noise).
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = centring_shift(xa);
-  at::Tensor xc = empty_large(xa.sizes(), xa.options());
-  at::sub_out(xc, xa, shift);
-  at::Tensor yc = xc;  // a self kernel: one centred copy
-  if (!self) {
-    yc = empty_large(y.sizes(), xa.options());
-    at::sub_out(yc, y, shift);
-  }
+  const at::Tensor xc = centred_by(xa, shift, acc);
+  const at::Tensor yc = self ? xc : centred_by(y, shift, acc);  // a self kernel: one centred copy
   const at::Tensor nx = row_sq_norms(xc), ny = self ? nx : row_sq_norms(yc);
   if (self && self_kernel_by_tiles(n, x.size(1))) {  // one triangle of GEMM tiles (as rbf_kernel_median's)
     return AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel_self", [&] {
@@ -2971,13 +2971,8 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_blocked(const at:
   const int64_t n = x.size(0), m = y.size(0);
   const at::Tensor xa = x.to(acc);
   const at::Tensor shift = xa.mean(0, /*keepdim=*/true);  // any nearby centre: it cancels exactly
-  at::Tensor xc = empty_large(xa.sizes(), xa.options());
-  at::sub_out(xc, xa, shift);
-  at::Tensor yc = xc;
-  if (!self) {
-    yc = empty_large(y.sizes(), xa.options());
-    at::sub_out(yc, y.to(acc), shift);
-  }
+  const at::Tensor xc = centred_by(xa, shift, acc);
+  const at::Tensor yc = self ? xc : centred_by(y, shift, acc);
   at::Tensor grad_x = want_x ? empty_large(xc.sizes(), xc.options()) : at::Tensor();
   // -P^T xc, then + colsum_j(P) yc_j
   at::Tensor grad_y = want_y ? empty_large(yc.sizes(), yc.options()).zero_() : at::Tensor();
