@@ -157,8 +157,8 @@ class CompiledBackend(Backend):
         # CPU, every path: a bad x value makes its column's centring shift (a mean) non-finite, so that column
         # of every centred row, every squared distance (norms and dot products: Inf - Inf or NaN) and every
         # weight K_ij NaN, which every product then carries into every phi row (NaN weights are not zeros, so
-        # no BLAS skips them); with the median rule the median is NaN and the op raises, which the caller
-        # answers by naming the input. A bad score value reaches its own phi row through the own term score_i,
+        # no BLAS skips them); with the median rule H is NaN too, and so is all of phi; the caller answers a
+        # cleared flag by naming the input. A bad score value reaches its own phi row through the own term score_i,
         # which every CPU kernel adds as it is, outside any product (and every row through K W where the
         # kernels' own loops multiply it, zero weights included: 0 * NaN = NaN). svgd_step_into's flag comes
         # from the last pass that writes phi (the Gram, AMX, feature-chunk, fused and fp32 GEMM-tile paths) or

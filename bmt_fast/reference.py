@@ -52,18 +52,23 @@ def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.T
 
 def numpy_median(values: torch.Tensor) -> torch.Tensor:
     """numpy.median convention: the mean of the two middle values for an even count. (By selection, not
-    a full sort: 65,536 sampled distances on a 2-core CPU took ~10 ms to sort.)"""
+    a full sort: 65,536 sampled distances on a 2-core CPU took ~10 ms to sort.) NaN if any value is NaN or
+    infinite: squared distances are so only for particles that hold NaN or Inf (or overflow), where the
+    compiled backends' median is NaN too (kthvalue alone would rank a NaN above every number)."""
     flat = values.reshape(-1)
     count = flat.numel()
+    finite = torch.isfinite(flat).all()  # (a tensor: no host synchronisation on a GPU)
     upper = flat.kthvalue(count // 2 + 1).values
     if count % 2:
-        return upper
-    # The lower middle value: the largest one below `upper`, unless `upper` also holds rank count/2 - 1
-    # (fewer than count/2 values lie below it). One selection and two elementwise passes.
-    below = flat < upper
-    largest_below = flat.masked_fill(~below, -math.inf).max()
-    lower = torch.where(below.sum() >= count // 2, largest_below, upper)
-    return 0.5 * (lower + upper)
+        median = upper
+    else:
+        # The lower middle value: the largest one below `upper`, unless `upper` also holds rank count/2 - 1
+        # (fewer than count/2 values lie below it). One selection and two elementwise passes.
+        below = flat < upper
+        largest_below = flat.masked_fill(~below, -math.inf).max()
+        lower = torch.where(below.sum() >= count // 2, largest_below, upper)
+        median = 0.5 * (lower + upper)
+    return torch.where(finite, median, math.nan)
 
 
 def bandwidth_from_median(median: torch.Tensor, n: int) -> torch.Tensor:

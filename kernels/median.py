@@ -12,6 +12,8 @@ error against the float64 reference is that of the fp32 distances alone (the tes
 The prefix and ranks stay on the device: no host sync between passes.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -149,7 +151,10 @@ def median_sq_dist_tiled(
         )
         ranks, prefix = _select_digit(hist, ranks, prefix, width)
     middle = prefix.to(int_dtype).view(acc).double()
-    return middle.mean()
+    # NaN where the particles hold NaN or Inf, as the reference's and the compiled backends' median: the centring
+    # shift (x_0 plus a mean) is then not finite, where the keys' order (NaN above every number, distances
+    # clamped at 0) had given a finite median. On the device: no host synchronisation.
+    return torch.where(torch.isfinite(shift).all(), middle.mean(), math.nan)
 
 
 def median_sq_dist(

@@ -16,6 +16,7 @@ ulps of the output type; the tensor-core median within 8 u / sqrt(d) (u: the 16-
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import shutil
@@ -361,6 +362,28 @@ def test_median_with_ties_and_duplicates(target, algorithm):
     x = torch.tensor([[0.0], [0.0], [1.0], [1.0], [3.0]], dtype=torch.float64)
     h = target.ops.median_bandwidth(x.to(target.device), algorithm)
     assert math.isclose(float(h), numpy_rule(x), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["tiled", "gram"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [5, 20, 70])
+def test_median_of_particles_with_nan_or_inf_is_nan(target, algorithm, dtype, n):
+    """A NaN or an infinity in the particles (at x_0, the Gram path's shift, the last value or the middle) makes
+    H NaN, as the reference's and the CPU's, on the Gram path (its diagonal; by ranks up to 16 rows, radix
+    beyond) and on the FFMA and tensor-core tiles (d = 40: bf16 / fp16 on tensor cores); a clamp of NaN
+    distances at 0 and the keys' order had given the floor or a finite median. K for that H, and the step's
+    phi by the median rule (the register kernels up to 16 rows derive H themselves), are all NaN."""
+    d = 40
+    x = torch.randn(n, d, dtype=torch.float64).to(dtype).to(target.device)
+    score = torch.randn(n, d, dtype=torch.float64).to(dtype).to(target.device)
+    assert math.isfinite(float(target.ops.median_bandwidth(x, algorithm)))
+    for (i, k), bad in itertools.product([(0, 0), (n - 1, d - 1), (n // 2, d // 2)], [math.nan, math.inf, -math.inf]):
+        xb = x.clone()
+        xb[i, k] = bad
+        h = target.ops.median_bandwidth(xb, algorithm)
+        assert h.dtype == reference.accumulation_dtype(dtype) and math.isnan(float(h)), (i, k, bad, float(h))
+        assert torch.isnan(target.ops.rbf_kernel(xb, xb, h)).all()
+        assert torch.isnan(target.ops.svgd_step(xb, score, None, algorithm)).all(), (i, k, bad)
 
 
 @pytest.mark.parametrize("n,d", [(4096, 32), (3000, 130)])

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import requires_amx, requires_cpu_extension
+from helpers import requires_amx, requires_cpu_extension, run_cpu_variants
 
 import bmt_fast
 from bmt_fast import reference
@@ -219,3 +219,60 @@ def test_exact_at_65536_without_quadratic_memory():
     # Squared distances of a 2-D standard Gaussian cloud are 2 * Exp(1/2): median 4 ln 2 (diagonal
     # zeros shift the rank by 1/n, negligible here).
     assert math.isclose(h * math.log(65537), 4 * math.log(2), rel_tol=0.01)
+
+
+# Shapes of every CPU path of the median ops: the Gram path (few particles; 16 x 409,600: the soft prompts of
+# a 7B model), the fused distances by rows and by block pairs (600 x 16, 2100 x 8), GEMM tiles (600 x 300),
+# the self kernel's tiles (1100 x 4100), feature chunks (300 x 3000); 16-bit particles off AMX go the fp32
+# paths, bf16 ones take AMX on a CPU with it (65 x 64, 300 x 300).
+UNCHECKED_NAN_SCRIPT = """
+import math, sys, torch, bmt_fast
+torch.manual_seed(0)
+failures = []
+cases = [(3, 4, torch.float32), (16, 203, torch.float64), (16, 409_600, torch.float32), (40, 64, torch.bfloat16),
+         (600, 16, torch.float32), (2100, 8, torch.float32), (600, 300, torch.float64), (600, 300, torch.float16),
+         (1100, 4100, torch.float32), (300, 3000, torch.float32), (65, 64, torch.bfloat16),
+         (300, 300, torch.bfloat16)]
+for n, d, dtype in cases:
+    x = torch.randn(n, d).to(dtype)
+    assert math.isfinite(float(bmt_fast.median_bandwidth(x, backend="cpu", check_inputs=False)))
+    for bad in (math.nan, math.inf, -math.inf):
+        for i, k in {(0, 0), (n - 1, d - 1), (n // 2, d // 2)}:
+            xb = x.clone()
+            xb[i, k] = bad
+            h = bmt_fast.median_bandwidth(xb, backend="cpu", check_inputs=False)
+            kernel = bmt_fast.rbf_kernel(xb, backend="cpu", check_inputs=False)
+            got = (float(h), bool(kernel.isnan().all()), kernel.dtype == dtype)
+            if d * n <= 600 * 300:  # (the step's phi: every entry NaN, as H is)
+                phi = bmt_fast.svgd_step(xb, torch.randn(n, d).to(dtype), backend="cpu", check_inputs=False)
+                got += (bool(phi.isnan().all()),)
+            if not (math.isnan(got[0]) and all(got[1:])):
+                failures.append((n, d, str(dtype), bad, i, k, got))
+torch.save(failures, sys.argv[1])
+"""
+
+
+@requires_cpu_extension
+def test_unchecked_median_of_particles_with_nan_or_inf_is_nan_on_every_cpu_path(tmp_path):
+    """With check_inputs=False (no scan of x) a NaN or an infinity in the particles, at the first particle (the
+    Gram path's shift), the last value or the middle, makes H NaN, and rbf_kernel's K by the median rule and
+    the step's phi all NaN, as the reference's; a clamp of NaN distances or a selection over NaN keys had
+    given a finite, floored H on some paths and a 'bandwidth must be positive and finite' error on others.
+    With the fused kernels and without (BMT_FAST_CPU_FUSED=0: GEMM tiles)."""
+    results = run_cpu_variants(tmp_path, UNCHECKED_NAN_SCRIPT, {"fused": {}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}})
+    assert results == {"fused": [], "gemm": []}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_reference_and_sampled_medians_of_particles_with_nan_or_inf_are_nan(bad):
+    """The reference's exact median (its centring spreads the value down a column), and the sampled one
+    wherever a drawn pair holds the bad particle: NaN, as numpy.median of a NaN is (kthvalue alone ranks a
+    NaN above every number and returned a finite median)."""
+    x = torch.randn(3000, 5, dtype=torch.float64)
+    x[7, 1] = bad
+    assert math.isnan(float(reference.median_bandwidth(x)))
+    sampled = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=20_000, backend="torch", check_inputs=False,
+                                        generator=torch.Generator().manual_seed(0))
+    assert math.isnan(float(sampled))
+    assert math.isnan(float(reference.numpy_median(torch.tensor([1.0, bad, 2.0]))))
+    assert float(reference.numpy_median(torch.tensor([1.0, 3.0, 2.0]))) == 2.0

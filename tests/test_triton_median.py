@@ -51,6 +51,22 @@ def test_gram_median_is_numpys(n):
     assert math.isnan(float(gram_median(d.to(DEVICE))))
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_median_of_particles_with_nan_or_inf_is_nan(algorithm, dtype):
+    """A NaN or an infinity in the particles (at x_0, the last value or the middle) makes H NaN, as the
+    reference's and the CPU's: the radix selection had ranked NaN keys above every number (distances
+    clamped at 0) and returned a finite median."""
+    n, d = 20, 16
+    x = torch.randn(n, d, dtype=torch.float64).to(dtype).to(DEVICE)
+    forward = kernels().median.median_bandwidth_forward
+    assert math.isfinite(float(forward(x, algorithm=algorithm)))
+    for (i, k), bad in zip([(0, 0), (n - 1, d - 1), (n // 2, d // 2)], [math.nan, math.inf, -math.inf]):
+        xb = x.clone()
+        xb[i, k] = bad
+        assert math.isnan(float(forward(xb, algorithm=algorithm))), (i, k, bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,splits", [(1, 1), (7, 1), (130, 1), (130, 2), (300, 3)])
 def test_centring_shift_in_one_kernel_and_over_row_splits(dtype, n, splits):

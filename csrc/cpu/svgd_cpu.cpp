@@ -106,8 +106,43 @@ at::Tensor row_sq_norms(const at::Tensor& xc) {
   return at::mul_out(squares, xc, xc).sum(1);
 }
 
-// numpy.median of the values (the mean of the two middle ones for an even count).
+// Whether the count values at p are all finite: fp32 / fp64 by their exponent bits (a loop the compiler
+// vectorises), 16-bit types as stored (a value that overflowed the 16-bit type is not).
+template <typename T>
+bool all_finite(const T* p, int64_t count) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    constexpr Bits exponent = static_cast<Bits>(sizeof(T) == 4 ? 0x7f800000ull : 0x7ff0000000000000ull);
+    Bits bad = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      Bits bits;
+      std::memcpy(&bits, p + i, sizeof(bits));
+      bad |= static_cast<Bits>((bits & exponent) == exponent);
+    }
+    return bad == 0;
+  } else {
+    bool ok = true;
+    for (int64_t i = 0; i < count; ++i) ok &= std::isfinite(static_cast<float>(p[i]));
+    return ok;
+  }
+}
+
+// Where the particles hold a NaN or an infinity (or their squared distances overflow), the median and so H are
+// NaN on every path, as the reference's (torch.median's) are: the checked API raises before; with
+// check_inputs=False a clamp or a selection over NaN keys had given a finite, floored H. The Gram path's
+// distances then hold NaN or Inf; the other paths' centring spreads such a value down its column, so every
+// squared norm of the centred rows is NaN or Inf (checked there: n values, not n^2).
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+bool finite_norms(const at::Tensor& norms) {
+  const at::Tensor c = norms.contiguous();
+  return c.scalar_type() == at::kDouble ? all_finite(c.const_data_ptr<double>(), c.numel())
+                                        : all_finite(c.const_data_ptr<float>(), c.numel());
+}
+
+// numpy.median of the values (the mean of the two middle ones for an even count); NaN if any is not finite.
 double numpy_median(std::vector<double> values) {
+  if (!all_finite(values.data(), static_cast<int64_t>(values.size()))) return kNaN;
   const size_t count = values.size(), mid = count / 2;
   std::nth_element(values.begin(), values.begin() + mid, values.end());
   const double upper = values[mid];
@@ -664,6 +699,7 @@ std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tens
 // to the tiles' kSelectMaxParticles, by the window beyond, the radix passes where it misses.
 template <typename T, typename Tiles>
 double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
+  if (!finite_norms(norms)) return kNaN;
   if (xc.size(0) <= Tiles::kSelectMaxParticles) return median_sq_dist_select<T>(xc.size(0), norms, tiles);
   if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms, tiles)) return *median;
   const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW");
@@ -756,6 +792,7 @@ struct ChunkedGram {
 
 // The median of the n^2 squared distances from a chunked Gram pass (n <= 512: by selection).
 double median_sq_dist_chunked(const ChunkedGram& gram) {
+  if (!finite_norms(gram.norms)) return kNaN;
   const int64_t n = gram.norms.size(0);
   if (gram.dots.scalar_type() == at::kDouble) return median_sq_dist_select<double>(n, gram.norms, DotsTiles{gram.dots});
   return median_sq_dist_select<float>(n, gram.norms, DotsTiles{gram.dots});
@@ -1007,27 +1044,6 @@ const at::Tensor& chunked_gram_to_kernel(const ChunkedGram& gram, double h, doub
   return k;
 }
 
-
-// Whether the count values at p are all finite: fp32 / fp64 by their exponent bits (a loop the compiler
-// vectorises), 16-bit types as stored (a value that overflowed the 16-bit type is not).
-template <typename T>
-bool all_finite(const T* p, int64_t count) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-    constexpr Bits exponent = static_cast<Bits>(sizeof(T) == 4 ? 0x7f800000ull : 0x7ff0000000000000ull);
-    Bits bad = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      Bits bits;
-      std::memcpy(&bits, p + i, sizeof(bits));
-      bad |= static_cast<Bits>((bits & exponent) == exponent);
-    }
-    return bad == 0;
-  } else {
-    bool ok = true;
-    for (int64_t i = 0; i < count; ++i) ok &= std::isfinite(static_cast<float>(p[i]));
-    return ok;
-  }
-}
 
 // svgd_step on the GEMM path by feature chunks (use_gemm_gram_chunked shapes), as the AMX chunks: the Gram
 // pass above (so K is rbf_kernel's, bit for bit), K with its own terms 0 and its row sums once, then per
@@ -1393,6 +1409,7 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
     const FusedOperands<T> ops(x);
     if (!h) {
       *median = median_sq_dist<T>(ops.xc, ops.real_norms(), FusedTiles<T>{ops});
+      if (!std::isfinite(*median)) return;  // (K: all NaN, below; finite_norms)
       // (as rbf_kernel reads median_bandwidth's H: a 0-dim tensor in T)
       h = read_bandwidth(at::scalar_tensor(bandwidth_from_median(*median, n), x.options().dtype(
                                                c10::CppTypeToScalarType<T>::value)));
@@ -1461,6 +1478,7 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
       };
     });
   });
+  if (!h) k.fill_(kNaN);
   return k;
 }
 
@@ -2349,8 +2367,16 @@ namespace {
 // H = the median rule's bandwidth for the median of x's squared distances, as the ops return it: a 0-dim
 // tensor in x's accumulation dtype (the value rbf_kernel then reads).
 at::Tensor bandwidth_result(double median, const at::Tensor& x) {
-  const double h = bandwidth_from_median(median, x.size(0));
+  const double h = std::isfinite(median) ? bandwidth_from_median(median, x.size(0)) : kNaN;  // (finite_norms)
   return at::scalar_tensor(h, x.options().dtype(accumulation_type(x.scalar_type())));
+}
+
+// rbf_kernel_median's K for its H (bandwidth_result): make_k(H's value), or all NaN where H is NaN (the
+// particles held NaN or Inf: finite_norms), as the reference's exp(-d2 / NaN).
+template <typename MakeK>
+at::Tensor median_kernel(const at::Tensor& h, const at::Tensor& x, MakeK&& make_k) {
+  if (std::isnan(h.item<double>())) return at::full({x.size(0), x.size(0)}, kNaN, x.options());
+  return make_k(read_bandwidth(h));
 }
 
 }  // namespace
@@ -2487,13 +2513,15 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   const bool gram_median = prefers_gram(x_in, GramUse::kMedian);
   if (gram_median != prefers_gram(x_in, GramUse::kKernel)) {
     const at::Tensor h = median_bandwidth(x_in, "auto");
-    return {rbf_kernel(x_in, x_in, h), h};
+    return {median_kernel(h, x_in, [&](double) { return rbf_kernel(x_in, x_in, h); }), h};
   }
   if (!gram_median) {  // many particles: the distances are not kept between the two
     if (use_amx(x_in) && use_amx_chunked(n, x_in.size(1))) {  // the chunked Gram pass's dot products
       const ChunkedGram gram = amx_gram_chunked(x_in.contiguous());
       const at::Tensor h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
-      return {rbf_kernel_from_dots(gram.norms, gram.dots, read_bandwidth(h), x_in.scalar_type()), h};
+      return {median_kernel(h, x_in,
+                            [&](double v) { return rbf_kernel_from_dots(gram.norms, gram.dots, v, x_in.scalar_type()); }),
+              h};
     }
     if (use_amx(x_in)) {  // (but the AMX operands are, and the dot products where keeps_dots)
       const AmxOperands operands(x_in.contiguous());
@@ -2503,8 +2531,12 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
       const at::Tensor kept = keep ? empty_large({n, n}, operands.norms.options()) : at::Tensor();
       const at::Tensor h =
           bandwidth_result(median_sq_dist_amx(operands, keep ? kept.mutable_data_ptr<float>() : nullptr), x_in);
-      if (keep) return {rbf_kernel_from_dots(operands.norms, kept, read_bandwidth(h), operands.dtype), h};
-      return {rbf_kernel_amx(operands, operands, read_bandwidth(h)), h};
+      return {median_kernel(h, x_in,
+                            [&](double v) {
+                              return keep ? rbf_kernel_from_dots(operands.norms, kept, v, operands.dtype)
+                                          : rbf_kernel_amx(operands, operands, v);
+                            }),
+              h};
     }
     if (use_fused_median(x_in.size(1)) && use_fused_kernel(x_in.size(1))) {  // one team for both
       const at::Tensor x = x_in.contiguous();
@@ -2520,7 +2552,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
       run_team([&] {
         const ChunkedGram gram = gemm_gram_chunked(x);
         h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
-        k = chunked_gram_to_kernel(gram, read_bandwidth(h), 1.0);
+        k = median_kernel(h, x_in, [&](double v) { return chunked_gram_to_kernel(gram, v, 1.0); });
       });
       return {k.to(x_in.scalar_type()), h};
     }
@@ -2534,19 +2566,20 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
       return AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel_median", [&] {
         const at::Tensor h =
             bandwidth_result(median_sq_dist<scalar_t>(xc, norms, GemmTiles{xc, keep ? &kept : nullptr}), x);
-        at::Tensor k = rbf_kernel_self_tiles<scalar_t>(xc, norms, read_bandwidth(h), keep ? &kept : nullptr);
+        at::Tensor k = median_kernel(
+            h, x, [&](double v) { return rbf_kernel_self_tiles<scalar_t>(xc, norms, v, keep ? &kept : nullptr); });
         return std::make_tuple(k.to(x.scalar_type()), h);
       });
     }
     at::Tensor h = median_bandwidth(x_in, "auto");
-    return {rbf_kernel(x_in, x_in, h), h};
+    return {median_kernel(h, x_in, [&](double) { return rbf_kernel(x_in, x_in, h); }), h};
   }
   // Few particles (often huge d): one Gram pass gives the median and the kernel; the two ops make two.
   const at::Tensor x = x_in.contiguous();
   const std::vector<double> dist = AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "rbf_kernel_median", [&] { return sq_dists_gram<scalar_t>(x); });
   const at::Tensor h = bandwidth_result(numpy_median(dist), x);  // as median_bandwidth returns it
-  return {kernel_from_gram_dists(dist, n, n, true, read_bandwidth(h), x.options()), h};
+  return {median_kernel(h, x, [&](double v) { return kernel_from_gram_dists(dist, n, n, true, v, x.options()); }), h};
 }
 
 namespace {

@@ -377,6 +377,15 @@ BMT_DEVICE double median_rule(double median, long long n, double floor) {
   return h > floor ? h : floor;
 }
 
+// Whether G's diagonal entries for rows 0 .. n-1 (the squared norms of the rows shifted by x[0]) are finite: a NaN
+// or an infinity in the particles makes one NaN or Inf, and the median rule's H is then NaN, as the reference's
+// and the CPU's (a clamp of NaN distances at 0 and the keys' order had given a finite H).
+BMT_DEVICE bool gram_diagonal_finite(const double* gram, long long rows, long long n) {
+  for (long long i = 0; i < n; ++i)
+    if (!is_finite(gram[i * rows + i])) return false;
+  return true;
+}
+
 struct GramBandwidthParams {
   const double* gram;  // (rows x rows) upper triangle
   long long rows, n;   // the median is over rows 0 .. n-1
@@ -398,7 +407,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_bandwidth_kernel(const GramBandwi
   if (p.n <= kRankCountingMaxRows) {
     static_assert(kMaxPairsRanked <= kRadixBins, "the ranked pairs share the histogram's storage");
     const double median = gram_median_by_ranks(p.gram, p.rows, p.n, storage, middle);
-    if (threadIdx.x == 0) *p.bandwidth = median_rule(median, p.n, p.floor);
+    if (threadIdx.x == 0)
+      *p.bandwidth = gram_diagonal_finite(p.gram, p.rows, p.n) ? median_rule(median, p.n, p.floor) : quiet_nan_d();
     return;
   }
   if (threadIdx.x == 0) {
@@ -420,7 +430,9 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_bandwidth_kernel(const GramBandwi
     __syncthreads();
     radix_select_block(hist, pass, static_cast<unsigned long long>(p.n), &state, scratch);
   }
-  if (threadIdx.x == 0) *p.bandwidth = bandwidth_from_keys<double>(state, p.n, p.floor);
+  if (threadIdx.x == 0)
+    *p.bandwidth = gram_diagonal_finite(p.gram, p.rows, p.n) ? bandwidth_from_keys<double>(state, p.n, p.floor)
+                                                             : quiet_nan_d();
 }
 
 // ---- 3a. svgd_step: kn = K / n, c = (2/H) rowsum(K) / n, a = 2/H (one warp per row) ---------------
@@ -519,9 +531,10 @@ struct ApplyScalars {
 template <typename In, int kMax, typename C>
 BMT_DEVICE ApplyScalars<C> apply_weights(const ApplyParams<In>& p, ApplyShared<C, kMax>& shared) {
   static_assert(kMax <= kRankCountingMaxRows, "the median by ranks needs few rows");
-  const double h = p.given ? *p.given
-                           : median_rule(gram_median_by_ranks(p.gram, p.n, p.n, shared.pair_values, shared.middle),
-                                         p.n, p.floor);
+  const double median = p.given ? 0.0 : gram_median_by_ranks(p.gram, p.n, p.n, shared.pair_values, shared.middle);
+  const double h = p.given                                   ? *p.given
+                   : gram_diagonal_finite(p.gram, p.n, p.n) ? median_rule(median, p.n, p.floor)
+                                                            : quiet_nan_d();
   const double inv_h = inverse_bandwidth(h);
   auto weight = [&](int i, int j) { return exp(-gram_distance(p.gram, p.n, i, j) * inv_h) - (i == j ? 1.0 : 0.0); };
   for (int idx = threadIdx.x; idx < kMax * kMax; idx += blockDim.x) {
