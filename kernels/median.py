@@ -151,20 +151,22 @@ def median_sq_dist_tiled(
         )
         ranks, prefix = _select_digit(hist, ranks, prefix, width)
     middle = prefix.to(int_dtype).view(acc).double()
-    # NaN where the particles hold NaN or Inf, as the reference's and the compiled backends' median: the centring
-    # shift (x_0 plus a mean) is then not finite, where the keys' order (NaN above every number, distances
-    # clamped at 0) had given a finite median. On the device: no host synchronisation.
-    return torch.where(torch.isfinite(shift).all(), middle.mean(), math.nan)
+    return middle.mean()
 
 
 def median_sq_dist(
     x: torch.Tensor, shift: torch.Tensor, mode: int, algorithm: str, *, splits: int | None = None, tile: TileConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(median as float64 0-dim, the n x n distances when the Gram path computed them, else None)."""
+    """(median as float64 0-dim, the n x n distances when the Gram path computed them, else None). NaN where
+    the particles hold NaN or Inf, as the reference's and the compiled backends' median: the centring shift
+    (x_0 plus a mean) is then not finite, where the distances' clamp at 0 (a GPU's max returns the number
+    beside a NaN) and the radix keys' order had given a finite median. On the device: no host sync."""
     if use_gram(x.shape[0], algorithm):
         dist = gram_sq_dists(x, shift, mode, splits=splits, tile=tile)
-        return gram_median(dist), dist
-    return median_sq_dist_tiled(x, shift, mode, splits=splits, tile=tile), None
+        median = gram_median(dist)
+    else:
+        median, dist = median_sq_dist_tiled(x, shift, mode, splits=splits, tile=tile), None
+    return torch.where(torch.isfinite(shift).all(), median, math.nan), dist
 
 
 def use_gram(n: int, algorithm: str) -> bool:
