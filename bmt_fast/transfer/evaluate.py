@@ -51,14 +51,26 @@ def evaluate_prompt(
     batch_size: int = 16,
     max_new_tokens: int = 16,
 ) -> dict[str, float]:
-    """{"loss": mean gold NLL, **task.compute_metrics(predictions, examples)} for one (L, hidden) prompt."""
+    """{"loss": mean gold NLL, **task.compute_metrics(predictions, examples)} for one (L, hidden) prompt.
+
+    Classification: where every example's target is one of the label words (as in every registered task),
+    the gold NLL is the ranking's own NLL of that word (the same encoded pair), so the examples go through
+    the backbone once per label word, not once more for the loss."""
     if not examples:
         raise ValueError(f"no {task.name} examples to evaluate")
+    loss = None
     if task.is_classification:
-        predictions = rank_classify(pm, prompt, examples, task.label_words, batch_size)
+        words = list(task.label_words)
+        nll = label_nll(pm, prompt, examples, words, batch_size)
+        predictions = [words[i] for i in nll.argmin(dim=1).tolist()]
+        if all(e.target_text in words for e in examples):
+            gold = torch.tensor([words.index(e.target_text) for e in examples], device=nll.device)
+            loss = nll.double().gather(1, gold[:, None]).mean().item()
     else:
         predictions = generate(pm, prompt, examples, batch_size, max_new_tokens)
-    metrics = {"loss": mean_nll(pm, prompt[None], examples, batch_size).item()}
+    if loss is None:
+        loss = mean_nll(pm, prompt[None], examples, batch_size).item()
+    metrics = {"loss": loss}
     metrics.update(task.compute_metrics(predictions, examples))
     return metrics
 
@@ -79,13 +91,22 @@ def rank_classify(
     pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], label_words: Sequence[str], batch_size: int
 ) -> list[str]:
     """The label word with the highest log-likelihood under the prompt, for each example."""
-    predictions: list[str] = []
+    return [label_words[i] for i in label_nll(pm, prompt, examples, label_words, batch_size).argmin(dim=1).tolist()]
+
+
+@torch.no_grad()
+@_in_eval_mode
+def label_nll(
+    pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], label_words: Sequence[str], batch_size: int
+) -> torch.Tensor:
+    """-log p(word | prompt, input) of every label word after each example's input, (examples, words),
+    float32 on the backbone's device; batch_size pairs (examples x words) per forward."""
     per_chunk = max(1, batch_size // len(label_words))
+    rows = []
     for chunk in _chunks(examples, per_chunk):
         pairs = [pm.encode_pair(e.input_text, word) for e in chunk for word in label_words]
-        nll = pm.sequence_nll(prompt, pm.collate(pairs))[0].view(len(chunk), len(label_words))
-        predictions.extend(label_words[i] for i in nll.argmin(dim=1).tolist())
-    return predictions
+        rows.append(pm.sequence_nll(prompt, pm.collate(pairs))[0].view(len(chunk), len(label_words)))
+    return torch.cat(rows)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 
@@ -129,8 +131,12 @@ def test_initial_target_prompts_follow_the_method(backbones, model_dirs, tmp_pat
     assert torch.equal(run.initial_target(None, "init", train), run.initial_prompts(1)[0])
 
 
-def test_rank_classification_picks_the_likeliest_label_word(backbones):
-    pm = backbones["t5"]
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_rank_classification_picks_the_likeliest_label_word(backbones, kind):
+    """Accuracy from the label word of least NLL; the loss, the gold word's NLL taken from the same ranking
+    forwards, equals mean_nll's separate pass over the examples (and is that pass where a target is not a
+    label word)."""
+    pm = backbones[kind]
     task = TASKS["product_sentiment"]
     examples = task.examples["validation"][:6]
     prompt = torch.randn(4, pm.hidden_size)
@@ -144,6 +150,33 @@ def test_rank_classification_picks_the_likeliest_label_word(backbones):
         correct += task.label_words[scores.index(min(scores))] == e.target_text
     assert metrics["accuracy"] == pytest.approx(correct / len(examples))
     assert metrics["loss"] == pytest.approx(float(mean_nll(pm, prompt[None], examples, 4)), rel=1e-6)
+    odd = [dataclasses.replace(examples[0], target_text="neither"), *examples[1:]]  # not a label word
+    calls = []
+    with patch_sequence_nll(pm, calls):
+        odd_metrics = evaluate_prompt(pm, prompt, task, odd, batch_size=4)
+    assert odd_metrics["loss"] == pytest.approx(float(mean_nll(pm, prompt[None], odd, 4)), rel=1e-6)
+    ranked = len(odd) * len(task.label_words)
+    assert sum(calls) == ranked + len(odd)  # the ranking's pairs, then one more pass for the loss
+    calls.clear()
+    with patch_sequence_nll(pm, calls):
+        evaluate_prompt(pm, prompt, task, examples, batch_size=4)
+    assert sum(calls) == ranked  # the loss from the ranking's own forwards
+
+
+@contextlib.contextmanager
+def patch_sequence_nll(pm, calls):
+    """Counts the sequences pm.sequence_nll runs through the backbone."""
+    original = pm.sequence_nll
+
+    def counting(prompts, batch):
+        calls.append(len(batch))
+        return original(prompts, batch)
+
+    pm.sequence_nll = counting
+    try:
+        yield
+    finally:
+        del pm.sequence_nll
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
