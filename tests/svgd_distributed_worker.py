@@ -117,6 +117,14 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
 
 
 def main(out: Path) -> None:
+    # The first torch.optim step (bmt_fast.SVGD below) imports torch._dynamo, and that import made with a live
+    # gloo group kept ten references to it: destroy_process_group then left the group and its worker threads
+    # alive until interpreter shutdown, where a thread releasing a finished all_gather took the GIL and the
+    # process aborted ("terminate called without an active exception"; 6 of 176 runs on a 2-core VM, after
+    # every result was saved; a core dump showed c10d::ProcessGroupGloo::runLoop in the abort). Imported
+    # first, it takes no reference, and destroy_process_group frees the group and joins its threads.
+    import torch._dynamo  # noqa: F401
+
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     results = {name: run_case(name, case, rank) for name, case in CASES.items()}
