@@ -126,6 +126,11 @@ class DeepSpeedWorld:
     def __init__(self):
         deepspeed = import_deepspeed()
         _single_process_defaults()
+        # torch._dynamo before the group exists: the first torch.optim step imports it, and that import made
+        # with a live group keeps references to it, so that the group (gloo's worker threads included) outlives
+        # destroy_process_group (README, "Multi-rank SVGD step").
+        import torch._dynamo  # noqa: F401
+
         deepspeed.init_distributed()  # the accelerator's backend: nccl on CUDA, gloo on CPU
         from deepspeed.accelerator import get_accelerator
 
