@@ -323,13 +323,6 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
 
 // ---- tiled path ------------------------------------------------------------------------------------
 
-// H, or NaN where a row's squared norm (of the centred rows) is not finite: a NaN or an infinity in the particles
-// spreads down its column in the centring, and the median rule's H is then NaN, as the reference's and the CPU's
-// (NaN distances clamped at 0 and the keys' order had given a finite H). ATen ops on the device: no host sync.
-inline at::Tensor nan_unless_finite(const at::Tensor& h, const at::Tensor& norms) {
-  return at::where(at::isfinite(norms).all(), h, at::full({}, std::numeric_limits<double>::quiet_NaN(), h.options()));
-}
-
 // The median rule on the FFMA distance tiles (fp32 / fp64): 0-dim tensor of the compute type.
 template <typename C>
 at::Tensor median_tiled_ffma(const at::Tensor& xc, const at::Tensor& norms, const Device& dev) {
@@ -354,10 +347,10 @@ at::Tensor median_tiled_ffma(const at::Tensor& xc, const at::Tensor& norms, cons
     launch(&ffma_tile_kernel<C, C, TileMode::kMedian>, grid_size((n + G::kRows - 1) / G::kRows), 256,
            G::shared_bytes(TileMode::kMedian), dev, p);
     const RadixSelectParams<C> sp{pass_hist, state_ptr, radix_pass<C>(index), index == 0, index == passes - 1,
-                                  n, kBandwidthFloor, mutable_pointer<C>(h)};
+                                  n, kBandwidthFloor, mutable_pointer<C>(h), pointer<C>(norms)};
     launch(&radix_select_kernel<C>, 1, kSelectThreads, 0, dev, sp);
   }
-  return nan_unless_finite(h, norms);
+  return h;
 }
 
 // The median rule on the tensor-core distance tiles (the 16-bit centred values): 0-dim fp32 tensor.
@@ -383,11 +376,13 @@ at::Tensor median_tiled_mma(const Operand16& xb, int64_t n, const Device& dev) {
     launch(&mma_tile_kernel<kHalf, float, TileMode::kMedian>, grid_size(xb.values.size(0) / MmaGeometry::kRows),
            MmaGeometry::kThreads, MmaGeometry::shared_bytes(TileMode::kMedian, d_pad <= MmaGeometry::kChunk), dev,
            p);
+    // (the first n norms: padding rows' are +inf)
     const RadixSelectParams<float> sp{pass_hist, state_ptr, radix_pass<float>(index), index == 0,
-                                      index == passes - 1, n, kBandwidthFloor, mutable_pointer<float>(h)};
+                                      index == passes - 1, n, kBandwidthFloor, mutable_pointer<float>(h),
+                                      pointer<float>(xb.norms)};
     launch(&radix_select_kernel<float>, 1, kSelectThreads, 0, dev, sp);
   }
-  return nan_unless_finite(h, xb.norms.narrow(0, 0, n));  // (padding rows' norms are +inf)
+  return h;
 }
 
 // phi = (O + (2/H) rowsum * xc + score) / n from the tiled kernels' O = K W and rowsum = K 1 (K without its

@@ -174,7 +174,10 @@ BMT_DEVICE void flush_histogram(const unsigned* hist, unsigned long long* global
 }
 
 // The select step between the histogram passes of the tiled median (one CTA). The first pass starts
-// from the two middle ranks of all n*n distances; the last writes the bandwidth.
+// from the two middle ranks of all n*n distances; the last writes the bandwidth, NaN where a squared norm of
+// the centred rows is not finite: a NaN or an infinity in the particles spreads down its column in the
+// centring, and the median rule's H is then NaN, as the reference's and the CPU's (the keys take NaN
+// distances as 0). Told here, in the one CTA's last step: no launch of its own.
 template <typename T>
 struct RadixSelectParams {
   const unsigned long long* hist;  // 2 x kRadixBins, this pass
@@ -183,7 +186,8 @@ struct RadixSelectParams {
   bool first, last;
   long long n;
   double floor;
-  T* bandwidth;  // written by the last pass
+  T* bandwidth;    // written by the last pass
+  const T* norms;  // the n squared norms of the centred rows, read by the last pass
 };
 
 constexpr int kSelectThreads = 256;
@@ -192,6 +196,7 @@ template <typename T>
 BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kSelectThreads, 1) radix_select_kernel(const RadixSelectParams<T> p) {
   __shared__ RadixState state;
   __shared__ unsigned long long scratch[kWarp + 4];
+  __shared__ int all_finite;
   if (threadIdx.x == 0) {
     state = *p.state;
     if (p.first) {
@@ -203,9 +208,16 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kSelectThreads, 1) radix_select_kernel(const R
   }
   __syncthreads();
   radix_select_block(p.hist, p.pass, static_cast<unsigned long long>(p.n), &state, scratch);
+  if (p.last) {  // (the same for every thread: the barriers are reached by all)
+    if (threadIdx.x == 0) all_finite = 1;
+    __syncthreads();
+    for (long long r = threadIdx.x; r < p.n; r += blockDim.x)
+      if (!is_finite(p.norms[r])) all_finite = 0;  // (threads that write, write the same)
+    __syncthreads();
+  }
   if (threadIdx.x == 0) {
     *p.state = state;
-    if (p.last) *p.bandwidth = bandwidth_from_keys<T>(state, p.n, p.floor);
+    if (p.last) *p.bandwidth = all_finite ? bandwidth_from_keys<T>(state, p.n, p.floor) : static_cast<T>(quiet_nan_d());
   }
 }
 
