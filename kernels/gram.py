@@ -60,7 +60,10 @@ def _gram_kernel(
 @triton.jit
 def _gram_dists_kernel(gram_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """out (n, n) float64 = max(G_ii + G_jj - 2 G_ij, 0), 0 on the diagonal, from the upper triangle
-    (i <= j) of G (n, n), which alone _gram_kernel writes."""
+    (i <= j) of G (n, n), which alone _gram_kernel writes; NaN in row and column i (its diagonal too) where
+    G_ii is not finite: a NaN or an infinity in the particles spreads down its column in the centring, so
+    every G_ii is then NaN or infinite, and the median (gram_median) and K are NaN, as the reference's. Told
+    from the diagonal, not left to the arithmetic: a GPU's max returns the number beside a NaN."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n
@@ -73,6 +76,8 @@ def _gram_dists_kernel(gram_ptr, out_ptr, n, BLOCK: tl.constexpr):
     g_jj = tl.load(gram_ptr + cols * (n + 1), mask=col_ok, other=0.0)
     dist = tl.maximum(g_ii[:, None] + g_jj[None, :] - 2.0 * g, 0.0)
     dist = tl.where(rows[:, None] == cols[None, :], 0.0, dist)
+    finite = (tl.abs(g_ii) < float("inf"))[:, None] & (tl.abs(g_jj) < float("inf"))[None, :]
+    dist = tl.where(finite, dist, float("nan"))
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], dist, mask=mask)
 
 

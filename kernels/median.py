@@ -158,15 +158,16 @@ def median_sq_dist(
     x: torch.Tensor, shift: torch.Tensor, mode: int, algorithm: str, *, splits: int | None = None, tile: TileConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(median as float64 0-dim, the n x n distances when the Gram path computed them, else None). NaN where
-    the particles hold NaN or Inf, as the reference's and the compiled backends' median: the centring shift
-    (x_0 plus a mean) is then not finite, where the distances' clamp at 0 (a GPU's max returns the number
-    beside a NaN) and the radix keys' order had given a finite median. On the device: no host sync."""
+    the particles hold NaN or Inf, as the reference's and the compiled backends' median, where the
+    distances' clamp at 0 (a GPU's max returns the number beside a NaN) and the radix keys' order had given
+    a finite median: the Gram path's distances carry the NaN (told from the Gram diagonal, no extra launch:
+    the prompt regime's step is a few launches); the radix path tests the centring shift (x_0 plus a mean,
+    not finite then), three small torch ops beside its passes over n^2 distances. No host sync."""
     if use_gram(x.shape[0], algorithm):
         dist = gram_sq_dists(x, shift, mode, splits=splits, tile=tile)
-        median = gram_median(dist)
-    else:
-        median, dist = median_sq_dist_tiled(x, shift, mode, splits=splits, tile=tile), None
-    return torch.where(torch.isfinite(shift).all(), median, math.nan), dist
+        return gram_median(dist), dist
+    median = median_sq_dist_tiled(x, shift, mode, splits=splits, tile=tile)
+    return torch.where(torch.isfinite(shift).all(), median, math.nan), None
 
 
 def use_gram(n: int, algorithm: str) -> bool:

@@ -325,7 +325,8 @@ def _svgd_flash_kernel(
             k_lo = tl.load(a_lo_ptr + col_offsets)
         s = _flash_dot(q_hi, q_lo, tl.trans(k_hi), tl.trans(k_lo), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), MODE)
         norm_j = tl.load(norm_ptr + cols)
-        k = tl.math.exp2(tl.minimum(s * two_c - norm_i[:, None] - norm_j[None, :], 0.0))
+        # (NaN kept: a NaN particle's K is NaN, not the 1 of a GPU's plain min)
+        k = tl.math.exp2(tl.minimum(s * two_c - norm_i[:, None] - norm_j[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL))
         k = tl.where(rows[:, None] == cols[None, :], 0.0, k)
         w_hi = tl.load(w_hi_ptr + col_offsets)
         if MODE == MODE_HALF_SPLIT:

@@ -6,8 +6,9 @@ Numerics (the same as bmt_fast.reference and the C++ kernels):
     |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, so large offsets do not cancel;
   * in the modes that round the operands (TF32, single half product) the norms are taken of exactly the
     rounded values the dot sees, so identical rows still give ~0 and the error is that of the rounding;
-  * distances are clamped at +0 (never -0: the median selects on the bit patterns) and the diagonal of a
-    self-distance tile is an exact 0.
+  * distances are clamped at +0 (never -0: the median selects on the bit patterns), a NaN kept (a NaN
+    particle's entries of K are NaN, as the reference's: a GPU's max returns the number beside a NaN), and
+    the diagonal of a self-distance tile is an exact 0.
 """
 
 import triton
@@ -31,9 +32,11 @@ HALF: tl.constexpr = tl.bfloat16
 def dot_operand(t, MODE: tl.constexpr):
     """t (fp32/fp64) rounded to what the dot multiplies in the rounding modes, kept in t's dtype."""
     if MODE == MODE_TF32:
-        # Round to nearest (ties away) at TF32's 10 explicit mantissa bits: the 13 low bits go.
+        # Round to nearest (ties away) at TF32's 10 explicit mantissa bits: the 13 low bits go. A NaN stays
+        # itself: the carry of a NaN with a full mantissa (0x7FFFFFFF, a GPU's canonical NaN) runs into the
+        # sign bit and had made it -0.0, a finite distance for a NaN particle.
         bits = t.to(tl.uint32, bitcast=True)
-        t = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        t = tl.where(t == t, ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True), t)
     elif MODE == MODE_HALF:
         t = t.to(HALF).to(t.dtype)
     return t
@@ -130,7 +133,7 @@ def sq_dist_tile(
         norm_b += tl.sum(b * b, axis=1)
         dots = dot_acc(a, tl.trans(b), dots, MODE)
     d2 = norm_a[:, None] + norm_b[None, :] - 2.0 * dots
-    d2 = tl.where(d2 > 0.0, d2, 0.0)
+    d2 = tl.maximum(d2, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if SELF:
         d2 = tl.where(rows[:, None] == cols[None, :], 0.0, d2)
     return d2

@@ -386,6 +386,28 @@ def test_median_of_particles_with_nan_or_inf_is_nan(target, algorithm, dtype, n)
         assert torch.isnan(target.ops.svgd_step(xb, score, None, algorithm)).all(), (i, k, bad)
 
 
+@pytest.mark.parametrize("algorithm", ["tiled", "gram"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [5, 20, 70])
+def test_nan_particle_with_given_bandwidth_gives_nan(target, algorithm, dtype, n):
+    """A particle holding a NaN with a given H (the ops do not scan x): phi all NaN and K's entries of its pairs
+    NaN, as the reference's, on the Gram path (register kernels up to 16 rows, weights beyond) and the FFMA and
+    tensor-core tiles; the clamps of the distances at 0 had made its entries of K 1 and phi NaN in one column."""
+    d = 40
+    x = torch.randn(n, d, dtype=torch.float64)
+    x[n // 2, 7] = math.nan
+    x = x.to(dtype).to(target.device)
+    score = torch.randn(n, d, dtype=torch.float64).to(dtype).to(target.device)
+    h = torch.tensor(30.0, device=target.device)
+    assert torch.isnan(target.ops.svgd_step(x, score, h, algorithm)).all()
+    k = target.ops.rbf_kernel(x, x, h)
+    off = torch.arange(n, device=target.device) != n // 2
+    assert torch.isnan(k[n // 2, off]).all() and torch.isnan(k[off, n // 2]).all()
+    y = torch.randn(9, d, dtype=torch.float64).to(dtype).to(target.device)
+    assert torch.isnan(target.ops.rbf_kernel(x, y, h)[n // 2]).all()
+    assert torch.isnan(target.ops.rbf_kernel(y, x, h)[:, n // 2]).all()
+
+
 @pytest.mark.parametrize("n,d", [(4096, 32), (3000, 130)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_median_bandwidth_large(target, n, d, dtype):

@@ -225,7 +225,7 @@ def test_exact_at_65536_without_quadratic_memory():
 # a 7B model), the fused distances by rows and by block pairs (600 x 16, 2100 x 8), GEMM tiles (600 x 300),
 # the self kernel's tiles (1100 x 4100), feature chunks (300 x 3000); 16-bit particles off AMX go the fp32
 # paths, bf16 ones take AMX on a CPU with it (65 x 64, 300 x 300).
-UNCHECKED_NAN_SCRIPT = """
+CPU_PATH_CASES = """
 import math, sys, torch, bmt_fast
 torch.manual_seed(0)
 failures = []
@@ -233,6 +233,8 @@ cases = [(3, 4, torch.float32), (16, 203, torch.float64), (16, 409_600, torch.fl
          (600, 16, torch.float32), (2100, 8, torch.float32), (600, 300, torch.float64), (600, 300, torch.float16),
          (1100, 4100, torch.float32), (300, 3000, torch.float32), (65, 64, torch.bfloat16),
          (300, 300, torch.bfloat16)]
+"""
+UNCHECKED_NAN_SCRIPT = CPU_PATH_CASES + """
 for n, d, dtype in cases:
     x = torch.randn(n, d).to(dtype)
     assert math.isfinite(float(bmt_fast.median_bandwidth(x, backend="cpu", check_inputs=False)))
@@ -260,6 +262,41 @@ def test_unchecked_median_of_particles_with_nan_or_inf_is_nan_on_every_cpu_path(
     given a finite, floored H on some paths and a 'bandwidth must be positive and finite' error on others.
     With the fused kernels and without (BMT_FAST_CPU_FUSED=0: GEMM tiles)."""
     results = run_cpu_variants(tmp_path, UNCHECKED_NAN_SCRIPT, {"fused": {}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}})
+    assert results == {"fused": [], "gemm": []}
+
+
+# A NaN particle with a given bandwidth: its pairs' entries of K NaN (self: off the diagonal, row and column;
+# against a second set of 7 or 900 rows, on either side: its row or column), and all of phi.
+UNCHECKED_GIVEN_H_NAN_SCRIPT = CPU_PATH_CASES + """
+for n, d, dtype in cases:
+    h = torch.tensor(float(d))
+    for i, k in {(0, 0), (n - 1, d - 1), (n // 2, d // 2)}:
+        xb = torch.randn(n, d).to(dtype)
+        xb[i, k] = math.nan
+        kernel = bmt_fast.rbf_kernel(xb, xb, h, backend="cpu", check_inputs=False)
+        off = torch.ones(n, dtype=torch.bool)
+        off[i] = False
+        got = (bool(kernel[i, off].isnan().all() and kernel[off, i].isnan().all()),)
+        for m in (7, 900) if n * d <= 600 * 300 else (7,):
+            y = torch.randn(m, d).to(dtype)
+            cross = bmt_fast.rbf_kernel(xb, y, h, backend="cpu", check_inputs=False)
+            back = bmt_fast.rbf_kernel(y, xb, h, backend="cpu", check_inputs=False)
+            got += (bool(cross[i].isnan().all()), bool(back[:, i].isnan().all()))
+        if n * d <= 600 * 300:
+            phi = bmt_fast.svgd_step(xb, torch.randn(n, d).to(dtype), h, backend="cpu", check_inputs=False)
+            got += (bool(phi.isnan().all()),)
+        if not all(got):
+            failures.append((n, d, str(dtype), i, k, got))
+torch.save(failures, sys.argv[1])
+"""
+
+
+@requires_cpu_extension
+def test_unchecked_nan_particle_with_given_bandwidth_gives_nan_on_every_cpu_path(tmp_path):
+    """With check_inputs=False and a given H, a particle holding a NaN gives NaN entries of K for each of its
+    pairs and an all-NaN phi (as the reference's), on every CPU path, with the fused kernels and without: the
+    clamp of distances at 0 had turned its NaN distances into 0, K's entries into 1 and phi finite."""
+    results = run_cpu_variants(tmp_path, UNCHECKED_GIVEN_H_NAN_SCRIPT, {"fused": {}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}})
     assert results == {"fused": [], "gemm": []}
 
 

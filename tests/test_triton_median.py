@@ -67,6 +67,24 @@ def test_median_of_particles_with_nan_or_inf_is_nan(algorithm, dtype):
         assert math.isnan(float(forward(xb, algorithm=algorithm))), (i, k, bad)
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("n", [1, 20])
+def test_gpu_nan_under_tf32_rounding_stays_nan(algorithm, n):
+    """A GPU's canonical NaN (0x7FFFFFFF: a full mantissa) in fp32 particles with TF32 products: the operands'
+    rounding to TF32 carried it into the sign bit and made it -0.0, so the distances of a NaN particle were
+    finite (K finite where the reference's is NaN, on the Gram path a finite median). Written as bits: the
+    interpreter's own arithmetic makes x86's NaN (0xFFC00000), which the rounding kept."""
+    d = 16
+    x = torch.randn(n, d, dtype=torch.float32)
+    x.view(torch.int32)[n // 2, 3] = 0x7FFFFFFF
+    x = x.to(DEVICE)
+    assert torch.isnan(x).sum() == 1
+    h = kernels().median.median_bandwidth_forward(x, algorithm=algorithm, allow_tf32=True)
+    assert math.isnan(float(h))
+    k = kernels().rbf_kernel.rbf_kernel_forward(x, x, torch.tensor(2.0, device=DEVICE), allow_tf32=True)
+    assert torch.isnan(k).all(), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,splits", [(1, 1), (7, 1), (130, 1), (130, 2), (300, 3)])
 def test_centring_shift_in_one_kernel_and_over_row_splits(dtype, n, splits):

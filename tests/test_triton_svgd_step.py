@@ -416,6 +416,27 @@ def test_bad_bandwidth_without_host_checks_gives_nan(dtype):
         assert phi.shape == x.shape and not bool(torch.isnan(phi).any()), good
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype,allow_tf32", [(torch.float32, None), (torch.float32, True), (torch.bfloat16, None)])
+def test_nan_particle_with_given_bandwidth_gives_nan(algorithm, dtype, allow_tf32):
+    """A particle holding a NaN (checks off) with a given H: phi all NaN and K's entries of its pairs NaN, as the
+    reference's, on the Gram path, the tiled kernel (IEEE fp32) and the flash kernel (TF32, bf16). The clamps
+    of the distances (and the flash kernel's exponent) at 0 dropped the NaN on a GPU (its max and min return
+    the number beside a NaN), K's entries became 1 and phi was NaN in one column only."""
+    n, d = 70, 24
+    x, score = (t.to(dtype) for t in particles(n, d))
+    x[n // 2, 5] = math.nan
+    h = torch.tensor(8.0, device=DEVICE)
+    phi = torch.ops.bmt_fast_triton.svgd_step(x, score, h, algorithm, allow_tf32)
+    assert bool(torch.isnan(phi).all()), (torch.isnan(phi).sum(), phi.numel())
+    k = torch.ops.bmt_fast_triton.rbf_kernel(x, x, h, True, allow_tf32)
+    off = torch.arange(n, device=DEVICE) != n // 2
+    assert bool(torch.isnan(k[n // 2, off]).all() and torch.isnan(k[off, n // 2]).all())
+    y = x[:9].nan_to_num()
+    assert bool(torch.isnan(torch.ops.bmt_fast_triton.rbf_kernel(x, y, h, False, allow_tf32)[n // 2]).all())
+    assert bool(torch.isnan(torch.ops.bmt_fast_triton.rbf_kernel(y, x, h, False, allow_tf32)[:, n // 2]).all())
+
+
 def test_opcheck():
     x, score = (t.float() for t in particles(7, 5))
     for args in [(x, score, None), (x, score, torch.tensor(2.0, device=DEVICE), "gram"), (x, score, None, "tiled", True)]:

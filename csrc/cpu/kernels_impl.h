@@ -25,9 +25,18 @@ BMT_FAST_INLINE void fill(T* p, int64_t count, T value) {
   for (int64_t i = 0; i < count; ++i) p[i] = value;
 }
 
+// Distances for the median's selection: negative rounding and NaN to +0 (the selection reads the bits as keys;
+// a NaN is told from the norms there).
 template <typename T>
 BMT_FAST_INLINE vec_t<T> clamp_nonnegative(vec_t<T> v) {
   return v > T(0) ? v : vec_t<T>{};
+}
+
+// Distances for K: negative rounding to +0, a NaN kept, so that a NaN particle's entries of K are NaN (as the
+// reference's) where the clamp above made them 1 (check_inputs=False). The same one instruction.
+template <typename T>
+BMT_FAST_INLINE vec_t<T> clamp_distance(vec_t<T> v) {
+  return v < T(0) ? vec_t<T>{} : v;
 }
 
 // ---- many-particle regime ----------------------------------------------------------------------
@@ -42,7 +51,7 @@ BMT_FAST_INLINE void rbf_from_dots_impl(T* tile, int64_t ld, int64_t row_begin, 
     const vec_t<T> na = broadcast(T(nr[a]));
     int64_t b = 0;
     for (; b + L <= cols; b += L) {
-      const vec_t<T> dist = clamp_nonnegative<T>(na + load(nc + b) - T(2) * load(row + b));
+      const vec_t<T> dist = clamp_distance<T>(na + load(nc + b) - T(2) * load(row + b));
       store(row + b, exp_nonpositive<T>(dist * neg_inv_h));
     }
     if (b < cols) {  // ragged tail through a zero-padded vector
@@ -51,7 +60,7 @@ BMT_FAST_INLINE void rbf_from_dots_impl(T* tile, int64_t ld, int64_t row_begin, 
         s[k - b] = row[k];
         n[k - b] = nc[k];
       }
-      const vec_t<T> dist = clamp_nonnegative<T>(na + load(n) - T(2) * load(s));
+      const vec_t<T> dist = clamp_distance<T>(na + load(n) - T(2) * load(s));
       store(s, exp_nonpositive<T>(dist * neg_inv_h));
       for (int64_t k = b; k < cols; ++k) row[k] = s[k - b];
     }
@@ -691,8 +700,8 @@ BMT_FAST_INLINE void amx_rbf_from_dots_impl(float* tile, int64_t ld, int64_t row
     if (own >= 0 && own < cols) row[own] = own_dot;
     // k = K at columns [b, b + count), the lanes beyond count zero (exp(0) = 1 there otherwise)
     const auto k_at = [&](int64_t b, auto count, vec_t<float>& k) BMT_FAST_INLINE_LAMBDA {
-      const vec_t<float> dist = clamp_nonnegative<float>(na + load_part_as<float>(nc + b, count) -
-                                                         2.f * load_part_as<float>(row + b, count));
+      const vec_t<float> dist = clamp_distance<float>(na + load_part_as<float>(nc + b, count) -
+                                                      2.f * load_part_as<float>(row + b, count));
       k = exp_nonpositive<float>(dist * neg_inv_h);
       if constexpr (!std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>)
         for (int64_t q = count; q < L; ++q) k[q] = 0.f;
@@ -1446,7 +1455,7 @@ BMT_FAST_INLINE void fused_kernel_entries(vec_t<T> (&s)[kFusedRows][kFusedVector
     const vec_t<T> na = broadcast(nr[r]);
     vec_t<T> sum = load(rs[r]);
     for (int v = 0; v < kFusedVectors; ++v) {
-      const vec_t<T> dist = clamp_nonnegative<T>(na + load(nc + v * L) - T(2) * s[r][v]);
+      const vec_t<T> dist = clamp_distance<T>(na + load(nc + v * L) - T(2) * s[r][v]);
       s[r][v] = exp_nonpositive<T>(dist * neg_inv_h);
     }
     const int64_t own = own_begin + r;  // the row's own column, relative to the block's first

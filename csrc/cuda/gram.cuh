@@ -33,11 +33,19 @@ BMT_DEVICE const In* gram_row(const GramParams<In>& p, long long r) {
   return r < p.n ? p.x + r * p.d : p.y + (r - p.n) * p.d;
 }
 
-// Squared distance between rows i and j from the upper triangle of G, clamped at 0; exact 0 for i == j.
+// Squared distance between rows i and j from the upper triangle of G, clamped at 0 with a NaN kept (a NaN
+// particle's entries of K are NaN, as the reference's, not 1); exact 0 for i == j.
 BMT_DEVICE double gram_distance(const double* gram, long long rows, long long i, long long j) {
   if (i == j) return 0.0;
   const long long lo = i < j ? i : j, hi = i < j ? j : i;
   const double dist = gram[i * rows + i] + gram[j * rows + j] - 2.0 * gram[lo * rows + hi];
+  return dist < 0.0 ? 0.0 : dist;
+}
+
+// The same for the median's selection, a NaN as 0 (ranks and keys need numbers; the median is then NaN by
+// gram_diagonal_finite).
+BMT_DEVICE double gram_median_distance(const double* gram, long long rows, long long i, long long j) {
+  const double dist = gram_distance(gram, rows, i, j);
   return dist > 0.0 ? dist : 0.0;
 }
 
@@ -355,7 +363,7 @@ BMT_DEVICE double gram_median_by_ranks(const double* gram, long long rows, long 
   for (long long q = threadIdx.x; q < pairs; q += blockDim.x) {
     long long i, j;
     pair_of(q, n, i, j);
-    values[q] = gram_distance(gram, rows, i, j);
+    values[q] = gram_median_distance(gram, rows, i, j);
   }
   if (threadIdx.x == 0)
     for (int t = 0; t < 2; ++t)
@@ -425,7 +433,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_bandwidth_kernel(const GramBandwi
     const bool same = prefix[0] == prefix[1];
     for (long long idx = threadIdx.x; idx < p.n * p.n; idx += blockDim.x) {
       const long long i = idx / p.n, j = idx % p.n;
-      if (i != j) radix_count(hist, key_of(gram_distance(p.gram, p.rows, i, j)), pass, prefix, same, 1u);
+      if (i != j) radix_count(hist, key_of(gram_median_distance(p.gram, p.rows, i, j)), pass, prefix, same, 1u);
     }
     __syncthreads();
     radix_select_block(hist, pass, static_cast<unsigned long long>(p.n), &state, scratch);

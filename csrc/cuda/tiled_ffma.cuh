@@ -202,10 +202,10 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) ffma_tile_kernel(const FfmaParams<T, O
       for (int r = 0; r < 4; ++r) {
         const long long i = i0 + 4 * ty + r;
         const T dot = norm_i[r] + norm_j - T(2) * s[r][c];
-        const T dist = dot > T(0) ? dot : T(0);
+        const T dist = dot < T(0) ? T(0) : dot;  // a NaN kept for K (NaN as a key: 0; H is NaN then)
         if constexpr (kMode == TileMode::kMedian) {
           if (i < p.a_rows && j < p.b_rows && j > i)
-            radix_count(hist, key_of(dist), p.pass, prefix, same_prefix, 2u);
+            radix_count(hist, key_of(dist > T(0) ? dist : T(0)), p.pass, prefix, same_prefix, 2u);
         } else {
           T k = exp_of(-dist * inv_h);
           // K_ii = 1 exactly; svgd_step leaves it out (0, NaN for an invalid H): finish_phi adds score_i
@@ -309,7 +309,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 4) rbf_block_kernel(const RbfBlockParams<
     const C dist = norm_i + p.norms[j] - C(2) * row[j];
     // exp(-0 * inv_h) is exactly 1 for the self pair, and NaN for an invalid H as everywhere else; the own
     // term is left out (0 or NaN): finish_phi adds score_i
-    const C k = exp_of(-(p.row0 + i == j || !(dist > C(0)) ? C(0) : dist) * inv_h) - (p.row0 + i == j ? C(1) : C(0));
+    const C k = exp_of(-(p.row0 + i == j || dist < C(0) ? C(0) : dist) * inv_h) - (p.row0 + i == j ? C(1) : C(0));
     row[j] = k;
     sum += k;
   }

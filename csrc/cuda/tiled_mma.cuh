@@ -208,12 +208,12 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
         for (int r = 0; r < 4; ++r) {
           const int jj = nt * 8 + 2 * t + (r % 2);  // column within the block
           const float dot = norm_i[r / 2] + norm_j[jj] - 2.f * s[nt][r];
-          const float dist = dot > 0.f ? dot : 0.f;
+          const float dist = dot < 0.f ? 0.f : dot;  // a NaN kept for K (NaN as a key: 0; H is NaN then)
           const long long i = row_g + 8 * (r / 2);
           const long long j = j0 + jj;
           if constexpr (kMode == TileMode::kMedian) {
             if (i < p.a_rows && j < p.b_rows && j > i)
-              radix_count(hist, key_of(dist), p.pass, prefix, same_prefix, 2u);
+              radix_count(hist, key_of(dist > 0.f ? dist : 0.f), p.pass, prefix, same_prefix, 2u);
           } else {
             // padding columns have norm +inf: K = 0 there
             float k = exp2_of(dist * scale);
