@@ -265,6 +265,28 @@ def test_svgd_step_into_rejects_a_bad_out(make_out, error, match):
 
 
 @requires_cpu_extension
+def test_out_may_be_a_view_of_the_inputs_buffer_apart_from_them():
+    """out= in the same buffer as x and score, in rows of its own: taken (the op's own check compares memory
+    ranges, not buffers), phi as without out=; one row shared with x or score: refused, by the API and by
+    the op; so is an out inside a strided score's span."""
+    x, score = good(5, 6)
+    expected = bmt_fast.svgd_step(x, score)
+    buffer = torch.cat([x, score, torch.zeros(5, 6)])
+    phi = bmt_fast.svgd_step(buffer[:5], buffer[5:10], out=buffer[10:])
+    assert phi.data_ptr() == buffer[10:].data_ptr()
+    torch.testing.assert_close(phi, expected, rtol=0, atol=0)
+    torch.testing.assert_close(buffer[:10], torch.cat([x, score]), rtol=0, atol=0)  # inputs untouched
+    for xs, ss, out, name in [(buffer[:5], buffer[5:10], buffer[4:9], "x"), (buffer[:5], buffer[6:11], buffer[10:], "score")]:
+        with pytest.raises(ValueError, match=f"out must not share memory with {name}"):
+            bmt_fast.svgd_step(xs, ss, out=out)
+        with pytest.raises(RuntimeError, match=f"out must not overlap {name}"):
+            torch.ops.bmt_fast.svgd_step_into(xs, ss, None, "auto", out=out)
+    strided = torch.cat([score, torch.zeros(5, 6)], 1)[:, :6]  # score's rows 12 apart, out from the gap after row 0
+    with pytest.raises(ValueError, match="out must not share memory with score"):
+        bmt_fast.svgd_step(x, strided, out=torch.as_strided(strided, (5, 6), (6, 1), 6))
+
+
+@requires_cpu_extension
 def test_cpu_gram_path_returns_an_overflowed_phi_of_finite_inputs():
     """Finite inputs whose phi overflows are not an input error: phi comes back as the kernels made it."""
     x = torch.zeros(4, 8)
