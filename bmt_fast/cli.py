@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, close_group: bool = True) -> int:
+    """Runs one command; its exit code. close_group: a command run by several processes (--deepspeed) that
+    succeeds ends with a barrier and the process group destroyed, as torch asks of a normal exit; False
+    keeps the group for more runs in this process (DeepSpeed caches its groups, which a new process group
+    would not replace)."""
     from .transfer.checkpoint import CheckpointError
     from .transfer.config import ConfigError
     from .transfer.data import DataError
@@ -68,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    args.close_group = close_group
     logging.basicConfig(level=logging.INFO, format="bmt-fast: %(message)s")
     try:
         return args.handler(args)
@@ -132,6 +137,13 @@ def _plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
 
 
+def _finish(run, args: argparse.Namespace) -> None:
+    """After a command that succeeded (see main's close_group); nothing after an error: other processes may
+    be gone, and the barrier would wait for them."""
+    if getattr(args, "close_group", True):
+        run.world.close()
+
+
 def _open_run(args: argparse.Namespace, command: str):
     from .transfer.config import load_config
     from .transfer.runner import Run
@@ -156,12 +168,13 @@ def _source(args: argparse.Namespace) -> int:
     if run.world.is_main:
         method = run.cfg.source.method
         print(f"source {method}: particles {tuple(particles.shape)} in {run.source_dir(method)}")
+    _finish(run, args)
     return 0
 
 
 @register_command("target", "adapt target prompts from finished source stages (target.methods)", _run_arguments)
 def _target(args: argparse.Namespace) -> int:
-    return _targets(_open_run(args, "target"))
+    return _targets(_open_run(args, "target"), args)
 
 
 @register_command("transfer", "source stages then target adaptation for every method in target.methods", _run_arguments)
@@ -171,10 +184,10 @@ def _transfer(args: argparse.Namespace) -> int:
     run = _open_run(args, "transfer")
     for method in source_methods_for(run.cfg, "transfer"):
         run.source(method)
-    return _targets(run)
+    return _targets(run, args)
 
 
-def _targets(run) -> int:
+def _targets(run, args: argparse.Namespace) -> int:
     from .transfer.runner import results_table, write_results
 
     # The table: these methods, then the other target methods the run folder holds finished (same config).
@@ -182,6 +195,7 @@ def _targets(run) -> int:
     if run.world.is_main:
         write_results(run.dir, results)
         print(results_table(results), end="")
+    _finish(run, args)
     return 0
 
 
@@ -193,6 +207,7 @@ def _eval(args: argparse.Namespace) -> int:
     results = run.evaluate(args.prompt, args.split)
     if run.world.is_main:
         print(results_table(results), end="")
+    _finish(run, args)
     return 0
 
 

@@ -149,6 +149,17 @@ class DeepSpeedWorld:
     def barrier(self) -> None:
         dist.barrier()
 
+    def close(self) -> None:
+        """The end of a program's runs, on every process, after they succeeded (bmt_fast.cli does it): a
+        barrier, then the process group destroyed, as torch asks of a normal exit (it warns at exit about an
+        NCCL group never destroyed, and a gloo group left to the interpreter's shutdown can abort a finished
+        run, torch issue 190489). Not after an error: other processes may be gone, and the barrier would
+        wait for them. No DeepSpeedRun after it in the same process: DeepSpeed caches its groups (ZeRO's
+        data-parallel group among them), which a new process group does not replace."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over processes of t, on t's device (the collective runs where the backend wants it)."""
         reduced = t.detach().to(self.device, copy=True)

@@ -45,11 +45,16 @@ class World(Protocol):
 
     def set_rng_state(self, state: dict[str, Any]) -> None: ...
 
+    def close(self) -> None: ...  # after a command's last stage, on success only
+
 
 class SingleProcess:
     is_main = True
 
     def barrier(self) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
     def rng_state(self) -> dict[str, Any]:
