@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None, *, close_group: bool = True) -> int:
     from .transfer.checkpoint import CheckpointError
     from .transfer.config import ConfigError
     from .transfer.data import DataError
+    from .transfer.loop import Diverged
 
     parser = build_parser()
     # Overrides may come before or after options: argparse collects a positional list only once.
@@ -79,6 +80,9 @@ def main(argv: Sequence[str] | None = None, *, close_group: bool = True) -> int:
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as error:
         print(f"bmt-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Diverged as error:  # (every process raises it: the update directions are the same everywhere)
+        print(f"bmt-fast {args.command}: training diverged: {error}", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -344,6 +344,7 @@ class DataParallelTargetTrainer:
         for parameter in t.prompt.parameters():
             if parameter.grad is not None:
                 parameter.grad = self.world.all_reduce_sum(parameter.grad)
+        t.check_gradients()  # (the sums: every process raises, or none)
         t.optimizer.step()
         loss = torch.tensor(weight * metrics["loss"], dtype=torch.float64)
         metrics["loss"] = float(self.world.all_reduce_sum(loss))

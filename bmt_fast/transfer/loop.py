@@ -34,6 +34,22 @@ CheckpointHook = Callable[[int, Path], None]
 logger = logging.getLogger(__name__)
 
 
+class Diverged(RuntimeError):
+    """A training step's update direction (the particles' scores, the prompt's gradient) holds NaN/Inf: the
+    step is not applied. run_loop adds the stage, the step and the last checkpoint to the message."""
+
+
+def ensure_finite(what: str, tensors: Sequence[torch.Tensor | None]) -> None:
+    """Raise Diverged before an update from `tensors` (None entries skipped) if any value is NaN/Inf; one
+    host sync per step, beside a step's forwards and backwards."""
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t is not None)
+    if bad:
+        raise Diverged(
+            f"{what} hold {bad} NaN/Inf value(s): the loss overflowed (a 16-bit model.dtype) or the learning "
+            "rate is too high; this step was not applied"
+        )
+
+
 class World(Protocol):
     """The processes that run one stage together."""
 
@@ -107,8 +123,14 @@ def run_loop(
     window = _Window()
     show = settings.progress and world.is_main
     bar = tqdm(total=settings.steps, initial=start, desc=settings.description, disable=not show)
+    saved = start  # the latest checkpoint's step (0: none)
     for step in range(start + 1, settings.steps + 1):
-        window.add(trainable.train_step())
+        try:
+            window.add(trainable.train_step())
+        except Diverged as error:
+            bar.close()
+            where = f"the latest checkpoint is step {saved}" if saved else "no checkpoint was written"
+            raise Diverged(f"{settings.description}: step {step}: {error} ({where}, in {stage_dir})") from None
         if step % settings.log_every == 0 or step == settings.steps:
             record = {"step": step, **window.mean(), **trainable.diagnostics()}
             if log:
@@ -123,6 +145,7 @@ def run_loop(
             if world.is_main:
                 save_checkpoint(stage_dir, step, state, meta, settings.keep_checkpoints)
             world.barrier()  # every process goes on only once the checkpoint is complete
+            saved = step
             for hook in on_checkpoint:
                 hook(step, path)
         bar.update(1)

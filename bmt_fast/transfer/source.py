@@ -29,6 +29,7 @@ import torch
 
 from .. import SVGD, median_bandwidth
 from .data import TaskData, TaskSampler, make_batches
+from .loop import ensure_finite
 from .prompts import PromptedModel
 
 OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
@@ -88,6 +89,7 @@ class ParticleUpdate:
 
     @torch.no_grad()
     def step(self, score: torch.Tensor) -> None:
+        ensure_finite("the particles' scores", [score])  # (SVGD's input check would raise without context)
         if self.rule == "svgd":
             self.optimizer.step(score)
         else:

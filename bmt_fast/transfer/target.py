@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import median_bandwidth, rbf_kernel
 from .data import TaskData, TaskSampler, make_batches
+from .loop import ensure_finite
 from .prompts import PromptedModel
 from .source import OPTIMIZER_CLASSES
 
@@ -109,8 +110,13 @@ class TargetTrainer:
         (indices,) = self.sampler.sample()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.backward(indices)
+        self.check_gradients()
         self.optimizer.step()
         return metrics
+
+    def check_gradients(self) -> None:
+        """Diverged before a step from NaN/Inf gradients, which Adam would carry into the prompt and its state."""
+        ensure_finite("the target prompt's gradients", [p.grad for p in self.prompt.parameters()])
 
     def backward(self, indices: list[int], weight: float = 1.0, prior_share: float = 1.0) -> dict[str, float]:
         """Backpropagate weight * (mean NLL of the examples `indices`) + prior_share * kde_weight * KDE term.

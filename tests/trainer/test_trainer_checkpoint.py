@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -259,3 +260,62 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(backbones, model_dirs, tm
     log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(ValueError, match="metrics.jsonl, line 2: not a JSON record"):
         read_metrics(log)  # only a last line can be cut short by a crash
+
+
+class _LeastSquares:
+    """A Trainable: Adam on w for the mean of (w - y)^2 over one value of `ys` per step, which stops before
+    an update from a non-finite gradient (as the source and target trainers do)."""
+
+    def __init__(self, ys):
+        self.ys = ys
+        self.w = torch.zeros(2, requires_grad=True)
+        self.adam = torch.optim.Adam([self.w], lr=0.1)
+        self.step = 0
+
+    def train_step(self):
+        from bmt_fast.transfer.loop import ensure_finite
+
+        self.adam.zero_grad()
+        loss = ((self.w - self.ys[self.step]) ** 2).mean()
+        loss.backward()
+        ensure_finite("w's gradients", [self.w.grad])
+        self.adam.step()
+        self.step += 1
+        return {"loss": loss.item()}
+
+    def diagnostics(self):
+        return {}
+
+    def after_step(self, step):
+        return None
+
+    def state_dict(self):
+        return {"w": self.w.detach().clone(), "adam": self.adam.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.w.copy_(state["w"])
+        self.adam.load_state_dict(state["adam"])
+        self.step = state["step"]
+
+
+def test_a_diverged_step_is_not_applied_and_names_the_latest_checkpoint(tmp_path):
+    """Step 5's target is infinite: the loop stops there, naming the stage, the step and the latest
+    checkpoint (step 4); w and Adam's state stay those after step 4, and a resume from that checkpoint with
+    the data mended (targets are data here, not configuration) finishes the stage."""
+    from bmt_fast.transfer.loop import Diverged, LoopSettings, run_loop
+
+    ys = torch.tensor([[1.0, -1.0]] * 8)
+    ys[4, 1] = math.inf
+    trainable = _LeastSquares(ys)
+    settings = LoopSettings(steps=8, log_every=1, checkpoint_every=2, progress=False, description="toy")
+    with pytest.raises(Diverged, match=r"toy: step 5: w's gradients hold 1 NaN/Inf value\(s\): .*"
+                       r"this step was not applied \(the latest checkpoint is step 4, in "):  # fmt: skip
+        run_loop(tmp_path, trainable, settings, {})
+    assert trainable.step == 4 and bool(torch.isfinite(trainable.w).all())
+    assert torch.equal(trainable.w.detach(), load_latest_checkpoint(tmp_path).state["trainable"]["w"])
+    ys[4, 1] = -1.0
+    resumed = _LeastSquares(ys)
+    assert run_loop(tmp_path, resumed, settings, {}, resume=True) == 8 and resumed.step == 8
+    with pytest.raises(Diverged, match="no checkpoint was written"):
+        run_loop(tmp_path / "fresh", _LeastSquares(torch.full((8, 2), math.nan)), settings, {})

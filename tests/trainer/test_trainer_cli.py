@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from bmt_fast.cli import main
@@ -81,13 +82,14 @@ def _strict_json(path):
 
 
 def test_non_finite_metrics_are_null_in_valid_json_and_reported(model_dirs, tmp_path, capsys, caplog):
-    # float16 activations overflow with a prompt of norm ~1e6: the evaluation loss is not finite
+    # float16 activations overflow with a prompt of norm ~1e6: the evaluation loss of the initial prompt (no
+    # training step: one would stop the stage, see the next test) is not finite
     config = _config(
         tmp_path,
         model_dirs,
         model={"dtype": "float16"},
         prompt={"init": "normal", "init_std": 1.0e6},
-        target={"methods": ["prompt_tuning"], "steps": 1},
+        target={"methods": ["prompt_tuning"], "steps": 0},
     )
     with caplog.at_level("WARNING"):
         assert main(["target", *config]) == 0
@@ -96,6 +98,30 @@ def test_non_finite_metrics_are_null_in_valid_json_and_reported(model_dirs, tmp_
     assert _strict_json(tmp_path / "run" / "results.json") == {"prompt_tuning": eval_json}
     assert "| prompt_tuning | " in capsys.readouterr().out and "n/a" in (tmp_path / "run" / "results.md").read_text()
     assert "target prompt_tuning: loss not finite" in caplog.text
+
+
+@pytest.mark.parametrize("command,stage", [("source", "source bmtpt"), ("target", "target prompt_tuning")])
+def test_a_diverged_stage_stops_with_its_step_and_latest_checkpoint(model_dirs, tmp_path, capsys, command, stage):
+    """Overflowing float16 activations (a prompt of norm ~1e6) give NaN/Inf gradients at the first step: the
+    stage stops there with a message (no traceback, exit code 1) instead of stepping Adam with them (the
+    gradient rule and the target prompt went on as NaN; SVGD raised its input error without context), and
+    no particles or prompt are written."""
+    config = _config(
+        tmp_path,
+        model_dirs,
+        model={"dtype": "float16"},
+        prompt={"init": "normal", "init_std": 1.0e6},
+        source={"steps": 3},
+        target={"methods": ["prompt_tuning"], "steps": 3},
+    )
+    assert main([command, *config]) == 1
+    err = capsys.readouterr().err
+    assert f"bmt-fast {command}: training diverged: {stage}: step 1: " in err, err
+    scores = "the particles' scores" if command == "source" else "the target prompt's gradients"
+    assert f"{scores} hold " in err and "NaN/Inf value(s)" in err and "no checkpoint was written" in err
+    assert "Traceback" not in err
+    folder = tmp_path / "run" / ("source-bmtpt" if command == "source" else "target-prompt_tuning")
+    assert not list(folder.glob("*.safetensors")) and not (folder / "eval.json").exists()
 
 
 def test_errors_of_the_user_are_messages_not_tracebacks(model_dirs, tmp_path, capsys):
