@@ -40,10 +40,11 @@ class Diverged(RuntimeError):
 
 
 def ensure_finite(what: str, tensors: Sequence[torch.Tensor | None]) -> None:
-    """Raise Diverged before an update from `tensors` (None entries skipped) if any value is NaN/Inf; one
-    host sync per step, beside a step's forwards and backwards."""
-    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t is not None)
-    if bad:
+    """Raise Diverged before an update from `tensors` (None entries skipped) if any value is NaN/Inf; a host
+    sync per tensor and step, beside a step's forwards and backwards (the count only once one is bad)."""
+    given = [t for t in tensors if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in given):
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in given)
         raise Diverged(
             f"{what} hold {bad} NaN/Inf value(s): the loss overflowed (a 16-bit model.dtype) or the learning "
             "rate is too high; this step was not applied"
