@@ -366,7 +366,7 @@ def test_median_with_ties_and_duplicates(target, algorithm):
 
 @pytest.mark.parametrize("algorithm", ["tiled", "gram"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [5, 20, 70])
+@pytest.mark.parametrize("n", [1, 5, 20, 70])
 def test_median_of_particles_with_nan_or_inf_is_nan(target, algorithm, dtype, n):
     """A NaN or an infinity in the particles (at x_0, the Gram path's shift, the last value or the middle) makes
     H NaN, as the reference's and the CPU's, on the Gram path (its diagonal; by ranks up to 16 rows, radix

@@ -300,6 +300,19 @@ def test_unchecked_nan_particle_with_given_bandwidth_gives_nan_on_every_cpu_path
     assert results == {"fused": [], "gemm": []}
 
 
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_unchecked_particle_with_nan_gives_the_references_floor(dtype):
+    """One particle holding a NaN: its only distance is the diagonal's exact 0, so the reference's median
+    is 0 and H the floor; the CPU op gives the same (the GPU kernels give NaN: README)."""
+    x = torch.randn(1, 7, dtype=dtype)
+    x[0, 3] = math.nan
+    expected = float(reference.median_bandwidth(x.double()))
+    assert expected == reference.BANDWIDTH_FLOOR
+    h = bmt_fast.median_bandwidth(x, backend="cpu", check_inputs=False)
+    assert float(h) == float(torch.tensor(expected, dtype=dtype))  # (the floor in x's dtype)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_reference_and_sampled_medians_of_particles_with_nan_or_inf_are_nan(bad):
     """The reference's exact median (its centring spreads the value down a column), and the sampled one
