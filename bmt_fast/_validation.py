@@ -47,10 +47,15 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def non_finite_count(t: torch.Tensor) -> int:
+    """How many NaN/Inf values t holds: about one pass (all_finite) where there are none."""
+    return 0 if all_finite(t) else int((~torch.isfinite(t.detach())).sum())
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """NaN/Inf check (about one pass over t; callers may opt out for speed)."""
-    if not all_finite(t):
-        bad = int((~torch.isfinite(t)).sum())
+    bad = non_finite_count(t)
+    if bad:
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
 
 

@@ -144,7 +144,7 @@ def _plot_arguments(parser: argparse.ArgumentParser) -> None:
 def _finish(run, args: argparse.Namespace) -> None:
     """After a command that succeeded (see main's close_group); nothing after an error: other processes may
     be gone, and the barrier would wait for them."""
-    if getattr(args, "close_group", True):
+    if args.close_group:
         run.world.close()
 
 

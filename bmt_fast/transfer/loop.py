@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import non_finite_count
 from .checkpoint import (
     checkpoint_path,
     load_latest_checkpoint,
@@ -40,11 +41,10 @@ class Diverged(RuntimeError):
 
 
 def ensure_finite(what: str, tensors: Sequence[torch.Tensor | None]) -> None:
-    """Raise Diverged before an update from `tensors` (None entries skipped) if any value is NaN/Inf; a host
-    sync per tensor and step, beside a step's forwards and backwards (the count only once one is bad)."""
-    given = [t for t in tensors if t is not None]
-    if not all(bool(torch.isfinite(t).all()) for t in given):
-        bad = sum(int((~torch.isfinite(t)).sum()) for t in given)
+    """Raise Diverged before an update from `tensors` (None entries skipped) if any value is NaN/Inf: about
+    one pass and one host sync per tensor and step (the op layer's check), beside the step's forwards."""
+    bad = sum(non_finite_count(t) for t in tensors if t is not None)
+    if bad:
         raise Diverged(
             f"{what} hold {bad} NaN/Inf value(s): the loss overflowed (a 16-bit model.dtype) or the learning "
             "rate is too high; this step was not applied"

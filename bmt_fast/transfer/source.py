@@ -81,7 +81,8 @@ class ParticleUpdate:
         self.rule = rule
         self.particles = particles
         if rule == "svgd":
-            self.optimizer = SVGD(particles, cls, lr=lr, bandwidth=bandwidth, backend=backend)
+            # (step checks the particles and scores itself: the op's own scan of both would be a second one)
+            self.optimizer = SVGD(particles, cls, lr=lr, bandwidth=bandwidth, backend=backend, check_inputs=False)
         elif rule == "gradient":
             self.optimizer = cls([particles], lr=lr)
         else:
@@ -89,8 +90,9 @@ class ParticleUpdate:
 
     @torch.no_grad()
     def step(self, score: torch.Tensor) -> None:
-        ensure_finite("the particles' scores", [score])  # (SVGD's input check would raise without context)
+        ensure_finite("the particles' scores", [score])  # (SVGD's input check raised without context)
         if self.rule == "svgd":
+            ensure_finite("the particles", [self.particles])  # (a gradient step does not read them)
             self.optimizer.step(score)
         else:
             self.particles.grad = -score
