@@ -177,7 +177,7 @@ def _rbf_kernel(x, y, bandwidth, backend: str, check_inputs: bool) -> tuple[torc
             raise ValueError(f"y must have the event shape of x {tuple(x.shape[1:])}, got {tuple(y.shape[1:])}")
     if check_inputs:
         check_finite("x", x)
-        if y is not None:
+        if y is not None and y is not x:  # rbf_kernel(x, x): one scan, not two
             check_finite("y", y)
     h = check_bandwidth(bandwidth, x, check_value=check_inputs)
     x2 = as_rows(x)

@@ -319,6 +319,24 @@ def test_finite_check_is_exact_where_the_sum_overflows(dtype):
     assert all_finite(torch.empty(0, 5, dtype=dtype))
 
 
+def test_rbf_kernel_scans_each_distinct_input_once(input_scans):
+    """rbf_kernel(x, x) scans x once (the second scan was a third of the call at 16 x 76,800); a y of its own,
+    even one holding the same values, is scanned and named."""
+    x = torch.randn(5, 4)
+    k = bmt_fast.rbf_kernel(x, x, 2.0)
+    assert input_scans == ["x"]
+    torch.testing.assert_close(k, bmt_fast.rbf_kernel(x, None, 2.0), rtol=0, atol=0)
+    input_scans.clear()
+    bmt_fast.rbf_kernel(x, x.clone(), 2.0)
+    assert input_scans == ["x", "y"]
+    bad = x.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
+        bmt_fast.rbf_kernel(bad, bad, 2.0)
+    with pytest.raises(ValueError, match="y contains 1 NaN/Inf"):
+        bmt_fast.rbf_kernel(x, bad, 2.0)
+
+
 def test_finite_check_can_be_skipped(cpu_backend):
     x, score = good()
     score[0, 0] = math.nan
