@@ -14,12 +14,14 @@ over the particles, or a number), which keeps the target near the source posteri
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .. import median_bandwidth, rbf_kernel
+from .._validation import non_finite_count
 from .data import TaskData, TaskSampler, make_batches
 from .loop import ensure_finite
 from .prompts import PromptedModel
@@ -63,19 +65,29 @@ class KDEPrior:
 
     Computed in float64 through bmt_fast.rbf_kernel: k underflows only when |theta - theta_m|^2 / H > ~700
     for every particle; the term is then clamped (constant, no gradient) instead of becoming -log 0.
+    The particles and the bandwidth are checked once, here; each call then skips rbf_kernel's NaN/Inf scan
+    of the particles (a pass over M x d doubles every target step), and a non-finite theta makes the term
+    NaN, which the target stage's gradient check stops at (loop.Diverged, with its step and checkpoint).
     """
 
     def __init__(self, particles: torch.Tensor, bandwidth: str | float = "median", backend: str = "auto"):
         self.particles = particles.detach().double()
+        bad = non_finite_count(self.particles)
+        if bad:
+            raise ValueError(f"the KDE prior's particles contain {bad} NaN/Inf value(s)")
         if bandwidth == "median":
             if particles.shape[0] < 2:
                 raise ValueError("a median-rule KDE needs at least 2 particles; give a numeric bandwidth")
-            bandwidth = float(median_bandwidth(self.particles))
+            bandwidth = float(median_bandwidth(self.particles, check_inputs=False))
         self.bandwidth = float(bandwidth)
+        if not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
+            raise ValueError(f"the KDE prior's bandwidth must be positive and finite, got {self.bandwidth}")
         self.backend = backend
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
-        k = rbf_kernel(theta[None].double(), self.particles, self.bandwidth, backend=self.backend)
+        k = rbf_kernel(
+            theta[None].double(), self.particles, self.bandwidth, backend=self.backend, check_inputs=False
+        )
         return -torch.log(k.mean().clamp_min(torch.finfo(torch.float64).tiny))
 
 

@@ -72,6 +72,28 @@ def test_kde_prior_value_gradient_and_bandwidth():
     assert KDEPrior(particles[:1], 2.0).bandwidth == 2.0
 
 
+def test_kde_prior_checks_its_particles_and_bandwidth_once():
+    particles = torch.randn(4, 6, dtype=torch.float64)
+    bad = particles.clone()
+    bad[2, 3] = float("nan")
+    bad[0, 0] = float("inf")
+    for bandwidth in ("median", 2.0):
+        with pytest.raises(ValueError, match="particles contain 2 NaN/Inf"):
+            KDEPrior(bad, bandwidth)
+    for bandwidth in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            KDEPrior(particles, bandwidth)
+    kde = KDEPrior(particles, "median")
+    # each call skips the particles' scan; a non-finite theta gives a NaN term (the target stage's gradient
+    # check stops there) instead of an input error
+    theta = torch.randn(6, dtype=torch.float64)
+    theta[1] = float("nan")
+    assert torch.isnan(kde(theta))
+    flat = particles - torch.randn(6, dtype=torch.float64) * 0.1
+    expected = -torch.log(torch.exp(-(particles - flat[0]).square().sum(1) / kde.bandwidth).mean())
+    torch.testing.assert_close(kde(flat[0]), expected)
+
+
 @pytest.mark.parametrize("kind", ["t5", "llama"])
 def test_target_stage_lowers_the_target_loss(backbones, model_dirs, tmp_path, kind):
     pm = backbones[kind]
