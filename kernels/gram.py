@@ -134,11 +134,11 @@ def gram_median(dist: torch.Tensor) -> torch.Tensor:
 DISTS_BLOCK = 64
 
 
-_GRAM = tunable(
-    _gram_kernel,
-    key=["n", "d"],
-    tiles=[TileConfig(32, 32, 4, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2)],
-)
+# Candidates of the split-K Gram kernel (square tiles); 16 x 16 holds a prompt's 16 particles without padding
+# rows: a quarter of the 32 x 32 tile's products.
+_GRAM_TILES = [TileConfig(16, 16, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3),
+               TileConfig(128, 128, 8, 2)]  # fmt: skip
+_GRAM = tunable(_gram_kernel, key=["n", "d"], tiles=_GRAM_TILES)
 
 
 def gram_splits(n: int, d: int, device: torch.device, tile: TileConfig) -> int:

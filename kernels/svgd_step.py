@@ -41,6 +41,7 @@ from .utils import (
     DOT_HALF,
     DOT_HALF_SPLIT,
     DOT_IEEE,
+    GPU_TILES,
     MIN_BLOCK,
     TileConfig,
     accumulation_dtype,
@@ -349,6 +350,13 @@ def _svgd_flash_kernel(
 
 
 _SVGD = tunable(_svgd_step_kernel, key=["n", "d"])
+# The Gram path's apply pass (distances given, n <= GRAM_MAX_PARTICLES) has its own candidates: a prompt's
+# 16 particles in a 64-row tile, against 64 columns j, spent 15 of every 16 products on padding (on an H200
+# this pass took 444 us at n = 16, d = 409,600, where reading x and score and writing phi at the copy's
+# bandwidth takes ~21 us; benchmarks/results/nvidia-h200_profile_2026-12-04.txt). Tiles of 16 and 32 rows
+# first, the tiled kernel's after them: the autotuner keeps whichever runs fastest for each n and d.
+GRAM_APPLY_TILES = [TileConfig(16, 16, 4, 2), TileConfig(32, 32, 4, 2), *GPU_TILES]
+_SVGD_GRAM = tunable(_svgd_step_kernel, key=["n", "d"], tiles=GRAM_APPLY_TILES)
 # FlashAttention-style candidates (the fixed tile first, as in GPU_TILES). Compiled for sm_90 here with
 # aligned operands, all but the 128 x 128 tile keep the loop free of register spills in every mode (the
 # tiled kernel at d = 128 spills 24-468 bytes in 7 of its 10 half-mode candidates).
@@ -472,7 +480,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=Non
     splits = min(splits, triton.cdiv(n, nominal.block_n))
     out, partial, rowsums = _split_outputs(x, splits, out)
     track = finite is not None and splits == 1
-    _SVGD.launch(
+    (_SVGD if dist is None else _SVGD_GRAM).launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_v), splits),
         tile=tile,
         x_ptr=x,

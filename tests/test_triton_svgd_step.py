@@ -465,6 +465,29 @@ def test_auto_rule_on_cuda_follows_the_h200_timings():
     assert rule("svgd_step", 65536, 64, torch.float16)[:2] == ["cuda", "triton"]  # fp16: not measured
 
 
+@pytest.mark.parametrize("n,d", [(1, 70), (13, 130), (16, 129), (20, 300), (37, 65)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gram_path_with_each_candidate_tile(n, d, dtype):
+    """The Gram path's small autotuning candidates (16 and 32 rows: a prompt's particles without padding
+    rows) forced in turn, for both of its kernels: rows and columns past the tile's edge, several row blocks
+    (n = 20, 37), the median rule and a given H, against float64."""
+    import importlib
+
+    kernels()
+    gram = importlib.import_module("bmt_fast.kernels.gram")
+    module = importlib.import_module("bmt_fast.kernels.svgd_step")
+    small = [t for t in module.GRAM_APPLY_TILES if t.block_m < 64]
+    assert {t.block_m for t in small} == {16, 32}
+    assert {t.block_m for t in small} <= {t.block_m for t in gram._GRAM_TILES}  # the Gram kernel tries them too
+    x, score = particles(n, d, dtype=dtype)
+    bound = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    for h in (None, torch.tensor(0.7 * d, dtype=torch.float64, device=DEVICE)):
+        expected = reference_phi(x, score, h)
+        for tile in small:
+            phi = svgd(x, score, h, algorithm="gram", tile=tile)
+            assert phi.dtype == dtype and relative_error(phi, expected) < bound, (tile, h)
+
+
 def test_autotuning_keys_include_every_specialisation():
     """A tile tuned for one specialisation must not be reused for another (the fp64 Gram path ran out of
     shared memory on an H200 with a tile tuned for the tiled path of the same n, d)."""
