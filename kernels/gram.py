@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .centring import centring_shift
 from .tiles import dot_acc, dot_operand, load_centred
 from .utils import INTERPRETING, TileConfig, accumulation_dtype, num_programs_target, tl_dtype, tunable
 
@@ -21,6 +22,7 @@ def _gram_kernel(
     x_ptr,
     shift_ptr,
     out_ptr,
+    mean_ptr,
     n,
     d,
     stride_x,
@@ -30,8 +32,13 @@ def _gram_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
+    WRITE_MEAN: tl.constexpr,
+    ROUND: tl.constexpr,
 ):
-    """out[split, rows, cols] = xc[rows, split's columns] @ xc[cols, split's columns].T (upper tiles only)."""
+    """out[split, rows, cols] = xc[rows, split's columns] @ xc[cols, split's columns].T (upper tiles only).
+
+    WRITE_MEAN (n <= BLOCK_M: one tile holds every row; shift is x's row 0): also mean[cols] = x[0, cols] +
+    mean_i (x[i, cols] - x[0, cols]), the centring shift of centring.py, rounded to x's dtype where ROUND."""
     tile_i = tl.program_id(0)
     tile_j = tl.program_id(1)
     split = tl.program_id(2)
@@ -46,7 +53,14 @@ def _gram_kernel(
         same = BLOCK_M == BLOCK_N and tile_i == tile_j
         for k0 in range(k_start, k_end, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
-            a = dot_operand(load_centred(x_ptr, shift_ptr, rows, ks, n, k_end, stride_x, ACC), MODE)
+            centred = load_centred(x_ptr, shift_ptr, rows, ks, n, k_end, stride_x, ACC)
+            if WRITE_MEAN:  # the rows' column sums while they are loaded (padding rows are zeros)
+                col_ok = ks < k_end
+                mean = tl.load(shift_ptr + ks, mask=col_ok, other=0.0).to(ACC) + tl.sum(centred, axis=0) / n
+                if ROUND:
+                    mean = mean.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(ACC)
+                tl.store(mean_ptr + ks, mean, mask=col_ok)
+            a = dot_operand(centred, MODE)
             if same:
                 b = a
             else:
@@ -61,9 +75,10 @@ def _gram_kernel(
 def _gram_dists_kernel(gram_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """out (n, n) float64 = max(G_ii + G_jj - 2 G_ij, 0), 0 on the diagonal, from the upper triangle
     (i <= j) of G (n, n), which alone _gram_kernel writes; NaN in row and column i (its diagonal too) where
-    G_ii is not finite: a NaN or an infinity in the particles spreads down its column in the centring, so
-    every G_ii is then NaN or infinite, and the median (gram_median) and K are NaN, as the reference's. Told
-    from the diagonal, not left to the arithmetic: a GPU's max returns the number beside a NaN."""
+    G_ii is not finite: a NaN or an infinity in particle i makes its G_ii NaN or infinite (every particle's
+    where the shift carries it: a mean shift, or x[0] as the shift up to FUSED_SHIFT_MAX_PARTICLES), so the
+    median (gram_median) and the entries of K of its pairs are NaN, as the reference's. Told from the
+    diagonal, not left to the arithmetic: a GPU's max returns the number beside a NaN."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n
@@ -147,10 +162,38 @@ def gram_splits(n: int, d: int, device: torch.device, tile: TileConfig) -> int:
     return max(1, min(num_programs_target(device) // tiles, triton.cdiv(d, 4 * BLOCK_D)))
 
 
+# Up to this many particles every candidate tile of the Gram kernel holds all rows in one tile (16 rows is
+# its smallest): the kernel then also writes the centring shift of the columns it reads, and the Gram path
+# of a prompt's particles needs no pass over x of its own for it (a fifth of the bytes its step moves).
+FUSED_SHIFT_MAX_PARTICLES = min(t.block_m for t in _GRAM_TILES)
+
+
+def gram_sq_dists_and_shift(
+    x: torch.Tensor, mode: int, *, splits: int | None = None, tile: TileConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gram_sq_dists, centring_shift) of contiguous rows x (n, d): from one pass over x up to
+    FUSED_SHIFT_MAX_PARTICLES rows (distances of x - x[0] there, which any shift gives alike in exact
+    arithmetic), else the centring pass and then the Gram."""
+    n, d = x.shape
+    if n > FUSED_SHIFT_MAX_PARTICLES or (tile is not None and n > tile.block_m):
+        shift = centring_shift(x)
+        return gram_sq_dists(x, shift, mode, splits=splits, tile=tile), shift
+    shift = torch.empty((d,), dtype=accumulation_dtype(x.dtype), device=x.device)
+    return gram_sq_dists(x, x, mode, splits=splits, tile=tile, mean=shift), shift
+
+
 def gram_sq_dists(
-    x: torch.Tensor, shift: torch.Tensor, mode: int, *, splits: int | None = None, tile: TileConfig | None = None
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    mode: int,
+    *,
+    splits: int | None = None,
+    tile: TileConfig | None = None,
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """All n x n squared distances (float64, exact zero diagonal) of contiguous rows x (n, d)."""
+    """All n x n squared distances (float64, exact zero diagonal) of contiguous rows x (n, d) centred by
+    shift (d values; x itself: its row 0). mean (d,): also written with the centring shift (see
+    gram_sq_dists_and_shift)."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
     nominal = tile or _GRAM.fixed
@@ -167,6 +210,7 @@ def gram_sq_dists(
         x_ptr=x,
         shift_ptr=shift,
         out_ptr=partial,
+        mean_ptr=partial if mean is None else mean,
         n=n,
         d=d,
         stride_x=x.stride(0),
@@ -174,6 +218,8 @@ def gram_sq_dists(
         BLOCK_D=BLOCK_D,
         ACC=tl_dtype(acc),
         MODE=mode,
+        WRITE_MEAN=mean is not None,
+        ROUND=x.dtype != acc,
     )
     # The splits are summed by torch (one parallel reduction; summed in one program they were a serial loop
     # of hundreds of iterations on a GPU: 4 per SM), then one launch makes the distances (what were a dozen

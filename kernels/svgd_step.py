@@ -34,7 +34,7 @@ from bmt_fast import reference
 from bmt_fast._validation import check_out
 
 from .centring import centring_shift
-from .gram import gram_sq_dists
+from .gram import gram_median, gram_sq_dists_and_shift
 from .median import median_sq_dist, use_gram
 from .tiles import HALF, MODE_HALF, MODE_HALF_SPLIT, dot_acc, dot_operand, half_dot, half_operand, load_centred, sq_dist_tile
 from .utils import (
@@ -520,14 +520,17 @@ def _forward(x, score, bandwidth, *, algorithm, allow_tf32, splits, tile, out=No
     check_device(x)
     n = x.shape[0]
     mode = dot_mode(x.dtype, allow_tf32)
-    shift = centring_shift(x)
     gram = use_gram(n, algorithm)
     dist = None
-    if bandwidth is None:
-        median, dist = median_sq_dist(x, shift, mode, algorithm, splits=splits, tile=tile)
-        bandwidth = reference.bandwidth_from_median(median, n)
-    elif gram:
-        dist = gram_sq_dists(x, shift, mode, splits=splits, tile=tile)
+    if gram:  # (up to 16 particles the Gram kernel writes the centring shift too: no pass of its own)
+        dist, shift = gram_sq_dists_and_shift(x, mode, splits=splits, tile=tile)
+        if bandwidth is None:
+            bandwidth = reference.bandwidth_from_median(gram_median(dist), n)
+    else:
+        shift = centring_shift(x)
+        if bandwidth is None:
+            median, _ = median_sq_dist(x, shift, mode, algorithm, splits=splits, tile=tile)
+            bandwidth = reference.bandwidth_from_median(median, n)
     h = check_bandwidth(bandwidth, x)  # dist stays float64: the kernel rounds it as it reads it
     return _apply(x, score, shift, h, dist, mode=mode, splits=None if gram else splits, tile=tile, out=out,
                   finite=finite)  # fmt: skip

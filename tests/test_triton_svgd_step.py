@@ -488,6 +488,42 @@ def test_gram_path_with_each_candidate_tile(n, d, dtype):
             assert phi.dtype == dtype and relative_error(phi, expected) < bound, (tile, h)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_gram_pass_writes_the_centring_shift_of_a_prompt(dtype, monkeypatch):
+    """Up to 16 particles the Gram kernel also writes the centring shift (no pass over x of its own): the
+    centring kernel's value (bit for bit in the interpreter), the step as accurate as before; from 17
+    particles the centring pass runs again."""
+    import importlib
+
+    kernels()
+    gram = importlib.import_module("bmt_fast.kernels.gram")
+    centring = importlib.import_module("bmt_fast.kernels.centring")
+    module = importlib.import_module("bmt_fast.kernels.svgd_step")
+    utils = importlib.import_module("bmt_fast.kernels.utils")
+    assert gram.FUSED_SHIFT_MAX_PARTICLES == 16
+    exact = {"rtol": 0, "atol": 0} if not HAS_GPU else {}
+    mode = utils.dot_mode(dtype, None)
+    for n in (1, 5, 16):
+        x = (torch.randn(n, 300, dtype=torch.float64) * 2 + 30).to(dtype).to(DEVICE)
+        dist, shift = gram.gram_sq_dists_and_shift(x, mode)
+        torch.testing.assert_close(shift, centring.centring_shift(x), **exact)
+        x64 = x.double()
+        expected = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist").square()
+        bound = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+        assert float((dist - expected).abs().max()) <= bound * max(1.0, float(expected.max()))
+    calls = []
+    for name in ("gram", "svgd_step"):
+        target = importlib.import_module(f"bmt_fast.kernels.{name}")
+        monkeypatch.setattr(target, "centring_shift", lambda x, _f=centring.centring_shift: calls.append(x.shape[0]) or _f(x))
+    bound = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, 3e-2)
+    for n in (16, 17):
+        x, score = particles(n, 300, dtype=dtype)
+        for h in (None, torch.tensor(250.0, dtype=torch.float64, device=DEVICE)):
+            phi = svgd(x, score, h, algorithm="gram")
+            assert relative_error(phi, reference_phi(x, score, h)) < bound
+    assert calls == [17, 17]
+
+
 def test_autotuning_keys_include_every_specialisation():
     """A tile tuned for one specialisation must not be reused for another (the fp64 Gram path ran out of
     shared memory on an H200 with a tile tuned for the tiled path of the same n, d)."""
