@@ -21,7 +21,7 @@ import triton.language as tl
 from bmt_fast import reference
 
 from .centring import centring_shift
-from .gram import gram_median, gram_sq_dists
+from .gram import gram_median, gram_sq_dists, gram_sq_dists_and_shift
 from .tiles import sq_dist_tile
 from .utils import (
     MIN_BLOCK,
@@ -155,17 +155,24 @@ def median_sq_dist_tiled(
 
 
 def median_sq_dist(
-    x: torch.Tensor, shift: torch.Tensor, mode: int, algorithm: str, *, splits: int | None = None, tile: TileConfig | None = None
+    x: torch.Tensor, shift: torch.Tensor | None, mode: int, algorithm: str, *, splits: int | None = None,
+    tile: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(median as float64 0-dim, the n x n distances when the Gram path computed them, else None). NaN where
     the particles hold NaN or Inf, as the reference's and the compiled backends' median, where the
     distances' clamp at 0 (a GPU's max returns the number beside a NaN) and the radix keys' order had given
     a finite median: the Gram path's distances carry the NaN (told from the Gram diagonal, no extra launch:
     the prompt regime's step is a few launches); the radix path tests the centring shift (x_0 plus a mean,
-    not finite then), three small torch ops beside its passes over n^2 distances. No host sync."""
+    not finite then), three small torch ops beside its passes over n^2 distances. No host sync. shift None:
+    the centring shift where a path needs one (up to 16 particles the Gram pass takes x's row 0: no pass of
+    its own for it)."""
     if use_gram(x.shape[0], algorithm):
-        dist = gram_sq_dists(x, shift, mode, splits=splits, tile=tile)
+        if shift is None:
+            dist, _ = gram_sq_dists_and_shift(x, mode, splits=splits, tile=tile)
+        else:
+            dist = gram_sq_dists(x, shift, mode, splits=splits, tile=tile)
         return gram_median(dist), dist
+    shift = centring_shift(x) if shift is None else shift
     median = median_sq_dist_tiled(x, shift, mode, splits=splits, tile=tile)
     return torch.where(torch.isfinite(shift).all(), median, math.nan), None
 
@@ -184,7 +191,7 @@ def median_bandwidth_forward(
     check_rows("x", x)
     check_device(x)
     mode = dot_mode(x.dtype, allow_tf32)
-    median, _ = median_sq_dist(x, centring_shift(x), mode, algorithm, splits=splits, tile=tile)
+    median, _ = median_sq_dist(x, None, mode, algorithm, splits=splits, tile=tile)
     return reference.bandwidth_from_median(median, x.shape[0]).to(accumulation_dtype(x.dtype))
 
 

@@ -491,8 +491,8 @@ def test_gram_path_with_each_candidate_tile(n, d, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_gram_pass_writes_the_centring_shift_of_a_prompt(dtype, monkeypatch):
     """Up to 16 particles the Gram kernel also writes the centring shift (no pass over x of its own): the
-    centring kernel's value (bit for bit in the interpreter), the step as accurate as before; from 17
-    particles the centring pass runs again."""
+    centring kernel's value (bit for bit in the interpreter), the step and the median as accurate as
+    before; from 17 particles the centring pass runs again."""
     import importlib
 
     kernels()
@@ -512,7 +512,7 @@ def test_gram_pass_writes_the_centring_shift_of_a_prompt(dtype, monkeypatch):
         bound = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
         assert float((dist - expected).abs().max()) <= bound * max(1.0, float(expected.max()))
     calls = []
-    for name in ("gram", "svgd_step"):
+    for name in ("gram", "median", "svgd_step"):
         target = importlib.import_module(f"bmt_fast.kernels.{name}")
         monkeypatch.setattr(target, "centring_shift", lambda x, _f=centring.centring_shift: calls.append(x.shape[0]) or _f(x))
     bound = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, 3e-2)
@@ -521,7 +521,10 @@ def test_gram_pass_writes_the_centring_shift_of_a_prompt(dtype, monkeypatch):
         for h in (None, torch.tensor(250.0, dtype=torch.float64, device=DEVICE)):
             phi = svgd(x, score, h, algorithm="gram")
             assert relative_error(phi, reference_phi(x, score, h)) < bound
-    assert calls == [17, 17]
+        h = kernels().median_bandwidth_forward(x, algorithm="gram")
+        expected = reference.median_bandwidth(x.double())
+        assert relative_error(h, expected) < bound
+    assert calls == [17, 17, 17]
 
 
 def test_autotuning_keys_include_every_specialisation():
