@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from .centring import centring_shift
+from .gram import gram_sq_dists_and_shift
+from .median import use_gram
 from .tiles import dot_acc, dot_operand, load_centred, sq_dist_tile
 from .utils import (
     MIN_BLOCK,
@@ -150,13 +152,22 @@ def rbf_kernel_forward(
     self_kernel: bool = False,
     allow_tf32: bool | None = None,
     tile: TileConfig | None = None,
+    algorithm: str = "auto",
 ) -> torch.Tensor:
-    """K (n, m) in x's dtype. self_kernel: y is x (exact zero distances, unit diagonal)."""
+    """K (n, m) in x's dtype. self_kernel: y is x (exact zero distances, unit diagonal).
+
+    algorithm (a self kernel): "gram" (the default up to GRAM_MAX_PARTICLES particles) takes the distances
+    from the split-K Gram pass of svgd_step's Gram path, which spreads d over the whole GPU; "tiled" one
+    program per tile of K, d looped inside it (with 16 particles and d = 409,600: one program for all of x).
+    """
     _check_inputs(x, y, bandwidth)
     check_device(x)
     (n, d), m = x.shape, y.shape[0]
     acc = accumulation_dtype(x.dtype)
     h = check_bandwidth(bandwidth, x)
+    if use_gram(n, algorithm) and self_kernel:
+        dist, _ = gram_sq_dists_and_shift(x, dot_mode(x.dtype, allow_tf32), tile=tile)
+        return torch.exp(dist * (-1.0 / h.double())).to(x.dtype)
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     _FORWARD.launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"])),

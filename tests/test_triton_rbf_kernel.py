@@ -54,6 +54,40 @@ def test_self_kernel_has_an_exact_unit_diagonal_and_median_bandwidth():
     assert relative_error(k, reference.rbf_kernel(x.double(), None, h)) < 2e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(1, 5), (13, 300), (16, 129), (40, 70)])
+def test_self_kernel_by_the_gram_pass_and_by_tiles(dtype, n, d, monkeypatch):
+    """A self kernel of up to GRAM_MAX_PARTICLES particles takes the split-K Gram pass (the tiled kernel ran
+    one program per 64 x 64 tile of K, d looped inside: one program for a whole prompt); both algorithms
+    against float64, an exact unit diagonal and symmetry, and the NaN rule: a NaN particle's pairs NaN."""
+    import importlib
+
+    kernels()
+    module = importlib.import_module("bmt_fast.kernels.rbf_kernel")
+    launched = []
+    monkeypatch.setattr(module._FORWARD, "launch", lambda *a, _f=module._FORWARD.launch, **k: launched.append(1) or _f(*a, **k))
+    x = (rows(n, d) * 1.5 + 4.0).to(dtype)
+    x64 = x.double()
+    h = bandwidth(0.8 * d)
+    expected = reference.rbf_kernel(x64, None, h)
+    bound = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
+    for algorithm in ("auto", "gram", "tiled"):
+        launched.clear()
+        k = kernels().rbf_kernel_forward(x, x, h, self_kernel=True, algorithm=algorithm)
+        assert launched == ([1] if algorithm == "tiled" else [])
+        assert k.dtype == dtype and k.shape == (n, n)
+        assert torch.equal(k.diagonal(), torch.ones(n, dtype=dtype, device=DEVICE))
+        exact = {"rtol": 0, "atol": 0} if algorithm != "tiled" else {}  # (one distance per pair)
+        torch.testing.assert_close(k, k.T, **exact)
+        assert relative_error(k, expected) < bound, algorithm
+    if n > 1:
+        bad = x.clone()
+        bad[n // 2, d // 3] = float("nan")
+        k = kernels().rbf_kernel_forward(bad, bad, h, self_kernel=True)
+        others = [i for i in range(n) if i != n // 2]
+        assert bool(torch.isnan(k[n // 2, others]).all() and torch.isnan(k[others, n // 2]).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("allow_tf32", [None, False, True])
 def test_half_inputs(dtype, allow_tf32):
