@@ -18,14 +18,34 @@ BLOCK_D = 64
 
 
 @triton.jit
+def _load_rows(x_ptr, y_ptr, n_x, shift_ptr, rows, cols, n, n_cols, stride_x, stride_y, ACC: tl.constexpr,
+               TWO_SETS: tl.constexpr):  # fmt: skip
+    """Rows of the Gram kernel's set, centred: x's, then (TWO_SETS) y's rows as rows n_x .. n - 1."""
+    if TWO_SETS:
+        col_ok = cols < n_cols
+        in_x = rows < n_x
+        in_y = (rows >= n_x) & (rows < n)
+        from_x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=in_x[:, None] & col_ok[None, :], other=0.0)
+        from_y = tl.load(y_ptr + (rows - n_x)[:, None] * stride_y + cols[None, :], mask=in_y[:, None] & col_ok[None, :],
+                         other=0.0)  # fmt: skip
+        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+        mask = (rows < n)[:, None] & col_ok[None, :]
+        return tl.where(mask, tl.where(in_x[:, None], from_x, from_y).to(ACC) - shift[None, :], 0.0)
+    return load_centred(x_ptr, shift_ptr, rows, cols, n, n_cols, stride_x, ACC)
+
+
+@triton.jit
 def _gram_kernel(
     x_ptr,
+    y_ptr,
     shift_ptr,
     out_ptr,
     mean_ptr,
     n,
+    n_x,
     d,
     stride_x,
+    stride_y,
     cols_per_split,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -34,9 +54,11 @@ def _gram_kernel(
     MODE: tl.constexpr,
     WRITE_MEAN: tl.constexpr,
     ROUND: tl.constexpr,
+    TWO_SETS: tl.constexpr,
 ):
     """out[split, rows, cols] = xc[rows, split's columns] @ xc[cols, split's columns].T (upper tiles only).
 
+    TWO_SETS: the set is x's n_x rows, then y's n - n_x (rbf_kernel(x, y) of few rows); else x's n rows.
     WRITE_MEAN (n <= BLOCK_M: one tile holds every row; shift is x's row 0): also mean[cols] = x[0, cols] +
     mean_i (x[i, cols] - x[0, cols]), the centring shift of centring.py, rounded to x's dtype where ROUND."""
     tile_i = tl.program_id(0)
@@ -53,7 +75,7 @@ def _gram_kernel(
         same = BLOCK_M == BLOCK_N and tile_i == tile_j
         for k0 in range(k_start, k_end, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
-            centred = load_centred(x_ptr, shift_ptr, rows, ks, n, k_end, stride_x, ACC)
+            centred = _load_rows(x_ptr, y_ptr, n_x, shift_ptr, rows, ks, n, k_end, stride_x, stride_y, ACC, TWO_SETS)
             if WRITE_MEAN:  # the rows' column sums while they are loaded (padding rows are zeros)
                 col_ok = ks < k_end
                 mean = tl.load(shift_ptr + ks, mask=col_ok, other=0.0).to(ACC) + tl.sum(centred, axis=0) / n
@@ -64,7 +86,8 @@ def _gram_kernel(
             if same:
                 b = a
             else:
-                b = dot_operand(load_centred(x_ptr, shift_ptr, cols, ks, n, k_end, stride_x, ACC), MODE)
+                b = dot_operand(_load_rows(x_ptr, y_ptr, n_x, shift_ptr, cols, ks, n, k_end, stride_x, stride_y, ACC, TWO_SETS),
+                                MODE)  # fmt: skip
             chunk = dot_acc(a, tl.trans(b), tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), MODE)
             total += chunk.to(tl.float64)
         mask = (rows < n)[:, None] & (cols < n)[None, :]
@@ -190,11 +213,13 @@ def gram_sq_dists(
     splits: int | None = None,
     tile: TileConfig | None = None,
     mean: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """All n x n squared distances (float64, exact zero diagonal) of contiguous rows x (n, d) centred by
-    shift (d values; x itself: its row 0). mean (d,): also written with the centring shift (see
-    gram_sq_dists_and_shift)."""
-    n, d = x.shape
+    shift (d values; x itself: its row 0); with y (contiguous, m rows), of the n + m rows of x and y. mean
+    (d,): also written with the centring shift (see gram_sq_dists_and_shift)."""
+    n_x, d = x.shape
+    n = n_x + (0 if y is None else y.shape[0])
     acc = accumulation_dtype(x.dtype)
     nominal = tile or _GRAM.fixed
     if nominal.block_m != nominal.block_n:
@@ -208,18 +233,22 @@ def gram_sq_dists(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits),
         tile=tile,
         x_ptr=x,
+        y_ptr=x if y is None else y,
         shift_ptr=shift,
         out_ptr=partial,
         mean_ptr=partial if mean is None else mean,
         n=n,
+        n_x=n_x,
         d=d,
         stride_x=x.stride(0),
+        stride_y=x.stride(0) if y is None else y.stride(0),
         cols_per_split=cols_per_split,
         BLOCK_D=BLOCK_D,
         ACC=tl_dtype(acc),
         MODE=mode,
         WRITE_MEAN=mean is not None,
         ROUND=x.dtype != acc,
+        TWO_SETS=y is not None,
     )
     # The splits are summed by torch (one parallel reduction; summed in one program they were a serial loop
     # of hundreds of iterations on a GPU: 4 per SM), then one launch makes the distances (what were a dozen

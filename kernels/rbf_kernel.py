@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .centring import centring_shift
-from .gram import gram_sq_dists_and_shift
+from .gram import FUSED_SHIFT_MAX_PARTICLES, gram_sq_dists, gram_sq_dists_and_shift
 from .median import use_gram
 from .tiles import dot_acc, dot_operand, load_centred, sq_dist_tile
 from .utils import (
@@ -156,17 +156,23 @@ def rbf_kernel_forward(
 ) -> torch.Tensor:
     """K (n, m) in x's dtype. self_kernel: y is x (exact zero distances, unit diagonal).
 
-    algorithm (a self kernel): "gram" (the default up to GRAM_MAX_PARTICLES particles) takes the distances
+    algorithm: "gram" (the default up to GRAM_MAX_PARTICLES rows, x's and y's together) takes the distances
     from the split-K Gram pass of svgd_step's Gram path, which spreads d over the whole GPU; "tiled" one
-    program per tile of K, d looped inside it (with 16 particles and d = 409,600: one program for all of x).
+    program per tile of K, d looped inside it (with 16 particles and d = 409,600: one program for all of x;
+    a prompt against its particles, 1 x M: one program too).
     """
     _check_inputs(x, y, bandwidth)
     check_device(x)
     (n, d), m = x.shape, y.shape[0]
     acc = accumulation_dtype(x.dtype)
     h = check_bandwidth(bandwidth, x)
-    if use_gram(n, algorithm) and self_kernel:
-        dist, _ = gram_sq_dists_and_shift(x, dot_mode(x.dtype, allow_tf32), tile=tile)
+    if use_gram(n if self_kernel else n + m, algorithm):
+        mode = dot_mode(x.dtype, allow_tf32)
+        if self_kernel:
+            dist, _ = gram_sq_dists_and_shift(x, mode, tile=tile)
+        else:  # the distances of x's rows and y's stacked (x_0 as the shift where no centring pass is worth it)
+            shift = x if n + m <= FUSED_SHIFT_MAX_PARTICLES else centring_shift(x)
+            dist = gram_sq_dists(x, shift, mode, tile=tile, y=y)[:n, n:]
         return torch.exp(dist * (-1.0 / h.double())).to(x.dtype)
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     _FORWARD.launch(

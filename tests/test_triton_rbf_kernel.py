@@ -88,6 +88,37 @@ def test_self_kernel_by_the_gram_pass_and_by_tiles(dtype, n, d, monkeypatch):
         assert bool(torch.isnan(k[n // 2, others]).all() and torch.isnan(k[others, n // 2]).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m,d", [(1, 16, 300), (1, 1, 5), (5, 7, 129), (13, 40, 70), (100, 200, 65)])
+def test_cross_kernel_of_few_rows_by_the_gram_pass(dtype, n, m, d, monkeypatch):
+    """rbf_kernel(x, y) with up to GRAM_MAX_PARTICLES rows in x and y together (the target stage's prior: one
+    prompt against M particles) takes the split-K Gram pass of both sets' rows: against float64 and the
+    tiled kernel; a NaN in y makes its column of K NaN, an infinity in x at least its row."""
+    import importlib
+
+    kernels()
+    module = importlib.import_module("bmt_fast.kernels.rbf_kernel")
+    launched = []
+    monkeypatch.setattr(module._FORWARD, "launch", lambda *a, _f=module._FORWARD.launch, **k: launched.append(1) or _f(*a, **k))
+    x, y = (rows(n, d) * 1.5 + 4.0).to(dtype), (rows(m, d) * 1.5 + 4.5).to(dtype)
+    h = bandwidth(2.0 * d)
+    expected = reference.rbf_kernel(x.double(), y.double(), h)
+    bound = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
+    for algorithm in ("auto", "tiled"):
+        launched.clear()
+        k = kernels().rbf_kernel_forward(x, y, h, algorithm=algorithm)
+        assert launched == ([1] if algorithm == "tiled" or n + m > 256 else [])  # (300 rows: tiles)
+        assert k.dtype == dtype and k.shape == (n, m) and relative_error(k, expected) < bound, algorithm
+    yb = y.clone()
+    yb[m - 1, d // 2] = float("nan")
+    k = kernels().rbf_kernel_forward(x, yb, h)
+    assert bool(torch.isnan(k[:, m - 1]).all() and torch.isfinite(k[:, : m - 1]).all())
+    xb = x.clone()
+    xb[n - 1, 0] = float("inf")
+    k = kernels().rbf_kernel_forward(xb, y, h)
+    assert bool(torch.isnan(k[n - 1]).all())  # (the other rows too where x's centring shift carries the inf)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("allow_tf32", [None, False, True])
 def test_half_inputs(dtype, allow_tf32):

@@ -78,6 +78,13 @@ def record(path: str) -> None:
                     (bmt_fast.rbf_kernel(xs, None, 40.0, backend="triton") * torch.randn(n, n).to(dtype)).sum().backward()
     triton_backend.allow_tf32 = None
     kernels = triton_backend.kernels()
+    # rbf_kernel's tiled kernel (up to 256 rows, x's and y's together, the Gram pass serves it), both forms
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        x, y = torch.randn(70, 37).to(dtype), torch.randn(36, 37).to(dtype)
+        h = torch.tensor(40.0)
+        for allow_tf32 in (None, True) if dtype == torch.float32 else (None,):
+            kernels.rbf_kernel_forward(x, y, h, algorithm="tiled", allow_tf32=allow_tf32)
+            kernels.rbf_kernel_forward(x, x, h, self_kernel=True, algorithm="tiled", allow_tf32=allow_tf32)
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(300, 16, dtype=dtype)  # above the Gram limit: the radix-select median
         bmt_fast.median_bandwidth(x, backend="triton")
