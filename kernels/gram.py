@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .centring import centring_shift
 from .tiles import dot_acc, dot_operand, load_centred
-from .utils import INTERPRETING, TileConfig, accumulation_dtype, num_programs_target, tl_dtype, tunable
+from .utils import INTERPRETING, SMALL_TILES, TileConfig, accumulation_dtype, num_programs_target, tl_dtype, tunable
 
 BLOCK_D = 64
 
@@ -174,8 +174,7 @@ DISTS_BLOCK = 64
 
 # Candidates of the split-K Gram kernel (square tiles); 16 x 16 holds a prompt's 16 particles without padding
 # rows: a quarter of the 32 x 32 tile's products.
-_GRAM_TILES = [TileConfig(16, 16, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3),
-               TileConfig(128, 128, 8, 2)]  # fmt: skip
+_GRAM_TILES = [*SMALL_TILES, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2)]
 _GRAM = tunable(_gram_kernel, key=["n", "d"], tiles=_GRAM_TILES)
 
 

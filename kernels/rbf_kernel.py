@@ -20,7 +20,9 @@ from .gram import FUSED_SHIFT_MAX_PARTICLES, gram_sq_dists, gram_sq_dists_and_sh
 from .median import use_gram
 from .tiles import dot_acc, dot_operand, load_centred, sq_dist_tile
 from .utils import (
+    GPU_TILES,
     MIN_BLOCK,
+    SMALL_TILES,
     TileConfig,
     accumulation_dtype,
     check_bandwidth,
@@ -130,7 +132,8 @@ def _rbf_kernel_grad_kernel(
 
 
 _FORWARD = tunable(_rbf_kernel_kernel, key=["n", "m", "d"])
-_GRAD = tunable(_rbf_kernel_grad_kernel, key=["n_a", "n_b", "d"])
+# (the gradient of a prompt against its particles: one row of a, M of b; small tiles first)
+_GRAD = tunable(_rbf_kernel_grad_kernel, key=["n_a", "n_b", "d"], tiles=[*SMALL_TILES, *GPU_TILES])
 
 
 def _check_inputs(x, y, h):

@@ -43,6 +43,7 @@ from .utils import (
     DOT_IEEE,
     GPU_TILES,
     MIN_BLOCK,
+    SMALL_TILES,
     TileConfig,
     accumulation_dtype,
     check_bandwidth,
@@ -355,7 +356,7 @@ _SVGD = tunable(_svgd_step_kernel, key=["n", "d"])
 # this pass took 444 us at n = 16, d = 409,600, where reading x and score and writing phi at the copy's
 # bandwidth takes ~21 us; benchmarks/results/nvidia-h200_profile_2026-12-04.txt). Tiles of 16 and 32 rows
 # first, the tiled kernel's after them: the autotuner keeps whichever runs fastest for each n and d.
-GRAM_APPLY_TILES = [TileConfig(16, 16, 4, 2), TileConfig(32, 32, 4, 2), *GPU_TILES]
+GRAM_APPLY_TILES = [*SMALL_TILES, *GPU_TILES]
 _SVGD_GRAM = tunable(_svgd_step_kernel, key=["n", "d"], tiles=GRAM_APPLY_TILES)
 # FlashAttention-style candidates (the fixed tile first, as in GPU_TILES). Compiled for sm_90 here with
 # aligned operands, all but the 128 x 128 tile keep the loop free of register spills in every mode (the

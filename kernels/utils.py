@@ -157,6 +157,9 @@ class TileConfig:
 # Interpreter and default launches: blocks of 64 (the interpreter is slow per program, and tl.dot needs
 # at least 16). GPU candidates for the autotuner: square and skewed tiles, 4 or 8 warps.
 FIXED_TILE = TileConfig()
+# Autotuning candidates ahead of GPU_TILES where few rows are common (the prompt regime's 1-16 particles):
+# in a 64-row tile 16 rows leave 3/4 of every product to padding.
+SMALL_TILES = [TileConfig(16, 16, 4, 2), TileConfig(32, 32, 4, 2)]
 GPU_TILES = [
     TileConfig(64, 64, 4, 2),
     TileConfig(64, 64, 4, 3),

@@ -119,6 +119,36 @@ def test_cross_kernel_of_few_rows_by_the_gram_pass(dtype, n, m, d, monkeypatch):
     assert bool(torch.isnan(k[n - 1]).all())  # (the other rows too where x's centring shift carries the inf)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,m,d", [(1, 16, 300), (13, 40, 70), (20, 20, 129)])
+def test_gradient_with_each_small_candidate_tile(dtype, n, m, d):
+    """The gradient kernel's small autotuning candidates (a prompt's one row against M particles without
+    64-row padding) forced in turn: both sides of a two-set kernel and the self kernel's one symmetrised
+    pass, with H's gradient, against the reference's autograd in float64."""
+    import importlib
+
+    kernels()
+    utils = importlib.import_module("bmt_fast.kernels.utils")
+    assert [t.block_m for t in utils.SMALL_TILES] == [16, 32]
+    x, y = (rows(n, d) + 3.0).to(dtype), (rows(m, d) + 3.2).to(dtype)
+    h = bandwidth(1.5 * d)
+    grad = torch.randn(n, m, dtype=torch.float64, device=DEVICE).to(dtype)
+    leaves = [t.double().requires_grad_(True) for t in (x, y)] + [h.detach().clone().requires_grad_(True)]
+    expected = torch.autograd.grad((reference.rbf_kernel(*leaves) * grad.double()).sum(), leaves)
+    k = kernels().rbf_kernel_forward(x, y, h)
+    bound = 1e-10 if dtype == torch.float64 else 1e-4
+    grad_self = torch.randn(n, n, dtype=torch.float64, device=DEVICE).to(dtype)
+    expected_self = self_backward_expected(grad_self, x, h)
+    k_self = kernels().rbf_kernel_forward(x, x, h, self_kernel=True)
+    for tile in utils.SMALL_TILES:
+        got = kernels().rbf_kernel_backward(grad, x, y, k, h, tile=tile)
+        for g, e in zip(got, expected):
+            assert relative_error(g, e) < bound, tile
+        got_self = kernels().rbf_kernel_self_backward(grad_self, x, k_self, h, tile=tile)
+        for g, e in zip(got_self, expected_self):
+            assert relative_error(g, e) < bound, tile
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("allow_tf32", [None, False, True])
 def test_half_inputs(dtype, allow_tf32):

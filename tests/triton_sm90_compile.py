@@ -152,13 +152,16 @@ def compile_all(path: str) -> None:
         if entry["name"] == "_rank_select_kernel":  # the interpreter runs it with larger blocks than a GPU
             constexprs.update(module.RANK_BLOCKS_GPU)
         # The interpreter launches every kernel with the fixed tile, which is also the autotuner's first GPU
-        # candidate: it must compile and fit on the GPU. The Gram path's kernels also try tiles of 16 and 32
-        # rows (a prompt's particles without padding rows): each of those is compiled too.
+        # candidate: it must compile and fit on the GPU. The kernels of few rows (the Gram path's two, and
+        # rbf_kernel's gradient) also try utils.SMALL_TILES (a prompt's particles without padding rows):
+        # each of those is compiled too.
         tile = utils.FIXED_TILE
         assert tile == utils.GPU_TILES[0]
         tiles = [(tile, False)]
-        if entry["name"] == "_gram_kernel" or (entry["name"] == "_svgd_step_kernel" and constexprs.get("DIST_GIVEN")):
-            tiles += [(t, True) for t in small_gram_tiles()]
+        if entry["name"] in ("_gram_kernel", "_rbf_kernel_grad_kernel") or (
+            entry["name"] == "_svgd_step_kernel" and constexprs.get("DIST_GIVEN")
+        ):
+            tiles += [(t, True) for t in utils.SMALL_TILES]
         for tile, candidate in tiles:
             consts = {**constexprs, **tile.meta()} if candidate else constexprs
             row = {"kernel": entry["name"], "consts": {k: str(v) for k, v in consts.items()}, "candidate": candidate}
@@ -174,14 +177,6 @@ def compile_all(path: str) -> None:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
             results.append(row)
     json.dump({"shared_limit": SHARED_LIMIT_SM90, "results": results}, sys.stdout)
-
-
-def small_gram_tiles() -> list:
-    """The Gram path's autotuning candidates below the fixed tile (both of its kernels')."""
-    gram = importlib.import_module("bmt_fast.kernels.gram")
-    apply = importlib.import_module("bmt_fast.kernels.svgd_step")
-    tiles = {t for t in gram._GRAM_TILES + apply.GRAM_APPLY_TILES if t.block_m < 64}
-    return sorted(tiles, key=lambda t: (t.block_m, t.block_n, t.num_warps, t.num_stages))
 
 
 if __name__ == "__main__":
