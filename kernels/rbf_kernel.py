@@ -18,7 +18,7 @@ import triton.language as tl
 from .centring import centring_shift
 from .gram import FUSED_SHIFT_MAX_PARTICLES, gram_sq_dists, gram_sq_dists_and_shift
 from .median import use_gram
-from .tiles import dot_acc, dot_operand, load_centred, sq_dist_tile
+from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred, sq_dist_tile
 from .utils import (
     GPU_TILES,
     MIN_BLOCK,
@@ -34,6 +34,7 @@ from .utils import (
     next_power_of_2,
     tl_dtype,
     tunable,
+    valid_bandwidth,
 )
 
 MAX_BLOCK_V = 128
@@ -62,7 +63,7 @@ def _rbf_kernel_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     d2 = sq_dist_tile(x_ptr, y_ptr, shift_ptr, rows, cols, n, m, d, stride_x, stride_y, SELF, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE)
-    k = tl.exp(d2 * (-1.0 / tl.load(h_ptr)))
+    k = tl.exp(d2 * (-1.0 / load_bandwidth(h_ptr, ACC)))
     mask = (rows < n)[:, None] & (cols < m)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], k.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -123,7 +124,7 @@ def _rbf_kernel_grad_kernel(
         b = dot_operand(load_centred(b_ptr, shift_ptr, cols, vcols, n_b, d, stride_b, ACC), MODE)
         acc = dot_acc(p, b, acc, MODE)
     a = load_centred(a_ptr, shift_ptr, rows, vcols, n_a, d, stride_a, ACC)
-    grad = (acc - rowsum[:, None] * a) * (2.0 / tl.load(h_ptr))
+    grad = (acc - rowsum[:, None] * a) * (2.0 / load_bandwidth(h_ptr, ACC))
     out_mask = (rows < n_a)[:, None] & (vcols < d)[None, :]
     tl.store(out_ptr + rows[:, None] * d + vcols[None, :], grad.to(out_ptr.dtype.element_ty), mask=out_mask)
     if WITH_H:
@@ -176,7 +177,7 @@ def rbf_kernel_forward(
         else:  # the distances of x's rows and y's stacked (x_0 as the shift where no centring pass is worth it)
             shift = x if n + m <= FUSED_SHIFT_MAX_PARTICLES else centring_shift(x)
             dist = gram_sq_dists(x, shift, mode, tile=tile, y=y)[:n, n:]
-        return torch.exp(dist * (-1.0 / h.double())).to(x.dtype)
+        return torch.exp(dist * (-1.0 / valid_bandwidth(bandwidth, x).double())).to(x.dtype)
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     _FORWARD.launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"])),
@@ -276,7 +277,7 @@ def rbf_kernel_backward(
         grad_y, terms = _grad_rows(grad, kernel, y, x, shift, h, transposed=True, self_kernel=self_kernel,
                                    with_h=with_h, mode=mode, tile=tile)
         log_terms = terms if with_h else log_terms
-    return grad_x, grad_y, _bandwidth_grad(want_h, log_terms, grad, kernel, h, bandwidth)
+    return grad_x, grad_y, _bandwidth_grad(want_h, log_terms, grad, kernel, x, bandwidth)
 
 
 def _check_backward_inputs(grad, x, y, kernel, bandwidth):
@@ -289,11 +290,12 @@ def _check_backward_inputs(grad, x, y, kernel, bandwidth):
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
 
 
-def _bandwidth_grad(want_h, log_terms, grad, kernel, h, bandwidth, *, pairs_counted=1):
+def _bandwidth_grad(want_h, log_terms, grad, kernel, x, bandwidth, *, pairs_counted=1):
     """H's gradient -sum(P log K) / H from the kernel's per-row log terms (each pair counted pairs_counted
     times there), or from grad and K directly where no row gradient was computed (log_terms None)."""
     if not want_h:
         return torch.zeros_like(bandwidth)
+    h = valid_bandwidth(bandwidth, x)
     if log_terms is None:
         p = grad.to(h.dtype) * kernel.to(h.dtype)
         log_terms, pairs_counted = p * torch.where(kernel > 0, kernel, 1).to(h.dtype).log(), 1
@@ -324,7 +326,7 @@ def rbf_kernel_self_backward(
     if not want_x:
         grad_x = torch.zeros_like(x)
     # (the symmetrised weights count every pair twice in the log terms)
-    return grad_x, _bandwidth_grad(want_h, log_terms, grad, kernel, h, bandwidth, pairs_counted=2)
+    return grad_x, _bandwidth_grad(want_h, log_terms, grad, kernel, x, bandwidth, pairs_counted=2)
 
 
 @torch.library.custom_op("bmt_fast_triton::rbf_kernel", mutates_args=())

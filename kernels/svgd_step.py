@@ -36,7 +36,18 @@ from bmt_fast._validation import check_out
 from .centring import centring_shift
 from .gram import gram_median, gram_sq_dists_and_shift
 from .median import median_sq_dist, use_gram
-from .tiles import HALF, MODE_HALF, MODE_HALF_SPLIT, dot_acc, dot_operand, half_dot, half_operand, load_centred, sq_dist_tile
+from .tiles import (
+    HALF,
+    MODE_HALF,
+    MODE_HALF_SPLIT,
+    dot_acc,
+    dot_operand,
+    half_dot,
+    half_operand,
+    load_bandwidth,
+    load_centred,
+    sq_dist_tile,
+)
 from .utils import (
     DOT_HALF,
     DOT_HALF_SPLIT,
@@ -142,7 +153,7 @@ def _svgd_step_kernel(
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    h = tl.load(h_ptr)
+    h = load_bandwidth(h_ptr, ACC)
     neg_inv_h = -1.0 / h
     repulsion = 2.0 / h
     j_start, j_end = _split_columns(n, BLOCK_N)
@@ -198,7 +209,7 @@ def _svgd_combine_kernel(
     for split in range(0, splits):
         acc += tl.load(partial_ptr + split * n * d + rows[:, None] * d + vcols[None, :], mask=mask, other=0.0)
         rowsum += tl.load(rowsum_ptr + split * n + rows, mask=rows < n, other=0.0)
-    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, tl.load(h_ptr), out_ptr, rowsum_ptr,
+    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, load_bandwidth(h_ptr, ACC), out_ptr, rowsum_ptr,
                   rowsum_ptr, n, d, stride_x, stride_score, d, True, False, False, ACC)  # fmt: skip
 
 
@@ -233,7 +244,7 @@ def _flash_operands_kernel(
     otherwise; zero outside (n, d). norm = |a|^2 log2(e)/H, +inf for rows >= n."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, D_PAD)
-    h = tl.load(h_ptr)
+    h = load_bandwidth(h_ptr, ACC)
     xc = load_centred(x_ptr, shift_ptr, rows, cols, n, d, stride_x, ACC)
     a = dot_operand(xc, MODE)
     mask = (rows < n)[:, None] & (cols < d)[None, :]
@@ -306,7 +317,7 @@ def _svgd_flash_kernel(
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, D_PAD)
-    h = tl.load(h_ptr)
+    h = load_bandwidth(h_ptr, ACC)
     two_c = 2.0 * LOG2E / h
     row_offsets = rows[:, None] * D_PAD + dcols[None, :]
     q_hi = tl.load(a_hi_ptr + row_offsets)

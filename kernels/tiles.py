@@ -89,6 +89,14 @@ def dot_acc(a, b, acc, MODE: tl.constexpr):
 
 
 @triton.jit
+def load_bandwidth(h_ptr, ACC: tl.constexpr):
+    """H (one value of any float dtype, utils.check_bandwidth's) in ACC, NaN unless positive and finite there
+    (utils.valid_bandwidth's rule, applied where it is read: no launches of its own)."""
+    h = tl.load(h_ptr).to(ACC)
+    return tl.where((h > 0.0) & (h < float("inf")), h, float("nan"))
+
+
+@triton.jit
 def load_centred(ptr, shift_ptr, rows, cols, n_rows, n_cols, stride, ACC: tl.constexpr):
     """ptr[rows, cols] - shift[cols] in ACC, zero outside the (n_rows, n_cols) matrix."""
     col_ok = cols < n_cols

@@ -107,21 +107,27 @@ def check_like(ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> 
 
 
 def check_bandwidth(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A one-element floating tensor on x's device, as a (1,) tensor in x's accumulation dtype.
-
-    Its value is not read on the host (no sync): one that is not positive and finite becomes NaN on the
-    device, so the kernels give NaN, as the CUDA ones do. (A device-side assert would end the process's
-    CUDA context.) The public functions read and check a given bandwidth unless check_inputs=False.
+    """A one-element floating tensor on x's device, as a (1,) view, for the kernels: they read it through
+    tiles.load_bandwidth, which converts it to x's accumulation dtype and makes a value that is not positive
+    and finite there NaN, so they give NaN, as the CUDA ones do. No launch of its own and no host sync (in
+    the prompt regime a whole GPU step is a few launches; this was three of them, a cast more where H's
+    dtype differed: a median-rule H is float64). (A device-side assert would end the process's CUDA
+    context.) The public functions read and check a given bandwidth unless check_inputs=False.
     """
     if not isinstance(h, torch.Tensor) or h.numel() != 1 or not h.is_floating_point():
         raise ValueError(f"bandwidth must be a floating tensor with one value, got {h!r}")
     if h.device != x.device:
         raise ValueError(f"bandwidth must be on the device of x ({x.device}), got {h.device}")
+    return h.detach().reshape(1)
+
+
+def valid_bandwidth(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """check_bandwidth's H as load_bandwidth reads it, for arithmetic with H in torch: a (1,) tensor in x's
+    accumulation dtype, NaN unless positive and finite there."""
     acc = accumulation_dtype(x.dtype)
-    h = h.detach().reshape(1).to(acc)
+    h = check_bandwidth(h, x).to(acc)
     # 0 < h < inf: a clamp to [the least positive value, the largest finite one] leaves exactly those
-    # unchanged (NaN never equals itself); three launches, where (h > 0) & isfinite(h) and an assert took
-    # eight: this runs on every call, and in the prompt regime a whole GPU step is a few launches
+    # unchanged (NaN never equals itself); three launches, where (h > 0) & isfinite(h) and an assert took eight
     info = torch.finfo(acc)
     return torch.where(h.clamp(info.smallest_normal * info.eps, info.max) == h, h, math.nan)
 

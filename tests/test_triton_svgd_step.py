@@ -405,12 +405,25 @@ def test_bad_bandwidth_without_host_checks_gives_nan(dtype):
             phi = torch.ops.bmt_fast_triton.svgd_step(x, score, h, algorithm)
             assert bool(torch.isnan(phi).all()), (bad, algorithm)
         assert bool(torch.isnan(torch.ops.bmt_fast_triton.rbf_kernel(x, x, h, True, None)).all()), bad
+        for algorithm in ("gram", "tiled"):  # the kernels read H through tiles.load_bandwidth
+            k = kernels().rbf_kernel_forward(x, score, h, algorithm=algorithm)
+            assert bool(torch.isnan(k).all()), (bad, algorithm)
+        k = kernels().rbf_kernel_forward(x, score, torch.tensor(3.0, dtype=dtype, device=DEVICE))  # finite K
+        grads = kernels().rbf_kernel_backward(torch.ones_like(k), x, score, k, h)  # H read in the kernel
+        assert all(bool(torch.isnan(g).all()) for g in grads), bad
         with pytest.raises(ValueError, match="bandwidth must be positive"):  # the public API's own check
             bmt_fast.svgd_step(x, score, h, backend="triton")
     info = torch.finfo(dtype)
+    utils = kernels().utils
     for good in (info.smallest_normal * info.eps, 1.0, info.max):  # kept as they are
         h = torch.tensor(good, dtype=dtype, device=DEVICE)
-        assert float(kernels().utils.check_bandwidth(h, x)) == good
+        assert utils.check_bandwidth(h, x).data_ptr() == h.data_ptr()  # a view: no launch of its own
+        assert float(utils.valid_bandwidth(h, x)) == good
+    if dtype == torch.float32:  # a float64 H (the median rule's) is rounded to fp32 where it is read
+        for bad in (1e300, 1e-60):  # inf and 0 in fp32
+            h = torch.tensor(bad, dtype=torch.float64, device=DEVICE)
+            assert bool(torch.isnan(torch.ops.bmt_fast_triton.svgd_step(x, score, h, "tiled")).all()), bad
+            assert math.isnan(float(utils.valid_bandwidth(h, x)))
     for good in (1.0, info.max):  # (the least subnormal overflows 2 / H)
         phi = bmt_fast.svgd_step(x, score, torch.tensor(good, dtype=dtype), backend="triton", check_inputs=False)
         assert phi.shape == x.shape and not bool(torch.isnan(phi).any()), good
