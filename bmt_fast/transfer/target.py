@@ -14,14 +14,13 @@ over the particles, or a number), which keeps the target near the source posteri
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .. import median_bandwidth, rbf_kernel
-from .._validation import non_finite_count
+from .._validation import check_bandwidth, check_finite
 from .data import TaskData, TaskSampler, make_batches
 from .loop import ensure_finite
 from .prompts import PromptedModel
@@ -72,16 +71,12 @@ class KDEPrior:
 
     def __init__(self, particles: torch.Tensor, bandwidth: str | float = "median", backend: str = "auto"):
         self.particles = particles.detach().double()
-        bad = non_finite_count(self.particles)
-        if bad:
-            raise ValueError(f"the KDE prior's particles contain {bad} NaN/Inf value(s)")
+        check_finite("the KDE prior's particle tensor", self.particles)
         if bandwidth == "median":
             if particles.shape[0] < 2:
                 raise ValueError("a median-rule KDE needs at least 2 particles; give a numeric bandwidth")
             bandwidth = float(median_bandwidth(self.particles, check_inputs=False))
-        self.bandwidth = float(bandwidth)
-        if not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
-            raise ValueError(f"the KDE prior's bandwidth must be positive and finite, got {self.bandwidth}")
+        self.bandwidth = float(check_bandwidth(float(bandwidth), self.particles))  # the op's rule, once
         self.backend = backend
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ def test_kde_prior_checks_its_particles_and_bandwidth_once():
     bad[2, 3] = float("nan")
     bad[0, 0] = float("inf")
     for bandwidth in ("median", 2.0):
-        with pytest.raises(ValueError, match="particles contain 2 NaN/Inf"):
+        with pytest.raises(ValueError, match="particle tensor contains 2 NaN/Inf"):
             KDEPrior(bad, bandwidth)
     for bandwidth in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="positive and finite"):
