@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .centring import centring_shift
-from .tiles import dot_acc, dot_operand, load_centred
+from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred
 from .utils import INTERPRETING, SMALL_TILES, TileConfig, accumulation_dtype, num_programs_target, tl_dtype, tunable
 
 BLOCK_D = 64
@@ -95,17 +95,22 @@ def _gram_kernel(
 
 
 @triton.jit
-def _gram_dists_kernel(gram_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out (n, n) float64 = max(G_ii + G_jj - 2 G_ij, 0), 0 on the diagonal, from the upper triangle
+def _gram_dists_kernel(gram_ptr, out_ptr, h_ptr, n, n_rows, n_cols, col0, KERNEL: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """out (n_rows, n_cols) = the squared distances of rows [0, n_rows) to rows [col0, col0 + n_cols) of the
+    set, or with KERNEL exp(-distance / H) (H read as load_bandwidth reads it, in ACC; out in its own dtype):
+    rbf_kernel's K from the Gram pass in this one launch. A distance is max(G_ii + G_jj - 2 G_ij, 0), 0 on
+    the diagonal, in float64, from the upper triangle
     (i <= j) of G (n, n), which alone _gram_kernel writes; NaN in row and column i (its diagonal too) where
     G_ii is not finite: a NaN or an infinity in particle i makes its G_ii NaN or infinite (every particle's
     where the shift carries it: a mean shift, or x[0] as the shift up to FUSED_SHIFT_MAX_PARTICLES), so the
     median (gram_median) and the entries of K of its pairs are NaN, as the reference's. Told from the
     diagonal, not left to the arithmetic: a GPU's max returns the number beside a NaN."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < n
-    col_ok = cols < n
+    out_cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cols = col0 + out_cols
+    row_ok = rows < n_rows
+    col_ok = out_cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     lo = tl.minimum(rows[:, None], cols[None, :])
     hi = tl.maximum(rows[:, None], cols[None, :])
@@ -115,8 +120,12 @@ def _gram_dists_kernel(gram_ptr, out_ptr, n, BLOCK: tl.constexpr):
     dist = tl.maximum(g_ii[:, None] + g_jj[None, :] - 2.0 * g, 0.0)
     dist = tl.where(rows[:, None] == cols[None, :], 0.0, dist)
     finite = (tl.abs(g_ii) < float("inf"))[:, None] & (tl.abs(g_jj) < float("inf"))[None, :]
-    dist = tl.where(finite, dist, float("nan"))
-    tl.store(out_ptr + rows[:, None] * n + cols[None, :], dist, mask=mask)
+    value = tl.where(finite, dist, float("nan"))
+    if KERNEL:
+        value = tl.exp(value * (-1.0 / load_bandwidth(h_ptr, ACC).to(tl.float64)))
+    # (through ACC: a float64 NaN narrowed straight to bf16 became 0 in Triton's interpreter)
+    value = value.to(ACC).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * n_cols + out_cols[None, :], value, mask=mask)
 
 
 @triton.jit
@@ -212,11 +221,41 @@ def gram_sq_dists(
     splits: int | None = None,
     tile: TileConfig | None = None,
     mean: torch.Tensor | None = None,
-    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """All n x n squared distances (float64, exact zero diagonal) of contiguous rows x (n, d) centred by
-    shift (d values; x itself: its row 0); with y (contiguous, m rows), of the n + m rows of x and y. mean
-    (d,): also written with the centring shift (see gram_sq_dists_and_shift)."""
+    shift (d values; x itself: its row 0). mean (d,): also written with the centring shift (see
+    gram_sq_dists_and_shift)."""
+    n = x.shape[0]
+    gram = _gram_sums(x, None, shift, mode, splits=splits, tile=tile, mean=mean)
+    dist = torch.empty((n, n), dtype=torch.float64, device=x.device)
+    _dists(gram, dist, dist, n, n, 0, kernel=False, acc=torch.float64)
+    return dist
+
+
+def gram_rbf_kernel(
+    x: torch.Tensor, y: torch.Tensor | None, shift: torch.Tensor, h: torch.Tensor, mode: int, *, tile: TileConfig | None = None
+) -> torch.Tensor:
+    """rbf_kernel's K (n, m) in x's dtype from the Gram pass over the rows of x and (unless None: the self
+    kernel) y, contiguous; h a (1,) tensor as utils.check_bandwidth gives it."""
+    n = x.shape[0]
+    m = n if y is None else y.shape[0]
+    gram = _gram_sums(x, y, shift, mode, tile=tile)
+    out = torch.empty((n, m), dtype=x.dtype, device=x.device)
+    _dists(gram, out, h, n + (0 if y is None else m), n, 0 if y is None else n, kernel=True,
+           acc=accumulation_dtype(x.dtype))  # fmt: skip
+    return out
+
+
+def _dists(gram, out, h, n, n_rows, col0, *, kernel, acc):
+    """One launch of _gram_dists_kernel over out (n_rows x its columns)."""
+    n_cols = out.shape[1]
+    grid = (triton.cdiv(n_rows, DISTS_BLOCK), triton.cdiv(n_cols, DISTS_BLOCK))
+    _gram_dists_kernel[grid](gram, out, h, n, n_rows, n_cols, col0, KERNEL=kernel, ACC=tl_dtype(acc), BLOCK=DISTS_BLOCK)
+
+
+def _gram_sums(x, y, shift, mode, *, splits=None, tile=None, mean=None) -> torch.Tensor:
+    """The upper triangle (i <= j) of the (n, n) float64 Gram matrix of the rows of x (n_x) and y (None, or
+    the rows n_x .. n - 1), centred by shift: the split-K partial sums of _gram_kernel, summed."""
     n_x, d = x.shape
     n = n_x + (0 if y is None else y.shape[0])
     acc = accumulation_dtype(x.dtype)
@@ -251,10 +290,6 @@ def gram_sq_dists(
     )
     # The splits are summed by torch (one parallel reduction; summed in one program they were a serial loop
     # of hundreds of iterations on a GPU: 4 per SM), then one launch makes the distances (what were a dozen
-    # small torch ops: triu, transpose, norms, clamp, diagonal).
-    gram = partial[0] if splits == 1 else partial.sum(0)
-    dist = torch.empty((n, n), dtype=torch.float64, device=x.device)
-    grid = (triton.cdiv(n, DISTS_BLOCK), triton.cdiv(n, DISTS_BLOCK))
-    _gram_dists_kernel[grid](gram, dist, n, BLOCK=DISTS_BLOCK)
-    return dist
+    # small torch ops: triu, transpose, norms, clamp, diagonal; with rbf_kernel, its exp too).
+    return partial[0] if splits == 1 else partial.sum(0)
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .centring import centring_shift
-from .gram import FUSED_SHIFT_MAX_PARTICLES, gram_sq_dists, gram_sq_dists_and_shift
+from .gram import FUSED_SHIFT_MAX_PARTICLES, gram_rbf_kernel
 from .median import use_gram
 from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred, sq_dist_tile
 from .utils import (
@@ -170,14 +170,10 @@ def rbf_kernel_forward(
     (n, d), m = x.shape, y.shape[0]
     acc = accumulation_dtype(x.dtype)
     h = check_bandwidth(bandwidth, x)
-    if use_gram(n if self_kernel else n + m, algorithm):
-        mode = dot_mode(x.dtype, allow_tf32)
-        if self_kernel:
-            dist, _ = gram_sq_dists_and_shift(x, mode, tile=tile)
-        else:  # the distances of x's rows and y's stacked (x_0 as the shift where no centring pass is worth it)
-            shift = x if n + m <= FUSED_SHIFT_MAX_PARTICLES else centring_shift(x)
-            dist = gram_sq_dists(x, shift, mode, tile=tile, y=y)[:n, n:]
-        return torch.exp(dist * (-1.0 / valid_bandwidth(bandwidth, x).double())).to(x.dtype)
+    rows = n if self_kernel else n + m
+    if use_gram(rows, algorithm):  # (x_0 as the shift where no centring pass is worth it, as svgd_step's)
+        shift = x if rows <= FUSED_SHIFT_MAX_PARTICLES else centring_shift(x)
+        return gram_rbf_kernel(x, None if self_kernel else y, shift, h, dot_mode(x.dtype, allow_tf32), tile=tile)
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     _FORWARD.launch(
         lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"])),
