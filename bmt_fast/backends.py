@@ -69,6 +69,16 @@ class Backend:
         out.copy_(self.svgd_step(x, score, h))
         return None
 
+    # whether svgd_step_batched_into runs B sets in one call (torch.func.vmap of svgd_step); elsewhere the vmap
+    # rule calls svgd_step_into once per set
+    steps_batches = False
+
+    def svgd_step_batched_into(self, x, score, h, out) -> torch.Tensor:
+        """svgd_step_into of B particle sets (x, score, out: (B, n, d), out contiguous; h None, the median
+        rule, or a (B,) tensor, one bandwidth per set); returns a (B,) bool tensor, whether each set's phi is
+        all finite, as the kernels flag it. Only where steps_batches holds."""
+        raise NotImplementedError
+
     def svgd_step_spreads_non_finite(self, x: torch.Tensor) -> bool:
         """True where a NaN/Inf anywhere in x or score is known to make phi non-finite and svgd_step_into's
         flag comes from the kernel itself: svgd_step may then check that flag (no pass over phi) instead of
@@ -119,6 +129,7 @@ class CompiledBackend(Backend):
         # Xeon: exact faster at n = 2048 (d = 16: 6.3 against 7.7 ms; d = 256: 13 against 36 ms), sampled
         # faster at n = 3072 (d = 64: 8.3 against 14.7 ms). Not measured on a GPU: no more pairs there.
         self.exact_median_pair_factor = 64 if device_type == "cpu" else 1
+        self.steps_batches = device_type == "cpu"
 
     def unavailable_reason(self) -> str:
         if not self.status.loaded:
@@ -139,6 +150,13 @@ class CompiledBackend(Backend):
         # Written in place. Where svgd_step_spreads_non_finite holds, the kernels track the flag as they
         # write phi; elsewhere the op copies phi in and scans it (the public API does not call it there).
         return torch.ops.bmt_fast.svgd_step_into(x, score, h, out=out)
+
+    def svgd_step_batched_into(self, x, score, h, out):
+        # One op for all sets. The CPU kernels spread sets that the single op would run on one thread
+        # over the threads, each set on one, and flag every phi as they write it (svgd_step_spreads_non_finite).
+        # CUDA: not taken (steps_batches), since its kernels flag phi only up to gram_register_rows particles,
+        # the op elsewhere scanning each set's phi.
+        return torch.ops.bmt_fast.svgd_step_batched_into(x, score, h, out=out)
 
     def rbf_kernel(self, x, y, h):
         return torch.ops.bmt_fast.rbf_kernel(x, x if y is None else y, h)

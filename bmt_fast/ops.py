@@ -147,6 +147,34 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
     return out if out is not None else phi if x.dim() == 2 else phi.reshape(x.shape)
 
 
+def _steps_on(chosen, x, score, h, check_inputs, out) -> torch.Tensor:
+    """_step_on for B particle sets at once, by a backend whose steps_batches holds (its kernels flag each
+    set's phi as they write it): x and score (B, n, *event) of one shape, dtype and device, the first set's
+    checked as a single call checks its own; h None (the median rule) or (B,), each set's bandwidth checked;
+    out a fresh contiguous tensor of x's shape. A set whose phi is not finite has its inputs scanned, to name
+    the bad one as a single call on it would."""
+    sets, n = x.shape[:2]
+    x3, s3 = x.reshape(sets, n, -1), score.reshape(sets, n, -1)
+
+    def check_set(index):
+        check_finite("x", x[index])
+        check_finite("score", score[index])
+
+    tracked = torch.is_grad_enabled() and (x.requires_grad or score.requires_grad)
+    try:
+        with torch.no_grad() if tracked else contextlib.nullcontext():
+            finite = chosen.svgd_step_batched_into(x3.detach(), s3.detach(), h, out.view(x3.shape))
+    except Exception:
+        if check_inputs:  # e.g. a NaN median bandwidth: the clear error about the input comes first
+            for index in range(sets):
+                check_set(index)
+        raise
+    if check_inputs and not bool(finite.all()):
+        for index in torch.nonzero(~finite).flatten().tolist():
+            check_set(index)
+    return out
+
+
 def rbf_kernel(
     x: torch.Tensor,
     y: torch.Tensor | None = None,

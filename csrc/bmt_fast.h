@@ -99,7 +99,24 @@ inline void check_svgd_step_args(const at::Tensor& x, const at::Tensor& score,
   if (bandwidth.has_value()) check_bandwidth(*bandwidth, x);
 }
 
-// The out tensor of svgd_step_into: where phi goes, written in place.
+// svgd_step_batched_into's sets: x and score (B, n, d), B independent particle sets of one shape; the
+// bandwidth None (the median rule, each set its own) or (B,): one H per set.
+inline void check_svgd_step_batched_args(const at::Tensor& x, const at::Tensor& score,
+                                         const std::optional<at::Tensor>& bandwidth) {
+  BMT_CHECK(x.dim() == 3, "x must be 3-D (sets, n, d), got ", num(x.dim()), " dims");
+  BMT_CHECK(x.sym_numel() > 0, "x must not be empty, got shape ", shape_str(x));
+  check_floating(x, "x");
+  check_like(x, "x", score, "score");
+  BMT_CHECK(same_shape(score, x), "score must have the shape of x ", shape_str(x), ", got ", shape_str(score));
+  if (!bandwidth.has_value()) return;
+  const at::Tensor& h = *bandwidth;
+  BMT_CHECK(h.dim() == 1 && h.sym_size(0) == x.sym_size(0), "bandwidth must have shape (", size_str(x.sym_size(0)),
+            ",): one value per set, got shape ", shape_str(h));
+  BMT_CHECK(h.is_floating_point(), "bandwidth must be floating point, got ", h.scalar_type());
+  BMT_CHECK(h.device() == x.device(), "bandwidth must be on the device of x (", x.device(), "), got ", h.device());
+}
+
+// The out tensor of svgd_step_into (and svgd_step_batched_into): where phi goes, written in place.
 inline void check_svgd_step_out(const at::Tensor& x, const at::Tensor& score, const at::Tensor& out) {
   check_like(x, "x", out, "out");
   BMT_CHECK(same_shape(out, x), "out must have the shape of x ", shape_str(x), ", got ", shape_str(out));
@@ -201,6 +218,13 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
 // 0-dim bool: whether phi is all finite (on the Gram path tracked while phi is written, else a scan).
 at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                           std::string_view algorithm, at::Tensor& out);
+// svgd_step_into of each of B particle sets (x, score, out: (B, n, d); bandwidth None or (B,)); returns a
+// (B,) bool: whether each set's phi is all finite. Each set's phi is the single op's on it, bit for bit:
+// sets small enough for the single op to run on one thread are spread over the threads, each on one;
+// larger ones run one after another, each with every thread.
+at::Tensor svgd_step_batched_into(const at::Tensor& x, const at::Tensor& score,
+                                  const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
+                                  at::Tensor& out);
 at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth);
 // (grad_x, grad_y, grad_bandwidth); an output that output_mask leaves out is undefined (None in Python).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Tensor& grad, const at::Tensor& x,

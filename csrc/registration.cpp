@@ -4,6 +4,9 @@
 #include <torch/csrc/autograd/variable.h>  // bump_version
 #include <torch/library.h>
 
+#include <cstring>
+#include <vector>
+
 #include "bmt_fast.h"
 
 namespace bmt_fast {
@@ -24,6 +27,15 @@ at::Tensor svgd_step_into_meta(const at::Tensor& x, const at::Tensor& score,
   return at::empty({}, x.options().dtype(at::kBool));
 }
 
+at::Tensor svgd_step_batched_into_meta(const at::Tensor& x, const at::Tensor& score,
+                                       const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
+                                       at::Tensor& out) {
+  check_svgd_step_batched_args(x, score, bandwidth);
+  check_svgd_step_out(x, score, out);
+  parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
+  return at::empty_symint({x.sym_size(0)}, x.options().dtype(at::kBool));
+}
+
 // Any device without its own kernel: svgd_step, copied into out, then a scan of it.
 at::Tensor svgd_step_into_composite(const at::Tensor& x, const at::Tensor& score,
                                     const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
@@ -35,6 +47,27 @@ at::Tensor svgd_step_into_composite(const at::Tensor& x, const at::Tensor& score
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                c10::string_view)>();
   return copy_and_check_finite(out, op.call(x, score, bandwidth, algorithm));
+}
+
+// Any device without its own kernel: svgd_step_into on each set, one after another.
+at::Tensor svgd_step_batched_into_composite(const at::Tensor& x, const at::Tensor& score,
+                                            const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
+                                            at::Tensor& out) {
+  check_svgd_step_batched_args(x, score, bandwidth);
+  check_svgd_step_out(x, score, out);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bmt_fast::svgd_step_into", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               c10::string_view, at::Tensor&)>();
+  std::vector<at::Tensor> flags;
+  flags.reserve(x.size(0));
+  for (int64_t set = 0; set < x.size(0); ++set) {
+    at::Tensor phi = out.select(0, set);
+    flags.push_back(op.call(x.select(0, set), score.select(0, set),
+                            bandwidth ? std::optional<at::Tensor>(bandwidth->select(0, set)) : std::nullopt, algorithm,
+                            phi));
+  }
+  return at::stack(flags);
 }
 
 // Any device without its own kernel: the median rule, then the kernel with that bandwidth.
@@ -119,16 +152,20 @@ constexpr char kMedianBandwidth[] = "bmt_fast::median_bandwidth";
 constexpr char kRbfKernelBackward[] = "bmt_fast::rbf_kernel_backward";
 constexpr char kRbfKernelSelfBackward[] = "bmt_fast::rbf_kernel_self_backward";
 
-// svgd_step_into for the Autograd and ADInplaceOrView keys: an out that autograd tracks is refused (as
-// torch's out= functions do), and out's version counter is bumped after the write (inference mode on a
-// normal tensor reaches the ADInplaceOrView kernel alone; below the Autograd one it is skipped).
-at::Tensor svgd_step_into_tracked(const at::Tensor& x, const at::Tensor& score,
-                                  const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
-                                  at::Tensor& out) {
-  BMT_CHECK(!(at::GradMode::is_enabled() && out.requires_grad()),
-            "svgd_step_into: out must not require grad (the op is not differentiable; write into it under "
+constexpr char kSvgdStepInto[] = "bmt_fast::svgd_step_into";
+constexpr char kSvgdStepBatchedInto[] = "bmt_fast::svgd_step_batched_into";
+
+// svgd_step_into (and svgd_step_batched_into) for the Autograd and ADInplaceOrView keys: an out that
+// autograd tracks is refused (as torch's out= functions do), and out's version counter is bumped after the
+// write (inference mode on a normal tensor reaches the ADInplaceOrView kernel alone; below the Autograd one
+// it is skipped).
+template <const char* kName>
+at::Tensor into_tracked(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                        c10::string_view algorithm, at::Tensor& out) {
+  BMT_CHECK(!(at::GradMode::is_enabled() && out.requires_grad()), kName + std::strlen("bmt_fast::"),
+            ": out must not require grad (the op is not differentiable; write into it under "
             "torch.no_grad(), or pass an out that autograd does not track)");
-  static const auto op = op_handle<SvgdStepIntoSig>("bmt_fast::svgd_step_into");
+  static const auto op = op_handle<SvgdStepIntoSig>(kName);
   at::Tensor finite;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -178,6 +215,10 @@ TORCH_LIBRARY(bmt_fast, m) {
   m.def("svgd_step_into(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\", *,"
         " Tensor(a!) out) -> Tensor",
         tags);
+  // svgd_step_into of B particle sets at once (x, score, out: (B, n, d); bandwidth None or (B,)): a (B,) bool.
+  m.def("svgd_step_batched_into(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\", *,"
+        " Tensor(a!) out) -> Tensor",
+        tags);
   m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor", tags);
   m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor", tags);
   // rbf_kernel(x, x, median_bandwidth(x)) and that bandwidth; on the CPU from one pass over x.
@@ -194,6 +235,7 @@ TORCH_LIBRARY(bmt_fast, m) {
 TORCH_LIBRARY_IMPL(bmt_fast, Meta, m) {
   m.impl("svgd_step", &bmt_fast::svgd_step_meta);
   m.impl("svgd_step_into", &bmt_fast::svgd_step_into_meta);
+  m.impl("svgd_step_batched_into", &bmt_fast::svgd_step_batched_into_meta);
   m.impl("median_bandwidth", &bmt_fast::median_bandwidth_meta);
   m.impl("rbf_kernel", &bmt_fast::rbf_kernel_meta);
   m.impl("rbf_kernel_backward", &bmt_fast::rbf_kernel_backward_meta);
@@ -202,17 +244,22 @@ TORCH_LIBRARY_IMPL(bmt_fast, Meta, m) {
 
 TORCH_LIBRARY_IMPL(bmt_fast, CompositeExplicitAutograd, m) {
   m.impl("svgd_step_into", &bmt_fast::svgd_step_into_composite);
+  m.impl("svgd_step_batched_into", &bmt_fast::svgd_step_batched_into_composite);
   m.impl("rbf_kernel_median", &bmt_fast::rbf_kernel_median_composite);
   m.impl("rbf_kernel_self_backward", &bmt_fast::rbf_kernel_self_backward_composite);
 }
 
 TORCH_LIBRARY_IMPL(bmt_fast, Autograd, m) {
   m.impl("svgd_step", &bmt_fast::NoGrad<bmt_fast::SvgdStepSig, bmt_fast::kSvgdStep>::call);
-  m.impl("svgd_step_into", &bmt_fast::svgd_step_into_tracked);
+  m.impl("svgd_step_into", &bmt_fast::into_tracked<bmt_fast::kSvgdStepInto>);
+  m.impl("svgd_step_batched_into", &bmt_fast::into_tracked<bmt_fast::kSvgdStepBatchedInto>);
   m.impl("median_bandwidth", &bmt_fast::NoGrad<bmt_fast::MedianSig, bmt_fast::kMedianBandwidth>::call);
   m.impl("rbf_kernel_backward", &bmt_fast::NoGrad<bmt_fast::RbfBackwardSig, bmt_fast::kRbfKernelBackward>::call);
   m.impl("rbf_kernel_self_backward",
          &bmt_fast::NoGrad<bmt_fast::RbfSelfBackwardSig, bmt_fast::kRbfKernelSelfBackward>::call);
 }
 
-TORCH_LIBRARY_IMPL(bmt_fast, ADInplaceOrView, m) { m.impl("svgd_step_into", &bmt_fast::svgd_step_into_tracked); }
+TORCH_LIBRARY_IMPL(bmt_fast, ADInplaceOrView, m) {
+  m.impl("svgd_step_into", &bmt_fast::into_tracked<bmt_fast::kSvgdStepInto>);
+  m.impl("svgd_step_batched_into", &bmt_fast::into_tracked<bmt_fast::kSvgdStepBatchedInto>);
+}

@@ -683,6 +683,23 @@ def test_out_and_svgd_step_into_on_cuda(gpu, n):
     torch.library.opcheck(torch.ops.bmt_fast.svgd_step_into.default, (x, torch.randn_like(x), None, "auto"), {"out": out})
 
 
+def test_svgd_step_batched_into_on_cuda(gpu):
+    """torch.ops.bmt_fast.svgd_step_batched_into on CUDA tensors (no CUDA kernel of its own: svgd_step_into on
+    each set): each set's phi and flag as svgd_step_into gives them, the flags on x's device."""
+    x = torch.randn(3, 9, 40, dtype=torch.float64, device="cuda")
+    score = torch.randn_like(x)
+    score[1, 4, 7] = math.nan
+    h = torch.tensor([1.0, 40.0, 80.0], dtype=torch.float64, device="cuda")
+    for bandwidth in (None, h):
+        out = torch.empty_like(x)
+        flags = torch.ops.bmt_fast.svgd_step_batched_into(x, score, bandwidth, "auto", out=out)
+        assert flags.device == x.device and flags.tolist() == [True, False, True]
+        for i in range(3):
+            single = torch.empty_like(x[i])
+            torch.ops.bmt_fast.svgd_step_into(x[i], score[i], None if bandwidth is None else h[i], "auto", out=single)
+            torch.testing.assert_close(out[i], single, rtol=0, atol=0, equal_nan=True)
+
+
 def test_public_rbf_kernel_autograd(gpu):
     x = torch.randn(6, 3, dtype=torch.float64, device="cuda", requires_grad=True)
     y = torch.randn(5, 3, dtype=torch.float64, device="cuda", requires_grad=True)

@@ -314,6 +314,109 @@ def test_registered_ops_and_compiled_vmaps_take_torchs_per_entry_fallback():
     torch.testing.assert_close(step(x, score), looped(lambda a, s: bmt_fast.svgd_step(a, s, BANDWIDTH), x, score))
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (CI's machine has two cores), so that the batched op spreads sets over them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def batched_calls(monkeypatch):
+    """The sets' counts of each call of the CPU backend's batched op (svgd_step_batched_into)."""
+    cpu = backends.get("cpu")
+    calls = []
+    batched = cpu.svgd_step_batched_into
+    monkeypatch.setattr(cpu, "svgd_step_batched_into", lambda x, *a: calls.append(x.shape[0]) or batched(x, *a))
+    return calls
+
+
+# (sets, particles, features, dtype): sets small enough to be spread over the threads one set each (the
+# single op would run them on one thread), a set of few particles with many features (the Gram path), and
+# sets above the serial bound (run one after another with every thread); fp64 and 16-bit particles.
+BATCHED_CASES = [
+    (300, 20, 3, torch.float32),
+    (40, 12, 1, torch.float64),
+    (3, 16, 3000, torch.float32),
+    (2, 300, 40, torch.float32),
+    (24, 40, 33, torch.bfloat16),
+    (5, 24, 70, torch.float16),
+]
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("sets,n,d,dtype", BATCHED_CASES)
+@pytest.mark.parametrize("bandwidth", ["median", BANDWIDTH, "per_entry", "shared_score"])
+def test_vmap_svgd_step_on_cpu_is_one_batched_op_bit_for_bit(two_threads, batched_calls, sets, n, d, dtype, bandwidth):
+    """On the CPU backend vmap runs every set in one op (torch.ops.bmt_fast.svgd_step_batched_into), whose
+    phi of each set is the single call's on it bit for bit, however the op shares the sets among threads;
+    and the single calls match the float64 reference."""
+    x = (torch.randn(sets, n, d, dtype=torch.float64) * 1.5 + 4.0).to(dtype)
+    score = torch.randn(sets, n, d, dtype=torch.float64).to(dtype)
+    if bandwidth == "per_entry":
+        h = torch.rand(sets, dtype=torch.float64) * 4.0 * d + 0.5
+        phi = torch.func.vmap(lambda a, s, hb: bmt_fast.svgd_step(a, s, hb, backend="cpu"))(x, score, h)
+        singles = looped(lambda a, s, hb: bmt_fast.svgd_step(a, s, hb, backend="cpu"), x, score, h)
+    elif bandwidth == "shared_score":  # one score for every set (vmap does not batch it)
+        phi = torch.func.vmap(lambda a: bmt_fast.svgd_step(a, score[0], backend="cpu"))(x)
+        singles = looped(lambda a: bmt_fast.svgd_step(a, score[0], backend="cpu"), x)
+    else:
+        phi = torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, bandwidth, backend="cpu"))(x, score)
+        singles = looped(lambda a, s: bmt_fast.svgd_step(a, s, bandwidth, backend="cpu"), x, score)
+    assert batched_calls == [sets]
+    assert phi.dtype == dtype and phi.shape == x.shape
+    assert torch.equal(phi, singles)
+    if dtype in (torch.float32, torch.float64):  # each single call against the float64 reference
+        first = score[0] if bandwidth == "shared_score" else score[-1]
+        hh = h[-1] if bandwidth == "per_entry" else None if bandwidth in ("median", "shared_score") else BANDWIDTH
+        expected = reference.svgd_step(x[-1].double(), first.double(), None if hh is None else torch.as_tensor(hh, dtype=torch.float64))
+        assert relative_error(phi[-1], expected) < (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+@requires_cpu_extension
+def test_vmap_batched_step_names_the_bad_set_and_passes_unchecked_nan_through(two_threads, batched_calls):
+    """A NaN/Inf in one set of many (the batched op's flag for that set) is named as a single call on it names
+    it; check_inputs=False returns phi, NaN in that set alone; a batched bandwidth is checked set by set (the
+    CPU kernels reject a non-positive one even unchecked); phi that overflows from finite inputs is returned."""
+    x = torch.randn(64, 10, 3)
+    score = -x
+    for which, values in (("x", x), ("score", score)):
+        for value in (float("nan"), float("inf")):
+            bad = values.clone()
+            bad[37, 4, 1] = value
+            xs, ss = (bad, score) if which == "x" else (x, bad)
+            for bandwidth in ("median", BANDWIDTH):
+                with pytest.raises(ValueError, match=f"{which} contains 1 NaN/Inf"):
+                    torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, bandwidth))(xs, ss)
+                phi = torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, bandwidth, check_inputs=False))(xs, ss)
+                finite = torch.isfinite(phi).flatten(1).all(1)
+                assert not finite[37] and finite[:37].all() and finite[38:].all(), (which, value, bandwidth)
+                assert torch.equal(phi[:37], looped(lambda a, s: bmt_fast.svgd_step(a, s, bandwidth), x[:37], score[:37]))
+    h = torch.full((64,), 2.0)
+    for value in (-1.0, 0.0, float("nan"), float("inf")):
+        h[50] = value
+        for check_inputs in (True, False):
+            with pytest.raises((ValueError, RuntimeError), match="bandwidth must be positive and finite"):
+                torch.func.vmap(lambda a, s, hb: bmt_fast.svgd_step(a, s, hb, check_inputs=check_inputs))(x, score, h)
+    # every step above took the batched op, but the checked ones with a bad H: refused before it (the unchecked
+    # ones by the kernel)
+    assert len(batched_calls) == 2 * 2 * 2 * 2 + 4
+
+
+@requires_cpu_extension
+def test_vmap_batched_step_returns_a_non_finite_phi_of_finite_inputs(monkeypatch):
+    """A set flagged non-finite whose inputs hold no NaN/Inf (phi overflowed) is returned as computed, as a
+    single call returns it: the flags only say which sets' inputs to scan."""
+    cpu = backends.get("cpu")
+    batched = cpu.svgd_step_batched_into
+    monkeypatch.setattr(cpu, "svgd_step_batched_into", lambda *a: batched(*a).zero_())  # every set "not finite"
+    x = torch.randn(6, 5, 4)
+    phi = torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s))(x, -x)
+    assert torch.equal(phi, looped(lambda a, s: bmt_fast.svgd_step(a, s), x, -x))
+
+
 @requires_cpu_extension
 def test_vmap_keeps_x_passed_twice_one_tensor(monkeypatch):
     """rbf_kernel(x, x) under vmap: the op sees one slice on both sides (the self kernel, bit for bit as

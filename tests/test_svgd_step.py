@@ -220,6 +220,53 @@ def test_raw_ops_are_not_differentiable():
     assert out._version == 2
     with pytest.raises(RuntimeError, match="out must not require grad"):
         torch.ops.bmt_fast.svgd_step_into(x, score, None, out=torch.empty(4, 3, requires_grad=True))
+    xs, scores = x.detach().expand(2, 4, 3), score.expand(2, 4, 3)
+    torch.ops.bmt_fast.svgd_step_batched_into(xs, scores, None, out=(outs := torch.empty(2, 4, 3)))
+    assert outs._version == 1
+    with pytest.raises(RuntimeError, match="svgd_step_batched_into: out must not require grad"):
+        torch.ops.bmt_fast.svgd_step_batched_into(xs, scores, None, out=torch.empty(2, 4, 3, requires_grad=True))
+
+
+@requires_cpu_extension
+def test_svgd_step_batched_into_op():
+    """torch.ops.bmt_fast.svgd_step_batched_into: each set's phi and flag as svgd_step_into's on it; its
+    schema, Meta kernel and CPU kernel agree (opcheck); bad arguments are named."""
+    ops = torch.ops.bmt_fast
+    x, score = torch.randn(5, 7, 3), torch.randn(5, 7, 3)
+    h = torch.rand(5, dtype=torch.float64) + 0.5
+    score[3, 0, 0] = float("nan")
+    for bandwidth in (None, h):
+        out = torch.empty_like(x)
+        flags = ops.svgd_step_batched_into(x, score, bandwidth, "auto", out=out)
+        assert flags.dtype == torch.bool and flags.tolist() == [True, True, True, False, True]
+        for i in range(5):
+            single = torch.empty(7, 3)
+            ops.svgd_step_into(x[i], score[i], None if bandwidth is None else bandwidth[i], "auto", out=single)
+            torch.testing.assert_close(out[i], single, rtol=0, atol=0, equal_nan=True)
+    score[3, 0, 0] = 0.0
+    torch.library.opcheck(ops.svgd_step_batched_into.default, (x, score, h, "auto"), {"out": torch.empty_like(x)})
+    torch.library.opcheck(ops.svgd_step_batched_into.default, (x, score, None, "gram"), {"out": torch.empty_like(x)})
+    meta = ops.svgd_step_batched_into(x.to("meta"), score.to("meta"), h.to("meta"), out=torch.empty_like(x, device="meta"))
+    assert meta.shape == (5,) and meta.dtype == torch.bool
+    out = torch.empty_like(x)
+    for args, message in (
+        ((x[0], score[0], None), "x must be 3-D"),
+        ((x, score[:, :6], None), "score must have the shape of x"),
+        ((x, score.double(), None), "score must have the dtype of x"),
+        ((x, score, h[:4]), r"bandwidth must have shape \(5,\)"),
+        ((x, score, h.reshape(5, 1)), r"bandwidth must have shape \(5,\)"),
+        ((x, score, torch.ones(5, dtype=torch.int64)), "bandwidth must be floating point"),
+        ((x, score, -h), "bandwidth must be positive and finite"),
+        ((x[:, :0], score[:, :0], None), "x must not be empty"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            ops.svgd_step_batched_into(*args, out=out if args[0].shape == x.shape else torch.empty_like(args[0]))
+    for bad_out, message in ((torch.empty(5, 7, 4), "out must have the shape of x"), (x, "out must not overlap x"),
+                             (torch.empty(5, 3, 7).mT, "out must be contiguous")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.svgd_step_batched_into(x, score, None, out=bad_out)
+    with pytest.raises(RuntimeError, match="algorithm must be"):
+        ops.svgd_step_batched_into(x, score, None, "fast", out=out)
 
 
 def test_moves_particles_to_a_gaussian(cpu_backend):

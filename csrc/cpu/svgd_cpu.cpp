@@ -140,16 +140,6 @@ bool finite_norms(const at::Tensor& norms) {
                                         : all_finite(c.const_data_ptr<float>(), c.numel());
 }
 
-// numpy.median of the values (the mean of the two middle ones for an even count); NaN if any is not finite.
-double numpy_median(std::vector<double> values) {
-  if (!all_finite(values.data(), static_cast<int64_t>(values.size()))) return kNaN;
-  const size_t count = values.size(), mid = count / 2;
-  std::nth_element(values.begin(), values.begin() + mid, values.end());
-  const double upper = values[mid];
-  if (count % 2) return upper;
-  return 0.5 * (*std::max_element(values.begin(), values.begin() + mid) + upper);
-}
-
 // Whether the median's pass keeps all n x n dot products (element_bytes each) for K after it (svgd_step
 // and, on AMX, rbf_kernel with the median rule): with enough features K then costs one pass over them
 // instead of n^2 d products again, where they take at most kKeptDotsMaxBytes. From 128 features on the
@@ -398,6 +388,20 @@ double middle_of(const std::vector<T>& values, int64_t k0, int64_t k1) {
     high = count > k1 ? low : std::min({above[0], above[1], above[2], above[3]});
   }
   return 0.5 * (static_cast<double>(low) + static_cast<double>(high));
+}
+
+// numpy.median of the n x n squared distances `dist` (row-major, zeros on the diagonal, symmetric: the Gram
+// path's), NaN if any is not finite: selected among the n(n-1)/2 upper values by their ranks (middle_ranks),
+// not among all n^2 (an nth_element over a copy of all of them was ~7 of the ~17 us of a step of 32 x 2
+// particles by the median rule, one thread, 2-core AMD EPYC Zen 5; the same value: order statistics).
+double median_of_gram_dists(const std::vector<double>& dist, int64_t n) {
+  if (n < 2) return 0.0;
+  std::vector<double> upper;
+  upper.reserve(static_cast<size_t>(n * (n - 1) / 2));
+  for (int64_t i = 0; i < n; ++i) upper.insert(upper.end(), dist.begin() + i * n + i + 1, dist.begin() + (i + 1) * n);
+  if (!all_finite(upper.data(), static_cast<int64_t>(upper.size()))) return kNaN;
+  const auto [k0, k1] = middle_ranks(n);
+  return middle_of(upper, k0, k1);
 }
 
 // The window's values as the threads collect them: each adds what its scratch holds (got values, under of
@@ -2227,7 +2231,7 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
   const int64_t n = x.size(0), d = x.size(1);
   const std::unique_ptr<T[]> shift(new T[d]);  // every entry written by the Gram pass: not zeroed first
   std::vector<double> k = sq_dists_gram<In>(x, shift.get());  // the distances, then (below) K in place
-  const double h = bandwidth ? *bandwidth : bandwidth_from_median(numpy_median(k), n);
+  const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_of_gram_dists(k, n), n);
   const double a = 2.0 / h;
   // kn = K / n off the diagonal (0 on it: the apply pass adds a row's own term g_i / n itself) and
   // c = a (rowsum(K) - 1) / n, rows padded to the apply kernel's register block with zeros.
@@ -2362,6 +2366,42 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
   return phi;
 }
 
+// Many small sets (torch.func.vmap of svgd_step): one op for all of them, not one per set from Python (~20 us
+// each on a 2-core VM where the step of 32 x 2 particles takes a few). A set within serial_max_work() runs on
+// one thread in the single op (SerialIfSmall); here such sets are shared among the threads, each run by one
+// (SerialIfSmall again: its ATen loops, teams and BLAS calls take that one thread, as in the single op), a
+// share of them holding about serial_max_work() of work. Larger sets run one after another, each as the
+// single op with all threads. Either way each set's phi and flag are the single op's, bit for bit.
+at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& score_in,
+                                  const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
+                                  at::Tensor& out) {
+  check_svgd_step_batched_args(x_in, score_in, bandwidth);
+  check_svgd_step_out(x_in, score_in, out);
+  parse_algorithm(algorithm);
+  const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
+  const at::Tensor h = bandwidth ? bandwidth->contiguous() : at::Tensor();
+  const int64_t sets = x.size(0), n = x.size(1), d = x.size(2);
+  at::Tensor finite = at::empty({sets}, x.options().dtype(at::kBool));
+  bool* flags = finite.data_ptr<bool>();
+  const auto step = [&](int64_t set) {
+    const SerialIfSmall serial(n, n, d);
+    at::Tensor phi = out.select(0, set);
+    const std::optional<at::Tensor> h_set = h.defined() ? std::optional<at::Tensor>(h.select(0, set)) : std::nullopt;
+    const std::optional<bool> tracked = svgd_step_to(x.select(0, set), score.select(0, set), h_set, algorithm, phi);
+    flags[set] = tracked ? *tracked : at::isfinite(phi).all().item<bool>();
+  };
+  const int64_t work = n * n * (d + 32);
+  if (work > serial_max_work()) {
+    for (int64_t set = 0; set < sets; ++set) step(set);
+  } else {
+    at::parallel_for(0, sets, std::max<int64_t>(1, serial_max_work() / std::max<int64_t>(work, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t set = begin; set < end; ++set) step(set);
+                     });
+  }
+  return finite;
+}
+
 namespace {
 
 // H = the median rule's bandwidth for the median of x's squared distances, as the ops return it: a 0-dim
@@ -2390,7 +2430,7 @@ at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) 
   double median;
   if (use_gram(x, algo, GramUse::kMedian)) {
     median = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "median_gram",
-                                             [&] { return numpy_median(sq_dists_gram<scalar_t>(x)); });
+                                             [&] { return median_of_gram_dists(sq_dists_gram<scalar_t>(x), x.size(0)); });
   } else if (use_amx(x)) {
     run_team_if(amx_in_team(x.size(0)), [&] {
       median = use_amx_chunked(x.size(0), x.size(1)) ? median_sq_dist_chunked(amx_gram_chunked(x))
@@ -2510,12 +2550,12 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   const SerialIfSmall serial(n, n, x_in.size(1));
   // K and H bit for bit as rbf_kernel(x, x, H) and median_bandwidth(x) give them: one Gram pass for both where
   // both take the Gram path, the two ops where only one does.
-  const bool gram_median = prefers_gram(x_in, GramUse::kMedian);
-  if (gram_median != prefers_gram(x_in, GramUse::kKernel)) {
+  const bool gram_for_median = prefers_gram(x_in, GramUse::kMedian);
+  if (gram_for_median != prefers_gram(x_in, GramUse::kKernel)) {
     const at::Tensor h = median_bandwidth(x_in, "auto");
     return {median_kernel(h, x_in, [&](double) { return rbf_kernel(x_in, x_in, h); }), h};
   }
-  if (!gram_median) {  // many particles: the distances are not kept between the two
+  if (!gram_for_median) {  // many particles: the distances are not kept between the two
     if (use_amx(x_in) && use_amx_chunked(n, x_in.size(1))) {  // the chunked Gram pass's dot products
       const ChunkedGram gram = amx_gram_chunked(x_in.contiguous());
       const at::Tensor h = bandwidth_result(median_sq_dist_chunked(gram), x_in);
@@ -2578,7 +2618,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   const std::vector<double> dist = AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "rbf_kernel_median", [&] { return sq_dists_gram<scalar_t>(x); });
-  const at::Tensor h = bandwidth_result(numpy_median(dist), x);  // as median_bandwidth returns it
+  const at::Tensor h = bandwidth_result(median_of_gram_dists(dist, n), x);  // as median_bandwidth returns it
   return {median_kernel(h, x, [&](double v) { return kernel_from_gram_dists(dist, n, n, true, v, x.options()); }), h};
 }
 
@@ -3206,6 +3246,12 @@ TORCH_LIBRARY_IMPL(bmt_fast, CPU, m) {
                               c10::string_view algorithm, at::Tensor& out) {
     return bmt_fast::cpu::svgd_step_into(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()),
                                          out);
+  });
+  m.impl("svgd_step_batched_into", [](const at::Tensor& x, const at::Tensor& score,
+                                      const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
+                                      at::Tensor& out) {
+    return bmt_fast::cpu::svgd_step_batched_into(x, score, bandwidth,
+                                                 std::string_view(algorithm.data(), algorithm.size()), out);
   });
   m.impl("median_bandwidth", [](const at::Tensor& x, c10::string_view algorithm) {
     return bmt_fast::cpu::median_bandwidth(x, std::string_view(algorithm.data(), algorithm.size()));
