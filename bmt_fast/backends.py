@@ -129,7 +129,7 @@ class CompiledBackend(Backend):
         # Xeon: exact faster at n = 2048 (d = 16: 6.3 against 7.7 ms; d = 256: 13 against 36 ms), sampled
         # faster at n = 3072 (d = 64: 8.3 against 14.7 ms). Not measured on a GPU: no more pairs there.
         self.exact_median_pair_factor = 64 if device_type == "cpu" else 1
-        self.steps_batches = device_type == "cpu"
+        self.steps_batches = True
 
     def unavailable_reason(self) -> str:
         if not self.status.loaded:
@@ -152,10 +152,9 @@ class CompiledBackend(Backend):
         return torch.ops.bmt_fast.svgd_step_into(x, score, h, out=out)
 
     def svgd_step_batched_into(self, x, score, h, out):
-        # One op for all sets. The CPU kernels spread sets that the single op would run on one thread
-        # over the threads, each set on one, and flag every phi as they write it (svgd_step_spreads_non_finite).
-        # CUDA: not taken (steps_batches), since its kernels flag phi only up to gram_register_rows particles,
-        # the op elsewhere scanning each set's phi.
+        # One op for all sets. The CPU kernel spreads sets that the single op would run on one thread over
+        # the threads, each set on one; on CUDA the op calls svgd_step_into for each set in C++ (no Python
+        # and no host sync per set; not timed on a GPU).
         return torch.ops.bmt_fast.svgd_step_batched_into(x, score, h, out=out)
 
     def rbf_kernel(self, x, y, h):

@@ -148,30 +148,34 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
 
 
 def _steps_on(chosen, x, score, h, check_inputs, out) -> torch.Tensor:
-    """_step_on for B particle sets at once, by a backend whose steps_batches holds (its kernels flag each
-    set's phi as they write it): x and score (B, n, *event) of one shape, dtype and device, the first set's
-    checked as a single call checks its own; h None (the median rule) or (B,), each set's bandwidth checked;
-    out a fresh contiguous tensor of x's shape. A set whose phi is not finite has its inputs scanned, to name
-    the bad one as a single call on it would."""
+    """_step_on for B particle sets at once, by a backend whose steps_batches holds: x and score (B, n, *event)
+    of one shape, dtype and device, the first set's checked as a single call checks its own; h None (the
+    median rule) or (B,), each set's bandwidth checked; out a fresh contiguous tensor of x's shape. Where the
+    kernels flag each set's phi as they write it (svgd_step_spreads_non_finite: the CPU's), a set whose phi
+    is not finite has its inputs scanned, to name the bad one as a single call on it would; elsewhere every
+    set's inputs are scanned first, all sets in one pass over each of x and score (on a GPU one host sync
+    each, not two per set)."""
     sets, n = x.shape[:2]
     x3, s3 = x.reshape(sets, n, -1), score.reshape(sets, n, -1)
 
-    def check_set(index):
-        check_finite("x", x[index])
-        check_finite("score", score[index])
+    def check_sets(indices):
+        for index in indices:
+            check_finite("x", x[index])
+            check_finite("score", score[index])
 
+    post_check = check_inputs and chosen.svgd_step_spreads_non_finite(x3[0])
+    if check_inputs and not post_check and not (all_finite(x) and all_finite(score)):
+        check_sets(range(sets))
     tracked = torch.is_grad_enabled() and (x.requires_grad or score.requires_grad)
     try:
         with torch.no_grad() if tracked else contextlib.nullcontext():
             finite = chosen.svgd_step_batched_into(x3.detach(), s3.detach(), h, out.view(x3.shape))
     except Exception:
-        if check_inputs:  # e.g. a NaN median bandwidth: the clear error about the input comes first
-            for index in range(sets):
-                check_set(index)
+        if post_check:  # e.g. a NaN median bandwidth: the clear error about the input comes first
+            check_sets(range(sets))
         raise
-    if check_inputs and not bool(finite.all()):
-        for index in torch.nonzero(~finite).flatten().tolist():
-            check_set(index)
+    if post_check and not bool(finite.all()):
+        check_sets(torch.nonzero(~finite).flatten().tolist())
     return out
 
 

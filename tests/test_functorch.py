@@ -406,6 +406,24 @@ def test_vmap_batched_step_names_the_bad_set_and_passes_unchecked_nan_through(tw
 
 
 @requires_cpu_extension
+def test_vmap_batched_step_scans_every_set_first_where_kernels_do_not_flag(monkeypatch, batched_calls):
+    """Where the backend's kernels do not flag a non-finite phi themselves (CUDA's beyond its register kernels;
+    here the CPU told so), all sets' inputs are scanned before the op, the bad set named, and unchecked calls
+    pass NaN through as the kernels give it."""
+    monkeypatch.setattr(backends.get("cpu"), "svgd_step_spreads_non_finite", lambda x: False)
+    x = torch.randn(9, 6, 4)
+    bad = x.clone()
+    bad[6, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="score contains 1 NaN/Inf"):
+        torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s))(x, bad)
+    assert batched_calls == []  # (refused before the op)
+    phi = torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, check_inputs=False))(bad, -x)
+    assert batched_calls == [9]
+    assert torch.isnan(phi[6]).all() and torch.equal(phi[:6], looped(lambda a, s: bmt_fast.svgd_step(a, s), x[:6], -x[:6]))
+    assert torch.equal(torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s))(x, -x), looped(bmt_fast.svgd_step, x, -x))
+
+
+@requires_cpu_extension
 def test_vmap_batched_step_returns_a_non_finite_phi_of_finite_inputs(monkeypatch):
     """A set flagged non-finite whose inputs hold no NaN/Inf (phi overflowed) is returned as computed, as a
     single call returns it: the flags only say which sets' inputs to scan."""

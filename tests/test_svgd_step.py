@@ -243,6 +243,14 @@ def test_svgd_step_batched_into_op():
             single = torch.empty(7, 3)
             ops.svgd_step_into(x[i], score[i], None if bandwidth is None else bandwidth[i], "auto", out=single)
             torch.testing.assert_close(out[i], single, rtol=0, atol=0, equal_nan=True)
+    # the kernel of devices without their own (CUDA): svgd_step_into on each set through the dispatcher, reached
+    # here through a dispatch key that has no kernel of its own either
+    elsewhere = torch._C.DispatchKeySet(torch._C.DispatchKey.PrivateUse1)
+    for bandwidth in (None, h):
+        out, composite = torch.empty_like(x), torch.empty_like(x)
+        flags = ops.svgd_step_batched_into.default.redispatch(elsewhere, x, score, bandwidth, "auto", out=composite)
+        assert flags.tolist() == ops.svgd_step_batched_into(x, score, bandwidth, "auto", out=out).tolist()
+        torch.testing.assert_close(composite, out, rtol=0, atol=0, equal_nan=True)
     score[3, 0, 0] = 0.0
     torch.library.opcheck(ops.svgd_step_batched_into.default, (x, score, h, "auto"), {"out": torch.empty_like(x)})
     torch.library.opcheck(ops.svgd_step_batched_into.default, (x, score, None, "gram"), {"out": torch.empty_like(x)})
