@@ -99,23 +99,6 @@ inline void check_svgd_step_args(const at::Tensor& x, const at::Tensor& score,
   if (bandwidth.has_value()) check_bandwidth(*bandwidth, x);
 }
 
-// svgd_step_batched_into's sets: x and score (B, n, d), B independent particle sets of one shape; the
-// bandwidth None (the median rule, each set its own) or (B,): one H per set.
-inline void check_svgd_step_batched_args(const at::Tensor& x, const at::Tensor& score,
-                                         const std::optional<at::Tensor>& bandwidth) {
-  BMT_CHECK(x.dim() == 3, "x must be 3-D (sets, n, d), got ", num(x.dim()), " dims");
-  BMT_CHECK(x.sym_numel() > 0, "x must not be empty, got shape ", shape_str(x));
-  check_floating(x, "x");
-  check_like(x, "x", score, "score");
-  BMT_CHECK(same_shape(score, x), "score must have the shape of x ", shape_str(x), ", got ", shape_str(score));
-  if (!bandwidth.has_value()) return;
-  const at::Tensor& h = *bandwidth;
-  BMT_CHECK(h.dim() == 1 && h.sym_size(0) == x.sym_size(0), "bandwidth must have shape (", size_str(x.sym_size(0)),
-            ",): one value per set, got shape ", shape_str(h));
-  BMT_CHECK(h.is_floating_point(), "bandwidth must be floating point, got ", h.scalar_type());
-  BMT_CHECK(h.device() == x.device(), "bandwidth must be on the device of x (", x.device(), "), got ", h.device());
-}
-
 // The out tensor of svgd_step_into (and svgd_step_batched_into): where phi goes, written in place.
 inline void check_svgd_step_out(const at::Tensor& x, const at::Tensor& score, const at::Tensor& out) {
   check_like(x, "x", out, "out");
@@ -162,6 +145,29 @@ inline Algorithm parse_algorithm(std::string_view name) {
   if (name == "gram") return Algorithm::kGram;
   BMT_CHECK(false, "algorithm must be \"auto\", \"tiled\" or \"gram\", got \"", std::string(name), "\"");
   return Algorithm::kAuto;
+}
+
+// svgd_step_batched_into's arguments (its Meta, CPU and composite kernels): x and score (B, n, d), B
+// independent particle sets of one shape; the bandwidth None (the median rule, each set its own) or (B,):
+// one H per set; the algorithm; out as svgd_step_into's.
+inline void check_svgd_step_batched_args(const at::Tensor& x, const at::Tensor& score,
+                                         const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
+                                         const at::Tensor& out) {
+  BMT_CHECK(x.dim() == 3, "x must be 3-D (sets, n, d), got ", num(x.dim()), " dims");
+  BMT_CHECK(x.sym_numel() > 0, "x must not be empty, got shape ", shape_str(x));
+  check_floating(x, "x");
+  check_like(x, "x", score, "score");
+  BMT_CHECK(same_shape(score, x), "score must have the shape of x ", shape_str(x), ", got ", shape_str(score));
+  if (bandwidth.has_value()) {
+    const at::Tensor& h = *bandwidth;
+    BMT_CHECK(h.dim() == 1 && h.sym_size(0) == x.sym_size(0), "bandwidth must have shape (",
+              size_str(x.sym_size(0)), ",): one value per set, got shape ", shape_str(h));
+    BMT_CHECK(h.is_floating_point(), "bandwidth must be floating point, got ", h.scalar_type());
+    BMT_CHECK(h.device() == x.device(), "bandwidth must be on the device of x (", x.device(), "), got ",
+              h.device());
+  }
+  check_svgd_step_out(x, score, out);
+  parse_algorithm(algorithm);
 }
 
 inline double read_bandwidth(const at::Tensor& h) {

@@ -12,6 +12,22 @@
 namespace bmt_fast {
 namespace {
 
+// The registered op `name` (its schema looked up once by each caller's static handle), of signature Sig.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using SvgdStepSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                               c10::string_view);
+using SvgdStepIntoSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   c10::string_view, at::Tensor&);
+using MedianSig = at::Tensor(const at::Tensor&, c10::string_view);
+using RbfBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>);
+using RbfSelfBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              const at::Tensor&, std::array<bool, 2>);
+
 at::Tensor svgd_step_meta(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                           c10::string_view algorithm) {
   check_svgd_step_args(x, score, bandwidth);
@@ -30,9 +46,7 @@ at::Tensor svgd_step_into_meta(const at::Tensor& x, const at::Tensor& score,
 at::Tensor svgd_step_batched_into_meta(const at::Tensor& x, const at::Tensor& score,
                                        const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
                                        at::Tensor& out) {
-  check_svgd_step_batched_args(x, score, bandwidth);
-  check_svgd_step_out(x, score, out);
-  parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
+  check_svgd_step_batched_args(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()), out);
   return at::empty_symint({x.sym_size(0)}, x.options().dtype(at::kBool));
 }
 
@@ -42,10 +56,7 @@ at::Tensor svgd_step_into_composite(const at::Tensor& x, const at::Tensor& score
                                     at::Tensor& out) {
   check_svgd_step_args(x, score, bandwidth);
   check_svgd_step_out(x, score, out);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bmt_fast::svgd_step", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                               c10::string_view)>();
+  static const auto op = op_handle<SvgdStepSig>("bmt_fast::svgd_step");
   return copy_and_check_finite(out, op.call(x, score, bandwidth, algorithm));
 }
 
@@ -53,12 +64,8 @@ at::Tensor svgd_step_into_composite(const at::Tensor& x, const at::Tensor& score
 at::Tensor svgd_step_batched_into_composite(const at::Tensor& x, const at::Tensor& score,
                                             const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
                                             at::Tensor& out) {
-  check_svgd_step_batched_args(x, score, bandwidth);
-  check_svgd_step_out(x, score, out);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bmt_fast::svgd_step_into", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                               c10::string_view, at::Tensor&)>();
+  check_svgd_step_batched_args(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()), out);
+  static const auto op = op_handle<SvgdStepIntoSig>("bmt_fast::svgd_step_into");
   std::vector<at::Tensor> flags;
   flags.reserve(x.size(0));
   for (int64_t set = 0; set < x.size(0); ++set) {
@@ -73,12 +80,8 @@ at::Tensor svgd_step_batched_into_composite(const at::Tensor& x, const at::Tenso
 // Any device without its own kernel: the median rule, then the kernel with that bandwidth.
 std::tuple<at::Tensor, at::Tensor> rbf_kernel_median_composite(const at::Tensor& x) {
   check_particles(x, "x");
-  static const auto median = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("bmt_fast::median_bandwidth", "")
-                                 .typed<at::Tensor(const at::Tensor&, c10::string_view)>();
-  static const auto kernel = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("bmt_fast::rbf_kernel", "")
-                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  static const auto median = op_handle<MedianSig>("bmt_fast::median_bandwidth");
+  static const auto kernel = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("bmt_fast::rbf_kernel");
   at::Tensor h = median.call(x, "auto");
   return {kernel.call(x, x, h), h};
 }
@@ -120,21 +123,6 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward_meta(const at::Tenso
 // gradients None with a warning, and svgd_step_into's writes to out did not bump out's version counter,
 // so autograd could use the overwritten values of a tensor it had saved without noticing. These kernels
 // run the op below autograd (results without history, as for torch.argmax) and bump out's version.
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-using SvgdStepSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                               c10::string_view);
-using SvgdStepIntoSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                   c10::string_view, at::Tensor&);
-using MedianSig = at::Tensor(const at::Tensor&, c10::string_view);
-using RbfBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>);
-using RbfSelfBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                              const at::Tensor&, std::array<bool, 2>);
 
 // The op of signature Sig named `name`, called below autograd: not differentiable.
 template <typename Sig, const char* kName>

@@ -2375,9 +2375,7 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
 at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& score_in,
                                   const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                   at::Tensor& out) {
-  check_svgd_step_batched_args(x_in, score_in, bandwidth);
-  check_svgd_step_out(x_in, score_in, out);
-  parse_algorithm(algorithm);
+  check_svgd_step_batched_args(x_in, score_in, bandwidth, algorithm, out);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const at::Tensor h = bandwidth ? bandwidth->contiguous() : at::Tensor();
   const int64_t sets = x.size(0), n = x.size(1), d = x.size(2);
