@@ -20,6 +20,11 @@ void rbf_from_dots(float* tile, int64_t ld, int64_t row_begin, int64_t row_end, 
 void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end, int64_t cols,
                    const double* nr, const double* nc, double inv_h);
 
+// In place: values[i] = exp(values[i] * scale), for products that are <= 0 or NaN (the Gram paths' kernel
+// entries from their squared distances, scale = -1/H): vectorised, as rbf_from_dots's exp (0 below
+// exp(-708), where std::exp gives subnormals).
+void exp_scaled(double* values, int64_t count, double scale);
+
 // The many-particle step with few features, fused (no tile of dot products in memory): for rows [row_begin,
 // row_end) of the n centred particles xc (row-major, n x d), phi_i = (sum_{j != i} k_ij W_j + a rowsum_i xc_i +
 // score_i) / n with k_ij = exp(-max(norms_i + norms_j - 2 xc_i . xc_j, 0) inv_h) and rowsum_i = sum_{j != i}

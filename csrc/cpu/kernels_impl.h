@@ -2050,6 +2050,19 @@ void transpose_words(const uint64_t* src, int64_t ld_src, int64_t rows, int64_t 
   transpose_words_impl(src, ld_src, rows, k_begin, k_end, dst, ld_dst);
 }
 
+void exp_scaled(double* values, int64_t count, double scale) {
+  constexpr int L = kLanes<double>;
+  const vec_t<double> s = broadcast(scale);
+  int64_t i = 0;
+  for (; i + L <= count; i += L) store(values + i, exp_nonpositive<double>(load(values + i) * s));
+  if (i < count) {  // ragged tail through a zero-padded vector
+    double tail[L] = {};
+    std::memcpy(tail, values + i, static_cast<size_t>(count - i) * sizeof(double));
+    store(tail, exp_nonpositive<double>(load(tail) * s));
+    std::memcpy(values + i, tail, static_cast<size_t>(count - i) * sizeof(double));
+  }
+}
+
 void stream_rows(const void* src, int64_t ld_src, int64_t rows, int64_t bytes, void* dst, int64_t ld_dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const char* from = static_cast<const char*>(src) + r * ld_src;

@@ -2237,8 +2237,10 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
   // c = a (rowsum(K) - 1) / n, rows padded to the apply kernel's register block with zeros.
   const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;
   std::vector<T> kn(rows * n, T(0)), c(rows, T(0));
-  for (int64_t i = 0; i < n; ++i)  // one exp per pair (the distances are symmetric)
-    for (int64_t j = i + 1; j < n; ++j) k[i * n + j] = k[j * n + i] = std::exp(k[i * n + j] / -h);
+  // K in place, vectorised over all n^2 entries (symmetric as the distances; the diagonal's 1 is not read):
+  // one scalar double exp per pair cost more than the rest of a step of 64 x 8 particles outside its two
+  // passes (perf, one thread, 2-core AMD EPYC Zen 5)
+  exp_scaled(k.data(), n * n, -1.0 / h);
   for (int64_t i = 0; i < n; ++i) {
     double rowsum = 0.0;
     for (int64_t j = 0; j < n; ++j) {
@@ -2452,7 +2454,8 @@ at::Tensor kernel_from_gram_dists(const std::vector<double>& dist, int64_t n, in
   at::Tensor k = at::empty({n, m}, options.dtype(at::kDouble));
   double* kp = k.data_ptr<double>();
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < m; ++j) kp[i * m + j] = std::exp(dist[i * gram_rows + (self ? j : n + j)] / -h);
+    std::memcpy(kp + i * m, dist.data() + i * gram_rows + (self ? 0 : n), static_cast<size_t>(m) * sizeof(double));
+  exp_scaled(kp, n * m, -1.0 / h);
   return k.to(options.dtype());
 }
 
@@ -2474,8 +2477,8 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
           return cross_sq_dists_threaded<scalar_t>(xs, ys);
         });
     at::Tensor k = at::empty({n, m}, x.options().dtype(at::kDouble));
-    double* kp = k.data_ptr<double>();
-    for (int64_t q = 0; q < n * m; ++q) kp[q] = std::exp(dist[q] / -h);
+    std::memcpy(k.data_ptr<double>(), dist.data(), static_cast<size_t>(n * m) * sizeof(double));
+    exp_scaled(k.data_ptr<double>(), n * m, -1.0 / h);
     return k.to(x.scalar_type());
   }
   if (self ? prefers_gram(x, GramUse::kKernel) : gram_rows <= kGramMaxParticles) {
