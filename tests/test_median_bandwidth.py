@@ -63,6 +63,26 @@ def test_tiled_median_is_exact_on_both_sides_of_the_selection_limit(n, dtype, ti
 
 
 @requires_cpu_extension
+@pytest.mark.parametrize("algorithm", ["tiled", "gram"])
+def test_median_selection_on_equal_ordered_and_tied_distances(algorithm):
+    """The CPU's selection among up to 6144 distances (a quickselect whose partitions do not branch on the
+    keys, std::nth_element below 32 keys) on distances all equal (every key the pivot), all but a few equal,
+    ordered along a line both ways, and lattice ties: numpy's median exactly (float64, integer coordinates)."""
+    torch.manual_seed(3)
+    cases = [
+        torch.zeros(40, 2),  # every distance 0: the floor
+        torch.cat([torch.full((60, 2), 2.0), torch.ones(1, 2)]),  # 60 distances of 2, the rest 0
+        torch.arange(100.0).reshape(100, 1),
+        torch.arange(111.0).flip(0).reshape(111, 1),
+        torch.randint(0, 3, (90, 2)).double(),
+        torch.randint(0, 2, (33, 1)).double(),
+    ]
+    for x in cases:
+        x = x.double()
+        assert float(torch.ops.bmt_fast.median_bandwidth(x, algorithm)) == numpy_rule(x), tuple(x.shape)
+
+
+@requires_cpu_extension
 # (520 x 3000: many features, so few pairs sampled (~390) and a wide window)
 @pytest.mark.parametrize("n,d,dtype,ties", [(513, 3, torch.float64, True), (600, 5, torch.float32, False),
                                             (1500, 2, torch.float32, True), (2100, 17, torch.float64, False),

@@ -293,16 +293,68 @@ double median_sq_dist_tiled(const at::Tensor& xc, const at::Tensor& norms, const
 // counts in copy i % kCopies) keep each increment off the previous one's store, and the keys of the digit
 // are kept without a branch (about half of them are, early on). fp32 median_bandwidth by the selection over
 // all distances, one thread, alternating, 2 rounds (us): 512 x 8 (130,816 distances) 355-378 -> 293-303,
-// 256 x 16 110-111 -> 94-96, 100 x 50 level. Up to kSelectByPartitionMax values std::nth_element on the
-// same keys instead: each radix pass clears and merges its 4 x 2048 bins, ~5 us of fixed cost a selection.
+// 256 x 16 110-111 -> 94-96, 100 x 50 level. Up to kSelectByPartitionMax values a partition of the same
+// keys instead (std::nth_element until a fourth 2026-12-05 session, select_key since): each radix pass
+// clears and merges its 4 x 2048 bins, ~5 us of fixed cost a selection.
 // Alone, on the distances of n random particles (2-core AMD EPYC, Zen 4, fp32, best of 5, us), radix /
 // nth_element: n = 16 (120 values) 5.1 / 0.2, 32 5.9 / 0.6, 64 7.3 / 3.0, 96 10.3 / 8.8, 128 15.8 / 11.5,
 // 192 28.6 / 40.6; in fp32 median_bandwidth (tiled), previous build / this one, 2 rounds: 64 x 16 16.0-16.2
 // -> 12.1-12.3, 90 x 16 24.7-24.8 -> 21.5-22.2, 100 x 16 27.2-27.4 -> 24.4-24.5, 120 x 16 32.4-33.0 ->
 // 31.4-31.5, but 128 x 16 35.3-35.4 -> 39.2 (the op's own order of the distances), hence the bound (n <=
 // 111). The keys compare without the sign bit, as the radix passes read them: the same value, NaN included
-// (whose comparisons as floats would break nth_element's ordering).
+// (whose comparisons as floats would break nth_element's ordering). (Those nth_element timings were best of 5
+// on the same distances, which branch predictors learn. On fresh distances for every call, fp32
+// median_bandwidth, 2 threads, PASSIVE, Zen 5 VM, nth_element -> select_key (us): 32 x 2 8.8-9.3 -> 6.5-6.8,
+// 48 x 8 12.0-12.8 -> 6.9-7.3, 64 x 16 18.4-19.8 -> 9.5-10.0, 100 x 16 40-43 -> 18, 111 x 16 45-49 -> 18, 256 x
+// 16 (its window's sample) 67-75 -> 42-44; fp64 alike. select_key for all sizes (no radix) was level or
+// slower from 128 x 16 (8128 values: 23 against 23-25 us) to 512 x 300, hence the bound stays.)
 constexpr size_t kSelectByPartitionMax = 6144;
+
+// The k-th smallest of the keys (their bits without the sign bit: keys is overwritten) by quickselect whose
+// three-way partitions write each key to both ends of a second buffer and advance the end it belongs to, so
+// that no branch depends on a key (std::nth_element's comparisons were mispredicted about half of the time
+// on distances: in perf of a Gram step of 32 x 2 particles by the median rule, one thread, 2-core AMD EPYC
+// Zen 5, it took 24 % of the step). The pivot is the median of three keys; after kMaxRounds rounds (or
+// below kSmall keys) std::nth_element finishes.
+template <typename Key>
+Key select_key(std::vector<Key>& keys, int64_t k_in) {
+  constexpr Key kMagnitude = std::numeric_limits<Key>::max() >> 1;
+  constexpr size_t kSmall = 32;
+  constexpr int kMaxRounds = 48;
+  for (Key& key : keys) key &= kMagnitude;
+  std::vector<Key> other(keys.size());
+  Key* buffers[2] = {keys.data(), other.data()};
+  int at = 0;          // the buffer holding the live keys, from `offset`
+  size_t offset = 0, m = keys.size(), k = static_cast<size_t>(k_in);
+  for (int round = 0; m > kSmall && round < kMaxRounds; ++round) {
+    const Key* src = buffers[at] + offset;
+    Key* dst = buffers[1 - at];
+    const Key a = src[m / 4], b = src[m / 2], c = src[3 * m / 4];
+    const Key pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    size_t below = 0, above = 0;  // keys < pivot go to dst's front, keys > pivot to its back
+    for (size_t i = 0; i < m; ++i) {
+      const Key v = src[i];
+      dst[below] = v;
+      dst[m - 1 - above] = v;
+      below += v < pivot;
+      above += v > pivot;
+    }
+    at = 1 - at;
+    if (k < below) {
+      offset = 0;
+      m = below;
+    } else if (k >= m - above) {
+      k -= m - above;
+      offset = m - above;
+      m = above;
+    } else {
+      return pivot;
+    }
+  }
+  Key* live = buffers[at] + offset;
+  std::nth_element(live, live + k, live + m);
+  return live[k];
+}
 
 template <typename T>
 T select_nonnegative(const std::vector<T>& values, int64_t k) {
@@ -312,11 +364,9 @@ T select_nonnegative(const std::vector<T>& values, int64_t k) {
   std::vector<Key> keys(values.size());
   std::memcpy(keys.data(), values.data(), values.size() * sizeof(T));
   if (keys.size() <= kSelectByPartitionMax) {
-    constexpr Key kMagnitude = std::numeric_limits<Key>::max() >> 1;
-    std::nth_element(keys.begin(), keys.begin() + k, keys.end(),
-                     [](Key a, Key b) { return (a & kMagnitude) < (b & kMagnitude); });
+    const Key key = select_key(keys, k);
     T value;
-    std::memcpy(&value, &keys[k], sizeof(T));
+    std::memcpy(&value, &key, sizeof(T));
     return value;
   }
   std::vector<int64_t> hist(kCopies * kBins);
