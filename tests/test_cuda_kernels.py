@@ -700,6 +700,21 @@ def test_svgd_step_batched_into_on_cuda(gpu):
             torch.testing.assert_close(out[i], single, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("n", [9, 300])  # the register kernels' flags; the scan of every set's inputs first
+def test_vmap_svgd_step_on_cuda_is_each_sets_step(gpu, n):
+    """torch.func.vmap of svgd_step on the CUDA backend (the batched op): each set's phi as a single call on
+    it, bit for bit; a NaN in one set's score named as that call names it."""
+    x = torch.randn(4, n, 40, dtype=torch.float64, device="cuda")
+    score = torch.randn_like(x)
+    for bandwidth in ("median", 30.0):
+        phi = torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, bandwidth, backend="cuda"))(x, score)
+        for i in range(4):
+            torch.testing.assert_close(phi[i], bmt_fast.svgd_step(x[i], score[i], bandwidth, backend="cuda"), rtol=0, atol=0)
+    score[2, n - 1, 0] = math.nan
+    with pytest.raises(ValueError, match="score contains 1 NaN/Inf"):
+        torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, backend="cuda"))(x, score)
+
+
 def test_public_rbf_kernel_autograd(gpu):
     x = torch.randn(6, 3, dtype=torch.float64, device="cuda", requires_grad=True)
     y = torch.randn(5, 3, dtype=torch.float64, device="cuda", requires_grad=True)
