@@ -334,13 +334,16 @@ def batched_calls(monkeypatch):
 
 
 # (sets, particles, features, dtype): sets small enough to be spread over the threads one set each (the
-# single op would run them on one thread), a set of few particles with many features (the Gram path), and
-# sets above the serial bound (run one after another with every thread); fp64 and 16-bit particles.
+# single op would run them on one thread), a set of few particles with many features (the Gram path), sets
+# above the serial bound (run one after another with every thread), and below it with hundreds of features
+# (the feature-chunk and GEMM-tile paths in worker threads); fp64 and 16-bit particles.
 BATCHED_CASES = [
     (300, 20, 3, torch.float32),
     (40, 12, 1, torch.float64),
     (3, 16, 3000, torch.float32),
     (2, 300, 40, torch.float32),
+    (6, 100, 300, torch.float32),  # spread over the threads, on paths beyond the fused and Gram kernels
+    (4, 90, 300, torch.float64),
     (24, 40, 33, torch.bfloat16),
     (5, 24, 70, torch.float16),
 ]
