@@ -226,8 +226,8 @@ at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const st
                           std::string_view algorithm, at::Tensor& out);
 // svgd_step_into of each of B particle sets (x, score, out: (B, n, d); bandwidth None or (B,)); returns a
 // (B,) bool: whether each set's phi is all finite. Each set's phi is the single op's on it, bit for bit:
-// sets small enough for the single op to run on one thread are spread over the threads, each on one;
-// larger ones run one after another, each with every thread.
+// sets small enough for the single op to run on one thread, on this library's own kernels, are spread over
+// the threads, each on one; the others run one after another, each as the single op.
 at::Tensor svgd_step_batched_into(const at::Tensor& x, const at::Tensor& score,
                                   const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                   at::Tensor& out);

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CPU_BACKENDS, relative_error, requires_cpu_extension
+from helpers import CPU_BACKENDS, relative_error, requires_cpu_extension, run_cpu_variants
 from triton_helpers import DEVICE, requires_triton
 
 import bmt_fast
@@ -376,6 +376,35 @@ def test_vmap_svgd_step_on_cpu_is_one_batched_op_bit_for_bit(two_threads, batche
         hh = h[-1] if bandwidth == "per_entry" else None if bandwidth in ("median", "shared_score") else BANDWIDTH
         expected = reference.svgd_step(x[-1].double(), first.double(), None if hh is None else torch.as_tensor(hh, dtype=torch.float64))
         assert relative_error(phi[-1], expected) < (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+BATCHED_VARIANTS_SCRIPT = """
+import sys, torch
+torch.set_num_threads(2)
+ops = torch.ops.bmt_fast
+import bmt_fast
+results = {}
+for n, d, dtype in ((31, 200, torch.float64), (31, 65, torch.float64), (20, 8, torch.float32), (100, 300, torch.float32)):
+    torch.manual_seed(n + d)
+    x, score = torch.randn(40, n, d, dtype=dtype), torch.randn(40, n, d, dtype=dtype)
+    for h in (None, torch.rand(40, dtype=torch.float64) * d + 1):
+        out = torch.empty_like(x)
+        flags = ops.svgd_step_batched_into(x, score, h, "tiled", out=out)
+        singles = torch.stack([ops.svgd_step(x[i], score[i], None if h is None else h[i], "tiled") for i in range(40)])
+        results[(n, d, h is None)] = (torch.equal(out, singles), bool(flags.all()))
+torch.save(results, sys.argv[1])
+"""
+
+
+@requires_cpu_extension
+def test_batched_op_is_the_single_op_bit_for_bit_on_every_cpu_path(tmp_path):
+    """Sets on the GEMM tiles and feature chunks (torch's GEMMs, whose results inside a parallel region were an
+    ulp apart for some shapes) run one after another, those on the fused kernels are spread over the threads:
+    each set's phi the single op's bit for bit with the fused kernels on and off."""
+    results = run_cpu_variants(tmp_path, BATCHED_VARIANTS_SCRIPT, {"fused": {}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}})
+    for variant, cases in results.items():
+        for case, (equal, finite) in cases.items():
+            assert equal and finite, (variant, case)
 
 
 @requires_cpu_extension

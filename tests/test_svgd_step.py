@@ -227,6 +227,35 @@ def test_raw_ops_are_not_differentiable():
         torch.ops.bmt_fast.svgd_step_batched_into(xs, scores, None, out=torch.empty(2, 4, 3, requires_grad=True))
 
 
+FIRST_CALL_SCRIPT = """
+import sys, torch
+torch.set_num_threads(2)
+ops = torch.ops.bmt_fast
+import bmt_fast
+results = {}
+for n, d, dtype in ((80, 300, torch.float32), (31, 200, torch.float64), (100, 40, torch.float32)):
+    torch.manual_seed(n + d)
+    x, score = torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
+    h = torch.tensor(float(d), dtype=torch.float64)
+    calls = [(ops.svgd_step(x, score, h, "tiled"), ops.svgd_step(x, score, None, "tiled"), ops.rbf_kernel(x, x, h))
+             for _ in range(3)]
+    results[(n, d)] = [all(torch.equal(a, b) for a, b in zip(calls[0], later)) for later in calls[1:]]
+torch.save(results, sys.argv[1])
+"""
+
+
+@requires_cpu_extension
+def test_first_call_in_a_process_is_the_later_calls_bit_for_bit(tmp_path):
+    """Small calls run on one thread (SerialIfSmall), the first call on a thread too: ATen's once-per-thread
+    setup of the OpenMP thread count (on the first parallel loop) had put it back to torch's, so the first call
+    of a process ran threaded and, where a path splits its work by the thread count (the feature chunks), gave
+    results an ulp apart from every later call's."""
+    results = run_cpu_variants(tmp_path, FIRST_CALL_SCRIPT, {"fused": {}, "gemm": {"BMT_FAST_CPU_FUSED": "0"}})
+    for variant, cases in results.items():
+        for case, same in cases.items():
+            assert all(same), (variant, case, same)
+
+
 @requires_cpu_extension
 def test_svgd_step_batched_into_op():
     """torch.ops.bmt_fast.svgd_step_batched_into: each set's phi and flag as svgd_step_into's on it; its

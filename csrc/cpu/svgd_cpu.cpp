@@ -63,10 +63,20 @@ constexpr int64_t kSerialMaxWork = int64_t{1} << 22;
 // MKL's) take one thread where the work, rows x cols pairs x (features + 32), is at most serial_max_work();
 // the thread count is restored after, also when the op throws. (The count is the calling thread's own
 // OpenMP setting: other threads keep theirs.)
+// ATen sets a thread's OpenMP thread count to torch's the first time the thread enters at::parallel_for
+// (at::internal::lazy_init_num_threads, whose once-per-thread flag libtorch and this extension each hold a
+// copy of): both are done here first, or the first call of an op on a thread had its count put back to
+// torch's by its first parallel loop and ran threaded (results an ulp apart from the same call's later ones
+// where the split follows the thread count: the feature chunks of 80 x 300 fp32 particles).
+inline int initialised_max_threads() {
+  at::internal::lazy_init_num_threads();  // this extension's copy
+  return at::get_num_threads();           // libtorch's (its lazy init, then omp_get_max_threads())
+}
+
 class SerialIfSmall {
  public:
   SerialIfSmall(int64_t rows, int64_t cols, int64_t features)
-      : previous_(rows * cols * (features + 32) <= serial_max_work() ? omp_get_max_threads() : 1) {
+      : previous_(rows * cols * (features + 32) <= serial_max_work() ? initialised_max_threads() : 1) {
     if (previous_ > 1) omp_set_num_threads(1);
   }
   ~SerialIfSmall() {
@@ -2418,12 +2428,24 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
   return phi;
 }
 
+// Whether svgd_step_to computes phi of x (one set) on this library's own kernels alone (the Gram and fused
+// paths, the median included), not through torch's GEMMs (the GEMM tiles, the feature chunks) or AMX's
+// brgemm: MKL's dgemm called inside a parallel region gave results 1 ulp apart from the same call outside one
+// for some shapes (fp64, 31 x 200 and 31 x 65 by the GEMM tiles under BMT_FAST_CPU_FUSED=0).
+namespace {
+bool own_kernels_only(const at::Tensor& x, Algorithm algorithm, bool median) {
+  if (use_gram(x, algorithm, median ? GramUse::kMedian : GramUse::kStep)) return true;
+  return !use_amx(x) && !use_gemm_gram_chunked(x.size(0), x.size(1)) && use_fused(x.size(1));
+}
+}  // namespace
+
 // Many small sets (torch.func.vmap of svgd_step): one op for all of them, not one per set from Python (~20 us
 // each on a 2-core VM where the step of 32 x 2 particles takes a few). A set within serial_max_work() runs on
 // one thread in the single op (SerialIfSmall); here such sets are shared among the threads, each run by one
-// (SerialIfSmall again: its ATen loops, teams and BLAS calls take that one thread, as in the single op), a
-// share of them holding about serial_max_work() of work. Larger sets run one after another, each as the
-// single op with all threads. Either way each set's phi and flag are the single op's, bit for bit.
+// (SerialIfSmall again: its ATen loops and teams take that one thread, as in the single op), a share of them
+// holding about serial_max_work() of work, where the path runs on this library's own kernels alone
+// (own_kernels_only). Other sets run one after another, each as the single op (with all threads where it
+// takes them). Either way each set's phi and flag are the single op's, bit for bit.
 at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& score_in,
                                   const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                   at::Tensor& out) {
@@ -2441,7 +2463,7 @@ at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& scor
     flags[set] = tracked ? *tracked : at::isfinite(phi).all().item<bool>();
   };
   const int64_t work = n * n * (d + 32);
-  if (work > serial_max_work()) {
+  if (work > serial_max_work() || !own_kernels_only(x.select(0, 0), parse_algorithm(algorithm), !h.defined())) {
     for (int64_t set = 0; set < sets; ++set) step(set);
   } else {
     at::parallel_for(0, sets, std::max<int64_t>(1, serial_max_work() / std::max<int64_t>(work, 1)),
