@@ -166,10 +166,8 @@ def _steps_on(chosen, x, score, h, check_inputs, out) -> torch.Tensor:
     post_check = check_inputs and chosen.svgd_step_spreads_non_finite(x3[0])
     if check_inputs and not post_check and not (all_finite(x) and all_finite(score)):
         check_sets(range(sets))
-    tracked = torch.is_grad_enabled() and (x.requires_grad or score.requires_grad)
-    try:
-        with torch.no_grad() if tracked else contextlib.nullcontext():
-            finite = chosen.svgd_step_batched_into(x3.detach(), s3.detach(), h, out.view(x3.shape))
+    try:  # (detached inputs and a fresh out: nothing for autograd to record)
+        finite = chosen.svgd_step_batched_into(x3.detach(), s3.detach(), h, out.view(x3.shape))
     except Exception:
         if post_check:  # e.g. a NaN median bandwidth: the clear error about the input comes first
             check_sets(range(sets))

@@ -2409,14 +2409,24 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
 
 }  // namespace
 
+namespace {
+
+// svgd_step_into past its argument checks: phi into out, and whether it is all finite (the kernel's flag, or
+// a scan of phi where the path does not track it).
+bool step_into_checked(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                       std::string_view algorithm, at::Tensor& out) {
+  const SerialIfSmall serial(x.size(0), x.size(0), x.size(1));  // (the scan of phi too)
+  const std::optional<bool> tracked = svgd_step_to(x, score, bandwidth, algorithm, out);
+  return tracked ? *tracked : at::isfinite(out).all().item<bool>();
+}
+
+}  // namespace
+
 at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
                           std::string_view algorithm, at::Tensor& out) {
   check_svgd_step_args(x, score, bandwidth);
   check_svgd_step_out(x, score, out);
-  const SerialIfSmall serial(x.size(0), x.size(0), x.size(1));  // (the scan of phi too)
-  const std::optional<bool> tracked = svgd_step_to(x, score, bandwidth, algorithm, out);
-  const bool finite = tracked ? *tracked : at::isfinite(out).all().item<bool>();
-  return at::scalar_tensor(finite, x.options().dtype(at::kBool));
+  return at::scalar_tensor(step_into_checked(x, score, bandwidth, algorithm, out), x.options().dtype(at::kBool));
 }
 
 at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
@@ -2456,11 +2466,9 @@ at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& scor
   at::Tensor finite = at::empty({sets}, x.options().dtype(at::kBool));
   bool* flags = finite.data_ptr<bool>();
   const auto step = [&](int64_t set) {
-    const SerialIfSmall serial(n, n, d);
     at::Tensor phi = out.select(0, set);
     const std::optional<at::Tensor> h_set = h.defined() ? std::optional<at::Tensor>(h.select(0, set)) : std::nullopt;
-    const std::optional<bool> tracked = svgd_step_to(x.select(0, set), score.select(0, set), h_set, algorithm, phi);
-    flags[set] = tracked ? *tracked : at::isfinite(phi).all().item<bool>();
+    flags[set] = step_into_checked(x.select(0, set), score.select(0, set), h_set, algorithm, phi);
   };
   const int64_t work = n * n * (d + 32);
   if (work > serial_max_work() || !own_kernels_only(x.select(0, 0), parse_algorithm(algorithm), !h.defined())) {
