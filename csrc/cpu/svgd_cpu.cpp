@@ -2363,16 +2363,26 @@ namespace {
 // phi into `out` (contiguous, x's shape and dtype; checked by the callers). Returns whether phi is all
 // finite where the last pass that writes phi tracks it (the Gram, AMX, feature-chunk and fused paths, fp32
 // GEMM tiles), nullopt elsewhere (svgd_step_into then scans phi).
+// The path svgd_step_to takes for particles x (n x d) with a given bandwidth or by the median rule.
+enum class StepPath { kGram, kAmx, kGemmChunked, kFused, kTiled };
+
+StepPath step_path(const at::Tensor& x, Algorithm algorithm, bool bandwidth_given) {
+  if (use_gram(x, algorithm, bandwidth_given ? GramUse::kStep : GramUse::kMedian)) return StepPath::kGram;
+  if (use_amx(x)) return StepPath::kAmx;
+  if (use_gemm_gram_chunked(x.size(0), x.size(1))) return StepPath::kGemmChunked;
+  return use_fused(x.size(1)) ? StepPath::kFused : StepPath::kTiled;
+}
+
 std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score_in,
                                  const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                  at::Tensor& out) {
-  const Algorithm algo = parse_algorithm(algorithm);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
+  const StepPath path = step_path(x, parse_algorithm(algorithm), h.has_value());
   // The Gram path's two passes in one team (team.h): fp32, PASSIVE, alternating, 3 rounds, two regions ->
   // one team (us): 4 x 409,600 828-872 -> 771-780, 16 x 76,800 875-925 -> 795-798, 16 x 409,600 and 64 x
   // 76,800 level.
-  if (use_gram(x, algo, h ? GramUse::kStep : GramUse::kMedian)) {
+  if (path == StepPath::kGram) {
     bool finite = true;
     run_team([&] {
       finite = AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "svgd_step_gram",
@@ -2380,7 +2390,7 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     });
     return finite;
   }
-  if (use_amx(x)) {
+  if (path == StepPath::kAmx) {
     bool finite = true;
     run_team_if(amx_in_team(x.size(0)), [&] {
       finite = amx_dispatch(x, [&](auto typed) {
@@ -2391,7 +2401,7 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     });
     return finite;
   }
-  if (use_gemm_gram_chunked(x.size(0), x.size(1))) {
+  if (path == StepPath::kGemmChunked) {
     bool finite = true;
     run_team([&] {
       finite = x.scalar_type() == at::kDouble ? svgd_step_gemm_chunked<double>(x, score, h, out)
@@ -2399,7 +2409,7 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
     });
     return finite;
   }
-  if (use_fused(x.size(1))) {
+  if (path == StepPath::kFused) {
     return x.scalar_type() == at::kDouble ? svgd_step_fused<double>(x, score, h, out)
                                           : svgd_step_fused<float>(x, score, h, out);
   }
@@ -2438,24 +2448,14 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
   return phi;
 }
 
-// Whether svgd_step_to computes phi of x (one set) on this library's own kernels alone (the Gram and fused
-// paths, the median included), not through torch's GEMMs (the GEMM tiles, the feature chunks) or AMX's
-// brgemm: MKL's dgemm called inside a parallel region gave results 1 ulp apart from the same call outside one
-// for some shapes (fp64, 31 x 200 and 31 x 65 by the GEMM tiles under BMT_FAST_CPU_FUSED=0).
-namespace {
-bool own_kernels_only(const at::Tensor& x, Algorithm algorithm, bool median) {
-  if (use_gram(x, algorithm, median ? GramUse::kMedian : GramUse::kStep)) return true;
-  return !use_amx(x) && !use_gemm_gram_chunked(x.size(0), x.size(1)) && use_fused(x.size(1));
-}
-}  // namespace
 
 // Many small sets (torch.func.vmap of svgd_step): one op for all of them, not one per set from Python (~20 us
 // each on a 2-core VM where the step of 32 x 2 particles takes a few). A set within serial_max_work() runs on
 // one thread in the single op (SerialIfSmall); here such sets are shared among the threads, each run by one
 // (SerialIfSmall again: its ATen loops and teams take that one thread, as in the single op), a share of them
-// holding about serial_max_work() of work, where the path runs on this library's own kernels alone
-// (own_kernels_only). Other sets run one after another, each as the single op (with all threads where it
-// takes them). Either way each set's phi and flag are the single op's, bit for bit.
+// holding about serial_max_work() of work, where the path runs on this library's own kernels alone (below).
+// Other sets run one after another, each as the single op (with all threads where it takes them). Either way
+// each set's phi and flag are the single op's, bit for bit.
 at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& score_in,
                                   const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                   at::Tensor& out) {
@@ -2470,8 +2470,13 @@ at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& scor
     const std::optional<at::Tensor> h_set = h.defined() ? std::optional<at::Tensor>(h.select(0, set)) : std::nullopt;
     flags[set] = step_into_checked(x.select(0, set), score.select(0, set), h_set, algorithm, phi);
   };
+  // Spread only sets on this library's own kernels (the Gram and fused paths, the median included), not through
+  // torch's GEMMs (the feature chunks, the GEMM tiles) or AMX's brgemm: MKL's dgemm called inside a parallel
+  // region gave results an ulp apart from the same call outside one for some shapes (fp64, 31 x 200 and 31 x
+  // 65 by the feature chunks, 31 x 8 by the GEMM tiles, under BMT_FAST_CPU_FUSED=0).
+  const StepPath path = step_path(x.select(0, 0), parse_algorithm(algorithm), h.defined());
   const int64_t work = n * n * (d + 32);
-  if (work > serial_max_work() || !own_kernels_only(x.select(0, 0), parse_algorithm(algorithm), !h.defined())) {
+  if (work > serial_max_work() || (path != StepPath::kGram && path != StepPath::kFused)) {
     for (int64_t set = 0; set < sets; ++set) step(set);
   } else {
     at::parallel_for(0, sets, std::max<int64_t>(1, serial_max_work() / std::max<int64_t>(work, 1)),
