@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import accumulation_dtype, next_power_of_2, num_programs_target, tl_dtype
+from .utils import accumulation_dtype, cdiv, next_power_of_2, num_programs_target, tl_dtype
 
 
 @triton.jit
@@ -43,11 +43,11 @@ def centring_shift(x: torch.Tensor, *, splits: int | None = None) -> torch.Tenso
     acc = accumulation_dtype(x.dtype)
     block_d = next_power_of_2(d, low=64, high=256)
     block_r = 64
-    col_blocks = triton.cdiv(d, block_d)
+    col_blocks = cdiv(d, block_d)
     if splits is None:
-        splits = max(1, min(num_programs_target(x.device) // col_blocks, triton.cdiv(n, 4 * block_r)))
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_r) * block_r
-    splits = triton.cdiv(n, rows_per_split)
+        splits = max(1, min(num_programs_target(x.device) // col_blocks, cdiv(n, 4 * block_r)))
+    rows_per_split = cdiv(cdiv(n, splits), block_r) * block_r
+    splits = cdiv(n, rows_per_split)
     partial = torch.empty((splits, d), dtype=acc, device=x.device)
     # One split (up to 256 particles: the prompt regime, where a whole GPU step is a few launches): the
     # kernel writes the shift itself, without three to five small torch launches after it.

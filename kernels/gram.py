@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .centring import centring_shift
 from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred
-from .utils import INTERPRETING, SMALL_TILES, TileConfig, accumulation_dtype, num_programs_target, tl_dtype, tunable
+from .utils import INTERPRETING, SMALL_TILES, TileConfig, accumulation_dtype, cdiv, num_programs_target, tl_dtype, tunable
 
 BLOCK_D = 64
 
@@ -171,7 +171,7 @@ def gram_median(dist: torch.Tensor) -> torch.Tensor:
     Gram path's n <= 256 is at most 4.3e9."""
     m = dist.numel()
     ranks = torch.zeros(3, dtype=torch.float64, device=dist.device)
-    _rank_select_kernel[(triton.cdiv(m, RANK_BLOCKS["BLOCK_C"]),)](dist, ranks, m, (m - 1) // 2, m // 2, **RANK_BLOCKS)
+    _rank_select_kernel[(cdiv(m, RANK_BLOCKS["BLOCK_C"]),)](dist, ranks, m, (m - 1) // 2, m // 2, **RANK_BLOCKS)
     median = torch.empty((), dtype=torch.float64, device=dist.device)
     _median_of_ranks_kernel[(1,)](ranks, median)
     return median
@@ -189,8 +189,8 @@ _GRAM = tunable(_gram_kernel, key=["n", "d"], tiles=_GRAM_TILES)
 
 def gram_splits(n: int, d: int, device: torch.device, tile: TileConfig) -> int:
     """Column ranges for split-K: enough programs for the device, at least 4 chunks of BLOCK_D each."""
-    tiles = triton.cdiv(n, tile.block_m) * (triton.cdiv(n, tile.block_m) + 1) // 2
-    return max(1, min(num_programs_target(device) // tiles, triton.cdiv(d, 4 * BLOCK_D)))
+    tiles = cdiv(n, tile.block_m) * (cdiv(n, tile.block_m) + 1) // 2
+    return max(1, min(num_programs_target(device) // tiles, cdiv(d, 4 * BLOCK_D)))
 
 
 # Up to this many particles every candidate tile of the Gram kernel holds all rows in one tile (16 rows is
@@ -249,7 +249,7 @@ def gram_rbf_kernel(
 def _dists(gram, out, h, n, n_rows, col0, *, kernel, acc):
     """One launch of _gram_dists_kernel over out (n_rows x its columns)."""
     n_cols = out.shape[1]
-    grid = (triton.cdiv(n_rows, DISTS_BLOCK), triton.cdiv(n_cols, DISTS_BLOCK))
+    grid = (cdiv(n_rows, DISTS_BLOCK), cdiv(n_cols, DISTS_BLOCK))
     _gram_dists_kernel[grid](gram, out, h, n, n_rows, n_cols, col0, KERNEL=kernel, ACC=tl_dtype(acc), BLOCK=DISTS_BLOCK)
 
 
@@ -264,11 +264,11 @@ def _gram_sums(x, y, shift, mode, *, splits=None, tile=None, mean=None) -> torch
         raise ValueError(f"the Gram kernel takes square tiles, got {nominal.block_m} x {nominal.block_n}")
     if splits is None:
         splits = gram_splits(n, d, x.device, nominal)
-    cols_per_split = triton.cdiv(triton.cdiv(d, splits), BLOCK_D) * BLOCK_D
-    splits = triton.cdiv(d, cols_per_split)
+    cols_per_split = cdiv(cdiv(d, splits), BLOCK_D) * BLOCK_D
+    splits = cdiv(d, cols_per_split)
     partial = torch.empty((splits, n, n), dtype=torch.float64, device=x.device)  # only i <= j is read
     _GRAM.launch(
-        lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits),
+        lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]), splits),
         tile=tile,
         x_ptr=x,
         y_ptr=x if y is None else y,

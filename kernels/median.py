@@ -28,6 +28,7 @@ from .utils import (
     Kernel,
     TileConfig,
     accumulation_dtype,
+    cdiv,
     check_device,
     check_rows,
     dot_mode,
@@ -119,10 +120,10 @@ def median_sq_dist_tiled(
     acc = accumulation_dtype(x.dtype)
     tile = tile or _RADIX.fixed
     key_bits, key_dtype, int_dtype = (63, tl.uint64, torch.int64) if acc == torch.float64 else (31, tl.uint32, torch.int32)
-    row_blocks, col_blocks = triton.cdiv(n, tile.block_m), triton.cdiv(n, tile.block_n)
+    row_blocks, col_blocks = cdiv(n, tile.block_m), cdiv(n, tile.block_n)
     if splits is None:
-        splits = max(1, min(num_programs_target(x.device) // row_blocks, triton.cdiv(col_blocks, 4)))
-    per_split = triton.cdiv(col_blocks, splits)
+        splits = max(1, min(num_programs_target(x.device) // row_blocks, cdiv(col_blocks, 4)))
+    per_split = cdiv(col_blocks, splits)
     total = n * n
     # The two middle ranks of the numpy convention (equal for odd n*n); made on the device, not copied from
     # the host, so the whole selection can be captured in a CUDA graph.
@@ -132,7 +133,7 @@ def median_sq_dist_tiled(
     for digit_shift, width in _radix_passes(key_bits):
         hist = torch.zeros((2, 1 << width), dtype=torch.int64, device=x.device)
         _RADIX.launch(
-            lambda meta: (row_blocks, triton.cdiv(col_blocks, per_split)),
+            lambda meta: (row_blocks, cdiv(col_blocks, per_split)),
             tile=tile,
             x_ptr=x,
             shift_ptr=shift,

@@ -25,6 +25,7 @@ from .utils import (
     SMALL_TILES,
     TileConfig,
     accumulation_dtype,
+    cdiv,
     check_bandwidth,
     check_device,
     check_like,
@@ -176,7 +177,7 @@ def rbf_kernel_forward(
         return gram_rbf_kernel(x, None if self_kernel else y, shift, h, dot_mode(x.dtype, allow_tf32), tile=tile)
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     _FORWARD.launch(
-        lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"])),
+        lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(m, meta["BLOCK_N"])),
         tile=tile,
         x_ptr=x,
         y_ptr=y,
@@ -211,7 +212,7 @@ def _grad_rows(grad, k, a, b, shift, h, *, transposed, self_kernel, with_h, mode
     grad_strides = grad.stride()[::-1] if transposed else grad.stride()
     k_strides = k.stride()[::-1] if transposed else k.stride()
     _GRAD.launch(
-        lambda meta: (triton.cdiv(n_a, meta["BLOCK_M"]), triton.cdiv(d, block_v)),
+        lambda meta: (cdiv(n_a, meta["BLOCK_M"]), cdiv(d, block_v)),
         tile=tile,
         grad_ptr=grad,
         k_ptr=k,

@@ -57,6 +57,7 @@ from .utils import (
     SMALL_TILES,
     TileConfig,
     accumulation_dtype,
+    cdiv,
     check_bandwidth,
     check_device,
     check_like,
@@ -384,8 +385,8 @@ _FLASH = tunable(_svgd_flash_kernel, key=["n", "d"], tiles=FLASH_TILES)
 
 def _column_splits(n: int, d: int, block_v: int, device: torch.device, tile: TileConfig) -> int:
     """Split the columns j when row blocks x output chunks leave the device idle; >= 4 blocks per split."""
-    programs = triton.cdiv(n, tile.block_m) * triton.cdiv(d, block_v)
-    return max(1, min(num_programs_target(device) // programs, triton.cdiv(n, 4 * tile.block_n)))
+    programs = cdiv(n, tile.block_m) * cdiv(d, block_v)
+    return max(1, min(num_programs_target(device) // programs, cdiv(n, 4 * tile.block_n)))
 
 
 # False sends every many-particle step to the tiled kernel: the benchmarks' side-by-side provider
@@ -416,7 +417,7 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
     d_pad = next_power_of_2(d, low=MIN_BLOCK, high=FLASH_MAX_D)
-    n_pad = triton.cdiv(n, FLASH_ROW_PAD) * FLASH_ROW_PAD
+    n_pad = cdiv(n, FLASH_ROW_PAD) * FLASH_ROW_PAD
     half = mode in (DOT_HALF, DOT_HALF_SPLIT)
     store = torch.bfloat16 if half else acc
     a_hi, w_hi = (torch.empty((n_pad, d_pad), dtype=store, device=x.device) for _ in range(2))
@@ -434,10 +435,10 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
     nominal = tile or _FLASH.fixed
     if splits is None:
         splits = _column_splits(n, d, d_pad, x.device, nominal)
-    splits = min(splits, triton.cdiv(n, nominal.block_n))
+    splits = min(splits, cdiv(n, nominal.block_n))
     out, partial, rowsums = _split_outputs(x, splits, out)
     _FLASH.launch(
-        lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1, splits),
+        lambda meta: (cdiv(n, meta["BLOCK_M"]), 1, splits),
         tile=tile,
         a_hi_ptr=a_hi,
         a_lo_ptr=a_lo,
@@ -468,7 +469,7 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
 def _combine(partial, rowsums, x, score, shift, h, out, splits, block_v):
     """phi from the column splits' partial sums."""
     n, d = x.shape
-    grid = (triton.cdiv(n, 64), triton.cdiv(d, block_v))
+    grid = (cdiv(n, 64), cdiv(d, block_v))
     _svgd_combine_kernel[grid](
         partial, rowsums, x, shift, score, h, out, n, d, splits, x.stride(0), score.stride(0), BLOCK_M=64,
         BLOCK_V=block_v,
@@ -489,11 +490,11 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=Non
     nominal = tile or _SVGD.fixed
     if splits is None:
         splits = 1 if dist is not None else _column_splits(n, d, block_v, x.device, nominal)
-    splits = min(splits, triton.cdiv(n, nominal.block_n))
+    splits = min(splits, cdiv(n, nominal.block_n))
     out, partial, rowsums = _split_outputs(x, splits, out)
     track = finite is not None and splits == 1
     (_SVGD if dist is None else _SVGD_GRAM).launch(
-        lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_v), splits),
+        lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(d, block_v), splits),
         tile=tile,
         x_ptr=x,
         score_ptr=score,
