@@ -310,6 +310,51 @@ def test_svgd_step_into_writes_phi_and_flags_non_finite(target, algorithm, n, d,
                 assert not bool(torch.isfinite(out).all())
 
 
+@pytest.mark.parametrize("kernels", ["registers", "streamed"])
+@pytest.mark.parametrize("n,d", [(1, 8), (5, 40), (16, 520), (17, 24)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_svgd_step_batched_into_is_each_sets_step(target, monkeypatch, kernels, n, d, dtype):
+    """svgd_step_batched_into: each set's phi and flag as svgd_step_into gives them (bit for bit in the
+    emulator, where the CTAs of a set are its single call's; 16 x 520 fp32: two Gram CTAs a set), a NaN in one
+    set's score flagging that set only, the median rule and one H per set. Up to 16 particles the register
+    (or streamed) kernels take all sets in one Gram and one apply launch (emulator: 5 sets at most 2 a
+    launch: three of each), from 17 particles one set after another."""
+    if kernels == "streamed" and (dtype == torch.float64 or (d * dtype.itemsize) % 16):
+        pytest.skip("the streamed kernels take fp32 compute types and 16-byte rows")
+    monkeypatch.setenv("BMT_FAST_CUDA_GRAM", kernels)
+    if target.name == "emulator":
+        monkeypatch.setenv("BMT_FAST_EMULATE_MAX_SETS", "2")
+    torch.manual_seed(n * d)
+    sets = 5
+    x = (torch.randn(sets, n, d, dtype=torch.float64) * 1.5).to(dtype).to(target.device)
+    s = torch.randn(sets, n, d, dtype=torch.float64).to(dtype).to(target.device)
+    s[3, n - 1, d // 2] = math.nan
+    h = torch.tensor([0.5, 4.0, 40.0, 9.0, 2.0], dtype=torch.float64, device=target.device) * d / 8
+    exact = {"rtol": 0, "atol": 0} if target.name == "emulator" else {}
+    for bandwidth in (None, h):
+        if target.name == "emulator":  # the launches of one set's svgd_step_into
+            target.ops.take_launches()
+            target.ops.svgd_step_into(x[0], s[0], None if bandwidth is None else h[0], "auto", out=torch.empty_like(x[0]))
+            single_launches = len(target.ops.take_launches())
+        out = torch.full_like(x, 7.0)
+        flags = target.ops.svgd_step_batched_into(x, s, bandwidth, "auto", out=out)
+        assert flags.dtype == torch.bool and flags.shape == (sets,) and flags.device == x.device
+        assert flags.tolist() == [True, True, True, False, True]
+        if target.name == "emulator":
+            record = target.ops.take_launches()
+            if n <= 16:
+                assert single_launches == 2 and len(record) == 6, record
+                assert sum(size == STREAM_SHARED_BYTES for size in record) == (6 if kernels == "streamed" else 0)
+            else:
+                assert single_launches > 2 and len(record) == sets * single_launches, record
+        for i in range(sets):
+            single = torch.empty_like(x[i])
+            flag = target.ops.svgd_step_into(x[i], s[i], None if bandwidth is None else h[i], "auto", out=single)
+            assert bool(flag) == (i != 3)
+            torch.testing.assert_close(out[i], single, equal_nan=True, **exact)
+        assert torch.isnan(out[3, :, d // 2]).all()
+
+
 @pytest.mark.parametrize("algorithm", ["gram", "tiled"])
 def test_svgd_step_into_flags_values_that_overflow_float16(target, algorithm):
     """fp16 accumulates in fp32: a phi value finite in fp32 but past 65504 is stored as Inf, and flagged."""
@@ -684,8 +729,9 @@ def test_out_and_svgd_step_into_on_cuda(gpu, n):
 
 
 def test_svgd_step_batched_into_on_cuda(gpu):
-    """torch.ops.bmt_fast.svgd_step_batched_into on CUDA tensors (no CUDA kernel of its own: svgd_step_into on
-    each set): each set's phi and flag as svgd_step_into gives them, the flags on x's device."""
+    """torch.ops.bmt_fast.svgd_step_batched_into on CUDA tensors (the register kernels for all sets at once;
+    test_svgd_step_batched_into_is_each_sets_step covers more): each set's phi and flag as svgd_step_into gives
+    them, bit for bit where one CTA sums a set's Gram (40 features), the flags on x's device."""
     x = torch.randn(3, 9, 40, dtype=torch.float64, device="cuda")
     score = torch.randn_like(x)
     score[1, 4, 7] = math.nan

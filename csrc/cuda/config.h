@@ -14,6 +14,10 @@ constexpr int64_t kGramMaxRows = 4096;
 // Register-resident Gram and apply kernels up to this many rows; a tiled Gram kernel and a cuBLAS
 // apply beyond.
 constexpr int64_t kGramRegisterRows = 16;
+// svgd_step_batched_into: sets of at most kGramRegisterRows particles on the Gram path run as one launch of
+// each register kernel for up to this many sets (a grid's z extent), each set's CTAs as its single step's;
+// other sets run one after another as svgd_step_into.
+constexpr int64_t kMaxSetsPerLaunch = 65535;
 // bf16 / fp16 inputs use the tensor-core kernels (16-bit dot products of the centred particles) from
 // this many features on; below, the IEEE fp32 kernels: with few features the rounding of each coordinate
 // to 16 bits does not average out (d = 1: ~2.5% error in phi for bf16), and the dot is no bottleneck.

@@ -6,7 +6,9 @@
 //      for n <= 32, radix selection beyond) in one CTA, or H;
 //   3. K = exp(-D / H) as K/n and c = (2/H) rowsum(K) / n (one warp per row), or the rbf_kernel output;
 //   4. one memory-bound pass phi = (K/n) W + c V with W = score - (2/H) V formed on the fly.
-// For n <= 16 (soft prompts) steps 2 and 3 run inside step 4, so a step is a memset and two kernels.
+// For n <= 16 (soft prompts) steps 2 and 3 run inside step 4, so a step is a memset and two kernels, and
+// so is a batch of such steps (svgd_step_batched_into): blockIdx.z picks the set (GramParams / ApplyParams:
+// set strides), each set's CTAs as its single step's.
 // Rows 0..n-1 come from x and rows n..n+m-1 from y (rbf_kernel of two sets): R = n + m rows in all.
 #pragma once
 
@@ -26,7 +28,21 @@ struct GramParams {
   // svgd_step_into's flag, or null: set true here (this launch precedes the apply kernel, which clears
   // it on a non-finite phi value), so the flag needs no launch of its own.
   bool* finite = nullptr;
+  // A batch of sets (the register and streamed kernels only; y null): set s = blockIdx.z reads x + s * set_x,
+  // adds into gram + s * set_gram and sets finite[s]. 0 for one set.
+  long long set_x = 0, set_gram = 0;
 };
+
+// p for the set of this CTA (blockIdx.z; set 0 of a launch of one set: p itself).
+template <typename In>
+BMT_DEVICE GramParams<In> for_set(const GramParams<In>& p) {
+  GramParams<In> q = p;
+  const long long set = blockIdx.z;
+  q.x += set * p.set_x;
+  q.gram += set * p.set_gram;
+  if (q.finite) q.finite += set;
+  return q;
+}
 
 template <typename In>
 BMT_DEVICE const In* gram_row(const GramParams<In>& p, long long r) {
@@ -158,8 +174,9 @@ BMT_DEVICE void gram_small_part(const GramParams<In>& p, long long rows, long lo
 }
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kGramSmallCtasPerSm<kMax>) gram_small_kernel(const GramParams<In> p) {
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, kGramSmallCtasPerSm<kMax>) gram_small_kernel(const GramParams<In> params) {
   using C = compute_t<In>;
+  const GramParams<In> p = for_set(params);
   constexpr int kParts = kGramSmallParts<In, kMax>;
   constexpr int kPairs = kGramMostPartPairs<kMax, kParts>;
   constexpr int kWarps = 256 / kWarp;
@@ -254,8 +271,9 @@ template <typename In, int kMax>
 constexpr int kGramStreamWidth = kStreamWidth<In, kMax, kGramStreamStages>;
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kStreamThreads, 1) gram_stream_kernel(const GramParams<In> p) {
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kStreamThreads, 1) gram_stream_kernel(const GramParams<In> params) {
   static_assert(kGramSmallParts<In, kMax> == 1, "float64 keeps the register kernel");
+  const GramParams<In> p = for_set(params);
   using C = compute_t<In>;
   constexpr int kPairs = kMax * (kMax + 1) / 2;
   constexpr int kWidth = kGramStreamWidth<In, kMax>;
@@ -509,7 +527,24 @@ struct ApplyParams {
   const double* given;  // H, or null for the median rule
   double floor;
   bool* finite;  // null, or cleared when a stored phi value is NaN/Inf (set true by gram_small_kernel)
+  // A batch of sets, as GramParams: set s = blockIdx.z reads x and score and writes phi at + s * set_rows, reads
+  // gram + s * set_gram and given + s * set_given (0: one H for all), clears finite[s]. 0 for one set.
+  long long set_rows = 0, set_gram = 0, set_given = 0;
 };
+
+// p for the set of this CTA (blockIdx.z), as for_set of GramParams.
+template <typename In>
+BMT_DEVICE ApplyParams<In> for_set(const ApplyParams<In>& p) {
+  ApplyParams<In> q = p;
+  const long long set = blockIdx.z;
+  q.x += set * p.set_rows;
+  q.score += set * p.set_rows;
+  q.phi += set * p.set_rows;
+  q.gram += set * p.set_gram;
+  if (q.given) q.given += set * p.set_given;
+  if (q.finite) q.finite += set;
+  return q;
+}
 
 // Two CTAs per SM (at most 128 registers) except for fp64 with 16 rows, which needs more. The host launches
 // one wave of them: each CTA first derives H and K from G (a fixed cost), then loops over its columns.
@@ -609,8 +644,9 @@ BMT_DEVICE bool apply_columns(const ApplyShared<C, kMax>& shared, const ApplySca
 }
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kApplySmallCtasPerSm<In, kMax>)) apply_small_kernel(const ApplyParams<In> p) {
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kApplySmallCtasPerSm<In, kMax>)) apply_small_kernel(const ApplyParams<In> params) {
   using C = compute_t<In>;
+  const ApplyParams<In> p = for_set(params);
   constexpr int kColumns = 2;  // columns per thread and step: each shared K entry feeds two FMAs
   __shared__ ApplyShared<C, kMax> shared;
   const ApplyScalars<C> scalars = apply_weights(p, shared);
@@ -651,8 +687,9 @@ template <typename In, int kMax>
 constexpr int kApplyStreamWidth = kStreamWidth<In, 2 * kMax, kApplyStreamStages>;
 
 template <typename In, int kMax>
-BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kStreamThreads, 1) apply_stream_kernel(const ApplyParams<In> p) {
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kStreamThreads, 1) apply_stream_kernel(const ApplyParams<In> params) {
   using C = compute_t<In>;
+  const ApplyParams<In> p = for_set(params);
   static_assert(sizeof(C) == 4, "float64 keeps the register kernel");
   constexpr int kWidth = kApplyStreamWidth<In, kMax>;
   constexpr int kColumns = kWidth >= 2 * kStreamThreads ? 2 : 1;

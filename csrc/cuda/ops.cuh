@@ -18,6 +18,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include "../bmt_fast.h"
 #include "config.h"
@@ -50,6 +51,7 @@ struct Device {
   // and smaller GPUs keep the register kernels): the prompt regime's streamed kernels (gram_streams)
   bool stream_gram = false;
   int64_t workspace_bytes = kBlockedWorkspaceBytes;  // the row-block path's (rows x n) buffer, at most
+  int64_t max_sets_per_launch = kMaxSetsPerLaunch;    // svgd_step_batched_into's sets in one launch, at most
 };
 
 // The prompt-regime kernels (n + m <= kGramRegisterRows): "registers" (gram_small_kernel / apply_small_kernel,
@@ -72,6 +74,7 @@ inline Device launch_device(const at::Tensor& x) {
   dev.sms = sms ? std::max(1, std::atoi(sms)) : 2;
   dev.major = 9;
   if (const char* bytes = std::getenv("BMT_FAST_EMULATE_WORKSPACE_BYTES")) dev.workspace_bytes = std::atoll(bytes);
+  if (const char* sets = std::getenv("BMT_FAST_EMULATE_MAX_SETS")) dev.max_sets_per_launch = std::max(1, std::atoi(sets));
 #else
   const int index = x.get_device();
   int minor = 0;
@@ -212,18 +215,31 @@ unsigned stream_grid(int64_t d, const Device& dev) {
 
 // G (R x R float64, upper triangle) of the rows of x and y (if given), shifted by x[0].
 // finite: svgd_step_into's flag, set true by the register kernels (rows <= kGramRegisterRows only).
+// x of 3 dims (sets, n, d), y null, n <= kGramRegisterRows: the G of each set (sets, n, n) in one launch, each
+// set's CTAs (blockIdx.z) as its single call's; finite then one flag per set.
 template <typename In>
 at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, const Device& dev,
                        bool* finite = nullptr) {
-  const int64_t n = x.size(0), m = y ? y->size(0) : 0, d = x.size(1), rows = n + m;
+  const bool batched = x.dim() == 3;
+  const int64_t sets = batched ? x.size(0) : 1, n = x.size(-2), m = y ? y->size(0) : 0, d = x.size(-1);
+  const int64_t rows = n + m;
   BMT_CHECK(rows <= kGramMaxRows, "the Gram algorithm handles at most ", num(kGramMaxRows),
             " particles on CUDA, got ", num(rows), " (use algorithm=\"tiled\")");
-  at::Tensor gram = at::zeros({rows, rows}, x.options().dtype(at::kDouble));
+  BMT_CHECK(!batched || (!y && rows <= kGramRegisterRows && sets <= dev.max_sets_per_launch),
+            "gram_matrix: a batch takes sets of at most ", num(kGramRegisterRows), " rows, ",
+            num(dev.max_sets_per_launch), " sets a launch");
+  at::Tensor gram = batched ? at::zeros({sets, rows, rows}, x.options().dtype(at::kDouble))
+                            : at::zeros({rows, rows}, x.options().dtype(at::kDouble));
   GramParams<In> p{pointer<In>(x), y ? pointer<In>(*y) : nullptr, n, m, d, mutable_pointer<double>(gram), 0, finite};
+  p.set_x = n * d;
+  p.set_gram = rows * rows;
+  const auto per_set = [&](unsigned blocks) { return dim3(blocks, 1, static_cast<unsigned>(sets)); };
   if (rows <= kGramRegisterRows) {
     if constexpr (sizeof(compute_t<In>) == 4) {
       if (gram_streams<In>({p.x, y ? p.y : p.x}, d, dev)) {
-        auto run = [&](auto kernel) { launch(kernel, stream_grid<In>(d, dev), kStreamThreads, kStreamSharedBytes, dev, p); };
+        auto run = [&](auto kernel) {
+          launch(kernel, per_set(stream_grid<In>(d, dev)), kStreamThreads, kStreamSharedBytes, dev, p);
+        };
         if (rows <= 4) run(&gram_stream_kernel<In, 4>);
         else if (rows <= 8) run(&gram_stream_kernel<In, 8>);
         else run(&gram_stream_kernel<In, 16>);
@@ -232,8 +248,8 @@ at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, 
     }
     // one wave: a slice of columns per thread block and pass, at most as many blocks as fit at once
     auto run = [&](auto kernel, int columns, int ctas_per_sm) {
-      launch(kernel, grid_size(std::min<int64_t>((d + columns - 1) / columns, int64_t{ctas_per_sm} * dev.sms)), 256,
-             0, dev, p);
+      launch(kernel, per_set(grid_size(std::min<int64_t>((d + columns - 1) / columns, int64_t{ctas_per_sm} * dev.sms))),
+             256, 0, dev, p);
     };
     if (rows <= 4) {
       run(&gram_small_kernel<In, 4>, kGramSmallColumns<In, 4>, kGramSmallCtasPerSm<4>);
@@ -265,16 +281,24 @@ inline at::Tensor gram_bandwidth(const at::Tensor& gram, int64_t n, const std::o
 }
 
 // Step 4 for n <= kGramRegisterRows: phi = K W / n + c V into phi (contiguous), H and K derived from G in
-// the kernel; `finite` (or null) is cleared on a non-finite phi value.
+// the kernel; `finite` (or null) is cleared on a non-finite phi value. A batch (x, score, phi (sets, n, d),
+// gram_matrix's G of each set, h_given none or one per set, a flag per set): one launch, each set's CTAs as its
+// single call's.
 template <typename In>
 void apply_small(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
                  const at::Tensor& gram, at::Tensor& phi, bool* finite, const Device& dev) {
-  const int64_t n = x.size(0), d = x.size(1);
-  const ApplyParams<In> ap{pointer<In>(x), pointer<In>(score), mutable_pointer<In>(phi), n, d, pointer<double>(gram),
-                           h_given ? pointer<double>(*h_given) : nullptr, kBandwidthFloor, finite};
+  const int64_t sets = x.dim() == 3 ? x.size(0) : 1, n = x.size(-2), d = x.size(-1);
+  ApplyParams<In> ap{pointer<In>(x), pointer<In>(score), mutable_pointer<In>(phi), n, d, pointer<double>(gram),
+                     h_given ? pointer<double>(*h_given) : nullptr, kBandwidthFloor, finite};
+  ap.set_rows = n * d;
+  ap.set_gram = n * n;
+  ap.set_given = h_given && h_given->dim() == 1 ? 1 : 0;
+  const auto per_set = [&](unsigned blocks) { return dim3(blocks, 1, static_cast<unsigned>(sets)); };
   if constexpr (sizeof(compute_t<In>) == 4) {
     if (gram_streams<In>({ap.x, ap.score}, d, dev)) {
-      auto run = [&](auto kernel) { launch(kernel, stream_grid<In>(d, dev), kStreamThreads, kStreamSharedBytes, dev, ap); };
+      auto run = [&](auto kernel) {
+        launch(kernel, per_set(stream_grid<In>(d, dev)), kStreamThreads, kStreamSharedBytes, dev, ap);
+      };
       if (n <= 4) run(&apply_stream_kernel<In, 4>);
       else if (n <= 8) run(&apply_stream_kernel<In, 8>);
       else run(&apply_stream_kernel<In, 16>);
@@ -283,7 +307,8 @@ void apply_small(const at::Tensor& x, const at::Tensor& score, const std::option
   }
   // one wave: 512 columns per thread block and pass, at most as many blocks as fit at once
   auto run = [&](auto kernel, int ctas_per_sm) {
-    launch(kernel, grid_size(std::min<int64_t>((d + 511) / 512, int64_t{ctas_per_sm} * dev.sms)), 256, 0, dev, ap);
+    launch(kernel, per_set(grid_size(std::min<int64_t>((d + 511) / 512, int64_t{ctas_per_sm} * dev.sms))), 256, 0,
+           dev, ap);
   };
   if (n <= 4) {
     run(&apply_small_kernel<In, 4>, kApplySmallCtasPerSm<In, 4>);
@@ -559,6 +584,48 @@ inline at::Tensor svgd_step_into(const at::Tensor& x_in, const at::Tensor& score
   return finite;
 }
 
+// svgd_step_batched_into: sets (x, score, out (sets, n, d)) of n <= kGramRegisterRows particles on the Gram path
+// in two launches for up to kMaxSetsPerLaunch sets (and G's memset), not two per set: each set's phi and flag
+// as its svgd_step_into's (its CTAs are the single call's: bit for bit in the emulator; on a GPU the split-K
+// sums are float64 atomics in either, whose order may differ). Other sets one after another as svgd_step_into.
+inline at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& score_in,
+                                         const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
+                                         at::Tensor& out) {
+  check_svgd_step_batched_args(x_in, score_in, bandwidth, algorithm, out);
+  const int64_t sets = x_in.size(0), n = x_in.size(1);
+  if (!use_gram(n, parse_algorithm(algorithm)) || n > kGramRegisterRows) {
+    std::vector<at::Tensor> flags;
+    flags.reserve(sets);
+    for (int64_t set = 0; set < sets; ++set) {
+      at::Tensor phi = out.select(0, set);
+      flags.push_back(svgd_step_into(x_in.select(0, set), score_in.select(0, set),
+                                     bandwidth ? std::optional<at::Tensor>(bandwidth->select(0, set)) : std::nullopt,
+                                     algorithm, phi));
+    }
+    return at::stack(flags);
+  }
+  BMT_FAST_DEVICE_GUARD(x_in);
+  const Device dev = launch_device(x_in);
+  const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
+  const std::optional<at::Tensor> h =
+      bandwidth ? std::optional<at::Tensor>(bandwidth->detach().to(at::kDouble).contiguous()) : std::nullopt;
+  at::Tensor finite = at::empty({sets}, x.options().dtype(at::kBool));
+  for (int64_t first = 0; first < sets; first += dev.max_sets_per_launch) {
+    const int64_t count = std::min(dev.max_sets_per_launch, sets - first);
+    const at::Tensor xs = x.narrow(0, first, count), ss = score.narrow(0, first, count);
+    const std::optional<at::Tensor> hs = h ? std::optional<at::Tensor>(h->narrow(0, first, count)) : std::nullopt;
+    at::Tensor phi = out.narrow(0, first, count);
+    bool* flags = finite.mutable_data_ptr<bool>() + first;
+    with_storage_type(x.scalar_type(), [&](auto tag) {
+      using In = typename decltype(tag)::type;
+      const at::Tensor gram = gram_matrix<In>(xs, std::nullopt, dev, flags);
+      apply_small<In>(xs, ss, hs, gram, phi, flags, dev);
+      return 0;
+    });
+  }
+  return finite;
+}
+
 inline at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algorithm) {
   check_particles(x_in, "x");
   const Algorithm algo = parse_algorithm(algorithm);
@@ -697,6 +764,11 @@ inline void register_kernels(torch::Library& m) {
                               const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
                               at::Tensor& out) {
     return svgd_step_into(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()), out);
+  });
+  m.impl("svgd_step_batched_into", [](const at::Tensor& x, const at::Tensor& score,
+                                      const std::optional<at::Tensor>& bandwidth, c10::string_view algorithm,
+                                      at::Tensor& out) {
+    return svgd_step_batched_into(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()), out);
   });
   m.impl("median_bandwidth", [](const at::Tensor& x, c10::string_view algorithm) {
     return median_bandwidth(x, std::string_view(algorithm.data(), algorithm.size()));

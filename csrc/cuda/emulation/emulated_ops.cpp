@@ -12,6 +12,8 @@ TORCH_LIBRARY(bmt_fast_cuda_emulated, m) {
   m.def("svgd_step(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\") -> Tensor");
   m.def("svgd_step_into(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\", *,"
         " Tensor(a!) out) -> Tensor");
+  m.def("svgd_step_batched_into(Tensor x, Tensor score, Tensor? bandwidth=None, str algorithm=\"auto\", *,"
+        " Tensor(a!) out) -> Tensor");
   m.def("median_bandwidth(Tensor x, str algorithm=\"auto\") -> Tensor");
   m.def("rbf_kernel(Tensor x, Tensor y, Tensor bandwidth) -> Tensor");
   m.def("rbf_kernel_backward(Tensor grad, Tensor x, Tensor y, Tensor kernel, Tensor bandwidth, bool[3] output_mask)"
