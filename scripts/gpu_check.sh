@@ -130,12 +130,13 @@ bench rbf_grad 90 rbf_kernel_grad --dtype float32 --sizes 4096x128,1024x768,16x4
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
 bench median 120 median_bandwidth --dtype float32 --sizes 1024x64,8192x128,65536x64,16x409600 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive
-# particle sets per call: torch.func.vmap of the step (CUDA: the batched op, svgd_step_into per set in C++;
-# Triton: one call per set) against a loop and torch's own batching of the naive code (vmap), where launch
-# overheads, not the kernels, may decide for small sets; 256 small sets too
-bench vmap 90 svgd_step_vmap --dtype float32 --batch 16 --sizes 32x8,256x64,2048x64,16x76800 \
+# particle sets per call: torch.func.vmap of the step (CUDA: the batched op: up to 16 particles one launch of
+# each register kernel for all sets, else svgd_step_into per set in C++; Triton: one call per set) against a
+# loop and torch's own batching of the naive code (vmap), where launch overheads, not the kernels, may decide
+# for small sets; 256 small sets too
+bench vmap 90 svgd_step_vmap --dtype float32 --batch 16 --sizes 16x64,32x8,256x64,2048x64,16x76800 \
   --providers bmt_fast-cuda-vmap,bmt_fast-cuda-loop,bmt_fast-triton-vmap,torch-naive-vmap
-bench vmap256 60 svgd_step_vmap --dtype float32 --batch 256 --sizes 32x2,100x10 \
+bench vmap256 60 svgd_step_vmap --dtype float32 --batch 256 --sizes 8x2,16x64,32x2,100x10 \
   --providers bmt_fast-cuda-vmap,bmt_fast-cuda-loop,torch-naive-vmap
 bench compiled 180 svgd_step --dtype bfloat16 --sizes 65536x128 --providers bmt_fast-cuda,torch-compile,attention-flex
 
