@@ -4,6 +4,7 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/stack.h>
 #include <c10/util/Exception.h>
 
 #include <array>
@@ -12,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace bmt_fast {
 
@@ -107,6 +109,21 @@ inline void check_svgd_step_out(const at::Tensor& x, const at::Tensor& score, co
   for (const auto& [t, name] : {std::pair{&x, "x"}, std::pair{&score, "score"}})
     BMT_CHECK(!out.storage().is_alias_of(t->storage()) || at::get_overlap_status(out, *t) == at::MemOverlapStatus::No,
               "out must not overlap ", name);
+}
+
+// svgd_step_batched_into by one svgd_step_into per set, one after another: step(x_s, score_s, bandwidth_s,
+// out_s) -> that set's 0-dim flag; the (sets,) flags on x's device.
+template <typename Step>
+at::Tensor step_each_set(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+                         at::Tensor& out, Step&& step) {
+  std::vector<at::Tensor> flags;
+  flags.reserve(x.size(0));
+  for (int64_t set = 0; set < x.size(0); ++set) {
+    at::Tensor phi = out.select(0, set);
+    flags.push_back(step(x.select(0, set), score.select(0, set),
+                         bandwidth ? std::optional<at::Tensor>(bandwidth->select(0, set)) : std::nullopt, phi));
+  }
+  return at::stack(flags);
 }
 
 // svgd_step_into where phi comes whole from svgd_step: copied into out, then scanned for NaN/Inf (a 0-dim

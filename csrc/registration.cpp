@@ -66,15 +66,10 @@ at::Tensor svgd_step_batched_into_composite(const at::Tensor& x, const at::Tenso
                                             at::Tensor& out) {
   check_svgd_step_batched_args(x, score, bandwidth, std::string_view(algorithm.data(), algorithm.size()), out);
   static const auto op = op_handle<SvgdStepIntoSig>("bmt_fast::svgd_step_into");
-  std::vector<at::Tensor> flags;
-  flags.reserve(x.size(0));
-  for (int64_t set = 0; set < x.size(0); ++set) {
-    at::Tensor phi = out.select(0, set);
-    flags.push_back(op.call(x.select(0, set), score.select(0, set),
-                            bandwidth ? std::optional<at::Tensor>(bandwidth->select(0, set)) : std::nullopt, algorithm,
-                            phi));
-  }
-  return at::stack(flags);
+  return step_each_set(x, score, bandwidth, out, [&](const at::Tensor& xs, const at::Tensor& ss,
+                                                     const std::optional<at::Tensor>& hs, at::Tensor& phi) {
+    return op.call(xs, ss, hs, algorithm, phi);
+  });
 }
 
 // Any device without its own kernel: the median rule, then the kernel with that bandwidth.

@@ -346,6 +346,19 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
   return at::addmm((c.unsqueeze(1) * v).add_(score.to(acc), 1.0 / static_cast<double>(n)), kn, w).to(x.scalar_type());
 }
 
+// The step for n <= kGramRegisterRows by the register (or streamed) kernels: G, then phi into out (contiguous)
+// and the flag(s), no launch in between. x, score, out of one set (n, d), h a 0-dim H or none, one flag; or
+// a batch (sets, n, d), h one H per set or none, a flag per set (gram_matrix, apply_small).
+inline void step_by_register_kernels(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h,
+                                     at::Tensor& out, bool* finite, const Device& dev) {
+  with_storage_type(x.scalar_type(), [&](auto tag) {
+    using In = typename decltype(tag)::type;
+    const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev, finite);
+    apply_small<In>(x, score, h, gram, out, finite, dev);
+    return 0;
+  });
+}
+
 // ---- tiled path ------------------------------------------------------------------------------------
 
 // The median rule on the FFMA distance tiles (fp32 / fp64): 0-dim tensor of the compute type.
@@ -574,13 +587,7 @@ inline at::Tensor svgd_step_into(const at::Tensor& x_in, const at::Tensor& score
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const std::optional<at::Tensor> h = gram_bandwidth_arg(bandwidth);
   at::Tensor finite = at::empty({}, x.options().dtype(at::kBool));
-  bool* flag = finite.mutable_data_ptr<bool>();
-  with_storage_type(x.scalar_type(), [&](auto tag) {
-    using In = typename decltype(tag)::type;
-    const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev, flag);
-    apply_small<In>(x, score, h, gram, out, flag, dev);
-    return 0;
-  });
+  step_by_register_kernels(x, score, h, out, finite.mutable_data_ptr<bool>(), dev);
   return finite;
 }
 
@@ -594,15 +601,10 @@ inline at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tenso
   check_svgd_step_batched_args(x_in, score_in, bandwidth, algorithm, out);
   const int64_t sets = x_in.size(0), n = x_in.size(1);
   if (!use_gram(n, parse_algorithm(algorithm)) || n > kGramRegisterRows) {
-    std::vector<at::Tensor> flags;
-    flags.reserve(sets);
-    for (int64_t set = 0; set < sets; ++set) {
-      at::Tensor phi = out.select(0, set);
-      flags.push_back(svgd_step_into(x_in.select(0, set), score_in.select(0, set),
-                                     bandwidth ? std::optional<at::Tensor>(bandwidth->select(0, set)) : std::nullopt,
-                                     algorithm, phi));
-    }
-    return at::stack(flags);
+    return step_each_set(x_in, score_in, bandwidth, out, [&](const at::Tensor& xs, const at::Tensor& ss,
+                                                             const std::optional<at::Tensor>& hs, at::Tensor& phi) {
+      return svgd_step_into(xs, ss, hs, algorithm, phi);
+    });
   }
   BMT_FAST_DEVICE_GUARD(x_in);
   const Device dev = launch_device(x_in);
@@ -615,13 +617,7 @@ inline at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tenso
     const at::Tensor xs = x.narrow(0, first, count), ss = score.narrow(0, first, count);
     const std::optional<at::Tensor> hs = h ? std::optional<at::Tensor>(h->narrow(0, first, count)) : std::nullopt;
     at::Tensor phi = out.narrow(0, first, count);
-    bool* flags = finite.mutable_data_ptr<bool>() + first;
-    with_storage_type(x.scalar_type(), [&](auto tag) {
-      using In = typename decltype(tag)::type;
-      const at::Tensor gram = gram_matrix<In>(xs, std::nullopt, dev, flags);
-      apply_small<In>(xs, ss, hs, gram, phi, flags, dev);
-      return 0;
-    });
+    step_by_register_kernels(xs, ss, hs, phi, finite.mutable_data_ptr<bool>() + first, dev);
   }
   return finite;
 }
