@@ -187,11 +187,12 @@ inline void check_svgd_step_batched_args(const at::Tensor& x, const at::Tensor& 
   parse_algorithm(algorithm);
 }
 
-inline double read_bandwidth(const at::Tensor& h) {
-  const double value = h.item<double>();
+inline double checked_bandwidth(double value) {
   BMT_CHECK(std::isfinite(value) && value > 0.0, "bandwidth must be positive and finite, got ", num(value));
   return value;
 }
+
+inline double read_bandwidth(const at::Tensor& h) { return checked_bandwidth(h.item<double>()); }
 
 // rbf_kernel_self_backward on any device without its own kernel (registration.cpp), and the CPU's outside
 // its general path: through rbf_kernel_backward, with grad + grad^T or with both of its gradients.

@@ -298,6 +298,13 @@ def test_svgd_step_batched_into_op():
     ):
         with pytest.raises(RuntimeError, match=message):
             ops.svgd_step_batched_into(*args, out=out if args[0].shape == x.shape else torch.empty_like(args[0]))
+    # a bad bandwidth of a later set is refused before any set is stepped: out keeps what it held
+    late = h.clone()
+    late[4] = 0.0
+    out.fill_(7.0)
+    with pytest.raises(RuntimeError, match="bandwidth must be positive and finite, got 0"):
+        ops.svgd_step_batched_into(x, score, late, out=out)
+    assert bool((out == 7.0).all())
     for bad_out, message in ((torch.empty(5, 7, 4), "out must have the shape of x"), (x, "out must not overlap x"),
                              (torch.empty(5, 3, 7).mT, "out must be contiguous")):
         with pytest.raises(RuntimeError, match=message):

@@ -2373,11 +2373,9 @@ StepPath step_path(const at::Tensor& x, Algorithm algorithm, bool bandwidth_give
   return use_fused(x.size(1)) ? StepPath::kFused : StepPath::kTiled;
 }
 
-std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score_in,
-                                 const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
-                                 at::Tensor& out) {
+std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score_in, const std::optional<double>& h,
+                                 std::string_view algorithm, at::Tensor& out) {
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
-  const std::optional<double> h = bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
   const StepPath path = step_path(x, parse_algorithm(algorithm), h.has_value());
   // The Gram path's two passes in one team (team.h): fp32, PASSIVE, alternating, 3 rounds, two regions ->
   // one team (us): 4 x 409,600 828-872 -> 771-780, 16 x 76,800 875-925 -> 795-798, 16 x 409,600 and 64 x
@@ -2421,12 +2419,34 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
 
 namespace {
 
+// A given bandwidth's value, checked (read_bandwidth); none for the median rule.
+std::optional<double> bandwidth_value(const std::optional<at::Tensor>& bandwidth) {
+  return bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
+}
+
+// A view of one set of a contiguous batch (sets, ...), moved from set to set by its storage offset: one tensor
+// for a run of sets, where a select per set made a tensor each (~75 ns; four a set of the batched op, a fifth of
+// its time for a set of 8 x 2 particles, perf).
+class SetView {
+ public:
+  explicit SetView(const at::Tensor& batch)
+      : view_(batch.select(0, 0)), first_(batch.storage_offset()), stride_(batch.stride(0)) {}
+  at::Tensor& operator[](int64_t set) {
+    view_.unsafeGetTensorImpl()->set_storage_offset(first_ + set * stride_);
+    return view_;
+  }
+
+ private:
+  at::Tensor view_;
+  int64_t first_, stride_;
+};
+
 // svgd_step_into past its argument checks: phi into out, and whether it is all finite (the kernel's flag, or
 // a scan of phi where the path does not track it).
-bool step_into_checked(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
+bool step_into_checked(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& h,
                        std::string_view algorithm, at::Tensor& out) {
   const SerialIfSmall serial(x.size(0), x.size(0), x.size(1));  // (the scan of phi too)
-  const std::optional<bool> tracked = svgd_step_to(x, score, bandwidth, algorithm, out);
+  const std::optional<bool> tracked = svgd_step_to(x, score, h, algorithm, out);
   return tracked ? *tracked : at::isfinite(out).all().item<bool>();
 }
 
@@ -2436,7 +2456,8 @@ at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const st
                           std::string_view algorithm, at::Tensor& out) {
   check_svgd_step_args(x, score, bandwidth);
   check_svgd_step_out(x, score, out);
-  return at::scalar_tensor(step_into_checked(x, score, bandwidth, algorithm, out), x.options().dtype(at::kBool));
+  return at::scalar_tensor(step_into_checked(x, score, bandwidth_value(bandwidth), algorithm, out),
+                           x.options().dtype(at::kBool));
 }
 
 at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& bandwidth,
@@ -2444,7 +2465,7 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
   check_svgd_step_args(x, score, bandwidth);
   const SerialIfSmall serial(x.size(0), x.size(0), x.size(1));
   at::Tensor phi = empty_large(x.sizes(), x.options());
-  svgd_step_to(x, score, bandwidth, algorithm, phi);
+  svgd_step_to(x, score, bandwidth_value(bandwidth), algorithm, phi);
   return phi;
 }
 
@@ -2457,9 +2478,10 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
 // Other sets run one after another, each as the single op (with all threads where it takes them). Either way
 // each set's phi and flag are the single op's, bit for bit.
 // A set's fixed cost in the batched op, in units of the work formula n^2 (d + 32) (~0.025 ns a unit on one
-// thread for larger sets): the tensor views, the thread setup and the Gram path's buffers, ~1.5 us a set of
-// 8 x 2 to 32 x 8 fp32 particles on one thread (2-core AMD EPYC, Zen 5; 8 x 2: 1.66 us, 32 x 2: 8.0 us,
-// 128 x 8: 28.6 us, 256 x 16: 80 us).
+// thread for larger sets): the thread setup, the Gram path's buffers and its kernels' setup, ~1-1.5 us a set
+// of 8 x 2 to 32 x 8 fp32 particles on one thread (2-core AMD EPYC, Zen 5, median rule; 8 x 2: 1.66 us when
+// it was set, 1.11 since the sets' views are moved (SetView) and their bandwidths read once; 32 x 2: 8.0 ->
+// 7.3 us, 128 x 8: 28.6 -> 28.0 us, 256 x 16: 80 us).
 constexpr int64_t kBatchedSetWork = int64_t{1} << 16;
 
 at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& score_in,
@@ -2467,30 +2489,36 @@ at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& scor
                                   at::Tensor& out) {
   check_svgd_step_batched_args(x_in, score_in, bandwidth, algorithm, out);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
-  const at::Tensor h = bandwidth ? bandwidth->contiguous() : at::Tensor();
   const int64_t sets = x.size(0), n = x.size(1), d = x.size(2);
+  // Every set's bandwidth read and checked before any set is stepped (a bad one leaves out as it was)
+  std::vector<double> h;
+  if (bandwidth) {
+    const at::Tensor values = bandwidth->to(at::kDouble).contiguous();
+    h.assign(values.const_data_ptr<double>(), values.const_data_ptr<double>() + sets);
+    for (const double value : h) checked_bandwidth(value);
+  }
   at::Tensor finite = at::empty({sets}, x.options().dtype(at::kBool));
   bool* flags = finite.data_ptr<bool>();
-  const auto step = [&](int64_t set) {
-    at::Tensor phi = out.select(0, set);
-    const std::optional<at::Tensor> h_set = h.defined() ? std::optional<at::Tensor>(h.select(0, set)) : std::nullopt;
-    flags[set] = step_into_checked(x.select(0, set), score.select(0, set), h_set, algorithm, phi);
+  const auto steps = [&](int64_t begin, int64_t end) {
+    SetView xs(x), ss(score), phis(out);
+    for (int64_t set = begin; set < end; ++set) {
+      const std::optional<double> h_set = bandwidth ? std::optional<double>(h[set]) : std::nullopt;
+      flags[set] = step_into_checked(xs[set], ss[set], h_set, algorithm, phis[set]);
+    }
   };
   // Spread only sets on this library's own kernels (the Gram and fused paths, the median included), not through
   // torch's GEMMs (the feature chunks, the GEMM tiles) or AMX's brgemm: MKL's dgemm called inside a parallel
   // region gave results an ulp apart from the same call outside one for some shapes (fp64, 31 x 200 and 31 x
   // 65 by the feature chunks, 31 x 8 by the GEMM tiles, under BMT_FAST_CPU_FUSED=0).
-  const StepPath path = step_path(x.select(0, 0), parse_algorithm(algorithm), h.defined());
+  const StepPath path = step_path(x.select(0, 0), parse_algorithm(algorithm), bandwidth.has_value());
   const int64_t work = n * n * (d + 32);
   if (work > serial_max_work() || (path != StepPath::kGram && path != StepPath::kFused)) {
-    for (int64_t set = 0; set < sets; ++set) step(set);
+    steps(0, sets);
   } else {
     // A share's work counts each set's fixed cost too (kBatchedSetWork): the work formula alone put all 256
     // sets of 8 x 2 particles (~1.7 us each, nearly all of it that cost) into one share, on one thread.
     const int64_t per_set = work + kBatchedSetWork;
-    at::parallel_for(0, sets, std::max<int64_t>(1, serial_max_work() / per_set), [&](int64_t begin, int64_t end) {
-      for (int64_t set = begin; set < end; ++set) step(set);
-    });
+    at::parallel_for(0, sets, std::max<int64_t>(1, serial_max_work() / per_set), steps);
   }
   return finite;
 }
