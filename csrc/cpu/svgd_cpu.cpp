@@ -2470,13 +2470,6 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
 }
 
 
-// Many small sets (torch.func.vmap of svgd_step): one op for all of them, not one per set from Python (~20 us
-// each on a 2-core VM where the step of 32 x 2 particles takes a few). A set within serial_max_work() runs on
-// one thread in the single op (SerialIfSmall); here such sets are shared among the threads, each run by one
-// (SerialIfSmall again: its ATen loops and teams take that one thread, as in the single op), a share of them
-// holding about serial_max_work() of work, where the path runs on this library's own kernels alone (below).
-// Other sets run one after another, each as the single op (with all threads where it takes them). Either way
-// each set's phi and flag are the single op's, bit for bit.
 // A set's fixed cost in the batched op, in units of the work formula n^2 (d + 32) (~0.025 ns a unit on one
 // thread for larger sets): the thread setup, the Gram path's buffers and its kernels' setup, ~1-1.5 us a set
 // of 8 x 2 to 32 x 8 fp32 particles on one thread (2-core AMD EPYC, Zen 5, median rule; 8 x 2: 1.66 us when
@@ -2484,6 +2477,13 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
 // 7.3 us, 128 x 8: 28.6 -> 28.0 us, 256 x 16: 80 us).
 constexpr int64_t kBatchedSetWork = int64_t{1} << 16;
 
+// Many small sets (torch.func.vmap of svgd_step): one op for all of them, not one per set from Python (~20 us
+// each on a 2-core VM where the step of 32 x 2 particles takes a few). A set within serial_max_work() runs on
+// one thread in the single op (SerialIfSmall); here such sets are shared among the threads, each run by one
+// (SerialIfSmall again: its ATen loops and teams take that one thread, as in the single op), a share of them
+// holding about serial_max_work() of work, where the path runs on this library's own kernels alone (below).
+// Other sets run one after another, each as the single op (with all threads where it takes them). Either way
+// each set's phi and flag are the single op's, bit for bit.
 at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& score_in,
                                   const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                   at::Tensor& out) {
