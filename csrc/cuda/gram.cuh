@@ -33,15 +33,19 @@ struct GramParams {
   long long set_x = 0, set_gram = 0;
 };
 
-// p for the set of this CTA (blockIdx.z; set 0 of a launch of one set: p itself).
+// A batch's pointer for the set of this CTA (blockIdx.z): `stride` elements on per set; null stays null.
+template <typename T>
+BMT_DEVICE T* at_set(T* base, long long stride) {
+  return base ? base + static_cast<long long>(blockIdx.z) * stride : base;
+}
+
+// p for the set of this CTA (set 0 of a launch of one set: p itself).
 template <typename In>
-BMT_DEVICE GramParams<In> for_set(const GramParams<In>& p) {
-  GramParams<In> q = p;
-  const long long set = blockIdx.z;
-  q.x += set * p.set_x;
-  q.gram += set * p.set_gram;
-  if (q.finite) q.finite += set;
-  return q;
+BMT_DEVICE GramParams<In> for_set(GramParams<In> p) {
+  p.x = at_set(p.x, p.set_x);
+  p.gram = at_set(p.gram, p.set_gram);
+  p.finite = at_set(p.finite, 1);
+  return p;
 }
 
 template <typename In>
@@ -532,18 +536,16 @@ struct ApplyParams {
   long long set_rows = 0, set_gram = 0, set_given = 0;
 };
 
-// p for the set of this CTA (blockIdx.z), as for_set of GramParams.
+// p for the set of this CTA, as for_set of GramParams.
 template <typename In>
-BMT_DEVICE ApplyParams<In> for_set(const ApplyParams<In>& p) {
-  ApplyParams<In> q = p;
-  const long long set = blockIdx.z;
-  q.x += set * p.set_rows;
-  q.score += set * p.set_rows;
-  q.phi += set * p.set_rows;
-  q.gram += set * p.set_gram;
-  if (q.given) q.given += set * p.set_given;
-  if (q.finite) q.finite += set;
-  return q;
+BMT_DEVICE ApplyParams<In> for_set(ApplyParams<In> p) {
+  p.x = at_set(p.x, p.set_rows);
+  p.score = at_set(p.score, p.set_rows);
+  p.phi = at_set(p.phi, p.set_rows);
+  p.gram = at_set(p.gram, p.set_gram);
+  p.given = at_set(p.given, p.set_given);
+  p.finite = at_set(p.finite, 1);
+  return p;
 }
 
 // Two CTAs per SM (at most 128 registers) except for fp64 with 16 rows, which needs more. The host launches
@@ -672,7 +674,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, (kApplySmallCtasPerSm<In, kMax>)) apply_s
         [&](int i, int q, In value) { p.phi[i * p.d + k[q]] = value; });
     finite = finite && stored_finite;
   }
-  if (!finite && p.finite) p.finite[blockIdx.z] = false;  // every writer stores the same value
+  if (!finite && p.finite) *at_set(p.finite, 1) = false;  // every writer stores the same value
 }
 
 // ---- 4b. The streamed apply (BMT_FAST_CUDA_GRAM=streamed): 4's arithmetic, x and score through shared

@@ -319,17 +319,30 @@ void apply_small(const at::Tensor& x, const at::Tensor& score, const std::option
   }
 }
 
+// The step for n <= kGramRegisterRows by the register (or streamed) kernels: G, then phi into out (contiguous)
+// and the flag(s), no launch in between. x, score, out of one set (n, d), h a 0-dim H or none, one flag; or
+// a batch (sets, n, d), h one H per set or none, a flag per set (gram_matrix, apply_small).
+inline void step_by_register_kernels(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h,
+                                     at::Tensor& out, bool* finite, const Device& dev) {
+  with_storage_type(x.scalar_type(), [&](auto tag) {
+    using In = typename decltype(tag)::type;
+    const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev, finite);
+    apply_small<In>(x, score, h, gram, out, finite, dev);
+    return 0;
+  });
+}
+
 template <typename In>
 at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
                           const Device& dev) {
   using C = compute_t<In>;
   const int64_t n = x.size(0);
-  const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev);
   if (n <= kGramRegisterRows) {  // the apply kernel derives H and K itself: no launch in between
     at::Tensor phi = at::empty_like(x, at::MemoryFormat::Contiguous);
-    apply_small<In>(x, score, h_given, gram, phi, nullptr, dev);
+    step_by_register_kernels(x, score, h_given, phi, nullptr, dev);
     return phi;
   }
+  const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev);
   const at::Tensor h = gram_bandwidth(gram, n, h_given, dev);
   const auto acc = accumulation_type(x.scalar_type());
   at::Tensor kn = at::empty({n, n}, x.options().dtype(acc));
@@ -344,19 +357,6 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
   const at::Tensor w = score.to(acc) - a * v;
   // kn and c leave out the own term k_ii = 1 (gram_weights_kernel): score_i / n is added here
   return at::addmm((c.unsqueeze(1) * v).add_(score.to(acc), 1.0 / static_cast<double>(n)), kn, w).to(x.scalar_type());
-}
-
-// The step for n <= kGramRegisterRows by the register (or streamed) kernels: G, then phi into out (contiguous)
-// and the flag(s), no launch in between. x, score, out of one set (n, d), h a 0-dim H or none, one flag; or
-// a batch (sets, n, d), h one H per set or none, a flag per set (gram_matrix, apply_small).
-inline void step_by_register_kernels(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h,
-                                     at::Tensor& out, bool* finite, const Device& dev) {
-  with_storage_type(x.scalar_type(), [&](auto tag) {
-    using In = typename decltype(tag)::type;
-    const at::Tensor gram = gram_matrix<In>(x, std::nullopt, dev, finite);
-    apply_small<In>(x, score, h, gram, out, finite, dev);
-    return 0;
-  });
 }
 
 // ---- tiled path ------------------------------------------------------------------------------------
@@ -534,10 +534,11 @@ inline bool use_gram(int64_t n, Algorithm algorithm) {
   return algorithm == Algorithm::kGram;
 }
 
-// The Gram kernels read a given H as a float64 scalar.
-inline std::optional<at::Tensor> gram_bandwidth_arg(const std::optional<at::Tensor>& bandwidth) {
+// The Gram kernels read a given H as a float64 scalar (a 0-dim tensor), or, for a batch, one per set (sets,).
+inline std::optional<at::Tensor> gram_bandwidth_arg(const std::optional<at::Tensor>& bandwidth, bool batch = false) {
   if (!bandwidth) return std::nullopt;
-  return bandwidth->detach().to(at::kDouble).reshape({}).contiguous();
+  const at::Tensor h = bandwidth->detach().to(at::kDouble);
+  return (batch ? h : h.reshape({})).contiguous();
 }
 
 inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
@@ -609,8 +610,7 @@ inline at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tenso
   BMT_FAST_DEVICE_GUARD(x_in);
   const Device dev = launch_device(x_in);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
-  const std::optional<at::Tensor> h =
-      bandwidth ? std::optional<at::Tensor>(bandwidth->detach().to(at::kDouble).contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> h = gram_bandwidth_arg(bandwidth, /*batch=*/true);
   at::Tensor finite = at::empty({sets}, x.options().dtype(at::kBool));
   for (int64_t first = 0; first < sets; first += dev.max_sets_per_launch) {
     const int64_t count = std::min(dev.max_sets_per_launch, sets - first);
