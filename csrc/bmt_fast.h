@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward_composite(const at::
 
 namespace cpu {
 // The most particles "auto" takes the Gram path with on CPU (few particles, huge d), where there are enough
-// features for each op (svgd_cpu.cpp, prefers_gram): kGramRuleMaxParticles; on the shapes AMX would take
+// features for each op (cpu/gram.cpp, prefers_gram): kGramRuleMaxParticles; on the shapes AMX would take
 // kGramMaxParticles, and up to kGramWideMaxParticles where n^2 <= 8 d; kGramMaxParticles also bounds the
 // rows of two sets, n + m.
 constexpr int64_t kGramMaxParticles = 64;
@@ -211,15 +211,15 @@ constexpr int64_t kGramWideMaxParticles = 192;
 constexpr int64_t kGramRuleMaxParticles = 512;
 // Whether "auto" takes the few-particle Gram path for the particles x (n x d) in `op`: "svgd_step" (H
 // given), "median_bandwidth" (also svgd_step with the median rule) or "rbf_kernel" (x with itself);
-// svgd_cpu.cpp, prefers_gram. For tests and benchmarks that name the path.
+// cpu/gram.cpp, prefers_gram. For tests and benchmarks that name the path.
 bool takes_gram_path(const at::Tensor& x, std::string_view op);
 // Whether the CPU's rbf_kernel of x and y ("rbf_kernel": two sets only) or its gradients
 // ("rbf_kernel_backward"; y the same tensor as x for a self kernel) go by direct differences of the rows
-// (svgd_cpu.cpp: direct_cross_kernel, direct_gradient), for the tests of those rules.
+// (cpu/gram.cpp: direct_cross_kernel; cpu/rbf_backward.cpp: direct_gradient), for the tests of those rules.
 bool takes_direct_path(const at::Tensor& x, const at::Tensor& y, std::string_view op);
 
 // Up to how many particles, and from how many features, the tiled path's self-kernel passes (svgd_step,
-// rbf_kernel(x), the median) go by feature chunks in fp32/fp64 (svgd_cpu.cpp), flagging a non-finite phi;
+// rbf_kernel(x), the median) go by feature chunks in fp32/fp64 (cpu/chunked.cpp), flagging a non-finite phi;
 // and beyond that up to kChunkedWideMaxParticles where there are at least kChunkedWideFeaturesPerParticle
 // features per particle.
 constexpr int64_t kChunkedMaxParticles = 512;

@@ -169,7 +169,7 @@ at::Tensor into_tracked(const at::Tensor& x, const at::Tensor& score, const std:
 // (alternating, AMX for bf16): bf16 256 x 76,800 50-56 -> 29-33 ms, 1024 x 8192 46-47 -> 27 ms, 512 x 2048
 // 3.5-4.4 -> 2.2-2.3 ms; fp32 256 x 76,800 102-104 -> 52-55 ms, 512 x 2048 7.3-7.6 -> 3.9-4.0 ms. (Measured on
 // the CPU, where this rule ran before; not yet on a GPU. The CPU's general path now forms grad + grad^T a
-// block at a time instead: rbf_kernel_backward_blocked in csrc/cpu/svgd_cpu.cpp.)
+// block at a time instead: rbf_kernel_backward_blocked in csrc/cpu/rbf_backward.cpp.)
 constexpr int64_t kSelfSymmetrisedMaxParticles = 64;
 constexpr int64_t kSelfSymmetrisedMinFeaturesPerParticle = 4;
 

@@ -26,7 +26,7 @@ echo "== Python tests"
 cd "$ROOT"
 "$VENV/bin/python" -m pytest tests "$@"
 
-# Calls with little work run on one thread (csrc/cpu/svgd_cpu.cpp, SerialIfSmall), which most of the tests'
+# Calls with little work run on one thread (csrc/cpu/paths.h, SerialIfSmall), which most of the tests'
 # small shapes are: the kernel tests again with every call threaded, so the threads' shares stay covered
 # (the fused kernels' loops in one team each, csrc/cpu/team.h), then a third time also with the fused kernels
 # off (BMT_FAST_CPU_FUSED=0: the many-particle step on GEMM tiles, GEMM-tile medians, one-GEMM kernels and the

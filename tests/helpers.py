@@ -20,7 +20,7 @@ def _cpu_bf16_amx() -> bool:
     return COMPILED_CPU and bool(_extension.CPU.module.build_info().get("cpu_bf16_amx", False))
 
 
-# bf16 with many particles runs on AMX tiles on this CPU (svgd_cpu.cpp); BMT_FAST_CPU_AMX=0 turns it off
+# bf16 with many particles runs on AMX tiles on this CPU (csrc/cpu/amx.cpp); BMT_FAST_CPU_AMX=0 turns it off
 requires_amx = pytest.mark.skipif(not _cpu_bf16_amx(), reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")
 
 

@@ -541,8 +541,8 @@ DIRECT_RULE_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_direct_rules_pick_the_measured_side_of_each_bound(n, m, d, op, self_kernel, direct, dtype):
     """Where the CPU takes direct differences of the rows for rbf_kernel of two sets and for the gradients
-    (two sets or a self kernel): the bounds that the sweeps in svgd_cpu.cpp (direct_cross_kernel,
-    direct_gradient) measured, each on both sides; the same rule in fp32 and fp64."""
+    (two sets or a self kernel): the bounds that the sweeps in csrc/cpu/gram.cpp (direct_cross_kernel) and
+    csrc/cpu/rbf_backward.cpp (direct_gradient) measured, each on both sides; the same rule in fp32 and fp64."""
     module = bmt_fast._extension.CPU.module
     x = torch.empty(n, d, dtype=dtype)  # (shapes only: nothing is computed)
     y = x if self_kernel else torch.empty(m, d, dtype=dtype)

@@ -525,7 +525,7 @@ def test_auto_takes_the_amx_chunks_from_33_bf16_particles_with_many_features(n, 
     assert torch.equal(k_median, median) and torch.equal(k, torch.ops.bmt_fast.rbf_kernel(x, x, median))
 
 
-# Shapes on either side of the CPU's Gram-path rules (csrc/cpu/svgd_cpu.cpp, gram_rule): the Gram path for
+# Shapes on either side of the CPU's Gram-path rules (csrc/cpu/gram.cpp, gram_rule): the Gram path for
 # n <= `always` particles or where n^power <= per_feature * d, up to 512 particles. svgd_step with H given:
 # fp32 (and 16-bit) n <= 16 or n^2 <= 16 d, fp64 n <= 16 or n^2 <= 48 d; median_bandwidth and svgd_step with
 # the median rule: fp32 n <= 32 or n^3 <= 4096 d, fp64 n <= 48 or n^3 <= 8192 d; rbf_kernel(x): fp32 n^2 <= 8 d,

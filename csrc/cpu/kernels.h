@@ -1,7 +1,7 @@
 // Pointer-level CPU kernels (no ATen inside): vectorised and cache-blocked. kernels_impl.h is compiled
 // once per x86 ISA level (baseline, x86-64-v3 = AVX2+FMA, x86-64-v4 = AVX-512); kernels.cpp picks the
 // best build for the running CPU once (override: BMT_FAST_CPU_ISA=base|v3|v4) and provides the entry
-// points below. The ATen-level ops in svgd_cpu.cpp split work across threads and call these.
+// points below. The ATen-level ops (svgd_cpu.cpp and its paths, paths.h) split work across threads and call these.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -270,7 +270,7 @@ inline int64_t apply_pack_chunk(int64_t n) {
 }
 
 // bf16 svgd_step with many particles (the tiled algorithm, d >= kAmxMinFeatures) runs on AMX tiles
-// (oneDNN's brgemm through ATen) when this CPU has them, unless BMT_FAST_CPU_AMX=0 (svgd_cpu.cpp). With
+// (oneDNN's brgemm through ATen) when this CPU has them, unless BMT_FAST_CPU_AMX=0 (amx.cpp). With
 // fewer features, the fp32 path: there the bf16 rounding of K and W is not averaged out (relative errors
 // of 1e-2 at d = 1..3; the CUDA kernels draw the same line). (Up to 2026-12-02 also d <= 1024, on the
 // guess that larger rows' fp32 accumulators leaving L2 would cost more than AMX gains; measured, AMX was
@@ -282,7 +282,7 @@ bool bf16_amx_enabled();
 // at the precision ATen's own fp32 GEMMs take on such a CPU (read at every call, as ATen reads it).
 bool float32_matmul_in_bf16();
 
-// Up to how much work (pairs x (features + 32)) an op runs on the calling thread alone (svgd_cpu.cpp:
+// Up to how much work (pairs x (features + 32)) an op runs on the calling thread alone (paths.h:
 // kSerialMaxWork, or BMT_FAST_CPU_SERIAL_MAX_WORK, read once).
 int64_t serial_max_work();
 
