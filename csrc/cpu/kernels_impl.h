@@ -39,7 +39,7 @@ BMT_FAST_INLINE vec_t<T> clamp_distance(vec_t<T> v) {
   return v < T(0) ? vec_t<T>{} : v;
 }
 
-// ---- many-particle regime ----------------------------------------------------------------------
+// ---- many particles: K from tiles of dot products; the median's window and radix passes -------------
 
 template <typename T>
 BMT_FAST_INLINE void rbf_from_dots_impl(T* tile, int64_t ld, int64_t row_begin, int64_t row_end,
@@ -216,12 +216,7 @@ BMT_FAST_INLINE void radix_histogram_impl(const T* tile, int64_t ld, int64_t row
   }
 }
 
-// ---- few-particle, huge-d regime ---------------------------------------------------------------
-//
-// Columns are shifted by particle 0 (x_j - x_0) on the fly: SVGD is translation invariant, identical
-// particles give exact zeros, and a cloud far from the origin loses nothing (the difference of two
-// nearby floats is exact). No shifted copy of x is ever stored beyond one L1-sized chunk. The Gram pass
-// also writes each column's mean (d numbers), the centre the apply pass shifts by.
+// ---- loads, stores and conversions of every input dtype ---------------------------------------------
 
 #if BMT_FAST_VECTOR_BYTES == 64
 // Every lane, for the zero-masking forms of AVX-512 instructions: GCC 12 warns that the plain forms'
@@ -384,11 +379,6 @@ BMT_FAST_INLINE void add_as_doubles(vec_t<double>* acc, const vec_t<float>& v) {
 #endif
 }
 
-// The column sums of bf16 or fp32 rows (d columns, rows [0, rows)) for columns [col_begin, col_end), in
-// double (every bf16 value and its running sum exact to 53 bits): the AMX path's centring shift. A group of
-// 4 vectors of columns at a time, summed down all rows in 8 registers of doubles. (Row by row into the sums
-// in memory, 1024 x 8192 bf16 took ~1.7 ms; x.sum(0, dtype=float64) made a float64 copy of x first: at
-// 256 x 76,800, 157 MB of fresh pages every step.)
 // The lines of count values from p on (none if count <= 0), prefetched with __builtin_prefetch's locality
 // (3: into L1; 1: into L2).
 template <int Locality, typename In>
@@ -397,6 +387,13 @@ BMT_FAST_INLINE void prefetch_lines(const In* p, int64_t count) {
   for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(In)); b += 64) __builtin_prefetch(bytes + b, 0, Locality);
 }
 
+// ---- the AMX paths' passes over the particles: column sums, centring and rounding, W in pairs -------
+
+// The column sums of bf16 or fp32 rows (d columns, rows [0, rows)) for columns [col_begin, col_end), in
+// double (every bf16 value and its running sum exact to 53 bits): the AMX path's centring shift. A group of
+// 4 vectors of columns at a time, summed down all rows in 8 registers of doubles. (Row by row into the sums
+// in memory, 1024 x 8192 bf16 took ~1.7 ms; x.sum(0, dtype=float64) made a float64 copy of x first: at
+// 256 x 76,800, 157 MB of fresh pages every step.)
 template <typename In>
 BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
                                           double* sums) {
@@ -495,6 +492,8 @@ BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, int64_t ld, 
   }
 }
 
+// ---- transposes of 32- and 64-bit words -------------------------------------------------------------
+
 #ifdef BMT_FAST_32_VECTOR_REGISTERS
 // dst rows 0..15 (row stride ld_dst) <- the transpose of the 16 x 16 block of src rows 0..15 (row stride
 // ld_src), 32-bit words: unpacks of 32- and 64-bit halves within 128-bit lanes, then two rounds of lane
@@ -589,6 +588,8 @@ BMT_FAST_INLINE void transpose_words_impl(const W* src, int64_t ld_src, int64_t 
   }
 }
 
+// ---- streamed stores, and whether what is stored is finite ------------------------------------------
+
 // A full vector of the output, written around the caches when it is a whole aligned cache line (the
 // AVX-512 build): phi is written once and not read again, so this saves the read-for-ownership of each
 // line. Half lines (AVX2) are not streamed one at a time: written a vector at a time across many rows,
@@ -669,6 +670,8 @@ BMT_FAST_INLINE void track_finite(vec_t<T>& bad, vec_t<T> v, int64_t count) {
     bad += (v <= top) & (v >= -top) ? vec_t<T>{} : broadcast(std::numeric_limits<T>::quiet_NaN());
   }
 }
+
+// ---- the AMX epilogues: K from tiles of dot products, phi from K W ----------------------------------
 
 // rbf_from_dots for the tensor-core path (many particles; here, after the load, store and stream helpers):
 // K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
@@ -963,6 +966,13 @@ BMT_FAST_INLINE void amx_grad_rows_impl(const float* acc, int64_t ld_acc, const 
   }
   stream_fence();
 }
+
+// ---- few particles, huge d: the Gram pass (gram_columns) and the apply pass (apply_columns) ---------
+//
+// Columns are shifted by particle 0 (x_j - x_0) on the fly: SVGD is translation invariant, identical
+// particles give exact zeros, and a cloud far from the origin loses nothing (the difference of two
+// nearby floats is exact). No shifted copy of x is ever stored beyond one L1-sized chunk. The Gram pass
+// also writes each column's mean (d numbers), the centre the apply pass shifts by.
 
 // dst[0, len) = src - first for one row chunk, zero up to the next full vector.
 template <typename In, typename T>
@@ -1405,7 +1415,7 @@ BMT_FAST_INLINE bool apply_columns_impl(const In* x, const In* g, In* phi, int64
   return horizontal_sum<T>(bad) == T(0);
 }
 
-// ---- many-particle regime with few features: the fused step --------------------------------------
+// ---- many-particle regime with few features: the fused step -----------------------------------------
 //
 // For a block of kFusedRows rows and kFusedVectors vectors of columns at a time: the dot products by FMAs
 // in registers (xc's rows broadcast, the packed transposed columns loaded), K's entries from them in the
@@ -1807,9 +1817,9 @@ BMT_FAST_INLINE bool fused_step_rows_impl(const T* xc, const T* xt, const T* w, 
 
 }  // namespace
 
-// ---- entry points of this ISA build (declared in kernels.h through BMT_FAST_ISA_KERNELS) ----------
+// ---- entry points of this ISA build (declared in kernels.h through BMT_FAST_ISA_KERNELS) ------------
 
-// ---- rbf_kernel of two sets with few pairs, forward and backward: direct differences ------------
+// ---- rbf_kernel of two sets with few pairs, forward and backward: direct differences ----------------
 
 // Rows of the output per register block of rbf_grad_rows: R rows of `a` and R accumulators stay in
 // registers while the rows of `b` stream past (one load of b_q feeds R differences).
