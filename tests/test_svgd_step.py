@@ -1058,3 +1058,34 @@ def test_fused_step_by_the_median_rule_takes_median_bandwidths_h(n, d):
     by_rule = torch.ops.bmt_fast.svgd_step(x, score, None, "tiled")
     assert torch.equal(by_rule, torch.ops.bmt_fast.svgd_step(x, score, h, "tiled"))
     assert relative_error(by_rule, reference_phi(x, score)) < 1e-12
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 1024), (torch.float32, 3072), (torch.float64, 512),
+                                     (torch.float64, 1536)])
+@pytest.mark.parametrize("bandwidth", [None, 5.0])
+def test_sixteen_rows_4kib_apart_give_the_direct_apply_pass_bits(dtype, d, bandwidth):
+    """16 particles whose rows are a multiple of 4 KiB apart take the Gram path's apply pass in two halves of
+    the rows (csrc/cpu/kernels_impl.h: apply_columns_halves); 16 zero columns more put the same particles on
+    the direct pass, whose phi the halves must give bit for bit (on one thread, so that the Gram pass sums
+    its column chunks in the same order; the zero chunk adds exact zeros). Its NaN flag as the direct pass's."""
+    torch.manual_seed(d)
+    x, score = particles(16, d, offset=3.0, dtype=dtype)
+    pad = torch.zeros(16, 16, dtype=dtype)
+    h = None if bandwidth is None else torch.tensor(bandwidth, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        phi = torch.ops.bmt_fast.svgd_step(x, score, h, "gram")
+        padded = torch.ops.bmt_fast.svgd_step(torch.cat([x, pad], 1), torch.cat([score, pad], 1), h, "gram")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(phi, padded[:, :d])
+    expected = reference_phi(x.double(), score.double(), bandwidth)
+    assert relative_error(phi, expected) < (1e-5 if dtype == torch.float32 else 1e-12)
+    out = torch.empty_like(x)
+    for i, k in ((0, 0), (7, d // 2), (8, d // 3), (15, d - 1)):  # a row of each half
+        bad = score.clone()
+        bad[i, k] = math.nan
+        assert not bool(torch.ops.bmt_fast.svgd_step_into(x, bad, h, "gram", out=out)), (i, k)
+        assert torch.isnan(out[i, k])

@@ -101,8 +101,6 @@ BMT_FAST_DECLARE_ISA(isa_v4)
 namespace bmt_fast::cpu {
 namespace {
 
-constexpr int64_t kScratchPad = 64;  // elements; covers kRowPad<T> of kernels_impl.h for float and double
-
 enum class Isa { kBase, kV3, kV4 };
 
 Isa detect_isa() {
@@ -346,8 +344,7 @@ std::unique_ptr<T[]> uninitialised(int64_t count) {
   }                                                                                                        \
   bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a) {                      \
-    const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;                                   \
-    const auto scratch = uninitialised<T>(rows * n + 2 * n * (apply_pack_chunk(n) + kScratchPad));         \
+    const auto scratch = uninitialised<T>(apply_scratch_size<T>(n));                                      \
     BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch.get())  \
   }                                                                                                        \
   void rbf_grad_columns(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin,       \

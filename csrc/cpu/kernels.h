@@ -269,6 +269,24 @@ inline int64_t apply_pack_chunk(int64_t n) {
   return chunk < 64 ? 64 : chunk > 512 ? 512 : chunk;
 }
 
+// The AVX-512 build's apply pass for 16 particles at a row stride that is a multiple of 4 KiB goes in two
+// halves of the rows (kernels_impl.h: apply_columns_halves), a chunk of this many vectors of columns at a
+// time, its 16 sums per vector waiting in the scratch; apply_scratch_size counts them.
+constexpr int64_t kApplyHalvesParticles = 16;
+constexpr int64_t kApplyHalvesChunkVectors = 16;
+// Padding (elements) of each scratch row of the Gram and apply passes; covers kRowPad<T> of kernels_impl.h for
+// float and double.
+constexpr int64_t kScratchPad = 64;
+// Elements of T that apply_columns needs for n particles: K's row blocks (rows x n), then the packed pass's
+// buffers or the halves' sums (16 rows x a chunk of 64-byte vectors), whichever is larger.
+template <typename T>
+inline int64_t apply_scratch_size(int64_t n) {
+  const int64_t rows = (n + kApplyRows - 1) / kApplyRows * kApplyRows;
+  const int64_t packed = 2 * n * (apply_pack_chunk(n) + kScratchPad);
+  const int64_t halves = n == kApplyHalvesParticles ? kApplyHalvesChunkVectors * n * (64 / int64_t{sizeof(T)}) : 0;
+  return rows * n + (packed > halves ? packed : halves);
+}
+
 // bf16 svgd_step with many particles (the tiled algorithm, d >= kAmxMinFeatures) runs on AMX tiles
 // (oneDNN's brgemm through ATen) when this CPU has them, unless BMT_FAST_CPU_AMX=0 (amx.cpp). With
 // fewer features, the fp32 path: there the bf16 rounding of K and W is not averaged out (relative errors
