@@ -320,8 +320,8 @@ bool use_gemm_gram_chunked(int64_t n, int64_t d) {
 }
 
 ChunkedGram gemm_gram_chunked(const at::Tensor& x) {
-  return accumulation_type(x.scalar_type()) == at::kDouble ? gemm_gram_chunked<double>(x)
-                                                           : gemm_gram_chunked<float>(x);
+  return AT_DISPATCH_FLOATING_TYPES(accumulation_type(x.scalar_type()), "gemm_gram_chunked",
+                                    [&] { return gemm_gram_chunked<scalar_t>(x); });
 }
 
 // A GEMM-path chunked Gram pass's dots turned into the self kernel K in place (as rbf_kernel's GEMM output),
@@ -341,8 +341,8 @@ const at::Tensor& chunked_gram_to_kernel(const ChunkedGram& gram, double h, doub
 
 bool svgd_step_by_gemm_chunks(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
                               at::Tensor& out) {
-  return x.scalar_type() == at::kDouble ? svgd_step_gemm_chunked<double>(x, score, bandwidth, out)
-                                        : svgd_step_gemm_chunked<float>(x, score, bandwidth, out);
+  return AT_DISPATCH_FLOATING_TYPES(accumulation_type(x.scalar_type()), "svgd_step_gemm_chunked",
+                                    [&] { return svgd_step_gemm_chunked<scalar_t>(x, score, bandwidth, out); });
 }
 
 // The gradient's GEMM path (fp32 arithmetic, fp64 for fp64) for few particles with many features, by

@@ -428,18 +428,19 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
 }  // namespace
 
 double median_by_gemm_path(const at::Tensor& x) {
-  return accumulation_type(x.scalar_type()) == at::kDouble ? gemm_path_median<double>(x) : gemm_path_median<float>(x);
+  return AT_DISPATCH_FLOATING_TYPES(accumulation_type(x.scalar_type()), "gemm_path_median",
+                                    [&] { return gemm_path_median<scalar_t>(x); });
 }
 
 std::optional<bool> svgd_step_by_fused(const at::Tensor& x, const at::Tensor& score,
                                        const std::optional<double>& bandwidth, at::Tensor& out) {
-  return x.scalar_type() == at::kDouble ? svgd_step_fused<double>(x, score, bandwidth, out)
-                                        : svgd_step_fused<float>(x, score, bandwidth, out);
+  return AT_DISPATCH_FLOATING_TYPES(accumulation_type(x.scalar_type()), "svgd_step_fused",
+                                    [&] { return svgd_step_fused<scalar_t>(x, score, bandwidth, out); });
 }
 
 at::Tensor rbf_kernel_by_fused(const at::Tensor& x, std::optional<double> h, double* median) {
-  return accumulation_type(x.scalar_type()) == at::kDouble ? rbf_kernel_fused<double>(x, h, median)
-                                                           : rbf_kernel_fused<float>(x, h, median);
+  return AT_DISPATCH_FLOATING_TYPES(accumulation_type(x.scalar_type()), "rbf_kernel_fused",
+                                    [&] { return rbf_kernel_fused<scalar_t>(x, h, median); });
 }
 
 }  // namespace bmt_fast::cpu

@@ -140,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_median_by_tiles(const at::Tensor& 
 
 std::optional<bool> svgd_step_by_tiles(const at::Tensor& x, const at::Tensor& score,
                                        const std::optional<double>& bandwidth, at::Tensor& out) {
-  return x.scalar_type() == at::kDouble ? svgd_step_tiled<double>(x, score, bandwidth, out)
-                                        : svgd_step_tiled<float>(x, score, bandwidth, out);
+  return AT_DISPATCH_FLOATING_TYPES(accumulation_type(x.scalar_type()), "svgd_step_tiled",
+                                    [&] { return svgd_step_tiled<scalar_t>(x, score, bandwidth, out); });
 }
 
 }  // namespace bmt_fast::cpu
