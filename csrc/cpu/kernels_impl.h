@@ -1158,6 +1158,30 @@ BMT_FAST_INLINE void gram_columns_impl(const In* x, const In* y, int64_t nx, int
   flush();
 }
 
+// Row j of x and g at the vector of columns at k (count of them; all lanes when Full) into R sums: xc_j = x_j -
+// s, w_j = g_j - a xc_j, acc[r] += kt[j R + r] w_j. Returns xc_j, and g_j in *gj when asked (a row's own terms,
+// add_own_terms). The direct pass and its two halves take the same terms in the same order through these.
+template <int R, bool Full, typename In, typename T>
+BMT_FAST_INLINE vec_t<T> add_row(vec_t<T> (&acc)[R], const In* x, const In* g, int64_t d, int64_t k, int64_t count,
+                                 int64_t j, const T* kt, vec_t<T> va, vec_t<T> s, vec_t<T>* gj) {
+  const auto load_in = [&](const In* p) BMT_FAST_INLINE_LAMBDA {
+    return Full ? load_as<T>(p) : load_part_as<T>(p, count);
+  };
+  const vec_t<T> xc = load_in(x + j * d + k) - s;
+  const vec_t<T> gv = load_in(g + j * d + k);
+  const vec_t<T> w = gv - va * xc;
+  for (int r = 0; r < R; ++r) acc[r] += broadcast(T(kt[j * R + r])) * w;
+  if (gj) *gj = gv;
+  return xc;
+}
+
+// Row i's own terms c_i xc_i + g_i / n (own = 1/n) into its sum.
+template <typename T>
+BMT_FAST_INLINE void add_own_terms(vec_t<T>& acc, T c_i, vec_t<T> xc, vec_t<T> own, vec_t<T> gi) {
+  acc += broadcast(c_i) * xc;
+  acc += own * gi;
+}
+
 // One vector of columns (count of them; all lanes when Full) of R output rows ib..ib+R-1 (rows past n
 // are computed from kt's zero padding and not stored):
 //   phi_i = c_i xc_i + g_i / n + sum_{j != i} kn_ij (g_j - a xc_j),   xc = x - s,
@@ -1173,12 +1197,7 @@ BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, 
   auto load_in = [&](const In* p) { return Full ? load_as<T>(p) : load_part_as<T>(p, count); };
   vec_t<T> acc[R];
   auto step = [&](int64_t j, vec_t<T>* gj) BMT_FAST_INLINE_LAMBDA {
-    const vec_t<T> xc = load_in(x + j * d + k) - s;
-    const vec_t<T> gv = load_in(g + j * d + k);
-    const vec_t<T> w = gv - va * xc;
-    for (int r = 0; r < R; ++r) acc[r] += broadcast(T(kt[j * R + r])) * w;
-    if (gj) *gj = gv;
-    return xc;
+    return add_row<R, Full>(acc, x, g, d, k, count, j, kt, va, s, gj);
   };
   if (ib + R <= n) {
     // The block's own rows add c_i xc_i + g_i / n where their x and g are loaded anyway: each line of x
@@ -1191,8 +1210,7 @@ BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, 
     for (int r = 0; r < R; ++r) {  // unrolled: acc stays in registers
       vec_t<T> gr;
       const vec_t<T> xc = step(ib + r, &gr);
-      acc[r] += broadcast(T(c[ib + r])) * xc;
-      acc[r] += own * gr;
+      add_own_terms(acc[r], T(c[ib + r]), xc, own, gr);
     }
     for (int64_t j = ib + R; j < n; ++j) step(j, nullptr);
   } else {  // the last, partial block: padding rows (c = 0) are computed, not stored
@@ -1295,12 +1313,9 @@ BMT_FAST_INLINE void apply_half(const In* x, const In* g, In* phi, T* part, int6
   for (int r = 0; r < R; ++r) acc[r] = First ? vec_t<T>{} : load(part + r * L);
 #pragma GCC unroll 16
   for (int j = J0; j < J1; ++j) {
-    const vec_t<T> xc = load_as<T>(x + j * d + k) - s;
-    const vec_t<T> gv = load_as<T>(g + j * d + k);
-    const vec_t<T> w = gv - va * xc;
-    for (int r = 0; r < R; ++r) acc[r] += broadcast(T(kt[j * R + r])) * w;
-    acc[j] += broadcast(T(c[j])) * xc;
-    acc[j] += own * gv;
+    vec_t<T> gv;
+    const vec_t<T> xc = add_row<R, true>(acc, x, g, d, k, L, j, kt, va, s, &gv);
+    add_own_terms(acc[j], T(c[j]), xc, own, gv);
   }
   if constexpr (First) {
     for (int r = 0; r < R; ++r) store(part + r * L, acc[r]);
