@@ -1089,3 +1089,28 @@ def test_sixteen_rows_4kib_apart_give_the_direct_apply_pass_bits(dtype, d, bandw
         bad[i, k] = math.nan
         assert not bool(torch.ops.bmt_fast.svgd_step_into(x, bad, h, "gram", out=out)), (i, k)
         assert torch.isnan(out[i, k])
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("n", [4, 12, 16, 24, 40])
+def test_gram_path_flags_one_row_that_overflows_float16(n):
+    """The Gram path's apply pass notes whether phi is finite a register block at a time (rows r % 4 in four
+    parts; csrc/cpu/kernels_impl.h: track_finite_block, and the packed pass from 32 particles). One fp16
+    particle 1e-5 from the others at H = 2e-10 (fp32 sums): its repulsion pushes its phi past 65504, everyone
+    else's stays finite. Whichever row (each of a 4-, 12-, 16-row block and of the blocks of 24 and 40
+    particles) and column (a whole vector or the ragged last one), the flag says so, and out holds Inf
+    exactly there. (Only fp16 can overflow in one row alone: its range ends far below fp32's.)"""
+    d = 19  # a whole vector of 16 fp32 lanes and a ragged one of 3
+    h = torch.tensor(2e-10, dtype=torch.float64)
+    score = torch.full((n, d), 6e4, dtype=torch.float16)
+    out = torch.empty(n, d, dtype=torch.float16)
+    for r in range(n):
+        for c in (0, 17):
+            x = torch.zeros(n, d, dtype=torch.float16)
+            x[r, c] = 1e-5
+            expected = reference_phi(x.double(), score.double(), h).abs() > 65520  # (rounds to Inf)
+            assert expected[r, c] and int(expected.sum()) == 1, (r, c)  # the construction does what it says
+            finite = torch.ops.bmt_fast.svgd_step_into(x, score, h, "gram", out=out)
+            assert not bool(finite) and torch.equal(torch.isinf(out), expected), (r, c)
+            finite = torch.ops.bmt_fast.svgd_step_into(x, score * 0, h, "gram", out=out)  # the push alone
+            assert bool(finite) and bool(torch.isfinite(out).all()) and float(out[r, c]) > 4e4, (r, c)

@@ -671,6 +671,18 @@ BMT_FAST_INLINE void track_finite(vec_t<T>& bad, vec_t<T> v, int64_t count) {
   }
 }
 
+// track_finite over the first `rows` of a register block's R vectors, into four independent parts that
+// reach bad by one addition. bad is carried from one vector of columns to the next, and with every vector
+// register taken by the block GCC keeps it on the stack: one dependent addition per row (a store
+// forwarded to the next row's load) had made a chain of ~11 cycles a row, 176 a vector of 16 rows, longer
+// than the block's 288 FMAs take (perf of the apply pass, cache-resident, 2-core Zen 5 VM).
+template <typename In, bool Full, typename T, int R>
+BMT_FAST_INLINE void track_finite_block(vec_t<T>& bad, const vec_t<T> (&v)[R], int rows, int64_t count) {
+  vec_t<T> part[4] = {};
+  for (int r = 0; r < R && r < rows; ++r) track_finite<In, Full, T>(part[r & 3], v[r], count);
+  bad += (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 // ---- the AMX epilogues: K from tiles of dot products, phi from K W ----------------------------------
 
 // rbf_from_dots for the tensor-core path (many particles; here, after the load, store and stream helpers):
@@ -1221,17 +1233,13 @@ BMT_FAST_INLINE void apply_vector(const In* x, const In* g, In* phi, int64_t n, 
     for (int64_t j = 0; j < n; ++j) step(j, nullptr);
   }
   if (Full && std::is_same_v<In, T> && ib + R <= n) {  // phi is not read again: store past the caches
-    for (int r = 0; r < R; ++r) {
-      track_finite<In, Full, T>(bad, acc[r], count);
-      stream_as<In, T>(phi + (ib + r) * d + k, acc[r]);
-    }
+    track_finite_block<In, Full, T>(bad, acc, R, count);
+    for (int r = 0; r < R; ++r) stream_as<In, T>(phi + (ib + r) * d + k, acc[r]);
     return;
   }
-  for (int r = 0; r < R; ++r) {
-    if (ib + r >= n) break;
-    track_finite<In, Full, T>(bad, acc[r], count);
-    store_as<In, T>(phi + (ib + r) * d + k, acc[r], Full ? kLanes<T> : count);
-  }
+  const int rows = static_cast<int>(min64(R, n - ib));
+  track_finite_block<In, Full, T>(bad, acc, rows, count);
+  for (int r = 0; r < rows; ++r) store_as<In, T>(phi + (ib + r) * d + k, acc[r], Full ? kLanes<T> : count);
 }
 
 // Row blocks of apply_columns: up to kApplyMaxRows accumulators (one vector register each) plus the
@@ -1320,10 +1328,8 @@ BMT_FAST_INLINE void apply_half(const In* x, const In* g, In* phi, T* part, int6
   if constexpr (First) {
     for (int r = 0; r < R; ++r) store(part + r * L, acc[r]);
   } else {
-    for (int r = 0; r < R; ++r) {
-      track_finite<In, true, T>(bad, acc[r], L);
-      stream_as<In, T>(phi + r * d + k, acc[r]);
-    }
+    track_finite_block<In, true, T>(bad, acc, R, L);
+    for (int r = 0; r < R; ++r) stream_as<In, T>(phi + r * d + k, acc[r]);
   }
 }
 
@@ -1405,21 +1411,23 @@ BMT_FAST_INLINE void apply_packed_line(const T* ownb, const T* wb, int64_t ld, I
       for (int v = 0; v < V; ++v) acc[r][v] += kr * w[v];
     }
   }
+  vec_t<T> seen[4] = {};  // as track_finite_block: four independent parts, one addition into bad
   for (int r = 0; r < R; ++r) {
     if (ib + r >= n) break;
     In* out = phi + (ib + r) * d + k;
     if (count == V * L) {
-      for (int v = 0; v < V; ++v) track_finite<In, true, T>(bad, acc[r][v], L);
+      for (int v = 0; v < V; ++v) track_finite<In, true, T>(seen[(r * V + v) & 3], acc[r][v], L);
       if (!stream_line<In, T, V>(out, acc[r]))
         for (int v = 0; v < V; ++v) store_as<In, T>(out + v * L, acc[r][v], L);
     } else {
       for (int v = 0; v < V && v * L < count; ++v) {
         const int64_t part = min64(L, count - v * L);
-        track_finite<In, false, T>(bad, acc[r][v], part);
+        track_finite<In, false, T>(seen[(r * V + v) & 3], acc[r][v], part);
         store_as<In, T>(out + v * L, acc[r][v], part);
       }
     }
   }
+  bad += (seen[0] + seen[1]) + (seen[2] + seen[3]);
 }
 
 template <typename In, typename T>
