@@ -445,3 +445,22 @@ def test_inputs_are_not_modified(cpu_backend):
     bmt_fast.svgd_step(x, score, backend=cpu_backend)
     bmt_fast.rbf_kernel(x, score, backend=cpu_backend)
     assert torch.equal(x, x0) and torch.equal(score, s0)
+
+
+def test_the_fake_tensor_shortcut_answers_as_torch_does():
+    """check_out's _maybe_fake answers a plain tensor at once and hands everything else to torch's is_fake: the
+    same answer for a plain tensor, a FakeTensor, a meta tensor, and functionalization wrappers of a real and
+    of a fake tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from bmt_fast._validation import _maybe_fake
+
+    plain = torch.randn(3, 4)
+    with FakeTensorMode() as mode:
+        fake = torch.empty(3, 4)
+    cases = [plain, fake, torch.empty(3, 4, device="meta"), torch._to_functional_tensor(plain)]
+    with mode:
+        cases.append(torch._to_functional_tensor(fake))
+    answers = [(_maybe_fake(t), is_fake(t)) for t in cases]
+    assert all(mine == torch_s for mine, torch_s in answers), answers
+    assert [mine for mine, _ in answers] == [False, True, False, False, True]
