@@ -186,7 +186,7 @@ bool svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const std::opt
                     const at::Tensor& phi) {
   using T = gram_compute_t<In>;
   const int64_t n = x.size(0), d = x.size(1);
-  const std::unique_ptr<T[]> shift(new T[d]);  // every entry written by the Gram pass: not zeroed first
+  const AlignedBuffer<T> shift = aligned_uninitialised<T>(d);  // written by the Gram pass: not zeroed first
   std::vector<double> k = sq_dists_gram<In>(x, shift.get());  // the distances, then (below) K in place
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_of_gram_dists(k, n), n);
   const double a = 2.0 / h;

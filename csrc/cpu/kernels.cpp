@@ -325,9 +325,10 @@ void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, in
 // Scratch the kernels write before they read it, not zero-filled: sized for many features (~230 KiB for the
 // Gram pass and ~400 KiB for the apply pass at 50 particles), filling it took a sixth of a step with few
 // (perf, 50 x 50 fp32; now 41-46 -> 30-33 us a step with the narrower Gram buffer below).
+// 64-byte aligned (aligned_uninitialised, kernels.h).
 template <typename T>
-std::unique_ptr<T[]> uninitialised(int64_t count) {
-  return std::unique_ptr<T[]>(new T[count]);
+AlignedBuffer<T> uninitialised(int64_t count) {
+  return aligned_uninitialised<T>(count);
 }
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):

@@ -8,8 +8,32 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
 
 namespace bmt_fast::cpu {
+
+// ---- scratch -----------------------------------------------------------------------------------------
+
+// Uninitialised scratch that the vector kernels load and store whole 64-byte vectors in: 64-byte aligned.
+// new[] gets glibc malloc's 16 bytes, which split every such access across two cache lines (the Gram path's
+// chunk buffer, its partial sums and the apply pass's centring shift: a standalone copy of the Gram pass, one
+// thread, 16 x 409,600 fp32, took 1.5-1.9 ms per call on such buffers against 0.89 ms on aligned ones,
+// 2-core Zen 5 VM).
+struct FreeDeleter {
+  void operator()(void* p) const noexcept { std::free(p); }
+};
+template <typename T>
+using AlignedBuffer = std::unique_ptr<T[], FreeDeleter>;
+
+template <typename T>
+AlignedBuffer<T> aligned_uninitialised(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(count > 0 ? count : 1) * sizeof(T) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (p == nullptr) throw std::bad_alloc();
+  return AlignedBuffer<T>(static_cast<T*>(p));
+}
 
 // ---- many-particle regime: distance tiles --------------------------------------------------------
 
