@@ -153,7 +153,7 @@ std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tens
   const int64_t block_cols = std::min(ops.n_pad, std::max<int64_t>(kFusedPack, fit));
   WindowSink<T> sink(capacity);
   parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<T> scratch;  // room for a group's values and a whole vector past them
+    thread_local AlignedVector<T> scratch;  // room for a group's values and a whole vector past them
     const size_t room = static_cast<size_t>(kGroup * block_cols + 64);
     if (scratch.size() < room) scratch.resize(room);
     for (int64_t c0 = 0; c0 < ops.n_pad; c0 += block_cols) {
@@ -404,7 +404,7 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
         std::max<int64_t>(kFusedPack, kFusedKernelTileBytes / (rows * int64_t{sizeof(T)}) / kFusedPack * kFusedPack);
     const int64_t blocks = (n + rows - 1) / rows;
     parallel_for_block_pairs(blocks, [&] {
-      return [&, tile = std::vector<T>(rows * tile_cols), transposed = std::vector<T>(tile_cols * rows)](
+      return [&, tile = AlignedVector<T>(rows * tile_cols), transposed = AlignedVector<T>(tile_cols * rows)](
                  int64_t block) mutable {
         const int64_t r0 = block * rows, r1 = std::min(n, r0 + rows), m = r1 - r0;
         for (int64_t j0 = r0; j0 < n; j0 += tile_cols) {

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <vector>
 
 namespace bmt_fast::cpu {
 
@@ -34,6 +35,21 @@ AlignedBuffer<T> aligned_uninitialised(int64_t count) {
   if (p == nullptr) throw std::bad_alloc();
   return AlignedBuffer<T>(static_cast<T*>(p));
 }
+
+// The same alignment for std::vector scratch (tiles, windows): AlignedVector<T>.
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) noexcept {}
+  T* allocate(size_t count) { return aligned_uninitialised<T>(static_cast<int64_t>(count)).release(); }
+  void deallocate(T* p, size_t) noexcept { std::free(p); }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const noexcept { return true; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, AlignedAllocator<T>>;
 
 // ---- many-particle regime: distance tiles --------------------------------------------------------
 

@@ -286,7 +286,7 @@ std::optional<std::pair<std::vector<T>, int64_t>> collect_between(const at::Tens
   const T* nr = norms.data_ptr<T>();
   tiles([&](const at::Tensor& tile, int64_t i0, int64_t j0, int64_t begin, int64_t end) {
     const int64_t cols = tile.size(1);
-    thread_local std::vector<T> scratch;  // grown once per thread, not zeroed per chunk
+    thread_local AlignedVector<T> scratch;  // grown once per thread, not zeroed per chunk
     if (scratch.size() < static_cast<size_t>((end - begin) * cols)) scratch.resize((end - begin) * cols);
     int64_t under = 0;
     const int64_t got = window_collect(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, i0 == j0, lo,

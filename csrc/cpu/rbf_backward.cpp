@@ -52,7 +52,7 @@ void symmetrised_weights(const at::Tensor& a, const at::Tensor& b, const at::Ten
       __builtin_prefetch(reinterpret_cast<const char*>(run) + byte);
   };
   at::parallel_for(0, (n + kTile - 1) / kTile, 4, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(kTile * kPitch);
+    AlignedVector<T> buffer(kTile * kPitch);
     for (int64_t j0 = begin * kTile; j0 < std::min(n, end * kTile); j0 += kTile) {
       const int64_t cols = std::min(n - j0, kTile);
       for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
