@@ -322,14 +322,10 @@ void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, in
   BMT_FAST_DISPATCH(bf16_row_pairs, src, ld, pair_begin, pair_end, cols, out, ld_out)
 }
 
-// Scratch the kernels write before they read it, not zero-filled: sized for many features (~230 KiB for the
-// Gram pass and ~400 KiB for the apply pass at 50 particles), filling it took a sixth of a step with few
-// (perf, 50 x 50 fp32; now 41-46 -> 30-33 us a step with the narrower Gram buffer below).
-// 64-byte aligned (aligned_uninitialised, kernels.h).
-template <typename T>
-AlignedBuffer<T> uninitialised(int64_t count) {
-  return aligned_uninitialised<T>(count);
-}
+// The passes' scratch (aligned_uninitialised, kernels.h: 64-byte aligned) is written before it is read and
+// not zero-filled: sized for many features (~230 KiB for the Gram pass and ~400 KiB for the apply pass at 50
+// particles), filling it took a sixth of a step with few (perf, 50 x 50 fp32; now 41-46 -> 30-33 us a step
+// with the narrower Gram buffer below).
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):
 // gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums plus one row of column sums (ld);
@@ -340,12 +336,12 @@ AlignedBuffer<T> uninitialised(int64_t count) {
     const int64_t rows = (n + 3) / 4 * 4;                                                                  \
     /* fewer columns than a chunk: one chunk of them, its buffer no wider (the same sums, in that order) */ \
     chunk = std::min(chunk, (col_end - col_begin + 63) / 64 * 64);                                         \
-    const auto scratch = uninitialised<T>((rows + 1) * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T))); \
+    const auto scratch = aligned_uninitialised<T>((rows + 1) * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T))); \
     BMT_FAST_DISPATCH(gram_columns, x, y, nx, n, d, col_begin, col_end, chunk, gram, shift, scratch.get())  \
   }                                                                                                        \
   bool apply_columns(const In* x, const In* g, In* phi, int64_t n, int64_t d, int64_t col_begin,           \
                      int64_t col_end, const T* shift, const T* kn, const T* c, T a) {                      \
-    const auto scratch = uninitialised<T>(apply_scratch_size<T>(n));                                      \
+    const auto scratch = aligned_uninitialised<T>(apply_scratch_size<T>(n));                              \
     BMT_FAST_DISPATCH(apply_columns, x, g, phi, n, d, col_begin, col_end, shift, kn, c, a, scratch.get())  \
   }                                                                                                        \
   void rbf_grad_columns(const In* x, const In* y, int64_t n, int64_t m, int64_t d, int64_t col_begin,       \

@@ -671,16 +671,27 @@ BMT_FAST_INLINE void track_finite(vec_t<T>& bad, vec_t<T> v, int64_t count) {
   }
 }
 
-// track_finite over the first `rows` of a register block's R vectors, into four independent parts that
-// reach bad by one addition. bad is carried from one vector of columns to the next, and with every vector
-// register taken by the block GCC keeps it on the stack: one dependent addition per row (a store
-// forwarded to the next row's load) had made a chain of ~11 cycles a row, 176 a vector of 16 rows, longer
-// than the block's 288 FMAs take (perf of the apply pass, cache-resident, 2-core Zen 5 VM).
+// track_finite for a register block's vectors, into four independent parts that reach bad by one addition
+// (into). bad is carried from one vector of columns to the next, and with every vector register taken by the
+// block GCC keeps it on the stack: one dependent addition per row (a store forwarded to the next row's load)
+// had made a chain of ~11 cycles a row, 176 a vector of 16 rows, longer than the block's 288 FMAs take (perf
+// of the apply pass, cache-resident, 2-core Zen 5 VM).
+template <typename T>
+struct FiniteParts {
+  vec_t<T> part[4] = {};
+  template <typename In, bool Full>
+  BMT_FAST_INLINE void add(int i, vec_t<T> v, int64_t count) {
+    track_finite<In, Full, T>(part[i & 3], v, count);
+  }
+  BMT_FAST_INLINE void into(vec_t<T>& bad) const { bad += (part[0] + part[1]) + (part[2] + part[3]); }
+};
+
+// The first `rows` of a block's R vectors.
 template <typename In, bool Full, typename T, int R>
 BMT_FAST_INLINE void track_finite_block(vec_t<T>& bad, const vec_t<T> (&v)[R], int rows, int64_t count) {
-  vec_t<T> part[4] = {};
-  for (int r = 0; r < R && r < rows; ++r) track_finite<In, Full, T>(part[r & 3], v[r], count);
-  bad += (part[0] + part[1]) + (part[2] + part[3]);
+  FiniteParts<T> seen;
+  for (int r = 0; r < R && r < rows; ++r) seen.template add<In, Full>(r, v[r], count);
+  seen.into(bad);
 }
 
 // ---- the AMX epilogues: K from tiles of dot products, phi from K W ----------------------------------
@@ -1411,23 +1422,23 @@ BMT_FAST_INLINE void apply_packed_line(const T* ownb, const T* wb, int64_t ld, I
       for (int v = 0; v < V; ++v) acc[r][v] += kr * w[v];
     }
   }
-  vec_t<T> seen[4] = {};  // as track_finite_block: four independent parts, one addition into bad
+  FiniteParts<T> seen;
   for (int r = 0; r < R; ++r) {
     if (ib + r >= n) break;
     In* out = phi + (ib + r) * d + k;
     if (count == V * L) {
-      for (int v = 0; v < V; ++v) track_finite<In, true, T>(seen[(r * V + v) & 3], acc[r][v], L);
+      for (int v = 0; v < V; ++v) seen.template add<In, true>(r * V + v, acc[r][v], L);
       if (!stream_line<In, T, V>(out, acc[r]))
         for (int v = 0; v < V; ++v) store_as<In, T>(out + v * L, acc[r][v], L);
     } else {
       for (int v = 0; v < V && v * L < count; ++v) {
         const int64_t part = min64(L, count - v * L);
-        track_finite<In, false, T>(seen[(r * V + v) & 3], acc[r][v], part);
+        seen.template add<In, false>(r * V + v, acc[r][v], part);
         store_as<In, T>(out + v * L, acc[r][v], part);
       }
     }
   }
-  bad += (seen[0] + seen[1]) + (seen[2] + seen[3]);
+  seen.into(bad);
 }
 
 template <typename In, typename T>
