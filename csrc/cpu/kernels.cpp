@@ -328,12 +328,13 @@ void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, in
 // with the narrower Gram buffer below).
 
 // Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):
-// gram needs rows x ld plus (rows/4)^2 x 16 vectors of partial sums plus one row of column sums (ld);
+// gram needs rows x ld (rows: n - 1 rounded up to 4; row 0 is the shift) plus (rows/4)^2 x 16 vectors of
+// partial sums plus one row of column sums (ld);
 // apply needs rows x n (K/n re-laid per register block) plus, packed, 2n rows of apply_pack_chunk(n) + pad.
 #define BMT_FAST_DEFINE_COLUMN_ENTRY(In, T)                                                                \
   void gram_columns(const In* x, const In* y, int64_t nx, int64_t n, int64_t d, int64_t col_begin,         \
                     int64_t col_end, int64_t chunk, double* gram, T* shift) {                              \
-    const int64_t rows = (n + 3) / 4 * 4;                                                                  \
+    const int64_t rows = (std::max<int64_t>(n - 1, 0) + 3) / 4 * 4;                                        \
     /* fewer columns than a chunk: one chunk of them, its buffer no wider (the same sums, in that order) */ \
     chunk = std::min(chunk, (col_end - col_begin + 63) / 64 * 64);                                         \
     const auto scratch = aligned_uninitialised<T>((rows + 1) * (chunk + kScratchPad) + rows * rows * (64 / sizeof(T))); \
