@@ -1066,7 +1066,7 @@ def test_fused_step_by_the_median_rule_takes_median_bandwidths_h(n, d):
 @pytest.mark.parametrize("bandwidth", [None, 5.0])
 def test_sixteen_rows_4kib_apart_give_the_direct_apply_pass_bits(dtype, d, bandwidth):
     """16 particles whose rows are a multiple of 4 KiB apart take the Gram path's apply pass in two halves of
-    the rows (csrc/cpu/kernels_impl.h: apply_columns_halves); 16 zero columns more put the same particles on
+    the rows (csrc/cpu/kernels_impl_gram.h: apply_columns_halves); 16 zero columns more put the same particles on
     the direct pass, whose phi the halves must give bit for bit (on one thread, so that the Gram pass sums
     its column chunks in the same order; the zero chunk adds exact zeros). Its NaN flag as the direct pass's."""
     torch.manual_seed(d)
@@ -1095,7 +1095,7 @@ def test_sixteen_rows_4kib_apart_give_the_direct_apply_pass_bits(dtype, d, bandw
 @pytest.mark.parametrize("n", [4, 12, 16, 24, 40])
 def test_gram_path_flags_one_row_that_overflows_float16(n):
     """The Gram path's apply pass notes whether phi is finite a register block at a time (rows r % 4 in four
-    parts; csrc/cpu/kernels_impl.h: track_finite_block, and the packed pass from 32 particles). One fp16
+    parts; csrc/cpu/kernels_impl_io.h: track_finite_block, and the packed pass from 32 particles). One fp16
     particle 1e-5 from the others at H = 2e-10 (fp32 sums): its repulsion pushes its phi past 65504, everyone
     else's stays finite. Whichever row (each of a 4-, 12-, 16-row block and of the blocks of 24 and 40
     particles) and column (a whole vector or the ragged last one), the flag says so, and out holds Inf

@@ -327,7 +327,7 @@ void bf16_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t pair_begin, in
 // particles), filling it took a sixth of a step with few (perf, 50 x 50 fp32; now 41-46 -> 30-33 us a step
 // with the narrower Gram buffer below).
 
-// Scratch sizes follow kernels_impl.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl.h):
+// Scratch sizes follow kernels_impl_*.h, with ld = chunk + kScratchPad (>= kRowPad of kernels_impl_gram.h):
 // gram needs rows x ld (rows: n - 1 rounded up to 4; row 0 is the shift) plus (rows/4)^2 x 16 vectors of
 // partial sums plus one row of column sums (ld);
 // apply needs rows x n (K/n re-laid per register block) plus, packed, 2n rows of apply_pack_chunk(n) + pad.

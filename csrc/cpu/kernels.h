@@ -1,7 +1,8 @@
-// Pointer-level CPU kernels (no ATen inside): vectorised and cache-blocked. kernels_impl.h is compiled
-// once per x86 ISA level (baseline, x86-64-v3 = AVX2+FMA, x86-64-v4 = AVX-512); kernels.cpp picks the
-// best build for the running CPU once (override: BMT_FAST_CPU_ISA=base|v3|v4) and provides the entry
-// points below. The ATen-level ops (svgd_cpu.cpp and its paths, paths.h) split work across threads and call these.
+// Pointer-level CPU kernels (no ATen inside): vectorised and cache-blocked. kernels_impl.h (with its parts
+// kernels_impl_{tiles,io,amx,gram,fused}.h) is compiled once per x86 ISA level (baseline, x86-64-v3 =
+// AVX2+FMA, x86-64-v4 = AVX-512); kernels.cpp picks the best build for the running CPU once (override:
+// BMT_FAST_CPU_ISA=base|v3|v4) and provides the entry points below. The ATen-level ops (svgd_cpu.cpp and
+// its paths, paths.h) split work across threads and call these.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -312,7 +313,7 @@ BMT_FAST_DECLARE_RBF_GRAD(c10::Half, float)
 
 constexpr int64_t kApplyRows = 4;  // output rows per register block in apply_columns
 
-// Columns per block of the packed apply pass (the ISA builds without AVX-512, kernels_impl.h): its
+// Columns per block of the packed apply pass (the ISA builds without AVX-512, kernels_impl_gram.h): its
 // centred x and w rows, 2 n x chunk elements, stay within about 16 KiB of L1. A multiple of 64.
 inline int64_t apply_pack_chunk(int64_t n) {
   const int64_t chunk = 2048 / (n > 0 ? n : 1) / 64 * 64;
@@ -320,11 +321,11 @@ inline int64_t apply_pack_chunk(int64_t n) {
 }
 
 // The AVX-512 build's apply pass for 16 particles at a row stride that is a multiple of 4 KiB goes in two
-// halves of the rows (kernels_impl.h: apply_columns_halves), a chunk of this many vectors of columns at a
+// halves of the rows (kernels_impl_gram.h: apply_columns_halves), a chunk of this many vectors of columns at a
 // time, its 16 sums per vector waiting in the scratch; apply_scratch_size counts them.
 constexpr int64_t kApplyHalvesParticles = 16;
 constexpr int64_t kApplyHalvesChunkVectors = 16;
-// Padding (elements) of each scratch row of the Gram and apply passes; covers kRowPad<T> of kernels_impl.h for
+// Padding (elements) of each scratch row of the Gram and apply passes; covers kRowPad<T> of kernels_impl_gram.h for
 // float and double.
 constexpr int64_t kScratchPad = 64;
 // Elements of T that apply_columns needs for n particles: K's row blocks (rows x n), then the packed pass's
