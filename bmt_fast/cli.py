@@ -61,11 +61,7 @@ def main(argv: Sequence[str] | None = None, *, close_group: bool = True) -> int:
     succeeds ends with a barrier and the process group destroyed, as torch asks of a normal exit; False
     keeps the group for more runs in this process (DeepSpeed caches its groups, which a new process group
     would not replace)."""
-    from .transfer.checkpoint import CheckpointError
-    from .transfer.config import ConfigError
-    from .transfer.data import DataError
-    from .transfer.loop import Diverged
-
+    reported, diverged = _trainer_errors()
     parser = build_parser()
     # Overrides may come before or after options: argparse collects a positional list only once.
     args, extra = parser.parse_known_args(argv)
@@ -77,12 +73,41 @@ def main(argv: Sequence[str] | None = None, *, close_group: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="bmt-fast: %(message)s")
     try:
         return args.handler(args)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as error:
+    except reported as error:
         print(f"bmt-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except Diverged as error:  # (every process raises it: the update directions are the same everywhere)
+    except diverged as error:  # (every process raises it: the update directions are the same everywhere)
         print(f"bmt-fast {args.command}: training diverged: {error}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in TRAINER_PACKAGES:
+            raise
+        print(f"bmt-fast {args.command}: error: {error}: this command needs the trainer's packages "
+              "(pip install 'bmt_fast[train]', or -r requirements/train.txt in a checkout)", file=sys.stderr)
+        return 2
+
+
+# Import names of the packages the trainer, the demo and the plots need beyond bmt_fast's own (torch, numpy):
+# pyproject's `train` extra. A command that misses one says which and how to install them.
+TRAINER_PACKAGES = frozenset(
+    {"yaml", "transformers", "tokenizers", "datasets", "peft", "accelerate", "safetensors", "sentencepiece", "gguf",
+     "tqdm", "matplotlib"}
+)  # fmt: skip
+
+
+def _trainer_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(errors a command reports in one line, the trainer's Diverged): the trainer's own only where its
+    packages are installed, so that `bmt-fast --help` and `bmt-fast bench` work without them."""
+    try:
+        from .transfer.checkpoint import CheckpointError
+        from .transfer.config import ConfigError
+        from .transfer.data import DataError
+        from .transfer.loop import Diverged
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in TRAINER_PACKAGES:
+            raise
+        return (FileNotFoundError,), ()
+    return (ConfigError, CheckpointError, DataError, FileNotFoundError), (Diverged,)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""`bmt-fast` with only bmt_fast's own dependencies (torch, numpy): the kernels' users install no trainer. Its
+help and `bench` work there, and a trainer command says which package is missing and how to install the
+trainer's, instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+from helpers import subprocess_env
+
+from bmt_fast import cli
+
+# A child interpreter where the trainer's packages are not installed: importing one fails as it would there.
+WITHOUT_TRAINER = """
+import sys
+from bmt_fast.cli import TRAINER_PACKAGES
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in TRAINER_PACKAGES:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NotInstalled())
+from bmt_fast import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def run_without_trainer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TRAINER, *args], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def test_help_lists_every_command_without_the_trainer():
+    run = run_without_trainer("--help")
+    assert run.returncode == 0, run.stderr
+    for name in ("source", "target", "transfer", "eval", "plot", "bench", "demo"):
+        assert name in run.stdout
+
+
+@pytest.mark.parametrize("args", [("source", "--config", "run.yaml"), ("plot", "a-run"), ("demo", "--quick")])
+def test_a_trainer_command_without_the_trainer_names_what_to_install(args):
+    run = run_without_trainer(*args)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert f"bmt-fast {args[0]}: error: No module named" in run.stderr
+    assert "bmt_fast[train]" in run.stderr and "requirements/train.txt" in run.stderr
+
+
+def test_other_missing_modules_still_raise(monkeypatch):
+    """Only the trainer's packages get the one-line message: any other missing module is a bug to see whole."""
+
+    def broken(args: argparse.Namespace) -> int:
+        raise ModuleNotFoundError("No module named 'not_a_dependency'", name="not_a_dependency")
+
+    monkeypatch.setitem(cli.COMMANDS, "broken", cli.Command("broken", "raises", lambda parser: None, broken))
+    with pytest.raises(ModuleNotFoundError, match="not_a_dependency"):
+        cli.main(["broken"])
