@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../radix_key.h"
 #include "kernels.h"
 #include "simd.h"
 

@@ -33,17 +33,6 @@ BMT_FAST_INLINE void rbf_from_dots_impl(T* tile, int64_t ld, int64_t row_begin, 
   }
 }
 
-template <typename T>
-struct KeyOf;
-template <>
-struct KeyOf<float> {
-  using type = uint32_t;
-};
-template <>
-struct KeyOf<double> {
-  using type = uint64_t;
-};
-
 // The squared distance from a dot product and the two norms, clamped at +0: one expression for the radix
 // histogram and the selection over stored distances, so both see the same value for a pair.
 template <typename T>

@@ -4,23 +4,13 @@
 // once. Nothing of size n x n is stored: each pass recomputes the distances.
 #pragma once
 
+#include "../radix_key.h"
 #include "device.cuh"
 
 namespace bmt_fast::cuda {
 
 constexpr int kRadixWidth = 11;
 constexpr int kRadixBins = 1 << kRadixWidth;
-
-template <typename T>
-struct KeyOf;
-template <>
-struct KeyOf<float> {
-  using type = uint32_t;
-};
-template <>
-struct KeyOf<double> {
-  using type = uint64_t;
-};
 
 // Bits of a non-negative value below the (always zero) sign bit: 31 for float, 63 for double.
 template <typename T>
