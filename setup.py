@@ -67,9 +67,23 @@ def write_build_info(info: dict) -> None:
     (ROOT / "bmt_fast" / "_build_info.py").write_text(text)
 
 
+def import_torch():
+    """torch, or a message that says how to build: the extensions are compiled against the installed torch,
+    which pip's default build isolation hides (it would build in a fresh environment without torch)."""
+    try:
+        import torch
+    except ModuleNotFoundError as error:
+        raise SystemExit(
+            f"bmt_fast is built against an installed torch, and this build cannot import it ({error}). Install a "
+            "pinned torch first (pip install torch==2.13.0), then build without isolation: pip install "
+            "--no-build-isolation -e . (or pip wheel --no-build-isolation .)"
+        ) from None
+    return torch
+
+
 def extensions():
     locate_cuda_home()
-    import torch
+    torch = import_torch()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     info = {"torch_version": torch.__version__, "cpu": {"built": False}, "cuda": {"built": False}}

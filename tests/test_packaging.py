@@ -138,3 +138,29 @@ def test_wheel_built_from_the_sdist_runs_outside_the_checkout(sdist, tmp_path):
     assert info.returncode == 0, info.stderr[-4000:]
     (backends,) = [line for line in info.stdout.splitlines() if line.startswith("available backends:")]
     assert "cpu" in backends.split(":", 1)[1].replace(",", " ").split(), info.stdout
+
+
+# setup.py run where torch cannot be imported, as under pip's default build isolation.
+WITHOUT_TORCH = """
+import runpy, sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoTorch())
+sys.argv = ["setup.py", "--name"]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
+
+def test_a_build_without_torch_says_how_to_build(tmp_path):
+    """pip's default build isolation hides the installed torch from setup.py: the build stops with how to
+    build instead of a traceback."""
+    shutil.copy2(ROOT / "setup.py", tmp_path / "setup.py")
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TORCH], cwd=tmp_path, env=build_env(), capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr, run.stderr
+    assert "cannot import it (No module named 'torch')" in run.stderr
+    assert "pip install --no-build-isolation -e ." in run.stderr
