@@ -22,6 +22,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
 def debug_info_flags() -> list[str]:
@@ -31,7 +32,6 @@ def debug_info_flags() -> list[str]:
     if wanted not in ("0", "1"):
         raise SystemExit(f"BMT_FAST_DEBUG_INFO must be 0 or 1, got {wanted!r}")
     return ["-g"] if wanted == "1" else ["-g0"]
-DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
 def locate_cuda_home() -> None:

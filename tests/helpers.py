@@ -57,6 +57,20 @@ def assert_within(actual: torch.Tensor, expected64: torch.Tensor, torch_error: f
     assert err <= bound, f"relative error {err:.3e} > {bound:.3e} (torch in the same precision: {torch_error:.3e})"
 
 
+def import_blocker(condition: str) -> str:
+    """Python source for the start of a child interpreter's code: from then on `import <name>` fails as on a
+    machine without that module, for every module name for which `condition` (an expression in `name`) holds."""
+    return f"""
+import sys
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if {condition}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ for a child Python that must import this bmt_fast (also when it is not pip-installed:
     the folder that holds the package goes first on PYTHONPATH)."""

@@ -10,20 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import subprocess_env
+from helpers import import_blocker, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A child interpreter on a machine without Triton: importing it fails as it would there.
-WITHOUT_TRITON = """
-import sys
-class _NoTriton:
-    def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, _NoTriton())
-"""
+WITHOUT_TRITON = import_blocker('name == "triton" or name.startswith("triton.")')
 
 
 def run_from_checkout(code: str) -> subprocess.CompletedProcess:

@@ -9,20 +9,12 @@ import subprocess
 import sys
 
 import pytest
-from helpers import subprocess_env
+from helpers import import_blocker, subprocess_env
 
 from bmt_fast import cli
 
 # A child interpreter where the trainer's packages are not installed: importing one fails as it would there.
-WITHOUT_TRAINER = """
-import sys
-from bmt_fast.cli import TRAINER_PACKAGES
-class _NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in TRAINER_PACKAGES:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, _NotInstalled())
+WITHOUT_TRAINER = import_blocker(f'name.split(".")[0] in {sorted(cli.TRAINER_PACKAGES)!r}') + """
 from bmt_fast import cli
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import import_blocker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,14 +148,8 @@ def test_wheel_built_from_the_sdist_runs_outside_the_checkout(sdist, tmp_path):
 
 
 # setup.py run where torch cannot be imported, as under pip's default build isolation.
-WITHOUT_TORCH = """
-import runpy, sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, _NoTorch())
+WITHOUT_TORCH = import_blocker('name == "torch" or name.startswith("torch.")') + """
+import runpy
 sys.argv = ["setup.py", "--name"]
 runpy.run_path("setup.py", run_name="__main__")
 """
