@@ -64,7 +64,7 @@ BMT_FAST_INLINE vec_t<T> load_as(const In* p) {
     return half_to_float(p);
 #endif
   } else {
-    vec_t<T> v;
+    vec_t<T> v{};  // (every lane is set below; {} keeps GCC's -Wmaybe-uninitialized quiet on aarch64)
     for (int i = 0; i < kLanes<T>; ++i) v[i] = static_cast<T>(p[i]);
     return v;
   }
