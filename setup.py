@@ -103,7 +103,8 @@ def extensions():
         info["cuda"]["reason"] = "needs the CPU extension"
         write_build_info(info)
         return exts
-    cxx_flags = CXX_FLAGS + debug_info_flags()
+    debug_info = debug_info_flags()
+    cxx_flags = CXX_FLAGS + debug_info
     exts.append(
         CppExtension(
             "bmt_fast._C",
@@ -122,7 +123,7 @@ def extensions():
                 "bmt_fast._C_cuda",
                 relative_sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp"),
                 extra_compile_args={
-                    "cxx": ["-O3", "-std=c++20", *debug_info_flags()],
+                    "cxx": ["-O3", "-std=c++20", *debug_info],
                     "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"],
                 },
             )

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None, *, close_group: bool = True) -> int:
         print(f"bmt-fast {args.command}: training diverged: {error}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in TRAINER_PACKAGES:
+        if not _is_trainer_package(error):
             raise
         print(f"bmt-fast {args.command}: error: {error}: this command needs the trainer's packages "
               "(pip install 'bmt_fast[train]', or -r requirements/train.txt in a checkout)", file=sys.stderr)
@@ -95,6 +95,10 @@ TRAINER_PACKAGES = frozenset(
 )  # fmt: skip
 
 
+def _is_trainer_package(error: ModuleNotFoundError) -> bool:
+    return (error.name or "").split(".")[0] in TRAINER_PACKAGES
+
+
 def _trainer_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(errors a command reports in one line, the trainer's Diverged): the trainer's own only where its
     packages are installed, so that `bmt-fast --help` and `bmt-fast bench` work without them."""
@@ -104,7 +108,7 @@ def _trainer_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
         from .transfer.data import DataError
         from .transfer.loop import Diverged
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in TRAINER_PACKAGES:
+        if not _is_trainer_package(error):
             raise
         return (FileNotFoundError,), ()
     return (ConfigError, CheckpointError, DataError, FileNotFoundError), (Diverged,)
