@@ -104,26 +104,26 @@ namespace {
 enum class Isa { kBase, kV3, kV4 };
 
 Isa detect_isa() {
+  Isa best = Isa::kBase;
 #ifdef BMT_FAST_HAS_X86_BUILDS
   __builtin_cpu_init();
   const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
   const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                   __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
                   __builtin_cpu_supports("avx512vl");
-  Isa best = v4 ? Isa::kV4 : v3 ? Isa::kV3 : Isa::kBase;
+  best = v4 ? Isa::kV4 : v3 ? Isa::kV3 : Isa::kBase;
+#endif
+  // Checked on every architecture: on aarch64 (no x86 builds) v3 and v4 are refused, not ignored.
   if (const char* forced = std::getenv("BMT_FAST_CPU_ISA")) {
     const std::string want(forced);
     const Isa asked = want == "v4" ? Isa::kV4 : want == "v3" ? Isa::kV3 : Isa::kBase;
     TORCH_CHECK(want == "base" || want == "v3" || want == "v4", "bmt_fast: BMT_FAST_CPU_ISA must be base, v3 or v4, got ",
                 want);
     TORCH_CHECK(static_cast<int>(asked) <= static_cast<int>(best), "bmt_fast: BMT_FAST_CPU_ISA=", want,
-                " but this CPU lacks the instructions");
+                " but this CPU lacks the instructions (v3 and v4 are x86-64 builds)");
     best = asked;
   }
   return best;
-#else
-  return Isa::kBase;
-#endif
 }
 
 Isa isa() {
