@@ -22,6 +22,9 @@ cmake -S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release $("$VENV/bin/python"
 cmake --build "$BUILD_DIR" -j "${MAX_JOBS:-2}"
 ctest --test-dir "$BUILD_DIR" --output-on-failure
 
+echo "== aarch64 user space for tests/test_portability.py (qemu-user; that test skips where it cannot be made)"
+PYTHON="$VENV/bin/python" bash "$ROOT/scripts/aarch64_sysroot.sh" || echo "(no aarch64 user space: see above)"
+
 echo "== Python tests"
 cd "$ROOT"
 "$VENV/bin/python" -m pytest tests "$@"
