@@ -8,6 +8,8 @@
 #   bash scripts/aarch64_sysroot.sh            # into ${XDG_CACHE_HOME:-~/.cache}/bmt_fast/aarch64
 #   BMT_FAST_AARCH64_ROOT=DIR bash scripts/aarch64_sysroot.sh
 #
+# PYTHON names the host Python whose pip downloads the aarch64 wheels (default python3; scripts/test.sh
+# passes its venv's).
 # Needs Debian (or Ubuntu) with the arm64 architecture added to apt, qemu-user-static and an aarch64 cross
 # compiler: it says what to run where they are missing, or (root, BMT_FAST_AARCH64_INSTALL=1) runs it.
 # Nothing is installed into the system's arm64 side: the packages are downloaded and extracted into the
