@@ -139,6 +139,11 @@ def test_wheel_built_from_the_sdist_runs_outside_the_checkout(sdist, tmp_path):
     assert info.returncode == 0, info.stderr[-4000:]
     (backends,) = [line for line in info.stdout.splitlines() if line.startswith("available backends:")]
     assert "cpu" in backends.split(":", 1)[1].replace(",", " ").split(), info.stdout
+    # the licence the metadata names travels with the wheel
+    (dist_info,) = site.glob("bmt_fast-*.dist-info")
+    assert (dist_info / "licenses" / "LICENSE").read_bytes() == (ROOT / "LICENSE").read_bytes()
+    metadata = (dist_info / "METADATA").read_text()
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata, metadata[:2000]
     # built without DWARF (setup.py's -g0 unless BMT_FAST_DEBUG_INFO=1): 40 MB with it, 2.4 MB without
     (extension,) = (site / "bmt_fast").glob("_C.*.so")
     if shutil.which("readelf"):
