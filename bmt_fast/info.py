@@ -36,14 +36,18 @@ def collect() -> dict:
         "cuda_extension": dict(_extension.CUDA.build_info),
     }
     if cpu.loaded:
-        info["cpu_extension"].update(cpu.module.build_info())
+        try:
+            info["cpu_extension"].update(cpu.module.build_info())
+        except RuntimeError as error:  # a bad BMT_FAST_CPU_* value: every CPU op call raises the same
+            info["cpu_settings_error"] = str(error).splitlines()[0]
+            return info
         # fp32 particles with many particles on AMX follow torch's fp32 matmul precision (README, "Numerics")
         amx_fp32 = info["cpu_extension"].get("cpu_bf16_amx") and cpu.module.float32_matmul_in_bf16()
         info["cpu_fp32_matmul"] = "bf16 on AMX (torch's fp32 matmul precision)" if amx_fp32 else "ieee"
     return info
 
 
-def main() -> None:
+def main() -> int:
     info = collect()
     print(f"bmt_fast {info['bmt_fast']}  (python {info['python']}, torch {info['torch']}, CUDA {info['torch_cuda']},"
           f" triton {info['triton']})")
@@ -57,7 +61,11 @@ def main() -> None:
     for key in ("cpu_extension", "cuda_extension"):
         details = ", ".join(f"{k}={v}" for k, v in info[key].items() if k != "built")
         print(f"{key}: {details or 'no build record'}")
+    if "cpu_settings_error" in info:
+        print(f"CPU settings: {info['cpu_settings_error']}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

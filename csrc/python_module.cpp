@@ -9,10 +9,12 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", [] {
+    bmt_fast::cpu::check_cpu_settings();  // a bad BMT_FAST_CPU_* value: the error that every op call raises
     pybind11::dict info;
     info["cpu_isa"] = bmt_fast::cpu::active_isa();
     info["cpu_isas_compiled"] = bmt_fast::cpu::compiled_isas();
     info["cpu_bf16_amx"] = bmt_fast::cpu::bf16_amx_enabled();
+    info["cpu_fused"] = bmt_fast::cpu::fused_enabled();
     info["amx_min_features"] = bmt_fast::cpu::kAmxMinFeatures;
 #ifdef _OPENMP
     info["openmp"] = _OPENMP;

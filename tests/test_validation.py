@@ -464,3 +464,72 @@ def test_the_fake_tensor_shortcut_answers_as_torch_does():
     answers = [(_maybe_fake(t), is_fake(t)) for t in cases]
     assert all(mine == torch_s for mine, torch_s in answers), answers
     assert [mine for mine, _ in answers] == [False, True, False, False, True]
+
+
+# In one child Python, each CPU switch in the order the ops read them (a switch whose read failed is read again
+# at the next call): a bad value fails every kind of call, small ones included, naming the variable, and leaves
+# out= as it was; once the variable is unset the same calls run.
+BAD_SWITCHES_SCRIPT = """
+import os, torch, bmt_fast
+from bmt_fast import _extension
+torch.manual_seed(0)
+x, s = torch.randn(6, 3), torch.randn(6, 3)
+xb, sb = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+def calls():
+    out = torch.full_like(x, 7.0)
+    outb = torch.full_like(xb, 7.0)
+    yield "step", lambda: bmt_fast.svgd_step(x, s, 1.0, backend="cpu"), None
+    yield "step median", lambda: bmt_fast.svgd_step(x, s, backend="cpu"), None
+    yield "step out=", lambda: bmt_fast.svgd_step(x, s, 1.0, backend="cpu", out=out), out
+    yield "batched", lambda: torch.ops.bmt_fast.svgd_step_batched_into(xb, sb, torch.ones(2), out=outb), outb
+    yield "rbf_kernel", lambda: bmt_fast.rbf_kernel(x, s, 1.0, backend="cpu"), None
+    yield "rbf_kernel grad", lambda: bmt_fast.rbf_kernel(x.requires_grad_(), x, 1.0, backend="cpu").sum().backward(), None
+    yield "median", lambda: bmt_fast.median_bandwidth(x, backend="cpu"), None
+    yield "build_info", lambda: _extension.CPU.module.build_info(), None
+cases = [("BMT_FAST_CPU_ISA", "v9", "must be base, v3 or v4"), ("BMT_FAST_CPU_AVX512BF16", "on", "must be 0 or 1"),
+         ("BMT_FAST_CPU_AMX", "off", "must be 0 or 1"), ("BMT_FAST_CPU_FUSED", "false", "must be 0 or 1"),
+         ("BMT_FAST_CPU_SERIAL_MAX_WORK", "1e6", "must be a non-negative whole number"),
+         ("BMT_FAST_CPU_SERIAL_MAX_WORK", "-1", "must be a non-negative whole number"),
+         ("BMT_FAST_MEDIAN_WINDOW", "yes", "must be 0, 1 or require")]
+for name, value, says in cases:
+    os.environ[name] = value
+    for what, call, out in calls():
+        try:
+            call()
+        except RuntimeError as error:
+            assert f"{name} {says}" in str(error) and value in str(error), (name, what, str(error)[:300])
+        else:
+            raise AssertionError(f"{name}={value}: {what} ran")
+        assert out is None or bool((out == 7.0).all()), (name, what, "out= was written")
+        x.requires_grad_(False)
+    del os.environ[name]
+for what, call, out in calls():  # every switch now read, at its default
+    call()
+    assert out is None or bool(torch.isfinite(out).all()), what
+    x.requires_grad_(False)
+print("ok")
+"""
+
+
+@requires_cpu_extension
+def test_bad_cpu_switches_fail_every_call_by_name(tmp_path):
+    """A typo in a BMT_FAST_CPU_* switch (or BMT_FAST_MEDIAN_WINDOW) is an error at every CPU op call, small
+    calls that never reach the path it steers included, not a silent default ("false" once ran the fused
+    kernels, "1e6" set the one-thread bound to 1); `python -m bmt_fast.info` reports it and exits with 1."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    script = tmp_path / "switches.py"
+    script.write_text(BAD_SWITCHES_SCRIPT)
+    switches = ("BMT_FAST_CPU_ISA", "BMT_FAST_CPU_AVX512BF16", "BMT_FAST_CPU_AMX", "BMT_FAST_CPU_FUSED",
+                "BMT_FAST_CPU_SERIAL_MAX_WORK", "BMT_FAST_MEDIAN_WINDOW")  # fmt: skip
+    env = {k: v for k, v in subprocess_env().items() if k not in switches}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    info = subprocess.run([sys.executable, "-m", "bmt_fast.info"], env={**env, "BMT_FAST_CPU_FUSED": "off"},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert info.returncode == 1, (info.stdout, info.stderr[-2000:])
+    assert 'CPU settings: bmt_fast: BMT_FAST_CPU_FUSED must be 0 or 1, got "off"' in info.stdout, info.stdout
+    assert "available backends:" in info.stdout  # the rest is still reported

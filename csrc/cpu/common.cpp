@@ -3,7 +3,10 @@
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <charconv>
 #include <cstdlib>
+#include <limits>
+#include <string_view>
 
 #include "paths.h"
 
@@ -37,12 +40,51 @@ bool finite_norms(const at::Tensor& norms) {
                                         : all_finite(c.const_data_ptr<float>(), c.numel());
 }
 
+bool env_switch(const char* name, bool fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  const std::string_view value(env);
+  TORCH_CHECK(value == "0" || value == "1", "bmt_fast: ", name, " must be 0 or 1, got \"", value, "\"");
+  return value == "1";
+}
+
+int64_t env_count(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  const std::string_view value(env);
+  int64_t count = 0;
+  const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), count);
+  TORCH_CHECK(error == std::errc() && end == value.data() + value.size() && count >= 0 && value.front() != '-',
+              "bmt_fast: ", name, " must be a non-negative whole number (decimal digits, at most ",
+              std::numeric_limits<int64_t>::max(), "), got \"", value, "\"");
+  return count;
+}
+
 int64_t serial_max_work() {
-  static const int64_t bound = [] {
-    const char* env = std::getenv("BMT_FAST_CPU_SERIAL_MAX_WORK");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : kSerialMaxWork;
-  }();
+  static const int64_t bound = env_count("BMT_FAST_CPU_SERIAL_MAX_WORK", kSerialMaxWork);
   return bound;
+}
+
+MedianWindow median_window_mode() {
+  const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW");
+  if (env == nullptr || *env == '\0') return MedianWindow::kOn;
+  const std::string_view value(env);
+  if (value == "1") return MedianWindow::kOn;
+  if (value == "0") return MedianWindow::kOff;
+  TORCH_CHECK(value == "require", "bmt_fast: BMT_FAST_MEDIAN_WINDOW must be 0, 1 or require, got \"", value, "\"");
+  return MedianWindow::kRequire;
+}
+
+void check_cpu_settings() {
+  static const bool read_once = [] {
+    check_isa_settings();
+    bf16_amx_enabled();
+    fused_enabled();
+    serial_max_work();
+    return true;
+  }();
+  (void)read_once;
+  median_window_mode();
 }
 
 bool float32_matmul_in_bf16() {
@@ -52,10 +94,8 @@ bool float32_matmul_in_bf16() {
 
 bool bf16_amx_enabled() {
   // (read once: the Python layer reads it once too, through build_info, to know which path flags phi)
-  static const bool enabled = [] {
-    const char* env = std::getenv("BMT_FAST_CPU_AMX");
-    return at::native::cpublas::could_pack(at::kBFloat16) && (env == nullptr || std::string_view(env) != "0");
-  }();
+  static const bool enabled =
+      env_switch("BMT_FAST_CPU_AMX", true) && at::native::cpublas::could_pack(at::kBFloat16);
   return enabled;
 }
 

@@ -13,10 +13,7 @@ namespace bmt_fast::cpu {
 // Whether the many-particle step may take the fused kernel and its median the fused distances (both below),
 // unless BMT_FAST_CPU_FUSED=0 (read once).
 bool fused_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("BMT_FAST_CPU_FUSED");
-    return env == nullptr || std::string_view(env) != "0";
-  }();
+  static const bool enabled = env_switch("BMT_FAST_CPU_FUSED", true);
   return enabled;
 }
 

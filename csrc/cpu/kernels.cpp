@@ -117,8 +117,8 @@ Isa detect_isa() {
   if (const char* forced = std::getenv("BMT_FAST_CPU_ISA")) {
     const std::string want(forced);
     const Isa asked = want == "v4" ? Isa::kV4 : want == "v3" ? Isa::kV3 : Isa::kBase;
-    TORCH_CHECK(want == "base" || want == "v3" || want == "v4", "bmt_fast: BMT_FAST_CPU_ISA must be base, v3 or v4, got ",
-                want);
+    TORCH_CHECK(want == "base" || want == "v3" || want == "v4", "bmt_fast: BMT_FAST_CPU_ISA must be base, v3 or v4, got \"",
+                want, "\"");
     TORCH_CHECK(static_cast<int>(asked) <= static_cast<int>(best), "bmt_fast: BMT_FAST_CPU_ISA=", want,
                 " but this CPU lacks the instructions (v3 and v4 are x86-64 builds)");
     best = asked;
@@ -134,16 +134,17 @@ Isa isa() {
 // AVX512-BF16's vcvtneps2bf16 for the AMX epilogue's bf16 K (every AMX CPU has it), unless
 // BMT_FAST_CPU_AVX512BF16=0 asks for the portable rounding (tests: the two give the same bits).
 bool native_bf16_rounding() {
-#ifdef BMT_FAST_HAS_X86_BUILDS
   static const bool native = [] {
+    const bool wanted = env_switch("BMT_FAST_CPU_AVX512BF16", true);  // (checked on every architecture)
+#ifdef BMT_FAST_HAS_X86_BUILDS
     __builtin_cpu_init();
-    const char* env = std::getenv("BMT_FAST_CPU_AVX512BF16");
-    return __builtin_cpu_supports("avx512bf16") && (env == nullptr || std::string(env) != "0");
+    return wanted && __builtin_cpu_supports("avx512bf16");
+#else
+    (void)wanted;
+    return false;
+#endif
   }();
   return native;
-#else
-  return false;
-#endif
 }
 
 }  // namespace
@@ -161,6 +162,11 @@ bool native_bf16_rounding() {
 #else
 #define BMT_FAST_DISPATCH(fn, ...) return isa_base::fn(__VA_ARGS__);
 #endif
+
+void check_isa_settings() {
+  isa();
+  native_bf16_rounding();
+}
 
 const char* active_isa() {
   switch (isa()) {

@@ -355,6 +355,26 @@ bool float32_matmul_in_bf16();
 // kSerialMaxWork, or BMT_FAST_CPU_SERIAL_MAX_WORK, read once).
 int64_t serial_max_work();
 
+// The CPU switches read from the environment. Unset or empty gives the default; any other value than the
+// ones listed is an error naming the variable and what it takes (a typo, "false" or "off" must not run
+// another path than the one asked for, nor "1e6" a bound of 1). env_switch: "0" or "1"; env_count: a
+// non-negative decimal integer.
+bool env_switch(const char* name, bool fallback);
+int64_t env_count(const char* name, int64_t fallback);
+// Every switch of the CPU ops (BMT_FAST_CPU_ISA, _AMX, _AVX512BF16, _FUSED, _SERIAL_MAX_WORK: read once per
+// process; BMT_FAST_MEDIAN_WINDOW: read at each call), checked at each CPU op's start (SerialIfSmall), so that
+// a bad value fails every call, not only those that reach the path it steers.
+void check_cpu_settings();
+// Whether the fused kernels are on (BMT_FAST_CPU_FUSED, fused.cpp).
+bool fused_enabled();
+// BMT_FAST_MEDIAN_WINDOW (read at each call, for A/B runs and tests): unset, empty or "1" the median's window
+// pass (median_select.h), "0" the radix passes instead, "require" the window pass with a miss an error.
+enum class MedianWindow { kOn, kOff, kRequire };
+MedianWindow median_window_mode();
+
+// Reads BMT_FAST_CPU_ISA and BMT_FAST_CPU_AVX512BF16 (once; a bad value throws at every call).
+void check_isa_settings();
+
 // The ISA build in use ("base", "v3" or "v4") and the ones this library contains.
 const char* active_isa();
 const char* compiled_isas();

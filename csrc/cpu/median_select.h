@@ -346,8 +346,7 @@ inline int64_t median_window_samples(int64_t m, int64_t d, size_t sizeof_t) {
 // a miss an error instead (tests: that the window, not the fallback, gave the result).
 template <typename T, typename Tiles>
 std::optional<double> median_sq_dist_window(const at::Tensor& xc, const at::Tensor& norms, const Tiles& tiles) {
-  if (const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW"); env != nullptr && std::string_view(env) == "0")
-    return std::nullopt;
+  if (median_window_mode() == MedianWindow::kOff) return std::nullopt;
   const int64_t n = xc.size(0), d = xc.size(1);
   const int64_t m = n * (n - 1) / 2;
   const auto [k0, k1] = middle_ranks(n);
@@ -422,8 +421,7 @@ double median_sq_dist(const at::Tensor& xc, const at::Tensor& norms, const Tiles
   if (!finite_norms(norms)) return kNaN;
   if (xc.size(0) <= Tiles::kSelectMaxParticles) return median_sq_dist_select<T>(xc.size(0), norms, tiles);
   if (const std::optional<double> median = median_sq_dist_window<T>(xc, norms, tiles)) return *median;
-  const char* env = std::getenv("BMT_FAST_MEDIAN_WINDOW");
-  TORCH_CHECK(env == nullptr || std::string_view(env) != "require",
+  TORCH_CHECK(median_window_mode() != MedianWindow::kRequire,
               "bmt_fast: the median's window missed (BMT_FAST_MEDIAN_WINDOW=require)");
   return median_sq_dist_tiled<T>(xc, norms, tiles);
 }

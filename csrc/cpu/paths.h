@@ -48,7 +48,8 @@ namespace bmt_fast::cpu {
 // 100 x 1000 321-384 against 610-645. BMT_FAST_CPU_SERIAL_MAX_WORK sets the bound (0: never), read once.
 constexpr int64_t kSerialMaxWork = int64_t{1} << 22;
 
-// For its lifetime, the calling thread's OpenMP regions (ATen's parallel loops with the OpenMP backend, and
+// First the CPU switches are checked (check_cpu_settings: a bad value fails every op call). Then, for its
+// lifetime, the calling thread's OpenMP regions (ATen's parallel loops with the OpenMP backend, and
 // MKL's) take one thread where the work, rows x cols pairs x (features + 32), is at most serial_max_work();
 // the thread count is restored after, also when the op throws. (The count is the calling thread's own
 // OpenMP setting: other threads keep theirs.)
@@ -65,7 +66,9 @@ inline int initialised_max_threads() {
 class SerialIfSmall {
  public:
   SerialIfSmall(int64_t rows, int64_t cols, int64_t features)
-      : previous_(rows * cols * (features + 32) <= serial_max_work() ? initialised_max_threads() : 1) {
+      : previous_((check_cpu_settings(), rows * cols * (features + 32) <= serial_max_work())
+                      ? initialised_max_threads()
+                      : 1) {
     if (previous_ > 1) omp_set_num_threads(1);
   }
   ~SerialIfSmall() {
@@ -280,9 +283,10 @@ constexpr int64_t kRbfDirectMaxPairs = 4096;
 // finite where its last pass tracks that (std::optional: none where it does not; svgd_step_into then scans).
 
 // fused.cpp: whether the step (use_fused), the GEMM path's median (use_fused_median) and rbf_kernel(x)
-// (use_fused_kernel) take the fused kernels: up to kFusedMaxFeatures features, unless BMT_FAST_CPU_FUSED=0.
+// (use_fused_kernel) take the fused kernels: up to kFusedMaxFeatures features, unless BMT_FAST_CPU_FUSED=0
+// (fused_enabled, kernels.h).
 constexpr int64_t kFusedMaxFeatures = 256;
-bool fused_enabled();
+
 bool use_fused(int64_t d);
 bool use_fused_median(int64_t d);
 bool use_fused_kernel(int64_t d);

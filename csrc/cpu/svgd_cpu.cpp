@@ -143,6 +143,7 @@ at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& scor
                                   const std::optional<at::Tensor>& bandwidth, std::string_view algorithm,
                                   at::Tensor& out) {
   check_svgd_step_batched_args(x_in, score_in, bandwidth, algorithm, out);
+  check_cpu_settings();  // (before any set is written: the sets' own checks run in the threads' shares)
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const int64_t sets = x.size(0), n = x.size(1), d = x.size(2);
   // Every set's bandwidth read and checked before any set is stepped (a bad one leaves out as it was)
