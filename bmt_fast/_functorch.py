@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 try:  # what autograd.Function.apply reaches under vmap, called directly (see _apply)
@@ -36,6 +37,13 @@ def active() -> bool:
     """Whether a torch.func transform is running (never while torch.compile traces: it treats the ops as
     opaque custom ops with their registered fake and autograd kernels)."""
     return not torch.compiler.is_compiling() and _transforms_active()
+
+
+def forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad dual level is open (outside torch.func): rbf_kernel then goes
+    through _RBFKernel, whose jvp gives K's tangent (torch's register_autograd rule has no forward
+    derivative, and the compiled op alone gave dual inputs a K without one, so jacobians were 0)."""
+    return forward_ad._current_level >= 0 and not torch.compiler.is_compiling()
 
 
 def _only_outer_grad() -> bool:
@@ -56,7 +64,7 @@ def _apply(function: type[torch.autograd.Function], *args):
     """function.apply(*args). Where the innermost transform is a vmap, apply would reach torch's vmap helper
     with the Function's vmap rule; it is called directly, without apply's ~100 us of signature binding and
     operator dispatch (a vmapped svgd_step of 32 x 8 particles: 240 -> 137 us on a 2-core EPYC)."""
-    if custom_function_call_vmap_helper is not None:
+    if custom_function_call_vmap_helper is not None and _transforms_active():
         interpreter = retrieve_current_functorch_interpreter()
         if interpreter.key() == _VMAP:
             return custom_function_call_vmap_helper(interpreter, function.vmap, function, *args)
@@ -179,8 +187,9 @@ def svgd_step(x, score, bandwidth, *, backend, check_inputs, group, out):
 
 
 def _kernel_and_bandwidth(x, y, bandwidth, backend, check_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, H used) of rbf_kernel: through _RBFKernel while a transform runs, else the op as it is."""
-    if active():
+    """(K, H used) of rbf_kernel: through _RBFKernel while a transform or forward AD runs, else the op as
+    it is."""
+    if active() or forward_ad_active():
         return _apply(_RBFKernel, x, y, bandwidth, backend, check_inputs)
     from . import ops
 

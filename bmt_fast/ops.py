@@ -192,7 +192,7 @@ def rbf_kernel(
     fp32 inputs follow torch.set_float32_matmul_precision as svgd_step does. Works under torch.func
     transforms too: vmap (per batch entry), grad / vjp / jacrev / hessian (README, "torch.func").
     """
-    if _functorch.active():
+    if _functorch.active() or _functorch.forward_ad_active():
         return _functorch.rbf_kernel(x, y, bandwidth, backend, check_inputs)
     return _rbf_kernel(x, y, bandwidth, backend, check_inputs)[0]
 

@@ -225,6 +225,41 @@ def test_jacobians_and_hessians_of_rbf_kernel(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["cross", "self", "twice", "median"])
+def test_forward_mode_autograd_of_rbf_kernel(backend, case, device):
+    """torch.autograd.forward_ad outside torch.func (dual tensors, and torch.autograd.functional.jacobian's
+    forward mode): K carries the tangent of the float64 reference, for tangents of x, y and a tensor
+    bandwidth (the compiled op alone had given K no tangent: a forward-mode jacobian of 0)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = None if case in ("self", "median") else x if case == "twice" else torch.randn(4, 3, dtype=torch.float64)
+    h = "median" if case == "median" else torch.tensor(BANDWIDTH, dtype=torch.float64)
+    tx = torch.randn_like(x)
+    ty = None if case != "cross" else torch.randn_like(y)
+    th = None if case == "median" else torch.tensor(0.3, dtype=torch.float64)
+    h_ref = bmt_fast.median_bandwidth(x, backend="torch") if case == "median" else h
+    expected = torch.func.jvp(lambda a, b, hh: kernel64(a, b if case == "cross" else None, hh),
+                              (x, y if case == "cross" else x, h_ref),
+                              (tx, ty if case == "cross" else torch.zeros_like(x), th if th is not None
+                               else torch.zeros_like(h_ref)))  # fmt: skip
+    with fwAD.dual_level():
+        dx = fwAD.make_dual(x, tx)
+        dy = dx if case == "twice" else None if y is None else fwAD.make_dual(y, ty)
+        dh = h if th is None else fwAD.make_dual(h, th)
+        primal, tangent = fwAD.unpack_dual(bmt_fast.rbf_kernel(dx, dy, dh, backend=backend))
+    assert tangent is not None
+    assert relative_error(primal, expected[0]) < 1e-12
+    assert relative_error(tangent, expected[1]) < 1e-11
+    jacobian = torch.autograd.functional.jacobian(
+        lambda a: bmt_fast.rbf_kernel(a, y if case == "cross" else None, h, backend=backend), x,
+        strategy="forward-mode", vectorize=True,
+    )  # fmt: skip
+    reverse = torch.autograd.functional.jacobian(lambda a: kernel64(a, y if case == "cross" else None, h_ref), x)
+    assert relative_error(jacobian, reverse) < 1e-11
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_of_grad_hessian_vector_products(backend, device):
     """grad of (grad . v): a Hessian-vector product, both levels torch.func.grad, in x and in H."""
     x = torch.randn(6, 3, dtype=torch.float64)
