@@ -3,22 +3,30 @@
 Each rank holds a slice of the particles (any number of rows, zero included). The step
 
 1. checks that the ranks' inputs fit together (one small all-gather of a row of metadata per rank), so
-   that a bad input raises the same error on every rank instead of leaving the others waiting;
+   that a bad input raises the same error on every rank instead of leaving the others waiting: also one
+   that only its own rank can see (a score of another shape, a bad bandwidth value or backend name, a
+   bad `out`): that rank sends a row that says so and its error, which every rank then raises;
 2. all-gathers particles and scores (sizes may differ between ranks; one collective for both);
 3. agrees on one bandwidth: the given one or the median rule over all N particles, computed on the
    group's first rank (exact up to EXACT_MEDIAN_MAX_PARTICLES particles, sampled beyond) and broadcast;
 4. computes phi for its own rows only,
 
-       phi_r = (1/N) [ K_rA (score_A - (2/H) xc_A) + (2/H) rowsum(K_rA) xc_r ]
+       phi_r = (1/N) [ score_r + K'_rA (score_A - (2/H) xc_A) + (2/H) rowsum(K'_rA) xc_r ]
 
-   with K_rA streamed in (row block x column block) pieces through the backend's `rbf_kernel`, so no rank
-   holds more than one block of the kernel matrix.
+   (K' is K without each particle's own term k_rr = 1, which the single-process op also keeps out of
+   the folded sums: with a small given H, (2/H) xc_r is large and its two copies cancel there) with K_rA
+   streamed in (row block x column block) pieces through the backend's `rbf_kernel`, so no rank holds
+   more than one block of the kernel matrix.
 
 The result equals `svgd_step` on the concatenated particles (rank order) up to summation order; every rank
 uses the same centring shift and bandwidth because every rank holds the same gathered particles.
 """
 
 from __future__ import annotations
+
+import builtins
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -36,8 +44,10 @@ COLUMN_BLOCK = 8192
 EXACT_MEDIAN_MAX_PARTICLES = 65536
 SAMPLED_MEDIAN_SEED = 0
 
-# Columns of the metadata row each rank contributes (int64).
-_ROWS, _EVENT, _DTYPE, _MEDIAN, _FINITE, _BANDWIDTH = range(6)
+# Columns of the metadata row each rank contributes (int64); _FAILED: the rank's own checks raised.
+_ROWS, _EVENT, _DTYPE, _MEDIAN, _FINITE, _BANDWIDTH, _FAILED = range(7)
+# The error types a failed rank's error is raised as on every rank (others: RuntimeError).
+_SHARED_ERRORS = ("TypeError", "ValueError", "RuntimeError", "NotImplementedError")
 
 
 def svgd_step(
@@ -53,8 +63,6 @@ def svgd_step(
     h None = median rule."""
     check_group(group)
     x2, s2 = as_rows(x), as_rows(score)
-    # An unknown or unavailable backend fails before any collective (a one-row probe: x may have no rows).
-    backends.select(backend, "rbf_kernel", x2.new_empty((1, x2.shape[1])))
     sizes = agree_on_inputs(x, score, h, group, check_inputs)
     x_all, score_all = all_gather_rows(torch.cat([x2, s2], dim=1), sizes, group).split(x2.shape[1], dim=1)
     h_shared = shared_bandwidth(x_all, h, group, backend)
@@ -75,6 +83,55 @@ def check_group(group: object) -> None:
         raise ValueError("this process is not a member of `group`")
 
 
+def check_backend(backend: str, x: torch.Tensor) -> None:
+    """An unknown or unavailable backend, found before any collective (a one-row probe: x may have no rows)."""
+    x2 = as_rows(x)
+    backends.select(backend, "rbf_kernel", x2.new_empty((1, x2.shape[1])))
+
+
+@contextlib.contextmanager
+def failing_together(group) -> Iterator[None]:
+    """Runs this rank's own checks (the body). Where they raise, this rank takes part in the metadata
+    all-gather of agree_on_inputs with a row that says so, and every rank raises that error (see
+    _raise_failure); otherwise the step goes on to agree_on_inputs as every other rank does."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001  re-raised on every rank, this one included
+        failed = torch.zeros(_FAILED + 1, dtype=torch.int64, device=_metadata_device(group))
+        failed[_FAILED] = 1
+        _raise_failure(_gather_rows(failed, group), group, error)
+        raise  # (not reached: _raise_failure raises)
+
+
+def _metadata_device(group) -> torch.device:
+    """Where the metadata rows go: the current GPU for NCCL, the CPU otherwise (every rank the same, also a
+    rank whose x is not a tensor at all)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _gather_rows(mine: torch.Tensor, group) -> torch.Tensor:
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    return torch.stack(rows).cpu()
+
+
+def _raise_failure(table: torch.Tensor, group, error: Exception | None) -> None:
+    """Where some rank's own checks failed (table's _FAILED column), every rank raises the first such rank's
+    error: its type (a builtin one) and message, naming the rank. One more collective (the messages), run
+    by every rank only when a failure is known to all."""
+    failed = [r for r in range(table.shape[0]) if table[r, _FAILED]]
+    if not failed:
+        return
+    mine = None if error is None else (type(error).__name__, str(error))
+    messages: list = [None] * table.shape[0]
+    dist.all_gather_object(messages, mine, group=group)
+    kind, message = messages[failed[0]]
+    raised = getattr(builtins, kind) if kind in _SHARED_ERRORS else RuntimeError
+    raise raised(f"{message} (svgd_step(group=...): rank {failed[0]} of the group)") from error
+
+
 def agree_on_inputs(
     x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, group, check_inputs: bool
 ) -> list[int]:
@@ -84,13 +141,12 @@ def agree_on_inputs(
     finite = not check_inputs or (all_finite(x) and all_finite(score))
     bits = 0 if h is None or not check_inputs else _float_bits(float(h))
     mine = torch.tensor(
-        [x.shape[0], _event_key(x.shape[1:]), FLOATING_DTYPES.index(x.dtype), h is None, finite, bits],
+        [x.shape[0], _event_key(x.shape[1:]), FLOATING_DTYPES.index(x.dtype), h is None, finite, bits, 0],
         dtype=torch.int64,
-        device=x.device,
+        device=_metadata_device(group),
     )
-    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(rows, mine, group=group)
-    table = torch.stack(rows).cpu()
+    table = _gather_rows(mine, group)
+    _raise_failure(table, group, None)
     _check_column(
         table, _EVENT, ValueError, f"x must have the same event shape on every rank (this rank: {tuple(x.shape[1:])})"
     )
@@ -139,23 +195,32 @@ def median_of_all(x_all: torch.Tensor, backend: str) -> torch.Tensor:
 def svgd_step_local_rows(
     x_all: torch.Tensor, score_all: torch.Tensor, rows: slice, h: torch.Tensor, backend: str
 ) -> torch.Tensor:
-    """phi for x_all[rows] against every particle, block by block (fp32 accumulation; fp64 for fp64)."""
+    """phi for x_all[rows] against every particle, block by block (fp32 accumulation; fp64 for fp64), each
+    particle's own term (k_rr = 1: score_r alone) kept out of the folded sums, as in the single-process op."""
     dtype = accumulation_dtype(x_all.dtype)
     (xc,) = centre(x_all.to(dtype))
     h = h.to(dtype)
     a = 2.0 / h
-    # One GEMM per block gives both sums: K @ [score - a*xc | 1] = [K@score - a K@xc | rowsum(K)].
-    weights = torch.cat([score_all.to(dtype) - a * xc, torch.ones_like(xc[:, :1])], dim=1)
+    scores = score_all.to(dtype)
+    # One GEMM per block gives both sums: K' @ [score - a*xc | 1] = [K'@score - a K'@xc | rowsum(K')].
+    weights = torch.cat([scores - a * xc, torch.ones_like(xc[:, :1])], dim=1)
     chosen = backends.select(backend, "rbf_kernel", x_all)
     local = xc[rows]
     phi = torch.empty_like(local)
     for r0 in range(0, local.shape[0], ROW_BLOCK):
         block = local[r0 : r0 + ROW_BLOCK]
+        first = rows.start + r0  # the block's first row among all particles
         acc = torch.zeros((block.shape[0], weights.shape[1]), dtype=dtype, device=x_all.device)
         for c0 in range(0, xc.shape[0], COLUMN_BLOCK):
-            k = chosen.rbf_kernel(block, xc[c0 : c0 + COLUMN_BLOCK], h)
-            acc.addmm_(k.to(dtype), weights[c0 : c0 + COLUMN_BLOCK])
-        phi[r0 : r0 + block.shape[0]] = acc[:, :-1] + a * acc[:, -1:] * block
+            k = chosen.rbf_kernel(block, xc[c0 : c0 + COLUMN_BLOCK], h).to(dtype)
+            # the own terms in this column block: rows i with first + i in [c0, c0 + columns)
+            lo, hi = max(first, c0), min(first + block.shape[0], c0 + k.shape[1])
+            if lo < hi:
+                own = torch.arange(lo, hi, device=k.device)
+                k[own - first, own - c0] = 0
+            acc.addmm_(k, weights[c0 : c0 + COLUMN_BLOCK])
+        own_scores = scores[first : first + block.shape[0]]
+        phi[r0 : r0 + block.shape[0]] = own_scores + acc[:, :-1] + a * acc[:, -1:] * block
     return (phi / x_all.shape[0]).to(x_all.dtype)
 
 

@@ -85,15 +85,21 @@ def svgd_step(
 def _svgd_step(x, score, bandwidth, backend, check_inputs, group, out, *, fresh_out: bool = False) -> torch.Tensor:
     """svgd_step outside torch.func transforms; fresh_out: `out` is a new contiguous tensor of x's shape,
     dtype and device that autograd does not track (the caller made it), so it is not checked."""
-    h = _checked_bandwidth(x, score, bandwidth, check_inputs, min_rows=0 if group is not None else 1)
-    if out is not None and not fresh_out:
-        check_out(out, x, score)
-    if group is not None:  # every rank learns of any rank's NaN (see distributed)
+    if group is not None:  # every rank learns of any rank's bad input, NaN included (see distributed)
         from . import distributed
 
+        distributed.check_group(group)
+        with distributed.failing_together(group):  # this rank's own checks: a failure raises on every rank
+            h = _checked_bandwidth(x, score, bandwidth, check_inputs, min_rows=0)
+            if out is not None and not fresh_out:
+                check_out(out, x, score)
+            distributed.check_backend(backend, x)
         with torch.no_grad():
             phi = distributed.svgd_step(x, score, h, group=group, backend=backend, check_inputs=check_inputs)
             return phi if out is None else out.copy_(phi)
+    h = _checked_bandwidth(x, score, bandwidth, check_inputs)
+    if out is not None and not fresh_out:
+        check_out(out, x, score)
     x2 = as_rows(x)
     return _step_on(backends.select(backend, "svgd_step", x2), x, score, h, check_inputs, out, x2)
 

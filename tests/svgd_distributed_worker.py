@@ -52,6 +52,9 @@ CASES = {
     "blocked": Case((300, 213), (5,), torch.float64, "median", blocks=(64, 96)),
     # n^2 > 64 x 65,536 pairs: fewer particles get the exact median from method="sampled" on the CPU
     "sampled_median": Case((1100, 1000), (4,), torch.float64, "median", exact_limit=64),
+    # a small given H: (2/H) xc is large, so each particle's own term must stay out of the folded sums
+    "tiny_bandwidth_fp32": Case((3, 2), (8,), torch.float32, 1e-6),
+    "tiny_bandwidth_fp64": Case((3, 2), (8,), torch.float64, 1e-9),
 }
 SVGD_STEPS = 3
 SVGD_CASE = Case((4, 3), (2, 5), torch.float64, "median")
@@ -113,6 +116,13 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "median_on_one_rank": error_of(step(torch.randn(3, 4), bandwidth="median" if rank == 0 else 1.0)),
         "group_type": error_of(lambda: bmt_fast.svgd_step(torch.randn(3, 4), torch.randn(3, 4), group="world")),
         "shape_of_score": error_of(step(torch.randn(3, 4), torch.randn(2, 4))),
+        # seen by one rank's own checks only: that rank tells the others, and every rank raises its error
+        "score_shape_on_rank_0": error_of(step(torch.randn(3, 2), torch.randn(3, 3 if rank == 0 else 2))),
+        "bandwidth_value_on_rank_1": error_of(step(torch.randn(3, 2), bandwidth=-1.0 if rank == 1 else 1.0)),
+        "backend_on_rank_0": error_of(step(torch.randn(3, 2), backend="nope" if rank == 0 else "auto")),
+        "int_x_on_rank_1": error_of(step(torch.ones(3, 2, dtype=torch.int32 if rank == 1 else torch.float32))),
+        "out_on_rank_0": error_of(step(torch.randn(3, 2), out=torch.empty(2 if rank == 0 else 3, 2))),
+        "two_ranks_differ": error_of(step(torch.randn(3, 2), torch.randn(3, 3), bandwidth=-1.0 if rank else 1.0)),
     }
 
 

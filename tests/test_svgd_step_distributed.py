@@ -64,6 +64,8 @@ CASE_NAMES = [
     "few_particles_huge_d",
     "blocked",
     "sampled_median",
+    "tiny_bandwidth_fp32",
+    "tiny_bandwidth_fp64",
 ]
 
 
@@ -122,6 +124,14 @@ BAD_INPUTS = {
     "median_on_one_rank": ("ValueError", '"median" on every rank or on none'),
     "group_type": ("TypeError", "group must be a torch.distributed.ProcessGroup"),
     "shape_of_score": ("ValueError", "score must have the shape of x"),
+    # found by one rank's own checks (before any collective): the others raised nothing and waited in the
+    # next collective until its timeout (30 min for gloo) until 2026-12-06
+    "score_shape_on_rank_0": ("ValueError", "score must have the shape of x (3, 2), got (3, 3) (svgd_step(group=...): rank 0 of the group)"),
+    "bandwidth_value_on_rank_1": ("ValueError", "bandwidth must be positive and finite, got -1.0 (svgd_step(group=...): rank 1"),
+    "backend_on_rank_0": ("ValueError", "unknown backend 'nope'"),
+    "int_x_on_rank_1": ("TypeError", "x must be float32, float64, bfloat16 or float16, got torch.int32"),
+    "out_on_rank_0": ("ValueError", "out must have the shape of x (3, 2), got (2, 2) (svgd_step(group=...): rank 0"),
+    "two_ranks_differ": ("ValueError", "score must have the shape of x (3, 2), got (3, 3) (svgd_step(group=...): rank 0"),
 }
 
 
