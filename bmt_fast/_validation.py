@@ -123,8 +123,9 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
     """Normalise `bandwidth` to None ("median") or a positive finite 0-dim tensor on like's device.
 
     A float becomes a float64 tensor; a tensor keeps its dtype and autograd history (rbf_kernel can
-    differentiate through it). check_value=False skips reading a tensor's value (a device sync, and a
-    data-dependent branch under torch.compile). The CPU kernels still reject a non-positive bandwidth;
+    differentiate through it). Its value must be at least the smallest normal number of the kernels'
+    arithmetic (float32, float64 for float64 particles), where 1/H stays finite. check_value=False skips
+    reading a tensor's value (a device sync, and a data-dependent branch under torch.compile). The CPU kernels still reject a non-positive bandwidth;
     the CUDA and Triton kernels do not read it on the host (no sync), so there an invalid H gives NaN, as
     it does in the pure-torch backend.
     """
@@ -151,6 +152,13 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         raise TypeError(f'bandwidth must be "median", a positive float or a 0-dim tensor, got {type(bandwidth).__name__}')
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"bandwidth must be positive and finite, got {value}")
+    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if value < torch.finfo(compute).tiny:
+        # 1/H and 2/H overflow there: K's own terms and phi became NaN (the step's answer is score / n)
+        raise ValueError(
+            f"bandwidth {value:g} is below the smallest normal {compute} number ({torch.finfo(compute).tiny:g}), "
+            f"the arithmetic of {like.dtype} particles: 1/H would overflow"
+        )
     if h is not None:
         return h
     if torch.compiler.is_compiling():  # a constant of the graph (dynamo traces neither the cache nor the mode)

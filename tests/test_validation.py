@@ -367,6 +367,24 @@ def test_bad_bandwidth_types(bandwidth, error, match):
         bmt_fast.svgd_step(x, score, bandwidth)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bandwidth_below_the_smallest_normal_number_of_the_arithmetic(cpu_backend, dtype):
+    """1/H overflows below the smallest normal number of the kernels' arithmetic (float32; float64 for float64
+    particles): such an H is refused by name (it gave an all-NaN phi and K), the smallest one still runs and
+    gives the step's limit for particles that no longer see each other, score / n."""
+    x, score = good(n=5, d=3)
+    x, score = x.to(dtype), score.to(dtype)
+    tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    for h in (tiny / 4, torch.tensor(tiny / 4, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="is below the smallest normal torch.float.. number"):
+            bmt_fast.svgd_step(x, score, h, backend=cpu_backend)
+        with pytest.raises(ValueError, match="is below the smallest normal"):
+            bmt_fast.rbf_kernel(x, score, h, backend=cpu_backend)
+    phi = bmt_fast.svgd_step(x, score, 2 * tiny, backend=cpu_backend)
+    torch.testing.assert_close(phi, (score.double() / 5).to(dtype), rtol=torch.finfo(dtype).eps, atol=0)
+    assert torch.equal(bmt_fast.rbf_kernel(x, None, 2 * tiny, backend=cpu_backend), torch.eye(5, dtype=dtype))
+
+
 def test_bandwidth_beyond_the_float_range():
     x, score = good()
     with pytest.raises(ValueError, match="bandwidth must be positive and finite, got int beyond the float range"):
