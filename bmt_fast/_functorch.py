@@ -78,23 +78,33 @@ def _base(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _slices(tensors: tuple, in_dims: tuple, index: int) -> list:
+def _slices(tensors: tuple, in_dims: tuple, index: int | None) -> list:
     """Batch entry `index` of each argument (unbatched ones as they are). A tensor passed twice gives one
-    slice object twice, so the ops still see x on both sides (rbf_kernel(x, x): the self kernel)."""
+    slice object twice, so the ops still see x on both sides (rbf_kernel(x, x): the self kernel).
+    index None: a stand-in for an entry of an empty batch, ones of an entry's shape, dtype and device (no
+    memory: one expanded element), on which the op validates its arguments and shows its results' shapes."""
     seen: dict[tuple[int, int], torch.Tensor] = {}
     args = []
     for t, dim in zip(tensors, in_dims):
         if dim is not None:
             key = (id(t), dim)
             if key not in seen:
-                seen[key] = t.select(dim, index)
+                if index is None:
+                    seen[key] = t.new_ones(()).expand(t.shape[:dim] + t.shape[dim + 1 :])
+                else:
+                    seen[key] = t.select(dim, index)
             t = seen[key]
         args.append(t)
     return args
 
 
 def _each(info, in_dims: tuple, tensors: tuple, call: Callable) -> tuple[torch.Tensor, ...]:
-    """call on each batch entry's slices (unbatched arguments as they are), results stacked along dim 0."""
+    """call on each batch entry's slices (unbatched arguments as they are), results stacked along dim 0. An
+    empty batch: call once on stand-ins (_slices), so bad arguments raise as for any batch, and empty
+    results of its results' shapes and dtypes (vmap of torch's own ops gives those too)."""
+    if info.batch_size == 0:
+        result = call(*_slices(tensors, in_dims, None))
+        return tuple(r.new_empty((0, *r.shape)) for r in (result if isinstance(result, tuple) else (result,)))
     results = []
     for index in range(info.batch_size):
         result = call(*_slices(tensors, in_dims, index))
@@ -127,10 +137,12 @@ class _SVGDStep(_NoGradient):
         from ._validation import as_rows, check_bandwidth
 
         tensors, dims = (x, score, bandwidth), in_dims[:3]
-        if active() or x.dim() < 2 or in_dims[0] is None:  # slices wrapped by outer transforms: no out= there
-            def one(x, score, bandwidth):
-                return ops.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group)
 
+        def one(x, score, bandwidth):
+            return ops.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group)
+
+        # slices wrapped by outer transforms (no out= there), or an empty batch (_each's stand-ins)
+        if active() or x.dim() < 2 or in_dims[0] is None or info.batch_size == 0:
             return _each(info, dims, tensors, one)[0], 0
         # each entry's phi written in place into one batch-first result (the backend's allocation: on the CPU
         # huge pages, reused), not stacked: stacking copies the batch and faults its fresh pages in (4 sets of
@@ -296,7 +308,8 @@ class _MedianBandwidth(_NoGradient):
                 x, method=method, num_pairs=num_pairs, generator=generator, backend=backend, check_inputs=check_inputs
             )
 
-        if method == "sampled" and info.randomness == "error" and _draws_pairs(x.select(in_dims[0], 0), num_pairs, backend):
+        entry = _slices((x,), in_dims[:1], 0 if info.batch_size else None)[0]
+        if method == "sampled" and info.randomness == "error" and _draws_pairs(entry, num_pairs, backend):
             raise RuntimeError(
                 'vmap: median_bandwidth(method="sampled") draws random pairs; pass randomness="different" (each '
                 'batch entry its own pairs) or "same" (one set of pairs for all) to torch.vmap'

@@ -116,6 +116,26 @@ def test_vmap_rbf_kernel_and_median(backend, device):
 
 
 @requires_cpu_extension
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_an_empty_batch(backend, device):
+    """vmap over zero particle sets gives empty results of each op's shapes and dtypes (as vmap of torch's own
+    ops does; until 2026-12-06 an IndexError from the first entry's slice), and bad arguments still raise."""
+    xs = torch.randn(0, 6, 4)
+    ys = torch.randn(0, 5, 4, dtype=torch.float64)
+    assert torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, backend=backend))(xs, xs).shape == (0, 6, 4)
+    phi = torch.func.vmap(lambda a, s, h: bmt_fast.svgd_step(a, s, h, backend=backend))(xs, xs, torch.ones(0))
+    assert phi.shape == (0, 6, 4) and phi.dtype == torch.float32
+    assert torch.func.vmap(lambda a: bmt_fast.rbf_kernel(a, backend=backend))(xs).shape == (0, 6, 6)
+    k = torch.func.vmap(lambda a, b: bmt_fast.rbf_kernel(a, b, 1.5, backend=backend))(ys[:, :3], ys)
+    assert k.shape == (0, 3, 5) and k.dtype == torch.float64
+    h = torch.func.vmap(lambda a: bmt_fast.median_bandwidth(a, backend=backend))(ys)
+    assert h.shape == (0,) and h.dtype == torch.float64
+    with pytest.raises(ValueError, match="score must have the shape of x"):
+        torch.func.vmap(lambda a, s: bmt_fast.svgd_step(a, s, backend=backend))(xs, torch.randn(0, 6, 3))
+    with pytest.raises(ValueError, match="bandwidth must be positive"):
+        torch.func.vmap(lambda a: bmt_fast.rbf_kernel(a, None, -1.0, backend=backend))(xs)
+
+
 def test_vmap_sampled_median_follows_vmap_randomness():
     x = torch.randn(40, 2).expand(3, 40, 2)  # three identical entries
 
