@@ -334,9 +334,11 @@ def _draws_pairs(x: torch.Tensor, num_pairs: object, backend: str) -> bool:
     from . import backends, ops
     from ._validation import as_rows
 
-    if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1 or x.dim() < 1:
+    from ._validation import positive_count
+
+    if positive_count(num_pairs) is None or x.dim() < 1:
         return False
-    return ops.draws_pairs(x.shape[0], num_pairs, backends.select(backend, "median_bandwidth", as_rows(x)))
+    return ops.draws_pairs(x.shape[0], positive_count(num_pairs), backends.select(backend, "median_bandwidth", as_rows(x)))
 
 
 def median_bandwidth(x, method, num_pairs, generator, backend, check_inputs):

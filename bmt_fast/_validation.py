@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -13,9 +14,10 @@ FLOATING_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_particles(name: str, t: object, *, min_rows: int = 1) -> torch.Tensor:
-    """A floating tensor of shape (n, *event) with n >= min_rows and at least one element."""
+    """A dense floating tensor of shape (n, *event) with n >= min_rows and at least one element."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(name, t)
     if t.dtype not in FLOATING_DTYPES:
         raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
     if t.dim() < 1:
@@ -25,6 +27,13 @@ def check_particles(name: str, t: object, *, min_rows: int = 1) -> torch.Tensor:
     if t.numel() == 0 and math.prod(t.shape[1:]) == 0:  # no rows: only where min_rows=0; an empty event: never
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     return t
+
+
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """A strided (dense) tensor: the kernels read rows of memory (a sparse one had failed inside with
+    "out must be contiguous" or a dispatcher error)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}: pass {name}.to_dense()")
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -74,6 +83,7 @@ def check_out(out: torch.Tensor, x: torch.Tensor, score: torch.Tensor) -> None:
     (phi is written while x and score are still read)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    check_dense("out", out)
     check_same("x", x, "out", out)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
@@ -173,6 +183,17 @@ def _bandwidth_tensor(value: float, device: torch.device, inference: bool) -> to
     inference mode is an inference tensor, which autograd cannot save (rbf_kernel saves H for its
     backward): those are cached apart (`inference`)."""
     return torch.tensor(value, dtype=torch.float64, device=device)
+
+
+def positive_count(value: object) -> int | None:
+    """value as a positive int (a Python or numpy integer, anything with __index__; not a bool), else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    try:
+        count = operator.index(value)
+    except TypeError:
+        return None
+    return count if count >= 1 else None
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

@@ -16,6 +16,7 @@ from ._validation import (
     check_out,
     check_particles,
     check_same,
+    positive_count,
 )
 
 DEFAULT_NUM_PAIRS = 65536
@@ -261,8 +262,9 @@ def median_bandwidth(
     x2 = as_rows(x)
     with torch.no_grad():
         if method == "sampled":
-            if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
+            if positive_count(num_pairs) is None:
                 raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+            num_pairs = positive_count(num_pairs)
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         chosen = backends.select(backend, "median_bandwidth", x2)

@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._validation import check_bandwidth
+from ._validation import as_rows, check_bandwidth
+from .backends import select
 from .ops import svgd_step
 
 Score = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -41,13 +42,19 @@ class SVGD(torch.optim.Optimizer):
         group: "torch.distributed.ProcessGroup | None" = None,
         **optimizer_kwargs: Any,
     ):
-        if not isinstance(particles, torch.Tensor) or not particles.is_leaf:
+        if not isinstance(particles, torch.Tensor):
+            raise TypeError(
+                f"particles must be one torch.Tensor of shape (n, *event), got {type(particles).__name__}"
+            )
+        if not particles.is_leaf:
             raise TypeError("particles must be a leaf tensor (e.g. torch.nn.Parameter or a tensor you created)")
         if not particles.is_floating_point():
             raise TypeError(f"particles must be floating point, got {particles.dtype}")
         if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer class, got {optimizer!r}")
         check_bandwidth(bandwidth, particles)
+        if particles.dim() >= 1 and particles.numel() > 0:  # an unknown or unavailable backend, named now
+            select(backend, "svgd_step", as_rows(particles.detach()))
         particles.requires_grad_(True)
         self.inner = optimizer([particles], **optimizer_kwargs)
         self.particles = particles

@@ -89,6 +89,10 @@ def test_bad_construction():
         bmt_fast.SVGD(torch.randn(3, 2, requires_grad=True) * 2)
     with pytest.raises(ValueError, match="bandwidth must be positive"):
         bmt_fast.SVGD(torch.randn(3, 2), bandwidth=-1.0)
+    with pytest.raises(TypeError, match="particles must be one torch.Tensor of shape .n, .event., got list"):
+        bmt_fast.SVGD([torch.randn(3, 2)])
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):  # at construction, as the bandwidth
+        bmt_fast.SVGD(torch.randn(3, 2), torch.optim.SGD, backend="nope", lr=0.1)
     opt = bmt_fast.SVGD(torch.randn(3, 2))
     with pytest.raises(RuntimeError, match="one particle tensor"):
         opt.add_param_group({"params": [torch.randn(2, requires_grad=True)]})

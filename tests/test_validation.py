@@ -26,6 +26,8 @@ def good(n=4, d=3, dtype=torch.float32):
         (lambda: (torch.randn(4, 0), torch.randn(4, 0)), ValueError, "x is empty"),
         (lambda: (torch.tensor(1.0), torch.tensor(1.0)), ValueError, "0-dim"),
         (lambda: ([[1.0]], torch.randn(1, 1)), TypeError, "x must be a torch.Tensor"),
+        (lambda: (torch.randn(4, 3).to_sparse(), torch.randn(4, 3)), TypeError, "x must be a dense .strided. tensor"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 3).to_sparse_csr()), TypeError, "score must be a dense"),
     ],
 )
 def test_bad_particles(cpu_backend, make, error, match):
@@ -439,6 +441,22 @@ def test_median_bandwidth_bad_inputs():
         bmt_fast.median_bandwidth(torch.randn(300, 3), method="sampled", generator=3)
     with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
         bmt_fast.median_bandwidth(torch.tensor([[0.0], [math.nan]]))
+    with pytest.raises(TypeError, match="x must be a dense .strided. tensor, got layout torch.sparse_coo"):
+        bmt_fast.median_bandwidth(torch.randn(4, 3).to_sparse())
+    with pytest.raises(TypeError, match="y must be a dense"):
+        bmt_fast.rbf_kernel(torch.randn(4, 3), torch.randn(4, 3).to_sparse())
+    with pytest.raises(TypeError, match="out must be a dense"):
+        bmt_fast.svgd_step(torch.randn(4, 3), torch.randn(4, 3), out=torch.zeros(4, 3).to_sparse())
+    # numpy integers count as ints (as numpy floats count as floats for the bandwidth); bools do not
+    import numpy as np
+
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    sampled = bmt_fast.median_bandwidth(x, method="sampled", num_pairs=np.int64(100), generator=generator)
+    generator.manual_seed(1)
+    assert float(sampled) == float(bmt_fast.median_bandwidth(x, method="sampled", num_pairs=100, generator=generator))
+    with pytest.raises(ValueError, match="num_pairs must be a positive int, got np.True_|num_pairs must be a positive int, got True"):
+        bmt_fast.median_bandwidth(x, method="sampled", num_pairs=np.bool_(True))
 
 
 @requires_cpu_extension
