@@ -43,6 +43,20 @@ def _import_kernels() -> ModuleType:
     return module
 
 
+@torch.compiler.assume_constant_result
+def _load_kernels(backend: "TritonBackend") -> str:
+    """Imports the Triton kernels into backend; why they cannot run ("" if they can). Run as it is, not traced,
+    where torch.compile meets it (its result a constant of the graph: backends do not come or go), so a
+    compiled call may be the process's first use of the backend (dynamo does not trace importlib)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        backend._set_kernels(_import_kernels())
+    except Exception as exc:  # a Triton too old or broken must not break `import bmt_fast`
+        return f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+    return ""
+
+
 class TritonBackend(backends.Backend):
     name = "triton"
 
@@ -52,16 +66,11 @@ class TritonBackend(backends.Backend):
         self._reason: str | None = None
 
     def _load(self) -> None:
-        if self._reason is not None:
-            return
-        if importlib.util.find_spec("triton") is None:
-            self._reason = "triton is not installed"
-            return
-        try:
-            self._kernels = _import_kernels()
-            self._reason = ""
-        except Exception as exc:  # a Triton too old or broken must not break `import bmt_fast`
-            self._reason = f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+        if self._reason is None:
+            self._reason = _load_kernels(self)
+
+    def _set_kernels(self, kernels: ModuleType) -> None:
+        self._kernels = kernels
 
     def unavailable_reason(self) -> str:
         self._load()

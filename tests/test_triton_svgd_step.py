@@ -481,6 +481,40 @@ def test_torch_compile_without_graph_breaks():
     torch.testing.assert_close(compiled(x, score), x + 0.1 * reference_phi(x, score))
 
 
+FIRST_USE_COMPILED = """
+import os, sys, torch, bmt_fast
+from bmt_fast.triton_backend import TRITON
+assert TRITON._reason is None  # nothing has touched the Triton backend in this process yet
+device = torch.device(sys.argv[1])
+x, score = torch.randn(12, 5, device=device), torch.randn(12, 5, device=device)
+step = torch.compile(lambda a, s: bmt_fast.svgd_step(a, s, 2.0, backend="triton", check_inputs=False),
+                     backend="aot_eager", fullgraph=True)
+kernel = torch.compile(lambda a: bmt_fast.rbf_kernel(a, None, 2.0, backend="triton", check_inputs=False),
+                       backend="aot_eager", fullgraph=True)
+torch.testing.assert_close(step(x, score), bmt_fast.svgd_step(x, score, 2.0, backend="torch"))
+torch.testing.assert_close(kernel(x), bmt_fast.rbf_kernel(x, None, 2.0, backend="torch"))
+print("ok")
+"""
+
+
+@requires_triton
+def test_torch_compile_of_the_first_triton_call_in_a_process(tmp_path):
+    """A fullgraph torch.compile whose trace is the process's first use of the Triton backend: the kernels'
+    import runs as it is (dynamo does not trace importlib: Unsupported, until 2026-12-06, unless something had
+    used the backend eagerly first)."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    script = tmp_path / "first_use.py"
+    script.write_text(FIRST_USE_COMPILED)
+    env = subprocess_env(**({} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}))
+    run = subprocess.run([sys.executable, str(script), DEVICE.type], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
 def test_auto_rule_on_cuda_follows_the_h200_timings():
     rule = bmt_fast.backends._AUTO_RULES["cuda"]
     assert rule("svgd_step", 1000, 64, torch.float32)[:2] == ["cuda", "triton"]
