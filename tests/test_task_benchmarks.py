@@ -111,6 +111,12 @@ def test_stsb_targets_round_to_a_fifth_and_correlations_by_hand():
     examples = load("stsb")  # scores 4.8, 0.4, 2.5, 3.75, 1.0
     assert [e.target_text for e in examples] == ["4.8", "0.4", "2.6", "3.8", "1.0"]
     assert [e.label for e in examples] == pytest.approx([4.8, 0.4, 2.5, 3.75, 1.0])
+    # every multiple of 0.1 from 0 to 5: the nearest fifth, halves up (floats like 0.3 / 0.2 = 1.4999...)
+    tenths = [i / 10 for i in range(51)]
+    expected = [f"{(i + (i % 2)) / 10:.1f}" for i in range(51)]  # odd tenths up to the next fifth
+    assert [task.target_text(t) for t in tenths] == expected
+    with pytest.raises(ValueError, match=r"label 7.5 is outside the scores' range \[0, 5\]"):
+        task.format({"sentence1": "a", "sentence2": "b", "label": 7.5})
     scores = task.compute_metrics(["4.0", "1", " 2.0 ", "3.0", "very similar"], examples)
     # the unparsable prediction scores -1: x = (4, 1, 2, 3, -1); deviations from 1.8 and from 2.49:
     # sxy = 12.44, sxx = 14.8, syy = 13.512; ranks (5, 2, 3, 4, 1) vs (5, 1, 3, 4, 2): 1 - 6*2/(5*24)

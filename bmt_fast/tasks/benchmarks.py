@@ -200,18 +200,25 @@ class RegressionTask(Task):
     metric_names: tuple[str, ...] = ("pearson", "spearman")
     splits: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_SPLITS))
     step: float = 0.2
+    low: float = 0.0  # the scores' range (STS-B: 0 to 5)
+    high: float = 5.0
 
     @property
     def columns(self) -> tuple[str, ...]:
         return self.text_columns + ("label",)
 
     def target_text(self, score: float) -> str:
-        return f"{math.floor(score / self.step + 0.5) * self.step:.1f}"  # halves round up
+        # halves round up: the quotient rounded to 9 decimals first, so that 0.3 / 0.2 = 1.4999999999999998
+        # counts as the half it stands for (it gave "0.2" for 0.3; 0.7, 1.9, 2.3, 2.9, ... rounded down too)
+        return f"{math.floor(round(score / self.step, 9) + 0.5) * self.step:.1f}"
 
     def format(self, row: Mapping[str, Any]) -> Example:
         value = column(self, row, "label")
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"task {self.name!r}: label {value!r} is not a finite number")
+        if value != UNLABELLED and not self.low <= value <= self.high:
+            raise ValueError(f"task {self.name!r}: label {value!r} is outside the scores' range [{self.low:g}, "
+                             f"{self.high:g}]")
         score = None if value == UNLABELLED else float(value)
         text = fields_text(self.name, [(name, column(self, row, name)) for name in self.text_columns])
         return Example(text, self.target_text(score) if score is not None else "", score)
