@@ -51,8 +51,22 @@ def column(task: Task, row: Mapping[str, Any], name: str) -> Any:
 
 
 def fields_text(prefix: str, fields: Sequence[tuple[str, Any]]) -> str:
-    """`prefix name1: value1 name2: value2 ...`, the T5 style of text-to-text inputs."""
+    """`prefix name1: value1 name2: value2 ...`, the T5 style of text-to-text inputs (prefix: the task's
+    name). A missing value (null in the file) is an error, not the text "None"."""
+    for name, value in fields:
+        if value is None:
+            raise ValueError(f"task {prefix!r}: column {name!r} is null (missing) in a row")
     return " ".join([prefix] + [f"{name}: {' '.join(str(value).split())}" for name, value in fields])
+
+
+def text_list(task: Task, name: str, value: Any) -> list[str]:
+    """A column that holds a list of texts (answers, entities; a list, tuple or array): a string or a null
+    entry is an error (a string was taken character by character)."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or any(v is None for v in value):
+        raise ValueError(f"task {task.name!r}: {name} must be a list of texts, got {value!r}"[:300])
+    return [str(v) for v in value]
 
 
 def _require_labels(task: Task, examples: Sequence[Example]) -> list:
@@ -284,9 +298,9 @@ class SquadTask(ExtractiveQATask):
         answers = column(self, row, "answers")
         try:
             texts = answers["text"]
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, IndexError):
             raise ValueError(f"task {self.name!r}: answers must hold a 'text' list, got {answers!r}") from None
-        return tuple(dict.fromkeys(str(text) for text in texts))
+        return tuple(dict.fromkeys(text_list(self, "answers['text']", texts)))
 
 
 _HIGHLIGHT = re.compile(r"\s*\n@highlight\n\s*")
@@ -310,13 +324,13 @@ class RecordTask(ExtractiveQATask):
         return ("passage", "query", "entities", "answers")
 
     def input_text(self, row: Mapping[str, Any]) -> str:
-        entities = list(dict.fromkeys(str(e) for e in column(self, row, "entities")))
+        entities = list(dict.fromkeys(text_list(self, "entities", column(self, row, "entities"))))
         fields = [("query", column(self, row, "query")), ("entities", ", ".join(entities)),
                   ("passage", record_passage(str(column(self, row, "passage"))))]
         return fields_text(self.name, fields)
 
     def gold_answers(self, row: Mapping[str, Any]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(str(answer) for answer in column(self, row, "answers")))
+        return tuple(dict.fromkeys(text_list(self, "answers", column(self, row, "answers"))))
 
 
 def _glue(name: str, text_columns: tuple[str, ...], label_words: tuple[str, ...], **kwargs) -> ClassificationTask:

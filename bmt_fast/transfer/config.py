@@ -277,6 +277,8 @@ def check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"model.device={m.device} but torch sees no CUDA device")
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is required")
+    if not 0 <= cfg.seed < 2**63:  # (torch.manual_seed takes a 64-bit integer)
+        raise ConfigError(f"seed must be in [0, 2**63), got {cfg.seed}")
     _at_least("model.max_source_length", m.max_source_length, 1)
     _at_least("model.max_target_length", m.max_target_length, 1)
     _at_least("prompt.length", p.length, 1)
@@ -386,21 +388,27 @@ def check_tasks(cfg: RunConfig, command: str) -> None:
 
 def check_data(cfg: RunConfig, command: str) -> None:
     """The splits a command reads exist (names; with data.data_dir, non-empty files with the task's
-    columns): a bad target split is reported before a source stage trains, not after. The data itself is
-    not loaded here (a wrong label value is reported when the split loads)."""
+    columns), and with data.data_dir they load as the run will load them (every row read, as many as the
+    run takes, each labelled): a bad row or an unlabelled split is reported before a source stage trains, not
+    after it (a split from the hub is read when the run loads it). `eval` reads only the target task's."""
     from ..tasks import get_task
+    from .data import load_examples
 
     needed = []
-    if source_methods_for(cfg, command):
+    if command != "eval" and source_methods_for(cfg, command):
         needed += [("data.source_tasks", name, "train") for name in cfg.data.source_tasks]
     if command in ("target", "transfer"):
         needed.append(("data.target_task", cfg.data.target_task, "train"))
     if command in ("target", "transfer", "eval"):
         needed.append(("data.eval_split", cfg.data.target_task, cfg.data.eval_split))
     for key, name, split in needed:
+        task = get_task(name)
         try:
-            get_task(name).check_split(split, cfg.data.data_dir)
-        except (ValueError, OSError) as error:
+            task.check_split(split, cfg.data.data_dir)
+            if cfg.data.data_dir is not None:
+                limit = cfg.data.max_train_examples if split == "train" else cfg.data.max_eval_examples
+                load_examples(task, split, cfg.data.data_dir, limit)
+        except (ValueError, OSError) as error:  # (DataError is a ValueError)
             raise ConfigError(f"{key}: {error}") from error
 
 

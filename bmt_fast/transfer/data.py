@@ -29,15 +29,31 @@ class DataError(ValueError):
     """A split that does not load (a missing file, a row the task cannot read, no examples at all)."""
 
 
-def load_examples(task: Task, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
-    """task.load(...), its errors as DataError (the CLI reports them without a traceback)."""
+def load_examples(
+    task: Task, split: str, data_dir: str | None = None, limit: int | None = None, *, labelled: bool = True
+) -> list[Example]:
+    """task.load(...), its errors as DataError (the CLI reports them without a traceback): also a file that
+    `datasets` or pyarrow cannot parse (a malformed line anywhere in it), and, with `labelled` (training and
+    scoring), examples without a label."""
     try:
         examples = task.load(split, data_dir, limit=limit)
     except (ValueError, KeyError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise DataError(f"{task.name} {split}: {message}") from error
+    except Exception as error:
+        if not type(error).__module__.startswith(("datasets", "pyarrow")):
+            raise
+        cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
+        raise DataError(f"{task.name} {split}: {type(error).__name__}: {error}{cause}"[:2000]) from error
     if not examples:
         raise DataError(f"task {task.name!r} has no {split} examples")
+    if labelled:
+        missing = sum(1 for e in examples if e.label is None and not e.answers and not e.target_text.strip())
+        if missing:
+            raise DataError(
+                f"task {task.name!r}, split {split!r}: {missing} of {len(examples)} examples have no label (label "
+                f"-1, or no answers: a hidden test split?); training and scoring need labelled examples"
+            )
     return examples
 
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .checkpoint import rng_state, set_rng_state
 from .config import ConfigError, RunConfig
 from .data import make_batches
-from .runner import Run, load_pretrained, prompted_model
+from .runner import Run, load_pretrained, longest_sequence, prompted_model
 from .source import ParticleTrainer
 from .target import TargetTrainer
 
@@ -74,6 +74,9 @@ def read_ds_config(source: str | Path | dict[str, Any], cfg: RunConfig, world_si
                 f"--deepspeed: remove the {section!r} section: the backbone is frozen, and the prompts are "
                 "trained by source.optimizer / target.optimizer (source.lr, target.lr)"
             )
+    for section in ("zero_optimization", *HALF_SECTIONS):
+        if section in ds and not isinstance(ds[section], dict):
+            raise ConfigError(f"--deepspeed: {section!r} must be a JSON object, got {json.dumps(ds[section])}")
     zero_stage(ds)
     _check_precision(ds, cfg.model.dtype)
     _fill_batch_keys(ds, world_size)
@@ -254,13 +257,13 @@ class Backbone:
             # While this object lives, from_pretrained builds the model under deepspeed.zero.Init (each
             # process materialises only its shard of every weight) and generate() keeps processes in step.
             self.hf_config = HfDeepSpeedConfig(ds)
-            model, tokenizer = load_pretrained(cfg.model)
+            model, tokenizer = load_pretrained(cfg.model, longest_sequence(cfg))
             model.requires_grad_(False)
             self.engine, *_ = deepspeed.initialize(model=model, config=ds)  # registers the gathering hooks
         else:
             unset_hf_deepspeed_config()
             self.hf_config = None
-            model, tokenizer = load_pretrained(cfg.model)
+            model, tokenizer = load_pretrained(cfg.model, longest_sequence(cfg))
             model.to(world.device)
             if world.is_main:
                 _log_replicated(ds)

@@ -224,7 +224,13 @@ def _candidate_ids(vocab: int, top_k: int | None, exclude: Sequence[int]) -> tor
     ids = torch.arange(min(vocab, top_k) if top_k else vocab)
     keep = ~torch.isin(ids, torch.tensor(sorted(set(exclude)), dtype=torch.long))
     if not bool(keep.any()):
-        raise ValueError("no vocabulary token left to initialise prompts from")
+        from .config import ConfigError  # (a setting that this tokenizer cannot serve: exit 2, one line)
+
+        raise ConfigError(
+            f"prompt.vocab_top_k={top_k}: no token left to initialise prompts from among the first {len(ids)} "
+            f"ids once the tokenizer's {len(set(exclude))} special tokens are left out; raise it (or use "
+            f"prompt.init=normal)"
+        )
     return ids[keep]
 
 

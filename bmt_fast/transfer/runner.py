@@ -77,19 +77,33 @@ RESUMABLE_CHANGES = (
 
 def load_backbone(cfg: RunConfig) -> PromptedModel:
     """The frozen model and tokenizer of `cfg.model` (local folder or GGUF file), on its device and dtype."""
-    model, tokenizer = load_pretrained(cfg.model)
+    model, tokenizer = load_pretrained(cfg.model, longest_sequence(cfg))
     device = resolve_device(cfg.model.device)
     model.to(device)
     return prompted_model(model, tokenizer, cfg.model, device)
 
 
-def load_pretrained(mc: ModelConfig):
+def longest_sequence(cfg: RunConfig) -> int:
+    """The most positions a decoder-only backbone's sequence takes: the prompt, the input and the longer of
+    a training target and a generated answer."""
+    return cfg.prompt.length + cfg.model.max_source_length + max(cfg.model.max_target_length, cfg.target.max_new_tokens)
+
+
+def load_pretrained(mc: ModelConfig, longest: int | None = None):
     """(model, tokenizer) as `from_pretrained` gives them (under a live DeepSpeed ZeRO-3 config, with the
-    weights partitioned as they load: see deepspeed_support)."""
+    weights partitioned as they load: see deepspeed_support). longest: the sequence length the run needs
+    (longest_sequence), checked against a decoder-only model's position limit before the weights load."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     gguf = {"gguf_file": mc.gguf_file} if mc.gguf_file else {}
     config = AutoConfig.from_pretrained(mc.name_or_path, **gguf)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if longest is not None and not config.is_encoder_decoder and isinstance(limit, int) and longest > limit:
+        # (learned position embeddings, GPT-2's, raised an IndexError inside the forward)
+        raise ConfigError(
+            f"prompt.length + model.max_source_length + max(model.max_target_length, target.max_new_tokens) = "
+            f"{longest} positions, but {mc.name_or_path} takes at most {limit}: shorten them"
+        )
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = cls.from_pretrained(mc.name_or_path, dtype=getattr(torch, mc.dtype), **gguf)
     tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.name_or_path, **({} if mc.tokenizer else gguf))
@@ -282,10 +296,12 @@ class Run:
             pm, prompt, train, sampler, tc.optimizer, tc.lr, tc.lowrank_lr, kde, tc.kde_weight, evaluate, tc.eval_every
         )
 
-    def evaluator(self, task, split: str):
-        """prompt -> {"examples": n, "loss": ..., **task metrics} on `split` of `task`."""
+    def evaluator(self, task, split: str, examples=None):
+        """prompt -> {"examples": n, "loss": ..., **task metrics} on `split` of `task` (its examples, if
+        loaded already)."""
         cfg, tc, pm = self.cfg, self.cfg.target, self.pm
-        examples = load_examples(task, split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
+        if examples is None:
+            examples = load_examples(task, split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
 
         def evaluate(prompt: torch.Tensor) -> dict[str, float]:
             metrics = evaluate_prompt(
@@ -346,9 +362,10 @@ class Run:
         Without `prompt_path`, results.json / results.md are replaced by these results (on `split`)."""
         split = split or self.cfg.data.eval_split
         task = get_task(self.cfg.data.target_task)
-        try:
+        try:  # before the prompts are read and the model is loaded: the split, its rows and their labels
             task.check_split(split, self.cfg.data.data_dir)
-        except (ValueError, OSError) as error:  # before the prompts are read and the model is loaded
+            examples = load_examples(task, split, self.cfg.data.data_dir, limit=self.cfg.data.max_eval_examples)
+        except (ValueError, OSError) as error:
             raise ConfigError(f"--split {split}: {error}") from error
         prompts = (
             {Path(prompt_path).name: read_prompt(prompt_path)}
@@ -361,7 +378,7 @@ class Run:
                     f"prompt {name}: shape {tuple(prompt.shape)}, but {self.cfg.model.name_or_path} takes "
                     f"(L, {self.pm.hidden_size}) prompts"
                 )
-        evaluate = self.evaluator(task, split)
+        evaluate = self.evaluator(task, split, examples)
         results = {name: plain({"split": split, **evaluate(prompt)}) for name, prompt in prompts.items()}
         if not prompt_path and self.world.is_main:
             write_results(self.dir, results)

@@ -65,6 +65,8 @@ def test_a_config_file_that_is_not_yaml(tmp_path):
     "changes, message",
     [
         ({"source": {"num_particles": 0}}, "source.num_particles must be >= 1"),
+        ({"seed": 2**64}, r"seed must be in \[0, 2\*\*63\), got 18446744073709551616"),
+        ({"seed": -1}, r"seed must be in \[0, 2\*\*63\), got -1"),
         ({"prompt": {"length": 0}}, "prompt.length must be >= 1"),
         ({"source": {"lr": 0.0}}, "source.lr must be > 0"),
         ({"source": {"lr": float("inf")}}, "source.lr must be > 0 and finite, got inf"),
@@ -122,6 +124,17 @@ def _rte_files(folder, train=None, validation=None):
         ({"train": [{"sentence1": "a", "label": 0}]}, r"data.target_task: .*missing column\(s\) \['sentence2'\]"),
         ({"train": ""}, "data.target_task: task 'rte', split 'train': .*train.jsonl is empty"),
         ({"validation": False}, "data.eval_split: no validation file for task 'rte'"),
+        # every row is read (a malformed last line, an unlabelled split) before anything trains: these were
+        # found only when the target stage loaded them, after the source stage had trained
+        ({"train": '{"sentence1": "a", "sentence2": "b", "label": 0, "idx": 0}\n{oops\n'},
+         "data.target_task: rte train: DatasetGenerationError"),
+        ({"validation": [{"sentence1": "a", "sentence2": "b", "label": -1, "idx": 0}]},
+         "data.eval_split: task 'rte', split 'validation': 1 of 1 examples have no label"),
+        ({"train": [{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0},
+                    {"sentence1": "c", "sentence2": "d", "label": -1, "idx": 1}]},
+         "data.target_task: task 'rte', split 'train': 1 of 2 examples have no label"),
+        ({"validation": [{"sentence1": None, "sentence2": "b", "label": 0, "idx": 0}]},
+         "data.eval_split: rte validation: task 'rte': column 'sentence1' is null"),
     ],
 )
 def test_target_data_files_are_checked_before_the_source_stage_trains(model_dirs, tmp_path, files, message):
@@ -131,6 +144,17 @@ def test_target_data_files_are_checked_before_the_source_stage_trains(model_dirs
         Run(cfg, "transfer")
     assert not (tmp_path / "run").exists()
     check_config(cfg, "source")  # the source stage does not read the target task
+
+
+def test_eval_reads_only_the_target_tasks_data(model_dirs, tmp_path):
+    """`eval` checks (and reads) the target's evaluation split only: a folder without the source tasks'
+    files evaluates a finished run (it was refused for a missing mnli train file)."""
+    data = _rte_files(tmp_path / "data")
+    cfg = make_config(tmp_path / "run", model_dirs["llama"],
+                      data={"source_tasks": ["mnli"], "target_task": "rte", "data_dir": str(data)})  # fmt: skip
+    check_config(cfg, "eval")
+    with pytest.raises(ConfigError, match="data.source_tasks: no train file for task 'mnli'"):
+        check_config(cfg, "transfer")
 
 
 def test_target_needs_finished_source_stages(model_dirs, tmp_path):
@@ -172,3 +196,23 @@ def test_cli_commands_are_a_registry():
 def test_cuda_device_without_cuda_is_a_config_error(model_dirs, tmp_path):
     with pytest.raises(ConfigError, match="torch sees no CUDA device"):
         Run(make_config(tmp_path, model_dirs["llama"], model={"device": "cuda"}), "source")
+
+
+def test_a_decoder_only_backbone_must_hold_the_runs_longest_sequence(model_dirs, tmp_path):
+    """prompt + input + the longer of target and generated answer beyond the model's position limit (the tiny
+    Llama's 256) is a configuration error before the weights load (GPT-2's learned positions had raised an
+    IndexError inside the forward)."""
+    from bmt_fast.transfer import load_backbone
+
+    cfg = make_config(tmp_path / "run", model_dirs["llama"], prompt={"length": 240})  # 240 + 32 + max(8, 16)
+    with pytest.raises(ConfigError, match="= 288 positions, but .* takes at most 256: shorten them"):
+        load_backbone(cfg)
+    load_backbone(make_config(tmp_path / "run", model_dirs["llama"], prompt={"length": 208}))  # 256: fits
+
+
+def test_a_vocab_top_k_of_special_tokens_only_is_a_config_error(model_dirs, tmp_path):
+    """prompt.vocab_top_k that leaves no ordinary token (the tiny tokenizer's ids 0-3 are special) is reported as
+    the setting it is (exit 2 from the CLI), not a traceback."""
+    run = Run(make_config(tmp_path / "run", model_dirs["llama"], prompt={"vocab_top_k": 4}), "source")
+    with pytest.raises(ConfigError, match="prompt.vocab_top_k=4: no token left .* raise it"):
+        run.initial_prompts(2)

@@ -247,6 +247,8 @@ def test_cli_source_stage_under_zero3_bf16_follows_the_plain_bf16_trainer(ds_run
         ({"optimizer": {"type": "Adam"}}, "float32", "remove the 'optimizer' section"),
         ({"scheduler": {"type": "WarmupLR"}}, "float32", "remove the 'scheduler' section"),
         ({"zero_optimization": {"stage": 4}}, "float32", "stage must be 0, 1, 2 or 3"),
+        ({"zero_optimization": 3}, "float32", "'zero_optimization' must be a JSON object, got 3"),
+        ({"bf16": True}, "float32", "'bf16' must be a JSON object, got true"),
         ({"bf16": {"enabled": True}}, "float32", "set model.dtype=bfloat16"),
         ({"fp16": {"enabled": True}}, "bfloat16", "set model.dtype=float16"),
         ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "bfloat16", "cannot both be enabled"),
