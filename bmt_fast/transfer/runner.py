@@ -330,6 +330,10 @@ class Run:
             f"{stage} {method}",
         )
         meta = {"stage": stage, "method": method, "config": to_dict(self.cfg)}
+        # torch's global generator (dropout under model.train_mode) from the run's seed, apart per process (a
+        # resumed stage restores its checkpoint's states instead): the same run twice trains the same; it was
+        # never seeded, so dropout followed whatever the process had drawn before
+        torch.manual_seed(self.cfg.seed + getattr(self.world, "rank", 0))
         if self.resume:
             self.check_stage(stage, method)  # again here for callers of Run that skip check_outputs (the demo)
         run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint, world=self.world)

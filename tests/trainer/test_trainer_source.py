@@ -148,3 +148,23 @@ def test_stage_writes_particles_metrics_and_spread(backbones, model_dirs, tmp_pa
     assert spread["bandwidth"] == pytest.approx(float(bmt_fast.median_bandwidth(particles.double())))
     summary = json.loads((stage / "source.json").read_text())
     assert summary["batch_sizes"] == [5, 3] and summary["rule"] == "svgd"
+
+
+def test_dropout_follows_the_runs_seed(model_dirs, tmp_path):
+    """model.train_mode (the tiny T5's dropout 0.1): the same run twice gives the same particles, whatever the
+    process drew before (torch's global generator is seeded from `seed` at each stage; it was not, so
+    identical runs differed from the first step), and another seed gives other ones."""
+    from bmt_fast.transfer import load_backbone
+
+    pm = load_backbone(make_config(tmp_path / "m", model_dirs["t5"], model={"train_mode": True}))
+    assert pm.model.training
+
+    def particles(folder: str, seed: int = 0) -> torch.Tensor:
+        torch.rand(17)  # the process's generator somewhere else each time
+        cfg = make_config(tmp_path / folder, model_dirs["t5"], seed=seed, model={"train_mode": True},
+                          source={"steps": 3, "lr": 0.1})  # fmt: skip
+        return Run(cfg, "source", pm=pm).source("bmtpt")
+
+    first = particles("a")
+    assert torch.equal(particles("b"), first)
+    assert not torch.equal(particles("c", seed=1), first)
