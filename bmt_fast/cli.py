@@ -107,11 +107,12 @@ def _trainer_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
         from .transfer.config import ConfigError
         from .transfer.data import DataError
         from .transfer.loop import Diverged
+        from .transfer.metrics_log import RunFileError
     except ModuleNotFoundError as error:
         if not _is_trainer_package(error):
             raise
         return (FileNotFoundError,), ()
-    return (ConfigError, CheckpointError, DataError, FileNotFoundError), (Diverged,)
+    return (ConfigError, CheckpointError, DataError, RunFileError, FileNotFoundError), (Diverged,)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,8 +249,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .transfer.plot import plot_run
 
-    for path in plot_run(args.run_dir, args.out):
+    written = plot_run(args.run_dir, args.out)
+    for path in written:
         print(path)
+    if not written:
+        print(f"no plots: {args.run_dir} holds no metrics or evaluations yet", file=sys.stderr)
     return 0
 
 

@@ -32,6 +32,11 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
+class RunFileError(ValueError):
+    """A run folder's record file (metrics.jsonl, eval.json) that does not parse (the CLI reports it in one
+    line)."""
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return list(_records(Path(path)))
 
@@ -53,7 +58,7 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
             if number == len(lines):
                 logger.warning("%s: skipping its last line, which is cut short (%s)", path, error)
                 return
-            raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from None
+            raise RunFileError(f"{path}, line {number}: not a JSON record ({error})") from None
         yield record
 
 

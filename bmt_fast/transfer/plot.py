@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .metrics_log import read_metrics
+from .metrics_log import RunFileError, read_metrics
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write the plots the run folder has data for; returns their paths."""
+    """Write the plots the run folder has data for; returns their paths. A plot it has no data for (any
+    more) is removed from out_dir, so no PNG of an earlier state of the folder stays beside the new ones."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,13 +21,19 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = _stage_metrics(run_dir, "source-")
     targets = _stage_metrics(run_dir, "target-")
-    written = [
-        _source_losses(sources, out_dir / "source_loss.png"),
-        _spread(sources, out_dir / "particle_spread.png"),
-        _target_curves(targets, out_dir / "target_loss.png"),
-        _target_metrics(run_dir, out_dir / "target_metrics.png"),
+    plots = [
+        (_source_losses, sources, out_dir / "source_loss.png"),
+        (_spread, sources, out_dir / "particle_spread.png"),
+        (_target_curves, targets, out_dir / "target_loss.png"),
+        (_target_metrics, run_dir, out_dir / "target_metrics.png"),
     ]
-    return [p for p in written if p is not None]
+    written = []
+    for plot, data, path in plots:
+        if plot(data, path) is not None:
+            written.append(path)
+        else:
+            path.unlink(missing_ok=True)
+    return written
 
 
 def _stage_metrics(run_dir: Path, prefix: str) -> dict[str, list[dict]]:
@@ -105,7 +112,13 @@ def _target_curves(targets: dict[str, list[dict]], path: Path) -> Path | None:
 def _target_metrics(run_dir: Path, path: Path) -> Path | None:
     results = {}
     for folder in sorted(run_dir.glob("target-*/eval.json")):
-        results[folder.parent.name[len("target-") :]] = json.loads(folder.read_text())
+        try:
+            row = json.loads(folder.read_text())
+        except json.JSONDecodeError as error:
+            raise RunFileError(f"{folder}: not valid JSON ({error}); `target --resume` evaluates it again") from None
+        if not isinstance(row, dict):
+            raise RunFileError(f"{folder}: not a JSON object")
+        results[folder.parent.name[len("target-") :]] = row
     metrics = sorted({k for r in results.values() for k, v in r.items() if isinstance(v, float) and k != "loss"})
     if not results or not metrics:
         return None

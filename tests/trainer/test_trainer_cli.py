@@ -49,6 +49,26 @@ def test_plot_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert "run folder not found" in capsys.readouterr().err
 
 
+def test_plot_of_damaged_or_empty_run_folders(tmp_path, capsys):
+    """A damaged record file is a one-line error (exit 2), not a traceback; a folder with nothing to plot
+    says so, and a plot of an earlier state of the folder that has no data any more is removed."""
+    run = tmp_path / "run"
+    (run / "plots").mkdir(parents=True)
+    (run / "plots" / "source_loss.png").write_bytes(b"an earlier plot")
+    assert main(["plot", str(run)]) == 0
+    assert "holds no metrics or evaluations yet" in capsys.readouterr().err
+    assert not (run / "plots" / "source_loss.png").exists()
+    (run / "source-bmtpt").mkdir()
+    (run / "source-bmtpt" / "metrics.jsonl").write_text('{"step": 1}\n{oops\n{"step": 2}\n')
+    assert main(["plot", str(run)]) == 2
+    assert "metrics.jsonl, line 2: not a JSON record" in capsys.readouterr().err
+    (run / "source-bmtpt" / "metrics.jsonl").unlink()
+    (run / "target-bmtpt").mkdir()
+    (run / "target-bmtpt" / "eval.json").write_text('{"accuracy": 0.5')
+    assert main(["plot", str(run)]) == 2
+    assert "eval.json: not valid JSON" in capsys.readouterr().err
+
+
 def _config(tmp_path, model_dirs, **changes):
     from conftest import merge
 
