@@ -371,6 +371,9 @@ class Run:
             examples = load_examples(task, split, self.cfg.data.data_dir, limit=self.cfg.data.max_eval_examples)
         except (ValueError, OSError) as error:
             raise ConfigError(f"--split {split}: {error}") from error
+        if not prompt_path:  # the run's prompts, trained under this configuration (a backbone, prompt length,
+            for method in self.cfg.target.methods:  # ... of another run took them silently)
+                self.check_stage("target", method, as_input=True)
         prompts = (
             {Path(prompt_path).name: read_prompt(prompt_path)}
             if prompt_path

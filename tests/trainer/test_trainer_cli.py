@@ -167,3 +167,20 @@ def test_plot_skips_a_last_metrics_line_cut_short(model_dirs, tmp_path, capsys):
         "particle_spread.png",
         "source_loss.png",
     ]
+
+
+def test_eval_refuses_prompts_trained_under_another_configuration(model_dirs, tmp_path, capsys):
+    """`eval` of a run folder's prompts takes the configuration they were trained with (evaluation settings
+    may differ): another backbone, prompt length or seed is refused before anything is read or written (the
+    results table was replaced by an evaluation on whatever the config named)."""
+    config = _config(tmp_path, model_dirs, source={"steps": 2}, target={"steps": 2})
+    run_dir = tmp_path / "run"
+    assert main(["transfer", *config]) == 0
+    table = (run_dir / "results.json").read_text()
+    capsys.readouterr()
+    for change in ("seed=5", "target.lr=0.5", f"model.name_or_path={model_dirs['t5']}"):
+        assert main(["eval", *config, change]) == 2
+        err = capsys.readouterr().err
+        assert "cannot use" in err and "target-bmtpt: the configuration changed" in err, err
+        assert (run_dir / "results.json").read_text() == table
+    assert main(["eval", *config, "data.max_eval_examples=4"]) == 0  # an evaluation setting: evaluated
