@@ -158,6 +158,10 @@ class Run:
         if overwrite and world.is_main:
             for stage in stages_of(cfg, command):
                 shutil.rmtree(self.dir / stage, ignore_errors=True)
+            # the table may hold rows of what was just removed (or of targets of a removed source): the
+            # command writes it again when it finishes (a run that failed after the removal left it stale)
+            for name in RESULTS_FILES:
+                (self.dir / name).unlink(missing_ok=True)
         world.barrier()
         self._pm = pm
 
@@ -529,9 +533,12 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+RESULTS_FILES = ("results.json", "results.md")
+
+
 def write_results(run_dir: Path, results: dict[str, dict[str, Any]]) -> None:
-    atomic_write_text(run_dir / "results.json", to_json(results, indent=1))
-    atomic_write_text(run_dir / "results.md", results_table(results))
+    atomic_write_text(run_dir / RESULTS_FILES[0], to_json(results, indent=1))
+    atomic_write_text(run_dir / RESULTS_FILES[1], results_table(results))
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:

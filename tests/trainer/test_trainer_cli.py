@@ -87,6 +87,15 @@ def test_results_cover_every_method_finished_in_the_run_folder(model_dirs, tmp_p
     assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning", "bmtpt"]
     assert "| bmtpt |" in (run_dir / "results.md").read_text()
     # A method trained under other settings is no row of this configuration's table.
+    # --overwrite removes the table with the stages (what a run that fails after the removal leaves: no rows
+    # of removed methods), and the finished command writes it again
+    from bmt_fast.transfer import Run
+    from bmt_fast.transfer.config import load_config
+
+    cfg = load_config(config[1], ["target.methods=[prompt_tuning]", "target.lr=0.2"])
+    Run(cfg, "target", overwrite=True)
+    assert not (run_dir / "results.json").exists() and not (run_dir / "results.md").exists()
+    assert not (run_dir / "target-prompt_tuning").exists() and (run_dir / "target-bmtpt").is_dir()
     assert main(["target", *config, "target.methods=[prompt_tuning]", "target.lr=0.2", "--overwrite"]) == 0
     assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
     # `eval` replaces the table by what it evaluated (maybe on another split), as documented.
