@@ -125,6 +125,23 @@ def run_loop(
     show = settings.progress and world.is_main
     bar = tqdm(total=settings.steps, initial=start, desc=settings.description, disable=not show)
     saved = start  # the latest checkpoint's step (0: none)
+
+    def checkpoint(step: int) -> None:
+        nonlocal saved
+        state = {"trainable": trainable.state_dict(), "rng": world.rng_state()}
+        path = checkpoint_path(stage_dir, step)
+        if world.is_main:
+            save_checkpoint(stage_dir, step, state, meta, settings.keep_checkpoints)
+        world.barrier()  # every process goes on only once the checkpoint is complete
+        saved = step
+        for hook in on_checkpoint:
+            hook(step, path)
+
+    if settings.steps == 0 and start == 0:
+        # a stage of no steps keeps its starting point as checkpoint 0, with the configuration: a later
+        # `--resume` with more steps continues from it, and one with other settings is refused (without it
+        # the stage was taken as it was, untrained, whatever the new settings)
+        checkpoint(0)
     for step in range(start + 1, settings.steps + 1):
         try:
             window.add(trainable.train_step())
@@ -141,14 +158,7 @@ def run_loop(
         if extra and log:
             log.log({"step": step, **extra})
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            state = {"trainable": trainable.state_dict(), "rng": world.rng_state()}
-            path = checkpoint_path(stage_dir, step)
-            if world.is_main:
-                save_checkpoint(stage_dir, step, state, meta, settings.keep_checkpoints)
-            world.barrier()  # every process goes on only once the checkpoint is complete
-            saved = step
-            for hook in on_checkpoint:
-                hook(step, path)
+            checkpoint(step)
         bar.update(1)
     bar.close()
     return settings.steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from bmt_fast.cli import main
@@ -193,3 +194,20 @@ def test_eval_refuses_prompts_trained_under_another_configuration(model_dirs, tm
         assert "cannot use" in err and "target-bmtpt: the configuration changed" in err, err
         assert (run_dir / "results.json").read_text() == table
     assert main(["eval", *config, "data.max_eval_examples=4"]) == 0  # an evaluation setting: evaluated
+
+
+def test_a_stage_of_no_steps_resumes_like_any_other(model_dirs, tmp_path, capsys):
+    """source.steps=0 keeps the starting particles as checkpoint 0 with the configuration: `--resume` with
+    more steps trains on from them, with other settings it is refused (the stage had no checkpoint and was
+    taken as it was: untrained particles under source.steps=3)."""
+    from bmt_fast.transfer.runner import load_particles
+
+    config = _config(tmp_path, model_dirs, source={"steps": 0})
+    stage = tmp_path / "run" / "source-bmtpt"
+    assert main(["source", *config]) == 0
+    start = load_particles(stage)
+    assert main(["source", *config, "--resume", "source.steps=3", "source.lr=0.5"]) == 2
+    assert "the configuration changed (source.lr: 0.05 -> 0.5)" in capsys.readouterr().err
+    assert main(["source", *config, "--resume", "source.steps=3"]) == 0
+    assert not torch.equal(load_particles(stage), start)
+    assert json.loads((stage / "source.json").read_text())["steps"] == 3
