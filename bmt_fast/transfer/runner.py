@@ -390,7 +390,11 @@ class Run:
                     f"(L, {self.pm.hidden_size}) prompts"
                 )
         evaluate = self.evaluator(task, split, examples)
-        results = {name: plain({"split": split, **evaluate(prompt)}) for name, prompt in prompts.items()}
+        settings = {**self.eval_settings(), "split": split}  # (the rows' keys as target's eval.json has them)
+        results = {
+            name: plain({"method": name, "split": split, **evaluate(prompt), "eval_settings": settings})
+            for name, prompt in prompts.items()
+        }
         if not prompt_path and self.world.is_main:
             write_results(self.dir, results)
         self.world.barrier()

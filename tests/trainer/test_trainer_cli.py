@@ -33,7 +33,9 @@ def test_transfer_eval_plot(model_dirs, tmp_path, capsys):
     assert main(["eval", "--config", str(config), methods, "--prompt", str(run_dir / "target-bmtpt" / "peft")]) == 0
     assert "| peft |" in capsys.readouterr().out
     assert main(["eval", "--config", str(config), methods, "--split", "train", "data.max_eval_examples=4"]) == 0
-    assert json.loads((run_dir / "results.json").read_text())["bmtpt"]["split"] == "train"
+    row = json.loads((run_dir / "results.json").read_text())["bmtpt"]
+    assert row["split"] == "train" and row["method"] == "bmtpt"  # the keys of target's rows
+    assert row["eval_settings"] == {"split": "train", "max_eval_examples": 4, "max_new_tokens": 16}
     capsys.readouterr()
 
     assert main(["plot", str(run_dir)]) == 0
