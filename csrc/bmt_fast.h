@@ -10,6 +10,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -187,12 +188,20 @@ inline void check_svgd_step_batched_args(const at::Tensor& x, const at::Tensor& 
   parse_algorithm(algorithm);
 }
 
-inline double checked_bandwidth(double value) {
+// A given H: positive, finite, and at least the smallest normal number of the kernels' arithmetic for these
+// particles (float32; float64 for float64 ones), where 1/H stays finite (below it phi and K came out NaN).
+inline double checked_bandwidth(double value, at::ScalarType particles) {
   BMT_CHECK(std::isfinite(value) && value > 0.0, "bandwidth must be positive and finite, got ", num(value));
+  const bool wide = particles == at::kDouble;
+  const double tiny = wide ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  BMT_CHECK(value >= tiny, "bandwidth ", num(value), " is below the smallest normal ", wide ? "float64" : "float32",
+            " number (", num(tiny), "), the arithmetic of ", c10::toString(particles), " particles: 1/H would overflow");
   return value;
 }
 
-inline double read_bandwidth(const at::Tensor& h) { return checked_bandwidth(h.item<double>()); }
+inline double read_bandwidth(const at::Tensor& h, at::ScalarType particles) {
+  return checked_bandwidth(h.item<double>(), particles);
+}
 
 // rbf_kernel_self_backward on any device without its own kernel (registration.cpp), and the CPU's outside
 // its general path: through rbf_kernel_backward, with grad + grad^T or with both of its gradients.

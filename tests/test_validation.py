@@ -469,6 +469,13 @@ def test_direct_op_calls_check_arguments():
         torch.ops.bmt_fast.svgd_step(torch.randn(4), torch.randn(4), None)
     with pytest.raises(RuntimeError, match="bandwidth must be positive and finite"):
         torch.ops.bmt_fast.svgd_step(x, x, torch.tensor(0.0))
+    tiny = torch.tensor(1e-39, dtype=torch.float64)  # below float32's smallest normal, above float64's
+    with pytest.raises(RuntimeError, match="bandwidth 9.99.*e-40 is below the smallest normal float32 number"):
+        torch.ops.bmt_fast.svgd_step(x, x, tiny)
+    with pytest.raises(RuntimeError, match="is below the smallest normal float32 number"):
+        torch.ops.bmt_fast.rbf_kernel(x, x, tiny)
+    phi = torch.ops.bmt_fast.svgd_step(x.double(), x.double(), tiny)  # float64 arithmetic: fine
+    torch.testing.assert_close(phi, x.double() / 4, rtol=1e-15, atol=0)
     with pytest.raises(RuntimeError, match='algorithm must be "auto", "tiled" or "gram"'):
         torch.ops.bmt_fast.svgd_step(x, x, None, "fast")
     with pytest.raises(RuntimeError, match="y must have d = 3 columns"):

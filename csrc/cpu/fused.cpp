@@ -352,7 +352,8 @@ at::Tensor rbf_kernel_fused(const at::Tensor& x, std::optional<double> h, double
       if (!std::isfinite(*median)) return;  // (K: all NaN, below; finite_norms)
       // (as rbf_kernel reads median_bandwidth's H: a 0-dim tensor in T)
       h = read_bandwidth(at::scalar_tensor(bandwidth_from_median(*median, n), x.options().dtype(
-                                               c10::CppTypeToScalarType<T>::value)));
+                                               c10::CppTypeToScalarType<T>::value)),
+                         x.scalar_type());
     }
     const T inv_h = static_cast<T>(1.0 / *h);
     T* kp = narrow ? nullptr : k.data_ptr<T>();

@@ -264,7 +264,7 @@ inline at::Tensor bandwidth_result(double median, const at::Tensor& x) {
 template <typename MakeK>
 at::Tensor median_kernel(const at::Tensor& h, const at::Tensor& x, MakeK&& make_k) {
   if (std::isnan(h.item<double>())) return at::full({x.size(0), x.size(0)}, kNaN, x.options());
-  return make_k(read_bandwidth(h));
+  return make_k(read_bandwidth(h, x.scalar_type()));
 }
 
 

@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rbf_kernel_backward(const at::Ten
   check_rbf_kernel_backward_args(grad, x, y, kernel, bandwidth);
   const SerialIfSmall serial(kernel.size(0), kernel.size(1), x.size(1));
   const auto [want_x, want_y, want_h] = output_mask;
-  const double h = read_bandwidth(bandwidth);
+  const double h = read_bandwidth(bandwidth, x.scalar_type());
   const auto acc = accumulation_type(x.scalar_type());
   // With P = grad * K: dL/dD = -P / H (D = squared distance), dD_ij/dx_i = 2 (x_i - y_j) = -dD_ij/dy_j, and
   // dK/dH = K D / H^2 with D = -H log K. Outputs that output_mask leaves out are not computed (undefined).
@@ -292,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> rbf_kernel_self_backward(const at::Tensor& gr
       (!constant_grad(grad) && x.size(1) < kSymmetrisedDenseMinFeatures))
     return rbf_kernel_self_backward_composite(grad, x, kernel, bandwidth, output_mask);
   const SerialIfSmall serial(kernel.size(0), kernel.size(1), x.size(1));
-  const double h = read_bandwidth(bandwidth);
+  const double h = read_bandwidth(bandwidth, x.scalar_type());
   const auto acc = accumulation_type(x.scalar_type());
   auto [grad_x, unused, h_grad] = rbf_kernel_backward_blocked(grad, x, x, kernel, h, /*want_x=*/true,
                                                              /*want_y=*/false, want_h, acc, log_clamp(acc),

@@ -75,8 +75,8 @@ std::optional<bool> svgd_step_to(const at::Tensor& x_in, const at::Tensor& score
 }
 
 // A given bandwidth's value, checked (read_bandwidth); none for the median rule.
-std::optional<double> bandwidth_value(const std::optional<at::Tensor>& bandwidth) {
-  return bandwidth ? std::optional<double>(read_bandwidth(*bandwidth)) : std::nullopt;
+std::optional<double> bandwidth_value(const std::optional<at::Tensor>& bandwidth, const at::Tensor& x) {
+  return bandwidth ? std::optional<double>(read_bandwidth(*bandwidth, x.scalar_type())) : std::nullopt;
 }
 
 // A view of one set of a contiguous batch (sets, ...), moved from set to set by its storage offset: one tensor
@@ -111,7 +111,7 @@ at::Tensor svgd_step_into(const at::Tensor& x, const at::Tensor& score, const st
                           std::string_view algorithm, at::Tensor& out) {
   check_svgd_step_args(x, score, bandwidth);
   check_svgd_step_out(x, score, out);
-  return at::scalar_tensor(step_into_checked(x, score, bandwidth_value(bandwidth), algorithm, out),
+  return at::scalar_tensor(step_into_checked(x, score, bandwidth_value(bandwidth, x), algorithm, out),
                            x.options().dtype(at::kBool));
 }
 
@@ -120,7 +120,7 @@ at::Tensor svgd_step(const at::Tensor& x, const at::Tensor& score, const std::op
   check_svgd_step_args(x, score, bandwidth);
   const SerialIfSmall serial(x.size(0), x.size(0), x.size(1));
   at::Tensor phi = empty_large(x.sizes(), x.options());
-  svgd_step_to(x, score, bandwidth_value(bandwidth), algorithm, phi);
+  svgd_step_to(x, score, bandwidth_value(bandwidth, x), algorithm, phi);
   return phi;
 }
 
@@ -151,7 +151,7 @@ at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& scor
   if (bandwidth) {
     const at::Tensor values = bandwidth->to(at::kDouble).contiguous();
     h.assign(values.const_data_ptr<double>(), values.const_data_ptr<double>() + sets);
-    for (const double value : h) checked_bandwidth(value);
+    for (const double value : h) checked_bandwidth(value, x.scalar_type());
   }
   at::Tensor finite = at::empty({sets}, x.options().dtype(at::kBool));
   bool* flags = finite.data_ptr<bool>();
@@ -217,7 +217,7 @@ at::Tensor kernel_from_gram_dists(const std::vector<double>& dist, int64_t n, in
 at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth) {
   check_rbf_kernel_args(x, y, bandwidth);
   const SerialIfSmall serial(x.size(0), y.size(0), x.size(1));
-  const double h = read_bandwidth(bandwidth);
+  const double h = read_bandwidth(bandwidth, x.scalar_type());
   const auto acc = accumulation_type(x.scalar_type());
   const bool self = x.is_same(y);
   const int64_t n = x.size(0), m = y.size(0), gram_rows = self ? n : n + m;
