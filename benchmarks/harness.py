@@ -446,15 +446,30 @@ def timing_fields(ctx: Context, case: Case, samples: list[float], limits: dict[s
     )  # fmt: skip
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append rows under the fixed header (written when the file is new); refuse a file with another header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
+def check_out_file(path: Path) -> None:
+    """Before anything is measured: refuse a folder, or a CSV with another header (an older format)."""
+    if path.is_dir():
+        raise SystemExit(f"--out {path} is a folder; name a CSV file")
+    if path.exists() and path.stat().st_size:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if header != CSV_HEADER:
             raise SystemExit(f"{path} has another header; write to a new file with --out")
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows under the fixed header (written when the file is new); refuse a file with another header.
+    A last line without its newline (a run killed mid-write) is ended first, so a new row starts a line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_out_file(path)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            ended = f.read(1) in (b"\n", b"\r")
+        if not ended:
+            with open(path, "a", newline="") as f:
+                f.write("\r\n")  # (csv's own line ending)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_HEADER)
         if new:
@@ -548,9 +563,10 @@ class Worker:
                     err = relative_error(actual, expected)
                     ok = err <= self.tolerance(name)
                     note = "" if ok else f"differs from bmt_fast.reference (float64) by {err:.2e} > {self.tolerance(name):.1e}"
-                    self.emit("check", provider=name, case=[n, d], ok=ok, error=err, note=note)
+                    self.emit("check", provider=name, case=[n, d], ok=ok, error=err, note=note, status="wrong")
                 except Exception as exc:  # noqa: BLE001 - a provider failing the check is recorded, not fatal
-                    self.emit("check", provider=name, case=[n, d], ok=False, error=None, note=error_note(exc))
+                    status = "oom" if is_oom(exc) else "error"
+                    self.emit("check", provider=name, case=[n, d], ok=False, error=None, note=error_note(exc), status=status)
 
     # -- one case --
 
@@ -799,17 +815,19 @@ class Supervisor:
             to_check.remove(name)
         if event["ok"] or name in self.failed_checks:
             return
-        self.fail_check(name, f"small-size check at n={n} d={d}: {event['note']}", pending, to_check)
+        note = f"small-size check at n={n} d={d}: {event['note']}"
+        self.fail_check(name, note, pending, to_check, event.get("status", "wrong"))
 
-    def fail_check(self, name: str, note: str, pending: dict, to_check: list[str]) -> None:
-        """The provider failed its small-size check: every size it has left is recorded as wrong."""
+    def fail_check(self, name: str, note: str, pending: dict, to_check: list[str], status: str = "wrong") -> None:
+        """The provider failed its small-size check: every size it has left is recorded with what happened
+        there (wrong: it disagreed with the reference; error, oom, timeout, crashed: it did not finish)."""
         if name in to_check:
             to_check.remove(name)
         self.failed_checks[name] = note
         for (cn, cd), names in pending.items():
             if name in names:
                 names.remove(name)
-                self.write(self.ctx.row(name, Case(cn, cd), "wrong", note))
+                self.write(self.ctx.row(name, Case(cn, cd), status, note))
 
     def record_failure(self, inflight: dict | None, returncode, pending: dict, to_check: list[str]) -> None:
         """The worker died or hung: charge it to the provider (or case) it was running."""
@@ -830,7 +848,7 @@ class Supervisor:
         n, d = inflight["case"]
         name = inflight["provider"]
         if inflight["phase"] == "check":
-            self.fail_check(name, f"small-size check at n={n} d={d}: {status}: {note}", pending, to_check)
+            self.fail_check(name, f"small-size check at n={n} d={d}: {note}", pending, to_check, status)
             return
         names = pending.get((n, d), [])
         blamed = [name] if name and name in names else list(names)  # timed rounds: the whole case
@@ -863,21 +881,58 @@ def chosen_providers(text: str | None, providers: dict) -> list[str]:
 
 def parse_sizes(text: str) -> list[Case]:
     try:
-        return [Case(*map(int, item.lower().split("x"))) for item in text.split(",") if item.strip()]
+        cases = [Case(*map(int, item.lower().split("x"))) for item in text.split(",") if item.strip()]
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"--sizes wants NxD[,NxD...], e.g. 8192x128,16x409600; got {text!r}")
+    bad = [str(c) for c in cases if c.n < 1 or c.d < 1]
+    if bad or not cases:
+        raise argparse.ArgumentTypeError(f"--sizes wants N >= 1 particles of D >= 1 features; got {text!r}")
+    return cases
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` greater than 0."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"wants a {kind.__name__}, got {text!r}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"wants a finite number > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def parse_device(text: str) -> torch.device:
+    """--device: cpu, or cuda[:i] where torch sees that GPU."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"wants cpu or cuda[:i], got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text}: torch sees {count} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"wants cpu or cuda[:i], got {text!r}")
+    return device
 
 
 def parser(op: OpSpec) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{op.name}", description=op.description)
     p.add_argument("--quick", action="store_true", help="a small sweep that takes about a minute on a CPU")
     p.add_argument("--providers", help="comma-separated provider names (default: all); see --list")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda[:i]")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--out", type=Path, help="CSV to append to (default: benchmarks/results/<device>.csv)")
     p.add_argument("--sizes", type=parse_sizes, help="run these NxD sizes instead of the sweep, e.g. 8192x128,16x409600")
-    p.add_argument("--repeats", type=int, help="at most this many timed samples per provider (default 7, quick 3)")
-    p.add_argument("--max-call-seconds", type=float, help="a provider whose warm call takes longer is recorded as a time-out")
+    p.add_argument("--repeats", type=positive(int),
+                   help="at most this many timed samples per provider (default 7 on a GPU, 5 on a CPU, quick 3)")
+    p.add_argument("--max-call-seconds", type=positive(float),
+                   help="a provider whose warm call takes longer is recorded as a time-out")
     p.add_argument("--case-budget-seconds", type=float, help="time for the timed rounds of one size beyond the minimum")
     p.add_argument("--compile-seconds", type=float, help="extra time a first (compiling) call may take (default 300)")
     p.add_argument("--no-check", action="store_true", help="skip the small-size float64 check")
@@ -890,14 +945,14 @@ def parser(op: OpSpec) -> argparse.ArgumentParser:
 def settings_for(args) -> Settings:
     if args.quick:
         s = Settings(min_repeats=3, max_repeats=3, max_call_s=5.0, case_budget_s=2.0)
-    elif torch.device(args.device).type == "cpu":  # a full CPU sweep within about 25 minutes on 2 cores
+    elif args.device.type == "cpu":  # a full CPU sweep within about 25 minutes on 2 cores
         s = Settings(min_repeats=3, max_repeats=5, max_call_s=30.0, case_budget_s=15.0)
     else:
         s = Settings()
-    if args.repeats:
-        s.max_repeats = max(1, args.repeats)
+    if args.repeats is not None:
+        s.max_repeats = args.repeats
         s.min_repeats = min(s.min_repeats, s.max_repeats)
-    if args.max_call_seconds:
+    if args.max_call_seconds is not None:
         s.max_call_s = args.max_call_seconds
     if args.case_budget_seconds is not None:
         s.case_budget_s = args.case_budget_seconds
@@ -908,14 +963,12 @@ def settings_for(args) -> Settings:
 
 def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
     """Runs a benchmark from the command line; returns the rows it appended."""
-    from tqdm import tqdm
-
     from benchmarks.providers import providers_for
 
     args = parser(op).parse_args(argv)
     options = {name: getattr(args, name) for name in op.options}
     op = configured(op, options)
-    device = torch.device(args.device)
+    device = args.device
     providers = providers_for(op.name)
     if args.list:
         for name, p in providers.items():
@@ -929,6 +982,9 @@ def main(op: OpSpec, argv: list[str] | None = None) -> list[dict]:
     cases = args.sizes or op.sweep(device, args.quick)
     name = device_name(device)
     out = args.out or RESULTS_DIR / f"{device_slug(name)}.csv"
+    check_out_file(out)
+    from tqdm import tqdm  # (after the arguments: --help and --list need no progress bar)
+
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     probe_memory = CpuPeakMemory() if device.type == "cpu" else CudaPeakMemory(device)
     ctx = Context(op, device, DTYPES[args.dtype], run_id, name, git_commit(),

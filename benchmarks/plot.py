@@ -18,6 +18,7 @@ ops of `SPEEDUPS` a speed-up column.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import re
 import sys
@@ -40,11 +41,24 @@ def is_timing_csv(path: Path) -> bool:
 
 
 def latest_rows(paths: list[Path]) -> list[dict]:
-    """The last row of each (device, op, provider, dtype, n, d) over all files, in file order."""
+    """The last row of each (device, op, provider, dtype, n, d) over all files, in file order. A file that is
+    missing, of another format (header) or holds a damaged row is an error naming it."""
     latest: dict[Key, dict] = {}
     for path in paths:
-        for row in read_rows(path):
-            latest[(row["device"], row["op"], row["provider"], row["dtype"], int(row["n"]), int(row["d"]))] = row
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such CSV file")
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != CSV_HEADER:
+            raise SystemExit(f"{path}: not a CSV of this harness's format (its header differs)")
+        for line, row in enumerate(read_rows(path), 2):
+            try:
+                if None in row or any(row[f] is None for f in CSV_HEADER):
+                    raise ValueError("its number of fields differs from the header's")
+                key = (row["device"], row["op"], row["provider"], row["dtype"], int(row["n"]), int(row["d"]))
+            except ValueError as error:
+                raise SystemExit(f"{path}, row at line {line}: damaged ({error})") from None
+            latest[key] = row
     return list(latest.values())
 
 
@@ -93,12 +107,16 @@ def plot_all(rows: list[dict], out_dir: Path) -> list[Path]:
         for metric, (field, label) in METRICS.items():
             if metric == "ratio" and not any(number(r, field) for r in group_rows):
                 continue  # no limits (an end-to-end op): nothing to plot
-            shown = [p for p in providers if not (metric != "time" and p in LIMITS)]
+            # the providers with a point to draw (rows of unavailable ones took colours of the cycle)
+            shown = [p for p in providers if not (metric != "time" and p in LIMITS) and any(
+                r["provider"] == p and r["status"] in ("ok", "mismatch") and (number(r, field) or 0) > 0
+                for r in group_rows)]  # fmt: skip
+            styles = provider_styles(shown)
             cols = min(4, len(dims))
             rows_n = math.ceil(len(dims) / cols)
             fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
             for ax, d in zip(axes.flat, dims):
-                drawn = draw_panel(ax, [r for r in group_rows if int(r["d"]) == d], shown, field)
+                drawn = draw_panel(ax, [r for r in group_rows if int(r["d"]) == d], shown, field, styles)
                 ax.set_title(f"d = {d}", fontsize=9)
                 ax.set_xlabel("n (particles)")
                 ax.set_ylabel(label, fontsize=8)
@@ -106,7 +124,10 @@ def plot_all(rows: list[dict], out_dir: Path) -> list[Path]:
                     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
             for ax in list(axes.flat)[len(dims):]:
                 ax.axis("off")
-            handles, labels = next((a.get_legend_handles_labels() for a in axes.flat if a.lines), ([], []))
+            # every provider drawn in any panel, in provider order (the first panel's alone left some out)
+            found = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+            labels = [p for p in shown if p in found]
+            handles = [found[p] for p in labels]
             fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8)
             fig.suptitle(f"{op} on {device}, {dtype}: {label}", fontsize=10)
             fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(labels) / 6), 1, 0.95))
@@ -151,7 +172,31 @@ def plot_speedup(plt, device: str, op: str, dtype: str, rows: list[dict], out_di
     return [path]
 
 
-def draw_panel(ax, rows: list[dict], providers: list[str], field: str) -> bool:
+# the limits in black, told apart by line and marker (matplotlib's cycle has a grey of its own)
+LIMIT_STYLES = {
+    "limit-gemm": dict(linestyle="--", color="black", marker="s"),
+    "limit-copy": dict(linestyle=":", color="black", marker="D"),
+}
+
+
+def provider_styles(providers: list[str]) -> dict[str, dict]:
+    """One colour per provider for every panel of a figure (each panel's own colour cycle gave one colour to
+    different providers), the limits a style each."""
+    styles: dict[str, dict] = {}
+    palette = [f"C{i}" for i in range(10)]  # matplotlib's cycle, then tab20's lighter shades
+    if sum(p not in LIMIT_STYLES for p in providers) > len(palette):
+        import matplotlib
+
+        palette += [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors[1::2]]
+    colours = iter(palette * (1 + len(providers) // len(palette)))
+    for provider in providers:
+        styles[provider] = dict(LIMIT_STYLES.get(provider) or {"color": next(colours)})
+        if provider.startswith("bmt_fast") and provider != "bmt_fast-torch":
+            styles[provider]["linewidth"] = 2.2  # the kernels under test stand out
+    return styles
+
+
+def draw_panel(ax, rows: list[dict], providers: list[str], field: str, styles: dict[str, dict] | None = None) -> bool:
     """One line per provider over n (log-log); a provider's failures at some n leave gaps."""
     drawn = False
     for provider in providers:
@@ -161,10 +206,8 @@ def draw_panel(ax, rows: list[dict], providers: list[str], field: str) -> bool:
         points = [(n, v) for n, v in points if v is not None and v > 0]
         if not points:
             continue
-        style = dict(linestyle="--", color="gray") if provider in LIMITS else {}
-        if provider.startswith("bmt_fast") and provider != "bmt_fast-torch":
-            style["linewidth"] = 2.2  # the kernels under test stand out
-        ax.plot(*zip(*points), marker="o", markersize=3, label=provider, **style)
+        style = {"marker": "o", **(styles or provider_styles(providers))[provider]}
+        ax.plot(*zip(*points), markersize=3, label=provider, **style)
         drawn = True
     if drawn:
         ax.set_xscale("log", base=2)
@@ -347,7 +390,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = latest_rows(paths)
     if args.ops:
         wanted = {op.strip() for op in args.ops.split(",")}
+        unknown = sorted(wanted - {r["op"] for r in rows})
+        if unknown:
+            raise SystemExit(f"--ops: no rows of {', '.join(unknown)} (the files hold {', '.join(sorted({r['op'] for r in rows}))})")
         rows = [r for r in rows if r["op"] in wanted]
+    if not rows:  # (a table of nothing would replace the README's tables)
+        raise SystemExit(f"no rows in {', '.join(map(str, paths))}: nothing to plot, the README is left as it is")
+    if args.readme:  # its markers, before any plot is written
+        try:
+            replace_between_markers(args.readme.read_text(), "")
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--readme {args.readme}: {error}") from None
     if not args.no_plots:
         out_dir = args.out_dir or paths[0].parent
         out_dir.mkdir(parents=True, exist_ok=True)

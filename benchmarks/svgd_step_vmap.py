@@ -122,8 +122,9 @@ def spec_for(batch: int) -> harness.OpSpec:
         make_inputs=lambda case, dtype, device, seed=0: make_inputs(batch, case, dtype, device, seed),
         check_cases=((40, 5), (4, 3000)),
         describe=lambda case: f"a batch of {batch} particle sets of n x d",
-        options={"batch": dict(type=int, default=DEFAULT_BATCH, help=f"particle sets per call (default {DEFAULT_BATCH})")},
-        configure=lambda options: spec_for(options.get("batch") or DEFAULT_BATCH),
+        options={"batch": dict(type=harness.positive(int), default=DEFAULT_BATCH,
+                               help=f"particle sets per call (default {DEFAULT_BATCH})")},  # fmt: skip
+        configure=lambda options: spec_for(options["batch"] if options.get("batch") is not None else DEFAULT_BATCH),
     )
 
 

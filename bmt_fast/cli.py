@@ -120,7 +120,8 @@ def _trainer_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("op", help="svgd_step, rbf_kernel, rbf_kernel_grad, median_bandwidth, kde_prior, prompt_transfer_step, or plot")
+    parser.add_argument("op", help="svgd_step, svgd_step_vmap, rbf_kernel, rbf_kernel_grad, median_bandwidth, kde_prior, "
+                        "prompt_transfer_step, or plot")  # fmt: skip
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options (bmt-fast bench OP --help)")
 
 

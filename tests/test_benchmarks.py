@@ -147,6 +147,21 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert rows[("torch-naive", "65536")]["status"] == "skipped" and "would need" in rows[("torch-naive", "65536")]["note"]
 
 
+def test_failures_in_the_small_size_check_are_recorded_as_what_happened(tmp_path, monkeypatch):
+    """A provider that raises, is killed or hangs during the check is recorded as error / oom / timeout at
+    every size (as in the timed rounds), not as "wrong", which means it disagreed with the reference."""
+    monkeypatch.setenv("BMT_FAST_BENCH_TEST_PROVIDERS", "1")
+    out = tmp_path / "check.csv"
+    svgd_step.main(["--sizes", "64x4,128x4", "--out", str(out), "--compile-seconds", "3",
+                    "--providers", "test-raises,test-killed,test-hang,torch-naive"])  # fmt: skip
+    rows = {(r["provider"], r["n"]): r for r in read_csv(out)}
+    for n in ("64", "128"):
+        assert rows[("test-raises", n)]["status"] == "error" and "small-size check" in rows[("test-raises", n)]["note"]
+        assert rows[("test-killed", n)]["status"] == "oom"
+        assert rows[("test-hang", n)]["status"] == "timeout"
+        assert rows[("torch-naive", n)]["status"] == "ok"
+
+
 @requires_cpu_extension
 def test_plots_and_readme_table(quick_svgd_csv, tmp_path):
     readme = tmp_path / "README.md"
@@ -179,6 +194,84 @@ def test_a_csv_with_another_header_is_refused(tmp_path):
     path.write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match="another header"):
         harness.append_rows(path, [dict.fromkeys(CSV_HEADER, "")])
+
+
+def test_a_row_appended_after_a_cut_short_line_starts_its_own_line(tmp_path):
+    base = dict.fromkeys(CSV_HEADER, "")
+    base.update(device="dev", op="svgd_step", provider="p", dtype="float32", n="8", d="4", status="ok")
+    path = tmp_path / "a.csv"
+    harness.append_rows(path, [dict(base, time_median_s="1")])
+    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))  # a run killed before its line ended
+    harness.append_rows(path, [dict(base, n="16", time_median_s="2")])
+    assert [(r["n"], r["time_median_s"]) for r in harness.read_rows(path)] == [("8", "1"), ("16", "2")]
+    with pytest.raises(SystemExit, match="is a folder"):
+        harness.check_out_file(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sizes", "0x16"], "N >= 1 particles of D >= 1 features"),
+        (["--sizes=-5x16"], "N >= 1 particles of D >= 1 features"),
+        (["--sizes", "16x0"], "N >= 1 particles of D >= 1 features"),
+        (["--device", "foo"], "wants cpu or cuda"),
+        (["--repeats", "0"], "wants a finite number > 0"),
+        (["--max-call-seconds=-1"], "wants a finite number > 0"),
+    ],
+)
+def test_bad_benchmark_options_are_argument_errors(argv, message, capsys):
+    """Rejected by the argument parser (exit 2, one line), before any worker starts: these had crashed in the
+    worker, written rows of negative FLOPs, or been ignored (--repeats 0)."""
+    with pytest.raises(SystemExit) as exit_info:
+        harness.parser(svgd_step.SPEC).parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            harness.parser(svgd_step.SPEC).parse_args(["--device", "cuda"])
+        assert "torch sees 0 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_plot_refuses_what_would_wipe_or_misread_the_tables(tmp_path):
+    """No rows (an empty or header-only CSV, --ops matching nothing), a damaged row or a CSV of another format
+    stop the plot script with a message and leave the README as it was (it had replaced every table by an
+    empty one); a README without the markers is refused before any PNG is written."""
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\nthe tables\n<!-- bench:end -->\n")
+    base = dict.fromkeys(CSV_HEADER, "")
+    base.update(device="dev", op="svgd_step", provider="p", dtype="float32", n="8", d="4", status="ok")
+    rows = tmp_path / "rows.csv"
+    harness.append_rows(rows, [base])
+    header_only = tmp_path / "header.csv"
+    header_only.write_text(",".join(CSV_HEADER) + "\n")
+    damaged = tmp_path / "damaged.csv"
+    damaged.write_text(rows.read_text() + "dev,svgd_step,p\n")
+    older = tmp_path / "older.csv"
+    older.write_text(",".join(c for c in CSV_HEADER if c != "regime") + "\n")
+    cases = [
+        ([str(header_only)], "no rows in"),
+        ([str(rows), "--ops", "rbf"], "--ops: no rows of rbf"),
+        ([str(damaged)], "damaged"),
+        ([str(older)], "not a CSV of this harness's format"),
+        ([str(tmp_path / "missing.csv")], "no such CSV file"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            plot.main([*argv, "--no-plots", "--readme", str(readme)])
+        assert readme.read_text() == "<!-- bench:start -->\nthe tables\n<!-- bench:end -->\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers")
+    with pytest.raises(SystemExit, match="needs exactly one"):
+        plot.main([str(rows), "--out-dir", str(tmp_path / "pngs"), "--readme", str(plain)])
+    assert not (tmp_path / "pngs").exists()
+
+
+def test_plot_colours_each_provider_alike_in_every_panel():
+    styles = plot.provider_styles(["bmt_fast-cpu", "naive-torch", "sdpa", "limit-gemm", "limit-copy"])
+    colours = [styles[p]["color"] for p in ("bmt_fast-cpu", "naive-torch", "sdpa")]
+    assert len(set(colours)) == 3 and styles["limit-gemm"] != styles["limit-copy"]
+    assert styles["bmt_fast-cpu"]["linewidth"] > 2
+    many = plot.provider_styles([f"p{i}" for i in range(15)])  # more than the cycle's 10 colours: no repeats
+    assert len({s["color"] for s in many.values()}) == 15
 
 
 # ---- the end-to-end row: one prompt-transfer step, batched vs sequential ------------------------------
