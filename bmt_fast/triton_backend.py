@@ -43,7 +43,6 @@ def _import_kernels() -> ModuleType:
     return module
 
 
-@torch.compiler.assume_constant_result
 def _load_kernels(backend: "TritonBackend") -> str:
     """Imports the Triton kernels into backend; why they cannot run ("" if they can). Run as it is, not traced,
     where torch.compile meets it (its result a constant of the graph: backends do not come or go), so a
@@ -55,6 +54,13 @@ def _load_kernels(backend: "TritonBackend") -> str:
     except Exception as exc:  # a Triton too old or broken must not break `import bmt_fast`
         return f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
     return ""
+
+
+# torch.compiler.assume_constant_result's mark, set without it: the decorator imports torch._dynamo, which
+# `import bmt_fast` must not (about a second, and it broke the import where a package it probes is hidden).
+# tests/test_triton_svgd_step.py compiles a first use in a fresh process, so a torch that reads another mark
+# is noticed.
+_load_kernels._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 class TritonBackend(backends.Backend):
