@@ -336,9 +336,10 @@ def _draws_pairs(x: torch.Tensor, num_pairs: object, backend: str) -> bool:
 
     from ._validation import positive_count
 
-    if positive_count(num_pairs) is None or x.dim() < 1:
+    pairs = positive_count(num_pairs)
+    if pairs is None or x.dim() < 1:
         return False
-    return ops.draws_pairs(x.shape[0], positive_count(num_pairs), backends.select(backend, "median_bandwidth", as_rows(x)))
+    return ops.draws_pairs(x.shape[0], pairs, backends.select(backend, "median_bandwidth", as_rows(x)))
 
 
 def median_bandwidth(x, method, num_pairs, generator, backend, check_inputs):

@@ -135,7 +135,8 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
     A float becomes a float64 tensor; a tensor keeps its dtype and autograd history (rbf_kernel can
     differentiate through it). Its value must be at least the smallest normal number of the kernels'
     arithmetic (float32, float64 for float64 particles), where 1/H stays finite. check_value=False skips
-    reading a tensor's value (a device sync, and a data-dependent branch under torch.compile). The CPU kernels still reject a non-positive bandwidth;
+    reading a tensor's value (a device sync, and a data-dependent branch under torch.compile). The CPU
+    kernels still reject a non-positive or too small bandwidth;
     the CUDA and Triton kernels do not read it on the host (no sync), so there an invalid H gives NaN, as
     it does in the pure-torch backend.
     """
@@ -186,8 +187,9 @@ def _bandwidth_tensor(value: float, device: torch.device, inference: bool) -> to
 
 
 def positive_count(value: object) -> int | None:
-    """value as a positive int (a Python or numpy integer, anything with __index__; not a bool), else None."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    """value as a positive int (a Python or numpy integer, anything with __index__; not a bool: numpy's
+    refuses __index__ itself), else None."""
+    if isinstance(value, bool):
         return None
     try:
         count = operator.index(value)

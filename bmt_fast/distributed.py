@@ -60,8 +60,7 @@ def svgd_step(
     check_inputs: bool,
 ) -> torch.Tensor:
     """phi for this rank's rows, shape (n_local, *event): x and score validated locally (n_local may be 0);
-    h None = median rule."""
-    check_group(group)
+    h None = median rule. (The caller, ops.svgd_step, has checked the group and this rank's inputs.)"""
     x2, s2 = as_rows(x), as_rows(score)
     sizes = agree_on_inputs(x, score, h, group, check_inputs)
     x_all, score_all = all_gather_rows(torch.cat([x2, s2], dim=1), sizes, group).split(x2.shape[1], dim=1)

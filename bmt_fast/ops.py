@@ -86,21 +86,24 @@ def svgd_step(
 def _svgd_step(x, score, bandwidth, backend, check_inputs, group, out, *, fresh_out: bool = False) -> torch.Tensor:
     """svgd_step outside torch.func transforms; fresh_out: `out` is a new contiguous tensor of x's shape,
     dtype and device that autograd does not track (the caller made it), so it is not checked."""
+
+    def checked(min_rows: int):
+        h = _checked_bandwidth(x, score, bandwidth, check_inputs, min_rows=min_rows)
+        if out is not None and not fresh_out:
+            check_out(out, x, score)
+        return h
+
     if group is not None:  # every rank learns of any rank's bad input, NaN included (see distributed)
         from . import distributed
 
         distributed.check_group(group)
         with distributed.failing_together(group):  # this rank's own checks: a failure raises on every rank
-            h = _checked_bandwidth(x, score, bandwidth, check_inputs, min_rows=0)
-            if out is not None and not fresh_out:
-                check_out(out, x, score)
+            h = checked(min_rows=0)
             distributed.check_backend(backend, x)
         with torch.no_grad():
             phi = distributed.svgd_step(x, score, h, group=group, backend=backend, check_inputs=check_inputs)
             return phi if out is None else out.copy_(phi)
-    h = _checked_bandwidth(x, score, bandwidth, check_inputs)
-    if out is not None and not fresh_out:
-        check_out(out, x, score)
+    h = checked(min_rows=1)
     x2 = as_rows(x)
     return _step_on(backends.select(backend, "svgd_step", x2), x, score, h, check_inputs, out, x2)
 
@@ -262,9 +265,10 @@ def median_bandwidth(
     x2 = as_rows(x)
     with torch.no_grad():
         if method == "sampled":
-            if positive_count(num_pairs) is None:
+            pairs = positive_count(num_pairs)
+            if pairs is None:
                 raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
-            num_pairs = positive_count(num_pairs)
+            num_pairs = pairs
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         chosen = backends.select(backend, "median_bandwidth", x2)

@@ -29,12 +29,10 @@ class DataError(ValueError):
     """A split that does not load (a missing file, a row the task cannot read, no examples at all)."""
 
 
-def load_examples(
-    task: Task, split: str, data_dir: str | None = None, limit: int | None = None, *, labelled: bool = True
-) -> list[Example]:
+def load_examples(task: Task, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
     """task.load(...), its errors as DataError (the CLI reports them without a traceback): also a file that
-    `datasets` or pyarrow cannot parse (a malformed line anywhere in it), and, with `labelled` (training and
-    scoring), examples without a label."""
+    `datasets` or pyarrow cannot parse (a malformed line anywhere in it), and examples without a label (every
+    caller trains or scores them)."""
     try:
         examples = task.load(split, data_dir, limit=limit)
     except (ValueError, KeyError, OSError) as error:
@@ -47,13 +45,12 @@ def load_examples(
         raise DataError(f"{task.name} {split}: {type(error).__name__}: {error}{cause}"[:2000]) from error
     if not examples:
         raise DataError(f"task {task.name!r} has no {split} examples")
-    if labelled:
-        missing = sum(1 for e in examples if e.label is None and not e.answers and not e.target_text.strip())
-        if missing:
-            raise DataError(
-                f"task {task.name!r}, split {split!r}: {missing} of {len(examples)} examples have no label (label "
-                f"-1, or no answers: a hidden test split?); training and scoring need labelled examples"
-            )
+    missing = sum(1 for e in examples if e.label is None and not e.answers and not e.target_text.strip())
+    if missing:
+        raise DataError(
+            f"task {task.name!r}, split {split!r}: {missing} of {len(examples)} examples have no label (label "
+            f"-1, or no answers: a hidden test split?); training and scoring need labelled examples"
+        )
     return examples
 
 
