@@ -390,12 +390,14 @@ def check_data(cfg: RunConfig, command: str) -> None:
     """The splits a command reads exist (names; with data.data_dir, non-empty files with the task's
     columns), and with data.data_dir they load as the run will load them (every row read, as many as the
     run takes, each labelled): a bad row or an unlabelled split is reported before a source stage trains, not
-    after it (a split from the hub is read when the run loads it). `eval` reads only the target task's."""
+    after it (a split from the hub is read when the run loads it). `eval` reads only the target task's, and
+    so does `target`: it takes its source stages as they are (finished, checked by check_outputs), never
+    their training data."""
     from ..tasks import get_task
     from .data import load_examples
 
     needed = []
-    if command != "eval" and source_methods_for(cfg, command):
+    if command in ("source", "transfer") and source_methods_for(cfg, command):
         needed += [("data.source_tasks", name, "train") for name in cfg.data.source_tasks]
     if command in ("target", "transfer"):
         needed.append(("data.target_task", cfg.data.target_task, "train"))

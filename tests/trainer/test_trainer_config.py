@@ -146,13 +146,15 @@ def test_target_data_files_are_checked_before_the_source_stage_trains(model_dirs
     check_config(cfg, "source")  # the source stage does not read the target task
 
 
-def test_eval_reads_only_the_target_tasks_data(model_dirs, tmp_path):
-    """`eval` checks (and reads) the target's evaluation split only: a folder without the source tasks'
-    files evaluates a finished run (it was refused for a missing mnli train file)."""
+def test_eval_and_target_read_only_the_target_tasks_data(model_dirs, tmp_path):
+    """`eval` checks (and reads) the target's evaluation split only, and `target` the target's splits only
+    (it uses finished source stages as they are): a folder without the source tasks' files evaluates a
+    finished run and trains its target stage (both were refused for a missing mnli train file)."""
     data = _rte_files(tmp_path / "data")
     cfg = make_config(tmp_path / "run", model_dirs["llama"],
                       data={"source_tasks": ["mnli"], "target_task": "rte", "data_dir": str(data)})  # fmt: skip
     check_config(cfg, "eval")
+    check_config(cfg, "target")
     with pytest.raises(ConfigError, match="data.source_tasks: no train file for task 'mnli'"):
         check_config(cfg, "transfer")
 
