@@ -58,14 +58,14 @@ def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path):
     for step in (2, 4, 6):
         save_checkpoint(tmp_path, step, {"t": torch.zeros(1)}, {}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000004", "checkpoint-00000006"]
-    save_checkpoint(tmp_path, 7, {"t": torch.zeros(1)}, {}, keep=1)  # the new one is written before the old go
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000007"]
     partial = tmp_path / ".checkpoint-00000008.tmp"
     partial.mkdir()
     (partial / "state.safetensors").write_bytes(b"half")
     assert latest_checkpoint(tmp_path).name == "checkpoint-00000006"
     remove_partial_checkpoints(tmp_path)
     assert not partial.exists()
+    save_checkpoint(tmp_path, 7, {"t": torch.zeros(1)}, {}, keep=1)  # the new one is written before the old go
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000007"]
 
 
 def _env() -> dict[str, str]:
