@@ -15,8 +15,11 @@ How one benchmark runs (`python -m benchmarks.svgd_step [--quick]`):
   second one for compiling providers or calls under a second.
 * Peak extra memory: one call per provider, alone. CPU: the Linux resident-set high-water mark (VmHWM in
   /proc/self/status, reset by writing 5 to /proc/self/clear_refs just before the call) minus the
-  resident set just before it (after gc and malloc_trim, with the inputs allocated). GPU:
-  torch.cuda.max_memory_allocated minus memory_allocated before the call. The result tensor counts.
+  resident set just before it (after gc, malloc_trim and `bmt_fast.empty_cache()`, with the inputs
+  allocated: memory that torch's allocator or bmt_fast's block cache kept from the warm-up calls would
+  otherwise serve the call unseen; rows before 2026-12-06 did not empty bmt_fast's cache, so its CPU
+  rows left out a result and temporaries that came from it). GPU: torch.cuda.max_memory_allocated minus
+  memory_allocated before the call. The result tensor counts.
 * Timed rounds: each round calls every provider and both limits once, in an order rotated from round to
   round, so that load from other processes on a shared machine hits all of them alike. Calls shorter than
   `min_sample_s` are repeated within one sample and averaged. At least `min_repeats` and at most
@@ -311,7 +314,7 @@ def synchronize(device: torch.device) -> None:
 class CpuPeakMemory:
     """Peak resident memory of one call above the resident memory just before it (Linux)."""
 
-    method = "cpu: VmHWM after clear_refs minus VmRSS before the call (gc + malloc_trim first)"
+    method = "cpu: VmHWM after clear_refs minus VmRSS before the call (gc + malloc_trim + bmt_fast.empty_cache first)"
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None)
@@ -339,6 +342,9 @@ class CpuPeakMemory:
         gc.collect()
         if self._libc is not None:
             self._libc.malloc_trim(0)  # give freed heap pages back, or they would hide new allocations
+        import bmt_fast
+
+        bmt_fast.empty_cache()  # and the CPU ops' cached blocks (csrc/cpu/huge_pages.h), for the same reason
         self._baseline_kb = self._status_kb("VmRSS")
         self._reset_high_water_mark()
 

@@ -7,6 +7,7 @@
 """
 
 from .backends import available_backends
+from .memory import empty_cache, memory_stats
 from .ops import median_bandwidth, rbf_kernel, svgd_step
 from .optim import SVGD
 from .reference import BANDWIDTH_FLOOR
@@ -18,7 +19,9 @@ __all__ = [
     "BANDWIDTH_FLOOR",
     "SVGD",
     "available_backends",
+    "empty_cache",
     "median_bandwidth",
+    "memory_stats",
     "rbf_kernel",
     "svgd_step",
     "__version__",

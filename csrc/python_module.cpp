@@ -49,4 +49,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_large_like", [](const at::Tensor& like) {
     return bmt_fast::cpu::empty_large(like.sizes(), like.options());
   });
+  // The huge-page allocator's bytes (bmt_fast.memory_stats) and giving its cached blocks back to the OS
+  // (bmt_fast.empty_cache).
+  m.def("huge_page_stats", [] {
+    const bmt_fast::cpu::HugePageStats stats = bmt_fast::cpu::huge_page_stats();
+    pybind11::dict out;
+    out["live_bytes"] = stats.live_bytes;
+    out["cached_bytes"] = stats.cached_bytes;
+    out["cached_blocks"] = stats.cached_blocks;
+    return out;
+  });
+  m.def("empty_huge_page_cache", [] { bmt_fast::cpu::empty_huge_page_cache(); });
 }

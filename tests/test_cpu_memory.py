@@ -96,3 +96,37 @@ def test_profiler_sees_large_results_allocated_and_freed():
     assert op.cpu_memory_usage >= nbytes
     freed = [e for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage == -nbytes]
     assert len(freed) == 1
+
+
+def test_memory_stats_and_empty_cache():
+    """bmt_fast.memory_stats() counts the blocks handed out and those kept; empty_cache() frees the kept ones
+    (a process whose loop of large steps is over gets the memory back) and leaves live results alone."""
+    bmt_fast.empty_cache()
+    start = bmt_fast.memory_stats()
+    assert start["cached_bytes"] == 0 and start["cached_blocks"] == 0
+    x, s = large_particles(4)
+    phi = bmt_fast.svgd_step(x, s, check_inputs=False)
+    nbytes = phi.untyped_storage().nbytes()
+    live = bmt_fast.memory_stats()
+    assert live["live_bytes"] == start["live_bytes"] + nbytes  # the op's temporaries are back in the cache
+    kept = phi.clone()
+    del phi
+    freed = bmt_fast.memory_stats()
+    assert freed["live_bytes"] == start["live_bytes"] and freed["cached_bytes"] >= nbytes
+    assert freed["cached_blocks"] >= 1
+    other = bmt_fast.svgd_step(x, s, check_inputs=False)  # live while the cache is emptied
+    bmt_fast.empty_cache()
+    emptied = bmt_fast.memory_stats()
+    assert emptied["cached_bytes"] == 0 and emptied["cached_blocks"] == 0
+    assert emptied["live_bytes"] == start["live_bytes"] + nbytes
+    torch.testing.assert_close(other, kept, rtol=0, atol=0)  # untouched by empty_cache
+    del other
+    assert bmt_fast.memory_stats()["cached_blocks"] == 1  # freed after: cached again
+    again = bmt_fast.svgd_step(x, s, check_inputs=False)
+    torch.testing.assert_close(again, kept, rtol=0, atol=0)
+
+
+def test_memory_functions_without_the_extension(monkeypatch):
+    monkeypatch.setattr(_extension.CPU, "module", None)
+    assert bmt_fast.memory_stats() == {"live_bytes": 0, "cached_bytes": 0, "cached_blocks": 0}
+    bmt_fast.empty_cache()

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <utility>
 
 #ifdef __linux__
 #include <pthread.h>
@@ -65,6 +66,21 @@ class BlockCache {
   size_t cached_bytes() {
     std::lock_guard<std::mutex> lock(mutex_);
     return cached_bytes_;
+  }
+
+  std::pair<size_t, size_t> bytes_and_blocks() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {cached_bytes_, blocks_.size()};
+  }
+
+  void clear() {
+    std::deque<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      evicted.swap(blocks_);
+      cached_bytes_ = 0;
+    }
+    for (const Block& b : evicted) std::free(b.data);
   }
 
   // fork(): the mutex is held across it (no thread is inside the cache then), so a child starts with a
@@ -150,5 +166,12 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
 #endif
   return at::empty(sizes, options.memory_format(c10::MemoryFormat::Contiguous));
 }
+
+HugePageStats huge_page_stats() {
+  const auto [cached, blocks] = cache().bytes_and_blocks();
+  return {static_cast<int64_t>(live_bytes.load()), static_cast<int64_t>(cached), static_cast<int64_t>(blocks)};
+}
+
+void empty_huge_page_cache() { cache().clear(); }
 
 }  // namespace bmt_fast::cpu

@@ -32,4 +32,17 @@ constexpr int64_t kHugePageCacheMaxBlockBytes = int64_t{256} << 20;
 // at::empty(sizes, options) for a contiguous CPU tensor, on huge pages from kHugePageMinBytes on.
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// What the allocator holds: bytes of blocks handed out and not yet freed (live), and freed blocks kept for
+// reuse (cached; their count). For `bmt_fast.memory_stats()`.
+struct HugePageStats {
+  int64_t live_bytes;
+  int64_t cached_bytes;
+  int64_t cached_blocks;
+};
+HugePageStats huge_page_stats();
+
+// Gives every cached block back to the OS (`bmt_fast.empty_cache()`, as torch.cuda.empty_cache does for
+// torch's CUDA cache); live blocks are untouched and go to the cache again when freed.
+void empty_huge_page_cache();
+
 }  // namespace bmt_fast::cpu
