@@ -62,10 +62,15 @@ def evaluate_prompt(
     if task.is_classification:
         words = list(task.label_words)
         nll = label_nll(pm, prompt, examples, words, batch_size)
-        predictions = [words[i] for i in nll.argmin(dim=1).tolist()]
         if all(e.target_text in words for e in examples):
             gold = torch.tensor([words.index(e.target_text) for e in examples], device=nll.device)
             loss = nll.double().gather(1, gold[:, None]).mean().item()
+        if not bool(torch.isfinite(nll).all()):
+            # argmin takes a NaN for the smallest NLL: the ranking, and every metric from it, would look
+            # valid (RTE at accuracy 0.5) where the backbone overflowed. NaN metrics: null in eval.json and
+            # the results table, with a warning (runner._warn_if_not_finite).
+            return {"loss": float("nan") if loss is None else loss, **{m: float("nan") for m in task.metric_names}}
+        predictions = [words[i] for i in nll.argmin(dim=1).tolist()]
     else:
         predictions = generate(pm, prompt, examples, batch_size, max_new_tokens)
     if loss is None:
@@ -83,15 +88,6 @@ def mean_nll(pm: PromptedModel, prompts: torch.Tensor, examples: Sequence[Exampl
     for chunk in _chunks(examples, batch_size):
         total += pm.sequence_nll(prompts, pm.collate(pm.encode(chunk))).double().sum(dim=1)
     return (total / len(examples)).cpu()
-
-
-@torch.no_grad()
-@_in_eval_mode
-def rank_classify(
-    pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], label_words: Sequence[str], batch_size: int
-) -> list[str]:
-    """The label word with the highest log-likelihood under the prompt, for each example."""
-    return [label_words[i] for i in label_nll(pm, prompt, examples, label_words, batch_size).argmin(dim=1).tolist()]
 
 
 @torch.no_grad()

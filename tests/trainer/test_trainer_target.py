@@ -185,6 +185,29 @@ def test_rank_classification_picks_the_likeliest_label_word(backbones, kind):
     assert sum(calls) == ranked  # the loss from the ranking's own forwards
 
 
+def test_a_non_finite_label_word_nll_gives_nan_metrics_not_a_ranking(backbones):
+    """argmin takes NaN for the least NLL: an overflowed backbone scored RTE at accuracy 0.5 as if valid."""
+    pm = backbones["llama"]
+    task = TASKS["product_sentiment"]
+    examples = task.examples["validation"][:6]
+    prompt = torch.randn(4, pm.hidden_size)
+    words = len(task.label_words)
+    original = pm.sequence_nll
+
+    def second_word_nan(prompts, batch):
+        nll = original(prompts, batch).clone()
+        nll[:, 1::words] = float("nan")  # the pairs are (example, word) in example-major order
+        return nll
+
+    pm.sequence_nll = second_word_nan
+    try:
+        metrics = evaluate_prompt(pm, prompt, task, examples, batch_size=4)
+    finally:
+        del pm.sequence_nll
+    assert set(metrics) == {"loss", *task.metric_names}
+    assert all(math.isnan(metrics[name]) for name in task.metric_names)
+
+
 @contextlib.contextmanager
 def patch_sequence_nll(pm, calls):
     """Counts the sequences pm.sequence_nll runs through the backbone."""
