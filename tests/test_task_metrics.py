@@ -106,6 +106,14 @@ def test_correlation_with_a_constant_side_is_zero(metric):
     assert metric([1.0, 2.0, 4.0], [2.5, 2.5, 2.5]) == 0.0
 
 
+@pytest.mark.parametrize("huge", [[1e300, 1.0, 2.0, 3.0], [1e308, 1e308, 2.0, 3.0], [-1e308, 1e308, 0.0, 1.0]])
+def test_pearson_of_huge_finite_predictions(huge):
+    """A degenerate generation parses to a finite 1e300: its squares overflowed the sums (r = -0.0 against
+    scipy's -0.77, or an OverflowError that stopped training at a periodic evaluation)."""
+    gold = [1.0, 2.0, 3.0, 4.0]
+    assert metrics.pearson(huge, gold) == pytest.approx(stats.pearsonr([v / 1e300 for v in huge], gold).statistic)
+
+
 def test_pearson_rejects_nan():
     with pytest.raises(ValueError, match="finite"):
         metrics.pearson([1.0, float("nan")], [1.0, 2.0])

@@ -87,12 +87,15 @@ def matthews_corrcoef(predictions: Sequence[int], references: Sequence[int]) -> 
 
 
 def pearson(predictions: Sequence[float], references: Sequence[float]) -> float:
-    """Pearson correlation (STS-B), accumulated in float64 around the means."""
+    """Pearson correlation (STS-B), accumulated in float64 around the means. Each side is divided by its
+    largest magnitude first (r does not change): a generated score of 300 digits, finite as a float, had
+    overflowed the sums (r = -0.0, or an OverflowError)."""
     _check_pair(predictions, references)
     x = [float(v) for v in predictions]
     y = [float(v) for v in references]
     if not all(math.isfinite(v) for v in x + y):
         raise ValueError("pearson: predictions and references must be finite numbers")
+    x, y = _unit_scaled(x), _unit_scaled(y)
     mean_x = math.fsum(x) / len(x)
     mean_y = math.fsum(y) / len(y)
     dx = [v - mean_x for v in x]
@@ -103,6 +106,11 @@ def pearson(predictions: Sequence[float], references: Sequence[float]) -> float:
         return 0.0  # one side is constant: no correlation can be measured
     r = math.fsum(a * b for a, b in zip(dx, dy)) / math.sqrt(sxx * syy)
     return max(-1.0, min(1.0, r))  # rounding can leave |r| a hair above 1
+
+
+def _unit_scaled(values: list[float]) -> list[float]:
+    largest = max(abs(v) for v in values)
+    return [v / largest for v in values] if largest > 0 else values
 
 
 def _average_ranks(values: Sequence[float]) -> list[float]:
