@@ -146,6 +146,17 @@ def test_multirc_groups_answer_options_by_question():
     assert scores == {"f1a": pytest.approx(0.8), "exact_match": pytest.approx(2 / 3)}
 
 
+def test_a_row_limit_keeps_whole_multirc_questions():
+    """max_*_examples cut after the 4th row kept one of question 0-1's two options, which then counted as
+    exactly right from that option alone; ungrouped tasks take exactly `limit` rows."""
+    task = get_task("multirc")
+    assert [e.group for e in task.load("validation", FIXTURES, limit=4)] == ["0-0", "0-0", "0-0", "0-1", "0-1"]
+    assert [e.group for e in task.load("validation", FIXTURES, limit=3)] == ["0-0", "0-0", "0-0"]
+    assert [e.group for e in task.load("validation", FIXTURES, limit=1)] == ["0-0", "0-0", "0-0"]
+    assert len(task.load("validation", FIXTURES, limit=6)) == 6
+    assert len(get_task("rte").load("validation", FIXTURES, limit=1)) == 1
+
+
 def test_copa_input_holds_premise_question_and_both_choices():
     example = load("copa")[0]
     assert example.input_text == (

@@ -57,13 +57,24 @@ class Task(ABC):
         return self.label_words is not None
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        """Examples of one split: from `data_dir` (hub-schema JSONL/CSV/Parquet files) or the hub."""
+        """Examples of one split: from `data_dir` (hub-schema JSONL/CSV/Parquet files) or the hub; the first
+        `limit` rows, and where the last of them belongs to a group (MultiRC: the answer options of one
+        question) the rest of that group too, since a group is scored whole (a question cut after one of
+        its options had counted as exactly right from that option alone)."""
         from .loading import load_rows  # datasets is imported only when data is actually loaded
 
         rows = load_rows(self, split, data_dir)
-        if limit is not None:
-            rows = rows[:limit]
-        return [self.format(row) for row in rows]
+        if limit is None or limit >= len(rows):
+            return [self.format(row) for row in rows]
+        examples = [self.format(row) for row in rows[:limit]]
+        for row in rows[limit:]:
+            if not examples or examples[-1].group is None:
+                break
+            example = self.format(row)
+            if example.group != examples[-1].group:
+                break
+            examples.append(example)
+        return examples
 
     def check_split(self, split: str, data_dir: str | Path | None = None) -> None:
         """Raise ValueError / FileNotFoundError when `load(split, data_dir)` clearly cannot work, without

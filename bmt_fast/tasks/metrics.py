@@ -62,7 +62,10 @@ def f1_binary(predictions: Sequence[int], references: Sequence[int], positive: i
 
 
 def f1_macro(predictions: Sequence[int], references: Sequence[int], classes: Iterable[int]) -> float:
-    """Unweighted mean over `classes` of each class's F1 (CB). Every listed class counts, present or not."""
+    """Unweighted mean over `classes` of each class's F1 (CB). Every listed class counts, present or not,
+    as in T5's `mean_multiclass_f1` (sklearn's fbeta_score with labels=range(num_classes)), the metric of
+    the prompt-transfer papers' T5 code; jiant and `evaluate`'s super_glue average over the classes that
+    occur (the same on the full CB validation set, where all three do)."""
     classes = list(classes)
     if not classes:
         raise ValueError("f1_macro needs at least one class")
