@@ -109,12 +109,18 @@ def test_qqp_accuracy_and_f1_by_hand():
 def test_stsb_targets_round_to_a_fifth_and_correlations_by_hand():
     task = get_task("stsb")
     examples = load("stsb")  # scores 4.8, 0.4, 2.5, 3.75, 1.0
-    assert [e.target_text for e in examples] == ["4.8", "0.4", "2.6", "3.8", "1.0"]
+    assert [e.target_text for e in examples] == ["4.8", "0.4", "2.4", "3.8", "1.0"]
     assert [e.label for e in examples] == pytest.approx([4.8, 0.4, 2.5, 3.75, 1.0])
-    # every multiple of 0.1 from 0 to 5: the nearest fifth, halves up (floats like 0.3 / 0.2 = 1.4999...)
-    tenths = [i / 10 for i in range(51)]
-    expected = [f"{(i + (i % 2)) / 10:.1f}" for i in range(51)]  # odd tenths up to the next fifth
-    assert [task.target_text(t) for t in tenths] == expected
+    # T5's preprocessor: tf.round(label * 5) / 5 on the float32 label, halves to even (tf.round), printed
+    # with one decimal: numpy's float32 arithmetic and round-half-even as the oracle
+    np = pytest.importorskip("numpy")
+    scores = [i / 10 for i in range(51)] + [i / 100 for i in range(501)] + [0.4333, 2.6667, 4.125, 1e-9]
+
+    def t5(score):
+        return "%.1f" % (np.round(np.float32(score) * np.float32(5)) / np.float32(5))
+
+    assert [task.target_text(t) for t in scores] == [t5(t) for t in scores]
+    assert [task.target_text(t) for t in (0.1, 0.3, 0.5, 1.3, 2.5, 4.5)] == ["0.0", "0.4", "0.4", "1.2", "2.4", "4.4"]
     with pytest.raises(ValueError, match=r"label 7.5 is outside the scores' range \[0, 5\]"):
         task.format({"sentence1": "a", "sentence2": "b", "label": 7.5})
     scores = task.compute_metrics(["4.0", "1", " 2.0 ", "3.0", "very similar"], examples)

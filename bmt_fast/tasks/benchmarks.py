@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -202,10 +203,15 @@ class WSCTask(ClassificationTask):
         return fields_text(self.name, fields)
 
 
+def _float32(value: float) -> float:
+    """`value` rounded to the nearest float32 (as a Python float)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class RegressionTask(Task):
-    """STS-B: the similarity score (0-5) rendered as a number string rounded to the nearest 0.2, as in T5;
-    scored with Pearson/Spearman against the unrounded gold score."""
+    """STS-B: the similarity score (0-5) rendered as a number string rounded to the nearest 0.2 as T5 does
+    (float32, halves to even); scored with Pearson/Spearman against the unrounded gold score."""
 
     name: str
     hub_path: str
@@ -222,9 +228,12 @@ class RegressionTask(Task):
         return self.text_columns + ("label",)
 
     def target_text(self, score: float) -> str:
-        # halves round up: the quotient rounded to 9 decimals first, so that 0.3 / 0.2 = 1.4999999999999998
-        # counts as the half it stands for (it gave "0.2" for 0.3; 0.7, 1.9, 2.3, 2.9, ... rounded down too)
-        return f"{math.floor(round(score / self.step, 9) + 0.5) * self.step:.1f}"
+        # T5's stsb preprocessor: tf.as_string(tf.round(label * 5) / 5, precision=1) on the float32 label,
+        # tf.round rounding halves to even: float32 arithmetic, then Python's round (also half to even) of
+        # the float32 product. 2.5 -> "2.4", 0.5 -> "0.4", 0.3 -> "0.4" (0.3f * 5 is a hair over 1.5).
+        # (Until 2026-12-06 halves rounded up: 2.5 -> "2.6", 13 of the 26 odd tenths unlike T5.)
+        per_unit = _float32(round(1 / self.step))
+        return f"{_float32(round(_float32(_float32(score) * per_unit)) / per_unit):.1f}"
 
     def format(self, row: Mapping[str, Any]) -> Example:
         value = column(self, row, "label")
