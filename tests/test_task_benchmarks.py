@@ -314,6 +314,23 @@ def test_csv_and_parquet_files_load_like_jsonl(tmp_path):
     assert get_task("squad").load("validation", data_dir=tmp_path / "parquet") == load("squad")
 
 
+def test_csv_text_that_pandas_would_take_for_missing_is_text(tmp_path):
+    """pandas reads "null", "NA", "N/A", "nan" as missing by default: the split was refused as null."""
+    (tmp_path / "sst2").mkdir()
+    texts = ["null", "NA", "N/A", "nan", "None"]
+    with open(tmp_path / "sst2" / "validation.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["sentence", "label", "idx"])
+        writer.writeheader()
+        writer.writerows({"sentence": t, "label": i % 2, "idx": i} for i, t in enumerate(texts))
+    examples = get_task("sst2").load("validation", data_dir=tmp_path)
+    assert [e.input_text for e in examples] == [f"sst2 sentence: {t}" for t in texts]
+    assert [e.label for e in examples] == [0, 1, 0, 1, 0]
+    with open(tmp_path / "sst2" / "validation.csv", "a", newline="") as handle:
+        handle.write(",1,5\n")  # an empty field is still missing
+    with pytest.raises(ValueError, match="column 'sentence' is null"):
+        get_task("sst2").load("validation", data_dir=tmp_path)
+
+
 def test_limit_keeps_the_first_rows():
     assert load("cb")[:2] == get_task("cb").load("validation", data_dir=FIXTURES, limit=2)
 

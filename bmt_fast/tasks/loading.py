@@ -94,7 +94,10 @@ def _load_local(task: "Task", split: str, data_dir: Path):
     path = local_split_file(task, split, data_dir)
     if _is_empty(path):  # `datasets` stops with a bare StopIteration on an empty JSON file
         raise ValueError(f"task {task.name!r}: {path} is empty")
-    return datasets.load_dataset(_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
+    # CSV: pandas reads "NA", "null", "N/A", "nan", ... as missing by default, which refused a sentence
+    # that says "null"; only an empty field is missing here (the text columns then fail as null).
+    options = {"keep_default_na": False, "na_values": [""]} if path.suffix == ".csv" else {}
+    return datasets.load_dataset(_FORMATS[path.suffix], data_files={split: str(path)}, split=split, **options)
 
 
 def parquet_export_files(task: "Task", split: str) -> str:
