@@ -81,6 +81,14 @@ RECORDED_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM
 # the whole svgd_step at n=16, d=409600. Reused pages are what a training loop sees in steady state.
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
+
+def worker_environment() -> dict[str, str]:
+    """The environment the providers run in (a worker process): the caller's, with WORKER_MALLOC_ENV's
+    defaults. Every row's "env" column is read from it, also the rows the parent writes (unavailable,
+    crashed, timed out), which had lacked the MALLOC_* settings."""
+    return {**WORKER_MALLOC_ENV, **os.environ}
+
+
 STATUSES = ("ok", "mismatch", "wrong", "skipped", "unavailable", "oom", "timeout", "crashed", "error")
 LIMITS = ("limit-gemm", "limit-copy")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -429,7 +437,7 @@ class Context:
             limit_kind=("gemm" if case.regime == "many" else "copy") if self.op.gemm_limit is not None else "",
             torch=torch.__version__, triton=triton_version(), bmt_fast_commit=self.commit,
             memory_method=self.memory_method,
-            env=" ".join(f"{k}={os.environ[k]}" for k in RECORDED_ENV if k in os.environ),
+            env=" ".join(f"{k}={v}" for k, v in ((k, worker_environment().get(k)) for k in RECORDED_ENV) if v is not None),
         )  # fmt: skip
         row.update({k: v for k, v in fields.items() if k in row})
         return row
@@ -775,7 +783,7 @@ class Supervisor:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.harness", "--worker"], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log, text=True, cwd=Path(__file__).resolve().parent.parent,
-                start_new_session=True, env={**WORKER_MALLOC_ENV, **os.environ},
+                start_new_session=True, env=worker_environment(),
             )  # fmt: skip
         proc.stdin.write(json.dumps(plan))
         proc.stdin.close()

@@ -146,6 +146,8 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert rows[("test-hang", "64")]["status"] == "timeout"
     assert rows[("torch-naive", "64")]["status"] == "ok"
     assert rows[("torch-naive", "65536")]["status"] == "skipped" and "would need" in rows[("torch-naive", "65536")]["note"]
+    # the rows the parent writes (oom, timeout, skipped) name the worker's environment as its own rows do
+    assert len({r["env"] for r in rows.values()}) == 1 and "MALLOC_MMAP_MAX_=" in rows[("test-hang", "64")]["env"]
 
 
 def test_failures_in_the_small_size_check_are_recorded_as_what_happened(tmp_path, monkeypatch):
