@@ -9,6 +9,7 @@ import operator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 FLOATING_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -172,7 +173,10 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         )
     if h is not None:
         return h
-    if torch.compiler.is_compiling():  # a constant of the graph (dynamo traces neither the cache nor the mode)
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        # a constant of the graph (dynamo traces neither the cache nor the mode); under a dispatch mode
+        # (FakeTensorMode, make_fx, a user's mode) the tensor made is the mode's: cached, it was handed to
+        # every later plain call with that value (a FakeTensor there: "convert all Tensors to FakeTensors")
         return torch.tensor(value, dtype=torch.float64, device=like.device)
     return _bandwidth_tensor(value, like.device, torch.is_inference_mode_enabled())
 

@@ -882,6 +882,21 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(x, score), step(x, score))
 
 
+def test_a_fake_tensor_trace_leaves_later_plain_calls_alone():
+    """make_fx(tracing_mode="fake") of a call with a float bandwidth: the bandwidth's tensor, cached per
+    value, was the trace's FakeTensor, and every later plain call with that value failed ("convert all
+    Tensors to FakeTensors"), rbf_kernel and SVGD's too."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, score = particles(8, 5)
+    h = 0.7731  # a value no other test uses (the cache is per process)
+    graph = make_fx(lambda a, b: bmt_fast.svgd_step(a, b, h, check_inputs=False), tracing_mode="fake")(x, score)
+    expected = reference.svgd_step(x, score, torch.tensor(h, dtype=torch.float64))
+    torch.testing.assert_close(graph(x, score), expected)
+    torch.testing.assert_close(bmt_fast.svgd_step(x, score, h), expected)
+    torch.testing.assert_close(bmt_fast.rbf_kernel(x, None, h), reference.rbf_kernel(x, None, torch.tensor(h)))
+
+
 @requires_cpu_extension
 def test_torch_compile_fullgraph_with_out_beyond_the_gram_path():
     """Many fp32 particles with 32+ features, where the API asks whether the AMX path (and its finiteness
