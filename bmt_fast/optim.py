@@ -18,13 +18,18 @@ class SVGD(torch.optim.Optimizer):
 
     `step(score)` computes phi = svgd_step(particles, score), sets particles.grad = -phi and runs the
     inner optimizer, so particles ascend along phi with the inner optimizer's step rule (Adagrad is the
-    SVGD paper's choice; Adam, SGD, RMSprop... work the same way). Learning-rate schedulers, state_dict
-    and load_state_dict behave as for the inner optimizer.
+    SVGD paper's choice; Adam, SGD, RMSprop... work the same way; LBFGS, whose step searches along a
+    loss that phi is not the gradient of, is refused). Learning-rate schedulers, state_dict and
+    load_state_dict (with their hooks), deepcopy and pickling behave as for the inner optimizer.
 
         particles = torch.randn(100, 2, requires_grad=True)
         opt = SVGD(particles, torch.optim.Adam, lr=1e-2)
         for _ in range(500):
             opt.step(score_fn)            # a tensor of scores, or a callable particles -> scores
+
+    Or as torch's optimizers are driven, from a loss that is the negative log density (summed over the
+    particles), whose gradient is -score: `loss.backward(); opt.step()`, or `opt.step(closure=closure)`
+    with a closure that clears the gradient, computes such a loss, calls backward and returns the loss.
 
     With `group=` (a torch.distributed process group), each rank passes its own slice of the particles
     and the kernel couples all of them (see `bmt_fast.svgd_step`); torch's first-order optimizers (SGD,
@@ -52,6 +57,11 @@ class SVGD(torch.optim.Optimizer):
             raise TypeError(f"particles must be floating point, got {particles.dtype}")
         if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer class, got {optimizer!r}")
+        if issubclass(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "optimizer: LBFGS searches along a loss its closure re-evaluates; the SVGD direction phi is not "
+                "the gradient of any loss: use a first-order optimizer (Adagrad, Adam, SGD, RMSprop, ...)"
+            )
         check_bandwidth(bandwidth, particles)
         if particles.dim() >= 1 and particles.numel() > 0:  # an unknown or unavailable backend, named now
             select(backend, "svgd_step", as_rows(particles.detach()))
@@ -71,11 +81,29 @@ class SVGD(torch.optim.Optimizer):
         self.state = self.inner.state
 
     @torch.no_grad()
-    def step(self, score: Score) -> torch.Tensor:  # type: ignore[override]
-        """One SVGD step; returns phi (the ascent direction that was applied, before the inner rule).
+    def step(self, score: Score | None = None, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One SVGD step. With `score` (a tensor, or a callable particles -> scores): returns phi, the ascent
+        direction that was applied (before the inner rule). Without it, the score is -particles.grad: a
+        `closure` (as torch optimizers take one) is called first to compute it (it should clear the gradient,
+        compute the negative log density summed over the particles, call backward and return it), and its
+        loss is returned; with neither, the gradient a backward left on the particles is used and phi returned.
 
         particles.grad is set to -phi: written into the existing gradient tensor when there is one (as
         autograd accumulates into it), else a new tensor."""
+        loss = None
+        if score is None:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            grad = self.particles.grad
+            if grad is None:
+                raise RuntimeError(
+                    "SVGD.step needs a score: pass one (a tensor or a callable particles -> scores), or a closure "
+                    "whose backward of the negative log density sets particles.grad, or call backward first"
+                )
+            score = -grad
+        elif closure is not None:
+            raise TypeError("SVGD.step takes a score or a closure, not both")
         if callable(score):
             with torch.enable_grad():
                 score = score(self.particles)
@@ -96,17 +124,42 @@ class SVGD(torch.optim.Optimizer):
             torch.neg(phi, out=grad)
         else:
             self.particles.grad = -phi
-        self.inner.step()
-        return phi
+        # The inner optimizer's own step, below torch's hook wrapper: this step ran the step hooks (global and
+        # this optimizer's) once already; through inner.step the global ones had run a second time.
+        inner_step = type(self.inner).step
+        getattr(inner_step, "__wrapped__", inner_step)(self.inner)
+        return phi if closure is None else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
+    # state_dict: torch's own (Optimizer.state_dict, hooks included), of the param groups and state shared
+    # with the inner optimizer, i.e. the inner optimizer's state dict.
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The inner optimizer loads it (its class's __setstate__ fills in defaults that older state dicts
+        # lack), between this optimizer's own load hooks.
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            changed = pre_hook(self, state_dict)
+            if changed is not None:
+                state_dict = changed
         self.inner.load_state_dict(state_dict)
+        self._share_inner_state()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps defaults, state and param_groups only: a deepcopy or an unpickled SVGD had no inner
+        # optimizer or particles and could not step
+        state = super().__getstate__()
+        state.update(
+            inner=self.inner, particles=self.particles, bandwidth=self.bandwidth, backend=self.backend,
+            check_inputs=self.check_inputs, group=self.group,
+        )  # fmt: skip
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
         self._share_inner_state()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -98,3 +98,120 @@ def test_bad_construction():
         opt.add_param_group({"params": [torch.randn(2, requires_grad=True)]})
     with pytest.raises(TypeError, match="score must be a tensor or a callable"):
         opt.step([1.0, 2.0])
+
+
+def _density_loss(particles):
+    """-log N(x; 1, 1) summed over the particles: its gradient is -score."""
+    return 0.5 * ((particles - 1.0) ** 2).sum()
+
+
+def test_step_from_a_backward_or_a_closure_as_torch_optimizers_take_one():
+    """`loss.backward(); opt.step()` and `opt.step(closure)` with the negative log density as the loss take
+    the score from its gradient: the same steps as `step(score)`. (`step(closure=None)`, as torch tools
+    call it, had been a TypeError.)"""
+
+    def run(how):
+        torch.manual_seed(1)
+        particles = torch.randn(10, 3, requires_grad=True)
+        opt = bmt_fast.SVGD(particles, torch.optim.Adam, lr=0.05)
+        returned = []
+        for _ in range(5):
+            if how == "score":
+                returned.append(opt.step(1.0 - particles.detach()))
+            elif how == "backward":
+                opt.zero_grad()
+                _density_loss(particles).backward()
+                returned.append(opt.step())
+            else:
+
+                def closure():
+                    opt.zero_grad()
+                    loss = _density_loss(particles)
+                    loss.backward()
+                    return loss
+
+                returned.append(opt.step(closure=closure))
+        return particles.detach(), returned
+
+    by_score, phis = run("score")
+    by_backward, phis_backward = run("backward")
+    by_closure, losses = run("closure")
+    torch.testing.assert_close(by_backward, by_score)
+    torch.testing.assert_close(by_closure, by_score)
+    for phi, phi_backward in zip(phis, phis_backward):
+        torch.testing.assert_close(phi_backward, phi)
+    assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for loss in losses)  # the closure's loss
+
+    opt = bmt_fast.SVGD(torch.randn(4, 2), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="SVGD.step needs a score"):
+        opt.step(closure=None)
+    with pytest.raises(TypeError, match="a score or a closure, not both"):
+        opt.step(torch.zeros(4, 2), closure=lambda: None)
+    with pytest.raises(TypeError, match="LBFGS"):
+        bmt_fast.SVGD(torch.randn(4, 2), torch.optim.LBFGS)
+
+
+def test_distributed_checkpoint_state_dict_of_a_fresh_svgd():
+    """torch.distributed.checkpoint initialises a fresh optimizer's state with step(closure=None)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = torch.nn.Module()
+    model.particles = torch.nn.Parameter(torch.randn(6, 2))
+    opt = bmt_fast.SVGD(model.particles, torch.optim.Adam, lr=0.1)
+    before = model.particles.detach().clone()
+    state = get_optimizer_state_dict(model, opt)
+    assert set(state["state"]["particles"]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.equal(model.particles.detach(), before)  # its step ran at lr 0
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_a_copied_svgd_steps_as_the_original(copy_with):
+    """copy.deepcopy / pickle of an SVGD gave one without its inner optimizer or particles."""
+    import copy
+    import io
+
+    torch.manual_seed(2)
+    particles = torch.randn(8, 3)
+    opt = bmt_fast.SVGD(particles, torch.optim.Adam, lr=0.1, bandwidth=2.0)
+    for _ in range(3):
+        opt.step(-particles.detach())
+    if copy_with == "deepcopy":
+        other = copy.deepcopy(opt)
+    else:
+        buffer = io.BytesIO()
+        torch.save(opt, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    assert other.particles is other.inner.param_groups[0]["params"][0] and other.particles is not particles
+    assert other.state is other.inner.state and other.param_groups is other.inner.param_groups
+    for _ in range(3):
+        opt.step(-particles.detach())
+        other.step(-other.particles.detach())
+    assert torch.equal(other.particles.detach(), particles.detach())
+    assert other.bandwidth == 2.0 and torch.equal(other.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_optimizer_hooks_run_once_as_for_torch_optimizers():
+    """The state-dict and load hooks registered on an SVGD had never run (the calls went to the inner
+    optimizer), and a global step hook ran twice a step (for SVGD, then for the inner optimizer)."""
+    calls = []
+    opt = bmt_fast.SVGD(torch.randn(5, 2), torch.optim.Adam, lr=0.1)
+    opt.register_state_dict_pre_hook(lambda o: calls.append("state_dict pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("step pre"))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(
+        lambda o, args, kwargs: calls.append(f"global post {type(o).__name__}")
+    )
+    try:
+        opt.step(torch.zeros(5, 2))
+    finally:
+        handle.remove()
+    state = opt.state_dict()
+    assert state["extra"] == 1 and state["state"][0]["exp_avg"].shape == (5, 2)
+    del state["extra"]
+    opt.load_state_dict(state)
+    assert calls == ["step pre", "global post SVGD", "state_dict pre", "load pre", "load post"]
