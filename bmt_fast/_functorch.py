@@ -34,9 +34,27 @@ except (ImportError, AttributeError):  # another torch's internals: Function.app
 
 
 def active() -> bool:
-    """Whether a torch.func transform is running (never while torch.compile traces: it treats the ops as
-    opaque custom ops with their registered fake and autograd kernels)."""
-    return not torch.compiler.is_compiling() and _transforms_active()
+    """Whether a torch.func transform that the Functions below serve is running (never while torch.compile
+    traces: it treats the ops as opaque custom ops with their registered fake and autograd kernels; nor
+    under functionalize alone, which has no rule for autograd.Functions ("NYI: Functionalize rule for
+    custom_function_call") and runs the registered ops as they are)."""
+    return not torch.compiler.is_compiling() and _transforms_active() and not _only_functionalize()
+
+
+def functionalizing() -> bool:
+    """Whether torch.func.functionalize is the one transform running: the public functions then call the
+    functional ops only (functionalize refuses a custom op that writes into an argument, svgd_step_into)."""
+    return not torch.compiler.is_compiling() and _transforms_active() and _only_functionalize()
+
+
+def _only_functionalize() -> bool:
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        functionalize = torch._C._functorch.TransformType.Functionalize
+        return all(i.key() == functionalize for i in retrieve_all_functorch_interpreters())
+    except (ImportError, AttributeError):  # another torch's internals: the Functions, as before
+        return False
 
 
 def forward_ad_active() -> bool:
@@ -122,6 +140,12 @@ class _NoGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # (never called: the output is not differentiable)
         raise RuntimeError("this op is not differentiable")
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # no tangent, as torch.argmax has none: jvp / jacfwd / hessian of a function that uses the median
+        # bandwidth or a step (a constant there, as under grad) had raised "You must implement the jvp"
+        return None
 
 
 class _SVGDStep(_NoGradient):

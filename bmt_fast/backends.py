@@ -258,8 +258,14 @@ def select(backend: str, op: str, x: torch.Tensor) -> Backend:
     combination, not on every step (a few microseconds of Python per call otherwise)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    d = x.shape[1] if x.dim() == 2 else math.prod(x.shape[1:])
-    key = (backend, op, x.device.type, x.shape[0], d, x.dtype)
+    n, d = x.shape[0], x.shape[1] if x.dim() == 2 else math.prod(x.shape[1:])
+    if torch.compiler.is_compiling() or isinstance(n, torch.SymInt) or isinstance(d, torch.SymInt):
+        # Traced (torch.compile, torch.export), sizes may be symbolic: the memo, keyed on them, specialised
+        # the graph to each size (torch.compile(dynamic=True) compiled again for every n) or failed (export:
+        # a SymInt is unhashable). The rule itself guards only on what it compares (on CUDA, n and d against
+        # the thresholds where Triton goes first; on the CPU nothing).
+        return _select(backend, op, x.device.type, n, d, x.dtype)
+    key = (backend, op, x.device.type, n, d, x.dtype)
     chosen = _SELECTED.get(key)
     if chosen is None:
         chosen = _select(*key)

@@ -130,7 +130,11 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
     # Where any NaN/Inf in the inputs is known to reach phi, the kernel writes phi in place and tracks its
     # finiteness as it goes: that flag decides, and the inputs are scanned only when it is not finite:
     # to name the bad one, or to find them finite (an overflow: phi is returned).
-    flagged = (check_inputs or out is not None) and chosen.svgd_step_spreads_non_finite(x2)
+    flagged = (
+        (check_inputs or out is not None)
+        and chosen.svgd_step_spreads_non_finite(x2)
+        and not _functorch.functionalizing()
+    )
     post_check = check_inputs and flagged
     if check_inputs and not post_check:
         check_both()

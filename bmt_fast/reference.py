@@ -46,7 +46,7 @@ def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.T
     d2 = (xc * xc).sum(1, keepdim=True) + (yc * yc).sum(1) - 2.0 * xc @ yc.T
     d2 = d2.clamp_min(0.0)
     if same:
-        d2.fill_diagonal_(0.0)
+        d2.diagonal().zero_()  # (fill_diagonal_ has no functionalization: torch.func.functionalize refused it)
     return d2
 
 

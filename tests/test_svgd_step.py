@@ -882,6 +882,35 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(x, score), step(x, score))
 
 
+@requires_cpu_extension
+def test_dynamic_shapes_compile_once_and_export():
+    """torch.compile(dynamic=True) compiled svgd_step and rbf_kernel again for every n and d (the backend
+    choice's memo, keyed on the sizes, specialised them), and torch.export with a dynamic n failed (a SymInt
+    is unhashable)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def f(x, score):
+        return bmt_fast.svgd_step(x, score, 1.5, check_inputs=False) + bmt_fast.rbf_kernel(x, None, 2.0, check_inputs=False).sum(1, keepdim=True)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+    for n, d in ((8, 3), (12, 3), (20, 5)):
+        x, score = particles(n, d, dtype=torch.float32)
+        torch.testing.assert_close(compiled(x, score), f(x, score))
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+    class Step(torch.nn.Module):
+        def forward(self, x, score):
+            return f(x, score)
+
+    n = torch.export.Dim("n", min=2, max=1024)
+    x, score = particles(8, 3, dtype=torch.float32)
+    program = torch.export.export(Step(), (x, score), dynamic_shapes=({0: n}, {0: n}))
+    x, score = particles(13, 3, dtype=torch.float32)
+    torch.testing.assert_close(program.module()(x, score), f(x, score))
+
+
 def test_a_fake_tensor_trace_leaves_later_plain_calls_alone():
     """make_fx(tracing_mode="fake") of a call with a float bandwidth: the bandwidth's tensor, cached per
     value, was the trace's FakeTensor, and every later plain call with that value failed ("convert all
