@@ -14,6 +14,7 @@ over the particles, or a number), which keeps the target near the source posteri
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -59,11 +60,19 @@ class TargetPrompt(nn.Module):
         return groups
 
 
+# Below this largest kernel value the KDE prior takes its log-sum-exp form (k's underflow begins at 2.2e-308;
+# from here on the particles that underflowed change the mean by less than 1e-27 of it).
+_KDE_FAR = 1e-280
+
+
 class KDEPrior:
     """-log mean_m k(theta, theta_m) over fixed source particles, differentiable in theta.
 
-    Computed in float64 through bmt_fast.rbf_kernel: k underflows only when |theta - theta_m|^2 / H > ~700
-    for every particle; the term is then clamped (constant, no gradient) instead of becoming -log 0.
+    Computed in float64 through bmt_fast.rbf_kernel while some k is well above float64's underflow (1e-280);
+    where theta is farther from every particle (|theta - theta_m|^2 / H > ~645 for all m: a small bandwidth,
+    or a prompt that drifted), as -(logsumexp_m(-|theta - theta_m|^2 / H) - log M) from the distances
+    themselves, so the term and its pull back towards the particles stay exact (a clamp of the mean had made
+    the term a constant 708.4 without gradient there, and the prior silently stopped acting).
     The particles and the bandwidth are checked once, here; each call then skips rbf_kernel's NaN/Inf scan
     of the particles (a pass over M x d doubles every target step), and a non-finite theta makes the term
     NaN, which the target stage's gradient check stops at (loop.Diverged, with its step and checkpoint).
@@ -83,7 +92,10 @@ class KDEPrior:
         k = rbf_kernel(
             theta[None].double(), self.particles, self.bandwidth, backend=self.backend, check_inputs=False
         )
-        return -torch.log(k.mean().clamp_min(torch.finfo(torch.float64).tiny))
+        if bool(k.max() >= _KDE_FAR):
+            return -torch.log(k.mean())
+        d2 = (theta.double().reshape(1, -1) - self.particles.reshape(self.particles.shape[0], -1)).square().sum(1)
+        return math.log(d2.numel()) - torch.logsumexp(-d2 / self.bandwidth, 0)
 
 
 class TargetTrainer:

@@ -72,6 +72,32 @@ def test_kde_prior_value_gradient_and_bandwidth():
     assert KDEPrior(particles[:1], 2.0).bandwidth == 2.0
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_kde_prior_far_from_every_particle_keeps_its_value_and_pull(backend):
+    """Where every k underflows (theta ~ 30 bandwidths from all particles), the prior had been clamped to a
+    constant 708.4 without gradient: the target prompt was no longer pulled back, silently. Checked against
+    float64 log-sum-exp and a finite difference, on both sides of the switch between the two forms."""
+    torch.manual_seed(3)
+    particles = torch.randn(5, 4, 16, dtype=torch.float64)
+    kde = KDEPrior(particles, 3.5, backend=backend)
+    flat = particles.reshape(5, -1)
+    direction = torch.randn(4, 16, dtype=torch.float64)
+    sides = set()
+    for drift in (0.0, 2.0, 7.0, 20.0):
+        theta = (particles.mean(0) + drift * direction).requires_grad_(True)
+        d2 = (flat - theta.detach().reshape(1, -1)).square().sum(1)
+        sides.add(bool((-d2 / 3.5).max() < math.log(1e-280)))  # every k below the switch
+        expected = math.log(5) - torch.logsumexp(-d2 / 3.5, 0)
+        value = kde(theta)
+        assert math.isfinite(float(value)) and float(value) == pytest.approx(float(expected), rel=1e-12)
+        (grad,) = torch.autograd.grad(value, theta)
+        step = 1e-6 * direction / direction.norm()
+        numeric = (kde(theta.detach() + step) - kde(theta.detach() - step)) / 2
+        assert float((grad * step).sum()) == pytest.approx(float(numeric), rel=1e-6)
+        assert grad.norm() > 0
+    assert sides == {False, True}
+
+
 def test_kde_prior_checks_its_particles_and_bandwidth_once():
     particles = torch.randn(4, 6, dtype=torch.float64)
     bad = particles.clone()
