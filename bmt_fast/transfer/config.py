@@ -31,7 +31,7 @@ PROMPT_INITS = ("vocab", "normal")
 SOURCE_METHODS = ("bmtpt", "spot", "multitask")
 SAMPLINGS = ("proportional", "uniform")
 OPTIMIZERS = ("adam", "adagrad")
-LIKELIHOOD_SCALES = ("mean", "dataset")
+LIKELIHOOD_SCALES = ("mean", "dataset", "batch")
 PROMPT_TYPES = ("plain", "mpt")
 
 # Target methods: which source stage provides the initial target prompt, and how its particles are
@@ -90,7 +90,7 @@ class SourceConfig:
     lr: float = 0.01
     bandwidth: Union[str, float] = "median"  # SVGD kernel bandwidth H
     prior_std: float | None = 100.0  # Gaussian prior N(0, prior_std^2 I); None: flat prior
-    likelihood_scale: Union[str, float] = "mean"  # mean | dataset | a positive float (see README)
+    likelihood_scale: Union[str, float] = "mean"  # mean | dataset | batch | a positive float (see README)
     backend: str = "auto"  # bmt_fast backend for svgd_step
     log_every: int = 10
     checkpoint_every: int = 100

@@ -65,7 +65,8 @@ def task_batch_sizes(sizes: Sequence[int], batch_size: int, sampling: str) -> li
     """Examples drawn from each task per step.
 
     uniform: batch_size from every task. proportional: K * batch_size in all, split in proportion to the
-    task sizes (at least one each), so the mixed batch is a uniform sample of the union of the tasks.
+    task sizes (rounded, at least one each), so the mixed batch is close to a uniform sample of the union
+    of the tasks (the likelihood's weights do not depend on it: source.likelihood_coefficients).
     """
     if sampling == "uniform" or len(sizes) == 1:
         return [batch_size] * len(sizes)

@@ -11,9 +11,14 @@ Score of particle m (what SVGD or the gradient rule ascends):
     s_m = grad[ log N(theta_m; 0, prior_std^2 I) - sum_k c_k * mean_{i in batch_k} nll_i(theta_m) ]
 where nll_i is the summed token NLL of example i and c_k (the likelihood scale) is
     "dataset"  N_k: the batch estimate of the full-data log-likelihood, i.e. the exact posterior;
-    "mean"     B_k / sum_j B_j: the mean NLL over the mixed batch (the default), the exact posterior
-               tempered by the data size;
-    s (float)  s * B_k / sum_j B_j.
+    "mean"     N_k / sum_j N_j (the default): the full-data log-likelihood divided by the number of
+               examples, i.e. the exact posterior tempered by the data size, whatever the sampling
+               (which sets only how many examples of each task a step reads);
+    "batch"    B_k / sum_j B_j: the mean NLL over the mixed batch as drawn (with uniform sampling every
+               task weighs the same; with proportional sampling "mean" up to the batch sizes' rounding,
+               at least one example per task: until 2026-12-06 what "mean" was);
+    s (float)  s * N_k / sum_j N_j.
+(Sums over the tasks the particle trains on: all of them, or its own for spot.)
 With "dataset" the likelihood gradient grows with N (10^4-10^5 examples per GLUE task) while SVGD's
 repulsive term (2/H) sum_j k_ij (x_i - x_j) / M does not, so the particles collapse into M independent
 MAP estimates; "mean" keeps driving force and repulsion on the same scale, and makes M=1 exactly prompt
@@ -57,14 +62,15 @@ def source_layout(method: str, num_tasks: int, num_particles: int) -> SourceLayo
 def likelihood_coefficients(
     batch_sizes: Sequence[int], dataset_sizes: Sequence[int], scale: str | float, layout: SourceLayout
 ) -> list[float]:
-    """c_k of the score (see the module docstring). Under "mean", a particle averages the NLL over the
-    mixed batch of the tasks it trains on (all tasks, or its own task for spot)."""
+    """c_k of the score (see the module docstring): shares of the data ("mean", a float) or of the mixed
+    batch ("batch") among the tasks a particle trains on (all tasks, or its own task for spot)."""
     if scale == "dataset":
         return [float(n) for n in dataset_sizes]
-    factor = 1.0 if scale == "mean" else float(scale)
+    factor = 1.0 if scale in ("mean", "batch") else float(scale)
+    weights = batch_sizes if scale == "batch" else dataset_sizes
     groups = layout.task_particles
-    mixed = [sum(b for b, g in zip(batch_sizes, groups) if g == group) for group in groups]
-    return [factor * b / total for b, total in zip(batch_sizes, mixed)]
+    totals = [sum(w for w, g in zip(weights, groups) if g == group) for group in groups]
+    return [factor * w / total for w, total in zip(weights, totals)]
 
 
 class ParticleUpdate:

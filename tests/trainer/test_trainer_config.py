@@ -76,7 +76,7 @@ def test_a_config_file_that_is_not_yaml(tmp_path):
         ({"target": {"lr": -1.0}}, "target.lr must be > 0"),
         ({"target": {"lowrank_lr": 0.0}}, "target.lowrank_lr must be > 0"),
         ({"source": {"sampling": "random"}}, "source.sampling must be one of proportional, uniform"),
-        ({"source": {"likelihood_scale": "exact"}}, "source.likelihood_scale must be one of mean, dataset"),
+        ({"source": {"likelihood_scale": "exact"}}, "source.likelihood_scale must be one of mean, dataset, batch"),
         ({"source": {"likelihood_scale": -2.0}}, "source.likelihood_scale must be > 0"),
         ({"source": {"bandwidth": -1.0}}, "source.bandwidth must be > 0"),
         ({"source": {"prior_std": 0.0}}, "source.prior_std must be > 0"),

@@ -35,10 +35,12 @@ def test_source_stage_lowers_the_loss_on_held_out_examples(backbones, model_dirs
     assert torch.all(after < before - 0.5), (before, after)
 
 
-def test_svgd_with_one_particle_is_prompt_tuning_on_the_task_mixture(backbones, model_dirs, tmp_path):
-    """M=1: the kernel is 1 and the repulsion 0, so SVGD is plain Adam on the mean loss of the mixed batch."""
+@pytest.mark.parametrize("scale", ["mean", "batch"])
+def test_svgd_with_one_particle_is_prompt_tuning_on_the_task_mixture(backbones, model_dirs, tmp_path, scale):
+    """M=1: the kernel is 1 and the repulsion 0, so SVGD is plain Adam on the mixture's loss: each task's
+    batch mean weighed by its share of the data ("mean"), or the mean over the mixed batch ("batch")."""
     pm = backbones["llama"]
-    flat = {"prior_std": None, "steps": 5, "num_particles": 1}
+    flat = {"prior_std": None, "steps": 5, "num_particles": 1, "likelihood_scale": scale}
     bmtpt = Run(make_config(tmp_path / "a", model_dirs["llama"], source=flat), "source", pm=pm).source("bmtpt")
     run = Run(make_config(tmp_path / "b", model_dirs["llama"], source=flat), "source", pm=pm)
     multitask = run.source("multitask")
@@ -50,9 +52,14 @@ def test_svgd_with_one_particle_is_prompt_tuning_on_the_task_mixture(backbones, 
     adam = torch.optim.Adam([prompt], lr=0.05)
     for _ in range(5):
         indices = sampler.sample()
-        mixed = pm.collate([t.encoded[i] for t, idx in zip(tasks, indices) for i in idx])
         adam.zero_grad()
-        pm.sequence_nll(prompt, mixed).mean().backward()
+        if scale == "batch":
+            mixed = pm.collate([t.encoded[i] for t, idx in zip(tasks, indices) for i in idx])
+            loss = pm.sequence_nll(prompt, mixed).mean()
+        else:
+            loss = sum(size / sum(sizes) * pm.sequence_nll(prompt, pm.collate([t.encoded[i] for i in idx])).mean()
+                       for t, idx, size in zip(tasks, indices, sizes))  # fmt: skip
+        loss.backward()
         adam.step()
 
     torch.testing.assert_close(bmtpt[0], prompt.detach(), rtol=1e-5, atol=1e-6)
@@ -109,6 +116,12 @@ def test_likelihood_coefficients():
     assert likelihood_coefficients([6, 2], [300, 100], "mean", bmtpt) == [0.75, 0.25]
     assert likelihood_coefficients([6, 2], [300, 100], "dataset", bmtpt) == [300.0, 100.0]
     assert likelihood_coefficients([6, 2], [300, 100], 2.0, bmtpt) == [1.5, 0.5]
+    # "mean" is the data's shares whatever the batches: uniform sampling, or a small task's batch rounded up
+    # to one example (GLUE-like sizes: it had weighed 8x its share); "batch" the batch's
+    assert likelihood_coefficients([4, 4], [300, 100], "mean", bmtpt) == [0.75, 0.25]
+    assert likelihood_coefficients([4, 4], [300, 100], "batch", bmtpt) == [0.5, 0.5]
+    assert likelihood_coefficients([47, 1], [99_000, 1_000], "mean", bmtpt) == [0.99, 0.01]
+    assert likelihood_coefficients([47, 1], [99_000, 1_000], 2.0, bmtpt) == [1.98, 0.02]
     spot = source_layout("spot", 2, 4)
     assert spot.num_particles == 2 and spot.rule == "gradient"
     assert likelihood_coefficients([4, 4], [300, 100], "mean", spot) == [1.0, 1.0]
