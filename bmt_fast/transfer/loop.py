@@ -120,15 +120,17 @@ def run_loop(
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(stage_dir / "metrics.jsonl") if world.is_main else None
-    start = _restore(stage_dir, trainable, log, world) if resume else 0
     window = _Window()
+    start = _restore(stage_dir, trainable, log, world, window) if resume else 0
     show = settings.progress and world.is_main
     bar = tqdm(total=settings.steps, initial=start, desc=settings.description, disable=not show)
     saved = start  # the latest checkpoint's step (0: none)
 
     def checkpoint(step: int) -> None:
         nonlocal saved
-        state = {"trainable": trainable.state_dict(), "rng": world.rng_state()}
+        # with the metrics of the steps since the last log line: where log_every does not divide
+        # checkpoint_every, a resumed run's next line had averaged only the steps after the checkpoint
+        state = {"trainable": trainable.state_dict(), "rng": world.rng_state(), "metrics_window": window.values}
         path = checkpoint_path(stage_dir, step)
         if world.is_main:
             save_checkpoint(stage_dir, step, state, meta, settings.keep_checkpoints)
@@ -164,7 +166,7 @@ def run_loop(
     return settings.steps
 
 
-def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog | None, world: World) -> int:
+def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog | None, world: World, window: "_Window") -> int:
     if world.is_main:
         remove_partial_checkpoints(stage_dir)
     checkpoint = load_latest_checkpoint(stage_dir)
@@ -175,6 +177,7 @@ def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog | None, worl
         return 0
     trainable.load_state_dict(checkpoint.state["trainable"])
     world.set_rng_state(checkpoint.state["rng"])
+    window.values = {key: list(values) for key, values in checkpoint.state.get("metrics_window", {}).items()}
     if log:
         log.truncate_after(checkpoint.step)
     logger.info("%s: resuming from %s (step %d)", stage_dir, checkpoint.path.name, checkpoint.step)

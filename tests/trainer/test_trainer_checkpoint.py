@@ -321,3 +321,20 @@ def test_a_diverged_step_is_not_applied_and_names_the_latest_checkpoint(tmp_path
     assert run_loop(tmp_path, resumed, settings, {}, resume=True) == 8 and resumed.step == 8
     with pytest.raises(Diverged, match="no checkpoint was written"):
         run_loop(tmp_path / "fresh", _LeastSquares(torch.full((8, 2), math.nan)), settings, {})
+
+
+def test_a_resumed_stage_logs_the_lines_of_one_that_never_stopped(tmp_path):
+    """log_every=3, checkpoint_every=2: the line of step 6 averages steps 4-6; resumed from checkpoint 4 it
+    had averaged steps 5-6 only (the window was not in the checkpoint)."""
+    from bmt_fast.transfer.loop import LoopSettings, run_loop
+    from bmt_fast.transfer.metrics_log import read_metrics
+
+    ys = torch.randn(8, 2)
+    settings = LoopSettings(steps=8, log_every=3, checkpoint_every=2, progress=False, description="toy")
+    run_loop(tmp_path / "full", _LeastSquares(ys), settings, {})
+    with pytest.raises(_Crash):
+        run_loop(tmp_path / "crashed", _LeastSquares(ys), settings, {}, on_checkpoint=[_crash_at(4)])
+    run_loop(tmp_path / "crashed", _LeastSquares(ys), settings, {}, resume=True)
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [r["step"] for r in full] == [3, 6, 8]
+    assert read_metrics(tmp_path / "crashed" / "metrics.jsonl") == full
