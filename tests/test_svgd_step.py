@@ -151,13 +151,16 @@ def test_single_particle_gives_its_score(cpu_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_identical_particles_give_the_mean_score(cpu_backend, dtype):
-    x = torch.full((6, 5), 0.1, dtype=dtype) + torch.arange(5, dtype=dtype)
-    score = torch.randn(6, 5, dtype=dtype)
+@pytest.mark.parametrize("n,d", [(6, 5), (16, 3000), (150, 300), (40, 600)])  # fused, Gram, feature chunks
+def test_identical_particles_give_the_mean_score(cpu_backend, dtype, n, d):
+    """K = 1 and no repulsion (H at its floor, 2/H = 2e12): the feature chunks' fp32 column mean of 150
+    copies of a row was not the row, and that residue times 2/H had made phi 14x too large."""
+    x = (torch.randn(1, d, dtype=torch.float64) * 3 + 1).expand(n, d).to(dtype).contiguous()
+    score = torch.randn(n, d, dtype=dtype)
     assert math.isclose(float(bmt_fast.median_bandwidth(x, backend=cpu_backend)), bmt_fast.BANDWIDTH_FLOOR, rel_tol=1e-6)
     phi = bmt_fast.svgd_step(x, score, backend=cpu_backend)
     assert torch.isfinite(phi).all()
-    torch.testing.assert_close(phi, score.mean(0, keepdim=True).expand_as(score))
+    torch.testing.assert_close(phi, score.double().mean(0, keepdim=True).expand_as(score).to(dtype))
 
 
 def test_mostly_identical_particles_stay_finite(cpu_backend):

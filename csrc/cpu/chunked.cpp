@@ -65,16 +65,28 @@ int64_t gemm_chunk_features(int64_t d) {
 // is the upper's transpose (mirror_upper_triangle).
 constexpr int64_t kGemmChunkedRowBlock = 128;
 
-// A chunk's columns [c0, c0 + width) of x into xc (n x width, row-major), centred by their means (written to
-// shift), for the columns [begin, end) of the chunk (a thread's share: ATen ops on one thread).
+// The centre of columns `cols` (n rows) into `shift` (1 x columns) and cols centred by it: x_0 + mean(x - x_0),
+// the mean of the differences to row 0 (exact where the particles are close, as the Gram and fused paths
+// shift): identical particles centre to exact zeros. (The plain fp32 mean of n copies of v is not v: the
+// chunks of 150 identical particles of 300 features had centred to a constant that the median rule's 2/H,
+// 2e12 at its floor, made phi 14x too large.)
+void centre_columns(at::Tensor& cols, at::Tensor& shift) {
+  const at::Tensor first = cols.narrow(0, 0, 1).clone();
+  cols.sub_(first);
+  at::mean_out(shift, cols, {0}, /*keepdim=*/true);
+  cols.sub_(shift);
+  shift.add_(first);
+}
+
+// A chunk's columns [c0, c0 + width) of x into xc (n x width, row-major), centred (centre_columns; the centre
+// written to shift), for the columns [begin, end) of the chunk (a thread's share: ATen ops on one thread).
 void centre_chunk_columns(const at::Tensor& x, int64_t c0, int64_t width, int64_t begin, int64_t end,
                           at::Tensor& xc, const at::Tensor& shift) {
   const int64_t n = x.size(0);
   at::Tensor cols = xc.view({n, width}).narrow(1, begin, end - begin);
   cols.copy_(x.narrow(1, c0 + begin, end - begin));
   at::Tensor mean = shift.narrow(0, c0 + begin, end - begin).view({1, end - begin});
-  at::mean_out(mean, cols, {0}, /*keepdim=*/true);
-  cols.sub_(mean);
+  centre_columns(cols, mean);
 }
 
 template <typename T>
@@ -388,11 +400,10 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_gemm_chunked(cons
     };
     for (int64_t c = begin; c < end; ++c) {
       const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
-      const at::Tensor xs = x.narrow(1, c0, width).to(acc);
       at::Tensor shift = view(shift_buffer, 1, width);
-      at::mean_out(shift, xs, {0}, /*keepdim=*/true);
       at::Tensor xc = view(x_buffer, n, width);
-      at::sub_out(xc, xs, shift);
+      xc.copy_(x.narrow(1, c0, width));
+      centre_columns(xc, shift);
       at::Tensor yc = xc;
       if (!self) {
         yc = view(y_buffer, m, width);
