@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ HALF_SECTIONS = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def read_ds_config(source: str | Path | dict[str, Any], cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config as a dict, checked against the run config; batch keys filled where missing."""
+    """The DeepSpeed config as a dict, checked against the run config; its batch keys set (they do not
+    affect training)."""
     if isinstance(source, dict):
         ds = json.loads(json.dumps(source))  # a deep copy; the caller's dict stays as it was
     else:
@@ -74,12 +76,22 @@ def read_ds_config(source: str | Path | dict[str, Any], cfg: RunConfig, world_si
                 f"--deepspeed: remove the {section!r} section: the backbone is frozen, and the prompts are "
                 "trained by source.optimizer / target.optimizer (source.lr, target.lr)"
             )
+    if "bfloat16" in ds:  # DeepSpeed's older name of the bf16 section (zero.Init reads either)
+        if "bf16" in ds:
+            raise ConfigError("--deepspeed: give one of the sections 'bf16' and 'bfloat16' (the same one), not both")
+        ds["bf16"] = ds.pop("bfloat16")
     for section in ("zero_optimization", *HALF_SECTIONS):
         if section in ds and not isinstance(ds[section], dict):
             raise ConfigError(f"--deepspeed: {section!r} must be a JSON object, got {json.dumps(ds[section])}")
-    zero_stage(ds)
+    stage = zero_stage(ds)
+    offload = ds.get("zero_optimization", {}).get("offload_param")
+    if stage < 3 and isinstance(offload, dict) and offload.get("device", "none") != "none":
+        raise ConfigError(
+            f"--deepspeed: zero_optimization.offload_param needs stage 3 (stage {stage} keeps the whole backbone "
+            "on every device and ignores it)"
+        )
     _check_precision(ds, cfg.model.dtype)
-    _fill_batch_keys(ds, world_size)
+    _set_batch_keys(ds, world_size)
     return ds
 
 
@@ -106,13 +118,17 @@ def _check_precision(ds: dict[str, Any], model_dtype: str) -> None:
         ds.setdefault(wanted, {})["enabled"] = True
 
 
-def _fill_batch_keys(ds: dict[str, Any], world_size: int) -> None:
-    if all(ds.get(key, "auto") == "auto" for key in BATCH_KEYS):
-        ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size)
-        return
-    for key in BATCH_KEYS:
-        if ds.get(key) == "auto":
-            del ds[key]  # DeepSpeed derives the missing one from the others
+def _set_batch_keys(ds: dict[str, Any], world_size: int) -> None:
+    """DeepSpeed's batch keys, which bmt-fast's batches do not use, set to values it accepts for this number of
+    processes (one example per process). Values written for another number of GPUs (train_batch_size 32 on
+    2 processes) had stopped ZeRO-3 runs inside from_pretrained with DeepSpeed's AssertionError."""
+    given = {key: ds[key] for key in BATCH_KEYS if ds.get(key, "auto") != "auto"}
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size)
+    if given:
+        logger.info(
+            "DeepSpeed's %s replaced (bmt-fast's batches are source.batch_size and target.batch_size)",
+            ", ".join(f"{key}={value}" for key, value in given.items()),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,11 +188,41 @@ class DeepSpeedWorld:
     def share(self, indices: list[int]) -> tuple[list[int], float]:
         return share_of(indices, self.rank, self.size)
 
+    def check_shared_folder(self, folder: Path) -> None:
+        """ConfigError on every process unless each one sees a file the first writes in `folder`: output_dir
+        must be one folder for all (the others read the stages the first writes). A folder local to each node
+        had ended in a collective mismatch (gloo: "Received data size doesn't match"; NCCL would hang), the
+        other processes training a source stage again while the first went on to the target."""
+        if self.size == 1:
+            return
+        token = [uuid.uuid4().hex if self.rank == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        probe = Path(folder) / f".bmt-fast-shared-{token[0]}"
+        if self.rank == 0:
+            try:
+                probe.parent.mkdir(parents=True, exist_ok=True)
+                probe.write_text("")
+            except OSError as error:
+                logger.error("cannot write in output_dir %s: %s", folder, error)
+        dist.barrier()
+        seen = torch.tensor([int(probe.exists())], device=self.device)
+        dist.all_reduce(seen, op=dist.ReduceOp.SUM)
+        if self.rank == 0:
+            probe.unlink(missing_ok=True)
+        if int(seen) < self.size:
+            raise ConfigError(
+                f"output_dir {folder}: {self.size - int(seen)} of {self.size} processes do not see the files the "
+                "first process writes there; give a folder that every process shares (a shared file system)"
+            )
+
     def check_identical(self, t: torch.Tensor, name: str) -> None:
         """Raise on every process unless t is bit for bit the same on all of them."""
-        first = t.detach().to(self.device, copy=True)
+        first = t.detach().to(self.device, copy=True).contiguous()
         dist.broadcast(first, src=0)
-        differs = torch.tensor([0 if torch.equal(first, t.detach().to(self.device)) else 1], device=self.device)
+        # bit patterns (torch.equal takes NaN for unequal to itself: NaN particles had "differed" everywhere)
+        mine = t.detach().to(self.device).contiguous()
+        same = torch.equal(first.reshape(-1).view(torch.uint8), mine.reshape(-1).view(torch.uint8))
+        differs = torch.tensor([0 if same else 1], device=self.device)
         dist.all_reduce(differs, op=dist.ReduceOp.SUM)
         if int(differs):
             raise RuntimeError(f"the {name} differ between processes ({int(differs)} of {self.size} differ)")

@@ -64,11 +64,16 @@ class World(Protocol):
 
     def close(self) -> None: ...  # after a command's last stage, on success only
 
+    def check_shared_folder(self, folder: Path) -> None: ...  # every process sees what the first writes there
+
 
 class SingleProcess:
     is_main = True
 
     def barrier(self) -> None:
+        return None
+
+    def check_shared_folder(self, folder: Path) -> None:
         return None
 
     def close(self) -> None:

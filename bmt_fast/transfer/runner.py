@@ -153,6 +153,7 @@ class Run:
         self.resume = resume
         self.world = world
         self.dir = Path(cfg.output_dir)
+        world.check_shared_folder(self.dir)
         check_outputs(self, command, overwrite)
         world.barrier()  # every process has looked at the folder before any writes to it
         if overwrite and world.is_main:

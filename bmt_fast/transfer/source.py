@@ -33,8 +33,9 @@ from typing import Any, Sequence
 import torch
 
 from .. import SVGD, median_bandwidth
+from .._validation import non_finite_count
 from .data import TaskData, TaskSampler, make_batches
-from .loop import ensure_finite
+from .loop import Diverged, ensure_finite
 from .prompts import PromptedModel
 
 OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
@@ -103,6 +104,12 @@ class ParticleUpdate:
         else:
             self.particles.grad = -score
             self.optimizer.step()
+        bad = non_finite_count(self.particles)
+        if bad:  # finite scores, but a step so large that the particles overflowed
+            raise Diverged(
+                f"the particles hold {bad} NaN/Inf value(s) after this step: the learning rate is too high "
+                "(the particles were not checkpointed)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

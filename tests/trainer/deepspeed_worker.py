@@ -8,7 +8,7 @@ it saw in WORK_DIR/rank<r>.pt (files the first process wrote are read by the tes
     zero3           tiny Llama, ZeRO-3 with every weight partitioned: `transfer` through the Python API; the
                     source stage crashes after its step-2 checkpoint and resumes; an uninterrupted source
                     run beside it; generation with the target prompt; the backbone's weights are compared
-                    with the file after all that
+                    with the file after all that; an output_dir of each process's own is refused
     zero2_cli       tiny T5, ZeRO-2 (the backbone replicated), `bmt-fast source --deepspeed`
     zero3_offload   tiny T5 (tied embeddings), ZeRO-3 with offload_param, `bmt-fast source --deepspeed`, one
                     example per task (the first process has none and runs a weight-0 example)
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from bmt_fast.cli import main as cli_main
-from bmt_fast.transfer.config import load_config
+from bmt_fast.transfer.config import ConfigError, load_config
 from bmt_fast.transfer.deepspeed_support import DeepSpeedRun
 from bmt_fast.transfer.evaluate import generate
 from bmt_fast.transfer.runner import read_prompt
@@ -81,7 +81,15 @@ def zero3(work: Path) -> dict:
     prompt = resumed.target_dir("bmtpt") / "prompt.safetensors"
     evaluation = DeepSpeedRun(echo_cfg, "eval", ds, backbone=run.backbone).evaluate(str(prompt))
     texts = generate(run.pm, read_prompt(prompt), TASKS["echo"].examples["validation"], 4, 6)
+    # an output_dir that is not one folder for all processes (each its own, as node-local disks would be)
+    own = load_config(work / "zero3.yaml", [f"output_dir={work / ('own' + os.environ['RANK'])}"])
+    try:
+        DeepSpeedRun(own, "source", ds, backbone=run.backbone)
+        not_shared = ""
+    except ConfigError as error:
+        not_shared = str(error)
     return {
+        "not_shared": not_shared,
         "partitioned": partitioned,
         "particles": particles.cpu(),
         "uninterrupted": uninterrupted.cpu(),

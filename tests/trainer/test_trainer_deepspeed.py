@@ -115,6 +115,16 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @needs_deepspeed
+def test_an_output_dir_the_processes_do_not_share_is_refused_on_every_process(ds_runs):
+    """Node-local output_dirs had ended in a collective mismatch: the second process, not seeing the
+    first's particles, trained the source stage again while the first went on to the target stage."""
+    ranks, work = ds_runs
+    for seen in ranks:
+        assert "1 of 2 processes do not see the files the first process writes there" in seen["zero3"]["not_shared"]
+    assert not list((work / "own0").glob(".bmt-fast-shared-*"))  # the probe is removed
+
+
+@needs_deepspeed
 def test_zero3_source_stage_equals_the_plain_trainer_on_the_same_global_batches(ds_runs, plain_zero3):
     ranks, work = ds_runs
     run, plain, _ = plain_zero3
@@ -252,6 +262,11 @@ def test_cli_source_stage_under_zero3_bf16_follows_the_plain_bf16_trainer(ds_run
         ({"bf16": {"enabled": True}}, "float32", "set model.dtype=bfloat16"),
         ({"fp16": {"enabled": True}}, "bfloat16", "set model.dtype=float16"),
         ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "bfloat16", "cannot both be enabled"),
+        # DeepSpeed's older name of the bf16 section: it had loaded a bf16 backbone under model.dtype=float32
+        ({"bfloat16": {"enabled": True}}, "float32", "set model.dtype=bfloat16"),
+        ({"bfloat16": {"enabled": True}, "bf16": {"enabled": True}}, "bfloat16", "not both"),
+        # stages 0-2 keep the whole backbone on every device: an offload_param there was silently ignored
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "float32", "offload_param needs stage 3"),
     ],
 )
 def test_ds_config_errors(tmp_path, model_dirs, ds, model_dtype, message):
@@ -270,6 +285,12 @@ def test_ds_config_gets_precision_and_batch_keys(tmp_path, model_dirs):
     ds = read_ds_config({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}, cfg, world_size=4)
     assert ds["bf16"] == {"enabled": True}
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 1, 4)
+    # batch keys written for 8 GPUs (DeepSpeed's check: 32 != 4 * 1 * 2 had stopped ZeRO-3 in from_pretrained)
+    eight = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 32}
+    ds = read_ds_config({"zero_optimization": {"stage": 3}, **eight}, cfg, world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 1, 2)
+    assert read_ds_config({"bfloat16": {"enabled": True}}, cfg, world_size=1)["bf16"] == {"enabled": True}
+    assert read_ds_config({"zero_optimization": {"stage": 2, "offload_param": {"device": "none"}}}, cfg, 1)
     path = tmp_path / "ds.json"
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

@@ -67,6 +67,19 @@ def test_svgd_with_one_particle_is_prompt_tuning_on_the_task_mixture(backbones, 
     assert not torch.equal(prompt.detach(), run.initial_prompts(1)[0])
 
 
+@pytest.mark.parametrize("rule", ["svgd", "gradient"])
+def test_an_update_that_overflows_the_particles_is_divergence(rule):
+    """Finite scores, but a step so large that the particles overflow: reported as divergence (the loop adds
+    the step and the latest checkpoint). It had gone on to the checkpoint, where DeepSpeed's comparison of
+    the processes' particles (NaN != NaN) reported processes that differ, or to a raw error of the op."""
+    from bmt_fast.transfer.loop import Diverged
+
+    particles = torch.full((4, 3, 5), 3.39e38)  # finite, a step of 3e37 from fp32's largest number
+    update = ParticleUpdate(particles, rule, "adam", 3e37, 1.0, "torch")
+    with pytest.raises(Diverged, match="the particles hold 60 NaN/Inf value.s. after this step"):
+        update.step(torch.ones(4, 3, 5))
+
+
 def test_svgd_update_is_the_inner_optimizer_applied_to_minus_phi():
     particles = torch.randn(4, 3, 5)
     score = torch.randn(4, 3, 5)
