@@ -163,6 +163,30 @@ def test_identical_particles_give_the_mean_score(cpu_backend, dtype, n, d):
     torch.testing.assert_close(phi, score.double().mean(0, keepdim=True).expand_as(score).to(dtype))
 
 
+@pytest.mark.parametrize("outlier_row", [0, 15])
+def test_a_particle_far_from_a_tight_group_in_any_row(cpu_backend, outlier_row):
+    """16 particles of 1000 features (the Gram path), 15 within 1e-3 of each other and one ~3 away. The Gram
+    pass shifts the rows by particle 0: with the outlier there, fp32 cancellation had made K wrong by 0.95,
+    the median 20 % off and phi by 3.5x its size (row 15: 3e-5). Now as good in either row as torch's fp32."""
+    torch.manual_seed(7)
+    n, d = 16, 1000
+    x = torch.randn(1, d, dtype=torch.float64) + 1e-3 * torch.randn(n, d, dtype=torch.float64) / d**0.5
+    x[0] += 3 * torch.randn(d, dtype=torch.float64) / d**0.5
+    order = torch.arange(n) if outlier_row == 0 else torch.roll(torch.arange(n), -1)
+    x, score = x[order], torch.randn(n, d, dtype=torch.float64)
+    h = reference.median_bandwidth(x)
+    xf, sf = x.float(), score.float()
+
+    def within_torch_fp32(ours, torch_fp32, expected, floor):  # the GUIDE's rule: at most 2x torch's own error
+        assert relative_error(ours, expected) <= max(2 * relative_error(torch_fp32, expected), floor)
+
+    within_torch_fp32(bmt_fast.median_bandwidth(xf, backend=cpu_backend), reference.median_bandwidth(xf), h, 1e-4)
+    within_torch_fp32(bmt_fast.rbf_kernel(xf, None, h, backend=cpu_backend), reference.rbf_kernel(xf, None, h.float()),
+                      reference.rbf_kernel(x, None, h), 1e-4)  # fmt: skip
+    within_torch_fp32(bmt_fast.svgd_step(xf, sf, backend=cpu_backend), reference.svgd_step(xf, sf, None),
+                      reference.svgd_step(x, score, None), 1e-5)  # fmt: skip
+
+
 def test_mostly_identical_particles_stay_finite(cpu_backend):
     x = torch.zeros(9, 3, dtype=torch.float64)
     x[7:] = torch.randn(2, 3, dtype=torch.float64)  # 49 of 81 pairs coincide: median 0, H at the floor

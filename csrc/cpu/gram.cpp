@@ -145,6 +145,34 @@ std::vector<double> column_block_sums(int64_t size, int64_t blocks, int64_t grai
   return partial;
 }
 
+// The n x m squared distances between the rows of x and y (contiguous, same dtype and columns) by direct
+// differences, column blocks split across threads.
+template <typename In>
+std::vector<double> cross_sq_dists_threaded(const at::Tensor& x, const at::Tensor& y) {
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
+  const In* xp = x.data_ptr<In>();
+  const In* yp = y.data_ptr<In>();
+  constexpr int64_t kBlock = 512;  // columns: whole 2 KiB chunks of the kernel for float, two for double
+  const int64_t grain = std::max<int64_t>(1, ((int64_t{1} << 16) / (n + m)) / kBlock);
+  return column_block_sums(n * m, (d + kBlock - 1) / kBlock, grain, [&](int64_t begin, int64_t end, double* sums) {
+    cross_sq_dists(xp, yp, n, m, d, begin * kBlock, std::min(end * kBlock, d), sums);
+  });
+}
+
+// Whether the Gram pass's expansion |a|^2 + |b|^2 - 2 a.b (of rows shifted by x_0) lost too much of a pair's
+// distance to cancellation: a distance below kMinShare of |x_i - x_0|^2 + |x_j - x_0|^2 (for fp32 about
+// 1e-5 of it or worse). x_0 far from a tight group of the others (an outlier in row 0) made fp32 K wrong by
+// 0.95 and the median 20 % off, where row 15 instead gave 3e-5 (rows are particles: their order must not
+// matter). Distances of 0 count (identical rows give exact zeros either way, but so can cancellation).
+template <typename T>
+bool gram_cancelled(const std::vector<double>& gram, const std::vector<double>& dist, int64_t n) {
+  constexpr double kMinShare = std::is_same_v<T, double> ? 1e-9 : 1e-2;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j)
+      if (dist[i * n + j] < kMinShare * (gram[i * n + i] + gram[j * n + j])) return true;
+  return false;
+}
+
 // Over the rows of x, then those of y when given (contiguous, x's dtype and columns; not copied together).
 template <typename In>
 std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift = nullptr,
@@ -162,21 +190,13 @@ std::vector<double> sq_dists_gram(const at::Tensor& x, gram_compute_t<In>* shift
     for (int64_t j = i + 1; j < n; ++j)
       dist[i * n + j] = dist[j * n + i] =
           std::max(gram[i * n + i] + gram[j * n + j] - 2.0 * gram[i * n + j], 0.0);
+  if (gram_cancelled<gram_compute_t<In>>(gram, dist, n)) {
+    // Again by direct differences (no cancellation; about twice the Gram pass's products, in such cases
+    // only). The shift the pass wrote (the column centres) stands: it does not depend on the rows' order.
+    const at::Tensor rows = y ? at::cat({x, *y}) : x;
+    dist = cross_sq_dists_threaded<In>(rows, rows);
+  }
   return dist;
-}
-
-// The n x m squared distances between the rows of x and y (contiguous, same dtype and columns) by direct
-// differences, column blocks split across threads.
-template <typename In>
-std::vector<double> cross_sq_dists_threaded(const at::Tensor& x, const at::Tensor& y) {
-  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
-  const In* xp = x.data_ptr<In>();
-  const In* yp = y.data_ptr<In>();
-  constexpr int64_t kBlock = 512;  // columns: whole 2 KiB chunks of the kernel for float, two for double
-  const int64_t grain = std::max<int64_t>(1, ((int64_t{1} << 16) / (n + m)) / kBlock);
-  return column_block_sums(n * m, (d + kBlock - 1) / kBlock, grain, [&](int64_t begin, int64_t end, double* sums) {
-    cross_sq_dists(xp, yp, n, m, d, begin * kBlock, std::min(end * kBlock, d), sums);
-  });
 }
 
 // Writes phi into `phi` (contiguous, x's shape and dtype) and returns whether all of it is finite
