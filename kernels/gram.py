@@ -40,7 +40,6 @@ def _gram_kernel(
     y_ptr,
     shift_ptr,
     out_ptr,
-    mean_ptr,
     n,
     n_x,
     d,
@@ -52,15 +51,11 @@ def _gram_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     MODE: tl.constexpr,
-    WRITE_MEAN: tl.constexpr,
-    ROUND: tl.constexpr,
     TWO_SETS: tl.constexpr,
 ):
     """out[split, rows, cols] = xc[rows, split's columns] @ xc[cols, split's columns].T (upper tiles only).
 
-    TWO_SETS: the set is x's n_x rows, then y's n - n_x (rbf_kernel(x, y) of few rows); else x's n rows.
-    WRITE_MEAN (n <= BLOCK_M: one tile holds every row; shift is x's row 0): also mean[cols] = x[0, cols] +
-    mean_i (x[i, cols] - x[0, cols]), the centring shift of centring.py, rounded to x's dtype where ROUND."""
+    TWO_SETS: the set is x's n_x rows, then y's n - n_x (rbf_kernel(x, y) of few rows); else x's n rows."""
     tile_i = tl.program_id(0)
     tile_j = tl.program_id(1)
     split = tl.program_id(2)
@@ -76,12 +71,6 @@ def _gram_kernel(
         for k0 in range(k_start, k_end, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             centred = _load_rows(x_ptr, y_ptr, n_x, shift_ptr, rows, ks, n, k_end, stride_x, stride_y, ACC, TWO_SETS)
-            if WRITE_MEAN:  # the rows' column sums while they are loaded (padding rows are zeros)
-                col_ok = ks < k_end
-                mean = tl.load(shift_ptr + ks, mask=col_ok, other=0.0).to(ACC) + tl.sum(centred, axis=0) / n
-                if ROUND:
-                    mean = mean.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(ACC)
-                tl.store(mean_ptr + ks, mean, mask=col_ok)
             a = dot_operand(centred, MODE)
             if same:
                 b = a
@@ -103,8 +92,7 @@ def _gram_dists_kernel(gram_ptr, out_ptr, h_ptr, n, n_rows, n_cols, col0, KERNEL
     the diagonal, in float64, from the upper triangle
     (i <= j) of G (n, n), which alone _gram_kernel writes; NaN in row and column i (its diagonal too) where
     G_ii is not finite: a NaN or an infinity in particle i makes its G_ii NaN or infinite (every particle's
-    where the shift carries it: a mean shift, or x[0] as the shift up to FUSED_SHIFT_MAX_PARTICLES), so the
-    median (gram_median) and the entries of K of its pairs are NaN, as the reference's. Told from the
+    where the shift, the columns' mean, carries it), so the median (gram_median) and the entries of K of its pairs are NaN, as the reference's. Told from the
     diagonal, not left to the arithmetic: a GPU's max returns the number beside a NaN."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     out_cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -193,24 +181,17 @@ def gram_splits(n: int, d: int, device: torch.device, tile: TileConfig) -> int:
     return max(1, min(num_programs_target(device) // tiles, cdiv(d, 4 * BLOCK_D)))
 
 
-# Up to this many particles every candidate tile of the Gram kernel holds all rows in one tile (16 rows is
-# its smallest): the kernel then also writes the centring shift of the columns it reads, and the Gram path
-# of a prompt's particles needs no pass over x of its own for it (a fifth of the bytes its step moves).
-FUSED_SHIFT_MAX_PARTICLES = min(t.block_m for t in _GRAM_TILES)
-
-
 def gram_sq_dists_and_shift(
     x: torch.Tensor, mode: int, *, splits: int | None = None, tile: TileConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gram_sq_dists, centring_shift) of contiguous rows x (n, d): from one pass over x up to
-    FUSED_SHIFT_MAX_PARTICLES rows (distances of x - x[0] there, which any shift gives alike in exact
-    arithmetic), else the centring pass and then the Gram."""
-    n, d = x.shape
-    if n > FUSED_SHIFT_MAX_PARTICLES or (tile is not None and n > tile.block_m):
-        shift = centring_shift(x)
-        return gram_sq_dists(x, shift, mode, splits=splits, tile=tile), shift
-    shift = torch.empty((d,), dtype=accumulation_dtype(x.dtype), device=x.device)
-    return gram_sq_dists(x, x, mode, splits=splits, tile=tile, mean=shift), shift
+    """(gram_sq_dists, centring_shift) of contiguous rows x (n, d): the centring pass, then the Gram of the
+    centred rows. (Until 2026-12-06, up to 16 particles the Gram kernel took x[0] as the shift and wrote the
+    centring shift as it went, saving that pass: with x[0] far from a tight group of the others, fp32
+    cancellation in |a|^2 + |b|^2 - 2 a.b made H 31 % and phi 210 % wrong, where the mean shift gives what
+    torch's fp32 gives. The pass reads x once more: about 10 us at 16 x 409,600 fp32 on an H100's bandwidth,
+    against the ~670 us the Triton step took there; not measured.)"""
+    shift = centring_shift(x)
+    return gram_sq_dists(x, shift, mode, splits=splits, tile=tile), shift
 
 
 def gram_sq_dists(
@@ -220,13 +201,11 @@ def gram_sq_dists(
     *,
     splits: int | None = None,
     tile: TileConfig | None = None,
-    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """All n x n squared distances (float64, exact zero diagonal) of contiguous rows x (n, d) centred by
-    shift (d values; x itself: its row 0). mean (d,): also written with the centring shift (see
-    gram_sq_dists_and_shift)."""
+    shift (d values)."""
     n = x.shape[0]
-    gram = _gram_sums(x, None, shift, mode, splits=splits, tile=tile, mean=mean)
+    gram = _gram_sums(x, None, shift, mode, splits=splits, tile=tile)
     dist = torch.empty((n, n), dtype=torch.float64, device=x.device)
     _dists(gram, dist, dist, n, n, 0, kernel=False, acc=torch.float64)
     return dist
@@ -253,7 +232,7 @@ def _dists(gram, out, h, n, n_rows, col0, *, kernel, acc):
     _gram_dists_kernel[grid](gram, out, h, n, n_rows, n_cols, col0, KERNEL=kernel, ACC=tl_dtype(acc), BLOCK=DISTS_BLOCK)
 
 
-def _gram_sums(x, y, shift, mode, *, splits=None, tile=None, mean=None) -> torch.Tensor:
+def _gram_sums(x, y, shift, mode, *, splits=None, tile=None) -> torch.Tensor:
     """The upper triangle (i <= j) of the (n, n) float64 Gram matrix of the rows of x (n_x) and y (None, or
     the rows n_x .. n - 1), centred by shift: the split-K partial sums of _gram_kernel, summed."""
     n_x, d = x.shape
@@ -274,7 +253,6 @@ def _gram_sums(x, y, shift, mode, *, splits=None, tile=None, mean=None) -> torch
         y_ptr=x if y is None else y,
         shift_ptr=shift,
         out_ptr=partial,
-        mean_ptr=partial if mean is None else mean,
         n=n,
         n_x=n_x,
         d=d,
@@ -284,8 +262,6 @@ def _gram_sums(x, y, shift, mode, *, splits=None, tile=None, mean=None) -> torch
         BLOCK_D=BLOCK_D,
         ACC=tl_dtype(acc),
         MODE=mode,
-        WRITE_MEAN=mean is not None,
-        ROUND=x.dtype != acc,
         TWO_SETS=y is not None,
     )
     # The splits are summed by torch (one parallel reduction; summed in one program they were a serial loop

@@ -178,6 +178,10 @@ def median_sq_dist(
 def use_gram(n: int, algorithm: str) -> bool:
     if algorithm not in ("auto", "tiled", "gram"):
         raise ValueError(f'algorithm must be "auto", "tiled" or "gram", got {algorithm!r}')
+    if algorithm == "gram" and n > GRAM_MAX_PARTICLES:
+        # (its n x n distances and the rank selection over them are made for a few particles: past 46,340
+        # rows their offsets would wrap 32 bits, and the selection's work grows as n^4)
+        raise ValueError(f'algorithm="gram" takes at most {GRAM_MAX_PARTICLES} particles (rows), got {n}')
     return algorithm == "gram" or (algorithm == "auto" and n <= GRAM_MAX_PARTICLES)
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .centring import centring_shift
-from .gram import FUSED_SHIFT_MAX_PARTICLES, gram_rbf_kernel
+from .gram import gram_rbf_kernel
 from .median import use_gram
 from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred, sq_dist_tile
 from .utils import (
@@ -29,6 +29,8 @@ from .utils import (
     check_bandwidth,
     check_device,
     check_like,
+    check_elements,
+    check_grid_axis,
     check_rows,
     dot_mode,
     ensure_contiguous,
@@ -146,6 +148,8 @@ def _check_inputs(x, y, h):
         raise ValueError(f"y must have d = {x.shape[1]} columns like x, got {y.shape[1]}")
     if not isinstance(h, torch.Tensor) or h.numel() != 1:
         raise ValueError("bandwidth must be a tensor with one value")
+    check_elements("K", x.shape[0] * y.shape[0])
+    check_grid_axis("K's blocks of columns", cdiv(y.shape[0], min(t.block_n for t in GPU_TILES)))
 
 
 @ensure_contiguous
@@ -172,9 +176,8 @@ def rbf_kernel_forward(
     acc = accumulation_dtype(x.dtype)
     h = check_bandwidth(bandwidth, x)
     rows = n if self_kernel else n + m
-    if use_gram(rows, algorithm):  # (x_0 as the shift where no centring pass is worth it, as svgd_step's)
-        shift = x if rows <= FUSED_SHIFT_MAX_PARTICLES else centring_shift(x)
-        return gram_rbf_kernel(x, None if self_kernel else y, shift, h, dot_mode(x.dtype, allow_tf32), tile=tile)
+    if use_gram(rows, algorithm):
+        return gram_rbf_kernel(x, None if self_kernel else y, centring_shift(x), h, dot_mode(x.dtype, allow_tf32), tile=tile)
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     _FORWARD.launch(
         lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(m, meta["BLOCK_N"])),
@@ -209,6 +212,7 @@ def _grad_rows(grad, k, a, b, shift, h, *, transposed, self_kernel, with_h, mode
     # memory at the fixed tile: 256 KiB, where 64 columns take 192 KiB as the two-set kernel's 128 do)
     wide = max(grad.element_size(), k.element_size(), a.element_size()) == 8
     block_v = next_power_of_2(d, low=MIN_BLOCK, high=MAX_BLOCK_V // 2 if symmetrised and wide else MAX_BLOCK_V)
+    check_grid_axis("the gradient's column chunks", cdiv(d, block_v))
     grad_strides = grad.stride()[::-1] if transposed else grad.stride()
     k_strides = k.stride()[::-1] if transposed else k.stride()
     _GRAD.launch(

@@ -60,6 +60,7 @@ from .utils import (
     cdiv,
     check_bandwidth,
     check_device,
+    check_grid_axis,
     check_like,
     check_rows,
     dot_mode,
@@ -469,6 +470,7 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
 def _combine(partial, rowsums, x, score, shift, h, out, splits, block_v):
     """phi from the column splits' partial sums."""
     n, d = x.shape
+    check_grid_axis("phi's column chunks", cdiv(d, block_v))
     grid = (cdiv(n, 64), cdiv(d, block_v))
     _svgd_combine_kernel[grid](
         partial, rowsums, x, shift, score, h, out, n, d, splits, x.stride(0), score.stride(0), BLOCK_M=64,
@@ -491,6 +493,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=Non
     if splits is None:
         splits = 1 if dist is not None else _column_splits(n, d, block_v, x.device, nominal)
     splits = min(splits, cdiv(n, nominal.block_n))
+    check_grid_axis("phi's column chunks", cdiv(d, block_v))
     out, partial, rowsums = _split_outputs(x, splits, out)
     track = finite is not None and splits == 1
     (_SVGD if dist is None else _SVGD_GRAM).launch(

@@ -96,14 +96,40 @@ def check_device(t: torch.Tensor) -> None:
     raise ValueError(f"the Triton kernels run on CUDA tensors{hint}; got a {t.device.type} tensor")
 
 
+# The kernels' offsets into a tensor are 32-bit (Triton's program ids, aranges and integer arguments below
+# 2^31 are i32, and row * stride stays i32): a tensor of 2^31 elements or more would wrap them (a store
+# before the buffer on a GPU). Such sizes are refused; backend "cuda" indexes in 64 bits.
+MAX_ELEMENTS = 2**31 - 1
+# CUDA's limit on grid axes 1 and 2, where the launchers put the column chunks (axis 0 takes 2^31 - 1).
+MAX_GRID_YZ = 65535
+
+
+def check_elements(name: str, count: int) -> None:
+    if count > MAX_ELEMENTS:
+        raise ValueError(
+            f"{name} has {count:,} elements: the Triton kernels index with 32-bit offsets (at most 2^31 - 1 "
+            "elements a tensor); use backend='cuda'"
+        )
+
+
+def check_grid_axis(what: str, programs: int) -> None:
+    """programs on grid axis 1 or 2 within CUDA's limit (a launch past it fails with "invalid argument")."""
+    if programs > MAX_GRID_YZ:
+        raise ValueError(
+            f"{what} needs {programs:,} programs on a grid axis of at most {MAX_GRID_YZ:,} in the Triton kernels; "
+            "use backend='cuda'"
+        )
+
+
 def check_rows(name: str, t: torch.Tensor) -> None:
-    """A non-empty 2-D floating tensor (n, d), as the ops take it."""
+    """A non-empty 2-D floating tensor (n, d), as the ops take it, with fewer than 2^31 elements."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2 or t.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 2-D tensor (n, d), got shape {tuple(t.shape)}")
     if t.dtype not in _TL_DTYPES:
         raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+    check_elements(name, t.numel())
 
 
 def check_like(ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:

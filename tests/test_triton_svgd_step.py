@@ -526,6 +526,29 @@ def test_auto_rule_on_cuda_follows_the_h200_timings():
     assert rule("svgd_step", 65536, 128, torch.bfloat16)[:2] == ["triton", "cuda"]
     assert rule("svgd_step", 65536, 129, torch.bfloat16)[:2] == ["cuda", "triton"]
     assert rule("svgd_step", 65536, 64, torch.float16)[:2] == ["cuda", "triton"]  # fp16: not measured
+    # past the Triton kernels' 32-bit offsets (2^31 elements a tensor): never Triton
+    assert rule("svgd_step", 2**25, 64, torch.float32) == ["cuda", "torch"]
+    assert rule("rbf_kernel", 46_341, 8, torch.float32) == ["cuda", "torch"]  # K: 46,341^2 > 2^31 - 1
+    assert rule("rbf_kernel", 46_340, 8, torch.float32)[:2] == ["triton", "cuda"]
+
+
+def test_sizes_past_the_kernels_offsets_and_grid_are_refused_by_name():
+    """32-bit offsets wrap at 2^31 elements (a store before the buffer on a GPU) and grid axes 1 and 2 end
+    at 65,535 programs (a failed launch): refused with an error that names the limit, before any launch."""
+    utils = kernels().utils
+    with pytest.raises(ValueError, match="x has 2,147,483,648 elements: the Triton kernels index with 32-bit"):
+        utils.check_elements("x", 2**31)
+    utils.check_elements("x", 2**31 - 1)
+    with pytest.raises(ValueError, match="65,536 programs on a grid axis of at most 65,535"):
+        utils.check_grid_axis("phi's column chunks", 65_536)
+    import importlib
+
+    median = importlib.import_module("bmt_fast.kernels.median")
+    with pytest.raises(ValueError, match='algorithm="gram" takes at most 256 particles'):
+        median.use_gram(257, "gram")
+    x = torch.zeros(1, 1, device=DEVICE).expand(3, 2**30)  # 3 x 2^30 elements, one in memory
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        utils.check_rows("x", x)  # what every op checks first (the ops would make x contiguous: 12 GB)
 
 
 @pytest.mark.parametrize("n,d", [(1, 70), (13, 130), (16, 129), (20, 300), (37, 65)])
@@ -551,43 +574,26 @@ def test_gram_path_with_each_candidate_tile(n, d, dtype):
             assert phi.dtype == dtype and relative_error(phi, expected) < bound, (tile, h)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_gram_pass_writes_the_centring_shift_of_a_prompt(dtype, monkeypatch):
-    """Up to 16 particles the Gram kernel also writes the centring shift (no pass over x of its own): the
-    centring kernel's value (bit for bit in the interpreter), the step and the median as accurate as
-    before; from 17 particles the centring pass runs again."""
-    import importlib
-
-    kernels()
-    gram = importlib.import_module("bmt_fast.kernels.gram")
-    centring = importlib.import_module("bmt_fast.kernels.centring")
-    module = importlib.import_module("bmt_fast.kernels.svgd_step")
-    utils = importlib.import_module("bmt_fast.kernels.utils")
-    assert gram.FUSED_SHIFT_MAX_PARTICLES == 16
-    exact = {"rtol": 0, "atol": 0} if not HAS_GPU else {}
-    mode = utils.dot_mode(dtype, None)
-    for n in (1, 5, 16):
-        x = (torch.randn(n, 300, dtype=torch.float64) * 2 + 30).to(dtype).to(DEVICE)
-        dist, shift = gram.gram_sq_dists_and_shift(x, mode)
-        torch.testing.assert_close(shift, centring.centring_shift(x), **exact)
-        x64 = x.double()
-        expected = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist").square()
-        bound = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
-        assert float((dist - expected).abs().max()) <= bound * max(1.0, float(expected.max()))
-    calls = []
-    for name in ("gram", "median", "svgd_step"):
-        target = importlib.import_module(f"bmt_fast.kernels.{name}")
-        monkeypatch.setattr(target, "centring_shift", lambda x, _f=centring.centring_shift: calls.append(x.shape[0]) or _f(x))
-    bound = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, 3e-2)
-    for n in (16, 17):
-        x, score = particles(n, 300, dtype=dtype)
-        for h in (None, torch.tensor(250.0, dtype=torch.float64, device=DEVICE)):
-            phi = svgd(x, score, h, algorithm="gram")
-            assert relative_error(phi, reference_phi(x, score, h)) < bound
-        h = kernels().median_bandwidth_forward(x, algorithm="gram")
-        expected = reference.median_bandwidth(x.double())
-        assert relative_error(h, expected) < bound
-    assert calls == [17, 17, 17]
+@pytest.mark.parametrize("outlier_row", [0, 7])
+def test_gram_path_centres_by_the_mean_whatever_the_row_order(outlier_row):
+    """8 particles of 64 features, 7 within 1e-2 of each other and one 100 away. Up to 16 particles the
+    Gram kernel had shifted the rows by x[0] (saving the centring pass): with the outlier there, fp32
+    cancellation made H 31 % and phi 210 % wrong. Now in either row as close as torch's fp32 is."""
+    torch.manual_seed(11)
+    n, d = 8, 64
+    x64 = torch.randn(1, d, dtype=torch.float64) + 1e-2 * torch.randn(n, d, dtype=torch.float64)
+    x64[0] += 100 * torch.randn(d, dtype=torch.float64) / d**0.5
+    order = torch.arange(n) if outlier_row == 0 else torch.roll(torch.arange(n), -1)
+    x64, s64 = x64[order], torch.randn(n, d, dtype=torch.float64)
+    x, score = x64.float().to(DEVICE), s64.float().to(DEVICE)
+    expected_h = reference.median_bandwidth(x64)
+    torch_h = reference.median_bandwidth(x64.float())
+    h = kernels().median_bandwidth_forward(x, algorithm="gram")
+    assert relative_error(h.cpu(), expected_h) <= max(2 * relative_error(torch_h, expected_h), 1e-5)
+    expected = reference.svgd_step(x64, s64, None)
+    torch_fp32 = relative_error(reference.svgd_step(x64.float(), s64.float(), None), expected)
+    phi = svgd(x, score, None, algorithm="gram")
+    assert relative_error(phi.cpu(), expected) <= max(2 * torch_fp32, 1e-5)
 
 
 def test_autotuning_keys_include_every_specialisation():
