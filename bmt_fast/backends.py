@@ -259,7 +259,7 @@ def select(backend: str, op: str, x: torch.Tensor) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     n, d = x.shape[0], x.shape[1] if x.dim() == 2 else math.prod(x.shape[1:])
-    if torch.compiler.is_compiling() or isinstance(n, torch.SymInt) or isinstance(d, torch.SymInt):
+    if type(n) is not int or type(d) is not int or torch.compiler.is_compiling():
         # Traced (torch.compile, torch.export), sizes may be symbolic: the memo, keyed on them, specialised
         # the graph to each size (torch.compile(dynamic=True) compiled again for every n) or failed (export:
         # a SymInt is unhashable). The rule itself guards only on what it compares (on CUDA, n and d against
