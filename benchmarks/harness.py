@@ -348,11 +348,11 @@ class CpuPeakMemory:
 
     def start(self) -> None:
         gc.collect()
-        if self._libc is not None:
-            self._libc.malloc_trim(0)  # give freed heap pages back, or they would hide new allocations
         import bmt_fast
 
-        bmt_fast.empty_cache()  # and the CPU ops' cached blocks (csrc/cpu/huge_pages.h), for the same reason
+        bmt_fast.empty_cache()  # the CPU ops' cached blocks (csrc/cpu/huge_pages.h) back to malloc, then
+        if self._libc is not None:  # freed heap pages back to the OS, or they would hide new allocations
+            self._libc.malloc_trim(0)  # (the workers set MALLOC_MMAP_MAX_=0: every block is heap memory)
         self._baseline_kb = self._status_kb("VmRSS")
         self._reset_high_water_mark()
 
