@@ -426,6 +426,7 @@ class Context:
         bandwidth = op.bandwidth_label(case) if op.bandwidth_label else fmt(bandwidth_for(case), 6)
         note = "; ".join(text for text in (note, op.describe(case) if op.describe else "") if text)
         row = dict.fromkeys(CSV_HEADER, "")
+        env = worker_environment()
         row.update(
             timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             run_id=self.run_id, op=self.op.name, provider=provider, status=status, note=note,
@@ -437,7 +438,7 @@ class Context:
             limit_kind=("gemm" if case.regime == "many" else "copy") if self.op.gemm_limit is not None else "",
             torch=torch.__version__, triton=triton_version(), bmt_fast_commit=self.commit,
             memory_method=self.memory_method,
-            env=" ".join(f"{k}={v}" for k, v in ((k, worker_environment().get(k)) for k in RECORDED_ENV) if v is not None),
+            env=" ".join(f"{k}={env[k]}" for k in RECORDED_ENV if k in env),
         )  # fmt: skip
         row.update({k: v for k, v in fields.items() if k in row})
         return row

@@ -38,13 +38,17 @@ def active() -> bool:
     traces: it treats the ops as opaque custom ops with their registered fake and autograd kernels; nor
     under functionalize alone, which has no rule for autograd.Functions ("NYI: Functionalize rule for
     custom_function_call") and runs the registered ops as they are)."""
-    return not torch.compiler.is_compiling() and _transforms_active() and not _only_functionalize()
+    return _transforms_running() and not _only_functionalize()
 
 
 def functionalizing() -> bool:
     """Whether torch.func.functionalize is the one transform running: the public functions then call the
     functional ops only (functionalize refuses a custom op that writes into an argument, svgd_step_into)."""
-    return not torch.compiler.is_compiling() and _transforms_active() and _only_functionalize()
+    return _transforms_running() and _only_functionalize()
+
+
+def _transforms_running() -> bool:
+    return not torch.compiler.is_compiling() and _transforms_active()
 
 
 def _only_functionalize() -> bool:

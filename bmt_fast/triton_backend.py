@@ -131,7 +131,8 @@ class TritonBackend(backends.Backend):
 # kernel, d <= its width): triton 14.8 ms with three products, 5.55 ms with one (the bf16 default since),
 # cuda 16.6 ms.
 TRITON_FIRST_MIN_PARTICLES = 32768
-# The Triton kernels refuse tensors of more elements (their offsets are 32-bit): "auto" skips them there.
+# The Triton kernels refuse tensors of more elements (their offsets are 32-bit; kernels/utils.py reads it
+# from here): "auto" skips them there.
 TRITON_MAX_ELEMENTS = 2**31 - 1
 # up to how many features, by input dtype (bf16: the flash kernel's width, kernels/svgd_step.py: FLASH_MAX_D)
 TRITON_FIRST_MAX_FEATURES = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 128}
@@ -153,7 +154,7 @@ def cuda_auto_rule(op: str, n: int, d: int, dtype: torch.dtype) -> list[str]:
     the measured ones are a guess from their neighbours; a GPU run of `bash scripts/gpu_check.sh` adds rows.
     """
     if n * d > TRITON_MAX_ELEMENTS or (op == "rbf_kernel" and n * n > TRITON_MAX_ELEMENTS):
-        return ["cuda", "torch"]  # past the Triton kernels' 32-bit offsets (kernels/utils.py: MAX_ELEMENTS)
+        return ["cuda", "torch"]  # past the Triton kernels' 32-bit offsets
     if n >= TRITON_FIRST_MIN_PARTICLES and d <= TRITON_FIRST_MAX_FEATURES.get(dtype, 0):
         return ["triton", "cuda", "torch"]
     return ["cuda", "triton", "torch"]

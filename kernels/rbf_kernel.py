@@ -149,7 +149,6 @@ def _check_inputs(x, y, h):
     if not isinstance(h, torch.Tensor) or h.numel() != 1:
         raise ValueError("bandwidth must be a tensor with one value")
     check_elements("K", x.shape[0] * y.shape[0])
-    check_grid_axis("K's blocks of columns", cdiv(y.shape[0], min(t.block_n for t in GPU_TILES)))
 
 
 @ensure_contiguous
@@ -178,6 +177,7 @@ def rbf_kernel_forward(
     rows = n if self_kernel else n + m
     if use_gram(rows, algorithm):
         return gram_rbf_kernel(x, None if self_kernel else y, centring_shift(x), h, dot_mode(x.dtype, allow_tf32), tile=tile)
+    check_grid_axis("K's blocks of columns", cdiv(m, min(t.block_n for t in GPU_TILES)))  # (any tile tried)
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     _FORWARD.launch(
         lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(m, meta["BLOCK_N"])),

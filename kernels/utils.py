@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bmt_fast.triton_backend import TRITON_MAX_ELEMENTS
+
 # Read once, when the kernels are defined: @triton.jit decides at decoration time whether a kernel is
 # compiled for a GPU or run by the interpreter, so a later change of TRITON_INTERPRET has no effect.
 INTERPRETING = bool(triton.knobs.runtime.interpret)
@@ -98,8 +100,9 @@ def check_device(t: torch.Tensor) -> None:
 
 # The kernels' offsets into a tensor are 32-bit (Triton's program ids, aranges and integer arguments below
 # 2^31 are i32, and row * stride stays i32): a tensor of 2^31 elements or more would wrap them (a store
-# before the buffer on a GPU). Such sizes are refused; backend "cuda" indexes in 64 bits.
-MAX_ELEMENTS = 2**31 - 1
+# before the buffer on a GPU). Such sizes are refused; backend "cuda" indexes in 64 bits. (One constant with
+# the "auto" rule's, which skips Triton there.)
+MAX_ELEMENTS = TRITON_MAX_ELEMENTS
 # CUDA's limit on grid axes 1 and 2, where the launchers put the column chunks (axis 0 takes 2^31 - 1).
 MAX_GRID_YZ = 65535
 

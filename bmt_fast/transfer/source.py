@@ -98,8 +98,7 @@ class ParticleUpdate:
     @torch.no_grad()
     def step(self, score: torch.Tensor) -> None:
         ensure_finite("the particles' scores", [score])  # (SVGD's input check raised without context)
-        if self.rule == "svgd":
-            ensure_finite("the particles", [self.particles])  # (a gradient step does not read them)
+        if self.rule == "svgd":  # (the particles: finite from their init, and checked after every step below)
             self.optimizer.step(score)
         else:
             self.particles.grad = -score
