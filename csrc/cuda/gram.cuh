@@ -1,12 +1,12 @@
-// Few particles, huge d (soft prompts: n <= ~256, d = 10^4 .. 10^6+), in up to four small launches:
+// Few particles, huge d (soft prompts: n <= ~256, d = 10^4 .. 10^6+), in up to five small launches:
 //   1. split-K Gram G = V V^T over column ranges, V = rows shifted by particle 0 (exact zeros for
 //      identical particles; no copy of V is made): fp32 (fp64 for fp64) partial sums per thread, added
-//      into a float64 G with atomics;
+//      into a float64 G with atomics; then (1d) direct distances for the pairs whose expansion cancels;
 //   2. the bandwidth: the exact median of the n*n distances of G (ranking the distinct pair distances
 //      for n <= 32, radix selection beyond) in one CTA, or H;
 //   3. K = exp(-D / H) as K/n and c = (2/H) rowsum(K) / n (one warp per row), or the rbf_kernel output;
 //   4. one memory-bound pass phi = (K/n) W + c V with W = score - (2/H) V formed on the fly.
-// For n <= 16 (soft prompts) steps 2 and 3 run inside step 4, so a step is a memset and two kernels, and
+// For n <= 16 (soft prompts) steps 2 and 3 run inside step 4, so a step is a memset and three kernels, and
 // so is a batch of such steps (svgd_step_batched_into): blockIdx.z picks the set (GramParams / ApplyParams:
 // set strides), each set's CTAs as its single step's.
 // Rows 0..n-1 come from x and rows n..n+m-1 from y (rbf_kernel of two sets): R = n + m rows in all.
@@ -53,12 +53,28 @@ BMT_DEVICE const In* gram_row(const GramParams<In>& p, long long r) {
   return r < p.n ? p.x + r * p.d : p.y + (r - p.n) * p.d;
 }
 
-// Squared distance between rows i and j from the upper triangle of G, clamped at 0 with a NaN kept (a NaN
-// particle's entries of K are NaN, as the reference's, not 1); exact 0 for i == j.
+// The rows are shifted by particle 0, so |v_i|^2 + |v_j|^2 - 2 v_i.v_j loses a pair's distance to
+// cancellation when x_0 lies far from both rows compared with their distance (x_0 an outlier beside a tight
+// group: fp32 K wrong by 0.95, phi by 0.3 to 8x its size, where another row order gave 1e-3). A pair whose
+// expanded distance is below kGramCancelledShare of |v_i|^2 + |v_j|^2 takes its distance by direct
+// differences instead, which gram_repair_kernel (1d) writes into G's lower triangle (the accumulation
+// leaves it 0); it computes them below twice that share, so every pair the readers below take from there
+// has one, whatever the rounding of the test in either place. Beyond the share an fp32 distance keeps
+// about 1e-4 of relative error. NaN tests false: a NaN particle's distances stay NaN.
+constexpr double kGramCancelledShare = 1e-3;
+
+BMT_DEVICE bool gram_pair_cancelled(const double* gram, long long rows, long long lo, long long hi, double share) {
+  const double norms = gram[lo * rows + lo] + gram[hi * rows + hi];
+  return norms - 2.0 * gram[lo * rows + hi] < share * norms;
+}
+
+// Squared distance between rows i and j from G (above), clamped at 0 with a NaN kept (a NaN particle's
+// entries of K are NaN, as the reference's, not 1); exact 0 for i == j.
 BMT_DEVICE double gram_distance(const double* gram, long long rows, long long i, long long j) {
   if (i == j) return 0.0;
   const long long lo = i < j ? i : j, hi = i < j ? j : i;
-  const double dist = gram[i * rows + i] + gram[j * rows + j] - 2.0 * gram[lo * rows + hi];
+  if (gram_pair_cancelled(gram, rows, lo, hi, kGramCancelledShare)) return gram[hi * rows + lo];
+  const double dist = gram[lo * rows + lo] + gram[hi * rows + hi] - 2.0 * gram[lo * rows + hi];
   return dist < 0.0 ? 0.0 : dist;
 }
 
@@ -355,6 +371,51 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) gram_tile_kernel(const GramParams<In> 
       const long long i = bi * G::kRows + 4 * ty + r, j = bj * G::kCols + 4 * tx + c;
       if (i < rows && j < rows && i <= j) atomicAdd(&p.gram[i * rows + j], static_cast<double>(s[r][c]));
     }
+}
+
+// ---- 1d. The direct distances of the pairs that cancelled (see gram_distance) -----------------------
+// After 1a/1b/1c. CTA (x, i, set) takes row i's pairs (i, j > i), and of those that cancelled (at twice the
+// readers' share) sums (x_i - x_j)^2 over its share of the columns (blockIdx.x of gridDim.x), added into the
+// lower triangle G[j][i] as float64. Without such pairs (the usual case) a CTA reads G's row i and leaves.
+
+constexpr int kRepairThreads = 256;
+
+template <typename In>
+BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kRepairThreads, 4) gram_repair_kernel(const GramParams<In> params) {
+  using C = compute_t<In>;
+  const GramParams<In> p = for_set(params);
+  __shared__ int flagged;
+  __shared__ int listed[kRepairThreads];
+  __shared__ C partial[kRepairThreads / kWarp];
+  const long long rows = p.n + p.m, i = blockIdx.y;
+  const long long begin = p.d * blockIdx.x / gridDim.x, end = p.d * (blockIdx.x + 1) / gridDim.x;
+  const In* a = gram_row(p, i);
+  for (long long first = i + 1; first < rows; first += kRepairThreads) {
+    if (threadIdx.x == 0) flagged = 0;
+    __syncthreads();
+    const long long j = first + threadIdx.x;
+    if (j < rows && gram_pair_cancelled(p.gram, rows, i, j, 2.0 * kGramCancelledShare))
+      listed[atomicAdd(&flagged, 1)] = static_cast<int>(j);
+    __syncthreads();
+    const int count = flagged;
+    for (int t = 0; t < count; ++t) {  // the order of the list does not matter: each pair's sum is its own
+      const In* b = gram_row(p, listed[t]);
+      C sum = C(0);
+      for (long long k = begin + threadIdx.x; k < end; k += kRepairThreads) {
+        const C diff = to_float(a[k]) - to_float(b[k]);
+        sum += diff * diff;
+      }
+      for (int m = 16; m >= 1; m /= 2) sum += shfl_xor(sum, m);
+      if (lane_id() == 0) partial[threadIdx.x / kWarp] = sum;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < kRepairThreads / kWarp; ++w) total += static_cast<double>(partial[w]);
+        atomicAdd(&p.gram[listed[t] * rows + i], total);
+      }
+      __syncthreads();  // partial and (next round) listed are reused
+    }
+  }
 }
 
 // ---- 2. the bandwidth of the first n rows: median rule, or H given ---------------------------------

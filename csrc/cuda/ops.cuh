@@ -213,7 +213,19 @@ unsigned stream_grid(int64_t d, const Device& dev) {
   return grid_size(std::min<int64_t>(d / kStreamPiece<In>, dev.sms));
 }
 
-// G (R x R float64, upper triangle) of the rows of x and y (if given), shifted by x[0].
+// Step 1d after any of the Gram kernels: the direct distances of the pairs that cancelled (gram_repair_kernel).
+// A CTA per row and set, times slices of the columns of at least 8 a thread (up to 4 CTAs per SM in all): a
+// launch whose CTAs read a row of G and leave where no pair cancelled.
+template <typename In>
+void repair_gram(const GramParams<In>& p, int64_t sets, const Device& dev) {
+  const int64_t rows = p.n + p.m, per_slice = int64_t{8} * kRepairThreads;
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(4 * dev.sms / (rows * sets), (p.d + per_slice - 1) / per_slice));
+  launch(&gram_repair_kernel<In>, dim3(grid_size(slices), grid_size(rows), static_cast<unsigned>(sets)),
+         kRepairThreads, 0, dev, p);
+}
+
+// G (R x R float64: the upper triangle, and in the lower one the direct distances of pairs that cancelled,
+// 1d) of the rows of x and y (if given), shifted by x[0].
 // finite: svgd_step_into's flag, set true by the register kernels (rows <= kGramRegisterRows only).
 // x of 3 dims (sets, n, d), y null, n <= kGramRegisterRows: the G of each set (sets, n, n) in one launch, each
 // set's CTAs (blockIdx.z) as its single call's; finite then one flag per set.
@@ -243,6 +255,7 @@ at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, 
         if (rows <= 4) run(&gram_stream_kernel<In, 4>);
         else if (rows <= 8) run(&gram_stream_kernel<In, 8>);
         else run(&gram_stream_kernel<In, 16>);
+        repair_gram(p, sets, dev);
         return gram;
       }
     }
@@ -267,6 +280,7 @@ at::Tensor gram_matrix(const at::Tensor& x, const std::optional<at::Tensor>& y, 
     const int64_t blocks = (d + p.cols_per_block - 1) / p.cols_per_block;
     launch(&gram_tile_kernel<In>, dim3(grid_size(blocks), grid_size(pairs)), 256, G::kDotBytes, dev, p);
   }
+  repair_gram(p, sets, dev);
   return gram;
 }
 
@@ -320,7 +334,7 @@ void apply_small(const at::Tensor& x, const at::Tensor& score, const std::option
 }
 
 // The step for n <= kGramRegisterRows by the register (or streamed) kernels: G, then phi into out (contiguous)
-// and the flag(s), no launch in between. x, score, out of one set (n, d), h a 0-dim H or none, one flag; or
+// and the flag(s), the repair (1d) between them. x, score, out of one set (n, d), h a 0-dim H or none, one flag; or
 // a batch (sets, n, d), h one H per set or none, a flag per set (gram_matrix, apply_small).
 inline void step_by_register_kernels(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& h,
                                      at::Tensor& out, bool* finite, const Device& dev) {
@@ -337,7 +351,7 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
                           const Device& dev) {
   using C = compute_t<In>;
   const int64_t n = x.size(0);
-  if (n <= kGramRegisterRows) {  // the apply kernel derives H and K itself: no launch in between
+  if (n <= kGramRegisterRows) {  // the apply kernel derives H and K itself: no bandwidth or weights launch
     at::Tensor phi = at::empty_like(x, at::MemoryFormat::Contiguous);
     step_by_register_kernels(x, score, h_given, phi, nullptr, dev);
     return phi;
@@ -593,7 +607,7 @@ inline at::Tensor svgd_step_into(const at::Tensor& x_in, const at::Tensor& score
 }
 
 // svgd_step_batched_into: sets (x, score, out (sets, n, d)) of n <= kGramRegisterRows particles on the Gram path
-// in two launches for up to kMaxSetsPerLaunch sets (and G's memset), not two per set: each set's phi and flag
+// in three launches for up to kMaxSetsPerLaunch sets (and G's memset), not three per set: each set's phi and flag
 // as its svgd_step_into's (its CTAs are the single call's: bit for bit in the emulator; on a GPU the split-K
 // sums are float64 atomics in either, whose order may differ). Other sets one after another as svgd_step_into.
 inline at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tensor& score_in,
