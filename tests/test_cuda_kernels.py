@@ -316,6 +316,85 @@ def test_invalid_bandwidth_gives_nan_not_a_wrong_answer(target, algorithm, n, d,
     assert torch.isnan(k).all()
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 5), (torch.bfloat16, 40)], ids=str)
+@pytest.mark.parametrize("bad", [-1.0, 0.0, math.nan, math.inf])
+def test_invalid_bandwidth_gives_a_nan_diagonal_too(target, dtype, d, bad):
+    """rbf_kernel(x, x) of 260 particles (the tiled kernels, FFMA and tensor cores): its unit diagonal is
+    exp(-0 / H), NaN for an invalid H as the reference's; it had stayed 1 beside a NaN everywhere else."""
+    x = particles(260, d, dtype)[0].to(target.device)
+    k = target.ops.rbf_kernel(x, x, as_h(bad).to(target.device))
+    assert torch.isnan(k).all()
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 5), (torch.bfloat16, 40), (torch.float16, 40)], ids=str)
+def test_a_bandwidth_past_float32s_range(target, dtype, d):
+    """A float64 H of 1e39 is valid (K = 1 to fp32's precision); the fp32 kernels' cast had made it +inf, which
+    they take for an invalid H: phi and K all NaN. Now as the reference, in svgd_step (tiled) and rbf_kernel
+    (tiled: 260 rows)."""
+    x, s, x64, s64 = particles(260, d, dtype)
+    h = as_h(1e39)
+    phi = target.ops.svgd_step(x.to(target.device), s.to(target.device), h.to(target.device), "tiled").cpu()
+    check_close(phi, svgd_reference(x64, s64, 1e39), dtype, lambda xx, ss: svgd_reference(xx, ss, 1e39), (x64, s64))
+    k = target.ops.rbf_kernel(x.to(target.device), x.to(target.device), h.to(target.device)).cpu()
+    assert (k == 1).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_fp16_tensor_cores_keep_a_bad_score_in_its_column(target, bad):
+    """fp16 on the tensor-core path scales W by a power of two from max |W|: a NaN or Inf score had made that
+    scale NaN or 0 and all of phi non-finite. Now the reference's: its column only."""
+    x, s, x64, s64 = particles(20, 40, torch.float16)
+    s[3, 7] = bad
+    phi = target.ops.svgd_step(x.to(target.device), s.to(target.device), None, "tiled").cpu()
+    expected = svgd_reference(x64, s.double())
+    assert not torch.isfinite(phi[:, 7]).any()
+    keep = torch.arange(40) != 7
+    assert relative_error(phi[:, keep], expected[:, keep]) <= 2 * HALF_ULP[torch.float16]
+
+
+def test_fp16_particles_whose_centred_values_pass_65504(target):
+    """fp16 particles spanning more than fp16's range once centred (x_0 near -35000, the others near +35000:
+    all finite): the tensor-core operands had rounded them to Inf, and H, phi and K came out NaN. The operands
+    are now scaled by a power of two (1/4 here) that the bandwidth follows."""
+    torch.manual_seed(3)
+    n, d = 20, 32
+    x64 = 35000.0 + 400.0 * torch.randn(n, d, dtype=torch.float64)
+    x64[0] -= 70000.0
+    x = x64.to(torch.float16)
+    x64 = x.double()
+    s = torch.randn(n, d, dtype=torch.float64).to(torch.float16)
+    on = target.device
+    # The group lies ~3500 from the mean (the outlier pulls it), where fp16 keeps steps of 2 after the scale:
+    # each centred value is off by up to 1 of the group's ~560 apart, 1e-3 of a distance, ~3e-4 over 32.
+    h = target.ops.median_bandwidth(x.to(on), "tiled").cpu()
+    assert relative_error(h, reference.median_bandwidth(x64)) <= 1e-3
+    phi = target.ops.svgd_step(x.to(on), s.to(on), None, "tiled").cpu()
+    assert relative_error(phi, svgd_reference(x64, s.double())) <= 2 * HALF_ULP[torch.float16]
+    big = torch.cat([x, x[1:].repeat(13, 1)])  # 267 rows: the tiled rbf_kernel
+    k = target.ops.rbf_kernel(big.to(on), big.to(on), as_h(1e7).to(on)).cpu()
+    assert relative_error(k, reference.rbf_kernel(big.double(), None, as_h(1e7))) <= 2 * HALF_ULP[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [40, 200])
+def test_tensor_core_kernels_keep_to_the_devices_shared_memory(target, monkeypatch, dtype, d):
+    """Devices of compute capability 8.6 / 8.9 (RTX 30 / 40, A10, L4, L40) let a block have 99 KB of shared
+    memory: the tensor-core svgd_step kernel (105-139 KB), and from 129 features the median and rbf_kernel
+    ones, do not fit there (the launch had failed). The FFMA kernels take their place, with the same results;
+    on the emulator the limit is its setting, on a GPU the device's."""
+    if target.name != "emulator":
+        pytest.skip("the shared memory limit is the emulator's setting")
+    limit = 99 * 1024
+    monkeypatch.setenv("BMT_FAST_EMULATE_MAX_SHARED_BYTES", str(limit))
+    target.ops.take_launches()
+    check_svgd(target, "tiled", 260, d, dtype, "median")
+    x, _, x64, _ = particles(260, d, dtype)
+    k = target.ops.rbf_kernel(x, x, as_h(2.0 * d))
+    assert relative_error(k, reference.rbf_kernel(x64, None, as_h(2.0 * d))) <= 2 * HALF_ULP[dtype]
+    launches = target.ops.take_launches()
+    assert launches and max(launches) <= limit, launches
+
+
 # ---- svgd_step_into: phi into out, and whether it is all finite ------------------------------------
 
 
@@ -392,6 +471,47 @@ def test_svgd_step_batched_into_is_each_sets_step(target, monkeypatch, kernels, 
             assert bool(flag) == (i != 3)
             torch.testing.assert_close(out[i], single, equal_nan=True, **exact)
         assert torch.isnan(out[3, :, d // 2]).all()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_bandwidth_that_is_a_view_of_out(target, batched):
+    """H given as a view of `out`: the kernels read it while other thread blocks write phi there (phi had been
+    NaN past the first 512 columns, a batch's later sets wrong); it is read from a copy now, as the CPU reads
+    it before writing."""
+    sets, n, d = (3, 4, 1100) if batched else (1, 4, 1100)
+    x, s, x64, s64 = particles(sets * n, d, torch.float64)
+    x, s = x.reshape(sets, n, d).to(target.device), s.reshape(sets, n, d).to(target.device)
+    out = torch.zeros(sets, n, d, dtype=torch.float64, device=target.device)
+    hs = [2.0 * d, 3.0 * d, 4.0 * d][:sets]  # near the squared distances: another H gives another phi
+    out.view(-1)[:sets] = torch.tensor(hs, dtype=torch.float64)
+    h = out.view(-1)[:sets]
+    expected = [svgd_reference(x64.reshape(sets, n, d)[i], s64.reshape(sets, n, d)[i], hs[i]) for i in range(sets)]
+    if batched:
+        assert target.ops.svgd_step_batched_into(x, s, h, "gram", out=out).tolist() == [True] * sets
+    else:
+        assert bool(target.ops.svgd_step_into(x[0], s[0], h.reshape(()), "gram", out=out[0]))
+    for i in range(sets):
+        assert relative_error(out[i].cpu(), expected[i]) < 1e-12
+
+
+def test_batched_steps_are_single_steps_when_pairs_cancel(target, monkeypatch):
+    """The repair of cancelled pairs splits its sums over the columns by the set's shape alone: a batch's
+    phi stays each set's single call's, bit for bit on the emulator (its slices had depended on the number of
+    sets: 1.9e-6 apart)."""
+    if target.name == "emulator":
+        monkeypatch.setenv("BMT_FAST_EMULATE_SMS", "2")
+    torch.manual_seed(11)
+    sets, n, d = 4, 3, 4100
+    x = torch.randn(sets, n, d, dtype=torch.float64) * 1e-3
+    x[:, 0] += 30.0  # particle 0 far from the others: their pairs cancel
+    x, s = x.float().to(target.device), torch.randn(sets, n, d).to(target.device)
+    out = torch.empty_like(x)
+    assert target.ops.svgd_step_batched_into(x, s, None, "auto", out=out).tolist() == [True] * sets
+    exact = {"rtol": 0, "atol": 0} if target.name == "emulator" else {}
+    for i in range(sets):
+        single = torch.empty_like(x[i])
+        assert bool(target.ops.svgd_step_into(x[i], s[i], None, "auto", out=single))
+        torch.testing.assert_close(out[i], single, **exact)
 
 
 @pytest.mark.parametrize("algorithm", ["gram", "tiled"])

@@ -50,6 +50,10 @@ struct Device {
   // BMT_FAST_CUDA_GRAM=streamed and the device has their shared memory (H100 / H200: 227 KB a block; A100 163 KB
   // and smaller GPUs keep the register kernels): the prompt regime's streamed kernels (gram_streams)
   bool stream_gram = false;
+  // Dynamic shared memory a block may opt in to: 227 KB on H100 / H200, 163 KB on A100, 99 KB on compute
+  // capability 8.6 / 8.9 (RTX 30 / 40, A10, A40, L4, L40), where some tensor-core kernels do not fit and the
+  // FFMA kernels take their place (use_tensor_cores).
+  int64_t max_shared_bytes = 227 * 1024;
   int64_t workspace_bytes = kBlockedWorkspaceBytes;  // the row-block path's (rows x n) buffer, at most
   int64_t max_sets_per_launch = kMaxSetsPerLaunch;    // svgd_step_batched_into's sets in one launch, at most
 };
@@ -75,6 +79,7 @@ inline Device launch_device(const at::Tensor& x) {
   dev.major = 9;
   if (const char* bytes = std::getenv("BMT_FAST_EMULATE_WORKSPACE_BYTES")) dev.workspace_bytes = std::atoll(bytes);
   if (const char* sets = std::getenv("BMT_FAST_EMULATE_MAX_SETS")) dev.max_sets_per_launch = std::max(1, std::atoi(sets));
+  if (const char* bytes = std::getenv("BMT_FAST_EMULATE_MAX_SHARED_BYTES")) dev.max_shared_bytes = std::atoll(bytes);
 #else
   const int index = x.get_device();
   int minor = 0;
@@ -84,11 +89,11 @@ inline Device launch_device(const at::Tensor& x) {
   BMT_CHECK(dev.major >= 8, "the CUDA kernels need compute capability 8.0 or newer, device ", num(int64_t{index}),
             " has ", num(int64_t{dev.major}), ".", num(int64_t{minor}));
   dev.stream = c10::cuda::getCurrentCUDAStream(index).stream();
-  if (dev.stream_gram) {
-    int shared = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
-    dev.stream_gram = shared >= kStreamSharedBytes + 8 * 1024;  // the kernels' static shared memory: under 8 KB
-  }
+  int shared = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+  dev.max_shared_bytes = shared;
+  // the streamed kernels' static shared memory: under 8 KB
+  dev.stream_gram = dev.stream_gram && shared >= kStreamSharedBytes + 8 * 1024;
 #endif  // the emulator stands for an sm_90 device: room for them
   return dev;
 }
@@ -158,12 +163,47 @@ T* mutable_pointer(at::Tensor& t) {
 
 inline bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// Tensor cores for 16-bit inputs with enough features; IEEE fp32 / fp64 CUDA cores otherwise.
-inline bool use_tensor_cores(const at::Tensor& x) {
-  return is_half(x.scalar_type()) && x.size(1) >= kTensorCoreMinFeatures;
+// Tensor cores for 16-bit inputs with enough features, where the device has the shared memory of the
+// tensor-core kernel for `mode` (see Device::max_shared_bytes); IEEE fp32 CUDA cores otherwise.
+inline bool use_tensor_cores(const at::Tensor& x, TileMode mode, const Device& dev) {
+  const int64_t d_pad = round_up(x.size(1), 16);
+  return is_half(x.scalar_type()) && x.size(1) >= kTensorCoreMinFeatures &&
+         static_cast<int64_t>(MmaGeometry::shared_bytes(mode, d_pad <= MmaGeometry::kChunk)) <= dev.max_shared_bytes;
 }
 
 // ---- shared preparation ----------------------------------------------------------------------------
+
+struct BandwidthCastParams {
+  const double* h;
+  float* out;
+};
+
+// One thread: H as fp32, a finite H beyond fp32's range (either sign) as +-FLT_MAX.
+BMT_GLOBAL void bandwidth_to_float_kernel(const BandwidthCastParams p) {
+  constexpr double kTop = 3.4028234663852886e38;  // FLT_MAX
+  const double h = *p.h;
+  *p.out = static_cast<float>(!is_finite(h) ? h : h > kTop ? kTop : h < -kTop ? -kTop : h);
+}
+
+// A given H (any floating type, one element) in the compute type `type` of the kernels, 0-dim. For fp32, a
+// float64 H past fp32's range (1e39: valid, K = 1 to fp32's precision) becomes FLT_MAX: a cast made it +inf,
+// which the kernels take for an invalid H (all of phi NaN). One launch, as the cast it replaces.
+inline at::Tensor bandwidth_as(const at::Tensor& h, at::ScalarType type, const Device& dev) {
+  const at::Tensor h0 = h.reshape({});
+  if (type != at::kFloat || h0.scalar_type() != at::kDouble) return h0.to(type).contiguous();
+  const at::Tensor h64 = h0.contiguous();
+  at::Tensor out = at::empty({}, h64.options().dtype(at::kFloat));
+  launch(&bandwidth_to_float_kernel, 1, 1, 0, dev, BandwidthCastParams{pointer<double>(h64), mutable_pointer<float>(out)});
+  return out;
+}
+
+// A given H that shares memory with `out` is read from a copy: the kernels read H while other thread blocks
+// write phi there (svgd_step_into with H a view of out had phi NaN or wrong beyond the first block).
+inline std::optional<at::Tensor> bandwidth_apart_from(const std::optional<at::Tensor>& h, const at::Tensor& out) {
+  if (h && h->storage().is_alias_of(out.storage()) && at::get_overlap_status(*h, out) != at::MemOverlapStatus::No)
+    return h->clone();
+  return h;
+}
 
 // x (and y by the same vector) shifted by x[0] + mean(x - x[0]), in the compute type (reference.centre).
 inline std::pair<at::Tensor, at::Tensor> centred(const at::Tensor& x, const std::optional<at::Tensor>& y) {
@@ -176,17 +216,28 @@ inline std::pair<at::Tensor, at::Tensor> centred(const at::Tensor& x, const std:
   return {xc, yc};
 }
 
+// fp16 operands: the power of two s <= 1 (0-dim fp32) that keeps the centred values of xc (and yc) below
+// 2^15 in magnitude. Centred fp16 particles can pass fp16's 65504 (x_0 at -35000, the others at +35000: all
+// finite, but their centred values rounded to Inf, and H and phi came out NaN); s is 1/2 or 1/4 then, and 1
+// for any particles spanning less than 2^15.
+inline at::Tensor fp16_operand_scale(const at::Tensor& xc, const at::Tensor& yc) {
+  at::Tensor top = xc.abs().max();
+  if (!yc.is_same(xc)) top = at::maximum(top, yc.abs().max());
+  return at::ceil(at::log2(top.clamp_min(1.0))).neg_().add_(15.0).clamp_max_(0.0).exp2_();
+}
+
 // The 16-bit operand of the tensor-core kernels: rows padded to 128, columns to 16, zeros outside.
 struct Operand16 {
-  at::Tensor values;  // (rows_padded x d_pad), the input's 16-bit type
+  at::Tensor values;  // (rows_padded x d_pad), the input's 16-bit type: xc * scale
   at::Tensor norms;   // (rows_padded), fp32 squared norms of the 16-bit values; +inf for padding rows
 };
 
-inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type) {
+// scale: fp16_operand_scale's s (fp16), or undefined (bf16: no scale)
+inline Operand16 operand16(const at::Tensor& xc, at::ScalarType half_type, const at::Tensor& scale = {}) {
   const int64_t rows = xc.size(0), d = xc.size(1);
   Operand16 op;
   op.values = at::zeros({round_up(rows, MmaGeometry::kRows), round_up(d, 16)}, xc.options().dtype(half_type));
-  op.values.narrow(0, 0, rows).narrow(1, 0, d).copy_(xc);
+  op.values.narrow(0, 0, rows).narrow(1, 0, d).copy_(scale.defined() ? xc * scale : xc);
   op.norms = op.values.to(at::kFloat).square().sum(1);
   // a padding row is infinitely far away: its kernel values come out 0 without a bounds test per entry
   op.norms.narrow(0, rows, op.norms.size(0) - rows).fill_(std::numeric_limits<float>::infinity());
@@ -214,12 +265,13 @@ unsigned stream_grid(int64_t d, const Device& dev) {
 }
 
 // Step 1d after any of the Gram kernels: the direct distances of the pairs that cancelled (gram_repair_kernel).
-// A CTA per row and set, times slices of the columns of at least 8 a thread (up to 4 CTAs per SM in all): a
-// launch whose CTAs read a row of G and leave where no pair cancelled.
+// A CTA per row and set, times slices of the columns of at least 8 a thread (a set's up to 4 CTAs per SM): a
+// launch whose CTAs read a row of G and leave where no pair cancelled. The slices do not depend on the number
+// of sets: a batch's sums are each set's single call's.
 template <typename In>
 void repair_gram(const GramParams<In>& p, int64_t sets, const Device& dev) {
   const int64_t rows = p.n + p.m, per_slice = int64_t{8} * kRepairThreads;
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(4 * dev.sms / (rows * sets), (p.d + per_slice - 1) / per_slice));
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(4 * dev.sms / rows, (p.d + per_slice - 1) / per_slice));
   launch(&gram_repair_kernel<In>, dim3(grid_size(slices), grid_size(rows), static_cast<unsigned>(sets)),
          kRepairThreads, 0, dev, p);
 }
@@ -405,9 +457,11 @@ at::Tensor median_tiled_ffma(const at::Tensor& xc, const at::Tensor& norms, cons
   return h;
 }
 
-// The median rule on the tensor-core distance tiles (the 16-bit centred values): 0-dim fp32 tensor.
+// The median rule on the tensor-core distance tiles (the 16-bit centred values): 0-dim fp32 tensor. scale:
+// the operand's (fp16_operand_scale), whose square scales the distances: the selection runs on them without the
+// floor, which applies to the unscaled H.
 template <bool kHalf>
-at::Tensor median_tiled_mma(const Operand16& xb, int64_t n, const Device& dev) {
+at::Tensor median_tiled_mma(const Operand16& xb, int64_t n, const Device& dev, const at::Tensor& scale = {}) {
   constexpr int passes = radix_pass_count<float>();
   at::Tensor hist = at::zeros({passes, 2 * kRadixBins}, xb.norms.options().dtype(at::kLong));
   at::Tensor state = at::zeros({4}, xb.norms.options().dtype(at::kLong));
@@ -430,11 +484,11 @@ at::Tensor median_tiled_mma(const Operand16& xb, int64_t n, const Device& dev) {
            p);
     // (the first n norms: padding rows' are +inf)
     const RadixSelectParams<float> sp{pass_hist, state_ptr, radix_pass<float>(index), index == 0,
-                                      index == passes - 1, n, kBandwidthFloor, mutable_pointer<float>(h),
-                                      pointer<float>(xb.norms)};
+                                      index == passes - 1, n, scale.defined() ? 0.0 : kBandwidthFloor,
+                                      mutable_pointer<float>(h), pointer<float>(xb.norms)};
     launch(&radix_select_kernel<float>, 1, kSelectThreads, 0, dev, sp);
   }
-  return h;
+  return scale.defined() ? h.div_(scale * scale).clamp_min_(kBandwidthFloor) : h;  // (NaN stays NaN)
 }
 
 // phi = (O + (2/H) rowsum * xc + score) / n from the tiled kernels' O = K W and rowsum = K 1 (K without its
@@ -452,7 +506,7 @@ at::Tensor svgd_step_tiled_ffma(const at::Tensor& xc, const at::Tensor& score, c
   using G = FfmaGeometry<C>;
   const int64_t n = xc.size(0), d = xc.size(1);
   const at::Tensor norms = xc.square().sum(1);
-  const at::Tensor h = h_given ? h_given->to(xc.scalar_type()) : median_tiled_ffma<C>(xc, norms, dev);
+  const at::Tensor h = h_given ? bandwidth_as(*h_given, xc.scalar_type(), dev) : median_tiled_ffma<C>(xc, norms, dev);
   const at::Tensor a = 2.0 / h;
   const at::Tensor w = (score.to(xc.scalar_type()) - a * xc).contiguous();
   at::Tensor out = at::empty({n, d}, xc.options());
@@ -480,7 +534,7 @@ at::Tensor svgd_step_blocked(const at::Tensor& xc, const at::Tensor& score, cons
                              at::ScalarType dtype, const Device& dev) {
   const int64_t n = xc.size(0), d = xc.size(1);
   const at::Tensor norms = xc.square().sum(1);
-  const at::Tensor h = h_given ? h_given->to(xc.scalar_type()).contiguous() : median_tiled_ffma<C>(xc, norms, dev);
+  const at::Tensor h = h_given ? bandwidth_as(*h_given, xc.scalar_type(), dev) : median_tiled_ffma<C>(xc, norms, dev);
   const at::Tensor a = 2.0 / h;
   const at::Tensor w = score.to(xc.scalar_type()) - a * xc;
   at::Tensor out = at::empty({n, d}, xc.options());
@@ -506,14 +560,17 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& score, co
                                at::ScalarType dtype, const Device& dev) {
   using G = MmaGeometry;
   const int64_t n = xc.size(0), d = xc.size(1);
-  const Operand16 xb = operand16(xc, dtype);
+  const at::Tensor scale = kHalf ? fp16_operand_scale(xc, xc) : at::Tensor();
+  const Operand16 xb = operand16(xc, dtype, scale);
   const int64_t rows_padded = xb.values.size(0), d_pad = xb.values.size(1);
-  const at::Tensor h = h_given ? h_given->to(at::kFloat) : median_tiled_mma<kHalf>(xb, n, dev);
+  const at::Tensor h = h_given ? bandwidth_as(*h_given, at::kFloat, dev) : median_tiled_mma<kHalf>(xb, n, dev, scale);
+  const at::Tensor h_scaled = kHalf ? h * (scale * scale) : h;  // the kernel's distances are the scaled values'
   const at::Tensor a = 2.0 / h;
   at::Tensor w = score.to(at::kFloat) - a * xc;
   std::optional<at::Tensor> w_scale;
   if constexpr (kHalf) {  // a power of two that brings max |W| to 2^14 (fp16 overflows at 65504)
-    const at::Tensor top = at::ceil(at::log2(w.abs().max().clamp_min(1e-30)));
+    // of the finite entries: a NaN / Inf score stays in its column (as the reference's), not in all of phi
+    const at::Tensor top = at::ceil(at::log2(at::nan_to_num(w.abs(), 0.0, 0.0, 0.0).max().clamp_min(1e-30)));
     w_scale = top.neg().add_(14.0).exp2_();
     w = w * *w_scale;
   }
@@ -527,7 +584,7 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& score, co
   p.a_norms = p.b_norms = pointer<float>(xb.norms);
   p.a_rows = p.b_rows = n;
   p.d_pad = d_pad;
-  p.bandwidth = pointer<float>(h);
+  p.bandwidth = pointer<float>(h_scaled);
   p.self = true;
   p.wt = pointer<uint16_t>(wt);
   p.wt_ld = rows_padded;
@@ -572,7 +629,7 @@ inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
   std::optional<at::Tensor> h;
   if (bandwidth) h = bandwidth->detach().reshape({});
   const at::Tensor xc = centred(x, std::nullopt).first;
-  if (use_tensor_cores(x)) {
+  if (use_tensor_cores(x, TileMode::kSvgd, dev)) {
     return dtype == at::kHalf ? svgd_step_tiled_mma<true>(xc, score, h, dtype, dev)
                               : svgd_step_tiled_mma<false>(xc, score, h, dtype, dev);
   }
@@ -600,7 +657,7 @@ inline at::Tensor svgd_step_into(const at::Tensor& x_in, const at::Tensor& score
   BMT_FAST_DEVICE_GUARD(x_in);
   const Device dev = launch_device(x_in);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
-  const std::optional<at::Tensor> h = gram_bandwidth_arg(bandwidth);
+  const std::optional<at::Tensor> h = bandwidth_apart_from(gram_bandwidth_arg(bandwidth), out);
   at::Tensor finite = at::empty({}, x.options().dtype(at::kBool));
   step_by_register_kernels(x, score, h, out, finite.mutable_data_ptr<bool>(), dev);
   return finite;
@@ -616,7 +673,8 @@ inline at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tenso
   check_svgd_step_batched_args(x_in, score_in, bandwidth, algorithm, out);
   const int64_t sets = x_in.size(0), n = x_in.size(1);
   if (!use_gram(n, parse_algorithm(algorithm)) || n > kGramRegisterRows) {
-    return step_each_set(x_in, score_in, bandwidth, out, [&](const at::Tensor& xs, const at::Tensor& ss,
+    // (set by set: a set's H may lie in an earlier set's out)
+    return step_each_set(x_in, score_in, bandwidth_apart_from(bandwidth, out), out, [&](const at::Tensor& xs, const at::Tensor& ss,
                                                              const std::optional<at::Tensor>& hs, at::Tensor& phi) {
       return svgd_step_into(xs, ss, hs, algorithm, phi);
     });
@@ -624,7 +682,7 @@ inline at::Tensor svgd_step_batched_into(const at::Tensor& x_in, const at::Tenso
   BMT_FAST_DEVICE_GUARD(x_in);
   const Device dev = launch_device(x_in);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
-  const std::optional<at::Tensor> h = gram_bandwidth_arg(bandwidth, /*batch=*/true);
+  const std::optional<at::Tensor> h = bandwidth_apart_from(gram_bandwidth_arg(bandwidth, /*batch=*/true), out);
   at::Tensor finite = at::empty({sets}, x.options().dtype(at::kBool));
   for (int64_t first = 0; first < sets; first += dev.max_sets_per_launch) {
     const int64_t count = std::min(dev.max_sets_per_launch, sets - first);
@@ -650,9 +708,12 @@ inline at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algo
     return gram_bandwidth(gram, n, std::nullopt, dev).to(acc);
   }
   const at::Tensor xc = centred(x, std::nullopt).first;
-  if (use_tensor_cores(x)) {
-    return dtype == at::kHalf ? median_tiled_mma<true>(operand16(xc, dtype), n, dev)
-                              : median_tiled_mma<false>(operand16(xc, dtype), n, dev);
+  if (use_tensor_cores(x, TileMode::kMedian, dev)) {
+    if (dtype == at::kHalf) {
+      const at::Tensor scale = fp16_operand_scale(xc, xc);
+      return median_tiled_mma<true>(operand16(xc, dtype, scale), n, dev, scale);
+    }
+    return median_tiled_mma<false>(operand16(xc, dtype), n, dev);
   }
   const at::Tensor norms = xc.square().sum(1);
   if (dtype == at::kDouble) return median_tiled_ffma<double>(xc, norms, dev);
@@ -667,11 +728,14 @@ at::Tensor rbf_kernel_tiled(const at::Tensor& x, const at::Tensor& y, bool self,
   auto [xc, yc] = centred(x, self ? std::nullopt : std::optional<at::Tensor>(y));
   at::Tensor out = at::empty({n, m}, x.options());
   if constexpr (std::is_same_v<Out, bf16> || std::is_same_v<Out, f16>) {
-    if (use_tensor_cores(x)) {
+    if (use_tensor_cores(x, TileMode::kRbf, dev)) {
       using G = MmaGeometry;
-      const Operand16 xb = operand16(xc, dtype);
-      const Operand16 yb = self ? xb : operand16(yc, dtype);
-      const at::Tensor h = bandwidth.to(at::kFloat).reshape({}).contiguous();
+      constexpr bool kHalf = std::is_same_v<Out, f16>;
+      const at::Tensor scale = kHalf ? fp16_operand_scale(xc, yc) : at::Tensor();
+      const Operand16 xb = operand16(xc, dtype, scale);
+      const Operand16 yb = self ? xb : operand16(yc, dtype, scale);
+      const at::Tensor h_given = bandwidth_as(bandwidth, at::kFloat, dev);
+      const at::Tensor h = kHalf ? h_given * (scale * scale) : h_given;  // the scaled values' distances
       MmaParams<Out> p{};
       p.a = pointer<uint16_t>(xb.values);
       p.b = pointer<uint16_t>(yb.values);
@@ -691,7 +755,7 @@ at::Tensor rbf_kernel_tiled(const at::Tensor& x, const at::Tensor& y, bool self,
   using C = compute_t<Out>;
   using G = FfmaGeometry<C>;
   const at::Tensor nx = xc.square().sum(1), ny = self ? nx : yc.square().sum(1);
-  const at::Tensor h = bandwidth.to(xc.scalar_type()).reshape({}).contiguous();
+  const at::Tensor h = bandwidth_as(bandwidth, xc.scalar_type(), dev);
   FfmaParams<C, Out> p{};
   p.a = pointer<C>(xc);
   p.b = pointer<C>(yc);

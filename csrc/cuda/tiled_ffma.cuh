@@ -208,8 +208,9 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) ffma_tile_kernel(const FfmaParams<T, O
             radix_count(hist, key_of(dist > T(0) ? dist : T(0)), p.pass, prefix, same_prefix, 2u);
         } else {
           T k = exp_of(-dist * inv_h);
-          // K_ii = 1 exactly; svgd_step leaves it out (0, NaN for an invalid H): finish_phi adds score_i
-          if (p.self && i == j) k = kMode == TileMode::kSvgd ? exp_of(T(0) * inv_h) - T(1) : T(1);
+          // K_ii = 1 exactly (NaN for an invalid H, as the reference's exp(-0 / H)); svgd_step leaves it out
+          // (0, or NaN): finish_phi adds score_i
+          if (p.self && i == j) k = exp_of(T(0) * inv_h) - (kMode == TileMode::kSvgd ? T(1) : T(0));
           kv[r][c] = j < p.b_rows ? k : T(0);
         }
       }

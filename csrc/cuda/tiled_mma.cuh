@@ -12,7 +12,9 @@
 //
 // fp16 inputs use fp16 for both products, with W scaled by a power of two (exact) by the caller so that
 // max |W| = 2^14 (W = score - (2/H) x overflows fp16 when H is small); rounding W to bf16 instead would
-// cost about one fp16 ulp of phi, fp16 keeps the error at the level of the output rounding.
+// cost about one fp16 ulp of phi, fp16 keeps the error at the level of the output rounding. The centred
+// fp16 particles are scaled too, by a power of two s <= 1 that keeps them below 2^15 (particles spanning
+// more than fp16's range, s = 1 otherwise): the caller passes H s^2 and unscales the median's H.
 #pragma once
 
 #include "device.cuh"
@@ -217,7 +219,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
           } else {
             // padding columns have norm +inf: K = 0 there
             float k = exp2_of(dist * scale);
-            if (diagonal && i == j) k = kSvgd ? exp2_of(0.f * scale) - 1.f : 1.f;
+            if (diagonal && i == j) k = exp2_of(0.f * scale) - (kSvgd ? 1.f : 0.f);  // 1 (NaN for an invalid H)
             kv[nt][r] = k;
             if constexpr (kMode == TileMode::kRbf) {
               if (i < p.a_rows && j < p.b_rows) p.kernel[i * p.b_rows + j] = Store<Out>::from(k);
