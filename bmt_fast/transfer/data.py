@@ -57,6 +57,7 @@ def load_examples(task: Task, split: str, data_dir: str | None = None, limit: in
 def load_task_data(
     pm: PromptedModel, task: Task, split: str, data_dir: str | None = None, limit: int | None = None
 ) -> TaskData:
+    pm.check_label_words(task.name, task.label_words)
     examples = load_examples(task, split, data_dir, limit)
     return TaskData(task, examples, pm.encode(examples))
 

@@ -61,6 +61,7 @@ def evaluate_prompt(
     loss = None
     if task.is_classification:
         words = list(task.label_words)
+        pm.check_label_words(task.name, words)
         nll = label_nll(pm, prompt, examples, words, batch_size)
         if all(e.target_text in words for e in examples):
             gold = torch.tensor([words.index(e.target_text) for e in examples], device=nll.device)

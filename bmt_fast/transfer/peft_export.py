@@ -15,6 +15,7 @@ import torch
 from .checkpoint import atomic_save_tensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # written by PEFT's save_pretrained
 
 
 def export_peft_prompt(

@@ -82,6 +82,7 @@ class PromptedModel:
         if self.eos_id is None:
             raise ValueError("the tokenizer has no EOS token; targets need one to end")
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._id_branch_scale: float | None = None  # (input_scale: found at the first forward)
         model.requires_grad_(False)
         model.train(train_mode)
 
@@ -110,10 +111,27 @@ class PromptedModel:
         return [self.encode_pair(e.input_text, e.target_text) for e in examples]
 
     def encode_pair(self, input_text: str, target_text: str) -> Encoded:
-        source = self.tokenizer(input_text, add_special_tokens=True)["input_ids"][: self.max_source_length]
+        # the tokenizer truncates: it keeps the special tokens it adds (T5's closing </s>, which a slice had cut
+        # from every input longer than max_source_length)
+        source = self.tokenizer(input_text, add_special_tokens=True, truncation=True, max_length=self.max_source_length)
+        source = source["input_ids"]
         target = self.tokenizer(self.target_prefix + target_text, add_special_tokens=False)["input_ids"]
         target = target[: self.max_target_length - 1] + [self.eos_id]
         return Encoded(tuple(source), tuple(target))
+
+    def check_label_words(self, task_name: str, label_words: Sequence[str] | None) -> None:
+        """ConfigError where a label word's target ids (with EOS) pass max_target_length: encode_pair would cut
+        them, and ranking scored (and training taught) the cut words (at 1, every class only its EOS: the
+        same NLL for all, argmin class 0)."""
+        for word in label_words or ():
+            count = len(self.tokenizer(self.target_prefix + word, add_special_tokens=False)["input_ids"]) + 1
+            if count > self.max_target_length:
+                from .config import ConfigError  # (a setting this tokenizer cannot serve: exit 2, one line)
+
+                raise ConfigError(
+                    f"model.max_target_length={self.max_target_length} cuts task {task_name!r}'s label word "
+                    f"{word!r} ({count} target tokens with EOS); raise it to at least {count}"
+                )
 
     def collate(self, encoded: Sequence[Encoded]) -> Batch:
         if not encoded:
@@ -141,6 +159,8 @@ class PromptedModel:
         m, b = prompts.shape[0], len(batch)
         embeds = self._prompted_embeddings(prompts, batch.input_ids)
         mask = _repeat(_prefix_ones(batch.attention_mask, prompts.shape[1]), m)
+        if self.kind != ENCODER_DECODER:
+            embeds, mask = _pads_before_prompt(embeds, mask, prompts.shape[1])
         labels = _repeat(batch.labels, m)
         if self.kind == ENCODER_DECODER:
             logits = self.model(
@@ -151,12 +171,51 @@ class PromptedModel:
         return _token_nll(logits, labels).view(m, b)
 
     def _prompted_embeddings(self, prompts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """(M*B, L+T, hidden): particle m's prompt before each of the B embedded inputs."""
+        """(M*B, L+T, hidden): particle m's prompt before each of the B embedded inputs, times input_scale."""
         m, length, hidden = prompts.shape
         tokens = self.embedding(input_ids)  # (B, T, hidden)
         b, t, _ = tokens.shape
         prompts = prompts.to(tokens.dtype)[:, None].expand(m, b, length, hidden)
-        return torch.cat([prompts, tokens[None].expand(m, b, t, hidden)], dim=2).reshape(m * b, length + t, hidden)
+        embeds = torch.cat([prompts, tokens[None].expand(m, b, t, hidden)], dim=2).reshape(m * b, length + t, hidden)
+        scale = self.input_scale()
+        return embeds if scale == 1.0 else embeds * scale
+
+    def input_scale(self) -> float:
+        """The factor a backbone applies to its embedding's output when given input_ids but not when given
+        inputs_embeds: the encoders of Marian, Pegasus, BlenderbotSmall and MVP with scale_embedding multiply
+        embed_tokens(input_ids) by embed_scale (sqrt(d_model)) only then, and the tokens here went in 1/sqrt(d)
+        of their size. The prompt and the tokens are fed as the model's id branch would have them (prompts
+        live where the embedding's outputs do). Found once, at the first forward, by comparing the receiving
+        module's outputs for a few ids both ways, and only where that module has an `embed_scale` its embedding
+        lacks (others: 1, no forward); neither 1 nor embed_scale reproducing the ids' outputs is a ValueError."""
+        if self._id_branch_scale is None:
+            self._id_branch_scale = self._find_input_scale()
+        return self._id_branch_scale
+
+    def _find_input_scale(self) -> float:
+        encoder_decoder = self.kind == ENCODER_DECODER
+        receiver = self.model.get_encoder() if encoder_decoder else getattr(self.model, "get_decoder", lambda: None)()
+        scale = getattr(receiver, "embed_scale", None)
+        if receiver is None or scale is None or hasattr(self.embedding, "embed_scale") or float(scale) == 1.0:
+            return 1.0
+        ids = torch.arange(4, device=self.device)[None] % full_shape(self.embedding.weight)[0]
+        mask = torch.ones_like(ids)
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                want = receiver(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+                tokens = self.embedding(ids)
+                for factor in (1.0, float(scale)):
+                    got = receiver(inputs_embeds=tokens * factor, attention_mask=mask).last_hidden_state.float()
+                    if torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+                        return factor
+        finally:
+            self.model.train(training)
+        raise ValueError(
+            f"{type(receiver).__name__} gives other outputs for inputs_embeds = its embedding of input_ids than for "
+            f"the input_ids (also times its embed_scale {float(scale)}): prompts cannot be placed before its inputs"
+        )
 
     def _decoder_only_target_logits(self, embeds: torch.Tensor, mask: torch.Tensor, target_len: int) -> torch.Tensor:
         """Logits that predict the last target_len tokens (targets end every sequence)."""
@@ -169,7 +228,8 @@ class PromptedModel:
 
     def prompted_inputs(self, prompt: torch.Tensor, encoded: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """inputs_embeds and attention_mask of (prompt, inputs) for `model.generate`; decoder-only inputs are
-        left-padded (after the prompt) so that generation continues from every last input token."""
+        left-padded (before the prompt) so that generation continues from every last input token, or from the
+        prompt's last vector for an empty input."""
         ids = [e.input_ids for e in encoded]
         width = max(len(x) for x in ids)
         if self.kind == ENCODER_DECODER:
@@ -178,9 +238,11 @@ class PromptedModel:
         else:
             rows = [[self.pad_id] * (width - len(x)) + list(x) for x in ids]
             mask = [[0] * (width - len(x)) + [1] * len(x) for x in ids]
-        input_ids = torch.tensor(rows, device=self.device)
+        input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)  # (long also when all are empty)
         embeds = self._prompted_embeddings(_as_particles(prompt, self.hidden_size), input_ids)
-        attention = _prefix_ones(torch.tensor(mask, device=self.device), prompt.shape[-2])
+        attention = _prefix_ones(torch.tensor(mask, dtype=torch.long, device=self.device), prompt.shape[-2])
+        if self.kind != ENCODER_DECODER:
+            embeds, attention = _pads_before_prompt(embeds, attention, prompt.shape[-2])
         return {"inputs_embeds": embeds, "attention_mask": attention}
 
 
@@ -199,25 +261,36 @@ def init_prompts(
     vocab_top_k: int | None = None,
     exclude_ids: Sequence[int] = (),
     vocab_size: int | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """(num_prompts, length, hidden) float32 prompts.
 
     vocab: each prompt token is the embedding of a token id drawn uniformly (independently per particle,
         so the particles start apart) from the first `vocab_top_k` ids of the tokenizer's vocabulary,
-        special tokens excluded. normal: N(0, init_std^2), init_std defaulting to the embedding matrix's std.
+        special tokens excluded. normal: N(0, init_std^2), init_std defaulting to the embeddings' std.
+    scale: what the embedding module multiplies its weight rows by (embedding_scale): the embeddings are
+        the rows times it.
     """
     if num_prompts < 1 or length < 1:
         raise ValueError(f"need num_prompts >= 1 and length >= 1, got {num_prompts}, {length}")
     weight = embedding_weight.detach()
     if method == "normal":
-        std = init_std if init_std is not None else float(weight.cpu().float().std())
+        std = init_std if init_std is not None else float(weight.cpu().float().std()) * scale
         return torch.randn(num_prompts, length, weight.shape[1], generator=generator) * std
     if method != "vocab":
         raise ValueError(f"prompt init must be 'vocab' or 'normal', got {method!r}")
     candidates = _candidate_ids(min(vocab_size or weight.shape[0], weight.shape[0]), vocab_top_k, exclude_ids)
     picks = torch.randint(len(candidates), (num_prompts, length), generator=generator)
     # Only the picked rows leave the device (a large vocabulary's float32 copy would be GBs).
-    return weight[candidates[picks].to(weight.device)].float().cpu()
+    return weight[candidates[picks].to(weight.device)].float().cpu() * scale
+
+
+def embedding_scale(embedding: torch.nn.Module) -> float:
+    """The factor an input-embedding module's forward applies to its weight rows: `embed_scale` of Hugging
+    Face's *ScaledWordEmbedding modules (sqrt(hidden) for Gemma's; BART's and others' with scale_embedding),
+    1 for a plain nn.Embedding. Prompts live where embedding(ids) does (the vocab init had copied bare rows:
+    1/sqrt(hidden) of a token's size on Gemma)."""
+    return float(getattr(embedding, "embed_scale", 1.0))
 
 
 def _candidate_ids(vocab: int, top_k: int | None, exclude: Sequence[int]) -> torch.Tensor:
@@ -265,6 +338,21 @@ def _repeat(t: torch.Tensor, m: int) -> torch.Tensor:
 
 def _prefix_ones(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+
+
+def _pads_before_prompt(
+    embeds: torch.Tensor, mask: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder-only rows [prompt | pads | tokens] (mask 1, 0, 1) as [pads | prompt | tokens]: the position
+    before a row's first token is then its own last token or, for an empty input, the prompt's last vector;
+    with the pads after the prompt, an empty input's first target token had been predicted from a pad (its
+    score then depended on the longer rows batched with it). Positions come from the mask either way. One
+    gather, also where no row has pads (no host synchronisation to find out)."""
+    pads = (mask[:, length:] == 0).sum(dim=1, keepdim=True)  # (R, 1): contiguous, right after the prompt
+    j = torch.arange(mask.shape[1], device=mask.device)[None]
+    source = torch.where(j < pads, j + length, torch.where(j < pads + length, j - pads, j))
+    moved = embeds.gather(1, source[..., None].expand(-1, -1, embeds.shape[-1]))
+    return moved, (j >= pads).to(mask.dtype)
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

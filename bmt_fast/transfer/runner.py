@@ -15,6 +15,8 @@ to RESUMABLE_CHANGES (checked before anything is written: `check_outputs`). A st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 import logging
 import math
@@ -43,8 +45,8 @@ from .data import TaskSampler, load_examples, load_task_data, task_batch_sizes
 from .evaluate import evaluate_prompt, mean_nll
 from .loop import SINGLE_PROCESS, CheckpointHook, LoopSettings, World, run_loop
 from .metrics_log import plain, to_json
-from .peft_export import ADAPTER_WEIGHTS, export_peft_prompt
-from .prompts import PromptedModel, init_prompts
+from .peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft_prompt
+from .prompts import PromptedModel, embedding_scale, init_prompts
 from .source import ParticleTrainer, ParticleUpdate, likelihood_coefficients, source_layout
 from .target import KDEPrior, TargetPrompt, TargetTrainer
 
@@ -83,27 +85,46 @@ def load_backbone(cfg: RunConfig) -> PromptedModel:
     return prompted_model(model, tokenizer, cfg.model, device)
 
 
-def longest_sequence(cfg: RunConfig) -> int:
-    """The most positions a decoder-only backbone's sequence takes: the prompt, the input and the longer of
-    a training target and a generated answer."""
-    return cfg.prompt.length + cfg.model.max_source_length + max(cfg.model.max_target_length, cfg.target.max_new_tokens)
+@dataclass(frozen=True)
+class SequenceLengths:
+    """What a run's sequences hold at most: the prompt, an input, and the longer of a training target and a
+    generated answer (longest_sequence)."""
+
+    prompt: int
+    source: int
+    target: int
+
+    def over_limit(self, encoder_decoder: bool, limit: int) -> str | None:
+        """What passes a model's `limit` positions, in the settings' words, or None. Decoder-only: the whole
+        sequence; encoder-decoder: the encoder's prompt and input, the decoder's target."""
+        answer = "max(model.max_target_length, target.max_new_tokens)"
+        if not encoder_decoder:
+            total = self.prompt + self.source + self.target
+            return f"prompt.length + model.max_source_length + {answer} = {total}" if total > limit else None
+        if self.prompt + self.source > limit:
+            return f"prompt.length + model.max_source_length = {self.prompt + self.source} (the encoder's)"
+        return f"{answer} = {self.target} (the decoder's)" if self.target > limit else None
 
 
-def load_pretrained(mc: ModelConfig, longest: int | None = None):
+def longest_sequence(cfg: RunConfig) -> SequenceLengths:
+    return SequenceLengths(
+        cfg.prompt.length, cfg.model.max_source_length, max(cfg.model.max_target_length, cfg.target.max_new_tokens)
+    )
+
+
+def load_pretrained(mc: ModelConfig, longest: SequenceLengths | None = None):
     """(model, tokenizer) as `from_pretrained` gives them (under a live DeepSpeed ZeRO-3 config, with the
-    weights partitioned as they load: see deepspeed_support). longest: the sequence length the run needs
-    (longest_sequence), checked against a decoder-only model's position limit before the weights load."""
+    weights partitioned as they load: see deepspeed_support). longest: the sequence lengths the run needs
+    (longest_sequence), checked against the model's position limit before the weights load (learned position
+    embeddings, GPT-2's or BART's, raised an IndexError inside the forward; T5's relative ones have none)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     gguf = {"gguf_file": mc.gguf_file} if mc.gguf_file else {}
     config = AutoConfig.from_pretrained(mc.name_or_path, **gguf)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if longest is not None and not config.is_encoder_decoder and isinstance(limit, int) and longest > limit:
-        # (learned position embeddings, GPT-2's, raised an IndexError inside the forward)
-        raise ConfigError(
-            f"prompt.length + model.max_source_length + max(model.max_target_length, target.max_new_tokens) = "
-            f"{longest} positions, but {mc.name_or_path} takes at most {limit}: shorten them"
-        )
+    over = longest.over_limit(config.is_encoder_decoder, limit) if longest and isinstance(limit, int) else None
+    if over:
+        raise ConfigError(f"{over} positions, but {mc.name_or_path} takes at most {limit}: shorten them")
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = cls.from_pretrained(mc.name_or_path, dtype=getattr(torch, mc.dtype), **gguf)
     tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.name_or_path, **({} if mc.tokenizer else gguf))
@@ -240,6 +261,7 @@ class Run:
             vocab_top_k=p.vocab_top_k,
             exclude_ids=pm.tokenizer.all_special_ids,
             vocab_size=len(pm.tokenizer),
+            scale=embedding_scale(pm.embedding),
         )
 
     # -- target ---------------------------------------------------------------------------------------
@@ -305,6 +327,7 @@ class Run:
         """prompt -> {"examples": n, "loss": ..., **task metrics} on `split` of `task` (its examples, if
         loaded already)."""
         cfg, tc, pm = self.cfg, self.cfg.target, self.pm
+        pm.check_label_words(task.name, task.label_words)  # before the stage trains, not at its first evaluation
         if examples is None:
             examples = load_examples(task, split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
 
@@ -512,9 +535,15 @@ def load_particles(stage_dir: str | Path) -> torch.Tensor:
 def read_prompt(path: str | Path) -> torch.Tensor:
     """An (L, hidden) prompt from our prompt.safetensors or a PEFT prompt-tuning adapter folder.
 
+    An adapter folder's adapter_config.json, where there is one, must be PEFT's PROMPT_TUNING; its
+    `prompt_embeddings` hold num_virtual_tokens rows per transformer submodule, and PEFT puts the first
+    num_virtual_tokens on the input (of the encoder, for encoder-decoder models), as here: an adapter saved
+    with PEFT's seq2seq default (2 submodules, 2L rows) gives those L rows, not a 2L-token prompt.
     FileNotFoundError when there is none; ConfigError naming the file when it is not such a prompt."""
     path = Path(path)
+    adapter = None
     if path.is_dir():
+        adapter = _read_adapter_config(path / ADAPTER_CONFIG)
         path = path / ADAPTER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no prompt at {path}")
@@ -524,10 +553,40 @@ def read_prompt(path: str | Path) -> torch.Tensor:
         raise ConfigError(f"{path} is not a safetensors file: {error}") from error
     for key in ("prompt", "prompt_embeddings"):
         if key in tensors:
-            if tensors[key].dim() != 2:
-                raise ConfigError(f"{path}: {key!r} has shape {tuple(tensors[key].shape)}, not (L, hidden)")
-            return tensors[key].float()
+            prompt = tensors[key]
+            if prompt.dim() != 2:
+                raise ConfigError(f"{path}: {key!r} has shape {tuple(prompt.shape)}, not (L, hidden)")
+            if adapter is not None:
+                length, parts = adapter
+                if prompt.shape[0] != length * parts:
+                    raise ConfigError(
+                        f"{path}: {key!r} has {prompt.shape[0]} rows, not num_virtual_tokens ({length}) x "
+                        f"num_transformer_submodules ({parts}) as its adapter_config.json says"
+                    )
+                prompt = prompt[:length]
+            return prompt.float()
     raise ConfigError(f"{path} holds neither 'prompt' nor 'prompt_embeddings' (keys: {sorted(tensors)})")
+
+
+def _read_adapter_config(path: Path) -> tuple[int, int] | None:
+    """(num_virtual_tokens, num_transformer_submodules) of a PEFT prompt-tuning adapter_config.json, or None
+    where the folder has none; ConfigError for another PEFT method (prefix tuning, P-tuning, LoRA, ...)."""
+    if not path.is_file():
+        return None
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise ConfigError(
+            f"{path}: peft_type {config.get('peft_type')!r} is not a prompt-tuning adapter (PROMPT_TUNING); "
+            f"its weights are not a soft prompt"
+        )
+    length, parts = config.get("num_virtual_tokens"), config.get("num_transformer_submodules") or 1
+    if not isinstance(length, int) or length < 1 or not isinstance(parts, int) or parts < 1:
+        raise ConfigError(
+            f"{path}: num_virtual_tokens {length!r} and num_transformer_submodules {parts!r} must be positive integers"
+        )
+    return length, parts
 
 
 def _read_json(path: Path) -> Any:

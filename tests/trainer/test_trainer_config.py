@@ -212,9 +212,48 @@ def test_a_decoder_only_backbone_must_hold_the_runs_longest_sequence(model_dirs,
     load_backbone(make_config(tmp_path / "run", model_dirs["llama"], prompt={"length": 208}))  # 256: fits
 
 
+def test_an_encoder_decoder_backbone_with_learned_positions_must_hold_its_sequences(model_dirs, tmp_path):
+    """Encoder-decoder models with absolute positions (BART's learned ones; T5's relative ones have no limit):
+    the encoder's prompt + input and the decoder's target within max_position_embeddings, checked before the
+    weights load (the check had skipped every encoder-decoder model: BART raised an IndexError in the forward)."""
+    from transformers import BartConfig
+
+    from bmt_fast.transfer import load_backbone
+
+    folder = tmp_path / "bart"
+    BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+               max_position_embeddings=30).save_pretrained(folder)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"max_source_length = 36 \(the encoder's\) positions, .* at most 30"):
+        load_backbone(make_config(tmp_path / "run", folder))  # prompt 4 + input 32
+    with pytest.raises(ConfigError, match=r"max_new_tokens\) = 40 \(the decoder's\) positions"):
+        load_backbone(make_config(tmp_path / "run", folder, model={"max_source_length": 20},
+                                  target={"max_new_tokens": 40}))  # fmt: skip
+
+
 def test_a_vocab_top_k_of_special_tokens_only_is_a_config_error(model_dirs, tmp_path):
     """prompt.vocab_top_k that leaves no ordinary token (the tiny tokenizer's ids 0-3 are special) is reported as
     the setting it is (exit 2 from the CLI), not a traceback."""
     run = Run(make_config(tmp_path / "run", model_dirs["llama"], prompt={"vocab_top_k": 4}), "source")
     with pytest.raises(ConfigError, match="prompt.vocab_top_k=4: no token left .* raise it"):
         run.initial_prompts(2)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_a_max_target_length_that_cuts_a_label_word_is_a_config_error(model_dirs, tmp_path, kind):
+    """model.max_target_length below a label word's tokens (with EOS): the words had been cut silently (at 1,
+    every class was only its EOS, the same NLL for all, argmin class 0). Now a configuration error naming the
+    word and the length it needs, before training and in evaluate_prompt."""
+    from bmt_fast.transfer.evaluate import evaluate_prompt
+    from synthetic_tasks import TASKS
+
+    run = Run(make_config(tmp_path / "run", model_dirs[kind], model={"max_target_length": 1}), "source")
+    with pytest.raises(ConfigError, match=r"model.max_target_length=1 cuts task 'movie_sentiment'.*'positive'"):
+        run.source_trainer("bmtpt")
+    task = TASKS["movie_sentiment"]
+    with pytest.raises(ConfigError, match="raise it to at least"):
+        evaluate_prompt(run.pm, run.initial_prompts(1)[0], task, task.examples["validation"][:2], batch_size=4)
+    needed = max(len(run.pm.tokenizer(run.pm.target_prefix + w, add_special_tokens=False)["input_ids"]) + 1
+                 for w in task.label_words)  # fmt: skip
+    run.pm.max_target_length = needed  # just enough: accepted
+    run.pm.check_label_words(task.name, task.label_words)

@@ -56,6 +56,59 @@ def hf_summed_loss(pm, prompt, encoded):
     return loss * target.shape[1]
 
 
+def test_an_empty_input_scores_and_generates_alike_alone_and_in_a_batch(backbones):
+    """Decoder-only, an input with no tokens (a tokenizer without BOS, as SmolLM2's or GPT-2's, and empty text):
+    its first target token follows the prompt's last vector. The pads of a batch sat between the prompt and
+    the input, so beside a longer example it was predicted from a pad (another NLL than alone), and a
+    generation chunk of empty inputs failed (a float tensor of ids)."""
+    from bmt_fast.transfer.prompts import Encoded
+
+    pm = backbones["llama"]
+    torch.manual_seed(0)
+    prompt = torch.randn(4, pm.hidden_size)
+    longer = pm.encode(examples())[3]
+    empty = Encoded((), longer.target_ids)
+    alone = pm.sequence_nll(prompt, pm.collate([empty]))[0, 0]
+    beside = pm.sequence_nll(prompt, pm.collate([empty, longer]))[0]
+    torch.testing.assert_close(beside[0], alone, rtol=1e-5, atol=1e-5)
+    target = torch.tensor([empty.target_ids])
+    embeds = torch.cat([prompt[None], pm.embedding(target)], dim=1)
+    labels = torch.full((1, embeds.shape[1]), IGNORE)
+    labels[0, -target.shape[1] :] = target
+    expected = pm.model(inputs_embeds=embeds, labels=labels).loss * target.shape[1]
+    torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(beside[1], pm.sequence_nll(prompt, pm.collate([longer]))[0, 0], rtol=1e-5, atol=1e-5)
+
+    def greedy(encoded):
+        inputs = pm.prompted_inputs(prompt, encoded)
+        return pm.model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, num_beams=1, pad_token_id=pm.pad_id, eos_token_id=-1
+        )
+
+    plain = pm.model.generate(
+        inputs_embeds=prompt[None], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4,
+        do_sample=False, num_beams=1, pad_token_id=pm.pad_id, eos_token_id=-1,
+    )  # fmt: skip
+    assert greedy([empty]).tolist() == plain.tolist()
+    assert greedy([empty, longer])[0].tolist() == plain[0].tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_inputs_are_truncated_as_the_tokenizer_does(backbones, kind):
+    """Inputs past max_source_length keep the special tokens the tokenizer adds: T5's closing </s> (a slice
+    of the ids had cut it from every long input, so long and short inputs ended differently) and Llama's <s>."""
+    pm = backbones[kind]
+    text = " ".join(["a great movie with a plot"] * 40)
+    ids = pm.encode_pair(text, "positive").input_ids
+    assert len(ids) == pm.max_source_length
+    expected = pm.tokenizer(text, truncation=True, max_length=pm.max_source_length)["input_ids"]
+    assert list(ids) == expected
+    if kind == "t5":
+        assert ids[-1] == pm.tokenizer.eos_token_id
+    else:
+        assert ids[0] == pm.tokenizer.bos_token_id
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_reach_prompts_only(backbones, kind):
     pm = backbones[kind]
@@ -80,6 +133,61 @@ def test_bfloat16_backbone_gives_float32_nll_close_to_float32(backbones, model_d
     low.sum().backward()
     assert low.dtype == torch.float32 and prompts.grad.dtype == torch.float32
     torch.testing.assert_close(low, pm32.sequence_nll(prompts, batch), rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("scale_embedding", [True, False])
+def test_a_backbone_that_scales_token_embeddings_only_for_input_ids(backbones, scale_embedding):
+    """Marian's encoder (Pegasus', BlenderbotSmall's, MVP's too) with scale_embedding multiplies
+    embed_tokens(input_ids) by sqrt(d_model) only when given input_ids: the tokens fed as inputs_embeds had
+    gone in at 1/sqrt(d_model) of their size, silently. A hard prompt (the embeddings of some tokens) now
+    gives the model's own loss of those tokens before the input."""
+    from transformers import MarianConfig, MarianMTModel
+
+    from bmt_fast.transfer.prompts import PromptedModel
+
+    tokenizer = backbones["t5"].tokenizer
+    torch.manual_seed(0)
+    config = MarianConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                          decoder_ffn_dim=32, max_position_embeddings=64, scale_embedding=scale_embedding,
+                          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=None,
+                          init_std=0.3)  # fmt: skip (the default 0.02 leaves the loss nearly blind to the encoder)
+    pm = PromptedModel(MarianMTModel(config).eval(), tokenizer, max_source_length=32, max_target_length=8)
+    assert pm.input_scale() == (4.0 if scale_embedding else 1.0)
+    prompt_ids = torch.tensor([[5, 9, 12]])
+    with torch.no_grad():
+        prompt = pm.embedding(prompt_ids)[0]
+    encoded = pm.encode(examples(3))
+    ours = pm.sequence_nll(prompt, pm.collate(encoded))[0]
+    for i, e in enumerate(encoded):
+        source = torch.cat([prompt_ids, torch.tensor([e.input_ids])], dim=1)
+        with torch.no_grad():
+            loss = pm.model(input_ids=source, labels=torch.tensor([e.target_ids])).loss * len(e.target_ids)
+        torch.testing.assert_close(ours[i], loss, rtol=1e-5, atol=1e-5)
+
+
+def test_prompts_start_where_a_scaled_embeddings_tokens_are():
+    """Gemma's input embedding multiplies its rows by sqrt(hidden) (transformers' ScaledWordEmbedding, as BART
+    and others with scale_embedding): the vocab init is embedding(ids), and the normal init's std that of the
+    embeddings; bare rows had put the prompt at 1/sqrt(hidden) of a token's size."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from bmt_fast.transfer.prompts import embedding_scale
+
+    torch.manual_seed(0)
+    config = GemmaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32)  # fmt: skip
+    embedding = GemmaForCausalLM(config).get_input_embeddings()
+    assert embedding_scale(embedding) == pytest.approx(8.0)
+    prompts = init_prompts(embedding.weight, 2, 5, generator=torch.Generator().manual_seed(0),
+                           scale=embedding_scale(embedding))  # fmt: skip
+    with torch.no_grad():
+        tokens = embedding(torch.arange(64)).float()
+    found = torch.cdist(prompts.reshape(-1, 64), tokens, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert float(found.max()) <= 1e-5 * float(tokens.norm(dim=1).max())  # each prompt vector is a token's
+    normal = init_prompts(embedding.weight, 4, 50, method="normal", generator=torch.Generator().manual_seed(0),
+                          scale=embedding_scale(embedding))  # fmt: skip
+    assert float(normal.std()) == pytest.approx(float(tokens.std()), rel=0.1)
 
 
 def test_vocab_init_draws_embeddings_of_ordinary_tokens(backbones):

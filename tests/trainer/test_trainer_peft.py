@@ -53,3 +53,42 @@ def peft_summed_loss(model, kind, encoded):
         labels[0, -target.shape[1] :] = target
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
     return loss * target.shape[1]
+
+
+def test_a_peft_seq2seq_adapter_with_its_default_two_submodules(backbones, model_dirs, tmp_path):
+    """PEFT saves a seq2seq prompt-tuning adapter with num_transformer_submodules=2 by default: 2L rows, of
+    which its forward puts the first L on the encoder input. read_prompt had returned all 2L as one prompt
+    (another loss than PEFT's); now those L rows, and PEFT's loss with them."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    pm = backbones["t5"]
+    base = type(pm.model).from_pretrained(model_dirs["t5"]).eval()
+    torch.manual_seed(0)
+    model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=4))
+    assert model.peft_config["default"].num_transformer_submodules == 2
+    model.save_pretrained(str(tmp_path / "adapter"))
+    prompt = read_prompt(tmp_path / "adapter")
+    assert prompt.shape == (4, pm.hidden_size)
+    examples = TASKS["movie_sentiment"].examples["validation"][:3]
+    ours = pm.sequence_nll(prompt, pm.collate(pm.encode(examples)))[0]
+    model.eval()
+    for i, e in enumerate(pm.encode(examples)):
+        with torch.no_grad():
+            torch.testing.assert_close(ours[i], peft_summed_loss(model, pm.kind, e), rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_of_another_peft_method_is_refused(tmp_path):
+    from bmt_fast.transfer.config import ConfigError
+    from bmt_fast.transfer.peft_export import ADAPTER_WEIGHTS
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeddings": torch.zeros(8, 16)}, str(folder / ADAPTER_WEIGHTS))
+    with pytest.raises(ConfigError, match="PREFIX_TUNING"):
+        read_prompt(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}))
+    with pytest.raises(ConfigError, match="8 rows"):
+        read_prompt(folder)
