@@ -597,6 +597,8 @@ def svgd_step_into(
     device: whether every value of phi is finite. The single-pass kernels (one column split: the Gram path,
     and the tiled one when its columns are not split) note it as they store phi; elsewhere out is scanned."""
     check_out(out, x, score)
+    if bandwidth is not None and bandwidth.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        bandwidth = bandwidth.clone()  # the kernels read H while other programs write phi over it
     finite = torch.ones((), dtype=torch.uint8, device=x.device)
     x, score = x.contiguous(), score.contiguous()
     _, tracked = _forward(x, score, bandwidth, algorithm=algorithm, allow_tf32=allow_tf32, splits=None, tile=None,

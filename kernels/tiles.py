@@ -90,10 +90,16 @@ def dot_acc(a, b, acc, MODE: tl.constexpr):
 
 @triton.jit
 def load_bandwidth(h_ptr, ACC: tl.constexpr):
-    """H (one value of any float dtype, utils.check_bandwidth's) in ACC, NaN unless positive and finite there
-    (utils.valid_bandwidth's rule, applied where it is read: no launches of its own)."""
-    h = tl.load(h_ptr).to(ACC)
-    return tl.where((h > 0.0) & (h < float("inf")), h, float("nan"))
+    """H (one value of any float dtype, utils.check_bandwidth's) in ACC, NaN unless positive and finite
+    (utils.valid_bandwidth's rule, applied where it is read: no launches of its own). Tested in H's own dtype:
+    a float64 H past fp32's range (1e39: K = 1 to fp32's precision) is FLT_MAX in fp32, not the +inf of a
+    cast, which the test had taken for an invalid H (all NaN); one that is 0 in ACC (1e-60) stays invalid."""
+    h = tl.load(h_ptr)
+    valid = (h > 0.0) & (h < float("inf"))
+    if ACC == tl.float32:
+        h = tl.minimum(h, 3.4028234663852886e38)
+    h = h.to(ACC)
+    return tl.where(valid & (h > 0.0), h, float("nan"))
 
 
 @triton.jit

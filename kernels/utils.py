@@ -161,10 +161,15 @@ def valid_bandwidth(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """check_bandwidth's H as load_bandwidth reads it, for arithmetic with H in torch: a (1,) tensor in x's
     accumulation dtype, NaN unless positive and finite there."""
     acc = accumulation_dtype(x.dtype)
-    h = check_bandwidth(h, x).to(acc)
-    # 0 < h < inf: a clamp to [the least positive value, the largest finite one] leaves exactly those
-    # unchanged (NaN never equals itself); three launches, where (h > 0) & isfinite(h) and an assert took eight
-    info = torch.finfo(acc)
+    h = check_bandwidth(h, x)
+    # 0 < h < inf in H's own dtype: a clamp to [the least positive value, the largest finite one] leaves
+    # exactly those unchanged (NaN never equals itself; (h > 0) & isfinite(h) and an assert took eight
+    # launches); then in acc, a valid H past acc's range as its largest value (a cast made it +inf), one
+    # below it (0 in acc) invalid, as tiles.load_bandwidth reads them
+    info, own = torch.finfo(acc), torch.finfo(h.dtype)
+    if own.max > info.max:
+        h = torch.where(h.clamp(own.smallest_normal * own.eps, own.max) == h, h.clamp_max(info.max), math.nan)
+    h = h.to(acc)
     return torch.where(h.clamp(info.smallest_normal * info.eps, info.max) == h, h, math.nan)
 
 

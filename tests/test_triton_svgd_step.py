@@ -436,13 +436,33 @@ def test_bad_bandwidth_without_host_checks_gives_nan(dtype):
         assert utils.check_bandwidth(h, x).data_ptr() == h.data_ptr()  # a view: no launch of its own
         assert float(utils.valid_bandwidth(h, x)) == good
     if dtype == torch.float32:  # a float64 H (the median rule's) is rounded to fp32 where it is read
-        for bad in (1e300, 1e-60):  # inf and 0 in fp32
-            h = torch.tensor(bad, dtype=torch.float64, device=DEVICE)
-            assert bool(torch.isnan(torch.ops.bmt_fast_triton.svgd_step(x, score, h, "tiled")).all()), bad
-            assert math.isnan(float(utils.valid_bandwidth(h, x)))
+        h = torch.tensor(1e-60, dtype=torch.float64, device=DEVICE)  # 0 in fp32: no fp32 K or 2/H from it
+        assert bool(torch.isnan(torch.ops.bmt_fast_triton.svgd_step(x, score, h, "tiled")).all())
+        assert math.isnan(float(utils.valid_bandwidth(h, x)))
+        # past fp32's range (a cast's +inf had been taken for an invalid H: all NaN) as fp32's largest value,
+        # whose K is the reference's 1 to fp32's precision
+        h = torch.tensor(1e300, dtype=torch.float64, device=DEVICE)
+        assert float(utils.valid_bandwidth(h, x)) == info.max
+        for algorithm in ALGORITHMS:
+            phi = torch.ops.bmt_fast_triton.svgd_step(x, score, h, algorithm)
+            assert relative_error(phi, reference_phi(x, score, 1e300)) < 1e-6, algorithm
+        assert bool((torch.ops.bmt_fast_triton.rbf_kernel(x, x, h, True, None) == 1).all())
     for good in (1.0, info.max):  # (the least subnormal overflows 2 / H)
         phi = bmt_fast.svgd_step(x, score, torch.tensor(good, dtype=dtype), backend="triton", check_inputs=False)
         assert phi.shape == x.shape and not bool(torch.isnan(phi).any()), good
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_svgd_step_into_with_a_bandwidth_that_is_a_view_of_out(algorithm):
+    """H given as a view of out: the kernels read it while other programs write phi over it (phi had been 0.56
+    off); it is read from a copy now, as the CPU reads it before writing."""
+    n, d = 4, 1100
+    x, score = particles(n, d)
+    out = torch.zeros(n, d, dtype=torch.float64, device=DEVICE)
+    out[0, 0] = 2.0 * d  # near the squared distances: another H gives another phi
+    expected = reference_phi(x, score, 2.0 * d)
+    assert bool(torch.ops.bmt_fast_triton.svgd_step_into(x, score, out, out[0, 0], algorithm))
+    assert relative_error(out, expected) < 1e-12
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
