@@ -73,6 +73,8 @@ def svgd_step(
 def check_group(group: object) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("svgd_step(group=...) needs an initialised torch.distributed process group")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a process outside it
+        raise ValueError("this process is not a member of `group`")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD), "
@@ -138,7 +140,10 @@ def agree_on_inputs(
     metadata, so every rank raises the same error (a rank that raised alone would leave the others
     waiting in the next collective)."""
     finite = not check_inputs or (all_finite(x) and all_finite(score))
-    bits = 0 if h is None or not check_inputs else _float_bits(float(h))
+    # H's bits whatever check_inputs (one value: its read costs nothing beside the collectives): a rank that
+    # skipped sending them had made the comparison fail on the others alone (they raised, it hung in the next
+    # collective), and with check_inputs=False everywhere different values went unchecked (rank 0's was used)
+    bits = 0 if h is None else _float_bits(float(h))
     mine = torch.tensor(
         [x.shape[0], _event_key(x.shape[1:]), FLOATING_DTYPES.index(x.dtype), h is None, finite, bits, 0],
         dtype=torch.int64,
@@ -152,9 +157,8 @@ def agree_on_inputs(
     dtypes = [FLOATING_DTYPES[int(i)] for i in table[:, _DTYPE]]
     _check_column(table, _DTYPE, TypeError, f"x must have the same dtype on every rank, got {_per_rank(dtypes)}")
     _check_column(table, _MEDIAN, ValueError, 'bandwidth must be "median" on every rank or on none')
-    if check_inputs:
-        values = [_bits_float(int(b)) for b in table[:, _BANDWIDTH]]
-        _check_column(table, _BANDWIDTH, ValueError, f"bandwidth must be the same on every rank, got {_per_rank(values)}")
+    values = [_bits_float(int(b)) for b in table[:, _BANDWIDTH]]
+    _check_column(table, _BANDWIDTH, ValueError, f"bandwidth must be the same on every rank, got {_per_rank(values)}")
     bad = [r for r in range(table.shape[0]) if not table[r, _FINITE]]
     if bad:
         raise ValueError(f"x or score contains NaN/Inf values on rank(s) {bad} of the group")
@@ -197,8 +201,15 @@ def svgd_step_local_rows(
     """phi for x_all[rows] against every particle, block by block (fp32 accumulation; fp64 for fp64), each
     particle's own term (k_rr = 1: score_r alone) kept out of the folded sums, as in the single-process op."""
     dtype = accumulation_dtype(x_all.dtype)
+    # H in the accumulation dtype, one past its range as its largest value (a cast's +inf had made every rank
+    # raise for a valid 1e39); one that is not positive and finite there (a NaN median from unchecked NaN
+    # particles, a given 1e-60 that is 0 in fp32) gives NaN, as the single-process op does, on every rank
+    # alike (rbf_kernel had raised on the ranks with rows only)
+    if h.dtype != dtype:  # (+inf stays +inf: invalid)
+        h = torch.where(torch.isfinite(h), h.clamp_max(torch.finfo(dtype).max), h).to(dtype)
+    if not bool((h > 0) & torch.isfinite(h)):
+        return torch.full_like(x_all[rows], float("nan"))
     (xc,) = centre(x_all.to(dtype))
-    h = h.to(dtype)
     a = 2.0 / h
     scores = score_all.to(dtype)
     # One GEMM per block gives both sums: K' @ [score - a*xc | 1] = [K'@score - a K'@xc | rowsum(K')].

@@ -55,6 +55,9 @@ CASES = {
     # a small given H: (2/H) xc is large, so each particle's own term must stay out of the folded sums
     "tiny_bandwidth_fp32": Case((3, 2), (8,), torch.float32, 1e-6),
     "tiny_bandwidth_fp64": Case((3, 2), (8,), torch.float64, 1e-9),
+    # past fp32's range: fp32's largest value where fp32 arithmetic reads it (a cast's +inf had raised)
+    "huge_bandwidth_fp32": Case((3, 2), (8,), torch.float32, 1e39),
+    "huge_bandwidth_bf16": Case((3, 2), (8,), torch.bfloat16, 1e39),
 }
 SVGD_STEPS = 3
 SVGD_CASE = Case((4, 3), (2, 5), torch.float64, "median")
@@ -87,6 +90,21 @@ def run_svgd_optimizer(rank: int) -> torch.Tensor:
     for _ in range(SVGD_STEPS):
         optimizer.step(lambda p: -p.detach())
     return particles.detach()
+
+
+def unchecked(rank: int) -> dict[str, torch.Tensor]:
+    """check_inputs=False with a NaN on rank 1 (rank 0 with rows, and with none): NaN phi on every rank, as the
+    single-process op gives, where the ranks with rows had raised (and an empty rank 0 had not)."""
+    world = torch.distributed.group.WORLD
+    x = torch.ones(3, 2, dtype=torch.float64) * torch.arange(3.0, dtype=torch.float64)[:, None] + rank
+    if rank == 1:
+        x[1, 1] = float("nan")
+    empty_first = x[:0] if rank == 0 else x
+    return {
+        "nan_unchecked": bmt_fast.svgd_step(x, x, "median", group=world, check_inputs=False),
+        "nan_unchecked_empty_rank": bmt_fast.svgd_step(empty_first, empty_first, "median", group=world,
+                                                       check_inputs=False),  # fmt: skip
+    }
 
 
 def error_of(call) -> tuple[str, str]:
@@ -123,6 +141,10 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "int_x_on_rank_1": error_of(step(torch.ones(3, 2, dtype=torch.int32 if rank == 1 else torch.float32))),
         "out_on_rank_0": error_of(step(torch.randn(3, 2), out=torch.empty(2 if rank == 0 else 3, 2))),
         "two_ranks_differ": error_of(step(torch.randn(3, 2), torch.randn(3, 3), bandwidth=-1.0 if rank else 1.0)),
+        # compared whatever check_inputs says (it had been compared only with check_inputs=True)
+        "bandwidth_differs_unchecked": error_of(step(torch.randn(3, 4), bandwidth=1.0 + rank, check_inputs=False)),
+        # check_inputs on one rank only: no error (rank 0 had raised alone, rank 1 hung in the all-gather)
+        "check_inputs_on_one_rank": error_of(step(torch.randn(3, 4), bandwidth=1.0, check_inputs=rank == 0)),
     }
 
 
@@ -139,7 +161,10 @@ def main(out: Path) -> None:
     rank = torch.distributed.get_rank()
     results = {name: run_case(name, case, rank) for name, case in CASES.items()}
     results["svgd_optimizer"] = run_svgd_optimizer(rank)
+    results.update(unchecked(rank))
     errors = bad_inputs(rank)
+    only_rank_1 = torch.distributed.new_group([1])  # (every rank takes part in new_group)
+    errors["non_member"] = error_of(lambda: bmt_fast.svgd_step(torch.randn(3, 2), torch.randn(3, 2), group=only_rank_1))
     torch.distributed.barrier()  # a rank that skipped a collective would hang above instead
     torch.save({"phi": results, "errors": errors}, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()

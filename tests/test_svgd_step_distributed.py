@@ -66,6 +66,8 @@ CASE_NAMES = [
     "sampled_median",
     "tiny_bandwidth_fp32",
     "tiny_bandwidth_fp64",
+    "huge_bandwidth_fp32",
+    "huge_bandwidth_bf16",
 ]
 
 
@@ -132,6 +134,8 @@ BAD_INPUTS = {
     "int_x_on_rank_1": ("TypeError", "x must be float32, float64, bfloat16 or float16, got torch.int32"),
     "out_on_rank_0": ("ValueError", "out must have the shape of x (3, 2), got (2, 2) (svgd_step(group=...): rank 0"),
     "two_ranks_differ": ("ValueError", "score must have the shape of x (3, 2), got (3, 3) (svgd_step(group=...): rank 0"),
+    "bandwidth_differs_unchecked": ("ValueError", "rank 0: 1.0, rank 1: 2.0"),
+    "check_inputs_on_one_rank": ("", ""),
 }
 
 
@@ -141,7 +145,24 @@ def test_bad_inputs_raise_the_same_error_on_every_rank(ranks, name):
     for rank in ranks:
         raised, message = rank["errors"][name]
         assert raised == kind and fragment in message, (raised, message)
-    assert sorted(ranks[0]["errors"]) == sorted(BAD_INPUTS)
+    assert sorted(set(ranks[0]["errors"]) - {"non_member"}) == sorted(BAD_INPUTS)
+
+
+def test_unchecked_nan_gives_nan_on_every_rank(ranks):
+    """check_inputs=False and a NaN particle on rank 1: the median is NaN, so phi is NaN on every rank (the
+    single-process op's answer); the ranks with rows had raised in rbf_kernel, an empty rank 0 had not."""
+    for name in ("nan_unchecked", "nan_unchecked_empty_rank"):
+        pieces = [r["phi"][name] for r in ranks]
+        assert [p.shape[0] for p in pieces] == ([3, 3] if name == "nan_unchecked" else [0, 3])
+        assert all(bool(torch.isnan(p).all()) for p in pieces), name
+
+
+def test_a_process_outside_the_group_is_told_so(ranks):
+    """new_group([1]) gives rank 0 a non-member marker (an int in torch 2.13): a ValueError saying so, not a
+    TypeError about the group's type; rank 1, the group's one member, steps alone."""
+    assert ranks[0]["errors"]["non_member"][0] == "ValueError"
+    assert "not a member of `group`" in ranks[0]["errors"]["non_member"][1]
+    assert ranks[1]["errors"]["non_member"] == ("", "")
 
 
 def test_group_needs_an_initialised_process_group():
