@@ -194,7 +194,10 @@ class PromptedModel:
 
     def _find_input_scale(self) -> float:
         encoder_decoder = self.kind == ENCODER_DECODER
-        receiver = self.model.get_encoder() if encoder_decoder else getattr(self.model, "get_decoder", lambda: None)()
+        try:  # (transformers' lookups are best-effort: a model they cannot place keeps the factor 1)
+            receiver = self.model.get_encoder() if encoder_decoder else self.model.get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            return 1.0
         scale = getattr(receiver, "embed_scale", None)
         if receiver is None or scale is None or hasattr(self.embedding, "embed_scale") or float(scale) == 1.0:
             return 1.0
