@@ -96,11 +96,28 @@ def check_out(out: torch.Tensor, x: torch.Tensor, score: torch.Tensor) -> None:
     # nor functionalize's wrappers, whose step is out of place and then copied into out (no overlap to fear)
     if out.device.type == "meta" or torch.compiler.is_compiling() or _maybe_fake(out) or _is_functional(out):
         return
-    written = _byte_span(out)
     for name, t in (("x", x), ("score", score)):
-        read = _byte_span(t)
-        if written and read and written[0] < read[1] and read[0] < written[1]:
+        if overlaps(out, t):
             raise ValueError(f"out must not share memory with {name}")
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte spans of a's and b's elements meet (_byte_span: conservative for strided views)."""
+    span_a, span_b = _byte_span(a), _byte_span(b)
+    return bool(span_a and span_b and span_a[0] < span_b[1] and span_b[0] < span_a[1])
+
+
+def bandwidth_in(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """H for arithmetic in `dtype`, NaN unless positive and finite both as given and in `dtype`: a valid H past
+    dtype's range is dtype's largest value (a cast's +inf had been taken for an invalid H: a float64 1e39 for
+    fp32 work), one that is 0 in `dtype` stays invalid. A clamp to [the least positive value, the largest
+    finite one] leaves exactly the valid values unchanged (NaN never equals itself): three launches, two more
+    where h's dtype has the wider range."""
+    info, own = torch.finfo(dtype), torch.finfo(h.dtype)
+    if own.max > info.max:
+        h = torch.where(h.clamp(own.smallest_normal * own.eps, own.max) == h, h.clamp_max(info.max), math.nan)
+    h = h.to(dtype)
+    return torch.where(h.clamp(info.smallest_normal * info.eps, info.max) == h, h, math.nan)
 
 
 def _is_functional(t: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._validation import FLOATING_DTYPES, all_finite, as_rows
+from ._validation import FLOATING_DTYPES, all_finite, as_rows, bandwidth_in
 from .ops import DEFAULT_NUM_PAIRS, median_bandwidth
 from .reference import accumulation_dtype, centre
 
@@ -201,13 +201,11 @@ def svgd_step_local_rows(
     """phi for x_all[rows] against every particle, block by block (fp32 accumulation; fp64 for fp64), each
     particle's own term (k_rr = 1: score_r alone) kept out of the folded sums, as in the single-process op."""
     dtype = accumulation_dtype(x_all.dtype)
-    # H in the accumulation dtype, one past its range as its largest value (a cast's +inf had made every rank
-    # raise for a valid 1e39); one that is not positive and finite there (a NaN median from unchecked NaN
-    # particles, a given 1e-60 that is 0 in fp32) gives NaN, as the single-process op does, on every rank
-    # alike (rbf_kernel had raised on the ranks with rows only)
-    if h.dtype != dtype:  # (+inf stays +inf: invalid)
-        h = torch.where(torch.isfinite(h), h.clamp_max(torch.finfo(dtype).max), h).to(dtype)
-    if not bool((h > 0) & torch.isfinite(h)):
+    # H in the accumulation dtype (bandwidth_in: a valid 1e39 had raised on every rank as fp32's +inf); one
+    # that is not valid there (a NaN median from unchecked NaN particles, a given 1e-60 that is 0 in fp32)
+    # gives NaN, as the single-process op does, on every rank alike (rbf_kernel had raised on ranks with rows)
+    h = bandwidth_in(h, dtype)
+    if bool(torch.isnan(h)):
         return torch.full_like(x_all[rows], float("nan"))
     (xc,) = centre(x_all.to(dtype))
     a = 2.0 / h

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from bmt_fast import reference
-from bmt_fast._validation import check_out
+from bmt_fast._validation import check_out, overlaps
 
 from .centring import centring_shift
 from .gram import gram_median, gram_sq_dists_and_shift
@@ -597,7 +597,7 @@ def svgd_step_into(
     device: whether every value of phi is finite. The single-pass kernels (one column split: the Gram path,
     and the tiled one when its columns are not split) note it as they store phi; elsewhere out is scanned."""
     check_out(out, x, score)
-    if bandwidth is not None and bandwidth.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+    if bandwidth is not None and overlaps(bandwidth, out):
         bandwidth = bandwidth.clone()  # the kernels read H while other programs write phi over it
     finite = torch.ones((), dtype=torch.uint8, device=x.device)
     x, score = x.contiguous(), score.contiguous()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bmt_fast._validation import bandwidth_in
 from bmt_fast.triton_backend import TRITON_MAX_ELEMENTS
 
 # Read once, when the kernels are defined: @triton.jit decides at decoration time whether a kernel is
@@ -160,17 +160,7 @@ def check_bandwidth(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def valid_bandwidth(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """check_bandwidth's H as load_bandwidth reads it, for arithmetic with H in torch: a (1,) tensor in x's
     accumulation dtype, NaN unless positive and finite there."""
-    acc = accumulation_dtype(x.dtype)
-    h = check_bandwidth(h, x)
-    # 0 < h < inf in H's own dtype: a clamp to [the least positive value, the largest finite one] leaves
-    # exactly those unchanged (NaN never equals itself; (h > 0) & isfinite(h) and an assert took eight
-    # launches); then in acc, a valid H past acc's range as its largest value (a cast made it +inf), one
-    # below it (0 in acc) invalid, as tiles.load_bandwidth reads them
-    info, own = torch.finfo(acc), torch.finfo(h.dtype)
-    if own.max > info.max:
-        h = torch.where(h.clamp(own.smallest_normal * own.eps, own.max) == h, h.clamp_max(info.max), math.nan)
-    h = h.to(acc)
-    return torch.where(h.clamp(info.smallest_normal * info.eps, info.max) == h, h, math.nan)
+    return bandwidth_in(check_bandwidth(h, x), accumulation_dtype(x.dtype))
 
 
 def ensure_contiguous(fn: Callable) -> Callable:
