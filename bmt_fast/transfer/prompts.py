@@ -157,10 +157,7 @@ class PromptedModel:
         """
         prompts = _as_particles(prompts, self.hidden_size)
         m, b = prompts.shape[0], len(batch)
-        embeds = self._prompted_embeddings(prompts, batch.input_ids)
-        mask = _repeat(_prefix_ones(batch.attention_mask, prompts.shape[1]), m)
-        if self.kind != ENCODER_DECODER:
-            embeds, mask = _pads_before_prompt(embeds, mask, prompts.shape[1])
+        embeds, mask = self._prompted(prompts, batch.input_ids, batch.attention_mask)
         labels = _repeat(batch.labels, m)
         if self.kind == ENCODER_DECODER:
             logits = self.model(
@@ -170,15 +167,23 @@ class PromptedModel:
             logits = self._decoder_only_target_logits(embeds, mask, labels.shape[1])
         return _token_nll(logits, labels).view(m, b)
 
-    def _prompted_embeddings(self, prompts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """(M*B, L+T, hidden): particle m's prompt before each of the B embedded inputs, times input_scale."""
+    def _prompted(
+        self, prompts: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs_embeds (M*B, L+T, hidden), times input_scale, and their attention mask: particle m's prompt
+        with each of the B embedded inputs, the prompt first (encoder-decoder) or after the inputs' left
+        padding (decoder-only: _pads_before_prompt)."""
         m, length, hidden = prompts.shape
         tokens = self.embedding(input_ids)  # (B, T, hidden)
         b, t, _ = tokens.shape
         prompts = prompts.to(tokens.dtype)[:, None].expand(m, b, length, hidden)
         embeds = torch.cat([prompts, tokens[None].expand(m, b, t, hidden)], dim=2).reshape(m * b, length + t, hidden)
         scale = self.input_scale()
-        return embeds if scale == 1.0 else embeds * scale
+        embeds = embeds if scale == 1.0 else embeds * scale
+        mask = _repeat(_prefix_ones(attention_mask, length), m)
+        if self.kind != ENCODER_DECODER:
+            embeds, mask = _pads_before_prompt(embeds, mask, length)
+        return embeds, mask
 
     def input_scale(self) -> float:
         """The factor a backbone applies to its embedding's output when given input_ids but not when given
@@ -242,10 +247,9 @@ class PromptedModel:
             rows = [[self.pad_id] * (width - len(x)) + list(x) for x in ids]
             mask = [[0] * (width - len(x)) + [1] * len(x) for x in ids]
         input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)  # (long also when all are empty)
-        embeds = self._prompted_embeddings(_as_particles(prompt, self.hidden_size), input_ids)
-        attention = _prefix_ones(torch.tensor(mask, dtype=torch.long, device=self.device), prompt.shape[-2])
-        if self.kind != ENCODER_DECODER:
-            embeds, attention = _pads_before_prompt(embeds, attention, prompt.shape[-2])
+        embeds, attention = self._prompted(
+            _as_particles(prompt, self.hidden_size), input_ids, torch.tensor(mask, dtype=torch.long, device=self.device)
+        )
         return {"inputs_embeds": embeds, "attention_mask": attention}
 
 
@@ -335,7 +339,7 @@ def _pad_id(model: torch.nn.Module, tokenizer) -> int:
 
 
 def _repeat(t: torch.Tensor, m: int) -> torch.Tensor:
-    """(B, ...) -> (M*B, ...), particle-major, matching _prompted_embeddings."""
+    """(B, ...) -> (M*B, ...), particle-major, matching _prompted."""
     return t.repeat(m, *([1] * (t.dim() - 1)))
 
 

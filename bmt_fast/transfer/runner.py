@@ -327,7 +327,6 @@ class Run:
         """prompt -> {"examples": n, "loss": ..., **task metrics} on `split` of `task` (its examples, if
         loaded already)."""
         cfg, tc, pm = self.cfg, self.cfg.target, self.pm
-        pm.check_label_words(task.name, task.label_words)  # before the stage trains, not at its first evaluation
         if examples is None:
             examples = load_examples(task, split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
 

@@ -63,9 +63,18 @@ BMT_DEVICE const In* gram_row(const GramParams<In>& p, long long r) {
 // about 1e-4 of relative error. NaN tests false: a NaN particle's distances stay NaN.
 constexpr double kGramCancelledShare = 1e-3;
 
-BMT_DEVICE bool gram_pair_cancelled(const double* gram, long long rows, long long lo, long long hi, double share) {
+// The expanded distance |v_lo|^2 + |v_hi|^2 - 2 v_lo.v_hi of rows lo < hi, and whether it cancelled below
+// `share` of the two squared norms: one computation for the readers and the repair alike.
+struct ExpandedDistance {
+  double dist;
+  bool cancelled;
+};
+
+BMT_DEVICE ExpandedDistance gram_expanded(const double* gram, long long rows, long long lo, long long hi,
+                                          double share) {
   const double norms = gram[lo * rows + lo] + gram[hi * rows + hi];
-  return norms - 2.0 * gram[lo * rows + hi] < share * norms;
+  const double dist = norms - 2.0 * gram[lo * rows + hi];
+  return {dist, dist < share * norms};
 }
 
 // Squared distance between rows i and j from G (above), clamped at 0 with a NaN kept (a NaN particle's
@@ -73,9 +82,9 @@ BMT_DEVICE bool gram_pair_cancelled(const double* gram, long long rows, long lon
 BMT_DEVICE double gram_distance(const double* gram, long long rows, long long i, long long j) {
   if (i == j) return 0.0;
   const long long lo = i < j ? i : j, hi = i < j ? j : i;
-  if (gram_pair_cancelled(gram, rows, lo, hi, kGramCancelledShare)) return gram[hi * rows + lo];
-  const double dist = gram[lo * rows + lo] + gram[hi * rows + hi] - 2.0 * gram[lo * rows + hi];
-  return dist < 0.0 ? 0.0 : dist;
+  const ExpandedDistance e = gram_expanded(gram, rows, lo, hi, kGramCancelledShare);
+  if (e.cancelled) return gram[hi * rows + lo];
+  return e.dist < 0.0 ? 0.0 : e.dist;
 }
 
 // The same for the median's selection, a NaN as 0 (ranks and keys need numbers; the median is then NaN by
@@ -394,7 +403,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(kRepairThreads, 4) gram_repair_kernel(const Gr
     if (threadIdx.x == 0) flagged = 0;
     __syncthreads();
     const long long j = first + threadIdx.x;
-    if (j < rows && gram_pair_cancelled(p.gram, rows, i, j, 2.0 * kGramCancelledShare))
+    if (j < rows && gram_expanded(p.gram, rows, i, j, 2.0 * kGramCancelledShare).cancelled)
       listed[atomicAdd(&flagged, 1)] = static_cast<int>(j);
     __syncthreads();
     const int count = flagged;
