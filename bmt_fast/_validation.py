@@ -11,6 +11,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from .reference import accumulation_dtype
+
 FLOATING_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -67,6 +69,27 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     bad = non_finite_count(t)
     if bad:
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
+
+
+def fold_overflow_error(h: float, dtype: torch.dtype) -> ValueError:
+    """The error for a given bandwidth so small that the folded form's (2/H) * x passes the accumulation
+    dtype's range (its Inf times a k_ij of 0 is NaN): the check of H alone (1/H finite) cannot see x."""
+    compute = accumulation_dtype(dtype)
+    return ValueError(
+        f"bandwidth {h:g} is too small for these {dtype} particles: (2/H) times their distance from the centre "
+        f"overflows {compute} in the kernels' folded sums; at such an H the particles do not interact (phi is "
+        f"score / n): pass a larger bandwidth"
+    )
+
+
+def fold_overflows(x: torch.Tensor, h: float) -> bool:
+    """Whether (2/H) * |x_i - c| can pass the accumulation dtype's largest value for the centre c the kernels
+    use (the mean, or a particle: |x_i - x_0| <= 2 max |x - mean|). Called only where phi came out non-finite
+    from finite inputs and a given H, to tell this from an overflow of phi itself."""
+    compute = accumulation_dtype(x.dtype)
+    xc = x.detach().to(torch.float64)
+    spread = float((xc - xc.mean(0)).abs().max())
+    return (2.0 / h) * 2.0 * spread > torch.finfo(compute).max
 
 
 def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, shape: bool = True) -> None:
@@ -186,7 +209,7 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         raise TypeError(f'bandwidth must be "median", a positive float or a 0-dim tensor, got {type(bandwidth).__name__}')
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"bandwidth must be positive and finite, got {value}")
-    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    compute = accumulation_dtype(like.dtype)
     if value < torch.finfo(compute).tiny:
         # 1/H and 2/H overflow there: K's own terms and phi became NaN (the step's answer is score / n)
         raise ValueError(

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._validation import FLOATING_DTYPES, all_finite, as_rows, bandwidth_in
+from ._validation import FLOATING_DTYPES, all_finite, as_rows, bandwidth_in, fold_overflow_error
 from .ops import DEFAULT_NUM_PAIRS, median_bandwidth
 from .reference import accumulation_dtype, centre
 
@@ -66,7 +66,8 @@ def svgd_step(
     x_all, score_all = all_gather_rows(torch.cat([x2, s2], dim=1), sizes, group).split(x2.shape[1], dim=1)
     h_shared = shared_bandwidth(x_all, h, group, backend)
     start = sum(sizes[: dist.get_rank(group)])
-    phi = svgd_step_local_rows(x_all, score_all, slice(start, start + x.shape[0]), h_shared, backend)
+    rows = slice(start, start + x.shape[0])
+    phi = svgd_step_local_rows(x_all, score_all, rows, h_shared, backend, check_inputs=check_inputs)
     return phi.reshape(x.shape)
 
 
@@ -196,10 +197,19 @@ def median_of_all(x_all: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 def svgd_step_local_rows(
-    x_all: torch.Tensor, score_all: torch.Tensor, rows: slice, h: torch.Tensor, backend: str
+    x_all: torch.Tensor,
+    score_all: torch.Tensor,
+    rows: slice,
+    h: torch.Tensor,
+    backend: str,
+    *,
+    check_inputs: bool = False,
 ) -> torch.Tensor:
     """phi for x_all[rows] against every particle, block by block (fp32 accumulation; fp64 for fp64), each
-    particle's own term (k_rr = 1: score_r alone) kept out of the folded sums, as in the single-process op."""
+    particle's own term (k_rr = 1: score_r alone) kept out of the folded sums, as in the single-process op.
+    check_inputs: a (given) H so small that the folded weights overflow is an error, as in the single-process
+    op, on every rank that checks (the weights come from the gathered particles: the same on each); not
+    checked, phi is NaN there."""
     dtype = accumulation_dtype(x_all.dtype)
     # H in the accumulation dtype (bandwidth_in: a valid 1e39 had raised on every rank as fp32's +inf); one
     # that is not valid there (a NaN median from unchecked NaN particles, a given 1e-60 that is 0 in fp32)
@@ -212,6 +222,8 @@ def svgd_step_local_rows(
     scores = score_all.to(dtype)
     # One GEMM per block gives both sums: K' @ [score - a*xc | 1] = [K'@score - a K'@xc | rowsum(K')].
     weights = torch.cat([scores - a * xc, torch.ones_like(xc[:, :1])], dim=1)
+    if check_inputs and not all_finite(weights):  # (finite inputs, agreed on: the fold's (2/H) * xc overflowed)
+        raise fold_overflow_error(float(h), x_all.dtype)
     chosen = backends.select(backend, "rbf_kernel", x_all)
     local = xc[rows]
     phi = torch.empty_like(local)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import _extension, _functorch, backends, reference
@@ -16,6 +14,8 @@ from ._validation import (
     check_out,
     check_particles,
     check_same,
+    fold_overflow_error,
+    fold_overflows,
     positive_count,
 )
 
@@ -100,8 +100,10 @@ def _svgd_step(x, score, bandwidth, backend, check_inputs, group, out, *, fresh_
         with distributed.failing_together(group):  # this rank's own checks: a failure raises on every rank
             h = checked(min_rows=0)
             distributed.check_backend(backend, x)
-        with torch.no_grad():
-            phi = distributed.svgd_step(x, score, h, group=group, backend=backend, check_inputs=check_inputs)
+        with torch.no_grad():  # (detached: no forward-mode tangent either)
+            phi = distributed.svgd_step(
+                x.detach(), score.detach(), h, group=group, backend=backend, check_inputs=check_inputs
+            )
             return phi if out is None else out.copy_(phi)
     h = checked(min_rows=1)
     x2 = as_rows(x)
@@ -120,8 +122,10 @@ def _checked_bandwidth(x, score, bandwidth, check_inputs, *, min_rows: int = 1):
 def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
     """_svgd_step past its argument checks: phi by the backend `chosen` for x and score as validated there
     (shapes, dtypes, devices; out, if given, checked or fresh), h the checked bandwidth (None: the median)."""
-    x2 = as_rows(x) if x2 is None else x2
-    s2 = as_rows(score)
+    # Detached: no autograd history, and no forward-mode tangent either (no_grad leaves forward AD on: the
+    # reference backend's torch ops had carried one through, where the compiled kernels give none)
+    x2 = (as_rows(x) if x2 is None else x2).detach()
+    s2 = as_rows(score).detach()
 
     def check_both():
         check_finite("x", x)
@@ -139,25 +143,24 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
     if check_inputs and not post_check:
         check_both()
     finite = None
-    # (no_grad only where autograd would record: entering it costs a few microseconds per call)
-    tracked = torch.is_grad_enabled() and (x.requires_grad or score.requires_grad)
     target = None if out is None else out if out.dim() == 2 else out.view(x2.shape)
     try:
-        with torch.no_grad() if tracked else contextlib.nullcontext():
-            hd = None if h is None else h.detach()
-            if flagged and (target is not None or post_check):  # in place, the flag for free
-                phi = chosen.empty_result(x2) if target is None else target
-                finite = chosen.svgd_step_into(x2, s2, hd, phi)
-            else:  # elsewhere the result is copied into out (no scan for a flag nobody reads)
-                phi = chosen.svgd_step(x2, s2, hd)
-                if target is not None:
-                    phi = target.copy_(phi)
+        hd = None if h is None else h.detach()
+        if flagged and (target is not None or post_check):  # in place, the flag for free
+            phi = chosen.empty_result(x2) if target is None else target
+            finite = chosen.svgd_step_into(x2, s2, hd, phi)
+        else:  # elsewhere the result is copied into out (no scan for a flag nobody reads)
+            phi = chosen.svgd_step(x2, s2, hd)
+            if target is not None:
+                phi = target.copy_(phi)
     except Exception:
         if post_check:  # e.g. a NaN median bandwidth: the clear error about the input comes first
             check_both()
         raise
     if post_check and not (all_finite(phi) if finite is None else bool(finite)):
         check_both()
+        if h is not None and fold_overflows(x2, float(h)):  # (finite inputs: not an overflow of phi itself)
+            raise fold_overflow_error(float(h), x.dtype)
     return out if out is not None else phi if x.dim() == 2 else phi.reshape(x.shape)
 
 
@@ -187,7 +190,11 @@ def _steps_on(chosen, x, score, h, check_inputs, out) -> torch.Tensor:
             check_sets(range(sets))
         raise
     if post_check and not bool(finite.all()):
-        check_sets(torch.nonzero(~finite).flatten().tolist())
+        bad = torch.nonzero(~finite).flatten().tolist()
+        check_sets(bad)
+        for index in bad if h is not None else ():  # finite inputs: a given H too small for the fold?
+            if fold_overflows(x3[index], float(h[index])):
+                raise fold_overflow_error(float(h[index]), x.dtype)
     return out
 
 
@@ -266,7 +273,7 @@ def median_bandwidth(
     check_choice("method", method, ("exact", "sampled"))
     if check_inputs:
         check_finite("x", x)
-    x2 = as_rows(x)
+    x2 = as_rows(x).detach()  # (no forward-mode tangent either: no_grad leaves forward AD on)
     with torch.no_grad():
         if method == "sampled":
             pairs = positive_count(num_pairs)

@@ -143,6 +143,8 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "two_ranks_differ": error_of(step(torch.randn(3, 2), torch.randn(3, 3), bandwidth=-1.0 if rank else 1.0)),
         # compared whatever check_inputs says (it had been compared only with check_inputs=True)
         "bandwidth_differs_unchecked": error_of(step(torch.randn(3, 4), bandwidth=1.0 + rank, check_inputs=False)),
+        # a given H so small that (2/H) * (x - centre) overflows fp32 in the folded sums (phi had been NaN)
+        "fold_overflow": error_of(step(torch.arange(6.0).reshape(3, 2) * 10 + 100 * rank, bandwidth=1.2e-38)),
         # check_inputs on one rank only: no error (rank 0 had raised alone, rank 1 hung in the all-gather)
         "check_inputs_on_one_rank": error_of(step(torch.randn(3, 4), bandwidth=1.0, check_inputs=rank == 0)),
     }

@@ -203,6 +203,22 @@ def test_result_has_no_autograd_history(cpu_backend, grad_of):
         assert not phi.requires_grad and phi.grad_fn is None
 
 
+def test_result_has_no_forward_mode_tangent(cpu_backend):
+    """no_grad leaves forward-mode AD on: the reference backend's torch ops had given phi and the median a
+    tangent (a dual x outside torch.func), where the compiled kernels give none."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, tangent = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        results = [bmt_fast.svgd_step(dual, -dual, 0.7, backend=cpu_backend),
+                   bmt_fast.svgd_step(dual, -dual, backend=cpu_backend, out=torch.empty(6, 3, dtype=torch.float64)),
+                   bmt_fast.median_bandwidth(dual, backend=cpu_backend)]  # fmt: skip
+        for result in results:
+            assert fwAD.unpack_dual(result).tangent is None
+    torch.testing.assert_close(results[0], bmt_fast.svgd_step(x, -x, 0.7, backend=cpu_backend))
+
+
 @pytest.mark.parametrize("n", [4, 70])  # the Gram path and the fused kernel
 def test_out_write_is_seen_by_autograd(cpu_backend, n):
     """Writing phi into out bumps out's version counter: autograd refuses a backward that saved out's old

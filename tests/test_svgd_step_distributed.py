@@ -136,6 +136,7 @@ BAD_INPUTS = {
     "two_ranks_differ": ("ValueError", "score must have the shape of x (3, 2), got (3, 3) (svgd_step(group=...): rank 0"),
     "bandwidth_differs_unchecked": ("ValueError", "rank 0: 1.0, rank 1: 2.0"),
     "check_inputs_on_one_rank": ("", ""),
+    "fold_overflow": ("ValueError", "bandwidth 1.2e-38 is too small for these torch.float32 particles"),
 }
 
 

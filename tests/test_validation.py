@@ -290,13 +290,15 @@ def test_out_may_be_a_view_of_the_inputs_buffer_apart_from_them():
 
 @requires_cpu_extension
 def test_cpu_gram_path_returns_an_overflowed_phi_of_finite_inputs():
-    """Finite inputs whose phi overflows are not an input error: phi comes back as the kernels made it."""
+    """Finite inputs whose phi overflows are not an input error: phi comes back as the kernels made it.
+    (This had been particles 1e10 apart at H = 1e-30, whose phi is finite, 0.25 to 0.5: the folded sums'
+    (2/H) x overflowed, which is now named: test_a_bandwidth_too_small_for_the_folded_sums_is_named.)"""
     x = torch.zeros(4, 8)
-    x[1], x[2] = 1e10, -1e10
-    score = torch.ones(4, 8)
-    phi = bmt_fast.svgd_step(x, score, 1e-30, backend="cpu")  # (2/H) x overflows fp32
+    x[1] = 2e37  # (2/H) |x - centre| stays below fp32's largest value, score - (2/H) (x - centre) does not
+    score = torch.full((4, 8), torch.finfo(torch.float32).max)
+    phi = bmt_fast.svgd_step(x, score, 1.0, backend="cpu")
     assert not bool(torch.isfinite(phi).all())
-    unchecked = bmt_fast.svgd_step(x, score, 1e-30, backend="cpu", check_inputs=False)
+    unchecked = bmt_fast.svgd_step(x, score, 1.0, backend="cpu", check_inputs=False)
     torch.testing.assert_close(phi, unchecked, rtol=0, atol=0, equal_nan=True)
 
 
@@ -385,6 +387,31 @@ def test_bandwidth_below_the_smallest_normal_number_of_the_arithmetic(cpu_backen
     phi = bmt_fast.svgd_step(x, score, 2 * tiny, backend=cpu_backend)
     torch.testing.assert_close(phi, (score.double() / 5).to(dtype), rtol=torch.finfo(dtype).eps, atol=0)
     assert torch.equal(bmt_fast.rbf_kernel(x, None, 2 * tiny, backend=cpu_backend), torch.eye(5, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_bandwidth_too_small_for_the_folded_sums_is_named(cpu_backend, dtype):
+    """Above the smallest normal number, (2/H) (x - centre) still overflows the compiled kernels' folded sums
+    for particles far enough apart: Inf times a kernel value of 0, an all-NaN phi with no error (the
+    reference's unfolded sums gave score / n). Named once the kernel's flag says phi is not finite (no pass
+    on good calls), also for one set of a batch; unchecked, phi stays NaN."""
+    x, score = good(n=5, d=3, dtype=dtype)
+    x = x * 10
+    h = 1.5 * torch.finfo(dtype).tiny
+    if cpu_backend == "torch":  # unfolded: exact, the particles do not interact
+        torch.testing.assert_close(bmt_fast.svgd_step(x, score, h, backend="torch"), score / 5)
+        return
+    with pytest.raises(ValueError, match=f"bandwidth {h:g} is too small for these {dtype} particles"):
+        bmt_fast.svgd_step(x, score, h, backend=cpu_backend)
+    with pytest.raises(ValueError, match="is too small for these"):
+        bmt_fast.svgd_step(x, score, h, backend=cpu_backend, out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="is too small for these"):  # (the second set's phi)
+        torch.func.vmap(lambda a, b: bmt_fast.svgd_step(a, b, h, backend=cpu_backend))(
+            torch.stack([x / 1e6, x]), torch.stack([score, score])
+        )
+    assert torch.isnan(bmt_fast.svgd_step(x, score, h, backend=cpu_backend, check_inputs=False)).any()
+    # far from that limit the same particles step as the reference does
+    torch.testing.assert_close(bmt_fast.svgd_step(x, score, 1e-3, backend=cpu_backend), score / 5)
 
 
 def test_bandwidth_beyond_the_float_range():
@@ -546,6 +573,8 @@ for name, value, says in cases:
         assert out is None or bool((out == 7.0).all()), (name, what, "out= was written")
         x.requires_grad_(False)
     del os.environ[name]
+for name, _, _ in cases:  # empty is unset (BMT_FAST_CPU_ISA="" had been refused, unlike the others)
+    os.environ[name] = ""
 for what, call, out in calls():  # every switch now read, at its default
     call()
     assert out is None or bool(torch.isfinite(out).all()), what

@@ -113,8 +113,9 @@ Isa detect_isa() {
                   __builtin_cpu_supports("avx512vl");
   best = v4 ? Isa::kV4 : v3 ? Isa::kV3 : Isa::kBase;
 #endif
-  // Checked on every architecture: on aarch64 (no x86 builds) v3 and v4 are refused, not ignored.
-  if (const char* forced = std::getenv("BMT_FAST_CPU_ISA")) {
+  // Checked on every architecture: on aarch64 (no x86 builds) v3 and v4 are refused, not ignored. Empty is
+  // unset, as for the other switches (env_switch, env_count).
+  if (const char* forced = std::getenv("BMT_FAST_CPU_ISA"); forced != nullptr && *forced != '\0') {
     const std::string want(forced);
     const Isa asked = want == "v4" ? Isa::kV4 : want == "v3" ? Isa::kV3 : Isa::kBase;
     TORCH_CHECK(want == "base" || want == "v3" || want == "v4", "bmt_fast: BMT_FAST_CPU_ISA must be base, v3 or v4, got \"",
