@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Callable
 
 import torch
@@ -62,6 +64,13 @@ class SVGD(torch.optim.Optimizer):
                 "optimizer: LBFGS searches along a loss its closure re-evaluates; the SVGD direction phi is not "
                 "the gradient of any loss: use a first-order optimizer (Adagrad, Adam, SGD, RMSprop, ...)"
             )
+        if optimizer_kwargs.get("maximize"):
+            # grad = -phi for the inner rule's descent: maximize=True had moved the particles against phi
+            # (N(1, 0.5 I): their mean went to -1.46 in 30 Adam steps), silently
+            raise ValueError(
+                "maximize=True: SVGD already moves the particles up log p (it gives the inner optimizer -phi "
+                "to descend); leave maximize out"
+            )
         check_bandwidth(bandwidth, particles)
         if particles.dim() >= 1 and particles.numel() > 0:  # an unknown or unavailable backend, named now
             select(backend, "svgd_step", as_rows(particles.detach()))
@@ -84,13 +93,16 @@ class SVGD(torch.optim.Optimizer):
     def step(self, score: Score | None = None, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One SVGD step. With `score` (a tensor, or a callable particles -> scores): returns phi, the ascent
         direction that was applied (before the inner rule). Without it, the score is -particles.grad: a
-        `closure` (as torch optimizers take one) is called first to compute it (it should clear the gradient,
+        `closure` (as torch optimizers take one, also positionally: a callable that takes no argument is the
+        closure, one that takes the particles a score) is called first to compute it (it should clear the gradient,
         compute the negative log density summed over the particles, call backward and return it), and its
         loss is returned; with neither, the gradient a backward left on the particles is used and phi returned.
 
         particles.grad is set to -phi: written into the existing gradient tensor when there is one (as
         autograd accumulates into it), else a new tensor."""
         loss = None
+        if closure is None and _takes_no_arguments(score):  # step(closure), as torch optimizers are called
+            score, closure = None, score
         if score is None:
             if closure is not None:
                 with torch.enable_grad():
@@ -167,3 +179,23 @@ class SVGD(torch.optim.Optimizer):
             super().add_param_group(param_group)  # called once by Optimizer.__init__
             return
         raise RuntimeError("SVGD optimises one particle tensor; create another SVGD for other particles")
+
+
+def _takes_no_arguments(fn: object) -> bool:
+    """A callable that cannot take one positional argument but can take none: a closure, not a score."""
+    if fn is None or isinstance(fn, torch.Tensor) or not callable(fn):
+        return False
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # (no signature to read: taken as a score, as before)
+        return False
+    try:
+        signature.bind(None)
+        return False
+    except TypeError:
+        pass
+    try:
+        signature.bind()
+        return True
+    except TypeError:
+        return False

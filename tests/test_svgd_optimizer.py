@@ -108,7 +108,8 @@ def _density_loss(particles):
 def test_step_from_a_backward_or_a_closure_as_torch_optimizers_take_one():
     """`loss.backward(); opt.step()` and `opt.step(closure)` with the negative log density as the loss take
     the score from its gradient: the same steps as `step(score)`. (`step(closure=None)`, as torch tools
-    call it, had been a TypeError.)"""
+    call it, had been a TypeError; so had `step(closure)` with the closure passed positionally, as torch
+    optimizers take it: it was called as a score, with the particles.)"""
 
     def run(how):
         torch.manual_seed(1)
@@ -130,14 +131,17 @@ def test_step_from_a_backward_or_a_closure_as_torch_optimizers_take_one():
                     loss.backward()
                     return loss
 
-                returned.append(opt.step(closure=closure))
+                returned.append(opt.step(closure) if how == "positional closure" else opt.step(closure=closure))
         return particles.detach(), returned
 
     by_score, phis = run("score")
     by_backward, phis_backward = run("backward")
     by_closure, losses = run("closure")
+    by_positional, positional_losses = run("positional closure")
     torch.testing.assert_close(by_backward, by_score)
     torch.testing.assert_close(by_closure, by_score)
+    torch.testing.assert_close(by_positional, by_score)
+    torch.testing.assert_close(torch.stack(positional_losses), torch.stack(losses))
     for phi, phi_backward in zip(phis, phis_backward):
         torch.testing.assert_close(phi_backward, phi)
     assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for loss in losses)  # the closure's loss
@@ -147,8 +151,16 @@ def test_step_from_a_backward_or_a_closure_as_torch_optimizers_take_one():
         opt.step(closure=None)
     with pytest.raises(TypeError, match="a score or a closure, not both"):
         opt.step(torch.zeros(4, 2), closure=lambda: None)
+    # a callable that takes the particles stays a score (also with defaults after its first argument)
+    before = opt.particles.detach().clone()
+    phi = opt.step(lambda x, scale=1.0: -scale * x)
+    torch.testing.assert_close(phi, bmt_fast.svgd_step(before, -before))
     with pytest.raises(TypeError, match="LBFGS"):
         bmt_fast.SVGD(torch.randn(4, 2), torch.optim.LBFGS)
+    # the inner rule descends -phi: maximize=True had moved the particles away from the target, silently
+    with pytest.raises(ValueError, match="maximize=True: SVGD already moves the particles up log p"):
+        bmt_fast.SVGD(torch.randn(4, 2), torch.optim.Adam, lr=0.1, maximize=True)
+    bmt_fast.SVGD(torch.randn(4, 2), torch.optim.Adam, lr=0.1, maximize=False)
 
 
 def test_distributed_checkpoint_state_dict_of_a_fresh_svgd():
