@@ -36,11 +36,15 @@ class Provider:
     """One way to compute an op.
 
     build(inputs) -> run: prepares anything that does not depend on the data (compiled graphs, numpy views)
-        and returns a callable that computes the op once.
+        and returns a callable that computes the op once. build itself is neither timed nor counted in the
+        peak memory: the op's work must happen in run.
     why_unavailable(device) -> "" if the provider can run on this device here, else the reason.
     extra_memory(n, d, elem_bytes) -> a rough upper bound of the bytes it needs beyond its inputs, so that
         the harness can record "skipped: would need X GB" instead of running the machine out of memory.
-    rtol: allowed max|a - b| / max|b| against the float64 reference at a small size (fp32 inputs).
+    rtol: allowed max|a - b| / max|b| against the float64 reference at a small size for fp32 inputs; other
+        dtypes scale it by their precision (harness.tolerance).
+    method_rtol: the method's own difference from the reference in any dtype (sampled pairs, another median
+        rule): the tolerance is never below it.
     jit: its first call compiles (torch.compile, KeOps): the harness reports that call apart.
     dtypes: the input dtypes it is meant for (None: all); for others its rows say so instead of running.
     """
@@ -50,6 +54,7 @@ class Provider:
     why_unavailable: Callable[[torch.device], str] = lambda device: ""
     extra_memory: Callable[[int, int, int], float] = lambda n, d, e: 0.0
     rtol: float = 1e-4
+    method_rtol: float = 0.0
     jit: bool = False
     version: Callable[[], str] = lambda: ""
     dtypes: tuple[torch.dtype, ...] | None = None
@@ -485,7 +490,7 @@ def median_sampled(inp) -> Run:
 def median_bandwidth_providers() -> list[Provider]:
     return [
         Provider("torch-naive", lambda inp: lambda: median_naive(inp.x),
-                 extra_memory=lambda n, d, e: 4.0 * n * n * e, rtol=1e-2),
+                 extra_memory=lambda n, d, e: 4.0 * n * n * e, method_rtol=1e-2),
         Provider("scipy", median_scipy, why_unavailable=both(cpu_only, needs_package("scipy.spatial", "scipy")),
                  extra_memory=lambda n, d, e: 2.5 * n * n * 8, version=lambda: package_version("scipy")),
         *bmt_fast_providers("median_bandwidth"),
@@ -493,7 +498,7 @@ def median_bandwidth_providers() -> list[Provider]:
         # ends of a block of pairs gathered at a time (two buffers of up to SAMPLE_BLOCK_VALUES values),
         # and the pairs' indices and distances. (Where the exact median costs less, as on the CPU up to
         # n = 2048, that is what it returns.)
-        Provider("bmt_fast-sampled", median_sampled, rtol=0.02, version=_bmt_fast_version,
+        Provider("bmt_fast-sampled", median_sampled, method_rtol=0.02, version=_bmt_fast_version,
                  extra_memory=lambda n, d, e: 2.0 * min(reference.SAMPLE_BLOCK_VALUES, 65536 * d) * 4 + 65536 * 20.0),
     ]
 
@@ -507,8 +512,9 @@ _FACTORIES = {
 }
 
 
-def misbehaving_providers() -> list[Provider]:
-    """Providers that hang or die, for the harness's own tests (BMT_FAST_BENCH_TEST_PROVIDERS=1)."""
+def misbehaving_providers(op: str) -> list[Provider]:
+    """Providers that hang, die or compute a wrong result, for the harness's own tests
+    (BMT_FAST_BENCH_TEST_PROVIDERS=1); the wrong ones for svgd_step only."""
 
     def hang(inp) -> Run:
         return lambda: time.sleep(3600)
@@ -522,7 +528,19 @@ def misbehaving_providers() -> list[Provider]:
 
         return run
 
-    return [Provider("test-hang", hang), Provider("test-killed", killed), Provider("test-raises", raises)]
+    def fp32_inside(inp) -> Run:  # right to fp32's precision, whatever the inputs' dtype
+        return lambda: svgd_naive(inp.x.float(), inp.score.float(), inp.h.float()).to(inp.x.dtype)
+
+    def off_when_large(inp) -> Run:  # right at the check sizes (n <= 200), 30 % off beyond
+        factor = 1.3 if inp.x.shape[0] > 200 else 1.0
+        return lambda: svgd_naive(inp.x, inp.score, inp.h) * factor
+
+    def off(inp) -> Run:
+        return lambda: svgd_naive(inp.x, inp.score, inp.h) * 1.3
+
+    wrong = [Provider("test-fp32-inside", fp32_inside), Provider("test-off-when-large", off_when_large),
+             Provider("test-off", off)] if op == "svgd_step" else []  # fmt: skip
+    return [Provider("test-hang", hang), Provider("test-killed", killed), Provider("test-raises", raises), *wrong]
 
 
 def register(op: str, factory: Callable[[], list[Provider]]) -> None:
@@ -536,5 +554,5 @@ def providers_for(op: str) -> dict[str, Provider]:
         raise ValueError(f"unknown op {op!r}; choose from {', '.join(_FACTORIES)}")
     providers = _FACTORIES[op]()
     if os.environ.get("BMT_FAST_BENCH_TEST_PROVIDERS") == "1":
-        providers += misbehaving_providers()
+        providers += misbehaving_providers(op)
     return {p.name: p for p in providers}

@@ -50,7 +50,7 @@ def test_provider_matches_float64_reference(op, name, n, d):
     inputs = spec.make_inputs(Case(n, d), torch.float32, CPU, seed=3)
     expected = spec.reference(inputs.float64())
     provider = providers_for(op)[name]
-    assert harness.relative_error(provider.build(inputs)(), expected) <= provider.rtol
+    assert harness.relative_error(provider.build(inputs)(), expected) <= harness.tolerance(provider, torch.float32)
 
 
 @requires_cpu_extension
@@ -165,6 +165,75 @@ def test_failures_in_the_small_size_check_are_recorded_as_what_happened(tmp_path
         assert rows[("torch-naive", n)]["status"] == "ok"
 
 
+def test_a_provider_that_fails_its_check_is_not_timed(tmp_path, monkeypatch):
+    """A provider that disagrees with the reference (or raises) in the small-size check gets one row per size,
+    saying so: the worker had timed it all the same, and its second row ("ok" with a time, or "mismatch")
+    was the one the README's table showed."""
+    monkeypatch.setenv("BMT_FAST_BENCH_TEST_PROVIDERS", "1")
+    out = tmp_path / "failed.csv"
+    svgd_step.main(["--sizes", "64x4,16x300", "--out", str(out), "--providers", "test-off,test-raises,torch-naive"])
+    rows = read_csv(out)
+    for name, status in (("test-off", "wrong"), ("test-raises", "error")):
+        mine = [(r["n"], r["status"]) for r in rows if r["provider"] == name]
+        assert sorted(mine) == [("16", status), ("64", status)], mine
+    assert {r["status"] for r in rows if r["provider"] == "torch-naive"} == {"ok"}
+
+
+@pytest.mark.parametrize(
+    "dtype, name, n, status",
+    [
+        # fp32 arithmetic inside for float64 inputs: ~1e-7 off, which float64's tolerance of 1e-4 had let pass
+        ("float64", "test-fp32-inside", 64, "wrong"),
+        # right at the check sizes, 30 % off beyond: the bf16 cross-check had allowed 40 %
+        ("bfloat16", "test-off-when-large", 256, "mismatch"),
+    ],
+)
+def test_tolerances_follow_the_dtype(tmp_path, monkeypatch, dtype, name, n, status):
+    monkeypatch.setenv("BMT_FAST_BENCH_TEST_PROVIDERS", "1")
+    out = tmp_path / "tolerance.csv"
+    svgd_step.main(["--sizes", f"{n}x8", "--dtype", dtype, "--out", str(out), "--providers", f"torch-naive,{name}"])
+    rows = {r["provider"]: r for r in read_csv(out) if r["provider"] not in harness.LIMITS}
+    assert rows[name]["status"] == status, rows[name]
+    assert rows["torch-naive"]["status"] == "ok"
+    # the tolerances: float64 at rounding level, method errors unscaled, the cross-check capped
+    naive, sampled = providers_for("svgd_step")["torch-naive"], providers_for("median_bandwidth")["bmt_fast-sampled"]
+    assert harness.tolerance(naive, torch.float64) < 1e-11 < harness.tolerance(naive, torch.float32)
+    assert harness.tolerance(sampled, torch.float64) == 0.02
+    assert harness.cross_check_tolerance(naive, torch.bfloat16) == harness.CROSS_CHECK_CAP
+
+
+def test_a_row_cut_short_is_dropped_before_rows_are_appended(tmp_path, capsys):
+    """A run killed in the middle of writing a row left part of it: ended and kept, it made the plot script
+    refuse the whole file as damaged; a whole row without its newline is still kept."""
+    base = dict.fromkeys(CSV_HEADER, "")
+    base.update(device="dev", op="svgd_step", provider="p", dtype="float32", n="8", d="4", status="ok")
+    path = tmp_path / "a.csv"
+    harness.append_rows(path, [dict(base, time_median_s="1")])
+    with open(path, "a") as f:
+        f.write("2026-12-06T00:00:00+00:00,xx,svgd_step")
+    harness.append_rows(path, [dict(base, n="16", time_median_s="2")])
+    assert "dropped a row cut short (3 of" in capsys.readouterr().err
+    assert [(r["n"], r["time_median_s"]) for r in harness.read_rows(path)] == [("8", "1"), ("16", "2")]
+    assert [r["n"] for r in plot.latest_rows([path])] == ["8", "16"]
+
+
+def test_table_cells_from_another_run_than_their_limit_are_marked(tmp_path):
+    """The table keeps each provider's latest row: a cell from an older run than the row's limit column
+    has its ratio to its own run's limit, which the limit shown beside it does not give; it is marked."""
+    base = dict.fromkeys(CSV_HEADER, "")
+    base.update(device="dev (2 cores)", op="svgd_step", dtype="float32", n="16", d="4096", regime="few",
+                status="ok", limit_kind="copy", timestamp="2026-12-06T00:00:00")  # fmt: skip
+    rows = [
+        dict(base, run_id="old", provider="p", time_median_s="2e-3", time_vs_limit="2.0"),
+        dict(base, run_id="old", provider="limit-copy", time_median_s="1e-3", time_vs_limit="1.0"),
+        dict(base, run_id="new", provider="q", time_median_s="3e-3", time_vs_limit="1.5"),
+        dict(base, run_id="new", provider="limit-copy", time_median_s="2e-3", time_vs_limit="1.0"),
+    ]
+    harness.append_rows(tmp_path / "runs.csv", rows)
+    table = plot.markdown(plot.latest_rows([tmp_path / "runs.csv"]))
+    assert "| 16 | 4096 | 2 ms (2.00×) † | 3 ms (1.50×) | 2 ms |" in table, table
+
+
 @requires_cpu_extension
 def test_plots_and_readme_table(quick_svgd_csv, tmp_path):
     readme = tmp_path / "README.md"
@@ -220,6 +289,8 @@ def test_a_row_appended_after_a_cut_short_line_starts_its_own_line(tmp_path):
         (["--device", "foo"], "wants cpu or cuda"),
         (["--repeats", "0"], "wants a finite number > 0"),
         (["--max-call-seconds=-1"], "wants a finite number > 0"),
+        (["--compile-seconds=-1"], "wants a finite number >= 0"),
+        (["--case-budget-seconds=-5"], "wants a finite number >= 0"),
     ],
 )
 def test_bad_benchmark_options_are_argument_errors(argv, message, capsys):
@@ -232,6 +303,11 @@ def test_bad_benchmark_options_are_argument_errors(argv, message, capsys):
         with pytest.raises(SystemExit):
             harness.parser(svgd_step.SPEC).parse_args(["--device", "cuda"])
         assert "torch sees 0 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_providers_option_that_names_none_is_an_error():
+    with pytest.raises(SystemExit, match="--providers names no provider"):
+        svgd_step.main(["--providers", ",", "--sizes", "8x8"])
 
 
 def test_plot_refuses_what_would_wipe_or_misread_the_tables(tmp_path):
