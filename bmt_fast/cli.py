@@ -200,6 +200,7 @@ def _open_run(args: argparse.Namespace, command: str):
 def _source(args: argparse.Namespace) -> int:
     run = _open_run(args, "source")
     particles = run.source(run.cfg.source.method)
+    run.rewrite_results()
     if run.world.is_main:
         method = run.cfg.source.method
         print(f"source {method}: particles {tuple(particles.shape)} in {run.source_dir(method)}")

@@ -69,6 +69,16 @@ def test_missing_backbone_is_a_clear_error(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_results_name_the_backbone_that_ran(tmp_path):
+    """model.name_or_path given as an override: the results, their table and plot had named SmolLM2."""
+    from bmt_fast.transfer.config import ModelConfig
+
+    gguf = tmp_path / "pkg" / "SmolLM2.gguf"
+    assert demo.backbone_label(ModelConfig(name_or_path=str(tmp_path / "tiny"), gguf_file=""), gguf) == str(tmp_path / "tiny")
+    other = ModelConfig(name_or_path=str(gguf.parent), gguf_file="other.gguf")
+    assert demo.backbone_label(other, gguf) == f"{gguf.parent} (other.gguf)"
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, capsys):
     backbone_or_skip()

@@ -284,6 +284,34 @@ def test_check_split_finds_what_load_would_refuse_without_loading(tmp_path):
         get_task("squad").check_split("validation", tmp_path / "parquet")
 
 
+def test_a_row_the_task_cannot_read_is_named_by_its_place(tmp_path):
+    """A label that is no class, a null text: the error names the row (the first data row is 1), which the
+    messages had left out (the trainer adds the file: tests/trainer/test_trainer_config.py)."""
+    rows = _fixture_rows("rte", "validation")[:3]
+    (tmp_path / "rte").mkdir()
+    for bad, message in (({"label": 5}, r"row 2: task 'rte': label 5 is neither"),
+                         ({"sentence1": None}, r"row 2: task 'rte': column 'sentence1' is null")):  # fmt: skip
+        lines = [rows[0], {**rows[1], **bad}, rows[2]]
+        (tmp_path / "rte" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        with pytest.raises(ValueError, match=message):
+            get_task("rte").load("validation", data_dir=tmp_path)
+        with pytest.raises(ValueError, match=message):  # past a limit too, where a group is completed
+            get_task("rte").load("validation", data_dir=tmp_path, limit=2)
+
+
+def test_a_split_the_hub_cannot_give_names_the_settings_for_local_files(monkeypatch):
+    """Offline: the error tells where a data directory goes (it had named --data-dir / data_dir=, which the
+    trainer refuses: its setting is data.data_dir)."""
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match=r"trainer's data.data_dir=DIR, python -m bmt_fast.tasks --data-dir DIR"):
+        get_task("rte").load("validation")
+
+
 def test_two_files_for_one_split_are_ambiguous(tmp_path):
     (tmp_path / "rte").mkdir()
     for suffix in ("jsonl", "csv"):

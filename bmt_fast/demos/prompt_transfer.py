@@ -279,8 +279,7 @@ def run_demo(settings: DemoSettings, out_dir: Path, overrides: Sequence[str] = (
         write_results(run.dir, per_method)
 
     record = {
-        "backbone": f"{BACKBONE} ({BACKBONE_DISTRIBUTION} {importlib.metadata.version(BACKBONE_DISTRIBUTION)}, "
-        f"{gguf.name})",
+        "backbone": backbone_label(seed_cfgs[settings.seeds[0]].model, gguf),
         "target_task": syn.TARGET,
         "source_tasks": list(syn.SOURCES),
         "settings": {
@@ -302,6 +301,14 @@ def _copy_source_stage(source: Path, dest: Path) -> None:
     """A seed's run folder gets the finished source stage (particles, summary, metrics; no checkpoints)."""
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoint-*", ".checkpoint-*"))
+
+
+def backbone_label(mc, gguf: Path) -> str:
+    """What ran: the packaged SmolLM2 with its distribution's version, or the model the overrides named
+    (model.name_or_path / gguf_file; the results had named SmolLM2 whatever ran)."""
+    if Path(mc.name_or_path) == gguf.parent and mc.gguf_file == gguf.name:
+        return f"{BACKBONE} ({BACKBONE_DISTRIBUTION} {importlib.metadata.version(BACKBONE_DISTRIBUTION)}, {gguf.name})"
+    return mc.name_or_path + (f" ({mc.gguf_file})" if mc.gguf_file else "")
 
 
 def _trainer_settings(cfg) -> dict[str, Any]:

@@ -65,16 +65,24 @@ class Task(ABC):
 
         rows = load_rows(self, split, data_dir)
         if limit is None or limit >= len(rows):
-            return [self.format(row) for row in rows]
-        examples = [self.format(row) for row in rows[:limit]]
-        for row in rows[limit:]:
+            return [self._format_row(row, i) for i, row in enumerate(rows)]
+        examples = [self._format_row(row, i) for i, row in enumerate(rows[:limit])]
+        for i, row in enumerate(rows[limit:], limit):
             if not examples or examples[-1].group is None:
                 break
-            example = self.format(row)
+            example = self._format_row(row, i)
             if example.group != examples[-1].group:
                 break
             examples.append(example)
         return examples
+
+    def _format_row(self, row: dict, index: int) -> Example:
+        """format(row), a row it cannot read named by its place in the split (1 = the first data row)."""
+        try:
+            return self.format(row)
+        except (ValueError, KeyError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise ValueError(f"row {index + 1}: {message}") from error
 
     def check_split(self, split: str, data_dir: str | Path | None = None) -> None:
         """Raise ValueError / FileNotFoundError when `load(split, data_dir)` clearly cannot work, without

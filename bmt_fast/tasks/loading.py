@@ -117,7 +117,8 @@ def _load_hub(task: "Task", split: str):
     except ConnectionError as error:  # offline, or the hub is unreachable
         raise ConnectionError(
             f"task {task.name!r}: could not load {task.hub_path} (config {task.hub_config}, split {hub_split}) "
-            f"from the hub: {error}. Pass a data directory (--data-dir / data_dir=) holding "
+            f"from the hub: {error}. Pass a data directory (the trainer's data.data_dir=DIR, python -m "
+            f"bmt_fast.tasks --data-dir DIR, or Task.load(..., data_dir=DIR)) holding "
             f"{task.name}/{split}.jsonl, .csv or .parquet in the hub's schema."
         ) from error
 

@@ -144,7 +144,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if loaded is not None and not isinstance(loaded, dict):
@@ -153,6 +153,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for item in overrides:
         _apply_override(data, item)
     return from_dict(RunConfig, data)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML forbids it; PyYAML kept the last, so a
+    second `source:` section replaced the whole first one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.YAMLError(f"the key {key!r} is given twice in one mapping (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -426,6 +441,10 @@ def check_files(cfg: RunConfig) -> None:
         _check_hub_name("model.tokenizer", mc.tokenizer, "tokenizer_config.json")
     if cfg.data.data_dir is not None and not Path(cfg.data.data_dir).is_dir():
         raise ConfigError(f"data.data_dir: folder not found: {cfg.data.data_dir}")
+    out = Path(cfg.output_dir or ".")
+    existing = next((q for q in (out, *out.parents) if q.exists()), None)
+    if existing is not None and not existing.is_dir():  # (mkdir had failed with a traceback)
+        raise ConfigError(f"output_dir: {existing} is a file, not a folder")
 
 
 def _check_hub_name(key: str, name: str, filename: str) -> None:

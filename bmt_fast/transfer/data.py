@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -33,25 +34,38 @@ def load_examples(task: Task, split: str, data_dir: str | None = None, limit: in
     """task.load(...), its errors as DataError (the CLI reports them without a traceback): also a file that
     `datasets` or pyarrow cannot parse (a malformed line anywhere in it), and examples without a label (every
     caller trains or scores them)."""
+    where = _split_file(task, split, data_dir)
     try:
         examples = task.load(split, data_dir, limit=limit)
     except (ValueError, KeyError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise DataError(f"{task.name} {split}: {message}") from error
+        raise DataError(f"{task.name} {split}{where}: {message}") from error
     except Exception as error:
         if not type(error).__module__.startswith(("datasets", "pyarrow")):
             raise
         cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
-        raise DataError(f"{task.name} {split}: {type(error).__name__}: {error}{cause}"[:2000]) from error
+        raise DataError(f"{task.name} {split}{where}: {type(error).__name__}: {error}{cause}"[:2000]) from error
     if not examples:
-        raise DataError(f"task {task.name!r} has no {split} examples")
+        raise DataError(f"task {task.name!r} has no {split} examples{where}")
     missing = sum(1 for e in examples if e.label is None and not e.answers and not e.target_text.strip())
     if missing:
         raise DataError(
-            f"task {task.name!r}, split {split!r}: {missing} of {len(examples)} examples have no label (label "
-            f"-1, or no answers: a hidden test split?); training and scoring need labelled examples"
+            f"task {task.name!r}, split {split!r}{where}: {missing} of {len(examples)} examples have no label "
+            f"(label -1, or no answers: a hidden test split?); training and scoring need labelled examples"
         )
     return examples
+
+
+def _split_file(task: Task, split: str, data_dir: str | None) -> str:
+    """' (<the file>)' of a split read from data_dir, for the errors about its rows; '' otherwise."""
+    if data_dir is None:
+        return ""
+    from ..tasks.loading import local_split_file
+
+    try:
+        return f" ({local_split_file(task, split, Path(data_dir))})"
+    except (ValueError, KeyError, OSError):  # (no such file: the load's own error says so)
+        return ""
 
 
 def load_task_data(

@@ -76,7 +76,7 @@ class PromptedModel:
         self.kind = ENCODER_DECODER if model.config.is_encoder_decoder else DECODER_ONLY
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
-        self.target_prefix = target_prefix if self.kind == DECODER_ONLY else ""
+        self.target_prefix = target_prefix_of(self.kind, target_prefix)
         self.pad_id = _pad_id(model, tokenizer)
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
@@ -120,18 +120,8 @@ class PromptedModel:
         return Encoded(tuple(source), tuple(target))
 
     def check_label_words(self, task_name: str, label_words: Sequence[str] | None) -> None:
-        """ConfigError where a label word's target ids (with EOS) pass max_target_length: encode_pair would cut
-        them, and ranking scored (and training taught) the cut words (at 1, every class only its EOS: the
-        same NLL for all, argmin class 0)."""
-        for word in label_words or ():
-            count = len(self.tokenizer(self.target_prefix + word, add_special_tokens=False)["input_ids"]) + 1
-            if count > self.max_target_length:
-                from .config import ConfigError  # (a setting this tokenizer cannot serve: exit 2, one line)
-
-                raise ConfigError(
-                    f"model.max_target_length={self.max_target_length} cuts task {task_name!r}'s label word "
-                    f"{word!r} ({count} target tokens with EOS); raise it to at least {count}"
-                )
+        """ConfigError where a label word's target ids (with EOS) pass max_target_length (check_label_words)."""
+        check_label_words(self.tokenizer, self.target_prefix, self.max_target_length, [(task_name, label_words)])
 
     def collate(self, encoded: Sequence[Encoded]) -> Batch:
         if not encoded:
@@ -290,6 +280,35 @@ def init_prompts(
     picks = torch.randint(len(candidates), (num_prompts, length), generator=generator)
     # Only the picked rows leave the device (a large vocabulary's float32 copy would be GBs).
     return weight[candidates[picks].to(weight.device)].float().cpu() * scale
+
+
+def target_prefix_of(kind: str, target_prefix: str) -> str:
+    """The text between input and answer: model.target_prefix for decoder-only backbones (their answer follows
+    the input in one sequence), none for encoder-decoder ones (the answer is the decoder's own sequence)."""
+    return target_prefix if kind == DECODER_ONLY else ""
+
+
+def check_label_words(
+    tokenizer, target_prefix: str, max_target_length: int, tasks: Sequence[tuple[str, Sequence[str] | None]]
+) -> None:
+    """ConfigError where a label word's target ids (with EOS) pass max_target_length: encode_pair would cut
+    them, and ranking scored (and training taught) the cut words (at 1, every class only its EOS: the same NLL
+    for all, argmin class 0). The length asked for is that of the longest word of all `tasks` (task name,
+    label words), so that one change serves them all (the first word's count had been too short for others)."""
+    longest = None
+    for task_name, words in tasks:
+        for word in words or ():
+            count = len(tokenizer(target_prefix + word, add_special_tokens=False)["input_ids"]) + 1
+            if count > max_target_length and (longest is None or count > longest[0]):
+                longest = (count, task_name, word)
+    if longest is not None:
+        from .config import ConfigError  # (a setting this tokenizer cannot serve: exit 2, one line)
+
+        count, task_name, word = longest
+        raise ConfigError(
+            f"model.max_target_length={max_target_length} cuts label words (the longest: task {task_name!r}'s "
+            f"{word!r}, {count} target tokens with EOS); raise it to at least {count}"
+        )
 
 
 def embedding_scale(embedding: torch.nn.Module) -> float:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,7 +48,15 @@ from .evaluate import evaluate_prompt, mean_nll
 from .loop import SINGLE_PROCESS, CheckpointHook, LoopSettings, World, run_loop
 from .metrics_log import plain, to_json
 from .peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft_prompt
-from .prompts import PromptedModel, embedding_scale, init_prompts
+from .prompts import (
+    DECODER_ONLY,
+    ENCODER_DECODER,
+    PromptedModel,
+    check_label_words,
+    embedding_scale,
+    init_prompts,
+    target_prefix_of,
+)
 from .source import ParticleTrainer, ParticleUpdate, likelihood_coefficients, source_layout
 from .target import KDEPrior, TargetPrompt, TargetTrainer
 
@@ -117,18 +127,68 @@ def load_pretrained(mc: ModelConfig, longest: SequenceLengths | None = None):
     weights partitioned as they load: see deepspeed_support). longest: the sequence lengths the run needs
     (longest_sequence), checked against the model's position limit before the weights load (learned position
     embeddings, GPT-2's or BART's, raised an IndexError inside the forward; T5's relative ones have none)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    config, tokenizer = config_and_tokenizer(mc)
+    check_positions(config, longest, mc.name_or_path)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     gguf = {"gguf_file": mc.gguf_file} if mc.gguf_file else {}
-    config = AutoConfig.from_pretrained(mc.name_or_path, **gguf)
+    model = cls.from_pretrained(mc.name_or_path, dtype=getattr(torch, mc.dtype), **gguf)
+    return model, tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _config_and_tokenizer(name_or_path: str, gguf_file: str | None, tokenizer_name: str | None, stamp: tuple):
+    from transformers import AutoConfig, AutoTokenizer
+
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(name_or_path, **gguf)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name_or_path, **({} if tokenizer_name else gguf))
+    return config, tokenizer
+
+
+def config_and_tokenizer(mc: ModelConfig):
+    """The backbone's transformers config and its tokenizer, read once per process (check_backbone_fits reads
+    them before anything is written, load_pretrained again when the weights load: a GGUF file's take seconds)."""
+    stamp = tuple(_files_stamp(path) for path in (mc.name_or_path, mc.tokenizer))
+    return _config_and_tokenizer(mc.name_or_path, mc.gguf_file or None, mc.tokenizer or None, stamp)
+
+
+def _files_stamp(path: str | None) -> tuple:
+    """The names, sizes and modification times of a local folder's files (a folder written again in place
+    is read again); () for a hub name."""
+    folder = Path(os.path.expanduser(path)) if path else None
+    if folder is None or not folder.is_dir():
+        return ()
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+
+
+def check_positions(config, longest: SequenceLengths | None, name: str) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     over = longest.over_limit(config.is_encoder_decoder, limit) if longest and isinstance(limit, int) else None
     if over:
-        raise ConfigError(f"{over} positions, but {mc.name_or_path} takes at most {limit}: shorten them")
-    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = cls.from_pretrained(mc.name_or_path, dtype=getattr(torch, mc.dtype), **gguf)
-    tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.name_or_path, **({} if mc.tokenizer else gguf))
-    return model, tokenizer
+        raise ConfigError(f"{over} positions, but {name} takes at most {limit}: shorten them")
+
+
+def check_backbone_fits(cfg: RunConfig, command: str, pm: PromptedModel | None = None) -> None:
+    """What the backbone's config and tokenizer can tell before a stage trains or a file is written: the
+    sequence lengths against its position limit, and that model.max_target_length holds the label words of
+    every task the command reads (a target task's had been checked only after `transfer` trained its source
+    stages, which the fix, a longer max_target_length, then refused to resume). `pm`: a loaded backbone."""
+    if pm is not None:
+        config, tokenizer, prefix = pm.model.config, pm.tokenizer, pm.target_prefix
+    else:
+        config, tokenizer = config_and_tokenizer(cfg.model)
+        kind = ENCODER_DECODER if config.is_encoder_decoder else DECODER_ONLY
+        prefix = target_prefix_of(kind, cfg.model.target_prefix)
+    check_positions(config, longest_sequence(cfg), cfg.model.name_or_path)
+    names = []
+    if command in ("source", "transfer") and source_methods_for(cfg, command):
+        names += cfg.data.source_tasks
+    if command != "source":
+        names.append(cfg.data.target_task)
+    tasks = [(name, get_task(name).label_words) for name in names]
+    check_label_words(tokenizer, prefix, cfg.model.max_target_length, tasks)
 
 
 def prompted_model(model, tokenizer, mc: ModelConfig, device: torch.device) -> PromptedModel:
@@ -169,6 +229,7 @@ class Run:
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         check_config(cfg, command)
+        check_backbone_fits(cfg, command, pm)
         self.cfg = cfg
         self.command = command
         self.resume = resume
@@ -184,6 +245,8 @@ class Run:
             # command writes it again when it finishes (a run that failed after the removal left it stale)
             for name in RESULTS_FILES:
                 (self.dir / name).unlink(missing_ok=True)
+        # (`target` / `transfer` write the table when they finish; `source` writes it again: see rewrite_results)
+        self.results_removed = overwrite
         world.barrier()
         self._pm = pm
 
@@ -423,6 +486,15 @@ class Run:
         self.world.barrier()
         return results
 
+    def rewrite_results(self) -> None:
+        """After `source --overwrite` removed the table (it may have held rows of targets trained from what was
+        removed): the table of the finished targets that still match this configuration, which a retrained
+        source of the same settings leaves valid (it had stayed removed until another `target` or `eval`)."""
+        if self.results_removed and self.cfg.data.target_task and self.world.is_main:
+            results = self.with_other_methods({})
+            if results:
+                write_results(self.dir, results)
+
     def with_other_methods(self, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """`results` followed by the eval.json of every other target method finished in the run folder under
         this configuration (checkpoints trained with the same settings) on the same split: the table of
@@ -629,8 +701,9 @@ def _trajectory_config(
     """The configuration that determines a stage's trajectory (what must not change across a resume):
     all but RESUMABLE_CHANGES and the settings the stage does not read (a source stage: the target section
     and data.target_task; a target stage without a source stage: the source section and
-    data.source_tasks). A target stage starts from the particles of its source stage: source.steps counts.
-    with_steps: the stage's own steps count too."""
+    data.source_tasks; and the settings its method does not read: _drop_unread_settings). A target stage
+    starts from the particles of its source stage: source.steps counts. with_steps: the stage's own steps
+    count too."""
     drop = set(RESUMABLE_CHANGES) | {"output_dir"}
     out = {
         section: ({k: v for k, v in values.items() if k not in drop} if isinstance(values, dict) else values)
@@ -648,7 +721,52 @@ def _trajectory_config(
         out["source"]["steps"] = config["source"].get("steps")
     if with_steps and isinstance(out.get(stage), dict):
         out[stage]["steps"] = config[stage].get("steps")
+    _drop_unread_settings(out, stage, method)
+    for section, key in (("data", "data_dir"), ("model", "name_or_path"), ("model", "tokenizer")):
+        values = out.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = _local_place(values[key])
     return out
+
+
+def _local_place(path: str) -> str:
+    """A folder that exists here as its real path (`data/full`, `./data/full` and its absolute path had been
+    three configurations); anything else (a hub name, a folder gone) as written."""
+    expanded = os.path.expanduser(path)
+    return os.path.realpath(expanded) if os.path.exists(expanded) else path
+
+
+# Source settings a method does not read: SPoT trains one prompt per task by gradient steps from uniform
+# batches, multitask one prompt (source.bandwidth is SVGD's; in their diagnostics only a logged number).
+UNREAD_SOURCE_SETTINGS = {
+    "spot": ("num_particles", "sampling", "bandwidth"),
+    "multitask": ("num_particles", "bandwidth"),
+}
+
+
+def _drop_unread_settings(out: dict[str, Any], stage: str, method: str | None) -> None:
+    """Settings of the config's own sections that this stage's method never reads (a change of them had
+    refused to reuse a stage that did not depend on them: a spot source for another source.num_particles, a
+    prompt_tuning target for another target.kde_weight, a bmtpt row of the table for another
+    target.particle_index)."""
+    source_method = method if stage == "source" else TARGET_METHODS.get(method or "", (None,))[0]
+    source = out.get("source")
+    if isinstance(source, dict):
+        for key in UNREAD_SOURCE_SETTINGS.get(source_method or "", ()):
+            source.pop(key, None)
+    target = out.get("target")
+    if stage != "target" or not isinstance(target, dict):
+        return
+    if method != "bmtpt_particle":
+        target.pop("particle_index", None)
+    if method != "spot_best":
+        target.pop("selection_examples", None)
+    if source_method is None:  # no particles: no prior
+        target.pop("kde_weight", None)
+        target.pop("kde_bandwidth", None)
+    if target.get("prompt_type") == "plain":  # (the low-rank factors are MPT's)
+        target.pop("rank", None)
+        target.pop("lowrank_lr", None)
 
 
 def _warn_if_not_finite(name: str, metrics: dict[str, Any]) -> None:

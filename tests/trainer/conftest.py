@@ -1,4 +1,4 @@
-"""Fixtures of the trainer tests: tiny T5 / Llama folders built once per session, configs that use them."""
+"""Fixtures of the trainer tests: tiny T5 / Llama / Marian folders built once per session, configs that use them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import synthetic_tasks  # noqa: E402,F401  (registers the synthetic tasks)
 from tiny import save_tiny  # noqa: E402
 
-KINDS = ("t5", "llama")
+KINDS = ("t5", "llama", "marian")
 
 
 @pytest.fixture(scope="session")

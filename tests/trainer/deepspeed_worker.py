@@ -12,6 +12,8 @@ it saw in WORK_DIR/rank<r>.pt (files the first process wrote are read by the tes
     zero2_cli       tiny T5, ZeRO-2 (the backbone replicated), `bmt-fast source --deepspeed`
     zero3_offload   tiny T5 (tied embeddings), ZeRO-3 with offload_param, `bmt-fast source --deepspeed`, one
                     example per task (the first process has none and runs a weight-0 example)
+    zero3_marian    tiny Marian (scales its encoder's token embeddings for input_ids only), ZeRO-3,
+                    `bmt-fast source --deepspeed`
     zero3_bf16      tiny Llama in bf16, ZeRO-3 with DeepSpeed's bf16 section, `bmt-fast source --deepspeed`
 """
 
@@ -110,7 +112,7 @@ def cli(work: Path, scenario: str, *, last: bool) -> dict:
 def main(work: Path) -> None:
     torch.set_num_threads(1)
     results = {"zero3": zero3(work)}
-    scenarios = ("zero2_cli", "zero3_offload", "zero3_bf16")
+    scenarios = ("zero2_cli", "zero3_offload", "zero3_marian", "zero3_bf16")
     for name in scenarios:
         results[name] = cli(work, name, last=name == scenarios[-1])
     # (no group now: the last command destroyed it)

@@ -101,9 +101,50 @@ def test_results_cover_every_method_finished_in_the_run_folder(model_dirs, tmp_p
     assert not (run_dir / "target-prompt_tuning").exists() and (run_dir / "target-bmtpt").is_dir()
     assert main(["target", *config, "target.methods=[prompt_tuning]", "target.lr=0.2", "--overwrite"]) == 0
     assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
+    # `source --overwrite` removes the table too (its rows may come from the removed source), and writes
+    # that of the targets which still match when it finishes (it had stayed removed until a `target` or `eval`)
+    assert main(["source", *config, "--overwrite"]) == 0
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["bmtpt"]  # (its source: the same)
+    assert "| bmtpt |" in (run_dir / "results.md").read_text()
     # `eval` replaces the table by what it evaluated (maybe on another split), as documented.
     assert main(["eval", *config, "--split", "train"]) == 0
     assert list(json.loads((run_dir / "results.json").read_text())) == ["bmtpt"]
+
+
+def test_settings_a_method_does_not_read_do_not_block_its_stages(model_dirs, tmp_path, capsys):
+    """A change of a setting a stage's method never reads had refused to reuse or resume it: SPoT's source
+    for another source.num_particles (one prompt per task), prompt_tuning for another target.kde_weight (no
+    source, no prior) or target.selection_examples (spot_best's), a bmtpt row of the table for another
+    target.particle_index (bmtpt_particle's). Settings the method reads still count."""
+    config = _config(tmp_path, model_dirs, source={"steps": 2, "method": "spot"},
+                     target={"steps": 2, "methods": ["prompt_tuning", "bmtpt"]})  # fmt: skip
+    run_dir = tmp_path / "run"
+    assert main(["source", *config]) == 0
+    assert main(["source", *config, "source.num_particles=5", "--resume"]) == 0
+    assert main(["source", *config, "source.lr=0.5", "--resume"]) == 2  # read: refused
+    assert "the configuration changed (source.lr: " in capsys.readouterr().err
+    assert main(["transfer", *config]) == 0
+    unread = ["target.selection_examples=3", "target.particle_index=1"]  # read by neither method
+    assert main(["target", *config, "target.methods=[prompt_tuning]", *unread, "target.kde_weight=0.5", "--resume"]) == 0
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]  # (bmtpt reads it)
+    assert main(["target", *config, "target.methods=[prompt_tuning]", *unread, "--resume"]) == 0
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning", "bmtpt"]
+    capsys.readouterr()
+    assert main(["target", *config, "target.methods=[bmtpt]", "target.kde_weight=0.5", "--resume"]) == 2
+    assert "the configuration changed (target.kde_weight: 0.0 -> 0.5); " in capsys.readouterr().err
+
+
+def test_a_folder_written_another_way_is_the_same_configuration(model_dirs, tmp_path, capsys):
+    """model.name_or_path (data.data_dir, model.tokenizer alike) compared as strings had refused a stage for
+    `./models/t5` against `models/t5` or its absolute path; folders that exist are compared as real paths."""
+    import os
+
+    config = _config(tmp_path, model_dirs, source={"steps": 2})
+    assert main(["source", *config]) == 0
+    for written in (f"{model_dirs['llama']}/.", os.path.relpath(model_dirs["llama"])):
+        assert main(["source", *config, f"model.name_or_path={written}", "--resume"]) == 0, capsys.readouterr().err
+    assert main(["source", *config, f"model.name_or_path={model_dirs['t5']}", "--resume"]) == 2
+    assert "the configuration changed (model.name_or_path: " in capsys.readouterr().err
 
 
 def _strict_json(path):
@@ -167,6 +208,12 @@ def test_errors_of_the_user_are_messages_not_tracebacks(model_dirs, tmp_path, ca
     (tmp_path / "broken.yaml").write_text("source: {steps: [1,\n")
     assert main(["source", "--config", str(tmp_path / "broken.yaml")]) == 2
     assert "broken.yaml is not valid YAML" in capsys.readouterr().err
+    # an output_dir that is a file (or under one): mkdir's traceback had come after the checks
+    (tmp_path / "file").write_text("")
+    for out in ("file", "file/run"):
+        assert main(["source", *config, f"output_dir={tmp_path / out}"]) == 2
+        err = capsys.readouterr().err
+        assert f"output_dir: {tmp_path / 'file'} is a file, not a folder" in err and "Traceback" not in err
 
 
 def test_plot_skips_a_last_metrics_line_cut_short(model_dirs, tmp_path, capsys):

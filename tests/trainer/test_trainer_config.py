@@ -61,6 +61,17 @@ def test_a_config_file_that_is_not_yaml(tmp_path):
         load_config(tmp_path / "run.yaml")
 
 
+def test_a_key_given_twice_is_a_config_error(tmp_path):
+    """YAML forbids a key twice in one mapping; PyYAML kept the last, so a second `source:` section (appended
+    to a config) replaced the whole first one silently: its num_particles and lr went back to the defaults."""
+    (tmp_path / "run.yaml").write_text("source:\n  num_particles: 3\n  lr: 0.05\nseed: 1\nsource:\n  steps: 2\n")
+    with pytest.raises(ConfigError, match="the key 'source' is given twice in one mapping \\(lines 1 and 5\\)"):
+        load_config(tmp_path / "run.yaml")
+    (tmp_path / "run.yaml").write_text("source:\n  steps: 2\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="the key 'steps' is given twice"):
+        load_config(tmp_path / "run.yaml")
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -127,14 +138,15 @@ def _rte_files(folder, train=None, validation=None):
         # every row is read (a malformed last line, an unlabelled split) before anything trains: these were
         # found only when the target stage loaded them, after the source stage had trained
         ({"train": '{"sentence1": "a", "sentence2": "b", "label": 0, "idx": 0}\n{oops\n'},
-         "data.target_task: rte train: DatasetGenerationError"),
+         r"data.target_task: rte train \(.*rte/train.jsonl\): DatasetGenerationError"),
         ({"validation": [{"sentence1": "a", "sentence2": "b", "label": -1, "idx": 0}]},
-         "data.eval_split: task 'rte', split 'validation': 1 of 1 examples have no label"),
+         r"data.eval_split: task 'rte', split 'validation' \(.*rte/validation.jsonl\): 1 of 1 examples have no label"),
         ({"train": [{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0},
                     {"sentence1": "c", "sentence2": "d", "label": -1, "idx": 1}]},
-         "data.target_task: task 'rte', split 'train': 1 of 2 examples have no label"),
+         r"data.target_task: task 'rte', split 'train' \(.*rte/train.jsonl\): 1 of 2 examples have no label"),
         ({"validation": [{"sentence1": None, "sentence2": "b", "label": 0, "idx": 0}]},
-         "data.eval_split: rte validation: task 'rte': column 'sentence1' is null"),
+         # (the file and the row named: the messages had named only the task and split)
+         r"data.eval_split: rte validation \(.*rte/validation.jsonl\): row 1: task 'rte': column 'sentence1' is null"),
     ],
 )
 def test_target_data_files_are_checked_before_the_source_stage_trains(model_dirs, tmp_path, files, message):
@@ -243,17 +255,30 @@ def test_a_vocab_top_k_of_special_tokens_only_is_a_config_error(model_dirs, tmp_
 def test_a_max_target_length_that_cuts_a_label_word_is_a_config_error(model_dirs, tmp_path, kind):
     """model.max_target_length below a label word's tokens (with EOS): the words had been cut silently (at 1,
     every class was only its EOS, the same NLL for all, argmin class 0). Now a configuration error naming the
-    word and the length it needs, before training and in evaluate_prompt."""
+    longest word of all the tasks the command reads and the length it needs, before anything is written (from
+    the tokenizer alone; `transfer` had found the target task's only after training its source stages, and a
+    longer max_target_length then could not resume them), and in evaluate_prompt."""
+    from bmt_fast.transfer import load_backbone
     from bmt_fast.transfer.evaluate import evaluate_prompt
     from synthetic_tasks import TASKS
 
-    run = Run(make_config(tmp_path / "run", model_dirs[kind], model={"max_target_length": 1}), "source")
-    with pytest.raises(ConfigError, match=r"model.max_target_length=1 cuts task 'movie_sentiment'.*'positive'"):
-        run.source_trainer("bmtpt")
+    tokenizer = load_backbone(make_config(tmp_path / "unused", model_dirs[kind])).tokenizer
+    prefix = " " if kind == "llama" else ""
+
+    def needed(name):
+        return max(len(tokenizer(prefix + w, add_special_tokens=False)["input_ids"]) + 1 for w in TASKS[name].label_words)
+
+    read = {"source": ["movie_sentiment", "topic"], "eval": ["product_sentiment"]}
+    read["transfer"] = read["source"] + read["eval"]
+    for command, names in read.items():
+        longest = max(names, key=needed)  # (the first of equals, as the check reports it)
+        cfg = make_config(tmp_path / command, model_dirs[kind], model={"max_target_length": 1})
+        with pytest.raises(ConfigError, match=rf"max_target_length=1 cuts .*task '{longest}'.*at least {needed(longest)}$"):
+            Run(cfg, command)
+        assert not (tmp_path / command).exists()  # nothing written, nothing trained
+    enough = max(needed(name) for name in read["transfer"])
+    run = Run(make_config(tmp_path / "run", model_dirs[kind], model={"max_target_length": enough}), "transfer")
     task = TASKS["movie_sentiment"]
+    run.pm.max_target_length = 1
     with pytest.raises(ConfigError, match="raise it to at least"):
         evaluate_prompt(run.pm, run.initial_prompts(1)[0], task, task.examples["validation"][:2], batch_size=4)
-    needed = max(len(run.pm.tokenizer(run.pm.target_prefix + w, add_special_tokens=False)["input_ids"]) + 1
-                 for w in task.label_words)  # fmt: skip
-    run.pm.max_target_length = needed  # just enough: accepted
-    run.pm.check_label_words(task.name, task.label_words)

@@ -141,17 +141,14 @@ def test_a_backbone_that_scales_token_embeddings_only_for_input_ids(backbones, s
     embed_tokens(input_ids) by sqrt(d_model) only when given input_ids: the tokens fed as inputs_embeds had
     gone in at 1/sqrt(d_model) of their size, silently. A hard prompt (the embeddings of some tokens) now
     gives the model's own loss of those tokens before the input."""
-    from transformers import MarianConfig, MarianMTModel
+    from transformers import MarianMTModel
 
     from bmt_fast.transfer.prompts import PromptedModel
+    from tiny import marian_config
 
     tokenizer = backbones["t5"].tokenizer
     torch.manual_seed(0)
-    config = MarianConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
-                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                          decoder_ffn_dim=32, max_position_embeddings=64, scale_embedding=scale_embedding,
-                          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=None,
-                          init_std=0.3)  # fmt: skip (the default 0.02 leaves the loss nearly blind to the encoder)
+    config = marian_config(len(tokenizer), scale_embedding)
     pm = PromptedModel(MarianMTModel(config).eval(), tokenizer, max_source_length=32, max_target_length=8)
     assert pm.input_scale() == (4.0 if scale_embedding else 1.0)
     prompt_ids = torch.tensor([[5, 9, 12]])

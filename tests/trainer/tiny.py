@@ -1,4 +1,4 @@
-"""Tiny T5 and Llama backbones built from configs, with a BPE tokenizer trained offline (no downloads)."""
+"""Tiny T5, Llama and Marian backbones built from configs, with a BPE tokenizer trained offline (no downloads)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ SPECIAL = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0, 1, 2, 3
 
 
 def train_tokenizer(texts: list[str], style: str):
-    """A PreTrainedTokenizerFast: T5 style appends </s> to inputs, Llama style prepends <s>."""
+    """A PreTrainedTokenizerFast: Llama style prepends <s> to inputs, the others (T5, Marian) append </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -18,17 +18,32 @@ def train_tokenizer(texts: list[str], style: str):
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(texts * 2, trainers.BpeTrainer(vocab_size=160, special_tokens=SPECIAL, show_progress=False))
-    template = "$A </s>" if style == "t5" else "<s> $A"
+    template = "<s> $A" if style == "llama" else "$A </s>"
     tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", 1), ("<s>", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
     )
 
 
+def marian_config(vocab_size: int, scale_embedding: bool = True):
+    """Marian's encoder with scale_embedding multiplies embed_tokens(input_ids) by sqrt(d_model) = 4 only when
+    given input_ids (PromptedModel.input_scale); init_std 0.3 (the default 0.02 leaves the loss nearly blind
+    to the encoder)."""
+    from transformers import MarianConfig
+
+    return MarianConfig(vocab_size=vocab_size, d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                        decoder_ffn_dim=32, max_position_embeddings=64, scale_embedding=scale_embedding,
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=None,
+                        init_std=0.3)  # fmt: skip
+
+
 def build_model(kind: str, vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import LlamaConfig, LlamaForCausalLM, MarianMTModel, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
+    if kind == "marian":
+        return MarianMTModel(marian_config(vocab_size)).eval()
     if kind == "t5":
         config = T5Config(
             vocab_size=vocab_size,
