@@ -51,6 +51,15 @@ def _transforms_running() -> bool:
     return not torch.compiler.is_compiling() and _transforms_active()
 
 
+def traced_under_transform() -> bool:
+    """Whether torch.compile is tracing code that a torch.func transform (vmap, grad, ...) runs. There a
+    check that reads a value back (the NaN/Inf scans' .item()) fails with vmap's own error ("calling .item()
+    on a Tensor"), and dynamo cannot split its graph inside the transform: the public ops then run through
+    torch._dynamo.disable'd calls (dynamo runs those eagerly, where the op's vmap rule checks each set as a
+    single call would)."""
+    return _transforms_active() and torch.compiler.is_compiling()
+
+
 def _only_functionalize() -> bool:
     try:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters

@@ -78,6 +78,8 @@ def svgd_step(
     move by x <- x + lr * phi (or give -phi to a torch optimizer as the gradient, as `bmt_fast.SVGD` does).
     Under torch.func.vmap it steps each particle set of the batch as a single call would (README, "torch.func").
     """
+    if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
+        return _EAGER["svgd_step"](x, score, bandwidth, backend=backend, check_inputs=True, group=group, out=out)
     if _functorch.active():  # inside torch.func.vmap / grad / ...: the op per batch entry, no gradient
         return _functorch.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group, out=out)
     return _svgd_step(x, score, bandwidth, backend, check_inputs, group, out)
@@ -213,6 +215,8 @@ def rbf_kernel(
     fp32 inputs follow torch.set_float32_matmul_precision as svgd_step does. Works under torch.func
     transforms too: vmap (per batch entry), grad / vjp / jacrev / hessian (README, "torch.func").
     """
+    if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
+        return _EAGER["rbf_kernel"](x, y, bandwidth, backend=backend, check_inputs=True)
     if _functorch.active() or _functorch.forward_ad_active():
         return _functorch.rbf_kernel(x, y, bandwidth, backend, check_inputs)
     return _rbf_kernel(x, y, bandwidth, backend, check_inputs)[0]
@@ -267,6 +271,10 @@ def median_bandwidth(
     Returns a 0-dim tensor: float64 for float64 input, float32 otherwise, on x's device. Under
     torch.func.vmap, one per batch entry; "sampled" follows vmap's `randomness` (README, "torch.func").
     """
+    if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
+        return _EAGER["median_bandwidth"](
+            x, method=method, num_pairs=num_pairs, generator=generator, backend=backend, check_inputs=True
+        )
     if _functorch.active():
         return _functorch.median_bandwidth(x, method, num_pairs, generator, backend, check_inputs)
     check_particles("x", x)
@@ -342,3 +350,6 @@ def _register_autograd() -> None:
 
 
 _register_autograd()
+
+# The public ops as calls that torch.compile runs eagerly (see _functorch.traced_under_transform).
+_EAGER = {op.__name__: torch._dynamo.disable(op) for op in (svgd_step, rbf_kernel, median_bandwidth)}

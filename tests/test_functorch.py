@@ -408,6 +408,28 @@ def test_registered_ops_and_compiled_vmaps_take_torchs_per_entry_fallback():
     torch.testing.assert_close(step(x, score), looped(lambda a, s: bmt_fast.svgd_step(a, s, BANDWIDTH), x, score))
 
 
+def test_compiled_vmaps_check_their_inputs():
+    """torch.compile of a vmapped function with the checks on (the default): the entries as single calls
+    give them, and a NaN is the op's own error (the NaN/Inf scans' .item() had failed inside the traced
+    vmap with vmap's "calling .item() on a Tensor"; the ops now run eagerly there)."""
+    torch._dynamo.reset()
+    x = torch.randn(3, 20, 4, dtype=torch.float64)
+    score = torch.randn(3, 20, 4, dtype=torch.float64)
+    cases = {
+        "svgd_step": lambda a, s: bmt_fast.svgd_step(a, s, BANDWIDTH),
+        "svgd_step median": lambda a, s: bmt_fast.svgd_step(a, s),
+        "rbf_kernel": lambda a, s: bmt_fast.rbf_kernel(a, s),
+        "median_bandwidth": lambda a, s: bmt_fast.median_bandwidth(a),
+    }
+    bad = x.clone()
+    bad[1, 3, 2] = float("nan")
+    for name, fn in cases.items():
+        compiled = torch.compile(torch.func.vmap(fn), backend="eager")
+        torch.testing.assert_close(compiled(x, score), looped(fn, x, score), rtol=0, atol=0, msg=name)
+        with pytest.raises(ValueError, match="x contains 1 NaN/Inf value"):
+            compiled(bad, score)
+
+
 @pytest.fixture
 def two_threads():
     """Two intra-op threads (CI's machine has two cores), so that the batched op spreads sets over them."""
