@@ -299,6 +299,20 @@ def test_a_row_the_task_cannot_read_is_named_by_its_place(tmp_path):
             get_task("rte").load("validation", data_dir=tmp_path, limit=2)
 
 
+def test_a_null_word_index_is_named_by_its_row(tmp_path):
+    """WSC's span2_index null (or not a number): the row's error (int(None) had been a bare TypeError), and a
+    null text is not read as the word "None"."""
+    rows = _fixture_rows("wsc", "validation")[:3]
+    (tmp_path / "wsc").mkdir()
+    for bad, message in (({"span2_index": None}, r"row 2: task 'wsc': column 'span2_index' is null"),
+                         ({"span2_index": "x"}, r"row 2: task 'wsc': span2_index must be a word index, got 'x'"),
+                         ({"text": None}, r"row 2: task 'wsc': column 'text' is null")):  # fmt: skip
+        lines = [rows[0], {**rows[1], **bad}, rows[2]]
+        (tmp_path / "wsc" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        with pytest.raises(ValueError, match=message):
+            get_task("wsc").load("validation", data_dir=tmp_path)
+
+
 def test_a_split_the_hub_cannot_give_names_the_settings_for_local_files(monkeypatch):
     """Offline: the error tells where a data directory goes (it had named --data-dir / data_dir=, which the
     trainer refuses: its setting is data.data_dir)."""

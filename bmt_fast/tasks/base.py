@@ -80,7 +80,7 @@ class Task(ABC):
         """format(row), a row it cannot read named by its place in the split (1 = the first data row)."""
         try:
             return self.format(row)
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, TypeError) as error:  # (TypeError: a null where a number goes)
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise ValueError(f"row {index + 1}: {message}") from error
 

@@ -51,6 +51,14 @@ def column(task: Task, row: Mapping[str, Any], name: str) -> Any:
         raise KeyError(f"task {task.name!r}: the row has no column {name!r}; it has {sorted(row)}") from None
 
 
+def present(task: Task, row: Mapping[str, Any], name: str) -> Any:
+    """column(task, row, name), or a ValueError where it is null (missing) in the file."""
+    value = column(task, row, name)
+    if value is None:
+        raise ValueError(f"task {task.name!r}: column {name!r} is null (missing) in a row")
+    return value
+
+
 def fields_text(prefix: str, fields: Sequence[tuple[str, Any]]) -> str:
     """`prefix name1: value1 name2: value2 ...`, the T5 style of text-to-text inputs (prefix: the task's
     name). A missing value (null in the file) is an error, not the text "None"."""
@@ -186,9 +194,13 @@ class WSCTask(ClassificationTask):
         return ("text", "span1_index", "span2_index", "span1_text", "span2_text", "label")
 
     def input_text(self, row: Mapping[str, Any]) -> str:
-        words = str(column(self, row, "text")).split()
-        span_words = str(column(self, row, "span2_text")).split()
-        start = int(column(self, row, "span2_index"))
+        words = str(present(self, row, "text")).split()
+        span_words = str(present(self, row, "span2_text")).split()
+        index = present(self, row, "span2_index")
+        try:
+            start = int(index)
+        except (TypeError, ValueError):
+            raise ValueError(f"task {self.name!r}: span2_index must be a word index, got {index!r}") from None
         stop = start + len(span_words)
 
         def bare(word: str) -> str:
@@ -335,7 +347,7 @@ class RecordTask(ExtractiveQATask):
     def input_text(self, row: Mapping[str, Any]) -> str:
         entities = list(dict.fromkeys(text_list(self, "entities", column(self, row, "entities"))))
         fields = [("query", column(self, row, "query")), ("entities", ", ".join(entities)),
-                  ("passage", record_passage(str(column(self, row, "passage"))))]
+                  ("passage", record_passage(str(present(self, row, "passage"))))]
         return fields_text(self.name, fields)
 
     def gold_answers(self, row: Mapping[str, Any]) -> tuple[str, ...]:

@@ -152,7 +152,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         data = loaded or {}
     for item in overrides:
         _apply_override(data, item)
+    _expand_home(data)
     return from_dict(RunConfig, data)
+
+
+def _expand_home(data: dict[str, Any]) -> None:
+    """A folder setting that starts with `~` read as a shell reads it (transformers had taken
+    `~/models/t5` for a malformed hub id, after the checks had found the folder)."""
+    for section, key in (("model", "name_or_path"), ("model", "tokenizer"), ("data", "data_dir"), (None, "output_dir")):
+        values = data if section is None else data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str) and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -160,11 +170,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     second `source:` section replaced the whole first one, silently)."""
 
     def construct_mapping(self, node, deep=False):
+        # The keys as written, before the merge keys (<<: *anchor) are flattened in: a merged key that the
+        # mapping gives again is an override, which YAML allows (the `<<` keys themselves are not counted).
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
-            if key in seen:
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            if duplicate:
                 raise yaml.YAMLError(f"the key {key!r} is given twice in one mapping (lines {seen[key]} and {line})")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -247,6 +248,7 @@ class Run:
                 (self.dir / name).unlink(missing_ok=True)
         # (`target` / `transfer` write the table when they finish; `source` writes it again: see rewrite_results)
         self.results_removed = overwrite
+        self.sources_trained = False  # (set by source() when it trains: the table's rows may be stale)
         world.barrier()
         self._pm = pm
 
@@ -279,6 +281,7 @@ class Run:
         if self.finished("source", method):
             return load_particles(stage_dir)
         trainer, summary = self.source_trainer(method)
+        self.sources_trained = True
         self._train(stage_dir, trainer, self.cfg.source, "source", method, on_checkpoint)
         particles = trainer.particles.detach()
         if self.world.is_main:
@@ -419,7 +422,11 @@ class Run:
             self.cfg.progress,
             f"{stage} {method}",
         )
-        meta = {"stage": stage, "method": method, "config": to_dict(self.cfg)}
+        config = to_dict(self.cfg)
+        meta = {"stage": stage, "method": method, "config": config, "places": local_places(config)}
+        source_method = TARGET_METHODS[method][0] if stage == "target" else None
+        if source_method:  # (the particles it starts from: a source trained again makes it stale)
+            meta["source_particles"] = particles_digest(self.source_dir(source_method))
         # torch's global generator (dropout under model.train_mode) from the run's seed, apart per process (a
         # resumed stage restores its checkpoint's states instead): the same run twice trains the same; it was
         # never seeded, so dropout followed whatever the process had drawn before
@@ -487,13 +494,18 @@ class Run:
         return results
 
     def rewrite_results(self) -> None:
-        """After `source --overwrite` removed the table (it may have held rows of targets trained from what was
-        removed): the table of the finished targets that still match this configuration, which a retrained
-        source of the same settings leaves valid (it had stayed removed until another `target` or `eval`)."""
-        if self.results_removed and self.cfg.data.target_task and self.world.is_main:
-            results = self.with_other_methods({})
-            if results:
-                write_results(self.dir, results)
+        """After `source` removed the table (--overwrite) or trained source particles (--resume with more
+        steps, --overwrite): the table of the finished targets that still match this configuration and start
+        from the particles there now (stage_mismatch); none, no table. (It had stayed removed until another
+        `target` or `eval`, and a resumed source had left rows of targets trained from its old particles.)"""
+        if not (self.results_removed or self.sources_trained) or not self.world.is_main:
+            return
+        results = self.with_other_methods({}) if self.cfg.data.target_task else {}
+        if results:
+            write_results(self.dir, results)
+        else:
+            for name in RESULTS_FILES:
+                (self.dir / name).unlink(missing_ok=True)
 
     def with_other_methods(self, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """`results` followed by the eval.json of every other target method finished in the run folder under
@@ -547,14 +559,24 @@ class Run:
         if checkpoint is None:
             return None
         steps = getattr(self.cfg, stage).steps
-        saved = _trajectory_config(checkpoint.meta.get("config", {}), stage, method, with_steps=as_input)
-        current = _trajectory_config(to_dict(self.cfg), stage, method, with_steps=as_input)
+        # Folders compared as their real paths at training time and now (checkpoints without them: as written)
+        places = checkpoint.meta.get("places")
+        config = to_dict(self.cfg)
+        saved = _trajectory_config(checkpoint.meta.get("config", {}), stage, method, with_steps=as_input, places=places)
+        now = None if places is None else local_places(config)
+        current = _trajectory_config(config, stage, method, with_steps=as_input, places=now)
         again = "pass --overwrite to train it again"
         if as_input:
             again = f"train it again with `bmt-fast {stage} --overwrite`"
         if saved != current:
             changes = ", ".join(_differences(saved, current))
             return f"the configuration changed ({changes})", f"use the configuration it was trained with, or {again}"
+        source_method = TARGET_METHODS.get(method, (None,))[0] if stage == "target" else None
+        started_from = checkpoint.meta.get("source_particles")
+        if source_method and started_from is not None:
+            particles = self.source_dir(source_method) / PARTICLES_FILE
+            if particles_digest(particles.parent) != started_from:
+                return f"{particles} changed since it trained (its source stage was trained again)", again
         if checkpoint.step > steps:
             return f"it has trained {checkpoint.step} steps, more than {stage}.steps={steps}", again
         if as_input and checkpoint.step < steps:
@@ -696,14 +718,18 @@ def _cell(row: dict[str, Any], metric: str) -> str:
 
 
 def _trajectory_config(
-    config: dict[str, Any], stage: str, method: str | None = None, with_steps: bool = False
+    config: dict[str, Any],
+    stage: str,
+    method: str | None = None,
+    with_steps: bool = False,
+    places: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The configuration that determines a stage's trajectory (what must not change across a resume):
     all but RESUMABLE_CHANGES and the settings the stage does not read (a source stage: the target section
     and data.target_task; a target stage without a source stage: the source section and
     data.source_tasks; and the settings its method does not read: _drop_unread_settings). A target stage
     starts from the particles of its source stage: source.steps counts. with_steps: the stage's own steps
-    count too."""
+    count too. places: the folder settings' real paths (local_places) in place of their values as written."""
     drop = set(RESUMABLE_CHANGES) | {"output_dir"}
     out = {
         section: ({k: v for k, v in values.items() if k not in drop} if isinstance(values, dict) else values)
@@ -722,18 +748,54 @@ def _trajectory_config(
     if with_steps and isinstance(out.get(stage), dict):
         out[stage]["steps"] = config[stage].get("steps")
     _drop_unread_settings(out, stage, method)
-    for section, key in (("data", "data_dir"), ("model", "name_or_path"), ("model", "tokenizer")):
-        values = out.get(section)
-        if isinstance(values, dict) and isinstance(values.get(key), str):
-            values[key] = _local_place(values[key])
+    for (section, key), place in _place_settings(out):
+        if f"{section}.{key}" in (places or {}):
+            out[section][key] = places[f"{section}.{key}"]
     return out
 
 
-def _local_place(path: str) -> str:
-    """A folder that exists here as its real path (`data/full`, `./data/full` and its absolute path had been
-    three configurations); anything else (a hub name, a folder gone) as written."""
-    expanded = os.path.expanduser(path)
-    return os.path.realpath(expanded) if os.path.exists(expanded) else path
+PLACE_SETTINGS = (("data", "data_dir"), ("model", "name_or_path"), ("model", "tokenizer"))
+
+
+def _place_settings(config: dict[str, Any]):
+    """((section, key), value) of the folder settings that config gives as strings."""
+    for section, key in PLACE_SETTINGS:
+        values = config.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            yield (section, key), values[key]
+
+
+def local_places(config: dict[str, Any]) -> dict[str, str]:
+    """{"data.data_dir": real path, ...} of the folder settings that exist here, as a stage's checkpoints
+    record them when it trains: `data/full`, `./data/full` and its absolute path are one folder (they had been
+    three configurations), while the same relative path from another directory, or a link pointed elsewhere
+    since, is another (the real path is the one at training time, not re-resolved later)."""
+    places = {}
+    for (section, key), value in _place_settings(config):
+        expanded = os.path.expanduser(value)
+        if os.path.exists(expanded):
+            places[f"{section}.{key}"] = os.path.realpath(expanded)
+    return places
+
+
+def particles_digest(stage_dir: Path) -> str | None:
+    """SHA-256 of a source stage's particles file (None: there is none), which the target stages trained from
+    it record; computed once per file version."""
+    path = Path(stage_dir) / PARTICLES_FILE
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # Source settings a method does not read: SPoT trains one prompt per task by gradient steps from uniform
@@ -750,6 +812,9 @@ def _drop_unread_settings(out: dict[str, Any], stage: str, method: str | None) -
     prompt_tuning target for another target.kde_weight, a bmtpt row of the table for another
     target.particle_index)."""
     source_method = method if stage == "source" else TARGET_METHODS.get(method or "", (None,))[0]
+    prompt = out.get("prompt")
+    if isinstance(prompt, dict) and prompt.get("init") in ("vocab", "normal"):  # (each init reads its own)
+        prompt.pop("init_std" if prompt["init"] == "vocab" else "vocab_top_k", None)
     source = out.get("source")
     if isinstance(source, dict):
         for key in UNREAD_SOURCE_SETTINGS.get(source_method or "", ()):
@@ -763,6 +828,8 @@ def _drop_unread_settings(out: dict[str, Any], stage: str, method: str | None) -
         target.pop("selection_examples", None)
     if source_method is None:  # no particles: no prior
         target.pop("kde_weight", None)
+        target.pop("kde_bandwidth", None)
+    elif target.get("kde_weight") == 0:  # (no prior: its bandwidth unread)
         target.pop("kde_bandwidth", None)
     if target.get("prompt_type") == "plain":  # (the low-rank factors are MPT's)
         target.pop("rank", None)
@@ -780,12 +847,23 @@ def _warn_if_not_finite(name: str, metrics: dict[str, Any]) -> None:
         )
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` of the settings that differ. One that only one side reads (the other's method or
+    settings leave it unread: _drop_unread_settings) is named only where nothing else differs: a changed
+    target.kde_weight from 0 is the change, not the prior's bandwidth that 0 left unread."""
+    a, b = _dotted(old), _dotted(new)
+    both = [f"{key}: {a[key]!r} -> {b[key]!r}" for key in sorted(a.keys() & b.keys()) if a[key] != b[key]]
+    if both:
+        return both
+    shown = {key: (repr(a[key]) if key in a else "(unread)", repr(b[key]) if key in b else "(unread)") for key in a.keys() ^ b.keys()}
+    return [f"{key}: {was} -> {now}" for key, (was, now) in sorted(shown.items())]
+
+
+def _dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out

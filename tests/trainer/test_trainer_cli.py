@@ -132,6 +132,42 @@ def test_settings_a_method_does_not_read_do_not_block_its_stages(model_dirs, tmp
     capsys.readouterr()
     assert main(["target", *config, "target.methods=[bmtpt]", "target.kde_weight=0.5", "--resume"]) == 2
     assert "the configuration changed (target.kde_weight: 0.0 -> 0.5); " in capsys.readouterr().err
+    # nor a prior's bandwidth without the prior (kde_weight 0), nor the other prompt init's setting
+    assert main(["target", *config, "target.methods=[bmtpt]", "target.kde_bandwidth=0.3", "prompt.init_std=0.5",
+                 "--resume"]) == 0  # fmt: skip
+    assert main(["source", *config, "prompt.init_std=0.5", "--resume"]) == 0
+    assert main(["source", *config, "prompt.vocab_top_k=7", "--resume"]) == 2  # (the vocab init reads it)
+    assert "the configuration changed (prompt.vocab_top_k: " in capsys.readouterr().err
+
+
+def test_targets_from_other_source_particles_are_stale(model_dirs, tmp_path, capsys):
+    """A target stage records the particles it started from: once the source stage's particles differ (a
+    source trained again on data changed outside the configuration, or resumed with more steps), the target
+    is refused for resume and left out of the table, which `source` writes again (a resumed source had left
+    the stale bmtpt row in it, and `--overwrite` had written such rows back)."""
+    from safetensors.torch import load_file, save_file
+
+    config = _config(tmp_path, model_dirs, source={"steps": 2}, target={"steps": 2, "methods": ["bmtpt", "prompt_tuning"]})
+    run_dir = tmp_path / "run"
+    assert main(["transfer", *config]) == 0
+    assert sorted(json.loads((run_dir / "results.json").read_text())) == ["bmtpt", "prompt_tuning"]
+    particles = run_dir / "source-bmtpt" / "particles.safetensors"
+    original = particles.read_bytes()
+    save_file({"particles": load_file(particles)["particles"] + 0.01}, particles, metadata={"method": "bmtpt"})
+    capsys.readouterr()
+    assert main(["target", *config, "--resume"]) == 2
+    assert f"{particles} changed since it trained (its source stage was trained again)" in capsys.readouterr().err
+    assert main(["eval", *config]) == 2  # (only the prompts trained from these particles and settings)
+    assert "cannot use " in capsys.readouterr().err
+    assert main(["eval", *config, "target.methods=[prompt_tuning]"]) == 0
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
+    particles.write_bytes(original)  # the particles it trained from: current again
+    assert main(["target", *config, "--resume"]) == 0
+    assert sorted(json.loads((run_dir / "results.json").read_text())) == ["bmtpt", "prompt_tuning"]
+    # more source steps: the source trains, and the table it writes leaves the bmtpt row out
+    assert main(["source", *config, "source.steps=3", "--resume"]) == 0
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
+    assert "| bmtpt |" not in (run_dir / "results.md").read_text()
 
 
 def test_a_folder_written_another_way_is_the_same_configuration(model_dirs, tmp_path, capsys):
@@ -145,6 +181,34 @@ def test_a_folder_written_another_way_is_the_same_configuration(model_dirs, tmp_
         assert main(["source", *config, f"model.name_or_path={written}", "--resume"]) == 0, capsys.readouterr().err
     assert main(["source", *config, f"model.name_or_path={model_dirs['t5']}", "--resume"]) == 2
     assert "the configuration changed (model.name_or_path: " in capsys.readouterr().err
+
+
+def test_a_folder_is_the_one_it_was_at_training_time(model_dirs, tmp_path, monkeypatch, capsys):
+    """The real path compared is the one recorded when the stage trained: a link pointed elsewhere since, or
+    the same relative path from another directory, is another folder (both had been re-resolved now, so a
+    stage trained on one backbone was taken as trained on another)."""
+    import os
+
+    link = tmp_path / "current"
+    link.symlink_to(model_dirs["llama"])
+    config = _config(tmp_path, model_dirs, source={"steps": 2})
+    assert main(["source", *config, f"model.name_or_path={link}"]) == 0
+    link.unlink()
+    link.symlink_to(model_dirs["t5"])
+    for path in (link, model_dirs["t5"]):
+        assert main(["source", *config, f"model.name_or_path={path}", "--resume"]) == 2
+        assert "the configuration changed (model.name_or_path: " in capsys.readouterr().err
+    # the same relative path from two directories
+    for name, kind in (("a", "llama"), ("b", "t5")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model").symlink_to(model_dirs[kind])
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["source", *config, "model.name_or_path=model", "--overwrite"]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["source", *config, "model.name_or_path=model", "--resume"]) == 2
+    assert "the configuration changed (model.name_or_path: " in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["source", *config, f"model.name_or_path={os.path.realpath(model_dirs['llama'])}", "--resume"]) == 0
 
 
 def _strict_json(path):

@@ -70,6 +70,28 @@ def test_a_key_given_twice_is_a_config_error(tmp_path):
     (tmp_path / "run.yaml").write_text("source:\n  steps: 2\n  steps: 3\n")
     with pytest.raises(ConfigError, match="the key 'steps' is given twice"):
         load_config(tmp_path / "run.yaml")
+    (tmp_path / "run.yaml").write_text("source: {steps: 2, steps: 3}\n")  # (one line)
+    with pytest.raises(ConfigError, match="the key 'steps' is given twice in one mapping \\(lines 1 and 1\\)"):
+        load_config(tmp_path / "run.yaml")
+    # merge keys are no duplicates, and a key of the mapping overrides a merged one, as YAML has it (the
+    # duplicate check had refused every `<<: *anchor`)
+    (tmp_path / "run.yaml").write_text("source: &stage\n  steps: 2\n  lr: 0.5\ntarget:\n  <<: *stage\n  steps: 7\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.source.steps, cfg.source.lr, cfg.target.steps, cfg.target.lr) == (2, 0.5, 7, 0.5)
+    # an unhashable key: YAML's own error, as a ConfigError (it had been a TypeError's traceback)
+    (tmp_path / "run.yaml").write_text("? [a]\n: 1\n")
+    with pytest.raises(ConfigError, match="(?s)is not valid YAML: .*found unhashable key"):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_a_folder_setting_under_home(tmp_path, monkeypatch):
+    """`~` in a folder setting is the home folder, as in a shell (transformers had taken `~/models/t5` for a
+    malformed hub id after the checks had found the folder)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["model.name_or_path=~/models/t5", "model.tokenizer=~/tok", "data.data_dir=~/data",
+                             "output_dir=~/runs/a"])  # fmt: skip
+    assert cfg.model.name_or_path == str(tmp_path / "models/t5") and cfg.model.tokenizer == str(tmp_path / "tok")
+    assert cfg.data.data_dir == str(tmp_path / "data") and cfg.output_dir == str(tmp_path / "runs/a")
 
 
 @pytest.mark.parametrize(
