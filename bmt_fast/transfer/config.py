@@ -199,7 +199,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"override {item!r}: the value is not valid YAML: {error}") from error
 

@@ -78,6 +78,8 @@ def test_a_key_given_twice_is_a_config_error(tmp_path):
     (tmp_path / "run.yaml").write_text("source: &stage\n  steps: 2\n  lr: 0.5\ntarget:\n  <<: *stage\n  steps: 7\n")
     cfg = load_config(tmp_path / "run.yaml")
     assert (cfg.source.steps, cfg.source.lr, cfg.target.steps, cfg.target.lr) == (2, 0.5, 7, 0.5)
+    with pytest.raises(ConfigError, match="the key 'lr' is given twice"):  # (in an override's value too)
+        load_config(None, ["source={lr: 1, lr: 2}"])
     # an unhashable key: YAML's own error, as a ConfigError (it had been a TypeError's traceback)
     (tmp_path / "run.yaml").write_text("? [a]\n: 1\n")
     with pytest.raises(ConfigError, match="(?s)is not valid YAML: .*found unhashable key"):
