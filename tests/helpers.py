@@ -21,7 +21,8 @@ def _cpu_bf16_amx() -> bool:
 
 
 # bf16 with many particles runs on AMX tiles on this CPU (csrc/cpu/amx.cpp); BMT_FAST_CPU_AMX=0 turns it off
-requires_amx = pytest.mark.skipif(not _cpu_bf16_amx(), reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")
+CPU_BF16_AMX = _cpu_bf16_amx()
+requires_amx = pytest.mark.skipif(not CPU_BF16_AMX, reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -598,22 +598,28 @@ def test_gram_path_with_each_candidate_tile(n, d, dtype):
 def test_gram_path_centres_by_the_mean_whatever_the_row_order(outlier_row):
     """8 particles of 64 features, 7 within 1e-2 of each other and one 100 away. Up to 16 particles the
     Gram kernel had shifted the rows by x[0] (saving the centring pass): with the outlier there, fp32
-    cancellation made H 31 % and phi 210 % wrong. Now in either row as close as torch's fp32 is."""
+    cancellation made H 31 % and phi 210 % wrong. Now in either row as close as torch's fp32 is (in either
+    row order: which of the two fp32 Gram sums cancels less depends on the order and on the machine's GEMM,
+    both the kernel's and torch's, 4e-4 to 3e-3 for H here)."""
     torch.manual_seed(11)
     n, d = 8, 64
     x64 = torch.randn(1, d, dtype=torch.float64) + 1e-2 * torch.randn(n, d, dtype=torch.float64)
     x64[0] += 100 * torch.randn(d, dtype=torch.float64) / d**0.5
-    order = torch.arange(n) if outlier_row == 0 else torch.roll(torch.arange(n), -1)
-    x64, s64 = x64[order], torch.randn(n, d, dtype=torch.float64)
-    x, score = x64.float().to(DEVICE), s64.float().to(DEVICE)
+    s64 = torch.randn(n, d, dtype=torch.float64)
+    orders = {0: torch.arange(n), 7: torch.roll(torch.arange(n), -1)}
     expected_h = reference.median_bandwidth(x64)
-    torch_h = reference.median_bandwidth(x64.float())
+    torch_h = max(relative_error(reference.median_bandwidth(x64[o].float()), expected_h) for o in orders.values())
+    torch_phi = max(
+        relative_error(reference.svgd_step(x64[o].float(), s64.float(), None), reference.svgd_step(x64[o], s64, None))
+        for o in orders.values()
+    )
+    x64 = x64[orders[outlier_row]]
+    x, score = x64.float().to(DEVICE), s64.float().to(DEVICE)
     h = kernels().median_bandwidth_forward(x, algorithm="gram")
-    assert relative_error(h.cpu(), expected_h) <= max(2 * relative_error(torch_h, expected_h), 1e-5)
+    assert relative_error(h.cpu(), expected_h) <= max(2 * torch_h, 1e-5)
     expected = reference.svgd_step(x64, s64, None)
-    torch_fp32 = relative_error(reference.svgd_step(x64.float(), s64.float(), None), expected)
     phi = svgd(x, score, None, algorithm="gram")
-    assert relative_error(phi.cpu(), expected) <= max(2 * torch_fp32, 1e-5)
+    assert relative_error(phi.cpu(), expected) <= max(2 * torch_phi, 1e-5)
 
 
 def test_autotuning_keys_include_every_specialisation():
