@@ -51,6 +51,7 @@ def _transforms_running() -> bool:
     return not torch.compiler.is_compiling() and _transforms_active()
 
 
+@torch._dynamo.assume_constant_result
 def traced_under_transform() -> bool:
     """Whether torch.compile is tracing code that a torch.func transform (vmap, grad, ...) runs. There a
     check that reads a value back (the NaN/Inf scans' .item()) fails with vmap's own error ("calling .item()
