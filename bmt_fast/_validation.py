@@ -76,20 +76,23 @@ def fold_overflow_error(h: float, dtype: torch.dtype) -> ValueError:
     dtype's range (its Inf times a k_ij of 0 is NaN): the check of H alone (1/H finite) cannot see x."""
     compute = accumulation_dtype(dtype)
     return ValueError(
-        f"bandwidth {h:g} is too small for these {dtype} particles: (2/H) times their distance from the centre "
-        f"overflows {compute} in the kernels' folded sums; at such an H the particles do not interact (phi is "
-        f"score / n): pass a larger bandwidth"
+        f"bandwidth {h:g} is too small for these {dtype} particles: (2/H) times their distances from the centre, "
+        f"summed over the particles, overflows {compute} in the kernels' folded sums (at such an H only "
+        f"duplicated particles still interact): pass a larger bandwidth"
     )
 
 
 def fold_overflows(x: torch.Tensor, h: float) -> bool:
-    """Whether (2/H) * |x_i - c| can pass the accumulation dtype's largest value for the centre c the kernels
-    use (the mean, or a particle: |x_i - x_0| <= 2 max |x - mean|). Called only where phi came out non-finite
-    from finite inputs and a given H, to tell this from an overflow of phi itself."""
-    compute = accumulation_dtype(x.dtype)
+    """Whether the folded sums sum_j k_ij (2/H)(x_j - c), up to n terms of (2/H)|x_j - c| each (k_ij = 1 for
+    duplicated particles), can pass the accumulation dtype's largest value for the centre c the kernels use
+    (the mean, or a particle: |x_j - x_0| <= 2 max |x - mean|), while the squared distances themselves do not
+    (those overflow at any H: the particles are too large, not H too small). Called only where phi came out
+    non-finite from finite inputs and a given H, to tell this from an overflow of phi itself."""
+    largest = torch.finfo(accumulation_dtype(x.dtype)).max
     xc = x.detach().to(torch.float64)
     spread = float((xc - xc.mean(0)).abs().max())
-    return (2.0 / h) * 2.0 * spread > torch.finfo(compute).max
+    distances_fit = (2.0 * spread) ** 2 * xc[0].numel() <= largest
+    return distances_fit and (2.0 / h) * 2.0 * spread * x.shape[0] > largest
 
 
 def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, shape: bool = True) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._validation import FLOATING_DTYPES, all_finite, as_rows, bandwidth_in, fold_overflow_error
+from ._validation import FLOATING_DTYPES, all_finite, as_rows, bandwidth_in, fold_overflow_error, fold_overflows
 from .ops import DEFAULT_NUM_PAIRS, median_bandwidth
 from .reference import accumulation_dtype, centre
 
@@ -222,7 +222,9 @@ def svgd_step_local_rows(
     scores = score_all.to(dtype)
     # One GEMM per block gives both sums: K' @ [score - a*xc | 1] = [K'@score - a K'@xc | rowsum(K')].
     weights = torch.cat([scores - a * xc, torch.ones_like(xc[:, :1])], dim=1)
-    if check_inputs and not all_finite(weights):  # (finite inputs, agreed on: the fold's (2/H) * xc overflowed)
+    # (finite inputs, agreed on: the fold's (2/H) * xc overflowed, as the single-process op tells it; a score
+    # near the largest value that overflows here is phi's own overflow there, returned as it comes)
+    if check_inputs and not all_finite(weights) and fold_overflows(x_all, float(h)):
         raise fold_overflow_error(float(h), x_all.dtype)
     chosen = backends.select(backend, "rbf_kernel", x_all)
     local = xc[rows]

@@ -192,10 +192,9 @@ def _steps_on(chosen, x, score, h, check_inputs, out) -> torch.Tensor:
             check_sets(range(sets))
         raise
     if post_check and not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        check_sets(bad)
-        for index in bad if h is not None else ():  # finite inputs: a given H too small for the fold?
-            if fold_overflows(x3[index], float(h[index])):
+        for index in torch.nonzero(~finite).flatten().tolist():  # in order: a loop's first error first
+            check_sets([index])
+            if h is not None and fold_overflows(x3[index], float(h[index])):  # finite: a given H too small?
                 raise fold_overflow_error(float(h[index]), x.dtype)
     return out
 

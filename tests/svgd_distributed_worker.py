@@ -145,6 +145,9 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "bandwidth_differs_unchecked": error_of(step(torch.randn(3, 4), bandwidth=1.0 + rank, check_inputs=False)),
         # a given H so small that (2/H) * (x - centre) overflows fp32 in the folded sums (phi had been NaN)
         "fold_overflow": error_of(step(torch.arange(6.0).reshape(3, 2) * 10 + 100 * rank, bandwidth=1.2e-38)),
+        # a score near fp32's largest value overflows the folded weights, not H's fault: phi as it comes, as the
+        # single-process op returns it (it had been named a bandwidth too small)
+        "score_overflow": error_of(step(torch.randn(3, 2), torch.full((3, 2), torch.finfo(torch.float32).max), 1.0)),
         # check_inputs on one rank only: no error (rank 0 had raised alone, rank 1 hung in the all-gather)
         "check_inputs_on_one_rank": error_of(step(torch.randn(3, 4), bandwidth=1.0, check_inputs=rank == 0)),
     }

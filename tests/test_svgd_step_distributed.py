@@ -137,6 +137,7 @@ BAD_INPUTS = {
     "bandwidth_differs_unchecked": ("ValueError", "rank 0: 1.0, rank 1: 2.0"),
     "check_inputs_on_one_rank": ("", ""),
     "fold_overflow": ("ValueError", "bandwidth 1.2e-38 is too small for these torch.float32 particles"),
+    "score_overflow": ("", ""),
 }
 
 

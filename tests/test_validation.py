@@ -414,6 +414,27 @@ def test_a_bandwidth_too_small_for_the_folded_sums_is_named(cpu_backend, dtype):
     torch.testing.assert_close(bmt_fast.svgd_step(x, score, 1e-3, backend=cpu_backend), score / 5)
 
 
+@requires_cpu_extension
+def test_the_fold_overflow_counts_duplicated_particles_and_spares_huge_ones():
+    """Duplicated particles (k = 1) add (2/H)|x - c| once per copy: 20 copies each of two points overflowed the
+    folded sums (phi +-inf, no error) where one term did not; particles so large that their squared distances
+    overflow fail at any H, so that H is not blamed (their NaN phi without an error is the documented limit);
+    in a batch the first bad set's error comes first, as in a loop of single calls."""
+    x = torch.cat([torch.full((20, 2), -100.0), torch.full((20, 2), 100.0)])
+    h = 2 * 100 / (0.2 * torch.finfo(torch.float32).max)
+    torch.testing.assert_close(bmt_fast.svgd_step(x, torch.ones(40, 2), h, backend="torch"), torch.full((40, 2), 0.5))
+    with pytest.raises(ValueError, match="is too small for these torch.float32 particles: .* summed over the particles"):
+        bmt_fast.svgd_step(x, torch.ones(40, 2), h, backend="cpu")
+    huge = torch.randn(40, 2) * 1e37
+    phi = bmt_fast.svgd_step(huge, torch.ones(40, 2), 1.0, backend="cpu")  # (no error about H)
+    assert not bool(torch.isfinite(phi).all())
+    xs = torch.stack([x, x])
+    xs[1, 3, 0] = float("nan")
+    hs = torch.tensor([h, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="is too small for these"):  # set 0 first, as a loop would fail
+        torch.func.vmap(lambda a, b, c: bmt_fast.svgd_step(a, b, c, backend="cpu"))(xs, torch.ones_like(xs), hs)
+
+
 def test_bandwidth_beyond_the_float_range():
     x, score = good()
     with pytest.raises(ValueError, match="bandwidth must be positive and finite, got int beyond the float range"):
