@@ -79,7 +79,7 @@ def svgd_step(
     Under torch.func.vmap it steps each particle set of the batch as a single call would (README, "torch.func").
     """
     if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
-        return _EAGER["svgd_step"](x, score, bandwidth, backend=backend, check_inputs=True, group=group, out=out)
+        return _eager("svgd_step")(x, score, bandwidth, backend=backend, check_inputs=True, group=group, out=out)
     if _functorch.active():  # inside torch.func.vmap / grad / ...: the op per batch entry, no gradient
         return _functorch.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group, out=out)
     return _svgd_step(x, score, bandwidth, backend, check_inputs, group, out)
@@ -215,7 +215,7 @@ def rbf_kernel(
     transforms too: vmap (per batch entry), grad / vjp / jacrev / hessian (README, "torch.func").
     """
     if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
-        return _EAGER["rbf_kernel"](x, y, bandwidth, backend=backend, check_inputs=True)
+        return _eager("rbf_kernel")(x, y, bandwidth, backend=backend, check_inputs=True)
     if _functorch.active() or _functorch.forward_ad_active():
         return _functorch.rbf_kernel(x, y, bandwidth, backend, check_inputs)
     return _rbf_kernel(x, y, bandwidth, backend, check_inputs)[0]
@@ -271,7 +271,7 @@ def median_bandwidth(
     torch.func.vmap, one per batch entry; "sampled" follows vmap's `randomness` (README, "torch.func").
     """
     if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
-        return _EAGER["median_bandwidth"](
+        return _eager("median_bandwidth")(
             x, method=method, num_pairs=num_pairs, generator=generator, backend=backend, check_inputs=True
         )
     if _functorch.active():
@@ -350,5 +350,13 @@ def _register_autograd() -> None:
 
 _register_autograd()
 
-# The public ops as calls that torch.compile runs eagerly (see _functorch.traced_under_transform).
-_EAGER = {op.__name__: torch._dynamo.disable(op) for op in (svgd_step, rbf_kernel, median_bandwidth)}
+_EAGER: dict = {}
+
+
+def _eager(name: str):
+    """The public op `name` as a call that torch.compile runs eagerly (see _functorch.traced_under_transform),
+    made when first needed, while dynamo traces (made on import, it had imported dynamo with bmt_fast)."""
+    op = _EAGER.get(name)
+    if op is None:
+        op = _EAGER[name] = torch.compiler.disable(globals()[name])
+    return op

@@ -423,6 +423,13 @@ def test_compiled_vmaps_check_their_inputs():
     }
     bad = x.clone()
     bad[1, 3, 2] = float("nan")
+    # (the eager calls are made while dynamo traces: importing bmt_fast does not import dynamo, a second or
+    # more for every user, and torch's trace rules probe optional packages then)
+    import subprocess
+    import sys
+
+    probe = "import sys, torch; before = 'torch._dynamo' in sys.modules; import bmt_fast; print(before, 'torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
     for name, fn in cases.items():
         compiled = torch.compile(torch.func.vmap(fn), backend="eager")
         torch.testing.assert_close(compiled(x, score), looped(fn, x, score), rtol=0, atol=0, msg=name)
