@@ -25,6 +25,23 @@ CPU_BF16_AMX = _cpu_bf16_amx()
 requires_amx = pytest.mark.skipif(not CPU_BF16_AMX, reason="this CPU has no AMX bf16 tiles (or BMT_FAST_CPU_AMX=0)")
 
 
+def amx_shift(rows: torch.Tensor) -> torch.Tensor:
+    """The AMX path's shift of the particles for their distances (csrc/cpu/amx.cpp, amx_shift), (1, d) fp32:
+    the mean of the rows (a float64 sum, rounded to fp32) for fp32 particles; for bf16 ones, per column, the
+    mean on the grid of the column's coarsest bf16 ulp where every x - shift is then exact in bf16 (all of one
+    sign and beyond shift / 2), else 0: their rounded operands are the particles themselves, shifted."""
+    mean = rows.double().mean(0, keepdim=True)
+    if rows.dtype != torch.bfloat16:
+        return mean.float()
+    lo, hi = rows.double().amin(0, keepdim=True), rows.double().amax(0, keepdim=True)
+    big = torch.maximum(lo.abs(), hi.abs())
+    _, exponent = torch.frexp(big)
+    ulp = torch.ldexp(torch.ones_like(big), exponent - 8)
+    shift = torch.round(mean.float().double() / ulp) * ulp
+    exact = torch.where(lo > 0, lo > shift / 2, torch.where(hi < 0, hi < shift / 2, torch.zeros_like(lo, dtype=torch.bool)))
+    return torch.where(exact & (big > 0), shift, torch.zeros_like(shift)).float()
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (relative to the scale of the result)."""
     scale = expected.double().abs().max().clamp_min(1e-300)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import requires_amx, requires_cpu_extension, run_cpu_variants
+from helpers import amx_shift, requires_amx, requires_cpu_extension, run_cpu_variants
 
 import bmt_fast
 from bmt_fast import reference
@@ -129,16 +129,20 @@ def test_windowed_median_takes_a_second_pass_for_ties_and_falls_back_beyond_its_
 @pytest.mark.parametrize("n,d", [(300, 40), (513, 32), (1100, 65), (100, 1030), (600, 2100)])
 def test_bf16_median_on_amx_is_that_of_the_rounded_particles(monkeypatch, n, d):
     """bf16 particles on an AMX CPU (d >= 32, n > 64): the median of the squared distances between the
-    centred particles rounded to bf16 (the operands of the step's distance tiles), which svgd_step's
-    median rule uses too, bit for bit."""
+    particles shifted exactly in bf16 (amx_shift: the operands of the step's distance tiles), i.e. of the
+    particles themselves up to fp32 sums, which svgd_step's median rule uses too, bit for bit. (Centred by
+    their fp32 mean and rounded to bf16, they had lost their own low bits: another median.) Columns centred
+    (offset 50, spread 3), left as they are (offset 5), and both."""
     monkeypatch.setenv("BMT_FAST_MEDIAN_WINDOW", "require")
     torch.manual_seed(n)
-    x = (torch.randn(n, d, dtype=torch.float64) * 3 + 5).bfloat16()
+    offsets = torch.where(torch.arange(d) % 2 == 0, 50.0, 5.0).double()
+    x = (torch.randn(n, d, dtype=torch.float64) * 3 + offsets).bfloat16()
     h = torch.ops.bmt_fast.median_bandwidth(x, "tiled")
-    xf = x.float()
-    rounded = (xf - (xf[:1] + (xf - xf[:1]).mean(0, keepdim=True))).bfloat16()
-    assert math.isclose(float(h), numpy_rule(rounded), rel_tol=1e-5)
-    assert not math.isclose(float(h), numpy_rule(x), rel_tol=1e-5)  # the unrounded particles' median differs
+    shift = amx_shift(x)
+    assert bool((shift[0, ::2] != 0).all()) and bool((shift[0, 1::2] == 0).any())  # (both kinds of column)
+    rounded = (x.float() - shift).bfloat16()
+    assert torch.equal(rounded.float() + shift, x.float())  # exact
+    assert math.isclose(float(h), numpy_rule(x), rel_tol=1e-5)
     # svgd_step's median rule takes the same H (in double; median_bandwidth returns it in fp32)
     score = torch.randn(n, d).bfloat16()
     by_rule = torch.ops.bmt_fast.svgd_step(x, score, None, "tiled").double()

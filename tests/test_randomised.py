@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from helpers import CPU_BF16_AMX, relative_error, requires_cpu_extension
+from helpers import CPU_BF16_AMX, amx_shift, relative_error, requires_cpu_extension
 
 import bmt_fast
 from bmt_fast import reference
@@ -101,11 +101,14 @@ def run_case(number):
         ours_formula = reference.median_bandwidth(x.to(acc))
         want = exact(op, x64, h64)
         if dtype == torch.bfloat16 and d >= 32 and CPU_BF16_AMX:
-            # bf16 particles on AMX tiles (many of them): the documented arithmetic is the median of the
-            # particles centred and rounded to bf16 (README, "bf16 on AMX"); either yardstick may apply
-            xf = x.float()
-            rounded = (xf - (xf[:1] + (xf - xf[:1]).mean(0, keepdim=True))).bfloat16()
-            on_amx = reference.median_bandwidth(rounded.float())
+            # bf16 particles on AMX tiles (many of them): their distances from the exactly shifted particles
+            # (amx_shift), norms in double, dot products summed in fp32 (columns left unshifted cancel more
+            # than torch's centred formula); either yardstick may apply
+            xs = (x.float() - amx_shift(x)).double()
+            norms = (xs * xs).sum(1)
+            on_amx = reference.bandwidth_from_median(
+                reference.numpy_median((norms[:, None] + norms[None] - 2 * (xs.float() @ xs.float().T).double()).clamp_min(0)), n
+            )
             if relative_error(on_amx, want) > relative_error(ours_formula, want):
                 ours_formula = on_amx
     else:

@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from helpers import (assert_within, float32_matmul_precision, relative_error, requires_amx, requires_cpu_extension,
+from helpers import (amx_shift, assert_within, float32_matmul_precision, relative_error, requires_amx, requires_cpu_extension,
                      run_cpu_variants, self_backward_expected, subprocess_env, torch_error_in)
 
 import bmt_fast
@@ -71,11 +71,11 @@ def test_half_inputs(cpu_backend, dtype):
 
 
 def amx_precision_kernel(x, y, h, dtype=torch.bfloat16):
-    """rbf_kernel's arithmetic on AMX in torch: both sets centred by the mean of all their rows (a float64
-    sum, rounded to fp32) and rounded to bf16, fp32 norms and dot products, K in fp32 (the diagonal of a
-    self kernel (y None) exactly 1), rounded to dtype (the particles')."""
+    """rbf_kernel's arithmetic on AMX in torch: both sets shifted by amx_shift of all their rows (bf16 ones
+    exactly; fp32 ones centred) and rounded to bf16, fp32 norms and dot products, K in fp32 (the diagonal of
+    a self kernel (y None) exactly 1), rounded to dtype (the particles')."""
     rows = x if y is None else torch.cat([x, y])
-    shift = rows.double().mean(0, keepdim=True).float()
+    shift = amx_shift(rows)
     xb = (x.float() - shift).bfloat16().float()
     yb = xb if y is None else (y.float() - shift).bfloat16().float()
     nx, ny = (xb * xb).sum(1), (yb * yb).sum(1)
@@ -122,11 +122,33 @@ def test_bf16_kernel_on_amx_tiles(n, m, d, scale):
         assert int((k != 0).sum()) == (n if y is None else 0)
 
 
+@requires_amx
+def test_bf16_tight_clusters_far_apart_on_amx():
+    """Two clusters 10 apart, each 0.05 wide: the AMX operands had been the particles centred by their fp32
+    mean and rounded to bf16 again, which threw away their own low bits (K 4.2e-2 and x's gradient 0.20 off).
+    Shifted exactly (amx_shift), K is within 2 bf16 ulps and the gradient within 1e-2, as on Gaussian clouds."""
+    torch.manual_seed(0)
+    n, d = 256, 64
+    centres = torch.randn(2, d, dtype=torch.float64) * 10
+    x = (centres[torch.arange(n) % 2] + 0.05 * torch.randn(n, d, dtype=torch.float64)).bfloat16()
+    x64 = x.double()
+    d2 = torch.cdist(x64, x64).square()
+    h = float(d2[0::2, 0::2].median())
+    leaf = x.clone().requires_grad_(True)
+    k = bmt_fast.rbf_kernel(leaf, None, h, backend="cpu")
+    assert relative_error(k, torch.exp(-d2 / h)) <= 2 * 2.0**-8
+    grad = torch.randn(n, n).bfloat16()
+    (gx,) = torch.autograd.grad(k, leaf, grad)
+    p = (grad.double() + grad.double().T) * k.detach().double()  # (the gradient of the K it returned)
+    p.fill_diagonal_(0)
+    assert relative_error(gx, (-2 / h) * (p.sum(1, keepdim=True) * x64 - p @ x64)) <= 1e-2
+
+
 def amx_precision_gradients(grad, x, y, k, h):
-    """rbf_kernel_backward's arithmetic on AMX in float64: both sets centred as amx_precision_kernel's and
+    """rbf_kernel_backward's arithmetic on AMX in float64: both sets shifted as amx_precision_kernel's and
     rounded to bf16, P = grad * K rounded to bf16, its row and column sums, no rounding of the result."""
     rows = x if y is None else torch.cat([x, y])
-    shift = rows.double().mean(0, keepdim=True).float()
+    shift = amx_shift(rows)
     xb = (x.float() - shift).bfloat16().double()
     yb = xb if y is None else (y.float() - shift).bfloat16().double()
     p = (grad.float() * k.float()).bfloat16().double()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import (COMPILED_CPU, assert_within, float32_matmul_precision, relative_error, requires_amx,
+from helpers import (COMPILED_CPU, amx_shift, assert_within, float32_matmul_precision, relative_error, requires_amx,
                      requires_cpu_extension, run_cpu_variants, subprocess_env, torch_error_in)
 
 import bmt_fast
@@ -413,13 +413,13 @@ def test_float32_with_a_tiny_bandwidth(cpu_backend, n, h):
 
 
 def amx_precision_phi(x, score, h):
-    """The AMX path's arithmetic in torch: particles centred by their mean (a float64 sum, rounded to fp32)
-    and rounded to bf16 for the distances, K in fp32 (its own term 0, row sums in fp32), K and
-    W = score - (2/H) xc rounded to bf16 for K W, fp32 sums."""
+    """The AMX path's arithmetic in torch: particles shifted by amx_shift (bf16 ones exactly) and rounded to
+    bf16 for the distances, K in fp32 (its own term 0, row sums in fp32), K and W = score - (2/H) xc (xc
+    centred by the mean, a float64 sum rounded to fp32) rounded to bf16 for K W, fp32 sums."""
     n = x.shape[0]
     xf = x.float()
     xc = xf - x.double().mean(0, keepdim=True).float()
-    xb = xc.bfloat16().float()
+    xb = (xf - amx_shift(x)).bfloat16().float()
     norms = (xb * xb).sum(1)
     k = torch.exp(-(norms[:, None] + norms[None] - 2 * xb @ xb.T).clamp_min(0) / h).fill_diagonal_(0)
     a = 2.0 / h

@@ -17,7 +17,12 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "median_select.h"
 #include "paths.h"
@@ -139,11 +144,44 @@ const at::BFloat16* as_bf16(const at::Tensor& words) {
   return reinterpret_cast<const at::BFloat16*>(words.const_data_ptr<int32_t>());
 }
 
-// The AMX path's centring shift: the mean of the rows of x, and of y's too when given (bf16 or fp32,
-// contiguous, the same columns and dtype), from float64 sums, rounded to fp32 (d values).
-at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
+// The shift of a column of bf16 particles whose values lie in [lo, hi], from their mean: the mean on the
+// grid of the column's coarsest bf16 ulp where every x - shift is then exact in bf16 (all x of one sign and
+// beyond shift / 2: |x - shift| < |x|, a multiple of x's ulp), else 0 (x itself, exact). Centring by the fp32
+// mean and rounding x - mean to bf16 had thrown away the particles' own low bits wherever the centred values
+// were no smaller than x: two clusters 20 apart, each 0.05 wide, gave K 4e-2 and x's gradient 0.2 off.
+// A mean that is not finite (a NaN or Inf particle) is kept: the centred column is flagged as before.
+float exact_bf16_shift(double mean, float lo, float hi) {
+  if (!std::isfinite(mean)) return static_cast<float>(mean);
+  const bool one_sign = lo > 0.0f || hi < 0.0f;  // (else 0: x itself)
+  const float big = std::max(std::fabs(lo), std::fabs(hi));
+  if (!one_sign || !std::isfinite(big) || big < std::numeric_limits<float>::min() * 256.0f) return 0.0f;
+  // bf16's ulp at big (8 significant bits: 2^(e - 7) for big in [2^e, 2^(e + 1))), from big's exponent bits;
+  // mean / ulp rounded to the nearest integer, ties to even (|mean / ulp| < 2^9: the 1.5 * 2^52 shifter)
+  uint32_t bits = 0;
+  std::memcpy(&bits, &big, sizeof(bits));
+  const uint32_t ulp_bits = (bits & 0x7f800000u) - (7u << 23);
+  float ulp = 0.0f;
+  std::memcpy(&ulp, &ulp_bits, sizeof(ulp));
+  constexpr double kShifter = 6755399441055744.0;
+  const double shift = ((mean / ulp + kShifter) - kShifter) * ulp;
+  const bool exact = lo > 0.0f ? lo > shift / 2 : hi < shift / 2;
+  return exact ? static_cast<float>(shift) : 0.0f;
+}
+
+// The AMX path's centres of x's rows, and of y's too when given (bf16 or fp32, contiguous, the same columns
+// and dtype), from float64 sums, d values each: `mean` (rounded to fp32), the centre of the step's
+// W = score - (2/H) xc, and `shift`, the particles' shift for their distances: the mean for fp32 particles,
+// exact_bf16_shift for bf16 ones (their columns' ranges from the same pass as the sums).
+struct AmxCentre {
+  at::Tensor mean, shift;
+};
+
+AmxCentre amx_centre(const at::Tensor& x, const at::Tensor* y = nullptr) {
   const int64_t d = x.size(1);
+  const bool range = x.scalar_type() == at::kBFloat16;
   std::vector<double> total(d, 0.0), sums(d);
+  std::vector<float> lo(range ? d : 0, std::numeric_limits<float>::infinity()), part_lo(range ? d : 0);
+  std::vector<float> hi(range ? d : 0, -std::numeric_limits<float>::infinity()), part_hi(range ? d : 0);
   int64_t rows = 0;
   for (const at::Tensor* t : {&x, y}) {
     if (t == nullptr) continue;
@@ -151,16 +189,25 @@ at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
     amx_dispatch(*t, [&](auto typed) {
       const auto* p = t->const_data_ptr<typename decltype(typed)::type>();
       parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
-        amx_column_sums(p, d, n, begin * 256, std::min(end * 256, d), sums.data());
+        amx_column_sums(p, d, n, begin * 256, std::min(end * 256, d), sums.data(), range ? part_lo.data() : nullptr,
+                        range ? part_hi.data() : nullptr);
       });
     });
     for (int64_t k = 0; k < d; ++k) total[k] += sums[k];
+    for (int64_t k = 0; range && k < d; ++k) lo[k] = std::min(lo[k], part_lo[k]), hi[k] = std::max(hi[k], part_hi[k]);
     rows += n;
   }
-  at::Tensor shift = at::empty({d}, x.options().dtype(at::kFloat));
-  float* shift_out = shift.mutable_data_ptr<float>();
-  for (int64_t k = 0; k < d; ++k) shift_out[k] = static_cast<float>(total[k] / static_cast<double>(rows));
-  return shift;
+  AmxCentre out{at::empty({d}, x.options().dtype(at::kFloat)), at::Tensor()};
+  float* mean_p = out.mean.mutable_data_ptr<float>();
+  for (int64_t k = 0; k < d; ++k) mean_p[k] = static_cast<float>(total[k] / static_cast<double>(rows));
+  out.shift = range ? at::empty_like(out.mean) : out.mean;
+  for (int64_t k = 0; range && k < d; ++k)
+    out.shift.mutable_data_ptr<float>()[k] = exact_bf16_shift(total[k] / static_cast<double>(rows), lo[k], hi[k]);
+  return out;
+}
+
+at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
+  return amx_centre(x, y).shift;
 }
 
 // The particles centred (by shift, amx_shift(x) unless given) and rounded to bf16 (n_pad x d_pad, zero
@@ -173,10 +220,15 @@ struct AmxOperands {
   int64_t ld_s = 0;  // b_s's row stride in words (amx_b_stride)
   at::ScalarType dtype;
   at::Tensor shift, xb, norms, b_s;
+  at::Tensor centre;  // the rows' mean (fp32), W's centre in the step: shift too, but for bf16 particles
 
-  explicit AmxOperands(const at::Tensor& x) : AmxOperands(x, amx_shift(x)) {}
+  explicit AmxOperands(const at::Tensor& x) : AmxOperands(x, amx_centre(x)) {}
+  AmxOperands(const at::Tensor& x, const AmxCentre& centres) : AmxOperands(x, centres.shift, /*as_b=*/true) {
+    centre = centres.mean;
+  }
   AmxOperands(const at::Tensor& x, at::Tensor shift_, bool as_b = true)
       : n(x.size(0)), d(x.size(1)), dtype(x.scalar_type()), shift(std::move(shift_)) {
+    centre = shift;
     n_pad = (n + 31) / 32 * 32;
     d_pad = (d + 31) / 32 * 32;
     ld_x = amx_a_stride(d_pad);
@@ -421,7 +473,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const float a = static_cast<float>(2.0 / h);
   const auto* x_p = x.const_data_ptr<In>();
   const auto* score_p = score.const_data_ptr<In>();
-  const float* shift_p = operands.shift.const_data_ptr<float>();
+  const float* shift_p = operands.centre.const_data_ptr<float>();  // (W's centre: the mean)
   // W = score - a xc for K W in AMX's pair-interleaved layout (n_pad/2 x d words, row stride ld_w), zero
   // rows beyond n
   const int64_t ld_w = amx_b_stride(d);
@@ -499,22 +551,30 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
   const int64_t parts = std::clamp<int64_t>(
       std::min<int64_t>(at::get_num_threads(), kGramPartsMaxBytes / (n * n * int64_t{sizeof(float)})), 1, chunks);
   const auto options = x.options().dtype(at::kFloat);
-  ChunkedGram out{at::empty({d}, options), at::empty({n}, options), at::empty({n, n}, options)};
+  constexpr bool bf16 = std::is_same_v<In, at::BFloat16>;  // (bf16: exact shifts, and the means apart)
+  ChunkedGram out{at::empty({d}, options), at::empty({n}, options), at::empty({n, n}, options),
+                  bf16 ? at::empty({d}, options) : at::Tensor()};
   const In* x_p = x.const_data_ptr<In>();
   float* shift_p = out.shift.mutable_data_ptr<float>();
+  float* mean_p = bf16 ? out.mean.mutable_data_ptr<float>() : nullptr;
   const std::unique_ptr<float[]> dots(new float[parts * n * n]);  // (each part's first products initialise)
   std::vector<double> sq(parts * n, 0.0);
   parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<at::BFloat16> a(n_pad * ld_a, at::BFloat16(0.f));  // rows [n, n_pad) stay zero
     std::vector<uint32_t> b(chunk / 2 * ld_b);
     std::vector<double> sums(chunk);
+    std::vector<float> lo(bf16 ? chunk : 0), hi(bf16 ? chunk : 0);  // (bf16: the columns' ranges)
     const auto* words = reinterpret_cast<const uint32_t*>(a.data());
     for (int64_t t = part_begin; t < part_end; ++t) {
       const int64_t begin = t * chunks / parts, end = (t + 1) * chunks / parts;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t c0 = c * chunk, width = std::min(chunk, d - c0), depth = (width + 31) / 32 * 32;
-        amx_column_sums(x_p + c0, d, n, 0, width, sums.data());
-        for (int64_t k = 0; k < width; ++k) shift_p[c0 + k] = static_cast<float>(sums[k] / static_cast<double>(n));
+        amx_column_sums(x_p + c0, d, n, 0, width, sums.data(), bf16 ? lo.data() : nullptr, bf16 ? hi.data() : nullptr);
+        for (int64_t k = 0; k < width; ++k) {
+          const double mean = sums[k] / static_cast<double>(n);
+          shift_p[c0 + k] = bf16 ? exact_bf16_shift(mean, lo[k], hi[k]) : static_cast<float>(mean);
+          if constexpr (bf16) mean_p[c0 + k] = static_cast<float>(mean);
+        }
         const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
         amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq.data() + t * n, ahead);
         transpose_words(words, ld_a / 2, n_pad, 0, depth / 2, b.data(), ld_b);
@@ -575,16 +635,18 @@ bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const s
   const float* shift_p = gram.shift.const_data_ptr<float>();
   auto* out_p = out.mutable_data_ptr<In>();
   std::atomic<bool> finite{true};
+  // W's centre: the mean (for bf16 particles the distances' shift is the exact one, not the mean)
+  const float* centre_p = gram.mean.defined() ? gram.mean.const_data_ptr<float>() : shift_p;
   parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> w(n_pad / 2 * ld_w);
     std::vector<float> acc(n * chunk);
     for (int64_t c = begin; c < end; ++c) {
       const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
       const int64_t ahead = c + 1 < end ? chunk : 0;
-      amx_w_pairs(score_p + c0, x_p + c0, d, width, shift_p + c0, a, n, 0, n_pad / 2, w.data(), ld_w, ahead);
+      amx_w_pairs(score_p + c0, x_p + c0, d, width, centre_p + c0, a, n, 0, n_pad / 2, w.data(), ld_w, ahead);
       brgemm(n, width, n_pad, ld_k, ld_w, chunk, /*add_C=*/false, k16.data(),
              reinterpret_cast<const at::BFloat16*>(w.data()), acc.data());
-      if (!amx_finish_rows(acc.data(), chunk, rowsum.data(), x_p, score_p, shift_p, a, static_cast<float>(n), d, 0, n,
+      if (!amx_finish_rows(acc.data(), chunk, rowsum.data(), x_p, score_p, centre_p, a, static_cast<float>(n), d, 0, n,
                            c0, c0 + width, out_p))
         finite.store(false, std::memory_order_relaxed);
     }
@@ -809,14 +871,25 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx_chunked(const
     std::vector<uint32_t> x_pairs(want_y ? n_pad / 2 * ld_b : 0), y_pairs(want_x ? m_pad / 2 * ld_b : 0);
     std::vector<float> acc(std::max(n, m) * chunk), shift(chunk);
     std::vector<double> sums(chunk), other_sums(chunk), squares(n + m);  // (the centring's squares: unused)
+    constexpr bool bf16 = std::is_same_v<In, at::BFloat16>;  // (bf16: the columns' ranges for exact shifts)
+    std::vector<float> lo(bf16 ? chunk : 0), hi(bf16 ? chunk : 0), other_lo(bf16 ? chunk : 0), other_hi(bf16 ? chunk : 0);
     const at::BFloat16* yb = self ? xa.data() : ya.data();
     for (int64_t c = begin; c < end; ++c) {
       const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
       const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's rows into L2 as these are centred)
-      amx_column_sums(x_p + c0, d, n, 0, width, sums.data());
-      if (!self) amx_column_sums(y_p + c0, d, m, 0, width, other_sums.data());
-      for (int64_t f = 0; f < width; ++f)
-        shift[f] = static_cast<float>((sums[f] + (self ? 0.0 : other_sums[f])) / rows_total);
+      amx_column_sums(x_p + c0, d, n, 0, width, sums.data(), bf16 ? lo.data() : nullptr, bf16 ? hi.data() : nullptr);
+      if (!self)
+        amx_column_sums(y_p + c0, d, m, 0, width, other_sums.data(), bf16 ? other_lo.data() : nullptr,
+                        bf16 ? other_hi.data() : nullptr);
+      for (int64_t f = 0; f < width; ++f) {
+        const double mean = (sums[f] + (self ? 0.0 : other_sums[f])) / rows_total;
+        if constexpr (bf16) {
+          const float low = self ? lo[f] : std::min(lo[f], other_lo[f]), high = self ? hi[f] : std::max(hi[f], other_hi[f]);
+          shift[f] = exact_bf16_shift(mean, low, high);
+        } else {
+          shift[f] = static_cast<float>(mean);
+        }
+      }
       amx_centre_rows(x_p + c0, d, width, shift.data(), 0, n, xa.data(), ld_a, squares.data(), ahead);
       if (!self) amx_centre_rows(y_p + c0, d, width, shift.data(), 0, m, ya.data(), ld_a, squares.data() + n, ahead);
       if (want_x) {  // scale (rowsum(P) xc - P yc)

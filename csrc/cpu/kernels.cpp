@@ -13,7 +13,7 @@
 #define BMT_FAST_DECLARE_AMX_ISA(In)                                                                                \
   void amx_rbf_from_dots(float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float, int64_t,    \
                          bool, In*, int64_t, float*, bool);                                                         \
-  void amx_column_sums(const In*, int64_t, int64_t, int64_t, int64_t, double*);                                     \
+  void amx_column_sums(const In*, int64_t, int64_t, int64_t, int64_t, double*, float*, float*);                     \
   void amx_centre_rows(const In*, int64_t, int64_t, const float*, int64_t, int64_t, c10::BFloat16*, int64_t,       \
                        double*, int64_t);                                                                            \
   void amx_w_pairs(const In*, const In*, int64_t, int64_t, const float*, float, int64_t, int64_t, int64_t,         \
@@ -267,8 +267,9 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
     BMT_FAST_DISPATCH(amx_rbf_from_dots, tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k_out,      \
                       ld_out, rowsum, native_bf16_rounding())                                                         \
   }                                                                                                                   \
-  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums) {      \
-    BMT_FAST_DISPATCH(amx_column_sums, x, d, rows, col_begin, col_end, sums)                                          \
+  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums,        \
+                       float* lo, float* hi) {                                                                        \
+    BMT_FAST_DISPATCH(amx_column_sums, x, d, rows, col_begin, col_end, sums, lo, hi)                                  \
   }                                                                                                                   \
   void amx_centre_rows(const In* x, int64_t ld, int64_t cols, const float* shift, int64_t row_begin,                  \
                        int64_t row_end, c10::BFloat16* xb, int64_t ld_xb, double* sq_sums, int64_t ahead) {           \

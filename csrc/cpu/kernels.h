@@ -161,7 +161,7 @@ bool fused_step_rows(const double* xc, const double* xt, const double* w, const 
 // vectors are rounded by vcvtneps2bf16 where the CPU has AVX512-BF16 (BMT_FAST_CPU_AVX512BF16=0: by the
 // portable bit arithmetic; the same bits).
 // amx_column_sums: sums[k] = the sum over rows [0, rows) of x[r][k] (d columns), in double, for k in
-// [col_begin, col_end).
+// [col_begin, col_end); with lo and hi (else nullptr) also the columns' least and greatest values.
 // The operands and the step's last pass (x, score: rows of `cols` features, row stride ld, or d; shift: a
 // fp32 value per feature):
 // amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride ld_xb, columns [cols, ld_xb)
@@ -188,7 +188,8 @@ bool fused_step_rows(const double* xc, const double* xt, const double* w, const 
   void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
                          const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \
                          float* rowsum);                                                                              \
-  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums);       \
+  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums,        \
+                       float* lo = nullptr, float* hi = nullptr);                                                     \
   void amx_centre_rows(const In* x, int64_t ld, int64_t cols, const float* shift, int64_t row_begin,                  \
                        int64_t row_end, c10::BFloat16* xb, int64_t ld_xb, double* sq_sums, int64_t ahead);            \
   void amx_w_pairs(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift, float a, int64_t n,    \

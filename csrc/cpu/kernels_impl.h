@@ -253,8 +253,9 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
       amx_rbf_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k_out, ld_out,   \
                                     rowsum);                                                                          \
   }                                                                                                                   \
-  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums) {      \
-    amx_column_sums_impl(x, d, rows, col_begin, col_end, sums);                                                       \
+  void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums,        \
+                       float* lo, float* hi) {                                                                        \
+    amx_column_sums_impl(x, d, rows, col_begin, col_end, sums, lo, hi);                                               \
   }                                                                                                                   \
   void amx_centre_rows(const In* x, int64_t ld, int64_t cols, const float* shift, int64_t row_begin,                  \
                        int64_t row_end, c10::BFloat16* xb, int64_t ld_xb, double* sq_sums, int64_t ahead) {           \

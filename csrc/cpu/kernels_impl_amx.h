@@ -12,31 +12,65 @@ namespace {
 // 4 vectors of columns at a time, summed down all rows in 8 registers of doubles. (Row by row into the sums
 // in memory, 1024 x 8192 bf16 took ~1.7 ms; x.sum(0, dtype=float64) made a float64 copy of x first: at
 // 256 x 76,800, 157 MB of fresh pages every step.)
-template <typename In>
-BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
-                                          double* sums) {
+template <bool kRange, typename In>
+BMT_FAST_INLINE void amx_column_sums_body(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
+                                          double* sums, float* lo, float* hi) {
   constexpr int L = kLanes<float>, kGroup = 4;
   constexpr int64_t kSumsAhead = 48;
+  const vec_t<float> inf = broadcast(std::numeric_limits<float>::infinity());
   int64_t k = col_begin;
   for (; k + kGroup * L <= col_end; k += kGroup * L) {
     vec_t<double> acc[2 * kGroup] = {};
+    vec_t<float> low[kGroup], high[kGroup];
+    for (int g = 0; g < kGroup; ++g) low[g] = inf, high[g] = -inf;
     for (int64_t r = 0; r < rows; ++r) {
       const In* row = x + r * d + k;
       if (r + kSumsAhead < rows)  // (rows a stride apart: beyond the hardware prefetchers' reach)
         prefetch_lines<3>(row + kSumsAhead * d, kGroup * L);
 #pragma GCC unroll 4
-      for (int g = 0; g < kGroup; ++g) add_as_doubles(acc + 2 * g, load_as<float>(row + g * L));
+      for (int g = 0; g < kGroup; ++g) {
+        const vec_t<float> v = load_as<float>(row + g * L);
+        add_as_doubles(acc + 2 * g, v);
+        if constexpr (kRange) {
+          low[g] = v < low[g] ? v : low[g];
+          high[g] = v > high[g] ? v : high[g];
+        }
+      }
     }
     std::memcpy(sums + k, acc, sizeof(acc));
+    if constexpr (kRange) {
+      std::memcpy(lo + k, low, sizeof(low));
+      std::memcpy(hi + k, high, sizeof(high));
+    }
   }
   for (; k < col_end; k += L) {  // the last columns, a vector (or less) at a time
     const int64_t count = min64(L, col_end - k);
     vec_t<double> acc[2] = {};
-    for (int64_t r = 0; r < rows; ++r) add_as_doubles(acc, load_part_as<float>(x + r * d + k, count));
+    vec_t<float> low = inf, high = -inf;  // (lanes beyond count hold zeros: not copied out)
+    for (int64_t r = 0; r < rows; ++r) {
+      const vec_t<float> v = load_part_as<float>(x + r * d + k, count);
+      add_as_doubles(acc, v);
+      if constexpr (kRange) {
+        low = v < low ? v : low;
+        high = v > high ? v : high;
+      }
+    }
     double total[L];
     std::memcpy(total, acc, sizeof(total));
     for (int64_t q = 0; q < count; ++q) sums[k + q] = total[q];
+    if constexpr (kRange) {
+      for (int64_t q = 0; q < count; ++q) lo[k + q] = low[q], hi[k + q] = high[q];
+    }
   }
+}
+
+template <typename In>
+BMT_FAST_INLINE void amx_column_sums_impl(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end,
+                                          double* sums, float* lo, float* hi) {
+  if (lo != nullptr)
+    amx_column_sums_body<true>(x, d, rows, col_begin, col_end, sums, lo, hi);
+  else
+    amx_column_sums_body<false>(x, d, rows, col_begin, col_end, sums, lo, hi);
 }
 
 // The operands of the AMX path, one pass each (they were a dozen ATen ops with n x d fp32 temporaries
