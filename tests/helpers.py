@@ -37,7 +37,7 @@ def amx_shift(rows: torch.Tensor) -> torch.Tensor:
     big = torch.maximum(lo.abs(), hi.abs())
     _, exponent = torch.frexp(big)
     ulp = torch.ldexp(torch.ones_like(big), exponent - 8)
-    shift = torch.round(mean.float().double() / ulp) * ulp
+    shift = torch.round(mean / ulp) * ulp
     exact = torch.where(lo > 0, lo > shift / 2, torch.where(hi < 0, hi < shift / 2, torch.zeros_like(lo, dtype=torch.bool)))
     return torch.where(exact & (big > 0), shift, torch.zeros_like(shift)).float()
 
