@@ -48,7 +48,8 @@ def prior_gradient(kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
 
 
 def naive_kernel(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-torch.cdist(a, b).square() / h)
+    # (cdist by matmul: its direct kernels have no bf16 / fp16 version, which every such row had failed on)
+    return torch.exp(-torch.cdist(a, b, compute_mode=providers.CDIST_MODE).square() / h)
 
 
 def prior_providers() -> list[Provider]:

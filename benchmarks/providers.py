@@ -477,7 +477,7 @@ def median_scipy(inp) -> Run:
     import numpy as np
     from scipy.spatial.distance import pdist, squareform
 
-    x_np = inp.x.numpy()
+    x_np = inp.x.double().numpy()  # (pdist computes in float64; numpy has no bf16: its rows had been errors)
     n = x_np.shape[0]
     return lambda: torch.tensor(np.median(squareform(pdist(x_np)) ** 2) / np.log(n + 1))
 

@@ -204,7 +204,10 @@ def test_tolerances_follow_the_dtype(tmp_path, monkeypatch, dtype, name, n, stat
 
 def test_a_row_cut_short_is_dropped_before_rows_are_appended(tmp_path, capsys):
     """A run killed in the middle of writing a row left part of it: ended and kept, it made the plot script
-    refuse the whole file as damaged; a whole row without its newline is still kept."""
+    refuse the whole file as damaged. The harness ends every row with its newline, so a last record without
+    one is dropped from its start, also where a quoted note holds a line break (the repair had cut at the
+    break, leaving an open quote that swallowed the next row) or the cut fell in the last field (a row that
+    looked whole had been kept)."""
     base = dict.fromkeys(CSV_HEADER, "")
     base.update(device="dev", op="svgd_step", provider="p", dtype="float32", n="8", d="4", status="ok")
     path = tmp_path / "a.csv"
@@ -212,9 +215,17 @@ def test_a_row_cut_short_is_dropped_before_rows_are_appended(tmp_path, capsys):
     with open(path, "a") as f:
         f.write("2026-12-06T00:00:00+00:00,xx,svgd_step")
     harness.append_rows(path, [dict(base, n="16", time_median_s="2")])
-    assert "dropped a row cut short (3 of" in capsys.readouterr().err
+    assert "dropped a row cut short: '2026-12-06T00:00:00+00:00,xx,svgd_step'" in capsys.readouterr().err
     assert [(r["n"], r["time_median_s"]) for r in harness.read_rows(path)] == [("8", "1"), ("16", "2")]
     assert [r["n"] for r in plot.latest_rows([path])] == ["8", "16"]
+    for cut in (lambda b: b[:-2], lambda b: b[:-7]):  # (no newline; cut inside the last field)
+        path = tmp_path / "noted.csv"
+        path.unlink(missing_ok=True)
+        harness.append_rows(path, [dict(base, time_median_s="1"), dict(base, n="32", note="line one\nline two, and more")])
+        path.write_bytes(cut(path.read_bytes()))
+        harness.append_rows(path, [dict(base, n="16", time_median_s="2")])
+        assert [(r["n"], r["note"]) for r in harness.read_rows(path)] == [("8", ""), ("16", "")]
+        assert [r["n"] for r in plot.latest_rows([path])] == ["8", "16"]
 
 
 def test_table_cells_from_another_run_than_their_limit_are_marked(tmp_path):
@@ -272,8 +283,8 @@ def test_a_row_appended_after_a_cut_short_line_starts_its_own_line(tmp_path):
     base = dict.fromkeys(CSV_HEADER, "")
     base.update(device="dev", op="svgd_step", provider="p", dtype="float32", n="8", d="4", status="ok")
     path = tmp_path / "a.csv"
-    harness.append_rows(path, [dict(base, time_median_s="1")])
-    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))  # a run killed before its line ended
+    harness.append_rows(path, [dict(base, time_median_s="1"), dict(base, n="12", time_median_s="3")])
+    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))  # a run killed before its line ended: dropped
     harness.append_rows(path, [dict(base, n="16", time_median_s="2")])
     assert [(r["n"], r["time_median_s"]) for r in harness.read_rows(path)] == [("8", "1"), ("16", "2")]
     with pytest.raises(SystemExit, match="is a folder"):
@@ -308,6 +319,38 @@ def test_bad_benchmark_options_are_argument_errors(argv, message, capsys):
 def test_providers_option_that_names_none_is_an_error():
     with pytest.raises(SystemExit, match="--providers names no provider"):
         svgd_step.main(["--providers", ",", "--sizes", "8x8"])
+    with pytest.raises(SystemExit, match="--providers names no provider"):  # ("" had run every provider)
+        svgd_step.main(["--providers", "", "--sizes", "8x8"])
+    with pytest.raises(SystemExit, match="--providers names torch-naive more than once"):
+        svgd_step.main(["--providers", "torch-naive,torch-naive", "--sizes", "8x8"])
+
+
+def test_anchor_and_cross_check_tolerances():
+    """The anchor is the preferred bmt_fast backend, else the most accurate provider named (the first named
+    had been taken: torch-naive-bf16mm, which made torch-blocked a mismatch); the allowed difference counts
+    the anchor's own tolerance (scipy's exact median had been a mismatch against torch-naive's lower median);
+    a check tolerance is capped (a bf16 provider 50 % off had passed at 0.8)."""
+    svgd, median = providers_for("svgd_step"), providers_for("median_bandwidth")
+    assert harness.anchor_first(["torch-naive-bf16mm", "torch-blocked"], svgd, torch.float32)[0] == "torch-blocked"
+    assert harness.anchor_first(["torch-naive", "bmt_fast-cpu"], svgd, torch.float32)[0] == "bmt_fast-cpu"
+    loose = harness.cross_check_tolerance(median["scipy"], torch.float32, median["torch-naive"])
+    assert loose == harness.CROSS_CHECK_CAP > harness.cross_check_tolerance(median["scipy"], torch.float32)
+    assert harness.tolerance(svgd["bmt_fast-triton-tf32"], torch.bfloat16) == harness.CROSS_CHECK_CAP
+
+
+def test_repeated_sizes_are_an_error(capsys):
+    with pytest.raises(SystemExit):
+        harness.parser(svgd_step.SPEC).parse_args(["--sizes", "64x8,16x4,64x8"])
+    assert "--sizes names 64x8 more than once" in capsys.readouterr().err
+
+
+def test_no_compile_allowance_still_checks_providers(tmp_path):
+    """--compile-seconds 0 (no extra time for a first compiling call): the small-size check's deadline had
+    been that allowance alone, so every provider's check timed out and none was timed."""
+    out = tmp_path / "nocompile.csv"
+    svgd_step.main(["--sizes", "64x4", "--out", str(out), "--compile-seconds", "0", "--providers", "torch-naive"])
+    rows = {r["provider"]: r for r in read_csv(out)}
+    assert rows["torch-naive"]["status"] == "ok", rows["torch-naive"]
 
 
 def test_plot_refuses_what_would_wipe_or_misread_the_tables(tmp_path):
