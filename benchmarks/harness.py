@@ -483,9 +483,8 @@ def check_out_file(path: Path) -> None:
 
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Append rows under the fixed header (written when the file is new); refuse a file with another header.
-    A last line without its newline (a run killed mid-write) is ended first, so a new row starts a line, if
-    it holds a whole row; a row cut short is dropped (said on stderr): kept, it had made the plot script
-    refuse the whole file as damaged."""
+    A last record without its line end (a run killed mid-write) is dropped first (drop_cut_last_record, said
+    on stderr): kept, it had made the plot script refuse the whole file as damaged."""
     path.parent.mkdir(parents=True, exist_ok=True)
     check_out_file(path)
     new = not path.exists() or path.stat().st_size == 0
@@ -494,8 +493,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
             f.seek(-1, os.SEEK_END)
             ended = f.read(1) in (b"\n", b"\r")
         if not ended:
-            end_or_drop_last_line(path)
-            new = path.stat().st_size == 0  # (the header itself had been cut short)
+            drop_cut_last_record(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_HEADER)
         if new:
@@ -503,7 +501,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def end_or_drop_last_line(path: Path) -> None:
+def drop_cut_last_record(path: Path) -> None:
     """The file's last line has no newline: its last record was cut short (the harness ends every row with
     one), so it is cut off, from the start of that record (a quoted note may hold line breaks: a whole-looking
     last line had been kept though cut inside its last field, and a record with a line break cut at the
@@ -741,12 +739,12 @@ class Worker:
         self.emit("row", row=self.ctx.row(name, case, status, note, provider_version=version, **fields))
 
 
-def anchor_first(names: list[str], providers: dict | None = None, dtype: torch.dtype = torch.float32) -> list[str]:
+def anchor_first(names: list[str], providers: dict, dtype: torch.dtype) -> list[str]:
     """The provider the others are compared with goes first: the compiled bmt_fast backend if present, else
     the one with the smallest tolerance in this dtype (the first of equals; the first named had been taken,
     a reduced-precision one too, and exact providers were then "mismatch")."""
     anchor = next((p for p in ANCHOR_PREFERENCE if p in names), None)
-    if anchor is None and providers and names:
+    if anchor is None and names:
         anchor = min(names, key=lambda name: tolerance(providers[name], dtype))
     return [anchor] + [n for n in names if n != anchor] if anchor else list(names)
 

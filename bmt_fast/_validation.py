@@ -91,7 +91,7 @@ def fold_overflows(x: torch.Tensor, h: float) -> bool:
     largest = torch.finfo(accumulation_dtype(x.dtype)).max
     xc = x.detach().to(torch.float64)
     spread = float((xc - xc.mean(0)).abs().max())
-    distances_fit = (2.0 * spread) ** 2 * xc[0].numel() <= largest
+    distances_fit = (2.0 * spread) ** 2 * x.shape[1] <= largest
     return distances_fit and (2.0 / h) * 2.0 * spread * x.shape[0] > largest
 
 

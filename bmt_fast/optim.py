@@ -204,11 +204,9 @@ def _takes_no_arguments(fn: object) -> bool:
     func, bound = (fn.__func__, 1) if isinstance(fn, types.MethodType) else (fn, 0)
     if isinstance(func, types.FunctionType) and not hasattr(func, "__wrapped__"):
         code = func.__code__
-        positional = code.co_argcount - bound
-        takes_one = positional >= 1 or bool(code.co_flags & inspect.CO_VARARGS)
-        required = max(positional - len(func.__defaults__ or ()), 0)
+        takes_one = code.co_argcount - bound >= 1 or bool(code.co_flags & inspect.CO_VARARGS)
         keyword_required = code.co_kwonlyargcount - len(func.__kwdefaults__ or {})
-        return not takes_one and required == 0 and keyword_required == 0
+        return not takes_one and keyword_required == 0
     try:
         return _SIGNATURE_READINGS[fn]
     except (KeyError, TypeError):  # (TypeError: no weak reference to it, a builtin say: read every time)

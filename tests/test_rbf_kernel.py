@@ -124,8 +124,9 @@ def test_bf16_kernel_on_amx_tiles(n, m, d, scale):
 
 @requires_amx
 def test_bf16_tight_clusters_far_apart_on_amx():
-    """Two clusters 10 apart, each 0.05 wide: the AMX operands had been the particles centred by their fp32
-    mean and rounded to bf16 again, which threw away their own low bits (K 4.2e-2 and x's gradient 0.20 off).
+    """Two clusters 0.05 wide whose centres are drawn N(0, 10^2) per feature: the AMX operands had been the
+    particles centred by their fp32 mean and rounded to bf16 again, which threw away their own low bits (K
+    4.2e-2 and x's gradient 0.20 off).
     Shifted exactly (amx_shift), K is within 2 bf16 ulps and the gradient within 1e-2, as on Gaussian clouds."""
     torch.manual_seed(0)
     n, d = 256, 64

@@ -55,8 +55,12 @@ def present(task: Task, row: Mapping[str, Any], name: str) -> Any:
     """column(task, row, name), or a ValueError where it is null (missing) in the file."""
     value = column(task, row, name)
     if value is None:
-        raise ValueError(f"task {task.name!r}: column {name!r} is null (missing) in a row")
+        raise null_column(task.name, name)
     return value
+
+
+def null_column(task_name: str, name: str) -> ValueError:
+    return ValueError(f"task {task_name!r}: column {name!r} is null (missing) in a row")
 
 
 def fields_text(prefix: str, fields: Sequence[tuple[str, Any]]) -> str:
@@ -64,7 +68,7 @@ def fields_text(prefix: str, fields: Sequence[tuple[str, Any]]) -> str:
     name). A missing value (null in the file) is an error, not the text "None"."""
     for name, value in fields:
         if value is None:
-            raise ValueError(f"task {prefix!r}: column {name!r} is null (missing) in a row")
+            raise null_column(prefix, name)
     return " ".join([prefix] + [f"{name}: {' '.join(str(value).split())}" for name, value in fields])
 
 

@@ -574,8 +574,8 @@ class Run:
         source_method = TARGET_METHODS.get(method, (None,))[0] if stage == "target" else None
         started_from = checkpoint.meta.get("source_particles")
         if source_method and started_from is not None:
-            particles = self.source_dir(source_method) / PARTICLES_FILE
-            if particles_digest(particles.parent) != started_from:
+            if particles_digest(self.source_dir(source_method)) != started_from:
+                particles = self.source_dir(source_method) / PARTICLES_FILE
                 return f"{particles} changed since it trained (its source stage was trained again)", again
         if checkpoint.step > steps:
             return f"it has trained {checkpoint.step} steps, more than {stage}.steps={steps}", again
@@ -748,7 +748,7 @@ def _trajectory_config(
     if with_steps and isinstance(out.get(stage), dict):
         out[stage]["steps"] = config[stage].get("steps")
     _drop_unread_settings(out, stage, method)
-    for (section, key), place in _place_settings(out):
+    for (section, key), _ in _place_settings(out):
         if f"{section}.{key}" in (places or {}):
             out[section][key] = places[f"{section}.{key}"]
     return out
@@ -855,8 +855,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     both = [f"{key}: {a[key]!r} -> {b[key]!r}" for key in sorted(a.keys() & b.keys()) if a[key] != b[key]]
     if both:
         return both
-    shown = {key: (repr(a[key]) if key in a else "(unread)", repr(b[key]) if key in b else "(unread)") for key in a.keys() ^ b.keys()}
-    return [f"{key}: {was} -> {now}" for key, (was, now) in sorted(shown.items())]
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "(unread)"
+
+    return [f"{key}: {shown(a, key)} -> {shown(b, key)}" for key in sorted(a.keys() ^ b.keys())]
 
 
 def _dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

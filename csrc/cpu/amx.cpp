@@ -148,7 +148,8 @@ const at::BFloat16* as_bf16(const at::Tensor& words) {
 // grid of the column's coarsest bf16 ulp where every x - shift is then exact in bf16 (all x of one sign and
 // beyond shift / 2: |x - shift| < |x|, a multiple of x's ulp), else 0 (x itself, exact). Centring by the fp32
 // mean and rounding x - mean to bf16 had thrown away the particles' own low bits wherever the centred values
-// were no smaller than x: two clusters 20 apart, each 0.05 wide, gave K 4e-2 and x's gradient 0.2 off.
+// were no smaller than x: two clusters 0.05 wide whose centres differ by ~10 per feature gave K 4e-2 and x's
+// gradient 0.2 off.
 // A mean that is not finite (a NaN or Inf particle) is kept: the centred column is flagged as before.
 float exact_bf16_shift(double mean, float lo, float hi) {
   if (!std::isfinite(mean)) return static_cast<float>(mean);
@@ -166,6 +167,17 @@ float exact_bf16_shift(double mean, float lo, float hi) {
   const double shift = ((mean / ulp + kShifter) - kShifter) * ulp;
   const bool exact = lo > 0.0f ? lo > shift / 2 : hi < shift / 2;
   return exact ? static_cast<float>(shift) : 0.0f;
+}
+
+// A column's shift for the distances from its mean and range: exact_bf16_shift for bf16 particles, the mean
+// rounded to fp32 for fp32 ones (whose operands are rounded anyway; lo and hi unread).
+template <typename In>
+float amx_column_shift(double mean, float lo, float hi) {
+  if constexpr (std::is_same_v<In, at::BFloat16>) {
+    return exact_bf16_shift(mean, lo, hi);
+  } else {
+    return static_cast<float>(mean);
+  }
 }
 
 // The AMX path's centres of x's rows, and of y's too when given (bf16 or fp32, contiguous, the same columns
@@ -201,8 +213,8 @@ AmxCentre amx_centre(const at::Tensor& x, const at::Tensor* y = nullptr) {
   float* mean_p = out.mean.mutable_data_ptr<float>();
   for (int64_t k = 0; k < d; ++k) mean_p[k] = static_cast<float>(total[k] / static_cast<double>(rows));
   out.shift = range ? at::empty_like(out.mean) : out.mean;
-  for (int64_t k = 0; range && k < d; ++k)
-    out.shift.mutable_data_ptr<float>()[k] = exact_bf16_shift(total[k] / static_cast<double>(rows), lo[k], hi[k]);
+  float* shift_p = out.shift.mutable_data_ptr<float>();
+  for (int64_t k = 0; range && k < d; ++k) shift_p[k] = exact_bf16_shift(total[k] / static_cast<double>(rows), lo[k], hi[k]);
   return out;
 }
 
@@ -572,7 +584,7 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
         amx_column_sums(x_p + c0, d, n, 0, width, sums.data(), bf16 ? lo.data() : nullptr, bf16 ? hi.data() : nullptr);
         for (int64_t k = 0; k < width; ++k) {
           const double mean = sums[k] / static_cast<double>(n);
-          shift_p[c0 + k] = bf16 ? exact_bf16_shift(mean, lo[k], hi[k]) : static_cast<float>(mean);
+          shift_p[c0 + k] = amx_column_shift<In>(mean, bf16 ? lo[k] : 0.0f, bf16 ? hi[k] : 0.0f);
           if constexpr (bf16) mean_p[c0 + k] = static_cast<float>(mean);
         }
         const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
@@ -883,12 +895,12 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx_chunked(const
                         bf16 ? other_hi.data() : nullptr);
       for (int64_t f = 0; f < width; ++f) {
         const double mean = (sums[f] + (self ? 0.0 : other_sums[f])) / rows_total;
+        float low = 0.0f, high = 0.0f;
         if constexpr (bf16) {
-          const float low = self ? lo[f] : std::min(lo[f], other_lo[f]), high = self ? hi[f] : std::max(hi[f], other_hi[f]);
-          shift[f] = exact_bf16_shift(mean, low, high);
-        } else {
-          shift[f] = static_cast<float>(mean);
+          low = self ? lo[f] : std::min(lo[f], other_lo[f]);
+          high = self ? hi[f] : std::max(hi[f], other_hi[f]);
         }
+        shift[f] = amx_column_shift<In>(mean, low, high);
       }
       amx_centre_rows(x_p + c0, d, width, shift.data(), 0, n, xa.data(), ld_a, squares.data(), ahead);
       if (!self) amx_centre_rows(y_p + c0, d, width, shift.data(), 0, m, ya.data(), ld_a, squares.data() + n, ahead);
