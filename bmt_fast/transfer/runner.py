@@ -804,6 +804,8 @@ UNREAD_SOURCE_SETTINGS = {
     "spot": ("num_particles", "sampling", "bandwidth"),
     "multitask": ("num_particles", "bandwidth"),
 }
+# ... and in their source stage source.backend (SVGD's op; a target's KDE prior over their prompts reads it)
+GRADIENT_SOURCES = ("spot", "multitask")
 
 
 def _drop_unread_settings(out: dict[str, Any], stage: str, method: str | None) -> None:
@@ -819,6 +821,11 @@ def _drop_unread_settings(out: dict[str, Any], stage: str, method: str | None) -
     if isinstance(source, dict):
         for key in UNREAD_SOURCE_SETTINGS.get(source_method or "", ()):
             source.pop(key, None)
+        if stage == "source" and source_method in GRADIENT_SOURCES:
+            source.pop("backend", None)
+        if source_method == "spot" and source.get("likelihood_scale") in ("batch", 1, 1.0):
+            # (a particle's only task has c = 1 under "mean", "batch" and 1.0 alike: likelihood_coefficients)
+            source["likelihood_scale"] = "mean"
     target = out.get("target")
     if stage != "target" or not isinstance(target, dict):
         return

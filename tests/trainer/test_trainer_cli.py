@@ -115,12 +115,18 @@ def test_settings_a_method_does_not_read_do_not_block_its_stages(model_dirs, tmp
     """A change of a setting a stage's method never reads had refused to reuse or resume it: SPoT's source
     for another source.num_particles (one prompt per task), prompt_tuning for another target.kde_weight (no
     source, no prior) or target.selection_examples (spot_best's), a bmtpt row of the table for another
-    target.particle_index (bmtpt_particle's). Settings the method reads still count."""
+    target.particle_index (bmtpt_particle's); SPoT's for source.backend (no SVGD) or a likelihood_scale of the
+    same coefficients. Settings the method reads still count."""
     config = _config(tmp_path, model_dirs, source={"steps": 2, "method": "spot"},
                      target={"steps": 2, "methods": ["prompt_tuning", "bmtpt"]})  # fmt: skip
     run_dir = tmp_path / "run"
     assert main(["source", *config]) == 0
     assert main(["source", *config, "source.num_particles=5", "--resume"]) == 0
+    # nor SVGD's backend in a gradient source, nor a likelihood scale with the same coefficients (c = 1)
+    assert main(["source", *config, "source.backend=torch", "source.likelihood_scale=batch", "--resume"]) == 0
+    assert main(["source", *config, "source.likelihood_scale=1.0", "--resume"]) == 0
+    assert main(["source", *config, "source.likelihood_scale=dataset", "--resume"]) == 2  # (c = N_k)
+    assert "the configuration changed (source.likelihood_scale: 'mean' -> 'dataset')" in capsys.readouterr().err
     assert main(["source", *config, "source.lr=0.5", "--resume"]) == 2  # read: refused
     assert "the configuration changed (source.lr: " in capsys.readouterr().err
     assert main(["transfer", *config]) == 0
