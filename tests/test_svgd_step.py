@@ -412,19 +412,32 @@ def test_float32_with_a_tiny_bandwidth(cpu_backend, n, h):
     assert relative_error(bmt_fast.svgd_step(x, score, h, backend=cpu_backend), expected) < 1e-6
 
 
+AMX_FOLDED_MAX_SPREAD = 8.0  # (csrc/cpu/amx.cpp: kAmxFoldedMaxSpread)
+
+
+def amx_phi(k0, x, score, h):
+    """The AMX step's arithmetic (csrc/cpu/amx.cpp, amx_step_splits) in float64 from its K (fp32 values, own
+    terms 0) with Xs = x - amx_shift(x) in fp32 (exact for bf16 particles): folded where every |Xs| <= 8
+    sqrt(H), K and W = score - (2/H) Xs rounded to bf16 for K W and K's fp32 row sums; split beyond, K,
+    score and Xs rounded to bf16 for K [S | Xs] and the row sums of the rounded K."""
+    n, a = x.shape[0], 2.0 / h
+    xs = (x.float() - amx_shift(x)).double()
+    kr, s = k0.float().bfloat16().double(), score.double()
+    if float(xs.abs().max()) > AMX_FOLDED_MAX_SPREAD * math.sqrt(h):
+        xr = xs.float().bfloat16().double()
+        sr = s.float().bfloat16().double()
+        return (kr @ sr + a * (kr.sum(1, keepdim=True) * xr - kr @ xr) + s) / n
+    w = (s - a * xs).float().bfloat16().double()
+    return (kr @ w + a * k0.sum(1, keepdim=True) * xs + s) / n
+
+
 def amx_precision_phi(x, score, h):
     """The AMX path's arithmetic in torch: particles shifted by amx_shift (bf16 ones exactly) and rounded to
-    bf16 for the distances, K in fp32 (its own term 0, row sums in fp32), K and W = score - (2/H) xc (xc
-    centred by the mean, a float64 sum rounded to fp32) rounded to bf16 for K W, fp32 sums."""
-    n = x.shape[0]
-    xf = x.float()
-    xc = xf - x.double().mean(0, keepdim=True).float()
-    xb = (xf - amx_shift(x)).bfloat16().float()
+    bf16 for the distances, K in fp32 (its own term 0), then amx_phi."""
+    xb = (x.float() - amx_shift(x)).bfloat16().float()
     norms = (xb * xb).sum(1)
     k = torch.exp(-(norms[:, None] + norms[None] - 2 * xb @ xb.T).clamp_min(0) / h).fill_diagonal_(0)
-    a = 2.0 / h
-    kw = k.bfloat16().float() @ (score.float() - a * xc).bfloat16().float()
-    return ((kw + a * k.sum(1, keepdim=True) * xc + score.float()) / n).bfloat16()
+    return amx_phi(k.double(), x, score, h).bfloat16()
 
 
 @requires_amx
@@ -463,9 +476,8 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
     take the AMX step by feature chunks: the threads share chunks of 128 features (the last ones ragged
     here) in parts, each summing its chunks' dot products. median_bandwidth, rbf_kernel and rbf_kernel_median take
     the same Gram pass there, so K is rbf_kernel's bit for bit and phi is the documented arithmetic with
-    it: K and W = score - (2/H) xc rounded to bf16, fp32 sums, the row sums of the unrounded K (fp32 to
-    fp32 rounding, fp32 under "medium"; bf16 within an ulp of its largest entry, whose K the emulation
-    reads rounded). Within 2 bf16 ulps of the float64 reference; a NaN in either input is an error. (The
+    it (amx_phi; fp32 to fp32 rounding, fp32 under "medium"; bf16 within an ulp of its largest entry, whose K
+    the emulation reads rounded). Within 2 bf16 ulps of the float64 reference; a NaN in either input is an error. (The
     particles share a few directions: the dot products, not only the norms, set their distances.)"""
     torch.manual_seed(n + d)
     x, score = particles(n, d, offset=2.0, dtype=torch.float64)
@@ -487,13 +499,32 @@ def test_few_particles_on_amx_by_feature_chunks(n, d, dtype):
     assert torch.equal(k.diagonal(), torch.ones(n, dtype=dtype))
     assert relative_error(k, reference.rbf_kernel(x.double(), x.double(), h.double())) <= 2 * 2.0**-8
     assert phi.dtype == dtype and relative_error(phi, reference_phi(x.double(), score.double())) <= 2 * 2.0**-8
-    hh = float(h)
-    xc = x.double() - x.double().mean(0, keepdim=True).float().double()
-    w = (score.double() - 2.0 / hh * xc).float().bfloat16().double()
-    k0 = k.double().fill_diagonal_(0)
-    emulated = (k0.bfloat16().double() @ w + 2.0 / hh * k0.sum(1, keepdim=True) * xc + score.double()) / n
+    emulated = amx_phi(k.double().fill_diagonal_(0), x, score, float(h))
     assert relative_error(given, emulated) <= (1e-5 if dtype == torch.float32 else 2.0**-7)
     assert relative_error(phi, given) <= (1e-5 if dtype == torch.float32 else 2.0**-7)
+
+
+@requires_amx
+@pytest.mark.parametrize("n,d", [(256, 64), (1000, 128), (600, 2050), (100, 4097)])
+def test_bf16_step_of_tight_clusters_far_apart_on_amx(n, d):
+    """Two clusters 0.05 wide whose centres are drawn N(0, 10^2) per feature, H from the distances within a
+    cluster: the particles' spread is far beyond the kernel's width, so the AMX step multiplies K by score
+    and the shifted particles apart (K [S | Xs], amx_phi's split form). Folded into W = score - (2/H) Xs, the
+    bf16 rounding of (2/H) Xs had put phi 4.8e-2 off at 256 x 64 (within 2 bf16 ulps now, as on Gaussian
+    clouds). Blocks of rows, the chunked products of many features (600 x 2050) and the few-particle
+    chunks (100 x 4097); Gaussian particles of the same spread stay folded (amx_phi)."""
+    torch.manual_seed(n + d)
+    centres = torch.randn(2, d, dtype=torch.float64) * 10
+    x = (centres[torch.arange(n) % 2] + 0.05 * torch.randn(n, d, dtype=torch.float64)).bfloat16()
+    score = torch.randn(n, d).bfloat16()
+    same = x[0::2].double()
+    h = float(torch.cdist(same, same).square().median())
+    hb = torch.tensor(h, dtype=torch.float64)
+    phi = torch.ops.bmt_fast.svgd_step(x, score, hb, "tiled")
+    assert relative_error(phi, reference_phi(x.double(), score.double(), hb)) <= 2 * 2.0**-8
+    k0 = torch.ops.bmt_fast.rbf_kernel(x, x, hb).double().fill_diagonal_(0)
+    assert float((x.float() - amx_shift(x)).abs().max()) > AMX_FOLDED_MAX_SPREAD * math.sqrt(h)  # (split)
+    assert relative_error(phi, amx_phi(k0, x, score, h)) <= 2.0**-7
 
 
 @requires_cpu_extension
@@ -653,8 +684,7 @@ def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):
     """fp32 particles with torch.set_float32_matmul_precision("medium") (oneDNN's fp32 matmul precision
     bf16, which ATen's own fp32 GEMMs then follow on this CPU) take the AMX path: fp32 phi within 2 bf16 ulps
     of the float64 reference and, with K as the same tiles give it (rbf_kernel under the same setting, its
-    own terms 0), the documented arithmetic (K and W = score - (2/H) xc rounded to bf16, fp32 sums, the
-    row sums of the unrounded K) to fp32 rounding: with d in the thousands the distances' fp32 rounding
+    own terms 0), the documented arithmetic (amx_phi; split at H = 1e-6) to fp32 rounding: with d in the thousands the distances' fp32 rounding
     moves K across a bf16 rounding boundary now and then, so an emulation that computes K itself differs by
     those flips (2e-4 at 600 x 2050). The default precision ("highest") keeps IEEE fp32 on the same inputs;
     a NaN in either input still gets its clear error (the kernel's flag, as for bf16)."""
@@ -679,10 +709,7 @@ def test_fp32_on_amx_where_torch_allows_bf16_matmuls(n, d, bandwidth):
     assert relative_error(phi, expected) <= 2 * 2.0**-8
     if bandwidth != 1e-6:  # (there the particles do not interact: phi = score / n on every path)
         assert relative_error(phi, ieee) > 1e-5
-    xc = x.double() - x.double().mean(0, keepdim=True).float().double()
-    w = (score.double() - 2.0 / hh * xc).float().bfloat16().double()
-    emulated = (k.bfloat16().double() @ w + 2.0 / hh * k.sum(1, keepdim=True) * xc + score.double()) / n
-    assert relative_error(phi, emulated) <= 1e-5
+    assert relative_error(phi, amx_phi(k, x, score, hh)) <= 1e-5
 
 
 @requires_cpu_extension

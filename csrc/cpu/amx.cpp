@@ -3,7 +3,8 @@
 // With bf16 particles on a CPU with AMX (Sapphire Rapids and later: oneDNN's batch-reduce GEMM through
 // ATen's cpublas::brgemm), the tiled step and the median take the GPU kernels' precision: the centred
 // particles rounded to bf16 for S = A B^T, fp32 accumulation, K in fp32 (its row sums too), then K
-// rounded to bf16 times W = score - (2/H) xc rounded to bf16, accumulated in fp32. The median is that of
+// rounded to bf16 times W = score - (2/H) xc rounded to bf16 (or times score and xc apart: amx_step_splits),
+// accumulated in fp32. The median is that of
 // the distances of the rounded particles (median_bandwidth gives the same value). Row blocks go to the
 // threads; each streams column blocks of all particles (full rows: no symmetry, as the tiles need no
 // write to another thread's rows). BMT_FAST_CPU_AMX=0 keeps bf16 on the fp32 path.
@@ -180,20 +181,24 @@ float amx_column_shift(double mean, float lo, float hi) {
   }
 }
 
-// The AMX path's centres of x's rows, and of y's too when given (bf16 or fp32, contiguous, the same columns
-// and dtype), from float64 sums, d values each: `mean` (rounded to fp32), the centre of the step's
-// W = score - (2/H) xc, and `shift`, the particles' shift for their distances: the mean for fp32 particles,
-// exact_bf16_shift for bf16 ones (their columns' ranges from the same pass as the sums).
-struct AmxCentre {
-  at::Tensor mean, shift;
+// The largest |x - shift| of a column whose values lie in [lo, hi].
+double column_spread(float lo, float hi, float shift) {
+  return std::max(std::fabs(static_cast<double>(lo) - shift), std::fabs(static_cast<double>(hi) - shift));
+}
+
+// The AMX path's shift of x's rows, and of y's too when given (bf16 or fp32, contiguous, the same columns
+// and dtype), from float64 sums, d fp32 values: amx_column_shift of each column (its range from the same
+// pass as the sums), for the distances and the step's Xs alike; and the largest |x - shift| of all.
+struct AmxShift {
+  at::Tensor shift;
+  double spread;
 };
 
-AmxCentre amx_centre(const at::Tensor& x, const at::Tensor* y = nullptr) {
+AmxShift amx_shift_and_spread(const at::Tensor& x, const at::Tensor* y = nullptr) {
   const int64_t d = x.size(1);
-  const bool range = x.scalar_type() == at::kBFloat16;
   std::vector<double> total(d, 0.0), sums(d);
-  std::vector<float> lo(range ? d : 0, std::numeric_limits<float>::infinity()), part_lo(range ? d : 0);
-  std::vector<float> hi(range ? d : 0, -std::numeric_limits<float>::infinity()), part_hi(range ? d : 0);
+  std::vector<float> lo(d, std::numeric_limits<float>::infinity()), part_lo(d);
+  std::vector<float> hi(d, -std::numeric_limits<float>::infinity()), part_hi(d);
   int64_t rows = 0;
   for (const at::Tensor* t : {&x, y}) {
     if (t == nullptr) continue;
@@ -201,25 +206,28 @@ AmxCentre amx_centre(const at::Tensor& x, const at::Tensor* y = nullptr) {
     amx_dispatch(*t, [&](auto typed) {
       const auto* p = t->const_data_ptr<typename decltype(typed)::type>();
       parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
-        amx_column_sums(p, d, n, begin * 256, std::min(end * 256, d), sums.data(), range ? part_lo.data() : nullptr,
-                        range ? part_hi.data() : nullptr);
+        amx_column_sums(p, d, n, begin * 256, std::min(end * 256, d), sums.data(), part_lo.data(), part_hi.data());
       });
     });
-    for (int64_t k = 0; k < d; ++k) total[k] += sums[k];
-    for (int64_t k = 0; range && k < d; ++k) lo[k] = std::min(lo[k], part_lo[k]), hi[k] = std::max(hi[k], part_hi[k]);
+    for (int64_t k = 0; k < d; ++k) {
+      total[k] += sums[k];
+      lo[k] = std::min(lo[k], part_lo[k]), hi[k] = std::max(hi[k], part_hi[k]);
+    }
     rows += n;
   }
-  AmxCentre out{at::empty({d}, x.options().dtype(at::kFloat)), at::Tensor()};
-  float* mean_p = out.mean.mutable_data_ptr<float>();
-  for (int64_t k = 0; k < d; ++k) mean_p[k] = static_cast<float>(total[k] / static_cast<double>(rows));
-  out.shift = range ? at::empty_like(out.mean) : out.mean;
+  AmxShift out{at::empty({d}, x.options().dtype(at::kFloat)), 0.0};
   float* shift_p = out.shift.mutable_data_ptr<float>();
-  for (int64_t k = 0; range && k < d; ++k) shift_p[k] = exact_bf16_shift(total[k] / static_cast<double>(rows), lo[k], hi[k]);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  for (int64_t k = 0; k < d; ++k) {
+    const double mean = total[k] / static_cast<double>(rows);
+    shift_p[k] = bf16 ? amx_column_shift<at::BFloat16>(mean, lo[k], hi[k]) : amx_column_shift<float>(mean, lo[k], hi[k]);
+    out.spread = std::max(out.spread, column_spread(lo[k], hi[k], shift_p[k]));
+  }
   return out;
 }
 
 at::Tensor amx_shift(const at::Tensor& x, const at::Tensor* y = nullptr) {
-  return amx_centre(x, y).shift;
+  return amx_shift_and_spread(x, y).shift;
 }
 
 // The particles centred (by shift, amx_shift(x) unless given) and rounded to bf16 (n_pad x d_pad, zero
@@ -232,15 +240,14 @@ struct AmxOperands {
   int64_t ld_s = 0;  // b_s's row stride in words (amx_b_stride)
   at::ScalarType dtype;
   at::Tensor shift, xb, norms, b_s;
-  at::Tensor centre;  // the rows' mean (fp32), W's centre in the step: shift too, but for bf16 particles
+  double spread = 0.0;  // the largest |x - shift| (the self operands' constructor only)
 
-  explicit AmxOperands(const at::Tensor& x) : AmxOperands(x, amx_centre(x)) {}
-  AmxOperands(const at::Tensor& x, const AmxCentre& centres) : AmxOperands(x, centres.shift, /*as_b=*/true) {
-    centre = centres.mean;
+  explicit AmxOperands(const at::Tensor& x) : AmxOperands(x, amx_shift_and_spread(x)) {}
+  AmxOperands(const at::Tensor& x, const AmxShift& shifted) : AmxOperands(x, shifted.shift) {
+    spread = shifted.spread;
   }
   AmxOperands(const at::Tensor& x, at::Tensor shift_, bool as_b = true)
       : n(x.size(0)), d(x.size(1)), dtype(x.scalar_type()), shift(std::move(shift_)) {
-    centre = shift;
     n_pad = (n + 31) / 32 * 32;
     d_pad = (d + 31) / 32 * 32;
     ld_x = amx_a_stride(d_pad);
@@ -466,9 +473,28 @@ at::Tensor rbf_kernel_from_dots(const at::Tensor& norms, const at::Tensor& dots,
   return k;
 }
 
+// The AMX steps' second product: K W with W = score - (2/H) Xs folded into one bf16 operand (one product of d
+// columns), or K [S | Xs] (score and Xs, the particles shifted as for the distances, exact for bf16 ones: a
+// product of 2d columns) where the particles lie far apart next to the kernel's width: then W's rounding
+// of (2/H) Xs, large next to the differences sum_j k_ij (x_i - x_j) between near particles, is most of
+// phi's error. Split where some |x - shift| > 8 sqrt(H). Float64 emulation, 512 particles, median rule,
+// clusters of 0.05-1 whose centres are drawn with standard deviations 0-10 at d = 32-768, error against
+// float64 of the largest entry: folded 1e-4-3e-3 wherever that spread was below 7 sqrt(H) (Gaussian
+// clouds: 1-3 sqrt(H)), 3e-3-0.11 from 13 sqrt(H) on, split 1e-4-2.5e-3 everywhere. The split product
+// costs the step a third to two thirds again (2-core Xeon of CPUID model 167, bf16, H given, folded ->
+// split on the same clusters, interleaved: 8192 x 128 35-37 -> 47-50 ms, 4096 x 768 39-41 -> 64-76 ms; by
+// feature chunks 256 x 76,800 level, memory-bound), so it is not taken where folding is as accurate. Split, K's row sums are those of its rounded
+// values (rowsum(K) Xs_i and K Xs then cancel exactly but for fp32 sums); folded, of the fp32 values, as
+// before (the rounded ones' sums cost the exp epilogue 5-10%, for no gain there).
+constexpr double kAmxFoldedMaxSpread = 8.0;
+
+bool amx_step_splits(double spread, double h) {
+  return spread > kAmxFoldedMaxSpread * std::sqrt(h);
+}
+
 // phi of bf16 or fp32 particles (contiguous) into out (n x d, their dtype, contiguous); returns whether phi
 // is all finite (tracked by the last pass). Any NaN/Inf input makes phi non-finite here: a bad x value makes
-// its column's mean, and so every particle's centred value there, non-finite; a bad score value makes W's
+// its column's mean, and so every particle's centred value there, non-finite; a bad score value makes S's
 // row, and AMX multiplies every K entry into it (0 * NaN = NaN: no product is skipped).
 template <typename In>
 bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::optional<double>& bandwidth,
@@ -485,14 +511,15 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const float a = static_cast<float>(2.0 / h);
   const auto* x_p = x.const_data_ptr<In>();
   const auto* score_p = score.const_data_ptr<In>();
-  const float* shift_p = operands.centre.const_data_ptr<float>();  // (W's centre: the mean)
-  // W = score - a xc for K W in AMX's pair-interleaved layout (n_pad/2 x d words, row stride ld_w), zero
-  // rows beyond n
-  const int64_t ld_w = amx_b_stride(d);
+  const float* shift_p = operands.shift.const_data_ptr<float>();
+  // W = score - a Xs (folded), or S and Xs (split: amx_step_splits), in AMX's pair-interleaved layout (n_pad/2
+  // x width words, row stride ld_w), zero rows beyond n; K W or K [S | Xs] has `width` columns
+  const bool split = amx_step_splits(operands.spread, h);
+  const int64_t width = split ? 2 * d : d, ld_w = amx_b_stride(width);
   const at::Tensor b_w = empty_large({n_pad / 2, ld_w}, x.options().dtype(at::kInt));
   auto* b_w_words = reinterpret_cast<uint32_t*>(b_w.mutable_data_ptr<int32_t>());
   parallel_for(0, n_pad / 2, 32, [&](int64_t begin, int64_t end) {
-    amx_w_pairs(score_p, x_p, d, d, shift_p, a, n, begin, end, b_w_words, ld_w, 0);
+    amx_step_pairs(score_p, x_p, d, d, shift_p, a, n, begin, end, b_w_words, ld_w, /*x_off=*/split ? d : 0, 0);
   });
 
   const at::Tensor rowsum = at::zeros({n}, x.options().dtype(at::kFloat));
@@ -502,11 +529,15 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const float inv_h = static_cast<float>(1.0 / h);
   auto* out_p = out.mutable_data_ptr<In>();
   std::atomic<bool> finite{true};
-  // phi = (K W + (2/H) rowsum(K) xc + score) / n: the own term k_ii = 1 is left out of K and added here
-  const auto finish = [&](const float* acc, int64_t ld_acc, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-    if (!amx_finish_rows(acc, ld_acc, rowsum_p, x_p, score_p, shift_p, a, static_cast<float>(n), d, r0, r1, c0, c1,
-                         out_p))
-      finite.store(false, std::memory_order_relaxed);
+  // phi = (K W + (2/H) rowsum(K) Xs + score) / n, or (K S + (2/H) (rowsum(K) Xs - K Xs) + score) / n: the
+  // own term k_ii = 1 is left out of K and added here
+  const auto finish = [&](const float* acc, int64_t ld_acc, int64_t x_off, int64_t r0, int64_t r1, int64_t c0,
+                          int64_t c1) {
+    const bool ok = split ? amx_finish_rows(acc, ld_acc, x_off, rowsum_p, x_p, score_p, shift_p, a,
+                                            static_cast<float>(n), d, r0, r1, c0, c1, out_p)
+                          : folded_finish_rows(acc, ld_acc, rowsum_p, x_p, score_p, shift_p, a, static_cast<float>(n),
+                                               d, r0, r1, c0, c1, out_p);
+    if (!ok) finite.store(false, std::memory_order_relaxed);
   };
   // With many features a block's rows x d fp32 accumulator leaves the caches: then, with a block's K rows
   // small enough to keep (n_pad bf16 each), K W goes a chunk of kAmxFinishCols features at a time, each
@@ -514,12 +545,12 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   // 6.5 -> 5.45 ms, 1024 x 8192 49-53 -> 47 ms, 256 x 76,800 50-53 -> 46-50 ms; at 2048 x 2048 (K rows of
   // 2048 kept) 36 -> 41 ms, so not beyond 1024 particles.
   const bool by_chunks = d >= 2 * kAmxFinishCols && n_pad <= kAmxKeptColumns;
-  const at::Tensor acc = by_chunks ? at::Tensor() : empty_large({n, d}, rowsum.options());
+  const at::Tensor acc = by_chunks ? at::Tensor() : empty_large({n, width}, rowsum.options());
   parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kAmxRows * kAmxCols);
     const int64_t ld_k = by_chunks ? amx_a_stride(n_pad) : kAmxCols;
     std::vector<at::BFloat16> k16(kAmxRows * ld_k);
-    std::vector<float> chunk(by_chunks ? kAmxRows * kAmxFinishCols : 0);
+    std::vector<float> chunk(by_chunks ? kAmxRows * 2 * kAmxFinishCols : 0);  // (K W, or K S | K Xs)
     for (int64_t block = begin; block < end; ++block) {
       const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
       for (int64_t j0 = 0; j0 < n; j0 += kAmxCols) {
@@ -528,17 +559,18 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
         if (!keep) amx_dots(operands, operands, i0, rows, j0, cols, s.data(), kAmxCols);
         at::BFloat16* k_tile = k16.data() + (by_chunks ? j0 : 0);
         amx_rbf_from_dots(dots, keep ? n : kAmxCols, rows, cols, depth, norms_p + i0, norms_p + j0, inv_h, i0 - j0,
-                          /*own_one=*/false, k_tile, ld_k, rowsum_p + i0);
+                          /*own_one=*/false, k_tile, ld_k, rowsum_p + i0, /*rounded_sums=*/split);
         if (!by_chunks)
-          brgemm(rows, d, depth, kAmxCols, ld_w, d, /*add_C=*/j0 > 0, k_tile, bw_p + j0 * ld_w,
-                 acc.mutable_data_ptr<float>() + i0 * d);
+          brgemm(rows, width, depth, kAmxCols, ld_w, width, /*add_C=*/j0 > 0, k_tile, bw_p + j0 * ld_w,
+                 acc.mutable_data_ptr<float>() + i0 * width);
       }
       if (by_chunks) {
         for (int64_t c0 = 0; c0 < d; c0 += kAmxFinishCols) {
-          const int64_t width = std::min(kAmxFinishCols, d - c0);
-          brgemm(rows, width, n_pad, ld_k, ld_w, kAmxFinishCols, /*add_C=*/false, k16.data(), bw_p + 2 * c0,
-                 chunk.data());
-          finish(chunk.data(), kAmxFinishCols, i0, i0 + rows, c0, c0 + width);
+          const int64_t cols = std::min(kAmxFinishCols, d - c0);
+          for (int64_t part = 0; part < (split ? 2 : 1); ++part)  // (K W; or K S, then K Xs)
+            brgemm(rows, cols, n_pad, ld_k, ld_w, 2 * kAmxFinishCols, /*add_C=*/false, k16.data(),
+                   bw_p + 2 * (part * d + c0), chunk.data() + part * kAmxFinishCols);
+          finish(chunk.data(), 2 * kAmxFinishCols, kAmxFinishCols, i0, i0 + rows, c0, c0 + cols);
         }
       }
     }
@@ -546,7 +578,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   });
   if (!by_chunks) {
     parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      finish(acc.const_data_ptr<float>() + begin * d, d, begin, end, 0, d);
+      finish(acc.const_data_ptr<float>() + begin * width, width, d, begin, end, 0, d);
     });
   }
   return finite.load();
@@ -563,29 +595,25 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
   const int64_t parts = std::clamp<int64_t>(
       std::min<int64_t>(at::get_num_threads(), kGramPartsMaxBytes / (n * n * int64_t{sizeof(float)})), 1, chunks);
   const auto options = x.options().dtype(at::kFloat);
-  constexpr bool bf16 = std::is_same_v<In, at::BFloat16>;  // (bf16: exact shifts, and the means apart)
-  ChunkedGram out{at::empty({d}, options), at::empty({n}, options), at::empty({n, n}, options),
-                  bf16 ? at::empty({d}, options) : at::Tensor()};
+  ChunkedGram out{at::empty({d}, options), at::empty({n}, options), at::empty({n, n}, options)};
   const In* x_p = x.const_data_ptr<In>();
   float* shift_p = out.shift.mutable_data_ptr<float>();
-  float* mean_p = bf16 ? out.mean.mutable_data_ptr<float>() : nullptr;
   const std::unique_ptr<float[]> dots(new float[parts * n * n]);  // (each part's first products initialise)
-  std::vector<double> sq(parts * n, 0.0);
+  std::vector<double> sq(parts * n, 0.0), spread(parts, 0.0);
   parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<at::BFloat16> a(n_pad * ld_a, at::BFloat16(0.f));  // rows [n, n_pad) stay zero
     std::vector<uint32_t> b(chunk / 2 * ld_b);
     std::vector<double> sums(chunk);
-    std::vector<float> lo(bf16 ? chunk : 0), hi(bf16 ? chunk : 0);  // (bf16: the columns' ranges)
+    std::vector<float> lo(chunk), hi(chunk);  // (the columns' ranges)
     const auto* words = reinterpret_cast<const uint32_t*>(a.data());
     for (int64_t t = part_begin; t < part_end; ++t) {
       const int64_t begin = t * chunks / parts, end = (t + 1) * chunks / parts;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t c0 = c * chunk, width = std::min(chunk, d - c0), depth = (width + 31) / 32 * 32;
-        amx_column_sums(x_p + c0, d, n, 0, width, sums.data(), bf16 ? lo.data() : nullptr, bf16 ? hi.data() : nullptr);
+        amx_column_sums(x_p + c0, d, n, 0, width, sums.data(), lo.data(), hi.data());
         for (int64_t k = 0; k < width; ++k) {
-          const double mean = sums[k] / static_cast<double>(n);
-          shift_p[c0 + k] = amx_column_shift<In>(mean, bf16 ? lo[k] : 0.0f, bf16 ? hi[k] : 0.0f);
-          if constexpr (bf16) mean_p[c0 + k] = static_cast<float>(mean);
+          shift_p[c0 + k] = amx_column_shift<In>(sums[k] / static_cast<double>(n), lo[k], hi[k]);
+          spread[t] = std::max(spread[t], column_spread(lo[k], hi[k], shift_p[c0 + k]));
         }
         const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
         amx_centre_rows(x_p + c0, d, width, shift_p + c0, 0, n, a.data(), ld_a, sq.data() + t * n, ahead);
@@ -613,6 +641,7 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
     }
   });
   mirror_upper_triangle(dots_p, n);
+  out.spread = *std::max_element(spread.begin(), spread.end());
   return out;
 }
 
@@ -629,7 +658,9 @@ bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const s
   const ChunkedGram gram = amx_gram_chunked<In>(x);
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_chunked(gram), n);
   const float a = static_cast<float>(2.0 / h), inv_h = static_cast<float>(1.0 / h);
-  // K without its own terms (bf16, an A operand: columns [n, n_pad) zero) and its fp32 row sums
+  const bool split = amx_step_splits(gram.spread, h);  // (W folded, or S and Xs apart)
+  // K without its own terms (bf16, an A operand: columns [n, n_pad) zero) and its row sums (split: of the
+  // rounded values)
   const int64_t ld_k = amx_a_stride(n_pad);
   std::vector<at::BFloat16> k16(n * ld_k);
   std::vector<float> rowsum(n, 0.f);
@@ -638,29 +669,30 @@ bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const s
   parallel_for(0, (n + 15) / 16, 1, [&](int64_t begin, int64_t end) {
     const int64_t i0 = begin * 16, rows = std::min(end * 16, n) - i0;
     amx_rbf_from_dots(dots_p + i0 * n, n, rows, n, n_pad, norms_p + i0, norms_p, inv_h, i0, /*own_one=*/false,
-                      k16.data() + i0 * ld_k, ld_k, rowsum.data() + i0);
+                      k16.data() + i0 * ld_k, ld_k, rowsum.data() + i0, /*rounded_sums=*/split);
   });
 
-  const int64_t chunk = kAmxFeatureChunk, chunks = (d + chunk - 1) / chunk, ld_w = amx_b_stride(chunk);
+  const int64_t chunk = kAmxFeatureChunk, chunks = (d + chunk - 1) / chunk;
+  const int64_t ld_w = amx_b_stride(split ? 2 * chunk : chunk);
   const auto* x_p = x.const_data_ptr<In>();
   const auto* score_p = score.const_data_ptr<In>();
   const float* shift_p = gram.shift.const_data_ptr<float>();
   auto* out_p = out.mutable_data_ptr<In>();
   std::atomic<bool> finite{true};
-  // W's centre: the mean (for bf16 particles the distances' shift is the exact one, not the mean)
-  const float* centre_p = gram.mean.defined() ? gram.mean.const_data_ptr<float>() : shift_p;
   parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> w(n_pad / 2 * ld_w);
-    std::vector<float> acc(n * chunk);
+    std::vector<float> acc(n * 2 * chunk);  // (K W, or K S | K Xs)
     for (int64_t c = begin; c < end; ++c) {
-      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
+      const int64_t c0 = c * chunk, width = std::min(chunk, d - c0), x_off = split ? width : 0;
       const int64_t ahead = c + 1 < end ? chunk : 0;
-      amx_w_pairs(score_p + c0, x_p + c0, d, width, centre_p + c0, a, n, 0, n_pad / 2, w.data(), ld_w, ahead);
-      brgemm(n, width, n_pad, ld_k, ld_w, chunk, /*add_C=*/false, k16.data(),
+      amx_step_pairs(score_p + c0, x_p + c0, d, width, shift_p + c0, a, n, 0, n_pad / 2, w.data(), ld_w, x_off, ahead);
+      brgemm(n, width + x_off, n_pad, ld_k, ld_w, 2 * chunk, /*add_C=*/false, k16.data(),
              reinterpret_cast<const at::BFloat16*>(w.data()), acc.data());
-      if (!amx_finish_rows(acc.data(), chunk, rowsum.data(), x_p, score_p, centre_p, a, static_cast<float>(n), d, 0, n,
-                           c0, c0 + width, out_p))
-        finite.store(false, std::memory_order_relaxed);
+      const bool ok = split ? amx_finish_rows(acc.data(), 2 * chunk, x_off, rowsum.data(), x_p, score_p, shift_p, a,
+                                              static_cast<float>(n), d, 0, n, c0, c0 + width, out_p)
+                            : folded_finish_rows(acc.data(), 2 * chunk, rowsum.data(), x_p, score_p, shift_p, a,
+                                                 static_cast<float>(n), d, 0, n, c0, c0 + width, out_p);
+      if (!ok) finite.store(false, std::memory_order_relaxed);
     }
     at::native::cpublas::brgemm_release();
   });

@@ -156,7 +156,8 @@ bool fused_step_rows(const double* xc, const double* xt, const double* w, const 
 // amx_rbf_from_dots: K of rows [0, rows) x columns [0, cols) of an fp32 dot tile as rbf_from_dots computes
 // it, except entry (a, a + diag) (the particle's own term), which is exactly 1 if own_one, else 0 (its dot
 // product is overwritten with +inf or -inf; a diag that puts it outside the tile leaves every entry as
-// computed); each row's fp32 sum added into rowsum[a] unless rowsum is null; K stored as In (bf16 rounded
+// computed); each row's fp32 sum (rounded_sums: of the values as stored) added into rowsum[a] unless rowsum
+// is null; K stored as In (bf16 rounded
 // to nearest even) in k_out (row stride ld_out), whose columns [cols, cols_padded) are zeroed. Whole
 // vectors are rounded by vcvtneps2bf16 where the CPU has AVX512-BF16 (BMT_FAST_CPU_AVX512BF16=0: by the
 // portable bit arithmetic; the same bits).
@@ -166,14 +167,17 @@ bool fused_step_rows(const double* xc, const double* xt, const double* w, const 
 // fp32 value per feature):
 // amx_centre_rows: rows of x - shift rounded to bf16 into xb (row stride ld_xb, columns [cols, ld_xb)
 // zero), and the sum of the squares of row a's rounded values added into sq_sums[a] (in double);
-// amx_w_pairs: W_i = score_i - a (x_i - shift) in bf16 for the row pairs [pair_begin, pair_end), rows 2p
-// and 2p + 1 interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero), pair
-// row p at bw + p ld_bw;
+// amx_step_pairs: for the row pairs [pair_begin, pair_end), score_i and x_i - shift in bf16 (x_off > 0: its
+// x words from x_off on) or W_i = score_i - a (x_i - shift) in bf16 (x_off == 0), rows 2p and 2p + 1
+// interleaved per feature (one 32-bit word each, row 2p in the low half; rows >= n zero), pair row p at
+// bw + p ld_bw;
 // both: unless ahead is 0, the same features `ahead` further on in the rows they read (a caller's next chunk)
 // are prefetched into L2 as the rows go;
-// amx_finish_rows: phi_r = ((acc_r + (a rowsum_r) (x_r - shift)) + score_r) (1/n) in In for rows [row_begin,
-// row_end) and columns [col_begin, col_end) (acc holds just those, row stride ld_acc); returns whether all
-// of those values are finite in In.
+// amx_finish_rows: phi_r = (acc_r + a (rowsum_r Xs_r - acc_r[x_off:]) + score_r) (1/n) in In, Xs_r = x_r -
+// shift rounded to bf16, for rows [row_begin, row_end) and columns [col_begin, col_end) (acc holds K S of
+// just those, and K Xs x_off further, row stride ld_acc); returns whether all of those values are finite
+// in In; folded_finish_rows: phi_r = (acc_r + (a rowsum_r) (x_r - shift) + score_r) (1/n), acc holding
+// K W with W = score - a (x - shift) (the AMX steps' folded form, and the fp32 GEMM path's chunks).
 // rbf_kernel_backward (grad, k: n x m, row stride ld; P = grad * K in fp32, rounded to bf16 for AMX):
 // amx_p_rows writes rows [0, rows) x columns [0, cols) of P as an A operand (rows of p16, row stride ld16,
 // columns [cols, cols_padded) zeroed) and adds each row's sum of the rounded values into rowsum;
@@ -187,16 +191,20 @@ bool fused_step_rows(const double* xc, const double* xt, const double* w, const 
 #define BMT_FAST_DECLARE_AMX(In)                                                                                      \
   void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
                          const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \
-                         float* rowsum);                                                                              \
+                         float* rowsum, bool rounded_sums = false);                                                   \
   void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums,        \
                        float* lo = nullptr, float* hi = nullptr);                                                     \
   void amx_centre_rows(const In* x, int64_t ld, int64_t cols, const float* shift, int64_t row_begin,                  \
                        int64_t row_end, c10::BFloat16* xb, int64_t ld_xb, double* sq_sums, int64_t ahead);            \
-  void amx_w_pairs(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift, float a, int64_t n,    \
-                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw, int64_t ahead);                 \
-  bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
-                       const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \
-                       int64_t col_begin, int64_t col_end, In* phi);                                                  \
+  void amx_step_pairs(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift, float a, int64_t n, \
+                      int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw, int64_t x_off,               \
+                      int64_t ahead);                                                                                 \
+  bool amx_finish_rows(const float* acc, int64_t ld_acc, int64_t x_off, const float* rowsum, const In* x,             \
+                       const In* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,           \
+                       int64_t row_end, int64_t col_begin, int64_t col_end, In* phi);                                 \
+  bool folded_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,        \
+                          const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,        \
+                          int64_t col_begin, int64_t col_end, In* phi);                                               \
   void amx_p_rows(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,              \
                   int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k);                    \
   void amx_p_pairs(const In* g, const In* k, int64_t ld, int64_t rows, int64_t rows_padded, int64_t cols,             \

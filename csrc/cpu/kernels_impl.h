@@ -245,13 +245,13 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
 #define BMT_FAST_DEFINE_AMX_KERNELS(In)                                                                              \
   void amx_rbf_from_dots(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, const float* nr,   \
                          const float* nc, float inv_h, int64_t diag, bool own_one, In* k_out, int64_t ld_out,         \
-                         float* rowsum, bool native_rounding) {                                                       \
+                         float* rowsum, bool rounded_sums, bool native_rounding) {                                    \
     if (BMT_FAST_NATIVE_BF16_ROUNDING(native_rounding))                                                               \
       amx_rbf_from_dots_impl<true>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k_out, ld_out,    \
-                                   rowsum);                                                                           \
+                                   rowsum, rounded_sums);                                                             \
     else                                                                                                              \
       amx_rbf_from_dots_impl<false>(tile, ld, rows, cols, cols_padded, nr, nc, inv_h, diag, own_one, k_out, ld_out,   \
-                                    rowsum);                                                                          \
+                                    rowsum, rounded_sums);                                                            \
   }                                                                                                                   \
   void amx_column_sums(const In* x, int64_t d, int64_t rows, int64_t col_begin, int64_t col_end, double* sums,        \
                        float* lo, float* hi) {                                                                        \
@@ -261,15 +261,22 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
                        int64_t row_end, c10::BFloat16* xb, int64_t ld_xb, double* sq_sums, int64_t ahead) {           \
     amx_centre_rows_impl(x, ld, cols, shift, row_begin, row_end, xb, ld_xb, sq_sums, ahead);                          \
   }                                                                                                                   \
-  void amx_w_pairs(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift, float a, int64_t n,    \
-                   int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw, int64_t ahead) {                \
-    amx_w_pairs_impl(score, x, ld, cols, shift, a, n, pair_begin, pair_end, bw, ld_bw, ahead);                        \
+  void amx_step_pairs(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift, float a, int64_t n, \
+                      int64_t pair_begin, int64_t pair_end, uint32_t* bw, int64_t ld_bw, int64_t x_off,               \
+                      int64_t ahead) {                                                                                \
+    amx_step_pairs_impl(score, x, ld, cols, shift, a, n, pair_begin, pair_end, bw, ld_bw, x_off, ahead);              \
   }                                                                                                                   \
-  bool amx_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,           \
-                       const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,           \
-                       int64_t col_begin, int64_t col_end, In* phi) {                                                 \
-    return amx_finish_rows_impl(acc, ld_acc, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin,         \
-                                col_end, phi);                                                                        \
+  bool amx_finish_rows(const float* acc, int64_t ld_acc, int64_t x_off, const float* rowsum, const In* x,             \
+                       const In* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,           \
+                       int64_t row_end, int64_t col_begin, int64_t col_end, In* phi) {                                \
+    return finish_rows_impl<true>(acc, ld_acc, x_off, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin, \
+                                  col_end, phi);                                                                      \
+  }                                                                                                                   \
+  bool folded_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,        \
+                          const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,        \
+                          int64_t col_begin, int64_t col_end, In* phi) {                                              \
+    return finish_rows_impl<false>(acc, ld_acc, 0, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin,   \
+                                   col_end, phi);                                                                     \
   }                                                                                                                   \
   void amx_p_rows(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,              \
                   int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k) {                   \

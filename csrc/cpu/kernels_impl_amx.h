@@ -112,14 +112,16 @@ BMT_FAST_INLINE void amx_centre_rows_impl(const In* x, int64_t ld, int64_t cols,
   }
 }
 
-// AMX's B operand for K W, pairs [pair_begin, pair_end) of rows: W_i = score_i - a (x_i - shift) rounded
-// to bf16, rows 2p and 2p + 1 interleaved feature by feature (the bf16 pair of feature k is one 32-bit
-// word: row 2p in its low half), rows at or beyond n zero; pair row p at bw + p ld_bw. cols features of
-// rows ld apart.
+// AMX's B operand of the step's second product, pairs [pair_begin, pair_end) of rows, with Xs_i = x_i - shift:
+// split (x_off > 0), S_i = score_i and Xs_i rounded to bf16 (for bf16 particles and amx_shift's shift both
+// exact) for K [S | Xs]; folded (x_off == 0), W_i = score_i - a Xs_i rounded to bf16 for K W. Rows 2p and
+// 2p + 1 interleaved feature by feature (the bf16 pair of feature k is one 32-bit word: row 2p in its low
+// half), rows at or beyond n zero; pair row p at bw + p ld_bw, its S (or W) words from there and its Xs
+// words from x_off on. cols features of rows ld apart.
 template <typename In>
-BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift,
-                                      float a, int64_t n, int64_t pair_begin, int64_t pair_end, uint32_t* bw,
-                                      int64_t ld_bw, int64_t ahead) {
+BMT_FAST_INLINE void amx_step_pairs_impl(const In* score, const In* x, int64_t ld, int64_t cols, const float* shift,
+                                         float a, int64_t n, int64_t pair_begin, int64_t pair_end, uint32_t* bw,
+                                         int64_t ld_bw, int64_t x_off, int64_t ahead) {
   constexpr int L = kLanes<float>;
   const vec_t<float> av = broadcast(a);
   for (int64_t p = pair_begin; p < pair_end; ++p) {
@@ -133,13 +135,21 @@ BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, int64_t ld, 
     }
     for_each_vector<L>(cols, [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> sv = load_part_as<float>(shift + k, count);
-      const auto w = [&](int64_t row) BMT_FAST_INLINE_LAMBDA {
-        if (row >= n) return u32_vec{};
-        return bf16_bits(load_part_as<float>(score + row * ld + k, count) -
-                         (load_part_as<float>(x + row * ld + k, count) - sv) * av);
+      const auto pair = [&](auto&& value) BMT_FAST_INLINE_LAMBDA {
+        const u32_vec low = i < n ? bf16_bits(value(i)) : u32_vec{};
+        const u32_vec high = i + 1 < n ? bf16_bits(value(i + 1)) : u32_vec{};
+        return low | (high << 16);
       };
-      const u32_vec pair = w(i) | (w(i + 1) << 16);
-      std::memcpy(out + k, &pair, static_cast<size_t>(count) * sizeof(uint32_t));
+      const auto score_at = [&](int64_t row) { return load_part_as<float>(score + row * ld + k, count); };
+      const auto xs_at = [&](int64_t row) { return load_part_as<float>(x + row * ld + k, count) - sv; };
+      if (x_off > 0) {
+        const u32_vec s_pair = pair(score_at), x_pair = pair(xs_at);
+        std::memcpy(out + k, &s_pair, static_cast<size_t>(count) * sizeof(uint32_t));
+        std::memcpy(out + x_off + k, &x_pair, static_cast<size_t>(count) * sizeof(uint32_t));
+      } else {
+        const u32_vec w_pair = pair([&](int64_t row) { return score_at(row) - xs_at(row) * av; });
+        std::memcpy(out + k, &w_pair, static_cast<size_t>(count) * sizeof(uint32_t));
+      }
     });
   }
 }
@@ -149,7 +159,8 @@ BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, int64_t ld, 
 // rbf_from_dots for the tensor-core path (many particles; here, after the load, store and stream helpers):
 // K of rows [0, rows) x columns [0, cols) of an fp32 dot tile (row stride ld), with entry (a, a + diag) (a
 // particle's own term) exactly 1 if own_one (rbf_kernel's diagonal) else 0 (svgd_step's), added into
-// rowsum[a] in fp32 unless rowsum is null, and stored as Out (bf16: the step's operand or a bf16 result;
+// rowsum[a] in fp32 unless rowsum is null (rounded_sums: a bf16 K's rounded values, as the split step's
+// K Xs takes them: amx_step_splits), and stored as Out (bf16: the step's operand or a bf16 result;
 // fp32: the result for fp32 particles) in k_out (row stride ld_out); columns [cols, cols_padded) of k_out
 // are zeroed. Native: whole vectors rounded to bf16 by AVX512-BF16's
 // vcvtneps2bf16 (the same round to nearest even; kernels.cpp decides whether the CPU has it), one
@@ -161,7 +172,7 @@ BMT_FAST_INLINE void amx_w_pairs_impl(const In* score, const In* x, int64_t ld, 
 template <bool Native, typename Out>
 BMT_FAST_INLINE void amx_rbf_from_dots_impl(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,
                                             const float* nr, const float* nc, float inv_h, int64_t diag, bool own_one,
-                                            Out* k_out, int64_t ld_out, float* rowsum) {
+                                            Out* k_out, int64_t ld_out, float* rowsum, bool rounded_sums) {
   constexpr bool kBf16 = std::is_same_v<Out, c10::BFloat16>;
   constexpr int L = kLanes<float>;
   const vec_t<float> neg_inv_h = broadcast(-inv_h);
@@ -206,23 +217,37 @@ BMT_FAST_INLINE void amx_rbf_from_dots_impl(float* tile, int64_t ld, int64_t row
       b += done;
       vec_t<float> k;
       k_at(b, count, k);
-      sum += k;
       constexpr bool whole = std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>;
-      if constexpr (!kBf16 && whole) {
-        if (!rowsum) {
-          stream_as<float, float>(out + b, k);
+      if constexpr (!kBf16) {
+        sum += k;
+        if constexpr (whole) {
+          if (!rowsum) {
+            stream_as<float, float>(out + b, k);
+            return;
+          }
+        }
+        store_as<Out, float>(out + b, k, count);
+      } else {
+#ifdef BMT_FAST_32_VECTOR_REGISTERS
+        if constexpr (Native && whole) {
+          __m256i narrow;
+          asm("vcvtneps2bf16 %1, %0" : "=v"(narrow) : "v"(k));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b), narrow);
+          if (!rounded_sums) {
+            sum += k;
+          } else {  // (the rounded values, widened back: vpmovzxwd)
+            typedef uint16_t u16_vec __attribute__((vector_size(kVectorBytes / 2)));
+            u16_vec bits;
+            std::memcpy(&bits, &narrow, sizeof(bits));
+            sum += float_of_bf16_bits(__builtin_convertvector(bits, u32_vec));
+          }
           return;
         }
-      }
-#ifdef BMT_FAST_32_VECTOR_REGISTERS
-      if constexpr (Native && kBf16 && whole) {
-        __m256i narrow;
-        asm("vcvtneps2bf16 %1, %0" : "=v"(narrow) : "v"(k));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b), narrow);
-        return;
-      }
 #endif
-      store_as<Out, float>(out + b, k, count);
+        const u32_vec bits = bf16_bits(k);
+        store_bf16_bits(out + b, bits, count);
+        sum += rounded_sums ? float_of_bf16_bits(bits) : k;
+      }
     });
     for (int64_t q = cols; q < cols_padded; ++q) out[q] = Out(0.f);
     if (rowsum) rowsum[a] += horizontal_sum<float>(sum);
@@ -273,29 +298,38 @@ BMT_FAST_INLINE void write_row_streamed(In* out, int64_t len, Value&& value, See
   });
 }
 
-// phi_a = ((acc_a + (a rowsum_a) (x_a - shift)) + score_a) (1/n) in In: the own term k_aa = 1 and the
-// repulsion's row-sum term added to K W, as the AMX path's last pass, for rows [row_begin, row_end) and
-// columns [col_begin, col_end) (x, score, phi: row stride d; acc holds those rows and columns from its
-// first entry on, row stride ld_acc). Returns whether all of these phi values are finite in In (tracked
+// phi_a = ((K S)_a + a (rowsum_a Xs_a - (K Xs)_a) + score_a) (1/n) in In, Xs_a = x_a - shift rounded to
+// bf16 as in K's operand (Split: the AMX steps) or phi_a = ((K W)_a + a rowsum_a (x_a - shift) + score_a)
+// (1/n) with W = score - a (x - shift) (not Split: the fp32 GEMM path by feature chunks): the own term
+// k_aa = 1 and the repulsion sum_b k_ab (x_a - x_b), as the last pass, for rows [row_begin, row_end) and
+// columns [col_begin, col_end) (x, score, phi: row stride d; acc holds K S or K W of those rows and columns
+// from its first entry on and, Split, K Xs from x_off on, row stride ld_acc; rowsum: K's row sums, Split
+// those of its rounded values). Returns whether all of these phi values are finite in In (tracked
 // in registers: the API then need not scan phi). The division by n is a product with the fp32 1/n (one
 // vdivps per vector took ~5% of a few-particle step, 256 x 76,800 bf16). phi is streamed (written once:
 // write_row_streamed).
-template <typename In>
-BMT_FAST_INLINE bool amx_finish_rows_impl(const float* acc, int64_t ld_acc, const float* rowsum, const In* x,
-                                          const In* score, const float* shift, float a, float n, int64_t d,
-                                          int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,
-                                          In* phi) {
+template <bool Split, typename In>
+BMT_FAST_INLINE bool finish_rows_impl(const float* acc, int64_t ld_acc, int64_t x_off, const float* rowsum,
+                                      const In* x, const In* score, const float* shift, float a, float n, int64_t d,
+                                      int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,
+                                      In* phi) {
   constexpr int L = kLanes<float>;
-  const vec_t<float> inv_n = broadcast(1.0f / n);
+  const vec_t<float> inv_n = broadcast(1.0f / n), av = broadcast(a);
   vec_t<float> bad{};
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const vec_t<float> coef = broadcast(a * rowsum[r]);
+    const vec_t<float> sum_r = broadcast(rowsum[r]), coef = broadcast(a * rowsum[r]);
     const int64_t at = r * d + col_begin;
     const float* acc_row = acc + (r - row_begin) * ld_acc;
     const float* shift_c = shift + col_begin;
     const auto value = [&](int64_t k, auto count) BMT_FAST_INLINE_LAMBDA {
       const vec_t<float> xc = load_part_as<float>(x + at + k, count) - load_part_as<float>(shift_c + k, count);
-      return (load_part_as<float>(acc_row + k, count) + coef * xc + load_part_as<float>(score + at + k, count)) * inv_n;
+      const vec_t<float> ks = load_part_as<float>(acc_row + k, count), s = load_part_as<float>(score + at + k, count);
+      if constexpr (Split) {  // (Xs_a as K [S | Xs] took it: rounded to bf16)
+        const vec_t<float> kx = load_part_as<float>(acc_row + x_off + k, count);
+        return (ks + av * (sum_r * float_of_bf16_bits(bf16_bits(xc)) - kx) + s) * inv_n;
+      } else {
+        return (ks + coef * xc + s) * inv_n;
+      }
     };
     write_row_streamed(phi + at, col_end - col_begin, value, [&](vec_t<float> v, auto count) BMT_FAST_INLINE_LAMBDA {
       constexpr bool whole = std::is_same_v<decltype(count), std::integral_constant<int64_t, L>>;

@@ -241,9 +241,10 @@ void mirror_upper_triangle(T* m, int64_t n) {
 // A Gram pass by feature chunks (chunked.cpp, amx.cpp): the shift (d: each chunk's column means; AMX's of
 // bf16 particles the exact shifts, amx.cpp), the squared norms of the shifted rows (n) and all their dot
 // products (n x n), in the pass's compute type (AMX: fp32, of the rounded particles; the GEMM path: x's
-// accumulation type); mean: the column means (d, fp32) where they differ from shift (AMX, bf16), else undefined.
+// accumulation type); spread: the largest |x - shift| (AMX only, for its step's choice: amx_step_splits).
 struct ChunkedGram {
-  at::Tensor shift, norms, dots, mean;
+  at::Tensor shift, norms, dots;
+  double spread = 0.0;
 };
 
 // The median of the n^2 squared distances from a chunked Gram pass (n <= 512: by selection).
