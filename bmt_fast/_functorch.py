@@ -184,6 +184,11 @@ class _SVGDStep(_NoGradient):
         def one(x, score, bandwidth):
             return ops.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group)
 
+        if group is not None:  # (each set runs its own collectives: every rank must run as many)
+            from . import distributed
+
+            distributed.agree_on_batch(info.batch_size, group)
+
         # slices wrapped by outer transforms (no out= there), or an empty batch (_each's stand-ins)
         if active() or x.dim() < 2 or in_dims[0] is None or info.batch_size == 0:
             return _each(info, dims, tensors, one)[0], 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -45,7 +46,7 @@ EXACT_MEDIAN_MAX_PARTICLES = 65536
 SAMPLED_MEDIAN_SEED = 0
 
 # Columns of the metadata row each rank contributes (int64); _FAILED: the rank's own checks raised.
-_ROWS, _EVENT, _DTYPE, _MEDIAN, _FINITE, _BANDWIDTH, _FAILED = range(7)
+_ROWS, _EVENT, _FEATURES, _DTYPE, _MEDIAN, _FINITE, _BANDWIDTH, _CHECKS, _FAILED = range(9)
 # The error types a failed rank's error is raised as on every rank (others: RuntimeError).
 _SHARED_ERRORS = ("TypeError", "ValueError", "RuntimeError", "NotImplementedError")
 
@@ -62,12 +63,14 @@ def svgd_step(
     """phi for this rank's rows, shape (n_local, *event): x and score validated locally (n_local may be 0);
     h None = median rule. (The caller, ops.svgd_step, has checked the group and this rank's inputs.)"""
     x2, s2 = as_rows(x), as_rows(score)
-    sizes = agree_on_inputs(x, score, h, group, check_inputs)
+    sizes, any_checks = agree_on_inputs(x, score, h, group, check_inputs)
     x_all, score_all = all_gather_rows(torch.cat([x2, s2], dim=1), sizes, group).split(x2.shape[1], dim=1)
     h_shared = shared_bandwidth(x_all, h, group, backend)
     start = sum(sizes[: dist.get_rank(group)])
     rows = slice(start, start + x.shape[0])
-    phi = svgd_step_local_rows(x_all, score_all, rows, h_shared, backend, check_inputs=check_inputs)
+    # (the fold's overflow is checked on every rank where any rank checks: the ranks whose check_inputs
+    # differed had ended apart, one raising, another returning NaN into its next collective)
+    phi = svgd_step_local_rows(x_all, score_all, rows, h_shared, backend, check_inputs=any_checks)
     return phi.reshape(x.shape)
 
 
@@ -136,25 +139,29 @@ def _raise_failure(table: torch.Tensor, group, error: Exception | None) -> None:
 
 def agree_on_inputs(
     x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, group, check_inputs: bool
-) -> list[int]:
-    """Rows per rank, after checking that every rank's inputs fit together. Every rank sees every rank's
-    metadata, so every rank raises the same error (a rank that raised alone would leave the others
-    waiting in the next collective)."""
+) -> tuple[list[int], bool]:
+    """Rows per rank, and whether any rank checks its inputs, after checking that every rank's inputs fit
+    together. Every rank sees every rank's metadata, so every rank raises the same error (a rank that
+    raised alone would leave the others waiting in the next collective)."""
     finite = not check_inputs or (all_finite(x) and all_finite(score))
     # H's bits whatever check_inputs (one value: its read costs nothing beside the collectives): a rank that
     # skipped sending them had made the comparison fail on the others alone (they raised, it hung in the next
     # collective), and with check_inputs=False everywhere different values went unchecked (rank 0's was used)
     bits = 0 if h is None else _float_bits(float(h))
     mine = torch.tensor(
-        [x.shape[0], _event_key(x.shape[1:]), FLOATING_DTYPES.index(x.dtype), h is None, finite, bits, 0],
+        [x.shape[0], _event_key(x.shape[1:]), math.prod(x.shape[1:]), FLOATING_DTYPES.index(x.dtype), h is None, finite, bits,
+         check_inputs, 0],
         dtype=torch.int64,
         device=_metadata_device(group),
     )
     table = _gather_rows(mine, group)
     _raise_failure(table, group, None)
-    _check_column(
-        table, _EVENT, ValueError, f"x must have the same event shape on every rank (this rank: {tuple(x.shape[1:])})"
-    )
+    # (the features first: shapes whose keys collide, e.g. (1, 1_000_004) and (2, 1), would have sent rows
+    # of other sizes into the all-gather, which aborted the process)
+    for column in (_FEATURES, _EVENT):
+        _check_column(
+            table, column, ValueError, f"x must have the same event shape on every rank (this rank: {tuple(x.shape[1:])})"
+        )
     dtypes = [FLOATING_DTYPES[int(i)] for i in table[:, _DTYPE]]
     _check_column(table, _DTYPE, TypeError, f"x must have the same dtype on every rank, got {_per_rank(dtypes)}")
     _check_column(table, _MEDIAN, ValueError, 'bandwidth must be "median" on every rank or on none')
@@ -166,7 +173,7 @@ def agree_on_inputs(
     sizes = table[:, _ROWS].tolist()
     if sum(sizes) == 0:
         raise ValueError("x has no particles on any rank of the group")
-    return sizes
+    return sizes, bool(table[:, _CHECKS].any())
 
 
 def all_gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
@@ -208,8 +215,8 @@ def svgd_step_local_rows(
     """phi for x_all[rows] against every particle, block by block (fp32 accumulation; fp64 for fp64), each
     particle's own term (k_rr = 1: score_r alone) kept out of the folded sums, as in the single-process op.
     check_inputs: a (given) H so small that the folded weights overflow is an error, as in the single-process
-    op, on every rank that checks (the weights come from the gathered particles: the same on each); not
-    checked, phi is NaN there."""
+    op (the weights come from the gathered particles: the same on each rank; svgd_step checks where any
+    rank checks); not checked, phi is NaN there."""
     dtype = accumulation_dtype(x_all.dtype)
     # H in the accumulation dtype (bandwidth_in: a valid 1e39 had raised on every rank as fp32's +inf); one
     # that is not valid there (a NaN median from unchecked NaN particles, a given 1e-60 that is 0 in fp32)
@@ -244,6 +251,15 @@ def svgd_step_local_rows(
         own_scores = scores[first : first + block.shape[0]]
         phi[r0 : r0 + block.shape[0]] = own_scores + acc[:, :-1] + a * acc[:, -1:] * block
     return (phi / x_all.shape[0]).to(x_all.dtype)
+
+
+def agree_on_batch(batch_size: int, group) -> None:
+    """vmap over svgd_step(group=...) runs one step's collectives per set: a rank with fewer sets had returned
+    while the others waited in their next step's collectives. Every rank raises where the sizes differ."""
+    table = _gather_rows(torch.tensor([batch_size], dtype=torch.int64, device=_metadata_device(group)), group)
+    sizes = table[:, 0].tolist()
+    if len(set(sizes)) > 1:
+        raise ValueError(f"vmap over svgd_step(group=...) needs the same batch size on every rank, got {_per_rank(sizes)}")
 
 
 def _check_column(table: torch.Tensor, column: int, error: type[Exception], message: str) -> None:

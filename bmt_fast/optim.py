@@ -179,11 +179,13 @@ class SVGD(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update(
             inner=self.inner, particles=self.particles, bandwidth=self.bandwidth, backend=self.backend,
-            check_inputs=self.check_inputs, group=self.group,
+            check_inputs=self.check_inputs, group=None if self.group is None else _SharedGroup(self.group),
         )  # fmt: skip
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("group"), _SharedGroup):
+            state = {**state, "group": state["group"].group}
         super().__setstate__(state)
         self._share_inner_state()
 
@@ -192,6 +194,24 @@ class SVGD(torch.optim.Optimizer):
             super().add_param_group(param_group)  # called once by Optimizer.__init__
             return
         raise RuntimeError("SVGD optimises one particle tensor; create another SVGD for other particles")
+
+
+class _SharedGroup:
+    """An SVGD's process group in its pickled state: a deepcopy shares the group (a process-level handle,
+    as a device is); pickling it (torch.save) is refused with what to do instead. (A ProcessGroup cannot be
+    pickled: both had raised "cannot pickle ... ProcessGroup object".)"""
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def __deepcopy__(self, memo: dict) -> "_SharedGroup":
+        return self
+
+    def __reduce__(self):
+        raise TypeError(
+            "an SVGD with group= cannot be pickled (torch.save): a process group is this process's own; save "
+            "its state_dict() and load it into an SVGD made with the group where it is loaded"
+        )
 
 
 def _takes_no_arguments(fn: object) -> bool:

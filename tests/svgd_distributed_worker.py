@@ -5,6 +5,8 @@ concatenation with the single-process op. Usage: torchrun --nproc_per_node 2 svg
 
 from __future__ import annotations
 
+import copy
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +152,35 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "score_overflow": error_of(step(torch.randn(3, 2), torch.full((3, 2), torch.finfo(torch.float32).max), 1.0)),
         # check_inputs on one rank only: no error (rank 0 had raised alone, rank 1 hung in the all-gather)
         "check_inputs_on_one_rank": error_of(step(torch.randn(3, 4), bandwidth=1.0, check_inputs=rank == 0)),
+        # ... but the fold's overflow where one rank checks: raised on every rank (rank 1 had returned NaN)
+        "fold_overflow_checked_on_one_rank": error_of(
+            step(torch.arange(6.0).reshape(3, 2) * 10 + 100 * rank, bandwidth=1.2e-38, check_inputs=rank == 0)
+        ),
+        # event shapes whose keys collide: told apart by their feature counts (the all-gather had aborted)
+        "event_key_collision": error_of(step(torch.randn(2, 1, 1_000_004) if rank == 0 else torch.randn(3, 2, 1))),
+        # vmap's sets each run their collectives: a rank with fewer sets had returned while the other hung
+        "vmap_batch_differs": error_of(
+            lambda: torch.func.vmap(lambda a, b: bmt_fast.svgd_step(a, b, group=world))(*[torch.randn(2 + rank, 3, 4)] * 2)
+        ),
+        # an SVGD with a group pickled (torch.save): refused with what to do (it had failed on the ProcessGroup)
+        "pickle_with_group": error_of(lambda: torch.save(_optimizer_with_group(), io.BytesIO())),
     }
+
+
+def _optimizer_with_group() -> bmt_fast.SVGD:
+    return bmt_fast.SVGD(torch.randn(3, 2), torch.optim.Adam, lr=0.1, group=torch.distributed.group.WORLD)
+
+
+def deepcopy_with_group(rank: int) -> torch.Tensor:
+    """A deepcopy of an SVGD with a group shares the group and steps as the original: 0 where equal."""
+    optimizer = bmt_fast.SVGD(torch.randn(3, 2, generator=torch.Generator().manual_seed(rank)), torch.optim.Adam,
+                              lr=0.1, group=torch.distributed.group.WORLD)  # fmt: skip
+    optimizer.step(lambda p: -p.detach())
+    twin = copy.deepcopy(optimizer)
+    assert twin.group is optimizer.group
+    for each in (optimizer, twin):
+        each.step(lambda p: -p.detach())
+    return (optimizer.particles - twin.particles).detach().abs().max()
 
 
 def main(out: Path) -> None:
@@ -166,6 +196,7 @@ def main(out: Path) -> None:
     rank = torch.distributed.get_rank()
     results = {name: run_case(name, case, rank) for name, case in CASES.items()}
     results["svgd_optimizer"] = run_svgd_optimizer(rank)
+    results["deepcopy_with_group"] = deepcopy_with_group(rank)
     results.update(unchecked(rank))
     errors = bad_inputs(rank)
     only_rank_1 = torch.distributed.new_group([1])  # (every rank takes part in new_group)

@@ -138,6 +138,10 @@ BAD_INPUTS = {
     "check_inputs_on_one_rank": ("", ""),
     "fold_overflow": ("ValueError", "bandwidth 1.2e-38 is too small for these torch.float32 particles"),
     "score_overflow": ("", ""),
+    "fold_overflow_checked_on_one_rank": ("ValueError", "bandwidth 1.2e-38 is too small for these torch.float32 particles"),
+    "event_key_collision": ("ValueError", "same event shape on every rank"),
+    "vmap_batch_differs": ("ValueError", "same batch size on every rank, got rank 0: 2, rank 1: 3"),
+    "pickle_with_group": ("TypeError", "an SVGD with group= cannot be pickled (torch.save)"),
 }
 
 
@@ -148,6 +152,13 @@ def test_bad_inputs_raise_the_same_error_on_every_rank(ranks, name):
         raised, message = rank["errors"][name]
         assert raised == kind and fragment in message, (raised, message)
     assert sorted(set(ranks[0]["errors"]) - {"non_member"}) == sorted(BAD_INPUTS)
+
+
+def test_a_deepcopy_of_an_svgd_with_a_group_shares_it(ranks):
+    """copy.deepcopy of an SVGD(group=...) (it had raised: a ProcessGroup cannot be pickled) shares the group
+    and steps as the original."""
+    for rank in ranks:
+        assert float(rank["phi"]["deepcopy_with_group"]) == 0.0
 
 
 def test_unchecked_nan_gives_nan_on_every_rank(ranks):
