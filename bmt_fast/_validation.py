@@ -95,6 +95,15 @@ def fold_overflows(x: torch.Tensor, h: float) -> bool:
     return distances_fit and (2.0 / h) * 2.0 * spread * x.shape[0] > largest
 
 
+def fold_may_overflow(x: torch.Tensor, h: float) -> bool:
+    """fold_overflows' necessary condition from x's shape and dtype alone (no pass over x): its bound with the
+    largest spread whose distances still fit. False for any H a call would normally give (fp32, 300 x 128:
+    H below 6e-18)."""
+    largest = torch.finfo(accumulation_dtype(x.dtype)).max
+    spread = math.sqrt(largest / max(x.shape[1], 1)) / 2.0
+    return (2.0 / h) * 2.0 * spread * x.shape[0] > largest
+
+
 def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, shape: bool = True) -> None:
     """Same dtype and device (and shape unless shape=False) for two tensors that go into one op."""
     if shape and a.shape != b.shape:

@@ -14,6 +14,7 @@ from ._validation import (
     check_out,
     check_particles,
     check_same,
+    fold_may_overflow,
     fold_overflow_error,
     fold_overflows,
     positive_count,
@@ -162,6 +163,11 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
     if post_check and not (all_finite(phi) if finite is None else bool(finite)):
         check_both()
         if h is not None and fold_overflows(x2, float(h)):  # (finite inputs: not an overflow of phi itself)
+            raise fold_overflow_error(float(h), x.dtype)
+    elif check_inputs and h is not None and fold_may_overflow(x2, float(h)) and not all_finite(phi):
+        # (the inputs scanned before: finite) a backend without the flag (Triton beyond its Gram path) had
+        # returned the NaN phi of a given H too small for the fold, where the CPU's raised this
+        if fold_overflows(x2, float(h)):
             raise fold_overflow_error(float(h), x.dtype)
     return out if out is not None else phi if x.dim() == 2 else phi.reshape(x.shape)
 

@@ -46,6 +46,7 @@ from .tiles import (
     half_operand,
     load_bandwidth,
     load_centred,
+    operand_sq_norms,
     sq_dist_tile,
 )
 from .utils import (
@@ -252,7 +253,7 @@ def _flash_operands_kernel(
     mask = (rows < n)[:, None] & (cols < d)[None, :]
     score = tl.load(score_ptr + rows[:, None] * stride_score + cols[None, :], mask=mask, other=0.0).to(ACC)
     w = dot_operand(score - (2.0 / h) * xc, MODE)
-    norm = tl.sum(a * a, axis=1) * (LOG2E / h)
+    norm = operand_sq_norms(a, MODE) * (LOG2E / h)
     tl.store(norm_ptr + rows, tl.where(rows < n, norm, float("inf")))
     offsets = rows[:, None] * D_PAD + cols[None, :]
     if MODE == MODE_HALF or MODE == MODE_HALF_SPLIT:

@@ -347,6 +347,28 @@ def test_tf32_only_when_asked_and_within_its_documented_error(algorithm):
     assert exact < tf32 < 2e-3
 
 
+@pytest.mark.parametrize("d", [64, 200])  # the flash path, and the tiled kernel beyond FLASH_MAX_D
+def test_fp16_copies_are_at_distance_zero_in_split_products(d):
+    """fp16's default mode multiplies hi + lo bf16 parts in three products (lo lo' dropped): the norms are
+    now those products' too, so two copies of a particle are at distance ~0. Taken of the exact operand,
+    copies had been at 2 |lo|^2: K 0.93 between two copies at H = 1, phi 7e-2 off (the tiled step, the
+    tiled kernel and the median's tiles: more than 256 particles take them by default)."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, d, generator=generator, dtype=torch.float64) * 10
+    x = centres[torch.arange(130) % 2].half()
+    score = torch.randn(130, d, generator=generator, dtype=torch.float64).half()
+    x, score = on_device(x, score)
+    h = torch.tensor(1.0, dtype=torch.float64, device=DEVICE)
+    k = kernels().rbf_kernel_forward(x, x, h, self_kernel=True, algorithm="tiled")
+    assert float(k[0, 2]) >= 1 - 2 * ulp(torch.float16) and float(k[1, 3]) >= 1 - 2 * ulp(torch.float16)
+    phi = svgd(x, score, h, algorithm="tiled")
+    assert relative_error(phi, reference_phi(x, score, h)) <= 8 * ulp(torch.float16)
+    mostly_copies = centres[(torch.arange(130) % 4 == 0).long()].half().to(DEVICE)  # (over half the pairs: 0)
+    h_rule = kernels().median_bandwidth_forward(mostly_copies, algorithm="tiled")
+    assert float(reference.median_bandwidth(mostly_copies.double())) == reference.BANDWIDTH_FLOOR
+    assert float(h_rule) == pytest.approx(reference.BANDWIDTH_FLOOR, rel=1e-6)  # (in fp32)
+
+
 def test_identical_particles_give_the_mean_score():
     x = (torch.full((6, 5), 0.1) + torch.arange(5.0)).to(DEVICE)
     score = torch.randn(6, 5, device=DEVICE)
@@ -407,6 +429,17 @@ def test_bad_algorithm():
     x, score = particles(5, 3)
     with pytest.raises(ValueError, match="algorithm must be"):
         torch.ops.bmt_fast_triton.svgd_step(x, score, None, "fast")
+
+
+def test_a_bandwidth_too_small_for_the_folded_sums_is_named_beyond_the_gram_path():
+    """More than 256 particles take the tiled kernels, which note no finiteness of phi: a given H so small that
+    (2/H)(x - c) overflows the folded sums had returned an all-NaN phi with no error there (the CPU's kernels
+    and Triton's Gram path name it). The scan of phi runs only where the shape allows the overflow at all."""
+    x, score = particles(300, 2, dtype=torch.float32)
+    x = x * 10
+    with pytest.raises(ValueError, match="bandwidth 2e-38 is too small for these torch.float32 particles"):
+        bmt_fast.svgd_step(x, score, 2e-38, backend="triton")
+    assert torch.isnan(bmt_fast.svgd_step(x, score, 2e-38, backend="triton", check_inputs=False)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -414,6 +414,26 @@ def test_a_bandwidth_too_small_for_the_folded_sums_is_named(cpu_backend, dtype):
     torch.testing.assert_close(bmt_fast.svgd_step(x, score, 1e-3, backend=cpu_backend), score / 5)
 
 
+def test_fold_may_overflow_is_a_necessary_condition_from_the_shape_alone():
+    """fold_may_overflow (no pass over x: it decides whether a backend without a finiteness flag scans phi)
+    holds wherever fold_overflows does, and not for any ordinary H."""
+    from bmt_fast._validation import fold_may_overflow, fold_overflows
+
+    generator = torch.Generator().manual_seed(0)
+    overflows = 0
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        largest = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+        for n, d in [(2, 1), (300, 2), (40, 128), (7, 409_600)]:
+            for scale in (1.0, 1e6, 1e15, 1e18):
+                x = (torch.randn(n, d, generator=generator, dtype=torch.float64) * scale).to(dtype)
+                for h in (1e-3, 1e-30, 1e-37, 1.5e-38, 1e-300, 4 * n * scale * 10 / largest):
+                    if fold_overflows(x, h):
+                        overflows += 1
+                        assert fold_may_overflow(x, h), (dtype, n, d, scale, h)
+        assert not fold_may_overflow(torch.ones(300, 128, dtype=dtype), 1e-10)
+    assert overflows >= 20  # (the cases reach the overflow)
+
+
 @requires_cpu_extension
 def test_the_fold_overflow_counts_duplicated_particles_and_spares_huge_ones():
     """Duplicated particles (k = 1) add (2/H)|x - c| once per copy: 20 copies each of two points overflowed the
