@@ -431,3 +431,38 @@ def test_unreachable_hub_error_points_at_data_dir(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ConnectionError, match=r"--data-dir.*rte/validation\.jsonl"):
         get_task("rte").load("validation")
+
+
+def test_values_a_task_cannot_read_are_errors_not_quiet_examples():
+    """Malformed values that had given a quietly wrong example or score (session 53's review): a bool label
+    of a task with more than two classes (MNLI: class 1, 'neutral'), MultiRC options with null question ids
+    (all one question for exact match), a fractional or bool span2_index (cut to a word), a list or record in
+    a text column (its Python repr in the input), and an empty gold answer (an empty prediction scored
+    EM 1). An integral float index (a CSV column with nulls elsewhere) still reads."""
+    with pytest.raises(ValueError, match="label True"):
+        get_task("mnli").format({"premise": "p", "hypothesis": "h", "label": True})
+    assert get_task("boolq").format({"question": "q", "passage": "p", "label": np.bool_(True)}).label == 1
+    multirc = {"paragraph": "P", "question": "Q", "answer": "A", "label": 1}
+    with pytest.raises(ValueError, match="idx must hold 'paragraph' and 'question' ids"):
+        get_task("multirc").format({**multirc, "idx": {"paragraph": None, "question": None}})
+    wsc = {"text": "The dog ate because it was hungry.", "span1_index": 0, "span2_index": 4, "span1_text": "The dog",
+           "span2_text": "it", "label": 1}  # fmt: skip
+    assert "*it*" in get_task("wsc").format({**wsc, "span2_index": 4.0}).input_text
+    for index in (4.7, True):
+        with pytest.raises(ValueError, match="span2_index must be a word index"):
+            get_task("wsc").format({**wsc, "span2_index": index})
+    for value in (["a", "b"], {"text": "a"}):
+        with pytest.raises(ValueError, match="column 'sentence1' must hold a text"):
+            get_task("rte").format({"sentence1": value, "sentence2": "x", "label": 0})
+    with pytest.raises(ValueError, match="must be a list of non-empty texts"):
+        get_task("squad").format({"question": "q", "context": "c", "answers": {"text": [""], "answer_start": [0]}})
+
+
+def test_a_csv_with_a_byte_order_mark_is_read_by_the_check_as_by_the_loader(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark: the split check (which the trainer runs first) had
+    read it into the first column's name and refused a file the loader reads."""
+    (tmp_path / "rte").mkdir()
+    (tmp_path / "rte" / "validation.csv").write_bytes(b"\xef\xbb\xbfsentence1,sentence2,label,idx\nA b.,C d.,0,0\n")
+    task = get_task("rte")
+    task.check_split("validation", tmp_path)
+    assert task.load("validation", data_dir=tmp_path)[0].input_text == "rte sentence1: A b. sentence2: C d."

@@ -65,20 +65,33 @@ def null_column(task_name: str, name: str) -> ValueError:
 
 def fields_text(prefix: str, fields: Sequence[tuple[str, Any]]) -> str:
     """`prefix name1: value1 name2: value2 ...`, the T5 style of text-to-text inputs (prefix: the task's
-    name). A missing value (null in the file) is an error, not the text "None"."""
+    name). A missing value (null in the file) is an error, not the text "None"; so is a value that is no
+    text or number (a list or a record had gone into the input as its Python repr)."""
     for name, value in fields:
         if value is None:
             raise null_column(prefix, name)
+        if not isinstance(value, (str, numbers.Number)) or _is_bool(value):
+            raise ValueError(f"task {prefix!r}: column {name!r} must hold a text, got {value!r}"[:300])
     return " ".join([prefix] + [f"{name}: {' '.join(str(value).split())}" for name, value in fields])
 
 
+def _is_bool(value: Any) -> bool:
+    # (numpy's too, without importing numpy: numpy.bool_, named "bool" since numpy 2)
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
 def text_list(task: Task, name: str, value: Any) -> list[str]:
-    """A column that holds a list of texts (answers, entities; a list, tuple or array): a string or a null
-    entry is an error (a string was taken character by character)."""
+    """A column that holds a list of texts (answers, entities; a list, tuple or array): a string, a null or an
+    empty entry is an error (a string was taken character by character; an empty gold answer gave an empty
+    prediction full marks)."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays
         value = value.tolist()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or any(v is None for v in value):
-        raise ValueError(f"task {task.name!r}: {name} must be a list of texts, got {value!r}"[:300])
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or any(v is None or (isinstance(v, str) and not v.strip()) for v in value)
+    ):
+        raise ValueError(f"task {task.name!r}: {name} must be a list of non-empty texts, got {value!r}"[:300])
     return [str(v) for v in value]
 
 
@@ -125,7 +138,9 @@ class ClassificationTask(Task):
         value = column(self, row, "label")
         if isinstance(value, str) and value in self.label_words:
             return self.label_words.index(value)
-        if isinstance(value, numbers.Integral):  # bool and numpy integers too
+        # (numpy integers too; bools, numpy's too, only where there are two classes, False and True: a bool had
+        # been read as class 1 of MNLI's three)
+        if (not _is_bool(value) and isinstance(value, numbers.Integral)) or (_is_bool(value) and len(self.label_words) == 2):
             value = int(value)
             if value == UNLABELLED:
                 return None
@@ -175,9 +190,12 @@ class MultiRCTask(ClassificationTask):
     def group(self, row: Mapping[str, Any]) -> str:
         idx = column(self, row, "idx")
         try:
-            return f"{idx['paragraph']}-{idx['question']}"
+            ids = (idx["paragraph"], idx["question"])
         except (KeyError, TypeError):
-            raise ValueError(f"task {self.name!r}: idx must hold 'paragraph' and 'question' ids, got {idx!r}") from None
+            ids = None
+        if ids is None or any(i is None for i in ids):  # (null ids had put every option into one question)
+            raise ValueError(f"task {self.name!r}: idx must hold 'paragraph' and 'question' ids, got {idx!r}")
+        return f"{ids[0]}-{ids[1]}"
 
     def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
         _check_lengths(predictions, examples)
@@ -201,8 +219,10 @@ class WSCTask(ClassificationTask):
         words = str(present(self, row, "text")).split()
         span_words = str(present(self, row, "span2_text")).split()
         index = present(self, row, "span2_index")
-        try:
+        try:  # (an integral float: a CSV column with nulls elsewhere; 9.7 or True had been cut to a word)
             start = int(index)
+            if _is_bool(index) or start != float(index):
+                raise ValueError
         except (TypeError, ValueError):
             raise ValueError(f"task {self.name!r}: span2_index must be a word index, got {index!r}") from None
         stop = start + len(span_words)

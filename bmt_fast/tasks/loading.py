@@ -59,7 +59,9 @@ def _local_columns(path: Path) -> list[str] | None:
             return list(pq.read_schema(path).names)
         except Exception as error:  # pyarrow's ArrowInvalid and friends
             raise ValueError(f"{path} is not a Parquet file: {error}") from error
-    with path.open(encoding="utf-8", errors="replace") as f:
+    # (utf-8-sig: a byte-order mark, as Excel's "CSV UTF-8" writes, had become part of the first column's name
+    # here while the loader reads the file without it)
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
         first = next(line for line in f if line.strip())
     if path.suffix == ".csv":
         import csv
