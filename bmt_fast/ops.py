@@ -6,6 +6,7 @@ import torch
 
 from . import _extension, _functorch, backends, reference
 from ._validation import (
+    _maybe_fake,
     all_finite,
     as_rows,
     check_bandwidth,
@@ -164,12 +165,17 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
         check_both()
         if h is not None and fold_overflows(x2, float(h)):  # (finite inputs: not an overflow of phi itself)
             raise fold_overflow_error(float(h), x.dtype)
-    elif check_inputs and h is not None and fold_may_overflow(x2, float(h)) and not all_finite(phi):
+    elif check_inputs and h is not None and _has_values(h) and fold_may_overflow(x2, float(h)) and not all_finite(phi):
         # (the inputs scanned before: finite) a backend without the flag (Triton beyond its Gram path) had
         # returned the NaN phi of a given H too small for the fold, where the CPU's raised this
         if fold_overflows(x2, float(h)):
             raise fold_overflow_error(float(h), x.dtype)
     return out if out is not None else phi if x.dim() == 2 else phi.reshape(x.shape)
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """Whether t's values can be read here: not a meta or fake tensor, nor one traced by torch.compile."""
+    return t.device.type != "meta" and not torch.compiler.is_compiling() and not _maybe_fake(t)
 
 
 def _steps_on(chosen, x, score, h, check_inputs, out) -> torch.Tensor:
