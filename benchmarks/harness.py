@@ -476,7 +476,10 @@ def check_out_file(path: Path) -> None:
         raise SystemExit(f"--out {path} is a folder; name a CSV file")
     if path.exists() and path.stat().st_size:
         with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
+            first = f.readline()
+        if not first.endswith(("\n", "\r")) and ",".join(CSV_HEADER).startswith(first):
+            return  # (our header cut short by a run killed while writing it: append_rows drops it and writes it)
+        header = next(csv.reader([first]), [])
         if header != CSV_HEADER:
             raise SystemExit(f"{path} has another header; write to a new file with --out")
 
@@ -494,6 +497,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
             ended = f.read(1) in (b"\n", b"\r")
         if not ended:
             drop_cut_last_record(path)
+            new = path.stat().st_size == 0  # (the header itself was cut short)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_HEADER)
         if new:

@@ -279,6 +279,21 @@ def test_a_csv_with_another_header_is_refused(tmp_path):
         harness.append_rows(path, [dict.fromkeys(CSV_HEADER, "")])
 
 
+def test_a_header_cut_short_is_written_again(tmp_path, capsys):
+    """A run killed while it wrote a new file's header left part of it: refused as "another header" until
+    the file was removed by hand; now dropped as a cut record, and the header written before the rows."""
+    base = dict.fromkeys(CSV_HEADER, "")
+    base.update(device="dev", op="svgd_step", provider="p", dtype="float32", n="8", d="4", status="ok")
+    path = tmp_path / "a.csv"
+    path.write_text(",".join(CSV_HEADER)[:25])
+    harness.append_rows(path, [dict(base, time_median_s="1")])
+    assert "dropped a row cut short" in capsys.readouterr().err
+    assert [(r["n"], r["time_median_s"]) for r in harness.read_rows(path)] == [("8", "1")]
+    path.write_text("a,b")  # (not our header's start: still refused)
+    with pytest.raises(SystemExit, match="another header"):
+        harness.append_rows(path, [dict(base, time_median_s="1")])
+
+
 def test_a_row_appended_after_a_cut_short_line_starts_its_own_line(tmp_path):
     base = dict.fromkeys(CSV_HEADER, "")
     base.update(device="dev", op="svgd_step", provider="p", dtype="float32", n="8", d="4", status="ok")
