@@ -533,11 +533,9 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   // own term k_ii = 1 is left out of K and added here
   const auto finish = [&](const float* acc, int64_t ld_acc, int64_t x_off, int64_t r0, int64_t r1, int64_t c0,
                           int64_t c1) {
-    const bool ok = split ? amx_finish_rows(acc, ld_acc, x_off, rowsum_p, x_p, score_p, shift_p, a,
-                                            static_cast<float>(n), d, r0, r1, c0, c1, out_p)
-                          : folded_finish_rows(acc, ld_acc, rowsum_p, x_p, score_p, shift_p, a, static_cast<float>(n),
-                                               d, r0, r1, c0, c1, out_p);
-    if (!ok) finite.store(false, std::memory_order_relaxed);
+    if (!amx_finish_rows(acc, ld_acc, x_off, rowsum_p, x_p, score_p, shift_p, a, static_cast<float>(n), d, r0, r1,
+                         c0, c1, out_p))
+      finite.store(false, std::memory_order_relaxed);
   };
   // With many features a block's rows x d fp32 accumulator leaves the caches: then, with a block's K rows
   // small enough to keep (n_pad bf16 each), K W goes a chunk of kAmxFinishCols features at a time, each
@@ -550,7 +548,8 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
     std::vector<float> s(kAmxRows * kAmxCols);
     const int64_t ld_k = by_chunks ? amx_a_stride(n_pad) : kAmxCols;
     std::vector<at::BFloat16> k16(kAmxRows * ld_k);
-    std::vector<float> chunk(by_chunks ? kAmxRows * 2 * kAmxFinishCols : 0);  // (K W, or K S | K Xs)
+    const int64_t ld_chunk = (split ? 2 : 1) * kAmxFinishCols;  // (K W, or K S | K Xs)
+    std::vector<float> chunk(by_chunks ? kAmxRows * ld_chunk : 0);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t i0 = block * kAmxRows, rows = std::min(kAmxRows, n - i0);
       for (int64_t j0 = 0; j0 < n; j0 += kAmxCols) {
@@ -568,9 +567,9 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
         for (int64_t c0 = 0; c0 < d; c0 += kAmxFinishCols) {
           const int64_t cols = std::min(kAmxFinishCols, d - c0);
           for (int64_t part = 0; part < (split ? 2 : 1); ++part)  // (K W; or K S, then K Xs)
-            brgemm(rows, cols, n_pad, ld_k, ld_w, 2 * kAmxFinishCols, /*add_C=*/false, k16.data(),
+            brgemm(rows, cols, n_pad, ld_k, ld_w, ld_chunk, /*add_C=*/false, k16.data(),
                    bw_p + 2 * (part * d + c0), chunk.data() + part * kAmxFinishCols);
-          finish(chunk.data(), 2 * kAmxFinishCols, kAmxFinishCols, i0, i0 + rows, c0, c0 + cols);
+          finish(chunk.data(), ld_chunk, split ? kAmxFinishCols : 0, i0, i0 + rows, c0, c0 + cols);
         }
       }
     }
@@ -578,7 +577,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   });
   if (!by_chunks) {
     parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      finish(acc.const_data_ptr<float>() + begin * width, width, d, begin, end, 0, d);
+      finish(acc.const_data_ptr<float>() + begin * width, width, split ? d : 0, begin, end, 0, d);
     });
   }
   return finite.load();
@@ -681,18 +680,17 @@ bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const s
   std::atomic<bool> finite{true};
   parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> w(n_pad / 2 * ld_w);
-    std::vector<float> acc(n * 2 * chunk);  // (K W, or K S | K Xs)
+    const int64_t ld_acc = (split ? 2 : 1) * chunk;  // (K W, or K S | K Xs)
+    std::vector<float> acc(n * ld_acc);
     for (int64_t c = begin; c < end; ++c) {
       const int64_t c0 = c * chunk, width = std::min(chunk, d - c0), x_off = split ? width : 0;
       const int64_t ahead = c + 1 < end ? chunk : 0;
       amx_step_pairs(score_p + c0, x_p + c0, d, width, shift_p + c0, a, n, 0, n_pad / 2, w.data(), ld_w, x_off, ahead);
-      brgemm(n, width + x_off, n_pad, ld_k, ld_w, 2 * chunk, /*add_C=*/false, k16.data(),
+      brgemm(n, width + x_off, n_pad, ld_k, ld_w, ld_acc, /*add_C=*/false, k16.data(),
              reinterpret_cast<const at::BFloat16*>(w.data()), acc.data());
-      const bool ok = split ? amx_finish_rows(acc.data(), 2 * chunk, x_off, rowsum.data(), x_p, score_p, shift_p, a,
-                                              static_cast<float>(n), d, 0, n, c0, c0 + width, out_p)
-                            : folded_finish_rows(acc.data(), 2 * chunk, rowsum.data(), x_p, score_p, shift_p, a,
-                                                 static_cast<float>(n), d, 0, n, c0, c0 + width, out_p);
-      if (!ok) finite.store(false, std::memory_order_relaxed);
+      if (!amx_finish_rows(acc.data(), ld_acc, x_off, rowsum.data(), x_p, score_p, shift_p, a, static_cast<float>(n),
+                           d, 0, n, c0, c0 + width, out_p))
+        finite.store(false, std::memory_order_relaxed);
     }
     at::native::cpublas::brgemm_release();
   });

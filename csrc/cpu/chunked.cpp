@@ -234,15 +234,15 @@ bool svgd_step_gemm_chunked(const at::Tensor& x, const at::Tensor& score, const 
     const int64_t c0 = c * chunk, width = std::min(chunk, d - c0);
     at::Tensor product = view(buf.product, n, width).narrow(0, r0, r1 - r0);
     at::mm_out(product, k.narrow(0, r0, r1 - r0), view(buf.w, n, width));
-    // fp32: phi by one pass (folded_finish_rows, the AMX steps' last pass for K W: x and score read as they
-    // are, phi streamed, its finiteness noted) where five ATen ops made five passes (2-core Xeon, alternating, 3
+    // fp32: phi by one pass (amx_finish_rows, which the AMX steps use: x and score read as they are, phi
+    // streamed, its finiteness noted) where five ATen ops made five passes (2-core Xeon, alternating, 3
     // rounds: 128 x 76,800 34.3-35.3 -> 27.1-28.1 ms, 512 x 20,000 90.3-91.1 -> 84.0-84.7 ms, 256 x 768
     // 1.04-1.15 -> 0.90-0.91 ms, 128 x 128 0.114-0.116 -> 0.095-0.098 ms)
     if (fp32) {
-      if (!folded_finish_rows(product.const_data_ptr<float>(), width, rowsum.const_data_ptr<float>(),
-                              x.const_data_ptr<float>(), score.const_data_ptr<float>(),
-                              gram.shift.const_data_ptr<float>(), static_cast<float>(a), static_cast<float>(n), d, r0,
-                              r1, c0, c0 + width, out.mutable_data_ptr<float>()))
+      if (!amx_finish_rows(product.const_data_ptr<float>(), width, /*x_off=*/0, rowsum.const_data_ptr<float>(),
+                           x.const_data_ptr<float>(), score.const_data_ptr<float>(), gram.shift.const_data_ptr<float>(),
+                           static_cast<float>(a), static_cast<float>(n), d, r0, r1, c0, c0 + width,
+                           out.mutable_data_ptr<float>()))
         finite.store(false, std::memory_order_relaxed);
       return;
     }

@@ -20,8 +20,6 @@
                       uint32_t*, int64_t, int64_t, int64_t);                                                        \
   bool amx_finish_rows(const float*, int64_t, int64_t, const float*, const In*, const In*, const float*, float,     \
                        float, int64_t, int64_t, int64_t, int64_t, int64_t, In*);                                    \
-  bool folded_finish_rows(const float*, int64_t, const float*, const In*, const In*, const float*, float, float,    \
-                          int64_t, int64_t, int64_t, int64_t, int64_t, In*);                                        \
   void amx_p_rows(const In*, const In*, int64_t, int64_t, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t,       \
                   float*, double*);                                                                                 \
   void amx_p_pairs(const In*, const In*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t, float*,   \
@@ -286,12 +284,6 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
                        const In* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,           \
                        int64_t row_end, int64_t col_begin, int64_t col_end, In* phi) {                                \
     BMT_FAST_DISPATCH(amx_finish_rows, acc, ld_acc, x_off, rowsum, x, score, shift, a, n, d, row_begin, row_end,      \
-                      col_begin, col_end, phi)                                                                        \
-  }                                                                                                                   \
-  bool folded_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,        \
-                          const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,        \
-                          int64_t col_begin, int64_t col_end, In* phi) {                                              \
-    BMT_FAST_DISPATCH(folded_finish_rows, acc, ld_acc, rowsum, x, score, shift, a, n, d, row_begin, row_end,          \
                       col_begin, col_end, phi)                                                                        \
   }                                                                                                                   \
   void amx_p_rows(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,              \

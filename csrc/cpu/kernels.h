@@ -174,10 +174,10 @@ bool fused_step_rows(const double* xc, const double* xt, const double* w, const 
 // both: unless ahead is 0, the same features `ahead` further on in the rows they read (a caller's next chunk)
 // are prefetched into L2 as the rows go;
 // amx_finish_rows: phi_r = (acc_r + a (rowsum_r Xs_r - acc_r[x_off:]) + score_r) (1/n) in In, Xs_r = x_r -
-// shift rounded to bf16, for rows [row_begin, row_end) and columns [col_begin, col_end) (acc holds K S of
-// just those, and K Xs x_off further, row stride ld_acc); returns whether all of those values are finite
-// in In; folded_finish_rows: phi_r = (acc_r + (a rowsum_r) (x_r - shift) + score_r) (1/n), acc holding
-// K W with W = score - a (x - shift) (the AMX steps' folded form, and the fp32 GEMM path's chunks).
+// shift rounded to bf16 (x_off > 0: acc holds K S, and K Xs x_off further), or phi_r = (acc_r + (a rowsum_r)
+// (x_r - shift) + score_r) (1/n) (x_off == 0: acc holds K W with W = score - a (x - shift), as the fp32 GEMM
+// paths give it too), for rows [row_begin, row_end) and columns [col_begin, col_end) (acc holds just those,
+// row stride ld_acc); returns whether all of those values are finite in In.
 // rbf_kernel_backward (grad, k: n x m, row stride ld; P = grad * K in fp32, rounded to bf16 for AMX):
 // amx_p_rows writes rows [0, rows) x columns [0, cols) of P as an A operand (rows of p16, row stride ld16,
 // columns [cols, cols_padded) zeroed) and adds each row's sum of the rounded values into rowsum;
@@ -202,9 +202,6 @@ bool fused_step_rows(const double* xc, const double* xt, const double* w, const 
   bool amx_finish_rows(const float* acc, int64_t ld_acc, int64_t x_off, const float* rowsum, const In* x,             \
                        const In* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,           \
                        int64_t row_end, int64_t col_begin, int64_t col_end, In* phi);                                 \
-  bool folded_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,        \
-                          const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,        \
-                          int64_t col_begin, int64_t col_end, In* phi);                                               \
   void amx_p_rows(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,              \
                   int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k);                    \
   void amx_p_pairs(const In* g, const In* k, int64_t ld, int64_t rows, int64_t rows_padded, int64_t cols,             \

@@ -269,14 +269,10 @@ void pair_sq_dists(const c10::BFloat16* xc, int64_t d, const float* norms, const
   bool amx_finish_rows(const float* acc, int64_t ld_acc, int64_t x_off, const float* rowsum, const In* x,             \
                        const In* score, const float* shift, float a, float n, int64_t d, int64_t row_begin,           \
                        int64_t row_end, int64_t col_begin, int64_t col_end, In* phi) {                                \
-    return finish_rows_impl<true>(acc, ld_acc, x_off, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin, \
-                                  col_end, phi);                                                                      \
-  }                                                                                                                   \
-  bool folded_finish_rows(const float* acc, int64_t ld_acc, const float* rowsum, const In* x, const In* score,        \
-                          const float* shift, float a, float n, int64_t d, int64_t row_begin, int64_t row_end,        \
-                          int64_t col_begin, int64_t col_end, In* phi) {                                              \
-    return finish_rows_impl<false>(acc, ld_acc, 0, rowsum, x, score, shift, a, n, d, row_begin, row_end, col_begin,   \
-                                   col_end, phi);                                                                     \
+    return x_off > 0 ? finish_rows_impl<true>(acc, ld_acc, x_off, rowsum, x, score, shift, a, n, d, row_begin,        \
+                                              row_end, col_begin, col_end, phi)                                       \
+                     : finish_rows_impl<false>(acc, ld_acc, 0, rowsum, x, score, shift, a, n, d, row_begin, row_end,  \
+                                               col_begin, col_end, phi);                                              \
   }                                                                                                                   \
   void amx_p_rows(const In* g, const In* k, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded,              \
                   int64_t diag, c10::BFloat16* p16, int64_t ld16, float* rowsum, double* p_log_k) {                   \

@@ -300,7 +300,7 @@ BMT_FAST_INLINE void write_row_streamed(In* out, int64_t len, Value&& value, See
 
 // phi_a = ((K S)_a + a (rowsum_a Xs_a - (K Xs)_a) + score_a) (1/n) in In, Xs_a = x_a - shift rounded to
 // bf16 as in K's operand (Split: the AMX steps) or phi_a = ((K W)_a + a rowsum_a (x_a - shift) + score_a)
-// (1/n) with W = score - a (x - shift) (not Split: the fp32 GEMM path by feature chunks): the own term
+// (1/n) with W = score - a (x - shift) (not Split: the folded AMX step, the fp32 GEMM paths): the own term
 // k_aa = 1 and the repulsion sum_b k_ab (x_a - x_b), as the last pass, for rows [row_begin, row_end) and
 // columns [col_begin, col_end) (x, score, phi: row stride d; acc holds K S or K W of those rows and columns
 // from its first entry on and, Split, K Xs from x_off on, row stride ld_acc; rowsum: K's row sums, Split

@@ -46,7 +46,7 @@ at::Tensor rbf_kernel_self_tiles(const at::Tensor& xc, const at::Tensor& norms, 
   return k.fill_diagonal_(1.0);
 }
 
-// phi into `out` (contiguous, x's shape and dtype). fp32 particles: phi by one pass over the rows (folded_finish_rows,
+// phi into `out` (contiguous, x's shape and dtype). fp32 particles: phi by one pass over the rows (amx_finish_rows,
 // as the feature chunks take it), its finiteness noted as it is written (returned); otherwise nullopt. The
 // n x d temporaries come from the huge-page allocator (huge_pages.h) from 1 MiB. 2-core Xeon VM (CPUID model
 // 167), PASSIVE, alternating, 3 rounds, five ATen passes into a fresh phi copied into the result, fresh
@@ -96,10 +96,10 @@ std::optional<bool> svgd_step_tiled(const at::Tensor& x, const at::Tensor& score
       const at::Tensor rowsum = accum.narrow(1, d, 1).contiguous();
       std::atomic<bool> finite{true};
       parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-        if (!folded_finish_rows(accum.const_data_ptr<float>() + begin * (d + 1), d + 1, rowsum.const_data_ptr<float>(),
-                                x.const_data_ptr<float>(), score.const_data_ptr<float>(), shift.const_data_ptr<float>(),
-                                static_cast<float>(a), static_cast<float>(n), d, begin, end, 0, d,
-                                out.mutable_data_ptr<float>()))
+        if (!amx_finish_rows(accum.const_data_ptr<float>() + begin * (d + 1), d + 1, /*x_off=*/0,
+                             rowsum.const_data_ptr<float>(), x.const_data_ptr<float>(), score.const_data_ptr<float>(),
+                             shift.const_data_ptr<float>(), static_cast<float>(a), static_cast<float>(n), d, begin,
+                             end, 0, d, out.mutable_data_ptr<float>()))
           finite.store(false, std::memory_order_relaxed);
       });
       return finite.load();
