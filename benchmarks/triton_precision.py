@@ -41,14 +41,21 @@ from bmt_fast import reference  # noqa: E402
 from bmt_fast.triton_backend import TRITON  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# (op, algorithm, n, d): both regimes of each op at sizes the interpreter handles in seconds.
+# (op, algorithm, n, d, data): both regimes of each op at sizes the interpreter handles in seconds. data:
+# "gaussian" (N(3, 1.5^2) per feature) or "clusters" (two clusters 0.05 wide whose centres are drawn
+# N(0, 10^2) per feature, H from the distances within a cluster: particles far apart next to the kernel's
+# width, where the step splits its second product: kernels/svgd_step.py, splits_w).
 CASES = [
-    ("svgd_step", "tiled", 130, 129),
-    ("svgd_step", "tiled", 300, 128),  # d <= 128 in a tensor-core mode: the flash kernel
-    ("svgd_step", "gram", 16, 4096),
-    ("rbf_kernel", "-", 130, 129),
-    ("median_bandwidth", "tiled", 130, 129),
-    ("median_bandwidth", "gram", 16, 4096),
+    ("svgd_step", "tiled", 130, 129, "gaussian"),
+    ("svgd_step", "tiled", 300, 128, "gaussian"),  # d <= 128 in a tensor-core mode: the flash kernel
+    ("svgd_step", "gram", 16, 4096, "gaussian"),
+    ("rbf_kernel", "-", 130, 129, "gaussian"),
+    ("median_bandwidth", "tiled", 130, 129, "gaussian"),
+    ("median_bandwidth", "gram", 16, 4096, "gaussian"),
+    ("svgd_step", "tiled", 256, 64, "clusters"),
+    ("svgd_step", "tiled", 130, 129, "clusters"),
+    ("svgd_step", "gram", 16, 1024, "clusters"),
+    ("rbf_kernel", "-", 300, 128, "clusters"),
 ]
 MODES = [
     (torch.float32, "ieee", None),
@@ -84,14 +91,32 @@ def run_reference(op: str, x: torch.Tensor, score: torch.Tensor, h: torch.Tensor
     return reference.median_bandwidth(x)
 
 
-def measure(op, algorithm, n, d, dtype, allow_tf32, seeds, device):
+def particles(n, d, data, dtype, device, generator):
+    """(x, score, H) for a case: H the median rule's, or for clusters the median within one cluster."""
+    if data == "clusters":
+        centres = torch.randn(2, d, generator=generator, dtype=torch.float64) * 10
+        x = centres[torch.arange(n) % 2] + 0.05 * torch.randn(n, d, generator=generator, dtype=torch.float64)
+    else:
+        x = torch.randn(n, d, generator=generator, dtype=torch.float64) * 1.5 + 3.0
+    x = x.to(dtype).to(device)
+    score = torch.randn(n, d, generator=generator, dtype=torch.float64).to(dtype).to(device)
+    x64 = x.double()
+    if data == "clusters":
+        same = x64[0::2]
+        h = torch.cdist(same, same).square().median()
+    else:
+        h = reference.median_bandwidth(x64)
+    return x, score, h
+
+
+def measure(op, algorithm, n, d, data, dtype, allow_tf32, seeds, device):
     errors, torch_errors = [], []
     for seed in range(seeds):
         generator = torch.Generator().manual_seed(seed)
-        x = (torch.randn(n, d, generator=generator, dtype=torch.float64) * 1.5 + 3.0).to(dtype).to(device)
-        score = torch.randn(n, d, generator=generator, dtype=torch.float64).to(dtype).to(device)
+        x, score, h = particles(n, d, data, dtype, device, generator)
+        if op == "rbf_kernel" and data == "clusters":
+            score = x  # (K between the particles themselves: score, the other cases' y, lies far from them)
         x64, score64 = x.double(), score.double()
-        h = reference.median_bandwidth(x64)
         expected = run_reference(op, x64, score64, h)
         errors.append(relative_error(run_op(op, algorithm, x, score, h, allow_tf32), expected))
         # torch in the accumulation dtype on the same inputs, centred by x[0] (fair to its norm expansion)
@@ -111,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--case", action="append", metavar="OP,ALGORITHM,N,D",
-                        help="measure only these cases (repeatable; default: all), e.g. svgd_step,tiled,300,128")  # fmt: skip
+                        help="measure only these cases (repeatable; default: all), e.g. svgd_step,tiled,300,128,gaussian")  # fmt: skip
     args = parser.parse_args(argv)
     cases = CASES
     if args.case:
@@ -130,20 +155,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "bmt_fast": bmt_fast.__version__,
     }
     rows = []
-    for op, algorithm, n, d in cases:
+    for op, algorithm, n, d, data in cases:
         for dtype, dot, allow_tf32 in MODES:
-            error, torch_error = measure(op, algorithm, n, d, dtype, allow_tf32, args.seeds, device)
+            if data == "clusters" and dtype != torch.bfloat16:
+                continue  # (the case of bf16's one product)
+            error, torch_error = measure(op, algorithm, n, d, data, dtype, allow_tf32, args.seeds, device)
             row = {"op": op, "algorithm": algorithm, "n": n, "d": d, "dtype": str(dtype).removeprefix("torch."),
                    "dot": dot, "seeds": args.seeds, "max_rel_error": f"{error:.3e}",
-                   "torch_same_dtype_error": f"{torch_error:.3e}", **common}
+                   "torch_same_dtype_error": f"{torch_error:.3e}", **common, "data": data}
             rows.append(row)
-            print(f"{op:17s} {algorithm:6s} {row['dtype']:9s} {dot:6s} {error:.3e}  (torch {torch_error:.3e})")
+            print(f"{op:17s} {algorithm:6s} {data:8s} {row['dtype']:9s} {dot:6s} {error:.3e}  (torch {torch_error:.3e})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "interpreter" if common["interpreter"] else torch.cuda.get_device_name(device).replace(" ", "_")
     path = RESULTS / f"triton_precision_{tag}.csv"
+    fields = list(rows[0])
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != fields:  # an older file without the data column: its rows were gaussian
+                old = [{**row, "data": row.get("data") or "gaussian"} for row in reader]
+                with path.open("w", newline="") as out:
+                    writer = csv.DictWriter(out, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows({k: row.get(k, "") for k in fields} for row in old)
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .centring import centring_shift
-from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred
+from .centring import SHIFT, centring
+from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred, to_output
 from .utils import INTERPRETING, SMALL_TILES, TileConfig, accumulation_dtype, cdiv, num_programs_target, tl_dtype, tunable
 
 BLOCK_D = 64
@@ -112,7 +112,7 @@ def _gram_dists_kernel(gram_ptr, out_ptr, h_ptr, n, n_rows, n_cols, col0, KERNEL
     if KERNEL:
         value = tl.exp(value * (-1.0 / load_bandwidth(h_ptr, ACC).to(tl.float64)))
     # (through ACC: a float64 NaN narrowed straight to bf16 became 0 in Triton's interpreter)
-    value = value.to(ACC).to(out_ptr.dtype.element_ty)
+    value = to_output(value.to(ACC), out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * n_cols + out_cols[None, :], value, mask=mask)
 
 
@@ -181,17 +181,17 @@ def gram_splits(n: int, d: int, device: torch.device, tile: TileConfig) -> int:
     return max(1, min(num_programs_target(device) // tiles, cdiv(d, 4 * BLOCK_D)))
 
 
-def gram_sq_dists_and_shift(
+def gram_centring_and_sq_dists(
     x: torch.Tensor, mode: int, *, splits: int | None = None, tile: TileConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gram_sq_dists, centring_shift) of contiguous rows x (n, d): the centring pass, then the Gram of the
-    centred rows. (Until 2026-12-06, up to 16 particles the Gram kernel took x[0] as the shift and wrote the
+    """(centring, gram_sq_dists) of contiguous rows x (n, d): the centring pass (kernels/centring.py), then
+    the Gram of the rows shifted by its SHIFT row. (Until 2026-12-06, up to 16 particles the Gram kernel took x[0] as the shift and wrote the
     centring shift as it went, saving that pass: with x[0] far from a tight group of the others, fp32
     cancellation in |a|^2 + |b|^2 - 2 a.b made H 31 % and phi 210 % wrong, where the mean shift gives what
     torch's fp32 gives. The pass reads x once more: 15 us of a 672 us Triton step at 16 x 409,600 fp32 in the
     H200 profile of 2026-12-04; the step without the fused shift is not timed on a GPU yet.)"""
-    shift = centring_shift(x)
-    return gram_sq_dists(x, shift, mode, splits=splits, tile=tile), shift
+    centred = centring(x)
+    return centred, gram_sq_dists(x, centred[SHIFT], mode, splits=splits, tile=tile)
 
 
 def gram_sq_dists(

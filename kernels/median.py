@@ -21,7 +21,7 @@ import triton.language as tl
 from bmt_fast import reference
 
 from .centring import centring_shift
-from .gram import gram_median, gram_sq_dists_and_shift
+from .gram import gram_centring_and_sq_dists, gram_median
 from .tiles import sq_dist_tile
 from .utils import (
     MIN_BLOCK,
@@ -166,9 +166,9 @@ def median_sq_dist(
     the prompt regime's step is a few launches); the radix path tests the centring shift (x_0 plus a mean,
     not finite then), three small torch ops beside its passes over n^2 distances. No host sync. shift: the
     radix path's centring shift where the caller has it (None: made here); the Gram path makes its own
-    (gram_sq_dists_and_shift: up to 16 particles without a pass of its own)."""
+    (gram_centring_and_sq_dists)."""
     if use_gram(x.shape[0], algorithm):
-        dist, _ = gram_sq_dists_and_shift(x, mode, splits=splits, tile=tile)
+        _, dist = gram_centring_and_sq_dists(x, mode, splits=splits, tile=tile)
         return gram_median(dist), dist
     shift = centring_shift(x) if shift is None else shift
     median = median_sq_dist_tiled(x, shift, mode, splits=splits, tile=tile)

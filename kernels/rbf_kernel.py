@@ -18,7 +18,7 @@ import triton.language as tl
 from .centring import centring_shift
 from .gram import gram_rbf_kernel
 from .median import use_gram
-from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred, sq_dist_tile
+from .tiles import dot_acc, dot_operand, load_bandwidth, load_centred, sq_dist_tile, to_output
 from .utils import (
     GPU_TILES,
     MIN_BLOCK,
@@ -68,7 +68,7 @@ def _rbf_kernel_kernel(
     d2 = sq_dist_tile(x_ptr, y_ptr, shift_ptr, rows, cols, n, m, d, stride_x, stride_y, SELF, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE)
     k = tl.exp(d2 * (-1.0 / load_bandwidth(h_ptr, ACC)))
     mask = (rows < n)[:, None] & (cols < m)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], k.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], to_output(k, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -129,7 +129,7 @@ def _rbf_kernel_grad_kernel(
     a = load_centred(a_ptr, shift_ptr, rows, vcols, n_a, d, stride_a, ACC)
     grad = (acc - rowsum[:, None] * a) * (2.0 / load_bandwidth(h_ptr, ACC))
     out_mask = (rows < n_a)[:, None] & (vcols < d)[None, :]
-    tl.store(out_ptr + rows[:, None] * d + vcols[None, :], grad.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + rows[:, None] * d + vcols[None, :], to_output(grad, out_ptr.dtype.element_ty), mask=out_mask)
     if WITH_H:
         if tl.program_id(1) == 0:
             tl.store(log_terms_ptr + rows, log_terms, mask=rows < n_a)

@@ -4,8 +4,10 @@
     K_ij = exp(-|x_i - x_j|^2 / H),   K' = K without its diagonal (K_ii = 1: its term is score_i)
 
 (folding the repulsion into W halves the work of K @ [score | x]; a particle's own term is kept out of the
-fold, where its two large terms would cancel for H far below the squared distances). One kernel serves
-both regimes:
+fold, where its two large terms would cancel for H far below the squared distances). In bf16's one-product
+mode, particles far apart next to the kernel's width (splits_w) take acc = K score + K' xs instead, K' =
+-(2/H) K rounded as the dot takes it and xs the exactly shifted bf16 particles (kernels/centring.py):
+W's rounding of (2/H) xc is large next to the repulsion there. One kernel serves both regimes:
 
   tiled (many particles): FlashAttention-style. A program holds a block of rows and one chunk of output
       columns (BLOCK_V) on chip and streams blocks of columns j: distances by tl.dot on centred rows (d
@@ -33,11 +35,10 @@ import triton.language as tl
 from bmt_fast import reference
 from bmt_fast._validation import check_out, overlaps
 
-from .centring import centring_shift
-from .gram import gram_median, gram_sq_dists_and_shift
+from .centring import CENTRE_ROW, SHIFT, SHIFT_ROW, SPREAD_ROW, centring
+from .gram import gram_centring_and_sq_dists, gram_median
 from .median import median_sq_dist, use_gram
 from .tiles import (
-    HALF,
     MODE_HALF,
     MODE_HALF_SPLIT,
     dot_acc,
@@ -48,6 +49,8 @@ from .tiles import (
     load_centred,
     operand_sq_norms,
     sq_dist_tile,
+    to_half,
+    to_output,
 )
 from .utils import (
     DOT_HALF,
@@ -72,6 +75,9 @@ from .utils import (
     tunable,
 )
 
+# The step splits W (splits_w) where some |x - centre| exceeds this many sqrt(H), as the CPU's AMX path.
+SPLIT_SPREAD: tl.constexpr = tl.constexpr(8.0)
+
 # Widest chunk of output columns a program holds: a (128 x 128) fp32 accumulator fills 8 warps' registers.
 MAX_BLOCK_V = 128
 
@@ -95,21 +101,40 @@ def _split_columns(n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, h, out_ptr, rowsum_ptr, finite_ptr, n, d,
-                  stride_x, stride_score, stride_out, FINALIZE: tl.constexpr, WRITE_ROWSUM: tl.constexpr,
+def splits_w(centring_ptr, d, h, BLOCK: tl.constexpr):
+    """Whether the step multiplies K by score and by the shifted particles apart (acc = K S + K' Xs, with
+    K' = -(2/H) K rounded as the dot takes it and the row sums of K') instead of by the folded W = score -
+    (2/H) Xc: where some |x - centre| > SPLIT_SPREAD sqrt(H) (centring()'s spread row; a NaN spread: folded)."""
+    spread = tl.zeros((BLOCK,), dtype=h.dtype)
+    for k0 in range(0, d, BLOCK):
+        ks = k0 + tl.arange(0, BLOCK)
+        spread = tl.maximum(spread, tl.load(centring_ptr + SPREAD_ROW * d + ks, mask=ks < d, other=0.0))
+    largest = tl.max(spread, axis=0)
+    return largest * largest > h * (SPLIT_SPREAD * SPLIT_SPREAD)
+
+
+@triton.jit
+def _write_result(acc, rowsum, rows, vcols, x_ptr, centring_ptr, score_ptr, h, split, out_ptr, rowsum_ptr, finite_ptr,
+                  n, d, stride_x, stride_score, stride_out, FINALIZE: tl.constexpr, WRITE_ROWSUM: tl.constexpr,
                   TRACK_FINITE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """FINALIZE: phi = (acc + (2/H) rowsum xc_i + score_i) / n into out (acc and rowsum leave out the own
-    term k_ii = 1, added here as score_i: folded into W it is (score_i - (2/H) xc_i) + (2/H) xc_i, whose
-    two large terms cancel when H lies far below the squared distances), and (TRACK_FINITE) finite[0] = 0 where a
+    """FINALIZE: phi = (acc + (2/H) rowsum xc_i + score_i) / n into out, xc_i = x_i - centre (split: phi =
+    (acc - rowsum' xs_i + score_i) / n, xs_i = x_i - shift, rowsum' those of K'; splits_w) (acc and rowsum leave
+    out the own term k_ii = 1, added here as score_i: folded into W it is (score_i - (2/H) xc_i) + (2/H) xc_i,
+    whose two large terms cancel when H lies far below the squared distances), and (TRACK_FINITE) finite[0] = 0 where a
     stored value is NaN/Inf (a value past the range of a narrower output is Inf once stored); otherwise
     this split's acc to out[split] and (WRITE_ROWSUM) its row sums to rowsum[split], for
     _svgd_combine_kernel."""
     out_mask = (rows < n)[:, None] & (vcols < d)[None, :]
     if FINALIZE:
-        xc_i = load_centred(x_ptr, shift_ptr, rows, vcols, n, d, stride_x, ACC)
+        if split:
+            coef = -rowsum
+            xc_i = load_centred(x_ptr, centring_ptr + SHIFT_ROW * d, rows, vcols, n, d, stride_x, ACC)
+        else:
+            coef = (2.0 / h) * rowsum
+            xc_i = load_centred(x_ptr, centring_ptr + CENTRE_ROW * d, rows, vcols, n, d, stride_x, ACC)
         score_i = tl.load(score_ptr + rows[:, None] * stride_score + vcols[None, :], mask=out_mask, other=0.0)
-        phi = (acc + (2.0 / h) * rowsum[:, None] * xc_i + score_i.to(ACC)) / n
-        stored = phi.to(out_ptr.dtype.element_ty)
+        phi = (acc + coef[:, None] * xc_i + score_i.to(ACC)) / n
+        stored = to_output(phi, out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * stride_out + vcols[None, :], stored, mask=out_mask)
         if TRACK_FINITE:
             v = stored.to(ACC)
@@ -126,7 +151,7 @@ def _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, h, out_
 def _svgd_step_kernel(
     x_ptr,
     score_ptr,
-    shift_ptr,
+    centring_ptr,
     h_ptr,
     dist_ptr,
     out_ptr,
@@ -159,6 +184,9 @@ def _svgd_step_kernel(
     h = load_bandwidth(h_ptr, ACC)
     neg_inv_h = -1.0 / h
     repulsion = 2.0 / h
+    split = False
+    if MODE == MODE_HALF:
+        split = splits_w(centring_ptr, d, h, BLOCK_V)
     j_start, j_end = _split_columns(n, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
@@ -170,19 +198,29 @@ def _svgd_step_kernel(
             d2 = tl.load(dist_ptr + rows[:, None] * stride_dist + cols[None, :], mask=mask, other=0.0).to(ACC)
         else:
             d2 = sq_dist_tile(
-                x_ptr, x_ptr, shift_ptr, rows, cols, n, n, d, stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_D, ACC, MODE
-            )
+                x_ptr, x_ptr, centring_ptr + SHIFT_ROW * d, rows, cols, n, n, d, stride_x, stride_x, True, BLOCK_M, BLOCK_N,
+                BLOCK_D, ACC, MODE,
+            )  # fmt: skip
         k = tl.where((cols < j_end)[None, :] & (rows[:, None] != cols[None, :]), tl.exp(d2 * neg_inv_h), 0.0)
-        k = dot_operand(k, MODE)  # the row sums use the K the dot sees: the two terms stay consistent
-        rowsum += tl.sum(k, axis=1)
-        xc_j = load_centred(x_ptr, shift_ptr, cols, vcols, j_end, d, stride_x, ACC)
         score_mask = (cols < j_end)[:, None] & (vcols < d)[None, :]
         score_j = tl.load(score_ptr + cols[:, None] * stride_score + vcols[None, :], mask=score_mask, other=0.0)
-        w = dot_operand(score_j.to(ACC) - repulsion * xc_j, MODE)
-        acc = dot_acc(k, w, acc, MODE)
+        score_j = score_j.to(ACC)
+        # the row sums are those of the K the dot sees: the two terms stay consistent
+        if split:
+            k_x = dot_operand(-repulsion * k, MODE)
+            rowsum += tl.sum(k_x, axis=1)
+            acc = dot_acc(dot_operand(k, MODE), dot_operand(score_j, MODE), acc, MODE)
+            xs_j = load_centred(x_ptr, centring_ptr + SHIFT_ROW * d, cols, vcols, j_end, d, stride_x, ACC)
+            acc = dot_acc(k_x, xs_j, acc, MODE)  # (xs_j: bf16 values)
+        else:
+            k = dot_operand(k, MODE)
+            rowsum += tl.sum(k, axis=1)
+            xc_j = load_centred(x_ptr, centring_ptr + CENTRE_ROW * d, cols, vcols, j_end, d, stride_x, ACC)
+            w = dot_operand(score_j - repulsion * xc_j, MODE)
+            acc = dot_acc(k, w, acc, MODE)
 
-    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, h, out_ptr, rowsum_ptr, finite_ptr, n, d,
-                  stride_x, stride_score, stride_out, FINALIZE, tl.program_id(1) == 0, TRACK_FINITE, ACC)  # fmt: skip
+    _write_result(acc, rowsum, rows, vcols, x_ptr, centring_ptr, score_ptr, h, split, out_ptr, rowsum_ptr, finite_ptr,
+                  n, d, stride_x, stride_score, stride_out, FINALIZE, tl.program_id(1) == 0, TRACK_FINITE, ACC)  # fmt: skip
 
 
 @triton.jit
@@ -190,7 +228,7 @@ def _svgd_combine_kernel(
     partial_ptr,
     rowsum_ptr,
     x_ptr,
-    shift_ptr,
+    centring_ptr,
     score_ptr,
     h_ptr,
     out_ptr,
@@ -202,6 +240,7 @@ def _svgd_combine_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     """phi from the column splits' partial K @ W (splits, n, d) and row sums (splits, n)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,8 +251,12 @@ def _svgd_combine_kernel(
     for split in range(0, splits):
         acc += tl.load(partial_ptr + split * n * d + rows[:, None] * d + vcols[None, :], mask=mask, other=0.0)
         rowsum += tl.load(rowsum_ptr + split * n + rows, mask=rows < n, other=0.0)
-    _write_result(acc, rowsum, rows, vcols, x_ptr, shift_ptr, score_ptr, load_bandwidth(h_ptr, ACC), out_ptr, rowsum_ptr,
-                  rowsum_ptr, n, d, stride_x, stride_score, d, True, False, False, ACC)  # fmt: skip
+    h = load_bandwidth(h_ptr, ACC)
+    split = False
+    if MODE == MODE_HALF:
+        split = splits_w(centring_ptr, d, h, BLOCK_V)
+    _write_result(acc, rowsum, rows, vcols, x_ptr, centring_ptr, score_ptr, h, split, out_ptr, rowsum_ptr, rowsum_ptr,
+                  n, d, stride_x, stride_score, d, True, False, False, ACC)  # fmt: skip
 
 
 # Largest d of the flash path: one (BLOCK_M x D_PAD) accumulator and the rows' operands stay on chip.
@@ -226,7 +269,7 @@ FLASH_ROW_PAD = 128
 def _flash_operands_kernel(
     x_ptr,
     score_ptr,
-    shift_ptr,
+    centring_ptr,
     h_ptr,
     a_hi_ptr,
     a_lo_ptr,
@@ -242,28 +285,35 @@ def _flash_operands_kernel(
     ACC: tl.constexpr,
     MODE: tl.constexpr,
 ):
-    """Rows of block program_id(0): a = xc (rounded as the dot multiplies it), W = score - (2/H) xc (the
-    same), in the operand arrays (n_pad, D_PAD): bf16 hi (and lo, split mode) parts in the half modes, ACC
-    otherwise; zero outside (n, d). norm = |a|^2 log2(e)/H, +inf for rows >= n."""
+    """Rows of block program_id(0): a = x - shift (rounded as the dot multiplies it), W = score - (2/H) xc, xc =
+    x - centre (the same; where splits_w, score itself: the main kernel multiplies a for the particles), in
+    the operand arrays (n_pad, D_PAD): bf16 hi (and lo, split mode) parts in the half modes, ACC otherwise;
+    zero outside (n, d). norm = |a|^2 log2(e)/H, +inf for rows >= n."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, D_PAD)
     h = load_bandwidth(h_ptr, ACC)
-    xc = load_centred(x_ptr, shift_ptr, rows, cols, n, d, stride_x, ACC)
-    a = dot_operand(xc, MODE)
+    a = dot_operand(load_centred(x_ptr, centring_ptr + SHIFT_ROW * d, rows, cols, n, d, stride_x, ACC), MODE)
     mask = (rows < n)[:, None] & (cols < d)[None, :]
     score = tl.load(score_ptr + rows[:, None] * stride_score + cols[None, :], mask=mask, other=0.0).to(ACC)
-    w = dot_operand(score - (2.0 / h) * xc, MODE)
+    split = False
+    if MODE == MODE_HALF:
+        split = splits_w(centring_ptr, d, h, D_PAD)
+    if split:
+        w = dot_operand(score, MODE)
+    else:
+        xc = load_centred(x_ptr, centring_ptr + CENTRE_ROW * d, rows, cols, n, d, stride_x, ACC)
+        w = dot_operand(score - (2.0 / h) * xc, MODE)
     norm = operand_sq_norms(a, MODE) * (LOG2E / h)
     tl.store(norm_ptr + rows, tl.where(rows < n, norm, float("inf")))
     offsets = rows[:, None] * D_PAD + cols[None, :]
     if MODE == MODE_HALF or MODE == MODE_HALF_SPLIT:
-        a_hi = a.to(HALF)
-        w_hi = w.to(HALF)
+        a_hi = to_half(a)
+        w_hi = to_half(w)
         tl.store(a_hi_ptr + offsets, a_hi)
         tl.store(w_hi_ptr + offsets, w_hi)
         if MODE == MODE_HALF_SPLIT:
-            tl.store(a_lo_ptr + offsets, (a - a_hi.to(ACC)).to(HALF))
-            tl.store(w_lo_ptr + offsets, (w - w_hi.to(ACC)).to(HALF))
+            tl.store(a_lo_ptr + offsets, to_half(a - a_hi.to(ACC)))
+            tl.store(w_lo_ptr + offsets, to_half(w - w_hi.to(ACC)))
     else:
         tl.store(a_hi_ptr + offsets, a)
         tl.store(w_hi_ptr + offsets, w)
@@ -290,7 +340,7 @@ def _svgd_flash_kernel(
     w_lo_ptr,
     norm_ptr,
     x_ptr,
-    shift_ptr,
+    centring_ptr,
     score_ptr,
     h_ptr,
     out_ptr,
@@ -322,6 +372,10 @@ def _svgd_flash_kernel(
     dcols = tl.arange(0, D_PAD)
     h = load_bandwidth(h_ptr, ACC)
     two_c = 2.0 * LOG2E / h
+    neg_repulsion = -2.0 / h
+    split = False
+    if MODE == MODE_HALF:
+        split = splits_w(centring_ptr, d, h, D_PAD)
     row_offsets = rows[:, None] * D_PAD + dcols[None, :]
     q_hi = tl.load(a_hi_ptr + row_offsets)
     q_lo = q_hi
@@ -347,21 +401,27 @@ def _svgd_flash_kernel(
         w_hi = tl.load(w_hi_ptr + col_offsets)
         if MODE == MODE_HALF_SPLIT:
             w_lo = tl.load(w_lo_ptr + col_offsets)
-            k_hi16 = k.to(HALF)
-            k_lo16 = (k - k_hi16.to(ACC)).to(HALF)
+            k_hi16 = to_half(k)
+            k_lo16 = to_half(k - k_hi16.to(ACC))
             rowsum += tl.sum(k, axis=1)
             acc = _flash_dot(k_hi16, k_lo16, w_hi, w_lo, acc, MODE)
         elif MODE == MODE_HALF:
-            k16 = k.to(HALF)
-            rowsum += tl.sum(k16.to(ACC), axis=1)  # the K the dot multiplies
-            acc = _flash_dot(k16, k16, w_hi, w_hi, acc, MODE)
+            k16 = to_half(k)
+            if split:  # K S + K' Xs, Xs the distances' operand (k_hi; splits_w)
+                kx16 = to_half(neg_repulsion * k)
+                rowsum += tl.sum(kx16.to(ACC), axis=1)  # the K' the dot multiplies
+                acc = _flash_dot(k16, k16, w_hi, w_hi, acc, MODE)
+                acc = _flash_dot(kx16, kx16, k_hi, k_hi, acc, MODE)
+            else:
+                rowsum += tl.sum(k16.to(ACC), axis=1)  # the K the dot multiplies
+                acc = _flash_dot(k16, k16, w_hi, w_hi, acc, MODE)
         else:
             k = dot_operand(k, MODE)
             rowsum += tl.sum(k, axis=1)
             acc = dot_acc(k, w_hi, acc, MODE)
 
-    _write_result(acc, rowsum, rows, dcols, x_ptr, shift_ptr, score_ptr, h, out_ptr, rowsum_ptr, rowsum_ptr, n, d,
-                  stride_x, stride_score, stride_out, FINALIZE, True, False, ACC)  # fmt: skip
+    _write_result(acc, rowsum, rows, dcols, x_ptr, centring_ptr, score_ptr, h, split, out_ptr, rowsum_ptr, rowsum_ptr,
+                  n, d, stride_x, stride_score, stride_out, FINALIZE, True, False, ACC)  # fmt: skip
 
 
 _SVGD = tunable(_svgd_step_kernel, key=["n", "d"])
@@ -414,7 +474,7 @@ def _split_outputs(x, splits, out=None):
     return out, torch.empty((splits, n, d), dtype=acc, device=x.device), torch.empty((splits, n), dtype=acc, device=x.device)
 
 
-def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
+def _apply_flash(x, score, centred, h, *, mode, splits, tile, out=None):
     """The flash path: operands once (_flash_operands_kernel), then _svgd_flash_kernel (+ combine)."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
@@ -431,7 +491,7 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
     norms = torch.empty((n_pad,), dtype=acc, device=x.device)
     block_r = 32
     _flash_operands_kernel[(n_pad // block_r,)](
-        x, score, shift, h, a_hi, a_lo, w_hi, w_lo, norms, n, d, x.stride(0), score.stride(0),
+        x, score, centred, h, a_hi, a_lo, w_hi, w_lo, norms, n, d, x.stride(0), score.stride(0),
         D_PAD=d_pad, BLOCK_R=block_r, ACC=tl_dtype(acc), MODE=mode,
     )  # fmt: skip
     nominal = tile or _FLASH.fixed
@@ -448,7 +508,7 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
         w_lo_ptr=w_lo,
         norm_ptr=norms,
         x_ptr=x,
-        shift_ptr=shift,
+        centring_ptr=centred,
         score_ptr=score,
         h_ptr=h,
         out_ptr=partial,
@@ -464,30 +524,31 @@ def _apply_flash(x, score, shift, h, *, mode, splits, tile, out=None):
         MODE=mode,
     )
     if splits > 1:
-        _combine(partial, rowsums, x, score, shift, h, out, splits, d_pad)
+        _combine(partial, rowsums, x, score, centred, h, out, splits, d_pad, mode)
     return out
 
 
-def _combine(partial, rowsums, x, score, shift, h, out, splits, block_v):
+def _combine(partial, rowsums, x, score, centred, h, out, splits, block_v, mode):
     """phi from the column splits' partial sums."""
     n, d = x.shape
     check_grid_axis("phi's column chunks", cdiv(d, block_v))
     grid = (cdiv(n, 64), cdiv(d, block_v))
     _svgd_combine_kernel[grid](
-        partial, rowsums, x, shift, score, h, out, n, d, splits, x.stride(0), score.stride(0), BLOCK_M=64,
+        partial, rowsums, x, centred, score, h, out, n, d, splits, x.stride(0), score.stride(0), BLOCK_M=64,
         BLOCK_V=block_v,
         ACC=tl_dtype(accumulation_dtype(x.dtype)),
+        MODE=mode,
     )  # fmt: skip
 
 
-def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=None):
+def _apply(x, score, centred, h, dist, *, mode, splits, tile, out=None, finite=None):
     """Launch the SVGD kernel (tiled when dist is None, else over the given distances) into out (or a new
     tensor). finite (a 0-dim uint8 holding 1, or None): where one pass writes phi (one column split: always
     on the Gram path), the kernel clears it as it stores a NaN/Inf; returns (phi, whether finite was
     tracked)."""
     n, d = x.shape
     if dist is None and use_flash(d, mode):
-        return _apply_flash(x, score, shift, h, mode=mode, splits=splits, tile=tile, out=out), False
+        return _apply_flash(x, score, centred, h, mode=mode, splits=splits, tile=tile, out=out), False
     acc = accumulation_dtype(x.dtype)
     block_v = next_power_of_2(d, low=MIN_BLOCK, high=max_block_v(acc))
     nominal = tile or _SVGD.fixed
@@ -502,7 +563,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=Non
         tile=tile,
         x_ptr=x,
         score_ptr=score,
-        shift_ptr=shift,
+        centring_ptr=centred,
         h_ptr=h,
         dist_ptr=dist if dist is not None else x,
         out_ptr=partial,
@@ -523,7 +584,7 @@ def _apply(x, score, shift, h, dist, *, mode, splits, tile, out=None, finite=Non
         MODE=mode,
     )
     if splits > 1:
-        _combine(partial, rowsums, x, score, shift, h, out, splits, block_v)
+        _combine(partial, rowsums, x, score, centred, h, out, splits, block_v, mode)
     return out, track
 
 
@@ -539,17 +600,17 @@ def _forward(x, score, bandwidth, *, algorithm, allow_tf32, splits, tile, out=No
     mode = dot_mode(x.dtype, allow_tf32)
     gram = use_gram(n, algorithm)
     dist = None
-    if gram:  # (up to 16 particles the Gram kernel writes the centring shift too: no pass of its own)
-        dist, shift = gram_sq_dists_and_shift(x, mode, splits=splits, tile=tile)
+    if gram:
+        centred, dist = gram_centring_and_sq_dists(x, mode, splits=splits, tile=tile)
         if bandwidth is None:
             bandwidth = reference.bandwidth_from_median(gram_median(dist), n)
     else:
-        shift = centring_shift(x)
+        centred = centring(x)
         if bandwidth is None:
-            median, _ = median_sq_dist(x, shift, mode, algorithm, splits=splits, tile=tile)
+            median, _ = median_sq_dist(x, centred[SHIFT], mode, algorithm, splits=splits, tile=tile)
             bandwidth = reference.bandwidth_from_median(median, n)
     h = check_bandwidth(bandwidth, x)  # dist stays float64: the kernel rounds it as it reads it
-    return _apply(x, score, shift, h, dist, mode=mode, splits=None if gram else splits, tile=tile, out=out,
+    return _apply(x, score, centred, h, dist, mode=mode, splits=None if gram else splits, tile=tile, out=out,
                   finite=finite)  # fmt: skip
 
 

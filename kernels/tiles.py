@@ -29,6 +29,27 @@ HALF: tl.constexpr = tl.bfloat16
 
 
 @triton.jit
+def to_half(t):
+    """fp32 t rounded to HALF (bf16) to nearest, ties to even, as a GPU converts it. Triton's interpreter
+    truncates instead (its own round-to-nearest drops the carry into the exponent): there the bits are
+    rounded here, so the interpreter's results carry the GPU's rounding errors, not twice them."""
+    if INTERPRET:
+        bits = t.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        t = tl.where(t == t, rounded, t)  # (a NaN as it is)
+    return t.to(HALF)
+
+
+@triton.jit
+def to_output(t, DTYPE: tl.constexpr):
+    """t converted to an output dtype, bf16 rounded to nearest in the interpreter too (to_half)."""
+    if DTYPE == tl.bfloat16:
+        return to_half(t.to(tl.float32))
+    else:
+        return t.to(DTYPE)
+
+
+@triton.jit
 def dot_operand(t, MODE: tl.constexpr):
     """t (fp32/fp64) rounded to what the dot multiplies in the rounding modes, kept in t's dtype."""
     if MODE == MODE_TF32:
@@ -38,7 +59,7 @@ def dot_operand(t, MODE: tl.constexpr):
         bits = t.to(tl.uint32, bitcast=True)
         t = tl.where(t == t, ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True), t)
     elif MODE == MODE_HALF:
-        t = t.to(HALF).to(t.dtype)
+        t = to_half(t).to(t.dtype)
     return t
 
 
@@ -69,10 +90,10 @@ def dot_acc(a, b, acc, MODE: tl.constexpr):
     dropped lo lo' is 2^-16 of a product, near fp32 accuracy at 3 bf16 products.
     """
     if MODE == MODE_HALF_SPLIT:
-        a_hi = a.to(HALF).to(tl.float32)
-        b_hi = b.to(HALF).to(tl.float32)
-        a_lo = half_operand(a - a_hi)
-        b_lo = half_operand(b - b_hi)
+        a_hi = to_half(a).to(tl.float32)
+        b_hi = to_half(b).to(tl.float32)
+        a_lo = half_operand(to_half(a - a_hi))
+        b_lo = half_operand(to_half(b - b_hi))
         a_hi = half_operand(a_hi)
         b_hi = half_operand(b_hi)
         acc = half_dot(a_hi, b_lo, acc)  # small terms first
@@ -94,8 +115,8 @@ def operand_sq_norms(a, MODE: tl.constexpr):
     hi hi + 2 hi lo (the dot drops lo lo); otherwise of a itself. Taken of the exact operand, identical rows
     had a distance of 2 |lo|^2 in split mode (fp16's default: K 0.93 for two copies at H = 1)."""
     if MODE == MODE_HALF_SPLIT:
-        hi = a.to(HALF).to(a.dtype)
-        lo = (a - hi).to(HALF).to(a.dtype)
+        hi = to_half(a).to(a.dtype)
+        lo = to_half(a - hi).to(a.dtype)
         return tl.sum(hi * hi + 2.0 * (hi * lo), axis=1)
     else:
         return tl.sum(a * a, axis=1)

@@ -87,21 +87,36 @@ def test_gpu_nan_under_tf32_rounding_stays_nan(algorithm, n):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,splits", [(1, 1), (7, 1), (130, 1), (130, 2), (300, 3)])
-def test_centring_shift_in_one_kernel_and_over_row_splits(dtype, n, splits):
-    """One row range: the kernel writes the shift itself; several: torch adds their sums. Both give the
-    mean of the rows (rounded to x's dtype for bf16), and x[0] exactly for identical particles."""
-    x = (torch.randn(n, 300, dtype=torch.float64) * 3 + 100).to(dtype).to(DEVICE)
-    shift = kernels().centring.centring_shift(x, splits=splits)
+@pytest.mark.parametrize("offset", [100.0, 0.0])
+def test_centring_in_one_kernel_and_over_row_splits(dtype, n, splits, offset):
+    """One row range: the kernel writes the result itself; several: a second kernel adds their sums and
+    ranges. The centre is the mean of the rows (rounded to x's dtype for bf16: to nearest, the interpreter
+    too), the spread each column's largest |x - centre|, and the distances' shift the centre but for bf16,
+    whose shift leaves every x - shift a bf16 value (a multiple of the spacing at the column's largest |x|
+    near the mean where the column has one sign, else 0); x[0] exactly for identical particles."""
+    x = (torch.randn(n, 300, dtype=torch.float64) * 3 + offset).to(dtype).to(DEVICE)
+    centring = kernels().centring
+    result = centring.centring(x, splits=splits)
+    shift, centre, spread = result
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert shift.dtype == acc and shift.shape == (300,)
+    assert result.dtype == acc and result.shape == (3, 300)
+    assert torch.equal(centring.centring_shift(x, splits=splits), shift)
     expected = x.double().mean(0)
     if dtype == torch.bfloat16:
-        # within one bf16 spacing: Triton's interpreter truncates a float32 to bfloat16 (a GPU rounds to
-        # nearest); the shift only has to be a bf16 value near the centre
-        assert (shift.double() - expected).abs().max() <= 2.0**-7 * expected.abs().max()
-        assert torch.equal(shift, shift.to(dtype).to(acc))  # a bf16 value
+        assert (centre.double() - expected).abs().max() <= 2.0**-8 * expected.abs().max()  # half a spacing
+        assert torch.equal(centre, centre.to(dtype).to(acc))  # a bf16 value
+        shifted = x.to(acc) - shift
+        assert torch.equal(shifted, shifted.to(dtype).to(acc))  # x - shift exact in bf16
+        shifted_columns = shift != 0
+        assert bool(((x.amin(0) > 0) | (x.amax(0) < 0))[shifted_columns].all())  # one sign
+        near = (shift.double() - expected).abs() <= 2.0**-7 * x.abs().amax(0).double()
+        assert bool(near[shifted_columns].all())
+        assert bool(shifted_columns.all()) == (offset != 0.0 or n == 1)  # (around 100; at 0 some cross it)
     else:
-        assert relative_error(shift, expected) < (1e-14 if dtype == torch.float64 else 1e-6)
+        scale = float(x.abs().max())  # (the rounding of the sums is relative to the values, not to the mean)
+        assert float((centre.double() - expected).abs().max()) < (1e-14 if dtype == torch.float64 else 1e-6) * scale
+        assert torch.equal(shift, centre)
+    assert torch.equal(spread, (x.to(acc) - centre).abs().amax(0))
     same = x[:1].expand(n, -1).contiguous()
     assert torch.equal(kernels().centring.centring_shift(same, splits=splits), same[0].to(acc))
 
