@@ -146,6 +146,12 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
     post_check = check_inputs and flagged
     if check_inputs and not post_check:
         check_both()
+    # A backend without the flag (Triton beyond its Gram path) returns the NaN phi of a given H too small for
+    # the fold, where the CPU's raises: phi is scanned where the shape and H allow that at all. H is read here,
+    # where the scans have just synchronised a GPU, not after the step's launch, which had waited for the step.
+    scan_for_fold = (
+        check_inputs and not post_check and h is not None and _has_values(h) and fold_may_overflow(x2, float(h))
+    )
     finite = None
     target = None if out is None else out if out.dim() == 2 else out.view(x2.shape)
     try:
@@ -165,9 +171,7 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
         check_both()
         if h is not None and fold_overflows(x2, float(h)):  # (finite inputs: not an overflow of phi itself)
             raise fold_overflow_error(float(h), x.dtype)
-    elif check_inputs and h is not None and _has_values(h) and fold_may_overflow(x2, float(h)) and not all_finite(phi):
-        # (the inputs scanned before: finite) a backend without the flag (Triton beyond its Gram path) had
-        # returned the NaN phi of a given H too small for the fold, where the CPU's raised this
+    elif scan_for_fold and not all_finite(phi):  # (the inputs scanned before: finite)
         if fold_overflows(x2, float(h)):
             raise fold_overflow_error(float(h), x.dtype)
     return out if out is not None else phi if x.dim() == 2 else phi.reshape(x.shape)

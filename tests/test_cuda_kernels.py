@@ -339,6 +339,26 @@ def test_a_bandwidth_past_float32s_range(target, dtype, d):
     assert (k == 1).all()
 
 
+@pytest.mark.parametrize("self_kernel", [True, False])
+def test_bf16_kernel_and_median_of_tight_clusters_far_apart_on_tensor_cores(target, self_kernel):
+    """bf16 particles in two clusters 0.05 wide whose centres are drawn N(0, 10^2) per feature, H from the
+    distances within a cluster (260 rows: the tensor-core tiles). Their distances multiply the particles
+    shifted exactly (exact_bf16_shift: every x - shift a bf16 value, for x and y alike), where x - mean
+    rounded to bf16 had lost their low bits: K 4.5e-2 off; now within bf16's rounding of K's entries. The
+    median of all pairs as the reference's. (The step on such particles still folds W = score - (2/H) xc
+    into one bf16 operand: phi 4.6e-2 off there; README.)"""
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(2, 64, generator=generator, dtype=torch.float64) * 10
+    x = (centres[torch.arange(260) % 2] + 0.05 * torch.randn(260, 64, generator=generator, dtype=torch.float64)).bfloat16()
+    y = x if self_kernel else x[torch.randperm(260, generator=generator)][:200].clone()
+    same = x[0::2].double()
+    h = torch.cdist(same, same).square().median()
+    k = target.ops.rbf_kernel(x.to(target.device), y.to(target.device), as_h(float(h)).to(target.device)).cpu()
+    assert relative_error(k, reference.rbf_kernel(x.double(), y.double(), h)) <= HALF_ULP[torch.bfloat16]
+    median = target.ops.median_bandwidth(x.to(target.device), "tiled").cpu()
+    assert abs(float(median) / float(reference.median_bandwidth(x.double())) - 1) <= 1e-5
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_fp16_tensor_cores_keep_a_bad_score_in_its_column(target, bad):
     """fp16 on the tensor-core path scales W by a power of two from max |W|: a NaN or Inf score had made that

@@ -498,6 +498,23 @@ def test_a_bandwidth_too_small_for_the_folded_sums_is_named_beyond_the_gram_path
     assert torch.isnan(bmt_fast.svgd_step(x, score, 2e-38, backend="triton", check_inputs=False)).all()
 
 
+def test_the_fold_scans_bandwidth_is_read_before_the_step_is_launched(monkeypatch):
+    """The fold-overflow scan's H is read right after the input scans (which synchronise a GPU anyway), not
+    after the step's launch: reading a device H there had made every checked call with a given H wait for
+    its step on the GPU."""
+    from bmt_fast import ops
+
+    x, score = particles(300, 2, dtype=torch.float32)
+    events = []
+    may_overflow = ops.fold_may_overflow
+    monkeypatch.setattr(ops, "fold_may_overflow", lambda *a: events.append("read H") or may_overflow(*a))
+    triton_backend = bmt_fast.backends.get("triton")
+    step = type(triton_backend).svgd_step
+    monkeypatch.setattr(type(triton_backend), "svgd_step", lambda self, *a, **k: events.append("step") or step(self, *a, **k))
+    phi = bmt_fast.svgd_step(x, score, torch.tensor(3.0, device=DEVICE), backend="triton")
+    assert events == ["read H", "step"] and torch.isfinite(phi).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bad_bandwidth_without_host_checks_gives_nan(dtype):
     """check_inputs=False skips the host-side check; a bandwidth that is not positive and finite then gives

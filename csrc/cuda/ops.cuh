@@ -205,14 +205,40 @@ inline std::optional<at::Tensor> bandwidth_apart_from(const std::optional<at::Te
   return h;
 }
 
-// x (and y by the same vector) shifted by x[0] + mean(x - x[0]), in the compute type (reference.centre).
-inline std::pair<at::Tensor, at::Tensor> centred(const at::Tensor& x, const std::optional<at::Tensor>& y) {
+// The distances' shift of bf16 particles on the tensor cores (1 x d, fp32), as the Triton kernels' and the CPU's
+// AMX path (kernels/centring.py, csrc/cpu/amx.cpp: exact_bf16_shift): per column, the mean rounded to a multiple of
+// bf16's spacing at the largest |value| of x and y, where every value minus it is then a bf16 value (one sign, and
+// lo > shift / 2 or hi < shift / 2), else 0; a mean that is not finite is kept. Rounding x - mean to bf16 had lost
+// the particles' own low bits wherever |x - mean| was no smaller than |x|: two clusters 0.05 wide whose centres are
+// drawn N(0, 10^2) per feature gave K 4.5e-2 off (the emulator).
+inline at::Tensor exact_bf16_shift(const at::Tensor& xa, const std::optional<at::Tensor>& ya, const at::Tensor& mean) {
+  at::Tensor lo = xa.amin(0, /*keepdim=*/true), hi = xa.amax(0, /*keepdim=*/true);
+  if (ya) {
+    lo = at::minimum(lo, ya->amin(0, /*keepdim=*/true));
+    hi = at::maximum(hi, ya->amax(0, /*keepdim=*/true));
+  }
+  const at::Tensor big = at::maximum(lo.abs(), hi.abs());
+  const at::Tensor usable = ((lo > 0) | (hi < 0)) & at::isfinite(big) & (big >= std::ldexp(1.0, -118));
+  // bf16's spacing at big: 2^(e - 8) for big in [2^(e - 1), 2^e), e frexp's exponent
+  const at::Tensor spacing = at::ldexp(at::ones_like(big), std::get<1>(at::frexp(big)) - 8);
+  const at::Tensor shift = at::round(mean / spacing) * spacing;
+  const at::Tensor exact = usable & at::where(lo > 0, lo > shift / 2, hi < shift / 2);
+  return at::where(at::isfinite(mean), at::where(exact, shift, at::zeros_like(shift)), mean);
+}
+
+// x (and y by the same vector) shifted by x[0] + mean(x - x[0]), in the compute type (reference.centre); for the
+// distances of bf16 particles on the tensor cores (exact_bf16 and x bf16) by exact_bf16_shift instead.
+inline std::pair<at::Tensor, at::Tensor> centred(const at::Tensor& x, const std::optional<at::Tensor>& y,
+                                                 bool exact_bf16 = false) {
   const auto acc = accumulation_type(x.scalar_type());
   const at::Tensor xa = x.to(acc);
   const at::Tensor first = xa.narrow(0, 0, 1);
-  const at::Tensor shift = first + (xa - first).mean(0, /*keepdim=*/true);
+  at::Tensor shift = first + (xa - first).mean(0, /*keepdim=*/true);
+  std::optional<at::Tensor> ya;
+  if (y) ya = y->to(acc);
+  if (exact_bf16 && x.scalar_type() == at::kBFloat16) shift = exact_bf16_shift(xa, ya, shift);
   at::Tensor xc = (xa - shift).contiguous();
-  at::Tensor yc = y ? (y->to(acc) - shift).contiguous() : xc;
+  at::Tensor yc = ya ? (*ya - shift).contiguous() : xc;
   return {xc, yc};
 }
 
@@ -555,13 +581,15 @@ at::Tensor svgd_step_blocked(const at::Tensor& xc, const at::Tensor& score, cons
   return finish_phi(out, rowsum, a, xc, score, dtype);
 }
 
+// xd: the particles shifted for the distances (centred(x, nullopt, true)); W and phi take xc, centred by the mean
+// (the smaller |xc|, the smaller W's rounding).
 template <bool kHalf>
-at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& score, const std::optional<at::Tensor>& h_given,
-                               at::ScalarType dtype, const Device& dev) {
+at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const at::Tensor& score,
+                               const std::optional<at::Tensor>& h_given, at::ScalarType dtype, const Device& dev) {
   using G = MmaGeometry;
   const int64_t n = xc.size(0), d = xc.size(1);
-  const at::Tensor scale = kHalf ? fp16_operand_scale(xc, xc) : at::Tensor();
-  const Operand16 xb = operand16(xc, dtype, scale);
+  const at::Tensor scale = kHalf ? fp16_operand_scale(xd, xd) : at::Tensor();
+  const Operand16 xb = operand16(xd, dtype, scale);
   const int64_t rows_padded = xb.values.size(0), d_pad = xb.values.size(1);
   const at::Tensor h = h_given ? bandwidth_as(*h_given, at::kFloat, dev) : median_tiled_mma<kHalf>(xb, n, dev, scale);
   const at::Tensor h_scaled = kHalf ? h * (scale * scale) : h;  // the kernel's distances are the scaled values'
@@ -630,8 +658,8 @@ inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
   if (bandwidth) h = bandwidth->detach().reshape({});
   const at::Tensor xc = centred(x, std::nullopt).first;
   if (use_tensor_cores(x, TileMode::kSvgd, dev)) {
-    return dtype == at::kHalf ? svgd_step_tiled_mma<true>(xc, score, h, dtype, dev)
-                              : svgd_step_tiled_mma<false>(xc, score, h, dtype, dev);
+    if (dtype == at::kHalf) return svgd_step_tiled_mma<true>(xc, xc, score, h, dtype, dev);
+    return svgd_step_tiled_mma<false>(xc, centred(x, std::nullopt, /*exact_bf16=*/true).first, score, h, dtype, dev);
   }
   if (x.size(1) > kFusedMaxFeatures) {
     return dtype == at::kDouble ? svgd_step_blocked<double>(xc, score, h, dtype, dev)
@@ -713,7 +741,7 @@ inline at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algo
       const at::Tensor scale = fp16_operand_scale(xc, xc);
       return median_tiled_mma<true>(operand16(xc, dtype, scale), n, dev, scale);
     }
-    return median_tiled_mma<false>(operand16(xc, dtype), n, dev);
+    return median_tiled_mma<false>(operand16(centred(x, std::nullopt, /*exact_bf16=*/true).first, dtype), n, dev);
   }
   const at::Tensor norms = xc.square().sum(1);
   if (dtype == at::kDouble) return median_tiled_ffma<double>(xc, norms, dev);
@@ -731,9 +759,12 @@ at::Tensor rbf_kernel_tiled(const at::Tensor& x, const at::Tensor& y, bool self,
     if (use_tensor_cores(x, TileMode::kRbf, dev)) {
       using G = MmaGeometry;
       constexpr bool kHalf = std::is_same_v<Out, f16>;
-      const at::Tensor scale = kHalf ? fp16_operand_scale(xc, yc) : at::Tensor();
-      const Operand16 xb = operand16(xc, dtype, scale);
-      const Operand16 yb = self ? xb : operand16(yc, dtype, scale);
+      // (bf16: shifted exactly for the distances)
+      const auto [xd, yd] = kHalf ? std::pair(xc, yc)
+                                  : centred(x, self ? std::nullopt : std::optional<at::Tensor>(y), /*exact_bf16=*/true);
+      const at::Tensor scale = kHalf ? fp16_operand_scale(xd, yd) : at::Tensor();
+      const Operand16 xb = operand16(xd, dtype, scale);
+      const Operand16 yb = self ? xb : operand16(yd, dtype, scale);
       const at::Tensor h_given = bandwidth_as(bandwidth, at::kFloat, dev);
       const at::Tensor h = kHalf ? h_given * (scale * scale) : h_given;  // the scaled values' distances
       MmaParams<Out> p{};
