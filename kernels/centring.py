@@ -145,6 +145,12 @@ def centring(x: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
     return out
 
 
+def largest_spread(centred: torch.Tensor) -> torch.Tensor:
+    """The largest |x - centre| of all columns (0-dim, on the device: no host sync) from centring()'s result;
+    NaN where a column's is."""
+    return centred[SPREAD].amax()
+
+
 def centring_shift(x: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
     """The distances' shift (d,) of centring(x)."""
     return centring(x, splits=splits)[SHIFT]

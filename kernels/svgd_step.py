@@ -35,7 +35,7 @@ import triton.language as tl
 from bmt_fast import reference
 from bmt_fast._validation import check_out, overlaps
 
-from .centring import CENTRE_ROW, SHIFT, SHIFT_ROW, SPREAD_ROW, centring
+from .centring import CENTRE_ROW, SHIFT, SHIFT_ROW, centring, largest_spread
 from .gram import gram_centring_and_sq_dists, gram_median
 from .median import median_sq_dist, use_gram
 from .tiles import (
@@ -101,15 +101,13 @@ def _split_columns(n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def splits_w(centring_ptr, d, h, BLOCK: tl.constexpr):
+def splits_w(spread_ptr, h):
     """Whether the step multiplies K by score and by the shifted particles apart (acc = K S + K' Xs, with
     K' = -(2/H) K rounded as the dot takes it and the row sums of K') instead of by the folded W = score -
-    (2/H) Xc: where some |x - centre| > SPLIT_SPREAD sqrt(H) (centring()'s spread row; a NaN spread: folded)."""
-    spread = tl.zeros((BLOCK,), dtype=h.dtype)
-    for k0 in range(0, d, BLOCK):
-        ks = k0 + tl.arange(0, BLOCK)
-        spread = tl.maximum(spread, tl.load(centring_ptr + SPREAD_ROW * d + ks, mask=ks < d, other=0.0))
-    largest = tl.max(spread, axis=0)
+    (2/H) Xc: where the largest |x - centre| (centring.largest_spread, one value: a program that read the
+    whole spread row had read d values, a prompt's 409,600, once for every tile of the output) exceeds
+    SPLIT_SPREAD sqrt(H); a NaN spread: folded."""
+    largest = tl.load(spread_ptr).to(h.dtype)
     return largest * largest > h * (SPLIT_SPREAD * SPLIT_SPREAD)
 
 
@@ -152,6 +150,7 @@ def _svgd_step_kernel(
     x_ptr,
     score_ptr,
     centring_ptr,
+    spread_ptr,
     h_ptr,
     dist_ptr,
     out_ptr,
@@ -186,7 +185,7 @@ def _svgd_step_kernel(
     repulsion = 2.0 / h
     split = False
     if MODE == MODE_HALF:
-        split = splits_w(centring_ptr, d, h, BLOCK_V)
+        split = splits_w(spread_ptr, h)
     j_start, j_end = _split_columns(n, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
@@ -229,6 +228,7 @@ def _svgd_combine_kernel(
     rowsum_ptr,
     x_ptr,
     centring_ptr,
+    spread_ptr,
     score_ptr,
     h_ptr,
     out_ptr,
@@ -254,7 +254,7 @@ def _svgd_combine_kernel(
     h = load_bandwidth(h_ptr, ACC)
     split = False
     if MODE == MODE_HALF:
-        split = splits_w(centring_ptr, d, h, BLOCK_V)
+        split = splits_w(spread_ptr, h)
     _write_result(acc, rowsum, rows, vcols, x_ptr, centring_ptr, score_ptr, h, split, out_ptr, rowsum_ptr, rowsum_ptr,
                   n, d, stride_x, stride_score, d, True, False, False, ACC)  # fmt: skip
 
@@ -270,6 +270,7 @@ def _flash_operands_kernel(
     x_ptr,
     score_ptr,
     centring_ptr,
+    spread_ptr,
     h_ptr,
     a_hi_ptr,
     a_lo_ptr,
@@ -297,7 +298,7 @@ def _flash_operands_kernel(
     score = tl.load(score_ptr + rows[:, None] * stride_score + cols[None, :], mask=mask, other=0.0).to(ACC)
     split = False
     if MODE == MODE_HALF:
-        split = splits_w(centring_ptr, d, h, D_PAD)
+        split = splits_w(spread_ptr, h)
     if split:
         w = dot_operand(score, MODE)
     else:
@@ -341,6 +342,7 @@ def _svgd_flash_kernel(
     norm_ptr,
     x_ptr,
     centring_ptr,
+    spread_ptr,
     score_ptr,
     h_ptr,
     out_ptr,
@@ -375,7 +377,7 @@ def _svgd_flash_kernel(
     neg_repulsion = -2.0 / h
     split = False
     if MODE == MODE_HALF:
-        split = splits_w(centring_ptr, d, h, D_PAD)
+        split = splits_w(spread_ptr, h)
     row_offsets = rows[:, None] * D_PAD + dcols[None, :]
     q_hi = tl.load(a_hi_ptr + row_offsets)
     q_lo = q_hi
@@ -474,7 +476,7 @@ def _split_outputs(x, splits, out=None):
     return out, torch.empty((splits, n, d), dtype=acc, device=x.device), torch.empty((splits, n), dtype=acc, device=x.device)
 
 
-def _apply_flash(x, score, centred, h, *, mode, splits, tile, out=None):
+def _apply_flash(x, score, centred, spread, h, *, mode, splits, tile, out=None):
     """The flash path: operands once (_flash_operands_kernel), then _svgd_flash_kernel (+ combine)."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
@@ -491,7 +493,7 @@ def _apply_flash(x, score, centred, h, *, mode, splits, tile, out=None):
     norms = torch.empty((n_pad,), dtype=acc, device=x.device)
     block_r = 32
     _flash_operands_kernel[(n_pad // block_r,)](
-        x, score, centred, h, a_hi, a_lo, w_hi, w_lo, norms, n, d, x.stride(0), score.stride(0),
+        x, score, centred, spread, h, a_hi, a_lo, w_hi, w_lo, norms, n, d, x.stride(0), score.stride(0),
         D_PAD=d_pad, BLOCK_R=block_r, ACC=tl_dtype(acc), MODE=mode,
     )  # fmt: skip
     nominal = tile or _FLASH.fixed
@@ -509,6 +511,7 @@ def _apply_flash(x, score, centred, h, *, mode, splits, tile, out=None):
         norm_ptr=norms,
         x_ptr=x,
         centring_ptr=centred,
+        spread_ptr=spread,
         score_ptr=score,
         h_ptr=h,
         out_ptr=partial,
@@ -524,17 +527,17 @@ def _apply_flash(x, score, centred, h, *, mode, splits, tile, out=None):
         MODE=mode,
     )
     if splits > 1:
-        _combine(partial, rowsums, x, score, centred, h, out, splits, d_pad, mode)
+        _combine(partial, rowsums, x, score, centred, spread, h, out, splits, d_pad, mode)
     return out
 
 
-def _combine(partial, rowsums, x, score, centred, h, out, splits, block_v, mode):
+def _combine(partial, rowsums, x, score, centred, spread, h, out, splits, block_v, mode):
     """phi from the column splits' partial sums."""
     n, d = x.shape
     check_grid_axis("phi's column chunks", cdiv(d, block_v))
     grid = (cdiv(n, 64), cdiv(d, block_v))
     _svgd_combine_kernel[grid](
-        partial, rowsums, x, centred, score, h, out, n, d, splits, x.stride(0), score.stride(0), BLOCK_M=64,
+        partial, rowsums, x, centred, spread, score, h, out, n, d, splits, x.stride(0), score.stride(0), BLOCK_M=64,
         BLOCK_V=block_v,
         ACC=tl_dtype(accumulation_dtype(x.dtype)),
         MODE=mode,
@@ -543,12 +546,14 @@ def _combine(partial, rowsums, x, score, centred, h, out, splits, block_v, mode)
 
 def _apply(x, score, centred, h, dist, *, mode, splits, tile, out=None, finite=None):
     """Launch the SVGD kernel (tiled when dist is None, else over the given distances) into out (or a new
-    tensor). finite (a 0-dim uint8 holding 1, or None): where one pass writes phi (one column split: always
-    on the Gram path), the kernel clears it as it stores a NaN/Inf; returns (phi, whether finite was
-    tracked)."""
+    tensor). centred: centring(x); in bf16's one-product mode the kernels also read its largest spread
+    (splits_w: one small reduction, in that mode only). finite (a 0-dim uint8 holding 1, or None): where one
+    pass writes phi (one column split: always on the Gram path), the kernel clears it as it stores a
+    NaN/Inf; returns (phi, whether finite was tracked)."""
+    spread = largest_spread(centred) if mode == DOT_HALF else centred  # (not read in other modes)
     n, d = x.shape
     if dist is None and use_flash(d, mode):
-        return _apply_flash(x, score, centred, h, mode=mode, splits=splits, tile=tile, out=out), False
+        return _apply_flash(x, score, centred, spread, h, mode=mode, splits=splits, tile=tile, out=out), False
     acc = accumulation_dtype(x.dtype)
     block_v = next_power_of_2(d, low=MIN_BLOCK, high=max_block_v(acc))
     nominal = tile or _SVGD.fixed
@@ -564,6 +569,7 @@ def _apply(x, score, centred, h, dist, *, mode, splits, tile, out=None, finite=N
         x_ptr=x,
         score_ptr=score,
         centring_ptr=centred,
+        spread_ptr=spread,
         h_ptr=h,
         dist_ptr=dist if dist is not None else x,
         out_ptr=partial,
@@ -584,7 +590,7 @@ def _apply(x, score, centred, h, dist, *, mode, splits, tile, out=None, finite=N
         MODE=mode,
     )
     if splits > 1:
-        _combine(partial, rowsums, x, score, centred, h, out, splits, block_v, mode)
+        _combine(partial, rowsums, x, score, centred, spread, h, out, splits, block_v, mode)
     return out, track
 
 
