@@ -106,7 +106,9 @@ def splits_w(spread_ptr, h):
     K' = -(2/H) K rounded as the dot takes it and the row sums of K') instead of by the folded W = score -
     (2/H) Xc: where the largest |x - centre| (centring.largest_spread, one value: a program that read the
     whole spread row had read d values, a prompt's 409,600, once for every tile of the output) exceeds
-    SPLIT_SPREAD sqrt(H); a NaN spread: folded."""
+    SPLIT_SPREAD sqrt(H); a NaN spread: folded. Asked for bf16 particles in the one-product mode only, whose
+    shifted values are bf16 values: exact operands (fp16's, rounded to bf16, would not cancel the row sums'
+    term)."""
     largest = tl.load(spread_ptr).to(h.dtype)
     return largest * largest > h * (SPLIT_SPREAD * SPLIT_SPREAD)
 
@@ -184,7 +186,7 @@ def _svgd_step_kernel(
     neg_inv_h = -1.0 / h
     repulsion = 2.0 / h
     split = False
-    if MODE == MODE_HALF:
+    if MODE == MODE_HALF and x_ptr.dtype.element_ty == tl.bfloat16:
         split = splits_w(spread_ptr, h)
     j_start, j_end = _split_columns(n, BLOCK_N)
 
@@ -253,7 +255,7 @@ def _svgd_combine_kernel(
         rowsum += tl.load(rowsum_ptr + split * n + rows, mask=rows < n, other=0.0)
     h = load_bandwidth(h_ptr, ACC)
     split = False
-    if MODE == MODE_HALF:
+    if MODE == MODE_HALF and x_ptr.dtype.element_ty == tl.bfloat16:
         split = splits_w(spread_ptr, h)
     _write_result(acc, rowsum, rows, vcols, x_ptr, centring_ptr, score_ptr, h, split, out_ptr, rowsum_ptr, rowsum_ptr,
                   n, d, stride_x, stride_score, d, True, False, False, ACC)  # fmt: skip
@@ -297,7 +299,7 @@ def _flash_operands_kernel(
     mask = (rows < n)[:, None] & (cols < d)[None, :]
     score = tl.load(score_ptr + rows[:, None] * stride_score + cols[None, :], mask=mask, other=0.0).to(ACC)
     split = False
-    if MODE == MODE_HALF:
+    if MODE == MODE_HALF and x_ptr.dtype.element_ty == tl.bfloat16:
         split = splits_w(spread_ptr, h)
     if split:
         w = dot_operand(score, MODE)
@@ -376,7 +378,7 @@ def _svgd_flash_kernel(
     two_c = 2.0 * LOG2E / h
     neg_repulsion = -2.0 / h
     split = False
-    if MODE == MODE_HALF:
+    if MODE == MODE_HALF and x_ptr.dtype.element_ty == tl.bfloat16:
         split = splits_w(spread_ptr, h)
     row_offsets = rows[:, None] * D_PAD + dcols[None, :]
     q_hi = tl.load(a_hi_ptr + row_offsets)
@@ -546,11 +548,12 @@ def _combine(partial, rowsums, x, score, centred, spread, h, out, splits, block_
 
 def _apply(x, score, centred, h, dist, *, mode, splits, tile, out=None, finite=None):
     """Launch the SVGD kernel (tiled when dist is None, else over the given distances) into out (or a new
-    tensor). centred: centring(x); in bf16's one-product mode the kernels also read its largest spread
-    (splits_w: one small reduction, in that mode only). finite (a 0-dim uint8 holding 1, or None): where one
+    tensor). centred: centring(x); bf16 particles in the one-product mode also have the kernels read its
+    largest spread (splits_w: one small reduction, there only). finite (a 0-dim uint8 holding 1, or None): where one
     pass writes phi (one column split: always on the Gram path), the kernel clears it as it stores a
     NaN/Inf; returns (phi, whether finite was tracked)."""
-    spread = largest_spread(centred) if mode == DOT_HALF else centred  # (not read in other modes)
+    # (read by bf16 particles in that mode only)
+    spread = largest_spread(centred) if mode == DOT_HALF and x.dtype == torch.bfloat16 else centred
     n, d = x.shape
     if dist is None and use_flash(d, mode):
         return _apply_flash(x, score, centred, spread, h, mode=mode, splits=splits, tile=tile, out=out), False
