@@ -29,17 +29,37 @@ def amx_shift(rows: torch.Tensor) -> torch.Tensor:
     """The AMX path's shift of the particles for their distances (csrc/cpu/amx.cpp, amx_shift), (1, d) fp32:
     the mean of the rows (a float64 sum, rounded to fp32) for fp32 particles; for bf16 ones, per column, the
     mean on the grid of the column's coarsest bf16 ulp where every x - shift is then exact in bf16 (all of one
-    sign and beyond shift / 2), else 0: their rounded operands are the particles themselves, shifted."""
+    sign and beyond shift / 2), else 0 (their rounded operands are the particles themselves, shifted), each
+    only within sqrt(15) standard deviations of the mean and with every |x - shift|^2 d within 2^120; else
+    the mean (exact_bf16_shift)."""
     mean = rows.double().mean(0, keepdim=True)
     if rows.dtype != torch.bfloat16:
         return mean.float()
+    var = (rows.double() - mean).square().mean(0, keepdim=True)
     lo, hi = rows.double().amin(0, keepdim=True), rows.double().amax(0, keepdim=True)
     big = torch.maximum(lo.abs(), hi.abs())
     _, exponent = torch.frexp(big)
     ulp = torch.ldexp(torch.ones_like(big), exponent - 8)
-    shift = torch.round(mean / ulp) * ulp
-    exact = torch.where(lo > 0, lo > shift / 2, torch.where(hi < 0, hi < shift / 2, torch.zeros_like(lo, dtype=torch.bool)))
-    return torch.where(exact & (big > 0), shift, torch.zeros_like(shift)).float()
+    rounded = torch.round(mean / ulp) * ulp
+    exact = torch.where(lo > 0, lo > rounded / 2, torch.where(hi < 0, hi < rounded / 2, torch.zeros_like(lo, dtype=torch.bool)))
+    shift = torch.where(exact & (big > 0), rounded, torch.zeros_like(rounded))
+    reach = torch.maximum((lo - shift).abs(), (hi - shift).abs())
+    keep = ((mean - shift).square() <= 15 * var) & (reach.square() * rows.shape[1] <= 2.0**120)
+    return torch.where(keep, shift, mean).float()
+
+
+def far_from_zero_bf16_particles(n: int = 300, d: int = 64) -> dict[str, torch.Tensor]:
+    """bf16 particles where no exact shift keeps the distances' expansion well conditioned (exact_bf16_shift
+    falls back to the mean): "outlier", a cloud 0.2 % wide around feature scales from 0.1 to 100 with one
+    particle at a quarter of them (below half the mean: no exact shift; 0 would leave |x|^2 ~ 2e5 times the
+    distances); "range", values L or 3L (L = 1e18) per entry (0 would put |x|^2 d past fp32's range)."""
+    generator = torch.Generator().manual_seed(0)
+    scale = 10 ** (torch.rand(d, generator=generator, dtype=torch.float64) * 3 - 1)
+    outlier = scale * (1 + 0.002 * torch.randn(n, d, generator=generator, dtype=torch.float64))
+    outlier[0] = 0.25 * scale
+    picks = 1 + 2 * (torch.rand(n, d, generator=generator) < 0.5).double()
+    wide = 1e18 * picks * (1 + 0.01 * torch.randn(n, d, generator=generator, dtype=torch.float64))
+    return {"outlier": outlier.bfloat16(), "range": wide.bfloat16()}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_within, relative_error, torch_error_in
+from helpers import assert_within, far_from_zero_bf16_particles, relative_error, torch_error_in
 
 import bmt_fast
 from bmt_fast import _extension, reference
@@ -357,6 +357,23 @@ def test_bf16_kernel_and_median_of_tight_clusters_far_apart_on_tensor_cores(targ
     assert relative_error(k, reference.rbf_kernel(x.double(), y.double(), h)) <= HALF_ULP[torch.bfloat16]
     median = target.ops.median_bandwidth(x.to(target.device), "tiled").cpu()
     assert abs(float(median) / float(reference.median_bandwidth(x.double())) - 1) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["outlier", "range"])
+def test_bf16_particles_without_a_well_conditioned_exact_shift(target, case):
+    """Columns with no exact bf16 shift that keeps the expansion well conditioned take the mean, as before the
+    exact shifts (helpers.far_from_zero_bf16_particles): a shift of 0 there had left K 9.4e-2 off (outlier)
+    and K, the median and phi NaN (range) on the tensor-core tiles; now within bf16's rounding."""
+    x = far_from_zero_bf16_particles()[case]
+    score = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    h = reference.median_bandwidth(x.double())
+    on = target.device
+    k = target.ops.rbf_kernel(x.to(on), x.to(on), h.to(on)).cpu()
+    assert relative_error(k, reference.rbf_kernel(x.double(), x.double(), h)) <= 2 * HALF_ULP[torch.bfloat16]
+    median = target.ops.median_bandwidth(x.to(on), "tiled").cpu()
+    assert abs(float(median) / float(h) - 1) <= 2e-3
+    phi = target.ops.svgd_step(x.to(on), score.to(on), None, "tiled").cpu()
+    assert relative_error(phi, svgd_reference(x.double(), score.double())) <= 4 * HALF_ULP[torch.bfloat16]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

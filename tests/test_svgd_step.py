@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from helpers import (COMPILED_CPU, amx_shift, assert_within, float32_matmul_precision, relative_error, requires_amx,
-                     requires_cpu_extension, run_cpu_variants, subprocess_env, torch_error_in)
+from helpers import (COMPILED_CPU, amx_shift, assert_within, far_from_zero_bf16_particles, float32_matmul_precision,
+                     relative_error, requires_amx, requires_cpu_extension, run_cpu_variants, subprocess_env,
+                     torch_error_in)
 
 import bmt_fast
 from bmt_fast import reference
@@ -525,6 +526,23 @@ def test_bf16_step_of_tight_clusters_far_apart_on_amx(n, d):
     k0 = torch.ops.bmt_fast.rbf_kernel(x, x, hb).double().fill_diagonal_(0)
     assert float((x.float() - amx_shift(x)).abs().max()) > AMX_FOLDED_MAX_SPREAD * math.sqrt(h)  # (split)
     assert relative_error(phi, amx_phi(k0, x, score, h)) <= 2.0**-7
+
+
+@requires_amx
+@pytest.mark.parametrize("case", ["outlier", "range"])
+def test_bf16_particles_without_a_well_conditioned_exact_shift_on_amx(case):
+    """Columns with no exact bf16 shift that keeps the expansion well conditioned take the mean, as before the
+    exact shifts (helpers.far_from_zero_bf16_particles): a shift of 0 there had left K 0.1 off (outlier) and
+    K, the median and phi NaN (range) on the AMX path; now within bf16's rounding, as with AMX off."""
+    x = far_from_zero_bf16_particles()[case]
+    score = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    h = reference.median_bandwidth(x.double())
+    k = torch.ops.bmt_fast.rbf_kernel(x, x, h)
+    assert relative_error(k, reference.rbf_kernel(x.double(), x.double(), h)) <= 2 * 2.0**-8
+    median = torch.ops.bmt_fast.median_bandwidth(x, "auto")
+    assert abs(float(median) / float(h) - 1) <= 2e-3
+    phi = torch.ops.bmt_fast.svgd_step(x, score, None, "auto")
+    assert relative_error(phi, reference_phi(x.double(), score.double())) <= 2 * 2.0**-8
 
 
 @requires_cpu_extension

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_within, relative_error, torch_error_in
+from helpers import assert_within, far_from_zero_bf16_particles, relative_error, torch_error_in
 from triton_helpers import DEVICE, HAS_GPU, kernels, on_device, requires_gpu, requires_triton, rounded_product_ulps, ulp
 
 import bmt_fast
@@ -372,6 +372,24 @@ def test_bf16_step_of_tight_clusters_far_apart(algorithm, n, d, splits, split):
     # the median rule takes the same path (its H from all pairs: the clusters' distance)
     phi = svgd(x, score, algorithm=algorithm)
     assert relative_error(phi, reference_phi(x, score)) <= 2 * ulp(torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", ["outlier", "range"])
+def test_bf16_particles_without_a_well_conditioned_exact_shift(case):
+    """Columns with no exact bf16 shift that keeps the expansion well conditioned take the centre, as before
+    the exact shifts (helpers.far_from_zero_bf16_particles): a shift of 0 there had left K 0.1 off (outlier)
+    and K, the median and phi NaN (range); now within bf16's rounding (the flash and tiled kernels)."""
+    x = far_from_zero_bf16_particles()[case]
+    score = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x, score = on_device(x, score)
+    h = reference.median_bandwidth(x.double())
+    k = kernels().rbf_kernel_forward(x, x, h)
+    assert relative_error(k, reference.rbf_kernel(x.double(), x.double(), h)) <= 2 * ulp(torch.bfloat16)
+    median = kernels().median_bandwidth_forward(x, algorithm="tiled")
+    assert abs(float(median) / float(h) - 1) <= 2e-3
+    for d in (64, 32):  # (the flash kernel; 32 features: more of them per program)
+        phi = svgd(x[:, :d].contiguous(), score[:, :d].contiguous(), algorithm="tiled")
+        assert relative_error(phi, reference_phi(x[:, :d], score[:, :d])) <= 2 * ulp(torch.bfloat16)
 
 
 def test_bf16_kernel_and_median_of_tight_clusters_far_apart():

@@ -145,37 +145,60 @@ const at::BFloat16* as_bf16(const at::Tensor& words) {
   return reinterpret_cast<const at::BFloat16*>(words.const_data_ptr<int32_t>());
 }
 
-// The shift of a column of bf16 particles whose values lie in [lo, hi], from their mean: the mean on the
-// grid of the column's coarsest bf16 ulp where every x - shift is then exact in bf16 (all x of one sign and
-// beyond shift / 2: |x - shift| < |x|, a multiple of x's ulp), else 0 (x itself, exact). Centring by the fp32
-// mean and rounding x - mean to bf16 had thrown away the particles' own low bits wherever the centred values
-// were no smaller than x: two clusters 0.05 wide whose centres differ by ~10 per feature gave K 4e-2 and x's
-// gradient 0.2 off.
+// The shift of a column of bf16 particles whose values lie in [lo, hi], from their mean and variance (the mean
+// square deviation), d the number of columns (the rule of the Triton kernels, kernels/centring.py:
+// exact_bf16_shift): the mean on the grid of the column's coarsest bf16 ulp where every x - shift is then exact
+// in bf16 (all x of one sign and beyond shift / 2: |x - shift| < |x|, a multiple of x's ulp), else 0 (x itself,
+// exact); taken where it lies within sqrt(15) standard deviations of the mean (the values' rms about it at most
+// 4 times that about the mean) and keeps every |x - shift|^2 d within 2^120 (fp32's range); else the fp32 mean.
+// Centring by the fp32 mean and rounding x - mean to bf16 had thrown away the particles' own low bits wherever
+// the centred values were no smaller than x: two clusters 0.05 wide whose centres differ by ~10 per feature
+// gave K 4e-2 and x's gradient 0.2 off. Taking 0 wherever no exact shift existed had put a tight cloud far from
+// 0 with one particle below half its mean uncentred into the expansion |a|^2 + |b|^2 - 2 a.b (K 0.1 off), and
+// values {L, 3L} at L = 1e18 past fp32's range (NaN).
 // A mean that is not finite (a NaN or Inf particle) is kept: the centred column is flagged as before.
-float exact_bf16_shift(double mean, float lo, float hi) {
+float exact_bf16_shift(double mean, double var, float lo, float hi, int64_t d) {
   if (!std::isfinite(mean)) return static_cast<float>(mean);
-  const bool one_sign = lo > 0.0f || hi < 0.0f;  // (else 0: x itself)
+  double shift = 0.0;  // (x itself)
+  const bool one_sign = lo > 0.0f || hi < 0.0f;
   const float big = std::max(std::fabs(lo), std::fabs(hi));
-  if (!one_sign || !std::isfinite(big) || big < std::numeric_limits<float>::min() * 256.0f) return 0.0f;
-  // bf16's ulp at big (8 significant bits: 2^(e - 7) for big in [2^e, 2^(e + 1))), from big's exponent bits;
-  // mean / ulp rounded to the nearest integer, ties to even (|mean / ulp| < 2^9: the 1.5 * 2^52 shifter)
-  uint32_t bits = 0;
-  std::memcpy(&bits, &big, sizeof(bits));
-  const uint32_t ulp_bits = (bits & 0x7f800000u) - (7u << 23);
-  float ulp = 0.0f;
-  std::memcpy(&ulp, &ulp_bits, sizeof(ulp));
-  constexpr double kShifter = 6755399441055744.0;
-  const double shift = ((mean / ulp + kShifter) - kShifter) * ulp;
-  const bool exact = lo > 0.0f ? lo > shift / 2 : hi < shift / 2;
-  return exact ? static_cast<float>(shift) : 0.0f;
+  if (one_sign && std::isfinite(big) && big >= std::numeric_limits<float>::min() * 256.0f) {
+    // bf16's ulp at big (8 significant bits: 2^(e - 7) for big in [2^e, 2^(e + 1))), from big's exponent bits;
+    // mean / ulp rounded to the nearest integer, ties to even (|mean / ulp| < 2^9: the 1.5 * 2^52 shifter)
+    uint32_t bits = 0;
+    std::memcpy(&bits, &big, sizeof(bits));
+    const uint32_t ulp_bits = (bits & 0x7f800000u) - (7u << 23);
+    float ulp = 0.0f;
+    std::memcpy(&ulp, &ulp_bits, sizeof(ulp));
+    constexpr double kShifter = 6755399441055744.0;
+    const double rounded = ((mean / ulp + kShifter) - kShifter) * ulp;
+    if (lo > 0.0f ? lo > rounded / 2 : hi < rounded / 2) shift = rounded;
+  }
+  const double moved = mean - shift;
+  const double reach = std::max(std::fabs(lo - shift), std::fabs(hi - shift));
+  const bool keep = moved * moved <= 15.0 * var && reach * reach * static_cast<double>(d) <= std::ldexp(1.0, 120);
+  return static_cast<float>(keep ? shift : mean);
 }
 
-// A column's shift for the distances from its mean and range: exact_bf16_shift for bf16 particles, the mean
-// rounded to fp32 for fp32 ones (whose operands are rounded anyway; lo and hi unread).
+// Adds each column's squared deviations from means[k] over rows [0, rows) of x (row stride d, columns [0, width))
+// into sq[k], in double (exact_bf16_shift's variance).
 template <typename In>
-float amx_column_shift(double mean, float lo, float hi) {
+void add_sq_deviations(const In* x, int64_t d, int64_t rows, int64_t width, const double* means, double* sq) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* row = x + r * d;
+    for (int64_t k = 0; k < width; ++k) {
+      const double v = static_cast<double>(static_cast<float>(row[k])) - means[k];
+      sq[k] += v * v;
+    }
+  }
+}
+
+// A column's shift for the distances from its mean, variance and range: exact_bf16_shift for bf16 particles,
+// the mean rounded to fp32 for fp32 ones (whose operands are rounded anyway; var, lo and hi unread).
+template <typename In>
+float amx_column_shift(double mean, double var, float lo, float hi, int64_t d) {
   if constexpr (std::is_same_v<In, at::BFloat16>) {
-    return exact_bf16_shift(mean, lo, hi);
+    return exact_bf16_shift(mean, var, lo, hi, d);
   } else {
     return static_cast<float>(mean);
   }
@@ -218,9 +241,22 @@ AmxShift amx_shift_and_spread(const at::Tensor& x, const at::Tensor* y = nullptr
   AmxShift out{at::empty({d}, x.options().dtype(at::kFloat)), 0.0};
   float* shift_p = out.shift.mutable_data_ptr<float>();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  std::vector<double> means(d), var(d, 0.0);
+  for (int64_t k = 0; k < d; ++k) means[k] = total[k] / static_cast<double>(rows);
+  if (bf16) {  // (a second pass: the variances about the means, for exact_bf16_shift)
+    for (const at::Tensor* t : {&x, y}) {
+      if (t == nullptr) continue;
+      const auto* p = t->const_data_ptr<at::BFloat16>();
+      parallel_for(0, (d + 255) / 256, 1, [&](int64_t begin, int64_t end) {
+        const int64_t c0 = begin * 256;
+        add_sq_deviations(p + c0, d, t->size(0), std::min(end * 256, d) - c0, means.data() + c0, var.data() + c0);
+      });
+    }
+  }
   for (int64_t k = 0; k < d; ++k) {
-    const double mean = total[k] / static_cast<double>(rows);
-    shift_p[k] = bf16 ? amx_column_shift<at::BFloat16>(mean, lo[k], hi[k]) : amx_column_shift<float>(mean, lo[k], hi[k]);
+    const double mean = means[k], variance = var[k] / static_cast<double>(rows);
+    shift_p[k] = bf16 ? amx_column_shift<at::BFloat16>(mean, variance, lo[k], hi[k], d)
+                      : amx_column_shift<float>(mean, variance, lo[k], hi[k], d);
     out.spread = std::max(out.spread, column_spread(lo[k], hi[k], shift_p[k]));
   }
   return out;
@@ -602,7 +638,7 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
   parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<at::BFloat16> a(n_pad * ld_a, at::BFloat16(0.f));  // rows [n, n_pad) stay zero
     std::vector<uint32_t> b(chunk / 2 * ld_b);
-    std::vector<double> sums(chunk);
+    std::vector<double> sums(chunk), var(chunk);
     std::vector<float> lo(chunk), hi(chunk);  // (the columns' ranges)
     const auto* words = reinterpret_cast<const uint32_t*>(a.data());
     for (int64_t t = part_begin; t < part_end; ++t) {
@@ -610,8 +646,11 @@ ChunkedGram amx_gram_chunked(const at::Tensor& x) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t c0 = c * chunk, width = std::min(chunk, d - c0), depth = (width + 31) / 32 * 32;
         amx_column_sums(x_p + c0, d, n, 0, width, sums.data(), lo.data(), hi.data());
+        for (int64_t k = 0; k < width; ++k) sums[k] /= static_cast<double>(n);  // (the means)
+        std::fill(var.begin(), var.end(), 0.0);
+        if constexpr (std::is_same_v<In, at::BFloat16>) add_sq_deviations(x_p + c0, d, n, width, sums.data(), var.data());
         for (int64_t k = 0; k < width; ++k) {
-          shift_p[c0 + k] = amx_column_shift<In>(sums[k] / static_cast<double>(n), lo[k], hi[k]);
+          shift_p[c0 + k] = amx_column_shift<In>(sums[k], var[k] / static_cast<double>(n), lo[k], hi[k], d);
           spread[t] = std::max(spread[t], column_spread(lo[k], hi[k], shift_p[c0 + k]));
         }
         const int64_t ahead = c + 1 < end ? chunk : 0;  // (the next chunk's x into L2 during the products)
@@ -912,7 +951,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx_chunked(const
     std::vector<at::BFloat16> xa(n_pad * ld_a, at::BFloat16(0.f)), ya(self ? 0 : m_pad * ld_a, at::BFloat16(0.f));
     std::vector<uint32_t> x_pairs(want_y ? n_pad / 2 * ld_b : 0), y_pairs(want_x ? m_pad / 2 * ld_b : 0);
     std::vector<float> acc(std::max(n, m) * chunk), shift(chunk);
-    std::vector<double> sums(chunk), other_sums(chunk), squares(n + m);  // (the centring's squares: unused)
+    std::vector<double> sums(chunk), other_sums(chunk), var(chunk), squares(n + m);  // (squares: unused)
     constexpr bool bf16 = std::is_same_v<In, at::BFloat16>;  // (bf16: the columns' ranges for exact shifts)
     std::vector<float> lo(bf16 ? chunk : 0), hi(bf16 ? chunk : 0), other_lo(bf16 ? chunk : 0), other_hi(bf16 ? chunk : 0);
     const at::BFloat16* yb = self ? xa.data() : ya.data();
@@ -923,14 +962,19 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_amx_chunked(const
       if (!self)
         amx_column_sums(y_p + c0, d, m, 0, width, other_sums.data(), bf16 ? other_lo.data() : nullptr,
                         bf16 ? other_hi.data() : nullptr);
+      for (int64_t f = 0; f < width; ++f) sums[f] = (sums[f] + (self ? 0.0 : other_sums[f])) / rows_total;  // means
+      std::fill(var.begin(), var.end(), 0.0);
+      if constexpr (bf16) {  // (the variances about the means, for exact_bf16_shift)
+        add_sq_deviations(x_p + c0, d, n, width, sums.data(), var.data());
+        if (!self) add_sq_deviations(y_p + c0, d, m, width, sums.data(), var.data());
+      }
       for (int64_t f = 0; f < width; ++f) {
-        const double mean = (sums[f] + (self ? 0.0 : other_sums[f])) / rows_total;
         float low = 0.0f, high = 0.0f;
         if constexpr (bf16) {
           low = self ? lo[f] : std::min(lo[f], other_lo[f]);
           high = self ? hi[f] : std::max(hi[f], other_hi[f]);
         }
-        shift[f] = amx_column_shift<In>(mean, low, high);
+        shift[f] = amx_column_shift<In>(sums[f], var[f] / rows_total, low, high, d);
       }
       amx_centre_rows(x_p + c0, d, width, shift.data(), 0, n, xa.data(), ld_a, squares.data(), ahead);
       if (!self) amx_centre_rows(y_p + c0, d, width, shift.data(), 0, m, ya.data(), ld_a, squares.data() + n, ahead);

@@ -205,25 +205,31 @@ inline std::optional<at::Tensor> bandwidth_apart_from(const std::optional<at::Te
   return h;
 }
 
-// The distances' shift of bf16 particles on the tensor cores (1 x d, fp32), as the Triton kernels' and the CPU's
-// AMX path (kernels/centring.py, csrc/cpu/amx.cpp: exact_bf16_shift): per column, the mean rounded to a multiple of
-// bf16's spacing at the largest |value| of x and y, where every value minus it is then a bf16 value (one sign, and
-// lo > shift / 2 or hi < shift / 2), else 0; a mean that is not finite is kept. Rounding x - mean to bf16 had lost
-// the particles' own low bits wherever |x - mean| was no smaller than |x|: two clusters 0.05 wide whose centres are
-// drawn N(0, 10^2) per feature gave K 4.5e-2 off (the emulator).
+// The distances' shift of bf16 particles on the tensor cores (1 x d, fp32), the rule of the Triton kernels
+// (kernels/centring.py: exact_bf16_shift, which says why): per column, the mean rounded to a multiple of bf16's
+// spacing at the largest |value| of x and y where every value minus it is then a bf16 value (one sign, and
+// lo > shift / 2 or hi < shift / 2), else 0; taken where it lies within sqrt(15) standard deviations of x's
+// mean and keeps every |value - shift|^2 d within 2^120; else the mean, as before. A mean that is not finite is
+// kept. Rounding x - mean to bf16 had lost the particles' own low bits wherever |x - mean| was no smaller than
+// |x|: two clusters 0.05 wide whose centres are drawn N(0, 10^2) per feature gave K 4.5e-2 off (the emulator).
 inline at::Tensor exact_bf16_shift(const at::Tensor& xa, const std::optional<at::Tensor>& ya, const at::Tensor& mean) {
   at::Tensor lo = xa.amin(0, /*keepdim=*/true), hi = xa.amax(0, /*keepdim=*/true);
   if (ya) {
     lo = at::minimum(lo, ya->amin(0, /*keepdim=*/true));
     hi = at::maximum(hi, ya->amax(0, /*keepdim=*/true));
   }
+  const at::Tensor var = (xa - mean).square_().mean(0, /*keepdim=*/true);
   const at::Tensor big = at::maximum(lo.abs(), hi.abs());
   const at::Tensor usable = ((lo > 0) | (hi < 0)) & at::isfinite(big) & (big >= std::ldexp(1.0, -118));
   // bf16's spacing at big: 2^(e - 8) for big in [2^(e - 1), 2^e), e frexp's exponent
   const at::Tensor spacing = at::ldexp(at::ones_like(big), std::get<1>(at::frexp(big)) - 8);
-  const at::Tensor shift = at::round(mean / spacing) * spacing;
-  const at::Tensor exact = usable & at::where(lo > 0, lo > shift / 2, hi < shift / 2);
-  return at::where(at::isfinite(mean), at::where(exact, shift, at::zeros_like(shift)), mean);
+  const at::Tensor rounded = at::round(mean / spacing) * spacing;
+  const at::Tensor exact = usable & at::where(lo > 0, lo > rounded / 2, hi < rounded / 2);
+  const at::Tensor shift = at::where(exact, rounded, at::zeros_like(rounded));
+  const at::Tensor reach = at::maximum((lo - shift).abs(), (hi - shift).abs());
+  const at::Tensor keep = ((mean - shift).square() <= var * 15.0) &
+                          (reach.square() * static_cast<double>(xa.size(1)) <= std::ldexp(1.0, 120));
+  return at::where(at::isfinite(mean), at::where(keep, shift, mean), mean);
 }
 
 // x (and y by the same vector) shifted by x[0] + mean(x - x[0]), in the compute type (reference.centre); for the
