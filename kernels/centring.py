@@ -8,9 +8,9 @@ so no centred copy of x is ever written.
 bf16 particles are shifted exactly for the distances where that keeps the expansion well conditioned
 (exact_bf16_shift, as the CPU's AMX path and the CUDA tiles): a multiple of the column's bf16 spacing at its
 largest |x|, or 0, that leaves every x - shift a bf16 value, so the one bf16 product of the default mode
-multiplies the particles' own bits. Their mean rounded to bf16 (the centre)
-had rounded x - centre to bf16 again wherever it was no smaller than x: two clusters 0.05 wide whose centres
-are drawn N(0, 10^2) per feature gave K 4.5e-2 off. The step's W = score - (2/H)(x - centre) keeps the
+multiplies the particles' own bits. Their mean rounded to bf16 (the centre) had rounded x - centre to bf16
+again wherever it was no smaller than x: two clusters 0.05 wide whose centres are drawn N(0, 10^2) per
+feature gave K 4.5e-2 off. The step's W = score - (2/H)(x - centre) keeps the
 centre (the mean: the smaller |x - centre|, the smaller W's rounding), and takes the spread, the largest
 |x - centre|, to choose between folding and splitting W (kernels/svgd_step.py).
 """
@@ -145,9 +145,9 @@ def _centring_finish_kernel(
 
 def centring(x: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
     """(3, d) in x's accumulation dtype for contiguous rows x (n, d): row SHIFT the distances' shift
-    (exact_bf16_shift for bf16 x where it takes one, else the centre), row CENTRE the mean (rounded to x's dtype for bf16/fp16
-    x), row SPREAD each column's largest |x - centre|. splits: force the number of row ranges (tests); None =
-    chosen for the device."""
+    (exact_bf16_shift for bf16 x where it takes one, else the centre), row CENTRE the mean (rounded to x's
+    dtype for bf16/fp16 x), row SPREAD each column's largest |x - centre|. splits: force the number of row
+    ranges (tests); None = chosen for the device."""
     n, d = x.shape
     acc = accumulation_dtype(x.dtype)
     block_d = next_power_of_2(d, low=64, high=256)

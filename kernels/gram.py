@@ -185,11 +185,12 @@ def gram_centring_and_sq_dists(
     x: torch.Tensor, mode: int, *, splits: int | None = None, tile: TileConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(centring, gram_sq_dists) of contiguous rows x (n, d): the centring pass (kernels/centring.py), then
-    the Gram of the rows shifted by its SHIFT row. (Until 2026-12-06, up to 16 particles the Gram kernel took x[0] as the shift and wrote the
-    centring shift as it went, saving that pass: with x[0] far from a tight group of the others, fp32
-    cancellation in |a|^2 + |b|^2 - 2 a.b made H 31 % and phi 210 % wrong, where the mean shift gives what
-    torch's fp32 gives. The pass reads x once more: 15 us of a 672 us Triton step at 16 x 409,600 fp32 in the
-    H200 profile of 2026-12-04; the step without the fused shift is not timed on a GPU yet.)"""
+    the Gram of the rows shifted by its SHIFT row. (Until 2026-12-06, up to 16 particles the Gram kernel took
+    x[0] as the shift and wrote the centring shift as it went, saving that pass: with x[0] far from a tight
+    group of the others, fp32 cancellation in |a|^2 + |b|^2 - 2 a.b made H 31 % and phi 210 % wrong, where
+    the mean shift gives what torch's fp32 gives. The pass reads x once more: 15 us of a 672 us Triton step
+    at 16 x 409,600 fp32 in the H200 profile of 2026-12-04; the step without the fused shift is not timed on
+    a GPU yet.)"""
     centred = centring(x)
     return centred, gram_sq_dists(x, centred[SHIFT], mode, splits=splits, tile=tile)
 

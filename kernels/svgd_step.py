@@ -104,9 +104,8 @@ def _split_columns(n, BLOCK_N: tl.constexpr):
 def splits_w(spread_ptr, h):
     """Whether the step multiplies K by score and by the shifted particles apart (acc = K S + K' Xs, with
     K' = -(2/H) K rounded as the dot takes it and the row sums of K') instead of by the folded W = score -
-    (2/H) Xc: where the largest |x - centre| (centring.largest_spread, one value: a program that read the
-    whole spread row had read d values, a prompt's 409,600, once for every tile of the output) exceeds
-    SPLIT_SPREAD sqrt(H); a NaN spread: folded. Asked for bf16 particles in the one-product mode only, whose
+    (2/H) Xc: where the largest |x - centre| (centring.largest_spread: one value, reduced once per call)
+    exceeds SPLIT_SPREAD sqrt(H); a NaN spread: folded. Asked for bf16 particles in the one-product mode only, whose
     shifted values are bf16 values: exact operands (fp16's, rounded to bf16, would not cancel the row sums'
     term)."""
     largest = tl.load(spread_ptr).to(h.dtype)

@@ -232,20 +232,33 @@ inline at::Tensor exact_bf16_shift(const at::Tensor& xa, const std::optional<at:
   return at::where(at::isfinite(mean), at::where(keep, shift, mean), mean);
 }
 
-// x (and y by the same vector) shifted by x[0] + mean(x - x[0]), in the compute type (reference.centre); for the
-// distances of bf16 particles on the tensor cores (exact_bf16 and x bf16) by exact_bf16_shift instead.
+// x[0] + mean(x - x[0]) of the rows xa (compute type): 1 x d (reference.centre's shift).
+inline at::Tensor mean_shift(const at::Tensor& xa) {
+  const at::Tensor first = xa.narrow(0, 0, 1);
+  return first + (xa - first).mean(0, /*keepdim=*/true);
+}
+
+// x (and y by the same vector) shifted by mean_shift(x), in the compute type (reference.centre); for the distances
+// of bf16 particles on the tensor cores (exact_bf16 and x bf16) by exact_bf16_shift instead.
 inline std::pair<at::Tensor, at::Tensor> centred(const at::Tensor& x, const std::optional<at::Tensor>& y,
                                                  bool exact_bf16 = false) {
   const auto acc = accumulation_type(x.scalar_type());
   const at::Tensor xa = x.to(acc);
-  const at::Tensor first = xa.narrow(0, 0, 1);
-  at::Tensor shift = first + (xa - first).mean(0, /*keepdim=*/true);
+  at::Tensor shift = mean_shift(xa);
   std::optional<at::Tensor> ya;
   if (y) ya = y->to(acc);
   if (exact_bf16 && x.scalar_type() == at::kBFloat16) shift = exact_bf16_shift(xa, ya, shift);
   at::Tensor xc = (xa - shift).contiguous();
   at::Tensor yc = ya ? (*ya - shift).contiguous() : xc;
   return {xc, yc};
+}
+
+// The tensor-core step's two views of bf16 particles from one conversion and one mean: {x centred by the mean (W
+// and phi), x shifted by exact_bf16_shift (the distances)}.
+inline std::pair<at::Tensor, at::Tensor> centred_and_exactly_shifted(const at::Tensor& x) {
+  const at::Tensor xa = x.to(at::kFloat);
+  const at::Tensor mean = mean_shift(xa);
+  return {(xa - mean).contiguous(), (xa - exact_bf16_shift(xa, std::nullopt, mean)).contiguous()};
 }
 
 // fp16 operands: the power of two s <= 1 (0-dim fp32) that keeps the centred values of xc (and yc) below
@@ -587,7 +600,7 @@ at::Tensor svgd_step_blocked(const at::Tensor& xc, const at::Tensor& score, cons
   return finish_phi(out, rowsum, a, xc, score, dtype);
 }
 
-// xd: the particles shifted for the distances (centred(x, nullopt, true)); W and phi take xc, centred by the mean
+// xd: the particles shifted for the distances (centred_and_exactly_shifted); W and phi take xc, centred by the mean
 // (the smaller |xc|, the smaller W's rounding).
 template <bool kHalf>
 at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const at::Tensor& score,
@@ -662,11 +675,15 @@ inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
   }
   std::optional<at::Tensor> h;
   if (bandwidth) h = bandwidth->detach().reshape({});
-  const at::Tensor xc = centred(x, std::nullopt).first;
   if (use_tensor_cores(x, TileMode::kSvgd, dev)) {
-    if (dtype == at::kHalf) return svgd_step_tiled_mma<true>(xc, xc, score, h, dtype, dev);
-    return svgd_step_tiled_mma<false>(xc, centred(x, std::nullopt, /*exact_bf16=*/true).first, score, h, dtype, dev);
+    if (dtype == at::kBFloat16) {
+      const auto [xc, xd] = centred_and_exactly_shifted(x);
+      return svgd_step_tiled_mma<false>(xc, xd, score, h, dtype, dev);
+    }
+    const at::Tensor xc = centred(x, std::nullopt).first;
+    return svgd_step_tiled_mma<true>(xc, xc, score, h, dtype, dev);
   }
+  const at::Tensor xc = centred(x, std::nullopt).first;
   if (x.size(1) > kFusedMaxFeatures) {
     return dtype == at::kDouble ? svgd_step_blocked<double>(xc, score, h, dtype, dev)
                                 : svgd_step_blocked<float>(xc, score, h, dtype, dev);
@@ -741,13 +758,14 @@ inline at::Tensor median_bandwidth(const at::Tensor& x_in, std::string_view algo
         dtype, [&](auto tag) { return gram_matrix<typename decltype(tag)::type>(x, std::nullopt, dev); });
     return gram_bandwidth(gram, n, std::nullopt, dev).to(acc);
   }
-  const at::Tensor xc = centred(x, std::nullopt).first;
-  if (use_tensor_cores(x, TileMode::kMedian, dev)) {
+  const bool tensor_cores = use_tensor_cores(x, TileMode::kMedian, dev);
+  const at::Tensor xc = centred(x, std::nullopt, /*exact_bf16=*/tensor_cores).first;
+  if (tensor_cores) {
     if (dtype == at::kHalf) {
       const at::Tensor scale = fp16_operand_scale(xc, xc);
       return median_tiled_mma<true>(operand16(xc, dtype, scale), n, dev, scale);
     }
-    return median_tiled_mma<false>(operand16(centred(x, std::nullopt, /*exact_bf16=*/true).first, dtype), n, dev);
+    return median_tiled_mma<false>(operand16(xc, dtype), n, dev);
   }
   const at::Tensor norms = xc.square().sum(1);
   if (dtype == at::kDouble) return median_tiled_ffma<double>(xc, norms, dev);
@@ -759,18 +777,16 @@ at::Tensor rbf_kernel_tiled(const at::Tensor& x, const at::Tensor& y, bool self,
                             const Device& dev) {
   const int64_t n = x.size(0), m = y.size(0);
   const auto dtype = x.scalar_type();
-  auto [xc, yc] = centred(x, self ? std::nullopt : std::optional<at::Tensor>(y));
+  const bool tensor_cores = use_tensor_cores(x, TileMode::kRbf, dev);  // (bf16: shifted exactly for the distances)
+  auto [xc, yc] = centred(x, self ? std::nullopt : std::optional<at::Tensor>(y), /*exact_bf16=*/tensor_cores);
   at::Tensor out = at::empty({n, m}, x.options());
   if constexpr (std::is_same_v<Out, bf16> || std::is_same_v<Out, f16>) {
-    if (use_tensor_cores(x, TileMode::kRbf, dev)) {
+    if (tensor_cores) {
       using G = MmaGeometry;
       constexpr bool kHalf = std::is_same_v<Out, f16>;
-      // (bf16: shifted exactly for the distances)
-      const auto [xd, yd] = kHalf ? std::pair(xc, yc)
-                                  : centred(x, self ? std::nullopt : std::optional<at::Tensor>(y), /*exact_bf16=*/true);
-      const at::Tensor scale = kHalf ? fp16_operand_scale(xd, yd) : at::Tensor();
-      const Operand16 xb = operand16(xd, dtype, scale);
-      const Operand16 yb = self ? xb : operand16(yd, dtype, scale);
+      const at::Tensor scale = kHalf ? fp16_operand_scale(xc, yc) : at::Tensor();
+      const Operand16 xb = operand16(xc, dtype, scale);
+      const Operand16 yb = self ? xb : operand16(yc, dtype, scale);
       const at::Tensor h_given = bandwidth_as(bandwidth, at::kFloat, dev);
       const at::Tensor h = kHalf ? h_given * (scale * scale) : h_given;  // the scaled values' distances
       MmaParams<Out> p{};
