@@ -345,8 +345,7 @@ def test_bf16_kernel_and_median_of_tight_clusters_far_apart_on_tensor_cores(targ
     distances within a cluster (260 rows: the tensor-core tiles). Their distances multiply the particles
     shifted exactly (exact_bf16_shift: every x - shift a bf16 value, for x and y alike), where x - mean
     rounded to bf16 had lost their low bits: K 4.5e-2 off; now within bf16's rounding of K's entries. The
-    median of all pairs as the reference's. (The step on such particles still folds W = score - (2/H) xc
-    into one bf16 operand: phi 4.6e-2 off there; README.)"""
+    median of all pairs as the reference's. (The step: test_bf16_step_splits_w_for_particles_far_apart.)"""
     generator = torch.Generator().manual_seed(3)
     centres = torch.randn(2, 64, generator=generator, dtype=torch.float64) * 10
     x = (centres[torch.arange(260) % 2] + 0.05 * torch.randn(260, 64, generator=generator, dtype=torch.float64)).bfloat16()
@@ -357,6 +356,31 @@ def test_bf16_kernel_and_median_of_tight_clusters_far_apart_on_tensor_cores(targ
     assert relative_error(k, reference.rbf_kernel(x.double(), y.double(), h)) <= HALF_ULP[torch.bfloat16]
     median = target.ops.median_bandwidth(x.to(target.device), "tiled").cpu()
     assert abs(float(median) / float(reference.median_bandwidth(x.double())) - 1) <= 1e-5
+
+
+@pytest.mark.parametrize("d", [64, 200, 300])  # one, two and three depth chunks of 128 features
+@pytest.mark.parametrize("case", ["clusters", "copies"])
+def test_bf16_step_splits_w_for_particles_far_apart(target, d, case):
+    """bf16 particles spread more than 8 sqrt(H) around their mean (260 rows: the tensor-core tiles): two
+    clusters 0.05 wide whose centres are drawn N(0, 10^2) per feature with H from the distances within a
+    cluster, and copies of four points with H = (spread / 9)^2. The step multiplies K by score and by the
+    exactly shifted particles apart (K' = -(2/H) K rounded, its row sums per feature chunk, the chunks of the
+    distances ordered to end on the CTA's own features); folded into W = score - (2/H) xc (one bf16 operand)
+    phi was 3.3e-2 - 7.5e-2 off here; now 2.0e-3 - 4.4e-3 (emulator), within bf16's rounding."""
+    generator = torch.Generator().manual_seed(3)
+    if case == "clusters":
+        centres = torch.randn(2, d, generator=generator, dtype=torch.float64) * 10
+        x64 = centres[torch.arange(260) % 2] + 0.05 * torch.randn(260, d, generator=generator, dtype=torch.float64)
+        same = x64.bfloat16()[0::2].double()
+        h = float(torch.cdist(same, same).square().median())
+    else:
+        x64 = torch.randn(4, d, generator=generator, dtype=torch.float64)[torch.arange(260) % 4]
+        h = (float((x64.bfloat16().double() - x64.bfloat16().double().mean(0)).abs().max()) / 9) ** 2
+    x = x64.bfloat16()
+    score = torch.randn(260, d, generator=generator, dtype=torch.float64).bfloat16()
+    phi = target.ops.svgd_step(x.to(target.device), score.to(target.device), as_h(h).to(target.device), "tiled").cpu()
+    assert phi.dtype == torch.bfloat16
+    assert relative_error(phi, svgd_reference(x.double(), score.double(), h)) <= 2 * HALF_ULP[torch.bfloat16]
 
 
 @pytest.mark.parametrize("case", ["outlier", "range"])

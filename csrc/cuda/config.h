@@ -29,6 +29,9 @@ constexpr int64_t kTensorCoreMinFeatures = 32;
 // torch's time (8.41 vs 1.99 ms, n = 4096), whose cdist / exp / GEMM steps the row blocks follow. The
 // switch between the two measured points is not itself measured yet.
 constexpr int64_t kFusedMaxFeatures = 256;
+// The bf16 tensor-core step multiplies K by score and by the particles apart (svgd_step_tiled_mma) where the
+// largest |x - mean| exceeds this many sqrt(H), as the Triton kernels (kernels/svgd_step.py: SPLIT_SPREAD).
+constexpr double kSplitSpread = 8.0;
 // The row-block path's (rows x n) workspace, at most (one row at the least).
 constexpr int64_t kBlockedWorkspaceBytes = int64_t{64} << 20;
 // rbf_kernel(x, y) uses the Gram path while n + m stays within this (the kernel-density prior of the

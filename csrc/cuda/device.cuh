@@ -264,6 +264,24 @@ BMT_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* shared_row) {
 #endif
 }
 
+// ldmatrix.x4.trans: the same loads, each 8 x 8 matrix transposed: lane l gets column l / 4, rows 2 (l % 4)
+// and 2 (l % 4) + 1 of matrix i in r[i]. A row-major (k x n) tile in shared memory gives the mma B fragments
+// (as FlashAttention's V): matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15) are
+// b[0], b[1] of the n8 tile n 0-7 and b[0], b[1] of n 8-15 when lane l addresses row k = l % 16 at column
+// n = 8 (l / 16).
+BMT_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* shared_row) {
+#ifdef BMT_FAST_EMULATE
+  emu::ldmatrix_x4_trans(r, shared_row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+#else
+  __trap();  // the op layer never launches tensor-core kernels below sm_80
+#endif
+}
+
 // Two 16-bit values in one register, the first in the lower half (the fragment convention).
 BMT_DEVICE uint32_t pack_pair(uint16_t low, uint16_t high) {
   return static_cast<uint32_t>(low) | (static_cast<uint32_t>(high) << 16);

@@ -538,7 +538,8 @@ at::Tensor median_tiled_mma(const Operand16& xb, int64_t n, const Device& dev, c
 
 // phi = (O + (2/H) rowsum * xc + score) / n from the tiled kernels' O = K W and rowsum = K 1 (K without its
 // diagonal: the own term k_ii = 1 is score_i, added here; folded into W it would be (score_i - a xc_i) +
-// a xc_i, whose two large terms cancel when H lies far below the squared distances).
+// a xc_i, whose two large terms cancel when H lies far below the squared distances). The tensor-core
+// kernel finishes phi itself (mma_tile_kernel).
 inline at::Tensor finish_phi(const at::Tensor& out, const at::Tensor& rowsum, const at::Tensor& a, const at::Tensor& xc,
                              const at::Tensor& score, at::ScalarType dtype) {
   const int64_t n = xc.size(0);
@@ -602,6 +603,15 @@ at::Tensor svgd_step_blocked(const at::Tensor& xc, const at::Tensor& score, cons
 
 // xd: the particles shifted for the distances (centred_and_exactly_shifted); W and phi take xc, centred by the mean
 // (the smaller |xc|, the smaller W's rounding).
+//
+// bf16 particles whose largest |xc| exceeds kSplitSpread sqrt(H) (a flag on the device, decided there: no
+// synchronisation) take the split form of the Triton kernels (splits_w): W = score, and the kernel adds K' B,
+// K' = -(2/H) K rounded to bf16, B the distances' operand (xd in bf16: the exactly shifted particles), its row
+// sums those of K' (each CTA sums the K' it multiplies); phi = (O - rowsum' b_i + score_i) / n. The folded W =
+// score - (2/H) xc rounds (2/H) xc to bf16, an error of up to 2^-9 (2/H) |xc| in every term that the row sum's
+// exact (2/H) xc_i does not cancel: two clusters 0.05 wide whose centres are drawn N(0, 10^2) per feature had
+// phi 5.6e-2 off (the emulator), where their own repulsion is small. The split form costs one more product
+// per column block (as the Triton kernels'; not yet timed on a GPU).
 template <bool kHalf>
 at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const at::Tensor& score,
                                const std::optional<at::Tensor>& h_given, at::ScalarType dtype, const Device& dev) {
@@ -614,6 +624,11 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const
   const at::Tensor h_scaled = kHalf ? h * (scale * scale) : h;  // the kernel's distances are the scaled values'
   const at::Tensor a = 2.0 / h;
   at::Tensor w = score.to(at::kFloat) - a * xc;
+  std::optional<at::Tensor> split;  // (bf16) a 0-dim bool on the device
+  if (!kHalf) {
+    split = xc.abs().amax().square_() > h * (kSplitSpread * kSplitSpread);  // (a NaN spread or H: folded)
+    w = at::where(*split, score.to(at::kFloat), w);
+  }
   std::optional<at::Tensor> w_scale;
   if constexpr (kHalf) {  // a power of two that brings max |W| to 2^14 (fp16 overflows at 65504)
     // of the finite entries: a NaN / Inf score stays in its column (as the reference's), not in all of phi
@@ -624,8 +639,8 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const
   // W^T in the 16-bit type: features padded to the CTA's 128, particles to the padded rows.
   at::Tensor wt = at::zeros({round_up(d, G::kFeatures), rows_padded}, xc.options().dtype(dtype));
   wt.narrow(0, 0, d).narrow(1, 0, n).copy_(w.t());
-  at::Tensor out = at::empty({n, d}, xc.options());
-  at::Tensor rowsum = at::empty({n}, xc.options());
+  at::Tensor phi = at::empty({n, d}, xc.options().dtype(dtype));
+  const at::Tensor score16 = score.to(dtype).contiguous();
   MmaParams<float> p{};
   p.a = p.b = pointer<uint16_t>(xb.values);
   p.a_norms = p.b_norms = pointer<float>(xb.norms);
@@ -636,13 +651,16 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const
   p.wt = pointer<uint16_t>(wt);
   p.wt_ld = rows_padded;
   p.d = d;
-  p.out = mutable_pointer<float>(out);
-  p.rowsum = mutable_pointer<float>(rowsum);
+  p.phi = mutable_pointer<uint16_t>(phi);
+  p.xc = pointer<float>(xc);
+  p.score = pointer<uint16_t>(score16);
+  p.repulsion = pointer<float>(a);
+  if (w_scale) p.w_scale = pointer<float>(*w_scale);
+  if (split) p.split = pointer<bool>(*split);
   const dim3 grid(grid_size(rows_padded / G::kRows), grid_size(wt.size(0) / G::kFeatures));
   launch(&mma_tile_kernel<kHalf, float, TileMode::kSvgd>, grid, G::kThreads,
          G::shared_bytes(TileMode::kSvgd, d_pad <= G::kChunk), dev, p);
-  if (w_scale) out.div_(*w_scale);
-  return finish_phi(out, rowsum, a, xc, score, dtype);
+  return phi;
 }
 
 // ---- ops -------------------------------------------------------------------------------------------

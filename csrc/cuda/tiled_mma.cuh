@@ -8,6 +8,12 @@
 //   kSvgd: O += K W_J       K rounded to the input's 16-bit type as the A operand (the accumulator
 //                           layout of two n8 tiles is the A layout of one k16 step), W^T (features x
 //                           particles) from smem; row sums of K in fp32 from the same registers
+//          split (bf16, a device flag): W = score, and O += K' B_J as well, K' = -(2/H) K rounded to
+//                           bf16, B_J the distances' operand block still in smem (ldmatrix.trans): the
+//                           depth chunks of S go in an order that ends with the CTA's own 128 features;
+//                           row sums of the rounded K' (see svgd_step_tiled_mma)
+//          then phi = (O / w_scale + c x_i + score_i) / n in the input's type, c = (2/H) rowsum with
+//                           the centred x_i (folded), minus the row sums of K' with the operand's b_i (split)
 //   kRbf / kMedian          store K / histogram the distances instead
 //
 // fp16 inputs use fp16 for both products, with W scaled by a power of two (exact) by the caller so that
@@ -50,11 +56,18 @@ struct MmaParams {
   const float* bandwidth;    // H, a device scalar
   bool self;
   // kSvgd: wt = W^T in the 16-bit type (features_padded x wt_ld), features padded to a multiple of 128,
-  // columns to the padded b rows; out (a_rows x d) and rowsum (a_rows), fp32
+  // columns to the padded b rows; phi (a_rows x d) in the 16-bit type, from xc (a_rows x d, fp32: x centred
+  // by the mean), score (a_rows x d, 16-bit), repulsion = 2 / H (H unscaled) and w_scale (W's power-of-two
+  // scale, fp16; nullptr: 1), device scalars
   const uint16_t* wt;
   long long wt_ld, d;
-  float* out;
-  float* rowsum;
+  uint16_t* phi;
+  const float* xc;
+  const uint16_t* score;
+  const float* repulsion;
+  const float* w_scale;
+  // kSvgd, bf16: a device flag; true: W^T holds score^T and the kernel adds K' B_J (see the top of this file)
+  const bool* split;
   // kRbf
   Out* kernel;
   // kMedian
@@ -107,6 +120,17 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
   const float norm_i[2] = {p.a_norms[row_g], p.a_norms[row_g + 8]};
   // exp(-dist / H) = exp2(dist * scale) with scale = -log2(e) / H (NaN for an invalid H)
   const float scale = kMode == TileMode::kMedian ? 0.f : -1.4426950408889634f * inverse_bandwidth(*p.bandwidth);
+  // the split form (bf16): the depth chunks of S in the order y + 1, ..., num_chunks - 1, 0, ..., y, so that
+  // the epilogue finds the CTA's own features (chunk y = blockIdx.y: kChunk == kFeatures) in B_J
+  bool split = false;
+  float neg_a = 0.f;  // -2 / H
+  if constexpr (kSvgd && !kHalf) {
+    split = p.split != nullptr && *p.split;
+    neg_a = -2.f * inverse_bandwidth(*p.bandwidth);
+  }
+  static_assert(G::kChunk == G::kFeatures, "the split form finds a CTA's features in one depth chunk");
+  const int chunk_shift = split ? static_cast<int>(blockIdx.y) + 1 : 0;
+  auto chunk_of = [&](int slot) { return (slot + chunk_shift) % num_chunks; };
   // ldmatrix row addresses of this lane: A (16 x 16 at depth k) and B / W^T (two n8 tiles x k16)
   const int a_ld_row = lane % 16, a_ld_col = 8 * (lane / 16);
   const int b_ld_row = lane % 8 + 8 * (lane / 16), b_ld_col = 8 * ((lane / 8) % 2);
@@ -136,7 +160,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
     if (kSvgd && slot == 0 && jl > 0)
       copy_tile_async(w_stage(jl - 1), G::kLdW, p.wt, p.wt_ld, f0, j0 - G::kCols, G::kFeatures, G::kCols);
     if (e >= s_events) return;
-    const long long col0 = static_cast<long long>(slot) * G::kChunk;
+    const long long col0 = static_cast<long long>(chunk_of(slot)) * G::kChunk;
     const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
     if (!a_resident) copy_tile_async(a_stage(e), G::kLdChunk, p.a, p.d_pad, i0, col0, G::kRows, width);
     copy_tile_async(b_stage(e), G::kLdChunk, p.b, p.d_pad, j0, col0, G::kCols, width);
@@ -165,7 +189,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
     const long long j0 = (j_first + jl) * G::kCols;
 
     if (e < s_events) {
-      const long long col0 = static_cast<long long>(slot) * G::kChunk;
+      const long long col0 = static_cast<long long>(chunk_of(slot)) * G::kChunk;
       const int width = static_cast<int>(p.d_pad - col0 < G::kChunk ? p.d_pad - col0 : G::kChunk);
       const uint16_t* a = a_stage(e) + (warp_row + a_ld_row) * G::kLdChunk + a_ld_col;
       const uint16_t* b = b_stage(e) + b_ld_row * G::kLdChunk + b_ld_col;
@@ -227,40 +251,76 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
           }
         }
       if constexpr (kSvgd) {
+        auto pack_a = [](uint32_t(&frag)[4][4], const float(&v)[8][4]) {
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks) {  // accumulator tiles 2 ks, 2 ks + 1 -> A fragment of step ks
+            frag[ks][0] = pack16<kHalf>(v[2 * ks][0], v[2 * ks][1]);
+            frag[ks][1] = pack16<kHalf>(v[2 * ks][2], v[2 * ks][3]);
+            frag[ks][2] = pack16<kHalf>(v[2 * ks + 1][0], v[2 * ks + 1][1]);
+            frag[ks][3] = pack16<kHalf>(v[2 * ks + 1][2], v[2 * ks + 1][3]);
+          }
+        };
+        pack_a(pk, kv);  // K_J, multiplied by W_J in the next event
+        if (split) {  // K' = -(2/H) K as the dot takes it: the row sums below are those of these values
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) kv[nt][r] = to_float(bf16{bf16_bits(neg_a * kv[nt][r])});
+        }
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
           rs[0] += kv[nt][0] + kv[nt][1];
           rs[1] += kv[nt][2] + kv[nt][3];
         }
+        if (split) {  // O += K'_J B_J: B_J (particles x features f0.., row-major) as the B operand by ldmatrix.trans
+          uint32_t px[4][4];
+          pack_a(px, kv);
+          const long long width = p.d_pad - f0 < G::kChunk ? p.d_pad - f0 : G::kChunk;
+          const uint16_t* xs = b_stage(e) + a_ld_row * G::kLdChunk + a_ld_col;
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {  // accumulator tiles 2 ks, 2 ks + 1 -> A fragment of step ks
-          pk[ks][0] = pack16<kHalf>(kv[2 * ks][0], kv[2 * ks][1]);
-          pk[ks][1] = pack16<kHalf>(kv[2 * ks][2], kv[2 * ks][3]);
-          pk[ks][2] = pack16<kHalf>(kv[2 * ks + 1][0], kv[2 * ks + 1][1]);
-          pk[ks][3] = pack16<kHalf>(kv[2 * ks + 1][2], kv[2 * ks + 1][3]);
+          for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+            for (int fp = 0; fp < 8; ++fp) {  // feature tiles 2 fp and 2 fp + 1, those within d_pad
+              if (16 * fp < width) {
+                uint32_t fb[4];
+                ldmatrix_x4_trans(fb, xs + ks * 16 * G::kLdChunk + fp * 16);
+                mma_16816<kHalf>(o[2 * fp], px[ks], {fb[0], fb[1]});
+                mma_16816<kHalf>(o[2 * fp + 1], px[ks], {fb[2], fb[3]});
+              }
+            }
         }
       }
     }
   }
 
   if constexpr (kSvgd) {
+    // phi = (O / w_scale + c x_i + score_i) / n: c = (2/H) rowsum, x_i centred by the mean (folded; the own
+    // term k_ii = 1 is score_i, added here: folded into W it would be (score_i - a xc_i) + a xc_i, whose two
+    // large terms cancel when H lies far below the squared distances), or c = -(the row sums of K') and
+    // x_i = b_i, the operand's values that K' B multiplied (split: K' = -(2/H) K)
+    float c[2];
+    for (int h = 0; h < 2; ++h) {
+      float sum = rs[h];
+      sum += shfl_xor(sum, 1);  // the four lanes of a quad share a row
+      sum += shfl_xor(sum, 2);
+      c[h] = split ? -sum : *p.repulsion * sum;
+    }
+    const float unscale = p.w_scale != nullptr ? 1.f / *p.w_scale : 1.f;  // a power of two: exact
+    const float n = static_cast<float>(p.a_rows);
 #pragma unroll
     for (int ft = 0; ft < 16; ++ft)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const long long i = row_g + 8 * (r / 2);
         const long long f = f0 + ft * 8 + 2 * t + (r % 2);
-        if (i < p.a_rows && f < p.d) p.out[i * p.d + f] = o[ft][r];
+        if (i < p.a_rows && f < p.d) {
+          const float x_i = split ? to_float(bf16{p.b[i * p.d_pad + f]}) : p.xc[i * p.d + f];
+          const uint16_t s_i = p.score[i * p.d + f];
+          const float score_i = kHalf ? to_float(f16{s_i}) : to_float(bf16{s_i});
+          const float v = (o[ft][r] * unscale + c[r / 2] * x_i + score_i) / n;
+          p.phi[i * p.d + f] = kHalf ? f16_bits(v) : bf16_bits(v);
+        }
       }
-    if (blockIdx.y == 0) {
-      for (int h = 0; h < 2; ++h) {
-        float sum = rs[h];
-        sum += shfl_xor(sum, 1);  // the four lanes of a quad share a row
-        sum += shfl_xor(sum, 2);
-        const long long i = row_g + 8 * h;
-        if (t == 0 && i < p.a_rows) p.rowsum[i] = sum;
-      }
-    }
   }
   if constexpr (kMode == TileMode::kMedian) {
     __syncthreads();

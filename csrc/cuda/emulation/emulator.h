@@ -329,7 +329,10 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
 // ---- ldmatrix.sync.aligned.m8n8.x4.shared.b16 ----------------------------------------------------
 // Lanes 8i..8i+7 address the rows of matrix i (16 bytes each, 16-byte aligned, in shared memory); lane l
 // receives row l / 4, 16-bit values 2 (l % 4) and 2 (l % 4) + 1 of every matrix.
-inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+// kTrans: each matrix transposed (ldmatrix...trans): lane l receives column l / 4 of rows 2 (l % 4) and
+// 2 (l % 4) + 1.
+template <bool kTrans = false>
+inline void ldmatrix_x4_rows(uint32_t (&r)[4], const uint16_t* row) {
   Block* b = current_block();
   const auto* bytes = reinterpret_cast<const unsigned char*>(row);
   const unsigned char* begin = b->shared.data();
@@ -341,14 +344,27 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
   std::memcpy(slot(me), &row, sizeof(row));
   warp_barrier();
   for (int i = 0; i < 4; ++i) {
-    const uint16_t* source;
-    std::memcpy(&source, slot(base + 8 * i + l / 4), sizeof(source));
-    uint32_t value;
-    std::memcpy(&value, source + 2 * (l % 4), sizeof(value));
-    r[i] = value;
+    if constexpr (kTrans) {
+      uint16_t half[2];
+      for (int h = 0; h < 2; ++h) {
+        const uint16_t* source;
+        std::memcpy(&source, slot(base + 8 * i + 2 * (l % 4) + h), sizeof(source));
+        half[h] = source[l / 4];
+      }
+      r[i] = static_cast<uint32_t>(half[0]) | (static_cast<uint32_t>(half[1]) << 16);
+    } else {
+      const uint16_t* source;
+      std::memcpy(&source, slot(base + 8 * i + l / 4), sizeof(source));
+      uint32_t value;
+      std::memcpy(&value, source + 2 * (l % 4), sizeof(value));
+      r[i] = value;
+    }
   }
   warp_barrier();
 }
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) { ldmatrix_x4_rows<false>(r, row); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) { ldmatrix_x4_rows<true>(r, row); }
 
 }  // namespace emu
 
