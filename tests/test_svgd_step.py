@@ -1162,6 +1162,26 @@ def test_fused_step_matches_the_gemm_tiles_and_float64(tmp_path):
 
 
 @requires_cpu_extension
+@pytest.mark.parametrize("n,d", [(1000, 128), (2048, 128)])  # the fused step by rows and by block pairs
+def test_fp32_step_of_tight_clusters_far_apart(n, d):
+    """fp32 particles in two clusters 0.05 wide whose centres are drawn N(0, 10^2) per feature, H from the
+    distances within a cluster: the shifted rows' squared norms are ~10^4 times the distances, so each distance
+    carries its norms' rounding, and a row's norm error moves all of its distances alike (phi_i by that error
+    / H of itself, where the dot products' errors average out over the row). The fused kernel's norms, summed
+    in fp32 one term after another, had put phi 3.6-5.1e-3 off at 1000 x 128 (torch's fp32 step 1.0-1.5e-3);
+    summed in double and rounded once, it stays within twice torch's error, as the GEMM tiles do."""
+    generator = torch.Generator().manual_seed(n + d)
+    centres = torch.randn(2, d, generator=generator, dtype=torch.float64) * 10
+    x = (centres[torch.arange(n) % 2] + 0.05 * torch.randn(n, d, generator=generator, dtype=torch.float64)).float()
+    score = torch.randn(n, d, generator=generator).float()
+    same = x[0::2].double()
+    h = torch.tensor(float(torch.cdist(same, same).square().median()), dtype=torch.float64)
+    expected = reference_phi(x.double(), score.double(), h)
+    torch_error = relative_error(reference.svgd_step(x, score, h.float()), expected)
+    assert_within(torch.ops.bmt_fast.svgd_step(x, score, h, "auto"), expected, torch_error)
+
+
+@requires_cpu_extension
 @pytest.mark.parametrize("n,d,dtype", [(300, 3, torch.float32), (200, 40, torch.float64), (150, 9, torch.bfloat16)])
 def test_fused_step_reports_a_nan_in_phi(n, d, dtype):
     """svgd_step_into's flag on the fused path: tracked in the kernel's last pass where phi has the compute
