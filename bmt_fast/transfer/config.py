@@ -195,7 +195,9 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # (an empty section, `source:` with nothing under it, is null in YAML)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     try:

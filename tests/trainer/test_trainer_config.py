@@ -86,6 +86,18 @@ def test_a_key_given_twice_is_a_config_error(tmp_path):
         load_config(tmp_path / "run.yaml")
 
 
+def test_an_override_into_an_empty_section(tmp_path):
+    """`source:` with nothing under it is null in YAML, which from_dict reads as the defaults: an override
+    into it had been refused ("'source' is not a section") where the same override without the line worked."""
+    (tmp_path / "run.yaml").write_text("source:\n# steps: 3\nmodel: {name_or_path: m}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["source.steps=5", "source.lr=0.5"])
+    assert (cfg.source.steps, cfg.source.lr, cfg.model.name_or_path) == (5, 0.5, "m")
+    assert cfg.source.num_particles == RunConfig().source.num_particles  # (the other keys: the defaults)
+    (tmp_path / "run.yaml").write_text("source: 3\n")
+    with pytest.raises(ConfigError, match="'source' is not a section"):  # (a value there is still refused)
+        load_config(tmp_path / "run.yaml", ["source.steps=5"])
+
+
 def test_a_folder_setting_under_home(tmp_path, monkeypatch):
     """`~` in a folder setting is the home folder, as in a shell (transformers had taken `~/models/t5` for a
     malformed hub id after the checks had found the folder)."""
