@@ -325,7 +325,7 @@ def check_values(cfg: RunConfig) -> None:
     _at_least("source.num_particles", s.num_particles, 1)
     _choice("source.sampling", s.sampling, SAMPLINGS)
     _positive_or_none("source.prior_std", s.prior_std)
-    _bandwidth("source.bandwidth", s.bandwidth)
+    _bandwidth("source.bandwidth", s.bandwidth, torch.float32)  # (the SVGD step's: float32 prompts)
     _backend("source.backend", s.backend)
     if isinstance(s.likelihood_scale, str):
         _choice("source.likelihood_scale", s.likelihood_scale, LIKELIHOOD_SCALES)
@@ -336,7 +336,7 @@ def check_values(cfg: RunConfig) -> None:
     _positive("target.lowrank_lr", t.lowrank_lr)
     if not (t.kde_weight >= 0 and math.isfinite(t.kde_weight)):
         raise ConfigError(f"target.kde_weight must be a finite number >= 0, got {t.kde_weight}")
-    _bandwidth("target.kde_bandwidth", t.kde_bandwidth)
+    _bandwidth("target.kde_bandwidth", t.kde_bandwidth, torch.float64)  # (KDEPrior's particles: float64)
     _at_least("target.particle_index", t.particle_index, 0)
     _at_least("target.selection_examples", t.selection_examples, 1)
     _at_least("target.eval_every", t.eval_every, 0)
@@ -513,8 +513,17 @@ def _backend(name: str, value: str) -> None:
     _choice(name, value, ("auto", *available_backends()))
 
 
-def _bandwidth(name: str, value: str | float) -> None:
+def _bandwidth(name: str, value: str | float, dtype: torch.dtype) -> None:
+    """"median" or a number at least the smallest normal number of `dtype`, the arithmetic it is used in (the
+    lower bound of bmt_fast's check_bandwidth: below it 1/H overflows, and the op refused it only when
+    training reached it, after earlier stages had trained)."""
     if isinstance(value, str):
         _choice(name, value, ("median",))
-    else:
-        _positive(name, value)
+        return
+    _positive(name, value)
+    tiny = torch.finfo(dtype).tiny
+    if value < tiny:
+        raise ConfigError(
+            f"{name} must be >= {tiny:g} ({str(dtype).removeprefix('torch.')}'s smallest normal number, the "
+            f"arithmetic it is used in: 1/H would overflow), got {value:g}"
+        )

@@ -126,6 +126,10 @@ def test_a_folder_setting_under_home(tmp_path, monkeypatch):
         ({"source": {"likelihood_scale": "exact"}}, "source.likelihood_scale must be one of mean, dataset, batch"),
         ({"source": {"likelihood_scale": -2.0}}, "source.likelihood_scale must be > 0"),
         ({"source": {"bandwidth": -1.0}}, "source.bandwidth must be > 0"),
+        # below the smallest normal number of the arithmetic they are used in, 1/H overflows: the SVGD step
+        # (float32 prompts) and the KDE prior (float64) had refused them only once training reached them
+        ({"source": {"bandwidth": 1e-39}}, r"source.bandwidth must be >= 1.17549e-38 \(float32's smallest normal"),
+        ({"target": {"kde_bandwidth": 1e-320, "kde_weight": 0.5}}, r"target.kde_bandwidth must be >= 2.22507e-308"),
         ({"source": {"prior_std": 0.0}}, "source.prior_std must be > 0"),
         ({"model": {"dtype": "float8"}}, "model.dtype must be one of"),
         ({"target": {"methods": ["bmtpt", "magic"]}}, r"target.methods\[1\] must be one of"),
