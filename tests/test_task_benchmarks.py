@@ -433,6 +433,26 @@ def test_unreachable_hub_error_points_at_data_dir(monkeypatch):
         get_task("rte").load("validation")
 
 
+def test_a_csv_label_left_empty_is_named_by_its_own_row(tmp_path):
+    """One empty label makes pandas read the CSV's label column as floats (1.0, 0.0, NaN): whole-number floats
+    are the class indices they were written as (row 1's 1.0 had been refused, blaming the wrong row), and the
+    empty label is the row named; a fractional one is still refused."""
+    (tmp_path / "rte").mkdir()
+    path = tmp_path / "rte" / "validation.csv"
+    path.write_text("sentence1,sentence2,label,idx\nhello,world,1,0\nhi,there,-1,1\nyo,man,,2\n")
+    with pytest.raises(ValueError, match=r"row 3: task 'rte': column 'label' is null"):
+        get_task("rte").load("validation", data_dir=tmp_path)
+    path.write_text("sentence1,sentence2,label,idx\nhello,world,1,0\nhi,there,-1,1\nyo,man,0.0,2\n")
+    assert [e.label for e in get_task("rte").load("validation", data_dir=tmp_path)] == [1, None, 0]
+    rte = {"sentence1": "a", "sentence2": "b"}
+    for label, message in ((1.5, "label 1.5 is neither"), (np.float64(2.0), "label 2 is neither"),
+                           (float("inf"), "label inf is neither"), (None, "column 'label' is null")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            get_task("rte").format({**rte, "label": label})
+    assert get_task("rte").format({**rte, "label": -1.0}).label is None  # (unlabelled, as -1)
+    assert get_task("mnli").format({"premise": "p", "hypothesis": "h", "label": np.float32(2.0)}).label == 2
+
+
 def test_values_a_task_cannot_read_are_errors_not_quiet_examples():
     """Malformed values that had given a quietly wrong example or score (session 53's review): a bool label
     of a task with more than two classes (MNLI: class 1, 'neutral'), MultiRC options with null question ids

@@ -138,6 +138,13 @@ class ClassificationTask(Task):
         value = column(self, row, "label")
         if isinstance(value, str) and value in self.label_words:
             return self.label_words.index(value)
+        if value is None or (isinstance(value, numbers.Real) and not _is_bool(value) and math.isnan(value)):
+            raise null_column(self.name, "label")
+        if isinstance(value, numbers.Real) and not _is_bool(value) and not isinstance(value, numbers.Integral):
+            # a whole-number float is the index it was written as: one empty label makes pandas read a CSV's
+            # label column as floats, and the first row's 1.0 had been refused in place of the empty one
+            if math.isfinite(value) and value == int(value):
+                value = int(value)
         # (numpy integers too; bools, numpy's too, only where there are two classes, False and True: a bool had
         # been read as class 1 of MNLI's three)
         if (not _is_bool(value) and isinstance(value, numbers.Integral)) or (_is_bool(value) and len(self.label_words) == 2):
