@@ -336,6 +336,11 @@ class Run:
         """Adapt a target prompt initialised by `method`; returns its final evaluation."""
         stage_dir = self.target_dir(method)
         if self.finished("target", method):
+            if self.cfg.target.export_peft:  # (turned on since it trained: export_peft is a resumable change)
+                if self.world.is_main and not _has_adapter(stage_dir / "peft"):
+                    logger.info("target %s: finished; exporting its prompt as a PEFT adapter", method)
+                    self.export_peft(read_prompt(stage_dir / PROMPT_FILE), stage_dir / "peft")
+                self.world.barrier()
             stored = _read_json(stage_dir / EVAL_FILE)
             if isinstance(stored, dict) and stored.get("eval_settings") == self.eval_settings():
                 return stored
@@ -445,7 +450,8 @@ class Run:
         return aggregate(particles, how, index=self.cfg.target.particle_index, target_loss=loss)
 
     def export_peft(self, prompt: torch.Tensor, out_dir: Path) -> Path:
-        config = self.pm.model.config
+        # (the backbone's config: a finished target's export loads no weights for it)
+        config = self._pm.model.config if self._pm is not None else config_and_tokenizer(self.cfg.model)[0]
         return export_peft_prompt(
             prompt,
             out_dir,
@@ -659,6 +665,10 @@ def read_prompt(path: str | Path) -> torch.Tensor:
                 prompt = prompt[:length]
             return prompt.float()
     raise ConfigError(f"{path} holds neither 'prompt' nor 'prompt_embeddings' (keys: {sorted(tensors)})")
+
+
+def _has_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
 
 
 def _read_adapter_config(path: Path) -> tuple[int, int] | None:

@@ -331,3 +331,22 @@ def test_a_stage_of_no_steps_resumes_like_any_other(model_dirs, tmp_path, capsys
     assert main(["source", *config, "--resume", "source.steps=3"]) == 0
     assert not torch.equal(load_particles(stage), start)
     assert json.loads((stage / "source.json").read_text())["steps"] == 3
+
+
+def test_export_peft_turned_on_with_resume_exports_finished_targets(model_dirs, tmp_path, capsys):
+    """target.export_peft is a resumable change: `--resume target.export_peft=true` had done nothing for a
+    target finished without it (no peft/ folder, no word). Now the finished prompt is exported, as training
+    would have; a complete peft/ folder is left as it is."""
+    from bmt_fast.transfer.runner import PROMPT_FILE, read_prompt
+
+    config = _config(tmp_path, model_dirs, source={"steps": 1}, target={"steps": 1, "export_peft": False})
+    stage = tmp_path / "run" / "target-prompt_tuning"
+    assert main(["target", *config, "target.methods=[prompt_tuning]"]) == 0
+    assert not (stage / "peft").exists()
+    assert main(["target", *config, "target.methods=[prompt_tuning]", "target.export_peft=true", "--resume"]) == 0
+    adapter = json.loads((stage / "peft" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "PROMPT_TUNING" and adapter["num_virtual_tokens"] == 4
+    assert torch.equal(read_prompt(stage / "peft"), read_prompt(stage / PROMPT_FILE))
+    written = (stage / "peft" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert main(["target", *config, "target.methods=[prompt_tuning]", "target.export_peft=true", "--resume"]) == 0
+    assert (stage / "peft" / "adapter_model.safetensors").stat().st_mtime_ns == written
