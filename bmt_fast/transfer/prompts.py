@@ -319,6 +319,12 @@ def embedding_scale(embedding: torch.nn.Module) -> float:
     return float(getattr(embedding, "embed_scale", 1.0))
 
 
+def check_vocab_top_k(vocab: int, top_k: int | None, exclude: Sequence[int]) -> None:
+    """ConfigError where prompt.vocab_top_k leaves the vocab init no token (init_prompts' own check, for a
+    caller that has the tokenizer but no loaded weights: vocab, the number of embedding rows)."""
+    _candidate_ids(vocab, top_k, exclude)
+
+
 def _candidate_ids(vocab: int, top_k: int | None, exclude: Sequence[int]) -> torch.Tensor:
     ids = torch.arange(min(vocab, top_k) if top_k else vocab)
     keep = ~torch.isin(ids, torch.tensor(sorted(set(exclude)), dtype=torch.long))

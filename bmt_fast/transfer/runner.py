@@ -54,7 +54,9 @@ from .prompts import (
     ENCODER_DECODER,
     PromptedModel,
     check_label_words,
+    check_vocab_top_k,
     embedding_scale,
+    full_shape,
     init_prompts,
     target_prefix_of,
 )
@@ -183,6 +185,12 @@ def check_backbone_fits(cfg: RunConfig, command: str, pm: PromptedModel | None =
         kind = ENCODER_DECODER if config.is_encoder_decoder else DECODER_ONLY
         prefix = target_prefix_of(kind, cfg.model.target_prefix)
     check_positions(config, longest_sequence(cfg), cfg.model.name_or_path)
+    check_special_tokens(config, tokenizer, cfg.model)
+    if command != "eval" and cfg.prompt.init == "vocab" and cfg.prompt.vocab_top_k:  # (every stage starts
+        # from initial prompts, a source's or prompt_tuning's: checked before --overwrite removes anything)
+        rows = full_shape(pm.embedding.weight)[0] if pm is not None else _vocab_rows(config)
+        vocab = min(len(tokenizer), rows) if rows else len(tokenizer)
+        check_vocab_top_k(vocab, cfg.prompt.vocab_top_k, tokenizer.all_special_ids)
     names = []
     if command in ("source", "transfer") and source_methods_for(cfg, command):
         names += cfg.data.source_tasks
@@ -190,6 +198,23 @@ def check_backbone_fits(cfg: RunConfig, command: str, pm: PromptedModel | None =
         names.append(cfg.data.target_task)
     tasks = [(name, get_task(name).label_words) for name in names]
     check_label_words(tokenizer, prefix, cfg.model.max_target_length, tasks)
+
+
+def _vocab_rows(config) -> int | None:
+    """The input embedding's rows as the backbone's config gives them (None: it does not say)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    return rows if isinstance(rows, int) and rows > 0 else None
+
+
+def check_special_tokens(config, tokenizer, mc: ModelConfig) -> None:
+    """The tokens PromptedModel needs, from the backbone's config and tokenizer, before anything is written
+    (they had been a ValueError's traceback once the weights loaded, after --overwrite removed the stages)."""
+    name = mc.tokenizer or mc.name_or_path
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of {name} has no EOS token; targets need one to end")
+    if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
+        raise ConfigError(f"{mc.name_or_path}: the encoder-decoder config has no decoder_start_token_id")
 
 
 def prompted_model(model, tokenizer, mc: ModelConfig, device: torch.device) -> PromptedModel:

@@ -350,3 +350,31 @@ def test_export_peft_turned_on_with_resume_exports_finished_targets(model_dirs, 
     written = (stage / "peft" / "adapter_model.safetensors").stat().st_mtime_ns
     assert main(["target", *config, "target.methods=[prompt_tuning]", "target.export_peft=true", "--resume"]) == 0
     assert (stage / "peft" / "adapter_model.safetensors").stat().st_mtime_ns == written
+
+
+def test_overwrite_removes_nothing_for_a_config_the_backbone_cannot_serve(model_dirs, tmp_path, capsys):
+    """What the backbone's config and tokenizer refuse is found before --overwrite removes the stages and
+    the table and writes config.yaml: a prompt.vocab_top_k of special tokens only ("no token left", raised
+    when the stage drew its initial prompts), a tokenizer without an EOS token (a ValueError's traceback
+    once the weights loaded)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    config = _config(tmp_path, model_dirs, source={"steps": 1}, target={"steps": 1, "methods": ["prompt_tuning"]})
+    run_dir = tmp_path / "run"
+    assert main(["transfer", *config]) == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    no_eos = tmp_path / "no_eos"
+    shutil.copytree(model_dirs["llama"], no_eos)
+    tokenizer = AutoTokenizer.from_pretrained(no_eos)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(no_eos)
+    capsys.readouterr()
+    for command in ("source", "target", "transfer"):
+        assert main([command, *config, "prompt.vocab_top_k=4", "--overwrite"]) == 2
+        assert "prompt.vocab_top_k=4: no token left" in capsys.readouterr().err
+        assert main([command, *config, f"model.tokenizer={no_eos}", "--overwrite"]) == 2
+        assert "has no EOS token" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert main(["source", *config, "prompt.vocab_top_k=5", "--overwrite"]) == 0  # (id 4: not special)

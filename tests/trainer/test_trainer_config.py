@@ -147,6 +147,9 @@ def test_a_folder_setting_under_home(tmp_path, monkeypatch):
         ({"model": {"gguf_file": "model.gguf"}}, "model.gguf_file: model.gguf not found"),
         ({"model": {"tokenizer": "./missing-tokenizer"}}, "model.tokenizer: folder not found"),
         ({"data": {"data_dir": "./missing-data"}}, "data.data_dir: folder not found"),
+        # what the tokenizer cannot serve (ids 0-3 of the tiny tokenizers are special): it had been found when
+        # the first stage drew its initial prompts, after --overwrite had removed the stages
+        ({"prompt": {"vocab_top_k": 4}}, r"prompt.vocab_top_k=4: no token left .* the first 4 ids"),
     ],
 )
 def test_bad_configs_fail_before_any_work(model_dirs, tmp_path, changes, message):
