@@ -425,9 +425,11 @@ def check_data(cfg: RunConfig, command: str) -> None:
     """The splits a command reads exist (names; with data.data_dir, non-empty files with the task's
     columns), and with data.data_dir they load as the run will load them (every row read, as many as the
     run takes, each labelled): a bad row or an unlabelled split is reported before a source stage trains, not
-    after it (a split from the hub is read when the run loads it). `eval` reads only the target task's, and
-    so does `target`: it takes its source stages as they are (finished, checked by check_outputs), never
-    their training data."""
+    after it. A split from the hub is read when the run loads it, except offline (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE): then it loads here, from the local cache, so that a split the cache lacks is an
+    error before anything trains (a hub target task had failed after the source stages trained). `eval`
+    reads only the target task's, and so does `target`: it takes its source stages as they are (finished,
+    checked by check_outputs), never their training data."""
     from ..tasks import get_task
     from .data import load_examples
 
@@ -442,7 +444,7 @@ def check_data(cfg: RunConfig, command: str) -> None:
         task = get_task(name)
         try:
             task.check_split(split, cfg.data.data_dir)
-            if cfg.data.data_dir is not None:
+            if cfg.data.data_dir is not None or _offline("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
                 limit = cfg.data.max_train_examples if split == "train" else cfg.data.max_eval_examples
                 load_examples(task, split, cfg.data.data_dir, limit)
         except (ValueError, OSError) as error:  # (DataError is a ValueError)
@@ -471,7 +473,7 @@ def _check_hub_name(key: str, name: str, filename: str) -> None:
     """A name that is not a local folder must be a hub id; offline, it must be in the local HF cache."""
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise ConfigError(f"{key}: folder not found: {name}")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
+    if not _offline("HF_HUB_OFFLINE"):
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -479,6 +481,11 @@ def _check_hub_name(key: str, name: str, filename: str) -> None:
         raise ConfigError(
             f"{key}: {name} is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE is set)"
         )
+
+
+def _offline(*variables: str) -> bool:
+    """Whether one of these environment variables turns Hugging Face's offline mode on."""
+    return any(os.environ.get(name, "0").lower() in ("1", "true", "yes", "on") for name in variables)
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:

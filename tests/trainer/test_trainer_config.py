@@ -288,10 +288,47 @@ def test_an_encoder_decoder_backbone_with_learned_positions_must_hold_its_sequen
 
 def test_a_vocab_top_k_of_special_tokens_only_is_a_config_error(model_dirs, tmp_path):
     """prompt.vocab_top_k that leaves no ordinary token (the tiny tokenizer's ids 0-3 are special) is reported as
-    the setting it is (exit 2 from the CLI), not a traceback."""
-    run = Run(make_config(tmp_path / "run", model_dirs["llama"], prompt={"vocab_top_k": 4}), "source")
+    the setting it is (exit 2 from the CLI), not a traceback: by Run before anything is written (from the
+    tokenizer; test_bad_configs_fail_before_any_work), and by the init itself for its other callers."""
+    cfg = make_config(tmp_path / "run", model_dirs["llama"], prompt={"vocab_top_k": 4})
+    with pytest.raises(ConfigError, match="prompt.vocab_top_k=4: no token left .* raise it"):
+        Run(cfg, "source")
+    check_config(cfg, "eval")  # (eval draws no initial prompts)
+    cfg.prompt.vocab_top_k = 5
+    run = Run(cfg, "source")
+    run.cfg.prompt.vocab_top_k = 4
     with pytest.raises(ConfigError, match="prompt.vocab_top_k=4: no token left .* raise it"):
         run.initial_prompts(2)
+
+
+def test_offline_a_hub_split_is_loaded_before_anything_trains(model_dirs, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE without data.data_dir: a hub split the local cache lacks had failed only when its stage
+    loaded it (a hub target task after the source stages trained). Offline it loads up front, from the cache;
+    online it is still read when the run loads it."""
+    import datasets
+
+    loads = []
+
+    def offline(*args, **kwargs):
+        loads.append(args)
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    cfg = make_config(tmp_path / "run", model_dirs["llama"], data={"target_task": "rte"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"data.target_task: rte train: task 'rte': could not load nyu-mll/glue .*"
+                                          r"data.data_dir=DIR"):  # fmt: skip
+        Run(cfg, "transfer")
+    assert not (tmp_path / "run").exists()
+    check_config(cfg, "source")  # (the source stage reads no target split)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # (datasets' own switch too)
+    with pytest.raises(ConfigError, match="data.target_task: rte train: task 'rte': could not load"):
+        check_config(cfg, "target")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    loads.clear()
+    check_config(cfg, "transfer")  # online: nothing loaded here
+    assert not loads
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
