@@ -264,18 +264,21 @@ class Run:
         world.check_shared_folder(self.dir)
         check_outputs(self, command, overwrite)
         world.barrier()  # every process has looked at the folder before any writes to it
+        # `source` keeps the table of the last target / transfer / eval, less the rows gone stale: those rows
+        # as they are now, pruned again when it finishes (rewrite_results)
+        self._results_before = _read_results(self.dir) if command == "source" and world.is_main else None
+        self._pm = pm
         if overwrite and world.is_main:
             for stage in stages_of(cfg, command):
                 shutil.rmtree(self.dir / stage, ignore_errors=True)
-            # the table may hold rows of what was just removed (or of targets of a removed source): the
-            # command writes it again when it finishes (a run that failed after the removal left it stale)
-            for name in RESULTS_FILES:
-                (self.dir / name).unlink(missing_ok=True)
-        # (`target` / `transfer` write the table when they finish; `source` writes it again: see rewrite_results)
-        self.results_removed = overwrite
-        self.sources_trained = False  # (set by source() when it trains: the table's rows may be stale)
+            if command == "source":  # (targets trained from the removed particles: their rows are stale)
+                self.rewrite_results()
+            else:
+                # the table may hold rows of what was just removed: `target` / `transfer` write it again when
+                # they finish (a run that fails after the removal leaves no row of a removed method)
+                for name in RESULTS_FILES:
+                    (self.dir / name).unlink(missing_ok=True)
         world.barrier()
-        self._pm = pm
 
     @property
     def pm(self) -> PromptedModel:
@@ -306,7 +309,6 @@ class Run:
         if self.finished("source", method):
             return load_particles(stage_dir)
         trainer, summary = self.source_trainer(method)
-        self.sources_trained = True
         self._train(stage_dir, trainer, self.cfg.source, "source", method, on_checkpoint)
         particles = trainer.particles.detach()
         if self.world.is_main:
@@ -525,18 +527,65 @@ class Run:
         return results
 
     def rewrite_results(self) -> None:
-        """After `source` removed the table (--overwrite) or trained source particles (--resume with more
-        steps, --overwrite): the table of the finished targets that still match this configuration and start
-        from the particles there now (stage_mismatch); none, no table. (It had stayed removed until another
-        `target` or `eval`, and a resumed source had left rows of targets trained from its old particles.)"""
-        if not (self.results_removed or self.sources_trained) or not self.world.is_main:
+        """`source`, after it removed its stage (--overwrite) and when it finishes: the table as the command
+        found it, less the rows gone stale (row_problem); no row left, no table. A command that trains no
+        target judges each row by what that target's own checkpoint records, not by its own target settings
+        (it had removed the table for data.target_task=null, and left out every row whose target section or
+        steps differed from its own: settings the source stage never reads)."""
+        before = self._results_before
+        if self.command != "source" or not self.world.is_main or before is None:
             return
-        results = self.with_other_methods({}) if self.cfg.data.target_task else {}
-        if results:
-            write_results(self.dir, results)
+        kept = {}
+        for method, row in before.items():
+            problem = self.row_problem(method)
+            if problem:
+                logger.info("results: leaving out %s: %s", method, problem)
+            else:
+                kept[method] = row
+        if kept == _read_results(self.dir):
+            return
+        if kept:
+            write_results(self.dir, kept)
         else:
             for name in RESULTS_FILES:
                 (self.dir / name).unlink(missing_ok=True)
+
+    def row_problem(self, method: str) -> str | None:
+        """Why the table's row of target `method` is stale for a command that trains no target (None: it is
+        not): the target is no finished stage by its own record (final files, the steps its checkpoint was
+        trained for), or its inputs changed since it trained: the source particles it started from (the digest
+        its checkpoint recorded), or the backbone and data settings (model.*, data.data_dir,
+        data.max_train_examples; folders as their real paths). Its own settings (the target section, the
+        target task, the seed, the prompt init) are its record, whatever this command's configuration says."""
+        if method not in TARGET_METHODS:
+            return "no target method"
+        stage_dir = self.target_dir(method)
+        if not all((stage_dir / name).exists() for name in FINAL_FILES["target"]):
+            return f"{stage_dir} holds no finished prompt"
+        try:
+            checkpoint = load_latest_checkpoint(stage_dir, tensors=False)
+        except CheckpointError as error:
+            return str(error)
+        if checkpoint is None:  # (a stage without checkpoints is taken as it is)
+            return None
+        recorded = checkpoint.meta.get("config") or {}
+        steps = (recorded.get("target") or {}).get("steps")
+        if steps is not None and checkpoint.step != steps:
+            return f"it is unfinished (step {checkpoint.step} of {steps})"
+        source_method = TARGET_METHODS[method][0]
+        started_from = checkpoint.meta.get("source_particles")
+        if source_method and started_from is not None:
+            now = particles_digest(self.source_dir(source_method))
+            if now != started_from:
+                particles = self.source_dir(source_method) / PARTICLES_FILE
+                return f"{particles} is gone" if now is None else f"{particles} changed since it trained"
+        places = checkpoint.meta.get("places")
+        config = to_dict(self.cfg)
+        saved = _input_settings(recorded, method, places)
+        current = _input_settings(config, method, None if places is None else local_places(config))
+        if saved != current:
+            return f"its backbone or data changed ({', '.join(_differences(saved, current))})"
+        return None
 
     def with_other_methods(self, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """`results` followed by the eval.json of every other target method finished in the run folder under
@@ -728,6 +777,18 @@ def _read_json(path: Path) -> Any:
 RESULTS_FILES = ("results.json", "results.md")
 
 
+def _read_results(run_dir: Path) -> dict[str, Any] | None:
+    """The table of results.json (None: there is none, or it is no JSON object)."""
+    path = run_dir / RESULTS_FILES[0]
+    if not path.is_file():
+        return None
+    table = _read_json(path)
+    if not isinstance(table, dict):
+        logger.warning("results: %s is not a JSON object; left as it is", path)
+        return None
+    return table
+
+
 def write_results(run_dir: Path, results: dict[str, dict[str, Any]]) -> None:
     atomic_write_text(run_dir / RESULTS_FILES[0], to_json(results, indent=1))
     atomic_write_text(run_dir / RESULTS_FILES[1], results_table(results))
@@ -787,6 +848,16 @@ def _trajectory_config(
         if f"{section}.{key}" in (places or {}):
             out[section][key] = places[f"{section}.{key}"]
     return out
+
+
+def _input_settings(config: dict[str, Any], method: str, places: dict[str, str] | None) -> dict[str, Any]:
+    """What a target stage reads besides its own settings and its source particles: the backbone (the model
+    section) and the data (data.data_dir, data.max_train_examples), as they count for a resume."""
+    trajectory = _trajectory_config(config, "target", method, places=places)
+    data = trajectory.get("data")
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in ("source_tasks", "target_task")}
+    return {"model": trajectory.get("model"), "data": data}
 
 
 PLACE_SETTINGS = (("data", "data_dir"), ("model", "name_or_path"), ("model", "tokenizer"))

@@ -101,11 +101,11 @@ def test_results_cover_every_method_finished_in_the_run_folder(model_dirs, tmp_p
     assert not (run_dir / "target-prompt_tuning").exists() and (run_dir / "target-bmtpt").is_dir()
     assert main(["target", *config, "target.methods=[prompt_tuning]", "target.lr=0.2", "--overwrite"]) == 0
     assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
-    # `source --overwrite` removes the table too (its rows may come from the removed source), and writes
-    # that of the targets which still match when it finishes (it had stayed removed until a `target` or `eval`)
+    # `source --overwrite` keeps the rows its source stage did not change (test_source_keeps_the_rows_...):
+    # prompt_tuning's, trained under target.lr=0.2, which the source stage never reads
     assert main(["source", *config, "--overwrite"]) == 0
-    assert list(json.loads((run_dir / "results.json").read_text())) == ["bmtpt"]  # (its source: the same)
-    assert "| bmtpt |" in (run_dir / "results.md").read_text()
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
+    assert "| prompt_tuning |" in (run_dir / "results.md").read_text()
     # `eval` replaces the table by what it evaluated (maybe on another split), as documented.
     assert main(["eval", *config, "--split", "train"]) == 0
     assert list(json.loads((run_dir / "results.json").read_text())) == ["bmtpt"]
@@ -378,3 +378,43 @@ def test_overwrite_removes_nothing_for_a_config_the_backbone_cannot_serve(model_
         assert "has no EOS token" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     assert main(["source", *config, "prompt.vocab_top_k=5", "--overwrite"]) == 0  # (id 4: not special)
+
+
+def test_source_keeps_the_rows_of_targets_it_did_not_change(model_dirs, tmp_path, capsys, caplog):
+    """`source` judges the table's rows by what each target stage recorded, not by its own target settings:
+    it had removed the table for data.target_task=null and left out every row for another target.steps (its
+    own stage reads neither). A row goes only where the target's inputs changed: the particles it started
+    from (a source resumed with more steps), the backbone or the data."""
+    import logging
+
+    from bmt_fast.transfer import Run
+    from bmt_fast.transfer.config import load_config
+
+    config = _config(tmp_path, model_dirs, source={"steps": 2}, target={"steps": 2, "methods": ["bmtpt", "prompt_tuning"]})
+    run_dir = tmp_path / "run"
+    assert main(["transfer", *config]) == 0
+    table = (run_dir / "results.json").read_text()
+    assert list(json.loads(table)) == ["bmtpt", "prompt_tuning"]
+    # the same particles again (bit for bit on the CPU): every row stays
+    for change in ("data.target_task=null", "target.steps=3", "target.lr=0.5"):
+        assert main(["source", *config, change, "--overwrite"]) == 0, change
+        assert (run_dir / "results.json").read_text() == table, change
+        assert "| bmtpt |" in (run_dir / "results.md").read_text()
+    # a run that fails after --overwrite removed the source leaves no row of a target trained from it
+    Run(load_config(config[1], ["data.target_task=null"]), "source", overwrite=True)
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
+    assert main(["source", *config]) == 0  # (trained again: not a row again until a target's table)
+    assert main(["target", *config, "--resume"]) == 0
+    assert (run_dir / "results.json").read_text() == table
+    # other particles: the bmtpt row goes, prompt_tuning's (no source) stays
+    with caplog.at_level(logging.INFO, logger="bmt_fast.transfer.runner"):
+        assert main(["source", *config, "source.steps=3", "data.target_task=null", "--resume"]) == 0
+    assert list(json.loads((run_dir / "results.json").read_text())) == ["prompt_tuning"]
+    assert "| bmtpt |" not in (run_dir / "results.md").read_text()
+    assert "leaving out bmtpt: " in caplog.text and "particles.safetensors changed since it trained" in caplog.text
+    # another backbone setting: a target trained under the old one is no row of the run folder now
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bmt_fast.transfer.runner"):
+        assert main(["source", *config, "model.max_source_length=30", "--overwrite"]) == 0
+    assert not (run_dir / "results.json").exists() and not (run_dir / "results.md").exists()
+    assert "its backbone or data changed (model.max_source_length: 32 -> 30)" in caplog.text
