@@ -251,7 +251,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .transfer.plot import plot_run
 
-    written = plot_run(args.run_dir, args.out)
+    try:
+        written = plot_run(args.run_dir, args.out)
+    except NotADirectoryError as error:  # (--out names a file)
+        print(f"bmt-fast plot: error: {error}", file=sys.stderr)
+        return 2
     for path in written:
         print(path)
     if not written:

@@ -18,7 +18,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # (out_dir, or a folder above it, is a file)
+        raise NotADirectoryError(
+            f"{out_dir} is not a folder: the plots are several PNGs, written into a folder (--out DIR)"
+        ) from None
     sources = _stage_metrics(run_dir, "source-")
     targets = _stage_metrics(run_dir, "target-")
     plots = [

@@ -52,6 +52,16 @@ def test_plot_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert "run folder not found" in capsys.readouterr().err
 
 
+def test_plot_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    """--out names the folder of the PNGs: a file there (or above it) had been a FileExistsError traceback."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "plot.png").write_bytes(b"a file")
+    for out in (tmp_path / "plot.png", tmp_path / "plot.png" / "sub"):
+        assert main(["plot", str(tmp_path / "run"), "--out", str(out)]) == 2
+        assert f"error: {out} is not a folder: the plots are several PNGs" in capsys.readouterr().err
+    assert (tmp_path / "plot.png").read_bytes() == b"a file"
+
+
 def test_plot_of_damaged_or_empty_run_folders(tmp_path, capsys):
     """A damaged record file is a one-line error (exit 2), not a traceback; a folder with nothing to plot
     says so, and a plot of an earlier state of the folder that has no data any more is removed."""
