@@ -97,14 +97,35 @@ def read_ds_config(source: str | Path | dict[str, Any], cfg: RunConfig, world_si
 
 def zero_stage(ds: dict[str, Any]) -> int:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # (true had been read as stage 1)
         raise ConfigError(f"--deepspeed: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return stage
 
 
+# The strings DeepSpeed's config (pydantic) reads as booleans, case aside.
+_TRUE = ("true", "1", "yes", "y", "on", "t")
+_FALSE = ("false", "0", "no", "n", "off", "f")
+
+
+def _switch(name: str, value: Any) -> bool | str:
+    """A section's `enabled` as a bool (or "auto"), read as DeepSpeed reads it: "true" and 1 as true (the check
+    had counted only true and "auto" as enabled, so an fp16 section enabled by "true" passed a float32 model)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise ConfigError(f'--deepspeed: {name} must be true, false or "auto", got {json.dumps(value)}')
+
+
 def _check_precision(ds: dict[str, Any], model_dtype: str) -> None:
     """bf16 / fp16 sections must agree with model.dtype (zero.Init takes the weights' dtype from them);
-    a half-precision model.dtype adds its section when there is none."""
+    a half-precision model.dtype adds its section when there is none, and refuses one that disables it (it
+    had been switched on silently)."""
+    for name in HALF_SECTIONS:
+        if "enabled" in ds.get(name, {}):
+            ds[name]["enabled"] = _switch(f"{name}.enabled", ds[name]["enabled"])
     enabled = [name for name in HALF_SECTIONS if ds.get(name, {}).get("enabled") in (True, "auto")]
     if len(enabled) > 1:
         raise ConfigError("--deepspeed: bf16 and fp16 cannot both be enabled")
@@ -113,6 +134,11 @@ def _check_precision(ds: dict[str, Any], model_dtype: str) -> None:
         raise ConfigError(
             f"--deepspeed: {enabled[0]}.enabled but model.dtype={model_dtype}; "
             f"set model.dtype={HALF_SECTIONS[enabled[0]]} or disable {enabled[0]}"
+        )
+    if wanted and ds.get(wanted, {}).get("enabled") is False:
+        raise ConfigError(
+            f"--deepspeed: {wanted}.enabled is false but model.dtype={model_dtype}: enable {wanted} (or leave "
+            f"the section out), or set model.dtype=float32"
         )
     if wanted:
         ds.setdefault(wanted, {})["enabled"] = True

@@ -273,6 +273,13 @@ def test_cli_source_stage_under_zero3_bf16_follows_the_plain_bf16_trainer(ds_run
         ({"bfloat16": {"enabled": True}, "bf16": {"enabled": True}}, "bfloat16", "not both"),
         # stages 0-2 keep the whole backbone on every device: an offload_param there was silently ignored
         ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "float32", "offload_param needs stage 3"),
+        # true had been stage 1; a disabled bf16 section had been switched on for a bf16 model.dtype; "true"
+        # (which DeepSpeed reads as true) had not counted as enabled, and passed a float32 model.dtype
+        ({"zero_optimization": {"stage": True}}, "float32", "stage must be 0, 1, 2 or 3, got True"),
+        ({"bf16": {"enabled": False}}, "bfloat16", "bf16.enabled is false but model.dtype=bfloat16"),
+        ({"fp16": {"enabled": "false"}}, "float16", "fp16.enabled is false but model.dtype=float16"),
+        ({"fp16": {"enabled": "true"}}, "float32", "fp16.enabled but model.dtype=float32; set model.dtype=float16"),
+        ({"bf16": {"enabled": "maybe"}}, "bfloat16", r'bf16.enabled must be true, false or "auto", got "maybe"'),
     ],
 )
 def test_ds_config_errors(tmp_path, model_dirs, ds, model_dtype, message):
@@ -296,6 +303,8 @@ def test_ds_config_gets_precision_and_batch_keys(tmp_path, model_dirs):
     ds = read_ds_config({"zero_optimization": {"stage": 3}, **eight}, cfg, world_size=2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 1, 2)
     assert read_ds_config({"bfloat16": {"enabled": True}}, cfg, world_size=1)["bf16"] == {"enabled": True}
+    ds = read_ds_config({"bf16": {"enabled": "True"}, "fp16": {"enabled": "false"}}, cfg, world_size=1)
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}  # (as DeepSpeed reads them)
     assert read_ds_config({"zero_optimization": {"stage": 2, "offload_param": {"device": "none"}}}, cfg, 1)
     path = tmp_path / "ds.json"
     path.write_text("{not json")
