@@ -251,32 +251,23 @@ BMT_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
 // ldmatrix.x4: four 8 x 8 matrices of 16-bit values from shared memory in one warp-wide load. Lanes
 // 8i..8i+7 give the addresses of the eight rows (16 bytes each, 16-byte aligned) of matrix i; lane l gets
 // row l / 4, values 2 (l % 4) and 2 (l % 4) + 1 of matrix i in r[i]: the mma.m16n8k16 A / B fragments.
+// kTrans (ldmatrix.x4.trans): each matrix transposed: lane l gets column l / 4, rows 2 (l % 4) and
+// 2 (l % 4) + 1. A row-major (k x n) tile in shared memory gives the mma B fragments (as FlashAttention's V):
+// matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15) are b[0], b[1] of the n8 tile
+// n 0-7 and b[0], b[1] of n 8-15 when lane l addresses row k = l % 16 at column n = 8 (l / 16).
+template <bool kTrans = false>
 BMT_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* shared_row) {
 #ifdef BMT_FAST_EMULATE
-  emu::ldmatrix_x4(r, shared_row);
+  emu::ldmatrix_x4<kTrans>(r, shared_row);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-#else
-  __trap();  // the op layer never launches tensor-core kernels below sm_80
-#endif
-}
-
-// ldmatrix.x4.trans: the same loads, each 8 x 8 matrix transposed: lane l gets column l / 4, rows 2 (l % 4)
-// and 2 (l % 4) + 1 of matrix i in r[i]. A row-major (k x n) tile in shared memory gives the mma B fragments
-// (as FlashAttention's V): matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15) are
-// b[0], b[1] of the n8 tile n 0-7 and b[0], b[1] of n 8-15 when lane l addresses row k = l % 16 at column
-// n = 8 (l / 16).
-BMT_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* shared_row) {
-#ifdef BMT_FAST_EMULATE
-  emu::ldmatrix_x4_trans(r, shared_row);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+  }
 #else
   __trap();  // the op layer never launches tensor-core kernels below sm_80
 #endif

@@ -283,7 +283,7 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
             for (int fp = 0; fp < 8; ++fp) {  // feature tiles 2 fp and 2 fp + 1, those within d_pad
               if (16 * fp < width) {
                 uint32_t fb[4];
-                ldmatrix_x4_trans(fb, xs + ks * 16 * G::kLdChunk + fp * 16);
+                ldmatrix_x4<true>(fb, xs + ks * 16 * G::kLdChunk + fp * 16);
                 mma_16816<kHalf>(o[2 * fp], px[ks], {fb[0], fb[1]});
                 mma_16816<kHalf>(o[2 * fp + 1], px[ks], {fb[2], fb[3]});
               }

@@ -332,7 +332,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
 // kTrans: each matrix transposed (ldmatrix...trans): lane l receives column l / 4 of rows 2 (l % 4) and
 // 2 (l % 4) + 1.
 template <bool kTrans = false>
-inline void ldmatrix_x4_rows(uint32_t (&r)[4], const uint16_t* row) {
+inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
   Block* b = current_block();
   const auto* bytes = reinterpret_cast<const unsigned char*>(row);
   const unsigned char* begin = b->shared.data();
@@ -362,9 +362,6 @@ inline void ldmatrix_x4_rows(uint32_t (&r)[4], const uint16_t* row) {
   }
   warp_barrier();
 }
-
-inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) { ldmatrix_x4_rows<false>(r, row); }
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) { ldmatrix_x4_rows<true>(r, row); }
 
 }  // namespace emu
 
