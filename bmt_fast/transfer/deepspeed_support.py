@@ -123,10 +123,14 @@ def _check_precision(ds: dict[str, Any], model_dtype: str) -> None:
     """bf16 / fp16 sections must agree with model.dtype (zero.Init takes the weights' dtype from them);
     a half-precision model.dtype adds its section when there is none, and refuses one that disables it (it
     had been switched on silently)."""
-    for name in HALF_SECTIONS:
+    for name, dtype in HALF_SECTIONS.items():
         if "enabled" in ds.get(name, {}):
-            ds[name]["enabled"] = _switch(f"{name}.enabled", ds[name]["enabled"])
-    enabled = [name for name in HALF_SECTIONS if ds.get(name, {}).get("enabled") in (True, "auto")]
+            switch = _switch(f"{name}.enabled", ds[name]["enabled"])
+            # "auto" (Hugging Face's Trainer fills it in from its own precision): model.dtype's. DeepSpeed itself
+            # reads "auto" as false, and the check had counted it as enabled: a bf16 backbone under bf16 "auto"
+            # had been handed to DeepSpeed as a disabled section, an fp16 "auto" refused for float32.
+            ds[name]["enabled"] = dtype == model_dtype if switch == "auto" else switch
+    enabled = [name for name in HALF_SECTIONS if ds.get(name, {}).get("enabled") is True]
     if len(enabled) > 1:
         raise ConfigError("--deepspeed: bf16 and fp16 cannot both be enabled")
     wanted = next((name for name, dtype in HALF_SECTIONS.items() if dtype == model_dtype), None)

@@ -305,6 +305,13 @@ def test_ds_config_gets_precision_and_batch_keys(tmp_path, model_dirs):
     assert read_ds_config({"bfloat16": {"enabled": True}}, cfg, world_size=1)["bf16"] == {"enabled": True}
     ds = read_ds_config({"bf16": {"enabled": "True"}, "fp16": {"enabled": "false"}}, cfg, world_size=1)
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}  # (as DeepSpeed reads them)
+    # "auto" (as Hugging Face's Trainer fills it in): model.dtype's precision, resolved for DeepSpeed (which reads
+    # "auto" as false: the bf16 section had gone to it disabled under a bf16 model.dtype)
+    ds = read_ds_config({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, cfg, world_size=1)
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    float32 = make_config(tmp_path, model_dirs["llama"], model={"dtype": "float32"})
+    ds = read_ds_config({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, float32, world_size=1)
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
     assert read_ds_config({"zero_optimization": {"stage": 2, "offload_param": {"device": "none"}}}, cfg, 1)
     path = tmp_path / "ds.json"
     path.write_text("{not json")
