@@ -224,8 +224,8 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
     }
     if (e < s_events && slot == num_chunks - 1) {  // S complete: the epilogue of column block J
       const float* norm_j = norm_stage(jl);
-      // K_ii = 1 exactly on the diagonal (svgd_step: left out, 0 or NaN for an invalid H; finish_phi adds
-      // score_i); only the blocks that hold it compare indices
+      // K_ii = 1 exactly on the diagonal (svgd_step: left out, 0 or NaN for an invalid H; the finish at the end
+      // adds score_i); only the blocks that hold it compare indices
       const bool diagonal = p.self && j0 < i0 + G::kRows && i0 < j0 + G::kCols;
       float kv[8][4];
 #pragma unroll
