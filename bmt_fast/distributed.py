@@ -63,8 +63,18 @@ def svgd_step(
     """phi for this rank's rows, shape (n_local, *event): x and score validated locally (n_local may be 0);
     h None = median rule. (The caller, ops.svgd_step, has checked the group and this rank's inputs.)"""
     x2, s2 = as_rows(x), as_rows(score)
-    sizes, any_checks = agree_on_inputs(x, score, h, group, check_inputs)
+    sizes, unchecked = agree_on_inputs(x, score, h, group, check_inputs)
+    any_checks = len(unchecked) < len(sizes)
     x_all, score_all = all_gather_rows(torch.cat([x2, s2], dim=1), sizes, group).split(x2.shape[1], dim=1)
+    if any_checks and unchecked:
+        # Where some ranks check and others do not, every rank scans the rows of those that did not (the same
+        # gathered rows everywhere: every rank raises together). A NaN score on a rank with check_inputs=False
+        # had made the checking ranks' phi all NaN without an error.
+        starts = [sum(sizes[:r]) for r in range(len(sizes))]
+        bad = [r for r in unchecked if not (all_finite(x_all[starts[r] : starts[r] + sizes[r]])
+                                            and all_finite(score_all[starts[r] : starts[r] + sizes[r]]))]  # fmt: skip
+        if bad:
+            raise ValueError(f"x or score contains NaN/Inf values on rank(s) {bad} of the group")
     h_shared = shared_bandwidth(x_all, h, group, backend)
     start = sum(sizes[: dist.get_rank(group)])
     rows = slice(start, start + x.shape[0])
@@ -139,8 +149,8 @@ def _raise_failure(table: torch.Tensor, group, error: Exception | None) -> None:
 
 def agree_on_inputs(
     x: torch.Tensor, score: torch.Tensor, h: torch.Tensor | None, group, check_inputs: bool
-) -> tuple[list[int], bool]:
-    """Rows per rank, and whether any rank checks its inputs, after checking that every rank's inputs fit
+) -> tuple[list[int], list[int]]:
+    """Rows per rank, and the ranks that do not check their inputs, after checking that every rank's inputs fit
     together. Every rank sees every rank's metadata, so every rank raises the same error (a rank that
     raised alone would leave the others waiting in the next collective)."""
     finite = not check_inputs or (all_finite(x) and all_finite(score))
@@ -173,7 +183,7 @@ def agree_on_inputs(
     sizes = table[:, _ROWS].tolist()
     if sum(sizes) == 0:
         raise ValueError("x has no particles on any rank of the group")
-    return sizes, bool(table[:, _CHECKS].any())
+    return sizes, [r for r in range(table.shape[0]) if not table[r, _CHECKS]]
 
 
 def all_gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:

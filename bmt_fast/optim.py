@@ -10,11 +10,20 @@ from typing import Any, Callable
 
 import torch
 
-from ._validation import as_rows, check_bandwidth
+from ._validation import as_rows, check_bandwidth, check_particles
 from .backends import select
 from .ops import svgd_step
 
 Score = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+# torch optimizers whose update of an element reads other elements of the tensor (Adafactor's factored second
+# moment: means over rows and columns; Muon: the whole update orthogonalised): over slices of the particles on
+# several ranks each rank would see its own slice only, so they cannot move them as one process would.
+_MIXING_OPTIMIZERS = tuple(getattr(torch.optim, name) for name in ("Adafactor", "Muon") if hasattr(torch.optim, name))
+
+_MAXIMIZE = (
+    "maximize=True: SVGD already moves the particles up log p (it gives the inner optimizer -phi to descend)"
+)
 
 
 class SVGD(torch.optim.Optimizer):
@@ -37,7 +46,8 @@ class SVGD(torch.optim.Optimizer):
 
     With `group=` (a torch.distributed process group), each rank passes its own slice of the particles
     and the kernel couples all of them (see `bmt_fast.svgd_step`); torch's first-order optimizers (SGD,
-    Adam, Adagrad, RMSprop...) act elementwise, so the ranks together move the particles as one process would.
+    Adam, Adagrad, RMSprop...) act elementwise, so the ranks together move the particles as one process would
+    (Adafactor and Muon, whose updates mix elements across the tensor, are refused there).
     """
 
     def __init__(
@@ -66,18 +76,26 @@ class SVGD(torch.optim.Optimizer):
                 "optimizer: LBFGS searches along a loss its closure re-evaluates; the SVGD direction phi is not "
                 "the gradient of any loss: use a first-order optimizer (Adagrad, Adam, SGD, RMSprop, ...)"
             )
+        if group is not None and issubclass(optimizer, _MIXING_OPTIMIZERS):
+            # (each rank's update would read its own slice only: Adafactor had moved the particles 0.1 - 0.2 away
+            # from one process's in 5 steps, silently)
+            raise TypeError(
+                f"optimizer: {optimizer.__name__}'s update mixes elements across the tensor, so ranks that hold "
+                "slices of the particles (group=) cannot move them as one process would: use an elementwise "
+                "optimizer (Adagrad, Adam, SGD, RMSprop, ...)"
+            )
         if optimizer_kwargs.get("maximize"):
             # grad = -phi for the inner rule's descent: maximize=True had moved the particles against phi
             # (N(1, 0.5 I): their mean went to -1.46 in 30 Adam steps), silently
-            raise ValueError(
-                "maximize=True: SVGD already moves the particles up log p (it gives the inner optimizer -phi "
-                "to descend); leave maximize out"
-            )
+            raise ValueError(f"{_MAXIMIZE}; leave maximize out")
+        # (a sparse or 0-dim tensor: refused here, where it had failed at the first step or inside the optimizer)
+        check_particles("particles", particles, min_rows=0)
         check_bandwidth(bandwidth, particles)
-        if particles.dim() >= 1 and particles.numel() > 0:  # an unknown or unavailable backend, named now
-            select(backend, "svgd_step", as_rows(particles.detach()))
+        rows = as_rows(particles.detach())  # an unknown or unavailable backend, named now (no rows: a one-row probe)
+        select(backend, "svgd_step", rows if rows.shape[0] else rows.new_empty((1, rows.shape[1])))
         particles.requires_grad_(True)
         self.inner = optimizer([particles], **optimizer_kwargs)
+        self._refuse_maximize("the optimizer")
         self.particles = particles
         self.bandwidth = bandwidth
         self.backend = backend
@@ -85,6 +103,11 @@ class SVGD(torch.optim.Optimizer):
         self.group = group
         super().__init__([particles], dict(self.inner.defaults))
         self._share_inner_state()
+
+    def _refuse_maximize(self, where: str) -> None:
+        # (set by an optimizer subclass's defaults, or in param_groups since: the keyword check misses those)
+        if any(group.get("maximize") for group in self.inner.param_groups):
+            raise ValueError(f"{_MAXIMIZE}; {where} has maximize=True in its param groups: set it to False")
 
     def _share_inner_state(self) -> None:
         # One set of param groups and state: schedulers that edit lr here reach the inner optimizer.
@@ -102,6 +125,7 @@ class SVGD(torch.optim.Optimizer):
 
         particles.grad is set to -phi: written into the existing gradient tensor when there is one (as
         autograd accumulates into it), else a new tensor."""
+        self._refuse_maximize("the optimizer")  # (before anything changes)
         loss = None
         if closure is None and _takes_no_arguments(score):  # step(closure), as torch optimizers are called
             score, closure = None, score
@@ -115,7 +139,9 @@ class SVGD(torch.optim.Optimizer):
                     "SVGD.step needs a score: pass one (a tensor or a callable particles -> scores), or a closure "
                     "whose backward of the negative log density sets particles.grad, or call backward first"
                 )
-            score = -grad
+            # (a sparse gradient, e.g. of nn.Embedding(sparse=True): densified, where it had been refused as a
+            # sparse `score` the caller never passed)
+            score = -(grad if grad.layout == torch.strided else grad.to_dense())
         elif closure is not None:
             raise TypeError("SVGD.step takes a score or a closure, not both")
         if callable(score):

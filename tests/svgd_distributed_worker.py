@@ -152,6 +152,11 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "score_overflow": error_of(step(torch.randn(3, 2), torch.full((3, 2), torch.finfo(torch.float32).max), 1.0)),
         # check_inputs on one rank only: no error (rank 0 had raised alone, rank 1 hung in the all-gather)
         "check_inputs_on_one_rank": error_of(step(torch.randn(3, 4), bandwidth=1.0, check_inputs=rank == 0)),
+        # a NaN score on the rank that does not check, where the other checks: raised on every rank (the checking
+        # rank had got a phi all NaN without an error)
+        "nan_on_the_unchecked_rank": error_of(
+            step(nan.new_ones(3, 4), nan[:, 1:].expand(3, 4) if rank else None, bandwidth=1.0, check_inputs=rank == 0)
+        ),
         # ... but the fold's overflow where one rank checks: raised on every rank (rank 1 had returned NaN)
         "fold_overflow_checked_on_one_rank": error_of(
             step(torch.arange(6.0).reshape(3, 2) * 10 + 100 * rank, bandwidth=1.2e-38, check_inputs=rank == 0)

@@ -172,6 +172,56 @@ def test_step_from_a_backward_or_a_closure_as_torch_optimizers_take_one():
     with pytest.raises(ValueError, match="the state dict has maximize=True"):
         svgd.load_state_dict(adam.state_dict())
     assert svgd.param_groups[0]["maximize"] is False
+    # nor from an optimizer class's own defaults, or param groups set since (only the keyword had been looked at:
+    # a subclass with maximize=True had moved the particles away from N(1, I), silently)
+
+    class MaxAdam(torch.optim.Adam):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, maximize=True, **kwargs)
+
+    with pytest.raises(ValueError, match="maximize=True in its param groups"):
+        bmt_fast.SVGD(torch.randn(4, 2), MaxAdam, lr=0.1)
+    svgd.param_groups[0]["maximize"] = True
+    before = svgd.particles.detach().clone()
+    with pytest.raises(ValueError, match="maximize=True in its param groups"):
+        svgd.step(-svgd.particles.detach())
+    assert torch.equal(svgd.particles.detach(), before) and svgd.particles.grad is None  # nothing changed
+
+
+def test_construction_checks_what_the_step_would_refuse():
+    """A sparse or 0-dim particle tensor and an unknown backend with no particles yet are refused when the
+    optimizer is built (the first step or the inner optimizer had failed on them, with torch's message)."""
+    with pytest.raises(TypeError, match="particles must be a dense .strided. tensor"):
+        bmt_fast.SVGD(torch.randn(4, 2).to_sparse())
+    with pytest.raises(ValueError, match="particles must have shape .n, .event., got a 0-dim tensor"):
+        bmt_fast.SVGD(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        bmt_fast.SVGD(torch.randn(0, 3), torch.optim.SGD, backend="nope", lr=0.1)
+    bmt_fast.SVGD(torch.randn(0, 3), torch.optim.SGD, lr=0.1)  # (no rows: fine on a rank that holds none)
+
+
+def test_a_sparse_gradient_is_taken_as_its_dense_score():
+    """`loss.backward(); opt.step()` with a sparse .grad (e.g. nn.Embedding(sparse=True)): the score is the dense
+    -grad (it had been refused as a sparse `score`, which the caller never passed)."""
+    embedding = torch.nn.Embedding(6, 3, sparse=True)
+    opt = bmt_fast.SVGD(embedding.weight, torch.optim.SGD, lr=0.1)
+    before = embedding.weight.detach().clone()
+    embedding(torch.tensor([0, 2, 2, 5])).pow(2).sum().backward()
+    assert embedding.weight.grad.layout == torch.sparse_coo
+    score = -embedding.weight.grad.to_dense()
+    phi = opt.step()
+    torch.testing.assert_close(phi, bmt_fast.svgd_step(before, score))
+    torch.testing.assert_close(embedding.weight.detach(), before + 0.1 * phi)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch.optim.Adafactor is newer than this torch")
+def test_optimizers_that_mix_elements_are_refused_over_slices():
+    """With group= each rank steps its own slice: Adafactor (and Muon), whose updates read other elements of the
+    tensor, had moved the particles 0.1 - 0.2 away from one process's in 5 steps, silently. Refused there (the
+    group is not touched before); without a group they are the optimizer's own rule, as any other."""
+    with pytest.raises(TypeError, match="Adafactor's update mixes elements across the tensor"):
+        bmt_fast.SVGD(torch.randn(4, 2), torch.optim.Adafactor, group=object(), lr=0.1)
+    bmt_fast.SVGD(torch.randn(4, 2), torch.optim.Adafactor, lr=0.1).step(-torch.randn(4, 2))
 
 
 def test_which_callables_are_closures():

@@ -138,6 +138,7 @@ BAD_INPUTS = {
     "check_inputs_on_one_rank": ("", ""),
     "fold_overflow": ("ValueError", "bandwidth 1.2e-38 is too small for these torch.float32 particles"),
     "score_overflow": ("", ""),
+    "nan_on_the_unchecked_rank": ("ValueError", "NaN/Inf values on rank(s) [1] of the group"),
     "fold_overflow_checked_on_one_rank": ("ValueError", "bandwidth 1.2e-38 is too small for these torch.float32 particles"),
     "event_key_collision": ("ValueError", "same event shape on every rank"),
     "vmap_batch_differs": ("ValueError", "same batch size on every rank, got rank 0: 2, rank 1: 3"),
