@@ -3,6 +3,12 @@
     python -m benchmarks.svgd_step --quick
     python -m benchmarks.svgd_step                          # full sweep for the device
     python -m benchmarks.svgd_step --sizes 8192x128,65536x64,16x409600
+    python -m benchmarks.svgd_step --data clusters --dtype bfloat16 --sizes 65536x128
+
+`--data clusters`: two clusters 0.05 wide whose centres are drawn N(0, 10²) per feature, H the mean squared
+distance within a cluster (2 · 0.05² · d): particles spread far beyond the kernel's width, where the bf16
+GPU kernels take their split form (README "GPU precision"); the default, standard-normal particles with H
+from `harness.bandwidth_for`, takes their folded form. Run both to time the one against the other.
 
 Nominal work: 6 n² d FLOPs (2 n² d for the distances, 4 n² d for K @ [score | x]); achieved FLOP/s are
 computed from it whatever a provider actually does (bmt_fast's CPU kernel folds score and x into one
@@ -14,6 +20,8 @@ once, write phi: 4 n d elements.
 from __future__ import annotations
 
 import torch
+
+import dataclasses
 
 from bmt_fast import reference
 from benchmarks import harness
@@ -77,6 +85,51 @@ SPEC = harness.OpSpec(
     reference=lambda inp: reference.svgd_step(inp.x, inp.score, inp.h),
     sweep=sweep,
     description=__doc__.splitlines()[0],
+)
+
+
+CLUSTER_WIDTH = 0.05
+CLUSTER_SPREAD = 10.0
+# Tolerances are this many times the Gaussian data's: distances far below the particles' squared norms put
+# fp32 itself 4e-4 - 2e-3 off (torch's own formula up to 5e-3 at 8 x 2048), bf16 within its rounding (README).
+CLUSTER_ERROR_SCALE = 64.0
+
+
+def cluster_bandwidth(case: Case) -> float:
+    """The mean squared distance of two particles of one cluster: 2 w² d."""
+    return 2.0 * CLUSTER_WIDTH**2 * case.d
+
+
+def cluster_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+    """Two clusters CLUSTER_WIDTH wide, centres N(0, CLUSTER_SPREAD²) per feature, alternating rows; scores
+    standard normal; H = cluster_bandwidth (far below the squared distance between the clusters)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    centres = torch.randn(2, case.d, generator=generator) * CLUSTER_SPREAD
+    x = centres[torch.arange(case.n) % 2] + CLUSTER_WIDTH * torch.randn(case.n, case.d, generator=generator)
+    score = torch.randn(case.n, case.d, generator=generator)
+    h = cluster_bandwidth(case)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return Inputs(x.to(device=device, dtype=dtype), score.to(device=device, dtype=dtype),
+                  torch.tensor(h, dtype=acc, device=device), h)  # fmt: skip
+
+
+def spec_for(data: str) -> harness.OpSpec:
+    if data == "gaussian":
+        return SPEC
+    return dataclasses.replace(
+        SPEC,
+        make_inputs=cluster_inputs,
+        bandwidth_label=lambda case: f"{cluster_bandwidth(case):.6g}",
+        describe=lambda case: f"two clusters {CLUSTER_WIDTH} wide, centres N(0, {CLUSTER_SPREAD:g}^2), H within one",
+        error_scale=CLUSTER_ERROR_SCALE,
+    )
+
+
+SPEC = dataclasses.replace(
+    SPEC,
+    options={"data": dict(choices=["gaussian", "clusters"], default="gaussian",
+                          help="the particles (default gaussian; clusters: far apart next to the kernel's width)")},  # fmt: skip
+    configure=lambda options: spec_for(options.get("data") or "gaussian"),
 )
 
 

@@ -117,6 +117,13 @@ if wants profile; then  # where the time of the two target rows goes, launch by 
     --providers bmt_fast-cuda,bmt_fast-cuda-streamed,bmt_fast-triton && '$PY' -m benchmarks.profile --device cuda --dtype bfloat16 \
     --sizes 65536x128 --calls 3 --providers bmt_fast-cuda,bmt_fast-triton --out '$OUT/profile.txt'"
 fi
+# The bf16 kernels' split form (particles spread beyond 8 sqrt(H): --data clusters) against their folded form (the
+# default data) at the same sizes, one run after the other: what the split costs (README "GPU precision"; not yet
+# timed on a GPU).
+bench split_bf16 120 svgd_step --dtype bfloat16 --data clusters --sizes 65536x128,8192x128,4096x768 \
+  --providers bmt_fast-cuda,bmt_fast-triton
+bench fold_bf16 120 svgd_step --dtype bfloat16 --sizes 65536x128,8192x128,4096x768 \
+  --providers bmt_fast-cuda,bmt_fast-triton
 bench auto_fp32 150 svgd_step --dtype float32 --sizes 1024x16,8192x128,65536x64,4096x768,65536x3,256x768 \
   --providers bmt_fast-cuda,bmt_fast-triton,torch-naive,attention-sdpa
 bench auto_bf16 120 svgd_step --dtype bfloat16 --sizes 1024x16,8192x128,65536x64,4096x768,4x409600 \

@@ -731,3 +731,22 @@ def test_cpu_peak_memory_counts_what_the_block_cache_could_serve():
         assert measure() >= 0.8 * first
     finally:
         libc.mallopt(m_mmap_max, 65536)  # glibc's default
+
+
+@requires_cpu_extension
+def test_the_clusters_data_option(tmp_path):
+    """`--data clusters`: particles far apart next to the kernel's width (the GPU kernels' split form), H within
+    a cluster; its rows say so, and the providers' tolerances follow the data's conditioning (fp32 itself is
+    ~1e-3 off there)."""
+    case = Case(300, 32)
+    inputs = svgd_step.cluster_inputs(case, torch.float32, CPU)
+    spread = float((inputs.x - inputs.x.mean(0)).abs().max())
+    assert inputs.h_float == pytest.approx(2 * 0.05**2 * 32) and spread > 8 * math.sqrt(inputs.h_float)
+    out = tmp_path / "clusters.csv"
+    svgd_step.main(["--data", "clusters", "--sizes", "300x32", "--providers", "bmt_fast-cpu,torch-naive", "--out", str(out)])
+    rows = {r["provider"]: r for r in read_csv(out)}
+    assert rows["bmt_fast-cpu"]["status"] == "ok" and rows["torch-naive"]["status"] == "ok", rows
+    assert all("two clusters 0.05 wide" in r["note"] and float(r["bandwidth"]) == pytest.approx(0.16) for r in rows.values())
+    assert float(rows["torch-naive"]["max_rel_err"]) < 64 * 1e-3
+    with pytest.raises(SystemExit):
+        svgd_step.main(["--data", "spirals", "--sizes", "8x8", "--out", str(out)])
