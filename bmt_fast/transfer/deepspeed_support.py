@@ -84,6 +84,13 @@ def read_ds_config(source: str | Path | dict[str, Any], cfg: RunConfig, world_si
         if section in ds and not isinstance(ds[section], dict):
             raise ConfigError(f"--deepspeed: {section!r} must be a JSON object, got {json.dumps(ds[section])}")
     stage = zero_stage(ds)
+    for key in ("offload_param", "offload_optimizer"):  # (a string, e.g. "cpu", had passed to deepspeed.initialize)
+        value = ds.get("zero_optimization", {}).get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(
+                f'--deepspeed: zero_optimization.{key} must be a JSON object such as {{"device": "cpu"}}, got '
+                f"{json.dumps(value)}"
+            )
     offload = ds.get("zero_optimization", {}).get("offload_param")
     if stage < 3 and isinstance(offload, dict) and offload.get("device", "none") != "none":
         raise ConfigError(

@@ -276,6 +276,8 @@ def test_cli_source_stage_under_zero3_bf16_follows_the_plain_bf16_trainer(ds_run
         # true had been stage 1; a disabled bf16 section had been switched on for a bf16 model.dtype; "true"
         # (which DeepSpeed reads as true) had not counted as enabled, and passed a float32 model.dtype
         ({"zero_optimization": {"stage": True}}, "float32", "stage must be 0, 1, 2 or 3, got True"),
+        # an offload section that is no object (DeepSpeed's own error had come at initialize, after the load)
+        ({"zero_optimization": {"stage": 3, "offload_param": "cpu"}}, "float32", 'offload_param must be a JSON object such as {"device": "cpu"}, got "cpu"'),
         ({"bf16": {"enabled": False}}, "bfloat16", "bf16.enabled is false but model.dtype=bfloat16"),
         ({"fp16": {"enabled": "false"}}, "float16", "fp16.enabled is false but model.dtype=float16"),
         ({"fp16": {"enabled": "true"}}, "float32", "fp16.enabled but model.dtype=float32; set model.dtype=float16"),
