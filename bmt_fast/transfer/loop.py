@@ -126,7 +126,7 @@ def run_loop(
     stage_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(stage_dir / "metrics.jsonl") if world.is_main else None
     window = _Window()
-    start = _restore(stage_dir, trainable, log, world, window) if resume else 0
+    start = _restore(stage_dir, trainable, log, world, window, settings.steps) if resume else 0
     show = settings.progress and world.is_main
     bar = tqdm(total=settings.steps, initial=start, desc=settings.description, disable=not show)
     saved = start  # the latest checkpoint's step (0: none)
@@ -136,6 +136,8 @@ def run_loop(
         # with the metrics of the steps since the last log line: where log_every does not divide
         # checkpoint_every, a resumed run's next line had averaged only the steps after the checkpoint
         state = {"trainable": trainable.state_dict(), "rng": world.rng_state(), "metrics_window": window.values}
+        if window.open:  # (the last step's line closed a window short of log_every: see _restore)
+            state["metrics_open_window"] = window.open
         path = checkpoint_path(stage_dir, step)
         if world.is_main:
             save_checkpoint(stage_dir, step, state, meta, settings.keep_checkpoints)
@@ -157,6 +159,8 @@ def run_loop(
             where = f"the latest checkpoint is step {saved}" if saved else "no checkpoint was written"
             raise Diverged(f"{settings.description}: step {step}: {error} ({where}, in {stage_dir})") from None
         if step % settings.log_every == 0 or step == settings.steps:
+            # the last step's line, short of log_every: its steps kept apart for a later run with more steps
+            window.open = {key: list(v) for key, v in window.values.items()} if step % settings.log_every else {}
             record = {"step": step, **window.mean(), **trainable.diagnostics()}
             if log:
                 log.log(record)
@@ -171,7 +175,9 @@ def run_loop(
     return settings.steps
 
 
-def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog | None, world: World, window: "_Window") -> int:
+def _restore(
+    stage_dir: Path, trainable: Trainable, log: MetricsLog | None, world: World, window: "_Window", steps: int
+) -> int:
     if world.is_main:
         remove_partial_checkpoints(stage_dir)
     checkpoint = load_latest_checkpoint(stage_dir)
@@ -185,6 +191,15 @@ def _restore(stage_dir: Path, trainable: Trainable, log: MetricsLog | None, worl
     window.values = {key: list(values) for key, values in checkpoint.state.get("metrics_window", {}).items()}
     if log:
         log.truncate_after(checkpoint.step)
+    opened = checkpoint.state.get("metrics_open_window") or {}
+    if opened and steps > checkpoint.step:
+        # A finished stage continued with more steps: its last line averaged the steps since the line before,
+        # short of log_every. A stage that never stopped has no line there, and its next line averages those
+        # steps too: that line goes, and its steps go back into the window (they had stayed as an extra line,
+        # and the next line had averaged the new steps alone).
+        window.values = {key: list(values) for key, values in opened.items()}
+        if log:
+            log.drop_last(checkpoint.step, set(opened))
     logger.info("%s: resuming from %s (step %d)", stage_dir, checkpoint.path.name, checkpoint.step)
     return checkpoint.step
 
@@ -194,6 +209,7 @@ class _Window:
 
     def __init__(self):
         self.values: dict[str, list[Any]] = {}
+        self.open: dict[str, list[Any]] = {}  # the steps of a last line short of log_every
 
     def add(self, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():

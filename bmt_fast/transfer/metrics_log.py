@@ -26,9 +26,24 @@ class MetricsLog:
         """Keep the records up to `step` (and drop a last line a killed run left half written)."""
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self._rewrite([r for r in read_metrics(self.path) if r.get("step", 0) <= step])
+
+
+    def drop_last(self, step: int, keys: set[str]) -> None:
+        """Remove the last record of `step` that holds all of `keys` (a window's line; other lines of that
+        step, e.g. an evaluation's, stay)."""
+        if not self.path.exists():
+            return
+        records = read_metrics(self.path)
+        for index in range(len(records) - 1, -1, -1):
+            if records[index].get("step") == step and keys <= records[index].keys():
+                del records[index]
+                self._rewrite(records)
+                return
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(to_json(r) + "\n" for r in kept))
+        tmp.write_text("".join(to_json(r) + "\n" for r in records))
         tmp.replace(self.path)
 
 

@@ -338,3 +338,25 @@ def test_a_resumed_stage_logs_the_lines_of_one_that_never_stopped(tmp_path):
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in full] == [3, 6, 8]
     assert read_metrics(tmp_path / "crashed" / "metrics.jsonl") == full
+
+
+def test_a_finished_stage_continued_logs_the_lines_of_one_that_never_stopped(tmp_path):
+    """log_every=3: a stage of 5 steps logs steps 3 and 5 (5 averages steps 4-5); continued to 8 steps (--resume
+    with more steps) it logs what a stage of 8 steps does: 3, 6 (steps 4-6) and 8. It had kept the line of step
+    5 and averaged steps 6 only at step 6. An evaluation's line at step 5 stays."""
+    from bmt_fast.transfer.loop import LoopSettings, run_loop
+    from bmt_fast.transfer.metrics_log import MetricsLog, read_metrics
+
+    ys = torch.randn(8, 2)
+    eight = LoopSettings(steps=8, log_every=3, checkpoint_every=2, progress=False, description="toy")
+    run_loop(tmp_path / "full", _LeastSquares(ys), eight, {})
+    five = LoopSettings(steps=5, log_every=3, checkpoint_every=2, progress=False, description="toy")
+    run_loop(tmp_path / "grown", _LeastSquares(ys), five, {})
+    assert [r["step"] for r in read_metrics(tmp_path / "grown" / "metrics.jsonl")] == [3, 5]
+    MetricsLog(tmp_path / "grown" / "metrics.jsonl").log({"step": 5, "eval_accuracy": 0.5})
+    run_loop(tmp_path / "grown", _LeastSquares(ys), five, {}, resume=True)  # the same steps: nothing changes
+    assert [r["step"] for r in read_metrics(tmp_path / "grown" / "metrics.jsonl")] == [3, 5, 5]
+    run_loop(tmp_path / "grown", _LeastSquares(ys), eight, {}, resume=True)
+    grown = read_metrics(tmp_path / "grown" / "metrics.jsonl")
+    assert grown == [*read_metrics(tmp_path / "full" / "metrics.jsonl")[:1], {"step": 5, "eval_accuracy": 0.5},
+                     *read_metrics(tmp_path / "full" / "metrics.jsonl")[1:]]  # fmt: skip
