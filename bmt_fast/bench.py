@@ -54,12 +54,13 @@ def load_benchmarks():
     return module
 
 
-def run(op: str, options: list[str]) -> int:
-    """Runs `benchmarks.main([op, *options])`; 2 when the benchmarks are not there."""
+def run(op: str | None, options: list[str]) -> int:
+    """Runs `benchmarks.main([op, *options])` (no op: its usage, naming the ops); 2 when the benchmarks are not
+    there."""
     try:
         benchmarks = load_benchmarks()
     except BenchmarksNotFound as exc:
         print(f"bmt-fast bench: {exc}", file=sys.stderr)
         return 2
-    benchmarks.main([op, *options])
+    benchmarks.main([op, *options] if op else list(options))
     return 0

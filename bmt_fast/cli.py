@@ -120,8 +120,10 @@ def _trainer_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("op", help="svgd_step, svgd_step_vmap, rbf_kernel, rbf_kernel_grad, median_bandwidth, kde_prior, "
-                        "prompt_transfer_step, or plot")  # fmt: skip
+    # (optional here: without one the benchmarks' usage names the ops, where argparse had said "required: op,
+    # options")
+    parser.add_argument("op", nargs="?", help="svgd_step, svgd_step_vmap, rbf_kernel, rbf_kernel_grad, median_bandwidth, "
+                        "kde_prior, prompt_transfer_step, or plot")  # fmt: skip
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options (bmt-fast bench OP --help)")
 
 

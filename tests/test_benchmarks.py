@@ -563,6 +563,8 @@ def test_bench_lists_the_providers_of_an_op(capsys):
 def test_bench_rejects_an_unknown_op():
     with pytest.raises(SystemExit, match="prompt_transfer_step"):
         cli.main(["bench", "no_such_op"])
+    with pytest.raises(SystemExit, match="svgd_step,svgd_step_vmap"):  # no op: the ops (argparse had said "required")
+        cli.main(["bench"])
 
 
 def test_bench_outside_a_checkout_says_where_the_benchmarks_are(tmp_path, monkeypatch, capsys):
