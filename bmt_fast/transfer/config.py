@@ -521,16 +521,16 @@ def _backend(name: str, value: str) -> None:
 
 
 def _bandwidth(name: str, value: str | float, dtype: torch.dtype) -> None:
-    """"median" or a number at least the smallest normal number of `dtype`, the arithmetic it is used in (the
-    lower bound of bmt_fast's check_bandwidth: below it 1/H overflows, and the op refused it only when
+    """"median" or a number that bmt_fast's check_bandwidth takes for particles of `dtype`, the arithmetic it is
+    used in (at least its smallest normal number: below it 1/H overflows, and the op refused it only when
     training reached it, after earlier stages had trained)."""
     if isinstance(value, str):
         _choice(name, value, ("median",))
         return
+    from .._validation import check_bandwidth
+
     _positive(name, value)
-    tiny = torch.finfo(dtype).tiny
-    if value < tiny:
-        raise ConfigError(
-            f"{name} must be >= {tiny:g} ({str(dtype).removeprefix('torch.')}'s smallest normal number, the "
-            f"arithmetic it is used in: 1/H would overflow), got {value:g}"
-        )
+    try:
+        check_bandwidth(float(value), torch.empty(0, dtype=dtype))
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None

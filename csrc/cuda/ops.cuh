@@ -623,12 +623,10 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const
   const at::Tensor h = h_given ? bandwidth_as(*h_given, at::kFloat, dev) : median_tiled_mma<kHalf>(xb, n, dev, scale);
   const at::Tensor h_scaled = kHalf ? h * (scale * scale) : h;  // the kernel's distances are the scaled values'
   const at::Tensor a = 2.0 / h;
-  at::Tensor w = score.to(at::kFloat) - a * xc;
   std::optional<at::Tensor> split;  // (bf16) a 0-dim bool on the device
-  if (!kHalf) {
-    split = xc.abs().amax().square_() > h * (kSplitSpread * kSplitSpread);  // (a NaN spread or H: folded)
-    w = at::where(*split, score.to(at::kFloat), w);
-  }
+  if (!kHalf) split = xc.abs().amax().square_() > h * (kSplitSpread * kSplitSpread);  // (a NaN spread or H: folded)
+  // W = score - a_w xc with a_w = a (folded) or 0 (split: W = score), a 0-dim choice: no pass over W to select
+  at::Tensor w = score.to(at::kFloat) - (split ? at::where(*split, at::zeros_like(a), a) : a) * xc;
   std::optional<at::Tensor> w_scale;
   if constexpr (kHalf) {  // a power of two that brings max |W| to 2^14 (fp16 overflows at 65504)
     // of the finite entries: a NaN / Inf score stays in its column (as the reference's), not in all of phi
@@ -640,7 +638,6 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const
   at::Tensor wt = at::zeros({round_up(d, G::kFeatures), rows_padded}, xc.options().dtype(dtype));
   wt.narrow(0, 0, d).narrow(1, 0, n).copy_(w.t());
   at::Tensor phi = at::empty({n, d}, xc.options().dtype(dtype));
-  const at::Tensor score16 = score.to(dtype).contiguous();
   MmaParams<float> p{};
   p.a = p.b = pointer<uint16_t>(xb.values);
   p.a_norms = p.b_norms = pointer<float>(xb.norms);
@@ -653,7 +650,7 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const
   p.d = d;
   p.phi = mutable_pointer<uint16_t>(phi);
   p.xc = pointer<float>(xc);
-  p.score = pointer<uint16_t>(score16);
+  p.score = pointer<uint16_t>(score);  // (contiguous, x's dtype: svgd_step)
   p.repulsion = pointer<float>(a);
   if (w_scale) p.w_scale = pointer<float>(*w_scale);
   if (split) p.split = pointer<bool>(*split);

@@ -123,10 +123,10 @@ BMT_GLOBAL void BMT_LAUNCH_BOUNDS(256, 1) mma_tile_kernel(const MmaParams<Out> p
   // the split form (bf16): the depth chunks of S in the order y + 1, ..., num_chunks - 1, 0, ..., y, so that
   // the epilogue finds the CTA's own features (chunk y = blockIdx.y: kChunk == kFeatures) in B_J
   bool split = false;
-  float neg_a = 0.f;  // -2 / H
+  float neg_a = 0.f;  // -2 / H (bf16: no operand scale, so p.repulsion's H is the kernel's)
   if constexpr (kSvgd && !kHalf) {
     split = p.split != nullptr && *p.split;
-    neg_a = -2.f * inverse_bandwidth(*p.bandwidth);
+    neg_a = -*p.repulsion;
   }
   static_assert(G::kChunk == G::kFeatures, "the split form finds a CTA's features in one depth chunk");
   const int chunk_shift = split ? static_cast<int>(blockIdx.y) + 1 : 0;
