@@ -201,9 +201,21 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     try:
-        node[parts[-1]] = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+        value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"override {item!r}: the value is not valid YAML: {error}") from error
+    _merge_into(node, parts[-1], value)
+
+
+def _merge_into(node: dict[str, Any], key: str, value: Any) -> None:
+    """node[key] = value, where a mapping given for a section merges into it key by key, as Hydra's overrides
+    do (`source={steps: 3}` had replaced the whole section: its other keys, given in the YAML, went back to
+    their defaults)."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for name, item in value.items():
+            _merge_into(node[key], name, item)
+    else:
+        node[key] = value
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -84,6 +84,8 @@ def read_ds_config(source: str | Path | dict[str, Any], cfg: RunConfig, world_si
         if section in ds and not isinstance(ds[section], dict):
             raise ConfigError(f"--deepspeed: {section!r} must be a JSON object, got {json.dumps(ds[section])}")
     stage = zero_stage(ds)
+    if "stage" in ds.get("zero_optimization", {}):
+        ds["zero_optimization"]["stage"] = stage  # (3.0 as 3)
     for key in ("offload_param", "offload_optimizer"):  # (a string, e.g. "cpu", had passed to deepspeed.initialize)
         value = ds.get("zero_optimization", {}).get(key)
         if value is not None and not isinstance(value, dict):
@@ -106,7 +108,7 @@ def zero_stage(ds: dict[str, Any]) -> int:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # (true had been read as stage 1)
         raise ConfigError(f"--deepspeed: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    return stage
+    return int(stage)  # (3.0, which DeepSpeed reads as 3, as 3 in the messages and records)
 
 
 # The strings DeepSpeed's config (pydantic) reads as booleans, case aside.

@@ -362,3 +362,19 @@ def test_a_max_target_length_that_cuts_a_label_word_is_a_config_error(model_dirs
     run.pm.max_target_length = 1
     with pytest.raises(ConfigError, match="raise it to at least"):
         evaluate_prompt(run.pm, run.initial_prompts(1)[0], task, task.examples["validation"][:2], batch_size=4)
+
+
+def test_a_mapping_override_merges_into_its_section(tmp_path):
+    """`source={steps: 3}` sets source.steps and keeps the section's other keys, as Hydra's overrides do (it
+    had replaced the section: the YAML's lr went back to its default); nested mappings merge too, other
+    values (a list, a scalar, null) replace."""
+    (tmp_path / "run.yaml").write_text("source: {steps: 2, lr: 0.5}\ndata: {source_tasks: [a, b]}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["source={steps: 3, num_particles: 6}", "data={source_tasks: [c]}"])
+    assert (cfg.source.steps, cfg.source.lr, cfg.source.num_particles) == (3, 0.5, 6)
+    assert cfg.data.source_tasks == ["c"]
+    cfg = load_config(tmp_path / "run.yaml", ["source={}"])
+    assert (cfg.source.steps, cfg.source.lr) == (2, 0.5)  # (an empty mapping changes nothing)
+    cfg = load_config(tmp_path / "run.yaml", ["source="])  # (null: the section's defaults, as in YAML)
+    assert (cfg.source.steps, cfg.source.lr) == (RunConfig().source.steps, RunConfig().source.lr)
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) source.stepz"):
+        load_config(tmp_path / "run.yaml", ["source={stepz: 3}"])

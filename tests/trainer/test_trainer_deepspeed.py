@@ -276,6 +276,7 @@ def test_cli_source_stage_under_zero3_bf16_follows_the_plain_bf16_trainer(ds_run
         # true had been stage 1; a disabled bf16 section had been switched on for a bf16 model.dtype; "true"
         # (which DeepSpeed reads as true) had not counted as enabled, and passed a float32 model.dtype
         ({"zero_optimization": {"stage": True}}, "float32", "stage must be 0, 1, 2 or 3, got True"),
+        ({"zero_optimization": {"stage": 2.5}}, "float32", "stage must be 0, 1, 2 or 3, got 2.5"),
         # an offload section that is no object (DeepSpeed's own error had come at initialize, after the load)
         ({"zero_optimization": {"stage": 3, "offload_param": "cpu"}}, "float32", 'offload_param must be a JSON object such as {"device": "cpu"}, got "cpu"'),
         ({"bf16": {"enabled": False}}, "bfloat16", "bf16.enabled is false but model.dtype=bfloat16"),
@@ -298,6 +299,7 @@ def test_ds_config_gets_precision_and_batch_keys(tmp_path, model_dirs):
 
     cfg = make_config(tmp_path, model_dirs["llama"], model={"dtype": "bfloat16"})
     ds = read_ds_config({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}, cfg, world_size=4)
+    assert type(read_ds_config({"zero_optimization": {"stage": 3.0}}, cfg, world_size=4)["zero_optimization"]["stage"]) is int
     assert ds["bf16"] == {"enabled": True}
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 1, 4)
     # batch keys written for 8 GPUs (DeepSpeed's check: 32 != 4 * 1 * 2 had stopped ZeRO-3 in from_pretrained)
