@@ -111,20 +111,46 @@ def label_nll(
 def generate(
     pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], batch_size: int, max_new_tokens: int
 ) -> list[str]:
-    """Greedy decoding after the prompt; special tokens removed, whitespace stripped."""
+    """Greedy decoding after the prompt, and nothing else: the backbone's generation_config.json is not read
+    (its repetition_penalty, no_repeat_ngram_size, min_length, ... had changed the "greedy" output); each
+    sequence ends before its first EOS (the pads after it are ordinary tokens where a tokenizer has no pad
+    token and the config's pad_token_id names one), special tokens are removed, whitespace stripped, and a
+    decoder-only backbone's model.target_prefix, which it learnt to write before each answer, taken off."""
+    from transformers import GenerationConfig
+
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pm.pad_id,
+        eos_token_id=pm.eos_id,
+        decoder_start_token_id=pm.model.config.decoder_start_token_id if pm.model.config.is_encoder_decoder else None,
+    )
+    prefix = pm.target_prefix.strip()
     texts: list[str] = []
     for chunk in _chunks(examples, batch_size):
         inputs = pm.prompted_inputs(prompt, pm.encode(chunk))
-        output = pm.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pm.pad_id,
-            eos_token_id=pm.eos_id,
-        )
-        texts.extend(t.strip() for t in pm.tokenizer.batch_decode(output, skip_special_tokens=True))
+        output = _generate_plain(pm.model, inputs, settings)
+        for row in output.tolist():
+            if pm.model.config.is_encoder_decoder and row and row[0] == settings.decoder_start_token_id:
+                row = row[1:]  # (the decoder's start token, which may be an ordinary token such as pad)
+            row = row[: row.index(pm.eos_id)] if pm.eos_id in row else row
+            text = pm.tokenizer.decode(row, skip_special_tokens=True).strip()
+            texts.append(text[len(prefix) :].strip() if prefix and text.startswith(prefix) else text)
     return texts
+
+
+def _generate_plain(model: torch.nn.Module, inputs: dict[str, torch.Tensor], settings) -> torch.Tensor:
+    """model.generate under `settings` alone: transformers fills what a given GenerationConfig leaves unset
+    from model.generation_config (the checkpoint's generation_config.json), so that is set aside meanwhile."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        return model.generate(**inputs, generation_config=settings)
+    finally:
+        model.generation_config = saved
 
 
 def _chunks(items: Sequence, size: int):

@@ -364,7 +364,7 @@ class Run:
         stage_dir = self.target_dir(method)
         if self.finished("target", method):
             if self.cfg.target.export_peft:  # (turned on since it trained: export_peft is a resumable change)
-                if self.world.is_main and not _has_adapter(stage_dir / "peft"):
+                if self.world.is_main and not _adapter_holds(stage_dir / "peft", stage_dir / PROMPT_FILE):
                     logger.info("target %s: finished; exporting its prompt as a PEFT adapter", method)
                     self.export_peft(read_prompt(stage_dir / PROMPT_FILE), stage_dir / "peft")
                 self.world.barrier()
@@ -382,6 +382,9 @@ class Run:
             atomic_save_tensors(stage_dir / PROMPT_FILE, {"prompt": final}, {"method": method})
             if self.cfg.target.export_peft:
                 self.export_peft(final, stage_dir / "peft")
+            elif (stage_dir / "peft").exists():  # (a finished target's, trained further since: not this prompt)
+                logger.info("target %s: removing its PEFT adapter of an earlier prompt (target.export_peft is off)", method)
+                shutil.rmtree(stage_dir / "peft")
         return self._write_eval(stage_dir, method, trainer.evaluate(final))
 
     def eval_settings(self) -> dict[str, Any]:
@@ -479,6 +482,17 @@ class Run:
     def export_peft(self, prompt: torch.Tensor, out_dir: Path) -> Path:
         # (the backbone's config: a finished target's export loads no weights for it)
         config = self._pm.model.config if self._pm is not None else config_and_tokenizer(self.cfg.model)[0]
+        # (Marian, Pegasus, BlenderbotSmall, MVP: PeftModel had given label NLLs up to 1.0 apart, silently; a
+        # finished target's export has no weights loaded to tell, so there the config's flag makes it "may")
+        scaled = self._pm.input_scale() != 1.0 if self._pm is not None else bool(getattr(config, "scale_embedding", 0))
+        if scaled:
+            logger.warning(
+                "target.export_peft: this backbone scales its input embeddings only when given input_ids "
+                "(scale_embedding); PEFT feeds the prompt and the inputs' embeddings unscaled, so the adapter in %s "
+                "%s reproduce the trainer's results in PeftModel (bmt-fast eval --prompt reads it as the trainer does)",
+                out_dir,
+                "does not" if self._pm is not None else "may not",
+            )
         return export_peft_prompt(
             prompt,
             out_dir,
@@ -743,6 +757,17 @@ def read_prompt(path: str | Path) -> torch.Tensor:
 
 def _has_adapter(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
+
+
+def _adapter_holds(folder: Path, prompt_file: Path) -> bool:
+    """Whether `folder` is a PEFT adapter of the prompt in prompt_file (one exported before the target was
+    trained further had been kept as current)."""
+    if not _has_adapter(folder):
+        return False
+    try:
+        return torch.equal(read_prompt(folder), read_prompt(prompt_file))
+    except (ConfigError, OSError, ValueError):  # (an unreadable adapter is exported again)
+        return False
 
 
 def _read_adapter_config(path: Path) -> tuple[int, int] | None:

@@ -360,6 +360,19 @@ def test_export_peft_turned_on_with_resume_exports_finished_targets(model_dirs, 
     written = (stage / "peft" / "adapter_model.safetensors").stat().st_mtime_ns
     assert main(["target", *config, "target.methods=[prompt_tuning]", "target.export_peft=true", "--resume"]) == 0
     assert (stage / "peft" / "adapter_model.safetensors").stat().st_mtime_ns == written
+    # trained further without the export: the adapter of the earlier prompt goes (it had stayed, and the next
+    # `--resume target.export_peft=true` had taken it as current: peft/ and prompt.safetensors differed)
+    earlier = read_prompt(stage / PROMPT_FILE)
+    assert main(["target", *config, "target.methods=[prompt_tuning]", "target.steps=2", "--resume"]) == 0
+    assert not torch.equal(read_prompt(stage / PROMPT_FILE), earlier) and not (stage / "peft").exists()
+    assert main(["target", *config, "target.methods=[prompt_tuning]", "target.steps=2", "target.export_peft=true",
+                 "--resume"]) == 0  # fmt: skip
+    assert torch.equal(read_prompt(stage / "peft"), read_prompt(stage / PROMPT_FILE))
+    # an adapter of another prompt (copied in, or left by an older version) is exported again
+    (stage / "peft" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    assert main(["target", *config, "target.methods=[prompt_tuning]", "target.steps=2", "target.export_peft=true",
+                 "--resume"]) == 0  # fmt: skip
+    assert torch.equal(read_prompt(stage / "peft"), read_prompt(stage / PROMPT_FILE))
 
 
 def test_overwrite_removes_nothing_for_a_config_the_backbone_cannot_serve(model_dirs, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -264,6 +265,63 @@ def test_generation_tasks_are_scored_on_greedy_output(backbones, kind):
     one_by_one = [generate(pm, prompt, [e], batch_size=1, max_new_tokens=4)[0] for e in examples]
     assert texts == one_by_one  # padding does not change what is generated
     assert metrics["accuracy"] == sum(t == e.target_text for t, e in zip(texts, examples)) / 4
+
+
+def test_generation_is_plain_greedy_whatever_the_checkpoints_generation_config(backbones):
+    """The backbone's generation_config (repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...) does
+    not change the evaluation's greedy output: transformers fills what a given config leaves unset from it,
+    and it had."""
+    from bmt_fast.transfer.evaluate import generate
+
+    pm = backbones["llama"]
+    examples = TASKS["echo"].examples["validation"][:3]
+    prompt = torch.randn(4, pm.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.05
+    plain = generate(pm, prompt, examples, batch_size=3, max_new_tokens=6)
+    inputs = pm.prompted_inputs(prompt, pm.encode(examples))
+    raw = pm.model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=pm.pad_id)
+    settings = {"repetition_penalty": 5.0, "no_repeat_ngram_size": 1, "min_new_tokens": 6, "bad_words_ids": [[7]]}
+    saved = pm.model.generation_config
+    pm.model.generation_config = copy.deepcopy(saved)
+    try:
+        for key, value in settings.items():
+            setattr(pm.model.generation_config, key, value)
+        changed = pm.model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=pm.pad_id)
+        assert not torch.equal(raw, changed)  # (the settings do change transformers' own greedy output)
+        assert generate(pm, prompt, examples, batch_size=3, max_new_tokens=6) == plain
+    finally:
+        pm.model.generation_config = saved
+
+
+def test_generated_answers_lose_the_target_prefix_and_what_follows_eos(backbones, monkeypatch):
+    """A decoder-only backbone learns model.target_prefix + answer: the prefix is taken off what it generates
+    (" topic:good" had scored 0 against "good"). Where the pad id is an ordinary token (a tokenizer without a
+    pad token, the config's pad_token_id), the pads transformers writes after a finished row's EOS are cut
+    with it (a batch had generated "lamp good good" where the example alone gave "lamp")."""
+    from bmt_fast.tasks import Example
+    from bmt_fast.transfer.evaluate import generate
+
+    pm = backbones["llama"]
+    ordinary = pm.tokenizer("good", add_special_tokens=False)["input_ids"][-1]
+    assert ordinary not in pm.tokenizer.all_special_ids
+    monkeypatch.setattr(pm, "target_prefix", " topic:")
+    monkeypatch.setattr(pm, "pad_id", ordinary)
+    examples = [Example("repeat: lamp", "lamp lamp"), Example("x", ""), Example("repeat: book", "lamp lamp")]
+    torch.manual_seed(0)
+    prompt = (torch.randn(16, pm.hidden_size) * pm.embedding.weight.std()).requires_grad_()
+    optimizer = torch.optim.Adam([prompt], lr=0.3)
+    batch = pm.collate(pm.encode(examples))
+    for _ in range(300):
+        optimizer.zero_grad()
+        pm.sequence_nll(prompt, batch).mean().backward()
+        optimizer.step()
+    prompt = prompt.detach()
+    inputs = pm.prompted_inputs(prompt, pm.encode(examples))
+    raw = pm.model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=ordinary, eos_token_id=pm.eos_id)
+    texts = pm.tokenizer.batch_decode(raw, skip_special_tokens=True)
+    # (trained: transformers' own output holds the prefix, and the ordinary pads after the second row's EOS)
+    assert texts[0].strip().startswith("topic:") and texts[1].strip().startswith("topic: good")
+    alone = [generate(pm, prompt, [e], batch_size=1, max_new_tokens=8)[0] for e in examples]
+    assert generate(pm, prompt, examples, batch_size=3, max_new_tokens=8) == alone == ["lamp lamp", "", "lamp lamp"]
 
 
 def test_target_eval_json_and_results_table(backbones, model_dirs, tmp_path):
