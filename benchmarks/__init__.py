@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if argv[:1] == ["plot"]:
         importlib.import_module("benchmarks.plot").main(argv[1:])
         return []
-    if not argv or argv[0] not in OPS:
-        raise SystemExit(USAGE)
+    if not argv or argv[0] not in OPS:  # (a usage error: exit status 2, as argparse gives)
+        print(USAGE if not argv or argv[0].startswith("-") else f"unknown op {argv[0]!r}; {USAGE}", file=sys.stderr)
+        raise SystemExit(2)
     return importlib.import_module(f"benchmarks.{argv[0]}").main(argv[1:])

@@ -404,7 +404,8 @@ def available_memory(device: torch.device) -> int:
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()  # (the CPU allocator's own: "DefaultCPUAllocator: can't allocate memory")
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text
 
 
 # ---- rows --------------------------------------------------------------------------------------------
@@ -475,9 +476,17 @@ def timing_fields(ctx: Context, case: Case, samples: list[float], limits: dict[s
 
 
 def check_out_file(path: Path) -> None:
-    """Before anything is measured: refuse a folder, or a CSV with another header (an older format)."""
+    """Before anything is measured: refuse a folder, a path that cannot be written (under a file, no
+    permission: found after the measurements before, as a traceback), or a CSV with another header (an older
+    format)."""
     if path.is_dir():
         raise SystemExit(f"--out {path} is a folder; name a CSV file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--out {path}: cannot make its folder ({error})") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SystemExit(f"--out {path}: not writable")
     if path.exists() and path.stat().st_size:
         with open(path, newline="") as f:
             first = f.readline()
@@ -632,7 +641,14 @@ class Worker:
     # -- one case --
 
     def measure(self, case: Case, names: list[str]) -> None:
-        inputs = self.op.make_inputs(case, self.dtype, self.device)
+        try:
+            inputs = self.op.make_inputs(case, self.dtype, self.device)
+        except Exception as exc:  # noqa: BLE001 - inputs that do not fit: every provider's row says so
+            if not is_oom(exc):
+                raise
+            for name in names:  # (a "crashed" worker before, the allocator's error not read as one)
+                self.row(name, case, "oom", f"the inputs do not fit: {error_note(exc)}")
+            return
         e = torch.empty((), dtype=self.dtype).element_size()
         s = self.settings
         runs: dict[str, Callable[[], torch.Tensor]] = {}

@@ -385,7 +385,7 @@ def update_readme(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
     p.add_argument("csv", nargs="*", type=Path, help="CSV files (default: benchmarks/results/*.csv)")
-    p.add_argument("--out-dir", type=Path, help="where the PNGs go (default: beside each CSV)")
+    p.add_argument("--out-dir", type=Path, help="where the PNGs go (default: the folder of the first CSV)")
     p.add_argument("--readme", type=Path, help="markdown file whose table between the markers is regenerated")
     p.add_argument("--ops", help="comma-separated ops to include (default: all)")
     p.add_argument("--no-plots", action="store_true")
@@ -410,7 +410,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--readme {args.readme}: {error}") from None
     if not args.no_plots:
         out_dir = args.out_dir or paths[0].parent
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # (a file there, no permission: a traceback before)
+            raise SystemExit(f"--out-dir {out_dir}: not a folder the PNGs can go to ({error})") from None
         for path in plot_all(rows, out_dir):
             print(path, file=sys.stderr)
     if args.readme:

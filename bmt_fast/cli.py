@@ -76,6 +76,13 @@ def main(argv: Sequence[str] | None = None, *, close_group: bool = True) -> int:
     except reported as error:
         print(f"bmt-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.filename is None:  # (not about a path the command was given or writes: a traceback)
+            raise
+        # a path that cannot be read or written (permissions, a folder for a file, a read-only file system):
+        # one line, as for a missing one (a traceback before)
+        print(f"bmt-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except diverged as error:  # (every process raises it: the update directions are the same everywhere)
         print(f"bmt-fast {args.command}: training diverged: {error}", file=sys.stderr)
         return 1

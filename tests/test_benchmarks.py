@@ -140,7 +140,11 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         "--providers", "test-raises,test-killed,test-hang,torch-naive",
     ])  # fmt: skip
     svgd_step.main(["--sizes", "65536x64", "--no-check", "--out", str(out), "--providers", "torch-naive"])
+    # inputs the allocator refuses: oom rows (a "crashed" worker before: DefaultCPUAllocator's error unread)
+    svgd_step.main(["--sizes", "100000000x100000000", "--no-check", "--out", str(out), "--providers", "torch-naive"])
     rows = {(r["provider"], r["n"]): r for r in read_csv(out)}
+    assert rows[("torch-naive", "100000000")]["status"] == "oom"
+    assert "the inputs do not fit" in rows[("torch-naive", "100000000")]["note"]
     assert rows[("test-raises", "64")]["status"] == "error" and "on purpose" in rows[("test-raises", "64")]["note"]
     assert rows[("test-killed", "64")]["status"] == "oom"
     assert rows[("test-hang", "64")]["status"] == "timeout"
@@ -304,6 +308,8 @@ def test_a_row_appended_after_a_cut_short_line_starts_its_own_line(tmp_path):
     assert [(r["n"], r["time_median_s"]) for r in harness.read_rows(path)] == [("8", "1"), ("16", "2")]
     with pytest.raises(SystemExit, match="is a folder"):
         harness.check_out_file(tmp_path)
+    with pytest.raises(SystemExit, match="cannot make its folder"):  # (under a file: found after measuring before)
+        harness.check_out_file(path / "b.csv")
 
 
 @pytest.mark.parametrize(
@@ -560,11 +566,15 @@ def test_bench_lists_the_providers_of_an_op(capsys):
     assert listed[:2] == ["batched", "available"] and "sequential" in listed
 
 
-def test_bench_rejects_an_unknown_op():
-    with pytest.raises(SystemExit, match="prompt_transfer_step"):
+def test_bench_rejects_an_unknown_op(capsys):
+    """A usage error: exit status 2, as argparse's (it had been 1), the unknown op named."""
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "no_such_op"])
-    with pytest.raises(SystemExit, match="svgd_step,svgd_step_vmap"):  # no op: the ops (argparse had said "required")
+    assert exit_info.value.code == 2
+    assert "unknown op 'no_such_op'" in (err := capsys.readouterr().err) and "prompt_transfer_step" in err
+    with pytest.raises(SystemExit) as exit_info:  # no op: the ops (argparse had said "required")
         cli.main(["bench"])
+    assert exit_info.value.code == 2 and "svgd_step,svgd_step_vmap" in capsys.readouterr().err
 
 
 def test_bench_outside_a_checkout_says_where_the_benchmarks_are(tmp_path, monkeypatch, capsys):

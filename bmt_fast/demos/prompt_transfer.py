@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import importlib.metadata
 import json
 import logging
@@ -435,14 +436,25 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def demo_command(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else FULL
     out_dir = Path(args.out_dir)
+    # What the end needs, checked before the training (a folder given as --output-json, an out-dir that
+    # cannot be made, a missing matplotlib had failed after all of it, the table unprinted)
+    import matplotlib  # noqa: F401  (demo.png; a missing trainer package is named by the CLI)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output_json = Path(args.output_json) if args.output_json else None
+    if output_json is not None:
+        output_json.parent.mkdir(parents=True, exist_ok=True)
+        if output_json.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "--output-json is a folder, not a file", str(output_json))
+        if not os.access(output_json.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, "--output-json cannot be written there", str(output_json))
     record = run_demo(settings, out_dir, args.overrides)
     record["plot"] = str(plot_demo(record, out_dir, out_dir / "demo.png"))
     text = json.dumps(record, indent=1)
     (out_dir / "results.json").write_text(text)
-    if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(text)
     print(format_table(record))
     print(format_timings(record))
     print(f"plot: {record['plot']}")
+    if output_json is not None:
+        output_json.write_text(text)
     return 0

@@ -28,7 +28,6 @@ class MetricsLog:
             return
         self._rewrite([r for r in read_metrics(self.path) if r.get("step", 0) <= step])
 
-
     def drop_last(self, step: int, keys: set[str]) -> None:
         """Remove the last record of `step` that holds all of `keys` (a window's line; other lines of that
         step, e.g. an evaluation's, stay)."""
@@ -58,10 +57,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
     """The records of a JSONL file. A last line that is not JSON is what a run killed mid-write leaves: it
-    is skipped with a warning; any other line that is not JSON is an error naming the file and line."""
+    is skipped with a warning; any other line that is not JSON, or not an object with an integer `step`
+    (a file of another program: plot had raised an AttributeError or KeyError), is an error naming the file
+    and line."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise RunFileError(f"{path}: not a text file of JSON records ({error})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     for number, line in enumerate(lines, 1):
@@ -74,6 +78,9 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
                 logger.warning("%s: skipping its last line, which is cut short (%s)", path, error)
                 return
             raise RunFileError(f"{path}, line {number}: not a JSON record ({error})") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RunFileError(f"{path}, line {number}: not a metrics record (a JSON object with an integer 'step')")
         yield record
 
 

@@ -15,17 +15,21 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"{run_dir} is a file, not a run folder")
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # (out_dir, or a folder above it, is a file)
+    if not next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists()).is_dir():
+        # (out_dir, or a folder above it, is a file: a FileExistsError traceback before)
         raise NotADirectoryError(
             f"{out_dir} is not a folder: the plots are several PNGs, written into a folder (--out DIR)"
-        ) from None
+        )
     sources = _stage_metrics(run_dir, "source-")
     targets = _stage_metrics(run_dir, "target-")
+    if not (sources or targets or any(run_dir.glob("target-*/eval.json"))) and not out_dir.is_dir():
+        return []  # (nothing to plot: no empty plots/ folder left in a folder that is no run)
+    out_dir.mkdir(parents=True, exist_ok=True)
     plots = [
         (_source_losses, sources, out_dir / "source_loss.png"),
         (_spread, sources, out_dir / "particle_spread.png"),

@@ -82,6 +82,37 @@ def test_plot_of_damaged_or_empty_run_folders(tmp_path, capsys):
     assert "eval.json: not valid JSON" in capsys.readouterr().err
 
 
+def test_plot_of_foreign_record_files_and_unreadable_paths_is_a_one_line_error(tmp_path, capsys):
+    """Lines that are JSON but no metrics record (a list, an object without an integer step), a file that is
+    not text, a folder where a record file should be: one-line errors, exit 2 (AttributeError, KeyError,
+    UnicodeDecodeError and IsADirectoryError tracebacks before); a folder that is no run gets no empty
+    plots/ folder, and a file given as the run folder is named as such."""
+    run = tmp_path / "run"
+    (run / "source-bmtpt").mkdir(parents=True)
+    metrics = run / "source-bmtpt" / "metrics.jsonl"
+    for text, message in (
+        ('{"step": 1}\n[1, 2]\n', "line 2: not a metrics record (a JSON object with an integer 'step')"),
+        ('{"loss/a": 1.0}\n', "line 1: not a metrics record"),
+        ('{"step": true}\n', "line 1: not a metrics record"),
+    ):
+        metrics.write_text(text)
+        assert main(["plot", str(run)]) == 2
+        assert message in capsys.readouterr().err
+    metrics.write_bytes(b'{"step": 1, "loss/a": "\xff"}\n')
+    assert main(["plot", str(run)]) == 2
+    assert "metrics.jsonl: not a text file of JSON records" in capsys.readouterr().err
+    metrics.unlink()
+    metrics.mkdir()
+    assert main(["plot", str(run)]) == 2
+    assert "error: [Errno 21] Is a directory" in (err := capsys.readouterr().err) and "Traceback" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plot", str(empty)]) == 0 and not (empty / "plots").exists()
+    (tmp_path / "afile").write_text("x")
+    assert main(["plot", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err
+
+
 def _config(tmp_path, model_dirs, **changes):
     from conftest import merge
 
@@ -441,3 +472,17 @@ def test_source_keeps_the_rows_of_targets_it_did_not_change(model_dirs, tmp_path
         assert main(["source", *config, "model.max_source_length=30", "--overwrite"]) == 0
     assert not (run_dir / "results.json").exists() and not (run_dir / "results.md").exists()
     assert "its backbone or data changed (model.max_source_length: 32 -> 30)" in caplog.text
+
+
+def test_demo_checks_its_outputs_before_training(tmp_path, capsys):
+    """--output-json naming a folder had failed after the whole demo (about 15 minutes), with a traceback
+    and the table unprinted: now a one-line error before the backbone is even looked for."""
+    import time
+
+    (tmp_path / "taken").mkdir()
+    started = time.perf_counter()
+    code = main(["demo", "--quick", "--out-dir", str(tmp_path / "demo"), "--output-json", str(tmp_path / "taken")])
+    assert code == 2 and time.perf_counter() - started < 30
+    err = capsys.readouterr().err
+    assert "--output-json is a folder, not a file" in err and "Traceback" not in err
+    assert not (tmp_path / "demo" / "source-bmtpt").exists()
