@@ -272,6 +272,17 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
+
+
+@register_command("info", "versions, built backends, and why any was not built", _info_arguments)
+def info_command(args: argparse.Namespace) -> int:
+    from . import info
+
+    return info.main(["--json"] if args.json else [])
+
+
 # Commands defined elsewhere (they import register_command from this module, which is complete by now).
 from .demos import prompt_transfer as _prompt_transfer_demo  # noqa: E402,F401  (bmt-fast demo)
 

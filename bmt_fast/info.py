@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata
+import json
 import platform
 
 import torch
@@ -47,8 +49,15 @@ def collect() -> dict:
     return info
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Prints the report (exit status 1 where the CPU settings are invalid); `--json`: collect()'s dict."""
+    parser = argparse.ArgumentParser(prog="python -m bmt_fast.info", description=__doc__.split(":", 1)[1].strip())
+    parser.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
+    args = parser.parse_args(argv)
     info = collect()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 1 if "cpu_settings_error" in info else 0
     print(f"bmt_fast {info['bmt_fast']}  (python {info['python']}, torch {info['torch']}, CUDA {info['torch_cuda']},"
           f" triton {info['triton']})")
     devices = ", ".join(info["cuda_devices"]) or "none"

@@ -28,7 +28,7 @@ def run_without_trainer(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_command_without_the_trainer():
     run = run_without_trainer("--help")
     assert run.returncode == 0, run.stderr
-    for name in ("source", "target", "transfer", "eval", "plot", "bench", "demo"):
+    for name in ("source", "target", "transfer", "eval", "plot", "bench", "demo", "info"):
         assert name in run.stdout
 
 
@@ -50,3 +50,20 @@ def test_other_missing_modules_still_raise(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "broken", cli.Command("broken", "raises", lambda parser: None, broken))
     with pytest.raises(ModuleNotFoundError, match="not_a_dependency"):
         cli.main(["broken"])
+
+
+def test_info_reports_the_build_as_text_and_as_json():
+    """`bmt-fast info` (as `python -m bmt_fast.info`, which had ignored its arguments, --help included):
+    the same facts as text and, with --json, as one JSON object; without the trainer's packages too."""
+    import json
+
+    run = run_without_trainer("info")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("bmt_fast ") and "available backends:" in run.stdout
+    run = run_without_trainer("info", "--json")
+    assert run.returncode == 0, run.stderr
+    facts = json.loads(run.stdout)
+    assert "cpu" in facts["available_backends"] and facts["torch"] == __import__("torch").__version__
+    module = subprocess.run([sys.executable, "-m", "bmt_fast.info", "--bad"], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert module.returncode == 2 and "unrecognized arguments: --bad" in module.stderr
