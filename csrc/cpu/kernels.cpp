@@ -49,6 +49,8 @@
   void transpose_words(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*, int64_t);                                              \
   void transpose_words(const uint64_t*, int64_t, int64_t, int64_t, int64_t, uint64_t*, int64_t);                                              \
   void exp_scaled(double*, int64_t, double);                                                                                                  \
+  void row_sq_norms(const float*, int64_t, int64_t, float*);                                                                                  \
+  void row_sq_norms(const double*, int64_t, int64_t, double*);                                                                                \
   void stream_rows(const void*, int64_t, int64_t, int64_t, void*, int64_t);                                                                   \
   void stream_rows_as(const float*, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t);                                                     \
   void stream_rows_as(const float*, int64_t, int64_t, int64_t, c10::Half*, int64_t);                                                          \
@@ -313,6 +315,8 @@ void transpose_words(const uint64_t* src, int64_t ld_src, int64_t rows, int64_t 
 }
 
 void exp_scaled(double* values, int64_t count, double scale) { BMT_FAST_DISPATCH(exp_scaled, values, count, scale) }
+void row_sq_norms(const float* x, int64_t rows, int64_t d, float* out) { BMT_FAST_DISPATCH(row_sq_norms, x, rows, d, out) }
+void row_sq_norms(const double* x, int64_t rows, int64_t d, double* out) { BMT_FAST_DISPATCH(row_sq_norms, x, rows, d, out) }
 
 void stream_rows(const void* src, int64_t ld_src, int64_t rows, int64_t bytes, void* dst, int64_t ld_dst) {
   BMT_FAST_DISPATCH(stream_rows, src, ld_src, rows, bytes, dst, ld_dst)

@@ -76,6 +76,11 @@ void rbf_from_dots(double* tile, int64_t ld, int64_t row_begin, int64_t row_end,
 // exp(-708), where std::exp gives subnormals).
 void exp_scaled(double* values, int64_t count, double scale);
 
+// out[r] = the squared norm of row r of x (rows x d, row-major), summed in double and rounded once (fp32:
+// each square exact there): the GEMM tiles' norms, which enter every distance of their row alike.
+void row_sq_norms(const float* x, int64_t rows, int64_t d, float* out);
+void row_sq_norms(const double* x, int64_t rows, int64_t d, double* out);
+
 // The many-particle step with few features, fused (no tile of dot products in memory): for rows [row_begin,
 // row_end) of the n centred particles xc (row-major, n x d), phi_i = (sum_{j != i} k_ij W_j + a rowsum_i xc_i +
 // score_i) / n with k_ij = exp(-max(norms_i + norms_j - 2 xc_i . xc_j, 0) inv_h) and rowsum_i = sum_{j != i}

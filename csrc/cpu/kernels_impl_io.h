@@ -150,22 +150,38 @@ BMT_FAST_INLINE void for_each_vector(int64_t len, F&& f) {
   if (k < len) f(k, len - k);
 }
 
-// acc[0], acc[1] += the two halves of v in double.
-BMT_FAST_INLINE void add_as_doubles(vec_t<double>* acc, const vec_t<float>& v) {
+// lo, hi = the two halves of v in double.
+BMT_FAST_INLINE void as_doubles(const vec_t<float>& v, vec_t<double>& lo, vec_t<double>& hi) {
 #if BMT_FAST_VECTOR_BYTES == 64  // two whole-register conversions (GCC compiled the generic form below to
                                  // four half-width ones and the shuffles to join them)
   const __m512d wide = reinterpret_cast<__m512d>(v);  // (halves by zero-masking extracts: kAllLanes' comment)
   const __m256 low = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, wide, 0));
   const __m256 high = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, wide, 1));
-  acc[0] += reinterpret_cast<vec_t<double>>(_mm512_maskz_cvtps_pd(kAllPairs, low));
-  acc[1] += reinterpret_cast<vec_t<double>>(_mm512_maskz_cvtps_pd(kAllPairs, high));
+  lo = reinterpret_cast<vec_t<double>>(_mm512_maskz_cvtps_pd(kAllPairs, low));
+  hi = reinterpret_cast<vec_t<double>>(_mm512_maskz_cvtps_pd(kAllPairs, high));
 #else
   typedef float half_vec __attribute__((vector_size(kVectorBytes / 2)));
   half_vec h[2];
   std::memcpy(h, &v, sizeof(v));
-  acc[0] += __builtin_convertvector(h[0], vec_t<double>);
-  acc[1] += __builtin_convertvector(h[1], vec_t<double>);
+  lo = __builtin_convertvector(h[0], vec_t<double>);
+  hi = __builtin_convertvector(h[1], vec_t<double>);
 #endif
+}
+
+// acc[0], acc[1] += the two halves of v in double.
+BMT_FAST_INLINE void add_as_doubles(vec_t<double>* acc, const vec_t<float>& v) {
+  vec_t<double> lo, hi;
+  as_doubles(v, lo, hi);
+  acc[0] += lo;
+  acc[1] += hi;
+}
+
+// acc[0], acc[1] += the squares of the two halves of v in double (each exact: 48 of its 53 bits).
+BMT_FAST_INLINE void add_squares_as_doubles(vec_t<double>* acc, const vec_t<float>& v) {
+  vec_t<double> lo, hi;
+  as_doubles(v, lo, hi);
+  acc[0] += lo * lo;
+  acc[1] += hi * hi;
 }
 
 // The lines of count values from p on (none if count <= 0), prefetched with __builtin_prefetch's locality
