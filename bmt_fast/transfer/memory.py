@@ -12,11 +12,16 @@ and N = M * L * hidden prompt-particle elements (M particles of L tokens; float3
     particles   4N     every process holds all M particles (SVGD couples them all)
     optimizer   8N     Adam's two moments (Adagrad: 4N)
     gradients   12N    transient: the likelihood gradient, the score, phi
+    gathered    ZeRO-3 (also with offload_param): G*b, G the largest layer's own parameters (the 70B's
+                embedding or head: 1.05B), which DeepSpeed gathers whole before the layer runs
 
 Not included: activations (M x B sequences of L + T tokens through the backbone, with B examples per
-task and process), and under ZeRO-3 the gathered parameters in flight, at most
-stage3_max_live_parameters * b (plus the embedding matrix once, when the prompts are initialised).
-Parameter counts come from the models' configs, built on the meta device (no weights are read).
+task and process), and under ZeRO-3 the further parameters prefetched ahead of the layer that runs (up to
+stage3_max_live_parameters * b; the prefetch bucket), and the embedding matrix once, when the prompts are
+initialised. Parameter counts come from the models' configs, built on the meta device (no weights are
+read); a config with tie_word_embeddings false counts its output embedding apart, as the checkpoint holds
+it (transformers 5 builds T5 with lm_head tied to the shared embedding whatever the config says, and
+loads T5 v1.1's separate lm_head untied).
 """
 
 from __future__ import annotations
@@ -80,11 +85,12 @@ class Footprint:
     optimizer: int
     gradients: int
     host_backbone: int = 0  # CPU memory per process (offload_param)
+    gathered: int = 0  # ZeRO-3: the largest layer, gathered whole while it runs
 
     @property
     def total(self) -> int:
         """GPU bytes (host_backbone is CPU memory)."""
-        return self.backbone + self.particles + self.optimizer + self.gradients
+        return self.backbone + self.particles + self.optimizer + self.gradients + self.gathered
 
 
 def footprint(
@@ -97,30 +103,54 @@ def footprint(
     prompt_length: int,
     dtype: str = "bfloat16",
     optimizer: str = "adam",
+    largest_layer: int = 0,
 ) -> Footprint:
+    """largest_layer: the parameters of the backbone's largest layer (count_parameters), gathered whole
+    under ZeRO-3."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if gpus < 1 or particles < 1 or prompt_length < 1 or parameters < 1 or hidden < 1:
         raise ValueError("parameters, hidden, gpus, particles and prompt_length must be positive")
-    weights = parameters * BYTES_PER_DTYPE[dtype]
+    if not 0 <= largest_layer <= parameters:
+        raise ValueError(f"largest_layer must be in [0, parameters], got {largest_layer}")
+    b = BYTES_PER_DTYPE[dtype]
+    weights = parameters * b
     shard = -(-weights // gpus)
     backbone, host = {"0-2": (weights, 0), "3": (shard, 0), "3+offload": (0, shard)}[stage]
+    gathered = 0 if stage == "0-2" else largest_layer * b
     n = particles * prompt_length * hidden
-    return Footprint(backbone, PARTICLE_BYTES * n, OPTIMIZER_BYTES[optimizer] * n, GRADIENT_BYTES * n, host)
+    return Footprint(
+        backbone, PARTICLE_BYTES * n, OPTIMIZER_BYTES[optimizer] * n, GRADIENT_BYTES * n, host, gathered
+    )
 
 
 def count_parameters(config: dict[str, Any]) -> tuple[int, int]:
     """(parameters, hidden size) of a Hugging Face config dict, by building the model on the meta device."""
+    return model_sizes(config)[:2]
+
+
+def model_sizes(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(parameters, hidden size, the largest layer's own parameters) of a Hugging Face config dict, by
+    building the model on the meta device. An output embedding that the built model ties to the input one
+    while the config says tie_word_embeddings false counts apart (T5 v1.1: transformers 5 ties T5's lm_head
+    whatever the config says, and loads a checkpoint's separate lm_head untied; 11.00B had been counted for
+    T5-XXL, whose checkpoint holds 11.14B)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     fields = dict(config)
+    if "model_type" not in fields:
+        raise ValueError("the model config has no model_type (a Hugging Face config.json names one)")
     hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
     with torch.device("meta"):
         model = cls.from_config(hf_config)
-    hidden = model.get_input_embeddings().embedding_dim
-    return sum(p.numel() for p in model.parameters()), hidden
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    count = sum(p.numel() for p in model.parameters())
+    layers = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
+    if config.get("tie_word_embeddings") is False and outputs is not None and outputs.weight is inputs.weight:
+        count += outputs.weight.numel()
+    return count, inputs.embedding_dim, max(layers)
 
 
 def table(
@@ -135,11 +165,11 @@ def table(
     """A Markdown table: one row per (model, ZeRO stage), GiB per GPU (and CPU memory per process)."""
     header = (
         f"| model (parameters, hidden) | ZeRO stage | backbone | {particles} particles | {optimizer} state "
-        "| gradients (transient) | total per GPU | backbone in CPU memory per process |"
+        "| gradients (transient) | largest layer gathered | total per GPU | backbone in CPU memory per process |"
     )
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, config in models.items():
-        count, hidden = count_parameters(config)
+        count, hidden, largest = model_sizes(config)
         for stage in STAGES:
             f = footprint(
                 count,
@@ -150,8 +180,9 @@ def table(
                 prompt_length=prompt_length,
                 dtype=dtype,
                 optimizer=optimizer,
+                largest_layer=largest,
             )
-            cells = [f.backbone, f.particles, f.optimizer, f.gradients, f.total, f.host_backbone]
+            cells = [f.backbone, f.particles, f.optimizer, f.gradients, f.gathered, f.total, f.host_backbone]
             label = f"{name} ({count / 1e9:.2f}B, {hidden})"
             lines.append(f"| {label} | {stage} | " + " | ".join(_gib(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -166,23 +197,37 @@ def _gib(value: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bmt_fast.transfer.memory", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="a model's config.json (default: the README's reference models)")
-    parser.add_argument("--gpus", type=int, default=8, help="processes, one GPU each (default 8)")
-    parser.add_argument("--particles", type=int, default=5, help="M (default 5)")
-    parser.add_argument("--prompt-length", type=int, default=100, help="L (default 100)")
+    parser.add_argument("--gpus", type=_positive, default=8, help="processes, one GPU each (default 8)")
+    parser.add_argument("--particles", type=_positive, default=5, help="M (default 5)")
+    parser.add_argument("--prompt-length", type=_positive, default=100, help="L (default 100)")
     parser.add_argument("--dtype", choices=sorted(BYTES_PER_DTYPE), default="bfloat16")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default="adam")
     args = parser.parse_args(argv)
     models = REFERENCE_MODELS
-    if args.config:
-        models = {Path(args.config).parent.name or args.config: json.loads(Path(args.config).read_text())}
+    if args.config:  # (a folder, no JSON, no model_type: argparse's one-line error, not a traceback)
+        path = Path(args.config)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            parser.error(f"--config {path}: not a readable config.json ({error})")
+        if not isinstance(config, dict) or "model_type" not in config:
+            parser.error(f"--config {path}: a Hugging Face config.json (a JSON object naming its model_type)")
+        models = {path.parent.name or args.config: config}
     print(
         f"Computed from parameter counts, not measured: GiB per GPU, {args.gpus} GPUs, {args.dtype} backbone, "
         f"M={args.particles} particles of L={args.prompt_length} tokens (float32). Activations and ZeRO-3's "
-        "gathered parameters in flight are not included.\n"
+        "prefetched parameters beyond the layer that runs are not included.\n"
     )
     sizes = {"gpus": args.gpus, "particles": args.particles, "prompt_length": args.prompt_length}
     print(table(models, **sizes, dtype=args.dtype, optimizer=args.optimizer), end="")
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":

@@ -47,3 +47,42 @@ def test_command_line_table_of_a_config_file(model_dirs, capsys):
     assert "Computed from parameter counts, not measured" in out
     rows = [line for line in out.splitlines() if line.startswith("| llama")]
     assert [row.split(" | ")[1] for row in rows] == ["0-2", "3", "3+offload"]
+
+
+def test_zero3_counts_the_largest_layer_gathered_whole():
+    """DeepSpeed gathers each layer's parameters whole before it runs (stage3_max_live_parameters caps only
+    the prefetch): under ZeRO-3 the largest layer's weights are on the GPU besides the shard. The table had
+    left them out ("at most stage3_max_live_parameters"), 2 GiB for the 70B's embedding or head in bf16."""
+    kwargs = {"gpus": 4, "particles": 5, "prompt_length": 10, "largest_layer": 300}
+    assert memory.footprint(1001, 8, stage="0-2", **kwargs).gathered == 0  # (the whole backbone is there)
+    for stage in ("3", "3+offload"):
+        f = memory.footprint(1001, 8, stage=stage, **kwargs)
+        assert f.gathered == 600 and f.total == f.backbone + 1600 + 3200 + 4800 + 600
+    with pytest.raises(ValueError, match="largest_layer"):
+        memory.footprint(1001, 8, stage="3", gpus=4, particles=5, prompt_length=10, largest_layer=2000)
+    count, hidden, largest = memory.model_sizes(memory.REFERENCE_MODELS["70B decoder-only (Llama-3.1-70B)"])
+    assert (hidden, largest) == (8192, 128256 * 8192)  # the embedding (and the head)
+
+
+def test_an_untied_t5_config_counts_its_lm_head(model_dirs):
+    """transformers 5 builds T5 with lm_head tied to the shared embedding whatever the config says, while a
+    T5 v1.1 checkpoint (tie_word_embeddings false) holds a separate lm_head, which from_pretrained keeps:
+    T5-XXL had counted 11.00B for its 11.14B."""
+    config = json.loads((model_dirs["t5"] / "config.json").read_text())
+    tied = memory.count_parameters(dict(config, tie_word_embeddings=True))[0]
+    untied = memory.count_parameters(dict(config, tie_word_embeddings=False))[0]
+    assert untied - tied == config["vocab_size"] * config["d_model"]
+    assert memory.count_parameters(memory.REFERENCE_MODELS["T5-XXL (t5-v1_1-xxl)"])[0] == 11_135_332_352
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "nomodel.json").write_text('{"hidden_size": 8}')
+    for argv, message in (
+        (["--gpus", "0"], "must be at least 1, got 0"),
+        (["--particles", "-2"], "must be at least 1, got -2"),
+        (["--config", str(tmp_path / "nomodel.json")], "naming its model_type"),
+        (["--config", str(tmp_path)], "not a readable config.json"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            memory.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
