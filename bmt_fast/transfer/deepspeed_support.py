@@ -343,6 +343,8 @@ class Backbone:
             # process materialises only its shard of every weight) and generate() keeps processes in step.
             self.hf_config = HfDeepSpeedConfig(ds)
             model, tokenizer = load_pretrained(cfg.model, longest_sequence(cfg))
+            if not cfg.model.gguf_file:
+                untie_saved_output_embedding(model, cfg.model.name_or_path, ds)
             model.requires_grad_(False)
             self.engine, *_ = deepspeed.initialize(model=model, config=ds)  # registers the gathering hooks
         else:
@@ -364,6 +366,67 @@ class Backbone:
         # ends the recorded module trace); let it land and release everything before gathering by hand.
         self.engine.empty_partition_cache()
         return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+
+
+def untie_saved_output_embedding(model: torch.nn.Module, name_or_path: str, ds: dict[str, Any]) -> bool:
+    """Under ZeRO-3, give the model the output embedding its checkpoint holds where from_pretrained tied it to
+    the input embedding instead; whether it did. transformers 5 builds T5 with lm_head tied to the shared
+    embedding whatever the config says, and a plain from_pretrained unties it where the checkpoint holds a
+    different lm_head (T5 v1.1, Flan-T5); under ZeRO-3 (zero.Init) it stays tied and the checkpoint's lm_head
+    is dropped without a word: the model computed other logits than the plain one. Every process reads the
+    saved tensor and compares it with the gathered input embedding (the same answer everywhere); the new
+    head is built under zero.Init, partitioned, and filled by the first process."""
+    import deepspeed
+
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is not inputs.weight:
+        return False
+    key = next(f"{name}.weight" for name, module in model.named_modules() if module is outputs)
+    saved = _saved_tensor(name_or_path, key)
+    if saved is None:
+        return False
+    with deepspeed.zero.GatheredParameters([inputs.weight], modifier_rank=None):
+        embedding = inputs.weight.detach()
+        same = saved.shape == embedding.shape and torch.equal(saved.to(embedding), embedding)
+    if same:  # (a .bin checkpoint holds both keys of tied weights)
+        return False
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        head = torch.nn.Linear(saved.shape[1], saved.shape[0], bias=False, dtype=inputs.weight.dtype)
+    with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=0):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            with torch.no_grad():
+                head.weight.copy_(saved)
+    model.set_output_embeddings(head)
+    logger.info("ZeRO-3: %s holds its own %s, which from_pretrained had tied to the input embedding: untied", name_or_path, key)
+    return True
+
+
+def _saved_tensor(name_or_path: str, key: str) -> torch.Tensor | None:
+    """The tensor `key` of a checkpoint (a local folder or the hub's cache: safetensors or PyTorch .bin, one
+    file or shards with their index), None where it holds none."""
+    from transformers.utils import cached_file
+
+    def find(filename: str) -> str | None:
+        return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)  # fmt: skip
+
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):  # fmt: skip
+        index = find(index_name)
+        if index:
+            shard = json.loads(Path(index).read_text()).get("weight_map", {}).get(key)
+            path = find(shard) if shard else None
+        else:
+            path = find(single)
+        if path is None:
+            continue
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(key) if key in f.keys() else None
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get(key)
+    return None
 
 
 def _log_replicated(ds: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import pytest  # noqa: E402
 
 import synthetic_tasks  # noqa: E402,F401  (registers the synthetic tasks)
-from tiny import save_tiny  # noqa: E402
+from tiny import save_tiny, save_untied_t5  # noqa: E402
 
 KINDS = ("t5", "llama", "marian")
 
@@ -18,7 +18,9 @@ KINDS = ("t5", "llama", "marian")
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny_models")
-    return {kind: save_tiny(kind, base / kind, synthetic_tasks.corpus()) for kind in KINDS}
+    dirs = {kind: save_tiny(kind, base / kind, synthetic_tasks.corpus()) for kind in KINDS}
+    dirs["t5_untied"] = save_untied_t5(dirs["t5"], base / "t5_untied")  # (T5 v1.1's layout; no backbone fixture)
+    return dirs
 
 
 @pytest.fixture(scope="session")

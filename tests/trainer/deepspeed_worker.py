@@ -14,6 +14,8 @@ it saw in WORK_DIR/rank<r>.pt (files the first process wrote are read by the tes
                     example per task (the first process has none and runs a weight-0 example)
     zero3_marian    tiny Marian (scales its encoder's token embeddings for input_ids only), ZeRO-3,
                     `bmt-fast source --deepspeed`
+    zero3_t5_untied tiny T5 saved as T5 v1.1 is (lm_head apart from the shared embedding), ZeRO-3,
+                    `bmt-fast source --deepspeed`
     zero3_bf16      tiny Llama in bf16, ZeRO-3 with DeepSpeed's bf16 section, `bmt-fast source --deepspeed`
 """
 
@@ -112,7 +114,7 @@ def cli(work: Path, scenario: str, *, last: bool) -> dict:
 def main(work: Path) -> None:
     torch.set_num_threads(1)
     results = {"zero3": zero3(work)}
-    scenarios = ("zero2_cli", "zero3_offload", "zero3_marian", "zero3_bf16")
+    scenarios = ("zero2_cli", "zero3_offload", "zero3_marian", "zero3_t5_untied", "zero3_bf16")
     for name in scenarios:
         results[name] = cli(work, name, last=name == scenarios[-1])
     # (no group now: the last command destroyed it)

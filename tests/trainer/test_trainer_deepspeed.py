@@ -52,6 +52,9 @@ SCENARIOS = {
     # Marian scales its encoder's token embeddings only for input_ids: PromptedModel.input_scale's probe (a
     # few encoder forwards at the first forward) runs on partitioned weights, every process alike.
     "zero3_marian": ("marian", ZERO3, {"source": {"steps": 3}}),
+    # T5 v1.1's layout, lm_head apart from the shared embedding: transformers ties them under ZeRO-3
+    # (untie_saved_output_embedding gives the checkpoint's lm_head back).
+    "zero3_t5_untied": ("t5_untied", ZERO3, {"source": {"steps": 2}}),
     # A bf16 backbone: DeepSpeed's bf16 section with model.dtype=bfloat16 (the particles stay fp32).
     "zero3_bf16": ("llama", {**ZERO3, "bf16": {"enabled": True}}, {"model": {"dtype": "bfloat16"}, "source": {"steps": 3}}),
 }
@@ -209,6 +212,20 @@ def test_cli_source_stage_under_zero2_zero3_offload_and_on_marian_equals_the_pla
     assert_close_fp32(particles, plain_run(name, work, model_dirs, backbones).source("bmtpt"))
     summary = json.loads((work / name / "source-bmtpt" / "source.json").read_text())
     assert summary["processes"] == 2
+
+
+@needs_deepspeed
+def test_zero3_keeps_the_checkpoints_own_lm_head(ds_runs, model_dirs):
+    """A T5 v1.1-style checkpoint (lm_head apart from the shared embedding): transformers 5 builds T5 tied
+    and unties it in a plain from_pretrained, but under ZeRO-3 it stayed tied to the shared embedding, the
+    checkpoint's lm_head dropped, so the source stage trained on other logits than the plain trainer's."""
+    ranks, work = ds_runs
+    assert all(rank["zero3_t5_untied"]["exit_code"] == 0 for rank in ranks)
+    kind, _, changes = SCENARIOS["zero3_t5_untied"]
+    plain = Run(make_config(work / "plain_zero3_t5_untied", model_dirs[kind], **changes), "source")
+    head, shared = plain.pm.model.get_output_embeddings().weight, plain.pm.model.get_input_embeddings().weight
+    assert head is not shared and not torch.equal(head, shared)  # (the plain load: untied, as saved)
+    assert_close_fp32(load_particles(work / "zero3_t5_untied" / "source-bmtpt"), plain.source("bmtpt"))
 
 
 @needs_deepspeed

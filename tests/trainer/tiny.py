@@ -81,3 +81,22 @@ def save_tiny(kind: str, folder: Path, texts: list[str]) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_untied_t5(tied: Path, folder: Path, seed: int = 1) -> Path:
+    """A T5 v1.1-style checkpoint from the tiny T5 in `tied`: its own lm_head.weight beside the shared
+    embedding and tie_word_embeddings false in its config (as google/t5-v1_1-* and Flan-T5 ship them).
+    transformers 5 builds T5 tied whatever the config says; a plain from_pretrained unties it again."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tied, folder)
+    weights = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    weights["lm_head.weight"] = torch.randn(weights["shared.weight"].shape, generator=generator) * 0.2
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=False), indent=2))
+    return folder
