@@ -1187,6 +1187,43 @@ def test_fp32_step_of_tight_clusters_far_apart(n, d):
         assert relative_error(phi, expected) <= 0.6 * torch_error
 
 
+GEMM_TILE_NORMS_SCRIPT = """
+import torch, bmt_fast
+from bmt_fast import reference
+torch.manual_seed(0)
+for n, d in [(300, 1), (300, 5), (300, 17), (300, 63), (600, 130)]:
+    for dt, tol in ((torch.float32, 2e-5), (torch.float64, 1e-11)):
+        x, s = torch.randn(n, d, dtype=torch.float64) + 3.0, torch.randn(n, d, dtype=torch.float64)
+        h = torch.tensor(0.7 * d, dtype=torch.float64)
+        phi = torch.ops.bmt_fast.svgd_step(x.to(dt), s.to(dt), h, "tiled")
+        ref = reference.svgd_step(x, s, h)
+        assert float((phi.double() - ref).abs().max() / ref.abs().max()) < tol, (n, d, dt)
+        y = torch.randn(n // 2, d, dtype=torch.float64)
+        k = torch.ops.bmt_fast.rbf_kernel(x.to(dt), y.to(dt), h)
+        assert float((k.double() - reference.rbf_kernel(x, y, h)).abs().max()) < tol, (n, d, dt)
+print(bmt_fast._extension.CPU.module.build_info()["cpu_isa"])
+"""
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("isa", ["base", "v3", "v4"])
+def test_gemm_tile_norms_in_every_isa_build(tmp_path, isa):
+    """The GEMM tiles' row norms (one pass in double per row: whole groups of vectors, single vectors and a
+    ragged last one) in the baseline, AVX2 and AVX-512 builds, fp32 and fp64, through the step and the
+    two-set kernel with the fused kernels off, against the float64 reference."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "norms.py"
+    script.write_text(GEMM_TILE_NORMS_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=subprocess_env(BMT_FAST_CPU_ISA=isa, BMT_FAST_CPU_FUSED="0"))  # fmt: skip
+    if "lacks the instructions" in result.stderr:
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == isa
+
+
 @requires_cpu_extension
 @pytest.mark.parametrize("n,d,dtype", [(300, 3, torch.float32), (200, 40, torch.float64), (150, 9, torch.bfloat16)])
 def test_fused_step_reports_a_nan_in_phi(n, d, dtype):
