@@ -51,7 +51,9 @@ def collect() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Prints the report (exit status 1 where the CPU settings are invalid); `--json`: collect()'s dict."""
-    parser = argparse.ArgumentParser(prog="python -m bmt_fast.info", description=__doc__.split(":", 1)[1].strip())
+    parser = argparse.ArgumentParser(
+        prog="python -m bmt_fast.info", description="versions, which backends were built and why any was not"
+    )
     parser.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
     args = parser.parse_args(argv)
     info = collect()

@@ -67,3 +67,6 @@ def test_info_reports_the_build_as_text_and_as_json():
     module = subprocess.run([sys.executable, "-m", "bmt_fast.info", "--bad"], env=subprocess_env(),
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert module.returncode == 2 and "unrecognized arguments: --bad" in module.stderr
+    optimised = subprocess.run([sys.executable, "-OO", "-m", "bmt_fast.info", "--json"], env=subprocess_env(),
+                               capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert optimised.returncode == 0 and json.loads(optimised.stdout)["bmt_fast"], optimised.stderr[-2000:]

@@ -432,6 +432,20 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="trainer settings on top of the demo's, e.g. source.steps=60 target.lr=0.1")
 
 
+def _check_can_write(path: Path, option: str, *, folder: bool) -> None:
+    """OSError (the CLI's one-line error) where `path` cannot be made or written: a file where a folder goes
+    (or the reverse), a folder above it that is a file, no permission; nothing is created here."""
+    if path.exists() and path.is_dir() != folder:
+        raise (NotADirectoryError if folder else IsADirectoryError)(
+            errno.ENOTDIR if folder else errno.EISDIR, f"{option} is a {'file' if folder else 'folder'}", str(path)
+        )
+    above = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not above.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{option}: {above} is a file, not a folder", str(path))
+    if not os.access(above, os.W_OK):
+        raise PermissionError(errno.EACCES, f"{option} cannot be written there", str(path))
+
+
 @register_command("demo", f"BMTPT vs SPoT vs prompt tuning on {BACKBONE} and the synthetic tasks", _arguments)
 def demo_command(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else FULL
@@ -440,14 +454,10 @@ def demo_command(args: argparse.Namespace) -> int:
     # cannot be made, a missing matplotlib had failed after all of it, the table unprinted)
     import matplotlib  # noqa: F401  (demo.png; a missing trainer package is named by the CLI)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_can_write(out_dir, "--out-dir", folder=True)
     output_json = Path(args.output_json) if args.output_json else None
     if output_json is not None:
-        output_json.parent.mkdir(parents=True, exist_ok=True)
-        if output_json.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "--output-json is a folder, not a file", str(output_json))
-        if not os.access(output_json.parent, os.W_OK):
-            raise PermissionError(errno.EACCES, "--output-json cannot be written there", str(output_json))
+        _check_can_write(output_json, "--output-json", folder=False)
     record = run_demo(settings, out_dir, args.overrides)
     record["plot"] = str(plot_demo(record, out_dir, out_dir / "demo.png"))
     text = json.dumps(record, indent=1)
@@ -456,5 +466,6 @@ def demo_command(args: argparse.Namespace) -> int:
     print(format_timings(record))
     print(f"plot: {record['plot']}")
     if output_json is not None:
+        output_json.parent.mkdir(parents=True, exist_ok=True)
         output_json.write_text(text)
     return 0

@@ -149,11 +149,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a YAML mapping, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = _unshared(loaded or {})
     for item in overrides:
         _apply_override(data, item)
     _expand_home(data)
     return from_dict(RunConfig, data)
+
+
+def _unshared(value: Any) -> Any:
+    """A copy of YAML's mappings and lists in which no two places share one object: an alias (`target: *opt`)
+    is a copy, so an override of one section leaves the other as written (deepcopy keeps such sharing)."""
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return value
 
 
 def _expand_home(data: dict[str, Any]) -> None:

@@ -425,7 +425,9 @@ def _saved_tensor(name_or_path: str, key: str) -> torch.Tensor | None:
 
             with safe_open(path, framework="pt") as f:
                 return f.get_tensor(key) if key in f.keys() else None
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get(key)
+        import zipfile  # (torch maps only its zip format into memory: a legacy .bin is read whole)
+
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True).get(key)
     return None
 
 

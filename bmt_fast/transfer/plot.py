@@ -123,7 +123,7 @@ def _target_metrics(run_dir: Path, path: Path) -> Path | None:
     for folder in sorted(run_dir.glob("target-*/eval.json")):
         try:
             row = json.loads(folder.read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RunFileError(f"{folder}: not valid JSON ({error}); `target --resume` evaluates it again") from None
         if not isinstance(row, dict):
             raise RunFileError(f"{folder}: not a JSON object")

@@ -187,6 +187,11 @@ class PromptedModel:
             self._id_branch_scale = self._find_input_scale()
         return self._id_branch_scale
 
+    @property
+    def known_input_scale(self) -> float | None:
+        """input_scale where a forward has found it already, else None (finding it runs forwards)."""
+        return self._id_branch_scale
+
     def _find_input_scale(self) -> float:
         encoder_decoder = self.kind == ENCODER_DECODER
         try:  # (transformers' lookups are best-effort: a model they cannot place keeps the factor 1)

@@ -482,16 +482,18 @@ class Run:
     def export_peft(self, prompt: torch.Tensor, out_dir: Path) -> Path:
         # (the backbone's config: a finished target's export loads no weights for it)
         config = self._pm.model.config if self._pm is not None else config_and_tokenizer(self.cfg.model)[0]
-        # (Marian, Pegasus, BlenderbotSmall, MVP: PeftModel had given label NLLs up to 1.0 apart, silently; a
-        # finished target's export has no weights loaded to tell, so there the config's flag makes it "may")
-        scaled = self._pm.input_scale() != 1.0 if self._pm is not None else bool(getattr(config, "scale_embedding", 0))
+        # (Marian, Pegasus, BlenderbotSmall, MVP: PeftModel had given label NLLs up to 1.0 apart, silently.) The
+        # scale found at the backbone's first forward where there was one; else the config's flag makes it
+        # "may" (finding it takes forwards, which under ZeRO-3 every process must run, and this is the first's)
+        known = self._pm.known_input_scale if self._pm is not None else None
+        scaled = known != 1.0 if known is not None else bool(getattr(config, "scale_embedding", 0))
         if scaled:
             logger.warning(
                 "target.export_peft: this backbone scales its input embeddings only when given input_ids "
                 "(scale_embedding); PEFT feeds the prompt and the inputs' embeddings unscaled, so the adapter in %s "
                 "%s reproduce the trainer's results in PeftModel (bmt-fast eval --prompt reads it as the trainer does)",
                 out_dir,
-                "does not" if self._pm is not None else "may not",
+                "does not" if known is not None else "may not",
             )
         return export_peft_prompt(
             prompt,

@@ -105,6 +105,11 @@ def test_plot_of_foreign_record_files_and_unreadable_paths_is_a_one_line_error(t
     metrics.mkdir()
     assert main(["plot", str(run)]) == 2
     assert "error: [Errno 21] Is a directory" in (err := capsys.readouterr().err) and "Traceback" not in err
+    metrics.rmdir()
+    (run / "target-x").mkdir()
+    (run / "target-x" / "eval.json").write_bytes(b'{"accuracy": "\xff"}')
+    assert main(["plot", str(run)]) == 2
+    assert "eval.json: not valid JSON" in (err := capsys.readouterr().err) and "Traceback" not in err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["plot", str(empty)]) == 0 and not (empty / "plots").exists()
@@ -484,5 +489,10 @@ def test_demo_checks_its_outputs_before_training(tmp_path, capsys):
     code = main(["demo", "--quick", "--out-dir", str(tmp_path / "demo"), "--output-json", str(tmp_path / "taken")])
     assert code == 2 and time.perf_counter() - started < 30
     err = capsys.readouterr().err
-    assert "--output-json is a folder, not a file" in err and "Traceback" not in err
-    assert not (tmp_path / "demo" / "source-bmtpt").exists()
+    assert "--output-json is a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()  # (nothing made)
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--out-dir", str(tmp_path / "file")], "--out-dir is a file"),
+                          (["--output-json", str(tmp_path / "file" / "r.json")], "is a file, not a folder")):  # fmt: skip
+        assert main(["demo", "--quick", *argv]) == 2
+        assert message in capsys.readouterr().err, argv

@@ -378,3 +378,8 @@ def test_a_mapping_override_merges_into_its_section(tmp_path):
     assert (cfg.source.steps, cfg.source.lr) == (RunConfig().source.steps, RunConfig().source.lr)
     with pytest.raises(ConfigError, match="unknown key\\(s\\) source.stepz"):
         load_config(tmp_path / "run.yaml", ["source={stepz: 3}"])
+    # a section that is a YAML alias of another is a copy: an override of one leaves the other as written
+    (tmp_path / "run.yaml").write_text("source: &opt {steps: 2, lr: 0.5}\ntarget: *opt\n")
+    for override in ("source={steps: 3}", "source.steps=3"):
+        cfg = load_config(tmp_path / "run.yaml", [override])
+        assert (cfg.source.steps, cfg.target.steps, cfg.target.lr) == (3, 2, 0.5), override

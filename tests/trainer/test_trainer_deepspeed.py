@@ -378,3 +378,30 @@ def test_share_of_a_global_batch():
         got = shares(n, size)
         assert sum(w for _, w in got) == pytest.approx(1.0)
         assert [i for part, w in got if w > 0 for i in part] == list(range(10, 10 + n))
+
+
+def test_a_checkpoints_saved_tensor_is_read_from_every_layout(tmp_path):
+    """untie_saved_output_embedding reads one tensor of the checkpoint: from one safetensors file, a sharded
+    index, a .bin in torch's zip format or its legacy one (which torch cannot map into memory: that had
+    raised under ZeRO-3, also for checkpoints that needed no untying); None where there is no such tensor."""
+    from safetensors.torch import save_file
+
+    from bmt_fast.transfer.deepspeed_support import _saved_tensor
+
+    head, other = torch.randn(5, 3), torch.randn(2)
+    layouts = {"single": tmp_path / "single", "sharded": tmp_path / "sharded", "zip": tmp_path / "zip",
+               "legacy": tmp_path / "legacy"}  # fmt: skip
+    for folder in layouts.values():
+        folder.mkdir()
+    save_file({"lm_head.weight": head, "b": other}, layouts["single"] / "model.safetensors")
+    save_file({"b": other}, layouts["sharded"] / "model-00001-of-00002.safetensors")
+    save_file({"lm_head.weight": head}, layouts["sharded"] / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {"b": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (layouts["sharded"] / "model.safetensors.index.json").write_text(json.dumps(index))
+    torch.save({"lm_head.weight": head, "b": other}, layouts["zip"] / "pytorch_model.bin")
+    torch.save({"lm_head.weight": head, "b": other}, layouts["legacy"] / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    for name, folder in layouts.items():
+        assert torch.equal(_saved_tensor(str(folder), "lm_head.weight"), head), name
+        assert _saved_tensor(str(folder), "missing.weight") is None, name
+    assert _saved_tensor(str(tmp_path), "lm_head.weight") is None  # (a folder without weights)

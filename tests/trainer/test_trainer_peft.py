@@ -98,13 +98,17 @@ def test_an_adapter_of_another_peft_method_is_refused(tmp_path):
 def test_export_warns_where_peft_cannot_reproduce_the_prompt(backbones, model_dirs, tmp_path, caplog, loaded):
     """Marian (like Pegasus, BlenderbotSmall, MVP) scales its encoder's token embeddings only for input_ids;
     PEFT feeds the prompt and the tokens' embeddings unscaled, so its adapter gives other results (label NLLs
-    up to 1.0 apart on the tiny Marian), which the export had not said. T5 and Llama export silently."""
+    up to 1.0 apart on the tiny Marian), which the export had not said. T5 and Llama export silently. The
+    export runs no forward of its own to find the scale (under ZeRO-3 only the first process exports, and
+    the forwards need every process: that had hung): without a forward so far the config's flag decides."""
     from bmt_fast.transfer import Run
     from conftest import make_config
 
     for kind in ("marian", "t5", "llama"):
         caplog.clear()
         cfg = make_config(tmp_path / kind, model_dirs[kind], target={"methods": ["prompt_tuning"]})
+        if loaded:  # (a trained backbone has found its scale at its first forward; the export runs none)
+            backbones[kind].input_scale()
         run = Run(cfg, "target", pm=backbones[kind] if loaded else None)
         with caplog.at_level("WARNING", logger="bmt_fast"):
             run.export_peft(torch.randn(4, backbones[kind].hidden_size), tmp_path / kind / "peft")
