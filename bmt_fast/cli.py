@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from . import info as _info
+
 
 @dataclass(frozen=True)
 class Command:
@@ -272,15 +274,9 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
-
-
-@register_command("info", "versions, built backends, and why any was not built", _info_arguments)
+@register_command("info", _info.DESCRIPTION, _info.add_arguments)
 def info_command(args: argparse.Namespace) -> int:
-    from . import info
-
-    return info.main(["--json"] if args.json else [])
+    return _info.main(["--json"] if args.json else [])
 
 
 # Commands defined elsewhere (they import register_command from this module, which is complete by now).

@@ -49,12 +49,18 @@ def collect() -> dict:
     return info
 
 
+DESCRIPTION = "versions, built backends, and why any was not built"  # (also `bmt-fast info`'s help)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m bmt_fast.info` and `bmt-fast info`."""
+    parser.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints the report (exit status 1 where the CPU settings are invalid); `--json`: collect()'s dict."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bmt_fast.info", description="versions, which backends were built and why any was not"
-    )
-    parser.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
+    parser = argparse.ArgumentParser(prog="python -m bmt_fast.info", description=DESCRIPTION)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     info = collect()
     if args.json:

@@ -439,7 +439,9 @@ def _check_can_write(path: Path, option: str, *, folder: bool) -> None:
         raise (NotADirectoryError if folder else IsADirectoryError)(
             errno.ENOTDIR if folder else errno.EISDIR, f"{option} is a {'file' if folder else 'folder'}", str(path)
         )
-    above = next(p for p in (path, *path.absolute().parents) if p.exists())
+    from ..transfer.config import nearest_existing
+
+    above = nearest_existing(path)
     if not above.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{option}: {above} is a file, not a folder", str(path))
     if not os.access(above, os.W_OK):

@@ -485,10 +485,15 @@ def check_files(cfg: RunConfig) -> None:
         _check_hub_name("model.tokenizer", mc.tokenizer, "tokenizer_config.json")
     if cfg.data.data_dir is not None and not Path(cfg.data.data_dir).is_dir():
         raise ConfigError(f"data.data_dir: folder not found: {cfg.data.data_dir}")
-    out = Path(cfg.output_dir or ".")
-    existing = next((q for q in (out, *out.parents) if q.exists()), None)
-    if existing is not None and not existing.is_dir():  # (mkdir had failed with a traceback)
+    existing = nearest_existing(Path(cfg.output_dir or "."))
+    if not existing.is_dir():  # (mkdir had failed with a traceback)
         raise ConfigError(f"output_dir: {existing} is a file, not a folder")
+
+
+def nearest_existing(path: Path) -> Path:
+    """path, or the closest folder above it that exists: what a mkdir of path would write into (a file
+    there, or no permission, and the mkdir or the write fails)."""
+    return next(q for q in (path, *path.absolute().parents) if q.exists())
 
 
 def _check_hub_name(key: str, name: str, filename: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import nearest_existing
 from .metrics_log import RunFileError, read_metrics
 
 
@@ -20,7 +21,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     if not run_dir.is_dir():
         raise NotADirectoryError(f"{run_dir} is a file, not a run folder")
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
-    if not next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists()).is_dir():
+    if not nearest_existing(out_dir).is_dir():
         # (out_dir, or a folder above it, is a file: a FileExistsError traceback before)
         raise NotADirectoryError(
             f"{out_dir} is not a folder: the plots are several PNGs, written into a folder (--out DIR)"
