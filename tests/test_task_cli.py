@@ -51,3 +51,28 @@ def test_an_empty_file_and_a_negative_count_fail_with_a_message(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["--show", "-1", "rte"])
     assert exit_info.value.code == 2 and "--show: must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_malformed_file_fails_with_a_message_and_the_next_task_is_loaded(tmp_path, capsys):
+    """A line that is no JSON: `datasets` raises its DatasetGenerationError, which the command had let out as a
+    traceback, leaving the tasks after it unchecked (the trainer's checks report it: load_examples)."""
+    (tmp_path / "rte").mkdir()
+    good = (FIXTURES / "rte" / "validation.jsonl").read_text()
+    (tmp_path / "rte" / "validation.jsonl").write_text(good + "{not json\n")
+    (tmp_path / "squad").mkdir()
+    (tmp_path / "squad" / "validation.jsonl").write_text((FIXTURES / "squad" / "validation.jsonl").read_text())
+    assert main(["--data-dir", str(tmp_path), "rte", "squad"]) == 1
+    captured = capsys.readouterr()
+    assert "error: rte: DatasetGenerationError: " in captured.err and "JSON parse error" in captured.err
+    assert "squad validation: 4 examples" in captured.out
+
+
+def test_a_data_dir_whose_name_reads_as_a_glob(tmp_path, capsys):
+    """`datasets` reads data_files as glob patterns: a folder named "data[v1]" had matched nothing (a
+    character class) and the JSON loader stopped with a bare StopIteration."""
+    for name in ("data[v1]", "data*x", "data{a}?"):
+        folder = tmp_path / name / "rte"
+        folder.mkdir(parents=True)
+        (folder / "validation.jsonl").write_text((FIXTURES / "rte" / "validation.jsonl").read_text())
+        assert main(["--data-dir", str(tmp_path / name), "rte"]) == 0, name
+        assert "rte validation: 4 examples" in capsys.readouterr().out

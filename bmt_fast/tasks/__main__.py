@@ -12,6 +12,7 @@ import sys
 
 from . import get_task, task_names
 from .benchmarks import RegressionTask
+from .loading import is_load_error, load_error_message
 
 
 def _table() -> str:
@@ -52,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.tasks:
         try:
             examples = get_task(name).load(args.split, data_dir=args.data_dir)
-        except (ValueError, KeyError, OSError) as error:  # OSError covers missing files and ConnectionError
-            print(f"error: {name}: {error}", file=sys.stderr)
+        except Exception as error:  # (OSError covers missing files and ConnectionError)
+            if not is_load_error(error):
+                raise
+            print(f"error: {name}: {load_error_message(error)}", file=sys.stderr)
             status = 1
             continue
         print(f"{name} {args.split}: {len(examples)} examples")

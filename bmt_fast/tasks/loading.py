@@ -9,6 +9,7 @@ for tasks whose repo still holds a loading script (SuperGLUE), which `datasets` 
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,7 +100,30 @@ def _load_local(task: "Task", split: str, data_dir: Path):
     # CSV: pandas reads "NA", "null", "N/A", "nan", ... as missing by default, which refused a sentence
     # that says "null"; only an empty field is missing here (the text columns then fail as null).
     options = {"keep_default_na": False, "na_values": [""]} if path.suffix == ".csv" else {}
-    return datasets.load_dataset(_FORMATS[path.suffix], data_files={split: str(path)}, split=split, **options)
+    # data_files are glob patterns to `datasets`: the path is escaped (a folder named "data[v1]" had read as a
+    # character class, matched nothing, and the JSON loader stopped with a bare StopIteration)
+    files = {split: glob.escape(str(path))}
+    return datasets.load_dataset(_FORMATS[path.suffix], data_files=files, split=split, **options)
+
+
+def is_load_error(error: BaseException) -> bool:
+    """Whether `error`, raised by Task.load, says the data does not load (a missing or malformed file, a row
+    the task cannot read, the hub unreachable) rather than a fault of the code: ValueError, KeyError, OSError,
+    and the errors of `datasets` and pyarrow (a malformed line: DatasetGenerationError, ArrowInvalid)."""
+    if isinstance(error, (ValueError, KeyError, OSError)):
+        return True
+    return isinstance(error, Exception) and type(error).__module__.startswith(("datasets", "pyarrow"))
+
+
+def load_error_message(error: BaseException) -> str:
+    """One line about a load error (is_load_error): its own message, with the type and the cause for those of
+    `datasets` and pyarrow (whose messages alone do not say what failed), at most 2,000 characters."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    if isinstance(error, (ValueError, KeyError, OSError)):
+        return str(error)
+    cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
+    return f"{type(error).__name__}: {error}{cause}"[:2000]
 
 
 def parquet_export_files(task: "Task", split: str) -> str:

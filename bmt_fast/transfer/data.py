@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from ..tasks import Example, Task
+from ..tasks.loading import is_load_error, load_error_message
 from .prompts import Batch, Encoded, PromptedModel
 
 
@@ -37,14 +38,10 @@ def load_examples(task: Task, split: str, data_dir: str | None = None, limit: in
     where = _split_file(task, split, data_dir)
     try:
         examples = task.load(split, data_dir, limit=limit)
-    except (ValueError, KeyError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise DataError(f"{task.name} {split}{where}: {message}") from error
     except Exception as error:
-        if not type(error).__module__.startswith(("datasets", "pyarrow")):
+        if not is_load_error(error):
             raise
-        cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
-        raise DataError(f"{task.name} {split}{where}: {type(error).__name__}: {error}{cause}"[:2000]) from error
+        raise DataError(f"{task.name} {split}{where}: {load_error_message(error)}") from error
     if not examples:
         raise DataError(f"task {task.name!r} has no {split} examples{where}")
     missing = sum(1 for e in examples if e.label is None and not e.answers and not e.target_text.strip())
