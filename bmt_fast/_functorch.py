@@ -51,21 +51,6 @@ def _transforms_running() -> bool:
     return not torch.compiler.is_compiling() and _transforms_active()
 
 
-def traced_under_transform() -> bool:
-    """Whether torch.compile is tracing code that a torch.func transform (vmap, grad, ...) runs. There a
-    check that reads a value back (the NaN/Inf scans' .item()) fails with vmap's own error ("calling .item()
-    on a Tensor"), and dynamo cannot split its graph inside the transform: the public ops then run through
-    torch._dynamo.disable'd calls (dynamo runs those eagerly, where the op's vmap rule checks each set as a
-    single call would)."""
-    return _transforms_active() and torch.compiler.is_compiling()
-
-
-# Evaluated once while dynamo traces, its result a constant of the trace: torch._dynamo.assume_constant_result's
-# mark, set here without importing dynamo (import bmt_fast stays light). (Traced instead, the check had
-# compiled one more graph per checked call under torch.compile, 4-5 us.)
-traced_under_transform._dynamo_marked_constant = True  # type: ignore[attr-defined]
-
-
 def _only_functionalize() -> bool:
     try:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters

@@ -80,7 +80,7 @@ def svgd_step(
     move by x <- x + lr * phi (or give -phi to a torch optimizer as the gradient, as `bmt_fast.SVGD` does).
     Under torch.func.vmap it steps each particle set of the batch as a single call would (README, "torch.func").
     """
-    if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
+    if check_inputs and torch.compiler.is_compiling():  # (its checks read values back: run eagerly)
         return _eager("svgd_step")(x, score, bandwidth, backend=backend, check_inputs=True, group=group, out=out)
     if _functorch.active():  # inside torch.func.vmap / grad / ...: the op per batch entry, no gradient
         return _functorch.svgd_step(x, score, bandwidth, backend=backend, check_inputs=check_inputs, group=group, out=out)
@@ -230,7 +230,7 @@ def rbf_kernel(
     fp32 inputs follow torch.set_float32_matmul_precision as svgd_step does. Works under torch.func
     transforms too: vmap (per batch entry), grad / vjp / jacrev / hessian (README, "torch.func").
     """
-    if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
+    if check_inputs and torch.compiler.is_compiling():  # (its checks read values back: run eagerly)
         return _eager("rbf_kernel")(x, y, bandwidth, backend=backend, check_inputs=True)
     if _functorch.active() or _functorch.forward_ad_active():
         return _functorch.rbf_kernel(x, y, bandwidth, backend, check_inputs)
@@ -286,7 +286,7 @@ def median_bandwidth(
     Returns a 0-dim tensor: float64 for float64 input, float32 otherwise, on x's device. Under
     torch.func.vmap, one per batch entry; "sampled" follows vmap's `randomness` (README, "torch.func").
     """
-    if check_inputs and _functorch.traced_under_transform():  # (its checks read values back: run eagerly)
+    if check_inputs and torch.compiler.is_compiling():  # (its checks read values back: run eagerly)
         return _eager("median_bandwidth")(
             x, method=method, num_pairs=num_pairs, generator=generator, backend=backend, check_inputs=True
         )
@@ -367,12 +367,36 @@ def _register_autograd() -> None:
 _register_autograd()
 
 _EAGER: dict = {}
+_PUBLIC = {"svgd_step": svgd_step, "rbf_kernel": rbf_kernel, "median_bandwidth": median_bandwidth}
 
 
 def _eager(name: str):
-    """The public op `name` as a call that torch.compile runs eagerly (see _functorch.traced_under_transform),
-    made when first needed, while dynamo traces (made on import, it had imported dynamo with bmt_fast)."""
-    op = _EAGER.get(name)
-    if op is None:
-        op = _EAGER[name] = torch.compiler.disable(globals()[name])
-    return op
+    """The public op `name` with its checks on, as torch.compile meets it: a call that dynamo runs eagerly. The
+    checks read values back (the NaN/Inf scans' .item(), a tensor bandwidth's value, the kernels' finiteness
+    flag): traced, each was a graph break with torch's warnings (a logged one for every .item(), a UserWarning
+    for the CPU allocator's call), several per call and partial graphs between them, the same work in the end;
+    inside a traced torch.func transform, vmap's error ("calling .item() on a Tensor"). Now one silent break
+    (under fullgraph=True an error that gives the reason): the call runs as it does uncompiled. torch.export
+    cannot leave a call out of its program: there the error says what to pass."""
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            f"bmt_fast.{name} with check_inputs=True cannot be exported: its NaN/Inf checks read values back "
+            f"(a data-dependent branch); pass check_inputs=False to export it"
+        )
+    _make_eager(name)
+    return _EAGER[name]
+
+
+def _make_eager(name: str) -> bool:
+    """Makes _EAGER[name], the disabled call, when first needed (made on import, it had imported dynamo with
+    bmt_fast: seconds). Dynamo runs it as it is, not traced (assume_constant_result's mark, set without importing
+    dynamo), so the call to torch.compiler.disable is not in the traced code (a graph break of its own there)."""
+    if name not in _EAGER:
+        _EAGER[name] = torch.compiler.disable(
+            _PUBLIC[name],
+            reason=f"bmt_fast.{name}'s input checks read values back; pass check_inputs=False for one graph",
+        )
+    return True
+
+
+_make_eager._dynamo_marked_constant = True  # type: ignore[attr-defined]

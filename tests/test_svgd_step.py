@@ -970,6 +970,54 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(x, score), step(x, score))
 
 
+def test_torch_compile_with_the_checks_on_runs_each_call_as_uncompiled():
+    """torch.compile of code that calls the public functions with their checks on (the default): each call runs
+    eagerly, one graph break without warnings, and gives the uncompiled result and errors. Traced, the checks'
+    reads (.item() of the NaN/Inf scans, the kernels' finiteness flag) had broken the graph several times per
+    call, with torch's logged warning for every .item() and a UserWarning for the CPU allocator's call; under
+    fullgraph=True the error now names the reason, and torch.export says to pass check_inputs=False."""
+    import warnings
+
+    import torch._dynamo
+
+    def f(x, score):
+        phi = bmt_fast.svgd_step(x, score) + bmt_fast.svgd_step(x, score, torch.tensor(0.8, dtype=x.dtype))
+        return x + 0.1 * phi, bmt_fast.rbf_kernel(x).sum(), bmt_fast.median_bandwidth(x) * 2.0
+
+    x, score = particles(40, 6)
+    x.requires_grad_(True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(f, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            results = compiled(x, score)
+            expected = f(x, score)
+            for got, want in zip(results, expected):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            (grad,) = torch.autograd.grad(results[1], x)
+            torch.testing.assert_close(grad, torch.autograd.grad(expected[1], x)[0], rtol=0, atol=0)
+    assert not [w for w in caught if "Dynamo" in str(w.message) or "bmt_fast" in str(w.message)]
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert breaks and all("input checks read values back" in reason for reason in breaks), dict(breaks)
+    bad = score.detach().clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="score contains 1 NaN/Inf value"):
+        compiled(x, bad)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pass check_inputs=False for one graph"):
+        torch.compile(lambda a, s: bmt_fast.svgd_step(a, s), backend="eager", fullgraph=True)(x, score)
+    torch._dynamo.reset()
+
+    class Step(torch.nn.Module):
+        def forward(self, a, s):
+            return bmt_fast.svgd_step(a, s, 1.5)
+
+    with pytest.raises(RuntimeError, match="svgd_step with check_inputs=True cannot be exported.*pass check_inputs=False"):
+        torch.export.export(Step(), (x.detach(), score))
+
+
 @requires_cpu_extension
 def test_dynamic_shapes_compile_once_and_export():
     """torch.compile(dynamic=True) compiled svgd_step and rbf_kernel again for every n and d (the backend
