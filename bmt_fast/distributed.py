@@ -231,8 +231,10 @@ def svgd_step_local_rows(
     # H in the accumulation dtype (bandwidth_in: a valid 1e39 had raised on every rank as fp32's +inf); one
     # that is not valid there (a NaN median from unchecked NaN particles, a given 1e-60 that is 0 in fp32)
     # gives NaN, as the single-process op does, on every rank alike (rbf_kernel had raised on ranks with rows)
+    # A subnormal H (valid for bandwidth_in, whose rule the Triton kernels share) is NaN here too: the CPU's
+    # rbf_kernel refuses it, which had raised on the ranks with rows while those without went on.
     h = bandwidth_in(h, dtype)
-    if bool(torch.isnan(h)):
+    if not float(h) >= torch.finfo(dtype).smallest_normal:  # (NaN fails it too)
         return torch.full_like(x_all[rows], float("nan"))
     (xc,) = centre(x_all.to(dtype))
     a = 2.0 / h

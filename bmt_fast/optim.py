@@ -43,6 +43,9 @@ class SVGD(torch.optim.Optimizer):
     Or as torch's optimizers are driven, from a loss that is the negative log density (summed over the
     particles), whose gradient is -score: `loss.backward(); opt.step()`, or `opt.step(closure=closure)`
     with a closure that clears the gradient, computes such a loss, calls backward and returns the loss.
+    For these the constructor sets particles.requires_grad = True (the tensor passed, not a copy), so the
+    particles are then a leaf autograd tracks, as an nn.Parameter: edit them in place under torch.no_grad(),
+    and read their values through particles.detach() (e.g. .detach().numpy()).
 
     With `group=` (a torch.distributed process group), each rank passes its own slice of the particles
     and the kernel couples all of them (see `bmt_fast.svgd_step`); torch's first-order optimizers (SGD,
@@ -125,10 +128,47 @@ class SVGD(torch.optim.Optimizer):
 
         particles.grad is set to -phi: written into the existing gradient tensor when there is one (as
         autograd accumulates into it), else a new tensor."""
-        self._refuse_maximize("the optimizer")  # (before anything changes)
-        loss = None
         if closure is None and _takes_no_arguments(score):  # step(closure), as torch optimizers are called
             score, closure = None, score
+        if self.group is None:
+            loss, score = self._score(score, closure)
+        else:  # an error here (no gradient, a bad score, the closure's own) is raised on every rank, as
+            # svgd_step's own checks are: raised on this rank alone, the others had waited in the step's
+            # all-gather until the group's timeout
+            from . import distributed
+
+            with distributed.failing_together(self.group):
+                loss, score = self._score(score, closure)
+        if score is None:  # torch.distributed.checkpoint's state initialisation: its zero gradient goes on as it is
+            phi = torch.zeros_like(self.particles)
+        else:
+            phi = svgd_step(
+                self.particles.detach(),
+                score.detach(),
+                self.bandwidth,
+                backend=self.backend,
+                check_inputs=self.check_inputs,
+                group=self.group,
+            )
+            grad = self.particles.grad  # torch keeps .grad to the particles' shape, dtype and device
+            if grad is not None and grad.layout == torch.strided:
+                # In place, as autograd accumulates into an existing .grad: no fresh n x d tensor to page in
+                # (16 x 409,600 on a 2-core VM: 4,500 page faults, ~18 -> ~12 ms per step).
+                torch.neg(phi, out=grad)
+            else:
+                self.particles.grad = -phi
+        # The inner optimizer's own step, below torch's hook wrapper: this step ran the step hooks (global and
+        # this optimizer's) once already; through inner.step the global ones had run a second time.
+        inner_step = type(self.inner).step
+        getattr(inner_step, "__wrapped__", inner_step)(self.inner)
+        return phi if closure is None else loss
+
+    def _score(self, score: Score | None, closure: Callable[[], Any] | None) -> tuple[Any, torch.Tensor | None]:
+        """step's (loss, score): the closure's loss (None without one) and the particles' scores, read from
+        `score` (a tensor or a callable) or from -particles.grad; score None for the zero-gradient step at lr 0
+        by which torch.distributed.checkpoint initialises a fresh optimizer's state (_initialising_state)."""
+        self._refuse_maximize("the optimizer")  # (before anything changes)
+        loss = None
         if score is None:
             if closure is not None:
                 with torch.enable_grad():
@@ -139,6 +179,8 @@ class SVGD(torch.optim.Optimizer):
                     "SVGD.step needs a score: pass one (a tensor or a callable particles -> scores), or a closure "
                     "whose backward of the negative log density sets particles.grad, or call backward first"
                 )
+            if closure is None and self._initialising_state(grad):
+                return None, None
             # (a sparse gradient, e.g. of nn.Embedding(sparse=True): densified, where it had been refused as a
             # sparse `score` the caller never passed)
             score = -(grad if grad.layout == torch.strided else grad.to_dense())
@@ -155,26 +197,24 @@ class SVGD(torch.optim.Optimizer):
                 )
         if not isinstance(score, torch.Tensor):
             raise TypeError(f"score must be a tensor or a callable returning one, got {type(score).__name__}")
-        phi = svgd_step(
-            self.particles.detach(),
-            score.detach(),
-            self.bandwidth,
-            backend=self.backend,
-            check_inputs=self.check_inputs,
-            group=self.group,
-        )
-        grad = self.particles.grad  # torch keeps .grad to the particles' shape, dtype and device
-        if grad is not None and grad.layout == torch.strided:
-            # In place, as autograd accumulates into an existing .grad: no fresh n x d tensor to page in
-            # (16 x 409,600 on a 2-core VM: 4,500 page faults, ~18 -> ~12 ms per step).
-            torch.neg(phi, out=grad)
-        else:
-            self.particles.grad = -phi
-        # The inner optimizer's own step, below torch's hook wrapper: this step ran the step hooks (global and
-        # this optimizer's) once already; through inner.step the global ones had run a second time.
-        inner_step = type(self.inner).step
-        getattr(inner_step, "__wrapped__", inner_step)(self.inner)
-        return phi if closure is None else loss
+        return loss, score
+
+    def _initialising_state(self, grad: torch.Tensor) -> bool:
+        """Whether this step is torch.distributed.checkpoint's initialisation of a fresh optimizer's state
+        (get_optimizer_state_dict and friends): no state yet, every lr 0 and an all-zero gradient. Its
+        gradient goes to the inner optimizer as it is, which then sets up its state as after its own
+        zero-gradient step; taken as a zero score instead, it had put -phi(x, 0), the kernel's repulsion, into
+        the momentum or the moments (SGD momentum 0.9: particles 0.04 away from an unsaved run's after 3
+        steps). With group= the ranks agree (one all-reduce, on such a first step only)."""
+        if self.state or any(float(group.get("lr", 1.0)) != 0.0 for group in self.param_groups):
+            return False
+        zero = torch.tensor(0 if bool(grad.any()) else 1, dtype=torch.int64)
+        if self.group is not None:
+            from . import distributed
+
+            zero = zero.to(distributed._metadata_device(self.group))
+            torch.distributed.all_reduce(zero, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return bool(zero)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)

@@ -102,7 +102,13 @@ def unchecked(rank: int) -> dict[str, torch.Tensor]:
     if rank == 1:
         x[1, 1] = float("nan")
     empty_first = x[:0] if rank == 0 else x
+    # a subnormal fp32 H on the rank with rows and on the one without: NaN on both (the CPU's rbf_kernel had
+    # refused it on rank 0 alone, whose error left rank 1 to hang in its next collective)
+    few = torch.randn(4, 3) if rank == 0 else torch.randn(0, 3)
     return {
+        "subnormal_bandwidth_unchecked": bmt_fast.svgd_step(
+            few, few, torch.tensor(1e-40), group=world, check_inputs=False
+        ),
         "nan_unchecked": bmt_fast.svgd_step(x, x, "median", group=world, check_inputs=False),
         "nan_unchecked_empty_rank": bmt_fast.svgd_step(empty_first, empty_first, "median", group=world,
                                                        check_inputs=False),  # fmt: skip
@@ -169,6 +175,16 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         ),
         # an SVGD with a group pickled (torch.save): refused with what to do (it had failed on the ProcessGroup)
         "pickle_with_group": error_of(lambda: torch.save(_optimizer_with_group(), io.BytesIO())),
+        # SVGD.step's own errors, before svgd_step, on one rank: raised on every rank (the other had waited in
+        # the step's all-gather until the group's timeout): no gradient (a rank that skipped its backward), a
+        # score that is no tensor, the user's score callable failing
+        "svgd_no_grad_on_rank_1": error_of(lambda: _optimizer_with_group().step(None if rank else -torch.ones(3, 2))),
+        "svgd_score_type_on_rank_0": error_of(
+            lambda: _optimizer_with_group().step((lambda p: [1.0]) if rank == 0 else (lambda p: -p.detach()))
+        ),
+        "svgd_score_fails_on_rank_1": error_of(
+            lambda: _optimizer_with_group().step(lambda p: -p.detach() if rank == 0 else 1 / 0)
+        ),
     }
 
 

@@ -273,6 +273,38 @@ def test_distributed_checkpoint_state_dict_of_a_fresh_svgd():
     assert torch.equal(model.particles.detach(), before)  # its step ran at lr 0
 
 
+def test_a_distributed_checkpoint_of_a_fresh_svgd_leaves_its_training_alone():
+    """The state that initialisation (a zero gradient at lr 0) sets up is the inner optimizer's own for a zero
+    gradient: the zero gradient had been read as a zero score, whose phi, the kernel's repulsion, went into the
+    momentum or the moments (SGD momentum 0.9: particles 0.04 away from an unsaved run's after 3 steps; for
+    SGD a zero momentum buffer changes nothing that follows). A first step at lr 0 with a gradient (a warm-up
+    from 0) is a step as before: its phi enters the state."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def run(inner, checkpoint_first: bool, warm_up_from_zero: bool = False, **options):
+        model = torch.nn.Module()
+        model.particles = torch.nn.Parameter(torch.randn(6, 2, generator=torch.Generator().manual_seed(3)))
+        opt = bmt_fast.SVGD(model.particles, inner, lr=0.0 if warm_up_from_zero else 0.1, bandwidth=1.5, **options)
+        if checkpoint_first:
+            get_optimizer_state_dict(model, opt)
+            moment = "momentum_buffer" if inner is torch.optim.SGD else "exp_avg"
+            assert not opt.state[model.particles][moment].any()  # the zero gradient's state
+        for step in range(3):
+            if warm_up_from_zero and step == 1:
+                opt.param_groups[0]["lr"] = 0.1
+            model.zero_grad()
+            (model.particles**2 / 2).sum().backward()
+            opt.step()
+        return model.particles.detach(), opt.state[model.particles]
+
+    momentum = {"momentum": 0.9}
+    assert torch.equal(run(torch.optim.SGD, True, **momentum)[0], run(torch.optim.SGD, False, **momentum)[0])
+    run(torch.optim.Adam, True)  # (its zero moments checked in run; its step count is Adam's own matter)
+    warmed, state = run(torch.optim.SGD, False, warm_up_from_zero=True, **momentum)
+    unwarmed = run(torch.optim.SGD, False, **momentum)[0]
+    assert state["momentum_buffer"].any() and not torch.equal(warmed, unwarmed)
+
+
 @pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
 def test_a_copied_svgd_steps_as_the_original(copy_with):
     """copy.deepcopy / pickle of an SVGD gave one without its inner optimizer or particles."""

@@ -143,6 +143,9 @@ BAD_INPUTS = {
     "event_key_collision": ("ValueError", "same event shape on every rank"),
     "vmap_batch_differs": ("ValueError", "same batch size on every rank, got rank 0: 2, rank 1: 3"),
     "pickle_with_group": ("TypeError", "an SVGD with group= cannot be pickled (torch.save)"),
+    "svgd_no_grad_on_rank_1": ("RuntimeError", "SVGD.step needs a score"),
+    "svgd_score_type_on_rank_0": ("TypeError", "score must be a tensor or a callable returning one, got list"),
+    "svgd_score_fails_on_rank_1": ("RuntimeError", "division by zero (svgd_step(group=...): rank 1 of the group)"),
 }
 
 
@@ -165,9 +168,9 @@ def test_a_deepcopy_of_an_svgd_with_a_group_shares_it(ranks):
 def test_unchecked_nan_gives_nan_on_every_rank(ranks):
     """check_inputs=False and a NaN particle on rank 1: the median is NaN, so phi is NaN on every rank (the
     single-process op's answer); the ranks with rows had raised in rbf_kernel, an empty rank 0 had not."""
-    for name in ("nan_unchecked", "nan_unchecked_empty_rank"):
+    for name in ("nan_unchecked", "nan_unchecked_empty_rank", "subnormal_bandwidth_unchecked"):
         pieces = [r["phi"][name] for r in ranks]
-        assert [p.shape[0] for p in pieces] == ([3, 3] if name == "nan_unchecked" else [0, 3])
+        assert [p.shape[0] for p in pieces] == {"nan_unchecked": [3, 3], "nan_unchecked_empty_rank": [0, 3]}.get(name, [4, 0])
         assert all(bool(torch.isnan(p).all()) for p in pieces), name
 
 
