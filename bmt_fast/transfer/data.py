@@ -126,6 +126,12 @@ class TaskSampler:
         return {"generator": self.generator.get_state(), "orders": list(self.orders), "positions": list(self.positions)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = [len(order) for order in state["orders"]]
+        if saved != self.sizes:  # (a larger split had been drawn from the old order, a smaller had raised IndexError)
+            raise DataError(
+                f"the training data changed since this checkpoint: its tasks had {saved} examples, they have "
+                f"{self.sizes} now; use the data it was trained on, or train the stage again (--overwrite)"
+            )
         self.generator.set_state(state["generator"])
         self.orders = [t.clone() for t in state["orders"]]
         self.positions = [int(p) for p in state["positions"]]

@@ -127,20 +127,27 @@ def run_loop(
     log = MetricsLog(stage_dir / "metrics.jsonl") if world.is_main else None
     window = _Window()
     start = _restore(stage_dir, trainable, log, world, window, settings.steps) if resume else 0
+    # the last line of a finished stage continued with more steps, which the next checkpoint replaces (_restore)
+    replaced = window.replaced
     show = settings.progress and world.is_main
     bar = tqdm(total=settings.steps, initial=start, desc=settings.description, disable=not show)
     saved = start  # the latest checkpoint's step (0: none)
 
     def checkpoint(step: int) -> None:
-        nonlocal saved
+        nonlocal saved, replaced
         # with the metrics of the steps since the last log line: where log_every does not divide
         # checkpoint_every, a resumed run's next line had averaged only the steps after the checkpoint
         state = {"trainable": trainable.state_dict(), "rng": world.rng_state(), "metrics_window": window.values}
         if window.open:  # (the last step's line closed a window short of log_every: see _restore)
             state["metrics_open_window"] = window.open
+        if replaced:  # (a resume from this checkpoint drops that line too, if a kill came before it was dropped)
+            state["metrics_replaced_line"] = replaced
         path = checkpoint_path(stage_dir, step)
         if world.is_main:
             save_checkpoint(stage_dir, step, state, meta, settings.keep_checkpoints)
+            if replaced and log:
+                log.drop_last(replaced["step"], set(replaced["keys"]))
+        replaced = None
         world.barrier()  # every process goes on only once the checkpoint is complete
         saved = step
         for hook in on_checkpoint:
@@ -191,15 +198,19 @@ def _restore(
     window.values = {key: list(values) for key, values in checkpoint.state.get("metrics_window", {}).items()}
     if log:
         log.truncate_after(checkpoint.step)
+        replaced = checkpoint.state.get("metrics_replaced_line")
+        if replaced:  # (see below: this checkpoint was saved, the line it replaces not yet dropped)
+            log.drop_last(replaced["step"], set(replaced["keys"]))
     opened = checkpoint.state.get("metrics_open_window") or {}
     if opened and steps > checkpoint.step:
         # A finished stage continued with more steps: its last line averaged the steps since the line before,
         # short of log_every. A stage that never stopped has no line there, and its next line averages those
         # steps too: that line goes, and its steps go back into the window (they had stayed as an extra line,
-        # and the next line had averaged the new steps alone).
+        # and the next line had averaged the new steps alone). It goes once the next checkpoint is saved: dropped
+        # here, a continuation killed before that checkpoint had lost it for good (the stage, resumed with its
+        # old steps, is finished at this checkpoint and writes no line again).
         window.values = {key: list(values) for key, values in opened.items()}
-        if log:
-            log.drop_last(checkpoint.step, set(opened))
+        window.replaced = {"step": checkpoint.step, "keys": sorted(opened)}
     logger.info("%s: resuming from %s (step %d)", stage_dir, checkpoint.path.name, checkpoint.step)
     return checkpoint.step
 
@@ -210,6 +221,7 @@ class _Window:
     def __init__(self):
         self.values: dict[str, list[Any]] = {}
         self.open: dict[str, list[Any]] = {}  # the steps of a last line short of log_every
+        self.replaced: dict[str, Any] | None = None  # such a line, of the checkpoint resumed from (see _restore)
 
     def add(self, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():

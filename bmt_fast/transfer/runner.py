@@ -7,7 +7,8 @@ Run folder:
     results.json, results.md    final target metrics per method (the side-by-side table)
 
 A stage is finished when its final file is there (particles.safetensors; prompt.safetensors and
-eval.json) and its last checkpoint is at the configured number of steps. Every checkpoint records the
+eval.json) and its last checkpoint is at the configured number of steps; a stage that trains (further)
+removes its final files first, which then come from its last checkpoint alone. Every checkpoint records the
 configuration it was trained with: a stage is reused or resumed only under the same configuration, up
 to RESUMABLE_CHANGES (checked before anything is written: `check_outputs`). A stage without checkpoints
 (0 steps, or copied without them) is taken as it is.
@@ -309,6 +310,7 @@ class Run:
         if self.finished("source", method):
             return load_particles(stage_dir)
         trainer, summary = self.source_trainer(method)
+        self._remove_final_files(stage_dir, "source")
         self._train(stage_dir, trainer, self.cfg.source, "source", method, on_checkpoint)
         particles = trainer.particles.detach()
         if self.world.is_main:
@@ -376,6 +378,7 @@ class Run:
             evaluate = self.evaluator(get_task(self.cfg.data.target_task), self.cfg.data.eval_split)
             return self._write_eval(stage_dir, method, evaluate(read_prompt(stage_dir / PROMPT_FILE)))
         trainer = self.target_trainer(method)
+        self._remove_final_files(stage_dir, "target")
         self._train(stage_dir, trainer, self.cfg.target, "target", method, on_checkpoint)
         final = trainer.current_prompt()
         if self.world.is_main:
@@ -447,6 +450,17 @@ class Run:
     def _train_data(self, task_name: str):
         data = self.cfg.data
         return load_task_data(self.pm, get_task(task_name), "train", data.data_dir, data.max_train_examples)
+
+    def _remove_final_files(self, stage_dir: Path, stage: str) -> None:
+        """Before a stage that is not finished trains: its final files, where there are any, are an earlier
+        state's (a finished stage continued with more steps), which this run replaces once its last checkpoint
+        is saved. Left in place, a continuation killed between that checkpoint and their rewriting had left the
+        stage looking finished with the earlier particles or prompt (or the new prompt with the earlier
+        eval.json), taken as they were by every later command."""
+        if self.world.is_main:
+            for name in (*FINAL_FILES[stage], *(["source.json"] if stage == "source" else [])):
+                (stage_dir / name).unlink(missing_ok=True)
+        self.world.barrier()
 
     def _train(self, stage_dir: Path, trainer, stage_cfg, stage: str, method: str, on_checkpoint) -> None:
         settings = LoopSettings(
@@ -715,10 +729,23 @@ def check_outputs(run: Run, command: str, overwrite: bool) -> None:
 
 
 def load_particles(stage_dir: str | Path) -> torch.Tensor:
+    """A finished source stage's (M, L, hidden) particles; ConfigError naming the file where it is damaged (a
+    full disk's cut-short file had been a traceback of safetensors' that named no file)."""
     path = Path(stage_dir) / PARTICLES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no particles at {path}")
-    return load_file(str(path))["particles"]
+    try:
+        particles = load_file(str(path)).get("particles")
+    except (OSError, SafetensorError) as error:
+        particles, problem = None, f"is not a safetensors file ({error})"
+    else:
+        problem = "holds no (M, L, hidden) tensor 'particles'"
+    if particles is None or particles.dim() != 3:
+        raise ConfigError(
+            f"{path} {problem}: remove it, and `bmt-fast source --resume` with the run's configuration writes it "
+            f"again from the stage's last checkpoint"
+        )
+    return particles
 
 
 def read_prompt(path: str | Path) -> torch.Tensor:

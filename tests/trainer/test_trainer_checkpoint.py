@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -212,6 +213,51 @@ def test_a_finished_stage_is_reused_only_under_its_configuration(backbones, mode
     assert torch.equal(load_particles(tmp_path / "source-bmtpt"), extended) and not torch.equal(extended, finished)
 
 
+def test_a_continuation_killed_after_its_last_checkpoint_leaves_no_stale_final_files(backbones, model_dirs, tmp_path):
+    """A finished stage continued with more steps and killed after its last checkpoint, before the final files
+    are rewritten: they had stayed, the earlier state's, and the stage looked finished (checkpoint at steps,
+    files there), so a resume, and every later command, took the 4-step particles (the 4-step prompt with its
+    eval.json). They go when the continuation starts; a resume writes them from the last checkpoint."""
+    pm = backbones["llama"]
+    source, target = {"steps": 4, "checkpoint_every": 2}, {"methods": ["bmtpt"], "steps": 2, "checkpoint_every": 2}
+    cfg = make_config(tmp_path / "run", model_dirs["llama"], source=source, target=target)
+    Run(cfg, "transfer", pm=pm).target("bmtpt")
+    longer = make_config(tmp_path / "run", model_dirs["llama"], source={**source, "steps": 6}, target=target)
+    with pytest.raises(_Crash):  # (the hooks run once the checkpoint is saved)
+        Run(longer, "source", pm=pm, resume=True).source("bmtpt", on_checkpoint=[_crash_at(6)])
+    assert not (tmp_path / "run" / "source-bmtpt" / "particles.safetensors").exists()
+    fresh = make_config(tmp_path / "fresh", model_dirs["llama"], source={**source, "steps": 6}, target=target)
+    expected = Run(fresh, "source", pm=pm).source("bmtpt")
+    assert torch.equal(Run(longer, "source", pm=pm, resume=True).source("bmtpt"), expected)
+    # the target: trained again from the 6-step particles to 2 steps, continued to 4 and killed the same way
+    Run(longer, "target", pm=pm, overwrite=True).target("bmtpt")
+    more = make_config(tmp_path / "run", model_dirs["llama"], source={**source, "steps": 6}, target={**target, "steps": 4})
+    with pytest.raises(_Crash):
+        Run(more, "target", pm=pm, resume=True).target("bmtpt", on_checkpoint=[_crash_at(4)])
+    stage = tmp_path / "run" / "target-bmtpt"
+    assert not (stage / "prompt.safetensors").exists() and not (stage / "eval.json").exists()
+    resumed = Run(more, "target", pm=pm, resume=True).target("bmtpt")
+    Run(make_config(tmp_path / "fresh", model_dirs["llama"], source={**source, "steps": 6}, target={**target, "steps": 4}),
+        "target", pm=pm).target("bmtpt")  # fmt: skip
+    fresh_stage = tmp_path / "fresh" / "target-bmtpt"
+    assert torch.equal(read_prompt(stage / "prompt.safetensors"), read_prompt(fresh_stage / "prompt.safetensors"))
+    assert resumed["loss"] == json.loads((fresh_stage / "eval.json").read_text())["loss"]
+
+
+def test_a_damaged_particles_file_is_named_and_a_resume_writes_it_again(backbones, model_dirs, tmp_path):
+    """particles.safetensors cut short (a full disk): a safetensors traceback naming no file had stopped every
+    command that reads it; now one error naming it and what to do, which works."""
+    pm = backbones["llama"]
+    cfg = make_config(tmp_path, model_dirs["llama"], source={"steps": 2, "checkpoint_every": 2})
+    expected = Run(cfg, "source", pm=pm).source("bmtpt")
+    path = tmp_path / "source-bmtpt" / "particles.safetensors"
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ConfigError, match=f"{path} is not a safetensors file .*: remove it, and `bmt-fast source --resume`"):
+        Run(cfg, "source", pm=pm, resume=True).source("bmtpt")
+    path.unlink()
+    assert torch.equal(Run(cfg, "source", pm=pm, resume=True).source("bmtpt"), expected)
+
+
 def test_the_cli_refuses_a_finished_run_with_another_configuration_before_rewriting_config_yaml(model_dirs, tmp_path):
     from bmt_fast.cli import main
     from bmt_fast.transfer.config import load_config
@@ -360,3 +406,47 @@ def test_a_finished_stage_continued_logs_the_lines_of_one_that_never_stopped(tmp
     grown = read_metrics(tmp_path / "grown" / "metrics.jsonl")
     assert grown == [*read_metrics(tmp_path / "full" / "metrics.jsonl")[:1], {"step": 5, "eval_accuracy": 0.5},
                      *read_metrics(tmp_path / "full" / "metrics.jsonl")[1:]]  # fmt: skip
+
+
+def test_a_continuation_killed_before_its_next_checkpoint_keeps_the_finished_stages_lines(tmp_path, monkeypatch):
+    """A 5-step stage (lines 3 and 5) continued to 8 steps and killed before checkpoint 6: the line of step 5,
+    which the continuation replaces by one averaging steps 4-6, had been dropped at its start, so the stage,
+    taken back to its 5 steps (finished at its checkpoint 5), had no line for step 5. It goes once the next checkpoint is saved, and a kill between that save and the drop is
+    mended by a resume from that checkpoint."""
+    from bmt_fast.transfer.loop import LoopSettings, run_loop
+    from bmt_fast.transfer.metrics_log import MetricsLog, read_metrics
+
+    ys = torch.randn(8, 2)
+    five = LoopSettings(steps=5, log_every=3, checkpoint_every=3, progress=False, description="toy")
+    eight = LoopSettings(steps=8, log_every=3, checkpoint_every=3, progress=False, description="toy")
+    run_loop(tmp_path / "five", _LeastSquares(ys), five, {})
+    run_loop(tmp_path / "eight", _LeastSquares(ys), eight, {})
+    stage = tmp_path / "grown"
+    run_loop(stage, _LeastSquares(ys), five, {})
+    with pytest.raises(_Crash):  # (the hook runs after checkpoint 6 is saved: kill earlier, at step 6's start)
+        run_loop(stage, _Dies(ys, at_step=6), eight, {}, resume=True)
+    assert [r["step"] for r in read_metrics(stage / "metrics.jsonl")] == [3, 5]
+    run_loop(stage, _LeastSquares(ys), five, {}, resume=True)
+    assert read_metrics(stage / "metrics.jsonl") == read_metrics(tmp_path / "five" / "metrics.jsonl")
+    # killed between checkpoint 6's save and the drop of line 5: the resume from checkpoint 6 drops it
+    drop = MetricsLog.drop_last
+    monkeypatch.setattr(MetricsLog, "drop_last", lambda self, *a: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        run_loop(stage, _LeastSquares(ys), eight, {}, resume=True)
+    assert [r["step"] for r in read_metrics(stage / "metrics.jsonl")] == [3, 5, 6]
+    monkeypatch.setattr(MetricsLog, "drop_last", drop)
+    run_loop(stage, _LeastSquares(ys), eight, {}, resume=True)
+    assert read_metrics(stage / "metrics.jsonl") == read_metrics(tmp_path / "eight" / "metrics.jsonl")
+
+
+class _Dies(_LeastSquares):
+    """_LeastSquares that crashes as it starts step `at_step`."""
+
+    def __init__(self, ys, at_step: int):
+        super().__init__(ys)
+        self.at_step = at_step
+
+    def train_step(self):
+        if self.step + 1 == self.at_step:
+            raise _Crash()
+        return super().train_step()

@@ -9,7 +9,7 @@ import torch
 
 import bmt_fast
 from bmt_fast.transfer import Run
-from bmt_fast.transfer.data import TaskSampler, load_task_data, make_batches, task_batch_sizes
+from bmt_fast.transfer.data import DataError, TaskSampler, load_task_data, make_batches, task_batch_sizes
 from bmt_fast.transfer.evaluate import mean_nll
 from bmt_fast.transfer.metrics_log import read_metrics
 from bmt_fast.transfer.runner import load_particles
@@ -156,6 +156,12 @@ def test_sampler_reads_epochs_and_resumes_identically():
     again = TaskSampler([5, 3], [2, 3], seed=123)
     again.load_state_dict(state)
     assert [again.sample() for _ in range(4)] == ahead
+    # a checkpoint's state of other data (a split edited in place, same path and settings): a clear error, where
+    # a larger split had been drawn from the old order (its new rows never) and a smaller one raised IndexError
+    for sizes in ([6, 3], [4, 3]):
+        with pytest.raises(DataError, match=r"the training data changed since this checkpoint: its tasks had \[5, 3\] "
+                           rf"examples, they have \[{sizes[0]}, 3\] now"):  # fmt: skip
+            TaskSampler(sizes, [2, 3], seed=0).load_state_dict(state)
 
 
 def test_stage_writes_particles_metrics_and_spread(backbones, model_dirs, tmp_path):
