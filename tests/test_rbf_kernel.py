@@ -919,3 +919,23 @@ def test_self_kernel_by_the_fused_distances_in_one_team(tmp_path):
             assert abs(float(result[key]["h_median"]) / h_ref - 1) <= tol, (key, name)
         for name in ("k", "h_median", "k_median"):
             assert torch.equal(fused[name], results["threaded"][key][name]), (key, name)
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, d", [(16, 3), (255, 2), (600, 8), (2048, 16)])
+def test_the_gradient_at_identical_particles_is_zero(n, d, dtype):
+    """Every particle the same point: every x_i - x_j is 0, so x's and y's gradients are exactly 0 whatever H and
+    the incoming gradient (autograd of the reference gives 0). The backward's general path had centred by the
+    mean, which for n equal values is not always that value: fp32, 2048 x 16 of 1000.1 at the median rule's floor
+    H, a gradient of 6.9e4 (fp64: 8e-14); it centres as the forward does now (x_0 + mean(x - x_0))."""
+    generator = torch.Generator().manual_seed(n + d)
+    for value in (0.1, 0.3, 1000.1):
+        x = torch.full((n, d), value, dtype=dtype, requires_grad=True)
+        k = bmt_fast.rbf_kernel(x, None, "median", backend="cpu")  # H at its floor, K all ones
+        (grad,) = torch.autograd.grad(k, x, torch.randn(n, n, dtype=dtype, generator=generator))
+        assert not grad.any(), (value, float(grad.abs().max()))
+        y = torch.full((7, d), value, dtype=dtype, requires_grad=True)
+        k = bmt_fast.rbf_kernel(x, y, 1e-12, backend="cpu")
+        grad_x, grad_y = torch.autograd.grad(k, (x, y), torch.randn(n, 7, dtype=dtype, generator=generator))
+        assert not grad_x.any() and not grad_y.any(), (value, float(grad_x.abs().max()), float(grad_y.abs().max()))
