@@ -73,7 +73,7 @@ def evaluate_prompt(
             return {"loss": float("nan") if loss is None else loss, **{m: float("nan") for m in task.metric_names}}
         predictions = [words[i] for i in nll.argmin(dim=1).tolist()]
     else:
-        predictions = generate(pm, prompt, examples, batch_size, max_new_tokens)
+        predictions = generate(pm, prompt, examples, batch_size, max_new_tokens, task.name)
     if loss is None:
         loss = mean_nll(pm, prompt[None], examples, batch_size).item()
     metrics = {"loss": loss}
@@ -109,7 +109,12 @@ def label_nll(
 @torch.no_grad()
 @_in_eval_mode
 def generate(
-    pm: PromptedModel, prompt: torch.Tensor, examples: Sequence[Example], batch_size: int, max_new_tokens: int
+    pm: PromptedModel,
+    prompt: torch.Tensor,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_new_tokens: int,
+    task_name: str | None = None,
 ) -> list[str]:
     """Greedy decoding after the prompt, and nothing else: the backbone's generation_config.json is not read
     (its repetition_penalty, no_repeat_ngram_size, min_length, ... had changed the "greedy" output); each
@@ -118,6 +123,7 @@ def generate(
     decoder-only backbone's model.target_prefix, which it learnt to write before each answer, taken off."""
     from transformers import GenerationConfig
 
+    pm.check_generation(task_name)
     settings = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,

@@ -184,7 +184,10 @@ class PromptedModel:
         module's outputs for a few ids both ways, and only where that module has an `embed_scale` its embedding
         lacks (others: 1, no forward); neither 1 nor embed_scale reproducing the ids' outputs is a ValueError."""
         if self._id_branch_scale is None:
-            self._id_branch_scale = self._find_input_scale()
+            scale = self._find_input_scale()
+            if self.kind == DECODER_ONLY:
+                self._check_positions(scale)
+            self._id_branch_scale = scale
         return self._id_branch_scale
 
     @property
@@ -220,11 +223,65 @@ class PromptedModel:
             f"the input_ids (also times its embed_scale {float(scale)}): prompts cannot be placed before its inputs"
         )
 
+    def check_generation(self, task_name: str | None = None) -> None:
+        """ConfigError where the backbone cannot generate from inputs_embeds, as the evaluation of a task scored by
+        its generated answers (SQuAD, ReCoRD, ...) does: transformers refuses a decoder-only class whose
+        prepare_inputs_for_generation takes no inputs_embeds (Gemma 3's multimodal checkpoints load as
+        Gemma3ForConditionalGeneration), which had stopped a run at its first evaluation, after training."""
+        if self.kind == ENCODER_DECODER:
+            return
+        prepare = getattr(self.model, "prepare_inputs_for_generation", None)
+        if prepare is not None and "inputs_embeds" in inspect.signature(prepare).parameters:
+            return
+        from .config import ConfigError
+
+        scored = "" if task_name is None else f"task {task_name!r} is scored by generated answers, and "
+        raise ConfigError(
+            f"{scored}{type(self.model).__name__} cannot generate "
+            f"from inputs_embeds (its prepare_inputs_for_generation takes none), which prompts need; use a task "
+            f"scored by label words, or another backbone (for Gemma 3, a text-only checkpoint: Gemma3ForCausalLM)"
+        )
+
+    def _check_positions(self, scale: float) -> None:
+        """ConfigError unless a decoder-only backbone numbers a sequence's positions from the attention mask and
+        position_ids as passed here: a few tokens after three left pads must give the last token's logits of
+        the same tokens alone, numbered by the model itself. Decoders whose forward takes no position_ids
+        (BartForCausalLM, MarianForCausalLM, TrOCR, ...) count the pads, so an example's loss and generated
+        answer had depended on the batch it was in; RoBERTa-style decoders number from padding_idx + 1, so every
+        token had had the position embedding of the one before (an NLL of 12.57 for 10.82). Run once, at the
+        first forward (in eval mode), as input_scale is found."""
+        vocab = full_shape(self.embedding.weight)[0]
+        ids = (torch.arange(1, 6, device=self.device) % vocab)[None]
+        mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]], device=self.device)
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                tokens = self.embedding(ids) * scale
+                padded = torch.cat([tokens[:, :3], tokens], dim=1)  # (any vectors under the masked pads)
+                keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+                own = self.model(inputs_embeds=tokens, attention_mask=torch.ones_like(ids), **keep).logits[0, -1]
+                got = self.model(inputs_embeds=padded, attention_mask=mask, position_ids=_positions(mask), **keep)
+                got = got.logits[0, -1]
+        finally:
+            self.model.train(training)
+        own, got = own.float(), got.float()
+        tolerance = 1e-3 if self.dtype in (torch.float32, torch.float64) else 5e-2
+        if not torch.allclose(got, own, rtol=tolerance, atol=tolerance * float(own.abs().max())):
+            from .config import ConfigError  # (a backbone the trainer cannot serve: exit 2, one line)
+
+            raise ConfigError(
+                f"{type(self.model).__name__} does not number positions as given by position_ids from the attention "
+                f"mask (its logits after left pads differ from those of the same tokens alone: "
+                f"{float((got - own).abs().max()):.3g} apart): a prompt-tuned example's loss would depend on the "
+                f"padding of its batch; use a decoder-only backbone whose forward takes position_ids counted from 0 "
+                f"(Llama, SmolLM, GPT-2, Qwen, Mistral, Gemma, ...) or an encoder-decoder one"
+            )
+
     def _decoder_only_target_logits(self, embeds: torch.Tensor, mask: torch.Tensor, target_len: int) -> torch.Tensor:
         """Logits that predict the last target_len tokens (targets end every sequence)."""
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = {"logits_to_keep": target_len + 1} if self._keeps_logits else {}
-        logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **keep).logits
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), **keep).logits
         return logits[:, -(target_len + 1) : -1]
 
     # -- prompts for generation ---------------------------------------------------------------------
@@ -390,6 +447,11 @@ def _pads_before_prompt(
     source = torch.where(j < pads, j + length, torch.where(j < pads + length, j - pads, j))
     moved = embeds.gather(1, source[..., None].expand(-1, -1, embeds.shape[-1]))
     return moved, (j >= pads).to(mask.dtype)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from an attention mask: each token's count of tokens before it, pads at 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

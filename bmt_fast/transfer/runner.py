@@ -431,6 +431,8 @@ class Run:
         """prompt -> {"examples": n, "loss": ..., **task metrics} on `split` of `task` (its examples, if
         loaded already)."""
         cfg, tc, pm = self.cfg, self.cfg.target, self.pm
+        if not task.is_classification:  # (before training: a backbone that cannot generate had failed after it)
+            pm.check_generation(task.name)
         if examples is None:
             examples = load_examples(task, split, cfg.data.data_dir, limit=cfg.data.max_eval_examples)
 

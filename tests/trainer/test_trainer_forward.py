@@ -215,3 +215,71 @@ def test_prompt_shape_is_checked(backbones):
     batch = pm.collate(pm.encode(examples(2)))
     with pytest.raises(ValueError, match="prompts must have shape"):
         pm.sequence_nll(torch.randn(2, 4, pm.hidden_size + 1), batch)
+
+
+@pytest.mark.parametrize("family", ["bart", "roberta", "gpt2", "bloom"])
+def test_a_decoder_that_does_not_number_positions_from_the_mask_is_refused(backbones, family):
+    """Decoders whose forward takes no position_ids (BartForCausalLM, Marian's, TrOCR, ...) count a batch's left
+    pads as positions, and RoBERTa-style ones number from padding_idx + 1: an example's NLL had depended on its
+    batch (BART: 7.65 alone, 8.66 in a batch) or been off in every batch. Refused at the first forward, in one
+    line; GPT-2's learned positions and Bloom's ALiBi (from the mask, no position_ids) serve as Llama's do."""
+    import transformers as tf
+
+    from bmt_fast.transfer.config import ConfigError
+    from bmt_fast.transfer.prompts import PromptedModel
+
+    tokenizer = backbones["llama"].tokenizer
+    common = {"vocab_size": len(tokenizer), "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    torch.manual_seed(0)
+    model = {
+        "bart": lambda: tf.BartForCausalLM(tf.BartConfig(d_model=16, decoder_layers=1, decoder_attention_heads=2,
+                                                         decoder_ffn_dim=32, max_position_embeddings=64, init_std=0.3,
+                                                         is_decoder=True, is_encoder_decoder=False, **common)),
+        "roberta": lambda: tf.RobertaForCausalLM(tf.RobertaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                                  intermediate_size=32, is_decoder=True, initializer_range=0.3,
+                                                                  **common)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=1, n_head=2, **common)),
+        "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(hidden_size=16, n_layer=1, n_head=2, **common)),
+    }[family]()
+    pm = PromptedModel(model.eval(), tokenizer, max_source_length=32, max_target_length=8)
+    batch = pm.collate(pm.encode(examples(3)))
+    prompt = torch.randn(2, pm.hidden_size)
+    if family in ("bart", "roberta"):
+        with pytest.raises(ConfigError, match=f"{type(model).__name__} does not number positions as given by "
+                           "position_ids from the attention mask .*: a prompt-tuned example's loss would depend"):  # fmt: skip
+            pm.sequence_nll(prompt, batch)
+        return
+    together = pm.sequence_nll(prompt, batch)[0]
+    for i, encoded in enumerate(pm.encode(examples(3))):
+        torch.testing.assert_close(pm.sequence_nll(prompt, pm.collate([encoded]))[0, 0], together[i], rtol=1e-5, atol=1e-5)
+
+
+def test_a_backbone_that_cannot_generate_from_embeddings_is_refused_for_generated_answers(backbones):
+    """Gemma 3's multimodal checkpoints load as Gemma3ForConditionalGeneration, whose generate refuses
+    inputs_embeds: a task scored by generated answers (SQuAD, ReCoRD) had failed at its first evaluation, after
+    training; now a one-line error naming the task, the class and what to use (checked where the evaluation
+    is set up, before training). Label-word scoring needs no generation and stays available."""
+    import transformers as tf
+
+    from bmt_fast.transfer.config import ConfigError
+    from bmt_fast.transfer.evaluate import generate
+    from bmt_fast.transfer.prompts import PromptedModel
+
+    tokenizer = backbones["llama"].tokenizer
+    text = tf.Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+                               eos_token_id=1, bos_token_id=2)  # fmt: skip
+    vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=len(tokenizer) - 1,
+        boi_token_index=len(tokenizer) - 3, eoi_token_index=len(tokenizer) - 2, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2))  # fmt: skip
+    pm = PromptedModel(model.eval(), tokenizer, max_source_length=32, max_target_length=8)
+    prompt = torch.randn(2, pm.hidden_size)
+    assert torch.isfinite(pm.sequence_nll(prompt, pm.collate(pm.encode(examples(2))))).all()
+    with pytest.raises(ConfigError, match="task 'squad' is scored by generated answers, and Gemma3ForConditionalGeneration "
+                       r"cannot generate from inputs_embeds .*Gemma3ForCausalLM"):  # fmt: skip
+        generate(pm, prompt, examples(2), 2, 4, "squad")
+    backbones["llama"].check_generation("squad")  # (decoder-only classes that can: no error)
