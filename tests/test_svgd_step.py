@@ -1357,3 +1357,23 @@ def test_gram_path_flags_one_row_that_overflows_float16(n):
             assert not bool(finite) and torch.equal(torch.isinf(out), expected), (r, c)
             finite = torch.ops.bmt_fast.svgd_step_into(x, score * 0, h, "gram", out=out)  # the push alone
             assert bool(finite) and bool(torch.isfinite(out).all()) and float(out[r, c]) > 4e4, (r, c)
+
+
+@requires_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_a_bandwidth_past_the_reciprocal_of_fp32s_least_value(dtype, precision):
+    """A valid H so large that 1/H is 0 in fp32 (past 7.1e44: a float64 1e300): the fused and AMX paths had
+    multiplied their padded rows' +inf norms by that 0 and returned phi all NaN; K is 1 to fp32's rounding, so
+    phi is mean(score) (the reference's), on every path."""
+    torch.manual_seed(3)
+    for n, d in [(5, 3), (70, 37), (300, 20), (300, 64), (64, 2000)]:
+        x, score = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
+        with float32_matmul_precision(precision):
+            for h in (1e39, 1e50, 1e300):
+                phi = bmt_fast.svgd_step(x, score, h, backend="cpu")
+                expected = score.double().mean(0).expand(n, d).to(dtype)
+                # (fp32 under "medium" on AMX: the scores' bf16 rounding)
+                eps = torch.finfo(torch.bfloat16 if precision == "medium" else dtype).eps
+                torch.testing.assert_close(phi, expected, rtol=0, atol=2 * max(eps, torch.finfo(dtype).eps),
+                                           msg=f"{n} x {d}, H {h}")  # fmt: skip

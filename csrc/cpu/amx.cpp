@@ -414,7 +414,7 @@ at::Tensor rbf_kernel_amx(const AmxOperands& a, const AmxOperands& b, double h) 
   const float* na_p = a.norms.const_data_ptr<float>();
   const float* nb_p = b.norms.const_data_ptr<float>();
   auto* k_p = k.mutable_data_ptr<In>();
-  const float inv_h = static_cast<float>(1.0 / h);
+  const float inv_h = inverse_bandwidth<float>(h);
   parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kAmxRows * kAmxCols);
     for (int64_t block = begin; block < end; ++block) {
@@ -447,7 +447,7 @@ at::Tensor rbf_kernel_amx_self(const AmxOperands& a, double h) {
   at::Tensor k = empty_large({n, n}, a.xb.options().dtype(a.dtype));
   const float* norms_p = a.norms.const_data_ptr<float>();
   In* k_p = k.mutable_data_ptr<In>();
-  const float inv_h = static_cast<float>(1.0 / h);
+  const float inv_h = inverse_bandwidth<float>(h);
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(In));
   for_each_upper_amx_tile(a, [&] {
     return [&, rowsum = std::vector<float>(kAmxRows), tile = std::vector<In>(kAmxRows * kAmxCols),
@@ -495,7 +495,7 @@ at::Tensor rbf_kernel_from_dots(const at::Tensor& norms, const at::Tensor& dots,
   at::Tensor k = empty_large({n, n}, norms.options().dtype(dtype));
   const float* norms_p = norms.const_data_ptr<float>();
   float* dots_p = dots.mutable_data_ptr<float>();
-  const float inv_h = static_cast<float>(1.0 / h);
+  const float inv_h = inverse_bandwidth<float>(h);
   amx_dispatch(k, [&](auto typed) {
     auto* k_p = k.mutable_data_ptr<typename decltype(typed)::type>();
     parallel_for(0, (n + kAmxRows - 1) / kAmxRows, 1, [&](int64_t begin, int64_t end) {
@@ -562,7 +562,7 @@ bool svgd_step_amx(const at::Tensor& x, const at::Tensor& score, const std::opti
   const auto* bw_p = as_bf16(b_w);
   const float* norms_p = operands.norms.const_data_ptr<float>();
   float* rowsum_p = rowsum.mutable_data_ptr<float>();
-  const float inv_h = static_cast<float>(1.0 / h);
+  const float inv_h = inverse_bandwidth<float>(h);
   auto* out_p = out.mutable_data_ptr<In>();
   std::atomic<bool> finite{true};
   // phi = (K W + (2/H) rowsum(K) Xs + score) / n, or (K S + (2/H) (rowsum(K) Xs - K Xs) + score) / n: the
@@ -695,7 +695,7 @@ bool svgd_step_amx_chunked(const at::Tensor& x, const at::Tensor& score, const s
   const int64_t n = x.size(0), d = x.size(1), n_pad = (n + 31) / 32 * 32;
   const ChunkedGram gram = amx_gram_chunked<In>(x);
   const double h = bandwidth ? *bandwidth : bandwidth_from_median(median_sq_dist_chunked(gram), n);
-  const float a = static_cast<float>(2.0 / h), inv_h = static_cast<float>(1.0 / h);
+  const float a = static_cast<float>(2.0 / h), inv_h = inverse_bandwidth<float>(h);
   const bool split = amx_step_splits(gram.spread, h);  // (W folded, or S and Xs apart)
   // K without its own terms (bf16, an A operand: columns [n, n_pad) zero) and its row sums (split: of the
   // rounded values)

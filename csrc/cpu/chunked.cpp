@@ -344,7 +344,7 @@ const at::Tensor& chunked_gram_to_kernel(const ChunkedGram& gram, double h, doub
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "chunked_gram_to_kernel", [&] {
     parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       rbf_from_dots(k.mutable_data_ptr<scalar_t>(), n, begin, end, n, gram.norms.const_data_ptr<scalar_t>(),
-                    gram.norms.const_data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / h));
+                    gram.norms.const_data_ptr<scalar_t>(), inverse_bandwidth<scalar_t>(h));
     });
   });
   k.fill_diagonal_(own);

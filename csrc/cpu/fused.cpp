@@ -228,7 +228,7 @@ bool fused_step_symmetric(const FusedOperands<T>& ops, const at::Tensor& score, 
       for (int64_t p = part * count / parts; p < (part + 1) * count / parts; ++p) {
         const auto [i0, j0] = pairs[p];
         fused_step_pair(ops.xc.template data_ptr<T>(), ops.xt.template data_ptr<T>(),
-                        ops.w.template data_ptr<T>(), ops.norms.template data_ptr<T>(), n, d, static_cast<T>(1.0 / h),
+                        ops.w.template data_ptr<T>(), ops.norms.template data_ptr<T>(), n, d, inverse_bandwidth<T>(h),
                         i0, std::min(n_pad, i0 + kFusedPairBlock), j0, std::min(n_pad, j0 + kFusedPairBlock),
                         rowacc.data_ptr<T>() + part * part_elems,
                         lanes ? colacc.data_ptr<T>() + part * col_elems : nullptr, scratch.data_ptr<T>());
@@ -286,7 +286,7 @@ std::optional<bool> svgd_step_fused_team(const at::Tensor& x, const at::Tensor& 
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * block_rows, r1 = std::min(n, r0 + block_rows);
       ok &= fused_step_rows(xc.data_ptr<T>(), xt.data_ptr<T>(), w.data_ptr<T>(), norms.data_ptr<T>(),
-                            score_t.data_ptr<T>(), n, d, static_cast<T>(1.0 / h), static_cast<T>(a), r0, r1,
+                            score_t.data_ptr<T>(), n, d, inverse_bandwidth<T>(h), static_cast<T>(a), r0, r1,
                             scratch.data_ptr<T>(), phi.data_ptr<T>());
     }
     if (!ok) finite = false;

@@ -92,6 +92,14 @@ at::Tensor centred_by(const at::Tensor& x, const at::Tensor& shift, at::ScalarTy
 // centred_by(x, centring_shift(x)) in the compute type acc.
 at::Tensor centred(const at::Tensor& x, at::ScalarType acc);
 
+// 1/H in T for the kernels' exponent -|x_i - x_j|^2 / H: at least T's least positive value. A valid H past
+// 1 / that (fp32: 7.1e44, e.g. a float64 1e300) had made it 0, and the padded rows' and columns' +inf norms
+// times 0 NaN: svgd_step's fused and AMX paths returned phi all NaN, where K is 1 to fp32's rounding.
+template <typename T>
+inline T inverse_bandwidth(double h) {
+  return std::max(static_cast<T>(1.0 / h), std::numeric_limits<T>::denorm_min());
+}
+
 // The rows' squared norms of centred particles (n), their squares through a huge-page temporary.
 at::Tensor row_sq_norms(const at::Tensor& xc);
 

@@ -264,7 +264,7 @@ at::Tensor rbf_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES(acc, "rbf_kernel", [&] {
     parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       rbf_from_dots(k.data_ptr<scalar_t>(), cols, begin, end, cols, nx.data_ptr<scalar_t>(),
-                    ny.data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / h));
+                    ny.data_ptr<scalar_t>(), inverse_bandwidth<scalar_t>(h));
     });
     // A self kernel exactly symmetric, as on the other paths: a BLAS's GEMM need not give xc_i . xc_j and
     // xc_j . xc_i the same rounding (OpenBLAS's / MKL's fp64 kernels on an AMD EPYC did not: 1e-16 apart).

@@ -30,7 +30,7 @@ at::Tensor rbf_kernel_self_tiles(const at::Tensor& xc, const at::Tensor& norms, 
   const int64_t n = xc.size(0);
   at::Tensor k = empty_large({n, n}, xc.options());
   const T* nr = norms.const_data_ptr<T>();
-  const T inv_h = static_cast<T>(1.0 / h);
+  const T inv_h = inverse_bandwidth<T>(h);
   for_each_upper_tile(xc, [&](at::Tensor& tile, int64_t i0, int64_t j0) {
     const int64_t rows = tile.size(0), cols = tile.size(1);
     parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -85,7 +85,7 @@ std::optional<bool> svgd_step_tiled(const at::Tensor& x, const at::Tensor& score
   for_each_upper_tile(xc, [&](at::Tensor& tile, int64_t i0, int64_t j0) {
     const int64_t rows = tile.size(0), cols = tile.size(1);
     parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      rbf_from_dots(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, static_cast<T>(1.0 / h));
+      rbf_from_dots(tile.data_ptr<T>(), cols, begin, end, cols, nr + i0, nr + j0, inverse_bandwidth<T>(h));
     });
     if (i0 == j0) tile.diagonal().fill_(0);  // k(x_i, x_i) = 1: added below, exactly
     accum.narrow(0, i0, rows).addmm_(tile, w.narrow(0, j0, cols));
