@@ -11,9 +11,10 @@ rule). What the modes compute (bmt_fast.kernels.utils.dot_mode):
   fp32 / tf32    allow_tf32=True: operands rounded to TF32 (10 mantissa bits, round to nearest) in the
                  kernel, then the dot. On a GPU the tensor cores multiply these exactly; the interpreter
                  multiplies the same rounded values in fp32: the same arithmetic up to summation order.
-  half / split   default for bf16/fp16 inputs: operands split into hi + lo in the input dtype, three
-                 products (hi hi' + hi lo' + lo hi'), fp32 accumulation
-  half / half    allow_tf32=True: one product of the operands rounded to the input dtype
+  fp16 / split   default for fp16 inputs: operands split into hi + lo bf16 parts, four products
+                 ((hi + lo)(hi' + lo'); three, without lo lo', until 2026-12-07), fp32 accumulation
+  half / half    default for bf16 inputs, and allow_tf32=True for fp16: one product of the operands
+                 rounded to bf16
   half / ieee    allow_tf32=False: exact fp32 products
 Products of half-dtype values are exact in fp32, so the interpreter (which keeps them in fp32: its own
 half dot is wrong) computes what the tensor cores compute, up to summation order.
@@ -135,6 +136,8 @@ def device_name(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
+                        help="measure only these input dtypes (repeatable; default: all)")
     parser.add_argument("--case", action="append", metavar="OP,ALGORITHM,N,D",
                         help="measure only these cases (repeatable; default: all), e.g. svgd_step,tiled,300,128,gaussian")  # fmt: skip
     args = parser.parse_args(argv)
@@ -154,11 +157,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "torch": torch.__version__,
         "bmt_fast": bmt_fast.__version__,
     }
+    utils = TRITON.kernels().utils
+    names = {utils.DOT_IEEE: "ieee", utils.DOT_TF32: "tf32", utils.DOT_HALF: "half", utils.DOT_HALF_SPLIT: "split"}
     rows = []
     for op, algorithm, n, d, data in cases:
         for dtype, dot, allow_tf32 in MODES:
-            if data == "clusters" and dtype != torch.bfloat16:
-                continue  # (the case of bf16's one product)
+            if data == "clusters" and dtype == torch.float32:
+                continue  # (the cases of the 16-bit dtypes' products)
+            if args.dtype and str(dtype).removeprefix("torch.") not in args.dtype:
+                continue
+            dot = names[utils.dot_mode(dtype, allow_tf32)]  # (the mode that runs: bf16's default is one product)
             error, torch_error = measure(op, algorithm, n, d, data, dtype, allow_tf32, args.seeds, device)
             row = {"op": op, "algorithm": algorithm, "n": n, "d": d, "dtype": str(dtype).removeprefix("torch."),
                    "dot": dot, "seeds": args.seeds, "max_rel_error": f"{error:.3e}",

@@ -19,8 +19,9 @@ rounded products as the tensor cores, see benchmarks/triton_precision.py):
     None (default)  fp32 inputs: exact fp32 products (phi 2e-7..5e-7, K 9e-7), or TF32 as with True where
                     torch's fp32 matmul precision is "high" or "medium". bf16 inputs: one bf16 product,
                     as with True (the precision of torch's bf16 matmuls and of the CUDA backend's bf16
-                    kernels). fp16 inputs: operands split into hi + lo bf16 parts, three tensor-core
-                    products: as accurate as fp32 products (only the final rounding to fp16 remains).
+                    kernels). fp16 inputs: operands split into hi + lo bf16 parts, four tensor-core
+                    products: as accurate as fp32 products (only the final rounding to fp16 remains; three,
+                    without lo lo', until 2026-12-07: phi up to 0.46 off on tight clusters far apart).
     True            fp32: TF32 (phi 4e-4, K 9e-4, median 4e-5). bf16/fp16: one bf16 product of rounded
                     operands (phi 0.9e-2..1.1e-2, K 4e-2..6e-2, median 2e-3..5e-3).
     False           exact fp32 products for every input dtype (no tensor cores).

@@ -164,7 +164,8 @@ def median_sq_dist(
     distances' clamp at 0 (a GPU's max returns the number beside a NaN) and the radix keys' order had given
     a finite median: the Gram path's distances carry the NaN (told from the Gram diagonal, no extra launch:
     the prompt regime's step is a few launches); the radix path tests the centring shift (x_0 plus a mean,
-    not finite then), three small torch ops beside its passes over n^2 distances. No host sync. shift: the
+    not finite then) and the centred rows' squared norms (_norms_fit: one pass over x in row blocks), a few
+    small torch ops beside its passes over n^2 distances. No host sync. shift: the
     radix path's centring shift where the caller has it (None: made here); the Gram path makes its own
     (gram_centring_and_sq_dists)."""
     if use_gram(x.shape[0], algorithm):
@@ -172,7 +173,19 @@ def median_sq_dist(
         return gram_median(dist), dist
     shift = centring_shift(x) if shift is None else shift
     median = median_sq_dist_tiled(x, shift, mode, splits=splits, tile=tile)
-    return torch.where(torch.isfinite(shift).all(), median, math.nan), None
+    return torch.where(torch.isfinite(shift).all() & _norms_fit(x, shift), median, math.nan), None
+
+
+def _norms_fit(x: torch.Tensor, shift: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """Whether every centred row's squared norm is finite in the shift's dtype (0-dim bool on the device: no host
+    sync), as the compiled backends and the reference count an overflow (|x - shift| past ~1e19 in fp32): the
+    radix keys had ranked the +inf distances as the largest values and given a finite median (fp32, a row
+    at 3e19 among 257: the floor 1e-12). Row blocks bound the temporary to `rows` x d."""
+    fit = torch.ones((), dtype=torch.bool, device=x.device)
+    for r0 in range(0, x.shape[0], rows):
+        centred = x[r0 : r0 + rows].to(shift.dtype) - shift
+        fit = fit & torch.isfinite(centred.square_().sum(1)).all()
+    return fit
 
 
 def use_gram(n: int, algorithm: str) -> bool:

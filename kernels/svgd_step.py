@@ -324,8 +324,9 @@ def _flash_operands_kernel(
 @triton.jit
 def _flash_dot(a_hi, a_lo, b_hi, b_lo, acc, MODE: tl.constexpr):
     """acc + a @ b for operands as _flash_operands_kernel stores them (lo parts used in split mode only)."""
-    if MODE == MODE_HALF_SPLIT:
-        acc = half_dot(half_operand(a_hi), half_operand(b_lo), acc)  # small terms first
+    if MODE == MODE_HALF_SPLIT:  # (four products, as tiles.dot_acc)
+        acc = half_dot(half_operand(a_lo), half_operand(b_lo), acc)  # small terms first
+        acc = half_dot(half_operand(a_hi), half_operand(b_lo), acc)
         acc = half_dot(half_operand(a_lo), half_operand(b_hi), acc)
         return half_dot(half_operand(a_hi), half_operand(b_hi), acc)
     elif MODE == MODE_HALF:

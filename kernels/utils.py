@@ -26,7 +26,7 @@ MIN_BLOCK = 64 if INTERPRETING else 16
 DOT_IEEE = 0  # exact fp32 (or fp64) products, fp32 (fp64) accumulation
 DOT_TF32 = 1  # fp32 operands rounded to TF32 (10 mantissa bits), fp32 accumulation
 DOT_HALF = 2  # operands rounded to bf16, fp32 accumulation
-DOT_HALF_SPLIT = 3  # operands split into two bf16 parts, three bf16 products: ~fp32 accuracy
+DOT_HALF_SPLIT = 3  # operands split into two bf16 parts, four bf16 products: ~fp32 accuracy
 
 _HALF_TYPES = (torch.bfloat16, torch.float16)
 _TL_DTYPES = {
@@ -54,8 +54,8 @@ def dot_mode(dtype: torch.dtype, allow_tf32: bool | None) -> int:
         (torch.set_float32_matmul_precision). bf16 inputs use one bf16 product (the centred rows rounded
         to bf16, fp32 accumulation), as torch's own bf16 matmuls and the CUDA and CPU backends' bf16
         kernels do: on an H200 2.7x faster than three products at n = 65536, d = 128 (README). fp16
-        inputs use three products of their hi/lo bf16 parts (near fp32 accuracy on the tensor cores):
-        one bf16 product would round them to fewer bits than their own 11.
+        inputs use four products of their hi/lo bf16 parts, (hi + lo)(hi' + lo') (fp32 accuracy on the
+        tensor cores): one bf16 product would round them to fewer bits than their own 11.
     allow_tf32=True: the caller accepts reduced precision: TF32 for fp32 inputs, one bf16 product for
         bf16/fp16 inputs (operands rounded to bf16 after centring).
     allow_tf32=False: exact fp32 products for every input dtype (no tensor cores; slowest on a GPU).

@@ -68,6 +68,21 @@ def test_median_of_particles_with_nan_or_inf_is_nan(algorithm, dtype):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_median_of_particles_whose_squared_norms_overflow_is_nan(algorithm):
+    """Finite fp32 particles, one row at 3e19: its squared distances overflow fp32, which the reference and the
+    compiled backends count as not finite (H NaN). The radix selection (tiled) had ranked the +inf distances as
+    the largest keys and returned the floor 1e-12 (257 rows); a row block boundary is crossed too (_norms_fit)."""
+    x = torch.randn(20, 4).to(DEVICE)
+    x[5] = 3e19
+    forward = kernels().median.median_bandwidth_forward
+    assert math.isnan(float(forward(x, algorithm=algorithm)))
+    if algorithm == "tiled":
+        shift = kernels().centring.centring_shift(x)
+        assert bool(kernels().median._norms_fit(x[:5], shift, rows=2))
+        assert not bool(kernels().median._norms_fit(x, shift, rows=2))  # (row 5: the third block)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("n", [1, 20])
 def test_gpu_nan_under_tf32_rounding_stays_nan(algorithm, n):
     """A GPU's canonical NaN (0x7FFFFFFF: a full mantissa) in fp32 particles with TF32 products: the operands'

@@ -797,3 +797,24 @@ def test_gpu_few_particles_huge_d():
     x, score = particles(16, 1_000_000, dtype=torch.float32)
     phi = bmt_fast.svgd_step(x, score, backend="triton")
     assert relative_error(phi, reference_phi(x, score)) < 2e-5
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fp16_default_on_tight_clusters_far_apart(algorithm):
+    """fp16's default products (hi + lo bf16 parts) on two clusters 0.05 wide whose centres are 10 apart, H from
+    the distances within a cluster: the dropped lo lo' term had put 2^-16 |x - c|^2 on every distance, phi
+    0.25 - 0.46 and K up to 0.47 off (exact fp32 products: 4e-3); now within twice the exact products' error."""
+    torch.manual_seed(4)
+    n, d = (70, 8) if algorithm == "tiled" else (16, 64)
+    centres = 10 * torch.randn(2, d, dtype=torch.float64)
+    x = (centres[torch.arange(n) % 2] + 0.05 * torch.randn(n, d, dtype=torch.float64)).half()
+    score = torch.randn(n, d, dtype=torch.float64).half()
+    within = reference.pairwise_sq_dists(x.double())[::2, ::2]
+    h = within.median() / math.log(n / 2 + 1.0)
+    x, score = on_device(x, score)
+    expected, kernel = reference_phi(x, score, h), reference.rbf_kernel(x.double(), None, h.to(x.device))
+    ops = torch.ops.bmt_fast_triton
+    exact = relative_error(ops.svgd_step(x, score, h.to(x.device), algorithm, False), expected)
+    assert relative_error(ops.svgd_step(x, score, h.to(x.device), algorithm, None), expected) <= 2 * exact + 1e-3
+    exact = relative_error(ops.rbf_kernel(x, x, h.to(x.device), True, False), kernel)
+    assert relative_error(ops.rbf_kernel(x, x, h.to(x.device), True, None), kernel) <= 2 * exact + 1e-3
