@@ -305,7 +305,7 @@ def _flash_operands_kernel(
     else:
         xc = load_centred(x_ptr, centring_ptr + CENTRE_ROW * d, rows, cols, n, d, stride_x, ACC)
         w = dot_operand(score - (2.0 / h) * xc, MODE)
-    norm = operand_sq_norms(a, MODE) * (LOG2E / h)
+    norm = operand_sq_norms(a, MODE, 0.0) * (LOG2E / h)
     tl.store(norm_ptr + rows, tl.where(rows < n, norm, float("inf")))
     offsets = rows[:, None] * D_PAD + cols[None, :]
     if MODE == MODE_HALF or MODE == MODE_HALF_SPLIT:

@@ -114,16 +114,19 @@ def dot_acc(a, b, acc, MODE: tl.constexpr):
 
 
 @triton.jit
-def operand_sq_norms(a, MODE: tl.constexpr):
-    """The squared norms of a's rows (from dot_operand) as dot_acc multiplies a row by itself: in split mode
-    those of hi + lo, hi hi + 2 hi lo + lo lo; otherwise of a itself. Taken of the exact operand, identical
-    rows had a distance of 2 |lo|^2 in split mode (fp16's default: K 0.93 for two copies at H = 1)."""
+def operand_sq_norms(a, MODE: tl.constexpr, acc):
+    """acc + the squared norms of a's rows (from dot_operand) as dot_acc multiplies a row by itself: in split
+    mode those of hi + lo, added to acc in dot_acc's order (lo lo, hi lo, lo hi, hi hi: a copy's norm and its
+    dot product with itself then round alike, and copies are at distance ~0 across the d chunks too);
+    otherwise of a itself. Taken of the exact operand, identical rows had a distance of 2 |lo|^2 in split mode
+    (fp16's default: K 0.93 for two copies at H = 1)."""
     if MODE == MODE_HALF_SPLIT:
         hi = to_half(a).to(a.dtype)
         lo = to_half(a - hi).to(a.dtype)
-        return tl.sum(hi * hi + (2.0 * (hi * lo) + lo * lo), axis=1)
+        cross = tl.sum(hi * lo, axis=1)
+        return (((acc + tl.sum(lo * lo, axis=1)) + cross) + cross) + tl.sum(hi * hi, axis=1)
     else:
-        return tl.sum(a * a, axis=1)
+        return acc + tl.sum(a * a, axis=1)
 
 
 @triton.jit
@@ -181,8 +184,8 @@ def sq_dist_tile(
         ks = k0 + tl.arange(0, BLOCK_D)
         a = dot_operand(load_centred(a_ptr, shift_ptr, rows, ks, n_a, d, stride_a, ACC), MODE)
         b = dot_operand(load_centred(b_ptr, shift_ptr, cols, ks, n_b, d, stride_b, ACC), MODE)
-        norm_a += operand_sq_norms(a, MODE)
-        norm_b += operand_sq_norms(b, MODE)
+        norm_a = operand_sq_norms(a, MODE, norm_a)
+        norm_b = operand_sq_norms(b, MODE, norm_b)
         dots = dot_acc(a, tl.trans(b), dots, MODE)
     d2 = norm_a[:, None] + norm_b[None, :] - 2.0 * dots
     d2 = tl.maximum(d2, 0.0, propagate_nan=tl.PropagateNan.ALL)
