@@ -378,7 +378,7 @@ def _eager(name: str):
     inside a traced torch.func transform, vmap's error ("calling .item() on a Tensor"). Now one silent break
     (under fullgraph=True an error that gives the reason): the call runs as it does uncompiled. torch.export
     cannot leave a call out of its program: there the error says what to pass."""
-    if torch.compiler.is_exporting():
+    if getattr(torch.compiler, "is_exporting", lambda: False)():  # (torch >= 2.6)
         raise RuntimeError(
             f"bmt_fast.{name} with check_inputs=True cannot be exported: its NaN/Inf checks read values back "
             f"(a data-dependent branch); pass check_inputs=False to export it"
@@ -392,10 +392,11 @@ def _make_eager(name: str) -> bool:
     bmt_fast: seconds). Dynamo runs it as it is, not traced (assume_constant_result's mark, set without importing
     dynamo), so the call to torch.compiler.disable is not in the traced code (a graph break of its own there)."""
     if name not in _EAGER:
-        _EAGER[name] = torch.compiler.disable(
-            _PUBLIC[name],
-            reason=f"bmt_fast.{name}'s input checks read values back; pass check_inputs=False for one graph",
-        )
+        reason = f"bmt_fast.{name}'s input checks read values back; pass check_inputs=False for one graph"
+        try:
+            _EAGER[name] = torch.compiler.disable(_PUBLIC[name], reason=reason)
+        except TypeError:  # (torch < 2.8: no reason)
+            _EAGER[name] = torch.compiler.disable(_PUBLIC[name])
     return True
 
 

@@ -130,6 +130,7 @@ class SVGD(torch.optim.Optimizer):
         autograd accumulates into it), else a new tensor."""
         if closure is None and _takes_no_arguments(score):  # step(closure), as torch optimizers are called
             score, closure = None, score
+        from_grad = score is None and closure is None
         if self.group is None:
             loss, score = self._score(score, closure)
         else:  # an error here (no gradient, a bad score, the closure's own) is raised on every rank, as
@@ -139,7 +140,8 @@ class SVGD(torch.optim.Optimizer):
 
             with distributed.failing_together(self.group):
                 loss, score = self._score(score, closure)
-        if score is None:  # torch.distributed.checkpoint's state initialisation: its zero gradient goes on as it is
+        if from_grad and self._initialising_state(score):
+            # torch.distributed.checkpoint's state initialisation: its zero gradient goes on as it is
             phi = torch.zeros_like(self.particles)
         else:
             phi = svgd_step(
@@ -163,10 +165,9 @@ class SVGD(torch.optim.Optimizer):
         getattr(inner_step, "__wrapped__", inner_step)(self.inner)
         return phi if closure is None else loss
 
-    def _score(self, score: Score | None, closure: Callable[[], Any] | None) -> tuple[Any, torch.Tensor | None]:
+    def _score(self, score: Score | None, closure: Callable[[], Any] | None) -> tuple[Any, torch.Tensor]:
         """step's (loss, score): the closure's loss (None without one) and the particles' scores, read from
-        `score` (a tensor or a callable) or from -particles.grad; score None for the zero-gradient step at lr 0
-        by which torch.distributed.checkpoint initialises a fresh optimizer's state (_initialising_state)."""
+        `score` (a tensor or a callable) or from -particles.grad."""
         self._refuse_maximize("the optimizer")  # (before anything changes)
         loss = None
         if score is None:
@@ -179,8 +180,6 @@ class SVGD(torch.optim.Optimizer):
                     "SVGD.step needs a score: pass one (a tensor or a callable particles -> scores), or a closure "
                     "whose backward of the negative log density sets particles.grad, or call backward first"
                 )
-            if closure is None and self._initialising_state(grad):
-                return None, None
             # (a sparse gradient, e.g. of nn.Embedding(sparse=True): densified, where it had been refused as a
             # sparse `score` the caller never passed)
             score = -(grad if grad.layout == torch.strided else grad.to_dense())
@@ -199,16 +198,19 @@ class SVGD(torch.optim.Optimizer):
             raise TypeError(f"score must be a tensor or a callable returning one, got {type(score).__name__}")
         return loss, score
 
-    def _initialising_state(self, grad: torch.Tensor) -> bool:
+    def _initialising_state(self, score: torch.Tensor) -> bool:
         """Whether this step is torch.distributed.checkpoint's initialisation of a fresh optimizer's state
         (get_optimizer_state_dict and friends): no state yet, every lr 0 and an all-zero gradient. Its
         gradient goes to the inner optimizer as it is, which then sets up its state as after its own
         zero-gradient step; taken as a zero score instead, it had put -phi(x, 0), the kernel's repulsion, into
         the momentum or the moments (SGD momentum 0.9: particles 0.04 away from an unsaved run's after 3
-        steps). With group= the ranks agree (one all-reduce, on such a first step only)."""
+        steps). With group= the ranks agree (one all-reduce, on such a first step only, after the ranks' own
+        checks: inside failing_together a rank that failed there had met it with its failure's all-gather).
+        (A real first step of a warm-up from lr 0 whose score is exactly zero is taken as one: its phi, the
+        repulsion alone, does not enter the state.)"""
         if self.state or any(float(group.get("lr", 1.0)) != 0.0 for group in self.param_groups):
             return False
-        zero = torch.tensor(0 if bool(grad.any()) else 1, dtype=torch.int64)
+        zero = torch.tensor(0 if bool(score.any()) else 1, dtype=torch.int64)
         if self.group is not None:
             from . import distributed
 

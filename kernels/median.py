@@ -176,11 +176,13 @@ def median_sq_dist(
     return torch.where(torch.isfinite(shift).all() & _norms_fit(x, shift), median, math.nan), None
 
 
-def _norms_fit(x: torch.Tensor, shift: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+def _norms_fit(x: torch.Tensor, shift: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Whether every centred row's squared norm is finite in the shift's dtype (0-dim bool on the device: no host
     sync), as the compiled backends and the reference count an overflow (|x - shift| past ~1e19 in fp32): the
     radix keys had ranked the +inf distances as the largest values and given a finite median (fp32, a row
-    at 3e19 among 257: the floor 1e-12). Row blocks bound the temporary to `rows` x d."""
+    at 3e19 among 257: the floor 1e-12). Row blocks bound the temporary to `rows` x d (default: 2^22 values).
+    A distance that overflows between rows whose norms fit (two rows at +-1.3e19) is not caught here."""
+    rows = max(1, (1 << 22) // max(x.shape[1], 1)) if rows is None else rows
     fit = torch.ones((), dtype=torch.bool, device=x.device)
     for r0 in range(0, x.shape[0], rows):
         centred = x[r0 : r0 + rows].to(shift.dtype) - shift

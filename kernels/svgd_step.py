@@ -364,8 +364,8 @@ def _svgd_flash_kernel(
     """Rows of block program_id(0) against the columns j of split program_id(2), from the operand arrays
     of _flash_operands_kernel (no masks in the loop: padding rows have zero operands and +inf norms).
     K_ii is set to 0 and its term (k_ii = 1: score_i) added exactly at the end (_write_result): its exponent
-    c (2 a_i.a_i - 2 |a_i|^2) is a difference of large terms when H << |a_i|^2 (the split products drop 2^-16
-    of each), and its term folded into W would cancel against the row sum's. Compiled for sm_90, this select
+    c (2 a_i.a_i - 2 |a_i|^2) is a difference of large terms when H << |a_i|^2 (the split products keep
+    16 bits of each operand), and its term folded into W would cancel against the row sum's. Compiled for sm_90, this select
     on every tile kept the loop free of register spills; peeling the diagonal blocks into a loop of their
     own (as FlashAttention's causal stages) made it spill.
 

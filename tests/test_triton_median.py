@@ -162,7 +162,7 @@ def test_column_splits_count_every_pair_once(splits):
         (torch.bfloat16, False, 2e-6),  # fp32 products
         (torch.bfloat16, None, 2.0**-7),  # one product of centred rows rounded to bf16 (measured 1.7e-3)
         (torch.bfloat16, True, 2.0**-7),
-        (torch.float16, None, 2e-5),  # three products of hi/lo bf16 parts (measured up to 9.1e-6)
+        (torch.float16, None, 2e-5),  # four products of hi/lo bf16 parts (three, measured up to 9.1e-6)
     ],
 )
 @pytest.mark.parametrize("n,d", [(3, 3), (70, 37), (130, 129)])

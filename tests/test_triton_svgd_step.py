@@ -106,7 +106,7 @@ def test_median_rule_in_fp32(algorithm):
 @pytest.mark.parametrize("allow_tf32", [None, False, True])
 @pytest.mark.parametrize("n,d", [(70, 37), (66, 129)])  # tiled: the flash kernel, and d > FLASH_MAX_D
 def test_half_precision_inputs(dtype, algorithm, allow_tf32, n, d):
-    """bf16/fp16 in, fp32 accumulation, same dtype out. The split mode (three products of hi/lo bf16
+    """bf16/fp16 in, fp32 accumulation, same dtype out. The split mode (four products of hi/lo bf16
     parts: fp16's default) and allow_tf32=False (fp32 products) leave only the final rounding: one ulp of
     the dtype. One bf16 product of rounded operands (bf16's default; allow_tf32=True) adds about 1.5 ulps
     of bf16 (measured), for fp16 inputs too."""
@@ -417,7 +417,7 @@ def test_tf32_only_when_asked_and_within_its_documented_error(algorithm):
 
 @pytest.mark.parametrize("d", [64, 200])  # the flash path, and the tiled kernel beyond FLASH_MAX_D
 def test_fp16_copies_are_at_distance_zero_in_split_products(d):
-    """fp16's default mode multiplies hi + lo bf16 parts in three products (lo lo' dropped): the norms are
+    """fp16's default mode multiplies hi + lo bf16 parts (four products since 2026-12-07): the norms are
     now those products' too, so two copies of a particle are at distance ~0. Taken of the exact operand,
     copies had been at 2 |lo|^2: K 0.93 between two copies at H = 1, phi 7e-2 off (the tiled step, the
     tiled kernel and the median's tiles: more than 256 particles take them by default). Exact zeros they are

@@ -120,13 +120,18 @@ def run_loop(
     resume: bool = False,
     on_checkpoint: Sequence[CheckpointHook] = (),
     world: World = SINGLE_PROCESS,
+    before_training: Callable[[], None] | None = None,
 ) -> int:
-    """Train up to `settings.steps` steps (from the latest checkpoint if resume); returns the last step."""
+    """Train up to `settings.steps` steps (from the latest checkpoint if resume); returns the last step.
+    before_training: called (by every process) once the checkpoint is restored, where steps remain to train:
+    a resume that fails (a checkpoint or data that does not load) has changed nothing by then."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(stage_dir / "metrics.jsonl") if world.is_main else None
     window = _Window()
     start = _restore(stage_dir, trainable, log, world, window, settings.steps) if resume else 0
+    if before_training is not None and start < settings.steps:
+        before_training()
     # the last line of a finished stage continued with more steps, which the next checkpoint replaces (_restore)
     replaced = window.replaced
     show = settings.progress and world.is_main

@@ -310,7 +310,6 @@ class Run:
         if self.finished("source", method):
             return load_particles(stage_dir)
         trainer, summary = self.source_trainer(method)
-        self._remove_final_files(stage_dir, "source")
         self._train(stage_dir, trainer, self.cfg.source, "source", method, on_checkpoint)
         particles = trainer.particles.detach()
         if self.world.is_main:
@@ -378,7 +377,6 @@ class Run:
             evaluate = self.evaluator(get_task(self.cfg.data.target_task), self.cfg.data.eval_split)
             return self._write_eval(stage_dir, method, evaluate(read_prompt(stage_dir / PROMPT_FILE)))
         trainer = self.target_trainer(method)
-        self._remove_final_files(stage_dir, "target")
         self._train(stage_dir, trainer, self.cfg.target, "target", method, on_checkpoint)
         final = trainer.current_prompt()
         if self.world.is_main:
@@ -454,11 +452,12 @@ class Run:
         return load_task_data(self.pm, get_task(task_name), "train", data.data_dir, data.max_train_examples)
 
     def _remove_final_files(self, stage_dir: Path, stage: str) -> None:
-        """Before a stage that is not finished trains: its final files, where there are any, are an earlier
-        state's (a finished stage continued with more steps), which this run replaces once its last checkpoint
-        is saved. Left in place, a continuation killed between that checkpoint and their rewriting had left the
-        stage looking finished with the earlier particles or prompt (or the new prompt with the earlier
-        eval.json), taken as they were by every later command."""
+        """Before a stage trains (its checkpoint restored, steps left: run_loop's before_training): its final
+        files, where there are any, are an earlier state's (a finished stage continued with more steps), which
+        this run replaces once its last checkpoint is saved. Left in place, a continuation killed between that
+        checkpoint and their rewriting had left the stage looking finished with the earlier particles or prompt
+        (or the new prompt with the earlier eval.json), taken as they were by every later command. (Removed
+        only once the restore succeeded: a resume refused there, e.g. for changed data, keeps them.)"""
         if self.world.is_main:
             for name in (*FINAL_FILES[stage], *(["source.json"] if stage == "source" else [])):
                 (stage_dir / name).unlink(missing_ok=True)
@@ -484,7 +483,8 @@ class Run:
         torch.manual_seed(self.cfg.seed + getattr(self.world, "rank", 0))
         if self.resume:
             self.check_stage(stage, method)  # again here for callers of Run that skip check_outputs (the demo)
-        run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint, world=self.world)
+        run_loop(stage_dir, trainer, settings, meta, resume=self.resume, on_checkpoint=on_checkpoint, world=self.world,
+                 before_training=lambda: self._remove_final_files(stage_dir, stage))  # fmt: skip
 
     def initial_target(self, particles: torch.Tensor | None, how: str, train_examples) -> torch.Tensor:
         if particles is None:

@@ -450,3 +450,26 @@ class _Dies(_LeastSquares):
         if self.step + 1 == self.at_step:
             raise _Crash()
         return super().train_step()
+
+
+def test_before_training_runs_once_the_restore_succeeded_and_steps_remain(tmp_path):
+    """Run.source / Run.target remove a stage's stale final files through before_training: a resume refused
+    while restoring (its data changed size: the sampler's DataError) had found them removed already, and the
+    finished stage's only results were gone; a stage already at its steps keeps them."""
+    from bmt_fast.transfer.data import DataError
+    from bmt_fast.transfer.loop import LoopSettings, run_loop
+
+    class Refused(_LeastSquares):
+        def load_state_dict(self, state):
+            raise DataError("the training data changed since this checkpoint")
+
+    ys = torch.randn(8, 2)
+    calls = []
+    four = LoopSettings(steps=4, log_every=2, checkpoint_every=2, progress=False, description="toy")
+    six = LoopSettings(steps=6, log_every=2, checkpoint_every=2, progress=False, description="toy")
+    run_loop(tmp_path, _LeastSquares(ys), four, {}, before_training=lambda: calls.append("fresh"))
+    with pytest.raises(DataError):
+        run_loop(tmp_path, Refused(ys), six, {}, resume=True, before_training=lambda: calls.append("refused"))
+    run_loop(tmp_path, _LeastSquares(ys), four, {}, resume=True, before_training=lambda: calls.append("finished"))
+    run_loop(tmp_path, _LeastSquares(ys), six, {}, resume=True, before_training=lambda: calls.append("continued"))
+    assert calls == ["fresh", "continued"]
