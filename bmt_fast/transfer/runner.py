@@ -456,11 +456,14 @@ class Run:
         files, where there are any, are an earlier state's (a finished stage continued with more steps), which
         this run replaces once its last checkpoint is saved. Left in place, a continuation killed between that
         checkpoint and their rewriting had left the stage looking finished with the earlier particles or prompt
-        (or the new prompt with the earlier eval.json), taken as they were by every later command. (Removed
+        (or the new prompt with the earlier eval.json), taken as they were by every later command; a target's
+        peft/ adapter of the earlier prompt had stayed beside no prompt at all. (Removed
         only once the restore succeeded: a resume refused there, e.g. for changed data, keeps them.)"""
         if self.world.is_main:
             for name in (*FINAL_FILES[stage], *(["source.json"] if stage == "source" else [])):
                 (stage_dir / name).unlink(missing_ok=True)
+            if stage == "target" and (stage_dir / "peft").exists():  # (the earlier prompt's adapter, too)
+                shutil.rmtree(stage_dir / "peft")
         self.world.barrier()
 
     def _train(self, stage_dir: Path, trainer, stage_cfg, stage: str, method: str, on_checkpoint) -> None:

@@ -236,12 +236,14 @@ def test_a_continuation_killed_after_its_last_checkpoint_leaves_no_stale_final_f
         Run(more, "target", pm=pm, resume=True).target("bmtpt", on_checkpoint=[_crash_at(4)])
     stage = tmp_path / "run" / "target-bmtpt"
     assert not (stage / "prompt.safetensors").exists() and not (stage / "eval.json").exists()
+    assert not (stage / "peft").exists()  # (the 2-step prompt's adapter: exported by default)
     resumed = Run(more, "target", pm=pm, resume=True).target("bmtpt")
     Run(make_config(tmp_path / "fresh", model_dirs["llama"], source={**source, "steps": 6}, target={**target, "steps": 4}),
         "target", pm=pm).target("bmtpt")  # fmt: skip
     fresh_stage = tmp_path / "fresh" / "target-bmtpt"
     assert torch.equal(read_prompt(stage / "prompt.safetensors"), read_prompt(fresh_stage / "prompt.safetensors"))
     assert resumed["loss"] == json.loads((fresh_stage / "eval.json").read_text())["loss"]
+    assert torch.equal(read_prompt(stage / "peft"), read_prompt(stage / "prompt.safetensors"))
 
 
 def test_a_damaged_particles_file_is_named_and_a_resume_writes_it_again(backbones, model_dirs, tmp_path):
