@@ -173,3 +173,38 @@ def test_qa_metrics_need_a_gold_answer():
         metrics.exact_match("x", [])
     with pytest.raises(ValueError, match="gold answer"):
         metrics.token_f1("x", [])
+
+
+def test_a_gold_answer_given_as_a_string_is_refused():
+    """A str is a sequence of strings: its characters had been the gold answers (exact_match('the cat',
+    'The cat') was 0.0, squad_scores(['Paris'], ['Paris']) 0.0 and 0.0)."""
+    with pytest.raises(TypeError, match="sequence of answers, got the string 'The cat'"):
+        metrics.exact_match("the cat", "The cat")
+    with pytest.raises(TypeError, match="sequence of answers"):
+        metrics.token_f1("the cat", "The cat")
+    with pytest.raises(TypeError, match="sequence of answers"):
+        metrics.squad_scores(["Paris", "in 1990"], ["Paris", "1990"])
+
+
+def test_tensors_and_arrays_score_as_lists():
+    """0-d tensors hash by identity: each element had been a class (Matthews 0.8 for 1/3) or a MultiRC
+    question of its own, and every score came back a tensor."""
+    torch = pytest.importorskip("torch")
+    numpy = pytest.importorskip("numpy")
+    predictions, references, groups = [1, 0, 0, 1, 2, 2], [1, 0, 1, 1, 2, 0], [0, 0, 1, 1, 2, 2]
+    calls = {
+        "accuracy": lambda p, r, g: metrics.accuracy(p, r),
+        "f1_binary": lambda p, r, g: metrics.f1_binary(p, r),
+        "f1_macro": lambda p, r, g: metrics.f1_macro(p, r, classes=range(3)),
+        "matthews": lambda p, r, g: metrics.matthews_corrcoef(p, r),
+        "pearson": lambda p, r, g: metrics.pearson(p, r),
+        "spearman": lambda p, r, g: metrics.spearman(p, r),
+        "multirc": lambda p, r, g: metrics.multirc_scores(p, r, g),
+    }
+    for name, call in calls.items():
+        expected = call(predictions, references, groups)
+        for convert in (torch.tensor, numpy.array):
+            got = call(convert(predictions), convert(references), convert(groups))
+            assert got == expected and type(got) is type(expected), (name, convert, got, expected)
+            if isinstance(got, dict):
+                assert all(type(v) is float for v in got.values())

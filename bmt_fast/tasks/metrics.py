@@ -1,4 +1,5 @@
-"""The official metrics of the benchmark tasks, as plain functions over Python sequences.
+"""The official metrics of the benchmark tasks, as plain functions over Python sequences (or 1-D tensors
+and numpy arrays, read as lists of Python values; the results are Python floats).
 
 Every score is a fraction in [0, 1] (correlations in [-1, 1]); reports multiply by 100.
 
@@ -35,15 +36,33 @@ __all__ = [
 ]
 
 
-def _check_pair(predictions: Sequence, references: Sequence) -> None:
+def _as_list(values: Sequence) -> list:
+    """values as a list of plain Python values: a tensor or numpy array through its tolist() (its 0-dim
+    elements hash by identity, so each had been a class, or a MultiRC question, of its own)."""
+    tolist = getattr(values, "tolist", None)
+    return tolist() if callable(tolist) else list(values)
+
+
+def _check_pair(predictions: Sequence, references: Sequence) -> tuple[list, list]:
+    """predictions and references as lists (_as_list), of one positive length."""
+    predictions, references = _as_list(predictions), _as_list(references)
     if len(predictions) != len(references):
         raise ValueError(f"predictions has {len(predictions)} items but references has {len(references)}")
     if len(predictions) == 0:
         raise ValueError("predictions and references are empty: nothing to score")
+    return predictions, references
+
+
+def _gold_list(gold_answers: Sequence[str], name: str) -> Sequence[str]:
+    if isinstance(gold_answers, str):  # (iterated, a string's characters had been the answers)
+        raise TypeError(f"{name}: gold_answers must be a sequence of answers, got the string {gold_answers!r}")
+    if not gold_answers:
+        raise ValueError(f"{name} needs at least one gold answer")
+    return gold_answers
 
 
 def accuracy(predictions: Sequence[Hashable], references: Sequence[Hashable]) -> float:
-    _check_pair(predictions, references)
+    predictions, references = _check_pair(predictions, references)
     return sum(p == r for p, r in zip(predictions, references)) / len(references)
 
 
@@ -54,7 +73,7 @@ def _f1_from_counts(true_positives: int, false_positives: int, false_negatives: 
 
 def f1_binary(predictions: Sequence[int], references: Sequence[int], positive: int = 1) -> float:
     """F1 of the class `positive` (MRPC, QQP: the paraphrase / duplicate class)."""
-    _check_pair(predictions, references)
+    predictions, references = _check_pair(predictions, references)
     tp = sum(p == positive and r == positive for p, r in zip(predictions, references))
     fp = sum(p == positive and r != positive for p, r in zip(predictions, references))
     fn = sum(p != positive and r == positive for p, r in zip(predictions, references))
@@ -66,7 +85,7 @@ def f1_macro(predictions: Sequence[int], references: Sequence[int], classes: Ite
     as in T5's `mean_multiclass_f1` (sklearn's fbeta_score with labels=range(num_classes)), the metric of
     the prompt-transfer papers' T5 code; jiant and `evaluate`'s super_glue average over the classes that
     occur (the same on the full CB validation set, where all three do)."""
-    classes = list(classes)
+    classes = _as_list(classes)
     if not classes:
         raise ValueError("f1_macro needs at least one class")
     return sum(f1_binary(predictions, references, positive=c) for c in classes) / len(classes)
@@ -75,7 +94,7 @@ def f1_macro(predictions: Sequence[int], references: Sequence[int], classes: Ite
 def matthews_corrcoef(predictions: Sequence[int], references: Sequence[int]) -> float:
     """Matthews correlation (CoLA), multi-class form (Gorodkin's R_K), which is the usual phi coefficient
     for two classes: cov(pred, ref) / sqrt(cov(pred, pred) * cov(ref, ref)) over one-hot indicators."""
-    _check_pair(predictions, references)
+    predictions, references = _check_pair(predictions, references)
     n = len(references)
     correct = sum(p == r for p, r in zip(predictions, references))
     predicted_counts = Counter(predictions)
@@ -93,7 +112,7 @@ def pearson(predictions: Sequence[float], references: Sequence[float]) -> float:
     """Pearson correlation (STS-B), accumulated in float64 around the means. Each side is divided by its
     largest magnitude first (r does not change): a generated score of 300 digits, finite as a float, had
     overflowed the sums (r = -0.0, or an OverflowError)."""
-    _check_pair(predictions, references)
+    predictions, references = _check_pair(predictions, references)
     x = [float(v) for v in predictions]
     y = [float(v) for v in references]
     if not all(math.isfinite(v) for v in x + y):
@@ -134,7 +153,7 @@ def _average_ranks(values: Sequence[float]) -> list[float]:
 
 def spearman(predictions: Sequence[float], references: Sequence[float]) -> float:
     """Spearman rank correlation (STS-B): Pearson over average ranks."""
-    _check_pair(predictions, references)
+    predictions, references = _check_pair(predictions, references)
     return pearson(_average_ranks([float(v) for v in predictions]), _average_ranks([float(v) for v in references]))
 
 
@@ -150,8 +169,7 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, gold_answers: Sequence[str]) -> float:
     """1.0 when the normalised prediction equals any normalised gold answer."""
-    if not gold_answers:
-        raise ValueError("exact_match needs at least one gold answer")
+    gold_answers = _gold_list(gold_answers, "exact_match")
     normalized = normalize_answer(prediction)
     return float(any(normalized == normalize_answer(gold) for gold in gold_answers))
 
@@ -167,15 +185,14 @@ def _token_f1_single(prediction_tokens: list[str], gold_tokens: list[str]) -> fl
 
 def token_f1(prediction: str, gold_answers: Sequence[str]) -> float:
     """Bag-of-tokens F1 of the normalised texts, the maximum over the gold answers."""
-    if not gold_answers:
-        raise ValueError("token_f1 needs at least one gold answer")
+    gold_answers = _gold_list(gold_answers, "token_f1")
     prediction_tokens = normalize_answer(prediction).split()
     return max(_token_f1_single(prediction_tokens, normalize_answer(gold).split()) for gold in gold_answers)
 
 
 def squad_scores(predictions: Sequence[str], gold_answers: Sequence[Sequence[str]]) -> dict[str, float]:
     """Mean exact match and mean token F1 (SQuAD v1.1, ReCoRD), each the max over an example's answers."""
-    _check_pair(predictions, gold_answers)
+    predictions, gold_answers = _check_pair(predictions, gold_answers)
     n = len(predictions)
     return {
         "exact_match": math.fsum(exact_match(p, g) for p, g in zip(predictions, gold_answers)) / n,
@@ -188,7 +205,8 @@ def multirc_scores(
 ) -> dict[str, float]:
     """MultiRC: F1a is the binary F1 over all answer options; exact match is the fraction of questions
     (groups of answer options) whose options are all labelled correctly."""
-    _check_pair(predictions, references)
+    predictions, references = _check_pair(predictions, references)
+    groups = _as_list(groups)
     if len(groups) != len(references):
         raise ValueError(f"groups has {len(groups)} items but references has {len(references)}")
     all_correct: dict[Hashable, bool] = defaultdict(lambda: True)
