@@ -139,3 +139,11 @@ def test_accuracy_metric_of_a_synthetic_task(family):
 def test_bad_sizes_are_rejected(sizes):
     with pytest.raises(ValueError, match="sizes|phrases"):
         syn.synthetic_family(seed=0, sizes=sizes)
+
+
+def test_an_in_memory_task_refuses_metrics_it_does_not_compute():
+    """compute_metrics scores accuracy alone: metric_names=("f1", ...) had been accepted and listed by
+    `python -m bmt_fast.tasks`, yet accuracy came back (and a NaN evaluation named the declared metrics)."""
+    with pytest.raises(ValueError, match=r"scores accuracy only, got metric_names \('f1', 'matthews_corrcoef'\)"):
+        InMemoryTask(name="t", examples={}, metric_names=("f1", "matthews_corrcoef"))
+    assert InMemoryTask(name="t", examples={}).metric_names == ("accuracy",)

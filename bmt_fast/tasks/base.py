@@ -106,6 +106,13 @@ class InMemoryTask(Task):
     label_words: tuple[str, ...] | None = None
     metric_names: tuple[str, ...] = ("accuracy",)
 
+    def __post_init__(self) -> None:
+        if tuple(self.metric_names) != ("accuracy",):  # (compute_metrics scores accuracy alone)
+            raise ValueError(
+                f"InMemoryTask {self.name!r} scores accuracy only, got metric_names {tuple(self.metric_names)!r}; "
+                "for other metrics, subclass it and override compute_metrics"
+            )
+
     def format(self, row: Mapping[str, Any]) -> Example:
         return Example(str(row["input_text"]), str(row["target_text"]), row.get("label"))
 

@@ -15,7 +15,7 @@ def aggregate(
     mean      the average particle (the paper's target initialisation)
     medoid    the particle with the smallest summed distance to the others
     particle  particles[index]
-    best      the particle with the lowest `target_loss` (SPoT's choice of source prompt)
+    best      the particle with the lowest finite `target_loss` (SPoT's choice of source prompt)
     """
     if particles.dim() != 3:
         raise ValueError(f"particles must have shape (M, L, hidden), got {tuple(particles.shape)}")
@@ -30,7 +30,14 @@ def aggregate(
     if how == "best":
         if target_loss is None or target_loss.shape != (particles.shape[0],):
             raise ValueError("aggregation 'best' needs target_loss, one value per particle")
-        return particles[int(torch.argmin(target_loss))]
+        finite = torch.isfinite(target_loss)
+        if not bool(finite.any()):
+            raise ValueError(
+                f"aggregation 'best': no particle has a finite target loss ({target_loss.tolist()}); the backbone "
+                "overflows with every source prompt (a 16-bit dtype? try float32)"
+            )
+        # argmin takes a NaN for the smallest: a particle whose loss overflowed had been chosen as the best
+        return particles[int(torch.where(finite, target_loss, torch.inf).argmin())]
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}")
 
 

@@ -27,6 +27,11 @@ def test_aggregations():
     assert medoid_index(particles) == 1 and torch.equal(aggregate(particles, "medoid"), particles[1])
     assert torch.equal(aggregate(particles, "particle", index=2), particles[2])
     assert torch.equal(aggregate(particles, "best", target_loss=torch.tensor([3.0, 1.0, 2.0])), particles[1])
+    # a loss that overflowed (NaN, or inf) is no best: argmin had taken the NaN
+    assert torch.equal(aggregate(particles, "best", target_loss=torch.tensor([3.0, torch.nan, 2.0])), particles[2])
+    assert torch.equal(aggregate(particles, "best", target_loss=torch.tensor([-torch.inf, 4.0, 5.0])), particles[1])
+    with pytest.raises(ValueError, match="no particle has a finite target loss"):
+        aggregate(particles, "best", target_loss=torch.tensor([torch.nan, torch.inf, torch.nan]))
     with pytest.raises(ValueError, match="out of range"):
         aggregate(particles, "particle", index=3)
     with pytest.raises(ValueError, match="needs target_loss"):
