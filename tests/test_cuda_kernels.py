@@ -223,6 +223,28 @@ def test_gram_path_a_particle_far_from_a_tight_group_in_any_row(target, monkeypa
         within_torch(out[1], torch_fp32.flip(0), expected.flip(0), 1e-5)
 
 
+@pytest.mark.parametrize("n,kernels", [(16, "registers"), (16, "streamed"), (100, "registers")])
+def test_gram_step_does_not_depend_on_which_row_is_the_outlier(target, monkeypatch, n, kernels):
+    """fp32, n - 1 particles within 1e-3 of each other and one 300 away (d = 256). The apply had shifted the
+    rows by row 0: with the outlier there, the group's repulsion (2/H)(x - x_0) cancelled in fp32, phi 3.8e-2
+    (16 rows) and 0.12 (100 rows, the cuBLAS apply) off, against 4e-7 and 3e-6 with the outlier last. The
+    rows are now taken about their mean (as on the CPU): within 3x of each other in either order (the fp64
+    Gram gives H to 1e-7; torch's own fp32 step is 8x off here: no yardstick)."""
+    monkeypatch.setenv("BMT_FAST_CUDA_GRAM", kernels)
+    torch.manual_seed(7)
+    d = 256
+    x = torch.randn(1, d, dtype=torch.float64) + 1e-3 * torch.randn(n, d, dtype=torch.float64) / d**0.5
+    x[0] += 300 * torch.randn(d, dtype=torch.float64) / d**0.5
+    score = torch.randn(n, d, dtype=torch.float64)
+    errors = []
+    for order in (torch.arange(n), torch.roll(torch.arange(n), -1)):  # the outlier first, then last
+        xf, sf = x[order].float(), score[order].float()
+        expected = reference.svgd_step(xf.double(), sf.double(), None)  # fp64 on the very fp32 inputs
+        errors.append(relative_error(target.ops.svgd_step(xf.to(target.device), sf.to(target.device), None, "gram").cpu(), expected))
+    first, last = errors
+    assert max(first, last) < 1e-2 and first <= 3 * max(last, 1e-5), errors
+
+
 LARGE_CASES = [("tiled", 2048, 128), ("tiled", 1000, 300), ("tiled", 4097, 64), ("auto", 16, 409_600),
                ("gram", 64, 100_003), ("gram", 3, 1_000_001), ("auto", 200, 5000)]
 
@@ -454,6 +476,21 @@ def test_tensor_core_kernels_keep_to_the_devices_shared_memory(target, monkeypat
     assert relative_error(k, reference.rbf_kernel(x64, None, as_h(2.0 * d))) <= 2 * HALF_ULP[dtype]
     launches = target.ops.take_launches()
     assert launches and max(launches) <= limit, launches
+
+
+def test_features_beyond_the_tensor_core_grid_take_the_gram_path(target, monkeypatch):
+    """bf16 / fp16 steps of more than 256 particles put a CTA row per 128 features in the grid's y extent,
+    at most 65,535: past 8,388,480 features the launch had been refused, naming algorithm="gram", which the
+    public op cannot pass. auto now takes the Gram path there (up to 4,096 particles); "tiled" says why not.
+    The emulator stands for such a d by its limit on the chunks (2 here: 257 features take 3)."""
+    if target.name != "emulator":
+        pytest.skip("the chunk limit is the emulator's setting")
+    monkeypatch.setenv("BMT_FAST_EMULATE_MAX_FEATURE_CHUNKS", "2")
+    check_svgd(target, "auto", 260, 257, torch.bfloat16, "median")
+    check_svgd(target, "auto", 260, 256, torch.float16, 300.0)  # 2 chunks: still the tensor cores
+    x, s, _, _ = particles(260, 257, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"the tensor-core step takes at most 256 features, got 257; use algorithm=\"gram\""):
+        target.ops.svgd_step(x, s, None, "tiled")
 
 
 # ---- svgd_step_into: phi into out, and whether it is all finite ------------------------------------

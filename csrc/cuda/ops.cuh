@@ -56,6 +56,8 @@ struct Device {
   int64_t max_shared_bytes = 227 * 1024;
   int64_t workspace_bytes = kBlockedWorkspaceBytes;  // the row-block path's (rows x n) buffer, at most
   int64_t max_sets_per_launch = kMaxSetsPerLaunch;    // svgd_step_batched_into's sets in one launch, at most
+  // the tensor-core step's feature chunks (its grid's y extent, CUDA's limit 65,535), at most: step_by_gram
+  int64_t max_feature_chunks = 65535;
 };
 
 // The prompt-regime kernels (n + m <= kGramRegisterRows): "registers" (gram_small_kernel / apply_small_kernel,
@@ -80,6 +82,7 @@ inline Device launch_device(const at::Tensor& x) {
   if (const char* bytes = std::getenv("BMT_FAST_EMULATE_WORKSPACE_BYTES")) dev.workspace_bytes = std::atoll(bytes);
   if (const char* sets = std::getenv("BMT_FAST_EMULATE_MAX_SETS")) dev.max_sets_per_launch = std::max(1, std::atoi(sets));
   if (const char* bytes = std::getenv("BMT_FAST_EMULATE_MAX_SHARED_BYTES")) dev.max_shared_bytes = std::atoll(bytes);
+  if (const char* chunks = std::getenv("BMT_FAST_EMULATE_MAX_FEATURE_CHUNKS")) dev.max_feature_chunks = std::max(1, std::atoi(chunks));
 #else
   const int index = x.get_device();
   int minor = 0;
@@ -464,7 +467,9 @@ at::Tensor svgd_step_gram(const at::Tensor& x, const at::Tensor& score, const st
   launch(&gram_weights_kernel<C>, grid_size((n + 7) / 8), 256, 0, dev, wp);
   // More particles: the apply is a small GEMM (n x n) @ (n x d); cuBLAS does it at full speed.
   const at::Tensor xa = x.to(acc);
-  const at::Tensor v = xa - xa.narrow(0, 0, 1);
+  // v: the rows about their centre (mean_shift; a shift by row 0 had left (2/H) v huge for a group far from that
+  // row, its repulsion cancelling in the compute type: phi depended on the order of the rows)
+  const at::Tensor v = xa - mean_shift(xa);
   const at::Tensor w = score.to(acc) - a * v;
   // kn and c leave out the own term k_ii = 1 (gram_weights_kernel): score_i / n is added here
   return at::addmm((c.unsqueeze(1) * v).add_(score.to(acc), 1.0 / static_cast<double>(n)), kn, w).to(x.scalar_type());
@@ -617,6 +622,9 @@ at::Tensor svgd_step_tiled_mma(const at::Tensor& xc, const at::Tensor& xd, const
                                const std::optional<at::Tensor>& h_given, at::ScalarType dtype, const Device& dev) {
   using G = MmaGeometry;
   const int64_t n = xc.size(0), d = xc.size(1);
+  BMT_CHECK((d + G::kFeatures - 1) / G::kFeatures <= dev.max_feature_chunks, "the tensor-core step takes at most ",
+            num(dev.max_feature_chunks * G::kFeatures), " features, got ", num(d), "; use algorithm=\"gram\" (auto does "
+            "for up to ", num(kGramMaxRows), " particles)");
   const at::Tensor scale = kHalf ? fp16_operand_scale(xd, xd) : at::Tensor();
   const Operand16 xb = operand16(xd, dtype, scale);
   const int64_t rows_padded = xb.values.size(0), d_pad = xb.values.size(1);
@@ -667,6 +675,17 @@ inline bool use_gram(int64_t n, Algorithm algorithm) {
   return algorithm == Algorithm::kGram;
 }
 
+// svgd_step's choice: use_gram's, and with "auto" also the Gram path where the tensor-core step's grid (a CTA row per
+// MmaGeometry::kFeatures features) would pass the device's y extent (bf16 / fp16 beyond 8,388,480 features): it
+// had refused them, naming an algorithm the public op cannot pass. More particles at that many features (n > the
+// Gram path's kGramMaxRows) need over 200 GB for x, score and phi.
+inline bool step_by_gram(const at::Tensor& x, Algorithm algorithm, const Device& dev) {
+  const int64_t n = x.size(0);
+  if (use_gram(n, algorithm)) return true;
+  return algorithm == Algorithm::kAuto && n <= kGramMaxRows && use_tensor_cores(x, TileMode::kSvgd, dev) &&
+         (x.size(1) + MmaGeometry::kFeatures - 1) / MmaGeometry::kFeatures > dev.max_feature_chunks;
+}
+
 // The Gram kernels read a given H as a float64 scalar (a 0-dim tensor), or, for a batch, one per set (sets,).
 inline std::optional<at::Tensor> gram_bandwidth_arg(const std::optional<at::Tensor>& bandwidth, bool batch = false) {
   if (!bandwidth) return std::nullopt;
@@ -682,7 +701,7 @@ inline at::Tensor svgd_step(const at::Tensor& x_in, const at::Tensor& score_in,
   const Device dev = launch_device(x_in);
   const at::Tensor x = x_in.contiguous(), score = score_in.contiguous();
   const auto dtype = x.scalar_type();
-  if (use_gram(x.size(0), algo)) {
+  if (step_by_gram(x, algo, dev)) {
     const std::optional<at::Tensor> h = gram_bandwidth_arg(bandwidth);
     return with_storage_type(dtype, [&](auto tag) {
       return svgd_step_gram<typename decltype(tag)::type>(x, score, h, dev);
