@@ -5,7 +5,7 @@ isolation would fetch an unpinned torch of several GB).
 
 Environment variables:
     BMT_FAST_BUILD_CUDA=auto|0|1    build the CUDA extension (auto: when nvcc and CUDA torch are present)
-    BMT_FAST_CUDA_ARCH_LIST="9.0"   compute capabilities for the CUDA build (default: "8.0;9.0")
+    BMT_FAST_CUDA_ARCH_LIST="9.0"   compute capabilities for the CUDA build (default: "8.0;9.0+PTX")
     BMT_FAST_SKIP_CPU_BUILD=1       skip the compiled CPU extension (pure-torch reference only)
     BMT_FAST_DEBUG_INFO=1           keep DWARF debug info in the extensions (default: -g0)
     MAX_JOBS                        parallel compile jobs (torch's ninja builder)
@@ -22,7 +22,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # PTX: newer devices (10.x, 12.x) compile it when loaded
 
 
 def debug_info_flags() -> list[str]:

@@ -134,9 +134,21 @@ class CompiledBackend(Backend):
     def unavailable_reason(self) -> str:
         if not self.status.loaded:
             return self.status.reason
-        if "cuda" in self.device_types and not torch.cuda.is_available():
-            return "no CUDA device (the CUDA extension is built; it runs where torch.cuda.is_available())"
+        if "cuda" in self.device_types:
+            if not torch.cuda.is_available():
+                return "no CUDA device (the CUDA extension is built; it runs where torch.cuda.is_available())"
+            arch_list = self.status.build_info.get("arch_list")
+            capability = torch.cuda.get_device_capability()
+            if isinstance(arch_list, str) and cuda_arch_runs(capability, arch_list) is False:
+                # (chosen by "auto", every op had failed with "no kernel image is available")
+                version = "{}.{}".format(*capability)
+                return (
+                    f"the CUDA extension holds code for compute capabilities {arch_list!r}, none of which runs on "
+                    f"the current device ({torch.cuda.get_device_name()}, {version}): rebuild with "
+                    f'BMT_FAST_CUDA_ARCH_LIST="{version}" (README, "Install")'
+                )
         return ""
+
 
     def svgd_step(self, x, score, h):
         return torch.ops.bmt_fast.svgd_step(x, score, h)
@@ -188,6 +200,28 @@ class CompiledBackend(Backend):
         if not self.status.loaded or x.device.type != self.device_types[0]:
             return False
         return self.name == "cpu" or x.shape[0] <= self._flagged_particles
+
+
+def cuda_arch_runs(capability: tuple[int, int], arch_list: str) -> bool | None:
+    """Whether a build for `arch_list` (TORCH_CUDA_ARCH_LIST's form, e.g. "8.0;9.0+PTX") has code a device of
+    compute `capability` runs: machine code for the same major and a minor at most the device's ("8.0" runs
+    on 8.6; an arch-specific "9.0a" on 9.0 only), or PTX ("+PTX") for a capability at most the device's.
+    None where an entry is not of that form (a named architecture): not known."""
+    device = tuple(capability)
+    for entry in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        base, ptx = (entry[: -len("+PTX")], True) if entry.upper().endswith("+PTX") else (entry, False)
+        specific = base.endswith("a")  # (a family build, "10.0f", runs as plain machine code does)
+        major, dot, minor = base.rstrip("af").partition(".")
+        if not (dot and major.isdigit() and minor.isdigit()):
+            return None
+        built = (int(major), int(minor))
+        if device == built or (not specific and built[0] == device[0] and built[1] <= device[1]):
+            return True
+        if ptx and not specific and built <= device:
+            return True
+    return False
 
 
 def vjp_by_ops(self_backward, backward, grad, x, y, h, k, needs, *extra) -> tuple:

@@ -488,6 +488,49 @@ def test_unknown_or_unavailable_backend():
             bmt_fast.svgd_step(x, score, backend="cuda")
 
 
+@pytest.mark.parametrize(
+    "capability,arch_list,runs",
+    [
+        ((9, 0), "9.0", True),
+        ((8, 6), "8.0;9.0", True),  # machine code of 8.0 runs on 8.x
+        ((8, 0), "8.6", False),
+        ((8, 0), "9.0", False),  # (the CI build on an A100)
+        ((10, 0), "8.0;9.0", False),  # no PTX: a Blackwell device had got "no kernel image is available"
+        ((10, 0), "8.0;9.0+PTX", True),
+        ((12, 0), "8.0 9.0+PTX", True),
+        ((8, 9), "9.0+PTX", False),  # PTX runs on newer devices only
+        ((9, 0), "9.0a", True),
+        ((10, 0), "9.0a+PTX", False),  # arch-specific code: that capability alone
+        ((10, 3), "10.0f", True),
+        ((9, 0), "Hopper", None),  # a named architecture: not known
+    ],
+)
+def test_cuda_arch_runs(capability, arch_list, runs):
+    from bmt_fast.backends import cuda_arch_runs
+
+    assert cuda_arch_runs(capability, arch_list) is runs
+
+
+def test_a_cuda_build_without_code_for_the_device_is_unavailable(monkeypatch):
+    """The CUDA backend on a device its build has no code for: unavailable with the reason, so "auto" passes
+    it by (it had been chosen, and every op failed in the launch: "no kernel image is available")."""
+    from bmt_fast import _extension, backends
+
+    status = _extension.ExtensionStatus("_C_cuda", module=object(), build_info={"arch_list": "8.0;9.0"})
+    cuda = backends.CompiledBackend.__new__(backends.CompiledBackend)
+    cuda.name, cuda.status, cuda.device_types = "cuda", status, ("cuda",)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA B200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (10, 0))
+    assert cuda.unavailable_reason() == (
+        "the CUDA extension holds code for compute capabilities '8.0;9.0', none of which runs on the current "
+        'device (NVIDIA B200, 10.0): rebuild with BMT_FAST_CUDA_ARCH_LIST="10.0" (README, "Install")'
+    )
+    assert not cuda.supports(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    assert cuda.unavailable_reason() == "" and cuda.supports(torch.device("cuda"))
+
+
 def test_rbf_kernel_bad_inputs():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="y must have the event shape of x"):
