@@ -687,14 +687,22 @@ class Worker:
                 continue
             if second >= 1.0 and not provider.jit:
                 fields["warm_sample"] = second
-            if anchor is None:
+            problem = result_problem(out)  # (finite inputs: a NaN had compared as within every tolerance)
+            if problem:
+                fields.update(status="mismatch", note=problem)
+            elif anchor is None:
                 anchor = (name, out)
             else:
-                err = relative_error(out, anchor[1])
-                fields.update(max_rel_err=fmt(err, 3), checked_against=anchor[0])
-                if err > cross_check_tolerance(self.providers[name], self.dtype, self.providers[anchor[0]], self.op.error_scale):
-                    fields["status"] = "mismatch"
-                    fields["note"] = f"differs from {anchor[0]} by {err:.2e}"
+                try:
+                    err = relative_error(out, anchor[1])
+                except ValueError as exc:  # (another shape: it had stopped the worker)
+                    fields.update(status="mismatch", note=f"{exc} (as {anchor[0]}'s)")
+                else:
+                    fields.update(max_rel_err=fmt(err, 3), checked_against=anchor[0])
+                    tolerance = cross_check_tolerance(self.providers[name], self.dtype, self.providers[anchor[0]], self.op.error_scale)
+                    if not err <= tolerance:
+                        fields["status"] = "mismatch"
+                        fields["note"] = f"differs from {anchor[0]} by {err:.2e}"
             del out
             runs[name], warm[name], info[name] = run, second, fields
         anchor = None
@@ -713,45 +721,63 @@ class Worker:
             except Exception as exc:  # noqa: BLE001
                 self.row(kind, case, "oom" if is_oom(exc) else "error", error_note(exc))
 
-        samples = self.measure_memory(case, runs, warm, info)
+        failed: dict[str, BaseException] = {}  # a provider whose later call raised: its row says so, the others are kept
+        samples = self.measure_memory(case, runs, warm, info, failed)
         for name, fields in info.items():
-            if "warm_sample" in fields:
+            if "warm_sample" in fields and name in samples:
                 samples[name].append(fields.pop("warm_sample"))
         self.emit("begin", provider="", case=[case.n, case.d], phase="timed rounds",
                   deadline_s=2 * (sum(warm.values()) * s.max_repeats + s.case_budget_s) + 60)  # fmt: skip
-        self.rounds(runs, warm, samples)
+        self.rounds(runs, warm, samples, failed)
         limits = {k: statistics.median(samples[k]) for k in LIMITS if samples.get(k)}
         for name, fields in info.items():
+            if name in failed:
+                exc = failed[name]
+                self.row(name, case, "oom" if is_oom(exc) else "error", f"after its warm-up: {error_note(exc)}")
+                continue
             status = fields.pop("status", "ok")
             note = fields.pop("note", "")
             self.row(name, case, status, note, **fields, **timing_fields(self.ctx, case, samples[name], limits))
 
-    def measure_memory(self, case, runs, warm, info) -> dict[str, list[float]]:
+    def measure_memory(self, case, runs, warm, info, failed) -> dict[str, list[float]]:
         """Peak extra memory of one call per provider; that call is also a timing sample when a sample
-        is one call."""
+        is one call. A provider whose call raises goes from runs and samples into failed."""
         samples: dict[str, list[float]] = {name: [] for name in runs}
-        for name, run in runs.items():
+        for name, run in list(runs.items()):
             if self.memory.why_unavailable:
                 break
             self.emit("begin", provider=name, case=[case.n, case.d], phase="memory",
                       deadline_s=3 * warm[name] + 60)  # fmt: skip
             self.memory.start()
-            elapsed, out = self.timed_call(run)
+            try:
+                elapsed, out = self.timed_call(run)
+            except Exception as exc:  # noqa: BLE001 - (it had stopped the worker: every row "crashed")
+                self.drop(name, exc, runs, samples, failed)
+                continue
             info[name]["peak_extra_mb"] = fmt(self.memory.peak_extra_bytes() / 2**20)
             del out
             if warm[name] >= self.settings.min_sample_s:
                 samples[name].append(elapsed)
         return samples
 
-    def rounds(self, runs, warm, samples) -> None:
+    @staticmethod
+    def drop(name, exc, runs, samples, failed) -> None:
+        failed[name] = exc
+        runs.pop(name, None)
+        samples.pop(name, None)
+
+    def rounds(self, runs, warm, samples, failed) -> None:
         s = self.settings
         names = list(runs)
         batch = {k: max(1, min(1000, math.ceil(s.min_sample_s / max(warm[k], 1e-9)))) for k in names}
         start = time.perf_counter()
         for r in range(s.max_repeats):
             for name in names[r % len(names):] + names[: r % len(names)] if names else []:
-                if len(samples[name]) < s.max_repeats:
-                    samples[name].append(self.timed_call(runs[name], batch[name])[0])
+                if name in runs and len(samples[name]) < s.max_repeats:
+                    try:
+                        samples[name].append(self.timed_call(runs[name], batch[name])[0])
+                    except Exception as exc:  # noqa: BLE001 - (had marked every provider of the case "crashed")
+                        self.drop(name, exc, runs, samples, failed)
             spent = time.perf_counter() - start
             if all(len(v) >= s.min_repeats for v in samples.values()) and spent > s.case_budget_s:
                 break
@@ -771,6 +797,15 @@ def anchor_first(names: list[str], providers: dict, dtype: torch.dtype) -> list[
     if anchor is None and names:
         anchor = min(names, key=lambda name: tolerance(providers[name], dtype))
     return [anchor] + [n for n in names if n != anchor] if anchor else list(names)
+
+
+def result_problem(out) -> str:
+    """Why a provider's result cannot be right whatever it is compared with (its inputs are finite), or ""."""
+    try:
+        finite = bool(torch.isfinite(torch.as_tensor(out).detach()).all())
+    except (TypeError, RuntimeError, ValueError) as exc:
+        return f"result is not a tensor: {error_note(exc)}"
+    return "" if finite else "result is not finite (the inputs are)"
 
 
 def relative_error(actual, expected) -> float:

@@ -538,8 +538,29 @@ def misbehaving_providers(op: str) -> list[Provider]:
     def off(inp) -> Run:
         return lambda: svgd_naive(inp.x, inp.score, inp.h) * 1.3
 
+    def nan_when_large(inp) -> Run:  # right at the check sizes, NaN beyond
+        factor = math.nan if inp.x.shape[0] > 200 else 1.0
+        return lambda: svgd_naive(inp.x, inp.score, inp.h) * factor
+
+    def shape_when_large(inp) -> Run:  # right at the check sizes, a row short beyond
+        rows = inp.x.shape[0] - (1 if inp.x.shape[0] > 200 else 0)
+        return lambda: svgd_naive(inp.x, inp.score, inp.h)[:rows]
+
+    def raises_after_warm_up(inp) -> Run:  # the third call of a large size on (memory, or a timed round)
+        calls = [0]
+
+        def run():
+            calls[0] += 1
+            if inp.x.shape[0] > 200 and calls[0] >= int(os.environ.get("BMT_FAST_BENCH_TEST_FAILING_CALL", "3")):
+                raise torch.OutOfMemoryError("out of memory on purpose")
+            return svgd_naive(inp.x, inp.score, inp.h)
+
+        return run
+
     wrong = [Provider("test-fp32-inside", fp32_inside), Provider("test-off-when-large", off_when_large),
-             Provider("test-off", off)] if op == "svgd_step" else []  # fmt: skip
+             Provider("test-off", off), Provider("test-nan-when-large", nan_when_large),
+             Provider("test-shape-when-large", shape_when_large),
+             Provider("test-raises-after-warm-up", raises_after_warm_up)] if op == "svgd_step" else []  # fmt: skip
     return [Provider("test-hang", hang), Provider("test-killed", killed), Provider("test-raises", raises), *wrong]
 
 

@@ -183,6 +183,27 @@ def test_a_provider_that_fails_its_check_is_not_timed(tmp_path, monkeypatch):
     assert {r["status"] for r in rows if r["provider"] == "torch-naive"} == {"ok"}
 
 
+@pytest.mark.parametrize("failing_call", [3, 4])  # the memory call, a timed round
+def test_a_provider_wrong_or_failing_at_a_timed_size_is_recorded_as_such(tmp_path, monkeypatch, failing_call):
+    """Right in the small-size check, then at the timed size: NaN had passed the cross-check as "ok" (NaN >
+    tolerance is false), a result of another shape or an error after the warm-up had stopped the worker (every
+    provider of the size "crashed", their timings lost). Now "mismatch", "mismatch" and "oom", and the others
+    keep their rows."""
+    monkeypatch.setenv("BMT_FAST_BENCH_TEST_PROVIDERS", "1")
+    monkeypatch.setenv("BMT_FAST_BENCH_TEST_FAILING_CALL", str(failing_call))
+    out = tmp_path / "late.csv"
+    names = "torch-naive,test-nan-when-large,test-shape-when-large,test-raises-after-warm-up"
+    svgd_step.main(["--sizes", "256x8", "--out", str(out), "--providers", names])
+    rows = {r["provider"]: r for r in read_csv(out) if r["provider"] not in harness.LIMITS}
+    assert rows["test-nan-when-large"]["status"] == "mismatch", rows["test-nan-when-large"]
+    assert "not finite" in rows["test-nan-when-large"]["note"]
+    assert rows["test-shape-when-large"]["status"] == "mismatch"
+    assert "result has shape (255, 8), expected (256, 8)" in rows["test-shape-when-large"]["note"]
+    late = rows["test-raises-after-warm-up"]
+    assert late["status"] == "oom" and "after its warm-up" in late["note"] and "on purpose" in late["note"], late
+    assert rows["torch-naive"]["status"] == "ok" and float(rows["torch-naive"]["time_median_s"]) > 0
+
+
 @pytest.mark.parametrize(
     "dtype, name, n, status",
     [
