@@ -399,12 +399,19 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    from bmt_fast import reference
     from bmt_fast.backends import vjp_by_ops
 
     x, y, bandwidth, kernel = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
-    grads = vjp_by_ops(rbf_kernel_self_backward_op, rbf_kernel_backward_op, grad, x, None if ctx.one_pass else y,
-                       bandwidth, kernel, needs, ctx.allow_tf32)  # fmt: skip
+    other = None if ctx.one_pass else y
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, Hessian-vector products): the backward ops have no derivative
+        # (it had raised "no autograd formula"); the differentiable formula from K, as the compiled backends'
+        grads = reference.rbf_kernel_vjp(grad, x, other, bandwidth, kernel, needs)
+    else:
+        grads = vjp_by_ops(rbf_kernel_self_backward_op, rbf_kernel_backward_op, grad, x, other, bandwidth, kernel,
+                           needs, ctx.allow_tf32)  # fmt: skip
     return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
 

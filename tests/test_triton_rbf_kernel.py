@@ -378,3 +378,16 @@ def test_gpu_large_kernel_and_gradient():
     x64 = x.detach().double().requires_grad_(True)
     (expected_grad,) = torch.autograd.grad(reference.rbf_kernel(x64, y.double(), bandwidth(200.0)).sum(), (x64,))
     assert relative_error(grad, expected_grad) < 2e-5
+
+
+@pytest.mark.parametrize("n", [3, 66])
+def test_double_backward(n):
+    """create_graph=True gives gradients autograd differentiates again, in x, y and H, as on the compiled
+    backends (the Triton backward ops have no derivative: "no autograd formula was registered" before)."""
+    import functools
+
+    x, y, h = rows(n, 2, grad=True), rows(4, 2, offset=0.3, grad=True), bandwidth(1.7, grad=True)
+    check = functools.partial(torch.autograd.gradgradcheck, fast_mode=True)
+    assert check(lambda a, b, c: bmt_fast.rbf_kernel(a, b, c, backend="triton"), (x, y, h))
+    assert check(lambda a, c: bmt_fast.rbf_kernel(a, None, c, backend="triton"), (x, h))
+
