@@ -230,12 +230,17 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         )
     if h is not None:
         return h
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or _functorch_transforms_active():
         # a constant of the graph (dynamo traces neither the cache nor the mode); under a dispatch mode
         # (FakeTensorMode, make_fx, a user's mode) the tensor made is the mode's: cached, it was handed to
-        # every later plain call with that value (a FakeTensor there: "convert all Tensors to FakeTensors")
+        # every later plain call with that value (a FakeTensor there: "convert all Tensors to FakeTensors");
+        # under torch.func.functionalize a functional wrapper, which later plain calls had been given (an
+        # error in svgd_step, a result without storage from rbf_kernel)
         return torch.tensor(value, dtype=torch.float64, device=like.device)
     return _bandwidth_tensor(value, like.device, torch.is_inference_mode_enabled())
+
+
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 @functools.lru_cache(maxsize=64)

@@ -283,6 +283,22 @@ def test_functionalize_runs_the_ops(backend):
     torch.testing.assert_close(median, bmt_fast.median_bandwidth(x, backend="torch"))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_float_bandwidth_first_used_under_functionalize_serves_later_plain_calls(backend):
+    """A float H is made into a tensor once per value and cached; made under functionalize it was a
+    functional wrapper, handed to every later plain call with that value: svgd_step raised ("a custom
+    operator whose output has alias annotations"), rbf_kernel returned a tensor without storage."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    h = 2.4375 + 0.0625 * CPU_BACKENDS.index(backend)  # (a value no other test has cached)
+    torch.func.functionalize(lambda a: bmt_fast.svgd_step(a, -a, h, backend=backend))(x)
+    torch.func.functionalize(lambda a: bmt_fast.rbf_kernel(a, None, h, backend=backend))(x)
+    h64 = torch.tensor(h, dtype=torch.float64)
+    phi, k = bmt_fast.svgd_step(x, -x, h, backend=backend), bmt_fast.rbf_kernel(x, None, h, backend=backend)
+    assert not torch._is_functional_tensor(phi) and not torch._is_functional_tensor(k)
+    torch.testing.assert_close(phi, reference.svgd_step(x, -x, h64))
+    torch.testing.assert_close(k, kernel64(x, None, h64))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["cross", "self", "twice", "median"])
 def test_forward_mode_autograd_of_rbf_kernel(backend, case, device):
