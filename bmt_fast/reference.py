@@ -59,21 +59,36 @@ def numpy_median(values: torch.Tensor) -> torch.Tensor:
     count = flat.numel()
     finite = torch.isfinite(flat).all()  # (a tensor: no host synchronisation on a GPU)
     upper = flat.kthvalue(count // 2 + 1).values
-    if count % 2:
+    traced = _traced(count)
+    if not traced and count % 2:
         median = upper
     else:
         # The lower middle value: the largest one below `upper`, unless `upper` also holds rank count/2 - 1
-        # (fewer than count/2 values lie below it). One selection and two elementwise passes.
+        # (fewer than count/2 values lie below it). One selection and two elementwise passes. (A symbolic
+        # count, traced by torch.compile(dynamic=True) or export: both cases, chosen by a tensor, so the
+        # graph does not specialise on the parity of n.)
         below = flat < upper
         largest_below = flat.masked_fill(~below, -math.inf).max()
         lower = torch.where(below.sum() >= count // 2, largest_below, upper)
         median = 0.5 * (lower + upper)
+        if traced:
+            median = torch.where(torch.full((), count % 2, device=flat.device) == 1, upper, median)
     return torch.where(finite, median, math.nan)
+
+
+def _traced(size) -> bool:
+    """Whether a size may be symbolic: traced by torch.compile (where dynamo takes a SymInt for an int) or
+    torch.export / make_fx; there the median rule computes on tensors, not Python numbers, so that the graph
+    does not specialise on n (math.log(n + 1) had fixed n; a branch on the parity of n * n, that parity)."""
+    return torch.compiler.is_compiling() or not isinstance(size, int)
 
 
 def bandwidth_from_median(median: torch.Tensor, n: int) -> torch.Tensor:
     """The SVGD authors' rule H = median / log(n + 1), floored at BANDWIDTH_FLOOR."""
-    return (median / math.log(n + 1)).clamp_min(BANDWIDTH_FLOOR)
+    if not _traced(n):
+        return (median / math.log(n + 1)).clamp_min(BANDWIDTH_FLOOR)
+    # a symbolic n (torch.compile(dynamic=True), export): the log on a tensor (math.log had fixed n)
+    return (median / torch.full((), n + 1, dtype=median.dtype, device=median.device).log()).clamp_min(BANDWIDTH_FLOOR)
 
 
 def median_bandwidth(x: torch.Tensor) -> torch.Tensor:

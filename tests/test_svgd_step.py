@@ -1047,6 +1047,30 @@ def test_dynamic_shapes_compile_once_and_export():
     torch.testing.assert_close(program.module()(x, score), f(x, score))
 
 
+@pytest.mark.parametrize("backend", ["torch", *(["cpu"] if COMPILED_CPU else [])])
+def test_the_median_rule_compiles_once_for_every_n(backend):
+    """torch.compile(dynamic=True) of the median rule: the reference backend ("auto" where no compiled one
+    runs) had specialised n (math.log(n + 1) on the symbolic n; a branch on the parity of n * n): a graph per
+    n. Now one for odd and even n, each call as the eager one."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def f(x, score):
+        return (bmt_fast.svgd_step(x, score, backend=backend, check_inputs=False),
+                bmt_fast.rbf_kernel(x, backend=backend, check_inputs=False),
+                bmt_fast.median_bandwidth(x, backend=backend, check_inputs=False))  # fmt: skip
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+    counts = []
+    for n in (5, 8, 17, 32):
+        x, score = particles(n, 3)
+        for got, expected in zip(compiled(x, score), f(x, score)):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+        counts.append(counter.frame_count)  # (the first size's may count twice: dynamo restarts for the floor)
+    assert counts[1:] == counts[:1] * 3, counts
+    torch._dynamo.reset()
+
+
 def test_a_fake_tensor_trace_leaves_later_plain_calls_alone():
     """make_fx(tracing_mode="fake") of a call with a float bandwidth: the bandwidth's tensor, cached per
     value, was the trace's FakeTensor, and every later plain call with that value failed ("convert all
