@@ -37,6 +37,8 @@ def check_dense(name: str, t: torch.Tensor) -> None:
     "out must be contiguous" or a dispatcher error)."""
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}: pass {name}.to_dense()")
+    if t.is_nested:  # (a strided nested tensor: "NestedTensorImpl doesn't support sizes. Please file an issue.")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor: pass {name}.to_padded_tensor(...)")
 
 
 def all_finite(t: torch.Tensor) -> bool:

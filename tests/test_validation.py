@@ -558,6 +558,11 @@ def test_median_bandwidth_bad_inputs():
         bmt_fast.rbf_kernel(torch.randn(4, 3), torch.randn(4, 3).to_sparse())
     with pytest.raises(TypeError, match="out must be a dense"):
         bmt_fast.svgd_step(torch.randn(4, 3), torch.randn(4, 3), out=torch.zeros(4, 3).to_sparse())
+    nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(3, 3)])  # (torch's internal error before)
+    for call in (lambda: bmt_fast.median_bandwidth(nested), lambda: bmt_fast.rbf_kernel(nested),
+                 lambda: bmt_fast.svgd_step(nested, nested)):  # fmt: skip
+        with pytest.raises(TypeError, match="x must be a dense .strided. tensor, got a nested tensor"):
+            call()
     # numpy integers count as ints (as numpy floats count as floats for the bandwidth); bools do not
     import numpy as np
 
