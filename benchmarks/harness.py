@@ -17,8 +17,9 @@ How one benchmark runs (`python -m benchmarks.svgd_step [--quick]`):
   /proc/self/status, reset by writing 5 to /proc/self/clear_refs just before the call) minus the
   resident set just before it (after gc, malloc_trim and `bmt_fast.empty_cache()`, with the inputs
   allocated: memory that torch's allocator or bmt_fast's block cache kept from the warm-up calls would
-  otherwise serve the call unseen; rows before 2026-12-06 did not empty bmt_fast's cache, so its CPU
-  rows left out a result and temporaries that came from it). GPU: torch.cuda.max_memory_allocated minus
+  otherwise serve the call unseen; every CPU row committed before this was written did not empty
+  bmt_fast's cache (memory_method without "bmt_fast.empty_cache"), so it left out a result and temporaries
+  that came from it). GPU: torch.cuda.max_memory_allocated minus
   memory_allocated before the call. The result tensor counts.
 * Timed rounds: each round calls every provider and both limits once, in an order rotated from round to
   round, so that load from other processes on a shared machine hits all of them alike. Calls shorter than

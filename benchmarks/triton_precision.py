@@ -133,6 +133,14 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}), Triton interpreter"
 
 
+def selected(data: str, dtype: torch.dtype, dtypes: list[str] | None) -> bool:
+    """Whether a case of `data` runs in `dtype` (the clusters cases are the 16-bit dtypes' products'), under
+    --dtype's choice."""
+    if data == "clusters" and dtype == torch.float32:
+        return False
+    return not dtypes or str(dtype).removeprefix("torch.") in dtypes
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -140,6 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="measure only these input dtypes (repeatable; default: all)")
     parser.add_argument("--case", action="append", metavar="OP,ALGORITHM,N,D",
                         help="measure only these cases (repeatable; default: all), e.g. svgd_step,tiled,300,128,gaussian")  # fmt: skip
+    parser.add_argument("--out", type=Path, metavar="CSV",
+                        help="append the rows to this file (default: benchmarks/results/triton_precision_<device>.csv)")
     args = parser.parse_args(argv)
     cases = CASES
     if args.case:
@@ -147,6 +157,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cases = [c for c in CASES if tuple(map(str, c)) in wanted]
         if len(cases) != len(wanted):
             parser.error(f"unknown case in {args.case}; cases: {[','.join(map(str, c)) for c in CASES]}")
+    if not any(selected(data, dtype, args.dtype) for *_, data in cases for dtype, _, _ in MODES):
+        # (an IndexError after the run before)
+        parser.error(f"nothing to measure: the clusters cases run for bfloat16 and float16 only; --dtype {args.dtype}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not TRITON.supports(device):
         raise SystemExit(f"Triton cannot run on {device.type}: {TRITON.unavailable_reason()}")
@@ -162,9 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for op, algorithm, n, d, data in cases:
         for dtype, dot, allow_tf32 in MODES:
-            if data == "clusters" and dtype == torch.float32:
-                continue  # (the cases of the 16-bit dtypes' products)
-            if args.dtype and str(dtype).removeprefix("torch.") not in args.dtype:
+            if not selected(data, dtype, args.dtype):
                 continue
             dot = names[utils.dot_mode(dtype, allow_tf32)]  # (the mode that runs: bf16's default is one product)
             error, torch_error = measure(op, algorithm, n, d, data, dtype, allow_tf32, args.seeds, device)
@@ -175,7 +186,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{op:17s} {algorithm:6s} {data:8s} {row['dtype']:9s} {dot:6s} {error:.3e}  (torch {torch_error:.3e})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "interpreter" if common["interpreter"] else torch.cuda.get_device_name(device).replace(" ", "_")
-    path = RESULTS / f"triton_precision_{tag}.csv"
+    path = args.out or RESULTS / f"triton_precision_{tag}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0])
     if path.exists():
         with path.open(newline="") as f:

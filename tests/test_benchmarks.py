@@ -783,3 +783,23 @@ def test_the_clusters_data_option(tmp_path):
     assert float(rows["torch-naive"]["max_rel_err"]) < 64 * 1e-3
     with pytest.raises(SystemExit):
         svgd_step.main(["--data", "spirals", "--sizes", "8x8", "--out", str(out)])
+
+
+def test_triton_precision_refuses_an_empty_selection_and_writes_where_asked(tmp_path):
+    """--dtype float32 with only clusters cases (which run for the 16-bit dtypes) measured nothing and then
+    stopped with an IndexError; and the rows could only go to benchmarks/results (now --out)."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "benchmarks.triton_precision", "--seeds", "1", "--out", str(tmp_path / "p.csv")]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    empty = subprocess.run([*command, "--dtype", "float32", "--case", "svgd_step,tiled,256,64,clusters"], cwd=root,
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert empty.returncode == 2 and "nothing to measure" in empty.stderr, empty.stderr
+    done = subprocess.run([*command, "--dtype", "float32", "--case", "median_bandwidth,gram,16,4096,gaussian"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    import csv
+
+    with (tmp_path / "p.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["op"], r["dtype"], r["dot"]) for r in rows] == [("median_bandwidth", "float32", "ieee"), ("median_bandwidth", "float32", "tf32")]
