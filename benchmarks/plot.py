@@ -5,7 +5,11 @@
 
 For every device, op and dtype: `<device>_<op>_<dtype>_{time,memory,ratio}.png`, one panel per d with n
 on the x axis and a line per provider (median time, peak extra memory, time / limit). Only the latest
-row of each (device, op, provider, dtype, n, d) counts, so re-running a size replaces it. An op without
+row of each (device, op, provider, dtype, n, d) counts, so re-running a size replaces it. Rows measured
+under another setting than the op's default (`svgd_step --data clusters`, `svgd_step_vmap --batch` other
+than 16; read from the note the op's `describe` writes) count as another op, `<op>-clusters` or
+`<op>-batch<B>`, with their own tables and plots: they had replaced the default rows of their sizes (the
+targets' too), each marked only as measured in another run. An op without
 limits (the end-to-end prompt_transfer_step) gets no ratio plot; one compared with a baseline provider
 (`SPEEDUPS`) gets `..._speedup.png` instead: baseline time / provider time.
 
@@ -29,7 +33,8 @@ from pathlib import Path
 from benchmarks.harness import CSV_HEADER, LIMITS, RESULTS_DIR, device_slug, read_rows
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-Key = tuple  # (device, op, provider, dtype, n, d)
+Key = tuple  # (device, op, provider, dtype, n, d), op with its variant (see variant)
+DEFAULT_VMAP_BATCH = 16  # benchmarks.svgd_step_vmap.DEFAULT_BATCH (not imported: it registers providers)
 # op -> (provider, baseline): the speed-up column and plot show time(baseline) / time(provider)
 SPEEDUPS = {"prompt_transfer_step": ("batched", "sequential")}
 
@@ -55,11 +60,22 @@ def latest_rows(paths: list[Path]) -> list[dict]:
             try:
                 if None in row or any(row[f] is None for f in CSV_HEADER):
                     raise ValueError("its number of fields differs from the header's")
+                if variant(row):  # (another setting's rows: an op of their own, see the module's docstring)
+                    row = {**row, "op": f"{row['op']}-{variant(row)}"}
                 key = (row["device"], row["op"], row["provider"], row["dtype"], int(row["n"]), int(row["d"]))
             except ValueError as error:
                 raise SystemExit(f"{path}, row at line {line}: damaged ({error})") from None
             latest[key] = row
     return list(latest.values())
+
+
+def variant(row: dict) -> str:
+    """The setting a row was measured under, from its note: "" for its op's default (Gaussian particles, the
+    default batch of svgd_step_vmap), else the suffix its op gets in the tables and plots."""
+    if "two clusters" in row["note"]:
+        return "clusters"
+    batch = re.search(r"a batch of (\d+) particle sets", row["note"])
+    return f"batch{batch.group(1)}" if batch and int(batch.group(1)) != DEFAULT_VMAP_BATCH else ""
 
 
 def number(row: dict, field: str) -> float | None:
@@ -312,7 +328,8 @@ def cell(row: dict | None, limits: dict[str, dict] | None = None) -> str:
 def op_rank(op: str) -> tuple[int, str]:
     from benchmarks import OPS
 
-    return (OPS.index(op) if op in OPS else len(OPS), op)
+    base = op.split("-")[0]  # (a variant after its op)
+    return (OPS.index(base) if base in OPS else len(OPS), op)
 
 
 def device_type(device: str) -> str:

@@ -297,6 +297,32 @@ def test_latest_row_wins(tmp_path):
     assert [r["time_median_s"] for r in plot.latest_rows([tmp_path / "a.csv"])] == ["1"]
 
 
+def test_rows_of_another_setting_get_tables_of_their_own(tmp_path):
+    """`svgd_step --data clusters` and `svgd_step_vmap --batch 256` rows had replaced the default rows of
+    their sizes in the tables (and the targets), marked only as measured in another run."""
+    from benchmarks import svgd_step_vmap
+
+    assert plot.DEFAULT_VMAP_BATCH == svgd_step_vmap.DEFAULT_BATCH
+    base = dict.fromkeys(CSV_HEADER, "")
+    base.update(device="dev (2 cores)", provider="p", dtype="float32", n="256", d="16", regime="many", status="ok",
+                timestamp="2026-12-06T00:00:00", run_id="r")  # fmt: skip
+    rows = [
+        dict(base, op="svgd_step", time_median_s="1e-3"),
+        dict(base, op="svgd_step", time_median_s="5e-3", note="two clusters 0.05 wide, centres N(0, 10^2), H within one"),
+        dict(base, op="svgd_step_vmap", time_median_s="2e-3", note="a batch of 16 particle sets of n x d"),
+        dict(base, op="svgd_step_vmap", time_median_s="7e-3", note="a batch of 256 particle sets of n x d"),
+    ]
+    harness.append_rows(tmp_path / "runs.csv", rows)
+    latest = plot.latest_rows([tmp_path / "runs.csv"])
+    assert sorted((r["op"], r["time_median_s"]) for r in latest) == [
+        ("svgd_step", "1e-3"), ("svgd_step-clusters", "5e-3"), ("svgd_step_vmap", "2e-3"), ("svgd_step_vmap-batch256", "7e-3")]
+    table = plot.markdown(latest)
+    sections = [line for line in table.splitlines() if line.startswith("**")]
+    assert sections == ["**svgd_step**", "**svgd_step-clusters**", "**svgd_step_vmap**", "**svgd_step_vmap-batch256**"]
+    for shown in ("| 256 | 16 | 1 ms |", "| 256 | 16 | 5 ms |", "| 256 | 16 | 2 ms |", "| 256 | 16 | 7 ms |"):
+        assert shown in table, table
+
+
 def test_a_csv_with_another_header_is_refused(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n")
