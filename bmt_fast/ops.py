@@ -281,7 +281,9 @@ def median_bandwidth(
         larger d), i.e. under 0.6% at the default 65,536 pairs, so 3 standard deviations stay within 2%.
         Where the exact median costs less than the samples it is returned instead: with no more pairs than
         samples (n*n <= num_pairs), and on the CPU backend up to n*n <= 64 * num_pairs (n = 2048 at the
-        default; on a 2-core Xeon, n = 2048, d = 256: 13 ms exact, 36 ms sampled).
+        default; on a 2-core Xeon, n = 2048, d = 256: 13 ms exact, 36 ms sampled). `generator`, if given,
+        is a CPU torch.Generator whatever x's device: the pairs are drawn on the CPU, so a seed gives the
+        same pairs on every device.
 
     Returns a 0-dim tensor: float64 for float64 input, float32 otherwise, on x's device. Under
     torch.func.vmap, one per batch entry; "sampled" follows vmap's `randomness` (README, "torch.func").
