@@ -196,6 +196,10 @@ def _open_run(args: argparse.Namespace, command: str):
 
     cfg = load_config(args.config, args.overrides)
     flags = {"resume": getattr(args, "resume", False), "overwrite": getattr(args, "overwrite", False)}
+    if command == "eval":  # (a prompt file given: no source stage read, no data.source_tasks needed)
+        flags["prompt_path"] = args.prompt
+    else:  # (config.yaml, written into output_dir, may be this file: it is not rewritten)
+        flags["config_file"] = args.config
     if args.deepspeed:
         from .transfer.deepspeed_support import DeepSpeedRun
 

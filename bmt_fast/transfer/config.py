@@ -315,12 +315,13 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
 COMMANDS = ("source", "target", "transfer", "eval")
 
 
-def check_config(cfg: RunConfig, command: str) -> None:
-    """Raise ConfigError for anything that would make `command` fail later (values, tasks, files)."""
+def check_config(cfg: RunConfig, command: str, *, prompt_path: str | None = None) -> None:
+    """Raise ConfigError for anything that would make `command` fail later (values, tasks, files).
+    prompt_path: `eval --prompt`'s file, evaluated instead of the run's prompts (no source stage is read)."""
     if command not in COMMANDS:
         raise ConfigError(f"command must be one of {COMMANDS}, got {command!r}")
     check_values(cfg)
-    check_tasks(cfg, command)
+    check_tasks(cfg, command, prompt_path=prompt_path)
     check_files(cfg)
     check_data(cfg, command)
 
@@ -328,10 +329,7 @@ def check_config(cfg: RunConfig, command: str) -> None:
 def check_values(cfg: RunConfig) -> None:
     m, p, s, t = cfg.model, cfg.prompt, cfg.source, cfg.target
     _choice("model.dtype", m.dtype, DTYPES)
-    if not (m.device in ("auto", "cpu") or m.device.startswith("cuda")):
-        raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, got {m.device!r}")
-    if m.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={m.device} but torch sees no CUDA device")
+    device = model_device(m.device)
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is required")
     if not 0 <= cfg.seed < 2**63:  # (torch.manual_seed takes a 64-bit integer)
@@ -348,7 +346,7 @@ def check_values(cfg: RunConfig) -> None:
     _choice("source.sampling", s.sampling, SAMPLINGS)
     _positive_or_none("source.prior_std", s.prior_std)
     _bandwidth("source.bandwidth", s.bandwidth, torch.float32)  # (the SVGD step's: float32 prompts)
-    _backend("source.backend", s.backend)
+    _backend("source.backend", s.backend, device, m.device)
     if isinstance(s.likelihood_scale, str):
         _choice("source.likelihood_scale", s.likelihood_scale, LIKELIHOOD_SCALES)
     else:
@@ -418,8 +416,10 @@ def source_methods_for(cfg: RunConfig, command: str) -> list[str]:
     return list(dict.fromkeys(m for m in needed if m is not None))
 
 
-def check_tasks(cfg: RunConfig, command: str) -> None:
-    """Import `data.task_modules`, then look every named task up in the registry."""
+def check_tasks(cfg: RunConfig, command: str, *, prompt_path: str | None = None) -> None:
+    """Import `data.task_modules`, then look every named task up in the registry. `eval --prompt`
+    (prompt_path) evaluates the file it is given: it needs no source tasks (they had been required, for the
+    source stages of target.methods that it never reads)."""
     from ..tasks import get_task
 
     for module in cfg.data.task_modules:
@@ -427,7 +427,8 @@ def check_tasks(cfg: RunConfig, command: str) -> None:
             importlib.import_module(module)
         except ImportError as error:
             raise ConfigError(f"data.task_modules: cannot import {module!r}: {error}") from error
-    if source_methods_for(cfg, command) and not cfg.data.source_tasks:
+    reads_sources = not (command == "eval" and prompt_path)
+    if reads_sources and source_methods_for(cfg, command) and not cfg.data.source_tasks:
         raise ConfigError("data.source_tasks must name at least one task")
     if len(set(cfg.data.source_tasks)) != len(cfg.data.source_tasks):
         raise ConfigError(f"data.source_tasks has duplicates: {cfg.data.source_tasks}")
@@ -535,16 +536,50 @@ def _positive_or_none(name: str, value: float | None) -> None:
         _positive(name, value)
 
 
-def _backend(name: str, value: str) -> None:
-    """"auto" or a backend that runs in this process (`bmt_fast.available_backends()`)."""
-    from ..backends import available_backends, unavailable_backends
+def model_device(value: str) -> torch.device:
+    """The device model.device names, as the run resolves it (auto: CUDA where torch sees it, else the CPU);
+    ConfigError where torch cannot parse it (`cudax`, `cuda:-1`, `cuda:0:1`), it is neither the CPU nor
+    CUDA, torch sees no CUDA device, or its index is past the CUDA devices torch sees (these had passed the
+    checks and failed when the model moved to the device, after --overwrite had removed the stages)."""
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device={value} but torch sees no CUDA device")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"model.device={value} but torch sees {count} CUDA device(s): cuda:0"
+                + (f" to cuda:{count - 1}" if count > 1 else "")
+            )
+    return device
 
-    if value == "auto" or value in available_backends():
+
+def _backend(name: str, value: str, device: torch.device, device_setting: str) -> None:
+    """"auto" or a backend that runs in this process (`bmt_fast.available_backends()`) on `device`, the
+    model's, where the particles live (`backend=cpu` with a CUDA model, or `cuda` with a CPU one, had passed
+    the checks and failed at the first SVGD step, after --overwrite had removed the stages)."""
+    from ..backends import available_backends, get, unavailable_backends
+
+    if value == "auto":
         return
-    reason = unavailable_backends().get(value)
-    if reason:
-        raise ConfigError(f"{name}={value} is not available here: {reason}")
-    _choice(name, value, ("auto", *available_backends()))
+    if value not in available_backends():
+        reason = unavailable_backends().get(value)
+        if reason:
+            raise ConfigError(f"{name}={value} is not available here: {reason}")
+        _choice(name, value, ("auto", *available_backends()))
+    if not get(value).supports(device):
+        there = [n for n in available_backends() if get(n).supports(device)]
+        raise ConfigError(
+            f"{name}={value} does not run on {device.type}, where model.device={device_setting} puts the "
+            f"particles; choose auto or one of: {', '.join(there)}"
+        )
 
 
 def _bandwidth(name: str, value: str | float, dtype: torch.dtype) -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import rng_state, set_rng_state
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, model_device
 from .data import make_batches
 from .runner import Run, load_pretrained, longest_sequence, prompted_model
 from .source import ParticleTrainer
@@ -544,24 +544,28 @@ class DeepSpeedRun(Run):
         resume: bool = False,
         overwrite: bool = False,
         backbone: Backbone | None = None,
+        config_file: str | Path | None = None,
+        prompt_path: str | None = None,
     ):
-        """backbone: one loaded by an earlier DeepSpeedRun of this process with the same model config."""
+        """backbone: one loaded by an earlier DeepSpeedRun of this process with the same model config.
+        config_file, prompt_path: as Run's."""
         world = DeepSpeedWorld()
-        if cfg.model.device != "auto" and torch.device(cfg.model.device).type != world.device.type:
+        if cfg.model.device != "auto" and model_device(cfg.model.device).type != world.device.type:
             raise ConfigError(f"model.device={cfg.model.device}, but the DeepSpeed processes run on {world.device.type}")
         self.ds_config = read_ds_config(ds_config, cfg, world.size)
         self.backbone = backbone
         pm = backbone.pm if backbone else None
-        super().__init__(cfg, command, resume=resume, overwrite=overwrite, pm=pm, world=world)
+        super().__init__(cfg, command, resume=resume, overwrite=overwrite, pm=pm, world=world,
+                         config_file=config_file, prompt_path=prompt_path)  # fmt: skip
 
     def _load_backbone(self) -> PromptedModel:
         self.backbone = Backbone(self.cfg, self.ds_config, self.world)
         return self.backbone.pm
 
-    def initial_prompts(self, count: int) -> torch.Tensor:
+    def initial_prompts(self, count: int, distinct: bool = True) -> torch.Tensor:
         weight = self.pm.embedding.weight  # loads the backbone first
         with self.backbone.gathered([weight]):  # init_prompts reads rows (or the std) of the whole matrix
-            return super().initial_prompts(count)
+            return super().initial_prompts(count, distinct)
 
     def source_trainer(self, method: str) -> tuple[DataParallelParticleTrainer, dict[str, Any]]:
         trainer, summary = super().source_trainer(method)

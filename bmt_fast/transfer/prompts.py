@@ -324,6 +324,7 @@ def init_prompts(
     exclude_ids: Sequence[int] = (),
     vocab_size: int | None = None,
     scale: float = 1.0,
+    distinct: bool = True,
 ) -> torch.Tensor:
     """(num_prompts, length, hidden) float32 prompts.
 
@@ -332,6 +333,8 @@ def init_prompts(
         special tokens excluded. normal: N(0, init_std^2), init_std defaulting to the embeddings' std.
     scale: what the embedding module multiplies its weight rows by (embedding_scale): the embeddings are
         the rows times it.
+    distinct: the vocab init's prompts must differ (SVGD particles: identical ones never separate); a
+        ConfigError where the candidate tokens cannot make them differ, or this generator's draw did not.
     """
     if num_prompts < 1 or length < 1:
         raise ValueError(f"need num_prompts >= 1 and length >= 1, got {num_prompts}, {length}")
@@ -343,6 +346,8 @@ def init_prompts(
         raise ValueError(f"prompt init must be 'vocab' or 'normal', got {method!r}")
     candidates = _candidate_ids(min(vocab_size or weight.shape[0], weight.shape[0]), vocab_top_k, exclude_ids)
     picks = torch.randint(len(candidates), (num_prompts, length), generator=generator)
+    if distinct:
+        _check_distinct(picks, len(candidates), vocab_top_k)
     # Only the picked rows leave the device (a large vocabulary's float32 copy would be GBs).
     return weight[candidates[picks].to(weight.device)].float().cpu() * scale
 
@@ -384,10 +389,51 @@ def embedding_scale(embedding: torch.nn.Module) -> float:
     return float(getattr(embedding, "embed_scale", 1.0))
 
 
-def check_vocab_top_k(vocab: int, top_k: int | None, exclude: Sequence[int]) -> None:
-    """ConfigError where prompt.vocab_top_k leaves the vocab init no token (init_prompts' own check, for a
-    caller that has the tokenizer but no loaded weights: vocab, the number of embedding rows)."""
-    _candidate_ids(vocab, top_k, exclude)
+def check_vocab_top_k(
+    vocab: int,
+    top_k: int | None,
+    exclude: Sequence[int],
+    num_prompts: int = 1,
+    length: int = 1,
+    seed: int | None = None,
+) -> None:
+    """ConfigError where prompt.vocab_top_k leaves the vocab init no token, or (num_prompts > 1 SVGD particles
+    of `length` tokens) too few tokens for distinct particles, or where the draw init_prompts makes with
+    `seed` gives two particles the same tokens: init_prompts' own checks, for a caller that has the tokenizer
+    but no loaded weights (vocab: the number of embedding rows)."""
+    candidates = _candidate_ids(vocab, top_k, exclude)
+    if num_prompts > 1:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        picks = torch.randint(len(candidates), (num_prompts, length), generator=generator)  # (init_prompts' draw)
+        _check_distinct(picks if seed is not None else None, len(candidates), top_k, num_prompts, length)
+
+
+def _check_distinct(
+    picks: torch.Tensor | None, candidates: int, top_k: int | None, num_prompts: int = 0, length: int = 0
+) -> None:
+    """ConfigError where the token ids drawn for several prompts (picks: (M, L)) cannot all differ (fewer
+    than M distinct sequences of L among `candidates` tokens), or do not (picks None: only the first). A
+    vocab_top_k that left one token had made every particle the same prompt, which SVGD never separates:
+    M particles trained as one, silently."""
+    if picks is not None:
+        num_prompts, length = picks.shape
+    if num_prompts < 2:
+        return
+    from .config import ConfigError  # (a setting that this tokenizer cannot serve: exit 2, one line)
+
+    name = f"prompt.vocab_top_k={top_k}" if top_k else "prompt.init=vocab"
+    fix = "raise it, or use prompt.init=normal" if top_k else "use prompt.init=normal"
+    if candidates ** min(length, 64) < num_prompts:  # (2 ** 64 exceeds any particle count)
+        raise ConfigError(
+            f"{name}: {candidates} token(s) to initialise prompts from (special tokens left out) cannot make "
+            f"{num_prompts} distinct particles of {length} token(s), and identical particles never separate "
+            f"under SVGD; {fix}"
+        )
+    if picks is not None and torch.unique(picks, dim=0).shape[0] < num_prompts:
+        raise ConfigError(
+            f"{name}: the {num_prompts} particles drawn from {candidates} tokens with this seed include identical "
+            f"ones, which never separate under SVGD; {fix}, or change the seed"
+        )
 
 
 def _candidate_ids(vocab: int, top_k: int | None, exclude: Sequence[int]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Stages of a run, wired from a RunConfig: source (per method), target (per method), evaluation.
 
 Run folder:
-    config.yaml                 the resolved configuration of the last command
+    config.yaml                 the resolved configuration of the last command (its --config file left alone where unchanged)
     source-<method>/            metrics.jsonl, checkpoint-*/, particles.safetensors, source.json
     target-<method>/            metrics.jsonl, checkpoint-*/, prompt.safetensors, eval.json, peft/
     results.json, results.md    final target metrics per method (the side-by-side table)
@@ -42,6 +42,9 @@ from .config import (
     RunConfig,
     check_config,
     dump_config,
+    load_config,
+    model_device,
+    particles_of,
     source_methods_for,
     to_dict,
 )
@@ -64,6 +67,7 @@ from .prompts import (
 from .source import ParticleTrainer, ParticleUpdate, likelihood_coefficients, source_layout
 from .target import KDEPrior, TargetPrompt, TargetTrainer
 
+CONFIG_FILE = "config.yaml"
 PARTICLES_FILE = "particles.safetensors"
 PROMPT_FILE = "prompt.safetensors"
 EVAL_FILE = "eval.json"
@@ -137,7 +141,10 @@ def load_pretrained(mc: ModelConfig, longest: SequenceLengths | None = None):
     check_positions(config, longest, mc.name_or_path)
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     gguf = {"gguf_file": mc.gguf_file} if mc.gguf_file else {}
-    model = cls.from_pretrained(mc.name_or_path, dtype=getattr(torch, mc.dtype), **gguf)
+    try:
+        model = cls.from_pretrained(mc.name_or_path, dtype=getattr(torch, mc.dtype), **gguf)
+    except (OSError, ValueError) as error:  # (a folder with a config but no weights, a class without LM head)
+        raise _not_loadable("model.name_or_path", mc.name_or_path, cls.__name__, error) from error
     return model, tokenizer
 
 
@@ -146,9 +153,36 @@ def _config_and_tokenizer(name_or_path: str, gguf_file: str | None, tokenizer_na
     from transformers import AutoConfig, AutoTokenizer
 
     gguf = {"gguf_file": gguf_file} if gguf_file else {}
-    config = AutoConfig.from_pretrained(name_or_path, **gguf)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name_or_path, **({} if tokenizer_name else gguf))
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **gguf)
+    except (OSError, ValueError) as error:
+        raise _not_loadable("model.name_or_path", name_or_path, "a model", error) from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name_or_path, **({} if tokenizer_name else gguf))
+    except (OSError, ValueError) as error:
+        key = "model.tokenizer" if tokenizer_name else "model.name_or_path"
+        raise _not_loadable(key, tokenizer_name or name_or_path, "a tokenizer", error) from error
     return config, tokenizer
+
+
+# Files one of which a tokenizer folder holds (fast, sentencepiece, BPE and WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "sentencepiece.bpe.model", "source.spm")  # fmt: skip
+
+
+def _not_loadable(key: str, name: str, what: str, error: Exception) -> ConfigError:
+    """A folder (or hub id) that transformers cannot load as `what`, in one line that names the setting and
+    the first line of transformers' message (a folder without config.json, a YAML file given as the model, an
+    empty tokenizer folder, a hub id without network: each had been a traceback, exit 1, or for the
+    tokenizer a message about sentencepiece)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    if reason.endswith(":") and len(lines) > 1:  # (a list follows: one line says there is more)
+        reason = reason[:-1] + " ..."
+    folder = Path(os.path.expanduser(name))
+    if what == "a tokenizer" and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        reason = f"the folder holds no tokenizer files ({reason})"
+    return ConfigError(f"{key}: cannot load {name} as {what}: {reason}")
 
 
 def config_and_tokenizer(mc: ModelConfig):
@@ -187,11 +221,16 @@ def check_backbone_fits(cfg: RunConfig, command: str, pm: PromptedModel | None =
         prefix = target_prefix_of(kind, cfg.model.target_prefix)
     check_positions(config, longest_sequence(cfg), cfg.model.name_or_path)
     check_special_tokens(config, tokenizer, cfg.model)
-    if command != "eval" and cfg.prompt.init == "vocab" and cfg.prompt.vocab_top_k:  # (every stage starts
-        # from initial prompts, a source's or prompt_tuning's: checked before --overwrite removes anything)
+    # (an SVGD source stage draws its M particles at once: they must differ)
+    trained = source_methods_for(cfg, command) if command in ("source", "transfer") else []
+    particles = particles_of(cfg, "bmtpt") if "bmtpt" in trained else 1
+    if command != "eval" and cfg.prompt.init == "vocab" and (cfg.prompt.vocab_top_k or particles > 1):  # (every
+        # stage starts from initial prompts, a source's or prompt_tuning's: checked before --overwrite removes
+        # anything)
         rows = full_shape(pm.embedding.weight)[0] if pm is not None else _vocab_rows(config)
         vocab = min(len(tokenizer), rows) if rows else len(tokenizer)
-        check_vocab_top_k(vocab, cfg.prompt.vocab_top_k, tokenizer.all_special_ids)
+        check_vocab_top_k(vocab, cfg.prompt.vocab_top_k, tokenizer.all_special_ids, particles, cfg.prompt.length,
+                          cfg.seed)  # fmt: skip
     names = []
     if command in ("source", "transfer") and source_methods_for(cfg, command):
         names += cfg.data.source_tasks
@@ -230,10 +269,37 @@ def prompted_model(model, tokenizer, mc: ModelConfig, device: torch.device) -> P
     )
 
 
+def given_config_file(cfg: RunConfig, config_file: str | Path | None) -> bool:
+    """Whether <output_dir>/config.yaml, which a command writes, is `config_file`, the --config file it was
+    given, holding this configuration: then it is not written (a run had rewritten the user's file, its
+    comments gone, where nothing changed). Where the overrides change the configuration it is rewritten, the
+    run's record of its last command (`--config RUN/config.yaml --resume target.steps=2000` continues a run),
+    with a warning that names it."""
+    if config_file is None:
+        return False
+    written = Path(cfg.output_dir) / CONFIG_FILE
+    try:
+        if not os.path.samefile(config_file, written):
+            return False
+    except OSError:  # (one of them does not exist)
+        return False
+    try:
+        differences = _differences(to_dict(load_config(config_file)), to_dict(cfg))
+    except ConfigError as error:  # (the file alone does not load: the overrides mended it)
+        differences = [str(error)]
+    if not differences:
+        return True
+    logger.warning(
+        "%s, the --config file, is rewritten with this command's configuration (%s), as the run's record; its "
+        "comments and layout are not kept (keep a config file outside output_dir to keep them)",
+        written, ", ".join(differences),
+    )  # fmt: skip
+    return False
+
+
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """model.device as a torch.device (auto: CUDA where torch sees it); ConfigError where it names none."""
+    return model_device(device)
 
 
 class Run:
@@ -252,10 +318,15 @@ class Run:
         overwrite: bool = False,
         pm: PromptedModel | None = None,
         world: World = SINGLE_PROCESS,
+        config_file: str | Path | None = None,
+        prompt_path: str | None = None,
     ):
+        """config_file: the --config file the command was given (write_config leaves it alone where it is
+        <output_dir>/config.yaml: given_config_file). prompt_path: `eval --prompt`'s file (the command then
+        reads no source stage, so it needs no data.source_tasks)."""
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        check_config(cfg, command)
+        check_config(cfg, command, prompt_path=prompt_path)
         check_backbone_fits(cfg, command, pm)
         self.cfg = cfg
         self.command = command
@@ -264,6 +335,7 @@ class Run:
         self.dir = Path(cfg.output_dir)
         world.check_shared_folder(self.dir)
         check_outputs(self, command, overwrite)
+        self._config_file_given = command != "eval" and given_config_file(cfg, config_file)
         world.barrier()  # every process has looked at the folder before any writes to it
         # `source` keeps the table of the last target / transfer / eval, less the rows gone stale: those rows
         # as they are now, pruned again when it finishes (rewrite_results)
@@ -297,9 +369,11 @@ class Run:
         return self.dir / f"target-{method}"
 
     def write_config(self) -> None:
-        if self.world.is_main:
+        """<output_dir>/config.yaml: the resolved configuration, unless that file is the --config file given,
+        holding this configuration (given_config_file): then it stays as it is, comments included."""
+        if self.world.is_main and not self._config_file_given:
             self.dir.mkdir(parents=True, exist_ok=True)
-            dump_config(self.cfg, self.dir / "config.yaml")
+            dump_config(self.cfg, self.dir / CONFIG_FILE)
         self.world.barrier()
 
     # -- source ---------------------------------------------------------------------------------------
@@ -323,7 +397,7 @@ class Run:
         cfg, sc, pm = self.cfg, self.cfg.source, self.pm
         tasks = [self._train_data(name) for name in cfg.data.source_tasks]
         layout = source_layout(method, len(tasks), sc.num_particles)
-        particles = self.initial_prompts(layout.num_particles).to(pm.device)
+        particles = self.initial_prompts(layout.num_particles, distinct=layout.rule == "svgd").to(pm.device)
         sizes = [len(t) for t in tasks]
         batch_sizes = task_batch_sizes(sizes, sc.batch_size, "uniform" if method == "spot" else sc.sampling)
         coefficients = likelihood_coefficients(batch_sizes, sizes, sc.likelihood_scale, layout)
@@ -343,7 +417,8 @@ class Run:
         }
         return trainer, summary
 
-    def initial_prompts(self, count: int) -> torch.Tensor:
+    def initial_prompts(self, count: int, distinct: bool = True) -> torch.Tensor:
+        """`count` prompts of the prompt.init; distinct: the vocab init's must differ (init_prompts)."""
         p, pm = self.cfg.prompt, self.pm
         return init_prompts(
             pm.embedding.weight,
@@ -356,6 +431,7 @@ class Run:
             exclude_ids=pm.tokenizer.all_special_ids,
             vocab_size=len(pm.tokenizer),
             scale=embedding_scale(pm.embedding),
+            distinct=distinct,
         )
 
     # -- target ---------------------------------------------------------------------------------------
@@ -400,9 +476,13 @@ class Run:
 
     def _write_eval(self, stage_dir: Path, method: str, evaluation: dict[str, Any]) -> dict[str, Any]:
         # JSON has no NaN or Inf: a non-finite metric is null in eval.json, and None here.
+        # (the target task too: a run folder of another target task has the same method folders; eval.json files
+        # written before it was recorded have no "task" and are read as they are)
+        data = self.cfg.data
         metrics = plain(
-            {"method": method, "split": self.cfg.data.eval_split, **evaluation, "eval_settings": self.eval_settings()}
-        )
+            {"method": method, "task": data.target_task, "split": data.eval_split, **evaluation,
+             "eval_settings": self.eval_settings()}
+        )  # fmt: skip
         if self.world.is_main:
             _warn_if_not_finite(f"target {method}", metrics)
             atomic_write_text(stage_dir / EVAL_FILE, to_json(metrics, indent=1))
@@ -517,7 +597,7 @@ class Run:
         return export_peft_prompt(
             prompt,
             out_dir,
-            base_model_name_or_path=self.cfg.model.name_or_path,
+            base_model_name_or_path=peft_base_name(self.cfg.model.name_or_path),
             is_encoder_decoder=config.is_encoder_decoder,
             num_layers=getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None),
             num_attention_heads=getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None),
@@ -553,7 +633,9 @@ class Run:
         evaluate = self.evaluator(task, split, examples)
         settings = {**self.eval_settings(), "split": split}  # (the rows' keys as target's eval.json has them)
         results = {
-            name: plain({"method": name, "split": split, **evaluate(prompt), "eval_settings": settings})
+            name: plain(
+                {"method": name, "task": task.name, "split": split, **evaluate(prompt), "eval_settings": settings}
+            )
             for name, prompt in prompts.items()
         }
         if not prompt_path and self.world.is_main:
@@ -731,6 +813,15 @@ def check_outputs(run: Run, command: str, overwrite: bool) -> None:
             run.check_stage(stage, method)
         elif folder.is_dir() and any(folder.iterdir()):
             raise ConfigError(f"{folder} already has results: pass --resume to continue it, or --overwrite")
+
+
+def peft_base_name(name_or_path: str) -> str:
+    """model.name_or_path as an exported adapter records it (base_model_name_or_path, which
+    AutoPeftModel*.from_pretrained loads): a local folder as its real path, so that the adapter loads from
+    any directory (a relative path had named a folder relative to the training run's directory only); a hub
+    id as it is."""
+    folder = os.path.expanduser(name_or_path)
+    return os.path.realpath(folder) if os.path.isdir(folder) else name_or_path
 
 
 def load_particles(stage_dir: str | Path) -> torch.Tensor:

@@ -436,7 +436,7 @@ def test_overwrite_removes_nothing_for_a_config_the_backbone_cannot_serve(model_
         assert main([command, *config, f"model.tokenizer={no_eos}", "--overwrite"]) == 2
         assert "has no EOS token" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    assert main(["source", *config, "prompt.vocab_top_k=5", "--overwrite"]) == 0  # (id 4: not special)
+    assert main(["source", *config, "prompt.vocab_top_k=6", "--overwrite"]) == 0  # (ids 4, 5: not special)
 
 
 def test_source_keeps_the_rows_of_targets_it_did_not_change(model_dirs, tmp_path, capsys, caplog):
@@ -496,3 +496,94 @@ def test_demo_checks_its_outputs_before_training(tmp_path, capsys):
                           (["--output-json", str(tmp_path / "file" / "r.json")], "is a file, not a folder")):  # fmt: skip
         assert main(["demo", "--quick", *argv]) == 2
         assert message in capsys.readouterr().err, argv
+
+
+def test_another_target_task_in_an_output_dir_of_its_own(model_dirs, tmp_path, capsys):
+    """configs/paper_t5_base.yaml had described a second target task in the same output_dir, where the first
+    task's target-<method>/ folders (named by method) refuse it, or --overwrite replaces them. The way it
+    describes now: an output_dir of its own with the finished source stages copied in, which `target` uses as
+    they are. eval.json and the table's rows record the target task (an eval.json written before that is
+    read as it is)."""
+    import shutil
+
+    methods = ["bmtpt", "prompt_tuning"]
+    config = _config(tmp_path, model_dirs, source={"steps": 1}, target={"steps": 1, "methods": methods})
+    first, second = tmp_path / "run", tmp_path / "topic"
+    assert main(["transfer", *config]) == 0
+    capsys.readouterr()
+    assert main(["target", *config, "data.target_task=topic"]) == 2
+    assert "already has results" in capsys.readouterr().err
+    second.mkdir()
+    shutil.copytree(first / "source-bmtpt", second / "source-bmtpt")
+    assert main(["target", *config, f"output_dir={second}", "data.target_task=topic"]) == 0
+    assert sorted(p.name for p in second.iterdir()) == [
+        "config.yaml", "results.json", "results.md", "source-bmtpt", "target-bmtpt", "target-prompt_tuning"
+    ]  # fmt: skip
+    for folder, task in ((first, "product_sentiment"), (second, "topic")):
+        for method in ("bmtpt", "prompt_tuning"):
+            assert json.loads((folder / f"target-{method}" / "eval.json").read_text())["task"] == task
+            assert json.loads((folder / "results.json").read_text())[method]["task"] == task
+    assert main(["eval", *config, f"output_dir={second}", "data.target_task=topic"]) == 0
+    assert json.loads((second / "results.json").read_text())["bmtpt"]["task"] == "topic"
+    # an eval.json of before (no "task"): taken as it is, by `target --resume` and in the table
+    eval_file = first / "target-bmtpt" / "eval.json"
+    old = {k: v for k, v in json.loads(eval_file.read_text()).items() if k != "task"}
+    eval_file.write_text(json.dumps(old))
+    assert main(["target", *config, "target.methods=[prompt_tuning]", "--resume"]) == 0
+    assert json.loads((first / "results.json").read_text())["bmtpt"] == old
+    assert main(["target", *config, "--resume"]) == 0
+    assert json.loads((first / "results.json").read_text())["bmtpt"] == old
+
+
+def test_a_config_file_in_its_output_dir_is_not_overwritten(model_dirs, tmp_path, caplog, monkeypatch):
+    """A command writes its configuration to <output_dir>/config.yaml; where that was the --config file itself
+    (a config kept in its run folder) the run had rewritten it silently, also where nothing changed: its
+    comments gone. Now a file that holds the command's configuration is left as it is; overrides that change
+    it are recorded there, the run's record, with a warning naming the file; a config file elsewhere takes
+    overrides, and config.yaml records them, as before."""
+    from bmt_fast.transfer.config import load_config
+    from conftest import merge
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "config.yaml"
+    settings = {"source": {"steps": 1}, "target": {"steps": 1, "methods": ["prompt_tuning"]}}
+    text = "# my experiment\n" + yaml.safe_dump(merge(base_dict(run_dir, model_dirs["llama"]), settings))
+    path.write_text(text)
+    assert main(["source", "--config", str(path)]) == 0
+    assert main(["source", "--config", str(path), "seed=0", "--resume"]) == 0  # (the same configuration)
+    assert path.read_text() == text
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert main(["source", "--config", "run/config.yaml", "source.steps=2", "--resume"]) == 0
+    assert f"{path}, the --config file, is rewritten with this command's configuration (source.steps" in caplog.text
+    assert load_config(path).source.steps == 2 and "# my experiment" not in path.read_text()
+    path.write_text(text.replace("steps: 1\n", "steps: 2\n", 1))  # (the source's steps: the file as the run now is)
+    text = path.read_text()
+    from safetensors.torch import save_file
+
+    save_file({"prompt": torch.randn(4, 32)}, str(tmp_path / "prompt.safetensors"))
+    prompt = ["--prompt", str(tmp_path / "prompt.safetensors")]
+    assert main(["eval", "--config", str(path), "data.max_eval_examples=4", *prompt]) == 0  # (writes no config)
+    assert path.read_text() == text
+    elsewhere = tmp_path / "exp.yaml"
+    elsewhere.write_text(text)
+    assert main(["source", "--config", str(elsewhere), "source.steps=2", "--resume"]) == 0
+    assert load_config(path).source.steps == 2 and "# my experiment" not in path.read_text()
+
+
+def test_eval_of_a_prompt_file_needs_no_source_tasks(model_dirs, tmp_path, capsys):
+    """`eval --prompt FILE` evaluates that file on the target task and reads no source stage, but had required
+    data.source_tasks (for the source stages of target.methods, which it never reads). Without --prompt it
+    evaluates the run's prompts, checked against their source stages: there the tasks are still required."""
+    from safetensors.torch import save_file
+
+    data = base_dict(tmp_path / "run", model_dirs["llama"])
+    del data["data"]["source_tasks"]
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(data))
+    save_file({"prompt": torch.randn(4, 32)}, str(tmp_path / "prompt.safetensors"))
+    assert main(["eval", "--config", str(path), "--prompt", str(tmp_path / "prompt.safetensors")]) == 0
+    assert "| prompt.safetensors |" in capsys.readouterr().out
+    assert main(["eval", "--config", str(path)]) == 2
+    assert "data.source_tasks must name at least one task" in capsys.readouterr().err

@@ -294,7 +294,7 @@ def test_a_vocab_top_k_of_special_tokens_only_is_a_config_error(model_dirs, tmp_
     with pytest.raises(ConfigError, match="prompt.vocab_top_k=4: no token left .* raise it"):
         Run(cfg, "source")
     check_config(cfg, "eval")  # (eval draws no initial prompts)
-    cfg.prompt.vocab_top_k = 5
+    cfg.prompt.vocab_top_k = 6  # (ids 4 and 5: 3 distinct particles of 4 tokens)
     run = Run(cfg, "source")
     run.cfg.prompt.vocab_top_k = 4
     with pytest.raises(ConfigError, match="prompt.vocab_top_k=4: no token left .* raise it"):
@@ -383,3 +383,142 @@ def test_a_mapping_override_merges_into_its_section(tmp_path):
     for override in ("source={steps: 3}", "source.steps=3"):
         cfg = load_config(tmp_path / "run.yaml", [override])
         assert (cfg.source.steps, cfg.target.steps, cfg.target.lr) == (3, 2, 0.5), override
+
+
+def test_a_model_or_tokenizer_path_that_is_none_is_a_one_line_config_error(model_dirs, tmp_path, capsys, monkeypatch):
+    """A model.name_or_path or model.tokenizer that exists but is no model or tokenizer (an empty folder, a YAML
+    file given by mistake) had been a traceback (exit 1) from transformers when the run read the backbone's
+    config: a ValueError "Unrecognized model", an OSError "not a valid JSON file", for an empty tokenizer
+    folder a message about sentencepiece. Now a ConfigError that names the setting and the first line of
+    transformers' message, before anything is written; so is a folder without weights (when they load) and
+    a hub id that cannot be fetched (no network)."""
+    import shutil
+
+    import transformers
+
+    from bmt_fast.transfer import load_backbone
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    not_a_model = write_yaml(tmp_path / "run.yaml", {"seed": 0})
+    for model, message in (
+        ({"name_or_path": str(empty)}, f"model.name_or_path: cannot load {empty} as a model: Unrecognized model in "),
+        ({"name_or_path": str(not_a_model)},
+         rf"model.name_or_path: cannot load {not_a_model} as a model: It looks like the config file at .* is not a "
+         r"valid JSON file.$"),
+        ({"tokenizer": str(empty)},
+         rf"model.tokenizer: cannot load {empty} as a tokenizer: the folder holds no tokenizer files \(.*\)$"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            Run(make_config(tmp_path / "run", model_dirs["llama"], model=model), "source")
+        assert not (tmp_path / "run").exists()
+    path = write_yaml(tmp_path / "cli.yaml", base_dict(tmp_path / "run", model_dirs["llama"]))
+    for override in (f"model.name_or_path={empty}", f"model.tokenizer={empty}"):
+        assert main(["source", "--config", str(path), override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bmt-fast source: error: model.") and err.count("\n") == 1, err
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(model_dirs["llama"], no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ConfigError, match=f"model.name_or_path: cannot load {no_weights} as AutoModelForCausalLM: "):
+        load_backbone(make_config(tmp_path / "run", no_weights))
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # (online: a hub id is checked for its form only)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    with pytest.raises(ConfigError, match="model.name_or_path: cannot load some-org/some-model as a model: We couldn't "
+                                          "connect to 'https://huggingface.co' to load the files.$"):  # fmt: skip
+        Run(make_config(tmp_path / "run", "some-org/some-model"), "source")
+
+
+def test_model_device_is_a_device_torch_has(model_dirs, tmp_path, monkeypatch):
+    """model.device had been checked for how it starts ("cuda..."): `cudax`, `cuda:-1` and `cuda:0:1` passed
+    the checks and failed when the model moved (torch.device's RuntimeError), and so did `cuda:7` on a machine
+    with one GPU. Now parsed by torch.device, and an index checked against the CUDA devices torch sees, before
+    anything is written (a machine with one GPU, simulated)."""
+    import torch
+
+    from bmt_fast.transfer.config import check_values
+    from bmt_fast.transfer.runner import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in ("cudax", "cuda:-1", "cuda:0:1", "mps", "gpu"):
+        with pytest.raises(ConfigError, match=f"model.device must be auto, cpu, cuda or cuda:N, got '{device}'$"):
+            Run(make_config(tmp_path / "run", model_dirs["llama"], model={"device": device}), "source")
+    with pytest.raises(ConfigError, match=r"model.device=cuda:7 but torch sees 1 CUDA device\(s\): cuda:0$"):
+        Run(make_config(tmp_path / "run", model_dirs["llama"], model={"device": "cuda:7"}), "source")
+    assert not (tmp_path / "run").exists()
+    for device in ("auto", "cpu", "cuda", "cuda:0"):
+        check_values(make_config(tmp_path / "run", model_dirs["llama"], model={"device": device}))
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_values(make_config(tmp_path / "run", model_dirs["llama"], model={"device": "cuda:1"}))
+    with pytest.raises(ConfigError, match=r"torch sees 2 CUDA device\(s\): cuda:0 to cuda:1$"):
+        check_values(make_config(tmp_path / "run", model_dirs["llama"], model={"device": "cuda:2"}))
+
+
+def test_a_backend_that_does_not_run_on_the_models_device_is_a_config_error(model_dirs, tmp_path, monkeypatch):
+    """source.backend had been checked for running in the process, not where the particles live (the model's
+    device): `backend=cpu` with a CUDA model, or `cuda` with a CPU one, passed the checks and failed at the
+    first SVGD step with the op's ValueError (after --overwrite had removed the stages). Now refused before
+    anything is written, the device resolved as the run resolves it (auto: CUDA where there is one).
+    Simulated: a machine with one GPU, where the CPU and CUDA extensions are built."""
+    import torch
+
+    from bmt_fast import backends
+    from bmt_fast.transfer.config import check_values
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("cpu", "cuda"):
+        monkeypatch.setattr(backends.get(name), "unavailable_reason", lambda: "")
+    for backend, device, where in (("cpu", "cuda", "cuda"), ("cpu", "auto", "cuda"), ("cuda", "cpu", "cpu")):
+        cfg = make_config(tmp_path / "run", model_dirs["llama"], model={"device": device}, source={"backend": backend})
+        message = f"source.backend={backend} does not run on {where}, where model.device={device} puts the particles"
+        with pytest.raises(ConfigError, match=message + "; choose auto or one of: torch, "):
+            Run(cfg, "source")
+        assert not (tmp_path / "run").exists()
+    for backend, device in (("cpu", "cpu"), ("cuda", "cuda:0"), ("cuda", "auto"), ("torch", "cuda"), ("auto", "cpu")):
+        cfg = make_config(tmp_path / "run", model_dirs["llama"], model={"device": device}, source={"backend": backend})
+        check_values(cfg)
+
+
+def test_a_vocab_top_k_too_small_for_distinct_particles_is_a_config_error(model_dirs, tmp_path):
+    """prompt.vocab_top_k that leaves one ordinary token (id 4 of the tiny tokenizer) had passed (only none was
+    refused): every SVGD particle then started as the same prompt, and identical particles have the same
+    scores and kernel rows, so they never separate: M particles trained as one, silently. Now refused before
+    anything is written where the tokens cannot make the particles differ, or where the seed's draw did not
+    (and by the init itself, for its other callers); one prompt (prompt_tuning, multitask) or SPoT's (one per
+    task, trained apart) needs no second token."""
+    import torch
+
+    from bmt_fast.transfer.prompts import init_prompts
+
+    def config(**changes):
+        return make_config(tmp_path / "run", model_dirs["llama"], **changes)
+
+    for command in ("source", "transfer"):
+        message = r"prompt.vocab_top_k=5: 1 token\(s\) to initialise prompts from .* cannot make 3 distinct particles"
+        with pytest.raises(ConfigError, match=message + r" of 4 token\(s\).*raise it"):
+            Run(config(prompt={"vocab_top_k": 5}), command)
+    with pytest.raises(ConfigError, match=r"vocab_top_k=6: 2 token\(s\) .* cannot make 3 distinct particles of 1 "):
+        Run(config(prompt={"vocab_top_k": 6, "length": 1}), "source")
+    short = {"prompt": {"vocab_top_k": 7, "length": 2}, "source": {"num_particles": 2}}
+    with pytest.raises(ConfigError, match="vocab_top_k=7: the 2 particles drawn from 3 tokens with this seed include "
+                                          "identical ones, which never separate under SVGD"):  # fmt: skip
+        Run(config(**short), "source")  # (seed 0 draws tokens [2, 0] twice)
+    with pytest.raises(ConfigError, match=r"prompt.init=vocab: 156 token\(s\) .* cannot make 157 distinct particles "
+                                          r"of 1 token\(s\).*; use prompt.init=normal$"):  # fmt: skip
+        Run(config(prompt={"length": 1}, source={"num_particles": 157}), "source")  # (the whole tiny vocabulary)
+    assert not (tmp_path / "run").exists()
+    particles = Run(config(**short, seed=1), "source").initial_prompts(2)
+    assert not torch.equal(particles[0], particles[1])
+    # one prompt, or SPoT's prompts (trained apart): no second token needed
+    Run(config(prompt={"vocab_top_k": 5}, target={"methods": ["prompt_tuning"]}), "target")
+    Run(config(prompt={"vocab_top_k": 5}, source={"method": "spot"}), "source").source_trainer("spot")
+    weight = torch.randn(10, 8)
+    with pytest.raises(ConfigError, match="prompt.vocab_top_k=5: 1 token"):
+        init_prompts(weight, 2, 4, vocab_top_k=5, exclude_ids=[0, 1, 2, 3])
+    assert init_prompts(weight, 2, 4, vocab_top_k=5, exclude_ids=[0, 1, 2, 3], distinct=False).shape == (2, 4, 8)

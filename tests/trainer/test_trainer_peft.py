@@ -117,3 +117,31 @@ def test_export_warns_where_peft_cannot_reproduce_the_prompt(backbones, model_di
         if warned:
             assert ("does not reproduce" if loaded else "may not reproduce") in warned[0]
         assert read_prompt(tmp_path / kind / "peft").shape == (4, backbones[kind].hidden_size)
+
+
+def test_an_exported_adapter_names_a_local_backbone_by_its_real_path(model_dirs, tmp_path, monkeypatch):
+    """The adapter recorded model.name_or_path as written: a relative local folder, which
+    AutoPeftModelForCausalLM.from_pretrained resolved from its own working directory (another than the
+    training run's: an error, or another folder of that name). Now a local folder's real path; a hub id as it
+    is."""
+    import os
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+
+    from bmt_fast.transfer import Run
+    from conftest import make_config
+
+    shutil.copytree(model_dirs["llama"], tmp_path / "work" / "models" / "llama")
+    monkeypatch.chdir(tmp_path / "work")
+    run = Run(make_config(tmp_path / "run", "models/llama", target={"methods": ["prompt_tuning"]}), "target")
+    prompt = torch.randn(4, 32)
+    adapter = run.export_peft(prompt, tmp_path / "run" / "peft")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.realpath(tmp_path / "work" / "models" / "llama")
+    monkeypatch.chdir(tmp_path)  # (where `models/llama` is no folder)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    torch.testing.assert_close(loaded.get_prompt_embedding_to_save("default"), prompt, rtol=0, atol=0)
+    from bmt_fast.transfer.runner import peft_base_name
+
+    assert peft_base_name("google-t5/t5-base") == "google-t5/t5-base"
