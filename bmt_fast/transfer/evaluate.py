@@ -58,6 +58,8 @@ def evaluate_prompt(
     the backbone once per label word, not once more for the loss."""
     if not examples:
         raise ValueError(f"no {task.name} examples to evaluate")
+    if prompt.dim() != 2:  # ((M, L, hidden) had been scored as its first prompt on classification tasks)
+        raise ValueError(f"evaluate_prompt takes one (L, hidden) prompt, got shape {tuple(prompt.shape)}")
     loss = None
     if task.is_classification:
         words = list(task.label_words)

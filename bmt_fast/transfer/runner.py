@@ -16,7 +16,7 @@ to RESUMABLE_CHANGES (checked before anything is written: `check_outputs`). A st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as dataclass_replace
 
 import functools
 import hashlib
@@ -630,6 +630,11 @@ class Run:
                     f"prompt {name}: shape {tuple(prompt.shape)}, but {self.cfg.model.name_or_path} takes "
                     f"(L, {self.pm.hidden_size}) prompts"
                 )
+            try:  # its own length, not prompt.length: a longer file had raised an IndexError in the forward
+                lengths = dataclass_replace(longest_sequence(self.cfg), prompt=prompt.shape[0])
+                check_positions(self.pm.model.config, lengths, self.cfg.model.name_or_path)
+            except ConfigError as error:
+                raise ConfigError(f"prompt {name} of {prompt.shape[0]} rows (as prompt.length): {error}") from None
         evaluate = self.evaluator(task, split, examples)
         settings = {**self.eval_settings(), "split": split}  # (the rows' keys as target's eval.json has them)
         results = {

@@ -399,3 +399,27 @@ def test_evaluation_runs_the_backbone_in_eval_mode_and_restores_its_mode(model_d
         assert evaluate_prompt(pm, prompt, task, examples, batch_size=4, max_new_tokens=4) == first
         assert torch.equal(mean_nll(pm, prompt[None], examples, 4), mean_nll(pm, prompt[None], examples, 4))
         assert all(module.training for module in pm.model.modules())
+
+
+def test_a_prompt_file_longer_than_the_positions_is_a_config_error(backbones, model_dirs, tmp_path):
+    """`eval --prompt` of a file whose prompt, with the inputs, passes a learned-position limit (tiny Marian:
+    64): checked against prompt.length only, it had raised an IndexError inside the forward."""
+    from bmt_fast.transfer.checkpoint import atomic_save_tensors
+    from bmt_fast.transfer.config import ConfigError
+
+    pm = backbones["marian"]
+    path = tmp_path / "long.safetensors"
+    atomic_save_tensors(path, {"prompt": torch.randn(70, pm.hidden_size)})
+    run = Run(make_config(tmp_path / "run", model_dirs["marian"]), "eval", pm=pm)
+    with pytest.raises(ConfigError, match=r"prompt long.safetensors of 70 rows \(as prompt.length\): prompt.length "
+                                          r"\+ model.max_source_length = 102 \(the encoder's\) positions"):
+        run.evaluate(str(path))
+
+
+def test_evaluate_prompt_takes_one_prompt(backbones):
+    """(M, L, hidden) prompts had been scored as the first one on classification tasks, silently."""
+    pm = backbones["llama"]
+    task = TASKS["movie_sentiment"]
+    examples = task.load("validation")[:4]
+    with pytest.raises(ValueError, match=r"evaluate_prompt takes one \(L, hidden\) prompt, got shape \(3, 4, "):
+        evaluate_prompt(pm, torch.zeros(3, 4, pm.hidden_size), task, examples)
