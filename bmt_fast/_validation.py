@@ -35,10 +35,10 @@ def check_particles(name: str, t: object, *, min_rows: int = 1) -> torch.Tensor:
 def check_dense(name: str, t: torch.Tensor) -> None:
     """A strided (dense) tensor: the kernels read rows of memory (a sparse one had failed inside with
     "out must be contiguous" or a dispatcher error)."""
+    if t.is_nested:  # (strided: "NestedTensorImpl doesn't support sizes"; jagged: to_dense() does not take it)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor: pass {name}.to_padded_tensor(...)")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}: pass {name}.to_dense()")
-    if t.is_nested:  # (a strided nested tensor: "NestedTensorImpl doesn't support sizes. Please file an issue.")
-        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor: pass {name}.to_padded_tensor(...)")
 
 
 def all_finite(t: torch.Tensor) -> bool:

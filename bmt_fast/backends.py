@@ -155,9 +155,10 @@ class CompiledBackend(Backend):
             if isinstance(arch_list, str) and cuda_arch_runs(capability, arch_list) is False:
                 # (chosen by "auto", every op had failed with "no kernel image is available")
                 version = "{}.{}".format(*capability)
+                # (no device name: torch.cuda.get_device_name cannot be traced, and torch.compile traces this)
                 return (
                     f"the CUDA extension holds code for compute capabilities {arch_list!r}, none of which runs on "
-                    f"the current device ({torch.cuda.get_device_name()}, {version}): rebuild with "
+                    f"the current device (compute capability {version}): rebuild with "
                     f'BMT_FAST_CUDA_ARCH_LIST="{version}" (README, "Install")'
                 )
         return ""

@@ -184,6 +184,9 @@ def test_a_gold_answer_given_as_a_string_is_refused():
         metrics.token_f1("the cat", "The cat")
     with pytest.raises(TypeError, match="sequence of answers"):
         metrics.squad_scores(["Paris", "in 1990"], ["Paris", "1990"])
+    numpy = pytest.importorskip("numpy")  # (an array of answers: its truth value had raised)
+    assert metrics.squad_scores(["Paris"], [numpy.array(["paris", "x"])]) == {"exact_match": 1.0, "f1": 1.0}
+    assert metrics.exact_match("Paris", numpy.array(["x", "paris"])) == 1.0
 
 
 def test_tensors_and_arrays_score_as_lists():

@@ -147,3 +147,9 @@ def test_an_in_memory_task_refuses_metrics_it_does_not_compute():
     with pytest.raises(ValueError, match=r"scores accuracy only, got metric_names \('f1', 'matthews_corrcoef'\)"):
         InMemoryTask(name="t", examples={}, metric_names=("f1", "matthews_corrcoef"))
     assert InMemoryTask(name="t", examples={}).metric_names == ("accuracy",)
+
+    class Scored(InMemoryTask):  # (as the error advises: a subclass that computes its own metrics)
+        def compute_metrics(self, predictions, examples):
+            return {"f1": 1.0}
+
+    assert Scored(name="t", examples={}, metric_names=("f1",)).metric_names == ("f1",)

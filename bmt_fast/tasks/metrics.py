@@ -56,6 +56,7 @@ def _check_pair(predictions: Sequence, references: Sequence) -> tuple[list, list
 def _gold_list(gold_answers: Sequence[str], name: str) -> Sequence[str]:
     if isinstance(gold_answers, str):  # (iterated, a string's characters had been the answers)
         raise TypeError(f"{name}: gold_answers must be a sequence of answers, got the string {gold_answers!r}")
+    gold_answers = _as_list(gold_answers)  # (a numpy array's truth value is ambiguous)
     if not gold_answers:
         raise ValueError(f"{name} needs at least one gold answer")
     return gold_answers
