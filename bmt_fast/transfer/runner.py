@@ -201,6 +201,23 @@ def _files_stamp(path: str | None) -> tuple:
     return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
 
 
+# What from_pretrained loads weights from, one of which a local backbone folder holds (sharded: an index)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pth")
+
+
+def check_weights_present(mc: ModelConfig) -> None:
+    """ConfigError where model.name_or_path is a local folder without weights (a config and tokenizer alone):
+    found before --overwrite removes anything (the load had failed after it). A hub id is left to the load."""
+    folder = Path(os.path.expanduser(mc.name_or_path))
+    if mc.gguf_file or not folder.is_dir():
+        return
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ConfigError(
+            f"model.name_or_path: {mc.name_or_path} holds no weights ({', '.join(WEIGHT_PATTERNS)}; a GGUF file "
+            f"goes in model.gguf_file)"
+        )
+
+
 def check_positions(config, longest: SequenceLengths | None, name: str) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     over = longest.over_limit(config.is_encoder_decoder, limit) if longest and isinstance(limit, int) else None
@@ -221,6 +238,8 @@ def check_backbone_fits(cfg: RunConfig, command: str, pm: PromptedModel | None =
         prefix = target_prefix_of(kind, cfg.model.target_prefix)
     check_positions(config, longest_sequence(cfg), cfg.model.name_or_path)
     check_special_tokens(config, tokenizer, cfg.model)
+    if pm is None:
+        check_weights_present(cfg.model)
     # (an SVGD source stage draws its M particles at once: they must differ)
     trained = source_methods_for(cfg, command) if command in ("source", "transfer") else []
     particles = particles_of(cfg, "bmtpt") if "bmtpt" in trained else 1

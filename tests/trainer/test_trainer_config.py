@@ -421,6 +421,11 @@ def test_a_model_or_tokenizer_path_that_is_none_is_a_one_line_config_error(model
     shutil.copytree(model_dirs["llama"], no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(ConfigError, match=f"model.name_or_path: cannot load {no_weights} as AutoModelForCausalLM: "):
         load_backbone(make_config(tmp_path / "run", no_weights))
+    # ... and found before --overwrite removes a finished stage (the load had failed after it)
+    assert main(["source", "--config", str(path), "source.steps=1"]) == 0
+    assert main(["source", "--config", str(path), "source.steps=1", f"model.name_or_path={no_weights}", "--overwrite"]) == 2
+    assert f"model.name_or_path: {no_weights} holds no weights" in capsys.readouterr().err
+    assert (tmp_path / "run" / "source-bmtpt" / "particles.safetensors").exists()
 
     def unreachable(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
