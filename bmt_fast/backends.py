@@ -10,7 +10,6 @@ Every backend takes 2-D inputs that the public functions have already validated:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable
 
@@ -98,27 +97,18 @@ class TorchBackend(Backend):
         return True
 
     def svgd_step(self, x, score, h):
-        with _autocast_off(x):
+        with reference.autocast_off(x):
             return reference.svgd_step(x, score, None if h is None else _nan_unless_valid(h)).to(x.dtype)
 
     def rbf_kernel(self, x, y, h):
         dtype = reference.accumulation_dtype(x.dtype)
         y = None if y is None else y.to(dtype)
-        with _autocast_off(x):
+        with reference.autocast_off(x):
             return reference.rbf_kernel(x.to(dtype), y, _nan_unless_valid(h).to(dtype)).to(x.dtype)
 
     def median_bandwidth(self, x):
-        with _autocast_off(x):
+        with reference.autocast_off(x):
             return reference.median_bandwidth(x)
-
-
-def _autocast_off(x: torch.Tensor):
-    """The reference's arithmetic as written (fp32 sums for fp32 and 16-bit inputs), also inside a caller's
-    torch.autocast, which had made its matmuls 16-bit (phi 3.8e-3 off under bf16 autocast, where the compiled
-    backends, which autocast leaves alone, stay at 1e-7)."""
-    if torch.amp.is_autocast_available(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _nan_unless_valid(h: torch.Tensor) -> torch.Tensor:

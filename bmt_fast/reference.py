@@ -10,6 +10,8 @@ meant for moderate sizes (tests run it in float64). The formulas are exactly tho
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -130,6 +132,30 @@ def rbf_kernel(x: torch.Tensor, y: torch.Tensor | None, bandwidth: torch.Tensor)
     return torch.exp(-pairwise_sq_dists(x, y) / bandwidth)
 
 
+def autocast_off(t: torch.Tensor):
+    """A context in which a caller's torch.autocast leaves t's device alone: the formulas here as written (fp32
+    sums for fp32 and 16-bit inputs), where autocast had made their matmuls 16-bit (phi and gradients ~3e-3
+    off for fp32 particles under bf16 autocast; the compiled kernels, which autocast leaves alone, 1e-7)."""
+    if torch.amp.is_autocast_available(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _without_autocast(x_position: int):
+    """The decorated formula run under autocast_off(x), x its argument at x_position."""
+
+    def decorate(formula):
+        @functools.wraps(formula)
+        def run(*args, **kwargs):
+            with autocast_off(args[x_position] if x_position < len(args) else kwargs["x"]):
+                return formula(*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
+@_without_autocast(1)
 def rbf_kernel_vjp(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -169,6 +195,7 @@ def rbf_kernel_vjp(
     return grad_x, grad_y, grad_h
 
 
+@_without_autocast(0)
 def rbf_kernel_jvp(
     x: torch.Tensor,
     y: torch.Tensor | None,
