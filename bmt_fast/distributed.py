@@ -198,11 +198,19 @@ def all_gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
 def shared_bandwidth(x_all: torch.Tensor, h: torch.Tensor | None, group, backend: str) -> torch.Tensor:
     """The bandwidth every rank uses (float64, 0-dim): the given one or the median rule over all particles,
     both taken from the group's first rank and broadcast, so that every rank uses the same bits."""
-    shared = torch.zeros((), dtype=torch.float64, device=x_all.device)
+    shared = torch.zeros(2, dtype=torch.float64, device=x_all.device)  # H, and whether computing it failed
+    failure = None
     if dist.get_rank(group) == 0:
-        shared.copy_(h.detach() if h is not None else median_of_all(x_all, backend))
+        try:
+            shared[0] = h.detach() if h is not None else median_of_all(x_all, backend)
+        except Exception as error:  # noqa: BLE001  (e.g. out of memory) raised on every rank below
+            failure, shared[1] = error, 1.0
     dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
-    return shared
+    if h is None and bool(shared[1]):  # (the other ranks had waited in the next collective until the timeout)
+        table = torch.zeros(dist.get_world_size(group), _FAILED + 1, dtype=torch.int64)
+        table[0, _FAILED] = 1
+        _raise_failure(table, group, failure)
+    return shared[0]
 
 
 def median_of_all(x_all: torch.Tensor, backend: str) -> torch.Tensor:

@@ -133,6 +133,22 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
     nan = torch.ones(3, 2, dtype=torch.float64)
     if rank == 1:
         nan[1, 1] = float("nan")
+
+    def median_failing_on_rank_0():
+        import bmt_fast.distributed
+
+        original = bmt_fast.distributed.median_of_all
+
+        def failing(*args):
+            raise torch.OutOfMemoryError("out of memory on purpose")
+
+        if rank == 0:
+            bmt_fast.distributed.median_of_all = failing
+        try:
+            return step(torch.randn(3, 4))()
+        finally:
+            bmt_fast.distributed.median_of_all = original
+
     return {
         "event_shape": error_of(step(torch.randn(3, 4, 5) if rank == 0 else torch.randn(3, 5, 4))),
         "dtype": error_of(step(torch.randn(3, 4, dtype=torch.float32 if rank == 0 else torch.float64))),
@@ -185,6 +201,9 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "svgd_score_fails_on_rank_1": error_of(
             lambda: _optimizer_with_group().step(lambda p: -p.detach() if rank == 0 else 1 / 0)
         ),
+        # the median rule failing on the group's first rank (out of memory): raised on every rank (the others
+        # had waited in the next collective until the group's timeout)
+        "median_fails_on_rank_0": error_of(median_failing_on_rank_0),
     }
 
 
