@@ -402,10 +402,11 @@ def check_vocab_top_k(
     `seed` gives two particles the same tokens: init_prompts' own checks, for a caller that has the tokenizer
     but no loaded weights (vocab: the number of embedding rows)."""
     candidates = _candidate_ids(vocab, top_k, exclude)
-    if num_prompts > 1:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        picks = torch.randint(len(candidates), (num_prompts, length), generator=generator)  # (init_prompts' draw)
-        _check_distinct(picks if seed is not None else None, len(candidates), top_k, num_prompts, length)
+    if num_prompts > 1:  # (init_prompts' draw, where the seed says which)
+        picks = None if seed is None else torch.randint(
+            len(candidates), (num_prompts, length), generator=torch.Generator().manual_seed(seed)
+        )
+        _check_distinct(picks, len(candidates), top_k, num_prompts, length)
 
 
 def _check_distinct(

@@ -98,7 +98,7 @@ RESUMABLE_CHANGES = (
 def load_backbone(cfg: RunConfig) -> PromptedModel:
     """The frozen model and tokenizer of `cfg.model` (local folder or GGUF file), on its device and dtype."""
     model, tokenizer = load_pretrained(cfg.model, longest_sequence(cfg))
-    device = resolve_device(cfg.model.device)
+    device = model_device(cfg.model.device)
     model.to(device)
     return prompted_model(model, tokenizer, cfg.model, device)
 
@@ -314,11 +314,6 @@ def given_config_file(cfg: RunConfig, config_file: str | Path | None) -> bool:
         written, ", ".join(differences),
     )  # fmt: skip
     return False
-
-
-def resolve_device(device: str) -> torch.device:
-    """model.device as a torch.device (auto: CUDA where torch sees it); ConfigError where it names none."""
-    return model_device(device)
 
 
 class Run:

@@ -444,8 +444,7 @@ def test_model_device_is_a_device_torch_has(model_dirs, tmp_path, monkeypatch):
     anything is written (a machine with one GPU, simulated)."""
     import torch
 
-    from bmt_fast.transfer.config import check_values
-    from bmt_fast.transfer.runner import resolve_device
+    from bmt_fast.transfer.config import check_values, model_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -457,7 +456,7 @@ def test_model_device_is_a_device_torch_has(model_dirs, tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
     for device in ("auto", "cpu", "cuda", "cuda:0"):
         check_values(make_config(tmp_path / "run", model_dirs["llama"], model={"device": device}))
-    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+    assert model_device("auto") == torch.device("cuda") and model_device("cuda:0") == torch.device("cuda:0")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     check_values(make_config(tmp_path / "run", model_dirs["llama"], model={"device": "cuda:1"}))
     with pytest.raises(ConfigError, match=r"torch sees 2 CUDA device\(s\): cuda:0 to cuda:1$"):
