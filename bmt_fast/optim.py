@@ -140,6 +140,7 @@ class SVGD(torch.optim.Optimizer):
 
             with distributed.failing_together(self.group):
                 loss, score = self._score(score, closure)
+                self._check_state_shapes()
         if from_grad and self._initialising_state(score):
             # torch.distributed.checkpoint's state initialisation: its zero gradient goes on as it is
             phi = torch.zeros_like(self.particles)
@@ -197,6 +198,20 @@ class SVGD(torch.optim.Optimizer):
         if not isinstance(score, torch.Tensor):
             raise TypeError(f"score must be a tensor or a callable returning one, got {type(score).__name__}")
         return loss, score
+
+    def _check_state_shapes(self) -> None:
+        """With group=: the inner optimizer's per-element state (moments, momentum, sums: the elementwise
+        optimizers that a group allows keep them in the particles' shape) fits this rank's slice. A state dict
+        saved on a rank with another number of rows had failed in the inner step, on that rank alone and after
+        the step's collectives, so the other ranks went on and waited in the next step until the group's
+        timeout; here it is raised on every rank, before anything moves."""
+        for key, value in self.state.get(self.particles, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != self.particles.shape:
+                raise ValueError(
+                    f"the optimizer's state {key!r} has shape {tuple(value.shape)}, these particles "
+                    f"{tuple(self.particles.shape)}: was its state dict saved on a rank holding another slice? "
+                    "Load each rank's own state dict"
+                )
 
     def _initialising_state(self, score: torch.Tensor) -> bool:
         """Whether this step is torch.distributed.checkpoint's initialisation of a fresh optimizer's state

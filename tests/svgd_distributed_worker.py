@@ -201,10 +201,24 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "svgd_score_fails_on_rank_1": error_of(
             lambda: _optimizer_with_group().step(lambda p: -p.detach() if rank == 0 else 1 / 0)
         ),
+        # a state dict saved with another slice size loaded on rank 1: raised on every rank before the step (it had
+        # failed in rank 1's inner step alone, after the collectives, the other rank going on to the next step)
+        "svgd_state_of_another_slice_on_rank_1": error_of(state_of_another_slice(rank)),
         # the median rule failing on the group's first rank (out of memory): raised on every rank (the others
         # had waited in the next collective until the group's timeout)
         "median_fails_on_rank_0": error_of(median_failing_on_rank_0),
     }
+
+
+def state_of_another_slice(rank: int):
+    world = torch.distributed.group.WORLD
+    optimizer = bmt_fast.SVGD(torch.randn(3, 2), torch.optim.Adam, lr=0.1, group=world)
+    optimizer.step(lambda p: -p.detach())
+    if rank == 1:  # the state of a 4-row slice (one process, as a checkpoint of another layout would hold)
+        other = bmt_fast.SVGD(torch.randn(4, 2), torch.optim.Adam, lr=0.1)
+        other.step(lambda p: -p.detach())
+        optimizer.load_state_dict(other.state_dict())
+    return lambda: optimizer.step(lambda p: -p.detach())
 
 
 def _optimizer_with_group() -> bmt_fast.SVGD:
