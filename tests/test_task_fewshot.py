@@ -91,3 +91,16 @@ def test_aggregate_rejects_empty_or_inconsistent_results():
         aggregate_seeds([])
     with pytest.raises(ValueError, match="seed result 1"):
         aggregate_seeds([{"accuracy": 0.5}, {"f1": 0.5}])
+
+
+def test_numpy_bool_and_tensor_integer_labels_draw_k_per_class():
+    """Labels read through pandas / numpy (numpy.int64), bools and 0-dim integer tensors are classes: k per
+    class (they had not counted as integer labels, and the draw had silently been k in total)."""
+    import torch
+
+    plain = labelled([30, 10])
+    for convert in (np.int64, bool, torch.tensor):
+        examples = [Example(e.input_text, e.target_text, convert(e.label)) for e in plain]
+        drawn = k_shot(examples, 4, seed=13)
+        assert sorted(int(e.label) for e in drawn) == [0] * 4 + [1] * 4, convert
+        assert [e.input_text for e in drawn] == [e.input_text for e in k_shot(plain, 4, seed=13)]

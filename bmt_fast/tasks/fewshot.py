@@ -10,6 +10,7 @@ answer options: they are sampled as rows, not as whole questions.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -22,18 +23,28 @@ DEFAULT_SEEDS = (13, 21, 42, 87, 100)  # five draws per k, the seeds of the LM-B
 
 
 def _class_indices(examples: Sequence[Example]) -> dict[int, list[int]] | None:
-    """Indices of each class, or None when the examples are not all integer-labelled."""
-    labels = [example.label for example in examples]
-    is_class = [isinstance(label, int) and not isinstance(label, bool) for label in labels]
-    if not any(is_class):
+    """Indices of each class, or None when no example has an integer label. A class label is anything
+    operator.index takes: Python ints and bools, numpy integers (labels read with pandas / numpy: these had
+    not counted, and the draw had silently been k in total instead of k per class), 0-dim integer tensors."""
+    keys = [_class_key(example.label) for example in examples]
+    if all(key is None for key in keys):
         return None
-    if not all(is_class):
-        bad = next(label for label, ok in zip(labels, is_class) if not ok)
+    if any(key is None for key in keys):
+        bad = next(example.label for example, key in zip(examples, keys) if key is None)
         raise ValueError(f"balanced k-shot needs an integer label on every example; found label {bad!r}")
     by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(label, []).append(index)
+    for index, key in enumerate(keys):
+        by_class.setdefault(key, []).append(index)
     return by_class
+
+
+def _class_key(label: object) -> int | None:
+    if label is None or isinstance(label, (str, bytes)):
+        return None
+    try:
+        return operator.index(label)
+    except TypeError:  # (a float, a string's answer list, ...: not a class)
+        return None
 
 
 def k_shot(examples: Sequence[Example], k: int, seed: int, balanced: bool = True) -> list[Example]:
