@@ -30,7 +30,8 @@ DECODER_ONLY = "decoder-only"
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids of one example (input with the tokenizer's special tokens, target ending in EOS)."""
+    """Token ids of one example (input with the tokenizer's special tokens, target ending in EOS unless
+    max_target_length cut it)."""
 
     input_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
@@ -110,14 +111,32 @@ class PromptedModel:
     def encode(self, examples: Sequence[Example]) -> list[Encoded]:
         return [self.encode_pair(e.input_text, e.target_text) for e in examples]
 
+    def encode_counting_cuts(self, examples: Sequence[Example]) -> tuple[list[Encoded], int, int]:
+        """encode(examples), how many targets max_target_length cut and the longest target's token count
+        (EOS included)."""
+        encoded, cut, longest = [], 0, 0
+        for e in examples:
+            pair, count = self._encode_pair(e.input_text, e.target_text)
+            encoded.append(pair)
+            cut += count > self.max_target_length
+            longest = max(longest, count)
+        return encoded, cut, longest
+
     def encode_pair(self, input_text: str, target_text: str) -> Encoded:
+        return self._encode_pair(input_text, target_text)[0]
+
+    def _encode_pair(self, input_text: str, target_text: str) -> tuple[Encoded, int]:
+        """The pair's ids and the target's own token count with its EOS. A target longer than
+        max_target_length keeps its first max_target_length tokens and no EOS: it is the start of a longer
+        answer (an EOS after the cut had taught the prompt to stop there)."""
         # the tokenizer truncates: it keeps the special tokens it adds (T5's closing </s>, which a slice had cut
         # from every input longer than max_source_length)
         source = self.tokenizer(input_text, add_special_tokens=True, truncation=True, max_length=self.max_source_length)
         source = source["input_ids"]
         target = self.tokenizer(self.target_prefix + target_text, add_special_tokens=False)["input_ids"]
-        target = target[: self.max_target_length - 1] + [self.eos_id]
-        return Encoded(tuple(source), tuple(target))
+        count = len(target) + 1
+        target = target[: self.max_target_length] if count > self.max_target_length else target + [self.eos_id]
+        return Encoded(tuple(source), tuple(target)), count
 
     def check_label_words(self, task_name: str, label_words: Sequence[str] | None) -> None:
         """ConfigError where a label word's target ids (with EOS) pass max_target_length (check_label_words)."""

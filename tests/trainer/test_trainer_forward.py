@@ -283,3 +283,40 @@ def test_a_backbone_that_cannot_generate_from_embeddings_is_refused_for_generate
                        r"cannot generate from inputs_embeds .*Gemma3ForCausalLM"):  # fmt: skip
         generate(pm, prompt, examples(2), 2, 4, "squad")
     backbones["llama"].check_generation("squad")  # (decoder-only classes that can: no error)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_target_past_max_target_length_keeps_its_start_without_eos_and_is_reported(backbones, kind, caplog):
+    """A generated answer longer than model.max_target_length (SQuAD's, ReCoRD's) keeps its first tokens and
+    no EOS (an EOS after the cut had taught the prompt to stop there), and loading such a split warns with how
+    many targets were cut and the length that keeps them whole (nothing had said so); short ones end in EOS."""
+    from pathlib import Path
+
+    from bmt_fast.tasks import get_task
+    from bmt_fast.transfer.data import load_task_data
+
+    pm = backbones[kind]
+    answer = " ".join(["three newspapers and a radio station"] * 3)
+    whole = pm.tokenizer(pm.target_prefix + answer, add_special_tokens=False)["input_ids"]
+    assert len(whole) > pm.max_target_length
+    assert list(pm.encode_pair("question", answer).target_ids) == whole[: pm.max_target_length]
+    short = pm.encode_pair("question", "yes").target_ids
+    assert short[-1] == pm.eos_id and len(short) <= pm.max_target_length
+
+    data = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+    task = get_task("squad")
+    counts = [len(pm.tokenizer(pm.target_prefix + e.target_text, add_special_tokens=False)["input_ids"]) + 1
+              for e in task.load("validation", str(data))]  # fmt: skip
+    limit = sorted(counts)[len(counts) // 2]  # about half the answers cut
+    cut = sum(count > limit for count in counts)
+    assert 0 < cut < len(counts)
+    kept, pm.max_target_length = pm.max_target_length, limit
+    try:
+        with caplog.at_level("WARNING", logger="bmt_fast.transfer.data"):
+            loaded = load_task_data(pm, task, "validation", str(data))
+    finally:
+        pm.max_target_length = kept
+    assert max(len(e.target_ids) for e in loaded.encoded) == limit
+    assert (f"task squad, split validation: model.max_target_length={limit} cuts {cut} of {len(counts)} targets "
+            f"(the longest has {max(counts)} tokens") in caplog.text  # fmt: skip
+    assert f"set model.max_target_length to {max(counts)}" in caplog.text
