@@ -512,8 +512,8 @@ class DataParallelTargetTrainer:
     def current_prompt(self) -> torch.Tensor:
         return self.trainer.current_prompt()
 
-    def evaluate(self, prompt: torch.Tensor) -> dict[str, float]:
-        return self.trainer.evaluate(prompt)
+    def final_evaluation(self, prompt: torch.Tensor) -> dict[str, Any]:
+        return self.trainer.final_evaluation(prompt)
 
     def state_dict(self) -> dict[str, Any]:
         for name, parameter in self.trainer.prompt.named_parameters():

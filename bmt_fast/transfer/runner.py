@@ -476,7 +476,7 @@ class Run:
             elif (stage_dir / "peft").exists():  # (a finished target's, trained further since: not this prompt)
                 logger.info("target %s: removing its PEFT adapter of an earlier prompt (target.export_peft is off)", method)
                 shutil.rmtree(stage_dir / "peft")
-        return self._write_eval(stage_dir, method, trainer.evaluate(final))
+        return self._write_eval(stage_dir, method, trainer.final_evaluation(final))
 
     def eval_settings(self) -> dict[str, Any]:
         """What a target's final evaluation depends on besides its prompt: the settings eval.json records, and

@@ -124,6 +124,7 @@ class TargetTrainer:
         self.kde_weight = kde_weight
         self.evaluate = evaluate
         self.eval_every = eval_every
+        self._last_evaluation: tuple[torch.Tensor, dict[str, Any]] | None = None  # (prompt, its metrics)
 
     def train_step(self) -> dict[str, Any]:
         (indices,) = self.sampler.sample()
@@ -162,8 +163,17 @@ class TargetTrainer:
     def after_step(self, step: int) -> dict[str, Any] | None:
         if self.evaluate is None or not self.eval_every or step % self.eval_every:
             return None
-        metrics = self.evaluate(self.current_prompt())
+        prompt = self.current_prompt()
+        metrics = self.evaluate(prompt)
+        self._last_evaluation = (prompt, metrics)
         return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+
+    def final_evaluation(self, prompt: torch.Tensor) -> dict[str, Any]:
+        """evaluate(prompt), reusing the last periodic evaluation where it was of this very prompt (eval_every
+        dividing the steps: the final prompt had been evaluated twice, a second full pass over the split)."""
+        if self._last_evaluation is not None and torch.equal(self._last_evaluation[0], prompt):
+            return self._last_evaluation[1]
+        return self.evaluate(prompt)
 
     def current_prompt(self) -> torch.Tensor:
         with torch.no_grad():

@@ -341,6 +341,32 @@ def test_target_eval_json_and_results_table(backbones, model_dirs, tmp_path):
     assert "| prompt_tuning |" in table and "accuracy" in table
 
 
+@pytest.mark.parametrize("eval_every, calls_expected", [(2, 2), (3, 2)])
+def test_the_final_prompt_is_evaluated_once(backbones, model_dirs, tmp_path, monkeypatch, eval_every, calls_expected):
+    """eval_every dividing target.steps: the last periodic evaluation is of the final prompt, and eval.json reuses
+    it (the final prompt had been evaluated twice, a second full pass over the split); otherwise (4 steps,
+    every 3) the final prompt gets its own evaluation."""
+    calls = []
+    real = Run.evaluator
+
+    def counting(self, task, split):
+        evaluate = real(self, task, split)
+        return lambda p: calls.append(p.clone()) or evaluate(p)
+
+    monkeypatch.setattr(Run, "evaluator", counting)
+    cfg = make_config(tmp_path, model_dirs["llama"], target={"methods": ["prompt_tuning"], "steps": 4,
+                                                              "eval_every": eval_every})  # fmt: skip
+    metrics = Run(cfg, "target", pm=backbones["llama"]).target("prompt_tuning")
+    assert len(calls) == calls_expected
+    final = read_prompt(tmp_path / "target-prompt_tuning" / "prompt.safetensors")
+    assert torch.equal(calls[-1], final) and not torch.equal(calls[0], final)
+    records = read_metrics(tmp_path / "target-prompt_tuning" / "metrics.jsonl")
+    logged = [r for r in records if "eval/accuracy" in r]
+    assert [r["step"] for r in logged] == list(range(eval_every, 5, eval_every))
+    if eval_every == 2:
+        assert logged[-1]["eval/loss"] == metrics["loss"] and logged[-1]["eval/accuracy"] == metrics["accuracy"]
+
+
 def test_a_finished_target_is_evaluated_again_only_under_other_evaluation_settings(
     backbones, model_dirs, tmp_path, monkeypatch
 ):
