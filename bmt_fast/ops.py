@@ -7,6 +7,7 @@ import torch
 from . import _extension, _functorch, backends, reference
 from ._validation import (
     _maybe_fake,
+    _tracing,
     all_finite,
     as_rows,
     check_bandwidth,
@@ -106,7 +107,8 @@ def _svgd_step(x, score, bandwidth, backend, check_inputs, group, out, *, fresh_
             distributed.check_backend(backend, x)
         with torch.no_grad():  # (detached: no forward-mode tangent either)
             phi = distributed.svgd_step(
-                x.detach(), score.detach(), h, group=group, backend=backend, check_inputs=check_inputs
+                x.detach(), score.detach(), None if h is None else h.detach(), group=group, backend=backend,
+                check_inputs=check_inputs,
             )
             return phi if out is None else out.copy_(phi)
     h = checked(min_rows=1)
@@ -130,6 +132,7 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
     # reference backend's torch ops had carried one through, where the compiled kernels give none)
     x2 = (as_rows(x) if x2 is None else x2).detach()
     s2 = as_rows(score).detach()
+    h = None if h is None else h.detach()  # (read as a float below: a learnable H had warned there)
 
     def check_both():
         check_finite("x", x)
@@ -142,6 +145,7 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
         (check_inputs or out is not None)
         and chosen.svgd_step_spreads_non_finite(x2)
         and not _functorch.functionalizing()
+        and _has_values(x2)  # (fake tensors: no flag to read back)
     )
     post_check = check_inputs and flagged
     if check_inputs and not post_check:
@@ -155,12 +159,11 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
     finite = None
     target = None if out is None else out if out.dim() == 2 else out.view(x2.shape)
     try:
-        hd = None if h is None else h.detach()
         if flagged and (target is not None or post_check):  # in place, the flag for free
             phi = chosen.empty_result(x2) if target is None else target
-            finite = chosen.svgd_step_into(x2, s2, hd, phi)
+            finite = chosen.svgd_step_into(x2, s2, h, phi)
         else:  # elsewhere the result is copied into out (no scan for a flag nobody reads)
-            phi = chosen.svgd_step(x2, s2, hd)
+            phi = chosen.svgd_step(x2, s2, h)
             if target is not None:
                 phi = target.copy_(phi)
     except Exception:
@@ -179,7 +182,7 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
 
 def _has_values(t: torch.Tensor) -> bool:
     """Whether t's values can be read here: not a meta or fake tensor, nor one traced by torch.compile."""
-    return t.device.type != "meta" and not torch.compiler.is_compiling() and not _maybe_fake(t)
+    return t.device.type != "meta" and not torch.compiler.is_compiling() and not _maybe_fake(t) and not _tracing()
 
 
 def _steps_on(chosen, x, score, h, check_inputs, out) -> torch.Tensor:

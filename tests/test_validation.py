@@ -7,6 +7,7 @@ import torch
 from helpers import float32_matmul_precision, requires_amx, requires_cpu_extension, run_cpu_variants
 
 import bmt_fast
+from bmt_fast import reference
 from bmt_fast._validation import check_finite
 
 
@@ -623,6 +624,40 @@ def test_the_fake_tensor_shortcut_answers_as_torch_does():
     answers = [(_maybe_fake(t), is_fake(t)) for t in cases]
     assert all(mine == torch_s for mine, torch_s in answers), answers
     assert [mine for mine, _ in answers] == [False, True, False, False, True]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_checked_calls_trace_under_fake_tensors_make_fx_and_linearize(backend):
+    """With the default check_inputs=True the public ops take fake tensors (FakeTensorMode, make_fx's fake
+    tracing) and make_fx's tracing (torch.func.linearize) as they take meta tensors: shapes, no value scans
+    (they had raised DataDependentOutputException / "get value out of a tracing tensor" from the scans'
+    .item()); a learnable bandwidth (requires_grad) is read without autograd's warning."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, score = good(n=8, d=4)
+    with FakeTensorMode():
+        fx, fs = torch.empty(8, 4), torch.empty(8, 4)
+        assert bmt_fast.svgd_step(fx, fs, backend=backend).shape == (8, 4)
+        assert bmt_fast.svgd_step(fx, fs, torch.tensor(1.5), backend=backend, out=torch.empty(8, 4)).shape == (8, 4)
+        assert bmt_fast.rbf_kernel(fx, backend=backend).shape == (8, 8)
+        assert bmt_fast.median_bandwidth(fx, backend=backend).shape == ()
+    traced = make_fx(lambda a, b: bmt_fast.svgd_step(a, b, backend=backend), tracing_mode="fake")(x, score)
+    torch.testing.assert_close(traced(x, score), reference.svgd_step(x, score, None), rtol=1e-4, atol=1e-5)
+    value, tangent_of = torch.func.linearize(lambda a: bmt_fast.rbf_kernel(a, None, 1.5, backend=backend), x)
+    tangent = torch.randn_like(x)
+    _, expected = torch.func.jvp(lambda a: reference.rbf_kernel(a, None, torch.tensor(1.5)), (x,), (tangent,))
+    torch.testing.assert_close(value, reference.rbf_kernel(x, None, torch.tensor(1.5)))
+    torch.testing.assert_close(tangent_of(tangent), expected, rtol=1e-4, atol=1e-5)
+    h = torch.tensor(1.5, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(bmt_fast.svgd_step(x, score, h, backend=backend), reference.svgd_step(x, score, torch.tensor(1.5)))
+    # a NaN is still named where values exist
+    with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
+        bmt_fast.svgd_step(torch.where(torch.arange(32).view(8, 4) == 5, float("nan"), x), score, backend=backend)
 
 
 # In one child Python, each CPU switch in the order the ops read them (a switch whose read failed is read again
