@@ -184,8 +184,10 @@ class _SVGDStep(_NoGradient):
         # batched tensors'), so each is left its bandwidth's check and the step (~3 us of Python less per
         # entry: a vmapped step of 16 sets of 32 x 8 particles 559 -> 505 us on a 2-core EPYC).
         batch_first = x.movedim(in_dims[0], 0)
-        if group is not None:  # (each entry's collectives)
-            phi = backends.select(backend, "svgd_step", as_rows(batch_first[0])).empty_result(batch_first)
+        if group is not None:  # (each entry's collectives, its checks among them: a backend that one rank cannot
+            # run is raised on every rank there; chosen here for the result's memory, it had been raised on that
+            # rank alone, the others waiting in the step's collectives)
+            phi = torch.empty(batch_first.shape, dtype=x.dtype, device=x.device)
             for index in range(info.batch_size):
                 ops._svgd_step(*_slices(tensors, dims, index), backend, check_inputs, group, phi[index], fresh_out=True)
             return phi, 0

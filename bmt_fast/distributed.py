@@ -273,6 +273,17 @@ def svgd_step_local_rows(
     return (phi / x_all.shape[0]).to(x_all.dtype)
 
 
+def holds_on_every_rank(value: bool, group) -> bool:
+    """Whether `value` is true on every rank of the group: one all-gather of metadata rows, the shape of the one
+    a rank whose own checks failed sends from failing_together, so that such a rank meets this collective and
+    every rank raises its error (an all-reduce here had waited for that rank's all-gather until the timeout)."""
+    mine = torch.zeros(_FAILED + 1, dtype=torch.int64, device=_metadata_device(group))
+    mine[0] = int(value)
+    table = _gather_rows(mine, group)
+    _raise_failure(table, group, None)
+    return bool(table[:, 0].all())
+
+
 def agree_on_batch(batch_size: int, group) -> None:
     """vmap over svgd_step(group=...) runs one step's collectives per set: a rank with fewer sets had returned
     while the others waited in their next step's collectives. Every rank raises where the sizes differ."""

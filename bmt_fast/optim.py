@@ -219,19 +219,18 @@ class SVGD(torch.optim.Optimizer):
         gradient goes to the inner optimizer as it is, which then sets up its state as after its own
         zero-gradient step; taken as a zero score instead, it had put -phi(x, 0), the kernel's repulsion, into
         the momentum or the moments (SGD momentum 0.9: particles 0.04 away from an unsaved run's after 3
-        steps). With group= the ranks agree (one all-reduce, on such a first step only, after the ranks' own
-        checks: inside failing_together a rank that failed there had met it with its failure's all-gather).
+        steps). With group= the ranks agree (one all-gather, on such a first step only, after the ranks' own
+        checks: a rank that failed there meets it with its failure's all-gather, and every rank raises that).
         (A real first step of a warm-up from lr 0 whose score is exactly zero is taken as one: its phi, the
         repulsion alone, does not enter the state.)"""
         if self.state or any(float(group.get("lr", 1.0)) != 0.0 for group in self.param_groups):
             return False
-        zero = torch.tensor(0 if bool(score.any()) else 1, dtype=torch.int64)
-        if self.group is not None:
+        zero = not bool(score.any())
+        if self.group is not None:  # (a rank whose own checks failed meets this all-gather with its failure)
             from . import distributed
 
-            zero = zero.to(distributed._metadata_device(self.group))
-            torch.distributed.all_reduce(zero, op=torch.distributed.ReduceOp.MIN, group=self.group)
-        return bool(zero)
+            zero = distributed.holds_on_every_rank(zero, self.group)
+        return zero
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)

@@ -201,6 +201,17 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         "svgd_score_fails_on_rank_1": error_of(
             lambda: _optimizer_with_group().step(lambda p: -p.detach() if rank == 0 else 1 / 0)
         ),
+        # the same at lr 0 with no state yet (a warm-up's first step, where the ranks agree whether it is
+        # torch.distributed.checkpoint's state initialisation): rank 0 had waited in that agreement, rank 1 in its
+        # failure's all-gather, both until the timeout
+        "svgd_no_grad_at_lr_0_on_rank_1": error_of(no_gradient_at_lr_0(rank)),
+        # vmap over the group's step with a backend that rank 0 cannot run: raised on every rank (the result's
+        # memory had been taken from that backend before the sets' steps, failing on rank 0 alone)
+        "vmap_backend_on_rank_0": error_of(
+            lambda: torch.func.vmap(lambda a, b: bmt_fast.svgd_step(a, b, group=world, backend="nope" if rank == 0 else "auto"))(
+                *[torch.randn(2, 3, 4)] * 2
+            )
+        ),
         # a state dict saved with another slice size loaded on rank 1: raised on every rank before the step (it had
         # failed in rank 1's inner step alone, after the collectives, the other rank going on to the next step)
         "svgd_state_of_another_slice_on_rank_1": error_of(state_of_another_slice(rank)),
@@ -208,6 +219,14 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         # had waited in the next collective until the group's timeout)
         "median_fails_on_rank_0": error_of(median_failing_on_rank_0),
     }
+
+
+def no_gradient_at_lr_0(rank: int):
+    particles = torch.randn(3, 2, requires_grad=True)
+    optimizer = bmt_fast.SVGD(particles, torch.optim.SGD, lr=0.0, momentum=0.9, group=torch.distributed.group.WORLD)
+    if rank == 0:
+        (0.5 * particles.square().sum()).backward()
+    return optimizer.step
 
 
 def state_of_another_slice(rank: int):
