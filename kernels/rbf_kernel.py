@@ -365,7 +365,8 @@ def rbf_kernel_backward_op(
 @rbf_kernel_backward_op.register_fake
 def _(grad, x, y, kernel, bandwidth, output_mask, allow_tf32=None):
     _check_inputs(x, y, bandwidth)
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(bandwidth)
+    # contiguous, as the kernels write them (empty_like kept a transposed x's strides, which inductor then asserted)
+    return _contiguous_like(x), _contiguous_like(y), torch.empty_like(bandwidth)
 
 
 @torch.library.custom_op("bmt_fast_triton::rbf_kernel_self_backward", mutates_args=())
@@ -386,7 +387,11 @@ def rbf_kernel_self_backward_op(
 @rbf_kernel_self_backward_op.register_fake
 def _(grad, x, kernel, bandwidth, output_mask, allow_tf32=None):
     _check_inputs(x, x, bandwidth)
-    return torch.empty_like(x), torch.empty_like(bandwidth)
+    return _contiguous_like(x), torch.empty_like(bandwidth)
+
+
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):

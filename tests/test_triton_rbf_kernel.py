@@ -325,6 +325,18 @@ def test_opcheck():
         torch.ops.bmt_fast_triton.rbf_kernel_self_backward.default,
         (torch.randn(5, 5, dtype=torch.float64, device=DEVICE), x.detach(), k_self, h, [True, True]),
     )
+    # transposed views: the gradients come back contiguous, and the fake kernels say so (they had kept the
+    # views' strides, which inductor asserted on when compiling a loss of rbf_kernel(base.T, ...))
+    xt, yt = rows(3, 5).t(), rows(3, 4).t()
+    k = kernels().rbf_kernel_forward(xt, yt, h)
+    torch.library.opcheck(
+        torch.ops.bmt_fast_triton.rbf_kernel_backward.default, (grad, xt, yt, k, h, [True, True, True])
+    )
+    k_self = kernels().rbf_kernel_forward(xt, xt, h, self_kernel=True)
+    torch.library.opcheck(
+        torch.ops.bmt_fast_triton.rbf_kernel_self_backward.default,
+        (torch.randn(5, 5, dtype=torch.float64, device=DEVICE), xt, k_self, h, [True, True]),
+    )
 
 
 @pytest.mark.parametrize("self_kernel", [False, True])
