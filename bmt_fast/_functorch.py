@@ -284,7 +284,7 @@ class _RBFKernel(torch.autograd.Function):
         if _only_outer_grad() and not (torch.is_grad_enabled() and any(_base(t).requires_grad for t in inputs)):
             # nothing differentiates this gradient again: the backend's backward kernel, no graph
             with torch.no_grad():
-                chosen = backends.select(ctx.backend, "rbf_kernel", x2)
+                chosen = backends.select_rbf_kernel(ctx.backend, x2, y2)
                 grads = chosen.rbf_kernel_vjp(grad, x2, y2, h, k, needs)
         else:
             from . import reference

@@ -313,6 +313,13 @@ def select(backend: str, op: str, x: torch.Tensor) -> Backend:
     return chosen
 
 
+def select_rbf_kernel(backend: str, x: torch.Tensor, y: torch.Tensor | None) -> Backend:
+    """select for rbf_kernel(x, y) (rows (n, d) and (m, d)): by the larger of the two, so that a rule's limits
+    on n (the Triton kernels' 32-bit offsets: n * n, n * d below 2^31) hold for K's n * m and y's m * d too (by
+    x alone `auto` had picked Triton for a K it refuses, e.g. 32,768 x 65,537)."""
+    return select(backend, "rbf_kernel", x if y is None or y.shape[0] <= x.shape[0] else y)
+
+
 def _select(backend: str, op: str, device_type: str, n: int, d: int, dtype: torch.dtype) -> Backend:
     device = torch.device(device_type)
     if backend != "auto":

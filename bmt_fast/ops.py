@@ -255,7 +255,7 @@ def _rbf_kernel(x, y, bandwidth, backend: str, check_inputs: bool) -> tuple[torc
     h = check_bandwidth(bandwidth, x, check_value=check_inputs)
     x2 = as_rows(x)
     y2 = None if y is None else as_rows(y)
-    chosen = backends.select(backend, "rbf_kernel", x2)
+    chosen = backends.select_rbf_kernel(backend, x2, y2)
     if h is None:
         if y2 is None:
             return chosen.rbf_kernel_median(x2)

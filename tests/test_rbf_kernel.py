@@ -939,3 +939,42 @@ def test_the_gradient_at_identical_particles_is_zero(n, d, dtype):
         k = bmt_fast.rbf_kernel(x, y, 1e-12, backend="cpu")
         grad_x, grad_y = torch.autograd.grad(k, (x, y), torch.randn(n, 7, dtype=dtype, generator=generator))
         assert not grad_x.any() and not grad_y.any(), (value, float(grad_x.abs().max()), float(grad_y.abs().max()))
+
+
+def test_auto_chooses_by_the_larger_of_x_and_y(monkeypatch):
+    """backend="auto" for rbf_kernel(x, y) goes by the larger row count of the two: the CUDA rule's Triton
+    limits (32-bit offsets: n * n and n * d below 2^31) then hold for K = n x m (by x alone it had picked
+    Triton for 32,768 x 65,537, which Triton refuses). The CUDA rule is tried here on CPU tensors, its
+    'triton' standing for 'torch' and its 'cuda' for 'cpu'."""
+    from bmt_fast import backends
+    from bmt_fast.triton_backend import cuda_auto_rule
+
+    stand_in = {"triton": "torch", "cuda": "cpu", "torch": "torch"}
+    monkeypatch.setitem(backends._AUTO_RULES, "cpu", lambda op, n, d, dtype: [stand_in[b] for b in cuda_auto_rule(op, n, d, dtype)])
+    backends._SELECTED.clear()
+    try:
+        x, y = torch.empty(32768, 1), torch.empty(65537, 1)
+        expected = "torch" if backends.get("cpu").unavailable_reason() else "cpu"
+        assert backends.select_rbf_kernel("auto", x, y).name == expected
+        assert backends.select_rbf_kernel("auto", y, x).name == expected
+        assert backends.select_rbf_kernel("auto", x, None).name == "torch"  # (Triton first there: 32,768 x 1)
+        # the public op takes that choice (its gradient: the reference's)
+        calls = []
+        torch_backend = backends.get("torch")
+        for name in ("rbf_kernel", "rbf_kernel_vjp"):
+            real = getattr(torch_backend, name)
+            monkeypatch.setattr(torch_backend, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setitem(backends._AUTO_RULES, "cpu", lambda op, n, d, dtype: ["torch"] if n >= 10 else ["cpu"])
+        backends._SELECTED.clear()
+        small, large = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(12, 3, dtype=torch.float64)
+        k = bmt_fast.rbf_kernel(small, large, 2.0)
+        k.sum().backward()
+        assert calls[0] == "rbf_kernel"
+        x64 = small.detach().requires_grad_()
+        expected = reference.rbf_kernel(x64, large, torch.tensor(2.0, dtype=torch.float64))
+        torch.testing.assert_close(k, expected)
+        expected.sum().backward()
+        torch.testing.assert_close(small.grad, x64.grad)
+    finally:
+        monkeypatch.undo()
+        backends._SELECTED.clear()
