@@ -280,8 +280,9 @@ def median_bandwidth(
     method="sampled": the median of `num_pairs` pairs (i, j) drawn uniformly (with replacement) from all
         n*n pairs, costing O(num_pairs * d) time and O(num_pairs) memory. Its relative error has standard
         deviation about 1 / (2 * f(m) * m * sqrt(num_pairs)) for a density f of squared distances with
-        median m. For a Gaussian cloud this is at most 1.45 / sqrt(num_pairs) (d=1 and 2; smaller for
-        larger d), i.e. under 0.6% at the default 65,536 pairs, so 3 standard deviations stay within 2%.
+        median m. For a Gaussian cloud this is 2.33 / sqrt(num_pairs) at d=1 (squared distances 2 chi^2_1),
+        1.44 at d=2, 1.13 at d=3 and less beyond, i.e. 0.9% at d=1 and at most 0.6% for d >= 2 at the
+        default 65,536 pairs: 3 standard deviations stay within 2.7% and 2%.
         Where the exact median costs less than the samples it is returned instead: with no more pairs than
         samples (n*n <= num_pairs), and on the CPU backend up to n*n <= 64 * num_pairs (n = 2048 at the
         default; on a 2-core Xeon, n = 2048, d = 256: 13 ms exact, 36 ms sampled). `generator`, if given,
