@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, double> rbf_kernel_backward_blocked(const at:
     if (want_h) {
       at::Tensor log_k = log_buffer.narrow(0, 0, rows);
       at::clamp_min_out(log_k, k, tiny).log_();
-      p_log_k += at::dot(p.reshape(-1), log_k.reshape(-1)).item<double>();
+      p_log_k += log_k.mul_(p).sum().item<double>();  // (cascaded, as in rbf_kernel_backward_gemm_chunked)
     }
   }
   if (want_x) grad_x = grad_x.mul_((doubled ? -4.0 : -2.0) / h).to(x.scalar_type());
