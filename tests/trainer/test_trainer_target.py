@@ -341,11 +341,8 @@ def test_target_eval_json_and_results_table(backbones, model_dirs, tmp_path):
     assert "| prompt_tuning |" in table and "accuracy" in table
 
 
-@pytest.mark.parametrize("eval_every, calls_expected", [(2, 2), (3, 2)])
-def test_the_final_prompt_is_evaluated_once(backbones, model_dirs, tmp_path, monkeypatch, eval_every, calls_expected):
-    """eval_every dividing target.steps: the last periodic evaluation is of the final prompt, and eval.json reuses
-    it (the final prompt had been evaluated twice, a second full pass over the split); otherwise (4 steps,
-    every 3) the final prompt gets its own evaluation."""
+def count_evaluations(monkeypatch) -> list:
+    """The prompts Run's evaluators are called with from now on (a list that fills as they are)."""
     calls = []
     real = Run.evaluator
 
@@ -354,6 +351,15 @@ def test_the_final_prompt_is_evaluated_once(backbones, model_dirs, tmp_path, mon
         return lambda p: calls.append(p.clone()) or evaluate(p)
 
     monkeypatch.setattr(Run, "evaluator", counting)
+    return calls
+
+
+@pytest.mark.parametrize("eval_every, calls_expected", [(2, 2), (3, 2)])
+def test_the_final_prompt_is_evaluated_once(backbones, model_dirs, tmp_path, monkeypatch, eval_every, calls_expected):
+    """eval_every dividing target.steps: the last periodic evaluation is of the final prompt, and eval.json reuses
+    it (the final prompt had been evaluated twice, a second full pass over the split); otherwise (4 steps,
+    every 3) the final prompt gets its own evaluation."""
+    calls = count_evaluations(monkeypatch)
     cfg = make_config(tmp_path, model_dirs["llama"], target={"methods": ["prompt_tuning"], "steps": 4,
                                                               "eval_every": eval_every})  # fmt: skip
     metrics = Run(cfg, "target", pm=backbones["llama"]).target("prompt_tuning")
@@ -382,14 +388,7 @@ def test_a_finished_target_is_evaluated_again_only_under_other_evaluation_settin
     prompt_file = tmp_path / "target-prompt_tuning" / "prompt.safetensors"
     prompt = read_prompt(prompt_file)
 
-    calls = []
-    real = Run.evaluator
-
-    def counting(self, task, split):
-        evaluate = real(self, task, split)
-        return lambda p: calls.append(p.clone()) or evaluate(p)
-
-    monkeypatch.setattr(Run, "evaluator", counting)
+    calls = count_evaluations(monkeypatch)
     same = make_config(tmp_path, model_dirs["llama"], source={"steps": 1}, target={**target, "eval_batch_size": 3})
     assert Run(same, "transfer", pm=pm, resume=True).target("prompt_tuning") == stored and not calls
 
