@@ -99,7 +99,7 @@ def test_numpy_bool_and_tensor_integer_labels_draw_k_per_class():
     import torch
 
     plain = labelled([30, 10])
-    for convert in (np.int64, bool, torch.tensor):
+    for convert in (np.int64, bool, np.bool_, torch.tensor):
         examples = [Example(e.input_text, e.target_text, convert(e.label)) for e in plain]
         drawn = k_shot(examples, 4, seed=13)
         assert sorted(int(e.label) for e in drawn) == [0] * 4 + [1] * 4, convert

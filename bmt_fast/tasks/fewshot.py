@@ -24,7 +24,7 @@ DEFAULT_SEEDS = (13, 21, 42, 87, 100)  # five draws per k, the seeds of the LM-B
 
 def _class_indices(examples: Sequence[Example]) -> dict[int, list[int]] | None:
     """Indices of each class, or None when no example has an integer label. A class label is anything
-    operator.index takes: Python ints and bools, numpy integers (labels read with pandas / numpy: these had
+    operator.index takes: Python ints and bools, numpy integers and bools (labels read with pandas / numpy: these had
     not counted, and the draw had silently been k in total instead of k per class), 0-dim integer tensors."""
     keys = [_class_key(example.label) for example in examples]
     if all(key is None for key in keys):
@@ -41,6 +41,8 @@ def _class_indices(examples: Sequence[Example]) -> dict[int, list[int]] | None:
 def _class_key(label: object) -> int | None:
     if label is None or isinstance(label, (str, bytes)):
         return None
+    if isinstance(label, np.bool_):  # (numpy 2's bool takes no operator.index: a pandas bool column's labels)
+        return int(label)
     try:
         return operator.index(label)
     except TypeError:  # (a float, a string's answer list, ...: not a class)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,8 +11,6 @@ import torch
 from ..tasks import Example, Task
 from ..tasks.loading import is_load_error, load_error_message
 from .prompts import Batch, Encoded, PromptedModel
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,14 +70,7 @@ def load_task_data(
 ) -> TaskData:
     pm.check_label_words(task.name, task.label_words)
     examples = load_examples(task, split, data_dir, limit)
-    encoded, cut, longest = pm.encode_counting_cuts(examples)
-    if cut:  # (answers of generation tasks: label words that do not fit are a ConfigError above)
-        logger.warning(
-            "task %s, split %s: model.max_target_length=%d cuts %d of %d targets (the longest has %d tokens with its "
-            "EOS): they are trained and scored as their first %d tokens; set model.max_target_length to %d to keep "
-            "them whole", task.name, split, pm.max_target_length, cut, len(examples), longest, pm.max_target_length,
-            longest,
-        )  # fmt: skip
+    encoded = pm.encode_reporting_cuts(examples, f"task {task.name}, split {split}")
     return TaskData(task, examples, encoded)
 
 

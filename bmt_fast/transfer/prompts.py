@@ -15,6 +15,7 @@ taken from the attention mask, so padding does not move a token's position.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -22,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..tasks import Example
+
+logger = logging.getLogger(__name__)
+_CUT_WARNINGS: set[str] = set()  # (each said once: evaluations repeat every eval_every steps)
 
 IGNORE = -100
 ENCODER_DECODER = "encoder-decoder"
@@ -121,6 +125,22 @@ class PromptedModel:
             cut += count > self.max_target_length
             longest = max(longest, count)
         return encoded, cut, longest
+
+    def encode_reporting_cuts(self, examples: Sequence[Example], where: str) -> list[Encoded]:
+        """encode(examples), with a warning (once per distinct one in this process) where max_target_length
+        cuts targets: how many, and the length that keeps them whole. where: which examples, for the message."""
+        encoded, cut, longest = self.encode_counting_cuts(examples)
+        if cut:  # (answers of generation tasks: label words that do not fit are a ConfigError, check_label_words)
+            message = (
+                f"{where}: model.max_target_length={self.max_target_length} cuts {cut} of {len(examples)} targets "
+                f"(the longest has {longest} tokens with its EOS): they are trained on, and their loss is taken, as "
+                f"their first {self.max_target_length} tokens (generated answers are still compared with the whole "
+                f"ones); set model.max_target_length to {longest} to keep them whole"
+            )
+            if message not in _CUT_WARNINGS:
+                _CUT_WARNINGS.add(message)
+                logger.warning("%s", message)
+        return encoded
 
     def encode_pair(self, input_text: str, target_text: str) -> Encoded:
         return self._encode_pair(input_text, target_text)[0]

@@ -289,11 +289,14 @@ def test_a_backbone_that_cannot_generate_from_embeddings_is_refused_for_generate
 def test_a_target_past_max_target_length_keeps_its_start_without_eos_and_is_reported(backbones, kind, caplog):
     """A generated answer longer than model.max_target_length (SQuAD's, ReCoRD's) keeps its first tokens and
     no EOS (an EOS after the cut had taught the prompt to stop there), and loading such a split warns with how
-    many targets were cut and the length that keeps them whole (nothing had said so); short ones end in EOS."""
+    many targets were cut and the length that keeps them whole (nothing had said so), as the evaluation's loss does
+(once); short ones end in EOS."""
     from pathlib import Path
 
     from bmt_fast.tasks import get_task
     from bmt_fast.transfer.data import load_task_data
+    from bmt_fast.transfer.evaluate import mean_nll
+    from bmt_fast.transfer.prompts import _CUT_WARNINGS
 
     pm = backbones[kind]
     answer = " ".join(["three newspapers and a radio station"] * 3)
@@ -311,12 +314,18 @@ def test_a_target_past_max_target_length_keeps_its_start_without_eos_and_is_repo
     cut = sum(count > limit for count in counts)
     assert 0 < cut < len(counts)
     kept, pm.max_target_length = pm.max_target_length, limit
+    _CUT_WARNINGS.clear()
     try:
-        with caplog.at_level("WARNING", logger="bmt_fast.transfer.data"):
+        with caplog.at_level("WARNING", logger="bmt_fast.transfer.prompts"):
             loaded = load_task_data(pm, task, "validation", str(data))
+            said = caplog.text
+            caplog.clear()
+            for _ in range(2):  # the evaluation's loss: said too, once however often it runs
+                mean_nll(pm, torch.zeros(1, 2, pm.hidden_size), loaded.examples, 3)
     finally:
         pm.max_target_length = kept
     assert max(len(e.target_ids) for e in loaded.encoded) == limit
     assert (f"task squad, split validation: model.max_target_length={limit} cuts {cut} of {len(counts)} targets "
-            f"(the longest has {max(counts)} tokens") in caplog.text  # fmt: skip
-    assert f"set model.max_target_length to {max(counts)}" in caplog.text
+            f"(the longest has {max(counts)} tokens") in said  # fmt: skip
+    assert f"set model.max_target_length to {max(counts)}" in said
+    assert caplog.text.count(f"evaluation examples: model.max_target_length={limit} cuts {cut} of") == 1
