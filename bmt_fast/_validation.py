@@ -219,8 +219,8 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         if not bandwidth.is_floating_point():
             raise TypeError(f"bandwidth tensor must be floating point, got {bandwidth.dtype}")
         h = bandwidth.reshape(()).to(like.device)
-        if not check_value or bandwidth.device.type == "meta":  # meta: no value to read
-            return h
+        if not check_value or bandwidth.device.type == "meta" or _maybe_fake(bandwidth) or _tracing():
+            return h  # (no value to read: meta, fake, or make_fx / linearize tracing, where .item() had raised)
         value = float(bandwidth.detach())
     elif isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
         try:

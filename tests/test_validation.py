@@ -651,6 +651,16 @@ def test_checked_calls_trace_under_fake_tensors_make_fx_and_linearize(backend):
     _, expected = torch.func.jvp(lambda a: reference.rbf_kernel(a, None, torch.tensor(1.5)), (x,), (tangent,))
     torch.testing.assert_close(value, reference.rbf_kernel(x, None, torch.tensor(1.5)))
     torch.testing.assert_close(tangent_of(tangent), expected, rtol=1e-4, atol=1e-5)
+    # a tensor bandwidth made outside: fake under FakeTensorMode, traced by make_fx and linearize
+    h = torch.tensor(1.5)
+    mode = FakeTensorMode()
+    fx, fh = mode.from_tensor(x), mode.from_tensor(h)
+    with mode:
+        assert bmt_fast.rbf_kernel(fx, None, fh, backend=backend).shape == (8, 8)
+    traced = make_fx(lambda a, b, c: bmt_fast.svgd_step(a, b, c, backend=backend), tracing_mode="fake")(x, score, h)
+    torch.testing.assert_close(traced(x, score, h), reference.svgd_step(x, score, h))
+    value, tangent_of = torch.func.linearize(lambda a: bmt_fast.rbf_kernel(a, None, h, backend=backend), x)
+    torch.testing.assert_close(tangent_of(tangent), expected, rtol=1e-4, atol=1e-5)
     h = torch.tensor(1.5, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
