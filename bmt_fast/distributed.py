@@ -45,8 +45,11 @@ COLUMN_BLOCK = 8192
 EXACT_MEDIAN_MAX_PARTICLES = 65536
 SAMPLED_MEDIAN_SEED = 0
 
-# Columns of the metadata row each rank contributes (int64); _FAILED: the rank's own checks raised.
-_ROWS, _EVENT, _FEATURES, _DTYPE, _MEDIAN, _FINITE, _BANDWIDTH, _CHECKS, _FAILED = range(9)
+# Columns of the metadata row each rank contributes (int64); _KIND: which agreement the row is for (a step's
+# inputs, or SVGD.step's first-step flag: rows of one shape, so that a failed rank's row meets either);
+# _FAILED: the rank's own checks raised.
+_ROWS, _EVENT, _FEATURES, _DTYPE, _MEDIAN, _FINITE, _BANDWIDTH, _CHECKS, _KIND, _FAILED = range(10)
+_STEP_ROW, _FLAG_ROW = 1, 2
 # The error types a failed rank's error is raised as on every rank (others: RuntimeError).
 _SHARED_ERRORS = ("TypeError", "ValueError", "RuntimeError", "NotImplementedError")
 
@@ -160,12 +163,13 @@ def agree_on_inputs(
     bits = 0 if h is None else _float_bits(float(h))
     mine = torch.tensor(
         [x.shape[0], _event_key(x.shape[1:]), math.prod(x.shape[1:]), FLOATING_DTYPES.index(x.dtype), h is None, finite, bits,
-         check_inputs, 0],
+         check_inputs, _STEP_ROW, 0],
         dtype=torch.int64,
         device=_metadata_device(group),
     )
     table = _gather_rows(mine, group)
     _raise_failure(table, group, None)
+    _check_kinds(table, _STEP_ROW)
     # (the features first: shapes whose keys collide, e.g. (1, 1_000_004) and (2, 1), would have sent rows
     # of other sizes into the all-gather, which aborted the process)
     for column in (_FEATURES, _EVENT):
@@ -278,10 +282,24 @@ def holds_on_every_rank(value: bool, group) -> bool:
     a rank whose own checks failed sends from failing_together, so that such a rank meets this collective and
     every rank raises its error (an all-reduce here had waited for that rank's all-gather until the timeout)."""
     mine = torch.zeros(_FAILED + 1, dtype=torch.int64, device=_metadata_device(group))
-    mine[0] = int(value)
+    mine[0], mine[_KIND] = int(value), _FLAG_ROW
     table = _gather_rows(mine, group)
     _raise_failure(table, group, None)
+    _check_kinds(table, _FLAG_ROW)
     return bool(table[:, 0].all())
+
+
+def _check_kinds(table: torch.Tensor, kind: int) -> None:
+    """Every rank's row is of this agreement: a rank at SVGD.step's first-step agreement (lr 0, no state yet, the
+    score from the gradient) met by one at a step's input agreement (a score given, another lr, a state) had
+    read that rank's row as its own, silently (every rank sees the table: every rank raises)."""
+    at_flag = [r for r in range(table.shape[0]) if table[r, _KIND] == _FLAG_ROW]
+    if int(table[:, _KIND].ne(kind).sum()):
+        raise RuntimeError(
+            f"the ranks of the group called SVGD.step differently: rank(s) {at_flag} at a first step from the "
+            "gradient with lr 0 and no optimizer state (torch.distributed.checkpoint's initialisation), the others "
+            "not; every rank must step with the same call form, learning rate and state"
+        )
 
 
 def agree_on_batch(batch_size: int, group) -> None:

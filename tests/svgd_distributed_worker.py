@@ -205,6 +205,10 @@ def bad_inputs(rank: int) -> dict[str, tuple[str, str]]:
         # torch.distributed.checkpoint's state initialisation): rank 0 had waited in that agreement, rank 1 in its
         # failure's all-gather, both until the timeout
         "svgd_no_grad_at_lr_0_on_rank_1": error_of(no_gradient_at_lr_0(rank)),
+        # at lr 0 with no state, rank 0 stepping from its gradient (the first-step agreement) and rank 1 from a
+        # score (the step's input agreement): raised on every rank (the two rows of one shape had been read as
+        # each other's: rank 0 went on, rank 1 raised a wrong event-shape error alone)
+        "svgd_first_step_forms_differ": error_of(first_step_forms_differ(rank)),
         # vmap over the group's step with a backend that rank 0 cannot run: raised on every rank (the result's
         # memory had been taken from that backend before the sets' steps, failing on rank 0 alone)
         "vmap_backend_on_rank_0": error_of(
@@ -227,6 +231,15 @@ def no_gradient_at_lr_0(rank: int):
     if rank == 0:
         (0.5 * particles.square().sum()).backward()
     return optimizer.step
+
+
+def first_step_forms_differ(rank: int):
+    particles = torch.randn(3, 2, requires_grad=True)
+    optimizer = bmt_fast.SVGD(particles, torch.optim.SGD, lr=0.0, momentum=0.9, group=torch.distributed.group.WORLD)
+    if rank == 0:
+        (0 * particles.sum()).backward()
+        return optimizer.step
+    return lambda: optimizer.step(torch.zeros(3, 2))
 
 
 def state_of_another_slice(rank: int):

@@ -147,6 +147,7 @@ BAD_INPUTS = {
     "svgd_score_type_on_rank_0": ("TypeError", "score must be a tensor or a callable returning one, got list"),
     "svgd_score_fails_on_rank_1": ("RuntimeError", "division by zero (svgd_step(group=...): rank 1 of the group)"),
     "svgd_no_grad_at_lr_0_on_rank_1": ("RuntimeError", "SVGD.step needs a score"),
+    "svgd_first_step_forms_differ": ("RuntimeError", "the ranks of the group called SVGD.step differently: rank(s) [0]"),
     "vmap_backend_on_rank_0": ("ValueError", "unknown backend 'nope'"),
     "svgd_state_of_another_slice_on_rank_1": ("ValueError", "the optimizer's state 'exp_avg' has shape (4, 2)"),
     "median_fails_on_rank_0": ("RuntimeError", "out of memory on purpose (svgd_step(group=...): rank 0 of the group)"),
