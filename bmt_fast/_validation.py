@@ -223,6 +223,11 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
             return h  # (no value to read: meta, fake, or make_fx / linearize tracing, where .item() had raised)
         value = float(bandwidth.detach())
     elif isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
+        if not check_value and torch.compiler.is_compiling():
+            # traced: a float argument that changes between calls is symbolic there, and its checks below (math on
+            # its value) had broken the graph, failing fullgraph=True at the second value; the graph's own tensor
+            # (the CPU kernels still refuse a bad H, as for an unchecked tensor H)
+            return torch.scalar_tensor(bandwidth, dtype=torch.float64, device=like.device)
         try:
             value = float(bandwidth)
         except OverflowError:  # e.g. 10**400: beyond any float

@@ -959,6 +959,21 @@ def test_opcheck_median_bandwidth():
         torch.library.opcheck(torch.ops.bmt_fast.median_bandwidth.default, (torch.randn(11, 4), algorithm))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_torch_compile_fullgraph_with_a_float_bandwidth_argument(backend):
+    """A float H passed as an argument: torch.compile makes it symbolic at its second value, and the checks'
+    math on it had broken the graph ("torch.* op returned non-Tensor": fullgraph failed); it now goes into the
+    graph as a tensor, svgd_step's and rbf_kernel's alike, each value's result the eager one's."""
+    step = torch.compile(lambda a, s, h: bmt_fast.svgd_step(a, s, h, backend=backend, check_inputs=False),
+                         backend="aot_eager", fullgraph=True)  # fmt: skip
+    kernel = torch.compile(lambda a, h: bmt_fast.rbf_kernel(a, None, h, backend=backend, check_inputs=False),
+                           backend="aot_eager", fullgraph=True)  # fmt: skip
+    x, score = particles(10, 4)
+    for h in (1.5, 2.0, 3.0):
+        torch.testing.assert_close(step(x, score, h), bmt_fast.svgd_step(x, score, h, backend=backend))
+        torch.testing.assert_close(kernel(x, h), bmt_fast.rbf_kernel(x, None, h, backend=backend))
+
+
 @requires_cpu_extension
 def test_torch_compile_fullgraph():
     def step(x, score):
