@@ -44,11 +44,13 @@ def load_examples(task: Task, split: str, data_dir: str | None = None, limit: in
         raise DataError(f"{task.name} {split}{where}: {load_error_message(error)}") from error
     if not examples:
         raise DataError(f"task {task.name!r} has no {split} examples{where}")
-    missing = sum(1 for e in examples if e.label is None and not e.answers and not e.target_text.strip())
+    missing = [i for i, e in enumerate(examples) if e.label is None and not e.answers and not e.target_text.strip()]
     if missing:
+        first = examples[missing[0]].input_text
         raise DataError(
-            f"task {task.name!r}, split {split!r}{where}: {missing} of {len(examples)} examples have no label "
-            f"(label -1, or no answers: a hidden test split?); training and scoring need labelled examples"
+            f"task {task.name!r}, split {split!r}{where}: {len(missing)} of {len(examples)} examples have no label "
+            f"(label -1, or no answers: a hidden test split?), the first example {missing[0]} of the split (0-based), "
+            f"input {first[:60] + ('...' if len(first) > 60 else '')!r}; training and scoring need labelled examples"
         )
     return examples
 

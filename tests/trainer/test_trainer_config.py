@@ -186,7 +186,8 @@ def _rte_files(folder, train=None, validation=None):
          r"data.eval_split: task 'rte', split 'validation' \(.*rte/validation.jsonl\): 1 of 1 examples have no label"),
         ({"train": [{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0},
                     {"sentence1": "c", "sentence2": "d", "label": -1, "idx": 1}]},
-         r"data.target_task: task 'rte', split 'train' \(.*rte/train.jsonl\): 1 of 2 examples have no label"),
+         r"data.target_task: task 'rte', split 'train' \(.*rte/train.jsonl\): 1 of 2 examples have no label \(label -1, "
+         r"or no answers: a hidden test split\?\), the first example 1 of the split \(0-based\), input 'rte sentence1: c"),
         ({"validation": [{"sentence1": None, "sentence2": "b", "label": 0, "idx": 0}]},
          # (the file and the row named: the messages had named only the task and split)
          r"data.eval_split: rte validation \(.*rte/validation.jsonl\): row 1: task 'rte': column 'sentence1' is null"),
