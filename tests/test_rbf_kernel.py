@@ -981,19 +981,22 @@ def test_auto_chooses_by_the_larger_of_x_and_y(monkeypatch):
 
 
 @requires_cpu_extension
-@pytest.mark.parametrize("m", [None, 500])
-def test_bandwidth_gradient_in_fp32_as_accurate_as_torchs_formula(m):
-    """H's gradient in fp32 (the blocked and chunked backward paths), against float64: within 3x the error of
-    the reference's own fp32 formula (its sum had been a BLAS dot in fp32: 1.1e-5 for the self kernel of
-    600 x 300, against the reference's 3.4e-7)."""
+@pytest.mark.parametrize("n, m, d, x_grad", [(600, None, 300, False), (600, 500, 300, False), (256, None, 8192, True),
+                                              (512, 512, 4096, True)])  # fmt: skip
+def test_bandwidth_gradient_in_fp32_as_accurate_as_torchs_formula(n, m, d, x_grad):
+    """H's gradient in fp32, against float64: within 3x the error of the reference's own fp32 formula (its sum
+    had been a BLAS dot in fp32: 1.1e-5 for the self kernel of 600 x 300, against the reference's 3.4e-7). H
+    alone takes the blocked path; with x's gradient too, the symmetrised self-kernel pass and (many features)
+    the GEMM-chunked one."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 300, generator=generator, dtype=torch.float64)
-    y = None if m is None else torch.randn(m, 300, generator=generator, dtype=torch.float64)
-    weights = torch.randn(600, m or 600, generator=generator, dtype=torch.float64)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    y = None if m is None else torch.randn(m, d, generator=generator, dtype=torch.float64)
+    weights = torch.randn(n, m or n, generator=generator, dtype=torch.float64)
 
     def gradient(dtype, backend):
-        h = torch.tensor(600.0, dtype=dtype, requires_grad=True)
-        k = bmt_fast.rbf_kernel(x.to(dtype), None if y is None else y.to(dtype), h, backend=backend)
+        h = torch.tensor(2.0 * d, dtype=dtype, requires_grad=True)
+        xd = x.to(dtype).requires_grad_(x_grad)
+        k = bmt_fast.rbf_kernel(xd, None if y is None else y.to(dtype), h, backend=backend)
         return float(torch.autograd.grad((k * weights.to(dtype)).sum(), h)[0])
 
     exact = gradient(torch.float64, "torch")
