@@ -50,8 +50,8 @@ def all_finite(t: torch.Tensor) -> bool:
     at 65504, by its extremes (NaN propagates into them, an Inf is one): `t.sum(dtype=torch.float32)`, as
     this was, makes an fp32 copy of t on the CPU first (256 x 76,800 on a 2-core Xeon: 22 ms against
     0.8 ms for the bf16 sum and 1.7 ms for the fp16 extremes)."""
-    if t.device.type == "meta" or t.numel() == 0 or _maybe_fake(t) or _tracing():  # no values to scan: shapes
-        return True  # only, fake tensors or make_fx's tracing (FakeTensorMode, make_fx, linearize had failed on .item())
+    if t.numel() == 0 or not readable(t):  # no values to scan (fake ones and make_fx's tracing: FakeTensorMode,
+        return True  # make_fx and linearize had failed on .item())
     t = t.detach()  # (no autograd record; cheaper than entering no_grad)
     if t.dtype == torch.float16:
         lowest, highest = torch.aminmax(t)
@@ -161,6 +161,11 @@ def _is_functional(t: torch.Tensor) -> bool:
     return torch._C._functorch.is_functionaltensor(t)
 
 
+def readable(t: torch.Tensor) -> bool:
+    """Whether t's values can be read eagerly: not a meta or fake tensor, nor one make_fx is tracing."""
+    return t.device.type != "meta" and not _maybe_fake(t) and not _tracing()
+
+
 def _tracing() -> bool:
     """Whether make_fx is tracing (also for torch.func.linearize): the values are not to be read, as .item()
     of a traced tensor raises there."""
@@ -219,8 +224,8 @@ def check_bandwidth(bandwidth: object, like: torch.Tensor, *, check_value: bool 
         if not bandwidth.is_floating_point():
             raise TypeError(f"bandwidth tensor must be floating point, got {bandwidth.dtype}")
         h = bandwidth.reshape(()).to(like.device)
-        if not check_value or bandwidth.device.type == "meta" or _maybe_fake(bandwidth) or _tracing():
-            return h  # (no value to read: meta, fake, or make_fx / linearize tracing, where .item() had raised)
+        if not check_value or not readable(bandwidth):  # (no value to read: .item() had raised under make_fx /
+            return h  # linearize tracing and on fake tensors)
         value = float(bandwidth.detach())
     elif isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
         if not check_value and torch.compiler.is_compiling():

@@ -6,8 +6,6 @@ import torch
 
 from . import _extension, _functorch, backends, reference
 from ._validation import (
-    _maybe_fake,
-    _tracing,
     all_finite,
     as_rows,
     check_bandwidth,
@@ -20,6 +18,7 @@ from ._validation import (
     fold_overflow_error,
     fold_overflows,
     positive_count,
+    readable,
 )
 
 DEFAULT_NUM_PAIRS = 65536
@@ -182,7 +181,7 @@ def _step_on(chosen, x, score, h, check_inputs, out, x2=None) -> torch.Tensor:
 
 def _has_values(t: torch.Tensor) -> bool:
     """Whether t's values can be read here: not a meta or fake tensor, nor one traced by torch.compile."""
-    return t.device.type != "meta" and not torch.compiler.is_compiling() and not _maybe_fake(t) and not _tracing()
+    return not torch.compiler.is_compiling() and readable(t)
 
 
 def _steps_on(chosen, x, score, h, check_inputs, out) -> torch.Tensor:

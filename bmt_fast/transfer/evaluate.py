@@ -88,9 +88,8 @@ def evaluate_prompt(
 def mean_nll(pm: PromptedModel, prompts: torch.Tensor, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
     """Mean gold-target NLL of each of the (M, L, hidden) prompts, shape (M,)."""
     total = torch.zeros(prompts.shape[0], dtype=torch.float64, device=pm.device)
-    encoded = pm.encode_reporting_cuts(examples, "evaluation examples")
-    for start in range(0, len(encoded), batch_size):
-        total += pm.sequence_nll(prompts, pm.collate(encoded[start : start + batch_size])).double().sum(dim=1)
+    for chunk in _chunks(pm.encode_reporting_cuts(examples, "evaluation examples"), batch_size):
+        total += pm.sequence_nll(prompts, pm.collate(chunk)).double().sum(dim=1)
     return (total / len(examples)).cpu()
 
 

@@ -115,21 +115,15 @@ class PromptedModel:
     def encode(self, examples: Sequence[Example]) -> list[Encoded]:
         return [self.encode_pair(e.input_text, e.target_text) for e in examples]
 
-    def encode_counting_cuts(self, examples: Sequence[Example]) -> tuple[list[Encoded], int, int]:
-        """encode(examples), how many targets max_target_length cut and the longest target's token count
-        (EOS included)."""
+    def encode_reporting_cuts(self, examples: Sequence[Example], where: str) -> list[Encoded]:
+        """encode(examples), with a warning (once per distinct one in this process) where max_target_length
+        cuts targets: how many, and the length that keeps them whole. where: which examples, for the message."""
         encoded, cut, longest = [], 0, 0
         for e in examples:
             pair, count = self._encode_pair(e.input_text, e.target_text)
             encoded.append(pair)
             cut += count > self.max_target_length
             longest = max(longest, count)
-        return encoded, cut, longest
-
-    def encode_reporting_cuts(self, examples: Sequence[Example], where: str) -> list[Encoded]:
-        """encode(examples), with a warning (once per distinct one in this process) where max_target_length
-        cuts targets: how many, and the length that keeps them whole. where: which examples, for the message."""
-        encoded, cut, longest = self.encode_counting_cuts(examples)
         if cut:  # (answers of generation tasks: label words that do not fit are a ConfigError, check_label_words)
             message = (
                 f"{where}: model.max_target_length={self.max_target_length} cuts {cut} of {len(examples)} targets "
